@@ -1,0 +1,179 @@
+#pragma once
+// The validated, immutable configuration. The daemon only ever sees a Config that passed validation,
+// held as std::shared_ptr<const Config> and swapped whole on reload.
+#include <array>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "proto/data_filter.hpp"
+#include "proto/tls_version.hpp"
+
+namespace mailflow::config {
+
+enum class Direction { inbound, outbound };
+enum class ConnectorType { partner, onpremises, internet };
+enum class UpstreamTls { none, opportunistic, required, verify };
+enum class LogFormat { text, json };
+
+std::string_view to_string(Direction);
+std::string_view to_string(ConnectorType);
+std::string_view to_string(UpstreamTls);
+
+// An IPv4 or IPv6 network. IPv4 is stored as an IPv4-mapped IPv6 address (::ffff:a.b.c.d) with the prefix
+// offset by 96, so one comparison serves both families.
+struct Cidr {
+  std::array<std::uint8_t, 16> network{};
+  int prefix = 0;  // 0..128 in the mapped space
+
+  static std::optional<Cidr> parse(std::string_view text);          // "203.0.113.0/24", "2001:db8::/32", "::1"
+  bool contains(const std::array<std::uint8_t, 16>& address) const;  // address in mapped form
+};
+
+// "host:port" or "[v6]:port" split into parts.
+struct Endpoint {
+  std::string host;  // "0.0.0.0", "::", "127.0.0.1", or a name for upstreams
+  std::uint16_t port = 0;
+  std::string text;  // as written
+};
+
+struct CertificatePair {
+  std::string cert;  // PEM chain
+  std::string key;
+};
+
+struct ListenerTls {
+  std::vector<CertificatePair> certificates;  // first is default; others selected by SNI (their SANs/CN)
+  proto::TlsVersion min_version = proto::TlsVersion::tls10;
+  std::string ciphers = "DEFAULT:@SECLEVEL=0";
+};
+
+struct Listener {
+  std::string name;
+  Endpoint address;
+  Direction direction = Direction::inbound;
+  std::optional<ListenerTls> tls;     // absent: no STARTTLS offered
+  std::vector<Cidr> proxy_trusted;    // non-empty: a PROXY header is required from these and refused from others
+  std::string upstream;               // default route (name of an upstream)
+};
+
+struct Upstream {
+  std::string name;
+  Endpoint address;
+  UpstreamTls tls = UpstreamTls::opportunistic;
+  std::string ca_file = "/etc/ssl/certs/ca-certificates.crt";
+  bool xclient = true;  // "auto": used if advertised; false for "off"
+};
+
+struct AlertThresholds {
+  double tls10_share = 0.05;
+  double no_tls_share = 0.05;
+  std::uint64_t min_messages = 100;
+};
+
+struct ConnectorMatch {
+  std::vector<std::string> listeners;       // empty = any (YAML accepts one name or a list)
+  std::vector<Cidr> client_cidrs;           // empty = any
+  std::vector<std::string> sender_domains;  // lower-case; exact or "*.example.com"; empty = any
+  std::vector<std::string> ehlo;            // glob patterns ("*.contoso.com"), lower-case; empty = any
+  std::vector<std::string> sni;             // glob patterns, lower-case; empty = any
+};
+
+struct Connector {
+  std::string name;
+  ConnectorType type = ConnectorType::partner;
+  Direction direction = Direction::inbound;
+  ConnectorMatch match;
+  bool require_tls = false;
+  std::string upstream;      // empty: the listener's
+  AlertThresholds alerts;    // resolved: missing keys inherited from telemetry.defaults
+};
+
+struct Telemetry {
+  std::chrono::hours window{24 * 7};  // 1d..90d
+  AlertThresholds defaults;
+};
+
+struct BasicAuth {
+  std::string user;
+  std::string password_hash;  // crypt(3) hash: $2b$ (bcrypt), $6$, $5$, $y$
+};
+
+struct Http {
+  Endpoint address;  // default 127.0.0.1:9725
+  std::optional<BasicAuth> basic_auth;
+  std::optional<CertificatePair> tls;
+};
+
+struct Limits {
+  std::uint32_t max_sessions = 10000;
+  std::uint32_t max_sessions_per_ip = 50;
+  std::uint64_t max_message_size = 36700160;
+  std::uint32_t max_recipients = 100;
+  std::uint32_t max_bad_commands = 20;
+  std::size_t max_line = 1000;
+  std::chrono::milliseconds drain_timeout{30000};
+  std::chrono::milliseconds greet_pause{0};
+  proto::BareNewlinePolicy bare_newline = proto::BareNewlinePolicy::normalize;
+};
+
+struct Log {
+  std::string level = "info";  // trace, debug, info, warn, error, critical, off
+  LogFormat format = LogFormat::text;
+};
+
+struct Timeouts {
+  std::chrono::milliseconds greeting{300000};
+  std::chrono::milliseconds command{300000};
+  std::chrono::milliseconds data_block{180000};
+  std::chrono::milliseconds data_end{600000};
+  std::chrono::milliseconds tls_handshake{30000};
+  std::chrono::milliseconds upstream_connect{30000};
+};
+
+struct Config {
+  std::string source_path;
+  std::string hostname;  // default: the machine's host name
+  std::string state_dir = "/var/lib/mailflowd";
+  std::vector<Listener> listeners;
+  std::vector<Upstream> upstreams;
+  std::vector<Connector> connectors;  // in match order
+  Telemetry telemetry;
+  Http http;
+  Limits limits;
+  Log log;
+  Timeouts timeouts;
+
+  const Upstream* find_upstream(std::string_view name) const;
+  const Listener* find_listener(std::string_view name) const;
+};
+
+struct ConfigError {
+  std::string file;
+  int line = 0;    // 1-based; 0 when not tied to a position
+  int column = 0;  // 1-based
+  std::string message;
+
+  std::string to_string() const;  // "file:line:col: message"
+};
+
+struct LoadResult {
+  std::shared_ptr<const Config> config;  // null when errors is non-empty
+  std::vector<ConfigError> errors;
+};
+
+// Parses and validates; collects every error it can find (never stops at the first).
+LoadResult load_config_file(const std::string& path);
+LoadResult load_config_string(std::string_view yaml, const std::string& file_name);
+
+// Human summary for --check-config: listeners, upstreams, connectors, window.
+std::string summarize(const Config& config);
+
+// Glob match used for ehlo/sni/sender_domains patterns: '*' matches any run of characters, case-insensitive.
+bool glob_match(std::string_view pattern, std::string_view text);
+
+}  // namespace mailflow::config

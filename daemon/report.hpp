@@ -1,0 +1,55 @@
+#pragma once
+// The connector report: one row per UTC day x connector x direction, and the active insights.
+// Pure functions over a WindowStore and a Config; rendered as JSON, CSV, an aligned table and an HTML page.
+#include <array>
+#include <chrono>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "config/config.hpp"
+#include "daemon/window_store.hpp"
+
+namespace mailflow {
+
+struct ReportRow {
+  std::string date;  // YYYY-MM-DD (UTC)
+  std::string connector;
+  config::Direction direction = config::Direction::inbound;
+  config::ConnectorType type = config::ConnectorType::internet;
+  bool forced_tls = false;
+  std::uint64_t messages = 0;
+  std::array<double, 5> percent{};  // by proto::TlsVersion, 0..100, one decimal in renderings
+};
+
+struct Insight {
+  std::string connector;
+  config::Direction direction = config::Direction::inbound;
+  std::string insight;  // "significant_tls10" | "significant_no_tls"
+  double share = 0;     // 0..1 over the whole window
+  std::uint64_t messages = 0;
+  double threshold = 0;
+  std::string text;  // "Inbound partner connector partner-contoso is seeing significant TLS1.0 mail flow: 12.5% of 1,024 messages in the last 7 days"
+};
+
+struct Report {
+  std::string generated_at;  // RFC 3339 UTC
+  int days = 7;
+  std::vector<ReportRow> rows;
+  std::vector<Insight> insights;
+};
+
+// Insights over the whole window (same rule as the shipped alerts: messages >= min_messages and share
+// strictly greater than the threshold). Used for mailflow_insight_active and the report.
+std::vector<Insight> compute_insights(const WindowStore& store, const config::Config& config,
+                                      WindowStore::TimePoint now);
+
+Report build_report(const WindowStore& store, const config::Config& config, int days, WindowStore::TimePoint now);
+
+std::string render_json(const Report& report);
+std::string render_csv(const Report& report);
+std::string render_table(const Report& report);  // aligned terminal table, insights below
+std::string render_html(const Report& report);   // self-contained page, inline SVG, no JavaScript
+
+}  // namespace mailflow

@@ -1,0 +1,66 @@
+#pragma once
+// Every metric of mailflowd, declared in one place (telemetry.cpp), plus the rolling windows behind the
+// connector report. Thread-safe: sessions on any thread call the recording functions.
+// Deliberately free of prometheus-cpp and Asio headers: it is included by every daemon file.
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "config/config.hpp"
+#include "proto/tls_version.hpp"
+
+namespace mailflow {
+
+struct Report;
+
+enum class Leg { client, upstream };
+std::string_view to_string(Leg leg);
+
+class Telemetry {
+ public:
+  using Clock = std::function<std::chrono::system_clock::time_point()>;
+
+  explicit Telemetry(Clock clock = {});  // empty clock: system_clock::now
+  ~Telemetry();
+  Telemetry(const Telemetry&) = delete;
+  Telemetry& operator=(const Telemetry&) = delete;
+
+  // At start and after every successful reload: mailflow_connector_info, mailflow_alert_threshold, the
+  // window length, and the zero-valued series of every configured connector x tls_version (no gaps).
+  void configure(const config::Config& config);
+
+  // A message the upstream accepted (2xx to end-of-data): counted exactly once, here.
+  void message_delivered(std::string_view connector, config::Direction direction, proto::TlsVersion version,
+                         std::uint64_t bytes, std::uint32_t recipients);
+  void session_opened(std::string_view listener);                       // sessions_active +1
+  void session_closed(std::string_view listener, double duration_seconds);  // -1, duration histogram
+  void leg_finished(std::string_view listener, Leg leg, proto::TlsVersion version);  // sessions_total
+  void tls_handshake_failed(std::string_view listener, Leg leg, std::string_view reason);
+  void upstream_error(std::string_view upstream, std::string_view reason);
+  void rejected(std::string_view listener, std::string_view reason);
+  void config_reloaded(bool success);  // mailflow_config_reloads_total{result="success"|"failure"}
+  void state_error(std::string_view reason);  // mailflow_state_errors_total{reason}: save/load problems
+
+  // Prometheus text exposition (0.0.4) of every family, window gauges refreshed first, process_* included.
+  std::string metrics_text();
+
+  // The connector report over the last `days` UTC days (1..window).
+  Report report(int days);
+
+  // Rolling windows persistence (state_dir/windows.state): atomic save (temp, fsync, rename); load moves a
+  // corrupt or foreign file aside (windows.state.corrupt-<time>) and starts empty. False + error on failure.
+  bool save_state(const std::string& state_dir, std::string& error);
+  bool load_state(const std::string& state_dir, std::string& error);
+
+  std::uint64_t messages_total() const;  // for sd_notify STATUS=
+  std::uint64_t sessions_active() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace mailflow

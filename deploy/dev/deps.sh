@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs, with apt, exactly the Debian 12 packages that are missing. Idempotent.
+# Usage: deps.sh build|test   (test includes build)
+set -euo pipefail
+build_pkgs=(g++ cmake ninja-build ccache pkg-config make libboost-dev libssl-dev openssl prometheus-cpp-dev
+  libyaml-cpp-dev libspdlog-dev libfmt-dev doctest-dev libsystemd-dev libcrypt-dev
+  python3 python3-aiosmtpd swaks curl ca-certificates)
+test_pkgs=(python3-pytest postfix prometheus prometheus-alertmanager haproxy nginx-full libnginx-mod-mail
+  chromium clang libclang-rt-14-dev scdoc iproute2 procps systemd)
+want=("${build_pkgs[@]}")
+[ "${1:-build}" = test ] && want+=("${test_pkgs[@]}")
+missing=()
+for p in "${want[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+echo "deps: installing ${missing[*]}"
+SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
+# postfix asks which configuration to write; we only need its smtp-sink/smtp-source tools.
+echo 'postfix postfix/main_mailer_type select No configuration' | $SUDO debconf-set-selections
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -q
+$SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+# Debian starts these daemons on install; the tests run their own instances on loopback.
+for svc in postfix prometheus prometheus-alertmanager prometheus-node-exporter haproxy nginx; do
+  $SUDO systemctl disable --now "$svc" >/dev/null 2>&1 || true
+done

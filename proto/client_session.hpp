@@ -1,0 +1,69 @@
+#pragma once
+// The upstream-facing SMTP conversation up to the point where transactions can be relayed:
+// banner -> EHLO (HELO fallback) -> STARTTLS per policy -> EHLO -> XCLIENT when allowed -> EHLO <client helo>.
+// Sans-I/O: returns what to send next; the daemon does the I/O and the TLS handshake.
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include "proto/reply.hpp"
+
+namespace mailflow::proto {
+
+enum class UpstreamTlsPolicy { none, opportunistic, required };  // "verify" is "required" + certificate checks
+
+class ClientSession {
+ public:
+  struct Options {
+    std::string ehlo_name = "localhost";  // our hostname
+    UpstreamTlsPolicy tls = UpstreamTlsPolicy::opportunistic;
+    bool xclient_allowed = false;
+    // XCLIENT attributes of the real client (sent only if the upstream advertises XCLIENT and allowed):
+    std::string client_address;  // "192.0.2.1" or "IPV6:2001:db8::1" form is produced by the engine
+    std::uint16_t client_port = 0;
+    std::string client_helo;     // also the EHLO name used after XCLIENT
+    bool client_esmtp = true;    // PROTO=ESMTP or SMTP
+  };
+
+  enum class ActionKind {
+    read_reply,  // wait for the next reply and call on_reply()
+    send,        // send `data`, then wait for a reply and call on_reply()
+    start_tls,   // run the TLS handshake now, then call on_tls_started()
+    ready,       // the connection can relay transactions
+    fail,        // give up: `reason` is the mailflow_upstream_errors_total label, `reply` what the upstream said
+  };
+
+  struct Action {
+    ActionKind kind = ActionKind::read_reply;
+    std::string data;           // send only (wire form, CRLF included)
+    std::string_view reason;    // fail only: greeting_rejected, ehlo_rejected, starttls_unavailable,
+                                // starttls_rejected, protocol
+    Reply reply;                // fail only
+  };
+
+  explicit ClientSession(Options options);
+
+  Action start();                       // always read_reply (the banner)
+  Action on_reply(const Reply& reply);
+  Action on_tls_started();              // sends EHLO again
+
+  bool tls_active() const { return tls_active_; }
+  bool xclient_done() const { return xclient_done_; }
+  bool pipelining() const { return pipelining_; }   // upstream advertised PIPELINING
+  std::uint64_t size_limit() const { return size_limit_; }  // upstream SIZE, 0 if none
+
+ private:
+  enum class Step { banner, ehlo, helo, starttls, xclient, ehlo_after_xclient, done };
+  Action after_ehlo();
+
+  Options options_;
+  Step step_ = Step::banner;
+  bool tls_active_ = false;
+  bool starttls_offered_ = false;
+  bool xclient_offered_ = false;
+  bool xclient_done_ = false;
+  bool pipelining_ = false;
+  std::uint64_t size_limit_ = 0;
+};
+
+}  // namespace mailflow::proto

@@ -1,0 +1,86 @@
+#pragma once
+// The client-facing SMTP conversation as a transition table (state x command -> action, next state).
+// Sans-I/O: it never touches a socket. The daemon feeds it framed lines and upstream outcomes and performs
+// the actions it returns.
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include "proto/command.hpp"
+#include "proto/line_framer.hpp"
+
+namespace mailflow::proto {
+
+class ServerSession {
+ public:
+  struct Options {
+    std::string hostname = "localhost";
+    bool starttls_available = false;  // listener has certificates
+    std::uint64_t max_message_size = 36700160;
+    std::uint32_t max_recipients = 100;
+    std::uint32_t max_bad_commands = 20;
+  };
+
+  enum class State {
+    need_helo,  // after the banner, and after STARTTLS
+    ready,      // greeted, no transaction
+    mail,       // MAIL accepted upstream, no recipient yet
+    rcpt,       // at least one recipient accepted
+    closed,
+  };
+
+  enum class ActionKind {
+    reply,             // send `reply` to the client, nothing else
+    close,             // send `reply` (421/221/...), then close the connection
+    start_tls,         // send `reply` (220), then run the TLS handshake and call on_tls_started()
+    begin_mail,        // choose connector/upstream, forward MAIL (command.address, command.size), then
+                       // relay the upstream reply and call on_mail_reply(code)
+    forward_rcpt,      // forward RCPT, relay the upstream reply, call on_rcpt_reply(code)
+    begin_data,        // send DATA upstream; on 354 tell the client 354 and stream; then on_data_finished()
+    reset,             // send `reply` (250) to the client and abort any upstream transaction (RSET)
+  };
+
+  struct Action {
+    ActionKind kind = ActionKind::reply;
+    std::string reply;               // wire form, CRLF included; empty for begin_mail/forward_rcpt/begin_data
+    std::string_view reject_reason;  // non-empty when this is a refusal to count in mailflow_rejects_total
+  };
+
+  explicit ServerSession(Options options);
+
+  // The banner to send after accept: "220 <hostname> ESMTP mailflowd\r\n".
+  std::string banner() const;
+
+  // A command line the framer produced (CRLF removed).
+  Action on_line(std::string_view line);
+  // A framing problem (CommandFramer::Kind::too_long or bad_newline): one 500 5.5.x reply.
+  Action on_framing_error(CommandFramer::Kind kind);
+
+  // Outcomes of the upstream steps requested by begin_mail / forward_rcpt / begin_data.
+  void on_mail_reply(int code);    // 2xx: state mail
+  void on_rcpt_reply(int code);    // 2xx: state rcpt, one more accepted recipient
+  void on_data_finished();         // end of DATA whatever the outcome: state ready
+  void on_transaction_aborted();   // upstream lost mid-transaction: state ready
+  void on_tls_started();           // handshake done: state need_helo, tls active, transaction cleared
+
+  State state() const { return state_; }
+  bool tls_active() const { return tls_active_; }
+  bool esmtp() const { return esmtp_; }                  // EHLO (not HELO) was used
+  const std::string& helo_name() const { return helo_name_; }
+  const Command& last_command() const { return last_command_; }  // the command behind the last action
+  std::uint32_t accepted_recipients() const { return recipients_; }
+  std::uint32_t bad_commands() const { return bad_commands_; }
+
+ private:
+  Options options_;
+  State state_ = State::need_helo;
+  bool tls_active_ = false;
+  bool esmtp_ = false;
+  std::string helo_name_;
+  Command last_command_;
+  std::uint32_t recipients_ = 0;
+  std::uint32_t pending_rcpts_ = 0;
+  std::uint32_t bad_commands_ = 0;
+};
+
+}  // namespace mailflow::proto
