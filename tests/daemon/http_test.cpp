@@ -1,0 +1,2 @@
+// filled in shortly (telemetry engineer)
+#include <doctest/doctest.h>
