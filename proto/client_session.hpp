@@ -55,6 +55,10 @@ class ClientSession {
  private:
   enum class Step { banner, ehlo, helo, starttls, xclient, ehlo_after_xclient, done };
   Action after_ehlo();
+  Action send(std::string data, Step next);
+  Action fail(std::string_view reason, const Reply& reply);
+  void parse_capabilities(const Reply& reply);
+  std::string xclient_command() const;
 
   Options options_;
   Step step_ = Step::banner;
@@ -62,6 +66,9 @@ class ClientSession {
   bool starttls_offered_ = false;
   bool xclient_offered_ = false;
   bool xclient_done_ = false;
+  bool xclient_tried_ = false;
+  bool starttls_declined_ = false;  // opportunistic STARTTLS refused: go on in plaintext
+  bool helo_after_xclient_ = false;  // the HELO being answered replaces the EHLO after XCLIENT
   bool pipelining_ = false;
   std::uint64_t size_limit_ = 0;
 };

@@ -46,6 +46,7 @@ class DataFilter {
   bool too_big_ = false;
   bool line_too_long_ = false;
   bool bare_newline_seen_ = false;
+  bool prev_line_crlf_ = true;  // the line before the current one ended in CRLF (true before the first)
 };
 
 }  // namespace mailflow::proto

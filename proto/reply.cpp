@@ -1,1 +1,118 @@
-// placeholder
+#include "proto/reply.hpp"
+
+#include <cstring>
+
+namespace mailflow::proto {
+
+namespace {
+
+constexpr std::size_t max_reply_line = 2048;  // octets including the line ending
+constexpr std::size_t max_reply_lines = 100;
+
+void append_code(std::string& out, int code) {
+  // Codes outside 000..999 cannot be written as three digits; clamp rather than emit garbage.
+  if (code < 0 || code > 999) code = 451;
+  out.push_back(static_cast<char>('0' + code / 100));
+  out.push_back(static_cast<char>('0' + code / 10 % 10));
+  out.push_back(static_cast<char>('0' + code % 10));
+}
+
+// Reply text is relayed from upstreams: a CR or LF inside it must never reach the wire as a line break.
+void append_text(std::string& out, std::string_view text) {
+  const std::size_t start = out.size();
+  out.append(text);
+  for (std::size_t i = start; i < out.size(); ++i) {
+    if (out[i] == '\r' || out[i] == '\n') out[i] = ' ';
+  }
+}
+
+bool is_digit(char c) { return c >= '0' && c <= '9'; }
+
+}  // namespace
+
+std::string format_reply(const Reply& reply) {
+  std::string out;
+  const std::size_t n = reply.lines.empty() ? 1 : reply.lines.size();
+  for (std::size_t i = 0; i < n; ++i) {
+    append_code(out, reply.code);
+    out.push_back(i + 1 == n ? ' ' : '-');
+    if (!reply.lines.empty()) append_text(out, reply.lines[i]);
+    out.append("\r\n");
+  }
+  return out;
+}
+
+std::string format_reply(int code, std::string_view enhanced, std::string_view text) {
+  std::string out;
+  out.reserve(6 + enhanced.size() + text.size());
+  append_code(out, code);
+  out.push_back(' ');
+  if (!enhanced.empty()) {
+    append_text(out, enhanced);
+    out.push_back(' ');
+  }
+  append_text(out, text);
+  out.append("\r\n");
+  return out;
+}
+
+ReplyParseResult parse_reply(std::string_view input) {
+  ReplyParseResult result;
+  auto invalid = [&result](std::string error) {
+    result = ReplyParseResult{};
+    result.status = ReplyStatus::invalid;
+    result.error = std::move(error);
+    return result;
+  };
+
+  std::size_t pos = 0;
+  int code = -1;
+  std::vector<std::string> lines;
+  while (true) {
+    const std::string_view rest = input.substr(pos);
+    // Reject what can never become a reply line as soon as the bytes are there (an upstream that talks garbage
+    // without a newline must not keep us waiting for the limit).
+    const std::size_t check = rest.size() < 4 ? rest.size() : 4;
+    for (std::size_t i = 0; i < check; ++i) {
+      const char c = rest[i];
+      if (i < 3) {
+        if (!is_digit(c)) return invalid("reply line does not start with a three-digit code");
+      } else if (c != ' ' && c != '-' && c != '\r' && c != '\n') {
+        return invalid("bad separator after reply code");
+      }
+    }
+    const std::size_t window = rest.size() < max_reply_line ? rest.size() : max_reply_line;
+    const void* lf_ptr = window ? std::memchr(rest.data(), '\n', window) : nullptr;
+    if (lf_ptr == nullptr) {
+      if (rest.size() >= max_reply_line) return invalid("reply line too long");
+      return result;  // incomplete
+    }
+    const std::size_t lf = static_cast<std::size_t>(static_cast<const char*>(lf_ptr) - rest.data());
+    std::size_t end = lf;  // end of the text (exclusive)
+    if (end > 0 && rest[end - 1] == '\r') --end;
+    if (end < 3) return invalid("reply line too short");
+    const int line_code = (rest[0] - '0') * 100 + (rest[1] - '0') * 10 + (rest[2] - '0');
+    if (code >= 0 && line_code != code) return invalid("reply code changed between lines");
+    code = line_code;
+    bool last = true;
+    std::string text;
+    if (end > 3) {
+      const char sep = rest[3];
+      if (sep != ' ' && sep != '-') return invalid("bad separator after reply code");
+      last = sep == ' ';
+      text.assign(rest.substr(4, end - 4));
+    }
+    lines.push_back(std::move(text));
+    pos += lf + 1;
+    if (last) {
+      result.status = ReplyStatus::complete;
+      result.consumed = pos;
+      result.reply.code = code;
+      result.reply.lines = std::move(lines);
+      return result;
+    }
+    if (lines.size() >= max_reply_lines) return invalid("reply has too many lines");
+  }
+}
+
+}  // namespace mailflow::proto

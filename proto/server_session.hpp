@@ -72,8 +72,16 @@ class ServerSession {
   std::uint32_t bad_commands() const { return bad_commands_; }
 
  private:
+  enum class Step : std::uint8_t;  // an entry of the transition table (server_session.cpp)
+  Action dispatch(Step step, const ParsedCommand& parsed, State effective);
+  Action refuse(int code, std::string_view enhanced, std::string_view text, std::string_view reason);
+  Action refuse_parse_error(const ParsedCommand& parsed, std::string_view address_enhanced);
+  std::string ehlo_reply(bool esmtp) const;
+  void clear_transaction();
+
   Options options_;
   State state_ = State::need_helo;
+  bool mail_pending_ = false;  // begin_mail returned, on_mail_reply() not yet called
   bool tls_active_ = false;
   bool esmtp_ = false;
   std::string helo_name_;
