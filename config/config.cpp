@@ -1,1 +1,957 @@
-// placeholder
+// YAML -> validated, immutable Config. Every error found is collected with the position of the offending key or
+// value; the loader never stops at the first one (except for YAML syntax errors, after which nothing is reliable).
+#include "config/config.hpp"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <yaml-cpp/yaml.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <charconv>
+#include <cmath>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <set>
+#include <sstream>
+
+namespace mailflow::config {
+namespace {
+
+// The accepted keys of every mapping, by schema path ("[]" = each item of a list). This one table drives both
+// the unknown-key check and known_keys(), so the documentation test sees exactly what the loader accepts.
+struct Section {
+  std::string_view path;
+  std::vector<std::string_view> keys;
+};
+
+const std::vector<Section>& schema() {
+  static const std::vector<Section> sections = {
+      {"", {"hostname", "state_dir", "listeners", "upstreams", "connectors", "telemetry", "http", "limits", "log",
+            "timeouts"}},
+      {"listeners[]", {"name", "address", "direction", "tls", "proxy_protocol", "upstream"}},
+      {"listeners[].tls", {"certificates", "min_version", "ciphers"}},
+      {"listeners[].tls.certificates[]", {"cert", "key"}},
+      {"listeners[].proxy_protocol", {"trusted"}},
+      {"upstreams[]", {"name", "address", "tls", "ca_file", "xclient"}},
+      {"connectors[]", {"name", "type", "direction", "match", "require_tls", "upstream", "alerts"}},
+      {"connectors[].match", {"listener", "client_cidrs", "sender_domains", "ehlo", "sni"}},
+      {"connectors[].alerts", {"tls10_share", "no_tls_share", "min_messages"}},
+      {"telemetry", {"window", "defaults"}},
+      {"telemetry.defaults", {"tls10_share", "no_tls_share", "min_messages"}},
+      {"http", {"address", "basic_auth", "tls"}},
+      {"http.basic_auth", {"user", "password_hash"}},
+      {"http.tls", {"cert", "key"}},
+      {"limits", {"max_sessions", "max_sessions_per_ip", "max_message_size", "max_recipients", "max_bad_commands",
+                  "max_line", "drain_timeout", "greet_pause", "bare_newline"}},
+      {"log", {"level", "format"}},
+      {"timeouts", {"greeting", "command", "data_block", "data_end", "tls_handshake", "upstream_connect"}},
+  };
+  return sections;
+}
+
+const std::vector<std::string_view>& keys_of(std::string_view schema_path) {
+  for (const auto& section : schema()) {
+    if (section.path == schema_path) return section.keys;
+  }
+  static const std::vector<std::string_view> none;
+  return none;
+}
+
+std::string quoted(std::string_view text) {
+  std::string out = "\"";
+  for (char c : text.substr(0, 80)) {
+    const auto u = static_cast<unsigned char>(c);
+    if (c == '"' || c == '\\') out += '\\';
+    if (u < 0x20 || u == 0x7f) {
+      static constexpr char hex[] = "0123456789abcdef";
+      out += "\\x";
+      out += hex[u >> 4];
+      out += hex[u & 15];
+    } else {
+      out += c;
+    }
+  }
+  if (text.size() > 80) out += "...";
+  return out + "\"";
+}
+
+std::size_t edit_distance(std::string_view a, std::string_view b) {
+  std::vector<std::size_t> row(b.size() + 1);
+  for (std::size_t j = 0; j <= b.size(); ++j) row[j] = j;
+  for (std::size_t i = 1; i <= a.size(); ++i) {
+    std::size_t diagonal = row[0];
+    row[0] = i;
+    for (std::size_t j = 1; j <= b.size(); ++j) {
+      const std::size_t above = row[j];
+      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diagonal + (a[i - 1] == b[j - 1] ? 0 : 1)});
+      diagonal = above;
+    }
+  }
+  return row[b.size()];
+}
+
+bool valid_name(std::string_view name) {
+  return !name.empty() && name.size() <= 64 && std::all_of(name.begin(), name.end(), [](char c) {
+    return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_' || c == '-';
+  });
+}
+
+bool valid_hostname(std::string_view name) {
+  if (name.empty() || name.size() > 253 || name.front() == '.' || name.front() == '-') return false;
+  return std::all_of(name.begin(), name.end(), [](char c) {
+    return std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '-' || c == '_';
+  });
+}
+
+std::string lower(std::string_view text) {
+  std::string out(text);
+  for (auto& c : out) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return out;
+}
+
+template <class Int>
+std::optional<Int> parse_integer(std::string_view text) {
+  if (text.empty() || !std::all_of(text.begin(), text.end(), [](char c) { return c >= '0' && c <= '9'; })) {
+    return std::nullopt;
+  }
+  Int value{};
+  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (ec != std::errc{} || end != text.data() + text.size()) return std::nullopt;
+  return value;
+}
+
+// Sizes: plain bytes, or a number with B, KB/MB/GB (powers of 1000) or KiB/MiB/GiB (powers of 1024).
+std::optional<std::uint64_t> parse_size(std::string_view text) {
+  std::size_t digits = 0;
+  while (digits < text.size() && text[digits] >= '0' && text[digits] <= '9') ++digits;
+  const auto number = parse_integer<std::uint64_t>(text.substr(0, digits));
+  if (!number) return std::nullopt;
+  const std::string_view unit = text.substr(digits);
+  std::uint64_t scale = 0;
+  if (unit.empty() || unit == "B") scale = 1;
+  else if (unit == "KB") scale = 1000;
+  else if (unit == "MB") scale = 1000 * 1000;
+  else if (unit == "GB") scale = 1000 * 1000 * 1000;
+  else if (unit == "KiB") scale = 1024;
+  else if (unit == "MiB") scale = 1024 * 1024;
+  else if (unit == "GiB") scale = 1024 * 1024 * 1024;
+  else return std::nullopt;
+  if (*number > std::numeric_limits<std::uint64_t>::max() / scale) return std::nullopt;
+  return *number * scale;
+}
+
+std::optional<double> parse_double(std::string_view text) {
+  double value = 0;
+  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (text.empty() || ec != std::errc{} || end != text.data() + text.size() || !std::isfinite(value)) {
+    return std::nullopt;
+  }
+  return value;
+}
+
+std::optional<proto::TlsVersion> parse_min_version(std::string_view text) {
+  // The contract spells them TLS1.x; OpenSSL/Postfix/nginx spell them TLSv1.x, which admins paste from there.
+  static constexpr std::pair<std::string_view, proto::TlsVersion> versions[] = {
+      {"TLS1.0", proto::TlsVersion::tls10},  {"TLS1.1", proto::TlsVersion::tls11},
+      {"TLS1.2", proto::TlsVersion::tls12},  {"TLS1.3", proto::TlsVersion::tls13},
+      {"TLSv1.0", proto::TlsVersion::tls10}, {"TLSv1", proto::TlsVersion::tls10},
+      {"TLSv1.1", proto::TlsVersion::tls11}, {"TLSv1.2", proto::TlsVersion::tls12},
+      {"TLSv1.3", proto::TlsVersion::tls13}};
+  for (const auto& [name, version] : versions) {
+    if (name == text) return version;
+  }
+  return std::nullopt;
+}
+
+// One key of a mapping with the nodes of both sides (the key node carries the position when the value is null).
+struct Field {
+  YAML::Node key;
+  YAML::Node value;
+};
+using Fields = std::map<std::string, Field, std::less<>>;
+
+class Loader {
+ public:
+  explicit Loader(std::string file) : file_(std::move(file)) {}
+
+  LoadResult load(std::string_view text) {
+    try {
+      const YAML::Node root = YAML::Load(std::string(text));
+      load_root(root);
+    } catch (const YAML::Exception& e) {
+      error_at(e.mark, "YAML syntax error: " + e.msg);
+    }
+    std::stable_sort(errors_.begin(), errors_.end(), [](const ConfigError& a, const ConfigError& b) {
+      return std::pair(a.line, a.column) < std::pair(b.line, b.column);
+    });
+    config_.source_path = file_;
+    LoadResult result;
+    result.errors = std::move(errors_);
+    if (result.errors.empty()) result.config = std::make_shared<const Config>(std::move(config_));
+    return result;
+  }
+
+ private:
+  std::string file_;
+  std::vector<ConfigError> errors_;
+  Config config_;
+  YAML::Mark root_mark_;
+
+  // ---- error reporting -------------------------------------------------------------------------------------
+  void error_at(const YAML::Mark& mark, std::string message) {
+    ConfigError error;
+    error.file = file_;
+    if (!mark.is_null() && mark.line >= 0) {
+      error.line = mark.line + 1;
+      error.column = mark.column + 1;
+    }
+    error.message = std::move(message);
+    errors_.push_back(std::move(error));
+  }
+  void error_at(const YAML::Node& node, std::string message) { error_at(node.Mark(), std::move(message)); }
+  // A null value has no position of its own (yaml-cpp gives the next token's): blame the key instead.
+  void error_at(const Field& field, std::string message) {
+    error_at(field.value.IsNull() ? field.key.Mark() : field.value.Mark(), std::move(message));
+  }
+
+  static std::string join(std::string_view where, std::string_view key) {
+    return where.empty() ? std::string(key) : std::string(where) + "." + std::string(key);
+  }
+  static std::string describe(const YAML::Node& node) {
+    if (node.IsSequence()) return "a list";
+    if (node.IsMap()) return "a mapping";
+    if (node.IsNull()) return "nothing";
+    return quoted(node.Scalar());
+  }
+
+  // ---- structure ---------------------------------------------------------------------------------------------
+  // The keys of a mapping, after reporting non-scalar, duplicate and unknown keys. A null node is an empty mapping
+  // (a section whose entries are all commented out); anything else that is not a mapping is an error.
+  std::optional<Fields> fields(const YAML::Node& node, const YAML::Mark& mark, std::string_view schema_path,
+                               const std::string& where) {
+    Fields out;
+    if (!node.IsDefined() || node.IsNull()) return out;
+    if (!node.IsMap()) {
+      error_at(mark, (where.empty() ? "the configuration" : where) + ": expected a mapping of keys, got " +
+                         describe(node));
+      return std::nullopt;
+    }
+    const auto& allowed = keys_of(schema_path);
+    for (auto it = node.begin(); it != node.end(); ++it) {
+      const YAML::Node key = it->first;
+      if (!key.IsScalar()) {
+        error_at(key, (where.empty() ? "" : where + ": ") + "keys must be plain names, got " + describe(key));
+        continue;
+      }
+      const std::string& name = key.Scalar();
+      if (std::find(allowed.begin(), allowed.end(), name) == allowed.end()) {
+        std::string message = "unknown key " + quoted(name) + (where.empty() ? "" : " in " + where);
+        std::string_view best;
+        std::size_t best_distance = 3;
+        for (const auto& candidate : allowed) {
+          const std::size_t distance = edit_distance(name, candidate);
+          if (distance < best_distance) {
+            best = candidate;
+            best_distance = distance;
+          }
+        }
+        if (!best.empty()) {
+          message += " (did you mean " + quoted(best) + "?)";
+        } else {
+          message += " (expected one of:";
+          for (const auto& candidate : allowed) message += " " + std::string(candidate);
+          message += ")";
+        }
+        error_at(key, std::move(message));
+        continue;
+      }
+      const auto [previous, inserted] = out.emplace(name, Field{key, it->second});
+      if (!inserted) {
+        error_at(key, "duplicate key " + quoted(name) + (where.empty() ? "" : " in " + where) + " (first at line " +
+                          std::to_string(previous->second.key.Mark().line + 1) + ")");
+      }
+    }
+    return out;
+  }
+  std::optional<Fields> fields(const Field& field, std::string_view schema_path, const std::string& where) {
+    return fields(field.value, field.key.Mark(), schema_path, where);
+  }
+
+  static const Field* get(const Fields& fields, std::string_view key) {
+    const auto it = fields.find(key);
+    return it == fields.end() ? nullptr : &it->second;
+  }
+
+  const Field* require(const Fields& fields, std::string_view key, const YAML::Mark& mark, const std::string& where) {
+    const Field* field = get(fields, key);
+    if (field == nullptr) error_at(mark, where + ": missing required key " + quoted(key));
+    return field;
+  }
+
+  // The items of a list; a null value is an empty list.
+  std::vector<YAML::Node> items(const Field& field, const std::string& where) {
+    std::vector<YAML::Node> out;
+    if (field.value.IsNull()) return out;
+    if (!field.value.IsSequence()) {
+      error_at(field, where + ": expected a list, got " + describe(field.value));
+      return out;
+    }
+    for (const auto& item : field.value) out.push_back(item);
+    return out;
+  }
+
+  // A scalar's text, or nullopt after reporting what was expected.
+  std::optional<std::string> scalar(const Field& field, const std::string& where, std::string_view expected) {
+    if (field.value.IsNull()) {
+      error_at(field, where + ": missing value (expected " + std::string(expected) + ")");
+      return std::nullopt;
+    }
+    if (!field.value.IsScalar()) {
+      std::string message = where + ": expected " + std::string(expected) + ", got " + describe(field.value);
+      // Unquoted [::]:25 is a YAML flow list; say so instead of leaving the user puzzled.
+      if (field.value.IsSequence() && where.ends_with("address")) message += " (quote addresses like \"[::]:25\")";
+      error_at(field, std::move(message));
+      return std::nullopt;
+    }
+    return field.value.Scalar();
+  }
+  std::optional<std::string> scalar_item(const YAML::Node& node, const std::string& where, std::string_view expected) {
+    return scalar(Field{node, node}, where, expected);
+  }
+
+  // A string or a list of strings, each with its node (for positions).
+  std::vector<std::pair<std::string, YAML::Node>> string_list(const Field& field, const std::string& where,
+                                                              std::string_view expected) {
+    std::vector<std::pair<std::string, YAML::Node>> out;
+    if (field.value.IsScalar()) {
+      out.emplace_back(field.value.Scalar(), field.value);
+      return out;
+    }
+    const auto list = items(field, where);
+    for (std::size_t i = 0; i < list.size(); ++i) {
+      if (auto text = scalar_item(list[i], where + "[" + std::to_string(i) + "]", expected)) {
+        out.emplace_back(std::move(*text), list[i]);
+      }
+    }
+    return out;
+  }
+
+  // ---- typed values ------------------------------------------------------------------------------------------
+  // Each reader leaves `out` unchanged when the key is absent (the default stays) or invalid (an error is recorded).
+  template <class T, class Parse>
+  bool read(const Fields& fields, std::string_view key, const std::string& where, std::string_view expected, T& out,
+            Parse parse) {
+    const Field* field = get(fields, key);
+    if (field == nullptr) return false;
+    const std::string path = join(where, key);
+    const auto text = scalar(*field, path, expected);
+    if (!text) return false;
+    std::string problem;
+    std::optional<T> value = parse(*text, problem);
+    if (!value) {
+      error_at(*field, path + ": " +
+                           (problem.empty() ? "expected " + std::string(expected) + ", got " + quoted(*text) : problem));
+      return false;
+    }
+    out = std::move(*value);
+    return true;
+  }
+
+  bool read_string(const Fields& fields, std::string_view key, const std::string& where, std::string& out) {
+    return read(fields, key, where, "a string", out, [](const std::string& text, std::string& problem) {
+      if (text.empty()) problem = "must not be empty";
+      return text.empty() ? std::nullopt : std::optional<std::string>(text);
+    });
+  }
+
+  bool read_name(const Fields& fields, std::string_view key, const std::string& where, std::string& out) {
+    return read(fields, key, where, "a name", out, [](const std::string& text, std::string& problem) {
+      if (!valid_name(text)) {
+        problem = "invalid name " + quoted(text) + ": use 1-64 characters of a-z, 0-9, '_' and '-'";
+        return std::optional<std::string>{};
+      }
+      return std::optional<std::string>(text);
+    });
+  }
+
+  bool read_bool(const Fields& fields, std::string_view key, const std::string& where, bool& out) {
+    return read(fields, key, where, "true or false", out, [](const std::string& text, std::string&) {
+      if (text == "true" || text == "True" || text == "TRUE" || text == "yes") return std::optional<bool>(true);
+      if (text == "false" || text == "False" || text == "FALSE" || text == "no") return std::optional<bool>(false);
+      return std::optional<bool>{};
+    });
+  }
+
+  template <class Int>
+  bool read_integer(const Fields& fields, std::string_view key, const std::string& where, Int& out,
+                    std::uint64_t min, std::uint64_t max, bool size) {
+    const std::string expected = size ? "a size in bytes like 36700160 or 35MiB" : "a whole number";
+    return read(fields, key, where, expected, out, [&](const std::string& text, std::string& problem) {
+      const auto value = size ? parse_size(text) : parse_integer<std::uint64_t>(text);
+      if (!value) return std::optional<Int>{};
+      if (*value < min || *value > max) {
+        problem = "must be between " + std::to_string(min) + " and " + std::to_string(max) + ", got " + text;
+        return std::optional<Int>{};
+      }
+      return std::optional<Int>(static_cast<Int>(*value));
+    });
+  }
+
+  bool read_duration(const Fields& fields, std::string_view key, const std::string& where,
+                     std::chrono::milliseconds& out, std::chrono::milliseconds min, std::chrono::milliseconds max) {
+    return read(fields, key, where, "a duration like 30s", out, [&](const std::string& text, std::string& problem) {
+      const auto value = parse_duration(text);
+      if (!value) return std::optional<std::chrono::milliseconds>{};
+      if (*value < min || *value > max) {
+        problem = "must be between " + format_duration(min) + " and " + format_duration(max) + ", got " + text;
+        return std::optional<std::chrono::milliseconds>{};
+      }
+      return value;
+    });
+  }
+
+  bool read_share(const Fields& fields, std::string_view key, const std::string& where, double& out) {
+    return read(fields, key, where, "a share between 0 and 1 like 0.05", out,
+                [](const std::string& text, std::string& problem) {
+                  const auto value = parse_double(text);
+                  if (value && (*value < 0.0 || *value > 1.0)) {
+                    problem = "must be a share between 0 and 1 (0.05 = 5%), got " + text;
+                    return std::optional<double>{};
+                  }
+                  return value;
+                });
+  }
+
+  template <class Enum>
+  bool read_enum(const Fields& fields, std::string_view key, const std::string& where, Enum& out,
+                 const std::vector<std::pair<std::string_view, Enum>>& choices) {
+    std::string expected = "one of";
+    for (std::size_t i = 0; i < choices.size(); ++i) {
+      expected += (i == 0 ? " " : ", ") + std::string(choices[i].first);
+    }
+    return read(fields, key, where, expected, out, [&](const std::string& text, std::string&) {
+      for (const auto& [name, value] : choices) {
+        if (name == text) return std::optional<Enum>(value);
+      }
+      return std::optional<Enum>{};
+    });
+  }
+
+  // "host:port" or "[v6]:port"; `bind` requires an IP literal (something to listen on).
+  bool read_endpoint(const Fields& fields, std::string_view key, const std::string& where, Endpoint& out, bool bind) {
+    const std::string expected = bind ? "an address like 0.0.0.0:25 or \"[::]:25\"" : "an address like mail.example.org:25";
+    return read(fields, key, where, expected, out, [&](const std::string& text, std::string& problem) {
+      Endpoint endpoint;
+      endpoint.text = text;
+      std::string_view port_text;
+      if (!text.empty() && text.front() == '[') {
+        const auto close = text.find(']');
+        if (close == std::string::npos || close + 1 >= text.size() || text[close + 1] != ':') {
+          return std::optional<Endpoint>{};
+        }
+        endpoint.host = text.substr(1, close - 1);
+        port_text = std::string_view(text).substr(close + 2);
+        if (endpoint.host.find(':') == std::string::npos || !parse_ip_address(endpoint.host)) {
+          problem = "expected an IPv6 address inside [...], got " + quoted(text);
+          return std::optional<Endpoint>{};
+        }
+      } else {
+        const auto colon = text.rfind(':');
+        if (colon == std::string::npos) {
+          problem = "missing port in " + quoted(text) + " (expected host:port)";
+          return std::optional<Endpoint>{};
+        }
+        endpoint.host = text.substr(0, colon);
+        port_text = std::string_view(text).substr(colon + 1);
+        if (endpoint.host.find(':') != std::string::npos) {
+          problem = "IPv6 addresses need brackets: write \"[" + endpoint.host + "]:" + std::string(port_text) + "\"";
+          return std::optional<Endpoint>{};
+        }
+        if (endpoint.host.empty()) {
+          problem = "missing host in " + quoted(text) + (bind ? " (use 0.0.0.0:port for all IPv4 addresses)" : "");
+          return std::optional<Endpoint>{};
+        }
+        if (bind && !parse_ip_address(endpoint.host)) {
+          problem = "expected an IP address to listen on, got " + quoted(endpoint.host) +
+                    " (use 127.0.0.1, 0.0.0.0 or \"[::]\")";
+          return std::optional<Endpoint>{};
+        }
+        if (!bind && !parse_ip_address(endpoint.host) && !valid_hostname(endpoint.host)) {
+          problem = "invalid host name " + quoted(endpoint.host);
+          return std::optional<Endpoint>{};
+        }
+      }
+      const auto port = parse_integer<std::uint32_t>(port_text);
+      if (!port || *port < 1 || *port > 65535) {
+        problem = "invalid port " + quoted(port_text) + " in " + quoted(text) + " (expected 1..65535)";
+        return std::optional<Endpoint>{};
+      }
+      endpoint.port = static_cast<std::uint16_t>(*port);
+      return std::optional<Endpoint>(std::move(endpoint));
+    });
+  }
+
+  // A certificate/key/CA file: checked now so that --check-config and SIGHUP catch a wrong path before it matters.
+  // Relative paths are relative to the daemon's working directory (like the command line), not the config file.
+  bool read_file(const Fields& fields, std::string_view key, const std::string& where, std::string& out) {
+    return read(fields, key, where, "a file path", out, [](const std::string& path, std::string& problem) {
+      if (path.empty()) {
+        problem = "must not be empty";
+        return std::optional<std::string>{};
+      }
+      struct stat info {};
+      if (::stat(path.c_str(), &info) != 0) {
+        problem = "cannot read " + quoted(path) + ": " + std::strerror(errno);
+        return std::optional<std::string>{};
+      }
+      if (!S_ISREG(info.st_mode)) {
+        problem = quoted(path) + " is not a regular file";
+        return std::optional<std::string>{};
+      }
+      const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+      if (fd < 0) {
+        problem = "cannot read " + quoted(path) + ": " + std::strerror(errno);
+        return std::optional<std::string>{};
+      }
+      ::close(fd);
+      return std::optional<std::string>(path);
+    });
+  }
+
+  std::vector<Cidr> read_cidrs(const Field& field, const std::string& where) {
+    std::vector<Cidr> out;
+    for (const auto& [text, node] : string_list(field, where, "a CIDR like 203.0.113.0/24")) {
+      const auto cidr = Cidr::parse(text);
+      if (!cidr) {
+        error_at(node, where + ": expected a CIDR like 203.0.113.0/24 or 2001:db8::/32, got " + quoted(text));
+        continue;
+      }
+      // "203.0.113.5/24" is nearly always a typo for a host or for the network; refuse rather than guess.
+      const Cidr exact = Cidr::parse(text.substr(0, text.find('/'))).value();
+      if (exact.network != cidr->network) {
+        error_at(node, where + ": " + quoted(text) + " has host bits set; did you mean " + cidr->to_string() + "?");
+        continue;
+      }
+      out.push_back(*cidr);
+    }
+    return out;
+  }
+
+  // ---- sections ----------------------------------------------------------------------------------------------
+  void load_root(const YAML::Node& root) {
+    root_mark_ = root.Mark();
+    if (!root.IsDefined() || root.IsNull()) {
+      error_at(YAML::Mark::null_mark(), "the configuration is empty: at least one listener is required");
+      return;
+    }
+    const auto top = fields(root, root.Mark(), "", "");
+    if (!top) return;
+
+    config_.hostname = machine_hostname();
+    read(*top, "hostname", "", "a host name", config_.hostname, [](const std::string& text, std::string& problem) {
+      if (!valid_hostname(text)) problem = "invalid host name " + quoted(text);
+      return valid_hostname(text) ? std::optional<std::string>(text) : std::nullopt;
+    });
+    read_string(*top, "state_dir", "", config_.state_dir);
+
+    // Telemetry first: connectors inherit its alert defaults. Upstreams before listeners and listeners before
+    // connectors, so that references can be checked as they are read, whatever order the file uses.
+    if (const Field* field = get(*top, "telemetry")) load_telemetry(*field);
+    if (const Field* field = get(*top, "upstreams")) load_upstreams(*field);
+    const Field* listeners = get(*top, "listeners");
+    if (listeners != nullptr) load_listeners(*listeners);
+    if (config_.listeners.empty()) {
+      error_at(listeners != nullptr ? listeners->key.Mark() : root.Mark(), "at least one listener is required");
+    }
+    if (const Field* field = get(*top, "connectors")) load_connectors(*field);
+    if (const Field* field = get(*top, "http")) load_http(*field);
+    if (const Field* field = get(*top, "limits")) load_limits(*field);
+    if (const Field* field = get(*top, "log")) load_log(*field);
+    if (const Field* field = get(*top, "timeouts")) load_timeouts(*field);
+  }
+
+  static std::string machine_hostname() {
+    char buffer[256] = {};
+    if (::gethostname(buffer, sizeof buffer - 1) != 0 || buffer[0] == '\0') return "localhost";
+    return buffer;
+  }
+
+  void load_alerts(const Field& field, std::string_view schema_path, const std::string& where,
+                   AlertThresholds& out) {
+    const auto map = fields(field, schema_path, where);
+    if (!map) return;
+    read_share(*map, "tls10_share", where, out.tls10_share);
+    read_share(*map, "no_tls_share", where, out.no_tls_share);
+    read_integer(*map, "min_messages", where, out.min_messages, 0, std::uint64_t{1} << 62, false);
+  }
+
+  void load_telemetry(const Field& field) {
+    const auto map = fields(field, "telemetry", "telemetry");
+    if (!map) return;
+    std::chrono::milliseconds window = config_.telemetry.window;
+    if (read_duration(*map, "window", "telemetry", window, std::chrono::hours(24), std::chrono::hours(24 * 90))) {
+      if (window % std::chrono::hours(1) != std::chrono::milliseconds(0)) {
+        error_at(get(*map, "window")->value, "telemetry.window: must be a whole number of hours (buckets are hourly)");
+      } else {
+        config_.telemetry.window = std::chrono::duration_cast<std::chrono::hours>(window);
+      }
+    }
+    if (const Field* defaults = get(*map, "defaults")) {
+      load_alerts(*defaults, "telemetry.defaults", "telemetry.defaults", config_.telemetry.defaults);
+    }
+  }
+
+  void load_upstreams(const Field& field) {
+    const auto list = items(field, "upstreams");
+    std::map<std::string, int> seen;
+    for (std::size_t i = 0; i < list.size(); ++i) {
+      const std::string where = "upstreams[" + std::to_string(i) + "]";
+      const auto map = fields(list[i], list[i].Mark(), "upstreams[]", where);
+      if (!map) continue;
+      Upstream upstream;
+      if (require(*map, "name", list[i].Mark(), where) && read_name(*map, "name", where, upstream.name)) {
+        check_unique(seen, upstream.name, get(*map, "name")->value, "upstream");
+      }
+      if (require(*map, "address", list[i].Mark(), where)) read_endpoint(*map, "address", where, upstream.address, false);
+      read_enum(*map, "tls", where, upstream.tls,
+                {{"none", UpstreamTls::none},
+                 {"opportunistic", UpstreamTls::opportunistic},
+                 {"required", UpstreamTls::required},
+                 {"verify", UpstreamTls::verify}});
+      if (upstream.tls == UpstreamTls::verify) {
+        if (get(*map, "ca_file") != nullptr) {
+          read_file(*map, "ca_file", where, upstream.ca_file);
+        } else if (::access(upstream.ca_file.c_str(), R_OK) != 0) {
+          error_at(get(*map, "tls")->value, where + ".tls: verify needs a CA file, and the default " +
+                                                quoted(upstream.ca_file) + " is not readable; set ca_file");
+        }
+      } else {
+        read_string(*map, "ca_file", where, upstream.ca_file);
+      }
+      read_enum(*map, "xclient", where, upstream.xclient, {{"auto", true}, {"off", false}});
+      config_.upstreams.push_back(std::move(upstream));
+    }
+  }
+
+  void check_unique(std::map<std::string, int>& seen, const std::string& name, const YAML::Node& node,
+                    std::string_view kind) {
+    const auto [it, inserted] = seen.emplace(name, node.Mark().line + 1);
+    if (!inserted) {
+      error_at(node, "duplicate " + std::string(kind) + " name " + quoted(name) + " (first defined at line " +
+                         std::to_string(it->second) + ")");
+    }
+  }
+
+  void check_upstream_reference(const Fields& map, const std::string& where, std::string& out) {
+    if (!read_name(map, "upstream", where, out)) return;
+    if (config_.find_upstream(out) == nullptr) {
+      std::string known;
+      for (const auto& upstream : config_.upstreams) known += (known.empty() ? "" : ", ") + upstream.name;
+      error_at(get(map, "upstream")->value, where + ".upstream: no upstream named " + quoted(out) +
+                                                (known.empty() ? " (upstreams: is empty)" : " (known: " + known + ")"));
+    }
+  }
+
+  void load_listeners(const Field& field) {
+    const auto list = items(field, "listeners");
+    std::map<std::string, int> seen;
+    std::map<std::string, std::string> addresses;
+    for (std::size_t i = 0; i < list.size(); ++i) {
+      const std::string where = "listeners[" + std::to_string(i) + "]";
+      const auto map = fields(list[i], list[i].Mark(), "listeners[]", where);
+      if (!map) continue;
+      Listener listener;
+      if (require(*map, "name", list[i].Mark(), where) && read_name(*map, "name", where, listener.name)) {
+        check_unique(seen, listener.name, get(*map, "name")->value, "listener");
+      }
+      if (require(*map, "address", list[i].Mark(), where) &&
+          read_endpoint(*map, "address", where, listener.address, true)) {
+        const std::string canonical = listener.address.host + "|" + std::to_string(listener.address.port);
+        const auto [it, inserted] = addresses.emplace(canonical, listener.name);
+        if (!inserted) {
+          error_at(get(*map, "address")->value, where + ".address: " + quoted(listener.address.text) +
+                                                    " is already used by listener " + quoted(it->second));
+        }
+      }
+      read_enum(*map, "direction", where, listener.direction,
+                {{"inbound", Direction::inbound}, {"outbound", Direction::outbound}});
+      if (const Field* tls = get(*map, "tls")) load_listener_tls(*tls, where + ".tls", listener);
+      if (const Field* proxy = get(*map, "proxy_protocol")) {
+        const auto proxy_map = fields(*proxy, "listeners[].proxy_protocol", where + ".proxy_protocol");
+        if (proxy_map) {
+          if (const Field* trusted = get(*proxy_map, "trusted")) {
+            listener.proxy_trusted = read_cidrs(*trusted, where + ".proxy_protocol.trusted");
+          }
+        }
+      }
+      if (get(*map, "upstream") == nullptr) {
+        error_at(list[i].Mark(), where + ": missing required key \"upstream\" (the default route for its mail)");
+      } else {
+        check_upstream_reference(*map, where, listener.upstream);
+      }
+      config_.listeners.push_back(std::move(listener));
+    }
+  }
+
+  void load_listener_tls(const Field& field, const std::string& where, Listener& listener) {
+    const auto map = fields(field, "listeners[].tls", where);
+    if (!map) return;
+    ListenerTls tls;
+    if (const Field* certificates = require(*map, "certificates", field.key.Mark(), where)) {
+      const auto list = items(*certificates, where + ".certificates");
+      if (list.empty()) {
+        error_at(*certificates, where + ".certificates: at least one {cert, key} pair is required");
+      }
+      for (std::size_t i = 0; i < list.size(); ++i) {
+        const std::string item_where = where + ".certificates[" + std::to_string(i) + "]";
+        const auto pair_map = fields(list[i], list[i].Mark(), "listeners[].tls.certificates[]", item_where);
+        if (!pair_map) continue;
+        CertificatePair pair;
+        if (require(*pair_map, "cert", list[i].Mark(), item_where)) read_file(*pair_map, "cert", item_where, pair.cert);
+        if (require(*pair_map, "key", list[i].Mark(), item_where)) read_file(*pair_map, "key", item_where, pair.key);
+        tls.certificates.push_back(std::move(pair));
+      }
+    }
+    read(*map, "min_version", where, "one of TLS1.0, TLS1.1, TLS1.2, TLS1.3", tls.min_version,
+         [](const std::string& text, std::string&) { return parse_min_version(text); });
+    read_string(*map, "ciphers", where, tls.ciphers);
+    listener.tls = std::move(tls);
+  }
+
+  void load_connectors(const Field& field) {
+    const auto list = items(field, "connectors");
+    std::map<std::string, int> seen;
+    for (std::size_t i = 0; i < list.size(); ++i) {
+      const std::string where = "connectors[" + std::to_string(i) + "]";
+      const auto map = fields(list[i], list[i].Mark(), "connectors[]", where);
+      if (!map) continue;
+      Connector connector;
+      connector.alerts = config_.telemetry.defaults;
+      const bool named =
+          require(*map, "name", list[i].Mark(), where) && read_name(*map, "name", where, connector.name);
+      if (named) check_unique(seen, connector.name, get(*map, "name")->value, "connector");
+      read_enum(*map, "type", where, connector.type,
+                {{"partner", ConnectorType::partner},
+                 {"onpremises", ConnectorType::onpremises},
+                 {"internet", ConnectorType::internet}});
+      if (named && connector.name == "internet" && connector.type != ConnectorType::internet) {
+        error_at(get(*map, "name")->value,
+                 where + ".name: \"internet\" is reserved for unmatched traffic; choose another name or set "
+                         "type: internet");
+      }
+      const bool has_direction = read_enum(*map, "direction", where, connector.direction,
+                                           {{"inbound", Direction::inbound}, {"outbound", Direction::outbound}});
+      bool has_listener_match = false;
+      if (const Field* match = get(*map, "match")) {
+        has_listener_match = load_match(*match, where + ".match", connector, has_direction);
+      }
+      if (!has_listener_match && get(*map, "direction") == nullptr) {
+        error_at(list[i].Mark(),
+                 where + ": missing required key \"direction\" (needed when match.listener is not given)");
+      }
+      read_bool(*map, "require_tls", where, connector.require_tls);
+      if (get(*map, "upstream") != nullptr) check_upstream_reference(*map, where, connector.upstream);
+      if (const Field* alerts = get(*map, "alerts")) {
+        load_alerts(*alerts, "connectors[].alerts", where + ".alerts", connector.alerts);
+      }
+      config_.connectors.push_back(std::move(connector));
+    }
+  }
+
+  // Returns whether match.listener was given. Sets the connector's direction from its listeners when it had none,
+  // and reports a direction that differs from theirs.
+  bool load_match(const Field& field, const std::string& where, Connector& connector, bool has_direction) {
+    const auto map = fields(field, "connectors[].match", where);
+    if (!map) return false;
+    ConnectorMatch& match = connector.match;
+    bool has_listener = false;
+    if (const Field* listeners = get(*map, "listener")) {
+      has_listener = true;
+      std::optional<Direction> direction;
+      std::string first_listener;
+      for (const auto& [name, node] : string_list(*listeners, where + ".listener", "a listener name")) {
+        const Listener* listener = config_.find_listener(name);
+        if (listener == nullptr) {
+          std::string known;
+          for (const auto& l : config_.listeners) known += (known.empty() ? "" : ", ") + l.name;
+          error_at(node, where + ".listener: no listener named " + quoted(name) + " (known: " + known + ")");
+          continue;
+        }
+        match.listeners.push_back(name);
+        if (has_direction && listener->direction != connector.direction) {
+          error_at(node, where + ".listener: listener " + quoted(name) + " is " +
+                             std::string(to_string(listener->direction)) + " but the connector's direction is " +
+                             std::string(to_string(connector.direction)) +
+                             " (a connector's direction is its listener's)");
+        } else if (direction && *direction != listener->direction) {
+          error_at(node, where + ".listener: listener " + quoted(name) + " is " +
+                             std::string(to_string(listener->direction)) + " but " + quoted(first_listener) + " is " +
+                             std::string(to_string(*direction)) + "; a connector has one direction");
+        } else if (!direction) {
+          direction = listener->direction;
+          first_listener = name;
+        }
+      }
+      if (!has_direction && direction) connector.direction = *direction;
+    }
+    if (const Field* cidrs = get(*map, "client_cidrs")) match.client_cidrs = read_cidrs(*cidrs, where + ".client_cidrs");
+    if (const Field* domains = get(*map, "sender_domains")) {
+      for (const auto& [text, node] : string_list(*domains, where + ".sender_domains", "a domain")) {
+        const std::string domain = lower(text);
+        const bool ok = !domain.empty() && std::all_of(domain.begin(), domain.end(), [](char c) {
+          return std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '-' || c == '*' || c == '_';
+        });
+        if (!ok) {
+          error_at(node, where + ".sender_domains: expected a domain like example.com or *.example.com, got " +
+                             quoted(text));
+          continue;
+        }
+        match.sender_domains.push_back(domain);
+      }
+    }
+    const auto patterns = [&](std::string_view key, std::vector<std::string>& out) {
+      const Field* patterns_field = get(*map, key);
+      if (patterns_field == nullptr) return;
+      const std::string path = join(where, key);
+      for (const auto& [text, node] : string_list(*patterns_field, path, "a name pattern like *.example.com")) {
+        const bool ok = !text.empty() && std::all_of(text.begin(), text.end(), [](char c) {
+          return c > ' ' && c < 0x7f;
+        });
+        if (!ok) {
+          error_at(node, path + ": expected a name pattern like *.example.com, got " + quoted(text));
+          continue;
+        }
+        out.push_back(lower(text));
+      }
+    };
+    patterns("ehlo", match.ehlo);
+    patterns("sni", match.sni);
+    return has_listener;
+  }
+
+  void load_http(const Field& field) {
+    const auto map = fields(field, "http", "http");
+    if (!map) return;
+    read_endpoint(*map, "address", "http", config_.http.address, true);
+    if (const Field* auth = get(*map, "basic_auth")) {
+      const auto auth_map = fields(*auth, "http.basic_auth", "http.basic_auth");
+      if (auth_map) {
+        BasicAuth basic;
+        if (require(*auth_map, "user", auth->key.Mark(), "http.basic_auth")) {
+          read(*auth_map, "user", "http.basic_auth", "a user name", basic.user,
+               [](const std::string& text, std::string& problem) {
+                 const bool ok = !text.empty() && text.find(':') == std::string::npos;
+                 if (!ok) problem = "must be non-empty and contain no ':'";
+                 return ok ? std::optional<std::string>(text) : std::nullopt;
+               });
+        }
+        if (require(*auth_map, "password_hash", auth->key.Mark(), "http.basic_auth")) {
+          read(*auth_map, "password_hash", "http.basic_auth", "a crypt(3) hash", basic.password_hash,
+               [](const std::string& text, std::string& problem) {
+                 static constexpr std::string_view prefixes[] = {"$2b$", "$2a$", "$2y$", "$y$", "$gy$", "$7$",
+                                                                 "$6$",  "$5$"};
+                 const bool ok = std::any_of(std::begin(prefixes), std::end(prefixes),
+                                             [&](std::string_view p) { return text.starts_with(p); });
+                 if (!ok) {
+                   problem = "expected a crypt(3) hash starting with $2b$, $y$, $6$ or $5$ (never a plain password; "
+                             "make one with: mkpasswd -m bcrypt)";
+                 }
+                 return ok ? std::optional<std::string>(text) : std::nullopt;
+               });
+        }
+        config_.http.basic_auth = std::move(basic);
+      }
+    }
+    if (const Field* tls = get(*map, "tls")) {
+      const auto tls_map = fields(*tls, "http.tls", "http.tls");
+      if (tls_map) {
+        CertificatePair pair;
+        if (require(*tls_map, "cert", tls->key.Mark(), "http.tls")) read_file(*tls_map, "cert", "http.tls", pair.cert);
+        if (require(*tls_map, "key", tls->key.Mark(), "http.tls")) read_file(*tls_map, "key", "http.tls", pair.key);
+        config_.http.tls = std::move(pair);
+      }
+    }
+  }
+
+  void load_limits(const Field& field) {
+    const auto map = fields(field, "limits", "limits");
+    if (!map) return;
+    Limits& limits = config_.limits;
+    read_integer(*map, "max_sessions", "limits", limits.max_sessions, 1, 1'000'000, false);
+    read_integer(*map, "max_sessions_per_ip", "limits", limits.max_sessions_per_ip, 1, 1'000'000, false);
+    read_integer(*map, "max_message_size", "limits", limits.max_message_size, 1024, std::uint64_t{1} << 40, true);
+    read_integer(*map, "max_recipients", "limits", limits.max_recipients, 1, 100'000, false);
+    read_integer(*map, "max_bad_commands", "limits", limits.max_bad_commands, 1, 10'000, false);
+    // RFC 5321 §4.5.3.1.6: a server must accept text lines of 1000 octets including CRLF.
+    read_integer(*map, "max_line", "limits", limits.max_line, 1000, 1 << 20, false);
+    read_duration(*map, "drain_timeout", "limits", limits.drain_timeout, std::chrono::milliseconds(0),
+                  std::chrono::hours(24));
+    read_duration(*map, "greet_pause", "limits", limits.greet_pause, std::chrono::milliseconds(0),
+                  std::chrono::minutes(5));
+    read_enum(*map, "bare_newline", "limits", limits.bare_newline,
+              {{"normalize", proto::BareNewlinePolicy::normalize}, {"reject", proto::BareNewlinePolicy::reject}});
+  }
+
+  void load_log(const Field& field) {
+    const auto map = fields(field, "log", "log");
+    if (!map) return;
+    read_enum(*map, "level", "log", config_.log.level,
+              {{"trace", std::string("trace")},
+               {"debug", std::string("debug")},
+               {"info", std::string("info")},
+               {"warn", std::string("warn")},
+               {"error", std::string("error")},
+               {"critical", std::string("critical")},
+               {"off", std::string("off")}});
+    read_enum(*map, "format", "log", config_.log.format, {{"text", LogFormat::text}, {"json", LogFormat::json}});
+  }
+
+  void load_timeouts(const Field& field) {
+    const auto map = fields(field, "timeouts", "timeouts");
+    if (!map) return;
+    Timeouts& t = config_.timeouts;
+    const auto one = [&](std::string_view key, std::chrono::milliseconds& out) {
+      read_duration(*map, key, "timeouts", out, std::chrono::milliseconds(1), std::chrono::hours(24));
+    };
+    one("greeting", t.greeting);
+    one("command", t.command);
+    one("data_block", t.data_block);
+    one("data_end", t.data_end);
+    one("tls_handshake", t.tls_handshake);
+    one("upstream_connect", t.upstream_connect);
+  }
+};
+
+}  // namespace
+
+std::vector<std::string> known_keys() {
+  std::vector<std::string> out;
+  for (const auto& section : schema()) {
+    for (const auto& key : section.keys) {
+      out.push_back(section.path.empty() ? std::string(key) : std::string(section.path) + "." + std::string(key));
+    }
+  }
+  return out;
+}
+
+LoadResult load_config_string(std::string_view yaml, const std::string& file_name) {
+  return Loader(file_name).load(yaml);
+}
+
+LoadResult load_config_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    LoadResult result;
+    result.errors.push_back(ConfigError{path, 0, 0, std::string("cannot read the configuration: ") + std::strerror(errno)});
+    return result;
+  }
+  std::ostringstream text;
+  text << in.rdbuf();
+  return load_config_string(text.str(), path);
+}
+
+}  // namespace mailflow::config

@@ -23,6 +23,7 @@ enum class LogFormat { text, json };
 std::string_view to_string(Direction);
 std::string_view to_string(ConnectorType);
 std::string_view to_string(UpstreamTls);
+std::string_view to_string(LogFormat);
 
 // An IPv4 or IPv6 network. IPv4 is stored as an IPv4-mapped IPv6 address (::ffff:a.b.c.d) with the prefix
 // offset by 96, so one comparison serves both families.
@@ -32,7 +33,12 @@ struct Cidr {
 
   static std::optional<Cidr> parse(std::string_view text);          // "203.0.113.0/24", "2001:db8::/32", "::1"
   bool contains(const std::array<std::uint8_t, 16>& address) const;  // address in mapped form
+  std::string to_string() const;  // "203.0.113.0/24" (IPv4 shown as IPv4), "2001:db8::/32"
+  bool operator==(const Cidr&) const = default;
 };
+
+// "192.0.2.1" -> ::ffff:192.0.2.1, "2001:db8::1" -> itself; nullopt if not an IP literal.
+std::optional<std::array<std::uint8_t, 16>> parse_ip_address(std::string_view text);
 
 // "host:port" or "[v6]:port" split into parts.
 struct Endpoint {
@@ -104,7 +110,7 @@ struct BasicAuth {
 };
 
 struct Http {
-  Endpoint address;  // default 127.0.0.1:9725
+  Endpoint address{"127.0.0.1", 9725, "127.0.0.1:9725"};
   std::optional<BasicAuth> basic_auth;
   std::optional<CertificatePair> tls;
 };
@@ -150,6 +156,7 @@ struct Config {
 
   const Upstream* find_upstream(std::string_view name) const;
   const Listener* find_listener(std::string_view name) const;
+  const Connector* find_connector(std::string_view name) const;
 };
 
 struct ConfigError {
@@ -172,6 +179,14 @@ LoadResult load_config_string(std::string_view yaml, const std::string& file_nam
 
 // Human summary for --check-config: listeners, upstreams, connectors, window.
 std::string summarize(const Config& config);
+
+// Durations as written in the config: "250ms", "30s", "5m", "1h", "7d", also combined ("1h30m"); "0" alone.
+std::optional<std::chrono::milliseconds> parse_duration(std::string_view text);
+std::string format_duration(std::chrono::milliseconds duration);  // the shortest exact form: "7d", "90s", "250ms"
+
+// Every key path the loader accepts, e.g. "hostname", "listeners[].tls.min_version" ("[]" = each list item).
+// docs/configuration.md documents exactly these (a test compares them).
+std::vector<std::string> known_keys();
 
 // Glob match used for ehlo/sni/sender_domains patterns: '*' matches any run of characters, case-insensitive.
 bool glob_match(std::string_view pattern, std::string_view text);
