@@ -42,8 +42,11 @@ class WindowStore {
     auto operator<=>(const Key&) const = default;
   };
   std::vector<Key> keys() const;  // every (connector, direction) with history, sorted
+  // Only keys with at least one message inside the window ending at `now` (the report uses this, so a
+  // removed connector disappears exactly when its last message rolls off, pruned or not).
+  std::vector<Key> keys(TimePoint now) const;
 
-  void prune(TimePoint now);  // drop buckets that rolled off
+  void prune(TimePoint now);  // drop buckets that rolled off (buckets in the future are kept)
 
   // Text serialization for state_dir: versioned header, one line per non-empty bucket.
   std::string serialize() const;
@@ -51,8 +54,31 @@ class WindowStore {
   bool deserialize(std::string_view text, std::string& error);
 
  private:
+  struct Bucket {
+    std::int64_t hour = 0;  // hours since the epoch (UTC)
+    TlsCounts counts{};
+  };
+  // Per key a vector sorted by hour: appends at the back in the common case, prunes at the front, binary
+  // search for sums; compact for sparse connectors (only hours with mail use memory), unlike a full ring.
+  using Series = std::vector<Bucket>;
+  struct KeyLess {
+    using is_transparent = void;
+    template <class A, class B>
+    bool operator()(const A& a, const B& b) const {
+      const int c = std::string_view(a.connector).compare(std::string_view(b.connector));
+      return c < 0 || (c == 0 && a.direction < b.direction);
+    }
+  };
+  struct KeyView {
+    std::string_view connector;
+    config::Direction direction;
+  };
+
+  const Series* find(std::string_view connector, config::Direction direction) const;
+  TlsCounts sum(const Series& series, std::int64_t first_hour, std::int64_t last_hour) const;
+
   std::chrono::hours window_;
-  std::map<Key, std::map<std::int64_t, TlsCounts>, std::less<>> buckets_;  // key -> hour since epoch -> counts
+  std::map<Key, Series, KeyLess> series_;
 };
 
 }  // namespace mailflow
