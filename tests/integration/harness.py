@@ -1,0 +1,527 @@
+"""Integration harness: the real mailflowd binary, the aiosmtpd sink, real SMTP clients (swaks, openssl
+s_client, raw sockets). Imported by conftest.py and by the test modules.
+
+Everything that runs is registered in LIVE so that a failing test's report carries the daemon's stderr,
+the sinks' logs and the SMTP transcripts (see conftest.pytest_runtest_makereport).
+"""
+import json
+import os
+import re
+import select
+import signal
+import socket
+import ssl
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+import warnings
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SINK = HERE.parent / "tools" / "sink.py"
+MAKE_CERTS = HERE.parent / "certs" / "make-certs.sh"
+PYTHON = "/usr/bin/python3"
+HOSTNAME = "mx.test"
+TLS_LABELS = ("none", "TLS1.0", "TLS1.1", "TLS1.2", "TLS1.3")
+
+# Things whose logs a failure report should show: objects with .name and .log_tail().
+LIVE = []
+# SMTP transcripts of the current test (cleared by conftest before each test).
+TRANSCRIPTS = []
+
+
+def free_port(host="127.0.0.1"):
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def make_certs(directory):
+    subprocess.run([str(MAKE_CERTS), str(directory)], check=True)
+    return Path(directory)
+
+
+def tail(path, limit=12000):
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        return f"<{e}>"
+    text = data.decode("utf-8", "replace")
+    return text if len(text) <= limit else "...\n" + text[-limit:]
+
+
+def wait_for(predicate, timeout=10.0, interval=0.05, what="condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+# ----------------------------------------------------------------------------------------------- sink
+class Sink:
+    """tests/tools/sink.py as a subprocess."""
+
+    def __init__(self, workdir, name="sink", port=0, tls_cert=None, tls_key=None, tls_max_version=None,
+                 require_tls=False, xclient=False, fail_rcpt=(), fail_data=None):
+        self.name = name
+        self.maildir = Path(workdir) / f"{name}-maildir"
+        self.maildir.mkdir(parents=True, exist_ok=True)
+        self.log_path = Path(workdir) / f"{name}.log"
+        self.port = port or free_port()
+        self.argv = [PYTHON, str(SINK), "--port", str(self.port), "--maildir", str(self.maildir), "--verbose"]
+        if tls_cert:
+            self.argv += ["--tls-cert", str(tls_cert), "--tls-key", str(tls_key)]
+        if tls_max_version:
+            self.argv += ["--tls-max-version", tls_max_version]
+        if require_tls:
+            self.argv.append("--require-tls")
+        if xclient:
+            self.argv.append("--xclient")
+        for spec in fail_rcpt:
+            self.argv += ["--fail-rcpt", spec]
+        if fail_data:
+            self.argv += ["--fail-data", fail_data]
+        self.proc = None
+
+    def start(self):
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=self.log)
+        ready, _, _ = select.select([self.proc.stdout], [], [], 10)
+        line = self.proc.stdout.readline().decode() if ready else ""
+        if not line.startswith("READY "):
+            self.proc.kill()
+            raise RuntimeError(f"sink {self.name} did not start: {line!r}\n{tail(self.log_path)}")
+        LIVE.append(self)
+        return self
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self in LIVE:
+            LIVE.remove(self)
+
+    def log_tail(self):
+        return tail(self.log_path, 6000)
+
+    def messages(self):
+        """[(meta dict, content bytes)] in arrival order."""
+        out = []
+        for meta_path in sorted(self.maildir.glob("*.json")):
+            meta = json.loads(meta_path.read_text())
+            out.append((meta, meta_path.with_suffix(".eml").read_bytes()))
+        return out
+
+    def count(self):
+        return len(list(self.maildir.glob("*.json")))
+
+    def connections(self):
+        p = self.maildir / "connections.log"
+        return len(p.read_text().splitlines()) if p.exists() else 0
+
+    def wait_messages(self, n, timeout=10.0):
+        wait_for(lambda: self.count() >= n, timeout, what=f"{n} message(s) at sink {self.name}")
+        return self.messages()
+
+
+# ------------------------------------------------------------------------------------------- metrics
+_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)(?:\s+\d+)?$')
+_LABEL = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*,?')
+
+
+def parse_metrics(text):
+    """Prometheus text exposition -> {(name, frozenset(labels.items())): float}."""
+    out = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = _SAMPLE.match(line.strip())
+        if not m:
+            raise AssertionError(f"unparsable metrics line: {line!r}")
+        name, labels_text, value = m.groups()
+        labels = {}
+        if labels_text:
+            pos = 0
+            while pos < len(labels_text):
+                lm = _LABEL.match(labels_text, pos)
+                if not lm:
+                    raise AssertionError(f"unparsable labels in: {line!r}")
+                labels[lm.group(1)] = lm.group(2).replace('\\"', '"').replace("\\n", "\n").replace("\\\\", "\\")
+                pos = lm.end()
+        out[(name, frozenset(labels.items()))] = float(value)
+    return out
+
+
+def series(metrics, name, **labels):
+    """{frozenset(labels): value} of every sample of `name` whose labels include `labels`."""
+    want = set(labels.items())
+    return {lab: v for (n, lab), v in metrics.items() if n == name and want <= lab}
+
+
+def value(metrics, name, **labels):
+    """Sum of the samples of `name` matching `labels` (0 when there is none)."""
+    return sum(series(metrics, name, **labels).values())
+
+
+def delta(before, after, name, **labels):
+    """{labels dict as sorted tuple: change} of every series of `name` (matching labels) that moved."""
+    moved = {}
+    keys = set(series(before, name, **labels)) | set(series(after, name, **labels))
+    for lab in keys:
+        d = after.get((name, lab), 0.0) - before.get((name, lab), 0.0)
+        if d:
+            moved[tuple(sorted(lab))] = d
+    return moved
+
+
+def fmt_delta(moved):
+    return "\n".join(f"  {dict(k)}: {v:+g}" for k, v in sorted(moved.items())) or "  (nothing moved)"
+
+
+# ------------------------------------------------------------------------------------------- daemon
+def default_config(state_dir, http_port, listeners, upstreams, connectors=(), **extra):
+    cfg = {
+        "hostname": HOSTNAME,
+        "state_dir": str(state_dir),
+        "listeners": list(listeners),
+        "upstreams": list(upstreams),
+        "http": {"address": f"127.0.0.1:{http_port}"},
+        "limits": {"drain_timeout": "3s"},
+        "timeouts": {"upstream_connect": "5s", "tls_handshake": "10s"},
+        "log": {"level": "debug", "format": "text"},
+    }
+    if connectors:
+        cfg["connectors"] = list(connectors)
+    cfg.update(extra)
+    return cfg
+
+
+def listener_tls(certs, extra_certs=()):
+    pairs = [{"cert": str(certs / "server.pem"), "key": str(certs / "server.key")}]
+    pairs += [{"cert": str(certs / f"{n}.pem"), "key": str(certs / f"{n}.key")} for n in extra_certs]
+    return {"certificates": pairs, "min_version": "TLS1.0", "ciphers": "DEFAULT:@SECLEVEL=0"}
+
+
+class Daemon:
+    """mailflowd --config FILE, with a JSON (= YAML flow) config written from a dict."""
+
+    def __init__(self, binary, workdir, config, name="mailflowd"):
+        self.binary = binary
+        self.name = name
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config = config
+        self.config_path = self.workdir / f"{name}.yaml"
+        self.log_path = self.workdir / f"{name}.stderr"
+        self.http = "http://" + config["http"]["address"]
+        self.proc = None
+        self.exit_code = None
+
+    def listener_port(self, name):
+        for lst in self.config["listeners"]:
+            if lst["name"] == name:
+                return int(lst["address"].rsplit(":", 1)[1])
+        raise KeyError(name)
+
+    def start(self, timeout=15.0):
+        self.config_path.write_text(json.dumps(self.config, indent=2) + "\n")
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([self.binary, "--config", str(self.config_path)],
+                                     stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL)
+        LIVE.append(self)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"mailflowd exited with {self.proc.returncode} during startup\n"
+                                     f"config {self.config_path}:\n{self.config_path.read_text()}\n"
+                                     f"stderr:\n{tail(self.log_path)}")
+            try:
+                with urllib.request.urlopen(self.http + "/healthz", timeout=1) as r:
+                    if r.status == 200:
+                        return self
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"mailflowd /healthz not up after {timeout}s\nstderr:\n{tail(self.log_path)}")
+            time.sleep(0.05)
+
+    def get(self, path):
+        with urllib.request.urlopen(self.http + path, timeout=5) as r:
+            return r.status, r.read().decode("utf-8", "replace")
+
+    def metrics(self):
+        status, text = self.get("/metrics")
+        assert status == 200, f"/metrics answered {status}"
+        return parse_metrics(text)
+
+    def stop(self, timeout=15.0):
+        """SIGTERM; returns the exit code (the caller asserts it)."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                self.exit_code = "killed after SIGTERM timeout"
+                return self.exit_code
+        self.exit_code = self.proc.returncode
+        return self.exit_code
+
+    def log_tail(self):
+        return tail(self.log_path)
+
+    def stderr(self):
+        return tail(self.log_path, 10 ** 9)
+
+
+# ---------------------------------------------------------------------------------------- SMTP clients
+class SwaksResult:
+    def __init__(self, argv, rc, out):
+        self.argv, self.rc, self.out = argv, rc, out
+
+    def replies(self):
+        """Server reply lines ("250 ...", "550 ...") in order, from swaks' transcript markers."""
+        out = []
+        for line in self.out.splitlines():
+            m = re.match(r"^(?:<-|<~|<\*\*|<~\*)\s+(\d{3}[ -].*)$", line)
+            if m:
+                out.append(m.group(1))
+        return out
+
+    def final_replies(self):
+        return [r for r in self.replies() if r[3] == " "]
+
+    def __str__(self):
+        return f"$ {' '.join(self.argv)}\n(rc={self.rc})\n{self.out}"
+
+
+def swaks(port, *, to="rcpt@dest.test", sender="sender@example.test", data=None, tls=None, local=None,
+          ehlo="client.example.test", quit_after=None, extra=(), timeout=20, server="127.0.0.1"):
+    """Runs swaks. `data` (bytes, CRLF line ends, unstuffed) is sent byte-exactly; `tls` is None (plaintext),
+    "starttls" (any version) or a swaks protocol name: tlsv1, tlsv1_1, tlsv1_2, tlsv1_3."""
+    argv = ["swaks", "--server", server, "--port", str(port), "--to", to, "--from", sender,
+            "--ehlo", ehlo, "--timeout", "15"]
+    if data is not None:
+        path = Path(os.environ.get("TMPDIR", "/tmp")) / f"swaks-data-{os.getpid()}-{time.monotonic_ns()}"
+        path.write_bytes(dot_stuff(data) + b".")  # swaks -ndf sends it verbatim and adds the last CRLF
+        argv += ["--data", f"@{path}", "--no-data-fixup"]
+    if tls:
+        argv += ["--tls", "--tls-cipher", "DEFAULT:@SECLEVEL=0"]
+        if tls != "starttls":
+            argv += ["--tls-protocol", tls]
+    if local:
+        argv += ["--local-interface", local]
+    if quit_after:
+        argv += ["--quit-after", quit_after]
+    argv += list(extra)
+    p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
+    res = SwaksResult(argv, p.returncode, p.stdout.decode("utf-8", "replace"))
+    TRANSCRIPTS.append(str(res))
+    if data is not None:
+        path.unlink(missing_ok=True)
+    return res
+
+
+def dot_stuff(data):
+    assert data.endswith(b"\r\n"), "message data must end with CRLF"
+    lines = data.split(b"\r\n")
+    return b"\r\n".join(b"." + ln if ln.startswith(b".") else ln for ln in lines)
+
+
+def client_tls_context(version=None):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1
+        if version:
+            v = {"TLS1.0": ssl.TLSVersion.TLSv1, "TLS1.1": ssl.TLSVersion.TLSv1_1,
+                 "TLS1.2": ssl.TLSVersion.TLSv1_2, "TLS1.3": ssl.TLSVersion.TLSv1_3}[version]
+            ctx.minimum_version = v
+            ctx.maximum_version = v
+    return ctx
+
+
+class RawSmtp:
+    """A raw SMTP client over a socket (optionally bound to a source address), with a transcript."""
+
+    def __init__(self, port, host="127.0.0.1", source=None, timeout=10.0):
+        self.sock = socket.create_connection((host, port), timeout=timeout,
+                                             source_address=(source, 0) if source else None)
+        self.sock.settimeout(timeout)
+        self.buf = b""
+        self.transcript = []
+        TRANSCRIPTS.append(self.transcript)
+
+    def send(self, data):
+        self.transcript.append("C: " + data.decode("latin-1").replace("\r\n", "\\r\\n"))
+        self.sock.sendall(data)
+
+    def _recv(self):
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("connection closed by server")
+        self.buf += chunk
+
+    def reply(self):
+        """One (possibly multi-line) reply -> (code, text with lines joined by \\n)."""
+        lines = []
+        while True:
+            while b"\r\n" not in self.buf:
+                self._recv()
+            line, self.buf = self.buf.split(b"\r\n", 1)
+            text = line.decode("utf-8", "replace")
+            self.transcript.append("S: " + text)
+            lines.append(text)
+            if len(text) < 4 or text[3] != "-":
+                return int(text[:3]), "\n".join(lines)
+
+    def cmd(self, line):
+        self.send(line.encode() + b"\r\n")
+        return self.reply()
+
+    def starttls(self, version=None, server_hostname=None):
+        """After a 220 to STARTTLS: handshake. Any plaintext already buffered is an error by itself."""
+        if self.buf:
+            self.transcript.append(f"!! plaintext bytes left before handshake: {self.buf!r}")
+        ctx = client_tls_context(version)
+        self.sock = ctx.wrap_socket(self.sock, server_hostname=server_hostname)
+        self.transcript.append(f"-- TLS {self.sock.version()} {self.sock.cipher()[0]}")
+        return self.sock.version()
+
+    def pending(self, wait=0.5):
+        """Bytes the server sent without being asked, within `wait` seconds (b"" if none; None at EOF)."""
+        self.sock.settimeout(wait)
+        try:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                return None
+            self.transcript.append(f"S(unsolicited): {chunk!r}")
+            return chunk
+        except (socket.timeout, ssl.SSLWantReadError):
+            return b""
+        finally:
+            self.sock.settimeout(10.0)
+
+    def closed_or_error(self, wait=5.0):
+        """True when the server closes the connection (or resets it) within `wait` seconds."""
+        self.sock.settimeout(wait)
+        try:
+            while True:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    return True
+                self.transcript.append(f"S: {chunk!r}")
+        except (ConnectionError, ssl.SSLError):
+            return True
+        except socket.timeout:
+            return False
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class SClient:
+    """openssl s_client -starttls smtp, driven line by line over stdin, replies read from stdout."""
+
+    def __init__(self, port, version_flag="-tls1_2", host="127.0.0.1"):
+        self.argv = ["openssl", "s_client", "-starttls", "smtp", "-connect", f"{host}:{port}", version_flag,
+                     "-cipher", "DEFAULT:@SECLEVEL=0", "-quiet", "-crlf", "-ign_eof", "-name", "client.example.test"]
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE)
+        self.transcript = [f"$ {' '.join(self.argv)}"]
+        TRANSCRIPTS.append(self.transcript)
+        self.lines = []
+        self.cv = threading.Condition()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        for raw in self.proc.stdout:
+            with self.cv:
+                self.lines.append(raw.decode("utf-8", "replace").rstrip("\r\n"))
+                self.cv.notify_all()
+        with self.cv:
+            self.lines.append(None)
+            self.cv.notify_all()
+
+    def reply(self, timeout=10.0):
+        got = []
+        deadline = time.monotonic() + timeout
+        with self.cv:
+            while True:
+                while not self.lines:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not self.cv.wait(left):
+                        raise AssertionError("s_client: no reply in time\n" + "\n".join(map(str, self.transcript)))
+                line = self.lines.pop(0)
+                if line is None:
+                    raise ConnectionError("s_client: connection closed")
+                self.transcript.append("S: " + line)
+                got.append(line)
+                if re.match(r"^\d{3}( |$)", line):
+                    return int(line[:3]), "\n".join(got)
+
+    def send_line(self, line):
+        self.transcript.append("C: " + line)
+        self.proc.stdin.write(line.encode() + b"\n")  # -crlf turns LF into CRLF
+        self.proc.stdin.flush()
+
+    def cmd(self, line):
+        self.send_line(line)
+        return self.reply()
+
+    def close(self):
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.transcript.append("stderr: " + self.proc.stderr.read().decode("utf-8", "replace")[-2000:])
+
+
+# ------------------------------------------------------------------------------------------ messages
+def split_received(content):
+    """(list of leading Received header blocks as bytes, rest). Folded continuation lines included."""
+    headers = []
+    rest = content
+    while rest[:9].lower() == b"received:":
+        end = 0
+        while True:
+            nl = rest.find(b"\r\n", end)
+            if nl < 0:
+                raise AssertionError(f"unterminated Received header in {content[:400]!r}")
+            end = nl + 2
+            if rest[end:end + 1] not in (b" ", b"\t"):
+                break
+        headers.append(rest[:end])
+        rest = rest[end:]
+    return headers, rest
+
+
+def tls_mentions(header):
+    """TLS versions named in a header, normalised to label form ("TLS1.2"), whether written TLS1.2 or TLSv1.2."""
+    text = header.decode("latin-1")
+    return sorted({f"TLS1.{m}" for m in re.findall(r"TLS\s?v?1\.([0-3])\b", text)})

@@ -1,0 +1,104 @@
+"""The harness itself, without mailflowd: swaks / s_client / raw sockets straight to the sink.
+If these fail, the other integration tests cannot be trusted."""
+import pytest
+
+import harness
+
+MESSAGE = (b"From: a@example.test\r\nTo: b@dest.test\r\nSubject: harness\r\n\r\n"
+           b"line\r\n.leading dot\r\n..two dots\r\n.\r\n \ttrailing space \r\nend\r\n")
+
+
+@pytest.fixture(scope="module")
+def sink(certs, sink_factory):
+    return sink_factory("direct", tls_cert=certs / "sink.pem", tls_key=certs / "sink.key", xclient=True,
+                        fail_rcpt=["nobody@dest.test=550 5.1.1 no such user"])
+
+
+@pytest.mark.parametrize("proto,expected", [(None, "none"), ("tlsv1", "TLSv1"), ("tlsv1_1", "TLSv1.1"),
+                                            ("tlsv1_2", "TLSv1.2"), ("tlsv1_3", "TLSv1.3")])
+def test_swaks_to_sink_byte_exact(sink, proto, expected):
+    n = sink.count()
+    r = harness.swaks(sink.port, data=MESSAGE, tls=proto)
+    assert r.rc == 0, str(r)
+    meta, content = sink.wait_messages(n + 1)[-1]
+    assert content == MESSAGE
+    assert meta["tls_version"] == expected
+    assert meta["rcpt_tos"] == ["rcpt@dest.test"]
+
+
+def test_sink_fail_rcpt_text(sink):
+    r = harness.swaks(sink.port, to="nobody@dest.test")
+    assert "550 5.1.1 no such user" in r.final_replies(), str(r)
+
+
+def test_s_client_drives_starttls(sink):
+    n = sink.count()
+    c = harness.SClient(sink.port, "-tls1_2")
+    try:
+        assert c.cmd("EHLO client.example.test")[0] == 250
+        assert c.cmd("MAIL FROM:<s@example.test>")[0] == 250
+        assert c.cmd("RCPT TO:<r@dest.test>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        for line in ("Subject: s_client", "", "Quick Reply line", ".."):
+            c.send_line(line)
+        assert c.cmd(".")[0] == 250
+        c.cmd("QUIT")
+    finally:
+        c.close()
+    meta, content = sink.wait_messages(n + 1)[-1]
+    assert content == b"Subject: s_client\r\n\r\nQuick Reply line\r\n.\r\n"
+    assert meta["tls_version"] == "TLSv1.2"
+
+
+def test_raw_client_starttls_and_xclient(sink):
+    n = sink.count()
+    c = harness.RawSmtp(sink.port)
+    try:
+        assert c.reply()[0] == 220
+        code, text = c.cmd("EHLO relay.test")
+        assert code == 250 and "XCLIENT" in text and "STARTTLS" in text
+        assert c.cmd("STARTTLS")[0] == 220
+        assert c.starttls("TLS1.1") == "TLSv1.1"
+        assert c.cmd("EHLO relay.test")[0] == 250
+        assert c.cmd("XCLIENT ADDR=127.0.0.2 PORT=4444 HELO=client.example.test PROTO=ESMTP")[0] == 220
+        assert c.cmd("EHLO client.example.test")[0] == 250
+        assert c.cmd("MAIL FROM:<s@example.test>")[0] == 250
+        assert c.cmd("RCPT TO:<r@dest.test>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        assert c.cmd("Subject: x\r\n\r\nbody\r\n.")[0] == 250
+    finally:
+        c.close()
+    meta, _ = sink.wait_messages(n + 1)[-1]
+    assert meta["xclient"] == {"ADDR": "127.0.0.2", "PORT": "4444", "HELO": "client.example.test", "PROTO": "ESMTP"}
+    assert meta["tls_version"] == "TLSv1.1"
+
+
+def test_swaks_local_interface(sink):
+    n = sink.count()
+    r = harness.swaks(sink.port, local="127.0.0.2")
+    assert r.rc == 0, str(r)
+    meta, _ = sink.wait_messages(n + 1)[-1]
+    assert meta["peer"][0] == "127.0.0.2"
+
+
+def test_parse_metrics():
+    text = ('# HELP x y\n# TYPE mailflow_messages_total counter\n'
+            'mailflow_messages_total{connector="a",direction="inbound",tls_version="TLS1.0"} 3\n'
+            'mailflow_messages_total{connector="a\\"b",direction="inbound",tls_version="none"} 1 1700000000\n'
+            'process_open_fds 12\n')
+    m = harness.parse_metrics(text)
+    assert harness.value(m, "mailflow_messages_total", connector="a") == 3
+    assert harness.value(m, "mailflow_messages_total", connector='a"b', tls_version="none") == 1
+    assert harness.value(m, "process_open_fds") == 12
+    after = dict(m)
+    key = ("mailflow_messages_total", frozenset({"connector": "a", "direction": "inbound",
+                                                 "tls_version": "TLS1.0"}.items()))
+    after[key] += 1
+    assert harness.delta(m, after, "mailflow_messages_total") == {tuple(sorted(key[1])): 1}
+
+
+def test_split_received():
+    hdr = b"Received: from x (x [127.0.0.1])\r\n\tby mx.test with ESMTPS (TLSv1.2 cipher X);\r\n Tue, 1 Jan\r\n"
+    headers, rest = harness.split_received(hdr + b"Subject: s\r\n\r\nb\r\n")
+    assert headers == [hdr] and rest == b"Subject: s\r\n\r\nb\r\n"
+    assert harness.tls_mentions(hdr) == ["TLS1.2"]
