@@ -1,0 +1,96 @@
+# Packaging: man pages (scdoc), the install layout of a Debian system, and `cpack -G DEB`.
+# Included once from the top CMakeLists.txt. `make deb` runs cpack in the dev build tree.
+include_guard(GLOBAL)
+
+# System paths. Absolute on purpose: a system daemon's units, config and users live here whatever
+# CMAKE_INSTALL_PREFIX is (the package installs with prefix /usr).
+set(MAILFLOW_UNITDIR "/lib/systemd/system" CACHE PATH "systemd system unit directory")
+set(MAILFLOW_SYSUSERSDIR "/usr/lib/sysusers.d" CACHE PATH "sysusers.d directory")
+set(MAILFLOW_TMPFILESDIR "/usr/lib/tmpfiles.d" CACHE PATH "tmpfiles.d directory")
+set(MAILFLOW_CONFDIR "/etc/mailflowd" CACHE PATH "configuration directory")
+set(MAILFLOW_EXAMPLE_CONFIG "${PROJECT_SOURCE_DIR}/config/examples/mailflowd.yaml" CACHE FILEPATH
+    "installed as ${MAILFLOW_CONFDIR}/mailflowd.yaml")
+
+# --- man pages: docs/man/NAME.SECTION.scd -> NAME.SECTION.gz ----------------------------------
+find_program(SCDOC_PROGRAM scdoc)
+find_program(GZIP_PROGRAM gzip REQUIRED)
+set(mailflow_man_pages mailflowd.8 mailflowd.yaml.5)
+set(MAILFLOW_MAN_DIR ${PROJECT_BINARY_DIR}/man)
+if(SCDOC_PROGRAM)
+  set(mailflow_man_outputs)
+  foreach(page IN LISTS mailflow_man_pages)
+    string(REGEX REPLACE "^.*\\.([0-9])$" "\\1" section ${page})
+    set(src ${PROJECT_SOURCE_DIR}/docs/man/${page}.scd)
+    set(out ${MAILFLOW_MAN_DIR}/man${section}/${page})
+    # Plain page for `man -l` and MANPATH (tests), gzipped copy for the package; -n: reproducible.
+    add_custom_command(OUTPUT ${out} ${out}.gz
+      COMMAND ${CMAKE_COMMAND} -E make_directory ${MAILFLOW_MAN_DIR}/man${section}
+      COMMAND ${SCDOC_PROGRAM} < ${src} > ${out}
+      COMMAND ${GZIP_PROGRAM} -9nf -k ${out}
+      DEPENDS ${src}
+      COMMENT "scdoc ${page}"
+      VERBATIM)
+    list(APPEND mailflow_man_outputs ${out} ${out}.gz)
+    install(FILES ${out}.gz DESTINATION share/man/man${section})
+  endforeach()
+  add_custom_target(man ALL DEPENDS ${mailflow_man_outputs})
+else()
+  message(WARNING "scdoc not found: man pages are not built (deploy/dev/deps.sh build installs it)")
+endif()
+
+# --- install layout (the binary itself: daemon/CMakeLists.txt installs it to sbin) --------------
+install(FILES ${PROJECT_SOURCE_DIR}/systemd/mailflowd.service ${PROJECT_SOURCE_DIR}/systemd/mailflowd.socket
+        DESTINATION ${MAILFLOW_UNITDIR})
+install(FILES ${PROJECT_SOURCE_DIR}/systemd/mailflowd.sysusers
+        DESTINATION ${MAILFLOW_SYSUSERSDIR} RENAME mailflowd.conf)
+install(FILES ${PROJECT_SOURCE_DIR}/systemd/mailflowd.tmpfiles
+        DESTINATION ${MAILFLOW_TMPFILESDIR} RENAME mailflowd.conf)
+install(FILES ${PROJECT_SOURCE_DIR}/systemd/socket-activation.conf DESTINATION share/mailflowd/systemd)
+# The example config is written to pass --check-config without any certificate present.
+install(FILES ${MAILFLOW_EXAMPLE_CONFIG} DESTINATION ${MAILFLOW_CONFDIR} RENAME mailflowd.yaml)
+# Globbed at install time: these folders fill up while the tree is configured.
+install(DIRECTORY ${PROJECT_SOURCE_DIR}/deploy/prometheus/ DESTINATION share/mailflowd/prometheus
+        FILES_MATCHING PATTERN "*.yml" PATTERN "*.yaml")
+install(DIRECTORY ${PROJECT_SOURCE_DIR}/deploy/alertmanager/ DESTINATION share/mailflowd/alertmanager
+        FILES_MATCHING PATTERN "*.yml" PATTERN "*.yaml")
+install(DIRECTORY ${PROJECT_SOURCE_DIR}/deploy/grafana/ DESTINATION share/mailflowd/grafana
+        FILES_MATCHING PATTERN "*.json")
+install(DIRECTORY ${PROJECT_SOURCE_DIR}/docs/ DESTINATION share/doc/mailflowd
+        FILES_MATCHING PATTERN "*.md" PATTERN "man" EXCLUDE)
+install(FILES ${PROJECT_SOURCE_DIR}/README.md DESTINATION share/doc/mailflowd OPTIONAL)
+
+# --- CPack: one Debian package --------------------------------------------------------------------
+set(mailflow_deb_dir ${PROJECT_BINARY_DIR}/debian)
+file(MAKE_DIRECTORY ${mailflow_deb_dir})
+foreach(script postinst prerm postrm)
+  configure_file(${CMAKE_CURRENT_LIST_DIR}/debian/${script} ${mailflow_deb_dir}/${script} @ONLY)
+endforeach()
+file(WRITE ${mailflow_deb_dir}/conffiles "${MAILFLOW_CONFDIR}/mailflowd.yaml\n")
+
+set(CPACK_GENERATOR DEB)
+set(CPACK_PACKAGE_NAME mailflowd)
+set(CPACK_PACKAGE_VERSION ${PROJECT_VERSION})
+set(CPACK_PACKAGE_DESCRIPTION_SUMMARY "${PROJECT_DESCRIPTION}")
+set(CPACK_PACKAGE_CONTACT "mailflowd maintainers <mailflowd@example.org>")
+set(CPACK_PACKAGING_INSTALL_PREFIX /usr)
+set(CPACK_DEBIAN_FILE_NAME DEB-DEFAULT)
+set(CPACK_DEBIAN_PACKAGE_SECTION mail)
+set(CPACK_DEBIAN_PACKAGE_PRIORITY optional)
+set(CPACK_DEBIAN_PACKAGE_DESCRIPTION "${PROJECT_DESCRIPTION}
+ mailflowd sits in front of a mail server, relays every SMTP connection and records which TLS
+ version protected each connection and message, per connector. It exports Prometheus metrics,
+ a connector report (JSON, CSV, HTML) and alert rules for significant TLS1.0 and plaintext
+ mail flow.")
+set(CPACK_DEBIAN_PACKAGE_SHLIBDEPS ON)
+# Alternatives as debhelper writes them for sysusers.d/tmpfiles.d users; shlibdeps are appended.
+set(CPACK_DEBIAN_PACKAGE_DEPENDS
+    "systemd | systemd-standalone-sysusers | systemd-sysusers, systemd | systemd-standalone-tmpfiles | systemd-tmpfiles")
+set(CPACK_DEBIAN_PACKAGE_RECOMMENDS "man-db")
+set(CPACK_DEBIAN_PACKAGE_SUGGESTS "prometheus, prometheus-alertmanager, grafana")
+set(CPACK_DEBIAN_PACKAGE_CONTROL_EXTRA
+    ${mailflow_deb_dir}/postinst ${mailflow_deb_dir}/prerm ${mailflow_deb_dir}/postrm ${mailflow_deb_dir}/conffiles)
+set(CPACK_DEBIAN_PACKAGE_CONTROL_STRICT_PERMISSION ON)
+set(CPACK_DEBIAN_COMPRESSION_TYPE xz)
+# As Debian ships binaries; the build tree keeps the symbols for debugging.
+set(CPACK_STRIP_FILES ON)
+include(CPack)

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# `cpack -G DEB` from the current build tree gives a package that installs on this machine and works:
+# files where a Debian admin looks for them, shlib dependencies, the config as a conffile that passes
+# --check-config (as root and as the service user), --version, man pages, units that
+# `systemd-analyze verify` accepts at their installed paths. Then it is purged, always (trap), and
+# purge must leave nothing behind.
+# Needs root and dpkg; changes this machine's package database for the duration of the test.
+# Usage: test_deb.sh BUILD_DIR SOURCE_DIR VERSION
+set -euo pipefail
+build=$1 src=$2 version=$3
+[ "$(id -u)" -eq 0 ] || { echo "SKIP: needs root to install a package"; exit 77; }
+command -v dpkg >/dev/null && command -v cpack >/dev/null || { echo "SKIP: no dpkg/cpack"; exit 77; }
+if dpkg-query -W -f='${Status}' mailflowd 2>/dev/null | grep -q installed; then
+  echo "FAIL: a mailflowd package is already installed here; this test would purge it. Remove it first:"
+  echo "  apt-get purge mailflowd"
+  exit 1
+fi
+
+tmp=$(mktemp -d)
+installed=0
+apt_get() { DEBIAN_FRONTEND=noninteractive apt-get -q -y -o DPkg::Lock::Timeout=300 "$@"; }
+cleanup() {
+  if [ "$installed" -eq 1 ]; then
+    echo "trap: purging mailflowd"
+    apt_get purge mailflowd >/dev/null 2>&1 || dpkg --purge mailflowd || true
+  fi
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+failures=0
+fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
+
+# --- build --------------------------------------------------------------------------------------
+(cd "$build" && cpack --config CPackConfig.cmake -G DEB -B "$tmp/out") >"$tmp/cpack.log" 2>&1 ||
+  { cat "$tmp/cpack.log"; echo "FAIL: cpack"; exit 1; }
+deb=$(ls "$tmp"/out/mailflowd_"$version"_*.deb 2>/dev/null | head -1)
+[ -n "$deb" ] || { cat "$tmp/cpack.log"; ls -R "$tmp/out"; echo "FAIL: no mailflowd_${version}_*.deb"; exit 1; }
+echo "ok: built $(basename "$deb") ($(du -h "$deb" | cut -f1))"
+
+# --- contents -----------------------------------------------------------------------------------
+dpkg-deb -c "$deb" | awk '{ print $NF }' | sed 's#^\./#/#' >"$tmp/files"
+expect=(/usr/sbin/mailflowd /lib/systemd/system/mailflowd.service /lib/systemd/system/mailflowd.socket
+  /usr/lib/sysusers.d/mailflowd.conf /usr/lib/tmpfiles.d/mailflowd.conf /etc/mailflowd/mailflowd.yaml
+  /usr/share/man/man8/mailflowd.8.gz /usr/share/man/man5/mailflowd.yaml.5.gz
+  /usr/share/mailflowd/systemd/socket-activation.conf
+  /usr/share/doc/mailflowd/operations.md /usr/share/doc/mailflowd/security.md)
+for f in "$src"/deploy/prometheus/*.yml; do [ -e "$f" ] && expect+=("/usr/share/mailflowd/prometheus/$(basename "$f")"); done
+for f in "$src"/deploy/grafana/*.json; do [ -e "$f" ] && expect+=("/usr/share/mailflowd/grafana/$(basename "$f")"); done
+for f in "${expect[@]}"; do grep -qxF "$f" "$tmp/files" || fail "package lacks $f"; done
+dpkg-deb -f "$deb" Depends >"$tmp/depends"
+for dep in libc6 libstdc++6 libssl3 libsystemd0; do
+  grep -q "$dep" "$tmp/depends" || fail "Depends lacks $dep (shlibdeps): $(cat "$tmp/depends")"
+done
+dpkg-deb -e "$deb" "$tmp/control"
+grep -qx /etc/mailflowd/mailflowd.yaml "$tmp/control/conffiles" || fail "mailflowd.yaml is not a conffile"
+echo "ok: contents checked (${#expect[@]} paths, Depends: $(cat "$tmp/depends"))"
+
+# --- install --------------------------------------------------------------------------------------
+installed=1
+apt_get install --no-install-recommends "$deb" >"$tmp/install.log" 2>&1 ||
+  { cat "$tmp/install.log"; echo "FAIL: install"; exit 1; }
+dpkg-query -W -f='${Status}' mailflowd | grep -q 'install ok installed' || { echo "FAIL: not installed"; exit 1; }
+echo "ok: installed"
+
+out=$(/usr/sbin/mailflowd --version 2>&1) || fail "mailflowd --version exited $?: $out"
+grep -qF "$version" <<<"$out" || fail "--version does not show $version: $out"
+out=$(mailflowd --check-config /etc/mailflowd/mailflowd.yaml 2>&1) || fail "--check-config as root: $out"
+id mailflowd >/dev/null 2>&1 || fail "user mailflowd was not created"
+# The service reads its config as the mailflowd user.
+out=$(runuser -u mailflowd -- /usr/sbin/mailflowd --check-config /etc/mailflowd/mailflowd.yaml 2>&1) ||
+  fail "--check-config as user mailflowd: $out"
+[ "$(stat -c '%a %U %G' /etc/mailflowd/mailflowd.yaml)" = "640 root mailflowd" ] ||
+  fail "config is $(stat -c '%a %U %G' /etc/mailflowd/mailflowd.yaml), expected 640 root mailflowd"
+[ "$(stat -c '%a %U' /var/lib/mailflowd 2>/dev/null)" = "750 mailflowd" ] || fail "/var/lib/mailflowd is not 750 mailflowd"
+[ "$(man -w mailflowd 2>&1)" = /usr/share/man/man8/mailflowd.8.gz ] || fail "man -w mailflowd: $(man -w mailflowd 2>&1)"
+[ "$(man -w mailflowd.yaml 2>&1)" = /usr/share/man/man5/mailflowd.yaml.5.gz ] || fail "man -w mailflowd.yaml: $(man -w mailflowd.yaml 2>&1)"
+zcat /usr/share/man/man8/mailflowd.8.gz | grep -q '^\.TH "mailflowd" "8"' || fail "mailflowd.8.gz is not a section 8 man page"
+if command -v systemd-analyze >/dev/null; then
+  out=$(systemd-analyze verify /lib/systemd/system/mailflowd.service /lib/systemd/system/mailflowd.socket 2>&1) ||
+    fail "systemd-analyze verify of the installed units: $out"
+  [ -z "$out" ] || fail "systemd-analyze verify of the installed units complained: $out"
+fi
+echo "ok: installed package checked"
+
+# --- purge ----------------------------------------------------------------------------------------
+apt_get purge mailflowd >"$tmp/purge.log" 2>&1 || { cat "$tmp/purge.log"; fail "purge"; }
+installed=0
+! dpkg-query -W -f='${Status}' mailflowd 2>/dev/null | grep -q installed || fail "still installed after purge"
+for p in /usr/sbin/mailflowd /etc/mailflowd /var/lib/mailflowd /lib/systemd/system/mailflowd.service \
+         /usr/share/man/man8/mailflowd.8.gz /usr/share/mailflowd; do
+  [ ! -e "$p" ] || fail "$p left behind by purge"
+done
+echo "ok: purged"
+
+if [ "$failures" -ne 0 ]; then
+  echo "$failures check(s) failed"
+  exit 1
+fi
+echo "all package checks passed"
