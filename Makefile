@@ -20,5 +20,9 @@ test: deps-test build
 run: build
 	deploy/dev/run.sh build/$(PRESET)/daemon/mailflowd
 
+deb: build
+	cd build/$(PRESET) && cpack -G DEB
+	@ls -1 build/$(PRESET)/mailflowd_*.deb
+
 clean:
 	rm -rf build
