@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "config/config.hpp"
@@ -33,11 +34,24 @@ struct Insight {
   std::string text;  // "Inbound partner connector partner-contoso is seeing significant TLS1.0 mail flow: 12.5% of 1,024 messages in the last 7 days"
 };
 
+// One connector x direction over the whole window (the HTML page's bars and volumes; not in JSON/CSV).
+struct ConnectorSummary {
+  std::string connector;
+  config::Direction direction = config::Direction::inbound;
+  config::ConnectorType type = config::ConnectorType::internet;
+  bool forced_tls = false;
+  bool configured = true;  // false: removed from the config, shown while its history is inside the window
+  std::uint64_t messages = 0;
+  std::array<double, 5> percent{};  // by proto::TlsVersion, 0..100
+};
+
 struct Report {
   std::string generated_at;  // RFC 3339 UTC
   int days = 7;
-  std::vector<ReportRow> rows;
+  int window_days = 7;
+  std::vector<ReportRow> rows;  // by date (oldest first), then in connector order (see build_report)
   std::vector<Insight> insights;
+  std::vector<ConnectorSummary> connectors;  // in connector order
 };
 
 // Insights over the whole window (same rule as the shipped alerts: messages >= min_messages and share
@@ -45,7 +59,19 @@ struct Report {
 std::vector<Insight> compute_insights(const WindowStore& store, const config::Config& config,
                                       WindowStore::TimePoint now);
 
+// Connector order: configured connectors (config order), then "internet" for each direction that has a
+// listener (inbound first), then connectors that are no longer configured but still have messages in the
+// window (sorted). A removed connector is reported with type "internet", forced_tls false and the
+// telemetry.defaults thresholds: its config is gone, and that is how unmatched traffic is treated too.
+// Every connector gets a row for every day, zero messages included, so the table has no holes.
+// `days` is clamped to 1..window days; today (UTC, from `now`) is the last day.
 Report build_report(const WindowStore& store, const config::Config& config, int days, WindowStore::TimePoint now);
+
+// Helpers shared with the renderers and the HTTP/metrics side.
+std::string format_thousands(std::uint64_t value);  // 1024 -> "1,024"
+std::string json_escape(std::string_view text);     // without the surrounding quotes
+std::string html_escape(std::string_view text);
+std::string rfc3339_utc(WindowStore::TimePoint t);  // "2026-11-25T10:00:00Z"
 
 std::string render_json(const Report& report);
 std::string render_csv(const Report& report);

@@ -1,0 +1,254 @@
+#include <utility>  // before Boost.Asio (Boost 1.74 + GCC 12)
+
+#include "daemon/report_cli.hpp"
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+#include <charconv>
+#include <iostream>
+#include <optional>
+#include <string>
+#include <string_view>
+
+#ifndef MAILFLOW_VERSION
+#define MAILFLOW_VERSION "dev"
+#endif
+
+namespace mailflow {
+namespace {
+
+namespace beast = boost::beast;
+namespace http = boost::beast::http;
+namespace net = boost::asio;
+using tcp = boost::asio::ip::tcp;
+
+constexpr std::string_view kUsage =
+    "usage: mailflowd report [--url http://127.0.0.1:9725] [--days N] [--format table|json|csv]\n"
+    "  --url     where the daemon's HTTP side listens (http.address); basic auth as http://user:pass@host:port\n"
+    "  --days    UTC days to show, today included (default 7, at most the telemetry window)\n"
+    "  --format  table (default), json or csv\n";
+
+struct Url {
+  std::string host;  // without brackets
+  std::string port = "80";
+  std::string base_path;  // "" or "/prefix" (no trailing slash)
+  std::string userinfo;   // "user:password" or ""
+};
+
+std::optional<Url> parse_url(std::string_view text, std::string& error) {
+  Url url;
+  if (text.starts_with("http://")) {
+    text.remove_prefix(7);
+  } else if (text.find("://") != std::string_view::npos) {
+    error = "only http:// URLs are supported";
+    return std::nullopt;
+  }
+  const auto slash = text.find('/');
+  std::string_view authority = text.substr(0, slash);
+  if (slash != std::string_view::npos) {
+    std::string_view path = text.substr(slash);
+    while (!path.empty() && path.back() == '/') path.remove_suffix(1);
+    url.base_path = std::string(path);
+  }
+  if (const auto at = authority.rfind('@'); at != std::string_view::npos) {
+    url.userinfo = std::string(authority.substr(0, at));
+    authority.remove_prefix(at + 1);
+  }
+  std::string_view port;
+  if (authority.starts_with('[')) {
+    const auto close = authority.find(']');
+    if (close == std::string_view::npos) {
+      error = "unterminated [IPv6] address";
+      return std::nullopt;
+    }
+    url.host = std::string(authority.substr(1, close - 1));
+    std::string_view after = authority.substr(close + 1);
+    if (!after.empty()) {
+      if (after[0] != ':') {
+        error = "unexpected text after ]";
+        return std::nullopt;
+      }
+      port = after.substr(1);
+    }
+  } else {
+    const auto colon = authority.rfind(':');
+    url.host = std::string(authority.substr(0, colon));
+    if (colon != std::string_view::npos) port = authority.substr(colon + 1);
+  }
+  if (url.host.empty()) {
+    error = "no host";
+    return std::nullopt;
+  }
+  if (!port.empty()) {
+    unsigned value = 0;
+    const auto [ptr, ec] = std::from_chars(port.data(), port.data() + port.size(), value);
+    if (ec != std::errc() || ptr != port.data() + port.size() || value == 0 || value > 65535) {
+      error = "bad port \"" + std::string(port) + "\"";
+      return std::nullopt;
+    }
+    url.port = std::string(port);
+  }
+  return url;
+}
+
+std::string base64(std::string_view in) {
+  static constexpr char table[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+  std::string out;
+  std::size_t i = 0;
+  for (; i + 2 < in.size(); i += 3) {
+    const unsigned v = (static_cast<unsigned char>(in[i]) << 16) | (static_cast<unsigned char>(in[i + 1]) << 8) |
+                       static_cast<unsigned char>(in[i + 2]);
+    out += table[(v >> 18) & 63];
+    out += table[(v >> 12) & 63];
+    out += table[(v >> 6) & 63];
+    out += table[v & 63];
+  }
+  if (i + 1 == in.size()) {
+    const unsigned v = static_cast<unsigned char>(in[i]) << 16;
+    out += table[(v >> 18) & 63];
+    out += table[(v >> 12) & 63];
+    out += "==";
+  } else if (i + 2 == in.size()) {
+    const unsigned v = (static_cast<unsigned char>(in[i]) << 16) | (static_cast<unsigned char>(in[i + 1]) << 8);
+    out += table[(v >> 18) & 63];
+    out += table[(v >> 12) & 63];
+    out += table[(v >> 6) & 63];
+    out += '=';
+  }
+  return out;
+}
+
+struct Fetch {
+  unsigned status = 0;
+  std::string reason;
+  std::string body;
+  std::string error;  // non-empty: no usable answer
+};
+
+Fetch fetch(const Url& url, const std::string& target, std::chrono::milliseconds timeout) {
+  Fetch result;
+  net::io_context io;
+  tcp::resolver resolver(io);
+  beast::tcp_stream stream(io);
+  beast::flat_buffer buffer;
+  http::response_parser<http::string_body> parser;
+  parser.body_limit(1024ull * 1024 * 1024);  // a 90-day report over many connectors is tens of MB
+
+  http::request<http::empty_body> request{http::verb::get, target, 11};
+  const bool v6 = url.host.find(':') != std::string::npos;
+  request.set(http::field::host, (v6 ? "[" + url.host + "]" : url.host) + ":" + url.port);
+  request.set(http::field::user_agent, "mailflowd-report/" MAILFLOW_VERSION);
+  request.set(http::field::connection, "close");
+  if (!url.userinfo.empty()) request.set(http::field::authorization, "Basic " + base64(url.userinfo));
+
+  const std::string where = (v6 ? "[" + url.host + "]" : url.host) + ":" + url.port;
+  const auto failed = [&](std::string_view what, const beast::error_code& ec) {
+    const bool timed_out = ec == beast::error::timeout;
+    result.error = std::string(what) + " " + where + ": " + (timed_out ? std::string("timed out") : ec.message());
+  };
+
+  resolver.async_resolve(url.host, url.port, [&](beast::error_code ec, tcp::resolver::results_type endpoints) {
+    if (ec) return failed("cannot resolve", ec);
+    stream.expires_after(timeout);
+    stream.async_connect(endpoints, [&](beast::error_code ec, const tcp::endpoint&) {
+      if (ec) return failed("cannot connect to", ec);
+      stream.expires_after(timeout);
+      http::async_write(stream, request, [&](beast::error_code ec, std::size_t) {
+        if (ec) return failed("cannot send the request to", ec);
+        stream.expires_after(timeout);
+        http::async_read(stream, buffer, parser, [&](beast::error_code ec, std::size_t) {
+          if (ec) return failed("no valid HTTP answer from", ec);
+          const auto& response = parser.get();
+          result.status = response.result_int();
+          result.reason = std::string(response.reason());
+          result.body = response.body();
+          beast::error_code ignored;
+          stream.socket().shutdown(tcp::socket::shutdown_both, ignored);
+        });
+      });
+    });
+  });
+  io.run();
+  return result;
+}
+
+}  // namespace
+
+int run_report_cli(int argc, char** argv) { return run_report_cli(argc, argv, std::cout, std::cerr); }
+
+int run_report_cli(int argc, char** argv, std::ostream& out, std::ostream& err, std::chrono::milliseconds timeout) {
+  std::string url_text = "http://127.0.0.1:9725";
+  std::optional<int> days;
+  std::string format = "table";
+
+  int i = 1;
+  if (i < argc && std::string_view(argv[i]) == "report") ++i;
+  const auto usage_error = [&](const std::string& message) {
+    err << "mailflowd report: " << message << "\n" << kUsage;
+    return 2;
+  };
+  for (; i < argc; ++i) {
+    std::string_view arg = argv[i];
+    if (arg == "-h" || arg == "--help") {
+      out << kUsage;
+      return 0;
+    }
+    std::string_view value;
+    std::string_view name = arg;
+    if (const auto eq = arg.find('='); arg.starts_with("--") && eq != std::string_view::npos) {
+      name = arg.substr(0, eq);
+      value = arg.substr(eq + 1);
+    } else if (arg == "--url" || arg == "--days" || arg == "--format") {
+      if (i + 1 >= argc) return usage_error(std::string(arg) + " needs a value");
+      value = argv[++i];
+    } else {
+      return usage_error("unknown argument \"" + std::string(arg) + "\"");
+    }
+    if (name == "--url") {
+      url_text = std::string(value);
+    } else if (name == "--days") {
+      int n = 0;
+      const auto [ptr, ec] = std::from_chars(value.data(), value.data() + value.size(), n);
+      if (ec != std::errc() || ptr != value.data() + value.size() || n < 1)
+        return usage_error("--days must be a positive whole number, not \"" + std::string(value) + "\"");
+      days = n;
+    } else if (name == "--format") {
+      if (value != "table" && value != "json" && value != "csv")
+        return usage_error("--format must be table, json or csv, not \"" + std::string(value) + "\"");
+      format = std::string(value);
+    } else {
+      return usage_error("unknown option \"" + std::string(name) + "\"");
+    }
+  }
+
+  std::string error;
+  const auto url = parse_url(url_text, error);
+  if (!url) return usage_error("bad --url \"" + url_text + "\": " + error);
+
+  std::string target = url->base_path + "/api/v1/report";
+  if (format == "csv") target += ".csv";
+  if (format == "table") target += ".txt";
+  if (days) target += "?days=" + std::to_string(*days);
+
+  const Fetch result = fetch(*url, target, timeout);
+  if (!result.error.empty()) {
+    err << "mailflowd report: " << result.error << " (is mailflowd running, and is --url its http.address?)\n";
+    return 1;
+  }
+  if (result.status != 200) {
+    std::string message = result.body;
+    while (!message.empty() && (message.back() == '\n' || message.back() == '\r')) message.pop_back();
+    if (message.size() > 2000) message = message.substr(0, 2000) + "...";
+    err << "mailflowd report: GET " << target << " answered " << result.status << (result.reason.empty() ? "" : " ")
+        << result.reason << (message.empty() ? "" : ": ") << message << "\n";
+    return 1;
+  }
+  out << result.body;
+  if (!result.body.empty() && result.body.back() != '\n') out << '\n';
+  out.flush();
+  return 0;
+}
+
+}  // namespace mailflow

@@ -1,0 +1,447 @@
+// The connector report (rows, insights, JSON/CSV/table/HTML) and the `mailflowd report` client.
+#include <utility>  // before Boost.Asio (Boost 1.74 + GCC 12)
+
+#include <doctest/doctest.h>
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+#include <chrono>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "daemon/report.hpp"
+#include "daemon/report_cli.hpp"
+
+namespace {
+
+using namespace std::chrono;
+using mailflow::Report;
+using mailflow::WindowStore;
+using mailflow::config::ConnectorType;
+using mailflow::config::Direction;
+using mailflow::proto::TlsVersion;
+
+constexpr auto in = Direction::inbound;
+constexpr auto out = Direction::outbound;
+
+WindowStore::TimePoint at(year_month_day day, int hour, int minute = 0) {
+  return sys_days{day} + hours(hour) + minutes(minute);
+}
+constexpr year_month_day nov(unsigned d) { return year{2026} / November / day{d}; }
+
+const WindowStore::TimePoint kNow = at(nov(25), 10);
+
+mailflow::config::Config make_config() {
+  mailflow::config::Config config;
+  config.listeners.push_back({.name = "in", .address = {}, .direction = in, .tls = {}, .proxy_trusted = {},
+                              .upstream = "mailstore"});
+  config.listeners.push_back({.name = "out", .address = {}, .direction = out, .tls = {}, .proxy_trusted = {},
+                              .upstream = "mailstore"});
+  mailflow::config::Connector contoso;
+  contoso.name = "partner-contoso";
+  contoso.type = ConnectorType::partner;
+  contoso.direction = in;
+  contoso.alerts = {0.05, 0.05, 100};
+  config.connectors.push_back(contoso);
+  mailflow::config::Connector onprem;
+  onprem.name = "onprem";
+  onprem.type = ConnectorType::onpremises;
+  onprem.direction = out;
+  onprem.require_tls = true;
+  onprem.alerts = {0.5, 0.01, 10};  // per-connector override of telemetry.defaults
+  config.connectors.push_back(onprem);
+  config.telemetry.window = hours(24 * 7);
+  config.telemetry.defaults = {0.05, 0.05, 100};
+  return config;
+}
+
+void add(WindowStore& store, std::string_view connector, Direction direction, WindowStore::TimePoint t,
+         std::array<std::uint64_t, 5> counts) {
+  for (std::size_t i = 0; i < counts.size(); ++i)
+    store.add(connector, direction, static_cast<TlsVersion>(i), t, counts[i]);
+}
+
+// The known store behind the exact-output tests.
+WindowStore known_store() {
+  WindowStore store(hours(24 * 7));
+  add(store, "partner-contoso", in, at(nov(25), 9, 12), {12, 128, 0, 820, 64});  // 1,024 messages
+  add(store, "onprem", out, at(nov(24), 23, 59), {1, 0, 0, 19, 0});
+  add(store, "old-partner", in, at(nov(24), 1), {0, 3, 0, 0, 0});  // removed from the config
+  return store;
+}
+
+}  // namespace
+
+TEST_CASE("report rows: every day x connector x direction, zeros included, removed connectors kept") {
+  const auto config = make_config();
+  const WindowStore store = known_store();
+  const Report report = mailflow::build_report(store, config, 2, kNow);
+  CHECK(report.generated_at == "2026-11-25T10:00:00Z");
+  CHECK(report.days == 2);
+  CHECK(report.window_days == 7);
+  REQUIRE(report.rows.size() == 10);
+  const std::vector<std::string> order{"partner-contoso", "onprem", "internet", "internet", "old-partner"};
+  for (std::size_t i = 0; i < report.rows.size(); ++i) {
+    CAPTURE(i);
+    CHECK(report.rows[i].date == (i < 5 ? "2026-11-24" : "2026-11-25"));
+    CHECK(report.rows[i].connector == order[i % 5]);
+  }
+  CHECK(report.rows[2].direction == in);
+  CHECK(report.rows[3].direction == out);
+  CHECK(report.rows[1].type == ConnectorType::onpremises);
+  CHECK(report.rows[1].forced_tls);
+  CHECK(report.rows[1].messages == 20);
+  CHECK(report.rows[4].type == ConnectorType::internet);  // documented choice for removed connectors
+  CHECK(report.rows[5].messages == 1024);
+  CHECK(report.rows[7].messages == 0);
+  CHECK(report.rows[7].percent == std::array<double, 5>{});
+
+  // days is clamped to the window; an internet row only for directions that have a listener.
+  auto inbound_only = config;
+  inbound_only.listeners.pop_back();
+  const Report wide = mailflow::build_report(store, inbound_only, 30, kNow);
+  CHECK(wide.days == 7);
+  CHECK(wide.rows.size() == 7 * 4);
+  CHECK(wide.rows.front().date == "2026-11-19");
+  CHECK(mailflow::build_report(store, config, 0, kNow).days == 1);
+
+  // Once its last message rolls off, a removed connector disappears from the report.
+  const Report later = mailflow::build_report(store, config, 1, kNow + hours(24 * 6));
+  for (const auto& row : later.rows) CHECK(row.connector != "old-partner");
+}
+
+TEST_CASE("report JSON is exactly the documented shape") {
+  const auto config = make_config();
+  const Report report = mailflow::build_report(known_store(), config, 2, kNow);
+  const std::string expected =
+      R"({"generated_at": "2026-11-25T10:00:00Z", "days": 2,
+ "rows": [{"date": "2026-11-24", "connector": "partner-contoso", "direction": "inbound", "type": "partner", "forced_tls": false, "messages": 0, "percent": {"none": 0.0, "TLS1.0": 0.0, "TLS1.1": 0.0, "TLS1.2": 0.0, "TLS1.3": 0.0}},
+  {"date": "2026-11-24", "connector": "onprem", "direction": "outbound", "type": "onpremises", "forced_tls": true, "messages": 20, "percent": {"none": 5.0, "TLS1.0": 0.0, "TLS1.1": 0.0, "TLS1.2": 95.0, "TLS1.3": 0.0}},
+  {"date": "2026-11-24", "connector": "internet", "direction": "inbound", "type": "internet", "forced_tls": false, "messages": 0, "percent": {"none": 0.0, "TLS1.0": 0.0, "TLS1.1": 0.0, "TLS1.2": 0.0, "TLS1.3": 0.0}},
+  {"date": "2026-11-24", "connector": "internet", "direction": "outbound", "type": "internet", "forced_tls": false, "messages": 0, "percent": {"none": 0.0, "TLS1.0": 0.0, "TLS1.1": 0.0, "TLS1.2": 0.0, "TLS1.3": 0.0}},
+  {"date": "2026-11-24", "connector": "old-partner", "direction": "inbound", "type": "internet", "forced_tls": false, "messages": 3, "percent": {"none": 0.0, "TLS1.0": 100.0, "TLS1.1": 0.0, "TLS1.2": 0.0, "TLS1.3": 0.0}},
+  {"date": "2026-11-25", "connector": "partner-contoso", "direction": "inbound", "type": "partner", "forced_tls": false, "messages": 1024, "percent": {"none": 1.2, "TLS1.0": 12.5, "TLS1.1": 0.0, "TLS1.2": 80.1, "TLS1.3": 6.2}},
+  {"date": "2026-11-25", "connector": "onprem", "direction": "outbound", "type": "onpremises", "forced_tls": true, "messages": 0, "percent": {"none": 0.0, "TLS1.0": 0.0, "TLS1.1": 0.0, "TLS1.2": 0.0, "TLS1.3": 0.0}},
+  {"date": "2026-11-25", "connector": "internet", "direction": "inbound", "type": "internet", "forced_tls": false, "messages": 0, "percent": {"none": 0.0, "TLS1.0": 0.0, "TLS1.1": 0.0, "TLS1.2": 0.0, "TLS1.3": 0.0}},
+  {"date": "2026-11-25", "connector": "internet", "direction": "outbound", "type": "internet", "forced_tls": false, "messages": 0, "percent": {"none": 0.0, "TLS1.0": 0.0, "TLS1.1": 0.0, "TLS1.2": 0.0, "TLS1.3": 0.0}},
+  {"date": "2026-11-25", "connector": "old-partner", "direction": "inbound", "type": "internet", "forced_tls": false, "messages": 0, "percent": {"none": 0.0, "TLS1.0": 0.0, "TLS1.1": 0.0, "TLS1.2": 0.0, "TLS1.3": 0.0}}],
+ "insights": [{"connector": "partner-contoso", "direction": "inbound", "insight": "significant_tls10", "share": 0.125, "messages": 1024, "threshold": 0.05, "text": "Inbound partner connector partner-contoso is seeing significant TLS1.0 mail flow: 12.5% of 1,024 messages in the last 7 days"},
+  {"connector": "onprem", "direction": "outbound", "insight": "significant_no_tls", "share": 0.05, "messages": 20, "threshold": 0.01, "text": "Outbound on-premises connector onprem is seeing significant mail flow without TLS: 5.0% of 20 messages in the last 7 days"}]}
+)";
+  CHECK(mailflow::render_json(report) == expected);
+}
+
+TEST_CASE("report CSV has the documented header and one line per row") {
+  const Report report = mailflow::build_report(known_store(), make_config(), 1, kNow);
+  CHECK(mailflow::render_csv(report) ==
+        "date,connector,direction,type,forced_tls,messages,none_pct,tls10_pct,tls11_pct,tls12_pct,tls13_pct\n"
+        "2026-11-25,partner-contoso,inbound,partner,false,1024,1.2,12.5,0.0,80.1,6.2\n"
+        "2026-11-25,onprem,outbound,onpremises,true,0,0.0,0.0,0.0,0.0,0.0\n"
+        "2026-11-25,internet,inbound,internet,false,0,0.0,0.0,0.0,0.0,0.0\n"
+        "2026-11-25,internet,outbound,internet,false,0,0.0,0.0,0.0,0.0,0.0\n"
+        "2026-11-25,old-partner,inbound,internet,false,0,0.0,0.0,0.0,0.0,0.0\n");
+}
+
+TEST_CASE("report table is aligned and lists the insights") {
+  const Report report = mailflow::build_report(known_store(), make_config(), 1, kNow);
+  CHECK(mailflow::render_table(report) ==
+        "Connector report: last 1 day (UTC), window 7 days, generated 2026-11-25T10:00:00Z\n"
+        "\n"
+        "DATE        CONNECTOR        DIRECTION  TYPE        FORCED_TLS  MESSAGES  NONE%  TLS1.0%  TLS1.1%  TLS1.2%  TLS1.3%\n"
+        "2026-11-25  partner-contoso  inbound    partner     no             1,024    1.2     12.5      0.0     80.1      6.2\n"
+        "2026-11-25  onprem           outbound   onpremises  yes                0    0.0      0.0      0.0      0.0      0.0\n"
+        "2026-11-25  internet         inbound    internet    no                 0    0.0      0.0      0.0      0.0      0.0\n"
+        "2026-11-25  internet         outbound   internet    no                 0    0.0      0.0      0.0      0.0      0.0\n"
+        "2026-11-25  old-partner      inbound    internet    no                 0    0.0      0.0      0.0      0.0      0.0\n"
+        "\n"
+        "Insights:\n"
+        "  - Inbound partner connector partner-contoso is seeing significant TLS1.0 mail flow: 12.5% of 1,024 "
+        "messages in the last 7 days\n"
+        "  - Outbound on-premises connector onprem is seeing significant mail flow without TLS: 5.0% of 20 "
+        "messages in the last 7 days\n"
+        "Get these partners to upgrade to TLS1.2 or later before TLS1.0/1.1 are switched off.\n");
+}
+
+TEST_CASE("insights: at, under and over the threshold, and below min_messages") {
+  const auto config = make_config();  // partner-contoso: 5% / 5% / 100 messages
+  const auto insights_for = [&](std::array<std::uint64_t, 5> counts) {
+    WindowStore store;
+    add(store, "partner-contoso", in, kNow - hours(30), counts);
+    return mailflow::compute_insights(store, config, kNow);
+  };
+  CHECK(insights_for({0, 5, 0, 95, 0}).empty());    // 5.0% == threshold: not strictly greater
+  CHECK(insights_for({0, 4, 0, 96, 0}).empty());    // under
+  CHECK(insights_for({5, 0, 0, 95, 0}).empty());    // no TLS at the threshold
+  CHECK(insights_for({0, 50, 0, 49, 0}).empty());   // 99 messages < min_messages, however bad
+  const auto over = insights_for({0, 6, 0, 94, 0});  // exactly min_messages and 6%
+  REQUIRE(over.size() == 1);
+  CHECK(over[0].insight == "significant_tls10");
+  CHECK(over[0].messages == 100);
+  CHECK(over[0].share == doctest::Approx(0.06));
+  CHECK(over[0].threshold == doctest::Approx(0.05));
+  CHECK(over[0].text ==
+        "Inbound partner connector partner-contoso is seeing significant TLS1.0 mail flow: 6.0% of 100 messages in "
+        "the last 7 days");
+  const auto both = insights_for({600, 500, 0, 1000, 0});
+  REQUIRE(both.size() == 2);
+  CHECK(both[0].insight == "significant_tls10");
+  CHECK(both[1].insight == "significant_no_tls");
+  CHECK(both[1].text ==
+        "Inbound partner connector partner-contoso is seeing significant mail flow without TLS: 28.6% of 2,100 "
+        "messages in the last 7 days");
+
+  // Messages that rolled off do not count; TLS1.1 is not TLS1.0.
+  WindowStore store;
+  add(store, "partner-contoso", in, kNow - hours(24 * 7), {0, 100, 0, 0, 0});
+  add(store, "partner-contoso", in, kNow, {0, 0, 100, 100, 0});
+  CHECK(mailflow::compute_insights(store, config, kNow).empty());
+}
+
+TEST_CASE("insights: per-connector thresholds override telemetry.defaults; others use the defaults") {
+  auto config = make_config();
+  config.connectors[0].alerts = {0.2, 0.05, 10};
+  WindowStore store;
+  add(store, "partner-contoso", in, kNow, {0, 125, 0, 875, 0});   // 12.5% TLS1.0 < 20%
+  add(store, "internet", in, kNow, {0, 125, 0, 875, 0});          // the same against the 5% default
+  add(store, "onprem", out, kNow, {0, 40, 0, 60, 0});             // 40% < 50% override
+  add(store, "gone", out, kNow, {0, 0, 0, 999, 0});
+  add(store, "gone", out, kNow, {1, 0, 0, 0, 0});                  // 0.1% no TLS: under
+  config.telemetry.window = hours(24);
+  store.set_window(hours(24));
+  const auto insights = mailflow::compute_insights(store, config, kNow);
+  REQUIRE(insights.size() == 1);
+  CHECK(insights[0].connector == "internet");
+  CHECK(insights[0].threshold == doctest::Approx(0.05));
+  CHECK(insights[0].text ==
+        "Inbound internet connector internet is seeing significant TLS1.0 mail flow: 12.5% of 1,000 messages in the "
+        "last 1 day");
+  config.connectors[0].alerts.tls10_share = 0.1;
+  CHECK(mailflow::compute_insights(store, config, kNow).size() == 2);
+}
+
+TEST_CASE("HTML page: self-contained, insights first with advice, bars, percentages, everything escaped") {
+  auto config = make_config();
+  config.connectors[0].name = "partner-<b>&\"co\"";
+  WindowStore store = known_store();
+  add(store, "partner-<b>&\"co\"", in, kNow, {0, 30, 0, 70, 0});
+  add(store, "<script>alert(1)</script>", in, kNow, {1, 0, 0, 0, 0});
+  const std::string html = mailflow::render_html(mailflow::build_report(store, config, 7, kNow));
+
+  CHECK(html.starts_with("<!DOCTYPE html>"));
+  CHECK(html.find("<script") == std::string::npos);
+  CHECK(html.find("&lt;script&gt;alert(1)&lt;/script&gt;") != std::string::npos);
+  CHECK(html.find("partner-&lt;b&gt;&amp;&quot;co&quot;") != std::string::npos);
+  CHECK(html.find("partner-<b>") == std::string::npos);
+  // No external assets: no links, sources or URLs anywhere.
+  CHECK(html.find("src=") == std::string::npos);
+  CHECK(html.find("<link") == std::string::npos);
+  CHECK(html.find("http") == std::string::npos);
+  CHECK(html.find("@import") == std::string::npos);
+
+  const auto insight = html.find(
+      "Inbound partner connector partner-&lt;b&gt;&amp;&quot;co&quot; is seeing significant TLS1.0 mail flow: "
+      "30.0% of 100 messages in the last 7 days");
+  const auto advice = html.find("before</em> TLS1.0 and TLS1.1 are switched off");
+  const auto bars = html.find("<svg class=\"bar\"");
+  const auto daily = html.find("id=\"daily\"");
+  REQUIRE(insight != std::string::npos);
+  REQUIRE(advice != std::string::npos);
+  REQUIRE(bars != std::string::npos);
+  REQUIRE(daily != std::string::npos);
+  CHECK(insight < bars);
+  CHECK(advice < bars);
+  CHECK(bars < daily);
+  // Window volume, thousands separators, and the shares as text next to the bar.
+  CHECK(html.find(">1,024<") != std::string::npos);
+  CHECK(html.find("none 1.2% &middot; TLS1.0 12.5% &middot; TLS1.1 0.0% &middot; TLS1.2 80.1% &middot; TLS1.3 6.2%") !=
+        std::string::npos);
+  CHECK(html.find("fill=\"#d32f2f\"") != std::string::npos);  // none is red
+  CHECK(html.find("removed from config") != std::string::npos);
+
+  // Without insights the page says so instead of advising.
+  WindowStore quiet;
+  add(quiet, "partner-contoso", in, kNow, {0, 0, 0, 10, 0});
+  const std::string calm = mailflow::render_html(mailflow::build_report(quiet, make_config(), 7, kNow));
+  CHECK(calm.find("No active insights") != std::string::npos);
+  CHECK(calm.find("switched off") == std::string::npos);
+}
+
+TEST_CASE("JSON and CSV escape hostile names") {
+  CHECK(mailflow::json_escape("a\"b\\c\n\x01") == "a\\\"b\\\\c\\n\\u0001");
+  CHECK(mailflow::html_escape("<a href='x'>&</a>") == "&lt;a href=&#39;x&#39;&gt;&amp;&lt;/a&gt;");
+  CHECK(mailflow::format_thousands(0) == "0");
+  CHECK(mailflow::format_thousands(999) == "999");
+  CHECK(mailflow::format_thousands(1000) == "1,000");
+  CHECK(mailflow::format_thousands(1234567) == "1,234,567");
+  WindowStore store;
+  add(store, "we\"ird,name", in, kNow, {1, 0, 0, 0, 0});
+  const Report report = mailflow::build_report(store, make_config(), 1, kNow);
+  CHECK(mailflow::render_json(report).find("\"connector\": \"we\\\"ird,name\"") != std::string::npos);
+  CHECK(mailflow::render_csv(report).find("\n2026-11-25,\"we\"\"ird,name\",inbound,") != std::string::npos);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// `mailflowd report`: against a one-shot fake HTTP server on loopback.
+
+namespace {
+
+namespace beast = boost::beast;
+namespace http = boost::beast::http;
+using tcp = boost::asio::ip::tcp;
+
+struct FakeServer {
+  boost::asio::io_context io;
+  tcp::acceptor acceptor{io, tcp::endpoint(boost::asio::ip::make_address("127.0.0.1"), 0)};
+  std::thread thread;
+  std::string target;
+  std::string authorization;
+
+  FakeServer(http::status status, std::string body) {
+    thread = std::thread([this, status, body = std::move(body)] {
+      beast::error_code ec;
+      tcp::socket socket(io);
+      acceptor.accept(socket, ec);
+      if (ec) return;
+      beast::flat_buffer buffer;
+      http::request<http::string_body> request;
+      http::read(socket, buffer, request, ec);
+      if (ec) return;
+      target = std::string(request.target());
+      authorization = std::string(request[http::field::authorization]);
+      http::response<http::string_body> response{status, 11};
+      response.set(http::field::content_type, "text/plain");
+      response.body() = body;
+      response.prepare_payload();
+      http::write(socket, response, ec);
+      socket.shutdown(tcp::socket::shutdown_both, ec);
+    });
+  }
+  // Waits until the one exchange is over (the recorded request is then safe to read).
+  void wait() {
+    if (thread.joinable()) thread.join();
+  }
+  ~FakeServer() {
+    if (thread.joinable()) {
+      // Unblock a pending accept by connecting once.
+      beast::error_code ec;
+      tcp::socket poke(io);
+      poke.connect(acceptor.local_endpoint(), ec);
+      thread.join();
+    }
+  }
+  std::string url() const { return "http://127.0.0.1:" + std::to_string(acceptor.local_endpoint().port()); }
+};
+
+struct CliResult {
+  int code;
+  std::string out;
+  std::string err;
+};
+
+CliResult run_cli(std::vector<std::string> args) {
+  args.insert(args.begin(), {"mailflowd", "report"});
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  std::ostringstream out;
+  std::ostringstream err;
+  const int code = mailflow::run_report_cli(static_cast<int>(argv.size()), argv.data(), out, err, seconds(5));
+  return {code, out.str(), err.str()};
+}
+
+}  // namespace
+
+TEST_CASE("mailflowd report fetches the chosen format and prints the body") {
+  {
+    FakeServer server(http::status::ok, "{\"days\": 3}\n");
+    const auto r = run_cli({"--url", server.url(), "--days", "3", "--format", "json"});
+    server.wait();
+    CHECK(r.code == 0);
+    CHECK(r.out == "{\"days\": 3}\n");
+    CHECK(r.err.empty());
+    CHECK(server.target == "/api/v1/report?days=3");
+    CHECK(server.authorization.empty());
+  }
+  {
+    FakeServer server(http::status::ok, "date,connector\n");
+    const auto r = run_cli({"--format=csv", "--url=" + server.url() + "/"});
+    server.wait();
+    CHECK(r.code == 0);
+    CHECK(r.out == "date,connector\n");
+    CHECK(server.target == "/api/v1/report.csv");
+  }
+  {
+    // Default format is the server-rendered table; basic auth from the URL; a path prefix is kept.
+    FakeServer server(http::status::ok, "DATE  CONNECTOR");
+    const std::string url = "http://prom:s3cret@" + server.url().substr(7) + "/mailflow";
+    const auto r = run_cli({"--url", url});
+    server.wait();
+    CHECK(r.code == 0);
+    CHECK(r.out == "DATE  CONNECTOR\n");
+    CHECK(server.target == "/mailflow/api/v1/report.txt");
+    CHECK(server.authorization == "Basic cHJvbTpzM2NyZXQ=");
+  }
+}
+
+TEST_CASE("mailflowd report: a non-200 answer shows the server's message and exits 1") {
+  FakeServer server(http::status::bad_request, "days must be between 1 and 7\n");
+  const auto r = run_cli({"--url", server.url(), "--days", "30"});
+  server.wait();
+  CHECK(r.code == 1);
+  CHECK(r.out.empty());
+  CHECK(r.err.find("400") != std::string::npos);
+  CHECK(r.err.find("days must be between 1 and 7") != std::string::npos);
+}
+
+TEST_CASE("mailflowd report: nobody listening is a clear error and exit 1") {
+  std::uint16_t port = 0;
+  {
+    boost::asio::io_context io;
+    tcp::acceptor probe(io, tcp::endpoint(boost::asio::ip::make_address("127.0.0.1"), 0));
+    port = probe.local_endpoint().port();
+  }  // closed again: connecting is refused
+  const auto r = run_cli({"--url", "http://127.0.0.1:" + std::to_string(port)});
+  CHECK(r.code == 1);
+  CHECK(r.out.empty());
+  CHECK(r.err.find("cannot connect to 127.0.0.1:" + std::to_string(port)) != std::string::npos);
+  CHECK(r.err.find("is mailflowd running") != std::string::npos);
+}
+
+TEST_CASE("mailflowd report: a server that never answers times out with exit 1") {
+  boost::asio::io_context io;
+  tcp::acceptor silent(io, tcp::endpoint(boost::asio::ip::make_address("127.0.0.1"), 0));  // listens, never reads
+  std::vector<std::string> args{"mailflowd", "report", "--url",
+                                "http://127.0.0.1:" + std::to_string(silent.local_endpoint().port())};
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  std::ostringstream out;
+  std::ostringstream err;
+  const auto start = steady_clock::now();
+  CHECK(mailflow::run_report_cli(4, argv.data(), out, err, milliseconds(300)) == 1);
+  CHECK(steady_clock::now() - start < seconds(3));
+  CHECK(err.str().find("timed out") != std::string::npos);
+}
+
+TEST_CASE("mailflowd report: bad usage exits 2 with the usage text") {
+  for (const auto& args : std::vector<std::vector<std::string>>{{"--days", "0"},
+                                                                {"--days", "seven"},
+                                                                {"--days"},
+                                                                {"--format", "xml"},
+                                                                {"--url", "https://127.0.0.1:9725"},
+                                                                {"--url", "http://127.0.0.1:99999"},
+                                                                {"--url", "http://:9725"},
+                                                                {"--verbose"},
+                                                                {"extra"}}) {
+    CAPTURE(args.front());
+    const auto r = run_cli(args);
+    CHECK(r.code == 2);
+    CHECK(r.out.empty());
+    CHECK(r.err.find("usage: mailflowd report") != std::string::npos);
+  }
+  const auto help = run_cli({"--help"});
+  CHECK(help.code == 0);
+  CHECK(help.out.find("usage: mailflowd report") != std::string::npos);
+}
