@@ -25,6 +25,8 @@ class HttpServer {
   void start();
   // Stops accepting and closes open HTTP connections.
   void stop();
+  // The bound port (after start(); useful with port 0 in tests).
+  unsigned short port() const;
 
  private:
   struct Impl;

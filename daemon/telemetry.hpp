@@ -49,6 +49,8 @@ class Telemetry {
 
   // The connector report over the last `days` UTC days (1..window).
   Report report(int days);
+  // telemetry.window in whole days (the largest `days` a report may ask for).
+  int window_days() const;
 
   // Rolling windows persistence (state_dir/windows.state): atomic save (temp, fsync, rename); load moves a
   // corrupt or foreign file aside (windows.state.corrupt-<time>) and starts empty. False + error on failure.

@@ -1,2 +1,296 @@
-// filled in shortly (telemetry engineer)
+#include "daemon/telemetry.hpp"
+
 #include <doctest/doctest.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <unistd.h>
+
+#include "daemon/report.hpp"
+
+namespace {
+
+using mailflow::Telemetry;
+using mailflow::config::Direction;
+using mailflow::proto::TlsVersion;
+using namespace std::chrono_literals;
+
+// 2026-11-25T10:30:00Z
+const std::chrono::system_clock::time_point kNow = std::chrono::sys_days{std::chrono::year{2026} / 11 / 25} + 10h + 30min;
+
+mailflow::config::Config test_config() {
+  mailflow::config::Config config;
+  mailflow::config::Listener in;
+  in.name = "inbound";
+  in.direction = Direction::inbound;
+  in.upstream = "mailstore";
+  config.listeners.push_back(in);
+
+  mailflow::config::Connector contoso;
+  contoso.name = "partner-contoso";
+  contoso.type = mailflow::config::ConnectorType::partner;
+  contoso.direction = Direction::inbound;
+  contoso.require_tls = true;
+  contoso.alerts = {0.1, 0.2, 2};
+  config.connectors.push_back(contoso);
+
+  mailflow::config::Connector fabrikam;
+  fabrikam.name = "partner-fabrikam";
+  fabrikam.type = mailflow::config::ConnectorType::partner;
+  fabrikam.direction = Direction::inbound;
+  config.connectors.push_back(fabrikam);
+  return config;
+}
+
+// The sample value of the exposition line whose series (name{labels}) is exactly `series`.
+std::optional<double> sample(const std::string& text, const std::string& series) {
+  std::istringstream in(text);
+  for (std::string line; std::getline(in, line);) {
+    if (line.size() > series.size() && line.compare(0, series.size(), series) == 0 && line[series.size()] == ' ') {
+      return std::stod(line.substr(series.size() + 1));
+    }
+  }
+  return std::nullopt;
+}
+
+bool has_series_prefix(const std::string& text, const std::string& prefix) {
+  return text.find("\n" + prefix) != std::string::npos || text.rfind(prefix, 0) == 0;
+}
+
+std::filesystem::path fresh_dir(const std::string& name) {
+  auto dir = std::filesystem::temp_directory_path() / ("mailflow-telemetry-" + name + "-" + std::to_string(getpid()));
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  return dir;
+}
+
+}  // namespace
+
+TEST_CASE("configure exports zero series for every connector, the implicit internet connector and listeners") {
+  Telemetry telemetry([] { return kNow; });
+  telemetry.configure(test_config());
+  const std::string text = telemetry.metrics_text();
+
+  for (const char* connector : {"partner-contoso", "partner-fabrikam", "internet"}) {
+    for (const char* version : {"none", "TLS1.0", "TLS1.1", "TLS1.2", "TLS1.3"}) {
+      const std::string labels = std::string("{connector=\"") + connector + "\",direction=\"inbound\",tls_version=\"" +
+                                 version + "\"}";
+      CAPTURE(labels);
+      CHECK(sample(text, "mailflow_messages_total" + labels) == 0.0);
+      CHECK(sample(text, "mailflow_message_bytes_total" + labels) == 0.0);
+      CHECK(sample(text, "mailflow_recipients_total" + labels) == 0.0);
+      CHECK(sample(text, "mailflow_window_messages" + labels) == 0.0);
+      CHECK(sample(text, "mailflow_window_tls_share" + labels) == 0.0);
+    }
+    const std::string cd = std::string("connector=\"") + connector + "\",direction=\"inbound\"";
+    CHECK(sample(text, "mailflow_below_tls12_total{" + cd + "}") == 0.0);
+    CHECK(sample(text, "mailflow_insight_active{" + cd + ",insight=\"significant_tls10\"}") == 0.0);
+    CHECK(sample(text, "mailflow_insight_active{" + cd + ",insight=\"significant_no_tls\"}") == 0.0);
+  }
+  // No outbound listener: no outbound internet connector.
+  CHECK_FALSE(has_series_prefix(text, "mailflow_messages_total{connector=\"internet\",direction=\"outbound\""));
+
+  CHECK(sample(text, R"(mailflow_connector_info{connector="partner-contoso",direction="inbound",forced_tls="true",type="partner"})") == 1.0);
+  CHECK(sample(text, R"(mailflow_connector_info{connector="partner-fabrikam",direction="inbound",forced_tls="false",type="partner"})") == 1.0);
+  CHECK(sample(text, R"(mailflow_connector_info{connector="internet",direction="inbound",forced_tls="false",type="internet"})") == 1.0);
+
+  CHECK(sample(text, R"(mailflow_alert_threshold{connector="partner-contoso",direction="inbound",kind="tls10_share"})") == 0.1);
+  CHECK(sample(text, R"(mailflow_alert_threshold{connector="partner-contoso",direction="inbound",kind="no_tls_share"})") == 0.2);
+  CHECK(sample(text, R"(mailflow_alert_threshold{connector="partner-contoso",direction="inbound",kind="min_messages"})") == 2.0);
+  // internet inherits telemetry.defaults
+  CHECK(sample(text, R"(mailflow_alert_threshold{connector="internet",direction="inbound",kind="min_messages"})") == 100.0);
+
+  CHECK(sample(text, R"(mailflow_sessions_active{listener="inbound"})") == 0.0);
+  for (const char* leg : {"client", "upstream"}) {
+    for (const char* version : {"none", "TLS1.0", "TLS1.1", "TLS1.2", "TLS1.3"}) {
+      CHECK(sample(text, std::string("mailflow_sessions_total{leg=\"") + leg + "\",listener=\"inbound\",tls_version=\"" +
+                             version + "\"}") == 0.0);
+    }
+  }
+  CHECK(sample(text, R"(mailflow_session_duration_seconds_count{listener="inbound"})") == 0.0);
+  CHECK(sample(text, R"(mailflow_session_duration_seconds_bucket{listener="inbound",le="600"})") == 0.0);
+  CHECK(sample(text, R"(mailflow_config_reloads_total{result="success"})") == 0.0);
+  CHECK(sample(text, R"(mailflow_config_reloads_total{result="failure"})") == 0.0);
+  CHECK(sample(text, "mailflow_build_info{version=\"" MAILFLOW_VERSION "\"}") == 1.0);
+
+  CHECK(text.find("# TYPE mailflow_messages_total counter") != std::string::npos);
+  CHECK(text.find("# TYPE mailflow_window_tls_share gauge") != std::string::npos);
+  CHECK(text.find("# TYPE mailflow_session_duration_seconds histogram") != std::string::npos);
+  CHECK(text.find("# TYPE process_cpu_seconds_total counter") != std::string::npos);
+  for (const char* name : {"process_resident_memory_bytes", "process_virtual_memory_bytes", "process_open_fds",
+                           "process_max_fds", "process_start_time_seconds"}) {
+    CAPTURE(name);
+    const auto value = sample(text, name);
+    REQUIRE(value.has_value());
+    CHECK(*value > 0);
+  }
+}
+
+TEST_CASE("delivered messages count with exact labels, below_tls12 only below TLS1.2, window gauges") {
+  Telemetry telemetry([] { return kNow; });
+  telemetry.configure(test_config());
+  telemetry.message_delivered("partner-contoso", Direction::inbound, TlsVersion::tls10, 1000, 3);
+  telemetry.message_delivered("partner-contoso", Direction::inbound, TlsVersion::tls10, 500, 1);
+  telemetry.message_delivered("partner-contoso", Direction::inbound, TlsVersion::tls12, 250, 2);
+  telemetry.message_delivered("partner-contoso", Direction::inbound, TlsVersion::none, 10, 1);
+  telemetry.message_delivered("partner-fabrikam", Direction::inbound, TlsVersion::tls13, 10, 1);
+  CHECK(telemetry.messages_total() == 5);
+
+  const std::string text = telemetry.metrics_text();
+  const std::string c = R"({connector="partner-contoso",direction="inbound",tls_version=)";
+  CHECK(sample(text, "mailflow_messages_total" + c + "\"TLS1.0\"}") == 2.0);
+  CHECK(sample(text, "mailflow_messages_total" + c + "\"TLS1.2\"}") == 1.0);
+  CHECK(sample(text, "mailflow_messages_total" + c + "\"none\"}") == 1.0);
+  CHECK(sample(text, "mailflow_messages_total" + c + "\"TLS1.3\"}") == 0.0);
+  CHECK(sample(text, "mailflow_message_bytes_total" + c + "\"TLS1.0\"}") == 1500.0);
+  CHECK(sample(text, "mailflow_recipients_total" + c + "\"TLS1.0\"}") == 4.0);
+  CHECK(sample(text, "mailflow_recipients_total" + c + "\"TLS1.2\"}") == 2.0);
+  CHECK(sample(text, R"(mailflow_below_tls12_total{connector="partner-contoso",direction="inbound"})") == 3.0);
+  CHECK(sample(text, R"(mailflow_below_tls12_total{connector="partner-fabrikam",direction="inbound"})") == 0.0);
+
+  CHECK(sample(text, "mailflow_window_messages" + c + "\"TLS1.0\"}") == 2.0);
+  CHECK(sample(text, "mailflow_window_tls_share" + c + "\"TLS1.0\"}") == 0.5);
+  CHECK(sample(text, "mailflow_window_tls_share" + c + "\"TLS1.2\"}") == 0.25);
+  CHECK(sample(text, "mailflow_window_tls_share" + c + "\"TLS1.3\"}") == 0.0);
+  CHECK(sample(text, R"(mailflow_window_tls_share{connector="partner-fabrikam",direction="inbound",tls_version="TLS1.3"})") == 1.0);
+
+  // contoso: 4 messages >= min_messages 2; TLS1.0 50% > 10%, none 25% > 20%.
+  CHECK(sample(text, R"(mailflow_insight_active{connector="partner-contoso",direction="inbound",insight="significant_tls10"})") == 1.0);
+  CHECK(sample(text, R"(mailflow_insight_active{connector="partner-contoso",direction="inbound",insight="significant_no_tls"})") == 1.0);
+  // fabrikam: 1 message < default min_messages 100.
+  CHECK(sample(text, R"(mailflow_insight_active{connector="partner-fabrikam",direction="inbound",insight="significant_tls10"})") == 0.0);
+}
+
+TEST_CASE("an unknown connector (unmatched outbound traffic) gets its series on first use") {
+  Telemetry telemetry([] { return kNow; });
+  telemetry.configure(test_config());
+  telemetry.message_delivered("internet", Direction::outbound, TlsVersion::tls11, 42, 1);
+  const std::string text = telemetry.metrics_text();
+  CHECK(sample(text, R"(mailflow_messages_total{connector="internet",direction="outbound",tls_version="TLS1.1"})") == 1.0);
+  CHECK(sample(text, R"(mailflow_messages_total{connector="internet",direction="outbound",tls_version="TLS1.3"})") == 0.0);
+  CHECK(sample(text, R"(mailflow_below_tls12_total{connector="internet",direction="outbound"})") == 1.0);
+}
+
+TEST_CASE("sessions, handshake failures, upstream errors, rejects, reloads and state errors") {
+  Telemetry telemetry([] { return kNow; });
+  telemetry.configure(test_config());
+  telemetry.session_opened("inbound");
+  telemetry.session_opened("inbound");
+  telemetry.session_closed("inbound", 0.3);
+  telemetry.leg_finished("inbound", mailflow::Leg::client, TlsVersion::tls13);
+  telemetry.leg_finished("inbound", mailflow::Leg::upstream, TlsVersion::none);
+  telemetry.tls_handshake_failed("inbound", mailflow::Leg::client, "protocol_version");
+  telemetry.upstream_error("mailstore", "connect");
+  telemetry.upstream_error("mailstore", "connect");
+  telemetry.rejected("inbound", "bad_command");
+  telemetry.config_reloaded(true);
+  telemetry.config_reloaded(false);
+  telemetry.config_reloaded(false);
+  telemetry.state_error("save");
+  CHECK(telemetry.sessions_active() == 1);
+
+  const std::string text = telemetry.metrics_text();
+  CHECK(sample(text, R"(mailflow_sessions_active{listener="inbound"})") == 1.0);
+  CHECK(sample(text, R"(mailflow_session_duration_seconds_count{listener="inbound"})") == 1.0);
+  CHECK(sample(text, R"(mailflow_session_duration_seconds_bucket{listener="inbound",le="0.25"})") == 0.0);
+  CHECK(sample(text, R"(mailflow_session_duration_seconds_bucket{listener="inbound",le="0.5"})") == 1.0);
+  CHECK(sample(text, R"(mailflow_sessions_total{leg="client",listener="inbound",tls_version="TLS1.3"})") == 1.0);
+  CHECK(sample(text, R"(mailflow_sessions_total{leg="upstream",listener="inbound",tls_version="none"})") == 1.0);
+  CHECK(sample(text, R"(mailflow_tls_handshake_failures_total{leg="client",listener="inbound",reason="protocol_version"})") == 1.0);
+  CHECK(sample(text, R"(mailflow_upstream_errors_total{reason="connect",upstream="mailstore"})") == 2.0);
+  CHECK(sample(text, R"(mailflow_rejects_total{listener="inbound",reason="bad_command"})") == 1.0);
+  CHECK(sample(text, R"(mailflow_config_reloads_total{result="success"})") == 1.0);
+  CHECK(sample(text, R"(mailflow_config_reloads_total{result="failure"})") == 2.0);
+  CHECK(sample(text, R"(mailflow_state_errors_total{reason="save"})") == 1.0);
+}
+
+TEST_CASE("reload drops info and thresholds of removed connectors but keeps their counters") {
+  Telemetry telemetry([] { return kNow; });
+  auto config = test_config();
+  telemetry.configure(config);
+  telemetry.message_delivered("partner-fabrikam", Direction::inbound, TlsVersion::tls12, 10, 1);
+
+  config.connectors.pop_back();                  // fabrikam removed
+  config.connectors.front().require_tls = false;  // contoso's forced_tls changes
+  telemetry.configure(config);
+  const std::string text = telemetry.metrics_text();
+  CHECK(text.find(R"(mailflow_connector_info{connector="partner-fabrikam")") == std::string::npos);
+  CHECK(text.find(R"(mailflow_alert_threshold{connector="partner-fabrikam")") == std::string::npos);
+  CHECK(sample(text, R"(mailflow_connector_info{connector="partner-contoso",direction="inbound",forced_tls="false",type="partner"})") == 1.0);
+  CHECK_FALSE(sample(text, R"(mailflow_connector_info{connector="partner-contoso",direction="inbound",forced_tls="true",type="partner"})"));
+  CHECK(sample(text, R"(mailflow_messages_total{connector="partner-fabrikam",direction="inbound",tls_version="TLS1.2"})") == 1.0);
+}
+
+TEST_CASE("window length follows telemetry.window") {
+  Telemetry telemetry([] { return kNow; });
+  auto config = test_config();
+  config.telemetry.window = std::chrono::hours(24 * 30);
+  telemetry.configure(config);
+  CHECK(telemetry.window_days() == 30);
+  const auto report = telemetry.report(30);
+  CHECK(report.days == 30);
+}
+
+TEST_CASE("state survives save and load; missing file is an empty start") {
+  const auto dir = fresh_dir("roundtrip");
+  std::string error;
+  {
+    Telemetry telemetry([] { return kNow; });
+    telemetry.configure(test_config());
+    CHECK(telemetry.load_state(dir.string(), error));  // no file yet
+    CHECK(error.empty());
+    telemetry.message_delivered("partner-contoso", Direction::inbound, TlsVersion::tls10, 1, 1);
+    telemetry.message_delivered("partner-contoso", Direction::inbound, TlsVersion::tls13, 1, 1);
+    REQUIRE_MESSAGE(telemetry.save_state(dir.string(), error), error);
+  }
+  CHECK(std::filesystem::exists(dir / "windows.state"));
+  CHECK_FALSE(std::filesystem::exists(dir / "windows.state.tmp"));
+
+  Telemetry restarted([] { return kNow + 1h; });
+  restarted.configure(test_config());
+  REQUIRE(restarted.load_state(dir.string(), error));
+  CHECK(error.empty());
+  const std::string text = restarted.metrics_text();
+  CHECK(sample(text, R"(mailflow_window_messages{connector="partner-contoso",direction="inbound",tls_version="TLS1.0"})") == 1.0);
+  CHECK(sample(text, R"(mailflow_window_tls_share{connector="partner-contoso",direction="inbound",tls_version="TLS1.3"})") == 0.5);
+  // Counters are process-lifetime (Prometheus handles the reset); only windows persist.
+  CHECK(sample(text, R"(mailflow_messages_total{connector="partner-contoso",direction="inbound",tls_version="TLS1.0"})") == 0.0);
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("a corrupt state file is moved aside and counted; the daemon starts empty") {
+  const auto dir = fresh_dir("corrupt");
+  {
+    std::ofstream out(dir / "windows.state");
+    out << "this is not a mailflowd state file\n\x01\x02";
+  }
+  Telemetry telemetry([] { return kNow; });
+  telemetry.configure(test_config());
+  std::string error;
+  CHECK(telemetry.load_state(dir.string(), error));
+  CHECK_FALSE(error.empty());
+  const auto unix_time = std::chrono::duration_cast<std::chrono::seconds>(kNow.time_since_epoch()).count();
+  CHECK(std::filesystem::exists(dir / ("windows.state.corrupt-" + std::to_string(unix_time))));
+  CHECK_FALSE(std::filesystem::exists(dir / "windows.state"));
+  const std::string text = telemetry.metrics_text();
+  CHECK(sample(text, R"(mailflow_state_errors_total{reason="corrupt"})") == 1.0);
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("an unusable state_dir fails load and save with a message") {
+  const auto dir = fresh_dir("notadir");
+  const auto file = dir / "plain-file";
+  std::ofstream(file) << "x";
+  Telemetry telemetry([] { return kNow; });
+  std::string error;
+  CHECK_FALSE(telemetry.load_state(file.string(), error));
+  CHECK(error.find("plain-file") != std::string::npos);
+  CHECK_FALSE(telemetry.save_state(file.string(), error));
+  CHECK(error.find("plain-file") != std::string::npos);
+  CHECK_FALSE(telemetry.save_state((dir / "missing" / "deeper").string(), error));
+  std::filesystem::remove_all(dir);
+}
