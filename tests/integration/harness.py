@@ -525,3 +525,52 @@ def tls_mentions(header):
     """TLS versions named in a header, normalised to label form ("TLS1.2"), whether written TLS1.2 or TLSv1.2."""
     text = header.decode("latin-1")
     return sorted({f"TLS1.{m}" for m in re.findall(r"TLS\s?v?1\.([0-3])\b", text)})
+
+
+# ------------------------------------------------------------------------------------- count checks
+def series_key(**labels):
+    return tuple(sorted(labels.items()))
+
+
+def wait_moved(daemon, before, name="mailflow_messages_total", timeout=5.0, at_least=1.0):
+    """Metrics once `name` moved by `at_least` in total (counting may trail the client's reply by a moment);
+    the last scrape when it did not within `timeout` (the caller's assertion then says what is wrong)."""
+    holder = {}
+
+    def moved():
+        holder["m"] = daemon.metrics()
+        return sum(delta(before, holder["m"], name).values()) >= at_least
+
+    try:
+        wait_for(moved, timeout, what=f"{name} to move")
+    except AssertionError:
+        pass
+    return holder["m"]
+
+
+def assert_counted(daemon, before, connector, direction, tls_version, n=1):
+    """mailflow_messages_total moved by exactly n, only in {connector, direction, tls_version}."""
+    after = wait_moved(daemon, before, at_least=n)
+    moved = delta(before, after, "mailflow_messages_total")
+    want = {series_key(connector=connector, direction=direction, tls_version=tls_version): float(n)}
+    assert moved == want, (f"mailflow_messages_total should move by exactly {n} under connector={connector} "
+                           f"direction={direction} tls_version={tls_version}; moved:\n{fmt_delta(moved)}")
+    return after
+
+
+def assert_not_counted(daemon, before, settle=0.5):
+    time.sleep(settle)
+    after = daemon.metrics()
+    moved = delta(before, after, "mailflow_messages_total")
+    assert not moved, f"nothing should have been counted; mailflow_messages_total moved:\n{fmt_delta(moved)}"
+    return after
+
+
+def proxy_v1(src, dst, sport, dport):
+    return f"PROXY TCP4 {src} {dst} {sport} {dport}\r\n".encode()
+
+
+def proxy_v2(src, dst, sport, dport):
+    sig = b"\r\n\r\n\x00\r\nQUIT\n"
+    body = socket.inet_aton(src) + socket.inet_aton(dst) + sport.to_bytes(2, "big") + dport.to_bytes(2, "big")
+    return sig + bytes([0x21, 0x11]) + len(body).to_bytes(2, "big") + body

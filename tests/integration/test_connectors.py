@@ -1,0 +1,92 @@
+"""Connector selection at MAIL FROM: by client CIDR (connecting from 127.0.0.2 vs 127.0.0.1) and by sender
+domain, first match wins, unmatched traffic under "internet"; a require_tls connector refuses MAIL before
+STARTTLS with 530 5.7.0 and accepts it over TLS."""
+import types
+
+import pytest
+
+import harness
+from harness import delta, fmt_delta
+
+MESSAGE = b"From: s@example.test\r\nTo: r@dest.test\r\nSubject: connectors\r\n\r\nbody\r\n"
+CONNECTORS = ["partner-cidr", "partner-domain", "forced"]
+
+
+@pytest.fixture(scope="module")
+def env(certs, sink_factory, daemon_factory):
+    sink = sink_factory("store")
+    port = harness.free_port()
+    daemon = daemon_factory(
+        listeners=[{"name": "inbound", "address": f"127.0.0.1:{port}", "direction": "inbound",
+                    "tls": harness.listener_tls(certs), "upstream": "store"}],
+        upstreams=[{"name": "store", "address": f"127.0.0.1:{sink.port}", "tls": "none"}],
+        connectors=[
+            {"name": "partner-cidr", "type": "partner", "direction": "inbound",
+             "match": {"client_cidrs": ["127.0.0.2/32"]}},
+            {"name": "partner-domain", "type": "partner", "direction": "inbound",
+             "match": {"listener": "inbound", "sender_domains": ["contoso.test", "*.contoso.test"]}},
+            {"name": "forced", "type": "onpremises", "direction": "inbound",
+             "match": {"sender_domains": ["forced.test"]}, "require_tls": True},
+        ])
+    return types.SimpleNamespace(sink=sink, daemon=daemon, port=port)
+
+
+def deliver(env, sender, local=None, tls=None):
+    n = env.sink.count()
+    r = harness.swaks(env.port, sender=sender, data=MESSAGE, local=local, tls=tls)
+    assert r.rc == 0, f"swaks failed:\n{r}"
+    meta, _ = env.sink.wait_messages(n + 1)[-1]
+    assert meta["mail_from"] == sender
+
+
+@pytest.mark.parametrize("source,sender,connector", [
+    ("127.0.0.2", "a@example.test", "partner-cidr"),
+    ("127.0.0.1", "a@contoso.test", "partner-domain"),
+    ("127.0.0.1", "a@mail.contoso.test", "partner-domain"),
+    ("127.0.0.2", "a@contoso.test", "partner-cidr"),      # first match wins
+    ("127.0.0.1", "a@example.test", "internet"),          # unmatched
+    ("127.0.0.1", "a@notcontoso.test", "internet"),
+])
+def test_connector_chosen(env, source, sender, connector):
+    before = env.daemon.metrics()
+    deliver(env, sender, local=source)
+    harness.assert_counted(env.daemon, before, connector, "inbound", "none")
+
+
+def test_every_connector_exports_all_versions(env):
+    m = env.daemon.metrics()
+    for connector in CONNECTORS + ["internet"]:
+        for label in harness.TLS_LABELS:
+            key = ("mailflow_messages_total",
+                   frozenset({"connector": connector, "direction": "inbound", "tls_version": label}.items()))
+            assert key in m, f"missing series mailflow_messages_total{dict(key[1])}"
+    info = harness.series(m, "mailflow_connector_info", connector="forced")
+    assert info and all(v == 1 for v in info.values()), f"mailflow_connector_info{{connector=forced}}: {info}"
+
+
+def test_require_tls_refuses_plaintext_mail(env):
+    before = env.daemon.metrics()
+    n, conns = env.sink.count(), env.sink.connections()
+    r = harness.swaks(env.port, sender="a@forced.test", data=MESSAGE)
+    replies = r.final_replies()
+    assert any(x.startswith("530 5.7.0") for x in replies), f"MAIL before STARTTLS must get 530 5.7.0:\n{r}"
+    assert r.rc != 0
+    assert env.sink.count() == n and env.sink.connections() == conns, "the upstream was contacted"
+    after = harness.assert_not_counted(env.daemon, before)
+    rejects = delta(before, after, "mailflow_rejects_total", listener="inbound")
+    assert rejects, "mailflow_rejects_total{listener=inbound} did not move for the 530"
+
+
+def test_require_tls_accepts_over_tls(env):
+    before = env.daemon.metrics()
+    deliver(env, "a@forced.test", tls="tlsv1_3")
+    harness.assert_counted(env.daemon, before, "forced", "inbound", "TLS1.3")
+
+
+def test_cidr_connector_over_tls10(env):
+    before = env.daemon.metrics()
+    deliver(env, "a@example.test", local="127.0.0.2", tls="tlsv1")
+    after = harness.assert_counted(env.daemon, before, "partner-cidr", "inbound", "TLS1.0")
+    below = delta(before, after, "mailflow_below_tls12_total")
+    assert below == {harness.series_key(connector="partner-cidr", direction="inbound"): 1.0}, \
+        f"mailflow_below_tls12_total moved:\n{fmt_delta(below)}"

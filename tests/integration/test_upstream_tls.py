@@ -1,0 +1,75 @@
+"""Upstream leg: STARTTLS to the sink with `tls: required` and `tls: verify` (ca_file = the test CA).
+The listeners are `direction: outbound`, so a message counts under the upstream leg's TLS version (the sink
+is capped at TLS1.2 while the client leg is plaintext or TLS1.3). `verify` against a sink whose certificate
+is not from the CA, and `required` against a sink without STARTTLS, must fail with a 4xx to the client,
+count nothing, and move mailflow_upstream_errors_total."""
+import re
+import types
+
+import pytest
+
+import harness
+from harness import delta, fmt_delta
+
+MESSAGE = b"From: out@example.test\r\nTo: rcpt@dest.test\r\nSubject: upstream leg\r\n\r\nbody\r\n.dot\r\n"
+
+
+@pytest.fixture(scope="module")
+def env(certs, sink_factory, daemon_factory):
+    good = sink_factory("good", tls_cert=certs / "sink.pem", tls_key=certs / "sink.key", tls_max_version="TLS1.2")
+    rogue = sink_factory("rogue", tls_cert=certs / "rogue.pem", tls_key=certs / "rogue.key")
+    plain = sink_factory("plain")
+    ca = str(certs / "ca.pem")
+    routes = {  # listener -> (upstream name, sink, tls mode)
+        "out-required": ("up-required", good, "required"),
+        "out-verify": ("up-verify", good, "verify"),
+        "out-rogue": ("up-rogue", rogue, "verify"),
+        "out-plain": ("up-plain", plain, "required"),
+    }
+    ports = {name: harness.free_port() for name in routes}
+    listeners = [{"name": name, "address": f"127.0.0.1:{ports[name]}", "direction": "outbound",
+                  "tls": harness.listener_tls(certs), "upstream": up}
+                 for name, (up, _, _) in routes.items()]
+    upstreams = [{"name": up, "address": f"127.0.0.1:{sink.port}", "tls": mode, "ca_file": ca}
+                 for (up, sink, mode) in routes.values()]
+    daemon = daemon_factory(listeners=listeners, upstreams=upstreams)
+    return types.SimpleNamespace(daemon=daemon, ports=ports, good=good, rogue=rogue, plain=plain)
+
+
+@pytest.mark.parametrize("listener", ["out-required", "out-verify"])
+@pytest.mark.parametrize("client_tls", [None, "tlsv1_3"], ids=["client-plain", "client-TLS1.3"])
+def test_outbound_counts_upstream_leg(env, listener, client_tls):
+    before = env.daemon.metrics()
+    n = env.good.count()
+    r = harness.swaks(env.ports[listener], data=MESSAGE, tls=client_tls)
+    assert r.rc == 0, f"swaks failed:\n{r}"
+    meta, content = env.good.wait_messages(n + 1)[-1]
+    assert meta["tls_version"] == "TLSv1.2", f"upstream leg should be TLS1.2 (sink cap), sink saw {meta}"
+    headers, rest = harness.split_received(content)
+    assert len(headers) == 1 and rest == MESSAGE, f"message altered: {content!r}"
+    harness.assert_counted(env.daemon, before, "internet", "outbound", "TLS1.2")
+
+
+def check_upstream_failure(env, listener, upstream, sink):
+    before = env.daemon.metrics()
+    conns = sink.connections()
+    r = harness.swaks(env.ports[listener], data=MESSAGE)
+    replies = r.final_replies()
+    assert r.rc != 0, f"the transaction must not succeed:\n{r}"
+    assert any(re.match(r"^4\d\d ", x) for x in replies), f"client should get a 4xx (temporary) reply:\n{r}"
+    assert not any(x.startswith("250 ") and "queued" in x.lower() for x in replies), str(r)
+    assert sink.count() == 0, "a message reached the sink"
+    # the upstream was really tried (a refusal before even connecting would not test the TLS policy)
+    assert sink.connections() > conns, f"mailflowd never connected to the {sink.name} sink"
+    after = harness.assert_not_counted(env.daemon, before)
+    errs = delta(before, after, "mailflow_upstream_errors_total", upstream=upstream)
+    assert errs, (f"mailflow_upstream_errors_total{{upstream={upstream}}} did not move; all moves:\n"
+                  f"{fmt_delta(delta(before, after, 'mailflow_upstream_errors_total'))}")
+
+
+def test_verify_fails_against_foreign_ca(env):
+    check_upstream_failure(env, "out-rogue", "up-rogue", env.rogue)
+
+
+def test_required_fails_without_starttls(env):
+    check_upstream_failure(env, "out-plain", "up-plain", env.plain)

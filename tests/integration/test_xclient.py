@@ -1,0 +1,72 @@
+"""XCLIENT: with `xclient: auto` and a sink that advertises it, the real client's ADDR/PORT/HELO/PROTO reach
+the sink, and mailflowd says EHLO again with the client's own name; with `xclient: off`, or a sink that does
+not advertise it, no XCLIENT is sent and mail still flows."""
+import types
+
+import pytest
+
+import harness
+
+MESSAGE = b"From: s@example.test\r\nTo: r@dest.test\r\nSubject: xclient\r\n\r\nbody\r\n"
+
+
+@pytest.fixture(scope="module")
+def env(certs, sink_factory, daemon_factory):
+    xsink = sink_factory("xsink", xclient=True)
+    plain = sink_factory("plain")
+    routes = {"in-auto": ("x-auto", xsink, "auto"), "in-off": ("x-off", xsink, "off"),
+              "in-unadvertised": ("x-unadvertised", plain, "auto")}
+    ports = {name: harness.free_port() for name in routes}
+    daemon = daemon_factory(
+        listeners=[{"name": name, "address": f"127.0.0.1:{ports[name]}", "direction": "inbound",
+                    "tls": harness.listener_tls(certs), "upstream": up} for name, (up, _, _) in routes.items()],
+        upstreams=[{"name": up, "address": f"127.0.0.1:{sink.port}", "tls": "none", "xclient": mode}
+                   for up, sink, mode in routes.values()])
+    return types.SimpleNamespace(daemon=daemon, ports=ports, xsink=xsink, plain=plain)
+
+
+def send_from(port, source, ehlo):
+    """Raw session from `source`; returns the client's own port."""
+    c = harness.RawSmtp(port, source=source)
+    try:
+        client_port = c.sock.getsockname()[1]
+        assert c.reply()[0] == 220
+        assert c.cmd(f"EHLO {ehlo}")[0] == 250
+        assert c.cmd("MAIL FROM:<s@example.test>")[0] == 250
+        assert c.cmd("RCPT TO:<r@dest.test>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        c.send(harness.dot_stuff(MESSAGE))
+        code, text = c.cmd(".")
+        assert code == 250, text
+        c.cmd("QUIT")
+        return client_port
+    finally:
+        c.close()
+
+
+def test_xclient_attributes_reach_sink(env):
+    n = env.xsink.count()
+    client_port = send_from(env.ports["in-auto"], "127.0.0.2", "client.example.test")
+    meta, content = env.xsink.wait_messages(n + 1)[-1]
+    x = meta["xclient"]
+    assert x is not None, f"no XCLIENT reached the sink: {meta}"
+    assert x.get("ADDR") == "127.0.0.2", x
+    assert x.get("PORT") == str(client_port), x
+    assert x.get("HELO") == "client.example.test", x
+    assert x.get("PROTO") in ("ESMTP", "SMTP"), x
+    assert meta["helo"] == "client.example.test", f"EHLO after XCLIENT should carry the client's name: {meta}"
+    assert harness.split_received(content)[1] == MESSAGE
+
+
+def test_xclient_off(env):
+    n = env.xsink.count()
+    send_from(env.ports["in-off"], "127.0.0.2", "client.example.test")
+    meta, _ = env.xsink.wait_messages(n + 1)[-1]
+    assert meta["xclient"] is None, f"xclient: off, yet XCLIENT was sent: {meta['xclient']}"
+
+
+def test_xclient_not_advertised(env):
+    n = env.plain.count()
+    send_from(env.ports["in-unadvertised"], "127.0.0.2", "client.example.test")
+    meta, _ = env.plain.wait_messages(n + 1)[-1]
+    assert meta["xclient"] is None
