@@ -50,9 +50,9 @@ install(FILES ${PROJECT_SOURCE_DIR}/systemd/socket-activation.conf DESTINATION s
 install(FILES ${MAILFLOW_EXAMPLE_CONFIG} DESTINATION ${MAILFLOW_CONFDIR} RENAME mailflowd.yaml)
 # Globbed at install time: these folders fill up while the tree is configured.
 install(DIRECTORY ${PROJECT_SOURCE_DIR}/deploy/prometheus/ DESTINATION share/mailflowd/prometheus
-        FILES_MATCHING PATTERN "*.yml" PATTERN "*.yaml")
+        FILES_MATCHING PATTERN "*.yml" PATTERN "*.yaml" PATTERN tests EXCLUDE)
 install(DIRECTORY ${PROJECT_SOURCE_DIR}/deploy/alertmanager/ DESTINATION share/mailflowd/alertmanager
-        FILES_MATCHING PATTERN "*.yml" PATTERN "*.yaml")
+        FILES_MATCHING PATTERN "*.yml" PATTERN "*.yaml" PATTERN tests EXCLUDE)
 install(DIRECTORY ${PROJECT_SOURCE_DIR}/deploy/grafana/ DESTINATION share/mailflowd/grafana
         FILES_MATCHING PATTERN "*.json")
 install(DIRECTORY ${PROJECT_SOURCE_DIR}/docs/ DESTINATION share/doc/mailflowd
