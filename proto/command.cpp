@@ -169,7 +169,9 @@ std::string_view trim_spaces(std::string_view s) {
 }
 
 // MAIL FROM:/RCPT TO: argument: prefix, optional single space, path, parameters.
-ParsedCommand parse_path_command(ParsedCommand p, std::string_view arg, PathKind kind) {
+ParsedCommand parse_path_command(ParsedCommand p, PathKind kind) {
+  // A view into p's own argument: valid as long as p is not moved (only the returns move it).
+  std::string_view arg = p.command.argument;
   const std::string_view prefix = kind == PathKind::mail ? "FROM:" : "TO:";
   const char* syntax = kind == PathKind::mail ? "Syntax: MAIL FROM:<address>" : "Syntax: RCPT TO:<address>";
   if (!istarts_with(arg, prefix)) return fail(std::move(p), CommandError::syntax, syntax);
@@ -255,9 +257,9 @@ ParsedCommand parse_command(std::string_view line) {
       return p;
     }
     case Verb::mail:
-      return parse_path_command(std::move(p), arg, PathKind::mail);
+      return parse_path_command(std::move(p), PathKind::mail);
     case Verb::rcpt:
-      return parse_path_command(std::move(p), arg, PathKind::rcpt);
+      return parse_path_command(std::move(p), PathKind::rcpt);
     case Verb::data:
       if (!arg.empty()) return fail(std::move(p), CommandError::syntax, "Syntax: DATA");
       return p;

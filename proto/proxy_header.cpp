@@ -68,6 +68,7 @@ std::string binary_address(const unsigned char* bytes, int family) {
 // Can this incomplete v1 line (no LF yet) still become a valid header?
 bool v1_viable_prefix(std::string_view line) {
   std::string_view rest = line.substr(v1_prefix.size());
+  if (!rest.empty() && rest.back() == '\r') rest.remove_suffix(1);  // the CR of the coming CRLF
   const std::size_t sp = rest.find(' ');
   const std::string_view proto = rest.substr(0, sp);
   const bool proto_done = sp != std::string_view::npos;

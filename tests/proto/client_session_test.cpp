@@ -1,0 +1,245 @@
+#include "proto/client_session.hpp"
+
+#include <doctest/doctest.h>
+
+#include <string>
+#include <vector>
+
+using namespace mailflow::proto;
+using Kind = ClientSession::ActionKind;
+
+namespace {
+
+Reply reply(int code, std::vector<std::string> lines) { return Reply{code, std::move(lines)}; }
+
+const Reply banner = reply(220, {"upstream.example ESMTP Postfix"});
+const Reply ehlo_full = reply(250, {"upstream.example", "PIPELINING", "SIZE 10240000", "STARTTLS",
+                                     "XCLIENT NAME ADDR PROTO HELO PORT", "8BITMIME"});
+const Reply ehlo_after_tls = reply(250, {"upstream.example", "PIPELINING", "size 5000", "xclient ADDR"});
+const Reply ok220 = reply(220, {"2.0.0 Ready to start TLS"});
+
+ClientSession::Options options(UpstreamTlsPolicy tls, bool xclient) {
+  ClientSession::Options o;
+  o.ehlo_name = "relay.example.org";
+  o.tls = tls;
+  o.xclient_allowed = xclient;
+  o.client_address = "192.0.2.1";
+  o.client_port = 4321;
+  o.client_helo = "client.example";
+  return o;
+}
+
+}  // namespace
+
+TEST_CASE("ClientSession: full path with STARTTLS and XCLIENT") {
+  ClientSession c(options(UpstreamTlsPolicy::required, true));
+  CHECK(c.start().kind == Kind::read_reply);
+  auto a = c.on_reply(banner);
+  CHECK(a.kind == Kind::send);
+  CHECK(a.data == "EHLO relay.example.org\r\n");
+  a = c.on_reply(ehlo_full);
+  CHECK(a.kind == Kind::send);
+  CHECK(a.data == "STARTTLS\r\n");
+  a = c.on_reply(ok220);
+  CHECK(a.kind == Kind::start_tls);
+  a = c.on_tls_started();
+  CHECK(c.tls_active());
+  CHECK(a.kind == Kind::send);
+  CHECK(a.data == "EHLO relay.example.org\r\n");
+  a = c.on_reply(ehlo_after_tls);
+  CHECK(a.kind == Kind::send);
+  CHECK(a.data == "XCLIENT ADDR=192.0.2.1 PORT=4321 HELO=client.example PROTO=ESMTP\r\n");
+  a = c.on_reply(reply(220, {"upstream.example ESMTP Postfix"}));
+  CHECK(a.kind == Kind::send);
+  CHECK(a.data == "EHLO client.example\r\n");
+  a = c.on_reply(reply(250, {"upstream.example", "PIPELINING", "SIZE 777"}));
+  CHECK(a.kind == Kind::ready);
+  CHECK(c.xclient_done());
+  CHECK(c.pipelining());
+  CHECK(c.size_limit() == 777);
+  CHECK(c.tls_active());
+}
+
+TEST_CASE("ClientSession: capabilities are case-insensitive and forgotten after STARTTLS") {
+  ClientSession c(options(UpstreamTlsPolicy::opportunistic, false));
+  c.start();
+  c.on_reply(banner);
+  c.on_reply(ehlo_full);
+  CHECK(c.size_limit() == 10240000);
+  CHECK(c.pipelining());
+  c.on_reply(ok220);
+  c.on_tls_started();
+  CHECK_FALSE(c.pipelining());
+  CHECK(c.size_limit() == 0);
+  auto a = c.on_reply(ehlo_after_tls);
+  CHECK(a.kind == Kind::ready);  // XCLIENT offered but not allowed
+  CHECK(c.size_limit() == 5000);
+  CHECK(c.pipelining());
+  CHECK_FALSE(c.xclient_done());
+}
+
+TEST_CASE("ClientSession: XCLIENT values are xtext-encoded, IPv6 tagged") {
+  auto o = options(UpstreamTlsPolicy::none, true);
+  o.client_address = "2001:db8::1";
+  o.client_helo = "we+ird=name";
+  o.client_esmtp = false;
+  ClientSession c(o);
+  c.start();
+  c.on_reply(banner);
+  auto a = c.on_reply(ehlo_full);  // policy none: STARTTLS not used even though offered
+  CHECK(a.kind == Kind::send);
+  CHECK(a.data == "XCLIENT ADDR=IPV6:2001:db8::1 PORT=4321 HELO=we+2Bird+3Dname PROTO=SMTP\r\n");
+  CHECK_FALSE(c.tls_active());
+
+  o.client_address = "IPV6:2001:db8::2";
+  ClientSession d(o);
+  d.start();
+  d.on_reply(banner);
+  CHECK(d.on_reply(ehlo_full).data.find("ADDR=IPV6:2001:db8::2 ") != std::string::npos);
+}
+
+TEST_CASE("ClientSession: an error injected at each step") {
+  SUBCASE("banner refused") {
+    ClientSession c(options(UpstreamTlsPolicy::opportunistic, true));
+    c.start();
+    auto a = c.on_reply(reply(554, {"go away"}));
+    CHECK(a.kind == Kind::fail);
+    CHECK(a.reason == "greeting_rejected");
+    CHECK(a.reply.code == 554);
+    a = c.on_reply(reply(421, {"busy"}));  // (re)banner 421 also counts as greeting_rejected
+    CHECK(a.kind == Kind::fail);
+  }
+  SUBCASE("banner 421") {
+    ClientSession c(options(UpstreamTlsPolicy::opportunistic, true));
+    c.start();
+    CHECK(c.on_reply(reply(421, {"busy"})).reason == "greeting_rejected");
+  }
+  SUBCASE("EHLO 5xx falls back to HELO") {
+    ClientSession c(options(UpstreamTlsPolicy::opportunistic, true));
+    c.start();
+    c.on_reply(banner);
+    auto a = c.on_reply(reply(502, {"5.5.2 Error: command not recognized"}));
+    CHECK(a.kind == Kind::send);
+    CHECK(a.data == "HELO relay.example.org\r\n");
+    a = c.on_reply(reply(250, {"upstream.example"}));
+    CHECK(a.kind == Kind::ready);  // no extensions: no STARTTLS under opportunistic, no XCLIENT
+    CHECK_FALSE(c.tls_active());
+    CHECK_FALSE(c.pipelining());
+  }
+  SUBCASE("EHLO and HELO refused") {
+    ClientSession c(options(UpstreamTlsPolicy::opportunistic, true));
+    c.start();
+    c.on_reply(banner);
+    c.on_reply(reply(500, {"no"}));
+    auto a = c.on_reply(reply(501, {"no"}));
+    CHECK(a.kind == Kind::fail);
+    CHECK(a.reason == "ehlo_rejected");
+  }
+  SUBCASE("EHLO 4xx") {
+    ClientSession c(options(UpstreamTlsPolicy::opportunistic, true));
+    c.start();
+    c.on_reply(banner);
+    auto a = c.on_reply(reply(421, {"4.3.2 shutting down"}));
+    CHECK(a.kind == Kind::fail);
+    CHECK(a.reason == "ehlo_rejected");
+  }
+  SUBCASE("HELO fallback under required TLS: STARTTLS unavailable") {
+    ClientSession c(options(UpstreamTlsPolicy::required, true));
+    c.start();
+    c.on_reply(banner);
+    c.on_reply(reply(500, {"no"}));
+    auto a = c.on_reply(reply(250, {"upstream.example"}));
+    CHECK(a.kind == Kind::fail);
+    CHECK(a.reason == "starttls_unavailable");
+  }
+  SUBCASE("required TLS not offered") {
+    ClientSession c(options(UpstreamTlsPolicy::required, true));
+    c.start();
+    c.on_reply(banner);
+    auto a = c.on_reply(reply(250, {"upstream.example", "PIPELINING"}));
+    CHECK(a.kind == Kind::fail);
+    CHECK(a.reason == "starttls_unavailable");
+  }
+  SUBCASE("opportunistic TLS not offered: plaintext, XCLIENT still used") {
+    ClientSession c(options(UpstreamTlsPolicy::opportunistic, true));
+    c.start();
+    c.on_reply(banner);
+    auto a = c.on_reply(reply(250, {"upstream.example", "XCLIENT ADDR"}));
+    CHECK(a.kind == Kind::send);
+    CHECK(a.data.rfind("XCLIENT ", 0) == 0);
+  }
+  SUBCASE("STARTTLS refused under required") {
+    ClientSession c(options(UpstreamTlsPolicy::required, true));
+    c.start();
+    c.on_reply(banner);
+    c.on_reply(ehlo_full);
+    auto a = c.on_reply(reply(454, {"4.7.0 TLS not available"}));
+    CHECK(a.kind == Kind::fail);
+    CHECK(a.reason == "starttls_rejected");
+    CHECK(a.reply.code == 454);
+  }
+  SUBCASE("STARTTLS refused under opportunistic: go on without TLS") {
+    ClientSession c(options(UpstreamTlsPolicy::opportunistic, true));
+    c.start();
+    c.on_reply(banner);
+    c.on_reply(ehlo_full);
+    auto a = c.on_reply(reply(454, {"4.7.0 TLS not available"}));
+    CHECK(a.kind == Kind::send);
+    CHECK(a.data.rfind("XCLIENT ADDR=192.0.2.1 ", 0) == 0);
+    CHECK_FALSE(c.tls_active());
+    a = c.on_reply(reply(220, {"upstream.example ESMTP"}));
+    CHECK(a.data == "EHLO client.example\r\n");
+    a = c.on_reply(reply(250, {"upstream.example", "STARTTLS"}));
+    CHECK(a.kind == Kind::ready);  // STARTTLS is not retried
+  }
+  SUBCASE("STARTTLS refused under opportunistic, no XCLIENT allowed: ready") {
+    ClientSession c(options(UpstreamTlsPolicy::opportunistic, false));
+    c.start();
+    c.on_reply(banner);
+    c.on_reply(ehlo_full);
+    CHECK(c.on_reply(reply(502, {"no"})).kind == Kind::ready);
+  }
+  SUBCASE("EHLO after TLS refused") {
+    ClientSession c(options(UpstreamTlsPolicy::required, true));
+    c.start();
+    c.on_reply(banner);
+    c.on_reply(ehlo_full);
+    c.on_reply(ok220);
+    c.on_tls_started();
+    auto a = c.on_reply(reply(421, {"bye"}));
+    CHECK(a.kind == Kind::fail);
+    CHECK(a.reason == "ehlo_rejected");
+  }
+  SUBCASE("XCLIENT refused: ready without it") {
+    ClientSession c(options(UpstreamTlsPolicy::none, true));
+    c.start();
+    c.on_reply(banner);
+    c.on_reply(ehlo_full);
+    auto a = c.on_reply(reply(550, {"5.7.0 insufficient authorization"}));
+    CHECK(a.kind == Kind::ready);
+    CHECK_FALSE(c.xclient_done());
+    CHECK(c.size_limit() == 10240000);
+  }
+  SUBCASE("EHLO after XCLIENT refused: HELO with the client's name") {
+    ClientSession c(options(UpstreamTlsPolicy::none, true));
+    c.start();
+    c.on_reply(banner);
+    c.on_reply(ehlo_full);
+    c.on_reply(reply(220, {"ok"}));
+    auto a = c.on_reply(reply(502, {"no"}));
+    CHECK(a.kind == Kind::send);
+    CHECK(a.data == "HELO client.example\r\n");
+    a = c.on_reply(reply(250, {"ok"}));
+    CHECK(a.kind == Kind::ready);
+    CHECK(c.xclient_done());
+  }
+  SUBCASE("a reply after ready is a protocol error") {
+    ClientSession c(options(UpstreamTlsPolicy::none, false));
+    c.start();
+    c.on_reply(banner);
+    CHECK(c.on_reply(reply(250, {"x"})).kind == Kind::ready);
+    auto a = c.on_reply(reply(250, {"x"}));
+    CHECK(a.kind == Kind::fail);
+    CHECK(a.reason == "protocol");
+  }
+}

@@ -1,0 +1,142 @@
+#include "proto/reply.hpp"
+
+#include <doctest/doctest.h>
+
+#include <string>
+#include <vector>
+
+#include "split_helpers.hpp"
+
+using namespace mailflow::proto;
+using mailflow::test::printable;
+using mailflow::test::splits_of;
+
+namespace {
+
+// What a reader loop sees: each complete reply as "CODE|line|line", or "invalid", and whatever stays unread.
+struct ReaderResult {
+  std::vector<std::string> replies;
+  std::string rest;
+  bool operator==(const ReaderResult&) const = default;
+};
+
+std::string describe(const Reply& r) {
+  std::string s = std::to_string(r.code);
+  for (const auto& l : r.lines) s += "|" + l;
+  return s;
+}
+
+ReaderResult read_replies(const std::vector<std::string>& chunks) {
+  ReaderResult out;
+  std::string buf;
+  for (const auto& chunk : chunks) {
+    buf += chunk;
+    while (true) {
+      ReplyParseResult r = parse_reply(buf);
+      if (r.status == ReplyStatus::incomplete) break;
+      if (r.status == ReplyStatus::invalid) {
+        CHECK_FALSE(r.error.empty());
+        out.replies.push_back("invalid");
+        out.rest = "<stopped>";
+        return out;
+      }
+      REQUIRE(r.consumed > 0);
+      REQUIRE(r.consumed <= buf.size());
+      out.replies.push_back(describe(r.reply));
+      buf.erase(0, r.consumed);
+    }
+  }
+  out.rest = buf;
+  return out;
+}
+
+void check_every_split(const std::string& input, const ReaderResult& expected) {
+  for (const auto& chunks : splits_of(input)) {
+    INFO("input: " << printable(input) << " pieces: " << chunks.size() << " first: " << printable(chunks[0]));
+    CHECK(read_replies(chunks) == expected);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("format_reply writes wire form") {
+  CHECK(format_reply(250, "2.0.0", "Ok") == "250 2.0.0 Ok\r\n");
+  CHECK(format_reply(220, "", "mx ESMTP") == "220 mx ESMTP\r\n");
+  Reply r{250, {"mx1.example.org", "PIPELINING", "SIZE 10"}};
+  CHECK(format_reply(r) == "250-mx1.example.org\r\n250-PIPELINING\r\n250 SIZE 10\r\n");
+  CHECK(format_reply(Reply{354, {}}) == "354 \r\n");
+}
+
+TEST_CASE("format_reply never lets text break a line") {
+  CHECK(format_reply(550, "5.7.1", "evil\r\n250 ok") == "550 5.7.1 evil  250 ok\r\n");
+  CHECK(format_reply(Reply{451, {"a\nb", "c\rd"}}) == "451-a b\r\n451 c d\r\n");
+}
+
+TEST_CASE("format_reply and parse_reply agree") {
+  Reply r{250, {"mx", "PIPELINING", "", "8BITMIME"}};
+  const std::string wire = format_reply(r);
+  auto parsed = parse_reply(wire);
+  REQUIRE(parsed.status == ReplyStatus::complete);
+  CHECK(parsed.consumed == wire.size());
+  CHECK(parsed.reply.code == 250);
+  CHECK(parsed.reply.lines == r.lines);
+}
+
+TEST_CASE("parse_reply: complete replies at every split") {
+  check_every_split("220 mx ESMTP\r\n", {{"220|mx ESMTP"}, ""});
+  check_every_split("250-mx\r\n250-PIPELINING\r\n250 SIZE 100\r\n",
+                    {{"250|mx|PIPELINING|SIZE 100"}, ""});
+  check_every_split("250\r\n", {{"250|"}, ""});
+  check_every_split("250-\r\n250 \r\n", {{"250||"}, ""});
+  // Bare LF is tolerated from upstreams.
+  check_every_split("250-a\n250 b\n", {{"250|a|b"}, ""});
+  // Pipelined replies come out one by one; a partial one stays unread.
+  check_every_split("250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 End data\r\n25",
+                    {{"250|2.1.0 Ok", "250|2.1.5 Ok", "354|End data"}, "25"});
+  // A CR inside the text stays text (format_reply cleans it when relayed).
+  check_every_split("250 a\rb\r\n", {{"250|a\rb"}, ""});
+}
+
+TEST_CASE("parse_reply: invalid input at every split") {
+  check_every_split("hello\r\n", {{"invalid"}, "<stopped>"});
+  check_every_split("25x ok\r\n", {{"invalid"}, "<stopped>"});
+  check_every_split("250_ok\r\n", {{"invalid"}, "<stopped>"});
+  check_every_split("25\r\n", {{"invalid"}, "<stopped>"});
+  check_every_split("250-a\r\n251 b\r\n", {{"invalid"}, "<stopped>"});
+  check_every_split("250 ok\r\nxyz\r\n", {{"250|ok", "invalid"}, "<stopped>"});
+  check_every_split("250\r0\r\n", {{"invalid"}, "<stopped>"});
+}
+
+TEST_CASE("parse_reply: garbage is refused before a newline arrives") {
+  CHECK(parse_reply("H").status == ReplyStatus::invalid);
+  CHECK(parse_reply("2").status == ReplyStatus::incomplete);
+  CHECK(parse_reply("250").status == ReplyStatus::incomplete);
+  CHECK(parse_reply("250x").status == ReplyStatus::invalid);
+  CHECK(parse_reply("").status == ReplyStatus::incomplete);
+}
+
+TEST_CASE("parse_reply: limits") {
+  // 2048 octets per line including CRLF is the limit.
+  std::string ok = "250 " + std::string(2048 - 6, 'a') + "\r\n";
+  REQUIRE(ok.size() == 2048);
+  CHECK(parse_reply(ok).status == ReplyStatus::complete);
+  std::string too_long = "250 " + std::string(2048 - 5, 'a') + "\r\n";
+  CHECK(parse_reply(too_long).status == ReplyStatus::invalid);
+  // Without a newline: incomplete until the line can no longer fit.
+  CHECK(parse_reply(std::string_view(too_long).substr(0, 2047)).status == ReplyStatus::incomplete);
+  CHECK(parse_reply(std::string_view(too_long).substr(0, 2048)).status == ReplyStatus::invalid);
+
+  std::string hundred;
+  for (int i = 0; i < 99; ++i) hundred += "250-x\r\n";
+  CHECK(parse_reply(hundred + "250 x\r\n").status == ReplyStatus::complete);
+  CHECK(parse_reply(hundred + "250 x\r\n").reply.lines.size() == 100);
+  CHECK(parse_reply(hundred + "250-x\r\n250 x\r\n").status == ReplyStatus::invalid);
+  CHECK(parse_reply(hundred + "250-x\r\n").status == ReplyStatus::invalid);
+}
+
+TEST_CASE("Reply classification") {
+  CHECK(Reply{250, {}}.positive());
+  CHECK(Reply{421, {}}.transient());
+  CHECK(Reply{554, {}}.permanent());
+  CHECK_FALSE(Reply{354, {}}.positive());
+}

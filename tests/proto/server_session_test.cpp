@@ -1,0 +1,342 @@
+#include "proto/server_session.hpp"
+
+#include <doctest/doctest.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "split_helpers.hpp"
+
+using namespace mailflow::proto;
+using mailflow::test::printable;
+using Kind = ServerSession::ActionKind;
+using State = ServerSession::State;
+
+namespace {
+
+ServerSession::Options opts() {
+  ServerSession::Options o;
+  o.hostname = "mx.example.org";
+  o.starttls_available = true;
+  o.max_message_size = 1000;
+  o.max_recipients = 2;
+  o.max_bad_commands = 20;
+  return o;
+}
+
+// One line of a scripted conversation: what the client says, what the session must do, and (for the upstream
+// steps) what the upstream answered.
+struct Turn {
+  std::string line;
+  Kind kind;
+  std::string reply_prefix;  // the reply must start with this ("" when the action has no local reply)
+  std::string reason;        // expected reject_reason ("" for none)
+  std::optional<int> upstream = std::nullopt;
+  State after = State::ready;
+};
+
+void play(ServerSession& s, const Turn& t) {
+  INFO("line: " << t.line);
+  const auto a = s.on_line(t.line);
+  CHECK(a.kind == t.kind);
+  CHECK_MESSAGE(a.reply.rfind(t.reply_prefix, 0) == 0, "reply: ", printable(a.reply));
+  if (t.reply_prefix.empty()) CHECK(a.reply.empty());
+  CHECK(a.reject_reason == t.reason);
+  if (!a.reply.empty()) {
+    CHECK(a.reply.size() >= 2);
+    CHECK(a.reply.substr(a.reply.size() - 2) == "\r\n");
+  }
+  switch (a.kind) {
+    case Kind::begin_mail:
+      REQUIRE(t.upstream.has_value());
+      s.on_mail_reply(*t.upstream);
+      break;
+    case Kind::forward_rcpt:
+      REQUIRE(t.upstream.has_value());
+      s.on_rcpt_reply(*t.upstream);
+      break;
+    case Kind::begin_data:
+      s.on_data_finished();
+      break;
+    case Kind::start_tls:
+      s.on_tls_started();
+      break;
+    default:
+      break;
+  }
+  CHECK(s.state() == t.after);
+}
+
+const std::string ehlo_reply =
+    "250-mx.example.org\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n"
+    "250 STARTTLS\r\n";
+
+std::vector<Turn> happy_path() {
+  return {
+      {"EHLO client.example", Kind::reply, ehlo_reply, "", {}, State::ready},
+      {"MAIL FROM:<a@b.example> SIZE=100", Kind::begin_mail, "", "", 250, State::mail},
+      {"RCPT TO:<c@d.example>", Kind::forward_rcpt, "", "", 250, State::rcpt},
+      {"RCPT TO:<e@d.example>", Kind::forward_rcpt, "", "", 550, State::rcpt},
+      {"DATA", Kind::begin_data, "", "", {}, State::ready},
+      {"MAIL FROM:<>", Kind::begin_mail, "", "", 250, State::mail},
+      {"RSET", Kind::reset, "250 2.0.0 Ok\r\n", "", {}, State::ready},
+      {"QUIT", Kind::close, "221 2.0.0 Bye\r\n", "", {}, State::closed},
+  };
+}
+
+// Commands that are refused in any open state and change nothing.
+struct Injection {
+  std::string line;
+  std::string reply_prefix;
+  std::string reason;
+};
+const std::vector<Injection> injections = {
+    {"FOO", "500 5.5.2 ", "unrecognized_command"},
+    {"", "500 5.5.2 ", "unrecognized_command"},
+    {std::string("NO\0OP", 5), "500 5.5.2 ", "bad_bytes"},
+    {"NOOP \xff", "500 5.5.2 ", "bad_bytes"},
+    {"VRFY root", "502 5.5.1 ", "vrfy_disabled"},
+    {"EXPN staff", "502 5.5.1 ", "vrfy_disabled"},
+    {"AUTH PLAIN AGFhAGI=", "502 5.5.1 ", "not_implemented"},
+    {"BDAT 10 LAST", "502 5.5.1 ", "not_implemented"},
+    {"EHLO", "501 5.5.4 ", "syntax_error"},
+};
+
+}  // namespace
+
+TEST_CASE("ServerSession: banner") {
+  ServerSession s(opts());
+  CHECK(s.banner() == "220 mx.example.org ESMTP mailflowd\r\n");
+  CHECK(s.state() == State::need_helo);
+}
+
+TEST_CASE("ServerSession: the happy path") {
+  ServerSession s(opts());
+  for (const auto& t : happy_path()) play(s, t);
+  CHECK(s.bad_commands() == 0);
+}
+
+TEST_CASE("ServerSession: an error injected before each step changes nothing but the error count") {
+  const auto script = happy_path();
+  for (std::size_t at = 0; at < script.size(); ++at) {
+    for (const auto& inj : injections) {
+      CAPTURE(at);
+      INFO("injected: " << printable(inj.line));
+      ServerSession s(opts());
+      for (std::size_t i = 0; i < script.size(); ++i) {
+        if (i == at) {
+          const State before = s.state();
+          const auto a = s.on_line(inj.line);
+          CHECK(a.kind == Kind::reply);
+          CHECK_MESSAGE(a.reply.rfind(inj.reply_prefix, 0) == 0, printable(a.reply));
+          CHECK(a.reject_reason == inj.reason);
+          CHECK(s.state() == before);
+          CHECK(s.bad_commands() == 1);
+        }
+        play(s, script[i]);
+      }
+    }
+  }
+}
+
+TEST_CASE("ServerSession: framing errors injected at each step") {
+  const auto script = happy_path();
+  for (std::size_t at = 0; at < script.size(); ++at) {
+    ServerSession s(opts());
+    for (std::size_t i = 0; i < script.size(); ++i) {
+      if (i == at) {
+        auto a = s.on_framing_error(CommandFramer::Kind::too_long);
+        CHECK(a.kind == Kind::reply);
+        CHECK(a.reply == "500 5.5.2 Line too long\r\n");
+        CHECK(a.reject_reason == "line_too_long");
+        a = s.on_framing_error(CommandFramer::Kind::bad_newline);
+        CHECK(a.kind == Kind::reply);
+        CHECK(a.reply.rfind("500 5.5.2 ", 0) == 0);
+        CHECK(a.reply.find("bare CR or LF") != std::string::npos);
+        CHECK(a.reject_reason == "bare_newline_command");
+        CHECK(s.bad_commands() == 2);
+      }
+      play(s, script[i]);
+    }
+  }
+}
+
+TEST_CASE("ServerSession: upstream refusals injected at each upstream step") {
+  SUBCASE("MAIL refused upstream: no transaction") {
+    ServerSession s(opts());
+    play(s, {"EHLO c", Kind::reply, "250-", "", {}, State::ready});
+    play(s, {"MAIL FROM:<a@b.example>", Kind::begin_mail, "", "", 451, State::ready});
+    play(s, {"RCPT TO:<c@d.example>", Kind::reply, "503 5.5.1 Error: need MAIL command", "bad_sequence", {},
+             State::ready});
+    play(s, {"MAIL FROM:<a@b.example>", Kind::begin_mail, "", "", 250, State::mail});
+  }
+  SUBCASE("every RCPT refused upstream: DATA gets 554 no valid recipients") {
+    ServerSession s(opts());
+    play(s, {"EHLO c", Kind::reply, "250-", "", {}, State::ready});
+    play(s, {"MAIL FROM:<a@b.example>", Kind::begin_mail, "", "", 250, State::mail});
+    play(s, {"RCPT TO:<c@d.example>", Kind::forward_rcpt, "", "", 550, State::mail});
+    play(s, {"DATA", Kind::reply, "554 5.5.1 Error: no valid recipients", "no_valid_recipients", {},
+             State::mail});
+    CHECK(s.accepted_recipients() == 0);
+    play(s, {"RCPT TO:<c@d.example>", Kind::forward_rcpt, "", "", 250, State::rcpt});
+    CHECK(s.accepted_recipients() == 1);
+    play(s, {"DATA", Kind::begin_data, "", "", {}, State::ready});
+  }
+  SUBCASE("upstream lost mid-transaction") {
+    ServerSession s(opts());
+    play(s, {"EHLO c", Kind::reply, "250-", "", {}, State::ready});
+    play(s, {"MAIL FROM:<a@b.example>", Kind::begin_mail, "", "", 250, State::mail});
+    play(s, {"RCPT TO:<c@d.example>", Kind::forward_rcpt, "", "", 250, State::rcpt});
+    s.on_transaction_aborted();
+    CHECK(s.state() == State::ready);
+    CHECK(s.accepted_recipients() == 0);
+    play(s, {"DATA", Kind::reply, "503 5.5.1 Error: need RCPT command", "bad_sequence", {}, State::ready});
+  }
+}
+
+TEST_CASE("ServerSession: sequencing") {
+  ServerSession s(opts());
+  play(s, {"MAIL FROM:<a@b.example>", Kind::reply, "503 5.5.1 Error: send HELO/EHLO first", "bad_sequence", {},
+           State::need_helo});
+  play(s, {"RCPT TO:<c@d.example>", Kind::reply, "503 5.5.1 Error: need MAIL command", "bad_sequence", {},
+           State::need_helo});
+  play(s, {"DATA", Kind::reply, "503 5.5.1 Error: need RCPT command", "bad_sequence", {}, State::need_helo});
+  play(s, {"NOOP", Kind::reply, "250 2.0.0 Ok\r\n", "", {}, State::need_helo});
+  play(s, {"RSET", Kind::reset, "250 2.0.0 Ok\r\n", "", {}, State::need_helo});
+  play(s, {"HELP", Kind::reply, "214 2.0.0 ", "", {}, State::need_helo});
+  play(s, {"HELO client", Kind::reply, "250 mx.example.org\r\n", "", {}, State::ready});
+  CHECK_FALSE(s.esmtp());
+  CHECK(s.helo_name() == "client");
+  play(s, {"RCPT TO:<c@d.example>", Kind::reply, "503 5.5.1 Error: need MAIL command", "bad_sequence", {},
+           State::ready});
+  play(s, {"DATA", Kind::reply, "503 5.5.1 Error: need RCPT command", "bad_sequence", {}, State::ready});
+  play(s, {"MAIL FROM:<a@b.example>", Kind::begin_mail, "", "", 250, State::mail});
+  CHECK(s.last_command().address == "a@b.example");
+  play(s, {"MAIL FROM:<a@b.example>", Kind::reply, "503 5.5.1 Error: nested MAIL command", "bad_sequence", {},
+           State::mail});
+  play(s, {"RCPT TO:<c@d.example>", Kind::forward_rcpt, "", "", 250, State::rcpt});
+  play(s, {"MAIL FROM:<a@b.example>", Kind::reply, "503 5.5.1 Error: nested MAIL command", "bad_sequence", {},
+           State::rcpt});
+  CHECK(s.bad_commands() == 7);
+}
+
+TEST_CASE("ServerSession: EHLO/HELO inside a transaction resets it") {
+  ServerSession s(opts());
+  play(s, {"EHLO c", Kind::reply, ehlo_reply, "", {}, State::ready});
+  CHECK(s.esmtp());
+  play(s, {"MAIL FROM:<a@b.example>", Kind::begin_mail, "", "", 250, State::mail});
+  play(s, {"RCPT TO:<c@d.example>", Kind::forward_rcpt, "", "", 250, State::rcpt});
+  play(s, {"HELO again", Kind::reset, "250 mx.example.org\r\n", "", {}, State::ready});
+  CHECK(s.accepted_recipients() == 0);
+  CHECK_FALSE(s.esmtp());
+  CHECK(s.helo_name() == "again");
+  play(s, {"EHLO third", Kind::reply, "250-mx.example.org\r\n", "", {}, State::ready});
+}
+
+TEST_CASE("ServerSession: argument errors") {
+  ServerSession s(opts());
+  play(s, {"EHLO c", Kind::reply, "250-", "", {}, State::ready});
+  play(s, {"MAIL TO:<a@b.example>", Kind::reply, "501 5.5.4 ", "syntax_error", {}, State::ready});
+  play(s, {"MAIL FROM:<a b@c>", Kind::reply, "501 5.1.7 ", "bad_address", {}, State::ready});
+  play(s, {"MAIL FROM:<a@b.example> FOO=1", Kind::reply, "555 5.5.4 ", "unknown_parameter", {}, State::ready});
+  play(s, {"MAIL FROM:<a@b.example> SIZE=1001", Kind::reply, "552 5.3.4 ", "message_too_big", {}, State::ready});
+  play(s, {"MAIL FROM:<a@b.example> SIZE=1000", Kind::begin_mail, "", "", 250, State::mail});
+  CHECK(s.last_command().size == 1000);
+  play(s, {"RCPT TO:<>", Kind::reply, "501 5.1.3 ", "bad_address", {}, State::mail});
+  play(s, {"RCPT TO:<x@y.example> NOTIFY=NEVER", Kind::reply, "555 5.5.4 ", "unknown_parameter", {},
+           State::mail});
+  play(s, {"DATA x", Kind::reply, "554 5.5.1 ", "no_valid_recipients", {}, State::mail});
+  play(s, {"RCPT TO:<x@y.example>", Kind::forward_rcpt, "", "", 250, State::rcpt});
+  play(s, {"DATA x", Kind::reply, "501 5.5.4 Syntax: DATA", "syntax_error", {}, State::rcpt});
+  play(s, {"RSET x", Kind::reply, "501 5.5.4 Syntax: RSET", "syntax_error", {}, State::rcpt});
+  play(s, {"QUIT now", Kind::close, "221 2.0.0 ", "", {}, State::closed});
+}
+
+TEST_CASE("ServerSession: max_recipients gives 452 for each extra RCPT") {
+  ServerSession s(opts());
+  play(s, {"EHLO c", Kind::reply, "250-", "", {}, State::ready});
+  play(s, {"MAIL FROM:<a@b.example>", Kind::begin_mail, "", "", 250, State::mail});
+  play(s, {"RCPT TO:<1@d.example>", Kind::forward_rcpt, "", "", 250, State::rcpt});
+  play(s, {"RCPT TO:<2@d.example>", Kind::forward_rcpt, "", "", 250, State::rcpt});
+  play(s, {"RCPT TO:<3@d.example>", Kind::reply, "452 4.5.3 Error: too many recipients", "too_many_recipients",
+           {}, State::rcpt});
+  play(s, {"RCPT TO:<4@d.example>", Kind::reply, "452 4.5.3 ", "too_many_recipients", {}, State::rcpt});
+  CHECK(s.bad_commands() == 0);  // 4xx are not errors of the client's making
+  play(s, {"DATA", Kind::begin_data, "", "", {}, State::ready});
+  // A new transaction starts from zero.
+  play(s, {"MAIL FROM:<a@b.example>", Kind::begin_mail, "", "", 250, State::mail});
+  play(s, {"RCPT TO:<1@d.example>", Kind::forward_rcpt, "", "", 250, State::rcpt});
+}
+
+TEST_CASE("ServerSession: STARTTLS") {
+  SUBCASE("the normal upgrade, then a new EHLO is required and STARTTLS is no longer offered") {
+    ServerSession s(opts());
+    play(s, {"EHLO c", Kind::reply, ehlo_reply, "", {}, State::ready});
+    play(s, {"STARTTLS", Kind::start_tls, "220 2.0.0 Ready to start TLS\r\n", "", {}, State::need_helo});
+    CHECK(s.tls_active());
+    play(s, {"MAIL FROM:<a@b.example>", Kind::reply, "503 5.5.1 Error: send HELO/EHLO first", "bad_sequence",
+             {}, State::need_helo});
+    play(s, {"EHLO c", Kind::reply, "250-mx.example.org\r\n", "", {}, State::ready});
+    const auto a = s.on_line("EHLO c");
+    CHECK(a.reply.find("STARTTLS") == std::string::npos);
+    CHECK(a.reply.find("250 ENHANCEDSTATUSCODES\r\n") != std::string::npos);
+    play(s, {"STARTTLS", Kind::reply, "503 5.5.1 ", "starttls_twice", {}, State::ready});
+  }
+  SUBCASE("not available") {
+    auto o = opts();
+    o.starttls_available = false;
+    ServerSession s(o);
+    const auto a = s.on_line("EHLO c");
+    CHECK(a.reply.find("STARTTLS") == std::string::npos);
+    play(s, {"STARTTLS", Kind::reply, "502 5.5.1 ", "starttls_unavailable", {}, State::ready});
+    play(s, {"STARTTLS x", Kind::reply, "502 5.5.1 ", "starttls_unavailable", {}, State::ready});
+  }
+  SUBCASE("with an argument, or inside a transaction") {
+    ServerSession s(opts());
+    play(s, {"EHLO c", Kind::reply, "250-", "", {}, State::ready});
+    play(s, {"STARTTLS now", Kind::reply, "501 5.5.4 ", "syntax_error", {}, State::ready});
+    play(s, {"MAIL FROM:<a@b.example>", Kind::begin_mail, "", "", 250, State::mail});
+    play(s, {"STARTTLS", Kind::reply, "503 5.5.1 ", "bad_sequence", {}, State::mail});
+    CHECK_FALSE(s.tls_active());
+  }
+  SUBCASE("before EHLO is accepted too (RFC 3207 leaves it to the server)") {
+    ServerSession s(opts());
+    play(s, {"STARTTLS", Kind::start_tls, "220 2.0.0 ", "", {}, State::need_helo});
+  }
+}
+
+TEST_CASE("ServerSession: max_bad_commands ends the session with 421") {
+  auto o = opts();
+  o.max_bad_commands = 3;
+  ServerSession s(o);
+  play(s, {"FOO", Kind::reply, "500 5.5.2 ", "unrecognized_command", {}, State::need_helo});
+  play(s, {"MAIL FROM:<a@b.example>", Kind::reply, "503 5.5.1 ", "bad_sequence", {}, State::need_helo});
+  CHECK(s.bad_commands() == 2);
+  const auto a = s.on_framing_error(CommandFramer::Kind::too_long);
+  CHECK(a.kind == Kind::close);
+  CHECK(a.reply == "421 4.7.0 mx.example.org Error: too many errors\r\n");
+  CHECK(a.reject_reason == "too_many_bad_commands");
+  CHECK(s.state() == State::closed);
+  const auto after = s.on_line("NOOP");
+  CHECK(after.kind == Kind::close);
+  CHECK(after.reply.rfind("421 ", 0) == 0);
+}
+
+TEST_CASE("ServerSession: a pipelining daemon gets the same answers") {
+  // MAIL, RCPT, DATA processed before the upstream answered MAIL/RCPT.
+  ServerSession s(opts());
+  s.on_line("EHLO c");
+  CHECK(s.on_line("MAIL FROM:<a@b.example>").kind == Kind::begin_mail);
+  CHECK(s.on_line("RCPT TO:<c@d.example>").kind == Kind::forward_rcpt);
+  CHECK(s.on_line("RCPT TO:<e@d.example>").kind == Kind::forward_rcpt);
+  CHECK(s.on_line("RCPT TO:<f@d.example>").kind == Kind::reply);  // over max_recipients (2)
+  CHECK(s.on_line("DATA").kind == Kind::begin_data);
+  s.on_mail_reply(250);
+  s.on_rcpt_reply(250);
+  s.on_rcpt_reply(550);
+  CHECK(s.state() == State::rcpt);
+  CHECK(s.accepted_recipients() == 1);
+  s.on_data_finished();
+  CHECK(s.state() == State::ready);
+}
