@@ -1,0 +1,982 @@
+#include "daemon/relay_session.hpp"
+
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/connect.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/redirect_error.hpp>
+#include <boost/asio/ssl/context.hpp>
+#include <boost/asio/ssl/error.hpp>
+#include <boost/asio/ssl/stream.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <boost/asio/write.hpp>
+#include <openssl/ssl.h>
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <chrono>
+#include <ctime>
+#include <optional>
+#include <random>
+
+#include "daemon/connector_match.hpp"
+#include "daemon/log.hpp"
+#include "daemon/telemetry.hpp"
+#include "proto/client_session.hpp"
+#include "proto/data_filter.hpp"
+#include "proto/line_framer.hpp"
+#include "proto/proxy_header.hpp"
+#include "proto/reply.hpp"
+#include "proto/server_session.hpp"
+
+namespace mailflow {
+
+namespace asio = boost::asio;
+using tcp = asio::ip::tcp;
+using boost::system::error_code;
+using SteadyClock = std::chrono::steady_clock;
+
+namespace {
+
+constexpr std::size_t command_read_chunk = 4096;
+constexpr std::size_t data_read_chunk = 65536;
+// A DATA "block": the client must deliver this much (or the end of the message) within timeouts.data_block,
+// so a byte every few seconds cannot keep a session alive forever.
+constexpr std::size_t data_block_size = 65536;
+constexpr auto proxy_header_timeout = std::chrono::seconds(5);
+constexpr auto goodbye_timeout = std::chrono::seconds(5);
+
+constexpr auto use_awaitable = asio::use_awaitable;
+auto with(error_code& ec) { return asio::redirect_error(use_awaitable, ec); }
+
+std::array<std::uint8_t, 16> mapped_bytes(const asio::ip::address& address) {
+  if (address.is_v4()) return asio::ip::make_address_v6(asio::ip::v4_mapped, address.to_v4()).to_bytes();
+  return address.to_v6().to_bytes();
+}
+
+std::string address_text(const asio::ip::address& address) {
+  if (address.is_v6() && address.to_v6().is_v4_mapped())
+    return asio::ip::make_address_v4(asio::ip::v4_mapped, address.to_v6()).to_string();
+  return address.to_string();
+}
+
+std::string rfc5322_date() {
+  std::time_t now = std::time(nullptr);
+  std::tm tm{};
+  gmtime_r(&now, &tm);
+  char buffer[64];
+  std::strftime(buffer, sizeof buffer, "%a, %d %b %Y %H:%M:%S +0000", &tm);
+  return buffer;
+}
+
+std::string new_session_id() {
+  thread_local std::mt19937_64 random{std::random_device{}()};
+  char buffer[17];
+  std::snprintf(buffer, sizeof buffer, "%016llx", static_cast<unsigned long long>(random()));
+  return buffer;
+}
+
+// One side of the relay: a TCP connection that may become TLS half-way (STARTTLS). The TLS stream is only
+// allocated when the handshake starts, so a plaintext session costs no TLS buffers.
+class Link {
+ public:
+  explicit Link(tcp::socket socket) : socket_(std::move(socket)) {}
+
+  tcp::socket& socket() { return socket_; }
+  const TlsInfo& tls() const { return tls_info_; }
+  bool tls_active() const { return tls_ != nullptr; }
+
+  asio::awaitable<std::size_t> read_some(std::string& buffer, std::size_t max, error_code& ec) {
+    const std::size_t old_size = buffer.size();
+    buffer.resize(old_size + max);
+    auto target = asio::buffer(buffer.data() + old_size, max);
+    std::size_t n = tls_ ? co_await tls_->async_read_some(target, with(ec))
+                         : co_await socket_.async_read_some(target, with(ec));
+    buffer.resize(old_size + n);
+    co_return n;
+  }
+
+  asio::awaitable<void> write(std::string_view data, error_code& ec) {
+    if (tls_)
+      co_await asio::async_write(*tls_, asio::buffer(data), with(ec));
+    else
+      co_await asio::async_write(socket_, asio::buffer(data), with(ec));
+  }
+
+  // `peer_name`: SNI and, with `verify`, the name the certificate must match (client side only).
+  asio::awaitable<void> handshake(SSL_CTX* context, asio::ssl::stream_base::handshake_type type,
+                                  const std::string& peer_name, bool verify, error_code& ec) {
+    SSL_CTX_up_ref(context);  // the wrapper below owns one reference; the SSL object takes its own
+    asio::ssl::context wrapper(context);
+    tls_ = std::make_unique<asio::ssl::stream<tcp::socket&>>(socket_, wrapper);
+    SSL* ssl = tls_->native_handle();
+    if (type == asio::ssl::stream_base::client && !peer_name.empty()) {
+      error_code parse_error;
+      asio::ip::make_address(peer_name, parse_error);
+      if (parse_error) SSL_set_tlsext_host_name(ssl, peer_name.c_str());
+      if (verify) SSL_set1_host(ssl, peer_name.c_str());
+    }
+    co_await tls_->async_handshake(type, with(ec));
+    if (!ec) tls_info_ = tls_info(ssl);
+  }
+
+  void cancel() {
+    error_code ignored;
+    socket_.cancel(ignored);
+  }
+  void close() {
+    error_code ignored;
+    socket_.shutdown(tcp::socket::shutdown_both, ignored);
+    socket_.close(ignored);
+  }
+
+ private:
+  tcp::socket socket_;
+  std::unique_ptr<asio::ssl::stream<tcp::socket&>> tls_;
+  TlsInfo tls_info_;
+};
+
+struct Upstream {
+  const config::Upstream* config = nullptr;
+  std::unique_ptr<Link> link;
+  std::string in;
+  bool in_transaction = false;
+};
+
+const char* const upstream_lost_reply = "451 4.4.2 Upstream connection lost, try again later\r\n";
+const char* const upstream_unavailable_reply = "451 4.4.1 Upstream unavailable, try again later\r\n";
+
+}  // namespace
+
+class RelaySession : public std::enable_shared_from_this<RelaySession> {
+ public:
+  RelaySession(tcp::socket socket, std::shared_ptr<const Runtime> runtime, const config::Listener& listener,
+               SessionRegistry& registry)
+      : runtime_(std::move(runtime)),
+        config_(*runtime_->config),
+        listener_(listener),
+        registry_(registry),
+        telemetry_(registry.telemetry()),
+        client_(std::move(socket)),
+        timer_(client_.socket().get_executor()),
+        session_(server_options()),
+        id_(new_session_id()) {}
+
+  asio::awaitable<void> run();
+
+  // Thread-safe: executed on the session's strand.
+  void notify_drain() {
+    asio::post(client_.socket().get_executor(), [self = shared_from_this()] {
+      if (self->idle_) self->client_.cancel();
+    });
+  }
+  void force_close() {
+    asio::post(client_.socket().get_executor(), [self = shared_from_this()] {
+      self->client_.close();
+      if (self->upstream_.link) self->upstream_.link->close();
+    });
+  }
+
+ private:
+  proto::ServerSession::Options server_options() const {
+    proto::ServerSession::Options options;
+    options.hostname = config_.hostname;
+    options.starttls_available = listener_.tls.has_value();
+    options.max_message_size = config_.limits.max_message_size;
+    options.max_recipients = config_.limits.max_recipients;
+    options.max_bad_commands = config_.limits.max_bad_commands;
+    return options;
+  }
+
+  asio::awaitable<void> watchdog();
+  void set_deadline(SteadyClock::duration timeout);
+  bool take_timeout() { return std::exchange(timed_out_, false); }
+
+  asio::awaitable<void> serve();
+  asio::awaitable<void> finish();
+  asio::awaitable<bool> read_proxy_header();
+  asio::awaitable<bool> greet_pause();
+  asio::awaitable<bool> next_line(std::string& line);
+  asio::awaitable<void> perform(const proto::ServerSession::Action& action);
+  asio::awaitable<bool> flush();
+  asio::awaitable<void> say_goodbye(std::string_view reply, std::string_view result);
+  asio::awaitable<void> start_tls();
+  asio::awaitable<void> begin_mail();
+  asio::awaitable<void> forward_rcpt();
+  asio::awaitable<void> relay_data();
+
+  asio::awaitable<bool> ensure_upstream(const std::string& name);
+  asio::awaitable<std::optional<proto::Reply>> upstream_command(std::string_view line);
+  asio::awaitable<std::optional<proto::Reply>> read_upstream_reply(SteadyClock::duration timeout);
+  asio::awaitable<void> reset_upstream_transaction();
+  asio::awaitable<void> close_upstream(bool polite);
+  void upstream_failed(std::string_view reason);
+
+  void count_reject(std::string_view reason);
+  std::string received_header() const;
+  proto::TlsVersion counted_version() const;
+
+  std::shared_ptr<const Runtime> runtime_;
+  const config::Config& config_;
+  const config::Listener& listener_;
+  SessionRegistry& registry_;
+  Telemetry& telemetry_;
+  Link client_;
+  asio::steady_timer timer_;
+  proto::ServerSession session_;
+  proto::CommandFramer framer_;
+  Upstream upstream_;
+
+  std::string id_;
+  std::string client_in_;
+  std::string client_out_;
+  asio::ip::address client_address_;
+  std::uint16_t client_port_ = 0;
+  std::array<std::uint8_t, 16> client_bytes_{};
+  bool address_admitted_ = false;
+
+  SteadyClock::time_point started_ = SteadyClock::now();
+  SteadyClock::time_point deadline_ = SteadyClock::time_point::max();
+  bool timed_out_ = false;
+  bool finished_ = false;
+  bool idle_ = false;
+  bool close_ = false;
+  bool proxy_checked_ = false;
+
+  std::string connector_name_;  // of the current transaction
+  config::Direction direction_ = config::Direction::inbound;
+  std::string connectors_seen_;
+  std::string result_ = "disconnected";
+  std::uint32_t messages_ = 0;
+  std::uint32_t rejects_ = 0;
+};
+
+// ---- deadlines -------------------------------------------------------------------------------------------
+
+asio::awaitable<void> RelaySession::watchdog() {
+  auto self = shared_from_this();
+  while (!finished_) {
+    timer_.expires_at(deadline_);
+    error_code ec;
+    co_await timer_.async_wait(with(ec));
+    if (finished_) break;
+    if (deadline_ <= SteadyClock::now()) {
+      // Whatever was being waited for took too long: cancel it; the waiting code sees the flag.
+      timed_out_ = true;
+      deadline_ = SteadyClock::time_point::max();
+      client_.cancel();
+      if (upstream_.link) upstream_.link->cancel();
+    }
+  }
+}
+
+void RelaySession::set_deadline(SteadyClock::duration timeout) {
+  deadline_ = SteadyClock::now() + timeout;
+  if (deadline_ < timer_.expiry()) timer_.cancel();  // wake the watchdog so that it re-arms earlier
+}
+
+// ---- the session ----------------------------------------------------------------------------------------
+
+asio::awaitable<void> RelaySession::run() {
+  auto self = shared_from_this();
+  error_code ec;
+  auto peer = client_.socket().remote_endpoint(ec);
+  if (!ec) {
+    client_address_ = peer.address();
+    client_port_ = peer.port();
+    client_bytes_ = mapped_bytes(client_address_);
+  }
+  client_.socket().set_option(tcp::no_delay(true), ec);
+  telemetry_.session_opened(listener_.name);
+  asio::co_spawn(client_.socket().get_executor(), watchdog(), asio::detached);
+  co_await serve();
+  co_await finish();
+}
+
+asio::awaitable<void> RelaySession::serve() {
+  const bool proxy_trusted = std::any_of(listener_.proxy_trusted.begin(), listener_.proxy_trusted.end(),
+                                         [&](const config::Cidr& cidr) { return cidr.contains(client_bytes_); });
+  if (proxy_trusted && !co_await read_proxy_header()) co_return;
+
+  if (registry_.active() > config_.limits.max_sessions) {
+    count_reject("session_limit");
+    co_await say_goodbye(proto::format_reply(421, "4.7.0", config_.hostname + " Error: too many connections"),
+                         "session_limit");
+    co_return;
+  }
+  if (!registry_.admit_address(client_bytes_, config_.limits.max_sessions_per_ip)) {
+    count_reject("ip_limit");
+    co_await say_goodbye(
+        proto::format_reply(421, "4.7.0", config_.hostname + " Error: too many connections from your address"),
+        "ip_limit");
+    co_return;
+  }
+  address_admitted_ = true;
+
+  if (config_.limits.greet_pause.count() > 0 && !co_await greet_pause()) co_return;
+
+  client_out_ += session_.banner();
+  std::string line;
+  while (!close_) {
+    if (!co_await next_line(line)) co_return;
+    co_await perform(session_.on_line(line));
+  }
+}
+
+asio::awaitable<void> RelaySession::finish() {
+  if (!client_out_.empty()) co_await flush();
+  co_await close_upstream(true);
+  client_.close();
+  finished_ = true;
+  timer_.cancel();
+
+  const double seconds = std::chrono::duration<double>(SteadyClock::now() - started_).count();
+  telemetry_.leg_finished(listener_.name, Leg::client, client_.tls().version);
+  telemetry_.session_closed(listener_.name, seconds);
+  if (address_admitted_) registry_.release_address(client_bytes_);
+  registry_.remove(this);
+
+  const std::string client = address_text(client_address_) + ":" + std::to_string(client_port_);
+  const std::string duration = fmt::format("{:.3f}", seconds);
+  log_event(LogLevel::info, "session",
+            {{"id", id_},
+             {"client", client},
+             {"listener", listener_.name},
+             {"helo", session_.helo_name()},
+             {"sni", client_.tls().sni},
+             {"tls", proto::to_string(client_.tls().version)},
+             {"cipher", client_.tls().cipher},
+             {"connector", connectors_seen_},
+             {"messages", std::to_string(messages_)},
+             {"rejects", std::to_string(rejects_)},
+             {"result", result_},
+             {"duration", duration}});
+}
+
+asio::awaitable<bool> RelaySession::read_proxy_header() {
+  set_deadline(proxy_header_timeout);
+  for (;;) {
+    auto parsed = proto::parse_proxy_header(client_in_);
+    if (parsed.status == proto::ProxyStatus::complete) {
+      client_in_.erase(0, parsed.consumed);
+      if (!parsed.header.local) {
+        error_code ec;
+        auto address = asio::ip::make_address(parsed.header.source_address, ec);
+        if (ec) {
+          count_reject("proxy_invalid");
+          result_ = "proxy_invalid";
+          co_return false;
+        }
+        client_address_ = address;
+        client_port_ = parsed.header.source_port;
+        client_bytes_ = mapped_bytes(address);
+      }
+      proxy_checked_ = true;
+      co_return true;
+    }
+    if (parsed.status == proto::ProxyStatus::invalid) {
+      count_reject("proxy_invalid");
+      log_limited(LogLevel::warn, "proxy_invalid", {{"id", id_}, {"error", parsed.error}});
+      result_ = "proxy_invalid";
+      co_return false;
+    }
+    error_code ec;
+    co_await client_.read_some(client_in_, proto::max_proxy_header - client_in_.size(), ec);
+    if (ec) {
+      const bool timed_out = take_timeout();
+      count_reject(timed_out ? "proxy_timeout" : "proxy_truncated");
+      result_ = timed_out ? "proxy_timeout" : "proxy_truncated";
+      co_return false;
+    }
+  }
+}
+
+asio::awaitable<bool> RelaySession::greet_pause() {
+  // RFC 5321 §4.3.1: the client must wait for the banner. Anything sent before it is a spambot tell.
+  set_deadline(config_.limits.greet_pause);
+  error_code ec;
+  co_await client_.socket().async_wait(tcp::socket::wait_read, with(ec));
+  if (take_timeout()) co_return true;
+  if (ec) {
+    result_ = "disconnected";
+    co_return false;
+  }
+  count_reject("early_talker");
+  co_await say_goodbye(proto::format_reply(554, "5.5.0", config_.hostname + " Error: SMTP protocol synchronization"),
+                       "early_talker");
+  co_return false;
+}
+
+asio::awaitable<bool> RelaySession::next_line(std::string& line) {
+  for (;;) {
+    if (!proxy_checked_ && !client_in_.empty()) {
+      proxy_checked_ = true;
+      if (proto::looks_like_proxy_header(client_in_)) {
+        count_reject("proxy_untrusted");
+        co_await say_goodbye(proto::format_reply(554, "5.7.0", "PROXY protocol not accepted from this address"),
+                             "proxy_untrusted");
+        co_return false;
+      }
+    }
+    auto event = framer_.next(client_in_);
+    if (event.kind == proto::CommandFramer::Kind::line) {
+      line.assign(event.line);
+      client_in_.erase(0, event.consumed);
+      co_return true;
+    }
+    client_in_.erase(0, event.consumed);
+    if (event.kind != proto::CommandFramer::Kind::need_more) {
+      co_await perform(session_.on_framing_error(event.kind));
+      if (close_) co_return false;
+      continue;
+    }
+    if (!co_await flush()) co_return false;
+    const bool idle = session_.state() == proto::ServerSession::State::need_helo ||
+                      session_.state() == proto::ServerSession::State::ready;
+    if (idle && registry_.draining()) {
+      co_await say_goodbye(proto::format_reply(421, "4.3.2", config_.hostname + " Service shutting down"),
+                           "shutdown");
+      co_return false;
+    }
+    idle_ = idle;
+    set_deadline(config_.timeouts.command);
+    error_code ec;
+    co_await client_.read_some(client_in_, command_read_chunk, ec);
+    idle_ = false;
+    if (ec) {
+      if (take_timeout()) {
+        count_reject("timeout");
+        co_await say_goodbye(proto::format_reply(421, "4.4.2", config_.hostname + " Error: timeout exceeded"),
+                             "timeout");
+      } else if (ec == asio::error::operation_aborted && registry_.draining()) {
+        co_await say_goodbye(proto::format_reply(421, "4.3.2", config_.hostname + " Service shutting down"),
+                             "shutdown");
+      } else {
+        result_ = "disconnected";
+      }
+      co_return false;
+    }
+  }
+}
+
+asio::awaitable<void> RelaySession::perform(const proto::ServerSession::Action& action) {
+  using Kind = proto::ServerSession::ActionKind;
+  if (!action.reject_reason.empty()) count_reject(action.reject_reason);
+  switch (action.kind) {
+    case Kind::reply:
+      client_out_ += action.reply;
+      break;
+    case Kind::close:
+      client_out_ += action.reply;
+      close_ = true;
+      result_ = action.reject_reason.empty() ? "quit" : std::string(action.reject_reason);
+      break;
+    case Kind::reset:
+      client_out_ += action.reply;
+      co_await reset_upstream_transaction();
+      break;
+    case Kind::start_tls:
+      client_out_ += action.reply;
+      co_await start_tls();
+      break;
+    case Kind::begin_mail:
+      co_await begin_mail();
+      break;
+    case Kind::forward_rcpt:
+      co_await forward_rcpt();
+      break;
+    case Kind::begin_data:
+      co_await relay_data();
+      break;
+  }
+}
+
+asio::awaitable<bool> RelaySession::flush() {
+  if (client_out_.empty()) co_return true;
+  set_deadline(config_.timeouts.command);
+  error_code ec;
+  co_await client_.write(client_out_, ec);
+  client_out_.clear();
+  if (ec) {
+    result_ = take_timeout() ? "timeout" : "disconnected";
+    close_ = true;
+    co_return false;
+  }
+  co_return true;
+}
+
+asio::awaitable<void> RelaySession::say_goodbye(std::string_view reply, std::string_view result) {
+  client_out_ += reply;
+  set_deadline(goodbye_timeout);
+  error_code ec;
+  co_await client_.write(client_out_, ec);
+  client_out_.clear();
+  take_timeout();
+  result_ = result;
+  close_ = true;
+}
+
+void RelaySession::count_reject(std::string_view reason) {
+  ++rejects_;
+  telemetry_.rejected(listener_.name, reason);
+  const std::string client = address_text(client_address_);
+  log_limited(LogLevel::info, "reject", {{"id", id_}, {"client", client}, {"listener", listener_.name},
+                                         {"reason", reason}});
+}
+
+// ---- STARTTLS on the client leg -------------------------------------------------------------------------
+
+asio::awaitable<void> RelaySession::start_tls() {
+  if (!co_await flush()) co_return;
+  if (!client_in_.empty()) {
+    // CVE-2011-0411 class: plaintext sent behind STARTTLS must never be executed inside TLS.
+    count_reject("starttls_pipelining");
+    client_in_.clear();
+  }
+  const ServerTls* tls = runtime_->server_tls(listener_.name);
+  set_deadline(config_.timeouts.tls_handshake);
+  error_code ec;
+  co_await client_.handshake(tls->context(), asio::ssl::stream_base::server, {}, false, ec);
+  if (ec) {
+    const bool timed_out = take_timeout();
+    const bool eof = ec == asio::error::eof || ec == asio::ssl::error::stream_truncated;
+    const unsigned long ssl_error = ec.category() == asio::error::get_ssl_category() ? ec.value() : 0;
+    const std::string reason = handshake_failure_reason(ssl_error, timed_out, eof);
+    telemetry_.tls_handshake_failed(listener_.name, Leg::client, reason);
+    const std::string client = address_text(client_address_);
+    log_limited(LogLevel::info, "tls_failed", {{"id", id_}, {"client", client}, {"leg", "client"},
+                                               {"reason", reason}});
+    result_ = "tls_failed";
+    close_ = true;
+    co_return;
+  }
+  session_.on_tls_started();
+  framer_ = proto::CommandFramer();
+}
+
+// ---- transactions ---------------------------------------------------------------------------------------
+
+asio::awaitable<void> RelaySession::begin_mail() {
+  const auto& command = session_.last_command();
+  const std::string sender_domain = proto::address_domain(command.address);
+  MatchInput input;
+  input.listener = listener_.name;
+  input.direction = listener_.direction;
+  input.client_address = client_bytes_;
+  input.sni = client_.tls().sni;
+  input.ehlo = session_.helo_name();
+  input.sender_domain = sender_domain;
+  const config::Connector* connector = match_connector(config_, input);
+  connector_name_ = connector ? connector->name : std::string(internet_connector);
+  direction_ = listener_.direction;
+  if (connectors_seen_.find(connector_name_) == std::string::npos)
+    connectors_seen_ += (connectors_seen_.empty() ? "" : ",") + connector_name_;
+
+  if (connector && connector->require_tls && !session_.tls_active()) {
+    count_reject("tls_required");
+    client_out_ += proto::format_reply(530, "5.7.0", "Must issue a STARTTLS command first");
+    session_.on_mail_reply(530);
+    co_return;
+  }
+  const std::string& upstream = connector && !connector->upstream.empty() ? connector->upstream : listener_.upstream;
+  if (!co_await ensure_upstream(upstream)) {
+    client_out_ += upstream_unavailable_reply;
+    session_.on_mail_reply(451);
+    co_return;
+  }
+  auto reply = co_await upstream_command("MAIL " + command.argument + "\r\n");
+  if (!reply) {
+    client_out_ += upstream_lost_reply;
+    session_.on_mail_reply(451);
+    co_return;
+  }
+  client_out_ += proto::format_reply(*reply);
+  session_.on_mail_reply(reply->code);
+  upstream_.in_transaction = reply->positive();
+}
+
+asio::awaitable<void> RelaySession::forward_rcpt() {
+  auto reply = co_await upstream_command("RCPT " + session_.last_command().argument + "\r\n");
+  if (!reply) {
+    client_out_ += upstream_lost_reply;
+    session_.on_transaction_aborted();
+    co_return;
+  }
+  client_out_ += proto::format_reply(*reply);
+  session_.on_rcpt_reply(reply->code);
+}
+
+std::string RelaySession::received_header() const {
+  // RFC 5321 §4.4 trace field; the TLS comment follows common MTA practice (RFC 8314 §4.3 suggests it).
+  const std::string address = address_text(client_address_);
+  const bool tls = session_.tls_active();
+  const char* protocol = session_.esmtp() ? (tls ? "ESMTPS" : "ESMTP") : "SMTP";
+  std::string header = "Received: from " + (session_.helo_name().empty() ? address : session_.helo_name()) +
+                       " ([" + address + "])\r\n";
+  if (tls) {
+    header += "\t(using " + std::string(proto::to_string(client_.tls().version)) + " with cipher " +
+              client_.tls().cipher + ")\r\n";
+  }
+  header += "\tby " + config_.hostname + " (mailflowd) with " + protocol + " id " + id_ + ";\r\n\t" +
+            rfc5322_date() + "\r\n";
+  return header;
+}
+
+proto::TlsVersion RelaySession::counted_version() const {
+  // The external leg decides: the client's for inbound listeners, the upstream's for outbound ones.
+  if (direction_ == config::Direction::outbound)
+    return upstream_.link ? upstream_.link->tls().version : proto::TlsVersion::none;
+  return client_.tls().version;
+}
+
+asio::awaitable<void> RelaySession::relay_data() {
+  auto reply = co_await upstream_command("DATA\r\n");
+  if (!reply) {
+    client_out_ += upstream_lost_reply;
+    session_.on_transaction_aborted();
+    co_return;
+  }
+  if (reply->code != 354) {
+    client_out_ += proto::format_reply(*reply);
+    co_await reset_upstream_transaction();
+    session_.on_data_finished();
+    co_return;
+  }
+  client_out_ += proto::format_reply(*reply);
+  if (!co_await flush()) {
+    co_await close_upstream(false);
+    session_.on_transaction_aborted();
+    co_return;
+  }
+
+  proto::DataFilter filter({config_.limits.max_message_size, config_.limits.max_line, config_.limits.bare_newline});
+  const bool reject_bare_newline = config_.limits.bare_newline == proto::BareNewlinePolicy::reject;
+  const proto::TlsVersion version_at_start = counted_version();
+  std::string out = received_header();
+  bool upstream_ok = true;  // false once the upstream was dropped (violation or failure)
+  bool upstream_lost = false;
+  std::size_t block_bytes = 0;
+  set_deadline(config_.timeouts.data_block);
+  for (;;) {
+    if (!client_in_.empty()) {
+      const std::size_t consumed = filter.feed(client_in_, out);
+      client_in_.erase(0, consumed);
+      block_bytes += consumed;
+    }
+    const bool violation =
+        filter.too_big() || filter.line_too_long() || (reject_bare_newline && filter.bare_newline_seen());
+    if (violation && upstream_ok) {
+      // Closing without the terminator is the only way to abort DATA: the upstream discards the message.
+      co_await close_upstream(false);
+      upstream_ok = false;
+    }
+    if (upstream_ok && !out.empty() && (out.size() >= data_block_size || filter.done())) {
+      error_code ec;
+      co_await upstream_.link->write(out, ec);
+      if (ec) {
+        upstream_failed(take_timeout() ? "timeout" : "connection_lost");
+        upstream_ok = false;
+        upstream_lost = true;
+      }
+      out.clear();
+    }
+    if (!upstream_ok) out.clear();
+    if (filter.done()) break;
+    if (block_bytes >= data_block_size) {
+      set_deadline(config_.timeouts.data_block);
+      block_bytes = 0;
+    }
+    error_code ec;
+    co_await client_.read_some(client_in_, data_read_chunk, ec);
+    if (ec) {
+      // The client went away (or stalled) mid-message: nothing may be delivered.
+      const bool timed_out = take_timeout();
+      co_await close_upstream(false);
+      session_.on_transaction_aborted();
+      if (timed_out) {
+        count_reject("timeout");
+        co_await say_goodbye(proto::format_reply(421, "4.4.2", config_.hostname + " Error: timeout exceeded"),
+                             "timeout");
+      } else {
+        result_ = "disconnected_in_data";
+        close_ = true;
+      }
+      co_return;
+    }
+  }
+  if (client_in_.capacity() > 2 * command_read_chunk && client_in_.size() < command_read_chunk) {
+    client_in_.shrink_to_fit();
+  }
+  session_.on_data_finished();
+  if (filter.bare_newline_seen() && !reject_bare_newline) count_reject("bare_newline_normalized");
+
+  if (filter.too_big()) {
+    count_reject("message_too_big");
+    client_out_ += proto::format_reply(552, "5.3.4", "Message size exceeds fixed maximum message size");
+  } else if (filter.line_too_long()) {
+    count_reject("data_line_too_long");
+    client_out_ += proto::format_reply(554, "5.6.0", "Message line too long");
+  } else if (reject_bare_newline && filter.bare_newline_seen()) {
+    count_reject("bare_newline");
+    client_out_ += proto::format_reply(550, "5.5.2", "Message contains bare CR or LF characters");
+  } else if (upstream_lost || !upstream_ok) {
+    client_out_ += upstream_lost_reply;
+  } else {
+    auto final_reply = co_await read_upstream_reply(config_.timeouts.data_end);
+    if (!final_reply) {
+      client_out_ += upstream_lost_reply;
+    } else {
+      client_out_ += proto::format_reply(*final_reply);
+      upstream_.in_transaction = false;
+      if (final_reply->positive()) {
+        // The one place a message is counted: the upstream took responsibility for it.
+        ++messages_;
+        telemetry_.message_delivered(connector_name_, direction_, version_at_start, filter.message_bytes(),
+                                     session_.accepted_recipients());
+      }
+    }
+  }
+}
+
+// ---- the upstream leg -----------------------------------------------------------------------------------
+
+void RelaySession::upstream_failed(std::string_view reason) {
+  const std::string name = upstream_.config ? upstream_.config->name : "";
+  telemetry_.upstream_error(name, reason);
+  log_limited(LogLevel::warn, "upstream_error", {{"id", id_}, {"upstream", name}, {"reason", reason}});
+  if (upstream_.link) {
+    upstream_.link->close();
+    telemetry_.leg_finished(listener_.name, Leg::upstream, upstream_.link->tls().version);
+    upstream_.link.reset();
+  }
+  upstream_.in.clear();
+  upstream_.in_transaction = false;
+}
+
+asio::awaitable<std::optional<proto::Reply>> RelaySession::read_upstream_reply(SteadyClock::duration timeout) {
+  set_deadline(timeout);
+  for (;;) {
+    auto parsed = proto::parse_reply(upstream_.in);
+    if (parsed.status == proto::ReplyStatus::complete) {
+      upstream_.in.erase(0, parsed.consumed);
+      co_return std::move(parsed.reply);
+    }
+    if (parsed.status == proto::ReplyStatus::invalid) {
+      upstream_failed("protocol");
+      co_return std::nullopt;
+    }
+    error_code ec;
+    co_await upstream_.link->read_some(upstream_.in, command_read_chunk, ec);
+    if (ec) {
+      upstream_failed(take_timeout() ? "timeout" : "connection_lost");
+      co_return std::nullopt;
+    }
+  }
+}
+
+asio::awaitable<std::optional<proto::Reply>> RelaySession::upstream_command(std::string_view line) {
+  if (!upstream_.link) co_return std::nullopt;
+  set_deadline(config_.timeouts.command);
+  error_code ec;
+  co_await upstream_.link->write(line, ec);
+  if (ec) {
+    upstream_failed(take_timeout() ? "timeout" : "connection_lost");
+    co_return std::nullopt;
+  }
+  co_return co_await read_upstream_reply(config_.timeouts.command);
+}
+
+asio::awaitable<void> RelaySession::reset_upstream_transaction() {
+  if (!upstream_.link || !upstream_.in_transaction) co_return;
+  auto reply = co_await upstream_command("RSET\r\n");
+  if (reply && !reply->positive()) upstream_failed("rset_rejected");
+  upstream_.in_transaction = false;
+}
+
+asio::awaitable<void> RelaySession::close_upstream(bool polite) {
+  if (!upstream_.link) co_return;
+  if (polite && !upstream_.in_transaction) {
+    set_deadline(goodbye_timeout);
+    error_code ec;
+    co_await upstream_.link->write("QUIT\r\n", ec);
+    if (!ec) {
+      std::string ignored;
+      co_await upstream_.link->read_some(ignored, 512, ec);
+    }
+    take_timeout();
+  }
+  upstream_.link->close();
+  telemetry_.leg_finished(listener_.name, Leg::upstream, upstream_.link->tls().version);
+  upstream_.link.reset();
+  upstream_.in.clear();
+  upstream_.in_transaction = false;
+}
+
+asio::awaitable<bool> RelaySession::ensure_upstream(const std::string& name) {
+  if (upstream_.link && upstream_.config && upstream_.config->name == name) co_return true;
+  co_await close_upstream(true);
+  upstream_.config = config_.find_upstream(name);
+  const config::Upstream& upstream = *upstream_.config;
+
+  auto executor = client_.socket().get_executor();
+  set_deadline(config_.timeouts.upstream_connect);
+  error_code ec;
+  tcp::resolver resolver(executor);
+  auto endpoints = co_await resolver.async_resolve(upstream.address.host, std::to_string(upstream.address.port),
+                                                   with(ec));
+  tcp::socket socket(executor);
+  if (!ec) co_await asio::async_connect(socket, endpoints, with(ec));
+  if (ec) {
+    const bool timed_out = take_timeout();
+    telemetry_.upstream_error(upstream.name, timed_out ? "connect_timeout" : "connect_failed");
+    log_limited(LogLevel::warn, "upstream_error",
+                {{"id", id_}, {"upstream", upstream.name}, {"reason", timed_out ? "connect_timeout" : "connect_failed"},
+                 {"error", ec.message()}});
+    co_return false;
+  }
+  socket.set_option(tcp::no_delay(true), ec);
+  upstream_.link = std::make_unique<Link>(std::move(socket));
+  upstream_.in.clear();
+
+  proto::ClientSession::Options options;
+  options.ehlo_name = config_.hostname;
+  options.tls = upstream.tls == config::UpstreamTls::none           ? proto::UpstreamTlsPolicy::none
+                : upstream.tls == config::UpstreamTls::opportunistic ? proto::UpstreamTlsPolicy::opportunistic
+                                                                     : proto::UpstreamTlsPolicy::required;
+  options.xclient_allowed = upstream.xclient;
+  options.client_address = address_text(client_address_);
+  options.client_port = client_port_;
+  options.client_helo = session_.helo_name();
+  options.client_esmtp = session_.esmtp();
+  proto::ClientSession engine(options);
+
+  using Kind = proto::ClientSession::ActionKind;
+  auto action = engine.start();
+  bool first_reply = true;
+  for (;;) {
+    switch (action.kind) {
+      case Kind::send: {
+        error_code write_error;
+        set_deadline(config_.timeouts.command);
+        co_await upstream_.link->write(action.data, write_error);
+        if (write_error) {
+          upstream_failed(take_timeout() ? "timeout" : "connection_lost");
+          co_return false;
+        }
+        [[fallthrough]];
+      }
+      case Kind::read_reply: {
+        auto reply = co_await read_upstream_reply(first_reply ? config_.timeouts.greeting : config_.timeouts.command);
+        first_reply = false;
+        if (!reply) co_return false;
+        action = engine.on_reply(*reply);
+        break;
+      }
+      case Kind::start_tls: {
+        if (!upstream_.in.empty()) {
+          // The upstream leg gets the same CVE-2011-0411 treatment: nothing sent before TLS is trusted after it.
+          upstream_failed("starttls_pipelining");
+          co_return false;
+        }
+        const ClientTls* tls = runtime_->client_tls(upstream.name);
+        set_deadline(config_.timeouts.tls_handshake);
+        error_code hs;
+        co_await upstream_.link->handshake(tls->context(), asio::ssl::stream_base::client, upstream.address.host,
+                                           tls->verify(), hs);
+        if (hs) {
+          const bool timed_out = take_timeout();
+          const unsigned long ssl_error = hs.category() == asio::error::get_ssl_category() ? hs.value() : 0;
+          const std::string reason = handshake_failure_reason(ssl_error, timed_out, hs == asio::error::eof);
+          telemetry_.tls_handshake_failed(listener_.name, Leg::upstream, reason);
+          log_limited(LogLevel::warn, "tls_failed", {{"id", id_}, {"upstream", upstream.name}, {"leg", "upstream"},
+                                                     {"reason", reason}});
+          upstream_failed("tls_failed");
+          co_return false;
+        }
+        action = engine.on_tls_started();
+        break;
+      }
+      case Kind::ready:
+        co_return true;
+      case Kind::fail: {
+        const std::string said = action.reply.lines.empty() ? "" : action.reply.lines.front();
+        log_limited(LogLevel::warn, "upstream_refused",
+                    {{"id", id_}, {"upstream", upstream.name}, {"reason", action.reason}, {"reply", said}});
+        upstream_failed(action.reason);
+        co_return false;
+      }
+    }
+  }
+}
+
+// ---- registry -------------------------------------------------------------------------------------------
+
+bool SessionRegistry::admit_address(const std::array<std::uint8_t, 16>& address, std::uint32_t limit) {
+  std::lock_guard lock(mutex_);
+  auto& count = per_address_[std::string(address.begin(), address.end())];
+  if (count >= limit) {
+    if (count == 0) per_address_.erase(std::string(address.begin(), address.end()));
+    return false;
+  }
+  ++count;
+  return true;
+}
+
+void SessionRegistry::release_address(const std::array<std::uint8_t, 16>& address) {
+  std::lock_guard lock(mutex_);
+  auto it = per_address_.find(std::string(address.begin(), address.end()));
+  if (it != per_address_.end() && --it->second == 0) per_address_.erase(it);
+}
+
+void SessionRegistry::add(const std::shared_ptr<RelaySession>& session) {
+  std::lock_guard lock(mutex_);
+  sessions_.emplace(session.get(), session);
+}
+
+void SessionRegistry::remove(RelaySession* session) {
+  std::lock_guard lock(mutex_);
+  sessions_.erase(session);
+}
+
+std::size_t SessionRegistry::active() const {
+  std::lock_guard lock(mutex_);
+  return sessions_.size();
+}
+
+bool SessionRegistry::draining() const {
+  std::lock_guard lock(mutex_);
+  return draining_;
+}
+
+void SessionRegistry::begin_drain() {
+  std::vector<std::shared_ptr<RelaySession>> sessions;
+  {
+    std::lock_guard lock(mutex_);
+    draining_ = true;
+    for (const auto& [key, weak] : sessions_)
+      if (auto s = weak.lock()) sessions.push_back(std::move(s));
+  }
+  for (auto& session : sessions) session->notify_drain();
+}
+
+void SessionRegistry::close_all() {
+  std::vector<std::shared_ptr<RelaySession>> sessions;
+  {
+    std::lock_guard lock(mutex_);
+    for (const auto& [key, weak] : sessions_)
+      if (auto s = weak.lock()) sessions.push_back(std::move(s));
+  }
+  for (auto& session : sessions) session->force_close();
+}
+
+void start_relay_session(tcp::socket socket, std::shared_ptr<const Runtime> runtime, const config::Listener& listener,
+                         SessionRegistry& registry) {
+  auto executor = socket.get_executor();
+  auto session = std::make_shared<RelaySession>(std::move(socket), std::move(runtime), listener, registry);
+  registry.add(session);
+  asio::co_spawn(executor, [session]() { return session->run(); }, asio::detached);
+}
+
+}  // namespace mailflow

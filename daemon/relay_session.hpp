@@ -1,0 +1,55 @@
+#pragma once
+// One SMTP session relayed client -> mailflowd -> upstream, as one coroutine on its own strand.
+#include <utility>  // before Asio (Boost 1.74 + GCC 12)
+
+#include <boost/asio/ip/tcp.hpp>
+
+#include <array>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <unordered_map>
+
+#include "config/config.hpp"
+#include "daemon/runtime.hpp"
+
+namespace mailflow {
+
+class Telemetry;
+class RelaySession;
+
+// What all sessions share: telemetry, per-IP accounting and the drain signal. Thread-safe.
+class SessionRegistry {
+ public:
+  explicit SessionRegistry(Telemetry& telemetry) : telemetry_(telemetry) {}
+
+  Telemetry& telemetry() { return telemetry_; }
+
+  // Per client address (after PROXY): false when the address already has `limit` sessions.
+  bool admit_address(const std::array<std::uint8_t, 16>& address, std::uint32_t limit);
+  void release_address(const std::array<std::uint8_t, 16>& address);
+
+  void add(const std::shared_ptr<RelaySession>& session);
+  void remove(RelaySession* session);
+  std::size_t active() const;
+
+  bool draining() const;
+  // Idle sessions answer 421 and close; busy ones finish their transaction first.
+  void begin_drain();
+  // Drain timeout expired: close whatever is left.
+  void close_all();
+
+ private:
+  Telemetry& telemetry_;
+  mutable std::mutex mutex_;
+  bool draining_ = false;
+  std::unordered_map<std::string, std::uint32_t> per_address_;
+  std::unordered_map<RelaySession*, std::weak_ptr<RelaySession>> sessions_;
+};
+
+// Starts the session coroutine on the socket's executor (a strand). The session keeps `runtime` for its
+// whole life, so a reload never changes the rules under a running transaction.
+void start_relay_session(boost::asio::ip::tcp::socket socket, std::shared_ptr<const Runtime> runtime,
+                         const config::Listener& listener, SessionRegistry& registry);
+
+}  // namespace mailflow

@@ -1,0 +1,28 @@
+#include "daemon/runtime.hpp"
+
+namespace mailflow {
+
+std::shared_ptr<const Runtime> Runtime::build(std::shared_ptr<const config::Config> config) {
+  auto runtime = std::make_shared<Runtime>();
+  for (const auto& listener : config->listeners) {
+    if (listener.tls) runtime->listener_tls.emplace(listener.name, std::make_shared<const ServerTls>(*listener.tls));
+  }
+  for (const auto& upstream : config->upstreams) {
+    if (upstream.tls != config::UpstreamTls::none)
+      runtime->upstream_tls.emplace(upstream.name, std::make_shared<const ClientTls>(upstream));
+  }
+  runtime->config = std::move(config);
+  return runtime;
+}
+
+const ServerTls* Runtime::server_tls(std::string_view listener) const {
+  auto it = listener_tls.find(listener);
+  return it == listener_tls.end() ? nullptr : it->second.get();
+}
+
+const ClientTls* Runtime::client_tls(std::string_view upstream) const {
+  auto it = upstream_tls.find(upstream);
+  return it == upstream_tls.end() ? nullptr : it->second.get();
+}
+
+}  // namespace mailflow

@@ -1,0 +1,25 @@
+#pragma once
+// One immutable snapshot of everything a session needs from configuration: the validated Config and the TLS
+// contexts built from it. Swapped whole on reload; a session keeps the snapshot it started with.
+#include <map>
+#include <memory>
+#include <string>
+
+#include "config/config.hpp"
+#include "daemon/tls.hpp"
+
+namespace mailflow {
+
+struct Runtime {
+  std::shared_ptr<const config::Config> config;
+  std::map<std::string, std::shared_ptr<const ServerTls>, std::less<>> listener_tls;  // by listener name
+  std::map<std::string, std::shared_ptr<const ClientTls>, std::less<>> upstream_tls;  // by upstream name
+
+  // Throws std::runtime_error (naming the file) when a certificate, key or CA file cannot be loaded.
+  static std::shared_ptr<const Runtime> build(std::shared_ptr<const config::Config> config);
+
+  const ServerTls* server_tls(std::string_view listener) const;
+  const ClientTls* client_tls(std::string_view upstream) const;
+};
+
+}  // namespace mailflow

@@ -1,0 +1,323 @@
+#include "daemon/server.hpp"
+
+#include <utility>  // before Asio (Boost 1.74 + GCC 12)
+
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/ip/v6_only.hpp>
+#include <boost/asio/redirect_error.hpp>
+#include <boost/asio/signal_set.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/strand.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <fmt/format.h>
+#include <sys/socket.h>
+#include <systemd/sd-daemon.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <mutex>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+#include "daemon/http_server.hpp"
+#include "daemon/log.hpp"
+#include "daemon/relay_session.hpp"
+#include "daemon/runtime.hpp"
+#include "daemon/telemetry.hpp"
+
+namespace mailflow {
+
+namespace asio = boost::asio;
+using tcp = asio::ip::tcp;
+using boost::system::error_code;
+
+namespace {
+
+constexpr auto state_save_interval = std::chrono::seconds(60);
+
+tcp::endpoint listen_endpoint(const config::Endpoint& address) {
+  error_code ec;
+  auto ip = asio::ip::make_address(address.host, ec);
+  if (ec) throw std::runtime_error("listener address " + address.text + " is not an IP address");
+  return {ip, address.port};
+}
+
+// Sockets handed over by systemd socket activation (LISTEN_FDS), by local endpoint.
+std::map<tcp::endpoint, int> inherited_sockets() {
+  std::map<tcp::endpoint, int> sockets;
+  const int count = sd_listen_fds(1);
+  for (int fd = SD_LISTEN_FDS_START; fd < SD_LISTEN_FDS_START + count; ++fd) {
+    if (sd_is_socket_inet(fd, 0, SOCK_STREAM, 1, 0) <= 0) continue;
+    sockaddr_storage storage{};
+    socklen_t length = sizeof storage;
+    if (getsockname(fd, reinterpret_cast<sockaddr*>(&storage), &length) != 0) continue;
+    tcp::endpoint endpoint;
+    std::memcpy(endpoint.data(), &storage, length);
+    endpoint.resize(length);
+    sockets.emplace(endpoint, fd);
+  }
+  return sockets;
+}
+
+void check_state_dir(const std::string& dir) {
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  if (ec) throw std::runtime_error("state_dir " + dir + ": " + ec.message());
+  const std::string probe = dir + "/.write-test";
+  {
+    std::ofstream out(probe);
+    if (!out || !(out << "ok") || !out.flush())
+      throw std::runtime_error("state_dir " + dir + " is not writable");
+  }
+  std::filesystem::remove(probe, ec);
+}
+
+}  // namespace
+
+struct Server::Impl {
+  struct Acceptor {
+    std::string name;
+    std::string address;
+    tcp::acceptor acceptor;
+  };
+
+  std::string config_path;
+  asio::io_context io;
+  Telemetry telemetry;
+  SessionRegistry registry{telemetry};
+  std::unique_ptr<HttpServer> http;
+  std::map<tcp::endpoint, int> inherited = inherited_sockets();
+
+  mutable std::mutex runtime_mutex;
+  std::shared_ptr<const Runtime> runtime;
+  std::vector<std::shared_ptr<Acceptor>> acceptors;  // touched only from the signal coroutine and startup
+  bool stopping = false;
+  int exit_code = 0;
+
+  Impl(std::string path, std::shared_ptr<const config::Config> config)
+      : config_path(std::move(path)), io(static_cast<int>(std::max(1u, std::thread::hardware_concurrency()))) {
+    runtime = Runtime::build(std::move(config));
+  }
+
+  std::shared_ptr<const Runtime> current() const {
+    std::lock_guard lock(runtime_mutex);
+    return runtime;
+  }
+
+  std::shared_ptr<Acceptor> open_acceptor(const config::Listener& listener) {
+    auto endpoint = listen_endpoint(listener.address);
+    auto result = std::make_shared<Acceptor>(Acceptor{listener.name, listener.address.text, tcp::acceptor(io)});
+    auto& acceptor = result->acceptor;
+    if (auto it = inherited.find(endpoint); it != inherited.end()) {
+      acceptor.assign(endpoint.protocol(), it->second);
+      inherited.erase(it);
+      return result;
+    }
+    error_code ec;
+    acceptor.open(endpoint.protocol(), ec);
+    if (!ec) acceptor.set_option(tcp::acceptor::reuse_address(true), ec);
+    if (!ec && endpoint.protocol() == tcp::v6()) acceptor.set_option(asio::ip::v6_only(true), ec);
+    if (!ec) acceptor.bind(endpoint, ec);
+    if (!ec) acceptor.listen(asio::socket_base::max_listen_connections, ec);
+    if (ec) throw std::runtime_error("listener " + listener.name + ": cannot listen on " + listener.address.text + ": " +
+                                     ec.message());
+    return result;
+  }
+
+  asio::awaitable<void> accept_loop(std::shared_ptr<Acceptor> entry) {
+    for (;;) {
+      error_code ec;
+      tcp::socket socket = co_await entry->acceptor.async_accept(asio::make_strand(io),
+                                                                  asio::redirect_error(asio::use_awaitable, ec));
+      if (ec) {
+        if (!entry->acceptor.is_open() || ec == asio::error::operation_aborted) co_return;
+        // Out of descriptors or a transient network error: log, breathe, keep accepting.
+        log_limited(LogLevel::error, "accept_error", {{"listener", entry->name}, {"error", ec.message()}});
+        asio::steady_timer pause(io, std::chrono::milliseconds(100));
+        co_await pause.async_wait(asio::redirect_error(asio::use_awaitable, ec));
+        continue;
+      }
+      auto snapshot = current();
+      const config::Listener* listener = snapshot->config->find_listener(entry->name);
+      if (listener == nullptr) continue;  // removed by a reload that raced with this accept
+      start_relay_session(std::move(socket), std::move(snapshot), *listener, registry);
+    }
+  }
+
+  // Opens listeners of `config` that are not open yet (same name and address are kept); returns the new set.
+  // Throws before changing anything that is running.
+  std::vector<std::shared_ptr<Acceptor>> reconcile_listeners(const config::Config& config) {
+    std::vector<std::shared_ptr<Acceptor>> next;
+    for (const auto& listener : config.listeners) {
+      auto kept = std::find_if(acceptors.begin(), acceptors.end(), [&](const auto& a) {
+        return a->name == listener.name && a->address == listener.address.text;
+      });
+      next.push_back(kept != acceptors.end() ? *kept : open_acceptor(listener));
+    }
+    return next;
+  }
+
+  void swap_listeners(std::vector<std::shared_ptr<Acceptor>> next) {
+    for (auto& old : acceptors) {
+      if (std::find(next.begin(), next.end(), old) == next.end()) {
+        error_code ec;
+        old->acceptor.close(ec);
+      }
+    }
+    for (auto& entry : next) {
+      if (std::find(acceptors.begin(), acceptors.end(), entry) == acceptors.end())
+        asio::co_spawn(io, accept_loop(entry), asio::detached);
+    }
+    acceptors = std::move(next);
+  }
+
+  void notify_status() {
+    const std::string status = fmt::format("STATUS={} sessions, {} messages relayed", registry.active(),
+                                           telemetry.messages_total());
+    sd_notify(0, status.c_str());
+  }
+
+  void save_state() {
+    std::string error;
+    if (!telemetry.save_state(current()->config->state_dir, error)) {
+      telemetry.state_error("save_failed");
+      log_limited(LogLevel::error, "state_save_failed", {{"error", error}});
+    }
+  }
+
+  void reload() {
+    sd_notify(0, "RELOADING=1");
+    log_event(LogLevel::info, "reload", {{"config", config_path}});
+    auto loaded = config::load_config_file(config_path);
+    if (!loaded.errors.empty()) {
+      for (const auto& error : loaded.errors) log_event(LogLevel::error, "config_error", {{"error", error.to_string()}});
+      log_event(LogLevel::error, "reload_refused", {{"reason", "invalid configuration, keeping the running one"}});
+      telemetry.config_reloaded(false);
+      sd_notify(0, "READY=1");
+      return;
+    }
+    try {
+      auto next_runtime = Runtime::build(loaded.config);
+      auto next_acceptors = reconcile_listeners(*loaded.config);
+      const auto previous = current();
+      if (previous->config->http.address.text != loaded.config->http.address.text)
+        log_event(LogLevel::warn, "reload_partial", {{"reason", "http.address changes need a restart"}});
+      {
+        std::lock_guard lock(runtime_mutex);
+        runtime = next_runtime;
+      }
+      swap_listeners(std::move(next_acceptors));
+      setup_logging(loaded.config->log);
+      telemetry.configure(*loaded.config);
+      telemetry.config_reloaded(true);
+      log_event(LogLevel::info, "reloaded", {{"listeners", std::to_string(loaded.config->listeners.size())},
+                                             {"connectors", std::to_string(loaded.config->connectors.size())}});
+    } catch (const std::exception& e) {
+      log_event(LogLevel::error, "reload_refused", {{"reason", e.what()}});
+      telemetry.config_reloaded(false);
+    }
+    sd_notify(0, "READY=1");
+  }
+
+  asio::awaitable<void> drain() {
+    stopping = true;
+    sd_notify(0, "STOPPING=1");
+    for (auto& entry : acceptors) {
+      error_code ec;
+      entry->acceptor.close(ec);
+    }
+    const auto timeout = current()->config->limits.drain_timeout;
+    log_event(LogLevel::info, "draining", {{"sessions", std::to_string(registry.active())},
+                                           {"timeout_ms", std::to_string(timeout.count())}});
+    registry.begin_drain();
+    asio::steady_timer tick(io);
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (registry.active() > 0 && std::chrono::steady_clock::now() < deadline) {
+      tick.expires_after(std::chrono::milliseconds(20));
+      co_await tick.async_wait(asio::use_awaitable);
+    }
+    if (registry.active() > 0) {
+      log_event(LogLevel::warn, "drain_timeout", {{"sessions", std::to_string(registry.active())}});
+      registry.close_all();
+      const auto hard_deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+      while (registry.active() > 0 && std::chrono::steady_clock::now() < hard_deadline) {
+        tick.expires_after(std::chrono::milliseconds(20));
+        co_await tick.async_wait(asio::use_awaitable);
+      }
+    }
+    http->stop();
+    save_state();
+    log_event(LogLevel::info, "stopped", {{"messages", std::to_string(telemetry.messages_total())}});
+    io.stop();
+  }
+
+  asio::awaitable<void> signals() {
+    asio::signal_set set(io, SIGHUP, SIGTERM, SIGINT);
+    for (;;) {
+      int signal = co_await set.async_wait(asio::use_awaitable);
+      if (signal == SIGHUP) {
+        if (!stopping) reload();
+        continue;
+      }
+      if (!stopping) asio::co_spawn(io, drain(), asio::detached);
+    }
+  }
+
+  asio::awaitable<void> periodic() {
+    asio::steady_timer timer(io);
+    for (;;) {
+      timer.expires_after(state_save_interval);
+      co_await timer.async_wait(asio::use_awaitable);
+      if (stopping) co_return;
+      save_state();
+      notify_status();
+    }
+  }
+};
+
+Server::Server(std::string config_path, std::shared_ptr<const config::Config> config)
+    : impl_(std::make_unique<Impl>(std::move(config_path), std::move(config))) {}
+
+Server::~Server() = default;
+
+int Server::run() {
+  Impl& s = *impl_;
+  const auto snapshot = s.current();
+  const config::Config& config = *snapshot->config;
+
+  check_state_dir(config.state_dir);
+  std::string error;
+  if (!s.telemetry.load_state(config.state_dir, error))
+    throw std::runtime_error("state_dir " + config.state_dir + ": " + error);
+  if (!error.empty()) log_event(LogLevel::warn, "state_discarded", {{"reason", error}});
+  s.telemetry.configure(config);
+
+  s.swap_listeners(s.reconcile_listeners(config));
+  s.http = std::make_unique<HttpServer>(s.io, config.http, s.telemetry, [&s] { return !s.stopping; });
+  s.http->start();
+  asio::co_spawn(s.io, s.signals(), asio::detached);
+  asio::co_spawn(s.io, s.periodic(), asio::detached);
+
+  std::string listeners;
+  for (const auto& l : config.listeners) listeners += (listeners.empty() ? "" : ",") + l.name + "=" + l.address.text;
+  log_event(LogLevel::info, "started", {{"version", MAILFLOW_VERSION}, {"listeners", listeners},
+                                        {"http", config.http.address.text}});
+  sd_notify(0, "READY=1");
+  s.notify_status();
+
+  const unsigned threads = std::max(1u, std::thread::hardware_concurrency());
+  std::vector<std::thread> pool;
+  for (unsigned i = 1; i < threads; ++i) pool.emplace_back([&s] { s.io.run(); });
+  s.io.run();
+  for (auto& thread : pool) thread.join();
+  return s.exit_code;
+}
+
+}  // namespace mailflow

@@ -1,0 +1,27 @@
+#pragma once
+// The running daemon: listeners, sessions, HTTP, signals (SIGHUP reload, SIGTERM/SIGINT drain), state
+// persistence and systemd notification, all on one io_context served by a small thread pool.
+#include <memory>
+#include <string>
+
+#include "config/config.hpp"
+
+namespace mailflow {
+
+class Server {
+ public:
+  // `config` is the validated startup configuration loaded from `config_path` (reloads read that path again).
+  Server(std::string config_path, std::shared_ptr<const config::Config> config);
+  ~Server();
+
+  // Starts everything and blocks until a SIGTERM/SIGINT drain finished. Startup problems (unbindable
+  // address, unreadable certificate, unwritable state_dir) throw std::runtime_error with a clear message.
+  // Returns the process exit code.
+  int run();
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace mailflow

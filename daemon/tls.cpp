@@ -1,0 +1,135 @@
+#include "daemon/tls.hpp"
+
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
+
+#include <cctype>
+#include <stdexcept>
+
+namespace mailflow {
+namespace {
+
+std::string openssl_error_text() {
+  unsigned long code = ERR_get_error();
+  ERR_clear_error();
+  if (code == 0) return "unknown OpenSSL error";
+  char buffer[256];
+  ERR_error_string_n(code, buffer, sizeof buffer);
+  return buffer;
+}
+
+int to_openssl_version(proto::TlsVersion version) {
+  switch (version) {
+    case proto::TlsVersion::tls10: return TLS1_VERSION;
+    case proto::TlsVersion::tls11: return TLS1_1_VERSION;
+    case proto::TlsVersion::tls12: return TLS1_2_VERSION;
+    case proto::TlsVersion::tls13: return TLS1_3_VERSION;
+    case proto::TlsVersion::none: break;
+  }
+  return TLS1_VERSION;
+}
+
+}  // namespace
+
+TlsInfo tls_info(const SSL* ssl) {
+  TlsInfo info;
+  switch (SSL_version(ssl)) {
+    case TLS1_VERSION: info.version = proto::TlsVersion::tls10; break;
+    case TLS1_1_VERSION: info.version = proto::TlsVersion::tls11; break;
+    case TLS1_2_VERSION: info.version = proto::TlsVersion::tls12; break;
+    case TLS1_3_VERSION: info.version = proto::TlsVersion::tls13; break;
+    default: info.version = proto::TlsVersion::none; break;
+  }
+  if (const char* cipher = SSL_get_cipher_name(ssl)) info.cipher = cipher;
+  if (const char* name = SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name)) info.sni = name;
+  return info;
+}
+
+std::string handshake_failure_reason(unsigned long openssl_error, bool timed_out, bool eof) {
+  if (timed_out) return "timeout";
+  if (openssl_error == 0) return eof ? "eof" : "io_error";
+  const char* reason = ERR_reason_error_string(openssl_error);
+  if (reason == nullptr) return "other";
+  std::string label;
+  for (const char* p = reason; *p != '\0' && label.size() < 48; ++p) {
+    unsigned char c = static_cast<unsigned char>(*p);
+    label += std::isalnum(c) ? static_cast<char>(std::tolower(c)) : '_';
+  }
+  return label;
+}
+
+struct ServerTls::Entry {
+  SSL_CTX* ctx = nullptr;
+  X509* leaf = nullptr;  // owned by ctx
+  ~Entry() { SSL_CTX_free(ctx); }
+};
+
+ServerTls::ServerTls(const config::ListenerTls& tls) {
+  for (const auto& pair : tls.certificates) {
+    auto entry = std::make_unique<Entry>();
+    entry->ctx = SSL_CTX_new(TLS_server_method());
+    if (entry->ctx == nullptr) throw std::runtime_error("SSL_CTX_new: " + openssl_error_text());
+    SSL_CTX* ctx = entry->ctx;
+    // Legacy versions must stay negotiable: measuring who still uses them is the point.
+    SSL_CTX_set_min_proto_version(ctx, to_openssl_version(tls.min_version));
+    SSL_CTX_set_max_proto_version(ctx, 0);
+    SSL_CTX_set_options(ctx, SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION | SSL_OP_CIPHER_SERVER_PREFERENCE);
+    SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);
+    if (SSL_CTX_set_cipher_list(ctx, tls.ciphers.c_str()) != 1)
+      throw std::runtime_error("invalid ciphers '" + tls.ciphers + "': " + openssl_error_text());
+    if (SSL_CTX_use_certificate_chain_file(ctx, pair.cert.c_str()) != 1)
+      throw std::runtime_error("cannot load certificate " + pair.cert + ": " + openssl_error_text());
+    if (SSL_CTX_use_PrivateKey_file(ctx, pair.key.c_str(), SSL_FILETYPE_PEM) != 1)
+      throw std::runtime_error("cannot load key " + pair.key + ": " + openssl_error_text());
+    if (SSL_CTX_check_private_key(ctx) != 1)
+      throw std::runtime_error("key " + pair.key + " does not match certificate " + pair.cert);
+    entry->leaf = SSL_CTX_get0_certificate(ctx);
+    entries_.push_back(std::move(entry));
+  }
+  if (entries_.empty()) throw std::runtime_error("tls: no certificates");
+  SSL_CTX_set_tlsext_servername_callback(entries_.front()->ctx, &ServerTls::on_servername);
+  SSL_CTX_set_tlsext_servername_arg(entries_.front()->ctx, this);
+}
+
+ServerTls::~ServerTls() = default;
+
+SSL_CTX* ServerTls::context() const { return entries_.front()->ctx; }
+
+int ServerTls::on_servername(SSL* ssl, int*, void* arg) {
+  const auto* self = static_cast<const ServerTls*>(arg);
+  const char* name = SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name);
+  if (name == nullptr) return SSL_TLSEXT_ERR_OK;
+  for (const auto& entry : self->entries_) {
+    if (X509_check_host(entry->leaf, name, 0, 0, nullptr) == 1) {
+      if (entry.get() != self->entries_.front().get()) SSL_set_SSL_CTX(ssl, entry->ctx);
+      return SSL_TLSEXT_ERR_OK;
+    }
+  }
+  return SSL_TLSEXT_ERR_OK;  // unknown name: the default certificate answers
+}
+
+ClientTls::ClientTls(const config::Upstream& upstream) : verify_(upstream.tls == config::UpstreamTls::verify) {
+  ctx_ = SSL_CTX_new(TLS_client_method());
+  if (ctx_ == nullptr) throw std::runtime_error("SSL_CTX_new: " + openssl_error_text());
+  SSL_CTX_set_options(ctx_, SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION);
+  SSL_CTX_set_mode(ctx_, SSL_MODE_RELEASE_BUFFERS);
+  if (verify_) {
+    SSL_CTX_set_min_proto_version(ctx_, TLS1_2_VERSION);
+    if (SSL_CTX_load_verify_locations(ctx_, upstream.ca_file.c_str(), nullptr) != 1) {
+      SSL_CTX_free(ctx_);
+      throw std::runtime_error("cannot load ca_file " + upstream.ca_file + ": " + openssl_error_text());
+    }
+    SSL_CTX_set_verify(ctx_, SSL_VERIFY_PEER, nullptr);
+  } else {
+    // Opportunistic/required TLS to a mail server: encryption without authentication (RFC 7435), and
+    // old servers must still be reachable so that their version can be recorded.
+    SSL_CTX_set_min_proto_version(ctx_, TLS1_VERSION);
+    SSL_CTX_set_cipher_list(ctx_, "DEFAULT:@SECLEVEL=0");
+    SSL_CTX_set_verify(ctx_, SSL_VERIFY_NONE, nullptr);
+  }
+}
+
+ClientTls::~ClientTls() { SSL_CTX_free(ctx_); }
+
+}  // namespace mailflow

@@ -1,0 +1,62 @@
+#pragma once
+// OpenSSL contexts built from a config snapshot: one server context per listener (SNI picks among its
+// certificates) and one client context per upstream. Built at start and on reload; a failure to load a
+// certificate is a startup error / a refused reload.
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "config/config.hpp"
+#include "proto/tls_version.hpp"
+
+typedef struct ssl_st SSL;
+typedef struct ssl_ctx_st SSL_CTX;
+
+namespace mailflow {
+
+// What a finished handshake negotiated.
+struct TlsInfo {
+  proto::TlsVersion version = proto::TlsVersion::none;
+  std::string cipher;
+  std::string sni;  // server name the client asked for (client leg)
+};
+TlsInfo tls_info(const SSL* ssl);
+
+// A short, bounded label for mailflow_tls_handshake_failures_total{reason}: OpenSSL's reason string in
+// snake_case ("unsupported_protocol", "no_shared_cipher", "certificate_verify_failed", ...), or "eof"/"timeout".
+std::string handshake_failure_reason(unsigned long openssl_error, bool timed_out, bool eof);
+
+class ServerTls {
+ public:
+  // Throws std::runtime_error naming the file when a certificate or key cannot be loaded.
+  explicit ServerTls(const config::ListenerTls& tls);
+  ~ServerTls();
+  ServerTls(const ServerTls&) = delete;
+  ServerTls& operator=(const ServerTls&) = delete;
+
+  SSL_CTX* context() const;  // the default context; SNI switches the SSL to another certificate's context
+
+ private:
+  struct Entry;
+  std::vector<std::unique_ptr<Entry>> entries_;
+  static int on_servername(SSL* ssl, int* alert, void* arg);
+};
+
+class ClientTls {
+ public:
+  // verify: the upstream's certificate must chain to ca_file and match its host name.
+  explicit ClientTls(const config::Upstream& upstream);
+  ~ClientTls();
+  ClientTls(const ClientTls&) = delete;
+  ClientTls& operator=(const ClientTls&) = delete;
+
+  SSL_CTX* context() const { return ctx_; }
+  bool verify() const { return verify_; }
+
+ private:
+  SSL_CTX* ctx_ = nullptr;
+  bool verify_ = false;
+};
+
+}  // namespace mailflow
