@@ -45,6 +45,27 @@ class ServerSession {
     std::string reply;               // wire form, CRLF included; empty for begin_mail/forward_rcpt/begin_data
     std::string_view reject_reason;  // non-empty when this is a refusal to count in mailflow_rejects_total
   };
+  // reject_reason values (the `reason` label of mailflow_rejects_total), with the reply that carries them:
+  //   bad_sequence           503 5.5.1  MAIL before EHLO/HELO (or after STARTTLS), nested MAIL, RCPT before MAIL,
+  //                                     DATA before MAIL, STARTTLS inside a transaction
+  //   no_valid_recipients    554 5.5.1  DATA after MAIL when no RCPT was accepted
+  //   unrecognized_command   500 5.5.2  unknown verb, empty line
+  //   bad_bytes              500 5.5.2  NUL, control characters or bytes >= 0x80 in a command
+  //   syntax_error           501 5.5.4  known verb, malformed arguments (EHLO without name, "MAIL TO:", DATA x,
+  //                                     STARTTLS with an argument)
+  //   bad_address            501 5.1.7 (MAIL) / 501 5.1.3 (RCPT)  invalid path syntax
+  //   unknown_parameter      555 5.5.4  MAIL parameter other than SIZE/BODY, any RCPT parameter, bad SIZE value
+  //   message_too_big        552 5.3.4  MAIL SIZE= above max_message_size
+  //   too_many_recipients    452 4.5.3  RCPT beyond max_recipients (not counted as a bad command: 4xx)
+  //   vrfy_disabled          502 5.5.1  VRFY, EXPN
+  //   not_implemented        502 5.5.1  AUTH, BDAT
+  //   starttls_unavailable   502 5.5.1  STARTTLS on a listener without certificates
+  //   starttls_twice         503 5.5.1  STARTTLS when TLS is already active
+  //   line_too_long          500 5.5.2  on_framing_error(too_long)
+  //   bare_newline_command   500 5.5.2  on_framing_error(bad_newline)
+  //   too_many_bad_commands  421 4.7.0  (kind close) the max_bad_commands-th local 5xx replaces that reply;
+  //                                     max_bad_commands == 0 means no limit
+  // After close (QUIT, 421) every further line gets kind close with a 421 and no reason.
 
   explicit ServerSession(Options options);
 
