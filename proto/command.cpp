@@ -41,8 +41,9 @@ bool valid_domain(std::string_view d) {
   if (d.empty()) return false;
   if (d.front() == '[') {
     if (d.size() < 3 || d.back() != ']') return false;
+    // IPv4 "[192.0.2.1]" or tagged "[IPv6:2001:db8::1]": letters, digits, '.', ':', '-' only.
     for (char c : d.substr(1, d.size() - 2)) {
-      if (c == '[' || c == ']' || c == '\\' || c == ' ') return false;
+      if (!is_alpha(c) && !is_digit(c) && c != '.' && c != ':' && c != '-') return false;
     }
     return true;
   }
