@@ -183,7 +183,7 @@ class Loader {
       const YAML::Node root = YAML::Load(std::string(text));
       load_root(root);
     } catch (const YAML::Exception& e) {
-      error_at(e.mark, "YAML syntax error: " + e.msg);
+      error_at(e.mark, "YAML syntax error: " + e.msg + syntax_hint(text, e.mark));
     }
     std::stable_sort(errors_.begin(), errors_.end(), [](const ConfigError& a, const ConfigError& b) {
       return std::pair(a.line, a.column) < std::pair(b.line, b.column);
@@ -200,6 +200,23 @@ class Loader {
   std::vector<ConfigError> errors_;
   Config config_;
   YAML::Mark root_mark_;
+
+  // The classic: an unquoted "[::]:25" is a YAML flow list followed by garbage.
+  static std::string syntax_hint(std::string_view text, const YAML::Mark& mark) {
+    if (mark.is_null() || mark.line < 0) return "";
+    std::size_t start = 0;
+    for (int line = 0; line < mark.line && start != std::string_view::npos; ++line) {
+      start = text.find('\n', start);
+      if (start != std::string_view::npos) ++start;
+    }
+    if (start == std::string_view::npos) return "";
+    const std::string_view line = text.substr(start, text.find('\n', start) - start);
+    const auto open = line.find(": [");
+    if (open != std::string_view::npos && line.find("]:", open) != std::string_view::npos) {
+      return " (quote addresses like \"[::]:25\")";
+    }
+    return "";
+  }
 
   // ---- error reporting -------------------------------------------------------------------------------------
   void error_at(const YAML::Mark& mark, std::string message) {
@@ -745,14 +762,13 @@ class Loader {
       }
       const bool has_direction = read_enum(*map, "direction", where, connector.direction,
                                            {{"inbound", Direction::inbound}, {"outbound", Direction::outbound}});
-      bool has_listener_match = false;
-      if (const Field* match = get(*map, "match")) {
-        has_listener_match = load_match(*match, where + ".match", connector, has_direction);
-      }
-      if (!has_listener_match && get(*map, "direction") == nullptr) {
+      std::optional<std::vector<MatchedListener>> matched;
+      if (const Field* match = get(*map, "match")) matched = load_match(*match, where + ".match", connector.match);
+      if (!matched && get(*map, "direction") == nullptr) {
         error_at(list[i].Mark(),
                  where + ": missing required key \"direction\" (needed when match.listener is not given)");
       }
+      if (matched) check_direction(*matched, has_direction ? get(*map, "direction") : nullptr, where, connector);
       read_bool(*map, "require_tls", where, connector.require_tls);
       if (get(*map, "upstream") != nullptr) check_upstream_reference(*map, where, connector.upstream);
       if (const Field* alerts = get(*map, "alerts")) {
@@ -762,17 +778,43 @@ class Loader {
     }
   }
 
-  // Returns whether match.listener was given. Sets the connector's direction from its listeners when it had none,
-  // and reports a direction that differs from theirs.
-  bool load_match(const Field& field, const std::string& where, Connector& connector, bool has_direction) {
+  struct MatchedListener {
+    const Listener* listener;
+    YAML::Node node;
+  };
+
+  // A connector's direction is its listeners': taken from them when not given, an error when it differs.
+  void check_direction(const std::vector<MatchedListener>& matched, const Field* direction_field,
+                       const std::string& where, Connector& connector) {
+    for (std::size_t i = 0; i < matched.size(); ++i) {
+      const Listener& listener = *matched[i].listener;
+      if (direction_field != nullptr) {
+        if (listener.direction != connector.direction) {
+          error_at(*direction_field, where + ".direction: the connector is " +
+                                         std::string(to_string(connector.direction)) + " but its listener " +
+                                         quoted(listener.name) + " is " + std::string(to_string(listener.direction)) +
+                                         " (a connector's direction is its listener's)");
+        }
+      } else if (i == 0) {
+        connector.direction = listener.direction;
+      } else if (listener.direction != connector.direction) {
+        error_at(matched[i].node, where + ".match.listener: listener " + quoted(listener.name) + " is " +
+                                      std::string(to_string(listener.direction)) + " but " +
+                                      quoted(matched[0].listener->name) + " is " +
+                                      std::string(to_string(connector.direction)) +
+                                      "; a connector has one direction");
+      }
+    }
+  }
+
+  // Reads match; returns the listeners named by match.listener (nullopt when that key is absent).
+  std::optional<std::vector<MatchedListener>> load_match(const Field& field, const std::string& where,
+                                                         ConnectorMatch& match) {
     const auto map = fields(field, "connectors[].match", where);
-    if (!map) return false;
-    ConnectorMatch& match = connector.match;
-    bool has_listener = false;
+    if (!map) return std::nullopt;
+    std::optional<std::vector<MatchedListener>> matched;
     if (const Field* listeners = get(*map, "listener")) {
-      has_listener = true;
-      std::optional<Direction> direction;
-      std::string first_listener;
+      matched.emplace();
       for (const auto& [name, node] : string_list(*listeners, where + ".listener", "a listener name")) {
         const Listener* listener = config_.find_listener(name);
         if (listener == nullptr) {
@@ -782,21 +824,8 @@ class Loader {
           continue;
         }
         match.listeners.push_back(name);
-        if (has_direction && listener->direction != connector.direction) {
-          error_at(node, where + ".listener: listener " + quoted(name) + " is " +
-                             std::string(to_string(listener->direction)) + " but the connector's direction is " +
-                             std::string(to_string(connector.direction)) +
-                             " (a connector's direction is its listener's)");
-        } else if (direction && *direction != listener->direction) {
-          error_at(node, where + ".listener: listener " + quoted(name) + " is " +
-                             std::string(to_string(listener->direction)) + " but " + quoted(first_listener) + " is " +
-                             std::string(to_string(*direction)) + "; a connector has one direction");
-        } else if (!direction) {
-          direction = listener->direction;
-          first_listener = name;
-        }
+        matched->push_back(MatchedListener{listener, node});
       }
-      if (!has_direction && direction) connector.direction = *direction;
     }
     if (const Field* cidrs = get(*map, "client_cidrs")) match.client_cidrs = read_cidrs(*cidrs, where + ".client_cidrs");
     if (const Field* domains = get(*map, "sender_domains")) {
@@ -830,7 +859,7 @@ class Loader {
     };
     patterns("ehlo", match.ehlo);
     patterns("sni", match.sni);
-    return has_listener;
+    return matched;
   }
 
   void load_http(const Field& field) {
