@@ -124,13 +124,19 @@ Response make_response(const Request& request, http::status status, std::string_
   return response;
 }
 
+// What may change on reload without rebinding. A connection keeps the snapshot it was accepted with.
+struct Settings {
+  std::optional<config::BasicAuth> basic_auth;
+  std::shared_ptr<asio::ssl::context> tls;  // null: plain HTTP
+};
+
 class Server : public std::enable_shared_from_this<Server> {
  public:
   Server(asio::io_context& io, const config::Http& http, Telemetry& telemetry, std::function<bool()> ready)
       : io_(io), http_(http), telemetry_(telemetry), ready_(std::move(ready)), acceptor_(asio::make_strand(io)) {}
 
   void start() {
-    if (http_.tls) load_tls();
+    update(http_);
     const std::string host = http_.address.host.empty() ? "127.0.0.1" : http_.address.host;
     const std::string where = http_.address.text.empty() ? host + ":" + std::to_string(http_.address.port)
                                                          : http_.address.text;
@@ -173,6 +179,17 @@ class Server : public std::enable_shared_from_this<Server> {
 
   unsigned short port() const { return port_; }
 
+  // Basic auth and TLS certificate for connections accepted from now on; throws (keeping the old ones) when
+  // the certificate or key cannot be loaded.
+  void update(const config::Http& http) {
+    auto next = std::make_shared<Settings>();
+    next->basic_auth = http.basic_auth;
+    if (http.tls) next->tls = load_tls(*http.tls);
+    std::lock_guard lock(mutex_);
+    settings_ = std::move(next);
+    accepted_.clear();
+  }
+
  private:
   static void log_exception(const std::exception_ptr& error) {
     if (!error) return;
@@ -185,17 +202,22 @@ class Server : public std::enable_shared_from_this<Server> {
     }
   }
 
-  void load_tls() {
-    auto context = std::make_unique<asio::ssl::context>(asio::ssl::context::tls_server);
+  static std::shared_ptr<asio::ssl::context> load_tls(const config::CertificatePair& pair) {
+    auto context = std::make_shared<asio::ssl::context>(asio::ssl::context::tls_server);
     context->set_options(asio::ssl::context::default_workarounds | asio::ssl::context::no_sslv2 |
                          asio::ssl::context::no_sslv3 | asio::ssl::context::no_tlsv1 |
                          asio::ssl::context::no_tlsv1_1);
     beast::error_code ec;
-    context->use_certificate_chain_file(http_.tls->cert, ec);
-    if (ec) throw std::system_error(ec, "http.tls: cannot load certificate " + http_.tls->cert);
-    context->use_private_key_file(http_.tls->key, asio::ssl::context::pem, ec);
-    if (ec) throw std::system_error(ec, "http.tls: cannot load key " + http_.tls->key);
-    tls_ = std::move(context);
+    context->use_certificate_chain_file(pair.cert, ec);
+    if (ec) throw std::system_error(ec, "http.tls: cannot load certificate " + pair.cert);
+    context->use_private_key_file(pair.key, asio::ssl::context::pem, ec);
+    if (ec) throw std::system_error(ec, "http.tls: cannot load key " + pair.key);
+    return context;
+  }
+
+  std::shared_ptr<const Settings> settings() const {
+    std::lock_guard lock(mutex_);
+    return settings_;
   }
 
   asio::awaitable<void> accept_loop() {
@@ -239,14 +261,16 @@ class Server : public std::enable_shared_from_this<Server> {
 
   asio::awaitable<void> run_session(tcp::socket socket) {
     auto self = shared_from_this();
+    const auto settings = this->settings();
     beast::error_code ec;
-    if (tls_) {
-      auto stream = std::make_shared<beast::ssl_stream<beast::tcp_stream>>(beast::tcp_stream(std::move(socket)), *tls_);
+    if (settings->tls) {
+      auto stream =
+          std::make_shared<beast::ssl_stream<beast::tcp_stream>>(beast::tcp_stream(std::move(socket)), *settings->tls);
       const auto id = track(stream);
       if (!id) co_return;
       beast::get_lowest_layer(*stream).expires_after(kTlsTimeout);
       co_await stream->async_handshake(asio::ssl::stream_base::server, asio::redirect_error(asio::use_awaitable, ec));
-      if (!ec && co_await serve(*stream)) {
+      if (!ec && co_await serve(*stream, *settings)) {
         beast::get_lowest_layer(*stream).expires_after(kTlsTimeout);
         co_await stream->async_shutdown(asio::redirect_error(asio::use_awaitable, ec));
       }
@@ -255,14 +279,14 @@ class Server : public std::enable_shared_from_this<Server> {
       auto stream = std::make_shared<beast::tcp_stream>(std::move(socket));
       const auto id = track(stream);
       if (!id) co_return;
-      if (co_await serve(*stream)) stream->socket().shutdown(tcp::socket::shutdown_send, ec);
+      if (co_await serve(*stream, *settings)) stream->socket().shutdown(tcp::socket::shutdown_send, ec);
       untrack(*id);
     }
   }
 
   // Serves requests until the peer closes, asks to close, or an I/O error. True when a graceful close is due.
   template <class Stream>
-  asio::awaitable<bool> serve(Stream& stream) {
+  asio::awaitable<bool> serve(Stream& stream, const Settings& settings) {
     beast::flat_buffer buffer;
     for (;;) {
       http::request_parser<http::string_body> parser;
@@ -279,7 +303,7 @@ class Server : public std::enable_shared_from_this<Server> {
         response = make_response(bad, http::status::bad_request, kTextPlain, "bad request\n");
         response.keep_alive(false);
       } else {
-        response = respond(parser.get());
+        response = respond(parser.get(), settings);
       }
       beast::get_lowest_layer(stream).expires_after(kWriteTimeout);
       co_await http::async_write(stream, response, asio::redirect_error(asio::use_awaitable, ec));
@@ -288,22 +312,22 @@ class Server : public std::enable_shared_from_this<Server> {
     }
   }
 
-  Response respond(const Request& request) {
+  Response respond(const Request& request, const Settings& settings) {
     try {
-      return route(request);
+      return route(request, settings);
     } catch (const std::exception& e) {
       spdlog::error("http: {} failed: {}", std::string_view(request.target().data(), request.target().size()), e.what());
       return make_response(request, http::status::internal_server_error, kTextPlain, "internal error\n");
     }
   }
 
-  Response route(const Request& request) {
+  Response route(const Request& request, const Settings& settings) {
     const std::string_view target(request.target().data(), request.target().size());
     const auto question = target.find('?');
     const std::string_view path = target.substr(0, question);
     const std::string_view query = question == std::string_view::npos ? std::string_view{} : target.substr(question + 1);
 
-    if (path != "/healthz" && !authorized(request)) {
+    if (path != "/healthz" && !authorized(request, settings)) {
       auto response = make_response(request, http::status::unauthorized, kTextPlain, "unauthorized\n");
       response.set(http::field::www_authenticate, R"(Basic realm="mailflowd", charset="UTF-8")");
       return response;
@@ -345,8 +369,8 @@ class Server : public std::enable_shared_from_this<Server> {
     return make_response(request, http::status::not_found, kTextPlain, "not found\n");
   }
 
-  bool authorized(const Request& request) {
-    if (!http_.basic_auth) return true;
+  bool authorized(const Request& request, const Settings& settings) {
+    if (!settings.basic_auth) return true;
     const auto field = request.find(http::field::authorization);
     if (field == request.end()) return false;
     std::string_view value(field->value().data(), field->value().size());
@@ -372,10 +396,11 @@ class Server : public std::enable_shared_from_this<Server> {
     }
     const std::string_view user = std::string_view(*credentials).substr(0, colon);
     const std::string_view password = std::string_view(*credentials).substr(colon + 1);
-    const std::string& expected_user = http_.basic_auth->user;
+    const std::string& expected_user = settings.basic_auth->user;
     const bool user_ok =
         user.size() == expected_user.size() && CRYPTO_memcmp(user.data(), expected_user.data(), user.size()) == 0;
-    const bool password_ok = password_matches(password, http_.basic_auth->password_hash);  // run even if user_ok is false
+    // Run even when the user is wrong, so the timing does not tell which half failed.
+    const bool password_ok = password_matches(password, settings.basic_auth->password_hash);
     if (!user_ok || !password_ok) return false;
     std::lock_guard lock(mutex_);
     if (accepted_.size() >= kMaxCachedCredentials) accepted_.erase(accepted_.begin());
@@ -388,10 +413,10 @@ class Server : public std::enable_shared_from_this<Server> {
   Telemetry& telemetry_;
   const std::function<bool()> ready_;
   tcp::acceptor acceptor_;
-  std::unique_ptr<asio::ssl::context> tls_;
   std::atomic<unsigned short> port_{0};
 
-  std::mutex mutex_;  // guards the members below
+  mutable std::mutex mutex_;  // guards the members below
+  std::shared_ptr<const Settings> settings_ = std::make_shared<Settings>();
   bool stopped_ = false;
   std::uint64_t next_id_ = 0;
   std::map<std::uint64_t, std::function<void()>> closers_;
@@ -413,6 +438,7 @@ HttpServer::~HttpServer() { impl_->server->stop(); }
 
 void HttpServer::start() { impl_->server->start(); }
 void HttpServer::stop() { impl_->server->stop(); }
+void HttpServer::update(const config::Http& http) { impl_->server->update(http); }
 unsigned short HttpServer::port() const { return impl_->server->port(); }
 
 }  // namespace mailflow

@@ -25,6 +25,9 @@ class HttpServer {
   void start();
   // Stops accepting and closes open HTTP connections.
   void stop();
+  // SIGHUP: new basic_auth and TLS certificate/key for connections accepted from now on (the address needs a
+  // restart). Throws std::system_error and keeps the old settings when the certificate or key is unusable.
+  void update(const config::Http& http);
   // The bound port (after start(); useful with port 0 in tests).
   unsigned short port() const;
 

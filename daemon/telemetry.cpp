@@ -494,8 +494,7 @@ bool Telemetry::save_state(const std::string& state_dir, std::string& error) {
   const fs::path path = fs::path(state_dir) / kStateFile;
   const fs::path temp = fs::path(state_dir) / (std::string(kStateFile) + ".tmp");
   auto fail = [&](const std::string& what, int saved_errno) {
-    error = what + ": " + errno_text(saved_errno);
-    impl_->count_state_error("save");
+    error = what + ": " + errno_text(saved_errno);  // the caller logs and counts it (state_error)
     return false;
   };
 
@@ -538,7 +537,6 @@ bool Telemetry::load_state(const std::string& state_dir, std::string& error) {
   if (fd < 0) {
     if (errno == ENOENT) return true;  // first start: empty windows
     error = "cannot open " + path.string() + ": " + errno_text(errno);
-    impl_->count_state_error("load");
     return false;
   }
   std::string text;
@@ -551,7 +549,6 @@ bool Telemetry::load_state(const std::string& state_dir, std::string& error) {
       const int saved = errno;
       ::close(fd);
       error = "cannot read " + path.string() + ": " + errno_text(saved);
-      impl_->count_state_error("load");
       return false;
     }
     if (n == 0) break;

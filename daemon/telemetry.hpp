@@ -53,7 +53,9 @@ class Telemetry {
   int window_days() const;
 
   // Rolling windows persistence (state_dir/windows.state): atomic save (temp, fsync, rename); load moves a
-  // corrupt or foreign file aside (windows.state.corrupt-<time>) and starts empty. False + error on failure.
+  // corrupt or foreign file aside (windows.state.corrupt-<time>), counts state_error("corrupt"), starts empty and
+  // returns true with `error` set (for the log). False + error when the file or directory is unusable; those
+  // failures are not counted here (the caller counts them with state_error).
   bool save_state(const std::string& state_dir, std::string& error);
   bool load_state(const std::string& state_dir, std::string& error);
 

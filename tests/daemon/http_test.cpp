@@ -4,13 +4,21 @@
 
 #include <crypt.h>
 #include <doctest/doctest.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/ssl.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
+#include <boost/beast/ssl.hpp>
 #include <chrono>
+#include <cstdio>
+#include <filesystem>
 #include <optional>
 #include <string>
 #include <system_error>
@@ -80,7 +88,8 @@ Reply request(unsigned short port, const std::string& target, http::verb method 
 
 // A running HttpServer on 127.0.0.1:<ephemeral> with its own I/O thread.
 struct Fixture {
-  explicit Fixture(std::optional<mailflow::config::BasicAuth> auth = std::nullopt) {
+  explicit Fixture(std::optional<mailflow::config::BasicAuth> auth = std::nullopt,
+                   std::optional<mailflow::config::CertificatePair> tls = std::nullopt) {
     mailflow::config::Config config;
     mailflow::config::Listener in;
     in.name = "inbound";
@@ -91,6 +100,7 @@ struct Fixture {
     mailflow::config::Http http;
     http.address = {"127.0.0.1", 0, "127.0.0.1:0"};
     http.basic_auth = std::move(auth);
+    http.tls = std::move(tls);
     server = std::make_unique<mailflow::HttpServer>(io, http, telemetry, [this] { return ready.load(); });
     server->start();
     thread = std::thread([this] { io.run(); });
@@ -114,6 +124,32 @@ std::string make_hash(const char* password) {
   const char* hash = crypt_rn(password, salt, &data, sizeof data);
   REQUIRE(hash != nullptr);
   return hash;
+}
+
+// A throw-away self-signed EC certificate for 127.0.0.1, written as PEM files into `dir`.
+mailflow::config::CertificatePair make_certificate(const std::filesystem::path& dir) {
+  EVP_PKEY* key = EVP_PKEY_Q_keygen(nullptr, nullptr, "EC", "P-256");
+  REQUIRE(key != nullptr);
+  X509* cert = X509_new();
+  X509_set_version(cert, 2);
+  ASN1_INTEGER_set(X509_get_serialNumber(cert), 1);
+  X509_gmtime_adj(X509_getm_notBefore(cert), -60);
+  X509_gmtime_adj(X509_getm_notAfter(cert), 3600);
+  X509_NAME_add_entry_by_txt(X509_get_subject_name(cert), "CN", MBSTRING_ASC,
+                             reinterpret_cast<const unsigned char*>("127.0.0.1"), -1, -1, 0);
+  X509_set_issuer_name(cert, X509_get_subject_name(cert));
+  X509_set_pubkey(cert, key);
+  REQUIRE(X509_sign(cert, key, EVP_sha256()) > 0);
+  mailflow::config::CertificatePair pair{(dir / "http.pem").string(), (dir / "http.key").string()};
+  FILE* out = std::fopen(pair.cert.c_str(), "w");
+  PEM_write_X509(out, cert);
+  std::fclose(out);
+  out = std::fopen(pair.key.c_str(), "w");
+  PEM_write_PrivateKey(out, key, nullptr, nullptr, 0, nullptr, nullptr);
+  std::fclose(out);
+  X509_free(cert);
+  EVP_PKEY_free(key);
+  return pair;
 }
 
 }  // namespace
@@ -234,4 +270,49 @@ TEST_CASE("http: stop() closes idle keep-alive connections") {
   char byte;
   socket.read_some(asio::buffer(&byte, 1), ec);
   CHECK(ec);  // EOF or reset
+}
+
+TEST_CASE("http: HTTPS when http.tls is configured") {
+  const auto dir = std::filesystem::temp_directory_path() / ("mailflow-http-tls-" + std::to_string(getpid()));
+  std::filesystem::create_directories(dir);
+  Fixture f(std::nullopt, make_certificate(dir));
+
+  asio::io_context io;
+  asio::ssl::context context(asio::ssl::context::tls_client);
+  context.set_verify_mode(asio::ssl::verify_none);
+  beast::ssl_stream<tcp::socket> stream(io, context);
+  stream.next_layer().connect(tcp::endpoint(asio::ip::make_address("127.0.0.1"), f.server->port()));
+  stream.handshake(asio::ssl::stream_base::client);
+  http::request<http::string_body> req{http::verb::get, "/metrics", 11};
+  req.set(http::field::host, "127.0.0.1");
+  req.keep_alive(false);
+  http::write(stream, req);
+  beast::flat_buffer buffer;
+  http::response<http::string_body> res;
+  http::read(stream, buffer, res);
+  CHECK(res.result_int() == 200);
+  CHECK(res.body().find("mailflow_build_info{") != std::string::npos);
+
+  // Plain HTTP to the TLS port gets no HTTP answer.
+  CHECK_THROWS(request(f.server->port(), "/healthz"));
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("http: update() applies new basic auth; a bad certificate is refused and the old settings stay") {
+  Fixture f;
+  const auto port = f.server->port();
+  CHECK(request(port, "/metrics").status == 200);
+
+  mailflow::config::Http http;
+  http.address = {"127.0.0.1", port, ""};
+  http.basic_auth = mailflow::config::BasicAuth{"prom", make_hash("new")};
+  f.server->update(http);
+  CHECK(request(port, "/metrics").status == 401);
+  CHECK(request(port, "/metrics", http::verb::get, "Basic " + base64("prom:new")).status == 200);
+
+  auto broken = http;
+  broken.basic_auth.reset();
+  broken.tls = mailflow::config::CertificatePair{"/nonexistent/cert.pem", "/nonexistent/key.pem"};
+  CHECK_THROWS_AS(f.server->update(broken), std::system_error);
+  CHECK(request(port, "/metrics").status == 401);  // still the previous settings
 }
