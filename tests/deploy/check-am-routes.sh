@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The example Alertmanager routing sends each kind of mailflowd alert where its comment says.
+# Usage: check-am-routes.sh AMTOOL alertmanager.yml
+set -euo pipefail
+amtool=$1 config=$2
+fail=0
+expect() {  # expected-receivers labels...
+  local want=$1; shift
+  local got
+  got=$("$amtool" config routes test --config.file="$config" "$@" 2>/dev/null)
+  if [ "$got" != "$want" ]; then
+    echo "FAIL: {$*} -> '$got', expected '$want'"; fail=1
+  else
+    echo "ok:   {$*} -> $got"
+  fi
+}
+expect partner-team             alertname=MailflowSignificantTLS10 severity=warning connector=partner-contoso direction=inbound
+expect partner-team             alertname=MailflowSignificantNoTLS severity=warning connector=partner-fabrikam direction=outbound
+expect mail-admins              alertname=MailflowSignificantNoTLS severity=warning connector=internet direction=inbound
+expect legacy-owners            alertname=MailflowSignificantTLS10 severity=warning connector=onprem-legacy direction=outbound
+expect mail-admins              alertname=MailflowTLSHandshakeFailures severity=warning listener=inbound leg=client
+expect oncall-pager,mail-admins alertname=MailflowUpstreamDown severity=critical upstream=mailstore
+expect oncall-pager,mail-admins alertname=MailflowAbsent severity=critical job=mailflowd
+exit $fail
