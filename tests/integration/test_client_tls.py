@@ -71,6 +71,12 @@ def test_swaks_client_leg(env, proto, label):
     assert r.rc == 0, f"swaks failed:\n{r}"
     assert r.final_replies()[-2].startswith("250"), f"end of data not accepted:\n{r}"
     check_delivery(env, before, label, n)
+    # the session is over (QUIT): both legs are counted in mailflow_sessions_total, each with its own version
+    client = harness.series_key(leg="client", listener="inbound", tls_version=label)
+    upstream = harness.series_key(leg="upstream", listener="inbound", tls_version="TLS1.3")
+    after = harness.wait_moved(env.daemon, before, "mailflow_sessions_total", at_least=2)
+    moved = delta(before, after, "mailflow_sessions_total")
+    assert moved == {client: 1.0, upstream: 1.0}, f"mailflow_sessions_total moved:\n{fmt_delta(moved)}"
 
 
 def test_every_series_exported_from_start(env):

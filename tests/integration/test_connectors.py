@@ -1,6 +1,7 @@
 """Connector selection at MAIL FROM: by client CIDR (connecting from 127.0.0.2 vs 127.0.0.1) and by sender
 domain, first match wins, unmatched traffic under "internet"; a require_tls connector refuses MAIL before
 STARTTLS with 530 5.7.0 and accepts it over TLS."""
+import ssl
 import types
 
 import pytest
@@ -9,7 +10,7 @@ import harness
 from harness import delta, fmt_delta
 
 MESSAGE = b"From: s@example.test\r\nTo: r@dest.test\r\nSubject: connectors\r\n\r\nbody\r\n"
-CONNECTORS = ["partner-cidr", "partner-domain", "forced"]
+CONNECTORS = ["partner-cidr", "partner-domain", "forced", "by-sni"]
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +19,7 @@ def env(certs, sink_factory, daemon_factory):
     port = harness.free_port()
     daemon = daemon_factory(
         listeners=[{"name": "inbound", "address": f"127.0.0.1:{port}", "direction": "inbound",
-                    "tls": harness.listener_tls(certs), "upstream": "store"}],
+                    "tls": harness.listener_tls(certs, extra_certs=["other"]), "upstream": "store"}],
         upstreams=[{"name": "store", "address": f"127.0.0.1:{sink.port}", "tls": "none"}],
         connectors=[
             {"name": "partner-cidr", "type": "partner", "direction": "inbound",
@@ -27,8 +28,9 @@ def env(certs, sink_factory, daemon_factory):
              "match": {"listener": "inbound", "sender_domains": ["contoso.test", "*.contoso.test"]}},
             {"name": "forced", "type": "onpremises", "direction": "inbound",
              "match": {"sender_domains": ["forced.test"]}, "require_tls": True},
+            {"name": "by-sni", "type": "partner", "direction": "inbound", "match": {"sni": ["other.test"]}},
         ])
-    return types.SimpleNamespace(sink=sink, daemon=daemon, port=port)
+    return types.SimpleNamespace(sink=sink, daemon=daemon, port=port, certs=certs)
 
 
 def deliver(env, sender, local=None, tls=None):
@@ -90,3 +92,31 @@ def test_cidr_connector_over_tls10(env):
     below = delta(before, after, "mailflow_below_tls12_total")
     assert below == {harness.series_key(connector="partner-cidr", direction="inbound"): 1.0}, \
         f"mailflow_below_tls12_total moved:\n{fmt_delta(below)}"
+
+
+@pytest.mark.parametrize("sni,cert,connector", [("other.test", "other", "by-sni"), ("mx.test", "server", "internet"),
+                                                (None, "server", "internet")])
+def test_sni_picks_certificate_and_connector(env, sni, cert, connector):
+    """The certificate is chosen by SNI (default: the first), and a connector can match on SNI."""
+    before = env.daemon.metrics()
+    n = env.sink.count()
+    c = harness.RawSmtp(env.port)
+    try:
+        assert c.reply()[0] == 220
+        assert c.cmd("EHLO client.example.test")[0] == 250
+        assert c.cmd("STARTTLS")[0] == 220
+        c.starttls("TLS1.2", server_hostname=sni)
+        served = c.sock.getpeercert(binary_form=True)
+        expected = ssl.PEM_cert_to_DER_cert((env.certs / f"{cert}.pem").read_text())
+        assert served == expected, f"SNI {sni!r}: expected the {cert}.pem certificate"
+        assert c.cmd("EHLO client.example.test")[0] == 250
+        assert c.cmd("MAIL FROM:<s@example.test>")[0] == 250
+        assert c.cmd("RCPT TO:<r@dest.test>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        c.send(harness.dot_stuff(MESSAGE))
+        assert c.cmd(".")[0] == 250
+        c.cmd("QUIT")
+    finally:
+        c.close()
+    env.sink.wait_messages(n + 1)
+    harness.assert_counted(env.daemon, before, connector, "inbound", "TLS1.2")
