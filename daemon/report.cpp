@@ -396,7 +396,9 @@ h2 { font-size: 16px; margin: 0 0 12px; }
 .ok { border-left: 4px solid #43a047; background: #e8f5e9; padding: 8px 12px; border-radius: 4px; margin: 0; }
 .advice { color: #374151; margin: 12px 0 0; }
 table { border-collapse: collapse; width: 100%; }
-th, td { text-align: left; padding: 6px 10px; border-bottom: 1px solid #eef0f3; vertical-align: middle; }
+th, td { text-align: left; padding: 6px 10px; border-bottom: 1px solid #eef0f3; vertical-align: middle;
+  white-space: nowrap; }
+td.barcell { white-space: normal; width: 45%; }
 th { background: #f9fafb; font-weight: 600; color: #374151; position: sticky; top: 0; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 tr.zero td { color: #9ca3af; }
@@ -404,6 +406,7 @@ td.bad { color: #b71c1c; font-weight: 600; }
 td.warn { color: #e65100; font-weight: 600; }
 .bar { display: block; width: 100%; min-width: 240px; height: 18px; border-radius: 3px; }
 .pct { color: #4b5563; font-size: 12px; margin-top: 2px; font-variant-numeric: tabular-nums; }
+.pct span { white-space: nowrap; }
 .legend { display: flex; gap: 16px; flex-wrap: wrap; margin-bottom: 12px; color: #374151; }
 .legend span { display: inline-flex; align-items: center; gap: 6px; }
 .tag { display: inline-block; padding: 0 6px; border-radius: 10px; background: #eef2ff; color: #3730a3; font-size: 12px; }
@@ -445,14 +448,15 @@ std::string render_html(const Report& report) {
   out += "<section id=\"connectors\"><h2>TLS versions per connector (whole window)</h2>\n";
   out += legend();
   out += "\n<table>\n<thead><tr><th>Connector</th><th>Direction</th><th>Type</th><th>Forced TLS</th>"
-         "<th class=\"num\">Messages</th><th style=\"width:45%\">TLS versions</th></tr></thead>\n<tbody>\n";
+         "<th class=\"num\">Messages</th><th>TLS versions</th></tr></thead>\n<tbody>\n";
   for (const ConnectorSummary& c : report.connectors) {
     std::string pct;
     for (std::size_t i = 0; i < c.percent.size(); ++i)
-      pct += fmt::format("{}{} {}%", i == 0 ? "" : " &middot; ", kVersionNames[i], one_decimal(c.percent[i]));
+      pct += fmt::format("{}<span>{} {}%</span>", i == 0 ? "" : " &middot; ", kVersionNames[i],
+                         one_decimal(c.percent[i]));
     out += fmt::format(
         "<tr{}><td><strong>{}</strong>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"num\">{}</td>"
-        "<td>{}<div class=\"pct\">{}</div></td></tr>\n",
+        "<td class=\"barcell\">{}<div class=\"pct\">{}</div></td></tr>\n",
         c.messages == 0 ? " class=\"zero\"" : "", html_escape(c.connector),
         c.configured ? "" : " <span class=\"tag removed\">removed from config</span>",
         direction_name(c.direction), type_words(c.type), c.forced_tls ? "yes" : "no", format_thousands(c.messages),

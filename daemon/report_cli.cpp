@@ -5,7 +5,9 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/beast/core.hpp>
+#include <boost/asio/ssl.hpp>
 #include <boost/beast/http.hpp>
+#include <boost/beast/ssl.hpp>
 #include <charconv>
 #include <iostream>
 #include <optional>
@@ -26,11 +28,16 @@ using tcp = boost::asio::ip::tcp;
 
 constexpr std::string_view kUsage =
     "usage: mailflowd report [--url http://127.0.0.1:9725] [--days N] [--format table|json|csv]\n"
-    "  --url     where the daemon's HTTP side listens (http.address); basic auth as http://user:pass@host:port\n"
-    "  --days    UTC days to show, today included (default 7, at most the telemetry window)\n"
-    "  --format  table (default), json or csv\n";
+    "                        [--ca-file FILE] [--insecure]\n"
+    "  --url       where the daemon's HTTP side listens (http.address); https:// when http.tls is set;\n"
+    "              basic auth as http://user:password@host:port\n"
+    "  --days      UTC days to show, today included (default 7, at most the telemetry window)\n"
+    "  --format    table (default), json or csv\n"
+    "  --ca-file   PEM file of CA certificates to verify an https:// server with (default: system store)\n"
+    "  --insecure  https:// without certificate verification (self-signed certificates)\n";
 
 struct Url {
+  bool https = false;
   std::string host;  // without brackets
   std::string port = "80";
   std::string base_path;  // "" or "/prefix" (no trailing slash)
@@ -41,8 +48,12 @@ std::optional<Url> parse_url(std::string_view text, std::string& error) {
   Url url;
   if (text.starts_with("http://")) {
     text.remove_prefix(7);
+  } else if (text.starts_with("https://")) {
+    text.remove_prefix(8);
+    url.https = true;
+    url.port = "443";
   } else if (text.find("://") != std::string_view::npos) {
-    error = "only http:// URLs are supported";
+    error = "only http:// and https:// URLs are supported";
     return std::nullopt;
   }
   const auto slash = text.find('/');
@@ -127,47 +138,126 @@ struct Fetch {
   std::string error;  // non-empty: no usable answer
 };
 
-Fetch fetch(const Url& url, const std::string& target, std::chrono::milliseconds timeout) {
+struct TlsOptions {
+  bool insecure = false;  // no certificate verification (self-signed dev certificates)
+  std::string ca_file;    // empty: the system's trust store
+};
+
+bool is_ip_literal(const std::string& host) {
+  beast::error_code ec;
+  net::ip::make_address(host, ec);
+  return !ec;
+}
+
+// One GET over `stream` (plain or TLS), every step with its own deadline. Everything lives in fetch()'s
+// frame, which outlives io.run(), so the handlers capture by reference.
+class Exchange {
+ public:
+  Exchange(const Url& url, const std::string& target, std::chrono::milliseconds timeout, Fetch& result)
+      : timeout_(timeout), result_(result), where_(authority(url)) {
+    parser_.body_limit(1024ull * 1024 * 1024);  // a 90-day report over many connectors is tens of MB
+    request_ = {http::verb::get, target, 11};
+    request_.set(http::field::host, where_);
+    request_.set(http::field::user_agent, "mailflowd-report/" MAILFLOW_VERSION);
+    request_.set(http::field::connection, "close");
+    if (!url.userinfo.empty()) request_.set(http::field::authorization, "Basic " + base64(url.userinfo));
+  }
+
+  static std::string authority(const Url& url) {
+    const bool v6 = url.host.find(':') != std::string::npos;
+    return (v6 ? "[" + url.host + "]" : url.host) + ":" + url.port;
+  }
+
+  void failed(std::string_view what, const beast::error_code& ec, std::string_view hint = {}) {
+    const bool timed_out = ec == beast::error::timeout;
+    result_.error = std::string(what) + " " + where_ + ": " + (timed_out ? std::string("timed out") : ec.message());
+    if (!hint.empty()) result_.error += std::string(" ") + std::string(hint);
+  }
+
+  template <class Stream, class Connected>
+  void start(net::io_context& io, Stream& stream, const Url& url, Connected connected) {
+    resolver_.emplace(io);
+    resolver_->async_resolve(url.host, url.port, [this, &stream, connected](beast::error_code ec,
+                                                                            tcp::resolver::results_type endpoints) {
+      if (ec) return failed("cannot resolve", ec);
+      beast::get_lowest_layer(stream).expires_after(timeout_);
+      beast::get_lowest_layer(stream).async_connect(endpoints,
+                                                    [this, connected](beast::error_code ec, const tcp::endpoint&) {
+                                                      if (ec) return failed("cannot connect to", ec);
+                                                      connected();
+                                                    });
+    });
+  }
+
+  template <class Stream>
+  void send(Stream& stream) {
+    beast::get_lowest_layer(stream).expires_after(timeout_);
+    http::async_write(stream, request_, [this, &stream](beast::error_code ec, std::size_t) {
+      if (ec) return failed("cannot send the request to", ec);
+      beast::get_lowest_layer(stream).expires_after(timeout_);
+      http::async_read(stream, buffer_, parser_, [this, &stream](beast::error_code ec, std::size_t) {
+        // A TLS peer that closes without close_notify after a complete answer is not an error here.
+        if (ec && !(ec == net::ssl::error::stream_truncated && parser_.is_done()))
+          return failed("no valid HTTP answer from", ec);
+        const auto& response = parser_.get();
+        result_.status = response.result_int();
+        result_.reason = std::string(response.reason());
+        result_.body = response.body();
+        beast::error_code ignored;
+        beast::get_lowest_layer(stream).socket().shutdown(tcp::socket::shutdown_both, ignored);
+      });
+    });
+  }
+
+  std::chrono::milliseconds timeout() const { return timeout_; }
+
+ private:
+  std::chrono::milliseconds timeout_;
+  Fetch& result_;
+  std::string where_;
+  std::optional<tcp::resolver> resolver_;
+  http::request<http::empty_body> request_;
+  beast::flat_buffer buffer_;
+  http::response_parser<http::string_body> parser_;
+};
+
+Fetch fetch(const Url& url, const std::string& target, const TlsOptions& tls, std::chrono::milliseconds timeout) {
   Fetch result;
   net::io_context io;
-  tcp::resolver resolver(io);
-  beast::tcp_stream stream(io);
-  beast::flat_buffer buffer;
-  http::response_parser<http::string_body> parser;
-  parser.body_limit(1024ull * 1024 * 1024);  // a 90-day report over many connectors is tens of MB
+  Exchange exchange(url, target, timeout, result);
+  if (!url.https) {
+    beast::tcp_stream stream(io);
+    exchange.start(io, stream, url, [&] { exchange.send(stream); });
+    io.run();
+    return result;
+  }
 
-  http::request<http::empty_body> request{http::verb::get, target, 11};
-  const bool v6 = url.host.find(':') != std::string::npos;
-  request.set(http::field::host, (v6 ? "[" + url.host + "]" : url.host) + ":" + url.port);
-  request.set(http::field::user_agent, "mailflowd-report/" MAILFLOW_VERSION);
-  request.set(http::field::connection, "close");
-  if (!url.userinfo.empty()) request.set(http::field::authorization, "Basic " + base64(url.userinfo));
-
-  const std::string where = (v6 ? "[" + url.host + "]" : url.host) + ":" + url.port;
-  const auto failed = [&](std::string_view what, const beast::error_code& ec) {
-    const bool timed_out = ec == beast::error::timeout;
-    result.error = std::string(what) + " " + where + ": " + (timed_out ? std::string("timed out") : ec.message());
-  };
-
-  resolver.async_resolve(url.host, url.port, [&](beast::error_code ec, tcp::resolver::results_type endpoints) {
-    if (ec) return failed("cannot resolve", ec);
-    stream.expires_after(timeout);
-    stream.async_connect(endpoints, [&](beast::error_code ec, const tcp::endpoint&) {
-      if (ec) return failed("cannot connect to", ec);
-      stream.expires_after(timeout);
-      http::async_write(stream, request, [&](beast::error_code ec, std::size_t) {
-        if (ec) return failed("cannot send the request to", ec);
-        stream.expires_after(timeout);
-        http::async_read(stream, buffer, parser, [&](beast::error_code ec, std::size_t) {
-          if (ec) return failed("no valid HTTP answer from", ec);
-          const auto& response = parser.get();
-          result.status = response.result_int();
-          result.reason = std::string(response.reason());
-          result.body = response.body();
-          beast::error_code ignored;
-          stream.socket().shutdown(tcp::socket::shutdown_both, ignored);
-        });
-      });
+  net::ssl::context context(net::ssl::context::tls_client);
+  beast::error_code ec;
+  if (tls.insecure) {
+    context.set_verify_mode(net::ssl::verify_none);
+  } else {
+    context.set_verify_mode(net::ssl::verify_peer);
+    if (tls.ca_file.empty())
+      context.set_default_verify_paths(ec);
+    else
+      context.load_verify_file(tls.ca_file, ec);
+    if (ec) {
+      result.error = "cannot load CA certificates" +
+                     (tls.ca_file.empty() ? std::string() : " from " + tls.ca_file) + ": " + ec.message();
+      return result;
+    }
+  }
+  beast::ssl_stream<beast::tcp_stream> stream(io, context);
+  if (!tls.insecure) stream.set_verify_callback(net::ssl::host_name_verification(url.host));
+  if (!is_ip_literal(url.host)) SSL_set_tlsext_host_name(stream.native_handle(), url.host.c_str());
+  exchange.start(io, stream, url, [&] {
+    beast::get_lowest_layer(stream).expires_after(exchange.timeout());
+    stream.async_handshake(net::ssl::stream_base::client, [&](beast::error_code ec) {
+      if (ec)
+        return exchange.failed("TLS handshake failed with", ec,
+                               "(--ca-file FILE to trust its certificate, --insecure to skip verification)");
+      exchange.send(stream);
     });
   });
   io.run();
@@ -182,6 +272,7 @@ int run_report_cli(int argc, char** argv, std::ostream& out, std::ostream& err, 
   std::string url_text = "http://127.0.0.1:9725";
   std::optional<int> days;
   std::string format = "table";
+  TlsOptions tls;
 
   int i = 1;
   if (i < argc && std::string_view(argv[i]) == "report") ++i;
@@ -195,12 +286,16 @@ int run_report_cli(int argc, char** argv, std::ostream& out, std::ostream& err, 
       out << kUsage;
       return 0;
     }
+    if (arg == "--insecure" || arg == "-k") {
+      tls.insecure = true;
+      continue;
+    }
     std::string_view value;
     std::string_view name = arg;
     if (const auto eq = arg.find('='); arg.starts_with("--") && eq != std::string_view::npos) {
       name = arg.substr(0, eq);
       value = arg.substr(eq + 1);
-    } else if (arg == "--url" || arg == "--days" || arg == "--format") {
+    } else if (arg == "--url" || arg == "--days" || arg == "--format" || arg == "--ca-file") {
       if (i + 1 >= argc) return usage_error(std::string(arg) + " needs a value");
       value = argv[++i];
     } else {
@@ -214,6 +309,8 @@ int run_report_cli(int argc, char** argv, std::ostream& out, std::ostream& err, 
       if (ec != std::errc() || ptr != value.data() + value.size() || n < 1)
         return usage_error("--days must be a positive whole number, not \"" + std::string(value) + "\"");
       days = n;
+    } else if (name == "--ca-file") {
+      tls.ca_file = std::string(value);
     } else if (name == "--format") {
       if (value != "table" && value != "json" && value != "csv")
         return usage_error("--format must be table, json or csv, not \"" + std::string(value) + "\"");
@@ -232,9 +329,12 @@ int run_report_cli(int argc, char** argv, std::ostream& out, std::ostream& err, 
   if (format == "table") target += ".txt";
   if (days) target += "?days=" + std::to_string(*days);
 
-  const Fetch result = fetch(*url, target, timeout);
+  const Fetch result = fetch(*url, target, tls, timeout);
   if (!result.error.empty()) {
-    err << "mailflowd report: " << result.error << " (is mailflowd running, and is --url its http.address?)\n";
+    err << "mailflowd report: " << result.error;
+    if (result.error.starts_with("cannot connect") || result.error.starts_with("cannot resolve"))
+      err << " (is mailflowd running, and is --url its http.address?)";
+    err << "\n";
     return 1;
   }
   if (result.status != 200) {

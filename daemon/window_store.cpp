@@ -228,6 +228,7 @@ bool WindowStore::deserialize(std::string_view text, std::string& error) {
   }
   std::string_view rest = text.substr(header_end + 1);
   std::string connector;
+  auto current = parsed.end();
   while (!rest.empty()) {
     ++line_number;
     const auto eol = rest.find('\n');
@@ -263,9 +264,12 @@ bool WindowStore::deserialize(std::string_view text, std::string& error) {
     for (std::size_t i = 0; i < bucket.counts.size(); ++i)
       if (!parse_number(fields[3 + i], bucket.counts[i])) return fail("bad count");
 
-    auto it = parsed.find(KeyView{connector, direction});
-    if (it == parsed.end()) it = parsed.emplace(Key{connector, direction}, Series{}).first;
-    if (!is_zero(bucket.counts)) it->second.push_back(bucket);
+    // Lines of one key come together in our own files: skip the lookup then.
+    if (current == parsed.end() || current->first.direction != direction || current->first.connector != connector) {
+      current = parsed.find(KeyView{connector, direction});
+      if (current == parsed.end()) current = parsed.emplace(Key{connector, direction}, Series{}).first;
+    }
+    if (!is_zero(bucket.counts)) current->second.push_back(bucket);
   }
 
   for (auto& [key, series] : parsed) {

@@ -6,12 +6,22 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/beast/core.hpp>
+#include <boost/asio/ssl.hpp>
 #include <boost/beast/http.hpp>
 #include <chrono>
+#include <unistd.h>
+
+#include <cstdio>
+#include <filesystem>
 #include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
+
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
+#include <openssl/x509v3.h>
 
 #include "daemon/report.hpp"
 #include "daemon/report_cli.hpp"
@@ -257,8 +267,8 @@ TEST_CASE("HTML page: self-contained, insights first with advice, bars, percenta
   CHECK(bars < daily);
   // Window volume, thousands separators, and the shares as text next to the bar.
   CHECK(html.find(">1,024<") != std::string::npos);
-  CHECK(html.find("none 1.2% &middot; TLS1.0 12.5% &middot; TLS1.1 0.0% &middot; TLS1.2 80.1% &middot; TLS1.3 6.2%") !=
-        std::string::npos);
+  CHECK(html.find("<span>none 1.2%</span> &middot; <span>TLS1.0 12.5%</span> &middot; <span>TLS1.1 0.0%</span> "
+                  "&middot; <span>TLS1.2 80.1%</span> &middot; <span>TLS1.3 6.2%</span>") != std::string::npos);
   CHECK(html.find("fill=\"#d32f2f\"") != std::string::npos);  // none is red
   CHECK(html.find("removed from config") != std::string::npos);
 
@@ -430,7 +440,7 @@ TEST_CASE("mailflowd report: bad usage exits 2 with the usage text") {
                                                                 {"--days", "seven"},
                                                                 {"--days"},
                                                                 {"--format", "xml"},
-                                                                {"--url", "https://127.0.0.1:9725"},
+                                                                {"--url", "ftp://127.0.0.1:9725"},
                                                                 {"--url", "http://127.0.0.1:99999"},
                                                                 {"--url", "http://:9725"},
                                                                 {"--verbose"},
@@ -444,4 +454,132 @@ TEST_CASE("mailflowd report: bad usage exits 2 with the usage text") {
   const auto help = run_cli({"--help"});
   CHECK(help.code == 0);
   CHECK(help.out.find("usage: mailflowd report") != std::string::npos);
+}
+
+namespace {
+
+// A throw-away self-signed certificate for IP 127.0.0.1 (CN and SAN), PEM strings.
+struct TestCertificate {
+  std::string cert_pem;
+  std::string key_pem;
+};
+
+TestCertificate make_test_certificate() {
+  EVP_PKEY* key = EVP_PKEY_Q_keygen(nullptr, nullptr, "EC", "P-256");
+  REQUIRE(key != nullptr);
+  X509* cert = X509_new();
+  X509_set_version(cert, 2);
+  ASN1_INTEGER_set(X509_get_serialNumber(cert), 7);
+  X509_gmtime_adj(X509_getm_notBefore(cert), -60);
+  X509_gmtime_adj(X509_getm_notAfter(cert), 3600);
+  X509_NAME_add_entry_by_txt(X509_get_subject_name(cert), "CN", MBSTRING_ASC,
+                             reinterpret_cast<const unsigned char*>("127.0.0.1"), -1, -1, 0);
+  X509_set_issuer_name(cert, X509_get_subject_name(cert));
+  X509_set_pubkey(cert, key);
+  X509_EXTENSION* san = X509V3_EXT_conf_nid(nullptr, nullptr, NID_subject_alt_name, "IP:127.0.0.1");
+  REQUIRE(san != nullptr);
+  X509_add_ext(cert, san, -1);
+  X509_EXTENSION_free(san);
+  REQUIRE(X509_sign(cert, key, EVP_sha256()) > 0);
+  TestCertificate out;
+  BIO* bio = BIO_new(BIO_s_mem());
+  PEM_write_bio_X509(bio, cert);
+  char* data = nullptr;
+  long size = BIO_get_mem_data(bio, &data);
+  out.cert_pem.assign(data, static_cast<std::size_t>(size));
+  BIO_free(bio);
+  bio = BIO_new(BIO_s_mem());
+  PEM_write_bio_PrivateKey(bio, key, nullptr, nullptr, 0, nullptr, nullptr);
+  size = BIO_get_mem_data(bio, &data);
+  out.key_pem.assign(data, static_cast<std::size_t>(size));
+  BIO_free(bio);
+  X509_free(cert);
+  EVP_PKEY_free(key);
+  return out;
+}
+
+// One HTTPS exchange on loopback.
+struct FakeTlsServer {
+  boost::asio::io_context io;
+  boost::asio::ssl::context context{boost::asio::ssl::context::tls_server};
+  tcp::acceptor acceptor{io, tcp::endpoint(boost::asio::ip::make_address("127.0.0.1"), 0)};
+  std::thread thread;
+  std::string target;
+
+  FakeTlsServer(const TestCertificate& certificate, std::string body) {
+    context.use_certificate_chain(boost::asio::buffer(certificate.cert_pem));
+    context.use_private_key(boost::asio::buffer(certificate.key_pem), boost::asio::ssl::context::pem);
+    thread = std::thread([this, body = std::move(body)] {
+      beast::error_code ec;
+      tcp::socket socket(io);
+      acceptor.accept(socket, ec);
+      if (ec) return;
+      boost::asio::ssl::stream<tcp::socket> stream(std::move(socket), context);
+      stream.handshake(boost::asio::ssl::stream_base::server, ec);
+      if (ec) return;
+      beast::flat_buffer buffer;
+      http::request<http::string_body> request;
+      http::read(stream, buffer, request, ec);
+      if (ec) return;
+      target = std::string(request.target());
+      http::response<http::string_body> response{http::status::ok, 11};
+      response.body() = body;
+      response.prepare_payload();
+      http::write(stream, response, ec);
+      stream.shutdown(ec);
+    });
+  }
+  void wait() {
+    if (thread.joinable()) thread.join();
+  }
+  ~FakeTlsServer() {
+    if (thread.joinable()) {
+      beast::error_code ec;
+      tcp::socket poke(io);
+      poke.connect(acceptor.local_endpoint(), ec);
+      thread.join();
+    }
+  }
+  std::string url() const { return "https://127.0.0.1:" + std::to_string(acceptor.local_endpoint().port()); }
+};
+
+}  // namespace
+
+TEST_CASE("mailflowd report over https: verified with --ca-file, refused when untrusted, --insecure skips") {
+  const TestCertificate certificate = make_test_certificate();
+  const auto ca_file = std::filesystem::temp_directory_path() /
+                       ("mailflowd-report-test-" + std::to_string(::getpid()) + ".pem");
+  {
+    FILE* f = std::fopen(ca_file.c_str(), "w");
+    REQUIRE(f != nullptr);
+    std::fwrite(certificate.cert_pem.data(), 1, certificate.cert_pem.size(), f);
+    std::fclose(f);
+  }
+  {
+    FakeTlsServer server(certificate, "csv body\n");
+    const auto r = run_cli({"--url", server.url(), "--format", "csv", "--ca-file", ca_file.string()});
+    server.wait();
+    CHECK(r.code == 0);
+    CHECK(r.err == "");
+    CHECK(r.out == "csv body\n");
+    CHECK(server.target == "/api/v1/report.csv");
+  }
+  {
+    FakeTlsServer server(certificate, "secret\n");
+    const auto r = run_cli({"--url", server.url()});  // system trust store: the self-signed cert is unknown
+    server.wait();
+    CHECK(r.code == 1);
+    CHECK(r.out.empty());
+    CHECK(r.err.find("TLS handshake failed") != std::string::npos);
+    CHECK(r.err.find("certificate verify failed") != std::string::npos);
+  }
+  {
+    FakeTlsServer server(certificate, "table\n");
+    const auto r = run_cli({"--insecure", "--url", server.url(), "--days", "2"});
+    server.wait();
+    CHECK(r.code == 0);
+    CHECK(r.out == "table\n");
+    CHECK(server.target == "/api/v1/report.txt?days=2");
+  }
+  std::filesystem::remove(ca_file);
 }

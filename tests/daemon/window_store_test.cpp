@@ -261,5 +261,5 @@ TEST_CASE("1,000 connectors x 2 directions x 7 days of hourly buckets stay fast"
   CHECK(copy.window_totals("partner-0", in, now + hours(1)) == TlsCounts{0, 0, 0, 167 * 2, 0});
   const auto elapsed = duration_cast<milliseconds>(steady_clock::now() - begin);
   MESSAGE("1,000 connectors: adds, sums, serialize and deserialize took " << elapsed.count() << " ms");
-  CHECK(elapsed < seconds(10));  // generous for Debug/ASan on a loaded 2-core box; typically well under 1 s
+  CHECK(elapsed < seconds(20));  // coarse guard against quadratic behaviour; Debug/ASan on a loaded 2-core box
 }
