@@ -4,6 +4,7 @@ through the `sink_factory` / `daemon_factory` fixtures and stopped (SIGTERM, exi
 end of the module. A failing test's report carries the SMTP transcripts and the daemon/sink logs."""
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,8 @@ def certs(tmp_path_factory):
     for tool in ("swaks", "openssl"):
         if not shutil.which(tool):
             pytest.fail(f"{tool} is not installed (deploy/dev/deps.sh test)", pytrace=False)
+    if subprocess.run(["perl", "-MNet::SSLeay", "-e1"], capture_output=True).returncode != 0:
+        pytest.fail("swaks needs Net::SSLeay for --tls: apt-get install libnet-ssleay-perl", pytrace=False)
     return harness.make_certs(tmp_path_factory.mktemp("certs"))
 
 

@@ -102,3 +102,51 @@ def test_split_received():
     headers, rest = harness.split_received(hdr + b"Subject: s\r\n\r\nb\r\n")
     assert headers == [hdr] and rest == b"Subject: s\r\n\r\nb\r\n"
     assert harness.tls_mentions(hdr) == ["TLS1.2"]
+
+
+def test_injection_detector_catches_a_vulnerable_server(certs):
+    """A server that executes plaintext pipelined behind STARTTLS inside TLS must fail the injection check
+    used by test_starttls_injection (so that test can fail)."""
+    import socket
+    import ssl
+    import threading
+
+    import test_starttls_injection as inj
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(certs / "server.pem", certs / "server.key")
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve():
+        conn, _ = listener.accept()
+        conn.sendall(b"220 vulnerable ESMTP\r\n")
+        data = b""
+        while b"STARTTLS\r\n" not in data:
+            data += conn.recv(4096)
+            if data.startswith(b"EHLO"):
+                conn.sendall(b"250-vulnerable\r\n250 STARTTLS\r\n")
+                data = b""
+        queued = data.split(b"STARTTLS\r\n", 1)[1]  # the bug: kept across the handshake
+        conn.sendall(b"220 go ahead\r\n")
+        tls = ctx.wrap_socket(conn, server_side=True)
+        if queued:
+            tls.sendall(b"250 2.0.0 reset\r\n")
+        try:
+            tls.recv(4096)
+        except OSError:
+            pass
+        tls.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    c = harness.RawSmtp(port)
+    try:
+        assert c.reply()[0] == 220
+        assert c.cmd("EHLO client.example.test")[0] == 250
+        with pytest.raises(AssertionError, match="inside TLS"):
+            inj.inject(c, b"RSET\r\n")
+    finally:
+        c.close()
+        listener.close()
+        t.join(5)
