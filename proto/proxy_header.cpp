@@ -48,6 +48,12 @@ bool parse_port(std::string_view s, std::uint16_t& port) {
 // Strict textual address -> canonical textual form (so "::FFFF:1.2.3.4" and friends come out one way).
 bool canonical_address(std::string_view text, int family, std::string& out) {
   if (text.empty() || text.size() > 45) return false;
+  // inet_pton stops at a NUL: "2001:db8::2\0\0junk" must not pass as "2001:db8::2".
+  for (char c : text) {
+    const bool ok = (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F') || c == '.' ||
+                    c == ':';
+    if (!ok) return false;
+  }
   char buf[64];
   std::memcpy(buf, text.data(), text.size());
   buf[text.size()] = '\0';

@@ -104,6 +104,8 @@ TEST_CASE("PROXY v1: malformed headers") {
   check_invalid("PROXY TCP5 192.0.2.1 198.51.100.7 1 2\r\n");
   check_invalid("PROXY tcp4 192.0.2.1 198.51.100.7 1 2\r\n");
   check_invalid("PROXY \r\n");
+  // Found by fuzz_proxy: inet_pton stops at a NUL, so an embedded NUL must not shorten the address.
+  check_invalid(std::string("PROXY TCP6 208::1 2001:db8::2\0\0\0\0 65535 25\r\n", 44));
   // Garbage is refused as soon as it cannot become a header.
   check_invalid("PROXY TCP5");
   check_invalid("PROXY TCP4 192.0.2.1 hello");
