@@ -298,7 +298,7 @@ TEST_CASE("http: HTTPS when http.tls is configured") {
   std::filesystem::remove_all(dir);
 }
 
-TEST_CASE("http: update() applies new basic auth; a bad certificate is refused and the old settings stay") {
+TEST_CASE("http: update() applies new basic auth, a bad certificate is refused and the old settings stay") {
   Fixture f;
   const auto port = f.server->port();
   CHECK(request(port, "/metrics").status == 200);

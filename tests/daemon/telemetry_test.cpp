@@ -235,7 +235,7 @@ TEST_CASE("window length follows telemetry.window") {
   CHECK(report.days == 30);
 }
 
-TEST_CASE("state survives save and load; missing file is an empty start") {
+TEST_CASE("state survives save and load, a missing file is an empty start") {
   const auto dir = fresh_dir("roundtrip");
   std::string error;
   {
@@ -262,7 +262,7 @@ TEST_CASE("state survives save and load; missing file is an empty start") {
   std::filesystem::remove_all(dir);
 }
 
-TEST_CASE("a corrupt state file is moved aside and counted; the daemon starts empty") {
+TEST_CASE("a corrupt state file is moved aside and counted, the daemon starts empty") {
   const auto dir = fresh_dir("corrupt");
   {
     std::ofstream out(dir / "windows.state");
