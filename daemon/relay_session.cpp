@@ -709,6 +709,7 @@ asio::awaitable<void> RelaySession::relay_data() {
   if (client_in_.capacity() > 2 * command_read_chunk && client_in_.size() < command_read_chunk) {
     client_in_.shrink_to_fit();
   }
+  const std::uint32_t recipients = session_.accepted_recipients();
   session_.on_data_finished();
   if (filter.bare_newline_seen() && !reject_bare_newline) count_reject("bare_newline_normalized");
 
@@ -734,7 +735,7 @@ asio::awaitable<void> RelaySession::relay_data() {
         // The one place a message is counted: the upstream took responsibility for it.
         ++messages_;
         telemetry_.message_delivered(connector_name_, direction_, version_at_start, filter.message_bytes(),
-                                     session_.accepted_recipients());
+                                     recipients);
       }
     }
   }
