@@ -126,7 +126,8 @@ ClientSession::Action ClientSession::on_reply(const Reply& reply) {
         parse_capabilities(reply);
         return after_ehlo();
       }
-      // An old server that does not know EHLO says 500/502: fall back to HELO (no extensions, so no STARTTLS).
+      // An old server that does not know EHLO says 500/502: fall back to HELO (no extensions, so no
+      // STARTTLS).
       if (reply.permanent()) {
         helo_after_xclient_ = false;
         return send("HELO " + options_.ehlo_name + "\r\n", Step::helo);

@@ -28,8 +28,25 @@ bool is_digit(char c) { return c >= '0' && c <= '9'; }
 bool is_atext(char c) {
   if (is_alpha(c) || is_digit(c)) return true;
   switch (c) {
-    case '!': case '#': case '$': case '%': case '&': case '\'': case '*': case '+': case '-': case '/':
-    case '=': case '?': case '^': case '_': case '`': case '{': case '|': case '}': case '~':
+    case '!':
+    case '#':
+    case '$':
+    case '%':
+    case '&':
+    case '\'':
+    case '*':
+    case '+':
+    case '-':
+    case '/':
+    case '=':
+    case '?':
+    case '^':
+    case '_':
+    case '`':
+    case '{':
+    case '|':
+    case '}':
+    case '~':
       return true;
     default:
       return false;
@@ -151,9 +168,9 @@ struct VerbName {
   Verb verb;
 };
 constexpr VerbName verbs[] = {
-    {"EHLO", Verb::ehlo}, {"HELO", Verb::helo}, {"MAIL", Verb::mail},         {"RCPT", Verb::rcpt},
-    {"DATA", Verb::data}, {"RSET", Verb::rset}, {"NOOP", Verb::noop},         {"QUIT", Verb::quit},
-    {"VRFY", Verb::vrfy}, {"EXPN", Verb::expn}, {"HELP", Verb::help},         {"AUTH", Verb::auth},
+    {"EHLO", Verb::ehlo}, {"HELO", Verb::helo},         {"MAIL", Verb::mail}, {"RCPT", Verb::rcpt},
+    {"DATA", Verb::data}, {"RSET", Verb::rset},         {"NOOP", Verb::noop}, {"QUIT", Verb::quit},
+    {"VRFY", Verb::vrfy}, {"EXPN", Verb::expn},         {"HELP", Verb::help}, {"AUTH", Verb::auth},
     {"BDAT", Verb::bdat}, {"STARTTLS", Verb::starttls},
 };
 
@@ -182,7 +199,8 @@ ParsedCommand parse_path_command(ParsedCommand p, PathKind kind) {
   PathResult path = parse_path(arg, kind);
   const char* bad = kind == PathKind::mail ? "Bad sender address syntax" : "Bad recipient address syntax";
   if (!path.ok) return fail(std::move(p), CommandError::bad_address, bad);
-  if (!path.rest.empty() && path.rest.front() != ' ') return fail(std::move(p), CommandError::bad_address, bad);
+  if (!path.rest.empty() && path.rest.front() != ' ')
+    return fail(std::move(p), CommandError::bad_address, bad);
   p.command.address = std::move(path.address);
 
   std::string_view params = path.rest;
@@ -201,10 +219,12 @@ ParsedCommand parse_path_command(ParsedCommand p, PathKind kind) {
       return fail(std::move(p), CommandError::unknown_parameter, unsupported);
     }
     if (keyword == "SIZE") {
-      if (value.empty() || value.size() > 19) return fail(std::move(p), CommandError::unknown_parameter, "Bad message size syntax");
+      if (value.empty() || value.size() > 19)
+        return fail(std::move(p), CommandError::unknown_parameter, "Bad message size syntax");
       std::uint64_t size = 0;
       for (char c : value) {
-        if (!is_digit(c)) return fail(std::move(p), CommandError::unknown_parameter, "Bad message size syntax");
+        if (!is_digit(c))
+          return fail(std::move(p), CommandError::unknown_parameter, "Bad message size syntax");
         size = size * 10 + static_cast<std::uint64_t>(c - '0');
       }
       p.command.size = size;

@@ -9,7 +9,8 @@ namespace mailflow::proto {
 //   dot     - line start, a '.' seen and held back (it may be the terminator)
 //   dot_cr  - ".\r" held back at line start
 //   mid     - inside a line, content already written
-//   cr      - inside a line, a CR held back (CRLF or bare CR: decided by the next byte, maybe in the next feed)
+//   cr      - inside a line, a CR held back (CRLF or bare CR: decided by the next byte, maybe in the next
+//   feed)
 // prev_line_crlf_ says whether the line before the current one ended in a real CRLF (true at the very start):
 // only then can a "." line followed by CRLF be the terminator.
 namespace {

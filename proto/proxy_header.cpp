@@ -50,8 +50,8 @@ bool canonical_address(std::string_view text, int family, std::string& out) {
   if (text.empty() || text.size() > 45) return false;
   // inet_pton stops at a NUL: "2001:db8::2\0\0junk" must not pass as "2001:db8::2".
   for (char c : text) {
-    const bool ok = (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F') || c == '.' ||
-                    c == ':';
+    const bool ok =
+        (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F') || c == '.' || c == ':';
     if (!ok) return false;
   }
   char buf[64];
@@ -81,7 +81,8 @@ bool v1_viable_prefix(std::string_view line) {
   for (std::string_view known : {"TCP4", "TCP6", "UNKNOWN"}) {
     if (proto_done ? proto == known : is_prefix_of(proto, known) && proto.size() <= known.size()) {
       if (known == "UNKNOWN") return true;  // anything may follow UNKNOWN up to CRLF
-      // TCP4/TCP6: "src dst sport dport" in hex digits, '.', ':' and single spaces; a CR only at the very end.
+      // TCP4/TCP6: "src dst sport dport" in hex digits, '.', ':' and single spaces; a CR only at the very
+      // end.
       int spaces = 0;
       for (std::size_t i = 0; i < line.size(); ++i) {
         const char c = line[i];

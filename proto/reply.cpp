@@ -70,8 +70,8 @@ ReplyParseResult parse_reply(std::string_view input) {
   std::vector<std::string> lines;
   while (true) {
     const std::string_view rest = input.substr(pos);
-    // Reject what can never become a reply line as soon as the bytes are there (an upstream that talks garbage
-    // without a newline must not keep us waiting for the limit).
+    // Reject what can never become a reply line as soon as the bytes are there (an upstream that talks
+    // garbage without a newline must not keep us waiting for the limit).
     const std::size_t check = rest.size() < 4 ? rest.size() : 4;
     for (std::size_t i = 0; i < check; ++i) {
       const char c = rest[i];

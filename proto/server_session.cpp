@@ -47,6 +47,7 @@ constexpr std::array<std::array<S, verb_count>, state_count> make_table() {
                NI = enum_t::not_implemented, U = enum_t::unrecognized, NH = enum_t::need_helo_first,
                NM = enum_t::nested_mail, NMA = enum_t::need_mail, NR = enum_t::need_rcpt,
                NV = enum_t::no_valid_recipients, C = enum_t::closed;
+  // clang-format off
   return {{
       //           ehlo helo mail rcpt data rset noop quit stls vrfy expn help auth bdat unknown
       /* need_helo */ {G, G, NH, NMA, NR, RS, N, Q, T, V, V, H, NI, NI, U},
@@ -55,6 +56,7 @@ constexpr std::array<std::array<S, verb_count>, state_count> make_table() {
       /* rcpt      */ {G, G, NM, R, D, RS, N, Q, T, V, V, H, NI, NI, U},
       /* closed    */ {C, C, C, C, C, C, C, C, C, C, C, C, C, C, C},
   }};
+  // clang-format on
 }
 }  // namespace
 
@@ -120,8 +122,9 @@ ServerSession::Action ServerSession::refuse_parse_error(const ParsedCommand& par
 ServerSession::Action ServerSession::on_line(std::string_view line) {
   ParsedCommand parsed = parse_command(line);
   last_command_ = parsed.command;
-  // A MAIL/RCPT still waiting for its upstream answer counts as accepted for sequencing, so that a daemon which
-  // pipelines upstream gets the same answers as one that waits (the upstream has the final word anyway).
+  // A MAIL/RCPT still waiting for its upstream answer counts as accepted for sequencing, so that a daemon
+  // which pipelines upstream gets the same answers as one that waits (the upstream has the final word
+  // anyway).
   State effective = state_;
   if (effective == State::ready && mail_pending_) effective = State::mail;
   if (effective == State::mail && pending_rcpts_ > 0) effective = State::rcpt;
@@ -202,7 +205,8 @@ ServerSession::Action ServerSession::dispatch(Step step, const ParsedCommand& pa
       clear_transaction();
       return a;
     case Step::vrfy:
-      return refuse(502, "5.5.1", cmd.verb == Verb::expn ? "EXPN command is disabled" : "VRFY command is disabled",
+      return refuse(502, "5.5.1",
+                    cmd.verb == Verb::expn ? "EXPN command is disabled" : "VRFY command is disabled",
                     "vrfy_disabled");
     case Step::help:
       a.reply = format_reply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT STARTTLS");

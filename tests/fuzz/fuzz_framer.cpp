@@ -25,7 +25,8 @@ std::vector<std::string> frame(std::string_view input, std::size_t max_line, std
       const auto ev = framer.next(buf);
       FUZZ_CHECK(ev.consumed <= buf.size());
       if (ev.kind == CommandFramer::Kind::line) {
-        FUZZ_CHECK(ev.line.find('\r') == std::string_view::npos && ev.line.find('\n') == std::string_view::npos);
+        FUZZ_CHECK(ev.line.find('\r') == std::string_view::npos &&
+                   ev.line.find('\n') == std::string_view::npos);
         FUZZ_CHECK(ev.line.size() + 2 <= max_line);
         events.push_back("L" + std::string(ev.line));
       } else if (ev.kind == CommandFramer::Kind::too_long) {

@@ -57,8 +57,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     if (ev.kind == CommandFramer::Kind::need_more) break;
     const State before = session.state();
     const std::uint32_t bad_before = session.bad_commands();
-    ServerSession::Action a = ev.kind == CommandFramer::Kind::line ? session.on_line(ev.line)
-                                                                   : session.on_framing_error(ev.kind);
+    ServerSession::Action a =
+        ev.kind == CommandFramer::Kind::line ? session.on_line(ev.line) : session.on_framing_error(ev.kind);
     input.remove_prefix(ev.consumed);
     check_reply(a);
     FUZZ_CHECK(session.bad_commands() <= options.max_bad_commands);

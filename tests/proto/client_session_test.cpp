@@ -14,7 +14,7 @@ Reply reply(int code, std::vector<std::string> lines) { return Reply{code, std::
 
 const Reply banner = reply(220, {"upstream.example ESMTP Postfix"});
 const Reply ehlo_full = reply(250, {"upstream.example", "PIPELINING", "SIZE 10240000", "STARTTLS",
-                                     "XCLIENT NAME ADDR PROTO HELO PORT", "8BITMIME"});
+                                    "XCLIENT NAME ADDR PROTO HELO PORT", "8BITMIME"});
 const Reply ehlo_after_tls = reply(250, {"upstream.example", "PIPELINING", "size 5000", "xclient ADDR"});
 const Reply ok220 = reply(220, {"2.0.0 Ready to start TLS"});
 

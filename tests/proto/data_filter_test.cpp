@@ -56,7 +56,8 @@ void check_wire_safe(const std::string& out, bool done) {
     if (out[i] == '\r') {
       REQUIRE_MESSAGE((i + 1 < out.size() && out[i + 1] == '\n'), "bare CR at ", i, " in ", printable(out));
     }
-    if (out[i] == '\n') REQUIRE_MESSAGE((i > 0 && out[i - 1] == '\r'), "bare LF at ", i, " in ", printable(out));
+    if (out[i] == '\n')
+      REQUIRE_MESSAGE((i > 0 && out[i - 1] == '\r'), "bare LF at ", i, " in ", printable(out));
   }
   std::size_t term = out.find("\r\n.\r\n");
   const bool starts_with_dot_line = out.rfind(".\r\n", 0) == 0;
@@ -77,13 +78,15 @@ Filtered check_every_split(const std::string& input, DataFilter::Limits limits =
   const Filtered whole = run({input}, limits);
   check_wire_safe(whole.out, whole.done);
   for (const auto& chunks : splits_of(input)) {
-    INFO("input: " << printable(input) << " first piece: " << printable(chunks[0]) << " of " << chunks.size());
+    INFO("input: " << printable(input) << " first piece: " << printable(chunks[0]) << " of "
+                   << chunks.size());
     const Filtered f = run(chunks, limits);
     CHECK_MESSAGE(f == whole, describe(f), " vs whole ", describe(whole));
   }
   if (input.size() <= 60) {
     for (const auto& chunks : double_splits_of(input)) {
-      INFO("input: " << printable(input) << " pieces: " << printable(chunks[0]) << " | " << printable(chunks[1]));
+      INFO("input: " << printable(input) << " pieces: " << printable(chunks[0]) << " | "
+                     << printable(chunks[1]));
       CHECK(run(chunks, limits) == whole);
     }
   }
@@ -130,8 +133,10 @@ TEST_CASE("DataFilter: SMTP smuggling variants never end the message") {
   const std::vector<Case> cases = {
       {"<LF>.<LF>", "a\n.\nMAIL FROM:<evil@x.example>\r\n", "a\r\n..\r\nMAIL FROM:<evil@x.example>\r\n"},
       {"<CR>.<CR>", "a\r.\rMAIL FROM:<evil@x.example>\r\n", "a . MAIL FROM:<evil@x.example>\r\n"},
-      {"<LF>.<CR><LF>", "a\n.\r\nMAIL FROM:<evil@x.example>\r\n", "a\r\n..\r\nMAIL FROM:<evil@x.example>\r\n"},
-      {"<CR><LF>.<LF>", "a\r\n.\nMAIL FROM:<evil@x.example>\r\n", "a\r\n..\r\nMAIL FROM:<evil@x.example>\r\n"},
+      {"<LF>.<CR><LF>", "a\n.\r\nMAIL FROM:<evil@x.example>\r\n",
+       "a\r\n..\r\nMAIL FROM:<evil@x.example>\r\n"},
+      {"<CR><LF>.<LF>", "a\r\n.\nMAIL FROM:<evil@x.example>\r\n",
+       "a\r\n..\r\nMAIL FROM:<evil@x.example>\r\n"},
       {"<CR><LF>.<CR>", "a\r\n.\rMAIL FROM:<evil@x.example>\r\n", "a\r\n. MAIL FROM:<evil@x.example>\r\n"},
       {"<CR>.<CR><LF>", "a\r.\r\nMAIL FROM:<evil@x.example>\r\n", "a .\r\nMAIL FROM:<evil@x.example>\r\n"},
       {"leading <LF>.<LF>", "\n.\nX\r\n", "\r\n..\r\nX\r\n"},
@@ -174,7 +179,8 @@ TEST_CASE("DataFilter: bare LF becomes CRLF, bare CR a space; CR LF split over f
 }
 
 TEST_CASE("DataFilter: a message that only ends after a fake terminator") {
-  // The fake end "\n.\n" is followed by a real one later; nothing after the fake one becomes a second message.
+  // The fake end "\n.\n" is followed by a real one later; nothing after the fake one becomes a second
+  // message.
   const std::string input = "hello\n.\nDATA\r\nsecond\r\n.\r\nQUIT\r\n";
   const Filtered f = check_every_split(input);
   CHECK(f.done);
@@ -266,7 +272,8 @@ TEST_CASE("DataFilter: all short inputs over a small alphabet are wire-safe and 
         FAIL("split mismatch for ", printable(input), ": ", describe(split), " vs ", describe(whole));
       }
       check_wire_safe(whole.out, whole.done);
-      // The terminator is recognized exactly when the input has CRLF.CRLF at a line start (or starts with it).
+      // The terminator is recognized exactly when the input has CRLF.CRLF at a line start (or starts with
+      // it).
       const bool has_end = input.rfind(".\r\n", 0) == 0 || input.find("\r\n.\r\n") != std::string::npos;
       if (has_end != whole.done) FAIL("terminator mismatch for ", printable(input));
       ++checked;

@@ -54,12 +54,14 @@ Framed frame(const std::vector<std::string>& chunks, std::size_t max_line = 512)
 
 void check_every_split(const std::string& input, const Framed& expected, std::size_t max_line = 512) {
   for (const auto& chunks : splits_of(input)) {
-    INFO("input: " << printable(input) << " first piece: " << printable(chunks[0]) << " of " << chunks.size());
+    INFO("input: " << printable(input) << " first piece: " << printable(chunks[0]) << " of "
+                   << chunks.size());
     CHECK(frame(chunks, max_line) == expected);
   }
   if (input.size() <= 80) {
     for (const auto& chunks : double_splits_of(input)) {
-      INFO("input: " << printable(input) << " pieces: " << printable(chunks[0]) << " | " << printable(chunks[1]));
+      INFO("input: " << printable(input) << " pieces: " << printable(chunks[0]) << " | "
+                     << printable(chunks[1]));
       CHECK(frame(chunks, max_line) == expected);
     }
   }

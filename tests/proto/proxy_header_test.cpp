@@ -82,7 +82,8 @@ TEST_CASE("PROXY v1: TCP4, TCP6, UNKNOWN") {
 
 TEST_CASE("PROXY v1: the longest header is 107 octets") {
   const std::string longest =
-      "PROXY TCP6 ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff 65535 65535\r\n";
+      "PROXY TCP6 ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff 65535 "
+      "65535\r\n";
   REQUIRE(longest.size() == 104);
   check_valid(longest);
   check_invalid("PROXY UNKNOWN " + std::string(100, 'x') + "\r\n");
@@ -96,7 +97,7 @@ TEST_CASE("PROXY v1: malformed headers") {
   check_invalid("PROXY TCP4 192.0.2.1 198.51.100.7 56324 25 \r\n");  // extra field
   check_invalid("PROXY TCP4 192.0.2.1 198.51.100.7 56324\r\n");      // missing field
   check_invalid("PROXY TCP4 192.0.2.256 198.51.100.7 1 2\r\n");
-  check_invalid("PROXY TCP4 2001:db8::1 198.51.100.7 1 2\r\n");      // family mismatch
+  check_invalid("PROXY TCP4 2001:db8::1 198.51.100.7 1 2\r\n");  // family mismatch
   check_invalid("PROXY TCP6 192.0.2.1 2001:db8::2 1 2\r\n");
   check_invalid("PROXY TCP4 192.0.2.1 198.51.100.7 65536 25\r\n");
   check_invalid("PROXY TCP4 192.0.2.1 198.51.100.7 025 25\r\n");
@@ -155,13 +156,13 @@ TEST_CASE("PROXY v2: LOCAL, UNSPEC and UNIX mean: use the socket's address") {
 
 TEST_CASE("PROXY v2: truncated, oversized, garbage") {
   const std::string v4 = bytes({192, 0, 2, 1, 198, 51, 100, 7, 0, 1, 0, 2});
-  check_invalid(v2(0x21, 0x11, v4.substr(0, 8)));                 // address block shorter than INET needs
-  check_invalid(v2(0x21, 0x11, v4 + bytes({0x01, 0x00})));       // TLV header cut
+  check_invalid(v2(0x21, 0x11, v4.substr(0, 8)));           // address block shorter than INET needs
+  check_invalid(v2(0x21, 0x11, v4 + bytes({0x01, 0x00})));  // TLV header cut
   check_invalid(v2(0x21, 0x11, v4 + bytes({0x01, 0x00, 0x05, 'a'})));  // TLV value cut
-  check_invalid(v2(0x11, 0x11, v4));                             // version 1 in binary form
-  check_invalid(v2(0x22, 0x11, v4));                             // command 2
-  check_invalid(v2(0x21, 0x12, v4));                             // UDP
-  check_invalid(v2(0x21, 0x41, v4));                             // family 4
+  check_invalid(v2(0x11, 0x11, v4));                                   // version 1 in binary form
+  check_invalid(v2(0x22, 0x11, v4));                                   // command 2
+  check_invalid(v2(0x21, 0x12, v4));                                   // UDP
+  check_invalid(v2(0x21, 0x41, v4));                                   // family 4
   // Oversized: the length field alone says so; no need to wait for the bytes.
   std::string big = v2(0x21, 0x11, v4 + tlv(0x20, std::string(512 - 12 - 3 + 1, 'x')));
   check_invalid(big.substr(0, 16));

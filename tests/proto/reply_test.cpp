@@ -84,8 +84,7 @@ TEST_CASE("format_reply and parse_reply agree") {
 
 TEST_CASE("parse_reply: complete replies at every split") {
   check_every_split("220 mx ESMTP\r\n", {{"220|mx ESMTP"}, ""});
-  check_every_split("250-mx\r\n250-PIPELINING\r\n250 SIZE 100\r\n",
-                    {{"250|mx|PIPELINING|SIZE 100"}, ""});
+  check_every_split("250-mx\r\n250-PIPELINING\r\n250 SIZE 100\r\n", {{"250|mx|PIPELINING|SIZE 100"}, ""});
   check_every_split("250\r\n", {{"250|"}, ""});
   check_every_split("250-\r\n250 \r\n", {{"250||"}, ""});
   // Bare LF is tolerated from upstreams.

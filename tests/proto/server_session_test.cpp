@@ -167,7 +167,11 @@ TEST_CASE("ServerSession: upstream refusals injected at each upstream step") {
     ServerSession s(opts());
     play(s, {"EHLO c", Kind::reply, "250-", "", {}, State::ready});
     play(s, {"MAIL FROM:<a@b.example>", Kind::begin_mail, "", "", 451, State::ready});
-    play(s, {"RCPT TO:<c@d.example>", Kind::reply, "503 5.5.1 Error: need MAIL command", "bad_sequence", {},
+    play(s, {"RCPT TO:<c@d.example>",
+             Kind::reply,
+             "503 5.5.1 Error: need MAIL command",
+             "bad_sequence",
+             {},
              State::ready});
     play(s, {"MAIL FROM:<a@b.example>", Kind::begin_mail, "", "", 250, State::mail});
   }
@@ -176,7 +180,11 @@ TEST_CASE("ServerSession: upstream refusals injected at each upstream step") {
     play(s, {"EHLO c", Kind::reply, "250-", "", {}, State::ready});
     play(s, {"MAIL FROM:<a@b.example>", Kind::begin_mail, "", "", 250, State::mail});
     play(s, {"RCPT TO:<c@d.example>", Kind::forward_rcpt, "", "", 550, State::mail});
-    play(s, {"DATA", Kind::reply, "554 5.5.1 Error: no valid recipients", "no_valid_recipients", {},
+    play(s, {"DATA",
+             Kind::reply,
+             "554 5.5.1 Error: no valid recipients",
+             "no_valid_recipients",
+             {},
              State::mail});
     CHECK(s.accepted_recipients() == 0);
     play(s, {"RCPT TO:<c@d.example>", Kind::forward_rcpt, "", "", 250, State::rcpt});
@@ -197,9 +205,17 @@ TEST_CASE("ServerSession: upstream refusals injected at each upstream step") {
 
 TEST_CASE("ServerSession: sequencing") {
   ServerSession s(opts());
-  play(s, {"MAIL FROM:<a@b.example>", Kind::reply, "503 5.5.1 Error: send HELO/EHLO first", "bad_sequence", {},
+  play(s, {"MAIL FROM:<a@b.example>",
+           Kind::reply,
+           "503 5.5.1 Error: send HELO/EHLO first",
+           "bad_sequence",
+           {},
            State::need_helo});
-  play(s, {"RCPT TO:<c@d.example>", Kind::reply, "503 5.5.1 Error: need MAIL command", "bad_sequence", {},
+  play(s, {"RCPT TO:<c@d.example>",
+           Kind::reply,
+           "503 5.5.1 Error: need MAIL command",
+           "bad_sequence",
+           {},
            State::need_helo});
   play(s, {"DATA", Kind::reply, "503 5.5.1 Error: need RCPT command", "bad_sequence", {}, State::need_helo});
   play(s, {"NOOP", Kind::reply, "250 2.0.0 Ok\r\n", "", {}, State::need_helo});
@@ -208,15 +224,27 @@ TEST_CASE("ServerSession: sequencing") {
   play(s, {"HELO client", Kind::reply, "250 mx.example.org\r\n", "", {}, State::ready});
   CHECK_FALSE(s.esmtp());
   CHECK(s.helo_name() == "client");
-  play(s, {"RCPT TO:<c@d.example>", Kind::reply, "503 5.5.1 Error: need MAIL command", "bad_sequence", {},
+  play(s, {"RCPT TO:<c@d.example>",
+           Kind::reply,
+           "503 5.5.1 Error: need MAIL command",
+           "bad_sequence",
+           {},
            State::ready});
   play(s, {"DATA", Kind::reply, "503 5.5.1 Error: need RCPT command", "bad_sequence", {}, State::ready});
   play(s, {"MAIL FROM:<a@b.example>", Kind::begin_mail, "", "", 250, State::mail});
   CHECK(s.last_command().address == "a@b.example");
-  play(s, {"MAIL FROM:<a@b.example>", Kind::reply, "503 5.5.1 Error: nested MAIL command", "bad_sequence", {},
+  play(s, {"MAIL FROM:<a@b.example>",
+           Kind::reply,
+           "503 5.5.1 Error: nested MAIL command",
+           "bad_sequence",
+           {},
            State::mail});
   play(s, {"RCPT TO:<c@d.example>", Kind::forward_rcpt, "", "", 250, State::rcpt});
-  play(s, {"MAIL FROM:<a@b.example>", Kind::reply, "503 5.5.1 Error: nested MAIL command", "bad_sequence", {},
+  play(s, {"MAIL FROM:<a@b.example>",
+           Kind::reply,
+           "503 5.5.1 Error: nested MAIL command",
+           "bad_sequence",
+           {},
            State::rcpt});
   CHECK(s.bad_commands() == 7);
 }
@@ -239,12 +267,18 @@ TEST_CASE("ServerSession: argument errors") {
   play(s, {"EHLO c", Kind::reply, "250-", "", {}, State::ready});
   play(s, {"MAIL TO:<a@b.example>", Kind::reply, "501 5.5.4 ", "syntax_error", {}, State::ready});
   play(s, {"MAIL FROM:<a b@c>", Kind::reply, "501 5.1.7 ", "bad_address", {}, State::ready});
-  play(s, {"MAIL FROM:<a@b.example> FOO=1", Kind::reply, "555 5.5.4 ", "unknown_parameter", {}, State::ready});
-  play(s, {"MAIL FROM:<a@b.example> SIZE=1001", Kind::reply, "552 5.3.4 ", "message_too_big", {}, State::ready});
+  play(s,
+       {"MAIL FROM:<a@b.example> FOO=1", Kind::reply, "555 5.5.4 ", "unknown_parameter", {}, State::ready});
+  play(s,
+       {"MAIL FROM:<a@b.example> SIZE=1001", Kind::reply, "552 5.3.4 ", "message_too_big", {}, State::ready});
   play(s, {"MAIL FROM:<a@b.example> SIZE=1000", Kind::begin_mail, "", "", 250, State::mail});
   CHECK(s.last_command().size == 1000);
   play(s, {"RCPT TO:<>", Kind::reply, "501 5.1.3 ", "bad_address", {}, State::mail});
-  play(s, {"RCPT TO:<x@y.example> NOTIFY=NEVER", Kind::reply, "555 5.5.4 ", "unknown_parameter", {},
+  play(s, {"RCPT TO:<x@y.example> NOTIFY=NEVER",
+           Kind::reply,
+           "555 5.5.4 ",
+           "unknown_parameter",
+           {},
            State::mail});
   play(s, {"DATA x", Kind::reply, "554 5.5.1 ", "no_valid_recipients", {}, State::mail});
   play(s, {"RCPT TO:<x@y.example>", Kind::forward_rcpt, "", "", 250, State::rcpt});
@@ -259,8 +293,12 @@ TEST_CASE("ServerSession: max_recipients gives 452 for each extra RCPT") {
   play(s, {"MAIL FROM:<a@b.example>", Kind::begin_mail, "", "", 250, State::mail});
   play(s, {"RCPT TO:<1@d.example>", Kind::forward_rcpt, "", "", 250, State::rcpt});
   play(s, {"RCPT TO:<2@d.example>", Kind::forward_rcpt, "", "", 250, State::rcpt});
-  play(s, {"RCPT TO:<3@d.example>", Kind::reply, "452 4.5.3 Error: too many recipients", "too_many_recipients",
-           {}, State::rcpt});
+  play(s, {"RCPT TO:<3@d.example>",
+           Kind::reply,
+           "452 4.5.3 Error: too many recipients",
+           "too_many_recipients",
+           {},
+           State::rcpt});
   play(s, {"RCPT TO:<4@d.example>", Kind::reply, "452 4.5.3 ", "too_many_recipients", {}, State::rcpt});
   CHECK(s.bad_commands() == 0);  // 4xx are not errors of the client's making
   play(s, {"DATA", Kind::begin_data, "", "", {}, State::ready});
@@ -275,8 +313,12 @@ TEST_CASE("ServerSession: STARTTLS") {
     play(s, {"EHLO c", Kind::reply, ehlo_reply, "", {}, State::ready});
     play(s, {"STARTTLS", Kind::start_tls, "220 2.0.0 Ready to start TLS\r\n", "", {}, State::need_helo});
     CHECK(s.tls_active());
-    play(s, {"MAIL FROM:<a@b.example>", Kind::reply, "503 5.5.1 Error: send HELO/EHLO first", "bad_sequence",
-             {}, State::need_helo});
+    play(s, {"MAIL FROM:<a@b.example>",
+             Kind::reply,
+             "503 5.5.1 Error: send HELO/EHLO first",
+             "bad_sequence",
+             {},
+             State::need_helo});
     play(s, {"EHLO c", Kind::reply, "250-mx.example.org\r\n", "", {}, State::ready});
     const auto a = s.on_line("EHLO c");
     CHECK(a.reply.find("STARTTLS") == std::string::npos);
@@ -339,4 +381,51 @@ TEST_CASE("ServerSession: a pipelining daemon gets the same answers") {
   CHECK(s.accepted_recipients() == 1);
   s.on_data_finished();
   CHECK(s.state() == State::ready);
+}
+
+namespace {
+// The daemon's loop without sockets: bytes -> CommandFramer -> ServerSession, every action written down.
+std::vector<std::string> converse(const std::vector<std::string>& chunks) {
+  auto o = opts();
+  o.max_bad_commands = 4;
+  ServerSession s(o);
+  CommandFramer framer;
+  std::vector<std::string> log;
+  std::string buf;
+  for (const auto& chunk : chunks) {
+    buf += chunk;
+    while (s.state() != State::closed) {
+      const auto ev = framer.next(buf);
+      ServerSession::Action a;
+      if (ev.kind == CommandFramer::Kind::line) {
+        a = s.on_line(ev.line);
+      } else if (ev.kind != CommandFramer::Kind::need_more) {
+        a = s.on_framing_error(ev.kind);
+      }
+      buf.erase(0, ev.consumed);
+      if (ev.kind == CommandFramer::Kind::need_more) break;
+      if (a.kind == Kind::begin_mail) s.on_mail_reply(250);
+      if (a.kind == Kind::forward_rcpt) s.on_rcpt_reply(250);
+      if (a.kind == Kind::begin_data) s.on_data_finished();
+      log.push_back(std::to_string(static_cast<int>(a.kind)) + " " + a.reply + std::string(a.reject_reason));
+    }
+  }
+  return log;
+}
+}  // namespace
+
+TEST_CASE("ServerSession behind CommandFramer: a pipelined conversation cut at every byte boundary") {
+  const std::string stream =
+      "EHLO c.example\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n" +
+      std::string(600, 'x') + "\r\nNOOP\nVRFY x\r\nMAIL FROM:<a@b.example>\r\n" + "DATA\r\nRSET\r\nQUIT\r\n";
+  const auto whole = converse({stream});
+  REQUIRE(whole.size() == 9);
+  CHECK(whole[4].find("line_too_long") != std::string::npos);
+  CHECK(whole[5].find("bare_newline_command") != std::string::npos);
+  CHECK(whole[6].find("vrfy_disabled") != std::string::npos);
+  CHECK(whole[7].rfind("3 ", 0) == 0);                                                           // begin_mail
+  CHECK(whole[8].find("421 4.7.0 mx.example.org Error: too many errors") != std::string::npos);  // 4th error
+  for (const auto& chunks : mailflow::test::splits_of(stream)) {
+    CHECK(converse(chunks) == whole);
+  }
 }
