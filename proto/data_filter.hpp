@@ -25,8 +25,10 @@ class DataFilter {
   explicit DataFilter(Limits limits) : limits_(limits) {}
 
   // Consumes client bytes and appends wire-ready bytes for the upstream to `out`: CRLF line endings only,
-  // ordinary dot-stuffing preserved exactly, any line that starts with '.' after normalization stuffed,
-  // and the final ".\r\n" when the terminator is seen. Stops right after the terminator: returns the
+  // ordinary dot-stuffing preserved exactly (a line starting with '.' passes through unchanged), a line that is
+  // exactly "." but is not the terminator (it follows a bare LF, or ends in one) goes out as ".." so it can
+  // never end the message upstream, and the final ".\r\n" when the terminator is seen. bare_newline_seen() is
+  // set under both policies (normalize also normalizes under `reject`; the caller refuses the message). Stops right after the terminator: returns the
   // number of bytes of `input` consumed (the rest belongs to the next command).
   std::size_t feed(std::string_view input, std::string& out);
 
