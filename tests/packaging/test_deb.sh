@@ -44,6 +44,7 @@ expect=(/usr/sbin/mailflowd /lib/systemd/system/mailflowd.service /lib/systemd/s
   /usr/share/man/man8/mailflowd.8.gz /usr/share/man/man5/mailflowd.yaml.5.gz
   /usr/share/mailflowd/systemd/socket-activation.conf
   /usr/share/doc/mailflowd/operations.md /usr/share/doc/mailflowd/security.md)
+for f in "$src"/docs/*.md "$src"/README.md; do [ -e "$f" ] && expect+=("/usr/share/doc/mailflowd/$(basename "$f")"); done
 for f in "$src"/deploy/prometheus/*.yml; do [ -e "$f" ] && expect+=("/usr/share/mailflowd/prometheus/$(basename "$f")"); done
 for f in "$src"/deploy/grafana/*.json; do [ -e "$f" ] && expect+=("/usr/share/mailflowd/grafana/$(basename "$f")"); done
 for f in "${expect[@]}"; do grep -qxF "$f" "$tmp/files" || fail "package lacks $f"; done
