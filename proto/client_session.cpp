@@ -24,9 +24,24 @@ std::string xtext(std::string_view value) {
   return out;
 }
 
+// Names go into command lines verbatim: never let a CR, LF or other control byte through (the client's HELO
+// name comes from the network, even if ServerSession already only accepts printable ones).
+std::string command_safe(std::string_view name) {
+  std::string out(name);
+  for (char& c : out) {
+    const auto b = static_cast<unsigned char>(c);
+    if (b <= 0x20 || b >= 0x7f) c = '_';
+  }
+  return out;
+}
+
 }  // namespace
 
-ClientSession::ClientSession(Options options) : options_(std::move(options)) {}
+ClientSession::ClientSession(Options options) : options_(std::move(options)) {
+  options_.ehlo_name = command_safe(options_.ehlo_name);
+  if (options_.ehlo_name.empty()) options_.ehlo_name = "localhost";
+  options_.client_helo = command_safe(options_.client_helo);
+}
 
 ClientSession::Action ClientSession::start() {
   step_ = Step::banner;

@@ -243,3 +243,15 @@ TEST_CASE("ClientSession: an error injected at each step") {
     CHECK(a.reason == "protocol");
   }
 }
+
+TEST_CASE("ClientSession: names never carry line breaks into commands") {
+  auto o = options(UpstreamTlsPolicy::none, true);
+  o.client_helo = "evil\r\nRCPT TO:<x@y.z>";
+  ClientSession c(o);
+  c.start();
+  c.on_reply(banner);
+  auto a = c.on_reply(ehlo_full);
+  CHECK(a.data == "XCLIENT ADDR=192.0.2.1 PORT=4321 HELO=evil__RCPT_TO:<x@y.z> PROTO=ESMTP\r\n");
+  a = c.on_reply(reply(220, {"ok"}));
+  CHECK(a.data == "EHLO evil__RCPT_TO:<x@y.z>\r\n");
+}
