@@ -663,11 +663,22 @@ class Loader {
     }
   }
 
+  // "a, b" for "(known: a, b)" hints: valid names once each, in file order.
+  template <class Item>
+  static std::string known_names(const std::vector<Item>& items) {
+    std::string out;
+    std::set<std::string> seen;
+    for (const auto& item : items) {
+      if (!valid_name(item.name) || !seen.insert(item.name).second) continue;
+      out += (out.empty() ? "" : ", ") + item.name;
+    }
+    return out;
+  }
+
   void check_upstream_reference(const Fields& map, const std::string& where, std::string& out) {
     if (!read_name(map, "upstream", where, out)) return;
     if (config_.find_upstream(out) == nullptr) {
-      std::string known;
-      for (const auto& upstream : config_.upstreams) known += (known.empty() ? "" : ", ") + upstream.name;
+      const std::string known = known_names(config_.upstreams);
       error_at(get(map, "upstream")->value, where + ".upstream: no upstream named " + quoted(out) +
                                                 (known.empty() ? " (upstreams: is empty)" : " (known: " + known + ")"));
     }
@@ -818,9 +829,9 @@ class Loader {
       for (const auto& [name, node] : string_list(*listeners, where + ".listener", "a listener name")) {
         const Listener* listener = config_.find_listener(name);
         if (listener == nullptr) {
-          std::string known;
-          for (const auto& l : config_.listeners) known += (known.empty() ? "" : ", ") + l.name;
-          error_at(node, where + ".listener: no listener named " + quoted(name) + " (known: " + known + ")");
+          const std::string known = known_names(config_.listeners);
+          error_at(node, where + ".listener: no listener named " + quoted(name) +
+                             (known.empty() ? "" : " (known: " + known + ")"));
           continue;
         }
         match.listeners.push_back(name);
