@@ -255,3 +255,76 @@ TEST_CASE("ClientSession: names never carry line breaks into commands") {
   a = c.on_reply(reply(220, {"ok"}));
   CHECK(a.data == "EHLO evil__RCPT_TO:<x@y.z>\r\n");
 }
+
+namespace {
+// Drives the engine against an upstream that answers like Postfix (EHLO_full, then ok), except that the reply
+// at position `bad_at` is replaced by `bad`. Returns "ready[+tls][+xclient]" or "fail:<reason>".
+std::string drive(UpstreamTlsPolicy policy, std::size_t bad_at, const Reply& bad) {
+  ClientSession c(options(policy, true));
+  auto a = c.start();
+  std::size_t index = 0;
+  for (int guard = 0; guard < 20; ++guard) {
+    switch (a.kind) {
+      case Kind::ready:
+        return std::string("ready") + (c.tls_active() ? "+tls" : "") + (c.xclient_done() ? "+xclient" : "");
+      case Kind::fail:
+        return "fail:" + std::string(a.reason);
+      case Kind::start_tls:
+        a = c.on_tls_started();
+        continue;
+      default:
+        break;
+    }
+    Reply next;
+    if (index == bad_at) {
+      next = bad;
+    } else if (a.kind == Kind::read_reply) {
+      next = banner;
+    } else if (a.data.rfind("EHLO", 0) == 0) {
+      next = c.tls_active() || c.xclient_done() ? ehlo_after_tls : ehlo_full;
+    } else if (a.data.rfind("HELO", 0) == 0) {
+      next = reply(250, {"upstream.example"});
+    } else {
+      next = ok220;  // STARTTLS, XCLIENT
+    }
+    ++index;
+    a = c.on_reply(next);
+  }
+  return "loop";
+}
+}  // namespace
+
+TEST_CASE("ClientSession: 421 or 554 injected at each step of the full conversation") {
+  // Steps: 0 banner, 1 EHLO, 2 STARTTLS, 3 EHLO (TLS), 4 XCLIENT, 5 EHLO (client's name).
+  const Reply transient = reply(421, {"4.3.2 busy"});
+  const Reply permanent = reply(554, {"5.5.1 no"});
+  struct Expect {
+    std::size_t at;
+    const char* on_421;
+    const char* on_554;
+  };
+  const Expect required[] = {
+      {0, "fail:greeting_rejected", "fail:greeting_rejected"},
+      {1, "fail:ehlo_rejected", "fail:starttls_unavailable"},  // 554: HELO fallback has no STARTTLS
+      {2, "fail:starttls_rejected", "fail:starttls_rejected"},
+      {3, "fail:ehlo_rejected", "ready+tls"},  // 554: HELO after TLS, no extensions, so no XCLIENT
+      {4, "ready+tls", "ready+tls"},           // XCLIENT refused: go on without it
+      {5, "fail:ehlo_rejected", "ready+tls+xclient"},
+      {99, "ready+tls+xclient", "ready+tls+xclient"},
+  };
+  for (const auto& e : required) {
+    CAPTURE(e.at);
+    CHECK(drive(UpstreamTlsPolicy::required, e.at, transient) == e.on_421);
+    CHECK(drive(UpstreamTlsPolicy::required, e.at, permanent) == e.on_554);
+  }
+  const Expect opportunistic[] = {
+      {1, "fail:ehlo_rejected", "ready"},  // HELO: no STARTTLS, no XCLIENT
+      {2, "ready+xclient", "ready+xclient"},
+      {99, "ready+tls+xclient", "ready+tls+xclient"},
+  };
+  for (const auto& e : opportunistic) {
+    CAPTURE(e.at);
+    CHECK(drive(UpstreamTlsPolicy::opportunistic, e.at, transient) == e.on_421);
+    CHECK(drive(UpstreamTlsPolicy::opportunistic, e.at, permanent) == e.on_554);
+  }
+}
