@@ -1,5 +1,6 @@
-// YAML -> validated, immutable Config. Every error found is collected with the position of the offending key or
-// value; the loader never stops at the first one (except for YAML syntax errors, after which nothing is reliable).
+// YAML -> validated, immutable Config. Every error found is collected with the position of the offending key
+// or value; the loader never stops at the first one (except for YAML syntax errors, after which nothing is
+// reliable).
 #include "config/config.hpp"
 
 #include <fcntl.h>
@@ -30,8 +31,9 @@ struct Section {
 
 const std::vector<Section>& schema() {
   static const std::vector<Section> sections = {
-      {"", {"hostname", "state_dir", "listeners", "upstreams", "connectors", "telemetry", "http", "limits", "log",
-            "timeouts"}},
+      {"",
+       {"hostname", "state_dir", "listeners", "upstreams", "connectors", "telemetry", "http", "limits", "log",
+        "timeouts"}},
       {"listeners[]", {"name", "address", "direction", "tls", "proxy_protocol", "upstream"}},
       {"listeners[].tls", {"certificates", "min_version", "ciphers"}},
       {"listeners[].tls.certificates[]", {"cert", "key"}},
@@ -45,8 +47,9 @@ const std::vector<Section>& schema() {
       {"http", {"address", "basic_auth", "tls"}},
       {"http.basic_auth", {"user", "password_hash"}},
       {"http.tls", {"cert", "key"}},
-      {"limits", {"max_sessions", "max_sessions_per_ip", "max_message_size", "max_recipients", "max_bad_commands",
-                  "max_line", "drain_timeout", "greet_pause", "bare_newline"}},
+      {"limits",
+       {"max_sessions", "max_sessions_per_ip", "max_message_size", "max_recipients", "max_bad_commands",
+        "max_line", "drain_timeout", "greet_pause", "bare_newline"}},
       {"log", {"level", "format"}},
       {"timeouts", {"greeting", "command", "data_block", "data_end", "tls_handshake", "upstream_connect"}},
   };
@@ -132,14 +135,22 @@ std::optional<std::uint64_t> parse_size(std::string_view text) {
   if (!number) return std::nullopt;
   const std::string_view unit = text.substr(digits);
   std::uint64_t scale = 0;
-  if (unit.empty() || unit == "B") scale = 1;
-  else if (unit == "KB") scale = 1000;
-  else if (unit == "MB") scale = 1000 * 1000;
-  else if (unit == "GB") scale = 1000 * 1000 * 1000;
-  else if (unit == "KiB") scale = 1024;
-  else if (unit == "MiB") scale = 1024 * 1024;
-  else if (unit == "GiB") scale = 1024 * 1024 * 1024;
-  else return std::nullopt;
+  if (unit.empty() || unit == "B")
+    scale = 1;
+  else if (unit == "KB")
+    scale = 1000;
+  else if (unit == "MB")
+    scale = 1000 * 1000;
+  else if (unit == "GB")
+    scale = 1000 * 1000 * 1000;
+  else if (unit == "KiB")
+    scale = 1024;
+  else if (unit == "MiB")
+    scale = 1024 * 1024;
+  else if (unit == "GiB")
+    scale = 1024 * 1024 * 1024;
+  else
+    return std::nullopt;
   if (*number > std::numeric_limits<std::uint64_t>::max() / scale) return std::nullopt;
   return *number * scale;
 }
@@ -167,7 +178,8 @@ std::optional<proto::TlsVersion> parse_min_version(std::string_view text) {
   return std::nullopt;
 }
 
-// One key of a mapping with the nodes of both sides (the key node carries the position when the value is null).
+// One key of a mapping with the nodes of both sides (the key node carries the position when the value is
+// null).
 struct Field {
   YAML::Node key;
   YAML::Node value;
@@ -218,7 +230,8 @@ class Loader {
     return "";
   }
 
-  // ---- error reporting -------------------------------------------------------------------------------------
+  // ---- error reporting
+  // -------------------------------------------------------------------------------------
   void error_at(const YAML::Mark& mark, std::string message) {
     ConfigError error;
     error.file = file_;
@@ -245,9 +258,10 @@ class Loader {
     return quoted(node.Scalar());
   }
 
-  // ---- structure ---------------------------------------------------------------------------------------------
-  // The keys of a mapping, after reporting non-scalar, duplicate and unknown keys. A null node is an empty mapping
-  // (a section whose entries are all commented out); anything else that is not a mapping is an error.
+  // ---- structure
+  // --------------------------------------------------------------------------------------------- The keys of
+  // a mapping, after reporting non-scalar, duplicate and unknown keys. A null node is an empty mapping (a
+  // section whose entries are all commented out); anything else that is not a mapping is an error.
   std::optional<Fields> fields(const YAML::Node& node, const YAML::Mark& mark, std::string_view schema_path,
                                const std::string& where) {
     Fields out;
@@ -288,8 +302,8 @@ class Loader {
       }
       const auto [previous, inserted] = out.emplace(name, Field{key, it->second});
       if (!inserted) {
-        error_at(key, "duplicate key " + quoted(name) + (where.empty() ? "" : " in " + where) + " (first at line " +
-                          std::to_string(previous->second.key.Mark().line + 1) + ")");
+        error_at(key, "duplicate key " + quoted(name) + (where.empty() ? "" : " in " + where) +
+                          " (first at line " + std::to_string(previous->second.key.Mark().line + 1) + ")");
       }
     }
     return out;
@@ -303,7 +317,8 @@ class Loader {
     return it == fields.end() ? nullptr : &it->second;
   }
 
-  const Field* require(const Fields& fields, std::string_view key, const YAML::Mark& mark, const std::string& where) {
+  const Field* require(const Fields& fields, std::string_view key, const YAML::Mark& mark,
+                       const std::string& where) {
     const Field* field = get(fields, key);
     if (field == nullptr) error_at(mark, where + ": missing required key " + quoted(key));
     return field;
@@ -330,13 +345,15 @@ class Loader {
     if (!field.value.IsScalar()) {
       std::string message = where + ": expected " + std::string(expected) + ", got " + describe(field.value);
       // Unquoted [::]:25 is a YAML flow list; say so instead of leaving the user puzzled.
-      if (field.value.IsSequence() && where.ends_with("address")) message += " (quote addresses like \"[::]:25\")";
+      if (field.value.IsSequence() && where.ends_with("address"))
+        message += " (quote addresses like \"[::]:25\")";
       error_at(field, std::move(message));
       return std::nullopt;
     }
     return field.value.Scalar();
   }
-  std::optional<std::string> scalar_item(const YAML::Node& node, const std::string& where, std::string_view expected) {
+  std::optional<std::string> scalar_item(const YAML::Node& node, const std::string& where,
+                                         std::string_view expected) {
     return scalar(Field{node, node}, where, expected);
   }
 
@@ -357,11 +374,12 @@ class Loader {
     return out;
   }
 
-  // ---- typed values ------------------------------------------------------------------------------------------
-  // Each reader leaves `out` unchanged when the key is absent (the default stays) or invalid (an error is recorded).
+  // ---- typed values
+  // ------------------------------------------------------------------------------------------ Each reader
+  // leaves `out` unchanged when the key is absent (the default stays) or invalid (an error is recorded).
   template <class T, class Parse>
-  bool read(const Fields& fields, std::string_view key, const std::string& where, std::string_view expected, T& out,
-            Parse parse) {
+  bool read(const Fields& fields, std::string_view key, const std::string& where, std::string_view expected,
+            T& out, Parse parse) {
     const Field* field = get(fields, key);
     if (field == nullptr) return false;
     const std::string path = join(where, key);
@@ -371,7 +389,8 @@ class Loader {
     std::optional<T> value = parse(*text, problem);
     if (!value) {
       error_at(*field, path + ": " +
-                           (problem.empty() ? "expected " + std::string(expected) + ", got " + quoted(*text) : problem));
+                           (problem.empty() ? "expected " + std::string(expected) + ", got " + quoted(*text)
+                                            : problem));
       return false;
     }
     out = std::move(*value);
@@ -397,8 +416,10 @@ class Loader {
 
   bool read_bool(const Fields& fields, std::string_view key, const std::string& where, bool& out) {
     return read(fields, key, where, "true or false", out, [](const std::string& text, std::string&) {
-      if (text == "true" || text == "True" || text == "TRUE" || text == "yes") return std::optional<bool>(true);
-      if (text == "false" || text == "False" || text == "FALSE" || text == "no") return std::optional<bool>(false);
+      if (text == "true" || text == "True" || text == "TRUE" || text == "yes")
+        return std::optional<bool>(true);
+      if (text == "false" || text == "False" || text == "FALSE" || text == "no")
+        return std::optional<bool>(false);
       return std::optional<bool>{};
     });
   }
@@ -419,16 +440,19 @@ class Loader {
   }
 
   bool read_duration(const Fields& fields, std::string_view key, const std::string& where,
-                     std::chrono::milliseconds& out, std::chrono::milliseconds min, std::chrono::milliseconds max) {
-    return read(fields, key, where, "a duration like 30s", out, [&](const std::string& text, std::string& problem) {
-      const auto value = parse_duration(text);
-      if (!value) return std::optional<std::chrono::milliseconds>{};
-      if (*value < min || *value > max) {
-        problem = "must be between " + format_duration(min) + " and " + format_duration(max) + ", got " + text;
-        return std::optional<std::chrono::milliseconds>{};
-      }
-      return value;
-    });
+                     std::chrono::milliseconds& out, std::chrono::milliseconds min,
+                     std::chrono::milliseconds max) {
+    return read(
+        fields, key, where, "a duration like 30s", out, [&](const std::string& text, std::string& problem) {
+          const auto value = parse_duration(text);
+          if (!value) return std::optional<std::chrono::milliseconds>{};
+          if (*value < min || *value > max) {
+            problem =
+                "must be between " + format_duration(min) + " and " + format_duration(max) + ", got " + text;
+            return std::optional<std::chrono::milliseconds>{};
+          }
+          return value;
+        });
   }
 
   bool read_share(const Fields& fields, std::string_view key, const std::string& where, double& out) {
@@ -459,8 +483,10 @@ class Loader {
   }
 
   // "host:port" or "[v6]:port"; `bind` requires an IP literal (something to listen on).
-  bool read_endpoint(const Fields& fields, std::string_view key, const std::string& where, Endpoint& out, bool bind) {
-    const std::string expected = bind ? "an address like 0.0.0.0:25 or \"[::]:25\"" : "an address like mail.example.org:25";
+  bool read_endpoint(const Fields& fields, std::string_view key, const std::string& where, Endpoint& out,
+                     bool bind) {
+    const std::string expected =
+        bind ? "an address like 0.0.0.0:25 or \"[::]:25\"" : "an address like mail.example.org:25";
     return read(fields, key, where, expected, out, [&](const std::string& text, std::string& problem) {
       Endpoint endpoint;
       endpoint.text = text;
@@ -485,11 +511,13 @@ class Loader {
         endpoint.host = text.substr(0, colon);
         port_text = std::string_view(text).substr(colon + 1);
         if (endpoint.host.find(':') != std::string::npos) {
-          problem = "IPv6 addresses need brackets: write \"[" + endpoint.host + "]:" + std::string(port_text) + "\"";
+          problem = "IPv6 addresses need brackets: write \"[" + endpoint.host +
+                    "]:" + std::string(port_text) + "\"";
           return std::optional<Endpoint>{};
         }
         if (endpoint.host.empty()) {
-          problem = "missing host in " + quoted(text) + (bind ? " (use 0.0.0.0:port for all IPv4 addresses)" : "");
+          problem =
+              "missing host in " + quoted(text) + (bind ? " (use 0.0.0.0:port for all IPv4 addresses)" : "");
           return std::optional<Endpoint>{};
         }
         if (bind && !parse_ip_address(endpoint.host)) {
@@ -512,8 +540,9 @@ class Loader {
     });
   }
 
-  // A certificate/key/CA file: checked now so that --check-config and SIGHUP catch a wrong path before it matters.
-  // Relative paths are relative to the daemon's working directory (like the command line), not the config file.
+  // A certificate/key/CA file: checked now so that --check-config and SIGHUP catch a wrong path before it
+  // matters. Relative paths are relative to the daemon's working directory (like the command line), not the
+  // config file.
   bool read_file(const Fields& fields, std::string_view key, const std::string& where, std::string& out) {
     return read(fields, key, where, "a file path", out, [](const std::string& path, std::string& problem) {
       if (path.empty()) {
@@ -550,7 +579,8 @@ class Loader {
       // "203.0.113.5/24" is nearly always a typo for a host or for the network; refuse rather than guess.
       const Cidr exact = Cidr::parse(text.substr(0, text.find('/'))).value();
       if (exact.network != cidr->network) {
-        error_at(node, where + ": " + quoted(text) + " has host bits set; did you mean " + cidr->to_string() + "?");
+        error_at(node,
+                 where + ": " + quoted(text) + " has host bits set; did you mean " + cidr->to_string() + "?");
         continue;
       }
       out.push_back(*cidr);
@@ -558,7 +588,8 @@ class Loader {
     return out;
   }
 
-  // ---- sections ----------------------------------------------------------------------------------------------
+  // ---- sections
+  // ----------------------------------------------------------------------------------------------
   void load_root(const YAML::Node& root) {
     root_mark_ = root.Mark();
     if (!root.IsDefined() || root.IsNull()) {
@@ -569,10 +600,11 @@ class Loader {
     if (!top) return;
 
     config_.hostname = machine_hostname();
-    read(*top, "hostname", "", "a host name", config_.hostname, [](const std::string& text, std::string& problem) {
-      if (!valid_hostname(text)) problem = "invalid host name " + quoted(text);
-      return valid_hostname(text) ? std::optional<std::string>(text) : std::nullopt;
-    });
+    read(*top, "hostname", "", "a host name", config_.hostname,
+         [](const std::string& text, std::string& problem) {
+           if (!valid_hostname(text)) problem = "invalid host name " + quoted(text);
+           return valid_hostname(text) ? std::optional<std::string>(text) : std::nullopt;
+         });
     read_string(*top, "state_dir", "", config_.state_dir);
 
     // Telemetry first: connectors inherit its alert defaults. Upstreams before listeners and listeners before
@@ -582,7 +614,8 @@ class Loader {
     const Field* listeners = get(*top, "listeners");
     if (listeners != nullptr) load_listeners(*listeners);
     if (config_.listeners.empty()) {
-      error_at(listeners != nullptr ? listeners->key.Mark() : root.Mark(), "at least one listener is required");
+      error_at(listeners != nullptr ? listeners->key.Mark() : root.Mark(),
+               "at least one listener is required");
     }
     if (const Field* field = get(*top, "connectors")) load_connectors(*field);
     if (const Field* field = get(*top, "http")) load_http(*field);
@@ -610,9 +643,11 @@ class Loader {
     const auto map = fields(field, "telemetry", "telemetry");
     if (!map) return;
     std::chrono::milliseconds window = config_.telemetry.window;
-    if (read_duration(*map, "window", "telemetry", window, std::chrono::hours(24), std::chrono::hours(24 * 90))) {
+    if (read_duration(*map, "window", "telemetry", window, std::chrono::hours(24),
+                      std::chrono::hours(24 * 90))) {
       if (window % std::chrono::hours(1) != std::chrono::milliseconds(0)) {
-        error_at(get(*map, "window")->value, "telemetry.window: must be a whole number of hours (buckets are hourly)");
+        error_at(get(*map, "window")->value,
+                 "telemetry.window: must be a whole number of hours (buckets are hourly)");
       } else {
         config_.telemetry.window = std::chrono::duration_cast<std::chrono::hours>(window);
       }
@@ -633,7 +668,8 @@ class Loader {
       if (require(*map, "name", list[i].Mark(), where) && read_name(*map, "name", where, upstream.name)) {
         check_unique(seen, upstream.name, get(*map, "name")->value, "upstream");
       }
-      if (require(*map, "address", list[i].Mark(), where)) read_endpoint(*map, "address", where, upstream.address, false);
+      if (require(*map, "address", list[i].Mark(), where))
+        read_endpoint(*map, "address", where, upstream.address, false);
       read_enum(*map, "tls", where, upstream.tls,
                 {{"none", UpstreamTls::none},
                  {"opportunistic", UpstreamTls::opportunistic},
@@ -679,8 +715,9 @@ class Loader {
     if (!read_name(map, "upstream", where, out)) return;
     if (config_.find_upstream(out) == nullptr) {
       const std::string known = known_names(config_.upstreams);
-      error_at(get(map, "upstream")->value, where + ".upstream: no upstream named " + quoted(out) +
-                                                (known.empty() ? " (upstreams: is empty)" : " (known: " + known + ")"));
+      error_at(get(map, "upstream")->value,
+               where + ".upstream: no upstream named " + quoted(out) +
+                   (known.empty() ? " (upstreams: is empty)" : " (known: " + known + ")"));
     }
   }
 
@@ -717,7 +754,8 @@ class Loader {
         }
       }
       if (get(*map, "upstream") == nullptr) {
-        error_at(list[i].Mark(), where + ": missing required key \"upstream\" (the default route for its mail)");
+        error_at(list[i].Mark(),
+                 where + ": missing required key \"upstream\" (the default route for its mail)");
       } else {
         check_upstream_reference(*map, where, listener.upstream);
       }
@@ -739,8 +777,10 @@ class Loader {
         const auto pair_map = fields(list[i], list[i].Mark(), "listeners[].tls.certificates[]", item_where);
         if (!pair_map) continue;
         CertificatePair pair;
-        if (require(*pair_map, "cert", list[i].Mark(), item_where)) read_file(*pair_map, "cert", item_where, pair.cert);
-        if (require(*pair_map, "key", list[i].Mark(), item_where)) read_file(*pair_map, "key", item_where, pair.key);
+        if (require(*pair_map, "cert", list[i].Mark(), item_where))
+          read_file(*pair_map, "cert", item_where, pair.cert);
+        if (require(*pair_map, "key", list[i].Mark(), item_where))
+          read_file(*pair_map, "key", item_where, pair.key);
         tls.certificates.push_back(std::move(pair));
       }
     }
@@ -768,18 +808,22 @@ class Loader {
                  {"internet", ConnectorType::internet}});
       if (named && connector.name == "internet" && connector.type != ConnectorType::internet) {
         error_at(get(*map, "name")->value,
-                 where + ".name: \"internet\" is reserved for unmatched traffic; choose another name or set "
-                         "type: internet");
+                 where +
+                     ".name: \"internet\" is reserved for unmatched traffic; choose another name or set "
+                     "type: internet");
       }
-      const bool has_direction = read_enum(*map, "direction", where, connector.direction,
-                                           {{"inbound", Direction::inbound}, {"outbound", Direction::outbound}});
+      const bool has_direction =
+          read_enum(*map, "direction", where, connector.direction,
+                    {{"inbound", Direction::inbound}, {"outbound", Direction::outbound}});
       std::optional<std::vector<MatchedListener>> matched;
-      if (const Field* match = get(*map, "match")) matched = load_match(*match, where + ".match", connector.match);
+      if (const Field* match = get(*map, "match"))
+        matched = load_match(*match, where + ".match", connector.match);
       if (!matched && get(*map, "direction") == nullptr) {
         error_at(list[i].Mark(),
                  where + ": missing required key \"direction\" (needed when match.listener is not given)");
       }
-      if (matched) check_direction(*matched, has_direction ? get(*map, "direction") : nullptr, where, connector);
+      if (matched)
+        check_direction(*matched, has_direction ? get(*map, "direction") : nullptr, where, connector);
       read_bool(*map, "require_tls", where, connector.require_tls);
       if (get(*map, "upstream") != nullptr) check_upstream_reference(*map, where, connector.upstream);
       if (const Field* alerts = get(*map, "alerts")) {
@@ -803,7 +847,8 @@ class Loader {
         if (listener.direction != connector.direction) {
           error_at(*direction_field, where + ".direction: the connector is " +
                                          std::string(to_string(connector.direction)) + " but its listener " +
-                                         quoted(listener.name) + " is " + std::string(to_string(listener.direction)) +
+                                         quoted(listener.name) + " is " +
+                                         std::string(to_string(listener.direction)) +
                                          " (a connector's direction is its listener's)");
         }
       } else if (i == 0) {
@@ -838,7 +883,8 @@ class Loader {
         matched->push_back(MatchedListener{listener, node});
       }
     }
-    if (const Field* cidrs = get(*map, "client_cidrs")) match.client_cidrs = read_cidrs(*cidrs, where + ".client_cidrs");
+    if (const Field* cidrs = get(*map, "client_cidrs"))
+      match.client_cidrs = read_cidrs(*cidrs, where + ".client_cidrs");
     if (const Field* domains = get(*map, "sender_domains")) {
       for (const auto& [text, node] : string_list(*domains, where + ".sender_domains", "a domain")) {
         const std::string domain = lower(text);
@@ -846,7 +892,8 @@ class Loader {
           return std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '-' || c == '*' || c == '_';
         });
         if (!ok) {
-          error_at(node, where + ".sender_domains: expected a domain like example.com or *.example.com, got " +
+          error_at(node, where +
+                             ".sender_domains: expected a domain like example.com or *.example.com, got " +
                              quoted(text));
           continue;
         }
@@ -857,10 +904,10 @@ class Loader {
       const Field* patterns_field = get(*map, key);
       if (patterns_field == nullptr) return;
       const std::string path = join(where, key);
-      for (const auto& [text, node] : string_list(*patterns_field, path, "a name pattern like *.example.com")) {
-        const bool ok = !text.empty() && std::all_of(text.begin(), text.end(), [](char c) {
-          return c > ' ' && c < 0x7f;
-        });
+      for (const auto& [text, node] :
+           string_list(*patterns_field, path, "a name pattern like *.example.com")) {
+        const bool ok = !text.empty() &&
+                        std::all_of(text.begin(), text.end(), [](char c) { return c > ' ' && c < 0x7f; });
         if (!ok) {
           error_at(node, path + ": expected a name pattern like *.example.com, got " + quoted(text));
           continue;
@@ -890,18 +937,20 @@ class Loader {
                });
         }
         if (require(*auth_map, "password_hash", auth->key.Mark(), "http.basic_auth")) {
-          read(*auth_map, "password_hash", "http.basic_auth", "a crypt(3) hash", basic.password_hash,
-               [](const std::string& text, std::string& problem) {
-                 static constexpr std::string_view prefixes[] = {"$2b$", "$2a$", "$2y$", "$y$", "$gy$", "$7$",
-                                                                 "$6$",  "$5$"};
-                 const bool ok = std::any_of(std::begin(prefixes), std::end(prefixes),
-                                             [&](std::string_view p) { return text.starts_with(p); });
-                 if (!ok) {
-                   problem = "expected a crypt(3) hash starting with $2b$, $y$, $6$ or $5$ (never a plain password; "
-                             "make one with: mkpasswd -m bcrypt)";
-                 }
-                 return ok ? std::optional<std::string>(text) : std::nullopt;
-               });
+          read(
+              *auth_map, "password_hash", "http.basic_auth", "a crypt(3) hash", basic.password_hash,
+              [](const std::string& text, std::string& problem) {
+                static constexpr std::string_view prefixes[] = {"$2b$", "$2a$", "$2y$", "$y$",
+                                                                "$gy$", "$7$",  "$6$",  "$5$"};
+                const bool ok = std::any_of(std::begin(prefixes), std::end(prefixes),
+                                            [&](std::string_view p) { return text.starts_with(p); });
+                if (!ok) {
+                  problem =
+                      "expected a crypt(3) hash starting with $2b$, $y$, $6$ or $5$ (never a plain password; "
+                      "make one with: mkpasswd -m bcrypt)";
+                }
+                return ok ? std::optional<std::string>(text) : std::nullopt;
+              });
         }
         config_.http.basic_auth = std::move(basic);
       }
@@ -910,8 +959,10 @@ class Loader {
       const auto tls_map = fields(*tls, "http.tls", "http.tls");
       if (tls_map) {
         CertificatePair pair;
-        if (require(*tls_map, "cert", tls->key.Mark(), "http.tls")) read_file(*tls_map, "cert", "http.tls", pair.cert);
-        if (require(*tls_map, "key", tls->key.Mark(), "http.tls")) read_file(*tls_map, "key", "http.tls", pair.key);
+        if (require(*tls_map, "cert", tls->key.Mark(), "http.tls"))
+          read_file(*tls_map, "cert", "http.tls", pair.cert);
+        if (require(*tls_map, "key", tls->key.Mark(), "http.tls"))
+          read_file(*tls_map, "key", "http.tls", pair.key);
         config_.http.tls = std::move(pair);
       }
     }
@@ -923,7 +974,8 @@ class Loader {
     Limits& limits = config_.limits;
     read_integer(*map, "max_sessions", "limits", limits.max_sessions, 1, 1'000'000, false);
     read_integer(*map, "max_sessions_per_ip", "limits", limits.max_sessions_per_ip, 1, 1'000'000, false);
-    read_integer(*map, "max_message_size", "limits", limits.max_message_size, 1024, std::uint64_t{1} << 40, true);
+    read_integer(*map, "max_message_size", "limits", limits.max_message_size, 1024, std::uint64_t{1} << 40,
+                 true);
     read_integer(*map, "max_recipients", "limits", limits.max_recipients, 1, 100'000, false);
     read_integer(*map, "max_bad_commands", "limits", limits.max_bad_commands, 1, 10'000, false);
     // RFC 5321 §4.5.3.1.6: a server must accept text lines of 1000 octets including CRLF.
@@ -932,8 +984,9 @@ class Loader {
                   std::chrono::hours(24));
     read_duration(*map, "greet_pause", "limits", limits.greet_pause, std::chrono::milliseconds(0),
                   std::chrono::minutes(5));
-    read_enum(*map, "bare_newline", "limits", limits.bare_newline,
-              {{"normalize", proto::BareNewlinePolicy::normalize}, {"reject", proto::BareNewlinePolicy::reject}});
+    read_enum(
+        *map, "bare_newline", "limits", limits.bare_newline,
+        {{"normalize", proto::BareNewlinePolicy::normalize}, {"reject", proto::BareNewlinePolicy::reject}});
   }
 
   void load_log(const Field& field) {
@@ -947,7 +1000,8 @@ class Loader {
                {"error", std::string("error")},
                {"critical", std::string("critical")},
                {"off", std::string("off")}});
-    read_enum(*map, "format", "log", config_.log.format, {{"text", LogFormat::text}, {"json", LogFormat::json}});
+    read_enum(*map, "format", "log", config_.log.format,
+              {{"text", LogFormat::text}, {"json", LogFormat::json}});
   }
 
   void load_timeouts(const Field& field) {
@@ -972,7 +1026,8 @@ std::vector<std::string> known_keys() {
   std::vector<std::string> out;
   for (const auto& section : schema()) {
     for (const auto& key : section.keys) {
-      out.push_back(section.path.empty() ? std::string(key) : std::string(section.path) + "." + std::string(key));
+      out.push_back(section.path.empty() ? std::string(key)
+                                         : std::string(section.path) + "." + std::string(key));
     }
   }
   return out;
@@ -986,7 +1041,8 @@ LoadResult load_config_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) {
     LoadResult result;
-    result.errors.push_back(ConfigError{path, 0, 0, std::string("cannot read the configuration: ") + std::strerror(errno)});
+    result.errors.push_back(
+        ConfigError{path, 0, 0, std::string("cannot read the configuration: ") + std::strerror(errno)});
     return result;
   }
   std::ostringstream text;

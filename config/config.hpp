@@ -31,7 +31,7 @@ struct Cidr {
   std::array<std::uint8_t, 16> network{};
   int prefix = 0;  // 0..128 in the mapped space
 
-  static std::optional<Cidr> parse(std::string_view text);          // "203.0.113.0/24", "2001:db8::/32", "::1"
+  static std::optional<Cidr> parse(std::string_view text);  // "203.0.113.0/24", "2001:db8::/32", "::1"
   bool contains(const std::array<std::uint8_t, 16>& address) const;  // address in mapped form
   std::string to_string() const;  // "203.0.113.0/24" (IPv4 shown as IPv4), "2001:db8::/32"
   bool operator==(const Cidr&) const = default;
@@ -62,9 +62,10 @@ struct Listener {
   std::string name;
   Endpoint address;
   Direction direction = Direction::inbound;
-  std::optional<ListenerTls> tls;     // absent: no STARTTLS offered
-  std::vector<Cidr> proxy_trusted;    // non-empty: a PROXY header is required from these and refused from others
-  std::string upstream;               // default route (name of an upstream)
+  std::optional<ListenerTls> tls;  // absent: no STARTTLS offered
+  // Non-empty: a PROXY header is required from these and refused from others.
+  std::vector<Cidr> proxy_trusted;
+  std::string upstream;  // default route (name of an upstream)
 };
 
 struct Upstream {
@@ -95,8 +96,8 @@ struct Connector {
   Direction direction = Direction::inbound;
   ConnectorMatch match;
   bool require_tls = false;
-  std::string upstream;      // empty: the listener's
-  AlertThresholds alerts;    // resolved: missing keys inherited from telemetry.defaults
+  std::string upstream;    // empty: the listener's
+  AlertThresholds alerts;  // resolved: missing keys inherited from telemetry.defaults
 };
 
 struct Telemetry {
@@ -182,7 +183,8 @@ std::string summarize(const Config& config);
 
 // Durations as written in the config: "250ms", "30s", "5m", "1h", "7d", also combined ("1h30m"); "0" alone.
 std::optional<std::chrono::milliseconds> parse_duration(std::string_view text);
-std::string format_duration(std::chrono::milliseconds duration);  // the shortest exact form: "7d", "90s", "250ms"
+// The exact form with the largest units first: "7d", "1m30s", "250ms", "0s".
+std::string format_duration(std::chrono::milliseconds duration);
 
 // Every key path the loader accepts, e.g. "hostname", "listeners[].tls.min_version" ("[]" = each list item).
 // docs/configuration.md documents exactly these (a test compares them).

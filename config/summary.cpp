@@ -9,11 +9,16 @@ namespace {
 std::string_view tls_name(proto::TlsVersion version) {
   // Local spelling (same as proto::to_string) so that this library needs only proto's headers.
   switch (version) {
-    case proto::TlsVersion::none: return "none";
-    case proto::TlsVersion::tls10: return "TLS1.0";
-    case proto::TlsVersion::tls11: return "TLS1.1";
-    case proto::TlsVersion::tls12: return "TLS1.2";
-    case proto::TlsVersion::tls13: return "TLS1.3";
+    case proto::TlsVersion::none:
+      return "none";
+    case proto::TlsVersion::tls10:
+      return "TLS1.0";
+    case proto::TlsVersion::tls11:
+      return "TLS1.1";
+    case proto::TlsVersion::tls12:
+      return "TLS1.2";
+    case proto::TlsVersion::tls13:
+      return "TLS1.3";
   }
   return "none";
 }
@@ -25,15 +30,16 @@ std::string join(const std::vector<std::string>& items) {
 }
 
 std::string alerts_text(const AlertThresholds& alerts) {
-  return fmt::format("tls10_share>{:g} no_tls_share>{:g} min_messages={}", alerts.tls10_share, alerts.no_tls_share,
-                     alerts.min_messages);
+  return fmt::format("tls10_share>{:g} no_tls_share>{:g} min_messages={}", alerts.tls10_share,
+                     alerts.no_tls_share, alerts.min_messages);
 }
 
 }  // namespace
 
 std::string summarize(const Config& config) {
   std::string out;
-  out += fmt::format("configuration {} is valid\n", config.source_path.empty() ? "(string)" : config.source_path);
+  out += fmt::format("configuration {} is valid\n",
+                     config.source_path.empty() ? "(string)" : config.source_path);
   out += fmt::format("hostname: {}\nstate_dir: {}\n", config.hostname, config.state_dir);
 
   out += fmt::format("listeners ({}):\n", config.listeners.size());
@@ -55,8 +61,8 @@ std::string summarize(const Config& config) {
 
   out += fmt::format("upstreams ({}):\n", config.upstreams.size());
   for (const auto& upstream : config.upstreams) {
-    out += fmt::format("  {} {} tls={} xclient={}\n", upstream.name, upstream.address.text, to_string(upstream.tls),
-                       upstream.xclient ? "auto" : "off");
+    out += fmt::format("  {} {} tls={} xclient={}\n", upstream.name, upstream.address.text,
+                       to_string(upstream.tls), upstream.xclient ? "auto" : "off");
   }
 
   out += fmt::format("connectors ({}, first match wins; unmatched traffic counts as \"internet\"):\n",
@@ -69,7 +75,8 @@ std::string summarize(const Config& config) {
       for (const auto& cidr : connector.match.client_cidrs) cidrs.push_back(cidr.to_string());
       match.push_back("client=" + join(cidrs));
     }
-    if (!connector.match.sender_domains.empty()) match.push_back("sender=" + join(connector.match.sender_domains));
+    if (!connector.match.sender_domains.empty())
+      match.push_back("sender=" + join(connector.match.sender_domains));
     if (!connector.match.ehlo.empty()) match.push_back("ehlo=" + join(connector.match.ehlo));
     if (!connector.match.sni.empty()) match.push_back("sni=" + join(connector.match.sni));
     std::string match_text;
@@ -81,15 +88,17 @@ std::string summarize(const Config& config) {
                        alerts_text(connector.alerts));
   }
 
-  out += fmt::format("telemetry: window {}, defaults {}\n",
-                     format_duration(std::chrono::duration_cast<std::chrono::milliseconds>(config.telemetry.window)),
-                     alerts_text(config.telemetry.defaults));
+  out += fmt::format(
+      "telemetry: window {}, defaults {}\n",
+      format_duration(std::chrono::duration_cast<std::chrono::milliseconds>(config.telemetry.window)),
+      alerts_text(config.telemetry.defaults));
   out += fmt::format("http: {}{}{}\n", config.http.address.text, config.http.tls ? " (HTTPS)" : "",
                      config.http.basic_auth ? " (basic auth)" : "");
-  out += fmt::format("limits: max_sessions={} per_ip={} max_message_size={} max_recipients={} bare_newline={}\n",
-                     config.limits.max_sessions, config.limits.max_sessions_per_ip, config.limits.max_message_size,
-                     config.limits.max_recipients,
-                     config.limits.bare_newline == proto::BareNewlinePolicy::normalize ? "normalize" : "reject");
+  out +=
+      fmt::format("limits: max_sessions={} per_ip={} max_message_size={} max_recipients={} bare_newline={}\n",
+                  config.limits.max_sessions, config.limits.max_sessions_per_ip,
+                  config.limits.max_message_size, config.limits.max_recipients,
+                  config.limits.bare_newline == proto::BareNewlinePolicy::normalize ? "normalize" : "reject");
   out += fmt::format("log: level={} format={}\n", config.log.level, to_string(config.log.format));
   return out;
 }

@@ -16,19 +16,26 @@ std::string_view to_string(Direction direction) {
 
 std::string_view to_string(ConnectorType type) {
   switch (type) {
-    case ConnectorType::partner: return "partner";
-    case ConnectorType::onpremises: return "onpremises";
-    case ConnectorType::internet: return "internet";
+    case ConnectorType::partner:
+      return "partner";
+    case ConnectorType::onpremises:
+      return "onpremises";
+    case ConnectorType::internet:
+      return "internet";
   }
   return "partner";
 }
 
 std::string_view to_string(UpstreamTls tls) {
   switch (tls) {
-    case UpstreamTls::none: return "none";
-    case UpstreamTls::opportunistic: return "opportunistic";
-    case UpstreamTls::required: return "required";
-    case UpstreamTls::verify: return "verify";
+    case UpstreamTls::none:
+      return "none";
+    case UpstreamTls::opportunistic:
+      return "opportunistic";
+    case UpstreamTls::required:
+      return "required";
+    case UpstreamTls::verify:
+      return "verify";
   }
   return "opportunistic";
 }
@@ -138,12 +145,18 @@ std::optional<std::chrono::milliseconds> parse_duration(std::string_view text) {
     while (i < text.size() && std::isalpha(static_cast<unsigned char>(text[i]))) ++i;
     const std::string_view unit = text.substr(start, i - start);
     std::int64_t scale = 0;
-    if (unit == "ms") scale = 1;
-    else if (unit == "s") scale = 1000;
-    else if (unit == "m") scale = 60'000;
-    else if (unit == "h") scale = 3'600'000;
-    else if (unit == "d") scale = 86'400'000;
-    else return std::nullopt;
+    if (unit == "ms")
+      scale = 1;
+    else if (unit == "s")
+      scale = 1000;
+    else if (unit == "m")
+      scale = 60'000;
+    else if (unit == "h")
+      scale = 3'600'000;
+    else if (unit == "d")
+      scale = 86'400'000;
+    else
+      return std::nullopt;
     if (number > max_ms / scale) return std::nullopt;
     total += number * scale;
     if (total > max_ms) return std::nullopt;

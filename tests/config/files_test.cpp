@@ -1,5 +1,5 @@
-// Files users read or write: the broken examples (with their expected errors), the shipped example configs, and
-// docs/configuration.md (which must document exactly the keys the loader accepts).
+// Files users read or write: the broken examples (with their expected errors), the shipped example configs,
+// and docs/configuration.md (which must document exactly the keys the loader accepts).
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -58,11 +58,12 @@ TEST_CASE("the reference example is valid and mentions every key") {
   REQUIRE(result.config);
   CHECK(result.config->hostname == "mx1.example.org");
   CHECK(result.config->listeners.size() == 2);
-  // Keys that need files of your own (certificates, a password hash) are commented out, so the file is valid on
-  // any machine; they must still be there to be uncommented.
+  // Keys that need files of your own (certificates, a password hash) are commented out, so the file is valid
+  // on any machine; they must still be there to be uncommented.
   const std::string text = read_text(path);
   for (const auto& key : known_keys()) {
-    const std::string leaf = key.substr(key.find_last_of(".]") == std::string::npos ? 0 : key.find_last_of(".]") + 1);
+    const std::string leaf =
+        key.substr(key.find_last_of(".]") == std::string::npos ? 0 : key.find_last_of(".]") + 1);
     CAPTURE(key);
     CHECK(std::regex_search(text, std::regex("(\\n|[{ ,])" + leaf + ":")));
   }
@@ -72,8 +73,8 @@ TEST_CASE("the reference example is valid and mentions every key") {
   std::string uncommented;
   std::istringstream in(text);
   for (std::string line; std::getline(in, line);) {
-    for (const char* block : {"    # tls:", "    #   ", "  # basic_auth:", "  #   user:", "  #   password_hash:",
-                              "  # tls:", "  #   cert:", "  #   key:"}) {
+    for (const char* block : {"    # tls:", "    #   ", "  # basic_auth:", "  #   user:",
+                              "  #   password_hash:", "  # tls:", "  #   cert:", "  #   key:"}) {
       if (line.starts_with(block)) {
         line.erase(line.find('#'), 2);
         break;

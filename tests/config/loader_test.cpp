@@ -103,8 +103,10 @@ listeners:
     direction: inbound
     tls:
       certificates:
-        - {cert: )" + cert + ", key: " + key + R"(}
-        - cert: )" + cert2 + R"(
+        - {cert: )" + cert +
+                           ", key: " + key + R"(}
+        - cert: )" + cert2 +
+                           R"(
           key: )" + key + R"(
       min_version: TLS1.2
       ciphers: "HIGH"
@@ -150,7 +152,8 @@ telemetry:
 http:
   address: "0.0.0.0:9100"
   basic_auth: {user: prom, password_hash: "$2b$12$abcdefghijklmnopqrstuv"}
-  tls: {cert: )" + cert + ", key: " + key + R"(}
+  tls: {cert: )" + cert +
+                           ", key: " + key + R"(}
 limits:
   max_sessions: 200
   max_sessions_per_ip: 5
@@ -257,10 +260,11 @@ timeouts: {greeting: 1s, command: 2s, data_block: 3s, data_end: 4m, tls_handshak
   CHECK(summary.find("listeners (2):") != std::string::npos);
   CHECK(summary.find("inbound [::]:25 inbound, STARTTLS min TLS1.2 (2 certificates), PROXY from "
                      "127.0.0.1/32,10.1.0.0/16,::1/128 -> upstream store") != std::string::npos);
-  CHECK(summary.find("partner-contoso partner inbound match: listener=inbound client=203.0.113.0/24,"
-                     "2001:db8:1::/48 sender=contoso.com,*.contoso.com ehlo=*.contoso.com sni=mx1.example.org, "
-                     "forced TLS, upstream plain; alerts tls10_share>0.5 no_tls_share>0.2 min_messages=7") !=
-        std::string::npos);
+  CHECK(
+      summary.find("partner-contoso partner inbound match: listener=inbound client=203.0.113.0/24,"
+                   "2001:db8:1::/48 sender=contoso.com,*.contoso.com ehlo=*.contoso.com sni=mx1.example.org, "
+                   "forced TLS, upstream plain; alerts tls10_share>0.5 no_tls_share>0.2 min_messages=7") !=
+      std::string::npos);
   CHECK(summary.find("telemetry: window 30d") != std::string::npos);
   CHECK(summary.find("http: 0.0.0.0:9100 (HTTPS) (basic auth)") != std::string::npos);
 }
@@ -317,7 +321,8 @@ timeouts: {greeting: 300s, command: 300s, data_block: 180s, data_end: 600s,
   const std::string cert = dir.write("mx1.pem", "x");
   const std::string key = dir.write("mx1.key", "x");
   for (const auto& [from, to] : {std::pair<std::string, std::string>{"@CERT@", cert}, {"@KEY@", key}}) {
-    for (auto at = yaml.find(from); at != std::string::npos; at = yaml.find(from)) yaml.replace(at, from.size(), to);
+    for (auto at = yaml.find(from); at != std::string::npos; at = yaml.find(from))
+      yaml.replace(at, from.size(), to);
   }
   const auto result = load(yaml);
   INFO(all_errors(result));
@@ -377,24 +382,28 @@ TEST_CASE("value errors point at the value") {
   }
   SUBCASE("size") {
     const auto e = only_error(load(with("limits:\n  max_message_size: 35 MB\n")));
-    CHECK(e.message == "limits.max_message_size: expected a size in bytes like 36700160 or 35MiB, got \"35 MB\"");
+    CHECK(e.message ==
+          "limits.max_message_size: expected a size in bytes like 36700160 or 35MiB, got \"35 MB\"");
   }
   SUBCASE("mapping where a scalar belongs") {
     const auto e = only_error(load(with("log:\n  level: {a: 1}\n")));
-    CHECK(e.to_string() == "test.yaml:6:10: log.level: expected one of trace, debug, info, warn, error, critical, "
-                           "off, got a mapping");
+    CHECK(e.to_string() ==
+          "test.yaml:6:10: log.level: expected one of trace, debug, info, warn, error, critical, "
+          "off, got a mapping");
   }
   SUBCASE("missing value points at the key") {
     const auto e = only_error(load(with("log:\n  level:\nhostname: a\n")));
-    CHECK(e.to_string() == "test.yaml:6:3: log.level: missing value (expected one of trace, debug, info, warn, "
-                           "error, critical, off)");
+    CHECK(e.to_string() ==
+          "test.yaml:6:3: log.level: missing value (expected one of trace, debug, info, warn, "
+          "error, critical, off)");
   }
   SUBCASE("section that is not a mapping") {
     const auto e = only_error(load(with("limits: 5\n")));
     CHECK(e.to_string() == "test.yaml:5:1: limits: expected a mapping of keys, got \"5\"");
   }
   SUBCASE("bool") {
-    const auto e = only_error(load(with("connectors:\n  - {name: c, match: {listener: in}, require_tls: maybe}\n")));
+    const auto e =
+        only_error(load(with("connectors:\n  - {name: c, match: {listener: in}, require_tls: maybe}\n")));
     CHECK(e.message == "connectors[0].require_tls: expected true or false, got \"maybe\"");
   }
 }
@@ -407,7 +416,8 @@ TEST_CASE("ranges") {
   const Case cases[] = {
       {"telemetry: {window: 12h}\n", "telemetry.window: must be between 1d and 90d, got 12h"},
       {"telemetry: {window: 91d}\n", "telemetry.window: must be between 1d and 90d, got 91d"},
-      {"telemetry: {window: 2d30m}\n", "telemetry.window: must be a whole number of hours (buckets are hourly)"},
+      {"telemetry: {window: 2d30m}\n",
+       "telemetry.window: must be a whole number of hours (buckets are hourly)"},
       {"telemetry: {defaults: {tls10_share: 1.5}}\n",
        "telemetry.defaults.tls10_share: must be a share between 0 and 1 (0.05 = 5%), got 1.5"},
       {"telemetry: {defaults: {no_tls_share: -0.1}}\n",
@@ -416,12 +426,14 @@ TEST_CASE("ranges") {
        "telemetry.defaults.no_tls_share: expected a share between 0 and 1 like 0.05, got \"5%\""},
       {"limits: {max_sessions: 0}\n", "limits.max_sessions: must be between 1 and 1000000, got 0"},
       {"limits: {max_line: 999}\n", "limits.max_line: must be between 1000 and 1048576, got 999"},
-      {"limits: {max_message_size: 100}\n", "limits.max_message_size: must be between 1024 and 1099511627776, got 100"},
+      {"limits: {max_message_size: 100}\n",
+       "limits.max_message_size: must be between 1024 and 1099511627776, got 100"},
       {"limits: {greet_pause: 10m}\n", "limits.greet_pause: must be between 0s and 5m, got 10m"},
       {"timeouts: {command: 0}\n", "timeouts.command: must be between 1ms and 1d, got 0"},
       {"http: {address: \"127.0.0.1:70000\"}\n",
        "http.address: invalid port \"70000\" in \"127.0.0.1:70000\" (expected 1..65535)"},
-      {"http: {address: \"127.0.0.1:0\"}\n", "http.address: invalid port \"0\" in \"127.0.0.1:0\" (expected 1..65535)"},
+      {"http: {address: \"127.0.0.1:0\"}\n",
+       "http.address: invalid port \"0\" in \"127.0.0.1:0\" (expected 1..65535)"},
   };
   for (const auto& c : cases) {
     CAPTURE(c.extra);
@@ -433,7 +445,8 @@ TEST_CASE("ranges") {
 
 TEST_CASE("enumerations") {
   const std::pair<std::string, std::string> cases[] = {
-      {"limits: {bare_newline: strip}\n", "limits.bare_newline: expected one of normalize, reject, got \"strip\""},
+      {"limits: {bare_newline: strip}\n",
+       "limits.bare_newline: expected one of normalize, reject, got \"strip\""},
       {"log: {format: xml}\n", "log.format: expected one of text, json, got \"xml\""},
       {"log: {level: verbose}\n",
        "log.level: expected one of trace, debug, info, warn, error, critical, off, got \"verbose\""},
@@ -447,8 +460,9 @@ TEST_CASE("enumerations") {
 upstreams:
   - {name: up, address: "127.0.0.1:2526", tls: always, xclient: auto}
 )"));
-  CHECK(upstream_tls.to_string() == "test.yaml:4:48: upstreams[0].tls: expected one of none, opportunistic, "
-                                    "required, verify, got \"always\"");
+  CHECK(upstream_tls.to_string() ==
+        "test.yaml:4:48: upstreams[0].tls: expected one of none, opportunistic, "
+        "required, verify, got \"always\"");
   const auto xclient = only_error(load(R"(listeners:
   - {name: in, address: "127.0.0.1:2525", upstream: up}
 upstreams:
@@ -467,16 +481,20 @@ TEST_CASE("addresses") {
     CHECK(result.errors[0].column == 25);
     return result.errors[0].message;
   };
-  CHECK(address_error("\"127.0.0.1\"") == "listeners[0].address: missing port in \"127.0.0.1\" (expected host:port)");
-  CHECK(address_error("\"::1:25\"") == "listeners[0].address: IPv6 addresses need brackets: write \"[::1]:25\"");
+  CHECK(address_error("\"127.0.0.1\"") ==
+        "listeners[0].address: missing port in \"127.0.0.1\" (expected host:port)");
+  CHECK(address_error("\"::1:25\"") ==
+        "listeners[0].address: IPv6 addresses need brackets: write \"[::1]:25\"");
   CHECK(address_error("\"mx.example.org:25\"") ==
-        "listeners[0].address: expected an IP address to listen on, got \"mx.example.org\" (use 127.0.0.1, 0.0.0.0 "
+        "listeners[0].address: expected an IP address to listen on, got \"mx.example.org\" (use 127.0.0.1, "
+        "0.0.0.0 "
         "or \"[::]\")");
   CHECK(address_error("\"[1.2.3.4]:25\"") ==
         "listeners[0].address: expected an IPv6 address inside [...], got \"[1.2.3.4]:25\"");
   CHECK(address_error("\":25\"") ==
         "listeners[0].address: missing host in \":25\" (use 0.0.0.0:port for all IPv4 addresses)");
-  const auto unquoted = only_error(load("listeners:\n  - name: in\n    address: [::]:25\n    upstream: up\n"));
+  const auto unquoted =
+      only_error(load("listeners:\n  - name: in\n    address: [::]:25\n    upstream: up\n"));
   CHECK(unquoted.to_string() ==
         "test.yaml:3:18: YAML syntax error: end of map not found (quote addresses like \"[::]:25\")");
 
@@ -507,19 +525,25 @@ connectors:
 )");
   INFO(all_errors(result));
   REQUIRE(result.errors.size() == 8);
-  CHECK(result.errors[0].to_string() ==
-        "test.yaml:2:12: listeners[0].name: invalid name \"In\": use 1-64 characters of a-z, 0-9, '_' and '-'");
+  CHECK(
+      result.errors[0].to_string() ==
+      "test.yaml:2:12: listeners[0].name: invalid name \"In\": use 1-64 characters of a-z, 0-9, '_' and '-'");
   CHECK(result.errors[1].to_string() ==
         "test.yaml:3:52: listeners[1].upstream: no upstream named \"nowhere\" (known: up)");
-  CHECK(result.errors[2].to_string() == "test.yaml:4:5: listeners[2]: missing required key \"upstream\" (the default "
-                                        "route for its mail)");
-  CHECK(result.errors[3].to_string() == "test.yaml:4:12: duplicate listener name \"b\" (first defined at line 3)");
-  CHECK(result.errors[4].to_string() == "test.yaml:7:12: duplicate upstream name \"up\" (first defined at line 6)");
+  CHECK(result.errors[2].to_string() ==
+        "test.yaml:4:5: listeners[2]: missing required key \"upstream\" (the default "
+        "route for its mail)");
+  CHECK(result.errors[3].to_string() ==
+        "test.yaml:4:12: duplicate listener name \"b\" (first defined at line 3)");
+  CHECK(result.errors[4].to_string() ==
+        "test.yaml:7:12: duplicate upstream name \"up\" (first defined at line 6)");
   CHECK(result.errors[5].to_string() ==
         "test.yaml:9:38: connectors[0].match.listener: no listener named \"ghost\" (known: b)");
-  CHECK(result.errors[6].to_string() == "test.yaml:9:57: connectors[0].upstream: no upstream named \"gone\" (known: "
-                                        "up)");
-  CHECK(result.errors[7].to_string() == "test.yaml:10:12: duplicate connector name \"c1\" (first defined at line 9)");
+  CHECK(result.errors[6].to_string() ==
+        "test.yaml:9:57: connectors[0].upstream: no upstream named \"gone\" (known: "
+        "up)");
+  CHECK(result.errors[7].to_string() ==
+        "test.yaml:10:12: duplicate connector name \"c1\" (first defined at line 9)");
 }
 
 TEST_CASE("at least one listener") {
@@ -556,14 +580,17 @@ upstreams:
 connectors:
 )";
   SUBCASE("mismatch is an error at the direction") {
-    const auto e = only_error(load(listeners + "  - name: p\n    direction: outbound\n    match: {listener: in}\n"));
-    CHECK(e.to_string() == "test.yaml:8:16: connectors[0].direction: the connector is outbound but its listener "
-                           "\"in\" is inbound (a connector's direction is its listener's)");
+    const auto e =
+        only_error(load(listeners + "  - name: p\n    direction: outbound\n    match: {listener: in}\n"));
+    CHECK(e.to_string() ==
+          "test.yaml:8:16: connectors[0].direction: the connector is outbound but its listener "
+          "\"in\" is inbound (a connector's direction is its listener's)");
   }
   SUBCASE("listeners of both directions") {
     const auto e = only_error(load(listeners + "  - {name: p, match: {listener: [in, out]}}\n"));
-    CHECK(e.to_string() == "test.yaml:7:38: connectors[0].match.listener: listener \"out\" is outbound but \"in\" "
-                           "is inbound; a connector has one direction");
+    CHECK(e.to_string() ==
+          "test.yaml:7:38: connectors[0].match.listener: listener \"out\" is outbound but \"in\" "
+          "is inbound; a connector has one direction");
   }
   SUBCASE("taken from the listener when omitted") {
     const auto result = load(listeners + "  - {name: p, match: {listener: out}}\n");
@@ -573,8 +600,9 @@ connectors:
   }
   SUBCASE("required without match.listener") {
     const auto e = only_error(load(listeners + "  - {name: p, match: {client_cidrs: 192.0.2.0/24}}\n"));
-    CHECK(e.to_string() == "test.yaml:7:5: connectors[0]: missing required key \"direction\" (needed when "
-                           "match.listener is not given)");
+    CHECK(e.to_string() ==
+          "test.yaml:7:5: connectors[0]: missing required key \"direction\" (needed when "
+          "match.listener is not given)");
   }
   SUBCASE("given without match.listener") {
     const auto result = load(listeners + "  - {name: p, direction: outbound, match: {sni: [\"*\"]}}\n");
@@ -587,8 +615,9 @@ connectors:
 
 TEST_CASE("the name internet is reserved unless the type is internet") {
   const auto e = only_error(load(with("connectors:\n  - {name: internet, direction: inbound}\n")));
-  CHECK(e.to_string() == "test.yaml:6:12: connectors[0].name: \"internet\" is reserved for unmatched traffic; choose "
-                         "another name or set type: internet");
+  CHECK(e.to_string() ==
+        "test.yaml:6:12: connectors[0].name: \"internet\" is reserved for unmatched traffic; choose "
+        "another name or set type: internet");
   CHECK(load(with("connectors:\n  - {name: internet, type: internet, direction: inbound}\n")).errors.empty());
   CHECK(only_error(load(with("connectors:\n  - {name: x, type: cloud, direction: inbound}\n"))).message ==
         "connectors[0].type: expected one of partner, onpremises, internet, got \"cloud\"");
@@ -606,24 +635,30 @@ TEST_CASE("match values") {
 )"));
   INFO(all_errors(result));
   REQUIRE(result.errors.size() == 7);
-  CHECK(result.errors[0].to_string() == "test.yaml:9:22: connectors[0].match.client_cidrs: \"203.0.113.5/24\" has "
-                                        "host bits set; did you mean 203.0.113.0/24?");
-  CHECK(result.errors[1].to_string() == "test.yaml:9:40: connectors[0].match.client_cidrs: expected a CIDR like "
-                                        "203.0.113.0/24 or 2001:db8::/32, got \"300.1.1.1/8\"");
+  CHECK(result.errors[0].to_string() ==
+        "test.yaml:9:22: connectors[0].match.client_cidrs: \"203.0.113.5/24\" has "
+        "host bits set; did you mean 203.0.113.0/24?");
+  CHECK(result.errors[1].to_string() ==
+        "test.yaml:9:40: connectors[0].match.client_cidrs: expected a CIDR like "
+        "203.0.113.0/24 or 2001:db8::/32, got \"300.1.1.1/8\"");
   CHECK(result.errors[2].column == 55);
-  CHECK(result.errors[3].to_string() == "test.yaml:10:38: connectors[0].match.sender_domains: expected a domain like "
-                                        "example.com or *.example.com, got \"bad domain\"");
+  CHECK(result.errors[3].to_string() ==
+        "test.yaml:10:38: connectors[0].match.sender_domains: expected a domain like "
+        "example.com or *.example.com, got \"bad domain\"");
   CHECK(result.errors[4].column == 52);
-  CHECK(result.errors[5].to_string() == "test.yaml:11:22: connectors[0].match.ehlo: expected a name pattern like "
-                                        "*.example.com, got \"has space\"");
-  CHECK(result.errors[6].to_string() == "test.yaml:12:13: connectors[0].match.sni[0]: expected a name pattern like "
-                                        "*.example.com, got a list");
+  CHECK(result.errors[5].to_string() ==
+        "test.yaml:11:22: connectors[0].match.ehlo: expected a name pattern like "
+        "*.example.com, got \"has space\"");
+  CHECK(result.errors[6].to_string() ==
+        "test.yaml:12:13: connectors[0].match.sni[0]: expected a name pattern like "
+        "*.example.com, got a list");
 }
 
 TEST_CASE("listener tls") {
   TempDir dir;
   const std::string cert = dir.write("c.pem", "x");
-  const std::string base = "listeners:\n  - name: in\n    address: \"127.0.0.1:2525\"\n    upstream: up\n    tls:\n";
+  const std::string base =
+      "listeners:\n  - name: in\n    address: \"127.0.0.1:2525\"\n    upstream: up\n    tls:\n";
   const std::string upstreams = "upstreams:\n  - {name: up, address: \"127.0.0.1:25\"}\n";
   SUBCASE("certificates required and non-empty") {
     CHECK(only_error(load(base + "      min_version: TLS1.2\n" + upstreams)).to_string() ==
@@ -632,12 +667,14 @@ TEST_CASE("listener tls") {
           "test.yaml:6:21: listeners[0].tls.certificates: at least one {cert, key} pair is required");
   }
   SUBCASE("files must exist, each error at its value") {
-    const auto result = load(base + "      certificates:\n        - {cert: /nonexistent/a.pem, key: " +
-                             dir.path().string() + "}\n        - {cert: " + cert + "}\n" + upstreams);
+    const auto result =
+        load(base + "      certificates:\n        - {cert: /nonexistent/a.pem, key: " + dir.path().string() +
+             "}\n        - {cert: " + cert + "}\n" + upstreams);
     INFO(all_errors(result));
     REQUIRE(result.errors.size() == 3);
-    CHECK(result.errors[0].to_string() == "test.yaml:7:18: listeners[0].tls.certificates[0].cert: cannot read "
-                                          "\"/nonexistent/a.pem\": No such file or directory");
+    CHECK(result.errors[0].to_string() ==
+          "test.yaml:7:18: listeners[0].tls.certificates[0].cert: cannot read "
+          "\"/nonexistent/a.pem\": No such file or directory");
     CHECK(result.errors[1].to_string() == "test.yaml:7:43: listeners[0].tls.certificates[0].key: \"" +
                                               dir.path().string() + "\" is not a regular file");
     CHECK(result.errors[2].to_string() ==
@@ -647,7 +684,8 @@ TEST_CASE("listener tls") {
     const std::string certs = "      certificates: [{cert: " + cert + ", key: " + cert + "}]\n";
     const auto e = only_error(load(base + certs + "      min_version: SSLv3\n" + upstreams));
     CHECK(e.to_string() ==
-          "test.yaml:7:20: listeners[0].tls.min_version: expected one of TLS1.0, TLS1.1, TLS1.2, TLS1.3, got \"SSLv3\"");
+          "test.yaml:7:20: listeners[0].tls.min_version: expected one of TLS1.0, TLS1.1, TLS1.2, TLS1.3, got "
+          "\"SSLv3\"");
     const auto ok = load(base + certs + "      min_version: TLSv1.1\n" + upstreams);
     INFO(all_errors(ok));
     REQUIRE(ok.config);
@@ -659,9 +697,10 @@ TEST_CASE("listener tls") {
 TEST_CASE("relative certificate paths are relative to the working directory") {
   TempDir dir;
   dir.write("run/c.pem", "x");
-  const std::string yaml = "listeners:\n  - name: in\n    address: \"127.0.0.1:2525\"\n    upstream: up\n"
-                           "    tls: {certificates: [{cert: run/c.pem, key: run/c.pem}]}\n"
-                           "upstreams:\n  - {name: up, address: \"127.0.0.1:25\"}\n";
+  const std::string yaml =
+      "listeners:\n  - name: in\n    address: \"127.0.0.1:2525\"\n    upstream: up\n"
+      "    tls: {certificates: [{cert: run/c.pem, key: run/c.pem}]}\n"
+      "upstreams:\n  - {name: up, address: \"127.0.0.1:25\"}\n";
   const auto cwd = std::filesystem::current_path();
   std::filesystem::current_path(dir.path());
   const auto inside = load(yaml);
@@ -679,9 +718,11 @@ upstreams:
 )");
   INFO(all_errors(result));
   REQUIRE(result.errors.size() == 2);
-  CHECK(result.errors[0].to_string() == "test.yaml:2:98: listeners[0].proxy_protocol.trusted: expected a CIDR like "
-                                        "203.0.113.0/24 or 2001:db8::/32, got \"localhost\"");
-  CHECK(result.errors[1].message == "unknown key \"allow\" in listeners[1].proxy_protocol (expected one of: trusted)");
+  CHECK(result.errors[0].to_string() ==
+        "test.yaml:2:98: listeners[0].proxy_protocol.trusted: expected a CIDR like "
+        "203.0.113.0/24 or 2001:db8::/32, got \"localhost\"");
+  CHECK(result.errors[1].message ==
+        "unknown key \"allow\" in listeners[1].proxy_protocol (expected one of: trusted)");
 }
 
 TEST_CASE("upstream tls verify needs a readable CA file") {
@@ -690,14 +731,16 @@ TEST_CASE("upstream tls verify needs a readable CA file") {
 upstreams:
   - {name: up, address: "127.0.0.1:25", tls: verify, ca_file: /nonexistent/ca.pem}
 )"));
-  CHECK(e.to_string() == "test.yaml:4:63: upstreams[0].ca_file: cannot read \"/nonexistent/ca.pem\": No such file or "
-                         "directory");
+  CHECK(e.to_string() ==
+        "test.yaml:4:63: upstreams[0].ca_file: cannot read \"/nonexistent/ca.pem\": No such file or "
+        "directory");
   // Without verify the CA file is not used, so it is not checked.
   CHECK(load(R"(listeners:
   - {name: in, address: "127.0.0.1:2525", upstream: up}
 upstreams:
   - {name: up, address: "127.0.0.1:25", tls: required, ca_file: /nonexistent/ca.pem}
-)").errors.empty());
+)")
+            .errors.empty());
 }
 
 TEST_CASE("http") {
@@ -709,7 +752,8 @@ TEST_CASE("http") {
     const auto e = only_error(load(with("http:\n  basic_auth: {user: prom, password_hash: secret}\n")));
     CHECK(e.line == 6);
     CHECK(e.column == 43);
-    CHECK(e.message.starts_with("http.basic_auth.password_hash: expected a crypt(3) hash starting with $2b$"));
+    CHECK(
+        e.message.starts_with("http.basic_auth.password_hash: expected a crypt(3) hash starting with $2b$"));
   }
   SUBCASE("http.tls files") {
     const auto result = load(with("http:\n  tls: {cert: /nonexistent/h.pem}\n"));
@@ -721,7 +765,8 @@ TEST_CASE("http") {
   }
   SUBCASE("address must be an IP to bind") {
     CHECK(only_error(load(with("http: {address: \"localhost:9725\"}\n"))).message ==
-          "http.address: expected an IP address to listen on, got \"localhost\" (use 127.0.0.1, 0.0.0.0 or \"[::]\")");
+          "http.address: expected an IP address to listen on, got \"localhost\" (use 127.0.0.1, 0.0.0.0 or "
+          "\"[::]\")");
   }
 }
 
@@ -746,7 +791,8 @@ timeouts: {greeting: soon}
           std::pair(result.errors[i].line, result.errors[i].column));
   }
   CHECK(result.errors[0].line == 1);
-  CHECK(result.errors[8].to_string() == "test.yaml:12:22: timeouts.greeting: expected a duration like 30s, got \"soon\"");
+  CHECK(result.errors[8].to_string() ==
+        "test.yaml:12:22: timeouts.greeting: expected a duration like 30s, got \"soon\"");
 }
 
 TEST_CASE("alerts inherit from telemetry.defaults whatever the key order") {
@@ -786,7 +832,8 @@ TEST_CASE("load_config_file") {
   const auto result = load_config_file(bad);
   REQUIRE(result.errors.size() == 1);
   CHECK(result.errors[0].to_string() ==
-        bad + ":5:14: log.level: expected one of trace, debug, info, warn, error, critical, off, got \"loud\"");
+        bad +
+            ":5:14: log.level: expected one of trace, debug, info, warn, error, critical, off, got \"loud\"");
 }
 
 }  // namespace

@@ -35,8 +35,9 @@ TEST_CASE("Cidr::parse") {
   CHECK(Cidr::parse("203.0.113.77/24")->to_string() == "203.0.113.0/24");
   CHECK(Cidr::parse("2001:db8::1/32") == Cidr::parse("2001:db8::/32"));
 
-  for (const char* bad : {"", "/24", "10.0.0.0/", "10.0.0.0/33", "::/129", "10.0.0/8", "300.0.0.0/8", "10.0.0.0/-1",
-                          "10.0.0.0/+8", "10.0.0.0/8/8", "example.org/24", "10.0.0.0 /8", "10.0.0.0/0008", "[::1]/128"}) {
+  for (const char* bad :
+       {"", "/24", "10.0.0.0/", "10.0.0.0/33", "::/129", "10.0.0/8", "300.0.0.0/8", "10.0.0.0/-1",
+        "10.0.0.0/+8", "10.0.0.0/8/8", "example.org/24", "10.0.0.0 /8", "10.0.0.0/0008", "[::1]/128"}) {
     CAPTURE(bad);
     CHECK_FALSE(Cidr::parse(bad).has_value());
   }
@@ -112,7 +113,8 @@ TEST_CASE("durations") {
   CHECK(parse_duration("1h30m") == milliseconds(5'400'000));
   CHECK(parse_duration("0") == milliseconds(0));
   CHECK(parse_duration("0s") == milliseconds(0));
-  for (const char* bad : {"", "30", "s", "30 s", "-5s", "1.5s", "30S", "5min", "1y", "10h5", "99999999999999d"}) {
+  for (const char* bad :
+       {"", "30", "s", "30 s", "-5s", "1.5s", "30S", "5min", "1y", "10h5", "99999999999999d"}) {
     CAPTURE(bad);
     CHECK_FALSE(parse_duration(bad).has_value());
   }
