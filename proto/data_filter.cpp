@@ -28,12 +28,15 @@ std::size_t DataFilter::feed(std::string_view input, std::string& out) {
 
   auto content = [this](std::size_t n) {
     // Unstuffed content octets of the current line (the leading stuffing dot is never counted).
+    // Counted as it streams, so that a single endless line is too big (and too long) as soon as it is.
     line_length_ += n;
+    message_bytes_ += n;
     if (line_length_ + 2 > limits_.max_line) line_too_long_ = true;
+    if (message_bytes_ > limits_.max_message_size) too_big_ = true;
   };
   auto end_line = [this, &out](bool real_crlf) {
     out.append("\r\n", 2);
-    message_bytes_ += line_length_ + 2;
+    message_bytes_ += 2;
     if (message_bytes_ > limits_.max_message_size) too_big_ = true;
     line_length_ = 0;
     prev_line_crlf_ = real_crlf;

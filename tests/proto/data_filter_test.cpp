@@ -281,3 +281,18 @@ TEST_CASE("DataFilter: all short inputs over a small alphabet are wire-safe and 
   }
   CHECK(checked == 21844);
 }
+
+TEST_CASE("DataFilter: an endless line is too big as soon as it passes the limit") {
+  DataFilter::Limits limits;
+  limits.max_message_size = 100;
+  limits.max_line = 1000;
+  DataFilter f(limits);
+  std::string out;
+  f.feed(std::string(100, 'a'), out);
+  CHECK_FALSE(f.too_big());
+  CHECK(f.message_bytes() == 100);
+  f.feed("a", out);
+  CHECK(f.too_big());
+  CHECK_FALSE(f.line_too_long());
+  CHECK(f.message_bytes() == 101);
+}
