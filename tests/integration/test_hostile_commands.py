@@ -1,0 +1,260 @@
+"""Hostile clients in the command phase (INTERFACE.md "What hostile or broken input gets"): over-long lines,
+NUL/8-bit/bare-LF bytes, too many bad commands, commands out of order, too many recipients, a TLS
+ClientHello on the plaintext port, garbage or a too-old TLS version after STARTTLS, plaintext pipelined
+behind STARTTLS (the counter; the behaviour is test_starttls_injection.py). Every case: the exact reply,
+mailflow_rejects_total{reason} (or the handshake-failure counter) moved, and a normal message still relays."""
+import re
+import ssl
+import types
+
+import pytest
+
+import harness
+import hostile_helpers as hh
+
+MAX_BAD = 3
+MAX_RCPTS = 2
+
+
+@pytest.fixture(scope="module")
+def env(certs, sink_factory, daemon_factory):
+    sink = sink_factory("store")
+    port, modern = harness.free_port(), harness.free_port()
+    modern_tls = {"certificates": harness.listener_tls(certs)["certificates"], "min_version": "TLS1.2"}
+    daemon = daemon_factory(
+        listeners=[hh.listener("inbound", port, "store", certs),
+                   hh.listener("modern", modern, "store", tls=modern_tls)],
+        upstreams=[hh.plain_upstream("store", sink.port)],
+        limits={"drain_timeout": "3s", "max_bad_commands": MAX_BAD, "max_recipients": MAX_RCPTS})
+    return types.SimpleNamespace(sink=sink, daemon=daemon, port=port, modern=modern)
+
+
+def enhanced(text):
+    m = re.match(r"^\d{3} (\d\.\d{1,3}\.\d{1,3}) ", text)
+    return m.group(1) if m else None
+
+
+# ------------------------------------------------------------------------------------ malformed lines
+@pytest.mark.parametrize("first,second", [(600, 0), (300, 4000)], ids=["one-write", "tail-in-a-later-write"])
+def test_overlong_command_gets_exactly_one_500(env, first, second):
+    before = env.daemon.metrics()
+    c = hh.greeted(env.port)
+    try:
+        c.send(b"NOOP " + b"x" * first)
+        if second:
+            assert hh.unsolicited(c, 0.3) == b"", "a reply before the over-long line ended"
+            c.send(b"y" * second)
+        c.send(b"\r\nNOOP\r\n")
+        code, text = c.reply()
+        assert code == 500 and re.match(r"^500 5\.5\.\d ", text), f"over-long line: {text!r}"
+        code, text = c.reply()
+        assert code == 250, f"the next command must get its own reply, not a second 500: {text!r}"
+        assert hh.unsolicited(c) == b"", "a second reply for the tail of the over-long line"
+        # the session is still usable
+        code, text = hh.transaction(c, hh.message("after long line"))
+        assert code == 250, text
+    finally:
+        c.close()
+    hh.assert_rejected(env.daemon, before, "line_too_long")
+    hh.assert_relays(env.daemon, env.port, env.sink)
+
+
+@pytest.mark.parametrize("line,reason,then", [
+    (b"MAIL FROM:<a@example.test> X\x00Y", "bad_bytes", []),
+    (b"MAIL FROM:<caf\xc3\xa9@example.test>", "bad_bytes", []),
+    (b"EHLO h\xffst.example.test", "bad_bytes", []),
+    # a bare LF ends the (refused) line; what follows it is a line of its own
+    (b"MAIL FROM:<a@example.test>\nNOOP", "bare_newline_command", [250]),
+    # a bare CR inside a line: the whole line up to CRLF is refused once
+    (b"MAIL FROM:<a@example.test>\rNOOP", "bare_newline_command", []),
+], ids=["NUL", "utf8-in-MAIL", "8bit-in-EHLO", "bare-LF", "bare-CR"])
+def test_bad_bytes_in_command(env, line, reason, then):
+    before = env.daemon.metrics()
+    n = env.sink.count()
+    c = hh.greeted(env.port)
+    try:
+        c.send(line + b"\r\n")
+        code, text = c.reply()
+        assert code == 500 and re.match(r"^500 5\.5\.\d ", text), f"{line!r} answered {text!r}"
+        more = hh.replies_within(c)
+        assert [r[0] for r in more] == then, f"after the one 500 for {line!r}: {more!r}"
+        # nothing of that line was executed: a MAIL hidden in it did not open a transaction
+        code, text = c.cmd("RCPT TO:<r@dest.test>")
+        assert code == 503, f"RCPT after the refused line must be 503 (no transaction): {text!r}"
+    finally:
+        c.close()
+    assert env.sink.count() == n
+    hh.assert_rejected(env.daemon, before, reason)
+    hh.assert_rejected(env.daemon, before, "bad_sequence")
+    hh.assert_relays(env.daemon, env.port, env.sink)
+
+
+def test_too_many_bad_commands_421_and_close(env):
+    before = env.daemon.metrics()
+    c = hh.greeted(env.port)
+    try:
+        for i in range(MAX_BAD - 1):
+            code, text = c.cmd(f"XYZZY{i}")
+            assert code == 500 and enhanced(text) == "5.5.2", f"unknown command {i}: {text!r}"
+        code, text = c.cmd("XYZZY-last")
+        assert code == 421, f"the {MAX_BAD}th bad command must get 421: {text!r}"
+        assert c.closed_or_error(3.0), "the connection stayed open after 421"
+    finally:
+        c.close()
+    hh.assert_rejected(env.daemon, before, "unrecognized_command", MAX_BAD - 1)
+    hh.assert_rejected(env.daemon, before, "too_many_bad_commands")
+    hh.assert_relays(env.daemon, env.port, env.sink)
+
+
+# -------------------------------------------------------------------------------------- sequencing
+@pytest.mark.parametrize("setup,command", [
+    ([], "MAIL FROM:<s@example.test>"),
+    (["EHLO client.example.test"], "RCPT TO:<r@dest.test>"),
+    (["EHLO client.example.test"], "DATA"),
+    (["EHLO client.example.test", "MAIL FROM:<s@example.test>"], "MAIL FROM:<s2@example.test>"),
+], ids=["MAIL-before-EHLO", "RCPT-before-MAIL", "DATA-before-MAIL", "nested-MAIL"])
+def test_out_of_order_503(env, setup, command):
+    before = env.daemon.metrics()
+    c = harness.RawSmtp(env.port)
+    try:
+        assert c.reply()[0] == 220
+        for s in setup:
+            code, text = c.cmd(s)
+            assert code == 250, f"{s}: {text!r}"
+        code, text = c.cmd(command)
+        assert code == 503 and enhanced(text) == "5.5.1", f"{command} out of order: {text!r}"
+        assert c.cmd("NOOP")[0] == 250, "session unusable after 503"
+    finally:
+        c.close()
+    hh.assert_rejected(env.daemon, before, "bad_sequence")
+    hh.assert_relays(env.daemon, env.port, env.sink)
+
+
+def test_too_many_recipients_452_each(env):
+    before = env.daemon.metrics()
+    n = env.sink.count()
+    data = hh.message("many recipients")
+    c = hh.greeted(env.port)
+    try:
+        assert c.cmd("MAIL FROM:<s@example.test>")[0] == 250
+        for i in range(MAX_RCPTS):
+            code, text = c.cmd(f"RCPT TO:<r{i}@dest.test>")
+            assert code == 250, text
+        for i in range(MAX_RCPTS, MAX_RCPTS + 2):
+            code, text = c.cmd(f"RCPT TO:<r{i}@dest.test>")
+            assert code == 452 and enhanced(text) == "4.5.3", f"RCPT beyond max_recipients: {text!r}"
+        assert c.cmd("DATA")[0] == 354
+        c.send(harness.dot_stuff(data))
+        code, text = c.cmd(".")
+        assert code == 250, text
+    finally:
+        c.close()
+    meta, _ = env.sink.wait_messages(n + 1)[-1]
+    assert meta["rcpt_tos"] == [f"r{i}@dest.test" for i in range(MAX_RCPTS)], meta
+    hh.assert_rejected(env.daemon, before, "too_many_recipients", 2)
+    harness.assert_counted(env.daemon, before, "internet", "inbound", "none")
+
+
+# -------------------------------------------------------------------------------------------- TLS
+def client_hello():
+    """The bytes a TLS client sends first (a real ClientHello from Python's ssl)."""
+    ctx = harness.client_tls_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname="mx.test")
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return outgoing.read()
+
+
+def test_tls_client_hello_on_plaintext_port(env):
+    """An implicit-TLS client (port 465 style) on the SMTP port: its ClientHello is binary garbage to the
+    command parser: only 500 5.5.x replies (or 421 after max_bad_commands), nothing executed."""
+    before = env.daemon.metrics()
+    hello = client_hello()
+    assert hello[:1] == b"\x16", hello[:8]
+    c = harness.RawSmtp(env.port)
+    try:
+        c.send(hello + b"\r\n")
+        data, _closed = hh.read_all(c.sock, wait=1.5)
+    finally:
+        c.close()
+    lines = [ln for ln in data.decode("latin-1").split("\r\n") if ln]
+    assert lines and lines[0].startswith("220 "), f"no banner: {lines!r}"
+    rest = lines[1:]
+    assert rest, "the ClientHello got no reply at all"
+    for ln in rest:
+        assert re.match(r"^(500 5\.5\.\d|421 4\.7\.0) ", ln), f"unexpected reply to a ClientHello: {ln!r}"
+    after = hh.wait_counter(env.daemon, before, "mailflow_rejects_total")
+    moved = harness.delta(before, after, "mailflow_rejects_total")
+    reasons = {dict(k)["reason"] for k in moved}
+    assert reasons and reasons <= {"bad_bytes", "line_too_long", "bare_newline_command", "too_many_bad_commands",
+                                   "unrecognized_command"}, harness.fmt_delta(moved)
+    hh.assert_relays(env.daemon, env.port, env.sink)
+
+
+def test_garbage_instead_of_tls_handshake(env):
+    before = env.daemon.metrics()
+    c = hh.greeted(env.port)
+    try:
+        code, text = c.cmd("STARTTLS")
+        assert code == 220, text
+        c.send(b"this is not a TLS record\r\nMAIL FROM:<x@example.test>\r\n")
+        assert c.closed_or_error(5.0), "the server kept the connection after a garbage handshake"
+        assert not any("250" in str(t) for t in c.transcript[-3:]), c.transcript
+    finally:
+        c.close()
+    hh.assert_counter(env.daemon, before, "mailflow_tls_handshake_failures_total", listener="inbound", leg="client")
+    hh.assert_relays(env.daemon, env.port, env.sink)
+
+
+def test_tls_version_below_listener_minimum(env):
+    """Listener `modern` has min_version TLS1.2: a TLS1.0-only client fails the handshake (counted), a TLS1.2
+    client on the same listener relays."""
+    before = env.daemon.metrics()
+    c = hh.greeted(env.modern)
+    try:
+        assert c.cmd("STARTTLS")[0] == 220
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            c.starttls("TLS1.0")
+            c.cmd("EHLO client.example.test")
+    finally:
+        c.close()
+    hh.assert_counter(env.daemon, before, "mailflow_tls_handshake_failures_total", listener="modern", leg="client")
+    # a modern client still gets through on that listener
+    before = env.daemon.metrics()
+    n = env.sink.count()
+    c = hh.greeted(env.modern)
+    try:
+        assert c.cmd("STARTTLS")[0] == 220
+        assert c.starttls("TLS1.2") == "TLSv1.2"
+        assert c.cmd("EHLO client.example.test")[0] == 250
+        code, text = hh.transaction(c, hh.message("modern"))
+        assert code == 250, text
+    finally:
+        c.close()
+    env.sink.wait_messages(n + 1)
+    harness.assert_counted(env.daemon, before, "internet", "inbound", "TLS1.2")
+
+
+def test_starttls_pipelining_counted(env):
+    """Plaintext (a full MAIL line and a partial RCPT) behind STARTTLS: discarded, counted once as
+    starttls_pipelining; the honest transaction inside TLS is delivered with the honest sender."""
+    before = env.daemon.metrics()
+    n = env.sink.count()
+    data = hh.message("after injection")
+    c = hh.greeted(env.port)
+    try:
+        c.send(b"STARTTLS\r\nMAIL FROM:<attacker@evil.test>\r\nRCPT TO:<vic")
+        code, text = c.reply()
+        assert code == 220, text
+        c.starttls("TLS1.3")
+        assert hh.unsolicited(c, 0.5) == b"", "the injected plaintext was answered inside TLS"
+        assert c.cmd("EHLO client.example.test")[0] == 250
+        code, text = hh.transaction(c, data)
+        assert code == 250, text
+    finally:
+        c.close()
+    meta, content = env.sink.wait_messages(n + 1)[-1]
+    assert meta["mail_from"] == hh.SENDER and meta["rcpt_tos"] == [hh.RCPT], meta
+    hh.assert_rejected(env.daemon, before, "starttls_pipelining")
+    harness.assert_counted(env.daemon, before, "internet", "inbound", "TLS1.3")
