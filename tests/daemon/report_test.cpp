@@ -2,26 +2,25 @@
 #include <utility>  // before Boost.Asio (Boost 1.74 + GCC 12)
 
 #include <doctest/doctest.h>
-
-#include <boost/asio/io_context.hpp>
-#include <boost/asio/ip/tcp.hpp>
-#include <boost/beast/core.hpp>
-#include <boost/asio/ssl.hpp>
-#include <boost/beast/http.hpp>
-#include <chrono>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
+#include <openssl/x509v3.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/ssl.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+#include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
-
-#include <openssl/evp.h>
-#include <openssl/pem.h>
-#include <openssl/x509.h>
-#include <openssl/x509v3.h>
 
 #include "daemon/report.hpp"
 #include "daemon/report_cli.hpp"
@@ -278,6 +277,31 @@ TEST_CASE("HTML page: self-contained, insights first with advice, bars, percenta
   const std::string calm = mailflow::render_html(mailflow::build_report(quiet, make_config(), 7, kNow));
   CHECK(calm.find("No active insights") != std::string::npos);
   CHECK(calm.find("switched off") == std::string::npos);
+}
+
+TEST_CASE("report over 1,000 connectors renders every format quickly") {
+  auto config = make_config();
+  config.connectors.clear();
+  WindowStore store;
+  for (int i = 0; i < 1000; ++i) {
+    mailflow::config::Connector c;
+    c.name = "partner-" + std::to_string(i);
+    c.direction = in;
+    config.connectors.push_back(c);
+    for (int h = 0; h < 7 * 24; h += 5) add(store, c.name, in, kNow - hours(h), {0, 1, 0, 10, 1});
+  }
+  const auto begin = steady_clock::now();
+  const Report report = mailflow::build_report(store, config, 7, kNow);
+  CHECK(report.rows.size() == 7 * (1000 + 2));  // + internet inbound and outbound
+  CHECK(report.insights.size() == 1000);        // 1/12 TLS1.0 > 5% and >= 100 messages each
+  CHECK(mailflow::render_json(report).size() > 7 * 1000 * 200);
+  const std::string csv = mailflow::render_csv(report);
+  CHECK(std::count(csv.begin(), csv.end(), '\n') == 7 * 1002 + 1);
+  CHECK(!mailflow::render_table(report).empty());
+  CHECK(!mailflow::render_html(report).empty());
+  const auto elapsed = duration_cast<milliseconds>(steady_clock::now() - begin);
+  MESSAGE("report over 1,000 connectors, all formats: " << elapsed.count() << " ms");
+  CHECK(elapsed < seconds(20));
 }
 
 TEST_CASE("JSON and CSV escape hostile names") {

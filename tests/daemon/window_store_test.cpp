@@ -10,9 +10,13 @@
 template <>
 struct doctest::StringMaker<mailflow::TlsCounts> {
   static String convert(const mailflow::TlsCounts& c) {
-    return ("{" + std::to_string(c[0]) + ", " + std::to_string(c[1]) + ", " + std::to_string(c[2]) + ", " +
-            std::to_string(c[3]) + ", " + std::to_string(c[4]) + "}")
-        .c_str();
+    std::string text = "{";
+    for (std::size_t i = 0; i < c.size(); ++i) {
+      if (i != 0) text += ", ";
+      text += std::to_string(c[i]);
+    }
+    text += "}";
+    return text.c_str();
   }
 };
 
