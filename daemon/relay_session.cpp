@@ -5,13 +5,10 @@
 #include <boost/asio/detached.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/redirect_error.hpp>
-#include <boost/asio/ssl/context.hpp>
 #include <boost/asio/ssl/error.hpp>
-#include <boost/asio/ssl/stream.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/write.hpp>
-#include <openssl/ssl.h>
 
 #include <fmt/format.h>
 
@@ -22,6 +19,7 @@
 #include <random>
 
 #include "daemon/connector_match.hpp"
+#include "daemon/link.hpp"
 #include "daemon/log.hpp"
 #include "daemon/telemetry.hpp"
 #include "proto/client_session.hpp"
@@ -71,72 +69,18 @@ std::string rfc5322_date() {
   return buffer;
 }
 
+std::string handshake_failure_label(const error_code& ec, bool timed_out) {
+  const bool eof = ec == asio::error::eof || ec == asio::ssl::error::stream_truncated;
+  const unsigned long ssl_error = ec.category() == asio::error::get_ssl_category() ? ec.value() : 0;
+  return handshake_failure_reason(ssl_error, timed_out, eof);
+}
+
 std::string new_session_id() {
   thread_local std::mt19937_64 random{std::random_device{}()};
   char buffer[17];
   std::snprintf(buffer, sizeof buffer, "%016llx", static_cast<unsigned long long>(random()));
   return buffer;
 }
-
-// One side of the relay: a TCP connection that may become TLS half-way (STARTTLS). The TLS stream is only
-// allocated when the handshake starts, so a plaintext session costs no TLS buffers.
-class Link {
- public:
-  explicit Link(tcp::socket socket) : socket_(std::move(socket)) {}
-
-  tcp::socket& socket() { return socket_; }
-  const TlsInfo& tls() const { return tls_info_; }
-  bool tls_active() const { return tls_ != nullptr; }
-
-  asio::awaitable<std::size_t> read_some(std::string& buffer, std::size_t max, error_code& ec) {
-    const std::size_t old_size = buffer.size();
-    buffer.resize(old_size + max);
-    auto target = asio::buffer(buffer.data() + old_size, max);
-    std::size_t n = tls_ ? co_await tls_->async_read_some(target, with(ec))
-                         : co_await socket_.async_read_some(target, with(ec));
-    buffer.resize(old_size + n);
-    co_return n;
-  }
-
-  asio::awaitable<void> write(std::string_view data, error_code& ec) {
-    if (tls_)
-      co_await asio::async_write(*tls_, asio::buffer(data), with(ec));
-    else
-      co_await asio::async_write(socket_, asio::buffer(data), with(ec));
-  }
-
-  // `peer_name`: SNI and, with `verify`, the name the certificate must match (client side only).
-  asio::awaitable<void> handshake(SSL_CTX* context, asio::ssl::stream_base::handshake_type type,
-                                  const std::string& peer_name, bool verify, error_code& ec) {
-    SSL_CTX_up_ref(context);  // the wrapper below owns one reference; the SSL object takes its own
-    asio::ssl::context wrapper(context);
-    tls_ = std::make_unique<asio::ssl::stream<tcp::socket&>>(socket_, wrapper);
-    SSL* ssl = tls_->native_handle();
-    if (type == asio::ssl::stream_base::client && !peer_name.empty()) {
-      error_code parse_error;
-      asio::ip::make_address(peer_name, parse_error);
-      if (parse_error) SSL_set_tlsext_host_name(ssl, peer_name.c_str());
-      if (verify) SSL_set1_host(ssl, peer_name.c_str());
-    }
-    co_await tls_->async_handshake(type, with(ec));
-    if (!ec) tls_info_ = tls_info(ssl);
-  }
-
-  void cancel() {
-    error_code ignored;
-    socket_.cancel(ignored);
-  }
-  void close() {
-    error_code ignored;
-    socket_.shutdown(tcp::socket::shutdown_both, ignored);
-    socket_.close(ignored);
-  }
-
- private:
-  tcp::socket socket_;
-  std::unique_ptr<asio::ssl::stream<tcp::socket&>> tls_;
-  TlsInfo tls_info_;
-};
 
 struct Upstream {
   const config::Upstream* config = nullptr;
@@ -441,6 +385,7 @@ asio::awaitable<bool> RelaySession::next_line(std::string& line) {
       co_return false;
     }
     idle_ = idle;
+    if (client_in_.empty()) std::string().swap(client_in_);  // an idle session keeps no buffer
     set_deadline(config_.timeouts.command);
     error_code ec;
     co_await client_.read_some(client_in_, command_read_chunk, ec);
@@ -538,12 +483,10 @@ asio::awaitable<void> RelaySession::start_tls() {
   const ServerTls* tls = runtime_->server_tls(listener_.name);
   set_deadline(config_.timeouts.tls_handshake);
   error_code ec;
-  co_await client_.handshake(tls->context(), asio::ssl::stream_base::server, {}, false, ec);
+  co_await client_.handshake(tls->context(), true, {}, false, ec);
   if (ec) {
     const bool timed_out = take_timeout();
-    const bool eof = ec == asio::error::eof || ec == asio::ssl::error::stream_truncated;
-    const unsigned long ssl_error = ec.category() == asio::error::get_ssl_category() ? ec.value() : 0;
-    const std::string reason = handshake_failure_reason(ssl_error, timed_out, eof);
+    const std::string reason = handshake_failure_label(ec, timed_out);
     telemetry_.tls_handshake_failed(listener_.name, Leg::client, reason);
     const std::string client = address_text(client_address_);
     log_limited(LogLevel::info, "tls_failed", {{"id", id_}, {"client", client}, {"leg", "client"},
@@ -884,12 +827,11 @@ asio::awaitable<bool> RelaySession::ensure_upstream(const std::string& name) {
         const ClientTls* tls = runtime_->client_tls(upstream.name);
         set_deadline(config_.timeouts.tls_handshake);
         error_code hs;
-        co_await upstream_.link->handshake(tls->context(), asio::ssl::stream_base::client, upstream.address.host,
+        co_await upstream_.link->handshake(tls->context(), false, upstream.address.host,
                                            tls->verify(), hs);
         if (hs) {
           const bool timed_out = take_timeout();
-          const unsigned long ssl_error = hs.category() == asio::error::get_ssl_category() ? hs.value() : 0;
-          const std::string reason = handshake_failure_reason(ssl_error, timed_out, hs == asio::error::eof);
+          const std::string reason = handshake_failure_label(hs, timed_out);
           telemetry_.tls_handshake_failed(listener_.name, Leg::upstream, reason);
           log_limited(LogLevel::warn, "tls_failed", {{"id", id_}, {"upstream", upstream.name}, {"leg", "upstream"},
                                                      {"reason", reason}});

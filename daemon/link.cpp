@@ -1,0 +1,229 @@
+#include "daemon/link.hpp"
+
+#include <boost/asio/error.hpp>
+#include <boost/asio/redirect_error.hpp>
+#include <boost/asio/ssl/error.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <boost/asio/write.hpp>
+#include <openssl/bio.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstring>
+
+namespace mailflow {
+
+namespace asio = boost::asio;
+using boost::system::error_code;
+
+namespace {
+
+auto with(error_code& ec) { return asio::redirect_error(asio::use_awaitable, ec); }
+
+constexpr std::size_t flush_threshold = 64 * 1024;
+constexpr std::size_t keep_capacity = 4096;  // larger buffers are released once empty
+constexpr std::size_t max_record_read = 64 * 1024;
+
+void release_if_large(std::string& buffer) {
+  if (buffer.empty() && buffer.capacity() > keep_capacity) std::string().swap(buffer);
+}
+
+}  // namespace
+
+// The BIO between OpenSSL and the Link's buffers.
+struct LinkBio {
+  static Link* link(BIO* bio) { return static_cast<Link*>(BIO_get_data(bio)); }
+
+  static int write(BIO* bio, const char* data, int length) {
+    BIO_clear_retry_flags(bio);
+    link(bio)->cipher_out_.append(data, static_cast<std::size_t>(length));
+    return length;
+  }
+
+  static int read(BIO* bio, char* out, int length) {
+    BIO_clear_retry_flags(bio);
+    Link* self = link(bio);
+    const std::size_t available = self->cipher_in_.size() - self->cipher_in_pos_;
+    if (available == 0) {
+      BIO_set_retry_read(bio);
+      return -1;
+    }
+    const std::size_t n = std::min<std::size_t>(available, static_cast<std::size_t>(length));
+    std::memcpy(out, self->cipher_in_.data() + self->cipher_in_pos_, n);
+    self->cipher_in_pos_ += n;
+    if (self->cipher_in_pos_ == self->cipher_in_.size()) {
+      self->cipher_in_.clear();
+      self->cipher_in_pos_ = 0;
+      release_if_large(self->cipher_in_);
+    }
+    return static_cast<int>(n);
+  }
+
+  static long ctrl(BIO*, int command, long, void*) { return command == BIO_CTRL_FLUSH ? 1 : 0; }
+
+  static int create(BIO* bio) {
+    BIO_set_init(bio, 1);
+    return 1;
+  }
+
+  static BIO_METHOD* method() {
+    static BIO_METHOD* const instance = [] {
+      BIO_METHOD* m = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, "mailflowd-link");
+      BIO_meth_set_write(m, &LinkBio::write);
+      BIO_meth_set_read(m, &LinkBio::read);
+      BIO_meth_set_ctrl(m, &LinkBio::ctrl);
+      BIO_meth_set_create(m, &LinkBio::create);
+      return m;
+    }();
+    return instance;
+  }
+};
+
+Link::Link(asio::ip::tcp::socket socket) : socket_(std::move(socket)) {
+  // Reads after a readiness wait must never block a thread of the pool, even on a spurious wakeup.
+  error_code ignored;
+  socket_.non_blocking(true, ignored);
+}
+
+Link::~Link() {
+  if (ssl_ != nullptr) SSL_free(ssl_);
+}
+
+error_code Link::tls_error(int result) {
+  const int reason = SSL_get_error(ssl_, result);
+  const unsigned long code = ERR_get_error();
+  ERR_clear_error();
+  if (reason == SSL_ERROR_ZERO_RETURN) return asio::error::eof;
+  if (code == 0) return asio::ssl::error::stream_truncated;  // the peer vanished without close_notify
+  return {static_cast<int>(code), asio::error::get_ssl_category()};
+}
+
+asio::awaitable<std::size_t> Link::read_available(std::string& buffer, std::size_t max, error_code& ec) {
+  // Wait without a buffer, then take exactly what arrived.
+  for (;;) {
+    co_await socket_.async_wait(asio::ip::tcp::socket::wait_read, with(ec));
+    if (ec) co_return 0;
+    const std::size_t available = socket_.available(ec);
+    if (ec) co_return 0;
+    const std::size_t want = std::clamp<std::size_t>(available, 1, max);
+    const std::size_t old_size = buffer.size();
+    buffer.resize(old_size + want);
+    const std::size_t n = socket_.read_some(asio::buffer(buffer.data() + old_size, want), ec);
+    buffer.resize(old_size + n);
+    if (ec == asio::error::would_block || ec == asio::error::try_again) continue;
+    co_return n;
+  }
+}
+
+asio::awaitable<void> Link::fill_cipher(error_code& ec) {
+  if (cipher_in_pos_ > 0) {
+    cipher_in_.erase(0, cipher_in_pos_);
+    cipher_in_pos_ = 0;
+  }
+  co_await read_available(cipher_in_, max_record_read, ec);
+}
+
+asio::awaitable<void> Link::flush_cipher(error_code& ec) {
+  if (cipher_out_.empty()) co_return;
+  co_await asio::async_write(socket_, asio::buffer(cipher_out_), with(ec));
+  cipher_out_.clear();
+  release_if_large(cipher_out_);
+}
+
+asio::awaitable<std::size_t> Link::read_some(std::string& buffer, std::size_t max, error_code& ec) {
+  if (ssl_ == nullptr) co_return co_await read_available(buffer, max, ec);
+  for (;;) {
+    if (SSL_pending(ssl_) == 0 && SSL_has_pending(ssl_) == 0 && cipher_in_pos_ == cipher_in_.size()) {
+      // Nothing buffered anywhere: wait for the peer before touching `buffer`, so that an idle session holds
+      // no read buffer.
+      co_await fill_cipher(ec);
+      if (ec) co_return 0;
+    }
+    const std::size_t old_size = buffer.size();
+    const std::size_t room = std::min<std::size_t>(max, INT_MAX);
+    buffer.resize(old_size + room);
+    ERR_clear_error();
+    const int n = SSL_read(ssl_, buffer.data() + old_size, static_cast<int>(room));
+    buffer.resize(old_size + static_cast<std::size_t>(std::max(n, 0)));
+    if (n > 0) co_return static_cast<std::size_t>(n);
+    const int reason = SSL_get_error(ssl_, n);
+    const error_code failure = reason == SSL_ERROR_WANT_READ ? error_code{} : tls_error(n);
+    co_await flush_cipher(ec);  // e.g. TLS 1.3 session tickets or alerts produced while reading
+    if (!ec) ec = failure;
+    if (ec) co_return 0;
+  }
+}
+
+asio::awaitable<void> Link::write(std::string_view data, error_code& ec) {
+  if (ssl_ == nullptr) {
+    co_await asio::async_write(socket_, asio::buffer(data), with(ec));
+    co_return;
+  }
+  while (!data.empty()) {
+    const int chunk = static_cast<int>(std::min<std::size_t>(data.size(), flush_threshold));
+    ERR_clear_error();
+    const int n = SSL_write(ssl_, data.data(), chunk);
+    if (n <= 0) {
+      ec = tls_error(n);
+      co_return;
+    }
+    data.remove_prefix(static_cast<std::size_t>(n));
+    if (cipher_out_.size() >= flush_threshold) {
+      co_await flush_cipher(ec);
+      if (ec) co_return;
+    }
+  }
+  co_await flush_cipher(ec);
+}
+
+asio::awaitable<void> Link::handshake(SSL_CTX* context, bool server, const std::string& peer_name, bool verify,
+                                      error_code& ec) {
+  ssl_ = SSL_new(context);
+  if (ssl_ == nullptr) {
+    ec = {static_cast<int>(ERR_get_error()), asio::error::get_ssl_category()};
+    co_return;
+  }
+  BIO* bio = BIO_new(LinkBio::method());
+  BIO_set_data(bio, this);
+  SSL_set_bio(ssl_, bio, bio);
+  SSL_set_mode(ssl_, SSL_MODE_RELEASE_BUFFERS);
+  if (server) {
+    SSL_set_accept_state(ssl_);
+  } else {
+    SSL_set_connect_state(ssl_);
+    if (!peer_name.empty()) {
+      error_code not_an_address;
+      asio::ip::make_address(peer_name, not_an_address);
+      if (not_an_address) SSL_set_tlsext_host_name(ssl_, peer_name.c_str());
+      if (verify) SSL_set1_host(ssl_, peer_name.c_str());
+    }
+  }
+  for (;;) {
+    ERR_clear_error();
+    const int result = SSL_do_handshake(ssl_);
+    const int reason = result == 1 ? SSL_ERROR_NONE : SSL_get_error(ssl_, result);
+    error_code failure = result == 1 || reason == SSL_ERROR_WANT_READ ? error_code{} : tls_error(result);
+    co_await flush_cipher(ec);  // our flight, or the alert that tells the peer why we gave up
+    if (failure) ec = failure;
+    if (ec) co_return;
+    if (result == 1) break;
+    co_await fill_cipher(ec);
+    if (ec) co_return;
+  }
+  tls_info_ = tls_info(ssl_);
+}
+
+void Link::cancel() {
+  error_code ignored;
+  socket_.cancel(ignored);
+}
+
+void Link::close() {
+  error_code ignored;
+  socket_.shutdown(asio::ip::tcp::socket::shutdown_both, ignored);
+  socket_.close(ignored);
+}
+
+}  // namespace mailflow

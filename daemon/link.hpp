@@ -1,0 +1,61 @@
+#pragma once
+// One side of the relay: a TCP connection that can turn into TLS half-way (STARTTLS).
+//
+// TLS runs OpenSSL over a custom BIO that reads and writes this object's own buffers (sans-I/O, like
+// proto/): no asio::ssl::stream, whose four 17 KiB buffers per connection would dominate an idle session's
+// memory. Idle reads first wait for readability and then take exactly what the kernel holds, so a session
+// that waits for its next command owns no read buffer at all; SSL_MODE_RELEASE_BUFFERS lets OpenSSL drop its
+// record buffers in between too.
+#include <utility>  // before Asio (Boost 1.74 + GCC 12)
+
+#include <boost/asio/awaitable.hpp>
+#include <boost/asio/ip/tcp.hpp>
+
+#include <string>
+#include <string_view>
+
+#include "daemon/tls.hpp"
+
+namespace mailflow {
+
+class Link {
+ public:
+  explicit Link(boost::asio::ip::tcp::socket socket);
+  ~Link();
+  Link(const Link&) = delete;
+  Link& operator=(const Link&) = delete;
+
+  boost::asio::ip::tcp::socket& socket() { return socket_; }
+  const TlsInfo& tls() const { return tls_info_; }
+  bool tls_active() const { return ssl_ != nullptr; }
+
+  // Appends at most `max` bytes of application data to `buffer`. Errors: asio::error::eof on a clean close,
+  // an SSL-category code (the OpenSSL error) on a TLS failure, operation_aborted after cancel().
+  boost::asio::awaitable<std::size_t> read_some(std::string& buffer, std::size_t max,
+                                                boost::system::error_code& ec);
+  boost::asio::awaitable<void> write(std::string_view data, boost::system::error_code& ec);
+
+  // STARTTLS. `peer_name` (client side): SNI, and with `verify` the name the certificate must match.
+  boost::asio::awaitable<void> handshake(SSL_CTX* context, bool server, const std::string& peer_name, bool verify,
+                                         boost::system::error_code& ec);
+
+  void cancel();
+  void close();
+
+ private:
+  friend struct LinkBio;
+  boost::asio::awaitable<std::size_t> read_available(std::string& buffer, std::size_t max,
+                                                     boost::system::error_code& ec);
+  boost::asio::awaitable<void> fill_cipher(boost::system::error_code& ec);
+  boost::asio::awaitable<void> flush_cipher(boost::system::error_code& ec);
+  boost::system::error_code tls_error(int result);
+
+  boost::asio::ip::tcp::socket socket_;
+  SSL* ssl_ = nullptr;
+  std::string cipher_in_;  // received TLS records not yet consumed by OpenSSL
+  std::size_t cipher_in_pos_ = 0;
+  std::string cipher_out_;  // TLS records OpenSSL produced, not yet sent
+  TlsInfo tls_info_;
+};
+
+}  // namespace mailflow
