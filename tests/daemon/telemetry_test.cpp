@@ -8,6 +8,8 @@
 #include <optional>
 #include <sstream>
 #include <string>
+#include <thread>
+#include <vector>
 #include <unistd.h>
 
 #include "daemon/report.hpp"
@@ -293,4 +295,27 @@ TEST_CASE("an unusable state_dir fails load and save with a message") {
   CHECK(error.find("plain-file") != std::string::npos);
   CHECK_FALSE(telemetry.save_state((dir / "missing" / "deeper").string(), error));
   std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("concurrent sessions count every message exactly once while scrapes run") {
+  Telemetry telemetry([] { return kNow; });
+  telemetry.configure(test_config());
+  constexpr int kThreads = 4;
+  constexpr int kPerThread = 5000;
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&telemetry, t] {
+      for (int i = 0; i < kPerThread; ++i) {
+        telemetry.message_delivered(t % 2 ? "partner-contoso" : "internet", Direction::inbound,
+                                    i % 2 ? TlsVersion::tls13 : TlsVersion::tls11, 10, 1);
+      }
+    });
+  }
+  for (int i = 0; i < 20; ++i) CHECK_FALSE(telemetry.metrics_text().empty());
+  for (auto& thread : threads) thread.join();
+  CHECK(telemetry.messages_total() == kThreads * kPerThread);
+  const std::string text = telemetry.metrics_text();
+  CHECK(sample(text, R"(mailflow_messages_total{connector="internet",direction="inbound",tls_version="TLS1.1"})") == 5000.0);
+  CHECK(sample(text, R"(mailflow_window_messages{connector="partner-contoso",direction="inbound",tls_version="TLS1.3"})") == 5000.0);
+  CHECK(sample(text, R"(mailflow_message_bytes_total{connector="partner-contoso",direction="inbound",tls_version="TLS1.3"})") == 50000.0);
 }
