@@ -1,0 +1,169 @@
+"""Faults on the upstream leg, with scripted fake upstreams (hostile_helpers.FakeUpstream): STARTTLS command
+injection by the upstream ("220 go ahead\\r\\n250 injected\\r\\n" in one write), a reset right after accept,
+an upstream that accepts and never answers, one that closes mid-DATA, STARTTLS that fails or is refused
+under `required`; and a client that disconnects mid-DATA. Each: the exact 4xx to the client, nothing
+counted, nothing at the sink, mailflow_upstream_errors_total{upstream,reason} moved, and the daemon still
+relays. (Connection refused and a foreign CA under `verify` are test_upstream_failures.py and
+test_upstream_tls.py.)"""
+import time
+import types
+
+import pytest
+
+import harness
+import hostile_helpers as hh
+
+GREETING_TIMEOUT = 2.0
+
+
+def script_inject(conn):
+    if conn.smtp_until(b"STARTTLS") is not None:
+        conn.send(b"220 go ahead\r\n250 injected\r\n")
+        conn.hang(10)
+
+
+def script_reset(conn):
+    conn.reset()
+
+
+def script_hang(conn):
+    conn.hang(15)
+
+
+def script_close_after_data_chunk(conn):
+    conn.send(b"220 fake.test ESMTP fake\r\n")
+    while True:
+        line = conn.line()
+        word = line.split(b" ", 1)[0].upper()
+        if word == b"EHLO":
+            conn.send(b"250-fake.test\r\n250 PIPELINING\r\n")
+        elif word == b"DATA":
+            conn.send(b"354 go on\r\n")
+            conn.recv_some()  # the first chunk of content, then gone without a reply
+            conn.sock.close()
+            return
+        else:
+            conn.send(b"250 ok\r\n")
+
+
+def script_starttls_garbage(conn):
+    if conn.smtp_until(b"STARTTLS") is not None:
+        conn.send(b"220 2.0.0 Ready to start TLS\r\n")
+        time.sleep(0.2)
+        conn.send(b"this is not a TLS server hello\r\n" * 4)
+        conn.sock.close()
+
+
+def script_starttls_refused(conn):
+    if conn.smtp_until(b"STARTTLS") is not None:
+        conn.send(b"454 4.7.0 TLS not available due to local problem\r\n")
+        conn.smtp_until(b"NEVER")
+
+
+FAKES = {  # listener/upstream name -> (script, upstream tls mode)
+    "inject": (script_inject, "opportunistic"),
+    "reset": (script_reset, "opportunistic"),
+    "hang": (script_hang, "opportunistic"),
+    "middata": (script_close_after_data_chunk, "none"),
+    "tlsgarbage": (script_starttls_garbage, "required"),
+    "tlsrefused": (script_starttls_refused, "required"),
+}
+
+
+@pytest.fixture(scope="module")
+def env(certs, sink_factory, daemon_factory):
+    sink = sink_factory("store")
+    fakes = {name: hh.FakeUpstream(name, script) for name, (script, _) in FAKES.items()}
+    ports = {name: harness.free_port() for name in list(FAKES) + ["good"]}
+    listeners = [hh.listener(name, ports[name], name) for name in FAKES]
+    listeners.append(hh.listener("good", ports["good"], "good"))
+    upstreams = [hh.plain_upstream(name, fakes[name].port, tls=mode) for name, (_, mode) in FAKES.items()]
+    upstreams.append(hh.plain_upstream("good", sink.port))
+    daemon = daemon_factory(listeners=listeners, upstreams=upstreams,
+                            timeouts={"greeting": "2s", "command": "3s", "upstream_connect": "3s",
+                                      "tls_handshake": "3s", "data_end": "3s"})
+    yield types.SimpleNamespace(sink=sink, daemon=daemon, ports=ports, fakes=fakes)
+    for f in fakes.values():
+        f.stop()
+
+
+def assert_upstream_error(env, before, upstream, reason):
+    after = hh.assert_counter(env.daemon, before, "mailflow_upstream_errors_total", upstream=upstream, reason=reason)
+    harness.assert_not_counted(env.daemon, before, settle=0.1)
+    return after
+
+
+@pytest.mark.parametrize("name,reason", [
+    ("inject", "starttls_pipelining"),
+    ("reset", "connection_lost"),
+    ("tlsgarbage", "tls_failed"),
+    ("tlsrefused", "starttls_rejected"),
+])
+def test_upstream_setup_failure_451_at_mail(env, name, reason):
+    before = env.daemon.metrics()
+    c = hh.greeted(env.ports[name])
+    try:
+        code, text = c.cmd(f"MAIL FROM:<{hh.SENDER}>")
+        assert code == 451 and text.startswith("451 4.4."), f"MAIL with upstream {name}: {text!r}"
+        assert c.cmd("NOOP")[0] == 250, "the client session must survive an upstream failure"
+        assert c.cmd("RCPT TO:<r@dest.test>")[0] == 503, "no transaction may be open after the 451"
+    finally:
+        c.close()
+    assert_upstream_error(env, before, name, reason)
+    if name == "tlsgarbage":
+        hh.assert_counter(env.daemon, before, "mailflow_tls_handshake_failures_total", listener=name, leg="upstream")
+    if name == "inject":
+        got = env.fakes[name].received
+        assert got and all(b"MAIL FROM" not in r for r in got), f"MAIL was sent after the injection: {got!r}"
+    hh.assert_relays(env.daemon, env.ports["good"], env.sink)
+
+
+def test_upstream_hangs_451_after_greeting_timeout(env):
+    before = env.daemon.metrics()
+    c = hh.greeted(env.ports["hang"])
+    try:
+        start = time.monotonic()
+        code, text = c.cmd(f"MAIL FROM:<{hh.SENDER}>")
+        elapsed = time.monotonic() - start
+        assert code == 451 and text.startswith("451 4.4.1"), f"MAIL with a silent upstream: {text!r}"
+        assert GREETING_TIMEOUT - 0.3 < elapsed < GREETING_TIMEOUT + 2, f"451 after {elapsed:.2f}s"
+    finally:
+        c.close()
+    assert_upstream_error(env, before, "hang", "timeout")
+    hh.assert_relays(env.daemon, env.ports["good"], env.sink)
+
+
+def test_upstream_closes_mid_data_451(env):
+    before = env.daemon.metrics()
+    big = hh.message("mid data", body=(b"y" * 78 + b"\r\n") * 3000)
+    c = hh.greeted(env.ports["middata"])
+    try:
+        code, text = hh.transaction(c, big)
+        assert code == 451 and text.startswith("451 4.4.2"), f"upstream gone mid-DATA: {text!r}"
+        assert c.cmd("NOOP")[0] == 250
+    finally:
+        c.close()
+    assert_upstream_error(env, before, "middata", "connection_lost")
+    hh.assert_relays(env.daemon, env.ports["good"], env.sink)
+
+
+def test_client_disconnects_mid_data(env):
+    before = env.daemon.metrics()
+    n, conns = env.sink.count(), env.sink.connections()
+    c = hh.greeted(env.ports["good"])
+    try:
+        assert c.cmd(f"MAIL FROM:<{hh.SENDER}>")[0] == 250
+        assert c.cmd(f"RCPT TO:<{hh.RCPT}>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        c.send(harness.dot_stuff(hh.message("half", body=b"first half\r\n" * 500)))
+        time.sleep(0.3)
+    finally:
+        c.close()  # no terminator
+    harness.wait_for(lambda: harness.value(env.daemon.metrics(), "mailflow_sessions_active") == 0, 5,
+                     what="the session to end")
+    after = harness.assert_not_counted(env.daemon, before, settle=0.5)
+    assert env.sink.count() == n, "a half message reached the sink"
+    assert env.sink.connections() == conns + 1
+    moved = harness.delta(before, after, "mailflow_upstream_errors_total")
+    assert not moved, f"a client going away is not an upstream error:\n{harness.fmt_delta(moved)}"
+    hh.assert_relays(env.daemon, env.ports["good"], env.sink)
