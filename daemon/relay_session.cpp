@@ -136,6 +136,7 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
 
   asio::awaitable<void> watchdog();
   void set_deadline(SteadyClock::duration timeout);
+  void set_deadline_at(SteadyClock::time_point deadline);
   bool take_timeout() { return std::exchange(timed_out_, false); }
 
   asio::awaitable<void> serve();
@@ -183,6 +184,8 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
 
   SteadyClock::time_point started_ = SteadyClock::now();
   SteadyClock::time_point deadline_ = SteadyClock::time_point::max();
+  SteadyClock::time_point command_deadline_;
+  bool command_clock_running_ = false;
   bool timed_out_ = false;
   bool finished_ = false;
   bool idle_ = false;
@@ -216,8 +219,10 @@ asio::awaitable<void> RelaySession::watchdog() {
   }
 }
 
-void RelaySession::set_deadline(SteadyClock::duration timeout) {
-  deadline_ = SteadyClock::now() + timeout;
+void RelaySession::set_deadline(SteadyClock::duration timeout) { set_deadline_at(SteadyClock::now() + timeout); }
+
+void RelaySession::set_deadline_at(SteadyClock::time_point deadline) {
+  deadline_ = deadline;
   if (deadline_ < timer_.expiry()) timer_.cancel();  // wake the watchdog so that it re-arms earlier
 }
 
@@ -368,10 +373,12 @@ asio::awaitable<bool> RelaySession::next_line(std::string& line) {
     if (event.kind == proto::CommandFramer::Kind::line) {
       line.assign(event.line);
       client_in_.erase(0, event.consumed);
+      command_clock_running_ = false;
       co_return true;
     }
     client_in_.erase(0, event.consumed);
     if (event.kind != proto::CommandFramer::Kind::need_more) {
+      command_clock_running_ = false;
       co_await perform(session_.on_framing_error(event.kind));
       if (close_) co_return false;
       continue;
@@ -386,7 +393,12 @@ asio::awaitable<bool> RelaySession::next_line(std::string& line) {
     }
     idle_ = idle;
     if (client_in_.empty()) std::string().swap(client_in_);  // an idle session keeps no buffer
-    set_deadline(config_.timeouts.command);
+    // The whole command must arrive within the timeout: partial lines do not restart the clock (slowloris).
+    if (!command_clock_running_) {
+      command_deadline_ = SteadyClock::now() + config_.timeouts.command;
+      command_clock_running_ = true;
+    }
+    set_deadline_at(command_deadline_);
     error_code ec;
     co_await client_.read_some(client_in_, command_read_chunk, ec);
     idle_ = false;

@@ -30,7 +30,7 @@ connectors:
 
 }  // namespace
 
-TEST_CASE("first matching connector wins; unmatched is internet") {
+TEST_CASE("first matching connector wins, unmatched is internet") {
   auto config = load(R"(  - name: by-cidr
     type: partner
     match: {listener: in, client_cidrs: ["127.0.0.2/32"]}

@@ -82,9 +82,6 @@ def trickle(c, payload, interval=0.5, give_up=8.0):
     return None, b""
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the command timeout is re-armed on every read "
-                   "(daemon/relay_session.cpp next_line: set_deadline(timeouts.command) before each read_some), "
-                   "so a byte every 0.5 s keeps a half-sent command alive forever")
 def test_slowloris_command_421_after_timeout(env):
     before = env.slow_d.metrics()
     c = hh.greeted(env.slow)
