@@ -206,6 +206,7 @@ struct Server::Impl {
     try {
       auto next_runtime = Runtime::build(loaded.config);
       auto next_acceptors = reconcile_listeners(*loaded.config);
+      http->update(loaded.config->http);  // basic auth and certificate; throws keeping the old ones
       const auto previous = current();
       if (previous->config->http.address.text != loaded.config->http.address.text)
         log_event(LogLevel::warn, "reload_partial", {{"reason", "http.address changes need a restart"}});
