@@ -210,7 +210,7 @@ TEST_CASE("insights: at, under and over the threshold, and below min_messages") 
   CHECK(mailflow::compute_insights(store, config, kNow).empty());
 }
 
-TEST_CASE("insights: per-connector thresholds override telemetry.defaults; others use the defaults") {
+TEST_CASE("insights: per-connector thresholds override telemetry.defaults and the others use the defaults") {
   auto config = make_config();
   config.connectors[0].alerts = {0.2, 0.05, 10};
   WindowStore store;

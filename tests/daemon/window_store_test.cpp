@@ -120,7 +120,7 @@ TEST_CASE("90-day window keeps 90 days and not an hour more") {
   CHECK(store.window() == hours(24 * 90));
 }
 
-TEST_CASE("shrinking the window on reload drops what falls outside; growing shows what was not pruned") {
+TEST_CASE("shrinking the window on reload drops what falls outside and growing shows what was not pruned") {
   WindowStore store(hours(24 * 7));
   const auto t = at(nov(25), 10);
   store.add("c", in, TlsVersion::tls12, t - hours(24 * 3));
