@@ -1,0 +1,178 @@
+"""Signals: SIGHUP with a broken config keeps the running one (counted as a failed reload, still relays);
+SIGHUP after a certificate renewal (new files at the same paths) serves the new certificate to new
+sessions; SIGTERM during a slow DATA transfer lets it finish within drain_timeout (message delivered, exit
+0, state_dir/windows.state written); an unwritable state_dir at the shutdown save is logged and the daemon
+still exits 0 (and relays until then)."""
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import time
+
+import pytest
+
+import harness
+import hostile_helpers as hh
+
+
+def reloads(daemon, result):
+    return harness.value(daemon.metrics(), "mailflow_config_reloads_total", result=result)
+
+
+def sighup_and_wait(daemon, result):
+    """SIGHUP; waits until mailflow_config_reloads_total{result} moved by one."""
+    base = reloads(daemon, result)
+    daemon.proc.send_signal(signal.SIGHUP)
+    harness.wait_for(lambda: reloads(daemon, result) >= base + 1, 10,
+                     what=f"mailflow_config_reloads_total{{result={result}}} to move")
+    assert reloads(daemon, result) == base + 1
+
+
+def served_certificate(port):
+    """DER of the certificate the listener serves after STARTTLS (no SNI: the default one)."""
+    c = hh.greeted(port)
+    try:
+        assert c.cmd("STARTTLS")[0] == 220
+        c.starttls("TLS1.2")
+        der = c.sock.getpeercert(binary_form=True)
+        assert c.cmd("EHLO client.example.test")[0] == 250
+        return der
+    finally:
+        c.close()
+
+
+def pem_der(path):
+    text = open(path).read()
+    first = text[text.index("-----BEGIN CERTIFICATE-----"):text.index("-----END CERTIFICATE-----") + 25]
+    return ssl.PEM_cert_to_DER_cert(first)
+
+
+@pytest.fixture(scope="module")
+def sink(sink_factory):
+    return sink_factory("store")
+
+
+def start(daemon_factory, name, sink, tls=None, **extra):
+    port = harness.free_port()
+    lst = hh.listener("inbound", port, "store")
+    if tls:
+        lst["tls"] = tls
+    d = daemon_factory(listeners=[lst], upstreams=[hh.plain_upstream("store", sink.port)], name=name, **extra)
+    return d, port
+
+
+def test_sighup_with_broken_config_keeps_running_one(daemon_factory, sink):
+    d, port = start(daemon_factory, "broken-reload", sink)
+    good = d.config_path.read_text()
+    try:
+        for broken in ("listeners: [this is: not yaml\n",
+                       good.replace('"hostname"', '"hostname_typo"', 1),
+                       good.replace(f'127.0.0.1:{port}', '127.0.0.1:99999', 1)):
+            d.config_path.write_text(broken)
+            sighup_and_wait(d, "failure")
+            assert d.proc.poll() is None, "mailflowd died on a broken config"
+            hh.assert_relays(d, port, sink)
+    finally:
+        d.config_path.write_text(good)
+    assert "reload_refused" in d.stderr(), "a refused reload must be logged"
+    sighup_and_wait(d, "success")
+    hh.assert_relays(d, port, sink)
+
+
+def test_sighup_serves_renewed_certificate(daemon_factory, sink, certs, workdir):
+    live = workdir / "live-tls"
+    live.mkdir(exist_ok=True)
+    shutil.copy(certs / "server.pem", live / "cert.pem")
+    shutil.copy(certs / "server.key", live / "key.pem")
+    tls = {"certificates": [{"cert": str(live / "cert.pem"), "key": str(live / "key.pem")}]}
+    d, port = start(daemon_factory, "cert-reload", sink, tls=tls)
+    assert served_certificate(port) == pem_der(certs / "server.pem")
+    # a session opened before the reload keeps working after it
+    old = hh.greeted(port)
+    try:
+        # renewal: new files at the same paths (written aside and renamed, as certbot does)
+        shutil.copy(certs / "other.pem", live / "cert.pem.new")
+        shutil.copy(certs / "other.key", live / "key.pem.new")
+        os.rename(live / "key.pem.new", live / "key.pem")
+        os.rename(live / "cert.pem.new", live / "cert.pem")
+        sighup_and_wait(d, "success")
+        assert served_certificate(port) == pem_der(certs / "other.pem"), "new sessions still get the old certificate"
+        code, text = hh.transaction(old, hh.message("session from before the reload"))
+        assert code == 250, text
+    finally:
+        old.close()
+    hh.assert_relays(d, port, sink)
+
+
+def test_sigterm_lets_slow_data_finish(daemon_factory, sink):
+    d, port = start(daemon_factory, "drain", sink, limits={"drain_timeout": "10s"})
+    state = d.workdir / "drain-state" / "windows.state"
+    n = sink.count()
+    data = hh.message("slow during shutdown", body=b"line of a slow message\r\n" * 40)
+    wire = harness.dot_stuff(data)
+    c = hh.greeted(port)
+    try:
+        assert c.cmd(f"MAIL FROM:<{hh.SENDER}>")[0] == 250
+        assert c.cmd(f"RCPT TO:<{hh.RCPT}>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        c.send(wire[:200])
+        sigterm_at = time.monotonic()
+        d.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        # new connections are no longer accepted while draining
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).recv(1)
+        for i in range(200, len(wire), 100):  # ~2 s more of DATA
+            c.send(wire[i:i + 100])
+            time.sleep(0.2)
+        code, text = c.cmd(".")
+        assert code == 250, f"a message in flight at SIGTERM must be delivered: {text!r}"
+        code, text = c.reply()  # the next command is not awaited: the session ends
+        assert code == 421 and text.startswith("421 4.3.2"), f"after the message, during drain: {text!r}"
+    finally:
+        c.close()
+    try:
+        d.proc.wait(15)
+    except subprocess.TimeoutExpired:
+        pytest.fail("mailflowd did not exit after the drained session finished")
+    took = time.monotonic() - sigterm_at
+    assert d.proc.returncode == 0, f"exit code {d.proc.returncode}"
+    assert took < 10, f"exit {took:.1f}s after SIGTERM: it waited for the drain timeout, not for the session"
+    _, content = sink.wait_messages(n + 1)[-1]
+    assert harness.split_received(content)[1] == data
+    assert state.is_file() and state.stat().st_size > 0, f"{state} not written at shutdown"
+    assert state.stat().st_mtime >= time.time() - took - 5
+
+
+def make_read_only(path):
+    """Makes `path` unwritable even for root; returns an undo callable, or None when this machine can't."""
+    if subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True).returncode == 0:
+        if subprocess.run(["mount", "-o", "remount,ro,bind", str(path)], capture_output=True).returncode == 0:
+            return lambda: subprocess.run(["umount", str(path)], check=True)
+        subprocess.run(["umount", str(path)], capture_output=True)
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0:
+        return lambda: subprocess.run(["chattr", "-i", str(path)], check=True)
+    return None
+
+
+def test_unwritable_state_dir_at_shutdown(daemon_factory, sink):
+    d, port = start(daemon_factory, "rostate", sink)
+    state_dir = d.workdir / "rostate-state"
+    hh.assert_relays(d, port, sink)
+    undo = make_read_only(state_dir)
+    if undo is None:
+        pytest.skip("cannot make a directory unwritable for root here (no bind mount, no chattr +i)")
+    try:
+        probe = state_dir / "probe"
+        with pytest.raises(OSError):
+            probe.write_text("x")
+        hh.assert_relays(d, port, sink)  # relaying does not depend on the state dir
+        code = d.stop()
+        log = d.stderr()
+    finally:
+        undo()
+    assert code == 0, f"exit code {code} after SIGTERM with an unwritable state_dir"
+    assert "state_save_failed" in log, f"the failed shutdown save was not logged:\n{log[-3000:]}"
+    assert not (state_dir / "windows.state.tmp").exists()
