@@ -130,6 +130,59 @@ def test_out_of_order_503(env, setup, command):
     hh.assert_relays(env.daemon, env.port, env.sink)
 
 
+@pytest.mark.xfail(strict=True, reason="bug: DATA after MAIL with no RCPT command at all gets "
+                   "'554 5.5.1 no valid recipients' (reason no_valid_recipients); INTERFACE.md says DATA before "
+                   "RCPT is 503 5.5.1 (Postfix: '503 5.5.1 Error: need RCPT command'; 554 only when every RCPT "
+                   "was refused) - proto/server_session.cpp, DATA in state mail")
+def test_data_before_rcpt_503(env):
+    before = env.daemon.metrics()
+    c = hh.greeted(env.port)
+    try:
+        assert c.cmd(f"MAIL FROM:<{hh.SENDER}>")[0] == 250
+        code, text = c.cmd("DATA")
+        assert text.startswith("503 5.5.1 "), f"DATA before any RCPT: {text!r}"
+    finally:
+        c.close()
+    hh.assert_rejected(env.daemon, before, "bad_sequence")
+
+
+def test_data_after_all_rcpts_refused_554(env):
+    """Every RCPT refused (here: bad syntax), then DATA: 554 5.5.1, nothing relayed."""
+    before = env.daemon.metrics()
+    c = hh.greeted(env.port)
+    try:
+        assert c.cmd(f"MAIL FROM:<{hh.SENDER}>")[0] == 250
+        assert c.cmd("RCPT TO:<no at sign>")[0] == 501
+        code, text = c.cmd("DATA")
+        assert text.startswith("554 5.5.1 "), f"DATA with no accepted recipient: {text!r}"
+    finally:
+        c.close()
+    hh.assert_rejected(env.daemon, before, "no_valid_recipients")
+    harness.assert_not_counted(env.daemon, before, settle=0.1)
+
+
+@pytest.mark.parametrize("setup,command,reply,reason", [
+    ([], "MAIL FROM:<not an address>", "501 5.1.7", "bad_address"),
+    ([], "MAIL FROM:<s@example.test> FOO=bar", "555 5.5.4", "unknown_parameter"),
+    ([], "MAIL FROM:<s@example.test> SIZE=lots", "555 5.5.4", "unknown_parameter"),
+    (["MAIL FROM:<s@example.test>"], "RCPT TO:<no at sign>", "501 5.1.3", "bad_address"),
+    (["MAIL FROM:<s@example.test>"], "RCPT TO:<r@dest.test> NOTIFY=NEVER", "555 5.5.4", "unknown_parameter"),
+], ids=["MAIL-bad-address", "MAIL-unknown-param", "MAIL-bad-SIZE", "RCPT-bad-address", "RCPT-param"])
+def test_bad_arguments(env, setup, command, reply, reason):
+    before = env.daemon.metrics()
+    c = hh.greeted(env.port)
+    try:
+        for s in setup:
+            assert c.cmd(s)[0] == 250, s
+        code, text = c.cmd(command)
+        assert text.startswith(reply + " "), f"{command}: want {reply}, got {text!r}"
+        c.cmd("RSET")
+    finally:
+        c.close()
+    hh.assert_rejected(env.daemon, before, reason)
+    hh.assert_relays(env.daemon, env.port, env.sink)
+
+
 def test_too_many_recipients_452_each(env):
     before = env.daemon.metrics()
     n = env.sink.count()
@@ -258,3 +311,24 @@ def test_starttls_pipelining_counted(env):
     assert meta["mail_from"] == hh.SENDER and meta["rcpt_tos"] == [hh.RCPT], meta
     hh.assert_rejected(env.daemon, before, "starttls_pipelining")
     harness.assert_counted(env.daemon, before, "internet", "inbound", "TLS1.3")
+
+
+def test_starttls_sequence_counters(env):
+    """The reasons behind test_starttls_injection.py's replies: MAIL after STARTTLS without a new EHLO is
+    bad_sequence, a second STARTTLS is starttls_twice (503 5.5.1)."""
+    before = env.daemon.metrics()
+    c = hh.greeted(env.port)
+    try:
+        assert c.cmd("STARTTLS")[0] == 220
+        c.starttls("TLS1.2")
+        code, text = c.cmd(f"MAIL FROM:<{hh.SENDER}>")
+        assert text.startswith("503 5.5.1 "), f"MAIL without EHLO after STARTTLS: {text!r}"
+        assert c.cmd("EHLO client.example.test")[0] == 250
+        code, text = c.cmd("STARTTLS")
+        assert text.startswith("503 5.5.1 "), f"second STARTTLS: {text!r}"
+        code, text = hh.transaction(c, hh.message("after the refusals"))
+        assert code == 250, text
+    finally:
+        c.close()
+    hh.assert_rejected(env.daemon, before, "bad_sequence")
+    hh.assert_rejected(env.daemon, before, "starttls_twice")
