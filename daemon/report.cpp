@@ -13,7 +13,8 @@ using config::Direction;
 using proto::TlsVersion;
 
 constexpr std::array<std::string_view, 5> kVersionNames{"none", "TLS1.0", "TLS1.1", "TLS1.2", "TLS1.3"};
-constexpr std::array<std::string_view, 5> kVersionColors{"#d32f2f", "#f57c00", "#ffb300", "#43a047", "#1b5e20"};
+constexpr std::array<std::string_view, 5> kVersionColors{"#d32f2f", "#f57c00", "#ffb300", "#43a047",
+                                                         "#1b5e20"};
 
 std::string_view direction_name(Direction d) { return d == Direction::inbound ? "inbound" : "outbound"; }
 std::string_view direction_title(Direction d) { return d == Direction::inbound ? "Inbound" : "Outbound"; }
@@ -21,9 +22,12 @@ std::string_view direction_title(Direction d) { return d == Direction::inbound ?
 // The config spelling (JSON, CSV, table).
 std::string_view type_name(ConnectorType t) {
   switch (t) {
-    case ConnectorType::partner: return "partner";
-    case ConnectorType::onpremises: return "onpremises";
-    case ConnectorType::internet: return "internet";
+    case ConnectorType::partner:
+      return "partner";
+    case ConnectorType::onpremises:
+      return "onpremises";
+    case ConnectorType::internet:
+      return "internet";
   }
   return "internet";
 }
@@ -31,9 +35,12 @@ std::string_view type_name(ConnectorType t) {
 // The words an administrator reads in a sentence.
 std::string_view type_words(ConnectorType t) {
   switch (t) {
-    case ConnectorType::partner: return "partner";
-    case ConnectorType::onpremises: return "on-premises";
-    case ConnectorType::internet: return "internet";
+    case ConnectorType::partner:
+      return "partner";
+    case ConnectorType::onpremises:
+      return "on-premises";
+    case ConnectorType::internet:
+      return "internet";
   }
   return "internet";
 }
@@ -43,7 +50,8 @@ std::string one_decimal(double value) { return fmt::format("{:.1f}", value); }
 std::array<double, 5> percentages(const TlsCounts& counts, std::uint64_t total) {
   std::array<double, 5> out{};
   if (total == 0) return out;
-  for (std::size_t i = 0; i < out.size(); ++i) out[i] = 100.0 * static_cast<double>(counts[i]) / static_cast<double>(total);
+  for (std::size_t i = 0; i < out.size(); ++i)
+    out[i] = 100.0 * static_cast<double>(counts[i]) / static_cast<double>(total);
   return out;
 }
 
@@ -73,7 +81,8 @@ struct Entry {
   config::AlertThresholds alerts;
 };
 
-std::vector<Entry> entries_of(const WindowStore& store, const config::Config& config, WindowStore::TimePoint now) {
+std::vector<Entry> entries_of(const WindowStore& store, const config::Config& config,
+                              WindowStore::TimePoint now) {
   std::vector<Entry> entries;
   std::set<std::pair<std::string, Direction>, std::less<>> seen;
   const auto push = [&](Entry entry) {
@@ -86,7 +95,8 @@ std::vector<Entry> entries_of(const WindowStore& store, const config::Config& co
     if (has_listener) push({"internet", d, ConnectorType::internet, false, true, config.telemetry.defaults});
   }
   for (const auto& key : store.keys(now)) {  // already sorted
-    const bool internet = key.connector == "internet";  // unmatched traffic is never "removed from the config"
+    const bool internet =
+        key.connector == "internet";  // unmatched traffic is never "removed from the config"
     push({key.connector, key.direction, ConnectorType::internet, false, internet, config.telemetry.defaults});
   }
   return entries;
@@ -107,7 +117,8 @@ void add_insights(std::vector<Insight>& out, const Entry& entry, const TlsCounts
   };
   const Kind kinds[] = {
       {TlsVersion::tls10, "significant_tls10", "significant TLS1.0 mail flow", entry.alerts.tls10_share},
-      {TlsVersion::none, "significant_no_tls", "significant mail flow without TLS", entry.alerts.no_tls_share},
+      {TlsVersion::none, "significant_no_tls", "significant mail flow without TLS",
+       entry.alerts.no_tls_share},
   };
   for (const Kind& kind : kinds) {
     const double share =
@@ -121,8 +132,8 @@ void add_insights(std::vector<Insight>& out, const Entry& entry, const TlsCounts
     insight.messages = total;
     insight.threshold = kind.threshold;
     insight.text = fmt::format("{} {} connector {} is seeing {}: {}% of {} in the last {}",
-                               direction_title(entry.direction), type_words(entry.type), entry.name, kind.what,
-                               one_decimal(share * 100.0), pluralize(total, "message", "messages"),
+                               direction_title(entry.direction), type_words(entry.type), entry.name,
+                               kind.what, one_decimal(share * 100.0), pluralize(total, "message", "messages"),
                                pluralize(static_cast<std::uint64_t>(window_days), "day", "days"));
     out.push_back(std::move(insight));
   }
@@ -158,13 +169,27 @@ std::string json_escape(std::string_view text) {
   for (const char ch : text) {
     const auto c = static_cast<unsigned char>(ch);
     switch (c) {
-      case '"': out += "\\\""; break;
-      case '\\': out += "\\\\"; break;
-      case '\n': out += "\\n"; break;
-      case '\r': out += "\\r"; break;
-      case '\t': out += "\\t"; break;
-      case '\b': out += "\\b"; break;
-      case '\f': out += "\\f"; break;
+      case '"':
+        out += "\\\"";
+        break;
+      case '\\':
+        out += "\\\\";
+        break;
+      case '\n':
+        out += "\\n";
+        break;
+      case '\r':
+        out += "\\r";
+        break;
+      case '\t':
+        out += "\\t";
+        break;
+      case '\b':
+        out += "\\b";
+        break;
+      case '\f':
+        out += "\\f";
+        break;
       default:
         if (c < 0x20 || c == 0x7f)
           out += fmt::format("\\u{:04x}", static_cast<unsigned>(c));
@@ -180,12 +205,23 @@ std::string html_escape(std::string_view text) {
   out.reserve(text.size());
   for (const char c : text) {
     switch (c) {
-      case '&': out += "&amp;"; break;
-      case '<': out += "&lt;"; break;
-      case '>': out += "&gt;"; break;
-      case '"': out += "&quot;"; break;
-      case '\'': out += "&#39;"; break;
-      default: out += c;
+      case '&':
+        out += "&amp;";
+        break;
+      case '<':
+        out += "&lt;";
+        break;
+      case '>':
+        out += "&gt;";
+        break;
+      case '"':
+        out += "&quot;";
+        break;
+      case '\'':
+        out += "&#39;";
+        break;
+      default:
+        out += c;
     }
   }
   return out;
@@ -208,7 +244,8 @@ std::vector<Insight> compute_insights(const WindowStore& store, const config::Co
   return out;
 }
 
-Report build_report(const WindowStore& store, const config::Config& config, int days, WindowStore::TimePoint now) {
+Report build_report(const WindowStore& store, const config::Config& config, int days,
+                    WindowStore::TimePoint now) {
   Report report;
   report.generated_at = rfc3339_utc(now);
   report.window_days = window_days_of(store);
@@ -252,14 +289,15 @@ Report build_report(const WindowStore& store, const config::Config& config, int 
 std::string render_json(const Report& report) {
   std::string out;
   out.reserve(256 + report.rows.size() * 220);
-  out += fmt::format("{{\"generated_at\": \"{}\", \"days\": {},\n \"rows\": [", json_escape(report.generated_at),
-                     report.days);
+  out += fmt::format("{{\"generated_at\": \"{}\", \"days\": {},\n \"rows\": [",
+                     json_escape(report.generated_at), report.days);
   bool first = true;
   for (const ReportRow& row : report.rows) {
     if (!first) out += ",\n  ";
     first = false;
     out += fmt::format(
-        "{{\"date\": \"{}\", \"connector\": \"{}\", \"direction\": \"{}\", \"type\": \"{}\", \"forced_tls\": {}, "
+        "{{\"date\": \"{}\", \"connector\": \"{}\", \"direction\": \"{}\", \"type\": \"{}\", \"forced_tls\": "
+        "{}, "
         "\"messages\": {}, \"percent\": {{",
         json_escape(row.date), json_escape(row.connector), direction_name(row.direction), type_name(row.type),
         row.forced_tls ? "true" : "false", row.messages);
@@ -273,7 +311,8 @@ std::string render_json(const Report& report) {
     if (!first) out += ",\n  ";
     first = false;
     out += fmt::format(
-        "{{\"connector\": \"{}\", \"direction\": \"{}\", \"insight\": \"{}\", \"share\": {}, \"messages\": {}, "
+        "{{\"connector\": \"{}\", \"direction\": \"{}\", \"insight\": \"{}\", \"share\": {}, \"messages\": "
+        "{}, "
         "\"threshold\": {}, \"text\": \"{}\"}}",
         json_escape(insight.connector), direction_name(insight.direction), json_escape(insight.insight),
         insight.share, insight.messages, insight.threshold, json_escape(insight.text));
@@ -283,7 +322,8 @@ std::string render_json(const Report& report) {
 }
 
 std::string render_csv(const Report& report) {
-  std::string out = "date,connector,direction,type,forced_tls,messages,none_pct,tls10_pct,tls11_pct,tls12_pct,tls13_pct\n";
+  std::string out =
+      "date,connector,direction,type,forced_tls,messages,none_pct,tls10_pct,tls11_pct,tls12_pct,tls13_pct\n";
   for (const ReportRow& row : report.rows) {
     out += fmt::format("{},{},{},{},{},{}", csv_field(row.date), csv_field(row.connector),
                        direction_name(row.direction), type_name(row.type), row.forced_tls ? "true" : "false",
@@ -298,8 +338,9 @@ std::string render_csv(const Report& report) {
 }
 
 std::string render_table(const Report& report) {
-  const std::vector<std::string> header{"DATE",    "CONNECTOR", "DIRECTION", "TYPE",    "FORCED_TLS", "MESSAGES",
-                                        "NONE%",   "TLS1.0%",   "TLS1.1%",   "TLS1.2%", "TLS1.3%"};
+  const std::vector<std::string> header{"DATE",       "CONNECTOR", "DIRECTION", "TYPE",
+                                        "FORCED_TLS", "MESSAGES",  "NONE%",     "TLS1.0%",
+                                        "TLS1.1%",    "TLS1.2%",   "TLS1.3%"};
   const std::vector<bool> right{false, false, false, false, false, true, true, true, true, true, true};
   std::vector<std::vector<std::string>> cells;
   cells.reserve(report.rows.size() + 1);
@@ -318,8 +359,8 @@ std::string render_table(const Report& report) {
   for (const auto& line : cells)
     for (std::size_t i = 0; i < line.size(); ++i) width[i] = std::max(width[i], line[i].size());
 
-  std::string out = fmt::format("Connector report: last {} {} (UTC), window {} {}, generated {}\n\n", report.days,
-                                report.days == 1 ? "day" : "days", report.window_days,
+  std::string out = fmt::format("Connector report: last {} {} (UTC), window {} {}, generated {}\n\n",
+                                report.days, report.days == 1 ? "day" : "days", report.window_days,
                                 report.window_days == 1 ? "day" : "days", report.generated_at);
   for (const auto& line : cells) {
     std::string text;
@@ -355,15 +396,18 @@ std::string svg_bar(const std::array<double, 5>& percent, std::uint64_t messages
       "aria-label=\"{}\">",
       html_escape(messages == 0 ? "no messages" : label));
   if (messages == 0) {
-    out += "<rect x=\"0\" y=\"0\" width=\"1000\" height=\"24\" fill=\"#e5e7eb\"><title>no messages</title></rect>";
+    out +=
+        "<rect x=\"0\" y=\"0\" width=\"1000\" height=\"24\" fill=\"#e5e7eb\"><title>no "
+        "messages</title></rect>";
   } else {
     double x = 0;
     for (std::size_t i = 0; i < percent.size(); ++i) {
       const double w = percent[i] * 10.0;
       if (w <= 0) continue;
       out += fmt::format(
-          "<rect x=\"{:.2f}\" y=\"0\" width=\"{:.2f}\" height=\"24\" fill=\"{}\"><title>{} {}%</title></rect>", x, w,
-          kVersionColors[i], kVersionNames[i], one_decimal(percent[i]));
+          "<rect x=\"{:.2f}\" y=\"0\" width=\"{:.2f}\" height=\"24\" fill=\"{}\"><title>{} "
+          "{}%</title></rect>",
+          x, w, kVersionColors[i], kVersionNames[i], one_decimal(percent[i]));
       x += w;
     }
   }
@@ -375,7 +419,8 @@ std::string legend() {
   std::string out = "<div class=\"legend\">";
   for (std::size_t i = 0; i < kVersionNames.size(); ++i)
     out += fmt::format(
-        "<span><svg width=\"12\" height=\"12\" aria-hidden=\"true\"><rect width=\"12\" height=\"12\" rx=\"2\" "
+        "<span><svg width=\"12\" height=\"12\" aria-hidden=\"true\"><rect width=\"12\" height=\"12\" "
+        "rx=\"2\" "
         "fill=\"{}\"/></svg> {}</span>",
         kVersionColors[i], html_escape(kVersionNames[i]));
   out += "</div>";
@@ -421,14 +466,16 @@ footer { color: #6b7280; font-size: 12px; text-align: center; }
 std::string render_html(const Report& report) {
   std::string out;
   out.reserve(8192 + report.rows.size() * 400);
-  out += "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
-         "<title>mailflowd &mdash; TLS connector report</title>\n<style>";
+  out +=
+      "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+      "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+      "<title>mailflowd &mdash; TLS connector report</title>\n<style>";
   out += kStyle;
   out += "</style>\n</head>\n<body>\n<header><h1>mailflowd &mdash; TLS connector report</h1>";
-  out += fmt::format("<p>Generated {} &middot; rolling window {} {} &middot; daily table: last {} {} (UTC)</p></header>\n",
-                     html_escape(report.generated_at), report.window_days, report.window_days == 1 ? "day" : "days",
-                     report.days, report.days == 1 ? "day" : "days");
+  out += fmt::format(
+      "<p>Generated {} &middot; rolling window {} {} &middot; daily table: last {} {} (UTC)</p></header>\n",
+      html_escape(report.generated_at), report.window_days, report.window_days == 1 ? "day" : "days",
+      report.days, report.days == 1 ? "day" : "days");
   out += "<main>\n";
 
   // Insights first: this is what the administrator came for.
@@ -437,20 +484,25 @@ std::string render_html(const Report& report) {
     out += "<p class=\"ok\">No active insights: no connector is above its TLS1.0 or no-TLS threshold.</p>\n";
   } else {
     for (const Insight& insight : report.insights)
-      out += fmt::format("<p class=\"insight {}\">{}</p>\n", insight.insight == "significant_tls10" ? "tls10" : "notls",
-                         html_escape(insight.text));
-    out += "<p class=\"advice\"><strong>What to do:</strong> get these partners to upgrade their mail servers to "
-           "TLS1.2 or later <em>before</em> TLS1.0 and TLS1.1 are switched off &mdash; once they are, mail from "
-           "servers that cannot do better will be refused or fall back to no encryption at all. Mail without TLS "
-           "is readable by anyone on the path: ask the sender to enable STARTTLS, or turn on Forced TLS "
-           "(<code>require_tls</code>) for the connector once they have.</p>\n";
+      out +=
+          fmt::format("<p class=\"insight {}\">{}</p>\n",
+                      insight.insight == "significant_tls10" ? "tls10" : "notls", html_escape(insight.text));
+    out +=
+        "<p class=\"advice\"><strong>What to do:</strong> get these partners to upgrade their mail servers "
+        "to "
+        "TLS1.2 or later <em>before</em> TLS1.0 and TLS1.1 are switched off &mdash; once they are, mail from "
+        "servers that cannot do better will be refused or fall back to no encryption at all. Mail without "
+        "TLS "
+        "is readable by anyone on the path: ask the sender to enable STARTTLS, or turn on Forced TLS "
+        "(<code>require_tls</code>) for the connector once they have.</p>\n";
   }
   out += "</section>\n";
 
   out += "<section id=\"connectors\"><h2>TLS versions per connector (whole window)</h2>\n";
   out += legend();
-  out += "\n<table>\n<thead><tr><th>Connector</th><th>Direction</th><th>Type</th><th>Forced TLS</th>"
-         "<th class=\"num\">Messages</th><th>TLS versions</th></tr></thead>\n<tbody>\n";
+  out +=
+      "\n<table>\n<thead><tr><th>Connector</th><th>Direction</th><th>Type</th><th>Forced TLS</th>"
+      "<th class=\"num\">Messages</th><th>TLS versions</th></tr></thead>\n<tbody>\n";
   for (const ConnectorSummary& c : report.connectors) {
     std::string pct;
     for (std::size_t i = 0; i < c.percent.size(); ++i)
@@ -461,22 +513,24 @@ std::string render_html(const Report& report) {
         "<td class=\"barcell\">{}<div class=\"pct\">{}</div></td></tr>\n",
         c.messages == 0 ? " class=\"zero\"" : "", html_escape(c.connector),
         c.configured ? "" : " <span class=\"tag removed\">removed from config</span>",
-        direction_name(c.direction), type_words(c.type), c.forced_tls ? "yes" : "no", format_thousands(c.messages),
-        svg_bar(c.percent, c.messages), c.messages == 0 ? "no messages in the window" : pct);
+        direction_name(c.direction), type_words(c.type), c.forced_tls ? "yes" : "no",
+        format_thousands(c.messages), svg_bar(c.percent, c.messages),
+        c.messages == 0 ? "no messages in the window" : pct);
   }
   out += "</tbody>\n</table>\n</section>\n";
 
-  out += fmt::format("<section id=\"daily\"><h2>Per day (UTC), last {} {}</h2>\n<table>\n<thead><tr><th>Date</th>"
-                     "<th>Connector</th><th>Direction</th><th>Type</th><th>Forced TLS</th><th class=\"num\">Messages</th>",
-                     report.days, report.days == 1 ? "day" : "days");
+  out += fmt::format(
+      "<section id=\"daily\"><h2>Per day (UTC), last {} {}</h2>\n<table>\n<thead><tr><th>Date</th>"
+      "<th>Connector</th><th>Direction</th><th>Type</th><th>Forced TLS</th><th class=\"num\">Messages</th>",
+      report.days, report.days == 1 ? "day" : "days");
   for (const auto name : kVersionNames) out += fmt::format("<th class=\"num\">{} %</th>", html_escape(name));
   out += "</tr></thead>\n<tbody>\n";
   for (const ReportRow& row : report.rows) {
-    out += fmt::format(
-        "<tr{}><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"num\">{}</td>",
-        row.messages == 0 ? " class=\"zero\"" : "", html_escape(row.date), html_escape(row.connector),
-        direction_name(row.direction), type_words(row.type), row.forced_tls ? "yes" : "no",
-        format_thousands(row.messages));
+    out +=
+        fmt::format("<tr{}><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"num\">{}</td>",
+                    row.messages == 0 ? " class=\"zero\"" : "", html_escape(row.date),
+                    html_escape(row.connector), direction_name(row.direction), type_words(row.type),
+                    row.forced_tls ? "yes" : "no", format_thousands(row.messages));
     for (std::size_t i = 0; i < row.percent.size(); ++i) {
       const char* cls = "num";
       if (row.percent[i] > 0 && i == static_cast<std::size_t>(TlsVersion::none)) cls = "num bad";
@@ -488,8 +542,10 @@ std::string render_html(const Report& report) {
     out += "</tr>\n";
   }
   out += "</tbody>\n</table>\n</section>\n";
-  out += "<footer>mailflowd &middot; JSON: <code>/api/v1/report</code> &middot; CSV: <code>/api/v1/report.csv</code> "
-         "&middot; Prometheus: <code>/metrics</code></footer>\n";
+  out +=
+      "<footer>mailflowd &middot; JSON: <code>/api/v1/report</code> &middot; CSV: "
+      "<code>/api/v1/report.csv</code> "
+      "&middot; Prometheus: <code>/metrics</code></footer>\n";
   out += "</main>\n</body>\n</html>\n";
   return out;
 }

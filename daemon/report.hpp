@@ -31,7 +31,8 @@ struct Insight {
   double share = 0;     // 0..1 over the whole window
   std::uint64_t messages = 0;
   double threshold = 0;
-  std::string text;  // "Inbound partner connector partner-contoso is seeing significant TLS1.0 mail flow: 12.5% of 1,024 messages in the last 7 days"
+  std::string text;  // "Inbound partner connector partner-contoso is seeing significant TLS1.0 mail
+                     // flow: 12.5% of 1,024 messages in the last 7 days"
 };
 
 // One connector x direction over the whole window (the HTML page's bars and volumes; not in JSON/CSV).
@@ -65,7 +66,8 @@ std::vector<Insight> compute_insights(const WindowStore& store, const config::Co
 // telemetry.defaults thresholds: its config is gone, and that is how unmatched traffic is treated too.
 // Every connector gets a row for every day, zero messages included, so the table has no holes.
 // `days` is clamped to 1..window days; today (UTC, from `now`) is the last day.
-Report build_report(const WindowStore& store, const config::Config& config, int days, WindowStore::TimePoint now);
+Report build_report(const WindowStore& store, const config::Config& config, int days,
+                    WindowStore::TimePoint now);
 
 // Helpers shared with the renderers and the HTTP/metrics side.
 std::string format_thousands(std::uint64_t value);  // 1024 -> "1,024"

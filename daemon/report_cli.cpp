@@ -1,11 +1,9 @@
-#include <utility>  // before Boost.Asio (Boost 1.74 + GCC 12)
-
 #include "daemon/report_cli.hpp"
 
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
-#include <boost/beast/core.hpp>
 #include <boost/asio/ssl.hpp>
+#include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 #include <boost/beast/ssl.hpp>
 #include <charconv>
@@ -13,6 +11,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>  // before Boost.Asio (Boost 1.74 + GCC 12)
 
 #ifndef MAILFLOW_VERSION
 #define MAILFLOW_VERSION "dev"
@@ -109,8 +108,8 @@ std::string base64(std::string_view in) {
   std::string out;
   std::size_t i = 0;
   for (; i + 2 < in.size(); i += 3) {
-    const unsigned v = (static_cast<unsigned char>(in[i]) << 16) | (static_cast<unsigned char>(in[i + 1]) << 8) |
-                       static_cast<unsigned char>(in[i + 2]);
+    const unsigned v = (static_cast<unsigned char>(in[i]) << 16) |
+                       (static_cast<unsigned char>(in[i + 1]) << 8) | static_cast<unsigned char>(in[i + 2]);
     out += table[(v >> 18) & 63];
     out += table[(v >> 12) & 63];
     out += table[(v >> 6) & 63];
@@ -122,7 +121,8 @@ std::string base64(std::string_view in) {
     out += table[(v >> 12) & 63];
     out += "==";
   } else if (i + 2 == in.size()) {
-    const unsigned v = (static_cast<unsigned char>(in[i]) << 16) | (static_cast<unsigned char>(in[i + 1]) << 8);
+    const unsigned v =
+        (static_cast<unsigned char>(in[i]) << 16) | (static_cast<unsigned char>(in[i + 1]) << 8);
     out += table[(v >> 18) & 63];
     out += table[(v >> 12) & 63];
     out += table[(v >> 6) & 63];
@@ -170,23 +170,25 @@ class Exchange {
 
   void failed(std::string_view what, const beast::error_code& ec, std::string_view hint = {}) {
     const bool timed_out = ec == beast::error::timeout;
-    result_.error = std::string(what) + " " + where_ + ": " + (timed_out ? std::string("timed out") : ec.message());
+    result_.error =
+        std::string(what) + " " + where_ + ": " + (timed_out ? std::string("timed out") : ec.message());
     if (!hint.empty()) result_.error += std::string(" ") + std::string(hint);
   }
 
   template <class Stream, class Connected>
   void start(net::io_context& io, Stream& stream, const Url& url, Connected connected) {
     resolver_.emplace(io);
-    resolver_->async_resolve(url.host, url.port, [this, &stream, connected](beast::error_code ec,
-                                                                            tcp::resolver::results_type endpoints) {
-      if (ec) return failed("cannot resolve", ec);
-      beast::get_lowest_layer(stream).expires_after(timeout_);
-      beast::get_lowest_layer(stream).async_connect(endpoints,
-                                                    [this, connected](beast::error_code ec, const tcp::endpoint&) {
-                                                      if (ec) return failed("cannot connect to", ec);
-                                                      connected();
-                                                    });
-    });
+    resolver_->async_resolve(
+        url.host, url.port,
+        [this, &stream, connected](beast::error_code ec, tcp::resolver::results_type endpoints) {
+          if (ec) return failed("cannot resolve", ec);
+          beast::get_lowest_layer(stream).expires_after(timeout_);
+          beast::get_lowest_layer(stream).async_connect(
+              endpoints, [this, connected](beast::error_code ec, const tcp::endpoint&) {
+                if (ec) return failed("cannot connect to", ec);
+                connected();
+              });
+        });
   }
 
   template <class Stream>
@@ -221,7 +223,8 @@ class Exchange {
   http::response_parser<http::string_body> parser_;
 };
 
-Fetch fetch(const Url& url, const std::string& target, const TlsOptions& tls, std::chrono::milliseconds timeout) {
+Fetch fetch(const Url& url, const std::string& target, const TlsOptions& tls,
+            std::chrono::milliseconds timeout) {
   Fetch result;
   net::io_context io;
   Exchange exchange(url, target, timeout, result);
@@ -268,7 +271,8 @@ Fetch fetch(const Url& url, const std::string& target, const TlsOptions& tls, st
 
 int run_report_cli(int argc, char** argv) { return run_report_cli(argc, argv, std::cout, std::cerr); }
 
-int run_report_cli(int argc, char** argv, std::ostream& out, std::ostream& err, std::chrono::milliseconds timeout) {
+int run_report_cli(int argc, char** argv, std::ostream& out, std::ostream& err,
+                   std::chrono::milliseconds timeout) {
   std::string url_text = "http://127.0.0.1:9725";
   std::optional<int> days;
   std::string format = "table";
@@ -341,8 +345,9 @@ int run_report_cli(int argc, char** argv, std::ostream& out, std::ostream& err, 
     std::string message = result.body;
     while (!message.empty() && (message.back() == '\n' || message.back() == '\r')) message.pop_back();
     if (message.size() > 2000) message = message.substr(0, 2000) + "...";
-    err << "mailflowd report: GET " << target << " answered " << result.status << (result.reason.empty() ? "" : " ")
-        << result.reason << (message.empty() ? "" : ": ") << message << "\n";
+    err << "mailflowd report: GET " << target << " answered " << result.status
+        << (result.reason.empty() ? "" : " ") << result.reason << (message.empty() ? "" : ": ") << message
+        << "\n";
     return 1;
   }
   out << result.body;

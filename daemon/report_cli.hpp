@@ -1,9 +1,10 @@
 #pragma once
-// `mailflowd report [--url http://127.0.0.1:9725] [--days N] [--format table|json|csv] [--ca-file F] [--insecure]`:
-// fetches the connector report from a running daemon over HTTP/1.1 (https:// when http.tls is configured)
-// and prints the body. json -> /api/v1/report, csv -> /api/v1/report.csv, table -> /api/v1/report.txt.
-// Exit codes: 0 printed, 1 connection failure / timeout / TLS failure / non-200 answer (the server's message
-// is shown), 2 bad usage. Credentials for basic auth may be given in the URL: http://user:password@host:port.
+// `mailflowd report [--url http://127.0.0.1:9725] [--days N] [--format table|json|csv] [--ca-file F]
+// [--insecure]`: fetches the connector report from a running daemon over HTTP/1.1 (https:// when http.tls is
+// configured) and prints the body. json -> /api/v1/report, csv -> /api/v1/report.csv, table ->
+// /api/v1/report.txt. Exit codes: 0 printed, 1 connection failure / timeout / TLS failure / non-200 answer
+// (the server's message is shown), 2 bad usage. Credentials for basic auth may be given in the URL:
+// http://user:password@host:port.
 #include <chrono>
 #include <iosfwd>
 

@@ -13,7 +13,9 @@ std::int64_t hour_of(WindowStore::TimePoint t) {
   return std::chrono::floor<std::chrono::hours>(t).time_since_epoch().count();
 }
 
-std::string_view direction_name(config::Direction d) { return d == config::Direction::inbound ? "inbound" : "outbound"; }
+std::string_view direction_name(config::Direction d) {
+  return d == config::Direction::inbound ? "inbound" : "outbound";
+}
 
 // Connector names are label values ([a-z0-9_-]+ in practice); anything that would break the
 // whitespace-separated line format is percent-encoded so that any name survives a round trip.
@@ -130,7 +132,8 @@ TlsCounts WindowStore::sum(const Series& series, std::int64_t first_hour, std::i
   return total;
 }
 
-TlsCounts WindowStore::window_totals(std::string_view connector, config::Direction direction, TimePoint now) const {
+TlsCounts WindowStore::window_totals(std::string_view connector, config::Direction direction,
+                                     TimePoint now) const {
   const Series* series = find(connector, direction);
   if (series == nullptr) return {};
   const std::int64_t last = hour_of(now);
@@ -142,7 +145,8 @@ TlsCounts WindowStore::day_totals(std::string_view connector, config::Direction 
   const Series* series = find(connector, direction);
   if (series == nullptr) return {};
   const std::int64_t last = hour_of(now);
-  const std::int64_t day_first = std::chrono::duration_cast<std::chrono::hours>(day.time_since_epoch()).count();
+  const std::int64_t day_first =
+      std::chrono::duration_cast<std::chrono::hours>(day.time_since_epoch()).count();
   return sum(*series, std::max(day_first, last - window_.count() + 1), std::min(day_first + 23, last));
 }
 
@@ -265,7 +269,8 @@ bool WindowStore::deserialize(std::string_view text, std::string& error) {
       if (!parse_number(fields[3 + i], bucket.counts[i])) return fail("bad count");
 
     // Lines of one key come together in our own files: skip the lookup then.
-    if (current == parsed.end() || current->first.direction != direction || current->first.connector != connector) {
+    if (current == parsed.end() || current->first.direction != direction ||
+        current->first.connector != connector) {
       current = parsed.find(KeyView{connector, direction});
       if (current == parsed.end()) current = parsed.emplace(Key{connector, direction}, Series{}).first;
     }

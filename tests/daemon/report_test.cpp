@@ -1,5 +1,5 @@
 // The connector report (rows, insights, JSON/CSV/table/HTML) and the `mailflowd report` client.
-#include <utility>  // before Boost.Asio (Boost 1.74 + GCC 12)
+#include "daemon/report.hpp"
 
 #include <doctest/doctest.h>
 #include <openssl/evp.h>
@@ -20,9 +20,9 @@
 #include <sstream>
 #include <string>
 #include <thread>
+#include <utility>  // before Boost.Asio (Boost 1.74 + GCC 12)
 #include <vector>
 
-#include "daemon/report.hpp"
 #include "daemon/report_cli.hpp"
 
 namespace {
@@ -46,9 +46,17 @@ const WindowStore::TimePoint kNow = at(nov(25), 10);
 
 mailflow::config::Config make_config() {
   mailflow::config::Config config;
-  config.listeners.push_back({.name = "in", .address = {}, .direction = in, .tls = {}, .proxy_trusted = {},
+  config.listeners.push_back({.name = "in",
+                              .address = {},
+                              .direction = in,
+                              .tls = {},
+                              .proxy_trusted = {},
                               .upstream = "mailstore"});
-  config.listeners.push_back({.name = "out", .address = {}, .direction = out, .tls = {}, .proxy_trusted = {},
+  config.listeners.push_back({.name = "out",
+                              .address = {},
+                              .direction = out,
+                              .tls = {},
+                              .proxy_trusted = {},
                               .upstream = "mailstore"});
   mailflow::config::Connector contoso;
   contoso.name = "partner-contoso";
@@ -157,22 +165,29 @@ TEST_CASE("report CSV has the documented header and one line per row") {
 
 TEST_CASE("report table is aligned and lists the insights") {
   const Report report = mailflow::build_report(known_store(), make_config(), 1, kNow);
-  CHECK(mailflow::render_table(report) ==
-        "Connector report: last 1 day (UTC), window 7 days, generated 2026-11-25T10:00:00Z\n"
-        "\n"
-        "DATE        CONNECTOR        DIRECTION  TYPE        FORCED_TLS  MESSAGES  NONE%  TLS1.0%  TLS1.1%  TLS1.2%  TLS1.3%\n"
-        "2026-11-25  partner-contoso  inbound    partner     no             1,024    1.2     12.5      0.0     80.1      6.2\n"
-        "2026-11-25  onprem           outbound   onpremises  yes                0    0.0      0.0      0.0      0.0      0.0\n"
-        "2026-11-25  internet         inbound    internet    no                 0    0.0      0.0      0.0      0.0      0.0\n"
-        "2026-11-25  internet         outbound   internet    no                 0    0.0      0.0      0.0      0.0      0.0\n"
-        "2026-11-25  old-partner      inbound    internet    no                 0    0.0      0.0      0.0      0.0      0.0\n"
-        "\n"
-        "Insights:\n"
-        "  - Inbound partner connector partner-contoso is seeing significant TLS1.0 mail flow: 12.5% of 1,024 "
-        "messages in the last 7 days\n"
-        "  - Outbound on-premises connector onprem is seeing significant mail flow without TLS: 5.0% of 20 "
-        "messages in the last 7 days\n"
-        "Get these partners to upgrade to TLS1.2 or later before TLS1.0/1.1 are switched off.\n");
+  CHECK(
+      mailflow::render_table(report) ==
+      "Connector report: last 1 day (UTC), window 7 days, generated 2026-11-25T10:00:00Z\n"
+      "\n"
+      "DATE        CONNECTOR        DIRECTION  TYPE        FORCED_TLS  MESSAGES  NONE%  TLS1.0%  TLS1.1%  "
+      "TLS1.2%  TLS1.3%\n"
+      "2026-11-25  partner-contoso  inbound    partner     no             1,024    1.2     12.5      0.0     "
+      "80.1      6.2\n"
+      "2026-11-25  onprem           outbound   onpremises  yes                0    0.0      0.0      0.0     "
+      " 0.0      0.0\n"
+      "2026-11-25  internet         inbound    internet    no                 0    0.0      0.0      0.0     "
+      " 0.0      0.0\n"
+      "2026-11-25  internet         outbound   internet    no                 0    0.0      0.0      0.0     "
+      " 0.0      0.0\n"
+      "2026-11-25  old-partner      inbound    internet    no                 0    0.0      0.0      0.0     "
+      " 0.0      0.0\n"
+      "\n"
+      "Insights:\n"
+      "  - Inbound partner connector partner-contoso is seeing significant TLS1.0 mail flow: 12.5% of 1,024 "
+      "messages in the last 7 days\n"
+      "  - Outbound on-premises connector onprem is seeing significant mail flow without TLS: 5.0% of 20 "
+      "messages in the last 7 days\n"
+      "Get these partners to upgrade to TLS1.2 or later before TLS1.0/1.1 are switched off.\n");
 }
 
 TEST_CASE("insights: at, under and over the threshold, and below min_messages") {
@@ -182,10 +197,10 @@ TEST_CASE("insights: at, under and over the threshold, and below min_messages") 
     add(store, "partner-contoso", in, kNow - hours(30), counts);
     return mailflow::compute_insights(store, config, kNow);
   };
-  CHECK(insights_for({0, 5, 0, 95, 0}).empty());    // 5.0% == threshold: not strictly greater
-  CHECK(insights_for({0, 4, 0, 96, 0}).empty());    // under
-  CHECK(insights_for({5, 0, 0, 95, 0}).empty());    // no TLS at the threshold
-  CHECK(insights_for({0, 50, 0, 49, 0}).empty());   // 99 messages < min_messages, however bad
+  CHECK(insights_for({0, 5, 0, 95, 0}).empty());     // 5.0% == threshold: not strictly greater
+  CHECK(insights_for({0, 4, 0, 96, 0}).empty());     // under
+  CHECK(insights_for({5, 0, 0, 95, 0}).empty());     // no TLS at the threshold
+  CHECK(insights_for({0, 50, 0, 49, 0}).empty());    // 99 messages < min_messages, however bad
   const auto over = insights_for({0, 6, 0, 94, 0});  // exactly min_messages and 6%
   REQUIRE(over.size() == 1);
   CHECK(over[0].insight == "significant_tls10");
@@ -193,15 +208,17 @@ TEST_CASE("insights: at, under and over the threshold, and below min_messages") 
   CHECK(over[0].share == doctest::Approx(0.06));
   CHECK(over[0].threshold == doctest::Approx(0.05));
   CHECK(over[0].text ==
-        "Inbound partner connector partner-contoso is seeing significant TLS1.0 mail flow: 6.0% of 100 messages in "
+        "Inbound partner connector partner-contoso is seeing significant TLS1.0 mail flow: 6.0% of 100 "
+        "messages in "
         "the last 7 days");
   const auto both = insights_for({600, 500, 0, 1000, 0});
   REQUIRE(both.size() == 2);
   CHECK(both[0].insight == "significant_tls10");
   CHECK(both[1].insight == "significant_no_tls");
-  CHECK(both[1].text ==
-        "Inbound partner connector partner-contoso is seeing significant mail flow without TLS: 28.6% of 2,100 "
-        "messages in the last 7 days");
+  CHECK(
+      both[1].text ==
+      "Inbound partner connector partner-contoso is seeing significant mail flow without TLS: 28.6% of 2,100 "
+      "messages in the last 7 days");
 
   // Messages that rolled off do not count; TLS1.1 is not TLS1.0.
   WindowStore store;
@@ -214,11 +231,11 @@ TEST_CASE("insights: per-connector thresholds override telemetry.defaults and th
   auto config = make_config();
   config.connectors[0].alerts = {0.2, 0.05, 10};
   WindowStore store;
-  add(store, "partner-contoso", in, kNow, {0, 125, 0, 875, 0});   // 12.5% TLS1.0 < 20%
-  add(store, "internet", in, kNow, {0, 125, 0, 875, 0});          // the same against the 5% default
-  add(store, "onprem", out, kNow, {0, 40, 0, 60, 0});             // 40% < 50% override
+  add(store, "partner-contoso", in, kNow, {0, 125, 0, 875, 0});  // 12.5% TLS1.0 < 20%
+  add(store, "internet", in, kNow, {0, 125, 0, 875, 0});         // the same against the 5% default
+  add(store, "onprem", out, kNow, {0, 40, 0, 60, 0});            // 40% < 50% override
   add(store, "gone", out, kNow, {0, 0, 0, 999, 0});
-  add(store, "gone", out, kNow, {1, 0, 0, 0, 0});                  // 0.1% no TLS: under
+  add(store, "gone", out, kNow, {1, 0, 0, 0, 0});  // 0.1% no TLS: under
   config.telemetry.window = hours(24);
   store.set_window(hours(24));
   const auto insights = mailflow::compute_insights(store, config, kNow);
@@ -226,7 +243,8 @@ TEST_CASE("insights: per-connector thresholds override telemetry.defaults and th
   CHECK(insights[0].connector == "internet");
   CHECK(insights[0].threshold == doctest::Approx(0.05));
   CHECK(insights[0].text ==
-        "Inbound internet connector internet is seeing significant TLS1.0 mail flow: 12.5% of 1,000 messages in the "
+        "Inbound internet connector internet is seeing significant TLS1.0 mail flow: 12.5% of 1,000 messages "
+        "in the "
         "last 1 day");
   config.connectors[0].alerts.tls10_share = 0.1;
   CHECK(mailflow::compute_insights(store, config, kNow).size() == 2);
@@ -252,7 +270,8 @@ TEST_CASE("HTML page: self-contained, insights first with advice, bars, percenta
   CHECK(html.find("@import") == std::string::npos);
 
   const auto insight = html.find(
-      "Inbound partner connector partner-&lt;b&gt;&amp;&quot;co&quot; is seeing significant TLS1.0 mail flow: "
+      "Inbound partner connector partner-&lt;b&gt;&amp;&quot;co&quot; is seeing significant TLS1.0 mail "
+      "flow: "
       "30.0% of 100 messages in the last 7 days");
   const auto advice = html.find("before</em> TLS1.0 and TLS1.1 are switched off");
   const auto bars = html.find("<svg class=\"bar\"");
@@ -266,8 +285,9 @@ TEST_CASE("HTML page: self-contained, insights first with advice, bars, percenta
   CHECK(bars < daily);
   // Window volume, thousands separators, and the shares as text next to the bar.
   CHECK(html.find(">1,024<") != std::string::npos);
-  CHECK(html.find("<span>none 1.2%</span> &middot; <span>TLS1.0 12.5%</span> &middot; <span>TLS1.1 0.0%</span> "
-                  "&middot; <span>TLS1.2 80.1%</span> &middot; <span>TLS1.3 6.2%</span>") != std::string::npos);
+  CHECK(
+      html.find("<span>none 1.2%</span> &middot; <span>TLS1.0 12.5%</span> &middot; <span>TLS1.1 0.0%</span> "
+                "&middot; <span>TLS1.2 80.1%</span> &middot; <span>TLS1.3 6.2%</span>") != std::string::npos);
   CHECK(html.find("fill=\"#d32f2f\"") != std::string::npos);  // none is red
   CHECK(html.find("removed from config") != std::string::npos);
 
@@ -446,7 +466,8 @@ TEST_CASE("mailflowd report: nobody listening is a clear error and exit 1") {
 
 TEST_CASE("mailflowd report: a server that never answers times out with exit 1") {
   boost::asio::io_context io;
-  tcp::acceptor silent(io, tcp::endpoint(boost::asio::ip::make_address("127.0.0.1"), 0));  // listens, never reads
+  tcp::acceptor silent(io,
+                       tcp::endpoint(boost::asio::ip::make_address("127.0.0.1"), 0));  // listens, never reads
   std::vector<std::string> args{"mailflowd", "report", "--url",
                                 "http://127.0.0.1:" + std::to_string(silent.local_endpoint().port())};
   std::vector<char*> argv;

@@ -1,11 +1,11 @@
 // WindowStore: hourly buckets keyed by absolute UTC hour, exact roll-off, clock jumps, persistence format.
+#include "daemon/window_store.hpp"
+
 #include <doctest/doctest.h>
 
 #include <chrono>
 #include <string>
 #include <vector>
-
-#include "daemon/window_store.hpp"
 
 template <>
 struct doctest::StringMaker<mailflow::TlsCounts> {
@@ -204,26 +204,26 @@ TEST_CASE("deserialize refuses foreign or corrupt input and leaves the store unt
   const char* bad[] = {
       "",
       "\n",
-      "mailflowd-windows 1",                                        // no newline after the header
-      "mailflowd-windows 2\n",                                       // future version
+      "mailflowd-windows 1",    // no newline after the header
+      "mailflowd-windows 2\n",  // future version
       "MAILFLOWD-WINDOWS 1\n",
       "{\"rows\": []}\n",
-      "mailflowd-windows 1\n498778 c inbound 1 2 3 4 5",            // truncated: last line has no newline
-      "mailflowd-windows 1\n498778 c inbound 1 2 3 4\n",            // too few counts
-      "mailflowd-windows 1\n498778 c inbound 1 2 3 4 5 6\n",        // too many
+      "mailflowd-windows 1\n498778 c inbound 1 2 3 4 5",      // truncated: last line has no newline
+      "mailflowd-windows 1\n498778 c inbound 1 2 3 4\n",      // too few counts
+      "mailflowd-windows 1\n498778 c inbound 1 2 3 4 5 6\n",  // too many
       "mailflowd-windows 1\n498778 c sideways 1 2 3 4 5\n",
       "mailflowd-windows 1\n-5 c inbound 1 2 3 4 5\n",
       "mailflowd-windows 1\nabc c inbound 1 2 3 4 5\n",
       "mailflowd-windows 1\n498778 c inbound 1 2 x 4 5\n",
       "mailflowd-windows 1\n498778 c inbound 1 2 -3 4 5\n",
       "mailflowd-windows 1\n498778 c inbound 1 2 18446744073709551616 4 5\n",  // overflow
-      "mailflowd-windows 1\n498778 c inbound 1 2 3 4 5 \n",         // trailing space
-      "mailflowd-windows 1\n498778  c inbound 1 2 3 4 5\n",         // double space
+      "mailflowd-windows 1\n498778 c inbound 1 2 3 4 5 \n",                    // trailing space
+      "mailflowd-windows 1\n498778  c inbound 1 2 3 4 5\n",                    // double space
       "mailflowd-windows 1\n498778 c\tx inbound 1 2 3 4 5\n",
-      "mailflowd-windows 1\n498778 c%2 inbound 1 2 3 4 5\n",        // broken escape
+      "mailflowd-windows 1\n498778 c%2 inbound 1 2 3 4 5\n",  // broken escape
       "mailflowd-windows 1\n498778 c%zz inbound 1 2 3 4 5\n",
-      "mailflowd-windows 1\n\n",                                     // empty line
-      "mailflowd-windows 1\r\n498778 c inbound 1 2 3 4 5\r\n",       // CRLF
+      "mailflowd-windows 1\n\n",                                                        // empty line
+      "mailflowd-windows 1\r\n498778 c inbound 1 2 3 4 5\r\n",                          // CRLF
       "mailflowd-windows 1\n498778 c inbound 1 2 3 4 5\n498778 c inbound 1 0 0 0 0\n",  // duplicate bucket
   };
   for (const char* input : bad) {
@@ -265,5 +265,6 @@ TEST_CASE("1,000 connectors x 2 directions x 7 days of hourly buckets stay fast"
   CHECK(copy.window_totals("partner-0", in, now + hours(1)) == TlsCounts{0, 0, 0, 167 * 2, 0});
   const auto elapsed = duration_cast<milliseconds>(steady_clock::now() - begin);
   MESSAGE("1,000 connectors: adds, sums, serialize and deserialize took " << elapsed.count() << " ms");
-  CHECK(elapsed < seconds(20));  // coarse guard against quadratic behaviour; Debug/ASan on a loaded 2-core box
+  CHECK(elapsed <
+        seconds(20));  // coarse guard against quadratic behaviour; Debug/ASan on a loaded 2-core box
 }
