@@ -1,0 +1,249 @@
+"""Helpers shared by the report tests (test_report*.py, test_state*.py, test_browser*.py): a fixed traffic
+plan at mixed TLS versions through two connectors plus `internet`, what the report must then say about it
+(computed here from the plan, independently of the daemon), and small clients for the report endpoints and
+the `mailflowd report` CLI."""
+import csv
+import io
+import json
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from datetime import datetime, timezone
+
+import harness
+
+VERSIONS = ("none", "TLS1.0", "TLS1.1", "TLS1.2", "TLS1.3")
+CSV_HEADER = "date,connector,direction,type,forced_tls,messages,none_pct,tls10_pct,tls11_pct,tls12_pct,tls13_pct"
+# swaks --tls-protocol per label (None: plaintext, no STARTTLS)
+SWAKS_TLS = {"none": None, "TLS1.0": "tlsv1", "TLS1.1": "tlsv1_1", "TLS1.2": "tlsv1_2", "TLS1.3": "tlsv1_3"}
+TYPE_WORDS = {"partner": "partner", "onpremises": "on-premises", "internet": "internet"}
+MESSAGE = b"From: s@example.test\r\nTo: r@dest.test\r\nSubject: report\r\n\r\nbody\r\n"
+
+# --------------------------------------------------------------------------------------------- setup
+DEFAULTS = {"tls10_share": 0.05, "no_tls_share": 0.05, "min_messages": 3}
+
+CONNECTORS = [
+    # by client address: everything from 127.0.0.2
+    {"name": "partner-cidr", "type": "partner", "direction": "inbound",
+     "match": {"client_cidrs": ["127.0.0.2/32"]}},
+    # by sender domain, legacy on-premises servers
+    {"name": "legacy-domain", "type": "onpremises", "direction": "inbound",
+     "match": {"sender_domains": ["legacy.test"]}, "alerts": {"min_messages": 2}},
+    # by sender domain, Forced TLS, a TLS1.0 share exactly at its threshold (an insight needs "strictly greater")
+    {"name": "forced-domain", "type": "partner", "direction": "inbound", "require_tls": True,
+     "match": {"sender_domains": ["contoso.test"]}, "alerts": {"tls10_share": 0.25, "min_messages": 4}},
+    # configured, never used: zero rows, no insight
+    {"name": "idle-partner", "type": "partner", "direction": "inbound", "match": {"sender_domains": ["idle.test"]}},
+]
+
+# (connector, direction, listener, source address, sender, tls label, how many)
+PLAN = [
+    ("partner-cidr", "inbound", "inbound", "127.0.0.2", "a@example.test", "none", 2),
+    ("partner-cidr", "inbound", "inbound", "127.0.0.2", "a@example.test", "TLS1.0", 1),
+    ("partner-cidr", "inbound", "inbound", "127.0.0.2", "a@example.test", "TLS1.2", 1),
+    ("partner-cidr", "inbound", "inbound", "127.0.0.2", "a@example.test", "TLS1.3", 3),
+    ("legacy-domain", "inbound", "inbound", "127.0.0.1", "b@legacy.test", "TLS1.0", 2),
+    ("legacy-domain", "inbound", "inbound", "127.0.0.1", "b@legacy.test", "TLS1.2", 1),
+    ("forced-domain", "inbound", "inbound", "127.0.0.1", "c@contoso.test", "TLS1.0", 1),
+    ("forced-domain", "inbound", "inbound", "127.0.0.1", "c@contoso.test", "TLS1.2", 2),
+    ("forced-domain", "inbound", "inbound", "127.0.0.1", "c@contoso.test", "TLS1.3", 1),
+    ("internet", "inbound", "inbound", "127.0.0.1", "d@example.test", "none", 1),
+    ("internet", "inbound", "inbound", "127.0.0.1", "d@example.test", "TLS1.3", 1),
+    # outbound: counted under the upstream leg's version (the sink has no TLS => none)
+    ("internet", "outbound", "outbound", "127.0.0.1", "e@example.test", "none", 1),
+]
+
+# (connector, direction) -> (type, forced_tls, alerts) as configured (internet: the defaults)
+META = {("internet", "inbound"): ("internet", False, DEFAULTS),
+        ("internet", "outbound"): ("internet", False, DEFAULTS)}
+for _c in CONNECTORS:
+    META[(_c["name"], _c["direction"])] = (_c["type"], bool(_c.get("require_tls", False)),
+                                           {**DEFAULTS, **_c.get("alerts", {})})
+
+
+def build_env_config(certs, sink_port, inbound_port, outbound_port):
+    """(listeners, upstreams, connectors, extra) for daemon_factory / make_config."""
+    listeners = [
+        {"name": "inbound", "address": f"127.0.0.1:{inbound_port}", "direction": "inbound",
+         "tls": harness.listener_tls(certs), "upstream": "store"},
+        {"name": "outbound", "address": f"127.0.0.1:{outbound_port}", "direction": "outbound",
+         "tls": harness.listener_tls(certs), "upstream": "store"},
+    ]
+    upstreams = [{"name": "store", "address": f"127.0.0.1:{sink_port}", "tls": "none"}]
+    extra = {"telemetry": {"window": "7d", "defaults": dict(DEFAULTS)}}
+    return listeners, upstreams, CONNECTORS, extra
+
+
+# ------------------------------------------------------------------------------------------- traffic
+def send(port, sender, source, tls_label):
+    r = harness.swaks(port, sender=sender, data=MESSAGE, local=source, tls=SWAKS_TLS[tls_label])
+    assert r.rc == 0, f"swaks ({tls_label} from {source} as {sender}) failed:\n{r}"
+    return r
+
+
+def send_plan(daemon, sink, plan=PLAN):
+    """Relays every message of `plan`, waits until the sink has them all and the daemon counted them all."""
+    before = daemon.metrics()
+    n0 = sink.count()
+    total = 0
+    for _connector, _direction, listener, source, sender, tls, count in plan:
+        for _ in range(count):
+            send(daemon.listener_port(listener), sender, source, tls)
+            total += 1
+    sink.wait_messages(n0 + total)
+    after = harness.wait_moved(daemon, before, at_least=total)
+    moved = harness.delta(before, after, "mailflow_messages_total")
+    want = {}
+    for connector, direction, _l, _s, _f, tls, count in plan:
+        key = harness.series_key(connector=connector, direction=direction, tls_version=tls)
+        want[key] = want.get(key, 0.0) + count
+    assert moved == want, ("mailflow_messages_total did not move exactly as the traffic plan says:\n"
+                           f"moved:\n{harness.fmt_delta(moved)}\nwanted:\n{harness.fmt_delta(want)}")
+    return total
+
+
+def plan_counts(plan=PLAN):
+    """{(connector, direction): {version: messages}} with every configured connector (zeros included)."""
+    out = {key: {v: 0 for v in VERSIONS} for key in META}
+    for connector, direction, _l, _s, _f, tls, count in plan:
+        out[(connector, direction)][tls] += count
+    return out
+
+
+# ------------------------------------------------------------------------------------- expectations
+def pct(count, total):
+    """One decimal, as the report shows it (0.0 for an empty row)."""
+    return float(f"{100.0 * count / total:.1f}") if total else 0.0
+
+
+def expected_percent(counts):
+    total = sum(counts.values())
+    return {v: pct(counts[v], total) for v in VERSIONS}
+
+
+def plural(n, one, many):
+    return f"{n:,} {one if n == 1 else many}"
+
+
+def insight_sentence(connector, direction, ctype, insight, share, messages, days):
+    what = {"significant_tls10": "significant TLS1.0 mail flow",
+            "significant_no_tls": "significant mail flow without TLS"}[insight]
+    return (f"{direction.capitalize()} {TYPE_WORDS[ctype]} connector {connector} is seeing {what}: "
+            f"{100.0 * share:.1f}% of {plural(messages, 'message', 'messages')} in the last "
+            f"{plural(days, 'day', 'days')}")
+
+
+def expected_insights(counts_by_key, window_days=7):
+    """[{connector, direction, insight, share, messages, threshold, text}] by the contract's rule: window
+    messages >= min_messages and share strictly greater than the threshold."""
+    out = []
+    for (connector, direction), counts in counts_by_key.items():
+        ctype, _forced, alerts = META[(connector, direction)]
+        total = sum(counts.values())
+        if total == 0 or total < alerts["min_messages"]:
+            continue
+        for insight, version, kind in (("significant_tls10", "TLS1.0", "tls10_share"),
+                                       ("significant_no_tls", "none", "no_tls_share")):
+            share = counts[version] / total
+            if share > alerts[kind]:
+                out.append({"connector": connector, "direction": direction, "insight": insight, "share": share,
+                            "messages": total, "threshold": alerts[kind],
+                            "text": insight_sentence(connector, direction, ctype, insight, share, total,
+                                                     window_days)})
+    return out
+
+
+# ------------------------------------------------------------------------------------------- clients
+def http_get(daemon, path):
+    """(status, body text) also for 4xx/5xx answers."""
+    try:
+        with urllib.request.urlopen(daemon.http + path, timeout=10) as r:
+            return r.status, r.read().decode("utf-8", "replace"), r.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode("utf-8", "replace"), e.headers.get("Content-Type", "")
+
+
+def report_json(daemon, query=""):
+    status, body, ctype = http_get(daemon, "/api/v1/report" + query)
+    assert status == 200, f"/api/v1/report{query} answered {status}: {body}"
+    assert ctype.startswith("application/json"), f"/api/v1/report Content-Type: {ctype!r}"
+    try:
+        return json.loads(body)
+    except ValueError as e:
+        raise AssertionError(f"/api/v1/report{query} is not JSON ({e}):\n{body[:2000]}")
+
+
+def utc_today():
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d")
+
+
+def rows_of(report, date):
+    """{(connector, direction): row} of one day; a duplicate row is an error."""
+    out = {}
+    for row in report["rows"]:
+        if row["date"] != date:
+            continue
+        key = (row["connector"], row["direction"])
+        assert key not in out, f"two rows for {key} on {date}: {out[key]} and {row}"
+        out[key] = row
+    return out
+
+
+def parse_csv(text):
+    lines = text.splitlines()
+    assert lines and lines[0] == CSV_HEADER, f"CSV header is {lines[:1]!r}, expected {CSV_HEADER!r}"
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def run_cli(binary, *args, timeout=20):
+    p = subprocess.run([binary, "report", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
+    res = subprocess.CompletedProcess(p.args, p.returncode, p.stdout.decode("utf-8", "replace"),
+                                      p.stderr.decode("utf-8", "replace"))
+    harness.TRANSCRIPTS.append(f"$ {' '.join(map(str, p.args))}\n(rc={p.returncode})\n"
+                               f"stdout:\n{res.stdout[-4000:]}\nstderr:\n{res.stderr[-4000:]}")
+    return res
+
+
+def assert_report_matches(report, counts_by_key, date, window_days=7):
+    """Today's rows carry exactly the plan's counts/percentages, type/forced_tls/direction as configured,
+    and the insights are exactly those the contract's rule gives."""
+    rows = rows_of(report, date)
+    assert set(rows) == set(counts_by_key), (f"rows on {date}: {sorted(rows)}; expected one per connector x "
+                                             f"direction: {sorted(counts_by_key)}")
+    for key, counts in counts_by_key.items():
+        row = rows[key]
+        ctype, forced, _alerts = META[key]
+        want = {"date": date, "connector": key[0], "direction": key[1], "type": ctype, "forced_tls": forced,
+                "messages": sum(counts.values()), "percent": expected_percent(counts)}
+        assert row == want, f"row for {key} on {date}:\n  got  {row}\n  want {want}"
+    got = sorted(report["insights"], key=lambda i: (i["connector"], i["direction"], i["insight"]))
+    want = sorted(expected_insights(counts_by_key, window_days),
+                  key=lambda i: (i["connector"], i["direction"], i["insight"]))
+    assert [(i["connector"], i["direction"], i["insight"]) for i in got] == \
+        [(i["connector"], i["direction"], i["insight"]) for i in want], \
+        f"insights:\n  got  {got}\n  want {want}"
+    for g, w in zip(got, want):
+        assert g["text"] == w["text"], f"insight sentence:\n  got  {g['text']!r}\n  want {w['text']!r}"
+        assert g["messages"] == w["messages"] and abs(g["share"] - w["share"]) < 1e-9 \
+            and abs(g["threshold"] - w["threshold"]) < 1e-9, f"insight numbers:\n  got  {g}\n  want {w}"
+
+
+def stable_report(daemon, query=""):
+    """The JSON report, fetched again if the UTC date changed while fetching (a midnight run)."""
+    for _ in range(3):
+        day = utc_today()
+        report = report_json(daemon, query)
+        if utc_today() == day:
+            return report, day
+        time.sleep(0.5)
+    raise AssertionError("the UTC date kept changing")
+
+
+def http_get_fails(daemon):
+    """True when nothing answers on the daemon's HTTP address."""
+    try:
+        with urllib.request.urlopen(daemon.http + "/healthz", timeout=2):
+            return False
+    except (urllib.error.URLError, OSError):
+        return True

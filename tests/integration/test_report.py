@@ -1,0 +1,198 @@
+"""The connector report after real traffic at mixed TLS versions (none, TLS1.0, TLS1.2, TLS1.3) through a
+connector chosen by client CIDR (127.0.0.2), connectors chosen by sender domain, and `internet` (inbound and
+outbound): /api/v1/report (JSON), /api/v1/report.csv, /api/v1/report.txt, `mailflowd report`, and the
+window metrics all say exactly what was sent; insights appear exactly when messages >= min_messages and the
+share is strictly above the threshold; bad `days` get a 400 with a message."""
+import json
+import re
+import types
+
+import pytest
+
+import harness
+import report_helpers as rh
+
+
+@pytest.fixture(scope="module")
+def env(certs, sink_factory, daemon_factory, mailflowd_bin):
+    sink = sink_factory("store")
+    listeners, upstreams, connectors, extra = rh.build_env_config(certs, sink.port, harness.free_port(),
+                                                                  harness.free_port())
+    daemon = daemon_factory(listeners, upstreams, connectors, **extra)
+    rh.send_plan(daemon, sink)
+    return types.SimpleNamespace(sink=sink, daemon=daemon, bin=mailflowd_bin, counts=rh.plan_counts())
+
+
+def test_json_today_has_exact_counts_percentages_and_insights(env):
+    report, today = rh.stable_report(env.daemon)
+    rh.assert_report_matches(report, env.counts, today)
+
+
+def test_json_insight_set_is_what_the_plan_says(env):
+    """Spelled out, so a wrong helper cannot hide a wrong daemon: partner-cidr is above both thresholds,
+    legacy-domain above TLS1.0 (min_messages 2), forced-domain exactly at 0.25 (no insight), internet inbound
+    has 50% without TLS but only 2 < 3 messages (no insight)."""
+    report, _ = rh.stable_report(env.daemon)
+    texts = sorted(i["text"] for i in report["insights"])
+    assert texts == sorted([
+        "Inbound partner connector partner-cidr is seeing significant TLS1.0 mail flow: "
+        "14.3% of 7 messages in the last 7 days",
+        "Inbound partner connector partner-cidr is seeing significant mail flow without TLS: "
+        "28.6% of 7 messages in the last 7 days",
+        "Inbound on-premises connector legacy-domain is seeing significant TLS1.0 mail flow: "
+        "66.7% of 3 messages in the last 7 days",
+    ]), f"insights: {json.dumps(report['insights'], indent=1)}"
+
+
+def test_json_has_a_row_for_every_day_and_connector(env):
+    report, today = rh.stable_report(env.daemon)
+    assert report["days"] == 7, f"default days: {report['days']}"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", report["generated_at"]), report["generated_at"]
+    assert report["generated_at"].startswith(today)
+    dates = sorted({r["date"] for r in report["rows"]})
+    assert len(dates) == 7 and dates[-1] == today, f"dates in the report: {dates}"
+    for date in dates[:-1]:
+        rows = rh.rows_of(report, date)
+        assert set(rows) == set(env.counts), f"rows on {date}: {sorted(rows)}"
+        busy = {k: r for k, r in rows.items() if r["messages"] != 0 or any(r["percent"].values())}
+        assert not busy, f"{date} had no traffic, yet: {busy}"
+    assert len(report["rows"]) == 7 * len(env.counts)
+
+
+def test_days_parameter(env):
+    one, today = rh.stable_report(env.daemon, "?days=1")
+    assert one["days"] == 1
+    assert {r["date"] for r in one["rows"]} == {today}
+    rh.assert_report_matches(one, env.counts, today)
+    three, _ = rh.stable_report(env.daemon, "?days=3")
+    assert len({r["date"] for r in three["rows"]}) == 3
+    assert len(three["rows"]) == 3 * len(env.counts)
+
+
+@pytest.mark.parametrize("path", ["/api/v1/report", "/api/v1/report.csv", "/api/v1/report.txt", "/"])
+@pytest.mark.parametrize("days", ["abc", "0", "8", "-1", "", "1.5", "7x", "99999999999999999999"])
+def test_bad_days_is_400_with_a_message(env, path, days):
+    status, body, ctype = rh.http_get(env.daemon, f"{path}?days={days}")
+    assert status == 400, f"GET {path}?days={days} answered {status} (want 400): {body[:300]}"
+    assert "days" in body and "7" in body, f"the 400 should say what days may be (1..7): {body!r}"
+    assert len(body) < 500 and "<" not in body, f"the 400 should be a short plain message: {body[:500]!r}"
+
+
+def test_csv_header_and_numbers(env):
+    status, body, ctype = rh.http_get(env.daemon, "/api/v1/report.csv")
+    assert status == 200 and ctype.startswith("text/csv"), f"{status} {ctype}"
+    report, today = rh.stable_report(env.daemon)
+    assert body.splitlines()[0] == rh.CSV_HEADER
+    rows = rh.parse_csv(body)
+    assert len(rows) == len(report["rows"]), f"CSV has {len(rows)} rows, JSON {len(report['rows'])}"
+    today_rows = {(r["connector"], r["direction"]): r for r in rows if r["date"] == today}
+    assert set(today_rows) == set(env.counts)
+    for key, counts in env.counts.items():
+        r = today_rows[key]
+        ctype_, forced, _ = rh.META[key]
+        pct = rh.expected_percent(counts)
+        want = {"date": today, "connector": key[0], "direction": key[1], "type": ctype_,
+                "forced_tls": "true" if forced else "false", "messages": str(sum(counts.values())),
+                "none_pct": f"{pct['none']:.1f}", "tls10_pct": f"{pct['TLS1.0']:.1f}",
+                "tls11_pct": f"{pct['TLS1.1']:.1f}", "tls12_pct": f"{pct['TLS1.2']:.1f}",
+                "tls13_pct": f"{pct['TLS1.3']:.1f}"}
+        assert dict(r) == want, f"CSV row for {key}:\n  got  {dict(r)}\n  want {want}"
+
+
+def test_cli_json(env):
+    res = rh.run_cli(env.bin, "--url", env.daemon.http, "--format", "json")
+    assert res.returncode == 0, f"mailflowd report --format json exited {res.returncode}: {res.stderr}"
+    report = json.loads(res.stdout)
+    today = report["generated_at"][:10]
+    rh.assert_report_matches(report, env.counts, today)
+    assert res.stderr == "", f"stderr on success: {res.stderr!r}"
+
+
+def test_cli_csv(env):
+    res = rh.run_cli(env.bin, "--url", env.daemon.http, "--format", "csv", "--days", "2")
+    assert res.returncode == 0, f"mailflowd report --format csv exited {res.returncode}: {res.stderr}"
+    _, body, _ = rh.http_get(env.daemon, "/api/v1/report.csv?days=2")
+    assert res.stdout == body, f"CLI CSV differs from /api/v1/report.csv:\n{res.stdout}\n---\n{body}"
+    rows = rh.parse_csv(res.stdout)
+    assert len({r["date"] for r in rows}) == 2
+    assert {(r["connector"], r["direction"]) for r in rows if r["messages"] != "0"} == \
+        {k for k, c in env.counts.items() if sum(c.values())}
+
+
+def test_cli_table(env):
+    res = rh.run_cli(env.bin, "--url", env.daemon.http, "--format", "table", "--days", "1")
+    assert res.returncode == 0, f"mailflowd report --format table exited {res.returncode}: {res.stderr}"
+    lines = res.stdout.splitlines()
+    header = next((i for i, ln in enumerate(lines) if ln.split()[:2] == ["DATE", "CONNECTOR"]), None)
+    assert header is not None, f"no table header in:\n{res.stdout}"
+    assert lines[header].split() == ["DATE", "CONNECTOR", "DIRECTION", "TYPE", "FORCED_TLS", "MESSAGES",
+                                     "NONE%", "TLS1.0%", "TLS1.1%", "TLS1.2%", "TLS1.3%"], lines[header]
+    got = {}
+    for ln in lines[header + 1:]:
+        if not ln.strip():
+            break
+        f = ln.split()
+        assert len(f) == 11, f"table line with {len(f)} columns: {ln!r}"
+        got[(f[1], f[2])] = f
+    assert set(got) == set(env.counts), f"table rows: {sorted(got)}"
+    for key, counts in env.counts.items():
+        ctype, forced, _ = rh.META[key]
+        pct = rh.expected_percent(counts)
+        want = [got[key][0], key[0], key[1], ctype, "yes" if forced else "no", f"{sum(counts.values()):,}"] + \
+            [f"{pct[v]:.1f}" for v in rh.VERSIONS]
+        assert got[key] == want, f"table row for {key}:\n  got  {got[key]}\n  want {want}"
+    for insight in rh.expected_insights(env.counts):
+        assert f"  - {insight['text']}" in lines, f"insight {insight['text']!r} not in the table output"
+
+
+def test_cli_default_format_is_table(env):
+    res = rh.run_cli(env.bin, "--url", env.daemon.http)
+    assert res.returncode == 0, res.stderr
+    assert re.search(r"^DATE\s+CONNECTOR\s+DIRECTION", res.stdout, re.M), res.stdout
+
+
+def test_cli_daemon_down(env):
+    port = harness.free_port()  # nothing listens there
+    res = rh.run_cli(env.bin, "--url", f"http://127.0.0.1:{port}", "--format", "json")
+    assert res.returncode == 1, f"exit code {res.returncode} (want 1)"
+    assert res.stdout == "", f"nothing on stdout when the daemon is down: {res.stdout!r}"
+    assert f"127.0.0.1:{port}" in res.stderr and "cannot connect" in res.stderr.lower(), \
+        f"the message should say it cannot connect, and where: {res.stderr!r}"
+    assert "mailflowd running" in res.stderr, f"the message should hint at a stopped daemon: {res.stderr!r}"
+    assert len(res.stderr.splitlines()) <= 3, f"a clear message, not a dump: {res.stderr!r}"
+
+
+def test_cli_days_beyond_window(env):
+    res = rh.run_cli(env.bin, "--url", env.daemon.http, "--days", "8")
+    assert res.returncode == 1, f"exit code {res.returncode} (want 1)"
+    assert "400" in res.stderr and "days must be" in res.stderr, res.stderr
+    assert res.stdout == ""
+
+
+@pytest.mark.parametrize("args", [["--days", "abc"], ["--days", "0"], ["--format", "xml"], ["--bogus"]])
+def test_cli_usage_errors(env, args):
+    res = rh.run_cli(env.bin, "--url", env.daemon.http, *args)
+    assert res.returncode == 2, f"{args}: exit code {res.returncode} (want 2, a usage error)"
+    assert "usage:" in res.stderr and res.stdout == "", res.stderr
+
+
+def test_metrics_agree_with_report(env):
+    m = env.daemon.metrics()
+    report, _ = rh.stable_report(env.daemon)
+    active = {(i["connector"], i["direction"], i["insight"]) for i in report["insights"]}
+    for (connector, direction), counts in env.counts.items():
+        total = sum(counts.values())
+        for v in rh.VERSIONS:
+            key = ("mailflow_window_messages",
+                   frozenset({"connector": connector, "direction": direction, "tls_version": v}.items()))
+            assert m.get(key) == counts[v], f"{key[0]}{dict(key[1])} = {m.get(key)}, want {counts[v]}"
+            key = ("mailflow_window_tls_share", key[1])
+            want = counts[v] / total if total else 0.0
+            assert key in m and abs(m[key] - want) < 1e-9, f"{key[0]}{dict(key[1])} = {m.get(key)}, want {want}"
+        for insight in ("significant_tls10", "significant_no_tls"):
+            key = ("mailflow_insight_active",
+                   frozenset({"connector": connector, "direction": direction, "insight": insight}.items()))
+            want = 1.0 if (connector, direction, insight) in active else 0.0
+            assert m.get(key) == want, f"{key[0]}{dict(key[1])} = {m.get(key)}, want {want} (report insights: " \
+                                       f"{sorted(active)})"
+    assert len(active) == 3

@@ -1,0 +1,231 @@
+"""The rolling windows survive a restart (SIGTERM saves state_dir/windows.state, the next daemon on the same
+state_dir reports the same counts); a corrupt state file is moved aside (windows.state.corrupt-*) and counted
+(mailflow_state_errors_total{reason="corrupt"}), and the daemon starts empty and relays; a state_dir that
+cannot be used makes the daemon refuse to start with a message naming it."""
+import json
+import os
+import random
+import shutil
+import subprocess
+import tempfile
+import types
+from pathlib import Path
+
+import pytest
+
+import harness
+import report_helpers as rh
+
+SMALL_PLAN = [
+    ("partner-cidr", "inbound", "inbound", "127.0.0.2", "a@example.test", "none", 1),
+    ("partner-cidr", "inbound", "inbound", "127.0.0.2", "a@example.test", "TLS1.0", 1),
+    ("partner-cidr", "inbound", "inbound", "127.0.0.2", "a@example.test", "TLS1.3", 1),
+    ("legacy-domain", "inbound", "inbound", "127.0.0.1", "b@legacy.test", "TLS1.0", 2),
+    ("internet", "inbound", "inbound", "127.0.0.1", "d@example.test", "TLS1.2", 1),
+]
+ONE_MORE = [("internet", "inbound", "inbound", "127.0.0.1", "d@example.test", "TLS1.3", 1)]
+
+
+@pytest.fixture(scope="module")
+def env(certs, sink_factory, workdir, mailflowd_bin):
+    sink = sink_factory("store")
+    started = []
+
+    def make(name, state_dir, start=True):
+        listeners, upstreams, connectors, extra = rh.build_env_config(certs, sink.port, harness.free_port(),
+                                                                      harness.free_port())
+        cfg = harness.default_config(state_dir, harness.free_port(), listeners, upstreams, connectors, **extra)
+        d = harness.Daemon(mailflowd_bin, workdir, cfg, name=name)
+        started.append(d)
+        return d.start() if start else d
+
+    yield types.SimpleNamespace(sink=sink, make=make, workdir=workdir, bin=mailflowd_bin, certs=certs)
+    failures = []
+    for d in started:
+        code = d.stop()
+        if d in harness.LIVE:
+            harness.LIVE.remove(d)
+        if code not in (0, None):
+            failures.append(f"{d.name}: exit code after SIGTERM = {code!r}\n{d.log_tail()}")
+    assert not failures, "\n".join(failures)
+
+
+def stop_ok(daemon):
+    code = daemon.stop()
+    assert code == 0, f"{daemon.name}: exit code after SIGTERM = {code!r}\n{daemon.log_tail()}"
+    if daemon in harness.LIVE:
+        harness.LIVE.remove(daemon)
+
+
+def window_gauges(daemon):
+    m = daemon.metrics()
+    return {tuple(sorted(lab)): v for (n, lab), v in m.items() if n == "mailflow_window_messages"}
+
+
+def empty_counts():
+    return rh.plan_counts([])
+
+
+def state_errors(daemon, reason):
+    return harness.value(daemon.metrics(), "mailflow_state_errors_total", reason=reason)
+
+
+# ------------------------------------------------------------------------------------------- restart
+def test_restart_keeps_the_window(env):
+    state = env.workdir / "restart-state"
+    first = env.make("first", state)
+    rh.send_plan(first, env.sink, SMALL_PLAN)
+    before, today = rh.stable_report(first)
+    gauges = window_gauges(first)
+    stop_ok(first)
+
+    path = state / "windows.state"
+    assert path.is_file() and path.stat().st_size > 0, f"SIGTERM did not save {path}"
+
+    second = env.make("second", state)
+    after, today2 = rh.stable_report(second)
+    assert today2 == today, "the UTC date changed during the test"
+    rh.assert_report_matches(after, rh.plan_counts(SMALL_PLAN), today)
+    assert after["rows"] == before["rows"], "the report rows differ after a restart"
+    assert after["insights"] == before["insights"], "the insights differ after a restart"
+    assert window_gauges(second) == gauges, "mailflow_window_messages differs after a restart"
+    assert state_errors(second, "corrupt") == 0
+
+    # What the second daemon adds is saved on top of what it loaded.
+    rh.send_plan(second, env.sink, ONE_MORE)
+    stop_ok(second)
+    third = env.make("third", state)
+    report, _ = rh.stable_report(third)
+    rh.assert_report_matches(report, rh.plan_counts(SMALL_PLAN + ONE_MORE), today)
+    stop_ok(third)
+
+
+# ------------------------------------------------------------------------------------ corrupt state
+def garbage():
+    rnd = random.Random(4)
+    return bytes(rnd.randrange(256) for _ in range(4096))
+
+
+CORRUPT = {
+    "garbage-bytes": garbage(),
+    "empty-file": b"",
+    "right-header-garbage-line": b"mailflowd-windows 1\n\x00\xff\xfe not a bucket line\n",
+    "truncated-line": b"mailflowd-windows 1\n490000 partner-cidr inbound 1 0 0 0",
+    "negative-count": b"mailflowd-windows 1\n490000 partner-cidr inbound 1 -5 0 0 0\n",
+    "foreign-text": b"{\"windows\": []}\n",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CORRUPT))
+def test_corrupt_state_file_is_moved_aside_and_the_daemon_relays(env, kind):
+    state = env.workdir / f"corrupt-{kind}-state"
+    state.mkdir()
+    content = CORRUPT[kind]
+    (state / "windows.state").write_bytes(content)
+
+    daemon = env.make(f"corrupt-{kind}", state)  # starts (the harness fails the test if it does not)
+    aside = sorted(state.glob("windows.state.corrupt-*"))
+    assert len(aside) == 1, f"the corrupt file should be moved aside as windows.state.corrupt-*: " \
+                            f"{sorted(p.name for p in state.iterdir())}"
+    assert aside[0].read_bytes() == content, "the moved-aside file is not the original bytes (evidence lost)"
+    assert state_errors(daemon, "corrupt") == 1, \
+        f"mailflow_state_errors_total{{reason=\"corrupt\"}} = {state_errors(daemon, 'corrupt')} (want 1)"
+    assert aside[0].name in daemon.stderr(), f"the log should say where the file went ({aside[0].name})"
+
+    report, today = rh.stable_report(daemon)
+    assert all(r["messages"] == 0 for r in report["rows"]), "the report should start empty"
+    assert report["insights"] == []
+    rh.assert_report_matches(report, empty_counts(), today)
+
+    rh.send_plan(daemon, env.sink, ONE_MORE)  # still relays, and counts
+    report, today = rh.stable_report(daemon)
+    rh.assert_report_matches(report, rh.plan_counts(ONE_MORE), today)
+    stop_ok(daemon)
+
+    # The state it saves on the way out is good: the next start has no state error and the message.
+    again = env.make(f"corrupt-{kind}-again", state)
+    assert state_errors(again, "corrupt") == 0
+    assert len(list(state.glob("windows.state.corrupt-*"))) == 1
+    report, today = rh.stable_report(again)
+    rh.assert_report_matches(report, rh.plan_counts(ONE_MORE), today)
+    stop_ok(again)
+
+
+# -------------------------------------------------------------------------------- unusable state_dir
+def start_expecting_refusal(env, name, state_dir):
+    d = env.make(name, state_dir, start=False)
+    d.config_path.write_text(json.dumps(d.config, indent=2) + "\n")
+    try:
+        p = subprocess.run([env.bin, "--config", str(d.config_path)], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=15)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"mailflowd with state_dir {state_dir} kept running (it should refuse to start)")
+    out = p.stdout.decode("utf-8", "replace")
+    harness.TRANSCRIPTS.append(f"$ mailflowd --config {d.config_path}\n(rc={p.returncode})\n{out}")
+    return p.returncode, out, d
+
+
+def test_state_dir_is_a_regular_file(env):
+    state = env.workdir / "state-is-a-file"
+    state.write_text("not a directory\n")
+    rc, out, d = start_expecting_refusal(env, "state-file", state)
+    assert rc != 0, f"mailflowd started with state_dir = a regular file:\n{out}"
+    assert "state_dir" in out and str(state) in out, f"the message should name state_dir and its path:\n{out}"
+    assert state.read_text() == "not a directory\n", "the regular file was changed"
+    assert rh.http_get_fails(d), "the HTTP side answered although the daemon refused to start"
+
+
+def test_state_dir_below_a_regular_file(env):
+    parent = env.workdir / "parent-is-a-file"
+    parent.write_text("x\n")
+    state = parent / "state"
+    rc, out, _ = start_expecting_refusal(env, "state-below-file", state)
+    assert rc != 0, f"mailflowd started with state_dir below a regular file:\n{out}"
+    assert "state_dir" in out and str(state) in out, f"the message should name state_dir and its path:\n{out}"
+
+
+def test_state_file_is_a_directory(env):
+    """windows.state that cannot be read at all (a directory): refuse, naming the file, rather than start
+    without the window and overwrite nothing."""
+    state = env.workdir / "state-file-is-dir"
+    (state / "windows.state").mkdir(parents=True)
+    rc, out, _ = start_expecting_refusal(env, "state-file-dir", state)
+    assert rc != 0, f"mailflowd started with windows.state a directory:\n{out}"
+    assert "state_dir" in out and "windows.state" in out, f"the message should name the state file:\n{out}"
+
+
+def test_state_dir_not_writable(env, tmp_path_factory):
+    """A state_dir the daemon's user cannot write. As root (permissions do not bind root), the daemon runs as
+    `nobody` via setpriv against a root-owned 0755 directory; otherwise the directory is made 0555."""
+    base = Path(tempfile.mkdtemp(prefix="mailflowd-ro-"))  # outside the 0700 pytest basetemp: nobody reads it
+    try:
+        base.chmod(0o755)
+        state = base / "state"
+        state.mkdir(mode=0o755)
+        argv = [env.bin]
+        if os.geteuid() == 0:
+            setpriv = shutil.which("setpriv")
+            if not setpriv:
+                pytest.skip("running as root without setpriv: cannot make a directory unwritable for the daemon")
+            argv = [setpriv, "--reuid=nobody", "--regid=nogroup", "--clear-groups", env.bin]
+        else:
+            state.chmod(0o555)
+        http_port = harness.free_port()
+        cfg = harness.default_config(
+            state, http_port,
+            [{"name": "inbound", "address": f"127.0.0.1:{harness.free_port()}", "direction": "inbound",
+              "upstream": "store"}],
+            [{"name": "store", "address": f"127.0.0.1:{env.sink.port}", "tls": "none"}])
+        config = base / "mailflowd.yaml"
+        config.write_text(json.dumps(cfg, indent=2) + "\n")
+        config.chmod(0o644)
+        p = subprocess.run(argv + ["--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           stdin=subprocess.DEVNULL, timeout=15)
+        out = p.stdout.decode("utf-8", "replace")
+        harness.TRANSCRIPTS.append(f"$ {' '.join(argv)} --config {config}\n(rc={p.returncode})\n{out}")
+        assert p.returncode != 0, f"mailflowd started with an unwritable state_dir:\n{out}"
+        assert "state_dir" in out and str(state) in out and "writable" in out, \
+            f"the message should name state_dir, its path, and say it is not writable:\n{out}"
+        assert list(state.iterdir()) == [], f"something was written: {list(state.iterdir())}"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
