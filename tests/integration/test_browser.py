@@ -1,0 +1,220 @@
+"""The HTML report page (`/`) in a real browser (Debian's chromium, headless) after traffic at mixed TLS
+versions: the rendered DOM shows every connector, the window percentages and the insight sentences; the page
+is self-contained (no <script>, no http(s):// src/href, no remote CSS); a screenshot is kept at
+tests/artifacts/report-page.png (set MAILFLOW_UPDATE_DOCS_SCREENSHOT=1 to also copy it to
+docs/report-page.png, the picture the README shows)."""
+import html
+import html.parser
+import os
+import re
+import shutil
+import struct
+import subprocess
+import types
+import zlib
+from pathlib import Path
+
+import pytest
+
+import harness
+import report_helpers as rh
+
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / "tests" / "artifacts"
+SCREENSHOT = ARTIFACTS / "report-page.png"
+DOCS_SCREENSHOT = REPO / "docs" / "report-page.png"
+BROWSER_TIMEOUT = 40
+
+
+def chromium_path():
+    for name in ("chromium", "chromium-browser"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser():
+    path = chromium_path()
+    if not path:
+        pytest.skip("chromium is not installed (deploy/dev/deps.sh test installs it): browser test skipped")
+    return path
+
+
+@pytest.fixture(scope="module")
+def env(browser, certs, sink_factory, daemon_factory, workdir):
+    sink = sink_factory("store")
+    listeners, upstreams, connectors, extra = rh.build_env_config(certs, sink.port, harness.free_port(),
+                                                                  harness.free_port())
+    daemon = daemon_factory(listeners, upstreams, connectors, **extra)
+    rh.send_plan(daemon, sink)
+    return types.SimpleNamespace(sink=sink, daemon=daemon, browser=browser, workdir=workdir,
+                                 counts=rh.plan_counts())
+
+
+class Chromium:
+    """One headless chromium run; its stderr goes to the failure report."""
+
+    def __init__(self, env, name):
+        self.name = f"chromium-{name}"
+        self.log_path = env.workdir / f"{self.name}.stderr"
+        self.profile = env.workdir / f"{self.name}-profile"
+        self.argv = [env.browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                     "--hide-scrollbars", f"--user-data-dir={self.profile}"]
+
+    def run(self, *args):
+        harness.LIVE.append(self)
+        try:
+            with open(self.log_path, "wb") as log:
+                p = subprocess.run(self.argv + list(args), stdout=subprocess.PIPE, stderr=log,
+                                   stdin=subprocess.DEVNULL, timeout=BROWSER_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"chromium did not finish within {BROWSER_TIMEOUT}s: {' '.join(args)}")
+        assert p.returncode == 0, f"chromium exited {p.returncode}:\n{self.log_tail()}"
+        return p.stdout.decode("utf-8", "replace")
+
+    def log_tail(self):
+        return harness.tail(self.log_path, 4000)
+
+
+class Text(html.parser.HTMLParser):
+    """Visible text (no <style>/<script>/<title> content), whitespace collapsed, plus every tag seen."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.parts, self.tags, self.attrs, self._skip = [], [], [], 0
+        self.rows, self._row, self._cell = [], None, None  # table rows as lists of cell texts
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.attrs.extend((tag, k, v or "") for k, v in attrs)
+        if tag in ("style", "script", "title"):
+            self._skip += 1
+        elif tag == "tr":
+            self._row = []
+            self.rows.append(self._row)
+        elif tag in ("td", "th") and self._row is not None:
+            self._cell = []
+
+    def handle_endtag(self, tag):
+        if tag in ("style", "script", "title") and self._skip:
+            self._skip -= 1
+        elif tag in ("td", "th") and self._cell is not None:
+            self._row.append(re.sub(r"\s+", " ", "".join(self._cell)).strip())
+            self._cell = None
+        elif tag == "tr":
+            self._row = None
+
+    def handle_data(self, data):
+        if not self._skip:
+            self.parts.append(data)
+            if self._cell is not None:
+                self._cell.append(data)
+
+    def text(self):
+        return re.sub(r"\s+", " ", " ".join(self.parts))
+
+
+def parse(page):
+    t = Text()
+    t.feed(page)
+    t.close()
+    return t
+
+
+def assert_self_contained(page, what):
+    t = parse(page)
+    assert "script" not in t.tags, f"{what}: the page has a <script>"
+    external = [(tag, k, v) for tag, k, v in t.attrs
+                if k in ("src", "href", "srcset", "action", "data", "poster", "xlink:href")
+                and re.match(r"\s*(https?:)?//", v, re.I)]
+    assert not external, f"{what}: external references: {external}"
+    links = [(tag, k, v) for tag, k, v in t.attrs if tag == "link" and k == "href"]
+    assert not links, f"{what}: <link href> (the page must carry its own CSS): {links}"
+    assert not re.search(r"@import|url\(\s*['\"]?\s*(https?:)?//", page, re.I), \
+        f"{what}: CSS that loads something remote"
+    assert not re.search(r"\bon[a-z]+\s*=", page, re.I), f"{what}: inline event handlers (JavaScript)"
+    assert "javascript:" not in page.lower(), f"{what}: a javascript: URL"
+
+
+@pytest.fixture(scope="module")
+def dom(env):
+    return Chromium(env, "dump-dom").run("--dump-dom", env.daemon.http + "/")
+
+
+def test_served_page_is_self_contained(env):
+    status, page, ctype = rh.http_get(env.daemon, "/")
+    assert status == 200 and ctype.startswith("text/html"), f"GET / answered {status} {ctype}"
+    assert_self_contained(page, "GET /")
+
+
+def test_rendered_dom_is_self_contained(dom):
+    assert "<html" in dom and "</html>" in dom, f"chromium dumped no document:\n{dom[:500]}"
+    assert_self_contained(dom, "rendered DOM")
+
+
+def test_rendered_dom_shows_connectors_percentages_and_insights(env, dom):
+    text = parse(dom).text()
+    for (connector, direction), counts in env.counts.items():
+        assert connector in text, f"connector {connector} is not on the page"
+    # The window percentages of each busy connector, as the page prints them ("TLS1.0 14.3%").
+    for (connector, direction), counts in env.counts.items():
+        if not sum(counts.values()):
+            continue
+        pct = rh.expected_percent(counts)
+        for v in rh.VERSIONS:
+            assert f"{v} {pct[v]:.1f}%" in text, f"{connector}/{direction}: '{v} {pct[v]:.1f}%' not on the page"
+    insights = rh.expected_insights(env.counts)
+    assert insights, "the traffic plan should produce insights"
+    for insight in insights:
+        assert insight["text"] in text, f"insight sentence not on the page: {insight['text']!r}"
+    # Nothing is claimed that the rule does not give: only these sentences say "is seeing significant".
+    assert text.count("is seeing significant") == len(insights), \
+        f"{text.count('is seeing significant')} insight sentences on the page, want {len(insights)}"
+
+def test_rendered_dom_has_a_window_row_per_connector(env, dom):
+    """Each connector x direction has a table row with its direction, type, Forced TLS and message volume."""
+    rows = parse(dom).rows
+    for (connector, direction), counts in env.counts.items():
+        ctype, forced, _ = rh.META[(connector, direction)]
+        n = f"{sum(counts.values()):,}"
+        want = [direction, rh.TYPE_WORDS[ctype], "yes" if forced else "no", n]
+        found = [r for r in rows if r and r[0].split()[0] == connector and r[1:5] == want]
+        assert len(found) == 1, (f"{connector}: want one whole-window row [{connector}, {', '.join(want)}, ...]; "
+                                 f"rows naming it: {[r for r in rows if r and r[0].startswith(connector)][:3]}")
+        if n != "0":
+            pct = rh.expected_percent(counts)
+            shown = " ".join(found[0][5:])
+            for v in rh.VERSIONS:
+                assert f"{v} {pct[v]:.1f}%" in shown, f"{connector}/{direction}: '{v} {pct[v]:.1f}%' not in {shown!r}"
+
+
+def png_info(data):
+    """(width, height, distinct byte values over the decompressed pixel rows) of a PNG file."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG file"
+    width, height = struct.unpack(">II", data[16:24])
+    pos, idat = 8, b""
+    while pos < len(data):
+        length = struct.unpack(">I", data[pos:pos + 4])[0]
+        kind = data[pos + 4:pos + 8]
+        if kind == b"IDAT":
+            idat += data[pos + 8:pos + 8 + length]
+        pos += 12 + length
+    pixels = zlib.decompress(idat)
+    return width, height, len(set(pixels[::7]))
+
+
+def test_screenshot(env):
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = env.workdir / "report-page.png"
+    Chromium(env, "screenshot").run(f"--screenshot={shot}", "--window-size=1280,1600", env.daemon.http + "/")
+    assert shot.is_file(), f"chromium wrote no screenshot at {shot}"
+    data = shot.read_bytes()
+    width, height, variety = png_info(data)
+    assert (width, height) == (1280, 1600), f"screenshot is {width}x{height}"
+    assert variety > 64, f"the screenshot is (nearly) blank: {variety} distinct byte values"
+    shutil.copyfile(shot, SCREENSHOT)
+    if os.environ.get("MAILFLOW_UPDATE_DOCS_SCREENSHOT") == "1":
+        shutil.copyfile(shot, DOCS_SCREENSHOT)
