@@ -6,6 +6,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import tempfile
 import types
@@ -31,9 +32,10 @@ def env(certs, sink_factory, workdir, mailflowd_bin):
     sink = sink_factory("store")
     started = []
 
-    def make(name, state_dir, start=True):
-        listeners, upstreams, connectors, extra = rh.build_env_config(certs, sink.port, harness.free_port(),
+    def make(name, state_dir, start=True, connectors=None):
+        listeners, upstreams, configured, extra = rh.build_env_config(certs, sink.port, harness.free_port(),
                                                                       harness.free_port())
+        connectors = configured if connectors is None else connectors
         cfg = harness.default_config(state_dir, harness.free_port(), listeners, upstreams, connectors, **extra)
         d = harness.Daemon(mailflowd_bin, workdir, cfg, name=name)
         started.append(d)
@@ -98,6 +100,42 @@ def test_restart_keeps_the_window(env):
     report, _ = rh.stable_report(third)
     rh.assert_report_matches(report, rh.plan_counts(SMALL_PLAN + ONE_MORE), today)
     stop_ok(third)
+
+
+def test_sigint_saves_too(env):
+    state = env.workdir / "sigint-state"
+    first = env.make("sigint-first", state)
+    rh.send_plan(first, env.sink, ONE_MORE)
+    first.proc.send_signal(signal.SIGINT)
+    assert first.proc.wait(15) == 0, f"exit code after SIGINT: {first.proc.returncode}\n{first.log_tail()}"
+    harness.LIVE.remove(first)
+    second = env.make("sigint-second", state)
+    report, today = rh.stable_report(second)
+    rh.assert_report_matches(report, rh.plan_counts(ONE_MORE), today)
+    stop_ok(second)
+
+
+def test_restart_with_a_connector_removed_keeps_its_history(env):
+    """History of a connector that is no longer configured stays in the report (as the header documents:
+    type internet, not forced, default thresholds, "removed from config" on the page) and is not merged into
+    another connector."""
+    state = env.workdir / "removed-state"
+    first = env.make("removed-first", state)
+    rh.send_plan(first, env.sink, SMALL_PLAN)
+    stop_ok(first)
+    remaining = [c for c in rh.CONNECTORS if c["name"] != "legacy-domain"]
+    second = env.make("removed-second", state, connectors=remaining)
+    report, today = rh.stable_report(second)
+    rows = rh.rows_of(report, today)
+    legacy = rows.get(("legacy-domain", "inbound"))
+    assert legacy is not None, f"the removed connector's history vanished: {sorted(rows)}"
+    assert legacy["messages"] == 2 and legacy["percent"]["TLS1.0"] == 100.0, legacy
+    assert legacy["type"] == "internet" and legacy["forced_tls"] is False, legacy
+    assert rows[("internet", "inbound")]["messages"] == 1, "history was merged into internet"
+    assert rows[("partner-cidr", "inbound")]["messages"] == 3
+    status, page, _ = rh.http_get(second, "/")
+    assert status == 200 and "legacy-domain" in page and "removed from config" in page
+    stop_ok(second)
 
 
 # ------------------------------------------------------------------------------------ corrupt state
