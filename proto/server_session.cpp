@@ -78,6 +78,7 @@ void ServerSession::clear_transaction() {
   recipients_ = 0;
   pending_rcpts_ = 0;
   mail_pending_ = false;
+  rcpt_seen_ = false;
 }
 
 ServerSession::Action ServerSession::refuse(int code, std::string_view enhanced, std::string_view text,
@@ -158,8 +159,10 @@ ServerSession::Action ServerSession::dispatch(Step step, const ParsedCommand& pa
       mail_pending_ = true;
       recipients_ = 0;
       pending_rcpts_ = 0;
+      rcpt_seen_ = false;
       return a;
     case Step::rcpt:
+      rcpt_seen_ = true;
       if (parsed.error != CommandError::none) return refuse_parse_error(parsed, "5.1.3");
       if (recipients_ + pending_rcpts_ >= options_.max_recipients) {
         return refuse(452, "4.5.3", "Error: too many recipients", "too_many_recipients");
@@ -224,6 +227,8 @@ ServerSession::Action ServerSession::dispatch(Step step, const ParsedCommand& pa
     case Step::need_rcpt:
       return refuse(503, "5.5.1", "Error: need RCPT command", "bad_sequence");
     case Step::no_valid_recipients:
+      // Postfix's distinction: no RCPT at all is a sequence error; RCPTs that all failed are "no valid".
+      if (!rcpt_seen_) return refuse(503, "5.5.1", "Error: need RCPT command", "bad_sequence");
       return refuse(554, "5.5.1", "Error: no valid recipients", "no_valid_recipients");
     case Step::closed:
       a.kind = ActionKind::close;

@@ -48,7 +48,8 @@ class ServerSession {
   // reject_reason values (the `reason` label of mailflow_rejects_total), with the reply that carries them:
   //   bad_sequence           503 5.5.1  MAIL before EHLO/HELO (or after STARTTLS), nested MAIL, RCPT before MAIL,
   //                                     DATA before MAIL, STARTTLS inside a transaction
-  //   no_valid_recipients    554 5.5.1  DATA after MAIL when no RCPT was accepted
+  //   no_valid_recipients    554 5.5.1  DATA after RCPT commands that were all refused
+  //   (DATA after MAIL with no RCPT command at all is bad_sequence, 503 5.5.1)
   //   unrecognized_command   500 5.5.2  unknown verb, empty line
   //   bad_bytes              500 5.5.2  NUL, control characters or bytes >= 0x80 in a command
   //   syntax_error           501 5.5.4  known verb, malformed arguments (EHLO without name, "MAIL TO:", DATA x,
@@ -102,7 +103,8 @@ class ServerSession {
 
   Options options_;
   State state_ = State::need_helo;
-  bool mail_pending_ = false;  // begin_mail returned, on_mail_reply() not yet called
+  bool mail_pending_ = false;
+  bool rcpt_seen_ = false;  // a RCPT command (accepted or not) in this transaction  // begin_mail returned, on_mail_reply() not yet called
   bool tls_active_ = false;
   bool esmtp_ = false;
   std::string helo_name_;

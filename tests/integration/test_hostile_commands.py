@@ -130,10 +130,6 @@ def test_out_of_order_503(env, setup, command):
     hh.assert_relays(env.daemon, env.port, env.sink)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: DATA after MAIL with no RCPT command at all gets "
-                   "'554 5.5.1 no valid recipients' (reason no_valid_recipients); INTERFACE.md says DATA before "
-                   "RCPT is 503 5.5.1 (Postfix: '503 5.5.1 Error: need RCPT command'; 554 only when every RCPT "
-                   "was refused) - proto/server_session.cpp, DATA in state mail")
 def test_data_before_rcpt_503(env):
     before = env.daemon.metrics()
     c = hh.greeted(env.port)

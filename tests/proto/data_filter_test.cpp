@@ -161,7 +161,7 @@ TEST_CASE("DataFilter: SMTP smuggling variants never end the message") {
   }
 }
 
-TEST_CASE("DataFilter: bare LF becomes CRLF, bare CR a space; CR LF split over feeds is one CRLF") {
+TEST_CASE("DataFilter: bare LF becomes CRLF, bare CR a space, CR LF split over feeds is one CRLF") {
   const std::string input = "one\ntwo\rthree\r\r\nfour\r\r\r\n\n.\r\n";
   const Filtered f = check_every_split(input);
   // "\n.\r\n": the '.' line follows a bare-LF line, so it is not the terminator: it goes out stuffed.

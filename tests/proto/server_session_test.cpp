@@ -239,6 +239,8 @@ TEST_CASE("ServerSession: sequencing") {
            "bad_sequence",
            {},
            State::mail});
+  // No RCPT command yet: a sequence error (554 "no valid recipients" is for RCPTs that all failed).
+  play(s, {"DATA", Kind::reply, "503 5.5.1 Error: need RCPT command", "bad_sequence", {}, State::mail});
   play(s, {"RCPT TO:<c@d.example>", Kind::forward_rcpt, "", "", 250, State::rcpt});
   play(s, {"MAIL FROM:<a@b.example>",
            Kind::reply,
@@ -246,7 +248,7 @@ TEST_CASE("ServerSession: sequencing") {
            "bad_sequence",
            {},
            State::rcpt});
-  CHECK(s.bad_commands() == 7);
+  CHECK(s.bad_commands() == 8);
 }
 
 TEST_CASE("ServerSession: EHLO/HELO inside a transaction resets it") {
