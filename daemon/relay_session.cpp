@@ -158,6 +158,7 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
   asio::awaitable<void> reset_upstream_transaction();
   asio::awaitable<void> close_upstream(bool polite);
   void upstream_failed(std::string_view reason);
+  void drop_upstream();  // close the upstream leg and count it
 
   void count_reject(std::string_view reason);
   std::string received_header() const;
@@ -195,6 +196,7 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
   std::string connector_name_;  // of the current transaction
   config::Direction direction_ = config::Direction::inbound;
   std::string connectors_seen_;
+  std::string upstream_log_;  // "name/TLS1.2/cipher" of the last upstream leg, for the session line
   std::string result_ = "disconnected";
   std::uint32_t messages_ = 0;
   std::uint32_t rejects_ = 0;
@@ -298,6 +300,7 @@ asio::awaitable<void> RelaySession::finish() {
              {"tls", proto::to_string(client_.tls().version)},
              {"cipher", client_.tls().cipher},
              {"connector", connectors_seen_},
+             {"upstream", upstream_log_},
              {"messages", std::to_string(messages_)},
              {"rejects", std::to_string(rejects_)},
              {"result", result_},
@@ -702,9 +705,16 @@ void RelaySession::upstream_failed(std::string_view reason) {
   const std::string name = upstream_.config ? upstream_.config->name : "";
   telemetry_.upstream_error(name, reason);
   log_limited(LogLevel::warn, "upstream_error", {{"id", id_}, {"upstream", name}, {"reason", reason}});
+  drop_upstream();
+}
+
+void RelaySession::drop_upstream() {
   if (upstream_.link) {
     upstream_.link->close();
-    telemetry_.leg_finished(listener_.name, Leg::upstream, upstream_.link->tls().version);
+    const TlsInfo& tls = upstream_.link->tls();
+    telemetry_.leg_finished(listener_.name, Leg::upstream, tls.version);
+    upstream_log_ = upstream_.config->name + "/" + std::string(proto::to_string(tls.version)) +
+                    (tls.cipher.empty() ? "" : "/" + tls.cipher);
     upstream_.link.reset();
   }
   upstream_.in.clear();
@@ -763,11 +773,7 @@ asio::awaitable<void> RelaySession::close_upstream(bool polite) {
     }
     take_timeout();
   }
-  upstream_.link->close();
-  telemetry_.leg_finished(listener_.name, Leg::upstream, upstream_.link->tls().version);
-  upstream_.link.reset();
-  upstream_.in.clear();
-  upstream_.in_transaction = false;
+  drop_upstream();
 }
 
 asio::awaitable<bool> RelaySession::ensure_upstream(const std::string& name) {
