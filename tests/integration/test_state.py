@@ -10,6 +10,7 @@ import signal
 import subprocess
 import tempfile
 import types
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -136,6 +137,58 @@ def test_restart_with_a_connector_removed_keeps_its_history(env):
     status, page, _ = rh.http_get(second, "/")
     assert status == 200 and "legacy-domain" in page and "removed from config" in page
     stop_ok(second)
+
+
+def test_history_from_earlier_days(env):
+    """A state file with history (written in the daemon's own format, as a restart days later would find it):
+    each bucket is reported on its UTC day, what is older than the window rolls off everywhere (rows, window
+    gauges, insights), and new traffic adds to the loaded window."""
+    now = datetime.now(timezone.utc)
+    today = now.date()
+
+    def noon(days_ago):  # the hour bucket (hours since the epoch) of 12:00 UTC `days_ago` days back
+        day = datetime.combine(today - timedelta(days=days_ago), datetime.min.time(), tzinfo=timezone.utc)
+        return int(day.timestamp()) // 3600 + 12
+
+    state = env.workdir / "history-state"
+    state.mkdir()
+    (state / "windows.state").write_text(
+        "mailflowd-windows 1\n"
+        f"{noon(10)} partner-cidr inbound 100 0 0 0 0\n"   # rolled off: must not count anywhere
+        f"{noon(3)} partner-cidr inbound 0 4 0 4 0\n"
+        f"{noon(2)} gone-partner inbound 0 0 0 0 5\n")     # a connector no longer configured
+    daemon = env.make("history", state)
+    assert state_errors(daemon, "corrupt") == 0, f"the daemon did not accept its own format:\n{daemon.log_tail()}"
+    report, day = rh.stable_report(daemon)
+    assert day == today.isoformat(), "the UTC date changed during the test"
+    d3 = rh.rows_of(report, (today - timedelta(days=3)).isoformat())
+    assert d3[("partner-cidr", "inbound")]["messages"] == 8
+    assert d3[("partner-cidr", "inbound")]["percent"] == {"none": 0.0, "TLS1.0": 50.0, "TLS1.1": 0.0,
+                                                         "TLS1.2": 50.0, "TLS1.3": 0.0}
+    d2 = rh.rows_of(report, (today - timedelta(days=2)).isoformat())
+    assert d2[("gone-partner", "inbound")]["messages"] == 5 and d2[("gone-partner", "inbound")]["type"] == "internet"
+    busy = sorted((r["date"], r["connector"]) for r in report["rows"] if r["messages"])
+    assert busy == [((today - timedelta(days=3)).isoformat(), "partner-cidr"),
+                    ((today - timedelta(days=2)).isoformat(), "gone-partner")], busy
+    assert [i["text"] for i in report["insights"]] == [
+        "Inbound partner connector partner-cidr is seeing significant TLS1.0 mail flow: "
+        "50.0% of 8 messages in the last 7 days"], report["insights"]
+    m = daemon.metrics()
+    got = {v: harness.value(m, "mailflow_window_messages", connector="partner-cidr", direction="inbound",
+                            tls_version=v) for v in rh.VERSIONS}
+    assert got == {"none": 0, "TLS1.0": 4, "TLS1.1": 0, "TLS1.2": 4, "TLS1.3": 0}, got
+
+    rh.send_plan(daemon, env.sink, [SMALL_PLAN[0]])  # one message without TLS today
+    report, _ = rh.stable_report(daemon)
+    assert rh.rows_of(report, today.isoformat())[("partner-cidr", "inbound")]["messages"] == 1
+    assert sorted(i["text"] for i in report["insights"]) == [
+        "Inbound partner connector partner-cidr is seeing significant TLS1.0 mail flow: "
+        "44.4% of 9 messages in the last 7 days",
+        "Inbound partner connector partner-cidr is seeing significant mail flow without TLS: "
+        "11.1% of 9 messages in the last 7 days"], report["insights"]
+    m = daemon.metrics()
+    assert harness.value(m, "mailflow_insight_active", connector="partner-cidr", insight="significant_no_tls") == 1
+    stop_ok(daemon)
 
 
 # ------------------------------------------------------------------------------------ corrupt state
