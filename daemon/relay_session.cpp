@@ -60,6 +60,18 @@ std::string address_text(const asio::ip::address& address) {
   return address.to_string();
 }
 
+// RFC 5321 §4.1.3 address literal body: "192.0.2.1" or "IPv6:2001:db8::1".
+std::string address_literal(const asio::ip::address& address) {
+  const std::string text = address_text(address);
+  return text.find(':') == std::string::npos ? text : "IPv6:" + text;
+}
+
+// "192.0.2.1:25" or "[2001:db8::1]:25".
+std::string endpoint_text(const asio::ip::address& address, std::uint16_t port) {
+  const std::string text = address_text(address);
+  return (text.find(':') == std::string::npos ? text : "[" + text + "]") + ":" + std::to_string(port);
+}
+
 std::string rfc5322_date() {
   std::time_t now = std::time(nullptr);
   std::tm tm{};
@@ -289,7 +301,7 @@ asio::awaitable<void> RelaySession::finish() {
   if (address_admitted_) registry_.release_address(client_bytes_);
   registry_.remove(this);
 
-  const std::string client = address_text(client_address_) + ":" + std::to_string(client_port_);
+  const std::string client = endpoint_text(client_address_, client_port_);
   const std::string duration = fmt::format("{:.3f}", seconds);
   log_event(LogLevel::info, "session",
             {{"id", id_},
@@ -568,7 +580,7 @@ asio::awaitable<void> RelaySession::forward_rcpt() {
 
 std::string RelaySession::received_header() const {
   // RFC 5321 §4.4 trace field; the TLS comment follows common MTA practice (RFC 8314 §4.3 suggests it).
-  const std::string address = address_text(client_address_);
+  const std::string address = address_literal(client_address_);
   const bool tls = session_.tls_active();
   const char* protocol = session_.esmtp() ? (tls ? "ESMTPS" : "ESMTP") : "SMTP";
   std::string header = "Received: from " + (session_.helo_name().empty() ? address : session_.helo_name()) +

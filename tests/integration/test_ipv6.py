@@ -1,0 +1,50 @@
+"""IPv6: a listener on [::1] relays, the session log and the Received header carry the IPv6 client, and a
+connector matches an IPv6 CIDR."""
+import socket
+import types
+
+import pytest
+
+import harness
+
+MESSAGE = b"From: s@example.test\r\nTo: r@dest.test\r\nSubject: v6\r\n\r\nover IPv6\r\n"
+
+
+def free_port6():
+    with socket.socket(socket.AF_INET6) as s:
+        s.bind(("::1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def env(sink_factory, daemon_factory):
+    sink = sink_factory("sink")
+    port = free_port6()
+    daemon = daemon_factory(
+        listeners=[{"name": "v6", "address": f"[::1]:{port}", "direction": "inbound", "upstream": "store"}],
+        upstreams=[{"name": "store", "address": f"127.0.0.1:{sink.port}", "tls": "none"}],
+        connectors=[{"name": "loopback6", "type": "onpremises", "match": {"listener": "v6", "client_cidrs": ["::1/128"]}}])
+    return types.SimpleNamespace(daemon=daemon, port=port, sink=sink)
+
+
+def test_relay_over_ipv6(env):
+    before = env.daemon.metrics()
+    n = env.sink.count()
+    c = harness.RawSmtp(env.port, host="::1")
+    try:
+        assert c.reply()[0] == 220
+        assert c.cmd("EHLO v6.example.test")[0] == 250
+        assert c.cmd("MAIL FROM:<s@example.test>")[0] == 250
+        assert c.cmd("RCPT TO:<r@dest.test>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        c.send(harness.dot_stuff(MESSAGE))
+        assert c.cmd(".")[0] == 250
+        c.cmd("QUIT")
+    finally:
+        c.close()
+    _, content = env.sink.wait_messages(n + 1)[-1]
+    received, rest = harness.split_received(content)
+    assert len(received) == 1 and rest == MESSAGE
+    assert b"[IPv6:::1]" in received[0], received[0]
+    harness.assert_counted(env.daemon, before, "loopback6", "inbound", "none")
+    harness.wait_for(lambda: "client=[::1]:" in env.daemon.stderr(), what="session log line with [::1]")
