@@ -645,9 +645,9 @@ class Loader {
     std::chrono::milliseconds window = config_.telemetry.window;
     if (read_duration(*map, "window", "telemetry", window, std::chrono::hours(24),
                       std::chrono::hours(24 * 90))) {
-      if (window % std::chrono::hours(1) != std::chrono::milliseconds(0)) {
-        error_at(get(*map, "window")->value,
-                 "telemetry.window: must be a whole number of hours (buckets are hourly)");
+      // Reports, insights and alerts speak in days ("in the last 7 days"), so the window is whole days.
+      if (window % std::chrono::hours(24) != std::chrono::milliseconds(0)) {
+        error_at(get(*map, "window")->value, "telemetry.window: must be a whole number of days (1d..90d)");
       } else {
         config_.telemetry.window = std::chrono::duration_cast<std::chrono::hours>(window);
       }

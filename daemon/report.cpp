@@ -62,8 +62,8 @@ std::uint64_t total_of(const TlsCounts& counts) {
 }
 
 int window_days_of(const WindowStore& store) {
-  const auto hours = store.window().count();
-  return static_cast<int>(std::max<std::int64_t>(1, (hours + 23) / 24));
+  // The config only allows whole days (1d..90d).
+  return static_cast<int>(std::max<std::int64_t>(1, store.window().count() / 24));
 }
 
 std::string date_string(std::chrono::sys_days day) {
