@@ -379,7 +379,7 @@ std::string render_table(const Report& report) {
   } else {
     out += "Insights:\n";
     for (const Insight& insight : report.insights) out += "  - " + insight.text + "\n";
-    out += "Get these partners to upgrade to TLS1.2 or later before TLS1.0/1.1 are switched off.\n";
+    out += "Get the servers behind these connectors to TLS1.2 or later before TLS1.0/1.1 are switched off.\n";
   }
   return out;
 }
@@ -488,9 +488,8 @@ std::string render_html(const Report& report) {
           fmt::format("<p class=\"insight {}\">{}</p>\n",
                       insight.insight == "significant_tls10" ? "tls10" : "notls", html_escape(insight.text));
     out +=
-        "<p class=\"advice\"><strong>What to do:</strong> get these partners to upgrade their mail servers "
-        "to "
-        "TLS1.2 or later <em>before</em> TLS1.0 and TLS1.1 are switched off &mdash; once they are, mail from "
+        "<p class=\"advice\"><strong>What to do:</strong> get the mail servers behind these connectors (a "
+        "partner's, or your own) upgraded to TLS1.2 or later <em>before</em> TLS1.0 and TLS1.1 are switched off &mdash; once they are, mail from "
         "servers that cannot do better will be refused or fall back to no encryption at all. Mail without "
         "TLS "
         "is readable by anyone on the path: ask the sender to enable STARTTLS, or turn on Forced TLS "
@@ -525,7 +524,13 @@ std::string render_html(const Report& report) {
       report.days, report.days == 1 ? "day" : "days");
   for (const auto name : kVersionNames) out += fmt::format("<th class=\"num\">{} %</th>", html_escape(name));
   out += "</tr></thead>\n<tbody>\n";
-  for (const ReportRow& row : report.rows) {
+  // Newest day first: today is what an administrator looks for; connector order is kept within a day.
+  std::vector<const ReportRow*> newest_first;
+  for (const ReportRow& row : report.rows) newest_first.push_back(&row);
+  std::stable_sort(newest_first.begin(), newest_first.end(),
+                   [](const ReportRow* a, const ReportRow* b) { return a->date > b->date; });
+  for (const ReportRow* row_ptr : newest_first) {
+    const ReportRow& row = *row_ptr;
     out +=
         fmt::format("<tr{}><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"num\">{}</td>",
                     row.messages == 0 ? " class=\"zero\"" : "", html_escape(row.date),

@@ -187,7 +187,7 @@ TEST_CASE("report table is aligned and lists the insights") {
       "messages in the last 7 days\n"
       "  - Outbound on-premises connector onprem is seeing significant mail flow without TLS: 5.0% of 20 "
       "messages in the last 7 days\n"
-      "Get these partners to upgrade to TLS1.2 or later before TLS1.0/1.1 are switched off.\n");
+      "Get the servers behind these connectors to TLS1.2 or later before TLS1.0/1.1 are switched off.\n");
 }
 
 TEST_CASE("insights: at, under and over the threshold, and below min_messages") {
