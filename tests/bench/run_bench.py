@@ -76,6 +76,29 @@ class Placement:
             return "no pinning (fewer than 2 CPUs or no taskset)"
         return f"proxy under test on CPU {self.proxy_cpu}; load generator, smtp-sink, auth_http, curl on CPU {self.env_cpu}"
 
+    def start_pollers(self):
+        """One SCHED_IDLE busy loop per CPU in use: keeps (virtual) CPUs from halting between events.
+
+        On a VM an idle vCPU halts, and waking it for the next packet costs up to milliseconds: a proxy that
+        sleeps between events then measures the hypervisor, while one that happens to stay busy does not. A
+        SCHED_IDLE task runs only when nothing else wants the CPU and is preempted at once, so it takes no CPU
+        from the bench or from anything else; it only keeps the CPU polling instead of halting.
+        """
+        self.pollers = []
+        if shutil.which("chrt") is None:
+            return
+        for cpu in sorted({self.env_cpu, self.proxy_cpu}):
+            argv = ["chrt", "--idle", "0", "/bin/sh", "-c", "while :; do :; done"]
+            if self.enabled:
+                argv = ["taskset", "-c", cpu] + argv
+            self.pollers.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL))
+
+    def stop_pollers(self):
+        for p in getattr(self, "pollers", []):
+            p.kill()
+            p.wait()
+        self.pollers = []
+
 
 class Server:
     def __init__(self, name, argv, logfile, port, cwd=None):
@@ -107,6 +130,13 @@ def rss_kib(pid):
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def cpu_seconds(pid):
+    """utime + stime of a process (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def children(pid):
@@ -318,6 +348,7 @@ class Bench:
         self.servers.remove(server)
 
     def stop_all(self):
+        self.place.stop_pollers()
         for server in list(self.servers):
             self.stop(server)
 
@@ -347,8 +378,13 @@ class Bench:
         config, d = nginx_mail_config(self.workdir, tag, port, self.auth_port, self.cert, self.key,
                                       big_buffers=not tag.startswith("idle"))
         server = self.start(f"nginx-{tag}", ["nginx", "-p", d, "-c", config], port)
+        deadline = time.monotonic() + 5
+        while not children(server.pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
         workers = children(server.pid)
-        server.rss_pid = workers[0] if workers else server.pid
+        if len(workers) != 1:
+            raise RuntimeError(f"nginx-{tag}: expected one worker process, found {workers}")
+        server.rss_pid = workers[0]
         return server
 
     def start_auth(self):
@@ -359,26 +395,37 @@ class Bench:
     def start_haproxy(self):
         port = free_port()
         config = haproxy_config(self.workdir, port, self.sink_port)
-        return self.start("haproxy", ["haproxy", "-db", "-f", config], port)
+        server = self.start("haproxy", ["haproxy", "-db", "-f", config], port)
+        server.rss_pid = server.pid
+        return server
 
     # -- load generator
     def loadgen(self, port, label, tls="none", messages=0, concurrency=None, interval_ms=0, duration=None,
-                sender_domains=1):
+                sender_domains=1, server=None):
         argv = [self.args.loadgen, "--connect", f"127.0.0.1:{port}", "--tls", tls, "--messages", str(messages),
                 "--concurrency", str(concurrency or self.concurrency), "--size", str(self.size),
                 "--duration", str(duration or self.duration), "--warmup", str(self.warmup),
                 "--interval-ms", str(interval_ms), "--sender-domains", str(sender_domains)]
+        cpu_pid = getattr(server, "rss_pid", None) if server is not None and server.name != "smtp-sink" else None
+        cpu_before, wall_before = (cpu_seconds(cpu_pid) if cpu_pid else 0.0), time.monotonic()
         out = subprocess.run(self.place.env(argv), capture_output=True, text=True, timeout=120)
         if out.returncode != 0:
             raise RuntimeError(f"loadgen {label} failed ({out.returncode}): {out.stderr.strip()}")
         result = json.loads(out.stdout)
+        if cpu_pid:
+            # The proxy's CPU time over the whole run (warm-up included), per message at the measured rate.
+            cpu, wall = cpu_seconds(cpu_pid) - cpu_before, time.monotonic() - wall_before
+            result["proxy_cpu_percent"] = round(100.0 * cpu / wall, 1)
+            rate = result["msgs_per_s"] * wall
+            result["proxy_cpu_us_per_msg"] = round(1e6 * cpu / rate, 1) if rate else None
         self.raw[label] = result
         if result["errors"]:
             self.problems.append(f"{label}: {result['errors']} errors, first: {result['first_error']}")
         if result["messages"] == 0:
             self.problems.append(f"{label}: no message completed")
         log(f"  {label:34s} {result['msgs_per_s']:10.1f} msgs/s {result['sessions_per_s']:9.1f} sessions/s "
-            f"p50 {result['p50_us']}us p99 {result['p99_us']}us errors {result['errors']}")
+            f"p50 {result['p50_us']}us p99 {result['p99_us']}us errors {result['errors']}"
+            + (f" proxy CPU {result['proxy_cpu_percent']}% {result['proxy_cpu_us_per_msg']}us/msg" if cpu_pid else ""))
         return result
 
     def idle_rss(self, server, label, tls):
@@ -463,6 +510,8 @@ class Bench:
                             "target": None if limit is None else f"<= {limit:g} {unit}", "pass": passed})
 
         log(f"bench: {self.place.describe()}; workdir {self.workdir}")
+        if not self.args.no_pollers:
+            self.place.start_pollers()
         self.start_sink()
         if self.have_nginx:
             self.start_auth()
@@ -489,17 +538,18 @@ class Bench:
         r = {}
         for mode, messages in (("reused", 0), ("single", 1)):
             for name, server in paths:
-                r[(name, "plain", mode)] = self.loadgen(server.port, f"{name}.plain_{mode}", messages=messages)
+                r[(name, "plain", mode)] = self.loadgen(server.port, f"{name}.plain_{mode}", messages=messages,
+                                                        server=server)
         for version in ("1.2", "1.3"):
             for mode, messages in (("reused", 0), ("single", 1)):
                 for name, server in paths:
                     if name in ("direct", "haproxy"):
                         continue  # smtp-sink has no STARTTLS; HAProxy in TCP mode cannot terminate it
                     r[(name, version, mode)] = self.loadgen(server.port, f"{name}.tls{version}_{mode}",
-                                                            tls=version, messages=messages)
+                                                            tls=version, messages=messages, server=server)
         for name, server in paths:
             r[(name, "latency")] = self.loadgen(server.port, f"{name}.latency", messages=0, concurrency=1,
-                                                interval_ms=2, duration=self.latency_duration)
+                                                interval_ms=2, duration=self.latency_duration, server=server)
         self.stop(mf)
         if ng:
             self.stop(ng)
@@ -630,6 +680,7 @@ def main():
     p.add_argument("--size", type=int, default=10240, help="message size in octets")
     p.add_argument("--idle-sessions", type=int, default=10000)
     p.add_argument("--connectors", type=int, default=1000, help="connectors per direction for the HTTP figures")
+    p.add_argument("--no-pollers", action="store_true", help="let idle CPUs halt (see Placement.start_pollers)")
     args = p.parse_args()
 
     # The machine may be shared (builds, other tests): every process of the bench, proxies and load generator
@@ -673,6 +724,7 @@ def main():
     result = {
         "generated_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "smoke": args.smoke, "elapsed_s": round(elapsed, 1), "placement": bench.place.describe(),
+        "pollers": not args.no_pollers,
         "load_average_before": round(load1, 2), "load_average_after": round(os.getloadavg()[0], 2),
         "settings": {"duration_s": bench.duration, "warmup_s": bench.warmup, "concurrency": bench.concurrency,
                      "message_size": bench.size, "idle_sessions": bench.idle_sessions,
