@@ -2,7 +2,7 @@
 PRESET ?= dev
 JOBS ?= $(shell nproc)
 
-.PHONY: deps deps-test build test run bench fuzz deb clean
+.PHONY: deps deps-test build test asan-test fuzz-smoke run bench fuzz deb clean
 
 deps:
 	deploy/dev/deps.sh build
@@ -14,8 +14,28 @@ build: deps
 	cmake --preset $(PRESET) >/dev/null
 	cmake --build --preset $(PRESET) -j $(JOBS)
 
-test: deps-test build
+# Every test three ways: libFuzzer targets briefly (clang), units + integration under ASan+UBSan, then the
+# whole suite (units, integration, rules, dashboards, packaging, bench smoke) on the dev build. The last
+# line is ctest's summary of the full suite.
+test: deps-test fuzz-smoke asan-test build
 	ctest --preset $(PRESET) -j $(JOBS)
+
+asan-test: deps-test
+	cmake --preset asan >/dev/null
+	cmake --build --preset asan -j $(JOBS)
+	ctest --preset asan -j $(JOBS)
+
+fuzz-smoke: deps-test
+	cmake --preset fuzz -DMAILFLOW_FUZZ_SECONDS=10 >/dev/null
+	cmake --build --preset fuzz -j $(JOBS) --target fuzz_targets
+	ctest --preset fuzz -j $(JOBS)
+
+# `make fuzz FUZZ_SECONDS=600`: each target for that long, new inputs kept in build/fuzz (see tests/fuzz/).
+FUZZ_SECONDS ?= 60
+fuzz: deps-test
+	cmake --preset fuzz -DMAILFLOW_FUZZ_SECONDS=$(FUZZ_SECONDS) >/dev/null
+	cmake --build --preset fuzz -j $(JOBS) --target fuzz_targets
+	ctest --preset fuzz -j $(JOBS) --timeout $$(( $(FUZZ_SECONDS) + 120 ))
 
 run: build
 	deploy/dev/run.sh build/$(PRESET)/daemon/mailflowd
