@@ -10,6 +10,7 @@
 #include <openssl/ssl.h>
 
 #include <algorithm>
+#include <array>
 #include <climits>
 #include <cstring>
 
@@ -101,19 +102,18 @@ error_code Link::tls_error(int result) {
 }
 
 asio::awaitable<std::size_t> Link::read_available(std::string& buffer, std::size_t max, error_code& ec) {
-  // Wait without a buffer, then take exactly what arrived.
+  // Read speculatively into a per-thread scratch area (one recv when data is already there, the common case
+  // in a busy pipeline), and wait for readability without holding any buffer when it is not.
+  thread_local std::array<char, 64 * 1024> scratch;
   for (;;) {
+    const std::size_t n = socket_.read_some(asio::buffer(scratch.data(), std::min(max, scratch.size())), ec);
+    if (!ec) {
+      buffer.append(scratch.data(), n);
+      co_return n;
+    }
+    if (ec != asio::error::would_block && ec != asio::error::try_again) co_return 0;
     co_await socket_.async_wait(asio::ip::tcp::socket::wait_read, with(ec));
     if (ec) co_return 0;
-    const std::size_t available = socket_.available(ec);
-    if (ec) co_return 0;
-    const std::size_t want = std::clamp<std::size_t>(available, 1, max);
-    const std::size_t old_size = buffer.size();
-    buffer.resize(old_size + want);
-    const std::size_t n = socket_.read_some(asio::buffer(buffer.data() + old_size, want), ec);
-    buffer.resize(old_size + n);
-    if (ec == asio::error::would_block || ec == asio::error::try_again) continue;
-    co_return n;
   }
 }
 

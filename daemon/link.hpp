@@ -3,7 +3,7 @@
 //
 // TLS runs OpenSSL over a custom BIO that reads and writes this object's own buffers (sans-I/O, like
 // proto/): no asio::ssl::stream, whose four 17 KiB buffers per connection would dominate an idle session's
-// memory. Idle reads first wait for readability and then take exactly what the kernel holds, so a session
+// memory. Reads go through a per-thread scratch area and wait for readability without a buffer, so a session
 // that waits for its next command owns no read buffer at all; SSL_MODE_RELEASE_BUFFERS lets OpenSSL drop its
 // record buffers in between too.
 #include <utility>  // before Asio (Boost 1.74 + GCC 12)

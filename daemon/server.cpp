@@ -13,6 +13,7 @@
 #include <boost/asio/strand.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <fmt/format.h>
+#include <sched.h>
 #include <sys/socket.h>
 #include <systemd/sd-daemon.h>
 #include <unistd.h>
@@ -66,6 +67,15 @@ std::map<tcp::endpoint, int> inherited_sockets() {
   return sockets;
 }
 
+// One I/O thread per CPU this process may run on (taskset/cgroup cpusets), not per CPU online: two threads
+// sharing one CPU only add hand-offs and latency.
+unsigned usable_cpus() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
 void check_state_dir(const std::string& dir) {
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);
@@ -102,7 +112,7 @@ struct Server::Impl {
   int exit_code = 0;
 
   Impl(std::string path, std::shared_ptr<const config::Config> config)
-      : config_path(std::move(path)), io(static_cast<int>(std::max(1u, std::thread::hardware_concurrency()))) {
+      : config_path(std::move(path)), io(static_cast<int>(usable_cpus())) {
     runtime = Runtime::build(std::move(config));
   }
 
@@ -313,7 +323,7 @@ int Server::run() {
   sd_notify(0, "READY=1");
   s.notify_status();
 
-  const unsigned threads = std::max(1u, std::thread::hardware_concurrency());
+  const unsigned threads = usable_cpus();
   std::vector<std::thread> pool;
   for (unsigned i = 1; i < threads; ++i) pool.emplace_back([&s] { s.io.run(); });
   s.io.run();
