@@ -37,7 +37,9 @@ fuzz: deps-test
 	cmake --build --preset fuzz -j $(JOBS) --target fuzz_targets
 	ctest --preset fuzz -j $(JOBS) --timeout $$(( $(FUZZ_SECONDS) + 120 ))
 
-run: build
+run: deps
+	cmake --preset $(PRESET) >/dev/null
+	cmake --build --preset $(PRESET) -j $(JOBS) --target mailflowd
 	deploy/dev/run.sh build/$(PRESET)/daemon/mailflowd
 
 # Benchmarks: optimized build (release preset), then the harness (tests/bench/run_bench.py, docs/performance.md):
