@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <deque>
 #include <ctime>
 #include <optional>
 #include <random>
@@ -99,6 +100,7 @@ struct Upstream {
   std::unique_ptr<Link> link;
   std::string in;
   bool in_transaction = false;
+  bool pipelining = false;  // advertised: queued commands go out in one write
 };
 
 const char* const upstream_lost_reply = "451 4.4.2 Upstream connection lost, try again later\r\n";
@@ -160,6 +162,9 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
   asio::awaitable<bool> flush();
   asio::awaitable<void> say_goodbye(std::string_view reply, std::string_view result);
   asio::awaitable<void> start_tls();
+  enum class Pending { mail, rcpt, data };
+  void queue_upstream(Pending kind, std::string line);
+  asio::awaitable<bool> resolve_pending();
   asio::awaitable<void> begin_mail();
   asio::awaitable<void> forward_rcpt();
   asio::awaitable<void> relay_data();
@@ -186,6 +191,8 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
   proto::ServerSession session_;
   proto::CommandFramer framer_;
   Upstream upstream_;
+  std::string upstream_out_;     // commands queued for the upstream, sent by resolve_pending()
+  std::deque<Pending> pending_;  // their replies, still to be read and relayed
 
   std::string id_;
   std::string client_in_;
@@ -290,7 +297,8 @@ asio::awaitable<void> RelaySession::serve() {
 
 asio::awaitable<void> RelaySession::finish() {
   if (!client_out_.empty()) co_await flush();
-  co_await close_upstream(true);
+  co_await close_upstream(pending_.empty());
+  pending_.clear();
   client_.close();
   finished_ = true;
   timer_.cancel();
@@ -398,6 +406,7 @@ asio::awaitable<bool> RelaySession::next_line(std::string& line) {
       if (close_) co_return false;
       continue;
     }
+    co_await resolve_pending();
     if (!co_await flush()) co_return false;
     const bool idle = session_.state() == proto::ServerSession::State::need_helo ||
                       session_.state() == proto::ServerSession::State::ready;
@@ -435,6 +444,9 @@ asio::awaitable<bool> RelaySession::next_line(std::string& line) {
 
 asio::awaitable<void> RelaySession::perform(const proto::ServerSession::Action& action) {
   using Kind = proto::ServerSession::ActionKind;
+  if (action.kind != Kind::begin_mail && action.kind != Kind::forward_rcpt && action.kind != Kind::begin_data) {
+    co_await resolve_pending();  // replies go out in command order
+  }
   if (!action.reject_reason.empty()) count_reject(action.reject_reason);
   switch (action.kind) {
     case Kind::reply:
@@ -556,26 +568,69 @@ asio::awaitable<void> RelaySession::begin_mail() {
     session_.on_mail_reply(451);
     co_return;
   }
-  auto reply = co_await upstream_command("MAIL " + command.argument + "\r\n");
-  if (!reply) {
-    client_out_ += upstream_lost_reply;
-    session_.on_mail_reply(451);
-    co_return;
-  }
-  client_out_ += proto::format_reply(*reply);
-  session_.on_mail_reply(reply->code);
-  upstream_.in_transaction = reply->positive();
+  queue_upstream(Pending::mail, "MAIL " + command.argument + "\r\n");
+  if (!upstream_.pipelining) co_await resolve_pending();
 }
 
 asio::awaitable<void> RelaySession::forward_rcpt() {
-  auto reply = co_await upstream_command("RCPT " + session_.last_command().argument + "\r\n");
-  if (!reply) {
-    client_out_ += upstream_lost_reply;
-    session_.on_transaction_aborted();
-    co_return;
+  queue_upstream(Pending::rcpt, "RCPT " + session_.last_command().argument + "\r\n");
+  if (!upstream_.pipelining) co_await resolve_pending();
+}
+
+void RelaySession::queue_upstream(Pending kind, std::string line) {
+  upstream_out_ += line;
+  pending_.push_back(kind);
+}
+
+asio::awaitable<bool> RelaySession::resolve_pending() {
+  // RFC 2920: what the client pipelined goes upstream in one write; the replies come back in order and are
+  // relayed in order. Returns true when the last command was DATA and the upstream said 354.
+  bool go_ahead = false;
+  if (pending_.empty()) co_return go_ahead;
+  bool lost = upstream_.link == nullptr;
+  if (!lost) {
+    set_deadline(config_.timeouts.command);
+    error_code ec;
+    co_await upstream_.link->write(upstream_out_, ec);
+    if (ec) {
+      upstream_failed(take_timeout() ? "timeout" : "connection_lost");
+      lost = true;
+    }
   }
-  client_out_ += proto::format_reply(*reply);
-  session_.on_rcpt_reply(reply->code);
+  upstream_out_.clear();
+  while (!pending_.empty()) {
+    const Pending kind = pending_.front();
+    pending_.pop_front();
+    std::optional<proto::Reply> reply;
+    if (!lost) reply = co_await read_upstream_reply(config_.timeouts.command);
+    if (!reply) {
+      lost = true;
+      client_out_ += upstream_lost_reply;
+      if (kind == Pending::mail) session_.on_mail_reply(451);
+      if (kind == Pending::rcpt) session_.on_rcpt_reply(451);
+      continue;
+    }
+    client_out_ += proto::format_reply(*reply);
+    switch (kind) {
+      case Pending::mail:
+        session_.on_mail_reply(reply->code);
+        upstream_.in_transaction = reply->positive();
+        break;
+      case Pending::rcpt:
+        session_.on_rcpt_reply(reply->code);
+        break;
+      case Pending::data:
+        if (reply->code == 354) {
+          go_ahead = true;
+        } else {
+          co_await reset_upstream_transaction();
+          session_.on_data_finished();
+        }
+        break;
+    }
+  }
+  if (lost) session_.on_transaction_aborted();
+  co_return go_ahead;
 }
 
 std::string RelaySession::received_header() const {
@@ -602,19 +657,8 @@ proto::TlsVersion RelaySession::counted_version() const {
 }
 
 asio::awaitable<void> RelaySession::relay_data() {
-  auto reply = co_await upstream_command("DATA\r\n");
-  if (!reply) {
-    client_out_ += upstream_lost_reply;
-    session_.on_transaction_aborted();
-    co_return;
-  }
-  if (reply->code != 354) {
-    client_out_ += proto::format_reply(*reply);
-    co_await reset_upstream_transaction();
-    session_.on_data_finished();
-    co_return;
-  }
-  client_out_ += proto::format_reply(*reply);
+  queue_upstream(Pending::data, "DATA\r\n");
+  if (!co_await resolve_pending()) co_return;
   if (!co_await flush()) {
     co_await close_upstream(false);
     session_.on_transaction_aborted();
@@ -872,6 +916,7 @@ asio::awaitable<bool> RelaySession::ensure_upstream(const std::string& name) {
         break;
       }
       case Kind::ready:
+        upstream_.pipelining = engine.pipelining();
         co_return true;
       case Kind::fail: {
         const std::string said = action.reply.lines.empty() ? "" : action.reply.lines.front();
