@@ -14,8 +14,8 @@
 
 #include <algorithm>
 #include <chrono>
-#include <deque>
 #include <ctime>
+#include <deque>
 #include <optional>
 #include <random>
 
