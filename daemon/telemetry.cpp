@@ -4,25 +4,22 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <prometheus/counter.h>
-#include <prometheus/family.h>
-#include <prometheus/gauge.h>
-#include <prometheus/histogram.h>
-#include <prometheus/registry.h>
-#include <prometheus/text_serializer.h>
-
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
+#include <initializer_list>
+#include <map>
 #include <mutex>
+#include <optional>
 #include <set>
-#include <sstream>
 #include <unordered_map>
 #include <utility>
 #include <vector>
 
+#include "daemon/exposition.hpp"
 #include "daemon/process_metrics.hpp"
 #include "daemon/report.hpp"
 #include "daemon/window_store.hpp"
@@ -33,20 +30,22 @@ std::string_view to_string(Leg leg) { return leg == Leg::client ? "client" : "up
 
 namespace {
 
-using prometheus::Counter;
-using prometheus::Family;
-using prometheus::Gauge;
-using prometheus::Histogram;
-
 constexpr std::size_t kVersions = proto::all_tls_versions.size();
 constexpr std::array<Leg, 2> kLegs{Leg::client, Leg::upstream};
 constexpr std::array<std::string_view, 2> kInsights{"significant_tls10", "significant_no_tls"};
+constexpr std::array<std::string_view, 3> kThresholdKinds{"tls10_share", "no_tls_share", "min_messages"};
+constexpr std::array<config::ConnectorType, 3> kConnectorTypes{
+    config::ConnectorType::partner, config::ConnectorType::onpremises, config::ConnectorType::internet};
 constexpr const char* kStateFile = "windows.state";
 constexpr std::size_t kMaxStateFileBytes = 512u << 20;  // far above 90 days x hourly x many connectors
+
+// SMTP sessions: from an immediate QUIT (10 ms) to a slow DATA near the default timeouts (10 min).
+constexpr std::array<double, 14> kSessionBuckets{0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600};
 
 std::size_t index_of(proto::TlsVersion version) { return static_cast<std::size_t>(version); }
 std::size_t index_of(config::Direction direction) { return static_cast<std::size_t>(direction); }
 std::size_t index_of(Leg leg) { return static_cast<std::size_t>(leg); }
+std::size_t index_of(config::ConnectorType type) { return static_cast<std::size_t>(type); }
 
 bool below_tls12(proto::TlsVersion version) {
   return version == proto::TlsVersion::none || version == proto::TlsVersion::tls10 ||
@@ -61,123 +60,136 @@ struct StringHash {
 template <class Value>
 using StringMap = std::unordered_map<std::string, Value, StringHash, std::equal_to<>>;
 
-// Every metric family of mailflowd, declared together (names, types, help). The label names are fixed by
-// the code that adds series below; INTERFACE.md "Metrics" is the contract.
-struct Families {
-  explicit Families(prometheus::Registry& r)
-      : messages(prometheus::BuildCounter()
-                     .Name("mailflow_messages_total")
-                     .Help("Messages accepted by the upstream, by connector, direction and TLS version of the "
-                           "external leg")
-                     .Register(r)),
-        message_bytes(prometheus::BuildCounter()
-                          .Name("mailflow_message_bytes_total")
-                          .Help("Bytes of accepted messages")
-                          .Register(r)),
-        recipients(prometheus::BuildCounter()
-                       .Name("mailflow_recipients_total")
-                       .Help("Recipients of accepted messages")
-                       .Register(r)),
-        sessions(prometheus::BuildCounter()
-                     .Name("mailflow_sessions_total")
-                     .Help("Finished connection legs by listener, leg (client/upstream) and TLS version")
-                     .Register(r)),
-        sessions_active(prometheus::BuildGauge()
-                            .Name("mailflow_sessions_active")
-                            .Help("Client sessions currently open")
-                            .Register(r)),
-        tls_handshake_failures(prometheus::BuildCounter()
-                                   .Name("mailflow_tls_handshake_failures_total")
-                                   .Help("Failed TLS handshakes by listener, leg and reason")
-                                   .Register(r)),
-        upstream_errors(prometheus::BuildCounter()
-                            .Name("mailflow_upstream_errors_total")
-                            .Help("Upstream connection and protocol errors")
-                            .Register(r)),
-        rejects(prometheus::BuildCounter()
-                    .Name("mailflow_rejects_total")
-                    .Help("Refusals and limits hit, by listener and reason")
-                    .Register(r)),
-        window_messages(prometheus::BuildGauge()
-                            .Name("mailflow_window_messages")
-                            .Help("Messages within the rolling window (telemetry.window)")
-                            .Register(r)),
-        window_tls_share(prometheus::BuildGauge()
-                             .Name("mailflow_window_tls_share")
-                             .Help("Share (0..1) of the window's messages per TLS version")
-                             .Register(r)),
-        connector_info(prometheus::BuildGauge()
-                           .Name("mailflow_connector_info")
-                           .Help("Configured connectors (always 1)")
-                           .Register(r)),
-        alert_threshold(prometheus::BuildGauge()
-                            .Name("mailflow_alert_threshold")
-                            .Help("Alert thresholds per connector (tls10_share, no_tls_share, min_messages)")
-                            .Register(r)),
-        insight_active(prometheus::BuildGauge()
-                           .Name("mailflow_insight_active")
-                           .Help("1 while an insight (significant_tls10, significant_no_tls) is active")
-                           .Register(r)),
-        below_tls12(prometheus::BuildCounter()
-                        .Name("mailflow_below_tls12_total")
-                        .Help("Messages without TLS or with TLS1.0/1.1: what breaks if TLS1.2 is enforced")
-                        .Register(r)),
-        session_duration(prometheus::BuildHistogram()
-                             .Name("mailflow_session_duration_seconds")
-                             .Help("Client session duration")
-                             .Register(r)),
-        config_reloads(prometheus::BuildCounter()
-                           .Name("mailflow_config_reloads_total")
-                           .Help("Configuration reloads by result (success, failure)")
-                           .Register(r)),
-        state_errors(prometheus::BuildCounter()
-                         .Name("mailflow_state_errors_total")
-                         .Help("Problems saving or loading the rolling windows state")
-                         .Register(r)),
-        build_info(prometheus::BuildGauge()
-                       .Name("mailflow_build_info")
-                       .Help("Build information (always 1)")
-                       .Register(r)) {}
+// Every metric family of mailflowd, declared together (name, type, help). The label names are rendered
+// where the series are created (Impl) and the samples written by metrics_text; INTERFACE.md "Metrics" is
+// the contract.
+struct Family {
+  std::string_view name;
+  std::string_view type;
+  std::string_view help;
+};
+namespace family {
+constexpr Family messages{"mailflow_messages_total", "counter",
+                          "Messages accepted by the upstream, by connector, direction and TLS version of the external "
+                          "leg"};
+constexpr Family message_bytes{"mailflow_message_bytes_total", "counter", "Bytes of accepted messages"};
+constexpr Family recipients{"mailflow_recipients_total", "counter", "Recipients of accepted messages"};
+constexpr Family sessions{"mailflow_sessions_total", "counter",
+                          "Finished connection legs by listener, leg (client/upstream) and TLS version"};
+constexpr Family tls_handshake_failures{"mailflow_tls_handshake_failures_total", "counter",
+                                        "Failed TLS handshakes by listener, leg and reason"};
+constexpr Family upstream_errors{"mailflow_upstream_errors_total", "counter", "Upstream connection and protocol errors"};
+constexpr Family rejects{"mailflow_rejects_total", "counter", "Refusals and limits hit, by listener and reason"};
+constexpr Family below_tls12{"mailflow_below_tls12_total", "counter",
+                             "Messages without TLS or with TLS1.0/1.1: what breaks if TLS1.2 is enforced"};
+constexpr Family config_reloads{"mailflow_config_reloads_total", "counter",
+                                "Configuration reloads by result (success, failure)"};
+constexpr Family state_errors{"mailflow_state_errors_total", "counter",
+                              "Problems saving or loading the rolling windows state"};
+constexpr Family sessions_active{"mailflow_sessions_active", "gauge", "Client sessions currently open"};
+constexpr Family window_messages{"mailflow_window_messages", "gauge",
+                                 "Messages within the rolling window (telemetry.window)"};
+constexpr Family window_tls_share{"mailflow_window_tls_share", "gauge",
+                                  "Share (0..1) of the window's messages per TLS version"};
+constexpr Family connector_info{"mailflow_connector_info", "gauge", "Configured connectors (always 1)"};
+constexpr Family alert_threshold{"mailflow_alert_threshold", "gauge",
+                                 "Alert thresholds per connector (tls10_share, no_tls_share, min_messages)"};
+constexpr Family insight_active{"mailflow_insight_active", "gauge",
+                                "1 while an insight (significant_tls10, significant_no_tls) is active"};
+constexpr Family build_info{"mailflow_build_info", "gauge", "Build information (always 1)"};
+constexpr Family session_duration{"mailflow_session_duration_seconds", "histogram", "Client session duration"};
+// process_* the way the Prometheus Go client exports them.
+constexpr Family process_cpu{"process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds."};
+constexpr Family process_max_fds{"process_max_fds", "gauge", "Maximum number of open file descriptors."};
+constexpr Family process_open_fds{"process_open_fds", "gauge", "Number of open file descriptors."};
+constexpr Family process_resident{"process_resident_memory_bytes", "gauge", "Resident memory size in bytes."};
+constexpr Family process_start_time{"process_start_time_seconds", "gauge",
+                                    "Start time of the process since unix epoch in seconds."};
+constexpr Family process_virtual{"process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes."};
+}  // namespace family
 
-  Family<Counter>& messages;
-  Family<Counter>& message_bytes;
-  Family<Counter>& recipients;
-  Family<Counter>& sessions;
-  Family<Gauge>& sessions_active;
-  Family<Counter>& tls_handshake_failures;
-  Family<Counter>& upstream_errors;
-  Family<Counter>& rejects;
-  Family<Gauge>& window_messages;
-  Family<Gauge>& window_tls_share;
-  Family<Gauge>& connector_info;
-  Family<Gauge>& alert_threshold;
-  Family<Gauge>& insight_active;
-  Family<Counter>& below_tls12;
-  Family<Histogram>& session_duration;
-  Family<Counter>& config_reloads;
-  Family<Counter>& state_errors;
-  Family<Gauge>& build_info;
+// The rarely used families whose label values arrive at run time (reasons, upstream names).
+enum class Labelled : std::size_t { tls_handshake_failures, upstream_errors, rejects, config_reloads, state_errors };
+constexpr std::size_t kLabelledFamilies = 5;
+constexpr std::array<const Family*, kLabelledFamilies> kLabelledFamily{
+    &family::tls_handshake_failures, &family::upstream_errors, &family::rejects, &family::config_reloads,
+    &family::state_errors};
+
+// Label text that does not depend on a series, rendered once.
+struct FixedLabels {
+  std::array<std::string, kVersions> tls_version;
+  std::array<std::string, kLegs.size()> leg;
+  std::array<std::string, kInsights.size()> insight;
+  std::array<std::string, kThresholdKinds.size()> kind;
+  std::array<std::string, kConnectorTypes.size()> type;
+  std::array<std::string, 2> forced_tls;  // false, true
+  std::array<std::string, kSessionBuckets.size() + 1> le;
+  std::string version;  // mailflow_build_info
+
+  FixedLabels() {
+    using exposition::label;
+    for (const auto v : proto::all_tls_versions) tls_version[index_of(v)] = label("tls_version", proto::to_string(v));
+    for (const auto l : kLegs) leg[index_of(l)] = label("leg", to_string(l));
+    for (std::size_t i = 0; i < kInsights.size(); ++i) insight[i] = label("insight", kInsights[i]);
+    for (std::size_t i = 0; i < kThresholdKinds.size(); ++i) kind[i] = label("kind", kThresholdKinds[i]);
+    for (const auto t : kConnectorTypes) type[index_of(t)] = label("type", config::to_string(t));
+    forced_tls = {label("forced_tls", "false"), label("forced_tls", "true")};
+    for (std::size_t i = 0; i < kSessionBuckets.size(); ++i) {
+      std::string bound;
+      exposition::append_value(bound, kSessionBuckets[i]);
+      le[i] = label("le", bound);
+    }
+    le.back() = label("le", "+Inf");
+    version = label("version", MAILFLOW_VERSION);
+  }
 };
 
-// SMTP sessions: from an immediate QUIT (10 ms) to a slow DATA near the default timeouts (10 min).
-const Histogram::BucketBoundaries kSessionBuckets{0.01, 0.05, 0.1, 0.25, 0.5, 1,   2.5,
-                                                  5,    10,   30,  60,   120, 300, 600};
+const FixedLabels& fixed_labels() {
+  static const FixedLabels labels;
+  return labels;
+}
 
-// Cached series of one (connector, direction): the hot path touches only these pointers.
+// Everything counted for one (connector, direction), plain values under Impl::mutex: a scrape copies it whole.
+struct ConnectorValues {
+  std::array<std::uint64_t, kVersions> messages{};
+  std::array<std::uint64_t, kVersions> bytes{};
+  std::array<std::uint64_t, kVersions> recipients{};
+  std::uint64_t below_tls12 = 0;
+  // mailflow_connector_info and mailflow_alert_threshold exist only while the connector is configured.
+  bool configured = false;
+  config::ConnectorType type = config::ConnectorType::internet;
+  bool forced_tls = false;
+  config::AlertThresholds alerts;
+};
+
+// A series set is created once and never destroyed (counters must never go backwards while the process
+// lives), so a scrape may read its constant label text after it released the mutex.
 struct ConnectorSeries {
-  std::array<Counter*, kVersions> messages{};
-  std::array<Counter*, kVersions> bytes{};
-  std::array<Counter*, kVersions> recipients{};
-  std::array<Gauge*, kVersions> window_messages{};
-  std::array<Gauge*, kVersions> window_share{};
-  std::array<Gauge*, kInsights.size()> insight{};
-  Counter* below_tls12 = nullptr;
+  ConnectorSeries(std::string_view connector, config::Direction dir, std::size_t position)
+      : name(connector), direction(dir), index(position) {
+    exposition::append_label(labels, "connector", connector);
+    labels.push_back(',');
+    exposition::append_label(labels, "direction", config::to_string(dir));
+  }
+  const std::string name;
+  const config::Direction direction;
+  const std::size_t index;  // in Impl::connector_list, and so in a scrape's rows
+  std::string labels;       // connector="…",direction="…": set by the constructor, constant after
+  ConnectorValues values;
+};
+
+struct ListenerValues {
+  std::int64_t active = 0;
+  std::array<std::array<std::uint64_t, kVersions>, kLegs.size()> sessions{};
+  std::array<std::uint64_t, kSessionBuckets.size() + 1> duration_buckets{};  // per bucket, not cumulative
+  double duration_sum = 0;
+  std::uint64_t duration_count = 0;
 };
 
 struct ListenerSeries {
-  Gauge* active = nullptr;
-  Histogram* duration = nullptr;
-  std::array<std::array<Counter*, kVersions>, kLegs.size()> sessions{};
+  explicit ListenerSeries(std::string_view name) : label(exposition::label("listener", name)) {}
+  const std::string label;  // listener="…"
+  ListenerValues values;
 };
 
 // A configured (or implicit "internet") connector as telemetry sees it.
@@ -207,6 +219,145 @@ std::vector<ConnectorView> connector_views(const config::Config& config) {
   return views;
 }
 
+// What one scrape writes, copied under Impl::mutex; label text is referenced, not copied (see ConnectorSeries).
+struct Snapshot {
+  struct ConnectorRow {
+    const ConnectorSeries* series;
+    ConnectorValues values;
+    TlsCounts window;
+    std::array<bool, kInsights.size()> insight;
+  };
+  std::vector<ConnectorRow> connectors;
+  std::vector<std::pair<const ListenerSeries*, ListenerValues>> listeners;
+  std::array<std::vector<std::pair<const std::string*, std::uint64_t>>, kLabelledFamilies> labelled;
+};
+
+void write_exposition(std::string& out, const Snapshot& snapshot, const std::optional<ProcessStats>& process) {
+  using exposition::append_header;
+  using exposition::append_sample;
+  const FixedLabels& fixed = fixed_labels();
+  const auto& rows = snapshot.connectors;
+  const auto& listeners = snapshot.listeners;
+  auto header = [&](const Family& f) { append_header(out, f.name, f.help, f.type); };
+
+  // Per (connector, direction) and tls_version.
+  auto per_version = [&](const Family& f, auto value_of) {
+    if (rows.empty()) return;
+    header(f);
+    for (const auto& row : rows) {
+      for (std::size_t v = 0; v < kVersions; ++v) {
+        append_sample(out, f.name, {row.series->labels, fixed.tls_version[v]}, value_of(row, v));
+      }
+    }
+  };
+  auto labelled = [&](Labelled which) {
+    const auto& samples = snapshot.labelled[static_cast<std::size_t>(which)];
+    if (samples.empty()) return;
+    const Family& f = *kLabelledFamily[static_cast<std::size_t>(which)];
+    header(f);
+    for (const auto& [labels, value] : samples) append_sample(out, f.name, {*labels}, value);
+  };
+
+  // Counters, gauges, histogram, process_*: the order prometheus-cpp's registry used to write.
+  per_version(family::messages, [](const Snapshot::ConnectorRow& row, std::size_t v) { return row.values.messages[v]; });
+  per_version(family::message_bytes, [](const Snapshot::ConnectorRow& row, std::size_t v) { return row.values.bytes[v]; });
+  per_version(family::recipients,
+              [](const Snapshot::ConnectorRow& row, std::size_t v) { return row.values.recipients[v]; });
+  if (!listeners.empty()) {
+    header(family::sessions);
+    for (const auto& [series, values] : listeners) {
+      for (const auto leg : kLegs) {
+        for (std::size_t v = 0; v < kVersions; ++v) {
+          append_sample(out, family::sessions.name, {fixed.leg[index_of(leg)], series->label, fixed.tls_version[v]},
+                        values.sessions[index_of(leg)][v]);
+        }
+      }
+    }
+  }
+  labelled(Labelled::tls_handshake_failures);
+  labelled(Labelled::upstream_errors);
+  labelled(Labelled::rejects);
+  if (!rows.empty()) {
+    header(family::below_tls12);
+    for (const auto& row : rows) append_sample(out, family::below_tls12.name, {row.series->labels}, row.values.below_tls12);
+  }
+  labelled(Labelled::config_reloads);
+  labelled(Labelled::state_errors);
+
+  if (!listeners.empty()) {
+    header(family::sessions_active);
+    for (const auto& [series, values] : listeners) {
+      append_sample(out, family::sessions_active.name, {series->label}, values.active);
+    }
+  }
+  per_version(family::window_messages, [](const Snapshot::ConnectorRow& row, std::size_t v) { return row.window[v]; });
+  per_version(family::window_tls_share, [](const Snapshot::ConnectorRow& row, std::size_t v) {
+    std::uint64_t total = 0;
+    for (const auto count : row.window) total += count;
+    return total == 0 ? 0.0 : static_cast<double>(row.window[v]) / static_cast<double>(total);
+  });
+  const bool any_configured =
+      std::any_of(rows.begin(), rows.end(), [](const Snapshot::ConnectorRow& row) { return row.values.configured; });
+  if (any_configured) {
+    header(family::connector_info);
+    for (const auto& row : rows) {
+      if (!row.values.configured) continue;
+      append_sample(out, family::connector_info.name,
+                    {row.series->labels, fixed.forced_tls[row.values.forced_tls ? 1 : 0],
+                     fixed.type[index_of(row.values.type)]},
+                    std::uint64_t{1});
+    }
+    header(family::alert_threshold);
+    for (const auto& row : rows) {
+      if (!row.values.configured) continue;
+      const auto& alerts = row.values.alerts;
+      append_sample(out, family::alert_threshold.name, {row.series->labels, fixed.kind[0]}, alerts.tls10_share);
+      append_sample(out, family::alert_threshold.name, {row.series->labels, fixed.kind[1]}, alerts.no_tls_share);
+      append_sample(out, family::alert_threshold.name, {row.series->labels, fixed.kind[2]}, alerts.min_messages);
+    }
+  }
+  if (!rows.empty()) {
+    header(family::insight_active);
+    for (const auto& row : rows) {
+      for (std::size_t i = 0; i < kInsights.size(); ++i) {
+        append_sample(out, family::insight_active.name, {row.series->labels, fixed.insight[i]},
+                      std::uint64_t{row.insight[i] ? 1u : 0u});
+      }
+    }
+  }
+  header(family::build_info);
+  append_sample(out, family::build_info.name, {fixed.version}, std::uint64_t{1});
+
+  if (!listeners.empty()) {
+    header(family::session_duration);
+    constexpr std::string_view kBucket = "mailflow_session_duration_seconds_bucket";
+    constexpr std::string_view kSum = "mailflow_session_duration_seconds_sum";
+    constexpr std::string_view kCount = "mailflow_session_duration_seconds_count";
+    for (const auto& [series, values] : listeners) {
+      std::uint64_t cumulative = 0;
+      for (std::size_t i = 0; i < values.duration_buckets.size(); ++i) {
+        cumulative += values.duration_buckets[i];
+        append_sample(out, kBucket, {series->label, fixed.le[i]}, cumulative);
+      }
+      append_sample(out, kSum, {series->label}, values.duration_sum);
+      append_sample(out, kCount, {series->label}, values.duration_count);
+    }
+  }
+
+  if (process) {
+    auto single = [&](const Family& f, double value) {
+      header(f);
+      append_sample(out, f.name, {}, value);
+    };
+    single(family::process_cpu, process->cpu_seconds);
+    single(family::process_max_fds, process->max_fds);
+    single(family::process_open_fds, process->open_fds);
+    single(family::process_resident, process->resident_bytes);
+    single(family::process_start_time, process->start_time_seconds);
+    single(family::process_virtual, process->virtual_bytes);
+  }
+}
+
 std::string errno_text(int error) { return std::strerror(error); }
 
 bool write_all(int fd, std::string_view data) {
@@ -225,13 +376,10 @@ bool write_all(int fd, std::string_view data) {
 
 struct Telemetry::Impl {
   explicit Impl(Clock c) : clock(c ? std::move(c) : Clock([] { return std::chrono::system_clock::now(); })) {
-    families.build_info.Add({{"version", MAILFLOW_VERSION}}).Set(1);
-    for (const char* result : {"success", "failure"}) families.config_reloads.Add({{"result", result}});
+    for (const char* result : {"success", "failure"}) labelled(Labelled::config_reloads, {{"result", result}});
   }
 
   Clock clock;
-  prometheus::Registry registry;
-  Families families{registry};
 
   std::atomic<std::uint64_t> messages_total{0};
   std::atomic<std::int64_t> sessions_active{0};
@@ -239,93 +387,79 @@ struct Telemetry::Impl {
   mutable std::mutex mutex;  // guards everything below
   std::shared_ptr<const config::Config> config = std::make_shared<const config::Config>();
   WindowStore windows;
-  std::array<StringMap<ConnectorSeries>, 2> connectors;  // by direction
-  StringMap<ListenerSeries> listeners;
-  StringMap<Counter*> labelled_counters;  // rarely used families, keyed by family + label values
-  std::vector<Gauge*> info_series;
-  std::vector<Gauge*> threshold_series;
+  std::vector<std::unique_ptr<ConnectorSeries>> connector_list;  // creation order: the exposition's order
+  std::array<StringMap<ConnectorSeries*>, 2> connector_index;    // by direction, then name
+  std::vector<std::unique_ptr<ListenerSeries>> listener_list;
+  StringMap<ListenerSeries*> listener_index;
+  // Rendered label text -> value; std::map: sorted output, and a node's key never moves (see Snapshot).
+  std::array<std::map<std::string, std::uint64_t, std::less<>>, kLabelledFamilies> labelled_counters;
+  std::string labelled_key;  // reused: counting a known label set allocates nothing
+
+  std::mutex scrape_mutex;  // guards the two below: one scrape at a time reuses them
+  Snapshot snapshot;
+  std::size_t last_text_size = 0;
 
   // Callers hold `mutex`.
   ConnectorSeries& connector(std::string_view name, config::Direction direction) {
-    auto& map = connectors[index_of(direction)];
-    if (auto it = map.find(name); it != map.end()) return it->second;
-    const std::string name_text(name);
-    const std::string direction_text(config::to_string(direction));
-    ConnectorSeries series;
-    for (const auto version : proto::all_tls_versions) {
-      const prometheus::Labels labels{
-          {"connector", name_text}, {"direction", direction_text}, {"tls_version", std::string(proto::to_string(version))}};
-      const auto i = index_of(version);
-      series.messages[i] = &families.messages.Add(labels);
-      series.bytes[i] = &families.message_bytes.Add(labels);
-      series.recipients[i] = &families.recipients.Add(labels);
-      series.window_messages[i] = &families.window_messages.Add(labels);
-      series.window_share[i] = &families.window_tls_share.Add(labels);
-    }
-    for (std::size_t i = 0; i < kInsights.size(); ++i) {
-      series.insight[i] = &families.insight_active.Add(
-          {{"connector", name_text}, {"direction", direction_text}, {"insight", std::string(kInsights[i])}});
-    }
-    series.below_tls12 = &families.below_tls12.Add({{"connector", name_text}, {"direction", direction_text}});
-    return map.emplace(name_text, series).first->second;
+    auto& index = connector_index[index_of(direction)];
+    if (auto it = index.find(name); it != index.end()) return *it->second;
+    auto& series = *connector_list.emplace_back(std::make_unique<ConnectorSeries>(name, direction, connector_list.size()));
+    index.emplace(std::string(name), &series);
+    return series;
   }
 
   ListenerSeries& listener(std::string_view name) {
-    if (auto it = listeners.find(name); it != listeners.end()) return it->second;
-    const std::string name_text(name);
-    ListenerSeries series;
-    series.active = &families.sessions_active.Add({{"listener", name_text}});
-    series.duration = &families.session_duration.Add({{"listener", name_text}}, kSessionBuckets);
-    for (const auto leg : kLegs) {
-      for (const auto version : proto::all_tls_versions) {
-        series.sessions[index_of(leg)][index_of(version)] = &families.sessions.Add(
-            {{"listener", name_text}, {"leg", std::string(to_string(leg))},
-             {"tls_version", std::string(proto::to_string(version))}});
-      }
-    }
-    return listeners.emplace(name_text, series).first->second;
+    if (auto it = listener_index.find(name); it != listener_index.end()) return *it->second;
+    auto& series = *listener_list.emplace_back(std::make_unique<ListenerSeries>(name));
+    listener_index.emplace(std::string(name), &series);
+    return series;
   }
 
-  Counter& labelled(Family<Counter>& family, std::string_view name1, std::string_view value1,
-                    std::string_view name2 = {}, std::string_view value2 = {}, std::string_view name3 = {},
-                    std::string_view value3 = {}) {
-    std::string key = family.GetName();
-    for (const auto part : {value1, value2, value3}) {
-      key += '\x1f';
-      key += part;
+  // Labels in the order of their names (the exposition's convention).
+  std::uint64_t& labelled(Labelled family,
+                          std::initializer_list<std::pair<std::string_view, std::string_view>> labels) {
+    labelled_key.clear();
+    for (const auto& [name, value] : labels) {
+      if (!labelled_key.empty()) labelled_key.push_back(',');
+      exposition::append_label(labelled_key, name, value);
     }
-    if (auto it = labelled_counters.find(key); it != labelled_counters.end()) return *it->second;
-    prometheus::Labels labels{{std::string(name1), std::string(value1)}};
-    if (!name2.empty()) labels.emplace(std::string(name2), std::string(value2));
-    if (!name3.empty()) labels.emplace(std::string(name3), std::string(value3));
-    Counter& counter = family.Add(labels);
-    labelled_counters.emplace(std::move(key), &counter);
-    return counter;
+    auto& counters = labelled_counters[static_cast<std::size_t>(family)];
+    auto it = counters.find(labelled_key);
+    if (it == counters.end()) it = counters.emplace(labelled_key, 0).first;
+    return it->second;
   }
 
   void count_state_error(std::string_view reason) {
     std::lock_guard lock(mutex);
-    labelled(families.state_errors, "reason", reason).Increment();
+    ++labelled(Labelled::state_errors, {{"reason", reason}});
   }
 
-  void refresh_window_gauges(WindowStore::TimePoint now) {
+  // Copies what a scrape writes, window sums and insights computed here; the text is written without the lock.
+  void take_snapshot(WindowStore::TimePoint now, Snapshot& out) {
+    std::lock_guard lock(mutex);
     windows.prune(now);
-    for (const auto direction : {config::Direction::inbound, config::Direction::outbound}) {
-      for (auto& [name, series] : connectors[index_of(direction)]) {
-        const TlsCounts counts = windows.window_totals(name, direction, now);
-        std::uint64_t total = 0;
-        for (const auto c : counts) total += c;
-        for (std::size_t i = 0; i < kVersions; ++i) {
-          series.window_messages[i]->Set(static_cast<double>(counts[i]));
-          series.window_share[i]->Set(total == 0 ? 0.0 : static_cast<double>(counts[i]) / static_cast<double>(total));
-        }
-        for (auto* gauge : series.insight) gauge->Set(0);
-      }
-    }
+    std::vector<std::pair<const ConnectorSeries*, std::size_t>> active;
     for (const auto& insight : compute_insights(windows, *config, now)) {
       for (std::size_t i = 0; i < kInsights.size(); ++i) {
-        if (insight.insight == kInsights[i]) connector(insight.connector, insight.direction).insight[i]->Set(1);
+        if (insight.insight == kInsights[i]) active.emplace_back(&connector(insight.connector, insight.direction), i);
       }
+    }
+    out.connectors.resize(connector_list.size());
+    for (std::size_t i = 0; i < connector_list.size(); ++i) {
+      const ConnectorSeries& series = *connector_list[i];
+      auto& row = out.connectors[i];
+      row.series = &series;
+      row.values = series.values;
+      row.window = windows.window_totals(series.name, series.direction, now);
+      row.insight = {};
+    }
+    for (const auto& [series, i] : active) out.connectors[series->index].insight[i] = true;
+
+    out.listeners.clear();
+    for (const auto& series : listener_list) out.listeners.emplace_back(series.get(), series->values);
+    for (std::size_t f = 0; f < kLabelledFamilies; ++f) {
+      out.labelled[f].clear();
+      for (const auto& [labels, value] : labelled_counters[f]) out.labelled[f].emplace_back(&labels, value);
     }
   }
 };
@@ -335,43 +469,22 @@ Telemetry::~Telemetry() = default;
 
 void Telemetry::configure(const config::Config& config) {
   auto snapshot = std::make_shared<const config::Config>(config);
+  const auto views = connector_views(config);
   std::lock_guard lock(impl_->mutex);
-  auto& f = impl_->families;
   impl_->config = snapshot;
   impl_->windows.set_window(config.telemetry.window);
 
-  std::vector<Gauge*> info;
-  std::vector<Gauge*> thresholds;
-  for (const auto& view : connector_views(config)) {
-    impl_->connector(view.name, view.direction);
-    const std::string direction(config::to_string(view.direction));
-    Gauge& g = f.connector_info.Add({{"connector", view.name},
-                                     {"direction", direction},
-                                     {"type", std::string(config::to_string(view.type))},
-                                     {"forced_tls", view.forced_tls ? "true" : "false"}});
-    g.Set(1);
-    info.push_back(&g);
-    const std::pair<const char*, double> kinds[] = {{"tls10_share", view.alerts.tls10_share},
-                                                     {"no_tls_share", view.alerts.no_tls_share},
-                                                     {"min_messages", static_cast<double>(view.alerts.min_messages)}};
-    for (const auto& [kind, value] : kinds) {
-      Gauge& t = f.alert_threshold.Add({{"connector", view.name}, {"direction", direction}, {"kind", kind}});
-      t.Set(value);
-      thresholds.push_back(&t);
-    }
+  // Connectors that left the configuration lose their info and threshold series (a changed type or
+  // forced_tls is a new info series); their counters stay (counters must never go backwards while the
+  // process lives).
+  for (auto& series : impl_->connector_list) series->values.configured = false;
+  for (const auto& view : views) {
+    ConnectorValues& values = impl_->connector(view.name, view.direction).values;
+    values.configured = true;
+    values.type = view.type;
+    values.forced_tls = view.forced_tls;
+    values.alerts = view.alerts;
   }
-  // Connectors that left the configuration (or changed type/forced_tls) lose their info and threshold
-  // series; their counters stay (counters must never go backwards while the process lives).
-  auto drop_stale = [](Family<Gauge>& family, const std::vector<Gauge*>& old, const std::vector<Gauge*>& now) {
-    for (Gauge* gauge : old) {
-      if (std::find(now.begin(), now.end(), gauge) == now.end()) family.Remove(gauge);
-    }
-  };
-  drop_stale(f.connector_info, impl_->info_series, info);
-  drop_stale(f.alert_threshold, impl_->threshold_series, thresholds);
-  impl_->info_series = std::move(info);
-  impl_->threshold_series = std::move(thresholds);
-
   for (const auto& listener : config.listeners) impl_->listener(listener.name);
 }
 
@@ -381,11 +494,11 @@ void Telemetry::message_delivered(std::string_view connector, config::Direction 
   const auto i = index_of(version);
   {
     std::lock_guard lock(impl_->mutex);
-    ConnectorSeries& series = impl_->connector(connector, direction);
-    series.messages[i]->Increment();
-    series.bytes[i]->Increment(static_cast<double>(bytes));
-    series.recipients[i]->Increment(recipients);
-    if (below_tls12(version)) series.below_tls12->Increment();
+    ConnectorValues& values = impl_->connector(connector, direction).values;
+    ++values.messages[i];
+    values.bytes[i] += bytes;
+    values.recipients[i] += recipients;
+    if (below_tls12(version)) ++values.below_tls12;
     impl_->windows.add(connector, direction, version, now);
   }
   impl_->messages_total.fetch_add(1, std::memory_order_relaxed);
@@ -394,7 +507,7 @@ void Telemetry::message_delivered(std::string_view connector, config::Direction 
 void Telemetry::session_opened(std::string_view listener) {
   {
     std::lock_guard lock(impl_->mutex);
-    impl_->listener(listener).active->Increment();
+    ++impl_->listener(listener).values.active;
   }
   impl_->sessions_active.fetch_add(1, std::memory_order_relaxed);
 }
@@ -402,75 +515,56 @@ void Telemetry::session_opened(std::string_view listener) {
 void Telemetry::session_closed(std::string_view listener, double duration_seconds) {
   {
     std::lock_guard lock(impl_->mutex);
-    auto& series = impl_->listener(listener);
-    series.active->Decrement();
-    series.duration->Observe(duration_seconds);
+    ListenerValues& values = impl_->listener(listener).values;
+    --values.active;
+    // The first bucket whose bound is >= the duration (le is inclusive); NaN lands in +Inf only.
+    const auto bucket = std::find_if(kSessionBuckets.begin(), kSessionBuckets.end(),
+                                     [&](double bound) { return bound >= duration_seconds; });
+    ++values.duration_buckets[static_cast<std::size_t>(bucket - kSessionBuckets.begin())];
+    values.duration_sum += duration_seconds;
+    ++values.duration_count;
   }
   impl_->sessions_active.fetch_sub(1, std::memory_order_relaxed);
 }
 
 void Telemetry::leg_finished(std::string_view listener, Leg leg, proto::TlsVersion version) {
   std::lock_guard lock(impl_->mutex);
-  impl_->listener(listener).sessions[index_of(leg)][index_of(version)]->Increment();
+  ++impl_->listener(listener).values.sessions[index_of(leg)][index_of(version)];
 }
 
 void Telemetry::tls_handshake_failed(std::string_view listener, Leg leg, std::string_view reason) {
   std::lock_guard lock(impl_->mutex);
-  impl_->labelled(impl_->families.tls_handshake_failures, "listener", listener, "leg", to_string(leg), "reason", reason)
-      .Increment();
+  ++impl_->labelled(Labelled::tls_handshake_failures,
+                    {{"leg", to_string(leg)}, {"listener", listener}, {"reason", reason}});
 }
 
 void Telemetry::upstream_error(std::string_view upstream, std::string_view reason) {
   std::lock_guard lock(impl_->mutex);
-  impl_->labelled(impl_->families.upstream_errors, "upstream", upstream, "reason", reason).Increment();
+  ++impl_->labelled(Labelled::upstream_errors, {{"reason", reason}, {"upstream", upstream}});
 }
 
 void Telemetry::rejected(std::string_view listener, std::string_view reason) {
   std::lock_guard lock(impl_->mutex);
-  impl_->labelled(impl_->families.rejects, "listener", listener, "reason", reason).Increment();
+  ++impl_->labelled(Labelled::rejects, {{"listener", listener}, {"reason", reason}});
 }
 
 void Telemetry::config_reloaded(bool success) {
   std::lock_guard lock(impl_->mutex);
-  impl_->labelled(impl_->families.config_reloads, "result", success ? "success" : "failure").Increment();
+  ++impl_->labelled(Labelled::config_reloads, {{"result", success ? "success" : "failure"}});
 }
 
 void Telemetry::state_error(std::string_view reason) { impl_->count_state_error(reason); }
 
 std::string Telemetry::metrics_text() {
   const auto now = impl_->clock();
-  {
-    std::lock_guard lock(impl_->mutex);
-    impl_->refresh_window_gauges(now);
-  }
-  std::vector<prometheus::MetricFamily> families = impl_->registry.Collect();
-
-  if (const auto stats = read_process_stats()) {
-    auto add = [&](const char* name, const char* help, prometheus::MetricType type, double value) {
-      prometheus::MetricFamily family{name, help, type, {}};
-      prometheus::ClientMetric metric;
-      if (type == prometheus::MetricType::Counter) {
-        metric.counter.value = value;
-      } else {
-        metric.gauge.value = value;
-      }
-      family.metric.push_back(metric);
-      families.push_back(std::move(family));
-    };
-    using prometheus::MetricType;
-    add("process_cpu_seconds_total", "Total user and system CPU time spent in seconds.", MetricType::Counter,
-        stats->cpu_seconds);
-    add("process_max_fds", "Maximum number of open file descriptors.", MetricType::Gauge, stats->max_fds);
-    add("process_open_fds", "Number of open file descriptors.", MetricType::Gauge, stats->open_fds);
-    add("process_resident_memory_bytes", "Resident memory size in bytes.", MetricType::Gauge, stats->resident_bytes);
-    add("process_start_time_seconds", "Start time of the process since unix epoch in seconds.", MetricType::Gauge,
-        stats->start_time_seconds);
-    add("process_virtual_memory_bytes", "Virtual memory size in bytes.", MetricType::Gauge, stats->virtual_bytes);
-  }
-
-  std::ostringstream out;
-  prometheus::TextSerializer{}.Serialize(out, families);
-  return std::move(out).str();
+  std::lock_guard scrape_lock(impl_->scrape_mutex);
+  impl_->take_snapshot(now, impl_->snapshot);
+  const auto process = read_process_stats();
+  std::string text;
+  text.reserve(impl_->last_text_size + impl_->last_text_size / 16 + 4096);  // one allocation, no regrowth
+  write_exposition(text, impl_->snapshot, process);
+  impl_->last_text_size = text.size();
+  return text;
 }
 
 Report Telemetry::report(int days) {

@@ -3,15 +3,20 @@
 #include <doctest/doctest.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
+#include <limits>
 #include <optional>
+#include <set>
 #include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
 #include <unistd.h>
 
+#include "daemon/exposition.hpp"
 #include "daemon/report.hpp"
 
 namespace {
@@ -318,4 +323,121 @@ TEST_CASE("concurrent sessions count every message exactly once while scrapes ru
   CHECK(sample(text, R"(mailflow_messages_total{connector="internet",direction="inbound",tls_version="TLS1.1"})") == 5000.0);
   CHECK(sample(text, R"(mailflow_window_messages{connector="partner-contoso",direction="inbound",tls_version="TLS1.3"})") == 5000.0);
   CHECK(sample(text, R"(mailflow_message_bytes_total{connector="partner-contoso",direction="inbound",tls_version="TLS1.3"})") == 50000.0);
+}
+
+TEST_CASE("exposition values: integers exact, other doubles shortest round-trip, NaN and infinities") {
+  auto text = [](auto value) {
+    std::string out;
+    mailflow::exposition::append_value(out, value);
+    return out;
+  };
+  CHECK(text(std::uint64_t{18446744073709551615u}) == "18446744073709551615");
+  CHECK(text(std::int64_t{-3}) == "-3");
+  CHECK(text(100.0) == "100");
+  CHECK(text(0.0) == "0");
+  CHECK(text(0.05) == "0.05");
+  CHECK(text(1.0 / 3.0) == "0.3333333333333333");
+  CHECK(std::stod(text(2.0 / 11.0)) == 2.0 / 11.0);
+  CHECK(text(1795627617.94) == "1795627617.94");
+  CHECK(text(1e300) == "1e+300");
+  CHECK(text(std::numeric_limits<double>::quiet_NaN()) == "NaN");
+  CHECK(text(std::numeric_limits<double>::infinity()) == "+Inf");
+  CHECK(text(-std::numeric_limits<double>::infinity()) == "-Inf");
+}
+
+TEST_CASE("exposition labels and help text are escaped as the text format requires") {
+  CHECK(mailflow::exposition::label("reason", "a\"b\\c\nd") == R"(reason="a\"b\\c\nd")");
+  std::string out;
+  mailflow::exposition::append_header(out, "x_total", "line\\one\ntwo \"quoted\"", "counter");
+  CHECK(out == "# HELP x_total line\\\\one\\ntwo \"quoted\"\n# TYPE x_total counter\n");
+  out.clear();
+  mailflow::exposition::append_sample(out, "x_total", {}, std::uint64_t{7});
+  mailflow::exposition::append_sample(out, "x_total", {"", R"(a="1")", "", R"(b="2",c="3")"}, 0.5);
+  CHECK(out == "x_total 7\nx_total{a=\"1\",b=\"2\",c=\"3\"} 0.5\n");
+}
+
+TEST_CASE("hostile label values come out escaped, one family block each, and the histogram is complete") {
+  Telemetry telemetry([] { return kNow; });
+  telemetry.configure(test_config());
+  const std::string listener = "in\"bound\\\nx";
+  telemetry.session_opened(listener);
+  telemetry.session_closed(listener, 0.25);  // le is inclusive: lands in 0.25
+  telemetry.session_opened(listener);
+  telemetry.session_closed(listener, 1000);  // beyond the last bound: +Inf only
+  telemetry.rejected(listener, "bad\"reason");
+  telemetry.message_delivered("odd \"connector\"\n", Direction::outbound, TlsVersion::tls12, 1, 1);
+  const std::string text = telemetry.metrics_text();
+
+  const std::string l = R"(listener="in\"bound\\\nx")";
+  CHECK(sample(text, "mailflow_rejects_total{" + l + R"(,reason="bad\"reason"})") == 1.0);
+  CHECK(sample(text, "mailflow_sessions_active{" + l + "}") == 0.0);
+  CHECK(sample(text, "mailflow_session_duration_seconds_bucket{" + l + ",le=\"0.1\"}") == 0.0);
+  CHECK(sample(text, "mailflow_session_duration_seconds_bucket{" + l + ",le=\"0.25\"}") == 1.0);
+  CHECK(sample(text, "mailflow_session_duration_seconds_bucket{" + l + ",le=\"600\"}") == 1.0);
+  CHECK(sample(text, "mailflow_session_duration_seconds_bucket{" + l + ",le=\"+Inf\"}") == 2.0);
+  CHECK(sample(text, "mailflow_session_duration_seconds_sum{" + l + "}") == 1000.25);
+  CHECK(sample(text, "mailflow_session_duration_seconds_count{" + l + "}") == 2.0);
+  CHECK(sample(text, R"(mailflow_messages_total{connector="odd \"connector\"\n",direction="outbound",tls_version="TLS1.2"})") ==
+        1.0);
+  // No raw line feed inside a sample: every line is a comment or starts with a metric name.
+  std::istringstream in(text);
+  for (std::string line; std::getline(in, line);) {
+    CAPTURE(line);
+    CHECK((line.rfind("# ", 0) == 0 || line.rfind("mailflow_", 0) == 0 || line.rfind("process_", 0) == 0));
+  }
+  // Every family is declared once, its HELP right before its TYPE.
+  std::set<std::string> families;
+  std::istringstream types(text);
+  std::string previous;
+  for (std::string line; std::getline(types, line); previous = line) {
+    if (line.rfind("# TYPE ", 0) != 0) continue;
+    const std::string name = line.substr(7, line.find(' ', 7) - 7);
+    CHECK(families.insert(name).second);
+    CHECK(previous.rfind("# HELP " + name + " ", 0) == 0);
+  }
+  // 18 mailflow_ families + 6 process_, less the three that have no sample yet (an empty family is not written).
+  CHECK(families.size() == 21);
+  CHECK(families.count("mailflow_upstream_errors_total") == 0);
+}
+
+TEST_CASE("promtool check metrics accepts the exposition of many connectors with hostile names") {
+  auto config = test_config();
+  mailflow::config::Listener out;
+  out.name = "outbound";
+  out.direction = Direction::outbound;
+  out.upstream = "mailstore";
+  config.listeners.push_back(out);
+  for (int i = 0; i < 200; ++i) {
+    mailflow::config::Connector c;
+    c.name = "c-" + std::to_string(i) + (i % 7 == 0 ? "\"\\\n" : "");
+    c.direction = i % 2 ? Direction::outbound : Direction::inbound;
+    c.type = i % 3 ? mailflow::config::ConnectorType::partner : mailflow::config::ConnectorType::onpremises;
+    c.require_tls = i % 5 == 0;
+    config.connectors.push_back(c);
+  }
+  Telemetry telemetry([] { return kNow; });
+  telemetry.configure(config);
+  for (int i = 0; i < 50; ++i) {
+    telemetry.message_delivered(config.connectors[static_cast<std::size_t>(i)].name,
+                                config.connectors[static_cast<std::size_t>(i)].direction,
+                                static_cast<TlsVersion>(i % 5), 1000, 2);
+  }
+  telemetry.session_opened("inbound");
+  telemetry.session_closed("inbound", 0.7);
+  telemetry.tls_handshake_failed("inbound", mailflow::Leg::upstream, "weird \"reason\"");
+  telemetry.upstream_error("mailstore", "timeout");
+  telemetry.state_error("load\\path");
+
+  const auto dir = fresh_dir("promtool");
+  const auto file = dir / "metrics.txt";
+  std::ofstream(file) << telemetry.metrics_text();
+  const auto report = dir / "promtool.out";
+  const std::string command = "promtool check metrics < '" + file.string() + "' > '" + report.string() + "' 2>&1";
+  const int status = std::system(command.c_str());
+  std::ifstream in(report);
+  const std::string output((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  INFO("promtool (installed by deploy/dev/deps.sh test, package prometheus) said: ", output);
+  CHECK(status == 0);
+  CHECK(output.empty());  // no lint findings either
+  std::filesystem::remove_all(dir);
 }
