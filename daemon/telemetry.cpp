@@ -258,7 +258,7 @@ void write_exposition(std::string& out, const Snapshot& snapshot, const std::opt
     for (const auto& [labels, value] : samples) append_sample(out, f.name, {*labels}, value);
   };
 
-  // Counters, gauges, histogram, process_*: the order prometheus-cpp's registry used to write.
+  // Counters, gauges, histogram, process_*: the order the exposition has always had (prometheus-cpp's registry order).
   per_version(family::messages, [](const Snapshot::ConnectorRow& row, std::size_t v) { return row.values.messages[v]; });
   per_version(family::message_bytes, [](const Snapshot::ConnectorRow& row, std::size_t v) { return row.values.bytes[v]; });
   per_version(family::recipients,

@@ -2,7 +2,7 @@
 # Installs, with apt, exactly the Debian 12 packages that are missing. Idempotent.
 # Usage: deps.sh build|test   (test includes build)
 set -euo pipefail
-build_pkgs=(g++ cmake ninja-build ccache pkg-config make libboost-dev libssl-dev openssl prometheus-cpp-dev
+build_pkgs=(g++ cmake ninja-build ccache pkg-config make libboost-dev libssl-dev openssl
   libyaml-cpp-dev libspdlog-dev libfmt-dev doctest-dev libsystemd-dev libcrypt-dev
   python3 python3-aiosmtpd swaks libnet-ssleay-perl curl ca-certificates scdoc dpkg-dev)
 test_pkgs=(python3-pytest valgrind linux-perf postfix prometheus prometheus-alertmanager haproxy nginx-full libnginx-mod-mail
