@@ -16,21 +16,7 @@ constexpr std::array<std::string_view, 5> kVersionNames{"none", "TLS1.0", "TLS1.
 constexpr std::array<std::string_view, 5> kVersionColors{"#d32f2f", "#f57c00", "#ffb300", "#43a047",
                                                          "#1b5e20"};
 
-std::string_view direction_name(Direction d) { return d == Direction::inbound ? "inbound" : "outbound"; }
 std::string_view direction_title(Direction d) { return d == Direction::inbound ? "Inbound" : "Outbound"; }
-
-// The config spelling (JSON, CSV, table).
-std::string_view type_name(ConnectorType t) {
-  switch (t) {
-    case ConnectorType::partner:
-      return "partner";
-    case ConnectorType::onpremises:
-      return "onpremises";
-    case ConnectorType::internet:
-      return "internet";
-  }
-  return "internet";
-}
 
 // The words an administrator reads in a sentence.
 std::string_view type_words(ConnectorType t) {
@@ -299,7 +285,7 @@ std::string render_json(const Report& report) {
         "{{\"date\": \"{}\", \"connector\": \"{}\", \"direction\": \"{}\", \"type\": \"{}\", \"forced_tls\": "
         "{}, "
         "\"messages\": {}, \"percent\": {{",
-        json_escape(row.date), json_escape(row.connector), direction_name(row.direction), type_name(row.type),
+        json_escape(row.date), json_escape(row.connector), config::to_string(row.direction), config::to_string(row.type),
         row.forced_tls ? "true" : "false", row.messages);
     for (std::size_t i = 0; i < kVersionNames.size(); ++i)
       out += fmt::format("{}\"{}\": {}", i == 0 ? "" : ", ", kVersionNames[i], one_decimal(row.percent[i]));
@@ -314,7 +300,7 @@ std::string render_json(const Report& report) {
         "{{\"connector\": \"{}\", \"direction\": \"{}\", \"insight\": \"{}\", \"share\": {}, \"messages\": "
         "{}, "
         "\"threshold\": {}, \"text\": \"{}\"}}",
-        json_escape(insight.connector), direction_name(insight.direction), json_escape(insight.insight),
+        json_escape(insight.connector), config::to_string(insight.direction), json_escape(insight.insight),
         insight.share, insight.messages, insight.threshold, json_escape(insight.text));
   }
   out += "]}\n";
@@ -326,7 +312,7 @@ std::string render_csv(const Report& report) {
       "date,connector,direction,type,forced_tls,messages,none_pct,tls10_pct,tls11_pct,tls12_pct,tls13_pct\n";
   for (const ReportRow& row : report.rows) {
     out += fmt::format("{},{},{},{},{},{}", csv_field(row.date), csv_field(row.connector),
-                       direction_name(row.direction), type_name(row.type), row.forced_tls ? "true" : "false",
+                       config::to_string(row.direction), config::to_string(row.type), row.forced_tls ? "true" : "false",
                        row.messages);
     for (const double p : row.percent) {
       out += ',';
@@ -348,8 +334,8 @@ std::string render_table(const Report& report) {
   for (const ReportRow& row : report.rows) {
     std::vector<std::string> line{row.date,
                                   row.connector,
-                                  std::string(direction_name(row.direction)),
-                                  std::string(type_name(row.type)),
+                                  std::string(config::to_string(row.direction)),
+                                  std::string(config::to_string(row.type)),
                                   row.forced_tls ? "yes" : "no",
                                   format_thousands(row.messages)};
     for (const double p : row.percent) line.push_back(one_decimal(p));
@@ -512,7 +498,7 @@ std::string render_html(const Report& report) {
         "<td class=\"barcell\">{}<div class=\"pct\">{}</div></td></tr>\n",
         c.messages == 0 ? " class=\"zero\"" : "", html_escape(c.connector),
         c.configured ? "" : " <span class=\"tag removed\">removed from config</span>",
-        direction_name(c.direction), type_words(c.type), c.forced_tls ? "yes" : "no",
+        config::to_string(c.direction), type_words(c.type), c.forced_tls ? "yes" : "no",
         format_thousands(c.messages), svg_bar(c.percent, c.messages),
         c.messages == 0 ? "no messages in the window" : pct);
   }
@@ -534,7 +520,7 @@ std::string render_html(const Report& report) {
     out +=
         fmt::format("<tr{}><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"num\">{}</td>",
                     row.messages == 0 ? " class=\"zero\"" : "", html_escape(row.date),
-                    html_escape(row.connector), direction_name(row.direction), type_words(row.type),
+                    html_escape(row.connector), config::to_string(row.direction), type_words(row.type),
                     row.forced_tls ? "yes" : "no", format_thousands(row.messages));
     for (std::size_t i = 0; i < row.percent.size(); ++i) {
       const char* cls = "num";
