@@ -148,7 +148,7 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
     return options;
   }
 
-  asio::awaitable<void> watchdog();
+  asio::awaitable<void> watchdog(std::shared_ptr<RelaySession> self);
   void set_deadline(SteadyClock::duration timeout);
   void set_deadline_at(SteadyClock::time_point deadline);
   bool take_timeout() { return std::exchange(timed_out_, false); }
@@ -223,8 +223,9 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
 
 // ---- deadlines -------------------------------------------------------------------------------------------
 
-asio::awaitable<void> RelaySession::watchdog() {
-  auto self = shared_from_this();
+// The parameter keeps the session alive; it is bound when the coroutine is created, not when it first runs
+// (by then a short session may be gone).
+asio::awaitable<void> RelaySession::watchdog(std::shared_ptr<RelaySession> /*self*/) {
   while (!finished_) {
     timer_.expires_at(deadline_);
     error_code ec;
@@ -260,7 +261,7 @@ asio::awaitable<void> RelaySession::run() {
   }
   client_.socket().set_option(tcp::no_delay(true), ec);
   telemetry_.session_opened(listener_.name);
-  asio::co_spawn(client_.socket().get_executor(), watchdog(), asio::detached);
+  asio::co_spawn(client_.socket().get_executor(), watchdog(self), asio::detached);
   co_await serve();
   co_await finish();
 }
