@@ -206,6 +206,7 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
   SteadyClock::time_point deadline_ = SteadyClock::time_point::max();
   SteadyClock::time_point command_deadline_;
   bool command_clock_running_ = false;
+  std::uint32_t commands_ = 0;  // complete command lines received (the first one gets timeouts.greeting)
   bool timed_out_ = false;
   bool finished_ = false;
   bool idle_ = false;
@@ -398,6 +399,7 @@ asio::awaitable<bool> RelaySession::next_line(std::string& line) {
       line.assign(event.line);
       client_in_.erase(0, event.consumed);
       command_clock_running_ = false;
+      ++commands_;
       co_return true;
     }
     client_in_.erase(0, event.consumed);
@@ -420,7 +422,7 @@ asio::awaitable<bool> RelaySession::next_line(std::string& line) {
     if (client_in_.empty()) std::string().swap(client_in_);  // an idle session keeps no buffer
     // The whole command must arrive within the timeout: partial lines do not restart the clock (slowloris).
     if (!command_clock_running_) {
-      command_deadline_ = SteadyClock::now() + config_.timeouts.command;
+      command_deadline_ = SteadyClock::now() + (commands_ == 0 ? config_.timeouts.greeting : config_.timeouts.command);
       command_clock_running_ = true;
     }
     set_deadline_at(command_deadline_);
@@ -887,7 +889,9 @@ asio::awaitable<bool> RelaySession::ensure_upstream(const std::string& name) {
         [[fallthrough]];
       }
       case Kind::read_reply: {
-        auto reply = co_await read_upstream_reply(first_reply ? config_.timeouts.greeting : config_.timeouts.command);
+        // Connecting includes the banner: an upstream that accepts and never greets is "connect_timeout"-slow.
+        auto reply =
+            co_await read_upstream_reply(first_reply ? config_.timeouts.upstream_connect : config_.timeouts.command);
         first_reply = false;
         if (!reply) co_return false;
         action = engine.on_reply(*reply);

@@ -19,7 +19,8 @@ def env(certs, sink_factory, daemon_factory):
     slow, limited, paused = harness.free_port(), harness.free_port(), harness.free_port()
     up = [hh.plain_upstream("store", sink.port)]
     slow_d = daemon_factory(listeners=[hh.listener("inbound", slow, "store")], upstreams=up, name="slow",
-                            timeouts={"command": "2s", "data_block": "2s", "upstream_connect": "5s"})
+                            timeouts={"greeting": "1s", "command": "2s", "data_block": "2s",
+                                      "upstream_connect": "5s"})
     limited_d = daemon_factory(listeners=[hh.listener("inbound", limited, "store")], upstreams=up, name="limited",
                                limits={"drain_timeout": "3s", "max_sessions_per_ip": 2, "max_sessions": 3})
     paused_d = daemon_factory(listeners=[hh.listener("inbound", paused, "store")], upstreams=up, name="paused",
@@ -110,6 +111,22 @@ def test_idle_command_421_after_timeout(env):
         c.close()
     assert data.startswith(b"421 4.4.2"), f"idle client: {data!r}"
     assert closed and COMMAND_TIMEOUT - 0.3 < elapsed < COMMAND_TIMEOUT + 2.5, f"closed={closed} after {elapsed:.2f}s"
+    hh.assert_rejected(env.slow_d, before, "timeout")
+
+
+def test_silent_client_421_after_greeting_timeout(env):
+    """Nothing at all after the banner: 421 4.4.2 after timeouts.greeting (1 s here), not timeouts.command."""
+    before = env.slow_d.metrics()
+    c = harness.RawSmtp(env.slow)
+    try:
+        assert c.reply()[0] == 220
+        start = time.monotonic()
+        data, closed = hh.read_all(c.sock, wait=COMMAND_TIMEOUT + 2)
+        elapsed = time.monotonic() - start
+    finally:
+        c.close()
+    assert data.startswith(b"421 4.4.2"), f"silent client: {data!r}"
+    assert closed and 0.7 < elapsed < COMMAND_TIMEOUT - 0.3, f"closed={closed} after {elapsed:.2f}s"
     hh.assert_rejected(env.slow_d, before, "timeout")
 
 
