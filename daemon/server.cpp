@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <atomic>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -108,8 +109,7 @@ struct Server::Impl {
   mutable std::mutex runtime_mutex;
   std::shared_ptr<const Runtime> runtime;
   std::vector<std::shared_ptr<Acceptor>> acceptors;  // touched only from the signal coroutine and startup
-  bool stopping = false;
-  int exit_code = 0;
+  std::atomic<bool> stopping{false};  // read by /readyz on any thread
 
   Impl(std::string path, std::shared_ptr<const config::Config> config)
       : config_path(std::move(path)), io(static_cast<int>(usable_cpus())) {
@@ -277,7 +277,13 @@ struct Server::Impl {
         if (!stopping) reload();
         continue;
       }
-      if (!stopping) asio::co_spawn(io, drain(), asio::detached);
+      if (stopping) {
+        // A second SIGTERM/SIGINT while draining: the operator does not want to wait.
+        log_event(LogLevel::warn, "drain_cut_short", {{"sessions", std::to_string(registry.active())}});
+        registry.close_all();
+        continue;
+      }
+      asio::co_spawn(io, drain(), asio::detached);
     }
   }
 
@@ -328,7 +334,7 @@ int Server::run() {
   for (unsigned i = 1; i < threads; ++i) pool.emplace_back([&s] { s.io.run(); });
   s.io.run();
   for (auto& thread : pool) thread.join();
-  return s.exit_code;
+  return 0;
 }
 
 }  // namespace mailflow

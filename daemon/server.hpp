@@ -14,9 +14,9 @@ class Server {
   Server(std::string config_path, std::shared_ptr<const config::Config> config);
   ~Server();
 
-  // Starts everything and blocks until a SIGTERM/SIGINT drain finished. Startup problems (unbindable
-  // address, unreadable certificate, unwritable state_dir) throw std::runtime_error with a clear message.
-  // Returns the process exit code.
+  // Starts everything and blocks until a SIGTERM/SIGINT drain finished (a second signal cuts the drain
+  // short). Startup problems (unbindable address, unreadable certificate, unwritable state_dir) throw
+  // std::runtime_error with a clear message. Returns the process exit code.
   int run();
 
  private:
