@@ -95,7 +95,8 @@ def assert_upstream_error(env, before, upstream, reason):
 
 @pytest.mark.parametrize("name,reason", [
     ("inject", "starttls_pipelining"),
-    ("reset", "connection_lost"),
+    # An RST right after accept can beat the connect's completion (seen under ASan): either label is right.
+    ("reset", ("connection_lost", "connect_failed")),
     ("tlsgarbage", "tls_failed"),
     ("tlsrefused", "starttls_rejected"),
 ])
@@ -109,7 +110,14 @@ def test_upstream_setup_failure_451_at_mail(env, name, reason):
         assert c.cmd("RCPT TO:<r@dest.test>")[0] == 503, "no transaction may be open after the 451"
     finally:
         c.close()
-    assert_upstream_error(env, before, name, reason)
+    if isinstance(reason, tuple):
+        after = hh.wait_counter(env.daemon, before, "mailflow_upstream_errors_total", upstream=name)
+        moved = {r: sum(harness.delta(before, after, "mailflow_upstream_errors_total", upstream=name,
+                                      reason=r).values()) for r in reason}
+        assert sum(moved.values()) == 1, f"upstream {name}: expected one of {reason} to move by 1: {moved}"
+        harness.assert_not_counted(env.daemon, before, settle=0.1)
+    else:
+        assert_upstream_error(env, before, name, reason)
     if name == "tlsgarbage":
         hh.assert_counter(env.daemon, before, "mailflow_tls_handshake_failures_total", listener=name, leg="upstream")
     if name == "inject":
