@@ -25,7 +25,7 @@ auto with(error_code& ec) { return asio::redirect_error(asio::use_awaitable, ec)
 
 constexpr std::size_t flush_threshold = 64 * 1024;
 constexpr std::size_t keep_capacity = 4096;  // larger buffers are released once empty
-constexpr std::size_t max_record_read = 64 * 1024;
+constexpr std::size_t max_record_read = 17 * 1024;  // one TLS record and its header
 
 void release_if_large(std::string& buffer) {
   if (buffer.empty() && buffer.capacity() > keep_capacity) std::string().swap(buffer);
@@ -101,9 +101,17 @@ error_code Link::tls_error(int result) {
   return {static_cast<int>(code), asio::error::get_ssl_category()};
 }
 
-asio::awaitable<std::size_t> Link::read_available(std::string& buffer, std::size_t max, error_code& ec) {
-  // Read speculatively into a per-thread scratch area (one recv when data is already there, the common case
-  // in a busy pipeline), and wait for readability without holding any buffer when it is not.
+asio::awaitable<std::size_t> Link::read_socket(std::string& buffer, std::size_t max, error_code& ec, Wait wait) {
+  const std::size_t old_size = buffer.size();
+  if (wait == Wait::busy) {
+    buffer.resize(old_size + max);
+    const std::size_t n =
+        co_await socket_.async_read_some(asio::buffer(buffer.data() + old_size, max), with(ec));
+    buffer.resize(old_size + n);
+    co_return n;
+  }
+  // Idle: try a per-thread scratch area first (data may already be there), else wait without any buffer.
+  // The scratch area is only touched between suspension points, so sharing it per thread is safe.
   thread_local std::array<char, 64 * 1024> scratch;
   for (;;) {
     const std::size_t n = socket_.read_some(asio::buffer(scratch.data(), std::min(max, scratch.size())), ec);
@@ -117,12 +125,12 @@ asio::awaitable<std::size_t> Link::read_available(std::string& buffer, std::size
   }
 }
 
-asio::awaitable<void> Link::fill_cipher(error_code& ec) {
+asio::awaitable<void> Link::fill_cipher(error_code& ec, Wait wait) {
   if (cipher_in_pos_ > 0) {
     cipher_in_.erase(0, cipher_in_pos_);
     cipher_in_pos_ = 0;
   }
-  co_await read_available(cipher_in_, max_record_read, ec);
+  co_await read_socket(cipher_in_, max_record_read, ec, wait);
 }
 
 asio::awaitable<void> Link::flush_cipher(error_code& ec) {
@@ -132,15 +140,18 @@ asio::awaitable<void> Link::flush_cipher(error_code& ec) {
   release_if_large(cipher_out_);
 }
 
-asio::awaitable<std::size_t> Link::read_some(std::string& buffer, std::size_t max, error_code& ec) {
-  if (ssl_ == nullptr) co_return co_await read_available(buffer, max, ec);
+asio::awaitable<std::size_t> Link::read_some(std::string& buffer, std::size_t max, error_code& ec, Wait wait) {
+  if (ssl_ == nullptr) co_return co_await read_socket(buffer, max, ec, wait);
+  // Nothing buffered anywhere: wait for the peer before touching `buffer`, so that an idle session holds no
+  // read buffer. After SSL_ERROR_WANT_READ OpenSSL has drained our BIO and holds at most a partial record:
+  // it needs more bytes from the network whatever SSL_has_pending() says.
+  bool need_network = SSL_pending(ssl_) == 0 && SSL_has_pending(ssl_) == 0 && cipher_in_pos_ == cipher_in_.size();
   for (;;) {
-    if (SSL_pending(ssl_) == 0 && SSL_has_pending(ssl_) == 0 && cipher_in_pos_ == cipher_in_.size()) {
-      // Nothing buffered anywhere: wait for the peer before touching `buffer`, so that an idle session holds
-      // no read buffer.
-      co_await fill_cipher(ec);
+    if (need_network) {
+      co_await fill_cipher(ec, wait);
       if (ec) co_return 0;
     }
+    need_network = true;
     const std::size_t old_size = buffer.size();
     const std::size_t room = std::min<std::size_t>(max, INT_MAX);
     buffer.resize(old_size + room);
@@ -209,7 +220,7 @@ asio::awaitable<void> Link::handshake(SSL_CTX* context, bool server, const std::
     if (failure) ec = failure;
     if (ec) co_return;
     if (result == 1) break;
-    co_await fill_cipher(ec);
+    co_await fill_cipher(ec, Wait::busy);
     if (ec) co_return;
   }
   tls_info_ = tls_info(ssl_);

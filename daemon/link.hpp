@@ -3,9 +3,8 @@
 //
 // TLS runs OpenSSL over a custom BIO that reads and writes this object's own buffers (sans-I/O, like
 // proto/): no asio::ssl::stream, whose four 17 KiB buffers per connection would dominate an idle session's
-// memory. Reads go through a per-thread scratch area and wait for readability without a buffer, so a session
-// that waits for its next command owns no read buffer at all; SSL_MODE_RELEASE_BUFFERS lets OpenSSL drop its
-// record buffers in between too.
+// memory. A session that waits for its next command waits for readability without a buffer (see Wait), so it
+// owns no read buffer at all; SSL_MODE_RELEASE_BUFFERS lets OpenSSL drop its record buffers in between too.
 #include <utility>  // before Asio (Boost 1.74 + GCC 12)
 
 #include <boost/asio/awaitable.hpp>
@@ -29,10 +28,15 @@ class Link {
   const TlsInfo& tls() const { return tls_info_; }
   bool tls_active() const { return ssl_ != nullptr; }
 
+  // How to wait for data. `idle`: hold no buffer while waiting (a session parked between commands costs
+  // only its own state); `busy`: read straight into the buffer (one speculative recv, and no epoll_ctl to
+  // re-arm a readiness wait: the cheaper path while a transaction is moving).
+  enum class Wait { idle, busy };
+
   // Appends at most `max` bytes of application data to `buffer`. Errors: asio::error::eof on a clean close,
   // an SSL-category code (the OpenSSL error) on a TLS failure, operation_aborted after cancel().
-  boost::asio::awaitable<std::size_t> read_some(std::string& buffer, std::size_t max,
-                                                boost::system::error_code& ec);
+  boost::asio::awaitable<std::size_t> read_some(std::string& buffer, std::size_t max, boost::system::error_code& ec,
+                                                Wait wait = Wait::busy);
   boost::asio::awaitable<void> write(std::string_view data, boost::system::error_code& ec);
 
   // STARTTLS. `peer_name` (client side): SNI, and with `verify` the name the certificate must match.
@@ -44,9 +48,9 @@ class Link {
 
  private:
   friend struct LinkBio;
-  boost::asio::awaitable<std::size_t> read_available(std::string& buffer, std::size_t max,
-                                                     boost::system::error_code& ec);
-  boost::asio::awaitable<void> fill_cipher(boost::system::error_code& ec);
+  boost::asio::awaitable<std::size_t> read_socket(std::string& buffer, std::size_t max, boost::system::error_code& ec,
+                                                  Wait wait);
+  boost::asio::awaitable<void> fill_cipher(boost::system::error_code& ec, Wait wait);
   boost::asio::awaitable<void> flush_cipher(boost::system::error_code& ec);
   boost::system::error_code tls_error(int result);
 

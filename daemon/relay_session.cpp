@@ -357,7 +357,7 @@ asio::awaitable<bool> RelaySession::read_proxy_header() {
       co_return false;
     }
     error_code ec;
-    co_await client_.read_some(client_in_, proto::max_proxy_header - client_in_.size(), ec);
+    co_await client_.read_some(client_in_, proto::max_proxy_header - client_in_.size(), ec, Link::Wait::idle);
     if (ec) {
       const bool timed_out = take_timeout();
       count_reject(timed_out ? "proxy_timeout" : "proxy_truncated");
@@ -419,7 +419,7 @@ asio::awaitable<bool> RelaySession::next_line(std::string& line) {
       co_return false;
     }
     idle_ = idle;
-    if (client_in_.empty()) std::string().swap(client_in_);  // an idle session keeps no buffer
+    if (idle && client_in_.empty()) std::string().swap(client_in_);  // an idle session keeps no buffer
     // The whole command must arrive within the timeout: partial lines do not restart the clock (slowloris).
     if (!command_clock_running_) {
       command_deadline_ = SteadyClock::now() + (commands_ == 0 ? config_.timeouts.greeting : config_.timeouts.command);
@@ -427,7 +427,7 @@ asio::awaitable<bool> RelaySession::next_line(std::string& line) {
     }
     set_deadline_at(command_deadline_);
     error_code ec;
-    co_await client_.read_some(client_in_, command_read_chunk, ec);
+    co_await client_.read_some(client_in_, command_read_chunk, ec, idle ? Link::Wait::idle : Link::Wait::busy);
     idle_ = false;
     if (ec) {
       if (take_timeout()) {
@@ -786,6 +786,7 @@ asio::awaitable<std::optional<proto::Reply>> RelaySession::read_upstream_reply(S
     auto parsed = proto::parse_reply(upstream_.in);
     if (parsed.status == proto::ReplyStatus::complete) {
       upstream_.in.erase(0, parsed.consumed);
+      if (upstream_.in.empty()) std::string().swap(upstream_.in);  // kept between transactions: hold nothing
       co_return std::move(parsed.reply);
     }
     if (parsed.status == proto::ReplyStatus::invalid) {
