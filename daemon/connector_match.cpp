@@ -21,12 +21,16 @@ const config::Connector* match_connector(const config::Config& config, const Mat
     const auto& m = connector.match;
     if (connector.direction != input.direction) continue;
     if (!any_or_empty(m.listeners, [&](const std::string& l) { return l == input.listener; })) continue;
-    if (!any_or_empty(m.client_cidrs, [&](const config::Cidr& c) { return c.contains(input.client_address); }))
+    if (!any_or_empty(m.client_cidrs,
+                      [&](const config::Cidr& c) { return c.contains(input.client_address); }))
       continue;
-    if (!any_or_empty(m.sender_domains, [&](const std::string& d) { return domain_matches(d, input.sender_domain); }))
+    if (!any_or_empty(m.sender_domains,
+                      [&](const std::string& d) { return domain_matches(d, input.sender_domain); }))
       continue;
-    if (!any_or_empty(m.ehlo, [&](const std::string& p) { return config::glob_match(p, input.ehlo); })) continue;
-    if (!any_or_empty(m.sni, [&](const std::string& p) { return config::glob_match(p, input.sni); })) continue;
+    if (!any_or_empty(m.ehlo, [&](const std::string& p) { return config::glob_match(p, input.ehlo); }))
+      continue;
+    if (!any_or_empty(m.sni, [&](const std::string& p) { return config::glob_match(p, input.sni); }))
+      continue;
     return &connector;
   }
   return nullptr;

@@ -12,7 +12,7 @@ namespace mailflow {
 struct MatchInput {
   std::string_view listener;
   config::Direction direction = config::Direction::inbound;  // the listener's
-  std::array<std::uint8_t, 16> client_address{};              // IPv4-mapped form for IPv4
+  std::array<std::uint8_t, 16> client_address{};             // IPv4-mapped form for IPv4
   std::string_view sni;
   std::string_view ehlo;
   std::string_view sender_domain;  // lower-case

@@ -1,13 +1,13 @@
 #include "daemon/link.hpp"
 
+#include <openssl/bio.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
 #include <boost/asio/error.hpp>
 #include <boost/asio/redirect_error.hpp>
 #include <boost/asio/ssl/error.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/write.hpp>
-#include <openssl/bio.h>
-#include <openssl/err.h>
-#include <openssl/ssl.h>
 
 #include <algorithm>
 #include <array>
@@ -24,7 +24,7 @@ namespace {
 auto with(error_code& ec) { return asio::redirect_error(asio::use_awaitable, ec); }
 
 constexpr std::size_t flush_threshold = 64 * 1024;
-constexpr std::size_t keep_capacity = 4096;  // larger buffers are released once empty
+constexpr std::size_t keep_capacity = 4096;         // larger buffers are released once empty
 constexpr std::size_t max_record_read = 17 * 1024;  // one TLS record and its header
 
 void release_if_large(std::string& buffer) {
@@ -101,7 +101,8 @@ error_code Link::tls_error(int result) {
   return {static_cast<int>(code), asio::error::get_ssl_category()};
 }
 
-asio::awaitable<std::size_t> Link::read_socket(std::string& buffer, std::size_t max, error_code& ec, Wait wait) {
+asio::awaitable<std::size_t> Link::read_socket(std::string& buffer, std::size_t max, error_code& ec,
+                                               Wait wait) {
   const std::size_t old_size = buffer.size();
   if (wait == Wait::busy) {
     buffer.resize(old_size + max);
@@ -140,12 +141,14 @@ asio::awaitable<void> Link::flush_cipher(error_code& ec) {
   release_if_large(cipher_out_);
 }
 
-asio::awaitable<std::size_t> Link::read_some(std::string& buffer, std::size_t max, error_code& ec, Wait wait) {
+asio::awaitable<std::size_t> Link::read_some(std::string& buffer, std::size_t max, error_code& ec,
+                                             Wait wait) {
   if (ssl_ == nullptr) co_return co_await read_socket(buffer, max, ec, wait);
   // Nothing buffered anywhere: wait for the peer before touching `buffer`, so that an idle session holds no
   // read buffer. After SSL_ERROR_WANT_READ OpenSSL has drained our BIO and holds at most a partial record:
   // it needs more bytes from the network whatever SSL_has_pending() says.
-  bool need_network = SSL_pending(ssl_) == 0 && SSL_has_pending(ssl_) == 0 && cipher_in_pos_ == cipher_in_.size();
+  bool need_network =
+      SSL_pending(ssl_) == 0 && SSL_has_pending(ssl_) == 0 && cipher_in_pos_ == cipher_in_.size();
   for (;;) {
     if (need_network) {
       co_await fill_cipher(ec, wait);
@@ -189,8 +192,8 @@ asio::awaitable<void> Link::write(std::string_view data, error_code& ec) {
   co_await flush_cipher(ec);
 }
 
-asio::awaitable<void> Link::handshake(SSL_CTX* context, bool server, const std::string& peer_name, bool verify,
-                                      error_code& ec) {
+asio::awaitable<void> Link::handshake(SSL_CTX* context, bool server, const std::string& peer_name,
+                                      bool verify, error_code& ec) {
   ssl_ = SSL_new(context);
   if (ssl_ == nullptr) {
     ec = {static_cast<int>(ERR_get_error()), asio::error::get_ssl_category()};

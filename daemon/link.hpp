@@ -35,21 +35,21 @@ class Link {
 
   // Appends at most `max` bytes of application data to `buffer`. Errors: asio::error::eof on a clean close,
   // an SSL-category code (the OpenSSL error) on a TLS failure, operation_aborted after cancel().
-  boost::asio::awaitable<std::size_t> read_some(std::string& buffer, std::size_t max, boost::system::error_code& ec,
-                                                Wait wait = Wait::busy);
+  boost::asio::awaitable<std::size_t> read_some(std::string& buffer, std::size_t max,
+                                                boost::system::error_code& ec, Wait wait = Wait::busy);
   boost::asio::awaitable<void> write(std::string_view data, boost::system::error_code& ec);
 
   // STARTTLS. `peer_name` (client side): SNI, and with `verify` the name the certificate must match.
-  boost::asio::awaitable<void> handshake(SSL_CTX* context, bool server, const std::string& peer_name, bool verify,
-                                         boost::system::error_code& ec);
+  boost::asio::awaitable<void> handshake(SSL_CTX* context, bool server, const std::string& peer_name,
+                                         bool verify, boost::system::error_code& ec);
 
   void cancel();
   void close();
 
  private:
   friend struct LinkBio;
-  boost::asio::awaitable<std::size_t> read_socket(std::string& buffer, std::size_t max, boost::system::error_code& ec,
-                                                  Wait wait);
+  boost::asio::awaitable<std::size_t> read_socket(std::string& buffer, std::size_t max,
+                                                  boost::system::error_code& ec, Wait wait);
   boost::asio::awaitable<void> fill_cipher(boost::system::error_code& ec, Wait wait);
   boost::asio::awaitable<void> flush_cipher(boost::system::error_code& ec);
   boost::system::error_code tls_error(int result);

@@ -242,7 +242,9 @@ asio::awaitable<void> RelaySession::watchdog(std::shared_ptr<RelaySession> /*sel
   }
 }
 
-void RelaySession::set_deadline(SteadyClock::duration timeout) { set_deadline_at(SteadyClock::now() + timeout); }
+void RelaySession::set_deadline(SteadyClock::duration timeout) {
+  set_deadline_at(SteadyClock::now() + timeout);
+}
 
 void RelaySession::set_deadline_at(SteadyClock::time_point deadline) {
   deadline_ = deadline;
@@ -268,8 +270,9 @@ asio::awaitable<void> RelaySession::run() {
 }
 
 asio::awaitable<void> RelaySession::serve() {
-  const bool proxy_trusted = std::any_of(listener_.proxy_trusted.begin(), listener_.proxy_trusted.end(),
-                                         [&](const config::Cidr& cidr) { return cidr.contains(client_bytes_); });
+  const bool proxy_trusted =
+      std::any_of(listener_.proxy_trusted.begin(), listener_.proxy_trusted.end(),
+                  [&](const config::Cidr& cidr) { return cidr.contains(client_bytes_); });
   if (proxy_trusted && !co_await read_proxy_header()) co_return;
 
   if (registry_.active() > config_.limits.max_sessions) {
@@ -281,7 +284,8 @@ asio::awaitable<void> RelaySession::serve() {
   if (!registry_.admit_address(client_bytes_, config_.limits.max_sessions_per_ip)) {
     count_reject("ip_limit");
     co_await say_goodbye(
-        proto::format_reply(421, "4.7.0", config_.hostname + " Error: too many connections from your address"),
+        proto::format_reply(421, "4.7.0",
+                            config_.hostname + " Error: too many connections from your address"),
         "ip_limit");
     co_return;
   }
@@ -378,8 +382,9 @@ asio::awaitable<bool> RelaySession::greet_pause() {
     co_return false;
   }
   count_reject("early_talker");
-  co_await say_goodbye(proto::format_reply(554, "5.5.0", config_.hostname + " Error: SMTP protocol synchronization"),
-                       "early_talker");
+  co_await say_goodbye(
+      proto::format_reply(554, "5.5.0", config_.hostname + " Error: SMTP protocol synchronization"),
+      "early_talker");
   co_return false;
 }
 
@@ -389,8 +394,9 @@ asio::awaitable<bool> RelaySession::next_line(std::string& line) {
       proxy_checked_ = true;
       if (proto::looks_like_proxy_header(client_in_)) {
         count_reject("proxy_untrusted");
-        co_await say_goodbye(proto::format_reply(554, "5.7.0", "PROXY protocol not accepted from this address"),
-                             "proxy_untrusted");
+        co_await say_goodbye(
+            proto::format_reply(554, "5.7.0", "PROXY protocol not accepted from this address"),
+            "proxy_untrusted");
         co_return false;
       }
     }
@@ -422,12 +428,14 @@ asio::awaitable<bool> RelaySession::next_line(std::string& line) {
     if (idle && client_in_.empty()) std::string().swap(client_in_);  // an idle session keeps no buffer
     // The whole command must arrive within the timeout: partial lines do not restart the clock (slowloris).
     if (!command_clock_running_) {
-      command_deadline_ = SteadyClock::now() + (commands_ == 0 ? config_.timeouts.greeting : config_.timeouts.command);
+      command_deadline_ =
+          SteadyClock::now() + (commands_ == 0 ? config_.timeouts.greeting : config_.timeouts.command);
       command_clock_running_ = true;
     }
     set_deadline_at(command_deadline_);
     error_code ec;
-    co_await client_.read_some(client_in_, command_read_chunk, ec, idle ? Link::Wait::idle : Link::Wait::busy);
+    co_await client_.read_some(client_in_, command_read_chunk, ec,
+                               idle ? Link::Wait::idle : Link::Wait::busy);
     idle_ = false;
     if (ec) {
       if (take_timeout()) {
@@ -447,7 +455,8 @@ asio::awaitable<bool> RelaySession::next_line(std::string& line) {
 
 asio::awaitable<void> RelaySession::perform(const proto::ServerSession::Action& action) {
   using Kind = proto::ServerSession::ActionKind;
-  if (action.kind != Kind::begin_mail && action.kind != Kind::forward_rcpt && action.kind != Kind::begin_data) {
+  if (action.kind != Kind::begin_mail && action.kind != Kind::forward_rcpt &&
+      action.kind != Kind::begin_data) {
     co_await resolve_pending();  // replies go out in command order
   }
   if (!action.reject_reason.empty()) count_reject(action.reject_reason);
@@ -509,8 +518,8 @@ void RelaySession::count_reject(std::string_view reason) {
   ++rejects_;
   telemetry_.rejected(listener_.name, reason);
   const std::string client = address_text(client_address_);
-  log_limited(LogLevel::info, "reject", {{"id", id_}, {"client", client}, {"listener", listener_.name},
-                                         {"reason", reason}});
+  log_limited(LogLevel::info, "reject",
+              {{"id", id_}, {"client", client}, {"listener", listener_.name}, {"reason", reason}});
 }
 
 // ---- STARTTLS on the client leg -------------------------------------------------------------------------
@@ -531,8 +540,8 @@ asio::awaitable<void> RelaySession::start_tls() {
     const std::string reason = handshake_failure_label(ec, timed_out);
     telemetry_.tls_handshake_failed(listener_.name, Leg::client, reason);
     const std::string client = address_text(client_address_);
-    log_limited(LogLevel::info, "tls_failed", {{"id", id_}, {"client", client}, {"leg", "client"},
-                                               {"reason", reason}});
+    log_limited(LogLevel::info, "tls_failed",
+                {{"id", id_}, {"client", client}, {"leg", "client"}, {"reason", reason}});
     result_ = "tls_failed";
     close_ = true;
     co_return;
@@ -565,7 +574,8 @@ asio::awaitable<void> RelaySession::begin_mail() {
     session_.on_mail_reply(530);
     co_return;
   }
-  const std::string& upstream = connector && !connector->upstream.empty() ? connector->upstream : listener_.upstream;
+  const std::string& upstream =
+      connector && !connector->upstream.empty() ? connector->upstream : listener_.upstream;
   if (!co_await ensure_upstream(upstream)) {
     client_out_ += upstream_unavailable_reply;
     session_.on_mail_reply(451);
@@ -668,7 +678,8 @@ asio::awaitable<void> RelaySession::relay_data() {
     co_return;
   }
 
-  proto::DataFilter filter({config_.limits.max_message_size, config_.limits.max_line, config_.limits.bare_newline});
+  proto::DataFilter filter(
+      {config_.limits.max_message_size, config_.limits.max_line, config_.limits.bare_newline});
   const bool reject_bare_newline = config_.limits.bare_newline == proto::BareNewlinePolicy::reject;
   const proto::TlsVersion version_at_start = counted_version();
   std::string out = received_header();
@@ -780,7 +791,8 @@ void RelaySession::drop_upstream() {
   upstream_.in_transaction = false;
 }
 
-asio::awaitable<std::optional<proto::Reply>> RelaySession::read_upstream_reply(SteadyClock::duration timeout) {
+asio::awaitable<std::optional<proto::Reply>> RelaySession::read_upstream_reply(
+    SteadyClock::duration timeout) {
   set_deadline(timeout);
   for (;;) {
     auto parsed = proto::parse_reply(upstream_.in);
@@ -846,15 +858,17 @@ asio::awaitable<bool> RelaySession::ensure_upstream(const std::string& name) {
   set_deadline(config_.timeouts.upstream_connect);
   error_code ec;
   tcp::resolver resolver(executor);
-  auto endpoints = co_await resolver.async_resolve(upstream.address.host, std::to_string(upstream.address.port),
-                                                   with(ec));
+  auto endpoints =
+      co_await resolver.async_resolve(upstream.address.host, std::to_string(upstream.address.port), with(ec));
   tcp::socket socket(executor);
   if (!ec) co_await asio::async_connect(socket, endpoints, with(ec));
   if (ec) {
     const bool timed_out = take_timeout();
     telemetry_.upstream_error(upstream.name, timed_out ? "connect_timeout" : "connect_failed");
     log_limited(LogLevel::warn, "upstream_error",
-                {{"id", id_}, {"upstream", upstream.name}, {"reason", timed_out ? "connect_timeout" : "connect_failed"},
+                {{"id", id_},
+                 {"upstream", upstream.name},
+                 {"reason", timed_out ? "connect_timeout" : "connect_failed"},
                  {"error", ec.message()}});
     co_return false;
   }
@@ -864,7 +878,7 @@ asio::awaitable<bool> RelaySession::ensure_upstream(const std::string& name) {
 
   proto::ClientSession::Options options;
   options.ehlo_name = config_.hostname;
-  options.tls = upstream.tls == config::UpstreamTls::none           ? proto::UpstreamTlsPolicy::none
+  options.tls = upstream.tls == config::UpstreamTls::none            ? proto::UpstreamTlsPolicy::none
                 : upstream.tls == config::UpstreamTls::opportunistic ? proto::UpstreamTlsPolicy::opportunistic
                                                                      : proto::UpstreamTlsPolicy::required;
   options.xclient_allowed = upstream.xclient;
@@ -890,9 +904,10 @@ asio::awaitable<bool> RelaySession::ensure_upstream(const std::string& name) {
         [[fallthrough]];
       }
       case Kind::read_reply: {
-        // Connecting includes the banner: an upstream that accepts and never greets is "connect_timeout"-slow.
-        auto reply =
-            co_await read_upstream_reply(first_reply ? config_.timeouts.upstream_connect : config_.timeouts.command);
+        // Connecting includes the banner: an upstream that accepts and never greets is
+        // "connect_timeout"-slow.
+        auto reply = co_await read_upstream_reply(first_reply ? config_.timeouts.upstream_connect
+                                                              : config_.timeouts.command);
         first_reply = false;
         if (!reply) co_return false;
         action = engine.on_reply(*reply);
@@ -900,21 +915,21 @@ asio::awaitable<bool> RelaySession::ensure_upstream(const std::string& name) {
       }
       case Kind::start_tls: {
         if (!upstream_.in.empty()) {
-          // The upstream leg gets the same CVE-2011-0411 treatment: nothing sent before TLS is trusted after it.
+          // The upstream leg gets the same CVE-2011-0411 treatment: nothing sent before TLS is trusted after
+          // it.
           upstream_failed("starttls_pipelining");
           co_return false;
         }
         const ClientTls* tls = runtime_->client_tls(upstream.name);
         set_deadline(config_.timeouts.tls_handshake);
         error_code hs;
-        co_await upstream_.link->handshake(tls->context(), false, upstream.address.host,
-                                           tls->verify(), hs);
+        co_await upstream_.link->handshake(tls->context(), false, upstream.address.host, tls->verify(), hs);
         if (hs) {
           const bool timed_out = take_timeout();
           const std::string reason = handshake_failure_label(hs, timed_out);
           telemetry_.tls_handshake_failed(listener_.name, Leg::upstream, reason);
-          log_limited(LogLevel::warn, "tls_failed", {{"id", id_}, {"upstream", upstream.name}, {"leg", "upstream"},
-                                                     {"reason", reason}});
+          log_limited(LogLevel::warn, "tls_failed",
+                      {{"id", id_}, {"upstream", upstream.name}, {"leg", "upstream"}, {"reason", reason}});
           upstream_failed("tls_failed");
           co_return false;
         }
@@ -995,12 +1010,13 @@ void SessionRegistry::close_all() {
   for (auto& session : sessions) session->force_close();
 }
 
-void start_relay_session(tcp::socket socket, std::shared_ptr<const Runtime> runtime, const config::Listener& listener,
-                         SessionRegistry& registry) {
+void start_relay_session(tcp::socket socket, std::shared_ptr<const Runtime> runtime,
+                         const config::Listener& listener, SessionRegistry& registry) {
   auto executor = socket.get_executor();
   auto session = std::make_shared<RelaySession>(std::move(socket), std::move(runtime), listener, registry);
   registry.add(session);
-  asio::co_spawn(executor, [session]() { return session->run(); }, asio::detached);
+  asio::co_spawn(
+      executor, [session]() { return session->run(); }, asio::detached);
 }
 
 }  // namespace mailflow

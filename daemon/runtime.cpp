@@ -5,7 +5,8 @@ namespace mailflow {
 std::shared_ptr<const Runtime> Runtime::build(std::shared_ptr<const config::Config> config) {
   auto runtime = std::make_shared<Runtime>();
   for (const auto& listener : config->listeners) {
-    if (listener.tls) runtime->listener_tls.emplace(listener.name, std::make_shared<const ServerTls>(*listener.tls));
+    if (listener.tls)
+      runtime->listener_tls.emplace(listener.name, std::make_shared<const ServerTls>(*listener.tls));
   }
   for (const auto& upstream : config->upstreams) {
     if (upstream.tls != config::UpstreamTls::none)

@@ -2,6 +2,11 @@
 
 #include <utility>  // before Asio (Boost 1.74 + GCC 12)
 
+#include <fmt/format.h>
+#include <sched.h>
+#include <sys/socket.h>
+#include <systemd/sd-daemon.h>
+#include <unistd.h>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/asio/io_context.hpp>
@@ -12,14 +17,9 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/strand.hpp>
 #include <boost/asio/use_awaitable.hpp>
-#include <fmt/format.h>
-#include <sched.h>
-#include <sys/socket.h>
-#include <systemd/sd-daemon.h>
-#include <unistd.h>
 
-#include <cstring>
 #include <atomic>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -109,7 +109,7 @@ struct Server::Impl {
   mutable std::mutex runtime_mutex;
   std::shared_ptr<const Runtime> runtime;
   std::vector<std::shared_ptr<Acceptor>> acceptors;  // touched only from the signal coroutine and startup
-  std::atomic<bool> stopping{false};  // read by /readyz on any thread
+  std::atomic<bool> stopping{false};                 // read by /readyz on any thread
 
   Impl(std::string path, std::shared_ptr<const config::Config> config)
       : config_path(std::move(path)), io(static_cast<int>(usable_cpus())) {
@@ -123,7 +123,8 @@ struct Server::Impl {
 
   std::shared_ptr<Acceptor> open_acceptor(const config::Listener& listener) {
     auto endpoint = listen_endpoint(listener.address);
-    auto result = std::make_shared<Acceptor>(Acceptor{listener.name, listener.address.text, tcp::acceptor(io)});
+    auto result =
+        std::make_shared<Acceptor>(Acceptor{listener.name, listener.address.text, tcp::acceptor(io)});
     auto& acceptor = result->acceptor;
     if (auto it = inherited.find(endpoint); it != inherited.end()) {
       acceptor.assign(endpoint.protocol(), it->second);
@@ -136,16 +137,17 @@ struct Server::Impl {
     if (!ec && endpoint.protocol() == tcp::v6()) acceptor.set_option(asio::ip::v6_only(true), ec);
     if (!ec) acceptor.bind(endpoint, ec);
     if (!ec) acceptor.listen(asio::socket_base::max_listen_connections, ec);
-    if (ec) throw std::runtime_error("listener " + listener.name + ": cannot listen on " + listener.address.text + ": " +
-                                     ec.message());
+    if (ec)
+      throw std::runtime_error("listener " + listener.name + ": cannot listen on " + listener.address.text +
+                               ": " + ec.message());
     return result;
   }
 
   asio::awaitable<void> accept_loop(std::shared_ptr<Acceptor> entry) {
     for (;;) {
       error_code ec;
-      tcp::socket socket = co_await entry->acceptor.async_accept(asio::make_strand(io),
-                                                                  asio::redirect_error(asio::use_awaitable, ec));
+      tcp::socket socket = co_await entry->acceptor.async_accept(
+          asio::make_strand(io), asio::redirect_error(asio::use_awaitable, ec));
       if (ec) {
         if (!entry->acceptor.is_open() || ec == asio::error::operation_aborted) co_return;
         // Out of descriptors or a transient network error: log, breathe, keep accepting.
@@ -189,8 +191,8 @@ struct Server::Impl {
   }
 
   void notify_status() {
-    const std::string status = fmt::format("STATUS={} sessions, {} messages relayed", registry.active(),
-                                           telemetry.messages_total());
+    const std::string status =
+        fmt::format("STATUS={} sessions, {} messages relayed", registry.active(), telemetry.messages_total());
     sd_notify(0, status.c_str());
   }
 
@@ -207,8 +209,10 @@ struct Server::Impl {
     log_event(LogLevel::info, "reload", {{"config", config_path}});
     auto loaded = config::load_config_file(config_path);
     if (!loaded.errors.empty()) {
-      for (const auto& error : loaded.errors) log_event(LogLevel::error, "config_error", {{"error", error.to_string()}});
-      log_event(LogLevel::error, "reload_refused", {{"reason", "invalid configuration, keeping the running one"}});
+      for (const auto& error : loaded.errors)
+        log_event(LogLevel::error, "config_error", {{"error", error.to_string()}});
+      log_event(LogLevel::error, "reload_refused",
+                {{"reason", "invalid configuration, keeping the running one"}});
       telemetry.config_reloaded(false);
       sd_notify(0, "READY=1");
       return;
@@ -228,8 +232,9 @@ struct Server::Impl {
       setup_logging(loaded.config->log);
       telemetry.configure(*loaded.config);
       telemetry.config_reloaded(true);
-      log_event(LogLevel::info, "reloaded", {{"listeners", std::to_string(loaded.config->listeners.size())},
-                                             {"connectors", std::to_string(loaded.config->connectors.size())}});
+      log_event(LogLevel::info, "reloaded",
+                {{"listeners", std::to_string(loaded.config->listeners.size())},
+                 {"connectors", std::to_string(loaded.config->connectors.size())}});
     } catch (const std::exception& e) {
       log_event(LogLevel::error, "reload_refused", {{"reason", e.what()}});
       telemetry.config_reloaded(false);
@@ -245,8 +250,9 @@ struct Server::Impl {
       entry->acceptor.close(ec);
     }
     const auto timeout = current()->config->limits.drain_timeout;
-    log_event(LogLevel::info, "draining", {{"sessions", std::to_string(registry.active())},
-                                           {"timeout_ms", std::to_string(timeout.count())}});
+    log_event(
+        LogLevel::info, "draining",
+        {{"sessions", std::to_string(registry.active())}, {"timeout_ms", std::to_string(timeout.count())}});
     registry.begin_drain();
     asio::steady_timer tick(io);
     const auto deadline = std::chrono::steady_clock::now() + timeout;
@@ -323,9 +329,10 @@ int Server::run() {
   asio::co_spawn(s.io, s.periodic(), asio::detached);
 
   std::string listeners;
-  for (const auto& l : config.listeners) listeners += (listeners.empty() ? "" : ",") + l.name + "=" + l.address.text;
-  log_event(LogLevel::info, "started", {{"version", MAILFLOW_VERSION}, {"listeners", listeners},
-                                        {"http", config.http.address.text}});
+  for (const auto& l : config.listeners)
+    listeners += (listeners.empty() ? "" : ",") + l.name + "=" + l.address.text;
+  log_event(LogLevel::info, "started",
+            {{"version", MAILFLOW_VERSION}, {"listeners", listeners}, {"http", config.http.address.text}});
   sd_notify(0, "READY=1");
   s.notify_status();
 

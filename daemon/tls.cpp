@@ -21,11 +21,16 @@ std::string openssl_error_text() {
 
 int to_openssl_version(proto::TlsVersion version) {
   switch (version) {
-    case proto::TlsVersion::tls10: return TLS1_VERSION;
-    case proto::TlsVersion::tls11: return TLS1_1_VERSION;
-    case proto::TlsVersion::tls12: return TLS1_2_VERSION;
-    case proto::TlsVersion::tls13: return TLS1_3_VERSION;
-    case proto::TlsVersion::none: break;
+    case proto::TlsVersion::tls10:
+      return TLS1_VERSION;
+    case proto::TlsVersion::tls11:
+      return TLS1_1_VERSION;
+    case proto::TlsVersion::tls12:
+      return TLS1_2_VERSION;
+    case proto::TlsVersion::tls13:
+      return TLS1_3_VERSION;
+    case proto::TlsVersion::none:
+      break;
   }
   return TLS1_VERSION;
 }
@@ -35,11 +40,21 @@ int to_openssl_version(proto::TlsVersion version) {
 TlsInfo tls_info(const SSL* ssl) {
   TlsInfo info;
   switch (SSL_version(ssl)) {
-    case TLS1_VERSION: info.version = proto::TlsVersion::tls10; break;
-    case TLS1_1_VERSION: info.version = proto::TlsVersion::tls11; break;
-    case TLS1_2_VERSION: info.version = proto::TlsVersion::tls12; break;
-    case TLS1_3_VERSION: info.version = proto::TlsVersion::tls13; break;
-    default: info.version = proto::TlsVersion::none; break;
+    case TLS1_VERSION:
+      info.version = proto::TlsVersion::tls10;
+      break;
+    case TLS1_1_VERSION:
+      info.version = proto::TlsVersion::tls11;
+      break;
+    case TLS1_2_VERSION:
+      info.version = proto::TlsVersion::tls12;
+      break;
+    case TLS1_3_VERSION:
+      info.version = proto::TlsVersion::tls13;
+      break;
+    default:
+      info.version = proto::TlsVersion::none;
+      break;
   }
   if (const char* cipher = SSL_get_cipher_name(ssl)) info.cipher = cipher;
   if (const char* name = SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name)) info.sni = name;
@@ -74,7 +89,8 @@ ServerTls::ServerTls(const config::ListenerTls& tls) {
     // Legacy versions must stay negotiable: measuring who still uses them is the point.
     SSL_CTX_set_min_proto_version(ctx, to_openssl_version(tls.min_version));
     SSL_CTX_set_max_proto_version(ctx, 0);
-    SSL_CTX_set_options(ctx, SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION | SSL_OP_CIPHER_SERVER_PREFERENCE);
+    SSL_CTX_set_options(ctx,
+                        SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION | SSL_OP_CIPHER_SERVER_PREFERENCE);
     SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);
     if (SSL_CTX_set_cipher_list(ctx, tls.ciphers.c_str()) != 1)
       throw std::runtime_error("invalid ciphers '" + tls.ciphers + "': " + openssl_error_text());
@@ -109,7 +125,8 @@ int ServerTls::on_servername(SSL* ssl, int*, void* arg) {
   return SSL_TLSEXT_ERR_OK;  // unknown name: the default certificate answers
 }
 
-ClientTls::ClientTls(const config::Upstream& upstream) : verify_(upstream.tls == config::UpstreamTls::verify) {
+ClientTls::ClientTls(const config::Upstream& upstream)
+    : verify_(upstream.tls == config::UpstreamTls::verify) {
   ctx_ = SSL_CTX_new(TLS_client_method());
   if (ctx_ == nullptr) throw std::runtime_error("SSL_CTX_new: " + openssl_error_text());
   SSL_CTX_set_options(ctx_, SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION);

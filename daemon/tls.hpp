@@ -24,7 +24,8 @@ struct TlsInfo {
 TlsInfo tls_info(const SSL* ssl);
 
 // A short, bounded label for mailflow_tls_handshake_failures_total{reason}: OpenSSL's reason string in
-// snake_case ("unsupported_protocol", "no_shared_cipher", "certificate_verify_failed", ...), or "eof"/"timeout".
+// snake_case ("unsupported_protocol", "no_shared_cipher", "certificate_verify_failed", ...), or
+// "eof"/"timeout".
 std::string handshake_failure_reason(unsigned long openssl_error, bool timed_out, bool eof);
 
 class ServerTls {
