@@ -8,6 +8,8 @@
 #include <mutex>
 #include <unordered_map>
 
+#include "daemon/report.hpp"  // json_escape
+
 namespace mailflow {
 namespace {
 
@@ -21,48 +23,18 @@ bool needs_quotes(std::string_view v) {
   return false;
 }
 
-void append_escaped(std::string& out, std::string_view v) {
-  for (char c : v) {
-    switch (c) {
-      case '"':
-        out += "\\\"";
-        break;
-      case '\\':
-        out += "\\\\";
-        break;
-      case '\n':
-        out += "\\n";
-        break;
-      case '\r':
-        out += "\\r";
-        break;
-      case '\t':
-        out += "\\t";
-        break;
-      default:
-        if (static_cast<unsigned char>(c) < 0x20) {
-          char buf[8];
-          std::snprintf(buf, sizeof buf, "\\u%04x", static_cast<unsigned>(static_cast<unsigned char>(c)));
-          out += buf;
-        } else {
-          out += c;
-        }
-    }
-  }
-}
-
 std::string render(std::string_view event, std::initializer_list<LogField> fields, std::uint64_t suppressed) {
   std::string line;
   line.reserve(256);
   if (json_format) {
     line += "\"event\":\"";
-    append_escaped(line, event);
+    line += json_escape(event);
     line += '"';
     for (const auto& [key, value] : fields) {
       line += ",\"";
       line += key;
       line += "\":\"";
-      append_escaped(line, value);
+      line += json_escape(value);
       line += '"';
     }
     if (suppressed) line += ",\"suppressed\":\"" + std::to_string(suppressed) + '"';
@@ -74,7 +46,7 @@ std::string render(std::string_view event, std::initializer_list<LogField> field
       line += '=';
       if (needs_quotes(value)) {
         line += '"';
-        append_escaped(line, value);
+        line += json_escape(value);
         line += '"';
       } else {
         line += value;

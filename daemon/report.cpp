@@ -285,8 +285,8 @@ std::string render_json(const Report& report) {
         "{{\"date\": \"{}\", \"connector\": \"{}\", \"direction\": \"{}\", \"type\": \"{}\", \"forced_tls\": "
         "{}, "
         "\"messages\": {}, \"percent\": {{",
-        json_escape(row.date), json_escape(row.connector), config::to_string(row.direction), config::to_string(row.type),
-        row.forced_tls ? "true" : "false", row.messages);
+        json_escape(row.date), json_escape(row.connector), config::to_string(row.direction),
+        config::to_string(row.type), row.forced_tls ? "true" : "false", row.messages);
     for (std::size_t i = 0; i < kVersionNames.size(); ++i)
       out += fmt::format("{}\"{}\": {}", i == 0 ? "" : ", ", kVersionNames[i], one_decimal(row.percent[i]));
     out += "}}";
@@ -312,8 +312,8 @@ std::string render_csv(const Report& report) {
       "date,connector,direction,type,forced_tls,messages,none_pct,tls10_pct,tls11_pct,tls12_pct,tls13_pct\n";
   for (const ReportRow& row : report.rows) {
     out += fmt::format("{},{},{},{},{},{}", csv_field(row.date), csv_field(row.connector),
-                       config::to_string(row.direction), config::to_string(row.type), row.forced_tls ? "true" : "false",
-                       row.messages);
+                       config::to_string(row.direction), config::to_string(row.type),
+                       row.forced_tls ? "true" : "false", row.messages);
     for (const double p : row.percent) {
       out += ',';
       out += one_decimal(p);
@@ -475,7 +475,8 @@ std::string render_html(const Report& report) {
                       insight.insight == "significant_tls10" ? "tls10" : "notls", html_escape(insight.text));
     out +=
         "<p class=\"advice\"><strong>What to do:</strong> get the mail servers behind these connectors (a "
-        "partner's, or your own) upgraded to TLS1.2 or later <em>before</em> TLS1.0 and TLS1.1 are switched off &mdash; once they are, mail from "
+        "partner's, or your own) upgraded to TLS1.2 or later <em>before</em> TLS1.0 and TLS1.1 are switched "
+        "off &mdash; once they are, mail from "
         "servers that cannot do better will be refused or fall back to no encryption at all. Mail without "
         "TLS "
         "is readable by anyone on the path: ask the sender to enable STARTTLS, or turn on Forced TLS "
