@@ -85,9 +85,11 @@ def test_two_relays_behind_haproxy_alert_once(procs, tmp_path):
         assert internet["none"] == 2 and sum(internet.values()) == 2, internet
 
         # The fleet recording rules equal what was sent.
+        # Wait until Prometheus has scraped both relays after the last message (the internet mails came last).
         def fleet_ready():
-            return prom.query('mailflow_fleet:window_messages_all:sum{connector="partner-contoso"} == 8')
-        d.wait_for(fleet_ready, 15, what="fleet window = 8 in Prometheus")
+            return (prom.query('mailflow_fleet:window_messages_all:sum{connector="partner-contoso"} == 8')
+                    and prom.query('mailflow_fleet:window_messages_all:sum{connector="internet"} >= 2'))
+        d.wait_for(fleet_ready, 15, what="fleet windows = 8 partner + 2 internet in Prometheus")
         fleet = {r["metric"]["tls_version"]: float(r["value"][1]) for r in
                  prom.query('mailflow_fleet:window_messages:sum{connector="partner-contoso"}')}
         assert fleet == {"none": 0, "TLS1.0": 6, "TLS1.1": 0, "TLS1.2": 2, "TLS1.3": 0}, fleet
