@@ -31,6 +31,10 @@ void release_if_large(std::string& buffer) {
   if (buffer.empty() && buffer.capacity() > keep_capacity) std::string().swap(buffer);
 }
 
+void release_if_large(ReadBuffer& buffer) {
+  if (buffer.capacity() > keep_capacity) buffer.release_if_empty();
+}
+
 }  // namespace
 
 // The BIO between OpenSSL and the Link's buffers.
@@ -45,20 +49,15 @@ struct LinkBio {
 
   static int read(BIO* bio, char* out, int length) {
     BIO_clear_retry_flags(bio);
-    Link* self = link(bio);
-    const std::size_t available = self->cipher_in_.size() - self->cipher_in_pos_;
-    if (available == 0) {
+    ReadBuffer& in = link(bio)->cipher_in_;
+    if (in.empty()) {
       BIO_set_retry_read(bio);
       return -1;
     }
-    const std::size_t n = std::min<std::size_t>(available, static_cast<std::size_t>(length));
-    std::memcpy(out, self->cipher_in_.data() + self->cipher_in_pos_, n);
-    self->cipher_in_pos_ += n;
-    if (self->cipher_in_pos_ == self->cipher_in_.size()) {
-      self->cipher_in_.clear();
-      self->cipher_in_pos_ = 0;
-      release_if_large(self->cipher_in_);
-    }
+    const std::size_t n = std::min<std::size_t>(in.size(), static_cast<std::size_t>(length));
+    std::memcpy(out, in.view().data(), n);
+    in.consume(n);
+    release_if_large(in);
     return static_cast<int>(n);
   }
 
@@ -101,14 +100,11 @@ error_code Link::tls_error(int result) {
   return {static_cast<int>(code), asio::error::get_ssl_category()};
 }
 
-asio::awaitable<std::size_t> Link::read_socket(std::string& buffer, std::size_t max, error_code& ec,
+asio::awaitable<std::size_t> Link::read_socket(ReadBuffer& buffer, std::size_t max, error_code& ec,
                                                Wait wait) {
-  const std::size_t old_size = buffer.size();
   if (wait == Wait::busy) {
-    buffer.resize(old_size + max);
-    const std::size_t n =
-        co_await socket_.async_read_some(asio::buffer(buffer.data() + old_size, max), with(ec));
-    buffer.resize(old_size + n);
+    const std::size_t n = co_await socket_.async_read_some(asio::buffer(buffer.prepare(max), max), with(ec));
+    buffer.commit(n);
     co_return n;
   }
   // Idle: try a per-thread scratch area first (data may already be there), else wait without any buffer.
@@ -117,7 +113,7 @@ asio::awaitable<std::size_t> Link::read_socket(std::string& buffer, std::size_t 
   for (;;) {
     const std::size_t n = socket_.read_some(asio::buffer(scratch.data(), std::min(max, scratch.size())), ec);
     if (!ec) {
-      buffer.append(scratch.data(), n);
+      buffer.append({scratch.data(), n});
       co_return n;
     }
     if (ec != asio::error::would_block && ec != asio::error::try_again) co_return 0;
@@ -127,41 +123,49 @@ asio::awaitable<std::size_t> Link::read_socket(std::string& buffer, std::size_t 
 }
 
 asio::awaitable<void> Link::fill_cipher(error_code& ec, Wait wait) {
-  if (cipher_in_pos_ > 0) {
-    cipher_in_.erase(0, cipher_in_pos_);
-    cipher_in_pos_ = 0;
-  }
   co_await read_socket(cipher_in_, max_record_read, ec, wait);
+}
+
+asio::awaitable<void> Link::send_all(std::string_view data, error_code& ec) {
+  // Straight from the coroutine when the socket takes it all at once (the common case: a reply, a command,
+  // a block that fits the send buffer); only the rest goes through the reactor. Saves a trip through the
+  // scheduler (and its epoll_wait) per send.
+  std::size_t sent = socket_.write_some(asio::buffer(data), ec);  // the socket is non-blocking
+  if (ec == asio::error::would_block || ec == asio::error::try_again) {
+    ec = {};
+    sent = 0;
+  }
+  if (ec || sent == data.size()) co_return;
+  co_await asio::async_write(socket_, asio::buffer(data.substr(sent)), with(ec));
 }
 
 asio::awaitable<void> Link::flush_cipher(error_code& ec) {
   if (cipher_out_.empty()) co_return;
-  co_await asio::async_write(socket_, asio::buffer(cipher_out_), with(ec));
+  co_await send_all(cipher_out_, ec);
   cipher_out_.clear();
   release_if_large(cipher_out_);
 }
 
-asio::awaitable<std::size_t> Link::read_some(std::string& buffer, std::size_t max, error_code& ec,
+asio::awaitable<std::size_t> Link::read_some(ReadBuffer& buffer, std::size_t max, error_code& ec,
                                              Wait wait) {
   if (ssl_ == nullptr) co_return co_await read_socket(buffer, max, ec, wait);
   // Nothing buffered anywhere: wait for the peer before touching `buffer`, so that an idle session holds no
   // read buffer. After SSL_ERROR_WANT_READ OpenSSL has drained our BIO and holds at most a partial record:
   // it needs more bytes from the network whatever SSL_has_pending() says.
-  bool need_network =
-      SSL_pending(ssl_) == 0 && SSL_has_pending(ssl_) == 0 && cipher_in_pos_ == cipher_in_.size();
+  bool need_network = SSL_pending(ssl_) == 0 && SSL_has_pending(ssl_) == 0 && cipher_in_.empty();
   for (;;) {
     if (need_network) {
       co_await fill_cipher(ec, wait);
       if (ec) co_return 0;
     }
     need_network = true;
-    const std::size_t old_size = buffer.size();
     const std::size_t room = std::min<std::size_t>(max, INT_MAX);
-    buffer.resize(old_size + room);
     ERR_clear_error();
-    const int n = SSL_read(ssl_, buffer.data() + old_size, static_cast<int>(room));
-    buffer.resize(old_size + static_cast<std::size_t>(std::max(n, 0)));
-    if (n > 0) co_return static_cast<std::size_t>(n);
+    const int n = SSL_read(ssl_, buffer.prepare(room), static_cast<int>(room));
+    if (n > 0) {
+      buffer.commit(static_cast<std::size_t>(n));
+      co_return static_cast<std::size_t>(n);
+    }
     const int reason = SSL_get_error(ssl_, n);
     const error_code failure = reason == SSL_ERROR_WANT_READ ? error_code{} : tls_error(n);
     co_await flush_cipher(ec);  // e.g. TLS 1.3 session tickets or alerts produced while reading
@@ -172,7 +176,7 @@ asio::awaitable<std::size_t> Link::read_some(std::string& buffer, std::size_t ma
 
 asio::awaitable<void> Link::write(std::string_view data, error_code& ec) {
   if (ssl_ == nullptr) {
-    co_await asio::async_write(socket_, asio::buffer(data), with(ec));
+    co_await send_all(data, ec);
     co_return;
   }
   while (!data.empty()) {

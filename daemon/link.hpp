@@ -13,6 +13,7 @@
 #include <string>
 #include <string_view>
 
+#include "daemon/read_buffer.hpp"
 #include "daemon/tls.hpp"
 
 namespace mailflow {
@@ -35,7 +36,7 @@ class Link {
 
   // Appends at most `max` bytes of application data to `buffer`. Errors: asio::error::eof on a clean close,
   // an SSL-category code (the OpenSSL error) on a TLS failure, operation_aborted after cancel().
-  boost::asio::awaitable<std::size_t> read_some(std::string& buffer, std::size_t max,
+  boost::asio::awaitable<std::size_t> read_some(ReadBuffer& buffer, std::size_t max,
                                                 boost::system::error_code& ec, Wait wait = Wait::busy);
   boost::asio::awaitable<void> write(std::string_view data, boost::system::error_code& ec);
 
@@ -48,16 +49,16 @@ class Link {
 
  private:
   friend struct LinkBio;
-  boost::asio::awaitable<std::size_t> read_socket(std::string& buffer, std::size_t max,
+  boost::asio::awaitable<std::size_t> read_socket(ReadBuffer& buffer, std::size_t max,
                                                   boost::system::error_code& ec, Wait wait);
   boost::asio::awaitable<void> fill_cipher(boost::system::error_code& ec, Wait wait);
+  boost::asio::awaitable<void> send_all(std::string_view data, boost::system::error_code& ec);
   boost::asio::awaitable<void> flush_cipher(boost::system::error_code& ec);
   boost::system::error_code tls_error(int result);
 
   boost::asio::ip::tcp::socket socket_;
   SSL* ssl_ = nullptr;
-  std::string cipher_in_;  // received TLS records not yet consumed by OpenSSL
-  std::size_t cipher_in_pos_ = 0;
+  ReadBuffer cipher_in_;     // received TLS records not yet consumed by OpenSSL
   std::string cipher_out_;  // TLS records OpenSSL produced, not yet sent
   TlsInfo tls_info_;
 };

@@ -98,7 +98,7 @@ std::string new_session_id() {
 struct Upstream {
   const config::Upstream* config = nullptr;
   std::unique_ptr<Link> link;
-  std::string in;
+  ReadBuffer in;
   bool in_transaction = false;
   bool pipelining = false;  // advertised: queued commands go out in one write
 };
@@ -195,7 +195,7 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
   std::deque<Pending> pending_;  // their replies, still to be read and relayed
 
   std::string id_;
-  std::string client_in_;
+  ReadBuffer client_in_;
   std::string client_out_;
   asio::ip::address client_address_;
   std::uint16_t client_port_ = 0;
@@ -336,9 +336,9 @@ asio::awaitable<void> RelaySession::finish() {
 asio::awaitable<bool> RelaySession::read_proxy_header() {
   set_deadline(proxy_header_timeout);
   for (;;) {
-    auto parsed = proto::parse_proxy_header(client_in_);
+    auto parsed = proto::parse_proxy_header(client_in_.view());
     if (parsed.status == proto::ProxyStatus::complete) {
-      client_in_.erase(0, parsed.consumed);
+      client_in_.consume(parsed.consumed);
       if (!parsed.header.local) {
         error_code ec;
         auto address = asio::ip::make_address(parsed.header.source_address, ec);
@@ -392,7 +392,7 @@ asio::awaitable<bool> RelaySession::next_line(std::string& line) {
   for (;;) {
     if (!proxy_checked_ && !client_in_.empty()) {
       proxy_checked_ = true;
-      if (proto::looks_like_proxy_header(client_in_)) {
+      if (proto::looks_like_proxy_header(client_in_.view())) {
         count_reject("proxy_untrusted");
         co_await say_goodbye(
             proto::format_reply(554, "5.7.0", "PROXY protocol not accepted from this address"),
@@ -400,15 +400,15 @@ asio::awaitable<bool> RelaySession::next_line(std::string& line) {
         co_return false;
       }
     }
-    auto event = framer_.next(client_in_);
+    auto event = framer_.next(client_in_.view());
     if (event.kind == proto::CommandFramer::Kind::line) {
       line.assign(event.line);
-      client_in_.erase(0, event.consumed);
+      client_in_.consume(event.consumed);
       command_clock_running_ = false;
       ++commands_;
       co_return true;
     }
-    client_in_.erase(0, event.consumed);
+    client_in_.consume(event.consumed);
     if (event.kind != proto::CommandFramer::Kind::need_more) {
       command_clock_running_ = false;
       co_await perform(session_.on_framing_error(event.kind));
@@ -425,7 +425,10 @@ asio::awaitable<bool> RelaySession::next_line(std::string& line) {
       co_return false;
     }
     idle_ = idle;
-    if (idle && client_in_.empty()) std::string().swap(client_in_);  // an idle session keeps no buffer
+    if (idle) {  // an idle session keeps no buffers
+      client_in_.release_if_empty();
+      upstream_.in.release_if_empty();
+    }
     // The whole command must arrive within the timeout: partial lines do not restart the clock (slowloris).
     if (!command_clock_running_) {
       command_deadline_ =
@@ -689,8 +692,8 @@ asio::awaitable<void> RelaySession::relay_data() {
   set_deadline(config_.timeouts.data_block);
   for (;;) {
     if (!client_in_.empty()) {
-      const std::size_t consumed = filter.feed(client_in_, out);
-      client_in_.erase(0, consumed);
+      const std::size_t consumed = filter.feed(client_in_.view(), out);
+      client_in_.consume(consumed);
       block_bytes += consumed;
     }
     const bool violation =
@@ -733,9 +736,6 @@ asio::awaitable<void> RelaySession::relay_data() {
       }
       co_return;
     }
-  }
-  if (client_in_.capacity() > 2 * command_read_chunk && client_in_.size() < command_read_chunk) {
-    client_in_.shrink_to_fit();
   }
   const std::uint32_t recipients = session_.accepted_recipients();
   session_.on_data_finished();
@@ -788,6 +788,7 @@ void RelaySession::drop_upstream() {
     upstream_.link.reset();
   }
   upstream_.in.clear();
+  upstream_.in.release_if_empty();
   upstream_.in_transaction = false;
 }
 
@@ -795,10 +796,9 @@ asio::awaitable<std::optional<proto::Reply>> RelaySession::read_upstream_reply(
     SteadyClock::duration timeout) {
   set_deadline(timeout);
   for (;;) {
-    auto parsed = proto::parse_reply(upstream_.in);
+    auto parsed = proto::parse_reply(upstream_.in.view());
     if (parsed.status == proto::ReplyStatus::complete) {
-      upstream_.in.erase(0, parsed.consumed);
-      if (upstream_.in.empty()) std::string().swap(upstream_.in);  // kept between transactions: hold nothing
+      upstream_.in.consume(parsed.consumed);
       co_return std::move(parsed.reply);
     }
     if (parsed.status == proto::ReplyStatus::invalid) {
@@ -840,7 +840,7 @@ asio::awaitable<void> RelaySession::close_upstream(bool polite) {
     error_code ec;
     co_await upstream_.link->write("QUIT\r\n", ec);
     if (!ec) {
-      std::string ignored;
+      ReadBuffer ignored;
       co_await upstream_.link->read_some(ignored, 512, ec);
     }
     take_timeout();
