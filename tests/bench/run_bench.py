@@ -327,7 +327,7 @@ class Bench:
             self.duration, self.warmup, self.latency_duration = 0.4, 0.1, 0.4
             self.idle_sessions, self.connectors, self.callgrind_messages = 200, 20, 3
         else:
-            self.duration, self.warmup, self.latency_duration = args.duration, 0.5, 2.0
+            self.duration, self.warmup, self.latency_duration = args.duration, 0.5, 5.0
             self.idle_sessions, self.connectors, self.callgrind_messages = args.idle_sessions, args.connectors, 51
         self.concurrency = args.concurrency
         self.size = args.size
@@ -408,10 +408,18 @@ class Bench:
                 "--interval-ms", str(interval_ms), "--sender-domains", str(sender_domains)]
         cpu_pid = getattr(server, "rss_pid", None) if server is not None and server.name != "smtp-sink" else None
         cpu_before, wall_before = (cpu_seconds(cpu_pid) if cpu_pid else 0.0), time.monotonic()
+        sink_before, children_before = cpu_seconds(self.sink.pid), resource.getrusage(resource.RUSAGE_CHILDREN)
         out = subprocess.run(self.place.env(argv), capture_output=True, text=True, timeout=120)
+        children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        loadgen_cpu = (children_after.ru_utime + children_after.ru_stime - children_before.ru_utime
+                       - children_before.ru_stime)
+        load_cpu = loadgen_cpu + cpu_seconds(self.sink.pid) - sink_before
         if out.returncode != 0:
             raise RuntimeError(f"loadgen {label} failed ({out.returncode}): {out.stderr.strip()}")
         result = json.loads(out.stdout)
+        # The load side (load generator + smtp-sink), whole run: near 100 % of its CPU means the load, not the
+        # path under test, limited the rate.
+        result["load_cpu_percent"] = round(100.0 * load_cpu / (time.monotonic() - wall_before), 1)
         if cpu_pid:
             # The proxy's CPU time over the whole run (warm-up included), per message at the measured rate.
             cpu, wall = cpu_seconds(cpu_pid) - cpu_before, time.monotonic() - wall_before
@@ -424,7 +432,8 @@ class Bench:
         if result["messages"] == 0:
             self.problems.append(f"{label}: no message completed")
         log(f"  {label:34s} {result['msgs_per_s']:10.1f} msgs/s {result['sessions_per_s']:9.1f} sessions/s "
-            f"p50 {result['p50_us']}us p99 {result['p99_us']}us errors {result['errors']}"
+            f"p50 {result['p50_us']}us p99 {result['p99_us']}us errors {result['errors']} "
+            f"load CPU {result['load_cpu_percent']}%"
             + (f" proxy CPU {result['proxy_cpu_percent']}% {result['proxy_cpu_us_per_msg']}us/msg" if cpu_pid else ""))
         return result
 
@@ -556,6 +565,29 @@ class Bench:
         if ha:
             self.stop(ha)
 
+        # 2b. Plaintext, reused sessions once more with the CPUs shared: nothing pinned, the kernel places
+        # every process (as on an unconfigured server). Informational: with 2 CPUs, which processes land
+        # together decides most of the cost (see docs/performance.md).
+        shared = {}
+        if self.place.enabled:
+            log("plaintext reused, CPUs shared (nothing pinned)")
+            self.place.enabled = False
+            try:
+                self.start_sink()
+                if self.have_nginx:
+                    self.start_auth()
+                s_paths = [("direct", self.sink), ("mailflowd", self.start_mailflowd("shared"))]
+                if self.have_nginx:
+                    s_paths.append(("nginx", self.start_nginx("shared")))
+                if self.have_haproxy:
+                    s_paths.append(("haproxy", self.start_haproxy()))
+                for name, server in s_paths:
+                    shared[name] = self.loadgen(server.port, f"{name}.plain_reused_shared", server=server)
+                for name, server in s_paths[1:]:
+                    self.stop(server)
+            finally:
+                self.place.enabled = True
+
         def get(name, *key):
             v = r.get((name,) + key)
             return v
@@ -625,6 +657,14 @@ class Bench:
                             "ratio": (ours_added / ha_added) if ha_added else None, "target": None, "pass": None})
         ratio_row("plain_single_vs_direct", "plaintext msgs/s, 1 msg/session (info)", "msgs/s",
                   msgs("mailflowd", "plain", "single"), "direct", msgs("direct", "plain", "single"), None)
+        if shared:
+            def shared_msgs(name):
+                return shared[name]["msgs_per_s"] if name in shared else None
+
+            for anchor in ("direct", "nginx", "haproxy"):
+                if anchor in shared:
+                    ratio_row(f"plain_reused_shared_vs_{anchor}", "plaintext msgs/s, reused, CPUs shared (info)",
+                              "msgs/s", shared_msgs("mailflowd"), anchor, shared_msgs(anchor), None)
 
         # 5. callgrind: instructions per message in the proto engines (stable across machines and noise).
         log("callgrind")
