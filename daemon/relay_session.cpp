@@ -124,7 +124,7 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
 
   asio::awaitable<void> run();
 
-  // Thread-safe: executed on the session's strand.
+  // Thread-safe: executed on the session's event loop.
   void notify_drain() {
     asio::post(client_.socket().get_executor(), [self = shared_from_this()] {
       if (self->idle_) self->client_.cancel();

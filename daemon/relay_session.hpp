@@ -1,5 +1,5 @@
 #pragma once
-// One SMTP session relayed client -> mailflowd -> upstream, as one coroutine on its own strand.
+// One SMTP session relayed client -> mailflowd -> upstream, as one coroutine on one event loop.
 #include <utility>  // before Asio (Boost 1.74 + GCC 12)
 
 #include <boost/asio/ip/tcp.hpp>
@@ -47,8 +47,8 @@ class SessionRegistry {
   std::unordered_map<RelaySession*, std::weak_ptr<RelaySession>> sessions_;
 };
 
-// Starts the session coroutine on the socket's executor (a strand). The session keeps `runtime` for its
-// whole life, so a reload never changes the rules under a running transaction.
+// Starts the session coroutine on the socket's executor (the event loop the session was accepted onto). The
+// session keeps `runtime` for its whole life, so a reload never changes the rules under a running transaction.
 void start_relay_session(boost::asio::ip::tcp::socket socket, std::shared_ptr<const Runtime> runtime,
                          const config::Listener& listener, SessionRegistry& registry);
 

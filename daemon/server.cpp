@@ -14,8 +14,8 @@
 #include <boost/asio/ip/v6_only.hpp>
 #include <boost/asio/redirect_error.hpp>
 #include <boost/asio/signal_set.hpp>
+#include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/steady_timer.hpp>
-#include <boost/asio/strand.hpp>
 #include <boost/asio/use_awaitable.hpp>
 
 #include <atomic>
@@ -68,8 +68,8 @@ std::map<tcp::endpoint, int> inherited_sockets() {
   return sockets;
 }
 
-// One I/O thread per CPU this process may run on (taskset/cgroup cpusets), not per CPU online: two threads
-// sharing one CPU only add hand-offs and latency.
+// One event loop (thread) per CPU this process may run on (taskset/cgroup cpusets), not per CPU online: two
+// threads sharing one CPU only add hand-offs and latency.
 unsigned usable_cpus() {
   cpu_set_t set;
   CPU_ZERO(&set);
@@ -99,8 +99,18 @@ struct Server::Impl {
     tcp::acceptor acceptor;
   };
 
+  using WorkGuard = asio::executor_work_guard<asio::io_context::executor_type>;
+
   std::string config_path;
-  asio::io_context io;
+  // One event loop per usable CPU, each run by one thread (nginx's worker model, in threads). `io` is the
+  // first: listeners, signals, HTTP and its share of the sessions. A session lives on one loop from accept to
+  // close, so its handlers never run concurrently and need no strand; loops share only thread-safe state
+  // (registry, telemetry, the runtime snapshot). The workers are declared first so that they outlive `io`:
+  // an accept still pending in `io` at exit holds a socket that belongs to a worker.
+  std::vector<std::unique_ptr<asio::io_context>> workers;  // the other loops
+  std::vector<WorkGuard> worker_guards;                    // keep them running while they have no session
+  asio::io_context io{1};
+  std::size_t next_loop = 0;
   Telemetry telemetry;
   SessionRegistry registry{telemetry};
   std::unique_ptr<HttpServer> http;
@@ -112,8 +122,24 @@ struct Server::Impl {
   std::atomic<bool> stopping{false};                 // read by /readyz on any thread
 
   Impl(std::string path, std::shared_ptr<const config::Config> config)
-      : config_path(std::move(path)), io(static_cast<int>(usable_cpus())) {
+      : config_path(std::move(path)) {
     runtime = Runtime::build(std::move(config));
+    for (unsigned i = 1; i < usable_cpus(); ++i) {
+      workers.push_back(std::make_unique<asio::io_context>(1));
+      worker_guards.push_back(asio::make_work_guard(*workers.back()));
+    }
+  }
+
+  // Round robin over the loops: where the next session lives.
+  asio::io_context& session_loop() {
+    const std::size_t loop = next_loop++ % (workers.size() + 1);
+    return loop == 0 ? io : *workers[loop - 1];
+  }
+
+  void stop_loops() {
+    for (auto& guard : worker_guards) guard.reset();
+    for (auto& worker : workers) worker->stop();
+    io.stop();
   }
 
   std::shared_ptr<const Runtime> current() const {
@@ -147,7 +173,7 @@ struct Server::Impl {
     for (;;) {
       error_code ec;
       tcp::socket socket = co_await entry->acceptor.async_accept(
-          asio::make_strand(io), asio::redirect_error(asio::use_awaitable, ec));
+          session_loop(), asio::redirect_error(asio::use_awaitable, ec));
       if (ec) {
         if (!entry->acceptor.is_open() || ec == asio::error::operation_aborted) co_return;
         // Out of descriptors or a transient network error: log, breathe, keep accepting.
@@ -272,7 +298,7 @@ struct Server::Impl {
     http->stop();
     save_state();
     log_event(LogLevel::info, "stopped", {{"messages", std::to_string(telemetry.messages_total())}});
-    io.stop();
+    stop_loops();
   }
 
   asio::awaitable<void> signals() {
@@ -336,9 +362,8 @@ int Server::run() {
   sd_notify(0, "READY=1");
   s.notify_status();
 
-  const unsigned threads = usable_cpus();
   std::vector<std::thread> pool;
-  for (unsigned i = 1; i < threads; ++i) pool.emplace_back([&s] { s.io.run(); });
+  for (auto& worker : s.workers) pool.emplace_back([&worker] { worker->run(); });
   s.io.run();
   for (auto& thread : pool) thread.join();
   return 0;

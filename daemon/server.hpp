@@ -1,6 +1,6 @@
 #pragma once
 // The running daemon: listeners, sessions, HTTP, signals (SIGHUP reload, SIGTERM/SIGINT drain), state
-// persistence and systemd notification, all on one io_context served by a small thread pool.
+// persistence and systemd notification, on one event loop (thread) per usable CPU.
 #include <memory>
 #include <string>
 
