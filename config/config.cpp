@@ -33,7 +33,7 @@ const std::vector<Section>& schema() {
   static const std::vector<Section> sections = {
       {"",
        {"hostname", "state_dir", "listeners", "upstreams", "connectors", "telemetry", "http", "limits", "log",
-        "timeouts"}},
+        "timeouts", "performance"}},
       {"listeners[]", {"name", "address", "direction", "tls", "proxy_protocol", "upstream"}},
       {"listeners[].tls", {"certificates", "min_version", "ciphers"}},
       {"listeners[].tls.certificates[]", {"cert", "key"}},
@@ -52,6 +52,7 @@ const std::vector<Section>& schema() {
         "max_line", "drain_timeout", "greet_pause", "bare_newline"}},
       {"log", {"level", "format"}},
       {"timeouts", {"greeting", "command", "data_block", "data_end", "tls_handshake", "upstream_connect"}},
+      {"performance", {"busy_poll"}},
   };
   return sections;
 }
@@ -622,6 +623,7 @@ class Loader {
     if (const Field* field = get(*top, "limits")) load_limits(*field);
     if (const Field* field = get(*top, "log")) load_log(*field);
     if (const Field* field = get(*top, "timeouts")) load_timeouts(*field);
+    if (const Field* field = get(*top, "performance")) load_performance(*field);
   }
 
   static std::string machine_hostname() {
@@ -1002,6 +1004,12 @@ class Loader {
                {"off", std::string("off")}});
     read_enum(*map, "format", "log", config_.log.format,
               {{"text", LogFormat::text}, {"json", LogFormat::json}});
+  }
+
+  void load_performance(const Field& field) {
+    const auto map = fields(field, "performance", "performance");
+    if (!map) return;
+    read_bool(*map, "busy_poll", "performance", config_.performance.busy_poll);
   }
 
   void load_timeouts(const Field& field) {

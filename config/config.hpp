@@ -133,6 +133,11 @@ struct Log {
   LogFormat format = LogFormat::text;
 };
 
+struct Performance {
+  // Event loops poll briefly before they block (adaptive, at most 100 us; see daemon/poll_window.hpp).
+  bool busy_poll = true;
+};
+
 struct Timeouts {
   std::chrono::milliseconds greeting{300000};
   std::chrono::milliseconds command{300000};
@@ -154,6 +159,7 @@ struct Config {
   Limits limits;
   Log log;
   Timeouts timeouts;
+  Performance performance;
 
   const Upstream* find_upstream(std::string_view name) const;
   const Listener* find_listener(std::string_view name) const;

@@ -30,6 +30,7 @@
 
 #include "daemon/http_server.hpp"
 #include "daemon/log.hpp"
+#include "daemon/poll_window.hpp"
 #include "daemon/relay_session.hpp"
 #include "daemon/runtime.hpp"
 #include "daemon/telemetry.hpp"
@@ -77,6 +78,26 @@ unsigned usable_cpus() {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
+// Runs one event loop until it is stopped; with `busy_poll`, it polls for a PollWindow before it sleeps.
+void run_loop(asio::io_context& io, const std::atomic<bool>& busy_poll) {
+  using Clock = std::chrono::steady_clock;
+  PollWindow window;
+  for (;;) {
+    if (!busy_poll.load(std::memory_order_relaxed)) {
+      if (io.run_one() == 0) return;
+      continue;
+    }
+    if (io.poll() > 0) continue;
+    if (io.stopped()) return;
+    const auto idle_since = Clock::now();
+    bool caught = false;
+    while (!caught && Clock::now() - idle_since < window.current()) caught = io.poll() > 0;
+    if (caught) continue;
+    if (io.run_one() == 0) return;
+    window.slept(Clock::now() - idle_since);
+  }
+}
+
 void check_state_dir(const std::string& dir) {
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);
@@ -120,6 +141,7 @@ struct Server::Impl {
   std::shared_ptr<const Runtime> runtime;
   std::vector<std::shared_ptr<Acceptor>> acceptors;  // touched only from the signal coroutine and startup
   std::atomic<bool> stopping{false};                 // read by /readyz on any thread
+  std::atomic<bool> busy_poll{true};                 // performance.busy_poll, read by every loop
 
   Impl(std::string path, std::shared_ptr<const config::Config> config)
       : config_path(std::move(path)) {
@@ -256,6 +278,7 @@ struct Server::Impl {
       }
       swap_listeners(std::move(next_acceptors));
       setup_logging(loaded.config->log);
+      busy_poll = loaded.config->performance.busy_poll;
       telemetry.configure(*loaded.config);
       telemetry.config_reloaded(true);
       log_event(LogLevel::info, "reloaded",
@@ -347,6 +370,7 @@ int Server::run() {
     throw std::runtime_error("state_dir " + config.state_dir + ": " + error);
   if (!error.empty()) log_event(LogLevel::warn, "state_discarded", {{"reason", error}});
   s.telemetry.configure(config);
+  s.busy_poll = config.performance.busy_poll;
 
   s.swap_listeners(s.reconcile_listeners(config));
   s.http = std::make_unique<HttpServer>(s.io, config.http, s.telemetry, [&s] { return !s.stopping; });
@@ -363,8 +387,8 @@ int Server::run() {
   s.notify_status();
 
   std::vector<std::thread> pool;
-  for (auto& worker : s.workers) pool.emplace_back([&worker] { worker->run(); });
-  s.io.run();
+  for (auto& worker : s.workers) pool.emplace_back([&s, &worker] { run_loop(*worker, s.busy_poll); });
+  run_loop(s.io, s.busy_poll);
   for (auto& thread : pool) thread.join();
   return 0;
 }

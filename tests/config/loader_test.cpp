@@ -81,6 +81,7 @@ TEST_CASE("minimal config: every default") {
   CHECK(c.timeouts.data_end == std::chrono::seconds(600));
   CHECK(c.timeouts.tls_handshake == std::chrono::seconds(30));
   CHECK(c.timeouts.upstream_connect == std::chrono::seconds(30));
+  CHECK(c.performance.busy_poll);
   CHECK(c.find_listener("in") == &c.listeners[0]);
   CHECK(c.find_upstream("up") == &c.upstreams[0]);
   CHECK(c.find_listener("up") == nullptr);
@@ -166,6 +167,7 @@ limits:
   bare_newline: reject
 log: {level: debug, format: json}
 timeouts: {greeting: 1s, command: 2s, data_block: 3s, data_end: 4m, tls_handshake: 5s, upstream_connect: 6s}
+performance: {busy_poll: false}
 )";
   const auto result = load(yaml);
   INFO(all_errors(result));
@@ -249,6 +251,7 @@ timeouts: {greeting: 1s, command: 2s, data_block: 3s, data_end: 4m, tls_handshak
   CHECK(c.limits.bare_newline == proto::BareNewlinePolicy::reject);
   CHECK(c.log.level == "debug");
   CHECK(c.log.format == LogFormat::json);
+  CHECK_FALSE(c.performance.busy_poll);
   CHECK(c.timeouts.greeting == std::chrono::seconds(1));
   CHECK(c.timeouts.command == std::chrono::seconds(2));
   CHECK(c.timeouts.data_block == std::chrono::seconds(3));
@@ -448,6 +451,8 @@ TEST_CASE("enumerations") {
       {"limits: {bare_newline: strip}\n",
        "limits.bare_newline: expected one of normalize, reject, got \"strip\""},
       {"log: {format: xml}\n", "log.format: expected one of text, json, got \"xml\""},
+      {"performance: {busy_poll: sometimes}\n",
+       "performance.busy_poll: expected true or false, got \"sometimes\""},
       {"log: {level: verbose}\n",
        "log.level: expected one of trace, debug, info, warn, error, critical, off, got \"verbose\""},
   };
