@@ -2,8 +2,9 @@
 SIGHUP after a certificate renewal (new files at the same paths) serves the new certificate to new
 sessions; SIGTERM during a slow DATA transfer lets it finish within drain_timeout (message delivered, exit
 0, state_dir/windows.state written); an unwritable state_dir at the shutdown save is logged and the daemon
-still exits 0 (and relays until then)."""
+still exits 0 (and relays until then); performance.busy_poll off relays, and a SIGHUP switches it on."""
 import os
+import re
 import shutil
 import signal
 import socket
@@ -182,3 +183,24 @@ def test_unwritable_state_dir_at_shutdown(daemon_factory, sink):
     assert code == 0, f"exit code {code} after SIGTERM with an unwritable state_dir"
     assert "state_save_failed" in log, f"the failed shutdown save was not logged:\n{log[-3000:]}"
     assert not (state_dir / "windows.state.tmp").exists()
+
+
+def test_busy_poll_off_then_on_by_reload(daemon_factory, sink):
+    """performance.busy_poll: false (every event loop sleeps at once) relays concurrent sessions; a SIGHUP
+    that turns it on is applied without a restart and the relay keeps going."""
+    d, port = start(daemon_factory, "busy-poll", sink, performance={"busy_poll": False})
+    text = d.config_path.read_text()
+    switched = re.sub(r'("?busy_poll"?:\s*)false', r"\1true", text)
+    assert switched != text
+    concurrent = [hh.greeted(port) for _ in range(4)]  # sessions spread over every event loop
+    try:
+        hh.assert_relays(d, port, sink)
+        d.config_path.write_text(switched)
+        sighup_and_wait(d, "success")
+        hh.assert_relays(d, port, sink)
+        for c in concurrent:
+            code, reply = hh.transaction(c, hh.message("from a session opened before the reload"))
+            assert code == 250, reply
+    finally:
+        for c in concurrent:
+            c.close()
