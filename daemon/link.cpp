@@ -146,8 +146,7 @@ asio::awaitable<void> Link::flush_cipher(error_code& ec) {
   release_if_large(cipher_out_);
 }
 
-asio::awaitable<std::size_t> Link::read_some(ReadBuffer& buffer, std::size_t max, error_code& ec,
-                                             Wait wait) {
+asio::awaitable<std::size_t> Link::read_some(ReadBuffer& buffer, std::size_t max, error_code& ec, Wait wait) {
   if (ssl_ == nullptr) co_return co_await read_socket(buffer, max, ec, wait);
   // Nothing buffered anywhere: wait for the peer before touching `buffer`, so that an idle session holds no
   // read buffer. After SSL_ERROR_WANT_READ OpenSSL has drained our BIO and holds at most a partial record:

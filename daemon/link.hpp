@@ -58,7 +58,7 @@ class Link {
 
   boost::asio::ip::tcp::socket socket_;
   SSL* ssl_ = nullptr;
-  ReadBuffer cipher_in_;     // received TLS records not yet consumed by OpenSSL
+  ReadBuffer cipher_in_;    // received TLS records not yet consumed by OpenSSL
   std::string cipher_out_;  // TLS records OpenSSL produced, not yet sent
   TlsInfo tls_info_;
 };

@@ -48,7 +48,8 @@ class SessionRegistry {
 };
 
 // Starts the session coroutine on the socket's executor (the event loop the session was accepted onto). The
-// session keeps `runtime` for its whole life, so a reload never changes the rules under a running transaction.
+// session keeps `runtime` for its whole life, so a reload never changes the rules under a running
+// transaction.
 void start_relay_session(boost::asio::ip::tcp::socket socket, std::shared_ptr<const Runtime> runtime,
                          const config::Listener& listener, SessionRegistry& registry);
 

@@ -9,12 +9,12 @@
 #include <unistd.h>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
+#include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/ip/v6_only.hpp>
 #include <boost/asio/redirect_error.hpp>
 #include <boost/asio/signal_set.hpp>
-#include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
 
@@ -143,8 +143,7 @@ struct Server::Impl {
   std::atomic<bool> stopping{false};                 // read by /readyz on any thread
   std::atomic<bool> busy_poll{true};                 // performance.busy_poll, read by every loop
 
-  Impl(std::string path, std::shared_ptr<const config::Config> config)
-      : config_path(std::move(path)) {
+  Impl(std::string path, std::shared_ptr<const config::Config> config) : config_path(std::move(path)) {
     runtime = Runtime::build(std::move(config));
     for (unsigned i = 1; i < usable_cpus(); ++i) {
       workers.push_back(std::make_unique<asio::io_context>(1));

@@ -419,8 +419,7 @@ TEST_CASE("ranges") {
   const Case cases[] = {
       {"telemetry: {window: 12h}\n", "telemetry.window: must be between 1d and 90d, got 12h"},
       {"telemetry: {window: 91d}\n", "telemetry.window: must be between 1d and 90d, got 91d"},
-      {"telemetry: {window: 36h}\n",
-       "telemetry.window: must be a whole number of days (1d..90d)"},
+      {"telemetry: {window: 36h}\n", "telemetry.window: must be a whole number of days (1d..90d)"},
       {"telemetry: {defaults: {tls10_share: 1.5}}\n",
        "telemetry.defaults.tls10_share: must be a share between 0 and 1 (0.05 = 5%), got 1.5"},
       {"telemetry: {defaults: {no_tls_share: -0.1}}\n",

@@ -31,7 +31,7 @@ TEST_CASE("PollWindow: long gaps halve it to nothing (a quiet relay polls no mor
     ++steps;
   }
   CHECK(window.current() == microseconds(0));
-  CHECK(steps <= 6);  // 100 -> 50 -> 25 -> 12.5 -> 6.25 -> 3.125 (< first) -> 0
+  CHECK(steps <= 6);              // 100 -> 50 -> 25 -> 12.5 -> 6.25 -> 3.125 (< first) -> 0
   window.slept(PollWindow::max);  // a gap of exactly the maximum cannot be caught: no growth
   CHECK(window.current() == microseconds(0));
 }
