@@ -162,7 +162,8 @@ def make_cert(workdir):
 CIPHERS = "DEFAULT:@SECLEVEL=0"
 
 
-def mailflowd_config(workdir, tag, port, http_port, sink_port, cert, key, connectors=0, out_port=None):
+def mailflowd_config(workdir, tag, port, http_port, sink_port, cert, key, connectors=0, out_port=None,
+                     busy_poll=True):
     state = os.path.join(workdir, f"state-{tag}")
     lines = [
         "hostname: bench.localhost",
@@ -206,6 +207,7 @@ def mailflowd_config(workdir, tag, port, http_port, sink_port, cert, key, connec
         # The bench opens 10,000 sessions from 127.0.0.1; the defaults (10000 / 50 per IP) would refuse them.
         "limits: {max_sessions: 20000, max_sessions_per_ip: 20000, drain_timeout: 1s}",
         "log: {level: info, format: text}",  # the production default: one line per session
+        f"performance: {{busy_poll: {'true' if busy_poll else 'false'}}}",
     ]
     path = os.path.join(workdir, f"mailflowd-{tag}.yaml")
     with open(path, "w") as f:
@@ -361,11 +363,11 @@ class Bench:
         argv += [f"127.0.0.1:{self.sink_port}", "2000"]
         self.sink = self.start("smtp-sink", argv, self.sink_port, proxy=False)
 
-    def start_mailflowd(self, tag, connectors=0, outbound=False):
+    def start_mailflowd(self, tag, connectors=0, outbound=False, busy_poll=True):
         port, http_port = free_port(), free_port()
         out_port = free_port() if outbound else None
         config = mailflowd_config(self.workdir, tag, port, http_port, self.sink_port, self.cert, self.key,
-                                  connectors, out_port)
+                                  connectors, out_port, busy_poll)
         server = self.start(f"mailflowd-{tag}", [self.args.mailflowd, "--config", config], port)
         wait_port(http_port, server.proc, server.name)
         server.http_port = http_port
@@ -564,6 +566,14 @@ class Bench:
             self.stop(ng)
         if ha:
             self.stop(ha)
+        # The same daemon with performance.busy_poll off: what the default's polling buys (info rows).
+        quiet = self.start_mailflowd("relay-nopoll", busy_poll=False)
+        r[("mailflowd_nopoll", "plain", "reused")] = self.loadgen(quiet.port, "mailflowd_nopoll.plain_reused",
+                                                                  messages=0, server=quiet)
+        r[("mailflowd_nopoll", "latency")] = self.loadgen(quiet.port, "mailflowd_nopoll.latency", messages=0,
+                                                          concurrency=1, interval_ms=2,
+                                                          duration=self.latency_duration, server=quiet)
+        self.stop(quiet)
 
         # 2b. Plaintext, reused sessions once more with the CPUs shared: nothing pinned, the kernel places
         # every process (as on an unconfigured server). Informational: with 2 CPUs, which processes land
@@ -657,6 +667,13 @@ class Bench:
                             "ratio": (ours_added / ha_added) if ha_added else None, "target": None, "pass": None})
         ratio_row("plain_single_vs_direct", "plaintext msgs/s, 1 msg/session (info)", "msgs/s",
                   msgs("mailflowd", "plain", "single"), "direct", msgs("direct", "plain", "single"), None)
+        ratio_row("plain_reused_nopoll_vs_direct", "plaintext msgs/s, reused, busy_poll off (info)", "msgs/s",
+                  msgs("mailflowd_nopoll", "plain", "reused"), "direct", msgs("direct", "plain", "reused"), None)
+        nopoll_added = added("mailflowd_nopoll")
+        figures.append({"id": "p99_added_latency_nopoll_vs_nginx",
+                        "figure": "p99 added latency/msg, busy_poll off (info)", "unit": "us", "mailflowd": nopoll_added, "anchor_name": "nginx", "anchor": nginx_added,
+                        "ratio": (nopoll_added / nginx_added) if nginx_added else None, "target": None,
+                        "pass": None})
         if shared:
             def shared_msgs(name):
                 return shared[name]["msgs_per_s"] if name in shared else None
