@@ -671,7 +671,8 @@ class Bench:
                   msgs("mailflowd_nopoll", "plain", "reused"), "direct", msgs("direct", "plain", "reused"), None)
         nopoll_added = added("mailflowd_nopoll")
         figures.append({"id": "p99_added_latency_nopoll_vs_nginx",
-                        "figure": "p99 added latency/msg, busy_poll off (info)", "unit": "us", "mailflowd": nopoll_added, "anchor_name": "nginx", "anchor": nginx_added,
+                        "figure": "p99 added latency/msg, busy_poll off (info)", "unit": "us",
+                        "mailflowd": nopoll_added, "anchor_name": "nginx", "anchor": nginx_added,
                         "ratio": (nopoll_added / nginx_added) if nginx_added else None, "target": None,
                         "pass": None})
         if shared:
