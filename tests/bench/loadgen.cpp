@@ -39,6 +39,8 @@
 #include <string_view>
 #include <vector>
 
+#include "tests/bench/bench_message.hpp"
+
 namespace {
 
 namespace asio = boost::asio;
@@ -116,17 +118,7 @@ Options parse_options(int argc, char** argv) {
   return o;
 }
 
-// A message of exactly `size` octets of content (headers, body, CRLFs), then the terminator.
-std::string make_message(std::size_t size) {
-  std::string m =
-      "From: bench@bench.example\r\nTo: sink@sink.example\r\nSubject: mailflowd bench\r\n"
-      "Message-ID: <bench@bench.example>\r\n\r\n";
-  const std::string line(76, 'x');
-  while (m.size() + line.size() + 2 <= size) m += line + "\r\n";
-  if (m.size() + 2 < size) m += std::string(size - m.size() - 2, 'y') + "\r\n";
-  m += ".\r\n";
-  return m;
-}
+using mailflow::bench::make_message;
 
 constexpr auto use_awaitable = asio::use_awaitable;
 auto with(error_code& ec) { return asio::redirect_error(use_awaitable, ec); }

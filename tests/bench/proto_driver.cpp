@@ -14,6 +14,7 @@
 #include "proto/data_filter.hpp"
 #include "proto/line_framer.hpp"
 #include "proto/server_session.hpp"
+#include "tests/bench/bench_message.hpp"
 
 namespace {
 
@@ -22,16 +23,7 @@ using mailflow::proto::DataFilter;
 using mailflow::proto::ServerSession;
 using Kind = ServerSession::ActionKind;
 
-std::string make_message(std::size_t size) {
-  std::string m =
-      "From: bench@bench.example\r\nTo: sink@sink.example\r\nSubject: mailflowd bench\r\n"
-      "Message-ID: <bench@bench.example>\r\n\r\n";
-  const std::string line(76, 'x');
-  while (m.size() + line.size() + 2 <= size) m += line + "\r\n";
-  if (m.size() + 2 < size) m += std::string(size - m.size() - 2, 'y') + "\r\n";
-  m += ".\r\n";
-  return m;
-}
+using mailflow::bench::make_message;
 
 struct Driver {
   ServerSession session;
