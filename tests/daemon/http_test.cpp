@@ -4,9 +4,6 @@
 
 #include <crypt.h>
 #include <doctest/doctest.h>
-#include <openssl/evp.h>
-#include <openssl/pem.h>
-#include <openssl/x509.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -19,12 +16,14 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <optional>
 #include <string>
 #include <system_error>
 #include <thread>
 
 #include "daemon/telemetry.hpp"
+#include "tests/daemon/test_certificate.hpp"
 
 namespace {
 
@@ -126,29 +125,12 @@ std::string make_hash(const char* password) {
   return hash;
 }
 
-// A throw-away self-signed EC certificate for 127.0.0.1, written as PEM files into `dir`.
+// A throw-away self-signed certificate for 127.0.0.1, written as PEM files into `dir`.
 mailflow::config::CertificatePair make_certificate(const std::filesystem::path& dir) {
-  EVP_PKEY* key = EVP_PKEY_Q_keygen(nullptr, nullptr, "EC", "P-256");
-  REQUIRE(key != nullptr);
-  X509* cert = X509_new();
-  X509_set_version(cert, 2);
-  ASN1_INTEGER_set(X509_get_serialNumber(cert), 1);
-  X509_gmtime_adj(X509_getm_notBefore(cert), -60);
-  X509_gmtime_adj(X509_getm_notAfter(cert), 3600);
-  X509_NAME_add_entry_by_txt(X509_get_subject_name(cert), "CN", MBSTRING_ASC,
-                             reinterpret_cast<const unsigned char*>("127.0.0.1"), -1, -1, 0);
-  X509_set_issuer_name(cert, X509_get_subject_name(cert));
-  X509_set_pubkey(cert, key);
-  REQUIRE(X509_sign(cert, key, EVP_sha256()) > 0);
+  const auto certificate = mailflow::test::make_test_certificate();
   mailflow::config::CertificatePair pair{(dir / "http.pem").string(), (dir / "http.key").string()};
-  FILE* out = std::fopen(pair.cert.c_str(), "w");
-  PEM_write_X509(out, cert);
-  std::fclose(out);
-  out = std::fopen(pair.key.c_str(), "w");
-  PEM_write_PrivateKey(out, key, nullptr, nullptr, 0, nullptr, nullptr);
-  std::fclose(out);
-  X509_free(cert);
-  EVP_PKEY_free(key);
+  std::ofstream(pair.cert) << certificate.cert_pem;
+  std::ofstream(pair.key) << certificate.key_pem;
   return pair;
 }
 
