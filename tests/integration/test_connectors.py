@@ -7,6 +7,7 @@ import types
 import pytest
 
 import harness
+import hostile_helpers as hh
 from harness import delta, fmt_delta
 
 MESSAGE = b"From: s@example.test\r\nTo: r@dest.test\r\nSubject: connectors\r\n\r\nbody\r\n"
@@ -110,11 +111,7 @@ def test_sni_picks_certificate_and_connector(env, sni, cert, connector):
         expected = ssl.PEM_cert_to_DER_cert((env.certs / f"{cert}.pem").read_text())
         assert served == expected, f"SNI {sni!r}: expected the {cert}.pem certificate"
         assert c.cmd("EHLO client.example.test")[0] == 250
-        assert c.cmd("MAIL FROM:<s@example.test>")[0] == 250
-        assert c.cmd("RCPT TO:<r@dest.test>")[0] == 250
-        assert c.cmd("DATA")[0] == 354
-        c.send(harness.dot_stuff(MESSAGE))
-        assert c.cmd(".")[0] == 250
+        assert hh.transaction(c, MESSAGE, "s@example.test", ("r@dest.test",))[0] == 250
         c.cmd("QUIT")
     finally:
         c.close()

@@ -6,6 +6,7 @@ import types
 import pytest
 
 import harness
+import hostile_helpers as hh
 
 MESSAGE = b"From: s@example.test\r\nTo: r@dest.test\r\nSubject: v6\r\n\r\nover IPv6\r\n"
 
@@ -34,11 +35,7 @@ def test_relay_over_ipv6(env):
     try:
         assert c.reply()[0] == 220
         assert c.cmd("EHLO v6.example.test")[0] == 250
-        assert c.cmd("MAIL FROM:<s@example.test>")[0] == 250
-        assert c.cmd("RCPT TO:<r@dest.test>")[0] == 250
-        assert c.cmd("DATA")[0] == 354
-        c.send(harness.dot_stuff(MESSAGE))
-        assert c.cmd(".")[0] == 250
+        assert hh.transaction(c, MESSAGE, "s@example.test", ("r@dest.test",))[0] == 250
         c.cmd("QUIT")
     finally:
         c.close()

@@ -7,6 +7,7 @@ import types
 import pytest
 
 import harness
+import hostile_helpers as hh
 from harness import delta
 
 MESSAGE = b"From: s@example.test\r\nTo: r@dest.test\r\nSubject: proxied\r\n\r\nbody\r\n"
@@ -76,11 +77,7 @@ def test_trusted_header_sets_client_address(env, version):
         c.send(header)
         assert c.reply()[0] == 220
         assert c.cmd("EHLO client.example.test")[0] == 250
-        assert c.cmd("MAIL FROM:<s@example.test>")[0] == 250
-        assert c.cmd("RCPT TO:<r@dest.test>")[0] == 250
-        assert c.cmd("DATA")[0] == 354
-        c.send(harness.dot_stuff(MESSAGE))
-        code, text = c.cmd(".")
+        code, text = hh.transaction(c, MESSAGE, "s@example.test", ("r@dest.test",))
         assert code == 250, text
         c.cmd("QUIT")
     finally:

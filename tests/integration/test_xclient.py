@@ -6,6 +6,7 @@ import types
 import pytest
 
 import harness
+import hostile_helpers as hh
 
 MESSAGE = b"From: s@example.test\r\nTo: r@dest.test\r\nSubject: xclient\r\n\r\nbody\r\n"
 
@@ -32,11 +33,7 @@ def send_from(port, source, ehlo):
         client_port = c.sock.getsockname()[1]
         assert c.reply()[0] == 220
         assert c.cmd(f"EHLO {ehlo}")[0] == 250
-        assert c.cmd("MAIL FROM:<s@example.test>")[0] == 250
-        assert c.cmd("RCPT TO:<r@dest.test>")[0] == 250
-        assert c.cmd("DATA")[0] == 354
-        c.send(harness.dot_stuff(MESSAGE))
-        code, text = c.cmd(".")
+        code, text = hh.transaction(c, MESSAGE, "s@example.test", ("r@dest.test",))
         assert code == 250, text
         c.cmd("QUIT")
         return client_port
