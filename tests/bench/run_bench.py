@@ -28,6 +28,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
+from free_port import free_port  # noqa: E402  (tests/tools is not a package)
+
 SINK_USER = "nobody"
 
 
@@ -36,12 +39,6 @@ def log(msg):
 
 
 # ---- processes and ports -----------------------------------------------------------------------------------
-
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def wait_port(port, proc, name, timeout=10.0):
     deadline = time.monotonic() + timeout

@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -25,13 +26,9 @@ RULES = REPO / "deploy" / "prometheus" / "mailflowd.rules.yml"
 DASHBOARD = REPO / "deploy" / "grafana" / "mailflowd.json"
 SINK = REPO / "tests" / "tools" / "sink.py"
 PYTHON = "/usr/bin/python3"
+sys.path.insert(0, str(SINK.parent))
+from free_port import free_port  # noqa: E402  (tests/tools is not a package)
 TLS_VERSIONS = ("none", "TLS1.0", "TLS1.1", "TLS1.2", "TLS1.3")
-
-
-def free_port(host="127.0.0.1"):
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def wait_for(predicate, timeout=10.0, interval=0.1, what="condition"):

@@ -12,6 +12,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -21,6 +22,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SINK = HERE.parent / "tools" / "sink.py"
+sys.path.insert(0, str(SINK.parent))
+from free_port import free_port  # noqa: E402  (tests/tools is not a package)
 MAKE_CERTS = HERE.parent / "certs" / "make-certs.sh"
 PYTHON = "/usr/bin/python3"
 HOSTNAME = "mx.test"
@@ -30,12 +33,6 @@ TLS_LABELS = ("none", "TLS1.0", "TLS1.1", "TLS1.2", "TLS1.3")
 LIVE = []
 # SMTP transcripts of the current test (cleared by conftest before each test).
 TRANSCRIPTS = []
-
-
-def free_port(host="127.0.0.1"):
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def make_certs(directory):
@@ -73,7 +70,7 @@ class Sink:
         self.maildir = Path(workdir) / f"{name}-maildir"
         self.maildir.mkdir(parents=True, exist_ok=True)
         self.log_path = Path(workdir) / f"{name}.log"
-        self.port = port or free_port()
+        self.port = port or free_port()  # fixed across restarts (test_faults_noloss)
         self.argv = [PYTHON, str(SINK), "--port", str(self.port), "--maildir", str(self.maildir), "--verbose"]
         if tls_cert:
             self.argv += ["--tls-cert", str(tls_cert), "--tls-key", str(tls_key)]

@@ -1,6 +1,5 @@
 """IPv6: a listener on [::1] relays, the session log and the Received header carry the IPv6 client, and a
 connector matches an IPv6 CIDR."""
-import socket
 import types
 
 import pytest
@@ -11,16 +10,10 @@ import hostile_helpers as hh
 MESSAGE = b"From: s@example.test\r\nTo: r@dest.test\r\nSubject: v6\r\n\r\nover IPv6\r\n"
 
 
-def free_port6():
-    with socket.socket(socket.AF_INET6) as s:
-        s.bind(("::1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def env(sink_factory, daemon_factory):
     sink = sink_factory("sink")
-    port = free_port6()
+    port = harness.free_port("::1")
     daemon = daemon_factory(
         listeners=[{"name": "v6", "address": f"[::1]:{port}", "direction": "inbound", "upstream": "store"}],
         upstreams=[{"name": "store", "address": f"127.0.0.1:{sink.port}", "tls": "none"}],

@@ -1,0 +1,34 @@
+"""Free loopback ports for the tests that must write a port into a config before the server binds it.
+
+A port picked with bind(port 0) comes from the kernel's ephemeral range, the same range every outgoing
+connection (the relay's upstream legs, load generators, curl) takes its source port from: between the pick
+and the server's bind another test running in parallel can take it (a CI run failed with EADDRINUSE that
+way). So pick at random below the ephemeral range, where only an explicit bind can land, and check that it
+binds. A server the test binds itself and keeps open (hostile_helpers' fake upstreams) can use port 0.
+"""
+import random
+import socket
+
+FLOOR = 10000
+
+
+def _ephemeral_low():
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port(host="127.0.0.1"):
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    ceiling = max(FLOOR + 1000, _ephemeral_low())
+    for _ in range(200):
+        port = random.randrange(FLOOR, ceiling)
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port on {host} in [{FLOOR}, {ceiling})")
