@@ -351,14 +351,35 @@ class Bench:
         for server in list(self.servers):
             self.stop(server)
 
-    def start_sink(self):
+    def start_sink(self, on_proxy_cpu=False):
         smtp_sink = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
         self.sink_port = free_port()
         argv = [smtp_sink, "-m", "2000"]
         if os.geteuid() == 0:
             argv += ["-u", SINK_USER]
         argv += [f"127.0.0.1:{self.sink_port}", "2000"]
-        self.sink = self.start("smtp-sink", argv, self.sink_port, proxy=False)
+        self.sink = self.start("smtp-sink", argv, self.sink_port, proxy=on_proxy_cpu)
+
+    def plain_reused_placed(self, tag):
+        """Plaintext, reused sessions through every path with a fresh sink, in placement `tag` (see run())."""
+        log(f"plaintext reused, placement {tag}")
+        self.place.enabled = tag != "shared"
+        try:
+            self.start_sink(on_proxy_cpu=tag == "server_cpu")
+            if self.have_nginx:
+                self.start_auth()
+            paths = [("direct", self.sink), ("mailflowd", self.start_mailflowd(tag))]
+            if self.have_nginx:
+                paths.append(("nginx", self.start_nginx(tag)))
+            if self.have_haproxy:
+                paths.append(("haproxy", self.start_haproxy()))
+            runs = {name: self.loadgen(server.port, f"{name}.plain_reused_{tag}", server=server)
+                    for name, server in paths}
+            for _, server in paths[1:]:
+                self.stop(server)
+            return runs
+        finally:
+            self.place.enabled = True
 
     def start_mailflowd(self, tag, connectors=0, outbound=False, busy_poll=True):
         port, http_port = free_port(), free_port()
@@ -572,28 +593,14 @@ class Bench:
                                                           duration=self.latency_duration, server=quiet)
         self.stop(quiet)
 
-        # 2b. Plaintext, reused sessions once more with the CPUs shared: nothing pinned, the kernel places
-        # every process (as on an unconfigured server). Informational: with 2 CPUs, which processes land
-        # together decides most of the cost (see docs/performance.md).
-        shared = {}
+        # 2b. Plaintext, reused sessions once more in two other placements, informational (docs/performance.md):
+        #   shared      nothing pinned: the kernel places every process, as on an unconfigured server;
+        #   server_cpu  smtp-sink moves to the proxy's CPU, the load generator is alone on the other: proxy and
+        #               sink saturate their CPU, so the rates compare what each proxy costs per message.
+        placed = {}
         if self.place.enabled:
-            log("plaintext reused, CPUs shared (nothing pinned)")
-            self.place.enabled = False
-            try:
-                self.start_sink()
-                if self.have_nginx:
-                    self.start_auth()
-                s_paths = [("direct", self.sink), ("mailflowd", self.start_mailflowd("shared"))]
-                if self.have_nginx:
-                    s_paths.append(("nginx", self.start_nginx("shared")))
-                if self.have_haproxy:
-                    s_paths.append(("haproxy", self.start_haproxy()))
-                for name, server in s_paths:
-                    shared[name] = self.loadgen(server.port, f"{name}.plain_reused_shared", server=server)
-                for name, server in s_paths[1:]:
-                    self.stop(server)
-            finally:
-                self.place.enabled = True
+            for tag in ("shared", "server_cpu"):
+                placed[tag] = self.plain_reused_placed(tag)
 
         def get(name, *key):
             v = r.get((name,) + key)
@@ -672,14 +679,12 @@ class Bench:
                         "mailflowd": nopoll_added, "anchor_name": "nginx", "anchor": nginx_added,
                         "ratio": (nopoll_added / nginx_added) if nginx_added else None, "target": None,
                         "pass": None})
-        if shared:
-            def shared_msgs(name):
-                return shared[name]["msgs_per_s"] if name in shared else None
-
+        for tag, label in (("shared", "CPUs shared"), ("server_cpu", "sink on proxy CPU")):
+            runs = placed.get(tag, {})
             for anchor in ("direct", "nginx", "haproxy"):
-                if anchor in shared:
-                    ratio_row(f"plain_reused_shared_vs_{anchor}", "plaintext msgs/s, reused, CPUs shared (info)",
-                              "msgs/s", shared_msgs("mailflowd"), anchor, shared_msgs(anchor), None)
+                if anchor in runs:
+                    ratio_row(f"plain_reused_{tag}_vs_{anchor}", f"plaintext msgs/s, reused, {label} (info)",
+                              "msgs/s", runs["mailflowd"]["msgs_per_s"], anchor, runs[anchor]["msgs_per_s"], None)
 
         # 5. callgrind: instructions per message in the proto engines (stable across machines and noise).
         log("callgrind")
