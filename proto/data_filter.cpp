@@ -115,7 +115,31 @@ std::size_t DataFilter::feed(std::string_view input, std::string& out) {
       }
       case mid:
       default: {
-        // Bulk path: copy everything up to the next CR or LF in one append.
+        // Fast path, most of any message: whole lines that end in CRLF and hold no other CR go out unchanged.
+        // They are only counted here, and copied in one append when the run of them ends.
+        const char* const run = p;
+        for (;;) {
+          if (!no_more_lf && (next_lf == nullptr || next_lf < p)) {
+            next_lf = static_cast<const char*>(std::memchr(p, '\n', static_cast<std::size_t>(end - p)));
+            if (next_lf == nullptr) no_more_lf = true;
+          }
+          if (no_more_lf || next_lf == p || next_lf[-1] != '\r') break;
+          const char* const line_cr = next_lf - 1;
+          if (std::memchr(p, '\r', static_cast<std::size_t>(line_cr - p)) != nullptr) break;
+          content(static_cast<std::size_t>(line_cr - p));
+          message_bytes_ += 2;  // what end_line() counts for the CRLF
+          if (message_bytes_ > limits_.max_message_size) too_big_ = true;
+          line_length_ = 0;
+          prev_line_crlf_ = true;
+          p = next_lf + 1;
+          if (p == end || *p == '.') {  // a line starting with '.' goes through the state machine
+            state_ = start;
+            break;
+          }
+        }
+        if (p != run) out.append(run, static_cast<std::size_t>(p - run));
+        if (state_ == start) continue;
+        // Slow path: copy everything up to the next CR or LF in one append.
         if (!no_more_lf && (next_lf == nullptr || next_lf < p)) {
           next_lf = static_cast<const char*>(std::memchr(p, '\n', static_cast<std::size_t>(end - p)));
           if (next_lf == nullptr) no_more_lf = true;

@@ -178,6 +178,22 @@ TEST_CASE("DataFilter: bare LF becomes CRLF, bare CR a space, CR LF split over f
   CHECK_FALSE(g.bare_newline);
 }
 
+TEST_CASE("DataFilter: runs of plain CRLF lines broken by every kind of line") {
+  // Plain CRLF lines are copied in runs; each other kind of line ends a run and the next run starts after it.
+  DataFilter::Limits limits;
+  limits.max_line = 12;  // including CRLF
+  const std::string input =
+      "a1\r\na2\r\n..dot\r\nb1\r\nbare lf\nc1\r\nbare\rcr\r\nd1\r\n\r\nd2\r\nlong line!!!\r\ne1\r\n.\r\nX";
+  const Filtered f = check_every_split(input, limits);
+  CHECK(f.done);
+  CHECK(f.out ==
+        "a1\r\na2\r\n..dot\r\nb1\r\nbare lf\r\nc1\r\nbare cr\r\nd1\r\n\r\nd2\r\nlong line!!!\r\ne1\r\n.\r\n");
+  CHECK(f.consumed == input.size() - 1);
+  CHECK(f.bare_newline);
+  CHECK(f.line_too_long);                  // "long line!!!" is 12 octets + CRLF
+  CHECK(f.bytes == f.out.size() - 1 - 3);  // less the stuffing dot and the terminator
+}
+
 TEST_CASE("DataFilter: a message that only ends after a fake terminator") {
   // The fake end "\n.\n" is followed by a real one later; nothing after the fake one becomes a second
   // message.
