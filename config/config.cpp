@@ -52,7 +52,7 @@ const std::vector<Section>& schema() {
         "max_line", "drain_timeout", "greet_pause", "bare_newline"}},
       {"log", {"level", "format"}},
       {"timeouts", {"greeting", "command", "data_block", "data_end", "tls_handshake", "upstream_connect"}},
-      {"performance", {"busy_poll"}},
+      {"performance", {"busy_poll", "event_loops"}},
   };
   return sections;
 }
@@ -1010,6 +1010,13 @@ class Loader {
     const auto map = fields(field, "performance", "performance");
     if (!map) return;
     read_bool(*map, "busy_poll", "performance", config_.performance.busy_poll);
+    read(*map, "event_loops", "performance", "a whole number from 1 to 1024, or auto",
+         config_.performance.event_loops, [](const std::string& text, std::string&) {
+           if (text == "auto") return std::optional<unsigned>(0);
+           const auto value = parse_integer<std::uint64_t>(text);
+           if (!value || *value < 1 || *value > 1024) return std::optional<unsigned>{};
+           return std::optional<unsigned>(static_cast<unsigned>(*value));
+         });
   }
 
   void load_timeouts(const Field& field) {

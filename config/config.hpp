@@ -136,6 +136,8 @@ struct Log {
 struct Performance {
   // Event loops poll briefly before they block (adaptive, at most 100 us; see daemon/poll_window.hpp).
   bool busy_poll = true;
+  // How many event loops (threads) relay sessions; 0 ("auto"): one per CPU the process may run on.
+  unsigned event_loops = 1;
 };
 
 struct Timeouts {

@@ -69,9 +69,11 @@ std::map<tcp::endpoint, int> inherited_sockets() {
   return sockets;
 }
 
-// One event loop (thread) per CPU this process may run on (taskset/cgroup cpusets), not per CPU online: two
-// threads sharing one CPU only add hand-offs and latency.
-unsigned usable_cpus() {
+// How many event loops (threads) relay sessions: performance.event_loops, or with "auto" one per CPU this
+// process may run on (taskset/cgroup cpusets), not per CPU online: two threads sharing one CPU only add
+// hand-offs.
+unsigned event_loops(const config::Performance& performance) {
+  if (performance.event_loops > 0) return performance.event_loops;
   cpu_set_t set;
   CPU_ZERO(&set);
   if (sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
@@ -123,11 +125,11 @@ struct Server::Impl {
   using WorkGuard = asio::executor_work_guard<asio::io_context::executor_type>;
 
   std::string config_path;
-  // One event loop per usable CPU, each run by one thread (nginx's worker model, in threads). `io` is the
-  // first: listeners, signals, HTTP and its share of the sessions. A session lives on one loop from accept to
-  // close, so its handlers never run concurrently and need no strand; loops share only thread-safe state
-  // (registry, telemetry, the runtime snapshot). The workers are declared first so that they outlive `io`:
-  // an accept still pending in `io` at exit holds a socket that belongs to a worker.
+  // performance.event_loops event loops, each run by one thread (nginx's worker model, in threads). `io` is
+  // the first: listeners, signals, HTTP and its share of the sessions. A session lives on one loop from
+  // accept to close, so its handlers never run concurrently and need no strand; loops share only thread-safe
+  // state (registry, telemetry, the runtime snapshot). The workers are declared first so that they outlive
+  // `io`: an accept still pending in `io` at exit holds a socket that belongs to a worker.
   std::vector<std::unique_ptr<asio::io_context>> workers;  // the other loops
   std::vector<WorkGuard> worker_guards;                    // keep them running while they have no session
   asio::io_context io{1};
@@ -145,7 +147,8 @@ struct Server::Impl {
 
   Impl(std::string path, std::shared_ptr<const config::Config> config) : config_path(std::move(path)) {
     runtime = Runtime::build(std::move(config));
-    for (unsigned i = 1; i < usable_cpus(); ++i) {
+    const unsigned loops = event_loops(runtime->config->performance);
+    for (unsigned i = 1; i < loops; ++i) {
       workers.push_back(std::make_unique<asio::io_context>(1));
       worker_guards.push_back(asio::make_work_guard(*workers.back()));
     }
@@ -271,6 +274,9 @@ struct Server::Impl {
       const auto previous = current();
       if (previous->config->http.address.text != loaded.config->http.address.text)
         log_event(LogLevel::warn, "reload_partial", {{"reason", "http.address changes need a restart"}});
+      if (previous->config->performance.event_loops != loaded.config->performance.event_loops)
+        log_event(LogLevel::warn, "reload_partial",
+                  {{"reason", "performance.event_loops changes need a restart"}});
       {
         std::lock_guard lock(runtime_mutex);
         runtime = next_runtime;

@@ -82,6 +82,7 @@ TEST_CASE("minimal config: every default") {
   CHECK(c.timeouts.tls_handshake == std::chrono::seconds(30));
   CHECK(c.timeouts.upstream_connect == std::chrono::seconds(30));
   CHECK(c.performance.busy_poll);
+  CHECK(c.performance.event_loops == 1);
   CHECK(c.find_listener("in") == &c.listeners[0]);
   CHECK(c.find_upstream("up") == &c.upstreams[0]);
   CHECK(c.find_listener("up") == nullptr);
@@ -167,7 +168,7 @@ limits:
   bare_newline: reject
 log: {level: debug, format: json}
 timeouts: {greeting: 1s, command: 2s, data_block: 3s, data_end: 4m, tls_handshake: 5s, upstream_connect: 6s}
-performance: {busy_poll: false}
+performance: {busy_poll: false, event_loops: 3}
 )";
   const auto result = load(yaml);
   INFO(all_errors(result));
@@ -252,6 +253,7 @@ performance: {busy_poll: false}
   CHECK(c.log.level == "debug");
   CHECK(c.log.format == LogFormat::json);
   CHECK_FALSE(c.performance.busy_poll);
+  CHECK(c.performance.event_loops == 3);
   CHECK(c.timeouts.greeting == std::chrono::seconds(1));
   CHECK(c.timeouts.command == std::chrono::seconds(2));
   CHECK(c.timeouts.data_block == std::chrono::seconds(3));
@@ -270,6 +272,7 @@ performance: {busy_poll: false}
       std::string::npos);
   CHECK(summary.find("telemetry: window 30d") != std::string::npos);
   CHECK(summary.find("http: 0.0.0.0:9100 (HTTPS) (basic auth)") != std::string::npos);
+  CHECK(summary.find("performance: busy_poll=off event_loops=3") != std::string::npos);
 }
 
 TEST_CASE("the example of the contract (INTERFACE.md) is valid as written") {
@@ -432,6 +435,12 @@ TEST_CASE("ranges") {
        "limits.max_message_size: must be between 1024 and 1099511627776, got 100"},
       {"limits: {greet_pause: 10m}\n", "limits.greet_pause: must be between 0s and 5m, got 10m"},
       {"timeouts: {command: 0}\n", "timeouts.command: must be between 1ms and 1d, got 0"},
+      {"performance: {event_loops: 0}\n",
+       "performance.event_loops: expected a whole number from 1 to 1024, or auto, got \"0\""},
+      {"performance: {event_loops: 1025}\n",
+       "performance.event_loops: expected a whole number from 1 to 1024, or auto, got \"1025\""},
+      {"performance: {event_loops: all}\n",
+       "performance.event_loops: expected a whole number from 1 to 1024, or auto, got \"all\""},
       {"http: {address: \"127.0.0.1:70000\"}\n",
        "http.address: invalid port \"70000\" in \"127.0.0.1:70000\" (expected 1..65535)"},
       {"http: {address: \"127.0.0.1:0\"}\n",
@@ -443,6 +452,14 @@ TEST_CASE("ranges") {
     CHECK(e.message == c.message);
     CHECK(e.line == 5);
   }
+}
+
+TEST_CASE("performance.event_loops: auto means one loop per usable CPU, decided at start") {
+  const auto result = load(with("performance: {event_loops: auto}\n"));
+  INFO(all_errors(result));
+  REQUIRE(result.errors.empty());
+  CHECK(result.config->performance.event_loops == 0);
+  CHECK(summarize(*result.config).find("performance: busy_poll=on event_loops=auto") != std::string::npos);
 }
 
 TEST_CASE("enumerations") {

@@ -2,7 +2,9 @@
 SIGHUP after a certificate renewal (new files at the same paths) serves the new certificate to new
 sessions; SIGTERM during a slow DATA transfer lets it finish within drain_timeout (message delivered, exit
 0, state_dir/windows.state written); an unwritable state_dir at the shutdown save is logged and the daemon
-still exits 0 (and relays until then); performance.busy_poll off relays, and a SIGHUP switches it on."""
+still exits 0 (and relays until then); performance.busy_poll off relays, and a SIGHUP switches it on;
+performance.event_loops starts that many relaying threads ("auto": one per usable CPU), and a reload that
+changes it says it needs a restart."""
 import os
 import re
 import shutil
@@ -188,7 +190,7 @@ def test_unwritable_state_dir_at_shutdown(daemon_factory, sink):
 def test_busy_poll_off_then_on_by_reload(daemon_factory, sink):
     """performance.busy_poll: false (every event loop sleeps at once) relays concurrent sessions; a SIGHUP
     that turns it on is applied without a restart and the relay keeps going."""
-    d, port = start(daemon_factory, "busy-poll", sink, performance={"busy_poll": False})
+    d, port = start(daemon_factory, "busy-poll", sink, performance={"busy_poll": False, "event_loops": 2})
     text = d.config_path.read_text()
     switched = re.sub(r'("?busy_poll"?:\s*)false', r"\1true", text)
     assert switched != text
@@ -204,3 +206,43 @@ def test_busy_poll_off_then_on_by_reload(daemon_factory, sink):
     finally:
         for c in concurrent:
             c.close()
+
+
+def threads(daemon):
+    return len(os.listdir(f"/proc/{daemon.proc.pid}/task"))
+
+
+def test_event_loops_start_that_many_threads_and_all_relay(daemon_factory, sink):
+    """performance.event_loops: N loops are N threads (beside the first loop's thread, which also serves HTTP
+    and signals); sessions go round robin over them and every one relays; "auto" is one loop per CPU the
+    process may run on; changing it on reload is logged as needing a restart and leaves the loops as they
+    are."""
+    one, _ = start(daemon_factory, "loops-1", sink, performance={"event_loops": 1})
+    three, port = start(daemon_factory, "loops-3", sink, performance={"event_loops": 3})
+    auto, _ = start(daemon_factory, "loops-auto", sink, performance={"event_loops": "auto"})
+    assert threads(three) - threads(one) == 2
+    assert threads(auto) - threads(one) == len(os.sched_getaffinity(0)) - 1
+
+    delivered = sink.count()
+    concurrent = [hh.greeted(port) for _ in range(6)]  # two sessions on each loop
+    try:
+        for i, c in enumerate(concurrent):
+            code, reply = hh.transaction(c, hh.message(f"session {i} of 6"))
+            assert code == 250, reply
+        text = three.config_path.read_text()
+        changed = re.sub(r'("?event_loops"?:\s*)3', r"\g<1>2", text)
+        assert changed != text
+        before = threads(three)  # loops, and Asio's resolver thread of each loop that connected upstream
+        three.config_path.write_text(changed)
+        sighup_and_wait(three, "success")
+        assert "performance.event_loops changes need a restart" in three.stderr()
+        assert threads(three) == before
+        for c in concurrent:
+            code, reply = hh.transaction(c, hh.message("after the reload"))
+            assert code == 250, reply
+        assert len(sink.wait_messages(delivered + 12)) == delivered + 12
+        hh.assert_relays(three, port, sink)
+    finally:
+        for c in concurrent:
+            c.close()
+
