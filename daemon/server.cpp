@@ -141,13 +141,17 @@ struct Server::Impl {
 
   mutable std::mutex runtime_mutex;
   std::shared_ptr<const Runtime> runtime;
+  // The configuration the process started with: what a reload cannot change (http.address, state_dir,
+  // performance.event_loops) keeps its value from here until a restart.
+  std::shared_ptr<const config::Config> started;
   std::vector<std::shared_ptr<Acceptor>> acceptors;  // touched only from the signal coroutine and startup
   std::atomic<bool> stopping{false};                 // read by /readyz on any thread
   std::atomic<bool> busy_poll{true};                 // performance.busy_poll, read by every loop
 
   Impl(std::string path, std::shared_ptr<const config::Config> config) : config_path(std::move(path)) {
     runtime = Runtime::build(std::move(config));
-    const unsigned loops = event_loops(runtime->config->performance);
+    started = runtime->config;
+    const unsigned loops = event_loops(started->performance);
     for (unsigned i = 1; i < loops; ++i) {
       workers.push_back(std::make_unique<asio::io_context>(1));
       worker_guards.push_back(asio::make_work_guard(*workers.back()));
@@ -248,10 +252,20 @@ struct Server::Impl {
 
   void save_state() {
     std::string error;
-    if (!telemetry.save_state(current()->config->state_dir, error)) {
+    if (!telemetry.save_state(started->state_dir, error)) {
       telemetry.state_error("save_failed");
       log_limited(LogLevel::error, "state_save_failed", {{"error", error}});
     }
+  }
+
+  // The settings of `next` that differ from what the process started with and only a restart applies.
+  std::vector<const char*> restart_only_changes(const config::Config& next) const {
+    std::vector<const char*> changed;
+    if (next.http.address.text != started->http.address.text) changed.push_back("http.address");
+    if (next.state_dir != started->state_dir) changed.push_back("state_dir");
+    if (next.performance.event_loops != started->performance.event_loops)
+      changed.push_back("performance.event_loops");
+    return changed;
   }
 
   void reload() {
@@ -271,12 +285,9 @@ struct Server::Impl {
       auto next_runtime = Runtime::build(loaded.config);
       auto next_acceptors = reconcile_listeners(*loaded.config);
       http->update(loaded.config->http);  // basic auth and certificate; throws keeping the old ones
-      const auto previous = current();
-      if (previous->config->http.address.text != loaded.config->http.address.text)
-        log_event(LogLevel::warn, "reload_partial", {{"reason", "http.address changes need a restart"}});
-      if (previous->config->performance.event_loops != loaded.config->performance.event_loops)
+      for (const char* setting : restart_only_changes(*loaded.config))
         log_event(LogLevel::warn, "reload_partial",
-                  {{"reason", "performance.event_loops changes need a restart"}});
+                  {{"reason", std::string(setting) + " changes need a restart"}});
       {
         std::lock_guard lock(runtime_mutex);
         runtime = next_runtime;

@@ -3,8 +3,10 @@ SIGHUP after a certificate renewal (new files at the same paths) serves the new 
 sessions; SIGTERM during a slow DATA transfer lets it finish within drain_timeout (message delivered, exit
 0, state_dir/windows.state written); an unwritable state_dir at the shutdown save is logged and the daemon
 still exits 0 (and relays until then); performance.busy_poll off relays, and a SIGHUP switches it on;
-performance.event_loops starts that many relaying threads ("auto": one per usable CPU), and a reload that
-changes it says it needs a restart."""
+performance.event_loops starts that many relaying threads ("auto": one per usable CPU); a reload that changes
+what only a restart applies (http.address, state_dir, event_loops) says so on every reload and changes none of
+them."""
+import json
 import os
 import re
 import shutil
@@ -245,4 +247,31 @@ def test_event_loops_start_that_many_threads_and_all_relay(daemon_factory, sink)
     finally:
         for c in concurrent:
             c.close()
+
+
+def test_restart_only_settings_keep_their_started_values(daemon_factory, sink, tmp_path):
+    """http.address, state_dir and performance.event_loops need a restart: a reload that changes them logs
+    reload_partial for each, on every reload until the restart, and the daemon keeps serving HTTP on the old
+    address and saving its windows to the old state_dir."""
+    d, port = start(daemon_factory, "restart-only", sink)
+    started_state = os.path.join(d.config["state_dir"], "windows.state")
+    other_state = tmp_path / "other-state"
+    other_state.mkdir()
+    new_http = harness.free_port()
+    cfg = json.loads(d.config_path.read_text())
+    cfg["state_dir"] = str(other_state)
+    cfg["http"]["address"] = f"127.0.0.1:{new_http}"
+    cfg["performance"] = {"event_loops": 2}
+    d.config_path.write_text(json.dumps(cfg))
+    for reload in (1, 2):
+        sighup_and_wait(d, "success")  # the counter is read from the old HTTP address
+        log = d.stderr()
+        for setting in ("http.address", "state_dir", "performance.event_loops"):
+            assert log.count(f"{setting} changes need a restart") == reload, setting
+    hh.assert_relays(d, port, sink)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", new_http), timeout=1).close()
+    assert d.stop() == 0
+    assert os.path.exists(started_state), "the windows were not saved to the state_dir the daemon started with"
+    assert not (other_state / "windows.state").exists()
 
