@@ -34,14 +34,25 @@ std::size_t DataFilter::feed(std::string_view input, std::string& out) {
     if (line_length_ + 2 > limits_.max_line) line_too_long_ = true;
     if (message_bytes_ > limits_.max_message_size) too_big_ = true;
   };
-  auto end_line = [this, &out](bool real_crlf) {
-    out.append("\r\n", 2);
+  // A line ended: its CRLF (written by the caller) counted, the next line begins.
+  auto line_ended = [this](bool real_crlf) {
     message_bytes_ += 2;
     if (message_bytes_ > limits_.max_message_size) too_big_ = true;
     line_length_ = 0;
     prev_line_crlf_ = real_crlf;
     if (!real_crlf) bare_newline_seen_ = true;
+  };
+  auto end_line = [&out, &line_ended, this](bool real_crlf) {
+    out.append("\r\n", 2);
+    line_ended(real_crlf);
     state_ = start;
+  };
+  // Updates next_lf for the current p (one memchr per LF, not per call).
+  auto find_lf = [&p, &next_lf, &no_more_lf, end]() {
+    if (!no_more_lf && (next_lf == nullptr || next_lf < p)) {
+      next_lf = static_cast<const char*>(std::memchr(p, '\n', static_cast<std::size_t>(end - p)));
+      if (next_lf == nullptr) no_more_lf = true;
+    }
   };
   auto bare_cr = [this, &out, &content]() {
     out.push_back(' ');
@@ -119,18 +130,12 @@ std::size_t DataFilter::feed(std::string_view input, std::string& out) {
         // They are only counted here, and copied in one append when the run of them ends.
         const char* const run = p;
         for (;;) {
-          if (!no_more_lf && (next_lf == nullptr || next_lf < p)) {
-            next_lf = static_cast<const char*>(std::memchr(p, '\n', static_cast<std::size_t>(end - p)));
-            if (next_lf == nullptr) no_more_lf = true;
-          }
+          find_lf();
           if (no_more_lf || next_lf == p || next_lf[-1] != '\r') break;
           const char* const line_cr = next_lf - 1;
           if (std::memchr(p, '\r', static_cast<std::size_t>(line_cr - p)) != nullptr) break;
           content(static_cast<std::size_t>(line_cr - p));
-          message_bytes_ += 2;  // what end_line() counts for the CRLF
-          if (message_bytes_ > limits_.max_message_size) too_big_ = true;
-          line_length_ = 0;
-          prev_line_crlf_ = true;
+          line_ended(true);
           p = next_lf + 1;
           if (p == end || *p == '.') {  // a line starting with '.' goes through the state machine
             state_ = start;
@@ -140,10 +145,7 @@ std::size_t DataFilter::feed(std::string_view input, std::string& out) {
         if (p != run) out.append(run, static_cast<std::size_t>(p - run));
         if (state_ == start) continue;
         // Slow path: copy everything up to the next CR or LF in one append.
-        if (!no_more_lf && (next_lf == nullptr || next_lf < p)) {
-          next_lf = static_cast<const char*>(std::memchr(p, '\n', static_cast<std::size_t>(end - p)));
-          if (next_lf == nullptr) no_more_lf = true;
-        }
+        find_lf();
         const char* stop = no_more_lf ? end : next_lf;
         const void* cr_ptr = std::memchr(p, '\r', static_cast<std::size_t>(stop - p));
         if (cr_ptr != nullptr) stop = static_cast<const char*>(cr_ptr);
