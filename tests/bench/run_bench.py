@@ -61,12 +61,14 @@ class Placement:
         self.enabled = len(cpus) >= 2 and shutil.which("taskset") is not None
         self.env_cpu = str(cpus[0]) if cpus else "0"
         self.proxy_cpu = str(cpus[1]) if len(cpus) >= 2 else self.env_cpu
+        self.proxy_on_env = False  # the "client_cpu" placement: proxies join the load generator
 
     def env(self, argv):
         return ["taskset", "-c", self.env_cpu] + argv if self.enabled else argv
 
     def proxy(self, argv):
-        return ["taskset", "-c", self.proxy_cpu] + argv if self.enabled else argv
+        cpu = self.env_cpu if self.proxy_on_env else self.proxy_cpu
+        return ["taskset", "-c", cpu] + argv if self.enabled else argv
 
     def describe(self):
         if not self.enabled:
@@ -365,7 +367,8 @@ class Bench:
         log(f"plaintext reused, placement {tag}")
         self.place.enabled = tag != "shared"
         try:
-            self.start_sink(on_proxy_cpu=tag == "server_cpu")
+            self.start_sink(on_proxy_cpu=tag in ("server_cpu", "client_cpu"))
+            self.place.proxy_on_env = tag == "client_cpu"
             if self.have_nginx:
                 self.start_auth()
             paths = [("direct", self.sink), ("mailflowd", self.start_mailflowd(tag))]
@@ -382,6 +385,7 @@ class Bench:
             return runs
         finally:
             self.place.enabled = True
+            self.place.proxy_on_env = False
 
     def start_mailflowd(self, tag, connectors=0, outbound=False, busy_poll=True, event_loops=1):
         port, http_port = free_port(), free_port()
@@ -598,10 +602,12 @@ class Bench:
         # 2b. Plaintext, reused sessions once more in two other placements, informational (docs/performance.md):
         #   shared      nothing pinned: the kernel places every process, as on an unconfigured server;
         #   server_cpu  smtp-sink moves to the proxy's CPU, the load generator is alone on the other: proxy and
-        #               sink saturate their CPU, so the rates compare what each proxy costs per message.
+        #               sink saturate their CPU, so the rates compare what each proxy costs per message;
+        #   client_cpu  the proxy moves to the load generator's CPU, smtp-sink is alone on the other: a proxy
+        #               cheap enough leaves the sink as the limit.
         placed = {}
         if self.place.enabled:
-            for tag in ("shared", "server_cpu"):
+            for tag in ("shared", "server_cpu", "client_cpu"):
                 placed[tag] = self.plain_reused_placed(tag)
 
         def get(name, *key):
@@ -681,7 +687,8 @@ class Bench:
                         "mailflowd": nopoll_added, "anchor_name": "nginx", "anchor": nginx_added,
                         "ratio": (nopoll_added / nginx_added) if nginx_added else None, "target": None,
                         "pass": None})
-        for tag, label in (("shared", "CPUs shared"), ("server_cpu", "sink on proxy CPU")):
+        for tag, label in (("shared", "CPUs shared"), ("server_cpu", "sink on proxy CPU"),
+                           ("client_cpu", "proxy on load CPU")):
             runs = placed.get(tag, {})
             for anchor in ("direct", "nginx", "haproxy"):
                 if anchor in runs:
