@@ -599,7 +599,7 @@ class Bench:
                                                           duration=self.latency_duration, server=quiet)
         self.stop(quiet)
 
-        # 2b. Plaintext, reused sessions once more in two other placements, informational (docs/performance.md):
+        # 2b. Plaintext, reused sessions once more in three other placements, informational (docs/performance.md):
         #   shared      nothing pinned: the kernel places every process, as on an unconfigured server;
         #   server_cpu  smtp-sink moves to the proxy's CPU, the load generator is alone on the other: proxy and
         #               sink saturate their CPU, so the rates compare what each proxy costs per message;
