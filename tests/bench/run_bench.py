@@ -368,7 +368,7 @@ class Bench:
         self.place.enabled = tag != "shared"
         try:
             self.start_sink(on_proxy_cpu=tag in ("server_cpu", "client_cpu"))
-            self.place.proxy_on_env = tag == "client_cpu"
+            self.place.proxy_on_env = tag == "client_cpu"  # after the sink: it keeps the other CPU to itself
             if self.have_nginx:
                 self.start_auth()
             paths = [("direct", self.sink), ("mailflowd", self.start_mailflowd(tag))]
