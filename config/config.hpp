@@ -135,7 +135,8 @@ struct Log {
 
 struct Performance {
   // Event loops poll briefly before they block (adaptive, at most 100 us; see daemon/poll_window.hpp).
-  bool busy_poll = true;
+  // Off by default (issue #16): polling spends CPU that a quota or a shared host pays for.
+  bool busy_poll = false;
   // How many event loops (threads) relay sessions; 0 ("auto"): one per CPU the process may run on.
   unsigned event_loops = 1;
 };

@@ -81,7 +81,7 @@ TEST_CASE("minimal config: every default") {
   CHECK(c.timeouts.data_end == std::chrono::seconds(600));
   CHECK(c.timeouts.tls_handshake == std::chrono::seconds(30));
   CHECK(c.timeouts.upstream_connect == std::chrono::seconds(30));
-  CHECK(c.performance.busy_poll);
+  CHECK_FALSE(c.performance.busy_poll);
   CHECK(c.performance.event_loops == 1);
   CHECK(c.find_listener("in") == &c.listeners[0]);
   CHECK(c.find_upstream("up") == &c.upstreams[0]);
@@ -168,7 +168,7 @@ limits:
   bare_newline: reject
 log: {level: debug, format: json}
 timeouts: {greeting: 1s, command: 2s, data_block: 3s, data_end: 4m, tls_handshake: 5s, upstream_connect: 6s}
-performance: {busy_poll: false, event_loops: 3}
+performance: {busy_poll: true, event_loops: 3}
 )";
   const auto result = load(yaml);
   INFO(all_errors(result));
@@ -252,7 +252,7 @@ performance: {busy_poll: false, event_loops: 3}
   CHECK(c.limits.bare_newline == proto::BareNewlinePolicy::reject);
   CHECK(c.log.level == "debug");
   CHECK(c.log.format == LogFormat::json);
-  CHECK_FALSE(c.performance.busy_poll);
+  CHECK(c.performance.busy_poll);
   CHECK(c.performance.event_loops == 3);
   CHECK(c.timeouts.greeting == std::chrono::seconds(1));
   CHECK(c.timeouts.command == std::chrono::seconds(2));
@@ -272,7 +272,7 @@ performance: {busy_poll: false, event_loops: 3}
       std::string::npos);
   CHECK(summary.find("telemetry: window 30d") != std::string::npos);
   CHECK(summary.find("http: 0.0.0.0:9100 (HTTPS) (basic auth)") != std::string::npos);
-  CHECK(summary.find("performance: busy_poll=off event_loops=3") != std::string::npos);
+  CHECK(summary.find("performance: busy_poll=on event_loops=3") != std::string::npos);
 }
 
 TEST_CASE("the example of the contract (INTERFACE.md) is valid as written") {
@@ -459,7 +459,7 @@ TEST_CASE("performance.event_loops: auto means one loop per usable CPU, decided 
   INFO(all_errors(result));
   REQUIRE(result.errors.empty());
   CHECK(result.config->performance.event_loops == 0);
-  CHECK(summarize(*result.config).find("performance: busy_poll=on event_loops=auto") != std::string::npos);
+  CHECK(summarize(*result.config).find("performance: busy_poll=off event_loops=auto") != std::string::npos);
 }
 
 TEST_CASE("enumerations") {
