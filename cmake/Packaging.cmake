@@ -69,7 +69,7 @@ file(WRITE ${mailflow_deb_dir}/conffiles "${MAILFLOW_CONFDIR}/mailflowd.yaml\n")
 
 set(CPACK_GENERATOR DEB)
 set(CPACK_PACKAGE_NAME mailflowd)
-set(CPACK_PACKAGE_VERSION ${PROJECT_VERSION})
+set(CPACK_PACKAGE_VERSION ${MAILFLOW_VERSION_FULL})  # cmake/Version.cmake
 set(CPACK_PACKAGE_DESCRIPTION_SUMMARY "${PROJECT_DESCRIPTION}")
 set(CPACK_PACKAGE_CONTACT "mailflowd maintainers <mailflowd@example.org>")
 set(CPACK_PACKAGING_INSTALL_PREFIX /usr)

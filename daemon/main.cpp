@@ -71,7 +71,7 @@ int main(int argc, char** argv) {
       return argv[++i];
     };
     if (arg == "--version" || arg == "-V") {
-      std::printf("mailflowd %s\n", MAILFLOW_VERSION);
+      std::printf("mailflowd %s (%s)\n", MAILFLOW_VERSION, MAILFLOW_BUILD_TYPE);
       return 0;
     }
     if (arg == "--help" || arg == "-h") {
