@@ -32,24 +32,25 @@ struct Section {
 const std::vector<Section>& schema() {
   static const std::vector<Section> sections = {
       {"",
-       {"hostname", "state_dir", "listeners", "upstreams", "connectors", "telemetry", "http", "limits", "log",
-        "timeouts", "performance"}},
+       {"hostname", "state_dir", "listeners", "upstreams", "connectors", "dns", "telemetry", "http", "limits",
+        "log", "timeouts", "performance"}},
       {"listeners[]", {"name", "address", "direction", "tls", "proxy_protocol", "upstream"}},
       {"listeners[].tls", {"certificates", "min_version", "ciphers"}},
       {"listeners[].tls.certificates[]", {"cert", "key"}},
       {"listeners[].proxy_protocol", {"trusted"}},
-      {"upstreams[]", {"name", "address", "tls", "ca_file", "xclient"}},
+      {"upstreams[]", {"name", "address", "mx", "port", "tls", "min_version", "verify_names", "ca_file", "xclient"}},
+      {"dns", {"servers", "timeout", "trust_anchor_file"}},
       {"connectors[]", {"name", "type", "direction", "match", "require_tls", "upstream", "alerts"}},
-      {"connectors[].match", {"listener", "client_cidrs", "sender_domains", "ehlo", "sni"}},
+      {"connectors[].match", {"listener", "client_cidrs", "sender_domains", "recipient_domains", "ehlo", "sni"}},
       {"connectors[].alerts", {"tls10_share", "no_tls_share", "min_messages"}},
-      {"telemetry", {"window", "defaults"}},
+      {"telemetry", {"window", "defaults", "top_domains"}},
       {"telemetry.defaults", {"tls10_share", "no_tls_share", "min_messages"}},
       {"http", {"address", "basic_auth", "tls"}},
       {"http.basic_auth", {"user", "password_hash"}},
       {"http.tls", {"cert", "key"}},
       {"limits",
        {"max_sessions", "max_sessions_per_ip", "max_message_size", "max_recipients", "max_bad_commands",
-        "max_line", "drain_timeout", "greet_pause", "bare_newline"}},
+        "max_line", "drain_timeout", "greet_pause", "bare_newline", "max_hops"}},
       {"log", {"level", "format"}},
       {"timeouts", {"greeting", "command", "data_block", "data_end", "tls_handshake", "upstream_connect"}},
       {"performance", {"busy_poll", "event_loops"}},
@@ -619,6 +620,7 @@ class Loader {
                "at least one listener is required");
     }
     if (const Field* field = get(*top, "connectors")) load_connectors(*field);
+    if (const Field* field = get(*top, "dns")) load_dns(*field);
     if (const Field* field = get(*top, "http")) load_http(*field);
     if (const Field* field = get(*top, "limits")) load_limits(*field);
     if (const Field* field = get(*top, "log")) load_log(*field);
@@ -657,6 +659,7 @@ class Loader {
     if (const Field* defaults = get(*map, "defaults")) {
       load_alerts(*defaults, "telemetry.defaults", "telemetry.defaults", config_.telemetry.defaults);
     }
+    read_integer(*map, "top_domains", "telemetry", config_.telemetry.top_domains, 1, 10'000, false);
   }
 
   void load_upstreams(const Field& field) {
@@ -670,13 +673,13 @@ class Loader {
       if (require(*map, "name", list[i].Mark(), where) && read_name(*map, "name", where, upstream.name)) {
         check_unique(seen, upstream.name, get(*map, "name")->value, "upstream");
       }
-      if (require(*map, "address", list[i].Mark(), where))
-        read_endpoint(*map, "address", where, upstream.address, false);
+      load_upstream_route(*map, list[i].Mark(), where, upstream);
       read_enum(*map, "tls", where, upstream.tls,
                 {{"none", UpstreamTls::none},
                  {"opportunistic", UpstreamTls::opportunistic},
                  {"required", UpstreamTls::required},
                  {"verify", UpstreamTls::verify}});
+      load_upstream_tls_policy(*map, where, upstream);
       if (upstream.tls == UpstreamTls::verify) {
         if (get(*map, "ca_file") != nullptr) {
           read_file(*map, "ca_file", where, upstream.ca_file);
@@ -690,6 +693,87 @@ class Loader {
       read_enum(*map, "xclient", where, upstream.xclient, {{"auto", true}, {"off", false}});
       config_.upstreams.push_back(std::move(upstream));
     }
+  }
+
+  // Where an upstream delivers: a fixed `address` (which carries its port), or `mx: true` with `port`.
+  void load_upstream_route(const Fields& map, const YAML::Mark& mark, const std::string& where, Upstream& upstream) {
+    if (get(map, "mx") != nullptr && !read_bool(map, "mx", where, upstream.mx)) return;  // reported
+    const Field* address = get(map, "address");
+    if (upstream.mx) {
+      if (address != nullptr) {
+        error_at(address->key, where + ": \"address\" and \"mx: true\" exclude each other (mx: true delivers to "
+                                       "the recipient domain's MX hosts; remove one)");
+      }
+      read_integer(map, "port", where, upstream.port, 1, 65535, false);
+      return;
+    }
+    if (address == nullptr) {
+      if (get(map, "mx") == nullptr) error_at(mark, where + ": missing required key \"address\" (or mx: true)");
+      else error_at(get(map, "mx")->value, where + ": missing required key \"address\" (mx is false)");
+    } else {
+      read_endpoint(map, "address", where, upstream.address, false);
+    }
+    if (const Field* port = get(map, "port")) {
+      error_at(port->key, where + ".port: only for mx: true; an address carries its own port (\"host:port\")");
+    }
+  }
+
+  void load_upstream_tls_policy(const Fields& map, const std::string& where, Upstream& upstream) {
+    proto::TlsVersion min_version{};
+    if (read(map, "min_version", where, "one of TLS1.0, TLS1.1, TLS1.2, TLS1.3", min_version,
+             [](const std::string& text, std::string&) { return parse_min_version(text); })) {
+      if (upstream.tls == UpstreamTls::none) {
+        error_at(get(map, "min_version")->key, where + ".min_version: needs tls: opportunistic, required or verify "
+                                                        "(tls is none)");
+      } else {
+        upstream.min_version = min_version;
+      }
+    }
+    const Field* names = get(map, "verify_names");
+    if (names == nullptr) return;
+    const std::string path = where + ".verify_names";
+    if (upstream.tls != UpstreamTls::verify) {
+      error_at(names->key, path + ": only for tls: verify (the names a verified certificate must match; tls is " +
+                               std::string(to_string(upstream.tls)) + ")");
+      return;
+    }
+    for (const auto& [text, node] : string_list(*names, path, "a host name like mx1.example.com or *.example.com")) {
+      const auto name = parse_domain_pattern(text);
+      if (!name) {
+        error_at(node, path + ": expected a host name like mx1.example.com or *.example.com, got " + quoted(text));
+        continue;
+      }
+      upstream.verify_names.push_back(*name);
+    }
+  }
+
+  void load_dns(const Field& field) {
+    const auto map = fields(field, "dns", "dns");
+    if (!map) return;
+    if (const Field* servers = get(*map, "servers")) {
+      const auto list = items(*servers, "dns.servers");
+      for (std::size_t i = 0; i < list.size(); ++i) {
+        const std::string key = "servers[" + std::to_string(i) + "]";
+        const auto text = scalar_item(list[i], "dns." + key, "an address like 127.0.0.1:53");
+        if (!text) continue;
+        Endpoint server;
+        if (parse_ip_address(*text)) {  // a bare IP: the DNS port
+          server = Endpoint{*text, 53, *text};
+        } else {
+          Fields one;
+          one.emplace(key, Field{list[i], list[i]});
+          if (!read_endpoint(one, key, "dns", server, false)) continue;
+          if (!parse_ip_address(server.host)) {
+            error_at(list[i], "dns." + key + ": expected the IP address of a DNS server, got " + quoted(*text));
+            continue;
+          }
+        }
+        config_.dns.servers.push_back(std::move(server));
+      }
+    }
+    read_duration(*map, "timeout", "dns", config_.dns.timeout, std::chrono::milliseconds(100),
+                  std::chrono::minutes(5));
+    read_file(*map, "trust_anchor_file", "dns", config_.dns.trust_anchor_file);
   }
 
   void check_unique(std::map<std::string, int>& seen, const std::string& name, const YAML::Node& node,
@@ -887,21 +971,21 @@ class Loader {
     }
     if (const Field* cidrs = get(*map, "client_cidrs"))
       match.client_cidrs = read_cidrs(*cidrs, where + ".client_cidrs");
-    if (const Field* domains = get(*map, "sender_domains")) {
-      for (const auto& [text, node] : string_list(*domains, where + ".sender_domains", "a domain")) {
-        const std::string domain = lower(text);
-        const bool ok = !domain.empty() && std::all_of(domain.begin(), domain.end(), [](char c) {
-          return std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '-' || c == '*' || c == '_';
-        });
-        if (!ok) {
-          error_at(node, where +
-                             ".sender_domains: expected a domain like example.com or *.example.com, got " +
-                             quoted(text));
+    const auto domains = [&](std::string_view key, std::vector<std::string>& out) {
+      const Field* domains_field = get(*map, key);
+      if (domains_field == nullptr) return;
+      const std::string path = join(where, key);
+      for (const auto& [text, node] : string_list(*domains_field, path, "a domain")) {
+        auto domain = parse_domain_pattern(text);
+        if (!domain) {
+          error_at(node, path + ": expected a domain like example.com or *.example.com, got " + quoted(text));
           continue;
         }
-        match.sender_domains.push_back(domain);
+        out.push_back(std::move(*domain));
       }
-    }
+    };
+    domains("sender_domains", match.sender_domains);
+    domains("recipient_domains", match.recipient_domains);
     const auto patterns = [&](std::string_view key, std::vector<std::string>& out) {
       const Field* patterns_field = get(*map, key);
       if (patterns_field == nullptr) return;
@@ -989,6 +1073,7 @@ class Loader {
     read_enum(
         *map, "bare_newline", "limits", limits.bare_newline,
         {{"normalize", proto::BareNewlinePolicy::normalize}, {"reject", proto::BareNewlinePolicy::reject}});
+    read_integer(*map, "max_hops", "limits", limits.max_hops, 1, 1000, false);
   }
 
   void load_log(const Field& field) {

@@ -19,11 +19,13 @@ enum class Direction { inbound, outbound };
 enum class ConnectorType { partner, onpremises, internet };
 enum class UpstreamTls { none, opportunistic, required, verify };
 enum class LogFormat { text, json };
+enum class LogOutput { standard_error, syslog };  // "stderr" | "syslog"
 
 std::string_view to_string(Direction);
 std::string_view to_string(ConnectorType);
 std::string_view to_string(UpstreamTls);
 std::string_view to_string(LogFormat);
+std::string_view to_string(LogOutput);
 
 // An IPv4 or IPv6 network. IPv4 is stored as an IPv4-mapped IPv6 address (::ffff:a.b.c.d) with the prefix
 // offset by 96, so one comparison serves both families.
@@ -70,10 +72,24 @@ struct Listener {
 
 struct Upstream {
   std::string name;
-  Endpoint address;
+  Endpoint address;    // empty (host "", port 0) when mx is true
+  bool mx = false;     // true: deliver to the recipient domain's MX hosts (RFC 5321 section 5), not to address
+  std::uint16_t port = 25;  // the MX hosts' SMTP port (mx only; address carries its own port)
   UpstreamTls tls = UpstreamTls::opportunistic;
+  // Absent: every version down to TLS1.0 is offered (what a partner's MX can do is what is measured).
+  std::optional<proto::TlsVersion> min_version;
+  // tls: verify only. Lower-case, exact ("mx1.contoso.com") or "*.contoso.com" (one leftmost label, as in
+  // certificates). Empty: the host name connected to (the MX host name, or address's host).
+  std::vector<std::string> verify_names;
   std::string ca_file = "/etc/ssl/certs/ca-certificates.crt";
   bool xclient = true;  // "auto": used if advertised; false for "off"
+};
+
+// The resolver used for MX, A/AAAA (and, later, TLSA/MTA-STS) lookups.
+struct Dns {
+  std::vector<Endpoint> servers;        // IP literals with port; empty: the nameservers of /etc/resolv.conf
+  std::chrono::milliseconds timeout{5000};  // per lookup, retries included
+  std::string trust_anchor_file;        // empty: no DNSSEC validation (answers are never "secure")
 };
 
 struct AlertThresholds {
@@ -86,6 +102,7 @@ struct ConnectorMatch {
   std::vector<std::string> listeners;       // empty = any (YAML accepts one name or a list)
   std::vector<Cidr> client_cidrs;           // empty = any
   std::vector<std::string> sender_domains;  // lower-case; exact or "*.example.com"; empty = any
+  std::vector<std::string> recipient_domains;  // same form; empty = any; given: an unknown domain never matches
   std::vector<std::string> ehlo;            // glob patterns ("*.contoso.com"), lower-case; empty = any
   std::vector<std::string> sni;             // glob patterns, lower-case; empty = any
 };
@@ -103,6 +120,7 @@ struct Connector {
 struct Telemetry {
   std::chrono::hours window{24 * 7};  // 1d..90d
   AlertThresholds defaults;
+  std::uint32_t top_domains = 50;  // destination domains kept per connector in the report; the rest is "other"
 };
 
 struct BasicAuth {
@@ -126,11 +144,13 @@ struct Limits {
   std::chrono::milliseconds drain_timeout{30000};
   std::chrono::milliseconds greet_pause{0};
   proto::BareNewlinePolicy bare_newline = proto::BareNewlinePolicy::normalize;
+  std::uint32_t max_hops = 50;  // Received: headers above this => 554 5.4.6 (Postfix hopcount_limit)
 };
 
 struct Log {
   std::string level = "info";  // trace, debug, info, warn, error, critical, off
   LogFormat format = LogFormat::text;
+  LogOutput output = LogOutput::standard_error;  // syslog: syslog(3), facility mail, for hosts without journald
 };
 
 struct Performance {
@@ -157,6 +177,7 @@ struct Config {
   std::vector<Listener> listeners;
   std::vector<Upstream> upstreams;
   std::vector<Connector> connectors;  // in match order
+  Dns dns;
   Telemetry telemetry;
   Http http;
   Limits limits;
@@ -174,13 +195,17 @@ struct ConfigError {
   int line = 0;    // 1-based; 0 when not tied to a position
   int column = 0;  // 1-based
   std::string message;
+  bool warning = false;  // a configuration that loads but probably does not do what was meant
 
-  std::string to_string() const;  // "file:line:col: message"
+  std::string to_string() const;  // "file:line:col: message", or "file:line:col: warning: message"
 };
 
 struct LoadResult {
   std::shared_ptr<const Config> config;  // null when errors is non-empty
   std::vector<ConfigError> errors;
+  // Connectors that can never match, require_tls on listeners without STARTTLS on some of them, ...: printed
+  // by --check-config (which still exits 0) and logged at start and reload. Sorted by position.
+  std::vector<ConfigError> warnings;
 };
 
 // Parses and validates; collects every error it can find (never stops at the first).
@@ -198,6 +223,11 @@ std::string format_duration(std::chrono::milliseconds duration);
 // Every key path the loader accepts, e.g. "hostname", "listeners[].tls.min_version" ("[]" = each list item).
 // docs/configuration.md documents exactly these (a test compares them).
 std::vector<std::string> known_keys();
+
+// A domain or domain pattern as connectors' sender_domains/recipient_domains and upstreams' verify_names
+// accept it: labels of a-z 0-9 - _ separated by single dots, optionally starting with "*." (any one or more
+// leading labels). Lower-cased; nullopt when invalid.
+std::optional<std::string> parse_domain_pattern(std::string_view text);
 
 // Glob match used for ehlo/sni/sender_domains patterns: '*' matches any run of characters, case-insensitive.
 bool glob_match(std::string_view pattern, std::string_view text);

@@ -61,8 +61,12 @@ std::string summarize(const Config& config) {
 
   out += fmt::format("upstreams ({}):\n", config.upstreams.size());
   for (const auto& upstream : config.upstreams) {
-    out += fmt::format("  {} {} tls={} xclient={}\n", upstream.name, upstream.address.text,
-                       to_string(upstream.tls), upstream.xclient ? "auto" : "off");
+    std::string policy;
+    if (upstream.min_version) policy += fmt::format(" min_version={}", tls_name(*upstream.min_version));
+    if (!upstream.verify_names.empty()) policy += " verify_names=" + join(upstream.verify_names);
+    out += fmt::format("  {} {} tls={}{} xclient={}\n", upstream.name,
+                       upstream.mx ? fmt::format("mx (port {})", upstream.port) : upstream.address.text,
+                       to_string(upstream.tls), policy, upstream.xclient ? "auto" : "off");
   }
 
   out += fmt::format("connectors ({}, first match wins; unmatched traffic counts as \"internet\"):\n",
@@ -77,6 +81,8 @@ std::string summarize(const Config& config) {
     }
     if (!connector.match.sender_domains.empty())
       match.push_back("sender=" + join(connector.match.sender_domains));
+    if (!connector.match.recipient_domains.empty())
+      match.push_back("recipient=" + join(connector.match.recipient_domains));
     if (!connector.match.ehlo.empty()) match.push_back("ehlo=" + join(connector.match.ehlo));
     if (!connector.match.sni.empty()) match.push_back("sni=" + join(connector.match.sni));
     std::string match_text;
@@ -92,6 +98,14 @@ std::string summarize(const Config& config) {
       "telemetry: window {}, defaults {}\n",
       format_duration(std::chrono::duration_cast<std::chrono::milliseconds>(config.telemetry.window)),
       alerts_text(config.telemetry.defaults));
+  {
+    std::vector<std::string> servers;
+    for (const auto& server : config.dns.servers) servers.push_back(server.text);
+    out += fmt::format("dns: {}, timeout {}{}\n", servers.empty() ? "/etc/resolv.conf" : join(servers),
+                       format_duration(config.dns.timeout),
+                       config.dns.trust_anchor_file.empty() ? ""
+                                                            : ", DNSSEC trust anchor " + config.dns.trust_anchor_file);
+  }
   out += fmt::format("http: {}{}{}\n", config.http.address.text, config.http.tls ? " (HTTPS)" : "",
                      config.http.basic_auth ? " (basic auth)" : "");
   out +=

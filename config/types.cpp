@@ -42,6 +42,8 @@ std::string_view to_string(UpstreamTls tls) {
 
 std::string_view to_string(LogFormat format) { return format == LogFormat::json ? "json" : "text"; }
 
+std::string_view to_string(LogOutput output) { return output == LogOutput::syslog ? "syslog" : "stderr"; }
+
 std::optional<std::array<std::uint8_t, 16>> parse_ip_address(std::string_view text) {
   if (text.empty() || text.size() > 64) return std::nullopt;
   const std::string copy(text);
@@ -105,6 +107,30 @@ std::string Cidr::to_string() const {
   }
   inet_ntop(AF_INET6, network.data(), buffer, sizeof buffer);
   return std::string(buffer) + "/" + std::to_string(prefix);
+}
+
+std::optional<std::string> parse_domain_pattern(std::string_view text) {
+  std::string out;
+  std::string_view rest = text;
+  if (rest.starts_with("*.")) {
+    out = "*.";
+    rest.remove_prefix(2);
+  }
+  if (rest.empty() || rest.size() > 253) return std::nullopt;
+  std::size_t label = 0;  // length of the current label
+  for (const char c : rest) {
+    if (c == '.') {
+      if (label == 0) return std::nullopt;  // leading or doubled dot
+      label = 0;
+    } else if (std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_') {
+      if (++label > 63) return std::nullopt;
+    } else {
+      return std::nullopt;  // '*' elsewhere, '@', spaces, ...
+    }
+    out += static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  }
+  if (label == 0) return std::nullopt;  // a trailing dot
+  return out;
 }
 
 bool glob_match(std::string_view pattern, std::string_view text) {
@@ -205,8 +231,9 @@ const Connector* Config::find_connector(std::string_view name) const {
 }
 
 std::string ConfigError::to_string() const {
-  if (line <= 0) return file + ": " + message;
-  return file + ":" + std::to_string(line) + ":" + std::to_string(column) + ": " + message;
+  const std::string text = warning ? "warning: " + message : message;
+  if (line <= 0) return file + ": " + text;
+  return file + ":" + std::to_string(line) + ":" + std::to_string(column) + ": " + text;
 }
 
 }  // namespace mailflow::config

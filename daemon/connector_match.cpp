@@ -27,6 +27,9 @@ const config::Connector* match_connector(const config::Config& config, const Mat
     if (!any_or_empty(m.sender_domains,
                       [&](const std::string& d) { return domain_matches(d, input.sender_domain); }))
       continue;
+    if (!any_or_empty(m.recipient_domains,
+                      [&](const std::string& d) { return domain_matches(d, input.recipient_domain); }))
+      continue;
     if (!any_or_empty(m.ehlo, [&](const std::string& p) { return config::glob_match(p, input.ehlo); }))
       continue;
     if (!any_or_empty(m.sni, [&](const std::string& p) { return config::glob_match(p, input.sni); }))

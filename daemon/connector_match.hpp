@@ -16,6 +16,9 @@ struct MatchInput {
   std::string_view sni;
   std::string_view ehlo;
   std::string_view sender_domain;  // lower-case
+  // lower-case; empty when not known yet (before the first RCPT): a connector with recipient_domains then
+  // does not match.
+  std::string_view recipient_domain;
 };
 
 inline constexpr std::string_view internet_connector = "internet";

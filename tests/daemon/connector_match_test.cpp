@@ -75,3 +75,51 @@ TEST_CASE("a connector never matches traffic of the other direction") {
   REQUIRE(match_connector(*config, input) != nullptr);
   CHECK(match_connector(*config, input)->name == "partner-out");
 }
+
+TEST_CASE("recipient_domains: exact or *.suffix, case-insensitive, never an unknown domain") {
+  auto config = load(R"(  - name: partner-contoso
+    type: partner
+    match: {listener: out, recipient_domains: ["Contoso.com", "*.contoso.com"]}
+  - name: partner-fabrikam-from-apps
+    type: partner
+    match: {listener: out, sender_domains: ["apps.example"], recipient_domains: ["fabrikam.com"]}
+)");
+  MatchInput input;
+  input.listener = "out";
+  input.direction = mailflow::config::Direction::outbound;
+  input.client_address = v4(10, 0, 0, 1);
+  input.sender_domain = "example.org";
+
+  // Before the first RCPT the recipient domain is unknown: a connector that needs one does not match.
+  CHECK(match_connector(*config, input) == nullptr);
+  input.recipient_domain = "contoso.com";
+  REQUIRE(match_connector(*config, input) != nullptr);
+  CHECK(match_connector(*config, input)->name == "partner-contoso");
+  input.recipient_domain = "eu.mail.contoso.com";
+  CHECK(match_connector(*config, input)->name == "partner-contoso");
+  input.recipient_domain = "notcontoso.com";
+  CHECK(match_connector(*config, input) == nullptr);
+  input.recipient_domain = "contoso.com.evil.example";
+  CHECK(match_connector(*config, input) == nullptr);
+
+  // Every given key must match: the sender domain too.
+  input.recipient_domain = "fabrikam.com";
+  CHECK(match_connector(*config, input) == nullptr);
+  input.sender_domain = "apps.example";
+  REQUIRE(match_connector(*config, input) != nullptr);
+  CHECK(match_connector(*config, input)->name == "partner-fabrikam-from-apps");
+}
+
+TEST_CASE("recipient_domains are stored lower-case and checked like sender_domains") {
+  auto config = load(R"(  - name: p
+    type: partner
+    match: {listener: out, recipient_domains: [EU.Contoso.COM]}
+)");
+  REQUIRE(config->connectors.size() == 1);
+  CHECK(config->connectors[0].match.recipient_domains == std::vector<std::string>{"eu.contoso.com"});
+  MatchInput input;
+  input.listener = "out";
+  input.direction = mailflow::config::Direction::outbound;
+  input.recipient_domain = "eu.contoso.com";
+  CHECK(match_connector(*config, input) != nullptr);
+}
