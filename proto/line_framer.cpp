@@ -47,7 +47,7 @@ CommandFramer::Event CommandFramer::next(std::string_view input) {
   }
   ev.consumed = start + lf + 1;
   if (lf == 0 || rest[lf - 1] != '\r') {
-    ev.kind = Kind::bad_newline;
+    ev.kind = Kind::bare_lf;
     return ev;
   }
   const std::string_view line = rest.substr(0, lf - 1);

@@ -11,7 +11,10 @@ class CommandFramer {
     need_more,    // no complete line yet (consumed may be > 0 while the tail of an over-long line is discarded)
     line,         // `line` holds a command, CRLF removed
     too_long,     // a line longer than the limit: reported once, the rest of it is discarded up to its LF
-    bad_newline,  // a line that ends in a bare LF or contains a bare CR: reported once for the whole line
+    bad_newline,  // a CRLF line that contains a bare CR: reported once for the whole line
+    bare_lf,      // a line that ends in a bare LF: where the client thinks the line ends is unknowable (it may
+                  // go on to the next CRLF), so the session answers once and closes (Postfix's
+                  // smtpd_forbid_bare_newline): its tail never gets a reply of its own
   };
   struct Event {
     Kind kind = Kind::need_more;

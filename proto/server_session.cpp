@@ -250,6 +250,13 @@ ServerSession::Action ServerSession::on_framing_error(CommandFramer::Kind kind) 
   if (kind == CommandFramer::Kind::bad_newline) {
     return refuse(500, "5.5.2", "Error: bare CR or LF in command", "bare_newline_command");
   }
+  if (kind == CommandFramer::Kind::bare_lf) {
+    Action a = refuse(500, "5.5.2", "Error: bare LF in command", "bare_newline_command");
+    a.kind = ActionKind::close;
+    state_ = State::closed;
+    clear_transaction();
+    return a;
+  }
   return refuse(500, "5.5.2", "Error: command not recognized", "unrecognized_command");
 }
 

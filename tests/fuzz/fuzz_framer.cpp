@@ -33,6 +33,8 @@ std::vector<std::string> frame(std::string_view input, std::size_t max_line, std
         events.emplace_back("T");
       } else if (ev.kind == CommandFramer::Kind::bad_newline) {
         events.emplace_back("B");
+      } else if (ev.kind == CommandFramer::Kind::bare_lf) {
+        events.emplace_back("F");
       }
       buf.erase(0, ev.consumed);
       if (ev.kind == CommandFramer::Kind::need_more) break;

@@ -63,11 +63,9 @@ def test_overlong_command_gets_exactly_one_500(env, first, second):
     (b"MAIL FROM:<a@example.test> X\x00Y", "bad_bytes", []),
     (b"MAIL FROM:<caf\xc3\xa9@example.test>", "bad_bytes", []),
     (b"EHLO h\xffst.example.test", "bad_bytes", []),
-    # a bare LF ends the (refused) line; what follows it is a line of its own
-    (b"MAIL FROM:<a@example.test>\nNOOP", "bare_newline_command", [250]),
     # a bare CR inside a line: the whole line up to CRLF is refused once
     (b"MAIL FROM:<a@example.test>\rNOOP", "bare_newline_command", []),
-], ids=["NUL", "utf8-in-MAIL", "8bit-in-EHLO", "bare-LF", "bare-CR"])
+], ids=["NUL", "utf8-in-MAIL", "8bit-in-EHLO", "bare-CR"])
 def test_bad_bytes_in_command(env, line, reason, then):
     before = env.daemon.metrics()
     n = env.sink.count()
@@ -86,6 +84,26 @@ def test_bad_bytes_in_command(env, line, reason, then):
     assert env.sink.count() == n
     hh.assert_rejected(env.daemon, before, reason)
     hh.assert_rejected(env.daemon, before, "bad_sequence")
+    hh.assert_relays(env.daemon, env.port, env.sink)
+
+
+def test_bare_lf_in_command_one_reply_then_close(env):
+    """A bare LF ends the line where the client may not think it ends: one 500 for the whole line, never a
+    second reply for its tail (`RCPT ...` here), then close, as Postfix's smtpd_forbid_bare_newline does."""
+    before = env.daemon.metrics()
+    n = env.sink.count()
+    c = hh.greeted(env.port)
+    try:
+        c.send(b"MAIL FROM:<a@example.test>\nRCPT TO:<b@example.test>\r\n")
+        code, text = c.reply()
+        assert code == 500 and re.match(r"^500 5\.5\.2 ", text), text
+        more = hh.replies_within(c)
+        assert more == [], f"a second reply for the tail of the line: {more!r}"
+        assert c.pending(2.0) is None, "the session must be closed after the bare LF"
+    finally:
+        c.close()
+    assert env.sink.count() == n
+    hh.assert_rejected(env.daemon, before, "bare_newline_command")
     hh.assert_relays(env.daemon, env.port, env.sink)
 
 

@@ -15,7 +15,7 @@ using mailflow::test::splits_of;
 namespace {
 
 struct Framed {
-  std::vector<std::string> events;  // "L:<line>", "TOO_LONG", "BAD_NL"
+  std::vector<std::string> events;  // "L:<line>", "TOO_LONG", "BAD_NL", "BARE_LF"
   std::string rest;                 // unread bytes (a partial line)
   bool operator==(const Framed&) const = default;
 };
@@ -38,6 +38,9 @@ Framed frame(const std::vector<std::string>& chunks, std::size_t max_line = 512)
           break;
         case CommandFramer::Kind::bad_newline:
           out.events.push_back("BAD_NL");
+          break;
+        case CommandFramer::Kind::bare_lf:
+          out.events.push_back("BARE_LF");
           break;
         case CommandFramer::Kind::need_more:
           break;
@@ -119,8 +122,8 @@ TEST_CASE("CommandFramer: a discarding framer still needs more until the LF") {
 }
 
 TEST_CASE("CommandFramer: bare LF and bare CR") {
-  check_every_split("NOOP\nNOOP\r\n", {{"BAD_NL", "L:NOOP"}, ""});
-  check_every_split("\nNOOP\r\n", {{"BAD_NL", "L:NOOP"}, ""});
+  check_every_split("NOOP\nNOOP\r\n", {{"BARE_LF", "L:NOOP"}, ""});
+  check_every_split("\nNOOP\r\n", {{"BARE_LF", "L:NOOP"}, ""});
   check_every_split("MAIL FROM:<a@b.c>\rRCPT TO:<x@y.z>\r\nQUIT\r\n", {{"BAD_NL", "L:QUIT"}, ""});
   check_every_split("NOOP\r\r\n", {{"BAD_NL"}, ""});
   check_every_split("\r\r\r\n\r\n", {{"BAD_NL", "L:"}, ""});

@@ -367,6 +367,24 @@ TEST_CASE("ServerSession: max_bad_commands ends the session with 421") {
   CHECK(after.reply.rfind("421 ", 0) == 0);
 }
 
+TEST_CASE("ServerSession: a line ended by a bare LF is answered once and closes the session") {
+  // "MAIL FROM:<a@b>\nRCPT TO:<c@d>\r\n": the client may believe the line runs to the CRLF, so its tail must
+  // never be answered as a command of its own.
+  const auto script = happy_path();
+  for (std::size_t at = 0; at < script.size(); ++at) {
+    ServerSession s(opts());
+    for (std::size_t i = 0; i < at; ++i) play(s, script[i]);
+    const auto a = s.on_framing_error(CommandFramer::Kind::bare_lf);
+    CHECK(a.kind == Kind::close);
+    CHECK(a.reply == "500 5.5.2 Error: bare LF in command\r\n");
+    CHECK(a.reject_reason == "bare_newline_command");
+    CHECK(s.state() == State::closed);
+    const auto after = s.on_line("RCPT TO:<c@d.example>");
+    CHECK(after.kind == Kind::close);
+    CHECK(after.reject_reason.empty());
+  }
+}
+
 TEST_CASE("ServerSession: a pipelining daemon gets the same answers") {
   // MAIL, RCPT, DATA processed before the upstream answered MAIL/RCPT.
   ServerSession s(opts());
@@ -419,7 +437,7 @@ std::vector<std::string> converse(const std::vector<std::string>& chunks) {
 TEST_CASE("ServerSession behind CommandFramer: a pipelined conversation cut at every byte boundary") {
   const std::string stream =
       "EHLO c.example\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n" +
-      std::string(600, 'x') + "\r\nNOOP\nVRFY x\r\nMAIL FROM:<a@b.example>\r\n" + "DATA\r\nRSET\r\nQUIT\r\n";
+      std::string(600, 'x') + "\r\nNOOP\rX\r\nVRFY x\r\nMAIL FROM:<a@b.example>\r\n" + "DATA\r\nRSET\r\nQUIT\r\n";
   const auto whole = converse({stream});
   REQUIRE(whole.size() == 9);
   CHECK(whole[4].find("line_too_long") != std::string::npos);
@@ -427,6 +445,17 @@ TEST_CASE("ServerSession behind CommandFramer: a pipelined conversation cut at e
   CHECK(whole[6].find("vrfy_disabled") != std::string::npos);
   CHECK(whole[7].rfind("3 ", 0) == 0);                                                           // begin_mail
   CHECK(whole[8].find("421 4.7.0 mx.example.org Error: too many errors") != std::string::npos);  // 4th error
+  for (const auto& chunks : mailflow::test::splits_of(stream)) {
+    CHECK(converse(chunks) == whole);
+  }
+}
+
+TEST_CASE("ServerSession behind CommandFramer: a bare LF closes the session at every byte boundary") {
+  const std::string stream = "EHLO c.example\r\nMAIL FROM:<a@b.example>\nRCPT TO:<c@d.example>\r\nNOOP\r\n";
+  const auto whole = converse({stream});
+  REQUIRE(whole.size() == 2);
+  CHECK(whole[1].find("500 5.5.2 Error: bare LF in command") != std::string::npos);
+  CHECK(whole[1].find("bare_newline_command") != std::string::npos);
   for (const auto& chunks : mailflow::test::splits_of(stream)) {
     CHECK(converse(chunks) == whole);
   }
