@@ -10,6 +10,7 @@
 #include "config/config.hpp"
 #include "daemon/log.hpp"
 #include "daemon/report_cli.hpp"
+#include "daemon/route_cli.hpp"
 #include "daemon/server.hpp"
 
 namespace {
@@ -21,6 +22,7 @@ void usage(std::FILE* out) {
                "usage: mailflowd [--config FILE]          run the relay (default %s)\n"
                "       mailflowd --check-config FILE      validate a configuration and exit\n"
                "       mailflowd report [--url URL] [--days N] [--format table|json|csv]\n"
+               "       mailflowd route --config FILE --recipient ADDRESS [--format text|json]\n"
                "       mailflowd --version\n",
                default_config);
 }
@@ -61,6 +63,7 @@ int run_daemon(const std::string& path) {
 int main(int argc, char** argv) {
   std::string config_path = default_config;
   if (argc >= 2 && std::string_view(argv[1]) == "report") return mailflow::run_report_cli(argc, argv);
+  if (argc >= 2 && std::string_view(argv[1]) == "route") return mailflow::run_route_cli(argc, argv);
   for (int i = 1; i < argc; ++i) {
     std::string_view arg = argv[i];
     auto value = [&](std::string_view flag) -> const char* {

@@ -86,6 +86,8 @@ constexpr Family config_reloads{"mailflow_config_reloads_total", "counter",
                                 "Configuration reloads by result (success, failure)"};
 constexpr Family state_errors{"mailflow_state_errors_total", "counter",
                               "Problems saving or loading the rolling windows state"};
+constexpr Family dns_lookups{"mailflow_dns_lookups_total", "counter",
+                             "DNS lookups of the resolver (mx upstreams), by record type and result"};
 constexpr Family sessions_active{"mailflow_sessions_active", "gauge", "Client sessions currently open"};
 constexpr Family window_messages{"mailflow_window_messages", "gauge",
                                  "Messages within the rolling window (telemetry.window)"};
@@ -229,6 +231,7 @@ struct Snapshot {
   };
   std::vector<ConnectorRow> connectors;
   std::vector<std::pair<const ListenerSeries*, ListenerValues>> listeners;
+  std::array<std::array<std::uint64_t, all_dns_outcomes.size()>, all_dns_types.size()> dns_lookups{};
   std::array<std::vector<std::pair<const std::string*, std::uint64_t>>, kLabelledFamilies> labelled;
 };
 
@@ -283,6 +286,15 @@ void write_exposition(std::string& out, const Snapshot& snapshot, const std::opt
   }
   labelled(Labelled::config_reloads);
   labelled(Labelled::state_errors);
+  header(family::dns_lookups);  // fixed label values: every series from the start, zeros included
+  for (const auto type : all_dns_types) {
+    for (const auto outcome : all_dns_outcomes) {
+      out.append(family::dns_lookups.name);
+      out.append("{result=\"").append(to_string(outcome)).append("\",type=\"").append(to_string(type)).append("\"} ");
+      exposition::append_value(out, snapshot.dns_lookups[static_cast<std::size_t>(type)][static_cast<std::size_t>(outcome)]);
+      out.push_back('\n');
+    }
+  }
 
   if (!listeners.empty()) {
     header(family::sessions_active);
@@ -383,6 +395,8 @@ struct Telemetry::Impl {
 
   std::atomic<std::uint64_t> messages_total{0};
   std::atomic<std::int64_t> sessions_active{0};
+  // Counted without the mutex: every resolver (one per event loop) adds here.
+  std::array<std::array<std::atomic<std::uint64_t>, all_dns_outcomes.size()>, all_dns_types.size()> dns_lookups{};
 
   mutable std::mutex mutex;  // guards everything below
   std::shared_ptr<const config::Config> config = std::make_shared<const config::Config>();
@@ -555,10 +569,20 @@ void Telemetry::config_reloaded(bool success) {
 
 void Telemetry::state_error(std::string_view reason) { impl_->count_state_error(reason); }
 
+void Telemetry::dns_lookup(DnsType type, DnsOutcome outcome) {
+  impl_->dns_lookups[static_cast<std::size_t>(type)][static_cast<std::size_t>(outcome)].fetch_add(
+      1, std::memory_order_relaxed);
+}
+
 std::string Telemetry::metrics_text() {
   const auto now = impl_->clock();
   std::lock_guard scrape_lock(impl_->scrape_mutex);
   impl_->take_snapshot(now, impl_->snapshot);
+  for (std::size_t t = 0; t < all_dns_types.size(); ++t) {
+    for (std::size_t o = 0; o < all_dns_outcomes.size(); ++o) {
+      impl_->snapshot.dns_lookups[t][o] = impl_->dns_lookups[t][o].load(std::memory_order_relaxed);
+    }
+  }
   const auto process = read_process_stats();
   std::string text;
   text.reserve(impl_->last_text_size + impl_->last_text_size / 16 + 4096);  // one allocation, no regrowth

@@ -10,6 +10,7 @@
 #include <string_view>
 
 #include "config/config.hpp"
+#include "daemon/dns_vocabulary.hpp"
 #include "proto/tls_version.hpp"
 
 namespace mailflow {
@@ -43,6 +44,8 @@ class Telemetry {
   void rejected(std::string_view listener, std::string_view reason);
   void config_reloaded(bool success);  // mailflow_config_reloads_total{result="success"|"failure"}
   void state_error(std::string_view reason);  // mailflow_state_errors_total{reason}: save/load problems
+  // mailflow_dns_lookups_total{type,result}: every lookup of the resolver; all series exported from the start.
+  void dns_lookup(DnsType type, DnsOutcome outcome);
 
   // Prometheus text exposition (0.0.4) of every family, window gauges refreshed first, process_* included.
   std::string metrics_text();

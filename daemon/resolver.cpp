@@ -1,0 +1,410 @@
+// libunbound behind an awaitable API; see resolver.hpp for the thread model.
+#include "daemon/resolver.hpp"
+
+#include <unbound.h>
+
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/posix/stream_descriptor.hpp>
+#include <boost/asio/redirect_error.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <cstring>
+#include <optional>
+#include <random>
+#include <stdexcept>
+
+#include "daemon/telemetry.hpp"
+
+namespace mailflow {
+
+namespace net = boost::asio;
+
+std::string_view to_string(DnsType type) {
+  switch (type) {
+    case DnsType::mx:
+      return "MX";
+    case DnsType::a:
+      return "A";
+    case DnsType::aaaa:
+      return "AAAA";
+    case DnsType::tlsa:
+      return "TLSA";
+    case DnsType::txt:
+      return "TXT";
+    case DnsType::ptr:
+      return "PTR";
+  }
+  return "MX";
+}
+
+std::string_view to_string(DnsOutcome outcome) {
+  switch (outcome) {
+    case DnsOutcome::success:
+      return "success";
+    case DnsOutcome::nodata:
+      return "nodata";
+    case DnsOutcome::nxdomain:
+      return "nxdomain";
+    case DnsOutcome::servfail:
+      return "servfail";
+    case DnsOutcome::timeout:
+      return "timeout";
+    case DnsOutcome::bogus:
+      return "bogus";
+    case DnsOutcome::error:
+      return "error";
+  }
+  return "error";
+}
+
+bool is_temporary(DnsOutcome outcome) {
+  return outcome == DnsOutcome::servfail || outcome == DnsOutcome::timeout || outcome == DnsOutcome::bogus ||
+         outcome == DnsOutcome::error;
+}
+
+std::string_view to_string(MxResult::Status status) {
+  switch (status) {
+    case MxResult::Status::hosts:
+      return "hosts";
+    case MxResult::Status::null_mx:
+      return "null_mx";
+    case MxResult::Status::nxdomain:
+      return "nxdomain";
+    case MxResult::Status::failed:
+      return "failed";
+  }
+  return "failed";
+}
+
+std::string_view to_string(AddressResult::Status status) {
+  switch (status) {
+    case AddressResult::Status::addresses:
+      return "addresses";
+    case AddressResult::Status::none:
+      return "none";
+    case AddressResult::Status::failed:
+      return "failed";
+  }
+  return "failed";
+}
+
+namespace {
+
+constexpr int kClassIn = 1;
+constexpr int kTypeA = 1;
+constexpr int kTypeMx = 15;
+constexpr int kTypeAaaa = 28;
+constexpr int kRcodeServfail = 2;
+constexpr int kRcodeNxdomain = 3;
+
+int rrtype(DnsType type) {
+  switch (type) {
+    case DnsType::mx:
+      return kTypeMx;
+    case DnsType::a:
+      return kTypeA;
+    case DnsType::aaaa:
+      return kTypeAaaa;
+    case DnsType::tlsa:
+      return 52;
+    case DnsType::txt:
+      return 16;
+    case DnsType::ptr:
+      return 12;
+  }
+  return kTypeA;
+}
+
+// A domain name in DNS wire format (uncompressed, as libunbound hands out rdata) as text without the final
+// dot: "\3mx1\7example\3net\0" -> "mx1.example.net"; the root -> "". nullopt when malformed.
+std::optional<std::string> wire_name(const unsigned char* data, std::size_t size) {
+  std::string out;
+  std::size_t at = 0;
+  while (at < size) {
+    const std::size_t length = data[at++];
+    if (length == 0) return out;
+    if (length > 63 || at + length > size) return std::nullopt;
+    if (!out.empty()) out += '.';
+    out.append(reinterpret_cast<const char*>(data + at), length);
+    at += length;
+  }
+  return std::nullopt;  // no terminating root label
+}
+
+}  // namespace
+
+// --------------------------------------------------------------------------------------------------------------
+struct Resolver::Impl : std::enable_shared_from_this<Impl> {
+  Impl(net::any_io_executor ex, const config::Dns& dns, Telemetry* counters, std::uint64_t seed)
+      : executor(std::move(ex)), pipe(executor), timeout(dns.timeout), telemetry(counters), random(seed) {
+    ctx = ub_ctx_create();
+    if (ctx == nullptr) throw std::runtime_error("dns: cannot create a libunbound context");
+    const auto check = [&](int rc, const std::string& what) {
+      if (rc != 0) {
+        const std::string reason = ub_strerror(rc);
+        ub_ctx_delete(ctx);
+        ctx = nullptr;
+        throw std::runtime_error("dns: " + what + ": " + reason);
+      }
+    };
+    // Answers are handed back through ub_fd from a worker thread, not a forked process (this process has
+    // threads of its own).
+    check(ub_ctx_async(ctx, 1), "async mode");
+    // Forwarders and resolv.conf name servers on loopback (a local unbound, systemd-resolved's 127.0.0.53) are
+    // the common case for an MTA host; libunbound refuses to query localhost unless told.
+    check(ub_ctx_set_option(ctx, "do-not-query-localhost:", "no"), "do-not-query-localhost");
+    if (dns.servers.empty()) {
+      check(ub_ctx_resolvconf(ctx, "/etc/resolv.conf"), "reading /etc/resolv.conf");
+    } else {
+      for (const auto& server : dns.servers) {
+        check(ub_ctx_set_fwd(ctx, (server.host + "@" + std::to_string(server.port)).c_str()),
+              "forwarder " + server.text);
+      }
+    }
+    if (!dns.trust_anchor_file.empty()) {
+      check(ub_ctx_add_ta_file(ctx, dns.trust_anchor_file.c_str()), "trust anchor " + dns.trust_anchor_file);
+    }
+    // libunbound reads the trust anchor and checks its settings only when the context is first used. Use it
+    // now, for a name its built-in local zone answers without any network (no blocking wait), so that a
+    // broken setting fails at start and on reload, not at the first delivery.
+    ub_result* probe = nullptr;
+    const int probe_rc = ub_resolve(ctx, "localhost.", kTypeA, kClassIn, &probe);
+    if (probe != nullptr) ub_resolve_free(probe);
+    check(probe_rc, "settings (dns.servers, dns.trust_anchor_file)");
+    const int fd = ub_fd(ctx);
+    if (fd < 0) check(UB_PIPE, "result pipe");
+    pipe.assign(fd);
+  }
+
+  ~Impl() {
+    if (pipe.is_open()) pipe.release();  // libunbound's descriptor: ub_ctx_delete closes it
+    if (ctx != nullptr) ub_ctx_delete(ctx);
+  }
+
+  // One ub_resolve_async in flight. Lives in the awaiting coroutine's frame; its destructor cancels a query
+  // that is still outstanding, so libunbound never calls back into a destroyed frame.
+  struct Query {
+    Query(std::shared_ptr<Impl> owner, DnsType t, std::string n)
+        : impl(std::move(owner)), type(t), name(std::move(n)), wakeup(impl->executor) {}
+    ~Query() {
+      if (started && !done) {
+        ub_cancel(impl->ctx, id);
+        impl->forget_one();
+      }
+      if (result != nullptr) ub_resolve_free(result);
+    }
+    Query(const Query&) = delete;
+    Query& operator=(const Query&) = delete;
+
+    std::shared_ptr<Impl> impl;
+    DnsType type;
+    std::string name;
+    net::steady_timer wakeup;  // expires at the deadline; cancelled early by the answer
+    int id = 0;
+    bool started = false;
+    bool done = false;
+    int error = 0;  // libunbound's error code (not the DNS rcode)
+    ub_result* result = nullptr;
+    DnsOutcome outcome = DnsOutcome::error;
+    std::string detail;
+  };
+
+  static void on_answer(void* data, int error, ub_result* result) {
+    auto* query = static_cast<Query*>(data);
+    query->done = true;
+    query->error = error;
+    query->result = result;
+    --query->impl->outstanding;
+    query->wakeup.cancel();
+  }
+
+  // Starts the query (the deadline runs from here).
+  void start(Query& query) {
+    query.wakeup.expires_after(timeout);
+    const int rc =
+        ub_resolve_async(ctx, query.name.c_str(), rrtype(query.type), kClassIn, &query, &Impl::on_answer, &query.id);
+    if (rc != 0) {
+      query.done = true;
+      query.error = rc;
+      return;
+    }
+    query.started = true;
+    ++outstanding;
+    if (!pumping) {
+      pumping = true;
+      net::co_spawn(executor, pump(shared_from_this()), net::detached);
+    }
+  }
+
+  // Waits for the answer or the deadline, classifies and counts it.
+  net::awaitable<void> finish(Query& query) {
+    if (!query.done) {
+      boost::system::error_code ec;
+      co_await query.wakeup.async_wait(net::redirect_error(net::use_awaitable, ec));
+    }
+    if (!query.done) {
+      ub_cancel(ctx, query.id);
+      forget_one();
+      query.done = true;  // nothing left to cancel in ~Query
+      query.outcome = DnsOutcome::timeout;
+      query.detail = "no answer within " + config::format_duration(timeout);
+    } else if (query.error != 0) {
+      query.outcome = DnsOutcome::error;
+      query.detail = std::string("resolver error: ") + ub_strerror(query.error);
+    } else if (query.result->bogus) {
+      query.outcome = DnsOutcome::bogus;
+      query.detail = std::string("DNSSEC validation failed: ") +
+                     (query.result->why_bogus != nullptr ? query.result->why_bogus : "bogus");
+    } else if (query.result->rcode == kRcodeNxdomain) {
+      query.outcome = DnsOutcome::nxdomain;
+    } else if (query.result->rcode == kRcodeServfail) {
+      query.outcome = DnsOutcome::servfail;
+      query.detail = "SERVFAIL";
+    } else if (query.result->rcode != 0) {
+      query.outcome = DnsOutcome::error;
+      query.detail = "rcode " + std::to_string(query.result->rcode);
+    } else {
+      query.outcome = query.result->havedata ? DnsOutcome::success : DnsOutcome::nodata;
+    }
+    if (telemetry != nullptr) telemetry->dns_lookup(query.type, query.outcome);
+  }
+
+  bool secure(const Query& query) const {
+    return query.result != nullptr && query.result->secure != 0 && query.result->bogus == 0;
+  }
+
+  // A query given up (deadline, or its coroutine destroyed): no answer is coming for it. When it was the last
+  // one, the pump's wait is cancelled so that an idle resolver leaves no operation pending on its loop (an
+  // io_context with nothing else to do then returns from run()).
+  void forget_one() {
+    if (--outstanding == 0 && pumping) {
+      boost::system::error_code ignored;
+      pipe.cancel(ignored);
+    }
+  }
+
+  // Watches libunbound's result pipe while queries are outstanding; ub_process runs their callbacks here.
+  static net::awaitable<void> pump(std::shared_ptr<Impl> self) {
+    while (self->outstanding > 0 && !self->closed) {
+      boost::system::error_code ec;
+      co_await self->pipe.async_wait(net::posix::descriptor_base::wait_read,
+                                     net::redirect_error(net::use_awaitable, ec));
+      if (self->closed) break;
+      if (ec == net::error::operation_aborted) continue;  // forget_one; the loop condition decides
+      if (ec) break;  // the pipe is unusable: the outstanding queries end at their deadlines
+      ub_process(self->ctx);
+    }
+    self->pumping = false;
+  }
+
+  net::any_io_executor executor;
+  net::posix::stream_descriptor pipe;
+  std::chrono::milliseconds timeout;
+  Telemetry* telemetry;
+  std::mt19937_64 random;
+  ub_ctx* ctx = nullptr;
+  int outstanding = 0;
+  bool pumping = false;
+  bool closed = false;
+};
+
+Resolver::Resolver(net::any_io_executor executor, const config::Dns& dns, Telemetry* telemetry, std::uint64_t seed)
+    : impl_(std::make_shared<Impl>(std::move(executor), dns, telemetry, seed != 0 ? seed : std::random_device{}())) {}
+
+Resolver::~Resolver() {
+  impl_->closed = true;
+  boost::system::error_code ignored;
+  impl_->pipe.cancel(ignored);  // the pump (holding the Impl) ends; the Impl goes with the last query
+}
+
+net::awaitable<MxResult> Resolver::resolve_mx(std::string domain) {
+  auto impl = impl_;
+  Impl::Query query(impl, DnsType::mx, domain);
+  impl->start(query);
+  co_await impl->finish(query);
+
+  MxResult out;
+  out.outcome = query.outcome;
+  out.secure = impl->secure(query);
+  out.detail = query.detail;
+  switch (query.outcome) {
+    case DnsOutcome::nxdomain:
+      out.status = MxResult::Status::nxdomain;
+      co_return out;
+    case DnsOutcome::nodata:
+      out.status = MxResult::Status::hosts;
+      out.plan = proto::plan_mx(domain, {}, impl->random());
+      co_return out;
+    case DnsOutcome::success:
+      break;
+    default:
+      out.status = MxResult::Status::failed;
+      co_return out;
+  }
+  std::vector<proto::MxRecord> records;
+  for (int i = 0; query.result->data[i] != nullptr; ++i) {
+    const auto* rdata = reinterpret_cast<const unsigned char*>(query.result->data[i]);
+    const auto size = static_cast<std::size_t>(query.result->len[i]);
+    if (size < 3) continue;
+    auto exchange = wire_name(rdata + 2, size - 2);
+    if (!exchange) continue;
+    records.push_back(proto::MxRecord{static_cast<std::uint16_t>(rdata[0] << 8 | rdata[1]),
+                                      exchange->empty() ? std::string(".") : std::move(*exchange)});
+  }
+  if (records.empty()) {  // every record malformed: nothing usable, and no reason to bounce
+    out.status = MxResult::Status::failed;
+    out.outcome = DnsOutcome::error;
+    out.detail = "malformed MX records";
+    co_return out;
+  }
+  out.plan = proto::plan_mx(domain, records, impl->random());
+  out.status = out.plan.kind == proto::MxPlanKind::null_mx ? MxResult::Status::null_mx : MxResult::Status::hosts;
+  co_return out;
+}
+
+net::awaitable<AddressResult> Resolver::resolve_addresses(std::string host) {
+  auto impl = impl_;
+  // Both in flight at once: the slower one decides how long this takes, not their sum.
+  Impl::Query aaaa(impl, DnsType::aaaa, host);
+  Impl::Query a(impl, DnsType::a, host);
+  impl->start(aaaa);
+  impl->start(a);
+  co_await impl->finish(aaaa);
+  co_await impl->finish(a);
+
+  AddressResult out;
+  out.aaaa = aaaa.outcome;
+  out.a = a.outcome;
+  out.secure = impl->secure(aaaa) && impl->secure(a);
+  std::vector<net::ip::address> v6;
+  std::vector<net::ip::address> v4;
+  if (aaaa.outcome == DnsOutcome::success) {
+    for (int i = 0; aaaa.result->data[i] != nullptr; ++i) {
+      if (aaaa.result->len[i] != 16) continue;
+      net::ip::address_v6::bytes_type bytes;
+      std::memcpy(bytes.data(), aaaa.result->data[i], 16);
+      v6.emplace_back(net::ip::address_v6(bytes));
+    }
+  }
+  if (a.outcome == DnsOutcome::success) {
+    for (int i = 0; a.result->data[i] != nullptr; ++i) {
+      if (a.result->len[i] != 4) continue;
+      net::ip::address_v4::bytes_type bytes;
+      std::memcpy(bytes.data(), a.result->data[i], 4);
+      v4.emplace_back(net::ip::address_v4(bytes));
+    }
+  }
+  out.addresses = proto::interleave_families(v6, v4);
+  if (!out.addresses.empty()) {
+    out.status = AddressResult::Status::addresses;
+  } else if (is_temporary(aaaa.outcome) || is_temporary(a.outcome)) {
+    out.status = AddressResult::Status::failed;
+    out.detail = is_temporary(aaaa.outcome) ? "AAAA: " + aaaa.detail : "A: " + a.detail;
+  } else {
+    out.status = AddressResult::Status::none;
+  }
+  co_return out;
+}
+
+}  // namespace mailflow

@@ -1,0 +1,84 @@
+#pragma once
+// DNS for delivery to MX hosts (upstreams[].mx): MX and address lookups through libunbound, a validating,
+// caching resolver library, driven by the Asio event loop that asks. <unbound.h> stays inside resolver.cpp.
+//
+// Thread model: one Resolver per event loop, created on it and used only from its thread. libunbound does
+// the network I/O in a worker thread of its own (ub_ctx_async(ctx, 1)) and hands answers back through a pipe
+// (ub_fd); the loop waits for that pipe to become readable and calls ub_process there, which runs the
+// answers' callbacks on the loop thread. No lock is needed on this side, and a lookup never blocks the loop.
+// (One ub_ctx shared by several loops would need a lock around ub_process and a way to hand each answer to the
+// loop that asked; one per loop costs one cache per loop, which is small next to a session's buffers.)
+#include <utility>  // before Boost.Asio (Boost 1.74 + GCC 12)
+
+#include <array>
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/awaitable.hpp>
+#include <boost/asio/ip/address.hpp>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "config/config.hpp"
+#include "daemon/dns_vocabulary.hpp"
+#include "proto/mx_plan.hpp"
+
+namespace mailflow {
+
+class Telemetry;
+
+struct MxResult {
+  enum class Status {
+    hosts,     // plan.hosts in the order to try (plan.kind: mx, or implicit = the domain itself)
+    null_mx,   // RFC 7505: the domain accepts no mail (556 5.1.10)
+    nxdomain,  // the domain does not exist (550 5.1.2)
+    failed,    // temporary DNS failure (451 4.4.3); see outcome and detail
+  };
+  Status status = Status::failed;
+  proto::MxPlan plan;
+  DnsOutcome outcome = DnsOutcome::error;  // of the MX query
+  bool secure = false;                     // the MX answer was DNSSEC-validated (needs dns.trust_anchor_file)
+  std::string detail;                      // failed: why, for logs and reply texts
+};
+std::string_view to_string(MxResult::Status status);  // "hosts", "null_mx", "nxdomain", "failed"
+
+struct AddressResult {
+  enum class Status {
+    addresses,  // at least one address
+    none,       // the name has neither AAAA nor A (nodata or nxdomain on both)
+    failed,     // no address, and at least one of the two lookups failed temporarily
+  };
+  Status status = Status::failed;
+  // IPv6 and IPv4 alternating, IPv6 first (proto::interleave_families); DNS order within a family.
+  std::vector<boost::asio::ip::address> addresses;
+  DnsOutcome aaaa = DnsOutcome::error;
+  DnsOutcome a = DnsOutcome::error;
+  bool secure = false;  // both answers DNSSEC-validated
+  std::string detail;
+};
+std::string_view to_string(AddressResult::Status status);  // "addresses", "none", "failed"
+
+class Resolver {
+ public:
+  // Applies `dns`: forwarders (dns.servers) or /etc/resolv.conf, the trust anchor, the timeout. Throws
+  // std::runtime_error with libunbound's reason when it refuses a setting. `telemetry` may be null (counts
+  // nothing); every lookup is counted in mailflow_dns_lookups_total{type,result} otherwise.
+  // `seed`: the shuffle of equal MX preferences; 0 = a random one.
+  Resolver(boost::asio::any_io_executor executor, const config::Dns& dns, Telemetry* telemetry,
+           std::uint64_t seed = 0);
+  ~Resolver();
+  Resolver(const Resolver&) = delete;
+  Resolver& operator=(const Resolver&) = delete;
+
+  // The MX hosts of `domain` in the order to try (RFC 5321 5.1, RFC 7505), within dns.timeout.
+  boost::asio::awaitable<MxResult> resolve_mx(std::string domain);
+  // AAAA and A of `host`, both queried at once, each within dns.timeout.
+  boost::asio::awaitable<AddressResult> resolve_addresses(std::string host);
+
+ private:
+  struct Impl;
+  std::shared_ptr<Impl> impl_;
+};
+
+}  // namespace mailflow

@@ -1,0 +1,117 @@
+// The Resolver's own behaviour that needs no DNS data: its deadline (a silent server), the counters it
+// feeds, the telemetry family exported with zeros, and settings libunbound refuses. Answers from a real
+// authoritative server are tested end to end in tests/integration/test_dns_route.py (knotd).
+#include <utility>  // before Boost.Asio (Boost 1.74 + GCC 12)
+
+#include <doctest/doctest.h>
+
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/udp.hpp>
+#include <chrono>
+#include <exception>
+#include <string>
+
+#include "daemon/resolver.hpp"
+#include "daemon/telemetry.hpp"
+
+namespace {
+
+namespace net = boost::asio;
+using mailflow::DnsOutcome;
+using mailflow::MxResult;
+using mailflow::Resolver;
+
+// The exposition line of one mailflow_dns_lookups_total series, e.g. `... {result="timeout",type="MX"} 1`.
+std::string dns_sample(const std::string& metrics, std::string_view type, std::string_view result) {
+  const std::string head =
+      "mailflow_dns_lookups_total{result=\"" + std::string(result) + "\",type=\"" + std::string(type) + "\"} ";
+  const auto at = metrics.find(head);
+  if (at == std::string::npos) return "<missing>";
+  return metrics.substr(at + head.size(), metrics.find('\n', at) - at - head.size());
+}
+
+TEST_CASE("mailflow_dns_lookups_total: every type x result exported from the start, zeros included") {
+  mailflow::Telemetry telemetry;
+  const std::string metrics = telemetry.metrics_text();
+  CHECK(metrics.find("# TYPE mailflow_dns_lookups_total counter") != std::string::npos);
+  for (const auto type : mailflow::all_dns_types) {
+    for (const auto outcome : mailflow::all_dns_outcomes) {
+      CAPTURE(to_string(type));
+      CAPTURE(to_string(outcome));
+      CHECK(dns_sample(metrics, to_string(type), to_string(outcome)) == "0");
+    }
+  }
+  telemetry.dns_lookup(mailflow::DnsType::aaaa, DnsOutcome::nodata);
+  telemetry.dns_lookup(mailflow::DnsType::aaaa, DnsOutcome::nodata);
+  CHECK(dns_sample(telemetry.metrics_text(), "AAAA", "nodata") == "2");
+  CHECK(dns_sample(telemetry.metrics_text(), "A", "nodata") == "0");
+}
+
+TEST_CASE("a lookup that a silent server never answers fails as a timeout within dns.timeout") {
+  net::io_context io;
+  // A UDP socket that is bound (no ICMP port unreachable) and never answers.
+  net::ip::udp::socket silent(io, net::ip::udp::endpoint(net::ip::make_address("127.0.0.1"), 0));
+  mailflow::config::Dns dns;
+  dns.servers.push_back({"127.0.0.1", silent.local_endpoint().port(), "silent"});
+  dns.timeout = std::chrono::milliseconds(400);
+  mailflow::Telemetry telemetry;
+  std::optional<MxResult> result;
+  std::exception_ptr failure;
+  const auto started = std::chrono::steady_clock::now();
+  {
+    Resolver resolver(io.get_executor(), dns, &telemetry, 1);
+    net::co_spawn(
+        io, [&]() -> net::awaitable<void> { result = co_await resolver.resolve_mx("example.net"); },
+        [&](std::exception_ptr e) { failure = e; });
+    io.run();  // returns: an idle resolver leaves nothing pending on the loop
+  }
+  const auto elapsed = std::chrono::steady_clock::now() - started;
+  REQUIRE_FALSE(failure);
+  REQUIRE(result.has_value());
+  CHECK(result->status == MxResult::Status::failed);
+  CHECK(result->outcome == DnsOutcome::timeout);
+  CHECK(mailflow::is_temporary(result->outcome));
+  CHECK(result->detail == "no answer within 400ms");
+  CHECK(elapsed >= std::chrono::milliseconds(390));
+  CHECK(elapsed < std::chrono::milliseconds(2000));
+  CHECK(dns_sample(telemetry.metrics_text(), "MX", "timeout") == "1");
+}
+
+TEST_CASE("AAAA and A are asked at once: both time out within one dns.timeout, not two") {
+  net::io_context io;
+  net::ip::udp::socket silent(io, net::ip::udp::endpoint(net::ip::make_address("127.0.0.1"), 0));
+  mailflow::config::Dns dns;
+  dns.servers.push_back({"127.0.0.1", silent.local_endpoint().port(), "silent"});
+  dns.timeout = std::chrono::milliseconds(400);
+  mailflow::Telemetry telemetry;
+  std::optional<mailflow::AddressResult> result;
+  const auto started = std::chrono::steady_clock::now();
+  {
+    Resolver resolver(io.get_executor(), dns, &telemetry, 1);
+    net::co_spawn(
+        io, [&]() -> net::awaitable<void> { result = co_await resolver.resolve_addresses("mx1.example.net"); },
+        [](std::exception_ptr) {});
+    io.run();
+  }
+  const auto elapsed = std::chrono::steady_clock::now() - started;
+  REQUIRE(result.has_value());
+  CHECK(result->status == mailflow::AddressResult::Status::failed);
+  CHECK(result->aaaa == DnsOutcome::timeout);
+  CHECK(result->a == DnsOutcome::timeout);
+  CHECK(result->addresses.empty());
+  CHECK(elapsed < std::chrono::milliseconds(790));
+  const std::string metrics = telemetry.metrics_text();
+  CHECK(dns_sample(metrics, "AAAA", "timeout") == "1");
+  CHECK(dns_sample(metrics, "A", "timeout") == "1");
+}
+
+TEST_CASE("settings libunbound refuses are an error at construction, with its reason") {
+  net::io_context io;
+  mailflow::config::Dns dns;
+  dns.trust_anchor_file = "/nonexistent/root.key";
+  CHECK_THROWS_WITH_AS(Resolver(io.get_executor(), dns, nullptr), doctest::Contains("dns: settings (dns.servers, dns.trust_anchor_file): "),
+                       std::runtime_error);
+}
+
+}  // namespace
