@@ -21,7 +21,7 @@ void usage(std::FILE* out) {
   std::fprintf(out,
                "usage: mailflowd [--config FILE]          run the relay (default %s)\n"
                "       mailflowd --check-config FILE      validate a configuration and exit\n"
-               "       mailflowd report [--url URL] [--days N] [--format table|json|csv]\n"
+               "       mailflowd report [--config FILE] [--url URL] [--days N] [--format table|json|csv] ...\n"
                "       mailflowd route --config FILE --recipient ADDRESS [--format text|json]\n"
                "       mailflowd --version\n",
                default_config);

@@ -7,11 +7,15 @@
 #include <boost/beast/http.hpp>
 #include <boost/beast/ssl.hpp>
 #include <charconv>
+#include <cstdlib>
+#include <fstream>
 #include <iostream>
 #include <optional>
 #include <string>
 #include <string_view>
 #include <utility>  // before Boost.Asio (Boost 1.74 + GCC 12)
+
+#include "config/config.hpp"
 
 #ifndef MAILFLOW_VERSION
 #define MAILFLOW_VERSION "dev"
@@ -26,14 +30,19 @@ namespace net = boost::asio;
 using tcp = boost::asio::ip::tcp;
 
 constexpr std::string_view kUsage =
-    "usage: mailflowd report [--url http://127.0.0.1:9725] [--days N] [--format table|json|csv]\n"
-    "                        [--ca-file FILE] [--insecure]\n"
-    "  --url       where the daemon's HTTP side listens (http.address); https:// when http.tls is set;\n"
-    "              basic auth as http://user:password@host:port\n"
-    "  --days      UTC days to show, today included (default 7, at most the telemetry window)\n"
-    "  --format    table (default), json or csv\n"
-    "  --ca-file   PEM file of CA certificates to verify an https:// server with (default: system store)\n"
-    "  --insecure  https:// without certificate verification (self-signed certificates)\n";
+    "usage: mailflowd report [--config FILE] [--url http://127.0.0.1:9725] [--days N] [--format table|json|csv]\n"
+    "                        [--user USER] [--password-file FILE] [--ca-file FILE] [--insecure]\n"
+    "  --config         read http.address (https:// when http.tls is set) and http.basic_auth's user from\n"
+    "                   the daemon's configuration file\n"
+    "  --url            where the daemon's HTTP side listens (default http://127.0.0.1:9725; overrides\n"
+    "                   --config's address); https:// when http.tls is set\n"
+    "  --days           UTC days to show, today included (default 7, at most the telemetry window)\n"
+    "  --format         table (default), json or csv\n"
+    "  --user           basic auth user (http.basic_auth.user; default: --config's)\n"
+    "  --password-file  basic auth password: the first line of FILE; else the environment variable\n"
+    "                   MAILFLOWD_PASSWORD. (http://user:password@host:port works too, but shows in ps.)\n"
+    "  --ca-file        PEM file of CA certificates to verify an https:// server with (default: system store)\n"
+    "  --insecure       https:// without certificate verification (self-signed certificates)\n";
 
 struct Url {
   bool https = false;
@@ -134,6 +143,7 @@ std::string base64(std::string_view in) {
 struct Fetch {
   unsigned status = 0;
   std::string reason;
+  std::string server;  // the Server: header, "mailflowd/VERSION" from a daemon
   std::string body;
   std::string error;  // non-empty: no usable answer
 };
@@ -161,6 +171,7 @@ class Exchange {
     request_.set(http::field::user_agent, "mailflowd-report/" MAILFLOW_VERSION);
     request_.set(http::field::connection, "close");
     if (!url.userinfo.empty()) request_.set(http::field::authorization, "Basic " + base64(url.userinfo));
+    plain_ = !url.https;
   }
 
   static std::string authority(const Url& url) {
@@ -200,10 +211,11 @@ class Exchange {
       http::async_read(stream, buffer_, parser_, [this, &stream](beast::error_code ec, std::size_t) {
         // A TLS peer that closes without close_notify after a complete answer is not an error here.
         if (ec && !(ec == net::ssl::error::stream_truncated && parser_.is_done()))
-          return failed("no valid HTTP answer from", ec);
+          return failed("no valid HTTP answer from", ec, plain_ ? tls_hint() : "");
         const auto& response = parser_.get();
         result_.status = response.result_int();
         result_.reason = std::string(response.reason());
+        result_.server = std::string(response[http::field::server]);
         result_.body = response.body();
         beast::error_code ignored;
         beast::get_lowest_layer(stream).socket().shutdown(tcp::socket::shutdown_both, ignored);
@@ -213,7 +225,21 @@ class Exchange {
 
   std::chrono::milliseconds timeout() const { return timeout_; }
 
+
  private:
+  // A TLS server that gets a plaintext request answers with a TLS record (an alert, 0x15, or a handshake,
+  // 0x16, then version 3.x) or closes without a byte; an HTTP server's answer starts with "HTTP/".
+  std::string_view tls_hint() const {
+    if (buffer_.size() == 0)
+      return "(it closed without answering: if http.tls is set there, use an https:// URL)";
+    const auto* bytes = static_cast<const unsigned char*>(buffer_.data().data());
+    if ((bytes[0] == 0x15 || bytes[0] == 0x16) && (buffer_.size() < 2 || bytes[1] == 0x03))
+      return "(it answered in TLS: http.tls is set there, use an https:// URL; --insecure for a self-signed "
+             "certificate)";
+    return {};
+  }
+
+  bool plain_ = true;
   std::chrono::milliseconds timeout_;
   Fetch& result_;
   std::string where_;
@@ -257,9 +283,17 @@ Fetch fetch(const Url& url, const std::string& target, const TlsOptions& tls,
   exchange.start(io, stream, url, [&] {
     beast::get_lowest_layer(stream).expires_after(exchange.timeout());
     stream.async_handshake(net::ssl::stream_base::client, [&](beast::error_code ec) {
-      if (ec)
+      if (ec) {
+        // OpenSSL's words for a peer that answers a ClientHello with something that is not TLS (plain HTTP).
+        const std::string message = ec.message();
+        if (message.find("wrong version number") != std::string::npos ||
+            message.find("packet length too long") != std::string::npos ||
+            message.find("http request") != std::string::npos)
+          return exchange.failed("TLS handshake failed with", ec,
+                                 "(it does not speak TLS: without http.tls there, use an http:// URL)");
         return exchange.failed("TLS handshake failed with", ec,
                                "(--ca-file FILE to trust its certificate, --insecure to skip verification)");
+      }
       exchange.send(stream);
     });
   });
@@ -273,7 +307,10 @@ int run_report_cli(int argc, char** argv) { return run_report_cli(argc, argv, st
 
 int run_report_cli(int argc, char** argv, std::ostream& out, std::ostream& err,
                    std::chrono::milliseconds timeout) {
-  std::string url_text = "http://127.0.0.1:9725";
+  std::optional<std::string> url_option;
+  std::optional<std::string> config_path;
+  std::optional<std::string> user;
+  std::optional<std::string> password_file;
   std::optional<int> days;
   std::string format = "table";
   TlsOptions tls;
@@ -299,14 +336,21 @@ int run_report_cli(int argc, char** argv, std::ostream& out, std::ostream& err,
     if (const auto eq = arg.find('='); arg.starts_with("--") && eq != std::string_view::npos) {
       name = arg.substr(0, eq);
       value = arg.substr(eq + 1);
-    } else if (arg == "--url" || arg == "--days" || arg == "--format" || arg == "--ca-file") {
+    } else if (arg == "--url" || arg == "--days" || arg == "--format" || arg == "--ca-file" || arg == "--config" ||
+               arg == "--user" || arg == "--password-file") {
       if (i + 1 >= argc) return usage_error(std::string(arg) + " needs a value");
       value = argv[++i];
     } else {
       return usage_error("unknown argument \"" + std::string(arg) + "\"");
     }
     if (name == "--url") {
-      url_text = std::string(value);
+      url_option = std::string(value);
+    } else if (name == "--config") {
+      config_path = std::string(value);
+    } else if (name == "--user") {
+      user = std::string(value);
+    } else if (name == "--password-file") {
+      password_file = std::string(value);
     } else if (name == "--days") {
       int n = 0;
       const auto [ptr, ec] = std::from_chars(value.data(), value.data() + value.size(), n);
@@ -324,9 +368,52 @@ int run_report_cli(int argc, char** argv, std::ostream& out, std::ostream& err,
     }
   }
 
+  // --config: the daemon's own file, through the daemon's loader (same errors as --check-config).
+  std::string url_text = "http://127.0.0.1:9725";
+  if (config_path) {
+    const auto loaded = config::load_config_file(*config_path);
+    if (!loaded.errors.empty()) {
+      for (const auto& e : loaded.errors) err << e.to_string() << "\n";
+      err << "mailflowd report: cannot use --config " << *config_path << ": " << loaded.errors.size()
+          << " error(s)\n";
+      return 1;
+    }
+    const auto& http_config = loaded.config->http;
+    // A wildcard listen address is reached on loopback.
+    std::string host = http_config.address.host;
+    if (host.empty() || host == "0.0.0.0") host = "127.0.0.1";
+    if (host == "::") host = "::1";
+    if (host.find(':') != std::string::npos) host = "[" + host + "]";
+    url_text = std::string(http_config.tls ? "https://" : "http://") + host + ":" +
+               std::to_string(http_config.address.port);
+    if (!user && http_config.basic_auth) user = http_config.basic_auth->user;
+  }
+  if (url_option) url_text = *url_option;
+
   std::string error;
-  const auto url = parse_url(url_text, error);
+  auto url = parse_url(url_text, error);
   if (!url) return usage_error("bad --url \"" + url_text + "\": " + error);
+
+  // The password from a file or the environment, never from the command line (ps shows it to everyone).
+  std::optional<std::string> password;
+  if (password_file) {
+    std::ifstream in(*password_file);
+    std::string line;
+    if (!in || !std::getline(in, line)) {
+      err << "mailflowd report: cannot read a password from --password-file " << *password_file << "\n";
+      return 1;
+    }
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    password = line;
+  } else if (const char* env = std::getenv("MAILFLOWD_PASSWORD"); env != nullptr && *env != '\0') {
+    password = std::string(env);
+  }
+  if (url->userinfo.empty()) {
+    // MAILFLOWD_PASSWORD alone (no user known) is left unused: it may be set for another daemon's sake.
+    if (password_file && !user)
+      return usage_error("--password-file needs a user: --user USER, or --config FILE with http.basic_auth");
+    if (user) url->userinfo = *user + ":" + password.value_or("");
+  }
 
   std::string target = url->base_path + "/api/v1/report";
   if (format == "csv") target += ".csv";
@@ -337,7 +424,8 @@ int run_report_cli(int argc, char** argv, std::ostream& out, std::ostream& err,
   if (!result.error.empty()) {
     err << "mailflowd report: " << result.error;
     if (result.error.starts_with("cannot connect") || result.error.starts_with("cannot resolve"))
-      err << " (is mailflowd running, and is --url its http.address?)";
+      err << " (is mailflowd running, and is " << (config_path && !url_option ? "--config's http.address" : "--url")
+          << " its http.address?)";
     err << "\n";
     return 1;
   }
@@ -346,9 +434,25 @@ int run_report_cli(int argc, char** argv, std::ostream& out, std::ostream& err,
     while (!message.empty() && (message.back() == '\n' || message.back() == '\r')) message.pop_back();
     if (message.size() > 2000) message = message.substr(0, 2000) + "...";
     err << "mailflowd report: GET " << target << " answered " << result.status
-        << (result.reason.empty() ? "" : " ") << result.reason << (message.empty() ? "" : ": ") << message
-        << "\n";
+        << (result.reason.empty() ? "" : " ") << result.reason << (message.empty() ? "" : ": ") << message;
+    if (result.status == 401) {
+      if (url->userinfo.empty())
+        err << " (http.basic_auth is set there: --user USER, or --config FILE, with --password-file FILE or "
+               "MAILFLOWD_PASSWORD)";
+      else if (url->userinfo.ends_with(":") && !password)
+        err << " (no password given: --password-file FILE or MAILFLOWD_PASSWORD)";
+      else
+        err << " (wrong user or password)";
+    }
+    err << "\n";
     return 1;
+  }
+  // Which daemon this is, for a human: the table only (json and csv stay machine-readable as they come).
+  if (format == "table") {
+    std::string version = "version unknown";
+    if (result.server.starts_with("mailflowd/")) version = "version " + result.server.substr(10);
+    const std::string shown = (url->https ? "https://" : "http://") + Exchange::authority(*url) + url->base_path;
+    out << "mailflowd at " << shown << " (" << version << ")\n";
   }
   out << result.body;
   if (!result.body.empty() && result.body.back() != '\n') out << '\n';

@@ -12,6 +12,7 @@
 #include <boost/beast/http.hpp>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <sstream>
 #include <string>
@@ -365,6 +366,7 @@ struct FakeServer {
       authorization = std::string(request[http::field::authorization]);
       http::response<http::string_body> response{status, 11};
       response.set(http::field::content_type, "text/plain");
+      response.set(http::field::server, "mailflowd/9.8.7+test");
       response.body() = body;
       response.prepare_payload();
       http::write(socket, response, ec);
@@ -425,16 +427,94 @@ TEST_CASE("mailflowd report fetches the chosen format and prints the body") {
     CHECK(server.target == "/api/v1/report.csv");
   }
   {
-    // Default format is the server-rendered table; basic auth from the URL; a path prefix is kept.
+    // Default format is the server-rendered table, after a line that names the daemon (never the password);
+    // basic auth from the URL; a path prefix is kept.
     FakeServer server(http::status::ok, "DATE  CONNECTOR");
     const std::string url = "http://prom:s3cret@" + server.url().substr(7) + "/mailflow";
     const auto r = run_cli({"--url", url});
     server.wait();
     CHECK(r.code == 0);
-    CHECK(r.out == "DATE  CONNECTOR\n");
+    CHECK(r.out == "mailflowd at " + server.url() + "/mailflow (version 9.8.7+test)\nDATE  CONNECTOR\n");
     CHECK(server.target == "/mailflow/api/v1/report.txt");
     CHECK(server.authorization == "Basic cHJvbTpzM2NyZXQ=");
   }
+}
+
+namespace {
+
+// A file that is removed again at the end of the scope.
+struct TempFile {
+  std::filesystem::path path;
+  TempFile(const std::string& name, const std::string& text)
+      : path(std::filesystem::temp_directory_path() /
+             ("mailflowd-report-test-" + std::to_string(::getpid()) + "-" + name)) {
+    FILE* f = std::fopen(path.c_str(), "w");
+    REQUIRE(f != nullptr);
+    std::fwrite(text.data(), 1, text.size(), f);
+    std::fclose(f);
+  }
+  ~TempFile() { std::filesystem::remove(path); }
+};
+
+}  // namespace
+
+TEST_CASE("mailflowd report --config: address and user from the daemon's file, password from a file or env") {
+  ::unsetenv("MAILFLOWD_PASSWORD");
+  FakeServer server(http::status::ok, "DATE  CONNECTOR\n");
+  const std::string port = server.url().substr(server.url().rfind(':') + 1);
+  const auto config_text = [](const std::string& http_address) {
+    return "hostname: t.localhost\n"
+           "listeners: [{name: in, address: \"127.0.0.1:2525\", direction: inbound, upstream: up}]\n"
+           "upstreams: [{name: up, address: \"127.0.0.1:2526\", tls: none}]\n"
+           "http:\n"
+           "  address: \"" + http_address + "\"\n"
+           "  basic_auth: {user: prom, password_hash: "
+           "\"$6$salt$DGAQW8l.nT4RCbPNEQZjx6ZZzjHy2eW5krORahM6YQzUbUKsZPuhNkX7AUpx1TMPuF37mzmXtWWdUw3tTKEd.1\"}\n";
+  };
+  // The daemon listens on every address: the report connects to loopback.
+  const TempFile config("config.yaml", config_text("0.0.0.0:" + port));
+  const TempFile password("password", "s3cret\n");
+  SUBCASE("--password-file: its first line") {
+    const auto r = run_cli({"--config", config.path.string(), "--password-file", password.path.string()});
+    server.wait();
+    CHECK(r.code == 0);
+    CHECK(r.err == "");
+    CHECK(r.out == "mailflowd at http://127.0.0.1:" + port + " (version 9.8.7+test)\nDATE  CONNECTOR\n");
+    CHECK(server.authorization == "Basic cHJvbTpzM2NyZXQ=");  // prom:s3cret
+  }
+  SUBCASE("MAILFLOWD_PASSWORD, --user over the config's, json without the first line") {
+    ::setenv("MAILFLOWD_PASSWORD", "s3cret", 1);
+    const auto r = run_cli({"--config", config.path.string(), "--user", "admin", "--format", "json"});
+    ::unsetenv("MAILFLOWD_PASSWORD");
+    server.wait();
+    CHECK(r.code == 0);
+    CHECK(r.out == "DATE  CONNECTOR\n");
+    CHECK(server.authorization == "Basic YWRtaW46czNjcmV0");  // admin:s3cret
+  }
+  SUBCASE("--url overrides the config's address") {
+    const TempFile elsewhere("elsewhere.yaml", config_text("127.0.0.1:1"));
+    const auto r = run_cli({"--config", elsewhere.path.string(), "--url", server.url(), "--format", "csv"});
+    server.wait();
+    CHECK(r.code == 0);
+    CHECK(server.target == "/api/v1/report.csv");
+    CHECK(server.authorization == "Basic cHJvbTo=");  // prom: (no password given)
+  }
+}
+
+TEST_CASE("mailflowd report: an unusable --config or --password-file is an error, not a guess") {
+  const TempFile broken("broken.yaml", "hostname: t.localhost\nhttp: {address: nowhere}\n");
+  auto r = run_cli({"--config", broken.path.string()});
+  CHECK(r.code == 1);
+  CHECK(r.out.empty());
+  CHECK(r.err.find(broken.path.string() + ":") != std::string::npos);  // file:line:col errors
+  CHECK(r.err.find("cannot use --config") != std::string::npos);
+  r = run_cli({"--user", "prom", "--password-file", "/nonexistent/mailflowd-password"});
+  CHECK(r.code == 1);
+  CHECK(r.err.find("cannot read a password from --password-file /nonexistent/mailflowd-password") !=
+        std::string::npos);
+  r = run_cli({"--password-file", broken.path.string()});  // whose password?
+  CHECK(r.code == 2);
+  CHECK(r.err.find("--password-file needs a user") != std::string::npos);
 }
 
 TEST_CASE("mailflowd report: a non-200 answer shows the server's message and exits 1") {
@@ -583,8 +663,18 @@ TEST_CASE("mailflowd report over https: verified with --ca-file, refused when un
     const auto r = run_cli({"--insecure", "--url", server.url(), "--days", "2"});
     server.wait();
     CHECK(r.code == 0);
-    CHECK(r.out == "table\n");
+    CHECK(r.out == "mailflowd at " + server.url() + " (version unknown)\ntable\n");  // no Server: header
     CHECK(server.target == "/api/v1/report.txt?days=2");
+  }
+  {
+    // http:// at a TLS server: the answer is a TLS alert or nothing, and the message says to use https://.
+    FakeTlsServer server(certificate, "table\n");
+    const std::string url = "http://" + server.url().substr(8);
+    const auto r = run_cli({"--url", url});
+    server.wait();
+    CHECK(r.code == 1);
+    CHECK(r.out.empty());
+    CHECK(r.err.find("use an https:// URL") != std::string::npos);
   }
   std::filesystem::remove(ca_file);
 }
