@@ -1,0 +1,216 @@
+#!/usr/bin/env python3
+"""Checks what the docs tell operators to type or grep for against what the code has (issue #17 item 10).
+
+1. Every `mailflowd ...` command line quoted in docs/, README.md, the man pages and the alert rules' texts
+   uses only options that the binary declares: `mailflowd --help` for the daemon and for each subcommand
+   (its usage line `mailflowd SUB ...`), `mailflowd report --help` for the report in full.
+2. The man page mailflowd(8) lists every option that these --help texts declare.
+3. Every log key quoted there (`key=value` outside PromQL/Alertmanager selectors, in prose, inline code and
+   fenced log lines or greps) is a field that the daemon logs: the field names of every log_event/log_limited
+   call in daemon/ plus what daemon/log.cpp adds itself (suppressed=).
+
+Before it reads the docs it runs the same checks on the two mistakes that shipped (`tls_version=TLS1.0` and an
+unknown report option) and fails if they would have passed, so the checker itself can fail.
+
+Usage: check_references.py --binary build/dev/daemon/mailflowd --source .
+"""
+import argparse
+import glob
+import os
+import re
+import subprocess
+import sys
+
+# key=value vocabularies that are not mailflowd's log: say why when adding one.
+NOT_LOG_KEYS = {
+    "severity": "Alertmanager routing label (docs/alerting.md: severity=critical)",
+    "release": "Kubernetes/Helm label in deploy/kubernetes (release=<helm release>)",
+}
+
+# `key=` as a log key: not part of a longer word, option (--days=7), URL query (?days=7, &x=), variable
+# ($x=), path or selector list; not ==, =~ or a quoted PromQL/YAML value (those sit inside {...}, which
+# is stripped first, or are label matchers).
+LOG_KEY = re.compile(r"(?<![\w.\-$/{,\"'?&])([a-z][a-z0-9_]*)=(?![=~\"'])")
+OPTION = re.compile(r"^-{1,2}[a-zA-Z][a-zA-Z0-9-]*")
+# The program, also as a path (/usr/sbin/mailflowd, build/dev/daemon/mailflowd); not mailflowd.yaml,
+# mailflowd.service, mailflowd@..., /usr/share/mailflowd/, mailflowd's.
+MAILFLOWD_WORD = re.compile(r"(?<![\w.\-])mailflowd(?![\w.\-@:/'’(])")
+
+
+def strip_selectors(line):
+    """Drops {...} spans (PromQL selectors, templates, YAML flow maps), innermost first."""
+    previous = None
+    while previous != line:
+        previous = line
+        line = re.sub(r"\{[^{}]*\}", "", line)
+    return line
+
+
+def clean_markup(text):
+    """scdoc/markdown emphasis and synopsis brackets out of the way: *--url* _URL_ [--days N] -> --url URL --days N"""
+    return re.sub(r"[*_`\[\]|]", " ", text.replace("\\_", "_"))
+
+
+def declared_options(help_text):
+    return set(re.findall(r"(?<![\w-])(--?[a-zA-Z][a-zA-Z0-9-]*)", help_text))
+
+
+def commands_in(line, subcommands=("report",)):
+    """Yields (subcommand or None, [options]) for every `mailflowd ...` command on a line."""
+    for m in MAILFLOWD_WORD.finditer(line):
+        before = line[:m.start()].split()
+        if before and not before[-1].endswith("/") and OPTION.match(before[-1]):
+            continue  # an option's value: the user or unit (journalctl -u mailflowd -f, install -o mailflowd)
+        tokens = clean_markup(line[m.end():]).split()
+        sub = None
+        if tokens and tokens[0] in subcommands:
+            sub = tokens[0]
+            tokens = tokens[1:]
+        options = []
+        expect_value = False
+        for token in tokens:
+            if OPTION.match(token):
+                options.append(OPTION.match(token).group(0))
+                expect_value = "=" not in token
+            elif expect_value and re.match(r"^[\w/.:<>@,=-]+$", token):
+                expect_value = False  # the option's value
+            else:
+                break
+        if sub or options:
+            yield sub, options
+
+
+def check_commands(lines, options_of):
+    """options_of: {None: the daemon's options, "report": ..., other subcommands: ...}"""
+    errors = []
+    subcommands = tuple(s for s in options_of if s)
+    for where, line in lines:
+        for sub, options in commands_in(line, subcommands):
+            allowed = options_of[sub]
+            for option in options:
+                if option not in allowed:
+                    what = f"mailflowd {sub}" if sub else "mailflowd"
+                    errors.append(f"{where}: {what} has no option {option} (its --help declares "
+                                  f"{', '.join(sorted(allowed))}): {line.strip()}")
+    return errors
+
+
+def check_log_keys(lines, log_keys):
+    errors = []
+    for where, line in lines:
+        for m in LOG_KEY.finditer(strip_selectors(line)):
+            key = m.group(1)
+            if key not in log_keys and key not in NOT_LOG_KEYS:
+                errors.append(f"{where}: log key {key}= is not a field mailflowd logs (it logs "
+                              f"{', '.join(sorted(log_keys))}); if this is not a log key, add it to "
+                              f"NOT_LOG_KEYS in {os.path.basename(__file__)} with the reason: {line.strip()}")
+    return errors
+
+
+def source_log_keys(source):
+    """The field names of every log_event/log_limited call in daemon/, and the keys log.cpp adds itself."""
+    keys = set()
+    for path in sorted(glob.glob(os.path.join(source, "daemon", "**", "*.[ch]pp"), recursive=True)):
+        text = open(path, encoding="utf-8").read()
+        for call in re.finditer(r"\blog_(?:event|limited)\s*\(", text):
+            depth, i = 1, call.end()
+            while depth and i < len(text):
+                c = text[i]
+                if c == '"':  # skip string literals (a ')' inside one is not the end)
+                    i += 1
+                    while text[i] != '"':
+                        i += 2 if text[i] == "\\" else 1
+                elif c == "(":
+                    depth += 1
+                elif c == ")":
+                    depth -= 1
+                i += 1
+            keys.update(re.findall(r'\{\s*"([a-z][a-z0-9_]*)"\s*,', text[call.end():i]))
+        if os.path.basename(path) == "log.cpp":
+            keys.update(re.findall(r'" ([a-z][a-z0-9_]*)="', text))  # line += " suppressed=" + ...
+    return keys
+
+
+def doc_lines(source):
+    """(file:line, text) of everything an operator reads: docs/ (markdown and man pages), README.md and the
+    shipped alert rules (their descriptions name log keys and commands)."""
+    paths = sorted(glob.glob(os.path.join(source, "docs", "**", "*.md"), recursive=True))
+    paths += sorted(glob.glob(os.path.join(source, "docs", "man", "*.scd")))
+    paths += [os.path.join(source, "README.md")]
+    paths += sorted(glob.glob(os.path.join(source, "deploy", "prometheus", "*.yml")))
+    paths += [os.path.join(source, "deploy", "kubernetes", "prometheusrule.yaml")]
+    for path in paths:
+        if not os.path.exists(path):
+            continue
+        rel = os.path.relpath(path, source)
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                yield f"{rel}:{n}", line
+
+
+def help_of(binary, *args):
+    result = subprocess.run([binary, *args, "--help"], capture_output=True, text=True, timeout=30)
+    if result.returncode != 0:
+        sys.exit(f"FAIL: {binary} {' '.join(args)} --help exited {result.returncode}: {result.stderr}")
+    return result.stdout
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--binary", required=True)
+    parser.add_argument("--source", required=True)
+    args = parser.parse_args()
+
+    main_help = help_of(args.binary)
+    # `mailflowd --help` has one usage line per subcommand ("mailflowd report [--url URL] ..."): its options
+    # are the subcommand's, not the daemon's. The report's own --help has them all.
+    options_of = {None: set()}
+    for usage_line in main_help.splitlines():
+        m = re.search(r"mailflowd\s+([a-z][a-z-]*)\b", usage_line)
+        options_of.setdefault(m.group(1) if m else None, set()).update(declared_options(usage_line))
+    options_of["report"] = declared_options(help_of(args.binary, "report"))
+    for options in options_of.values():
+        options |= {"--help", "-h"}
+    main_options, report_options = options_of[None], options_of["report"]
+    log_keys = source_log_keys(args.source)
+    for required in ("--config", "--check-config", "--version"):
+        if required not in main_options:
+            sys.exit(f"FAIL: cannot read the options from `mailflowd --help` (no {required}):\n{main_help}")
+    if "--url" not in report_options or not {"tls", "connector", "result"} <= log_keys:
+        sys.exit(f"FAIL: the report options ({report_options}) or log keys ({log_keys}) were not found")
+
+    # The checker must be able to fail: the text that shipped before issue #17 item 10 must be refused.
+    old = [("old docs/alerting.md", "the per-session log lines with `tls_version=TLS1.0`, or the"),
+           ("old rules", "line with tls_version=TLS1.0) and ask them"),
+           ("made-up option", "`mailflowd report --days 7 --tls-only`")]
+    if not check_log_keys(old[:1], log_keys) or not check_log_keys(old[1:2], log_keys) \
+            or not check_commands(old[2:], options_of):
+        sys.exit("FAIL: the checker accepts the known-bad texts; it could not catch a mistake")
+    good = [("selector", 'mailflow_window_messages{tls_version="TLS1.0"} and `tls=TLS1.0` in the log'),
+            ("options", "mailflowd report --days 30 --format csv > tls-report.csv")]
+    if check_log_keys(good, log_keys) or check_commands(good, options_of):
+        sys.exit("FAIL: the checker refuses known-good texts")
+
+    lines = list(doc_lines(args.source))
+    errors = check_commands(lines, options_of) + check_log_keys(lines, log_keys)
+
+    # The man page lists every option (its OPTIONS section and the report's sub-list).
+    man_path = os.path.join(args.source, "docs", "man", "mailflowd.8.scd")
+    man = open(man_path, encoding="utf-8").read()
+    man_options = set(re.findall(r"\*(--?[a-zA-Z][a-zA-Z0-9-]*)\*", man))
+    declared = set().union(*options_of.values())
+    for option in sorted(o for o in declared if o.startswith("--") and o != "--help"):
+        if option not in man_options:
+            errors.append(f"docs/man/mailflowd.8.scd: does not list {option} (declared by --help)")
+
+    commands = sum(1 for _, line in lines for _ in commands_in(line, tuple(s for s in options_of if s)))
+    for e in errors:
+        print("FAIL:", e)
+    print(f"checked {len(lines)} lines: {commands} mailflowd commands against the options of "
+          f"{', '.join(f'mailflowd {s}' if s else 'mailflowd' for s in options_of)} "
+          f"({len(declared)} in all), log keys against {len(log_keys)} fields the code logs")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
