@@ -99,7 +99,9 @@ net::awaitable<void> resolve(Resolver& resolver, Route& route) {
   }
   bool temporary = false;
   for (const auto& host : route.mx->plan.hosts) {
-    HostRoute entry{host, co_await resolver.resolve_addresses(host.name)};
+    // Not co_await inside a braced initializer: GCC 12 destroys such temporaries twice.
+    AddressResult addresses = co_await resolver.resolve_addresses(host.name);
+    HostRoute entry{host, std::move(addresses)};
     temporary = temporary || entry.addresses.status == AddressResult::Status::failed;
     for (const auto& address : entry.addresses.addresses) route.attempts.push_back(endpoint_text(address, port));
     route.hosts.push_back(std::move(entry));
@@ -157,7 +159,7 @@ void print_text(const Route& route, std::ostream& out) {
       << config::to_string(upstream.tls) << "\n";
   const MxResult& mx = *route.mx;
   out << "MX lookup:  " << to_string(mx.outcome) << (mx.secure ? " (DNSSEC secure)" : " (insecure)")
-      << (mx.detail.empty() ? "" : ": " + mx.detail) << ", " << route.elapsed_ms << " ms\n";
+      << (mx.detail.empty() ? "" : ": " + mx.detail) << "\n";
   if (mx.status == MxResult::Status::hosts) {
     out << "MX plan:    " << proto::to_string(mx.plan.kind) << "\n";
     for (std::size_t i = 0; i < route.hosts.size(); ++i) {
@@ -176,7 +178,7 @@ void print_text(const Route& route, std::ostream& out) {
     out << "\n";
   }
   out << "result:     " << route.result << (route.reply.empty() ? "" : " (" + route.reply + ")") << "\n";
-  out << "lookups:    ";
+  out << "lookups:    " << route.elapsed_ms << " ms: ";
   for (std::size_t i = 0; i < route.lookups.size(); ++i) {
     out << (i == 0 ? "" : ", ") << route.lookups[i].first << " " << route.lookups[i].second;
   }
@@ -201,7 +203,7 @@ void print_json(const Route& route, std::ostream& out) {
         << ", \"outcome\": " << quoted(to_string(mx.outcome)) << ", \"secure\": " << (mx.secure ? "true" : "false")
         << ", \"detail\": " << quoted(mx.detail) << ", \"plan\": "
         << quoted(mx.status == MxResult::Status::hosts ? proto::to_string(mx.plan.kind) : std::string_view())
-        << ", \"elapsed_ms\": " << route.elapsed_ms << "}, \"hosts\": [";
+        << "}, \"hosts\": [";
     for (std::size_t i = 0; i < route.hosts.size(); ++i) {
       const auto& host = route.hosts[i];
       out << (i == 0 ? "" : ", ") << "{\"name\": " << quoted(host.host.name)
@@ -217,7 +219,7 @@ void print_json(const Route& route, std::ostream& out) {
     for (std::size_t i = 0; i < route.attempts.size(); ++i) out << (i == 0 ? "" : ", ") << quoted(route.attempts[i]);
     out << "], \"result\": " << quoted(route.result) << ", \"reply\": " << quoted(route.reply);
   }
-  out << ", \"dns_lookups\": {";
+  out << ", \"elapsed_ms\": " << route.elapsed_ms << ", \"dns_lookups\": {";
   for (std::size_t i = 0; i < route.lookups.size(); ++i) {
     out << (i == 0 ? "" : ", ") << quoted(route.lookups[i].first) << ": " << route.lookups[i].second;
   }

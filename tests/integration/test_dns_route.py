@@ -1,0 +1,257 @@
+"""DNS for mx upstreams against a real authoritative server: knotd (tests/tools/dns_server.py) serves
+example.net, DNSSEC-signed by knot, and `mailflowd route` (the daemon's own Resolver, plan_mx and
+match_connector) says where mail for each recipient goes: MX hosts by preference, equal preferences shuffled,
+implicit MX, IPv6 and IPv4 addresses alternating, null MX (556), NXDOMAIN (550), no address (550), a silent
+and a stopped DNS server (451 within dns.timeout), a forged trust anchor (bogus, 451), connectors by
+recipient domain, and the lookups counted in mailflow_dns_lookups_total."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+from dns_server import KnotServer, SilentServer  # noqa: E402
+
+MX_PORT = 2526
+ZONE = """$ORIGIN example.net.
+$TTL 300
+@              SOA   ns hostmaster 1 3600 600 86400 300
+@              NS    ns
+ns             A     127.0.0.1
+; one partner, one MX host
+partner-a      MX    10 mx.partner-a
+mx.partner-a   A     127.0.0.11
+; two MX hosts: the first (preference 10) is down, the second takes the mail
+two-mx         MX    20 up.two-mx
+two-mx         MX    10 down.two-mx
+down.two-mx    A     127.0.0.12
+up.two-mx      A     127.0.0.13
+; equal preferences are shuffled; 5 always first, 30 always last
+shuffle        MX    5  first.shuffle
+shuffle        MX    10 a.shuffle
+shuffle        MX    10 b.shuffle
+shuffle        MX    10 c.shuffle
+shuffle        MX    30 last.shuffle
+first.shuffle  A     127.0.0.21
+a.shuffle      A     127.0.0.22
+b.shuffle      A     127.0.0.23
+c.shuffle      A     127.0.0.24
+last.shuffle   A     127.0.0.25
+; no MX: the domain's own addresses (implicit MX)
+implicit       A     127.0.0.14
+implicit       AAAA  ::1
+; a host with two addresses of each family
+dual           MX    10 host.dual
+host.dual      AAAA  fd00::1
+host.dual      AAAA  fd00::2
+host.dual      A     127.0.0.15
+host.dual      A     127.0.0.16
+; RFC 7505 null MX: accepts no mail
+nullmx         MX    0 .
+; an MX host that does not exist
+nohost         MX    10 missing.example.net.
+"""
+
+
+@pytest.fixture(scope="module")
+def knot(workdir):
+    server = KnotServer(workdir, {"example.net": ZONE}, dnssec=True).start()
+    yield server
+    server.stop()
+
+
+def write_config(workdir, name, dns, connectors=()):
+    lines = [
+        "listeners:",
+        '  - {name: out, address: "127.0.0.1:2587", direction: outbound, upstream: internet}',
+        '  - {name: in, address: "127.0.0.1:2525", direction: inbound, upstream: store}',
+        "upstreams:",
+        f"  - {{name: internet, mx: true, port: {MX_PORT}}}",
+        "  - {name: partner-a-mx, mx: true, port: 2527, tls: required, min_version: TLS1.2}",
+        '  - {name: store, address: "127.0.0.1:2600", tls: none}',
+        "dns: " + json.dumps(dns),
+    ]
+    if connectors:
+        lines.append("connectors:")
+        lines += ["  - " + json.dumps(c) for c in connectors]
+    path = Path(workdir) / f"{name}.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def route(mailflowd_bin, config, recipient, *extra, timeout=30):
+    started = time.monotonic()
+    p = subprocess.run([mailflowd_bin, "route", "--config", str(config), "--recipient", recipient, "--format", "json",
+                        *extra], capture_output=True, text=True, timeout=timeout)
+    elapsed = time.monotonic() - started
+    assert p.stdout, f"no output (exit {p.returncode}):\n{p.stderr}"
+    out = json.loads(p.stdout)
+    out["exit"], out["wall"], out["stderr"] = p.returncode, elapsed, p.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def config(workdir, knot):
+    return write_config(workdir, "knot", {"servers": [knot.address], "timeout": "3s",
+                                          "trust_anchor_file": str(knot.trust_anchor_file)},
+                        connectors=[{"name": "partner-a", "type": "partner", "direction": "outbound",
+                                     "match": {"recipient_domains": ["partner-a.example.net"]},
+                                     "upstream": "partner-a-mx"},
+                                    {"name": "to-dual", "type": "partner", "direction": "outbound",
+                                     "match": {"recipient_domains": ["*.example.net"], "sender_domains": ["apps.example"]},
+                                     "upstream": "store"}])
+
+
+def test_mx_host_of_a_partner_and_the_lookups_counted(mailflowd_bin, config):
+    r = route(mailflowd_bin, config, "user@Partner-A.example.net")
+    assert r["exit"] == 0, r
+    assert r["domain"] == "partner-a.example.net"
+    assert (r["connector"], r["connector_matched"], r["upstream"]) == ("partner-a", True, "partner-a-mx")
+    assert r["mx_lookup"] == {"status": "hosts", "outcome": "success", "secure": True, "detail": "", "plan": "mx"}
+    assert [(h["name"], h["preference"], h["addresses"]) for h in r["hosts"]] == \
+        [("mx.partner-a.example.net", 10, ["127.0.0.11"])]
+    assert r["attempts"] == ["127.0.0.11:2527"]  # the connector's upstream and its port
+    assert r["result"] == "deliver" and r["reply"] == ""
+    # mailflow_dns_lookups_total as the daemon exports it: one MX, one A, one AAAA (none there: nodata).
+    assert r["dns_lookups"] == {"MX success": 1, "A success": 1, "AAAA nodata": 1}
+
+
+def test_unmatched_recipient_goes_to_the_listeners_mx_upstream(mailflowd_bin, config):
+    r = route(mailflowd_bin, config, "user@two-mx.example.net")
+    assert (r["connector"], r["connector_matched"], r["upstream"]) == ("internet", False, "internet")
+
+
+def test_preference_order_first_host_down_is_still_tried_first(mailflowd_bin, config):
+    r = route(mailflowd_bin, config, "user@two-mx.example.net")
+    assert r["exit"] == 0, r
+    assert [(h["name"], h["preference"]) for h in r["hosts"]] == [("down.two-mx.example.net", 10),
+                                                                   ("up.two-mx.example.net", 20)]
+    assert r["attempts"] == [f"127.0.0.12:{MX_PORT}", f"127.0.0.13:{MX_PORT}"]
+
+
+def test_equal_preferences_are_shuffled_across_runs(mailflowd_bin, config):
+    leaders = set()
+    middles = set()
+    for _ in range(24):  # a given host never leading in 24 runs: (2/3)^24, about 6e-5
+        r = route(mailflowd_bin, config, "user@shuffle.example.net")
+        assert r["exit"] == 0, r
+        names = [h["name"].split(".")[0] for h in r["hosts"]]
+        assert names[0] == "first" and names[-1] == "last", names
+        assert sorted(names[1:4]) == ["a", "b", "c"], names
+        assert [h["preference"] for h in r["hosts"]] == [5, 10, 10, 10, 30]
+        leaders.add(names[1])
+        middles.add(tuple(names[1:4]))
+    assert leaders == {"a", "b", "c"}, middles
+    # A fixed seed fixes the order.
+    once = route(mailflowd_bin, config, "user@shuffle.example.net", "--seed", "42")
+    again = route(mailflowd_bin, config, "user@shuffle.example.net", "--seed", "42")
+    assert once["attempts"] == again["attempts"]
+
+
+def test_implicit_mx_ipv6_first(mailflowd_bin, config):
+    r = route(mailflowd_bin, config, "user@implicit.example.net")
+    assert r["exit"] == 0, r
+    assert r["mx_lookup"]["outcome"] == "nodata" and r["mx_lookup"]["plan"] == "implicit"
+    assert [(h["name"], h["preference"]) for h in r["hosts"]] == [("implicit.example.net", 0)]
+    assert r["attempts"] == [f"[::1]:{MX_PORT}", f"127.0.0.14:{MX_PORT}"]
+    assert r["dns_lookups"] == {"MX nodata": 1, "A success": 1, "AAAA success": 1}
+
+
+def test_addresses_alternate_between_families(mailflowd_bin, config):
+    r = route(mailflowd_bin, config, "user@dual.example.net")
+    assert r["exit"] == 0, r
+    assert r["hosts"][0]["addresses"] == ["fd00::1", "127.0.0.15", "fd00::2", "127.0.0.16"]
+
+
+def test_connector_by_recipient_and_sender_domain_with_a_fixed_upstream(mailflowd_bin, config):
+    r = route(mailflowd_bin, config, "user@dual.example.net", "--sender", "app@apps.example")
+    assert (r["connector"], r["upstream"], r["mx"]) == ("to-dual", "store", False)
+    assert r["attempts"] == ["127.0.0.1:2600"] and r["exit"] == 0
+    assert r["dns_lookups"] == {}  # a fixed address needs no DNS
+
+
+def test_null_mx_is_556(mailflowd_bin, config):
+    r = route(mailflowd_bin, config, "user@nullmx.example.net")
+    assert r["exit"] == 3, r
+    assert r["mx_lookup"]["status"] == "null_mx" and r["hosts"] == [] and r["attempts"] == []
+    assert r["result"] == "null_mx" and r["reply"].startswith("556 5.1.10 ")
+
+
+def test_nxdomain_is_550_and_validated(mailflowd_bin, config):
+    r = route(mailflowd_bin, config, "user@nope.example.net")
+    assert r["exit"] == 3, r
+    assert r["mx_lookup"]["status"] == "nxdomain" and r["mx_lookup"]["secure"] is True
+    assert r["reply"].startswith("550 5.1.2 ")
+    assert r["dns_lookups"] == {"MX nxdomain": 1}
+
+
+def test_mx_host_without_address_is_550(mailflowd_bin, config):
+    r = route(mailflowd_bin, config, "user@nohost.example.net")
+    assert r["exit"] == 3, r
+    assert r["hosts"][0]["name"] == "missing.example.net"
+    assert (r["hosts"][0]["aaaa"], r["hosts"][0]["a"]) == ("nxdomain", "nxdomain")
+    assert r["result"] == "no_addresses" and r["reply"].startswith("550 5.1.2 ")
+
+
+def test_forged_trust_anchor_is_bogus_and_temporary(mailflowd_bin, workdir, knot):
+    forged = Path(workdir) / "forged.ds"
+    text = Path(knot.trust_anchor_file).read_text().splitlines()[0]
+    digest = text.split()[-1]
+    forged.write_text(text[: -len(digest)] + ("0" if digest[0] != "0" else "1") + digest[1:] + "\n")
+    cfg = write_config(workdir, "forged", {"servers": [knot.address], "timeout": "3s",
+                                           "trust_anchor_file": str(forged)})
+    r = route(mailflowd_bin, cfg, "user@partner-a.example.net")
+    assert r["exit"] == 4, r
+    assert r["mx_lookup"]["outcome"] == "bogus" and r["mx_lookup"]["status"] == "failed"
+    assert r["reply"].startswith("451 4.4.3 ")
+    assert r["dns_lookups"] == {"MX bogus": 1}
+
+
+def test_silent_dns_server_times_out_within_dns_timeout(mailflowd_bin, workdir):
+    silent = SilentServer()
+    try:
+        cfg = write_config(workdir, "silent", {"servers": [silent.address], "timeout": "1500ms"})
+        r = route(mailflowd_bin, cfg, "user@partner-a.example.net")
+    finally:
+        silent.close()
+    assert r["exit"] == 4, r
+    assert r["mx_lookup"] == {"status": "failed", "outcome": "timeout", "secure": False,
+                              "detail": "no answer within 1s500ms", "plan": ""}
+    assert r["reply"].startswith("451 4.4.3 ")
+    assert r["dns_lookups"] == {"MX timeout": 1}
+    assert 1.5 <= r["elapsed_ms"] / 1000 < 2.5, r["elapsed_ms"]
+    assert r["wall"] < 5.0
+
+
+def test_stopped_dns_server_fails_temporarily_within_dns_timeout(mailflowd_bin, workdir):
+    stopped = KnotServer(workdir, {"example.net": ZONE}, name="knotd-stopped").start()
+    assert stopped.dig("partner-a.example.net", "MX")  # it served...
+    stopped.stop()  # ...and is gone: nothing listens on its port any more
+    cfg = write_config(workdir, "stopped", {"servers": [stopped.address], "timeout": "2s"})
+    r = route(mailflowd_bin, cfg, "user@partner-a.example.net")
+    assert r["exit"] == 4, r
+    assert r["mx_lookup"]["outcome"] in ("servfail", "timeout"), r
+    assert r["reply"].startswith("451 4.4.3 ")
+    assert r["elapsed_ms"] / 1000 < 2.5, r["elapsed_ms"]
+
+
+def test_text_output_names_the_route(mailflowd_bin, config):
+    p = subprocess.run([mailflowd_bin, "route", "--config", str(config), "--recipient", "user@two-mx.example.net"],
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    assert "connector:  internet (no connector matched)" in p.stdout
+    assert "  1. down.two-mx.example.net  preference 10  127.0.0.12" in p.stdout
+    assert f"try:        127.0.0.12:{MX_PORT}, 127.0.0.13:{MX_PORT}" in p.stdout
+    assert "result:     deliver" in p.stdout
+
+
+def test_usage_errors(mailflowd_bin, config):
+    p = subprocess.run([mailflowd_bin, "route", "--config", str(config)], capture_output=True, text=True, timeout=10)
+    assert p.returncode == 2 and "--recipient are required" in p.stderr
+    p = subprocess.run([mailflowd_bin, "route", "--config", "/nonexistent.yaml", "--recipient", "a@b"],
+                       capture_output=True, text=True, timeout=10)
+    assert p.returncode == 1 and "cannot read the configuration" in p.stderr

@@ -1,0 +1,190 @@
+"""A real authoritative DNS server for the tests: Debian's knotd (package knot) in the foreground, on a free
+loopback port, with its own temporary config, run and storage directories, serving the zones the test
+gives it. Optionally the zones are DNSSEC-signed by knot itself (automatic signing) and the DS records are
+written to a trust anchor file that mailflowd's dns.trust_anchor_file can point at.
+
+    from dns_server import KnotServer
+    dns = KnotServer(workdir, {"example.net": ZONE_TEXT}).start()
+    ... dns.address  -> "127.0.0.1:PORT" for dns.servers
+    dns.stop()
+
+Also runnable by hand, to poke at a zone with kdig or mailflowd route:
+    python3 tests/tools/dns_server.py --zone example.net=FILE [--dnssec] [--dir DIR]
+"""
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from free_port import free_port  # noqa: E402
+
+KNOTD = shutil.which("knotd") or "/usr/sbin/knotd"
+KEYMGR = shutil.which("keymgr") or "/usr/sbin/keymgr"
+KDIG = shutil.which("kdig") or "/usr/bin/kdig"
+
+
+def udp_free(host, port):
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+class KnotServer:
+    """knotd serving `zones` ({"example.net": "zone file text", ...}) on host:port (UDP and TCP)."""
+
+    def __init__(self, workdir, zones, host="127.0.0.1", port=0, dnssec=False, name="knotd"):
+        self.name = name
+        self.dir = Path(workdir) / name
+        self.zones = dict(zones)
+        self.host = host
+        self.port = port
+        self.dnssec = dnssec
+        self.proc = None
+        self.log_path = self.dir / "knotd.log"
+
+    @property
+    def address(self):
+        """For dns.servers: "127.0.0.1:PORT" or "[::1]:PORT"."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def _config(self):
+        lines = [
+            "server:",
+            f'    rundir: "{self.dir / "run"}"',
+            f"    listen: {self.host}@{self.port}",
+            "    udp-workers: 1",
+            "    tcp-workers: 1",
+            "    background-workers: 1",
+            "database:",
+            f'    storage: "{self.dir / "db"}"',
+            "log:",
+            "  - target: stderr",
+            "    any: info",
+        ]
+        if self.dnssec:
+            # Fast, deterministic keys for tests: one ECDSA P-256 CSK per zone, no rollovers during a test.
+            lines += ["policy:", "  - id: tests", "    algorithm: ecdsap256sha256", "    single-type-signing: on",
+                      "    ksk-lifetime: 0", "    zsk-lifetime: 0"]
+        lines += ["template:", "  - id: default", f'    storage: "{self.dir / "zones"}"',
+                  "    zonefile-sync: -1", "    journal-content: none"]
+        if self.dnssec:
+            lines += ["    dnssec-signing: on", "    dnssec-policy: tests"]
+        lines.append("zone:")
+        for zone in self.zones:
+            lines += [f"  - domain: {zone}.", f"    file: {zone}.zone"]
+        return "\n".join(lines) + "\n"
+
+    def start(self, timeout=15.0):
+        for sub in ("run", "db", "zones"):
+            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        for zone, text in self.zones.items():
+            (self.dir / "zones" / f"{zone}.zone").write_text(text)
+        if not self.port:
+            for _ in range(50):
+                port = free_port(self.host)
+                if udp_free(self.host, port):
+                    self.port = port
+                    break
+        self.conf = self.dir / "knot.conf"
+        self.conf.write_text(self._config())
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([KNOTD, "-c", str(self.conf)], stdout=self.log, stderr=self.log)
+        deadline = time.monotonic() + timeout
+        pending = set(self.zones)
+        while pending:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"knotd exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"knotd did not serve {sorted(pending)} within {timeout}s:\n{self.log_tail()}")
+            for zone in list(pending):
+                want = "RRSIG" if self.dnssec else "SOA"
+                if want in self.dig(zone, "SOA", "+dnssec" if self.dnssec else "+nodnssec"):
+                    pending.discard(zone)
+            time.sleep(0.1)
+        if self.dnssec:
+            self.trust_anchor_file = self.dir / "trust-anchors.ds"
+            self.trust_anchor_file.write_text("".join(self.ds(zone) for zone in self.zones))
+        return self
+
+    def dig(self, name, rrtype, *options):
+        """kdig's answer section, "" when there is none or no answer at all."""
+        argv = [KDIG, "@" + self.host, "-p", str(self.port), name, rrtype, "+norec", "+time=1", "+retry=0",
+                "+noall", "+answer", *options]
+        try:
+            return subprocess.run(argv, capture_output=True, text=True, timeout=5).stdout
+        except subprocess.TimeoutExpired:
+            return ""
+
+    def ds(self, zone):
+        """The zone's DS records (zone-file lines), from knot's key store."""
+        out = subprocess.run([KEYMGR, "-c", str(self.conf), f"{zone}.", "ds"], capture_output=True, text=True,
+                             check=True).stdout
+        return "".join(line + "\n" for line in out.splitlines() if " DS " in line)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def log_tail(self, limit=6000):
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError as e:
+            return f"<{e}>"
+        return text if len(text) <= limit else "...\n" + text[-limit:]
+
+
+class SilentServer:
+    """A UDP socket that is bound (so no ICMP port unreachable comes back) and never answers: the resolver can
+    only give up at its deadline."""
+
+    def __init__(self, host="127.0.0.1"):
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((host, 0))
+        self.host, self.port = host, self.sock.getsockname()[1]
+        self.address = f"{host}:{self.port}"
+
+    def close(self):
+        self.sock.close()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--zone", action="append", required=True, metavar="NAME=FILE")
+    parser.add_argument("--dnssec", action="store_true")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--dir", help="work directory (default: a temporary one)")
+    args = parser.parse_args()
+    zones = {}
+    for spec in args.zone:
+        name, _, path = spec.partition("=")
+        zones[name.rstrip(".")] = Path(path).read_text()
+    workdir = args.dir or tempfile.mkdtemp(prefix="mailflow-dns-")
+    server = KnotServer(workdir, zones, host=args.host, port=args.port, dnssec=args.dnssec).start()
+    print(f"READY {server.address}" + (f" trust_anchor_file={server.trust_anchor_file}" if args.dnssec else ""),
+          flush=True)
+    try:
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    main()
