@@ -168,6 +168,10 @@ def main():
     for usage_line in main_help.splitlines():
         m = re.search(r"mailflowd\s+([a-z][a-z-]*)\b", usage_line)
         options_of.setdefault(m.group(1) if m else None, set()).update(declared_options(usage_line))
+    for sub in [s for s in options_of if s]:  # a subcommand's own --help, where it has one, is complete
+        result = subprocess.run([args.binary, sub, "--help"], capture_output=True, text=True, timeout=30)
+        if result.returncode == 0:
+            options_of[sub] |= declared_options(result.stdout)
     options_of["report"] = declared_options(help_of(args.binary, "report"))
     for options in options_of.values():
         options |= {"--help", "-h"}
