@@ -22,7 +22,8 @@ void usage(std::FILE* out) {
                "usage: mailflowd [--config FILE]          run the relay (default %s)\n"
                "       mailflowd --check-config FILE      validate a configuration and exit\n"
                "       mailflowd report [--config FILE] [--url URL] [--days N] [--format table|json|csv] ...\n"
-               "       mailflowd route --config FILE --recipient ADDRESS [--format text|json]\n"
+               "       mailflowd route --config FILE --recipient ADDRESS [--listener NAME] [--sender ADDRESS] "
+               "[--client IP] [--format text|json] [--seed N]\n"
                "       mailflowd --version\n",
                default_config);
 }
