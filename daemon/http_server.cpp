@@ -3,9 +3,14 @@
 #include "daemon/http_server.hpp"
 
 #include <openssl/crypto.h>
-#include <openssl/sha.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+#include <openssl/rand.h>
 #include <spdlog/spdlog.h>
+#include <sys/resource.h>
+#include <unistd.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <boost/asio/co_spawn.hpp>
@@ -15,7 +20,7 @@
 #include <boost/asio/redirect_error.hpp>
 #include <boost/asio/ssl.hpp>
 #include <boost/asio/steady_timer.hpp>
-#include <boost/asio/strand.hpp>
+#include <boost/asio/thread_pool.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
@@ -27,9 +32,11 @@
 #include <string>
 #include <string_view>
 #include <system_error>
+#include <thread>
 #include <vector>
 
 #include "daemon/crypt_check.hpp"
+#include "daemon/log.hpp"
 #include "daemon/report.hpp"
 #include "daemon/telemetry.hpp"
 
@@ -40,21 +47,48 @@ namespace asio = boost::asio;
 namespace beast = boost::beast;
 namespace http = beast::http;
 using tcp = asio::ip::tcp;
+using SteadyClock = std::chrono::steady_clock;
 
 using Request = http::request<http::string_body>;
 using Response = http::response<http::string_body>;
 
-// A scrape or a report page is small and quick; anything slower is a stuck or hostile peer.
-constexpr auto kReadTimeout = std::chrono::seconds(30);  // also the keep-alive idle limit
+// A scrape or a report page is small and quick; anything slower is a stuck or hostile peer. The head deadline
+// covers the whole request head (and, on a new connection, the TLS handshake): it runs from the accept, or
+// from the end of the previous response on a kept-alive connection (so it is also the keep-alive idle limit),
+// and trickling bytes does not extend it.
+constexpr auto kHeadTimeout = std::chrono::seconds(5);
+constexpr auto kBodyTimeout = std::chrono::seconds(5);
 constexpr auto kWriteTimeout = std::chrono::seconds(30);
-constexpr auto kTlsTimeout = std::chrono::seconds(10);  // handshake and close_notify
+constexpr auto kTlsCloseTimeout = std::chrono::seconds(5);  // close_notify
+// Prometheus, a probe and a browser need a few connections each; one address holding more is hostile. The
+// total cap protects descriptors and memory.
 constexpr std::size_t kMaxConnections = 256;
+constexpr std::size_t kMaxConnectionsPerAddress = 16;
 constexpr std::uint32_t kHeaderLimit = 8 * 1024;
 constexpr std::uint64_t kBodyLimit = 8 * 1024;  // only GET is served
 constexpr std::size_t kMaxCachedCredentials = 8;
+// Password checks (bcrypt/yescrypt: up to half a second of CPU each) run on one low-priority thread of their
+// own, never on an event loop; at most this many are queued or running, more get 503 at once.
+constexpr std::size_t kMaxPendingChecks = 4;
+// Per address: the first failures are free (typos), then each further failure doubles a wait, up to the
+// maximum, during which uncached credentials from that address get 429 without a check.
+constexpr unsigned kFreeFailures = 5;
+constexpr auto kMaxBackoff = std::chrono::seconds(60);
+constexpr auto kForgetFailures = std::chrono::minutes(10);
+constexpr std::size_t kMaxFailureRecords = 4096;
 constexpr int kDefaultDays = 7;
 
 constexpr std::string_view kTextPlain = "text/plain; charset=utf-8";
+// Sent without reading the request to a plain-HTTP connection over a cap: cheaper than a parser, kinder than
+// silence (a client retries later instead of guessing).
+constexpr std::string_view kBusyResponse =
+    "HTTP/1.1 503 Service Unavailable\r\n"
+    "Content-Type: text/plain; charset=utf-8\r\n"
+    "Content-Length: 21\r\n"
+    "Retry-After: 5\r\n"
+    "Connection: close\r\n"
+    "\r\n"
+    "too many connections\n";
 
 std::optional<std::string> decode_base64(std::string_view text) {
   auto value_of = [](char c) -> int {
@@ -124,16 +158,35 @@ Response make_response(const Request& request, http::status status, std::string_
   return response;
 }
 
+Response plain_response(const Request& request, http::status status, std::string body) {
+  return make_response(request, status, kTextPlain, std::move(body));
+}
+
 // What may change on reload without rebinding. A connection keeps the snapshot it was accepted with.
 struct Settings {
   std::optional<config::BasicAuth> basic_auth;
   std::shared_ptr<asio::ssl::context> tls;  // null: plain HTTP
 };
 
+enum class AuthResult { ok, missing, wrong, busy, backoff };
+struct AuthVerdict {
+  AuthResult result;
+  std::chrono::seconds retry_after{0};
+};
+
+using Digest = std::array<unsigned char, EVP_MAX_MD_SIZE>;
+
 class Server : public std::enable_shared_from_this<Server> {
  public:
-  Server(asio::io_context& io, const config::Http& http, Telemetry& telemetry, std::function<bool()> ready)
-      : io_(io), http_(http), telemetry_(telemetry), ready_(std::move(ready)), acceptor_(asio::make_strand(io)) {}
+  Server(asio::io_context& io, asio::thread_pool& crypt, const config::Http& http, Telemetry& telemetry,
+         std::function<bool()> ready)
+      : io_(io), crypt_(crypt), http_(http), telemetry_(telemetry), ready_(std::move(ready)), acceptor_(io) {
+    // The credentials cache keeps keyed digests, not plain SHA-256 of the password, so a memory dump does not
+    // hand out something a GPU can brute-force quickly.
+    if (RAND_bytes(cache_key_.data(), static_cast<int>(cache_key_.size())) != 1) {
+      throw std::runtime_error("http: no random bytes for the credentials cache key");
+    }
+  }
 
   void start() {
     update(http_);
@@ -160,9 +213,10 @@ class Server : public std::enable_shared_from_this<Server> {
     acceptor_.listen(asio::socket_base::max_listen_connections, ec);
     check("listen");
     port_ = acceptor_.local_endpoint(ec).port();
-    asio::co_spawn(acceptor_.get_executor(), shared_from_this()->accept_loop(), log_exception);
+    asio::co_spawn(io_, shared_from_this()->accept_loop(), log_exception);
   }
 
+  // Any thread: stops accepting and closes every connection (on the HTTP thread).
   void stop() {
     std::map<std::uint64_t, std::function<void()>> closers;
     {
@@ -170,7 +224,7 @@ class Server : public std::enable_shared_from_this<Server> {
       stopped_ = true;
       closers.swap(closers_);
     }
-    asio::post(acceptor_.get_executor(), [self = shared_from_this()] {
+    asio::post(io_, [self = shared_from_this()] {
       beast::error_code ignored;
       self->acceptor_.close(ignored);
     });
@@ -179,15 +233,19 @@ class Server : public std::enable_shared_from_this<Server> {
 
   unsigned short port() const { return port_; }
 
-  // Basic auth and TLS certificate for connections accepted from now on; throws (keeping the old ones) when
-  // the certificate or key cannot be loaded.
+  // Any thread: basic auth and TLS certificate for connections accepted from now on; throws (keeping the old
+  // ones) when the certificate or key cannot be loaded.
   void update(const config::Http& http) {
     auto next = std::make_shared<Settings>();
     next->basic_auth = http.basic_auth;
     if (http.tls) next->tls = load_tls(*http.tls);
-    std::lock_guard lock(mutex_);
-    settings_ = std::move(next);
-    accepted_.clear();
+    {
+      std::lock_guard lock(mutex_);
+      settings_ = next;
+      accepted_.clear();
+      failures_.clear();
+    }
+    if (next->basic_auth) calibrate(next->basic_auth->password_hash);
   }
 
  private:
@@ -220,31 +278,91 @@ class Server : public std::enable_shared_from_this<Server> {
     return settings_;
   }
 
+  // Every refusal is counted and logged (rate-limited: a hostile peer triggers them at will).
+  void reject(HttpReject reason, const asio::ip::address& peer) {
+    telemetry_.http_rejected(reason);
+    log_limited(LogLevel::warn, "http_reject", {{"reason", to_string(reason)}, {"client", peer.to_string()}});
+  }
+
+  // ------------------------------------------------------------------------------------------- connections
+  // Counts the connection against the caps; the reason when it is over one.
+  std::optional<HttpReject> admit(const asio::ip::address& peer) {
+    std::lock_guard lock(mutex_);
+    auto& from_peer = per_address_[peer];
+    if (from_peer >= kMaxConnectionsPerAddress) return HttpReject::address_limit;
+    if (connections_ >= kMaxConnections) {
+      if (from_peer == 0) per_address_.erase(peer);
+      return HttpReject::connection_limit;
+    }
+    ++from_peer;
+    ++connections_;
+    return std::nullopt;
+  }
+
+  void release(const asio::ip::address& peer) {
+    std::lock_guard lock(mutex_);
+    --connections_;
+    if (auto it = per_address_.find(peer); it != per_address_.end() && --it->second == 0) per_address_.erase(it);
+  }
+
+  // Gives a connection's slot back when the session ends, however it ends.
+  struct Slot {
+    Slot(std::shared_ptr<Server> s, asio::ip::address a) : server(std::move(s)), peer(a) {}
+    Slot(const Slot&) = delete;
+    Slot& operator=(const Slot&) = delete;
+    ~Slot() { server->release(peer); }
+    std::shared_ptr<Server> server;
+    asio::ip::address peer;
+  };
+
+  // Over a cap: a canned 503 for plain HTTP (TLS would need a handshake first), then close.
+  void refuse(tcp::socket& socket, HttpReject reason, const asio::ip::address& peer, bool tls) {
+    reject(reason, peer);
+    beast::error_code ec;
+    if (!tls) {
+      socket.non_blocking(true, ec);
+      // Read what already arrived, so that close() sends FIN, not RST (which could discard the 503 unread).
+      std::array<char, 4096> discard;
+      socket.read_some(asio::buffer(discard), ec);
+      socket.write_some(asio::buffer(kBusyResponse.data(), kBusyResponse.size()), ec);
+      socket.shutdown(tcp::socket::shutdown_send, ec);
+    }
+    socket.close(ec);
+  }
+
   asio::awaitable<void> accept_loop() {
     auto self = shared_from_this();
-    asio::steady_timer backoff(acceptor_.get_executor());
+    asio::steady_timer backoff(io_);
     for (;;) {
-      tcp::socket socket(asio::make_strand(io_));
+      tcp::socket socket(io_);
       beast::error_code ec;
       co_await acceptor_.async_accept(socket, asio::redirect_error(asio::use_awaitable, ec));
       if (ec == asio::error::operation_aborted || !acceptor_.is_open()) co_return;
       if (ec) {
         // EMFILE and friends: the acceptor survives; pause so a full fd table does not spin the CPU.
-        spdlog::warn("http: accept failed: {}", ec.message());
+        log_limited(LogLevel::warn, "http_accept_failed", {{"error", ec.message()}});
         backoff.expires_after(std::chrono::milliseconds(100));
         co_await backoff.async_wait(asio::redirect_error(asio::use_awaitable, ec));
         continue;
       }
-      const auto executor = socket.get_executor();
-      asio::co_spawn(executor, self->run_session(std::move(socket)), log_exception);
+      const auto head_deadline = SteadyClock::now() + kHeadTimeout;
+      const auto peer = socket.remote_endpoint(ec).address();
+      if (ec) continue;  // already gone
+      auto settings = this->settings();
+      if (const auto refusal = admit(peer)) {
+        refuse(socket, *refusal, peer, settings->tls != nullptr);
+        continue;
+      }
+      asio::co_spawn(io_, self->run_session(std::move(socket), peer, std::move(settings), head_deadline),
+                     log_exception);
     }
   }
 
-  // Registers a connection so that stop() can close it; nullopt when stopped or full.
+  // Registers a connection so that stop() can close it; nullopt when stopped.
   template <class Stream>
   std::optional<std::uint64_t> track(const std::shared_ptr<Stream>& stream) {
     std::lock_guard lock(mutex_);
-    if (stopped_ || closers_.size() >= kMaxConnections) return std::nullopt;
+    if (stopped_) return std::nullopt;
     const std::uint64_t id = next_id_++;
     closers_.emplace(id, [weak = std::weak_ptr<Stream>(stream), executor = beast::get_lowest_layer(*stream).get_executor()] {
       asio::post(executor, [weak] {
@@ -259,19 +377,20 @@ class Server : public std::enable_shared_from_this<Server> {
     closers_.erase(id);
   }
 
-  asio::awaitable<void> run_session(tcp::socket socket) {
-    auto self = shared_from_this();
-    const auto settings = this->settings();
+  asio::awaitable<void> run_session(tcp::socket socket, asio::ip::address peer,
+                                    std::shared_ptr<const Settings> settings, SteadyClock::time_point head_deadline) {
+    const Slot slot(shared_from_this(), peer);
     beast::error_code ec;
     if (settings->tls) {
       auto stream =
           std::make_shared<beast::ssl_stream<beast::tcp_stream>>(beast::tcp_stream(std::move(socket)), *settings->tls);
       const auto id = track(stream);
       if (!id) co_return;
-      beast::get_lowest_layer(*stream).expires_after(kTlsTimeout);
+      beast::get_lowest_layer(*stream).expires_at(head_deadline);
       co_await stream->async_handshake(asio::ssl::stream_base::server, asio::redirect_error(asio::use_awaitable, ec));
-      if (!ec && co_await serve(*stream, *settings)) {
-        beast::get_lowest_layer(*stream).expires_after(kTlsTimeout);
+      if (ec == beast::error::timeout) reject(HttpReject::head_timeout, peer);
+      if (!ec && co_await serve(*stream, *settings, peer, head_deadline)) {
+        beast::get_lowest_layer(*stream).expires_after(kTlsCloseTimeout);
         co_await stream->async_shutdown(asio::redirect_error(asio::use_awaitable, ec));
       }
       untrack(*id);
@@ -279,59 +398,108 @@ class Server : public std::enable_shared_from_this<Server> {
       auto stream = std::make_shared<beast::tcp_stream>(std::move(socket));
       const auto id = track(stream);
       if (!id) co_return;
-      if (co_await serve(*stream, *settings)) stream->socket().shutdown(tcp::socket::shutdown_send, ec);
+      if (co_await serve(*stream, *settings, peer, head_deadline)) {
+        stream->socket().shutdown(tcp::socket::shutdown_send, ec);
+      }
       untrack(*id);
     }
   }
 
   // Serves requests until the peer closes, asks to close, or an I/O error. True when a graceful close is due.
   template <class Stream>
-  asio::awaitable<bool> serve(Stream& stream, const Settings& settings) {
+  asio::awaitable<bool> serve(Stream& stream, const Settings& settings, const asio::ip::address& peer,
+                              SteadyClock::time_point head_deadline) {
     beast::flat_buffer buffer;
-    for (;;) {
+    for (bool first = true;; first = false) {
       http::request_parser<http::string_body> parser;
       parser.header_limit(kHeaderLimit);
       parser.body_limit(kBodyLimit);
       beast::error_code ec;
-      beast::get_lowest_layer(stream).expires_after(kReadTimeout);
-      co_await http::async_read(stream, buffer, parser, asio::redirect_error(asio::use_awaitable, ec));
+      beast::get_lowest_layer(stream).expires_at(head_deadline);
+      co_await http::async_read_header(stream, buffer, parser, asio::redirect_error(asio::use_awaitable, ec));
       if (ec == http::error::end_of_stream) co_return true;
+      if (ec == beast::error::timeout) {
+        // Silence after a served request is an idle keep-alive connection, not a refusal.
+        if (first || parser.got_some()) reject(HttpReject::head_timeout, peer);
+        co_return false;
+      }
+      bool bad = false;
+      if (!ec) {
+        // RFC 9112 6.3: a request whose Transfer-Encoding does not end in chunked has no knowable length.
+        if (parser.get().find(http::field::transfer_encoding) != parser.get().end() && !parser.chunked()) {
+          bad = true;
+        } else {
+          beast::get_lowest_layer(stream).expires_after(kBodyTimeout);
+          co_await http::async_read(stream, buffer, parser, asio::redirect_error(asio::use_awaitable, ec));
+          if (ec == beast::error::timeout) {
+            reject(HttpReject::head_timeout, peer);
+            co_return false;
+          }
+        }
+      }
+      if (ec && ec.category() != http::make_error_code(http::error::bad_target).category()) co_return false;
       Response response;
-      if (ec) {
-        if (ec.category() != http::make_error_code(http::error::bad_target).category()) co_return false;
-        Request bad;
-        response = make_response(bad, http::status::bad_request, kTextPlain, "bad request\n");
+      if (ec || bad) {
+        reject(HttpReject::bad_request, peer);
+        Request request;
+        response = plain_response(request, http::status::bad_request, "bad request\n");
         response.keep_alive(false);
       } else {
-        response = respond(parser.get(), settings);
+        response = co_await handle(parser.get(), settings, peer);
       }
       beast::get_lowest_layer(stream).expires_after(kWriteTimeout);
       co_await http::async_write(stream, response, asio::redirect_error(asio::use_awaitable, ec));
       if (ec) co_return false;
       if (!response.keep_alive()) co_return true;
+      head_deadline = SteadyClock::now() + kHeadTimeout;
     }
   }
 
-  Response respond(const Request& request, const Settings& settings) {
+  asio::awaitable<Response> handle(const Request& request, const Settings& settings, const asio::ip::address& peer) {
+    const std::string_view target(request.target().data(), request.target().size());
+    const std::string_view path = target.substr(0, target.find('?'));
+    if (path != "/healthz" && settings.basic_auth) {
+      const AuthVerdict verdict = co_await authorize(request, *settings.basic_auth, peer);
+      switch (verdict.result) {
+        case AuthResult::ok:
+          break;
+        case AuthResult::missing:
+        case AuthResult::wrong: {
+          reject(verdict.result == AuthResult::missing ? HttpReject::auth_missing : HttpReject::auth_failed, peer);
+          auto response = plain_response(request, http::status::unauthorized, "unauthorized\n");
+          response.set(http::field::www_authenticate, R"(Basic realm="mailflowd", charset="UTF-8")");
+          co_return response;
+        }
+        case AuthResult::busy:
+        case AuthResult::backoff: {
+          const bool busy = verdict.result == AuthResult::busy;
+          reject(busy ? HttpReject::auth_busy : HttpReject::auth_backoff, peer);
+          auto response = busy ? plain_response(request, http::status::service_unavailable, "busy, retry later\n")
+                               : plain_response(request, http::status::too_many_requests,
+                                                "too many failed logins, retry later\n");
+          response.set(http::field::retry_after, std::to_string(std::max<long long>(1, verdict.retry_after.count())));
+          co_return response;
+        }
+      }
+    }
+    co_return respond(request);
+  }
+
+  Response respond(const Request& request) {
     try {
-      return route(request, settings);
+      return route(request);
     } catch (const std::exception& e) {
       spdlog::error("http: {} failed: {}", std::string_view(request.target().data(), request.target().size()), e.what());
       return make_response(request, http::status::internal_server_error, kTextPlain, "internal error\n");
     }
   }
 
-  Response route(const Request& request, const Settings& settings) {
+  Response route(const Request& request) {
     const std::string_view target(request.target().data(), request.target().size());
     const auto question = target.find('?');
     const std::string_view path = target.substr(0, question);
     const std::string_view query = question == std::string_view::npos ? std::string_view{} : target.substr(question + 1);
 
-    if (path != "/healthz" && !authorized(request, settings)) {
-      auto response = make_response(request, http::status::unauthorized, kTextPlain, "unauthorized\n");
-      response.set(http::field::www_authenticate, R"(Basic realm="mailflowd", charset="UTF-8")");
-      return response;
-    }
     if (request.method() != http::verb::get) {
       auto response = make_response(request, http::status::method_not_allowed, kTextPlain, "method not allowed\n");
       response.set(http::field::allow, "GET");
@@ -369,74 +537,196 @@ class Server : public std::enable_shared_from_this<Server> {
     return make_response(request, http::status::not_found, kTextPlain, "not found\n");
   }
 
-  bool authorized(const Request& request, const Settings& settings) {
-    if (!settings.basic_auth) return true;
+  // ---------------------------------------------------------------------------------------------------- auth
+  // Order: a cached success answers at once (a scrape every few seconds never waits for a hash, nor for an
+  // attacker's queue); then the address's backoff; then the bound on pending checks; only then a check.
+  asio::awaitable<AuthVerdict> authorize(const Request& request, const config::BasicAuth& auth,
+                                         const asio::ip::address& peer) {
     const auto field = request.find(http::field::authorization);
-    if (field == request.end()) return false;
+    if (field == request.end()) co_return AuthVerdict{AuthResult::missing};
     std::string_view value(field->value().data(), field->value().size());
     constexpr std::string_view kScheme = "basic ";
-    if (value.size() < kScheme.size() || !iequals(value.substr(0, kScheme.size()), kScheme)) return false;
+    if (value.size() < kScheme.size() || !iequals(value.substr(0, kScheme.size()), kScheme)) {
+      co_return AuthVerdict{AuthResult::missing};
+    }
     value.remove_prefix(kScheme.size());
     while (!value.empty() && value.front() == ' ') value.remove_prefix(1);
     while (!value.empty() && value.back() == ' ') value.remove_suffix(1);
-    const auto credentials = decode_base64(value);
-    if (!credentials) return false;
-    const auto colon = credentials->find(':');
-    if (colon == std::string::npos) return false;
+    auto credentials = decode_base64(value);
+    if (!credentials || credentials->find(':') == std::string::npos) co_return AuthVerdict{AuthResult::missing};
 
-    // bcrypt/yescrypt cost tens of milliseconds on the I/O thread: remember digests of credentials that
-    // passed, so a scrape every few seconds does not pay it each time.
-    std::array<unsigned char, SHA256_DIGEST_LENGTH> digest{};
-    SHA256(reinterpret_cast<const unsigned char*>(credentials->data()), credentials->size(), digest.data());
+    const Digest digest = keyed_digest(*credentials);
     {
       std::lock_guard lock(mutex_);
       for (const auto& known : accepted_) {
-        if (CRYPTO_memcmp(known.data(), digest.data(), digest.size()) == 0) return true;
+        if (CRYPTO_memcmp(known.data(), digest.data(), digest.size()) == 0) co_return AuthVerdict{AuthResult::ok};
       }
+      if (const auto wait = backoff_left(peer); wait.count() > 0) co_return AuthVerdict{AuthResult::backoff, wait};
+      if (pending_checks_ >= kMaxPendingChecks) co_return AuthVerdict{AuthResult::busy, std::chrono::seconds(1)};
+      ++pending_checks_;
     }
+
+    const auto colon = credentials->find(':');
     const std::string_view user = std::string_view(*credentials).substr(0, colon);
-    const std::string_view password = std::string_view(*credentials).substr(colon + 1);
-    const std::string& expected_user = settings.basic_auth->user;
     const bool user_ok =
-        user.size() == expected_user.size() && CRYPTO_memcmp(user.data(), expected_user.data(), user.size()) == 0;
-    // Run even when the user is wrong, so the timing does not tell which half failed.
-    const bool password_ok = password_matches(password, settings.basic_auth->password_hash);
-    if (!user_ok || !password_ok) return false;
+        user.size() == auth.user.size() && CRYPTO_memcmp(user.data(), auth.user.data(), user.size()) == 0;
+    bool password_ok = false;
+    if (user_ok) {
+      password_ok = co_await check_password(credentials->substr(colon + 1), auth.password_hash);
+    } else {
+      // A wrong user name costs no hash, but it is answered after as long as a check takes (measured on this
+      // hash), holding a slot of the same bound, so that its timing does not tell the user name was wrong.
+      asio::steady_timer delay(io_, std::chrono::nanoseconds(check_ns_.load(std::memory_order_relaxed)));
+      beast::error_code ec;
+      co_await delay.async_wait(asio::redirect_error(asio::use_awaitable, ec));
+    }
+    OPENSSL_cleanse(credentials->data(), credentials->size());
+
     std::lock_guard lock(mutex_);
+    --pending_checks_;
+    if (!password_ok) {
+      failed(peer);
+      co_return AuthVerdict{AuthResult::wrong};
+    }
+    failures_.erase(peer);
     if (accepted_.size() >= kMaxCachedCredentials) accepted_.erase(accepted_.begin());
     accepted_.push_back(digest);
-    return true;
+    co_return AuthVerdict{AuthResult::ok};
   }
 
-  asio::io_context& io_;
+  Digest keyed_digest(const std::string& credentials) const {
+    Digest digest{};
+    unsigned int length = 0;
+    HMAC(EVP_sha256(), cache_key_.data(), static_cast<int>(cache_key_.size()),
+         reinterpret_cast<const unsigned char*>(credentials.data()), credentials.size(), digest.data(), &length);
+    return digest;
+  }
+
+  // The crypt(3) check on the password thread; this coroutine waits on a timer that the result cancels.
+  asio::awaitable<bool> check_password(std::string password, const std::string& hash) {
+    struct Pending {
+      explicit Pending(asio::io_context& io) : done(io, asio::steady_timer::time_point::max()) {}
+      asio::steady_timer done;
+      bool ok = false;
+    };
+    auto pending = std::make_shared<Pending>(io_);
+    asio::post(crypt_, [self = shared_from_this(), pending, password = std::move(password), hash]() mutable {
+      const auto started = SteadyClock::now();
+      const bool ok = password_matches(password, hash);
+      self->note_check_time(SteadyClock::now() - started);
+      OPENSSL_cleanse(password.data(), password.size());
+      asio::post(self->io_, [pending, ok] {
+        pending->ok = ok;
+        pending->done.cancel();
+      });
+    });
+    beast::error_code ec;
+    co_await pending->done.async_wait(asio::redirect_error(asio::use_awaitable, ec));
+    co_return pending->ok;
+  }
+
+  // How long a check of the configured hash takes, for answering a wrong user name as slowly; measured once
+  // per configured hash on the password thread, then on every check.
+  void calibrate(const std::string& hash) {
+    asio::post(crypt_, [self = shared_from_this(), hash] {
+      const auto started = SteadyClock::now();
+      (void)password_matches("not the password", hash);
+      self->note_check_time(SteadyClock::now() - started);
+    });
+  }
+
+  void note_check_time(SteadyClock::duration took) {
+    check_ns_.store(std::chrono::duration_cast<std::chrono::nanoseconds>(took).count(), std::memory_order_relaxed);
+  }
+
+  // Callers hold mutex_.
+  std::chrono::seconds backoff_left(const asio::ip::address& peer) {
+    const auto it = failures_.find(peer);
+    if (it == failures_.end()) return std::chrono::seconds(0);
+    const auto now = SteadyClock::now();
+    if (now - it->second.last > kForgetFailures) {
+      failures_.erase(it);
+      return std::chrono::seconds(0);
+    }
+    if (now >= it->second.blocked_until) return std::chrono::seconds(0);
+    return std::chrono::ceil<std::chrono::seconds>(it->second.blocked_until - now);
+  }
+
+  void failed(const asio::ip::address& peer) {
+    const auto now = SteadyClock::now();
+    if (failures_.size() >= kMaxFailureRecords && failures_.find(peer) == failures_.end()) {
+      // Full (many addresses): forget the stalest record; the bound on pending checks still holds.
+      auto stalest = std::min_element(failures_.begin(), failures_.end(),
+                                      [](const auto& a, const auto& b) { return a.second.last < b.second.last; });
+      failures_.erase(stalest);
+    }
+    auto& record = failures_[peer];
+    ++record.count;
+    record.last = now;
+    if (record.count > kFreeFailures) {
+      const unsigned doublings = std::min(record.count - kFreeFailures - 1, 6u);
+      record.blocked_until = now + std::min<SteadyClock::duration>(std::chrono::seconds(1u << doublings), kMaxBackoff);
+    }
+  }
+
+  struct FailureRecord {
+    unsigned count = 0;
+    SteadyClock::time_point last;
+    SteadyClock::time_point blocked_until;
+  };
+
+  asio::io_context& io_;      // the HTTP thread's own loop, never a relay loop
+  asio::thread_pool& crypt_;  // password checks
   const config::Http http_;
   Telemetry& telemetry_;
   const std::function<bool()> ready_;
   tcp::acceptor acceptor_;
   std::atomic<unsigned short> port_{0};
+  std::atomic<std::int64_t> check_ns_{0};
+  std::array<unsigned char, 32> cache_key_{};
 
-  mutable std::mutex mutex_;  // guards the members below
+  mutable std::mutex mutex_;  // guards the members below (stop() and update() come from other threads)
   std::shared_ptr<const Settings> settings_ = std::make_shared<Settings>();
   bool stopped_ = false;
   std::uint64_t next_id_ = 0;
   std::map<std::uint64_t, std::function<void()>> closers_;
-  std::vector<std::array<unsigned char, SHA256_DIGEST_LENGTH>> accepted_;
+  std::size_t connections_ = 0;
+  std::map<asio::ip::address, std::size_t> per_address_;
+  std::vector<Digest> accepted_;
+  std::size_t pending_checks_ = 0;
+  std::map<asio::ip::address, FailureRecord> failures_;
 };
 
 }  // namespace
 
+// The HTTP side has a thread (and loop) of its own, so that a scrape never waits behind relay sessions and
+// relay sessions never wait behind HTTP; password checks have one more thread, at a lower priority.
 struct HttpServer::Impl {
+  Impl(const config::Http& http, Telemetry& telemetry, std::function<bool()> ready)
+      : server(std::make_shared<Server>(io, crypt, http, telemetry, std::move(ready))) {
+    asio::post(crypt, [] { (void)setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), 10); });
+  }
+
+  asio::io_context io{1};
+  asio::thread_pool crypt{1};
   std::shared_ptr<Server> server;
+  std::thread thread;
 };
 
-HttpServer::HttpServer(boost::asio::io_context& io, const config::Http& http, Telemetry& telemetry,
-                       std::function<bool()> ready)
-    : impl_(std::make_unique<Impl>(Impl{std::make_shared<Server>(io, http, telemetry, std::move(ready))})) {}
+HttpServer::HttpServer(const config::Http& http, Telemetry& telemetry, std::function<bool()> ready)
+    : impl_(std::make_unique<Impl>(http, telemetry, std::move(ready))) {}
 
-// Connections still draining hold the Server alive; they only touch their own stream once stop() ran.
-HttpServer::~HttpServer() { impl_->server->stop(); }
+// stop() closes everything; the HTTP thread's loop then runs out of work (a pending password check finishes
+// first) and the thread ends.
+HttpServer::~HttpServer() {
+  impl_->server->stop();
+  if (impl_->thread.joinable()) impl_->thread.join();
+}
 
-void HttpServer::start() { impl_->server->start(); }
+void HttpServer::start() {
+  impl_->server->start();
+  impl_->thread = std::thread([this] { impl_->io.run(); });
+}
 void HttpServer::stop() { impl_->server->stop(); }
 void HttpServer::update(const config::Http& http) { impl_->server->update(http); }
 unsigned short HttpServer::port() const { return impl_->server->port(); }

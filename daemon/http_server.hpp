@@ -1,14 +1,12 @@
 #pragma once
-// The HTTP side (Boost.Beast, same io_context as the relay): /metrics, /, /api/v1/report, /api/v1/report.csv,
-// /api/v1/report.txt, /healthz, /readyz. Optional basic auth (crypt(3) hash) and TLS from config.http.
+// The HTTP side (Boost.Beast): /metrics, /, /api/v1/report, /api/v1/report.csv, /api/v1/report.txt, /healthz,
+// /readyz. Optional basic auth (crypt(3) hash) and TLS from config.http. Runs on a thread and event loop of its
+// own (not the relay's), with one more thread for password checks; connections are capped in total and per
+// client address, and every refusal is counted in mailflow_http_rejects_total{reason}.
 #include <functional>
 #include <memory>
 
 #include "config/config.hpp"
-
-namespace boost::asio {
-class io_context;
-}
 
 namespace mailflow {
 
@@ -16,14 +14,15 @@ class Telemetry;
 
 class HttpServer {
  public:
-  // `ready` answers /readyz (200 when true, 503 otherwise).
-  HttpServer(boost::asio::io_context& io, const config::Http& http, Telemetry& telemetry,
-             std::function<bool()> ready);
+  // `ready` answers /readyz (200 when true, 503 otherwise); it and `telemetry` are used on the HTTP thread.
+  HttpServer(const config::Http& http, Telemetry& telemetry, std::function<bool()> ready);
+  // Stops, then waits for the HTTP thread (a password check in progress finishes first).
   ~HttpServer();
 
-  // Binds (throws std::system_error with a clear message when the address is unusable: startup error).
+  // Binds (throws std::system_error with a clear message when the address is unusable: startup error), then
+  // starts the HTTP thread.
   void start();
-  // Stops accepting and closes open HTTP connections.
+  // Any thread: stops accepting and closes open HTTP connections; returns without waiting for them.
   void stop();
   // SIGHUP: new basic_auth and TLS certificate/key for connections accepted from now on (the address needs a
   // restart). Throws std::system_error and keeps the old settings when the certificate or key is unusable.

@@ -126,7 +126,8 @@ struct Server::Impl {
 
   std::string config_path;
   // performance.event_loops event loops, each run by one thread (nginx's worker model, in threads). `io` is
-  // the first: listeners, signals, HTTP and its share of the sessions. A session lives on one loop from
+  // the first: listeners, signals and its share of the sessions (HTTP has a thread of its own, see
+  // http_server.hpp). A session lives on one loop from
   // accept to close, so its handlers never run concurrently and need no strand; loops share only thread-safe
   // state (registry, telemetry, the runtime snapshot). The workers are declared first so that they outlive
   // `io`: an accept still pending in `io` at exit holds a socket that belongs to a worker.
@@ -389,7 +390,7 @@ int Server::run() {
   s.busy_poll = config.performance.busy_poll;
 
   s.swap_listeners(s.reconcile_listeners(config));
-  s.http = std::make_unique<HttpServer>(s.io, config.http, s.telemetry, [&s] { return !s.stopping; });
+  s.http = std::make_unique<HttpServer>(config.http, s.telemetry, [&s] { return !s.stopping; });
   s.http->start();
   asio::co_spawn(s.io, s.signals(), asio::detached);
   asio::co_spawn(s.io, s.periodic(), asio::detached);

@@ -28,6 +28,20 @@ namespace mailflow {
 
 std::string_view to_string(Leg leg) { return leg == Leg::client ? "client" : "upstream"; }
 
+std::string_view to_string(HttpReject reason) {
+  switch (reason) {
+    case HttpReject::connection_limit: return "connection_limit";
+    case HttpReject::address_limit: return "address_limit";
+    case HttpReject::head_timeout: return "head_timeout";
+    case HttpReject::bad_request: return "bad_request";
+    case HttpReject::auth_missing: return "auth_missing";
+    case HttpReject::auth_failed: return "auth_failed";
+    case HttpReject::auth_busy: return "auth_busy";
+    case HttpReject::auth_backoff: return "auth_backoff";
+  }
+  return "unknown";
+}
+
 namespace {
 
 constexpr std::size_t kVersions = proto::all_tls_versions.size();
@@ -80,6 +94,8 @@ constexpr Family tls_handshake_failures{"mailflow_tls_handshake_failures_total",
                                         "Failed TLS handshakes by listener, leg and reason"};
 constexpr Family upstream_errors{"mailflow_upstream_errors_total", "counter", "Upstream connection and protocol errors"};
 constexpr Family rejects{"mailflow_rejects_total", "counter", "Refusals and limits hit, by listener and reason"};
+constexpr Family http_rejects{"mailflow_http_rejects_total", "counter",
+                              "HTTP connections and requests refused (caps, deadlines, bad requests, auth), by reason"};
 constexpr Family below_tls12{"mailflow_below_tls12_total", "counter",
                              "Messages without TLS or with TLS1.0/1.1: what breaks if TLS1.2 is enforced"};
 constexpr Family config_reloads{"mailflow_config_reloads_total", "counter",
@@ -111,11 +127,18 @@ constexpr Family process_virtual{"process_virtual_memory_bytes", "gauge", "Virtu
 }  // namespace family
 
 // The rarely used families whose label values arrive at run time (reasons, upstream names).
-enum class Labelled : std::size_t { tls_handshake_failures, upstream_errors, rejects, config_reloads, state_errors };
-constexpr std::size_t kLabelledFamilies = 5;
+enum class Labelled : std::size_t {
+  tls_handshake_failures,
+  upstream_errors,
+  rejects,
+  config_reloads,
+  state_errors,
+  http_rejects
+};
+constexpr std::size_t kLabelledFamilies = 6;
 constexpr std::array<const Family*, kLabelledFamilies> kLabelledFamily{
     &family::tls_handshake_failures, &family::upstream_errors, &family::rejects, &family::config_reloads,
-    &family::state_errors};
+    &family::state_errors,           &family::http_rejects};
 
 // Label text that does not depend on a series, rendered once.
 struct FixedLabels {
@@ -280,6 +303,7 @@ void write_exposition(std::string& out, const Snapshot& snapshot, const std::opt
   labelled(Labelled::tls_handshake_failures);
   labelled(Labelled::upstream_errors);
   labelled(Labelled::rejects);
+  labelled(Labelled::http_rejects);
   if (!rows.empty()) {
     header(family::below_tls12);
     for (const auto& row : rows) append_sample(out, family::below_tls12.name, {row.series->labels}, row.values.below_tls12);
@@ -389,6 +413,7 @@ bool write_all(int fd, std::string_view data) {
 struct Telemetry::Impl {
   explicit Impl(Clock c) : clock(c ? std::move(c) : Clock([] { return std::chrono::system_clock::now(); })) {
     for (const char* result : {"success", "failure"}) labelled(Labelled::config_reloads, {{"result", result}});
+    for (const auto reason : all_http_rejects) labelled(Labelled::http_rejects, {{"reason", to_string(reason)}});
   }
 
   Clock clock;
@@ -560,6 +585,11 @@ void Telemetry::upstream_error(std::string_view upstream, std::string_view reaso
 void Telemetry::rejected(std::string_view listener, std::string_view reason) {
   std::lock_guard lock(impl_->mutex);
   ++impl_->labelled(Labelled::rejects, {{"listener", listener}, {"reason", reason}});
+}
+
+void Telemetry::http_rejected(HttpReject reason) {
+  std::lock_guard lock(impl_->mutex);
+  ++impl_->labelled(Labelled::http_rejects, {{"reason", to_string(reason)}});
 }
 
 void Telemetry::config_reloaded(bool success) {

@@ -2,6 +2,7 @@
 // Every metric of mailflowd, declared in one place (telemetry.cpp), plus the rolling windows behind the
 // connector report. Thread-safe: sessions on any thread call the recording functions.
 // Deliberately free of prometheus-cpp and Asio headers: it is included by every daemon file.
+#include <array>
 #include <chrono>
 #include <cstdint>
 #include <functional>
@@ -19,6 +20,23 @@ struct Report;
 
 enum class Leg { client, upstream };
 std::string_view to_string(Leg leg);
+
+// Why the HTTP side refused a connection or a request (mailflow_http_rejects_total{reason}); every reason is
+// exported from the start, zeros included.
+enum class HttpReject {
+  connection_limit,  // over the total HTTP connection cap
+  address_limit,     // over the per-address HTTP connection cap
+  head_timeout,      // the request head was not complete within its deadline
+  bad_request,       // 400: unparsable, oversized, or a Transfer-Encoding other than chunked
+  auth_missing,      // 401 without (usable) credentials
+  auth_failed,       // 401: wrong user name or password
+  auth_busy,         // 503: too many password checks pending
+  auth_backoff,      // 429: the address failed too often, no check was run
+};
+inline constexpr std::array<HttpReject, 8> all_http_rejects{
+    HttpReject::connection_limit, HttpReject::address_limit, HttpReject::head_timeout, HttpReject::bad_request,
+    HttpReject::auth_missing,     HttpReject::auth_failed,   HttpReject::auth_busy,    HttpReject::auth_backoff};
+std::string_view to_string(HttpReject reason);
 
 class Telemetry {
  public:
@@ -42,6 +60,7 @@ class Telemetry {
   void tls_handshake_failed(std::string_view listener, Leg leg, std::string_view reason);
   void upstream_error(std::string_view upstream, std::string_view reason);
   void rejected(std::string_view listener, std::string_view reason);
+  void http_rejected(HttpReject reason);  // mailflow_http_rejects_total{reason}
   void config_reloaded(bool success);  // mailflow_config_reloads_total{result="success"|"failure"}
   void state_error(std::string_view reason);  // mailflow_state_errors_total{reason}: save/load problems
   // mailflow_dns_lookups_total{type,result}: every lookup of the resolver; all series exported from the start.

@@ -10,6 +10,7 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/ssl.hpp>
+#include <boost/asio/write.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 #include <boost/beast/ssl.hpp>
@@ -21,6 +22,7 @@
 #include <string>
 #include <system_error>
 #include <thread>
+#include <vector>
 
 #include "daemon/telemetry.hpp"
 #include "tests/daemon/test_certificate.hpp"
@@ -85,7 +87,7 @@ Reply request(unsigned short port, const std::string& target, http::verb method 
   return reply;
 }
 
-// A running HttpServer on 127.0.0.1:<ephemeral> with its own I/O thread.
+// A running HttpServer on 127.0.0.1:<ephemeral> (it runs its own I/O thread).
 struct Fixture {
   explicit Fixture(std::optional<mailflow::config::BasicAuth> auth = std::nullopt,
                    std::optional<mailflow::config::CertificatePair> tls = std::nullopt) {
@@ -100,20 +102,16 @@ struct Fixture {
     http.address = {"127.0.0.1", 0, "127.0.0.1:0"};
     http.basic_auth = std::move(auth);
     http.tls = std::move(tls);
-    server = std::make_unique<mailflow::HttpServer>(io, http, telemetry, [this] { return ready.load(); });
+    server = std::make_unique<mailflow::HttpServer>(http, telemetry, [this] { return ready.load(); });
     server->start();
-    thread = std::thread([this] { io.run(); });
   }
   ~Fixture() {
-    server->stop();
-    thread.join();  // run() returns once the acceptor and every connection are closed
+    server.reset();  // stop + join: the HTTP thread ends once the acceptor and every connection are closed
   }
 
-  asio::io_context io;
   mailflow::Telemetry telemetry;
   std::atomic<bool> ready{false};
   std::unique_ptr<mailflow::HttpServer> server;
-  std::thread thread;
 };
 
 std::string make_hash(const char* password) {
@@ -218,11 +216,10 @@ TEST_CASE("http: basic auth with a crypt(3) hash guards everything but /healthz"
 
 TEST_CASE("http: start() on an address in use throws a clear error") {
   Fixture f;
-  asio::io_context io;
   mailflow::Telemetry telemetry;
   mailflow::config::Http http;
   http.address = {"127.0.0.1", f.server->port(), "127.0.0.1:" + std::to_string(f.server->port())};
-  mailflow::HttpServer second(io, http, telemetry, [] { return true; });
+  mailflow::HttpServer second(http, telemetry, [] { return true; });
   try {
     second.start();
     FAIL("start() must throw");
@@ -246,7 +243,7 @@ TEST_CASE("http: stop() closes idle keep-alive connections") {
   CHECK(res.keep_alive());
 
   const auto started = std::chrono::steady_clock::now();
-  f.reset();  // stop + join: would hang for the 30 s idle timeout if the connection stayed open
+  f.reset();  // stop + join: would hang for the idle timeout if the connection stayed open
   CHECK(std::chrono::steady_clock::now() - started < std::chrono::seconds(5));
   beast::error_code ec;
   char byte;
@@ -297,4 +294,109 @@ TEST_CASE("http: update() applies new basic auth, a bad certificate is refused a
   broken.tls = mailflow::config::CertificatePair{"/nonexistent/cert.pem", "/nonexistent/key.pem"};
   CHECK_THROWS_AS(f.server->update(broken), std::system_error);
   CHECK(request(port, "/metrics").status == 401);  // still the previous settings
+}
+
+namespace {
+
+// Everything the server sends on a fresh connection from `source` after `data`, until it closes (or 3 s).
+std::string send_raw(unsigned short port, const std::string& data, const char* source = "127.0.0.1") {
+  asio::io_context io;
+  tcp::socket socket(io);
+  socket.open(tcp::v4());
+  socket.bind(tcp::endpoint(asio::ip::make_address(source), 0));
+  socket.connect(tcp::endpoint(asio::ip::make_address("127.0.0.1"), port));
+  asio::write(socket, asio::buffer(data));
+  std::string out;
+  char chunk[4096];
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(3);
+  socket.non_blocking(true);
+  while (std::chrono::steady_clock::now() < deadline) {
+    beast::error_code ec;
+    const auto n = socket.read_some(asio::buffer(chunk), ec);
+    if (ec == asio::error::would_block) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      continue;
+    }
+    if (ec) break;
+    out.append(chunk, n);
+  }
+  return out;
+}
+
+double http_rejects(mailflow::Telemetry& telemetry, const std::string& reason) {
+  const std::string text = telemetry.metrics_text();
+  const std::string key = "mailflow_http_rejects_total{reason=\"" + reason + "\"} ";
+  const auto at = text.find(key);
+  if (at == std::string::npos) return -1;
+  return std::stod(text.substr(at + key.size()));
+}
+
+}  // namespace
+
+TEST_CASE("http: every reject reason is exported from the start, zeros included") {
+  mailflow::Telemetry telemetry;
+  for (const auto reason : mailflow::all_http_rejects) {
+    CAPTURE(mailflow::to_string(reason));
+    CHECK(http_rejects(telemetry, std::string(mailflow::to_string(reason))) == 0.0);
+  }
+}
+
+TEST_CASE("http: a Transfer-Encoding that does not end in chunked is 400 (RFC 9112 6.3)") {
+  Fixture f;
+  const auto port = f.server->port();
+  for (const char* encoding : {"gzip", "chunked, gzip", "identity"}) {
+    CAPTURE(encoding);
+    const auto reply = send_raw(port, std::string("GET /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: ") +
+                                          encoding + "\r\n\r\n0\r\n\r\n");
+    CHECK(reply.rfind("HTTP/1.1 400 ", 0) == 0);
+  }
+  CHECK(http_rejects(f.telemetry, "bad_request") == 3.0);
+  const auto chunked =
+      send_raw(port, "GET /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n"
+                     "0\r\n\r\n");
+  CHECK(chunked.rfind("HTTP/1.1 200 ", 0) == 0);
+}
+
+TEST_CASE("http: connections over the per-address cap get a quick 503, other addresses are served") {
+  Fixture f;
+  const auto port = f.server->port();
+  asio::io_context io;
+  std::vector<tcp::socket> held;
+  for (int i = 0; i < 16; ++i) {
+    held.emplace_back(io);
+    held.back().connect(tcp::endpoint(asio::ip::make_address("127.0.0.1"), port));
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));  // all accepted
+  const auto started = std::chrono::steady_clock::now();
+  const auto refused = send_raw(port, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", "127.0.0.1");
+  CHECK(std::chrono::steady_clock::now() - started < std::chrono::seconds(2));
+  CHECK(refused.rfind("HTTP/1.1 503 ", 0) == 0);
+  CHECK(refused.find("Connection: close\r\n") != std::string::npos);
+  const auto other = send_raw(port, "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", "127.0.0.2");
+  CHECK(other.rfind("HTTP/1.1 200 ", 0) == 0);
+  CHECK(http_rejects(f.telemetry, "address_limit") == 1.0);
+
+  held.pop_back();  // closing one frees its slot
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  const auto again = send_raw(port, "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", "127.0.0.1");
+  CHECK(again.rfind("HTTP/1.1 200 ", 0) == 0);
+}
+
+TEST_CASE("http: a request head must be complete within its deadline, trickling does not extend it") {
+  Fixture f;
+  asio::io_context io;
+  tcp::socket socket(io);
+  socket.connect(tcp::endpoint(asio::ip::make_address("127.0.0.1"), f.server->port()));
+  asio::write(socket, asio::buffer(std::string_view("GET /healthz HTTP/1.1\r\nHost: x\r\n")));
+  const auto started = std::chrono::steady_clock::now();
+  beast::error_code ec;
+  while (!ec && std::chrono::steady_clock::now() - started < std::chrono::seconds(10)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(250));
+    asio::write(socket, asio::buffer(std::string_view("X")), ec);  // a header name that never ends
+  }
+  const auto closed_after = std::chrono::steady_clock::now() - started;
+  CHECK(ec);
+  CHECK(closed_after >= std::chrono::milliseconds(4500));
+  CHECK(closed_after < std::chrono::seconds(7));
+  CHECK(http_rejects(f.telemetry, "head_timeout") == 1.0);
 }

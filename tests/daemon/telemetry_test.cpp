@@ -395,9 +395,9 @@ TEST_CASE("hostile label values come out escaped, one family block each, and the
     CHECK(families.insert(name).second);
     CHECK(previous.rfind("# HELP " + name + " ", 0) == 0);
   }
-  // 19 mailflow_ families (mailflow_dns_lookups_total too) + 6 process_, less the three that have no sample yet
-  // (an empty family is not written).
-  CHECK(families.size() == 22);
+  // 20 mailflow_ families (mailflow_dns_lookups_total and mailflow_http_rejects_total too) + 6 process_, less
+  // the three that have no sample yet (an empty family is not written).
+  CHECK(families.size() == 23);
   CHECK(families.count("mailflow_upstream_errors_total") == 0);
 }
 
