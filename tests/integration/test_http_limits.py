@@ -1,0 +1,202 @@
+"""The HTTP side under hostile connections (issue #15 items 4 and 10): slowloris from one address must not take
+out /metrics and /healthz for everyone else (per-address cap, a deadline for the whole request head), a
+connection over the total cap gets a quick 503, a Transfer-Encoding not ending in chunked gets 400, and every
+refusal is counted in mailflow_http_rejects_total{reason}."""
+import socket
+import threading
+import time
+import types
+
+import pytest
+
+import harness
+import hostile_helpers as hh
+import http_helpers as hx
+
+HEAD_TIMEOUT = 5.0      # daemon/http_server.cpp kHeadTimeout
+PER_ADDRESS = 16        # kMaxConnectionsPerAddress
+TOTAL = 256             # kMaxConnections
+MARGIN = 2.5
+
+
+@pytest.fixture(scope="module")
+def env(sink_factory, daemon_factory):
+    sink = sink_factory("store")
+    smtp = harness.free_port()
+    d = daemon_factory(listeners=[hh.listener("inbound", smtp, "store")],
+                       upstreams=[hh.plain_upstream("store", sink.port)], name="http-limits")
+    port = int(d.config["http"]["address"].rsplit(":", 1)[1])
+    return types.SimpleNamespace(d=d, port=port, sink=sink)
+
+
+def slow_connection(port, source):
+    """A connection that sends the start of a request head and never finishes it."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
+    try:
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: mailflowd\r\n")
+    except OSError:
+        pass
+    return s
+
+
+def wait_all_closed(socks, timeout):
+    deadline = time.monotonic() + timeout
+    while True:
+        still_open = [s for s in socks if hx.state_of(s) == "open"]
+        if not still_open or time.monotonic() > deadline:
+            return still_open
+        time.sleep(0.2)
+
+
+def test_metrics_and_healthz_answer_under_slowloris(env):
+    """300 slow connections from 127.0.0.1, reopened as soon as they are closed, trickling header bytes: /metrics
+    and /healthz from 127.0.0.2 still answer, and the slow ones are closed HEAD_TIMEOUT after they opened even
+    though they keep sending (the deadline covers the head, activity does not extend it)."""
+    before = hx.rejects(hx.metrics(env.port))
+    socks = [slow_connection(env.port, "127.0.0.1") for _ in range(300)]
+    stop = threading.Event()
+    reopening = threading.Event()
+    reopening.set()
+
+    def trickle():
+        while not stop.is_set():
+            for i, s in enumerate(socks):
+                try:
+                    s.send(b"X")  # one more byte of a header name, never a complete head
+                except OSError:
+                    if reopening.is_set():
+                        s.close()
+                        try:
+                            socks[i] = slow_connection(env.port, "127.0.0.1")
+                        except OSError:
+                            pass
+            stop.wait(0.3)
+
+    attacker = threading.Thread(target=trickle, daemon=True)
+    attacker.start()
+    answered, failures = 0, []
+    try:
+        started = time.monotonic()
+        for i in range(100):
+            path = "/metrics" if i % 2 == 0 else "/healthz"
+            try:
+                status, _, _, _ = hx.get(env.port, path, source="127.0.0.2", timeout=2.0)
+                answered += status == 200
+                if status != 200:
+                    failures.append(status)
+            except OSError as e:
+                failures.append(repr(e))
+            time.sleep(0.06)  # spread over ~7 s: longer than the head deadline, so reopened ones are included
+        attack_span = time.monotonic() - started
+        reopening.clear()
+        last_reopen = time.monotonic()
+        time.sleep(0.5)  # let the trickler finish its round
+        still_open = wait_all_closed(socks, HEAD_TIMEOUT + MARGIN - 0.5)
+        closed_after = time.monotonic() - last_reopen
+    finally:
+        stop.set()
+        attacker.join(5)
+        for s in socks:
+            s.close()
+    assert answered >= 95, (f"only {answered} of 100 /metrics and /healthz requests from another address were "
+                            f"answered during the slowloris ({attack_span:.1f}s); failures: {failures[:10]}")
+    assert not still_open, (f"{len(still_open)} slow connections still open {closed_after:.1f}s after the last "
+                            f"reopen (head deadline {HEAD_TIMEOUT}s)")
+
+    after = hx.rejects(hx.metrics(env.port))
+    moved = {r: after.get(r, 0) - before.get(r, 0) for r in hx.REASONS}
+    assert moved["address_limit"] >= 300 - PER_ADDRESS, moved
+    assert moved["head_timeout"] >= PER_ADDRESS, moved
+    assert moved["connection_limit"] == 0, moved
+    log = env.d.stderr()
+    assert "http_reject reason=address_limit client=127.0.0.1" in log
+    assert "http_reject reason=head_timeout client=127.0.0.1" in log
+
+
+def test_every_reason_is_exported_from_the_start(env):
+    assert set(hx.rejects(hx.metrics(env.port))) == set(hx.REASONS)
+
+
+def test_over_the_total_cap_a_quick_503(env):
+    """17 addresses x 16 connections: the first 256 fill the total cap, the rest get 503 at once (not silence)
+    and are counted; once the head deadline has closed them, /healthz answers again."""
+    before = hx.rejects(hx.metrics(env.port))
+    held = []
+    for a in range(TOTAL // PER_ADDRESS):
+        for _ in range(PER_ADDRESS):
+            held.append(socket.create_connection(("127.0.0.1", env.port), timeout=5,
+                                                 source_address=(f"127.0.3.{a + 1}", 0)))
+    time.sleep(0.3)  # all accepted
+    over = []
+    try:
+        for _ in range(4):
+            s = socket.create_connection(("127.0.0.1", env.port), timeout=5, source_address=("127.0.3.200", 0))
+            started = time.monotonic()
+            data = b""
+            try:
+                while True:
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+            except OSError:
+                pass
+            over.append((data, time.monotonic() - started))
+            s.close()
+        still_open = wait_all_closed(held, HEAD_TIMEOUT + MARGIN)
+    finally:
+        for s in held:
+            s.close()
+    for data, took in over:
+        assert data.startswith(b"HTTP/1.1 503 "), data
+        assert b"Retry-After: " in data and data.endswith(b"too many connections\n"), data
+        assert took < 1.0, f"the 503 took {took:.2f}s"
+    assert not still_open, f"{len(still_open)} idle connections outlived the head deadline"
+    status, _, _, _ = hx.get(env.port, "/healthz", source="127.0.3.200")
+    assert status == 200
+    after = hx.rejects(hx.metrics(env.port))
+    assert after["connection_limit"] - before["connection_limit"] == 4
+    assert after["head_timeout"] - before["head_timeout"] >= TOTAL
+
+
+@pytest.mark.parametrize("head, body", [
+    (b"Transfer-Encoding: gzip\r\n", b""),
+    (b"Transfer-Encoding: chunked, gzip\r\n", b"0\r\n\r\n"),
+    (b"Transfer-Encoding: gzip\r\nContent-Length: 0\r\n", b""),
+])
+def test_transfer_encoding_not_ending_in_chunked_is_400(env, head, body):
+    """RFC 9112 6.3: the body length of such a request cannot be known: 400 and close, never 'no body'."""
+    before = hx.rejects(hx.metrics(env.port))
+    reply = hx.raw_request(env.port, b"GET /healthz HTTP/1.1\r\nHost: mailflowd\r\n" + head + b"\r\n" + body)
+    assert reply.startswith(b"HTTP/1.1 400 "), reply
+    after = hx.rejects(hx.metrics(env.port))
+    assert after["bad_request"] - before["bad_request"] == 1
+
+
+def test_transfer_encoding_ending_in_chunked_is_served(env):
+    reply = hx.raw_request(env.port, b"GET /healthz HTTP/1.1\r\nHost: mailflowd\r\nTransfer-Encoding: gzip, chunked\r\n"
+                                     b"Connection: close\r\n\r\n0\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 200 "), reply
+
+
+def test_idle_keep_alive_is_closed_but_not_counted(env):
+    """A kept-alive connection that sends nothing more is closed after the head deadline (it holds a slot);
+    that is no refusal."""
+    before = hx.rejects(hx.metrics(env.port))
+    s = socket.create_connection(("127.0.0.1", env.port), timeout=5, source_address=("127.0.0.5", 0))
+    try:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: mailflowd\r\n\r\n")
+        first = s.recv(4096)
+        assert first.startswith(b"HTTP/1.1 200 "), first
+        started = time.monotonic()
+        s.settimeout(HEAD_TIMEOUT + MARGIN)
+        try:
+            rest = s.recv(4096)
+        except OSError:
+            rest = b""
+        waited = time.monotonic() - started
+    finally:
+        s.close()
+    assert rest == b"" and HEAD_TIMEOUT - 0.5 <= waited <= HEAD_TIMEOUT + MARGIN, (rest, waited)
+    after = hx.rejects(hx.metrics(env.port))
+    assert after["head_timeout"] == before["head_timeout"]
