@@ -110,3 +110,52 @@ def test_config_map_is_accepted_by_mailflowd(tmp_path):
     path.write_text(yaml.safe_dump(config))
     r = subprocess.run([binary, "--check-config", path], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_kustomization_lists_every_manifest():
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    manifests = sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+    assert sorted(kustomization["resources"]) == manifests
+
+
+def test_network_policy_admits_smtp_from_anywhere_and_http_only_from_prometheus():
+    """The HTTP port has no authentication by default and its liveness probe must not be starved by whoever can
+    reach it (issue #15): only Prometheus (pods labelled as kube-prometheus-stack's, or the monitoring
+    namespace) may connect to it; SMTP stays open to every client."""
+    docs = load_all()
+    policy = find(docs, "NetworkPolicy", "mailflowd")[0]
+    deployment = find(docs, "Deployment", "mailflowd")[0]
+    pod = deployment["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    spec = policy["spec"]
+    assert policy["metadata"]["namespace"] == deployment["metadata"]["namespace"]
+    assert spec["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert spec["policyTypes"] == ["Ingress"]
+
+    def rules_for(port_name):
+        found = []
+        for rule in spec["ingress"]:
+            names = [p["port"] for p in rule.get("ports", [])]
+            assert all(n in ports or n in ports.values() for n in names), names
+            if port_name in names or ports[port_name] in names or "ports" not in rule:
+                found.append(rule)
+        return found
+
+    smtp = rules_for("smtp")
+    assert any("from" not in rule for rule in smtp), "SMTP must be reachable from anywhere"
+    metrics = rules_for("metrics")
+    assert metrics, "no rule admits Prometheus to the metrics port"
+    for rule in metrics:
+        assert rule.get("from"), f"the metrics port is open to everyone: {rule}"
+        for peer in rule["from"]:
+            assert "ipBlock" not in peer, peer
+            assert "podSelector" in peer or "namespaceSelector" in peer, peer
+            if "podSelector" in peer:
+                assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}, peer
+            else:
+                assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}, peer
+    # the ServiceMonitor's scrape port and both probes use the port the policy guards
+    monitor = find(docs, "ServiceMonitor", "mailflowd")[0]
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+    assert container["livenessProbe"]["httpGet"]["port"] == "metrics"
