@@ -51,7 +51,7 @@ const std::vector<Section>& schema() {
       {"limits",
        {"max_sessions", "max_sessions_per_ip", "max_message_size", "max_recipients", "max_bad_commands",
         "max_line", "drain_timeout", "greet_pause", "bare_newline", "max_hops"}},
-      {"log", {"level", "format"}},
+      {"log", {"level", "format", "output"}},
       {"timeouts", {"greeting", "command", "data_block", "data_end", "tls_handshake", "upstream_connect"}},
       {"performance", {"busy_poll", "event_loops"}},
   };
@@ -193,18 +193,37 @@ class Loader {
   explicit Loader(std::string file) : file_(std::move(file)) {}
 
   LoadResult load(std::string_view text) {
+    const std::optional<OpenQuote> open_quote = find_open_quote(text);
     try {
       const YAML::Node root = YAML::Load(std::string(text));
-      load_root(root);
+      // yaml-cpp reads a quote that is never closed up to the end of the file without complaint.
+      if (open_quote && open_quote->closed_line < 0) {
+        error_at(open_quote->mark, "unclosed quote: the value " + open_quote->what + " has no closing " +
+                                       open_quote->quote + " (YAML would read the rest of the file into it)");
+      } else {
+        load_root(root);
+      }
     } catch (const YAML::Exception& e) {
-      error_at(e.mark, "YAML syntax error: " + e.msg + syntax_hint(text, e.mark));
+      // A quote left open on an earlier line makes YAML read on to the next quote character and fail
+      // there, far from the mistake: blame the quote, and keep yaml-cpp's own words and position.
+      if (open_quote && !e.mark.is_null() && open_quote->mark.line <= e.mark.line) {
+        error_at(open_quote->mark, "unclosed quote: the value " + open_quote->what + " has no closing " +
+                                       open_quote->quote + " on its line; YAML syntax error at line " +
+                                       std::to_string(e.mark.line + 1) + " column " +
+                                       std::to_string(e.mark.column + 1) + ": " + e.msg);
+      } else {
+        error_at(e.mark, "YAML syntax error: " + e.msg + syntax_hint(text, e.mark));
+      }
     }
-    std::stable_sort(errors_.begin(), errors_.end(), [](const ConfigError& a, const ConfigError& b) {
+    const auto by_position = [](const ConfigError& a, const ConfigError& b) {
       return std::pair(a.line, a.column) < std::pair(b.line, b.column);
-    });
+    };
+    std::stable_sort(errors_.begin(), errors_.end(), by_position);
+    std::stable_sort(warnings_.begin(), warnings_.end(), by_position);
     config_.source_path = file_;
     LoadResult result;
     result.errors = std::move(errors_);
+    result.warnings = std::move(warnings_);
     if (result.errors.empty()) result.config = std::make_shared<const Config>(std::move(config_));
     return result;
   }
@@ -212,8 +231,66 @@ class Loader {
  private:
   std::string file_;
   std::vector<ConfigError> errors_;
+  std::vector<ConfigError> warnings_;
   Config config_;
   YAML::Mark root_mark_;
+
+  // A quoted scalar that does not end on the line where it starts: legal YAML, but in a configuration file
+  // nearly always a missing closing quote.
+  struct OpenQuote {
+    YAML::Mark mark;         // the opening quote
+    std::string quote;       // "\"" or "'"
+    std::string what;        // the quote and the rest of its line (at most 60 characters)
+    int closed_line = -1;    // 0-based line of the closing quote; -1: never closed
+  };
+  static std::optional<OpenQuote> find_open_quote(std::string_view text) {
+    int line = 0;
+    std::size_t line_start = 0;
+    std::optional<OpenQuote> open;  // set while inside a quoted scalar
+    for (std::size_t i = 0; i < text.size(); ++i) {
+      const char c = text[i];
+      if (c == '\n') {
+        ++line;
+        line_start = i + 1;
+        continue;
+      }
+      if (!open) {
+        // A quote starts a scalar only after a blank or a flow indicator; inside a plain scalar (don't) it
+        // is an ordinary character.
+        const char before = i == line_start ? ' ' : text[i - 1];
+        if (before != ' ' && before != '\t' && before != '[' && before != '{' && before != ',') continue;
+        if (c == '#') {  // a comment: skip to the end of the line
+          i = std::min(text.find('\n', i), text.size()) - 1;
+          continue;
+        }
+        if (c != '"' && c != '\'') continue;
+        std::string_view rest = text.substr(i, std::min(text.find('\n', i), text.size()) - i);
+        if (!rest.empty() && rest.back() == '\r') rest.remove_suffix(1);
+        open.emplace();
+        open->mark.pos = static_cast<int>(i);
+        open->mark.line = line;
+        open->mark.column = static_cast<int>(i - line_start);
+        open->quote = std::string(1, c);
+        open->what = std::string(rest.substr(0, 60)) + (rest.size() > 60 ? "..." : "");
+        continue;
+      }
+      if (open->quote[0] == '"' && c == '\\') {
+        ++i;  // an escape: the next character never closes
+        continue;
+      }
+      if (c != open->quote[0]) continue;
+      if (c == '\'' && i + 1 < text.size() && text[i + 1] == '\'') {
+        ++i;  // '' is a quote inside a single-quoted scalar
+        continue;
+      }
+      if (open->mark.line != line) {
+        open->closed_line = line;
+        return open;
+      }
+      open.reset();
+    }
+    return open;  // still open at the end of the file (closed_line -1), or nullopt
+  }
 
   // The classic: an unquoted "[::]:25" is a YAML flow list followed by garbage.
   static std::string syntax_hint(std::string_view text, const YAML::Mark& mark) {
@@ -248,6 +325,17 @@ class Loader {
   // A null value has no position of its own (yaml-cpp gives the next token's): blame the key instead.
   void error_at(const Field& field, std::string message) {
     error_at(field.value.IsNull() ? field.key.Mark() : field.value.Mark(), std::move(message));
+  }
+  void remember_position(const std::string& path, const YAML::Node& node) {
+    const YAML::Mark mark = node.Mark();
+    if (!mark.is_null() && mark.line >= 0) config_.positions[path] = {mark.line + 1, mark.column + 1};
+  }
+  // Warnings: the same shape as errors, collected apart (they never make a configuration invalid).
+  void warn_at(const YAML::Mark& mark, std::string message) {
+    errors_.swap(warnings_);
+    error_at(mark, std::move(message));
+    errors_.swap(warnings_);
+    warnings_.back().warning = true;
   }
 
   static std::string join(std::string_view where, std::string_view key) {
@@ -863,8 +951,9 @@ class Loader {
         const auto pair_map = fields(list[i], list[i].Mark(), "listeners[].tls.certificates[]", item_where);
         if (!pair_map) continue;
         CertificatePair pair;
-        if (require(*pair_map, "cert", list[i].Mark(), item_where))
-          read_file(*pair_map, "cert", item_where, pair.cert);
+        if (require(*pair_map, "cert", list[i].Mark(), item_where) &&
+            read_file(*pair_map, "cert", item_where, pair.cert))
+          remember_position(item_where + ".cert", get(*pair_map, "cert")->value);
         if (require(*pair_map, "key", list[i].Mark(), item_where))
           read_file(*pair_map, "key", item_where, pair.key);
         tls.certificates.push_back(std::move(pair));
@@ -916,6 +1005,126 @@ class Loader {
         load_alerts(*alerts, "connectors[].alerts", where + ".alerts", connector.alerts);
       }
       config_.connectors.push_back(std::move(connector));
+      ConnectorMarks marks;
+      marks.item = named ? get(*map, "name")->value.Mark() : list[i].Mark();
+      if (const Field* direction = get(*map, "direction")) marks.direction = direction->value.Mark();
+      if (const Field* require_tls = get(*map, "require_tls")) marks.require_tls = require_tls->value.Mark();
+      marks.line = list[i].Mark().line + 1;
+      connector_marks_.push_back(marks);
+    }
+    check_connectors();
+  }
+
+  // Where a loaded connector was written, for the checks across connectors (parallel to config_.connectors).
+  struct ConnectorMarks {
+    YAML::Mark item;         // its name (or the list item)
+    YAML::Mark direction;    // null when not given
+    YAML::Mark require_tls;  // null when not given
+    int line = 0;
+  };
+  std::vector<ConnectorMarks> connector_marks_;
+
+  // The listeners whose traffic a connector can see: those of match.listener, else every listener of its
+  // direction (connector_match.cpp compares the direction first).
+  std::vector<const Listener*> reachable_listeners(const Connector& connector) const {
+    std::vector<const Listener*> out;
+    for (const auto& listener : config_.listeners) {
+      if (listener.direction != connector.direction) continue;
+      const auto& named = connector.match.listeners;
+      if (named.empty() || std::find(named.begin(), named.end(), listener.name) != named.end())
+        out.push_back(&listener);
+    }
+    return out;
+  }
+
+  static bool cidrs_cover(const std::vector<Cidr>& outer, const std::vector<Cidr>& inner) {
+    if (outer.empty()) return true;  // any address
+    if (inner.empty()) return false;
+    return std::all_of(inner.begin(), inner.end(), [&](const Cidr& in) {
+      return std::any_of(outer.begin(), outer.end(),
+                         [&](const Cidr& out) { return out.prefix <= in.prefix && out.contains(in.network); });
+    });
+  }
+
+  // Every name that matches a pattern of `inner` matches one of `outer` (glob_match of a pattern against a
+  // pattern is sound here: a '*' of the inner pattern can only be consumed by a '*' of the outer one).
+  static bool patterns_cover(const std::vector<std::string>& outer, const std::vector<std::string>& inner) {
+    if (outer.empty()) return true;
+    if (inner.empty()) return false;
+    return std::all_of(inner.begin(), inner.end(), [&](const std::string& in) {
+      return std::any_of(outer.begin(), outer.end(), [&](const std::string& out) { return glob_match(out, in); });
+    });
+  }
+
+  // True when every transaction that `later` would match is matched by `earlier` first.
+  bool match_covers(const Connector& earlier, const Connector& later) const {
+    if (earlier.direction != later.direction) return false;
+    const auto outer = reachable_listeners(earlier);
+    for (const Listener* listener : reachable_listeners(later)) {
+      if (std::find(outer.begin(), outer.end(), listener) == outer.end()) return false;
+    }
+    const ConnectorMatch& a = earlier.match;
+    const ConnectorMatch& b = later.match;
+    return cidrs_cover(a.client_cidrs, b.client_cidrs) && patterns_cover(a.sender_domains, b.sender_domains) &&
+           patterns_cover(a.recipient_domains, b.recipient_domains) && patterns_cover(a.ehlo, b.ehlo) &&
+           patterns_cover(a.sni, b.sni);
+  }
+
+  // Checks that need all connectors and listeners: require_tls where no STARTTLS is offered (an error: its
+  // clients would get 530 for ever), and connectors that can never match (warnings).
+  void check_connectors() {
+    for (std::size_t i = 0; i < config_.connectors.size() && i < connector_marks_.size(); ++i) {
+      const Connector& connector = config_.connectors[i];
+      const ConnectorMarks& marks = connector_marks_[i];
+      const std::string where = "connectors[" + std::to_string(i) + "]";
+      const std::string direction(to_string(connector.direction));
+      const auto listeners = reachable_listeners(connector);
+      if (listeners.empty()) {
+        // match.listener naming unknown listeners is an error already.
+        if (connector.match.listeners.empty()) {
+          warn_at(marks.direction.is_null() ? marks.item : marks.direction,
+                  where + ": no " + direction + " listener is configured, so connector " + quoted(connector.name) +
+                      " never matches (a connector sees only the traffic of listeners with its direction)");
+        }
+        continue;
+      }
+      if (connector.require_tls) {
+        std::vector<std::string> plain;
+        for (const Listener* listener : listeners) {
+          if (!listener->tls) plain.push_back(quoted(listener->name));
+        }
+        std::string names;
+        for (const auto& name : plain) names += (names.empty() ? "" : ", ") + name;
+        const std::string offer = plain.size() == 1 ? "listener " + names + " offers" : "listeners " + names + " offer";
+        if (!plain.empty() && plain.size() == listeners.size()) {
+          error_at(marks.require_tls, where + ".require_tls: " + offer +
+                                          " no STARTTLS (no tls: block), so every client of connector " +
+                                          quoted(connector.name) +
+                                          " would get 530 5.7.0 and its mail would bounce; add a tls: block with "
+                                          "certificates to the listener, or set require_tls: false");
+        } else if (!plain.empty()) {
+          warn_at(marks.require_tls,
+                  where + ".require_tls: " + offer + " no STARTTLS (no tls: block): clients of connector " +
+                      quoted(connector.name) +
+                      " that connect there get 530 5.7.0; restrict the connector with match.listener to "
+                      "listeners with tls:");
+        }
+      }
+      for (std::size_t j = 0; j < i; ++j) {
+        const Connector& earlier = config_.connectors[j];
+        if (!match_covers(earlier, connector)) continue;
+        const bool catch_all = earlier.match.listeners.empty() && earlier.match.client_cidrs.empty() &&
+                               earlier.match.sender_domains.empty() && earlier.match.recipient_domains.empty() &&
+                               earlier.match.ehlo.empty() && earlier.match.sni.empty();
+        warn_at(marks.item, where + ": connector " + quoted(connector.name) + " never matches: connector " +
+                                quoted(earlier.name) + " (line " + std::to_string(connector_marks_[j].line) +
+                                ") comes first and " +
+                                (catch_all ? "matches all " + direction + " traffic"
+                                           : "matches everything this one would") +
+                                " (first match wins); move it above " + quoted(earlier.name) +
+                                " or narrow that one's match");
+        break;
+      }
     }
   }
 
@@ -998,6 +1207,12 @@ class Loader {
           error_at(node, path + ": expected a name pattern like *.example.com, got " + quoted(text));
           continue;
         }
+        // Clients send EHLO names and SNI without the root's dot (RFC 6066 forbids it in SNI).
+        if (text.size() > 1 && text.back() == '.') {
+          warn_at(node.Mark(), path + ": " + quoted(text) + " ends with a dot, but names are compared as "
+                                   "clients send them, without it, so this pattern never matches (write " +
+                                   quoted(std::string_view(text).substr(0, text.size() - 1)) + ")");
+        }
         out.push_back(lower(text));
       }
     };
@@ -1045,8 +1260,9 @@ class Loader {
       const auto tls_map = fields(*tls, "http.tls", "http.tls");
       if (tls_map) {
         CertificatePair pair;
-        if (require(*tls_map, "cert", tls->key.Mark(), "http.tls"))
-          read_file(*tls_map, "cert", "http.tls", pair.cert);
+        if (require(*tls_map, "cert", tls->key.Mark(), "http.tls") &&
+            read_file(*tls_map, "cert", "http.tls", pair.cert))
+          remember_position("http.tls.cert", get(*tls_map, "cert")->value);
         if (require(*tls_map, "key", tls->key.Mark(), "http.tls"))
           read_file(*tls_map, "key", "http.tls", pair.key);
         config_.http.tls = std::move(pair);
@@ -1089,6 +1305,8 @@ class Loader {
                {"off", std::string("off")}});
     read_enum(*map, "format", "log", config_.log.format,
               {{"text", LogFormat::text}, {"json", LogFormat::json}});
+    read_enum(*map, "output", "log", config_.log.output,
+              {{"stderr", LogOutput::standard_error}, {"syslog", LogOutput::syslog}});
   }
 
   void load_performance(const Field& field) {

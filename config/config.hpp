@@ -4,6 +4,7 @@
 #include <array>
 #include <chrono>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -184,6 +185,9 @@ struct Config {
   Log log;
   Timeouts timeouts;
   Performance performance;
+  // Line and column (1-based) of the values that are checked outside the loader, by key path: each
+  // "listeners[N].tls.certificates[M].cert" and "http.tls.cert" (the daemon loads the certificates).
+  std::map<std::string, std::pair<int, int>, std::less<>> positions;
 
   const Upstream* find_upstream(std::string_view name) const;
   const Listener* find_listener(std::string_view name) const;

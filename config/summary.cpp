@@ -113,7 +113,8 @@ std::string summarize(const Config& config) {
                   config.limits.max_sessions, config.limits.max_sessions_per_ip,
                   config.limits.max_message_size, config.limits.max_recipients,
                   config.limits.bare_newline == proto::BareNewlinePolicy::normalize ? "normalize" : "reject");
-  out += fmt::format("log: level={} format={}\n", config.log.level, to_string(config.log.format));
+  out += fmt::format("log: level={} format={} output={}\n", config.log.level, to_string(config.log.format),
+                     to_string(config.log.output));
   out +=
       fmt::format("performance: busy_poll={} event_loops={}\n", config.performance.busy_poll ? "on" : "off",
                   config.performance.event_loops == 0 ? std::string("auto")
