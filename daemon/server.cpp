@@ -28,6 +28,7 @@
 #include <thread>
 #include <vector>
 
+#include "daemon/certificate_check.hpp"
 #include "daemon/http_server.hpp"
 #include "daemon/log.hpp"
 #include "daemon/poll_window.hpp"
@@ -259,6 +260,15 @@ struct Server::Impl {
     }
   }
 
+  // At start and after a reload: certificates that expired or expire soon are logged (as --check-config
+  // prints them), and mailflow_certificate_expiry_timestamp_seconds gets the notAfter of each.
+  void apply_certificates(const config::Config& config) {
+    const auto findings = check_certificates(config, std::chrono::system_clock::now());
+    for (const auto& warning : findings.warnings)
+      log_event(LogLevel::warn, "config_warning", {{"warning", warning.to_string()}});
+    telemetry.certificates_loaded(findings.expiries);
+  }
+
   // The settings of `next` that differ from what the process started with and only a restart applies.
   std::vector<const char*> restart_only_changes(const config::Config& next) const {
     std::vector<const char*> changed;
@@ -297,6 +307,9 @@ struct Server::Impl {
       setup_logging(loaded.config->log);
       busy_poll = loaded.config->performance.busy_poll;
       telemetry.configure(*loaded.config);
+      for (const auto& warning : loaded.warnings)
+        log_event(LogLevel::warn, "config_warning", {{"warning", warning.to_string()}});
+      apply_certificates(*loaded.config);
       telemetry.config_reloaded(true);
       log_event(LogLevel::info, "reloaded",
                 {{"listeners", std::to_string(loaded.config->listeners.size())},
@@ -387,6 +400,7 @@ int Server::run() {
     throw std::runtime_error("state_dir " + config.state_dir + ": " + error);
   if (!error.empty()) log_event(LogLevel::warn, "state_discarded", {{"reason", error}});
   s.telemetry.configure(config);
+  s.apply_certificates(config);
   s.busy_poll = config.performance.busy_poll;
 
   s.swap_listeners(s.reconcile_listeners(config));

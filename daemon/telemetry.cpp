@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "daemon/exposition.hpp"
+#include "daemon/reasons.hpp"
 #include "daemon/process_metrics.hpp"
 #include "daemon/report.hpp"
 #include "daemon/window_store.hpp"
@@ -115,6 +116,9 @@ constexpr Family alert_threshold{"mailflow_alert_threshold", "gauge",
 constexpr Family insight_active{"mailflow_insight_active", "gauge",
                                 "1 while an insight (significant_tls10, significant_no_tls) is active"};
 constexpr Family build_info{"mailflow_build_info", "gauge", "Build information (always 1)"};
+constexpr Family certificate_expiry{"mailflow_certificate_expiry_timestamp_seconds", "gauge",
+                                   "notAfter of each served certificate (unix seconds), by listener (http: "
+                                   "http.tls) and certificate file"};
 constexpr Family session_duration{"mailflow_session_duration_seconds", "histogram", "Client session duration"};
 // process_* the way the Prometheus Go client exports them.
 constexpr Family process_cpu{"process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds."};
@@ -256,6 +260,7 @@ struct Snapshot {
   std::vector<std::pair<const ListenerSeries*, ListenerValues>> listeners;
   std::array<std::array<std::uint64_t, all_dns_outcomes.size()>, all_dns_types.size()> dns_lookups{};
   std::array<std::vector<std::pair<const std::string*, std::uint64_t>>, kLabelledFamilies> labelled;
+  std::vector<std::pair<std::string, std::int64_t>> certificates;  // rendered labels, notAfter
 };
 
 void write_exposition(std::string& out, const Snapshot& snapshot, const std::optional<ProcessStats>& process) {
@@ -277,8 +282,9 @@ void write_exposition(std::string& out, const Snapshot& snapshot, const std::opt
     }
   };
   auto labelled = [&](Labelled which) {
+    // Written even without samples: a family with a declared vocabulary (daemon/reasons.hpp) is exported
+    // from the start, HELP and TYPE included.
     const auto& samples = snapshot.labelled[static_cast<std::size_t>(which)];
-    if (samples.empty()) return;
     const Family& f = *kLabelledFamily[static_cast<std::size_t>(which)];
     header(f);
     for (const auto& [labels, value] : samples) append_sample(out, f.name, {*labels}, value);
@@ -363,6 +369,10 @@ void write_exposition(std::string& out, const Snapshot& snapshot, const std::opt
   }
   header(family::build_info);
   append_sample(out, family::build_info.name, {fixed.version}, std::uint64_t{1});
+  header(family::certificate_expiry);
+  for (const auto& [labels, not_after] : snapshot.certificates) {
+    append_sample(out, family::certificate_expiry.name, {labels}, not_after);
+  }
 
   if (!listeners.empty()) {
     header(family::session_duration);
@@ -413,6 +423,7 @@ bool write_all(int fd, std::string_view data) {
 struct Telemetry::Impl {
   explicit Impl(Clock c) : clock(c ? std::move(c) : Clock([] { return std::chrono::system_clock::now(); })) {
     for (const char* result : {"success", "failure"}) labelled(Labelled::config_reloads, {{"result", result}});
+    for (const auto reason : reasons::state_errors) labelled(Labelled::state_errors, {{"reason", reason}});
     for (const auto reason : all_http_rejects) labelled(Labelled::http_rejects, {{"reason", to_string(reason)}});
   }
 
@@ -433,6 +444,7 @@ struct Telemetry::Impl {
   // Rendered label text -> value; std::map: sorted output, and a node's key never moves (see Snapshot).
   std::array<std::map<std::string, std::uint64_t, std::less<>>, kLabelledFamilies> labelled_counters;
   std::string labelled_key;  // reused: counting a known label set allocates nothing
+  std::vector<std::pair<std::string, std::int64_t>> certificates;  // rendered labels, notAfter
 
   std::mutex scrape_mutex;  // guards the two below: one scrape at a time reuses them
   Snapshot snapshot;
@@ -500,6 +512,7 @@ struct Telemetry::Impl {
       out.labelled[f].clear();
       for (const auto& [labels, value] : labelled_counters[f]) out.labelled[f].emplace_back(&labels, value);
     }
+    out.certificates = certificates;
   }
 };
 
@@ -525,6 +538,38 @@ void Telemetry::configure(const config::Config& config) {
     values.alerts = view.alerts;
   }
   for (const auto& listener : config.listeners) impl_->listener(listener.name);
+
+  // Every declared reason from the start (daemon/reasons.hpp); existing counters keep their values.
+  for (const auto& listener : config.listeners) {
+    for (const auto reason : reasons::rejects) {
+      impl_->labelled(Labelled::rejects, {{"listener", listener.name}, {"reason", reason}});
+    }
+    for (const auto leg : kLegs) {
+      for (const auto reason : reasons::tls_handshake_failures) {
+        impl_->labelled(Labelled::tls_handshake_failures,
+                        {{"leg", to_string(leg)}, {"listener", listener.name}, {"reason", reason}});
+      }
+    }
+  }
+  for (const auto& upstream : config.upstreams) {
+    for (const auto reason : reasons::upstream_errors) {
+      impl_->labelled(Labelled::upstream_errors, {{"reason", reason}, {"upstream", upstream.name}});
+    }
+  }
+}
+
+void Telemetry::certificates_loaded(const std::vector<CertificateExpiry>& certificates) {
+  std::vector<std::pair<std::string, std::int64_t>> rendered;
+  for (const auto& certificate : certificates) {
+    std::string labels;
+    exposition::append_label(labels, "certificate", certificate.certificate);
+    labels.push_back(',');
+    exposition::append_label(labels, "listener", certificate.listener);
+    rendered.emplace_back(std::move(labels), certificate.not_after);
+  }
+  std::sort(rendered.begin(), rendered.end());
+  std::lock_guard lock(impl_->mutex);
+  impl_->certificates = std::move(rendered);
 }
 
 void Telemetry::message_delivered(std::string_view connector, config::Direction direction, proto::TlsVersion version,

@@ -9,6 +9,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "config/config.hpp"
 #include "daemon/dns_vocabulary.hpp"
@@ -38,6 +39,13 @@ inline constexpr std::array<HttpReject, 8> all_http_rejects{
     HttpReject::auth_missing,     HttpReject::auth_failed,   HttpReject::auth_busy,    HttpReject::auth_backoff};
 std::string_view to_string(HttpReject reason);
 
+// One served certificate's notAfter (daemon/certificate_check.hpp finds them).
+struct CertificateExpiry {
+  std::string listener;        // the listener's name, or "http" for http.tls
+  std::string certificate;     // the cert file path as configured (unique, unlike a CN that SNI pairs share)
+  std::int64_t not_after = 0;  // unix seconds
+};
+
 class Telemetry {
  public:
   using Clock = std::function<std::chrono::system_clock::time_point()>;
@@ -63,6 +71,9 @@ class Telemetry {
   void http_rejected(HttpReject reason);  // mailflow_http_rejects_total{reason}
   void config_reloaded(bool success);  // mailflow_config_reloads_total{result="success"|"failure"}
   void state_error(std::string_view reason);  // mailflow_state_errors_total{reason}: save/load problems
+  // mailflow_certificate_expiry_timestamp_seconds{listener, certificate}: the whole set, at start and after
+  // every successful reload (certificates no longer configured disappear).
+  void certificates_loaded(const std::vector<CertificateExpiry>& certificates);
   // mailflow_dns_lookups_total{type,result}: every lookup of the resolver; all series exported from the start.
   void dns_lookup(DnsType type, DnsOutcome outcome);
 

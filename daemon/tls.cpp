@@ -5,7 +5,10 @@
 #include <openssl/x509v3.h>
 
 #include <cctype>
+#include <ctime>
 #include <stdexcept>
+
+#include "daemon/reasons.hpp"
 
 namespace mailflow {
 namespace {
@@ -71,12 +74,15 @@ std::string handshake_failure_reason(unsigned long openssl_error, bool timed_out
     unsigned char c = static_cast<unsigned char>(*p);
     label += std::isalnum(c) ? static_cast<char>(std::tolower(c)) : '_';
   }
-  return label;
+  // The declared vocabulary only (daemon/reasons.hpp): every series exists from the start, and a rare OpenSSL
+  // reason cannot add series of its own.
+  return reasons::is_listed(reasons::tls_handshake_failures, label) ? label : "other";
 }
 
 struct ServerTls::Entry {
   SSL_CTX* ctx = nullptr;
   X509* leaf = nullptr;  // owned by ctx
+  std::string cert_path;
   ~Entry() { SSL_CTX_free(ctx); }
 };
 
@@ -96,11 +102,20 @@ ServerTls::ServerTls(const config::ListenerTls& tls) {
       throw std::runtime_error("invalid ciphers '" + tls.ciphers + "': " + openssl_error_text());
     if (SSL_CTX_use_certificate_chain_file(ctx, pair.cert.c_str()) != 1)
       throw std::runtime_error("cannot load certificate " + pair.cert + ": " + openssl_error_text());
-    if (SSL_CTX_use_PrivateKey_file(ctx, pair.key.c_str(), SSL_FILETYPE_PEM) != 1)
+    if (SSL_CTX_use_PrivateKey_file(ctx, pair.key.c_str(), SSL_FILETYPE_PEM) != 1) {
+      // OpenSSL compares the key with the certificate while loading it: say which two do not belong together.
+      const unsigned long code = ERR_peek_last_error();
+      if (ERR_GET_LIB(code) == ERR_LIB_X509 && ERR_GET_REASON(code) == X509_R_KEY_VALUES_MISMATCH) {
+        ERR_clear_error();
+        throw std::runtime_error("key " + pair.key + " does not match certificate " + pair.cert +
+                                 " (key values mismatch)");
+      }
       throw std::runtime_error("cannot load key " + pair.key + ": " + openssl_error_text());
+    }
     if (SSL_CTX_check_private_key(ctx) != 1)
       throw std::runtime_error("key " + pair.key + " does not match certificate " + pair.cert);
     entry->leaf = SSL_CTX_get0_certificate(ctx);
+    entry->cert_path = pair.cert;
     entries_.push_back(std::move(entry));
   }
   if (entries_.empty()) throw std::runtime_error("tls: no certificates");
@@ -111,6 +126,25 @@ ServerTls::ServerTls(const config::ListenerTls& tls) {
 ServerTls::~ServerTls() = default;
 
 SSL_CTX* ServerTls::context() const { return entries_.front()->ctx; }
+
+std::vector<CertificateInfo> ServerTls::certificates() const {
+  std::vector<CertificateInfo> out;
+  for (const auto& entry : entries_) {
+    CertificateInfo info;
+    info.cert_path = entry->cert_path;
+    const X509_NAME* subject = X509_get_subject_name(entry->leaf);
+    const int index = X509_NAME_get_index_by_NID(subject, NID_commonName, -1);
+    if (index >= 0) {
+      const ASN1_STRING* cn = X509_NAME_ENTRY_get_data(X509_NAME_get_entry(subject, index));
+      info.subject.assign(reinterpret_cast<const char*>(ASN1_STRING_get0_data(cn)),
+                          static_cast<std::size_t>(ASN1_STRING_length(cn)));
+    }
+    std::tm tm{};
+    if (ASN1_TIME_to_tm(X509_get0_notAfter(entry->leaf), &tm) == 1) info.not_after = timegm(&tm);
+    out.push_back(std::move(info));
+  }
+  return out;
+}
 
 int ServerTls::on_servername(SSL* ssl, int*, void* arg) {
   const auto* self = static_cast<const ServerTls*>(arg);

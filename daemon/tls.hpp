@@ -2,6 +2,7 @@
 // OpenSSL contexts built from a config snapshot: one server context per listener (SNI picks among its
 // certificates) and one client context per upstream. Built at start and on reload; a failure to load a
 // certificate is a startup error / a refused reload.
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -24,9 +25,16 @@ struct TlsInfo {
 TlsInfo tls_info(const SSL* ssl);
 
 // A short, bounded label for mailflow_tls_handshake_failures_total{reason}: OpenSSL's reason string in
-// snake_case ("unsupported_protocol", "no_shared_cipher", "certificate_verify_failed", ...), or
-// "eof"/"timeout".
+// snake_case ("unsupported_protocol", "no_shared_cipher", "certificate_verify_failed", ...) when it is one
+// of reasons::tls_handshake_failures (daemon/reasons.hpp), else "other"; or "eof"/"io_error"/"timeout".
 std::string handshake_failure_reason(unsigned long openssl_error, bool timed_out, bool eof);
+
+// What a loaded certificate says about itself (the leaf of a chain file).
+struct CertificateInfo {
+  std::string cert_path;      // as configured
+  std::string subject;        // the subject's CN, empty when it has none
+  std::int64_t not_after = 0; // notAfter as unix seconds
+};
 
 class ServerTls {
  public:
@@ -37,6 +45,7 @@ class ServerTls {
   ServerTls& operator=(const ServerTls&) = delete;
 
   SSL_CTX* context() const;  // the default context; SNI switches the SSL to another certificate's context
+  std::vector<CertificateInfo> certificates() const;  // in configuration order
 
  private:
   struct Entry;

@@ -45,16 +45,95 @@ else
   fail "mailflowd.yaml: exit status $status (expected 0 and a summary)"; cat "$work/err" "$work/out"
 fi
 
+# Certificates are loaded the way the daemon loads them, so the tests make real ones (openssl).
+certs="$work/certs"
+mkdir -p "$certs"
+make_pair() {  # make_pair NAME: a self-signed EC certificate NAME.pem and its key NAME.key, valid for a year
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 365 -subj "/CN=$1.test" \
+    -keyout "$certs/$1.key" -out "$certs/$1.pem" >/dev/null 2>&1 || { echo "openssl req failed"; exit 1; }
+}
+
 # The `make run` example resolves run/... against the working directory, as mailflowd does.
 mkdir -p "$work/root/run"
-echo cert >"$work/root/run/dev-cert.pem"
-echo key >"$work/root/run/dev-key.pem"
+make_pair dev
+cp "$certs/dev.pem" "$work/root/run/dev-cert.pem"
+cp "$certs/dev.key" "$work/root/run/dev-key.pem"
 (cd "$work/root" && timeout 20 "$bin" --check-config "$src/config/examples/dev.yaml" >"$work/out" 2>"$work/err")
 status=$?
 if [ "$status" -eq 0 ] && grep -q "inbound 127.0.0.1:2525" "$work/out"; then
   passed=$((passed + 1)); echo "ok: dev.yaml"
 else
   fail "dev.yaml: exit status $status (expected 0 and a summary)"; cat "$work/err" "$work/out"
+fi
+
+# --check-config loads every certificate and key (issue #17): garbage and a foreign key fail it (exit 1), as
+# they would fail the start or the reload; an expired certificate is a warning (exit 0, the summary printed).
+make_pair good
+make_pair other
+openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=expired.test" \
+  -keyout "$certs/expired.key" -out "$certs/expired.csr" >/dev/null 2>&1
+mkdir -p "$certs/ca"
+printf '[ca]\ndefault_ca=c\n[c]\ndatabase=%s/index\nnew_certs_dir=%s\nserial=%s/serial\ndefault_md=sha256\npolicy=p\n[p]\ncommonName=supplied\n' \
+  "$certs/ca" "$certs/ca" "$certs/ca" >"$certs/ca/ca.cnf"
+: >"$certs/ca/index"
+echo 01 >"$certs/ca/serial"
+openssl ca -batch -config "$certs/ca/ca.cnf" -selfsign -keyfile "$certs/expired.key" -in "$certs/expired.csr" \
+  -out "$certs/expired.pem" -startdate 20200101000000Z -enddate 20200201000000Z >/dev/null 2>&1
+echo "this is not a certificate" >"$certs/garbage.pem"
+tls_config() {  # tls_config NAME CERT KEY: a configuration whose listener serves CERT/KEY (line 7, column 18)
+  cat >"$work/$1.yaml" <<EOF
+listeners:
+  - name: inbound
+    address: "127.0.0.1:2525"
+    upstream: up
+    tls:
+      certificates:
+        - {cert: $2, key: $3}
+upstreams:
+  - {name: up, address: "127.0.0.1:25"}
+EOF
+}
+check_tls() {  # check_tls NAME CERT KEY STATUS EXPECTED-STDERR-LINE
+  tls_config "$1" "$2" "$3"
+  run "$work/$1.yaml"
+  if [ "$status" -eq "$4" ] && grep -qF -- "$work/$1.yaml:$5" "$work/err"; then
+    passed=$((passed + 1)); echo "ok: certificate $1"
+  else
+    fail "certificate $1: exit status $status (expected $4), stderr lacks: $work/$1.yaml:$5"
+    cat "$work/err" "$work/out"
+  fi
+}
+check_tls garbage "$certs/garbage.pem" "$certs/good.key" 1 \
+  "7:18: listeners[0].tls.certificates[0]: cannot load certificate $certs/garbage.pem: "
+check_tls mismatch "$certs/good.pem" "$certs/other.key" 1 \
+  "7:18: listeners[0].tls.certificates[0]: key $certs/other.key does not match certificate $certs/good.pem (key values mismatch)"
+check_tls expired "$certs/expired.pem" "$certs/expired.key" 0 \
+  "7:18: warning: listeners[0].tls.certificates[0].cert: certificate $certs/expired.pem (CN expired.test) expired on 2020-02-01 00:00:00 UTC"
+if ! grep -q "listeners (1):" "$work/out"; then fail "certificate expired: no summary on stdout"; cat "$work/out"; fi
+tls_config good "$certs/good.pem" "$certs/good.key"
+run "$work/good.yaml"
+if [ "$status" -eq 0 ] && [ ! -s "$work/err" ]; then
+  passed=$((passed + 1)); echo "ok: certificate good"
+else
+  fail "certificate good: exit status $status, stderr:"; cat "$work/err"
+fi
+
+# Warnings (a connector that never matches) are printed with file:line:col and do not fail the check.
+cat >"$work/shadowed.yaml" <<EOF
+listeners:
+  - {name: inbound, address: "127.0.0.1:2525", upstream: up}
+upstreams:
+  - {name: up, address: "127.0.0.1:25"}
+connectors:
+  - {name: everything, direction: inbound}
+  - {name: partner, direction: inbound, match: {client_cidrs: ["192.0.2.0/24"]}}
+EOF
+run "$work/shadowed.yaml"
+if [ "$status" -eq 0 ] && grep -qF "$work/shadowed.yaml:7:12: warning: connectors[1]: connector \"partner\" never matches" "$work/err" \
+  && grep -qF "$work/shadowed.yaml: 1 warning(s)" "$work/err" && grep -q "connectors" "$work/out"; then
+  passed=$((passed + 1)); echo "ok: warnings"
+else
+  fail "warnings: exit status $status (expected 0 and the warning)"; cat "$work/err" "$work/out"
 fi
 
 # A file that does not exist is an error too.

@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "daemon/exposition.hpp"
+#include "daemon/reasons.hpp"
 #include "daemon/report.hpp"
 
 namespace {
@@ -395,10 +396,11 @@ TEST_CASE("hostile label values come out escaped, one family block each, and the
     CHECK(families.insert(name).second);
     CHECK(previous.rfind("# HELP " + name + " ", 0) == 0);
   }
-  // 20 mailflow_ families (mailflow_dns_lookups_total and mailflow_http_rejects_total too) + 6 process_, less
-  // the three that have no sample yet (an empty family is not written).
-  CHECK(families.size() == 23);
-  CHECK(families.count("mailflow_upstream_errors_total") == 0);
+  // Families with a declared vocabulary are written from the start, even without a series (test_config has no
+  // upstreams, so mailflow_upstream_errors_total has none) and so is the certificate gauge.
+  CHECK(families.count("mailflow_upstream_errors_total") == 1);
+  CHECK(families.count("mailflow_certificate_expiry_timestamp_seconds") == 1);
+  CHECK(families.size() >= 26);  // 20 mailflow_ families at least + 6 process_
 }
 
 TEST_CASE("promtool check metrics accepts the exposition of many connectors with hostile names") {
@@ -441,4 +443,69 @@ TEST_CASE("promtool check metrics accepts the exposition of many connectors with
   CHECK(status == 0);
   CHECK(output.empty());  // no lint findings either
   std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("a fresh telemetry exports every declared reason of the four reason families, zeros included") {
+  auto config = test_config();
+  mailflow::config::Upstream mailstore;
+  mailstore.name = "mailstore";
+  config.upstreams.push_back(mailstore);
+  Telemetry telemetry([] { return kNow; });
+  const std::string before = telemetry.metrics_text();  // before configure: no listener, no upstream yet
+  for (const char* family : {"mailflow_rejects_total", "mailflow_tls_handshake_failures_total",
+                             "mailflow_upstream_errors_total", "mailflow_state_errors_total"}) {
+    CAPTURE(family);
+    CHECK(before.find(std::string("# HELP ") + family + " ") != std::string::npos);
+    CHECK(before.find(std::string("# TYPE ") + family + " counter\n") != std::string::npos);
+  }
+  for (const auto reason : mailflow::reasons::state_errors) {
+    CHECK(sample(before, "mailflow_state_errors_total{reason=\"" + std::string(reason) + "\"}") == 0.0);
+  }
+
+  telemetry.configure(config);
+  const std::string text = telemetry.metrics_text();
+  for (const auto reason : mailflow::reasons::rejects) {
+    CAPTURE(reason);
+    CHECK(sample(text, R"(mailflow_rejects_total{listener="inbound",reason=")" + std::string(reason) + "\"}") == 0.0);
+  }
+  for (const auto reason : mailflow::reasons::tls_handshake_failures) {
+    CAPTURE(reason);
+    for (const char* leg : {"client", "upstream"}) {
+      CHECK(sample(text, std::string(R"(mailflow_tls_handshake_failures_total{leg=")") + leg +
+                             R"(",listener="inbound",reason=")" + std::string(reason) + "\"}") == 0.0);
+    }
+  }
+  for (const auto reason : mailflow::reasons::upstream_errors) {
+    CAPTURE(reason);
+    CHECK(sample(text, R"(mailflow_upstream_errors_total{reason=")" + std::string(reason) + R"(",upstream="mailstore"})") ==
+          0.0);
+  }
+  // A counted reason moves its own series; a reload keeps what was counted.
+  telemetry.rejected("inbound", "tls_required");
+  telemetry.configure(config);
+  CHECK(sample(telemetry.metrics_text(), R"(mailflow_rejects_total{listener="inbound",reason="tls_required"})") == 1.0);
+}
+
+TEST_CASE("mailflow_certificate_expiry_timestamp_seconds: one gauge per certificate, replaced on reload") {
+  Telemetry telemetry([] { return kNow; });
+  telemetry.configure(test_config());
+  CHECK(telemetry.metrics_text().find("# TYPE mailflow_certificate_expiry_timestamp_seconds gauge\n") !=
+        std::string::npos);
+  telemetry.certificates_loaded({{"inbound", "/etc/mailflowd/tls/mx1.pem", 1798761600},
+                                 {"inbound", "/etc/mailflowd/tls/mx2.pem", 1767225600},
+                                 {"http", "/etc/mailflowd/tls/http.pem", 1780000000}});
+  std::string text = telemetry.metrics_text();
+  CHECK(sample(text, R"(mailflow_certificate_expiry_timestamp_seconds{certificate="/etc/mailflowd/tls/mx1.pem",listener="inbound"})") ==
+        1798761600.0);
+  CHECK(sample(text, R"(mailflow_certificate_expiry_timestamp_seconds{certificate="/etc/mailflowd/tls/mx2.pem",listener="inbound"})") ==
+        1767225600.0);
+  CHECK(sample(text, R"(mailflow_certificate_expiry_timestamp_seconds{certificate="/etc/mailflowd/tls/http.pem",listener="http"})") ==
+        1780000000.0);
+  // A reload with a renewed mx1 and without mx2: the gauge follows, the removed certificate disappears.
+  telemetry.certificates_loaded({{"inbound", "/etc/mailflowd/tls/mx1.pem", 1806537600}});
+  text = telemetry.metrics_text();
+  CHECK(sample(text, R"(mailflow_certificate_expiry_timestamp_seconds{certificate="/etc/mailflowd/tls/mx1.pem",listener="inbound"})") ==
+        1806537600.0);
+  CHECK(text.find("mx2.pem") == std::string::npos);
+  CHECK(text.find("http.pem") == std::string::npos);
 }

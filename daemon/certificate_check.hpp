@@ -1,0 +1,28 @@
+#pragma once
+// Every certificate and key of a configuration, loaded the way the daemon loads them (ServerTls): what
+// `--check-config` reports (ExecReload relies on it), what start and reload log, and the notAfter times behind
+// mailflow_certificate_expiry_timestamp_seconds.
+#include <chrono>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "config/config.hpp"
+#include "daemon/telemetry.hpp"  // CertificateExpiry
+
+namespace mailflow {
+
+// Certificates that expire sooner than this are a warning.
+inline constexpr std::chrono::hours certificate_warning_period{24 * 14};
+
+struct CertificateFindings {
+  std::vector<config::ConfigError> errors;    // a certificate or key that cannot be loaded, a key of another cert
+  std::vector<config::ConfigError> warnings;  // expired, or expiring within certificate_warning_period
+  std::vector<CertificateExpiry> expiries;    // of every certificate that loaded
+};
+
+// Loads each {cert, key} pair of every listener and of http.tls on its own, so that every problem is
+// reported (positions from config.positions).
+CertificateFindings check_certificates(const config::Config& config, std::chrono::system_clock::time_point now);
+
+}  // namespace mailflow

@@ -1,0 +1,66 @@
+#pragma once
+// The `reason` label values of mailflow_rejects_total, mailflow_tls_handshake_failures_total,
+// mailflow_upstream_errors_total and mailflow_state_errors_total: one declared vocabulary per family.
+//
+// Telemetry exports every reason below from the start with a zero (per listener, leg or upstream), so that
+// dashboards and alert rules see the series before the first event, and tests/daemon/reasons_test.cpp fails
+// when the code counts a reason that is not listed here (it reads the counting call sites in daemon/ and
+// proto/). To add a reason: append it to its list (keep the comment), then count it. A reason counted without
+// being listed still counts, but only shows up after its first event.
+#include <algorithm>
+#include <array>
+#include <string_view>
+
+namespace mailflow::reasons {
+
+// mailflow_rejects_total{listener, reason}: every refusal of a client command, message or connection.
+inline constexpr auto rejects = std::to_array<std::string_view>({
+    // proto/server_session.hpp (the reply that carries each one is listed there)
+    "bad_sequence", "no_valid_recipients", "unrecognized_command", "bad_bytes", "syntax_error", "bad_address",
+    "unknown_parameter", "message_too_big", "too_many_recipients", "vrfy_disabled", "not_implemented",
+    "starttls_unavailable", "starttls_twice", "line_too_long", "bare_newline_command", "too_many_bad_commands",
+    // daemon/relay_session.cpp: limits at connect, PROXY header, timing, STARTTLS, DATA
+    "session_limit", "ip_limit", "proxy_invalid", "proxy_timeout", "proxy_truncated", "proxy_untrusted",
+    "early_talker", "timeout", "starttls_pipelining", "tls_required", "data_line_too_long", "bare_newline",
+    "bare_newline_normalized",
+});
+
+// mailflow_tls_handshake_failures_total{listener, leg, reason}: daemon/tls.cpp handshake_failure_reason().
+// OpenSSL's reason strings in snake_case for the handshake failures seen from SMTP clients and servers;
+// any other OpenSSL reason counts as "other".
+inline constexpr auto tls_handshake_failures = std::to_array<std::string_view>({
+    "timeout", "eof", "io_error", "other",
+    // the client or server speaks something else, or too old a protocol
+    "wrong_version_number", "http_request", "unknown_protocol", "unsupported_protocol", "version_too_low",
+    "no_protocols_available", "tlsv1_alert_protocol_version", "inappropriate_fallback",
+    // no common ground
+    "no_shared_cipher", "sslv3_alert_handshake_failure", "no_suitable_signature_algorithm",
+    "no_suitable_key_share", "bad_key_share", "wrong_signature_type", "dh_key_too_small", "ee_key_too_small",
+    "unsafe_legacy_renegotiation_disabled", "tlsv1_unrecognized_name",
+    // certificates (either side's verdict)
+    "certificate_verify_failed", "tlsv1_alert_unknown_ca", "sslv3_alert_bad_certificate",
+    "sslv3_alert_certificate_unknown", "sslv3_alert_certificate_expired",
+    // broken or cut-off records
+    "unexpected_eof_while_reading", "packet_length_too_long", "bad_packet_length", "record_length_mismatch",
+    "length_mismatch", "decryption_failed_or_bad_record_mac", "unexpected_message", "unexpected_record",
+    "tlsv1_alert_decode_error", "tlsv1_alert_decrypt_error", "tlsv1_alert_internal_error",
+});
+
+// mailflow_upstream_errors_total{upstream, reason}: daemon/relay_session.cpp, and the `reason` of
+// proto::ClientSession's fail actions (proto/client_session.hpp).
+inline constexpr auto upstream_errors = std::to_array<std::string_view>({
+    "connect_failed", "connect_timeout", "connection_lost", "timeout", "protocol", "tls_failed",
+    "starttls_pipelining", "rset_rejected",
+    // proto/client_session.cpp
+    "greeting_rejected", "ehlo_rejected", "starttls_unavailable", "starttls_rejected",
+});
+
+// mailflow_state_errors_total{reason}: the rolling windows' state file (daemon/telemetry.cpp, server.cpp).
+inline constexpr auto state_errors = std::to_array<std::string_view>({"corrupt", "save_failed"});
+
+template <std::size_t N>
+constexpr bool is_listed(const std::array<std::string_view, N>& list, std::string_view reason) {
+  return std::find(list.begin(), list.end(), reason) != list.end();
+}
+
+}  // namespace mailflow::reasons

@@ -1,0 +1,135 @@
+// check_certificates: what --check-config reports about certificates and keys, loaded with the daemon's own
+// ServerTls (garbage, a key of another certificate, expiry), with the position of each cert in the file.
+#include "daemon/certificate_check.hpp"
+
+#include <doctest/doctest.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <string>
+
+namespace {
+
+using namespace std::chrono_literals;
+
+struct Pem {
+  std::string cert;
+  std::string key;
+};
+
+// A self-signed certificate valid from now-1d until now + `valid_for` (negative: already expired).
+Pem make_pem(std::chrono::seconds valid_for, const char* cn) {
+  EVP_PKEY* key = EVP_PKEY_Q_keygen(nullptr, nullptr, "EC", "P-256");
+  REQUIRE(key != nullptr);
+  X509* cert = X509_new();
+  X509_set_version(cert, 2);
+  ASN1_INTEGER_set(X509_get_serialNumber(cert), 1);
+  X509_gmtime_adj(X509_getm_notBefore(cert), -86400 * 30);
+  X509_gmtime_adj(X509_getm_notAfter(cert), static_cast<long>(valid_for.count()));
+  X509_NAME_add_entry_by_txt(X509_get_subject_name(cert), "CN", MBSTRING_ASC,
+                             reinterpret_cast<const unsigned char*>(cn), -1, -1, 0);
+  X509_set_issuer_name(cert, X509_get_subject_name(cert));
+  X509_set_pubkey(cert, key);
+  REQUIRE(X509_sign(cert, key, EVP_sha256()) > 0);
+  Pem out;
+  for (int part = 0; part < 2; ++part) {
+    BIO* bio = BIO_new(BIO_s_mem());
+    if (part == 0) PEM_write_bio_X509(bio, cert);
+    else PEM_write_bio_PrivateKey(bio, key, nullptr, nullptr, 0, nullptr, nullptr);
+    char* data = nullptr;
+    const long size = BIO_get_mem_data(bio, &data);
+    (part == 0 ? out.cert : out.key).assign(data, static_cast<std::size_t>(size));
+    BIO_free(bio);
+  }
+  X509_free(cert);
+  EVP_PKEY_free(key);
+  return out;
+}
+
+struct Dir {
+  std::filesystem::path path;
+  Dir() {
+    std::string name = (std::filesystem::temp_directory_path() / "mailflow-certcheck-XXXXXX").string();
+    path = ::mkdtemp(name.data());
+  }
+  ~Dir() { std::filesystem::remove_all(path); }
+  std::string write(const std::string& name, const std::string& content) const {
+    std::ofstream(path / name) << content;
+    return (path / name).string();
+  }
+};
+
+}  // namespace
+
+TEST_CASE("check_certificates: garbage, a foreign key, expired and expiring certificates, http.tls") {
+  Dir dir;
+  const Pem good = make_pem(std::chrono::hours(24 * 365), "mx1.example.org");
+  const Pem other = make_pem(std::chrono::hours(24 * 365), "other.example.org");
+  const Pem expired = make_pem(-std::chrono::hours(48), "old.example.org");
+  const Pem soon = make_pem(std::chrono::hours(24 * 5) + 1h, "soon.example.org");
+  const std::string good_cert = dir.write("good.pem", good.cert);
+  const std::string good_key = dir.write("good.key", good.key);
+  const std::string other_key = dir.write("other.key", other.key);
+  const std::string garbage = dir.write("garbage.pem", "this is not a certificate\n");
+  const std::string expired_cert = dir.write("expired.pem", expired.cert);
+  const std::string expired_key = dir.write("expired.key", expired.key);
+  const std::string soon_cert = dir.write("soon.pem", soon.cert);
+  const std::string soon_key = dir.write("soon.key", soon.key);
+
+  const std::string yaml = "listeners:\n"
+                           "  - name: inbound\n"
+                           "    address: \"127.0.0.1:2525\"\n"
+                           "    upstream: up\n"
+                           "    tls:\n"
+                           "      certificates:\n"
+                           "        - {cert: " + good_cert + ", key: " + good_key + "}\n"
+                           "        - {cert: " + garbage + ", key: " + good_key + "}\n"
+                           "        - {cert: " + good_cert + ", key: " + other_key + "}\n"
+                           "        - {cert: " + expired_cert + ", key: " + expired_key + "}\n"
+                           "upstreams:\n"
+                           "  - {name: up, address: \"127.0.0.1:25\"}\n"
+                           "http:\n"
+                           "  tls: {cert: " + soon_cert + ", key: " + soon_key + "}\n";
+  const auto loaded = mailflow::config::load_config_string(yaml, "mailflowd.yaml");
+  REQUIRE(loaded.errors.empty());
+  const auto findings = mailflow::check_certificates(*loaded.config, std::chrono::system_clock::now());
+
+  REQUIRE(findings.errors.size() == 2);
+  CHECK(findings.errors[0].file == "mailflowd.yaml");
+  CHECK(findings.errors[0].line == 8);
+  CHECK(findings.errors[0].column == 18);
+  CHECK_FALSE(findings.errors[0].warning);
+  CHECK(findings.errors[0].message.starts_with("listeners[0].tls.certificates[1]: cannot load certificate " + garbage));
+  CHECK(findings.errors[1].line == 9);
+  CHECK(findings.errors[1].message == "listeners[0].tls.certificates[2]: key " + other_key +
+                                          " does not match certificate " + good_cert + " (key values mismatch)");
+
+  REQUIRE(findings.warnings.size() == 2);
+  CHECK(findings.warnings[0].line == 10);
+  CHECK(findings.warnings[0].warning);
+  CHECK(findings.warnings[0].message.starts_with("listeners[0].tls.certificates[3].cert: certificate " + expired_cert +
+                                                 " (CN old.example.org) expired on "));
+  CHECK(findings.warnings[1].line == 14);
+  CHECK(findings.warnings[1].column == 15);
+  CHECK(findings.warnings[1].message.starts_with("http.tls.cert: certificate " + soon_cert +
+                                                 " (CN soon.example.org) expires on "));
+  CHECK(findings.warnings[1].message.ends_with(" (in 5 days)"));
+
+  // notAfter of every certificate that loaded, for mailflow_certificate_expiry_timestamp_seconds.
+  REQUIRE(findings.expiries.size() == 3);
+  CHECK(findings.expiries[0].listener == "inbound");
+  CHECK(findings.expiries[0].certificate == good_cert);
+  const auto now = std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch());
+  CHECK(findings.expiries[0].not_after > now.count() + 364 * 86400);
+  CHECK(findings.expiries[0].not_after < now.count() + 366 * 86400);
+  CHECK(findings.expiries[1].certificate == expired_cert);
+  CHECK(findings.expiries[1].not_after < now.count());
+  CHECK(findings.expiries[2].listener == "http");
+  CHECK(findings.expiries[2].certificate == soon_cert);
+}
