@@ -98,6 +98,8 @@ def test_metrics_and_healthz_answer_under_slowloris(env):
         attacker.join(5)
         for s in socks:
             s.close()
+    print(f"slowloris: {answered} of 100 answered from 127.0.0.2 over {attack_span:.1f}s; all slow connections "
+          f"closed {closed_after:.1f}s after the last reopen")
     assert answered >= 95, (f"only {answered} of 100 /metrics and /healthz requests from another address were "
                             f"answered during the slowloris ({attack_span:.1f}s); failures: {failures[:10]}")
     assert not still_open, (f"{len(still_open)} slow connections still open {closed_after:.1f}s after the last "
