@@ -1,6 +1,13 @@
 # Thin wrapper around CMake presets. The real work is in CMakeLists.txt and deploy/dev/.
 PRESET ?= dev
 JOBS ?= $(shell nproc)
+# `make run` and `make deb` build what users run: the optimized preset (RelWithDebInfo), in its own tree.
+DIST_PRESET ?= release
+DIST_DIR ?= build/$(DIST_PRESET)
+# `make run SMTP_PORT=2535 HTTP_PORT=9735` when the defaults are taken (SINK_PORT: the local test sink).
+SMTP_PORT ?= 2525
+HTTP_PORT ?= 9725
+SINK_PORT ?= 2526
 
 .PHONY: deps deps-test build test asan-test fuzz-smoke run bench fuzz deb clean
 
@@ -38,9 +45,9 @@ fuzz: deps-test
 	ctest --preset fuzz -j $(JOBS) --timeout $$(( $(FUZZ_SECONDS) + 120 ))
 
 run: deps
-	cmake --preset $(PRESET) >/dev/null
-	cmake --build --preset $(PRESET) -j $(JOBS) --target mailflowd
-	deploy/dev/run.sh build/$(PRESET)/daemon/mailflowd
+	cmake --preset $(DIST_PRESET) -B $(DIST_DIR) >/dev/null
+	cmake --build $(DIST_DIR) -j $(JOBS) --target mailflowd
+	SMTP_PORT=$(SMTP_PORT) HTTP_PORT=$(HTTP_PORT) SINK_PORT=$(SINK_PORT) deploy/dev/run.sh $(DIST_DIR)/daemon/mailflowd
 
 # Benchmarks: optimized build (release preset), then the harness (tests/bench/run_bench.py, docs/performance.md):
 # mailflowd vs direct, nginx mail proxy and HAProxy on loopback; prints the table, writes bench/results.json.
@@ -49,9 +56,14 @@ bench: deps-test
 	cmake --build --preset release -j $(JOBS) --target mailflowd mailflow_loadgen mailflow_proto_driver
 	/usr/bin/python3 tests/bench/run_bench.py --json bench/results.json
 
-deb: build
-	cd build/$(PRESET) && cpack -G DEB
-	@ls -1 build/$(PRESET)/mailflowd_*.deb
+# The package: only what it ships is built (mailflowd, man pages; cmake/Packaging.cmake keeps cpack from
+# building the whole tree), stripped by cpack; the build tree keeps the symbols.
+deb: deps
+	cmake --preset $(DIST_PRESET) -B $(DIST_DIR) >/dev/null
+	cmake --build $(DIST_DIR) -j $(JOBS) --target mailflowd man
+	rm -f $(DIST_DIR)/mailflowd_*.deb
+	cd $(DIST_DIR) && cpack -G DEB
+	@ls -1 $(DIST_DIR)/mailflowd_*.deb
 
 clean:
 	rm -rf build

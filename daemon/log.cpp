@@ -1,10 +1,16 @@
 #include "daemon/log.hpp"
 
-#include <spdlog/sinks/stdout_sinks.h>
+#include <spdlog/sinks/base_sink.h>
 #include <spdlog/spdlog.h>
+#include <sys/stat.h>
+#include <syslog.h>
+#include <systemd/sd-daemon.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <mutex>
 #include <unordered_map>
 
@@ -30,21 +36,27 @@ std::string render(std::string_view event, std::initializer_list<LogField> field
     line += "\"event\":\"";
     line += json_escape(event);
     line += '"';
-    for (const auto& [key, value] : fields) {
+    for (const auto& field : fields) {
       line += ",\"";
-      line += key;
-      line += "\":\"";
-      line += json_escape(value);
-      line += '"';
+      line += field.key();
+      line += "\":";
+      if (field.numeric()) {
+        line += field.value();
+      } else {
+        line += '"';
+        line += json_escape(field.value());
+        line += '"';
+      }
     }
-    if (suppressed) line += ",\"suppressed\":\"" + std::to_string(suppressed) + '"';
+    if (suppressed) line += ",\"suppressed\":" + std::to_string(suppressed);
   } else {
     line += event;
-    for (const auto& [key, value] : fields) {
+    for (const auto& field : fields) {
       line += ' ';
-      line += key;
+      line += field.key();
       line += '=';
-      if (needs_quotes(value)) {
+      const std::string_view value = field.value();
+      if (!field.numeric() && needs_quotes(value)) {
         line += '"';
         line += json_escape(value);
         line += '"';
@@ -71,6 +83,85 @@ spdlog::level::level_enum to_spdlog(LogLevel level) {
   return spdlog::level::info;
 }
 
+// Where lines go. One sink for the life of the process, switched in place on reload: replacing spdlog's default
+// logger while other threads log through it is not safe.
+enum class Destination { standard_error, journal, syslog };
+
+class OutputSink final : public spdlog::sinks::base_sink<std::mutex> {
+ public:
+  void set_destination(Destination destination) {
+    std::lock_guard lock(mutex_);
+    if (destination == Destination::syslog && destination_ != Destination::syslog) {
+      ::openlog("mailflowd", LOG_PID | LOG_NDELAY, LOG_MAIL);
+    } else if (destination != Destination::syslog && destination_ == Destination::syslog) {
+      ::closelog();
+    }
+    destination_ = destination;
+  }
+
+ protected:
+  void sink_it_(const spdlog::details::log_msg& msg) override {
+    spdlog::memory_buf_t formatted;
+    formatter_->format(msg, formatted);
+    std::string_view line(formatted.data(), formatted.size());
+    switch (destination_) {
+      case Destination::syslog: {
+        while (!line.empty() && (line.back() == '\n' || line.back() == '\r')) line.remove_suffix(1);
+        ::syslog(syslog_priority(msg.level), "%.*s", static_cast<int>(line.size()), line.data());
+        return;
+      }
+      case Destination::journal: {
+        const std::string_view prefix = journal_prefix(msg.level);
+        std::fwrite(prefix.data(), 1, prefix.size(), stderr);
+        break;
+      }
+      case Destination::standard_error:
+        break;
+    }
+    std::fwrite(line.data(), 1, line.size(), stderr);
+  }
+  void flush_() override { std::fflush(stderr); }
+
+ private:
+  Destination destination_ = Destination::standard_error;
+
+  // sd-daemon(3): journald reads a "<N>" prefix of each line as its syslog priority.
+  static std::string_view journal_prefix(spdlog::level::level_enum level) {
+    switch (level) {
+      case spdlog::level::trace:
+      case spdlog::level::debug:
+        return SD_DEBUG;
+      case spdlog::level::info:
+        return SD_INFO;
+      case spdlog::level::warn:
+        return SD_WARNING;
+      case spdlog::level::err:
+        return SD_ERR;
+      case spdlog::level::critical:
+        return SD_CRIT;
+      default:
+        return SD_INFO;
+    }
+  }
+  static int syslog_priority(spdlog::level::level_enum level) {
+    switch (level) {
+      case spdlog::level::trace:
+      case spdlog::level::debug:
+        return LOG_DEBUG;
+      case spdlog::level::info:
+        return LOG_INFO;
+      case spdlog::level::warn:
+        return LOG_WARNING;
+      case spdlog::level::err:
+        return LOG_ERR;
+      case spdlog::level::critical:
+        return LOG_CRIT;
+      default:
+        return LOG_INFO;
+    }
+  }
+};
+
 struct RateLimit {
   std::int64_t second = 0;
   unsigned lines = 0;
@@ -82,20 +173,38 @@ constexpr unsigned burst = 10;
 
 }  // namespace
 
+bool stderr_is_journal() {
+  const char* stream = std::getenv("JOURNAL_STREAM");
+  if (stream == nullptr) return false;
+  unsigned long long device = 0;
+  unsigned long long inode = 0;
+  if (std::sscanf(stream, "%llu:%llu", &device, &inode) != 2) return false;
+  struct stat info {};
+  if (::fstat(STDERR_FILENO, &info) != 0) return false;
+  return static_cast<unsigned long long>(info.st_dev) == device && static_cast<unsigned long long>(info.st_ino) == inode;
+}
+
 void setup_logging(const config::Log& log) {
-  static bool initialized = false;
-  if (!initialized) {
-    auto logger =
-        std::make_shared<spdlog::logger>("mailflowd", std::make_shared<spdlog::sinks::stderr_sink_mt>());
-    spdlog::set_default_logger(logger);
-    initialized = true;
+  static std::shared_ptr<OutputSink> sink;
+  if (!sink) {
+    sink = std::make_shared<OutputSink>();
+    spdlog::set_default_logger(std::make_shared<spdlog::logger>("mailflowd", sink));
   }
+  Destination destination = Destination::standard_error;
+  if (log.output == config::LogOutput::syslog) {
+    destination = Destination::syslog;
+  } else if (stderr_is_journal()) {
+    destination = Destination::journal;
+  }
+  sink->set_destination(destination);
   json_format = log.format == config::LogFormat::json;
+  // The journal and syslog stamp each line themselves; a timestamp of our own would only be noise there.
+  const bool own_time = destination == Destination::standard_error;
   if (json_format) {
-    spdlog::set_pattern(R"({"time":"%Y-%m-%dT%H:%M:%S.%fZ","level":"%l",%v})",
+    spdlog::set_pattern(own_time ? R"({"time":"%Y-%m-%dT%H:%M:%S.%fZ","level":"%l",%v})" : R"({"level":"%l",%v})",
                         spdlog::pattern_time_type::utc);
   } else {
-    spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%eZ %l %v", spdlog::pattern_time_type::utc);
+    spdlog::set_pattern(own_time ? "%Y-%m-%dT%H:%M:%S.%eZ %l %v" : "%l %v", spdlog::pattern_time_type::utc);
   }
   spdlog::set_level(spdlog::level::from_str(log.level));
   spdlog::flush_on(spdlog::level::info);

@@ -1,9 +1,15 @@
 #pragma once
 // Structured log events on top of spdlog: "event key=value ..." in text format, one JSON object per line in
 // json format. Everything the daemon logs goes through log_event so both formats stay well-formed.
+// Output (log.output): standard error, with sd-daemon "<N>" priority prefixes and no timestamp when standard
+// error is the systemd journal (JOURNAL_STREAM), or syslog(3).
+#include <algorithm>
+#include <concepts>
+#include <cstdint>
 #include <initializer_list>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <utility>
 
 #include "config/config.hpp"
@@ -12,9 +18,56 @@ namespace mailflow {
 
 enum class LogLevel { debug, info, warn, error };
 
-using LogField = std::pair<std::string_view, std::string_view>;
+// One key=value of an event. Text values are written as strings; integers as numbers (unquoted in JSON, so
+// that `"messages":1` can be summed by a log shipper), so pass counts as integers, not std::to_string.
+class LogField {
+ public:
+  LogField(std::string_view key, std::string_view text) : key_(key), text_(text) {}
+  LogField(std::string_view key, const std::string& text) : key_(key), text_(text) {}
+  LogField(std::string_view key, const char* text) : key_(key), text_(text) {}
+  template <std::integral Int>
+    requires(!std::same_as<Int, bool> && !std::same_as<Int, char>)
+  LogField(std::string_view key, Int value) : key_(key), numeric_(true) {
+    // Rendered here: the field lives only as long as the log_event call, and this costs no allocation.
+    char* end = digits_ + sizeof digits_;
+    char* p = end;
+    bool negative = false;
+    std::uint64_t magnitude = 0;
+    if constexpr (std::is_signed_v<Int>) {
+      negative = value < 0;
+      // -(v + 1) + 1: no overflow for the smallest value.
+      magnitude = negative ? static_cast<std::uint64_t>(-(static_cast<std::int64_t>(value) + 1)) + 1
+                           : static_cast<std::uint64_t>(value);
+    } else {
+      magnitude = value;
+    }
+    do {
+      *--p = static_cast<char>('0' + magnitude % 10);
+      magnitude /= 10;
+    } while (magnitude != 0);
+    if (negative) *--p = '-';
+    length_ = static_cast<std::uint8_t>(end - p);
+    std::copy(p, end, digits_);
+  }
+  LogField(const LogField& other) : key_(other.key_), text_(other.text_), numeric_(other.numeric_), length_(other.length_) {
+    std::copy(other.digits_, other.digits_ + length_, digits_);
+  }
+  LogField& operator=(const LogField&) = delete;
 
-// Applies level and format; may be called again on reload.
+  std::string_view key() const { return key_; }
+  bool numeric() const { return numeric_; }
+  // The text, or the number's decimal digits.
+  std::string_view value() const { return numeric_ ? std::string_view(digits_, length_) : text_; }
+
+ private:
+  std::string_view key_;
+  std::string_view text_;
+  bool numeric_ = false;
+  std::uint8_t length_ = 0;
+  char digits_[24] = {};
+};
+
+// Applies level, format and output; may be called again on reload.
 void setup_logging(const config::Log& log);
 
 void log_event(LogLevel level, std::string_view event, std::initializer_list<LogField> fields);
@@ -22,5 +75,9 @@ void log_event(LogLevel level, std::string_view event, std::initializer_list<Log
 // For refusals and other things a hostile peer can trigger at will: at most `burst` lines per second per
 // event; the number of suppressed lines is reported in the next line that gets through.
 void log_limited(LogLevel level, std::string_view event, std::initializer_list<LogField> fields);
+
+// True when standard error is the systemd journal: JOURNAL_STREAM ("DEV:INODE") names stderr's device and
+// inode (systemd sets it for the service's stdout/stderr; a redirected stderr no longer matches).
+bool stderr_is_journal();
 
 }  // namespace mailflow

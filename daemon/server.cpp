@@ -312,8 +312,8 @@ struct Server::Impl {
       apply_certificates(*loaded.config);
       telemetry.config_reloaded(true);
       log_event(LogLevel::info, "reloaded",
-                {{"listeners", std::to_string(loaded.config->listeners.size())},
-                 {"connectors", std::to_string(loaded.config->connectors.size())}});
+                {{"listeners", loaded.config->listeners.size()},
+                 {"connectors", loaded.config->connectors.size()}});
     } catch (const std::exception& e) {
       log_event(LogLevel::error, "reload_refused", {{"reason", e.what()}});
       telemetry.config_reloaded(false);
@@ -331,7 +331,7 @@ struct Server::Impl {
     const auto timeout = current()->config->limits.drain_timeout;
     log_event(
         LogLevel::info, "draining",
-        {{"sessions", std::to_string(registry.active())}, {"timeout_ms", std::to_string(timeout.count())}});
+        {{"sessions", registry.active()}, {"timeout_ms", timeout.count()}});
     registry.begin_drain();
     asio::steady_timer tick(io);
     const auto deadline = std::chrono::steady_clock::now() + timeout;
@@ -340,7 +340,7 @@ struct Server::Impl {
       co_await tick.async_wait(asio::use_awaitable);
     }
     if (registry.active() > 0) {
-      log_event(LogLevel::warn, "drain_timeout", {{"sessions", std::to_string(registry.active())}});
+      log_event(LogLevel::warn, "drain_timeout", {{"sessions", registry.active()}});
       registry.close_all();
       const auto hard_deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
       while (registry.active() > 0 && std::chrono::steady_clock::now() < hard_deadline) {
@@ -350,7 +350,7 @@ struct Server::Impl {
     }
     http->stop();
     save_state();
-    log_event(LogLevel::info, "stopped", {{"messages", std::to_string(telemetry.messages_total())}});
+    log_event(LogLevel::info, "stopped", {{"messages", telemetry.messages_total()}});
     stop_loops();
   }
 
@@ -364,7 +364,7 @@ struct Server::Impl {
       }
       if (stopping) {
         // A second SIGTERM/SIGINT while draining: the operator does not want to wait.
-        log_event(LogLevel::warn, "drain_cut_short", {{"sessions", std::to_string(registry.active())}});
+        log_event(LogLevel::warn, "drain_cut_short", {{"sessions", registry.active()}});
         registry.close_all();
         continue;
       }

@@ -1,9 +1,30 @@
 #!/usr/bin/env bash
-# `make run`: a self-signed dev certificate, a local SMTP sink on 127.0.0.1:2526 and mailflowd on
-# config/examples/dev.yaml (SMTP 127.0.0.1:2525, HTTP 127.0.0.1:9725). Ctrl-C stops both.
+# `make run`: a self-signed dev certificate, a local SMTP sink and mailflowd on config/examples/dev.yaml
+# (SMTP 127.0.0.1:2525, HTTP 127.0.0.1:9725, sink 127.0.0.1:2526). Ctrl-C stops both.
+# Other ports: SMTP_PORT, HTTP_PORT, SINK_PORT (make run SMTP_PORT=2535 HTTP_PORT=9735); the config with
+# them is written to run/dev.yaml. If mailflowd does not come up, it says why and exits 1.
 set -euo pipefail
 binary=${1:?usage: run.sh path/to/mailflowd}
+smtp_port=${SMTP_PORT:-2525}
+http_port=${HTTP_PORT:-9725}
+sink_port=${SINK_PORT:-2526}
 cd "$(dirname "$0")/../.."
+
+for port in "$smtp_port" "$http_port" "$sink_port"; do
+  [[ "$port" =~ ^[0-9]+$ ]] && [ "$port" -ge 1 ] && [ "$port" -le 65535 ] ||
+    { echo "run: '$port' is not a port (SMTP_PORT, HTTP_PORT, SINK_PORT: 1-65535)" >&2; exit 2; }
+done
+[ "$smtp_port" != "$http_port" ] && [ "$smtp_port" != "$sink_port" ] && [ "$http_port" != "$sink_port" ] ||
+  { echo "run: SMTP_PORT, HTTP_PORT and SINK_PORT must differ" >&2; exit 2; }
+# Something listening already (another `make run`, a real MTA): say which port, and how to pick others.
+for port in "$smtp_port" "$http_port" "$sink_port"; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    echo "run: 127.0.0.1:$port is already in use (see: ss -ltnp 'sport = :$port')." >&2
+    echo "run: stop what listens there, or choose other ports: make run SMTP_PORT=2535 HTTP_PORT=9735 SINK_PORT=2536" >&2
+    exit 1
+  fi
+done
+
 mkdir -p run/state run/mail
 if [ ! -s run/dev-cert.pem ] || [ ! -s run/dev-key.pem ]; then
   openssl req -x509 -newkey rsa:2048 -nodes -days 365 -subj "/CN=localhost" \
@@ -11,8 +32,11 @@ if [ ! -s run/dev-cert.pem ] || [ ! -s run/dev-key.pem ]; then
     -keyout run/dev-key.pem -out run/dev-cert.pem 2>/dev/null
   echo "run: generated run/dev-cert.pem (self-signed, localhost)"
 fi
+config=run/dev.yaml
+sed -e "s/127\.0\.0\.1:2525/127.0.0.1:$smtp_port/g" -e "s/127\.0\.0\.1:2526/127.0.0.1:$sink_port/g" \
+    -e "s/127\.0\.0\.1:9725/127.0.0.1:$http_port/g" config/examples/dev.yaml >"$config"
 
-/usr/bin/python3 tests/tools/sink.py --host 127.0.0.1 --port 2526 --maildir run/mail >run/sink.log 2>&1 &
+/usr/bin/python3 tests/tools/sink.py --host 127.0.0.1 --port "$sink_port" --maildir run/mail >run/sink.log 2>&1 &
 sink=$!
 daemon=""
 stop() {
@@ -23,23 +47,46 @@ stop() {
 }
 trap stop INT TERM EXIT
 for _ in $(seq 50); do grep -q READY run/sink.log 2>/dev/null && break; sleep 0.1; done
-grep -q READY run/sink.log || { echo "run: the sink did not start:"; cat run/sink.log; exit 1; }
+grep -q READY run/sink.log || { echo "run: the sink did not start:" >&2; cat run/sink.log >&2; exit 1; }
 
-"$binary" --config config/examples/dev.yaml &
+"$binary" --config "$config" &
 daemon=$!
-for _ in $(seq 50); do curl -fs http://127.0.0.1:9725/healthz >/dev/null 2>&1 && break; sleep 0.1; done
+# Up means: still running and answering /healthz (a process that died at start may leave an old listener
+# answering on the port, so both are checked).
+up=0
+for _ in $(seq 100); do
+  kill -0 "$daemon" 2>/dev/null || break
+  if curl -fs "http://127.0.0.1:$http_port/healthz" >/dev/null 2>&1 && kill -0 "$daemon" 2>/dev/null; then
+    up=1
+    break
+  fi
+  sleep 0.1
+done
+if [ "$up" -ne 1 ]; then
+  if kill -0 "$daemon" 2>/dev/null; then
+    echo "run: mailflowd did not answer http://127.0.0.1:$http_port/healthz within 10 s" >&2
+  else
+    status=0
+    wait "$daemon" || status=$?
+    daemon=""
+    echo "run: mailflowd failed to start (exit status $status; its messages are above)." >&2
+    echo "run: if a port is taken, choose others: make run SMTP_PORT=2535 HTTP_PORT=9735 SINK_PORT=2536" >&2
+  fi
+  exit 1
+fi
 
-cat <<'TXT'
+url=http://127.0.0.1:$http_port
+cat <<TXT
 
-mailflowd is relaying 127.0.0.1:2525 -> sink 127.0.0.1:2526 (messages land in run/mail/).
+mailflowd is relaying 127.0.0.1:$smtp_port -> sink 127.0.0.1:$sink_port (messages land in run/mail/).
 Send a mail (plaintext, then TLS1.0 from a "partner" address):
-  swaks --server 127.0.0.1:2525 --from alice@example.com --to bob@example.org
-  swaks --server 127.0.0.1:2525 --local-interface 127.0.0.2 --tls --tls-protocol tlsv1 \
+  swaks --server 127.0.0.1:$smtp_port --from alice@example.com --to bob@example.org
+  swaks --server 127.0.0.1:$smtp_port --local-interface 127.0.0.2 --tls --tls-protocol tlsv1 \\
         --tls-cipher 'DEFAULT:@SECLEVEL=0' --from partner@contoso.com --to bob@example.org
 Look:
-  http://127.0.0.1:9725/          connector report (HTML)
-  http://127.0.0.1:9725/metrics   Prometheus metrics
-  build/dev/daemon/mailflowd report
+  $url/          connector report (HTML)
+  $url/metrics   Prometheus metrics
+  $binary report --config $config
 Ctrl-C stops mailflowd and the sink.
 TXT
 wait "$daemon"
