@@ -6,7 +6,7 @@ build_pkgs=(g++ cmake ninja-build ccache pkg-config make libboost-dev libssl-dev
   libyaml-cpp-dev libspdlog-dev libfmt-dev doctest-dev libsystemd-dev libcrypt-dev libunbound-dev
   python3 python3-aiosmtpd swaks libnet-ssleay-perl curl ca-certificates scdoc dpkg-dev)
 test_pkgs=(python3-pytest valgrind linux-perf postfix prometheus prometheus-alertmanager haproxy nginx-full libnginx-mod-mail
-  python3-yaml chromium clang libclang-rt-14-dev iproute2 procps systemd man-db knot knot-dnsutils)
+  python3-yaml chromium clang libclang-rt-14-dev iproute2 procps systemd man-db knot knot-dnsutils lintian)
 want=("${build_pkgs[@]}")
 [ "${1:-build}" = test ] && want+=("${test_pkgs[@]}")
 missing=()
@@ -19,9 +19,14 @@ SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
 # postfix asks which configuration to write; we only need its smtp-sink/smtp-source tools.
 echo 'postfix postfix/main_mailer_type select No configuration' | $SUDO debconf-set-selections
 export DEBIAN_FRONTEND=noninteractive
+# Debian starts daemons (postfix, nginx, knot, ...) when it installs them; the tests run their own
+# instances on loopback. A policy-rc.d that says "no" for the length of this install keeps them from
+# starting at all, so a service the user already runs is never touched.
+policy=/usr/sbin/policy-rc.d
+if [ ! -e "$policy" ]; then
+  printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null
+  $SUDO chmod 755 "$policy"
+  trap '$SUDO rm -f "$policy"' EXIT
+fi
 $SUDO apt-get update -q
 $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
-# Debian starts these daemons on install; the tests run their own instances on loopback.
-for svc in postfix prometheus prometheus-alertmanager prometheus-node-exporter haproxy nginx; do
-  $SUDO systemctl disable --now "$svc" >/dev/null 2>&1 || true
-done
