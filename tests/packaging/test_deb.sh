@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # `cpack -G DEB` from the current build tree gives a package that installs on this machine and works:
-# files where a Debian admin looks for them, shlib dependencies, the config as a conffile that passes
-# --check-config (as root and as the service user), --version, man pages, units that
+# files where a Debian admin looks for them (copyright, changelog, docs whose links resolve), shlib
+# dependencies, a stripped binary, a control file lintian accepts (no error or warning), the config as a
+# conffile that passes --check-config (as root and as the service user), --version, man pages, units that
 # `systemd-analyze verify` accepts at their installed paths. Then it is purged, always (trap), and
 # purge must leave nothing behind.
+# Under `make test` this packs the dev tree (Debug: the content is what is checked); `make deb` packs the
+# release tree the same way.
 # Needs root and dpkg; changes this machine's package database for the duration of the test.
 # Usage: test_deb.sh BUILD_DIR SOURCE_DIR VERSION
 set -euo pipefail
@@ -43,8 +46,10 @@ expect=(/usr/sbin/mailflowd /lib/systemd/system/mailflowd.service /lib/systemd/s
   /usr/lib/sysusers.d/mailflowd.conf /usr/lib/tmpfiles.d/mailflowd.conf /etc/mailflowd/mailflowd.yaml
   /usr/share/man/man8/mailflowd.8.gz /usr/share/man/man5/mailflowd.yaml.5.gz
   /usr/share/mailflowd/systemd/socket-activation.conf
-  /usr/share/doc/mailflowd/operations.md /usr/share/doc/mailflowd/security.md)
-for f in "$src"/docs/*.md "$src"/README.md; do [ -e "$f" ] && expect+=("/usr/share/doc/mailflowd/$(basename "$f")"); done
+  /usr/share/doc/mailflowd/operations.md /usr/share/doc/mailflowd/security.md
+  /usr/share/doc/mailflowd/copyright /usr/share/doc/mailflowd/changelog.gz /usr/share/doc/mailflowd/README.md
+  /usr/share/mailflowd/prometheus/examples/prometheus.example.yml /usr/share/lintian/overrides/mailflowd)
+for f in "$src"/docs/*.md "$src"/docs/*.png; do [ -e "$f" ] && expect+=("/usr/share/doc/mailflowd/$(basename "$f")"); done
 for f in "$src"/deploy/prometheus/*.yml; do [ -e "$f" ] && expect+=("/usr/share/mailflowd/prometheus/$(basename "$f")"); done
 for f in "$src"/deploy/grafana/*.json; do [ -e "$f" ] && expect+=("/usr/share/mailflowd/grafana/$(basename "$f")"); done
 for f in "${expect[@]}"; do grep -qxF "$f" "$tmp/files" || fail "package lacks $f"; done
@@ -54,7 +59,36 @@ for dep in libc6 libstdc++6 libssl3 libsystemd0; do
 done
 dpkg-deb -e "$deb" "$tmp/control"
 grep -qx /etc/mailflowd/mailflowd.yaml "$tmp/control/conffiles" || fail "mailflowd.yaml is not a conffile"
-echo "ok: contents checked (${#expect[@]} paths, Depends: $(cat "$tmp/depends"))"
+dpkg-deb -f "$deb" Recommends | grep -qw whois || fail "Recommends lacks whois (mkpasswd makes the password hash)"
+# Description: the synopsis once, then the extended text, every line indented by exactly one space.
+dpkg-deb -f "$deb" Description >"$tmp/description"
+synopsis=$(head -1 "$tmp/description")
+tail -n +2 "$tmp/description" | grep -qiF "$synopsis" && fail "the extended description repeats the synopsis"
+tail -n +2 "$tmp/description" | grep -vq '^ [^ ]' && fail "description lines not indented by one space: $(cat "$tmp/description")"
+dpkg-deb -x "$deb" "$tmp/root"
+# Stripped: no DWARF in the shipped binary (the build tree keeps the symbols).
+readelf -S "$tmp/root/usr/sbin/mailflowd" | grep -q '\.debug_info' && fail "/usr/sbin/mailflowd is not stripped"
+zcat "$tmp/root/usr/share/doc/mailflowd/changelog.gz" | head -1 | grep -qF "mailflowd ($version)" ||
+  fail "changelog.gz does not start with mailflowd ($version): $(zcat "$tmp/root/usr/share/doc/mailflowd/changelog.gz" | head -1)"
+# Every relative link and image of the shipped README resolves inside the package's doc folder.
+grep -o '](\([^)]*\))' "$tmp/root/usr/share/doc/mailflowd/README.md" | sed 's/^](//; s/)$//; s/#.*//' |
+  grep -v -e '^[a-z]*://' -e '^$' | while read -r link; do
+    [ -e "$tmp/root/usr/share/doc/mailflowd/$link" ] || echo "$link"
+  done >"$tmp/broken"
+[ -s "$tmp/broken" ] && fail "the shipped README links to what is not shipped: $(tr '\n' ' ' <"$tmp/broken")"
+echo "ok: contents checked (${#expect[@]} paths, binary $(stat -c %s "$tmp/root/usr/sbin/mailflowd") bytes stripped, Depends: $(cat "$tmp/depends"))"
+
+# --- lintian: no error or warning (tags overridden on purpose: cmake/debian/lintian-overrides, with reasons) --
+if command -v lintian >/dev/null; then
+  if lintian --fail-on error,warning -I "$deb" >"$tmp/lintian" 2>&1; then
+    echo "ok: lintian$(grep -c '^[IPX]:' "$tmp/lintian" | sed 's/^0$//; s/^[1-9].*/ (& info tags)/')"
+  else
+    cat "$tmp/lintian"
+    fail "lintian reports errors or warnings (fix them, or override with a reason in cmake/debian/lintian-overrides)"
+  fi
+else
+  fail "lintian is not installed (deploy/dev/deps.sh test installs it)"
+fi
 
 # --- install --------------------------------------------------------------------------------------
 installed=1
