@@ -770,7 +770,8 @@ class Loader {
       load_upstream_tls_policy(*map, where, upstream);
       if (upstream.tls == UpstreamTls::verify) {
         if (get(*map, "ca_file") != nullptr) {
-          read_file(*map, "ca_file", where, upstream.ca_file);
+          if (read_file(*map, "ca_file", where, upstream.ca_file))
+            remember_position(where + ".ca_file", get(*map, "ca_file")->value);
         } else if (::access(upstream.ca_file.c_str(), R_OK) != 0) {
           error_at(get(*map, "tls")->value, where + ".tls: verify needs a CA file, and the default " +
                                                 quoted(upstream.ca_file) + " is not readable; set ca_file");

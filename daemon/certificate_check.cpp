@@ -74,6 +74,16 @@ CertificateFindings check_certificates(const config::Config& config, std::chrono
       check_pair(config, listener.name, path, listener.tls->certificates[c], *listener.tls, now, out);
     }
   }
+  for (std::size_t u = 0; u < config.upstreams.size(); ++u) {
+    const auto& upstream = config.upstreams[u];
+    if (upstream.tls != config::UpstreamTls::verify) continue;
+    const std::string path = "upstreams[" + std::to_string(u) + "]";
+    try {
+      const ClientTls tls(upstream);  // loads ca_file as the daemon does for tls: verify
+    } catch (const std::exception& e) {
+      out.errors.push_back(finding(config, path + ".ca_file", path + ": " + e.what(), false));
+    }
+  }
   if (config.http.tls) {
     // The HTTP server loads its pair with Asio (the same OpenSSL calls); its own protocol floor is not
     // what is checked here, so the listener defaults serve.

@@ -94,13 +94,14 @@ TEST_CASE("check_certificates: garbage, a foreign key, expired and expiring cert
                            "        - {cert: " + expired_cert + ", key: " + expired_key + "}\n"
                            "upstreams:\n"
                            "  - {name: up, address: \"127.0.0.1:25\"}\n"
+                           "  - {name: verified, address: \"127.0.0.1:26\", tls: verify, ca_file: " + garbage + "}\n"
                            "http:\n"
                            "  tls: {cert: " + soon_cert + ", key: " + soon_key + "}\n";
   const auto loaded = mailflow::config::load_config_string(yaml, "mailflowd.yaml");
   REQUIRE(loaded.errors.empty());
   const auto findings = mailflow::check_certificates(*loaded.config, std::chrono::system_clock::now());
 
-  REQUIRE(findings.errors.size() == 2);
+  REQUIRE(findings.errors.size() == 3);
   CHECK(findings.errors[0].file == "mailflowd.yaml");
   CHECK(findings.errors[0].line == 8);
   CHECK(findings.errors[0].column == 18);
@@ -109,13 +110,16 @@ TEST_CASE("check_certificates: garbage, a foreign key, expired and expiring cert
   CHECK(findings.errors[1].line == 9);
   CHECK(findings.errors[1].message == "listeners[0].tls.certificates[2]: key " + other_key +
                                           " does not match certificate " + good_cert + " (key values mismatch)");
+  CHECK(findings.errors[2].line == 13);
+  CHECK(findings.errors[2].column == 69);
+  CHECK(findings.errors[2].message.starts_with("upstreams[1]: cannot load ca_file " + garbage));
 
   REQUIRE(findings.warnings.size() == 2);
   CHECK(findings.warnings[0].line == 10);
   CHECK(findings.warnings[0].warning);
   CHECK(findings.warnings[0].message.starts_with("listeners[0].tls.certificates[3].cert: certificate " + expired_cert +
                                                  " (CN old.example.org) expired on "));
-  CHECK(findings.warnings[1].line == 14);
+  CHECK(findings.warnings[1].line == 15);
   CHECK(findings.warnings[1].column == 15);
   CHECK(findings.warnings[1].message.starts_with("http.tls.cert: certificate " + soon_cert +
                                                  " (CN soon.example.org) expires on "));
