@@ -232,6 +232,26 @@ asio::awaitable<void> Link::handshake(SSL_CTX* context, bool server, const std::
   tls_info_ = tls_info(ssl_);
 }
 
+asio::awaitable<void> Link::connect(const asio::ip::tcp::endpoint& endpoint, error_code& ec) {
+  error_code ignored;
+  socket_.close(ignored);  // a previous attempt's socket
+  socket_.open(endpoint.protocol(), ec);
+  if (ec) co_return;
+  co_await socket_.async_connect(endpoint, with(ec));
+  if (ec) co_return;
+  socket_.non_blocking(true, ignored);
+  socket_.set_option(asio::ip::tcp::no_delay(true), ignored);
+}
+
+asio::awaitable<void> Link::shutdown_tls(error_code& ec) {
+  if (ssl_ == nullptr || !SSL_is_init_finished(ssl_) || (SSL_get_shutdown(ssl_) & SSL_SENT_SHUTDOWN) != 0)
+    co_return;
+  ERR_clear_error();
+  SSL_shutdown(ssl_);  // queues close_notify in cipher_out_ (our BIO never blocks a write)
+  ERR_clear_error();
+  co_await flush_cipher(ec);
+}
+
 void Link::cancel() {
   error_code ignored;
   socket_.cancel(ignored);

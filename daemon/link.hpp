@@ -40,6 +40,14 @@ class Link {
                                                 boost::system::error_code& ec, Wait wait = Wait::busy);
   boost::asio::awaitable<void> write(std::string_view data, boost::system::error_code& ec);
 
+  // Upstream side: connects the (not yet open) socket to `endpoint`; cancel() aborts it.
+  boost::asio::awaitable<void> connect(const boost::asio::ip::tcp::endpoint& endpoint,
+                                       boost::system::error_code& ec);
+
+  // An orderly end of TLS: sends close_notify (RFC 8446 6.1) without waiting for the peer's, so a strict peer
+  // sees no truncation and the session stays resumable. No-op without TLS.
+  boost::asio::awaitable<void> shutdown_tls(boost::system::error_code& ec);
+
   // STARTTLS. `peer_name` (client side): SNI, and with `verify` the name the certificate must match.
   boost::asio::awaitable<void> handshake(SSL_CTX* context, bool server, const std::string& peer_name,
                                          bool verify, boost::system::error_code& ec);

@@ -20,6 +20,7 @@
 #include <random>
 
 #include "daemon/connector_match.hpp"
+#include "daemon/failpoint.hpp"
 #include "daemon/link.hpp"
 #include "daemon/log.hpp"
 #include "daemon/telemetry.hpp"
@@ -123,6 +124,8 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
         id_(new_session_id()) {}
 
   asio::awaitable<void> run();
+  // The completion of run() with an exception: logs, counts and releases what the session held.
+  void crashed(std::exception_ptr error);
 
   // Thread-safe: executed on the session's event loop.
   void notify_drain() {
@@ -148,13 +151,30 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
     return options;
   }
 
+  // ---- waits. Every wait of the session goes through one of these, with its own deadline, armed right
+  // before it (as Beast's expires_after): the watchdog cancels whatever is in flight when it passes, and the
+  // wait then reports asio::error::timed_out, so no caller depends on a flag. Deadlines are absolute so that
+  // a whole command line or DATA block shares one however many reads it takes.
+  static SteadyClock::time_point in(SteadyClock::duration timeout) { return SteadyClock::now() + timeout; }
+  asio::awaitable<void> read(Link& link, ReadBuffer& buffer, std::size_t max,
+                             SteadyClock::time_point deadline, error_code& ec,
+                             Link::Wait wait = Link::Wait::busy);
+  asio::awaitable<void> write(Link& link, std::string_view data, SteadyClock::time_point deadline,
+                              error_code& ec);
+  asio::awaitable<void> handshake(Link& link, SSL_CTX* context, bool server, const std::string& peer_name,
+                                  bool verify, SteadyClock::time_point deadline, error_code& ec);
+  asio::awaitable<void> connect(Link& link, const tcp::endpoint& endpoint, SteadyClock::time_point deadline,
+                                error_code& ec);
+  asio::awaitable<void> wait_readable(SteadyClock::time_point deadline, error_code& ec);
+  // Sends close_notify on a TLS link (bounded by the goodbye deadline) and closes it.
+  asio::awaitable<void> close_link(Link& link);
+  void arm(SteadyClock::time_point deadline);
+  void disarm(error_code& ec);  // after a wait: a deadline that fired becomes ec = timed_out
   asio::awaitable<void> watchdog(std::shared_ptr<RelaySession> self);
-  void set_deadline(SteadyClock::duration timeout);
-  void set_deadline_at(SteadyClock::time_point deadline);
-  bool take_timeout() { return std::exchange(timed_out_, false); }
 
   asio::awaitable<void> serve();
   asio::awaitable<void> finish();
+  void release();  // the session's end, without I/O: closes, counts, frees its slots and logs; once only
   asio::awaitable<bool> read_proxy_header();
   asio::awaitable<bool> greet_pause();
   asio::awaitable<bool> next_line(std::string& line);
@@ -171,7 +191,8 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
 
   asio::awaitable<bool> ensure_upstream(const std::string& name);
   asio::awaitable<std::optional<proto::Reply>> upstream_command(std::string_view line);
-  asio::awaitable<std::optional<proto::Reply>> read_upstream_reply(SteadyClock::duration timeout);
+  // `deadline` covers the whole reply, however many reads it takes.
+  asio::awaitable<std::optional<proto::Reply>> read_upstream_reply(SteadyClock::time_point deadline);
   asio::awaitable<void> reset_upstream_transaction();
   asio::awaitable<void> close_upstream(bool polite);
   void upstream_failed(std::string_view reason);
@@ -188,6 +209,7 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
   Telemetry& telemetry_;
   Link client_;
   asio::steady_timer timer_;
+  std::optional<tcp::resolver> resolver_;  // an upstream host name being looked up (the watchdog cancels it)
   proto::ServerSession session_;
   proto::CommandFramer framer_;
   Upstream upstream_;
@@ -233,22 +255,70 @@ asio::awaitable<void> RelaySession::watchdog(std::shared_ptr<RelaySession> /*sel
     co_await timer_.async_wait(with(ec));
     if (finished_) break;
     if (deadline_ <= SteadyClock::now()) {
-      // Whatever was being waited for took too long: cancel it; the waiting code sees the flag.
+      // The wait in flight took too long: cancel everything it could be (the client socket, the upstream's, a
+      // connect or a name lookup); the next wait arms a deadline of its own.
       timed_out_ = true;
       deadline_ = SteadyClock::time_point::max();
       client_.cancel();
       if (upstream_.link) upstream_.link->cancel();
+      if (resolver_) resolver_->cancel();
     }
   }
 }
 
-void RelaySession::set_deadline(SteadyClock::duration timeout) {
-  set_deadline_at(SteadyClock::now() + timeout);
-}
-
-void RelaySession::set_deadline_at(SteadyClock::time_point deadline) {
+void RelaySession::arm(SteadyClock::time_point deadline) {
+  timed_out_ = false;
   deadline_ = deadline;
   if (deadline_ < timer_.expiry()) timer_.cancel();  // wake the watchdog so that it re-arms earlier
+}
+
+void RelaySession::disarm(error_code& ec) {
+  if (std::exchange(timed_out_, false)) ec = asio::error::timed_out;
+}
+
+asio::awaitable<void> RelaySession::read(Link& link, ReadBuffer& buffer, std::size_t max,
+                                         SteadyClock::time_point deadline, error_code& ec, Link::Wait wait) {
+  arm(deadline);
+  co_await link.read_some(buffer, max, ec, wait);
+  disarm(ec);
+}
+
+asio::awaitable<void> RelaySession::write(Link& link, std::string_view data, SteadyClock::time_point deadline,
+                                          error_code& ec) {
+  arm(deadline);
+  co_await link.write(data, ec);
+  disarm(ec);
+}
+
+asio::awaitable<void> RelaySession::handshake(Link& link, SSL_CTX* context, bool server,
+                                              const std::string& peer_name, bool verify,
+                                              SteadyClock::time_point deadline, error_code& ec) {
+  arm(deadline);
+  co_await link.handshake(context, server, peer_name, verify, ec);
+  disarm(ec);
+}
+
+asio::awaitable<void> RelaySession::connect(Link& link, const tcp::endpoint& endpoint,
+                                            SteadyClock::time_point deadline, error_code& ec) {
+  arm(deadline);
+  co_await link.connect(endpoint, ec);
+  disarm(ec);
+}
+
+asio::awaitable<void> RelaySession::wait_readable(SteadyClock::time_point deadline, error_code& ec) {
+  arm(deadline);
+  co_await client_.socket().async_wait(tcp::socket::wait_read, with(ec));
+  disarm(ec);
+}
+
+asio::awaitable<void> RelaySession::close_link(Link& link) {
+  if (link.tls_active()) {
+    arm(in(goodbye_timeout));
+    error_code ec;
+    co_await link.shutdown_tls(ec);
+    disarm(ec);
+  }
+  link.close();
 }
 
 // ---- the session ----------------------------------------------------------------------------------------
@@ -297,6 +367,7 @@ asio::awaitable<void> RelaySession::serve() {
   std::string line;
   while (!close_) {
     if (!co_await next_line(line)) co_return;
+    failpoint("session.command");
     co_await perform(session_.on_line(line));
   }
 }
@@ -305,6 +376,28 @@ asio::awaitable<void> RelaySession::finish() {
   if (!client_out_.empty()) co_await flush();
   co_await close_upstream(pending_.empty());
   pending_.clear();
+  co_await close_link(client_);
+  release();
+}
+
+void RelaySession::crashed(std::exception_ptr error) {
+  // An exception escaped the session: nothing of it may leak (registry and per-IP slots, sessions_active).
+  std::string what = "unknown";
+  try {
+    std::rethrow_exception(error);
+  } catch (const std::exception& e) {
+    what = e.what();
+  } catch (...) {
+  }
+  telemetry_.internal_error("session");
+  log_event(LogLevel::error, "internal_error", {{"id", id_}, {"component", "session"}, {"error", what}});
+  result_ = "internal_error";
+  if (upstream_.link) drop_upstream();
+  release();
+}
+
+void RelaySession::release() {
+  if (finished_) return;
   client_.close();
   finished_ = true;
   timer_.cancel();
@@ -334,7 +427,7 @@ asio::awaitable<void> RelaySession::finish() {
 }
 
 asio::awaitable<bool> RelaySession::read_proxy_header() {
-  set_deadline(proxy_header_timeout);
+  const auto deadline = in(proxy_header_timeout);
   for (;;) {
     auto parsed = proto::parse_proxy_header(client_in_.view());
     if (parsed.status == proto::ProxyStatus::complete) {
@@ -361,9 +454,10 @@ asio::awaitable<bool> RelaySession::read_proxy_header() {
       co_return false;
     }
     error_code ec;
-    co_await client_.read_some(client_in_, proto::max_proxy_header - client_in_.size(), ec, Link::Wait::idle);
+    co_await read(client_, client_in_, proto::max_proxy_header - client_in_.size(), deadline, ec,
+                  Link::Wait::idle);
     if (ec) {
-      const bool timed_out = take_timeout();
+      const bool timed_out = ec == asio::error::timed_out;
       count_reject(timed_out ? "proxy_timeout" : "proxy_truncated");
       result_ = timed_out ? "proxy_timeout" : "proxy_truncated";
       co_return false;
@@ -373,11 +467,13 @@ asio::awaitable<bool> RelaySession::read_proxy_header() {
 
 asio::awaitable<bool> RelaySession::greet_pause() {
   // RFC 5321 §4.3.1: the client must wait for the banner. Anything sent before it is a spambot tell.
-  set_deadline(config_.limits.greet_pause);
   error_code ec;
-  co_await client_.socket().async_wait(tcp::socket::wait_read, with(ec));
-  if (take_timeout()) co_return true;
-  if (ec) {
+  co_await wait_readable(in(config_.limits.greet_pause), ec);
+  if (ec == asio::error::timed_out) co_return true;
+  // Readable: input, or a client that hung up without a word (not an early talker, just gone).
+  char byte = 0;
+  const bool hung_up = !ec && ::recv(client_.socket().native_handle(), &byte, 1, MSG_PEEK) == 0;
+  if (ec || hung_up) {
     result_ = "disconnected";
     co_return false;
   }
@@ -435,13 +531,12 @@ asio::awaitable<bool> RelaySession::next_line(std::string& line) {
           SteadyClock::now() + (commands_ == 0 ? config_.timeouts.greeting : config_.timeouts.command);
       command_clock_running_ = true;
     }
-    set_deadline_at(command_deadline_);
     error_code ec;
-    co_await client_.read_some(client_in_, command_read_chunk, ec,
-                               idle ? Link::Wait::idle : Link::Wait::busy);
+    co_await read(client_, client_in_, command_read_chunk, command_deadline_, ec,
+                  idle ? Link::Wait::idle : Link::Wait::busy);
     idle_ = false;
     if (ec) {
-      if (take_timeout()) {
+      if (ec == asio::error::timed_out) {
         count_reject("timeout");
         co_await say_goodbye(proto::format_reply(421, "4.4.2", config_.hostname + " Error: timeout exceeded"),
                              "timeout");
@@ -494,12 +589,11 @@ asio::awaitable<void> RelaySession::perform(const proto::ServerSession::Action& 
 
 asio::awaitable<bool> RelaySession::flush() {
   if (client_out_.empty()) co_return true;
-  set_deadline(config_.timeouts.command);
   error_code ec;
-  co_await client_.write(client_out_, ec);
+  co_await write(client_, client_out_, in(config_.timeouts.command), ec);
   client_out_.clear();
   if (ec) {
-    result_ = take_timeout() ? "timeout" : "disconnected";
+    result_ = ec == asio::error::timed_out ? "timeout" : "disconnected";
     close_ = true;
     co_return false;
   }
@@ -508,11 +602,9 @@ asio::awaitable<bool> RelaySession::flush() {
 
 asio::awaitable<void> RelaySession::say_goodbye(std::string_view reply, std::string_view result) {
   client_out_ += reply;
-  set_deadline(goodbye_timeout);
   error_code ec;
-  co_await client_.write(client_out_, ec);
+  co_await write(client_, client_out_, in(goodbye_timeout), ec);
   client_out_.clear();
-  take_timeout();
   result_ = result;
   close_ = true;
 }
@@ -535,11 +627,10 @@ asio::awaitable<void> RelaySession::start_tls() {
     client_in_.clear();
   }
   const ServerTls* tls = runtime_->server_tls(listener_.name);
-  set_deadline(config_.timeouts.tls_handshake);
   error_code ec;
-  co_await client_.handshake(tls->context(), true, {}, false, ec);
+  co_await handshake(client_, tls->context(), true, {}, false, in(config_.timeouts.tls_handshake), ec);
   if (ec) {
-    const bool timed_out = take_timeout();
+    const bool timed_out = ec == asio::error::timed_out;
     const std::string reason = handshake_failure_label(ec, timed_out);
     telemetry_.tls_handshake_failed(listener_.name, Leg::client, reason);
     const std::string client = address_text(client_address_);
@@ -568,7 +659,8 @@ asio::awaitable<void> RelaySession::begin_mail() {
   const config::Connector* connector = match_connector(config_, input);
   connector_name_ = connector ? connector->name : std::string(internet_connector);
   direction_ = listener_.direction;
-  if (connectors_seen_.find(connector_name_) == std::string::npos)
+  // Whole names only: "partner" must not hide behind an earlier "partner-contoso".
+  if (("," + connectors_seen_ + ",").find("," + connector_name_ + ",") == std::string::npos)
     connectors_seen_ += (connectors_seen_.empty() ? "" : ",") + connector_name_;
 
   if (connector && connector->require_tls && !session_.tls_active()) {
@@ -605,11 +697,10 @@ asio::awaitable<bool> RelaySession::resolve_pending() {
   if (pending_.empty()) co_return go_ahead;
   bool lost = upstream_.link == nullptr;
   if (!lost) {
-    set_deadline(config_.timeouts.command);
     error_code ec;
-    co_await upstream_.link->write(upstream_out_, ec);
+    co_await write(*upstream_.link, upstream_out_, in(config_.timeouts.command), ec);
     if (ec) {
-      upstream_failed(take_timeout() ? "timeout" : "connection_lost");
+      upstream_failed(ec == asio::error::timed_out ? "timeout" : "connection_lost");
       lost = true;
     }
   }
@@ -618,7 +709,7 @@ asio::awaitable<bool> RelaySession::resolve_pending() {
     const Pending kind = pending_.front();
     pending_.pop_front();
     std::optional<proto::Reply> reply;
-    if (!lost) reply = co_await read_upstream_reply(config_.timeouts.command);
+    if (!lost) reply = co_await read_upstream_reply(in(config_.timeouts.command));
     if (!reply) {
       lost = true;
       client_out_ += upstream_lost_reply;
@@ -689,7 +780,7 @@ asio::awaitable<void> RelaySession::relay_data() {
   bool upstream_ok = true;  // false once the upstream was dropped (violation or failure)
   bool upstream_lost = false;
   std::size_t block_bytes = 0;
-  set_deadline(config_.timeouts.data_block);
+  auto block_deadline = in(config_.timeouts.data_block);
   for (;;) {
     if (!client_in_.empty()) {
       const std::size_t consumed = filter.feed(client_in_.view(), out);
@@ -704,26 +795,31 @@ asio::awaitable<void> RelaySession::relay_data() {
       upstream_ok = false;
     }
     if (upstream_ok && !out.empty() && (out.size() >= data_block_size || filter.done())) {
+      // The upstream gets as long for a block as the client does.
       error_code ec;
-      co_await upstream_.link->write(out, ec);
+      co_await write(*upstream_.link, out, in(config_.timeouts.data_block), ec);
       if (ec) {
-        upstream_failed(take_timeout() ? "timeout" : "connection_lost");
+        upstream_failed(ec == asio::error::timed_out ? "timeout" : "connection_lost");
         upstream_ok = false;
         upstream_lost = true;
+        // The client is not to blame for the time the upstream took: its block starts over. It may finish the
+        // message (and hear 451) but gets no more time than any block.
+        block_deadline = in(config_.timeouts.data_block);
+        block_bytes = 0;
       }
       out.clear();
     }
     if (!upstream_ok) out.clear();
     if (filter.done()) break;
     if (block_bytes >= data_block_size) {
-      set_deadline(config_.timeouts.data_block);
+      block_deadline = in(config_.timeouts.data_block);
       block_bytes = 0;
     }
     error_code ec;
-    co_await client_.read_some(client_in_, data_read_chunk, ec);
+    co_await read(client_, client_in_, data_read_chunk, block_deadline, ec);
     if (ec) {
       // The client went away (or stalled) mid-message: nothing may be delivered.
-      const bool timed_out = take_timeout();
+      const bool timed_out = ec == asio::error::timed_out;
       co_await close_upstream(false);
       session_.on_transaction_aborted();
       if (timed_out) {
@@ -753,7 +849,7 @@ asio::awaitable<void> RelaySession::relay_data() {
   } else if (upstream_lost || !upstream_ok) {
     client_out_ += upstream_lost_reply;
   } else {
-    auto final_reply = co_await read_upstream_reply(config_.timeouts.data_end);
+    auto final_reply = co_await read_upstream_reply(in(config_.timeouts.data_end));
     if (!final_reply) {
       client_out_ += upstream_lost_reply;
     } else {
@@ -793,8 +889,7 @@ void RelaySession::drop_upstream() {
 }
 
 asio::awaitable<std::optional<proto::Reply>> RelaySession::read_upstream_reply(
-    SteadyClock::duration timeout) {
-  set_deadline(timeout);
+    SteadyClock::time_point deadline) {
   for (;;) {
     auto parsed = proto::parse_reply(upstream_.in.view());
     if (parsed.status == proto::ReplyStatus::complete) {
@@ -806,9 +901,9 @@ asio::awaitable<std::optional<proto::Reply>> RelaySession::read_upstream_reply(
       co_return std::nullopt;
     }
     error_code ec;
-    co_await upstream_.link->read_some(upstream_.in, command_read_chunk, ec);
+    co_await read(*upstream_.link, upstream_.in, command_read_chunk, deadline, ec);
     if (ec) {
-      upstream_failed(take_timeout() ? "timeout" : "connection_lost");
+      upstream_failed(ec == asio::error::timed_out ? "timeout" : "connection_lost");
       co_return std::nullopt;
     }
   }
@@ -816,14 +911,13 @@ asio::awaitable<std::optional<proto::Reply>> RelaySession::read_upstream_reply(
 
 asio::awaitable<std::optional<proto::Reply>> RelaySession::upstream_command(std::string_view line) {
   if (!upstream_.link) co_return std::nullopt;
-  set_deadline(config_.timeouts.command);
   error_code ec;
-  co_await upstream_.link->write(line, ec);
+  co_await write(*upstream_.link, line, in(config_.timeouts.command), ec);
   if (ec) {
-    upstream_failed(take_timeout() ? "timeout" : "connection_lost");
+    upstream_failed(ec == asio::error::timed_out ? "timeout" : "connection_lost");
     co_return std::nullopt;
   }
-  co_return co_await read_upstream_reply(config_.timeouts.command);
+  co_return co_await read_upstream_reply(in(config_.timeouts.command));
 }
 
 asio::awaitable<void> RelaySession::reset_upstream_transaction() {
@@ -836,14 +930,14 @@ asio::awaitable<void> RelaySession::reset_upstream_transaction() {
 asio::awaitable<void> RelaySession::close_upstream(bool polite) {
   if (!upstream_.link) co_return;
   if (polite && !upstream_.in_transaction) {
-    set_deadline(goodbye_timeout);
+    const auto deadline = in(goodbye_timeout);
     error_code ec;
-    co_await upstream_.link->write("QUIT\r\n", ec);
+    co_await write(*upstream_.link, "QUIT\r\n", deadline, ec);
     if (!ec) {
       ReadBuffer ignored;
-      co_await upstream_.link->read_some(ignored, 512, ec);
+      co_await read(*upstream_.link, ignored, 512, deadline, ec);
     }
-    take_timeout();
+    if (!ec) co_await close_link(*upstream_.link);
   }
   drop_upstream();
 }
@@ -854,16 +948,34 @@ asio::awaitable<bool> RelaySession::ensure_upstream(const std::string& name) {
   upstream_.config = config_.find_upstream(name);
   const config::Upstream& upstream = *upstream_.config;
 
+  // timeouts.upstream_connect bounds the lookup, every connect attempt and the banner together.
+  const auto connect_deadline = in(config_.timeouts.upstream_connect);
   auto executor = client_.socket().get_executor();
-  set_deadline(config_.timeouts.upstream_connect);
   error_code ec;
-  tcp::resolver resolver(executor);
-  auto endpoints =
-      co_await resolver.async_resolve(upstream.address.host, std::to_string(upstream.address.port), with(ec));
-  tcp::socket socket(executor);
-  if (!ec) co_await asio::async_connect(socket, endpoints, with(ec));
+  std::vector<tcp::endpoint> endpoints;
+  if (auto address = asio::ip::make_address(upstream.address.host, ec); !ec) {
+    endpoints.emplace_back(address, upstream.address.port);
+  } else {
+    ec = {};
+    resolver_.emplace(executor);
+    arm(connect_deadline);
+    auto results = co_await resolver_->async_resolve(upstream.address.host,
+                                                     std::to_string(upstream.address.port), with(ec));
+    disarm(ec);
+    resolver_.reset();
+    for (const auto& entry : results) endpoints.push_back(entry.endpoint());
+  }
+  upstream_.link = std::make_unique<Link>(tcp::socket(executor));
+  upstream_.in.clear();
+  for (const auto& endpoint : endpoints) {
+    if (ec) break;
+    co_await connect(*upstream_.link, endpoint, connect_deadline, ec);
+    if (!ec || ec == asio::error::timed_out) break;
+    if (&endpoint != &endpoints.back()) ec = {};  // the next address
+  }
   if (ec) {
-    const bool timed_out = take_timeout();
+    upstream_.link.reset();  // never connected: no upstream leg to count
+    const bool timed_out = ec == asio::error::timed_out;
     telemetry_.upstream_error(upstream.name, timed_out ? "connect_timeout" : "connect_failed");
     log_limited(LogLevel::warn, "upstream_error",
                 {{"id", id_},
@@ -872,9 +984,6 @@ asio::awaitable<bool> RelaySession::ensure_upstream(const std::string& name) {
                  {"error", ec.message()}});
     co_return false;
   }
-  socket.set_option(tcp::no_delay(true), ec);
-  upstream_.link = std::make_unique<Link>(std::move(socket));
-  upstream_.in.clear();
 
   proto::ClientSession::Options options;
   options.ehlo_name = config_.hostname;
@@ -895,10 +1004,9 @@ asio::awaitable<bool> RelaySession::ensure_upstream(const std::string& name) {
     switch (action.kind) {
       case Kind::send: {
         error_code write_error;
-        set_deadline(config_.timeouts.command);
-        co_await upstream_.link->write(action.data, write_error);
+        co_await write(*upstream_.link, action.data, in(config_.timeouts.command), write_error);
         if (write_error) {
-          upstream_failed(take_timeout() ? "timeout" : "connection_lost");
+          upstream_failed(write_error == asio::error::timed_out ? "timeout" : "connection_lost");
           co_return false;
         }
         [[fallthrough]];
@@ -906,8 +1014,8 @@ asio::awaitable<bool> RelaySession::ensure_upstream(const std::string& name) {
       case Kind::read_reply: {
         // Connecting includes the banner: an upstream that accepts and never greets is
         // "connect_timeout"-slow.
-        auto reply = co_await read_upstream_reply(first_reply ? config_.timeouts.upstream_connect
-                                                              : config_.timeouts.command);
+        auto reply =
+            co_await read_upstream_reply(first_reply ? connect_deadline : in(config_.timeouts.command));
         first_reply = false;
         if (!reply) co_return false;
         action = engine.on_reply(*reply);
@@ -921,11 +1029,11 @@ asio::awaitable<bool> RelaySession::ensure_upstream(const std::string& name) {
           co_return false;
         }
         const ClientTls* tls = runtime_->client_tls(upstream.name);
-        set_deadline(config_.timeouts.tls_handshake);
         error_code hs;
-        co_await upstream_.link->handshake(tls->context(), false, upstream.address.host, tls->verify(), hs);
+        co_await handshake(*upstream_.link, tls->context(), false, upstream.address.host, tls->verify(),
+                           in(config_.timeouts.tls_handshake), hs);
         if (hs) {
-          const bool timed_out = take_timeout();
+          const bool timed_out = hs == asio::error::timed_out;
           const std::string reason = handshake_failure_label(hs, timed_out);
           telemetry_.tls_handshake_failed(listener_.name, Leg::upstream, reason);
           log_limited(LogLevel::warn, "tls_failed",
@@ -972,6 +1080,12 @@ void SessionRegistry::release_address(const std::array<std::uint8_t, 16>& addres
 void SessionRegistry::add(const std::shared_ptr<RelaySession>& session) {
   std::lock_guard lock(mutex_);
   sessions_.emplace(session.get(), session);
+  peak_ = std::max(peak_, sessions_.size());
+}
+
+std::size_t SessionRegistry::take_peak() {
+  std::lock_guard lock(mutex_);
+  return std::exchange(peak_, sessions_.size());
 }
 
 void SessionRegistry::remove(RelaySession* session) {
@@ -1015,8 +1129,9 @@ void start_relay_session(tcp::socket socket, std::shared_ptr<const Runtime> runt
   auto executor = socket.get_executor();
   auto session = std::make_shared<RelaySession>(std::move(socket), std::move(runtime), listener, registry);
   registry.add(session);
-  asio::co_spawn(
-      executor, [session]() { return session->run(); }, asio::detached);
+  asio::co_spawn(executor, session->run(), [session](std::exception_ptr error) {
+    if (error) session->crashed(error);
+  });
 }
 
 }  // namespace mailflow

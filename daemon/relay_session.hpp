@@ -32,6 +32,8 @@ class SessionRegistry {
   void add(const std::shared_ptr<RelaySession>& session);
   void remove(RelaySession* session);
   std::size_t active() const;
+  // The most sessions open at once since the last call (which starts the next period at the current count).
+  std::size_t take_peak();
 
   bool draining() const;
   // Idle sessions answer 421 and close; busy ones finish their transaction first.
@@ -43,6 +45,7 @@ class SessionRegistry {
   Telemetry& telemetry_;
   mutable std::mutex mutex_;
   bool draining_ = false;
+  std::size_t peak_ = 0;
   std::unordered_map<std::string, std::uint32_t> per_address_;
   std::unordered_map<RelaySession*, std::weak_ptr<RelaySession>> sessions_;
 };

@@ -3,6 +3,7 @@
 #include <utility>  // before Asio (Boost 1.74 + GCC 12)
 
 #include <fmt/format.h>
+#include <malloc.h>
 #include <sched.h>
 #include <sys/socket.h>
 #include <systemd/sd-daemon.h>
@@ -22,6 +23,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <stdexcept>
@@ -29,6 +31,7 @@
 #include <vector>
 
 #include "daemon/certificate_check.hpp"
+#include "daemon/failpoint.hpp"
 #include "daemon/http_server.hpp"
 #include "daemon/log.hpp"
 #include "daemon/poll_window.hpp"
@@ -45,6 +48,8 @@ using boost::system::error_code;
 namespace {
 
 constexpr auto state_save_interval = std::chrono::seconds(60);
+constexpr auto memory_check_interval = std::chrono::seconds(2);
+constexpr std::size_t memory_trim_sessions = 100;
 
 tcp::endpoint listen_endpoint(const config::Endpoint& address) {
   error_code ec;
@@ -199,7 +204,46 @@ struct Server::Impl {
     return result;
   }
 
-  asio::awaitable<void> accept_loop(std::shared_ptr<Acceptor> entry) {
+  // A completion handler for co_spawn: an exception that escapes a coroutine of the server is logged and
+  // counted (mailflow_internal_errors_total{component}), never lost; `then` runs after it (e.g. a restart).
+  auto on_escape(std::string_view component, std::function<void()> then = {}) {
+    return [this, component, then = std::move(then)](std::exception_ptr error) {
+      if (!error) return;
+      std::string what = "unknown";
+      try {
+        std::rethrow_exception(error);
+      } catch (const std::exception& e) {
+        what = e.what();
+      } catch (...) {
+      }
+      telemetry.internal_error(component);
+      log_event(LogLevel::error, "internal_error", {{"component", component}, {"error", what}});
+      if (then) then();
+    };
+  }
+
+  // Runs a coroutine of the server's own for the life of the process: one that an exception ended is started
+  // again (signal handling and the periodic state save must not stop silently).
+  void keep_running(std::string_view component, std::function<asio::awaitable<void>()> make) {
+    asio::co_spawn(io, make(), on_escape(component, [this, component, make] {
+                     if (!stopping) keep_running(component, make);
+                   }));
+  }
+
+  // An accept loop that an exception ended starts again (after a pause, in case the cause persists) as long
+  // as its listener is open: a listener never stops silently.
+  void spawn_accept_loop(std::shared_ptr<Acceptor> entry, bool pause_first = false) {
+    asio::co_spawn(io, accept_loop(entry, pause_first), on_escape("accept", [this, entry] {
+                     if (entry->acceptor.is_open() && !stopping) spawn_accept_loop(entry, true);
+                   }));
+  }
+
+  asio::awaitable<void> accept_loop(std::shared_ptr<Acceptor> entry, bool pause_first) {
+    if (pause_first) {
+      asio::steady_timer pause(io, std::chrono::milliseconds(100));
+      error_code ignored;
+      co_await pause.async_wait(asio::redirect_error(asio::use_awaitable, ignored));
+    }
     for (;;) {
       error_code ec;
       tcp::socket socket = co_await entry->acceptor.async_accept(
@@ -215,35 +259,44 @@ struct Server::Impl {
       auto snapshot = current();
       const config::Listener* listener = snapshot->config->find_listener(entry->name);
       if (listener == nullptr) continue;  // removed by a reload that raced with this accept
+      failpoint("accept");
       start_relay_session(std::move(socket), std::move(snapshot), *listener, registry);
     }
   }
 
-  // Opens listeners of `config` that are not open yet (same name and address are kept); returns the new set.
-  // Throws before changing anything that is running.
-  std::vector<std::shared_ptr<Acceptor>> reconcile_listeners(const config::Config& config) {
-    std::vector<std::shared_ptr<Acceptor>> next;
+  struct PlannedListener {
+    std::shared_ptr<Acceptor> acceptor;
+    std::string name;  // a listener renamed on the same address keeps its socket and takes the new name
+  };
+
+  // Opens listeners of `config` whose address is not open yet (an open address is kept, whatever the listener
+  // is now called); returns the new set. Throws before changing anything that is running.
+  std::vector<PlannedListener> reconcile_listeners(const config::Config& config) {
+    std::vector<PlannedListener> next;
     for (const auto& listener : config.listeners) {
-      auto kept = std::find_if(acceptors.begin(), acceptors.end(), [&](const auto& a) {
-        return a->name == listener.name && a->address == listener.address.text;
-      });
-      next.push_back(kept != acceptors.end() ? *kept : open_acceptor(listener));
+      auto kept = std::find_if(acceptors.begin(), acceptors.end(),
+                               [&](const auto& a) { return a->address == listener.address.text; });
+      next.push_back({kept != acceptors.end() ? *kept : open_acceptor(listener), listener.name});
     }
     return next;
   }
 
-  void swap_listeners(std::vector<std::shared_ptr<Acceptor>> next) {
+  void swap_listeners(std::vector<PlannedListener> next) {
+    std::vector<std::shared_ptr<Acceptor>> kept;
+    for (auto& planned : next) {
+      planned.acceptor->name = planned.name;  // accept loops run on this thread too: no race
+      kept.push_back(planned.acceptor);
+    }
     for (auto& old : acceptors) {
-      if (std::find(next.begin(), next.end(), old) == next.end()) {
+      if (std::find(kept.begin(), kept.end(), old) == kept.end()) {
         error_code ec;
         old->acceptor.close(ec);
       }
     }
-    for (auto& entry : next) {
-      if (std::find(acceptors.begin(), acceptors.end(), entry) == acceptors.end())
-        asio::co_spawn(io, accept_loop(entry), asio::detached);
+    for (auto& entry : kept) {
+      if (std::find(acceptors.begin(), acceptors.end(), entry) == acceptors.end()) spawn_accept_loop(entry);
     }
-    acceptors = std::move(next);
+    acceptors = std::move(kept);
   }
 
   void notify_status() {
@@ -311,9 +364,9 @@ struct Server::Impl {
         log_event(LogLevel::warn, "config_warning", {{"warning", warning.to_string()}});
       apply_certificates(*loaded.config);
       telemetry.config_reloaded(true);
-      log_event(LogLevel::info, "reloaded",
-                {{"listeners", loaded.config->listeners.size()},
-                 {"connectors", loaded.config->connectors.size()}});
+      log_event(
+          LogLevel::info, "reloaded",
+          {{"listeners", loaded.config->listeners.size()}, {"connectors", loaded.config->connectors.size()}});
     } catch (const std::exception& e) {
       log_event(LogLevel::error, "reload_refused", {{"reason", e.what()}});
       telemetry.config_reloaded(false);
@@ -329,9 +382,7 @@ struct Server::Impl {
       entry->acceptor.close(ec);
     }
     const auto timeout = current()->config->limits.drain_timeout;
-    log_event(
-        LogLevel::info, "draining",
-        {{"sessions", registry.active()}, {"timeout_ms", timeout.count()}});
+    log_event(LogLevel::info, "draining", {{"sessions", registry.active()}, {"timeout_ms", timeout.count()}});
     registry.begin_drain();
     asio::steady_timer tick(io);
     const auto deadline = std::chrono::steady_clock::now() + timeout;
@@ -368,7 +419,34 @@ struct Server::Impl {
         registry.close_all();
         continue;
       }
-      asio::co_spawn(io, drain(), asio::detached);
+      // A drain that failed still saves the windows and exits (with sessions cut short) rather than hang.
+      asio::co_spawn(io, drain(), on_escape("drain", [this] {
+                       registry.close_all();
+                       save_state();
+                       stop_loops();
+                     }));
+    }
+  }
+
+  // main() keeps up to 16 MiB of free heap (M_TRIM_THRESHOLD) so that steady traffic does not page-fault its
+  // buffers back in; but after a burst (thousands of sessions, each with TLS state) glibc keeps every freed
+  // arena page and RSS never falls. When the session count has fallen to half of its peak, by at least
+  // memory_trim_sessions, the memory goes back to the system: steady load never trims.
+  asio::awaitable<void> give_back_memory() {
+    asio::steady_timer timer(io);
+    std::size_t peak = 0;
+    for (;;) {
+      timer.expires_after(memory_check_interval);
+      co_await timer.async_wait(asio::use_awaitable);
+      if (stopping) co_return;
+      const std::size_t active = registry.active();
+      peak = std::max(peak, registry.take_peak());
+      if (peak >= active + memory_trim_sessions && active <= peak / 2) {
+        malloc_trim(0);
+        log_event(LogLevel::info, "memory_trimmed",
+                  {{"sessions", std::to_string(active)}, {"peak", std::to_string(peak)}});
+        peak = active;
+      }
     }
   }
 
@@ -406,8 +484,9 @@ int Server::run() {
   s.swap_listeners(s.reconcile_listeners(config));
   s.http = std::make_unique<HttpServer>(config.http, s.telemetry, [&s] { return !s.stopping; });
   s.http->start();
-  asio::co_spawn(s.io, s.signals(), asio::detached);
-  asio::co_spawn(s.io, s.periodic(), asio::detached);
+  s.keep_running("signals", [&s] { return s.signals(); });
+  s.keep_running("periodic", [&s] { return s.periodic(); });
+  s.keep_running("periodic", [&s] { return s.give_back_memory(); });
 
   std::string listeners;
   for (const auto& l : config.listeners)

@@ -97,6 +97,8 @@ constexpr Family upstream_errors{"mailflow_upstream_errors_total", "counter", "U
 constexpr Family rejects{"mailflow_rejects_total", "counter", "Refusals and limits hit, by listener and reason"};
 constexpr Family http_rejects{"mailflow_http_rejects_total", "counter",
                               "HTTP connections and requests refused (caps, deadlines, bad requests, auth), by reason"};
+constexpr Family internal_errors{"mailflow_internal_errors_total", "counter",
+                                 "Exceptions that escaped a coroutine (logged, cleaned up; the component restarts)"};
 constexpr Family below_tls12{"mailflow_below_tls12_total", "counter",
                              "Messages without TLS or with TLS1.0/1.1: what breaks if TLS1.2 is enforced"};
 constexpr Family config_reloads{"mailflow_config_reloads_total", "counter",
@@ -137,12 +139,13 @@ enum class Labelled : std::size_t {
   rejects,
   config_reloads,
   state_errors,
-  http_rejects
+  http_rejects,
+  internal_errors
 };
-constexpr std::size_t kLabelledFamilies = 6;
+constexpr std::size_t kLabelledFamilies = 7;
 constexpr std::array<const Family*, kLabelledFamilies> kLabelledFamily{
     &family::tls_handshake_failures, &family::upstream_errors, &family::rejects, &family::config_reloads,
-    &family::state_errors,           &family::http_rejects};
+    &family::state_errors,           &family::http_rejects,    &family::internal_errors};
 
 // Label text that does not depend on a series, rendered once.
 struct FixedLabels {
@@ -310,6 +313,7 @@ void write_exposition(std::string& out, const Snapshot& snapshot, const std::opt
   labelled(Labelled::upstream_errors);
   labelled(Labelled::rejects);
   labelled(Labelled::http_rejects);
+  labelled(Labelled::internal_errors);
   if (!rows.empty()) {
     header(family::below_tls12);
     for (const auto& row : rows) append_sample(out, family::below_tls12.name, {row.series->labels}, row.values.below_tls12);
@@ -425,6 +429,7 @@ struct Telemetry::Impl {
     for (const char* result : {"success", "failure"}) labelled(Labelled::config_reloads, {{"result", result}});
     for (const auto reason : reasons::state_errors) labelled(Labelled::state_errors, {{"reason", reason}});
     for (const auto reason : all_http_rejects) labelled(Labelled::http_rejects, {{"reason", to_string(reason)}});
+    for (const auto component : internal_components) labelled(Labelled::internal_errors, {{"component", component}});
   }
 
   Clock clock;
@@ -635,6 +640,11 @@ void Telemetry::rejected(std::string_view listener, std::string_view reason) {
 void Telemetry::http_rejected(HttpReject reason) {
   std::lock_guard lock(impl_->mutex);
   ++impl_->labelled(Labelled::http_rejects, {{"reason", to_string(reason)}});
+}
+
+void Telemetry::internal_error(std::string_view component) {
+  std::lock_guard lock(impl_->mutex);
+  ++impl_->labelled(Labelled::internal_errors, {{"component", component}});
 }
 
 void Telemetry::config_reloaded(bool success) {

@@ -39,6 +39,10 @@ inline constexpr std::array<HttpReject, 8> all_http_rejects{
     HttpReject::auth_missing,     HttpReject::auth_failed,   HttpReject::auth_busy,    HttpReject::auth_backoff};
 std::string_view to_string(HttpReject reason);
 
+// The coroutines whose escaped exceptions are counted (mailflow_internal_errors_total{component}).
+inline constexpr std::array<std::string_view, 6> internal_components{"session", "accept", "signals",
+                                                                     "periodic", "drain",  "http"};
+
 // One served certificate's notAfter (daemon/certificate_check.hpp finds them).
 struct CertificateExpiry {
   std::string listener;        // the listener's name, or "http" for http.tls
@@ -69,13 +73,14 @@ class Telemetry {
   void upstream_error(std::string_view upstream, std::string_view reason);
   void rejected(std::string_view listener, std::string_view reason);
   void http_rejected(HttpReject reason);  // mailflow_http_rejects_total{reason}
+  void internal_error(std::string_view component);  // one of internal_components
   void config_reloaded(bool success);  // mailflow_config_reloads_total{result="success"|"failure"}
   void state_error(std::string_view reason);  // mailflow_state_errors_total{reason}: save/load problems
+  // mailflow_dns_lookups_total{type,result}: every lookup of the resolver; all series exported from the start.
+  void dns_lookup(DnsType type, DnsOutcome outcome);
   // mailflow_certificate_expiry_timestamp_seconds{listener, certificate}: the whole set, at start and after
   // every successful reload (certificates no longer configured disappear).
   void certificates_loaded(const std::vector<CertificateExpiry>& certificates);
-  // mailflow_dns_lookups_total{type,result}: every lookup of the resolver; all series exported from the start.
-  void dns_lookup(DnsType type, DnsOutcome outcome);
 
   // Prometheus text exposition (0.0.4) of every family, window gauges refreshed first, process_* included.
   std::string metrics_text();

@@ -9,6 +9,7 @@
 #include <stdexcept>
 
 #include "daemon/reasons.hpp"
+#include "daemon/ticket_keys.hpp"
 
 namespace mailflow {
 namespace {
@@ -114,6 +115,7 @@ ServerTls::ServerTls(const config::ListenerTls& tls) {
     }
     if (SSL_CTX_check_private_key(ctx) != 1)
       throw std::runtime_error("key " + pair.key + " does not match certificate " + pair.cert);
+    TicketKeys::install(ctx);  // rotating ticket keys instead of one per SSL_CTX for the daemon's life
     entry->leaf = SSL_CTX_get0_certificate(ctx);
     entry->cert_path = pair.cert;
     entries_.push_back(std::move(entry));

@@ -1,0 +1,118 @@
+"""Issue #15.6 and #15.8 against the real binary. An exception that escapes a coroutine is logged, counted
+(mailflow_internal_errors_total{component}) and cleaned up: a session's registry and per-IP slots and
+sessions_active come back, an accept loop starts again. The exceptions are injected with the Debug build's
+failpoints (daemon/failpoint.hpp, MAILFLOWD_FAILPOINTS). And memory goes back to the system after a burst of
+idle STARTTLS sessions."""
+import os
+import resource
+import socket
+import subprocess
+import time
+
+import pytest
+
+import harness
+import hostile_helpers as hh
+
+
+def asan_build(binary):
+    out = subprocess.run(["ldd", binary], capture_output=True, text=True).stdout
+    return "libasan" in out
+
+
+@pytest.fixture(scope="module")
+def env(sink_factory, daemon_factory, mailflowd_bin):
+    sink = sink_factory("store")
+    port = harness.free_port()
+    # The first accept throws after accepting; the second session throws at its second command (MAIL).
+    os.environ["MAILFLOWD_FAILPOINTS"] = "accept=1,session.command=2"
+    try:
+        daemon = daemon_factory(listeners=[hh.listener("in", port, "up")],
+                                upstreams=[hh.plain_upstream("up", sink.port)],
+                                limits={"max_sessions_per_ip": 1, "drain_timeout": "3s"})
+    finally:
+        del os.environ["MAILFLOWD_FAILPOINTS"]
+    return sink, daemon, port
+
+
+def internal_errors(daemon, component):
+    return harness.value(daemon.metrics(), "mailflow_internal_errors_total", component=component)
+
+
+def test_escaped_exceptions_are_logged_counted_and_cleaned_up(env):
+    sink, daemon, port = env
+    assert internal_errors(daemon, "session") == 0 and internal_errors(daemon, "accept") == 0, \
+        "the family is exported with zeros from the start"
+    # 1: the accept loop throws; the connection is dropped, the listener keeps accepting.
+    s = socket.create_connection(("127.0.0.1", port))
+    got, closed = hh.read_all(s, wait=3)
+    s.close()
+    assert closed and got == b"", f"the connection whose accept failed: {got!r}"
+    harness.wait_for(lambda: internal_errors(daemon, "accept") == 1, 5, what="accept's internal error")
+    # 2: the session throws at MAIL: the connection ends, and nothing it held leaks.
+    c = hh.greeted(port)
+    try:
+        c.send(f"MAIL FROM:<{hh.SENDER}>\r\n".encode())
+        assert c.closed_or_error(5), "the session that threw must be closed"
+    finally:
+        c.close()
+    harness.wait_for(lambda: internal_errors(daemon, "session") == 1, 5, what="the session's internal error")
+    hh.wait_sessions_idle(daemon)
+    # 3: max_sessions_per_ip is 1, so a leaked per-IP slot would make this 421.
+    hh.assert_relays(daemon, port, sink)
+    log = daemon.stderr()
+    assert "internal_error" in log and "failpoint accept" in log and "failpoint session.command" in log, \
+        harness.tail(daemon.log_path)
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+SESSIONS = 1000
+
+
+def test_memory_goes_back_after_a_burst_of_tls_sessions(certs, sink_factory, daemon_factory, mailflowd_bin):
+    if asan_build(mailflowd_bin):
+        pytest.skip("ASan's allocator keeps its own pools: malloc_trim does not apply")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 2 * SESSIONS + 200  # the daemon inherits this limit
+    if hard < need:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < {need}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, need), hard))
+    sink = sink_factory("burst-sink")
+    port = harness.free_port()
+    daemon = daemon_factory(listeners=[hh.listener("burst", port, "up", certs=certs)],
+                            upstreams=[hh.plain_upstream("up", sink.port)], name="burst",
+                            limits={"max_sessions_per_ip": SESSIONS + 10, "max_sessions": SESSIONS + 10,
+                                    "drain_timeout": "3s"})
+    pid = daemon.proc.pid
+    hh.assert_relays(daemon, port, sink)
+    baseline = rss_kib(pid)
+    conns = []
+    try:
+        for _ in range(SESSIONS):
+            c = hh.greeted(port)
+            assert c.cmd("STARTTLS")[0] == 220
+            c.starttls("TLS1.3")
+            conns.append(c)
+        peak = rss_kib(pid)
+    finally:
+        for c in conns:
+            c.close()
+    hh.wait_sessions_idle(daemon, timeout=20)
+    growth = peak - baseline
+    assert growth > 5 * 1024, f"{SESSIONS} TLS sessions grew RSS by only {growth} KiB: nothing to give back"
+    limit = baseline + growth // 2
+    deadline = time.monotonic() + 10
+    while rss_kib(pid) > limit and time.monotonic() < deadline:
+        time.sleep(0.25)
+    after = rss_kib(pid)
+    assert after <= limit, (f"RSS {baseline} KiB -> {peak} KiB with {SESSIONS} idle TLS sessions -> {after} KiB "
+                            f"10 s after they closed (want <= {limit})")
+    assert "memory_trimmed" in daemon.stderr()
+    hh.assert_relays(daemon, port, sink)
