@@ -112,3 +112,18 @@ TEST_CASE("a JOURNAL_STREAM that names another file is not the journal (stderr w
   ::unsetenv("JOURNAL_STREAM");
   CHECK_FALSE(mailflow::stderr_is_journal());
 }
+
+TEST_CASE("log.output syslog: nothing on stderr, and back to stderr after a reload without it") {
+  auto syslog = log_config(mailflow::config::LogFormat::text);
+  syslog.output = mailflow::config::LogOutput::syslog;
+  const std::string quiet = capture_stderr(false, [&] {
+    mailflow::setup_logging(syslog);
+    mailflow::log_event(mailflow::LogLevel::info, "started", {{"listeners", 1}});
+  });
+  CHECK(quiet.empty());
+  const std::string back = capture_stderr(false, [] {
+    mailflow::setup_logging(log_config(mailflow::config::LogFormat::text));
+    mailflow::log_event(mailflow::LogLevel::info, "reloaded", {{"listeners", 1}});
+  });
+  CHECK(back.ends_with(" info reloaded listeners=1\n"));
+}
