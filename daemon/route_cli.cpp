@@ -17,6 +17,7 @@
 
 #include "config/config.hpp"
 #include "daemon/connector_match.hpp"
+#include "daemon/own_listeners.hpp"
 #include "daemon/report.hpp"
 #include "daemon/resolver.hpp"
 #include "daemon/telemetry.hpp"
@@ -57,6 +58,8 @@ std::string endpoint_text(const net::ip::address& address, std::uint16_t port) {
 struct HostRoute {
   proto::MxHost host;
   AddressResult addresses;
+  bool self = false;     // an address of it is one of our own listeners
+  bool skipped = false;  // not tried: this relay is an MX host at its preference or better
 };
 
 struct Route {
@@ -68,14 +71,14 @@ struct Route {
   std::optional<MxResult> mx;
   std::vector<HostRoute> hosts;
   std::vector<std::string> attempts;  // host:port in the order of connection attempts
-  std::string result;                 // deliver, null_mx, nxdomain, no_addresses, dns_failure
+  std::string result;                 // deliver, null_mx, nxdomain, no_addresses, dns_failure, loop
   std::string reply;                  // the SMTP reply the relay gives instead of delivering
   int exit_code = 0;
   long elapsed_ms = 0;
   std::vector<std::pair<std::string, std::uint64_t>> lookups;  // "MX success" -> count (non-zero only)
 };
 
-net::awaitable<void> resolve(Resolver& resolver, Route& route) {
+net::awaitable<void> resolve(Resolver& resolver, const OwnListeners& own, Route& route) {
   const std::uint16_t port = route.upstream->port;
   route.mx = co_await resolver.resolve_mx(route.domain);
   switch (route.mx->status) {
@@ -103,10 +106,25 @@ net::awaitable<void> resolve(Resolver& resolver, Route& route) {
     AddressResult addresses = co_await resolver.resolve_addresses(host.name);
     HostRoute entry{host, std::move(addresses)};
     temporary = temporary || entry.addresses.status == AddressResult::Status::failed;
-    for (const auto& address : entry.addresses.addresses) route.attempts.push_back(endpoint_text(address, port));
     route.hosts.push_back(std::move(entry));
   }
-  if (!route.attempts.empty()) {
+  // RFC 5321 5.1: when this relay is itself one of the MX hosts, only the hosts it prefers over itself are
+  // tried; none left means the mail would loop.
+  std::optional<std::uint16_t> self_preference;
+  for (auto& entry : route.hosts) {
+    for (const auto& address : entry.addresses.addresses) entry.self = entry.self || own.contains(address, port);
+    if (entry.self && !self_preference) self_preference = entry.host.preference;
+  }
+  for (auto& entry : route.hosts) {
+    entry.skipped = self_preference && entry.host.preference >= *self_preference;
+    if (entry.skipped) continue;
+    for (const auto& address : entry.addresses.addresses) route.attempts.push_back(endpoint_text(address, port));
+  }
+  if (route.attempts.empty() && self_preference) {
+    route.result = "loop";
+    route.reply = "554 5.4.6 Mail for " + route.domain + " loops back to myself";
+    route.exit_code = 3;
+  } else if (!route.attempts.empty()) {
     route.result = "deliver";
   } else if (temporary) {
     route.result = "dns_failure";
@@ -165,6 +183,8 @@ void print_text(const Route& route, std::ostream& out) {
     for (std::size_t i = 0; i < route.hosts.size(); ++i) {
       const auto& host = route.hosts[i];
       out << "  " << i + 1 << ". " << host.host.name << "  preference " << host.host.preference << "  ";
+      if (host.self) out << "(this relay: skipped with every host of its preference or worse) ";
+      else if (host.skipped) out << "(skipped: not preferred over this relay) ";
       if (host.addresses.addresses.empty()) {
         out << "no address (AAAA " << to_string(host.addresses.aaaa) << ", A " << to_string(host.addresses.a) << ")";
       }
@@ -209,7 +229,8 @@ void print_json(const Route& route, std::ostream& out) {
       out << (i == 0 ? "" : ", ") << "{\"name\": " << quoted(host.host.name)
           << ", \"preference\": " << host.host.preference << ", \"status\": " << quoted(to_string(host.addresses.status))
           << ", \"aaaa\": " << quoted(to_string(host.addresses.aaaa))
-          << ", \"a\": " << quoted(to_string(host.addresses.a)) << ", \"addresses\": [";
+          << ", \"a\": " << quoted(to_string(host.addresses.a)) << ", \"self\": " << (host.self ? "true" : "false")
+          << ", \"skipped\": " << (host.skipped ? "true" : "false") << ", \"addresses\": [";
       for (std::size_t j = 0; j < host.addresses.addresses.size(); ++j) {
         out << (j == 0 ? "" : ", ") << quoted(host.addresses.addresses[j].to_string());
       }
@@ -333,8 +354,9 @@ int run_route_cli(int argc, char** argv, std::ostream& out, std::ostream& err) {
     std::exception_ptr failure;
     try {
       Resolver resolver(io.get_executor(), config.dns, &telemetry, seed);
+      const OwnListeners own(config);
       const auto started = std::chrono::steady_clock::now();
-      net::co_spawn(io, resolve(resolver, route), [&](std::exception_ptr e) { failure = e; });
+      net::co_spawn(io, resolve(resolver, own, route), [&](std::exception_ptr e) { failure = e; });
       io.run();
       route.elapsed_ms = static_cast<long>(
           std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - started).count());

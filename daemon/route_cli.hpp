@@ -6,7 +6,8 @@
 // counted in mailflow_dns_lookups_total. Like Postfix's `postmap -q` / `smtp -v` debugging, for operators and
 // for the integration tests of the resolver.
 // Exit codes: 0 deliverable (a fixed address, or at least one MX address); 1 unusable configuration;
-// 2 bad usage; 3 permanent failure (null MX 556, NXDOMAIN 550, no address); 4 temporary DNS failure (451).
+// 2 bad usage; 3 permanent failure (null MX 556, NXDOMAIN 550, no address 550, a loop back to one of
+// mailflowd's own listeners 554); 4 temporary DNS failure (451).
 #include <iosfwd>
 
 namespace mailflow {

@@ -54,6 +54,14 @@ host.dual      A     127.0.0.16
 nullmx         MX    0 .
 ; an MX host that does not exist
 nohost         MX    10 missing.example.net.
+; MX hosts on mailflowd's own listener (127.0.0.1:2587 with port 2587): a loop, or only the better ones tried
+loop           MX    10 mx.loop
+mx.loop        A     127.0.0.1
+selfpref       MX    10 other.selfpref
+selfpref       MX    20 mx.loop
+selfpref       MX    30 after.selfpref
+other.selfpref A     127.0.0.31
+after.selfpref A     127.0.0.32
 """
 
 
@@ -64,13 +72,13 @@ def knot(workdir):
     server.stop()
 
 
-def write_config(workdir, name, dns, connectors=()):
+def write_config(workdir, name, dns, connectors=(), mx_port=MX_PORT):
     lines = [
         "listeners:",
         '  - {name: out, address: "127.0.0.1:2587", direction: outbound, upstream: internet}',
         '  - {name: in, address: "127.0.0.1:2525", direction: inbound, upstream: store}',
         "upstreams:",
-        f"  - {{name: internet, mx: true, port: {MX_PORT}}}",
+        f"  - {{name: internet, mx: true, port: {mx_port}}}",
         "  - {name: partner-a-mx, mx: true, port: 2527, tls: required, min_version: TLS1.2}",
         '  - {name: store, address: "127.0.0.1:2600", tls: none}',
         "dns: " + json.dumps(dns),
@@ -199,6 +207,23 @@ def test_mx_host_without_address_is_550(mailflowd_bin, config):
     assert r["hosts"][0]["name"] == "missing.example.net"
     assert (r["hosts"][0]["aaaa"], r["hosts"][0]["a"]) == ("nxdomain", "nxdomain")
     assert r["result"] == "no_addresses" and r["reply"].startswith("550 5.1.2 ")
+
+
+def test_mx_on_our_own_listener_is_a_loop(mailflowd_bin, workdir, knot):
+    # Port 2526: 127.0.0.1 is just another host; port 2587 is the "out" listener's: that MX host is us.
+    other = write_config(workdir, "other-port", {"servers": [knot.address]})
+    assert route(mailflowd_bin, other, "user@loop.example.net")["attempts"] == [f"127.0.0.1:{MX_PORT}"]
+    ours = write_config(workdir, "own-port", {"servers": [knot.address]}, mx_port=2587)
+    r = route(mailflowd_bin, ours, "user@loop.example.net")
+    assert r["exit"] == 3, r
+    assert r["hosts"][0]["self"] is True and r["attempts"] == []
+    assert r["result"] == "loop" and r["reply"].startswith("554 5.4.6 ")
+    # RFC 5321 5.1: only the hosts preferred over ourselves are tried.
+    r = route(mailflowd_bin, ours, "user@selfpref.example.net")
+    assert r["exit"] == 0, r
+    assert [(h["preference"], h["self"], h["skipped"]) for h in r["hosts"]] == \
+        [(10, False, False), (20, True, True), (30, False, True)]
+    assert r["attempts"] == ["127.0.0.31:2587"]
 
 
 def test_forged_trust_anchor_is_bogus_and_temporary(mailflowd_bin, workdir, knot):

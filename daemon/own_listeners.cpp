@@ -1,0 +1,69 @@
+#include "daemon/own_listeners.hpp"
+
+#include <ifaddrs.h>
+#include <netinet/in.h>
+
+#include <cstring>
+
+namespace mailflow {
+namespace {
+
+namespace net = boost::asio;
+
+// ::ffff:192.0.2.1 and 192.0.2.1 are the same host.
+net::ip::address unmapped(const net::ip::address& address) {
+  if (address.is_v6() && address.to_v6().is_v4_mapped()) {
+    return net::ip::make_address_v4(net::ip::v4_mapped, address.to_v6());
+  }
+  return address;
+}
+
+std::vector<net::ip::address> interface_addresses() {
+  std::vector<net::ip::address> out;
+  ifaddrs* list = nullptr;
+  if (::getifaddrs(&list) != 0) return out;  // then only loopback counts as local
+  for (const ifaddrs* entry = list; entry != nullptr; entry = entry->ifa_next) {
+    if (entry->ifa_addr == nullptr) continue;
+    if (entry->ifa_addr->sa_family == AF_INET) {
+      net::ip::address_v4::bytes_type bytes;
+      std::memcpy(bytes.data(), &reinterpret_cast<const sockaddr_in*>(entry->ifa_addr)->sin_addr, 4);
+      out.emplace_back(net::ip::address_v4(bytes));
+    } else if (entry->ifa_addr->sa_family == AF_INET6) {
+      net::ip::address_v6::bytes_type bytes;
+      std::memcpy(bytes.data(), &reinterpret_cast<const sockaddr_in6*>(entry->ifa_addr)->sin6_addr, 16);
+      out.emplace_back(net::ip::address_v6(bytes));
+    }
+  }
+  ::freeifaddrs(list);
+  return out;
+}
+
+}  // namespace
+
+OwnListeners::OwnListeners(const config::Config& config) : OwnListeners(config, interface_addresses()) {}
+
+OwnListeners::OwnListeners(const config::Config& config, std::vector<net::ip::address> addresses) {
+  for (const auto& listener : config.listeners) {
+    boost::system::error_code ec;
+    const auto address = net::ip::make_address(listener.address.host, ec);
+    if (!ec) listeners_.push_back(Bound{unmapped(address), listener.address.port});
+  }
+  for (const auto& address : addresses) local_.insert(unmapped(address));
+}
+
+bool OwnListeners::contains(const net::ip::address& candidate, std::uint16_t port) const {
+  const auto address = unmapped(candidate);
+  for (const auto& listener : listeners_) {
+    if (listener.port != port) continue;
+    if (!listener.address.is_unspecified()) {
+      if (listener.address == address) return true;
+      continue;
+    }
+    // 0.0.0.0 takes IPv4 only; :: takes both (Linux's default bindv6only=0).
+    if (listener.address.is_v4() && !address.is_v4()) continue;
+    if (address.is_loopback() || address.is_unspecified() || local_.count(address) != 0) return true;
+  }
+  return false;
+}
+
+}  // namespace mailflow

@@ -1,0 +1,50 @@
+#include <utility>  // before Boost.Asio (Boost 1.74 + GCC 12)
+
+#include <doctest/doctest.h>
+
+#include "daemon/own_listeners.hpp"
+
+namespace {
+
+using boost::asio::ip::make_address;
+
+mailflow::config::Config listeners(std::initializer_list<std::pair<const char*, std::uint16_t>> bound) {
+  mailflow::config::Config config;
+  for (const auto& [host, port] : bound) {
+    mailflow::config::Listener listener;
+    listener.address.host = host;
+    listener.address.port = port;
+    config.listeners.push_back(listener);
+  }
+  return config;
+}
+
+TEST_CASE("own listeners: an exact address and port") {
+  const mailflow::OwnListeners own(listeners({{"127.0.0.1", 2525}, {"::1", 2526}}), {});
+  CHECK(own.contains(make_address("127.0.0.1"), 2525));
+  CHECK(own.contains(make_address("::ffff:127.0.0.1"), 2525));  // mapped is the same host
+  CHECK_FALSE(own.contains(make_address("127.0.0.1"), 25));
+  CHECK_FALSE(own.contains(make_address("127.0.0.2"), 2525));
+  CHECK(own.contains(make_address("::1"), 2526));
+  CHECK_FALSE(own.contains(make_address("::1"), 2525));
+}
+
+TEST_CASE("own listeners: a wildcard listener is every address of this host, loopback included") {
+  const mailflow::OwnListeners v4(listeners({{"0.0.0.0", 25}}), {make_address("192.0.2.7"), make_address("2001:db8::7")});
+  CHECK(v4.contains(make_address("192.0.2.7"), 25));
+  CHECK(v4.contains(make_address("127.0.0.53"), 25));
+  CHECK_FALSE(v4.contains(make_address("192.0.2.8"), 25));
+  CHECK_FALSE(v4.contains(make_address("2001:db8::7"), 25));  // 0.0.0.0 takes no IPv6
+  const mailflow::OwnListeners dual(listeners({{"::", 25}}), {make_address("192.0.2.7"), make_address("2001:db8::7")});
+  CHECK(dual.contains(make_address("2001:db8::7"), 25));
+  CHECK(dual.contains(make_address("192.0.2.7"), 25));
+  CHECK(dual.contains(make_address("::1"), 25));
+  CHECK_FALSE(dual.contains(make_address("2001:db8::8"), 25));
+}
+
+TEST_CASE("own listeners: the real interfaces include loopback") {
+  const mailflow::OwnListeners own(listeners({{"0.0.0.0", 2525}}));
+  CHECK(own.contains(make_address("127.0.0.1"), 2525));
+}
+
+}  // namespace
