@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "daemon/crypt_check.hpp"
+#include "daemon/failpoint.hpp"
 #include "daemon/log.hpp"
 #include "daemon/report.hpp"
 #include "daemon/telemetry.hpp"
@@ -213,7 +214,7 @@ class Server : public std::enable_shared_from_this<Server> {
     acceptor_.listen(asio::socket_base::max_listen_connections, ec);
     check("listen");
     port_ = acceptor_.local_endpoint(ec).port();
-    asio::co_spawn(io_, shared_from_this()->accept_loop(), log_exception);
+    spawn_accept_loop();
   }
 
   // Any thread: stops accepting and closes every connection (on the HTTP thread).
@@ -249,15 +250,33 @@ class Server : public std::enable_shared_from_this<Server> {
   }
 
  private:
-  static void log_exception(const std::exception_ptr& error) {
-    if (!error) return;
+  // An exception that escaped an HTTP coroutine: logged and counted (mailflow_internal_errors_total
+  // {component="http"}), never lost.
+  void escaped(const std::exception_ptr& error) {
+    std::string what = "unknown";
     try {
       std::rethrow_exception(error);
     } catch (const std::exception& e) {
-      spdlog::error("http: connection failed: {}", e.what());
+      what = e.what();
     } catch (...) {
-      spdlog::error("http: connection failed with an unknown exception");
     }
+    telemetry_.internal_error("http");
+    log_event(LogLevel::error, "internal_error", {{"component", "http"}, {"error", what}});
+  }
+
+  // The accept loop starts again (after a pause) when an exception ended it: /metrics never goes silent.
+  void spawn_accept_loop(bool pause_first = false) {
+    auto self = shared_from_this();
+    asio::co_spawn(io_, self->accept_loop(pause_first), [self](const std::exception_ptr& error) {
+      if (!error) return;
+      self->escaped(error);
+      bool stopped = false;
+      {
+        std::lock_guard lock(self->mutex_);
+        stopped = self->stopped_;
+      }
+      if (!stopped && self->acceptor_.is_open()) self->spawn_accept_loop(true);
+    });
   }
 
   static std::shared_ptr<asio::ssl::context> load_tls(const config::CertificatePair& pair) {
@@ -330,9 +349,14 @@ class Server : public std::enable_shared_from_this<Server> {
     socket.close(ec);
   }
 
-  asio::awaitable<void> accept_loop() {
+  asio::awaitable<void> accept_loop(bool pause_first) {
     auto self = shared_from_this();
     asio::steady_timer backoff(io_);
+    if (pause_first) {
+      beast::error_code ignored;
+      backoff.expires_after(std::chrono::milliseconds(100));
+      co_await backoff.async_wait(asio::redirect_error(asio::use_awaitable, ignored));
+    }
     for (;;) {
       tcp::socket socket(io_);
       beast::error_code ec;
@@ -353,8 +377,11 @@ class Server : public std::enable_shared_from_this<Server> {
         refuse(socket, *refusal, peer, settings->tls != nullptr);
         continue;
       }
+      failpoint("http.accept");
       asio::co_spawn(io_, self->run_session(std::move(socket), peer, std::move(settings), head_deadline),
-                     log_exception);
+                     [self](const std::exception_ptr& error) {
+                       if (error) self->escaped(error);
+                     });
     }
   }
 
