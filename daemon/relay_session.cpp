@@ -420,8 +420,8 @@ void RelaySession::release() {
              {"cipher", client_.tls().cipher},
              {"connector", connectors_seen_},
              {"upstream", upstream_log_},
-             {"messages", std::to_string(messages_)},
-             {"rejects", std::to_string(rejects_)},
+             {"messages", messages_},
+             {"rejects", rejects_},
              {"result", result_},
              {"duration", duration}});
 }

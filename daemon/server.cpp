@@ -444,7 +444,7 @@ struct Server::Impl {
       if (peak >= active + memory_trim_sessions && active <= peak / 2) {
         malloc_trim(0);
         log_event(LogLevel::info, "memory_trimmed",
-                  {{"sessions", std::to_string(active)}, {"peak", std::to_string(peak)}});
+                  {{"sessions", active}, {"peak", peak}});
         peak = active;
       }
     }
