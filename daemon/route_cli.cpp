@@ -17,6 +17,7 @@
 
 #include "config/config.hpp"
 #include "daemon/connector_match.hpp"
+#include "daemon/mx_route.hpp"
 #include "daemon/own_listeners.hpp"
 #include "daemon/report.hpp"
 #include "daemon/resolver.hpp"
@@ -55,86 +56,20 @@ std::string endpoint_text(const net::ip::address& address, std::uint16_t port) {
                          : address.to_string() + ":" + std::to_string(port);
 }
 
-struct HostRoute {
-  proto::MxHost host;
-  AddressResult addresses;
-  bool self = false;     // an address of it is one of our own listeners
-  bool skipped = false;  // not tried: this relay is an MX host at its preference or better
-};
-
 struct Route {
   std::string recipient;
   std::string domain;
   const config::Listener* listener = nullptr;
   const config::Connector* connector = nullptr;  // null: unmatched, "internet"
   const config::Upstream* upstream = nullptr;
-  std::optional<MxResult> mx;
-  std::vector<HostRoute> hosts;
-  std::vector<std::string> attempts;  // host:port in the order of connection attempts
-  std::string result;                 // deliver, null_mx, nxdomain, no_addresses, dns_failure, loop
-  std::string reply;                  // the SMTP reply the relay gives instead of delivering
-  int exit_code = 0;
+  MxRoute delivery;  // mx upstreams only
   long elapsed_ms = 0;
   std::vector<std::pair<std::string, std::uint64_t>> lookups;  // "MX success" -> count (non-zero only)
 };
 
-net::awaitable<void> resolve(Resolver& resolver, const OwnListeners& own, Route& route) {
-  const std::uint16_t port = route.upstream->port;
-  route.mx = co_await resolver.resolve_mx(route.domain);
-  switch (route.mx->status) {
-    case MxResult::Status::null_mx:
-      route.result = "null_mx";
-      route.reply = "556 5.1.10 Recipient address rejected: " + route.domain + " accepts no mail (null MX)";
-      route.exit_code = 3;
-      co_return;
-    case MxResult::Status::nxdomain:
-      route.result = "nxdomain";
-      route.reply = "550 5.1.2 Recipient address rejected: domain " + route.domain + " does not exist";
-      route.exit_code = 3;
-      co_return;
-    case MxResult::Status::failed:
-      route.result = "dns_failure";
-      route.reply = "451 4.4.3 Temporary DNS failure for " + route.domain + " (MX: " + route.mx->detail + ")";
-      route.exit_code = 4;
-      co_return;
-    case MxResult::Status::hosts:
-      break;
-  }
-  bool temporary = false;
-  for (const auto& host : route.mx->plan.hosts) {
-    // Not co_await inside a braced initializer: GCC 12 destroys such temporaries twice.
-    AddressResult addresses = co_await resolver.resolve_addresses(host.name);
-    HostRoute entry{host, std::move(addresses)};
-    temporary = temporary || entry.addresses.status == AddressResult::Status::failed;
-    route.hosts.push_back(std::move(entry));
-  }
-  // RFC 5321 5.1: when this relay is itself one of the MX hosts, only the hosts it prefers over itself are
-  // tried; none left means the mail would loop.
-  std::optional<std::uint16_t> self_preference;
-  for (auto& entry : route.hosts) {
-    for (const auto& address : entry.addresses.addresses) entry.self = entry.self || own.contains(address, port);
-    if (entry.self && !self_preference) self_preference = entry.host.preference;
-  }
-  for (auto& entry : route.hosts) {
-    entry.skipped = self_preference && entry.host.preference >= *self_preference;
-    if (entry.skipped) continue;
-    for (const auto& address : entry.addresses.addresses) route.attempts.push_back(endpoint_text(address, port));
-  }
-  if (route.attempts.empty() && self_preference) {
-    route.result = "loop";
-    route.reply = "554 5.4.6 Mail for " + route.domain + " loops back to myself";
-    route.exit_code = 3;
-  } else if (!route.attempts.empty()) {
-    route.result = "deliver";
-  } else if (temporary) {
-    route.result = "dns_failure";
-    route.reply = "451 4.4.3 Temporary DNS failure for the MX hosts of " + route.domain;
-    route.exit_code = 4;
-  } else {
-    route.result = "no_addresses";
-    route.reply = "550 5.1.2 Recipient address rejected: no address for the mail hosts of " + route.domain;
-    route.exit_code = 3;
-  }
+int exit_code(const Route& route) {
+  if (!route.upstream->mx || route.delivery.result == MxRoute::Result::deliver) return 0;
+  return route.delivery.permanent() ? 3 : 4;
 }
 
 // The non-zero samples of mailflow_dns_lookups_total, read back from the exposition the daemon serves.
@@ -175,13 +110,13 @@ void print_text(const Route& route, std::ostream& out) {
   }
   out << "the MX hosts of " << route.domain << ", port " << upstream.port << ", tls "
       << config::to_string(upstream.tls) << "\n";
-  const MxResult& mx = *route.mx;
+  const MxResult& mx = *route.delivery.mx;
   out << "MX lookup:  " << to_string(mx.outcome) << (mx.secure ? " (DNSSEC secure)" : " (insecure)")
       << (mx.detail.empty() ? "" : ": " + mx.detail) << "\n";
   if (mx.status == MxResult::Status::hosts) {
     out << "MX plan:    " << proto::to_string(mx.plan.kind) << "\n";
-    for (std::size_t i = 0; i < route.hosts.size(); ++i) {
-      const auto& host = route.hosts[i];
+    for (std::size_t i = 0; i < route.delivery.hosts.size(); ++i) {
+      const auto& host = route.delivery.hosts[i];
       out << "  " << i + 1 << ". " << host.host.name << "  preference " << host.host.preference << "  ";
       if (host.self) out << "(this relay: skipped with every host of its preference or worse) ";
       else if (host.skipped) out << "(skipped: not preferred over this relay) ";
@@ -194,10 +129,14 @@ void print_text(const Route& route, std::ostream& out) {
       out << "\n";
     }
     out << "try:        ";
-    for (std::size_t i = 0; i < route.attempts.size(); ++i) out << (i == 0 ? "" : ", ") << route.attempts[i];
+    for (std::size_t i = 0; i < route.delivery.attempts.size(); ++i) {
+      const auto& endpoint = route.delivery.attempts[i].endpoint;
+      out << (i == 0 ? "" : ", ") << endpoint_text(endpoint.address(), endpoint.port());
+    }
     out << "\n";
   }
-  out << "result:     " << route.result << (route.reply.empty() ? "" : " (" + route.reply + ")") << "\n";
+  out << "result:     " << to_string(route.delivery.result)
+      << (route.delivery.reply.empty() ? "" : " (" + route.delivery.reply + ")") << "\n";
   out << "lookups:    " << route.elapsed_ms << " ms: ";
   for (std::size_t i = 0; i < route.lookups.size(); ++i) {
     out << (i == 0 ? "" : ", ") << route.lookups[i].first << " " << route.lookups[i].second;
@@ -218,14 +157,14 @@ void print_json(const Route& route, std::ostream& out) {
   if (!upstream.mx) {
     out << ", \"attempts\": [" << quoted(upstream.address.text) << "], \"result\": \"deliver\", \"reply\": \"\"";
   } else {
-    const MxResult& mx = *route.mx;
+    const MxResult& mx = *route.delivery.mx;
     out << ", \"port\": " << upstream.port << ", \"mx_lookup\": {\"status\": " << quoted(to_string(mx.status))
         << ", \"outcome\": " << quoted(to_string(mx.outcome)) << ", \"secure\": " << (mx.secure ? "true" : "false")
         << ", \"detail\": " << quoted(mx.detail) << ", \"plan\": "
         << quoted(mx.status == MxResult::Status::hosts ? proto::to_string(mx.plan.kind) : std::string_view())
         << "}, \"hosts\": [";
-    for (std::size_t i = 0; i < route.hosts.size(); ++i) {
-      const auto& host = route.hosts[i];
+    for (std::size_t i = 0; i < route.delivery.hosts.size(); ++i) {
+      const auto& host = route.delivery.hosts[i];
       out << (i == 0 ? "" : ", ") << "{\"name\": " << quoted(host.host.name)
           << ", \"preference\": " << host.host.preference << ", \"status\": " << quoted(to_string(host.addresses.status))
           << ", \"aaaa\": " << quoted(to_string(host.addresses.aaaa))
@@ -237,8 +176,12 @@ void print_json(const Route& route, std::ostream& out) {
       out << "]}";
     }
     out << "], \"attempts\": [";
-    for (std::size_t i = 0; i < route.attempts.size(); ++i) out << (i == 0 ? "" : ", ") << quoted(route.attempts[i]);
-    out << "], \"result\": " << quoted(route.result) << ", \"reply\": " << quoted(route.reply);
+    for (std::size_t i = 0; i < route.delivery.attempts.size(); ++i) {
+      const auto& endpoint = route.delivery.attempts[i].endpoint;
+      out << (i == 0 ? "" : ", ") << quoted(endpoint_text(endpoint.address(), endpoint.port()));
+    }
+    out << "], \"result\": " << quoted(to_string(route.delivery.result))
+        << ", \"reply\": " << quoted(route.delivery.reply);
   }
   out << ", \"elapsed_ms\": " << route.elapsed_ms << ", \"dns_lookups\": {";
   for (std::size_t i = 0; i < route.lookups.size(); ++i) {
@@ -356,7 +299,11 @@ int run_route_cli(int argc, char** argv, std::ostream& out, std::ostream& err) {
       Resolver resolver(io.get_executor(), config.dns, &telemetry, seed);
       const OwnListeners own(config);
       const auto started = std::chrono::steady_clock::now();
-      net::co_spawn(io, resolve(resolver, own, route), [&](std::exception_ptr e) { failure = e; });
+      net::co_spawn(io, resolve_mx_route(resolver, own, route.domain, route.upstream->port),
+                    [&](std::exception_ptr e, MxRoute delivery) {
+                      failure = e;
+                      route.delivery = std::move(delivery);
+                    });
       io.run();
       route.elapsed_ms = static_cast<long>(
           std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - started).count());
@@ -379,7 +326,7 @@ int run_route_cli(int argc, char** argv, std::ostream& out, std::ostream& err) {
   } else {
     print_text(route, out);
   }
-  return route.exit_code;
+  return exit_code(route);
 }
 
 }  // namespace mailflow

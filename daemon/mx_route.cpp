@@ -1,0 +1,75 @@
+#include "daemon/mx_route.hpp"
+
+#include "daemon/own_listeners.hpp"
+
+namespace mailflow {
+
+std::string_view to_string(MxRoute::Result result) {
+  switch (result) {
+    case MxRoute::Result::deliver: return "deliver";
+    case MxRoute::Result::null_mx: return "null_mx";
+    case MxRoute::Result::nxdomain: return "nxdomain";
+    case MxRoute::Result::no_addresses: return "no_addresses";
+    case MxRoute::Result::dns_failure: return "dns_failure";
+    case MxRoute::Result::loop: return "loop";
+  }
+  return "dns_failure";
+}
+
+boost::asio::awaitable<MxRoute> resolve_mx_route(Resolver& resolver, const OwnListeners& own, std::string domain,
+                                                 std::uint16_t port) {
+  MxRoute route;
+  route.domain = std::move(domain);
+  route.mx = co_await resolver.resolve_mx(route.domain);
+  switch (route.mx->status) {
+    case MxResult::Status::null_mx:
+      route.result = MxRoute::Result::null_mx;
+      route.reply = "556 5.1.10 Recipient address rejected: " + route.domain + " accepts no mail (null MX)";
+      co_return route;
+    case MxResult::Status::nxdomain:
+      route.result = MxRoute::Result::nxdomain;
+      route.reply = "550 5.1.2 Recipient address rejected: domain " + route.domain + " does not exist";
+      co_return route;
+    case MxResult::Status::failed:
+      route.result = MxRoute::Result::dns_failure;
+      route.reply = "451 4.4.3 Temporary DNS failure for " + route.domain + " (MX: " + route.mx->detail + ")";
+      co_return route;
+    case MxResult::Status::hosts:
+      break;
+  }
+  bool temporary = false;
+  for (const auto& host : route.mx->plan.hosts) {
+    // Not co_await inside a braced initializer: GCC 12 destroys such temporaries twice.
+    AddressResult addresses = co_await resolver.resolve_addresses(host.name);
+    MxTarget entry{host, std::move(addresses)};
+    temporary = temporary || entry.addresses.status == AddressResult::Status::failed;
+    route.hosts.push_back(std::move(entry));
+  }
+  // RFC 5321 5.1: when this relay is itself one of the MX hosts, only the hosts it prefers over itself are
+  // tried; none left means the mail would loop.
+  std::optional<std::uint16_t> self_preference;
+  for (auto& entry : route.hosts) {
+    for (const auto& address : entry.addresses.addresses) entry.self = entry.self || own.contains(address, port);
+    if (entry.self && !self_preference) self_preference = entry.host.preference;
+  }
+  for (auto& entry : route.hosts) {
+    entry.skipped = self_preference && entry.host.preference >= *self_preference;
+    if (entry.skipped) continue;
+    for (const auto& address : entry.addresses.addresses) route.attempts.push_back({entry.host.name, {address, port}});
+  }
+  if (route.attempts.empty() && self_preference) {
+    route.result = MxRoute::Result::loop;
+    route.reply = "554 5.4.6 Mail for " + route.domain + " loops back to myself";
+  } else if (!route.attempts.empty()) {
+    route.result = MxRoute::Result::deliver;
+  } else if (temporary) {
+    route.result = MxRoute::Result::dns_failure;
+    route.reply = "451 4.4.3 Temporary DNS failure for the MX hosts of " + route.domain;
+  } else {
+    route.result = MxRoute::Result::no_addresses;
+    route.reply = "550 5.1.2 Recipient address rejected: no address for the mail hosts of " + route.domain;
+  }
+  co_return route;
+}
+
+}  // namespace mailflow

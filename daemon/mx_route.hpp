@@ -1,0 +1,50 @@
+#pragma once
+// Where mail for a domain goes through an `mx: true` upstream: the MX lookup, the hosts' addresses, the
+// RFC 5321 5.1 rule for a relay that is itself one of the MX hosts, and the SMTP reply when the domain cannot
+// be delivered to. One piece of code for the relay (which then connects in `attempts` order) and for
+// `mailflowd route` (which prints it).
+#include <utility>  // before Boost.Asio (Boost 1.74 + GCC 12)
+
+#include <boost/asio/awaitable.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "daemon/resolver.hpp"
+
+namespace mailflow {
+
+class OwnListeners;
+
+struct MxTarget {
+  proto::MxHost host;
+  AddressResult addresses;
+  bool self = false;     // an address of it is one of our own listeners
+  bool skipped = false;  // not tried: this relay is an MX host at its preference or better
+};
+
+struct MxRoute {
+  struct Attempt {
+    std::string host;  // the MX host name (what a certificate is checked against)
+    boost::asio::ip::tcp::endpoint endpoint;
+  };
+  std::string domain;
+  std::optional<MxResult> mx;
+  std::vector<MxTarget> hosts;
+  std::vector<Attempt> attempts;  // in the order to connect
+  enum class Result { deliver, null_mx, nxdomain, no_addresses, dns_failure, loop };
+  Result result = Result::dns_failure;
+  std::string reply;  // the reply to the RCPT instead of delivering (empty with deliver)
+  bool permanent() const {
+    return result != Result::deliver && result != Result::dns_failure;
+  }
+};
+std::string_view to_string(MxRoute::Result result);  // deliver, null_mx, nxdomain, no_addresses, dns_failure, loop
+
+// Resolves `domain`'s route for delivery on `port`; every lookup goes through `resolver` (and is counted there).
+boost::asio::awaitable<MxRoute> resolve_mx_route(Resolver& resolver, const OwnListeners& own, std::string domain,
+                                                 std::uint16_t port);
+
+}  // namespace mailflow
