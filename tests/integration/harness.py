@@ -65,13 +65,15 @@ class Sink:
     """tests/tools/sink.py as a subprocess."""
 
     def __init__(self, workdir, name="sink", port=0, tls_cert=None, tls_key=None, tls_max_version=None,
-                 require_tls=False, xclient=False, fail_rcpt=(), fail_data=None):
+                 require_tls=False, xclient=False, fail_rcpt=(), fail_data=None, host="127.0.0.1"):
         self.name = name
         self.maildir = Path(workdir) / f"{name}-maildir"
         self.maildir.mkdir(parents=True, exist_ok=True)
         self.log_path = Path(workdir) / f"{name}.log"
-        self.port = port or free_port()  # fixed across restarts (test_faults_noloss)
-        self.argv = [PYTHON, str(SINK), "--port", str(self.port), "--maildir", str(self.maildir), "--verbose"]
+        self.host = host  # any 127.x address: MX hosts of a test zone share one port on different addresses
+        self.port = port or free_port(host)  # fixed across restarts (test_faults_noloss)
+        self.argv = [PYTHON, str(SINK), "--host", host, "--port", str(self.port), "--maildir", str(self.maildir),
+                     "--verbose"]
         if tls_cert:
             self.argv += ["--tls-cert", str(tls_cert), "--tls-key", str(tls_key)]
         if tls_max_version:
