@@ -214,6 +214,10 @@ struct Run {
   std::vector<std::uint32_t> latencies_us;
   std::uint64_t messages = 0;
   std::uint64_t sessions = 0;
+  // Whole run, warm-up and the tail after stop_at included: what a server's CPU time over the process's
+  // lifetime is divided by (run_bench.py's CPU per message and per new session).
+  std::uint64_t messages_total = 0;
+  std::uint64_t sessions_opened_total = 0;
   std::uint64_t errors = 0;
   std::uint64_t sequence = 0;
   std::string first_error;
@@ -273,6 +277,7 @@ struct Run {
         co_return false;
       }
     }
+    ++sessions_opened_total;
     co_return true;
   }
 
@@ -290,6 +295,7 @@ struct Run {
       co_return false;
     }
     const auto end = Clock::now();
+    ++messages_total;
     if (end >= measure_from && end <= stop_at) {
       ++messages;
       latencies_us.push_back(
@@ -407,12 +413,16 @@ int main(int argc, char** argv) {
   std::printf(
       "{\"messages\": %llu, \"sessions\": %llu, \"errors\": %llu, \"duration_s\": %.3f, \"msgs_per_s\": %.1f, "
       "\"sessions_per_s\": %.1f, \"p50_us\": %u, \"p99_us\": %u, \"max_us\": %u, \"concurrency\": %d, "
-      "\"messages_per_session\": %d, \"size\": %zu, \"tls\": \"%s\", \"first_error\": \"%s\"}\n",
+      "\"messages_per_session\": %d, \"size\": %zu, \"tls\": \"%s\", \"messages_total\": %llu, "
+      "\"sessions_opened_total\": %llu, \"first_error\": \"%s\"}\n",
       static_cast<unsigned long long>(run.messages), static_cast<unsigned long long>(run.sessions),
       static_cast<unsigned long long>(run.errors), seconds, static_cast<double>(run.messages) / seconds,
       static_cast<double>(run.sessions) / seconds, percentile(run.latencies_us, 0.50),
       percentile(run.latencies_us, 0.99), run.latencies_us.empty() ? 0u : run.latencies_us.back(),
       options.concurrency, options.messages, options.size,
-      options.tls == 0 ? "none" : options.tls == 12 ? "TLS1.2" : "TLS1.3", json_escape(run.first_error).c_str());
+      options.tls == 0 ? "none" : options.tls == 12 ? "TLS1.2" : "TLS1.3",
+      static_cast<unsigned long long>(run.messages_total),
+      static_cast<unsigned long long>(run.sessions_opened_total),
+      json_escape(run.first_error).c_str());
   return 0;
 }
