@@ -51,10 +51,12 @@ run: deps
 
 # Benchmarks: optimized build (release preset), then the harness (tests/bench/run_bench.py, docs/performance.md):
 # mailflowd vs direct, nginx mail proxy and HAProxy on loopback; prints the table, writes bench/results.json.
+# `make bench BENCH_ARGS="--rounds 5 --duration 3"` (run_bench.py --help lists the options).
+BENCH_ARGS ?=
 bench: deps-test
 	cmake --preset release >/dev/null
 	cmake --build --preset release -j $(JOBS) --target mailflowd mailflow_loadgen mailflow_proto_driver
-	/usr/bin/python3 tests/bench/run_bench.py --json bench/results.json
+	/usr/bin/python3 tests/bench/run_bench.py --build build/release --json bench/results.json $(BENCH_ARGS)
 
 # The package: only what it ships is built (mailflowd, man pages; cmake/Packaging.cmake keeps cpack from
 # building the whole tree), stripped by cpack; the build tree keeps the symbols.
