@@ -469,6 +469,9 @@ def test_three_partner_domains_in_one_transaction(env):
     assert delta(before, after, "mailflow_messages_total") == {
         series_key(connector=conn, direction="outbound", tls_version=v): 1.0 for conn, v in tls.values()}, \
         fmt_delta(delta(before, after, "mailflow_messages_total"))
+    # Each 452 is a refusal like any other: counted with its reason.
+    assert delta(before, after, "mailflow_rejects_total") == \
+        {series_key(listener="out", reason="recipient_route"): 2.0}, fmt_delta(delta(before, after, "mailflow_rejects_total"))
 
 
 def test_other_domain_of_the_same_connector_is_another_route(env):
