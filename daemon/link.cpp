@@ -3,6 +3,7 @@
 #include <openssl/bio.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
+#include <openssl/x509v3.h>
 #include <boost/asio/error.hpp>
 #include <boost/asio/redirect_error.hpp>
 #include <boost/asio/ssl/error.hpp>
@@ -196,7 +197,7 @@ asio::awaitable<void> Link::write(std::string_view data, error_code& ec) {
 }
 
 asio::awaitable<void> Link::handshake(SSL_CTX* context, bool server, const std::string& peer_name,
-                                      bool verify, error_code& ec) {
+                                      bool verify, error_code& ec, const std::vector<std::string>& verify_names) {
   ssl_ = SSL_new(context);
   if (ssl_ == nullptr) {
     ec = {static_cast<int>(ERR_get_error()), asio::error::get_ssl_category()};
@@ -214,7 +215,15 @@ asio::awaitable<void> Link::handshake(SSL_CTX* context, bool server, const std::
       error_code not_an_address;
       asio::ip::make_address(peer_name, not_an_address);
       if (not_an_address) SSL_set_tlsext_host_name(ssl_, peer_name.c_str());
-      if (verify) SSL_set1_host(ssl_, peer_name.c_str());
+      if (verify && verify_names.empty()) SSL_set1_host(ssl_, peer_name.c_str());
+    }
+    if (verify && !verify_names.empty()) {
+      // OpenSSL matches a reference name that starts with a dot against the names below it; one label only.
+      SSL_set_hostflags(ssl_, X509_CHECK_FLAG_SINGLE_LABEL_SUBDOMAINS);
+      for (const auto& name : verify_names) {
+        const std::string reference = name.starts_with("*.") ? name.substr(1) : name;
+        SSL_add1_host(ssl_, reference.c_str());
+      }
     }
   }
   for (;;) {

@@ -12,6 +12,7 @@
 
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "daemon/read_buffer.hpp"
 #include "daemon/tls.hpp"
@@ -48,9 +49,11 @@ class Link {
   // sees no truncation and the session stays resumable. No-op without TLS.
   boost::asio::awaitable<void> shutdown_tls(boost::system::error_code& ec);
 
-  // STARTTLS. `peer_name` (client side): SNI, and with `verify` the name the certificate must match.
+  // STARTTLS. `peer_name` (client side): SNI, and with `verify` the name the certificate must match, or any of
+  // `verify_names` when given ("*.example.com": any name one label below example.com).
   boost::asio::awaitable<void> handshake(SSL_CTX* context, bool server, const std::string& peer_name,
-                                         bool verify, boost::system::error_code& ec);
+                                         bool verify, boost::system::error_code& ec,
+                                         const std::vector<std::string>& verify_names = {});
 
   void cancel();
   void close();

@@ -23,6 +23,8 @@ inline constexpr auto rejects = std::to_array<std::string_view>({
     "session_limit", "ip_limit", "proxy_invalid", "proxy_timeout", "proxy_truncated", "proxy_untrusted",
     "early_talker", "timeout", "starttls_pipelining", "tls_required", "data_line_too_long", "bare_newline",
     "bare_newline_normalized",
+    // a later RCPT whose connector or route differs from the transaction's (452 4.5.3)
+    "recipient_route",
 });
 
 // mailflow_tls_handshake_failures_total{listener, leg, reason}: daemon/tls.cpp handshake_failure_reason().
@@ -53,6 +55,12 @@ inline constexpr auto upstream_errors = std::to_array<std::string_view>({
     "starttls_pipelining", "rset_rejected",
     // proto/client_session.cpp
     "greeting_rejected", "ehlo_rejected", "starttls_unavailable", "starttls_rejected",
+});
+
+// mailflow_mx_attempts_total{upstream, result}: one per connection attempt to an MX host (mx upstreams),
+// daemon/relay_session.cpp.
+inline constexpr auto mx_attempts = std::to_array<std::string_view>({
+    "success", "connect_failed", "connect_timeout", "banner_rejected", "tls_failed", "tls_policy", "failed",
 });
 
 // mailflow_state_errors_total{reason}: the rolling windows' state file (daemon/telemetry.cpp, server.cpp).

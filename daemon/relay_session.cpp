@@ -23,6 +23,8 @@
 #include "daemon/failpoint.hpp"
 #include "daemon/link.hpp"
 #include "daemon/log.hpp"
+#include "daemon/mx_route.hpp"
+#include "daemon/resolver.hpp"
 #include "daemon/telemetry.hpp"
 #include "proto/client_session.hpp"
 #include "proto/data_filter.hpp"
@@ -98,6 +100,8 @@ std::string new_session_id() {
 
 struct Upstream {
   const config::Upstream* config = nullptr;
+  std::string domain;  // mx upstreams: the recipient domain whose MX host this is
+  std::string host;    // mx upstreams: the MX host connected to
   std::unique_ptr<Link> link;
   ReadBuffer in;
   bool in_transaction = false;
@@ -162,7 +166,8 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
   asio::awaitable<void> write(Link& link, std::string_view data, SteadyClock::time_point deadline,
                               error_code& ec);
   asio::awaitable<void> handshake(Link& link, SSL_CTX* context, bool server, const std::string& peer_name,
-                                  bool verify, SteadyClock::time_point deadline, error_code& ec);
+                                  bool verify, SteadyClock::time_point deadline, error_code& ec,
+                                  const std::vector<std::string>& verify_names = {});
   asio::awaitable<void> connect(Link& link, const tcp::endpoint& endpoint, SteadyClock::time_point deadline,
                                 error_code& ec);
   asio::awaitable<void> wait_readable(SteadyClock::time_point deadline, error_code& ec);
@@ -189,7 +194,21 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
   asio::awaitable<void> forward_rcpt();
   asio::awaitable<void> relay_data();
 
-  asio::awaitable<bool> ensure_upstream(const std::string& name);
+  // The transaction's route, fixed at its first accepted RCPT (INTERFACE rule 4): later RCPTs must share it.
+  struct Route {
+    const config::Connector* connector = nullptr;  // null: unmatched ("internet")
+    const config::Upstream* upstream = nullptr;
+    std::string domain;  // mx upstreams: the recipient domain (another domain is another route)
+  };
+  // The route of a recipient: its connector (with the recipient domain known) and upstream.
+  Route route_for(std::string_view recipient_domain) const;
+  bool connector_certain_at_mail() const;
+  // Connected (or reused) for `route`; otherwise the reply the RCPT gets.
+  asio::awaitable<std::optional<std::string>> ensure_upstream(const Route& route);
+  // Opens one connection (connect, banner, EHLO, STARTTLS per policy, XCLIENT): false with `reason` set.
+  asio::awaitable<bool> open_upstream(const config::Upstream& upstream, const tcp::endpoint& endpoint,
+                                      const std::string& tls_name, SteadyClock::time_point connect_deadline,
+                                      std::string& reason);
   asio::awaitable<std::optional<proto::Reply>> upstream_command(std::string_view line);
   // `deadline` covers the whole reply, however many reads it takes.
   asio::awaitable<std::optional<proto::Reply>> read_upstream_reply(SteadyClock::time_point deadline);
@@ -235,6 +254,10 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
   bool close_ = false;
   bool proxy_checked_ = false;
 
+  std::optional<Route> route_;
+  std::string sender_domain_;                // of the transaction's MAIL FROM
+  std::string mail_line_;                    // "MAIL FROM:<...> ...\r\n", answered locally, sent with the first RCPT
+  std::optional<proto::Reply> mail_refusal_;  // the upstream refused MAIL: every RCPT of the transaction hears it
   std::string connector_name_;  // of the current transaction
   config::Direction direction_ = config::Direction::inbound;
   std::string connectors_seen_;
@@ -292,9 +315,10 @@ asio::awaitable<void> RelaySession::write(Link& link, std::string_view data, Ste
 
 asio::awaitable<void> RelaySession::handshake(Link& link, SSL_CTX* context, bool server,
                                               const std::string& peer_name, bool verify,
-                                              SteadyClock::time_point deadline, error_code& ec) {
+                                              SteadyClock::time_point deadline, error_code& ec,
+                                              const std::vector<std::string>& verify_names) {
   arm(deadline);
-  co_await link.handshake(context, server, peer_name, verify, ec);
+  co_await link.handshake(context, server, peer_name, verify, ec, verify_names);
   disarm(ec);
 }
 
@@ -646,42 +670,115 @@ asio::awaitable<void> RelaySession::start_tls() {
 
 // ---- transactions ---------------------------------------------------------------------------------------
 
-asio::awaitable<void> RelaySession::begin_mail() {
-  const auto& command = session_.last_command();
-  const std::string sender_domain = proto::address_domain(command.address);
+RelaySession::Route RelaySession::route_for(std::string_view recipient_domain) const {
   MatchInput input;
   input.listener = listener_.name;
   input.direction = listener_.direction;
   input.client_address = client_bytes_;
   input.sni = client_.tls().sni;
   input.ehlo = session_.helo_name();
-  input.sender_domain = sender_domain;
-  const config::Connector* connector = match_connector(config_, input);
-  connector_name_ = connector ? connector->name : std::string(internet_connector);
+  input.sender_domain = sender_domain_;
+  input.recipient_domain = recipient_domain;
+  Route route;
+  route.connector = match_connector(config_, input);
+  const std::string& upstream = route.connector && !route.connector->upstream.empty() ? route.connector->upstream
+                                                                                      : listener_.upstream;
+  route.upstream = config_.find_upstream(upstream);
+  if (route.upstream->mx) route.domain = std::string(recipient_domain);
+  return route;
+}
+
+bool RelaySession::connector_certain_at_mail() const {
+  // Where no connector this listener can match looks at recipient domains, MAIL already decides it.
+  return std::none_of(config_.connectors.begin(), config_.connectors.end(), [&](const config::Connector& c) {
+    return c.direction == listener_.direction && !c.match.recipient_domains.empty() &&
+           (c.match.listeners.empty() || std::find(c.match.listeners.begin(), c.match.listeners.end(),
+                                                     listener_.name) != c.match.listeners.end());
+  });
+}
+
+asio::awaitable<void> RelaySession::begin_mail() {
+  // INTERFACE rule 6: MAIL is answered here, after mailflowd's own checks (syntax and SIZE in ServerSession,
+  // forced TLS where the connector is already certain); it goes upstream with the first RCPT, when the route
+  // is known.
+  co_await resolve_pending();  // replies go out in command order
+  route_.reset();
+  mail_refusal_.reset();
+  mail_line_ = "MAIL " + session_.last_command().argument + "\r\n";
+  sender_domain_ = proto::address_domain(session_.last_command().address);
+  if (!session_.tls_active() && connector_certain_at_mail()) {
+    const Route route = route_for("");
+    if (route.connector && route.connector->require_tls) {
+      count_reject("tls_required");
+      client_out_ += proto::format_reply(530, "5.7.0", "Must issue a STARTTLS command first");
+      session_.on_mail_reply(530);
+      co_return;
+    }
+  }
+  client_out_ += proto::format_reply(250, "2.1.0", "Ok");
+  session_.on_mail_reply(250);
+}
+
+asio::awaitable<void> RelaySession::forward_rcpt() {
+  const std::string rcpt_line = "RCPT " + session_.last_command().argument + "\r\n";
+  const std::string domain = proto::address_domain(session_.last_command().address);
+  const Route route = route_for(domain);
+  const std::string connector_name = route.connector ? route.connector->name : std::string(internet_connector);
+  auto refuse = [&](std::string reply, std::string_view reason) -> asio::awaitable<void> {
+    co_await resolve_pending();  // replies go out in command order
+    if (!reason.empty()) count_reject(reason);
+    if (reply.size() < 2 || reply.substr(reply.size() - 2) != "\r\n") reply += "\r\n";
+    session_.on_rcpt_reply(std::atoi(reply.c_str()));
+    client_out_ += reply;
+  };
+  if (route_) {
+    if (route_->connector != route.connector || route_->upstream != route.upstream || route_->domain != route.domain) {
+      // RFC 5321 4.5.3.1.10: the client sends this recipient again, in a transaction of its own.
+      const std::string why = route_->upstream != route.upstream || route_->domain != route.domain
+                                  ? "is delivered by another route"
+                                  : "belongs to connector " + connector_name;
+      co_await refuse(proto::format_reply(452, "4.5.3", "Recipient " + why + ": send it in a separate transaction"),
+                      "recipient_route");
+      co_return;
+    }
+    if (mail_refusal_) {
+      co_await refuse(proto::format_reply(*mail_refusal_), "");
+      co_return;
+    }
+    queue_upstream(Pending::rcpt, rcpt_line);
+    if (!upstream_.pipelining) co_await resolve_pending();
+    co_return;
+  }
+  // The first recipient: it chooses the connector and the route of the transaction.
+  if (route.connector && route.connector->require_tls && !session_.tls_active()) {
+    co_await refuse(proto::format_reply(530, "5.7.0", "Must issue a STARTTLS command first"), "tls_required");
+    co_return;
+  }
+  co_await resolve_pending();
+  if (auto failure = co_await ensure_upstream(route)) {
+    co_await refuse(*failure, "");
+    co_return;
+  }
+  if (upstream_.in_transaction) co_await reset_upstream_transaction();  // all RCPTs of the last one refused
+  if (!upstream_.link) {
+    co_await refuse(upstream_lost_reply, "");
+    co_return;
+  }
+  route_ = route;
+  connector_name_ = connector_name;
   direction_ = listener_.direction;
   // Whole names only: "partner" must not hide behind an earlier "partner-contoso".
   if (("," + connectors_seen_ + ",").find("," + connector_name_ + ",") == std::string::npos)
     connectors_seen_ += (connectors_seen_.empty() ? "" : ",") + connector_name_;
-
-  if (connector && connector->require_tls && !session_.tls_active()) {
-    count_reject("tls_required");
-    client_out_ += proto::format_reply(530, "5.7.0", "Must issue a STARTTLS command first");
-    session_.on_mail_reply(530);
-    co_return;
+  queue_upstream(Pending::mail, mail_line_);
+  if (!upstream_.pipelining) {
+    co_await resolve_pending();
+    if (mail_refusal_) {
+      co_await refuse(proto::format_reply(*mail_refusal_), "");
+      co_return;
+    }
   }
-  const std::string& upstream =
-      connector && !connector->upstream.empty() ? connector->upstream : listener_.upstream;
-  if (!co_await ensure_upstream(upstream)) {
-    client_out_ += upstream_unavailable_reply;
-    session_.on_mail_reply(451);
-    co_return;
-  }
-  queue_upstream(Pending::mail, "MAIL " + command.argument + "\r\n");
-  if (!upstream_.pipelining) co_await resolve_pending();
-}
-
-asio::awaitable<void> RelaySession::forward_rcpt() {
-  queue_upstream(Pending::rcpt, "RCPT " + session_.last_command().argument + "\r\n");
+  queue_upstream(Pending::rcpt, rcpt_line);
   if (!upstream_.pipelining) co_await resolve_pending();
 }
 
@@ -712,21 +809,24 @@ asio::awaitable<bool> RelaySession::resolve_pending() {
     if (!lost) reply = co_await read_upstream_reply(in(config_.timeouts.command));
     if (!reply) {
       lost = true;
+      if (kind == Pending::mail) continue;  // the client had its local 250; its RCPT hears the 451
       client_out_ += upstream_lost_reply;
-      if (kind == Pending::mail) session_.on_mail_reply(451);
       if (kind == Pending::rcpt) session_.on_rcpt_reply(451);
       continue;
     }
-    client_out_ += proto::format_reply(*reply);
     switch (kind) {
       case Pending::mail:
-        session_.on_mail_reply(reply->code);
+        // Answered locally already; a refusal becomes the reply to this transaction's RCPTs.
         upstream_.in_transaction = reply->positive();
+        if (!reply->positive()) mail_refusal_ = std::move(*reply);
         break;
       case Pending::rcpt:
+        if (mail_refusal_) reply = *mail_refusal_;
+        client_out_ += proto::format_reply(*reply);
         session_.on_rcpt_reply(reply->code);
         break;
       case Pending::data:
+        client_out_ += proto::format_reply(*reply);
         if (reply->code == 354) {
           go_ahead = true;
         } else {
@@ -942,45 +1042,112 @@ asio::awaitable<void> RelaySession::close_upstream(bool polite) {
   drop_upstream();
 }
 
-asio::awaitable<bool> RelaySession::ensure_upstream(const std::string& name) {
-  if (upstream_.link && upstream_.config && upstream_.config->name == name) co_return true;
-  co_await close_upstream(true);
-  upstream_.config = config_.find_upstream(name);
-  const config::Upstream& upstream = *upstream_.config;
+namespace {
 
-  // timeouts.upstream_connect bounds the lookup, every connect attempt and the banner together.
-  const auto connect_deadline = in(config_.timeouts.upstream_connect);
-  auto executor = client_.socket().get_executor();
-  error_code ec;
-  std::vector<tcp::endpoint> endpoints;
-  if (auto address = asio::ip::make_address(upstream.address.host, ec); !ec) {
-    endpoints.emplace_back(address, upstream.address.port);
-  } else {
-    ec = {};
-    resolver_.emplace(executor);
-    arm(connect_deadline);
-    auto results = co_await resolver_->async_resolve(upstream.address.host,
-                                                     std::to_string(upstream.address.port), with(ec));
-    disarm(ec);
-    resolver_.reset();
-    for (const auto& entry : results) endpoints.push_back(entry.endpoint());
+// One Resolver per event loop, i.e. per thread (daemon/resolver.hpp), held by the loop's LoopScope: made on
+// first use, and again when a reload changed `dns`. Sessions hold it (shared) while they use it, so a replaced
+// one lives until they are done. Outside a LoopScope (no loop of the server's) each call makes its own.
+std::shared_ptr<Resolver> loop_resolver(const asio::any_io_executor& executor, const config::Dns& dns,
+                                        Telemetry& telemetry) {
+  std::string key = std::to_string(dns.timeout.count()) + " " + dns.trust_anchor_file;
+  for (const auto& server : dns.servers) key += " " + server.text;
+  LoopScope::Resources* loop = LoopScope::current();
+  if (loop == nullptr) return std::make_shared<Resolver>(executor, dns, &telemetry);
+  if (!loop->resolver || key != loop->resolver_key) {
+    loop->resolver = std::make_shared<Resolver>(executor, dns, &telemetry);
+    loop->resolver_key = std::move(key);
   }
-  upstream_.link = std::make_unique<Link>(tcp::socket(executor));
+  return loop->resolver;
+}
+
+}  // namespace
+
+asio::awaitable<std::optional<std::string>> RelaySession::ensure_upstream(const Route& route) {
+  const config::Upstream& upstream = *route.upstream;
+  // A connection is reused for the next transaction that routes the same way (same upstream, same domain).
+  if (upstream_.link && upstream_.config == &upstream && upstream_.domain == route.domain) co_return std::nullopt;
+  co_await close_upstream(true);
+  upstream_.config = &upstream;
+  upstream_.domain = route.domain;
+  upstream_.host.clear();
+  std::string reason = "no address";
+
+  if (!upstream.mx) {
+    // timeouts.upstream_connect bounds the lookup, every connect attempt and the banner together.
+    const auto connect_deadline = in(config_.timeouts.upstream_connect);
+    error_code ec;
+    std::vector<tcp::endpoint> endpoints;
+    if (auto address = asio::ip::make_address(upstream.address.host, ec); !ec) {
+      endpoints.emplace_back(address, upstream.address.port);
+    } else {
+      ec = {};
+      resolver_.emplace(client_.socket().get_executor());
+      arm(connect_deadline);
+      auto results = co_await resolver_->async_resolve(upstream.address.host,
+                                                       std::to_string(upstream.address.port), with(ec));
+      disarm(ec);
+      resolver_.reset();
+      for (const auto& entry : results) endpoints.push_back(entry.endpoint());
+      if (ec) {
+        const bool timed_out = ec == asio::error::timed_out;
+        reason = timed_out ? "connect_timeout" : "connect_failed";
+        telemetry_.upstream_error(upstream.name, timed_out ? "connect_timeout" : "connect_failed");
+        log_limited(LogLevel::warn, "upstream_error",
+                    {{"id", id_}, {"upstream", upstream.name}, {"reason", reason}, {"error", ec.message()}});
+      }
+    }
+    for (const auto& endpoint : endpoints) {
+      if (co_await open_upstream(upstream, endpoint, upstream.address.host, connect_deadline, reason))
+        co_return std::nullopt;
+      if (reason == "connect_timeout") break;  // the deadline is spent
+    }
+    co_return std::string(upstream_unavailable_reply);
+  }
+
+  // Delivery to the recipient domain's MX hosts (RFC 5321 section 5): in order, each host and address in turn,
+  // each attempt with timeouts.upstream_connect of its own.
+  std::shared_ptr<Resolver> resolver;
+  try {
+    resolver = loop_resolver(client_.socket().get_executor(), config_.dns, telemetry_);
+  } catch (const std::exception& e) {
+    log_limited(LogLevel::error, "dns_unavailable", {{"id", id_}, {"error", e.what()}});
+    co_return "451 4.4.3 DNS resolver unavailable, try again later";
+  }
+  const MxRoute mx = co_await resolve_mx_route(*resolver, *runtime_->own_listeners, route.domain, upstream.port);
+  if (mx.result != MxRoute::Result::deliver) {
+    log_limited(LogLevel::info, "mx_route",
+                {{"id", id_}, {"upstream", upstream.name}, {"domain", route.domain}, {"result", to_string(mx.result)}});
+    co_return mx.reply;
+  }
+  for (const auto& attempt : mx.attempts) {
+    const bool connected = co_await open_upstream(upstream, attempt.endpoint, attempt.host,
+                                                  in(config_.timeouts.upstream_connect), reason);
+    telemetry_.mx_attempt(upstream.name, connected ? "success" : reason);
+    if (connected) {
+      upstream_.host = attempt.host;
+      co_return std::nullopt;
+    }
+  }
+  co_return "451 4.4.1 No mail host of " + route.domain + " could be used (last: " + reason + "), try again later";
+}
+
+asio::awaitable<bool> RelaySession::open_upstream(const config::Upstream& upstream, const tcp::endpoint& endpoint,
+                                                  const std::string& tls_name,
+                                                  SteadyClock::time_point connect_deadline, std::string& reason) {
+  upstream_.link = std::make_unique<Link>(tcp::socket(client_.socket().get_executor()));
   upstream_.in.clear();
-  for (const auto& endpoint : endpoints) {
-    if (ec) break;
-    co_await connect(*upstream_.link, endpoint, connect_deadline, ec);
-    if (!ec || ec == asio::error::timed_out) break;
-    if (&endpoint != &endpoints.back()) ec = {};  // the next address
-  }
+  error_code ec;
+  co_await connect(*upstream_.link, endpoint, connect_deadline, ec);
   if (ec) {
     upstream_.link.reset();  // never connected: no upstream leg to count
     const bool timed_out = ec == asio::error::timed_out;
+    reason = timed_out ? "connect_timeout" : "connect_failed";
     telemetry_.upstream_error(upstream.name, timed_out ? "connect_timeout" : "connect_failed");
     log_limited(LogLevel::warn, "upstream_error",
                 {{"id", id_},
                  {"upstream", upstream.name},
-                 {"reason", timed_out ? "connect_timeout" : "connect_failed"},
+                 {"address", endpoint_text(endpoint.address(), endpoint.port())},
+                 {"reason", reason},
                  {"error", ec.message()}});
     co_return false;
   }
@@ -1000,6 +1167,7 @@ asio::awaitable<bool> RelaySession::ensure_upstream(const std::string& name) {
   using Kind = proto::ClientSession::ActionKind;
   auto action = engine.start();
   bool first_reply = true;
+  reason = "failed";
   for (;;) {
     switch (action.kind) {
       case Kind::send: {
@@ -1016,8 +1184,11 @@ asio::awaitable<bool> RelaySession::ensure_upstream(const std::string& name) {
         // "connect_timeout"-slow.
         auto reply =
             co_await read_upstream_reply(first_reply ? connect_deadline : in(config_.timeouts.command));
+        if (!reply) {
+          if (first_reply) reason = "connect_timeout";
+          co_return false;
+        }
         first_reply = false;
-        if (!reply) co_return false;
         action = engine.on_reply(*reply);
         break;
       }
@@ -1030,15 +1201,18 @@ asio::awaitable<bool> RelaySession::ensure_upstream(const std::string& name) {
         }
         const ClientTls* tls = runtime_->client_tls(upstream.name);
         error_code hs;
-        co_await handshake(*upstream_.link, tls->context(), false, upstream.address.host, tls->verify(),
-                           in(config_.timeouts.tls_handshake), hs);
+        co_await handshake(*upstream_.link, tls->context(), false, tls_name, tls->verify(),
+                           in(config_.timeouts.tls_handshake), hs, tls->verify_names());
         if (hs) {
           const bool timed_out = hs == asio::error::timed_out;
-          const std::string reason = handshake_failure_label(hs, timed_out);
-          telemetry_.tls_handshake_failed(listener_.name, Leg::upstream, reason);
+          const std::string label = handshake_failure_label(hs, timed_out);
+          telemetry_.tls_handshake_failed(listener_.name, Leg::upstream, label);
           log_limited(LogLevel::warn, "tls_failed",
-                      {{"id", id_}, {"upstream", upstream.name}, {"leg", "upstream"}, {"reason", reason}});
+                      {{"id", id_}, {"upstream", upstream.name}, {"leg", "upstream"}, {"reason", label}});
           upstream_failed("tls_failed");
+          // Under min_version or verify the host may simply not meet the policy (an old version, an unverifiable
+          // certificate): OpenSSL's reason does not always say which (a TLS1.0-only server just hangs up).
+          reason = upstream.min_version || tls->verify() ? "tls_policy" : "tls_failed";
           co_return false;
         }
         action = engine.on_tls_started();
@@ -1052,11 +1226,29 @@ asio::awaitable<bool> RelaySession::ensure_upstream(const std::string& name) {
         log_limited(LogLevel::warn, "upstream_refused",
                     {{"id", id_}, {"upstream", upstream.name}, {"reason", action.reason}, {"reply", said}});
         upstream_failed(action.reason);
+        reason = action.reason == "greeting_rejected"                                            ? "banner_rejected"
+                 : action.reason == "starttls_unavailable" || action.reason == "starttls_rejected" ? "tls_policy"
+                                                                                                    : "failed";
         co_return false;
       }
     }
   }
 }
+
+// ---- loop scope -----------------------------------------------------------------------------------------
+
+namespace {
+thread_local LoopScope::Resources* current_loop = nullptr;
+}
+
+LoopScope::LoopScope() : previous_(current_loop) { current_loop = &resources_; }
+
+LoopScope::~LoopScope() {
+  current_loop = previous_;
+  resources_.resolver.reset();  // before the event loop it belongs to goes away
+}
+
+LoopScope::Resources* LoopScope::current() { return current_loop; }
 
 // ---- registry -------------------------------------------------------------------------------------------
 

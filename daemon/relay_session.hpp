@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <unordered_map>
 
 #include "config/config.hpp"
@@ -48,6 +49,27 @@ class SessionRegistry {
   std::size_t peak_ = 0;
   std::unordered_map<std::string, std::uint32_t> per_address_;
   std::unordered_map<RelaySession*, std::weak_ptr<RelaySession>> sessions_;
+};
+
+class Resolver;
+
+// What the sessions of one event loop share, for as long as the loop runs: create one on the thread that runs
+// the loop, around io_context::run (it is the thread's "current" loop until destroyed, before the loop is).
+class LoopScope {
+ public:
+  struct Resources {
+    std::shared_ptr<Resolver> resolver;  // DNS for mx upstreams (one ub_ctx per loop)
+    std::string resolver_key;            // the dns settings it was made with
+  };
+  LoopScope();
+  ~LoopScope();
+  LoopScope(const LoopScope&) = delete;
+  LoopScope& operator=(const LoopScope&) = delete;
+  static Resources* current();  // null outside a LoopScope
+
+ private:
+  Resources resources_;
+  Resources* previous_;
 };
 
 // Starts the session coroutine on the socket's executor (the event loop the session was accepted onto). The

@@ -12,6 +12,7 @@ std::shared_ptr<const Runtime> Runtime::build(std::shared_ptr<const config::Conf
     if (upstream.tls != config::UpstreamTls::none)
       runtime->upstream_tls.emplace(upstream.name, std::make_shared<const ClientTls>(upstream));
   }
+  runtime->own_listeners = std::make_shared<const OwnListeners>(*config);
   runtime->config = std::move(config);
   return runtime;
 }

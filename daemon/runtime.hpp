@@ -6,6 +6,7 @@
 #include <string>
 
 #include "config/config.hpp"
+#include "daemon/own_listeners.hpp"
 #include "daemon/tls.hpp"
 
 namespace mailflow {
@@ -14,6 +15,7 @@ struct Runtime {
   std::shared_ptr<const config::Config> config;
   std::map<std::string, std::shared_ptr<const ServerTls>, std::less<>> listener_tls;  // by listener name
   std::map<std::string, std::shared_ptr<const ClientTls>, std::less<>> upstream_tls;  // by upstream name
+  std::shared_ptr<const OwnListeners> own_listeners;  // where delivering to an MX host would loop
 
   // Throws std::runtime_error (naming the file) when a certificate, key or CA file cannot be loaded.
   static std::shared_ptr<const Runtime> build(std::shared_ptr<const config::Config> config);

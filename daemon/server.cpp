@@ -89,6 +89,7 @@ unsigned event_loops(const config::Performance& performance) {
 // Runs one event loop until it is stopped; with `busy_poll`, it polls for a PollWindow before it sleeps.
 void run_loop(asio::io_context& io, const std::atomic<bool>& busy_poll) {
   using Clock = std::chrono::steady_clock;
+  const LoopScope scope;  // this loop's resolver, released before the loop is destroyed
   PollWindow window;
   for (;;) {
     if (!busy_poll.load(std::memory_order_relaxed)) {

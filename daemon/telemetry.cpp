@@ -97,6 +97,8 @@ constexpr Family upstream_errors{"mailflow_upstream_errors_total", "counter", "U
 constexpr Family rejects{"mailflow_rejects_total", "counter", "Refusals and limits hit, by listener and reason"};
 constexpr Family http_rejects{"mailflow_http_rejects_total", "counter",
                               "HTTP connections and requests refused (caps, deadlines, bad requests, auth), by reason"};
+constexpr Family mx_attempts{"mailflow_mx_attempts_total", "counter",
+                             "Connection attempts to MX hosts (mx upstreams), by upstream and result"};
 constexpr Family internal_errors{"mailflow_internal_errors_total", "counter",
                                  "Exceptions that escaped a coroutine (logged, cleaned up; the component restarts)"};
 constexpr Family below_tls12{"mailflow_below_tls12_total", "counter",
@@ -140,12 +142,13 @@ enum class Labelled : std::size_t {
   config_reloads,
   state_errors,
   http_rejects,
-  internal_errors
+  internal_errors,
+  mx_attempts
 };
-constexpr std::size_t kLabelledFamilies = 7;
+constexpr std::size_t kLabelledFamilies = 8;
 constexpr std::array<const Family*, kLabelledFamilies> kLabelledFamily{
     &family::tls_handshake_failures, &family::upstream_errors, &family::rejects, &family::config_reloads,
-    &family::state_errors,           &family::http_rejects,    &family::internal_errors};
+    &family::state_errors,           &family::http_rejects,    &family::internal_errors, &family::mx_attempts};
 
 // Label text that does not depend on a series, rendered once.
 struct FixedLabels {
@@ -314,6 +317,7 @@ void write_exposition(std::string& out, const Snapshot& snapshot, const std::opt
   labelled(Labelled::rejects);
   labelled(Labelled::http_rejects);
   labelled(Labelled::internal_errors);
+  labelled(Labelled::mx_attempts);
   if (!rows.empty()) {
     header(family::below_tls12);
     for (const auto& row : rows) append_sample(out, family::below_tls12.name, {row.series->labels}, row.values.below_tls12);
@@ -560,6 +564,10 @@ void Telemetry::configure(const config::Config& config) {
     for (const auto reason : reasons::upstream_errors) {
       impl_->labelled(Labelled::upstream_errors, {{"reason", reason}, {"upstream", upstream.name}});
     }
+    if (!upstream.mx) continue;
+    for (const auto result : reasons::mx_attempts) {
+      impl_->labelled(Labelled::mx_attempts, {{"result", result}, {"upstream", upstream.name}});
+    }
   }
 }
 
@@ -640,6 +648,11 @@ void Telemetry::rejected(std::string_view listener, std::string_view reason) {
 void Telemetry::http_rejected(HttpReject reason) {
   std::lock_guard lock(impl_->mutex);
   ++impl_->labelled(Labelled::http_rejects, {{"reason", to_string(reason)}});
+}
+
+void Telemetry::mx_attempt(std::string_view upstream, std::string_view result) {
+  std::lock_guard lock(impl_->mutex);
+  ++impl_->labelled(Labelled::mx_attempts, {{"result", result}, {"upstream", upstream}});
 }
 
 void Telemetry::internal_error(std::string_view component) {

@@ -74,6 +74,7 @@ class Telemetry {
   void rejected(std::string_view listener, std::string_view reason);
   void http_rejected(HttpReject reason);  // mailflow_http_rejects_total{reason}
   void internal_error(std::string_view component);  // one of internal_components
+  void mx_attempt(std::string_view upstream, std::string_view result);  // one of reasons::mx_attempts
   void config_reloaded(bool success);  // mailflow_config_reloads_total{result="success"|"failure"}
   void state_error(std::string_view reason);  // mailflow_state_errors_total{reason}: save/load problems
   // mailflow_dns_lookups_total{type,result}: every lookup of the resolver; all series exported from the start.

@@ -63,10 +63,13 @@ class ClientTls {
 
   SSL_CTX* context() const { return ctx_; }
   bool verify() const { return verify_; }
+  // verify: the names the certificate must match (upstreams[].verify_names); empty: the host connected to.
+  const std::vector<std::string>& verify_names() const { return verify_names_; }
 
  private:
   SSL_CTX* ctx_ = nullptr;
   bool verify_ = false;
+  std::vector<std::string> verify_names_;
 };
 
 }  // namespace mailflow

@@ -47,7 +47,9 @@ class Blackhole:
 
 
 def script_stall_in_data(conn):
-    """Answers up to DATA's 354, then stops reading: the relay's writes fill the socket buffers and block."""
+    """Answers up to DATA's 354, then stops reading: the relay's writes fill the socket buffers and block (a
+    small receive buffer, so that they do well before max_message_size is reached)."""
+    conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     if conn.smtp_until(b"DATA") is None:
         return
     conn.send(b"354 go on\r\n")
@@ -90,8 +92,9 @@ def test_blackholed_upstream_451_within_upstream_connect(env):
     before = env.daemon.metrics()
     c = hh.greeted(env.ports["blackhole"])
     try:
+        assert c.cmd(f"MAIL FROM:<{hh.SENDER}>")[0] == 250
         start = time.monotonic()
-        code, text = c.cmd(f"MAIL FROM:<{hh.SENDER}>")
+        code, text = c.cmd(f"RCPT TO:<{hh.RCPT}>")
         elapsed = time.monotonic() - start
         assert code == 451 and text.startswith("451 4.4.1"), text
         assert CONNECT_TIMEOUT - 0.3 < elapsed < CONNECT_TIMEOUT + MARGIN, f"451 after {elapsed:.2f}s"

@@ -100,14 +100,16 @@ def assert_upstream_error(env, before, upstream, reason):
     ("tlsgarbage", "tls_failed"),
     ("tlsrefused", "starttls_rejected"),
 ])
-def test_upstream_setup_failure_451_at_mail(env, name, reason):
+def test_upstream_setup_failure_451_at_rcpt(env, name, reason):
     before = env.daemon.metrics()
     c = hh.greeted(env.ports[name])
     try:
-        code, text = c.cmd(f"MAIL FROM:<{hh.SENDER}>")
-        assert code == 451 and text.startswith("451 4.4."), f"MAIL with upstream {name}: {text!r}"
+        # MAIL is answered locally; the upstream is opened at the first RCPT, which hears the failure.
+        assert c.cmd(f"MAIL FROM:<{hh.SENDER}>")[0] == 250
+        code, text = c.cmd(f"RCPT TO:<{hh.RCPT}>")
+        assert code == 451 and text.startswith("451 4.4."), f"RCPT with upstream {name}: {text!r}"
         assert c.cmd("NOOP")[0] == 250, "the client session must survive an upstream failure"
-        assert c.cmd("RCPT TO:<r@dest.test>")[0] == 503, "no transaction may be open after the 451"
+        assert c.cmd("DATA")[0] == 554, "no recipient was accepted: DATA must be refused"
     finally:
         c.close()
     if isinstance(reason, tuple):
@@ -130,10 +132,11 @@ def test_upstream_hangs_451_after_connect_timeout(env):
     before = env.daemon.metrics()
     c = hh.greeted(env.ports["hang"])
     try:
+        assert c.cmd(f"MAIL FROM:<{hh.SENDER}>")[0] == 250
         start = time.monotonic()
-        code, text = c.cmd(f"MAIL FROM:<{hh.SENDER}>")
+        code, text = c.cmd(f"RCPT TO:<{hh.RCPT}>")
         elapsed = time.monotonic() - start
-        assert code == 451 and text.startswith("451 4.4.1"), f"MAIL with a silent upstream: {text!r}"
+        assert code == 451 and text.startswith("451 4.4.1"), f"RCPT with a silent upstream: {text!r}"
         assert CONNECT_TIMEOUT - 0.3 < elapsed < CONNECT_TIMEOUT + 1.5, f"451 after {elapsed:.2f}s"
     finally:
         c.close()

@@ -144,6 +144,9 @@ def test_size_parameter_above_limit_552_at_mail(env):
         assert code == 552 and text.startswith("552 5.3.4"), f"SIZE above the limit: {text!r}"
         code, text = c.cmd(f"MAIL FROM:<{hh.SENDER}> SIZE={MAX_SIZE}")
         assert code == 250, f"SIZE at the limit must be accepted: {text!r}"
+        # MAIL goes upstream with the first RCPT (INTERFACE rule 6)
+        code, text = c.cmd(f"RCPT TO:<{hh.RCPT}>")
+        assert code == 250, text
         c.cmd("RSET")
     finally:
         c.close()
