@@ -23,8 +23,9 @@ inline constexpr auto rejects = std::to_array<std::string_view>({
     "session_limit", "ip_limit", "proxy_invalid", "proxy_timeout", "proxy_truncated", "proxy_untrusted",
     "early_talker", "timeout", "starttls_pipelining", "tls_required", "data_line_too_long", "bare_newline",
     "bare_newline_normalized",
-    // a later RCPT whose connector or route differs from the transaction's (452 4.5.3)
-    "recipient_route",
+    // a later RCPT whose connector or route differs from the transaction's (452 4.5.3); a message with more
+    // Received: fields than limits.max_hops (554 5.4.6)
+    "recipient_route", "too_many_hops",
 });
 
 // mailflow_tls_handshake_failures_total{listener, leg, reason}: daemon/tls.cpp handshake_failure_reason().

@@ -32,6 +32,7 @@
 #include "proto/proxy_header.hpp"
 #include "proto/reply.hpp"
 #include "proto/server_session.hpp"
+#include "proto/trace_hops.hpp"
 
 namespace mailflow {
 
@@ -877,18 +878,22 @@ asio::awaitable<void> RelaySession::relay_data() {
   const bool reject_bare_newline = config_.limits.bare_newline == proto::BareNewlinePolicy::reject;
   const proto::TlsVersion version_at_start = counted_version();
   std::string out = received_header();
+  proto::TraceHopCounter hops;  // the client's message's own Received: fields (ours is not fed to it)
   bool upstream_ok = true;  // false once the upstream was dropped (violation or failure)
   bool upstream_lost = false;
   std::size_t block_bytes = 0;
   auto block_deadline = in(config_.timeouts.data_block);
   for (;;) {
     if (!client_in_.empty()) {
+      const std::size_t before = out.size();
       const std::size_t consumed = filter.feed(client_in_.view(), out);
       client_in_.consume(consumed);
       block_bytes += consumed;
+      if (!hops.headers_done()) hops.feed(std::string_view(out).substr(before));
     }
-    const bool violation =
-        filter.too_big() || filter.line_too_long() || (reject_bare_newline && filter.bare_newline_seen());
+    const bool too_many_hops = hops.hops() > config_.limits.max_hops;
+    const bool violation = filter.too_big() || filter.line_too_long() ||
+                           (reject_bare_newline && filter.bare_newline_seen()) || too_many_hops;
     if (violation && upstream_ok) {
       // Closing without the terminator is the only way to abort DATA: the upstream discards the message.
       co_await close_upstream(false);
@@ -946,6 +951,11 @@ asio::awaitable<void> RelaySession::relay_data() {
   } else if (reject_bare_newline && filter.bare_newline_seen()) {
     count_reject("bare_newline");
     client_out_ += proto::format_reply(550, "5.5.2", "Message contains bare CR or LF characters");
+  } else if (hops.hops() > config_.limits.max_hops) {
+    // A mail loop (RFC 5321 6.3): refused, as Postfix's hopcount_limit does.
+    count_reject("too_many_hops");
+    client_out_ += proto::format_reply(554, "5.4.6", "Too many hops (" + std::to_string(hops.hops()) +
+                                                         " Received: headers): mail loop?");
   } else if (upstream_lost || !upstream_ok) {
     client_out_ += upstream_lost_reply;
   } else {

@@ -188,3 +188,23 @@ def test_text_line_over_max_line_refused_at_end(env):
     assert env.sink.count() == n, "a message with an over-long line reached the sink"
     hh.assert_rejected(env.daemon, before, "data_line_too_long")
     hh.assert_relays(env.daemon, env.port, env.sink)
+
+
+def test_too_many_received_headers_554_loop(env):
+    """limits.max_hops (default 50, Postfix's hopcount_limit): 51 Received: fields mean a mail loop, refused
+    with 554 5.4.6 after the end of data and nothing delivered; 50 still pass."""
+    before = env.daemon.metrics()
+    n = env.sink.count()
+    trace = b"".join(b"Received: from hop%d.example.test by next.example.test; Thu, 1 Jan 2026 00:00:00 +0000\r\n" % i
+                     for i in range(51))
+    c = hh.greeted(env.port)
+    try:
+        code, text = hh.transaction(c, trace + hh.message("looping"))
+        assert code == 554 and text.startswith("554 5.4.6"), f"51 hops: {text!r}"
+        code, text = hh.transaction(c, trace[trace.index(b"\r\n") + 2:] + hh.message("50 hops"))
+        assert code == 250, f"50 hops must pass: {text!r}"
+    finally:
+        c.close()
+    hh.assert_rejected(env.daemon, before, "too_many_hops")
+    got = env.sink.wait_messages(n + 1)
+    assert len(got) == n + 1 and b"looping" not in got[-1][1], "the looping message reached the upstream"
