@@ -16,6 +16,7 @@
 #include <chrono>
 #include <ctime>
 #include <deque>
+#include <map>
 #include <optional>
 #include <random>
 
@@ -259,6 +260,9 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
   std::string sender_domain_;                // of the transaction's MAIL FROM
   std::string mail_line_;                    // "MAIL FROM:<...> ...\r\n", answered locally, sent with the first RCPT
   std::optional<proto::Reply> mail_refusal_;  // the upstream refused MAIL: every RCPT of the transaction hears it
+  // Routes that could not be opened in this transaction ("upstream/domain" -> the reply): the next recipient
+  // of a dead domain is answered at once instead of walking its MX hosts again.
+  std::map<std::string, std::string, std::less<>> failed_routes_;
   std::string connector_name_;  // of the current transaction
   config::Direction direction_ = config::Direction::inbound;
   std::string connectors_seen_;
@@ -705,6 +709,7 @@ asio::awaitable<void> RelaySession::begin_mail() {
   co_await resolve_pending();  // replies go out in command order
   route_.reset();
   mail_refusal_.reset();
+  failed_routes_.clear();
   mail_line_ = "MAIL " + session_.last_command().argument + "\r\n";
   sender_domain_ = proto::address_domain(session_.last_command().address);
   if (!session_.tls_active() && connector_certain_at_mail()) {
@@ -756,7 +761,13 @@ asio::awaitable<void> RelaySession::forward_rcpt() {
     co_return;
   }
   co_await resolve_pending();
+  const std::string route_key = route.upstream->name + "/" + route.domain;
+  if (auto failed = failed_routes_.find(route_key); failed != failed_routes_.end()) {
+    co_await refuse(failed->second, "");
+    co_return;
+  }
   if (auto failure = co_await ensure_upstream(route)) {
+    failed_routes_.emplace(route_key, *failure);
     co_await refuse(*failure, "");
     co_return;
   }
@@ -1125,6 +1136,8 @@ asio::awaitable<std::optional<std::string>> RelaySession::ensure_upstream(const 
   }
   const MxRoute mx = co_await resolve_mx_route(*resolver, *runtime_->own_listeners, route.domain, upstream.port);
   if (mx.result != MxRoute::Result::deliver) {
+    // mailflowd's own refusal of the recipient (null MX, no such domain, a loop, DNS trouble): counted as such.
+    count_reject(to_string(mx.result));
     log_limited(LogLevel::info, "mx_route",
                 {{"id", id_}, {"upstream", upstream.name}, {"domain", route.domain}, {"result", to_string(mx.result)}});
     co_return mx.reply;
