@@ -16,6 +16,7 @@
 #include <chrono>
 #include <ctime>
 #include <deque>
+#include <limits>
 #include <map>
 #include <optional>
 #include <random>
@@ -91,6 +92,21 @@ std::string handshake_failure_label(const error_code& ec, bool timed_out) {
   const bool eof = ec == asio::error::eof || ec == asio::ssl::error::stream_truncated;
   const unsigned long ssl_error = ec.category() == asio::error::get_ssl_category() ? ec.value() : 0;
   return handshake_failure_reason(ssl_error, timed_out, eof);
+}
+
+constexpr std::size_t max_logged_sender_domains = 8;
+
+// Appends `name` to the comma-separated `list` unless it is there already (whole names only: "partner" must not
+// hide behind an earlier "partner-contoso") or the list holds `limit` names ("..." then marks what was left out).
+void add_to_list(std::string& list, const std::string& name, std::size_t limit) {
+  if (("," + list + ",").find("," + name + ",") != std::string::npos) return;
+  const auto names = list.empty() ? 0 : static_cast<std::size_t>(std::count(list.begin(), list.end(), ',')) + 1;
+  if (list.ends_with(",...")) return;
+  if (names >= limit) {
+    list += ",...";
+    return;
+  }
+  list += (list.empty() ? "" : ",") + name;
 }
 
 std::string new_session_id() {
@@ -266,6 +282,7 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
   std::string connector_name_;  // of the current transaction
   config::Direction direction_ = config::Direction::inbound;
   std::string connectors_seen_;
+  std::string sender_domains_seen_;
   std::string upstream_log_;  // "name/TLS1.2/cipher" of the last upstream leg, for the session line
   std::string result_ = "disconnected";
   std::uint32_t messages_ = 0;
@@ -448,6 +465,7 @@ void RelaySession::release() {
              {"tls", proto::to_string(client_.tls().version)},
              {"cipher", client_.tls().cipher},
              {"connector", connectors_seen_},
+             {"sender_domains", sender_domains_seen_},
              {"upstream", upstream_log_},
              {"messages", messages_},
              {"rejects", rejects_},
@@ -779,9 +797,10 @@ asio::awaitable<void> RelaySession::forward_rcpt() {
   route_ = route;
   connector_name_ = connector_name;
   direction_ = listener_.direction;
-  // Whole names only: "partner" must not hide behind an earlier "partner-contoso".
-  if (("," + connectors_seen_ + ",").find("," + connector_name_ + ",") == std::string::npos)
-    connectors_seen_ += (connectors_seen_.empty() ? "" : ",") + connector_name_;
+  add_to_list(connectors_seen_, connector_name_, std::numeric_limits<std::size_t>::max());
+  // The envelope sender's domain (never its local part), so that traffic that lands in "internet" is known by
+  // more than its address and HELO; "<>" for bounces. Bounded: a session cannot grow the line without end.
+  add_to_list(sender_domains_seen_, sender_domain_.empty() ? "<>" : sender_domain_, max_logged_sender_domains);
   queue_upstream(Pending::mail, mail_line_);
   if (!upstream_.pipelining) {
     co_await resolve_pending();

@@ -261,3 +261,6 @@ def test_session_log_keeps_whole_connector_names(env):
     lines = [line for line in env.daemon.stderr().splitlines() if "partner-contoso" in line and "session" in line]
     assert lines, "no session line with the connectors"
     assert re.search(r"connector=\"?partner-contoso,partner\"?( |$)", lines[-1]), lines[-1]
+    # issue #17.9: the envelope senders' domains, never their local parts
+    assert re.search(r"sender_domains=\"?contoso.example,fabrikam.example\"?( |$)", lines[-1]), lines[-1]
+    assert "a@contoso" not in lines[-1] and "b@fabrikam" not in lines[-1]
