@@ -5,8 +5,10 @@
     pf.log()    # its maillog (maillog_file, through postlogd)
     pf.stop()
 
-Everything lives under workdir/name: config_directory (main.cf, master.cf of its own), queue_directory,
-data_directory, the maillog. Its smtpd listens on 127.0.0.1:<free port> only; nothing is local
+Everything lives in a short directory of its own under /tmp (Postfix connects to its postlog socket by an
+absolute path, and a unix socket path has at most 107 bytes, which a pytest basetemp in a build tree exceeds):
+config_directory (main.cf, master.cf of its own), queue_directory, data_directory, the maillog. stop()
+removes it and keeps the maillog as workdir/<name>.maillog. Its smtpd listens on 127.0.0.1:<free port> only; nothing is local
 (mydestination is empty), every recipient goes to the relayhost, without TLS. Runs as root (postfix start
 needs it); the daemons drop to the `postfix` user as usual. The system's /etc/postfix is only read for the
 meta files (postfix-files) that `postfix check` needs; no system instance is started or touched.
@@ -17,6 +19,7 @@ import pwd
 import shutil
 import smtplib
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -68,7 +71,8 @@ def postfix_usable():
 class PostfixInstance:
     def __init__(self, workdir, name, relayhost, main=None):
         self.name = name
-        self.dir = Path(workdir) / name
+        self.dir = Path(tempfile.mkdtemp(prefix=f"mf-{name}-"))
+        self.kept_log = Path(workdir) / f"{name}.maillog"
         self.conf = self.dir / "etc"
         self.queue = self.dir / "spool"
         self.data = self.dir / "data"
@@ -113,12 +117,7 @@ class PostfixInstance:
             d.mkdir(parents=True, exist_ok=True)
         owner = pwd.getpwnam(self.main["mail_owner"])
         os.chown(self.data, owner.pw_uid, owner.pw_gid)  # master.lock, caches: written as mail_owner
-        # The postfix user must reach the data directory by its path: pytest's tmp dirs are 0700, so every
-        # directory above it gets search permission (x, not r) for others.
-        for p in [self.dir, *self.dir.parents]:
-            st = p.stat()
-            if st.st_uid == 0 and not st.st_mode & 0o001:
-                p.chmod(st.st_mode | 0o011)
+        self.dir.chmod(0o755)  # mkdtemp's 0700: the postfix user must reach the data directory by its path
         (self.conf / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in self.main.items()))
         (self.conf / "master.cf").write_text(MASTER_CF.format(smtpd=f"127.0.0.1:{self.smtpd_port}"))
 
@@ -161,6 +160,9 @@ class PostfixInstance:
                     break
                 time.sleep(0.1)
             self.running = False
+        if self.dir.exists():
+            self.kept_log.write_text(self.log())
+            shutil.rmtree(self.dir, ignore_errors=True)
         if self in harness.LIVE:
             harness.LIVE.remove(self)
 
@@ -172,10 +174,12 @@ class PostfixInstance:
             assert not refused, refused
 
     def log(self):
-        try:
-            return self.maillog.read_text(errors="replace")
-        except OSError:
-            return ""
+        for path in (self.maillog, self.kept_log):
+            try:
+                return path.read_text(errors="replace")
+            except OSError:
+                pass
+        return ""
 
     def log_tail(self):
         text = self.log()

@@ -13,8 +13,10 @@ the connector chosen at the first RCPT by recipient domain; 452 4.5.3 for a late
 after a failed connect, a 421 banner or a TLS policy miss; every message at its own domain's MX, counted once
 under its connector by the TLS version of the leg to the MX; mailflow_mx_attempts_total and
 mailflow_dns_lookups_total; the MX connection reused for the next transaction to the same domain."""
+import shutil
 import socket
 import sys
+import tempfile
 import threading
 import types
 import uuid
@@ -140,8 +142,17 @@ def refuse_mail(conn):
 
 
 @pytest.fixture(scope="module")
-def knot(workdir):
-    server = KnotServer(workdir, {"example.net": ZONE}).start()
+def short_dir():
+    """knotd's control socket lives under its directory: a unix socket path has at most 107 bytes, which a
+    ctest basetemp (build/<dir>/tests/integration/pytest-<file>/<file>0/...) can exceed."""
+    path = tempfile.mkdtemp(prefix="mf-out-")
+    yield Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def knot(short_dir):
+    server = KnotServer(short_dir, {"example.net": ZONE}).start()
     yield server
     server.stop()
 
@@ -583,8 +594,8 @@ def test_forced_tls_530_at_mail_where_the_connector_is_certain(env):
     assert_counter(d, before, "mailflow_rejects_total", 1, listener="in", reason="tls_required")
 
 
-def test_stopped_dns_server_is_451_4_4_3(workdir, certs, daemon_factory):
-    stopped = KnotServer(workdir, {"example.net": ZONE}, name="knotd-stopped").start()
+def test_stopped_dns_server_is_451_4_4_3(short_dir, daemon_factory):
+    stopped = KnotServer(short_dir, {"example.net": ZONE}, name="knotd-stopped").start()
     assert stopped.dig("tls13.example.net", "MX")
     stopped.stop()
     port = harness.free_port()

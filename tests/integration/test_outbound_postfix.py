@@ -11,7 +11,9 @@ Measured (printed; docs/outbound.md "Several recipient domains in one message: 4
 (`mailflowd_destination_recipient_limit = 1` on a transport of its own) no recipient waits at all, even with
 Postfix's default queue timers (300 s)."""
 import re
+import shutil
 import sys
+import tempfile
 import time
 import types
 import uuid
@@ -60,8 +62,11 @@ def _bindable(host, port):
 
 @pytest.fixture(scope="module")
 def env(certs, workdir, sink_factory, daemon_factory):
-    knot = KnotServer(workdir, {"example.net": ZONE}).start()
+    # A short directory for knotd: its control socket path must fit a unix socket address (107 bytes).
+    knot_dir = tempfile.mkdtemp(prefix="mf-pf-")
+    knot = KnotServer(knot_dir, {"example.net": ZONE})
     try:
+        knot.start()
         mx_port = next(p for p in (harness.free_port() for _ in range(50))
                        if all(_bindable(a, p) for a in ADDR.values()))
         tls = {"tls_cert": certs / "sink.pem", "tls_key": certs / "sink.key"}
@@ -82,6 +87,7 @@ def env(certs, workdir, sink_factory, daemon_factory):
                                     workdir=workdir)
     finally:
         knot.stop()
+        shutil.rmtree(knot_dir, ignore_errors=True)
 
 
 def message(rcpts):
