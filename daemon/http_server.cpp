@@ -253,15 +253,8 @@ class Server : public std::enable_shared_from_this<Server> {
   // An exception that escaped an HTTP coroutine: logged and counted (mailflow_internal_errors_total
   // {component="http"}), never lost.
   void escaped(const std::exception_ptr& error) {
-    std::string what = "unknown";
-    try {
-      std::rethrow_exception(error);
-    } catch (const std::exception& e) {
-      what = e.what();
-    } catch (...) {
-    }
     telemetry_.internal_error("http");
-    log_event(LogLevel::error, "internal_error", {{"component", "http"}, {"error", what}});
+    log_event(LogLevel::error, "internal_error", {{"component", "http"}, {"error", exception_text(error)}});
   }
 
   // The accept loop starts again (after a pause) when an exception ended it: /metrics never goes silent.

@@ -239,4 +239,14 @@ void log_limited(LogLevel level, std::string_view event, std::initializer_list<L
   spdlog::log(lvl, "{}", render(event, fields, suppressed));
 }
 
+std::string exception_text(const std::exception_ptr& error) {
+  try {
+    std::rethrow_exception(error);
+  } catch (const std::exception& e) {
+    return e.what();
+  } catch (...) {
+  }
+  return "unknown";
+}
+
 }  // namespace mailflow

@@ -7,6 +7,7 @@
 #include <concepts>
 #include <cstdint>
 #include <initializer_list>
+#include <exception>
 #include <string>
 #include <string_view>
 #include <type_traits>
@@ -75,6 +76,9 @@ void log_event(LogLevel level, std::string_view event, std::initializer_list<Log
 // For refusals and other things a hostile peer can trigger at will: at most `burst` lines per second per
 // event; the number of suppressed lines is reported in the next line that gets through.
 void log_limited(LogLevel level, std::string_view event, std::initializer_list<LogField> fields);
+
+// What an exception that escaped a coroutine says (what(), or "unknown"), for its internal_error line.
+std::string exception_text(const std::exception_ptr& error);
 
 // True when standard error is the systemd journal: JOURNAL_STREAM ("DEV:INODE") names stderr's device and
 // inode (systemd sets it for the service's stdout/stderr; a redirected stderr no longer matches).

@@ -428,15 +428,9 @@ asio::awaitable<void> RelaySession::finish() {
 
 void RelaySession::crashed(std::exception_ptr error) {
   // An exception escaped the session: nothing of it may leak (registry and per-IP slots, sessions_active).
-  std::string what = "unknown";
-  try {
-    std::rethrow_exception(error);
-  } catch (const std::exception& e) {
-    what = e.what();
-  } catch (...) {
-  }
   telemetry_.internal_error("session");
-  log_event(LogLevel::error, "internal_error", {{"id", id_}, {"component", "session"}, {"error", what}});
+  log_event(LogLevel::error, "internal_error",
+            {{"id", id_}, {"component", "session"}, {"error", exception_text(error)}});
   result_ = "internal_error";
   if (upstream_.link) drop_upstream();
   release();

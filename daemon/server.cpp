@@ -210,15 +210,8 @@ struct Server::Impl {
   auto on_escape(std::string_view component, std::function<void()> then = {}) {
     return [this, component, then = std::move(then)](std::exception_ptr error) {
       if (!error) return;
-      std::string what = "unknown";
-      try {
-        std::rethrow_exception(error);
-      } catch (const std::exception& e) {
-        what = e.what();
-      } catch (...) {
-      }
       telemetry.internal_error(component);
-      log_event(LogLevel::error, "internal_error", {{"component", component}, {"error", what}});
+      log_event(LogLevel::error, "internal_error", {{"component", component}, {"error", exception_text(error)}});
       if (then) then();
     };
   }
