@@ -197,7 +197,8 @@ asio::awaitable<void> Link::write(std::string_view data, error_code& ec) {
 }
 
 asio::awaitable<void> Link::handshake(SSL_CTX* context, bool server, const std::string& peer_name,
-                                      bool verify, error_code& ec, const std::vector<std::string>& verify_names) {
+                                      bool verify, error_code& ec,
+                                      const std::vector<std::string>& verify_names) {
   ssl_ = SSL_new(context);
   if (ssl_ == nullptr) {
     ec = {static_cast<int>(ERR_get_error()), asio::error::get_ssl_category()};

@@ -49,8 +49,8 @@ class Link {
   // sees no truncation and the session stays resumable. No-op without TLS.
   boost::asio::awaitable<void> shutdown_tls(boost::system::error_code& ec);
 
-  // STARTTLS. `peer_name` (client side): SNI, and with `verify` the name the certificate must match, or any of
-  // `verify_names` when given ("*.example.com": any name one label below example.com).
+  // STARTTLS. `peer_name` (client side): SNI, and with `verify` the name the certificate must match, or any
+  // of `verify_names` when given ("*.example.com": any name one label below example.com).
   boost::asio::awaitable<void> handshake(SSL_CTX* context, bool server, const std::string& peer_name,
                                          bool verify, boost::system::error_code& ec,
                                          const std::vector<std::string>& verify_names = {});

@@ -6,18 +6,24 @@ namespace mailflow {
 
 std::string_view to_string(MxRoute::Result result) {
   switch (result) {
-    case MxRoute::Result::deliver: return "deliver";
-    case MxRoute::Result::null_mx: return "null_mx";
-    case MxRoute::Result::nxdomain: return "nxdomain";
-    case MxRoute::Result::no_addresses: return "no_addresses";
-    case MxRoute::Result::dns_failure: return "dns_failure";
-    case MxRoute::Result::loop: return "loop";
+    case MxRoute::Result::deliver:
+      return "deliver";
+    case MxRoute::Result::null_mx:
+      return "null_mx";
+    case MxRoute::Result::nxdomain:
+      return "nxdomain";
+    case MxRoute::Result::no_addresses:
+      return "no_addresses";
+    case MxRoute::Result::dns_failure:
+      return "dns_failure";
+    case MxRoute::Result::loop:
+      return "loop";
   }
   return "dns_failure";
 }
 
-boost::asio::awaitable<MxRoute> resolve_mx_route(Resolver& resolver, const OwnListeners& own, std::string domain,
-                                                 std::uint16_t port) {
+boost::asio::awaitable<MxRoute> resolve_mx_route(Resolver& resolver, const OwnListeners& own,
+                                                 std::string domain, std::uint16_t port) {
   MxRoute route;
   route.domain = std::move(domain);
   route.mx = co_await resolver.resolve_mx(route.domain);
@@ -49,13 +55,15 @@ boost::asio::awaitable<MxRoute> resolve_mx_route(Resolver& resolver, const OwnLi
   // tried; none left means the mail would loop.
   std::optional<std::uint16_t> self_preference;
   for (auto& entry : route.hosts) {
-    for (const auto& address : entry.addresses.addresses) entry.self = entry.self || own.contains(address, port);
+    for (const auto& address : entry.addresses.addresses)
+      entry.self = entry.self || own.contains(address, port);
     if (entry.self && !self_preference) self_preference = entry.host.preference;
   }
   for (auto& entry : route.hosts) {
     entry.skipped = self_preference && entry.host.preference >= *self_preference;
     if (entry.skipped) continue;
-    for (const auto& address : entry.addresses.addresses) route.attempts.push_back({entry.host.name, {address, port}});
+    for (const auto& address : entry.addresses.addresses)
+      route.attempts.push_back({entry.host.name, {address, port}});
   }
   if (route.attempts.empty() && self_preference) {
     route.result = MxRoute::Result::loop;

@@ -37,14 +37,14 @@ struct MxRoute {
   enum class Result { deliver, null_mx, nxdomain, no_addresses, dns_failure, loop };
   Result result = Result::dns_failure;
   std::string reply;  // the reply to the RCPT instead of delivering (empty with deliver)
-  bool permanent() const {
-    return result != Result::deliver && result != Result::dns_failure;
-  }
+  bool permanent() const { return result != Result::deliver && result != Result::dns_failure; }
 };
-std::string_view to_string(MxRoute::Result result);  // deliver, null_mx, nxdomain, no_addresses, dns_failure, loop
+std::string_view to_string(
+    MxRoute::Result result);  // deliver, null_mx, nxdomain, no_addresses, dns_failure, loop
 
-// Resolves `domain`'s route for delivery on `port`; every lookup goes through `resolver` (and is counted there).
-boost::asio::awaitable<MxRoute> resolve_mx_route(Resolver& resolver, const OwnListeners& own, std::string domain,
-                                                 std::uint16_t port);
+// Resolves `domain`'s route for delivery on `port`; every lookup goes through `resolver` (and is counted
+// there).
+boost::asio::awaitable<MxRoute> resolve_mx_route(Resolver& resolver, const OwnListeners& own,
+                                                 std::string domain, std::uint16_t port);
 
 }  // namespace mailflow

@@ -96,11 +96,13 @@ std::string handshake_failure_label(const error_code& ec, bool timed_out) {
 
 constexpr std::size_t max_logged_sender_domains = 8;
 
-// Appends `name` to the comma-separated `list` unless it is there already (whole names only: "partner" must not
-// hide behind an earlier "partner-contoso") or the list holds `limit` names ("..." then marks what was left out).
+// Appends `name` to the comma-separated `list` unless it is there already (whole names only: "partner" must
+// not hide behind an earlier "partner-contoso") or the list holds `limit` names ("..." then marks what was
+// left out).
 void add_to_list(std::string& list, const std::string& name, std::size_t limit) {
   if (("," + list + ",").find("," + name + ",") != std::string::npos) return;
-  const auto names = list.empty() ? 0 : static_cast<std::size_t>(std::count(list.begin(), list.end(), ',')) + 1;
+  const auto names =
+      list.empty() ? 0 : static_cast<std::size_t>(std::count(list.begin(), list.end(), ',')) + 1;
   if (list.ends_with(",...")) return;
   if (names >= limit) {
     list += ",...";
@@ -273,9 +275,10 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
   bool proxy_checked_ = false;
 
   std::optional<Route> route_;
-  std::string sender_domain_;                // of the transaction's MAIL FROM
-  std::string mail_line_;                    // "MAIL FROM:<...> ...\r\n", answered locally, sent with the first RCPT
-  std::optional<proto::Reply> mail_refusal_;  // the upstream refused MAIL: every RCPT of the transaction hears it
+  std::string sender_domain_;  // of the transaction's MAIL FROM
+  std::string mail_line_;      // "MAIL FROM:<...> ...\r\n", answered locally, sent with the first RCPT
+  std::optional<proto::Reply>
+      mail_refusal_;  // the upstream refused MAIL: every RCPT of the transaction hears it
   // Routes that could not be opened in this transaction ("upstream/domain" -> the reply): the next recipient
   // of a dead domain is answered at once instead of walking its MX hosts again.
   std::map<std::string, std::string, std::less<>> failed_routes_;
@@ -698,8 +701,8 @@ RelaySession::Route RelaySession::route_for(std::string_view recipient_domain) c
   input.recipient_domain = recipient_domain;
   Route route;
   route.connector = match_connector(config_, input);
-  const std::string& upstream = route.connector && !route.connector->upstream.empty() ? route.connector->upstream
-                                                                                      : listener_.upstream;
+  const std::string& upstream =
+      route.connector && !route.connector->upstream.empty() ? route.connector->upstream : listener_.upstream;
   route.upstream = config_.find_upstream(upstream);
   if (route.upstream->mx) route.domain = std::string(recipient_domain);
   return route;
@@ -710,7 +713,7 @@ bool RelaySession::connector_certain_at_mail() const {
   return std::none_of(config_.connectors.begin(), config_.connectors.end(), [&](const config::Connector& c) {
     return c.direction == listener_.direction && !c.match.recipient_domains.empty() &&
            (c.match.listeners.empty() || std::find(c.match.listeners.begin(), c.match.listeners.end(),
-                                                     listener_.name) != c.match.listeners.end());
+                                                   listener_.name) != c.match.listeners.end());
   });
 }
 
@@ -741,7 +744,8 @@ asio::awaitable<void> RelaySession::forward_rcpt() {
   const std::string rcpt_line = "RCPT " + session_.last_command().argument + "\r\n";
   const std::string domain = proto::address_domain(session_.last_command().address);
   const Route route = route_for(domain);
-  const std::string connector_name = route.connector ? route.connector->name : std::string(internet_connector);
+  const std::string connector_name =
+      route.connector ? route.connector->name : std::string(internet_connector);
   auto refuse = [&](std::string reply, std::string_view reason) -> asio::awaitable<void> {
     co_await resolve_pending();  // replies go out in command order
     if (!reason.empty()) count_reject(reason);
@@ -750,13 +754,15 @@ asio::awaitable<void> RelaySession::forward_rcpt() {
     client_out_ += reply;
   };
   if (route_) {
-    if (route_->connector != route.connector || route_->upstream != route.upstream || route_->domain != route.domain) {
+    if (route_->connector != route.connector || route_->upstream != route.upstream ||
+        route_->domain != route.domain) {
       // RFC 5321 4.5.3.1.10: the client sends this recipient again, in a transaction of its own.
       const std::string why = route_->upstream != route.upstream || route_->domain != route.domain
                                   ? "is delivered by another route"
                                   : "belongs to connector " + connector_name;
-      co_await refuse(proto::format_reply(452, "4.5.3", "Recipient " + why + ": send it in a separate transaction"),
-                      "recipient_route");
+      co_await refuse(
+          proto::format_reply(452, "4.5.3", "Recipient " + why + ": send it in a separate transaction"),
+          "recipient_route");
       co_return;
     }
     if (mail_refusal_) {
@@ -794,7 +800,8 @@ asio::awaitable<void> RelaySession::forward_rcpt() {
   add_to_list(connectors_seen_, connector_name_, std::numeric_limits<std::size_t>::max());
   // The envelope sender's domain (never its local part), so that traffic that lands in "internet" is known by
   // more than its address and HELO; "<>" for bounces. Bounded: a session cannot grow the line without end.
-  add_to_list(sender_domains_seen_, sender_domain_.empty() ? "<>" : sender_domain_, max_logged_sender_domains);
+  add_to_list(sender_domains_seen_, sender_domain_.empty() ? "<>" : sender_domain_,
+              max_logged_sender_domains);
   queue_upstream(Pending::mail, mail_line_);
   if (!upstream_.pipelining) {
     co_await resolve_pending();
@@ -903,7 +910,7 @@ asio::awaitable<void> RelaySession::relay_data() {
   const proto::TlsVersion version_at_start = counted_version();
   std::string out = received_header();
   proto::TraceHopCounter hops;  // the client's message's own Received: fields (ours is not fed to it)
-  bool upstream_ok = true;  // false once the upstream was dropped (violation or failure)
+  bool upstream_ok = true;      // false once the upstream was dropped (violation or failure)
   bool upstream_lost = false;
   std::size_t block_bytes = 0;
   auto block_deadline = in(config_.timeouts.data_block);
@@ -978,8 +985,8 @@ asio::awaitable<void> RelaySession::relay_data() {
   } else if (hops.hops() > config_.limits.max_hops) {
     // A mail loop (RFC 5321 6.3): refused, as Postfix's hopcount_limit does.
     count_reject("too_many_hops");
-    client_out_ += proto::format_reply(554, "5.4.6", "Too many hops (" + std::to_string(hops.hops()) +
-                                                         " Received: headers): mail loop?");
+    client_out_ += proto::format_reply(
+        554, "5.4.6", "Too many hops (" + std::to_string(hops.hops()) + " Received: headers): mail loop?");
   } else if (upstream_lost || !upstream_ok) {
     client_out_ += upstream_lost_reply;
   } else {
@@ -1079,8 +1086,9 @@ asio::awaitable<void> RelaySession::close_upstream(bool polite) {
 namespace {
 
 // One Resolver per event loop, i.e. per thread (daemon/resolver.hpp), held by the loop's LoopScope: made on
-// first use, and again when a reload changed `dns`. Sessions hold it (shared) while they use it, so a replaced
-// one lives until they are done. Outside a LoopScope (no loop of the server's) each call makes its own.
+// first use, and again when a reload changed `dns`. Sessions hold it (shared) while they use it, so a
+// replaced one lives until they are done. Outside a LoopScope (no loop of the server's) each call makes its
+// own.
 std::shared_ptr<Resolver> loop_resolver(const asio::any_io_executor& executor, const config::Dns& dns,
                                         Telemetry& telemetry) {
   std::string key = std::to_string(dns.timeout.count()) + " " + dns.trust_anchor_file;
@@ -1099,7 +1107,8 @@ std::shared_ptr<Resolver> loop_resolver(const asio::any_io_executor& executor, c
 asio::awaitable<std::optional<std::string>> RelaySession::ensure_upstream(const Route& route) {
   const config::Upstream& upstream = *route.upstream;
   // A connection is reused for the next transaction that routes the same way (same upstream, same domain).
-  if (upstream_.link && upstream_.config == &upstream && upstream_.domain == route.domain) co_return std::nullopt;
+  if (upstream_.link && upstream_.config == &upstream && upstream_.domain == route.domain)
+    co_return std::nullopt;
   co_await close_upstream(true);
   upstream_.config = &upstream;
   upstream_.domain = route.domain;
@@ -1138,8 +1147,8 @@ asio::awaitable<std::optional<std::string>> RelaySession::ensure_upstream(const 
     co_return std::string(upstream_unavailable_reply);
   }
 
-  // Delivery to the recipient domain's MX hosts (RFC 5321 section 5): in order, each host and address in turn,
-  // each attempt with timeouts.upstream_connect of its own.
+  // Delivery to the recipient domain's MX hosts (RFC 5321 section 5): in order, each host and address in
+  // turn, each attempt with timeouts.upstream_connect of its own.
   std::shared_ptr<Resolver> resolver;
   try {
     resolver = loop_resolver(client_.socket().get_executor(), config_.dns, telemetry_);
@@ -1147,12 +1156,17 @@ asio::awaitable<std::optional<std::string>> RelaySession::ensure_upstream(const 
     log_limited(LogLevel::error, "dns_unavailable", {{"id", id_}, {"error", e.what()}});
     co_return "451 4.4.3 DNS resolver unavailable, try again later";
   }
-  const MxRoute mx = co_await resolve_mx_route(*resolver, *runtime_->own_listeners, route.domain, upstream.port);
+  const MxRoute mx =
+      co_await resolve_mx_route(*resolver, *runtime_->own_listeners, route.domain, upstream.port);
   if (mx.result != MxRoute::Result::deliver) {
-    // mailflowd's own refusal of the recipient (null MX, no such domain, a loop, DNS trouble): counted as such.
+    // mailflowd's own refusal of the recipient (null MX, no such domain, a loop, DNS trouble): counted as
+    // such.
     count_reject(to_string(mx.result));
     log_limited(LogLevel::info, "mx_route",
-                {{"id", id_}, {"upstream", upstream.name}, {"domain", route.domain}, {"result", to_string(mx.result)}});
+                {{"id", id_},
+                 {"upstream", upstream.name},
+                 {"domain", route.domain},
+                 {"result", to_string(mx.result)}});
     co_return mx.reply;
   }
   for (const auto& attempt : mx.attempts) {
@@ -1164,12 +1178,14 @@ asio::awaitable<std::optional<std::string>> RelaySession::ensure_upstream(const 
       co_return std::nullopt;
     }
   }
-  co_return "451 4.4.1 No mail host of " + route.domain + " could be used (last: " + reason + "), try again later";
+  co_return "451 4.4.1 No mail host of " + route.domain + " could be used (last: " + reason +
+      "), try again later";
 }
 
-asio::awaitable<bool> RelaySession::open_upstream(const config::Upstream& upstream, const tcp::endpoint& endpoint,
-                                                  const std::string& tls_name,
-                                                  SteadyClock::time_point connect_deadline, std::string& reason) {
+asio::awaitable<bool> RelaySession::open_upstream(const config::Upstream& upstream,
+                                                  const tcp::endpoint& endpoint, const std::string& tls_name,
+                                                  SteadyClock::time_point connect_deadline,
+                                                  std::string& reason) {
   upstream_.link = std::make_unique<Link>(tcp::socket(client_.socket().get_executor()));
   upstream_.in.clear();
   error_code ec;
@@ -1246,8 +1262,9 @@ asio::awaitable<bool> RelaySession::open_upstream(const config::Upstream& upstre
           log_limited(LogLevel::warn, "tls_failed",
                       {{"id", id_}, {"upstream", upstream.name}, {"leg", "upstream"}, {"reason", label}});
           upstream_failed("tls_failed");
-          // Under min_version or verify the host may simply not meet the policy (an old version, an unverifiable
-          // certificate): OpenSSL's reason does not always say which (a TLS1.0-only server just hangs up).
+          // Under min_version or verify the host may simply not meet the policy (an old version, an
+          // unverifiable certificate): OpenSSL's reason does not always say which (a TLS1.0-only server just
+          // hangs up).
           reason = upstream.min_version || tls->verify() ? "tls_policy" : "tls_failed";
           co_return false;
         }
@@ -1262,9 +1279,10 @@ asio::awaitable<bool> RelaySession::open_upstream(const config::Upstream& upstre
         log_limited(LogLevel::warn, "upstream_refused",
                     {{"id", id_}, {"upstream", upstream.name}, {"reason", action.reason}, {"reply", said}});
         upstream_failed(action.reason);
-        reason = action.reason == "greeting_rejected"                                            ? "banner_rejected"
-                 : action.reason == "starttls_unavailable" || action.reason == "starttls_rejected" ? "tls_policy"
-                                                                                                    : "failed";
+        reason = action.reason == "greeting_rejected" ? "banner_rejected"
+                 : action.reason == "starttls_unavailable" || action.reason == "starttls_rejected"
+                     ? "tls_policy"
+                     : "failed";
         co_return false;
       }
     }

@@ -211,7 +211,8 @@ struct Server::Impl {
     return [this, component, then = std::move(then)](std::exception_ptr error) {
       if (!error) return;
       telemetry.internal_error(component);
-      log_event(LogLevel::error, "internal_error", {{"component", component}, {"error", exception_text(error)}});
+      log_event(LogLevel::error, "internal_error",
+                {{"component", component}, {"error", exception_text(error)}});
       if (then) then();
     };
   }
@@ -437,8 +438,7 @@ struct Server::Impl {
       peak = std::max(peak, registry.take_peak());
       if (peak >= active + memory_trim_sessions && active <= peak / 2) {
         malloc_trim(0);
-        log_event(LogLevel::info, "memory_trimmed",
-                  {{"sessions", active}, {"peak", peak}});
+        log_event(LogLevel::info, "memory_trimmed", {{"sessions", active}, {"peak", peak}});
         peak = active;
       }
     }
