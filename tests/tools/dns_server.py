@@ -51,6 +51,9 @@ class KnotServer:
         self.dnssec = dnssec
         self.proc = None
         self.log_path = self.dir / "knotd.log"
+        # knotd's control socket lives in rundir, and a unix socket path is limited to 107 bytes: a deep build
+        # or CI directory would break it, so rundir is always a short directory of its own under /tmp.
+        self.rundir = Path(tempfile.mkdtemp(prefix="knot-"))
 
     @property
     def address(self):
@@ -60,7 +63,7 @@ class KnotServer:
     def _config(self):
         lines = [
             "server:",
-            f'    rundir: "{self.dir / "run"}"',
+            f'    rundir: "{self.rundir}"',
             f"    listen: {self.host}@{self.port}",
             "    udp-workers: 1",
             "    tcp-workers: 1",
@@ -140,6 +143,7 @@ class KnotServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        shutil.rmtree(self.rundir, ignore_errors=True)
 
     def log_tail(self, limit=6000):
         try:
