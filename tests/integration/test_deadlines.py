@@ -120,6 +120,7 @@ def test_upstream_stalls_in_data_then_client_stalls(env):
         # upstream's buffers and the relay's must fill first), then stall for good.
         c.sock.setblocking(False)
         chunk = (b"x" * 998 + b"\r\n") * 64
+        pending = chunk
         give_up = time.monotonic() + 60
         next_check = 0.0
         while True:
@@ -132,7 +133,9 @@ def test_upstream_stalls_in_data_then_client_stalls(env):
                     break
                 next_check = now + 0.25
             try:
-                c.sock.send(chunk)
+                # A partial send keeps its rest for the next one: the lines must stay 1,000 octets, or the
+                # message would be refused as line_too_long (and discarded) instead of stalling the upstream.
+                pending = pending[c.sock.send(pending):] or chunk
             except BlockingIOError:
                 time.sleep(0.01)
         c.sock.setblocking(True)
