@@ -54,7 +54,7 @@ inline constexpr auto tls_handshake_failures = std::to_array<std::string_view>({
 // mailflow_upstream_errors_total{upstream, reason}: daemon/relay_session.cpp, and the `reason` of
 // proto::ClientSession's fail actions (proto/client_session.hpp).
 inline constexpr auto upstream_errors = std::to_array<std::string_view>({
-    "connect_failed", "connect_timeout", "connection_lost", "timeout", "protocol", "tls_failed",
+    "connect_failed", "connect_timeout", "connection_lost", "timeout", "protocol", "tls_failed", "tls_policy",
     "starttls_pipelining", "rset_rejected",
     // proto/client_session.cpp
     "greeting_rejected", "ehlo_rejected", "starttls_unavailable", "starttls_rejected",

@@ -1262,10 +1262,21 @@ asio::awaitable<bool> RelaySession::open_upstream(const config::Upstream& upstre
           log_limited(LogLevel::warn, "tls_failed",
                       {{"id", id_}, {"upstream", upstream.name}, {"leg", "upstream"}, {"reason", label}});
           upstream_failed("tls_failed");
-          // Under min_version or verify the host may simply not meet the policy (an old version, an
-          // unverifiable certificate): OpenSSL's reason does not always say which (a TLS1.0-only server just
-          // hangs up).
-          reason = upstream.min_version || tls->verify() ? "tls_policy" : "tls_failed";
+          // A certificate that `verify` refuses is the policy's doing; anything else is a failed handshake.
+          reason = label == "certificate_verify_failed" ? "tls_policy" : "tls_failed";
+          co_return false;
+        }
+        if (upstream.min_version && upstream_.link->tls().version < *upstream.min_version) {
+          // upstreams[].min_version: this host negotiated less; the next one is tried.
+          log_limited(
+              LogLevel::warn, "tls_below_minimum",
+              {{"id", id_},
+               {"upstream", upstream.name},
+               {"address", endpoint_text(endpoint.address(), endpoint.port())},
+               {"tls", proto::to_string(upstream_.link->tls().version)},
+               {"reason", "below min_version " + std::string(proto::to_string(*upstream.min_version))}});
+          upstream_failed("tls_policy");
+          reason = "tls_policy";
           co_return false;
         }
         action = engine.on_tls_started();

@@ -168,10 +168,10 @@ ClientTls::ClientTls(const config::Upstream& upstream)
   if (ctx_ == nullptr) throw std::runtime_error("SSL_CTX_new: " + openssl_error_text());
   SSL_CTX_set_options(ctx_, SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION);
   SSL_CTX_set_mode(ctx_, SSL_MODE_RELEASE_BUFFERS);
-  // upstreams[].min_version: a host that cannot do it fails the handshake (the next MX host is tried).
-  const int floor = upstream.min_version ? to_openssl_version(*upstream.min_version) : TLS1_VERSION;
+  // upstreams[].min_version is not a handshake floor: every version is offered, so that a host below the
+  // minimum is still measured (and named in the reply); the relay refuses it after the handshake.
   if (verify_) {
-    SSL_CTX_set_min_proto_version(ctx_, std::max(floor, TLS1_2_VERSION));
+    SSL_CTX_set_min_proto_version(ctx_, TLS1_2_VERSION);
     verify_names_ = upstream.verify_names;
     if (SSL_CTX_load_verify_locations(ctx_, upstream.ca_file.c_str(), nullptr) != 1) {
       SSL_CTX_free(ctx_);
@@ -181,7 +181,7 @@ ClientTls::ClientTls(const config::Upstream& upstream)
   } else {
     // Opportunistic/required TLS to a mail server: encryption without authentication (RFC 7435), and
     // old servers must still be reachable so that their version can be recorded.
-    SSL_CTX_set_min_proto_version(ctx_, floor);
+    SSL_CTX_set_min_proto_version(ctx_, TLS1_VERSION);
     SSL_CTX_set_cipher_list(ctx_, "DEFAULT:@SECLEVEL=0");
     SSL_CTX_set_verify(ctx_, SSL_VERIFY_NONE, nullptr);
   }

@@ -13,6 +13,7 @@ the connector chosen at the first RCPT by recipient domain; 452 4.5.3 for a late
 after a failed connect, a 421 banner or a TLS policy miss; every message at its own domain's MX, counted once
 under its connector by the TLS version of the leg to the MX; mailflow_mx_attempts_total and
 mailflow_dns_lookups_total; the MX connection reused for the next transaction to the same domain."""
+import re
 import shutil
 import socket
 import sys
@@ -410,6 +411,10 @@ def test_min_version_not_met_by_the_only_mx_is_451_4_4_1(env):
     assert tls10.count() == n, "delivered to an MX below the partner's min_version"
     attempts = delta(before, after, "mailflow_mx_attempts_total")
     assert attempts == {series_key(upstream="strict-mx", result="tls_policy"): 1.0}, fmt_delta(attempts)
+    # Every version is offered, so the host is measured and named: it negotiated TLS1.0, below the minimum.
+    errors = delta(before, after, "mailflow_upstream_errors_total", upstream="strict-mx")
+    assert errors == {series_key(reason="tls_policy", upstream="strict-mx"): 1.0}, fmt_delta(errors)
+    assert re.search(r"tls_below_minimum .*upstream=strict-mx .*tls=TLS1\.0", d.stderr()), d.log_tail()
 
 
 def test_only_mx_down_is_451_4_4_1(env):
