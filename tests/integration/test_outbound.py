@@ -160,13 +160,7 @@ def knot(short_dir):
 
 @pytest.fixture(scope="module")
 def env(certs, workdir, knot, sink_factory, daemon_factory):
-    port = None
-    for _ in range(50):  # P must be free on every address that listens on it
-        candidate = harness.free_port()
-        if all(_bindable(a, candidate) for a in ["127.0.0.1"] + list(ADDR.values())):
-            port = candidate
-            break
-    assert port, "no port free on all the MX addresses"
+    port = harness.free_port("127.0.0.1", *ADDR.values())  # P must be free on every address that listens on it
     tls = {"tls_cert": certs / "sink.pem", "tls_key": certs / "sink.key"}
     sinks = {
         "tls13": sink_factory("mx-tls13", host=ADDR["tls13"], port=port, **tls),
@@ -224,15 +218,6 @@ def _start(certs, knot, daemon_factory, port, sinks, store, fakes):
                             dns={"servers": [knot.address], "timeout": "2s"})
     yield types.SimpleNamespace(daemon=daemon, port=port, in_port=in_port, sinks=sinks, store=store,
                                 busy=fakes[0], refuse=fakes[1], badtls=fakes[2])
-
-
-def _bindable(host, port):
-    with socket.socket() as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def message(rcpts, subject="outbound"):

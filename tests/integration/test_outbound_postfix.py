@@ -50,16 +50,6 @@ mx.gamma  A    {gamma}
 SHORT_TIMERS = {"queue_run_delay": "1s", "minimal_backoff_time": "1s", "maximal_backoff_time": "2s"}
 
 
-def _bindable(host, port):
-    import socket
-    with socket.socket() as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
 @pytest.fixture(scope="module")
 def env(certs, workdir, sink_factory, daemon_factory):
     # A short directory for knotd: its control socket path must fit a unix socket address (107 bytes).
@@ -67,8 +57,7 @@ def env(certs, workdir, sink_factory, daemon_factory):
     knot = KnotServer(knot_dir, {"example.net": ZONE})
     try:
         knot.start()
-        mx_port = next(p for p in (harness.free_port() for _ in range(50))
-                       if all(_bindable(a, p) for a in ADDR.values()))
+        mx_port = harness.free_port(*ADDR.values())
         tls = {"tls_cert": certs / "sink.pem", "tls_key": certs / "sink.key"}
         sinks = {
             "alpha": sink_factory("mx-alpha", host=ADDR["alpha"], port=mx_port, **tls),

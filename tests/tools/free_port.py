@@ -20,15 +20,23 @@ def _ephemeral_low():
         return 32768
 
 
-def free_port(host="127.0.0.1"):
+def _bindable(host, port):
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(*hosts):
+    """A port free on every one of `hosts` (default 127.0.0.1): servers on several loopback addresses can then
+    share it, as the MX hosts of a test zone share upstreams[].port."""
+    hosts = hosts or ("127.0.0.1",)
     ceiling = max(FLOOR + 1000, _ephemeral_low())
     for _ in range(200):
         port = random.randrange(FLOOR, ceiling)
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                continue
+        if all(_bindable(host, port) for host in hosts):
             return port
-    raise RuntimeError(f"no free port on {host} in [{FLOOR}, {ceiling})")
+    raise RuntimeError(f"no port free on all of {', '.join(hosts)} in [{FLOOR}, {ceiling})")
