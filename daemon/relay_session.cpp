@@ -223,7 +223,7 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
   // The route of a recipient: its connector (with the recipient domain known) and upstream.
   Route route_for(std::string_view recipient_domain) const;
   bool connector_certain_at_mail() const;
-  // Connected (or reused) for `route`; otherwise the reply the RCPT gets.
+  // Connected (or reused) for `route`; otherwise the reply the RCPT gets, CRLF included.
   asio::awaitable<std::optional<std::string>> ensure_upstream(const Route& route);
   // Opens one connection (connect, banner, EHLO, STARTTLS per policy, XCLIENT): false with `reason` set.
   asio::awaitable<bool> open_upstream(const config::Upstream& upstream, const tcp::endpoint& endpoint,
@@ -746,20 +746,19 @@ asio::awaitable<void> RelaySession::forward_rcpt() {
   const Route route = route_for(domain);
   const std::string connector_name =
       route.connector ? route.connector->name : std::string(internet_connector);
+  // `reply` is in wire form ("452 4.5.3 ...\r\n").
   auto refuse = [&](std::string reply, std::string_view reason) -> asio::awaitable<void> {
     co_await resolve_pending();  // replies go out in command order
     if (!reason.empty()) count_reject(reason);
-    if (reply.size() < 2 || reply.substr(reply.size() - 2) != "\r\n") reply += "\r\n";
     session_.on_rcpt_reply(std::atoi(reply.c_str()));
     client_out_ += reply;
   };
   if (route_) {
-    if (route_->connector != route.connector || route_->upstream != route.upstream ||
-        route_->domain != route.domain) {
+    const bool same_path = route_->upstream == route.upstream && route_->domain == route.domain;
+    if (!same_path || route_->connector != route.connector) {
       // RFC 5321 4.5.3.1.10: the client sends this recipient again, in a transaction of its own.
-      const std::string why = route_->upstream != route.upstream || route_->domain != route.domain
-                                  ? "is delivered by another route"
-                                  : "belongs to connector " + connector_name;
+      const std::string why =
+          same_path ? "belongs to connector " + connector_name : "is delivered by another route";
       co_await refuse(
           proto::format_reply(452, "4.5.3", "Recipient " + why + ": send it in a separate transaction"),
           "recipient_route");
@@ -1154,7 +1153,7 @@ asio::awaitable<std::optional<std::string>> RelaySession::ensure_upstream(const 
     resolver = loop_resolver(client_.socket().get_executor(), config_.dns, telemetry_);
   } catch (const std::exception& e) {
     log_limited(LogLevel::error, "dns_unavailable", {{"id", id_}, {"error", e.what()}});
-    co_return "451 4.4.3 DNS resolver unavailable, try again later";
+    co_return proto::format_reply(451, "4.4.3", "DNS resolver unavailable, try again later");
   }
   const MxRoute mx =
       co_await resolve_mx_route(*resolver, *runtime_->own_listeners, route.domain, upstream.port);
@@ -1167,7 +1166,7 @@ asio::awaitable<std::optional<std::string>> RelaySession::ensure_upstream(const 
                  {"upstream", upstream.name},
                  {"domain", route.domain},
                  {"result", to_string(mx.result)}});
-    co_return mx.reply;
+    co_return mx.reply + "\r\n";
   }
   for (const auto& attempt : mx.attempts) {
     const bool connected = co_await open_upstream(upstream, attempt.endpoint, attempt.host,
@@ -1178,8 +1177,9 @@ asio::awaitable<std::optional<std::string>> RelaySession::ensure_upstream(const 
       co_return std::nullopt;
     }
   }
-  co_return "451 4.4.1 No mail host of " + route.domain + " could be used (last: " + reason +
-      "), try again later";
+  co_return proto::format_reply(
+      451, "4.4.1",
+      "No mail host of " + route.domain + " could be used (last: " + reason + "), try again later");
 }
 
 asio::awaitable<bool> RelaySession::open_upstream(const config::Upstream& upstream,
