@@ -145,7 +145,8 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
         client_(std::move(socket)),
         timer_(client_.socket().get_executor()),
         session_(server_options()),
-        id_(new_session_id()) {}
+        id_(new_session_id()),
+        connector_certain_at_mail_(connector_certain_at_mail()) {}
 
   asio::awaitable<void> run();
   // The completion of run() with an exception: logs, counts and releases what the session held.
@@ -286,6 +287,7 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
   config::Direction direction_ = config::Direction::inbound;
   std::string connectors_seen_;
   std::string sender_domains_seen_;
+  const bool connector_certain_at_mail_;  // of this session's configuration and listener: computed once
   std::string upstream_log_;  // "name/TLS1.2/cipher" of the last upstream leg, for the session line
   std::string result_ = "disconnected";
   std::uint32_t messages_ = 0;
@@ -727,7 +729,7 @@ asio::awaitable<void> RelaySession::begin_mail() {
   failed_routes_.clear();
   mail_line_ = "MAIL " + session_.last_command().argument + "\r\n";
   sender_domain_ = proto::address_domain(session_.last_command().address);
-  if (!session_.tls_active() && connector_certain_at_mail()) {
+  if (!session_.tls_active() && connector_certain_at_mail_) {
     const Route route = route_for("");
     if (route.connector && route.connector->require_tls) {
       count_reject("tls_required");
