@@ -1,0 +1,275 @@
+#include "proto/relay_transaction.hpp"
+
+#include <algorithm>
+#include <cstdlib>
+
+namespace mailflow::proto {
+
+namespace {
+
+const char* const upstream_lost_reply = "451 4.4.2 Upstream connection lost, try again later\r\n";
+
+}  // namespace
+
+RelayTransaction::RelayTransaction(ServerSession& session, std::string& client_out)
+    : session_(session), client_out_(client_out) {}
+
+void RelayTransaction::mail(std::string_view argument, bool tls_missing) {
+  route_.reset();
+  mail_refusal_.reset();
+  failed_.clear();
+  accepted_domains_.clear();
+  mail_line_ = "MAIL " + std::string(argument) + "\r\n";
+  if (tls_missing) {
+    rejects_.push_back("tls_required");
+    local(Owed::local_mail, format_reply(530, "5.7.0", "Must issue a STARTTLS command first"));
+    return;
+  }
+  local(Owed::local_mail, format_reply(250, "2.1.0", "Ok"));
+}
+
+void RelayTransaction::rcpt(std::string_view argument, std::string_view domain, const RelayRoute& route,
+                            bool tls_active) {
+  const std::string line = "RCPT " + std::string(argument) + "\r\n";
+  if (route_) {
+    const bool same_path = route_->path == route.path;
+    if (!same_path || route_->connector != route.connector) {
+      // RFC 5321 4.5.3.1.10: the client sends this recipient again, in a transaction of its own.
+      const std::string why =
+          same_path ? "belongs to connector " + route.connector : "is delivered by another route";
+      rejects_.push_back("recipient_route");
+      local(Owed::local_rcpt,
+            format_reply(452, "4.5.3", "Recipient " + why + ": send it in a separate transaction"));
+      return;
+    }
+    if (mail_refusal_) {
+      local(Owed::local_rcpt, format_reply(*mail_refusal_));
+      return;
+    }
+    queue(Owed::rcpt, line);
+    owed_.back().text = domain;
+    if (!pipelining_) due_ = true;
+    return;
+  }
+  // The first recipient that gets this far chooses the transaction's connector and route.
+  if (route.require_tls && !tls_active) {
+    rejects_.push_back("tls_required");
+    local(Owed::local_rcpt, format_reply(530, "5.7.0", "Must issue a STARTTLS command first"));
+    return;
+  }
+  if (auto failed = failed_.find(route.path); failed != failed_.end()) {
+    local(Owed::local_rcpt, failed->second);
+    return;
+  }
+  opening_ = route;
+  held_rcpt_ = line;
+  held_domain_ = domain;
+  open_requested_ = true;
+  due_ = true;  // what is owed goes first: the connection may be replaced
+}
+
+void RelayTransaction::data() {
+  queue(Owed::data, "DATA\r\n");
+  due_ = true;
+}
+
+void RelayTransaction::reset() {
+  route_.reset();
+  mail_refusal_.reset();
+  failed_.clear();
+  reset_needed_ = upstream_transaction_;
+}
+
+void RelayTransaction::flush() {
+  if (!owed_.empty() || !upstream_out_.empty()) due_ = true;
+}
+
+RelayTransaction::Step RelayTransaction::next() {
+  for (;;) {
+    while (!owed_.empty() && (owed_.front().owed == Owed::local_mail || owed_.front().owed == Owed::local_rcpt)) {
+      emit_local(owed_.front());
+      owed_.pop_front();
+    }
+    if (due_ && !upstream_out_.empty()) return Step::write_upstream;
+    if (!owed_.empty()) return due_ ? Step::read_reply : Step::idle;
+    if (open_requested_) return Step::open_upstream;
+    if (reset_needed_) return Step::reset_upstream;
+    if (start_) {
+      // MAIL goes upstream with the first RCPT; without PIPELINING its reply comes first, so that a refusal
+      // answers the RCPT instead of the RCPT being sent at all.
+      start_ = false;
+      queue(Owed::mail, mail_line_);
+      due_ = !pipelining_;
+      if (!pipelining_) continue;
+    }
+    if (!held_rcpt_.empty()) {
+      if (mail_refusal_) {
+        local(Owed::local_rcpt, format_reply(*mail_refusal_));
+      } else {
+        queue(Owed::rcpt, held_rcpt_);
+        owed_.back().text = held_domain_;
+        due_ = !pipelining_;
+      }
+      held_rcpt_.clear();
+      continue;
+    }
+    if (go_ahead_) return Step::send_message;
+    due_ = false;
+    return Step::idle;
+  }
+}
+
+RelayTransaction::ReplyWait RelayTransaction::reply_wait() const {
+  return !owed_.empty() && owed_.front().owed == Owed::final_reply ? ReplyWait::data_end : ReplyWait::command;
+}
+
+void RelayTransaction::on_opened(std::optional<std::string> refusal, bool reused, bool pipelining) {
+  open_requested_ = false;
+  if (!reused) upstream_transaction_ = false;
+  if (refusal) {
+    failed_.emplace(opening_.path, *refusal);
+    local(Owed::local_rcpt, std::move(*refusal));
+    held_rcpt_.clear();
+    return;
+  }
+  route_ = opening_;
+  pipelining_ = pipelining;
+  start_ = true;
+  // The last transaction left MAIL open there (all its recipients were refused): reset it first.
+  if (upstream_transaction_) reset_needed_ = true;
+}
+
+void RelayTransaction::on_reset(bool /*ok*/) {
+  // Refused or not, the upstream has no transaction of ours open any more (a refusal dropped the connection,
+  // and what is sent next hears that).
+  reset_needed_ = false;
+  upstream_transaction_ = false;
+}
+
+void RelayTransaction::on_written(bool ok) {
+  upstream_out_.clear();
+  if (!ok) upstream_lost();
+}
+
+void RelayTransaction::on_reply(std::optional<Reply> reply) {
+  if (!reply) {
+    upstream_lost();
+    return;
+  }
+  const Entry entry = std::move(owed_.front());
+  owed_.pop_front();
+  switch (entry.owed) {
+    case Owed::mail:
+      // Answered locally already; a refusal becomes the reply to this transaction's RCPTs.
+      upstream_transaction_ = reply->positive();
+      if (!reply->positive()) mail_refusal_ = std::move(*reply);
+      break;
+    case Owed::rcpt:
+      if (mail_refusal_) reply = *mail_refusal_;
+      client_out_ += format_reply(*reply);
+      session_.on_rcpt_reply(reply->code);
+      if (reply->positive() && accepted_domains_.size() < max_domains &&
+          std::find(accepted_domains_.begin(), accepted_domains_.end(), entry.text) == accepted_domains_.end())
+        accepted_domains_.push_back(entry.text);
+      break;
+    case Owed::data:
+      client_out_ += format_reply(*reply);
+      if (reply->code == 354) {
+        go_ahead_ = true;
+      } else {
+        session_.on_data_finished();
+        reset_needed_ = upstream_transaction_;
+      }
+      break;
+    case Owed::final_reply:
+      client_out_ += format_reply(*reply);
+      upstream_transaction_ = false;
+      // The one place a message is reported delivered: the upstream took responsibility for it.
+      if (reply->positive()) delivered_ = recipients_;
+      break;
+    case Owed::local_mail:
+    case Owed::local_rcpt:
+      break;  // never at the front here: next() emits them
+  }
+}
+
+void RelayTransaction::on_message_end(std::optional<std::string> local_reply) {
+  go_ahead_ = false;
+  recipients_ = session_.accepted_recipients();
+  session_.on_data_finished();
+  if (local_reply) {
+    client_out_ += *local_reply;
+    upstream_transaction_ = false;
+    return;
+  }
+  owed_.push_back({Owed::final_reply, {}});
+  due_ = true;
+}
+
+void RelayTransaction::on_message_aborted() {
+  go_ahead_ = false;
+  upstream_transaction_ = false;
+  session_.on_transaction_aborted();
+}
+
+void RelayTransaction::on_upstream_closed() { upstream_transaction_ = false; }
+
+void RelayTransaction::queue(Owed owed, std::string_view line) {
+  upstream_out_ += line;
+  owed_.push_back({owed, {}});
+}
+
+void RelayTransaction::local(Owed owed, std::string reply) { owed_.push_back({owed, std::move(reply)}); }
+
+void RelayTransaction::emit_local(const Entry& entry) {
+  client_out_ += entry.text;
+  const int code = std::atoi(entry.text.c_str());
+  if (entry.owed == Owed::local_mail)
+    session_.on_mail_reply(code);
+  else
+    session_.on_rcpt_reply(code);
+}
+
+void RelayTransaction::upstream_lost() {
+  // Every reply still owed is given now: local ones as they are, the upstream's as "connection lost". The
+  // client had its local 250 to MAIL; its RCPTs hear the 451.
+  upstream_out_.clear();
+  bool aborted = false;
+  for (const Entry& entry : owed_) {
+    switch (entry.owed) {
+      case Owed::local_mail:
+      case Owed::local_rcpt:
+        emit_local(entry);
+        break;
+      case Owed::mail:
+        aborted = true;
+        break;
+      case Owed::rcpt:
+        client_out_ += upstream_lost_reply;
+        session_.on_rcpt_reply(451);
+        aborted = true;
+        break;
+      case Owed::data:
+        client_out_ += upstream_lost_reply;
+        aborted = true;
+        break;
+      case Owed::final_reply:
+        client_out_ += upstream_lost_reply;
+        break;
+    }
+  }
+  owed_.clear();
+  if (!held_rcpt_.empty()) {
+    client_out_ += upstream_lost_reply;
+    session_.on_rcpt_reply(451);
+    held_rcpt_.clear();
+    aborted = true;
+  }
+  start_ = false;
+  reset_needed_ = false;
+  go_ahead_ = false;
+  upstream_transaction_ = false;
+  if (aborted) session_.on_transaction_aborted();
+}
+
+}  // namespace mailflow::proto

@@ -1,0 +1,136 @@
+#pragma once
+// The relay's own rules for SMTP transactions, between the client's conversation (ServerSession) and one
+// upstream connection, as a sans-I/O engine (the way Boost.MySQL's algorithms return their next action):
+// which reply the client gets when, the pipeline of upstream replies still owed, the route a transaction is
+// bound to (INTERFACE rule 4), MAIL answered locally and sent with the first RCPT (rule 6), RSET when DATA gets
+// no 354, and the one place a delivered message is reported. The daemon performs the steps it asks for
+// (daemon/relay_session.cpp); tests/proto/relay_transaction_test.cpp drives it with scripted upstreams and an
+// error injected at every step.
+//
+// Invariants (tested): every command handed over gets exactly one reply, in command order; the client never
+// gets a 2xx to RCPT or to end-of-data that the upstream did not give; a message is reported delivered at most
+// once, and only after the upstream's 2xx to its end-of-data.
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "proto/reply.hpp"
+#include "proto/server_session.hpp"
+
+namespace mailflow::proto {
+
+// Where a recipient goes, as the engine needs to know it (the daemon fills it from its connector match).
+struct RelayRoute {
+  std::string connector;     // the connector's name ("internet" when none matched)
+  std::string path;          // the upstream connection it needs, e.g. "partner-mx/contoso.com": another path,
+                             // another transaction
+  bool require_tls = false;  // the connector forces TLS on the client leg
+};
+
+class RelayTransaction {
+ public:
+  enum class Step {
+    idle,            // nothing to do: read the client's next command
+    open_upstream,   // connect (or reuse) the connection for route_to_open(), then on_opened()
+    reset_upstream,  // RSET the upstream's open transaction, then on_reset()
+    write_upstream,  // write upstream_output(), then on_written()
+    read_reply,      // read one upstream reply (within reply_wait()'s deadline), then on_reply()
+    send_message,    // the client has its 354 (flush it): stream the message, then on_message_end() or
+                     // on_message_aborted()
+  };
+  enum class ReplyWait { command, data_end };
+
+  // Both outlive the engine: `client_out` is where the client's replies are appended, in order.
+  RelayTransaction(ServerSession& session, std::string& client_out);
+
+  // ---- the client's commands, as ServerSession hands them over (begin_mail, forward_rcpt, begin_data) ----
+  // `tls_missing`: the transaction's connector is already certain, forces TLS, and the session has none.
+  void mail(std::string_view argument, bool tls_missing);
+  // `domain`: the recipient's domain; `route`: where it goes; `tls_active`: on the client leg.
+  void rcpt(std::string_view argument, std::string_view domain, const RelayRoute& route, bool tls_active);
+  void data();
+  void reset();  // the client's RSET (its 250 is the caller's): the upstream's transaction is reset too
+  // The replies the client pipelined for are due: its input is drained, or a reply of the caller's follows.
+  void flush();
+
+  // ---- what to do now, and its inputs ----
+  Step next();
+  const RelayRoute& route_to_open() const { return opening_; }
+  std::string_view upstream_output() const { return upstream_out_; }
+  ReplyWait reply_wait() const;
+
+  // ---- outcomes ----
+  // `refusal`: the route cannot be used (its reply in wire form). `reused`: the previous connection was kept.
+  void on_opened(std::optional<std::string> refusal, bool reused, bool pipelining);
+  void on_reset(bool ok);                    // false: the upstream was dropped
+  void on_written(bool ok);                  // false: the upstream was dropped
+  void on_reply(std::optional<Reply> reply);  // nullopt: the upstream was dropped (lost, timeout, garbage)
+  // The message went through DATA: nullopt when its terminator reached the upstream (its reply is read next);
+  // else the reply the client gets instead (message refused here, or the upstream lost on the way), and the
+  // upstream connection is gone.
+  void on_message_end(std::optional<std::string> local_reply);
+  // The client went away or stalled mid-message: nothing is delivered, the upstream connection is gone.
+  void on_message_aborted();
+  // The daemon closed the upstream connection outside a step (a new route, the session's end).
+  void on_upstream_closed();
+
+  // ---- for the daemon's bookkeeping ----
+  // The transaction's route, fixed by its first recipient that reached an upstream (rule 4).
+  const std::optional<RelayRoute>& route() const { return route_; }
+  bool upstream_in_transaction() const { return upstream_transaction_; }  // QUIT would be impolite
+  // A message the upstream accepted: its recipient count, once; then nullopt until the next one.
+  std::optional<std::uint32_t> take_delivered() { return std::exchange(delivered_, std::nullopt); }
+  // The distinct domains of the recipients the upstream accepted in the current (or just delivered)
+  // transaction, at most max_domains.
+  const std::vector<std::string>& accepted_domains() const { return accepted_domains_; }
+  static constexpr std::size_t max_domains = 32;
+  // Local refusals since the last call (mailflow_rejects_total reasons): recipient_route, tls_required.
+  std::vector<std::string_view> take_rejects() { return std::exchange(rejects_, {}); }
+
+ private:
+  enum class Owed { mail, rcpt, data, final_reply, local_mail, local_rcpt };
+  struct Entry {
+    Owed owed;
+    std::string text;  // local_*: the reply in wire form; rcpt: the recipient's domain
+  };
+
+  void queue(Owed owed, std::string_view line);
+  void local(Owed owed, std::string reply);
+  void emit_local(const Entry& entry);
+  void upstream_lost();
+
+  ServerSession& session_;
+  std::string& client_out_;
+
+  std::deque<Entry> owed_;    // replies owed to the client, in command order
+  std::string upstream_out_;  // commands queued for the upstream, not yet written
+  bool due_ = false;          // the owed upstream replies are to be read now
+
+  bool open_requested_ = false;
+  RelayRoute opening_;
+  std::string held_rcpt_;  // the first recipient's RCPT, sent once the connection is there (and MAIL is)
+  std::string held_domain_;
+  bool start_ = false;     // send MAIL (+ the first RCPT) once the connection is there
+  bool reset_needed_ = false;
+  bool go_ahead_ = false;
+
+  bool pipelining_ = false;            // of the current connection
+  bool upstream_transaction_ = false;  // the upstream accepted MAIL and has not finished or reset since
+  std::optional<RelayRoute> route_;
+  std::string mail_line_;               // "MAIL FROM:<...>\r\n": answered here, sent with the first RCPT
+  std::optional<Reply> mail_refusal_;   // the upstream refused MAIL: every RCPT of the transaction hears it
+  // Routes that could not be opened in this transaction (path -> the reply): the next recipient of a dead
+  // domain is answered at once instead of walking its MX hosts again.
+  std::map<std::string, std::string, std::less<>> failed_;
+  std::vector<std::string> accepted_domains_;
+  std::uint32_t recipients_ = 0;  // of the message in DATA
+  std::optional<std::uint32_t> delivered_;
+  std::vector<std::string_view> rejects_;
+};
+
+}  // namespace mailflow::proto

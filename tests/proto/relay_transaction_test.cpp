@@ -1,0 +1,403 @@
+// The relay's transaction rules (proto/relay_transaction.hpp), driven by a real ServerSession on the client
+// side and a scripted upstream on the other, with an error injected at every step the engine asks for.
+#include <doctest/doctest.h>
+
+#include <deque>
+#include <functional>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "proto/relay_transaction.hpp"
+#include "proto/reply.hpp"
+#include "proto/server_session.hpp"
+
+using namespace mailflow::proto;
+
+namespace {
+
+Reply reply_of(int code, std::string text = "ok") { return Reply{code, {std::move(text)}}; }
+
+std::vector<Reply> replies_in(std::string_view out) {
+  std::vector<Reply> replies;
+  for (;;) {
+    auto parsed = parse_reply(out);
+    if (parsed.status != ReplyStatus::complete) break;
+    replies.push_back(parsed.reply);
+    out.remove_prefix(parsed.consumed);
+  }
+  REQUIRE(out.empty());
+  return replies;
+}
+
+// The I/O side, in memory: a client that sends command lines (pipelined in groups or one at a time) and an
+// upstream that answers every command it receives by a rule. `fail_at` = N makes the N-th step fail the way
+// the daemon reports it: a refused route, a dropped connection, a message that did not make it.
+struct Relay {
+  bool upstream_pipelining = true;
+  int fail_at = 0;
+  std::function<Reply(std::string_view line)> upstream_rule = [](std::string_view line) {
+    if (line.starts_with("DATA")) return reply_of(354, "go ahead");
+    if (line.find("refused") != std::string_view::npos) return reply_of(550, "no such user");
+    return reply_of(250);
+  };
+  Reply final_reply = reply_of(250, "queued");
+
+  ServerSession session{ServerSession::Options{}};
+  std::string out;  // everything the client was told
+  RelayTransaction txn{session, out};
+
+  int steps = 0;
+  bool connected = false;
+  std::string path;                  // of the current connection
+  std::vector<std::string> writes;   // what the upstream received, one entry per write
+  std::deque<Reply> upstream_owes;   // replies the upstream has given and not yet read
+  int opens = 0;
+  int upstream_rcpt_2xx = 0;
+  int upstream_final_2xx = 0;
+  int delivered = 0;
+  std::uint32_t delivered_recipients = 0;
+  std::vector<std::string_view> rejects;
+
+  std::map<std::string, RelayRoute> routes{
+      {"contoso.com", {"partner-contoso", "mx/contoso.com", false}},
+      {"fabrikam.com", {"partner-fabrikam", "mx/fabrikam.com", true}},
+      {"alias.contoso.com", {"partner-alias", "mx/contoso.com", false}},
+      {"example.org", {"internet", "mx/example.org", false}},
+  };
+  std::map<std::string, std::string> dead_paths;  // path -> the refusal its open gets
+
+  bool fail() { return ++steps == fail_at; }
+  void drop() {
+    connected = false;
+    upstream_owes.clear();
+  }
+
+  void drive() {
+    for (;;) {
+      for (auto reason : txn.take_rejects()) rejects.push_back(reason);
+      switch (txn.next()) {
+        case RelayTransaction::Step::idle:
+          return;
+        case RelayTransaction::Step::open_upstream: {
+          ++opens;
+          const std::string& want = txn.route_to_open().path;
+          const bool reused = connected && path == want;
+          if (auto dead = dead_paths.find(want); dead != dead_paths.end()) {
+            drop();
+            txn.on_opened(dead->second, false, upstream_pipelining);
+          } else if (fail()) {
+            drop();
+            txn.on_opened("451 4.4.1 No mail host could be used\r\n", false, upstream_pipelining);
+          } else {
+            if (!reused) drop();
+            connected = true;
+            path = want;
+            txn.on_opened(std::nullopt, reused, upstream_pipelining);
+          }
+          break;
+        }
+        case RelayTransaction::Step::reset_upstream:
+          writes.push_back("RSET\r\n");
+          if (fail() || !connected) {
+            drop();
+            txn.on_reset(false);
+          } else {
+            txn.on_reset(true);
+          }
+          break;
+        case RelayTransaction::Step::write_upstream: {
+          const std::string data(txn.upstream_output());
+          writes.push_back(data);
+          if (fail() || !connected) {
+            drop();
+            txn.on_written(false);
+            break;
+          }
+          std::string_view rest = data;
+          while (!rest.empty()) {
+            const auto end = rest.find("\r\n");
+            const Reply reply = upstream_rule(rest.substr(0, end));
+            if (rest.starts_with("RCPT") && reply.positive()) ++upstream_rcpt_2xx;
+            upstream_owes.push_back(reply);
+            rest.remove_prefix(end + 2);
+          }
+          txn.on_written(true);
+          break;
+        }
+        case RelayTransaction::Step::read_reply:
+          if (fail() || upstream_owes.empty()) {
+            drop();
+            txn.on_reply(std::nullopt);
+          } else {
+            Reply reply = upstream_owes.front();
+            upstream_owes.pop_front();
+            txn.on_reply(reply);
+          }
+          break;
+        case RelayTransaction::Step::send_message:
+          if (fail()) {
+            drop();
+            txn.on_message_end("451 4.4.2 Upstream connection lost, try again later\r\n");
+          } else {
+            upstream_owes.push_back(final_reply);
+            if (final_reply.positive()) ++upstream_final_2xx;
+            txn.on_message_end(std::nullopt);
+          }
+          break;
+      }
+      if (auto recipients = txn.take_delivered()) {
+        ++delivered;
+        delivered_recipients += *recipients;
+      }
+    }
+  }
+
+  void command(std::string_view line) {
+    const auto action = session.on_line(line);
+    using Kind = ServerSession::ActionKind;
+    if (action.kind != Kind::begin_mail && action.kind != Kind::forward_rcpt && action.kind != Kind::begin_data) {
+      txn.flush();  // replies go out in command order
+      drive();
+    }
+    switch (action.kind) {
+      case Kind::begin_mail:
+        txn.mail(session.last_command().argument, false);
+        break;
+      case Kind::forward_rcpt: {
+        const std::string& address = session.last_command().address;
+        const std::string domain = address.substr(address.find('@') + 1);
+        txn.rcpt(session.last_command().argument, domain, routes.at(domain), session.tls_active());
+        break;
+      }
+      case Kind::begin_data:
+        txn.data();
+        break;
+      case Kind::reset:
+        out += action.reply;
+        txn.reset();
+        break;
+      default:
+        out += action.reply;
+        break;
+    }
+    drive();
+  }
+
+  // A group the client pipelines (RFC 2920): the replies are due once the group is sent.
+  void group(std::initializer_list<std::string_view> lines) {
+    for (auto line : lines) command(line);
+    txn.flush();
+    drive();
+  }
+};
+
+std::vector<int> codes(const std::string& out) {
+  std::vector<int> result;
+  for (const auto& reply : replies_in(out)) result.push_back(reply.code);
+  return result;
+}
+
+}  // namespace
+
+TEST_CASE("a pipelined transaction: MAIL answered here, sent with the first RCPT, the group in one write") {
+  Relay relay;
+  relay.group({"EHLO client.example"});
+  relay.group({"MAIL FROM:<a@example.net>", "RCPT TO:<b@contoso.com>", "RCPT TO:<c@contoso.com>", "DATA"});
+  relay.group({});  // the message (send_message) went through in the last group
+  CHECK(codes(relay.out) == std::vector<int>{250, 250, 250, 250, 354, 250});
+  REQUIRE(relay.writes.size() == 1);  // DATA may end a pipelined group (RFC 2920 3.1)
+  CHECK(relay.writes[0] ==
+        "MAIL FROM:<a@example.net>\r\nRCPT TO:<b@contoso.com>\r\nRCPT TO:<c@contoso.com>\r\nDATA\r\n");
+  CHECK(relay.delivered == 1);
+  CHECK(relay.delivered_recipients == 2);
+  CHECK(relay.txn.accepted_domains() == std::vector<std::string>{"contoso.com"});
+  REQUIRE(relay.txn.route());
+  CHECK(relay.txn.route()->connector == "partner-contoso");
+}
+
+TEST_CASE("without upstream PIPELINING, MAIL's reply comes before the RCPT is sent, and its refusal answers every RCPT") {
+  Relay relay;
+  relay.upstream_pipelining = false;
+  relay.upstream_rule = [](std::string_view line) {
+    return line.starts_with("MAIL") ? reply_of(550, "sender refused") : reply_of(250);
+  };
+  relay.group({"EHLO client.example"});
+  relay.group({"MAIL FROM:<a@example.net>", "RCPT TO:<b@contoso.com>", "RCPT TO:<c@contoso.com>", "DATA"});
+  const auto replies = replies_in(relay.out);
+  REQUIRE(replies.size() == 5);
+  CHECK(replies[1].code == 250);  // MAIL: answered here
+  CHECK(replies[2].code == 550);  // each RCPT hears the upstream's refusal of MAIL
+  CHECK(replies[2].lines == std::vector<std::string>{"sender refused"});
+  CHECK(replies[3].code == 550);
+  CHECK(replies[4].code == 554);  // DATA without an accepted recipient: ServerSession's own refusal
+  REQUIRE(relay.writes.size() == 1);  // the RCPTs were never sent
+  CHECK(relay.writes[0] == "MAIL FROM:<a@example.net>\r\n");
+  CHECK(relay.delivered == 0);
+}
+
+TEST_CASE("a recipient of another route or connector gets 452 4.5.3; one of the same route and connector goes along") {
+  Relay relay;
+  relay.group({"EHLO client.example"});
+  relay.group({"MAIL FROM:<a@example.net>", "RCPT TO:<b@contoso.com>", "RCPT TO:<c@example.org>",
+               "RCPT TO:<d@alias.contoso.com>", "RCPT TO:<e@contoso.com>"});
+  const auto replies = replies_in(relay.out);
+  REQUIRE(replies.size() == 6);
+  CHECK(replies[2].code == 250);
+  CHECK(replies[3].code == 452);
+  CHECK(replies[3].lines.front() == "4.5.3 Recipient is delivered by another route: send it in a separate transaction");
+  CHECK(replies[4].code == 452);
+  CHECK(replies[4].lines.front() ==
+        "4.5.3 Recipient belongs to connector partner-alias: send it in a separate transaction");
+  CHECK(replies[5].code == 250);
+  CHECK(relay.rejects == std::vector<std::string_view>{"recipient_route", "recipient_route"});
+  CHECK(relay.opens == 1);
+}
+
+TEST_CASE("forced TLS: at MAIL when the connector is certain, else at the route's first RCPT") {
+  Relay relay;
+  relay.group({"EHLO client.example"});
+  const auto mail = relay.session.on_line("MAIL FROM:<a@example.net>");
+  REQUIRE(mail.kind == ServerSession::ActionKind::begin_mail);
+  relay.txn.mail(relay.session.last_command().argument, true);
+  relay.drive();
+  relay.group({"RCPT TO:<b@contoso.com>"});  // no transaction: 503
+  relay.group({"MAIL FROM:<a@example.net>", "RCPT TO:<b@fabrikam.com>", "RCPT TO:<c@contoso.com>"});
+  CHECK(codes(relay.out) == std::vector<int>{250, 530, 503, 250, 530, 250});
+  CHECK(relay.rejects == std::vector<std::string_view>{"tls_required", "tls_required"});
+}
+
+TEST_CASE("a route that cannot be opened answers its recipients at once; the next route is still tried") {
+  Relay relay;
+  relay.dead_paths["mx/contoso.com"] = "556 5.1.10 Recipient domain does not accept mail (null MX)\r\n";
+  relay.group({"EHLO client.example"});
+  relay.group({"MAIL FROM:<a@example.net>", "RCPT TO:<b@contoso.com>", "RCPT TO:<c@contoso.com>",
+               "RCPT TO:<d@example.org>", "DATA"});
+  CAPTURE(relay.out);
+  CHECK(codes(relay.out) == std::vector<int>{250, 250, 556, 556, 250, 354, 250});
+  CHECK(relay.opens == 2);  // contoso.com once, example.org once
+  CHECK(relay.txn.accepted_domains() == std::vector<std::string>{"example.org"});
+}
+
+TEST_CASE("DATA refused by the upstream: its reply is relayed and the upstream transaction is reset") {
+  Relay relay;
+  relay.upstream_rule = [](std::string_view line) {
+    return line.starts_with("DATA") ? reply_of(554, "no valid recipients") : reply_of(250);
+  };
+  relay.group({"EHLO client.example"});
+  relay.group({"MAIL FROM:<a@example.net>", "RCPT TO:<b@contoso.com>", "DATA"});
+  CHECK(codes(relay.out) == std::vector<int>{250, 250, 250, 554});
+  REQUIRE(relay.writes.size() == 2);
+  CHECK(relay.writes[1] == "RSET\r\n");
+  CHECK_FALSE(relay.txn.upstream_in_transaction());
+  // The next transaction reuses the connection without another RSET.
+  relay.upstream_rule = [](std::string_view line) {
+    return line.starts_with("DATA") ? reply_of(354) : reply_of(250);
+  };
+  relay.group({"MAIL FROM:<a@example.net>", "RCPT TO:<b@contoso.com>", "DATA"});
+  CHECK(relay.writes.size() == 3);
+  CHECK(relay.opens == 2);
+  CHECK(relay.delivered == 1);
+}
+
+TEST_CASE("a reused connection whose last transaction is still open gets RSET before the next MAIL") {
+  Relay relay;
+  relay.group({"EHLO client.example"});
+  relay.group({"MAIL FROM:<a@example.net>"});
+  relay.group({"RCPT TO:<refused@contoso.com>"});
+  relay.group({"DATA"});  // 554 here: no valid recipients
+  CHECK(relay.txn.upstream_in_transaction());  // MAIL accepted there, every RCPT refused, DATA never sent
+  relay.session.on_tls_started();              // a STARTTLS on the client leg starts the conversation over
+  relay.group({"EHLO client.example"});
+  relay.group({"MAIL FROM:<a@example.net>", "RCPT TO:<b@contoso.com>"});
+  REQUIRE(relay.writes.size() == 3);
+  CHECK(relay.writes[0] == "MAIL FROM:<a@example.net>\r\nRCPT TO:<refused@contoso.com>\r\n");
+  CHECK(relay.writes[1] == "RSET\r\n");
+  CHECK(relay.writes[2] == "MAIL FROM:<a@example.net>\r\nRCPT TO:<b@contoso.com>\r\n");
+  CHECK(codes(relay.out) == std::vector<int>{250, 250, 550, 554, 250, 250, 250});
+  CHECK(relay.opens == 2);
+}
+
+TEST_CASE("an upstream 4xx or 5xx to the message is relayed and never counted") {
+  for (int code : {451, 554}) {
+    Relay relay;
+    relay.final_reply = reply_of(code, "content refused");
+    relay.group({"EHLO client.example"});
+    relay.group({"MAIL FROM:<a@example.net>", "RCPT TO:<b@contoso.com>", "DATA"});
+    relay.group({});
+    CHECK(codes(relay.out).back() == code);
+    CHECK(relay.delivered == 0);
+  }
+}
+
+namespace {
+
+// Runs `script` with the N-th step failing, for every N until a run has no step left to fail, and checks
+// the engine's invariants on each run.
+void every_step_fails(bool pipelined_client, bool upstream_pipelining) {
+  const std::vector<std::vector<std::string_view>> script{
+      {"EHLO client.example"},
+      {"MAIL FROM:<a@example.net>", "RCPT TO:<b@contoso.com>", "RCPT TO:<refused@contoso.com>",
+       "RCPT TO:<c@example.org>", "DATA"},
+      {"MAIL FROM:<a@example.net>", "RCPT TO:<d@contoso.com>", "DATA"},
+      {"RSET"},
+      {"MAIL FROM:<a@example.net>", "RCPT TO:<e@example.org>", "DATA"},
+      {"QUIT"},
+  };
+  for (int fail_at = 1;; ++fail_at) {
+    CAPTURE(fail_at);
+    Relay relay;
+    relay.fail_at = fail_at;
+    relay.upstream_pipelining = upstream_pipelining;
+    std::size_t commands = 0;
+    for (const auto& group : script) {
+      if (pipelined_client) {
+        for (auto line : group) relay.command(line);
+        relay.txn.flush();
+        relay.drive();
+      } else {
+        for (auto line : group) relay.group({line});
+      }
+      commands += group.size();
+    }
+    const auto replies = replies_in(relay.out);
+    int go_aheads = 0;
+    int rcpt_2xx = 0;
+    int final_2xx = 0;
+    // Every command, and every message after a 354, has exactly one reply.
+    for (const auto& reply : replies) go_aheads += reply.code == 354;
+    CHECK(replies.size() == commands + go_aheads);
+    // Walk the replies against the commands: which reply answered which RCPT and which message.
+    std::size_t r = 0;
+    for (const auto& group : script) {
+      for (auto line : group) {
+        REQUIRE(r < replies.size());
+        const int code = replies[r++].code;
+        if (line.starts_with("RCPT") && code / 100 == 2) ++rcpt_2xx;
+        if (line == "DATA" && code == 354) {
+          REQUIRE(r < replies.size());
+          final_2xx += replies[r++].code / 100 == 2;
+        }
+      }
+    }
+    // Never a 2xx to RCPT or to the message that the upstream did not give; delivered once per 2xx.
+    CHECK(rcpt_2xx <= relay.upstream_rcpt_2xx);
+    CHECK(final_2xx <= relay.upstream_final_2xx);
+    CHECK(relay.delivered == final_2xx);
+    CHECK(relay.session.state() == ServerSession::State::closed);
+    if (relay.steps < fail_at) {
+      CHECK(relay.delivered == 3);  // the run without a failure delivers all three messages
+      break;
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("an error injected at every step: one reply per command, no 2xx the upstream did not give") {
+  SUBCASE("client pipelines, upstream pipelines") { every_step_fails(true, true); }
+  SUBCASE("client pipelines, upstream does not") { every_step_fails(true, false); }
+  SUBCASE("client waits for each reply, upstream pipelines") { every_step_fails(false, true); }
+  SUBCASE("client waits for each reply, upstream does not") { every_step_fails(false, false); }
+}
