@@ -273,4 +273,21 @@ void Link::close() {
   socket_.close(ignored);
 }
 
+std::string address_text(const asio::ip::address& address) {
+  if (address.is_v6() && address.to_v6().is_v4_mapped())
+    return asio::ip::make_address_v4(asio::ip::v4_mapped, address.to_v6()).to_string();
+  return address.to_string();
+}
+
+std::string endpoint_text(const asio::ip::address& address, std::uint16_t port) {
+  const std::string text = address_text(address);
+  return (text.find(':') == std::string::npos ? text : "[" + text + "]") + ":" + std::to_string(port);
+}
+
+std::string handshake_failure_label(const error_code& ec) {
+  const bool eof = ec == asio::error::eof || ec == asio::ssl::error::stream_truncated;
+  const unsigned long ssl_error = ec.category() == asio::error::get_ssl_category() ? ec.value() : 0;
+  return handshake_failure_reason(ssl_error, ec == asio::error::timed_out, eof);
+}
+
 }  // namespace mailflow

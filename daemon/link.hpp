@@ -10,6 +10,7 @@
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/ip/tcp.hpp>
 
+#include <cstdint>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -73,5 +74,12 @@ class Link {
   std::string cipher_out_;  // TLS records OpenSSL produced, not yet sent
   TlsInfo tls_info_;
 };
+
+// "192.0.2.1" or "2001:db8::1" (an IPv4-mapped IPv6 address as IPv4).
+std::string address_text(const boost::asio::ip::address& address);
+// "192.0.2.1:25" or "[2001:db8::1]:25".
+std::string endpoint_text(const boost::asio::ip::address& address, std::uint16_t port);
+// Why a handshake failed, as a reason of mailflow_tls_handshake_failures_total (tls.hpp handshake_failure_reason).
+std::string handshake_failure_label(const boost::system::error_code& ec);
 
 }  // namespace mailflow

@@ -23,8 +23,8 @@ inline constexpr auto rejects = std::to_array<std::string_view>({
     "session_limit", "ip_limit", "proxy_invalid", "proxy_timeout", "proxy_truncated", "proxy_untrusted",
     "early_talker", "timeout", "starttls_pipelining", "tls_required", "data_line_too_long", "bare_newline",
     "bare_newline_normalized",
-    // a later RCPT whose connector or route differs from the transaction's (452 4.5.3); a message with more
-    // Received: fields than limits.max_hops (554 5.4.6)
+    // proto/relay_transaction.cpp: a later RCPT whose connector or route differs from the transaction's
+    // (452 4.5.3); daemon/relay_session.cpp: a message with more Received: fields than limits.max_hops (554 5.4.6)
     "recipient_route", "too_many_hops",
     // the MX route of an mx upstream's recipient domain (daemon/mx_route.hpp MxRoute::Result, reply at RCPT)
     "null_mx", "nxdomain", "no_addresses", "dns_failure", "loop",
@@ -51,7 +51,7 @@ inline constexpr auto tls_handshake_failures = std::to_array<std::string_view>({
     "tlsv1_alert_decode_error", "tlsv1_alert_decrypt_error", "tlsv1_alert_internal_error",
 });
 
-// mailflow_upstream_errors_total{upstream, reason}: daemon/relay_session.cpp, and the `reason` of
+// mailflow_upstream_errors_total{upstream, reason}: daemon/upstream_leg.cpp, and the `reason` of
 // proto::ClientSession's fail actions (proto/client_session.hpp).
 inline constexpr auto upstream_errors = std::to_array<std::string_view>({
     "connect_failed", "connect_timeout", "connection_lost", "timeout", "protocol", "tls_failed", "tls_policy",
@@ -61,7 +61,7 @@ inline constexpr auto upstream_errors = std::to_array<std::string_view>({
 });
 
 // mailflow_mx_attempts_total{upstream, result}: one per connection attempt to an MX host (mx upstreams),
-// daemon/relay_session.cpp.
+// daemon/upstream_leg.cpp.
 inline constexpr auto mx_attempts = std::to_array<std::string_view>({
     "success", "connect_failed", "connect_timeout", "banner_rejected", "tls_failed", "tls_policy", "failed",
 });

@@ -5,12 +5,6 @@
 
 namespace mailflow::proto {
 
-namespace {
-
-const char* const upstream_lost_reply = "451 4.4.2 Upstream connection lost, try again later\r\n";
-
-}  // namespace
-
 RelayTransaction::RelayTransaction(ServerSession& session, std::string& client_out)
     : session_(session), client_out_(client_out) {}
 

@@ -44,6 +44,7 @@ class RelayTransaction {
                      // on_message_aborted()
   };
   enum class ReplyWait { command, data_end };
+  static constexpr std::string_view upstream_lost_reply = "451 4.4.2 Upstream connection lost, try again later\r\n";
 
   // Both outlive the engine: `client_out` is where the client's replies are appended, in order.
   RelayTransaction(ServerSession& session, std::string& client_out);

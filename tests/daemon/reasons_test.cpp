@@ -85,9 +85,11 @@ TEST_CASE("every counted reject reason is declared") {
   const auto used = counted({{"daemon", "", "count_reject("},
                              {"daemon", "", "rejected("},
                              {"proto", "server_session.cpp", "refuse("},
-                             {"proto", "server_session.cpp", "reject_reason = "}});
-  // The scan itself works: reasons from both the daemon and the protocol engine are found.
+                             {"proto", "server_session.cpp", "reject_reason = "},
+                             {"proto", "relay_transaction.cpp", "rejects_.push_back("}});
+  // The scan itself works: reasons from the daemon and both protocol engines are found.
   CHECK(used.count("tls_required") == 1);
+  CHECK(used.count("recipient_route") == 1);
   CHECK(used.count("ip_limit") == 1);
   CHECK(used.count("bad_sequence") == 1);
   CHECK(used.count("too_many_bad_commands") == 1);
@@ -95,11 +97,12 @@ TEST_CASE("every counted reject reason is declared") {
 }
 
 TEST_CASE("every counted upstream error reason is declared") {
-  const auto used = counted({{"daemon", "", "upstream_failed("},
+  const auto used = counted({{"daemon", "upstream_leg.cpp", "fail("},
                              {"daemon", "", "upstream_error("},
                              {"proto", "client_session.cpp", "fail("}});
   CHECK(used.count("connect_failed") == 1);
   CHECK(used.count("ehlo_rejected") == 1);
+  CHECK(used.count("rset_rejected") == 1);
   check_declared(used, mailflow::reasons::upstream_errors, "mailflow_upstream_errors_total");
 }
 

@@ -1,0 +1,62 @@
+#pragma once
+// A session's deadlines. Every wait of a session (client and upstream leg alike) goes through one of these
+// wrappers with its own absolute deadline, armed right before it (as Beast's expires_after): one watchdog timer
+// per session cancels whatever is in flight when the deadline passes, and the wait then reports
+// asio::error::timed_out, so no caller depends on a flag. Deadlines are absolute so that a whole command line or
+// DATA block shares one however many reads it takes.
+#include <utility>  // before Asio (Boost 1.74 + GCC 12)
+
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/awaitable.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/steady_timer.hpp>
+
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "daemon/link.hpp"
+
+namespace mailflow {
+
+class Deadlines {
+ public:
+  using Clock = std::chrono::steady_clock;
+  using error_code = boost::system::error_code;
+
+  // `on_expiry` cancels everything the session may be waiting on (its sockets, a name lookup).
+  Deadlines(const boost::asio::any_io_executor& executor, std::function<void()> on_expiry);
+
+  static Clock::time_point in(Clock::duration timeout) { return Clock::now() + timeout; }
+
+  // The watchdog coroutine; `keep_alive` holds the session (and so this object) while it runs.
+  boost::asio::awaitable<void> watch(std::shared_ptr<void> keep_alive);
+  void stop();  // the session is over: the watchdog ends
+
+  boost::asio::awaitable<void> read(Link& link, ReadBuffer& buffer, std::size_t max, Clock::time_point deadline,
+                                    error_code& ec, Link::Wait wait = Link::Wait::busy);
+  boost::asio::awaitable<void> write(Link& link, std::string_view data, Clock::time_point deadline,
+                                     error_code& ec);
+  boost::asio::awaitable<void> handshake(Link& link, SSL_CTX* context, bool server, const std::string& peer_name,
+                                         bool verify, Clock::time_point deadline, error_code& ec,
+                                         const std::vector<std::string>& verify_names = {});
+  boost::asio::awaitable<void> connect(Link& link, const boost::asio::ip::tcp::endpoint& endpoint,
+                                       Clock::time_point deadline, error_code& ec);
+  boost::asio::awaitable<void> wait_readable(boost::asio::ip::tcp::socket& socket, Clock::time_point deadline,
+                                             error_code& ec);
+  // For waits of other kinds (a name lookup): arm before, disarm after.
+  void arm(Clock::time_point deadline);
+  void disarm(error_code& ec);  // a deadline that fired becomes ec = timed_out
+
+ private:
+  boost::asio::steady_timer timer_;
+  std::function<void()> on_expiry_;
+  Clock::time_point deadline_ = Clock::time_point::max();
+  bool timed_out_ = false;
+  bool stopped_ = false;
+};
+
+}  // namespace mailflow

@@ -1,0 +1,353 @@
+#include "daemon/upstream_leg.hpp"
+
+#include <boost/asio/redirect_error.hpp>
+#include <boost/asio/use_awaitable.hpp>
+
+#include <exception>
+
+#include "daemon/log.hpp"
+#include "daemon/mx_route.hpp"
+#include "daemon/relay_session.hpp"
+#include "daemon/resolver.hpp"
+#include "daemon/runtime.hpp"
+#include "daemon/telemetry.hpp"
+#include "proto/client_session.hpp"
+
+namespace mailflow {
+
+namespace asio = boost::asio;
+using tcp = asio::ip::tcp;
+using boost::system::error_code;
+
+namespace {
+
+constexpr std::size_t reply_read_chunk = 4096;
+constexpr auto goodbye_timeout = std::chrono::seconds(5);
+
+const char* const upstream_unavailable_reply = "451 4.4.1 Upstream unavailable, try again later\r\n";
+
+auto in(Deadlines::Clock::duration timeout) { return Deadlines::in(timeout); }
+
+// One Resolver per event loop, i.e. per thread (daemon/resolver.hpp), held by the loop's LoopScope: made on
+// first use, and again when a reload changed `dns`. Sessions hold it (shared) while they use it, so a
+// replaced one lives until they are done. Outside a LoopScope (no loop of the server's) each call makes its
+// own.
+std::shared_ptr<Resolver> loop_resolver(const asio::any_io_executor& executor, const config::Dns& dns,
+                                        Telemetry& telemetry) {
+  std::string key = std::to_string(dns.timeout.count()) + " " + dns.trust_anchor_file;
+  for (const auto& server : dns.servers) key += " " + server.text;
+  LoopScope::Resources* loop = LoopScope::current();
+  if (loop == nullptr) return std::make_shared<Resolver>(executor, dns, &telemetry);
+  if (!loop->resolver || key != loop->resolver_key) {
+    loop->resolver = std::make_shared<Resolver>(executor, dns, &telemetry);
+    loop->resolver_key = std::move(key);
+  }
+  return loop->resolver;
+}
+
+}  // namespace
+
+UpstreamLeg::UpstreamLeg(Session session, asio::any_io_executor executor)
+    : session_(session), executor_(std::move(executor)), config_(*session.runtime.config) {}
+
+UpstreamLeg::~UpstreamLeg() = default;
+
+proto::TlsVersion UpstreamLeg::tls_version() const {
+  return link_ ? link_->tls().version : proto::TlsVersion::none;
+}
+
+std::string UpstreamLeg::address() const {
+  error_code ec;
+  if (!link_) return {};
+  const auto endpoint = link_->socket().remote_endpoint(ec);
+  return ec ? std::string() : address_text(endpoint.address());
+}
+
+void UpstreamLeg::cancel() {
+  if (link_) link_->cancel();
+  if (resolver_) resolver_->cancel();
+}
+
+void UpstreamLeg::force_close() {
+  if (link_) link_->close();
+}
+
+void UpstreamLeg::release_idle_buffers() { in_.release_if_empty(); }
+
+void UpstreamLeg::fail(std::string_view reason) {
+  const std::string name = upstream_ ? upstream_->name : "";
+  session_.telemetry.upstream_error(name, reason);
+  log_limited(LogLevel::warn, "upstream_error", {{"id", session_.id}, {"upstream", name}, {"reason", reason}});
+  drop();
+}
+
+void UpstreamLeg::drop() {
+  if (link_) {
+    link_->close();
+    const TlsInfo& tls = link_->tls();
+    session_.telemetry.leg_finished(session_.listener, Leg::upstream, tls.version);
+    summary_ = upstream_->name + "/" + std::string(proto::to_string(tls.version)) +
+               (tls.cipher.empty() ? "" : "/" + tls.cipher);
+    link_.reset();
+  }
+  in_.clear();
+  in_.release_if_empty();
+}
+
+asio::awaitable<bool> UpstreamLeg::write(std::string_view data, TimePoint deadline) {
+  if (!link_) co_return false;
+  error_code ec;
+  co_await session_.deadlines.write(*link_, data, deadline, ec);
+  if (ec) {
+    fail(ec == asio::error::timed_out ? "timeout" : "connection_lost");
+    co_return false;
+  }
+  co_return true;
+}
+
+asio::awaitable<std::optional<proto::Reply>> UpstreamLeg::read_reply(TimePoint deadline) {
+  for (;;) {
+    if (!link_) co_return std::nullopt;
+    auto parsed = proto::parse_reply(in_.view());
+    if (parsed.status == proto::ReplyStatus::complete) {
+      in_.consume(parsed.consumed);
+      co_return std::move(parsed.reply);
+    }
+    if (parsed.status == proto::ReplyStatus::invalid) {
+      fail("protocol");
+      co_return std::nullopt;
+    }
+    error_code ec;
+    co_await session_.deadlines.read(*link_, in_, reply_read_chunk, deadline, ec);
+    if (ec) {
+      fail(ec == asio::error::timed_out ? "timeout" : "connection_lost");
+      co_return std::nullopt;
+    }
+  }
+}
+
+asio::awaitable<bool> UpstreamLeg::reset() {
+  if (!co_await write("RSET\r\n", in(config_.timeouts.command))) co_return false;
+  const auto reply = co_await read_reply(in(config_.timeouts.command));
+  if (!reply) co_return false;
+  if (!reply->positive()) {
+    fail("rset_rejected");
+    co_return false;
+  }
+  co_return true;
+}
+
+asio::awaitable<void> UpstreamLeg::close(bool polite) {
+  if (!link_) co_return;
+  if (polite) {
+    const auto deadline = in(goodbye_timeout);
+    error_code ec;
+    co_await session_.deadlines.write(*link_, "QUIT\r\n", deadline, ec);
+    if (!ec) {
+      ReadBuffer ignored;
+      co_await session_.deadlines.read(*link_, ignored, 512, deadline, ec);
+    }
+    if (!ec && link_->tls_active()) {
+      // close_notify (bounded by the goodbye deadline), so a strict peer sees no truncation.
+      session_.deadlines.arm(in(goodbye_timeout));
+      co_await link_->shutdown_tls(ec);
+      session_.deadlines.disarm(ec);
+    }
+  }
+  drop();
+}
+
+asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open(const config::Upstream& upstream,
+                                                                       const std::string& domain,
+                                                                       const Client& client, bool polite,
+                                                                       bool& reused) {
+  // A connection is reused for the next transaction that routes the same way (same upstream, same domain).
+  reused = link_ && upstream_ == &upstream && domain_ == domain;
+  if (reused) co_return std::nullopt;
+  co_await close(polite);
+  upstream_ = &upstream;
+  domain_ = upstream.mx ? domain : std::string();
+  host_.clear();
+  if (upstream.mx) co_return co_await open_mx(upstream, domain, client);
+  co_return co_await open_fixed(upstream, client);
+}
+
+asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(const config::Upstream& upstream,
+                                                                             const Client& client) {
+  // timeouts.upstream_connect bounds the lookup, every connect attempt and the banner together.
+  const auto connect_deadline = in(config_.timeouts.upstream_connect);
+  std::string reason = "no address";
+  error_code ec;
+  std::vector<tcp::endpoint> endpoints;
+  if (auto address = asio::ip::make_address(upstream.address.host, ec); !ec) {
+    endpoints.emplace_back(address, upstream.address.port);
+  } else {
+    ec = {};
+    resolver_.emplace(executor_);
+    session_.deadlines.arm(connect_deadline);
+    auto results = co_await resolver_->async_resolve(upstream.address.host, std::to_string(upstream.address.port),
+                                                     asio::redirect_error(asio::use_awaitable, ec));
+    session_.deadlines.disarm(ec);
+    resolver_.reset();
+    for (const auto& entry : results) endpoints.push_back(entry.endpoint());
+    if (ec) {
+      const bool timed_out = ec == asio::error::timed_out;
+      reason = timed_out ? "connect_timeout" : "connect_failed";
+      session_.telemetry.upstream_error(upstream.name, timed_out ? "connect_timeout" : "connect_failed");
+      log_limited(LogLevel::warn, "upstream_error",
+                  {{"id", session_.id}, {"upstream", upstream.name}, {"reason", reason}, {"error", ec.message()}});
+    }
+  }
+  for (const auto& endpoint : endpoints) {
+    if (co_await connect_to(upstream, endpoint, upstream.address.host, connect_deadline, client, reason)) {
+      host_ = upstream.address.host;
+      co_return std::nullopt;
+    }
+    if (reason == "connect_timeout") break;  // the deadline is spent
+  }
+  co_return Refusal{upstream_unavailable_reply, {}};
+}
+
+asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const config::Upstream& upstream,
+                                                                          const std::string& domain,
+                                                                          const Client& client) {
+  // Delivery to the recipient domain's MX hosts (RFC 5321 section 5): in order, each host and address in
+  // turn, each attempt with timeouts.upstream_connect of its own.
+  std::shared_ptr<Resolver> resolver;
+  try {
+    resolver = loop_resolver(executor_, config_.dns, session_.telemetry);
+  } catch (const std::exception& e) {
+    log_limited(LogLevel::error, "dns_unavailable", {{"id", session_.id}, {"error", e.what()}});
+    co_return Refusal{proto::format_reply(451, "4.4.3", "DNS resolver unavailable, try again later"), {}};
+  }
+  const MxRoute mx = co_await resolve_mx_route(*resolver, *session_.runtime.own_listeners, domain, upstream.port);
+  if (mx.result != MxRoute::Result::deliver) {
+    // mailflowd's own refusal of the recipient (null MX, no such domain, a loop, DNS trouble).
+    log_limited(LogLevel::info, "mx_route",
+                {{"id", session_.id}, {"upstream", upstream.name}, {"domain", domain}, {"result", to_string(mx.result)}});
+    co_return Refusal{mx.reply + "\r\n", to_string(mx.result)};
+  }
+  std::string reason = "no address";
+  for (const auto& attempt : mx.attempts) {
+    const bool connected = co_await connect_to(upstream, attempt.endpoint, attempt.host,
+                                               in(config_.timeouts.upstream_connect), client, reason);
+    session_.telemetry.mx_attempt(upstream.name, connected ? "success" : reason);
+    if (connected) {
+      host_ = attempt.host;
+      co_return std::nullopt;
+    }
+  }
+  co_return Refusal{proto::format_reply(451, "4.4.1",
+                                        "No mail host of " + domain + " could be used (last: " + reason +
+                                            "), try again later"),
+                    {}};
+}
+
+asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, const tcp::endpoint& endpoint,
+                                              const std::string& tls_name, TimePoint connect_deadline,
+                                              const Client& client, std::string& reason) {
+  link_ = std::make_unique<Link>(tcp::socket(executor_));
+  in_.clear();
+  error_code ec;
+  co_await session_.deadlines.connect(*link_, endpoint, connect_deadline, ec);
+  if (ec) {
+    link_.reset();  // never connected: no upstream leg to count
+    const bool timed_out = ec == asio::error::timed_out;
+    reason = timed_out ? "connect_timeout" : "connect_failed";
+    session_.telemetry.upstream_error(upstream.name, timed_out ? "connect_timeout" : "connect_failed");
+    log_limited(LogLevel::warn, "upstream_error",
+                {{"id", session_.id},
+                 {"upstream", upstream.name},
+                 {"address", endpoint_text(endpoint.address(), endpoint.port())},
+                 {"reason", reason},
+                 {"error", ec.message()}});
+    co_return false;
+  }
+
+  proto::ClientSession::Options options;
+  options.ehlo_name = config_.hostname;
+  options.tls = upstream.tls == config::UpstreamTls::none            ? proto::UpstreamTlsPolicy::none
+                : upstream.tls == config::UpstreamTls::opportunistic ? proto::UpstreamTlsPolicy::opportunistic
+                                                                     : proto::UpstreamTlsPolicy::required;
+  options.xclient_allowed = upstream.xclient;
+  options.client_address = client.address;
+  options.client_port = client.port;
+  options.client_helo = client.helo;
+  options.client_esmtp = client.esmtp;
+  proto::ClientSession engine(options);
+
+  using Kind = proto::ClientSession::ActionKind;
+  auto action = engine.start();
+  bool first_reply = true;
+  reason = "failed";
+  for (;;) {
+    switch (action.kind) {
+      case Kind::send:
+        if (!co_await write(action.data, in(config_.timeouts.command))) co_return false;
+        [[fallthrough]];
+      case Kind::read_reply: {
+        // Connecting includes the banner: an upstream that accepts and never greets is
+        // "connect_timeout"-slow.
+        auto reply = co_await read_reply(first_reply ? connect_deadline : in(config_.timeouts.command));
+        if (!reply) {
+          if (first_reply) reason = "connect_timeout";
+          co_return false;
+        }
+        first_reply = false;
+        action = engine.on_reply(*reply);
+        break;
+      }
+      case Kind::start_tls: {
+        if (!in_.empty()) {
+          // CVE-2011-0411 class: nothing the upstream sent before TLS is trusted after it.
+          fail("starttls_pipelining");
+          co_return false;
+        }
+        const ClientTls* tls = session_.runtime.client_tls(upstream.name);
+        error_code hs;
+        co_await session_.deadlines.handshake(*link_, tls->context(), false, tls_name, tls->verify(),
+                                              in(config_.timeouts.tls_handshake), hs, tls->verify_names());
+        if (hs) {
+          const std::string label = handshake_failure_label(hs);
+          session_.telemetry.tls_handshake_failed(session_.listener, Leg::upstream, label);
+          log_limited(LogLevel::warn, "tls_failed",
+                      {{"id", session_.id}, {"upstream", upstream.name}, {"leg", "upstream"}, {"reason", label}});
+          fail("tls_failed");
+          // A certificate that `verify` refuses is the policy's doing; anything else is a failed handshake.
+          reason = label == "certificate_verify_failed" ? "tls_policy" : "tls_failed";
+          co_return false;
+        }
+        if (upstream.min_version && link_->tls().version < *upstream.min_version) {
+          // upstreams[].min_version: this host negotiated less; the next one is tried.
+          log_limited(LogLevel::warn, "tls_below_minimum",
+                      {{"id", session_.id},
+                       {"upstream", upstream.name},
+                       {"address", endpoint_text(endpoint.address(), endpoint.port())},
+                       {"tls", proto::to_string(link_->tls().version)},
+                       {"reason", "below min_version " + std::string(proto::to_string(*upstream.min_version))}});
+          fail("tls_policy");
+          reason = "tls_policy";
+          co_return false;
+        }
+        action = engine.on_tls_started();
+        break;
+      }
+      case Kind::ready:
+        pipelining_ = engine.pipelining();
+        co_return true;
+      case Kind::fail: {
+        const std::string said = action.reply.lines.empty() ? "" : action.reply.lines.front();
+        log_limited(LogLevel::warn, "upstream_refused",
+                    {{"id", session_.id}, {"upstream", upstream.name}, {"reason", action.reason}, {"reply", said}});
+        fail(action.reason);
+        reason = action.reason == "greeting_rejected" ? "banner_rejected"
+                 : action.reason == "starttls_unavailable" || action.reason == "starttls_rejected"
+                     ? "tls_policy"
+                     : "failed";
+        co_return false;
+      }
+    }
+  }
+}
+
+}  // namespace mailflow

@@ -1,0 +1,117 @@
+#pragma once
+// The upstream side of one relayed session: where a route is delivered (a fixed upstream's address, or the
+// recipient domain's MX hosts in turn, RFC 5321 section 5), the connection to it (connect, banner, EHLO,
+// STARTTLS and the upstream's TLS policy, XCLIENT), its reuse for the next transaction of the same route, and
+// the commands and replies that go over it. One per session, on the session's event loop; every wait goes
+// through the session's Deadlines. The transaction rules themselves are proto::RelayTransaction's.
+#include <utility>  // before Asio (Boost 1.74 + GCC 12)
+
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/awaitable.hpp>
+#include <boost/asio/ip/tcp.hpp>
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include "config/config.hpp"
+#include "daemon/deadlines.hpp"
+#include "daemon/link.hpp"
+#include "daemon/read_buffer.hpp"
+#include "proto/reply.hpp"
+#include "proto/tls_version.hpp"
+
+namespace mailflow {
+
+struct Runtime;
+class Telemetry;
+
+class UpstreamLeg {
+ public:
+  using TimePoint = Deadlines::Clock::time_point;
+
+  // What the leg needs of its session, for its whole life.
+  struct Session {
+    const Runtime& runtime;
+    Telemetry& telemetry;
+    Deadlines& deadlines;
+    const std::string& id;        // the session id, for logs
+    const std::string& listener;  // the listener's name, for telemetry
+  };
+  // The real client, for XCLIENT (and the EHLO name after it).
+  struct Client {
+    std::string address;
+    std::uint16_t port = 0;
+    std::string helo;
+    bool esmtp = true;
+  };
+  // Why a route cannot be used: the reply its recipient gets (wire form), and the reason to count as
+  // mailflowd's own refusal of it (empty when the refusal is the upstream's or the network's).
+  struct Refusal {
+    std::string reply;
+    std::string_view reason;
+  };
+
+  UpstreamLeg(Session session, boost::asio::any_io_executor executor);
+  ~UpstreamLeg();
+  UpstreamLeg(const UpstreamLeg&) = delete;
+  UpstreamLeg& operator=(const UpstreamLeg&) = delete;
+
+  // Connected for `upstream` (and for mx upstreams the recipient `domain`): the current connection when it
+  // already goes there (`reused`), else a new one (the old one is closed first, with QUIT when `polite`).
+  boost::asio::awaitable<std::optional<Refusal>> open(const config::Upstream& upstream, const std::string& domain,
+                                                      const Client& client, bool polite, bool& reused);
+  // False when the connection is gone (it was dropped and counted, or there was none).
+  boost::asio::awaitable<bool> write(std::string_view data, TimePoint deadline);
+  // The next reply, within `deadline` however many reads it takes; nullopt when the connection was lost,
+  // timed out or sent garbage (dropped and counted).
+  boost::asio::awaitable<std::optional<proto::Reply>> read_reply(TimePoint deadline);
+  // RSET; false when refused or lost (the connection is dropped then).
+  boost::asio::awaitable<bool> reset();
+  // Closes the connection, with QUIT when `polite`; no-op without one.
+  boost::asio::awaitable<void> close(bool polite);
+  // The connection failed for `reason` (mailflow_upstream_errors_total): counted, logged, dropped.
+  void fail(std::string_view reason);
+
+  void cancel();       // the watchdog: cancel whatever is in flight
+  void force_close();  // shutdown (another thread's request, posted): close the socket, the session ends itself
+  void drop();         // close the connection without a word and count its leg
+  void release_idle_buffers();
+
+  bool connected() const { return link_ != nullptr; }
+  bool pipelining() const { return pipelining_; }
+  proto::TlsVersion tls_version() const;
+  // The far side of the current connection: its address ("203.0.113.7") and host name (the MX host, or the
+  // fixed upstream's configured host).
+  std::string address() const;
+  const std::string& host() const { return host_; }
+  // "name/TLS1.2/cipher" of the last connection that ended, for the session's log line.
+  const std::string& summary() const { return summary_; }
+
+ private:
+  // One connection attempt (connect, banner, EHLO, STARTTLS per policy, XCLIENT): false with `reason` set
+  // (one of reasons::mx_attempts).
+  boost::asio::awaitable<bool> connect_to(const config::Upstream& upstream,
+                                          const boost::asio::ip::tcp::endpoint& endpoint,
+                                          const std::string& tls_name, TimePoint connect_deadline,
+                                          const Client& client, std::string& reason);
+  boost::asio::awaitable<std::optional<Refusal>> open_fixed(const config::Upstream& upstream, const Client& client);
+  boost::asio::awaitable<std::optional<Refusal>> open_mx(const config::Upstream& upstream,
+                                                         const std::string& domain, const Client& client);
+
+  Session session_;
+  boost::asio::any_io_executor executor_;
+  const config::Config& config_;
+  std::optional<boost::asio::ip::tcp::resolver> resolver_;  // a fixed upstream's host name being looked up
+  const config::Upstream* upstream_ = nullptr;
+  std::string domain_;  // mx upstreams: the recipient domain whose MX host this is
+  std::string host_;
+  std::unique_ptr<Link> link_;
+  ReadBuffer in_;
+  bool pipelining_ = false;
+  std::string summary_;
+};
+
+}  // namespace mailflow
