@@ -709,6 +709,13 @@ class Loader {
     }
     if (const Field* field = get(*top, "connectors")) load_connectors(*field);
     if (const Field* field = get(*top, "dns")) load_dns(*field);
+    if (config_.dns.trust_anchor_file.empty()) {
+      // DANE rests on DNSSEC: without a trust anchor no answer is ever secure, and DANE would never apply.
+      for (const auto& mark : dane_marks_) {
+        error_at(mark, "tls: dane needs dns.trust_anchor_file (DNSSEC validation); without it no TLSA record "
+                       "can be trusted");
+      }
+    }
     if (const Field* field = get(*top, "http")) load_http(*field);
     if (const Field* field = get(*top, "limits")) load_limits(*field);
     if (const Field* field = get(*top, "log")) load_log(*field);
@@ -766,8 +773,18 @@ class Loader {
                 {{"none", UpstreamTls::none},
                  {"opportunistic", UpstreamTls::opportunistic},
                  {"required", UpstreamTls::required},
-                 {"verify", UpstreamTls::verify}});
+                 {"verify", UpstreamTls::verify},
+                 {"dane", UpstreamTls::dane}});
       load_upstream_tls_policy(*map, where, upstream);
+      if (upstream.tls == UpstreamTls::dane) {
+        const Field* tls = get(*map, "tls");
+        if (!upstream.mx && !upstream.address.host.empty() && parse_ip_address(upstream.address.host)) {
+          error_at(tls->value, where + ".tls: dane needs a host name (its TLSA records are looked up under "
+                                       "_PORT._tcp.HOST); address " + quoted(upstream.address.text) +
+                                       " is an IP address");
+        }
+        dane_marks_.push_back(tls->value.Mark());
+      }
       if (upstream.tls == UpstreamTls::verify) {
         if (get(*map, "ca_file") != nullptr) {
           if (read_file(*map, "ca_file", where, upstream.ca_file))
@@ -1024,6 +1041,7 @@ class Loader {
     int line = 0;
   };
   std::vector<ConnectorMarks> connector_marks_;
+  std::vector<YAML::Mark> dane_marks_;  // upstreams with tls: dane (checked against dns.trust_anchor_file)
 
   // The listeners whose traffic a connector can see: those of match.listener, else every listener of its
   // direction (connector_match.cpp compares the direction first).

@@ -18,7 +18,7 @@ namespace mailflow::config {
 
 enum class Direction { inbound, outbound };
 enum class ConnectorType { partner, onpremises, internet };
-enum class UpstreamTls { none, opportunistic, required, verify };
+enum class UpstreamTls { none, opportunistic, required, verify, dane };
 enum class LogFormat { text, json };
 enum class LogOutput { standard_error, syslog };  // "stderr" | "syslog"
 

@@ -36,6 +36,8 @@ std::string_view to_string(UpstreamTls tls) {
       return "required";
     case UpstreamTls::verify:
       return "verify";
+    case UpstreamTls::dane:
+      return "dane";
   }
   return "opportunistic";
 }

@@ -42,7 +42,8 @@ class Deadlines {
                                      error_code& ec);
   boost::asio::awaitable<void> handshake(Link& link, SSL_CTX* context, bool server, const std::string& peer_name,
                                          bool verify, Clock::time_point deadline, error_code& ec,
-                                         const std::vector<std::string>& verify_names = {});
+                                         const std::vector<std::string>& verify_names = {},
+                                         const std::vector<proto::TlsaRecord>* dane = nullptr);
   boost::asio::awaitable<void> connect(Link& link, const boost::asio::ip::tcp::endpoint& endpoint,
                                        Clock::time_point deadline, error_code& ec);
   boost::asio::awaitable<void> wait_readable(boost::asio::ip::tcp::socket& socket, Clock::time_point deadline,

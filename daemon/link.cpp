@@ -197,8 +197,8 @@ asio::awaitable<void> Link::write(std::string_view data, error_code& ec) {
 }
 
 asio::awaitable<void> Link::handshake(SSL_CTX* context, bool server, const std::string& peer_name,
-                                      bool verify, error_code& ec,
-                                      const std::vector<std::string>& verify_names) {
+                                      bool verify, error_code& ec, const std::vector<std::string>& verify_names,
+                                      const std::vector<proto::TlsaRecord>* dane) {
   ssl_ = SSL_new(context);
   if (ssl_ == nullptr) {
     ec = {static_cast<int>(ERR_get_error()), asio::error::get_ssl_category()};
@@ -225,6 +225,18 @@ asio::awaitable<void> Link::handshake(SSL_CTX* context, bool server, const std::
         const std::string reference = name.starts_with("*.") ? name.substr(1) : name;
         SSL_add1_host(ssl_, reference.c_str());
       }
+    }
+    if (dane != nullptr && !dane->empty()) {
+      if (SSL_dane_enable(ssl_, peer_name.c_str()) <= 0) {
+        ec = {static_cast<int>(ERR_get_error()), asio::error::get_ssl_category()};
+        co_return;
+      }
+      SSL_dane_set_flags(ssl_, DANE_FLAG_NO_DANE_EE_NAMECHECKS);
+      for (const auto& record : *dane) {
+        SSL_dane_tlsa_add(ssl_, record.usage, record.selector, record.matching,
+                          reinterpret_cast<const unsigned char*>(record.data.data()), record.data.size());
+      }
+      SSL_set_verify(ssl_, SSL_VERIFY_PEER, nullptr);
     }
   }
   for (;;) {

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "daemon/read_buffer.hpp"
+#include "proto/dane.hpp"
 #include "daemon/tls.hpp"
 
 namespace mailflow {
@@ -51,10 +52,13 @@ class Link {
   boost::asio::awaitable<void> shutdown_tls(boost::system::error_code& ec);
 
   // STARTTLS. `peer_name` (client side): SNI, and with `verify` the name the certificate must match, or any
-  // of `verify_names` when given ("*.example.com": any name one label below example.com).
+  // of `verify_names` when given ("*.example.com": any name one label below example.com). `dane` (client
+  // side, a context with SSL_CTX_dane_enable): the certificate must match one of these usable TLSA records
+  // (RFC 7672: DANE-EE without name checks, DANE-TA with `peer_name` as the reference name).
   boost::asio::awaitable<void> handshake(SSL_CTX* context, bool server, const std::string& peer_name,
                                          bool verify, boost::system::error_code& ec,
-                                         const std::vector<std::string>& verify_names = {});
+                                         const std::vector<std::string>& verify_names = {},
+                                         const std::vector<proto::TlsaRecord>* dane = nullptr);
 
   void cancel();
   void close();

@@ -29,6 +29,7 @@ struct MxRoute {
   struct Attempt {
     std::string host;  // the MX host name (what a certificate is checked against)
     boost::asio::ip::tcp::endpoint endpoint;
+    bool secure = false;  // the MX answer and the host's addresses were DNSSEC-validated (DANE may apply)
   };
   std::string domain;
   std::optional<MxResult> mx;

@@ -407,4 +407,34 @@ net::awaitable<AddressResult> Resolver::resolve_addresses(std::string host) {
   co_return out;
 }
 
+net::awaitable<TlsaResult> Resolver::resolve_tlsa(std::string name) {
+  auto impl = impl_;
+  Impl::Query query(impl, DnsType::tlsa, name);
+  impl->start(query);
+  co_await impl->finish(query);
+
+  TlsaResult out;
+  out.outcome = query.outcome;
+  out.detail = query.detail;
+  out.answer.secure = impl->secure(query);
+  switch (query.outcome) {
+    case DnsOutcome::success:
+      out.answer.kind = proto::TlsaAnswer::Kind::records;
+      break;
+    case DnsOutcome::nxdomain:
+    case DnsOutcome::nodata:
+      out.answer.kind = proto::TlsaAnswer::Kind::none;
+      co_return out;
+    default:
+      out.answer.kind = proto::TlsaAnswer::Kind::failed;
+      co_return out;
+  }
+  for (int i = 0; query.result->data[i] != nullptr; ++i) {
+    auto record = proto::parse_tlsa_rdata(
+        std::string_view(query.result->data[i], static_cast<std::size_t>(query.result->len[i])));
+    if (record) out.answer.records.push_back(std::move(*record));
+  }
+  co_return out;
+}
+
 }  // namespace mailflow

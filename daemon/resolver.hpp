@@ -22,6 +22,7 @@
 
 #include "config/config.hpp"
 #include "daemon/dns_vocabulary.hpp"
+#include "proto/dane.hpp"
 #include "proto/mx_plan.hpp"
 
 namespace mailflow {
@@ -59,6 +60,13 @@ struct AddressResult {
 };
 std::string_view to_string(AddressResult::Status status);  // "addresses", "none", "failed"
 
+// The TLSA records of a name (_PORT._tcp.HOST, RFC 6698 / RFC 7672).
+struct TlsaResult {
+  proto::TlsaAnswer answer;  // records / none / failed, the DNSSEC status, the records
+  DnsOutcome outcome = DnsOutcome::error;
+  std::string detail;
+};
+
 class Resolver {
  public:
   // Applies `dns`: forwarders (dns.servers) or /etc/resolv.conf, the trust anchor, the timeout. Throws
@@ -75,6 +83,8 @@ class Resolver {
   boost::asio::awaitable<MxResult> resolve_mx(std::string domain);
   // AAAA and A of `host`, both queried at once, each within dns.timeout.
   boost::asio::awaitable<AddressResult> resolve_addresses(std::string host);
+  // TLSA records of `name`, within dns.timeout; malformed records are left out.
+  boost::asio::awaitable<TlsaResult> resolve_tlsa(std::string name);
 
  private:
   struct Impl;

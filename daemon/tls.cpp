@@ -184,6 +184,11 @@ ClientTls::ClientTls(const config::Upstream& upstream)
     SSL_CTX_set_min_proto_version(ctx_, TLS1_VERSION);
     SSL_CTX_set_cipher_list(ctx_, "DEFAULT:@SECLEVEL=0");
     SSL_CTX_set_verify(ctx_, SSL_VERIFY_NONE, nullptr);
+    // tls: dane: a host with usable TLSA records is verified against them, per connection (Link::handshake).
+    if (upstream.tls == config::UpstreamTls::dane && SSL_CTX_dane_enable(ctx_) <= 0) {
+      SSL_CTX_free(ctx_);
+      throw std::runtime_error("SSL_CTX_dane_enable: " + openssl_error_text());
+    }
   }
 }
 

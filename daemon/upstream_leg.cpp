@@ -4,6 +4,7 @@
 #include <boost/asio/use_awaitable.hpp>
 
 #include <exception>
+#include <map>
 
 #include "daemon/log.hpp"
 #include "daemon/mx_route.hpp"
@@ -87,7 +88,7 @@ void UpstreamLeg::drop() {
     const TlsInfo& tls = link_->tls();
     session_.telemetry.leg_finished(session_.listener, Leg::upstream, tls.version);
     summary_ = upstream_->name + "/" + std::string(proto::to_string(tls.version)) +
-               (tls.cipher.empty() ? "" : "/" + tls.cipher);
+               (tls.cipher.empty() ? "" : "/" + tls.cipher) + (dane_authenticated_ ? "/dane" : "");
     link_.reset();
   }
   in_.clear();
@@ -172,20 +173,65 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open(const con
   co_return co_await open_fixed(upstream, client);
 }
 
+std::shared_ptr<Resolver> UpstreamLeg::resolver() {
+  try {
+    return loop_resolver(executor_, config_.dns, session_.telemetry);
+  } catch (const std::exception& e) {
+    log_limited(LogLevel::error, "dns_unavailable", {{"id", session_.id}, {"error", e.what()}});
+    return nullptr;
+  }
+}
+
+asio::awaitable<proto::DanePlan> UpstreamLeg::plan_dane(Resolver& resolver, const config::Upstream& upstream,
+                                                       const std::string& host, std::uint16_t port, bool secure) {
+  if (upstream.tls != config::UpstreamTls::dane) co_return proto::DanePlan{};
+  if (!secure) co_return proto::plan_dane(false, nullptr);
+  // RFC 7672 3.1.2: the TLSA base domain is the MX host name (CNAMEs are not followed here).
+  const TlsaResult tlsa = co_await resolver.resolve_tlsa("_" + std::to_string(port) + "._tcp." + host);
+  proto::DanePlan plan = proto::plan_dane(true, &tlsa.answer);
+  if (plan.kind == proto::DanePlan::Kind::skip) {
+    log_limited(LogLevel::warn, "dane",
+                {{"id", session_.id},
+                 {"upstream", upstream.name},
+                 {"host", host},
+                 {"plan", to_string(plan.kind)},
+                 {"reason", plan.why},
+                 {"error", tlsa.detail}});
+  }
+  co_return plan;
+}
+
 asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(const config::Upstream& upstream,
                                                                              const Client& client) {
   // timeouts.upstream_connect bounds the lookup, every connect attempt and the banner together.
   const auto connect_deadline = in(config_.timeouts.upstream_connect);
+  const std::uint16_t port = upstream.address.port;
   std::string reason = "no address";
+  proto::DanePlan dane;
   error_code ec;
   std::vector<tcp::endpoint> endpoints;
   if (auto address = asio::ip::make_address(upstream.address.host, ec); !ec) {
-    endpoints.emplace_back(address, upstream.address.port);
+    endpoints.emplace_back(address, port);
+  } else if (upstream.tls == config::UpstreamTls::dane) {
+    // DANE needs to know whether the host's addresses are DNSSEC-validated: looked up through libunbound.
+    const auto dns = resolver();
+    if (!dns) co_return Refusal{proto::format_reply(451, "4.4.3", "DNS resolver unavailable, try again later"), {}};
+    const AddressResult addresses = co_await dns->resolve_addresses(upstream.address.host);
+    for (const auto& address : addresses.addresses) endpoints.emplace_back(address, port);
+    if (endpoints.empty()) {
+      reason = "connect_failed";
+      session_.telemetry.upstream_error(upstream.name, "connect_failed");
+      log_limited(LogLevel::warn, "upstream_error",
+                  {{"id", session_.id}, {"upstream", upstream.name}, {"reason", reason}, {"error", addresses.detail}});
+    } else {
+      dane = co_await plan_dane(*dns, upstream, upstream.address.host, port, addresses.secure);
+      if (dane.kind == proto::DanePlan::Kind::skip) endpoints.clear();
+    }
   } else {
     ec = {};
     resolver_.emplace(executor_);
     session_.deadlines.arm(connect_deadline);
-    auto results = co_await resolver_->async_resolve(upstream.address.host, std::to_string(upstream.address.port),
+    auto results = co_await resolver_->async_resolve(upstream.address.host, std::to_string(port),
                                                      asio::redirect_error(asio::use_awaitable, ec));
     session_.deadlines.disarm(ec);
     resolver_.reset();
@@ -199,7 +245,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
     }
   }
   for (const auto& endpoint : endpoints) {
-    if (co_await connect_to(upstream, endpoint, upstream.address.host, connect_deadline, client, reason)) {
+    if (co_await connect_to(upstream, endpoint, upstream.address.host, connect_deadline, client, dane, reason)) {
       host_ = upstream.address.host;
       co_return std::nullopt;
     }
@@ -213,13 +259,8 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
                                                                           const Client& client) {
   // Delivery to the recipient domain's MX hosts (RFC 5321 section 5): in order, each host and address in
   // turn, each attempt with timeouts.upstream_connect of its own.
-  std::shared_ptr<Resolver> resolver;
-  try {
-    resolver = loop_resolver(executor_, config_.dns, session_.telemetry);
-  } catch (const std::exception& e) {
-    log_limited(LogLevel::error, "dns_unavailable", {{"id", session_.id}, {"error", e.what()}});
-    co_return Refusal{proto::format_reply(451, "4.4.3", "DNS resolver unavailable, try again later"), {}};
-  }
+  const auto resolver = this->resolver();
+  if (!resolver) co_return Refusal{proto::format_reply(451, "4.4.3", "DNS resolver unavailable, try again later"), {}};
   const MxRoute mx = co_await resolve_mx_route(*resolver, *session_.runtime.own_listeners, domain, upstream.port);
   if (mx.result != MxRoute::Result::deliver) {
     // mailflowd's own refusal of the recipient (null MX, no such domain, a loop, DNS trouble).
@@ -228,9 +269,20 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
     co_return Refusal{mx.reply + "\r\n", to_string(mx.result)};
   }
   std::string reason = "no address";
+  std::map<std::string, proto::DanePlan, std::less<>> dane_plans;  // per host: its addresses share it
   for (const auto& attempt : mx.attempts) {
-    const bool connected = co_await connect_to(upstream, attempt.endpoint, attempt.host,
-                                               in(config_.timeouts.upstream_connect), client, reason);
+    auto plan = dane_plans.find(attempt.host);
+    if (plan == dane_plans.end()) {
+      proto::DanePlan dane = co_await plan_dane(*resolver, upstream, attempt.host, upstream.port, attempt.secure);
+      plan = dane_plans.emplace(attempt.host, std::move(dane)).first;
+    }
+    bool connected = false;
+    if (plan->second.kind == proto::DanePlan::Kind::skip) {
+      reason = "tls_policy";  // RFC 7672 2.2: a host whose TLSA records cannot be learned is not used
+    } else {
+      connected = co_await connect_to(upstream, attempt.endpoint, attempt.host, in(config_.timeouts.upstream_connect),
+                                      client, plan->second, reason);
+    }
     session_.telemetry.mx_attempt(upstream.name, connected ? "success" : reason);
     if (connected) {
       host_ = attempt.host;
@@ -245,8 +297,10 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
 
 asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, const tcp::endpoint& endpoint,
                                               const std::string& tls_name, TimePoint connect_deadline,
-                                              const Client& client, std::string& reason) {
+                                              const Client& client, const proto::DanePlan& dane,
+                                              std::string& reason) {
   link_ = std::make_unique<Link>(tcp::socket(executor_));
+  dane_authenticated_ = false;
   in_.clear();
   error_code ec;
   co_await session_.deadlines.connect(*link_, endpoint, connect_deadline, ec);
@@ -266,9 +320,24 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
 
   proto::ClientSession::Options options;
   options.ehlo_name = config_.hostname;
-  options.tls = upstream.tls == config::UpstreamTls::none            ? proto::UpstreamTlsPolicy::none
-                : upstream.tls == config::UpstreamTls::opportunistic ? proto::UpstreamTlsPolicy::opportunistic
-                                                                     : proto::UpstreamTlsPolicy::required;
+  const bool dane_mandatory =
+      dane.kind == proto::DanePlan::Kind::authenticate || dane.kind == proto::DanePlan::Kind::encrypt;
+  switch (upstream.tls) {
+    case config::UpstreamTls::none:
+      options.tls = proto::UpstreamTlsPolicy::none;
+      break;
+    case config::UpstreamTls::opportunistic:
+      options.tls = proto::UpstreamTlsPolicy::opportunistic;
+      break;
+    case config::UpstreamTls::required:
+    case config::UpstreamTls::verify:
+      options.tls = proto::UpstreamTlsPolicy::required;
+      break;
+    case config::UpstreamTls::dane:
+      // Secure TLSA records make TLS mandatory (RFC 7672 2.2); without them DANE does not apply.
+      options.tls = dane_mandatory ? proto::UpstreamTlsPolicy::required : proto::UpstreamTlsPolicy::opportunistic;
+      break;
+  }
   options.xclient_allowed = upstream.xclient;
   options.client_address = client.address;
   options.client_port = client.port;
@@ -305,8 +374,10 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
         }
         const ClientTls* tls = session_.runtime.client_tls(upstream.name);
         error_code hs;
+        const bool authenticate = dane.kind == proto::DanePlan::Kind::authenticate;
         co_await session_.deadlines.handshake(*link_, tls->context(), false, tls_name, tls->verify(),
-                                              in(config_.timeouts.tls_handshake), hs, tls->verify_names());
+                                              in(config_.timeouts.tls_handshake), hs, tls->verify_names(),
+                                              authenticate ? &dane.records : nullptr);
         if (hs) {
           const std::string label = handshake_failure_label(hs);
           session_.telemetry.tls_handshake_failed(session_.listener, Leg::upstream, label);
@@ -329,6 +400,7 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
           reason = "tls_policy";
           co_return false;
         }
+        dane_authenticated_ = authenticate;
         action = engine.on_tls_started();
         break;
       }

@@ -20,12 +20,14 @@
 #include "daemon/deadlines.hpp"
 #include "daemon/link.hpp"
 #include "daemon/read_buffer.hpp"
+#include "proto/dane.hpp"
 #include "proto/reply.hpp"
 #include "proto/tls_version.hpp"
 
 namespace mailflow {
 
 struct Runtime;
+class Resolver;
 class Telemetry;
 
 class UpstreamLeg {
@@ -87,17 +89,23 @@ class UpstreamLeg {
   // fixed upstream's configured host).
   std::string address() const;
   const std::string& host() const { return host_; }
-  // "name/TLS1.2/cipher" of the last connection that ended, for the session's log line.
+  // "name/TLS1.2/cipher" of the last connection that ended ("/dane" when DANE authenticated it), for the
+  // session's log line.
   const std::string& summary() const { return summary_; }
 
  private:
   // One connection attempt (connect, banner, EHLO, STARTTLS per policy, XCLIENT): false with `reason` set
   // (one of reasons::mx_attempts).
+  // `dane`: what DANE asks of this host (kind none unless tls: dane).
   boost::asio::awaitable<bool> connect_to(const config::Upstream& upstream,
                                           const boost::asio::ip::tcp::endpoint& endpoint,
                                           const std::string& tls_name, TimePoint connect_deadline,
-                                          const Client& client, std::string& reason);
+                                          const Client& client, const proto::DanePlan& dane, std::string& reason);
+  // tls: dane: the TLSA records of `host` (when its DNS is `secure`) and what they ask.
+  boost::asio::awaitable<proto::DanePlan> plan_dane(Resolver& resolver, const config::Upstream& upstream,
+                                                    const std::string& host, std::uint16_t port, bool secure);
   boost::asio::awaitable<std::optional<Refusal>> open_fixed(const config::Upstream& upstream, const Client& client);
+  std::shared_ptr<Resolver> resolver();  // the event loop's (null, logged, when libunbound refuses the settings)
   boost::asio::awaitable<std::optional<Refusal>> open_mx(const config::Upstream& upstream,
                                                          const std::string& domain, const Client& client);
 
@@ -111,6 +119,7 @@ class UpstreamLeg {
   std::unique_ptr<Link> link_;
   ReadBuffer in_;
   bool pipelining_ = false;
+  bool dane_authenticated_ = false;  // the current connection's certificate matched a TLSA record
   std::string summary_;
 };
 

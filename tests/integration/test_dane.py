@@ -1,0 +1,271 @@
+"""DANE for outbound SMTP (RFC 7672, issue #19 item 1): an mx upstream with `tls: dane`, a DNSSEC-signed zone
+served by a real knotd (it signs the zone itself; its key is libunbound's trust anchor), MX hosts on 127.0.0.x
+that are real aiosmtpd sinks, and TLSA records made from the sinks' real certificates.
+
+- DANE-EE(3) SPKI SHA2-256 matching the MX host's key: delivered over TLS without a name check (the sink's
+  certificate does not name the MX host), and the session log says "/dane";
+- a DANE-EE record that matches nothing: that host is not used; the next MX host (matching) takes the mail,
+  and where there is none the RCPT gets 451 4.4.1 naming tls_policy;
+- secure TLSA records on a host without STARTTLS: TLS is mandatory, the host is not used;
+- no TLSA records: opportunistic, delivered in plaintext to a host without STARTTLS;
+- only unusable records (PKIX-EE): TLS without authentication (delivered over TLS);
+- DANE-TA(2): a certificate chain from the test CA whose TLSA names the CA, with the MX host name in the leaf
+  (delivered), and one whose leaf does not name the MX host (not used: DANE-TA keeps the name check);
+- the config checker refuses `tls: dane` without dns.trust_anchor_file."""
+import hashlib
+import shutil
+import ssl
+import subprocess
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+import pytest
+
+import harness
+from harness import delta, series_key
+from hostile_helpers import greeted
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+from dns_server import KnotServer  # noqa: E402
+
+SENDER = "app@corp.example"
+ADDR = {
+    "good": "127.0.0.61",      # TLS; DANE-EE matches its key
+    "wrong": "127.0.0.62",     # TLS; its DANE-EE record matches nothing
+    "notls": "127.0.0.63",     # no STARTTLS, secure TLSA
+    "plain": "127.0.0.64",     # no STARTTLS, no TLSA
+    "unusable": "127.0.0.65",  # TLS; only a PKIX-EE record (unusable for SMTP)
+    "ta": "127.0.0.66",        # TLS, chain from the test CA, leaf names mx.ta.example.net; DANE-TA names the CA
+    "taname": "127.0.0.67",    # TLS, chain from the test CA, leaf names sink.test only; DANE-TA names the CA
+}
+
+
+def der_of(pem_path):
+    return ssl.PEM_cert_to_DER_cert(Path(pem_path).read_text().split("-----END CERTIFICATE-----")[0]
+                                    + "-----END CERTIFICATE-----\n")
+
+
+def spki_sha256(pem_path):
+    pub = subprocess.run(["openssl", "x509", "-in", str(pem_path), "-noout", "-pubkey"], check=True,
+                         capture_output=True).stdout
+    der = subprocess.run(["openssl", "pkey", "-pubin", "-outform", "DER"], input=pub, check=True,
+                         capture_output=True).stdout
+    return hashlib.sha256(der).hexdigest()
+
+
+def leaf_for(certs, directory, name, san):
+    """A leaf certificate for `san` signed by the test CA, as a chain file (leaf, then the CA)."""
+    key, csr, crt = directory / f"{name}.key", directory / f"{name}.csr", directory / f"{name}.crt"
+    subprocess.run(["openssl", "req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
+                    "-subj", f"/CN={san}"], check=True, capture_output=True)
+    ext = directory / f"{name}.ext"
+    ext.write_text(f"subjectAltName=DNS:{san}\n")
+    subprocess.run(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(certs / "ca.pem"), "-CAkey",
+                    str(certs / "ca.key"), "-CAcreateserial", "-days", "2", "-out", str(crt), "-extfile", str(ext)],
+                   check=True, capture_output=True)
+    chain = directory / f"{name}-chain.pem"
+    chain.write_text(crt.read_text() + (certs / "ca.pem").read_text())
+    return chain, key
+
+
+def zone(port, sink_spki, ca_sha256):
+    tlsa = f"_{port}._tcp"
+    return f"""$ORIGIN example.net.
+$TTL 300
+@            SOA   ns hostmaster 1 3600 600 86400 300
+@            NS    ns
+ns           A     127.0.0.1
+good         MX    10 mx.good
+mx.good      A     {ADDR['good']}
+{tlsa}.mx.good    TLSA  3 1 1 {sink_spki}
+wrong        MX    10 mx.wrong
+wrong        MX    20 mx.good
+mx.wrong     A     {ADDR['wrong']}
+{tlsa}.mx.wrong   TLSA  3 1 1 {'00' * 32}
+onlywrong    MX    10 mx.wrong
+notls        MX    10 mx.notls
+mx.notls     A     {ADDR['notls']}
+{tlsa}.mx.notls   TLSA  3 1 1 {sink_spki}
+plain        MX    10 mx.plain
+mx.plain     A     {ADDR['plain']}
+unusable     MX    10 mx.unusable
+mx.unusable  A     {ADDR['unusable']}
+{tlsa}.mx.unusable TLSA 1 1 1 {'00' * 32}
+ta           MX    10 mx.ta
+mx.ta        A     {ADDR['ta']}
+{tlsa}.mx.ta      TLSA  2 0 1 {ca_sha256}
+taname       MX    10 mx.taname
+mx.taname    A     {ADDR['taname']}
+{tlsa}.mx.taname  TLSA  2 0 1 {ca_sha256}
+"""
+
+
+@pytest.fixture(scope="module")
+def short_dir():
+    path = tempfile.mkdtemp(prefix="mf-dane-")  # knotd's control socket path must stay short
+    yield Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def env(certs, workdir, short_dir, sink_factory, daemon_factory):
+    port = harness.free_port("127.0.0.1", *ADDR.values())
+    ca_sha256 = hashlib.sha256(der_of(certs / "ca.pem")).hexdigest()
+    knot = KnotServer(short_dir, {"example.net": zone(port, spki_sha256(certs / "sink.pem"), ca_sha256)},
+                      dnssec=True).start()
+    try:
+        tls = {"tls_cert": certs / "sink.pem", "tls_key": certs / "sink.key"}
+        ta_chain, ta_key = leaf_for(certs, workdir, "mx-ta", "mx.ta.example.net")
+        taname_chain, taname_key = leaf_for(certs, workdir, "mx-taname", "sink.test")
+        sinks = {
+            "good": sink_factory("mx-good", host=ADDR["good"], port=port, **tls),
+            "wrong": sink_factory("mx-wrong", host=ADDR["wrong"], port=port, **tls),
+            "notls": sink_factory("mx-notls", host=ADDR["notls"], port=port),
+            "plain": sink_factory("mx-plain", host=ADDR["plain"], port=port),
+            "unusable": sink_factory("mx-unusable", host=ADDR["unusable"], port=port, **tls),
+            "ta": sink_factory("mx-ta", host=ADDR["ta"], port=port, tls_cert=ta_chain, tls_key=ta_key),
+            "taname": sink_factory("mx-taname", host=ADDR["taname"], port=port, tls_cert=taname_chain,
+                                   tls_key=taname_key),
+        }
+        listeners = [{"name": "out", "address": f"127.0.0.1:{port}", "direction": "outbound",
+                      "upstream": "dane-mx"}]
+        upstreams = [{"name": "dane-mx", "mx": True, "port": port, "tls": "dane"}]
+        connectors = [{"name": "partners", "type": "partner", "direction": "outbound",
+                       "match": {"recipient_domains": ["*.example.net", "example.net"]}}]
+        daemon = daemon_factory(listeners, upstreams, connectors,
+                                dns={"servers": [knot.address], "timeout": "2s",
+                                     "trust_anchor_file": str(knot.trust_anchor_file)})
+        yield types.SimpleNamespace(daemon=daemon, port=port, sinks=sinks, knot=knot)
+    finally:
+        knot.stop()
+
+
+def deliver(env, rcpt):
+    """One message to `rcpt`: (RCPT reply, final reply or None)."""
+    c = greeted(env.port)
+    try:
+        assert c.cmd(f"MAIL FROM:<{SENDER}>")[0] == 250
+        rcpt_reply = c.cmd(f"RCPT TO:<{rcpt}>")
+        if rcpt_reply[0] != 250:
+            c.cmd("QUIT")
+            return rcpt_reply, None
+        assert c.cmd("DATA")[0] == 354
+        c.send(f"From: {SENDER}\r\nTo: {rcpt}\r\nSubject: dane\r\n\r\nbody\r\n".encode())
+        final = c.cmd(".")
+        c.cmd("QUIT")
+        return rcpt_reply, final
+    finally:
+        c.close()
+
+
+def session_upstreams(daemon):
+    """The `upstream` field of every session line so far ("name/TLS1.3/cipher[/dane]")."""
+    out = []
+    for line in daemon.stderr().splitlines():
+        if " session " in line or '"event":"session"' in line:
+            for part in line.split():
+                if part.startswith("upstream="):
+                    out.append(part.split("=", 1)[1].strip('"'))
+    return out
+
+
+def attempts(before, after):
+    return {dict(k)["result"]: v for k, v in delta(before, after, "mailflow_mx_attempts_total").items()}
+
+
+def test_dane_ee_match_delivers_over_tls_without_a_name_check(env):
+    sink = env.sinks["good"]
+    n = sink.count()
+    before = env.daemon.metrics()
+    rcpt, final = deliver(env, "alice@good.example.net")
+    assert rcpt[0] == 250 and final[0] == 250, (rcpt, final)
+    meta, _ = sink.wait_messages(n + 1)[-1]
+    assert meta["tls_version"] in ("TLSv1.2", "TLSv1.3")
+    after = harness.wait_moved(env.daemon, before)
+    assert attempts(before, after) == {"success": 1.0}
+    assert delta(before, after, "mailflow_dns_lookups_total", type="TLSA", result="success") == \
+        {series_key(type="TLSA", result="success"): 1.0}
+    harness.wait_for(lambda: any(u.endswith("/dane") for u in session_upstreams(env.daemon)),
+                     what="a session line whose upstream leg says /dane")
+
+
+def test_dane_ee_mismatch_skips_the_host_next_mx_takes_it(env):
+    good, wrong = env.sinks["good"], env.sinks["wrong"]
+    n_good, n_wrong = good.count(), wrong.count()
+    before = env.daemon.metrics()
+    rcpt, final = deliver(env, "bob@wrong.example.net")
+    assert rcpt[0] == 250 and final[0] == 250, (rcpt, final)
+    good.wait_messages(n_good + 1)
+    assert wrong.count() == n_wrong, "the host whose certificate matches no TLSA record got the message"
+    after = harness.wait_moved(env.daemon, before)
+    assert attempts(before, after) == {"tls_policy": 1.0, "success": 1.0}
+
+
+def test_dane_ee_mismatch_on_the_only_mx_is_451_tls_policy(env):
+    wrong = env.sinks["wrong"]
+    n = wrong.count()
+    rcpt, final = deliver(env, "carol@onlywrong.example.net")
+    assert rcpt[0] == 451 and "4.4.1" in rcpt[1] and "tls_policy" in rcpt[1], rcpt
+    assert final is None and wrong.count() == n
+
+
+def test_secure_tlsa_makes_tls_mandatory(env):
+    notls = env.sinks["notls"]
+    n = notls.count()
+    rcpt, _ = deliver(env, "dave@notls.example.net")
+    assert rcpt[0] == 451 and "tls_policy" in rcpt[1], rcpt
+    assert notls.count() == n
+
+
+def test_no_tlsa_records_is_opportunistic(env):
+    plain = env.sinks["plain"]
+    n = plain.count()
+    rcpt, final = deliver(env, "erin@plain.example.net")
+    assert rcpt[0] == 250 and final[0] == 250, (rcpt, final)
+    meta, _ = plain.wait_messages(n + 1)[-1]
+    assert meta["tls_version"] == "none"
+
+
+def test_only_unusable_records_is_tls_without_authentication(env):
+    sink = env.sinks["unusable"]
+    n = sink.count()
+    rcpt, final = deliver(env, "frank@unusable.example.net")
+    assert rcpt[0] == 250 and final[0] == 250, (rcpt, final)
+    meta, _ = sink.wait_messages(n + 1)[-1]
+    assert meta["tls_version"] != "none"
+
+
+def test_dane_ta_chain_with_the_mx_name_delivers(env):
+    sink = env.sinks["ta"]
+    n = sink.count()
+    rcpt, final = deliver(env, "grace@ta.example.net")
+    assert rcpt[0] == 250 and final[0] == 250, (rcpt, final)
+    sink.wait_messages(n + 1)
+
+
+def test_dane_ta_keeps_the_name_check(env):
+    sink = env.sinks["taname"]
+    n = sink.count()
+    rcpt, _ = deliver(env, "heidi@taname.example.net")
+    assert rcpt[0] == 451 and "tls_policy" in rcpt[1], rcpt
+    assert sink.count() == n
+
+
+def test_dane_without_a_trust_anchor_is_a_config_error(mailflowd_bin, workdir):
+    cfg = Path(workdir) / "dane-no-anchor.yaml"
+    cfg.write_text("""listeners:
+  - name: out
+    address: 127.0.0.1:2599
+    direction: outbound
+    upstream: dane-mx
+upstreams:
+  - name: dane-mx
+    mx: true
+    tls: dane
+""")
+    run = subprocess.run([str(mailflowd_bin), "--check-config", str(cfg)], capture_output=True, text=True)
+    assert run.returncode != 0
+    assert "tls: dane needs dns.trust_anchor_file" in run.stderr + run.stdout
+    assert ":9:" in run.stderr + run.stdout or "line 9" in run.stderr + run.stdout, run.stderr + run.stdout
