@@ -1000,8 +1000,17 @@ asio::awaitable<void> RelaySession::relay_data() {
       if (final_reply->positive()) {
         // The one place a message is counted: the upstream took responsibility for it.
         ++messages_;
-        telemetry_.message_delivered(connector_name_, direction_, version_at_start, filter.message_bytes(),
-                                     recipients);
+        const bool out = direction_ == config::Direction::outbound;
+        error_code remote_ec;
+        telemetry_.message_delivered(
+            connector_name_, direction_, version_at_start, filter.message_bytes(), recipients,
+            Remote{out ? address_text(upstream_.link->socket().remote_endpoint(remote_ec).address())
+                       : address_text(client_address_),
+                   out ? (upstream_.host.empty() ? upstream_.config->address.host : upstream_.host)
+                       : session_.helo_name(),
+                   out ? upstream_.link->tls().cipher : client_.tls().cipher,
+                   out ? std::span<const std::string>(&route_->domain, route_->domain.empty() ? 0 : 1)
+                       : std::span<const std::string>(&sender_domain_, sender_domain_.empty() ? 0 : 1)});
       }
     }
   }

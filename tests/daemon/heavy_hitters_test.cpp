@@ -303,7 +303,7 @@ TEST_CASE("remote store: per day tables, merged over days, dropped when they lea
   CHECK(loaded.merged("partner", Direction::inbound, RemoteTable::remotes, first, first + days(3)).empty());
 }
 
-TEST_CASE("remote store: inbound addresses queue once for a reverse name; a cached name expires") {
+TEST_CASE("remote store: inbound addresses queue once for a reverse name, a cached name expires") {
   RemoteStore store;
   const auto now = sys_days(2026y / 11 / 20) + hours(10);
   store.add("partner", Direction::inbound, RemoteTable::remotes, message("203.0.113.7", TlsVersion::tls12), now);
