@@ -59,6 +59,15 @@ struct AddressResult {
 };
 std::string_view to_string(AddressResult::Status status);  // "addresses", "none", "failed"
 
+struct PtrResult {
+  DnsOutcome outcome = DnsOutcome::error;  // of the PTR query
+  std::vector<std::string> names;           // without the final dot, DNS order
+  std::string detail;
+};
+
+// "7.113.0.203.in-addr.arpa" / nibbles + ".ip6.arpa" (RFC 1035 3.5, RFC 3596 2.5).
+std::string reverse_name(const boost::asio::ip::address& address);
+
 class Resolver {
  public:
   // Applies `dns`: forwarders (dns.servers) or /etc/resolv.conf, the trust anchor, the timeout. Throws
@@ -75,6 +84,11 @@ class Resolver {
   boost::asio::awaitable<MxResult> resolve_mx(std::string domain);
   // AAAA and A of `host`, both queried at once, each within dns.timeout.
   boost::asio::awaitable<AddressResult> resolve_addresses(std::string host);
+  // PTR of `address`, within dns.timeout (counted as DnsType::ptr).
+  boost::asio::awaitable<PtrResult> resolve_ptr(boost::asio::ip::address address);
+  // The forward-confirmed reverse name (FCrDNS): the first PTR name whose A/AAAA contain `address`; "" when
+  // there is none. `failed` is set when a lookup failed temporarily (worth trying again sooner).
+  boost::asio::awaitable<std::string> verified_name(boost::asio::ip::address address, bool& failed);
 
  private:
   struct Impl;
