@@ -164,8 +164,8 @@ struct Resolver::Impl : std::enable_shared_from_this<Impl> {
     }
     // Reverse names of loopback and private clients are asked of the configured resolver, not answered by
     // libunbound's built-in local zones (RFC 6303 defaults): a site's own DNS serves its PTRs, and the tests'
-    // clients are on 127.0.0.x.
-    check(ub_ctx_set_option(ctx, "local-zone:", "127.in-addr.arpa. nodefault"), "local-zone 127.in-addr.arpa");
+    // clients are on 127.0.0.x ("transparent": 127.0.0.1 is still localhost; "nodefault" is not honoured here).
+    check(ub_ctx_set_option(ctx, "local-zone:", "127.in-addr.arpa. transparent"), "local-zone 127.in-addr.arpa");
     check(ub_ctx_set_option(ctx, "unblock-lan-zones:", "yes"), "unblock-lan-zones");
     check(ub_ctx_set_option(ctx, "insecure-lan-zones:", "yes"), "insecure-lan-zones");
     if (!dns.trust_anchor_file.empty()) {
