@@ -150,7 +150,7 @@ TEST_CASE("drill-down: rows over the report's days, the ones to fix first, and t
   CHECK(html.find("<tr class=\"fix\"><td>203.0.113.7</td>") != std::string::npos);
 }
 
-TEST_CASE("drill-down: over the bound, the other row and the error bound show; remotes off says so") {
+TEST_CASE("drill-down: over the bound, the other row and the error bound show, remotes off says so") {
   Fixture f;
   f.remotes.set_limits({.top_remotes = 2, .top_domains = 50, .remotes = true, .window = hours(24 * 7)});
   f.inbound("203.0.113.1", "a", TlsVersion::tls12, 5);
