@@ -43,7 +43,7 @@ const std::vector<Section>& schema() {
       {"connectors[]", {"name", "type", "direction", "match", "require_tls", "upstream", "alerts"}},
       {"connectors[].match", {"listener", "client_cidrs", "sender_domains", "recipient_domains", "ehlo", "sni"}},
       {"connectors[].alerts", {"tls10_share", "no_tls_share", "min_messages"}},
-      {"telemetry", {"window", "defaults", "top_domains"}},
+      {"telemetry", {"window", "defaults", "top_domains", "top_remotes", "remotes"}},
       {"telemetry.defaults", {"tls10_share", "no_tls_share", "min_messages"}},
       {"http", {"address", "basic_auth", "tls"}},
       {"http.basic_auth", {"user", "password_hash"}},
@@ -755,6 +755,8 @@ class Loader {
       load_alerts(*defaults, "telemetry.defaults", "telemetry.defaults", config_.telemetry.defaults);
     }
     read_integer(*map, "top_domains", "telemetry", config_.telemetry.top_domains, 1, 10'000, false);
+    read_integer(*map, "top_remotes", "telemetry", config_.telemetry.top_remotes, 1, 10'000, false);
+    read_bool(*map, "remotes", "telemetry", config_.telemetry.remotes);
   }
 
   void load_upstreams(const Field& field) {

@@ -122,6 +122,8 @@ struct Telemetry {
   std::chrono::hours window{24 * 7};  // 1d..90d
   AlertThresholds defaults;
   std::uint32_t top_domains = 50;  // destination domains kept per connector in the report; the rest is "other"
+  std::uint32_t top_remotes = 100;  // remote servers kept per connector and day (heavy hitters); the rest is "other"
+  bool remotes = true;              // false: no per-address drill-down (addresses and names are personal data)
 };
 
 struct BasicAuth {

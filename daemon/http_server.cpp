@@ -147,6 +147,19 @@ std::optional<int> parse_days(std::string_view query, int max_days, std::string&
   return days;
 }
 
+// The value of `name` in a query string ("" when absent); connector names need no percent-decoding
+// ([a-z0-9_-]+), and anything else simply matches no connector.
+std::string query_value(std::string_view query, std::string_view name) {
+  while (!query.empty()) {
+    const auto amp = query.find('&');
+    const std::string_view param = query.substr(0, amp);
+    query = amp == std::string_view::npos ? std::string_view{} : query.substr(amp + 1);
+    const auto eq = param.find('=');
+    if (eq != std::string_view::npos && param.substr(0, eq) == name) return std::string(param.substr(eq + 1));
+  }
+  return {};
+}
+
 Response make_response(const Request& request, http::status status, std::string_view content_type,
                        std::string body) {
   Response response{status, request.version()};
@@ -547,6 +560,32 @@ class Server : public std::enable_shared_from_this<Server> {
         {"/api/v1/report.csv", "text/csv; charset=utf-8", &render_csv},
         {"/api/v1/report.txt", kTextPlain, &render_table},
     };
+    // The drill-down (daemon/report_remotes.cpp): CSVs for scripts, aligned text for `mailflowd report
+    // --connector NAME` / `--domains`.
+    if (path == "/api/v1/remotes.csv" || path == "/api/v1/domains.csv" || path == "/api/v1/remotes.txt" ||
+        path == "/api/v1/domains.txt") {
+      std::string error;
+      const auto days = parse_days(query, telemetry_.window_days(), error);
+      if (!days) return make_response(request, http::status::bad_request, kTextPlain, error);
+      const Report report = telemetry_.report(*days);
+      if (path == "/api/v1/remotes.csv")
+        return make_response(request, http::status::ok, "text/csv; charset=utf-8", render_remotes_csv(report));
+      if (path == "/api/v1/domains.csv")
+        return make_response(request, http::status::ok, "text/csv; charset=utf-8", render_domains_csv(report));
+      if (path == "/api/v1/domains.txt")
+        return make_response(request, http::status::ok, kTextPlain, render_domains_table(report));
+      const std::string connector = query_value(query, "connector");
+      std::string text = render_remotes_table(report, connector);
+      if (text.empty()) {
+        std::string known;
+        for (const auto& c : report.connectors)
+          if (known.find(" " + c.connector + ",") == std::string::npos) known += " " + c.connector + ",";
+        if (!known.empty()) known.pop_back();
+        return make_response(request, http::status::not_found, kTextPlain,
+                             "no connector \"" + connector + "\" in the report; connectors:" + known + "\n");
+      }
+      return make_response(request, http::status::ok, kTextPlain, std::move(text));
+    }
     for (const auto& route : kReports) {
       if (path != route.path) continue;
       std::string error;

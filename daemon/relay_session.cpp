@@ -606,8 +606,16 @@ asio::awaitable<void> RelaySession::drive() {
     if (const auto recipients = transaction_.take_delivered()) {
       // The one place a message is counted: the upstream took responsibility for it.
       ++messages_;
-      telemetry_.message_delivered(connector_name_, listener_.direction, message_version_, message_bytes_,
-                                   *recipients);
+      // The far side: the client for inbound mail; the MX host and the recipients' domains for outbound.
+      const bool out = listener_.direction == config::Direction::outbound;
+      const std::string address = out ? upstream_.address() : address_text(client_address_);
+      const std::span<const std::string> domains =
+          out ? std::span<const std::string>(transaction_.accepted_domains())
+              : std::span<const std::string>(&sender_domain_, sender_domain_.empty() ? 0 : 1);
+      telemetry_.message_delivered(
+          connector_name_, listener_.direction, message_version_, message_bytes_, *recipients,
+          Remote{address, out ? upstream_.host() : session_.helo_name(),
+                 out ? upstream_.cipher() : std::string_view(client_.tls().cipher), domains});
     }
     switch (transaction_.next()) {
       case Step::idle:

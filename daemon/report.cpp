@@ -303,7 +303,9 @@ std::string render_json(const Report& report) {
         json_escape(insight.connector), config::to_string(insight.direction), json_escape(insight.insight),
         insight.share, insight.messages, insight.threshold, json_escape(insight.text));
   }
-  out += "]}\n";
+  out += "]";
+  append_drilldown_json(out, report);  // report_remotes.cpp
+  out += "}\n";
   return out;
 }
 
@@ -435,6 +437,10 @@ td.barcell { white-space: normal; width: 45%; }
 th { background: #f9fafb; font-weight: 600; color: #374151; position: sticky; top: 0; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 tr.zero td { color: #9ca3af; }
+details.drilldown { border-top: 1px solid #eef0f3; padding: 6px 0; }
+details.drilldown summary { cursor: pointer; padding: 4px 0; }
+details.drilldown table { margin: 8px 0 12px; }
+tr.fix td:first-child { border-left: 3px solid #d32f2f; }
 td.bad { color: #b71c1c; font-weight: 600; }
 td.warn { color: #e65100; font-weight: 600; }
 .bar { display: block; width: 100%; min-width: 240px; height: 18px; border-radius: 3px; }
@@ -534,6 +540,7 @@ std::string render_html(const Report& report) {
     out += "</tr>\n";
   }
   out += "</tbody>\n</table>\n</section>\n";
+  append_drilldown_html(out, report);  // report_remotes.cpp
   out +=
       "<footer>mailflowd &middot; JSON: <code>/api/v1/report</code> &middot; CSV: "
       "<code>/api/v1/report.csv</code> "

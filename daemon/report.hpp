@@ -46,6 +46,38 @@ struct ConnectorSummary {
   std::array<double, 5> percent{};  // by proto::TlsVersion, 0..100
 };
 
+// The drill-down behind one connector (daemon/report_remotes.cpp): its remote servers and, outbound, its
+// destination domains over the report's days, merged from the per-day heavy-hitters tables.
+struct DrilldownRow {
+  std::string key;            // address (remotes) or destination domain (domains); "other" for the rest
+  std::string name;           // EHLO/HELO name (inbound), MX host name (outbound)
+  std::string verified_name;  // inbound: the forward-confirmed reverse name ("" when none or not yet known)
+  std::vector<std::string> domains;  // sender (inbound) or destination (outbound) domains seen, a few
+  TlsCounts messages{};              // by proto::TlsVersion
+  std::uint64_t refused = 0;         // handshakes refused (e.g. below the listener's min_version)
+  std::string refused_version;       // the version the last refused client offered ("" when unknown)
+  std::string cipher;                // the cipher seen most
+  std::string first_seen;            // RFC 3339 UTC; "" when never
+  std::string last_seen;
+  std::uint64_t error = 0;  // may have sent up to this many more (heavy-hitters error; 0 = exact)
+  std::uint64_t total() const;
+  std::uint64_t legacy() const;  // none + TLS1.0 + TLS1.1 + refused: what has to be fixed
+};
+
+struct DrilldownTable {
+  bool enabled = true;  // remotes: false under telemetry.remotes: false
+  std::vector<DrilldownRow> rows;  // the ones to fix first: legacy() descending, then total, then key
+  DrilldownRow other;              // key "other": everything not listed
+  std::uint64_t error_bound = 0;   // a server or domain not listed sent at most this many (0: exact)
+};
+
+struct ConnectorDrilldown {
+  std::string connector;
+  config::Direction direction = config::Direction::inbound;
+  DrilldownTable remotes;
+  DrilldownTable domains;  // outbound only (inbound: empty)
+};
+
 struct Report {
   std::string generated_at;  // RFC 3339 UTC
   int days = 7;
@@ -53,6 +85,7 @@ struct Report {
   std::vector<ReportRow> rows;  // by date (oldest first), then in connector order (see build_report)
   std::vector<Insight> insights;
   std::vector<ConnectorSummary> connectors;  // in connector order
+  std::vector<ConnectorDrilldown> drilldowns;  // in connector order (add_drilldown)
 };
 
 // Insights over the whole window (same rule as the shipped alerts: messages >= min_messages and share
@@ -79,5 +112,19 @@ std::string render_json(const Report& report);
 std::string render_csv(const Report& report);
 std::string render_table(const Report& report);  // aligned terminal table, insights below
 std::string render_html(const Report& report);   // self-contained page, inline SVG, no JavaScript
+
+// ---- the drill-down (daemon/report_remotes.cpp) ----
+class RemoteStore;
+// Fills report.drilldowns for report.connectors over the report's days, and appends to each insight its top
+// offender over the whole window ("...: 203.0.113.7 (mx2.contoso.com) sent 9 of the 12 TLS1.0 messages").
+void add_drilldown(Report& report, const RemoteStore& store, WindowStore::TimePoint now);
+void append_drilldown_json(std::string& out, const Report& report);  // `"connectors": [...]` for render_json
+void append_drilldown_html(std::string& out, const Report& report);  // per connector a <details> section
+std::string render_remotes_csv(const Report& report);
+std::string render_domains_csv(const Report& report);
+// `mailflowd report --connector NAME`: that connector's servers (both directions when it has both), legacy
+// TLS first; "" when the report has no such connector. And `--domains`: every outbound connector's domains.
+std::string render_remotes_table(const Report& report, std::string_view connector);
+std::string render_domains_table(const Report& report);
 
 }  // namespace mailflow

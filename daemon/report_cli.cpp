@@ -31,6 +31,7 @@ using tcp = boost::asio::ip::tcp;
 
 constexpr std::string_view kUsage =
     "usage: mailflowd report [--config FILE] [--url http://127.0.0.1:9725] [--days N] [--format table|json|csv]\n"
+    "                        [--connector NAME | --domains]\n"
     "                        [--user USER] [--password-file FILE] [--ca-file FILE] [--insecure]\n"
     "  --config         read http.address (https:// when http.tls is set) and http.basic_auth's user from\n"
     "                   the daemon's configuration file\n"
@@ -38,6 +39,10 @@ constexpr std::string_view kUsage =
     "                   --config's address); https:// when http.tls is set\n"
     "  --days           UTC days to show, today included (default 7, at most the telemetry window)\n"
     "  --format         table (default), json or csv\n"
+    "  --connector      the drill-down of one connector: its remote servers (and, outbound, destination\n"
+    "                   domains) with messages per TLS version, legacy TLS first. --format csv: every\n"
+    "                   connector's servers (/api/v1/remotes.csv); json: the whole report\n"
+    "  --domains        the destination domains of every outbound connector (csv: /api/v1/domains.csv)\n"
     "  --user           basic auth user (http.basic_auth.user; default: --config's)\n"
     "  --password-file  basic auth password: the first line of FILE; else the environment variable\n"
     "                   MAILFLOWD_PASSWORD. (http://user:password@host:port works too, but shows in ps.)\n"
@@ -313,6 +318,8 @@ int run_report_cli(int argc, char** argv, std::ostream& out, std::ostream& err,
   std::optional<std::string> password_file;
   std::optional<int> days;
   std::string format = "table";
+  std::optional<std::string> connector;  // --connector NAME: that connector's drill-down
+  bool domains = false;                  // --domains: the destination domains
   TlsOptions tls;
 
   int i = 1;
@@ -331,13 +338,17 @@ int run_report_cli(int argc, char** argv, std::ostream& out, std::ostream& err,
       tls.insecure = true;
       continue;
     }
+    if (arg == "--domains") {
+      domains = true;
+      continue;
+    }
     std::string_view value;
     std::string_view name = arg;
     if (const auto eq = arg.find('='); arg.starts_with("--") && eq != std::string_view::npos) {
       name = arg.substr(0, eq);
       value = arg.substr(eq + 1);
     } else if (arg == "--url" || arg == "--days" || arg == "--format" || arg == "--ca-file" || arg == "--config" ||
-               arg == "--user" || arg == "--password-file") {
+               arg == "--user" || arg == "--password-file" || arg == "--connector") {
       if (i + 1 >= argc) return usage_error(std::string(arg) + " needs a value");
       value = argv[++i];
     } else {
@@ -345,6 +356,9 @@ int run_report_cli(int argc, char** argv, std::ostream& out, std::ostream& err,
     }
     if (name == "--url") {
       url_option = std::string(value);
+    } else if (name == "--connector") {
+      if (value.empty()) return usage_error("--connector needs a connector name");
+      connector = std::string(value);
     } else if (name == "--config") {
       config_path = std::string(value);
     } else if (name == "--user") {
@@ -418,7 +432,14 @@ int run_report_cli(int argc, char** argv, std::ostream& out, std::ostream& err,
   std::string target = url->base_path + "/api/v1/report";
   if (format == "csv") target += ".csv";
   if (format == "table") target += ".txt";
-  if (days) target += "?days=" + std::to_string(*days);
+  // The drill-down: its own CSV and text forms; JSON carries it in the report itself.
+  if ((connector || domains) && format != "json") {
+    target = url->base_path + (domains ? "/api/v1/domains" : "/api/v1/remotes") + (format == "csv" ? ".csv" : ".txt");
+  }
+  std::string query;
+  if (days) query += "days=" + std::to_string(*days);
+  if (connector && !domains && format == "table") query += (query.empty() ? "" : "&") + ("connector=" + *connector);
+  if (!query.empty()) target += "?" + query;
 
   const Fetch result = fetch(*url, target, tls, timeout);
   if (!result.error.empty()) {

@@ -162,6 +162,12 @@ struct Resolver::Impl : std::enable_shared_from_this<Impl> {
               "forwarder " + server.text);
       }
     }
+    // Reverse names of loopback and private clients are asked of the configured resolver, not answered by
+    // libunbound's built-in local zones (RFC 6303 defaults): a site's own DNS serves its PTRs, and the tests'
+    // clients are on 127.0.0.x ("transparent": 127.0.0.1 is still localhost; "nodefault" is not honoured here).
+    check(ub_ctx_set_option(ctx, "local-zone:", "127.in-addr.arpa. transparent"), "local-zone 127.in-addr.arpa");
+    check(ub_ctx_set_option(ctx, "unblock-lan-zones:", "yes"), "unblock-lan-zones");
+    check(ub_ctx_set_option(ctx, "insecure-lan-zones:", "yes"), "insecure-lan-zones");
     if (!dns.trust_anchor_file.empty()) {
       check(ub_ctx_add_ta_file(ctx, dns.trust_anchor_file.c_str()), "trust anchor " + dns.trust_anchor_file);
     }
@@ -435,6 +441,58 @@ net::awaitable<TlsaResult> Resolver::resolve_tlsa(std::string name) {
     if (record) out.answer.records.push_back(std::move(*record));
   }
   co_return out;
+}
+
+std::string reverse_name(const net::ip::address& address) {
+  std::string out;
+  if (address.is_v4() || (address.is_v6() && address.to_v6().is_v4_mapped())) {
+    const auto v4 = address.is_v4() ? address.to_v4() : net::ip::make_address_v4(net::ip::v4_mapped, address.to_v6());
+    const auto bytes = v4.to_bytes();
+    for (auto it = bytes.rbegin(); it != bytes.rend(); ++it) out += std::to_string(*it) + ".";
+    return out + "in-addr.arpa";
+  }
+  static constexpr char kHex[] = "0123456789abcdef";
+  const auto bytes = address.to_v6().to_bytes();
+  for (auto it = bytes.rbegin(); it != bytes.rend(); ++it) {
+    out += kHex[*it & 15];
+    out += '.';
+    out += kHex[*it >> 4];
+    out += '.';
+  }
+  return out + "ip6.arpa";
+}
+
+net::awaitable<PtrResult> Resolver::resolve_ptr(net::ip::address address) {
+  auto impl = impl_;
+  Impl::Query query(impl, DnsType::ptr, reverse_name(address));
+  impl->start(query);
+  co_await impl->finish(query);
+  PtrResult out;
+  out.outcome = query.outcome;
+  out.detail = query.detail;
+  if (query.outcome != DnsOutcome::success) co_return out;
+  for (int i = 0; query.result->data[i] != nullptr; ++i) {
+    auto name = wire_name(reinterpret_cast<const unsigned char*>(query.result->data[i]),
+                          static_cast<std::size_t>(query.result->len[i]));
+    if (name && !name->empty()) out.names.push_back(std::move(*name));
+  }
+  co_return out;
+}
+
+net::awaitable<std::string> Resolver::verified_name(net::ip::address address, bool& failed) {
+  failed = false;
+  if (address.is_v6() && address.to_v6().is_v4_mapped())
+    address = net::ip::make_address_v4(net::ip::v4_mapped, address.to_v6());
+  const PtrResult ptr = co_await resolve_ptr(address);
+  if (is_temporary(ptr.outcome)) failed = true;
+  constexpr std::size_t kMostNames = 3;  // a PTR set is usually one name; a long one is not worth a walk
+  for (std::size_t i = 0; i < ptr.names.size() && i < kMostNames; ++i) {
+    const AddressResult forward = co_await resolve_addresses(ptr.names[i]);
+    if (forward.status == AddressResult::Status::failed) failed = true;
+    for (const auto& a : forward.addresses)
+      if (a == address) co_return ptr.names[i];
+  }
+  co_return std::string();
 }
 
 }  // namespace mailflow

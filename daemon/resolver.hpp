@@ -67,6 +67,15 @@ struct TlsaResult {
   std::string detail;
 };
 
+struct PtrResult {
+  DnsOutcome outcome = DnsOutcome::error;  // of the PTR query
+  std::vector<std::string> names;           // without the final dot, DNS order
+  std::string detail;
+};
+
+// "7.113.0.203.in-addr.arpa" / nibbles + ".ip6.arpa" (RFC 1035 3.5, RFC 3596 2.5).
+std::string reverse_name(const boost::asio::ip::address& address);
+
 class Resolver {
  public:
   // Applies `dns`: forwarders (dns.servers) or /etc/resolv.conf, the trust anchor, the timeout. Throws
@@ -85,6 +94,11 @@ class Resolver {
   boost::asio::awaitable<AddressResult> resolve_addresses(std::string host);
   // TLSA records of `name`, within dns.timeout; malformed records are left out.
   boost::asio::awaitable<TlsaResult> resolve_tlsa(std::string name);
+  // PTR of `address`, within dns.timeout (counted as DnsType::ptr).
+  boost::asio::awaitable<PtrResult> resolve_ptr(boost::asio::ip::address address);
+  // The forward-confirmed reverse name (FCrDNS): the first PTR name whose A/AAAA contain `address`; "" when
+  // there is none. `failed` is set when a lookup failed temporarily (worth trying again sooner).
+  boost::asio::awaitable<std::string> verified_name(boost::asio::ip::address address, bool& failed);
 
  private:
   struct Impl;

@@ -36,6 +36,7 @@
 #include "daemon/log.hpp"
 #include "daemon/poll_window.hpp"
 #include "daemon/relay_session.hpp"
+#include "daemon/resolver.hpp"
 #include "daemon/runtime.hpp"
 #include "daemon/telemetry.hpp"
 
@@ -49,6 +50,12 @@ namespace {
 
 constexpr auto state_save_interval = std::chrono::seconds(60);
 constexpr auto memory_check_interval = std::chrono::seconds(2);
+// Reverse names of the drill-down's inbound addresses: looked up here, off every session's path, a batch at a
+// time; each answer is cached (RemoteStore) for a while, a failure for less.
+constexpr auto name_interval = std::chrono::seconds(1);
+constexpr std::size_t name_batch = 64;
+constexpr auto name_ttl = std::chrono::hours(6);
+constexpr auto name_failure_ttl = std::chrono::minutes(5);
 constexpr std::size_t memory_trim_sessions = 100;
 
 tcp::endpoint listen_endpoint(const config::Endpoint& address) {
@@ -444,6 +451,44 @@ struct Server::Impl {
     }
   }
 
+  asio::awaitable<void> name_remotes() {
+    asio::steady_timer timer(io);
+    std::shared_ptr<Resolver> resolver;
+    std::string resolver_key;
+    for (;;) {
+      timer.expires_after(name_interval);
+      co_await timer.async_wait(asio::use_awaitable);
+      if (stopping) co_return;
+      const auto addresses = telemetry.addresses_to_name(name_batch);
+      if (addresses.empty()) continue;
+      const config::Dns dns = current()->config->dns;  // a copy: a reload may replace the snapshot meanwhile
+      std::string key = std::to_string(dns.timeout.count()) + " " + dns.trust_anchor_file;
+      for (const auto& server : dns.servers) key += " " + server.text;
+      if (!resolver || key != resolver_key) {
+        try {
+          resolver = std::make_shared<Resolver>(io.get_executor(), dns, &telemetry);
+          resolver_key = key;
+        } catch (const std::exception& e) {
+          log_event(LogLevel::warn, "dns_unavailable", {{"purpose", "reverse names"}, {"error", e.what()}});
+          for (const auto& address : addresses) telemetry.remote_named(address, "", name_failure_ttl);
+          continue;
+        }
+      }
+      for (const auto& text : addresses) {
+        error_code ec;
+        const auto address = asio::ip::make_address(text, ec);
+        if (ec) {
+          telemetry.remote_named(text, "", name_ttl);
+          continue;
+        }
+        bool failed = false;
+        const std::string name = co_await resolver->verified_name(address, failed);
+        telemetry.remote_named(text, name, failed && name.empty() ? name_failure_ttl : name_ttl);
+        if (stopping) co_return;
+      }
+    }
+  }
+
   asio::awaitable<void> periodic() {
     asio::steady_timer timer(io);
     for (;;) {
@@ -481,6 +526,7 @@ int Server::run() {
   s.keep_running("signals", [&s] { return s.signals(); });
   s.keep_running("periodic", [&s] { return s.periodic(); });
   s.keep_running("periodic", [&s] { return s.give_back_memory(); });
+  s.keep_running("periodic", [&s] { return s.name_remotes(); });
 
   std::string listeners;
   for (const auto& l : config.listeners)

@@ -22,6 +22,7 @@
 #include "daemon/exposition.hpp"
 #include "daemon/reasons.hpp"
 #include "daemon/process_metrics.hpp"
+#include "daemon/remote_store.hpp"
 #include "daemon/report.hpp"
 #include "daemon/window_store.hpp"
 
@@ -52,6 +53,7 @@ constexpr std::array<std::string_view, 3> kThresholdKinds{"tls10_share", "no_tls
 constexpr std::array<config::ConnectorType, 3> kConnectorTypes{
     config::ConnectorType::partner, config::ConnectorType::onpremises, config::ConnectorType::internet};
 constexpr const char* kStateFile = "windows.state";
+constexpr const char* kRemotesFile = "remotes.state";  // the drill-down tables (RemoteStore)
 constexpr std::size_t kMaxStateFileBytes = 512u << 20;  // far above 90 days x hourly x many connectors
 
 // SMTP sessions: from an immediate QUIT (10 ms) to a slow DATA near the default timeouts (10 min).
@@ -119,6 +121,11 @@ constexpr Family alert_threshold{"mailflow_alert_threshold", "gauge",
                                  "Alert thresholds per connector (tls10_share, no_tls_share, min_messages)"};
 constexpr Family insight_active{"mailflow_insight_active", "gauge",
                                 "1 while an insight (significant_tls10, significant_no_tls) is active"};
+constexpr Family remotes_tracked{"mailflow_remotes_tracked", "gauge",
+                                  "Remote servers tracked in the window's drill-down (at most telemetry.top_remotes)"};
+constexpr Family remotes_error_bound{"mailflow_remotes_error_bound", "gauge",
+                                     "Heavy-hitters error bound of the window's drill-down: a server not listed sent "
+                                     "at most this many messages (0: exact)"};
 constexpr Family build_info{"mailflow_build_info", "gauge", "Build information (always 1)"};
 constexpr Family certificate_expiry{"mailflow_certificate_expiry_timestamp_seconds", "gauge",
                                    "notAfter of each served certificate (unix seconds), by listener (http: "
@@ -261,6 +268,8 @@ struct Snapshot {
     ConnectorValues values;
     TlsCounts window;
     std::array<bool, kInsights.size()> insight;
+    std::uint64_t remotes_tracked = 0;
+    std::uint64_t remotes_error_bound = 0;
   };
   std::vector<ConnectorRow> connectors;
   std::vector<std::pair<const ListenerSeries*, ListenerValues>> listeners;
@@ -375,6 +384,13 @@ void write_exposition(std::string& out, const Snapshot& snapshot, const std::opt
       }
     }
   }
+  if (!rows.empty()) {
+    header(family::remotes_tracked);
+    for (const auto& row : rows) append_sample(out, family::remotes_tracked.name, {row.series->labels}, row.remotes_tracked);
+    header(family::remotes_error_bound);
+    for (const auto& row : rows)
+      append_sample(out, family::remotes_error_bound.name, {row.series->labels}, row.remotes_error_bound);
+  }
   header(family::build_info);
   append_sample(out, family::build_info.name, {fixed.version}, std::uint64_t{1});
   header(family::certificate_expiry);
@@ -446,6 +462,7 @@ struct Telemetry::Impl {
   mutable std::mutex mutex;  // guards everything below
   std::shared_ptr<const config::Config> config = std::make_shared<const config::Config>();
   WindowStore windows;
+  RemoteStore remotes;
   std::vector<std::unique_ptr<ConnectorSeries>> connector_list;  // creation order: the exposition's order
   std::array<StringMap<ConnectorSeries*>, 2> connector_index;    // by direction, then name
   std::vector<std::unique_ptr<ListenerSeries>> listener_list;
@@ -498,6 +515,7 @@ struct Telemetry::Impl {
   void take_snapshot(WindowStore::TimePoint now, Snapshot& out) {
     std::lock_guard lock(mutex);
     windows.prune(now);
+    remotes.prune(now);
     std::vector<std::pair<const ConnectorSeries*, std::size_t>> active;
     for (const auto& insight : compute_insights(windows, *config, now)) {
       for (std::size_t i = 0; i < kInsights.size(); ++i) {
@@ -512,6 +530,12 @@ struct Telemetry::Impl {
       row.values = series.values;
       row.window = windows.window_totals(series.name, series.direction, now);
       row.insight = {};
+      const auto today = std::chrono::floor<std::chrono::days>(now);
+      const auto first_day = std::chrono::floor<std::chrono::days>(now - windows.window() + std::chrono::hours(1));
+      const HeavyHitters window_remotes =
+          remotes.merged(series.name, series.direction, RemoteTable::remotes, first_day, today);
+      row.remotes_tracked = window_remotes.size();
+      row.remotes_error_bound = window_remotes.error_bound();
     }
     for (const auto& [series, i] : active) out.connectors[series->index].insight[i] = true;
 
@@ -534,6 +558,8 @@ void Telemetry::configure(const config::Config& config) {
   std::lock_guard lock(impl_->mutex);
   impl_->config = snapshot;
   impl_->windows.set_window(config.telemetry.window);
+  impl_->remotes.set_limits({config.telemetry.top_remotes, config.telemetry.top_domains, config.telemetry.remotes,
+                             config.telemetry.window});
 
   // Connectors that left the configuration lose their info and threshold series (a changed type or
   // forced_tls is a new info series); their counters stay (counters must never go backwards while the
@@ -586,7 +612,7 @@ void Telemetry::certificates_loaded(const std::vector<CertificateExpiry>& certif
 }
 
 void Telemetry::message_delivered(std::string_view connector, config::Direction direction, proto::TlsVersion version,
-                                  std::uint64_t bytes, std::uint32_t recipients) {
+                                  std::uint64_t bytes, std::uint32_t recipients, const Remote& remote) {
   const auto now = impl_->clock();
   const auto i = index_of(version);
   {
@@ -597,8 +623,52 @@ void Telemetry::message_delivered(std::string_view connector, config::Direction 
     values.recipients[i] += recipients;
     if (below_tls12(version)) ++values.below_tls12;
     impl_->windows.add(connector, direction, version, now);
+
+    HeavyHitters::Observation observation;
+    observation.key = remote.address;
+    observation.name = remote.name;
+    observation.cipher = remote.cipher;
+    observation.domains = remote.domains;
+    observation.version = version;
+    impl_->remotes.add(connector, direction, RemoteTable::remotes, observation, now);
+    if (direction == config::Direction::outbound) {
+      // Once per distinct destination domain, with the MX host it went to as the row's name.
+      for (std::size_t d = 0; d < remote.domains.size(); ++d) {
+        const std::string& domain = remote.domains[d];
+        if (std::find(remote.domains.begin(), remote.domains.begin() + static_cast<std::ptrdiff_t>(d), domain) !=
+            remote.domains.begin() + static_cast<std::ptrdiff_t>(d))
+          continue;
+        HeavyHitters::Observation per_domain = observation;
+        per_domain.key = domain;
+        per_domain.domains = {};
+        impl_->remotes.add(connector, direction, RemoteTable::domains, per_domain, now);
+      }
+    }
   }
   impl_->messages_total.fetch_add(1, std::memory_order_relaxed);
+}
+
+void Telemetry::handshake_refused(std::string_view /*listener*/, std::string_view connector,
+                                  config::Direction direction, std::string_view address, std::string_view name,
+                                  proto::TlsVersion offered_version) {
+  const auto now = impl_->clock();
+  HeavyHitters::Observation observation;
+  observation.key = address;
+  observation.name = name;
+  observation.offered = offered_version;
+  std::lock_guard lock(impl_->mutex);
+  impl_->remotes.add(connector, direction, RemoteTable::remotes, observation, now);
+}
+
+std::vector<std::string> Telemetry::addresses_to_name(std::size_t most) {
+  std::lock_guard lock(impl_->mutex);
+  return impl_->remotes.take_pending(most);
+}
+
+void Telemetry::remote_named(std::string_view address, std::string_view verified_name, std::chrono::seconds ttl) {
+  const auto now = impl_->clock();
+  std::lock_guard lock(impl_->mutex);
+  impl_->remotes.set_name(address, verified_name, now, ttl);
 }
 
 void Telemetry::session_opened(std::string_view listener) {
@@ -692,7 +762,10 @@ std::string Telemetry::metrics_text() {
 Report Telemetry::report(int days) {
   const auto now = impl_->clock();
   std::lock_guard lock(impl_->mutex);
-  return build_report(impl_->windows, *impl_->config, days, now);
+  impl_->remotes.prune(now);
+  Report report = build_report(impl_->windows, *impl_->config, days, now);
+  add_drilldown(report, impl_->remotes, now);
+  return report;
 }
 
 int Telemetry::window_days() const {
@@ -700,15 +773,13 @@ int Telemetry::window_days() const {
   return static_cast<int>(impl_->windows.window().count() / 24);
 }
 
-bool Telemetry::save_state(const std::string& state_dir, std::string& error) {
+namespace {
+
+// Atomic replace of state_dir/file: temp, fsync, rename, fsync of the directory.
+bool write_state_file(const std::string& state_dir, const char* file, const std::string& text, std::string& error) {
   namespace fs = std::filesystem;
-  std::string text;
-  {
-    std::lock_guard lock(impl_->mutex);
-    text = impl_->windows.serialize();
-  }
-  const fs::path path = fs::path(state_dir) / kStateFile;
-  const fs::path temp = fs::path(state_dir) / (std::string(kStateFile) + ".tmp");
+  const fs::path path = fs::path(state_dir) / file;
+  const fs::path temp = fs::path(state_dir) / (std::string(file) + ".tmp");
   auto fail = [&](const std::string& what, int saved_errno) {
     error = what + ": " + errno_text(saved_errno);  // the caller logs and counts it (state_error)
     return false;
@@ -741,23 +812,19 @@ bool Telemetry::save_state(const std::string& state_dir, std::string& error) {
     return fail("cannot sync " + state_dir, saved);
   }
   ::close(dir_fd);
-  error.clear();
   return true;
 }
 
-bool Telemetry::load_state(const std::string& state_dir, std::string& error) {
-  namespace fs = std::filesystem;
-  error.clear();
-  const fs::path path = fs::path(state_dir) / kStateFile;
+enum class ReadResult { ok, missing, too_big, failed };
+
+ReadResult read_state_file(const std::filesystem::path& path, std::string& text, std::string& error) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
-    if (errno == ENOENT) return true;  // first start: empty windows
+    if (errno == ENOENT) return ReadResult::missing;
     error = "cannot open " + path.string() + ": " + errno_text(errno);
-    return false;
+    return ReadResult::failed;
   }
-  std::string text;
   char buffer[65536];
-  bool too_big = false;
   for (;;) {
     const ssize_t n = ::read(fd, buffer, sizeof buffer);
     if (n < 0) {
@@ -765,35 +832,78 @@ bool Telemetry::load_state(const std::string& state_dir, std::string& error) {
       const int saved = errno;
       ::close(fd);
       error = "cannot read " + path.string() + ": " + errno_text(saved);
-      return false;
+      return ReadResult::failed;
     }
     if (n == 0) break;
     if (text.size() + static_cast<std::size_t>(n) > kMaxStateFileBytes) {
-      too_big = true;
-      break;
+      ::close(fd);
+      return ReadResult::too_big;
     }
     text.append(buffer, static_cast<std::size_t>(n));
   }
   ::close(fd);
+  return ReadResult::ok;
+}
 
-  std::string parse_error = too_big ? "larger than " + std::to_string(kMaxStateFileBytes) + " bytes" : "";
-  if (!too_big) {
+}  // namespace
+
+bool Telemetry::save_state(const std::string& state_dir, std::string& error) {
+  std::string windows;
+  std::string remotes;
+  {
     std::lock_guard lock(impl_->mutex);
-    if (impl_->windows.deserialize(text, parse_error)) return true;
+    windows = impl_->windows.serialize();
+    remotes = impl_->remotes.serialize();
   }
-  // Keep the evidence, start empty: a broken state file must never keep the relay from starting.
-  const auto unix_time =
-      std::chrono::duration_cast<std::chrono::seconds>(impl_->clock().time_since_epoch()).count();
-  const fs::path aside = fs::path(state_dir) / (std::string(kStateFile) + ".corrupt-" + std::to_string(unix_time));
-  impl_->count_state_error("corrupt");
-  if (::rename(path.c_str(), aside.c_str()) != 0) {
-    error = path.string() + " is unusable (" + parse_error + ") and cannot be moved aside: " + errno_text(errno) +
-            "; starting with empty windows";
-  } else {
-    error = path.string() + " is unusable (" + parse_error + "); moved to " + aside.string() +
-            ", starting with empty windows";
-  }
+  if (!write_state_file(state_dir, kStateFile, windows, error)) return false;
+  if (!write_state_file(state_dir, kRemotesFile, remotes, error)) return false;
+  error.clear();
   return true;
+}
+
+bool Telemetry::load_state(const std::string& state_dir, std::string& error) {
+  namespace fs = std::filesystem;
+  error.clear();
+  // Each file on its own: a corrupt drill-down never costs the windows, nor the other way round.
+  const auto load = [&](const char* file, auto parse, std::string_view what) {
+    const fs::path path = fs::path(state_dir) / file;
+    std::string text;
+    std::string read_error;
+    const ReadResult read = read_state_file(path, text, read_error);
+    if (read == ReadResult::missing) return true;  // first start: empty
+    if (read == ReadResult::failed) {
+      error = read_error;
+      return false;
+    }
+    std::string parse_error = read == ReadResult::too_big
+                                  ? "larger than " + std::to_string(kMaxStateFileBytes) + " bytes"
+                                  : std::string();
+    if (read == ReadResult::ok) {
+      std::lock_guard lock(impl_->mutex);
+      if (parse(text, parse_error)) return true;
+    }
+    // Keep the evidence, start empty: a broken state file must never keep the relay from starting.
+    const auto unix_time =
+        std::chrono::duration_cast<std::chrono::seconds>(impl_->clock().time_since_epoch()).count();
+    const fs::path aside = fs::path(state_dir) / (std::string(file) + ".corrupt-" + std::to_string(unix_time));
+    impl_->count_state_error("corrupt");
+    std::string message;
+    if (::rename(path.c_str(), aside.c_str()) != 0) {
+      message = path.string() + " is unusable (" + parse_error + ") and cannot be moved aside: " +
+                errno_text(errno) + "; starting with empty " + std::string(what);
+    } else {
+      message = path.string() + " is unusable (" + parse_error + "); moved to " + aside.string() +
+                ", starting with empty " + std::string(what);
+    }
+    error += (error.empty() ? "" : "; ") + message;
+    return true;
+  };
+  if (!load(kStateFile, [&](std::string_view text, std::string& e) { return impl_->windows.deserialize(text, e); },
+            "windows"))
+    return false;
+  return load(kRemotesFile,
+              [&](std::string_view text, std::string& e) { return impl_->remotes.deserialize(text, e); },
+              "drill-down tables");
 }
 
 std::uint64_t Telemetry::messages_total() const { return impl_->messages_total.load(std::memory_order_relaxed); }

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -50,6 +51,17 @@ struct CertificateExpiry {
   std::int64_t not_after = 0;  // unix seconds
 };
 
+// The far side of a delivered message, for the per-connector drill-down (the report's remotes and domains).
+// Inbound: the client's address (after PROXY/XCLIENT), its EHLO/HELO name, the TLS cipher of the client leg,
+// the sender domain. Outbound: the MX (or fixed upstream) address, the MX host name (or the upstream's host),
+// the cipher of the upstream leg, the destination domains (the message counts once in each distinct one).
+struct Remote {
+  std::string_view address;
+  std::string_view name;
+  std::string_view cipher;
+  std::span<const std::string> domains;
+};
+
 class Telemetry {
  public:
   using Clock = std::function<std::chrono::system_clock::time_point()>;
@@ -65,7 +77,16 @@ class Telemetry {
 
   // A message the upstream accepted (2xx to end-of-data): counted exactly once, here.
   void message_delivered(std::string_view connector, config::Direction direction, proto::TlsVersion version,
-                         std::uint64_t bytes, std::uint32_t recipients);
+                         std::uint64_t bytes, std::uint32_t recipients, const Remote& remote = {});
+  // A client handshake refused (e.g. below the listener's min_version), attributed to the connector known
+  // before the handshake: adds to the remote's `refused` count in the drill-down (the log line and the
+  // failure counter are the caller's). `listener` is the listener that refused it.
+  void handshake_refused(std::string_view listener, std::string_view connector, config::Direction direction,
+                         std::string_view address, std::string_view name, proto::TlsVersion offered_version);
+  // Verified reverse names of inbound remotes (looked up off the session path, see Server): the addresses
+  // still without a name (at most `most`), and the answer for one ("" = none, or not forward-confirmed).
+  std::vector<std::string> addresses_to_name(std::size_t most);
+  void remote_named(std::string_view address, std::string_view verified_name, std::chrono::seconds ttl);
   void session_opened(std::string_view listener);                       // sessions_active +1
   void session_closed(std::string_view listener, double duration_seconds);  // -1, duration histogram
   void leg_finished(std::string_view listener, Leg leg, proto::TlsVersion version);  // sessions_total
@@ -95,6 +116,7 @@ class Telemetry {
   // corrupt or foreign file aside (windows.state.corrupt-<time>), counts state_error("corrupt"), starts empty and
   // returns true with `error` set (for the log). False + error when the file or directory is unusable; those
   // failures are not counted here (the caller counts them with state_error).
+  // The drill-down tables (state_dir/remotes.state) are saved and loaded the same way, with the windows.
   bool save_state(const std::string& state_dir, std::string& error);
   bool load_state(const std::string& state_dir, std::string& error);
 

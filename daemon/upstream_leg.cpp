@@ -57,6 +57,8 @@ proto::TlsVersion UpstreamLeg::tls_version() const {
   return link_ ? link_->tls().version : proto::TlsVersion::none;
 }
 
+std::string_view UpstreamLeg::cipher() const { return link_ ? std::string_view(link_->tls().cipher) : ""; }
+
 std::string UpstreamLeg::address() const {
   error_code ec;
   if (!link_) return {};

@@ -85,6 +85,7 @@ class UpstreamLeg {
   bool connected() const { return link_ != nullptr; }
   bool pipelining() const { return pipelining_; }
   proto::TlsVersion tls_version() const;
+  std::string_view cipher() const;  // of the current connection's TLS ("" without)
   // The far side of the current connection: its address ("203.0.113.7") and host name (the MX host, or the
   // fixed upstream's configured host).
   std::string address() const;

@@ -483,7 +483,7 @@ upstreams:
 )"));
   CHECK(upstream_tls.to_string() ==
         "test.yaml:4:48: upstreams[0].tls: expected one of none, opportunistic, "
-        "required, verify, got \"always\"");
+        "required, verify, dane, got \"always\"");
   const auto xclient = only_error(load(R"(listeners:
   - {name: in, address: "127.0.0.1:2525", upstream: up}
 upstreams:

@@ -145,7 +145,8 @@ TEST_CASE("report JSON is exactly the documented shape") {
   {"date": "2026-11-25", "connector": "internet", "direction": "outbound", "type": "internet", "forced_tls": false, "messages": 0, "percent": {"none": 0.0, "TLS1.0": 0.0, "TLS1.1": 0.0, "TLS1.2": 0.0, "TLS1.3": 0.0}},
   {"date": "2026-11-25", "connector": "old-partner", "direction": "inbound", "type": "internet", "forced_tls": false, "messages": 0, "percent": {"none": 0.0, "TLS1.0": 0.0, "TLS1.1": 0.0, "TLS1.2": 0.0, "TLS1.3": 0.0}}],
  "insights": [{"connector": "partner-contoso", "direction": "inbound", "insight": "significant_tls10", "share": 0.125, "messages": 1024, "threshold": 0.05, "text": "Inbound partner connector partner-contoso is seeing significant TLS1.0 mail flow: 12.5% of 1,024 messages in the last 7 days"},
-  {"connector": "onprem", "direction": "outbound", "insight": "significant_no_tls", "share": 0.05, "messages": 20, "threshold": 0.01, "text": "Outbound on-premises connector onprem is seeing significant mail flow without TLS: 5.0% of 20 messages in the last 7 days"}]}
+  {"connector": "onprem", "direction": "outbound", "insight": "significant_no_tls", "share": 0.05, "messages": 20, "threshold": 0.01, "text": "Outbound on-premises connector onprem is seeing significant mail flow without TLS: 5.0% of 20 messages in the last 7 days"}],
+ "connectors": []}
 )";
   CHECK(mailflow::render_json(report) == expected);
 }

@@ -53,7 +53,7 @@ def test_one_day_window_defaults_and_limits(env):
 
 def test_one_day_window_insight_sentence(env):
     report, _ = rh.stable_report(env.one_day)
-    assert [i["text"] for i in report["insights"]] == [
+    assert [rh.split_offender(i["text"]) for i in report["insights"]] == [
         "Inbound partner connector partner-cidr is seeing significant mail flow without TLS: "
         "100.0% of 2 messages in the last 1 day"], report["insights"]
 
