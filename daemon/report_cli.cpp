@@ -31,13 +31,14 @@ using tcp = boost::asio::ip::tcp;
 
 constexpr std::string_view kUsage =
     "usage: mailflowd report [--config FILE] [--url http://127.0.0.1:9725] [--days N] [--format table|json|csv]\n"
-    "                        [--user USER] [--password-file FILE] [--ca-file FILE] [--insecure]\n"
+    "                        [--summary] [--user USER] [--password-file FILE] [--ca-file FILE] [--insecure]\n"
     "  --config         read http.address (https:// when http.tls is set) and http.basic_auth's user from\n"
     "                   the daemon's configuration file\n"
     "  --url            where the daemon's HTTP side listens (default http://127.0.0.1:9725; overrides\n"
     "                   --config's address); https:// when http.tls is set\n"
     "  --days           UTC days to show, today included (default 7, at most the telemetry window)\n"
     "  --format         table (default), json or csv\n"
+    "  --summary        only the whole-window summary per connector (messages per TLS version), not the days\n"
     "  --user           basic auth user (http.basic_auth.user; default: --config's)\n"
     "  --password-file  basic auth password: the first line of FILE; else the environment variable\n"
     "                   MAILFLOWD_PASSWORD. (http://user:password@host:port works too, but shows in ps.)\n"
@@ -313,6 +314,7 @@ int run_report_cli(int argc, char** argv, std::ostream& out, std::ostream& err,
   std::optional<std::string> password_file;
   std::optional<int> days;
   std::string format = "table";
+  bool summary = false;
   TlsOptions tls;
 
   int i = 1;
@@ -329,6 +331,10 @@ int run_report_cli(int argc, char** argv, std::ostream& out, std::ostream& err,
     }
     if (arg == "--insecure" || arg == "-k") {
       tls.insecure = true;
+      continue;
+    }
+    if (arg == "--summary") {
+      summary = true;
       continue;
     }
     std::string_view value;
@@ -415,7 +421,7 @@ int run_report_cli(int argc, char** argv, std::ostream& out, std::ostream& err,
     if (user) url->userinfo = *user + ":" + password.value_or("");
   }
 
-  std::string target = url->base_path + "/api/v1/report";
+  std::string target = url->base_path + (summary ? "/api/v1/connectors" : "/api/v1/report");
   if (format == "csv") target += ".csv";
   if (format == "table") target += ".txt";
   if (days) target += "?days=" + std::to_string(*days);

@@ -47,8 +47,9 @@ namespace {
 
 constexpr std::size_t kVersions = proto::all_tls_versions.size();
 constexpr std::array<Leg, 2> kLegs{Leg::client, Leg::upstream};
-constexpr std::array<std::string_view, 2> kInsights{"significant_tls10", "significant_no_tls"};
-constexpr std::array<std::string_view, 3> kThresholdKinds{"tls10_share", "no_tls_share", "min_messages"};
+constexpr std::array<std::string_view, 3> kInsights{"significant_tls10", "significant_tls11", "significant_no_tls"};
+constexpr std::array<std::string_view, 4> kThresholdKinds{"tls10_share", "tls11_share", "no_tls_share",
+                                                          "min_messages"};
 constexpr std::array<config::ConnectorType, 3> kConnectorTypes{
     config::ConnectorType::partner, config::ConnectorType::onpremises, config::ConnectorType::internet};
 constexpr const char* kStateFile = "windows.state";
@@ -116,9 +117,9 @@ constexpr Family window_tls_share{"mailflow_window_tls_share", "gauge",
                                   "Share (0..1) of the window's messages per TLS version"};
 constexpr Family connector_info{"mailflow_connector_info", "gauge", "Configured connectors (always 1)"};
 constexpr Family alert_threshold{"mailflow_alert_threshold", "gauge",
-                                 "Alert thresholds per connector (tls10_share, no_tls_share, min_messages)"};
+                                 "Alert thresholds per connector (tls10_share, tls11_share, no_tls_share, min_messages)"};
 constexpr Family insight_active{"mailflow_insight_active", "gauge",
-                                "1 while an insight (significant_tls10, significant_no_tls) is active"};
+                                "1 while an insight (significant_tls10, significant_tls11, significant_no_tls) is active"};
 constexpr Family build_info{"mailflow_build_info", "gauge", "Build information (always 1)"};
 constexpr Family certificate_expiry{"mailflow_certificate_expiry_timestamp_seconds", "gauge",
                                    "notAfter of each served certificate (unix seconds), by listener (http: "
@@ -340,14 +341,28 @@ void write_exposition(std::string& out, const Snapshot& snapshot, const std::opt
       append_sample(out, family::sessions_active.name, {series->label}, values.active);
     }
   }
-  per_version(family::window_messages, [](const Snapshot::ConnectorRow& row, std::size_t v) { return row.window[v]; });
-  per_version(family::window_tls_share, [](const Snapshot::ConnectorRow& row, std::size_t v) {
+  // The window gauges and insights exist only while the connector is configured: a connector renamed or removed
+  // by a reload leaves no ghost series behind (its history stays in the report, marked as removed; its counters
+  // stay, they must never go backwards).
+  const bool any_configured =
+      std::any_of(rows.begin(), rows.end(), [](const Snapshot::ConnectorRow& row) { return row.values.configured; });
+  auto configured_per_version = [&](const Family& f, auto value_of) {
+    if (!any_configured) return;
+    header(f);
+    for (const auto& row : rows) {
+      if (!row.values.configured) continue;
+      for (std::size_t v = 0; v < kVersions; ++v) {
+        append_sample(out, f.name, {row.series->labels, fixed.tls_version[v]}, value_of(row, v));
+      }
+    }
+  };
+  configured_per_version(family::window_messages,
+                         [](const Snapshot::ConnectorRow& row, std::size_t v) { return row.window[v]; });
+  configured_per_version(family::window_tls_share, [](const Snapshot::ConnectorRow& row, std::size_t v) {
     std::uint64_t total = 0;
     for (const auto count : row.window) total += count;
     return total == 0 ? 0.0 : static_cast<double>(row.window[v]) / static_cast<double>(total);
   });
-  const bool any_configured =
-      std::any_of(rows.begin(), rows.end(), [](const Snapshot::ConnectorRow& row) { return row.values.configured; });
   if (any_configured) {
     header(family::connector_info);
     for (const auto& row : rows) {
@@ -362,13 +377,15 @@ void write_exposition(std::string& out, const Snapshot& snapshot, const std::opt
       if (!row.values.configured) continue;
       const auto& alerts = row.values.alerts;
       append_sample(out, family::alert_threshold.name, {row.series->labels, fixed.kind[0]}, alerts.tls10_share);
-      append_sample(out, family::alert_threshold.name, {row.series->labels, fixed.kind[1]}, alerts.no_tls_share);
-      append_sample(out, family::alert_threshold.name, {row.series->labels, fixed.kind[2]}, alerts.min_messages);
+      append_sample(out, family::alert_threshold.name, {row.series->labels, fixed.kind[1]}, alerts.tls11_share);
+      append_sample(out, family::alert_threshold.name, {row.series->labels, fixed.kind[2]}, alerts.no_tls_share);
+      append_sample(out, family::alert_threshold.name, {row.series->labels, fixed.kind[3]}, alerts.min_messages);
     }
   }
-  if (!rows.empty()) {
+  if (any_configured) {
     header(family::insight_active);
     for (const auto& row : rows) {
+      if (!row.values.configured) continue;
       for (std::size_t i = 0; i < kInsights.size(); ++i) {
         append_sample(out, family::insight_active.name, {row.series->labels, fixed.insight[i]},
                       std::uint64_t{row.insight[i] ? 1u : 0u});
