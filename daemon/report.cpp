@@ -602,10 +602,11 @@ footer { color: #6b7280; font-size: 12px; text-align: center; }
 .transit .big { font-size: 28px; font-weight: 600; font-variant-numeric: tabular-nums; }
 .transit .sub { color: #4b5563; font-variant-numeric: tabular-nums; }
 .insight.tls11 { border-color: #ffb300; background: #fff8e1; }
-.trend { margin: 8px 0 20px; }
+.trends { display: grid; grid-template-columns: repeat(auto-fill, minmax(460px, 1fr)); gap: 8px 24px; }
+.trend { margin: 4px 0 12px; }
 .trend h3 { font-size: 14px; margin: 0 0 4px; }
-.trend svg { display: block; width: 100%; height: auto; max-height: 220px; }
-.trend text { font: 11px system-ui, sans-serif; fill: #6b7280; }
+.trend svg { display: block; width: 100%; height: auto; }
+.trend text { font: 22px system-ui, sans-serif; fill: #6b7280; }
 tr.quiet td { color: #6b7280; font-style: italic; text-align: center; }
 )css";
 
@@ -653,21 +654,22 @@ std::string trend_chart(const Report& report, const ConnectorSummary& c) {
   std::vector<const ReportRow*> days;  // oldest first
   for (auto it = report.rows.rbegin(); it != report.rows.rend(); ++it)
     if (it->connector == c.connector && it->direction == c.direction) days.push_back(&*it);
-  constexpr double kLeft = 44, kRight = 992, kTop = 8, kHeight = 140, kWidth = 1000, kBottom = 176;
+  constexpr double kLeft = 84, kRight = 992, kTop = 12, kHeight = 260, kWidth = 1000, kBottom = 310;
   const double slot = (kRight - kLeft) / static_cast<double>(std::max<std::size_t>(1, days.size()));
   const double bar = std::min(56.0, slot * 0.72);
-  const std::size_t label_every = std::max<std::size_t>(1, (days.size() + 13) / 14);
+  const std::size_t label_every = std::max<std::size_t>(1, (days.size() + 9) / 10);
   std::string out = fmt::format(
-      "<figure class=\"trend\" data-connector=\"{0}\" data-direction=\"{1}\"><h3>{0} <span class=\"tag\">{1}</span>"
+      "<figure class=\"trend\" data-connector=\"{0}\" data-direction=\"{1}\"><h3>{0} <span class=\"tag\">{1}</span>{4}"
       "</h3><svg viewBox=\"0 0 {2} {3}\" role=\"group\" aria-label=\"Daily TLS versions of {0} ({1}), oldest day "
       "first\">",
-      html_escape(c.connector), config::to_string(c.direction), kWidth, kBottom);
+      html_escape(c.connector), config::to_string(c.direction), kWidth, kBottom,
+      c.configured ? "" : " <span class=\"tag removed\">removed from config</span>");
   for (const int pct : {0, 50, 100}) {
     const double y = kTop + kHeight - kHeight * pct / 100.0;
     out += fmt::format(
         "<line x1=\"{0}\" x2=\"{1}\" y1=\"{2:.1f}\" y2=\"{2:.1f}\" stroke=\"#e5e7eb\"/>"
         "<text x=\"{3}\" y=\"{4:.1f}\" text-anchor=\"end\">{5}%</text>",
-        kLeft, kRight, y, kLeft - 6, y + 4, pct);
+        kLeft, kRight, y, kLeft - 8, y + 7, pct);
   }
   for (std::size_t d = 0; d < days.size(); ++d) {
     const ReportRow& row = *days[d];
@@ -680,8 +682,8 @@ std::string trend_chart(const Report& report, const ConnectorSummary& c) {
     out += fmt::format("<g class=\"day\" data-date=\"{}\" data-messages=\"{}\" role=\"img\" aria-label=\"{}\"><title>{}</title>",
                        row.date, row.messages, html_escape(label), html_escape(label));
     if (row.messages == 0) {
-      out += fmt::format("<rect x=\"{:.1f}\" y=\"{:.1f}\" width=\"{:.1f}\" height=\"2\" fill=\"#d1d5db\"/>", x,
-                         kTop + kHeight - 2, bar);
+      out += fmt::format("<rect x=\"{:.1f}\" y=\"{:.1f}\" width=\"{:.1f}\" height=\"4\" fill=\"#d1d5db\"/>", x,
+                         kTop + kHeight - 4, bar);
     } else {
       // Stacked from the bottom: TLS1.3 first, so the versions to fix sit on top where the eye lands.
       double y = kTop + kHeight;
@@ -698,7 +700,7 @@ std::string trend_chart(const Report& report, const ConnectorSummary& c) {
     }
     out += "</g>";
     if (d % label_every == 0 || d + 1 == days.size())
-      out += fmt::format("<text x=\"{:.1f}\" y=\"{}\" text-anchor=\"middle\">{}</text>", x + bar / 2, kBottom - 6,
+      out += fmt::format("<text x=\"{:.1f}\" y=\"{}\" text-anchor=\"middle\">{}</text>", x + bar / 2, kBottom - 12,
                          row.date.substr(5));
   }
   out += "</svg></figure>\n";
@@ -708,6 +710,7 @@ std::string trend_chart(const Report& report, const ConnectorSummary& c) {
 std::string trend_section(const Report& report) {
   std::string out = "<section id=\"trend\"><h2>Daily trend per connector (UTC, oldest day on the left)</h2>\n";
   out += legend();
+  out += "<div class=\"trends\">\n";
   // A chart per busy connector, in connector order; past kMaxCharts the page would only grow, not inform.
   constexpr std::size_t kMaxCharts = 50;
   std::size_t charts = 0, left_out = 0;
@@ -720,6 +723,7 @@ std::string trend_section(const Report& report) {
     ++charts;
     out += trend_chart(report, c);
   }
+  out += "</div>\n";
   if (charts == 0) out += "<p class=\"ok\">No messages in the window yet.</p>\n";
   if (left_out != 0)
     out += fmt::format("<p class=\"advice\">{} more connectors with messages: see the tables.</p>\n", left_out);
