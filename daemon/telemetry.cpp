@@ -94,6 +94,10 @@ constexpr Family sessions{"mailflow_sessions_total", "counter",
                           "Finished connection legs by listener, leg (client/upstream) and TLS version"};
 constexpr Family tls_handshake_failures{"mailflow_tls_handshake_failures_total", "counter",
                                         "Failed TLS handshakes by listener, leg and reason"};
+constexpr Family tls_handshake_refused{"mailflow_tls_handshake_refused_total", "counter",
+                                       "Failed client TLS handshakes by listener, the connector known before the "
+                                       "handshake (listener, client address, EHLO name) and the highest version the "
+                                       "client offered"};
 constexpr Family upstream_errors{"mailflow_upstream_errors_total", "counter", "Upstream connection and protocol errors"};
 constexpr Family rejects{"mailflow_rejects_total", "counter", "Refusals and limits hit, by listener and reason"};
 constexpr Family http_rejects{"mailflow_http_rejects_total", "counter",
@@ -144,12 +148,14 @@ enum class Labelled : std::size_t {
   state_errors,
   http_rejects,
   internal_errors,
-  mx_attempts
+  mx_attempts,
+  tls_handshake_refused
 };
-constexpr std::size_t kLabelledFamilies = 8;
+constexpr std::size_t kLabelledFamilies = 9;
 constexpr std::array<const Family*, kLabelledFamilies> kLabelledFamily{
     &family::tls_handshake_failures, &family::upstream_errors, &family::rejects, &family::config_reloads,
-    &family::state_errors,           &family::http_rejects,    &family::internal_errors, &family::mx_attempts};
+    &family::state_errors,           &family::http_rejects,    &family::internal_errors, &family::mx_attempts,
+    &family::tls_handshake_refused};
 
 // Label text that does not depend on a series, rendered once.
 struct FixedLabels {
@@ -314,6 +320,7 @@ void write_exposition(std::string& out, const Snapshot& snapshot, const std::opt
     }
   }
   labelled(Labelled::tls_handshake_failures);
+  labelled(Labelled::tls_handshake_refused);
   labelled(Labelled::upstream_errors);
   labelled(Labelled::rejects);
   labelled(Labelled::http_rejects);
@@ -576,6 +583,21 @@ void Telemetry::configure(const config::Config& config) {
                         {{"leg", to_string(leg)}, {"listener", listener.name}, {"reason", reason}});
       }
     }
+    if (!listener.tls) continue;
+    // The connectors a client of this listener can be attributed to before its handshake: those of the
+    // listener's direction that may match it, and "internet".
+    for (const auto& view : views) {
+      if (view.direction != listener.direction) continue;
+      const auto* connector = config.find_connector(view.name);
+      if (connector != nullptr && !connector->match.listeners.empty() &&
+          std::find(connector->match.listeners.begin(), connector->match.listeners.end(), listener.name) ==
+              connector->match.listeners.end())
+        continue;
+      for (const auto offered : reasons::tls_offered) {
+        impl_->labelled(Labelled::tls_handshake_refused,
+                        {{"connector", view.name}, {"listener", listener.name}, {"offered", offered}});
+      }
+    }
   }
   for (const auto& upstream : config.upstreams) {
     for (const auto reason : reasons::upstream_errors) {
@@ -650,6 +672,13 @@ void Telemetry::tls_handshake_failed(std::string_view listener, Leg leg, std::st
   std::lock_guard lock(impl_->mutex);
   ++impl_->labelled(Labelled::tls_handshake_failures,
                     {{"leg", to_string(leg)}, {"listener", listener}, {"reason", reason}});
+}
+
+void Telemetry::tls_handshake_refused(std::string_view listener, std::string_view connector,
+                                      std::string_view offered) {
+  std::lock_guard lock(impl_->mutex);
+  ++impl_->labelled(Labelled::tls_handshake_refused,
+                    {{"connector", connector}, {"listener", listener}, {"offered", offered}});
 }
 
 void Telemetry::upstream_error(std::string_view upstream, std::string_view reason) {

@@ -70,6 +70,10 @@ class Telemetry {
   void session_closed(std::string_view listener, double duration_seconds);  // -1, duration histogram
   void leg_finished(std::string_view listener, Leg leg, proto::TlsVersion version);  // sessions_total
   void tls_handshake_failed(std::string_view listener, Leg leg, std::string_view reason);
+  // mailflow_tls_handshake_refused_total{listener, connector, offered}: a failed client-leg handshake attributed
+  // to the connector known before it (listener, client address, EHLO name) and the version the client offered
+  // (one of reasons::tls_offered). Zeros from the start for every listener with TLS x connector it can match.
+  void tls_handshake_refused(std::string_view listener, std::string_view connector, std::string_view offered);
   void upstream_error(std::string_view upstream, std::string_view reason);
   void rejected(std::string_view listener, std::string_view reason);
   void http_rejected(HttpReject reason);  // mailflow_http_rejects_total{reason}
