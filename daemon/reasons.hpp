@@ -51,12 +51,6 @@ inline constexpr auto tls_handshake_failures = std::to_array<std::string_view>({
     "tlsv1_alert_decode_error", "tlsv1_alert_decrypt_error", "tlsv1_alert_internal_error",
 });
 
-// mailflow_tls_handshake_refused_total{listener, connector, offered}: the highest version a client offered in a
-// client-leg handshake that failed (daemon/tls.cpp offered_tls_version()); not reasons, but a closed vocabulary
-// exported the same way. "other": SSL3 or no version we know; "no_hello": no ClientHello was parsed.
-inline constexpr auto tls_offered =
-    std::to_array<std::string_view>({"TLS1.0", "TLS1.1", "TLS1.2", "TLS1.3", "other", "no_hello"});
-
 // mailflow_upstream_errors_total{upstream, reason}: daemon/relay_session.cpp, and the `reason` of
 // proto::ClientSession's fail actions (proto/client_session.hpp).
 inline constexpr auto upstream_errors = std::to_array<std::string_view>({
@@ -79,5 +73,11 @@ template <std::size_t N>
 constexpr bool is_listed(const std::array<std::string_view, N>& list, std::string_view reason) {
   return std::find(list.begin(), list.end(), reason) != list.end();
 }
+
+// mailflow_tls_handshake_refused_total{listener, connector, offered}: the highest version a client offered in a
+// client-leg handshake that failed (daemon/tls.cpp offered_tls_version()); not reasons, but a closed vocabulary
+// exported the same way. "other": SSL3 or no version we know; "no_hello": no ClientHello was parsed.
+inline constexpr auto tls_offered =
+    std::to_array<std::string_view>({"TLS1.0", "TLS1.1", "TLS1.2", "TLS1.3", "other", "no_hello"});
 
 }  // namespace mailflow::reasons
