@@ -42,9 +42,9 @@ const std::vector<Section>& schema() {
       {"dns", {"servers", "timeout", "trust_anchor_file"}},
       {"connectors[]", {"name", "type", "direction", "match", "require_tls", "upstream", "alerts"}},
       {"connectors[].match", {"listener", "client_cidrs", "sender_domains", "recipient_domains", "ehlo", "sni"}},
-      {"connectors[].alerts", {"tls10_share", "no_tls_share", "min_messages"}},
+      {"connectors[].alerts", {"tls10_share", "tls11_share", "no_tls_share", "min_messages"}},
       {"telemetry", {"window", "defaults", "top_domains", "top_remotes", "remotes"}},
-      {"telemetry.defaults", {"tls10_share", "no_tls_share", "min_messages"}},
+      {"telemetry.defaults", {"tls10_share", "tls11_share", "no_tls_share", "min_messages"}},
       {"http", {"address", "basic_auth", "tls"}},
       {"http.basic_auth", {"user", "password_hash"}},
       {"http.tls", {"cert", "key"}},
@@ -734,6 +734,7 @@ class Loader {
     const auto map = fields(field, schema_path, where);
     if (!map) return;
     read_share(*map, "tls10_share", where, out.tls10_share);
+    read_share(*map, "tls11_share", where, out.tls11_share);
     read_share(*map, "no_tls_share", where, out.no_tls_share);
     read_integer(*map, "min_messages", where, out.min_messages, 0, std::uint64_t{1} << 62, false);
   }

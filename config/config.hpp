@@ -97,6 +97,7 @@ struct AlertThresholds {
   double tls10_share = 0.05;
   double no_tls_share = 0.05;
   std::uint64_t min_messages = 100;
+  double tls11_share = 0.05;  // last: keeps the brace-initialised {tls10, no_tls, min_messages} meaning
 };
 
 struct ConnectorMatch {

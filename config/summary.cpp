@@ -30,8 +30,8 @@ std::string join(const std::vector<std::string>& items) {
 }
 
 std::string alerts_text(const AlertThresholds& alerts) {
-  return fmt::format("tls10_share>{:g} no_tls_share>{:g} min_messages={}", alerts.tls10_share,
-                     alerts.no_tls_share, alerts.min_messages);
+  return fmt::format("tls10_share>{:g} tls11_share>{:g} no_tls_share>{:g} min_messages={}", alerts.tls10_share,
+                     alerts.tls11_share, alerts.no_tls_share, alerts.min_messages);
 }
 
 }  // namespace

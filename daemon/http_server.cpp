@@ -559,6 +559,9 @@ class Server : public std::enable_shared_from_this<Server> {
         {"/api/v1/report", "application/json", &render_json},
         {"/api/v1/report.csv", "text/csv; charset=utf-8", &render_csv},
         {"/api/v1/report.txt", kTextPlain, &render_table},
+        {"/api/v1/connectors", "application/json", &render_summary_json},
+        {"/api/v1/connectors.csv", "text/csv; charset=utf-8", &render_summary_csv},
+        {"/api/v1/connectors.txt", kTextPlain, &render_summary_table},
     };
     // The drill-down (daemon/report_remotes.cpp): CSVs for scripts, aligned text for `mailflowd report
     // --connector NAME` / `--domains`.

@@ -196,6 +196,8 @@ asio::awaitable<void> Link::write(std::string_view data, error_code& ec) {
   co_await flush_cipher(ec);
 }
 
+std::string_view Link::offered_tls() const { return ssl_ == nullptr ? "no_hello" : offered_tls_version(ssl_); }
+
 asio::awaitable<void> Link::handshake(SSL_CTX* context, bool server, const std::string& peer_name,
                                       bool verify, error_code& ec, const std::vector<std::string>& verify_names,
                                       const std::vector<proto::TlsaRecord>* dane) {

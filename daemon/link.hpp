@@ -31,6 +31,9 @@ class Link {
   boost::asio::ip::tcp::socket& socket() { return socket_; }
   const TlsInfo& tls() const { return tls_info_; }
   bool tls_active() const { return ssl_ != nullptr; }
+  // Server side, after handshake(): the highest version the client offered (offered_tls_version()), also when
+  // the handshake failed; "no_hello" before any handshake.
+  std::string_view offered_tls() const;
 
   // How to wait for data. `idle`: hold no buffer while waiting (a session parked between commands costs
   // only its own state); `busy`: read straight into the buffer (one speculative recv, and no epoll_ctl to

@@ -74,4 +74,10 @@ constexpr bool is_listed(const std::array<std::string_view, N>& list, std::strin
   return std::find(list.begin(), list.end(), reason) != list.end();
 }
 
+// mailflow_tls_handshake_refused_total{listener, connector, offered}: the highest version a client offered in a
+// client-leg handshake that failed (daemon/tls.cpp offered_tls_version()); not reasons, but a closed vocabulary
+// exported the same way. "other": SSL3 or no version we know; "no_hello": no ClientHello was parsed.
+inline constexpr auto tls_offered =
+    std::to_array<std::string_view>({"TLS1.0", "TLS1.1", "TLS1.2", "TLS1.3", "other", "no_hello"});
+
 }  // namespace mailflow::reasons

@@ -531,9 +531,23 @@ asio::awaitable<void> RelaySession::start_tls() {
   if (ec) {
     const std::string reason = handshake_failure_label(ec);
     telemetry_.tls_handshake_failed(listener_.name, Leg::client, reason);
+    // Attributed with what is known before the handshake (issue #18): listener, client address, the EHLO name
+    // given before STARTTLS; and the version the client offered, so a min_version refusal names who to call.
+    MatchInput known;
+    known.listener = listener_.name;
+    known.direction = listener_.direction;
+    known.client_address = client_bytes_;
+    known.ehlo = session_.helo_before_tls();
+    const config::Connector* matched = match_connector(config_, known);
+    const std::string connector(matched ? std::string_view(matched->name) : internet_connector);
+    const std::string_view offered = client_.offered_tls();
     const std::string client = address_text(client_address_);
+    telemetry_.handshake_refused(listener_.name, connector, listener_.direction, client, known.ehlo, offered);
+    add_to_list(connectors_seen_, connector, std::numeric_limits<std::size_t>::max());
     log_limited(LogLevel::info, "tls_failed",
-                {{"id", id_}, {"client", client}, {"leg", "client"}, {"reason", reason}});
+                {{"id", id_}, {"client", client}, {"listener", listener_.name}, {"leg", "client"}, {"reason", reason},
+                 {"helo", known.ehlo},
+                 {"connector", connector}, {"offered", offered}});
     result_ = "tls_failed";
     close_ = true;
     co_return;

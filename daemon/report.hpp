@@ -20,14 +20,16 @@ struct ReportRow {
   config::Direction direction = config::Direction::inbound;
   config::ConnectorType type = config::ConnectorType::internet;
   bool forced_tls = false;
+  bool configured = true;  // false: the connector was removed from (or renamed in) the config since
   std::uint64_t messages = 0;
+  TlsCounts counts{};               // messages by proto::TlsVersion (exact; the percentages are rounded)
   std::array<double, 5> percent{};  // by proto::TlsVersion, 0..100, one decimal in renderings
 };
 
 struct Insight {
   std::string connector;
   config::Direction direction = config::Direction::inbound;
-  std::string insight;  // "significant_tls10" | "significant_no_tls"
+  std::string insight;  // "significant_tls10" | "significant_tls11" | "significant_no_tls"
   double share = 0;     // 0..1 over the whole window
   std::uint64_t messages = 0;
   double threshold = 0;
@@ -35,7 +37,8 @@ struct Insight {
                      // flow: 12.5% of 1,024 messages in the last 7 days"
 };
 
-// One connector x direction over the whole window (the HTML page's bars and volumes; not in JSON/CSV).
+// One connector x direction over the whole window: the page's bars, JSON "connectors", /api/v1/connectors.csv and
+// the table's first section.
 struct ConnectorSummary {
   std::string connector;
   config::Direction direction = config::Direction::inbound;
@@ -43,6 +46,7 @@ struct ConnectorSummary {
   bool forced_tls = false;
   bool configured = true;  // false: removed from the config, shown while its history is inside the window
   std::uint64_t messages = 0;
+  TlsCounts counts{};               // by proto::TlsVersion
   std::array<double, 5> percent{};  // by proto::TlsVersion, 0..100
 };
 
@@ -78,14 +82,23 @@ struct ConnectorDrilldown {
   DrilldownTable domains;  // outbound only (inbound: empty)
 };
 
+// "Protected in transit" per direction over the whole window: every connector of that direction together.
+struct TransitSummary {
+  config::Direction direction = config::Direction::inbound;
+  std::uint64_t messages = 0;
+  std::uint64_t tls = 0;         // any TLS version
+  std::uint64_t tls12_plus = 0;  // TLS1.2 or TLS1.3
+};
+
 struct Report {
   std::string generated_at;  // RFC 3339 UTC
   int days = 7;
   int window_days = 7;
-  std::vector<ReportRow> rows;  // by date (oldest first), then in connector order (see build_report)
+  std::vector<ReportRow> rows;  // by date (newest first), then in connector order (see build_report)
   std::vector<Insight> insights;
   std::vector<ConnectorSummary> connectors;  // in connector order
   std::vector<ConnectorDrilldown> drilldowns;  // in connector order (add_drilldown)
+  std::vector<TransitSummary> in_transit;    // one per direction that has a listener or history (inbound first)
 };
 
 // Insights over the whole window (same rule as the shipped alerts: messages >= min_messages and share
@@ -97,8 +110,10 @@ std::vector<Insight> compute_insights(const WindowStore& store, const config::Co
 // listener (inbound first), then connectors that are no longer configured but still have messages in the
 // window (sorted). A removed connector is reported with type "internet", forced_tls false and the
 // telemetry.defaults thresholds: its config is gone, and that is how unmatched traffic is treated too.
-// Every connector gets a row for every day, zero messages included, so the table has no holes.
-// `days` is clamped to 1..window days; today (UTC, from `now`) is the last day.
+// Every connector gets a row for every day, zero messages included, so the table has no holes, except days
+// before the first message in the window (the daemon, or its state, did not exist yet): those are left out,
+// and an empty window reports today only. Days are newest first, in every rendering.
+// `days` is clamped to 1..window days; today (UTC, from `now`) is the first day.
 Report build_report(const WindowStore& store, const config::Config& config, int days,
                     WindowStore::TimePoint now);
 
@@ -110,7 +125,11 @@ std::string rfc3339_utc(WindowStore::TimePoint t);  // "2026-11-25T10:00:00Z"
 
 std::string render_json(const Report& report);
 std::string render_csv(const Report& report);
-std::string render_table(const Report& report);  // aligned terminal table, insights below
+std::string render_table(const Report& report);  // the summary, then the days (aligned), insights below
+// The whole-window summary per connector alone (/api/v1/connectors, .csv, .txt; `mailflowd report --summary`).
+std::string render_summary_json(const Report& report);
+std::string render_summary_csv(const Report& report);
+std::string render_summary_table(const Report& report);
 std::string render_html(const Report& report);   // self-contained page, inline SVG, no JavaScript
 
 // ---- the drill-down (daemon/report_remotes.cpp) ----
@@ -118,7 +137,9 @@ class RemoteStore;
 // Fills report.drilldowns for report.connectors over the report's days, and appends to each insight its top
 // offender over the whole window ("...: 203.0.113.7 (mx2.contoso.com) sent 9 of the 12 TLS1.0 messages").
 void add_drilldown(Report& report, const RemoteStore& store, WindowStore::TimePoint now);
-void append_drilldown_json(std::string& out, const Report& report);  // `"connectors": [...]` for render_json
+// `, "remotes": {...}, "domains": {...}` of one connector, inside its object of the JSON `connectors` list.
+void append_drilldown_members(std::string& out, const Report& report, std::string_view connector,
+                              config::Direction direction);
 void append_drilldown_html(std::string& out, const Report& report);  // per connector a <details> section
 std::string render_remotes_csv(const Report& report);
 std::string render_domains_csv(const Report& report);

@@ -31,7 +31,7 @@ using tcp = boost::asio::ip::tcp;
 
 constexpr std::string_view kUsage =
     "usage: mailflowd report [--config FILE] [--url http://127.0.0.1:9725] [--days N] [--format table|json|csv]\n"
-    "                        [--connector NAME | --domains]\n"
+    "                        [--summary | --connector NAME | --domains]\n"
     "                        [--user USER] [--password-file FILE] [--ca-file FILE] [--insecure]\n"
     "  --config         read http.address (https:// when http.tls is set) and http.basic_auth's user from\n"
     "                   the daemon's configuration file\n"
@@ -43,6 +43,7 @@ constexpr std::string_view kUsage =
     "                   domains) with messages per TLS version, legacy TLS first. --format csv: every\n"
     "                   connector's servers (/api/v1/remotes.csv); json: the whole report\n"
     "  --domains        the destination domains of every outbound connector (csv: /api/v1/domains.csv)\n"
+    "  --summary        only the whole-window summary per connector (messages per TLS version), not the days\n"
     "  --user           basic auth user (http.basic_auth.user; default: --config's)\n"
     "  --password-file  basic auth password: the first line of FILE; else the environment variable\n"
     "                   MAILFLOWD_PASSWORD. (http://user:password@host:port works too, but shows in ps.)\n"
@@ -320,6 +321,7 @@ int run_report_cli(int argc, char** argv, std::ostream& out, std::ostream& err,
   std::string format = "table";
   std::optional<std::string> connector;  // --connector NAME: that connector's drill-down
   bool domains = false;                  // --domains: the destination domains
+  bool summary = false;                  // --summary: the whole-window summary per connector
   TlsOptions tls;
 
   int i = 1;
@@ -340,6 +342,10 @@ int run_report_cli(int argc, char** argv, std::ostream& out, std::ostream& err,
     }
     if (arg == "--domains") {
       domains = true;
+      continue;
+    }
+    if (arg == "--summary") {
+      summary = true;
       continue;
     }
     std::string_view value;
@@ -429,7 +435,9 @@ int run_report_cli(int argc, char** argv, std::ostream& out, std::ostream& err,
     if (user) url->userinfo = *user + ":" + password.value_or("");
   }
 
-  std::string target = url->base_path + "/api/v1/report";
+  if (int{summary} + int{connector.has_value()} + int{domains} > 1)
+    return usage_error("--summary, --connector and --domains exclude each other");
+  std::string target = url->base_path + (summary ? "/api/v1/connectors" : "/api/v1/report");
   if (format == "csv") target += ".csv";
   if (format == "table") target += ".txt";
   // The drill-down: its own CSV and text forms; JSON carries it in the report itself.

@@ -236,20 +236,18 @@ void add_drilldown(Report& report, const RemoteStore& store, WindowStore::TimePo
   }
 }
 
-void append_drilldown_json(std::string& out, const Report& report) {
-  out += ",\n \"connectors\": [";
-  for (std::size_t i = 0; i < report.drilldowns.size(); ++i) {
-    const ConnectorDrilldown& d = report.drilldowns[i];
-    out += fmt::format("{}{{\"connector\": \"{}\", \"direction\": \"{}\",\n   \"remotes\": ", i == 0 ? "\n  " : ",\n  ",
-                       json_escape(d.connector), config::to_string(d.direction));
+void append_drilldown_members(std::string& out, const Report& report, std::string_view connector,
+                              Direction direction) {
+  for (const ConnectorDrilldown& d : report.drilldowns) {
+    if (d.connector != connector || d.direction != direction) continue;
+    out += ",\n   \"remotes\": ";
     append_json_table(out, d.remotes, "address");
     if (d.direction == Direction::outbound) {
       out += ",\n   \"domains\": ";
       append_json_table(out, d.domains, "domain");
     }
-    out += "}";
+    return;
   }
-  out += "]";
 }
 
 std::string render_remotes_csv(const Report& report) {

@@ -48,8 +48,9 @@ namespace {
 
 constexpr std::size_t kVersions = proto::all_tls_versions.size();
 constexpr std::array<Leg, 2> kLegs{Leg::client, Leg::upstream};
-constexpr std::array<std::string_view, 2> kInsights{"significant_tls10", "significant_no_tls"};
-constexpr std::array<std::string_view, 3> kThresholdKinds{"tls10_share", "no_tls_share", "min_messages"};
+constexpr std::array<std::string_view, 3> kInsights{"significant_tls10", "significant_tls11", "significant_no_tls"};
+constexpr std::array<std::string_view, 4> kThresholdKinds{"tls10_share", "tls11_share", "no_tls_share",
+                                                          "min_messages"};
 constexpr std::array<config::ConnectorType, 3> kConnectorTypes{
     config::ConnectorType::partner, config::ConnectorType::onpremises, config::ConnectorType::internet};
 constexpr const char* kStateFile = "windows.state";
@@ -95,6 +96,10 @@ constexpr Family sessions{"mailflow_sessions_total", "counter",
                           "Finished connection legs by listener, leg (client/upstream) and TLS version"};
 constexpr Family tls_handshake_failures{"mailflow_tls_handshake_failures_total", "counter",
                                         "Failed TLS handshakes by listener, leg and reason"};
+constexpr Family tls_handshake_refused{"mailflow_tls_handshake_refused_total", "counter",
+                                       "Failed client TLS handshakes by listener, the connector known before the "
+                                       "handshake (listener, client address, EHLO name) and the highest version the "
+                                       "client offered"};
 constexpr Family upstream_errors{"mailflow_upstream_errors_total", "counter", "Upstream connection and protocol errors"};
 constexpr Family rejects{"mailflow_rejects_total", "counter", "Refusals and limits hit, by listener and reason"};
 constexpr Family http_rejects{"mailflow_http_rejects_total", "counter",
@@ -118,9 +123,9 @@ constexpr Family window_tls_share{"mailflow_window_tls_share", "gauge",
                                   "Share (0..1) of the window's messages per TLS version"};
 constexpr Family connector_info{"mailflow_connector_info", "gauge", "Configured connectors (always 1)"};
 constexpr Family alert_threshold{"mailflow_alert_threshold", "gauge",
-                                 "Alert thresholds per connector (tls10_share, no_tls_share, min_messages)"};
+                                 "Alert thresholds per connector (tls10_share, tls11_share, no_tls_share, min_messages)"};
 constexpr Family insight_active{"mailflow_insight_active", "gauge",
-                                "1 while an insight (significant_tls10, significant_no_tls) is active"};
+                                "1 while an insight (significant_tls10, significant_tls11, significant_no_tls) is active"};
 constexpr Family remotes_tracked{"mailflow_remotes_tracked", "gauge",
                                   "Remote servers tracked in the window's drill-down (at most telemetry.top_remotes)"};
 constexpr Family remotes_error_bound{"mailflow_remotes_error_bound", "gauge",
@@ -150,12 +155,14 @@ enum class Labelled : std::size_t {
   state_errors,
   http_rejects,
   internal_errors,
-  mx_attempts
+  mx_attempts,
+  tls_handshake_refused
 };
-constexpr std::size_t kLabelledFamilies = 8;
+constexpr std::size_t kLabelledFamilies = 9;
 constexpr std::array<const Family*, kLabelledFamilies> kLabelledFamily{
     &family::tls_handshake_failures, &family::upstream_errors, &family::rejects, &family::config_reloads,
-    &family::state_errors,           &family::http_rejects,    &family::internal_errors, &family::mx_attempts};
+    &family::state_errors,           &family::http_rejects,    &family::internal_errors, &family::mx_attempts,
+    &family::tls_handshake_refused};
 
 // Label text that does not depend on a series, rendered once.
 struct FixedLabels {
@@ -322,6 +329,7 @@ void write_exposition(std::string& out, const Snapshot& snapshot, const std::opt
     }
   }
   labelled(Labelled::tls_handshake_failures);
+  labelled(Labelled::tls_handshake_refused);
   labelled(Labelled::upstream_errors);
   labelled(Labelled::rejects);
   labelled(Labelled::http_rejects);
@@ -349,14 +357,28 @@ void write_exposition(std::string& out, const Snapshot& snapshot, const std::opt
       append_sample(out, family::sessions_active.name, {series->label}, values.active);
     }
   }
-  per_version(family::window_messages, [](const Snapshot::ConnectorRow& row, std::size_t v) { return row.window[v]; });
-  per_version(family::window_tls_share, [](const Snapshot::ConnectorRow& row, std::size_t v) {
+  // The window gauges and insights exist only while the connector is configured: a connector renamed or removed
+  // by a reload leaves no ghost series behind (its history stays in the report, marked as removed; its counters
+  // stay, they must never go backwards).
+  const bool any_configured =
+      std::any_of(rows.begin(), rows.end(), [](const Snapshot::ConnectorRow& row) { return row.values.configured; });
+  auto configured_per_version = [&](const Family& f, auto value_of) {
+    if (!any_configured) return;
+    header(f);
+    for (const auto& row : rows) {
+      if (!row.values.configured) continue;
+      for (std::size_t v = 0; v < kVersions; ++v) {
+        append_sample(out, f.name, {row.series->labels, fixed.tls_version[v]}, value_of(row, v));
+      }
+    }
+  };
+  configured_per_version(family::window_messages,
+                         [](const Snapshot::ConnectorRow& row, std::size_t v) { return row.window[v]; });
+  configured_per_version(family::window_tls_share, [](const Snapshot::ConnectorRow& row, std::size_t v) {
     std::uint64_t total = 0;
     for (const auto count : row.window) total += count;
     return total == 0 ? 0.0 : static_cast<double>(row.window[v]) / static_cast<double>(total);
   });
-  const bool any_configured =
-      std::any_of(rows.begin(), rows.end(), [](const Snapshot::ConnectorRow& row) { return row.values.configured; });
   if (any_configured) {
     header(family::connector_info);
     for (const auto& row : rows) {
@@ -371,13 +393,15 @@ void write_exposition(std::string& out, const Snapshot& snapshot, const std::opt
       if (!row.values.configured) continue;
       const auto& alerts = row.values.alerts;
       append_sample(out, family::alert_threshold.name, {row.series->labels, fixed.kind[0]}, alerts.tls10_share);
-      append_sample(out, family::alert_threshold.name, {row.series->labels, fixed.kind[1]}, alerts.no_tls_share);
-      append_sample(out, family::alert_threshold.name, {row.series->labels, fixed.kind[2]}, alerts.min_messages);
+      append_sample(out, family::alert_threshold.name, {row.series->labels, fixed.kind[1]}, alerts.tls11_share);
+      append_sample(out, family::alert_threshold.name, {row.series->labels, fixed.kind[2]}, alerts.no_tls_share);
+      append_sample(out, family::alert_threshold.name, {row.series->labels, fixed.kind[3]}, alerts.min_messages);
     }
   }
-  if (!rows.empty()) {
+  if (any_configured) {
     header(family::insight_active);
     for (const auto& row : rows) {
+      if (!row.values.configured) continue;
       for (std::size_t i = 0; i < kInsights.size(); ++i) {
         append_sample(out, family::insight_active.name, {row.series->labels, fixed.insight[i]},
                       std::uint64_t{row.insight[i] ? 1u : 0u});
@@ -585,6 +609,21 @@ void Telemetry::configure(const config::Config& config) {
                         {{"leg", to_string(leg)}, {"listener", listener.name}, {"reason", reason}});
       }
     }
+    if (!listener.tls) continue;
+    // The connectors a client of this listener can be attributed to before its handshake: those of the
+    // listener's direction that may match it, and "internet".
+    for (const auto& view : views) {
+      if (view.direction != listener.direction) continue;
+      const auto* connector = config.find_connector(view.name);
+      if (connector != nullptr && !connector->match.listeners.empty() &&
+          std::find(connector->match.listeners.begin(), connector->match.listeners.end(), listener.name) ==
+              connector->match.listeners.end())
+        continue;
+      for (const auto offered : reasons::tls_offered) {
+        impl_->labelled(Labelled::tls_handshake_refused,
+                        {{"connector", view.name}, {"listener", listener.name}, {"offered", offered}});
+      }
+    }
   }
   for (const auto& upstream : config.upstreams) {
     for (const auto reason : reasons::upstream_errors) {
@@ -648,15 +687,17 @@ void Telemetry::message_delivered(std::string_view connector, config::Direction 
   impl_->messages_total.fetch_add(1, std::memory_order_relaxed);
 }
 
-void Telemetry::handshake_refused(std::string_view /*listener*/, std::string_view connector,
+void Telemetry::handshake_refused(std::string_view listener, std::string_view connector,
                                   config::Direction direction, std::string_view address, std::string_view name,
-                                  proto::TlsVersion offered_version) {
+                                  std::string_view offered) {
   const auto now = impl_->clock();
   HeavyHitters::Observation observation;
   observation.key = address;
   observation.name = name;
-  observation.offered = offered_version;
+  observation.offered = proto::parse_tls_version(offered).value_or(proto::TlsVersion::none);
   std::lock_guard lock(impl_->mutex);
+  ++impl_->labelled(Labelled::tls_handshake_refused,
+                    {{"connector", connector}, {"listener", listener}, {"offered", offered}});
   impl_->remotes.add(connector, direction, RemoteTable::remotes, observation, now);
 }
 

@@ -78,11 +78,13 @@ class Telemetry {
   // A message the upstream accepted (2xx to end-of-data): counted exactly once, here.
   void message_delivered(std::string_view connector, config::Direction direction, proto::TlsVersion version,
                          std::uint64_t bytes, std::uint32_t recipients, const Remote& remote = {});
-  // A client handshake refused (e.g. below the listener's min_version), attributed to the connector known
-  // before the handshake: adds to the remote's `refused` count in the drill-down (the log line and the
-  // failure counter are the caller's). `listener` is the listener that refused it.
+  // A failed client-leg handshake (e.g. refused below the listener's min_version), attributed to the connector
+  // known before it (listener, client address, EHLO name) and the version the client offered (one of
+  // reasons::tls_offered): mailflow_tls_handshake_refused_total{listener, connector, offered}, zeros from the
+  // start for every listener with TLS x connector it can match; and the remote's `refused` count in the
+  // drill-down (`address`, `name`: the client's address and EHLO name). The log line is the caller's.
   void handshake_refused(std::string_view listener, std::string_view connector, config::Direction direction,
-                         std::string_view address, std::string_view name, proto::TlsVersion offered_version);
+                         std::string_view address, std::string_view name, std::string_view offered);
   // Verified reverse names of inbound remotes (looked up off the session path, see Server): the addresses
   // still without a name (at most `most`), and the answer for one ("" = none, or not forward-confirmed).
   std::vector<std::string> addresses_to_name(std::size_t most);

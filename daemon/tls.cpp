@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cstdint>
 #include <ctime>
 #include <stdexcept>
 
@@ -40,7 +41,55 @@ int to_openssl_version(proto::TlsVersion version) {
   return TLS1_VERSION;
 }
 
+// SSL ex_data slot for the highest version a client offered (0: no ClientHello seen).
+int offered_index() {
+  static const int index = SSL_get_ex_new_index(0, nullptr, nullptr, nullptr, nullptr);
+  return index;
+}
+
+bool known_version(unsigned version) { return version >= SSL3_VERSION && version <= TLS1_3_VERSION; }
+
 }  // namespace
+
+std::string_view offered_tls_version(const SSL* ssl) {
+  const auto offered =
+      static_cast<unsigned>(reinterpret_cast<std::uintptr_t>(SSL_get_ex_data(ssl, offered_index())));
+  switch (offered) {
+    case 0:
+      return "no_hello";
+    case TLS1_VERSION:
+      return "TLS1.0";
+    case TLS1_1_VERSION:
+      return "TLS1.1";
+    case TLS1_2_VERSION:
+      return "TLS1.2";
+    case TLS1_3_VERSION:
+      return "TLS1.3";
+    default:
+      return "other";
+  }
+}
+
+// Runs before OpenSSL chooses a version, so a client refused by min_version is still known by what it offered.
+int ServerTls::on_client_hello(SSL* ssl, int* /*alert*/, void* /*arg*/) {
+  unsigned best = 0;
+  const unsigned char* ext = nullptr;
+  std::size_t len = 0;
+  if (SSL_client_hello_get0_ext(ssl, TLSEXT_TYPE_supported_versions, &ext, &len) == 1 && len >= 1) {
+    // RFC 8446 4.2.1: a one-byte length, then two-byte versions; GREASE and drafts are not versions.
+    const std::size_t list = std::min<std::size_t>(ext[0], len - 1);
+    for (std::size_t i = 1; i + 1 <= list; i += 2) {
+      const unsigned version = (static_cast<unsigned>(ext[i]) << 8) | ext[i + 1];
+      if (known_version(version)) best = std::max(best, version);
+    }
+  }
+  if (best == 0) {
+    const unsigned legacy = SSL_client_hello_get0_legacy_version(ssl);
+    best = known_version(legacy) ? legacy : 1;  // 1: a ClientHello with no version we know ("other")
+  }
+  SSL_set_ex_data(ssl, offered_index(), reinterpret_cast<void*>(static_cast<std::uintptr_t>(best)));
+  return SSL_CLIENT_HELLO_SUCCESS;
+}
 
 TlsInfo tls_info(const SSL* ssl) {
   TlsInfo info;
@@ -122,6 +171,8 @@ ServerTls::ServerTls(const config::ListenerTls& tls) {
     entries_.push_back(std::move(entry));
   }
   if (entries_.empty()) throw std::runtime_error("tls: no certificates");
+  // Every session starts on the first context (SNI may switch it later): the ClientHello is seen there.
+  SSL_CTX_set_client_hello_cb(entries_.front()->ctx, &ServerTls::on_client_hello, nullptr);
   SSL_CTX_set_tlsext_servername_callback(entries_.front()->ctx, &ServerTls::on_servername);
   SSL_CTX_set_tlsext_servername_arg(entries_.front()->ctx, this);
 }

@@ -29,6 +29,12 @@ TlsInfo tls_info(const SSL* ssl);
 // of reasons::tls_handshake_failures (daemon/reasons.hpp), else "other"; or "eof"/"io_error"/"timeout".
 std::string handshake_failure_reason(unsigned long openssl_error, bool timed_out, bool eof);
 
+// The highest TLS version a client offered in its ClientHello (supported_versions, else legacy_version), as
+// recorded on a server-side SSL by ServerTls's ClientHello callback: "TLS1.0".."TLS1.3", "other" (SSL3 or
+// unknown), or "no_hello" when no ClientHello was parsed (a timeout, garbage, not TLS at all). One of
+// reasons::tls_offered; the label of mailflow_tls_handshake_refused_total{offered}.
+std::string_view offered_tls_version(const SSL* ssl);
+
 // What a loaded certificate says about itself (the leaf of a chain file).
 struct CertificateInfo {
   std::string cert_path;      // as configured
@@ -51,6 +57,7 @@ class ServerTls {
   struct Entry;
   std::vector<std::unique_ptr<Entry>> entries_;
   static int on_servername(SSL* ssl, int* alert, void* arg);
+  static int on_client_hello(SSL* ssl, int* alert, void* arg);
 };
 
 class ClientTls {

@@ -170,6 +170,23 @@ std::vector<WindowStore::Key> WindowStore::keys(TimePoint now) const {
   return out;
 }
 
+std::optional<WindowStore::TimePoint> WindowStore::first_data(TimePoint now) const {
+  const std::int64_t last = hour_of(now);
+  const std::int64_t first = last - window_.count() + 1;
+  std::optional<std::int64_t> earliest;
+  for (const auto& [key, series] : series_) {
+    const auto it = std::lower_bound(series.begin(), series.end(), first,
+                                     [](const Bucket& b, std::int64_t h) { return b.hour < h; });
+    for (auto b = it; b != series.end() && b->hour <= last; ++b) {
+      if (is_zero(b->counts)) continue;
+      if (!earliest || b->hour < *earliest) earliest = b->hour;
+      break;
+    }
+  }
+  if (!earliest) return std::nullopt;
+  return TimePoint(std::chrono::hours(*earliest));
+}
+
 void WindowStore::prune(TimePoint now) {
   const std::int64_t first = hour_of(now) - window_.count() + 1;
   for (auto it = series_.begin(); it != series_.end();) {

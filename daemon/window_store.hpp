@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -45,6 +46,10 @@ class WindowStore {
   // Only keys with at least one message inside the window ending at `now` (the report uses this, so a
   // removed connector disappears exactly when its last message rolls off, pruned or not).
   std::vector<Key> keys(TimePoint now) const;
+
+  // The start of the earliest hour with a message inside the window ending at `now`, over every key; nullopt
+  // when the window is empty. The report prints no days before it (the daemon, or its state, did not exist).
+  std::optional<TimePoint> first_data(TimePoint now) const;
 
   void prune(TimePoint now);  // drop buckets that rolled off (buckets in the future are kept)
 

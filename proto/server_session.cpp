@@ -204,6 +204,7 @@ ServerSession::Action ServerSession::dispatch(Step step, const ParsedCommand& pa
       // daemon's to discard, and would get 503 here anyway.
       state_ = State::need_helo;
       esmtp_ = false;
+      helo_before_tls_ = std::move(helo_name_);
       helo_name_.clear();
       clear_transaction();
       return a;

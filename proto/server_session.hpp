@@ -90,6 +90,9 @@ class ServerSession {
   bool tls_active() const { return tls_active_; }
   bool esmtp() const { return esmtp_; }                  // EHLO (not HELO) was used
   const std::string& helo_name() const { return helo_name_; }
+  // The EHLO/HELO name given before the last STARTTLS (helo_name() is cleared by it): what is known of the client
+  // while its handshake runs, for attributing a refused one.
+  const std::string& helo_before_tls() const { return helo_before_tls_; }
   const Command& last_command() const { return last_command_; }  // the command behind the last action
   std::uint32_t accepted_recipients() const { return recipients_; }
   std::uint32_t bad_commands() const { return bad_commands_; }
@@ -109,6 +112,7 @@ class ServerSession {
   bool tls_active_ = false;
   bool esmtp_ = false;
   std::string helo_name_;
+  std::string helo_before_tls_;
   Command last_command_;
   std::uint32_t recipients_ = 0;
   std::uint32_t pending_rcpts_ = 0;

@@ -140,7 +140,7 @@ connectors:
       sni: mx1.example.org
     require_tls: true
     upstream: plain
-    alerts: {tls10_share: 0.5, min_messages: 7}
+    alerts: {tls10_share: 0.5, tls11_share: 0.25, min_messages: 7}
   - name: apps
     type: onpremises
     match: {listener: [out_1]}
@@ -150,7 +150,7 @@ connectors:
     alerts: {no_tls_share: 0}
 telemetry:
   window: 30d
-  defaults: {tls10_share: 0.1, no_tls_share: 0.2, min_messages: 50}
+  defaults: {tls10_share: 0.1, tls11_share: 0.15, no_tls_share: 0.2, min_messages: 50}
 http:
   address: "0.0.0.0:9100"
   basic_auth: {user: prom, password_hash: "$2b$12$abcdefghijklmnopqrstuv"}
@@ -220,6 +220,7 @@ performance: {busy_poll: true, event_loops: 3}
   CHECK(p.upstream == "plain");
   // alerts: own values win, missing keys come from telemetry.defaults (not the built-in defaults).
   CHECK(p.alerts.tls10_share == doctest::Approx(0.5));
+  CHECK(p.alerts.tls11_share == doctest::Approx(0.25));
   CHECK(p.alerts.no_tls_share == doctest::Approx(0.2));
   CHECK(p.alerts.min_messages == 7);
   const Connector& apps = c.connectors[1];
@@ -228,6 +229,7 @@ performance: {busy_poll: true, event_loops: 3}
   CHECK_FALSE(apps.require_tls);
   CHECK(apps.upstream.empty());
   CHECK(apps.alerts.tls10_share == doctest::Approx(0.1));
+  CHECK(apps.alerts.tls11_share == doctest::Approx(0.15));
   CHECK(apps.alerts.min_messages == 50);
   CHECK(c.connectors[2].type == ConnectorType::internet);
   CHECK(c.connectors[2].alerts.no_tls_share == 0.0);
@@ -268,7 +270,7 @@ performance: {busy_poll: true, event_loops: 3}
   CHECK(
       summary.find("partner-contoso partner inbound match: listener=inbound client=203.0.113.0/24,"
                    "2001:db8:1::/48 sender=contoso.com,*.contoso.com ehlo=*.contoso.com sni=mx1.example.org, "
-                   "forced TLS, upstream plain; alerts tls10_share>0.5 no_tls_share>0.2 min_messages=7") !=
+                   "forced TLS, upstream plain; alerts tls10_share>0.5 tls11_share>0.25 no_tls_share>0.2 min_messages=7") !=
       std::string::npos);
   CHECK(summary.find("telemetry: window 30d") != std::string::npos);
   CHECK(summary.find("http: 0.0.0.0:9100 (HTTPS) (basic auth)") != std::string::npos);
@@ -425,6 +427,8 @@ TEST_CASE("ranges") {
       {"telemetry: {window: 36h}\n", "telemetry.window: must be a whole number of days (1d..90d)"},
       {"telemetry: {defaults: {tls10_share: 1.5}}\n",
        "telemetry.defaults.tls10_share: must be a share between 0 and 1 (0.05 = 5%), got 1.5"},
+      {"connectors: [{name: c, direction: inbound, alerts: {tls11_share: 2}}]\n",
+       "connectors[0].alerts.tls11_share: must be a share between 0 and 1 (0.05 = 5%), got 2"},
       {"telemetry: {defaults: {no_tls_share: -0.1}}\n",
        "telemetry.defaults.no_tls_share: must be a share between 0 and 1 (0.05 = 5%), got -0.1"},
       {"telemetry: {defaults: {no_tls_share: 5%}}\n",

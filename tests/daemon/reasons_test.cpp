@@ -119,6 +119,7 @@ TEST_CASE("reason lists have no duplicates") {
   CHECK(unique(mailflow::reasons::tls_handshake_failures));
   CHECK(unique(mailflow::reasons::upstream_errors));
   CHECK(unique(mailflow::reasons::state_errors));
+  CHECK(unique(mailflow::reasons::tls_offered));
 }
 
 TEST_CASE("TLS handshake failure reasons are the declared OpenSSL names, anything else is other") {

@@ -118,8 +118,10 @@ TEST_CASE("drill-down: rows over the report's days, the ones to fix first, and t
   CHECK(out.domains.rows[0].name == "mx.legacy.example");
 
   const std::string json = mailflow::render_json(week);
-  CHECK(json.find("\"connectors\": [\n  {\"connector\": \"partner-contoso\", \"direction\": \"inbound\",") !=
-        std::string::npos);
+  // The drill-down sits inside each connector's object of the report's `connectors` list.
+  const auto contoso = json.find("{\"connector\": \"partner-contoso\", \"direction\": \"inbound\", \"type\"");
+  REQUIRE(contoso != std::string::npos);
+  CHECK(json.find("\"remotes\": {\"enabled\": true", contoso) < json.find("{\"connector\": ", contoso + 1));
   CHECK(json.find("{\"address\": \"203.0.113.7\", \"name\": \"mx2.contoso.com\", \"verified_name\": "
                   "\"mx2.contoso.com\", \"domains\": [\"contoso.com\"], \"messages\": 9, \"counts\": {\"none\": 0, "
                   "\"TLS1.0\": 9, \"TLS1.1\": 0, \"TLS1.2\": 0, \"TLS1.3\": 0}") != std::string::npos);

@@ -91,7 +91,7 @@ WindowStore known_store() {
 
 }  // namespace
 
-TEST_CASE("report rows: every day x connector x direction, zeros included, removed connectors kept") {
+TEST_CASE("report rows: newest day first, every connector x direction, zeros included, removed connectors kept") {
   const auto config = make_config();
   const WindowStore store = known_store();
   const Report report = mailflow::build_report(store, config, 2, kNow);
@@ -102,27 +102,48 @@ TEST_CASE("report rows: every day x connector x direction, zeros included, remov
   const std::vector<std::string> order{"partner-contoso", "onprem", "internet", "internet", "old-partner"};
   for (std::size_t i = 0; i < report.rows.size(); ++i) {
     CAPTURE(i);
-    CHECK(report.rows[i].date == (i < 5 ? "2026-11-24" : "2026-11-25"));
+    CHECK(report.rows[i].date == (i < 5 ? "2026-11-25" : "2026-11-24"));
     CHECK(report.rows[i].connector == order[i % 5]);
+    CHECK(report.rows[i].configured == (order[i % 5] != "old-partner"));
   }
   CHECK(report.rows[2].direction == in);
   CHECK(report.rows[3].direction == out);
-  CHECK(report.rows[1].type == ConnectorType::onpremises);
-  CHECK(report.rows[1].forced_tls);
-  CHECK(report.rows[1].messages == 20);
-  CHECK(report.rows[4].type == ConnectorType::internet);  // documented choice for removed connectors
-  CHECK(report.rows[5].messages == 1024);
-  CHECK(report.rows[7].messages == 0);
-  CHECK(report.rows[7].percent == std::array<double, 5>{});
+  CHECK(report.rows[6].type == ConnectorType::onpremises);
+  CHECK(report.rows[6].forced_tls);
+  CHECK(report.rows[6].messages == 20);
+  CHECK(report.rows[6].counts == mailflow::TlsCounts{1, 0, 0, 19, 0});
+  CHECK(report.rows[9].type == ConnectorType::internet);  // documented choice for removed connectors
+  CHECK_FALSE(report.rows[9].configured);                 // ...shown as removed, not as internet traffic
+  CHECK(report.rows[0].messages == 1024);
+  CHECK(report.rows[0].counts == mailflow::TlsCounts{12, 128, 0, 820, 64});
+  CHECK(report.rows[2].messages == 0);
+  CHECK(report.rows[2].percent == std::array<double, 5>{});
+  CHECK(report.connectors.back().connector == "old-partner");
+  CHECK_FALSE(report.connectors.back().configured);
+  CHECK(report.connectors.front().counts == mailflow::TlsCounts{12, 128, 0, 820, 64});
 
   // days is clamped to the window; an internet row only for directions that have a listener.
   auto inbound_only = config;
   inbound_only.listeners.pop_back();
   const Report wide = mailflow::build_report(store, inbound_only, 30, kNow);
   CHECK(wide.days == 7);
-  CHECK(wide.rows.size() == 7 * 4);
-  CHECK(wide.rows.front().date == "2026-11-19");
+  // ...but no zero rows for the days before the first message (2026-11-24 01:00): the daemon did not exist.
+  CHECK(wide.rows.size() == 2 * 4);
+  CHECK(wide.rows.front().date == "2026-11-25");
+  CHECK(wide.rows.back().date == "2026-11-24");
   CHECK(mailflow::build_report(store, config, 0, kNow).days == 1);
+  // Days without traffic after the first message stay (zeros), and an empty window reports today only.
+  WindowStore sparse(hours(24 * 7));
+  add(sparse, "partner-contoso", in, at(nov(20), 5), {0, 0, 0, 1, 0});
+  const Report gap = mailflow::build_report(sparse, config, 7, kNow);
+  REQUIRE(gap.rows.size() == 6 * 4);
+  CHECK(gap.rows.back().date == "2026-11-20");
+  CHECK(gap.rows[4].date == "2026-11-24");
+  CHECK(gap.rows[4].messages == 0);
+  const Report empty = mailflow::build_report(WindowStore(hours(24 * 7)), config, 7, kNow);
+  CHECK(empty.days == 7);
+  REQUIRE(empty.rows.size() == 4);
+  CHECK(empty.rows.front().date == "2026-11-25");
 
   // Once its last message rolls off, a removed connector disappears from the report.
   const Report later = mailflow::build_report(store, config, 1, kNow + hours(24 * 6));
@@ -134,19 +155,26 @@ TEST_CASE("report JSON is exactly the documented shape") {
   const Report report = mailflow::build_report(known_store(), config, 2, kNow);
   const std::string expected =
       R"({"generated_at": "2026-11-25T10:00:00Z", "days": 2,
- "rows": [{"date": "2026-11-24", "connector": "partner-contoso", "direction": "inbound", "type": "partner", "forced_tls": false, "messages": 0, "percent": {"none": 0.0, "TLS1.0": 0.0, "TLS1.1": 0.0, "TLS1.2": 0.0, "TLS1.3": 0.0}},
-  {"date": "2026-11-24", "connector": "onprem", "direction": "outbound", "type": "onpremises", "forced_tls": true, "messages": 20, "percent": {"none": 5.0, "TLS1.0": 0.0, "TLS1.1": 0.0, "TLS1.2": 95.0, "TLS1.3": 0.0}},
-  {"date": "2026-11-24", "connector": "internet", "direction": "inbound", "type": "internet", "forced_tls": false, "messages": 0, "percent": {"none": 0.0, "TLS1.0": 0.0, "TLS1.1": 0.0, "TLS1.2": 0.0, "TLS1.3": 0.0}},
-  {"date": "2026-11-24", "connector": "internet", "direction": "outbound", "type": "internet", "forced_tls": false, "messages": 0, "percent": {"none": 0.0, "TLS1.0": 0.0, "TLS1.1": 0.0, "TLS1.2": 0.0, "TLS1.3": 0.0}},
-  {"date": "2026-11-24", "connector": "old-partner", "direction": "inbound", "type": "internet", "forced_tls": false, "messages": 3, "percent": {"none": 0.0, "TLS1.0": 100.0, "TLS1.1": 0.0, "TLS1.2": 0.0, "TLS1.3": 0.0}},
-  {"date": "2026-11-25", "connector": "partner-contoso", "direction": "inbound", "type": "partner", "forced_tls": false, "messages": 1024, "percent": {"none": 1.2, "TLS1.0": 12.5, "TLS1.1": 0.0, "TLS1.2": 80.1, "TLS1.3": 6.2}},
-  {"date": "2026-11-25", "connector": "onprem", "direction": "outbound", "type": "onpremises", "forced_tls": true, "messages": 0, "percent": {"none": 0.0, "TLS1.0": 0.0, "TLS1.1": 0.0, "TLS1.2": 0.0, "TLS1.3": 0.0}},
-  {"date": "2026-11-25", "connector": "internet", "direction": "inbound", "type": "internet", "forced_tls": false, "messages": 0, "percent": {"none": 0.0, "TLS1.0": 0.0, "TLS1.1": 0.0, "TLS1.2": 0.0, "TLS1.3": 0.0}},
-  {"date": "2026-11-25", "connector": "internet", "direction": "outbound", "type": "internet", "forced_tls": false, "messages": 0, "percent": {"none": 0.0, "TLS1.0": 0.0, "TLS1.1": 0.0, "TLS1.2": 0.0, "TLS1.3": 0.0}},
-  {"date": "2026-11-25", "connector": "old-partner", "direction": "inbound", "type": "internet", "forced_tls": false, "messages": 0, "percent": {"none": 0.0, "TLS1.0": 0.0, "TLS1.1": 0.0, "TLS1.2": 0.0, "TLS1.3": 0.0}}],
+ "rows": [{"date": "2026-11-25", "connector": "partner-contoso", "direction": "inbound", "type": "partner", "forced_tls": false, "messages": 1024, "percent": {"none": 1.2, "TLS1.0": 12.5, "TLS1.1": 0.0, "TLS1.2": 80.1, "TLS1.3": 6.2}, "counts": {"none": 12, "TLS1.0": 128, "TLS1.1": 0, "TLS1.2": 820, "TLS1.3": 64}, "configured": true},
+  {"date": "2026-11-25", "connector": "onprem", "direction": "outbound", "type": "onpremises", "forced_tls": true, "messages": 0, "percent": {"none": 0.0, "TLS1.0": 0.0, "TLS1.1": 0.0, "TLS1.2": 0.0, "TLS1.3": 0.0}, "counts": {"none": 0, "TLS1.0": 0, "TLS1.1": 0, "TLS1.2": 0, "TLS1.3": 0}, "configured": true},
+  {"date": "2026-11-25", "connector": "internet", "direction": "inbound", "type": "internet", "forced_tls": false, "messages": 0, "percent": {"none": 0.0, "TLS1.0": 0.0, "TLS1.1": 0.0, "TLS1.2": 0.0, "TLS1.3": 0.0}, "counts": {"none": 0, "TLS1.0": 0, "TLS1.1": 0, "TLS1.2": 0, "TLS1.3": 0}, "configured": true},
+  {"date": "2026-11-25", "connector": "internet", "direction": "outbound", "type": "internet", "forced_tls": false, "messages": 0, "percent": {"none": 0.0, "TLS1.0": 0.0, "TLS1.1": 0.0, "TLS1.2": 0.0, "TLS1.3": 0.0}, "counts": {"none": 0, "TLS1.0": 0, "TLS1.1": 0, "TLS1.2": 0, "TLS1.3": 0}, "configured": true},
+  {"date": "2026-11-25", "connector": "old-partner", "direction": "inbound", "type": "internet", "forced_tls": false, "messages": 0, "percent": {"none": 0.0, "TLS1.0": 0.0, "TLS1.1": 0.0, "TLS1.2": 0.0, "TLS1.3": 0.0}, "counts": {"none": 0, "TLS1.0": 0, "TLS1.1": 0, "TLS1.2": 0, "TLS1.3": 0}, "configured": false},
+  {"date": "2026-11-24", "connector": "partner-contoso", "direction": "inbound", "type": "partner", "forced_tls": false, "messages": 0, "percent": {"none": 0.0, "TLS1.0": 0.0, "TLS1.1": 0.0, "TLS1.2": 0.0, "TLS1.3": 0.0}, "counts": {"none": 0, "TLS1.0": 0, "TLS1.1": 0, "TLS1.2": 0, "TLS1.3": 0}, "configured": true},
+  {"date": "2026-11-24", "connector": "onprem", "direction": "outbound", "type": "onpremises", "forced_tls": true, "messages": 20, "percent": {"none": 5.0, "TLS1.0": 0.0, "TLS1.1": 0.0, "TLS1.2": 95.0, "TLS1.3": 0.0}, "counts": {"none": 1, "TLS1.0": 0, "TLS1.1": 0, "TLS1.2": 19, "TLS1.3": 0}, "configured": true},
+  {"date": "2026-11-24", "connector": "internet", "direction": "inbound", "type": "internet", "forced_tls": false, "messages": 0, "percent": {"none": 0.0, "TLS1.0": 0.0, "TLS1.1": 0.0, "TLS1.2": 0.0, "TLS1.3": 0.0}, "counts": {"none": 0, "TLS1.0": 0, "TLS1.1": 0, "TLS1.2": 0, "TLS1.3": 0}, "configured": true},
+  {"date": "2026-11-24", "connector": "internet", "direction": "outbound", "type": "internet", "forced_tls": false, "messages": 0, "percent": {"none": 0.0, "TLS1.0": 0.0, "TLS1.1": 0.0, "TLS1.2": 0.0, "TLS1.3": 0.0}, "counts": {"none": 0, "TLS1.0": 0, "TLS1.1": 0, "TLS1.2": 0, "TLS1.3": 0}, "configured": true},
+  {"date": "2026-11-24", "connector": "old-partner", "direction": "inbound", "type": "internet", "forced_tls": false, "messages": 3, "percent": {"none": 0.0, "TLS1.0": 100.0, "TLS1.1": 0.0, "TLS1.2": 0.0, "TLS1.3": 0.0}, "counts": {"none": 0, "TLS1.0": 3, "TLS1.1": 0, "TLS1.2": 0, "TLS1.3": 0}, "configured": false}],
  "insights": [{"connector": "partner-contoso", "direction": "inbound", "insight": "significant_tls10", "share": 0.125, "messages": 1024, "threshold": 0.05, "text": "Inbound partner connector partner-contoso is seeing significant TLS1.0 mail flow: 12.5% of 1,024 messages in the last 7 days"},
   {"connector": "onprem", "direction": "outbound", "insight": "significant_no_tls", "share": 0.05, "messages": 20, "threshold": 0.01, "text": "Outbound on-premises connector onprem is seeing significant mail flow without TLS: 5.0% of 20 messages in the last 7 days"}],
- "connectors": []}
+ "window_days": 7,
+ "connectors": [{"connector": "partner-contoso", "direction": "inbound", "type": "partner", "forced_tls": false, "configured": true, "messages": 1024, "counts": {"none": 12, "TLS1.0": 128, "TLS1.1": 0, "TLS1.2": 820, "TLS1.3": 64}, "percent": {"none": 1.2, "TLS1.0": 12.5, "TLS1.1": 0.0, "TLS1.2": 80.1, "TLS1.3": 6.2}},
+  {"connector": "onprem", "direction": "outbound", "type": "onpremises", "forced_tls": true, "configured": true, "messages": 20, "counts": {"none": 1, "TLS1.0": 0, "TLS1.1": 0, "TLS1.2": 19, "TLS1.3": 0}, "percent": {"none": 5.0, "TLS1.0": 0.0, "TLS1.1": 0.0, "TLS1.2": 95.0, "TLS1.3": 0.0}},
+  {"connector": "internet", "direction": "inbound", "type": "internet", "forced_tls": false, "configured": true, "messages": 0, "counts": {"none": 0, "TLS1.0": 0, "TLS1.1": 0, "TLS1.2": 0, "TLS1.3": 0}, "percent": {"none": 0.0, "TLS1.0": 0.0, "TLS1.1": 0.0, "TLS1.2": 0.0, "TLS1.3": 0.0}},
+  {"connector": "internet", "direction": "outbound", "type": "internet", "forced_tls": false, "configured": true, "messages": 0, "counts": {"none": 0, "TLS1.0": 0, "TLS1.1": 0, "TLS1.2": 0, "TLS1.3": 0}, "percent": {"none": 0.0, "TLS1.0": 0.0, "TLS1.1": 0.0, "TLS1.2": 0.0, "TLS1.3": 0.0}},
+  {"connector": "old-partner", "direction": "inbound", "type": "internet", "forced_tls": false, "configured": false, "messages": 3, "counts": {"none": 0, "TLS1.0": 3, "TLS1.1": 0, "TLS1.2": 0, "TLS1.3": 0}, "percent": {"none": 0.0, "TLS1.0": 100.0, "TLS1.1": 0.0, "TLS1.2": 0.0, "TLS1.3": 0.0}}],
+ "in_transit": [{"direction": "inbound", "messages": 1027, "tls": 1015, "tls12_plus": 884, "tls_share": 0.9883154819863681, "tls12_plus_share": 0.8607594936708861},
+  {"direction": "outbound", "messages": 20, "tls": 19, "tls12_plus": 19, "tls_share": 0.95, "tls12_plus_share": 0.95}]}
 )";
   CHECK(mailflow::render_json(report) == expected);
 }
@@ -154,39 +182,60 @@ TEST_CASE("report JSON is exactly the documented shape") {
 TEST_CASE("report CSV has the documented header and one line per row") {
   const Report report = mailflow::build_report(known_store(), make_config(), 1, kNow);
   CHECK(mailflow::render_csv(report) ==
-        "date,connector,direction,type,forced_tls,messages,none_pct,tls10_pct,tls11_pct,tls12_pct,tls13_pct\n"
-        "2026-11-25,partner-contoso,inbound,partner,false,1024,1.2,12.5,0.0,80.1,6.2\n"
-        "2026-11-25,onprem,outbound,onpremises,true,0,0.0,0.0,0.0,0.0,0.0\n"
-        "2026-11-25,internet,inbound,internet,false,0,0.0,0.0,0.0,0.0,0.0\n"
-        "2026-11-25,internet,outbound,internet,false,0,0.0,0.0,0.0,0.0,0.0\n"
-        "2026-11-25,old-partner,inbound,internet,false,0,0.0,0.0,0.0,0.0,0.0\n");
+      "date,connector,direction,type,forced_tls,messages,none_pct,tls10_pct,tls11_pct,tls12_pct,tls13_pct,none_count,tls10_count,tls11_count,tls12_count,tls13_count,configured\n"
+      "2026-11-25,partner-contoso,inbound,partner,false,1024,1.2,12.5,0.0,80.1,6.2,12,128,0,820,64,true\n"
+      "2026-11-25,onprem,outbound,onpremises,true,0,0.0,0.0,0.0,0.0,0.0,0,0,0,0,0,true\n"
+      "2026-11-25,internet,inbound,internet,false,0,0.0,0.0,0.0,0.0,0.0,0,0,0,0,0,true\n"
+      "2026-11-25,internet,outbound,internet,false,0,0.0,0.0,0.0,0.0,0.0,0,0,0,0,0,true\n"
+      "2026-11-25,old-partner,inbound,internet,false,0,0.0,0.0,0.0,0.0,0.0,0,0,0,0,0,false\n");
 }
 
 TEST_CASE("report table is aligned and lists the insights") {
   const Report report = mailflow::build_report(known_store(), make_config(), 1, kNow);
-  CHECK(
-      mailflow::render_table(report) ==
-      "Connector report: last 1 day (UTC), window 7 days, generated 2026-11-25T10:00:00Z\n"
+  CHECK(mailflow::render_table(report) ==
+      "Connector report (UTC), window 7 days, generated 2026-11-25T10:00:00Z\n"
       "\n"
-      "DATE        CONNECTOR        DIRECTION  TYPE        FORCED_TLS  MESSAGES  NONE%  TLS1.0%  TLS1.1%  "
-      "TLS1.2%  TLS1.3%\n"
-      "2026-11-25  partner-contoso  inbound    partner     no             1,024    1.2     12.5      0.0     "
-      "80.1      6.2\n"
-      "2026-11-25  onprem           outbound   onpremises  yes                0    0.0      0.0      0.0     "
-      " 0.0      0.0\n"
-      "2026-11-25  internet         inbound    internet    no                 0    0.0      0.0      0.0     "
-      " 0.0      0.0\n"
-      "2026-11-25  internet         outbound   internet    no                 0    0.0      0.0      0.0     "
-      " 0.0      0.0\n"
-      "2026-11-25  old-partner      inbound    internet    no                 0    0.0      0.0      0.0     "
-      " 0.0      0.0\n"
+      "Whole window:\n"
+      "CONNECTOR        DIRECTION  TYPE        FORCED_TLS  MESSAGES       NONE       TLS1.0    TLS1.1       TLS1.2     TLS1.3\n"
+      "partner-contoso  inbound    partner     no             1,024  12 (1.2%)  128 (12.5%)  0 (0.0%)  820 (80.1%)  64 (6.2%)\n"
+      "onprem           outbound   onpremises  yes               20   1 (5.0%)     0 (0.0%)  0 (0.0%)   19 (95.0%)   0 (0.0%)\n"
+      "internet         inbound    internet    no                 0          0            0         0            0          0\n"
+      "internet         outbound   internet    no                 0          0            0         0            0          0\n"
+      "old-partner      inbound    removed     no                 3   0 (0.0%)   3 (100.0%)  0 (0.0%)     0 (0.0%)   0 (0.0%)\n"
+      "Inbound protected in transit: 98.8% with TLS, 86.1% with TLS1.2 or later (884 of 1,027 messages)\n"
+      "Outbound protected in transit: 95.0% with TLS, 95.0% with TLS1.2 or later (19 of 20 messages)\n"
+      "\n"
+      "Per day, newest first: last 1 day\n"
+      "DATE        CONNECTOR        DIRECTION  TYPE        FORCED_TLS  MESSAGES       NONE       TLS1.0    TLS1.1       TLS1.2     TLS1.3\n"
+      "2026-11-25  partner-contoso  inbound    partner     no             1,024  12 (1.2%)  128 (12.5%)  0 (0.0%)  820 (80.1%)  64 (6.2%)\n"
+      "2026-11-25  onprem           outbound   onpremises  yes                0          0            0         0            0          0\n"
+      "2026-11-25  internet         inbound    internet    no                 0          0            0         0            0          0\n"
+      "2026-11-25  internet         outbound   internet    no                 0          0            0         0            0          0\n"
+      "2026-11-25  old-partner      inbound    removed     no                 0          0            0         0            0          0\n"
       "\n"
       "Insights:\n"
-      "  - Inbound partner connector partner-contoso is seeing significant TLS1.0 mail flow: 12.5% of 1,024 "
-      "messages in the last 7 days\n"
-      "  - Outbound on-premises connector onprem is seeing significant mail flow without TLS: 5.0% of 20 "
-      "messages in the last 7 days\n"
+      "  - Inbound partner connector partner-contoso is seeing significant TLS1.0 mail flow: 12.5% of 1,024 messages in the last 7 days\n"
+      "  - Outbound on-premises connector onprem is seeing significant mail flow without TLS: 5.0% of 20 messages in the last 7 days\n"
       "Get the servers behind these connectors to TLS1.2 or later before TLS1.0/1.1 are switched off.\n");
+}
+
+TEST_CASE("the whole-window summary alone: CSV with exact counts, JSON, table") {
+  const Report report = mailflow::build_report(known_store(), make_config(), 1, kNow);
+  CHECK(mailflow::render_summary_csv(report) ==
+      "connector,direction,type,forced_tls,configured,messages,none_pct,tls10_pct,tls11_pct,tls12_pct,tls13_pct,none_count,tls10_count,tls11_count,tls12_count,tls13_count\n"
+      "partner-contoso,inbound,partner,false,true,1024,1.2,12.5,0.0,80.1,6.2,12,128,0,820,64\n"
+      "onprem,outbound,onpremises,true,true,20,5.0,0.0,0.0,95.0,0.0,1,0,0,19,0\n"
+      "internet,inbound,internet,false,true,0,0.0,0.0,0.0,0.0,0.0,0,0,0,0,0\n"
+      "internet,outbound,internet,false,true,0,0.0,0.0,0.0,0.0,0.0,0,0,0,0,0\n"
+      "old-partner,inbound,internet,false,false,3,0.0,100.0,0.0,0.0,0.0,0,3,0,0,0\n");
+  const std::string json = mailflow::render_summary_json(report);
+  CHECK(json.starts_with("{\"generated_at\": \"2026-11-25T10:00:00Z\", \"window_days\": 7,\n \"connectors\": ["));
+  CHECK(json.find("\"in_transit\": [{\"direction\": \"inbound\", \"messages\": 1027, \"tls\": 1015, \"tls12_plus\": 884") !=
+        std::string::npos);
+  CHECK(json.find("\"rows\"") == std::string::npos);
+  const std::string table = mailflow::render_summary_table(report);
+  CHECK(table.find("old-partner      inbound    removed") != std::string::npos);
+  CHECK(table.find("DATE") == std::string::npos);
 }
 
 TEST_CASE("insights: at, under and over the threshold, and below min_messages") {
@@ -219,11 +268,37 @@ TEST_CASE("insights: at, under and over the threshold, and below min_messages") 
       "Inbound partner connector partner-contoso is seeing significant mail flow without TLS: 28.6% of 2,100 "
       "messages in the last 7 days");
 
-  // Messages that rolled off do not count; TLS1.1 is not TLS1.0.
+  // Messages that rolled off do not count; TLS1.1 is not TLS1.0, it has its own insight and threshold.
   WindowStore store;
   add(store, "partner-contoso", in, kNow - hours(24 * 7), {0, 100, 0, 0, 0});
   add(store, "partner-contoso", in, kNow, {0, 0, 100, 100, 0});
-  CHECK(mailflow::compute_insights(store, config, kNow).empty());
+  const auto tls11 = mailflow::compute_insights(store, config, kNow);
+  REQUIRE(tls11.size() == 1);
+  CHECK(tls11[0].insight == "significant_tls11");
+  CHECK(tls11[0].threshold == doctest::Approx(0.05));
+  CHECK(tls11[0].text ==
+        "Inbound partner connector partner-contoso is seeing significant TLS1.1 mail flow: 50.0% of 200 messages "
+        "in the last 7 days");
+  CHECK(insights_for({0, 0, 5, 95, 0}).empty());  // TLS1.1 at the threshold: not strictly greater
+  auto lenient = config;
+  lenient.connectors[0].alerts.tls11_share = 0.5;  // per-connector threshold: 50% is not above it
+  CHECK(mailflow::compute_insights(store, lenient, kNow).empty());
+  // A partner entirely on TLS1.1 raises it, and only it.
+  const auto all11 = insights_for({0, 0, 100, 0, 0});
+  REQUIRE(all11.size() == 1);
+  CHECK(all11[0].insight == "significant_tls11");
+  CHECK(all11[0].share == doctest::Approx(1.0));
+}
+
+TEST_CASE("insights: a connector removed from the config raises none, whatever its history") {
+  WindowStore store;
+  add(store, "gone-partner", in, kNow, {0, 500, 500, 0, 0});
+  CHECK(mailflow::compute_insights(store, make_config(), kNow).empty());
+  const Report report = mailflow::build_report(store, make_config(), 7, kNow);
+  CHECK(report.insights.empty());
+  REQUIRE(report.connectors.back().connector == "gone-partner");
+  CHECK_FALSE(report.connectors.back().configured);
+  CHECK(report.connectors.back().messages == 1000);
 }
 
 TEST_CASE("insights: per-connector thresholds override telemetry.defaults and the others use the defaults") {
@@ -273,7 +348,7 @@ TEST_CASE("HTML page: self-contained, insights first with advice, bars, percenta
       "flow: "
       "30.0% of 100 messages in the last 7 days");
   const auto advice = html.find("before</em> TLS1.0 and TLS1.1 are switched off");
-  const auto bars = html.find("<svg class=\"bar\"");
+  const auto bars = html.find("<svg class=\"bar\"", html.find("id=\"connectors\""));
   const auto daily = html.find("id=\"daily\"");
   REQUIRE(insight != std::string::npos);
   REQUIRE(advice != std::string::npos);

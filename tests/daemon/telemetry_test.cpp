@@ -233,6 +233,77 @@ TEST_CASE("reload drops info and thresholds of removed connectors but keeps thei
   CHECK(sample(text, R"(mailflow_messages_total{connector="partner-fabrikam",direction="inbound",tls_version="TLS1.2"})") == 1.0);
 }
 
+TEST_CASE("a connector removed or renamed by a reload leaves no ghost window or insight series") {
+  Telemetry telemetry([] { return kNow; });
+  auto config = test_config();
+  telemetry.configure(config);
+  // fabrikam: 3 of 3 messages over TLS1.1 (min_messages 100 by default: lower it so the insight is active).
+  config.connectors.back().alerts.min_messages = 1;
+  telemetry.configure(config);
+  for (int i = 0; i < 3; ++i) telemetry.message_delivered("partner-fabrikam", Direction::inbound, TlsVersion::tls11, 10, 1);
+  const std::string before = telemetry.metrics_text();
+  const std::string active =
+      R"(mailflow_insight_active{connector="partner-fabrikam",direction="inbound",insight="significant_tls11"})";
+  CHECK(sample(before, active) == 1.0);
+  CHECK(sample(before, R"(mailflow_alert_threshold{connector="partner-fabrikam",direction="inbound",kind="tls11_share"})") ==
+        0.05);
+  CHECK(sample(before, R"(mailflow_window_messages{connector="partner-fabrikam",direction="inbound",tls_version="TLS1.1"})") ==
+        3.0);
+
+  config.connectors.back().name = "partner-fabrikam-eu";  // renamed by a reload
+  telemetry.configure(config);
+  const std::string after = telemetry.metrics_text();
+  CHECK_FALSE(sample(after, active));
+  CHECK_FALSE(has_series_prefix(after, R"(mailflow_insight_active{connector="partner-fabrikam",)"));
+  CHECK_FALSE(has_series_prefix(after, R"(mailflow_window_messages{connector="partner-fabrikam",)"));
+  CHECK_FALSE(has_series_prefix(after, R"(mailflow_window_tls_share{connector="partner-fabrikam",)"));
+  // The new name starts with zeros; the old counters stay (they never go backwards).
+  CHECK(sample(after, R"(mailflow_insight_active{connector="partner-fabrikam-eu",direction="inbound",insight="significant_tls11"})") ==
+        0.0);
+  CHECK(sample(after, R"(mailflow_messages_total{connector="partner-fabrikam",direction="inbound",tls_version="TLS1.1"})") ==
+        3.0);
+  // The report keeps the history, marked as removed, without an insight.
+  const auto report = telemetry.report(1);
+  CHECK(report.insights.empty());
+  bool found = false;
+  for (const auto& c : report.connectors) {
+    if (c.connector != "partner-fabrikam") continue;
+    found = true;
+    CHECK_FALSE(c.configured);
+    CHECK(c.counts[static_cast<std::size_t>(TlsVersion::tls11)] == 3);
+  }
+  CHECK(found);
+}
+
+TEST_CASE("refused client handshakes: zeros per listener with TLS x matchable connector x offered version") {
+  Telemetry telemetry([] { return kNow; });
+  auto config = test_config();
+  config.listeners.front().tls = mailflow::config::ListenerTls{};
+  mailflow::config::Listener plain;
+  plain.name = "plain";
+  plain.direction = Direction::inbound;
+  plain.upstream = "mailstore";
+  config.listeners.push_back(plain);
+  config.connectors.back().match.listeners = {"plain"};  // fabrikam cannot be seen on "inbound"
+  telemetry.configure(config);
+  std::string text = telemetry.metrics_text();
+  for (const auto offered : mailflow::reasons::tls_offered) {
+    for (const std::string connector : {"partner-contoso", "internet"}) {
+      CAPTURE(connector);
+      CAPTURE(offered);
+      CHECK(sample(text, "mailflow_tls_handshake_refused_total{connector=\"" + connector +
+                             "\",listener=\"inbound\",offered=\"" + std::string(offered) + "\"}") == 0.0);
+    }
+  }
+  CHECK_FALSE(has_series_prefix(text, R"(mailflow_tls_handshake_refused_total{connector="partner-fabrikam")"));
+  CHECK_FALSE(has_series_prefix(text, R"(mailflow_tls_handshake_refused_total{connector="partner-contoso",listener="plain")"));
+  telemetry.handshake_refused("inbound", "partner-contoso", mailflow::config::Direction::inbound, "203.0.113.7",
+                              "mx2.contoso.example", "TLS1.0");
+  text = telemetry.metrics_text();
+  CHECK(sample(text, R"(mailflow_tls_handshake_refused_total{connector="partner-contoso",listener="inbound",offered="TLS1.0"})") ==
+        1.0);
+}
+
 TEST_CASE("window length follows telemetry.window") {
   Telemetry telemetry([] { return kNow; });
   auto config = test_config();

@@ -16,6 +16,8 @@ expect() {  # expected-receivers labels...
 }
 expect partner-team             alertname=MailflowSignificantTLS10 severity=warning connector=partner-contoso direction=inbound
 expect partner-team             alertname=MailflowSignificantNoTLS severity=warning connector=partner-fabrikam direction=outbound
+expect partner-team             alertname=MailflowSignificantTLS11 severity=warning connector=partner-contoso direction=inbound
+expect mail-admins              alertname=MailflowSignificantTLS11 severity=warning connector=internet direction=inbound
 expect mail-admins              alertname=MailflowSignificantNoTLS severity=warning connector=internet direction=inbound
 expect legacy-owners            alertname=MailflowSignificantTLS10 severity=warning connector=onprem-legacy direction=outbound
 expect mail-admins              alertname=MailflowTLSHandshakeFailures severity=warning listener=inbound leg=client

@@ -52,6 +52,9 @@ def render(t):
     family("mailflow_tls_handshake_failures_total", "counter", "Failed TLS handshakes")
     sample("mailflow_tls_handshake_failures_total", {"listener": "inbound", "leg": "client", "reason": "protocol_version"}, int(t))
     sample("mailflow_tls_handshake_failures_total", {"listener": "inbound", "leg": "client", "reason": "no_shared_cipher"}, int(t) // 2)
+    family("mailflow_tls_handshake_refused_total", "counter", "Failed client handshakes by connector and offered version")
+    sample("mailflow_tls_handshake_refused_total", {"listener": "inbound", "connector": "partner-contoso", "offered": "TLS1.0"}, int(t))
+    sample("mailflow_tls_handshake_refused_total", {"listener": "inbound", "connector": "internet", "offered": "TLS1.1"}, int(t) // 2)
     family("mailflow_upstream_errors_total", "counter", "Upstream errors")
     sample("mailflow_upstream_errors_total", {"upstream": "mailstore", "reason": "connect"}, int(t) // 3)
     family("mailflow_rejects_total", "counter", "Refused commands, sessions and messages")
@@ -73,6 +76,7 @@ def render(t):
     family("mailflow_alert_threshold", "gauge", "Alert thresholds per connector")
     for (c, d) in CONNECTORS:
         sample("mailflow_alert_threshold", {"connector": c, "direction": d, "kind": "tls10_share"}, 0.05)
+        sample("mailflow_alert_threshold", {"connector": c, "direction": d, "kind": "tls11_share"}, 0.05)
         sample("mailflow_alert_threshold", {"connector": c, "direction": d, "kind": "no_tls_share"}, 0.05)
         sample("mailflow_alert_threshold", {"connector": c, "direction": d, "kind": "min_messages"}, 100)
     family("mailflow_insight_active", "gauge", "Connector insights")
@@ -80,6 +84,8 @@ def render(t):
         total = sum(window.values())
         sample("mailflow_insight_active", {"connector": c, "direction": d, "insight": "significant_tls10"},
                1 if total >= 100 and window["TLS1.0"] / total > 0.05 else 0)
+        sample("mailflow_insight_active", {"connector": c, "direction": d, "insight": "significant_tls11"},
+               1 if total >= 100 and window["TLS1.1"] / total > 0.05 else 0)
         sample("mailflow_insight_active", {"connector": c, "direction": d, "insight": "significant_no_tls"},
                1 if total >= 100 and window["none"] / total > 0.05 else 0)
     family("mailflow_below_tls12_total", "counter", "Messages below TLS1.2")

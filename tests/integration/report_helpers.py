@@ -15,14 +15,16 @@ from datetime import datetime, timezone
 import harness
 
 VERSIONS = ("none", "TLS1.0", "TLS1.1", "TLS1.2", "TLS1.3")
-CSV_HEADER = "date,connector,direction,type,forced_tls,messages,none_pct,tls10_pct,tls11_pct,tls12_pct,tls13_pct"
+CSV_HEADER = ("date,connector,direction,type,forced_tls,messages,none_pct,tls10_pct,tls11_pct,tls12_pct,tls13_pct,"
+              "none_count,tls10_count,tls11_count,tls12_count,tls13_count,configured")
+CSV_COUNT_COLUMNS = dict(zip(VERSIONS, ("none_count", "tls10_count", "tls11_count", "tls12_count", "tls13_count")))
 # swaks --tls-protocol per label (None: plaintext, no STARTTLS)
 SWAKS_TLS = {"none": None, "TLS1.0": "tlsv1", "TLS1.1": "tlsv1_1", "TLS1.2": "tlsv1_2", "TLS1.3": "tlsv1_3"}
 TYPE_WORDS = {"partner": "partner", "onpremises": "on-premises", "internet": "internet"}
 MESSAGE = b"From: s@example.test\r\nTo: r@dest.test\r\nSubject: report\r\n\r\nbody\r\n"
 
 # --------------------------------------------------------------------------------------------- setup
-DEFAULTS = {"tls10_share": 0.05, "no_tls_share": 0.05, "min_messages": 3}
+DEFAULTS = {"tls10_share": 0.05, "tls11_share": 0.05, "no_tls_share": 0.05, "min_messages": 3}
 
 CONNECTORS = [
     # by client address: everything from 127.0.0.2
@@ -129,6 +131,7 @@ def plural(n, one, many):
 
 def insight_sentence(connector, direction, ctype, insight, share, messages, days):
     what = {"significant_tls10": "significant TLS1.0 mail flow",
+            "significant_tls11": "significant TLS1.1 mail flow",
             "significant_no_tls": "significant mail flow without TLS"}[insight]
     return (f"{direction.capitalize()} {TYPE_WORDS[ctype]} connector {connector} is seeing {what}: "
             f"{100.0 * share:.1f}% of {plural(messages, 'message', 'messages')} in the last "
@@ -166,6 +169,7 @@ def expected_insights(counts_by_key, window_days=7):
         if total == 0 or total < alerts["min_messages"]:
             continue
         for insight, version, kind in (("significant_tls10", "TLS1.0", "tls10_share"),
+                                       ("significant_tls11", "TLS1.1", "tls11_share"),
                                        ("significant_no_tls", "none", "no_tls_share")):
             share = counts[version] / total
             if share > alerts[kind]:
@@ -237,7 +241,8 @@ def assert_report_matches(report, counts_by_key, date, window_days=7):
         row = rows[key]
         ctype, forced, _alerts = META[key]
         want = {"date": date, "connector": key[0], "direction": key[1], "type": ctype, "forced_tls": forced,
-                "messages": sum(counts.values()), "percent": expected_percent(counts)}
+                "messages": sum(counts.values()), "percent": expected_percent(counts),
+                "counts": {v: counts[v] for v in VERSIONS}, "configured": True}
         assert row == want, f"row for {key} on {date}:\n  got  {row}\n  want {want}"
     got = sorted(report["insights"], key=lambda i: (i["connector"], i["direction"], i["insight"]))
     want = sorted(expected_insights(counts_by_key, window_days),
@@ -250,6 +255,31 @@ def assert_report_matches(report, counts_by_key, date, window_days=7):
         assert text == w["text"], f"insight sentence:\n  got  {g['text']!r}\n  want {w['text']!r}"
         assert g["messages"] == w["messages"] and abs(g["share"] - w["share"]) < 1e-9 \
             and abs(g["threshold"] - w["threshold"]) < 1e-9, f"insight numbers:\n  got  {g}\n  want {w}"
+
+
+def table_section(text, first_column):
+    """{(connector, direction): [date?, connector, direction, type, forced, messages, (count, pct) x 5]} of the
+    `mailflowd report` table whose header starts with `first_column` (DATE: the days, CONNECTOR: the summary).
+    A cell per version is "12 (1.2%)", or "0" for a row without messages."""
+    lines = text.splitlines()
+    header = next((i for i, ln in enumerate(lines) if ln.split()[:1] == [first_column]), None)
+    assert header is not None, f"no table with a {first_column} column in:\n{text}"
+    fixed = 6 if first_column == "DATE" else 5
+    out = {}
+    for ln in lines[header + 1:]:
+        if not ln.strip() or ln.endswith("messages)"):
+            break
+        f = ln.split()
+        head, tail = f[:fixed], " ".join(f[fixed:])
+        cells = re.findall(r"([\d,]+) \(([\d.]+)%\)", tail)
+        if not cells:
+            assert tail.split() == ["0"] * 5, f"table line without messages, but not zeros: {ln!r}"
+            cells = [("0", None)] * 5
+        assert len(cells) == 5, f"table line with {len(cells)} version cells: {ln!r}"
+        key = (head[fixed - 5], head[fixed - 4])
+        assert key not in out, f"two table lines for {key}"
+        out[key] = head + cells
+    return out
 
 
 def stable_report(daemon, query=""):

@@ -191,6 +191,86 @@ def test_rendered_dom_has_a_window_row_per_connector(env, dom):
                 assert f"{v} {pct[v]:.1f}%" in shown, f"{connector}/{direction}: '{v} {pct[v]:.1f}%' not in {shown!r}"
 
 
+class Chart(html.parser.HTMLParser):
+    """The rendered trend charts and the protected-in-transit boxes, read from the DOM chromium built: per
+    (connector, direction) {date: (messages, {version: bar height})}, and per direction the box's data and text."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.charts, self.transit = {}, {}
+        self._chart = self._day = self._box = None
+        self._texts = []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        cls = a.get("class", "").split()
+        if tag == "figure" and "trend" in cls:
+            self._chart = self.charts.setdefault((a["data-connector"], a["data-direction"]), {})
+        elif tag == "g" and "day" in cls and self._chart is not None:
+            assert a.get("role") == "img" and a.get("aria-label"), f"a bar without an accessible label: {a}"
+            self._day = self._chart.setdefault(a["data-date"], (int(a["data-messages"]), {}, a["aria-label"]))
+        elif tag == "rect" and "v" in cls and self._day is not None:
+            self._day[1][a["data-version"]] = float(a["height"])
+        elif tag == "div" and "transit" in cls:
+            self._box = {k: v for k, v in a.items() if k.startswith("data-")}
+            self._texts = []
+            self.transit[a["data-direction"]] = self._box
+        if self._box is not None and tag == "span" and cls and cls[0] in ("tls-pct", "tls12-pct"):
+            self._texts.append(cls[0])
+
+    def handle_data(self, data):
+        if self._box is not None and self._texts:
+            self._box.setdefault(self._texts[-1], data)
+
+    def handle_endtag(self, tag):
+        if tag == "figure":
+            self._chart = None
+        elif tag == "g":
+            self._day = None
+
+
+def test_chart_renders_the_daily_shares_and_the_summary_matches_the_json(env, dom):
+    """The trend chart is drawn (a bar per busy connector and day, each version's height its share) and the
+    protected-in-transit numbers at the top are those of /api/v1/report; fails on an empty chart."""
+    report, today = rh.stable_report(env.daemon)
+    chart = Chart()
+    chart.feed(dom)
+    busy = {key for key, counts in env.counts.items() if sum(counts.values())}
+    assert set(chart.charts) == busy, f"charts for {sorted(chart.charts)}, want one per busy connector {sorted(busy)}"
+    for key in busy:
+        days = chart.charts[key]
+        assert today in days, f"{key}: no bar for {today}: {sorted(days)}"
+        messages, heights, label = days[today]
+        counts = env.counts[key]
+        assert messages == sum(counts.values()), (key, messages)
+        full = sum(heights.values())
+        assert full > 100, f"{key}: the bar for {today} is empty ({heights})"
+        for v in rh.VERSIONS:
+            assert abs(heights.get(v, 0.0) / full - counts[v] / messages) < 0.01, (key, v, heights)
+        pct = rh.expected_percent(counts)
+        assert all(f"{v} {pct[v]:.1f}%" in label for v in rh.VERSIONS), f"{key}: bar label {label!r}"
+    assert [t["direction"] for t in report["in_transit"]] == sorted(chart.transit), chart.transit
+    for t in report["in_transit"]:
+        box = chart.transit[t["direction"]]
+        assert (int(box["data-messages"]), int(box["data-tls"]), int(box["data-tls12-plus"])) == \
+            (t["messages"], t["tls"], t["tls12_plus"]), (box, t)
+        assert box["tls-pct"] == f"{100 * t['tls_share']:.1f}%", (box, t)
+        assert box["tls12-pct"] == f"{100 * t['tls12_plus_share']:.1f}%", (box, t)
+
+
+def test_daily_table_has_no_zero_rows(dom):
+    rows = parse(dom).rows
+    start = next(i for i, r in enumerate(rows) if r[:2] == ["Date", "Connector"])
+    daily = []
+    for r in rows[start + 1:]:
+        if len(r) > 5 and not re.match(r"\d{4}-\d{2}-\d{2}$", r[0]):
+            break  # the next table (the drill-down) begins
+        if len(r) > 5:
+            daily.append(r)
+    assert daily, "the daily table is empty"
+    assert all(r[5] != "0" for r in daily), f"zero rows in the daily table: {[r for r in daily if r[5] == '0']}"
+
+
 def png_info(data):
     """(width, height, distinct byte values over the decompressed pixel rows) of a PNG file."""
     assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG file"

@@ -49,14 +49,12 @@ def test_json_has_a_row_for_every_day_and_connector(env):
     assert report["days"] == 7, f"default days: {report['days']}"
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", report["generated_at"]), report["generated_at"]
     assert report["generated_at"].startswith(today)
-    dates = sorted({r["date"] for r in report["rows"]})
-    assert len(dates) == 7 and dates[-1] == today, f"dates in the report: {dates}"
-    for date in dates[:-1]:
-        rows = rh.rows_of(report, date)
-        assert set(rows) == set(env.counts), f"rows on {date}: {sorted(rows)}"
-        busy = {k: r for k, r in rows.items() if r["messages"] != 0 or any(r["percent"].values())}
-        assert not busy, f"{date} had no traffic, yet: {busy}"
-    assert len(report["rows"]) == 7 * len(env.counts)
+    # Every message is from today and the daemon has no older state: the days before it did not exist for the
+    # daemon and are not printed as zero rows.
+    dates = [r["date"] for r in report["rows"]]
+    assert set(dates) == {today}, f"dates in the report: {sorted(set(dates))}"
+    assert set(rh.rows_of(report, today)) == set(env.counts)
+    assert len(report["rows"]) == len(env.counts)
 
 
 def test_days_parameter(env):
@@ -65,8 +63,8 @@ def test_days_parameter(env):
     assert {r["date"] for r in one["rows"]} == {today}
     rh.assert_report_matches(one, env.counts, today)
     three, _ = rh.stable_report(env.daemon, "?days=3")
-    assert len({r["date"] for r in three["rows"]}) == 3
-    assert len(three["rows"]) == 3 * len(env.counts)
+    assert three["days"] == 3
+    assert {r["date"] for r in three["rows"]} == {today}, "days before the first message were printed"
 
 
 @pytest.mark.parametrize("path", ["/api/v1/report", "/api/v1/report.csv", "/api/v1/report.txt", "/"])
@@ -95,7 +93,8 @@ def test_csv_header_and_numbers(env):
                 "forced_tls": "true" if forced else "false", "messages": str(sum(counts.values())),
                 "none_pct": f"{pct['none']:.1f}", "tls10_pct": f"{pct['TLS1.0']:.1f}",
                 "tls11_pct": f"{pct['TLS1.1']:.1f}", "tls12_pct": f"{pct['TLS1.2']:.1f}",
-                "tls13_pct": f"{pct['TLS1.3']:.1f}"}
+                "tls13_pct": f"{pct['TLS1.3']:.1f}", "configured": "true"}
+        want.update({rh.CSV_COUNT_COLUMNS[v]: str(counts[v]) for v in rh.VERSIONS})
         assert dict(r) == want, f"CSV row for {key}:\n  got  {dict(r)}\n  want {want}"
 
 
@@ -114,7 +113,7 @@ def test_cli_csv(env):
     _, body, _ = rh.http_get(env.daemon, "/api/v1/report.csv?days=2")
     assert res.stdout == body, f"CLI CSV differs from /api/v1/report.csv:\n{res.stdout}\n---\n{body}"
     rows = rh.parse_csv(res.stdout)
-    assert len({r["date"] for r in rows}) == 2
+    assert len({r["date"] for r in rows}) == 1  # nothing before today's first message
     assert {(r["connector"], r["direction"]) for r in rows if r["messages"] != "0"} == \
         {k for k, c in env.counts.items() if sum(c.values())}
 
@@ -123,24 +122,21 @@ def test_cli_table(env):
     res = rh.run_cli(env.bin, "--url", env.daemon.http, "--format", "table", "--days", "1")
     assert res.returncode == 0, f"mailflowd report --format table exited {res.returncode}: {res.stderr}"
     lines = res.stdout.splitlines()
-    header = next((i for i, ln in enumerate(lines) if ln.split()[:2] == ["DATE", "CONNECTOR"]), None)
-    assert header is not None, f"no table header in:\n{res.stdout}"
-    assert lines[header].split() == ["DATE", "CONNECTOR", "DIRECTION", "TYPE", "FORCED_TLS", "MESSAGES",
-                                     "NONE%", "TLS1.0%", "TLS1.1%", "TLS1.2%", "TLS1.3%"], lines[header]
-    got = {}
-    for ln in lines[header + 1:]:
-        if not ln.strip():
-            break
-        f = ln.split()
-        assert len(f) == 11, f"table line with {len(f)} columns: {ln!r}"
-        got[(f[1], f[2])] = f
-    assert set(got) == set(env.counts), f"table rows: {sorted(got)}"
-    for key, counts in env.counts.items():
-        ctype, forced, _ = rh.META[key]
-        pct = rh.expected_percent(counts)
-        want = [got[key][0], key[0], key[1], ctype, "yes" if forced else "no", f"{sum(counts.values()):,}"] + \
-            [f"{pct[v]:.1f}" for v in rh.VERSIONS]
-        assert got[key] == want, f"table row for {key}:\n  got  {got[key]}\n  want {want}"
+    header = next((ln for ln in lines if ln.split()[:1] == ["DATE"]), "")
+    assert header.split() == ["DATE", "CONNECTOR", "DIRECTION", "TYPE", "FORCED_TLS", "MESSAGES",
+                              "NONE", "TLS1.0", "TLS1.1", "TLS1.2", "TLS1.3"], header
+    # The days (exact counts and percentages per version) and the whole-window summary above them agree with
+    # the plan: all of it was sent today.
+    for first, fixed in (("DATE", 6), ("CONNECTOR", 5)):
+        got = rh.table_section(res.stdout, first)
+        assert set(got) == set(env.counts), f"{first} table rows: {sorted(got)}"
+        for key, counts in env.counts.items():
+            ctype, forced, _ = rh.META[key]
+            pct = rh.expected_percent(counts)
+            total = sum(counts.values())
+            want = [key[0], key[1], ctype, "yes" if forced else "no", f"{total:,}"] + \
+                [(f"{counts[v]:,}", f"{pct[v]:.1f}") if total else ("0", None) for v in rh.VERSIONS]
+            assert got[key][fixed - 5:] == want, f"{first} table row for {key}:\n  got  {got[key]}\n  want {want}"
     for insight in rh.expected_insights(env.counts):
         assert f"  - {insight['text']}" in [rh.split_offender(ln) for ln in lines], \
             f"insight {insight['text']!r} not in the table output"
@@ -197,3 +193,116 @@ def test_metrics_agree_with_report(env):
             assert m.get(key) == want, f"{key[0]}{dict(key[1])} = {m.get(key)}, want {want} (report insights: " \
                                        f"{sorted(active)})"
     assert len(active) == 3
+
+
+def test_whole_window_summary_in_json_csv_and_cli(env):
+    """Per connector, the whole window's exact messages per TLS version (as the page's bars show them), and the
+    inbound/outbound "protected in transit" totals: in /api/v1/report, /api/v1/connectors(.csv) and
+    `mailflowd report --summary`."""
+    report, _ = rh.stable_report(env.daemon)
+    summary = {(c["connector"], c["direction"]): c for c in report["connectors"]}
+    assert set(summary) == set(env.counts), sorted(summary)
+    for key, counts in env.counts.items():
+        c = summary[key]
+        assert c["counts"] == counts and c["messages"] == sum(counts.values()), (key, c)
+        assert c["percent"] == rh.expected_percent(counts) and c["configured"] is True, (key, c)
+    for transit in report["in_transit"]:
+        mine = [counts for (_, d), counts in env.counts.items() if d == transit["direction"]]
+        total = sum(sum(c.values()) for c in mine)
+        tls = total - sum(c["none"] for c in mine)
+        modern = sum(c["TLS1.2"] + c["TLS1.3"] for c in mine)
+        assert (transit["messages"], transit["tls"], transit["tls12_plus"]) == (total, tls, modern), transit
+        assert abs(transit["tls_share"] - tls / total) < 1e-12, transit
+    assert [t["direction"] for t in report["in_transit"]] == ["inbound", "outbound"]
+
+    status, body, ctype = rh.http_get(env.daemon, "/api/v1/connectors.csv")
+    assert status == 200 and ctype.startswith("text/csv"), (status, ctype)
+    rows = {(r["connector"], r["direction"]): r for r in rh.csv.DictReader(rh.io.StringIO(body))}
+    assert set(rows) == set(env.counts)
+    for key, counts in env.counts.items():
+        assert [int(rows[key][rh.CSV_COUNT_COLUMNS[v]]) for v in rh.VERSIONS] == [counts[v] for v in rh.VERSIONS]
+    res = rh.run_cli(env.bin, "--url", env.daemon.http, "--summary", "--format", "csv")
+    assert res.returncode == 0 and res.stdout == body, f"CLI --summary CSV differs:\n{res.stdout}\n---\n{body}"
+    res = rh.run_cli(env.bin, "--url", env.daemon.http, "--summary", "--format", "json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["connectors"] == report["connectors"]
+    res = rh.run_cli(env.bin, "--url", env.daemon.http, "--summary")
+    assert res.returncode == 0, res.stderr
+    assert set(rh.table_section(res.stdout, "CONNECTOR")) == set(env.counts)
+    assert "DATE" not in res.stdout.split()
+    assert "Inbound protected in transit:" in res.stdout
+
+
+def test_cli_table_and_page_sort_days_the_same_way(env, tmp_path):
+    """Newest day first in the table, the page and the JSON: with history from yesterday (a state file, as a
+    restart finds it) today's rows come first everywhere."""
+    import datetime as dt
+    import signal
+    state = tmp_path / "two-days-state"
+    state.mkdir()
+    hour = int(dt.datetime.now(dt.timezone.utc).timestamp()) // 3600
+    (state / "windows.state").write_text(f"mailflowd-windows 1\n{hour - 24} partner-cidr inbound 0 0 0 5 0\n")
+    cfg = json.loads(json.dumps(env.daemon.config))
+    cfg["state_dir"] = str(state)
+    cfg["http"]["address"] = f"127.0.0.1:{harness.free_port()}"
+    for lst in cfg["listeners"]:
+        lst["address"] = f"127.0.0.1:{harness.free_port()}"
+    d = harness.Daemon(env.daemon.binary, tmp_path, cfg, name="two-days").start()
+    try:
+        report, today = rh.stable_report(d)
+        dates = [r["date"] for r in report["rows"]]
+        yesterday = (dt.date.fromisoformat(today) - dt.timedelta(days=1)).isoformat()
+        assert dates[0] == today and dates[-1] == yesterday and sorted(dates, reverse=True) == dates, dates
+        table = rh.run_cli(env.bin, "--url", d.http).stdout
+        table_dates = [ln.split()[0] for ln in table.splitlines() if re.match(r"\d{4}-\d\d-\d\d ", ln)]
+        assert table_dates and table_dates[0] == today and table_dates[-1] == yesterday, table
+        _, page, _ = rh.http_get(d, "/")
+        daily = page[page.index('id="daily"'):]
+        assert daily.index(f"<td>{yesterday}</td>") > daily.find(f"{today}"), "page: the newest day is not first"
+        assert f"{yesterday}</td><td>partner-cidr" in daily
+    finally:
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(15) == 0
+        harness.LIVE.remove(d)
+
+
+def test_reload_that_renames_a_connector_leaves_no_ghost(certs, sink_factory, daemon_factory, mailflowd_bin):
+    """SIGHUP with legacy-domain renamed: its insight and window gauges disappear from /metrics (its counters
+    stay), its history stays in the report marked configured=false (page: "removed from config") without an
+    insight, and the new name starts at zero."""
+    import signal
+    sink = sink_factory("ghost-store")
+    listeners, upstreams, connectors, extra = rh.build_env_config(certs, sink.port, harness.free_port(),
+                                                                  harness.free_port())
+    d = daemon_factory(listeners, upstreams, connectors, name="ghost", **extra)
+    plan = [p for p in rh.PLAN if p[0] == "legacy-domain"]  # 2 TLS1.0 + 1 TLS1.2: significant_tls10
+    rh.send_plan(d, sink, plan)
+    m = d.metrics()
+    assert harness.value(m, "mailflow_insight_active", connector="legacy-domain", insight="significant_tls10") == 1
+
+    d.config["connectors"] = [dict(c, name="legacy-domain-v2") if c["name"] == "legacy-domain" else c
+                              for c in d.config["connectors"]]
+    d.config_path.write_text(json.dumps(d.config, indent=2) + "\n")
+    base = harness.value(m, "mailflow_config_reloads_total", result="success")
+    d.proc.send_signal(signal.SIGHUP)
+    harness.wait_for(lambda: harness.value(d.metrics(), "mailflow_config_reloads_total", result="success") > base,
+                     10, what="the reload")
+
+    m = d.metrics()
+    for family in ("mailflow_insight_active", "mailflow_window_messages", "mailflow_window_tls_share",
+                   "mailflow_alert_threshold", "mailflow_connector_info"):
+        assert not harness.series(m, family, connector="legacy-domain"), f"{family} still has legacy-domain"
+    assert harness.series(m, "mailflow_insight_active", connector="legacy-domain-v2", insight="significant_tls10")
+    assert harness.value(m, "mailflow_messages_total", connector="legacy-domain") == 3  # counters never go back
+
+    report, today = rh.stable_report(d)
+    old = rh.rows_of(report, today)[("legacy-domain", "inbound")]
+    assert old["configured"] is False and old["counts"]["TLS1.0"] == 2, old
+    assert old["type"] == "internet", old  # its config is gone: documented, and marked as removed
+    new = rh.rows_of(report, today)[("legacy-domain-v2", "inbound")]
+    assert new["configured"] is True and new["type"] == "onpremises" and new["messages"] == 0, new
+    assert not [i for i in report["insights"] if i["connector"].startswith("legacy-domain")], report["insights"]
+    _, page, _ = rh.http_get(d, "/")
+    assert "legacy-domain" in page and "removed from config" in page
+    table = rh.run_cli(mailflowd_bin, "--url", d.http, "--days", "1").stdout
+    assert rh.table_section(table, "DATE")[("legacy-domain", "inbound")][3] == "removed", table

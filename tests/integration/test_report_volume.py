@@ -86,8 +86,10 @@ def test_csv_table_and_page(env):
         ["1024", "1.2", "12.5", "0.0", "80.1", "6.2"], contoso
     res = rh.run_cli(env.bin, "--url", env.daemon.http, "--days", "1")
     assert res.returncode == 0, res.stderr
-    line = next(ln for ln in res.stdout.splitlines() if " partner-contoso " in ln)
-    assert line.split()[5:] == ["1,024", "1.2", "12.5", "0.0", "80.1", "6.2"], line
+    day = rh.table_section(res.stdout, "DATE")[("partner-contoso", "inbound")]
+    assert day[5:] == ["1,024", ("12", "1.2"), ("128", "12.5"), ("0", "0.0"), ("820", "80.1"), ("64", "6.2")], day
+    assert [contoso[0][k] for k in ("none_count", "tls10_count", "tls11_count", "tls12_count", "tls13_count")] == \
+        ["12", "128", "0", "820", "64"], contoso
     assert f"  - {SENTENCE}" in [rh.split_offender(ln) for ln in res.stdout.splitlines()]
     _, page, _ = rh.http_get(env.daemon, "/")
     assert SENTENCE in page and "1,024" in page

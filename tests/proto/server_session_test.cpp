@@ -315,6 +315,8 @@ TEST_CASE("ServerSession: STARTTLS") {
     play(s, {"EHLO c", Kind::reply, ehlo_reply, "", {}, State::ready});
     play(s, {"STARTTLS", Kind::start_tls, "220 2.0.0 Ready to start TLS\r\n", "", {}, State::need_helo});
     CHECK(s.tls_active());
+    CHECK(s.helo_name().empty());        // a new EHLO is needed...
+    CHECK(s.helo_before_tls() == "c");   // ...but the one before STARTTLS attributes a failed handshake
     play(s, {"MAIL FROM:<a@b.example>",
              Kind::reply,
              "503 5.5.1 Error: send HELO/EHLO first",
