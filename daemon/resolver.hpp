@@ -16,6 +16,7 @@
 #include <boost/asio/ip/address.hpp>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -59,6 +60,19 @@ struct AddressResult {
 };
 std::string_view to_string(AddressResult::Status status);  // "addresses", "none", "failed"
 
+// TXT records of a name (MTA-STS's _mta-sts.<domain>, TLS-RPT's _smtp._tls.<domain>).
+struct TxtResult {
+  DnsOutcome outcome = DnsOutcome::error;  // success: at least one record; nodata/nxdomain: none
+  // One string per record: its character-strings concatenated without separators (as RFC 7208 3.3 does for
+  // SPF, and as RFC 8461 3.1 and RFC 8460 3 expect), in DNS order. Bytes as received (may be binary).
+  std::vector<std::string> records;
+  bool secure = false;  // DNSSEC-validated (needs dns.trust_anchor_file)
+  std::string detail;   // temporary failures: why
+};
+
+// The character-strings of one TXT rdata (RFC 1035 3.3.14) joined; nullopt when a length runs past the end.
+std::optional<std::string> join_txt_rdata(std::string_view rdata);
+
 class Resolver {
  public:
   // Applies `dns`: forwarders (dns.servers) or /etc/resolv.conf, the trust anchor, the timeout. Throws
@@ -75,6 +89,8 @@ class Resolver {
   boost::asio::awaitable<MxResult> resolve_mx(std::string domain);
   // AAAA and A of `host`, both queried at once, each within dns.timeout.
   boost::asio::awaitable<AddressResult> resolve_addresses(std::string host);
+  // TXT of `name`, within dns.timeout; counted as mailflow_dns_lookups_total{type="TXT"}.
+  boost::asio::awaitable<TxtResult> resolve_txt(std::string name);
 
  private:
   struct Impl;
