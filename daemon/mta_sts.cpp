@@ -152,7 +152,7 @@ net::awaitable<PolicyFetch> fetch_policy(net::any_io_executor executor, std::str
   co_await http::async_read(stream, buffer, parser, net::redirect_error(net::use_awaitable, ec));
   if (ec && !(ec == net::ssl::error::stream_truncated && parser.is_done())) {
     if (ec == http::error::body_limit)
-      co_return failed(Status::fetch_error, with("policy larger than 64 KiB from"));
+      co_return failed(Status::fetch_error, "policy larger than 64 KiB from " + host);
     if (ec == beast::error::timeout) co_return failed(Status::fetch_error, with("timed out reading the policy from"));
     co_return failed(Status::fetch_error, with("no valid HTTP answer from") + ec.message());
   }
@@ -161,7 +161,7 @@ net::awaitable<PolicyFetch> fetch_policy(net::any_io_executor executor, std::str
   const auto& response = parser.get();
   // RFC 8461 3.3: HTTP redirects must not be followed; anything but 200 is a failed fetch.
   if (response.result_int() != 200) {
-    std::string detail = with("answered") + std::to_string(response.result_int());
+    std::string detail = host + " answered " + std::to_string(response.result_int());
     if (response.result_int() / 100 == 3) detail += " (redirects are not followed)";
     co_return failed(Status::fetch_error, detail);
   }
@@ -171,7 +171,7 @@ net::awaitable<PolicyFetch> fetch_policy(net::any_io_executor executor, std::str
   while (!media.empty() && media.back() == ' ') media.remove_suffix(1);
   if (media != "text/plain") {
     co_return failed(Status::fetch_error,
-                     with("Content-Type is not text/plain from") + "\"" + content_type + "\"");
+                     "Content-Type from " + host + " is not text/plain: \"" + content_type + "\"");
   }
   std::string error;
   auto policy = proto::mta_sts::parse_policy(response.body(), error);
