@@ -23,6 +23,7 @@
 #include "daemon/reasons.hpp"
 #include "daemon/process_metrics.hpp"
 #include "daemon/report.hpp"
+#include "daemon/tlsrpt.hpp"
 #include "daemon/window_store.hpp"
 
 namespace mailflow {
@@ -99,6 +100,9 @@ constexpr Family http_rejects{"mailflow_http_rejects_total", "counter",
                               "HTTP connections and requests refused (caps, deadlines, bad requests, auth), by reason"};
 constexpr Family mx_attempts{"mailflow_mx_attempts_total", "counter",
                              "Connection attempts to MX hosts (mx upstreams), by upstream and result"};
+constexpr Family outbound_policy{"mailflow_outbound_policy_total", "counter",
+                                 "Outbound sessions under a TLS policy (dane, mta-sts, none), by connector and result "
+                                 "(success or the RFC 8460 result type)"};
 constexpr Family internal_errors{"mailflow_internal_errors_total", "counter",
                                  "Exceptions that escaped a coroutine (logged, cleaned up; the component restarts)"};
 constexpr Family below_tls12{"mailflow_below_tls12_total", "counter",
@@ -143,12 +147,14 @@ enum class Labelled : std::size_t {
   state_errors,
   http_rejects,
   internal_errors,
-  mx_attempts
+  mx_attempts,
+  outbound_policy
 };
-constexpr std::size_t kLabelledFamilies = 8;
+constexpr std::size_t kLabelledFamilies = 9;
 constexpr std::array<const Family*, kLabelledFamilies> kLabelledFamily{
-    &family::tls_handshake_failures, &family::upstream_errors, &family::rejects, &family::config_reloads,
-    &family::state_errors,           &family::http_rejects,    &family::internal_errors, &family::mx_attempts};
+    &family::tls_handshake_failures, &family::upstream_errors, &family::rejects,
+    &family::config_reloads,         &family::state_errors,    &family::http_rejects,
+    &family::internal_errors,        &family::mx_attempts,     &family::outbound_policy};
 
 // Label text that does not depend on a series, rendered once.
 struct FixedLabels {
@@ -318,6 +324,7 @@ void write_exposition(std::string& out, const Snapshot& snapshot, const std::opt
   labelled(Labelled::http_rejects);
   labelled(Labelled::internal_errors);
   labelled(Labelled::mx_attempts);
+  labelled(Labelled::outbound_policy);
   if (!rows.empty()) {
     header(family::below_tls12);
     for (const auto& row : rows) append_sample(out, family::below_tls12.name, {row.series->labels}, row.values.below_tls12);
@@ -437,6 +444,7 @@ struct Telemetry::Impl {
   }
 
   Clock clock;
+  TlsRptStore tlsrpt;
 
   std::atomic<std::uint64_t> messages_total{0};
   std::atomic<std::int64_t> sessions_active{0};
@@ -569,6 +577,18 @@ void Telemetry::configure(const config::Config& config) {
       impl_->labelled(Labelled::mx_attempts, {{"result", result}, {"upstream", upstream.name}});
     }
   }
+  impl_->tlsrpt.set_submitter(
+      {config.tlsrpt.organization_name, config.tlsrpt.contact_info, config.tlsrpt.submitter});
+  for (const auto& view : views) {
+    if (view.direction != config::Direction::outbound) continue;
+    for (const auto policy : reasons::outbound_policies) {
+      impl_->labelled(Labelled::outbound_policy, {{"connector", view.name}, {"policy", policy}, {"result", "success"}});
+      for (const auto type : proto::tlsrpt::all_result_types) {
+        impl_->labelled(Labelled::outbound_policy,
+                        {{"connector", view.name}, {"policy", policy}, {"result", proto::tlsrpt::to_string(type)}});
+      }
+    }
+  }
 }
 
 void Telemetry::certificates_loaded(const std::vector<CertificateExpiry>& certificates) {
@@ -654,6 +674,13 @@ void Telemetry::mx_attempt(std::string_view upstream, std::string_view result) {
   std::lock_guard lock(impl_->mutex);
   ++impl_->labelled(Labelled::mx_attempts, {{"result", result}, {"upstream", upstream}});
 }
+
+void Telemetry::outbound_policy(std::string_view connector, std::string_view policy, std::string_view result) {
+  std::lock_guard lock(impl_->mutex);
+  ++impl_->labelled(Labelled::outbound_policy, {{"connector", connector}, {"policy", policy}, {"result", result}});
+}
+
+TlsRptStore& Telemetry::tlsrpt() { return impl_->tlsrpt; }
 
 void Telemetry::internal_error(std::string_view component) {
   std::lock_guard lock(impl_->mutex);
@@ -741,17 +768,30 @@ bool Telemetry::save_state(const std::string& state_dir, std::string& error) {
     return fail("cannot sync " + state_dir, saved);
   }
   ::close(dir_fd);
-  error.clear();
-  return true;
+  // TLS-RPT aggregates: kept until sent, so they are state like the windows.
+  return impl_->tlsrpt.save(state_dir, error);
 }
 
 bool Telemetry::load_state(const std::string& state_dir, std::string& error) {
   namespace fs = std::filesystem;
   error.clear();
+  // TLS-RPT aggregates first (state_dir/tlsrpt.state); a corrupt file is moved aside and counted like windows.state.
+  std::string tlsrpt_note;
+  const auto unix_now =
+      std::chrono::duration_cast<std::chrono::seconds>(impl_->clock().time_since_epoch()).count();
+  if (!impl_->tlsrpt.load(state_dir, unix_now, tlsrpt_note)) {
+    error = tlsrpt_note;
+    return false;
+  }
+  if (!tlsrpt_note.empty()) impl_->count_state_error("corrupt");
+  const auto finish = [&] {
+    if (!tlsrpt_note.empty()) error += (error.empty() ? "" : "; ") + tlsrpt_note;
+    return true;
+  };
   const fs::path path = fs::path(state_dir) / kStateFile;
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
-    if (errno == ENOENT) return true;  // first start: empty windows
+    if (errno == ENOENT) return finish();  // first start: empty windows
     error = "cannot open " + path.string() + ": " + errno_text(errno);
     return false;
   }
@@ -779,7 +819,7 @@ bool Telemetry::load_state(const std::string& state_dir, std::string& error) {
   std::string parse_error = too_big ? "larger than " + std::to_string(kMaxStateFileBytes) + " bytes" : "";
   if (!too_big) {
     std::lock_guard lock(impl_->mutex);
-    if (impl_->windows.deserialize(text, parse_error)) return true;
+    if (impl_->windows.deserialize(text, parse_error)) return finish();
   }
   // Keep the evidence, start empty: a broken state file must never keep the relay from starting.
   const auto unix_time =
@@ -793,7 +833,7 @@ bool Telemetry::load_state(const std::string& state_dir, std::string& error) {
     error = path.string() + " is unusable (" + parse_error + "); moved to " + aside.string() +
             ", starting with empty windows";
   }
-  return true;
+  return finish();
 }
 
 std::uint64_t Telemetry::messages_total() const { return impl_->messages_total.load(std::memory_order_relaxed); }
