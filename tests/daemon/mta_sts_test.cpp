@@ -34,7 +34,7 @@ TEST_CASE("mta-sts cache: unexpired policies only, bounded by dropping the soone
   CHECK(cache.find("c.example", 150)->id == "2");
 }
 
-TEST_CASE("mta-sts cache: saved and loaded; expired entries are not loaded; corrupt file moved aside") {
+TEST_CASE("mta-sts cache: saved and loaded - expired entries are not loaded - corrupt file moved aside") {
   const auto dir = std::filesystem::temp_directory_path() / ("mailflow-mta-sts-" + std::to_string(::getpid()));
   std::filesystem::create_directories(dir);
   MtaStsCache cache;
@@ -58,7 +58,7 @@ TEST_CASE("mta-sts cache: saved and loaded; expired entries are not loaded; corr
   std::filesystem::remove_all(dir);
 }
 
-TEST_CASE("check_mx: listed, TLS1.2+, valid certificate; enforce refuses, testing reports, none ignores") {
+TEST_CASE("check_mx: listed, TLS1.2+, valid certificate - enforce refuses, testing reports, none ignores") {
   PolicyState enforce;
   enforce.mode = PolicyState::Mode::enforce;
   enforce.policy = policy(proto::mta_sts::Mode::enforce);

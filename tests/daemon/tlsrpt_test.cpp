@@ -51,7 +51,7 @@ struct TempDir {
   ~TempDir() { std::filesystem::remove_all(path); }
 };
 
-TEST_CASE("tlsrpt store: sessions merge per day, domain and policy; failures per detail") {
+TEST_CASE("tlsrpt store: sessions merge per day, domain and policy - failures per detail") {
   TlsRptStore store;
   store.record("2026-01-02", ok("example.net"));
   store.record("2026-01-02", ok("example.net"));
@@ -99,7 +99,7 @@ TEST_CASE("tlsrpt store: bounded in domains per day, failure details and days") 
   CHECK(store.day("2026-01-02").size() == 1);
 }
 
-TEST_CASE("tlsrpt store: saved and loaded exactly; a corrupt file is moved aside") {
+TEST_CASE("tlsrpt store: saved and loaded exactly - a corrupt file is moved aside") {
   TempDir dir;
   TlsRptStore store;
   store.record("2026-01-02", ok("example.net"));

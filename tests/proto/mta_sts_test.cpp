@@ -11,7 +11,7 @@ namespace {
 using namespace mailflow::proto::mta_sts;
 using Status = TxtLookup::Status;
 
-TEST_CASE("mta-sts TXT: one valid v=STSv1 record gives its id; others are discarded") {
+TEST_CASE("mta-sts TXT: one valid v=STSv1 record gives its id - others are discarded") {
   auto r = parse_txt_records({"v=spf1 -all", "v=STSv1; id=20160831085700Z;"});
   CHECK(r.status == Status::policy);
   CHECK(r.id == "20160831085700Z");

@@ -11,7 +11,7 @@ namespace {
 using namespace mailflow::proto::tlsrpt;
 using Status = TxtLookup::Status;
 
-TEST_CASE("tlsrpt TXT: rua lists of mailto: and https: URIs; other schemes ignored") {
+TEST_CASE("tlsrpt TXT: rua lists of mailto: and https: URIs - other schemes ignored") {
   auto r = parse_txt_records({"v=spf1 -all", "v=TLSRPTv1; rua=mailto:reports@example.com"});
   CHECK(r.status == Status::report);
   CHECK(r.rua == std::vector<std::string>{"mailto:reports@example.com"});
