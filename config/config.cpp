@@ -32,14 +32,17 @@ struct Section {
 const std::vector<Section>& schema() {
   static const std::vector<Section> sections = {
       {"",
-       {"hostname", "state_dir", "listeners", "upstreams", "connectors", "dns", "telemetry", "http", "limits",
-        "log", "timeouts", "performance"}},
+       {"hostname", "state_dir", "listeners", "upstreams", "connectors", "dns", "mta_sts", "tlsrpt", "telemetry",
+        "http", "limits", "log", "timeouts", "performance"}},
       {"listeners[]", {"name", "address", "direction", "tls", "proxy_protocol", "upstream"}},
       {"listeners[].tls", {"certificates", "min_version", "ciphers"}},
       {"listeners[].tls.certificates[]", {"cert", "key"}},
       {"listeners[].proxy_protocol", {"trusted"}},
-      {"upstreams[]", {"name", "address", "mx", "port", "tls", "min_version", "verify_names", "ca_file", "xclient"}},
+      {"upstreams[]",
+       {"name", "address", "mx", "port", "tls", "min_version", "verify_names", "ca_file", "xclient", "mta_sts"}},
       {"dns", {"servers", "timeout", "trust_anchor_file"}},
+      {"mta_sts", {"ca_file", "fetch_timeout", "max_policies"}},
+      {"tlsrpt", {"send", "organization_name", "contact_info", "submitter"}},
       {"connectors[]", {"name", "type", "direction", "match", "require_tls", "upstream", "alerts"}},
       {"connectors[].match", {"listener", "client_cidrs", "sender_domains", "recipient_domains", "ehlo", "sni"}},
       {"connectors[].alerts", {"tls10_share", "tls11_share", "no_tls_share", "min_messages"}},
@@ -716,6 +719,12 @@ class Loader {
                        "can be trusted");
       }
     }
+    if (const Field* field = get(*top, "mta_sts")) load_mta_sts(*field);
+    if (const Field* field = get(*top, "tlsrpt")) load_tlsrpt(*field);
+    // TLS-RPT names its sender: the hostname unless said otherwise.
+    if (config_.tlsrpt.organization_name.empty()) config_.tlsrpt.organization_name = config_.hostname;
+    if (config_.tlsrpt.contact_info.empty()) config_.tlsrpt.contact_info = "postmaster@" + config_.hostname;
+    if (config_.tlsrpt.submitter.empty()) config_.tlsrpt.submitter = config_.hostname;
     if (const Field* field = get(*top, "http")) load_http(*field);
     if (const Field* field = get(*top, "limits")) load_limits(*field);
     if (const Field* field = get(*top, "log")) load_log(*field);
@@ -800,6 +809,7 @@ class Loader {
         read_string(*map, "ca_file", where, upstream.ca_file);
       }
       read_enum(*map, "xclient", where, upstream.xclient, {{"auto", true}, {"off", false}});
+      load_upstream_mta_sts(*map, where, upstream);
       config_.upstreams.push_back(std::move(upstream));
     }
   }
@@ -854,6 +864,60 @@ class Loader {
       }
       upstream.verify_names.push_back(*name);
     }
+  }
+
+  // MTA-STS applies to the recipient domain's MX hosts: on by default (testing) for mx upstreams; a fixed
+  // address has no recipient domain whose policy could name it.
+  void load_upstream_mta_sts(const Fields& map, const std::string& where, Upstream& upstream) {
+    upstream.mta_sts = upstream.mx ? MtaStsMode::testing : MtaStsMode::off;
+    const Field* field = get(map, "mta_sts");
+    if (field == nullptr) return;
+    MtaStsMode mode = upstream.mta_sts;
+    if (!read_enum(map, "mta_sts", where, mode,
+                   {{"off", MtaStsMode::off}, {"testing", MtaStsMode::testing}, {"enforce", MtaStsMode::enforce}}))
+      return;
+    if (!upstream.mx && mode != MtaStsMode::off) {
+      error_at(field->key, where + ".mta_sts: only for mx: true (an MTA-STS policy lists a recipient domain's MX "
+                                   "hosts; this upstream delivers to a fixed address)");
+      return;
+    }
+    if (mode != MtaStsMode::off && upstream.tls == UpstreamTls::none) {
+      error_at(field->key, where + ".mta_sts: needs STARTTLS (tls is none); set mta_sts: off or tls: opportunistic");
+      return;
+    }
+    upstream.mta_sts = mode;
+  }
+
+  void load_mta_sts(const Field& field) {
+    const auto map = fields(field, "mta_sts", "mta_sts");
+    if (!map) return;
+    read_file(*map, "ca_file", "mta_sts", config_.mta_sts.ca_file);
+    read_duration(*map, "fetch_timeout", "mta_sts", config_.mta_sts.fetch_timeout, std::chrono::milliseconds(100),
+                  std::chrono::minutes(5));
+    read_integer(*map, "max_policies", "mta_sts", config_.mta_sts.max_policies, 1, 10'000'000, false);
+  }
+
+  void load_tlsrpt(const Field& field) {
+    const auto map = fields(field, "tlsrpt", "tlsrpt");
+    if (!map) return;
+    read_bool(*map, "send", "tlsrpt", config_.tlsrpt.send);
+    // Printable ASCII: these go into the report's JSON and into mail headers as they are.
+    const auto ascii = [&](std::string_view key, std::string& out) {
+      return read(*map, key, "tlsrpt", "a string", out, [](const std::string& text, std::string& problem) {
+        const bool ok = !text.empty() && std::all_of(text.begin(), text.end(), [](char c) {
+          return static_cast<unsigned char>(c) >= 0x20 && static_cast<unsigned char>(c) < 0x7f;
+        });
+        if (!ok) problem = "must be printable ASCII, not empty";
+        return ok ? std::optional<std::string>(text) : std::nullopt;
+      });
+    };
+    ascii("organization_name", config_.tlsrpt.organization_name);
+    ascii("contact_info", config_.tlsrpt.contact_info);
+    read(*map, "submitter", "tlsrpt", "a domain name", config_.tlsrpt.submitter,
+         [](const std::string& text, std::string& problem) {
+           if (!valid_hostname(text)) problem = "expected a domain name like mx1.example.org, got " + quoted(text);
+           return valid_hostname(text) ? std::optional<std::string>(text) : std::nullopt;
+         });
   }
 
   void load_dns(const Field& field) {

@@ -19,12 +19,15 @@ namespace mailflow::config {
 enum class Direction { inbound, outbound };
 enum class ConnectorType { partner, onpremises, internet };
 enum class UpstreamTls { none, opportunistic, required, verify, dane };
+// upstreams[].mta_sts (RFC 8461): off, testing (deliver, report failures), enforce (skip MX hosts that fail).
+enum class MtaStsMode { off, testing, enforce };
 enum class LogFormat { text, json };
 enum class LogOutput { standard_error, syslog };  // "stderr" | "syslog"
 
 std::string_view to_string(Direction);
 std::string_view to_string(ConnectorType);
 std::string_view to_string(UpstreamTls);
+std::string_view to_string(MtaStsMode);
 std::string_view to_string(LogFormat);
 std::string_view to_string(LogOutput);
 
@@ -84,6 +87,22 @@ struct Upstream {
   std::vector<std::string> verify_names;
   std::string ca_file = "/etc/ssl/certs/ca-certificates.crt";
   bool xclient = true;  // "auto": used if advertised; false for "off"
+  MtaStsMode mta_sts = MtaStsMode::off;  // default: testing for mx upstreams, off for a fixed address
+};
+
+// MTA-STS policy fetching (upstreams[].mta_sts turns it on per upstream).
+struct MtaSts {
+  std::string ca_file;  // PEM CA certificates for https://mta-sts.<domain>; empty: the system trust store
+  std::chrono::milliseconds fetch_timeout{10000};  // a whole policy fetch
+  std::uint32_t max_policies = 10000;              // cached policy domains (state_dir/mta-sts.state)
+};
+
+// SMTP TLS reporting (RFC 8460). Reports are always kept (state_dir/tlsrpt.state) and served; `send` mails them.
+struct TlsRpt {
+  bool send = false;
+  std::string organization_name;  // default: the hostname
+  std::string contact_info;       // default: postmaster@<hostname>
+  std::string submitter;          // default: the hostname
 };
 
 // The resolver used for MX, A/AAAA (and, later, TLSA/MTA-STS) lookups.
@@ -182,6 +201,8 @@ struct Config {
   std::vector<Upstream> upstreams;
   std::vector<Connector> connectors;  // in match order
   Dns dns;
+  MtaSts mta_sts;
+  TlsRpt tlsrpt;
   Telemetry telemetry;
   Http http;
   Limits limits;

@@ -64,9 +64,10 @@ std::string summarize(const Config& config) {
     std::string policy;
     if (upstream.min_version) policy += fmt::format(" min_version={}", tls_name(*upstream.min_version));
     if (!upstream.verify_names.empty()) policy += " verify_names=" + join(upstream.verify_names);
-    out += fmt::format("  {} {} tls={}{} xclient={}\n", upstream.name,
+    out += fmt::format("  {} {} tls={}{} xclient={}{}\n", upstream.name,
                        upstream.mx ? fmt::format("mx (port {})", upstream.port) : upstream.address.text,
-                       to_string(upstream.tls), policy, upstream.xclient ? "auto" : "off");
+                       to_string(upstream.tls), policy, upstream.xclient ? "auto" : "off",
+                       upstream.mx ? fmt::format(" mta_sts={}", to_string(upstream.mta_sts)) : "");
   }
 
   out += fmt::format("connectors ({}, first match wins; unmatched traffic counts as \"internet\"):\n",

@@ -42,6 +42,18 @@ std::string_view to_string(UpstreamTls tls) {
   return "opportunistic";
 }
 
+std::string_view to_string(MtaStsMode mode) {
+  switch (mode) {
+    case MtaStsMode::off:
+      return "off";
+    case MtaStsMode::testing:
+      return "testing";
+    case MtaStsMode::enforce:
+      return "enforce";
+  }
+  return "off";
+}
+
 std::string_view to_string(LogFormat format) { return format == LogFormat::json ? "json" : "text"; }
 
 std::string_view to_string(LogOutput output) { return output == LogOutput::syslog ? "syslog" : "stderr"; }

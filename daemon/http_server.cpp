@@ -6,6 +6,7 @@
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
 #include <openssl/rand.h>
+#include <fmt/format.h>
 #include <spdlog/spdlog.h>
 #include <sys/resource.h>
 #include <unistd.h>
@@ -25,7 +26,9 @@
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 #include <boost/beast/ssl.hpp>
+#include <cctype>
 #include <charconv>
+#include <chrono>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -40,6 +43,7 @@
 #include "daemon/log.hpp"
 #include "daemon/report.hpp"
 #include "daemon/telemetry.hpp"
+#include "daemon/tlsrpt.hpp"
 
 namespace mailflow {
 namespace {
@@ -548,6 +552,8 @@ class Server : public std::enable_shared_from_this<Server> {
                                 : make_response(request, http::status::service_unavailable, kTextPlain, "not ready");
     }
 
+    if (path == "/api/v1/tlsrpt") return tlsrpt_response(request, query);
+
     using Render = std::string (*)(const Report&);
     struct ReportRoute {
       std::string_view path;
@@ -597,6 +603,46 @@ class Server : public std::enable_shared_from_this<Server> {
       return make_response(request, http::status::ok, route.content_type, route.render(telemetry_.report(*days)));
     }
     return make_response(request, http::status::not_found, kTextPlain, "not found\n");
+  }
+
+  // GET /api/v1/tlsrpt?date=YYYY-MM-DD (default: today, UTC): every domain's TLS-RPT report of that day, JSON.
+  // With &domain=D&format=gzip: that domain's report as it is sent (application/tlsrpt+gzip, RFC 8460 5.3).
+  Response tlsrpt_response(const Request& request, std::string_view query) {
+    std::string date;
+    std::string domain;
+    std::string format = "json";
+    while (!query.empty()) {
+      const auto amp = query.find('&');
+      const std::string_view param = query.substr(0, amp);
+      query = amp == std::string_view::npos ? std::string_view{} : query.substr(amp + 1);
+      const auto eq = param.find('=');
+      const std::string_view name = param.substr(0, eq);
+      const std::string value(eq == std::string_view::npos ? std::string_view{} : param.substr(eq + 1));
+      if (name == "date") date = value;
+      else if (name == "domain") domain = value;
+      else if (name == "format") format = value;
+    }
+    if (date.empty()) {
+      const auto today = std::chrono::floor<std::chrono::days>(std::chrono::system_clock::now());
+      const std::chrono::year_month_day ymd{today};
+      date = fmt::format("{:04}-{:02}-{:02}", static_cast<int>(ymd.year()), static_cast<unsigned>(ymd.month()),
+                         static_cast<unsigned>(ymd.day()));
+    }
+    const bool date_ok = date.size() == 10 && date[4] == '-' && date[7] == '-' &&
+                         std::all_of(date.begin(), date.end(), [](char c) { return std::isdigit(static_cast<unsigned char>(c)) || c == '-'; });
+    if (!date_ok) return make_response(request, http::status::bad_request, kTextPlain, "date must be YYYY-MM-DD\n");
+    if (format == "json" && domain.empty()) {
+      return make_response(request, http::status::ok, "application/json", render_tlsrpt_day(telemetry_.tlsrpt(), date));
+    }
+    if (format != "json" && format != "gzip") {
+      return make_response(request, http::status::bad_request, kTextPlain, "format must be json or gzip\n");
+    }
+    if (domain.empty()) return make_response(request, http::status::bad_request, kTextPlain, "format=gzip needs domain\n");
+    const auto day = telemetry_.tlsrpt().find(date, domain);
+    if (!day) return make_response(request, http::status::not_found, kTextPlain, "no report for that date and domain\n");
+    const std::string json = proto::tlsrpt::render_json(*day, telemetry_.tlsrpt().submitter());
+    if (format == "json") return make_response(request, http::status::ok, "application/json", json);
+    return make_response(request, http::status::ok, "application/tlsrpt+gzip", gzip(json));
   }
 
   // ---------------------------------------------------------------------------------------------------- auth

@@ -14,6 +14,7 @@
 #include "daemon/certificate_check.hpp"
 #include "daemon/log.hpp"
 #include "daemon/report_cli.hpp"
+#include "daemon/mta_sts_cli.hpp"
 #include "daemon/route_cli.hpp"
 #include "daemon/server.hpp"
 
@@ -28,6 +29,8 @@ void usage(std::FILE* out) {
                "       mailflowd report [--config FILE] [--url URL] [--days N] [--format table|json|csv] ...\n"
                "       mailflowd route --config FILE --recipient ADDRESS [--listener NAME] [--sender ADDRESS] "
                "[--client IP] [--format text|json] [--seed N]\n"
+               "       mailflowd mta-sts --config FILE --domain DOMAIN [--connect HOST:PORT] [--fetch-only] "
+               "[--state]\n"
                "       mailflowd --version\n",
                default_config);
 }
@@ -89,6 +92,7 @@ int main(int argc, char** argv) {
   std::string config_path = default_config;
   if (argc >= 2 && std::string_view(argv[1]) == "report") return mailflow::run_report_cli(argc, argv);
   if (argc >= 2 && std::string_view(argv[1]) == "route") return mailflow::run_route_cli(argc, argv);
+  if (argc >= 2 && std::string_view(argv[1]) == "mta-sts") return mailflow::run_mta_sts_cli(argc, argv);
   for (int i = 1; i < argc; ++i) {
     std::string_view arg = argv[i];
     auto value = [&](std::string_view flag) -> const char* {

@@ -66,6 +66,10 @@ inline constexpr auto mx_attempts = std::to_array<std::string_view>({
     "success", "connect_failed", "connect_timeout", "banner_rejected", "tls_failed", "tls_policy", "failed",
 });
 
+// mailflow_outbound_policy_total{connector, policy, result}: policy is one of outbound_policies; result is
+// "success" or an RFC 8460 result type (proto::tlsrpt::to_string(ResultType), e.g. "sts-policy-fetch-error").
+inline constexpr auto outbound_policies = std::to_array<std::string_view>({"dane", "mta-sts", "none"});
+
 // mailflow_state_errors_total{reason}: the rolling windows' state file (daemon/telemetry.cpp, server.cpp).
 inline constexpr auto state_errors = std::to_array<std::string_view>({"corrupt", "save_failed"});
 

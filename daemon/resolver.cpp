@@ -134,6 +134,18 @@ std::optional<std::string> wire_name(const unsigned char* data, std::size_t size
 
 }  // namespace
 
+std::optional<std::string> join_txt_rdata(std::string_view rdata) {
+  std::string out;
+  std::size_t at = 0;
+  while (at < rdata.size()) {
+    const std::size_t length = static_cast<unsigned char>(rdata[at++]);
+    if (at + length > rdata.size()) return std::nullopt;
+    out.append(rdata.substr(at, length));
+    at += length;
+  }
+  return out;
+}
+
 // --------------------------------------------------------------------------------------------------------------
 struct Resolver::Impl : std::enable_shared_from_this<Impl> {
   Impl(net::any_io_executor ex, const config::Dns& dns, Telemetry* counters, std::uint64_t seed)
@@ -475,6 +487,29 @@ net::awaitable<PtrResult> Resolver::resolve_ptr(net::ip::address address) {
     auto name = wire_name(reinterpret_cast<const unsigned char*>(query.result->data[i]),
                           static_cast<std::size_t>(query.result->len[i]));
     if (name && !name->empty()) out.names.push_back(std::move(*name));
+  }
+  co_return out;
+}
+
+net::awaitable<TxtResult> Resolver::resolve_txt(std::string name) {
+  auto impl = impl_;
+  Impl::Query query(impl, DnsType::txt, name);
+  impl->start(query);
+  co_await impl->finish(query);
+
+  TxtResult out;
+  out.outcome = query.outcome;
+  out.secure = impl->secure(query);
+  out.detail = query.detail;
+  if (query.outcome != DnsOutcome::success) co_return out;
+  for (int i = 0; query.result->data[i] != nullptr; ++i) {
+    const auto joined = join_txt_rdata(std::string_view(query.result->data[i],
+                                                        static_cast<std::size_t>(query.result->len[i])));
+    if (joined) out.records.push_back(*joined);  // a malformed rdata is skipped, as resolve_mx does
+  }
+  if (out.records.empty()) {
+    out.outcome = DnsOutcome::error;
+    out.detail = "malformed TXT records";
   }
   co_return out;
 }

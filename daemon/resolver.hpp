@@ -16,6 +16,7 @@
 #include <boost/asio/ip/address.hpp>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -75,6 +76,18 @@ struct PtrResult {
 
 // "7.113.0.203.in-addr.arpa" / nibbles + ".ip6.arpa" (RFC 1035 3.5, RFC 3596 2.5).
 std::string reverse_name(const boost::asio::ip::address& address);
+// TXT records of a name (MTA-STS's _mta-sts.<domain>, TLS-RPT's _smtp._tls.<domain>).
+struct TxtResult {
+  DnsOutcome outcome = DnsOutcome::error;  // success: at least one record; nodata/nxdomain: none
+  // One string per record: its character-strings concatenated without separators (as RFC 7208 3.3 does for
+  // SPF, and as RFC 8461 3.1 and RFC 8460 3 expect), in DNS order. Bytes as received (may be binary).
+  std::vector<std::string> records;
+  bool secure = false;  // DNSSEC-validated (needs dns.trust_anchor_file)
+  std::string detail;   // temporary failures: why
+};
+
+// The character-strings of one TXT rdata (RFC 1035 3.3.14) joined; nullopt when a length runs past the end.
+std::optional<std::string> join_txt_rdata(std::string_view rdata);
 
 class Resolver {
  public:
@@ -99,6 +112,8 @@ class Resolver {
   // The forward-confirmed reverse name (FCrDNS): the first PTR name whose A/AAAA contain `address`; "" when
   // there is none. `failed` is set when a lookup failed temporarily (worth trying again sooner).
   boost::asio::awaitable<std::string> verified_name(boost::asio::ip::address address, bool& failed);
+  // TXT of `name`, within dns.timeout; counted as mailflow_dns_lookups_total{type="TXT"}.
+  boost::asio::awaitable<TxtResult> resolve_txt(std::string name);
 
  private:
   struct Impl;

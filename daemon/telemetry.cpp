@@ -24,6 +24,7 @@
 #include "daemon/process_metrics.hpp"
 #include "daemon/remote_store.hpp"
 #include "daemon/report.hpp"
+#include "daemon/tlsrpt.hpp"
 #include "daemon/window_store.hpp"
 
 namespace mailflow {
@@ -106,6 +107,9 @@ constexpr Family http_rejects{"mailflow_http_rejects_total", "counter",
                               "HTTP connections and requests refused (caps, deadlines, bad requests, auth), by reason"};
 constexpr Family mx_attempts{"mailflow_mx_attempts_total", "counter",
                              "Connection attempts to MX hosts (mx upstreams), by upstream and result"};
+constexpr Family outbound_policy{"mailflow_outbound_policy_total", "counter",
+                                 "Outbound sessions under a TLS policy (dane, mta-sts, none), by connector and result "
+                                 "(success or the RFC 8460 result type)"};
 constexpr Family internal_errors{"mailflow_internal_errors_total", "counter",
                                  "Exceptions that escaped a coroutine (logged, cleaned up; the component restarts)"};
 constexpr Family below_tls12{"mailflow_below_tls12_total", "counter",
@@ -156,13 +160,15 @@ enum class Labelled : std::size_t {
   http_rejects,
   internal_errors,
   mx_attempts,
-  tls_handshake_refused
+  tls_handshake_refused,
+  outbound_policy
 };
-constexpr std::size_t kLabelledFamilies = 9;
+constexpr std::size_t kLabelledFamilies = 10;
 constexpr std::array<const Family*, kLabelledFamilies> kLabelledFamily{
-    &family::tls_handshake_failures, &family::upstream_errors, &family::rejects, &family::config_reloads,
-    &family::state_errors,           &family::http_rejects,    &family::internal_errors, &family::mx_attempts,
-    &family::tls_handshake_refused};
+    &family::tls_handshake_failures, &family::upstream_errors,  &family::rejects,
+    &family::config_reloads,         &family::state_errors,     &family::http_rejects,
+    &family::internal_errors,        &family::mx_attempts,      &family::tls_handshake_refused,
+    &family::outbound_policy};
 
 // Label text that does not depend on a series, rendered once.
 struct FixedLabels {
@@ -335,6 +341,7 @@ void write_exposition(std::string& out, const Snapshot& snapshot, const std::opt
   labelled(Labelled::http_rejects);
   labelled(Labelled::internal_errors);
   labelled(Labelled::mx_attempts);
+  labelled(Labelled::outbound_policy);
   if (!rows.empty()) {
     header(family::below_tls12);
     for (const auto& row : rows) append_sample(out, family::below_tls12.name, {row.series->labels}, row.values.below_tls12);
@@ -477,6 +484,7 @@ struct Telemetry::Impl {
   }
 
   Clock clock;
+  TlsRptStore tlsrpt;
 
   std::atomic<std::uint64_t> messages_total{0};
   std::atomic<std::int64_t> sessions_active{0};
@@ -634,6 +642,18 @@ void Telemetry::configure(const config::Config& config) {
       impl_->labelled(Labelled::mx_attempts, {{"result", result}, {"upstream", upstream.name}});
     }
   }
+  impl_->tlsrpt.set_submitter(
+      {config.tlsrpt.organization_name, config.tlsrpt.contact_info, config.tlsrpt.submitter});
+  for (const auto& view : views) {
+    if (view.direction != config::Direction::outbound) continue;
+    for (const auto policy : reasons::outbound_policies) {
+      impl_->labelled(Labelled::outbound_policy, {{"connector", view.name}, {"policy", policy}, {"result", "success"}});
+      for (const auto type : proto::tlsrpt::all_result_types) {
+        impl_->labelled(Labelled::outbound_policy,
+                        {{"connector", view.name}, {"policy", policy}, {"result", proto::tlsrpt::to_string(type)}});
+      }
+    }
+  }
 }
 
 void Telemetry::certificates_loaded(const std::vector<CertificateExpiry>& certificates) {
@@ -765,6 +785,13 @@ void Telemetry::mx_attempt(std::string_view upstream, std::string_view result) {
   std::lock_guard lock(impl_->mutex);
   ++impl_->labelled(Labelled::mx_attempts, {{"result", result}, {"upstream", upstream}});
 }
+
+void Telemetry::outbound_policy(std::string_view connector, std::string_view policy, std::string_view result) {
+  std::lock_guard lock(impl_->mutex);
+  ++impl_->labelled(Labelled::outbound_policy, {{"connector", connector}, {"policy", policy}, {"result", result}});
+}
+
+TlsRptStore& Telemetry::tlsrpt() { return impl_->tlsrpt; }
 
 void Telemetry::internal_error(std::string_view component) {
   std::lock_guard lock(impl_->mutex);
@@ -898,6 +925,8 @@ bool Telemetry::save_state(const std::string& state_dir, std::string& error) {
   }
   if (!write_state_file(state_dir, kStateFile, windows, error)) return false;
   if (!write_state_file(state_dir, kRemotesFile, remotes, error)) return false;
+  // TLS-RPT aggregates: kept until sent, so they are state like the windows.
+  if (!impl_->tlsrpt.save(state_dir, error)) return false;
   error.clear();
   return true;
 }
@@ -905,6 +934,18 @@ bool Telemetry::save_state(const std::string& state_dir, std::string& error) {
 bool Telemetry::load_state(const std::string& state_dir, std::string& error) {
   namespace fs = std::filesystem;
   error.clear();
+  // TLS-RPT aggregates (state_dir/tlsrpt.state): the store moves a corrupt file aside itself; counted here.
+  std::string tlsrpt_note;
+  const auto unix_now =
+      std::chrono::duration_cast<std::chrono::seconds>(impl_->clock().time_since_epoch()).count();
+  if (!impl_->tlsrpt.load(state_dir, unix_now, tlsrpt_note)) {
+    error = tlsrpt_note;
+    return false;
+  }
+  if (!tlsrpt_note.empty()) {
+    impl_->count_state_error("corrupt");
+    error = tlsrpt_note;
+  }
   // Each file on its own: a corrupt drill-down never costs the windows, nor the other way round.
   const auto load = [&](const char* file, auto parse, std::string_view what) {
     const fs::path path = fs::path(state_dir) / file;

@@ -19,6 +19,7 @@
 namespace mailflow {
 
 struct Report;
+class TlsRptStore;
 
 enum class Leg { client, upstream };
 std::string_view to_string(Leg leg);
@@ -98,6 +99,10 @@ class Telemetry {
   void http_rejected(HttpReject reason);  // mailflow_http_rejects_total{reason}
   void internal_error(std::string_view component);  // one of internal_components
   void mx_attempt(std::string_view upstream, std::string_view result);  // one of reasons::mx_attempts
+  // mailflow_outbound_policy_total{connector,policy,result}: one per outbound session under a policy (called by
+  // the MX walk). policy: one of reasons::outbound_policies; result: "success" or an RFC 8460 result type.
+  // Every outbound connector exports all policy x result series from the start.
+  void outbound_policy(std::string_view connector, std::string_view policy, std::string_view result);
   void config_reloaded(bool success);  // mailflow_config_reloads_total{result="success"|"failure"}
   void state_error(std::string_view reason);  // mailflow_state_errors_total{reason}: save/load problems
   // mailflow_dns_lookups_total{type,result}: every lookup of the resolver; all series exported from the start.
@@ -121,6 +126,9 @@ class Telemetry {
   // The drill-down tables (state_dir/remotes.state) are saved and loaded the same way, with the windows.
   bool save_state(const std::string& state_dir, std::string& error);
   bool load_state(const std::string& state_dir, std::string& error);
+
+  // The TLS-RPT aggregates (daemon/tlsrpt.hpp): saved and loaded with the windows (state_dir/tlsrpt.state).
+  TlsRptStore& tlsrpt();
 
   std::uint64_t messages_total() const;  // for sd_notify STATUS=
   std::uint64_t sessions_active() const;

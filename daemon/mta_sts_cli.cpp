@@ -1,0 +1,161 @@
+#include "daemon/mta_sts_cli.hpp"
+
+#include <utility>  // before Boost.Asio (Boost 1.74 + GCC 12)
+
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/io_context.hpp>
+#include <chrono>
+#include <exception>
+#include <iostream>
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include "config/config.hpp"
+#include "daemon/mta_sts.hpp"
+#include "daemon/resolver.hpp"
+#include "proto/tlsrpt.hpp"
+
+namespace mailflow {
+namespace {
+
+namespace net = boost::asio;
+
+constexpr std::string_view kUsage =
+    "usage: mailflowd mta-sts --config FILE --domain DOMAIN [--connect HOST:PORT] [--fetch-only] [--state]\n"
+    "  --domain      the recipient domain whose MTA-STS policy to look up\n"
+    "  --connect     connect to HOST:PORT instead of mta-sts.DOMAIN:443 (the certificate must still be valid\n"
+    "                for mta-sts.DOMAIN)\n"
+    "  --fetch-only  fetch the policy without looking up the _mta-sts TXT record\n"
+    "  --state       use and update the daemon's policy cache (state_dir/mta-sts.state)\n"
+    "exit: 0 policy or none, 1 configuration error, 2 usage, 3 fetch or policy failure (as TLS-RPT reports it)\n";
+
+std::string quote(std::string_view text) { return "\"" + proto::tlsrpt::json_escape(text) + "\""; }
+
+std::string policy_json(const std::optional<proto::mta_sts::Policy>& policy) {
+  if (!policy) return "null";
+  std::string out = "{\"mode\": " + quote(to_string(policy->mode)) + ", \"max_age\": " +
+                    std::to_string(policy->max_age) + ", \"mx\": [";
+  for (std::size_t i = 0; i < policy->mx.size(); ++i) out += (i ? ", " : "") + quote(policy->mx[i]);
+  return out + "]}";
+}
+
+std::int64_t unix_now() {
+  return std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+}  // namespace
+
+int run_mta_sts_cli(int argc, char** argv) { return run_mta_sts_cli(argc, argv, std::cout, std::cerr); }
+
+int run_mta_sts_cli(int argc, char** argv, std::ostream& out, std::ostream& err) {
+  std::optional<std::string> config_path;
+  std::string domain;
+  std::string connect;
+  bool fetch_only = false;
+  bool use_state = false;
+  int i = 1;
+  if (i < argc && std::string_view(argv[i]) == "mta-sts") ++i;
+  const auto usage_error = [&](const std::string& message) {
+    err << "mailflowd mta-sts: " << message << "\n" << kUsage;
+    return 2;
+  };
+  for (; i < argc; ++i) {
+    const std::string_view arg = argv[i];
+    if (arg == "-h" || arg == "--help") {
+      out << kUsage;
+      return 0;
+    }
+    if (arg == "--fetch-only") {
+      fetch_only = true;
+    } else if (arg == "--state") {
+      use_state = true;
+    } else if (arg == "--config" || arg == "--domain" || arg == "--connect") {
+      if (i + 1 >= argc) return usage_error(std::string(arg) + " needs a value");
+      const std::string value = argv[++i];
+      if (arg == "--config") config_path = value;
+      else if (arg == "--domain") domain = value;
+      else connect = value;
+    } else {
+      return usage_error("unknown argument \"" + std::string(arg) + "\"");
+    }
+  }
+  if (!config_path) return usage_error("--config FILE is required (dns: and mta_sts: settings)");
+  if (domain.empty()) return usage_error("--domain DOMAIN is required");
+  const auto loaded = config::load_config_file(*config_path);
+  if (!loaded.errors.empty()) {
+    for (const auto& e : loaded.errors) err << e.to_string() << "\n";
+    err << "mailflowd mta-sts: cannot use --config " << *config_path << "\n";
+    return 1;
+  }
+  const config::Config& config = *loaded.config;
+  MtaStsSettings settings;
+  settings.ca_file = config.mta_sts.ca_file;
+  settings.fetch_timeout = config.mta_sts.fetch_timeout;
+  settings.max_policies = config.mta_sts.max_policies;
+  settings.connect_to = connect;
+
+  net::io_context io;
+  std::exception_ptr failure;
+  std::string json;
+  int code = 0;
+  const auto started = std::chrono::steady_clock::now();
+  const auto elapsed_ms = [&] {
+    return std::to_string(
+        std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - started).count());
+  };
+  try {
+    if (fetch_only) {
+      net::co_spawn(io, fetch_policy(io.get_executor(), domain, settings),
+                    [&](std::exception_ptr e, PolicyFetch fetched) {
+                      failure = e;
+                      json = "{\"domain\": " + quote(domain) + ", \"fetch\": " + quote(to_string(fetched.status)) +
+                             ", \"policy\": " + policy_json(fetched.policy) + ", \"detail\": " +
+                             quote(fetched.detail) + ", \"elapsed_ms\": " + elapsed_ms() + "}\n";
+                      code = fetched.status == PolicyFetch::Status::ok ? 0 : 3;
+                    });
+      io.run();
+    } else {
+      MtaStsCache cache(settings.max_policies);
+      std::string error;
+      if (use_state && !cache.load(config.state_dir, unix_now(), error)) {
+        err << "mailflowd mta-sts: " << error << "\n";
+        return 1;
+      }
+      if (!error.empty()) err << "mailflowd mta-sts: " << error << "\n";
+      Resolver resolver(io.get_executor(), config.dns, nullptr);
+      net::co_spawn(io, lookup_policy(resolver, cache, domain, settings, unix_now()),
+                    [&](std::exception_ptr e, PolicyState state) {
+                      failure = e;
+                      json = "{\"domain\": " + quote(domain) + ", \"mode\": " + quote(to_string(state.mode)) +
+                             ", \"id\": " + quote(state.id) + ", \"from_cache\": " +
+                             (state.from_cache ? "true" : "false") + ", \"policy\": " + policy_json(state.policy) +
+                             ", \"failure\": " +
+                             (state.failure ? quote(proto::tlsrpt::to_string(*state.failure)) : "null") +
+                             ", \"detail\": " + quote(state.detail) + ", \"elapsed_ms\": " + elapsed_ms() + "}\n";
+                      code = state.failure ? 3 : 0;
+                    });
+      io.run();
+      if (use_state && !cache.save(config.state_dir, error)) {
+        err << "mailflowd mta-sts: " << error << "\n";
+        return 1;
+      }
+    }
+  } catch (const std::exception& e) {
+    err << "mailflowd mta-sts: " << e.what() << "\n";
+    return 1;
+  }
+  if (failure) {
+    try {
+      std::rethrow_exception(failure);
+    } catch (const std::exception& e) {
+      err << "mailflowd mta-sts: " << e.what() << "\n";
+      return 1;
+    }
+  }
+  out << json;
+  return code;
+}
+
+}  // namespace mailflow

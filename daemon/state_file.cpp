@@ -1,0 +1,108 @@
+#include "daemon/state_file.hpp"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+
+namespace mailflow {
+namespace {
+
+namespace fs = std::filesystem;
+
+bool write_all(int fd, std::string_view data) {
+  while (!data.empty()) {
+    const ssize_t n = ::write(fd, data.data(), data.size());
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return false;
+    }
+    data.remove_prefix(static_cast<std::size_t>(n));
+  }
+  return true;
+}
+
+}  // namespace
+
+bool write_state_file(const std::string& state_dir, std::string_view name, std::string_view text,
+                      std::string& error) {
+  const fs::path path = fs::path(state_dir) / name;
+  const fs::path temp = fs::path(state_dir) / (std::string(name) + ".tmp");
+  const auto fail = [&](const std::string& what, int saved_errno) {
+    error = what + ": " + std::strerror(saved_errno);
+    return false;
+  };
+  const int fd = ::open(temp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
+  if (fd < 0) return fail("cannot create " + temp.string(), errno);
+  if (!write_all(fd, text) || ::fsync(fd) != 0) {
+    const int saved = errno;
+    ::close(fd);
+    ::unlink(temp.c_str());
+    return fail("cannot write " + temp.string(), saved);
+  }
+  if (::close(fd) != 0) {
+    const int saved = errno;
+    ::unlink(temp.c_str());
+    return fail("cannot write " + temp.string(), saved);
+  }
+  if (::rename(temp.c_str(), path.c_str()) != 0) {
+    const int saved = errno;
+    ::unlink(temp.c_str());
+    return fail("cannot rename " + temp.string() + " to " + path.string(), saved);
+  }
+  const int dir_fd = ::open(state_dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dir_fd < 0) return fail("cannot open " + state_dir, errno);
+  if (::fsync(dir_fd) != 0) {
+    const int saved = errno;
+    ::close(dir_fd);
+    return fail("cannot sync " + state_dir, saved);
+  }
+  ::close(dir_fd);
+  error.clear();
+  return true;
+}
+
+StateRead read_state_file(const std::string& state_dir, std::string_view name, std::size_t max_bytes,
+                          std::string& text, std::string& error) {
+  const fs::path path = fs::path(state_dir) / name;
+  text.clear();
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    if (errno == ENOENT) return StateRead::absent;
+    error = "cannot open " + path.string() + ": " + std::strerror(errno);
+    return StateRead::failed;
+  }
+  char buffer[65536];
+  for (;;) {
+    const ssize_t n = ::read(fd, buffer, sizeof buffer);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      const int saved = errno;
+      ::close(fd);
+      error = "cannot read " + path.string() + ": " + std::strerror(saved);
+      return StateRead::failed;
+    }
+    if (n == 0) break;
+    if (text.size() + static_cast<std::size_t>(n) > max_bytes) {
+      ::close(fd);
+      error = "larger than " + std::to_string(max_bytes) + " bytes";
+      return StateRead::too_big;
+    }
+    text.append(buffer, static_cast<std::size_t>(n));
+  }
+  ::close(fd);
+  return StateRead::read;
+}
+
+std::string move_state_file_aside(const std::string& state_dir, std::string_view name, std::int64_t unix_time) {
+  const fs::path path = fs::path(state_dir) / name;
+  const fs::path aside = fs::path(state_dir) / (std::string(name) + ".corrupt-" + std::to_string(unix_time));
+  if (::rename(path.c_str(), aside.c_str()) != 0) {
+    return "cannot be moved aside: " + std::string(std::strerror(errno));
+  }
+  return "moved to " + aside.string();
+}
+
+}  // namespace mailflow

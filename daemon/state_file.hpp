@@ -1,0 +1,25 @@
+#pragma once
+// Files in state_dir written and read the way windows.state is (Telemetry::save_state): written whole to a
+// temporary file, fsynced, renamed over the old one and the directory fsynced, so that a crash leaves the
+// old or the new file, never half of one; a file that cannot be parsed is moved aside (NAME.corrupt-<unix
+// time>) so that the evidence is kept and the daemon starts empty.
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+namespace mailflow {
+
+// Writes state_dir/name atomically. False + error ("cannot write ...: reason") on any failure; the old file
+// is then unchanged.
+bool write_state_file(const std::string& state_dir, std::string_view name, std::string_view text,
+                      std::string& error);
+
+enum class StateRead { read, absent, too_big, failed };
+// Reads state_dir/name (at most max_bytes). absent: no such file (a first start). failed: error says why.
+StateRead read_state_file(const std::string& state_dir, std::string_view name, std::size_t max_bytes,
+                          std::string& text, std::string& error);
+
+// Renames state_dir/name to name.corrupt-<unix_time>; returns the text for the log ("moved to ..." or why not).
+std::string move_state_file_aside(const std::string& state_dir, std::string_view name, std::int64_t unix_time);
+
+}  // namespace mailflow

@@ -1,0 +1,312 @@
+#include "daemon/tlsrpt.hpp"
+
+#include <zlib.h>
+
+#include <algorithm>
+#include <sstream>
+#include <stdexcept>
+
+#include "daemon/state_file.hpp"
+
+namespace mailflow {
+namespace {
+
+using proto::tlsrpt::DomainDay;
+using proto::tlsrpt::FailureKey;
+using proto::tlsrpt::PolicyKey;
+
+constexpr std::string_view kStateFile = "tlsrpt.state";
+constexpr std::string_view kHeader = "mailflowd-tlsrpt 1";
+constexpr std::size_t kMaxStateBytes = 256u << 20;
+
+// Fields are percent-encoded: everything outside printable ASCII, and '%', ',', space and tab.
+std::string encode(std::string_view text) {
+  std::string out;
+  for (const char c : text) {
+    const auto u = static_cast<unsigned char>(c);
+    if (u <= 0x20 || u >= 0x7f || c == '%' || c == ',') {
+      static constexpr char hex[] = "0123456789ABCDEF";
+      out += '%';
+      out += hex[u >> 4];
+      out += hex[u & 15];
+    } else {
+      out += c;
+    }
+  }
+  return out.empty() ? "-" : out;  // "-": the empty string (a field is never empty)
+}
+
+std::optional<std::string> decode(std::string_view text) {
+  if (text == "-") return std::string();
+  std::string out;
+  for (std::size_t i = 0; i < text.size(); ++i) {
+    const auto u = static_cast<unsigned char>(text[i]);
+    if (u <= 0x20 || u >= 0x7f || text[i] == ',') return std::nullopt;  // encode() never leaves these
+    if (text[i] != '%') {
+      out += text[i];
+      continue;
+    }
+    if (i + 2 >= text.size()) return std::nullopt;
+    const auto digit = [](char c) -> int {
+      if (c >= '0' && c <= '9') return c - '0';
+      if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+      return -1;
+    };
+    const int hi = digit(text[i + 1]);
+    const int lo = digit(text[i + 2]);
+    if (hi < 0 || lo < 0) return std::nullopt;
+    out += static_cast<char>(hi * 16 + lo);
+    i += 2;
+  }
+  return out;
+}
+
+std::string encode_list(const std::vector<std::string>& items) {
+  if (items.empty()) return "-";
+  std::string out;
+  for (std::size_t i = 0; i < items.size(); ++i) out += (i ? "," : "") + encode(items[i]);
+  return out;
+}
+
+std::optional<std::vector<std::string>> decode_list(std::string_view text) {
+  std::vector<std::string> out;
+  if (text == "-") return out;
+  std::size_t start = 0;
+  while (true) {
+    const auto comma = text.find(',', start);
+    auto item = decode(text.substr(start, comma == std::string_view::npos ? std::string_view::npos : comma - start));
+    if (!item) return std::nullopt;
+    out.push_back(std::move(*item));
+    if (comma == std::string_view::npos) return out;
+    start = comma + 1;
+  }
+}
+
+std::vector<std::string_view> split_spaces(std::string_view line) {
+  std::vector<std::string_view> out;
+  std::size_t start = 0;
+  while (start <= line.size()) {
+    const auto space = line.find(' ', start);
+    out.push_back(line.substr(start, space == std::string_view::npos ? std::string_view::npos : space - start));
+    if (space == std::string_view::npos) break;
+    start = space + 1;
+  }
+  return out;
+}
+
+std::optional<std::uint64_t> number(std::string_view text) {
+  if (text.empty() || text.size() > 19 || !std::all_of(text.begin(), text.end(), [](char c) { return c >= '0' && c <= '9'; }))
+    return std::nullopt;
+  return std::stoull(std::string(text));
+}
+
+bool valid_date(std::string_view date) {
+  return date.size() == 10 && date[4] == '-' && date[7] == '-' &&
+         std::all_of(date.begin(), date.end(), [](char c) { return (c >= '0' && c <= '9') || c == '-'; });
+}
+
+bool before(const DomainDay& day, std::string_view date, std::string_view domain) {
+  return day.date < date || (day.date == date && day.domain < domain);
+}
+
+}  // namespace
+
+void TlsRptStore::record(const std::string& date, const TlsRptSession& session) {
+  std::lock_guard lock(mutex_);
+  auto it = std::lower_bound(days_.begin(), days_.end(), 0, [&](const DomainDay& day, int) {
+    return before(day, date, session.domain);
+  });
+  if (it == days_.end() || it->date != date || it->domain != session.domain) {
+    const auto same_day = std::count_if(days_.begin(), days_.end(), [&](const DomainDay& d) { return d.date == date; });
+    if (static_cast<std::size_t>(same_day) >= limits_.max_domains_per_day) {
+      ++dropped_domains_;
+      return;
+    }
+    DomainDay fresh;
+    fresh.date = date;
+    fresh.domain = session.domain;
+    it = days_.insert(it, std::move(fresh));
+  }
+  if (!session.rua.empty()) it->rua = session.rua;
+  auto& counts = it->policies[session.policy];
+  if (!session.failure) {
+    ++counts.successful;
+  } else {
+    ++counts.failed;
+    auto detail = counts.failures.find(*session.failure);
+    if (detail != counts.failures.end()) ++detail->second;
+    else if (counts.failures.size() < limits_.max_failure_details) counts.failures.emplace(*session.failure, 1);
+    else ++counts.failures_dropped;
+  }
+  // Old days go: the store keeps max_days distinct dates.
+  std::vector<std::string> dates;
+  for (const auto& day : days_) {
+    if (dates.empty() || dates.back() != day.date) dates.push_back(day.date);
+  }
+  if (dates.size() > static_cast<std::size_t>(limits_.max_days)) {
+    const std::string& keep_from = dates[dates.size() - static_cast<std::size_t>(limits_.max_days)];
+    std::erase_if(days_, [&](const DomainDay& day) { return day.date < keep_from; });
+  }
+}
+
+std::vector<DomainDay> TlsRptStore::day(std::string_view date) const {
+  std::lock_guard lock(mutex_);
+  std::vector<DomainDay> out;
+  for (const auto& day : days_) {
+    if (day.date == date) out.push_back(day);
+  }
+  return out;
+}
+
+std::optional<DomainDay> TlsRptStore::find(std::string_view date, std::string_view domain) const {
+  std::lock_guard lock(mutex_);
+  for (const auto& day : days_) {
+    if (day.date == date && day.domain == domain) return day;
+  }
+  return std::nullopt;
+}
+
+void TlsRptStore::forget(std::string_view date, std::string_view domain) {
+  std::lock_guard lock(mutex_);
+  std::erase_if(days_, [&](const DomainDay& day) { return day.date == date && day.domain == domain; });
+}
+
+std::uint64_t TlsRptStore::dropped_domains() const {
+  std::lock_guard lock(mutex_);
+  return dropped_domains_;
+}
+
+// Lines: "day DATE DOMAIN RUA,..." then its "policy TYPE STRINGS MXHOSTS SUCCESSFUL FAILED DROPPED" lines, each
+// followed by its "failure RESULT SENDING-IP MX-HOST RECEIVING-IP REASON COUNT" lines.
+std::string TlsRptStore::serialize() const {
+  std::lock_guard lock(mutex_);
+  std::string out = std::string(kHeader) + "\n";
+  for (const auto& day : days_) {
+    out += "day " + day.date + " " + encode(day.domain) + " " + encode_list(day.rua) + "\n";
+    for (const auto& [key, counts] : day.policies) {
+      out += "policy " + std::string(to_string(key.type)) + " " + encode_list(key.strings) + " " +
+             encode_list(key.mx_hosts) + " " + std::to_string(counts.successful) + " " +
+             std::to_string(counts.failed) + " " + std::to_string(counts.failures_dropped) + "\n";
+      for (const auto& [failure, count] : counts.failures) {
+        out += "failure " + std::string(to_string(failure.result)) + " " + encode(failure.sending_mta_ip) + " " +
+               encode(failure.receiving_mx_hostname) + " " + encode(failure.receiving_ip) + " " +
+               encode(failure.failure_reason_code) + " " + std::to_string(count) + "\n";
+      }
+    }
+  }
+  return out;
+}
+
+bool TlsRptStore::deserialize(std::string_view text, std::string& error) {
+  std::vector<DomainDay> loaded;
+  std::istringstream in{std::string(text)};
+  std::string line;
+  if (!std::getline(in, line) || line != kHeader) {
+    error = "not a mailflowd TLS-RPT store (first line)";
+    return false;
+  }
+  proto::tlsrpt::PolicyCounts* policy = nullptr;
+  int number_of_line = 1;
+  while (std::getline(in, line)) {
+    ++number_of_line;
+    const auto bad = [&](std::string_view why) {
+      error = "line " + std::to_string(number_of_line) + ": " + std::string(why);
+      return false;
+    };
+    const auto f = split_spaces(line);
+    if (f[0] == "day" && f.size() == 4) {
+      auto domain = decode(f[2]);
+      auto rua = decode_list(f[3]);
+      if (!valid_date(f[1]) || !domain || domain->empty() || !rua) return bad("malformed day");
+      if (!loaded.empty() && !before(loaded.back(), f[1], *domain)) return bad("days out of order");
+      loaded.push_back(DomainDay{std::string(f[1]), *domain, *rua, {}});
+      policy = nullptr;
+    } else if (f[0] == "policy" && f.size() == 7 && !loaded.empty()) {
+      PolicyKey key;
+      const auto type = proto::tlsrpt::parse_policy_type(f[1]);
+      auto strings = decode_list(f[2]);
+      auto mx = decode_list(f[3]);
+      const auto ok = number(f[4]), failed = number(f[5]), dropped = number(f[6]);
+      if (!type || !strings || !mx || !ok || !failed || !dropped) return bad("malformed policy");
+      key = PolicyKey{*type, std::move(*strings), std::move(*mx)};
+      policy = &loaded.back().policies[key];
+      *policy = proto::tlsrpt::PolicyCounts{*ok, *failed, {}, *dropped};
+    } else if (f[0] == "failure" && f.size() == 7 && policy != nullptr) {
+      const auto result = proto::tlsrpt::parse_result_type(f[1]);
+      auto sending = decode(f[2]), mx = decode(f[3]), receiving = decode(f[4]), reason = decode(f[5]);
+      const auto count = number(f[6]);
+      if (!result || !sending || !mx || !receiving || !reason || !count) return bad("malformed failure");
+      policy->failures[FailureKey{*result, *sending, *mx, *receiving, *reason}] = *count;
+    } else {
+      return bad("unexpected line");
+    }
+  }
+  std::lock_guard lock(mutex_);
+  days_ = std::move(loaded);
+  return true;
+}
+
+bool TlsRptStore::save(const std::string& state_dir, std::string& error) const {
+  return write_state_file(state_dir, kStateFile, serialize(), error);
+}
+
+bool TlsRptStore::load(const std::string& state_dir, std::int64_t unix_now, std::string& error) {
+  std::string text;
+  error.clear();
+  const auto read = read_state_file(state_dir, kStateFile, kMaxStateBytes, text, error);
+  if (read == StateRead::absent) return true;
+  if (read == StateRead::failed) return false;
+  std::string why = error;
+  if (read == StateRead::read && deserialize(text, why)) {
+    error.clear();
+    return true;
+  }
+  error = std::string(kStateFile) + " is unusable (" + why + "); " +
+          move_state_file_aside(state_dir, kStateFile, unix_now) + ", starting with no TLS-RPT reports";
+  return true;
+}
+
+void TlsRptStore::set_submitter(proto::tlsrpt::Submitter submitter) {
+  std::lock_guard lock(mutex_);
+  submitter_ = std::move(submitter);
+}
+
+proto::tlsrpt::Submitter TlsRptStore::submitter() const {
+  std::lock_guard lock(mutex_);
+  return submitter_;
+}
+
+std::string render_tlsrpt_day(const TlsRptStore& store, std::string_view date) {
+  const auto submitter = store.submitter();
+  std::string out = "{\"date\": \"" + proto::tlsrpt::json_escape(date) + "\", \"reports\": [";
+  bool first = true;
+  for (const auto& day : store.day(date)) {
+    out += first ? "\n" : ",\n";
+    first = false;
+    out += "{\"domain\": \"" + proto::tlsrpt::json_escape(day.domain) + "\", \"rua\": [";
+    for (std::size_t i = 0; i < day.rua.size(); ++i)
+      out += (i ? ", \"" : "\"") + proto::tlsrpt::json_escape(day.rua[i]) + "\"";
+    out += "],\n \"report\": " + proto::tlsrpt::render_json(day, submitter) + "}";
+  }
+  out += first ? "]}\n" : "\n]}\n";
+  return out;
+}
+
+std::string gzip(std::string_view data) {
+  z_stream stream{};
+  // windowBits 15 + 16: a gzip header and trailer instead of zlib's.
+  if (deflateInit2(&stream, Z_BEST_COMPRESSION, Z_DEFLATED, 15 + 16, 8, Z_DEFAULT_STRATEGY) != Z_OK)
+    throw std::runtime_error("gzip: deflateInit2 failed");
+  std::string out(deflateBound(&stream, static_cast<uLong>(data.size())) + 32, '\0');
+  stream.next_in = reinterpret_cast<Bytef*>(const_cast<char*>(data.data()));
+  stream.avail_in = static_cast<uInt>(data.size());
+  stream.next_out = reinterpret_cast<Bytef*>(out.data());
+  stream.avail_out = static_cast<uInt>(out.size());
+  const int rc = deflate(&stream, Z_FINISH);
+  out.resize(stream.total_out);
+  deflateEnd(&stream);
+  if (rc != Z_STREAM_END) throw std::runtime_error("gzip: deflate failed");
+  return out;
+}
+
+}  // namespace mailflow

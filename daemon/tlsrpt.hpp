@@ -1,0 +1,69 @@
+#pragma once
+// TLS-RPT (RFC 8460) aggregates: per UTC day x policy domain x policy, the successful and failed session counts
+// and failure details, fed by the MX walk (one record() per outbound session to a domain that publishes
+// _smtp._tls), kept in state_dir/tlsrpt.state until sent, rendered by proto/tlsrpt.hpp. Thread-safe.
+// Bounded: max_domains per day (further domains are dropped and counted), max_failure_details per policy
+// (further details only raise the counts), max_days kept.
+#include <cstdint>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "proto/tlsrpt.hpp"
+
+namespace mailflow {
+
+struct TlsRptLimits {
+  std::size_t max_domains_per_day = 10000;
+  std::size_t max_failure_details = 100;  // per policy and day
+  int max_days = 14;                      // days kept (unsent reports are dropped after that)
+};
+
+// One outbound session's result, as the MX walk knows it.
+struct TlsRptSession {
+  std::string domain;             // the policy domain (recipient domain)
+  std::vector<std::string> rua;   // from its _smtp._tls record
+  proto::tlsrpt::PolicyKey policy;
+  std::optional<proto::tlsrpt::FailureKey> failure;  // absent: a successful session
+};
+
+class TlsRptStore {
+ public:
+  explicit TlsRptStore(TlsRptLimits limits = {}) : limits_(limits) {}
+
+  // `date` is the UTC day "YYYY-MM-DD" the session ended on.
+  void record(const std::string& date, const TlsRptSession& session);
+  // Every domain of that day, sorted by domain (an empty vector for an unknown day).
+  std::vector<proto::tlsrpt::DomainDay> day(std::string_view date) const;
+  std::optional<proto::tlsrpt::DomainDay> find(std::string_view date, std::string_view domain) const;
+  // Sent (or given up): removed.
+  void forget(std::string_view date, std::string_view domain);
+  std::uint64_t dropped_domains() const;
+  // Who reports (config tlsrpt.*): set at start and reload by Telemetry::configure.
+  void set_submitter(proto::tlsrpt::Submitter submitter);
+  proto::tlsrpt::Submitter submitter() const;
+
+  std::string serialize() const;
+  bool deserialize(std::string_view text, std::string& error);  // false: corrupt (the store is unchanged)
+  bool save(const std::string& state_dir, std::string& error) const;
+  // A corrupt file is moved aside (true, error says so); false when the file cannot be read.
+  bool load(const std::string& state_dir, std::int64_t unix_now, std::string& error);
+
+ private:
+  mutable std::mutex mutex_;
+  TlsRptLimits limits_;
+  std::vector<proto::tlsrpt::DomainDay> days_;  // sorted by (date, domain)
+  std::uint64_t dropped_domains_ = 0;
+  proto::tlsrpt::Submitter submitter_;
+};
+
+// GET /api/v1/tlsrpt?date=D: {"date": D, "reports": [{"domain": ..., "rua": [...], "report": <RFC 8460 JSON>}]}
+// for every domain of that day, sorted by domain.
+std::string render_tlsrpt_day(const TlsRptStore& store, std::string_view date);
+
+// gzip (RFC 1952) of `data`, as the report's attachment and POST body (zlib).
+std::string gzip(std::string_view data);
+
+}  // namespace mailflow

@@ -1,0 +1,98 @@
+// The MTA-STS cache (bound, expiry, persistence) and check_mx, the verdict the MX walk applies per host.
+#include <doctest/doctest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <unistd.h>
+
+#include "daemon/mta_sts.hpp"
+
+namespace {
+
+using namespace mailflow;
+using proto::tlsrpt::ResultType;
+
+proto::mta_sts::Policy policy(proto::mta_sts::Mode mode, std::uint32_t max_age = 86400) {
+  std::string error;
+  const std::string text = "version: STSv1\nmode: " + std::string(proto::mta_sts::to_string(mode)) +
+                           "\nmx: mx1.example.net\nmx: *.backup.example.net\nmax_age: " + std::to_string(max_age) + "\n";
+  auto parsed = proto::mta_sts::parse_policy(text, error);
+  REQUIRE(parsed.has_value());
+  return *parsed;
+}
+
+TEST_CASE("mta-sts cache: unexpired policies only, bounded by dropping the soonest to expire") {
+  MtaStsCache cache(2);
+  cache.store("a.example", {"1", policy(proto::mta_sts::Mode::enforce), 100, 200}, 100);
+  cache.store("b.example", {"1", policy(proto::mta_sts::Mode::testing), 100, 500}, 100);
+  CHECK(cache.find("a.example", 150).has_value());
+  CHECK_FALSE(cache.find("a.example", 200).has_value());  // expired at max_age
+  cache.store("c.example", {"2", policy(proto::mta_sts::Mode::enforce), 100, 400}, 150);
+  CHECK(cache.size() == 2);
+  CHECK_FALSE(cache.find("a.example", 150).has_value());  // expired soonest: dropped
+  CHECK(cache.find("b.example", 150).has_value());
+  CHECK(cache.find("c.example", 150)->id == "2");
+}
+
+TEST_CASE("mta-sts cache: saved and loaded - expired entries are not loaded - corrupt file moved aside") {
+  const auto dir = std::filesystem::temp_directory_path() / ("mailflow-mta-sts-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  MtaStsCache cache;
+  cache.store("a.example", {"id1", policy(proto::mta_sts::Mode::enforce), 100, 1000}, 100);
+  cache.store("b.example", {"id2", policy(proto::mta_sts::Mode::testing), 100, 300}, 100);
+  std::string error;
+  REQUIRE(cache.save(dir.string(), error));
+  MtaStsCache loaded;
+  REQUIRE(loaded.load(dir.string(), 500, error));
+  CHECK(error.empty());
+  CHECK(loaded.size() == 1);
+  const auto a = loaded.find("a.example", 500);
+  REQUIRE(a.has_value());
+  CHECK(a->policy == policy(proto::mta_sts::Mode::enforce));
+  CHECK(a->id == "id1");
+  std::ofstream(dir / "mta-sts.state") << "mailflowd-mta-sts 1\na.example\tid\t1\t2\tversion: STSv9\n";
+  MtaStsCache corrupt;
+  REQUIRE(corrupt.load(dir.string(), 77, error));
+  CHECK(error.find("invalid policy") != std::string::npos);
+  CHECK(std::filesystem::exists(dir / "mta-sts.state.corrupt-77"));
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("check_mx: listed, TLS1.2+, valid certificate - enforce refuses, testing reports, none ignores") {
+  PolicyState enforce;
+  enforce.mode = PolicyState::Mode::enforce;
+  enforce.policy = policy(proto::mta_sts::Mode::enforce);
+  const MxTls good{true, proto::TlsVersion::tls13, true, ResultType::certificate_not_trusted};
+  CHECK(mx_listed(enforce, "MX1.example.net."));
+  CHECK(mx_listed(enforce, "a.backup.example.net"));
+  CHECK_FALSE(mx_listed(enforce, "mx2.example.net"));
+  auto v = check_mx(enforce, "mx1.example.net", good);
+  CHECK(v.usable);
+  CHECK_FALSE(v.failure.has_value());
+  v = check_mx(enforce, "mx2.example.net", good);
+  CHECK_FALSE(v.usable);
+  CHECK(v.failure == ResultType::validation_failure);
+  v = check_mx(enforce, "mx1.example.net", MxTls{});
+  CHECK_FALSE(v.usable);
+  CHECK(v.failure == ResultType::starttls_not_supported);
+  v = check_mx(enforce, "mx1.example.net", MxTls{true, proto::TlsVersion::tls11, true, {}});
+  CHECK_FALSE(v.usable);
+  CHECK(v.reason == "TLS below 1.2");
+  v = check_mx(enforce, "mx1.example.net", MxTls{true, proto::TlsVersion::tls12, false, ResultType::certificate_expired});
+  CHECK_FALSE(v.usable);
+  CHECK(v.failure == ResultType::certificate_expired);
+
+  PolicyState testing = enforce;
+  testing.mode = PolicyState::Mode::testing;
+  v = check_mx(testing, "mx2.example.net", MxTls{});
+  CHECK(v.usable);
+  CHECK(v.failure == ResultType::validation_failure);
+
+  PolicyState none;
+  CHECK(mx_listed(none, "anything.example"));
+  v = check_mx(none, "anything.example", MxTls{});
+  CHECK(v.usable);
+  CHECK_FALSE(v.failure.has_value());
+}
+
+}  // namespace

@@ -1,0 +1,174 @@
+// The TLS-RPT store (daemon/tlsrpt.hpp): merging sessions, its bounds, persistence with corrupt-file handling,
+// gzip, and mailflow_outbound_policy_total exported with zeros.
+#include <doctest/doctest.h>
+
+#include <zlib.h>
+
+#include <filesystem>
+#include <fstream>
+#include <string>
+
+#include "daemon/telemetry.hpp"
+#include "daemon/tlsrpt.hpp"
+
+namespace {
+
+using namespace mailflow;
+using proto::tlsrpt::FailureKey;
+using proto::tlsrpt::PolicyKey;
+using proto::tlsrpt::PolicyType;
+using proto::tlsrpt::ResultType;
+
+const PolicyKey kSts{PolicyType::sts, {"version: STSv1", "mode: enforce", "mx: *.example.net", "max_age: 86400"},
+                     {"*.example.net"}};
+
+TlsRptSession ok(std::string domain) { return {std::move(domain), {"mailto:tlsrpt@example.net"}, kSts, std::nullopt}; }
+TlsRptSession bad(std::string domain, ResultType result, std::string mx = "mx1.example.net") {
+  return {std::move(domain), {"mailto:tlsrpt@example.net"}, kSts,
+          FailureKey{result, "192.0.2.1", std::move(mx), "198.51.100.7", "detail 100%, ok"}};
+}
+
+std::string gunzip(const std::string& data) {
+  z_stream stream{};
+  REQUIRE(inflateInit2(&stream, 15 + 16) == Z_OK);
+  std::string out(1 << 20, '\0');
+  stream.next_in = reinterpret_cast<Bytef*>(const_cast<char*>(data.data()));
+  stream.avail_in = static_cast<uInt>(data.size());
+  stream.next_out = reinterpret_cast<Bytef*>(out.data());
+  stream.avail_out = static_cast<uInt>(out.size());
+  CHECK(inflate(&stream, Z_FINISH) == Z_STREAM_END);
+  out.resize(stream.total_out);
+  inflateEnd(&stream);
+  return out;
+}
+
+struct TempDir {
+  std::filesystem::path path;
+  TempDir() : path(std::filesystem::temp_directory_path() / ("mailflow-tlsrpt-" + std::to_string(::getpid()))) {
+    std::filesystem::remove_all(path);
+    std::filesystem::create_directories(path);
+  }
+  ~TempDir() { std::filesystem::remove_all(path); }
+};
+
+TEST_CASE("tlsrpt store: sessions merge per day, domain and policy - failures per detail") {
+  TlsRptStore store;
+  store.record("2026-01-02", ok("example.net"));
+  store.record("2026-01-02", ok("example.net"));
+  store.record("2026-01-02", bad("example.net", ResultType::certificate_expired));
+  store.record("2026-01-02", bad("example.net", ResultType::certificate_expired));
+  store.record("2026-01-02", bad("example.net", ResultType::starttls_not_supported, "mx2.example.net"));
+  store.record("2026-01-02", TlsRptSession{"example.net", {}, PolicyKey{}, std::nullopt});
+  store.record("2026-01-03", ok("example.net"));
+  store.record("2026-01-02", ok("a.example"));
+  const auto day = store.day("2026-01-02");
+  REQUIRE(day.size() == 2);
+  CHECK(day[0].domain == "a.example");
+  CHECK(day[1].domain == "example.net");
+  CHECK(day[1].rua == std::vector<std::string>{"mailto:tlsrpt@example.net"});
+  REQUIRE(day[1].policies.size() == 2);
+  const auto& sts = day[1].policies.at(kSts);
+  CHECK(sts.successful == 2);
+  CHECK(sts.failed == 3);
+  REQUIRE(sts.failures.size() == 2);
+  CHECK(sts.failures.begin()->second + std::next(sts.failures.begin())->second == 3);
+  CHECK(day[1].policies.at(PolicyKey{}).successful == 1);
+  CHECK(store.day("2026-01-03").size() == 1);
+  CHECK(store.day("2026-01-04").empty());
+  store.forget("2026-01-02", "a.example");
+  CHECK(store.day("2026-01-02").size() == 1);
+}
+
+TEST_CASE("tlsrpt store: bounded in domains per day, failure details and days") {
+  TlsRptStore store(TlsRptLimits{2, 1, 2});
+  store.record("2026-01-01", ok("a.example"));
+  store.record("2026-01-01", ok("b.example"));
+  store.record("2026-01-01", ok("c.example"));  // third domain of the day: dropped
+  CHECK(store.day("2026-01-01").size() == 2);
+  CHECK(store.dropped_domains() == 1);
+  store.record("2026-01-01", bad("a.example", ResultType::certificate_expired));
+  store.record("2026-01-01", bad("a.example", ResultType::validation_failure));  // detail over the bound
+  const auto a = store.find("2026-01-01", "a.example");
+  REQUIRE(a.has_value());
+  CHECK(a->policies.at(kSts).failed == 2);
+  CHECK(a->policies.at(kSts).failures.size() == 1);
+  CHECK(a->policies.at(kSts).failures_dropped == 1);
+  store.record("2026-01-02", ok("a.example"));
+  store.record("2026-01-03", ok("a.example"));  // a third day: the oldest goes
+  CHECK(store.day("2026-01-01").empty());
+  CHECK(store.day("2026-01-02").size() == 1);
+}
+
+TEST_CASE("tlsrpt store: saved and loaded exactly - a corrupt file is moved aside") {
+  TempDir dir;
+  TlsRptStore store;
+  store.record("2026-01-02", ok("example.net"));
+  store.record("2026-01-02", bad("example.net", ResultType::sts_webpki_invalid));
+  store.record("2026-01-02", TlsRptSession{"x.example", {"https://r.example/v1?a=b,c"}, PolicyKey{}, std::nullopt});
+  std::string error;
+  REQUIRE(store.save(dir.path.string(), error));
+  TlsRptStore loaded;
+  REQUIRE(loaded.load(dir.path.string(), 1000, error));
+  CHECK(error.empty());
+  CHECK(loaded.serialize() == store.serialize());
+  CHECK(loaded.day("2026-01-02").at(1).rua == std::vector<std::string>{"https://r.example/v1?a=b,c"});
+
+  for (const std::string& corrupt : std::vector<std::string>{"garbage\n", "mailflowd-tlsrpt 1\nday 2026-13 x -\n",
+                                    "mailflowd-tlsrpt 1\npolicy sts - - 1 0 0\n",
+                                    "mailflowd-tlsrpt 1\nday 2026-01-01 x -\npolicy sts - - 1 0 0\nfailure nope - - - - 1\n",
+                                    std::string("mailflowd-tlsrpt 1\nday 2026-01-01 x\0 -\n", 38)}) {
+    CAPTURE(corrupt);
+    std::ofstream(dir.path / "tlsrpt.state", std::ios::binary) << corrupt;
+    TlsRptStore again;
+    again.record("2026-01-01", ok("kept.example"));
+    REQUIRE(again.load(dir.path.string(), 1234, error));
+    CHECK(error.find("tlsrpt.state is unusable") != std::string::npos);
+    CHECK(std::filesystem::exists(dir.path / "tlsrpt.state.corrupt-1234"));
+    CHECK_FALSE(std::filesystem::exists(dir.path / "tlsrpt.state"));
+    CHECK(again.day("2026-01-01").size() == 1);  // what it had is kept
+    std::filesystem::remove(dir.path / "tlsrpt.state.corrupt-1234");
+  }
+}
+
+TEST_CASE("gzip: a round trip through zlib's inflate") {
+  TlsRptStore store;
+  store.record("2026-01-02", bad("example.net", ResultType::certificate_expired));
+  const std::string json =
+      proto::tlsrpt::render_json(*store.find("2026-01-02", "example.net"), {"Org", "postmaster@example.org", "example.org"});
+  const std::string packed = gzip(json);
+  CHECK(static_cast<unsigned char>(packed[0]) == 0x1f);
+  CHECK(static_cast<unsigned char>(packed[1]) == 0x8b);
+  CHECK(gunzip(packed) == json);
+  CHECK(gunzip(gzip("")).empty());
+}
+
+TEST_CASE("mailflow_outbound_policy_total: every outbound connector x policy x result from the start") {
+  const auto loaded = config::load_config_string(R"(hostname: mx1.example.org
+listeners:
+  - {name: out, address: "127.0.0.1:2587", direction: outbound, upstream: internet}
+upstreams:
+  - {name: internet, mx: true}
+connectors:
+  - {name: partner, type: partner, direction: outbound, upstream: internet}
+)", "t.yaml");
+  REQUIRE(loaded.config);
+  Telemetry telemetry;
+  telemetry.configure(*loaded.config);
+  std::string metrics = telemetry.metrics_text();
+  CHECK(metrics.find("# TYPE mailflow_outbound_policy_total counter") != std::string::npos);
+  for (const std::string connector : {"partner", "internet"}) {
+    for (const std::string policy : {"dane", "mta-sts", "none"}) {
+      for (const std::string result : {"success", "sts-policy-fetch-error", "tlsa-invalid", "starttls-not-supported"}) {
+        const std::string line = "mailflow_outbound_policy_total{connector=\"" + connector + "\",policy=\"" + policy +
+                                 "\",result=\"" + result + "\"} 0\n";
+        CHECK_MESSAGE(metrics.find(line) != std::string::npos, line);
+      }
+    }
+  }
+  telemetry.outbound_policy("partner", "mta-sts", "sts-policy-fetch-error");
+  CHECK(telemetry.metrics_text().find("mailflow_outbound_policy_total{connector=\"partner\",policy=\"mta-sts\","
+                                      "result=\"sts-policy-fetch-error\"} 1\n") != std::string::npos);
+  CHECK(telemetry.tlsrpt().submitter().submitter == "mx1.example.org");
+}
+
+}  // namespace

@@ -1,0 +1,236 @@
+"""MTA-STS (RFC 8461) end to end with the daemon's own code (`mailflowd mta-sts`): the policy fetched from a real
+HTTPS server on loopback (python's ssl, a certificate from the test CA), and the _mta-sts TXT record from a
+real authoritative server (knotd). Covers what the MX walk gets: a policy, or a failure as TLS-RPT names it
+(sts-policy-fetch-error for redirects, wrong Content-Type, oversized bodies and a slow server;
+sts-webpki-invalid for a certificate that does not verify; sts-policy-invalid), and the cache in state_dir.
+(The zone is under example.net, not .test: libunbound answers .test itself with NXDOMAIN, RFC 6761.)"""
+import http.server
+import json
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+from dns_server import KnotServer  # noqa: E402
+
+POLICY = "version: STSv1\r\nmode: enforce\r\nmx: mx1.ok.policy.example.net\r\nmx: *.mail.ok.policy.example.net\r\nmax_age: 86400\r\n"
+# What each policy domain's server does (chosen by the Host header, so one server serves them all).
+BEHAVIOUR = {
+    "mta-sts.ok.policy.example.net": ("200", "text/plain; charset=utf-8", POLICY),
+    "mta-sts.lf.policy.example.net": ("200", "text/plain", "version: STSv1\nmode: testing\nmx: mx.lf.policy.example.net\nmax_age: 600\n"),
+    "mta-sts.redirect.policy.example.net": ("301", "text/plain", ""),
+    "mta-sts.html.policy.example.net": ("200", "text/html", POLICY),
+    "mta-sts.big.policy.example.net": ("200", "text/plain", POLICY + ("x-pad: " + "p" * 120 + "\r\n") * 600),
+    "mta-sts.slow.policy.example.net": ("slow", "text/plain", POLICY),
+    "mta-sts.invalid.policy.example.net": ("200", "text/plain", "version: STSv1\r\nmode: strict\r\nmax_age: 1\r\n"),
+    "mta-sts.missing.policy.example.net": ("404", "text/plain", "not found"),
+}
+NAMES = sorted(BEHAVIOUR)
+
+ZONE = """$ORIGIN policy.example.net.
+$TTL 300
+@              SOA   ns hostmaster 1 3600 600 86400 300
+@              NS    ns
+ns             A     127.0.0.1
+_mta-sts.ok    TXT   "v=spf1 -all"
+_mta-sts.ok    TXT   "v=STSv1; id=20240101T000000;"
+_mta-sts.lf    TXT   "v=STSv1; " "id=split2;"
+_mta-sts.two   TXT   "v=STSv1; id=1;"
+_mta-sts.two   TXT   "v=STSv1; id=2;"
+_mta-sts.bad   TXT   "v=STSv1; id=not-alnum;"
+_mta-sts.slow  TXT   "v=STSv1; id=1;"
+"""
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    requests = []
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        host = self.headers.get("Host", "")
+        Handler.requests.append((host, self.path))
+        status, content_type, body = BEHAVIOUR.get(host, ("404", "text/plain", ""))
+        if status == "slow":
+            time.sleep(4)
+            status = "200"
+        data = body.encode()
+        self.send_response(int(status))
+        if status == "301":
+            self.send_header("Location", "https://elsewhere.test/.well-known/mta-sts.txt")
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def serve(cert, key):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.fixture(scope="module")
+def policy_cert(certs, workdir):
+    """A certificate from the test CA for every mta-sts.<domain> name above."""
+    key, csr, pem, ext = (workdir / n for n in ("policy.key", "policy.csr", "policy.pem", "policy.ext"))
+    subprocess.run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr,
+                    "-subj", "/CN=mta-sts.ok.policy.example.net"], check=True, capture_output=True)
+    ext.write_text("subjectAltName=" + ",".join("DNS:" + n for n in NAMES) + "\nextendedKeyUsage=serverAuth\n")
+    subprocess.run(["openssl", "x509", "-req", "-in", csr, "-CA", certs / "ca.pem", "-CAkey", certs / "ca.key",
+                    "-CAcreateserial", "-days", "2", "-extfile", ext, "-out", pem], check=True, capture_output=True)
+    return pem, key
+
+
+@pytest.fixture(scope="module")
+def https(policy_cert):
+    server = serve(*policy_cert)
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def wrong_name_https(certs):
+    """A valid certificate from the test CA, but for other names (mx.test, localhost)."""
+    server = serve(certs / "server.pem", certs / "server.key")
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def rogue_https(certs):
+    """A certificate for the right names from a CA that is not trusted."""
+    server = serve(certs / "rogue.pem", certs / "rogue.key")
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def knot(workdir):
+    server = KnotServer(workdir, {"policy.example.net": ZONE}).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def config(workdir, certs, knot):
+    path = workdir / "mta-sts.yaml"
+    state = workdir / "state"
+    state.mkdir(exist_ok=True)
+    path.write_text("\n".join([
+        f"state_dir: {state}",
+        "listeners:",
+        '  - {name: out, address: "127.0.0.1:2587", direction: outbound, upstream: internet}',
+        "upstreams:",
+        "  - {name: internet, mx: true, mta_sts: enforce}",
+        "dns: " + json.dumps({"servers": [knot.address], "timeout": "3s"}),
+        "mta_sts: " + json.dumps({"ca_file": str(certs / "ca.pem"), "fetch_timeout": "1500ms"}),
+    ]) + "\n")
+    return path
+
+
+def mta_sts(mailflowd_bin, config, domain, *extra):
+    started = time.monotonic()
+    p = subprocess.run([mailflowd_bin, "mta-sts", "--config", str(config), "--domain", domain, *extra],
+                       capture_output=True, text=True, timeout=30)
+    assert p.stdout, f"no output (exit {p.returncode}):\n{p.stderr}"
+    out = json.loads(p.stdout)
+    out["exit"], out["wall"], out["stderr"] = p.returncode, time.monotonic() - started, p.stderr
+    return out
+
+
+def fetch(mailflowd_bin, config, domain, connect):
+    return mta_sts(mailflowd_bin, config, domain, "--fetch-only", "--connect", connect)
+
+
+def test_policy_fetched_verified_and_parsed(mailflowd_bin, config, https):
+    Handler.requests.clear()
+    r = fetch(mailflowd_bin, config, "OK.policy.example.net", https)
+    assert r["exit"] == 0, r
+    assert r["fetch"] == "ok"
+    assert r["policy"] == {"mode": "enforce", "max_age": 86400, "mx": ["mx1.ok.policy.example.net", "*.mail.ok.policy.example.net"]}
+    assert Handler.requests == [("mta-sts.ok.policy.example.net", "/.well-known/mta-sts.txt")]
+    lf = fetch(mailflowd_bin, config, "lf.policy.example.net", https)
+    assert lf["policy"] == {"mode": "testing", "max_age": 600, "mx": ["mx.lf.policy.example.net"]}
+
+
+@pytest.mark.parametrize("domain, detail", [
+    ("redirect.policy.example.net", "answered 301 (redirects are not followed)"),
+    ("missing.policy.example.net", "answered 404"),
+    ("html.policy.example.net", "is not text/plain: \"text/html\""),
+    ("big.policy.example.net", "policy larger than 64 KiB"),
+])
+def test_fetch_errors(mailflowd_bin, config, https, domain, detail):
+    r = fetch(mailflowd_bin, config, domain, https)
+    assert r["exit"] == 3, r
+    assert r["fetch"] == "fetch_error"
+    assert r["policy"] is None
+    assert detail in r["detail"]
+
+
+def test_invalid_policy(mailflowd_bin, config, https):
+    r = fetch(mailflowd_bin, config, "invalid.policy.example.net", https)
+    assert (r["exit"], r["fetch"], r["policy"]) == (3, "invalid", None)
+    assert "mode must be enforce, testing or none" in r["detail"]
+
+
+def test_slow_server_is_bounded_by_fetch_timeout(mailflowd_bin, config, https):
+    r = fetch(mailflowd_bin, config, "slow.policy.example.net", https)
+    assert (r["exit"], r["fetch"]) == (3, "fetch_error"), r
+    assert "timed out" in r["detail"]
+    assert 1400 <= r["elapsed_ms"] < 3500
+
+
+@pytest.mark.parametrize("server", ["wrong_name_https", "rogue_https"])
+def test_certificate_that_does_not_verify_is_webpki_invalid(mailflowd_bin, config, server, request):
+    r = fetch(mailflowd_bin, config, "ok.policy.example.net", request.getfixturevalue(server))
+    assert (r["exit"], r["fetch"], r["policy"]) == (3, "webpki_invalid", None), r
+
+
+def test_lookup_txt_then_policy_and_the_cache_in_state_dir(mailflowd_bin, config, https, workdir):
+    Handler.requests.clear()
+    r = mta_sts(mailflowd_bin, config, "ok.policy.example.net", "--connect", https, "--state")
+    assert r["exit"] == 0, r
+    assert (r["mode"], r["id"], r["from_cache"], r["failure"]) == ("enforce", "20240101T000000", False, None)
+    assert len(Handler.requests) == 1
+    cache = (workdir / "state" / "mta-sts.state").read_text()
+    assert cache.startswith("mailflowd-mta-sts 1\nok.policy.example.net\t20240101T000000\t")
+    again = mta_sts(mailflowd_bin, config, "ok.policy.example.net", "--connect", https, "--state")
+    assert (again["mode"], again["from_cache"]) == ("enforce", True), again
+    assert len(Handler.requests) == 1  # same id, not expired: not fetched again
+    # A multi-string TXT record ("v=STSv1; " "id=split2;") is one record.
+    lf = mta_sts(mailflowd_bin, config, "lf.policy.example.net", "--connect", https)
+    assert (lf["mode"], lf["id"]) == ("testing", "split2"), lf
+
+
+def test_lookup_failures_as_tlsrpt_names_them(mailflowd_bin, config, https, rogue_https):
+    none = mta_sts(mailflowd_bin, config, "nothing.policy.example.net", "--connect", https)
+    assert (none["exit"], none["mode"], none["failure"]) == (0, "none", None), none
+    two = mta_sts(mailflowd_bin, config, "two.policy.example.net", "--connect", https)
+    assert (two["exit"], two["mode"], two["failure"]) == (3, "none", "sts-policy-invalid"), two
+    bad = mta_sts(mailflowd_bin, config, "bad.policy.example.net", "--connect", https)
+    assert (bad["mode"], bad["failure"]) == ("none", "sts-policy-invalid"), bad
+    slow = mta_sts(mailflowd_bin, config, "slow.policy.example.net", "--connect", https)
+    assert (slow["mode"], slow["failure"]) == ("none", "sts-policy-fetch-error"), slow
+    rogue = mta_sts(mailflowd_bin, config, "ok.policy.example.net", "--connect", rogue_https)
+    assert (rogue["mode"], rogue["failure"]) == ("none", "sts-webpki-invalid"), rogue
+
+
+def test_corrupt_cache_is_moved_aside(mailflowd_bin, config, https, workdir):
+    state = workdir / "state"
+    (state / "mta-sts.state").write_text("garbage\n")
+    r = mta_sts(mailflowd_bin, config, "ok.policy.example.net", "--connect", https, "--state")
+    assert r["mode"] == "enforce" and not r["from_cache"], r
+    assert "is unusable" in r["stderr"] and "moved to" in r["stderr"]
+    assert any(p.name.startswith("mta-sts.state.corrupt-") for p in state.iterdir())
+    assert (state / "mta-sts.state").read_text().startswith("mailflowd-mta-sts 1\n")

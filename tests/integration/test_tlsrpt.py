@@ -1,0 +1,106 @@
+"""TLS-RPT (RFC 8460) reports served by the real daemon: aggregates kept in state_dir/tlsrpt.state (written here in
+the daemon's own format, as a previous run leaves them: the MX walk that records live sessions is wired later),
+/api/v1/tlsrpt?date=D as JSON checked field by field against RFC 8460 section 4's schema, the gzip body that a
+report is sent as (decompressed with python's zlib), and the state saved again at shutdown."""
+import gzip
+import json
+import re
+import urllib.error
+import urllib.request
+
+import pytest
+
+import harness
+
+DATE = "2026-01-02"
+STATE = """mailflowd-tlsrpt 1
+day 2026-01-02 a.example.net mailto:tlsrpt@a.example.net,https://reports.a.example.net/v1
+policy sts version:%20STSv1,mode:%20enforce,mx:%20*.a.example.net,max_age:%2086400 *.a.example.net 5326 303 0
+failure certificate-expired 192.0.2.1 mx1.a.example.net 198.51.100.7 - 100
+failure starttls-not-supported 192.0.2.1 mx2.a.example.net 2001:db8::7 STARTTLS%20not%20offered 203
+policy no-policy-found - - 7 0 0
+day 2026-01-02 b.example mailto:x@b.example
+policy no-policy-found - - 2 0 0
+day 2026-01-03 a.example.net mailto:tlsrpt@a.example.net
+policy no-policy-found - - 1 0 0
+"""
+
+
+@pytest.fixture(scope="module")
+def daemon(daemon_factory, workdir):
+    state = workdir / "mailflowd-state"
+    state.mkdir(exist_ok=True)
+    (state / "tlsrpt.state").write_text(STATE)
+    return daemon_factory(
+        [{"name": "out", "address": f"127.0.0.1:{harness.free_port()}", "direction": "outbound",
+          "upstream": "internet"}],
+        [{"name": "internet", "mx": True}],
+        tlsrpt={"organization_name": "Example Sender", "contact_info": "tls@sender.example",
+                "submitter": "mx.sender.example"})
+
+
+def get(daemon, path):
+    with urllib.request.urlopen(daemon.http + path, timeout=5) as r:
+        return r.status, r.headers.get("Content-Type"), r.read()
+
+
+def test_reports_of_a_day_follow_rfc8460_section4(daemon):
+    status, content_type, body = get(daemon, f"/api/v1/tlsrpt?date={DATE}")
+    assert (status, content_type) == (200, "application/json")
+    doc = json.loads(body)
+    assert doc["date"] == DATE
+    assert [r["domain"] for r in doc["reports"]] == ["a.example.net", "b.example"]
+    a = doc["reports"][0]
+    assert a["rua"] == ["mailto:tlsrpt@a.example.net", "https://reports.a.example.net/v1"]
+    report = a["report"]
+    assert set(report) == {"organization-name", "date-range", "contact-info", "report-id", "policies"}
+    assert report["organization-name"] == "Example Sender"
+    assert report["contact-info"] == "tls@sender.example"
+    assert report["date-range"] == {"start-datetime": "2026-01-02T00:00:00Z", "end-datetime": "2026-01-02T23:59:59Z"}
+    assert report["report-id"] == "2026-01-02T00:00:00Z-a.example.net@mx.sender.example"
+    for field in ("start-datetime", "end-datetime"):
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", report["date-range"][field])
+    sts, none = report["policies"]
+    assert sts["policy"] == {"policy-type": "sts",
+                             "policy-string": ["version: STSv1", "mode: enforce", "mx: *.a.example.net",
+                                               "max_age: 86400"],
+                             "policy-domain": "a.example.net", "mx-host": ["*.a.example.net"]}
+    assert sts["summary"] == {"total-successful-session-count": 5326, "total-failure-session-count": 303}
+    details = sorted(sts["failure-details"], key=lambda d: d["result-type"])
+    assert details == [
+        {"result-type": "certificate-expired", "sending-mta-ip": "192.0.2.1",
+         "receiving-mx-hostname": "mx1.a.example.net", "receiving-ip": "198.51.100.7", "failed-session-count": 100},
+        {"result-type": "starttls-not-supported", "sending-mta-ip": "192.0.2.1",
+         "receiving-mx-hostname": "mx2.a.example.net", "receiving-ip": "2001:db8::7", "failed-session-count": 203,
+         "failure-reason-code": "STARTTLS not offered"},
+    ]
+    assert none == {"policy": {"policy-type": "no-policy-found", "policy-domain": "a.example.net"},
+                    "summary": {"total-successful-session-count": 7, "total-failure-session-count": 0}}
+
+
+def test_other_days_and_bad_dates(daemon):
+    assert [r["domain"] for r in json.loads(get(daemon, "/api/v1/tlsrpt?date=2026-01-03")[2])["reports"]] == \
+        ["a.example.net"]
+    assert json.loads(get(daemon, "/api/v1/tlsrpt?date=2025-01-01")[2]) == {"date": "2025-01-01", "reports": []}
+    with pytest.raises(urllib.error.HTTPError) as bad:
+        get(daemon, "/api/v1/tlsrpt?date=yesterday")
+    assert bad.value.code == 400
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        get(daemon, f"/api/v1/tlsrpt?date={DATE}&domain=nowhere.example&format=gzip")
+    assert missing.value.code == 404
+
+
+def test_the_report_as_sent_is_gzip_of_the_json(daemon):
+    status, content_type, body = get(daemon, f"/api/v1/tlsrpt?date={DATE}&domain=a.example.net&format=gzip")
+    assert (status, content_type) == (200, "application/tlsrpt+gzip")
+    assert body[:2] == b"\x1f\x8b"
+    report = json.loads(gzip.decompress(body))
+    day = json.loads(get(daemon, f"/api/v1/tlsrpt?date={DATE}")[2])
+    assert report == day["reports"][0]["report"]
+
+
+def test_state_is_saved_again_at_shutdown(daemon, workdir):
+    daemon.stop()
+    saved = (workdir / "mailflowd-state" / "tlsrpt.state").read_text()
+    assert saved.startswith("mailflowd-tlsrpt 1\nday 2026-01-02 a.example.net ")
+    assert "failure starttls-not-supported 192.0.2.1 mx2.a.example.net 2001:db8::7 STARTTLS%20not%20offered 203" in saved
