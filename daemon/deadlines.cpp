@@ -56,12 +56,10 @@ asio::awaitable<void> Deadlines::write(Link& link, std::string_view data, Clock:
   disarm(ec);
 }
 
-asio::awaitable<void> Deadlines::handshake(Link& link, SSL_CTX* context, bool server, const std::string& peer_name,
-                                           bool verify, Clock::time_point deadline, error_code& ec,
-                                           const std::vector<std::string>& verify_names,
-                                           const std::vector<proto::TlsaRecord>* dane) {
+asio::awaitable<void> Deadlines::handshake(Link& link, SSL_CTX* context, const Link::Peer* peer,
+                                           Clock::time_point deadline, error_code& ec) {
   arm(deadline);
-  co_await link.handshake(context, server, peer_name, verify, ec, verify_names, dane);
+  co_await link.handshake(context, peer, ec);
   disarm(ec);
 }
 

@@ -40,10 +40,9 @@ class Deadlines {
                                     error_code& ec, Link::Wait wait = Link::Wait::busy);
   boost::asio::awaitable<void> write(Link& link, std::string_view data, Clock::time_point deadline,
                                      error_code& ec);
-  boost::asio::awaitable<void> handshake(Link& link, SSL_CTX* context, bool server, const std::string& peer_name,
-                                         bool verify, Clock::time_point deadline, error_code& ec,
-                                         const std::vector<std::string>& verify_names = {},
-                                         const std::vector<proto::TlsaRecord>* dane = nullptr);
+  // `peer`: null on the server side (Link::handshake).
+  boost::asio::awaitable<void> handshake(Link& link, SSL_CTX* context, const Link::Peer* peer,
+                                         Clock::time_point deadline, error_code& ec);
   boost::asio::awaitable<void> connect(Link& link, const boost::asio::ip::tcp::endpoint& endpoint,
                                        Clock::time_point deadline, error_code& ec);
   boost::asio::awaitable<void> wait_readable(boost::asio::ip::tcp::socket& socket, Clock::time_point deadline,

@@ -198,9 +198,7 @@ asio::awaitable<void> Link::write(std::string_view data, error_code& ec) {
 
 std::string_view Link::offered_tls() const { return ssl_ == nullptr ? "no_hello" : offered_tls_version(ssl_); }
 
-asio::awaitable<void> Link::handshake(SSL_CTX* context, bool server, const std::string& peer_name,
-                                      bool verify, error_code& ec, const std::vector<std::string>& verify_names,
-                                      const std::vector<proto::TlsaRecord>* dane) {
+asio::awaitable<void> Link::handshake(SSL_CTX* context, const Peer* peer, error_code& ec) {
   ssl_ = SSL_new(context);
   if (ssl_ == nullptr) {
     ec = {static_cast<int>(ERR_get_error()), asio::error::get_ssl_category()};
@@ -210,31 +208,33 @@ asio::awaitable<void> Link::handshake(SSL_CTX* context, bool server, const std::
   BIO_set_data(bio, this);
   SSL_set_bio(ssl_, bio, bio);
   SSL_set_mode(ssl_, SSL_MODE_RELEASE_BUFFERS);
-  if (server) {
+  if (peer == nullptr) {
     SSL_set_accept_state(ssl_);
   } else {
     SSL_set_connect_state(ssl_);
-    if (!peer_name.empty()) {
+    const bool dane = peer->dane != nullptr && !peer->dane->empty();
+    if (!peer->name.empty()) {
       error_code not_an_address;
-      asio::ip::make_address(peer_name, not_an_address);
-      if (not_an_address) SSL_set_tlsext_host_name(ssl_, peer_name.c_str());
-      if (verify && verify_names.empty()) SSL_set1_host(ssl_, peer_name.c_str());
+      asio::ip::make_address(peer->name, not_an_address);
+      if (not_an_address) SSL_set_tlsext_host_name(ssl_, peer->name.c_str());
+      if (!dane && peer->verify_names.empty() && (peer->verify || peer->record_name))
+        SSL_set1_host(ssl_, peer->name.c_str());
     }
-    if (verify && !verify_names.empty()) {
+    if (peer->verify && !peer->verify_names.empty()) {
       // OpenSSL matches a reference name that starts with a dot against the names below it; one label only.
       SSL_set_hostflags(ssl_, X509_CHECK_FLAG_SINGLE_LABEL_SUBDOMAINS);
-      for (const auto& name : verify_names) {
+      for (const auto& name : peer->verify_names) {
         const std::string reference = name.starts_with("*.") ? name.substr(1) : name;
         SSL_add1_host(ssl_, reference.c_str());
       }
     }
-    if (dane != nullptr && !dane->empty()) {
-      if (SSL_dane_enable(ssl_, peer_name.c_str()) <= 0) {
+    if (dane) {
+      if (SSL_dane_enable(ssl_, peer->name.c_str()) <= 0) {
         ec = {static_cast<int>(ERR_get_error()), asio::error::get_ssl_category()};
         co_return;
       }
       SSL_dane_set_flags(ssl_, DANE_FLAG_NO_DANE_EE_NAMECHECKS);
-      for (const auto& record : *dane) {
+      for (const auto& record : *peer->dane) {
         SSL_dane_tlsa_add(ssl_, record.usage, record.selector, record.matching,
                           reinterpret_cast<const unsigned char*>(record.data.data()), record.data.size());
       }

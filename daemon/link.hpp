@@ -54,14 +54,21 @@ class Link {
   // sees no truncation and the session stays resumable. No-op without TLS.
   boost::asio::awaitable<void> shutdown_tls(boost::system::error_code& ec);
 
-  // STARTTLS. `peer_name` (client side): SNI, and with `verify` the name the certificate must match, or any
-  // of `verify_names` when given ("*.example.com": any name one label below example.com). `dane` (client
-  // side, a context with SSL_CTX_dane_enable): the certificate must match one of these usable TLSA records
-  // (RFC 7672: DANE-EE without name checks, DANE-TA with `peer_name` as the reference name).
-  boost::asio::awaitable<void> handshake(SSL_CTX* context, bool server, const std::string& peer_name,
-                                         bool verify, boost::system::error_code& ec,
-                                         const std::vector<std::string>& verify_names = {},
-                                         const std::vector<proto::TlsaRecord>* dane = nullptr);
+  // The client side of STARTTLS: whom the certificate is checked against, and how.
+  struct Peer {
+    std::string name;   // SNI (unless an IP address), and the reference name of the checks below
+    bool verify = false;  // the certificate must chain to the context's CA file and match `name` (or verify_names)
+    // Any of these instead of `name` ("*.example.com": any name one label below example.com).
+    std::vector<std::string> verify_names;
+    // Without `verify`: `name` is still the reference name, so that the recorded verdict (TlsInfo::verify_error)
+    // covers it (MTA-STS asks for it without failing the handshake).
+    bool record_name = false;
+    // The certificate must match one of these usable TLSA records (RFC 7672: DANE-EE without name checks,
+    // DANE-TA with `name`); the context needs SSL_CTX_dane_enable.
+    const std::vector<proto::TlsaRecord>* dane = nullptr;
+  };
+  // STARTTLS: the server side (`peer` null) or the client side.
+  boost::asio::awaitable<void> handshake(SSL_CTX* context, const Peer* peer, boost::system::error_code& ec);
 
   void cancel();
   void close();

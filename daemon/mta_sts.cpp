@@ -76,7 +76,7 @@ std::string_view to_string(PolicyState::Mode mode) {
 }
 
 net::awaitable<PolicyFetch> fetch_policy(net::any_io_executor executor, std::string domain,
-                                         const MtaStsSettings& settings) {
+                                         const MtaStsSettings& settings, Resolver* resolver) {
   using Status = PolicyFetch::Status;
   const std::string host = "mta-sts." + lower(domain);
   const auto deadline = std::chrono::steady_clock::now() + settings.fetch_timeout;
@@ -107,16 +107,27 @@ net::awaitable<PolicyFetch> fetch_policy(net::any_io_executor executor, std::str
   SSL_set1_host(stream.native_handle(), host.c_str());  // checked by OpenSSL during the handshake
   const auto with = [&](std::string_view what) { return std::string(what) + " " + host + ": "; };
 
-  tcp::resolver resolver(executor);
-  // The name lookup has no timeout of its own in Asio (getaddrinfo); a timer closing the resolver bounds it.
-  net::steady_timer guard(executor, remaining());
-  guard.async_wait([&resolver](const beast::error_code& e) {
-    if (!e) resolver.cancel();
-  });
-  const auto endpoints =
-      co_await resolver.async_resolve(connect_host, connect_port, net::redirect_error(net::use_awaitable, ec));
-  guard.cancel();
-  if (ec) co_return failed(Status::fetch_error, with("cannot resolve") + ec.message());
+  std::vector<tcp::endpoint> endpoints;
+  if (resolver != nullptr && settings.connect_to.empty()) {
+    // The daemon's own DNS (dns.servers, dns.timeout), as for the MX hosts.
+    const AddressResult addresses = co_await resolver->resolve_addresses(host);
+    for (const auto& address : addresses.addresses) endpoints.emplace_back(address, 443);
+    if (endpoints.empty())
+      co_return failed(Status::fetch_error,
+                       with("cannot resolve") + (addresses.detail.empty() ? "no address" : addresses.detail));
+  } else {
+    tcp::resolver system(executor);
+    // The name lookup has no timeout of its own in Asio (getaddrinfo); a timer closing the resolver bounds it.
+    net::steady_timer guard(executor, remaining());
+    guard.async_wait([&system](const beast::error_code& e) {
+      if (!e) system.cancel();
+    });
+    const auto results =
+        co_await system.async_resolve(connect_host, connect_port, net::redirect_error(net::use_awaitable, ec));
+    guard.cancel();
+    if (ec) co_return failed(Status::fetch_error, with("cannot resolve") + ec.message());
+    for (const auto& entry : results) endpoints.push_back(entry.endpoint());
+  }
 
   beast::get_lowest_layer(stream).expires_after(remaining());
   co_await beast::get_lowest_layer(stream).async_connect(endpoints, net::redirect_error(net::use_awaitable, ec));
@@ -202,6 +213,11 @@ void MtaStsCache::store(const std::string& domain, CachedPolicy policy, std::int
     });
     policies_.erase(soonest);
   }
+}
+
+void MtaStsCache::set_max_policies(std::size_t max_policies) {
+  std::lock_guard lock(mutex_);
+  max_policies_ = max_policies;
 }
 
 std::size_t MtaStsCache::size() const {
@@ -333,7 +349,7 @@ net::awaitable<PolicyState> lookup_policy(Resolver& resolver, MtaStsCache& cache
     use(*cached, true);
     co_return state;
   }
-  auto fetched = co_await fetch_policy(co_await net::this_coro::executor, domain, settings);
+  auto fetched = co_await fetch_policy(co_await net::this_coro::executor, domain, settings, &resolver);
   if (fetched.status == PolicyFetch::Status::ok) {
     CachedPolicy fresh{record.id, *fetched.policy, now, now + fetched.policy->max_age};
     cache.store(domain, fresh, now);

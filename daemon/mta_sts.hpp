@@ -53,8 +53,10 @@ std::string_view to_string(PolicyFetch::Status status);  // "ok", "fetch_error",
 
 // GET https://mta-sts.<domain>/.well-known/mta-sts.txt: certificate verified for mta-sts.<domain> (SNI sent),
 // no redirects followed, Content-Type text/plain, body at most 64 KiB, all within settings.fetch_timeout.
+// `resolver`: where mta-sts.<domain>'s addresses are looked up (the daemon's DNS, dns.servers); null: the
+// system's resolver (getaddrinfo). Not used with settings.connect_to.
 boost::asio::awaitable<PolicyFetch> fetch_policy(boost::asio::any_io_executor executor, std::string domain,
-                                                 const MtaStsSettings& settings);
+                                                 const MtaStsSettings& settings, Resolver* resolver = nullptr);
 
 struct CachedPolicy {
   std::string id;  // the TXT record's id when fetched
@@ -67,6 +69,7 @@ struct CachedPolicy {
 class MtaStsCache {
  public:
   explicit MtaStsCache(std::size_t max_policies = 10000) : max_policies_(max_policies) {}
+  void set_max_policies(std::size_t max_policies);  // mta_sts.max_policies, at start and reload
   std::optional<CachedPolicy> find(std::string_view domain, std::int64_t now) const;  // unexpired only
   void store(const std::string& domain, CachedPolicy policy, std::int64_t now);
   std::size_t size() const;

@@ -19,6 +19,7 @@
 #include "daemon/failpoint.hpp"
 #include "daemon/link.hpp"
 #include "daemon/log.hpp"
+#include "daemon/mta_sts.hpp"
 #include "daemon/telemetry.hpp"
 #include "daemon/upstream_leg.hpp"
 #include "proto/data_filter.hpp"
@@ -107,7 +108,8 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
                      client_.cancel();
                      upstream_.cancel();
                    }),
-        upstream_({*runtime_, telemetry_, deadlines_, id_, listener_.name}, client_.socket().get_executor()),
+        upstream_({*runtime_, telemetry_, deadlines_, id_, listener_.name, &registry.mta_sts()},
+                  client_.socket().get_executor()),
         session_(server_options()),
         transaction_(session_, client_out_),
         connector_certain_at_mail_(connector_certain_at_mail()) {}
@@ -527,7 +529,7 @@ asio::awaitable<void> RelaySession::start_tls() {
   }
   const ServerTls* tls = runtime_->server_tls(listener_.name);
   error_code ec;
-  co_await deadlines_.handshake(client_, tls->context(), true, {}, false, in(config_.timeouts.tls_handshake), ec);
+  co_await deadlines_.handshake(client_, tls->context(), nullptr, in(config_.timeouts.tls_handshake), ec);
   if (ec) {
     const std::string reason = handshake_failure_label(ec);
     telemetry_.tls_handshake_failed(listener_.name, Leg::client, reason);
@@ -639,6 +641,7 @@ asio::awaitable<void> RelaySession::drive() {
                                          session_.esmtp()};
         bool reused = false;
         auto refusal = co_await upstream_.open(*opening_.upstream, opening_.domain, client,
+                                               transaction_.route_to_open().connector,
                                                !transaction_.upstream_in_transaction(), reused);
         if (refusal) {
           if (!refusal->reason.empty()) count_reject(refusal->reason);
@@ -803,6 +806,11 @@ LoopScope::~LoopScope() {
 LoopScope::Resources* LoopScope::current() { return current_loop; }
 
 // ---- registry -------------------------------------------------------------------------------------------
+
+SessionRegistry::SessionRegistry(Telemetry& telemetry)
+    : telemetry_(telemetry), mta_sts_(std::make_unique<MtaStsCache>()) {}
+
+SessionRegistry::~SessionRegistry() = default;
 
 bool SessionRegistry::admit_address(const std::array<std::uint8_t, 16>& address, std::uint32_t limit) {
   std::lock_guard lock(mutex_);

@@ -16,15 +16,20 @@
 
 namespace mailflow {
 
+class MtaStsCache;
 class Telemetry;
 class RelaySession;
 
-// What all sessions share: telemetry, per-IP accounting and the drain signal. Thread-safe.
+// What all sessions share: telemetry, the MTA-STS policies, per-IP accounting and the drain signal.
+// Thread-safe.
 class SessionRegistry {
  public:
-  explicit SessionRegistry(Telemetry& telemetry) : telemetry_(telemetry) {}
+  explicit SessionRegistry(Telemetry& telemetry);
+  ~SessionRegistry();
 
   Telemetry& telemetry() { return telemetry_; }
+  // The MTA-STS policies fetched for recipient domains (persisted by the server in state_dir/mta-sts.state).
+  MtaStsCache& mta_sts() { return *mta_sts_; }
 
   // Per client address (after PROXY): false when the address already has `limit` sessions.
   bool admit_address(const std::array<std::uint8_t, 16>& address, std::uint32_t limit);
@@ -44,6 +49,7 @@ class SessionRegistry {
 
  private:
   Telemetry& telemetry_;
+  std::unique_ptr<MtaStsCache> mta_sts_;
   mutable std::mutex mutex_;
   bool draining_ = false;
   std::size_t peak_ = 0;

@@ -10,7 +10,7 @@ std::shared_ptr<const Runtime> Runtime::build(std::shared_ptr<const config::Conf
   }
   for (const auto& upstream : config->upstreams) {
     if (upstream.tls != config::UpstreamTls::none)
-      runtime->upstream_tls.emplace(upstream.name, std::make_shared<const ClientTls>(upstream));
+      runtime->upstream_tls.emplace(upstream.name, std::make_shared<const ClientTls>(upstream, config->mta_sts.ca_file));
   }
   runtime->own_listeners = std::make_shared<const OwnListeners>(*config);
   runtime->config = std::move(config);

@@ -8,6 +8,8 @@
 #include <sys/socket.h>
 #include <systemd/sd-daemon.h>
 #include <unistd.h>
+
+#include <ctime>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/asio/executor_work_guard.hpp>
@@ -34,6 +36,7 @@
 #include "daemon/failpoint.hpp"
 #include "daemon/http_server.hpp"
 #include "daemon/log.hpp"
+#include "daemon/mta_sts.hpp"
 #include "daemon/poll_window.hpp"
 #include "daemon/relay_session.hpp"
 #include "daemon/resolver.hpp"
@@ -309,7 +312,7 @@ struct Server::Impl {
 
   void save_state() {
     std::string error;
-    if (!telemetry.save_state(started->state_dir, error)) {
+    if (!telemetry.save_state(started->state_dir, error) || !registry.mta_sts().save(started->state_dir, error)) {
       telemetry.state_error("save_failed");
       log_limited(LogLevel::error, "state_save_failed", {{"error", error}});
     }
@@ -362,6 +365,7 @@ struct Server::Impl {
       setup_logging(loaded.config->log);
       busy_poll = loaded.config->performance.busy_poll;
       telemetry.configure(*loaded.config);
+      registry.mta_sts().set_max_policies(loaded.config->mta_sts.max_policies);
       for (const auto& warning : loaded.warnings)
         log_event(LogLevel::warn, "config_warning", {{"warning", warning.to_string()}});
       apply_certificates(*loaded.config);
@@ -516,6 +520,14 @@ int Server::run() {
   if (!s.telemetry.load_state(config.state_dir, error))
     throw std::runtime_error("state_dir " + config.state_dir + ": " + error);
   if (!error.empty()) log_event(LogLevel::warn, "state_discarded", {{"reason", error}});
+  error.clear();
+  if (!s.registry.mta_sts().load(config.state_dir, std::time(nullptr), error))
+    throw std::runtime_error("state_dir " + config.state_dir + ": " + error);
+  if (!error.empty()) {
+    s.telemetry.state_error("corrupt");
+    log_event(LogLevel::warn, "state_discarded", {{"reason", error}});
+  }
+  s.registry.mta_sts().set_max_policies(config.mta_sts.max_policies);
   s.telemetry.configure(config);
   s.apply_certificates(config);
   s.busy_poll = config.performance.busy_poll;

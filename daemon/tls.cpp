@@ -112,6 +112,7 @@ TlsInfo tls_info(const SSL* ssl) {
   }
   if (const char* cipher = SSL_get_cipher_name(ssl)) info.cipher = cipher;
   if (const char* name = SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name)) info.sni = name;
+  if (!SSL_is_server(ssl)) info.verify_error = SSL_get_verify_result(ssl);
   return info;
 }
 
@@ -213,7 +214,7 @@ int ServerTls::on_servername(SSL* ssl, int*, void* arg) {
   return SSL_TLSEXT_ERR_OK;  // unknown name: the default certificate answers
 }
 
-ClientTls::ClientTls(const config::Upstream& upstream)
+ClientTls::ClientTls(const config::Upstream& upstream, const std::string& webpki_ca_file)
     : verify_(upstream.tls == config::UpstreamTls::verify) {
   ctx_ = SSL_CTX_new(TLS_client_method());
   if (ctx_ == nullptr) throw std::runtime_error("SSL_CTX_new: " + openssl_error_text());
@@ -240,6 +241,33 @@ ClientTls::ClientTls(const config::Upstream& upstream)
       SSL_CTX_free(ctx_);
       throw std::runtime_error("SSL_CTX_dane_enable: " + openssl_error_text());
     }
+    // MTA-STS (RFC 8461 4.2) asks whether the MX's certificate is valid for its name in the Web PKI: the
+    // handshake still never fails for it (SSL_VERIFY_NONE), but the verdict is recorded (TlsInfo::verify_error).
+    if (upstream.mta_sts != config::MtaStsMode::off) {
+      const bool loaded = webpki_ca_file.empty()
+                              ? SSL_CTX_set_default_verify_paths(ctx_) == 1
+                              : SSL_CTX_load_verify_locations(ctx_, webpki_ca_file.c_str(), nullptr) == 1;
+      if (!loaded) {
+        SSL_CTX_free(ctx_);
+        throw std::runtime_error("cannot load the Web PKI trust store " +
+                                 (webpki_ca_file.empty() ? std::string("(system default)") : webpki_ca_file) +
+                                 ": " + openssl_error_text());
+      }
+      check_names_ = true;
+    }
+  }
+}
+
+CertificateVerdict certificate_verdict(long verify_error) {
+  switch (verify_error) {
+    case X509_V_OK:
+      return CertificateVerdict::valid;
+    case X509_V_ERR_CERT_HAS_EXPIRED:
+      return CertificateVerdict::expired;
+    case X509_V_ERR_HOSTNAME_MISMATCH:
+      return CertificateVerdict::host_mismatch;
+    default:
+      return CertificateVerdict::not_trusted;
   }
 }
 

@@ -21,6 +21,9 @@ struct TlsInfo {
   proto::TlsVersion version = proto::TlsVersion::none;
   std::string cipher;
   std::string sni;  // server name the client asked for (client leg)
+  // Client leg: OpenSSL's verdict on the server's certificate (X509_V_OK = 0), recorded even where the
+  // handshake does not require it; meaningful against a trust store (ClientTls::check_names()).
+  long verify_error = -1;
 };
 TlsInfo tls_info(const SSL* ssl);
 
@@ -60,10 +63,15 @@ class ServerTls {
   static int on_client_hello(SSL* ssl, int* alert, void* arg);
 };
 
+// A recorded certificate verdict, in the words TLS-RPT reports it with.
+enum class CertificateVerdict { valid, expired, host_mismatch, not_trusted };
+CertificateVerdict certificate_verdict(long verify_error);
+
 class ClientTls {
  public:
-  // verify: the upstream's certificate must chain to ca_file and match its host name.
-  explicit ClientTls(const config::Upstream& upstream);
+  // verify: the upstream's certificate must chain to ca_file and match its host name. With upstreams[].mta_sts
+  // on, the Web PKI trust store (`webpki_ca_file`, empty: the system's) records a verdict for every handshake.
+  explicit ClientTls(const config::Upstream& upstream, const std::string& webpki_ca_file = {});
   ~ClientTls();
   ClientTls(const ClientTls&) = delete;
   ClientTls& operator=(const ClientTls&) = delete;
@@ -72,10 +80,13 @@ class ClientTls {
   bool verify() const { return verify_; }
   // verify: the names the certificate must match (upstreams[].verify_names); empty: the host connected to.
   const std::vector<std::string>& verify_names() const { return verify_names_; }
+  // The host name is set on every connection so that the recorded verdict covers it (MTA-STS).
+  bool check_names() const { return check_names_; }
 
  private:
   SSL_CTX* ctx_ = nullptr;
   bool verify_ = false;
+  bool check_names_ = false;
   std::vector<std::string> verify_names_;
 };
 

@@ -3,15 +3,18 @@
 #include <boost/asio/redirect_error.hpp>
 #include <boost/asio/use_awaitable.hpp>
 
+#include <ctime>
 #include <exception>
 #include <map>
 
 #include "daemon/log.hpp"
+#include "daemon/mta_sts.hpp"
 #include "daemon/mx_route.hpp"
 #include "daemon/relay_session.hpp"
 #include "daemon/resolver.hpp"
 #include "daemon/runtime.hpp"
 #include "daemon/telemetry.hpp"
+#include "daemon/tlsrpt.hpp"
 #include "proto/client_session.hpp"
 
 namespace mailflow {
@@ -44,6 +47,40 @@ std::shared_ptr<Resolver> loop_resolver(const asio::any_io_executor& executor, c
     loop->resolver_key = std::move(key);
   }
   return loop->resolver;
+}
+
+// Where `domain` wants its TLS reports (RFC 8460 3: the _smtp._tls TXT record); empty: nowhere.
+asio::awaitable<std::vector<std::string>> report_addresses(Resolver& resolver, const std::string& domain) {
+  const TxtResult txt = co_await resolver.resolve_txt("_smtp._tls." + domain);
+  if (txt.outcome != DnsOutcome::success) co_return std::vector<std::string>{};
+  auto lookup = proto::tlsrpt::parse_txt_records(txt.records);
+  if (lookup.status != proto::tlsrpt::TxtLookup::Status::report) co_return std::vector<std::string>{};
+  co_return std::move(lookup.rua);
+}
+
+std::string utc_date() {
+  const std::time_t now = std::time(nullptr);
+  std::tm tm{};
+  gmtime_r(&now, &tm);
+  char buffer[16];
+  std::strftime(buffer, sizeof buffer, "%Y-%m-%d", &tm);
+  return buffer;
+}
+
+// RFC 8460 4.3 policy-string of a TLSA policy: "3 1 1 <hex>" per record.
+std::vector<std::string> tlsa_strings(const std::vector<proto::TlsaRecord>& records) {
+  std::vector<std::string> out;
+  for (const auto& record : records) {
+    std::string text = std::to_string(record.usage) + " " + std::to_string(record.selector) + " " +
+                       std::to_string(record.matching) + " ";
+    static constexpr char kHex[] = "0123456789abcdef";
+    for (const unsigned char c : record.data) {
+      text += kHex[c >> 4];
+      text += kHex[c & 15];
+    }
+    out.push_back(std::move(text));
+  }
+  return out;
 }
 
 }  // namespace
@@ -162,7 +199,8 @@ asio::awaitable<void> UpstreamLeg::close(bool polite) {
 
 asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open(const config::Upstream& upstream,
                                                                        const std::string& domain,
-                                                                       const Client& client, bool polite,
+                                                                       const Client& client,
+                                                                       std::string_view connector, bool polite,
                                                                        bool& reused) {
   // A connection is reused for the next transaction that routes the same way (same upstream, same domain).
   reused = link_ && upstream_ == &upstream && domain_ == domain;
@@ -171,7 +209,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open(const con
   upstream_ = &upstream;
   domain_ = upstream.mx ? domain : std::string();
   host_.clear();
-  if (upstream.mx) co_return co_await open_mx(upstream, domain, client);
+  if (upstream.mx) co_return co_await open_mx(upstream, domain, client, connector);
   co_return co_await open_fixed(upstream, client);
 }
 
@@ -258,7 +296,8 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
 
 asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const config::Upstream& upstream,
                                                                           const std::string& domain,
-                                                                          const Client& client) {
+                                                                          const Client& client,
+                                                                          std::string_view connector) {
   // Delivery to the recipient domain's MX hosts (RFC 5321 section 5): in order, each host and address in
   // turn, each attempt with timeouts.upstream_connect of its own.
   const auto resolver = this->resolver();
@@ -270,6 +309,45 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
                 {{"id", session_.id}, {"upstream", upstream.name}, {"domain", domain}, {"result", to_string(mx.result)}});
     co_return Refusal{mx.reply + "\r\n", to_string(mx.result)};
   }
+
+  // What the domain publishes, once per route: its MTA-STS policy (RFC 8461) and where it wants TLS reports
+  // (RFC 8460). Every TLS session to its MX hosts is counted under the policy that governed it.
+  PolicyState sts;
+  if (upstream.mta_sts != config::MtaStsMode::off && session_.mta_sts != nullptr) {
+    MtaStsSettings settings;
+    settings.ca_file = config_.mta_sts.ca_file;
+    settings.fetch_timeout = config_.mta_sts.fetch_timeout;
+    settings.max_policies = config_.mta_sts.max_policies;
+    sts = co_await lookup_policy(*resolver, *session_.mta_sts, domain, settings, std::time(nullptr));
+    // upstreams[].mta_sts: testing never skips a host, whatever the domain publishes.
+    if (upstream.mta_sts == config::MtaStsMode::testing && sts.mode == PolicyState::Mode::enforce)
+      sts.mode = PolicyState::Mode::testing;
+  }
+  const std::vector<std::string> rua = co_await report_addresses(*resolver, domain);
+  proto::tlsrpt::PolicyKey sts_key;
+  if (sts.mode != PolicyState::Mode::none || sts.failure) {
+    sts_key.type = proto::tlsrpt::PolicyType::sts;
+    if (sts.policy) {
+      sts_key.strings = sts.policy->lines;
+      sts_key.mx_hosts = sts.policy->mx;
+    }
+  }
+  const auto report = [&](std::string_view policy, const proto::tlsrpt::PolicyKey& key,
+                          std::optional<proto::tlsrpt::FailureKey> failure) {
+    session_.telemetry.outbound_policy(connector, policy,
+                                       failure ? proto::tlsrpt::to_string(failure->result) : "success");
+    if (!rua.empty())
+      session_.telemetry.tlsrpt().record(utc_date(), TlsRptSession{domain, rua, key, std::move(failure)});
+  };
+  if (sts.failure) {
+    // The policy could not be had (fetch error, invalid, certificate); delivery goes on (with a cached policy if
+    // there is one), and the failure is reported.
+    log_limited(LogLevel::warn, "mta_sts",
+                {{"id", session_.id}, {"domain", domain}, {"result", proto::tlsrpt::to_string(*sts.failure)},
+                 {"error", sts.detail}});
+    report("mta-sts", sts_key, proto::tlsrpt::FailureKey{*sts.failure, {}, {}, {}, sts.detail});
+  }
+
   std::string reason = "no address";
   std::map<std::string, proto::DanePlan, std::less<>> dane_plans;  // per host: its addresses share it
   for (const auto& attempt : mx.attempts) {
@@ -278,13 +356,39 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
       proto::DanePlan dane = co_await plan_dane(*resolver, upstream, attempt.host, upstream.port, attempt.secure);
       plan = dane_plans.emplace(attempt.host, std::move(dane)).first;
     }
+    const proto::DanePlan& dane = plan->second;
+    // DANE, where it applies, governs the host (RFC 8461 2: it takes precedence over MTA-STS).
+    const bool by_dane = dane.kind != proto::DanePlan::Kind::none;
+    const bool by_sts = !by_dane && sts.mode != PolicyState::Mode::none;
+    proto::tlsrpt::PolicyKey key = by_sts ? sts_key : proto::tlsrpt::PolicyKey{};
+    if (by_dane) {
+      key.type = proto::tlsrpt::PolicyType::tlsa;
+      key.strings = tlsa_strings(dane.records);
+    }
+    const std::string receiving_ip = address_text(attempt.endpoint.address());
+    const auto failure_of = [&](proto::tlsrpt::ResultType type, std::string why) {
+      return proto::tlsrpt::FailureKey{type, local_address_, attempt.host, receiving_ip, std::move(why)};
+    };
+    std::optional<proto::tlsrpt::FailureKey> failure;
     bool connected = false;
-    if (plan->second.kind == proto::DanePlan::Kind::skip) {
+    if (dane.kind == proto::DanePlan::Kind::skip) {
       reason = "tls_policy";  // RFC 7672 2.2: a host whose TLSA records cannot be learned is not used
+      failure = failure_of(proto::tlsrpt::ResultType::dnssec_invalid, std::string(dane.why));
+    } else if (by_sts && sts.enforced() && !mx_listed(sts, attempt.host)) {
+      reason = "tls_policy";  // RFC 8461 5: only the hosts the policy lists
+      failure = failure_of(proto::tlsrpt::ResultType::validation_failure, "MX host not listed in the MTA-STS policy");
     } else {
       connected = co_await connect_to(upstream, attempt.endpoint, attempt.host, in(config_.timeouts.upstream_connect),
-                                      client, plan->second, reason);
+                                      client, dane, reason);
+      if (connected && by_sts && !meets_mta_sts(sts, attempt.host, failure)) {
+        connected = false;
+        reason = "tls_policy";
+      } else if (!connected && tls_failure_) {
+        failure = failure_of(*tls_failure_, tls_failure_reason_);
+      }
     }
+    // A session that never reached TLS negotiation (no connection, a refused banner) is no TLS session.
+    if (connected || failure) report(by_dane ? "dane" : by_sts ? "mta-sts" : "none", key, std::move(failure));
     session_.telemetry.mx_attempt(upstream.name, connected ? "success" : reason);
     if (connected) {
       host_ = attempt.host;
@@ -297,12 +401,48 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
                     {}};
 }
 
+bool UpstreamLeg::meets_mta_sts(const PolicyState& sts, const std::string& host,
+                                std::optional<proto::tlsrpt::FailureKey>& failure) {
+  MxTls tls;
+  tls.tls = link_->tls_active();
+  tls.version = link_->tls().version;
+  switch (certificate_verdict(link_->tls().verify_error)) {
+    case CertificateVerdict::valid:
+      tls.certificate_valid = true;
+      break;
+    case CertificateVerdict::expired:
+      tls.certificate_problem = proto::tlsrpt::ResultType::certificate_expired;
+      break;
+    case CertificateVerdict::host_mismatch:
+      tls.certificate_problem = proto::tlsrpt::ResultType::certificate_host_mismatch;
+      break;
+    case CertificateVerdict::not_trusted:
+      tls.certificate_problem = proto::tlsrpt::ResultType::certificate_not_trusted;
+      break;
+  }
+  const MxVerdict verdict = check_mx(sts, host, tls);
+  if (verdict.failure)
+    failure = proto::tlsrpt::FailureKey{*verdict.failure, local_address_, host, address(), verdict.reason};
+  if (verdict.usable) return true;
+  log_limited(LogLevel::warn, "mta_sts",
+              {{"id", session_.id},
+               {"host", host},
+               {"mode", to_string(sts.mode)},
+               {"result", proto::tlsrpt::to_string(*verdict.failure)},
+               {"reason", verdict.reason}});
+  fail("tls_policy");
+  return false;
+}
+
 asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, const tcp::endpoint& endpoint,
                                               const std::string& tls_name, TimePoint connect_deadline,
                                               const Client& client, const proto::DanePlan& dane,
                                               std::string& reason) {
   link_ = std::make_unique<Link>(tcp::socket(executor_));
   dane_authenticated_ = false;
+  tls_failure_.reset();
+  tls_failure_reason_.clear();
+  local_address_.clear();
   in_.clear();
   error_code ec;
   co_await session_.deadlines.connect(*link_, endpoint, connect_deadline, ec);
@@ -319,6 +459,7 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
                  {"error", ec.message()}});
     co_return false;
   }
+  if (const auto local = link_->socket().local_endpoint(ec); !ec) local_address_ = address_text(local.address());
 
   proto::ClientSession::Options options;
   options.ehlo_name = config_.hostname;
@@ -377,15 +518,21 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
         const ClientTls* tls = session_.runtime.client_tls(upstream.name);
         error_code hs;
         const bool authenticate = dane.kind == proto::DanePlan::Kind::authenticate;
-        co_await session_.deadlines.handshake(*link_, tls->context(), false, tls_name, tls->verify(),
-                                              in(config_.timeouts.tls_handshake), hs, tls->verify_names(),
-                                              authenticate ? &dane.records : nullptr);
+        Link::Peer peer;
+        peer.name = tls_name;
+        peer.verify = tls->verify();
+        peer.verify_names = tls->verify_names();
+        peer.record_name = tls->check_names();
+        peer.dane = authenticate ? &dane.records : nullptr;
+        co_await session_.deadlines.handshake(*link_, tls->context(), &peer, in(config_.timeouts.tls_handshake), hs);
         if (hs) {
           const std::string label = handshake_failure_label(hs);
           session_.telemetry.tls_handshake_failed(session_.listener, Leg::upstream, label);
           log_limited(LogLevel::warn, "tls_failed",
                       {{"id", session_.id}, {"upstream", upstream.name}, {"leg", "upstream"}, {"reason", label}});
           fail("tls_failed");
+          tls_failure_ = proto::tlsrpt::ResultType::validation_failure;
+          tls_failure_reason_ = label;
           // A certificate that `verify` refuses is the policy's doing; anything else is a failed handshake.
           reason = label == "certificate_verify_failed" ? "tls_policy" : "tls_failed";
           co_return false;
@@ -400,6 +547,8 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
                        {"reason", "below min_version " + std::string(proto::to_string(*upstream.min_version))}});
           fail("tls_policy");
           reason = "tls_policy";
+          tls_failure_ = proto::tlsrpt::ResultType::validation_failure;
+          tls_failure_reason_ = "below min_version " + std::string(proto::to_string(*upstream.min_version));
           co_return false;
         }
         dane_authenticated_ = authenticate;
@@ -414,6 +563,10 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
         log_limited(LogLevel::warn, "upstream_refused",
                     {{"id", session_.id}, {"upstream", upstream.name}, {"reason", action.reason}, {"reply", said}});
         fail(action.reason);
+        if (action.reason == "starttls_unavailable" || action.reason == "starttls_rejected") {
+          tls_failure_ = proto::tlsrpt::ResultType::starttls_not_supported;
+          tls_failure_reason_ = std::string(action.reason);
+        }
         reason = action.reason == "greeting_rejected" ? "banner_rejected"
                  : action.reason == "starttls_unavailable" || action.reason == "starttls_rejected"
                      ? "tls_policy"

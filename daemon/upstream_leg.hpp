@@ -22,13 +22,16 @@
 #include "daemon/read_buffer.hpp"
 #include "proto/dane.hpp"
 #include "proto/reply.hpp"
+#include "proto/tlsrpt.hpp"
 #include "proto/tls_version.hpp"
 
 namespace mailflow {
 
 struct Runtime;
+class MtaStsCache;
 class Resolver;
 class Telemetry;
+struct PolicyState;
 
 class UpstreamLeg {
  public:
@@ -41,6 +44,7 @@ class UpstreamLeg {
     Deadlines& deadlines;
     const std::string& id;        // the session id, for logs
     const std::string& listener;  // the listener's name, for telemetry
+    MtaStsCache* mta_sts = nullptr;  // the daemon's MTA-STS policies (null: upstreams[].mta_sts is not applied)
   };
   // The real client, for XCLIENT (and the EHLO name after it).
   struct Client {
@@ -63,8 +67,10 @@ class UpstreamLeg {
 
   // Connected for `upstream` (and for mx upstreams the recipient `domain`): the current connection when it
   // already goes there (`reused`), else a new one (the old one is closed first, with QUIT when `polite`).
+  // `connector`: whose mail it is (mailflow_outbound_policy_total).
   boost::asio::awaitable<std::optional<Refusal>> open(const config::Upstream& upstream, const std::string& domain,
-                                                      const Client& client, bool polite, bool& reused);
+                                                      const Client& client, std::string_view connector,
+                                                      bool polite, bool& reused);
   // False when the connection is gone (it was dropped and counted, or there was none).
   boost::asio::awaitable<bool> write(std::string_view data, TimePoint deadline);
   // The next reply, within `deadline` however many reads it takes; nullopt when the connection was lost,
@@ -108,7 +114,11 @@ class UpstreamLeg {
   boost::asio::awaitable<std::optional<Refusal>> open_fixed(const config::Upstream& upstream, const Client& client);
   std::shared_ptr<Resolver> resolver();  // the event loop's (null, logged, when libunbound refuses the settings)
   boost::asio::awaitable<std::optional<Refusal>> open_mx(const config::Upstream& upstream,
-                                                         const std::string& domain, const Client& client);
+                                                         const std::string& domain, const Client& client,
+                                                         std::string_view connector);
+  // The TLS-RPT verdict on the handshake just made to an MX host under an MTA-STS policy (RFC 8461 4):
+  // false when the policy is enforced and the host fails it (the connection is then closed).
+  bool meets_mta_sts(const PolicyState& sts, const std::string& host, std::optional<proto::tlsrpt::FailureKey>& failure);
 
   Session session_;
   boost::asio::any_io_executor executor_;
@@ -121,6 +131,11 @@ class UpstreamLeg {
   ReadBuffer in_;
   bool pipelining_ = false;
   bool dane_authenticated_ = false;  // the current connection's certificate matched a TLSA record
+  // Why the last connect_to() failed in TLS (TLS-RPT result type and reason), when it did; a connection that
+  // never reached STARTTLS is no TLS session and leaves it empty.
+  std::optional<proto::tlsrpt::ResultType> tls_failure_;
+  std::string tls_failure_reason_;
+  std::string local_address_;  // our side of the current connection (TLS-RPT's sending-mta-ip)
   std::string summary_;
 };
 
