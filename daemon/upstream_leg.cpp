@@ -531,7 +531,10 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
           log_limited(LogLevel::warn, "tls_failed",
                       {{"id", session_.id}, {"upstream", upstream.name}, {"leg", "upstream"}, {"reason", label}});
           fail("tls_failed");
-          tls_failure_ = proto::tlsrpt::ResultType::validation_failure;
+          // Under DANE a certificate that matches no TLSA record is RFC 8460's tlsa-invalid.
+          tls_failure_ = authenticate && label == "certificate_verify_failed"
+                             ? proto::tlsrpt::ResultType::tlsa_invalid
+                             : proto::tlsrpt::ResultType::validation_failure;
           tls_failure_reason_ = label;
           // A certificate that `verify` refuses is the policy's doing; anything else is a failed handshake.
           reason = label == "certificate_verify_failed" ? "tls_policy" : "tls_failed";

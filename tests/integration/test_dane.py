@@ -4,8 +4,10 @@ that are real aiosmtpd sinks, and TLSA records made from the sinks' real certifi
 
 - DANE-EE(3) SPKI SHA2-256 matching the MX host's key: delivered over TLS without a name check (the sink's
   certificate does not name the MX host), and the session log says "/dane";
-- a DANE-EE record that matches nothing: that host is not used; the next MX host (matching) takes the mail,
-  and where there is none the RCPT gets 451 4.4.1 naming tls_policy;
+- a DANE-EE record that matches nothing: that host is not used (tlsa-invalid); the next MX host (matching)
+  takes the mail, and where there is none the RCPT gets 451 4.4.1 naming tls_policy;
+- the same signed zone with a trust anchor for another zone only (so its answers are insecure): DANE does not
+  apply, the mail goes out with opportunistic TLS;
 - secure TLSA records on a host without STARTTLS: TLS is mandatory, the host is not used;
 - no TLSA records: opportunistic, delivered in plaintext to a host without STARTTLS;
 - only unusable records (PKIX-EE): TLS without authentication (delivered over TLS);
@@ -113,8 +115,9 @@ def short_dir():
 def env(certs, workdir, short_dir, sink_factory, daemon_factory):
     port = harness.free_port("127.0.0.1", *ADDR.values())
     ca_sha256 = hashlib.sha256(der_of(certs / "ca.pem")).hexdigest()
-    knot = KnotServer(short_dir, {"example.net": zone(port, spki_sha256(certs / "sink.pem"), ca_sha256)},
-                      dnssec=True).start()
+    other = "$ORIGIN other.example.\n$TTL 300\n@ SOA ns hostmaster 1 3600 600 86400 300\n@ NS ns\nns A 127.0.0.1\n"
+    knot = KnotServer(short_dir, {"example.net": zone(port, spki_sha256(certs / "sink.pem"), ca_sha256),
+                                  "other.example": other}, dnssec=True).start()
     try:
         tls = {"tls_cert": certs / "sink.pem", "tls_key": certs / "sink.key"}
         ta_chain, ta_key = leaf_for(certs, workdir, "mx-ta", "mx.ta.example.net")
@@ -171,6 +174,11 @@ def session_upstreams(daemon):
     return out
 
 
+def policy_moved(before, after):
+    return {(dict(k)["connector"], dict(k)["policy"], dict(k)["result"]): v
+            for k, v in delta(before, after, "mailflow_outbound_policy_total").items()}
+
+
 def attempts(before, after):
     return {dict(k)["result"]: v for k, v in delta(before, after, "mailflow_mx_attempts_total").items()}
 
@@ -201,6 +209,8 @@ def test_dane_ee_mismatch_skips_the_host_next_mx_takes_it(env):
     assert wrong.count() == n_wrong, "the host whose certificate matches no TLSA record got the message"
     after = harness.wait_moved(env.daemon, before)
     assert attempts(before, after) == {"tls_policy": 1.0, "success": 1.0}
+    assert policy_moved(before, after) == {("partners", "dane", "tlsa-invalid"): 1.0,
+                                           ("partners", "dane", "success"): 1.0}
 
 
 def test_dane_ee_mismatch_on_the_only_mx_is_451_tls_policy(env):
@@ -222,10 +232,35 @@ def test_secure_tlsa_makes_tls_mandatory(env):
 def test_no_tlsa_records_is_opportunistic(env):
     plain = env.sinks["plain"]
     n = plain.count()
+    before = env.daemon.metrics()
     rcpt, final = deliver(env, "erin@plain.example.net")
     assert rcpt[0] == 250 and final[0] == 250, (rcpt, final)
     meta, _ = plain.wait_messages(n + 1)[-1]
     assert meta["tls_version"] == "none"
+    # No TLSA records: DANE does not govern the session.
+    assert policy_moved(before, harness.wait_moved(env.daemon, before)) == {("partners", "none", "success"): 1.0}
+
+
+def test_zone_outside_the_trust_anchor_falls_back(env, daemon_factory, workdir):
+    """The same signed zone, but a trust anchor for another zone only: every answer for example.net is
+    insecure, so its TLSA records (here: one that matches nothing) do not apply, and the mail goes out with
+    opportunistic TLS."""
+    anchor = Path(workdir) / "other-anchor.ds"
+    anchor.write_text(env.knot.ds("other.example"))
+    port = harness.free_port()
+    daemon = daemon_factory([{"name": "out2", "address": f"127.0.0.1:{port}", "direction": "outbound",
+                              "upstream": "dane-mx2"}],
+                            [{"name": "dane-mx2", "mx": True, "port": env.port, "tls": "dane"}],
+                            name="mailflowd-insecure",
+                            dns={"servers": [env.knot.address], "timeout": "2s", "trust_anchor_file": str(anchor)})
+    wrong = env.sinks["wrong"]
+    n = wrong.count()
+    before = daemon.metrics()
+    rcpt, final = deliver(types.SimpleNamespace(port=port), "ivan@onlywrong.example.net")
+    assert rcpt[0] == 250 and final[0] == 250, (rcpt, final)
+    assert wrong.wait_messages(n + 1)[-1][0]["tls_version"] != "none"
+    after = harness.wait_moved(daemon, before)
+    assert policy_moved(before, after) == {("internet", "none", "success"): 1.0}
 
 
 def test_only_unusable_records_is_tls_without_authentication(env):

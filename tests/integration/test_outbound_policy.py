@@ -9,7 +9,8 @@ certificates from the test CA) on 127.0.0.75:443 serves their policies; the MX h
   certificate-host-mismatch with the MX's name and address;
 - testing, the same MX: delivered, and the failure is still reported;
 - enforce, the MX is not listed in the policy: not used, validation-failure;
-- a domain without a policy: counted under policy "none"."""
+- a domain without a policy: counted under policy "none";
+- a domain whose policy host answers 404: delivered, and sts-policy-fetch-error reported."""
 import datetime
 import http.server
 import json
@@ -72,6 +73,10 @@ mta-sts.notlisted A    {POLICY_HOST}
 _smtp._tls.notlisted TXT "v=TLSRPTv1; rua={RUA}"
 plain            MX    10 mx.plain
 mx.plain         A     {PLAIN_MX}
+nopolicy         MX    10 mx.plain
+_mta-sts.nopolicy TXT  "v=STSv1; id=1;"
+mta-sts.nopolicy A     {POLICY_HOST}
+_smtp._tls.nopolicy TXT "v=TLSRPTv1; rua={RUA}"
 """
 
 
@@ -114,7 +119,8 @@ def env(certs, workdir, short_dir, sink_factory, daemon_factory):
     knot = KnotServer(short_dir, {ORIGIN: ZONE}).start()
     server = None
     try:
-        cert, key = leaf(certs, workdir, "policy-host", sorted(POLICIES))
+        # mta-sts.nopolicy's name is on the certificate, but the server has no policy for it (404).
+        cert, key = leaf(certs, workdir, "policy-host", sorted(POLICIES) + [f"mta-sts.nopolicy.{ORIGIN}"])
         server = http.server.ThreadingHTTPServer((POLICY_HOST, 443), PolicyHandler)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(cert, key)
@@ -137,7 +143,8 @@ def env(certs, workdir, short_dir, sink_factory, daemon_factory):
                      {"name": "lenient", "mx": True, "port": port, "tls": "opportunistic", "mta_sts": "testing"}]
         connectors = [{"name": "partners", "type": "partner", "direction": "outbound",
                        "match": {"recipient_domains": [f"sts.{ORIGIN}", f"badcert.{ORIGIN}",
-                                                       f"notlisted.{ORIGIN}", f"plain.{ORIGIN}"]}},
+                                                       f"notlisted.{ORIGIN}", f"plain.{ORIGIN}",
+                                                       f"nopolicy.{ORIGIN}"]}},
                       {"name": "lenient-partner", "type": "partner", "direction": "outbound",
                        "match": {"recipient_domains": [f"testing.{ORIGIN}"]}, "upstream": "lenient"}]
         daemon = daemon_factory(listeners, upstreams, connectors,
@@ -248,3 +255,19 @@ def test_domain_without_a_policy_counts_under_none(env):
     after = harness.wait_moved(env.daemon, before)
     assert policy_moved(before, after) == {("partners", "none", "success"): 1.0}
     assert tlsrpt(env, f"plain.{ORIGIN}") is None  # it asks for no reports
+
+
+def test_policy_that_cannot_be_fetched_is_reported_and_mail_goes_on(env):
+    sink = env.sinks["plain"]
+    n = sink.count()
+    before = env.daemon.metrics()
+    rcpt, final = deliver(env, f"frank@nopolicy.{ORIGIN}")
+    assert rcpt[0] == 250 and final[0] == 250, (rcpt, final)
+    sink.wait_messages(n + 1)
+    after = harness.wait_moved(env.daemon, before)
+    # The fetch failure under the sts policy; the session itself had no policy to meet.
+    assert policy_moved(before, after) == {("partners", "mta-sts", "sts-policy-fetch-error"): 1.0,
+                                           ("partners", "none", "success"): 1.0}
+    policies = {p["policy"]["policy-type"]: p for p in tlsrpt(env, f"nopolicy.{ORIGIN}")["report"]["policies"]}
+    assert policies["sts"]["failure-details"][0]["result-type"] == "sts-policy-fetch-error"
+    assert policies["no-policy-found"]["summary"]["total-successful-session-count"] == 1
