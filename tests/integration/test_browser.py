@@ -2,14 +2,18 @@
 versions: the rendered DOM shows every connector, the window percentages and the insight sentences; the page
 is self-contained (no <script>, no http(s):// src/href, no remote CSS); a screenshot is kept at
 tests/artifacts/report-page.png (set MAILFLOW_UPDATE_DOCS_SCREENSHOT=1 to also copy it to
-docs/report-page.png, the picture the README shows)."""
+docs/report-page.png, the picture the README shows). A connector's drill-down is opened by a click, over the
+DevTools protocol (chromium --remote-debugging-pipe), and must then show its servers."""
 import html
 import html.parser
+import json
 import os
 import re
+import select
 import shutil
 import struct
 import subprocess
+import time
 import types
 import zlib
 from pathlib import Path
@@ -298,3 +302,108 @@ def test_screenshot(env):
     shutil.copyfile(shot, SCREENSHOT)
     if os.environ.get("MAILFLOW_UPDATE_DOCS_SCREENSHOT") == "1":
         shutil.copyfile(shot, DOCS_SCREENSHOT)
+
+
+class DevTools:
+    """Chromium driven over the DevTools protocol on a pipe (--remote-debugging-pipe: commands on fd 3, answers
+    and events on fd 4, NUL-terminated JSON), standard library only: the test clicks like a user would."""
+
+    def __init__(self, env):
+        self.chromium = Chromium(env, "devtools")
+        self.name = self.chromium.name
+        to_browser_r, self._to_browser = os.pipe()
+        self._from_browser, from_browser_w = os.pipe()
+        os.set_inheritable(to_browser_r, True)
+        os.set_inheritable(from_browser_w, True)
+        self._log = open(self.chromium.log_path, "wb")
+
+        def fds():
+            os.dup2(to_browser_r, 3)
+            os.dup2(from_browser_w, 4)
+
+        self.proc = subprocess.Popen(self.chromium.argv + ["--remote-debugging-pipe", "about:blank"],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._log,
+                                     preexec_fn=fds, close_fds=False)  # close_fds would close 3 and 4
+        os.close(to_browser_r)
+        os.close(from_browser_w)
+        self._buffer, self._next = b"", 0
+        harness.LIVE.append(self)
+        targets = self.call("Target.getTargets")["targetInfos"]
+        page = next(t for t in targets if t["type"] == "page")
+        self.session = self.call("Target.attachToTarget", targetId=page["targetId"], flatten=True)["sessionId"]
+
+    def call(self, method, session=None, **params):
+        self._next += 1
+        message = {"id": self._next, "method": method, "params": params}
+        if session:
+            message["sessionId"] = session
+        os.write(self._to_browser, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + BROWSER_TIMEOUT
+        while time.monotonic() < deadline:
+            while b"\0" in self._buffer:
+                raw, self._buffer = self._buffer.split(b"\0", 1)
+                answer = json.loads(raw)
+                if answer.get("id") == self._next:
+                    assert "error" not in answer, f"{method}: {answer['error']}"
+                    return answer["result"]
+            ready, _, _ = select.select([self._from_browser], [], [], 1.0)
+            if ready:
+                chunk = os.read(self._from_browser, 65536)
+                assert chunk, f"chromium closed the DevTools pipe:\n{self.chromium.log_tail()}"
+                self._buffer += chunk
+        raise AssertionError(f"no DevTools answer to {method} within {BROWSER_TIMEOUT}s")
+
+    def evaluate(self, expression):
+        result = self.call("Runtime.evaluate", session=self.session, expression=expression, returnByValue=True)
+        assert "exceptionDetails" not in result, result
+        return result["result"].get("value")
+
+    def open(self, url):
+        self.call("Page.navigate", session=self.session, url=url)
+        harness.wait_for(lambda: self.evaluate("document.readyState") == "complete", timeout=BROWSER_TIMEOUT,
+                         what="the page to load")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+        for fd in (self._to_browser, self._from_browser):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def log_tail(self):
+        return self.chromium.log_tail()
+
+
+def test_drilldown_opens_on_click_and_lists_the_servers(env):
+    """A connector's drill-down is closed at first (its table takes no room), opens when its summary is clicked,
+    and then shows the servers behind the connector with their messages."""
+    tools = DevTools(env)
+    try:
+        tools.open(env.daemon.http + "/")
+        sections = tools.evaluate("Array.from(document.querySelectorAll('details.drilldown'))"
+                                  ".map(d => [d.dataset.connector, d.dataset.direction])")
+        assert sections, "the page has no drill-down"
+        report = json.loads(env.daemon.get("/api/v1/report")[1])
+        busy = next(c for c in report["connectors"] if c["messages"] > 0 and c.get("remotes", {}).get("rows"))
+        selector = (f"details.drilldown[data-connector='{busy['connector']}']"
+                    f"[data-direction='{busy['direction']}']")
+        height = f"document.querySelector(\"{selector}\").getBoundingClientRect().height"
+        visible = f"document.querySelector(\"{selector} table\").checkVisibility()"
+        assert tools.evaluate(f"document.querySelector(\"{selector}\").open") is False
+        assert tools.evaluate(visible) is False, "a closed drill-down shows its table"
+        closed = tools.evaluate(height)
+        tools.evaluate(f"document.querySelector(\"{selector} summary\").click()")
+        assert tools.evaluate(f"document.querySelector(\"{selector}\").open") is True
+        assert tools.evaluate(visible) is True, "the opened drill-down does not show its table"
+        assert tools.evaluate(height) > closed + 40, "the opened drill-down takes no more room than closed"
+        rows = tools.evaluate(f"Array.from(document.querySelectorAll(\"{selector} table\")[0].tBodies[0].rows)"
+                              ".map(r => Array.from(r.cells).map(c => c.innerText))")
+        expected = {r["address"]: r["messages"] for r in busy["remotes"]["rows"]}
+        shown = {r[0]: int(r[3].replace(",", "")) for r in rows if r[0] in expected}
+        assert shown == expected, (rows, expected)
+    finally:
+        tools.stop()
