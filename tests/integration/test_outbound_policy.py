@@ -10,10 +10,12 @@ certificates from the test CA) on 127.0.0.75:443 serves their policies; the MX h
 - testing, the same MX: delivered, and the failure is still reported;
 - enforce, the MX is not listed in the policy: not used, validation-failure;
 - a domain without a policy: counted under policy "none";
-- a domain whose policy host answers 404: delivered, and sts-policy-fetch-error reported."""
+- a domain whose policy host answers 404: delivered, and sts-policy-fetch-error reported;
+- a full state_dir: delivery goes on, the save at shutdown fails loudly."""
 import datetime
 import http.server
 import json
+import os
 import shutil
 import ssl
 import subprocess
@@ -150,7 +152,7 @@ def env(certs, workdir, short_dir, sink_factory, daemon_factory):
         daemon = daemon_factory(listeners, upstreams, connectors,
                                 dns={"servers": [knot.address], "timeout": "2s"},
                                 mta_sts={"ca_file": str(certs / "ca.pem"), "fetch_timeout": "3s"})
-        yield types.SimpleNamespace(daemon=daemon, port=port, sinks=sinks)
+        yield types.SimpleNamespace(daemon=daemon, port=port, sinks=sinks, dns=knot.address, ca=certs / "ca.pem")
     finally:
         if server:
             server.shutdown()
@@ -271,3 +273,42 @@ def test_policy_that_cannot_be_fetched_is_reported_and_mail_goes_on(env):
     policies = {p["policy"]["policy-type"]: p for p in tlsrpt(env, f"nopolicy.{ORIGIN}")["report"]["policies"]}
     assert policies["sts"]["failure-details"][0]["result-type"] == "sts-policy-fetch-error"
     assert policies["no-policy-found"]["summary"]["total-successful-session-count"] == 1
+
+
+def test_full_state_dir_keeps_delivering_and_says_why(env, daemon_factory, workdir):
+    """state_dir on a file system that fills up while the daemon runs (a tmpfs of 64 KiB; a full one at start is
+    refused with a clear error): MTA-STS and TLS-RPT still work from memory, mail is delivered, and the save at
+    shutdown fails loudly (logged, exit 0) instead of silently."""
+    state = Path(workdir) / "mailflowd-full-state"  # the state_dir daemon_factory gives name="mailflowd-full"
+    state.mkdir(exist_ok=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(state)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        port = harness.free_port()
+        daemon = daemon_factory([{"name": "out3", "address": f"127.0.0.1:{port}", "direction": "outbound",
+                                  "upstream": "internet3"}],
+                                [{"name": "internet3", "mx": True, "port": env.port, "mta_sts": "enforce"}],
+                                name="mailflowd-full",
+                                dns={"servers": [env.dns], "timeout": "2s"},
+                                mta_sts={"ca_file": str(env.ca), "fetch_timeout": "3s"})
+        fd = os.open(state / "filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            while True:
+                os.write(fd, b"x" * 4096)
+        except OSError:
+            pass  # ENOSPC: full
+        finally:
+            os.close(fd)
+        sink = env.sinks["good"]
+        n = sink.count()
+        rcpt, final = deliver(types.SimpleNamespace(port=port), f"grace@sts.{ORIGIN}")
+        assert rcpt[0] == 250 and final[0] == 250, (rcpt, final)
+        sink.wait_messages(n + 1)
+        assert tlsrpt(types.SimpleNamespace(daemon=daemon), f"sts.{ORIGIN}") is not None
+        code = daemon.stop()
+        log = daemon.stderr()
+        assert code == 0, f"exit code {code} with a full state_dir"
+        assert "state_save_failed" in log, log[-3000:]
+    finally:
+        subprocess.run(["umount", str(state)], capture_output=True)
