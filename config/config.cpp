@@ -42,7 +42,9 @@ const std::vector<Section>& schema() {
        {"name", "address", "mx", "port", "tls", "min_version", "verify_names", "ca_file", "xclient", "mta_sts"}},
       {"dns", {"servers", "timeout", "trust_anchor_file"}},
       {"mta_sts", {"ca_file", "fetch_timeout", "max_policies"}},
-      {"tlsrpt", {"send", "organization_name", "contact_info", "submitter"}},
+      {"tlsrpt",
+       {"send", "organization_name", "contact_info", "submitter", "from", "smtp_port", "ca_file", "interval",
+        "retry_for", "https_timeout", "max_reports_per_run"}},
       {"connectors[]", {"name", "type", "direction", "match", "require_tls", "upstream", "alerts"}},
       {"connectors[].match", {"listener", "client_cidrs", "sender_domains", "recipient_domains", "ehlo", "sni"}},
       {"connectors[].alerts", {"tls10_share", "tls11_share", "no_tls_share", "min_messages"}},
@@ -725,6 +727,7 @@ class Loader {
     if (config_.tlsrpt.organization_name.empty()) config_.tlsrpt.organization_name = config_.hostname;
     if (config_.tlsrpt.contact_info.empty()) config_.tlsrpt.contact_info = "postmaster@" + config_.hostname;
     if (config_.tlsrpt.submitter.empty()) config_.tlsrpt.submitter = config_.hostname;
+    if (config_.tlsrpt.from.empty()) config_.tlsrpt.from = "tlsrpt-noreply@" + config_.hostname;
     if (const Field* field = get(*top, "http")) load_http(*field);
     if (const Field* field = get(*top, "limits")) load_limits(*field);
     if (const Field* field = get(*top, "log")) load_log(*field);
@@ -918,6 +921,27 @@ class Loader {
            if (!valid_hostname(text)) problem = "expected a domain name like mx1.example.org, got " + quoted(text);
            return valid_hostname(text) ? std::optional<std::string>(text) : std::nullopt;
          });
+    read(*map, "from", "tlsrpt", "a mail address", config_.tlsrpt.from,
+         [](const std::string& text, std::string& problem) {
+           // local@domain, printable ASCII without spaces or <>: it goes into MAIL FROM and the From: header.
+           const auto at = text.rfind('@');
+           const bool ok = at != std::string::npos && at > 0 && valid_hostname(text.substr(at + 1)) &&
+                           std::all_of(text.begin(), text.begin() + static_cast<std::ptrdiff_t>(at), [](char c) {
+                             const auto u = static_cast<unsigned char>(c);
+                             return u > 0x20 && u < 0x7f && c != '<' && c != '>' && c != '@' && c != '"';
+                           });
+           if (!ok) problem = "expected an address like tlsrpt-noreply@mx1.example.org, got " + quoted(text);
+           return ok ? std::optional<std::string>(text) : std::nullopt;
+         });
+    read_integer(*map, "smtp_port", "tlsrpt", config_.tlsrpt.smtp_port, 1, 65535, false);
+    read_file(*map, "ca_file", "tlsrpt", config_.tlsrpt.ca_file);
+    read_duration(*map, "interval", "tlsrpt", config_.tlsrpt.interval, std::chrono::seconds(1),
+                  std::chrono::hours(24));
+    read_duration(*map, "retry_for", "tlsrpt", config_.tlsrpt.retry_for, std::chrono::milliseconds(0),
+                  std::chrono::hours(24 * 14));
+    read_duration(*map, "https_timeout", "tlsrpt", config_.tlsrpt.https_timeout, std::chrono::milliseconds(100),
+                  std::chrono::minutes(5));
+    read_integer(*map, "max_reports_per_run", "tlsrpt", config_.tlsrpt.max_reports_per_run, 1, 1'000'000, false);
   }
 
   void load_dns(const Field& field) {

@@ -103,6 +103,15 @@ struct TlsRpt {
   std::string organization_name;  // default: the hostname
   std::string contact_info;       // default: postmaster@<hostname>
   std::string submitter;          // default: the hostname
+  // Sending (send: true; daemon/tlsrpt_sender.hpp): mailto: rua through mailflowd's own MX delivery, https:
+  // rua with a POST.
+  std::string from;                // envelope and From: address; default: tlsrpt-noreply@<hostname>
+  std::uint16_t smtp_port = 25;    // the rua domain's MX hosts' port (another port for tests)
+  std::string ca_file;             // PEM CA certificates for https: rua; empty: the system trust store
+  std::chrono::milliseconds interval{3600000};  // how often finished days are sent (and failures retried)
+  std::chrono::milliseconds retry_for{86400000};  // a report still failing this long after its first try: given up
+  std::chrono::milliseconds https_timeout{30000};  // one POST: lookup, connect, TLS, request and answer
+  std::uint32_t max_reports_per_run = 1000;        // domain reports attempted per run; the rest wait for the next
 };
 
 // The resolver used for MX, A/AAAA (and, later, TLSA/MTA-STS) lookups.

@@ -16,6 +16,7 @@
 #include "daemon/report_cli.hpp"
 #include "daemon/mta_sts_cli.hpp"
 #include "daemon/route_cli.hpp"
+#include "daemon/tlsrpt_cli.hpp"
 #include "daemon/server.hpp"
 
 namespace {
@@ -31,6 +32,8 @@ void usage(std::FILE* out) {
                "[--client IP] [--format text|json] [--seed N]\n"
                "       mailflowd mta-sts --config FILE --domain DOMAIN [--connect HOST:PORT] [--fetch-only] "
                "[--state]\n"
+               "       mailflowd tlsrpt [--config FILE] [--url URL] [--date YYYY-MM-DD] [--domain DOMAIN] "
+               "[--format json|gzip] ...\n"
                "       mailflowd --version\n",
                default_config);
 }
@@ -93,6 +96,7 @@ int main(int argc, char** argv) {
   if (argc >= 2 && std::string_view(argv[1]) == "report") return mailflow::run_report_cli(argc, argv);
   if (argc >= 2 && std::string_view(argv[1]) == "route") return mailflow::run_route_cli(argc, argv);
   if (argc >= 2 && std::string_view(argv[1]) == "mta-sts") return mailflow::run_mta_sts_cli(argc, argv);
+  if (argc >= 2 && std::string_view(argv[1]) == "tlsrpt") return mailflow::run_tlsrpt_cli(argc, argv);
   for (int i = 1; i < argc; ++i) {
     std::string_view arg = argv[i];
     auto value = [&](std::string_view flag) -> const char* {

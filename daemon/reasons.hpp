@@ -70,6 +70,12 @@ inline constexpr auto mx_attempts = std::to_array<std::string_view>({
 // "success" or an RFC 8460 result type (proto::tlsrpt::to_string(ResultType), e.g. "sts-policy-fetch-error").
 inline constexpr auto outbound_policies = std::to_array<std::string_view>({"dane", "mta-sts", "none"});
 
+// mailflow_tlsrpt_deliveries_total{method, result}: one per TLS-RPT report and rua address tried
+// (daemon/tlsrpt_sender.cpp); gave_up: still failing after tlsrpt.retry_for (the report is then dropped).
+inline constexpr auto tlsrpt_methods = std::to_array<std::string_view>({"mailto", "https"});
+inline constexpr auto tlsrpt_results =
+    std::to_array<std::string_view>({"success", "temporary_failure", "permanent_failure", "gave_up"});
+
 // mailflow_state_errors_total{reason}: the rolling windows' state file (daemon/telemetry.cpp, server.cpp).
 inline constexpr auto state_errors = std::to_array<std::string_view>({"corrupt", "save_failed"});
 

@@ -42,6 +42,7 @@
 #include "daemon/resolver.hpp"
 #include "daemon/runtime.hpp"
 #include "daemon/telemetry.hpp"
+#include "daemon/tlsrpt_sender.hpp"
 
 namespace mailflow {
 
@@ -155,6 +156,7 @@ struct Server::Impl {
   Telemetry telemetry;
   SessionRegistry registry{telemetry};
   std::unique_ptr<HttpServer> http;
+  std::unique_ptr<TlsRptSender> tlsrpt_sender;  // sends TLS-RPT reports while tlsrpt.send is true
   std::map<tcp::endpoint, int> inherited = inherited_sockets();
 
   mutable std::mutex runtime_mutex;
@@ -539,6 +541,8 @@ int Server::run() {
   s.keep_running("periodic", [&s] { return s.periodic(); });
   s.keep_running("periodic", [&s] { return s.give_back_memory(); });
   s.keep_running("periodic", [&s] { return s.name_remotes(); });
+  s.tlsrpt_sender = std::make_unique<TlsRptSender>(s.io.get_executor(), s.telemetry, [&s] { return s.current(); });
+  s.keep_running("periodic", [&s] { return s.tlsrpt_sender->run(s.stopping); });
 
   std::string listeners;
   for (const auto& l : config.listeners)

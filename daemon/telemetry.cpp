@@ -110,6 +110,9 @@ constexpr Family mx_attempts{"mailflow_mx_attempts_total", "counter",
 constexpr Family outbound_policy{"mailflow_outbound_policy_total", "counter",
                                  "Outbound sessions under a TLS policy (dane, mta-sts, none), by connector and result "
                                  "(success or the RFC 8460 result type)"};
+constexpr Family tlsrpt_deliveries{"mailflow_tlsrpt_deliveries_total", "counter",
+                                   "TLS-RPT reports tried per rua address, by method (mailto, https) and result "
+                                   "(success, temporary_failure, permanent_failure, gave_up)"};
 constexpr Family internal_errors{"mailflow_internal_errors_total", "counter",
                                  "Exceptions that escaped a coroutine (logged, cleaned up; the component restarts)"};
 constexpr Family below_tls12{"mailflow_below_tls12_total", "counter",
@@ -161,14 +164,15 @@ enum class Labelled : std::size_t {
   internal_errors,
   mx_attempts,
   tls_handshake_refused,
-  outbound_policy
+  outbound_policy,
+  tlsrpt_deliveries
 };
-constexpr std::size_t kLabelledFamilies = 10;
+constexpr std::size_t kLabelledFamilies = 11;
 constexpr std::array<const Family*, kLabelledFamilies> kLabelledFamily{
     &family::tls_handshake_failures, &family::upstream_errors,  &family::rejects,
     &family::config_reloads,         &family::state_errors,     &family::http_rejects,
     &family::internal_errors,        &family::mx_attempts,      &family::tls_handshake_refused,
-    &family::outbound_policy};
+    &family::outbound_policy,        &family::tlsrpt_deliveries};
 
 // Label text that does not depend on a series, rendered once.
 struct FixedLabels {
@@ -342,6 +346,7 @@ void write_exposition(std::string& out, const Snapshot& snapshot, const std::opt
   labelled(Labelled::internal_errors);
   labelled(Labelled::mx_attempts);
   labelled(Labelled::outbound_policy);
+  labelled(Labelled::tlsrpt_deliveries);
   if (!rows.empty()) {
     header(family::below_tls12);
     for (const auto& row : rows) append_sample(out, family::below_tls12.name, {row.series->labels}, row.values.below_tls12);
@@ -481,6 +486,10 @@ struct Telemetry::Impl {
     for (const auto reason : reasons::state_errors) labelled(Labelled::state_errors, {{"reason", reason}});
     for (const auto reason : all_http_rejects) labelled(Labelled::http_rejects, {{"reason", to_string(reason)}});
     for (const auto component : internal_components) labelled(Labelled::internal_errors, {{"component", component}});
+    for (const auto method : reasons::tlsrpt_methods) {
+      for (const auto result : reasons::tlsrpt_results)
+        labelled(Labelled::tlsrpt_deliveries, {{"method", method}, {"result", result}});
+    }
   }
 
   Clock clock;
@@ -789,6 +798,11 @@ void Telemetry::mx_attempt(std::string_view upstream, std::string_view result) {
 void Telemetry::outbound_policy(std::string_view connector, std::string_view policy, std::string_view result) {
   std::lock_guard lock(impl_->mutex);
   ++impl_->labelled(Labelled::outbound_policy, {{"connector", connector}, {"policy", policy}, {"result", result}});
+}
+
+void Telemetry::tlsrpt_delivery(std::string_view method, std::string_view result) {
+  std::lock_guard lock(impl_->mutex);
+  ++impl_->labelled(Labelled::tlsrpt_deliveries, {{"method", method}, {"result", result}});
 }
 
 TlsRptStore& Telemetry::tlsrpt() { return impl_->tlsrpt; }

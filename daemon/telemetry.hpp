@@ -103,6 +103,9 @@ class Telemetry {
   // the MX walk). policy: one of reasons::outbound_policies; result: "success" or an RFC 8460 result type.
   // Every outbound connector exports all policy x result series from the start.
   void outbound_policy(std::string_view connector, std::string_view policy, std::string_view result);
+  // mailflow_tlsrpt_deliveries_total{method,result}: a TLS-RPT report tried at one rua (reasons::tlsrpt_methods x
+  // reasons::tlsrpt_results, all exported from the start).
+  void tlsrpt_delivery(std::string_view method, std::string_view result);
   void config_reloaded(bool success);  // mailflow_config_reloads_total{result="success"|"failure"}
   void state_error(std::string_view reason);  // mailflow_state_errors_total{reason}: save/load problems
   // mailflow_dns_lookups_total{type,result}: every lookup of the resolver; all series exported from the start.

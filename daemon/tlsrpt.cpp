@@ -166,6 +166,16 @@ std::optional<DomainDay> TlsRptStore::find(std::string_view date, std::string_vi
   return std::nullopt;
 }
 
+std::vector<std::pair<std::string, std::string>> TlsRptStore::reports_before(std::string_view date) const {
+  std::lock_guard lock(mutex_);
+  std::vector<std::pair<std::string, std::string>> out;
+  for (const auto& day : days_) {
+    if (day.date >= date) break;  // days_ is sorted by date
+    if (!day.rua.empty()) out.emplace_back(day.date, day.domain);
+  }
+  return out;
+}
+
 void TlsRptStore::forget(std::string_view date, std::string_view domain) {
   std::lock_guard lock(mutex_);
   std::erase_if(days_, [&](const DomainDay& day) { return day.date == date && day.domain == domain; });

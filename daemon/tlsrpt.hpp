@@ -9,6 +9,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "proto/tlsrpt.hpp"
@@ -38,6 +39,9 @@ class TlsRptStore {
   // Every domain of that day, sorted by domain (an empty vector for an unknown day).
   std::vector<proto::tlsrpt::DomainDay> day(std::string_view date) const;
   std::optional<proto::tlsrpt::DomainDay> find(std::string_view date, std::string_view domain) const;
+  // The reports to send: (date, domain) of every domain with rua addresses on a day before `date` (finished UTC
+  // days), oldest first.
+  std::vector<std::pair<std::string, std::string>> reports_before(std::string_view date) const;
   // Sent (or given up): removed.
   void forget(std::string_view date, std::string_view domain);
   std::uint64_t dropped_domains() const;

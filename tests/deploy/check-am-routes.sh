@@ -20,6 +20,8 @@ expect partner-team             alertname=MailflowSignificantTLS11 severity=warn
 expect mail-admins              alertname=MailflowSignificantTLS11 severity=warning connector=internet direction=inbound
 expect mail-admins              alertname=MailflowSignificantNoTLS severity=warning connector=internet direction=inbound
 expect legacy-owners            alertname=MailflowSignificantTLS10 severity=warning connector=onprem-legacy direction=outbound
+expect partner-team             alertname=MailflowOutboundPolicyFailures severity=warning connector=partner-contoso policy=mta-sts
+expect mail-admins              alertname=MailflowOutboundPolicyFailures severity=warning connector=internet policy=dane
 expect mail-admins              alertname=MailflowTLSHandshakeFailures severity=warning listener=inbound leg=client
 expect oncall-pager,mail-admins alertname=MailflowUpstreamDown severity=critical upstream=mailstore
 expect oncall-pager,mail-admins alertname=MailflowAbsent severity=critical job=mailflowd

@@ -57,6 +57,13 @@ def render(t):
     sample("mailflow_tls_handshake_refused_total", {"listener": "inbound", "connector": "internet", "offered": "TLS1.1"}, int(t) // 2)
     family("mailflow_upstream_errors_total", "counter", "Upstream errors")
     sample("mailflow_upstream_errors_total", {"upstream": "mailstore", "reason": "connect"}, int(t) // 3)
+    family("mailflow_outbound_policy_total", "counter", "Outbound sessions under a TLS policy")
+    sample("mailflow_outbound_policy_total", {"connector": "onprem", "policy": "mta-sts", "result": "success"}, int(t) * 4)
+    sample("mailflow_outbound_policy_total",
+           {"connector": "onprem", "policy": "mta-sts", "result": "certificate-host-mismatch"}, int(t))
+    family("mailflow_tlsrpt_deliveries_total", "counter", "TLS-RPT reports tried per rua")
+    sample("mailflow_tlsrpt_deliveries_total", {"method": "mailto", "result": "success"}, int(t) // 5)
+    sample("mailflow_tlsrpt_deliveries_total", {"method": "https", "result": "temporary_failure"}, 0)
     family("mailflow_rejects_total", "counter", "Refused commands, sessions and messages")
     sample("mailflow_rejects_total", {"listener": "inbound", "reason": "bad_command"}, int(t))
     sample("mailflow_rejects_total", {"listener": "inbound", "reason": "require_tls"}, 4)

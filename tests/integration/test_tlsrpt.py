@@ -5,6 +5,7 @@ report is sent as (decompressed with python's zlib), and the state saved again a
 import gzip
 import json
 import re
+import subprocess
 import urllib.error
 import urllib.request
 
@@ -97,6 +98,55 @@ def test_the_report_as_sent_is_gzip_of_the_json(daemon):
     report = json.loads(gzip.decompress(body))
     day = json.loads(get(daemon, f"/api/v1/tlsrpt?date={DATE}")[2])
     assert report == day["reports"][0]["report"]
+
+
+def tlsrpt_cli(mailflowd_bin, daemon, *args, stdout=subprocess.PIPE):
+    return subprocess.run([mailflowd_bin, "tlsrpt", "--url", daemon.http, *args], stdout=stdout,
+                          stderr=subprocess.PIPE, timeout=20)
+
+
+def test_cli_prints_the_day_and_one_domain(mailflowd_bin, daemon):
+    day = tlsrpt_cli(mailflowd_bin, daemon, "--date", DATE)
+    assert day.returncode == 0, day.stderr
+    assert json.loads(day.stdout) == json.loads(get(daemon, f"/api/v1/tlsrpt?date={DATE}")[2])
+    one = tlsrpt_cli(mailflowd_bin, daemon, "--date", DATE, "--domain", "b.example")
+    assert one.returncode == 0, one.stderr
+    report = json.loads(one.stdout)
+    assert report["report-id"] == "2026-01-02T00:00:00Z-b.example@mx.sender.example"
+
+
+def test_cli_gzip_is_the_report_as_sent(mailflowd_bin, daemon, workdir):
+    path = workdir / "a.json.gz"
+    with open(path, "wb") as f:
+        r = tlsrpt_cli(mailflowd_bin, daemon, "--date", DATE, "--domain", "a.example.net", "--format", "gzip", stdout=f)
+    assert r.returncode == 0, r.stderr
+    sent = get(daemon, f"/api/v1/tlsrpt?date={DATE}&domain=a.example.net&format=gzip")[2]
+    assert path.read_bytes() == sent
+    assert json.loads(gzip.decompress(sent))["policies"][0]["summary"]["total-successful-session-count"] == 5326
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--date", "yesterday"], "--date must be YYYY-MM-DD"),
+    (["--format", "gzip"], "--format gzip needs --domain"),
+    (["--format", "xml", "--domain", "a.example.net"], "--format must be json or gzip"),
+    (["--domain", "a example"], "--domain must be a domain name"),
+    (["--bogus"], "unknown argument"),
+    (["--url"], "--url needs a value"),
+])
+def test_cli_usage_errors(mailflowd_bin, daemon, args, message):
+    r = subprocess.run([mailflowd_bin, "tlsrpt", *args], capture_output=True, text=True, timeout=20)
+    assert r.returncode == 2, r
+    assert message in r.stderr and "usage: mailflowd tlsrpt" in r.stderr
+
+
+def test_cli_unknown_domain_and_no_daemon(mailflowd_bin, daemon):
+    r = tlsrpt_cli(mailflowd_bin, daemon, "--date", DATE, "--domain", "nowhere.example")
+    assert r.returncode == 1
+    assert b"answered 404" in r.stderr and b"no report for that date and domain" in r.stderr
+    down = subprocess.run([mailflowd_bin, "tlsrpt", "--url", f"http://127.0.0.1:{harness.free_port()}"],
+                          capture_output=True, text=True, timeout=20)
+    assert down.returncode == 1 and "is mailflowd running" in down.stderr, down
+    assert subprocess.run([mailflowd_bin, "tlsrpt", "--help"], capture_output=True, timeout=20).returncode == 0
 
 
 def test_state_is_saved_again_at_shutdown(daemon, workdir):

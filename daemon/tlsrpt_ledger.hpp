@@ -1,0 +1,49 @@
+#pragma once
+// The retry bookkeeping of TLS-RPT sending (daemon/tlsrpt_sender.hpp), without I/O or clock: per UTC day and
+// policy domain, which rua addresses already took the report (or refused it for good) and when the first try
+// was. A report is done when every rua took it or refused it permanently; one that still fails temporarily
+// `retry_for` after its first try is given up. Kept in memory: after a restart the tries start over (bounded
+// by the store's max_days). Not thread-safe: one sender owns it.
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <set>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+namespace mailflow {
+
+enum class TlsRptDelivery { success, temporary_failure, permanent_failure };
+std::string_view to_string(TlsRptDelivery result);  // "success", "temporary_failure", "permanent_failure"
+
+class TlsRptLedger {
+ public:
+  using Key = std::pair<std::string, std::string>;  // date, domain
+
+  struct Verdict {
+    enum class Kind { retry, done, gave_up };
+    Kind kind = Kind::retry;
+    std::vector<std::string> given_up;  // gave_up: the rua that never took the report
+  };
+
+  // The addresses of `rua` still to try for this report (all of them the first time).
+  std::vector<std::string> to_try(const Key& key, const std::vector<std::string>& rua) const;
+  // One try of this report at unix time `now`: `outcomes` for the addresses tried.
+  Verdict record(const Key& key, const std::vector<std::string>& rua,
+                 const std::vector<std::pair<std::string, TlsRptDelivery>>& outcomes, std::int64_t now,
+                 std::chrono::seconds retry_for);
+  // Reports no longer in the store (sent, or dropped after max_days) are forgotten here too.
+  void keep_only(const std::vector<Key>& keys);
+  std::size_t size() const { return entries_.size(); }
+
+ private:
+  struct Entry {
+    std::int64_t first_try = 0;
+    std::set<std::string, std::less<>> finished;  // took it (success) or refused it for good
+  };
+  std::map<Key, Entry> entries_;
+};
+
+}  // namespace mailflow

@@ -1,0 +1,469 @@
+// TLS-RPT sending; see tlsrpt_sender.hpp.
+#include "daemon/tlsrpt_sender.hpp"
+
+#include <fmt/format.h>
+#include <openssl/ssl.h>
+#include <openssl/x509_vfy.h>
+
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/redirect_error.hpp>
+#include <boost/asio/ssl.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+#include <boost/beast/ssl.hpp>
+
+#include <algorithm>
+#include <cctype>
+#include <chrono>
+#include <ctime>
+#include <optional>
+#include <random>
+
+#include "daemon/deadlines.hpp"
+#include "daemon/log.hpp"
+#include "daemon/resolver.hpp"
+#include "daemon/runtime.hpp"
+#include "daemon/telemetry.hpp"
+#include "daemon/tlsrpt.hpp"
+#include "daemon/upstream_leg.hpp"
+#include "proto/reply.hpp"
+
+namespace mailflow {
+
+namespace asio = boost::asio;
+namespace beast = boost::beast;
+namespace http = boost::beast::http;
+using tcp = asio::ip::tcp;
+using boost::system::error_code;
+
+namespace {
+
+// The report mails go out as sessions of mailflowd's own: this is their listener and upstream label
+// (mailflow_sessions_total{listener="tlsrpt",leg="upstream"}, mailflow_mx_attempts_total{upstream="tlsrpt"}).
+constexpr std::string_view kLabel = "tlsrpt";
+// A first run shortly after start (not a whole interval later), so that a restart does not delay the reports.
+constexpr auto kFirstRun = std::chrono::seconds(60);
+constexpr std::size_t kMaxAnswerBytes = 64 * 1024;  // an https rua's answer: status line, headers and body
+
+std::string lower(std::string_view text) {
+  std::string out(text);
+  for (auto& c : out) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return out;
+}
+
+std::optional<std::string> percent_decode(std::string_view text) {
+  std::string out;
+  for (std::size_t i = 0; i < text.size(); ++i) {
+    if (text[i] != '%') {
+      out += text[i];
+      continue;
+    }
+    if (i + 2 >= text.size() || !std::isxdigit(static_cast<unsigned char>(text[i + 1])) ||
+        !std::isxdigit(static_cast<unsigned char>(text[i + 2])))
+      return std::nullopt;
+    out += static_cast<char>(std::stoi(std::string(text.substr(i + 1, 2)), nullptr, 16));
+    i += 2;
+  }
+  return out;
+}
+
+bool valid_host(std::string_view host) {
+  return !host.empty() && host.size() <= 253 && std::all_of(host.begin(), host.end(), [](char c) {
+    return std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '-' || c == '_' || c == ':';
+  });
+}
+
+std::string utc_date(std::int64_t unix_seconds) {
+  const std::chrono::year_month_day ymd{std::chrono::sys_days{std::chrono::days{unix_seconds / 86400}}};
+  return fmt::format("{:04}-{:02}-{:02}", static_cast<int>(ymd.year()), static_cast<unsigned>(ymd.month()),
+                     static_cast<unsigned>(ymd.day()));
+}
+
+std::string rfc5322_date(std::int64_t unix_seconds) {
+  const std::time_t t = static_cast<std::time_t>(unix_seconds);
+  std::tm tm{};
+  gmtime_r(&t, &tm);
+  char buffer[64];
+  std::strftime(buffer, sizeof buffer, "%a, %d %b %Y %H:%M:%S +0000", &tm);
+  return buffer;
+}
+
+std::int64_t unix_now() {
+  return std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+// The reply text for a log line: its first line, without the CRLF.
+std::string first_line(std::string_view wire) {
+  return std::string(wire.substr(0, wire.find_first_of("\r\n")));
+}
+
+// RFC 8460 5.3 asks for a 2xx; the rest is HTTP's own meaning: 408, 429 and 5xx may pass, other answers
+// (redirects, which are not followed, and 4xx) will not.
+TlsRptDelivery from_http(unsigned status) {
+  if (status >= 200 && status < 300) return TlsRptDelivery::success;
+  if (status == 408 || status == 429 || status >= 500) return TlsRptDelivery::temporary_failure;
+  return TlsRptDelivery::permanent_failure;
+}
+
+// One SMTP conversation of mailflowd's own: an UpstreamLeg with the Deadlines it waits through.
+struct Conversation {
+  Conversation(const Runtime& runtime, Telemetry& telemetry, const asio::any_io_executor& executor, std::string id)
+      : id(std::move(id)),
+        deadlines(executor, [this] { leg.cancel(); }),
+        leg(UpstreamLeg::Session{runtime, telemetry, deadlines, this->id, listener}, executor) {}
+  std::string id;
+  std::string listener{kLabel};
+  Deadlines deadlines;
+  UpstreamLeg leg;
+};
+
+// MAIL, RCPT, DATA and the message over a connection that `open` makes to the rua domain's MX hosts.
+asio::awaitable<TlsRptDelivery> converse(Conversation& conversation, const config::Upstream& upstream,
+                                         const RuaTarget& rua, const config::Config& config,
+                                         const std::string& message, std::string& detail) {
+  UpstreamLeg& leg = conversation.leg;
+  UpstreamLeg::Client client;
+  client.helo = config.hostname;
+  bool reused = false;
+  // Not `if (auto refusal = co_await ...)`: GCC 12 frees the awaited frame early in that form.
+  const auto refusal = co_await leg.open(upstream, rua.domain, client, true, reused);
+  if (refusal) {
+    detail = first_line(refusal->reply);
+    co_return refusal->reply.starts_with('5') ? TlsRptDelivery::permanent_failure
+                                              : TlsRptDelivery::temporary_failure;
+  }
+  detail = "via " + leg.host() + " (" + leg.address() + ")";
+  const std::string commands[] = {"MAIL FROM:<" + config.tlsrpt.from + ">\r\n", "RCPT TO:<" + rua.address + ">\r\n",
+                                  "DATA\r\n", dot_stuff_for_data(message)};
+  static constexpr std::string_view names[] = {"MAIL", "RCPT", "DATA", "end of data"};
+  static constexpr int expected[] = {2, 2, 3, 2};  // the reply class that lets the conversation go on
+  for (std::size_t i = 0; i < 4; ++i) {
+    const auto timeout = i == 3 ? config.timeouts.data_end : config.timeouts.command;
+    std::optional<proto::Reply> reply;
+    if (co_await leg.write(commands[i], Deadlines::in(timeout))) reply = co_await leg.read_reply(Deadlines::in(timeout));
+    if (!reply) {
+      detail += ": connection lost at " + std::string(names[i]);
+      co_return TlsRptDelivery::temporary_failure;
+    }
+    if (reply->code / 100 != expected[i]) {
+      detail += ": " + std::string(names[i]) + " answered " + std::to_string(reply->code) +
+                (reply->lines.empty() ? "" : " " + reply->lines.front());
+      // A 3xx where a 2xx belongs (or the reverse) is a broken server: tried again later.
+      co_return reply->code >= 500 ? TlsRptDelivery::permanent_failure : TlsRptDelivery::temporary_failure;
+    }
+  }
+  detail += ", " + std::string(proto::to_string(leg.tls_version()));
+  co_return TlsRptDelivery::success;
+}
+
+
+}  // namespace
+
+std::string_view to_string(RuaTarget::Method method) {
+  return method == RuaTarget::Method::mailto ? "mailto" : "https";
+}
+
+RuaTarget parse_rua(std::string_view uri) {
+  RuaTarget out;
+  const std::string scheme = lower(uri.substr(0, uri.find(':') + 1));
+  if (scheme == "mailto:") {
+    out.method = RuaTarget::Method::mailto;
+    auto rest = uri.substr(7);
+    rest = rest.substr(0, rest.find('?'));  // RFC 6068 headers (?subject=...) are not used
+    const auto address = percent_decode(rest);
+    if (!address) return out;
+    const auto at = address->rfind('@');
+    if (at == std::string::npos || at == 0 || !valid_host(address->substr(at + 1))) return out;
+    const bool printable = std::all_of(address->begin(), address->end(), [](char c) {
+      const auto u = static_cast<unsigned char>(c);
+      return u > 0x20 && u < 0x7f && c != '<' && c != '>';
+    });
+    if (!printable) return out;
+    out.address = *address;
+    out.domain = lower(address->substr(at + 1));
+    out.valid = true;
+    return out;
+  }
+  if (scheme != "https:" || !uri.substr(6).starts_with("//")) return out;
+  out.method = RuaTarget::Method::https;
+  auto rest = uri.substr(8);
+  const auto slash = rest.find_first_of("/?#");
+  auto authority = rest.substr(0, slash);
+  if (slash != std::string_view::npos) {
+    auto target = rest.substr(slash);
+    target = target.substr(0, target.find('#'));
+    out.target = target.starts_with('/') ? std::string(target) : "/" + std::string(target);
+  }
+  if (authority.find('@') != std::string_view::npos) return out;  // no credentials in a report URI
+  if (authority.starts_with('[')) {
+    const auto close = authority.find(']');
+    if (close == std::string_view::npos) return out;
+    out.host = std::string(authority.substr(1, close - 1));
+    authority.remove_prefix(close + 1);
+    if (!authority.empty() && !authority.starts_with(':')) return out;
+    if (!authority.empty()) out.port = std::string(authority.substr(1));
+  } else {
+    const auto colon = authority.rfind(':');
+    out.host = lower(authority.substr(0, colon));
+    if (colon != std::string_view::npos) out.port = std::string(authority.substr(colon + 1));
+  }
+  const bool port_ok = !out.port.empty() && out.port.size() <= 5 &&
+                       std::all_of(out.port.begin(), out.port.end(), [](char c) { return c >= '0' && c <= '9'; }) &&
+                       std::stoul(out.port) >= 1 && std::stoul(out.port) <= 65535;
+  out.valid = port_ok && valid_host(out.host);
+  return out;
+}
+
+std::string dot_stuff_for_data(std::string_view text) {
+  std::string out;
+  out.reserve(text.size() + text.size() / 64 + 8);
+  bool line_start = true;
+  for (const char c : text) {
+    if (line_start && c == '.') out += '.';
+    out += c;
+    line_start = c == '\n';
+  }
+  if (!out.ends_with("\r\n")) out += "\r\n";
+  out += ".\r\n";
+  return out;
+}
+
+TlsRptSender::TlsRptSender(asio::any_io_executor executor, Telemetry& telemetry, RuntimeSource runtime)
+    : executor_(std::move(executor)), telemetry_(telemetry), runtime_(std::move(runtime)) {
+  std::random_device random;
+  unique_ = (static_cast<std::uint64_t>(random()) << 32) ^ random();
+}
+
+asio::awaitable<void> TlsRptSender::run(const std::atomic<bool>& stopping) {
+  stopping_ = &stopping;
+  asio::steady_timer timer(executor_);
+  std::chrono::steady_clock::duration wait = std::min<std::chrono::steady_clock::duration>(
+      runtime_()->config->tlsrpt.interval, kFirstRun);
+  for (;;) {
+    timer.expires_after(wait);
+    error_code ec;
+    co_await timer.async_wait(asio::redirect_error(asio::use_awaitable, ec));
+    if (stopping) co_return;
+    const auto runtime = runtime_();
+    wait = runtime->config->tlsrpt.interval;
+    if (!runtime->config->tlsrpt.send) continue;  // kept and served, never sent
+    co_await run_once(unix_now());
+  }
+}
+
+asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
+  const auto current = runtime_();
+  const config::Config& config = *current->config;
+  TlsRptStore& store = telemetry_.tlsrpt();
+  const auto keys = store.reports_before(utc_date(now));
+  ledger_.keep_only(keys);
+  if (keys.empty()) co_return 0;
+
+  // The report mails' route: an mx upstream of mailflowd's own with opportunistic STARTTLS, in a copy of the
+  // runtime that carries its TLS context (UpstreamLeg finds it by the upstream's name).
+  config::Upstream upstream;
+  upstream.name = std::string(kLabel);
+  upstream.mx = true;
+  upstream.port = config.tlsrpt.smtp_port;
+  upstream.tls = config::UpstreamTls::opportunistic;
+  upstream.xclient = false;
+  upstream.mta_sts = config::MtaStsMode::off;
+  auto runtime = std::make_shared<Runtime>(*current);
+  runtime->upstream_tls[upstream.name] = std::make_shared<const ClientTls>(upstream);
+
+  const auto submitter = store.submitter();
+  std::size_t tried = 0;
+  for (const auto& key : keys) {
+    if (stopping_ != nullptr && *stopping_) break;
+    if (tried >= config.tlsrpt.max_reports_per_run) {
+      log_event(LogLevel::info, "tlsrpt_deferred",
+                {{"reports", keys.size() - tried}, {"reason", "tlsrpt.max_reports_per_run reached"}});
+      break;
+    }
+    const auto day = store.find(key.first, key.second);
+    if (!day || day->rua.empty()) continue;
+    ++tried;
+    const std::string gzipped = gzip(proto::tlsrpt::render_json(*day, submitter));
+    std::vector<std::pair<std::string, TlsRptDelivery>> outcomes;
+    for (const auto& uri : ledger_.to_try(key, day->rua)) {
+      const RuaTarget target = parse_rua(uri);
+      std::string detail;
+      TlsRptDelivery result = TlsRptDelivery::permanent_failure;
+      if (!target.valid) {
+        detail = "unusable rua URI";
+      } else if (target.method == RuaTarget::Method::mailto) {
+        result = co_await deliver_mailto(*runtime, upstream, *day, target, gzipped, detail);
+      } else {
+        result = co_await deliver_https(*runtime, target, gzipped, detail);
+      }
+      telemetry_.tlsrpt_delivery(to_string(target.method), to_string(result));
+      log_event(result == TlsRptDelivery::success ? LogLevel::info : LogLevel::warn, "tlsrpt_delivery",
+                {{"date", day->date},
+                 {"domain", day->domain},
+                 {"rua", uri},
+                 {"method", to_string(target.method)},
+                 {"result", to_string(result)},
+                 {"bytes", gzipped.size()},
+                 {"detail", detail}});
+      outcomes.emplace_back(uri, result);
+    }
+    const auto verdict =
+        ledger_.record(key, day->rua, outcomes, now,
+                       std::chrono::duration_cast<std::chrono::seconds>(config.tlsrpt.retry_for));
+    if (verdict.kind == TlsRptLedger::Verdict::Kind::retry) continue;
+    if (verdict.kind == TlsRptLedger::Verdict::Kind::gave_up) {
+      for (const auto& uri : verdict.given_up) {
+        telemetry_.tlsrpt_delivery(to_string(parse_rua(uri).method), "gave_up");
+        log_event(LogLevel::warn, "tlsrpt_gave_up",
+                  {{"date", day->date},
+                   {"domain", day->domain},
+                   {"rua", uri},
+                   {"reason", "still failing after tlsrpt.retry_for"}});
+      }
+    }
+    store.forget(key.first, key.second);
+  }
+  resolver_.reset();  // the next run uses the dns settings of its time
+  co_return tried;
+}
+
+asio::awaitable<TlsRptDelivery> TlsRptSender::deliver_mailto(const Runtime& runtime,
+                                                            const config::Upstream& upstream,
+                                                            const proto::tlsrpt::DomainDay& day,
+                                                            const RuaTarget& rua, const std::string& gzipped,
+                                                            std::string& detail) {
+  const config::Config& config = *runtime.config;
+  const std::int64_t now = unix_now();
+  const std::uint64_t sequence = ++sequence_;
+  const std::string unique = fmt::format("{:016x}.{}", unique_, sequence);
+  proto::tlsrpt::MailParts parts;
+  parts.from = config.tlsrpt.from;
+  parts.to = rua.address;
+  parts.date_header = rfc5322_date(now);
+  parts.message_id = fmt::format("tlsrpt.{}.{}.{}@{}", day.date, now, unique, config.hostname);
+  parts.boundary = "----=_tlsrpt_" + unique;
+  const std::string message = proto::tlsrpt::render_mail(day, telemetry_.tlsrpt().submitter(), gzipped, parts);
+
+  auto conversation = std::make_shared<Conversation>(runtime, telemetry_, executor_, "tlsrpt-" + unique);
+  asio::co_spawn(executor_, conversation->deadlines.watch(conversation), asio::detached);
+  const TlsRptDelivery result = co_await converse(*conversation, upstream, rua, config, message, detail);
+  co_await conversation->leg.close(true);
+  conversation->deadlines.stop();
+  co_return result;
+}
+
+asio::awaitable<TlsRptDelivery> TlsRptSender::deliver_https(const Runtime& runtime, const RuaTarget& rua,
+                                                           const std::string& gzipped, std::string& detail) {
+  const config::Config& config = *runtime.config;
+  const auto deadline = std::chrono::steady_clock::now() + config.tlsrpt.https_timeout;
+  const auto remaining = [&] {
+    return std::max(std::chrono::steady_clock::duration::zero(), deadline - std::chrono::steady_clock::now());
+  };
+  const auto port = static_cast<std::uint16_t>(std::stoul(rua.port));
+  error_code ec;
+  std::vector<tcp::endpoint> endpoints;
+  const auto literal = asio::ip::make_address(rua.host, ec);
+  const bool host_is_ip = !ec;
+  if (host_is_ip) {
+    endpoints.emplace_back(literal, port);
+  } else {
+    // The daemon's resolver (dns.*), as for MX hosts.
+    if (!resolver_) {
+      try {
+        resolver_ = std::make_shared<Resolver>(executor_, config.dns, &telemetry_);
+      } catch (const std::exception& e) {
+        detail = std::string("DNS resolver unavailable: ") + e.what();
+        co_return TlsRptDelivery::temporary_failure;
+      }
+    }
+    const AddressResult addresses = co_await resolver_->resolve_addresses(rua.host);
+    for (const auto& address : addresses.addresses) endpoints.emplace_back(address, port);
+    if (endpoints.empty()) {
+      detail = "no address for " + rua.host + (addresses.detail.empty() ? "" : ": " + addresses.detail);
+      co_return addresses.status == AddressResult::Status::none ? TlsRptDelivery::permanent_failure
+                                                                 : TlsRptDelivery::temporary_failure;
+    }
+  }
+
+  asio::ssl::context context(asio::ssl::context::tls_client);
+  context.set_verify_mode(asio::ssl::verify_peer);
+  if (config.tlsrpt.ca_file.empty()) context.set_default_verify_paths(ec);
+  else context.load_verify_file(config.tlsrpt.ca_file, ec);
+  if (ec) {
+    detail = "cannot load CA certificates: " + ec.message();
+    co_return TlsRptDelivery::temporary_failure;
+  }
+  SSL_CTX_set_min_proto_version(context.native_handle(), TLS1_2_VERSION);
+
+  const std::string authority =
+      (rua.host.find(':') != std::string::npos ? "[" + rua.host + "]" : rua.host) + (rua.port == "443" ? "" : ":" + rua.port);
+  http::request<http::string_body> request{http::verb::post, rua.target, 11};
+  request.set(http::field::host, authority);
+  request.set(http::field::user_agent, "mailflowd");
+  request.set(http::field::connection, "close");
+  for (const auto& [name, value] : proto::tlsrpt::https_post_headers(gzipped.size())) request.set(name, value);
+  request.body() = gzipped;
+
+  detail = "no address answered";
+  for (const auto& endpoint : endpoints) {
+    beast::ssl_stream<beast::tcp_stream> stream(executor_, context);
+    if (!host_is_ip) SSL_set_tlsext_host_name(stream.native_handle(), rua.host.c_str());
+    if (host_is_ip) X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(stream.native_handle()), rua.host.c_str());
+    else SSL_set1_host(stream.native_handle(), rua.host.c_str());
+    const std::string where = rua.host + " (" + endpoint.address().to_string() + ")";
+    const auto failed = [&](std::string_view what) {
+      detail = std::string(what) + " " + where + ": " +
+               (ec == beast::error::timeout ? std::string("timed out") : ec.message());
+    };
+    beast::get_lowest_layer(stream).expires_after(remaining());
+    co_await beast::get_lowest_layer(stream).async_connect(endpoint, asio::redirect_error(asio::use_awaitable, ec));
+    if (ec) {
+      failed("cannot connect to");
+      if (ec == beast::error::timeout) break;  // the time is spent
+      continue;
+    }
+    beast::get_lowest_layer(stream).expires_after(remaining());
+    co_await stream.async_handshake(asio::ssl::stream_base::client, asio::redirect_error(asio::use_awaitable, ec));
+    if (ec) {
+      const long verify = SSL_get_verify_result(stream.native_handle());
+      if (verify != X509_V_OK && ec != beast::error::timeout) {
+        detail = "certificate of " + where + ": " + X509_verify_cert_error_string(verify);
+      } else {
+        failed("TLS handshake failed with");
+      }
+      co_return TlsRptDelivery::temporary_failure;
+    }
+    beast::get_lowest_layer(stream).expires_after(remaining());
+    co_await http::async_write(stream, request, asio::redirect_error(asio::use_awaitable, ec));
+    if (ec) {
+      failed("cannot send the report to");
+      co_return TlsRptDelivery::temporary_failure;
+    }
+    beast::flat_buffer buffer;
+    http::response_parser<http::string_body> parser;
+    parser.header_limit(16 * 1024);
+    parser.body_limit(kMaxAnswerBytes);
+    beast::get_lowest_layer(stream).expires_after(remaining());
+    co_await http::async_read(stream, buffer, parser, asio::redirect_error(asio::use_awaitable, ec));
+    // The status is what counts: a complete head is enough (a truncated close or an oversized body after it
+    // does not change the answer).
+    if (ec && !parser.is_header_done()) {
+      failed("no valid HTTP answer from");
+      co_return TlsRptDelivery::temporary_failure;
+    }
+    const unsigned status = parser.get().result_int();
+    detail = where + " answered " + std::to_string(status);
+    if (status / 100 == 3) detail += " (redirects are not followed)";
+    error_code ignored;
+    beast::get_lowest_layer(stream).socket().shutdown(tcp::socket::shutdown_both, ignored);
+    co_return from_http(status);
+  }
+  co_return TlsRptDelivery::temporary_failure;
+}
+
+}  // namespace mailflow

@@ -1,0 +1,83 @@
+#pragma once
+// Sends the TLS-RPT reports (RFC 8460 section 5) that TlsRptStore keeps, when tlsrpt.send is true: shortly after
+// start and then every tlsrpt.interval, every finished UTC day (before today) x policy domain with rua
+// addresses gets its report (JSON, gzip) delivered to each rua:
+//   mailto:  the section 5.3 mail through mailflowd's own MX delivery (an UpstreamLeg to the address's domain MX
+//            hosts on tlsrpt.smtp_port, opportunistic STARTTLS), MAIL FROM tlsrpt.from, dot-stuffed DATA;
+//   https:   a POST (Boost.Beast) of the gzip body, certificate verified (tlsrpt.ca_file or the system store),
+//            TLS1.2+, no redirects followed, answer bounded in size, all within tlsrpt.https_timeout.
+// A report is forgotten when every rua took it (2xx / 250) or refused it for good (5xx, 4xx other than 408 and
+// 429), or when it still fails tlsrpt.retry_for after its first try (gave_up); each try of each rua is counted
+// in mailflow_tlsrpt_deliveries_total{method,result} and logged. At most tlsrpt.max_reports_per_run reports
+// are tried per run, oldest day first, so a large store never stalls the loop.
+#include <utility>  // before Asio (Boost 1.74 + GCC 12)
+
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/awaitable.hpp>
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "config/config.hpp"
+#include "daemon/tlsrpt_ledger.hpp"
+#include "proto/tlsrpt.hpp"
+
+namespace mailflow {
+
+struct Runtime;
+class Resolver;
+class Telemetry;
+
+// What a rua URI says where to deliver: "mailto:a%40b@example.net?subject=x" -> address, domain;
+// "https://reports.example.net:8443/v1?x" -> host, port, target. Nullopt-like: `valid` false.
+struct RuaTarget {
+  enum class Method { mailto, https };
+  Method method = Method::mailto;
+  bool valid = false;
+  std::string address;  // mailto: the recipient (percent-decoded, no query)
+  std::string domain;   // mailto: its domain, lower-case
+  std::string host;     // https: without brackets
+  std::string port = "443";
+  std::string target = "/";  // https: path and query
+};
+RuaTarget parse_rua(std::string_view uri);
+std::string_view to_string(RuaTarget::Method method);  // "mailto", "https"
+
+// Dot-stuffing (RFC 5321 4.5.2) of CRLF text and the terminating "CRLF.CRLF".
+std::string dot_stuff_for_data(std::string_view text);
+
+class TlsRptSender {
+ public:
+  using RuntimeSource = std::function<std::shared_ptr<const Runtime>()>;
+
+  TlsRptSender(boost::asio::any_io_executor executor, Telemetry& telemetry, RuntimeSource runtime);
+
+  // The task: a first run shortly after start, then one every tlsrpt.interval while tlsrpt.send is true (a
+  // reload may turn it on or off); returns when `stopping` is set.
+  boost::asio::awaitable<void> run(const std::atomic<bool>& stopping);
+  // One run at unix time `now`: returns how many reports were tried.
+  boost::asio::awaitable<std::size_t> run_once(std::int64_t now);
+
+ private:
+  // `upstream`: the mx upstream the mail goes through (its TLS context is in `runtime`).
+  boost::asio::awaitable<TlsRptDelivery> deliver_mailto(const Runtime& runtime, const config::Upstream& upstream,
+                                                        const proto::tlsrpt::DomainDay& day, const RuaTarget& rua,
+                                                        const std::string& gzipped, std::string& detail);
+  boost::asio::awaitable<TlsRptDelivery> deliver_https(const Runtime& runtime, const RuaTarget& rua,
+                                                       const std::string& gzipped, std::string& detail);
+
+  boost::asio::any_io_executor executor_;
+  Telemetry& telemetry_;
+  RuntimeSource runtime_;
+  TlsRptLedger ledger_;
+  const std::atomic<bool>* stopping_ = nullptr;
+  std::shared_ptr<Resolver> resolver_;  // https: rua host names, during one run (dns settings of that run)
+  std::uint64_t unique_ = 0;            // random, with sequence_: Message-IDs, MIME boundaries, session ids
+  std::uint64_t sequence_ = 0;
+};
+
+}  // namespace mailflow

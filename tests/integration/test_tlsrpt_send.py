@@ -1,0 +1,212 @@
+"""TLS-RPT reports sent by the real daemon (tlsrpt.send: true, RFC 8460 section 5): the store is seeded through
+state_dir/tlsrpt.state in the daemon's own format; knotd (tests/tools/dns_server.py) serves the rua domains'
+MX hosts on 127.0.0.x, where real SMTP sinks listen on tlsrpt.smtp_port, and the https rua's host, where a
+python HTTPS server with a certificate from the test CA takes the POST. Checked: the report mail as it arrives
+(envelope, section 5.3 headers, the gzip attachment decompressed to the RFC 8460 JSON, over STARTTLS), the
+POST (Content-Type application/tlsrpt+gzip, the same JSON), a rua that answers 451 retried every
+tlsrpt.interval and given up after tlsrpt.retry_for, every try counted in mailflow_tlsrpt_deliveries_total,
+sent days forgotten, today's day kept, and tlsrpt.send: false sending nothing."""
+import datetime
+import email
+import email.policy
+import gzip
+import http.server
+import json
+import ssl
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+import harness
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+from dns_server import KnotServer  # noqa: E402
+
+DATE = "2026-01-02"
+ADDR = {"ok": "127.0.0.51", "busy": "127.0.0.52"}
+ZONE = f"""$ORIGIN rpt.example.net.
+$TTL 300
+@              SOA   ns hostmaster 1 3600 600 86400 300
+@              NS    ns
+ns             A     127.0.0.1
+ok             MX    10 mx.ok
+mx.ok          A     {ADDR["ok"]}
+busy           MX    10 mx.busy
+mx.busy        A     {ADDR["busy"]}
+reports        A     127.0.0.1
+"""
+SUBMITTER = "mx.sender.example"
+
+
+class Collector(http.server.BaseHTTPRequestHandler):
+    posts = []
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        Collector.posts.append((self.path, dict(self.headers), body))
+        self.send_response(201)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def report_cert(certs, workdir):
+    """A certificate from the test CA for reports.rpt.example.net."""
+    key, csr, pem, ext = (workdir / n for n in ("reports.key", "reports.csr", "reports.pem", "reports.ext"))
+    subprocess.run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr,
+                    "-subj", "/CN=reports.rpt.example.net"], check=True, capture_output=True)
+    ext.write_text("subjectAltName=DNS:reports.rpt.example.net\nextendedKeyUsage=serverAuth\n")
+    subprocess.run(["openssl", "x509", "-req", "-in", csr, "-CA", certs / "ca.pem", "-CAkey", certs / "ca.key",
+                    "-CAcreateserial", "-days", "2", "-extfile", ext, "-out", pem], check=True, capture_output=True)
+    return pem, key
+
+
+@pytest.fixture(scope="module")
+def https_port(report_cert):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*report_cert)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def knot(workdir):
+    server = KnotServer(workdir, {"rpt.example.net": ZONE}).start()
+    yield server
+    server.stop()
+
+
+def today():
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+
+
+def state(https_port):
+    return f"""mailflowd-tlsrpt 1
+day {DATE} a.example.net mailto:tlsrpt@ok.rpt.example.net,https://reports.rpt.example.net:{https_port}/v1/tlsrpt
+policy sts version:%20STSv1,mode:%20enforce,mx:%20*.a.example.net,max_age:%2086400 *.a.example.net 5326 303 0
+failure certificate-expired 192.0.2.1 mx1.a.example.net 198.51.100.7 - 303
+day {DATE} b.example.net mailto:reports@busy.rpt.example.net
+policy no-policy-found - - 2 0 0
+day {today()} a.example.net mailto:tlsrpt@ok.rpt.example.net
+policy no-policy-found - - 1 0 0
+"""
+
+
+@pytest.fixture(scope="module")
+def env(certs, workdir, knot, https_port, sink_factory, daemon_factory):
+    port = harness.free_port("127.0.0.1", *ADDR.values())
+    sinks = {
+        # STARTTLS offered: the report mail goes over opportunistic TLS.
+        "ok": sink_factory("rua-ok", host=ADDR["ok"], port=port, tls_cert=certs / "server.pem",
+                           tls_key=certs / "server.key"),
+        "busy": sink_factory("rua-busy", host=ADDR["busy"], port=port,
+                             fail_rcpt=["reports@busy.rpt.example.net=451 4.3.0 try again later"]),
+    }
+    tlsrpt = {"organization_name": "Example Sender", "contact_info": "tls@sender.example", "submitter": SUBMITTER,
+              "smtp_port": port, "ca_file": str(certs / "ca.pem"), "interval": "1s", "retry_for": "3s"}
+    dns = {"servers": [knot.address], "timeout": "3s"}
+    listeners = [{"name": "out", "address": f"127.0.0.1:{harness.free_port()}", "direction": "outbound",
+                  "upstream": "internet"}]
+    upstreams = [{"name": "internet", "mx": True}]
+    for name, send in (("sender", True), ("quiet", False)):
+        directory = workdir / f"{name}-state"
+        directory.mkdir(exist_ok=True)
+        (directory / "tlsrpt.state").write_text(state(https_port))
+    quiet = daemon_factory(listeners, upstreams, name="quiet", dns=dns, tlsrpt={**tlsrpt, "send": False})
+    listeners = [{**listeners[0], "address": f"127.0.0.1:{harness.free_port()}"}]
+    sender = daemon_factory(listeners, upstreams, name="sender", dns=dns, tlsrpt={**tlsrpt, "send": True})
+    return {"sender": sender, "quiet": quiet, "sinks": sinks, "https_port": https_port}
+
+
+def reports_of(daemon, date):
+    return [r["domain"] for r in json.loads(daemon.get(f"/api/v1/tlsrpt?date={date}")[1])["reports"]]
+
+
+def check_report(report):
+    assert report["organization-name"] == "Example Sender"
+    assert report["contact-info"] == "tls@sender.example"
+    assert report["report-id"] == f"{DATE}T00:00:00Z-a.example.net@{SUBMITTER}"
+    assert report["date-range"] == {"start-datetime": f"{DATE}T00:00:00Z", "end-datetime": f"{DATE}T23:59:59Z"}
+    (policy,) = report["policies"]
+    assert policy["policy"]["policy-type"] == "sts"
+    assert policy["summary"] == {"total-successful-session-count": 5326, "total-failure-session-count": 303}
+    assert policy["failure-details"][0]["result-type"] == "certificate-expired"
+
+
+def test_mailto_rua_gets_the_section_5_3_mail_over_starttls(env):
+    (meta, content), = env["sinks"]["ok"].wait_messages(1, timeout=20)
+    assert meta["mail_from"] == f"tlsrpt-noreply@{harness.HOSTNAME}"
+    assert meta["rcpt_tos"] == ["tlsrpt@ok.rpt.example.net"]
+    assert meta["tls_version"] in ("TLSv1.2", "TLSv1.3")  # the sink names them as python's ssl does
+    message = email.message_from_bytes(content, policy=email.policy.default)
+    assert message["TLS-Report-Domain"] == "a.example.net"
+    assert message["TLS-Report-Submitter"] == SUBMITTER
+    assert message["Subject"] == (f"Report Domain: a.example.net Submitter: {SUBMITTER} "
+                                  f"Report-ID: <{DATE}T00:00:00Z-a.example.net@{SUBMITTER}>")
+    assert message["From"].addresses[0].addr_spec == f"tlsrpt-noreply@{harness.HOSTNAME}"
+    assert message["To"].addresses[0].addr_spec == "tlsrpt@ok.rpt.example.net"
+    assert message["Message-ID"].endswith(f"@{harness.HOSTNAME}>") and message["Date"]
+    assert message.get_content_type() == "multipart/report"
+    assert message.get_param("report-type") == "tlsrpt"
+    parts = list(message.iter_parts())
+    assert [p.get_content_type() for p in parts] == ["text/plain", "application/tlsrpt+gzip"]
+    attachment = parts[1]
+    assert attachment.get_filename().startswith(f"{SUBMITTER}!a.example.net!")
+    assert attachment.get_filename().endswith(".json.gz")
+    check_report(json.loads(gzip.decompress(attachment.get_content())))
+
+
+def test_https_rua_gets_the_post(env):
+    harness.wait_for(lambda: Collector.posts, 20, what="the POST at the https rua")
+    path, headers, body = Collector.posts[0]
+    assert path == "/v1/tlsrpt"
+    assert headers["Content-Type"] == "application/tlsrpt+gzip"
+    assert headers["Host"] == f"reports.rpt.example.net:{env['https_port']}"
+    check_report(json.loads(gzip.decompress(body)))
+
+
+def test_a_day_every_rua_took_is_forgotten_today_is_kept(env):
+    daemon = env["sender"]
+    harness.wait_for(lambda: "a.example.net" not in reports_of(daemon, DATE), 20, what="a.example.net forgotten")
+    assert reports_of(daemon, today()) == ["a.example.net"]  # not finished yet: never sent
+    assert env["sinks"]["ok"].count() == 1  # sent once, not again at the next run
+
+
+def test_451_is_retried_then_given_up_and_counted(env):
+    daemon = env["sender"]
+    harness.wait_for(lambda: "b.example.net" not in reports_of(daemon, DATE), 30, what="b.example.net given up")
+    m = daemon.metrics()
+    count = lambda method, result: harness.value(m, "mailflow_tlsrpt_deliveries_total", method=method,  # noqa: E731
+                                                 result=result)
+    assert count("mailto", "success") == 1
+    assert count("https", "success") == 1
+    # Every second for retry_for (3s): the first try and at least two retries, then given up once.
+    assert count("mailto", "temporary_failure") >= 3
+    assert count("mailto", "gave_up") == 1
+    assert count("mailto", "permanent_failure") == 0 and count("https", "temporary_failure") == 0
+    assert env["sinks"]["busy"].count() == 0
+    log = daemon.stderr()
+    assert "tlsrpt_gave_up" in log and "mailto:reports@busy.rpt.example.net" in log
+    assert "451 4.3.0 try again later" in log
+
+
+def test_send_false_keeps_the_reports_and_sends_nothing(env):
+    quiet = env["quiet"]
+    m = quiet.metrics()
+    for method in ("mailto", "https"):
+        for result in ("success", "temporary_failure", "permanent_failure", "gave_up"):
+            # exported from the start, and nothing was tried
+            assert ("mailflow_tlsrpt_deliveries_total",
+                    frozenset({"method": method, "result": result}.items())) in m
+            assert harness.value(m, "mailflow_tlsrpt_deliveries_total", method=method, result=result) == 0
+    assert reports_of(quiet, DATE) == ["a.example.net", "b.example.net"]
