@@ -131,7 +131,7 @@ asio::awaitable<TlsRptDelivery> converse(Conversation& conversation, const confi
   client.helo = config.hostname;
   bool reused = false;
   // Not `if (auto refusal = co_await ...)`: GCC 12 frees the awaited frame early in that form.
-  const auto refusal = co_await leg.open(upstream, rua.domain, client, true, reused);
+  const auto refusal = co_await leg.open(upstream, rua.domain, client, {}, true, reused);
   if (refusal) {
     detail = first_line(refusal->reply);
     co_return refusal->reply.starts_with('5') ? TlsRptDelivery::permanent_failure

@@ -323,7 +323,8 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
     if (upstream.mta_sts == config::MtaStsMode::testing && sts.mode == PolicyState::Mode::enforce)
       sts.mode = PolicyState::Mode::testing;
   }
-  const std::vector<std::string> rua = co_await report_addresses(*resolver, domain);
+  std::vector<std::string> rua;
+  if (!connector.empty()) rua = co_await report_addresses(*resolver, domain);
   proto::tlsrpt::PolicyKey sts_key;
   if (sts.mode != PolicyState::Mode::none || sts.failure) {
     sts_key.type = proto::tlsrpt::PolicyType::sts;
@@ -334,6 +335,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
   }
   const auto report = [&](std::string_view policy, const proto::tlsrpt::PolicyKey& key,
                           std::optional<proto::tlsrpt::FailureKey> failure) {
+    if (connector.empty()) return;  // mailflowd's own deliveries (TLS reports) are no mail flow
     session_.telemetry.outbound_policy(connector, policy,
                                        failure ? proto::tlsrpt::to_string(failure->result) : "success");
     if (!rua.empty())

@@ -67,7 +67,8 @@ class UpstreamLeg {
 
   // Connected for `upstream` (and for mx upstreams the recipient `domain`): the current connection when it
   // already goes there (`reused`), else a new one (the old one is closed first, with QUIT when `polite`).
-  // `connector`: whose mail it is (mailflow_outbound_policy_total).
+  // `connector`: whose mail it is (mailflow_outbound_policy_total and TLS-RPT); empty for mailflowd's own
+  // deliveries (the TLS reports it sends), which are neither counted nor reported.
   boost::asio::awaitable<std::optional<Refusal>> open(const config::Upstream& upstream, const std::string& domain,
                                                       const Client& client, std::string_view connector,
                                                       bool polite, bool& reused);

@@ -40,6 +40,9 @@ def test_significant_tls10_reaches_alertmanager(procs, webhook, tmp_path):
          "match": {"listener": "inbound", "sender_domains": ["fabrikam.com"]}, "alerts": {"min_messages": 3}},
         {"name": "partner-broken", "type": "partner", "direction": "inbound",
          "match": {"listener": "inbound", "sender_domains": ["broken.example"]}, "upstream": "dead"},
+        # An outbound connector: the outbound-policy panels have its (zero) series to show.
+        {"name": "partner-outbound", "type": "partner", "direction": "outbound",
+         "match": {"recipient_domains": ["fabrikam.com"]}},
     ]
     config = d.mailflowd_config(tmp_path, "mailflowd", smtp_port, http_port, sink_port, connectors, cert=cert,
                                 key=key, extra_upstreams=[{"name": "dead", "address": f"127.0.0.1:{dead_port}",
