@@ -127,15 +127,25 @@ asio::awaitable<void> Link::fill_cipher(error_code& ec, Wait wait) {
   co_await read_socket(cipher_in_, max_record_read, ec, wait);
 }
 
+std::size_t Link::write_now(std::string_view data, error_code& ec) {
+  if (ssl_ != nullptr || data.empty()) return 0;
+  return send_now(data, ec);
+}
+
+std::size_t Link::send_now(std::string_view data, error_code& ec) {
+  const std::size_t sent = socket_.write_some(asio::buffer(data), ec);  // the socket is non-blocking
+  if (ec == asio::error::would_block || ec == asio::error::try_again) {
+    ec = {};
+    return 0;
+  }
+  return ec ? 0 : sent;
+}
+
 asio::awaitable<void> Link::send_all(std::string_view data, error_code& ec) {
   // Straight from the coroutine when the socket takes it all at once (the common case: a reply, a command,
   // a block that fits the send buffer); only the rest goes through the reactor. Saves a trip through the
   // scheduler (and its epoll_wait) per send.
-  std::size_t sent = socket_.write_some(asio::buffer(data), ec);  // the socket is non-blocking
-  if (ec == asio::error::would_block || ec == asio::error::try_again) {
-    ec = {};
-    sent = 0;
-  }
+  const std::size_t sent = send_now(data, ec);
   if (ec || sent == data.size()) co_return;
   co_await asio::async_write(socket_, asio::buffer(data.substr(sent)), with(ec));
 }
@@ -148,6 +158,13 @@ asio::awaitable<void> Link::flush_cipher(error_code& ec) {
 }
 
 asio::awaitable<std::size_t> Link::read_some(ReadBuffer& buffer, std::size_t max, error_code& ec, Wait wait) {
+  if (ssl_ == nullptr && wait == Wait::busy) {
+    // The hot path (a reply, a command, a DATA block) awaits the socket itself: one coroutine frame less per
+    // read than through read_socket().
+    const std::size_t n = co_await socket_.async_read_some(asio::buffer(buffer.prepare(max), max), with(ec));
+    buffer.commit(n);
+    co_return n;
+  }
   if (ssl_ == nullptr) co_return co_await read_socket(buffer, max, ec, wait);
   // Nothing buffered anywhere: wait for the peer before touching `buffer`, so that an idle session holds no
   // read buffer. After SSL_ERROR_WANT_READ OpenSSL has drained our BIO and holds at most a partial record:

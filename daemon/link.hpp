@@ -45,6 +45,10 @@ class Link {
   boost::asio::awaitable<std::size_t> read_some(ReadBuffer& buffer, std::size_t max,
                                                 boost::system::error_code& ec, Wait wait = Wait::busy);
   boost::asio::awaitable<void> write(std::string_view data, boost::system::error_code& ec);
+  // What the socket takes at once, without waiting: the bytes sent (plaintext only; with TLS nothing is sent and
+  // 0 returned). The caller awaits write() for the rest, if any. A reply, a command or a DATA block nearly always
+  // fits the send buffer, and then no coroutine frame is made for the write (issue #16: allocations per message).
+  std::size_t write_now(std::string_view data, boost::system::error_code& ec);
 
   // Upstream side: connects the (not yet open) socket to `endpoint`; cancel() aborts it.
   boost::asio::awaitable<void> connect(const boost::asio::ip::tcp::endpoint& endpoint,
@@ -79,6 +83,7 @@ class Link {
                                                   boost::system::error_code& ec, Wait wait);
   boost::asio::awaitable<void> fill_cipher(boost::system::error_code& ec, Wait wait);
   boost::asio::awaitable<void> send_all(std::string_view data, boost::system::error_code& ec);
+  std::size_t send_now(std::string_view data, boost::system::error_code& ec);
   boost::asio::awaitable<void> flush_cipher(boost::system::error_code& ec);
   boost::system::error_code tls_error(int result);
 

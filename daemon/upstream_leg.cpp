@@ -137,7 +137,8 @@ void UpstreamLeg::drop() {
 asio::awaitable<bool> UpstreamLeg::write(std::string_view data, TimePoint deadline) {
   if (!link_) co_return false;
   error_code ec;
-  co_await session_.deadlines.write(*link_, data, deadline, ec);
+  const std::size_t sent = link_->write_now(data, ec);  // no wait, no coroutine frame: the common case
+  if (!ec && sent < data.size()) co_await session_.deadlines.write(*link_, data.substr(sent), deadline, ec);
   if (ec) {
     fail(ec == asio::error::timed_out ? "timeout" : "connection_lost");
     co_return false;
