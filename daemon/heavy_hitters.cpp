@@ -173,6 +173,7 @@ void HeavyHitters::merge_entry(Entry& into, const Entry& from) {
   }
   for (const auto& cipher : from.ciphers) count_cipher(into.ciphers, cipher.name, cipher.count);
   if (from.refused_version && (from_newer || !into.refused_version)) into.refused_version = from.refused_version;
+  if (!from.policy.empty() && (from_newer || into.policy.empty())) into.policy = from.policy;
   add_stats(into.stats, from.stats);
   into.error += from.error;
 }
@@ -218,6 +219,7 @@ void HeavyHitters::add(const Observation& observation) {
     if (observation.offered) entry.refused_version = observation.offered;
   }
   if (!observation.name.empty()) entry.name = std::string(observation.name);
+  if (!observation.policy.empty()) entry.policy = std::string(observation.policy);
   for (auto d = observation.domains.rbegin(); d != observation.domains.rend(); ++d) remember_domain(entry.domains, *d);
   by_estimate_.emplace(entry.estimate(), slot);
 }
@@ -287,8 +289,9 @@ std::vector<const HeavyHitters::Entry*> HeavyHitters::entries() const {
 
 // Format, one line each, fields separated by one space:
 //   O capacity untracked_bound refused first last c0 c1 c2 c3 c4
-//   E key name error refused first last c0 c1 c2 c3 c4 refused_version domains ciphers
-// refused_version: "-" or 0..4 (proto::TlsVersion); domains: "-" or d1,d2; ciphers: "-" or name:count,...
+//   E key name error refused first last c0 c1 c2 c3 c4 refused_version domains ciphers policy
+// refused_version: "-" or 0..4 (proto::TlsVersion); domains: "-" or d1,d2; ciphers: "-" or name:count,...;
+// policy: "-" or its name
 void HeavyHitters::serialize(std::string& out) const {
   out += "O ";
   append_number(out, capacity_);
@@ -325,6 +328,11 @@ void HeavyHitters::serialize(std::string& out) const {
       out += ':';
       append_number(out, entry->ciphers[i].count);
     }
+    out += ' ';
+    if (entry->policy.empty())
+      out += '-';
+    else
+      append_field(out, entry->policy);
     out += '\n';
   }
 }
@@ -348,8 +356,8 @@ bool HeavyHitters::deserialize(std::span<const std::string_view> lines, std::str
   std::vector<Entry> entries;
   std::map<std::string, bool, std::less<>> seen;
   for (std::size_t i = 1; i < lines.size(); ++i) {
-    std::array<std::string_view, 15> f;
-    if (!split(lines[i], f) || f[0] != "E") return fail(i, "expected \"E\" and 14 fields");
+    std::array<std::string_view, 16> f;
+    if (!split(lines[i], f) || f[0] != "E") return fail(i, "expected \"E\" and 15 fields");
     Entry entry;
     if (!parse_field(f[1], entry.key) || entry.key.empty()) return fail(i, "bad key");
     if (!seen.emplace(entry.key, true).second) return fail(i, "duplicate key");
@@ -389,6 +397,7 @@ bool HeavyHitters::deserialize(std::span<const std::string_view> lines, std::str
         rest.remove_prefix(comma + 1);
       }
     }
+    if (f[15] != "-" && (!parse_field(f[15], entry.policy) || entry.policy.empty())) return fail(i, "bad policy");
     entries.push_back(std::move(entry));
   }
   capacity_ = capacity;

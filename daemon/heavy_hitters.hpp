@@ -41,7 +41,9 @@ class HeavyHitters {
   // What is known of one remote (or domain), and of "other".
   struct Stats {
     TlsCounts messages{};     // delivered messages by proto::TlsVersion
-    std::uint64_t refused = 0;  // handshakes refused (e.g. below a listener's min_version)
+    // Inbound remotes: handshakes refused (e.g. below a listener's min_version). Outbound domains: sessions that
+    // failed the domain's DANE or MTA-STS policy.
+    std::uint64_t refused = 0;
     std::int64_t first_seen = 0;  // unix seconds; 0 = never
     std::int64_t last_seen = 0;
     std::uint64_t weight() const;  // messages + refused: what the table ranks by
@@ -53,6 +55,7 @@ class HeavyHitters {
     std::vector<std::string> domains;  // sender (inbound) or destination (outbound) domains, most recent first
     std::vector<Cipher> ciphers;       // at most kMaxCiphers
     std::optional<proto::TlsVersion> refused_version;  // the version the last refused handshake offered
+    std::string policy;  // outbound: the policy of the last session ("dane", "mta-sts", "none"); "" unknown
     Stats stats;
     std::uint64_t error = 0;  // the key's true weight is at most stats.weight() + error
     std::uint64_t estimate() const { return stats.weight() + error; }
@@ -67,6 +70,7 @@ class HeavyHitters {
     std::span<const std::string> domains;
     std::optional<proto::TlsVersion> version;  // a delivered message; nullopt: a refused handshake
     std::optional<proto::TlsVersion> offered;  // refused: the version the client offered, when known
+    std::string_view policy;  // outbound: the policy that governed the session (with no version: it failed it)
     std::int64_t time = 0;                     // unix seconds
   };
 

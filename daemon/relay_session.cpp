@@ -633,7 +633,8 @@ asio::awaitable<void> RelaySession::drive() {
       telemetry_.message_delivered(
           connector_name_, listener_.direction, message_version_, message_bytes_, *recipients,
           Remote{address, out ? upstream_.host() : session_.helo_name(),
-                 out ? upstream_.cipher() : std::string_view(client_.tls().cipher), domains});
+                 out ? upstream_.cipher() : std::string_view(client_.tls().cipher), domains,
+                 out ? upstream_.policy() : std::string_view()});
     }
     switch (transaction_.next()) {
       case Step::idle:

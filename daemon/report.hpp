@@ -58,7 +58,10 @@ struct DrilldownRow {
   std::string verified_name;  // inbound: the forward-confirmed reverse name ("" when none or not yet known)
   std::vector<std::string> domains;  // sender (inbound) or destination (outbound) domains seen, a few
   TlsCounts messages{};              // by proto::TlsVersion
-  std::uint64_t refused = 0;         // handshakes refused (e.g. below the listener's min_version)
+  // Inbound: handshakes refused (e.g. below the listener's min_version). Outbound: sessions that failed the
+  // destination's DANE or MTA-STS policy.
+  std::uint64_t refused = 0;
+  std::string policy;  // outbound: the policy of the last session ("dane", "mta-sts", "none"); "" unknown
   std::string refused_version;       // the version the last refused client offered ("" when unknown)
   std::string cipher;                // the cipher seen most
   std::string first_seen;            // RFC 3339 UTC; "" when never

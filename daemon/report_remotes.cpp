@@ -54,6 +54,7 @@ DrilldownRow row_of(const HeavyHitters::Entry& entry, const RemoteStore& store, 
   row.messages = entry.stats.messages;
   row.refused = entry.stats.refused;
   if (entry.refused_version) row.refused_version = std::string(proto::to_string(*entry.refused_version));
+  row.policy = entry.policy;
   row.cipher = std::string(entry.cipher());
   row.first_seen = time_text(entry.stats.first_seen);
   row.last_seen = time_text(entry.stats.last_seen);
@@ -112,9 +113,10 @@ void append_json_row(std::string& out, const DrilldownRow& row, std::string_view
     out += fmt::format("{}\"{}\": {}", v == 0 ? "" : ", ", proto::to_string(proto::all_tls_versions[v]),
                        percent_text(row.messages[v], row.total()));
   out += fmt::format(
-      "}}, \"refused\": {}, \"refused_version\": {}, \"cipher\": \"{}\", \"first_seen\": {}, \"last_seen\": {}, "
-      "\"error\": {}}}",
-      row.refused, row.refused_version.empty() ? "null" : "\"" + row.refused_version + "\"", json_escape(row.cipher),
+      "}}, \"refused\": {}, \"refused_version\": {}, \"policy\": {}, \"cipher\": \"{}\", \"first_seen\": {}, "
+      "\"last_seen\": {}, \"error\": {}}}",
+      row.refused, row.refused_version.empty() ? "null" : "\"" + row.refused_version + "\"",
+      row.policy.empty() ? "null" : "\"" + json_escape(row.policy) + "\"", json_escape(row.cipher),
       row.first_seen.empty() ? "null" : "\"" + row.first_seen + "\"",
       row.last_seen.empty() ? "null" : "\"" + row.last_seen + "\"", row.error);
 }
@@ -152,9 +154,11 @@ std::string aligned(const std::vector<std::vector<std::string>>& cells, const st
 
 std::string drilldown_table_text(const DrilldownTable& table, std::string_view key_title, bool inbound) {
   std::vector<std::vector<std::string>> cells;
+  // Outbound, REFUSED counts the sessions that failed the destination's DANE or MTA-STS policy (POLICY: the
+  // last session's).
   cells.push_back({std::string(key_title), inbound ? "EHLO" : "MX HOST", "VERIFIED NAME", "MESSAGES", "NONE",
-                   "TLS1.0", "TLS1.1", "TLS1.2", "TLS1.3", "REFUSED", "CIPHER", "LAST SEEN",
-                   inbound ? "SENDER DOMAINS" : "DOMAINS", "+/-"});
+                   "TLS1.0", "TLS1.1", "TLS1.2", "TLS1.3", inbound ? "REFUSED" : "POLICY FAILED", "CIPHER",
+                   "LAST SEEN", inbound ? "SENDER DOMAINS" : "DOMAINS", inbound ? "" : "POLICY", "+/-"});
   auto line = [&](const DrilldownRow& row) {
     std::vector<std::string> cells_of{row.key, row.name.empty() ? "-" : row.name,
                                       row.verified_name.empty() ? "-" : row.verified_name,
@@ -164,13 +168,14 @@ std::string drilldown_table_text(const DrilldownTable& table, std::string_view k
     cells_of.push_back(row.cipher.empty() ? "-" : row.cipher);
     cells_of.push_back(row.last_seen.empty() ? "-" : row.last_seen);
     cells_of.push_back(row.domains.empty() ? "-" : joined(row.domains, ","));
+    cells_of.push_back(inbound ? "" : row.policy.empty() ? "-" : row.policy);
     cells_of.push_back(row.error == 0 ? "" : format_thousands(row.error));
     cells.push_back(std::move(cells_of));
   };
   for (const auto& row : table.rows) line(row);
   if (table.other.total() != 0) line(table.other);
   std::string out = aligned(cells, {false, false, false, true, true, true, true, true, true, true, false, false,
-                                    false, true});
+                                    false, false, true});
   if (table.error_bound != 0)
     out += fmt::format("(more servers than the table holds: one not listed sent at most {} messages; +/- is what "
                        "a listed one may have sent beyond its counts)\n",
@@ -273,7 +278,7 @@ std::string render_remotes_csv(const Report& report) {
 std::string render_domains_csv(const Report& report) {
   std::string out =
       "connector,direction,domain,mx_host,messages,none,tls10,tls11,tls12,tls13,"
-      "none_pct,tls10_pct,tls11_pct,tls12_pct,tls13_pct,first_seen,last_seen,error\n";
+      "none_pct,tls10_pct,tls11_pct,tls12_pct,tls13_pct,first_seen,last_seen,error,policy,policy_failures\n";
   for (const auto& d : report.drilldowns) {
     if (d.direction != Direction::outbound) continue;
     auto line = [&](const DrilldownRow& row) {
@@ -281,7 +286,8 @@ std::string render_domains_csv(const Report& report) {
                          csv_field(row.key), csv_field(row.name), row.total());
       for (const auto count : row.messages) out += fmt::format(",{}", count);
       for (const auto count : row.messages) out += "," + percent_text(count, row.total());
-      out += fmt::format(",{},{},{}\n", row.first_seen, row.last_seen, row.error);
+      out += fmt::format(",{},{},{},{},{}\n", row.first_seen, row.last_seen, row.error, csv_field(row.policy),
+                         row.refused);
     };
     for (const auto& row : d.domains.rows) line(row);
     if (d.domains.other.total() != 0) line(d.domains.other);
@@ -354,7 +360,10 @@ void append_drilldown_html(std::string& out, const Report& report) {
                          "</th>",
                          key_title, inbound ? "EHLO" : "MX host");
       for (const auto v : proto::all_tls_versions) out += fmt::format("<th class=\"num\">{}</th>", proto::to_string(v));
-      out += "<th class=\"num\">Refused</th><th>Cipher</th><th>Last seen</th><th>Domains</th></tr></thead><tbody>\n";
+      // Outbound: the sessions that failed the destination's DANE or MTA-STS policy, and the last one's policy.
+      out += fmt::format("<th class=\"num\">{}</th><th>Cipher</th><th>Last seen</th><th>Domains</th>{}</tr></thead>"
+                         "<tbody>\n",
+                         inbound ? "Refused" : "Policy failed", inbound ? "" : "<th>Policy</th>");
       auto line = [&](const DrilldownRow& row) {
         out += fmt::format("<tr{}><td>{}</td><td>{}</td><td>{}</td><td class=\"num\">{}</td>",
                            row.legacy() != 0 ? " class=\"fix\"" : "", html_escape(row.key), html_escape(row.name),
@@ -364,13 +373,17 @@ void append_drilldown_html(std::string& out, const Report& report) {
           out += fmt::format("<td class=\"num{}\">{}</td>", bad ? (v == 0 ? " bad" : " warn") : "",
                              format_thousands(row.messages[v]));
         }
-        out += fmt::format("<td class=\"num{}\">{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
+        out += fmt::format("<td class=\"num{}\">{}</td><td>{}</td><td>{}</td><td>{}</td>",
                            row.refused != 0 ? " bad" : "", format_thousands(row.refused), html_escape(row.cipher),
                            html_escape(row.last_seen), html_escape(joined(row.domains, ", ")));
+        if (!inbound) out += fmt::format("<td>{}</td>", html_escape(row.policy));
+        out += "</tr>\n";
       };
       for (const auto& row : t.rows) line(row);
       if (t.other.total() + t.other.refused != 0) line(t.other);
-      if (t.rows.empty()) out += "<tr class=\"zero\"><td colspan=\"14\">no messages in these days</td></tr>\n";
+      if (t.rows.empty())
+        out += fmt::format("<tr class=\"zero\"><td colspan=\"{}\">no messages in these days</td></tr>\n",
+                           inbound ? 14 : 15);
       out += "</tbody></table>\n";
       if (t.error_bound != 0)
         out += fmt::format("<p class=\"pct\">More than the table holds: one not listed sent at most {} messages.</p>\n",

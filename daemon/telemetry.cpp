@@ -698,6 +698,7 @@ void Telemetry::message_delivered(std::string_view connector, config::Direction 
     observation.cipher = remote.cipher;
     observation.domains = remote.domains;
     observation.version = version;
+    observation.policy = remote.policy;
     impl_->remotes.add(connector, direction, RemoteTable::remotes, observation, now);
     if (direction == config::Direction::outbound) {
       // Once per distinct destination domain, with the MX host it went to as the row's name.
@@ -795,9 +796,16 @@ void Telemetry::mx_attempt(std::string_view upstream, std::string_view result) {
   ++impl_->labelled(Labelled::mx_attempts, {{"result", result}, {"upstream", upstream}});
 }
 
-void Telemetry::outbound_policy(std::string_view connector, std::string_view policy, std::string_view result) {
+void Telemetry::outbound_policy(std::string_view connector, std::string_view policy, std::string_view result,
+                                std::string_view domain) {
+  const auto now = impl_->clock();
   std::lock_guard lock(impl_->mutex);
   ++impl_->labelled(Labelled::outbound_policy, {{"connector", connector}, {"policy", policy}, {"result", result}});
+  if (result == "success" || domain.empty()) return;
+  HeavyHitters::Observation failed;  // no version: a session that failed the domain's policy
+  failed.key = domain;
+  failed.policy = policy;
+  impl_->remotes.add(connector, config::Direction::outbound, RemoteTable::domains, failed, now);
 }
 
 void Telemetry::tlsrpt_delivery(std::string_view method, std::string_view result) {

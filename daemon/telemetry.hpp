@@ -61,6 +61,7 @@ struct Remote {
   std::string_view name;
   std::string_view cipher;
   std::span<const std::string> domains;
+  std::string_view policy;  // outbound: the policy that governed the connection ("dane", "mta-sts", "none")
 };
 
 class Telemetry {
@@ -102,7 +103,10 @@ class Telemetry {
   // mailflow_outbound_policy_total{connector,policy,result}: one per outbound session under a policy (called by
   // the MX walk). policy: one of reasons::outbound_policies; result: "success" or an RFC 8460 result type.
   // Every outbound connector exports all policy x result series from the start.
-  void outbound_policy(std::string_view connector, std::string_view policy, std::string_view result);
+  // A failure (result other than "success") also counts against `domain` in the connector's destination-domain
+  // drill-down (its `refused`: sessions that failed the domain's policy).
+  void outbound_policy(std::string_view connector, std::string_view policy, std::string_view result,
+                       std::string_view domain = {});
   // mailflow_tlsrpt_deliveries_total{method,result}: a TLS-RPT report tried at one rua (reasons::tlsrpt_methods x
   // reasons::tlsrpt_results, all exported from the start).
   void tlsrpt_delivery(std::string_view method, std::string_view result);

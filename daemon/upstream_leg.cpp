@@ -210,6 +210,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open(const con
   upstream_ = &upstream;
   domain_ = upstream.mx ? domain : std::string();
   host_.clear();
+  policy_ = "none";
   if (upstream.mx) co_return co_await open_mx(upstream, domain, client, connector);
   co_return co_await open_fixed(upstream, client);
 }
@@ -288,6 +289,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
   for (const auto& endpoint : endpoints) {
     if (co_await connect_to(upstream, endpoint, upstream.address.host, connect_deadline, client, dane, reason)) {
       host_ = upstream.address.host;
+      policy_ = dane.kind == proto::DanePlan::Kind::none ? "none" : "dane";
       co_return std::nullopt;
     }
     if (reason == "connect_timeout") break;  // the deadline is spent
@@ -338,7 +340,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
                           std::optional<proto::tlsrpt::FailureKey> failure) {
     if (connector.empty()) return;  // mailflowd's own deliveries (TLS reports) are no mail flow
     session_.telemetry.outbound_policy(connector, policy,
-                                       failure ? proto::tlsrpt::to_string(failure->result) : "success");
+                                       failure ? proto::tlsrpt::to_string(failure->result) : "success", domain);
     if (!rua.empty())
       session_.telemetry.tlsrpt().record(utc_date(), TlsRptSession{domain, rua, key, std::move(failure)});
   };
@@ -391,10 +393,12 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
       }
     }
     // A session that never reached TLS negotiation (no connection, a refused banner) is no TLS session.
-    if (connected || failure) report(by_dane ? "dane" : by_sts ? "mta-sts" : "none", key, std::move(failure));
+    const std::string_view policy = by_dane ? "dane" : by_sts ? "mta-sts" : "none";
+    if (connected || failure) report(policy, key, std::move(failure));
     session_.telemetry.mx_attempt(upstream.name, connected ? "success" : reason);
     if (connected) {
       host_ = attempt.host;
+      policy_ = policy;
       co_return std::nullopt;
     }
   }

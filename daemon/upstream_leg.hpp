@@ -97,6 +97,8 @@ class UpstreamLeg {
   // fixed upstream's configured host).
   std::string address() const;
   const std::string& host() const { return host_; }
+  // The policy that governed the current connection: "dane", "mta-sts" or "none".
+  std::string_view policy() const { return policy_; }
   // "name/TLS1.2/cipher" of the last connection that ended ("/dane" when DANE authenticated it), for the
   // session's log line.
   const std::string& summary() const { return summary_; }
@@ -132,6 +134,7 @@ class UpstreamLeg {
   ReadBuffer in_;
   bool pipelining_ = false;
   bool dane_authenticated_ = false;  // the current connection's certificate matched a TLSA record
+  std::string_view policy_ = "none";
   // Why the last connect_to() failed in TLS (TLS-RPT result type and reason), when it did; a connection that
   // never reached STARTTLS is no TLS session and leaves it empty.
   std::optional<proto::tlsrpt::ResultType> tls_failure_;

@@ -194,6 +194,7 @@ TEST_CASE("heavy hitters: serialization round trip") {
   auto o = message("2001:db8::1", TlsVersion::tls11, 500, "ECDHE-RSA-AES128-SHA");
   o.name = "mx 1%.example";
   o.domains = domains;
+  o.policy = "mta-sts";
   table.add(o);
   table.add(o);
   table.add(message("-", TlsVersion::tls13, 600));
@@ -227,6 +228,7 @@ TEST_CASE("heavy hitters: serialization round trip") {
   CHECK(tracked.at("2001:db8::1")->name == "mx 1%.example");
   CHECK(tracked.at("2001:db8::1")->domains == std::vector<std::string>{"contoso.com", "odd,domain with space"});
   CHECK(tracked.at("2001:db8::1")->cipher() == "ECDHE-RSA-AES128-SHA");
+  CHECK(tracked.at("2001:db8::1")->policy == "mta-sts");
 }
 
 TEST_CASE("heavy hitters: corrupt input is refused and leaves the table as it was") {
@@ -237,15 +239,16 @@ TEST_CASE("heavy hitters: corrupt input is refused and leaves the table as it wa
       {"X 5 0 0 0 0 0 0 0 0 0"},
       {"O 0 0 0 0 0 0 0 0 0 0"},                                  // capacity 0
       {"O 5 0 0 10 5 0 0 0 0 0"},                                 // first seen after last seen
-      {"O 1 0 0 0 0 0 0 0 0 0", "E a - 0 0 1 1 0 0 0 1 0 - - -",  // more entries than the capacity
-       "E b - 0 0 1 1 0 0 0 1 0 - - -"},
-      {"O 5 0 0 0 0 0 0 0 0 0", "E a - 0 0 1 1 0 0 0 1 0 - - -", "E a - 0 0 1 1 0 0 0 1 0 - - -"},  // duplicate
-      {"O 5 0 0 0 0 0 0 0 0 0", "E a - 0 0 1 1 0 0 0 1 0 9 - -"},     // bad version
-      {"O 5 0 0 0 0 0 0 0 0 0", "E a - 0 0 1 1 0 0 0 1 0 - - x"},     // cipher without count
-      {"O 5 0 0 0 0 0 0 0 0 0", "E %zz - 0 0 1 1 0 0 0 1 0 - - -"},   // bad escape
-      {"O 5 0 0 0 0 0 0 0 0 0", "E a - 0 0 1 1 0 0 0 1 0 - -"},       // a field short
-      {"O 5 0 0 0 0 0 0 0 0 0", "E a - 0 0 1 1 0 0 0 1 0 - - -  "},   // trailing spaces
-      {"O 5 0 0 0 0 0 0 0 0 0", "E a - 0 0 1 1 0 0 0 -1 0 - - -"},    // negative count
+      {"O 1 0 0 0 0 0 0 0 0 0", "E a - 0 0 1 1 0 0 0 1 0 - - - -",  // more entries than the capacity
+       "E b - 0 0 1 1 0 0 0 1 0 - - - -"},
+      {"O 5 0 0 0 0 0 0 0 0 0", "E a - 0 0 1 1 0 0 0 1 0 - - - -", "E a - 0 0 1 1 0 0 0 1 0 - - - -"},  // duplicate
+      {"O 5 0 0 0 0 0 0 0 0 0", "E a - 0 0 1 1 0 0 0 1 0 9 - - -"},     // bad version
+      {"O 5 0 0 0 0 0 0 0 0 0", "E a - 0 0 1 1 0 0 0 1 0 - - x -"},     // cipher without count
+      {"O 5 0 0 0 0 0 0 0 0 0", "E %zz - 0 0 1 1 0 0 0 1 0 - - - -"},   // bad escape
+      {"O 5 0 0 0 0 0 0 0 0 0", "E a - 0 0 1 1 0 0 0 1 0 - - -"},     // a field short
+      {"O 5 0 0 0 0 0 0 0 0 0", "E a - 0 0 1 1 0 0 0 1 0 - - - -  "},   // trailing spaces
+      {"O 5 0 0 0 0 0 0 0 0 0", "E a - 0 0 1 1 0 0 0 -1 0 - - - -"},    // negative count
+      {"O 5 0 0 0 0 0 0 0 0 0", "E a - 0 0 1 1 0 0 0 1 0 - - - %zz"},  // bad policy
   };
   for (const auto& lines : broken) {
     std::string error;

@@ -312,3 +312,25 @@ def test_full_state_dir_keeps_delivering_and_says_why(env, daemon_factory, workd
         assert "state_save_failed" in log, log[-3000:]
     finally:
         subprocess.run(["umount", str(state)], capture_output=True)
+
+
+def test_destination_domains_show_their_policy_and_failures(env):
+    """The per-domain report (issue #19 item 4): which domains publish MTA-STS, and which fail it."""
+    if tlsrpt(env, f"badcert.{ORIGIN}") is None:
+        deliver(env, f"bob@badcert.{ORIGIN}")
+    if tlsrpt(env, f"sts.{ORIGIN}") is None:
+        deliver(env, f"alice@sts.{ORIGIN}")
+    report = json.loads(env.daemon.get("/api/v1/report")[1])
+    partners = next(c for c in report["connectors"] if c["connector"] == "partners" and c["direction"] == "outbound")
+    rows = {r["domain"]: r for r in partners["domains"]["rows"]}
+    assert rows[f"sts.{ORIGIN}"]["policy"] == "mta-sts" and rows[f"sts.{ORIGIN}"]["messages"] >= 1, rows
+    assert rows[f"badcert.{ORIGIN}"]["policy"] == "mta-sts", rows
+    assert rows[f"badcert.{ORIGIN}"]["refused"] >= 1 and rows[f"badcert.{ORIGIN}"]["messages"] == 0, rows
+    # The domains that fail their policy come first.
+    order = [r["domain"] for r in partners["domains"]["rows"]]
+    assert order.index(f"badcert.{ORIGIN}") < order.index(f"sts.{ORIGIN}"), order
+    status, csv_text = env.daemon.get("/api/v1/domains.csv")
+    header, *lines = csv_text.splitlines()
+    assert header.endswith(",policy,policy_failures"), header
+    badcert = next(line.split(",") for line in lines if f",badcert.{ORIGIN}," in line)
+    assert badcert[-2:] == ["mta-sts", str(rows[f"badcert.{ORIGIN}"]["refused"])], badcert
