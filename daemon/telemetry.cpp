@@ -24,6 +24,7 @@
 #include "daemon/process_metrics.hpp"
 #include "daemon/remote_store.hpp"
 #include "daemon/report.hpp"
+#include "daemon/state_file.hpp"
 #include "daemon/tlsrpt.hpp"
 #include "daemon/window_store.hpp"
 
@@ -464,19 +465,6 @@ void write_exposition(std::string& out, const Snapshot& snapshot, const std::opt
   }
 }
 
-std::string errno_text(int error) { return std::strerror(error); }
-
-bool write_all(int fd, std::string_view data) {
-  while (!data.empty()) {
-    const ssize_t n = ::write(fd, data.data(), data.size());
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return false;
-    }
-    data.remove_prefix(static_cast<std::size_t>(n));
-  }
-  return true;
-}
 
 }  // namespace
 
@@ -863,79 +851,6 @@ int Telemetry::window_days() const {
   return static_cast<int>(impl_->windows.window().count() / 24);
 }
 
-namespace {
-
-// Atomic replace of state_dir/file: temp, fsync, rename, fsync of the directory.
-bool write_state_file(const std::string& state_dir, const char* file, const std::string& text, std::string& error) {
-  namespace fs = std::filesystem;
-  const fs::path path = fs::path(state_dir) / file;
-  const fs::path temp = fs::path(state_dir) / (std::string(file) + ".tmp");
-  auto fail = [&](const std::string& what, int saved_errno) {
-    error = what + ": " + errno_text(saved_errno);  // the caller logs and counts it (state_error)
-    return false;
-  };
-
-  const int fd = ::open(temp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
-  if (fd < 0) return fail("cannot create " + temp.string(), errno);
-  if (!write_all(fd, text) || ::fsync(fd) != 0) {
-    const int saved = errno;
-    ::close(fd);
-    ::unlink(temp.c_str());
-    return fail("cannot write " + temp.string(), saved);
-  }
-  if (::close(fd) != 0) {
-    const int saved = errno;
-    ::unlink(temp.c_str());
-    return fail("cannot write " + temp.string(), saved);
-  }
-  if (::rename(temp.c_str(), path.c_str()) != 0) {
-    const int saved = errno;
-    ::unlink(temp.c_str());
-    return fail("cannot rename " + temp.string() + " to " + path.string(), saved);
-  }
-  // The rename is durable only once the directory entry is on disk.
-  const int dir_fd = ::open(state_dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dir_fd < 0) return fail("cannot open " + state_dir, errno);
-  if (::fsync(dir_fd) != 0) {
-    const int saved = errno;
-    ::close(dir_fd);
-    return fail("cannot sync " + state_dir, saved);
-  }
-  ::close(dir_fd);
-  return true;
-}
-
-enum class ReadResult { ok, missing, too_big, failed };
-
-ReadResult read_state_file(const std::filesystem::path& path, std::string& text, std::string& error) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) {
-    if (errno == ENOENT) return ReadResult::missing;
-    error = "cannot open " + path.string() + ": " + errno_text(errno);
-    return ReadResult::failed;
-  }
-  char buffer[65536];
-  for (;;) {
-    const ssize_t n = ::read(fd, buffer, sizeof buffer);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      const int saved = errno;
-      ::close(fd);
-      error = "cannot read " + path.string() + ": " + errno_text(saved);
-      return ReadResult::failed;
-    }
-    if (n == 0) break;
-    if (text.size() + static_cast<std::size_t>(n) > kMaxStateFileBytes) {
-      ::close(fd);
-      return ReadResult::too_big;
-    }
-    text.append(buffer, static_cast<std::size_t>(n));
-  }
-  ::close(fd);
-  return ReadResult::ok;
-}
-
-}  // namespace
 
 bool Telemetry::save_state(const std::string& state_dir, std::string& error) {
   std::string windows;
@@ -970,36 +885,25 @@ bool Telemetry::load_state(const std::string& state_dir, std::string& error) {
   }
   // Each file on its own: a corrupt drill-down never costs the windows, nor the other way round.
   const auto load = [&](const char* file, auto parse, std::string_view what) {
-    const fs::path path = fs::path(state_dir) / file;
     std::string text;
-    std::string read_error;
-    const ReadResult read = read_state_file(path, text, read_error);
-    if (read == ReadResult::missing) return true;  // first start: empty
-    if (read == ReadResult::failed) {
-      error = read_error;
+    std::string parse_error;
+    const StateRead read = read_state_file(state_dir, file, kMaxStateFileBytes, text, parse_error);
+    if (read == StateRead::absent) return true;  // first start: empty
+    if (read == StateRead::failed) {
+      error = parse_error;
       return false;
     }
-    std::string parse_error = read == ReadResult::too_big
-                                  ? "larger than " + std::to_string(kMaxStateFileBytes) + " bytes"
-                                  : std::string();
-    if (read == ReadResult::ok) {
+    if (read == StateRead::read) {
       std::lock_guard lock(impl_->mutex);
       if (parse(text, parse_error)) return true;
     }
     // Keep the evidence, start empty: a broken state file must never keep the relay from starting.
     const auto unix_time =
         std::chrono::duration_cast<std::chrono::seconds>(impl_->clock().time_since_epoch()).count();
-    const fs::path aside = fs::path(state_dir) / (std::string(file) + ".corrupt-" + std::to_string(unix_time));
     impl_->count_state_error("corrupt");
-    std::string message;
-    if (::rename(path.c_str(), aside.c_str()) != 0) {
-      message = path.string() + " is unusable (" + parse_error + ") and cannot be moved aside: " +
-                errno_text(errno) + "; starting with empty " + std::string(what);
-    } else {
-      message = path.string() + " is unusable (" + parse_error + "); moved to " + aside.string() +
-                ", starting with empty " + std::string(what);
-    }
-    error += (error.empty() ? "" : "; ") + message;
+    const std::string path = (std::filesystem::path(state_dir) / file).string();
+    error += (error.empty() ? "" : "; ") + path + " is unusable (" + parse_error + "); " +
+             move_state_file_aside(state_dir, file, unix_time) + ", starting with empty " + std::string(what);
     return true;
   };
   if (!load(kStateFile, [&](std::string_view text, std::string& e) { return impl_->windows.deserialize(text, e); },
