@@ -129,6 +129,8 @@ void add_insights(std::vector<Insight>& out, const Entry& entry, const TlsCounts
   }
 }
 
+}  // namespace
+
 std::string csv_field(std::string_view text) {
   if (text.find_first_of(",\"\r\n") == std::string_view::npos) return std::string(text);
   std::string out = "\"";
@@ -140,7 +142,24 @@ std::string csv_field(std::string_view text) {
   return out;
 }
 
-}  // namespace
+std::string align_columns(const std::vector<std::vector<std::string>>& cells, const std::vector<bool>& right) {
+  std::vector<std::size_t> width(right.size(), 0);
+  for (const auto& line : cells)
+    for (std::size_t i = 0; i < line.size(); ++i) width[i] = std::max(width[i], line[i].size());
+  std::string out;
+  for (const auto& line : cells) {
+    std::string text;
+    for (std::size_t i = 0; i < line.size(); ++i) {
+      if (i != 0) text += "  ";
+      const std::string pad(width[i] - line[i].size(), ' ');
+      text += right[i] ? pad + line[i] : line[i] + pad;
+    }
+    while (!text.empty() && text.back() == ' ') text.pop_back();
+    out += text;
+    out += '\n';
+  }
+  return out;
+}
 
 std::string format_thousands(std::uint64_t value) {
   std::string digits = std::to_string(value);
@@ -358,25 +377,6 @@ std::string count_cell(std::uint64_t count, double percent, std::uint64_t messag
   return fmt::format("{} ({}%)", format_thousands(count), one_decimal(percent));
 }
 
-// Aligned columns, two spaces apart, trailing blanks trimmed.
-std::string align(const std::vector<std::vector<std::string>>& cells, const std::vector<bool>& right) {
-  std::vector<std::size_t> width(right.size(), 0);
-  for (const auto& line : cells)
-    for (std::size_t i = 0; i < line.size(); ++i) width[i] = std::max(width[i], line[i].size());
-  std::string out;
-  for (const auto& line : cells) {
-    std::string text;
-    for (std::size_t i = 0; i < line.size(); ++i) {
-      if (i != 0) text += "  ";
-      const std::string pad(width[i] - line[i].size(), ' ');
-      text += right[i] ? pad + line[i] : line[i] + pad;
-    }
-    while (!text.empty() && text.back() == ' ') text.pop_back();
-    out += text;
-    out += '\n';
-  }
-  return out;
-}
 
 // The TYPE column for a human: a connector that left the config is "removed", not the "internet" its JSON says.
 std::string table_type(config::ConnectorType type, bool configured) {
@@ -394,7 +394,7 @@ std::string summary_table_body(const Report& report) {
     for (std::size_t i = 0; i < c.counts.size(); ++i) line.push_back(count_cell(c.counts[i], c.percent[i], c.messages));
     cells.push_back(std::move(line));
   }
-  std::string out = align(cells, {false, false, false, false, true, true, true, true, true, true});
+  std::string out = align_columns(cells, {false, false, false, false, true, true, true, true, true, true});
   for (const TransitSummary& t : report.in_transit) {
     out += fmt::format("{} protected in transit: {}% with TLS, {}% with TLS1.2 or later ({} of {})\n",
                        direction_title(t.direction), one_decimal(100.0 * share_of(t.tls, t.messages)),
@@ -511,7 +511,7 @@ std::string render_table(const Report& report) {
       line.push_back(count_cell(row.counts[i], row.percent[i], row.messages));
     cells.push_back(std::move(line));
   }
-  out += align(cells, {false, false, false, false, false, true, true, true, true, true, true});
+  out += align_columns(cells, {false, false, false, false, false, true, true, true, true, true, true});
   out += '\n';
   if (report.insights.empty()) {
     out += "No active insights.\n";

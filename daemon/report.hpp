@@ -125,6 +125,9 @@ std::string format_thousands(std::uint64_t value);  // 1024 -> "1,024"
 std::string json_escape(std::string_view text);     // without the surrounding quotes
 std::string html_escape(std::string_view text);
 std::string rfc3339_utc(WindowStore::TimePoint t);  // "2026-11-25T10:00:00Z"
+std::string csv_field(std::string_view text);       // quoted (RFC 4180) when it holds , " CR or LF
+// Aligned text columns, two spaces apart, `right[i]`: column i right-aligned; trailing blanks trimmed.
+std::string align_columns(const std::vector<std::vector<std::string>>& cells, const std::vector<bool>& right);
 
 std::string render_json(const Report& report);
 std::string render_csv(const Report& report);

@@ -19,17 +19,6 @@ constexpr std::size_t kVersions = proto::all_tls_versions.size();
 // CSV/JSON column stems per version, as report.csv's *_pct columns.
 constexpr std::array<std::string_view, kVersions> kColumn{"none", "tls10", "tls11", "tls12", "tls13"};
 
-std::string csv_field(std::string_view text) {
-  if (text.find_first_of(",\"\r\n") == std::string_view::npos) return std::string(text);
-  std::string out = "\"";
-  for (const char c : text) {
-    if (c == '"') out += '"';
-    out += c;
-  }
-  out += '"';
-  return out;
-}
-
 std::string time_text(std::int64_t unix_seconds) {
   if (unix_seconds == 0) return {};
   return rfc3339_utc(WindowStore::TimePoint(std::chrono::seconds(unix_seconds)));
@@ -133,24 +122,6 @@ void append_json_table(std::string& out, const DrilldownTable& table, std::strin
   out += "}";
 }
 
-// ---- aligned text ----
-std::string aligned(const std::vector<std::vector<std::string>>& cells, const std::vector<bool>& right) {
-  std::vector<std::size_t> width(right.size(), 0);
-  for (const auto& line : cells)
-    for (std::size_t i = 0; i < line.size(); ++i) width[i] = std::max(width[i], line[i].size());
-  std::string out;
-  for (const auto& line : cells) {
-    std::string text;
-    for (std::size_t i = 0; i < line.size(); ++i) {
-      if (i != 0) text += "  ";
-      const std::string pad(width[i] - line[i].size(), ' ');
-      text += right[i] ? pad + line[i] : line[i] + pad;
-    }
-    while (!text.empty() && text.back() == ' ') text.pop_back();
-    out += text + "\n";
-  }
-  return out;
-}
 
 std::string drilldown_table_text(const DrilldownTable& table, std::string_view key_title, bool inbound) {
   std::vector<std::vector<std::string>> cells;
@@ -174,7 +145,7 @@ std::string drilldown_table_text(const DrilldownTable& table, std::string_view k
   };
   for (const auto& row : table.rows) line(row);
   if (table.other.total() != 0) line(table.other);
-  std::string out = aligned(cells, {false, false, false, true, true, true, true, true, true, true, false, false,
+  std::string out = align_columns(cells, {false, false, false, true, true, true, true, true, true, true, false, false,
                                     false, false, true});
   if (table.error_bound != 0)
     out += fmt::format("(more servers than the table holds: one not listed sent at most {} messages; +/- is what "
