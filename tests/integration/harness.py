@@ -40,6 +40,25 @@ def make_certs(directory):
     return Path(directory)
 
 
+def ca_signed_cert(certs, directory, name, names, chain=False):
+    """A server certificate from the test CA (certs/ca.pem) for `names` (the first is the CN): (cert, key) files in
+    `directory`. `chain`: the cert file holds the leaf, then the CA (a server that sends its chain, as DANE-TA
+    needs)."""
+    directory = Path(directory)
+    key, csr, crt, ext = (directory / f"{name}.{suffix}" for suffix in ("key", "csr", "crt", "ext"))
+    subprocess.run(["openssl", "req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
+                    "-subj", f"/CN={names[0]}"], check=True, capture_output=True)
+    ext.write_text("subjectAltName=" + ",".join(f"DNS:{n}" for n in names) + "\nextendedKeyUsage=serverAuth\n")
+    subprocess.run(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(Path(certs) / "ca.pem"), "-CAkey",
+                    str(Path(certs) / "ca.key"), "-CAcreateserial", "-days", "2", "-extfile", str(ext), "-out",
+                    str(crt)], check=True, capture_output=True)
+    if not chain:
+        return crt, key
+    pem = directory / f"{name}-chain.pem"
+    pem.write_text(crt.read_text() + (Path(certs) / "ca.pem").read_text())
+    return pem, key
+
+
 def tail(path, limit=12000):
     try:
         data = Path(path).read_bytes()

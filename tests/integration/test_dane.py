@@ -57,21 +57,6 @@ def spki_sha256(pem_path):
     return hashlib.sha256(der).hexdigest()
 
 
-def leaf_for(certs, directory, name, san):
-    """A leaf certificate for `san` signed by the test CA, as a chain file (leaf, then the CA)."""
-    key, csr, crt = directory / f"{name}.key", directory / f"{name}.csr", directory / f"{name}.crt"
-    subprocess.run(["openssl", "req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
-                    "-subj", f"/CN={san}"], check=True, capture_output=True)
-    ext = directory / f"{name}.ext"
-    ext.write_text(f"subjectAltName=DNS:{san}\n")
-    subprocess.run(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(certs / "ca.pem"), "-CAkey",
-                    str(certs / "ca.key"), "-CAcreateserial", "-days", "2", "-out", str(crt), "-extfile", str(ext)],
-                   check=True, capture_output=True)
-    chain = directory / f"{name}-chain.pem"
-    chain.write_text(crt.read_text() + (certs / "ca.pem").read_text())
-    return chain, key
-
-
 def zone(port, sink_spki, ca_sha256):
     tlsa = f"_{port}._tcp"
     return f"""$ORIGIN example.net.
@@ -120,8 +105,8 @@ def env(certs, workdir, short_dir, sink_factory, daemon_factory):
                                   "other.example": other}, dnssec=True).start()
     try:
         tls = {"tls_cert": certs / "sink.pem", "tls_key": certs / "sink.key"}
-        ta_chain, ta_key = leaf_for(certs, workdir, "mx-ta", "mx.ta.example.net")
-        taname_chain, taname_key = leaf_for(certs, workdir, "mx-taname", "sink.test")
+        ta_chain, ta_key = harness.ca_signed_cert(certs, workdir, "mx-ta", ["mx.ta.example.net"], chain=True)
+        taname_chain, taname_key = harness.ca_signed_cert(certs, workdir, "mx-taname", ["sink.test"], chain=True)
         sinks = {
             "good": sink_factory("mx-good", host=ADDR["good"], port=port, **tls),
             "wrong": sink_factory("mx-wrong", host=ADDR["wrong"], port=port, **tls),

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+import harness
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 from dns_server import KnotServer  # noqa: E402
 
@@ -83,13 +85,7 @@ def serve(cert, key):
 @pytest.fixture(scope="module")
 def policy_cert(certs, workdir):
     """A certificate from the test CA for every mta-sts.<domain> name above."""
-    key, csr, pem, ext = (workdir / n for n in ("policy.key", "policy.csr", "policy.pem", "policy.ext"))
-    subprocess.run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr,
-                    "-subj", "/CN=mta-sts.ok.policy.example.net"], check=True, capture_output=True)
-    ext.write_text("subjectAltName=" + ",".join("DNS:" + n for n in NAMES) + "\nextendedKeyUsage=serverAuth\n")
-    subprocess.run(["openssl", "x509", "-req", "-in", csr, "-CA", certs / "ca.pem", "-CAkey", certs / "ca.key",
-                    "-CAcreateserial", "-days", "2", "-extfile", ext, "-out", pem], check=True, capture_output=True)
-    return pem, key
+    return harness.ca_signed_cert(certs, workdir, "policy", NAMES)
 
 
 @pytest.fixture(scope="module")

@@ -96,19 +96,6 @@ class PolicyHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def leaf(certs, directory, name, sans, chain=True):
-    key, csr, crt, ext = (directory / f"{name}.{x}" for x in ("key", "csr", "crt", "ext"))
-    subprocess.run(["openssl", "req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
-                    "-subj", f"/CN={sans[0]}"], check=True, capture_output=True)
-    ext.write_text("subjectAltName=" + ",".join(f"DNS:{s}" for s in sans) + "\nextendedKeyUsage=serverAuth\n")
-    subprocess.run(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(certs / "ca.pem"), "-CAkey",
-                    str(certs / "ca.key"), "-CAcreateserial", "-days", "2", "-out", str(crt), "-extfile", str(ext)],
-                   check=True, capture_output=True)
-    pem = directory / f"{name}-chain.pem"
-    pem.write_text(crt.read_text() + ((certs / "ca.pem").read_text() if chain else ""))
-    return pem, key
-
-
 @pytest.fixture(scope="module")
 def short_dir():
     path = tempfile.mkdtemp(prefix="mf-pol-")
@@ -122,7 +109,8 @@ def env(certs, workdir, short_dir, sink_factory, daemon_factory):
     server = None
     try:
         # mta-sts.nopolicy's name is on the certificate, but the server has no policy for it (404).
-        cert, key = leaf(certs, workdir, "policy-host", sorted(POLICIES) + [f"mta-sts.nopolicy.{ORIGIN}"])
+        cert, key = harness.ca_signed_cert(certs, workdir, "policy-host",
+                                           sorted(POLICIES) + [f"mta-sts.nopolicy.{ORIGIN}"])
         server = http.server.ThreadingHTTPServer((POLICY_HOST, 443), PolicyHandler)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(cert, key)
@@ -131,7 +119,7 @@ def env(certs, workdir, short_dir, sink_factory, daemon_factory):
         threading.Thread(target=server.serve_forever, daemon=True).start()
 
         port = harness.free_port("127.0.0.1", GOOD_MX, BAD_MX, PLAIN_MX)
-        good_cert, good_key = leaf(certs, workdir, "mx-sts", [f"mx.sts.{ORIGIN}"])
+        good_cert, good_key = harness.ca_signed_cert(certs, workdir, "mx-sts", [f"mx.sts.{ORIGIN}"], chain=True)
         sinks = {
             "good": sink_factory("mx-sts", host=GOOD_MX, port=port, tls_cert=good_cert, tls_key=good_key),
             # a certificate from the test CA, for other names (sink.test, localhost)

@@ -13,7 +13,6 @@ import gzip
 import http.server
 import json
 import ssl
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -58,13 +57,7 @@ class Collector(http.server.BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def report_cert(certs, workdir):
     """A certificate from the test CA for reports.rpt.example.net."""
-    key, csr, pem, ext = (workdir / n for n in ("reports.key", "reports.csr", "reports.pem", "reports.ext"))
-    subprocess.run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr,
-                    "-subj", "/CN=reports.rpt.example.net"], check=True, capture_output=True)
-    ext.write_text("subjectAltName=DNS:reports.rpt.example.net\nextendedKeyUsage=serverAuth\n")
-    subprocess.run(["openssl", "x509", "-req", "-in", csr, "-CA", certs / "ca.pem", "-CAkey", certs / "ca.key",
-                    "-CAcreateserial", "-days", "2", "-extfile", ext, "-out", pem], check=True, capture_output=True)
-    return pem, key
+    return harness.ca_signed_cert(certs, workdir, "reports", ["reports.rpt.example.net"])
 
 
 @pytest.fixture(scope="module")
