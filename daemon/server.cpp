@@ -313,8 +313,13 @@ struct Server::Impl {
   }
 
   void save_state() {
+    // Each on its own: one that cannot be written does not keep the other from being saved.
     std::string error;
-    if (!telemetry.save_state(started->state_dir, error) || !registry.mta_sts().save(started->state_dir, error)) {
+    if (!telemetry.save_state(started->state_dir, error)) {
+      telemetry.state_error("save_failed");
+      log_limited(LogLevel::error, "state_save_failed", {{"error", error}});
+    }
+    if (!registry.mta_sts().save(started->state_dir, error)) {
       telemetry.state_error("save_failed");
       log_limited(LogLevel::error, "state_save_failed", {{"error", error}});
     }
