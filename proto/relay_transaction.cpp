@@ -82,7 +82,7 @@ RelayTransaction::Step RelayTransaction::next() {
   for (;;) {
     while (!owed_.empty() && (owed_.front().owed == Owed::local_mail || owed_.front().owed == Owed::local_rcpt)) {
       emit_local(owed_.front());
-      owed_.pop_front();
+      owed_.erase(owed_.begin());
     }
     if (due_ && !upstream_out_.empty()) return Step::write_upstream;
     if (!owed_.empty()) return due_ ? Step::read_reply : Step::idle;
@@ -151,7 +151,7 @@ void RelayTransaction::on_reply(std::optional<Reply> reply) {
     return;
   }
   const Entry entry = std::move(owed_.front());
-  owed_.pop_front();
+  owed_.erase(owed_.begin());
   switch (entry.owed) {
     case Owed::mail:
       // Answered locally already; a refusal becomes the reply to this transaction's RCPTs.

@@ -11,7 +11,6 @@
 // gets a 2xx to RCPT or to end-of-data that the upstream did not give; a message is reported delivered at most
 // once, and only after the upstream's 2xx to its end-of-data.
 #include <cstdint>
-#include <deque>
 #include <map>
 #include <optional>
 #include <string>
@@ -108,7 +107,10 @@ class RelayTransaction {
   ServerSession& session_;
   std::string& client_out_;
 
-  std::deque<Entry> owed_;    // replies owed to the client, in command order
+  // Replies owed to the client, in command order. A vector, not a deque: an idle session (most of them) then
+  // holds no allocation for it (libstdc++'s deque allocates its first block on construction); a pipeline is at
+  // most limits.max_recipients + 2 entries, so taking the front is cheap.
+  std::vector<Entry> owed_;
   std::string upstream_out_;  // commands queued for the upstream, not yet written
   bool due_ = false;          // the owed upstream replies are to be read now
 
