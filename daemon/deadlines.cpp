@@ -10,21 +10,20 @@ namespace asio = boost::asio;
 Deadlines::Deadlines(const asio::any_io_executor& executor, std::function<void()> on_expiry)
     : timer_(executor), on_expiry_(std::move(on_expiry)) {}
 
-asio::awaitable<void> Deadlines::watch(std::shared_ptr<void> /*keep_alive*/) {
-  // The parameter is bound when the coroutine is created, not when it first runs (by then a short session
-  // may be gone).
-  while (!stopped_) {
-    timer_.expires_at(deadline_);
-    error_code ec;
-    co_await timer_.async_wait(asio::redirect_error(asio::use_awaitable, ec));
-    if (stopped_) break;
+void Deadlines::start(std::shared_ptr<void> keep_alive) { wait(std::move(keep_alive)); }
+
+void Deadlines::wait(std::shared_ptr<void> keep_alive) {
+  timer_.expires_at(deadline_);
+  timer_.async_wait([this, keep_alive = std::move(keep_alive)](const error_code&) mutable {
+    if (stopped_) return;  // keep_alive goes with the handler
     if (deadline_ <= Clock::now()) {
       // The wait in flight took too long: cancel everything it could be; the next wait arms its own deadline.
       timed_out_ = true;
       deadline_ = Clock::time_point::max();
       on_expiry_();
     }
-  }
+    wait(std::move(keep_alive));  // re-armed for the current deadline (arm() cancels to make it earlier)
+  });
 }
 
 void Deadlines::stop() {
@@ -43,9 +42,9 @@ void Deadlines::disarm(error_code& ec) {
 }
 
 asio::awaitable<void> Deadlines::read(Link& link, ReadBuffer& buffer, std::size_t max, Clock::time_point deadline,
-                                      error_code& ec, Link::Wait wait) {
+                                      error_code& ec) {
   arm(deadline);
-  co_await link.read_some(buffer, max, ec, wait);
+  co_await link.read_some(buffer, max, ec);
   disarm(ec);
 }
 

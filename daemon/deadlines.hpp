@@ -32,12 +32,13 @@ class Deadlines {
 
   static Clock::time_point in(Clock::duration timeout) { return Clock::now() + timeout; }
 
-  // The watchdog coroutine; `keep_alive` holds the session (and so this object) while it runs.
-  boost::asio::awaitable<void> watch(std::shared_ptr<void> keep_alive);
+  // Starts the watchdog: a plain timer wait, no coroutine (a parked idle session costs only its handler).
+  // `keep_alive` holds the session (and so this object) until stop().
+  void start(std::shared_ptr<void> keep_alive);
   void stop();  // the session is over: the watchdog ends
 
   boost::asio::awaitable<void> read(Link& link, ReadBuffer& buffer, std::size_t max, Clock::time_point deadline,
-                                    error_code& ec, Link::Wait wait = Link::Wait::busy);
+                                    error_code& ec);
   boost::asio::awaitable<void> write(Link& link, std::string_view data, Clock::time_point deadline,
                                      error_code& ec);
   // `peer`: null on the server side (Link::handshake).
@@ -52,6 +53,8 @@ class Deadlines {
   void disarm(error_code& ec);  // a deadline that fired becomes ec = timed_out
 
  private:
+  void wait(std::shared_ptr<void> keep_alive);
+
   boost::asio::steady_timer timer_;
   std::function<void()> on_expiry_;
   Clock::time_point deadline_ = Clock::time_point::max();

@@ -350,7 +350,7 @@ asio::awaitable<TlsRptDelivery> TlsRptSender::deliver_mailto(const Runtime& runt
   const std::string message = proto::tlsrpt::render_mail(day, telemetry_.tlsrpt().submitter(), gzipped, parts);
 
   auto conversation = std::make_shared<Conversation>(runtime, telemetry_, executor_, "tlsrpt-" + unique);
-  asio::co_spawn(executor_, conversation->deadlines.watch(conversation), asio::detached);
+  conversation->deadlines.start(conversation);
   const TlsRptDelivery result = co_await converse(*conversation, upstream, rua, config, message, detail);
   co_await conversation->leg.close(true);
   conversation->deadlines.stop();
