@@ -101,30 +101,30 @@ error_code Link::tls_error(int result) {
   return {static_cast<int>(code), asio::error::get_ssl_category()};
 }
 
-asio::awaitable<std::size_t> Link::read_socket(ReadBuffer& buffer, std::size_t max, error_code& ec,
-                                               Wait wait) {
-  if (wait == Wait::busy) {
-    const std::size_t n = co_await socket_.async_read_some(asio::buffer(buffer.prepare(max), max), with(ec));
-    buffer.commit(n);
-    co_return n;
-  }
-  // Idle: try a per-thread scratch area first (data may already be there), else wait without any buffer.
-  // The scratch area is only touched between suspension points, so sharing it per thread is safe.
-  thread_local std::array<char, 64 * 1024> scratch;
-  for (;;) {
-    const std::size_t n = socket_.read_some(asio::buffer(scratch.data(), std::min(max, scratch.size())), ec);
-    if (!ec) {
-      buffer.append({scratch.data(), n});
-      co_return n;
-    }
-    if (ec != asio::error::would_block && ec != asio::error::try_again) co_return 0;
-    co_await socket_.async_wait(asio::ip::tcp::socket::wait_read, with(ec));
-    if (ec) co_return 0;
-  }
+asio::awaitable<void> Link::fill_cipher(error_code& ec) {
+  const std::size_t n =
+      co_await socket_.async_read_some(asio::buffer(cipher_in_.prepare(max_record_read), max_record_read), with(ec));
+  cipher_in_.commit(n);
 }
 
-asio::awaitable<void> Link::fill_cipher(error_code& ec, Wait wait) {
-  co_await read_socket(cipher_in_, max_record_read, ec, wait);
+std::size_t Link::read_now(ReadBuffer& buffer, std::size_t max, error_code& ec) {
+  if (ssl_ != nullptr) {
+    ec = asio::error::would_block;
+    return 0;
+  }
+  const std::size_t n = socket_.read_some(asio::buffer(buffer.prepare(max), max), ec);  // the socket is non-blocking
+  if (ec == asio::error::try_again) ec = asio::error::would_block;
+  if (!ec) buffer.commit(n);
+  return ec ? 0 : n;
+}
+
+void Link::release_idle_buffers() {
+  cipher_in_.release_if_empty();
+  if (cipher_out_.empty()) std::string().swap(cipher_out_);
+}
+
+bool Link::buffered() const {
+  return ssl_ != nullptr && (SSL_pending(ssl_) > 0 || SSL_has_pending(ssl_) == 1 || !cipher_in_.empty());
 }
 
 std::size_t Link::write_now(std::string_view data, error_code& ec) {
@@ -157,22 +157,18 @@ asio::awaitable<void> Link::flush_cipher(error_code& ec) {
   release_if_large(cipher_out_);
 }
 
-asio::awaitable<std::size_t> Link::read_some(ReadBuffer& buffer, std::size_t max, error_code& ec, Wait wait) {
-  if (ssl_ == nullptr && wait == Wait::busy) {
-    // The hot path (a reply, a command, a DATA block) awaits the socket itself: one coroutine frame less per
-    // read than through read_socket().
+asio::awaitable<std::size_t> Link::read_some(ReadBuffer& buffer, std::size_t max, error_code& ec) {
+  if (ssl_ == nullptr) {
     const std::size_t n = co_await socket_.async_read_some(asio::buffer(buffer.prepare(max), max), with(ec));
     buffer.commit(n);
     co_return n;
   }
-  if (ssl_ == nullptr) co_return co_await read_socket(buffer, max, ec, wait);
-  // Nothing buffered anywhere: wait for the peer before touching `buffer`, so that an idle session holds no
-  // read buffer. After SSL_ERROR_WANT_READ OpenSSL has drained our BIO and holds at most a partial record:
-  // it needs more bytes from the network whatever SSL_has_pending() says.
-  bool need_network = SSL_pending(ssl_) == 0 && SSL_has_pending(ssl_) == 0 && cipher_in_.empty();
+  // After SSL_ERROR_WANT_READ OpenSSL has drained our BIO and holds at most a partial record: it needs more
+  // bytes from the network whatever SSL_has_pending() says.
+  bool need_network = !buffered();
   for (;;) {
     if (need_network) {
-      co_await fill_cipher(ec, wait);
+      co_await fill_cipher(ec);
       if (ec) co_return 0;
     }
     need_network = true;
@@ -267,7 +263,7 @@ asio::awaitable<void> Link::handshake(SSL_CTX* context, const Peer* peer, error_
     if (failure) ec = failure;
     if (ec) co_return;
     if (result == 1) break;
-    co_await fill_cipher(ec, Wait::busy);
+    co_await fill_cipher(ec);
     if (ec) co_return;
   }
   tls_info_ = tls_info(ssl_);

@@ -3,8 +3,8 @@
 //
 // TLS runs OpenSSL over a custom BIO that reads and writes this object's own buffers (sans-I/O, like
 // proto/): no asio::ssl::stream, whose four 17 KiB buffers per connection would dominate an idle session's
-// memory. A session that waits for its next command waits for readability without a buffer (see Wait), so it
-// owns no read buffer at all; SSL_MODE_RELEASE_BUFFERS lets OpenSSL drop its record buffers in between too.
+// memory. A session that waits for its next command waits for readability without a buffer (RelaySession::run),
+// so it owns no read buffer at all; SSL_MODE_RELEASE_BUFFERS lets OpenSSL drop its record buffers in between too.
 #include <utility>  // before Asio (Boost 1.74 + GCC 12)
 
 #include <boost/asio/awaitable.hpp>
@@ -35,15 +35,18 @@ class Link {
   // the handshake failed; "no_hello" before any handshake.
   std::string_view offered_tls() const;
 
-  // How to wait for data. `idle`: hold no buffer while waiting (a session parked between commands costs
-  // only its own state); `busy`: read straight into the buffer (one speculative recv, and no epoll_ctl to
-  // re-arm a readiness wait: the cheaper path while a transaction is moving).
-  enum class Wait { idle, busy };
-
   // Appends at most `max` bytes of application data to `buffer`. Errors: asio::error::eof on a clean close,
   // an SSL-category code (the OpenSSL error) on a TLS failure, operation_aborted after cancel().
   boost::asio::awaitable<std::size_t> read_some(ReadBuffer& buffer, std::size_t max,
-                                                boost::system::error_code& ec, Wait wait = Wait::busy);
+                                                boost::system::error_code& ec);
+  // What is there already, without waiting (plaintext only): appends at most `max` bytes to `buffer` and returns how
+  // many; 0 with ec = would_block when there is nothing (or with TLS): await read_some() then. Right after a
+  // readiness wait the bytes are there, and then the read needs no coroutine frame or Asio operation (issue #16).
+  std::size_t read_now(ReadBuffer& buffer, std::size_t max, boost::system::error_code& ec);
+  // TLS input received and not yet read (in OpenSSL or the cipher buffer): a readiness wait would not see it.
+  bool buffered() const;
+  // Between commands: gives back the TLS buffers' storage that holds nothing (an idle session keeps none).
+  void release_idle_buffers();
   boost::asio::awaitable<void> write(std::string_view data, boost::system::error_code& ec);
   // What the socket takes at once, without waiting: the bytes sent (plaintext only; with TLS nothing is sent and
   // 0 returned). The caller awaits write() for the rest, if any. A reply, a command or a DATA block nearly always
@@ -79,9 +82,7 @@ class Link {
 
  private:
   friend struct LinkBio;
-  boost::asio::awaitable<std::size_t> read_socket(ReadBuffer& buffer, std::size_t max,
-                                                  boost::system::error_code& ec, Wait wait);
-  boost::asio::awaitable<void> fill_cipher(boost::system::error_code& ec, Wait wait);
+  boost::asio::awaitable<void> fill_cipher(boost::system::error_code& ec);
   boost::asio::awaitable<void> send_all(std::string_view data, boost::system::error_code& ec);
   std::size_t send_now(std::string_view data, boost::system::error_code& ec);
   boost::asio::awaitable<void> flush_cipher(boost::system::error_code& ec);

@@ -3,6 +3,7 @@
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/asio/post.hpp>
+#include <boost/asio/redirect_error.hpp>
 #include <boost/asio/use_awaitable.hpp>
 
 #include <fmt/format.h>
@@ -106,14 +107,13 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
         deadlines_(client_.socket().get_executor(),
                    [this] {
                      client_.cancel();
-                     upstream_.cancel();
+                     if (upstream_) upstream_->cancel();
                    }),
-        upstream_({*runtime_, telemetry_, deadlines_, id_, listener_.name, &registry.mta_sts()},
-                  client_.socket().get_executor()),
         session_(server_options()),
-        transaction_(session_, client_out_),
         connector_certain_at_mail_(connector_certain_at_mail()) {}
 
+  // Before run(): the client's address, the counters, the watchdog (no I/O).
+  void begin();
   asio::awaitable<void> run();
   // The completion of run() with an exception: logs, counts and releases what the session held.
   void crashed(std::exception_ptr error);
@@ -127,7 +127,7 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
   void force_close() {
     asio::post(client_.socket().get_executor(), [self = shared_from_this()] {
       self->client_.close();
-      self->upstream_.force_close();
+      if (self->upstream_) self->upstream_->force_close();
     });
   }
 
@@ -143,12 +143,15 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
   }
   static SteadyClock::time_point in(SteadyClock::duration timeout) { return Deadlines::in(timeout); }
 
-  asio::awaitable<void> serve();
+  asio::awaitable<bool> open();  // PROXY header, limits, greet pause, banner: false when the session ends there
   asio::awaitable<void> finish();
   void release();  // the session's end, without I/O: closes, counts, frees its slots and logs; once only
   asio::awaitable<bool> read_proxy_header();
   asio::awaitable<bool> greet_pause();
-  asio::awaitable<bool> next_line(std::string& line);
+  // The next command line; `idle`: the session waits for its next command (see run()).
+  enum class Input { line, idle, closed };
+  asio::awaitable<Input> next_line(std::string& line, bool readable);
+  asio::awaitable<void> read_failed(const boost::system::error_code& ec);  // a command wait ended in error
   asio::awaitable<void> perform(const proto::ServerSession::Action& action);
   asio::awaitable<bool> flush();
   asio::awaitable<void> say_goodbye(std::string_view reply, std::string_view result);
@@ -158,6 +161,7 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
   // The transaction: proto::RelayTransaction decides, this performs its steps.
   asio::awaitable<void> settle();  // every reply owed to the client is given (command order)
   asio::awaitable<void> drive();
+  void start_transaction();
   void begin_mail();
   void forward_rcpt();
   asio::awaitable<std::optional<std::string>> open_route();
@@ -185,11 +189,13 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
   std::string id_ = new_session_id();
   Link client_;
   Deadlines deadlines_;
-  UpstreamLeg upstream_;
   proto::ServerSession session_;
   proto::CommandFramer framer_;
   std::string client_out_;
-  proto::RelayTransaction transaction_;
+  // Made at the first MAIL (start_transaction()) and kept for the session (the upstream connection is reused):
+  // a session that never starts a transaction does not carry them (issue #16: RSS per idle session).
+  std::unique_ptr<UpstreamLeg> upstream_;
+  std::unique_ptr<proto::RelayTransaction> transaction_;
 
   ReadBuffer client_in_;
   asio::ip::address client_address_;
@@ -221,8 +227,7 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
 
 // ---- the session ----------------------------------------------------------------------------------------
 
-asio::awaitable<void> RelaySession::run() {
-  auto self = shared_from_this();
+void RelaySession::begin() {
   error_code ec;
   auto peer = client_.socket().remote_endpoint(ec);
   if (!ec) {
@@ -232,22 +237,52 @@ asio::awaitable<void> RelaySession::run() {
   }
   client_.socket().set_option(tcp::no_delay(true), ec);
   telemetry_.session_opened(listener_.name);
-  asio::co_spawn(client_.socket().get_executor(), deadlines_.watch(self), asio::detached);
-  co_await serve();
+  deadlines_.start(shared_from_this());
+}
+
+asio::awaitable<void> RelaySession::run() {
+  // An idle session (waiting for its next command, no transaction open) is parked here, at the top of its only
+  // coroutine, waiting for readability without a buffer: what it costs then is this frame, the wait and the
+  // session's own state (issue #16: RSS per idle session). Everything deeper has returned.
+  auto self = shared_from_this();
+  if (co_await open()) {
+    std::string line;
+    bool readable = false;
+    while (!close_) {
+      const Input input = co_await next_line(line, readable);
+      readable = false;
+      if (input == Input::closed) break;
+      if (input == Input::idle) {
+        error_code ec;
+        idle_ = true;
+        co_await client_.socket().async_wait(tcp::socket::wait_read, asio::redirect_error(asio::use_awaitable, ec));
+        idle_ = false;
+        deadlines_.disarm(ec);
+        if (ec) {
+          co_await read_failed(ec);
+          break;
+        }
+        readable = true;
+        continue;
+      }
+      failpoint("session.command");
+      co_await perform(session_.on_line(line));
+    }
+  }
   co_await finish();
 }
 
-asio::awaitable<void> RelaySession::serve() {
+asio::awaitable<bool> RelaySession::open() {
   const bool proxy_trusted =
       std::any_of(listener_.proxy_trusted.begin(), listener_.proxy_trusted.end(),
                   [&](const config::Cidr& cidr) { return cidr.contains(client_bytes_); });
-  if (proxy_trusted && !co_await read_proxy_header()) co_return;
+  if (proxy_trusted && !co_await read_proxy_header()) co_return false;
 
   if (registry_.active() > config_.limits.max_sessions) {
     count_reject("session_limit");
     co_await say_goodbye(proto::format_reply(421, "4.7.0", config_.hostname + " Error: too many connections"),
                          "session_limit");
-    co_return;
+    co_return false;
   }
   if (!registry_.admit_address(client_bytes_, config_.limits.max_sessions_per_ip)) {
     count_reject("ip_limit");
@@ -255,24 +290,19 @@ asio::awaitable<void> RelaySession::serve() {
         proto::format_reply(421, "4.7.0",
                             config_.hostname + " Error: too many connections from your address"),
         "ip_limit");
-    co_return;
+    co_return false;
   }
   address_admitted_ = true;
 
-  if (config_.limits.greet_pause.count() > 0 && !co_await greet_pause()) co_return;
+  if (config_.limits.greet_pause.count() > 0 && !co_await greet_pause()) co_return false;
 
   client_out_ += session_.banner();
-  std::string line;
-  while (!close_) {
-    if (!co_await next_line(line)) co_return;
-    failpoint("session.command");
-    co_await perform(session_.on_line(line));
-  }
+  co_return true;
 }
 
 asio::awaitable<void> RelaySession::finish() {
   if (!client_out_.empty()) co_await flush();
-  co_await upstream_.close(!transaction_.upstream_in_transaction());
+  if (upstream_) co_await upstream_->close(!transaction_->upstream_in_transaction());
   co_await close_client();
   release();
 }
@@ -283,7 +313,7 @@ void RelaySession::crashed(std::exception_ptr error) {
   log_event(LogLevel::error, "internal_error",
             {{"id", id_}, {"component", "session"}, {"error", exception_text(error)}});
   result_ = "internal_error";
-  upstream_.drop();
+  if (upstream_) upstream_->drop();
   release();
 }
 
@@ -311,7 +341,7 @@ void RelaySession::release() {
              {"cipher", client_.tls().cipher},
              {"connector", connectors_seen_},
              {"sender_domains", sender_domains_seen_},
-             {"upstream", upstream_.summary()},
+             {"upstream", upstream_ ? std::string_view(upstream_->summary()) : std::string_view()},
              {"messages", messages_},
              {"rejects", rejects_},
              {"result", result_},
@@ -346,8 +376,7 @@ asio::awaitable<bool> RelaySession::read_proxy_header() {
       co_return false;
     }
     error_code ec;
-    co_await deadlines_.read(client_, client_in_, proto::max_proxy_header - client_in_.size(), deadline, ec,
-                             Link::Wait::idle);
+    co_await deadlines_.read(client_, client_in_, proto::max_proxy_header - client_in_.size(), deadline, ec);
     if (ec) {
       const bool timed_out = ec == asio::error::timed_out;
       count_reject(timed_out ? "proxy_timeout" : "proxy_truncated");
@@ -376,7 +405,7 @@ asio::awaitable<bool> RelaySession::greet_pause() {
   co_return false;
 }
 
-asio::awaitable<bool> RelaySession::next_line(std::string& line) {
+asio::awaitable<RelaySession::Input> RelaySession::next_line(std::string& line, bool readable) {
   for (;;) {
     if (!proxy_checked_ && !client_in_.empty()) {
       proxy_checked_ = true;
@@ -385,7 +414,7 @@ asio::awaitable<bool> RelaySession::next_line(std::string& line) {
         co_await say_goodbye(
             proto::format_reply(554, "5.7.0", "PROXY protocol not accepted from this address"),
             "proxy_untrusted");
-        co_return false;
+        co_return Input::closed;
       }
     }
     auto event = framer_.next(client_in_.view());
@@ -394,28 +423,23 @@ asio::awaitable<bool> RelaySession::next_line(std::string& line) {
       client_in_.consume(event.consumed);
       command_clock_running_ = false;
       ++commands_;
-      co_return true;
+      co_return Input::line;
     }
     client_in_.consume(event.consumed);
     if (event.kind != proto::CommandFramer::Kind::need_more) {
       command_clock_running_ = false;
       co_await perform(session_.on_framing_error(event.kind));
-      if (close_) co_return false;
+      if (close_) co_return Input::closed;
       continue;
     }
     co_await settle();
-    if (!co_await flush()) co_return false;
+    if (!co_await flush()) co_return Input::closed;
     const bool idle = session_.state() == proto::ServerSession::State::need_helo ||
                       session_.state() == proto::ServerSession::State::ready;
     if (idle && registry_.draining()) {
       co_await say_goodbye(proto::format_reply(421, "4.3.2", config_.hostname + " Service shutting down"),
                            "shutdown");
-      co_return false;
-    }
-    idle_ = idle;
-    if (idle) {  // an idle session keeps no buffers
-      client_in_.release_if_empty();
-      upstream_.release_idle_buffers();
+      co_return Input::closed;
     }
     // The whole command must arrive within the timeout: partial lines do not restart the clock (slowloris).
     if (!command_clock_running_) {
@@ -423,23 +447,37 @@ asio::awaitable<bool> RelaySession::next_line(std::string& line) {
           SteadyClock::now() + (commands_ == 0 ? config_.timeouts.greeting : config_.timeouts.command);
       command_clock_running_ = true;
     }
-    error_code ec;
-    co_await deadlines_.read(client_, client_in_, command_read_chunk, command_deadline_, ec,
-                             idle ? Link::Wait::idle : Link::Wait::busy);
-    idle_ = false;
-    if (ec) {
-      if (ec == asio::error::timed_out) {
-        count_reject("timeout");
-        co_await say_goodbye(proto::format_reply(421, "4.4.2", config_.hostname + " Error: timeout exceeded"),
-                             "timeout");
-      } else if (ec == asio::error::operation_aborted && registry_.draining()) {
-        co_await say_goodbye(proto::format_reply(421, "4.3.2", config_.hostname + " Service shutting down"),
-                             "shutdown");
-      } else {
-        result_ = "disconnected";
-      }
-      co_return false;
+    if (idle && !readable && !client_.buffered()) {  // an idle session keeps no buffers and waits in run()
+      client_in_.release_if_empty();
+      client_.release_idle_buffers();
+      if (upstream_) upstream_->release_idle_buffers();
+      deadlines_.arm(command_deadline_);
+      co_return Input::idle;
     }
+    error_code ec;
+    if (readable) {  // after the idle wait in run(): the bytes are there, nearly always
+      readable = false;
+      if (client_.read_now(client_in_, command_read_chunk, ec) > 0) continue;
+      if (ec == asio::error::would_block) ec = {};  // TLS, or a spurious wakeup: wait below
+    }
+    if (!ec) co_await deadlines_.read(client_, client_in_, command_read_chunk, command_deadline_, ec);
+    if (ec) {
+      co_await read_failed(ec);
+      co_return Input::closed;
+    }
+  }
+}
+
+asio::awaitable<void> RelaySession::read_failed(const error_code& ec) {
+  if (ec == asio::error::timed_out) {
+    count_reject("timeout");
+    co_await say_goodbye(proto::format_reply(421, "4.4.2", config_.hostname + " Error: timeout exceeded"),
+                         "timeout");
+  } else if (ec == asio::error::operation_aborted && registry_.draining()) {
+    co_await say_goodbye(proto::format_reply(421, "4.3.2", config_.hostname + " Service shutting down"),
+                         "shutdown");
+  } else {
+    result_ = "disconnected";
   }
 }
 
@@ -459,7 +497,7 @@ asio::awaitable<void> RelaySession::perform(const proto::ServerSession::Action& 
       break;
     case Kind::reset:
       client_out_ += action.reply;
-      transaction_.reset();
+      if (transaction_) transaction_->reset();
       break;
     case Kind::start_tls:
       client_out_ += action.reply;
@@ -472,7 +510,7 @@ asio::awaitable<void> RelaySession::perform(const proto::ServerSession::Action& 
       forward_rcpt();
       break;
     case Kind::begin_data:
-      transaction_.data();
+      transaction_->data();
       break;
   }
   co_await drive();
@@ -589,17 +627,26 @@ bool RelaySession::connector_certain_at_mail() const {
   });
 }
 
+void RelaySession::start_transaction() {
+  if (transaction_) return;
+  upstream_ = std::make_unique<UpstreamLeg>(
+      UpstreamLeg::Session{*runtime_, telemetry_, deadlines_, id_, listener_.name, &registry_.mta_sts()},
+      client_.socket().get_executor());
+  transaction_ = std::make_unique<proto::RelayTransaction>(session_, client_out_);
+}
+
 void RelaySession::begin_mail() {
   // INTERFACE rule 6: MAIL is answered here, after mailflowd's own checks (syntax and SIZE in ServerSession,
   // forced TLS where the connector is already certain); it goes upstream with the first RCPT, when the route
   // is known.
+  start_transaction();
   sender_domain_ = proto::address_domain(session_.last_command().address);
   bool tls_missing = false;
   if (!session_.tls_active() && connector_certain_at_mail_) {
     const Route route = route_for("");
     tls_missing = route.connector && route.connector->require_tls;
   }
-  transaction_.mail(session_.last_command().argument, tls_missing);
+  transaction_->mail(session_.last_command().argument, tls_missing);
 }
 
 void RelaySession::forward_rcpt() {
@@ -609,63 +656,65 @@ void RelaySession::forward_rcpt() {
   route.connector = opening_.connector ? opening_.connector->name : std::string(internet_connector);
   route.path = opening_.upstream->name + "/" + opening_.domain;
   route.require_tls = opening_.connector && opening_.connector->require_tls;
-  transaction_.rcpt(session_.last_command().argument, domain, route, session_.tls_active());
+  transaction_->rcpt(session_.last_command().argument, domain, route, session_.tls_active());
 }
 
 asio::awaitable<void> RelaySession::settle() {
-  transaction_.flush();
+  if (!transaction_) co_return;
+  transaction_->flush();
   co_await drive();
 }
 
 asio::awaitable<void> RelaySession::drive() {
   using Step = proto::RelayTransaction::Step;
+  if (!transaction_) co_return;
   for (;;) {
-    for (const auto reason : transaction_.take_rejects()) count_reject(reason);
-    if (const auto recipients = transaction_.take_delivered()) {
+    for (const auto reason : transaction_->take_rejects()) count_reject(reason);
+    if (const auto recipients = transaction_->take_delivered()) {
       // The one place a message is counted: the upstream took responsibility for it.
       ++messages_;
       // The far side: the client for inbound mail; the MX host and the recipients' domains for outbound.
       const bool out = listener_.direction == config::Direction::outbound;
-      const std::string address = out ? upstream_.address() : address_text(client_address_);
+      const std::string address = out ? upstream_->address() : address_text(client_address_);
       const std::span<const std::string> domains =
-          out ? std::span<const std::string>(transaction_.accepted_domains())
+          out ? std::span<const std::string>(transaction_->accepted_domains())
               : std::span<const std::string>(&sender_domain_, sender_domain_.empty() ? 0 : 1);
       telemetry_.message_delivered(
           connector_name_, listener_.direction, message_version_, message_bytes_, *recipients,
-          Remote{address, out ? upstream_.host() : session_.helo_name(),
-                 out ? upstream_.cipher() : std::string_view(client_.tls().cipher), domains,
-                 out ? upstream_.policy() : std::string_view()});
+          Remote{address, out ? upstream_->host() : session_.helo_name(),
+                 out ? upstream_->cipher() : std::string_view(client_.tls().cipher), domains,
+                 out ? upstream_->policy() : std::string_view()});
     }
-    switch (transaction_.next()) {
+    switch (transaction_->next()) {
       case Step::idle:
         co_return;
       case Step::open_upstream: {
         const UpstreamLeg::Client client{address_text(client_address_), client_port_, session_.helo_name(),
                                          session_.esmtp()};
         bool reused = false;
-        auto refusal = co_await upstream_.open(*opening_.upstream, opening_.domain, client,
-                                               transaction_.route_to_open().connector,
-                                               !transaction_.upstream_in_transaction(), reused);
+        auto refusal = co_await upstream_->open(*opening_.upstream, opening_.domain, client,
+                                               transaction_->route_to_open().connector,
+                                               !transaction_->upstream_in_transaction(), reused);
         if (refusal) {
           if (!refusal->reason.empty()) count_reject(refusal->reason);
-          transaction_.on_opened(std::move(refusal->reply), reused, false);
+          transaction_->on_opened(std::move(refusal->reply), reused, false);
           break;
         }
-        transaction_.on_opened(std::nullopt, reused, upstream_.pipelining());
+        transaction_->on_opened(std::nullopt, reused, upstream_->pipelining());
         route_chosen();
         break;
       }
       case Step::reset_upstream:
-        transaction_.on_reset(co_await upstream_.reset());
+        transaction_->on_reset(co_await upstream_->reset());
         break;
       case Step::write_upstream:
-        transaction_.on_written(
-            co_await upstream_.write(transaction_.upstream_output(), in(config_.timeouts.command)));
+        transaction_->on_written(
+            co_await upstream_->write(transaction_->upstream_output(), in(config_.timeouts.command)));
         break;
       case Step::read_reply: {
-        const bool data_end = transaction_.reply_wait() == proto::RelayTransaction::ReplyWait::data_end;
-        transaction_.on_reply(
-            co_await upstream_.read_reply(in(data_end ? config_.timeouts.data_end : config_.timeouts.command)));
+        const bool data_end = transaction_->reply_wait() == proto::RelayTransaction::ReplyWait::data_end;
+        transaction_->on_reply(
+            co_await upstream_->read_reply(in(data_end ? config_.timeouts.data_end : config_.timeouts.command)));
         break;
       }
       case Step::send_message:
@@ -676,7 +725,7 @@ asio::awaitable<void> RelaySession::drive() {
 }
 
 void RelaySession::route_chosen() {
-  connector_name_ = transaction_.route()->connector;
+  connector_name_ = transaction_->route()->connector;
   add_to_list(connectors_seen_, connector_name_, std::numeric_limits<std::size_t>::max());
   // The envelope sender's domain (never its local part), so that traffic that lands in "internet" is known by
   // more than its address and HELO; "<>" for bounces. Bounded: a session cannot grow the line without end.
@@ -706,14 +755,14 @@ std::string RelaySession::received_header() const {
 
 proto::TlsVersion RelaySession::counted_version() const {
   // The external leg decides: the client's for inbound listeners, the upstream's for outbound ones.
-  if (listener_.direction == config::Direction::outbound) return upstream_.tls_version();
+  if (listener_.direction == config::Direction::outbound) return upstream_->tls_version();
   return client_.tls().version;
 }
 
 asio::awaitable<void> RelaySession::relay_message() {
   if (!co_await flush()) {  // the client's 354
-    co_await upstream_.close(false);
-    transaction_.on_message_aborted();
+    co_await upstream_->close(false);
+    transaction_->on_message_aborted();
     co_return;
   }
   proto::DataFilter filter(
@@ -738,12 +787,12 @@ asio::awaitable<void> RelaySession::relay_message() {
                            (reject_bare_newline && filter.bare_newline_seen()) || too_many_hops;
     if (violation && upstream_ok) {
       // Closing without the terminator is the only way to abort DATA: the upstream discards the message.
-      co_await upstream_.close(false);
+      co_await upstream_->close(false);
       upstream_ok = false;
     }
     if (upstream_ok && !out.empty() && (out.size() >= data_block_size || filter.done())) {
       // The upstream gets as long for a block as the client does.
-      if (!co_await upstream_.write(out, in(config_.timeouts.data_block))) {
+      if (!co_await upstream_->write(out, in(config_.timeouts.data_block))) {
         upstream_ok = false;
         // The client is not to blame for the time the upstream took: its block starts over. It may finish the
         // message (and hear 451) but gets no more time than any block.
@@ -762,8 +811,8 @@ asio::awaitable<void> RelaySession::relay_message() {
     co_await deadlines_.read(client_, client_in_, data_read_chunk, block_deadline, ec);
     if (ec) {
       // The client went away (or stalled) mid-message: nothing may be delivered.
-      co_await upstream_.close(false);
-      transaction_.on_message_aborted();
+      co_await upstream_->close(false);
+      transaction_->on_message_aborted();
       if (ec == asio::error::timed_out) {
         count_reject("timeout");
         co_await say_goodbye(proto::format_reply(421, "4.4.2", config_.hostname + " Error: timeout exceeded"),
@@ -795,7 +844,7 @@ asio::awaitable<void> RelaySession::relay_message() {
   } else if (!upstream_ok) {
     refusal = std::string(proto::RelayTransaction::upstream_lost_reply);
   }
-  transaction_.on_message_end(std::move(refusal));
+  transaction_->on_message_end(std::move(refusal));
 }
 
 // ---- loop scope -----------------------------------------------------------------------------------------
@@ -889,6 +938,7 @@ void start_relay_session(tcp::socket socket, std::shared_ptr<const Runtime> runt
   auto executor = socket.get_executor();
   auto session = std::make_shared<RelaySession>(std::move(socket), std::move(runtime), listener, registry);
   registry.add(session);
+  session->begin();
   asio::co_spawn(executor, session->run(), [session](std::exception_ptr error) {
     if (error) session->crashed(error);
   });

@@ -112,7 +112,10 @@ void UpstreamLeg::force_close() {
   if (link_) link_->close();
 }
 
-void UpstreamLeg::release_idle_buffers() { in_.release_if_empty(); }
+void UpstreamLeg::release_idle_buffers() {
+  in_.release_if_empty();
+  if (link_) link_->release_idle_buffers();
+}
 
 void UpstreamLeg::fail(std::string_view reason) {
   const std::string name = upstream_ ? upstream_->name : "";

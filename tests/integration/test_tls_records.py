@@ -110,3 +110,31 @@ def test_partial_records_relay_byte_exact(env, version, label, piece):
     assert rest == MESSAGE
     assert label.encode() in received[0]
     harness.assert_counted(env.daemon, before, "internet", "inbound", label)
+
+
+def test_commands_left_inside_tls_are_answered(env):
+    """More pipelined commands in one TLS record than one read takes (4 KiB): the rest stays inside OpenSSL, where
+    a session waiting idle for the socket to become readable would not see it. Every command must be answered
+    without further input from the client."""
+    count = 1000  # 6,000 bytes of NOOPs
+    sock = socket.create_connection(("127.0.0.1", env.port), timeout=10)
+    try:
+        plain = harness.RawSmtp.__new__(harness.RawSmtp)
+        plain.sock, plain.buf, plain.transcript = sock, b"", []
+        assert plain.reply()[0] == 220
+        assert plain.cmd("EHLO pending.example.test")[0] == 250
+        assert plain.cmd("STARTTLS")[0] == 220
+        tls = TrickleTls(sock, ssl.TLSVersion.TLSv1_3, 1 << 20)  # each flight in one write
+        tls.handshake()
+        assert tls.cmd("EHLO pending.example.test")[0] == 250
+        tls.send(b"NOOP\r\n" * count)
+        answered = b""
+        while answered.count(b"\r\n") < count:  # a session stuck in its idle wait times the socket out here
+            try:
+                answered += tls.obj.read(65536)
+            except ssl.SSLWantReadError:
+                tls._receive()
+        assert answered.count(b"\r\n") == count
+        assert answered.count(b"250 ") == count, answered[:200]
+    finally:
+        sock.close()
