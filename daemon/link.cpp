@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <array>
+#include <charconv>
 #include <climits>
 #include <cstring>
 
@@ -301,9 +302,23 @@ void Link::close() {
 }
 
 std::string address_text(const asio::ip::address& address) {
-  if (address.is_v6() && address.to_v6().is_v4_mapped())
-    return asio::ip::make_address_v4(asio::ip::v4_mapped, address.to_v6()).to_string();
-  return address.to_string();
+  asio::ip::address_v4::bytes_type v4;
+  if (address.is_v4()) {
+    v4 = address.to_v4().to_bytes();
+  } else if (address.to_v6().is_v4_mapped()) {
+    v4 = asio::ip::make_address_v4(asio::ip::v4_mapped, address.to_v6()).to_bytes();
+  } else {
+    return address.to_string();
+  }
+  // IPv4 is formatted here: Asio's to_string() goes through inet_ntop(), i.e. sprintf(), about 2,000
+  // instructions, and a relayed message needs the client's address twice (issue #16).
+  char text[16];  // "255.255.255.255"
+  char* end = text;
+  for (std::size_t i = 0; i < v4.size(); ++i) {
+    if (i > 0) *end++ = '.';
+    end = std::to_chars(end, text + sizeof text, v4[i]).ptr;
+  }
+  return std::string(text, end);
 }
 
 std::string endpoint_text(const asio::ip::address& address, std::uint16_t port) {
