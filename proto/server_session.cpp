@@ -122,7 +122,7 @@ ServerSession::Action ServerSession::refuse_parse_error(const ParsedCommand& par
 
 ServerSession::Action ServerSession::on_line(std::string_view line) {
   ParsedCommand parsed = parse_command(line);
-  last_command_ = parsed.command;
+  last_command_ = std::move(parsed.command);  // dispatch() reads it there (no copy of its strings per command)
   // A MAIL/RCPT still waiting for its upstream answer counts as accepted for sequencing, so that a daemon
   // which pipelines upstream gets the same answers as one that waits (the upstream has the final word
   // anyway).
@@ -130,12 +130,12 @@ ServerSession::Action ServerSession::on_line(std::string_view line) {
   if (effective == State::ready && mail_pending_) effective = State::mail;
   if (effective == State::mail && pending_rcpts_ > 0) effective = State::rcpt;
   static constexpr auto table = make_table<Step>();
-  const Step step = table[static_cast<std::size_t>(effective)][static_cast<std::size_t>(parsed.command.verb)];
+  const Step step = table[static_cast<std::size_t>(effective)][static_cast<std::size_t>(last_command_.verb)];
   return dispatch(step, parsed, effective);
 }
 
 ServerSession::Action ServerSession::dispatch(Step step, const ParsedCommand& parsed, State effective) {
-  const Command& cmd = parsed.command;
+  const Command& cmd = last_command_;
   const bool in_transaction = effective == State::mail || effective == State::rcpt;
   Action a;
   switch (step) {
