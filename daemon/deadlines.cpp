@@ -41,34 +41,6 @@ void Deadlines::disarm(error_code& ec) {
   if (std::exchange(timed_out_, false)) ec = asio::error::timed_out;
 }
 
-asio::awaitable<void> Deadlines::read(Link& link, ReadBuffer& buffer, std::size_t max, Clock::time_point deadline,
-                                      error_code& ec) {
-  arm(deadline);
-  co_await link.read_some(buffer, max, ec);
-  disarm(ec);
-}
-
-asio::awaitable<void> Deadlines::write(Link& link, std::string_view data, Clock::time_point deadline,
-                                       error_code& ec) {
-  arm(deadline);
-  co_await link.write(data, ec);
-  disarm(ec);
-}
-
-asio::awaitable<void> Deadlines::handshake(Link& link, SSL_CTX* context, const Link::Peer* peer,
-                                           Clock::time_point deadline, error_code& ec) {
-  arm(deadline);
-  co_await link.handshake(context, peer, ec);
-  disarm(ec);
-}
-
-asio::awaitable<void> Deadlines::connect(Link& link, const asio::ip::tcp::endpoint& endpoint,
-                                         Clock::time_point deadline, error_code& ec) {
-  arm(deadline);
-  co_await link.connect(endpoint, ec);
-  disarm(ec);
-}
-
 asio::awaitable<void> Deadlines::wait_readable(asio::ip::tcp::socket& socket, Clock::time_point deadline,
                                                error_code& ec) {
   arm(deadline);

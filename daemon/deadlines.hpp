@@ -1,8 +1,8 @@
 #pragma once
-// A session's deadlines. Every wait of a session (client and upstream leg alike) goes through one of these
-// wrappers with its own absolute deadline, armed right before it (as Beast's expires_after): one watchdog timer
-// per session cancels whatever is in flight when the deadline passes, and the wait then reports
-// asio::error::timed_out, so no caller depends on a flag. Deadlines are absolute so that a whole command line or
+// A session's deadlines. Every wait of a session (client and upstream leg alike) has its own absolute deadline,
+// armed right before it (as Beast's expires_after): each Link operation takes one (Armed), other waits arm and
+// disarm. One watchdog timer per session cancels whatever is in flight when the deadline passes, and the wait
+// then reports asio::error::timed_out, so no caller depends on a flag. Deadlines are absolute so that a whole command line or
 // DATA block shares one however many reads it takes.
 #include <utility>  // before Asio (Boost 1.74 + GCC 12)
 
@@ -18,7 +18,6 @@
 #include <string_view>
 #include <vector>
 
-#include "daemon/link.hpp"
 
 namespace mailflow {
 
@@ -37,20 +36,26 @@ class Deadlines {
   void start(std::shared_ptr<void> keep_alive);
   void stop();  // the session is over: the watchdog ends
 
-  boost::asio::awaitable<void> read(Link& link, ReadBuffer& buffer, std::size_t max, Clock::time_point deadline,
-                                    error_code& ec);
-  boost::asio::awaitable<void> write(Link& link, std::string_view data, Clock::time_point deadline,
-                                     error_code& ec);
-  // `peer`: null on the server side (Link::handshake).
-  boost::asio::awaitable<void> handshake(Link& link, SSL_CTX* context, const Link::Peer* peer,
-                                         Clock::time_point deadline, error_code& ec);
-  boost::asio::awaitable<void> connect(Link& link, const boost::asio::ip::tcp::endpoint& endpoint,
-                                       Clock::time_point deadline, error_code& ec);
   boost::asio::awaitable<void> wait_readable(boost::asio::ip::tcp::socket& socket, Clock::time_point deadline,
                                              error_code& ec);
   // For waits of other kinds (a name lookup): arm before, disarm after.
   void arm(Clock::time_point deadline);
   void disarm(error_code& ec);  // a deadline that fired becomes ec = timed_out
+
+  // arm() for the wait of its scope, disarm() at the scope's end (a Link operation: its co_return).
+  class Armed {
+   public:
+    Armed(Deadlines& deadlines, Clock::time_point deadline, error_code& ec) : deadlines_(deadlines), ec_(ec) {
+      deadlines_.arm(deadline);
+    }
+    ~Armed() { deadlines_.disarm(ec_); }
+    Armed(const Armed&) = delete;
+    Armed& operator=(const Armed&) = delete;
+
+   private:
+    Deadlines& deadlines_;
+    error_code& ec_;
+  };
 
  private:
   void wait(std::shared_ptr<void> keep_alive);

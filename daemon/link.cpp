@@ -1,5 +1,7 @@
 #include "daemon/link.hpp"
 
+#include "daemon/deadlines.hpp"
+
 #include <openssl/bio.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
@@ -83,7 +85,7 @@ struct LinkBio {
   }
 };
 
-Link::Link(asio::ip::tcp::socket socket) : socket_(std::move(socket)) {
+Link::Link(asio::ip::tcp::socket socket, Deadlines& deadlines) : socket_(std::move(socket)), deadlines_(deadlines) {
   // Reads after a readiness wait must never block a thread of the pool, even on a spurious wakeup.
   error_code ignored;
   socket_.non_blocking(true, ignored);
@@ -158,7 +160,9 @@ asio::awaitable<void> Link::flush_cipher(error_code& ec) {
   release_if_large(cipher_out_);
 }
 
-asio::awaitable<std::size_t> Link::read_some(ReadBuffer& buffer, std::size_t max, error_code& ec) {
+asio::awaitable<std::size_t> Link::read_some(ReadBuffer& buffer, std::size_t max, TimePoint deadline,
+                                             error_code& ec) {
+  const Deadlines::Armed armed(deadlines_, deadline, ec);
   if (ssl_ == nullptr) {
     const std::size_t n = co_await socket_.async_read_some(asio::buffer(buffer.prepare(max), max), with(ec));
     buffer.commit(n);
@@ -188,7 +192,8 @@ asio::awaitable<std::size_t> Link::read_some(ReadBuffer& buffer, std::size_t max
   }
 }
 
-asio::awaitable<void> Link::write(std::string_view data, error_code& ec) {
+asio::awaitable<void> Link::write(std::string_view data, TimePoint deadline, error_code& ec) {
+  const Deadlines::Armed armed(deadlines_, deadline, ec);
   if (ssl_ == nullptr) {
     co_await send_all(data, ec);
     co_return;
@@ -212,7 +217,8 @@ asio::awaitable<void> Link::write(std::string_view data, error_code& ec) {
 
 std::string_view Link::offered_tls() const { return ssl_ == nullptr ? "no_hello" : offered_tls_version(ssl_); }
 
-asio::awaitable<void> Link::handshake(SSL_CTX* context, const Peer* peer, error_code& ec) {
+asio::awaitable<void> Link::handshake(SSL_CTX* context, const Peer* peer, TimePoint deadline, error_code& ec) {
+  const Deadlines::Armed armed(deadlines_, deadline, ec);
   ssl_ = SSL_new(context);
   if (ssl_ == nullptr) {
     ec = {static_cast<int>(ERR_get_error()), asio::error::get_ssl_category()};
@@ -270,7 +276,8 @@ asio::awaitable<void> Link::handshake(SSL_CTX* context, const Peer* peer, error_
   tls_info_ = tls_info(ssl_);
 }
 
-asio::awaitable<void> Link::connect(const asio::ip::tcp::endpoint& endpoint, error_code& ec) {
+asio::awaitable<void> Link::connect(const asio::ip::tcp::endpoint& endpoint, TimePoint deadline, error_code& ec) {
+  const Deadlines::Armed armed(deadlines_, deadline, ec);
   error_code ignored;
   socket_.close(ignored);  // a previous attempt's socket
   socket_.open(endpoint.protocol(), ec);
@@ -281,9 +288,10 @@ asio::awaitable<void> Link::connect(const asio::ip::tcp::endpoint& endpoint, err
   socket_.set_option(asio::ip::tcp::no_delay(true), ignored);
 }
 
-asio::awaitable<void> Link::shutdown_tls(error_code& ec) {
+asio::awaitable<void> Link::shutdown_tls(TimePoint deadline, error_code& ec) {
   if (ssl_ == nullptr || !SSL_is_init_finished(ssl_) || (SSL_get_shutdown(ssl_) & SSL_SENT_SHUTDOWN) != 0)
     co_return;
+  const Deadlines::Armed armed(deadlines_, deadline, ec);
   ERR_clear_error();
   SSL_shutdown(ssl_);  // queues close_notify in cipher_out_ (our BIO never blocks a write)
   ERR_clear_error();

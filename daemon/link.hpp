@@ -10,6 +10,7 @@
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/ip/tcp.hpp>
 
+#include <chrono>
 #include <cstdint>
 #include <string>
 #include <string_view>
@@ -21,9 +22,15 @@
 
 namespace mailflow {
 
+class Deadlines;
+
+// Every operation that waits takes its absolute deadline, watched by the session's Deadlines (deadlines.hpp):
+// past it, the operation ends with asio::error::timed_out.
 class Link {
  public:
-  explicit Link(boost::asio::ip::tcp::socket socket);
+  using TimePoint = std::chrono::steady_clock::time_point;
+
+  Link(boost::asio::ip::tcp::socket socket, Deadlines& deadlines);
   ~Link();
   Link(const Link&) = delete;
   Link& operator=(const Link&) = delete;
@@ -37,7 +44,7 @@ class Link {
 
   // Appends at most `max` bytes of application data to `buffer`. Errors: asio::error::eof on a clean close,
   // an SSL-category code (the OpenSSL error) on a TLS failure, operation_aborted after cancel().
-  boost::asio::awaitable<std::size_t> read_some(ReadBuffer& buffer, std::size_t max,
+  boost::asio::awaitable<std::size_t> read_some(ReadBuffer& buffer, std::size_t max, TimePoint deadline,
                                                 boost::system::error_code& ec);
   // What is there already, without waiting (plaintext only): appends at most `max` bytes to `buffer` and returns how
   // many; 0 with ec = would_block when there is nothing (or with TLS): await read_some() then. Right after a
@@ -47,19 +54,19 @@ class Link {
   bool buffered() const;
   // Between commands: gives back the TLS buffers' storage that holds nothing (an idle session keeps none).
   void release_idle_buffers();
-  boost::asio::awaitable<void> write(std::string_view data, boost::system::error_code& ec);
+  boost::asio::awaitable<void> write(std::string_view data, TimePoint deadline, boost::system::error_code& ec);
   // What the socket takes at once, without waiting: the bytes sent (plaintext only; with TLS nothing is sent and
   // 0 returned). The caller awaits write() for the rest, if any. A reply, a command or a DATA block nearly always
   // fits the send buffer, and then no coroutine frame is made for the write (issue #16: allocations per message).
   std::size_t write_now(std::string_view data, boost::system::error_code& ec);
 
   // Upstream side: connects the (not yet open) socket to `endpoint`; cancel() aborts it.
-  boost::asio::awaitable<void> connect(const boost::asio::ip::tcp::endpoint& endpoint,
+  boost::asio::awaitable<void> connect(const boost::asio::ip::tcp::endpoint& endpoint, TimePoint deadline,
                                        boost::system::error_code& ec);
 
   // An orderly end of TLS: sends close_notify (RFC 8446 6.1) without waiting for the peer's, so a strict peer
   // sees no truncation and the session stays resumable. No-op without TLS.
-  boost::asio::awaitable<void> shutdown_tls(boost::system::error_code& ec);
+  boost::asio::awaitable<void> shutdown_tls(TimePoint deadline, boost::system::error_code& ec);
 
   // The client side of STARTTLS: whom the certificate is checked against, and how.
   struct Peer {
@@ -75,7 +82,8 @@ class Link {
     const std::vector<proto::TlsaRecord>* dane = nullptr;
   };
   // STARTTLS: the server side (`peer` null) or the client side.
-  boost::asio::awaitable<void> handshake(SSL_CTX* context, const Peer* peer, boost::system::error_code& ec);
+  boost::asio::awaitable<void> handshake(SSL_CTX* context, const Peer* peer, TimePoint deadline,
+                                         boost::system::error_code& ec);
 
   void cancel();
   void close();
@@ -89,6 +97,7 @@ class Link {
   boost::system::error_code tls_error(int result);
 
   boost::asio::ip::tcp::socket socket_;
+  Deadlines& deadlines_;
   SSL* ssl_ = nullptr;
   ReadBuffer cipher_in_;    // received TLS records not yet consumed by OpenSSL
   std::string cipher_out_;  // TLS records OpenSSL produced, not yet sent

@@ -122,12 +122,12 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
         listener_(listener),
         registry_(registry),
         telemetry_(registry.telemetry()),
-        client_(std::move(socket)),
-        deadlines_(client_.socket().get_executor(),
+        deadlines_(socket.get_executor(),
                    [this] {
                      client_.cancel();
                      if (upstream_) upstream_->cancel();
                    }),
+        client_(std::move(socket), deadlines_),
         session_(server_options()),
         connector_certain_at_mail_(connector_certain_at_mail()) {}
 
@@ -177,9 +177,13 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
   asio::awaitable<void> start_tls();
   asio::awaitable<void> close_client();  // close_notify on TLS (bounded by the goodbye deadline), then close
 
-  // The transaction: proto::RelayTransaction decides, this performs its steps.
-  asio::awaitable<void> settle();  // every reply owed to the client is given (command order)
-  asio::awaitable<void> drive();
+  // The transaction: proto::RelayTransaction decides, this performs its steps. next_step() accounts for what the
+  // engine reports (refusals, a delivered message) and returns what it wants done next, without I/O: Step::idle
+  // (nearly every other command) then needs no coroutine. `settle`: every reply owed to the client is due now
+  // (command order). drive() performs steps, from `step`, until the engine is idle.
+  using Step = proto::RelayTransaction::Step;
+  Step next_step(bool settle);
+  asio::awaitable<void> drive(Step step);
   void start_transaction();
   void begin_mail();
   void forward_rcpt();
@@ -206,8 +210,8 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
   SessionRegistry& registry_;
   Telemetry& telemetry_;
   std::string id_ = new_session_id();
-  Link client_;
   Deadlines deadlines_;
+  Link client_;
   proto::ServerSession session_;
   proto::CommandFramer framer_;
   std::string client_out_;
@@ -395,7 +399,7 @@ asio::awaitable<bool> RelaySession::read_proxy_header() {
       co_return false;
     }
     error_code ec;
-    co_await deadlines_.read(client_, client_in_, proto::max_proxy_header - client_in_.size(), deadline, ec);
+    co_await client_.read_some(client_in_, proto::max_proxy_header - client_in_.size(), deadline, ec);
     if (ec) {
       const bool timed_out = ec == asio::error::timed_out;
       count_reject(timed_out ? "proxy_timeout" : "proxy_truncated");
@@ -451,7 +455,7 @@ asio::awaitable<RelaySession::Input> RelaySession::next_line(std::string& line, 
       if (close_) co_return Input::closed;
       continue;
     }
-    co_await settle();
+    if (const Step step = next_step(true); step != Step::idle) co_await drive(step);
     if (!co_await flush()) co_return Input::closed;
     const bool idle = session_.state() == proto::ServerSession::State::need_helo ||
                       session_.state() == proto::ServerSession::State::ready;
@@ -479,7 +483,7 @@ asio::awaitable<RelaySession::Input> RelaySession::next_line(std::string& line, 
       if (client_.read_now(client_in_, command_read_chunk, ec) > 0) continue;
       if (ec == asio::error::would_block) ec = {};  // TLS, or a spurious wakeup: wait below
     }
-    if (!ec) co_await deadlines_.read(client_, client_in_, command_read_chunk, command_deadline_, ec);
+    if (!ec) co_await client_.read_some(client_in_, command_read_chunk, command_deadline_, ec);
     if (ec) {
       co_await read_failed(ec);
       co_return Input::closed;
@@ -502,8 +506,9 @@ asio::awaitable<void> RelaySession::read_failed(const error_code& ec) {
 
 asio::awaitable<void> RelaySession::perform(const proto::ServerSession::Action& action) {
   using Kind = proto::ServerSession::ActionKind;
-  if (action.kind != Kind::begin_mail && action.kind != Kind::forward_rcpt && action.kind != Kind::begin_data)
-    co_await settle();  // replies go out in command order
+  if (action.kind != Kind::begin_mail && action.kind != Kind::forward_rcpt && action.kind != Kind::begin_data) {
+    if (const Step step = next_step(true); step != Step::idle) co_await drive(step);  // replies in command order
+  }
   if (!action.reject_reason.empty()) count_reject(action.reject_reason);
   switch (action.kind) {
     case Kind::reply:
@@ -532,7 +537,7 @@ asio::awaitable<void> RelaySession::perform(const proto::ServerSession::Action& 
       transaction_->data();
       break;
   }
-  co_await drive();
+  if (const Step step = next_step(false); step != Step::idle) co_await drive(step);
 }
 
 asio::awaitable<bool> RelaySession::flush() {
@@ -540,7 +545,7 @@ asio::awaitable<bool> RelaySession::flush() {
   error_code ec;
   const std::size_t sent = client_.write_now(client_out_, ec);  // no wait, no coroutine frame: the common case
   if (!ec && sent < client_out_.size())
-    co_await deadlines_.write(client_, std::string_view(client_out_).substr(sent), in(config_.timeouts.command), ec);
+    co_await client_.write(std::string_view(client_out_).substr(sent), in(config_.timeouts.command), ec);
   client_out_.clear();
   if (ec) {
     result_ = ec == asio::error::timed_out ? "timeout" : "disconnected";
@@ -553,7 +558,7 @@ asio::awaitable<bool> RelaySession::flush() {
 asio::awaitable<void> RelaySession::say_goodbye(std::string_view reply, std::string_view result) {
   client_out_ += reply;
   error_code ec;
-  co_await deadlines_.write(client_, client_out_, in(goodbye_timeout), ec);
+  co_await client_.write(client_out_, in(goodbye_timeout), ec);
   client_out_.clear();
   result_ = result;
   close_ = true;
@@ -561,10 +566,8 @@ asio::awaitable<void> RelaySession::say_goodbye(std::string_view reply, std::str
 
 asio::awaitable<void> RelaySession::close_client() {
   if (client_.tls_active()) {
-    deadlines_.arm(in(goodbye_timeout));
     error_code ec;
-    co_await client_.shutdown_tls(ec);
-    deadlines_.disarm(ec);
+    co_await client_.shutdown_tls(in(goodbye_timeout), ec);
   }
   client_.close();
 }
@@ -588,7 +591,7 @@ asio::awaitable<void> RelaySession::start_tls() {
   }
   const ServerTls* tls = runtime_->server_tls(listener_.name);
   error_code ec;
-  co_await deadlines_.handshake(client_, tls->context(), nullptr, in(config_.timeouts.tls_handshake), ec);
+  co_await client_.handshake(tls->context(), nullptr, in(config_.timeouts.tls_handshake), ec);
   if (ec) {
     const std::string reason = handshake_failure_label(ec);
     telemetry_.tls_handshake_failed(listener_.name, Leg::client, reason);
@@ -678,35 +681,33 @@ void RelaySession::forward_rcpt() {
   transaction_->rcpt(session_.last_command().argument, domain, route, session_.tls_active());
 }
 
-asio::awaitable<void> RelaySession::settle() {
-  if (!transaction_) co_return;
-  transaction_->flush();
-  co_await drive();
+proto::RelayTransaction::Step RelaySession::next_step(bool settle) {
+  if (!transaction_) return Step::idle;
+  if (settle) transaction_->flush();
+  for (const auto reason : transaction_->take_rejects()) count_reject(reason);
+  if (const auto recipients = transaction_->take_delivered()) {
+    // The one place a message is counted: the upstream took responsibility for it.
+    ++messages_;
+    // The far side: the client for inbound mail; the MX host and the recipients' domains for outbound.
+    const bool out = listener_.direction == config::Direction::outbound;
+    const std::string address = out ? upstream_->address() : address_text(client_address_);
+    const std::span<const std::string> domains =
+        out ? std::span<const std::string>(transaction_->accepted_domains())
+            : std::span<const std::string>(&sender_domain_, sender_domain_.empty() ? 0 : 1);
+    telemetry_.message_delivered(
+        connector_name_, listener_.direction, message_version_, message_bytes_, *recipients,
+        Remote{address, out ? upstream_->host() : session_.helo_name(),
+               out ? upstream_->cipher() : std::string_view(client_.tls().cipher), domains,
+               out ? upstream_->policy() : std::string_view()});
+  }
+  return transaction_->next();
 }
 
-asio::awaitable<void> RelaySession::drive() {
-  using Step = proto::RelayTransaction::Step;
-  if (!transaction_) co_return;
-  for (;;) {
-    for (const auto reason : transaction_->take_rejects()) count_reject(reason);
-    if (const auto recipients = transaction_->take_delivered()) {
-      // The one place a message is counted: the upstream took responsibility for it.
-      ++messages_;
-      // The far side: the client for inbound mail; the MX host and the recipients' domains for outbound.
-      const bool out = listener_.direction == config::Direction::outbound;
-      const std::string address = out ? upstream_->address() : address_text(client_address_);
-      const std::span<const std::string> domains =
-          out ? std::span<const std::string>(transaction_->accepted_domains())
-              : std::span<const std::string>(&sender_domain_, sender_domain_.empty() ? 0 : 1);
-      telemetry_.message_delivered(
-          connector_name_, listener_.direction, message_version_, message_bytes_, *recipients,
-          Remote{address, out ? upstream_->host() : session_.helo_name(),
-                 out ? upstream_->cipher() : std::string_view(client_.tls().cipher), domains,
-                 out ? upstream_->policy() : std::string_view()});
-    }
-    switch (transaction_->next()) {
+asio::awaitable<void> RelaySession::drive(Step step) {
+  for (; step != Step::idle; step = next_step(false)) {
+    switch (step) {
       case Step::idle:
-        co_return;
+        break;
       case Step::open_upstream: {
         const UpstreamLeg::Client client{address_text(client_address_), client_port_, session_.helo_name(),
                                          session_.esmtp()};
@@ -838,7 +839,7 @@ asio::awaitable<void> RelaySession::relay_message() {
       block_bytes = 0;
     }
     error_code ec;
-    co_await deadlines_.read(client_, client_in_, data_read_chunk, block_deadline, ec);
+    co_await client_.read_some(client_in_, data_read_chunk, block_deadline, ec);
     if (ec) {
       // The client went away (or stalled) mid-message: nothing may be delivered.
       co_await upstream_->close(false);

@@ -141,7 +141,7 @@ asio::awaitable<bool> UpstreamLeg::write(std::string_view data, TimePoint deadli
   if (!link_) co_return false;
   error_code ec;
   const std::size_t sent = link_->write_now(data, ec);  // no wait, no coroutine frame: the common case
-  if (!ec && sent < data.size()) co_await session_.deadlines.write(*link_, data.substr(sent), deadline, ec);
+  if (!ec && sent < data.size()) co_await link_->write(data.substr(sent), deadline, ec);
   if (ec) {
     fail(ec == asio::error::timed_out ? "timeout" : "connection_lost");
     co_return false;
@@ -162,7 +162,7 @@ asio::awaitable<std::optional<proto::Reply>> UpstreamLeg::read_reply(TimePoint d
       co_return std::nullopt;
     }
     error_code ec;
-    co_await session_.deadlines.read(*link_, in_, reply_read_chunk, deadline, ec);
+    co_await link_->read_some(in_, reply_read_chunk, deadline, ec);
     if (ec) {
       fail(ec == asio::error::timed_out ? "timeout" : "connection_lost");
       co_return std::nullopt;
@@ -186,16 +186,14 @@ asio::awaitable<void> UpstreamLeg::close(bool polite) {
   if (polite) {
     const auto deadline = in(goodbye_timeout);
     error_code ec;
-    co_await session_.deadlines.write(*link_, "QUIT\r\n", deadline, ec);
+    co_await link_->write("QUIT\r\n", deadline, ec);
     if (!ec) {
       ReadBuffer ignored;
-      co_await session_.deadlines.read(*link_, ignored, 512, deadline, ec);
+      co_await link_->read_some(ignored, 512, deadline, ec);
     }
     if (!ec && link_->tls_active()) {
       // close_notify (bounded by the goodbye deadline), so a strict peer sees no truncation.
-      session_.deadlines.arm(in(goodbye_timeout));
-      co_await link_->shutdown_tls(ec);
-      session_.deadlines.disarm(ec);
+      co_await link_->shutdown_tls(in(goodbye_timeout), ec);
     }
   }
   drop();
@@ -448,14 +446,14 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
                                               const std::string& tls_name, TimePoint connect_deadline,
                                               const Client& client, const proto::DanePlan& dane,
                                               std::string& reason) {
-  link_ = std::make_unique<Link>(tcp::socket(executor_));
+  link_ = std::make_unique<Link>(tcp::socket(executor_), session_.deadlines);
   dane_authenticated_ = false;
   tls_failure_.reset();
   tls_failure_reason_.clear();
   local_address_.clear();
   in_.clear();
   error_code ec;
-  co_await session_.deadlines.connect(*link_, endpoint, connect_deadline, ec);
+  co_await link_->connect(endpoint, connect_deadline, ec);
   if (ec) {
     link_.reset();  // never connected: no upstream leg to count
     const bool timed_out = ec == asio::error::timed_out;
@@ -534,7 +532,7 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
         peer.verify_names = tls->verify_names();
         peer.record_name = tls->check_names();
         peer.dane = authenticate ? &dane.records : nullptr;
-        co_await session_.deadlines.handshake(*link_, tls->context(), &peer, in(config_.timeouts.tls_handshake), hs);
+        co_await link_->handshake(tls->context(), &peer, in(config_.timeouts.tls_handshake), hs);
         if (hs) {
           const std::string label = handshake_failure_label(hs);
           session_.telemetry.tls_handshake_failed(session_.listener, Leg::upstream, label);
