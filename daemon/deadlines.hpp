@@ -2,8 +2,8 @@
 // A session's deadlines. Every wait of a session (client and upstream leg alike) has its own absolute deadline,
 // armed right before it (as Beast's expires_after): each Link operation takes one (Armed), other waits arm and
 // disarm. One watchdog timer per session cancels whatever is in flight when the deadline passes, and the wait
-// then reports asio::error::timed_out, so no caller depends on a flag. Deadlines are absolute so that a whole command line or
-// DATA block shares one however many reads it takes.
+// then reports asio::error::timed_out, so no caller depends on a flag. Deadlines are absolute so that a whole
+// command line or DATA block shares one however many reads it takes.
 #include <utility>  // before Asio (Boost 1.74 + GCC 12)
 
 #include <boost/asio/any_io_executor.hpp>

@@ -172,6 +172,9 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
   asio::awaitable<Input> next_line(std::string& line, bool readable);
   asio::awaitable<void> read_failed(const boost::system::error_code& ec);  // a command wait ended in error
   asio::awaitable<void> perform(const proto::ServerSession::Action& action);
+  // The replies in client_out_, in two steps: flush_now() sends what the socket takes at once, without a coroutine,
+  // and is true when nothing is left (nearly always); when it is false, flush() is awaited for the rest.
+  bool flush_now();
   asio::awaitable<bool> flush();
   asio::awaitable<void> say_goodbye(std::string_view reply, std::string_view result);
   asio::awaitable<void> start_tls();
@@ -324,7 +327,7 @@ asio::awaitable<bool> RelaySession::open() {
 }
 
 asio::awaitable<void> RelaySession::finish() {
-  if (!client_out_.empty()) co_await flush();
+  if (!flush_now()) co_await flush();
   if (upstream_) co_await upstream_->close(!transaction_->upstream_in_transaction());
   co_await close_client();
   release();
@@ -456,7 +459,9 @@ asio::awaitable<RelaySession::Input> RelaySession::next_line(std::string& line, 
       continue;
     }
     if (const Step step = next_step(true); step != Step::idle) co_await drive(step);
-    if (!co_await flush()) co_return Input::closed;
+    if (!flush_now()) {
+      if (!co_await flush()) co_return Input::closed;
+    }
     const bool idle = session_.state() == proto::ServerSession::State::need_helo ||
                       session_.state() == proto::ServerSession::State::ready;
     if (idle && registry_.draining()) {
@@ -540,12 +545,21 @@ asio::awaitable<void> RelaySession::perform(const proto::ServerSession::Action& 
   if (const Step step = next_step(false); step != Step::idle) co_await drive(step);
 }
 
-asio::awaitable<bool> RelaySession::flush() {
-  if (client_out_.empty()) co_return true;
+bool RelaySession::flush_now() {
+  if (client_out_.empty()) return true;
   error_code ec;
-  const std::size_t sent = client_.write_now(client_out_, ec);  // no wait, no coroutine frame: the common case
-  if (!ec && sent < client_out_.size())
-    co_await client_.write(std::string_view(client_out_).substr(sent), in(config_.timeouts.command), ec);
+  const std::size_t sent = client_.write_now(client_out_, ec);
+  if (!ec && sent == client_out_.size()) {
+    client_out_.clear();
+    return true;
+  }
+  if (!ec) client_out_.erase(0, sent);  // flush() sends the rest (and meets an error again itself)
+  return false;
+}
+
+asio::awaitable<bool> RelaySession::flush() {
+  error_code ec;
+  co_await client_.write(client_out_, in(config_.timeouts.command), ec);
   client_out_.clear();
   if (ec) {
     result_ = ec == asio::error::timed_out ? "timeout" : "disconnected";
@@ -583,7 +597,9 @@ void RelaySession::count_reject(std::string_view reason) {
 // ---- STARTTLS on the client leg -------------------------------------------------------------------------
 
 asio::awaitable<void> RelaySession::start_tls() {
-  if (!co_await flush()) co_return;
+  if (!flush_now()) {
+    if (!co_await flush()) co_return;
+  }
   if (!client_in_.empty()) {
     // CVE-2011-0411 class: plaintext sent behind STARTTLS must never be executed inside TLS.
     count_reject("starttls_pipelining");
@@ -727,10 +743,14 @@ asio::awaitable<void> RelaySession::drive(Step step) {
       case Step::reset_upstream:
         transaction_->on_reset(co_await upstream_->reset());
         break;
-      case Step::write_upstream:
-        transaction_->on_written(
-            co_await upstream_->write(transaction_->upstream_output(), in(config_.timeouts.command)));
+      case Step::write_upstream: {
+        const std::string_view out = transaction_->upstream_output();
+        const std::size_t sent = upstream_->write_now(out);  // nearly always all of it: no coroutine
+        bool written = sent == out.size();
+        if (!written) written = co_await upstream_->write(out.substr(sent), in(config_.timeouts.command));
+        transaction_->on_written(written);
         break;
+      }
       case Step::read_reply: {
         const bool data_end = transaction_->reply_wait() == proto::RelayTransaction::ReplyWait::data_end;
         transaction_->on_reply(
@@ -791,7 +811,9 @@ proto::TlsVersion RelaySession::counted_version() const {
 }
 
 asio::awaitable<void> RelaySession::relay_message() {
-  if (!co_await flush()) {  // the client's 354
+  bool told = flush_now();  // the client's 354
+  if (!told) told = co_await flush();
+  if (!told) {
     co_await upstream_->close(false);
     transaction_->on_message_aborted();
     co_return;
@@ -823,7 +845,11 @@ asio::awaitable<void> RelaySession::relay_message() {
     }
     if (upstream_ok && !out.empty() && (out.size() >= data_block_size || filter.done())) {
       // The upstream gets as long for a block as the client does.
-      if (!co_await upstream_->write(out, in(config_.timeouts.data_block))) {
+      const std::size_t sent = upstream_->write_now(out);  // nearly always the whole block: no coroutine
+      bool written = sent == out.size();
+      if (!written)
+        written = co_await upstream_->write(std::string_view(out).substr(sent), in(config_.timeouts.data_block));
+      if (!written) {
         upstream_ok = false;
         // The client is not to blame for the time the upstream took: its block starts over. It may finish the
         // message (and hear 451) but gets no more time than any block.

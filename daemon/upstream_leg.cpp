@@ -137,11 +137,19 @@ void UpstreamLeg::drop() {
   in_.release_if_empty();
 }
 
+std::size_t UpstreamLeg::write_now(std::string_view data) {
+  if (!link_) return 0;
+  error_code ec;
+  const std::size_t sent = link_->write_now(data, ec);
+  if (ec) fail("connection_lost");
+  return ec ? 0 : sent;
+}
+
 asio::awaitable<bool> UpstreamLeg::write(std::string_view data, TimePoint deadline) {
+  const std::size_t sent = write_now(data);
   if (!link_) co_return false;
   error_code ec;
-  const std::size_t sent = link_->write_now(data, ec);  // no wait, no coroutine frame: the common case
-  if (!ec && sent < data.size()) co_await link_->write(data.substr(sent), deadline, ec);
+  if (sent < data.size()) co_await link_->write(data.substr(sent), deadline, ec);
   if (ec) {
     fail(ec == asio::error::timed_out ? "timeout" : "connection_lost");
     co_return false;

@@ -74,6 +74,10 @@ class UpstreamLeg {
                                                       bool polite, bool& reused);
   // False when the connection is gone (it was dropped and counted, or there was none).
   boost::asio::awaitable<bool> write(std::string_view data, TimePoint deadline);
+  // What the connection takes at once, without waiting or a coroutine: the bytes sent (all of a command or DATA
+  // block, nearly always); 0 with TLS, without a connection or after a failure (dropped and counted). write()
+  // sends the rest.
+  std::size_t write_now(std::string_view data);
   // The next reply, within `deadline` however many reads it takes; nullopt when the connection was lost,
   // timed out or sent garbage (dropped and counted).
   boost::asio::awaitable<std::optional<proto::Reply>> read_reply(TimePoint deadline);
