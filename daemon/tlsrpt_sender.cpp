@@ -351,9 +351,12 @@ asio::awaitable<TlsRptDelivery> TlsRptSender::deliver_mailto(const Runtime& runt
 
   auto conversation = std::make_shared<Conversation>(runtime, telemetry_, executor_, "tlsrpt-" + unique);
   conversation->deadlines.start(conversation);
+  struct StopWatchdog {  // also when converse() throws: the watchdog holds the conversation until stopped
+    Deadlines& deadlines;
+    ~StopWatchdog() { deadlines.stop(); }
+  } stop_watchdog{conversation->deadlines};
   const TlsRptDelivery result = co_await converse(*conversation, upstream, rua, config, message, detail);
   co_await conversation->leg.close(true);
-  conversation->deadlines.stop();
   co_return result;
 }
 
