@@ -146,10 +146,9 @@ std::size_t UpstreamLeg::write_now(std::string_view data) {
 }
 
 asio::awaitable<bool> UpstreamLeg::write(std::string_view data, TimePoint deadline) {
-  const std::size_t sent = write_now(data);
   if (!link_) co_return false;
   error_code ec;
-  if (sent < data.size()) co_await link_->write(data.substr(sent), deadline, ec);
+  co_await link_->write(data, deadline, ec);  // sends what the socket takes at once itself, then waits
   if (ec) {
     fail(ec == asio::error::timed_out ? "timeout" : "connection_lost");
     co_return false;
