@@ -14,6 +14,7 @@
 #include "config/config.hpp"
 #include "daemon/mta_sts.hpp"
 #include "daemon/resolver.hpp"
+#include "proto/json.hpp"
 #include "proto/tlsrpt.hpp"
 
 namespace mailflow {
@@ -30,7 +31,7 @@ constexpr std::string_view kUsage =
     "  --state       use and update the daemon's policy cache (state_dir/mta-sts.state)\n"
     "exit: 0 policy or none, 1 configuration error, 2 usage, 3 fetch or policy failure (as TLS-RPT reports it)\n";
 
-std::string quote(std::string_view text) { return "\"" + proto::tlsrpt::json_escape(text) + "\""; }
+std::string quote(std::string_view text) { return "\"" + proto::json_escape(text) + "\""; }
 
 std::string policy_json(const std::optional<proto::mta_sts::Policy>& policy) {
   if (!policy) return "null";

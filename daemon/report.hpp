@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "config/config.hpp"
+#include "proto/json.hpp"
 #include "daemon/window_store.hpp"
 
 namespace mailflow {
@@ -122,7 +123,7 @@ Report build_report(const WindowStore& store, const config::Config& config, int 
 
 // Helpers shared with the renderers and the HTTP/metrics side.
 std::string format_thousands(std::uint64_t value);  // 1024 -> "1,024"
-std::string json_escape(std::string_view text);     // without the surrounding quotes
+using proto::json_escape;                          // proto/json.hpp
 std::string html_escape(std::string_view text);
 std::string rfc3339_utc(WindowStore::TimePoint t);  // "2026-11-25T10:00:00Z"
 std::string csv_field(std::string_view text);       // quoted (RFC 4180) when it holds , " CR or LF

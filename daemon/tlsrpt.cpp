@@ -7,6 +7,7 @@
 #include <stdexcept>
 
 #include "daemon/state_file.hpp"
+#include "proto/json.hpp"
 
 namespace mailflow {
 namespace {
@@ -288,14 +289,14 @@ proto::tlsrpt::Submitter TlsRptStore::submitter() const {
 
 std::string render_tlsrpt_day(const TlsRptStore& store, std::string_view date) {
   const auto submitter = store.submitter();
-  std::string out = "{\"date\": \"" + proto::tlsrpt::json_escape(date) + "\", \"reports\": [";
+  std::string out = "{\"date\": \"" + proto::json_escape(date) + "\", \"reports\": [";
   bool first = true;
   for (const auto& day : store.day(date)) {
     out += first ? "\n" : ",\n";
     first = false;
-    out += "{\"domain\": \"" + proto::tlsrpt::json_escape(day.domain) + "\", \"rua\": [";
+    out += "{\"domain\": \"" + proto::json_escape(day.domain) + "\", \"rua\": [";
     for (std::size_t i = 0; i < day.rua.size(); ++i)
-      out += (i ? ", \"" : "\"") + proto::tlsrpt::json_escape(day.rua[i]) + "\"";
+      out += (i ? ", \"" : "\"") + proto::json_escape(day.rua[i]) + "\"";
     out += "],\n \"report\": " + proto::tlsrpt::render_json(day, submitter) + "}";
   }
   out += first ? "]}\n" : "\n]}\n";

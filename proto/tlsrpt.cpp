@@ -1,5 +1,7 @@
 #include "proto/tlsrpt.hpp"
 
+#include "proto/json.hpp"
+
 #include <algorithm>
 #include <cctype>
 #include <chrono>
@@ -207,40 +209,6 @@ std::optional<ResultType> parse_result_type(std::string_view text) {
     if (to_string(type) == text) return type;
   }
   return std::nullopt;
-}
-
-std::string json_escape(std::string_view text) {
-  std::string out;
-  out.reserve(text.size());
-  for (const char c : text) {
-    const auto u = static_cast<unsigned char>(c);
-    switch (c) {
-      case '"':
-        out += "\\\"";
-        break;
-      case '\\':
-        out += "\\\\";
-        break;
-      case '\n':
-        out += "\\n";
-        break;
-      case '\r':
-        out += "\\r";
-        break;
-      case '\t':
-        out += "\\t";
-        break;
-      default:
-        if (u < 0x20 || u >= 0x7f) {  // stored text is ASCII; anything else is escaped rather than passed on
-          char buffer[8];
-          std::snprintf(buffer, sizeof buffer, "\\u%04x", u);
-          out += buffer;
-        } else {
-          out += c;
-        }
-    }
-  }
-  return out;
 }
 
 std::string report_id(const DomainDay& day, const Submitter& submitter) {

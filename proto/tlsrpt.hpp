@@ -122,6 +122,5 @@ std::string render_mail(const DomainDay& day, const Submitter& submitter, std::s
 std::vector<std::pair<std::string, std::string>> https_post_headers(std::size_t body_size);
 
 std::string base64(std::string_view in);
-std::string json_escape(std::string_view text);  // without the surrounding quotes
 
 }  // namespace mailflow::proto::tlsrpt
