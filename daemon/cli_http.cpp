@@ -8,6 +8,7 @@
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 #include <boost/beast/ssl.hpp>
+#include <algorithm>
 #include <charconv>
 #include <cstdlib>
 #include <fstream>
@@ -257,6 +258,24 @@ const std::string_view daemon_options_usage =
     "  --ca-file        PEM file of CA certificates to verify an https:// server with (default: system store)\n"
     "  --insecure       https:// without certificate verification (self-signed certificates)\n";
 
+bool parse_valued_option(int argc, char** argv, int& i, std::initializer_list<std::string_view> names,
+                         ValuedOption& option, std::string& error) {
+  error.clear();
+  const std::string_view arg = argv[i];
+  const auto eq = arg.starts_with("--") ? arg.find('=') : std::string_view::npos;
+  option.name = arg.substr(0, eq);
+  if (std::find(names.begin(), names.end(), option.name) == names.end()) return false;
+  if (eq != std::string_view::npos) {
+    option.value = arg.substr(eq + 1);
+  } else if (i + 1 < argc) {
+    option.value = argv[++i];
+  } else {
+    error = std::string(arg) + " needs a value";
+    return false;
+  }
+  return true;
+}
+
 bool parse_daemon_option(int argc, char** argv, int& i, DaemonOptions& options, std::string& error) {
   error.clear();
   const std::string_view arg = argv[i];
@@ -264,29 +283,15 @@ bool parse_daemon_option(int argc, char** argv, int& i, DaemonOptions& options, 
     options.tls.insecure = true;
     return true;
   }
-  std::string_view name = arg;
-  std::optional<std::string_view> inline_value;
-  if (const auto eq = arg.find('='); arg.starts_with("--") && eq != std::string_view::npos) {
-    name = arg.substr(0, eq);
-    inline_value = arg.substr(eq + 1);
-  }
-  std::optional<std::string>* target = nullptr;
-  if (name == "--url") target = &options.url;
-  else if (name == "--config") target = &options.config_path;
-  else if (name == "--user") target = &options.user;
-  else if (name == "--password-file") target = &options.password_file;
-  else if (name != "--ca-file") return false;
-  std::string value;
-  if (inline_value) {
-    value = std::string(*inline_value);
-  } else {
-    if (i + 1 >= argc) {
-      error = std::string(arg) + " needs a value";
-      return false;
-    }
-    value = argv[++i];
-  }
-  if (target != nullptr) *target = value;
+  ValuedOption option;
+  if (!parse_valued_option(argc, argv, i, {"--url", "--config", "--user", "--password-file", "--ca-file"}, option,
+                           error))
+    return false;
+  const std::string value(option.value);
+  if (option.name == "--url") options.url = value;
+  else if (option.name == "--config") options.config_path = value;
+  else if (option.name == "--user") options.user = value;
+  else if (option.name == "--password-file") options.password_file = value;
   else options.tls.ca_file = value;
   return true;
 }

@@ -5,6 +5,7 @@
 // the messages for a failed fetch (connection trouble, 401 hints, the server's own message).
 #include <chrono>
 #include <iosfwd>
+#include <initializer_list>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -48,6 +49,16 @@ extern const std::string_view daemon_options_usage;
 // argv[i] is one of the shared options: consumed (with its value; i advanced) and true. False and `error` empty:
 // not one of them; false with `error`: a usage error (a missing value).
 bool parse_daemon_option(int argc, char** argv, int& i, DaemonOptions& options, std::string& error);
+
+// An option that takes a value: "--name=value", or "--name value" (the value is argv[i + 1]: consumed, i advanced).
+struct ValuedOption {
+  std::string_view name;
+  std::string_view value;
+};
+// argv[i] is one of `names` with its value: true. False and `error` empty: not one of them; false with `error`: a
+// usage error (a missing value).
+bool parse_valued_option(int argc, char** argv, int& i, std::initializer_list<std::string_view> names,
+                         ValuedOption& option, std::string& error);
 
 struct Daemon {
   Url url;              // with userinfo when a user is known

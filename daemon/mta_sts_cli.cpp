@@ -14,6 +14,7 @@
 #include "config/config.hpp"
 #include "daemon/mta_sts.hpp"
 #include "daemon/resolver.hpp"
+#include "daemon/cli_http.hpp"
 #include "proto/json.hpp"
 #include "proto/tlsrpt.hpp"
 
@@ -72,14 +73,15 @@ int run_mta_sts_cli(int argc, char** argv, std::ostream& out, std::ostream& err)
       fetch_only = true;
     } else if (arg == "--state") {
       use_state = true;
-    } else if (arg == "--config" || arg == "--domain" || arg == "--connect") {
-      if (i + 1 >= argc) return usage_error(std::string(arg) + " needs a value");
-      const std::string value = argv[++i];
-      if (arg == "--config") config_path = value;
-      else if (arg == "--domain") domain = value;
-      else connect = value;
     } else {
-      return usage_error("unknown argument \"" + std::string(arg) + "\"");
+      cli::ValuedOption option;
+      std::string error;
+      if (!cli::parse_valued_option(argc, argv, i, {"--config", "--domain", "--connect"}, option, error))
+        return usage_error(error.empty() ? "unknown argument \"" + std::string(arg) + "\"" : error);
+      const std::string value(option.value);
+      if (option.name == "--config") config_path = value;
+      else if (option.name == "--domain") domain = value;
+      else connect = value;
     }
   }
   if (!config_path) return usage_error("--config FILE is required (dns: and mta_sts: settings)");

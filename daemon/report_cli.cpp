@@ -59,17 +59,11 @@ int run_report_cli(int argc, char** argv, std::ostream& out, std::ostream& err,
       summary = true;
       continue;
     }
-    std::string_view value;
-    std::string_view name = arg;
-    if (const auto eq = arg.find('='); arg.starts_with("--") && eq != std::string_view::npos) {
-      name = arg.substr(0, eq);
-      value = arg.substr(eq + 1);
-    } else if (arg == "--days" || arg == "--format" || arg == "--connector") {
-      if (i + 1 >= argc) return usage_error(std::string(arg) + " needs a value");
-      value = argv[++i];
-    } else {
-      return usage_error("unknown argument \"" + std::string(arg) + "\"");
-    }
+    cli::ValuedOption option;
+    if (!cli::parse_valued_option(argc, argv, i, {"--days", "--format", "--connector"}, option, option_error))
+      return usage_error(option_error.empty() ? "unknown argument \"" + std::string(arg) + "\"" : option_error);
+    const std::string_view name = option.name;
+    const std::string_view value = option.value;
     if (name == "--connector") {
       if (value.empty()) return usage_error("--connector needs a connector name");
       connector = std::string(value);
@@ -83,8 +77,6 @@ int run_report_cli(int argc, char** argv, std::ostream& out, std::ostream& err,
       if (value != "table" && value != "json" && value != "csv")
         return usage_error("--format must be table, json or csv, not \"" + std::string(value) + "\"");
       format = std::string(value);
-    } else {
-      return usage_error("unknown option \"" + std::string(name) + "\"");
     }
   }
 

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "config/config.hpp"
+#include "daemon/cli_http.hpp"
 #include "daemon/connector_match.hpp"
 #include "daemon/mx_route.hpp"
 #include "daemon/own_listeners.hpp"
@@ -210,31 +211,38 @@ int run_route_cli(int argc, char** argv, std::ostream& out, std::ostream& err) {
       out << kUsage;
       return 0;
     }
-    if (i + 1 >= argc) {
-      err << "mailflowd route: " << arg << " needs a value\n" << kUsage;
+    cli::ValuedOption option;
+    std::string error;
+    if (!cli::parse_valued_option(argc, argv, i,
+                                  {"--config", "-c", "--recipient", "--listener", "--sender", "--client", "--format",
+                                   "--seed"},
+                                  option, error)) {
+      err << "mailflowd route: " << (error.empty() ? "unknown argument '" + std::string(arg) + "'" : error) << "\n"
+          << kUsage;
       return 2;
     }
-    const std::string value = argv[++i];
-    if (arg == "--config" || arg == "-c") {
+    const std::string_view name = option.name;
+    const std::string value(option.value);
+    if (name == "--config" || name == "-c") {
       config_path = value;
-    } else if (arg == "--recipient") {
+    } else if (name == "--recipient") {
       recipient = value;
-    } else if (arg == "--listener") {
+    } else if (name == "--listener") {
       listener_name = value;
-    } else if (arg == "--sender") {
+    } else if (name == "--sender") {
       sender = value;
-    } else if (arg == "--client") {
+    } else if (name == "--client") {
       client = value;
-    } else if (arg == "--format" && (value == "text" || value == "json")) {
+    } else if (name == "--format" && (value == "text" || value == "json")) {
       format = value;
-    } else if (arg == "--seed") {
+    } else if (name == "--seed") {
       const auto [end, ec] = std::from_chars(value.data(), value.data() + value.size(), seed);
       if (ec != std::errc{} || end != value.data() + value.size() || seed == 0) {
         err << "mailflowd route: --seed needs a whole number above 0\n";
         return 2;
       }
     } else {
-      err << "mailflowd route: unknown argument '" << arg << "' (or bad value '" << value << "')\n" << kUsage;
+      err << "mailflowd route: bad value '" << value << "' for " << name << "\n" << kUsage;
       return 2;
     }
   }

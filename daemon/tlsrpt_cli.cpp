@@ -59,17 +59,11 @@ int run_tlsrpt_cli(int argc, char** argv, std::ostream& out, std::ostream& err, 
     std::string option_error;
     if (cli::parse_daemon_option(argc, argv, i, daemon_options, option_error)) continue;
     if (!option_error.empty()) return usage_error(option_error);
-    std::string_view name = arg;
-    std::string_view value;
-    if (const auto eq = arg.find('='); arg.starts_with("--") && eq != std::string_view::npos) {
-      name = arg.substr(0, eq);
-      value = arg.substr(eq + 1);
-    } else if (arg == "--date" || arg == "--domain" || arg == "--format") {
-      if (i + 1 >= argc) return usage_error(std::string(arg) + " needs a value");
-      value = argv[++i];
-    } else {
-      return usage_error("unknown argument \"" + std::string(arg) + "\"");
-    }
+    cli::ValuedOption option;
+    if (!cli::parse_valued_option(argc, argv, i, {"--date", "--domain", "--format"}, option, option_error))
+      return usage_error(option_error.empty() ? "unknown argument \"" + std::string(arg) + "\"" : option_error);
+    const std::string_view name = option.name;
+    const std::string_view value = option.value;
     if (name == "--date") {
       if (!valid_date(value)) return usage_error("--date must be YYYY-MM-DD, not \"" + std::string(value) + "\"");
       date = std::string(value);
@@ -80,8 +74,6 @@ int run_tlsrpt_cli(int argc, char** argv, std::ostream& out, std::ostream& err, 
       if (value != "json" && value != "gzip")
         return usage_error("--format must be json or gzip, not \"" + std::string(value) + "\"");
       format = std::string(value);
-    } else {
-      return usage_error("unknown option \"" + std::string(name) + "\"");
     }
   }
   if (format == "gzip" && !domain) return usage_error("--format gzip needs --domain (one report is one file)");
