@@ -225,7 +225,15 @@ void log_limited(LogLevel level, std::string_view event, std::initializer_list<L
         std::chrono::duration_cast<std::chrono::seconds>(std::chrono::steady_clock::now().time_since_epoch())
             .count();
     std::lock_guard lock(limit_mutex);
-    auto& limit = limits[std::string(event)];
+    // Per event and reason: a flood of one refusal must not silence the others.
+    std::string key(event);
+    for (const LogField& field : fields) {
+      if (field.key() == "reason") {
+        key += '/';
+        key += field.value();
+      }
+    }
+    auto& limit = limits[key];
     if (limit.second != now) {
       limit.second = now;
       limit.lines = 0;

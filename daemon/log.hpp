@@ -73,8 +73,9 @@ void setup_logging(const config::Log& log);
 
 void log_event(LogLevel level, std::string_view event, std::initializer_list<LogField> fields);
 
-// For refusals and other things a hostile peer can trigger at will: at most `burst` lines per second per
-// event; the number of suppressed lines is reported in the next line that gets through.
+// For refusals and other things a hostile peer can trigger at will: at most `burst` lines per second per event
+// and `reason` field (so a flood of one refusal does not hide another); the number of suppressed lines is
+// reported in the next line of the same event and reason that gets through.
 void log_limited(LogLevel level, std::string_view event, std::initializer_list<LogField> fields);
 
 // What an exception that escaped a coroutine says (what(), or "unknown"), for its internal_error line.

@@ -76,6 +76,21 @@ TEST_CASE("json format: numeric fields are JSON numbers, text fields strings") {
   CHECK(text.ends_with("}\n"));
 }
 
+TEST_CASE("rate-limited lines: a flood of one reason does not silence another") {
+  const std::string text = capture_stderr(false, [] {
+    mailflow::setup_logging(log_config(mailflow::config::LogFormat::text));
+    for (int i = 0; i < 50; ++i)
+      mailflow::log_limited(mailflow::LogLevel::warn, "limit_test", {{"reason", "busy"}, {"n", i}});
+    mailflow::log_limited(mailflow::LogLevel::warn, "limit_test", {{"reason", "failed"}, {"n", 50}});
+  });
+  CAPTURE(text);
+  CHECK(text.find("limit_test reason=failed n=50") != std::string::npos);
+  std::size_t busy = 0;
+  for (auto at = text.find("reason=busy"); at != std::string::npos; at = text.find("reason=busy", at + 1)) ++busy;
+  CHECK(busy >= 10);
+  CHECK(busy <= 20);  // ten per second: the loop may straddle one second boundary, not two
+}
+
 TEST_CASE("text format: numbers unquoted, timestamps without the journal") {
   const std::string text = capture_stderr(false, [] {
     mailflow::setup_logging(log_config(mailflow::config::LogFormat::text));
