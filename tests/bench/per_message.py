@@ -29,7 +29,7 @@ from free_port import free_port  # noqa: E402
 
 KINDS = ("recvmsg", "recvfrom", "read", "sendmsg", "sendto", "write", "writev", "epoll_wait", "epoll_pwait", "accept",
          "epoll_ctl", "setsockopt", "accept4", "connect", "close", "futex", "timerfd_settime", "ioctl", "brk",
-         "mmap", "munmap", "madvise")
+         "mmap", "munmap", "madvise", "io_uring_enter")
 RUNS = ("loadgen-reused", "loadgen-single", "source-reused", "source-single")
 
 
