@@ -233,20 +233,35 @@ std::shared_ptr<Resolver> UpstreamLeg::resolver() {
 }
 
 asio::awaitable<proto::DanePlan> UpstreamLeg::plan_dane(Resolver& resolver, const config::Upstream& upstream,
-                                                       const std::string& host, std::uint16_t port, bool secure) {
+                                                       const std::string& host, const std::string& canonical,
+                                                       std::uint16_t port, bool secure) {
   if (upstream.tls != config::UpstreamTls::dane) co_return proto::DanePlan{};
   if (!secure) co_return proto::plan_dane(false, nullptr);
-  // RFC 7672 3.1.2: the TLSA base domain is the MX host name (CNAMEs are not followed here).
-  const TlsaResult tlsa = co_await resolver.resolve_tlsa("_" + std::to_string(port) + "._tcp." + host);
-  proto::DanePlan plan = proto::plan_dane(true, &tlsa.answer);
+  // RFC 7672 2.2.3: the TLSA base domain is the host name's CNAME expansion when it is an alias (a secure address
+  // answer is secure all along the chain), and the host name itself when the expansion publishes no TLSA records.
+  std::vector<std::string> bases;
+  if (!canonical.empty()) bases.push_back(canonical);
+  bases.push_back(host);
+  proto::DanePlan plan;
+  std::string detail;
+  for (const auto& base : bases) {
+    const TlsaResult tlsa = co_await resolver.resolve_tlsa("_" + std::to_string(port) + "._tcp." + base);
+    plan = proto::plan_dane(true, &tlsa.answer);
+    detail = tlsa.detail;
+    if (plan.kind == proto::DanePlan::Kind::none) continue;  // none there: the next name (a failure is not)
+    plan.names = bases;  // RFC 7672 3.2.2: the base domain first, the other name also a reference identifier
+    if (base != plan.names.front()) std::swap(plan.names.front(), plan.names.back());
+    break;
+  }
   if (plan.kind == proto::DanePlan::Kind::skip) {
     log_limited(LogLevel::warn, "dane",
                 {{"id", session_.id},
                  {"upstream", upstream.name},
                  {"host", host},
+                 {"tlsa_base", plan.names.front()},
                  {"plan", to_string(plan.kind)},
                  {"reason", plan.why},
-                 {"error", tlsa.detail}});
+                 {"error", detail}});
   }
   co_return plan;
 }
@@ -274,7 +289,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
       log_limited(LogLevel::warn, "upstream_error",
                   {{"id", session_.id}, {"upstream", upstream.name}, {"reason", reason}, {"error", addresses.detail}});
     } else {
-      dane = co_await plan_dane(*dns, upstream, upstream.address.host, port, addresses.secure);
+      dane = co_await plan_dane(*dns, upstream, upstream.address.host, addresses.canonical, port, addresses.secure);
       if (dane.kind == proto::DanePlan::Kind::skip) endpoints.clear();
     }
   } else {
@@ -366,7 +381,8 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
   for (const auto& attempt : mx.attempts) {
     auto plan = dane_plans.find(attempt.host);
     if (plan == dane_plans.end()) {
-      proto::DanePlan dane = co_await plan_dane(*resolver, upstream, attempt.host, upstream.port, attempt.secure);
+      proto::DanePlan dane = co_await plan_dane(*resolver, upstream, attempt.host, attempt.canonical, upstream.port,
+                                                attempt.secure);
       plan = dane_plans.emplace(attempt.host, std::move(dane)).first;
     }
     const proto::DanePlan& dane = plan->second;
@@ -534,11 +550,13 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
         error_code hs;
         const bool authenticate = dane.kind == proto::DanePlan::Kind::authenticate;
         Link::Peer peer;
-        peer.name = tls_name;
+        // Under DANE the TLSA base domain (RFC 7672 8.1), which is the MX host name unless that is an alias.
+        peer.name = authenticate && !dane.names.empty() ? dane.names.front() : tls_name;
         peer.verify = tls->verify();
         peer.verify_names = tls->verify_names();
         peer.record_name = tls->check_names();
         peer.dane = authenticate ? &dane.records : nullptr;
+        peer.dane_names = authenticate ? &dane.names : nullptr;
         co_await link_->handshake(tls->context(), &peer, in(config_.timeouts.tls_handshake), hs);
         if (hs) {
           const std::string label = handshake_failure_label(hs);

@@ -115,9 +115,11 @@ class UpstreamLeg {
                                           const boost::asio::ip::tcp::endpoint& endpoint,
                                           const std::string& tls_name, TimePoint connect_deadline,
                                           const Client& client, const proto::DanePlan& dane, std::string& reason);
-  // tls: dane: the TLSA records of `host` (when its DNS is `secure`) and what they ask.
+  // tls: dane: the TLSA records of `host` (when its DNS is `secure`; first those of its CNAME expansion
+  // `canonical`, when it is an alias) and what they ask. The MX walk and a fixed upstream both plan with it.
   boost::asio::awaitable<proto::DanePlan> plan_dane(Resolver& resolver, const config::Upstream& upstream,
-                                                    const std::string& host, std::uint16_t port, bool secure);
+                                                    const std::string& host, const std::string& canonical,
+                                                    std::uint16_t port, bool secure);
   boost::asio::awaitable<std::optional<Refusal>> open_fixed(const config::Upstream& upstream, const Client& client);
   std::shared_ptr<Resolver> resolver();  // the event loop's (null, logged, when libunbound refuses the settings)
   boost::asio::awaitable<std::optional<Refusal>> open_mx(const config::Upstream& upstream,
