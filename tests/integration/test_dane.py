@@ -17,6 +17,8 @@ that are real aiosmtpd sinks, and TLSA records made from the sinks' real certifi
   matching DANE-EE delivers under DANE, a mismatching one keeps the host from being used even though the alias's
   own record would match); where the expanded name has none, the alias's own are; DANE-TA accepts a leaf that
   names only the alias (3.2.2);
+- fixed upstreams with tls: dane (host names in the signed zone, one a CNAME): their TLS sessions are counted in
+  mailflow_outbound_policy_total under dane or none, as the MX walk counts them, zero series from the start;
 - the config checker refuses `tls: dane` without dns.trust_anchor_file."""
 import hashlib
 import shutil
@@ -189,6 +191,17 @@ def session_upstreams(daemon):
     return out
 
 
+def dane_sessions(daemon):
+    """How many session lines so far say that DANE authenticated their upstream leg."""
+    return sum(u.endswith("/dane") for u in session_upstreams(daemon))
+
+
+def wait_dane_sessions(daemon, count):
+    """The session line is written when the session ends, a moment after the client's QUIT."""
+    harness.wait_for(lambda: dane_sessions(daemon) >= count, what=f"{count} session lines saying /dane")
+    assert dane_sessions(daemon) == count, session_upstreams(daemon)
+
+
 def policy_moved(before, after):
     return {(dict(k)["connector"], dict(k)["policy"], dict(k)["result"]): v
             for k, v in delta(before, after, "mailflow_outbound_policy_total").items()}
@@ -307,14 +320,14 @@ def test_alias_mx_host_uses_the_tlsa_records_of_its_cname_target(env):
     """mx.alias is a secure CNAME to host.alias, which carries the DANE-EE record (mx.alias has none): the TLSA
     base domain is the expanded name (RFC 7672 2.2.3), so DANE authenticates the session."""
     sink = env.sinks["good"]
-    n = sink.count()
+    n, authenticated = sink.count(), dane_sessions(env.daemon)
     before = env.daemon.metrics()
     rcpt, final = deliver(env, "judy@alias.example.net")
     assert rcpt[0] == 250 and final[0] == 250, (rcpt, final)
     assert sink.wait_messages(n + 1)[-1][0]["tls_version"] in ("TLSv1.2", "TLSv1.3")
     after = harness.wait_moved(env.daemon, before)
     assert policy_moved(before, after) == {("partners", "dane", "success"): 1.0}
-    assert session_upstreams(env.daemon)[-1].endswith("/dane"), session_upstreams(env.daemon)[-1]
+    wait_dane_sessions(env.daemon, authenticated + 1)
 
 
 def test_alias_mx_host_with_a_mismatching_tlsa_at_its_target_is_not_used(env):
@@ -334,14 +347,14 @@ def test_alias_mx_host_falls_back_to_its_own_tlsa_when_the_target_has_none(env):
     """host.aliasfb publishes no TLSA records (secure NODATA): the alias's own are used, a matching one
     delivers under DANE and a mismatching one keeps the host from being used."""
     sink = env.sinks["good"]
-    n = sink.count()
+    n, authenticated = sink.count(), dane_sessions(env.daemon)
     before = env.daemon.metrics()
     rcpt, final = deliver(env, "leo@aliasfb.example.net")
     assert rcpt[0] == 250 and final[0] == 250, (rcpt, final)
     sink.wait_messages(n + 1)
     after = harness.wait_moved(env.daemon, before)
     assert policy_moved(before, after) == {("partners", "dane", "success"): 1.0}
-    assert session_upstreams(env.daemon)[-1].endswith("/dane")
+    wait_dane_sessions(env.daemon, authenticated + 1)
 
     rcpt, final = deliver(env, "mia@aliasfbwrong.example.net")
     assert rcpt[0] == 451 and "tls_policy" in rcpt[1], rcpt
@@ -359,6 +372,62 @@ def test_dane_ta_accepts_the_alias_name_when_the_records_are_at_the_target(env):
     sink.wait_messages(n + 1)
     after = harness.wait_moved(env.daemon, before)
     assert policy_moved(before, after) == {("partners", "dane", "success"): 1.0}
+
+
+FIXED = {  # connector/upstream name: the fixed upstream's host (its recipient domain is NAME.fixed.example)
+    "fixed-good": "mx.good.example.net",      # DANE-EE matches
+    "fixed-wrong": "mx.wrong.example.net",    # DANE-EE matches nothing
+    "fixed-plain": "mx.plain.example.net",    # no TLSA records, no STARTTLS
+    "fixed-alias": "mx.alias.example.net",    # a CNAME whose target has the matching DANE-EE record
+}
+
+
+@pytest.fixture(scope="module")
+def fixed(env, daemon_factory):
+    """A second daemon whose routes are fixed upstreams with tls: dane (host names in the signed zone), one
+    outbound connector per upstream, chosen by recipient domain."""
+    port = harness.free_port()
+    daemon = daemon_factory(
+        [{"name": "out-fixed", "address": f"127.0.0.1:{port}", "direction": "outbound", "upstream": "fixed-good"}],
+        [{"name": name, "address": f"{host}:{env.port}", "tls": "dane"} for name, host in FIXED.items()],
+        [{"name": name, "type": "partner", "direction": "outbound", "upstream": name,
+          "match": {"recipient_domains": [f"{name}.fixed.example"]}} for name in FIXED],
+        name="mailflowd-fixed",
+        dns={"servers": [env.knot.address], "timeout": "2s", "trust_anchor_file": str(env.knot.trust_anchor_file)})
+    return types.SimpleNamespace(daemon=daemon, port=port, sinks=env.sinks)
+
+
+def test_fixed_dane_upstream_sessions_are_counted_under_their_policy(fixed):
+    """mailflow_outbound_policy_total counts a fixed upstream's TLS sessions under tls: dane as the MX walk counts
+    them: dane/success, dane/tlsa-invalid, none/success where no TLSA records apply; every series is there (zero)
+    before the first message."""
+    before = fixed.daemon.metrics()
+    for name in FIXED:
+        for policy in ("dane", "mta-sts", "none"):
+            for result in ("success", "tlsa-invalid", "dnssec-invalid"):
+                key = ("mailflow_outbound_policy_total",
+                       frozenset({"connector": name, "policy": policy, "result": result}.items()))
+                assert before.get(key) == 0.0, key
+    good, plain = fixed.sinks["good"], fixed.sinks["plain"]
+    n_good, n_plain = good.count(), plain.count()
+
+    rcpt, final = deliver(fixed, "olga@fixed-good.fixed.example")
+    assert rcpt[0] == 250 and final[0] == 250, (rcpt, final)
+    rcpt, final = deliver(fixed, "pat@fixed-alias.fixed.example")
+    assert rcpt[0] == 250 and final[0] == 250, (rcpt, final)
+    good.wait_messages(n_good + 2)
+    rcpt, final = deliver(fixed, "quinn@fixed-plain.fixed.example")
+    assert rcpt[0] == 250 and final[0] == 250, (rcpt, final)
+    assert plain.wait_messages(n_plain + 1)[-1][0]["tls_version"] == "none"
+    rcpt, final = deliver(fixed, "rita@fixed-wrong.fixed.example")
+    assert rcpt[0] == 451 and final is None, rcpt
+
+    after = harness.wait_moved(fixed.daemon, before, "mailflow_outbound_policy_total", at_least=4.0)
+    assert policy_moved(before, after) == {("fixed-good", "dane", "success"): 1.0,
+                                           ("fixed-alias", "dane", "success"): 1.0,
+                                           ("fixed-plain", "none", "success"): 1.0,
+                                           ("fixed-wrong", "dane", "tlsa-invalid"): 1.0}
+    wait_dane_sessions(fixed.daemon, 2)
 
 
 def test_dane_without_a_trust_anchor_is_a_config_error(mailflowd_bin, workdir):
