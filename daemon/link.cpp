@@ -254,6 +254,11 @@ asio::awaitable<void> Link::handshake(SSL_CTX* context, const Peer* peer, TimePo
         co_return;
       }
       SSL_dane_set_flags(ssl_, DANE_FLAG_NO_DANE_EE_NAMECHECKS);
+      // After SSL_dane_enable, which makes `name` the one reference name.
+      if (peer->dane_names != nullptr) {
+        for (const auto& name : *peer->dane_names)
+          if (name != peer->name) SSL_add1_host(ssl_, name.c_str());
+      }
       for (const auto& record : *peer->dane) {
         SSL_dane_tlsa_add(ssl_, record.usage, record.selector, record.matching,
                           reinterpret_cast<const unsigned char*>(record.data.data()), record.data.size());

@@ -78,8 +78,11 @@ class Link {
     // covers it (MTA-STS asks for it without failing the handshake).
     bool record_name = false;
     // The certificate must match one of these usable TLSA records (RFC 7672: DANE-EE without name checks,
-    // DANE-TA with `name`); the context needs SSL_CTX_dane_enable.
+    // DANE-TA with `name`, the TLSA base domain); the context needs SSL_CTX_dane_enable.
     const std::vector<proto::TlsaRecord>* dane = nullptr;
+    // With `dane`: names a DANE-TA certificate may carry instead of `name` (RFC 7672 3.2.2: the MX host name and
+    // its CNAME expansion are both reference identifiers); entries equal to `name` are ignored.
+    const std::vector<std::string>* dane_names = nullptr;
   };
   // STARTTLS: the server side (`peer` null) or the client side.
   boost::asio::awaitable<void> handshake(SSL_CTX* context, const Peer* peer, TimePoint deadline,

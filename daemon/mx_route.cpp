@@ -63,7 +63,8 @@ boost::asio::awaitable<MxRoute> resolve_mx_route(Resolver& resolver, const OwnLi
     entry.skipped = self_preference && entry.host.preference >= *self_preference;
     if (entry.skipped) continue;
     for (const auto& address : entry.addresses.addresses)
-      route.attempts.push_back({entry.host.name, {address, port}, route.mx->secure && entry.addresses.secure});
+      route.attempts.push_back(
+          {entry.host.name, {address, port}, route.mx->secure && entry.addresses.secure, entry.addresses.canonical});
   }
   if (route.attempts.empty() && self_preference) {
     route.result = MxRoute::Result::loop;

@@ -30,6 +30,7 @@ struct MxRoute {
     std::string host;  // the MX host name (what a certificate is checked against)
     boost::asio::ip::tcp::endpoint endpoint;
     bool secure = false;  // the MX answer and the host's addresses were DNSSEC-validated (DANE may apply)
+    std::string canonical;  // the host name's CNAME expansion ("" when it is no alias; AddressResult::canonical)
   };
   std::string domain;
   std::optional<MxResult> mx;

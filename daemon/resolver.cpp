@@ -9,6 +9,7 @@
 #include <boost/asio/redirect_error.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
+#include <cctype>
 #include <cstring>
 #include <optional>
 #include <random>
@@ -130,6 +131,20 @@ std::optional<std::string> wire_name(const unsigned char* data, std::size_t size
     at += length;
   }
   return std::nullopt;  // no terminating root label
+}
+
+// libunbound's canonname of an answer (set only when a CNAME led elsewhere), lower-case and without the final
+// dot; "" when there is none or it is `name` itself.
+std::string canonical_name(std::string_view name, const ub_result* result) {
+  if (result == nullptr || result->canonname == nullptr) return {};
+  const auto lower = [](std::string_view text) {
+    if (text.ends_with('.')) text.remove_suffix(1);
+    std::string out(text);
+    for (auto& c : out) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    return out;
+  };
+  std::string canonical = lower(result->canonname);
+  return canonical == lower(name) ? std::string() : canonical;
 }
 
 }  // namespace
@@ -395,6 +410,8 @@ net::awaitable<AddressResult> Resolver::resolve_addresses(std::string host) {
   out.aaaa = aaaa.outcome;
   out.a = a.outcome;
   out.secure = impl->secure(aaaa) && impl->secure(a);
+  out.canonical = canonical_name(host, aaaa.result);
+  if (out.canonical.empty()) out.canonical = canonical_name(host, a.result);
   std::vector<net::ip::address> v6;
   std::vector<net::ip::address> v4;
   if (aaaa.outcome == DnsOutcome::success) {

@@ -56,7 +56,10 @@ struct AddressResult {
   std::vector<boost::asio::ip::address> addresses;
   DnsOutcome aaaa = DnsOutcome::error;
   DnsOutcome a = DnsOutcome::error;
-  bool secure = false;  // both answers DNSSEC-validated
+  bool secure = false;  // both answers DNSSEC-validated (every CNAME on the way included)
+  // The name's CNAME expansion, where it is an alias: the owner of the addresses (libunbound's canonname, without
+  // the final dot); "" when the name is no alias. DANE looks for TLSA records there first (RFC 7672 2.2.3).
+  std::string canonical;
   std::string detail;
 };
 std::string_view to_string(AddressResult::Status status);  // "addresses", "none", "failed"

@@ -101,7 +101,7 @@ class Telemetry {
   void internal_error(std::string_view component);  // one of internal_components
   void mx_attempt(std::string_view upstream, std::string_view result);  // one of reasons::mx_attempts
   // mailflow_outbound_policy_total{connector,policy,result}: one per outbound session under a policy (called by
-  // the MX walk). policy: one of reasons::outbound_policies; result: "success" or an RFC 8460 result type.
+  // the MX walk, and for a fixed upstream with tls: dane). policy: one of reasons::outbound_policies; result: "success" or an RFC 8460 result type.
   // Every outbound connector exports all policy x result series from the start.
   // A failure (result other than "success") also counts against `domain` in the connector's destination-domain
   // drill-down (its `refused`: sessions that failed the domain's policy).

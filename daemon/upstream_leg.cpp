@@ -220,7 +220,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open(const con
   host_.clear();
   policy_ = "none";
   if (upstream.mx) co_return co_await open_mx(upstream, domain, client, connector);
-  co_return co_await open_fixed(upstream, client);
+  co_return co_await open_fixed(upstream, client, connector);
 }
 
 std::shared_ptr<Resolver> UpstreamLeg::resolver() {
@@ -233,40 +233,57 @@ std::shared_ptr<Resolver> UpstreamLeg::resolver() {
 }
 
 asio::awaitable<proto::DanePlan> UpstreamLeg::plan_dane(Resolver& resolver, const config::Upstream& upstream,
-                                                       const std::string& host, std::uint16_t port, bool secure) {
+                                                       const std::string& host, const std::string& canonical,
+                                                       std::uint16_t port, bool secure) {
   if (upstream.tls != config::UpstreamTls::dane) co_return proto::DanePlan{};
   if (!secure) co_return proto::plan_dane(false, nullptr);
-  // RFC 7672 3.1.2: the TLSA base domain is the MX host name (CNAMEs are not followed here).
-  const TlsaResult tlsa = co_await resolver.resolve_tlsa("_" + std::to_string(port) + "._tcp." + host);
-  proto::DanePlan plan = proto::plan_dane(true, &tlsa.answer);
+  // RFC 7672 2.2.3: the TLSA base domain is the host name's CNAME expansion when it is an alias (a secure address
+  // answer is secure all along the chain), and the host name itself when the expansion publishes no TLSA records.
+  std::vector<std::string> bases;
+  if (!canonical.empty()) bases.push_back(canonical);
+  bases.push_back(host);
+  proto::DanePlan plan;
+  std::string detail;
+  for (const auto& base : bases) {
+    const TlsaResult tlsa = co_await resolver.resolve_tlsa("_" + std::to_string(port) + "._tcp." + base);
+    plan = proto::plan_dane(true, &tlsa.answer);
+    detail = tlsa.detail;
+    if (plan.kind == proto::DanePlan::Kind::none) continue;  // none there: the next name (a failure is not)
+    plan.names = bases;  // RFC 7672 3.2.2: the base domain first, the other name also a reference identifier
+    if (base != plan.names.front()) std::swap(plan.names.front(), plan.names.back());
+    break;
+  }
   if (plan.kind == proto::DanePlan::Kind::skip) {
     log_limited(LogLevel::warn, "dane",
                 {{"id", session_.id},
                  {"upstream", upstream.name},
                  {"host", host},
+                 {"tlsa_base", plan.names.front()},
                  {"plan", to_string(plan.kind)},
                  {"reason", plan.why},
-                 {"error", tlsa.detail}});
+                 {"error", detail}});
   }
   co_return plan;
 }
 
 asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(const config::Upstream& upstream,
-                                                                             const Client& client) {
+                                                                             const Client& client,
+                                                                             std::string_view connector) {
   // timeouts.upstream_connect bounds the lookup, every connect attempt and the banner together.
   const auto connect_deadline = in(config_.timeouts.upstream_connect);
+  const std::string& host = upstream.address.host;
   const std::uint16_t port = upstream.address.port;
   std::string reason = "no address";
   proto::DanePlan dane;
   error_code ec;
   std::vector<tcp::endpoint> endpoints;
-  if (auto address = asio::ip::make_address(upstream.address.host, ec); !ec) {
+  if (auto address = asio::ip::make_address(host, ec); !ec) {
     endpoints.emplace_back(address, port);
   } else if (upstream.tls == config::UpstreamTls::dane) {
     // DANE needs to know whether the host's addresses are DNSSEC-validated: looked up through libunbound.
     const auto dns = resolver();
     if (!dns) co_return Refusal{proto::format_reply(451, "4.4.3", "DNS resolver unavailable, try again later"), {}};
-    const AddressResult addresses = co_await dns->resolve_addresses(upstream.address.host);
+    const AddressResult addresses = co_await dns->resolve_addresses(host);
     for (const auto& address : addresses.addresses) endpoints.emplace_back(address, port);
     if (endpoints.empty()) {
       reason = "connect_failed";
@@ -274,14 +291,13 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
       log_limited(LogLevel::warn, "upstream_error",
                   {{"id", session_.id}, {"upstream", upstream.name}, {"reason", reason}, {"error", addresses.detail}});
     } else {
-      dane = co_await plan_dane(*dns, upstream, upstream.address.host, port, addresses.secure);
-      if (dane.kind == proto::DanePlan::Kind::skip) endpoints.clear();
+      dane = co_await plan_dane(*dns, upstream, host, addresses.canonical, port, addresses.secure);
     }
   } else {
     ec = {};
     resolver_.emplace(executor_);
     session_.deadlines.arm(connect_deadline);
-    auto results = co_await resolver_->async_resolve(upstream.address.host, std::to_string(port),
+    auto results = co_await resolver_->async_resolve(host, std::to_string(port),
                                                      asio::redirect_error(asio::use_awaitable, ec));
     session_.deadlines.disarm(ec);
     resolver_.reset();
@@ -294,15 +310,44 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
                   {{"id", session_.id}, {"upstream", upstream.name}, {"reason", reason}, {"error", ec.message()}});
     }
   }
+  // Under tls: dane every TLS session is counted under the policy that governed it, as in the MX walk (there is
+  // no recipient domain's policy here, so no TLS report and no domain's drill-down).
+  const std::string_view policy = dane.kind == proto::DanePlan::Kind::none ? "none" : "dane";
   for (const auto& endpoint : endpoints) {
-    if (co_await connect_to(upstream, endpoint, upstream.address.host, connect_deadline, client, dane, reason)) {
-      host_ = upstream.address.host;
-      policy_ = dane.kind == proto::DanePlan::Kind::none ? "none" : "dane";
+    std::optional<proto::tlsrpt::FailureKey> failure;
+    bool connected = false;
+    if (dane.kind == proto::DanePlan::Kind::skip) {
+      reason = "tls_policy";  // RFC 7672 2.2: a host whose TLSA records cannot be learned is not used
+      failure = failure_key(proto::tlsrpt::ResultType::dnssec_invalid, host, endpoint, std::string(dane.why));
+    } else {
+      connected = co_await connect_to(upstream, endpoint, host, connect_deadline, client, dane, reason);
+      if (!connected && tls_failure_) failure = failure_key(*tls_failure_, host, endpoint, tls_failure_reason_);
+    }
+    if (upstream.tls == config::UpstreamTls::dane && (connected || failure))
+      report_session(connector, policy, {}, {}, {}, std::move(failure));
+    if (connected) {
+      host_ = host;
+      policy_ = policy;
       co_return std::nullopt;
     }
     if (reason == "connect_timeout") break;  // the deadline is spent
   }
   co_return Refusal{upstream_unavailable_reply, {}};
+}
+
+proto::tlsrpt::FailureKey UpstreamLeg::failure_key(proto::tlsrpt::ResultType type, const std::string& host,
+                                                   const tcp::endpoint& endpoint, std::string why) const {
+  return proto::tlsrpt::FailureKey{type, local_address_, host, address_text(endpoint.address()), std::move(why)};
+}
+
+void UpstreamLeg::report_session(std::string_view connector, std::string_view policy, const std::string& domain,
+                                 const std::vector<std::string>& rua, const proto::tlsrpt::PolicyKey& key,
+                                 std::optional<proto::tlsrpt::FailureKey> failure) {
+  if (connector.empty()) return;  // mailflowd's own deliveries (TLS reports) are no mail flow
+  session_.telemetry.outbound_policy(connector, policy,
+                                     failure ? proto::tlsrpt::to_string(failure->result) : "success", domain);
+  if (!rua.empty())
+    session_.telemetry.tlsrpt().record(utc_date(), TlsRptSession{domain, rua, key, std::move(failure)});
 }
 
 asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const config::Upstream& upstream,
@@ -344,21 +389,14 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
       sts_key.mx_hosts = sts.policy->mx;
     }
   }
-  const auto report = [&](std::string_view policy, const proto::tlsrpt::PolicyKey& key,
-                          std::optional<proto::tlsrpt::FailureKey> failure) {
-    if (connector.empty()) return;  // mailflowd's own deliveries (TLS reports) are no mail flow
-    session_.telemetry.outbound_policy(connector, policy,
-                                       failure ? proto::tlsrpt::to_string(failure->result) : "success", domain);
-    if (!rua.empty())
-      session_.telemetry.tlsrpt().record(utc_date(), TlsRptSession{domain, rua, key, std::move(failure)});
-  };
   if (sts.failure) {
     // The policy could not be had (fetch error, invalid, certificate); delivery goes on (with a cached policy if
     // there is one), and the failure is reported.
     log_limited(LogLevel::warn, "mta_sts",
                 {{"id", session_.id}, {"domain", domain}, {"result", proto::tlsrpt::to_string(*sts.failure)},
                  {"error", sts.detail}});
-    report("mta-sts", sts_key, proto::tlsrpt::FailureKey{*sts.failure, {}, {}, {}, sts.detail});
+    report_session(connector, "mta-sts", domain, rua, sts_key,
+                   proto::tlsrpt::FailureKey{*sts.failure, {}, {}, {}, sts.detail});
   }
 
   std::string reason = "no address";
@@ -366,7 +404,8 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
   for (const auto& attempt : mx.attempts) {
     auto plan = dane_plans.find(attempt.host);
     if (plan == dane_plans.end()) {
-      proto::DanePlan dane = co_await plan_dane(*resolver, upstream, attempt.host, upstream.port, attempt.secure);
+      proto::DanePlan dane = co_await plan_dane(*resolver, upstream, attempt.host, attempt.canonical, upstream.port,
+                                                attempt.secure);
       plan = dane_plans.emplace(attempt.host, std::move(dane)).first;
     }
     const proto::DanePlan& dane = plan->second;
@@ -378,9 +417,8 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
       key.type = proto::tlsrpt::PolicyType::tlsa;
       key.strings = tlsa_strings(dane.records);
     }
-    const std::string receiving_ip = address_text(attempt.endpoint.address());
     const auto failure_of = [&](proto::tlsrpt::ResultType type, std::string why) {
-      return proto::tlsrpt::FailureKey{type, local_address_, attempt.host, receiving_ip, std::move(why)};
+      return failure_key(type, attempt.host, attempt.endpoint, std::move(why));
     };
     std::optional<proto::tlsrpt::FailureKey> failure;
     bool connected = false;
@@ -402,7 +440,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
     }
     // A session that never reached TLS negotiation (no connection, a refused banner) is no TLS session.
     const std::string_view policy = by_dane ? "dane" : by_sts ? "mta-sts" : "none";
-    if (connected || failure) report(policy, key, std::move(failure));
+    if (connected || failure) report_session(connector, policy, domain, rua, key, std::move(failure));
     session_.telemetry.mx_attempt(upstream.name, connected ? "success" : reason);
     if (connected) {
       host_ = attempt.host;
@@ -534,11 +572,13 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
         error_code hs;
         const bool authenticate = dane.kind == proto::DanePlan::Kind::authenticate;
         Link::Peer peer;
-        peer.name = tls_name;
+        // Under DANE the TLSA base domain (RFC 7672 8.1), which is the MX host name unless that is an alias.
+        peer.name = authenticate && !dane.names.empty() ? dane.names.front() : tls_name;
         peer.verify = tls->verify();
         peer.verify_names = tls->verify_names();
         peer.record_name = tls->check_names();
         peer.dane = authenticate ? &dane.records : nullptr;
+        peer.dane_names = authenticate ? &dane.names : nullptr;
         co_await link_->handshake(tls->context(), &peer, in(config_.timeouts.tls_handshake), hs);
         if (hs) {
           const std::string label = handshake_failure_label(hs);

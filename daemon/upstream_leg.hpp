@@ -15,6 +15,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "config/config.hpp"
 #include "daemon/deadlines.hpp"
@@ -115,14 +116,26 @@ class UpstreamLeg {
                                           const boost::asio::ip::tcp::endpoint& endpoint,
                                           const std::string& tls_name, TimePoint connect_deadline,
                                           const Client& client, const proto::DanePlan& dane, std::string& reason);
-  // tls: dane: the TLSA records of `host` (when its DNS is `secure`) and what they ask.
+  // tls: dane: the TLSA records of `host` (when its DNS is `secure`; first those of its CNAME expansion
+  // `canonical`, when it is an alias) and what they ask. The MX walk and a fixed upstream both plan with it.
   boost::asio::awaitable<proto::DanePlan> plan_dane(Resolver& resolver, const config::Upstream& upstream,
-                                                    const std::string& host, std::uint16_t port, bool secure);
-  boost::asio::awaitable<std::optional<Refusal>> open_fixed(const config::Upstream& upstream, const Client& client);
+                                                    const std::string& host, const std::string& canonical,
+                                                    std::uint16_t port, bool secure);
+  boost::asio::awaitable<std::optional<Refusal>> open_fixed(const config::Upstream& upstream, const Client& client,
+                                                            std::string_view connector);
   std::shared_ptr<Resolver> resolver();  // the event loop's (null, logged, when libunbound refuses the settings)
   boost::asio::awaitable<std::optional<Refusal>> open_mx(const config::Upstream& upstream,
                                                          const std::string& domain, const Client& client,
                                                          std::string_view connector);
+  // One TLS session under `policy` (dane, mta-sts, none): counted for `connector` in mailflow_outbound_policy_total
+  // (a failure also against the recipient `domain`, when given) and, where the domain wants TLS reports (`rua`),
+  // recorded for them. Nothing for mailflowd's own deliveries (`connector` empty).
+  void report_session(std::string_view connector, std::string_view policy, const std::string& domain,
+                      const std::vector<std::string>& rua, const proto::tlsrpt::PolicyKey& key,
+                      std::optional<proto::tlsrpt::FailureKey> failure);
+  // A TLS-RPT failure of the session to `host` at `endpoint` (our side: the last connection's).
+  proto::tlsrpt::FailureKey failure_key(proto::tlsrpt::ResultType type, const std::string& host,
+                                        const boost::asio::ip::tcp::endpoint& endpoint, std::string why) const;
   // The TLS-RPT verdict on the handshake just made to an MX host under an MTA-STS policy (RFC 8461 4):
   // false when the policy is enforced and the host fails it (the connection is then closed).
   bool meets_mta_sts(const PolicyState& sts, const std::string& host, std::optional<proto::tlsrpt::FailureKey>& failure);

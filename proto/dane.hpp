@@ -46,7 +46,11 @@ struct DanePlan {
   };
   Kind kind = Kind::none;
   std::vector<TlsaRecord> records;  // authenticate: the usable ones
-  std::string_view why;             // for logs
+  // authenticate: the reference names (RFC 7672 3.2.2) that DANE-TA(2) records check the certificate against:
+  // the TLSA base domain first (also the SNI name, RFC 7672 8.1), then, where the MX host name is an alias, the
+  // other of the host name and its CNAME expansion. Set by the caller, which knows the names.
+  std::vector<std::string> names;
+  std::string_view why;  // for logs
 };
 
 // `host_secure`: the MX RRset and the host's address records were DNSSEC-validated (RFC 7672 2.2.1, 2.2.2;

@@ -13,6 +13,12 @@ that are real aiosmtpd sinks, and TLSA records made from the sinks' real certifi
 - only unusable records (PKIX-EE): TLS without authentication (delivered over TLS);
 - DANE-TA(2): a certificate chain from the test CA whose TLSA names the CA, with the MX host name in the leaf
   (delivered), and one whose leaf does not name the MX host (not used: DANE-TA keeps the name check);
+- MX host names that are secure CNAMEs (RFC 7672 2.2.3): the TLSA records at the expanded name are used (a
+  matching DANE-EE delivers under DANE, a mismatching one keeps the host from being used even though the alias's
+  own record would match); where the expanded name has none, the alias's own are; DANE-TA accepts a leaf that
+  names only the alias (3.2.2);
+- fixed upstreams with tls: dane (host names in the signed zone, one a CNAME): their TLS sessions are counted in
+  mailflow_outbound_policy_total under dane or none, as the MX walk counts them, zero series from the start;
 - the config checker refuses `tls: dane` without dns.trust_anchor_file."""
 import hashlib
 import shutil
@@ -41,6 +47,7 @@ ADDR = {
     "unusable": "127.0.0.65",  # TLS; only a PKIX-EE record (unusable for SMTP)
     "ta": "127.0.0.66",        # TLS, chain from the test CA, leaf names mx.ta.example.net; DANE-TA names the CA
     "taname": "127.0.0.67",    # TLS, chain from the test CA, leaf names sink.test only; DANE-TA names the CA
+    "tacname": "127.0.0.68",   # TLS, chain from the test CA, leaf names the alias mx.tacname.example.net only
 }
 
 
@@ -86,6 +93,27 @@ mx.ta        A     {ADDR['ta']}
 taname       MX    10 mx.taname
 mx.taname    A     {ADDR['taname']}
 {tlsa}.mx.taname  TLSA  2 0 1 {ca_sha256}
+; MX host names that are aliases (RFC 7672 2.2.3): TLSA records at the CNAME target first, then at the alias.
+alias        MX    10 mx.alias
+mx.alias     CNAME host.alias
+host.alias   A     {ADDR['good']}
+{tlsa}.host.alias TLSA 3 1 1 {sink_spki}
+aliaswrong   MX    10 mx.aliaswrong
+mx.aliaswrong CNAME host.aliaswrong
+host.aliaswrong A  {ADDR['good']}
+{tlsa}.host.aliaswrong TLSA 3 1 1 {'00' * 32}
+{tlsa}.mx.aliaswrong TLSA 3 1 1 {sink_spki}
+aliasfb      MX    10 mx.aliasfb
+mx.aliasfb   CNAME host.aliasfb
+host.aliasfb A     {ADDR['good']}
+{tlsa}.mx.aliasfb TLSA 3 1 1 {sink_spki}
+aliasfbwrong MX    10 mx.aliasfbwrong
+mx.aliasfbwrong CNAME host.aliasfb
+{tlsa}.mx.aliasfbwrong TLSA 3 1 1 {'00' * 32}
+tacname      MX    10 mx.tacname
+mx.tacname   CNAME host.tacname
+host.tacname A     {ADDR['tacname']}
+{tlsa}.host.tacname TLSA 2 0 1 {ca_sha256}
 """
 
 
@@ -107,6 +135,8 @@ def env(certs, workdir, short_dir, sink_factory, daemon_factory):
         tls = {"tls_cert": certs / "sink.pem", "tls_key": certs / "sink.key"}
         ta_chain, ta_key = harness.ca_signed_cert(certs, workdir, "mx-ta", ["mx.ta.example.net"], chain=True)
         taname_chain, taname_key = harness.ca_signed_cert(certs, workdir, "mx-taname", ["sink.test"], chain=True)
+        tacname_chain, tacname_key = harness.ca_signed_cert(certs, workdir, "mx-tacname", ["mx.tacname.example.net"],
+                                                            chain=True)
         sinks = {
             "good": sink_factory("mx-good", host=ADDR["good"], port=port, **tls),
             "wrong": sink_factory("mx-wrong", host=ADDR["wrong"], port=port, **tls),
@@ -116,6 +146,8 @@ def env(certs, workdir, short_dir, sink_factory, daemon_factory):
             "ta": sink_factory("mx-ta", host=ADDR["ta"], port=port, tls_cert=ta_chain, tls_key=ta_key),
             "taname": sink_factory("mx-taname", host=ADDR["taname"], port=port, tls_cert=taname_chain,
                                    tls_key=taname_key),
+            "tacname": sink_factory("mx-tacname", host=ADDR["tacname"], port=port, tls_cert=tacname_chain,
+                                    tls_key=tacname_key),
         }
         listeners = [{"name": "out", "address": f"127.0.0.1:{port}", "direction": "outbound",
                       "upstream": "dane-mx"}]
@@ -157,6 +189,17 @@ def session_upstreams(daemon):
                 if part.startswith("upstream="):
                     out.append(part.split("=", 1)[1].strip('"'))
     return out
+
+
+def dane_sessions(daemon):
+    """How many session lines so far say that DANE authenticated their upstream leg."""
+    return sum(u.endswith("/dane") for u in session_upstreams(daemon))
+
+
+def wait_dane_sessions(daemon, count):
+    """The session line is written when the session ends, a moment after the client's QUIT."""
+    harness.wait_for(lambda: dane_sessions(daemon) >= count, what=f"{count} session lines saying /dane")
+    assert dane_sessions(daemon) == count, session_upstreams(daemon)
 
 
 def policy_moved(before, after):
@@ -271,6 +314,120 @@ def test_dane_ta_keeps_the_name_check(env):
     rcpt, _ = deliver(env, "heidi@taname.example.net")
     assert rcpt[0] == 451 and "tls_policy" in rcpt[1], rcpt
     assert sink.count() == n
+
+
+def test_alias_mx_host_uses_the_tlsa_records_of_its_cname_target(env):
+    """mx.alias is a secure CNAME to host.alias, which carries the DANE-EE record (mx.alias has none): the TLSA
+    base domain is the expanded name (RFC 7672 2.2.3), so DANE authenticates the session."""
+    sink = env.sinks["good"]
+    n, authenticated = sink.count(), dane_sessions(env.daemon)
+    before = env.daemon.metrics()
+    rcpt, final = deliver(env, "judy@alias.example.net")
+    assert rcpt[0] == 250 and final[0] == 250, (rcpt, final)
+    assert sink.wait_messages(n + 1)[-1][0]["tls_version"] in ("TLSv1.2", "TLSv1.3")
+    after = harness.wait_moved(env.daemon, before)
+    assert policy_moved(before, after) == {("partners", "dane", "success"): 1.0}
+    wait_dane_sessions(env.daemon, authenticated + 1)
+
+
+def test_alias_mx_host_with_a_mismatching_tlsa_at_its_target_is_not_used(env):
+    """The CNAME target's DANE-EE record matches nothing; the alias's own (matching) record is not looked at,
+    because the target has records: the host is not used."""
+    sink = env.sinks["good"]
+    n = sink.count()
+    before = env.daemon.metrics()
+    rcpt, final = deliver(env, "ken@aliaswrong.example.net")
+    assert rcpt[0] == 451 and "tls_policy" in rcpt[1], rcpt
+    assert final is None and sink.count() == n
+    after = harness.wait_moved(env.daemon, before, "mailflow_mx_attempts_total")
+    assert policy_moved(before, after) == {("partners", "dane", "tlsa-invalid"): 1.0}
+
+
+def test_alias_mx_host_falls_back_to_its_own_tlsa_when_the_target_has_none(env):
+    """host.aliasfb publishes no TLSA records (secure NODATA): the alias's own are used, a matching one
+    delivers under DANE and a mismatching one keeps the host from being used."""
+    sink = env.sinks["good"]
+    n, authenticated = sink.count(), dane_sessions(env.daemon)
+    before = env.daemon.metrics()
+    rcpt, final = deliver(env, "leo@aliasfb.example.net")
+    assert rcpt[0] == 250 and final[0] == 250, (rcpt, final)
+    sink.wait_messages(n + 1)
+    after = harness.wait_moved(env.daemon, before)
+    assert policy_moved(before, after) == {("partners", "dane", "success"): 1.0}
+    wait_dane_sessions(env.daemon, authenticated + 1)
+
+    rcpt, final = deliver(env, "mia@aliasfbwrong.example.net")
+    assert rcpt[0] == 451 and "tls_policy" in rcpt[1], rcpt
+    assert final is None and sink.count() == n + 1
+
+
+def test_dane_ta_accepts_the_alias_name_when_the_records_are_at_the_target(env):
+    """RFC 7672 3.2.2: with the TLSA records at the CNAME target, a DANE-TA chain whose leaf names only the
+    MX host name (the alias) still matches: both names are reference identifiers."""
+    sink = env.sinks["tacname"]
+    n = sink.count()
+    before = env.daemon.metrics()
+    rcpt, final = deliver(env, "nina@tacname.example.net")
+    assert rcpt[0] == 250 and final[0] == 250, (rcpt, final)
+    sink.wait_messages(n + 1)
+    after = harness.wait_moved(env.daemon, before)
+    assert policy_moved(before, after) == {("partners", "dane", "success"): 1.0}
+
+
+FIXED = {  # connector/upstream name: the fixed upstream's host (its recipient domain is NAME.fixed.example)
+    "fixed-good": "mx.good.example.net",      # DANE-EE matches
+    "fixed-wrong": "mx.wrong.example.net",    # DANE-EE matches nothing
+    "fixed-plain": "mx.plain.example.net",    # no TLSA records, no STARTTLS
+    "fixed-alias": "mx.alias.example.net",    # a CNAME whose target has the matching DANE-EE record
+}
+
+
+@pytest.fixture(scope="module")
+def fixed(env, daemon_factory):
+    """A second daemon whose routes are fixed upstreams with tls: dane (host names in the signed zone), one
+    outbound connector per upstream, chosen by recipient domain."""
+    port = harness.free_port()
+    daemon = daemon_factory(
+        [{"name": "out-fixed", "address": f"127.0.0.1:{port}", "direction": "outbound", "upstream": "fixed-good"}],
+        [{"name": name, "address": f"{host}:{env.port}", "tls": "dane"} for name, host in FIXED.items()],
+        [{"name": name, "type": "partner", "direction": "outbound", "upstream": name,
+          "match": {"recipient_domains": [f"{name}.fixed.example"]}} for name in FIXED],
+        name="mailflowd-fixed",
+        dns={"servers": [env.knot.address], "timeout": "2s", "trust_anchor_file": str(env.knot.trust_anchor_file)})
+    return types.SimpleNamespace(daemon=daemon, port=port, sinks=env.sinks)
+
+
+def test_fixed_dane_upstream_sessions_are_counted_under_their_policy(fixed):
+    """mailflow_outbound_policy_total counts a fixed upstream's TLS sessions under tls: dane as the MX walk counts
+    them: dane/success, dane/tlsa-invalid, none/success where no TLSA records apply; every series is there (zero)
+    before the first message."""
+    before = fixed.daemon.metrics()
+    for name in FIXED:
+        for policy in ("dane", "mta-sts", "none"):
+            for result in ("success", "tlsa-invalid", "dnssec-invalid"):
+                key = ("mailflow_outbound_policy_total",
+                       frozenset({"connector": name, "policy": policy, "result": result}.items()))
+                assert before.get(key) == 0.0, key
+    good, plain = fixed.sinks["good"], fixed.sinks["plain"]
+    n_good, n_plain = good.count(), plain.count()
+
+    rcpt, final = deliver(fixed, "olga@fixed-good.fixed.example")
+    assert rcpt[0] == 250 and final[0] == 250, (rcpt, final)
+    rcpt, final = deliver(fixed, "pat@fixed-alias.fixed.example")
+    assert rcpt[0] == 250 and final[0] == 250, (rcpt, final)
+    good.wait_messages(n_good + 2)
+    rcpt, final = deliver(fixed, "quinn@fixed-plain.fixed.example")
+    assert rcpt[0] == 250 and final[0] == 250, (rcpt, final)
+    assert plain.wait_messages(n_plain + 1)[-1][0]["tls_version"] == "none"
+    rcpt, final = deliver(fixed, "rita@fixed-wrong.fixed.example")
+    assert rcpt[0] == 451 and final is None, rcpt
+
+    after = harness.wait_moved(fixed.daemon, before, "mailflow_outbound_policy_total", at_least=4.0)
+    assert policy_moved(before, after) == {("fixed-good", "dane", "success"): 1.0,
+                                           ("fixed-alias", "dane", "success"): 1.0,
+                                           ("fixed-plain", "none", "success"): 1.0,
+                                           ("fixed-wrong", "dane", "tlsa-invalid"): 1.0}
+    wait_dane_sessions(fixed.daemon, 2)
 
 
 def test_dane_without_a_trust_anchor_is_a_config_error(mailflowd_bin, workdir):
