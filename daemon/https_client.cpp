@@ -131,7 +131,10 @@ net::awaitable<HttpsResponse> https_request(net::any_io_executor executor, Https
   parser.header_limit(static_cast<std::uint32_t>(limits.max_header_bytes));
   parser.body_limit(limits.max_body_bytes);
   beast::get_lowest_layer(stream).expires_after(remaining());
-  co_await http::async_read(stream, buffer, parser, net::redirect_error(net::use_awaitable, ec));
+  // The head first: Beast 1.74's async_read parses eagerly, and a Content-Length over the body limit that
+  // arrives in one read with the head then passes unchecked (the check's error is overwritten).
+  co_await http::async_read_header(stream, buffer, parser, net::redirect_error(net::use_awaitable, ec));
+  if (!ec) co_await http::async_read(stream, buffer, parser, net::redirect_error(net::use_awaitable, ec));
   // A peer that closes without close_notify after a complete answer has said all it had to say.
   if (ec == net::ssl::error::stream_truncated && parser.is_done()) ec = {};
   HttpsResponse out;
