@@ -40,7 +40,8 @@ HttpsResponse failed(Step step, Error error, std::string text = {}) {
 net::awaitable<HttpsResponse> https_request(net::any_io_executor executor, HttpsRequest request,
                                             HttpsLimits limits) {
   const auto remaining = [&] {
-    return std::max(std::chrono::steady_clock::duration::zero(), limits.deadline - std::chrono::steady_clock::now());
+    return std::max(std::chrono::steady_clock::duration::zero(),
+                    limits.deadline - std::chrono::steady_clock::now());
   };
   // A failed step: timed out when the deadline ended it, else in the library's words.
   const auto step_failed = [](Step step, const beast::error_code& ec) {
@@ -50,8 +51,10 @@ net::awaitable<HttpsResponse> https_request(net::any_io_executor executor, Https
   net::ssl::context context(net::ssl::context::tls_client);
   beast::error_code ec;
   context.set_verify_mode(net::ssl::verify_peer);
-  if (request.ca_file.empty()) context.set_default_verify_paths(ec);
-  else context.load_verify_file(request.ca_file, ec);
+  if (request.ca_file.empty())
+    context.set_default_verify_paths(ec);
+  else
+    context.load_verify_file(request.ca_file, ec);
   if (ec) co_return failed(Step::ca_file, Error::failed, ec.message());
   SSL_CTX_set_min_proto_version(context.native_handle(), TLS1_2_VERSION);
 
@@ -75,7 +78,8 @@ net::awaitable<HttpsResponse> https_request(net::any_io_executor executor, Https
     for (const auto& address : request.addresses) endpoints.emplace_back(address, port);
   } else {
     tcp::resolver system(executor);
-    // The name lookup has no timeout of its own in Asio (getaddrinfo); a timer closing the resolver bounds it.
+    // The name lookup has no timeout of its own in Asio (getaddrinfo); a timer closing the resolver bounds
+    // it.
     bool expired = false;
     net::steady_timer guard(executor, remaining());
     guard.async_wait([&system, &expired](const beast::error_code& e) {
@@ -83,9 +87,9 @@ net::awaitable<HttpsResponse> https_request(net::any_io_executor executor, Https
       expired = true;
       system.cancel();
     });
-    const auto results = co_await system.async_resolve(
-        request.connect_host.empty() ? request.host : request.connect_host, request.port,
-        net::redirect_error(net::use_awaitable, ec));
+    const auto results =
+        co_await system.async_resolve(request.connect_host.empty() ? request.host : request.connect_host,
+                                      request.port, net::redirect_error(net::use_awaitable, ec));
     guard.cancel();
     if (ec) co_return failed(Step::resolve, expired ? Error::timed_out : Error::failed, ec.message());
     for (const auto& entry : results) endpoints.push_back(entry.endpoint());
@@ -112,7 +116,8 @@ net::awaitable<HttpsResponse> https_request(net::any_io_executor executor, Https
   if (ec) {
     const long verify = SSL_get_verify_result(stream.native_handle());
     if (ec != beast::error::timeout && verify != X509_V_OK)
-      co_return with_address(failed(Step::handshake, Error::certificate_invalid, X509_verify_cert_error_string(verify)));
+      co_return with_address(
+          failed(Step::handshake, Error::certificate_invalid, X509_verify_cert_error_string(verify)));
     co_return with_address(step_failed(Step::handshake, ec));
   }
 

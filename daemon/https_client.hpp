@@ -1,10 +1,10 @@
 #pragma once
-// One HTTPS request of mailflowd's own (the MTA-STS policy fetch, the TLS-RPT report POST): connect to the given
-// addresses in turn, TLS1.2+ handshake with the certificate verified against a CA file for the request's host
-// (SNI sent; an IP literal is checked as an IP address), write the request, read one answer with its head and
-// body bounded, shut down; every step within one deadline. No redirects are followed: a 3xx is an answer like
-// any other. Failures are values (a step and a kind) that each caller words in its own vocabulary (RFC 8460
-// result types, TLS-RPT delivery results). Beast and OpenSSL stay in https_client.cpp.
+// One HTTPS request of mailflowd's own (the MTA-STS policy fetch, the TLS-RPT report POST): connect to the
+// given addresses in turn, TLS1.2+ handshake with the certificate verified against a CA file for the
+// request's host (SNI sent; an IP literal is checked as an IP address), write the request, read one answer
+// with its head and body bounded, shut down; every step within one deadline. No redirects are followed: a 3xx
+// is an answer like any other. Failures are values (a step and a kind) that each caller words in its own
+// vocabulary (RFC 8460 result types, TLS-RPT delivery results). Beast and OpenSSL stay in https_client.cpp.
 #include <utility>  // before Boost.Asio (Boost 1.74 + GCC 12)
 
 #include <boost/asio/any_io_executor.hpp>
@@ -19,8 +19,8 @@ namespace mailflow {
 
 struct HttpsRequest {
   std::string method = "GET";  // "GET" or "POST"
-  std::string host;       // the name the certificate must be valid for, sent as SNI; or an IP literal
-  std::string authority;  // the Host: header; empty: host
+  std::string host;            // the name the certificate must be valid for, sent as SNI; or an IP literal
+  std::string authority;       // the Host: header; empty: host
   std::string target = "/";
   std::vector<std::pair<std::string, std::string>> headers;  // after Host, User-Agent and Connection: close
   std::string body;
@@ -45,7 +45,8 @@ struct HttpsResponse {
     none,
     failed,               // `error` says why
     timed_out,            // the deadline ended the step
-    certificate_invalid,  // the handshake failed because the certificate did not verify; `error`: OpenSSL's why
+    certificate_invalid,  // the handshake failed because the certificate did not verify; `error`: OpenSSL's
+                          // why
     body_too_large,       // the head was read (status is set), the body is over max_body_bytes
   };
   Step step = Step::done;
@@ -60,7 +61,7 @@ struct HttpsResponse {
   bool ok() const { return error == Error::none; }
 };
 
-boost::asio::awaitable<HttpsResponse> https_request(boost::asio::any_io_executor executor, HttpsRequest request,
-                                                    HttpsLimits limits);
+boost::asio::awaitable<HttpsResponse> https_request(boost::asio::any_io_executor executor,
+                                                    HttpsRequest request, HttpsLimits limits);
 
 }  // namespace mailflow

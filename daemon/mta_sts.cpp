@@ -94,28 +94,29 @@ net::awaitable<PolicyFetch> fetch_policy(net::any_io_executor executor, std::str
   }
 
   auto response = co_await https_request(executor, std::move(request), limits);
-  const bool timed_out = response.error == Error::timed_out;
+  // A failed step: fetch_error, in the words of the step (and the library's, unless the deadline ended it).
+  const auto step_failed = [&](std::string_view timed_out, std::string_view failed_to) {
+    return failed(Status::fetch_error, response.error == Error::timed_out
+                                           ? with(timed_out)
+                                           : with(failed_to) + response.error_text);
+  };
   switch (response.step) {
     case Step::ca_file:
       co_return failed(Status::fetch_error, "cannot load CA certificates: " + response.error_text);
     case Step::resolve:
       co_return failed(Status::fetch_error, with("cannot resolve") + response.error_text);
     case Step::connect:
-      co_return failed(Status::fetch_error, timed_out ? with("timed out connecting to")
-                                                      : with("cannot connect to") + response.error_text);
+      co_return step_failed("timed out connecting to", "cannot connect to");
     case Step::handshake:
       if (response.error == Error::certificate_invalid)
         co_return failed(Status::webpki_invalid, with("certificate of") + response.error_text);
-      co_return failed(Status::fetch_error, timed_out ? with("timed out in the TLS handshake with")
-                                                      : with("TLS handshake failed with") + response.error_text);
+      co_return step_failed("timed out in the TLS handshake with", "TLS handshake failed with");
     case Step::write:
-      co_return failed(Status::fetch_error, timed_out ? with("timed out sending to")
-                                                      : with("cannot send the request to") + response.error_text);
+      co_return step_failed("timed out sending to", "cannot send the request to");
     case Step::read:
       if (response.error == Error::body_too_large)
         co_return failed(Status::fetch_error, "policy larger than 64 KiB from " + host);
-      co_return failed(Status::fetch_error, timed_out ? with("timed out reading the policy from")
-                                                      : with("no valid HTTP answer from") + response.error_text);
+      co_return step_failed("timed out reading the policy from", "no valid HTTP answer from");
     case Step::done:
       break;
   }

@@ -394,7 +394,8 @@ asio::awaitable<TlsRptDelivery> TlsRptSender::deliver_https(const Runtime& runti
   // does not change the answer).
   if (!response.head) {
     const std::string where = rua.host + " (" + response.address + "): ";
-    const std::string why = response.error == HttpsResponse::Error::timed_out ? "timed out" : response.error_text;
+    const std::string why =
+        response.error == HttpsResponse::Error::timed_out ? "timed out" : response.error_text;
     switch (response.step) {
       case Step::ca_file:
         detail = "cannot load CA certificates: " + response.error_text;

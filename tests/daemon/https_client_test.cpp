@@ -1,7 +1,8 @@
-// The HTTPS client of the MTA-STS fetch and the TLS-RPT POST against a real TLS server on loopback (a throw-away
-// certificate for IP 127.0.0.1, which is also the CA file): the answer and the request as sent, and each
-// failure as the typed step/error the callers word for themselves - a body over the limit, a certificate for
-// another name or from another CA, a server that never answers (the deadline), refused addresses.
+// The HTTPS client of the MTA-STS fetch and the TLS-RPT POST against a real TLS server on loopback (a
+// throw-away certificate for IP 127.0.0.1, which is also the CA file): the answer and the request as sent,
+// and each failure as the typed step/error the callers word for themselves - a body over the limit, a
+// certificate for another name or from another CA, a server that never answers (the deadline), refused
+// addresses.
 #include <utility>  // before Boost.Asio (Boost 1.74 + GCC 12)
 
 #include "daemon/https_client.hpp"
@@ -70,12 +71,13 @@ struct Server {
     auto socket = co_await acceptor.async_accept(asio::redirect_error(asio::use_awaitable, ec));
     if (ec) co_return;
     asio::steady_timer hold(io, std::chrono::seconds(30));  // until the test stops the io_context
-    if (peer == Peer::silent_tcp) {  // holds the connection, never a byte of TLS
+    if (peer == Peer::silent_tcp) {                         // holds the connection, never a byte of TLS
       co_await hold.async_wait(asio::redirect_error(asio::use_awaitable, ec));
       co_return;
     }
     asio::ssl::stream<tcp::socket> stream(std::move(socket), tls);
-    co_await stream.async_handshake(asio::ssl::stream_base::server, asio::redirect_error(asio::use_awaitable, ec));
+    co_await stream.async_handshake(asio::ssl::stream_base::server,
+                                    asio::redirect_error(asio::use_awaitable, ec));
     if (ec) co_return;
     const auto head = co_await asio::async_read_until(stream, asio::dynamic_buffer(request), "\r\n\r\n",
                                                       asio::redirect_error(asio::use_awaitable, ec));
@@ -84,7 +86,8 @@ struct Server {
     if (length_at != std::string::npos) {
       const std::size_t length = std::stoul(request.substr(length_at + 16));
       if (request.size() < head + length)
-        co_await asio::async_read(stream, asio::dynamic_buffer(request), asio::transfer_exactly(head + length - request.size()),
+        co_await asio::async_read(stream, asio::dynamic_buffer(request),
+                                  asio::transfer_exactly(head + length - request.size()),
                                   asio::redirect_error(asio::use_awaitable, ec));
     }
     if (peer == Peer::silent_tls) {  // took the request, never answers
@@ -133,7 +136,8 @@ HttpsRequest to_loopback(std::string host = "127.0.0.1") {
   return request;
 }
 
-constexpr std::string_view kOk = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello";
+constexpr std::string_view kOk =
+    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello";
 
 }  // namespace
 
@@ -145,7 +149,8 @@ TEST_CASE("https_request: the answer's status, Content-Type and body, and the re
   request.headers = {{"Content-Type", "application/tlsrpt+gzip"}, {"Content-Length", "4"}};
   request.body = "gzip";
   std::string seen;
-  const auto [response, took] = exchange(request, Peer::answer, std::string(kOk), {}, std::chrono::seconds(5), &seen);
+  const auto [response, took] =
+      exchange(request, Peer::answer, std::string(kOk), {}, std::chrono::seconds(5), &seen);
   CHECK(response.ok());
   CHECK(response.step == Step::done);
   CHECK(response.head);
@@ -231,7 +236,9 @@ TEST_CASE("https_request: a server that never answers is timed_out at its step, 
   }
 }
 
-TEST_CASE("https_request: addresses are tried in order, a refused one is skipped, all refused is a connect failure") {
+TEST_CASE(
+    "https_request: addresses are tried in order, a refused one is skipped, all refused is a connect "
+    "failure") {
   // The server listens on 127.0.0.1 only: the same port on 127.0.0.2 refuses.
   auto request = to_loopback();
   request.addresses = {asio::ip::make_address("127.0.0.2"), asio::ip::make_address("127.0.0.1")};
