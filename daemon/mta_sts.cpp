@@ -1,31 +1,18 @@
 // MTA-STS fetch, cache and checks; see mta_sts.hpp.
 #include "daemon/mta_sts.hpp"
 
-#include <openssl/ssl.h>
-#include <openssl/x509_vfy.h>
-
 #include <algorithm>
-#include <boost/asio/ip/tcp.hpp>
-#include <boost/asio/redirect_error.hpp>
-#include <boost/asio/steady_timer.hpp>
 #include <boost/asio/this_coro.hpp>
-#include <boost/asio/ssl.hpp>
-#include <boost/asio/use_awaitable.hpp>
-#include <boost/beast/core.hpp>
-#include <boost/beast/http.hpp>
-#include <boost/beast/ssl.hpp>
 #include <cctype>
 #include <sstream>
 
+#include "daemon/https_client.hpp"
 #include "daemon/resolver.hpp"
 #include "daemon/state_file.hpp"
 
 namespace mailflow {
 
 namespace net = boost::asio;
-namespace beast = boost::beast;
-namespace http = boost::beast::http;
-using tcp = net::ip::tcp;
 using proto::tlsrpt::ResultType;
 
 namespace {
@@ -78,105 +65,69 @@ std::string_view to_string(PolicyState::Mode mode) {
 net::awaitable<PolicyFetch> fetch_policy(net::any_io_executor executor, std::string domain,
                                          const MtaStsSettings& settings, Resolver* resolver) {
   using Status = PolicyFetch::Status;
+  using Step = HttpsResponse::Step;
+  using Error = HttpsResponse::Error;
   const std::string host = "mta-sts." + lower(domain);
-  const auto deadline = std::chrono::steady_clock::now() + settings.fetch_timeout;
-  const auto remaining = [&] {
-    return std::max(std::chrono::steady_clock::duration::zero(), deadline - std::chrono::steady_clock::now());
-  };
-  std::string connect_host = host;
-  std::string connect_port = "443";
+  HttpsLimits limits;
+  limits.deadline = std::chrono::steady_clock::now() + settings.fetch_timeout;
+  limits.max_body_bytes = proto::mta_sts::max_policy_bytes;
+  HttpsRequest request;
+  request.host = host;  // RFC 8461 3.3: the certificate must be valid for mta-sts.<domain>
+  request.target = "/.well-known/mta-sts.txt";
+  request.ca_file = settings.ca_file;
   if (!settings.connect_to.empty()) {
     const auto colon = settings.connect_to.rfind(':');
-    connect_host = settings.connect_to.substr(0, colon);
-    connect_port = colon == std::string::npos ? "443" : settings.connect_to.substr(colon + 1);
-    if (connect_host.starts_with('[') && connect_host.ends_with(']'))
-      connect_host = connect_host.substr(1, connect_host.size() - 2);
+    request.connect_host = settings.connect_to.substr(0, colon);
+    if (colon != std::string::npos) request.port = settings.connect_to.substr(colon + 1);
+    if (request.connect_host.starts_with('[') && request.connect_host.ends_with(']'))
+      request.connect_host = request.connect_host.substr(1, request.connect_host.size() - 2);
   }
-
-  net::ssl::context context(net::ssl::context::tls_client);
-  beast::error_code ec;
-  context.set_verify_mode(net::ssl::verify_peer);
-  if (settings.ca_file.empty()) context.set_default_verify_paths(ec);
-  else context.load_verify_file(settings.ca_file, ec);
-  if (ec) co_return failed(Status::fetch_error, "cannot load CA certificates: " + ec.message());
-  // RFC 8461 3.3: the policy host's certificate must be valid for mta-sts.<domain> and TLS 1.2 or later.
-  SSL_CTX_set_min_proto_version(context.native_handle(), TLS1_2_VERSION);
-
-  beast::ssl_stream<beast::tcp_stream> stream(executor, context);
-  SSL_set_tlsext_host_name(stream.native_handle(), host.c_str());
-  SSL_set1_host(stream.native_handle(), host.c_str());  // checked by OpenSSL during the handshake
   const auto with = [&](std::string_view what) { return std::string(what) + " " + host + ": "; };
 
-  std::vector<tcp::endpoint> endpoints;
   if (resolver != nullptr && settings.connect_to.empty()) {
-    // The daemon's own DNS (dns.servers, dns.timeout), as for the MX hosts.
+    // The daemon's own DNS (dns.servers, dns.timeout), as for the MX hosts; else the system's (getaddrinfo).
     const AddressResult addresses = co_await resolver->resolve_addresses(host);
-    for (const auto& address : addresses.addresses) endpoints.emplace_back(address, 443);
-    if (endpoints.empty())
+    request.addresses = addresses.addresses;
+    if (request.addresses.empty())
       co_return failed(Status::fetch_error,
                        with("cannot resolve") + (addresses.detail.empty() ? "no address" : addresses.detail));
-  } else {
-    tcp::resolver system(executor);
-    // The name lookup has no timeout of its own in Asio (getaddrinfo); a timer closing the resolver bounds it.
-    net::steady_timer guard(executor, remaining());
-    guard.async_wait([&system](const beast::error_code& e) {
-      if (!e) system.cancel();
-    });
-    const auto results =
-        co_await system.async_resolve(connect_host, connect_port, net::redirect_error(net::use_awaitable, ec));
-    guard.cancel();
-    if (ec) co_return failed(Status::fetch_error, with("cannot resolve") + ec.message());
-    for (const auto& entry : results) endpoints.push_back(entry.endpoint());
   }
 
-  beast::get_lowest_layer(stream).expires_after(remaining());
-  co_await beast::get_lowest_layer(stream).async_connect(endpoints, net::redirect_error(net::use_awaitable, ec));
-  if (ec == beast::error::timeout) co_return failed(Status::fetch_error, with("timed out connecting to"));
-  if (ec) co_return failed(Status::fetch_error, with("cannot connect to") + ec.message());
-
-  beast::get_lowest_layer(stream).expires_after(remaining());
-  co_await stream.async_handshake(net::ssl::stream_base::client, net::redirect_error(net::use_awaitable, ec));
-  if (ec) {
-    const long verify = SSL_get_verify_result(stream.native_handle());
-    if (ec != beast::error::timeout && verify != X509_V_OK) {
-      co_return failed(Status::webpki_invalid,
-                       with("certificate of") + X509_verify_cert_error_string(verify));
-    }
-    if (ec == beast::error::timeout) co_return failed(Status::fetch_error, with("timed out in the TLS handshake with"));
-    co_return failed(Status::fetch_error, with("TLS handshake failed with") + ec.message());
+  auto response = co_await https_request(executor, std::move(request), limits);
+  // A failed step: fetch_error, in the words of the step (and the library's, unless the deadline ended it).
+  const auto step_failed = [&](std::string_view timed_out, std::string_view failed_to) {
+    return failed(Status::fetch_error, response.error == Error::timed_out
+                                           ? with(timed_out)
+                                           : with(failed_to) + response.error_text);
+  };
+  switch (response.step) {
+    case Step::ca_file:
+      co_return failed(Status::fetch_error, "cannot load CA certificates: " + response.error_text);
+    case Step::resolve:
+      co_return failed(Status::fetch_error, with("cannot resolve") + response.error_text);
+    case Step::connect:
+      co_return step_failed("timed out connecting to", "cannot connect to");
+    case Step::handshake:
+      if (response.error == Error::certificate_invalid)
+        co_return failed(Status::webpki_invalid, with("certificate of") + response.error_text);
+      co_return step_failed("timed out in the TLS handshake with", "TLS handshake failed with");
+    case Step::write:
+      co_return step_failed("timed out sending to", "cannot send the request to");
+    case Step::read:
+      if (response.error == Error::body_too_large)
+        co_return failed(Status::fetch_error, "policy larger than 64 KiB from " + host);
+      co_return step_failed("timed out reading the policy from", "no valid HTTP answer from");
+    case Step::done:
+      break;
   }
 
-  http::request<http::empty_body> request{http::verb::get, "/.well-known/mta-sts.txt", 11};
-  request.set(http::field::host, host);
-  request.set(http::field::user_agent, "mailflowd");
-  request.set(http::field::connection, "close");
-  beast::get_lowest_layer(stream).expires_after(remaining());
-  co_await http::async_write(stream, request, net::redirect_error(net::use_awaitable, ec));
-  if (ec == beast::error::timeout) co_return failed(Status::fetch_error, with("timed out sending to"));
-  if (ec) co_return failed(Status::fetch_error, with("cannot send the request to") + ec.message());
-
-  beast::flat_buffer buffer;
-  http::response_parser<http::string_body> parser;
-  parser.header_limit(16 * 1024);
-  parser.body_limit(proto::mta_sts::max_policy_bytes);
-  beast::get_lowest_layer(stream).expires_after(remaining());
-  co_await http::async_read(stream, buffer, parser, net::redirect_error(net::use_awaitable, ec));
-  if (ec && !(ec == net::ssl::error::stream_truncated && parser.is_done())) {
-    if (ec == http::error::body_limit)
-      co_return failed(Status::fetch_error, "policy larger than 64 KiB from " + host);
-    if (ec == beast::error::timeout) co_return failed(Status::fetch_error, with("timed out reading the policy from"));
-    co_return failed(Status::fetch_error, with("no valid HTTP answer from") + ec.message());
-  }
-  beast::get_lowest_layer(stream).socket().shutdown(tcp::socket::shutdown_both, ec);
-
-  const auto& response = parser.get();
   // RFC 8461 3.3: HTTP redirects must not be followed; anything but 200 is a failed fetch.
-  if (response.result_int() != 200) {
-    std::string detail = host + " answered " + std::to_string(response.result_int());
-    if (response.result_int() / 100 == 3) detail += " (redirects are not followed)";
+  if (response.status != 200) {
+    std::string detail = host + " answered " + std::to_string(response.status);
+    if (response.status / 100 == 3) detail += " (redirects are not followed)";
     co_return failed(Status::fetch_error, detail);
   }
-  const std::string content_type = lower(std::string(response[http::field::content_type]));
+  const std::string content_type = lower(response.content_type);
   std::string_view media = content_type;
   media = media.substr(0, media.find(';'));
   while (!media.empty() && media.back() == ' ') media.remove_suffix(1);
@@ -185,7 +136,7 @@ net::awaitable<PolicyFetch> fetch_policy(net::any_io_executor executor, std::str
                      "Content-Type from " + host + " is not text/plain: \"" + content_type + "\"");
   }
   std::string error;
-  auto policy = proto::mta_sts::parse_policy(response.body(), error);
+  auto policy = proto::mta_sts::parse_policy(response.body, error);
   if (!policy) co_return failed(Status::invalid, with("invalid policy from") + error);
   PolicyFetch out;
   out.status = Status::ok;

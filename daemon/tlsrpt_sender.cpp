@@ -2,17 +2,10 @@
 #include "daemon/tlsrpt_sender.hpp"
 
 #include <fmt/format.h>
-#include <openssl/ssl.h>
-#include <openssl/x509_vfy.h>
 
-#include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/redirect_error.hpp>
-#include <boost/asio/ssl.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
-#include <boost/beast/core.hpp>
-#include <boost/beast/http.hpp>
-#include <boost/beast/ssl.hpp>
 
 #include <algorithm>
 #include <cctype>
@@ -22,6 +15,7 @@
 #include <random>
 
 #include "daemon/deadlines.hpp"
+#include "daemon/https_client.hpp"
 #include "daemon/log.hpp"
 #include "daemon/resolver.hpp"
 #include "daemon/runtime.hpp"
@@ -33,9 +27,6 @@
 namespace mailflow {
 
 namespace asio = boost::asio;
-namespace beast = boost::beast;
-namespace http = boost::beast::http;
-using tcp = asio::ip::tcp;
 using boost::system::error_code;
 
 namespace {
@@ -361,17 +352,23 @@ asio::awaitable<TlsRptDelivery> TlsRptSender::deliver_mailto(const Runtime& runt
 asio::awaitable<TlsRptDelivery> TlsRptSender::deliver_https(const Runtime& runtime, const RuaTarget& rua,
                                                            const std::string& gzipped, std::string& detail) {
   const config::Config& config = *runtime.config;
-  const auto deadline = std::chrono::steady_clock::now() + config.tlsrpt.https_timeout;
-  const auto remaining = [&] {
-    return std::max(std::chrono::steady_clock::duration::zero(), deadline - std::chrono::steady_clock::now());
-  };
-  const auto port = static_cast<std::uint16_t>(std::stoul(rua.port));
+  HttpsLimits limits;
+  limits.deadline = std::chrono::steady_clock::now() + config.tlsrpt.https_timeout;
+  limits.max_body_bytes = kMaxAnswerBytes;
+  HttpsRequest request;
+  request.method = "POST";
+  request.host = rua.host;
+  request.authority = (rua.host.find(':') != std::string::npos ? "[" + rua.host + "]" : rua.host) +
+                      (rua.port == "443" ? "" : ":" + rua.port);
+  request.target = rua.target;
+  request.headers = proto::tlsrpt::https_post_headers(gzipped.size());
+  request.body = gzipped;
+  request.ca_file = config.tlsrpt.ca_file;
+  request.port = rua.port;
   error_code ec;
-  std::vector<tcp::endpoint> endpoints;
   const auto literal = asio::ip::make_address(rua.host, ec);
-  const bool host_is_ip = !ec;
-  if (host_is_ip) {
-    endpoints.emplace_back(literal, port);
+  if (!ec) {
+    request.addresses.push_back(literal);
   } else {
     // The daemon's resolver (dns.*), as for MX hosts.
     if (!resolver_) {
@@ -383,88 +380,45 @@ asio::awaitable<TlsRptDelivery> TlsRptSender::deliver_https(const Runtime& runti
       }
     }
     const AddressResult addresses = co_await resolver_->resolve_addresses(rua.host);
-    for (const auto& address : addresses.addresses) endpoints.emplace_back(address, port);
-    if (endpoints.empty()) {
+    request.addresses = addresses.addresses;
+    if (request.addresses.empty()) {
       detail = "no address for " + rua.host + (addresses.detail.empty() ? "" : ": " + addresses.detail);
       co_return addresses.status == AddressResult::Status::none ? TlsRptDelivery::permanent_failure
                                                                  : TlsRptDelivery::temporary_failure;
     }
   }
 
-  asio::ssl::context context(asio::ssl::context::tls_client);
-  context.set_verify_mode(asio::ssl::verify_peer);
-  if (config.tlsrpt.ca_file.empty()) context.set_default_verify_paths(ec);
-  else context.load_verify_file(config.tlsrpt.ca_file, ec);
-  if (ec) {
-    detail = "cannot load CA certificates: " + ec.message();
+  const auto response = co_await https_request(executor_, std::move(request), limits);
+  using Step = HttpsResponse::Step;
+  // The status is what counts: a complete head is enough (a truncated close or an oversized body after it
+  // does not change the answer).
+  if (!response.head) {
+    const std::string where = rua.host + " (" + response.address + "): ";
+    const std::string why =
+        response.error == HttpsResponse::Error::timed_out ? "timed out" : response.error_text;
+    switch (response.step) {
+      case Step::ca_file:
+        detail = "cannot load CA certificates: " + response.error_text;
+        break;
+      case Step::connect:
+        detail = "cannot connect to " + where + why;
+        break;
+      case Step::handshake:
+        detail = response.error == HttpsResponse::Error::certificate_invalid
+                     ? "certificate of " + where + response.error_text
+                     : "TLS handshake failed with " + where + why;
+        break;
+      case Step::write:
+        detail = "cannot send the report to " + where + why;
+        break;
+      default:  // resolve is not asked for (addresses are given); read, or done without a head
+        detail = "no valid HTTP answer from " + where + why;
+    }
     co_return TlsRptDelivery::temporary_failure;
   }
-  SSL_CTX_set_min_proto_version(context.native_handle(), TLS1_2_VERSION);
-
-  const std::string authority =
-      (rua.host.find(':') != std::string::npos ? "[" + rua.host + "]" : rua.host) + (rua.port == "443" ? "" : ":" + rua.port);
-  http::request<http::string_body> request{http::verb::post, rua.target, 11};
-  request.set(http::field::host, authority);
-  request.set(http::field::user_agent, "mailflowd");
-  request.set(http::field::connection, "close");
-  for (const auto& [name, value] : proto::tlsrpt::https_post_headers(gzipped.size())) request.set(name, value);
-  request.body() = gzipped;
-
-  detail = "no address answered";
-  for (const auto& endpoint : endpoints) {
-    beast::ssl_stream<beast::tcp_stream> stream(executor_, context);
-    if (!host_is_ip) SSL_set_tlsext_host_name(stream.native_handle(), rua.host.c_str());
-    if (host_is_ip) X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(stream.native_handle()), rua.host.c_str());
-    else SSL_set1_host(stream.native_handle(), rua.host.c_str());
-    const std::string where = rua.host + " (" + endpoint.address().to_string() + ")";
-    const auto failed = [&](std::string_view what) {
-      detail = std::string(what) + " " + where + ": " +
-               (ec == beast::error::timeout ? std::string("timed out") : ec.message());
-    };
-    beast::get_lowest_layer(stream).expires_after(remaining());
-    co_await beast::get_lowest_layer(stream).async_connect(endpoint, asio::redirect_error(asio::use_awaitable, ec));
-    if (ec) {
-      failed("cannot connect to");
-      if (ec == beast::error::timeout) break;  // the time is spent
-      continue;
-    }
-    beast::get_lowest_layer(stream).expires_after(remaining());
-    co_await stream.async_handshake(asio::ssl::stream_base::client, asio::redirect_error(asio::use_awaitable, ec));
-    if (ec) {
-      const long verify = SSL_get_verify_result(stream.native_handle());
-      if (verify != X509_V_OK && ec != beast::error::timeout) {
-        detail = "certificate of " + where + ": " + X509_verify_cert_error_string(verify);
-      } else {
-        failed("TLS handshake failed with");
-      }
-      co_return TlsRptDelivery::temporary_failure;
-    }
-    beast::get_lowest_layer(stream).expires_after(remaining());
-    co_await http::async_write(stream, request, asio::redirect_error(asio::use_awaitable, ec));
-    if (ec) {
-      failed("cannot send the report to");
-      co_return TlsRptDelivery::temporary_failure;
-    }
-    beast::flat_buffer buffer;
-    http::response_parser<http::string_body> parser;
-    parser.header_limit(16 * 1024);
-    parser.body_limit(kMaxAnswerBytes);
-    beast::get_lowest_layer(stream).expires_after(remaining());
-    co_await http::async_read(stream, buffer, parser, asio::redirect_error(asio::use_awaitable, ec));
-    // The status is what counts: a complete head is enough (a truncated close or an oversized body after it
-    // does not change the answer).
-    if (ec && !parser.is_header_done()) {
-      failed("no valid HTTP answer from");
-      co_return TlsRptDelivery::temporary_failure;
-    }
-    const unsigned status = parser.get().result_int();
-    detail = where + " answered " + std::to_string(status);
-    if (status / 100 == 3) detail += " (redirects are not followed)";
-    error_code ignored;
-    beast::get_lowest_layer(stream).socket().shutdown(tcp::socket::shutdown_both, ignored);
-    co_return from_http(status);
-  }
-  co_return TlsRptDelivery::temporary_failure;
+  detail = rua.host + " (" + response.address + ") answered " + std::to_string(response.status);
+  if (response.status / 100 == 3) detail += " (redirects are not followed)";
+  co_return from_http(response.status);
 }
 
 }  // namespace mailflow

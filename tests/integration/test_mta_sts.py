@@ -1,7 +1,8 @@
 """MTA-STS (RFC 8461) end to end with the daemon's own code (`mailflowd mta-sts`): the policy fetched from a real
 HTTPS server on loopback (python's ssl, a certificate from the test CA), and the _mta-sts TXT record from a
 real authoritative server (knotd). Covers what the MX walk gets: a policy, or a failure as TLS-RPT names it
-(sts-policy-fetch-error for redirects, wrong Content-Type, oversized bodies and a slow server;
+(sts-policy-fetch-error for redirects, wrong Content-Type, oversized bodies - also one that comes in the same
+write as the head - and a slow server;
 sts-webpki-invalid for a certificate that does not verify; sts-policy-invalid), and the cache in state_dir.
 (The zone is under example.net, not .test: libunbound answers .test itself with NXDOMAIN, RFC 6761.)"""
 import http.server
@@ -28,6 +29,8 @@ BEHAVIOUR = {
     "mta-sts.redirect.policy.example.net": ("301", "text/plain", ""),
     "mta-sts.html.policy.example.net": ("200", "text/html", POLICY),
     "mta-sts.big.policy.example.net": ("200", "text/plain", POLICY + ("x-pad: " + "p" * 120 + "\r\n") * 600),
+    # The same, head and body in one write (one TLS record starts with both): the limit holds there too.
+    "mta-sts.bigone.policy.example.net": ("one-write", "text/plain", POLICY + ("x-pad: " + "p" * 120 + "\r\n") * 600),
     "mta-sts.slow.policy.example.net": ("slow", "text/plain", POLICY),
     "mta-sts.invalid.policy.example.net": ("200", "text/plain", "version: STSv1\r\nmode: strict\r\nmax_age: 1\r\n"),
     "mta-sts.missing.policy.example.net": ("404", "text/plain", "not found"),
@@ -60,6 +63,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             time.sleep(4)
             status = "200"
         data = body.encode()
+        if status == "one-write":
+            self.wfile.write(f"HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {len(data)}\r\n"
+                             "Connection: close\r\n\r\n".encode() + data)
+            return
         self.send_response(int(status))
         if status == "301":
             self.send_header("Location", "https://elsewhere.test/.well-known/mta-sts.txt")
@@ -165,6 +172,7 @@ def test_policy_fetched_verified_and_parsed(mailflowd_bin, config, https):
     ("missing.policy.example.net", "answered 404"),
     ("html.policy.example.net", "is not text/plain: \"text/html\""),
     ("big.policy.example.net", "policy larger than 64 KiB"),
+    ("bigone.policy.example.net", "policy larger than 64 KiB"),
 ])
 def test_fetch_errors(mailflowd_bin, config, https, domain, detail):
     r = fetch(mailflowd_bin, config, domain, https)

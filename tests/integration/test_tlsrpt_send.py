@@ -5,13 +5,15 @@ python HTTPS server with a certificate from the test CA takes the POST. Checked:
 (envelope, section 5.3 headers, the gzip attachment decompressed to the RFC 8460 JSON, over STARTTLS), the
 POST (Content-Type application/tlsrpt+gzip, the same JSON), a rua that answers 451 retried every
 tlsrpt.interval and given up after tlsrpt.retry_for, every try counted in mailflow_tlsrpt_deliveries_total,
-sent days forgotten, today's day kept, and tlsrpt.send: false sending nothing."""
+sent days forgotten, today's day kept, and tlsrpt.send: false sending nothing. An https rua whose certificate
+names another host, or whose server never answers (tlsrpt.https_timeout), is a temporary failure that says why."""
 import datetime
 import email
 import email.policy
 import gzip
 import http.server
 import json
+import socket
 import ssl
 import sys
 import threading
@@ -36,6 +38,8 @@ mx.ok          A     {ADDR["ok"]}
 busy           MX    10 mx.busy
 mx.busy        A     {ADDR["busy"]}
 reports        A     127.0.0.1
+wrong          A     127.0.0.1
+silent         A     127.0.0.1
 """
 SUBMITTER = "mx.sender.example"
 
@@ -73,6 +77,16 @@ def https_port(report_cert):
 
 
 @pytest.fixture(scope="module")
+def silent_port():
+    """Takes connections (the kernel's backlog completes them) and never says a word."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    yield listener.getsockname()[1]
+    listener.close()
+
+
+@pytest.fixture(scope="module")
 def knot(workdir):
     server = KnotServer(workdir, {"rpt.example.net": ZONE}).start()
     yield server
@@ -95,8 +109,15 @@ policy no-policy-found - - 1 0 0
 """
 
 
+def failing_state(https_port, silent_port):
+    return f"""mailflowd-tlsrpt 1
+day {DATE} c.example.net https://wrong.rpt.example.net:{https_port}/wrong,https://silent.rpt.example.net:{silent_port}/
+policy no-policy-found - - 1 0 0
+"""
+
+
 @pytest.fixture(scope="module")
-def env(certs, workdir, knot, https_port, sink_factory, daemon_factory):
+def env(certs, workdir, knot, https_port, silent_port, sink_factory, daemon_factory):
     port = harness.free_port("127.0.0.1", *ADDR.values())
     sinks = {
         # STARTTLS offered: the report mail goes over opportunistic TLS.
@@ -118,7 +139,13 @@ def env(certs, workdir, knot, https_port, sink_factory, daemon_factory):
     quiet = daemon_factory(listeners, upstreams, name="quiet", dns=dns, tlsrpt={**tlsrpt, "send": False})
     listeners = [{**listeners[0], "address": f"127.0.0.1:{harness.free_port()}"}]
     sender = daemon_factory(listeners, upstreams, name="sender", dns=dns, tlsrpt={**tlsrpt, "send": True})
-    return {"sender": sender, "quiet": quiet, "sinks": sinks, "https_port": https_port}
+    directory = workdir / "refused-state"
+    directory.mkdir(exist_ok=True)
+    (directory / "tlsrpt.state").write_text(failing_state(https_port, silent_port))
+    listeners = [{**listeners[0], "address": f"127.0.0.1:{harness.free_port()}"}]
+    refused = daemon_factory(listeners, upstreams, name="refused", dns=dns,
+                             tlsrpt={**tlsrpt, "send": True, "https_timeout": "500ms"})
+    return {"sender": sender, "quiet": quiet, "refused": refused, "sinks": sinks, "https_port": https_port}
 
 
 def reports_of(daemon, date):
@@ -191,6 +218,21 @@ def test_451_is_retried_then_given_up_and_counted(env):
     log = daemon.stderr()
     assert "tlsrpt_gave_up" in log and "mailto:reports@busy.rpt.example.net" in log
     assert "451 4.3.0 try again later" in log
+
+
+def test_https_rua_that_fails_is_retried_and_says_why(env):
+    daemon = env["refused"]
+    harness.wait_for(lambda: "c.example.net" not in reports_of(daemon, DATE), 30, what="c.example.net given up")
+    m = daemon.metrics()
+    count = lambda result: harness.value(m, "mailflow_tlsrpt_deliveries_total", method="https",  # noqa: E731
+                                         result=result)
+    assert count("success") == 0 and count("permanent_failure") == 0
+    assert count("temporary_failure") >= 4  # both rua, the first try and at least one retry
+    assert count("gave_up") == 2
+    log = daemon.stderr()
+    assert "certificate of wrong.rpt.example.net (127.0.0.1): hostname mismatch" in log
+    assert "TLS handshake failed with silent.rpt.example.net (127.0.0.1): timed out" in log
+    assert not [path for path, _, _ in Collector.posts if path == "/wrong"]
 
 
 def test_send_false_keeps_the_reports_and_sends_nothing(env):

@@ -1,0 +1,163 @@
+// One HTTPS request; see https_client.hpp.
+#include "daemon/https_client.hpp"
+
+#include <openssl/ssl.h>
+#include <openssl/x509_vfy.h>
+
+#include <algorithm>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/redirect_error.hpp>
+#include <boost/asio/ssl.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+#include <boost/beast/ssl.hpp>
+#include <charconv>
+#include <cstdint>
+
+namespace mailflow {
+
+namespace net = boost::asio;
+namespace beast = boost::beast;
+namespace http = boost::beast::http;
+using tcp = net::ip::tcp;
+using Step = HttpsResponse::Step;
+using Error = HttpsResponse::Error;
+
+namespace {
+
+HttpsResponse failed(Step step, Error error, std::string text = {}) {
+  HttpsResponse out;
+  out.step = step;
+  out.error = error;
+  out.error_text = std::move(text);
+  return out;
+}
+
+}  // namespace
+
+net::awaitable<HttpsResponse> https_request(net::any_io_executor executor, HttpsRequest request,
+                                            HttpsLimits limits) {
+  const auto remaining = [&] {
+    return std::max(std::chrono::steady_clock::duration::zero(),
+                    limits.deadline - std::chrono::steady_clock::now());
+  };
+  // A failed step: timed out when the deadline ended it, else in the library's words.
+  const auto step_failed = [](Step step, const beast::error_code& ec) {
+    return failed(step, ec == beast::error::timeout ? Error::timed_out : Error::failed, ec.message());
+  };
+
+  net::ssl::context context(net::ssl::context::tls_client);
+  beast::error_code ec;
+  context.set_verify_mode(net::ssl::verify_peer);
+  if (request.ca_file.empty())
+    context.set_default_verify_paths(ec);
+  else
+    context.load_verify_file(request.ca_file, ec);
+  if (ec) co_return failed(Step::ca_file, Error::failed, ec.message());
+  SSL_CTX_set_min_proto_version(context.native_handle(), TLS1_2_VERSION);
+
+  beast::ssl_stream<beast::tcp_stream> stream(executor, context);
+  beast::error_code not_ip;
+  net::ip::make_address(request.host, not_ip);
+  if (!not_ip) {  // an IP literal: no SNI (RFC 6066 3), the certificate must name the address
+    X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(stream.native_handle()), request.host.c_str());
+  } else {
+    SSL_set_tlsext_host_name(stream.native_handle(), request.host.c_str());
+    SSL_set1_host(stream.native_handle(), request.host.c_str());  // checked by OpenSSL during the handshake
+  }
+
+  std::vector<tcp::endpoint> endpoints;
+  if (!request.addresses.empty()) {
+    unsigned short port = 0;
+    const auto* end = request.port.data() + request.port.size();
+    const auto [ptr, error] = std::from_chars(request.port.data(), end, port);
+    if (error != std::errc() || ptr != end || port == 0)
+      co_return failed(Step::resolve, Error::failed, "bad port \"" + request.port + "\"");
+    for (const auto& address : request.addresses) endpoints.emplace_back(address, port);
+  } else {
+    tcp::resolver system(executor);
+    // The name lookup has no timeout of its own in Asio (getaddrinfo); a timer closing the resolver bounds
+    // it.
+    bool expired = false;
+    net::steady_timer guard(executor, remaining());
+    guard.async_wait([&system, &expired](const beast::error_code& e) {
+      if (e) return;
+      expired = true;
+      system.cancel();
+    });
+    const auto results =
+        co_await system.async_resolve(request.connect_host.empty() ? request.host : request.connect_host,
+                                      request.port, net::redirect_error(net::use_awaitable, ec));
+    guard.cancel();
+    if (ec) co_return failed(Step::resolve, expired ? Error::timed_out : Error::failed, ec.message());
+    for (const auto& entry : results) endpoints.push_back(entry.endpoint());
+  }
+
+  // In turn until one connects; the response names the address tried last.
+  std::string address;
+  beast::get_lowest_layer(stream).expires_after(remaining());
+  co_await beast::get_lowest_layer(stream).async_connect(
+      endpoints,
+      [&address](const beast::error_code&, const tcp::endpoint& next) {
+        address = next.address().to_string();
+        return true;
+      },
+      net::redirect_error(net::use_awaitable, ec));
+  const auto with_address = [&address](HttpsResponse out) {
+    out.address = address;
+    return out;
+  };
+  if (ec) co_return with_address(step_failed(Step::connect, ec));
+
+  beast::get_lowest_layer(stream).expires_after(remaining());
+  co_await stream.async_handshake(net::ssl::stream_base::client, net::redirect_error(net::use_awaitable, ec));
+  if (ec) {
+    const long verify = SSL_get_verify_result(stream.native_handle());
+    if (ec != beast::error::timeout && verify != X509_V_OK)
+      co_return with_address(
+          failed(Step::handshake, Error::certificate_invalid, X509_verify_cert_error_string(verify)));
+    co_return with_address(step_failed(Step::handshake, ec));
+  }
+
+  http::request<http::string_body> message{http::string_to_verb(request.method), request.target, 11};
+  message.set(http::field::host, request.authority.empty() ? request.host : request.authority);
+  message.set(http::field::user_agent, "mailflowd");
+  message.set(http::field::connection, "close");
+  for (const auto& [name, value] : request.headers) message.set(name, value);
+  message.body() = std::move(request.body);
+  beast::get_lowest_layer(stream).expires_after(remaining());
+  co_await http::async_write(stream, message, net::redirect_error(net::use_awaitable, ec));
+  if (ec) co_return with_address(step_failed(Step::write, ec));
+
+  beast::flat_buffer buffer;
+  http::response_parser<http::string_body> parser;
+  parser.header_limit(static_cast<std::uint32_t>(limits.max_header_bytes));
+  parser.body_limit(limits.max_body_bytes);
+  beast::get_lowest_layer(stream).expires_after(remaining());
+  // The head first: Beast 1.74's async_read parses eagerly, and a Content-Length over the body limit that
+  // arrives in one read with the head then passes unchecked (the check's error is overwritten).
+  co_await http::async_read_header(stream, buffer, parser, net::redirect_error(net::use_awaitable, ec));
+  if (!ec) co_await http::async_read(stream, buffer, parser, net::redirect_error(net::use_awaitable, ec));
+  // A peer that closes without close_notify after a complete answer has said all it had to say.
+  if (ec == net::ssl::error::stream_truncated && parser.is_done()) ec = {};
+  HttpsResponse out;
+  if (ec) {
+    out = step_failed(Step::read, ec);
+    if (ec == http::error::body_limit) out.error = Error::body_too_large;
+  }
+  out.address = address;
+  if (parser.is_header_done()) {
+    const auto& response = parser.get();
+    out.head = true;
+    out.status = response.result_int();
+    out.content_type = std::string(response[http::field::content_type]);
+    if (!ec) out.body = std::move(parser.get().body());
+    beast::error_code ignored;
+    beast::get_lowest_layer(stream).socket().shutdown(tcp::socket::shutdown_both, ignored);
+  }
+  co_return out;
+}
+
+}  // namespace mailflow

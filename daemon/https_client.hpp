@@ -1,0 +1,67 @@
+#pragma once
+// One HTTPS request of mailflowd's own (the MTA-STS policy fetch, the TLS-RPT report POST): connect to the
+// given addresses in turn, TLS1.2+ handshake with the certificate verified against a CA file for the
+// request's host (SNI sent; an IP literal is checked as an IP address), write the request, read one answer
+// with its head and body bounded, shut down; every step within one deadline. No redirects are followed: a 3xx
+// is an answer like any other. Failures are values (a step and a kind) that each caller words in its own
+// vocabulary (RFC 8460 result types, TLS-RPT delivery results). Beast and OpenSSL stay in https_client.cpp.
+#include <utility>  // before Boost.Asio (Boost 1.74 + GCC 12)
+
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/awaitable.hpp>
+#include <boost/asio/ip/address.hpp>
+#include <chrono>
+#include <cstddef>
+#include <string>
+#include <vector>
+
+namespace mailflow {
+
+struct HttpsRequest {
+  std::string method = "GET";  // "GET" or "POST"
+  std::string host;            // the name the certificate must be valid for, sent as SNI; or an IP literal
+  std::string authority;       // the Host: header; empty: host
+  std::string target = "/";
+  std::vector<std::pair<std::string, std::string>> headers;  // after Host, User-Agent and Connection: close
+  std::string body;
+  std::string ca_file;  // PEM CA file; empty: the system trust store
+  // Where to connect, tried in order (the next one only when a connect fails): `addresses` on `port`; none
+  // given: `connect_host` (empty: host) and `port` looked up with the system's resolver (getaddrinfo).
+  std::vector<boost::asio::ip::address> addresses;
+  std::string connect_host;
+  std::string port = "443";
+};
+
+struct HttpsLimits {
+  std::chrono::steady_clock::time_point deadline;  // for every step together
+  std::size_t max_header_bytes = 16 * 1024;
+  std::size_t max_body_bytes = 64 * 1024;
+};
+
+struct HttpsResponse {
+  // Where the request stopped (done: a complete answer was read).
+  enum class Step { ca_file, resolve, connect, handshake, write, read, done };
+  enum class Error {
+    none,
+    failed,               // `error` says why
+    timed_out,            // the deadline ended the step
+    certificate_invalid,  // the handshake failed because the certificate did not verify; `error`: OpenSSL's
+                          // why
+    body_too_large,       // the head was read (status is set), the body is over max_body_bytes
+  };
+  Step step = Step::done;
+  Error error = Error::none;
+  std::string error_text;  // the library's words for the failure ("Connection refused", ...)
+  std::string address;     // the address of the last connection attempt ("" before any)
+  bool head = false;       // the answer's status line and headers were read (also when its body then failed)
+  unsigned status = 0;     // with head
+  std::string content_type;
+  std::string body;
+
+  bool ok() const { return error == Error::none; }
+};
+
+boost::asio::awaitable<HttpsResponse> https_request(boost::asio::any_io_executor executor,
+                                                    HttpsRequest request, HttpsLimits limits);
+
+}  // namespace mailflow
