@@ -15,6 +15,7 @@
 #include <boost/beast/ssl.hpp>
 #include <charconv>
 #include <cstdint>
+#include <memory>
 
 namespace mailflow {
 
@@ -77,21 +78,26 @@ net::awaitable<HttpsResponse> https_request(net::any_io_executor executor, Https
       co_return failed(Step::resolve, Error::failed, "bad port \"" + request.port + "\"");
     for (const auto& address : request.addresses) endpoints.emplace_back(address, port);
   } else {
-    tcp::resolver system(executor);
-    // The name lookup has no timeout of its own in Asio (getaddrinfo); a timer closing the resolver bounds
-    // it.
-    bool expired = false;
+    // The name lookup has no timeout of its own in Asio (getaddrinfo); a timer cancelling the resolver bounds
+    // it. The timer's handler may run after this frame is gone (it expired just as the lookup completed, and the
+    // lookup failed): it holds what it touches.
+    struct Lookup {
+      explicit Lookup(const net::any_io_executor& executor) : resolver(executor) {}
+      tcp::resolver resolver;
+      bool expired = false;
+    };
+    const auto lookup = std::make_shared<Lookup>(executor);
     net::steady_timer guard(executor, remaining());
-    guard.async_wait([&system, &expired](const beast::error_code& e) {
+    guard.async_wait([lookup](const beast::error_code& e) {
       if (e) return;
-      expired = true;
-      system.cancel();
+      lookup->expired = true;
+      lookup->resolver.cancel();
     });
-    const auto results =
-        co_await system.async_resolve(request.connect_host.empty() ? request.host : request.connect_host,
-                                      request.port, net::redirect_error(net::use_awaitable, ec));
+    const auto results = co_await lookup->resolver.async_resolve(
+        request.connect_host.empty() ? request.host : request.connect_host, request.port,
+        net::redirect_error(net::use_awaitable, ec));
     guard.cancel();
-    if (ec) co_return failed(Step::resolve, expired ? Error::timed_out : Error::failed, ec.message());
+    if (ec) co_return failed(Step::resolve, lookup->expired ? Error::timed_out : Error::failed, ec.message());
     for (const auto& entry : results) endpoints.push_back(entry.endpoint());
   }
 
