@@ -904,6 +904,21 @@ class Loader {
     const auto map = fields(field, "tlsrpt", "tlsrpt");
     if (!map) return;
     read_bool(*map, "send", "tlsrpt", config_.tlsrpt.send);
+    if (config_.tlsrpt.send) {
+      // The report mails are sessions of mailflowd's own, counted under listener and upstream "tlsrpt"
+      // (daemon/reasons.hpp tlsrpt_sessions): one of the configuration's own by that name would share its series.
+      const auto mark = get(*map, "send")->key.Mark();
+      for (const auto& listener : config_.listeners) {
+        if (listener.name == "tlsrpt")
+          warn_at(mark, "tlsrpt.send: the report mails are counted as listener \"tlsrpt\", which is also the name "
+                        "of a configured listener: their metrics share series (rename the listener)");
+      }
+      for (const auto& upstream : config_.upstreams) {
+        if (upstream.name == "tlsrpt")
+          warn_at(mark, "tlsrpt.send: the report mails are counted as upstream \"tlsrpt\", which is also the name "
+                        "of a configured upstream: their metrics share series (rename the upstream)");
+      }
+    }
     // Printable ASCII: these go into the report's JSON and into mail headers as they are.
     const auto ascii = [&](std::string_view key, std::string& out) {
       return read(*map, key, "tlsrpt", "a string", out, [](const std::string& text, std::string& problem) {

@@ -76,6 +76,11 @@ inline constexpr auto tlsrpt_methods = std::to_array<std::string_view>({"mailto"
 inline constexpr auto tlsrpt_results =
     std::to_array<std::string_view>({"success", "temporary_failure", "permanent_failure", "gave_up"});
 
+// The listener and upstream label of mailflowd's own TLS-RPT report mails (tlsrpt.send; daemon/tlsrpt_sender.cpp):
+// mailflow_sessions_total{listener="tlsrpt",leg="upstream"}, mailflow_mx_attempts_total{upstream="tlsrpt"},
+// mailflow_upstream_errors_total{upstream="tlsrpt"}; exported from the start while tlsrpt.send is true.
+inline constexpr std::string_view tlsrpt_sessions = "tlsrpt";
+
 // mailflow_state_errors_total{reason}: the rolling windows' state file (daemon/telemetry.cpp, server.cpp).
 inline constexpr auto state_errors = std::to_array<std::string_view>({"corrupt", "save_failed"});
 

@@ -639,6 +639,15 @@ void Telemetry::configure(const config::Config& config) {
       impl_->labelled(Labelled::mx_attempts, {{"result", result}, {"upstream", upstream.name}});
     }
   }
+  if (config.tlsrpt.send) {  // the report mails' own sessions, under listener and upstream "tlsrpt"
+    impl_->listener(reasons::tlsrpt_sessions);
+    for (const auto reason : reasons::upstream_errors) {
+      impl_->labelled(Labelled::upstream_errors, {{"reason", reason}, {"upstream", reasons::tlsrpt_sessions}});
+    }
+    for (const auto result : reasons::mx_attempts) {
+      impl_->labelled(Labelled::mx_attempts, {{"result", result}, {"upstream", reasons::tlsrpt_sessions}});
+    }
+  }
   impl_->tlsrpt.set_submitter(
       {config.tlsrpt.organization_name, config.tlsrpt.contact_info, config.tlsrpt.submitter});
   for (const auto& view : views) {

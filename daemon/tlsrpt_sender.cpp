@@ -17,6 +17,7 @@
 #include "daemon/deadlines.hpp"
 #include "daemon/https_client.hpp"
 #include "daemon/log.hpp"
+#include "daemon/reasons.hpp"
 #include "daemon/resolver.hpp"
 #include "daemon/runtime.hpp"
 #include "daemon/telemetry.hpp"
@@ -31,9 +32,8 @@ using boost::system::error_code;
 
 namespace {
 
-// The report mails go out as sessions of mailflowd's own: this is their listener and upstream label
-// (mailflow_sessions_total{listener="tlsrpt",leg="upstream"}, mailflow_mx_attempts_total{upstream="tlsrpt"}).
-constexpr std::string_view kLabel = "tlsrpt";
+// The report mails go out as sessions of mailflowd's own: this is their listener and upstream label.
+constexpr std::string_view kLabel = reasons::tlsrpt_sessions;
 // A first run shortly after start (not a whole interval later), so that a restart does not delay the reports.
 constexpr auto kFirstRun = std::chrono::seconds(60);
 constexpr std::size_t kMaxAnswerBytes = 64 * 1024;  // an https rua's answer: status line, headers and body

@@ -204,5 +204,23 @@ TEST_CASE("log.output") {
   CHECK(bad.errors[0].to_string() == "test.yaml:5:15: log.output: expected one of stderr, syslog, got \"journal\"");
 }
 
+TEST_CASE("tlsrpt.send with a listener or upstream named tlsrpt is a warning: the report mails share its series") {
+  const std::string config = "listeners:\n  - {name: tlsrpt, address: \"127.0.0.1:2525\", upstream: tlsrpt}\n"
+                             "upstreams:\n  - {name: tlsrpt, address: \"127.0.0.1:25\"}\n";
+  const auto sending = load(config + "tlsrpt:\n  send: true\n");
+  INFO(all_errors(sending), all_warnings(sending));
+  REQUIRE(sending.errors.empty());
+  REQUIRE(sending.warnings.size() == 2);
+  CHECK(all_warnings(sending) ==
+        "test.yaml:6:3: warning: tlsrpt.send: the report mails are counted as listener \"tlsrpt\", which is also "
+        "the name of a configured listener: their metrics share series (rename the listener)\n"
+        "test.yaml:6:3: warning: tlsrpt.send: the report mails are counted as upstream \"tlsrpt\", which is also "
+        "the name of a configured upstream: their metrics share series (rename the upstream)\n");
+  const auto quiet = load(config + "tlsrpt:\n  send: false\n");
+  INFO(all_warnings(quiet));
+  CHECK(quiet.errors.empty());
+  CHECK(quiet.warnings.empty());
+}
+
 }  // namespace
 }  // namespace mailflow::config

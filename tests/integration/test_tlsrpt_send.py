@@ -233,6 +233,13 @@ def test_https_rua_that_fails_is_retried_and_says_why(env):
     assert "certificate of wrong.rpt.example.net (127.0.0.1): hostname mismatch" in log
     assert "TLS handshake failed with silent.rpt.example.net (127.0.0.1): timed out" in log
     assert not [path for path, _, _ in Collector.posts if path == "/wrong"]
+    # No report went by mail, yet the report mails' own series are there from the start (tlsrpt.send), at zero.
+    own = [("mailflow_sessions_total", {"listener": "tlsrpt", "leg": "upstream"}),
+           ("mailflow_mx_attempts_total", {"upstream": "tlsrpt", "result": "success"}),
+           ("mailflow_upstream_errors_total", {"upstream": "tlsrpt", "reason": "connect_failed"})]
+    for name, labels in own:
+        assert harness.series(m, name, **labels), (name, labels)
+        assert harness.value(m, name, **labels) == 0
 
 
 def test_send_false_keeps_the_reports_and_sends_nothing(env):
@@ -245,3 +252,5 @@ def test_send_false_keeps_the_reports_and_sends_nothing(env):
                     frozenset({"method": method, "result": result}.items())) in m
             assert harness.value(m, "mailflow_tlsrpt_deliveries_total", method=method, result=result) == 0
     assert reports_of(quiet, DATE) == ["a.example.net", "b.example.net"]
+    assert not harness.series(m, "mailflow_sessions_total", listener="tlsrpt")  # no report mails, no series
+    assert not harness.series(m, "mailflow_mx_attempts_total", upstream="tlsrpt")
