@@ -487,7 +487,12 @@ asio::awaitable<RelaySession::Input> RelaySession::next_line(std::string& line, 
       if (client_.read_now(client_in_, command_read_chunk, ec) > 0) continue;
       if (ec == asio::error::would_block) ec = {};  // TLS, or a spurious wakeup: wait below
     }
-    if (!ec) co_await client_.read_some(client_in_, command_read_chunk, command_deadline_, ec);
+    if (!ec) {
+      // Idle here too (TLS: the rest of a record that began to arrive): a drain must reach this wait as well.
+      idle_ = idle;
+      co_await client_.read_some(client_in_, command_read_chunk, command_deadline_, ec);
+      idle_ = false;
+    }
     if (ec) {
       co_await read_failed(ec);
       co_return Input::closed;
