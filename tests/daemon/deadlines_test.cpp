@@ -18,8 +18,8 @@
 #include "daemon/link.hpp"
 #include "daemon/read_buffer.hpp"
 
-// The session's watchdog (a plain timer wait since it stopped being a coroutine) with real Link operations on a
-// loopback connection: each operation's own deadline and no other ends it.
+// The session's watchdog (a plain timer wait since it stopped being a coroutine) with real Link operations on
+// a loopback connection: each operation's own deadline and no other ends it.
 
 namespace asio = boost::asio;
 using asio::ip::tcp;
@@ -58,7 +58,7 @@ struct Read {
 
 }  // namespace
 
-TEST_CASE("Deadlines: a read past its deadline ends with timed_out, and a deadline that passed is not the next one's") {
+TEST_CASE("Deadlines: a read past its deadline times out, and a deadline that passed is not the next one's") {
   Pair pair;
   auto keep_alive = std::make_shared<int>(0);
   std::optional<Link> link;
@@ -66,8 +66,8 @@ TEST_CASE("Deadlines: a read past its deadline ends with timed_out, and a deadli
   link.emplace(std::move(pair.near), deadlines);
   deadlines.start(keep_alive);
   Read first, second, third;
-  peer_writes(pair, 0ms, "a");     // the first read gets it at once, long before its deadline (300 ms)
-  peer_writes(pair, 500ms, "b");   // the second one waits past the first's deadline, within its own (2 s)
+  peer_writes(pair, 0ms, "a");    // the first read gets it at once, long before its deadline (300 ms)
+  peer_writes(pair, 500ms, "b");  // the second one waits past the first's deadline, within its own (2 s)
   asio::co_spawn(
       pair.io,
       [&]() -> asio::awaitable<void> {
@@ -86,7 +86,8 @@ TEST_CASE("Deadlines: a read past its deadline ends with timed_out, and a deadli
   pair.io.run_for(10s);
   CHECK_FALSE(first.ec);
   CHECK(first.bytes == 1);
-  CHECK_FALSE(second.ec);  // the first read's deadline (300 ms) passed while this one waited: not its deadline
+  // The first read's deadline (300 ms) passed while this one waited: it is not this one's.
+  CHECK_FALSE(second.ec);
   CHECK(second.bytes == 1);
   CHECK(second.took >= 400ms);
   CHECK(third.ec == asio::error::timed_out);
@@ -118,7 +119,7 @@ TEST_CASE("Deadlines: a deadline earlier than the one the watchdog waits for fir
   pair.io.run_for(10s);
   CHECK_FALSE(late.ec);
   CHECK(early.ec == asio::error::timed_out);
-  CHECK(early.took < 1s);  // not the 30 s the watchdog was set for
+  CHECK(early.took < 1s);    // not the 30 s the watchdog was set for
   CHECK(pair.io.stopped());  // stop() ended the watchdog: nothing left to run
   CHECK(watched.expired());  // and it let go of what it kept alive
 }
