@@ -130,6 +130,14 @@ bool Link::buffered() const {
   return ssl_ != nullptr && (SSL_pending(ssl_) > 0 || SSL_has_pending(ssl_) == 1 || !cipher_in_.empty());
 }
 
+bool Link::quiet() {
+  if (buffered()) return false;
+  char byte = 0;
+  error_code ec;
+  socket_.receive(asio::buffer(&byte, 1), asio::socket_base::message_peek, ec);  // the socket is non-blocking
+  return ec == asio::error::would_block || ec == asio::error::try_again;
+}
+
 std::size_t Link::write_now(std::string_view data, error_code& ec) {
   if (ssl_ != nullptr || data.empty()) return 0;
   return send_now(data, ec);

@@ -52,6 +52,9 @@ class Link {
   std::size_t read_now(ReadBuffer& buffer, std::size_t max, boost::system::error_code& ec);
   // TLS input received and not yet read (in OpenSSL or the cipher buffer): a readiness wait would not see it.
   bool buffered() const;
+  // A connection kept between transactions: true while the peer has neither closed it nor sent anything
+  // unasked (one non-blocking peek, no wait). False: it is gone or said goodbye (an idle timeout's 421).
+  bool quiet();
   // Between commands: gives back the TLS buffers' storage that holds nothing (an idle session keeps none).
   void release_idle_buffers();
   boost::asio::awaitable<void> write(std::string_view data, TimePoint deadline, boost::system::error_code& ec);

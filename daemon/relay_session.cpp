@@ -130,7 +130,7 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
         session_(server_options()),
         connector_certain_at_mail_(connector_certain_at_mail()) {}
 
-  // Before run(): the client's address, the counters, the watchdog (no I/O).
+  // The first thing run() does: the client's address, the counters, the watchdog (no I/O).
   void begin();
   asio::awaitable<void> run();
   // The completion of run() with an exception: logs, counts and releases what the session held.
@@ -263,6 +263,7 @@ void RelaySession::begin() {
   client_.socket().set_option(tcp::no_delay(true), ec);
   telemetry_.session_opened(listener_.name);
   deadlines_.start(shared_from_this());
+  failpoint("session.begin");
 }
 
 asio::awaitable<void> RelaySession::run() {
@@ -270,6 +271,7 @@ asio::awaitable<void> RelaySession::run() {
   // coroutine, waiting for readability without a buffer: what it costs then is this frame, the wait and the
   // session's own state (issue #16: RSS per idle session). Everything deeper has returned.
   auto self = shared_from_this();
+  begin();  // inside the coroutine: an exception there ends the session through crashed(), as any other does
   if (co_await open()) {
     std::string line;
     bool readable = false;
@@ -487,7 +489,12 @@ asio::awaitable<RelaySession::Input> RelaySession::next_line(std::string& line, 
       if (client_.read_now(client_in_, command_read_chunk, ec) > 0) continue;
       if (ec == asio::error::would_block) ec = {};  // TLS, or a spurious wakeup: wait below
     }
-    if (!ec) co_await client_.read_some(client_in_, command_read_chunk, command_deadline_, ec);
+    if (!ec) {
+      // Idle here too (TLS: the rest of a record that began to arrive): a drain must reach this wait as well.
+      idle_ = idle;
+      co_await client_.read_some(client_in_, command_read_chunk, command_deadline_, ec);
+      idle_ = false;
+    }
     if (ec) {
       co_await read_failed(ec);
       co_return Input::closed;
@@ -994,7 +1001,6 @@ void start_relay_session(tcp::socket socket, std::shared_ptr<const Runtime> runt
   auto executor = socket.get_executor();
   auto session = std::make_shared<RelaySession>(std::move(socket), std::move(runtime), listener, registry);
   registry.add(session);
-  session->begin();
   asio::co_spawn(executor, session->run(), [session](std::exception_ptr error) {
     if (error) session->crashed(error);
   });

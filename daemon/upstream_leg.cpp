@@ -213,6 +213,13 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open(const con
                                                                        bool& reused) {
   // A connection is reused for the next transaction that routes the same way (same upstream, same domain).
   reused = link_ && upstream_ == &upstream && domain_ == domain;
+  if (reused && (!in_.empty() || !link_->quiet())) {
+    // The upstream closed it meanwhile (Postfix does after smtpd_timeout, 10 s under stress): no error of the
+    // upstream's, and no reason to refuse the transaction; it gets a new connection.
+    log_event(LogLevel::debug, "upstream_closed_idle", {{"id", session_.id}, {"upstream", upstream_->name}});
+    drop();
+    reused = false;
+  }
   if (reused) co_return std::nullopt;
   co_await close(polite);
   upstream_ = &upstream;

@@ -1,8 +1,8 @@
 """Issue #15.6 and #15.8 against the real binary. An exception that escapes a coroutine is logged, counted
 (mailflow_internal_errors_total{component}) and cleaned up: a session's registry and per-IP slots and
-sessions_active come back, an accept loop starts again. The exceptions are injected with the Debug build's
-failpoints (daemon/failpoint.hpp, MAILFLOWD_FAILPOINTS). And memory goes back to the system after a burst of
-idle STARTTLS sessions."""
+sessions_active come back (also for one thrown before the session's first wait), an accept loop starts again.
+The exceptions are injected with the Debug build's failpoints (daemon/failpoint.hpp, MAILFLOWD_FAILPOINTS). And
+memory goes back to the system after a burst of idle STARTTLS sessions."""
 import os
 import resource
 import socket
@@ -119,3 +119,26 @@ def test_memory_goes_back_after_a_burst_of_tls_sessions(certs, sink_factory, dae
                             f"10 s after they closed (want <= {limit})")
     assert "memory_trimmed" in daemon.stderr()
     hh.assert_relays(daemon, port, sink)
+
+
+def test_exception_before_the_session_coroutine_is_cleaned_up_too(sink_factory, daemon_factory):
+    """What a session does before its coroutine (its address, counters, watchdog) is covered as well: an exception
+    there ends the session, counted as the session's, and leaves no registry slot (max_sessions 1) or watchdog
+    holding the connection open."""
+    sink = sink_factory("begin-sink")
+    port = harness.free_port()
+    os.environ["MAILFLOWD_FAILPOINTS"] = "session.begin=1"
+    try:
+        daemon = daemon_factory(listeners=[hh.listener("in", port, "up")],
+                                upstreams=[hh.plain_upstream("up", sink.port)], name="begin",
+                                limits={"max_sessions": 1, "drain_timeout": "3s"})
+    finally:
+        del os.environ["MAILFLOWD_FAILPOINTS"]
+    s = socket.create_connection(("127.0.0.1", port))
+    got, closed = hh.read_all(s, wait=3)
+    s.close()
+    assert closed and got == b"", f"the session that threw must be closed without a word: {got!r}"
+    harness.wait_for(lambda: internal_errors(daemon, "session") == 1, 5, what="the session's internal error")
+    hh.wait_sessions_idle(daemon)
+    hh.assert_relays(daemon, port, sink)  # a leaked registry slot would make this 421 (max_sessions 1)
+    assert "failpoint session.begin" in daemon.stderr()

@@ -153,7 +153,7 @@ def refused(port):
     try:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
         return False
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, ConnectionResetError):  # reset: it was in the backlog when the listener closed
         return True
 
 
