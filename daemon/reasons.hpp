@@ -81,7 +81,8 @@ inline constexpr auto tlsrpt_results =
 // mailflow_upstream_errors_total{upstream="tlsrpt"}; exported from the start while tlsrpt.send is true.
 inline constexpr std::string_view tlsrpt_sessions = "tlsrpt";
 
-// mailflow_state_errors_total{reason}: the rolling windows' state file (daemon/telemetry.cpp, server.cpp).
+// mailflow_state_errors_total{reason}: the files in state_dir (daemon/telemetry.cpp, server.cpp,
+// tlsrpt_sender.cpp).
 inline constexpr auto state_errors = std::to_array<std::string_view>({"corrupt", "save_failed"});
 
 template <std::size_t N>

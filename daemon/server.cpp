@@ -323,6 +323,8 @@ struct Server::Impl {
       telemetry.state_error("save_failed");
       log_limited(LogLevel::error, "state_save_failed", {{"error", error}});
     }
+    // Saved after each run already; here what a run cut short by the stop had recorded (or a failed save).
+    if (tlsrpt_sender) tlsrpt_sender->save_ledger();
   }
 
   // At start and after a reload: certificates that expired or expire soon are logged (as --check-config
@@ -534,6 +536,14 @@ int Server::run() {
     s.telemetry.state_error("corrupt");
     log_event(LogLevel::warn, "state_discarded", {{"reason", error}});
   }
+  s.tlsrpt_sender = std::make_unique<TlsRptSender>(
+      s.io.get_executor(), s.telemetry, [&s] { return s.current(); }, config.state_dir);
+  if (!s.tlsrpt_sender->load_ledger(std::time(nullptr), error))
+    throw std::runtime_error("state_dir " + config.state_dir + ": " + error);
+  if (!error.empty()) {
+    s.telemetry.state_error("corrupt");
+    log_event(LogLevel::warn, "state_discarded", {{"reason", error}});
+  }
   s.registry.mta_sts().set_max_policies(config.mta_sts.max_policies);
   s.telemetry.configure(config);
   s.apply_certificates(config);
@@ -546,7 +556,6 @@ int Server::run() {
   s.keep_running("periodic", [&s] { return s.periodic(); });
   s.keep_running("periodic", [&s] { return s.give_back_memory(); });
   s.keep_running("periodic", [&s] { return s.name_remotes(); });
-  s.tlsrpt_sender = std::make_unique<TlsRptSender>(s.io.get_executor(), s.telemetry, [&s] { return s.current(); });
   s.keep_running("periodic", [&s] { return s.tlsrpt_sender->run(s.stopping); });
 
   std::string listeners;

@@ -7,6 +7,7 @@
 #include <stdexcept>
 
 #include "daemon/state_file.hpp"
+#include "daemon/state_text.hpp"
 #include "proto/json.hpp"
 
 namespace mailflow {
@@ -15,96 +16,17 @@ namespace {
 using proto::tlsrpt::DomainDay;
 using proto::tlsrpt::FailureKey;
 using proto::tlsrpt::PolicyKey;
+using state_text::decode;
+using state_text::decode_list;
+using state_text::encode;
+using state_text::encode_list;
+using state_text::number;
+using state_text::split_spaces;
+using state_text::valid_date;
 
 constexpr std::string_view kStateFile = "tlsrpt.state";
 constexpr std::string_view kHeader = "mailflowd-tlsrpt 1";
 constexpr std::size_t kMaxStateBytes = 256u << 20;
-
-// Fields are percent-encoded: everything outside printable ASCII, and '%', ',', space and tab.
-std::string encode(std::string_view text) {
-  std::string out;
-  for (const char c : text) {
-    const auto u = static_cast<unsigned char>(c);
-    if (u <= 0x20 || u >= 0x7f || c == '%' || c == ',') {
-      static constexpr char hex[] = "0123456789ABCDEF";
-      out += '%';
-      out += hex[u >> 4];
-      out += hex[u & 15];
-    } else {
-      out += c;
-    }
-  }
-  return out.empty() ? "-" : out;  // "-": the empty string (a field is never empty)
-}
-
-std::optional<std::string> decode(std::string_view text) {
-  if (text == "-") return std::string();
-  std::string out;
-  for (std::size_t i = 0; i < text.size(); ++i) {
-    const auto u = static_cast<unsigned char>(text[i]);
-    if (u <= 0x20 || u >= 0x7f || text[i] == ',') return std::nullopt;  // encode() never leaves these
-    if (text[i] != '%') {
-      out += text[i];
-      continue;
-    }
-    if (i + 2 >= text.size()) return std::nullopt;
-    const auto digit = [](char c) -> int {
-      if (c >= '0' && c <= '9') return c - '0';
-      if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-      return -1;
-    };
-    const int hi = digit(text[i + 1]);
-    const int lo = digit(text[i + 2]);
-    if (hi < 0 || lo < 0) return std::nullopt;
-    out += static_cast<char>(hi * 16 + lo);
-    i += 2;
-  }
-  return out;
-}
-
-std::string encode_list(const std::vector<std::string>& items) {
-  if (items.empty()) return "-";
-  std::string out;
-  for (std::size_t i = 0; i < items.size(); ++i) out += (i ? "," : "") + encode(items[i]);
-  return out;
-}
-
-std::optional<std::vector<std::string>> decode_list(std::string_view text) {
-  std::vector<std::string> out;
-  if (text == "-") return out;
-  std::size_t start = 0;
-  while (true) {
-    const auto comma = text.find(',', start);
-    auto item = decode(text.substr(start, comma == std::string_view::npos ? std::string_view::npos : comma - start));
-    if (!item) return std::nullopt;
-    out.push_back(std::move(*item));
-    if (comma == std::string_view::npos) return out;
-    start = comma + 1;
-  }
-}
-
-std::vector<std::string_view> split_spaces(std::string_view line) {
-  std::vector<std::string_view> out;
-  std::size_t start = 0;
-  while (start <= line.size()) {
-    const auto space = line.find(' ', start);
-    out.push_back(line.substr(start, space == std::string_view::npos ? std::string_view::npos : space - start));
-    if (space == std::string_view::npos) break;
-    start = space + 1;
-  }
-  return out;
-}
-
-std::optional<std::uint64_t> number(std::string_view text) {
-  if (text.empty() || text.size() > 19 || !std::all_of(text.begin(), text.end(), [](char c) { return c >= '0' && c <= '9'; }))
-    return std::nullopt;
-  return std::stoull(std::string(text));
-}
-
-bool valid_date(std::string_view date) {
-  return date.size() == 10 && date[4] == '-' && date[7] == '-' &&
-         std::all_of(date.begin(), date.end(), [](char c) { return (c >= '0' && c <= '9') || c == '-'; });
-}
 
 bool before(const DomainDay& day, std::string_view date, std::string_view domain) {
   return day.date < date || (day.date == date && day.domain < domain);

@@ -1,5 +1,8 @@
 #include "daemon/tlsrpt_ledger.hpp"
 
+#include <limits>
+
+#include "daemon/state_text.hpp"
 
 namespace mailflow {
 
@@ -50,9 +53,67 @@ TlsRptLedger::Verdict TlsRptLedger::record(const Key& key, const std::vector<std
   return verdict;
 }
 
-void TlsRptLedger::keep_only(const std::vector<Key>& keys) {
+std::size_t TlsRptLedger::keep_only(const std::vector<Key>& keys) {
   const std::set<Key> kept(keys.begin(), keys.end());
-  std::erase_if(entries_, [&](const auto& entry) { return !kept.contains(entry.first); });
+  return std::erase_if(entries_, [&](const auto& entry) { return !kept.contains(entry.first); });
+}
+
+namespace {
+constexpr std::string_view kHeader = "mailflowd-tlsrpt-ledger 1";
+}
+
+std::string TlsRptLedger::serialize() const {
+  using state_text::encode;
+  std::string out = std::string(kHeader) + "\n";
+  for (const auto& [key, entry] : entries_) {
+    out += "report " + key.first + " " + encode(key.second) + " " + std::to_string(entry.first_try) + " " +
+           state_text::encode_list({entry.finished.begin(), entry.finished.end()}) + "\n";
+  }
+  return out;
+}
+
+std::optional<TlsRptLedger> TlsRptLedger::parse(std::string_view text, std::string& error) {
+  TlsRptLedger ledger;
+  std::size_t number_of_line = 0;
+  bool header = false;
+  while (!text.empty()) {
+    const auto end = text.find('\n');
+    if (end == std::string_view::npos) {
+      error = "line " + std::to_string(number_of_line + 1) + ": no line end (a cut file)";
+      return std::nullopt;
+    }
+    const std::string_view line = text.substr(0, end);
+    text.remove_prefix(end + 1);
+    ++number_of_line;
+    const auto bad = [&](std::string_view why) {
+      error = "line " + std::to_string(number_of_line) + ": " + std::string(why);
+      return std::nullopt;
+    };
+    if (!header) {
+      if (line != kHeader) return bad("not a mailflowd TLS-RPT ledger");
+      header = true;
+      continue;
+    }
+    const auto f = state_text::split_spaces(line);
+    if (f.size() != 5 || f[0] != "report") return bad("unexpected line");
+    const auto domain = state_text::decode(f[2]);
+    const auto first_try = state_text::number(f[3]);
+    const auto finished = state_text::decode_list(f[4]);
+    if (!state_text::valid_date(f[1]) || !domain || domain->empty() || !first_try ||
+        *first_try > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()) || !finished)
+      return bad("malformed report");
+    Key key{std::string(f[1]), *domain};
+    if (!ledger.entries_.empty() && !(ledger.entries_.rbegin()->first < key))
+      return bad("reports out of order or repeated");
+    ledger.entries_.emplace_hint(
+        ledger.entries_.end(), std::move(key),
+        Entry{static_cast<std::int64_t>(*first_try), {finished->begin(), finished->end()}});
+  }
+  if (!header) {
+    error = "empty file";
+    return std::nullopt;
+  }
+  return ledger;
 }
 
 }  // namespace mailflow

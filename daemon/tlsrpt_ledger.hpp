@@ -2,11 +2,14 @@
 // The retry bookkeeping of TLS-RPT sending (daemon/tlsrpt_sender.hpp), without I/O or clock: per UTC day and
 // policy domain, which rua addresses already took the report (or refused it for good) and when the first try
 // was. A report is done when every rua took it or refused it permanently; one that still fails temporarily
-// `retry_for` after its first try is given up. Kept in memory: after a restart the tries start over (bounded
-// by the store's max_days). Not thread-safe: one sender owns it.
+// `retry_for` after its first try is given up. No I/O here: serialize() and parse() give the text that the
+// sender keeps in state_dir/tlsrpt-ledger.state, so that a restart neither sends a report again to a rua that
+// took it nor restarts its retry_for. Bounded by the store: keep_only() drops what left it (sent, or older
+// than max_days). Not thread-safe: one sender owns it.
 #include <chrono>
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <set>
 #include <string>
 #include <string_view>
@@ -34,9 +37,15 @@ class TlsRptLedger {
   Verdict record(const Key& key, const std::vector<std::string>& rua,
                  const std::vector<std::pair<std::string, TlsRptDelivery>>& outcomes, std::int64_t now,
                  std::chrono::seconds retry_for);
-  // Reports no longer in the store (sent, or dropped after max_days) are forgotten here too.
-  void keep_only(const std::vector<Key>& keys);
+  // Reports no longer in the store (sent, or dropped after max_days) are forgotten here too; returns how
+  // many.
+  std::size_t keep_only(const std::vector<Key>& keys);
   std::size_t size() const { return entries_.size(); }
+
+  // The state file's text: a header line, then per report "report DATE DOMAIN FIRST_TRY FINISHED-RUA,...".
+  std::string serialize() const;
+  // The ledger serialize() wrote; nullopt + error ("line N: why") for anything else.
+  static std::optional<TlsRptLedger> parse(std::string_view text, std::string& error);
 
  private:
   struct Entry {

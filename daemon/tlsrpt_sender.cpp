@@ -20,6 +20,7 @@
 #include "daemon/reasons.hpp"
 #include "daemon/resolver.hpp"
 #include "daemon/runtime.hpp"
+#include "daemon/state_file.hpp"
 #include "daemon/telemetry.hpp"
 #include "daemon/tlsrpt.hpp"
 #include "daemon/upstream_leg.hpp"
@@ -37,6 +38,10 @@ constexpr std::string_view kLabel = reasons::tlsrpt_sessions;
 // A first run shortly after start (not a whole interval later), so that a restart does not delay the reports.
 constexpr auto kFirstRun = std::chrono::seconds(60);
 constexpr std::size_t kMaxAnswerBytes = 64 * 1024;  // an https rua's answer: status line, headers and body
+constexpr std::string_view kLedgerFile = "tlsrpt-ledger.state";
+// A line per unsent report (at most the store's max_days x max_domains_per_day): far below this; a larger
+// file is not one this daemon wrote.
+constexpr std::size_t kMaxLedgerBytes = 64u << 20;
 
 std::string lower(std::string_view text) {
   std::string out(text);
@@ -222,10 +227,44 @@ std::string dot_stuff_for_data(std::string_view text) {
   return out;
 }
 
-TlsRptSender::TlsRptSender(asio::any_io_executor executor, Telemetry& telemetry, RuntimeSource runtime)
-    : executor_(std::move(executor)), telemetry_(telemetry), runtime_(std::move(runtime)) {
+TlsRptSender::TlsRptSender(asio::any_io_executor executor, Telemetry& telemetry, RuntimeSource runtime,
+                           std::string state_dir)
+    : executor_(std::move(executor)),
+      telemetry_(telemetry),
+      runtime_(std::move(runtime)),
+      state_dir_(std::move(state_dir)) {
   std::random_device random;
   unique_ = (static_cast<std::uint64_t>(random()) << 32) ^ random();
+}
+
+bool TlsRptSender::load_ledger(std::int64_t now, std::string& error) {
+  std::string text;
+  error.clear();
+  const auto read = read_state_file(state_dir_, kLedgerFile, kMaxLedgerBytes, text, error);
+  if (read == StateRead::absent) return true;
+  if (read == StateRead::failed) return false;
+  std::string why = error;
+  if (read == StateRead::read) {
+    if (auto loaded = TlsRptLedger::parse(text, why)) {
+      ledger_ = std::move(*loaded);
+      error.clear();
+      return true;
+    }
+  }
+  error = std::string(kLedgerFile) + " is unusable (" + why + "); " +
+          move_state_file_aside(state_dir_, kLedgerFile, now) + ", starting with an empty TLS-RPT ledger";
+  return true;
+}
+
+void TlsRptSender::save_ledger() {
+  if (!ledger_changed_) return;
+  std::string error;
+  if (!write_state_file(state_dir_, kLedgerFile, ledger_.serialize(), error)) {
+    telemetry_.state_error("save_failed");
+    log_limited(LogLevel::error, "state_save_failed", {{"error", error}});
+    return;
+  }
+  ledger_changed_ = false;
 }
 
 asio::awaitable<void> TlsRptSender::run(const std::atomic<bool>& stopping) {
@@ -250,8 +289,11 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
   const config::Config& config = *current->config;
   TlsRptStore& store = telemetry_.tlsrpt();
   const auto keys = store.reports_before(utc_date(now));
-  ledger_.keep_only(keys);
-  if (keys.empty()) co_return 0;
+  if (ledger_.keep_only(keys) > 0) ledger_changed_ = true;
+  if (keys.empty()) {
+    save_ledger();
+    co_return 0;
+  }
 
   // The report mails' route: an mx upstream of mailflowd's own with opportunistic STARTTLS, in a copy of the
   // runtime that carries its TLS context (UpstreamLeg finds it by the upstream's name).
@@ -304,6 +346,7 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
     const auto verdict =
         ledger_.record(key, day->rua, outcomes, now,
                        std::chrono::duration_cast<std::chrono::seconds>(config.tlsrpt.retry_for));
+    ledger_changed_ = true;
     if (verdict.kind == TlsRptLedger::Verdict::Kind::retry) continue;
     if (verdict.kind == TlsRptLedger::Verdict::Kind::gave_up) {
       for (const auto& uri : verdict.given_up) {
@@ -318,6 +361,7 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
     store.forget(key.first, key.second);
   }
   resolver_.reset();  // the next run uses the dns settings of its time
+  save_ledger();
   co_return tried;
 }
 

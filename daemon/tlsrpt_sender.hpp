@@ -10,6 +10,10 @@
 // 429), or when it still fails tlsrpt.retry_for after its first try (gave_up); each try of each rua is counted
 // in mailflow_tlsrpt_deliveries_total{method,result} and logged. At most tlsrpt.max_reports_per_run reports
 // are tried per run, oldest day first, so a large store never stalls the loop.
+// Which rua took a report and when its first try was (TlsRptLedger) is kept in
+// state_dir/tlsrpt-ledger.state: saved after every run that changed it (and by save_ledger() with the other
+// state), loaded at start, so that a restart neither sends a report again to a rua that took it nor gives a
+// failing report a new retry_for.
 #include <utility>  // before Asio (Boost 1.74 + GCC 12)
 
 #include <boost/asio/any_io_executor.hpp>
@@ -54,7 +58,17 @@ class TlsRptSender {
  public:
   using RuntimeSource = std::function<std::shared_ptr<const Runtime>()>;
 
-  TlsRptSender(boost::asio::any_io_executor executor, Telemetry& telemetry, RuntimeSource runtime);
+  // `state_dir`: where the ledger is kept (the one the daemon started with; a reload does not change it).
+  TlsRptSender(boost::asio::any_io_executor executor, Telemetry& telemetry, RuntimeSource runtime,
+               std::string state_dir);
+
+  // At start, before run(): a corrupt or oversized ledger file is moved aside (true, `error` says so, for the
+  // caller to log and count as the other state files); false + error when the file cannot be read at all.
+  bool load_ledger(std::int64_t now, std::string& error);
+  // Writes the ledger if it changed since the last save; a failure is logged and counted
+  // (mailflow_state_errors_total{reason="save_failed"}) and tried again at the next call. Runs on the
+  // sender's executor (the ledger is not thread-safe).
+  void save_ledger();
 
   // The task: a first run shortly after start, then one every tlsrpt.interval while tlsrpt.send is true (a
   // reload may turn it on or off); returns when `stopping` is set.
@@ -73,7 +87,9 @@ class TlsRptSender {
   boost::asio::any_io_executor executor_;
   Telemetry& telemetry_;
   RuntimeSource runtime_;
+  std::string state_dir_;
   TlsRptLedger ledger_;
+  bool ledger_changed_ = false;  // since the last save
   const std::atomic<bool>* stopping_ = nullptr;
   std::shared_ptr<Resolver> resolver_;  // https: rua host names, during one run (dns settings of that run)
   std::uint64_t unique_ = 0;            // random, with sequence_: Message-IDs, MIME boundaries, session ids

@@ -1,4 +1,5 @@
-// TLS-RPT sending, the parts without I/O: the retry bookkeeping (TlsRptLedger), rua URIs and dot-stuffing.
+// TLS-RPT sending, the parts without I/O: the retry bookkeeping (TlsRptLedger) and its state file text, rua
+// URIs and dot-stuffing.
 // The deliveries themselves run against real servers in tests/integration/test_tlsrpt_send.py.
 #include <doctest/doctest.h>
 
@@ -71,6 +72,82 @@ TEST_CASE("ledger: reports that left the store are forgotten") {
   ledger.keep_only({other});
   CHECK(ledger.size() == 1);
   CHECK(ledger.to_try(day, rua) == rua);
+}
+
+TEST_CASE("ledger: serialize and parse give back which rua took each report and when its first try was") {
+  TlsRptLedger ledger;
+  const TlsRptLedger::Key other{"2026-01-03", "b.example"};
+  // A rua with characters the state file encodes (space, comma, percent, a line break).
+  const std::vector<std::string> odd{"mailto:a%2Cb@b.example?subject=x y", "https://r.b.example/p,q\nr"};
+  ledger.record(day, rua, {{rua[0], TlsRptDelivery::success}, {rua[1], TlsRptDelivery::temporary_failure}},
+                1000, 24h);
+  ledger.record(other, odd,
+                {{odd[0], TlsRptDelivery::permanent_failure}, {odd[1], TlsRptDelivery::temporary_failure}},
+                2000, 24h);
+  ledger.record({"2026-01-04", "c.example"}, rua, {{rua[0], TlsRptDelivery::temporary_failure}}, 3000, 24h);
+  const std::string text = ledger.serialize();
+  CHECK(text.starts_with("mailflowd-tlsrpt-ledger 1\n"));
+  std::string error;
+  auto loaded = TlsRptLedger::parse(text, error);
+  REQUIRE_MESSAGE(loaded, error);
+  CHECK(loaded->size() == 3);
+  CHECK(loaded->serialize() == text);
+  CHECK(loaded->to_try(day, rua) == std::vector<std::string>{rua[1]});  // rua[0] took it: not again
+  CHECK(loaded->to_try(other, odd) == std::vector<std::string>{odd[1]});
+  CHECK(loaded->to_try({"2026-01-04", "c.example"}, rua) == rua);
+  // The first try's time came along: given up 24h after it, not 24h after the load.
+  CHECK(loaded->record(day, rua, {{rua[1], TlsRptDelivery::temporary_failure}}, 1000 + 24 * 3600 - 1, 24h)
+            .kind == Kind::retry);
+  CHECK(loaded->record(day, rua, {{rua[1], TlsRptDelivery::temporary_failure}}, 1000 + 24 * 3600, 24h).kind ==
+        Kind::gave_up);
+
+  auto empty = TlsRptLedger::parse(TlsRptLedger().serialize(), error);
+  REQUIRE(empty);
+  CHECK(empty->size() == 0);
+}
+
+TEST_CASE("ledger: parse refuses what serialize never writes, and says which line") {
+  const std::string header = "mailflowd-tlsrpt-ledger 1\n";
+  const std::string good = "report 2026-01-02 a.example.net 1000 mailto:r@a.example.net\n";
+  const std::pair<std::string, std::string> cases[] = {
+      {"", "empty file"},
+      {"mailflowd-tlsrpt 1\n" + good, "line 1: not a mailflowd TLS-RPT ledger"},
+      {header + good.substr(0, good.size() - 1), "line 2: no line end"},  // cut short by a full disk
+      {header + "report 2026-01-02 a.example.net 1000\n", "line 2: unexpected line"},
+      {header + good + "day 2026-01-02 a.example.net 1000 -\n", "line 3: unexpected line"},
+      {header + "report 2026-1-2 a.example.net 1000 -\n", "line 2: malformed report"},
+      {header + "report 2026-01-02 - 1000 -\n", "line 2: malformed report"},  // no domain
+      {header + "report 2026-01-02 a.example.net -5 -\n", "line 2: malformed report"},
+      {header + "report 2026-01-02 a.example.net 9999999999999999999 -\n", "line 2: malformed report"},
+      {header + "report 2026-01-02 a.example.net 1000 mailto:%G0\n", "line 2: malformed report"},
+      {header + good + good, "line 3: reports out of order or repeated"},
+      {header + "report 2026-01-03 a.example.net 1000 -\n" + good,
+       "line 3: reports out of order or repeated"},
+  };
+  for (const auto& [text, why] : cases) {
+    CAPTURE(text);
+    std::string error;
+    CHECK_FALSE(TlsRptLedger::parse(text, error));
+    CHECK(error.starts_with(why));
+  }
+  std::string error;
+  CHECK(TlsRptLedger::parse(header + good, error));
+}
+
+TEST_CASE("ledger: a loaded ledger drops the reports that left the store at the first keep_only") {
+  TlsRptLedger ledger;
+  const TlsRptLedger::Key old{"2025-12-01", "a.example.net"};
+  ledger.record(old, rua, {{rua[0], TlsRptDelivery::success}}, 1, 24h);
+  ledger.record(day, rua, {{rua[0], TlsRptDelivery::success}}, 2, 24h);
+  std::string error;
+  auto loaded = TlsRptLedger::parse(ledger.serialize(), error);
+  REQUIRE(loaded);
+  CHECK(loaded->keep_only({day}) == 1);
+  CHECK(loaded->keep_only({day}) == 0);
+  CHECK(loaded->size() == 1);
+  CHECK(loaded->serialize().find("2025-12-01") == std::string::npos);
+  CHECK(loaded->to_try(old, rua) == rua);
+  CHECK(loaded->to_try(day, rua) == std::vector<std::string>{rua[1]});
 }
 
 TEST_CASE("parse_rua: mailto and https URIs as RFC 8460 section 3 writes them") {

@@ -6,7 +6,9 @@ python HTTPS server with a certificate from the test CA takes the POST. Checked:
 POST (Content-Type application/tlsrpt+gzip, the same JSON), a rua that answers 451 retried every
 tlsrpt.interval and given up after tlsrpt.retry_for, every try counted in mailflow_tlsrpt_deliveries_total,
 sent days forgotten, today's day kept, and tlsrpt.send: false sending nothing. An https rua whose certificate
-names another host, or whose server never answers (tlsrpt.https_timeout), is a temporary failure that says why."""
+names another host, or whose server never answers (tlsrpt.https_timeout), is a temporary failure that says why.
+The retry bookkeeping survives a restart (state_dir/tlsrpt-ledger.state): a rua that took a report does not get
+it again, and retry_for counts from the first try; a corrupt ledger file is moved aside and counted."""
 import datetime
 import email
 import email.policy
@@ -17,6 +19,7 @@ import socket
 import ssl
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +31,7 @@ from dns_server import KnotServer  # noqa: E402
 
 DATE = "2026-01-02"
 ADDR = {"ok": "127.0.0.51", "busy": "127.0.0.52"}
+LEDGER_ADDR = {"took": "127.0.0.53", "later": "127.0.0.54"}  # the restart test's own rua hosts
 ZONE = f"""$ORIGIN rpt.example.net.
 $TTL 300
 @              SOA   ns hostmaster 1 3600 600 86400 300
@@ -37,6 +41,10 @@ ok             MX    10 mx.ok
 mx.ok          A     {ADDR["ok"]}
 busy           MX    10 mx.busy
 mx.busy        A     {ADDR["busy"]}
+took           MX    10 mx.took
+mx.took        A     {LEDGER_ADDR["took"]}
+later          MX    10 mx.later
+mx.later       A     {LEDGER_ADDR["later"]}
 reports        A     127.0.0.1
 wrong          A     127.0.0.1
 silent         A     127.0.0.1
@@ -254,3 +262,78 @@ def test_send_false_keeps_the_reports_and_sends_nothing(env):
     assert reports_of(quiet, DATE) == ["a.example.net", "b.example.net"]
     assert not harness.series(m, "mailflow_sessions_total", listener="tlsrpt")  # no report mails, no series
     assert not harness.series(m, "mailflow_mx_attempts_total", upstream="tlsrpt")
+
+
+def ledger_state():
+    return f"""mailflowd-tlsrpt 1
+day {DATE} d.example.net mailto:tlsrpt@took.rpt.example.net,mailto:reports@later.rpt.example.net
+policy no-policy-found - - 3 0 0
+"""
+
+
+def deliveries(daemon, result):
+    return harness.value(daemon.metrics(), "mailflow_tlsrpt_deliveries_total", method="mailto", result=result)
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGKILL"])  # a restart, or a crash (saved after each run)
+def test_a_restart_keeps_which_rua_took_the_report_and_its_first_try(stop, workdir, knot, sink_factory,
+                                                                     mailflowd_bin):
+    port = harness.free_port("127.0.0.1", *LEDGER_ADDR.values())
+    took = sink_factory(f"rua-took-{stop}", host=LEDGER_ADDR["took"], port=port)
+    later = sink_factory(f"rua-later-{stop}", host=LEDGER_ADDR["later"], port=port,
+                         fail_rcpt=["reports@later.rpt.example.net=451 4.3.0 try again later"])
+    state_dir = workdir / f"ledger-{stop}-state"
+    state_dir.mkdir(exist_ok=True)
+    (state_dir / "tlsrpt.state").write_text(ledger_state())
+    retry_for = 6  # long enough that the first daemon is stopped before it gives up itself
+    tlsrpt = {"send": True, "submitter": SUBMITTER, "smtp_port": port, "interval": "1s", "retry_for": f"{retry_for}s"}
+    listeners = [{"name": "out", "address": f"127.0.0.1:{harness.free_port()}", "direction": "outbound",
+                  "upstream": "internet"}]
+    config = harness.default_config(state_dir, harness.free_port(), listeners, [{"name": "internet", "mx": True}],
+                                    dns={"servers": [knot.address], "timeout": "3s"}, tlsrpt=tlsrpt)
+    first = harness.Daemon(mailflowd_bin, workdir, config, name=f"ledger-{stop}").start()
+    took.wait_messages(1, timeout=20)
+    harness.wait_for(lambda: deliveries(first, "temporary_failure") >= 1, 20, what="the 451 of the other rua")
+    first_try_seen = time.monotonic()  # the first try was before this
+    if stop == "SIGKILL":
+        first.proc.kill()
+        first.proc.wait(5)
+    else:
+        assert first.stop() == 0, first.log_tail()
+    harness.LIVE.remove(first)
+    ledger = (state_dir / "tlsrpt-ledger.state").read_text()
+    assert "d.example.net" in ledger and "mailto:tlsrpt@took.rpt.example.net" in ledger, ledger
+    assert "later.rpt.example.net" not in ledger, ledger  # it did not take it: tried again after the restart
+
+    # Down for longer than retry_for after the first try: the first run after the restart is the last try.
+    time.sleep(max(0.0, first_try_seen + retry_for + 0.5 - time.monotonic()))
+    second = harness.Daemon(mailflowd_bin, workdir, config, name=f"ledger-{stop}-again").start()
+    try:
+        harness.wait_for(lambda: "d.example.net" not in reports_of(second, DATE), 20, what="d.example.net given up")
+        assert deliveries(second, "success") == 0  # the rua that took it was not tried again
+        assert took.count() == 1, "the rua that took the report got it again after the restart"
+        # One more try of the other rua, then given up: retry_for counts from the first try, not from the restart.
+        assert deliveries(second, "temporary_failure") == 1
+        assert deliveries(second, "gave_up") == 1
+        assert later.count() == 0
+        assert "state_discarded" not in second.stderr()
+    finally:
+        assert second.stop() == 0, second.log_tail()
+        harness.LIVE.remove(second)
+    assert "d.example.net" not in (state_dir / "tlsrpt-ledger.state").read_text()  # forgotten once given up
+
+
+def test_a_corrupt_ledger_is_moved_aside_counted_and_the_daemon_starts_empty(workdir, daemon_factory):
+    state_dir = workdir / "bad-ledger-state"
+    state_dir.mkdir(exist_ok=True)
+    (state_dir / "tlsrpt-ledger.state").write_text("mailflowd-tlsrpt-ledger 1\nreport 2026-01-02 x.example nope -\n")
+    listeners = [{"name": "out", "address": f"127.0.0.1:{harness.free_port()}", "direction": "outbound",
+                  "upstream": "internet"}]
+    daemon = daemon_factory(listeners, [{"name": "internet", "mx": True}], name="bad-ledger",
+                            tlsrpt={"send": True, "interval": "1s"})
+    assert harness.value(daemon.metrics(), "mailflow_state_errors_total", reason="corrupt") == 1
+    aside = sorted(state_dir.glob("tlsrpt-ledger.state.corrupt-*"))
+    assert len(aside) == 1 and "x.example nope" in aside[0].read_text()
+    assert not (state_dir / "tlsrpt-ledger.state").exists()
+    log = daemon.stderr()
+    assert "state_discarded" in log and "tlsrpt-ledger.state is unusable (line 2: malformed report)" in log
