@@ -309,6 +309,7 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
 
   const auto submitter = store.submitter();
   std::size_t tried = 0;
+  bool forgot = false;  // a report was done with (sent to every rua, or given up)
   for (const auto& key : keys) {
     if (stopping_ != nullptr && *stopping_) break;
     if (tried >= config.tlsrpt.max_reports_per_run) {
@@ -359,8 +360,18 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
       }
     }
     store.forget(key.first, key.second);
+    forgot = true;
   }
   resolver_.reset();  // the next run uses the dns settings of its time
+  if (forgot) {
+    // A report done with is saved gone at once, before the ledger forgets it: after a crash it must not come back
+    // from an older tlsrpt.state (the periodic save) and go out again to every rua.
+    std::string error;
+    if (!store.save(state_dir_, error)) {
+      telemetry_.state_error("save_failed");
+      log_limited(LogLevel::error, "state_save_failed", {{"error", error}});
+    }
+  }
   save_ledger();
   co_return tried;
 }

@@ -337,3 +337,38 @@ def test_a_corrupt_ledger_is_moved_aside_counted_and_the_daemon_starts_empty(wor
     assert not (state_dir / "tlsrpt-ledger.state").exists()
     log = daemon.stderr()
     assert "state_discarded" in log and "tlsrpt-ledger.state is unusable (line 2: malformed report)" in log
+
+
+def test_a_report_sent_stays_sent_after_a_crash(workdir, knot, sink_factory, mailflowd_bin):
+    """A report done with is saved gone at once: a crash before the periodic save must not bring it back from the
+    older tlsrpt.state (once the ledger has forgotten it too, it would go out again to every rua)."""
+    port = harness.free_port("127.0.0.1", LEDGER_ADDR["took"])
+    took = sink_factory("rua-took-crash", host=LEDGER_ADDR["took"], port=port)
+    state_dir = workdir / "sent-crash-state"
+    state_dir.mkdir(exist_ok=True)
+    (state_dir / "tlsrpt.state").write_text(f"""mailflowd-tlsrpt 1
+day {DATE} e.example.net mailto:tlsrpt@took.rpt.example.net
+policy no-policy-found - - 2 0 0
+""")
+    tlsrpt = {"send": True, "submitter": SUBMITTER, "smtp_port": port, "interval": "1s"}
+    listeners = [{"name": "out", "address": f"127.0.0.1:{harness.free_port()}", "direction": "outbound",
+                  "upstream": "internet"}]
+    config = harness.default_config(state_dir, harness.free_port(), listeners, [{"name": "internet", "mx": True}],
+                                    dns={"servers": [knot.address], "timeout": "3s"}, tlsrpt=tlsrpt)
+    first = harness.Daemon(mailflowd_bin, workdir, config, name="sent-crash").start()
+    took.wait_messages(1, timeout=20)
+    # Two more runs (interval 1s): the ledger forgets the finished report and is saved without it.
+    harness.wait_for(lambda: "e.example.net" not in (state_dir / "tlsrpt-ledger.state").read_text()
+                     if (state_dir / "tlsrpt-ledger.state").exists() else False, 10, what="the ledger forgets it")
+    first.proc.kill()  # well before the periodic save (every minute)
+    first.proc.wait(5)
+    harness.LIVE.remove(first)
+    assert "e.example.net" not in (state_dir / "tlsrpt.state").read_text()
+    second = harness.Daemon(mailflowd_bin, workdir, config, name="sent-crash-again").start()
+    try:
+        time.sleep(2.5)  # two runs of the sender
+        assert took.count() == 1, "the report went out again after the crash"
+        assert "e.example.net" not in reports_of(second, DATE)
+    finally:
+        assert second.stop() == 0, second.log_tail()
+        harness.LIVE.remove(second)
