@@ -2,6 +2,7 @@
 // or value; the loader never stops at the first one (except for YAML syntax errors, after which nothing is
 // reliable).
 #include "config/config.hpp"
+#include "proto/ascii.hpp"
 
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -115,12 +116,6 @@ bool valid_hostname(std::string_view name) {
   return std::all_of(name.begin(), name.end(), [](char c) {
     return std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '-' || c == '_';
   });
-}
-
-std::string lower(std::string_view text) {
-  std::string out(text);
-  for (auto& c : out) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  return out;
 }
 
 template <class Int>
@@ -1338,7 +1333,7 @@ class Loader {
                                    "clients send them, without it, so this pattern never matches (write " +
                                    quoted(std::string_view(text).substr(0, text.size() - 1)) + ")");
         }
-        out.push_back(lower(text));
+        out.push_back(proto::ascii_lower(text));
       }
     };
     patterns("ehlo", match.ehlo);

@@ -9,6 +9,7 @@
 #include "daemon/https_client.hpp"
 #include "daemon/resolver.hpp"
 #include "daemon/state_file.hpp"
+#include "proto/ascii.hpp"
 
 namespace mailflow {
 
@@ -20,12 +21,6 @@ namespace {
 constexpr std::string_view kCacheFile = "mta-sts.state";
 constexpr std::string_view kCacheHeader = "mailflowd-mta-sts 1";
 constexpr std::size_t kMaxCacheFileBytes = 64u << 20;
-
-std::string lower(std::string_view text) {
-  std::string out(text);
-  for (auto& c : out) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  return out;
-}
 
 PolicyFetch failed(PolicyFetch::Status status, std::string detail) {
   PolicyFetch out;
@@ -67,7 +62,7 @@ net::awaitable<PolicyFetch> fetch_policy(net::any_io_executor executor, std::str
   using Status = PolicyFetch::Status;
   using Step = HttpsResponse::Step;
   using Error = HttpsResponse::Error;
-  const std::string host = "mta-sts." + lower(domain);
+  const std::string host = "mta-sts." + proto::ascii_lower(domain);
   HttpsLimits limits;
   limits.deadline = std::chrono::steady_clock::now() + settings.fetch_timeout;
   limits.max_body_bytes = proto::mta_sts::max_policy_bytes;
@@ -127,7 +122,7 @@ net::awaitable<PolicyFetch> fetch_policy(net::any_io_executor executor, std::str
     if (response.status / 100 == 3) detail += " (redirects are not followed)";
     co_return failed(Status::fetch_error, detail);
   }
-  const std::string content_type = lower(response.content_type);
+  const std::string content_type = proto::ascii_lower(response.content_type);
   std::string_view media = content_type;
   media = media.substr(0, media.find(';'));
   while (!media.empty() && media.back() == ' ') media.remove_suffix(1);
@@ -261,7 +256,7 @@ bool MtaStsCache::load(const std::string& state_dir, std::int64_t now, std::stri
 // --------------------------------------------------------------------------------------------------------------
 net::awaitable<PolicyState> lookup_policy(Resolver& resolver, MtaStsCache& cache, std::string domain,
                                           const MtaStsSettings& settings, std::int64_t now) {
-  domain = lower(domain);
+  domain = proto::ascii_lower(domain);
   PolicyState state;
   const auto use = [&](const CachedPolicy& cached, bool from_cache) {
     state.policy = cached.policy;

@@ -9,13 +9,13 @@
 #include <boost/asio/redirect_error.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
-#include <cctype>
 #include <cstring>
 #include <optional>
 #include <random>
 #include <stdexcept>
 
 #include "daemon/telemetry.hpp"
+#include "proto/ascii.hpp"
 
 namespace mailflow {
 
@@ -137,14 +137,8 @@ std::optional<std::string> wire_name(const unsigned char* data, std::size_t size
 // dot; "" when there is none or it is `name` itself.
 std::string canonical_name(std::string_view name, const ub_result* result) {
   if (result == nullptr || result->canonname == nullptr) return {};
-  const auto lower = [](std::string_view text) {
-    if (text.ends_with('.')) text.remove_suffix(1);
-    std::string out(text);
-    for (auto& c : out) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-    return out;
-  };
-  std::string canonical = lower(result->canonname);
-  return canonical == lower(name) ? std::string() : canonical;
+  std::string canonical = proto::dns_name_key(result->canonname);
+  return canonical == proto::dns_name_key(name) ? std::string() : canonical;
 }
 
 }  // namespace

@@ -23,6 +23,7 @@
 #include "daemon/report.hpp"
 #include "daemon/resolver.hpp"
 #include "daemon/telemetry.hpp"
+#include "proto/ascii.hpp"
 
 namespace mailflow {
 namespace {
@@ -40,16 +41,10 @@ constexpr std::string_view kUsage =
     "  --seed       fixes the shuffle of equal MX preferences (default: random, as the relay does)\n"
     "exit: 0 deliverable, 1 configuration error, 2 usage, 3 permanent failure, 4 temporary DNS failure\n";
 
-std::string lower(std::string_view text) {
-  std::string out(text);
-  for (auto& c : out) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  return out;
-}
-
 std::string domain_of(std::string_view address) {
   if (address.starts_with('<') && address.ends_with('>')) address = address.substr(1, address.size() - 2);
   const auto at = address.rfind('@');
-  return lower(at == std::string_view::npos ? address : address.substr(at + 1));
+  return proto::ascii_lower(at == std::string_view::npos ? address : address.substr(at + 1));
 }
 
 std::string endpoint_text(const net::ip::address& address, std::uint16_t port) {

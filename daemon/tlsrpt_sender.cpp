@@ -24,6 +24,7 @@
 #include "daemon/telemetry.hpp"
 #include "daemon/tlsrpt.hpp"
 #include "daemon/upstream_leg.hpp"
+#include "proto/ascii.hpp"
 #include "proto/reply.hpp"
 
 namespace mailflow {
@@ -42,12 +43,6 @@ constexpr std::string_view kLedgerFile = "tlsrpt-ledger.state";
 // A line per unsent report (at most the store's max_days x max_domains_per_day): far below this; a larger
 // file is not one this daemon wrote.
 constexpr std::size_t kMaxLedgerBytes = 64u << 20;
-
-std::string lower(std::string_view text) {
-  std::string out(text);
-  for (auto& c : out) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  return out;
-}
 
 std::optional<std::string> percent_decode(std::string_view text) {
   std::string out;
@@ -155,7 +150,6 @@ asio::awaitable<TlsRptDelivery> converse(Conversation& conversation, const confi
   co_return TlsRptDelivery::success;
 }
 
-
 }  // namespace
 
 std::string_view to_string(RuaTarget::Method method) {
@@ -164,7 +158,7 @@ std::string_view to_string(RuaTarget::Method method) {
 
 RuaTarget parse_rua(std::string_view uri) {
   RuaTarget out;
-  const std::string scheme = lower(uri.substr(0, uri.find(':') + 1));
+  const std::string scheme = proto::ascii_lower(uri.substr(0, uri.find(':') + 1));
   if (scheme == "mailto:") {
     out.method = RuaTarget::Method::mailto;
     auto rest = uri.substr(7);
@@ -179,7 +173,7 @@ RuaTarget parse_rua(std::string_view uri) {
     });
     if (!printable) return out;
     out.address = *address;
-    out.domain = lower(address->substr(at + 1));
+    out.domain = proto::ascii_lower(address->substr(at + 1));
     out.valid = true;
     return out;
   }
@@ -203,7 +197,7 @@ RuaTarget parse_rua(std::string_view uri) {
     if (!authority.empty()) out.port = std::string(authority.substr(1));
   } else {
     const auto colon = authority.rfind(':');
-    out.host = lower(authority.substr(0, colon));
+    out.host = proto::ascii_lower(authority.substr(0, colon));
     if (colon != std::string_view::npos) out.port = std::string(authority.substr(colon + 1));
   }
   const bool port_ok = !out.port.empty() && out.port.size() <= 5 &&

@@ -1,4 +1,5 @@
 #include "proto/mta_sts.hpp"
+#include "proto/ascii.hpp"
 
 #include <algorithm>
 #include <cctype>
@@ -10,12 +11,6 @@ namespace {
 
 bool is_alnum(char c) { return std::isalnum(static_cast<unsigned char>(c)) != 0; }
 bool is_wsp(char c) { return c == ' ' || c == '\t'; }
-
-std::string lower(std::string_view text) {
-  std::string out(text);
-  for (auto& c : out) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  return out;
-}
 
 std::string_view trim_wsp(std::string_view text) {
   while (!text.empty() && is_wsp(text.front())) text.remove_prefix(1);
@@ -210,7 +205,7 @@ std::optional<Policy> parse_policy(std::string_view body, std::string& error) {
       }
       policy.max_age = static_cast<std::uint32_t>(seconds);
     } else if (key == "mx") {
-      const std::string pattern = lower(value);
+      const std::string pattern = ascii_lower(value);
       const std::string_view domain = std::string_view(pattern).starts_with("*.")
                                           ? std::string_view(pattern).substr(2)
                                           : std::string_view(pattern);
@@ -238,7 +233,7 @@ std::optional<Policy> parse_policy(std::string_view body, std::string& error) {
 
 bool mx_matches(std::string_view pattern, std::string_view host) {
   if (host.ends_with('.')) host.remove_suffix(1);
-  const std::string name = lower(host);
+  const std::string name = ascii_lower(host);
   if (pattern.starts_with("*.")) {
     const auto suffix = pattern.substr(1);  // ".example.net"
     // Exactly one label before the suffix: "mx1.example.net" matches, "a.b.example.net" and "example.net" do not.

@@ -1,20 +1,11 @@
 #include "proto/mx_plan.hpp"
 
 #include <algorithm>
-#include <cctype>
 #include <random>
 
+#include "proto/ascii.hpp"
+
 namespace mailflow::proto {
-namespace {
-
-std::string normalized(std::string_view name) {
-  if (name.ends_with('.')) name.remove_suffix(1);
-  std::string out(name);
-  for (auto& c : out) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  return out;
-}
-
-}  // namespace
 
 std::string_view to_string(MxPlanKind kind) {
   switch (kind) {
@@ -32,16 +23,16 @@ MxPlan plan_mx(std::string_view domain, const std::vector<MxRecord>& records, st
   MxPlan plan;
   if (records.empty()) {
     plan.kind = MxPlanKind::implicit;
-    plan.hosts.push_back(MxHost{normalized(domain), 0});
+    plan.hosts.push_back(MxHost{dns_name_key(domain), 0});
     return plan;
   }
-  if (records.size() == 1 && normalized(records.front().exchange).empty()) {
+  if (records.size() == 1 && dns_name_key(records.front().exchange).empty()) {
     plan.kind = MxPlanKind::null_mx;
     return plan;
   }
   std::vector<MxHost> hosts;
   for (const auto& record : records) {
-    std::string name = normalized(record.exchange);
+    std::string name = dns_name_key(record.exchange);
     if (name.empty()) continue;  // "." beside real MX hosts: nothing to connect to
     const auto same = std::find_if(hosts.begin(), hosts.end(), [&](const MxHost& h) { return h.name == name; });
     if (same == hosts.end()) {
