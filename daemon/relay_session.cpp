@@ -233,6 +233,7 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
   bool command_clock_running_ = false;
   std::uint32_t commands_ = 0;  // complete command lines received (the first one gets timeouts.greeting)
   bool finished_ = false;
+  bool counted_open_ = false;  // telemetry_.session_opened() was called: release() owes the session_closed()
   bool idle_ = false;
   bool close_ = false;
   bool proxy_checked_ = false;
@@ -261,9 +262,10 @@ void RelaySession::begin() {
     client_bytes_ = mapped_bytes(client_address_);
   }
   client_.socket().set_option(tcp::no_delay(true), ec);
+  failpoint("session.begin");  // before the session counts itself open: release() must not count it closed
   telemetry_.session_opened(listener_.name);
+  counted_open_ = true;
   deadlines_.start(shared_from_this());
-  failpoint("session.begin");
 }
 
 asio::awaitable<void> RelaySession::run() {
@@ -352,7 +354,8 @@ void RelaySession::release() {
 
   const double seconds = std::chrono::duration<double>(SteadyClock::now() - started_).count();
   telemetry_.leg_finished(listener_.name, Leg::client, client_.tls().version);
-  telemetry_.session_closed(listener_.name, seconds);
+  // Only a session that counted itself open (begin() may throw before it does): sessions_active never goes below 0.
+  if (std::exchange(counted_open_, false)) telemetry_.session_closed(listener_.name, seconds);
   if (address_admitted_) registry_.release_address(client_bytes_);
   registry_.remove(this);
 
