@@ -238,7 +238,7 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
   bool close_ = false;
   bool proxy_checked_ = false;
 
-  Route opening_;              // the route of the RCPT being opened (RelayTransaction::Step::open_upstream)
+  Route opening_;              // the route of the RCPT being opened, or the transaction's (Step::open_upstream)
   std::string sender_domain_;  // of the transaction's MAIL FROM
   std::string connector_name_;  // of the current transaction
   proto::TlsVersion message_version_ = proto::TlsVersion::none;  // counted for the message in DATA
@@ -698,11 +698,14 @@ void RelaySession::begin_mail() {
 
 void RelaySession::forward_rcpt() {
   const std::string domain = proto::address_domain(session_.last_command().address);
-  opening_ = route_for(domain);  // used if this recipient opens the transaction's route
+  const Route chosen = route_for(domain);
   proto::RelayRoute route;
-  route.connector = opening_.connector ? opening_.connector->name : std::string(internet_connector);
-  route.path = opening_.upstream->name + "/" + opening_.domain;
-  route.require_tls = opening_.connector && opening_.connector->require_tls;
+  route.connector = chosen.connector ? chosen.connector->name : std::string(internet_connector);
+  route.path = chosen.upstream->name + "/" + chosen.domain;
+  route.require_tls = chosen.connector && chosen.connector->require_tls;
+  // Used if this recipient opens the transaction's route. Once the transaction has one, it stays what is opened
+  // (a replay reopens it), whatever route a later recipient (refused with 452) would have had.
+  if (!transaction_->route()) opening_ = chosen;
   transaction_->rcpt(session_.last_command().argument, domain, route, session_.tls_active());
 }
 
@@ -757,13 +760,14 @@ asio::awaitable<void> RelaySession::drive(Step step) {
         const std::size_t sent = upstream_->write_now(out);  // nearly always all of it: no coroutine
         bool written = sent == out.size();
         if (!written) written = co_await upstream_->write(out.substr(sent), in(config_.timeouts.command));
-        transaction_->on_written(written);
+        transaction_->on_written(written, upstream_->closed_idle());
         break;
       }
       case Step::read_reply: {
         const bool data_end = transaction_->reply_wait() == proto::RelayTransaction::ReplyWait::data_end;
-        transaction_->on_reply(
-            co_await upstream_->read_reply(in(data_end ? config_.timeouts.data_end : config_.timeouts.command)));
+        auto reply =
+            co_await upstream_->read_reply(in(data_end ? config_.timeouts.data_end : config_.timeouts.command));
+        transaction_->on_reply(std::move(reply), upstream_->closed_idle());
         break;
       }
       case Step::send_message:

@@ -137,11 +137,28 @@ void UpstreamLeg::drop() {
   in_.release_if_empty();
 }
 
+void UpstreamLeg::lost(const error_code& ec, std::string_view stage) {
+  if (ec == asio::error::timed_out) {
+    fail("timeout");  // a slow upstream is no closed one
+    return;
+  }
+  if (!kept_unanswered_) {
+    fail("connection_lost");
+    return;
+  }
+  // The peek in open() found the kept connection open, but the upstream closed it since (or the close was still
+  // on its way): the same idle close, found one step later.
+  log_event(LogLevel::debug, "upstream_closed_idle",
+            {{"id", session_.id}, {"upstream", upstream_->name}, {"at", stage}, {"error", ec.message()}});
+  closed_idle_ = true;
+  drop();
+}
+
 std::size_t UpstreamLeg::write_now(std::string_view data) {
   if (!link_) return 0;
   error_code ec;
   const std::size_t sent = link_->write_now(data, ec);
-  if (ec) fail("connection_lost");
+  if (ec) lost(ec, "write");
   return ec ? 0 : sent;
 }
 
@@ -150,7 +167,7 @@ asio::awaitable<bool> UpstreamLeg::write(std::string_view data, TimePoint deadli
   error_code ec;
   co_await link_->write(data, deadline, ec);  // sends what the socket takes at once itself, then waits
   if (ec) {
-    fail(ec == asio::error::timed_out ? "timeout" : "connection_lost");
+    lost(ec, "write");
     co_return false;
   }
   co_return true;
@@ -162,6 +179,7 @@ asio::awaitable<std::optional<proto::Reply>> UpstreamLeg::read_reply(TimePoint d
     auto parsed = proto::parse_reply(in_.view());
     if (parsed.status == proto::ReplyStatus::complete) {
       in_.consume(parsed.consumed);
+      kept_unanswered_ = false;
       co_return std::move(parsed.reply);
     }
     if (parsed.status == proto::ReplyStatus::invalid) {
@@ -171,7 +189,7 @@ asio::awaitable<std::optional<proto::Reply>> UpstreamLeg::read_reply(TimePoint d
     error_code ec;
     co_await link_->read_some(in_, reply_read_chunk, deadline, ec);
     if (ec) {
-      fail(ec == asio::error::timed_out ? "timeout" : "connection_lost");
+      lost(ec, "reply");
       co_return std::nullopt;
     }
   }
@@ -213,13 +231,15 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open(const con
                                                                        bool& reused) {
   // A connection is reused for the next transaction that routes the same way (same upstream, same domain).
   reused = link_ && upstream_ == &upstream && domain_ == domain;
+  closed_idle_ = false;
   if (reused && (!in_.empty() || !link_->quiet())) {
     // The upstream closed it meanwhile (Postfix does after smtpd_timeout, 10 s under stress): no error of the
     // upstream's, and no reason to refuse the transaction; it gets a new connection.
-    log_event(LogLevel::debug, "upstream_closed_idle", {{"id", session_.id}, {"upstream", upstream_->name}});
+    log_event(LogLevel::debug, "upstream_closed_idle", {{"id", session_.id}, {"upstream", upstream_->name}, {"at", "peek"}});
     drop();
     reused = false;
   }
+  kept_unanswered_ = reused;
   if (reused) co_return std::nullopt;
   co_await close(polite);
   upstream_ = &upstream;

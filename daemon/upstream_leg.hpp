@@ -88,6 +88,10 @@ class UpstreamLeg {
   boost::asio::awaitable<void> close(bool polite);
   // The connection failed for `reason` (mailflow_upstream_errors_total): counted, logged, dropped.
   void fail(std::string_view reason);
+  // The connection last lost (write(), write_now(), read_reply() failed) was a kept one that the upstream had
+  // closed (write error, end of stream, reset) before it answered anything since open() kept it: its idle close,
+  // logged at debug as upstream_closed_idle and not counted; proto::RelayTransaction replays the transaction.
+  bool closed_idle() const { return closed_idle_; }
 
   void cancel();       // the watchdog: cancel whatever is in flight
   void force_close();  // shutdown (another thread's request, posted): close the socket, the session ends itself
@@ -139,6 +143,9 @@ class UpstreamLeg {
   // The TLS-RPT verdict on the handshake just made to an MX host under an MTA-STS policy (RFC 8461 4):
   // false when the policy is enforced and the host fails it (the connection is then closed).
   bool meets_mta_sts(const PolicyState& sts, const std::string& host, std::optional<proto::tlsrpt::FailureKey>& failure);
+  // A write or read of the connection failed with `ec` at `stage` ("write", "reply"): its idle close (see
+  // closed_idle()) or a failure counted as `timeout` or `connection_lost`.
+  void lost(const boost::system::error_code& ec, std::string_view stage);
 
   Session session_;
   boost::asio::any_io_executor executor_;
@@ -157,6 +164,8 @@ class UpstreamLeg {
   std::optional<proto::tlsrpt::ResultType> tls_failure_;
   std::string tls_failure_reason_;
   std::string local_address_;  // our side of the current connection (TLS-RPT's sending-mta-ip)
+  bool kept_unanswered_ = false;  // open() kept the connection, and it has not answered anything since
+  bool closed_idle_ = false;      // see closed_idle()
   std::string summary_;
 };
 
