@@ -109,7 +109,10 @@ void UpstreamLeg::cancel() {
 }
 
 void UpstreamLeg::force_close() {
+  closed_ = true;
   if (link_) link_->close();
+  if (resolver_) resolver_->cancel();
+  if (const auto dns = dns_.lock()) dns->cancel();
 }
 
 void UpstreamLeg::release_idle_buffers() {
@@ -242,6 +245,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open(const con
   kept_unanswered_ = reused;
   if (reused) co_return std::nullopt;
   co_await close(polite);
+  if (closed_) co_return Refusal{upstream_unavailable_reply, {}};
   upstream_ = &upstream;
   domain_ = upstream.mx ? domain : std::string();
   host_.clear();
@@ -252,7 +256,9 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open(const con
 
 std::shared_ptr<Resolver> UpstreamLeg::resolver() {
   try {
-    return loop_resolver(executor_, config_.dns, session_.telemetry);
+    auto dns = Resolver::share(loop_resolver(executor_, config_.dns, session_.telemetry));
+    dns_ = dns;
+    return dns;
   } catch (const std::exception& e) {
     log_limited(LogLevel::error, "dns_unavailable", {{"id", session_.id}, {"error", e.what()}});
     return nullptr;
@@ -311,6 +317,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
     const auto dns = resolver();
     if (!dns) co_return Refusal{proto::format_reply(451, "4.4.3", "DNS resolver unavailable, try again later"), {}};
     const AddressResult addresses = co_await dns->resolve_addresses(host);
+    if (closed_) co_return Refusal{upstream_unavailable_reply, {}};
     for (const auto& address : addresses.addresses) endpoints.emplace_back(address, port);
     if (endpoints.empty()) {
       reason = "connect_failed";
@@ -328,6 +335,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
                                                      asio::redirect_error(asio::use_awaitable, ec));
     session_.deadlines.disarm(ec);
     resolver_.reset();
+    if (closed_) co_return Refusal{upstream_unavailable_reply, {}};
     for (const auto& entry : results) endpoints.push_back(entry.endpoint());
     if (ec) {
       const bool timed_out = ec == asio::error::timed_out;
@@ -341,6 +349,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
   // no recipient domain's policy here, so no TLS report and no domain's drill-down).
   const std::string_view policy = dane.kind == proto::DanePlan::Kind::none ? "none" : "dane";
   for (const auto& endpoint : endpoints) {
+    if (closed_) break;  // force_close() while connecting: no next address
     std::optional<proto::tlsrpt::FailureKey> failure;
     bool connected = false;
     if (dane.kind == proto::DanePlan::Kind::skip) {
@@ -386,6 +395,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
   const auto resolver = this->resolver();
   if (!resolver) co_return Refusal{proto::format_reply(451, "4.4.3", "DNS resolver unavailable, try again later"), {}};
   const MxRoute mx = co_await resolve_mx_route(*resolver, *session_.runtime.own_listeners, domain, upstream.port);
+  if (closed_) co_return Refusal{upstream_unavailable_reply, {}};  // force_close() during the lookups
   if (mx.result != MxRoute::Result::deliver) {
     // mailflowd's own refusal of the recipient (null MX, no such domain, a loop, DNS trouble).
     log_limited(LogLevel::info, "mx_route",
@@ -408,6 +418,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
   }
   std::vector<std::string> rua;
   if (!connector.empty()) rua = co_await report_addresses(*resolver, domain);
+  if (closed_) co_return Refusal{upstream_unavailable_reply, {}};  // nothing to report of lookups given up
   proto::tlsrpt::PolicyKey sts_key;
   if (sts.mode != PolicyState::Mode::none || sts.failure) {
     sts_key.type = proto::tlsrpt::PolicyType::sts;
@@ -435,6 +446,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
                                                 attempt.secure);
       plan = dane_plans.emplace(attempt.host, std::move(dane)).first;
     }
+    if (closed_) co_return Refusal{upstream_unavailable_reply, {}};  // force_close(): no next host
     const proto::DanePlan& dane = plan->second;
     // DANE, where it applies, governs the host (RFC 8461 2: it takes precedence over MTA-STS).
     const bool by_dane = dane.kind != proto::DanePlan::Kind::none;
@@ -528,6 +540,7 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
   co_await link_->connect(endpoint, connect_deadline, ec);
   if (ec) {
     link_.reset();  // never connected: no upstream leg to count
+    if (closed_) co_return false;  // force_close() ended it: no failure of the upstream's
     const bool timed_out = ec == asio::error::timed_out;
     reason = timed_out ? "connect_timeout" : "connect_failed";
     session_.telemetry.upstream_error(upstream.name, timed_out ? "connect_timeout" : "connect_failed");
