@@ -238,7 +238,7 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
   bool close_ = false;
   bool proxy_checked_ = false;
 
-  Route opening_;              // the route of the RCPT being opened, or the transaction's (Step::open_upstream)
+  Route opening_;              // Step::open_upstream's: the opening RCPT's route, or the transaction's
   std::string sender_domain_;  // of the transaction's MAIL FROM
   std::string connector_name_;  // of the current transaction
   proto::TlsVersion message_version_ = proto::TlsVersion::none;  // counted for the message in DATA
@@ -354,7 +354,8 @@ void RelaySession::release() {
 
   const double seconds = std::chrono::duration<double>(SteadyClock::now() - started_).count();
   telemetry_.leg_finished(listener_.name, Leg::client, client_.tls().version);
-  // Only a session that counted itself open (begin() may throw before it does): sessions_active never goes below 0.
+  // Only a session that counted itself open (begin() may throw before it does): sessions_active never goes
+  // below 0.
   if (std::exchange(counted_open_, false)) telemetry_.session_closed(listener_.name, seconds);
   if (address_admitted_) registry_.release_address(client_bytes_);
   registry_.remove(this);
@@ -703,8 +704,8 @@ void RelaySession::forward_rcpt() {
   route.connector = chosen.connector ? chosen.connector->name : std::string(internet_connector);
   route.path = chosen.upstream->name + "/" + chosen.domain;
   route.require_tls = chosen.connector && chosen.connector->require_tls;
-  // Used if this recipient opens the transaction's route. Once the transaction has one, it stays what is opened
-  // (a replay reopens it), whatever route a later recipient (refused with 452) would have had.
+  // Used if this recipient opens the transaction's route. Once the transaction has one, it stays what is
+  // opened (a replay reopens it), whatever route a later recipient (refused with 452) would have had.
   if (!transaction_->route()) opening_ = chosen;
   transaction_->rcpt(session_.last_command().argument, domain, route, session_.tls_active());
 }
@@ -765,8 +766,8 @@ asio::awaitable<void> RelaySession::drive(Step step) {
       }
       case Step::read_reply: {
         const bool data_end = transaction_->reply_wait() == proto::RelayTransaction::ReplyWait::data_end;
-        auto reply =
-            co_await upstream_->read_reply(in(data_end ? config_.timeouts.data_end : config_.timeouts.command));
+        auto reply = co_await upstream_->read_reply(
+            in(data_end ? config_.timeouts.data_end : config_.timeouts.command));
         transaction_->on_reply(std::move(reply), upstream_->closed_idle());
         break;
       }

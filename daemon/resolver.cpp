@@ -351,7 +351,11 @@ struct Resolver::Lookups {
 
 Resolver::Impl::Query::Query(std::shared_ptr<Impl> owner, const std::shared_ptr<Lookups>& of, DnsType t,
                              std::string n)
-    : impl(std::move(owner)), lookups(of), type(t), name(std::move(n)), wakeup(impl->executor),
+    : impl(std::move(owner)),
+      lookups(of),
+      type(t),
+      name(std::move(n)),
+      wakeup(impl->executor),
       cancelled(of->cancelled) {
   lookups->queries.push_back(this);
 }
@@ -365,8 +369,10 @@ Resolver::Impl::Query::~Query() {
   if (result != nullptr) ub_resolve_free(result);
 }
 
-Resolver::Resolver(net::any_io_executor executor, const config::Dns& dns, Telemetry* telemetry, std::uint64_t seed)
-    : impl_(std::make_shared<Impl>(std::move(executor), dns, telemetry, seed != 0 ? seed : std::random_device{}())),
+Resolver::Resolver(net::any_io_executor executor, const config::Dns& dns, Telemetry* telemetry,
+                   std::uint64_t seed)
+    : impl_(std::make_shared<Impl>(std::move(executor), dns, telemetry,
+                                   seed != 0 ? seed : std::random_device{}())),
       lookups_(std::make_shared<Lookups>()) {}
 
 Resolver::Resolver(std::shared_ptr<Resolver> shared)

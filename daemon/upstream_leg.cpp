@@ -149,8 +149,8 @@ void UpstreamLeg::lost(const error_code& ec, std::string_view stage) {
     fail("connection_lost");
     return;
   }
-  // The peek in open() found the kept connection open, but the upstream closed it since (or the close was still
-  // on its way): the same idle close, found one step later.
+  // The peek in open() found the kept connection open, but the upstream closed it since (or the close was
+  // still on its way): the same idle close, found one step later.
   log_event(LogLevel::debug, "upstream_closed_idle",
             {{"id", session_.id}, {"upstream", upstream_->name}, {"at", stage}, {"error", ec.message()}});
   closed_idle_ = true;
@@ -238,7 +238,8 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open(const con
   if (reused && (!in_.empty() || !link_->quiet())) {
     // The upstream closed it meanwhile (Postfix does after smtpd_timeout, 10 s under stress): no error of the
     // upstream's, and no reason to refuse the transaction; it gets a new connection.
-    log_event(LogLevel::debug, "upstream_closed_idle", {{"id", session_.id}, {"upstream", upstream_->name}, {"at", "peek"}});
+    log_event(LogLevel::debug, "upstream_closed_idle",
+              {{"id", session_.id}, {"upstream", upstream_->name}, {"at", "peek"}});
     drop();
     reused = false;
   }

@@ -89,13 +89,14 @@ class UpstreamLeg {
   // The connection failed for `reason` (mailflow_upstream_errors_total): counted, logged, dropped.
   void fail(std::string_view reason);
   // The connection last lost (write(), write_now(), read_reply() failed) was a kept one that the upstream had
-  // closed (write error, end of stream, reset) before it answered anything since open() kept it: its idle close,
-  // logged at debug as upstream_closed_idle and not counted; proto::RelayTransaction replays the transaction.
+  // closed (write error, end of stream, reset) before it answered anything since open() kept it: its idle
+  // close, logged at debug as upstream_closed_idle and not counted; proto::RelayTransaction replays the
+  // transaction.
   bool closed_idle() const { return closed_idle_; }
 
   void cancel();  // the watchdog: cancel whatever is in flight
-  // Shutdown (another thread's request, posted): close the socket and give up a name lookup in flight; from now on
-  // open() refuses at once and no connection is made, so the session ends itself without delay.
+  // Shutdown (another thread's request, posted): close the socket and give up a name lookup in flight; from
+  // now on open() refuses at once and no connection is made, so the session ends itself without delay.
   void force_close();
   void drop();         // close the connection without a word and count its leg
   void release_idle_buffers();
@@ -129,8 +130,8 @@ class UpstreamLeg {
                                                     std::uint16_t port, bool secure);
   boost::asio::awaitable<std::optional<Refusal>> open_fixed(const config::Upstream& upstream, const Client& client,
                                                             std::string_view connector);
-  // The event loop's, shared for this leg's lookups (force_close() gives them up); null, logged, when libunbound
-  // refuses the settings.
+  // The event loop's, shared for this leg's lookups (force_close() gives them up); null, logged, when
+  // libunbound refuses the settings.
   std::shared_ptr<Resolver> resolver();
   boost::asio::awaitable<std::optional<Refusal>> open_mx(const config::Upstream& upstream,
                                                          const std::string& domain, const Client& client,
@@ -155,8 +156,8 @@ class UpstreamLeg {
   boost::asio::any_io_executor executor_;
   const config::Config& config_;
   std::optional<boost::asio::ip::tcp::resolver> resolver_;  // a fixed upstream's host name being looked up
-  std::weak_ptr<Resolver> dns_;                              // what resolver() gave for the open() in progress
-  bool closed_ = false;                                      // force_close(): the session is being closed
+  std::weak_ptr<Resolver> dns_;                             // what resolver() gave for the open() in progress
+  bool closed_ = false;                                     // force_close(): the session is being closed
   const config::Upstream* upstream_ = nullptr;
   std::string domain_;  // mx upstreams: the recipient domain whose MX host this is
   std::string host_;

@@ -126,9 +126,9 @@ void RelayTransaction::on_opened(std::optional<std::string> refusal, bool reused
   open_requested_ = false;
   if (!reused) upstream_transaction_ = false;
   if (std::exchange(replaying_, false)) {
-    // The commands the closed connection never answered go again, as they were sent, and their replies are still
-    // owed in the same order. Several at once need PIPELINING on the new connection (RFC 2920); without it, or
-    // without a connection, the transaction is lost as it would have been without the replay.
+    // The commands the closed connection never answered go again, as they were sent, and their replies are
+    // still owed in the same order. Several at once need PIPELINING on the new connection (RFC 2920); without
+    // it, or without a connection, the transaction is lost as it would have been without the replay.
     const auto commands = std::count_if(owed_.begin(), owed_.end(), [](const Entry& entry) {
       return entry.owed == Owed::mail || entry.owed == Owed::rcpt || entry.owed == Owed::data;
     });
@@ -174,7 +174,8 @@ void RelayTransaction::on_reply(std::optional<Reply> reply, bool closed_idle) {
     upstream_lost(closed_idle);
     return;
   }
-  // The upstream answered a command of the transaction: from now on it is its connection's, for better or worse.
+  // The upstream answered a command of the transaction: from now on it is its connection's, for better or
+  // worse.
   replayable_ = false;
   sent_.clear();
   const Entry entry = std::move(owed_.front());
@@ -255,8 +256,8 @@ void RelayTransaction::emit_local(const Entry& entry) {
 void RelayTransaction::upstream_lost(bool closed_idle) {
   upstream_out_.clear();
   if (closed_idle && std::exchange(replayable_, false) && route_) {
-    // The kept connection was closed before it answered anything of the transaction (see the header): the same
-    // route on a new connection, which gets what was sent here (sent_) and owes the same replies.
+    // The kept connection was closed before it answered anything of the transaction (see the header): the
+    // same route on a new connection, which gets what was sent here (sent_) and owes the same replies.
     opening_ = *route_;
     replaying_ = true;
     upstream_transaction_ = false;

@@ -2,21 +2,22 @@
 // The relay's own rules for SMTP transactions, between the client's conversation (ServerSession) and one
 // upstream connection, as a sans-I/O engine (the way Boost.MySQL's algorithms return their next action):
 // which reply the client gets when, the pipeline of upstream replies still owed, the route a transaction is
-// bound to (INTERFACE rule 4), MAIL answered locally and sent with the first RCPT (rule 6), RSET when DATA gets
-// no 354, and the one place a delivered message is reported. The daemon performs the steps it asks for
+// bound to (INTERFACE rule 4), MAIL answered locally and sent with the first RCPT (rule 6), RSET when DATA
+// gets no 354, and the one place a delivered message is reported. The daemon performs the steps it asks for
 // (daemon/relay_session.cpp); tests/proto/relay_transaction_test.cpp drives it with scripted upstreams and an
 // error injected at every step.
 //
 // Invariants (tested): every command handed over gets exactly one reply, in command order; the client never
-// gets a 2xx to RCPT or to end-of-data that the upstream did not give; a message is reported delivered at most
-// once, and only after the upstream's 2xx to its end-of-data.
+// gets a 2xx to RCPT or to end-of-data that the upstream did not give; a message is reported delivered at
+// most once, and only after the upstream's 2xx to its end-of-data.
 //
 // A kept connection found closed (RFC 5321 4.5.3.2.7 lets a server close an idle connection, and Postfix's
-// smtp client retries such a cached connection's failure on a new one, without counting it): when the upstream
-// closed a reused connection before it answered anything of the transaction (on_written/on_reply with
-// `closed_idle`), the commands sent there are sent again, once, on a new connection to the same route, and the
-// client notices nothing. Never after the upstream answered a command of the transaction, never for a new
-// connection, never twice. A replay always comes before the upstream's 354, so no message byte is ever involved.
+// smtp client retries such a cached connection's failure on a new one, without counting it): when the
+// upstream closed a reused connection before it answered anything of the transaction (on_written/on_reply
+// with `closed_idle`), the commands sent there are sent again, once, on a new connection to the same route,
+// and the client notices nothing. Never after the upstream answered a command of the transaction, never for a
+// new connection, never twice. A replay always comes before the upstream's 354, so no message byte is ever
+// involved.
 #include <cstdint>
 #include <map>
 #include <optional>
@@ -132,9 +133,9 @@ class RelayTransaction {
   bool reset_needed_ = false;
   bool go_ahead_ = false;
 
-  // The replay of a transaction whose kept connection was found closed (see the top): `sent_` holds the commands
-  // queued since the kept connection was taken, while `replayable_` (nothing answered yet); `replaying_`: the
-  // new connection is being opened for them.
+  // The replay of a transaction whose kept connection was found closed (see the top): `sent_` holds the
+  // commands queued since the kept connection was taken, while `replayable_` (nothing answered yet);
+  // `replaying_`: the new connection is being opened for them.
   bool replayable_ = false;
   bool replaying_ = false;
   std::string sent_;

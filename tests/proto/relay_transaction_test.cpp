@@ -43,8 +43,8 @@ struct Relay {
     return reply_of(250);
   };
   Reply final_reply = reply_of(250, "queued");
-  // Losses the way the daemon's UpstreamLeg reports them: `kept_closes`: a failure on a kept connection that has
-  // answered nothing since it was kept is its idle close (closed_idle); `close_kept_once`: the next kept
+  // Losses the way the daemon's UpstreamLeg reports them: `kept_closes`: a failure on a kept connection that
+  // has answered nothing since it was kept is its idle close (closed_idle); `close_kept_once`: the next kept
   // connection is found closed at its first reply; `every_loss_closed_idle`: every loss claims to be one (the
   // engine's own rules must still hold).
   bool kept_closes = false;
@@ -353,7 +353,8 @@ TEST_CASE("an upstream 4xx or 5xx to the message is relayed and never counted") 
   }
 }
 
-TEST_CASE("a kept connection found closed before it answered is replayed once on a new connection, unnoticed") {
+TEST_CASE(
+    "a kept connection found closed before it answered is replayed once on a new connection, unnoticed") {
   for (const bool pipelining : {true, false}) {
     CAPTURE(pipelining);
     Relay relay;
@@ -486,10 +487,14 @@ TEST_CASE("an error injected at every step: one reply per command, no 2xx the up
   SUBCASE("client pipelines, upstream does not") { every_step_fails(true, false); }
   SUBCASE("client waits for each reply, upstream pipelines") { every_step_fails(false, true); }
   SUBCASE("client waits for each reply, upstream does not") { every_step_fails(false, false); }
-  // The same with the losses of kept connections reported as idle closes (replayed), and with every loss claiming
-  // to be one (the engine's own rules decide).
-  SUBCASE("kept connections close: client pipelines, upstream pipelines") { every_step_fails(true, true, true); }
-  SUBCASE("kept connections close: client pipelines, upstream does not") { every_step_fails(true, false, true); }
+  // The same with the losses of kept connections reported as idle closes (replayed), and with every loss
+  // claiming to be one (the engine's own rules decide).
+  SUBCASE("kept connections close: client pipelines, upstream pipelines") {
+    every_step_fails(true, true, true);
+  }
+  SUBCASE("kept connections close: client pipelines, upstream does not") {
+    every_step_fails(true, false, true);
+  }
   SUBCASE("kept connections close: client waits, upstream pipelines") { every_step_fails(false, true, true); }
   SUBCASE("kept connections close: client waits, upstream does not") { every_step_fails(false, false, true); }
   SUBCASE("every loss claims an idle close") { every_step_fails(true, true, true, true); }
