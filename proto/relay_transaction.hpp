@@ -11,8 +11,9 @@
 // gets a 2xx to RCPT or to end-of-data that the upstream did not give; a message is reported delivered at
 // most once, and only after the upstream's 2xx to its end-of-data.
 //
-// A kept connection found closed (RFC 5321 4.5.3.2.7 lets a server close an idle connection, and Postfix's
-// smtp client retries such a cached connection's failure on a new one, without counting it): when the
+// A kept connection found closed (a server may close an idle connection after its timeout, RFC 5321
+// 4.5.3.2.7; RFC 5321 3.8 has the client treat the loss as a 451, and Postfix's smtp client tries what a
+// failed session, a cached one's included, left over on another session of the same delivery): when the
 // upstream closed a reused connection before it answered anything of the transaction (on_written/on_reply
 // with `closed_idle`), the commands sent there are sent again, once, on a new connection to the same route,
 // and the client notices nothing. Never after the upstream answered a command of the transaction, never for a
