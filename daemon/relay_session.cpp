@@ -233,11 +233,12 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
   bool command_clock_running_ = false;
   std::uint32_t commands_ = 0;  // complete command lines received (the first one gets timeouts.greeting)
   bool finished_ = false;
+  bool counted_open_ = false;  // telemetry_.session_opened() was called: release() owes the session_closed()
   bool idle_ = false;
   bool close_ = false;
   bool proxy_checked_ = false;
 
-  Route opening_;              // the route of the RCPT being opened (RelayTransaction::Step::open_upstream)
+  Route opening_;              // Step::open_upstream's: the opening RCPT's route, or the transaction's
   std::string sender_domain_;  // of the transaction's MAIL FROM
   std::string connector_name_;  // of the current transaction
   proto::TlsVersion message_version_ = proto::TlsVersion::none;  // counted for the message in DATA
@@ -261,9 +262,10 @@ void RelaySession::begin() {
     client_bytes_ = mapped_bytes(client_address_);
   }
   client_.socket().set_option(tcp::no_delay(true), ec);
+  failpoint("session.begin");  // before the session counts itself open: release() must not count it closed
   telemetry_.session_opened(listener_.name);
+  counted_open_ = true;
   deadlines_.start(shared_from_this());
-  failpoint("session.begin");
 }
 
 asio::awaitable<void> RelaySession::run() {
@@ -352,7 +354,9 @@ void RelaySession::release() {
 
   const double seconds = std::chrono::duration<double>(SteadyClock::now() - started_).count();
   telemetry_.leg_finished(listener_.name, Leg::client, client_.tls().version);
-  telemetry_.session_closed(listener_.name, seconds);
+  // Only a session that counted itself open (begin() may throw before it does): sessions_active never goes
+  // below 0.
+  if (std::exchange(counted_open_, false)) telemetry_.session_closed(listener_.name, seconds);
   if (address_admitted_) registry_.release_address(client_bytes_);
   registry_.remove(this);
 
@@ -695,11 +699,14 @@ void RelaySession::begin_mail() {
 
 void RelaySession::forward_rcpt() {
   const std::string domain = proto::address_domain(session_.last_command().address);
-  opening_ = route_for(domain);  // used if this recipient opens the transaction's route
+  const Route chosen = route_for(domain);
   proto::RelayRoute route;
-  route.connector = opening_.connector ? opening_.connector->name : std::string(internet_connector);
-  route.path = opening_.upstream->name + "/" + opening_.domain;
-  route.require_tls = opening_.connector && opening_.connector->require_tls;
+  route.connector = chosen.connector ? chosen.connector->name : std::string(internet_connector);
+  route.path = chosen.upstream->name + "/" + chosen.domain;
+  route.require_tls = chosen.connector && chosen.connector->require_tls;
+  // Used if this recipient opens the transaction's route. Once the transaction has one, it stays what is
+  // opened (a replay reopens it), whatever route a later recipient (refused with 452) would have had.
+  if (!transaction_->route()) opening_ = chosen;
   transaction_->rcpt(session_.last_command().argument, domain, route, session_.tls_active());
 }
 
@@ -754,13 +761,14 @@ asio::awaitable<void> RelaySession::drive(Step step) {
         const std::size_t sent = upstream_->write_now(out);  // nearly always all of it: no coroutine
         bool written = sent == out.size();
         if (!written) written = co_await upstream_->write(out.substr(sent), in(config_.timeouts.command));
-        transaction_->on_written(written);
+        transaction_->on_written(written, upstream_->closed_idle());
         break;
       }
       case Step::read_reply: {
         const bool data_end = transaction_->reply_wait() == proto::RelayTransaction::ReplyWait::data_end;
-        transaction_->on_reply(
-            co_await upstream_->read_reply(in(data_end ? config_.timeouts.data_end : config_.timeouts.command)));
+        auto reply = co_await upstream_->read_reply(
+            in(data_end ? config_.timeouts.data_end : config_.timeouts.command));
+        transaction_->on_reply(std::move(reply), upstream_->closed_idle());
         break;
       }
       case Step::send_message:

@@ -211,26 +211,22 @@ struct Resolver::Impl : std::enable_shared_from_this<Impl> {
 
   // One ub_resolve_async in flight. Lives in the awaiting coroutine's frame; its destructor cancels a query
   // that is still outstanding, so libunbound never calls back into a destroyed frame.
+  // It is one of `lookups`' (Resolver::cancel()) while it lives.
   struct Query {
-    Query(std::shared_ptr<Impl> owner, DnsType t, std::string n)
-        : impl(std::move(owner)), type(t), name(std::move(n)), wakeup(impl->executor) {}
-    ~Query() {
-      if (started && !done) {
-        ub_cancel(impl->ctx, id);
-        impl->forget_one();
-      }
-      if (result != nullptr) ub_resolve_free(result);
-    }
+    Query(std::shared_ptr<Impl> owner, const std::shared_ptr<Lookups>& of, DnsType t, std::string n);
+    ~Query();
     Query(const Query&) = delete;
     Query& operator=(const Query&) = delete;
 
     std::shared_ptr<Impl> impl;
+    std::shared_ptr<Lookups> lookups;
     DnsType type;
     std::string name;
     net::steady_timer wakeup;  // expires at the deadline; cancelled early by the answer
     int id = 0;
     bool started = false;
     bool done = false;
+    bool cancelled = false;  // Resolver::cancel(): given up, no answer waited for
     int error = 0;  // libunbound's error code (not the DNS rcode)
     ub_result* result = nullptr;
     DnsOutcome outcome = DnsOutcome::error;
@@ -248,6 +244,10 @@ struct Resolver::Impl : std::enable_shared_from_this<Impl> {
 
   // Starts the query (the deadline runs from here).
   void start(Query& query) {
+    if (query.cancelled) {
+      query.done = true;
+      return;
+    }
     query.wakeup.expires_after(timeout);
     const int rc =
         ub_resolve_async(ctx, query.name.c_str(), rrtype(query.type), kClassIn, &query, &Impl::on_answer, &query.id);
@@ -266,14 +266,22 @@ struct Resolver::Impl : std::enable_shared_from_this<Impl> {
 
   // Waits for the answer or the deadline, classifies and counts it.
   net::awaitable<void> finish(Query& query) {
-    if (!query.done) {
+    if (!query.done && !query.cancelled) {  // (a timer's cancel() reaches only a wait already pending)
       boost::system::error_code ec;
       co_await query.wakeup.async_wait(net::redirect_error(net::use_awaitable, ec));
     }
+    const bool answered = query.done;
     if (!query.done) {
       ub_cancel(ctx, query.id);
       forget_one();
       query.done = true;  // nothing left to cancel in ~Query
+    }
+    if (query.cancelled && query.result == nullptr) {
+      query.outcome = DnsOutcome::error;
+      query.detail = "cancelled";
+      co_return;  // given up by Resolver::cancel(): no answer, and no timeout of the DNS's to count
+    }
+    if (!answered) {
       query.outcome = DnsOutcome::timeout;
       query.detail = "no answer within " + config::format_duration(timeout);
     } else if (query.error != 0) {
@@ -336,18 +344,63 @@ struct Resolver::Impl : std::enable_shared_from_this<Impl> {
   bool closed = false;
 };
 
-Resolver::Resolver(net::any_io_executor executor, const config::Dns& dns, Telemetry* telemetry, std::uint64_t seed)
-    : impl_(std::make_shared<Impl>(std::move(executor), dns, telemetry, seed != 0 ? seed : std::random_device{}())) {}
+struct Resolver::Lookups {
+  bool cancelled = false;
+  std::vector<Impl::Query*> queries;  // in flight
+};
+
+Resolver::Impl::Query::Query(std::shared_ptr<Impl> owner, const std::shared_ptr<Lookups>& of, DnsType t,
+                             std::string n)
+    : impl(std::move(owner)),
+      lookups(of),
+      type(t),
+      name(std::move(n)),
+      wakeup(impl->executor),
+      cancelled(of->cancelled) {
+  lookups->queries.push_back(this);
+}
+
+Resolver::Impl::Query::~Query() {
+  std::erase(lookups->queries, this);
+  if (started && !done) {
+    ub_cancel(impl->ctx, id);
+    impl->forget_one();
+  }
+  if (result != nullptr) ub_resolve_free(result);
+}
+
+Resolver::Resolver(net::any_io_executor executor, const config::Dns& dns, Telemetry* telemetry,
+                   std::uint64_t seed)
+    : impl_(std::make_shared<Impl>(std::move(executor), dns, telemetry,
+                                   seed != 0 ? seed : std::random_device{}())),
+      lookups_(std::make_shared<Lookups>()) {}
+
+Resolver::Resolver(std::shared_ptr<Resolver> shared)
+    : impl_(shared->impl_), shared_(std::move(shared)), lookups_(std::make_shared<Lookups>()) {}
 
 Resolver::~Resolver() {
+  if (shared_) return;  // the context is shared_'s
   impl_->closed = true;
   boost::system::error_code ignored;
   impl_->pipe.cancel(ignored);  // the pump (holding the Impl) ends; the Impl goes with the last query
 }
 
+std::shared_ptr<Resolver> Resolver::share(std::shared_ptr<Resolver> shared) {
+  return std::shared_ptr<Resolver>(new Resolver(std::move(shared)));
+}
+
+void Resolver::cancel() {
+  lookups_->cancelled = true;
+  for (Impl::Query* query : lookups_->queries) {
+    if (query->done) continue;  // answered: its coroutine is about to take the answer
+    query->cancelled = true;
+    query->wakeup.cancel();  // finish() resumes at once and gives the query up
+  }
+}
+
 net::awaitable<MxResult> Resolver::resolve_mx(std::string domain) {
   auto impl = impl_;
-  Impl::Query query(impl, DnsType::mx, domain);
+  Impl::Query query(impl, lookups_, DnsType::mx, domain);
   impl->start(query);
   co_await impl->finish(query);
 
@@ -393,8 +446,8 @@ net::awaitable<MxResult> Resolver::resolve_mx(std::string domain) {
 net::awaitable<AddressResult> Resolver::resolve_addresses(std::string host) {
   auto impl = impl_;
   // Both in flight at once: the slower one decides how long this takes, not their sum.
-  Impl::Query aaaa(impl, DnsType::aaaa, host);
-  Impl::Query a(impl, DnsType::a, host);
+  Impl::Query aaaa(impl, lookups_, DnsType::aaaa, host);
+  Impl::Query a(impl, lookups_, DnsType::a, host);
   impl->start(aaaa);
   impl->start(a);
   co_await impl->finish(aaaa);
@@ -438,7 +491,7 @@ net::awaitable<AddressResult> Resolver::resolve_addresses(std::string host) {
 
 net::awaitable<TlsaResult> Resolver::resolve_tlsa(std::string name) {
   auto impl = impl_;
-  Impl::Query query(impl, DnsType::tlsa, name);
+  Impl::Query query(impl, lookups_, DnsType::tlsa, name);
   impl->start(query);
   co_await impl->finish(query);
 
@@ -487,7 +540,7 @@ std::string reverse_name(const net::ip::address& address) {
 
 net::awaitable<PtrResult> Resolver::resolve_ptr(net::ip::address address) {
   auto impl = impl_;
-  Impl::Query query(impl, DnsType::ptr, reverse_name(address));
+  Impl::Query query(impl, lookups_, DnsType::ptr, reverse_name(address));
   impl->start(query);
   co_await impl->finish(query);
   PtrResult out;
@@ -504,7 +557,7 @@ net::awaitable<PtrResult> Resolver::resolve_ptr(net::ip::address address) {
 
 net::awaitable<TxtResult> Resolver::resolve_txt(std::string name) {
   auto impl = impl_;
-  Impl::Query query(impl, DnsType::txt, name);
+  Impl::Query query(impl, lookups_, DnsType::txt, name);
   impl->start(query);
   co_await impl->finish(query);
 

@@ -118,9 +118,21 @@ class Resolver {
   // TXT of `name`, within dns.timeout; counted as mailflow_dns_lookups_total{type="TXT"}.
   boost::asio::awaitable<TxtResult> resolve_txt(std::string name);
 
+  // A Resolver for one user (a session) on `shared`'s context, cache and event loop, which it keeps alive:
+  // its lookups can be given up with cancel() without touching anyone else's.
+  static std::shared_ptr<Resolver> share(std::shared_ptr<Resolver> shared);
+  // Gives up this Resolver's lookups at once, those in flight and every later one: each ends as a failure
+  // (DnsOutcome::error, detail "cancelled") without waiting for an answer, and is not counted. For a session
+  // that was closed (drain timeout, shutdown): its lookups must not hold it open, nor lead it on to connect.
+  void cancel();
+
  private:
   struct Impl;
+  struct Lookups;
+  Resolver(std::shared_ptr<Resolver> shared);
   std::shared_ptr<Impl> impl_;
+  std::shared_ptr<Resolver> shared_;  // share(): the Resolver whose context this one uses
+  std::shared_ptr<Lookups> lookups_;
 };
 
 }  // namespace mailflow

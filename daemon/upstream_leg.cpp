@@ -109,7 +109,10 @@ void UpstreamLeg::cancel() {
 }
 
 void UpstreamLeg::force_close() {
+  closed_ = true;
   if (link_) link_->close();
+  if (resolver_) resolver_->cancel();
+  if (const auto dns = dns_.lock()) dns->cancel();
 }
 
 void UpstreamLeg::release_idle_buffers() {
@@ -137,11 +140,28 @@ void UpstreamLeg::drop() {
   in_.release_if_empty();
 }
 
+void UpstreamLeg::lost(const error_code& ec, std::string_view stage) {
+  if (ec == asio::error::timed_out) {
+    fail("timeout");  // a slow upstream is no closed one
+    return;
+  }
+  if (!kept_unanswered_) {
+    fail("connection_lost");
+    return;
+  }
+  // The peek in open() found the kept connection open, but the upstream closed it since (or the close was
+  // still on its way): the same idle close, found one step later.
+  log_event(LogLevel::debug, "upstream_closed_idle",
+            {{"id", session_.id}, {"upstream", upstream_->name}, {"at", stage}, {"error", ec.message()}});
+  closed_idle_ = true;
+  drop();
+}
+
 std::size_t UpstreamLeg::write_now(std::string_view data) {
   if (!link_) return 0;
   error_code ec;
   const std::size_t sent = link_->write_now(data, ec);
-  if (ec) fail("connection_lost");
+  if (ec) lost(ec, "write");
   return ec ? 0 : sent;
 }
 
@@ -150,7 +170,7 @@ asio::awaitable<bool> UpstreamLeg::write(std::string_view data, TimePoint deadli
   error_code ec;
   co_await link_->write(data, deadline, ec);  // sends what the socket takes at once itself, then waits
   if (ec) {
-    fail(ec == asio::error::timed_out ? "timeout" : "connection_lost");
+    lost(ec, "write");
     co_return false;
   }
   co_return true;
@@ -162,6 +182,7 @@ asio::awaitable<std::optional<proto::Reply>> UpstreamLeg::read_reply(TimePoint d
     auto parsed = proto::parse_reply(in_.view());
     if (parsed.status == proto::ReplyStatus::complete) {
       in_.consume(parsed.consumed);
+      kept_unanswered_ = false;
       co_return std::move(parsed.reply);
     }
     if (parsed.status == proto::ReplyStatus::invalid) {
@@ -171,7 +192,7 @@ asio::awaitable<std::optional<proto::Reply>> UpstreamLeg::read_reply(TimePoint d
     error_code ec;
     co_await link_->read_some(in_, reply_read_chunk, deadline, ec);
     if (ec) {
-      fail(ec == asio::error::timed_out ? "timeout" : "connection_lost");
+      lost(ec, "reply");
       co_return std::nullopt;
     }
   }
@@ -213,15 +234,19 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open(const con
                                                                        bool& reused) {
   // A connection is reused for the next transaction that routes the same way (same upstream, same domain).
   reused = link_ && upstream_ == &upstream && domain_ == domain;
+  closed_idle_ = false;
   if (reused && (!in_.empty() || !link_->quiet())) {
     // The upstream closed it meanwhile (Postfix does after smtpd_timeout, 10 s under stress): no error of the
     // upstream's, and no reason to refuse the transaction; it gets a new connection.
-    log_event(LogLevel::debug, "upstream_closed_idle", {{"id", session_.id}, {"upstream", upstream_->name}});
+    log_event(LogLevel::debug, "upstream_closed_idle",
+              {{"id", session_.id}, {"upstream", upstream_->name}, {"at", "peek"}});
     drop();
     reused = false;
   }
+  kept_unanswered_ = reused;
   if (reused) co_return std::nullopt;
   co_await close(polite);
+  if (closed_) co_return Refusal{upstream_unavailable_reply, {}};
   upstream_ = &upstream;
   domain_ = upstream.mx ? domain : std::string();
   host_.clear();
@@ -232,7 +257,9 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open(const con
 
 std::shared_ptr<Resolver> UpstreamLeg::resolver() {
   try {
-    return loop_resolver(executor_, config_.dns, session_.telemetry);
+    auto dns = Resolver::share(loop_resolver(executor_, config_.dns, session_.telemetry));
+    dns_ = dns;
+    return dns;
   } catch (const std::exception& e) {
     log_limited(LogLevel::error, "dns_unavailable", {{"id", session_.id}, {"error", e.what()}});
     return nullptr;
@@ -291,6 +318,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
     const auto dns = resolver();
     if (!dns) co_return Refusal{proto::format_reply(451, "4.4.3", "DNS resolver unavailable, try again later"), {}};
     const AddressResult addresses = co_await dns->resolve_addresses(host);
+    if (closed_) co_return Refusal{upstream_unavailable_reply, {}};
     for (const auto& address : addresses.addresses) endpoints.emplace_back(address, port);
     if (endpoints.empty()) {
       reason = "connect_failed";
@@ -308,6 +336,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
                                                      asio::redirect_error(asio::use_awaitable, ec));
     session_.deadlines.disarm(ec);
     resolver_.reset();
+    if (closed_) co_return Refusal{upstream_unavailable_reply, {}};
     for (const auto& entry : results) endpoints.push_back(entry.endpoint());
     if (ec) {
       const bool timed_out = ec == asio::error::timed_out;
@@ -321,6 +350,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
   // no recipient domain's policy here, so no TLS report and no domain's drill-down).
   const std::string_view policy = dane.kind == proto::DanePlan::Kind::none ? "none" : "dane";
   for (const auto& endpoint : endpoints) {
+    if (closed_) break;  // force_close() while connecting: no next address
     std::optional<proto::tlsrpt::FailureKey> failure;
     bool connected = false;
     if (dane.kind == proto::DanePlan::Kind::skip) {
@@ -366,6 +396,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
   const auto resolver = this->resolver();
   if (!resolver) co_return Refusal{proto::format_reply(451, "4.4.3", "DNS resolver unavailable, try again later"), {}};
   const MxRoute mx = co_await resolve_mx_route(*resolver, *session_.runtime.own_listeners, domain, upstream.port);
+  if (closed_) co_return Refusal{upstream_unavailable_reply, {}};  // force_close() during the lookups
   if (mx.result != MxRoute::Result::deliver) {
     // mailflowd's own refusal of the recipient (null MX, no such domain, a loop, DNS trouble).
     log_limited(LogLevel::info, "mx_route",
@@ -388,6 +419,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
   }
   std::vector<std::string> rua;
   if (!connector.empty()) rua = co_await report_addresses(*resolver, domain);
+  if (closed_) co_return Refusal{upstream_unavailable_reply, {}};  // nothing to report of lookups given up
   proto::tlsrpt::PolicyKey sts_key;
   if (sts.mode != PolicyState::Mode::none || sts.failure) {
     sts_key.type = proto::tlsrpt::PolicyType::sts;
@@ -415,6 +447,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
                                                 attempt.secure);
       plan = dane_plans.emplace(attempt.host, std::move(dane)).first;
     }
+    if (closed_) co_return Refusal{upstream_unavailable_reply, {}};  // force_close(): no next host
     const proto::DanePlan& dane = plan->second;
     // DANE, where it applies, governs the host (RFC 8461 2: it takes precedence over MTA-STS).
     const bool by_dane = dane.kind != proto::DanePlan::Kind::none;
@@ -508,6 +541,7 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
   co_await link_->connect(endpoint, connect_deadline, ec);
   if (ec) {
     link_.reset();  // never connected: no upstream leg to count
+    if (closed_) co_return false;  // force_close() ended it: no failure of the upstream's
     const bool timed_out = ec == asio::error::timed_out;
     reason = timed_out ? "connect_timeout" : "connect_failed";
     session_.telemetry.upstream_error(upstream.name, timed_out ? "connect_timeout" : "connect_failed");

@@ -88,9 +88,16 @@ class UpstreamLeg {
   boost::asio::awaitable<void> close(bool polite);
   // The connection failed for `reason` (mailflow_upstream_errors_total): counted, logged, dropped.
   void fail(std::string_view reason);
+  // The connection last lost (write(), write_now(), read_reply() failed) was a kept one that the upstream had
+  // closed (write error, end of stream, reset) before it answered anything since open() kept it: its idle
+  // close, logged at debug as upstream_closed_idle and not counted; proto::RelayTransaction replays the
+  // transaction.
+  bool closed_idle() const { return closed_idle_; }
 
-  void cancel();       // the watchdog: cancel whatever is in flight
-  void force_close();  // shutdown (another thread's request, posted): close the socket, the session ends itself
+  void cancel();  // the watchdog: cancel whatever is in flight
+  // Shutdown (another thread's request, posted): close the socket and give up a name lookup in flight; from
+  // now on open() refuses at once and no connection is made, so the session ends itself without delay.
+  void force_close();
   void drop();         // close the connection without a word and count its leg
   void release_idle_buffers();
 
@@ -123,7 +130,9 @@ class UpstreamLeg {
                                                     std::uint16_t port, bool secure);
   boost::asio::awaitable<std::optional<Refusal>> open_fixed(const config::Upstream& upstream, const Client& client,
                                                             std::string_view connector);
-  std::shared_ptr<Resolver> resolver();  // the event loop's (null, logged, when libunbound refuses the settings)
+  // The event loop's, shared for this leg's lookups (force_close() gives them up); null, logged, when
+  // libunbound refuses the settings.
+  std::shared_ptr<Resolver> resolver();
   boost::asio::awaitable<std::optional<Refusal>> open_mx(const config::Upstream& upstream,
                                                          const std::string& domain, const Client& client,
                                                          std::string_view connector);
@@ -139,11 +148,16 @@ class UpstreamLeg {
   // The TLS-RPT verdict on the handshake just made to an MX host under an MTA-STS policy (RFC 8461 4):
   // false when the policy is enforced and the host fails it (the connection is then closed).
   bool meets_mta_sts(const PolicyState& sts, const std::string& host, std::optional<proto::tlsrpt::FailureKey>& failure);
+  // A write or read of the connection failed with `ec` at `stage` ("write", "reply"): its idle close (see
+  // closed_idle()) or a failure counted as `timeout` or `connection_lost`.
+  void lost(const boost::system::error_code& ec, std::string_view stage);
 
   Session session_;
   boost::asio::any_io_executor executor_;
   const config::Config& config_;
   std::optional<boost::asio::ip::tcp::resolver> resolver_;  // a fixed upstream's host name being looked up
+  std::weak_ptr<Resolver> dns_;                             // what resolver() gave for the open() in progress
+  bool closed_ = false;                                     // force_close(): the session is being closed
   const config::Upstream* upstream_ = nullptr;
   std::string domain_;  // mx upstreams: the recipient domain whose MX host this is
   std::string host_;
@@ -157,6 +171,8 @@ class UpstreamLeg {
   std::optional<proto::tlsrpt::ResultType> tls_failure_;
   std::string tls_failure_reason_;
   std::string local_address_;  // our side of the current connection (TLS-RPT's sending-mta-ip)
+  bool kept_unanswered_ = false;  // open() kept the connection, and it has not answered anything since
+  bool closed_idle_ = false;      // see closed_idle()
   std::string summary_;
 };
 

@@ -10,6 +10,8 @@ RelayTransaction::RelayTransaction(ServerSession& session, std::string& client_o
 
 void RelayTransaction::mail(std::string_view argument, bool tls_missing) {
   route_.reset();
+  replayable_ = false;
+  sent_.clear();
   mail_refusal_.reset();
   failed_.clear();
   accepted_domains_.clear();
@@ -69,6 +71,8 @@ void RelayTransaction::data() {
 
 void RelayTransaction::reset() {
   route_.reset();
+  replayable_ = false;
+  sent_.clear();
   mail_refusal_.reset();
   failed_.clear();
   reset_needed_ = upstream_transaction_;
@@ -84,6 +88,7 @@ RelayTransaction::Step RelayTransaction::next() {
       emit_local(owed_.front());
       owed_.erase(owed_.begin());
     }
+    if (replaying_) return Step::open_upstream;  // the replies still owed come from the new connection
     if (due_ && !upstream_out_.empty()) return Step::write_upstream;
     if (!owed_.empty()) return due_ ? Step::read_reply : Step::idle;
     if (open_requested_) return Step::open_upstream;
@@ -120,6 +125,22 @@ RelayTransaction::ReplyWait RelayTransaction::reply_wait() const {
 void RelayTransaction::on_opened(std::optional<std::string> refusal, bool reused, bool pipelining) {
   open_requested_ = false;
   if (!reused) upstream_transaction_ = false;
+  if (std::exchange(replaying_, false)) {
+    // The commands the closed connection never answered go again, as they were sent, and their replies are
+    // still owed in the same order. Several at once need PIPELINING on the new connection (RFC 2920); without
+    // it, or without a connection, the transaction is lost as it would have been without the replay.
+    const auto commands = std::count_if(owed_.begin(), owed_.end(), [](const Entry& entry) {
+      return entry.owed == Owed::mail || entry.owed == Owed::rcpt || entry.owed == Owed::data;
+    });
+    upstream_out_ = std::exchange(sent_, {});
+    if (refusal || (commands > 1 && !pipelining)) {
+      upstream_lost(false);
+      return;
+    }
+    pipelining_ = pipelining;
+    due_ = true;
+    return;
+  }
   if (refusal) {
     failed_.emplace(opening_.path, *refusal);
     local(Owed::local_rcpt, std::move(*refusal));
@@ -128,28 +149,35 @@ void RelayTransaction::on_opened(std::optional<std::string> refusal, bool reused
   }
   route_ = opening_;
   pipelining_ = pipelining;
+  replayable_ = reused;
+  sent_.clear();
   start_ = true;
   // The last transaction left MAIL open there (all its recipients were refused): reset it first.
   if (upstream_transaction_) reset_needed_ = true;
 }
 
-void RelayTransaction::on_reset(bool /*ok*/) {
+void RelayTransaction::on_reset(bool ok) {
   // Refused or not, the upstream has no transaction of ours open any more (a refusal dropped the connection,
-  // and what is sent next hears that).
+  // and what is sent next hears that). Its 250 shows the kept connection alive: no replay after it.
+  if (ok) replayable_ = false;
   reset_needed_ = false;
   upstream_transaction_ = false;
 }
 
-void RelayTransaction::on_written(bool ok) {
+void RelayTransaction::on_written(bool ok, bool closed_idle) {
   upstream_out_.clear();
-  if (!ok) upstream_lost();
+  if (!ok) upstream_lost(closed_idle);
 }
 
-void RelayTransaction::on_reply(std::optional<Reply> reply) {
+void RelayTransaction::on_reply(std::optional<Reply> reply, bool closed_idle) {
   if (!reply) {
-    upstream_lost();
+    upstream_lost(closed_idle);
     return;
   }
+  // The upstream answered a command of the transaction: from now on it is its connection's, for better or
+  // worse.
+  replayable_ = false;
+  sent_.clear();
   const Entry entry = std::move(owed_.front());
   owed_.erase(owed_.begin());
   switch (entry.owed) {
@@ -210,6 +238,7 @@ void RelayTransaction::on_upstream_closed() { upstream_transaction_ = false; }
 
 void RelayTransaction::queue(Owed owed, std::string_view line) {
   upstream_out_ += line;
+  if (replayable_) sent_ += line;
   owed_.push_back({owed, {}});
 }
 
@@ -224,10 +253,20 @@ void RelayTransaction::emit_local(const Entry& entry) {
     session_.on_rcpt_reply(code);
 }
 
-void RelayTransaction::upstream_lost() {
+void RelayTransaction::upstream_lost(bool closed_idle) {
+  upstream_out_.clear();
+  if (closed_idle && std::exchange(replayable_, false) && route_) {
+    // The kept connection was closed before it answered anything of the transaction (see the header): the
+    // same route on a new connection, which gets what was sent here (sent_) and owes the same replies.
+    opening_ = *route_;
+    replaying_ = true;
+    upstream_transaction_ = false;
+    return;
+  }
+  replayable_ = false;
+  sent_.clear();
   // Every reply still owed is given now: local ones as they are, the upstream's as "connection lost". The
   // client had its local 250 to MAIL; its RCPTs hear the 451.
-  upstream_out_.clear();
   bool aborted = false;
   for (const Entry& entry : owed_) {
     switch (entry.owed) {

@@ -2,14 +2,23 @@
 // The relay's own rules for SMTP transactions, between the client's conversation (ServerSession) and one
 // upstream connection, as a sans-I/O engine (the way Boost.MySQL's algorithms return their next action):
 // which reply the client gets when, the pipeline of upstream replies still owed, the route a transaction is
-// bound to (INTERFACE rule 4), MAIL answered locally and sent with the first RCPT (rule 6), RSET when DATA gets
-// no 354, and the one place a delivered message is reported. The daemon performs the steps it asks for
+// bound to (INTERFACE rule 4), MAIL answered locally and sent with the first RCPT (rule 6), RSET when DATA
+// gets no 354, and the one place a delivered message is reported. The daemon performs the steps it asks for
 // (daemon/relay_session.cpp); tests/proto/relay_transaction_test.cpp drives it with scripted upstreams and an
 // error injected at every step.
 //
 // Invariants (tested): every command handed over gets exactly one reply, in command order; the client never
-// gets a 2xx to RCPT or to end-of-data that the upstream did not give; a message is reported delivered at most
-// once, and only after the upstream's 2xx to its end-of-data.
+// gets a 2xx to RCPT or to end-of-data that the upstream did not give; a message is reported delivered at
+// most once, and only after the upstream's 2xx to its end-of-data.
+//
+// A kept connection found closed (a server may close an idle connection after its timeout, RFC 5321
+// 4.5.3.2.7; RFC 5321 3.8 has the client treat the loss as a 451, and Postfix's smtp client tries what a
+// failed session, a cached one's included, left over on another session of the same delivery): when the
+// upstream closed a reused connection before it answered anything of the transaction (on_written/on_reply
+// with `closed_idle`), the commands sent there are sent again, once, on a new connection to the same route,
+// and the client notices nothing. Never after the upstream answered a command of the transaction, never for a
+// new connection, never twice. A replay always comes before the upstream's 354, so no message byte is ever
+// involved.
 #include <cstdint>
 #include <map>
 #include <optional>
@@ -67,9 +76,12 @@ class RelayTransaction {
   // ---- outcomes ----
   // `refusal`: the route cannot be used (its reply in wire form). `reused`: the previous connection was kept.
   void on_opened(std::optional<std::string> refusal, bool reused, bool pipelining);
-  void on_reset(bool ok);                    // false: the upstream was dropped
-  void on_written(bool ok);                  // false: the upstream was dropped
-  void on_reply(std::optional<Reply> reply);  // nullopt: the upstream was dropped (lost, timeout, garbage)
+  void on_reset(bool ok);  // false: the upstream was dropped
+  // false: the upstream was dropped. `closed_idle` (with a failure): the connection was a kept one that the
+  // upstream had closed (write error, end of stream or reset) before it answered anything since it was kept.
+  void on_written(bool ok, bool closed_idle = false);
+  // nullopt: the upstream was dropped (lost, timeout, garbage); `closed_idle` as for on_written.
+  void on_reply(std::optional<Reply> reply, bool closed_idle = false);
   // The message went through DATA: nullopt when its terminator reached the upstream (its reply is read next);
   // else the reply the client gets instead (message refused here, or the upstream lost on the way), and the
   // upstream connection is gone.
@@ -102,7 +114,7 @@ class RelayTransaction {
   void queue(Owed owed, std::string_view line);
   void local(Owed owed, std::string reply);
   void emit_local(const Entry& entry);
-  void upstream_lost();
+  void upstream_lost(bool closed_idle);
 
   ServerSession& session_;
   std::string& client_out_;
@@ -121,6 +133,13 @@ class RelayTransaction {
   bool start_ = false;     // send MAIL (+ the first RCPT) once the connection is there
   bool reset_needed_ = false;
   bool go_ahead_ = false;
+
+  // The replay of a transaction whose kept connection was found closed (see the top): `sent_` holds the
+  // commands queued since the kept connection was taken, while `replayable_` (nothing answered yet);
+  // `replaying_`: the new connection is being opened for them.
+  bool replayable_ = false;
+  bool replaying_ = false;
+  std::string sent_;
 
   bool pipelining_ = false;            // of the current connection
   bool upstream_transaction_ = false;  // the upstream accepted MAIL and has not finished or reset since

@@ -8,8 +8,10 @@
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/udp.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <chrono>
 #include <exception>
+#include <memory>
 #include <string>
 
 #include "daemon/resolver.hpp"
@@ -104,6 +106,54 @@ TEST_CASE("AAAA and A are asked at once: both time out within one dns.timeout, n
   const std::string metrics = telemetry.metrics_text();
   CHECK(dns_sample(metrics, "AAAA", "timeout") == "1");
   CHECK(dns_sample(metrics, "A", "timeout") == "1");
+}
+
+TEST_CASE("cancel() gives up one shared Resolver's lookups at once, and not the others'") {
+  net::io_context io;
+  net::ip::udp::socket silent(io, net::ip::udp::endpoint(net::ip::make_address("127.0.0.1"), 0));
+  mailflow::config::Dns dns;
+  dns.servers.push_back({"127.0.0.1", silent.local_endpoint().port(), "silent"});
+  dns.timeout = std::chrono::milliseconds(1500);
+  mailflow::Telemetry telemetry;
+  std::optional<mailflow::AddressResult> cancelled;
+  std::optional<MxResult> later;
+  std::optional<MxResult> other;
+  std::chrono::steady_clock::duration cancelled_after{};
+  const auto started = std::chrono::steady_clock::now();
+  {
+    auto loop = std::make_shared<Resolver>(io.get_executor(), dns, &telemetry, 1);
+    auto session = Resolver::share(loop);
+    auto bystander = Resolver::share(loop);
+    net::co_spawn(
+        io,
+        [&]() -> net::awaitable<void> {
+          cancelled = co_await session->resolve_addresses("mx1.example.net");
+          cancelled_after = std::chrono::steady_clock::now() - started;
+          later = co_await session->resolve_mx("example.net");  // after cancel(): given up before it starts
+        },
+        [](std::exception_ptr) {});
+    net::co_spawn(
+        io, [&]() -> net::awaitable<void> { other = co_await bystander->resolve_mx("example.org"); },
+        [](std::exception_ptr) {});
+    net::steady_timer timer(io, std::chrono::milliseconds(100));
+    timer.async_wait([&](boost::system::error_code) { session->cancel(); });
+    loop.reset();  // the shared ones keep its context
+    io.run();
+  }
+  REQUIRE(cancelled.has_value());
+  CHECK(cancelled->status == mailflow::AddressResult::Status::failed);
+  CHECK(cancelled->aaaa == DnsOutcome::error);
+  CHECK(cancelled->a == DnsOutcome::error);
+  CHECK(cancelled_after < std::chrono::milliseconds(1000));  // at once, not at dns.timeout
+  REQUIRE(later.has_value());
+  CHECK(later->outcome == DnsOutcome::error);
+  CHECK(later->detail == "cancelled");
+  REQUIRE(other.has_value());
+  CHECK(other->outcome == DnsOutcome::timeout);  // the other user's lookup waited for its own deadline
+  const std::string metrics = telemetry.metrics_text();
+  CHECK(dns_sample(metrics, "AAAA", "error") == "0");  // a lookup given up is no DNS result
+  CHECK(dns_sample(metrics, "MX", "error") == "0");
+  CHECK(dns_sample(metrics, "MX", "timeout") == "1");
 }
 
 TEST_CASE("settings libunbound refuses are an error at construction, with its reason") {

@@ -124,7 +124,8 @@ def test_memory_goes_back_after_a_burst_of_tls_sessions(certs, sink_factory, dae
 def test_exception_before_the_session_coroutine_is_cleaned_up_too(sink_factory, daemon_factory):
     """What a session does before its coroutine (its address, counters, watchdog) is covered as well: an exception
     there ends the session, counted as the session's, and leaves no registry slot (max_sessions 1) or watchdog
-    holding the connection open."""
+    holding the connection open. The failpoint fires before the session counts itself open, so its end must not
+    count it closed either: mailflow_sessions_active stays at 0 (it went to -1 when the two were not paired)."""
     sink = sink_factory("begin-sink")
     port = harness.free_port()
     os.environ["MAILFLOWD_FAILPOINTS"] = "session.begin=1"
@@ -139,6 +140,8 @@ def test_exception_before_the_session_coroutine_is_cleaned_up_too(sink_factory, 
     s.close()
     assert closed and got == b"", f"the session that threw must be closed without a word: {got!r}"
     harness.wait_for(lambda: internal_errors(daemon, "session") == 1, 5, what="the session's internal error")
-    hh.wait_sessions_idle(daemon)
     hh.assert_relays(daemon, port, sink)  # a leaked registry slot would make this 421 (max_sessions 1)
+    # Both sessions are over: the gauge is back at 0, not at -1 (which the helper's wait would never see as 0).
+    hh.wait_sessions_idle(daemon)
+    assert harness.value(daemon.metrics(), "mailflow_sessions_active", listener="in") == 0
     assert "failpoint session.begin" in daemon.stderr()

@@ -14,12 +14,18 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
+import threading
 import time
+from pathlib import Path
 
 import pytest
 
 import harness
 import hostile_helpers as hh
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+from dns_server import HoldingProxy, KnotServer  # noqa: E402
 
 
 def reloads(daemon, result):
@@ -147,6 +153,62 @@ def test_sigterm_lets_slow_data_finish(daemon_factory, sink):
     assert harness.split_received(content)[1] == data
     assert state.is_file() and state.stat().st_size > 0, f"{state} not written at shutdown"
     assert state.stat().st_mtime >= time.time() - took - 5
+
+
+HELD_ZONE = """$ORIGIN example.net.
+$TTL 300
+@        SOA   ns hostmaster 1 3600 600 86400 300
+@        NS    ns
+ns       A     127.0.0.1
+held     MX    10 mx.held
+mx.held  A     127.0.0.1
+"""
+
+
+def test_drain_timeout_stops_a_session_in_its_mx_lookup(workdir, daemon_factory):
+    """A forced close (drain_timeout passed) while the session waits for its recipient domain's MX lookup stops it
+    at once: the process exits within the drain timeout (not when the lookup ends), and when the answer comes
+    after all, no upstream connection is made. The DNS holds every query until the test releases it (after the
+    drain timeout), then answers from knotd: the MX host is a fake upstream that counts connections."""
+    knot = KnotServer(workdir, {"example.net": HELD_ZONE}, name="knotd-held").start()
+    dns = HoldingProxy(knot.address)
+    mx = hh.FakeUpstream("held-mx", lambda conn: (conn.send(b"220 held-mx ESMTP\r\n"), conn.line()))
+    release = None
+    try:
+        port = harness.free_port()
+        d = daemon_factory([{"name": "out", "address": f"127.0.0.1:{port}", "direction": "outbound",
+                             "upstream": "internet"}],
+                           [{"name": "internet", "mx": True, "port": mx.port, "tls": "none"}],
+                           name="held-dns", dns={"servers": [dns.address], "timeout": "20s"},
+                           limits={"drain_timeout": "1s"})
+        c = hh.greeted(port)
+        try:
+            assert c.cmd(f"MAIL FROM:<{hh.SENDER}>")[0] == 250
+            c.send(b"RCPT TO:<someone@held.example.net>\r\n")  # its reply waits for the MX lookup
+            harness.wait_for(lambda: dns.queries > 0, 5, what="the MX lookup to reach the DNS")
+            sigterm_at = time.monotonic()
+            d.proc.send_signal(signal.SIGTERM)
+            # The answer comes 1.8 s after SIGTERM: after the drain timeout (1 s) and the bound below.
+            release = threading.Timer(1.8, dns.release)
+            release.start()
+            try:
+                d.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                pytest.fail("mailflowd did not exit after SIGTERM")
+            took = time.monotonic() - sigterm_at
+            assert d.proc.returncode == 0, f"exit code {d.proc.returncode}"
+            release.join()
+            time.sleep(1.0)  # time for a connection the answer would have led to
+        finally:
+            c.close()
+        assert mx.connections() == 0, f"a session closed during its MX lookup connected to the MX host:\n{mx.log_tail()}"
+        assert took < 1.7, f"exit {took:.2f}s after SIGTERM with drain_timeout 1s: the lookup held the session open"
+    finally:
+        if release is not None:
+            release.cancel()
+        mx.stop()
+        dns.close()
+        knot.stop()
 
 
 def refused(port):

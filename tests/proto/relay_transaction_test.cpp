@@ -43,6 +43,15 @@ struct Relay {
     return reply_of(250);
   };
   Reply final_reply = reply_of(250, "queued");
+  // Losses the way the daemon's UpstreamLeg reports them: `kept_closes`: a failure on a kept connection that
+  // has answered nothing since it was kept is its idle close (closed_idle); `close_kept_once`: the next kept
+  // connection is found closed at its first reply; `every_loss_closed_idle`: every loss claims to be one (the
+  // engine's own rules must still hold).
+  bool kept_closes = false;
+  bool close_kept_once = false;
+  bool every_loss_closed_idle = false;
+  bool kept_unanswered = false;
+  bool closed_idle = false;
 
   ServerSession session{ServerSession::Options{}};
   std::string out;  // everything the client was told
@@ -73,6 +82,12 @@ struct Relay {
     connected = false;
     upstream_owes.clear();
   }
+  // A failure now: dropped, and whether it is reported as the idle close of a kept connection.
+  bool lose() {
+    if (connected) closed_idle = (kept_closes && kept_unanswered) || every_loss_closed_idle;
+    drop();
+    return closed_idle;
+  }
 
   void drive() {
     for (;;) {
@@ -84,6 +99,8 @@ struct Relay {
           ++opens;
           const std::string& want = txn.route_to_open().path;
           const bool reused = connected && path == want;
+          kept_unanswered = reused;
+          closed_idle = false;
           if (auto dead = dead_paths.find(want); dead != dead_paths.end()) {
             drop();
             txn.on_opened(dead->second, false, upstream_pipelining);
@@ -101,9 +118,10 @@ struct Relay {
         case RelayTransaction::Step::reset_upstream:
           writes.push_back("RSET\r\n");
           if (fail() || !connected) {
-            drop();
+            lose();
             txn.on_reset(false);
           } else {
+            kept_unanswered = false;
             txn.on_reset(true);
           }
           break;
@@ -111,8 +129,7 @@ struct Relay {
           const std::string data(txn.upstream_output());
           writes.push_back(data);
           if (fail() || !connected) {
-            drop();
-            txn.on_written(false);
+            txn.on_written(false, lose());
             break;
           }
           std::string_view rest = data;
@@ -127,10 +144,15 @@ struct Relay {
           break;
         }
         case RelayTransaction::Step::read_reply:
-          if (fail() || upstream_owes.empty()) {
+          if (close_kept_once && kept_unanswered) {
+            close_kept_once = false;
+            closed_idle = true;
             drop();
-            txn.on_reply(std::nullopt);
+            txn.on_reply(std::nullopt, true);
+          } else if (fail() || upstream_owes.empty()) {
+            txn.on_reply(std::nullopt, lose());
           } else {
+            kept_unanswered = false;
             Reply reply = upstream_owes.front();
             upstream_owes.pop_front();
             txn.on_reply(reply);
@@ -331,11 +353,74 @@ TEST_CASE("an upstream 4xx or 5xx to the message is relayed and never counted") 
   }
 }
 
+TEST_CASE(
+    "a kept connection found closed before it answered is replayed once on a new connection, unnoticed") {
+  for (const bool pipelining : {true, false}) {
+    CAPTURE(pipelining);
+    Relay relay;
+    relay.upstream_pipelining = pipelining;
+    relay.kept_closes = true;
+    relay.group({"EHLO client.example"});
+    relay.group({"MAIL FROM:<a@example.net>", "RCPT TO:<b@contoso.com>", "DATA"});
+    relay.group({});
+    const std::size_t first = relay.writes.size();
+    relay.close_kept_once = true;  // the upstream closed the kept connection meanwhile
+    relay.group({"MAIL FROM:<a@example.net>", "RCPT TO:<c@contoso.com>", "RCPT TO:<d@contoso.com>", "DATA"});
+    relay.group({});
+    CAPTURE(relay.out);
+    CHECK(codes(relay.out) == std::vector<int>{250, 250, 250, 354, 250, 250, 250, 250, 354, 250});
+    CHECK(relay.delivered == 2);
+    CHECK(relay.delivered_recipients == 3);
+    CHECK(relay.opens == 3);  // the first transaction's, the kept one's, the replay's
+    REQUIRE(relay.writes.size() > first + 1);
+    // What the kept connection got first goes again, as it was, on the new one.
+    CHECK(relay.writes[first + 1] == relay.writes[first]);
+    CHECK(relay.writes[first].starts_with("MAIL FROM:<a@example.net>\r\n"));
+  }
+}
+
+TEST_CASE("no replay once the upstream answered, for a new connection, or twice") {
+  SUBCASE("the kept connection answered MAIL, then was lost") {
+    Relay relay;
+    relay.kept_closes = true;
+    relay.upstream_pipelining = false;
+    relay.group({"EHLO client.example"});
+    relay.group({"MAIL FROM:<a@example.net>", "RCPT TO:<b@contoso.com>", "DATA"});
+    relay.group({});
+    relay.fail_at = relay.steps + 4;  // open (reused), write MAIL, read its 250, write RCPT: lost
+    relay.group({"MAIL FROM:<a@example.net>", "RCPT TO:<c@contoso.com>"});
+    CHECK(codes(relay.out) == std::vector<int>{250, 250, 250, 354, 250, 250, 451});
+    CHECK(relay.opens == 2);
+  }
+  SUBCASE("a new connection lost before it answered, even when it claims an idle close") {
+    Relay relay;
+    relay.every_loss_closed_idle = true;
+    relay.fail_at = 3;  // open, write the group, read MAIL's reply: lost
+    relay.group({"EHLO client.example"});
+    relay.group({"MAIL FROM:<a@example.net>", "RCPT TO:<b@contoso.com>"});
+    CHECK(codes(relay.out) == std::vector<int>{250, 250, 451});
+    CHECK(relay.opens == 1);
+  }
+  SUBCASE("the replay's connection lost too") {
+    Relay relay;
+    relay.every_loss_closed_idle = true;
+    relay.group({"EHLO client.example"});
+    relay.group({"MAIL FROM:<a@example.net>", "RCPT TO:<b@contoso.com>", "DATA"});
+    relay.group({});
+    relay.close_kept_once = true;
+    relay.fail_at = relay.steps + 4;  // open (reused), write, read: closed (replayed); open, write: lost
+    relay.group({"MAIL FROM:<a@example.net>", "RCPT TO:<c@contoso.com>"});
+    CHECK(codes(relay.out) == std::vector<int>{250, 250, 250, 354, 250, 250, 451});
+    CHECK(relay.opens == 3);
+  }
+}
+
 namespace {
 
 // Runs `script` with the N-th step failing, for every N until a run has no step left to fail, and checks
 // the engine's invariants on each run.
-void every_step_fails(bool pipelined_client, bool upstream_pipelining) {
+void every_step_fails(bool pipelined_client, bool upstream_pipelining, bool kept_closes = false,
+                      bool every_loss_closed_idle = false) {
   const std::vector<std::vector<std::string_view>> script{
       {"EHLO client.example"},
       {"MAIL FROM:<a@example.net>", "RCPT TO:<b@contoso.com>", "RCPT TO:<refused@contoso.com>",
@@ -350,6 +435,8 @@ void every_step_fails(bool pipelined_client, bool upstream_pipelining) {
     Relay relay;
     relay.fail_at = fail_at;
     relay.upstream_pipelining = upstream_pipelining;
+    relay.kept_closes = kept_closes;
+    relay.every_loss_closed_idle = every_loss_closed_idle;
     std::size_t commands = 0;
     for (const auto& group : script) {
       if (pipelined_client) {
@@ -400,4 +487,15 @@ TEST_CASE("an error injected at every step: one reply per command, no 2xx the up
   SUBCASE("client pipelines, upstream does not") { every_step_fails(true, false); }
   SUBCASE("client waits for each reply, upstream pipelines") { every_step_fails(false, true); }
   SUBCASE("client waits for each reply, upstream does not") { every_step_fails(false, false); }
+  // The same with the losses of kept connections reported as idle closes (replayed), and with every loss
+  // claiming to be one (the engine's own rules decide).
+  SUBCASE("kept connections close: client pipelines, upstream pipelines") {
+    every_step_fails(true, true, true);
+  }
+  SUBCASE("kept connections close: client pipelines, upstream does not") {
+    every_step_fails(true, false, true);
+  }
+  SUBCASE("kept connections close: client waits, upstream pipelines") { every_step_fails(false, true, true); }
+  SUBCASE("kept connections close: client waits, upstream does not") { every_step_fails(false, false, true); }
+  SUBCASE("every loss claims an idle close") { every_step_fails(true, true, true, true); }
 }

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -162,6 +163,61 @@ class SilentServer:
         self.sock.bind((host, 0))
         self.host, self.port = host, self.sock.getsockname()[1]
         self.address = f"{host}:{self.port}"
+
+    def close(self):
+        self.sock.close()
+
+
+class HoldingProxy:
+    """A UDP DNS forwarder in front of `upstream` ("HOST:PORT", e.g. a KnotServer's address) that holds every query
+    unanswered until release(), then forwards the held ones (the resolver's retries among them) and every later
+    one at once: a lookup that is still in flight when the test decides, and then gets its answer."""
+
+    def __init__(self, upstream, host="127.0.0.1"):
+        up_host, up_port = upstream.rsplit(":", 1)
+        self.upstream = (up_host.strip("[]"), int(up_port))
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((host, 0))
+        self.host, self.port = host, self.sock.getsockname()[1]
+        self.address = f"{host}:{self.port}"
+        self.queries = 0
+        self._held = []
+        self._released = False
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _forward(self, query, client):
+        def ask():
+            with socket.socket(self.sock.family, socket.SOCK_DGRAM) as s:
+                s.settimeout(3)
+                try:
+                    s.sendto(query, self.upstream)
+                    answer, _ = s.recvfrom(65535)
+                    self.sock.sendto(answer, client)
+                except OSError:
+                    pass
+        threading.Thread(target=ask, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                query, client = self.sock.recvfrom(65535)
+            except OSError:
+                return
+            with self._lock:
+                self.queries += 1
+                if not self._released:
+                    self._held.append((query, client))
+                    continue
+            self._forward(query, client)
+
+    def release(self):
+        with self._lock:
+            self._released = True
+            held, self._held = self._held, []
+        for query, client in held:
+            self._forward(query, client)
 
     def close(self):
         self.sock.close()
