@@ -62,6 +62,9 @@ selfpref       MX    20 mx.loop
 selfpref       MX    30 after.selfpref
 other.selfpref A     127.0.0.31
 after.selfpref A     127.0.0.32
+; the preferred MX host's addresses cannot be looked up now (a zone nobody serves here: SERVFAIL); the next is us
+selffail       MX    10 mx.unserved.org.
+selffail       MX    20 mx.loop
 """
 
 
@@ -224,6 +227,18 @@ def test_mx_on_our_own_listener_is_a_loop(mailflowd_bin, workdir, knot):
     assert [(h["preference"], h["self"], h["skipped"]) for h in r["hosts"]] == \
         [(10, False, False), (20, True, True), (30, False, True)]
     assert r["attempts"] == ["127.0.0.31:2587"]
+
+
+def test_preferred_host_that_failed_to_resolve_is_temporary_not_a_loop(mailflowd_bin, workdir, knot):
+    """We are MX 20; the MX 10 host's address lookup failed temporarily: it may well take the mail once DNS
+    answers, so the recipient gets 451 4.4.3 (try again), not 554 5.4.6 (a bounce for a DNS hiccup)."""
+    ours = write_config(workdir, "own-port-fail", {"servers": [knot.address], "timeout": "2s"}, mx_port=2587)
+    r = route(mailflowd_bin, ours, "user@selffail.example.net")
+    assert [(h["preference"], h["self"], h["skipped"]) for h in r["hosts"]] == [(10, False, False), (20, True, True)]
+    assert r["hosts"][0]["status"] == "failed", r["hosts"][0]
+    assert r["attempts"] == []
+    assert (r["exit"], r["result"]) == (4, "dns_failure"), r
+    assert r["reply"].startswith("451 4.4.3 "), r["reply"]
 
 
 def test_forged_trust_anchor_is_bogus_and_temporary(mailflowd_bin, workdir, knot):
