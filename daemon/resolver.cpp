@@ -309,6 +309,13 @@ struct Resolver::Impl : std::enable_shared_from_this<Impl> {
     return query.result != nullptr && query.result->secure != 0 && query.result->bogus == 0;
   }
 
+  // An answer came (records, NODATA or NXDOMAIN), validated or not. A failed lookup (a bogus answer included)
+  // is not used, and says nothing about whether the name is signed.
+  static bool answered(const Query& query) {
+    return query.outcome == DnsOutcome::success || query.outcome == DnsOutcome::nodata ||
+           query.outcome == DnsOutcome::nxdomain;
+  }
+
   // A query given up (deadline, or its coroutine destroyed): no answer is coming for it. When it was the last
   // one, the pump's wait is cancelled so that an idle resolver leaves no operation pending on its loop (an
   // io_context with nothing else to do then returns from run()).
@@ -456,9 +463,13 @@ net::awaitable<AddressResult> Resolver::resolve_addresses(std::string host) {
   AddressResult out;
   out.aaaa = aaaa.outcome;
   out.a = a.outcome;
-  out.secure = impl->secure(aaaa) && impl->secure(a);
-  out.canonical = canonical_name(host, aaaa.result);
-  if (out.canonical.empty()) out.canonical = canonical_name(host, a.result);
+  // Secure when every answer that came is validated. A lookup that failed (a forged, bogus answer, or none in
+  // time) does not make the host insecure: that would let whoever forges one answer turn DANE off for the host
+  // (RFC 7672 2.1.1: bogus is not insecure). Its records, and its CNAME expansion, are not used.
+  out.secure = (Impl::answered(aaaa) || Impl::answered(a)) && (!Impl::answered(aaaa) || impl->secure(aaaa)) &&
+               (!Impl::answered(a) || impl->secure(a));
+  if (Impl::answered(aaaa)) out.canonical = canonical_name(host, aaaa.result);
+  if (out.canonical.empty() && Impl::answered(a)) out.canonical = canonical_name(host, a.result);
   std::vector<net::ip::address> v6;
   std::vector<net::ip::address> v4;
   if (aaaa.outcome == DnsOutcome::success) {
