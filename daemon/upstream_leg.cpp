@@ -478,9 +478,13 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
         failure = failure_of(*tls_failure_, tls_failure_reason_);
       }
     }
-    // A session that never reached TLS negotiation (no connection, a refused banner) is no TLS session.
+    // A session that never reached TLS negotiation (no connection, a refused banner) is no TLS session. Nor is
+    // one in plaintext that no policy asked TLS of (no STARTTLS offered, opportunistic): it counts under policy
+    // none, but the domain's TLS report counts TLS sessions only (RFC 8460 4.3), so it is not recorded there.
     const std::string_view policy = by_dane ? "dane" : by_sts ? "mta-sts" : "none";
-    if (connected || failure) report_session(connector, policy, domain, rua, key, std::move(failure));
+    const bool plaintext = connected && !failure && !link_->tls_active();
+    if (connected || failure)
+      report_session(connector, policy, domain, plaintext ? std::vector<std::string>{} : rua, key, std::move(failure));
     session_.telemetry.mx_attempt(upstream.name, connected ? "success" : reason);
     if (connected) {
       host_ = attempt.host;

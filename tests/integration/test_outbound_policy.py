@@ -79,6 +79,8 @@ nopolicy         MX    10 mx.plain
 _mta-sts.nopolicy TXT  "v=STSv1; id=1;"
 mta-sts.nopolicy A     {POLICY_HOST}
 _smtp._tls.nopolicy TXT "v=TLSRPTv1; rua={RUA}"
+plainrpt         MX    10 mx.plain
+_smtp._tls.plainrpt TXT "v=TLSRPTv1; rua={RUA}"
 """
 
 
@@ -134,7 +136,7 @@ def env(certs, workdir, short_dir, sink_factory, daemon_factory):
         connectors = [{"name": "partners", "type": "partner", "direction": "outbound",
                        "match": {"recipient_domains": [f"sts.{ORIGIN}", f"badcert.{ORIGIN}",
                                                        f"notlisted.{ORIGIN}", f"plain.{ORIGIN}",
-                                                       f"nopolicy.{ORIGIN}"]}},
+                                                       f"nopolicy.{ORIGIN}", f"plainrpt.{ORIGIN}"]}},
                       {"name": "lenient-partner", "type": "partner", "direction": "outbound",
                        "match": {"recipient_domains": [f"testing.{ORIGIN}"]}, "upstream": "lenient"}]
         daemon = daemon_factory(listeners, upstreams, connectors,
@@ -260,7 +262,30 @@ def test_policy_that_cannot_be_fetched_is_reported_and_mail_goes_on(env):
                                            ("partners", "none", "success"): 1.0}
     policies = {p["policy"]["policy-type"]: p for p in tlsrpt(env, f"nopolicy.{ORIGIN}")["report"]["policies"]}
     assert policies["sts"]["failure-details"][0]["result-type"] == "sts-policy-fetch-error"
-    assert policies["no-policy-found"]["summary"]["total-successful-session-count"] == 1
+    # The MX host offers no STARTTLS: a plaintext session is no TLS session to report (RFC 8460 4.3).
+    assert "no-policy-found" not in policies, policies
+
+
+def test_plaintext_session_is_no_successful_tls_session_in_the_report(env):
+    """RFC 8460 4.3: total-successful-session-count counts successfully negotiated TLS connections. A domain
+    without a policy whose MX host offers no STARTTLS gets the mail in plaintext (opportunistic), and its report
+    must not tell its postmaster that the session was a TLS success."""
+    sink = env.sinks["plain"]
+    n = sink.count()
+    rcpt, final = deliver(env, f"gina@plainrpt.{ORIGIN}")
+    assert rcpt[0] == 250 and final[0] == 250, (rcpt, final)
+    assert sink.wait_messages(n + 1)[-1][0]["tls_version"] == "none"
+    report = tlsrpt(env, f"plainrpt.{ORIGIN}")
+    successes = sum(p["summary"]["total-successful-session-count"] for p in report["report"]["policies"]) \
+        if report else 0
+    assert successes == 0, report
+    # A TLS session to the same kind of domain is reported as a success (the negative above is not vacuous).
+    good = env.sinks["good"]
+    n = good.count()
+    rcpt, final = deliver(env, f"hank@sts.{ORIGIN}")
+    assert rcpt[0] == 250 and final[0] == 250, (rcpt, final)
+    good.wait_messages(n + 1)
+    assert tlsrpt(env, f"sts.{ORIGIN}")["report"]["policies"][0]["summary"]["total-successful-session-count"] >= 1
 
 
 def test_full_state_dir_keeps_delivering_and_says_why(env, daemon_factory, workdir):
