@@ -83,6 +83,17 @@ std::vector<std::string> tlsa_strings(const std::vector<proto::TlsaRecord>& reco
   return out;
 }
 
+// Why an MTA-STS policy kept an MX host from being used (its `mta_sts` line).
+void log_mta_sts_refusal(const std::string& id, const std::string& host, PolicyState::Mode mode,
+                         const proto::tlsrpt::FailureKey& failure) {
+  log_limited(LogLevel::warn, "mta_sts",
+              {{"id", id},
+               {"host", host},
+               {"mode", to_string(mode)},
+               {"result", proto::tlsrpt::to_string(failure.result)},
+               {"reason", failure.failure_reason_code}});
+}
+
 }  // namespace
 
 UpstreamLeg::UpstreamLeg(Session session, asio::any_io_executor executor)
@@ -468,6 +479,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
     } else if (by_sts && sts.enforced() && !mx_listed(sts, attempt.host)) {
       reason = "tls_policy";  // RFC 8461 5: only the hosts the policy lists
       failure = failure_of(proto::tlsrpt::ResultType::validation_failure, "MX host not listed in the MTA-STS policy");
+      log_mta_sts_refusal(session_.id, attempt.host, sts.mode, *failure);
     } else {
       connected = co_await connect_to(upstream, attempt.endpoint, attempt.host, in(config_.timeouts.upstream_connect),
                                       client, dane, reason);
@@ -521,12 +533,7 @@ bool UpstreamLeg::meets_mta_sts(const PolicyState& sts, const std::string& host,
   if (verdict.failure)
     failure = proto::tlsrpt::FailureKey{*verdict.failure, local_address_, host, address(), verdict.reason};
   if (verdict.usable) return true;
-  log_limited(LogLevel::warn, "mta_sts",
-              {{"id", session_.id},
-               {"host", host},
-               {"mode", to_string(sts.mode)},
-               {"result", proto::tlsrpt::to_string(*verdict.failure)},
-               {"reason", verdict.reason}});
+  log_mta_sts_refusal(session_.id, host, sts.mode, *failure);
   fail("tls_policy");
   return false;
 }

@@ -235,6 +235,11 @@ def test_enforced_policy_skips_an_mx_it_does_not_list(env):
     assert policy_moved(before, env.daemon.metrics()) == {("partners", "mta-sts", "validation-failure"): 1.0}
     (detail,) = tlsrpt(env, f"notlisted.{ORIGIN}")["report"]["policies"][0]["failure-details"]
     assert detail["result-type"] == "validation-failure"
+    # The operator sees why the host was not used: an mta_sts line naming it and the result (docs/outbound.md).
+    harness.wait_for(lambda: any(" mta_sts " in line and f"host=mx.sts.{ORIGIN}" in line
+                                 and "result=validation-failure" in line
+                                 for line in env.daemon.stderr().splitlines()),
+                     what="an mta_sts log line for the MX host the policy does not list")
 
 
 def test_domain_without_a_policy_counts_under_none(env):
