@@ -43,11 +43,13 @@ boost::asio::awaitable<MxRoute> resolve_mx_route(Resolver& resolver, const OwnLi
     case MxResult::Status::hosts:
       break;
   }
-  for (const auto& host : route.mx->plan.hosts) {
-    // Not co_await inside a braced initializer: GCC 12 destroys such temporaries twice.
-    AddressResult addresses = co_await resolver.resolve_addresses(host.name);
-    route.hosts.push_back(MxTarget{host, std::move(addresses)});
-  }
+  // Every host's addresses at once: a domain with many MX hosts whose lookups time out costs one dns.timeout,
+  // not one per host.
+  std::vector<std::string> names;
+  for (const auto& host : route.mx->plan.hosts) names.push_back(host.name);
+  std::vector<AddressResult> addresses = co_await resolver.resolve_addresses(std::move(names));
+  for (std::size_t i = 0; i < addresses.size(); ++i)
+    route.hosts.push_back(MxTarget{route.mx->plan.hosts[i], std::move(addresses[i])});
   // RFC 5321 5.1: when this relay is itself one of the MX hosts, only the hosts it prefers over itself are
   // tried; none left means the mail would loop.
   std::optional<std::uint16_t> self_preference;

@@ -110,6 +110,9 @@ class Resolver {
   boost::asio::awaitable<MxResult> resolve_mx(std::string domain);
   // AAAA and A of `host`, both queried at once, each within dns.timeout.
   boost::asio::awaitable<AddressResult> resolve_addresses(std::string host);
+  // The same for several hosts, every query at once (one result per host, in order): dns.timeout bounds them
+  // all together, not each in turn.
+  boost::asio::awaitable<std::vector<AddressResult>> resolve_addresses(std::vector<std::string> hosts);
   // TLSA records of `name`, within dns.timeout; malformed records are left out.
   boost::asio::awaitable<TlsaResult> resolve_tlsa(std::string name);
   // PTR of `address`, within dns.timeout (counted as DnsType::ptr).

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-from dns_server import KnotServer, SilentServer  # noqa: E402
+from dns_server import KnotServer, SilentServer, TamperingProxy  # noqa: E402
 
 MX_PORT = 2526
 ZONE = """$ORIGIN example.net.
@@ -65,6 +65,15 @@ after.selfpref A     127.0.0.32
 ; the preferred MX host's addresses cannot be looked up now (a zone nobody serves here: SERVFAIL); the next is us
 selffail       MX    10 mx.unserved.org.
 selffail       MX    20 mx.loop
+; four MX hosts whose address queries a proxy drops (they can only time out)
+slowmx         MX    10 a.slowmx
+slowmx         MX    20 b.slowmx
+slowmx         MX    30 c.slowmx
+slowmx         MX    40 d.slowmx
+a.slowmx       A     127.0.0.41
+b.slowmx       A     127.0.0.42
+c.slowmx       A     127.0.0.43
+d.slowmx       A     127.0.0.44
 """
 
 
@@ -269,6 +278,25 @@ def test_silent_dns_server_times_out_within_dns_timeout(mailflowd_bin, workdir):
     assert r["dns_lookups"] == {"MX timeout": 1}
     assert 1.5 <= r["elapsed_ms"] / 1000 < 2.5, r["elapsed_ms"]
     assert r["wall"] < 5.0
+
+
+def test_mx_hosts_that_time_out_cost_one_dns_timeout_not_one_each(mailflowd_bin, workdir, knot):
+    """dns.timeout bounds each lookup; the MX hosts' address lookups run at once, so a domain whose four MX hosts
+    never answer costs one dns.timeout before its 451, not four (a hostile domain with many MX hosts would
+    otherwise hold the RCPT for N x dns.timeout before any connection is even tried)."""
+    hosts = [f"{h}.slowmx.example.net" for h in "abcd"]
+    proxy = TamperingProxy(knot.address, drop=hosts)
+    try:
+        cfg = write_config(workdir, "slowmx", {"servers": [proxy.address], "timeout": "1s"})
+        r = route(mailflowd_bin, cfg, "user@slowmx.example.net")
+    finally:
+        proxy.close()
+    assert [h["name"] for h in r["hosts"]] == hosts
+    assert all((h["status"], h["aaaa"], h["a"]) == ("failed", "timeout", "timeout") for h in r["hosts"]), r["hosts"]
+    assert (r["exit"], r["result"]) == (4, "dns_failure"), r
+    assert r["reply"].startswith("451 4.4.3 ")
+    assert r["dns_lookups"] == {"MX success": 1, "A timeout": 4, "AAAA timeout": 4}
+    assert r["elapsed_ms"] / 1000 < 2.0, r["elapsed_ms"]
 
 
 def test_stopped_dns_server_fails_temporarily_within_dns_timeout(mailflowd_bin, workdir):

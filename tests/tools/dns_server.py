@@ -227,14 +227,17 @@ class HoldingProxy:
 class TamperingProxy:
     """A UDP DNS forwarder in front of `upstream` ("127.0.0.1:PORT") that changes one byte of every AAAA
     record it passes for the names in `names` (lower case, no final dot), leaving their RRSIGs as they are: a
-    validating resolver then finds those answers bogus, as it would where an attacker forged them. Everything
-    else passes unchanged."""
+    validating resolver then finds those answers bogus, as it would where an attacker forged them. Queries for
+    the names in `drop` get no answer at all (a lookup that can only time out). Everything else passes
+    unchanged."""
 
-    def __init__(self, upstream, names, host="127.0.0.1"):
+    def __init__(self, upstream, names=(), host="127.0.0.1", drop=()):
         up_host, _, up_port = upstream.rpartition(":")
         self.upstream = (up_host.strip("[]"), int(up_port))
         self.names = {n.lower().rstrip(".") for n in names}
+        self.drop = {n.lower().rstrip(".") for n in drop}
         self.tampered = 0
+        self.dropped = 0
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind((host, 0))
         self.address = f"{host}:{self.sock.getsockname()[1]}"
@@ -251,17 +254,21 @@ class TamperingProxy:
                 return at + 1
             at += 1 + length
 
-    def _tamper(self, packet):
-        qdcount, ancount = struct.unpack("!HH", packet[4:8])
-        if qdcount != 1:
-            return packet
+    @staticmethod
+    def _question(packet):
+        """(name, type, offset after the question) of a one-question packet."""
+        if struct.unpack("!H", packet[4:6])[0] != 1:
+            return None, None, None
         at, labels = 12, []
         while packet[at]:
             labels.append(packet[at + 1:at + 1 + packet[at]].decode("ascii", "replace").lower())
             at += 1 + packet[at]
-        qtype = struct.unpack("!H", packet[at + 1:at + 3])[0]
-        at += 5
-        if qtype != 28 or ".".join(labels) not in self.names:
+        return ".".join(labels), struct.unpack("!H", packet[at + 1:at + 3])[0], at + 5
+
+    def _tamper(self, packet):
+        ancount = struct.unpack("!H", packet[6:8])[0]
+        name, qtype, at = self._question(packet)
+        if qtype != 28 or name not in self.names:
             return packet
         out = bytearray(packet)
         for _ in range(ancount):
@@ -275,6 +282,12 @@ class TamperingProxy:
         return bytes(out)
 
     def _answer(self, query, client):
+        try:
+            if self._question(query)[0] in self.drop:
+                self.dropped += 1
+                return
+        except (IndexError, struct.error):
+            pass
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as up:
             up.settimeout(3)
             try:
