@@ -140,6 +140,16 @@ def test_mx_host_of_a_partner_and_the_lookups_counted(mailflowd_bin, config):
     assert r["dns_lookups"] == {"MX success": 1, "A success": 1, "AAAA nodata": 1}
 
 
+def test_a_trailing_dot_does_not_route_around_the_connector(mailflowd_bin, config):
+    """user@partner-a.example.net. is the same domain as user@partner-a.example.net (the command parser accepts the
+    trailing dot, as seen in the wild): it must get the partner's connector and its upstream's TLS policy, not
+    fall through to internet's opportunistic TLS."""
+    r = route(mailflowd_bin, config, "user@Partner-A.example.net.")
+    assert r["domain"] == "partner-a.example.net", r
+    assert (r["connector"], r["upstream"]) == ("partner-a", "partner-a-mx"), r
+    assert r["attempts"] == ["127.0.0.11:2527"], r
+
+
 def test_unmatched_recipient_goes_to_the_listeners_mx_upstream(mailflowd_bin, config):
     r = route(mailflowd_bin, config, "user@two-mx.example.net")
     assert (r["connector"], r["connector_matched"], r["upstream"]) == ("internet", False, "internet")
