@@ -4,6 +4,10 @@
 
 namespace mailflow {
 
+namespace {
+constexpr std::size_t max_parallel_hosts = 32;  // MX hosts whose addresses are looked up at once
+}  // namespace
+
 std::string_view to_string(MxRoute::Result result) {
   switch (result) {
     case MxRoute::Result::deliver:
@@ -43,13 +47,16 @@ boost::asio::awaitable<MxRoute> resolve_mx_route(Resolver& resolver, const OwnLi
     case MxResult::Status::hosts:
       break;
   }
-  // Every host's addresses at once: a domain with many MX hosts whose lookups time out costs one dns.timeout,
-  // not one per host.
-  std::vector<std::string> names;
-  for (const auto& host : route.mx->plan.hosts) names.push_back(host.name);
-  std::vector<AddressResult> addresses = co_await resolver.resolve_addresses(std::move(names));
-  for (std::size_t i = 0; i < addresses.size(); ++i)
-    route.hosts.push_back(MxTarget{route.mx->plan.hosts[i], std::move(addresses[i])});
+  // The hosts' addresses at once, up to max_parallel_hosts of them (a huge MX RRset must not flood the resolver):
+  // a domain whose MX hosts never answer costs one dns.timeout per such group, not one per host.
+  const auto& plan = route.mx->plan.hosts;
+  for (std::size_t first = 0; first < plan.size(); first += max_parallel_hosts) {
+    std::vector<std::string> names;
+    for (std::size_t i = first; i < plan.size() && i < first + max_parallel_hosts; ++i) names.push_back(plan[i].name);
+    std::vector<AddressResult> addresses = co_await resolver.resolve_addresses(std::move(names));
+    for (std::size_t i = 0; i < addresses.size(); ++i)
+      route.hosts.push_back(MxTarget{plan[first + i], std::move(addresses[i])});
+  }
   // RFC 5321 5.1: when this relay is itself one of the MX hosts, only the hosts it prefers over itself are
   // tried; none left means the mail would loop.
   std::optional<std::uint16_t> self_preference;
