@@ -83,6 +83,21 @@ std::vector<std::string> tlsa_strings(const std::vector<proto::TlsaRecord>& reco
   return out;
 }
 
+// A certificate the Web PKI checks refused, as TLS-RPT names it (RFC 8460 4.3.2.2); nullopt when it is valid.
+std::optional<proto::tlsrpt::ResultType> certificate_problem(long verify_error) {
+  switch (certificate_verdict(verify_error)) {
+    case CertificateVerdict::valid:
+      return std::nullopt;
+    case CertificateVerdict::expired:
+      return proto::tlsrpt::ResultType::certificate_expired;
+    case CertificateVerdict::host_mismatch:
+      return proto::tlsrpt::ResultType::certificate_host_mismatch;
+    case CertificateVerdict::not_trusted:
+      break;
+  }
+  return proto::tlsrpt::ResultType::certificate_not_trusted;
+}
+
 // Why an MTA-STS policy kept an MX host from being used (its `mta_sts` line).
 void log_mta_sts_refusal(const std::string& id, const std::string& host, PolicyState::Mode mode,
                          const proto::tlsrpt::FailureKey& failure) {
@@ -515,20 +530,9 @@ bool UpstreamLeg::meets_mta_sts(const PolicyState& sts, const std::string& host,
   MxTls tls;
   tls.tls = link_->tls_active();
   tls.version = link_->tls().version;
-  switch (certificate_verdict(link_->tls().verify_error)) {
-    case CertificateVerdict::valid:
-      tls.certificate_valid = true;
-      break;
-    case CertificateVerdict::expired:
-      tls.certificate_problem = proto::tlsrpt::ResultType::certificate_expired;
-      break;
-    case CertificateVerdict::host_mismatch:
-      tls.certificate_problem = proto::tlsrpt::ResultType::certificate_host_mismatch;
-      break;
-    case CertificateVerdict::not_trusted:
-      tls.certificate_problem = proto::tlsrpt::ResultType::certificate_not_trusted;
-      break;
-  }
+  const auto problem = certificate_problem(link_->tls().verify_error);
+  tls.certificate_valid = !problem;
+  if (problem) tls.certificate_problem = *problem;
   const MxVerdict verdict = check_mx(sts, host, tls);
   if (verdict.failure)
     failure = proto::tlsrpt::FailureKey{*verdict.failure, local_address_, host, address(), verdict.reason};
@@ -637,11 +641,14 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
           session_.telemetry.tls_handshake_failed(session_.listener, Leg::upstream, label);
           log_limited(LogLevel::warn, "tls_failed",
                       {{"id", session_.id}, {"upstream", upstream.name}, {"leg", "upstream"}, {"reason", label}});
+          // Under DANE a certificate that matches no TLSA record is RFC 8460's tlsa-invalid; one that tls: verify
+          // refused is said as the Web PKI check says it (expired, another host's, untrusted).
+          const long verify_error = link_->tls().verify_error;
           fail("tls_failed");
-          // Under DANE a certificate that matches no TLSA record is RFC 8460's tlsa-invalid.
-          tls_failure_ = authenticate && label == "certificate_verify_failed"
-                             ? proto::tlsrpt::ResultType::tlsa_invalid
-                             : proto::tlsrpt::ResultType::validation_failure;
+          tls_failure_ = proto::tlsrpt::ResultType::validation_failure;
+          if (label == "certificate_verify_failed")
+            tls_failure_ = authenticate ? proto::tlsrpt::ResultType::tlsa_invalid
+                                        : certificate_problem(verify_error).value_or(*tls_failure_);
           tls_failure_reason_ = label;
           // A certificate that `verify` refuses is the policy's doing; anything else is a failed handshake.
           reason = label == "certificate_verify_failed" ? "tls_policy" : "tls_failed";

@@ -48,6 +48,7 @@ POLICIES = {
     f"mta-sts.badcert.{ORIGIN}": policy("enforce", f"mx.badcert.{ORIGIN}"),
     f"mta-sts.testing.{ORIGIN}": policy("testing", f"mx.badcert.{ORIGIN}"),
     f"mta-sts.notlisted.{ORIGIN}": policy("enforce", f"mx.elsewhere.{ORIGIN}"),
+    f"mta-sts.vbadcert.{ORIGIN}": policy("enforce", f"mx.badcert.{ORIGIN}"),
 }
 
 ZONE = f"""$ORIGIN {ORIGIN}.
@@ -80,6 +81,10 @@ _mta-sts.nopolicy TXT  "v=STSv1; id=1;"
 mta-sts.nopolicy A     {POLICY_HOST}
 _smtp._tls.nopolicy TXT "v=TLSRPTv1; rua={RUA}"
 plainrpt         MX    10 mx.plain
+vbadcert         MX    10 mx.badcert
+_mta-sts.vbadcert TXT  "v=STSv1; id=1;"
+mta-sts.vbadcert A     {POLICY_HOST}
+_smtp._tls.vbadcert TXT "v=TLSRPTv1; rua={RUA}"
 _smtp._tls.plainrpt TXT "v=TLSRPTv1; rua={RUA}"
 """
 
@@ -132,13 +137,17 @@ def env(certs, workdir, short_dir, sink_factory, daemon_factory):
         listeners = [{"name": "out", "address": f"127.0.0.1:{port}", "direction": "outbound",
                       "upstream": "internet"}]
         upstreams = [{"name": "internet", "mx": True, "port": port, "tls": "opportunistic", "mta_sts": "enforce"},
-                     {"name": "lenient", "mx": True, "port": port, "tls": "opportunistic", "mta_sts": "testing"}]
+                     {"name": "lenient", "mx": True, "port": port, "tls": "opportunistic", "mta_sts": "testing"},
+                     {"name": "verifying", "mx": True, "port": port, "tls": "verify", "ca_file": str(certs / "ca.pem"),
+                      "mta_sts": "enforce"}]
         connectors = [{"name": "partners", "type": "partner", "direction": "outbound",
                        "match": {"recipient_domains": [f"sts.{ORIGIN}", f"badcert.{ORIGIN}",
                                                        f"notlisted.{ORIGIN}", f"plain.{ORIGIN}",
                                                        f"nopolicy.{ORIGIN}", f"plainrpt.{ORIGIN}"]}},
                       {"name": "lenient-partner", "type": "partner", "direction": "outbound",
-                       "match": {"recipient_domains": [f"testing.{ORIGIN}"]}, "upstream": "lenient"}]
+                       "match": {"recipient_domains": [f"testing.{ORIGIN}"]}, "upstream": "lenient"},
+                      {"name": "verify-partner", "type": "partner", "direction": "outbound",
+                       "match": {"recipient_domains": [f"vbadcert.{ORIGIN}"]}, "upstream": "verifying"}]
         daemon = daemon_factory(listeners, upstreams, connectors,
                                 dns={"servers": [knot.address], "timeout": "2s"},
                                 mta_sts={"ca_file": str(certs / "ca.pem"), "fetch_timeout": "3s"})
@@ -210,6 +219,24 @@ def test_enforced_policy_skips_an_mx_whose_certificate_names_another_host(env):
     assert detail["receiving-mx-hostname"] == f"mx.badcert.{ORIGIN}"
     assert detail["receiving-ip"] == BAD_MX
     assert detail["failed-session-count"] == 1
+
+
+def test_certificate_that_tls_verify_refuses_is_reported_with_its_result_type(env):
+    """tls: verify refuses the MX's certificate in the handshake (it names another host): the TLS report and
+    mailflow_outbound_policy_total say why, certificate-host-mismatch, as they do where the handshake is made
+    without verification and the verdict is checked after it (RFC 8460 4.3.2.2), not a bare validation-failure."""
+    sink = env.sinks["bad"]
+    n = sink.count()
+    before = env.daemon.metrics()
+    rcpt, _ = deliver(env, f"ivy@vbadcert.{ORIGIN}")
+    assert rcpt[0] == 451 and "tls_policy" in rcpt[1], rcpt
+    assert sink.count() == n
+    assert policy_moved(before, env.daemon.metrics()) == \
+        {("verify-partner", "mta-sts", "certificate-host-mismatch"): 1.0}
+    (entry,) = tlsrpt(env, f"vbadcert.{ORIGIN}")["report"]["policies"]
+    (detail,) = entry["failure-details"]
+    assert detail["result-type"] == "certificate-host-mismatch", detail
+    assert detail["receiving-mx-hostname"] == f"mx.badcert.{ORIGIN}"
 
 
 def test_testing_policy_delivers_and_still_reports_the_failure(env):
