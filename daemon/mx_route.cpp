@@ -47,12 +47,13 @@ boost::asio::awaitable<MxRoute> resolve_mx_route(Resolver& resolver, const OwnLi
     case MxResult::Status::hosts:
       break;
   }
-  // The hosts' addresses at once, up to max_parallel_hosts of them (a huge MX RRset must not flood the resolver):
-  // a domain whose MX hosts never answer costs one dns.timeout per such group, not one per host.
+  // The hosts' addresses at once, up to max_parallel_hosts of them (a huge MX RRset must not flood the
+  // resolver): a domain whose MX hosts never answer costs one dns.timeout per such group, not one per host.
   const auto& plan = route.mx->plan.hosts;
   for (std::size_t first = 0; first < plan.size(); first += max_parallel_hosts) {
     std::vector<std::string> names;
-    for (std::size_t i = first; i < plan.size() && i < first + max_parallel_hosts; ++i) names.push_back(plan[i].name);
+    for (std::size_t i = first; i < plan.size() && i < first + max_parallel_hosts; ++i)
+      names.push_back(plan[i].name);
     std::vector<AddressResult> addresses = co_await resolver.resolve_addresses(std::move(names));
     for (std::size_t i = 0; i < addresses.size(); ++i)
       route.hosts.push_back(MxTarget{plan[first + i], std::move(addresses[i])});
@@ -77,8 +78,8 @@ boost::asio::awaitable<MxRoute> resolve_mx_route(Resolver& resolver, const OwnLi
   if (!route.attempts.empty()) {
     route.result = MxRoute::Result::deliver;
   } else if (temporary) {
-    // Before the loop check: a host preferred over this relay whose lookup failed for now may take the mail once
-    // DNS answers, so the sender tries again (a DNS failure is never a bounce).
+    // Before the loop check: a host preferred over this relay whose lookup failed for now may take the mail
+    // once DNS answers, so the sender tries again (a DNS failure is never a bounce).
     route.result = MxRoute::Result::dns_failure;
     route.reply = "451 4.4.3 Temporary DNS failure for the MX hosts of " + route.domain;
   } else if (self_preference) {

@@ -477,11 +477,11 @@ net::awaitable<std::vector<AddressResult>> Resolver::resolve_addresses(std::vect
     AddressResult& out = results.emplace_back();
     out.aaaa = aaaa.outcome;
     out.a = a.outcome;
-    // Secure when every answer that came is validated. A lookup that failed (a forged, bogus answer, or none in
-    // time) does not make the host insecure: that would let whoever forges one answer turn DANE off for the host
-    // (RFC 7672 2.1.1: bogus is not insecure). Its records, and its CNAME expansion, are not used.
-    out.secure = (Impl::answered(aaaa) || Impl::answered(a)) && (!Impl::answered(aaaa) || impl->secure(aaaa)) &&
-                 (!Impl::answered(a) || impl->secure(a));
+    // Secure when every answer that came is validated. A lookup that failed (a forged, bogus answer, or none
+    // in time) does not make the host insecure: that would let whoever forges one answer turn DANE off for
+    // the host (RFC 7672 2.1.1: bogus is not insecure). Its records, and its CNAME expansion, are not used.
+    out.secure = (Impl::answered(aaaa) || Impl::answered(a)) &&
+                 (!Impl::answered(aaaa) || impl->secure(aaaa)) && (!Impl::answered(a) || impl->secure(a));
     if (Impl::answered(aaaa)) out.canonical = canonical_name(host, aaaa.result);
     if (out.canonical.empty() && Impl::answered(a)) out.canonical = canonical_name(host, a.result);
     std::vector<net::ip::address> v6;

@@ -56,8 +56,8 @@ struct AddressResult {
   std::vector<boost::asio::ip::address> addresses;
   DnsOutcome aaaa = DnsOutcome::error;
   DnsOutcome a = DnsOutcome::error;
-  // Every answer that came DNSSEC-validated (every CNAME on the way included); a failed lookup (bogus, timeout)
-  // is not used and does not count as insecure.
+  // Every answer that came DNSSEC-validated (every CNAME on the way included); a failed lookup (bogus,
+  // timeout) is not used and does not count as insecure.
   bool secure = false;
   // The name's CNAME expansion, where it is an alias: the owner of the addresses (libunbound's canonname, without
   // the final dot); "" when the name is no alias. DANE looks for TLSA records there first (RFC 7672 2.2.3).

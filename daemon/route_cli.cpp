@@ -45,7 +45,7 @@ std::string domain_of(std::string_view address) {
   if (address.starts_with('<') && address.ends_with('>')) address = address.substr(1, address.size() - 2);
   // A bare domain is routed as an address at it: the same domain the relay would take from RCPT.
   return proto::address_domain(address.find('@') == std::string_view::npos ? "@" + std::string(address)
-                                                                             : std::string(address));
+                                                                           : std::string(address));
 }
 
 std::string endpoint_text(const net::ip::address& address, std::uint16_t port) {

@@ -505,13 +505,15 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
         failure = failure_of(*tls_failure_, tls_failure_reason_);
       }
     }
-    // A session that never reached TLS negotiation (no connection, a refused banner) is no TLS session. Nor is
-    // one in plaintext that no policy asked TLS of (no STARTTLS offered, opportunistic): it counts under policy
-    // none, but the domain's TLS report counts TLS sessions only (RFC 8460 4.3), so it is not recorded there.
+    // A session that never reached TLS negotiation (no connection, a refused banner) is no TLS session. Nor
+    // is one in plaintext that no policy asked TLS of (no STARTTLS offered, opportunistic): it counts under
+    // policy none, but the domain's TLS report counts TLS sessions only (RFC 8460 4.3), so it is not recorded
+    // there.
     const std::string_view policy = by_dane ? "dane" : by_sts ? "mta-sts" : "none";
     const bool plaintext = connected && !failure && !link_->tls_active();
     if (connected || failure)
-      report_session(connector, policy, domain, plaintext ? std::vector<std::string>{} : rua, key, std::move(failure));
+      report_session(connector, policy, domain, plaintext ? std::vector<std::string>{} : rua, key,
+                     std::move(failure));
     session_.telemetry.mx_attempt(upstream.name, connected ? "success" : reason);
     if (connected) {
       host_ = attempt.host;
@@ -641,8 +643,8 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
           session_.telemetry.tls_handshake_failed(session_.listener, Leg::upstream, label);
           log_limited(LogLevel::warn, "tls_failed",
                       {{"id", session_.id}, {"upstream", upstream.name}, {"leg", "upstream"}, {"reason", label}});
-          // Under DANE a certificate that matches no TLSA record is RFC 8460's tlsa-invalid; one that tls: verify
-          // refused is said as the Web PKI check says it (expired, another host's, untrusted).
+          // Under DANE a certificate that matches no TLSA record is RFC 8460's tlsa-invalid; one that tls:
+          // verify refused is said as the Web PKI check says it (expired, another host's, untrusted).
           const long verify_error = link_->tls().verify_error;
           fail("tls_failed");
           tls_failure_ = proto::tlsrpt::ResultType::validation_failure;
