@@ -281,7 +281,11 @@ asio::awaitable<void> Link::handshake(SSL_CTX* context, const Peer* peer, TimePo
     error_code failure = result == 1 || reason == SSL_ERROR_WANT_READ ? error_code{} : tls_error(result);
     co_await flush_cipher(ec);  // our flight, or the alert that tells the peer why we gave up
     if (failure) ec = failure;
-    if (ec) co_return;
+    if (ec) {
+      // Why a certificate was refused (expired, another host's, untrusted), for the report of the failure.
+      if (peer != nullptr) tls_info_.verify_error = SSL_get_verify_result(ssl_);
+      co_return;
+    }
     if (result == 1) break;
     co_await fill_cipher(ec);
     if (ec) co_return;

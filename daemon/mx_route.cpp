@@ -4,6 +4,10 @@
 
 namespace mailflow {
 
+namespace {
+constexpr std::size_t max_parallel_hosts = 32;  // MX hosts whose addresses are looked up at once
+}  // namespace
+
 std::string_view to_string(MxRoute::Result result) {
   switch (result) {
     case MxRoute::Result::deliver:
@@ -43,13 +47,16 @@ boost::asio::awaitable<MxRoute> resolve_mx_route(Resolver& resolver, const OwnLi
     case MxResult::Status::hosts:
       break;
   }
-  bool temporary = false;
-  for (const auto& host : route.mx->plan.hosts) {
-    // Not co_await inside a braced initializer: GCC 12 destroys such temporaries twice.
-    AddressResult addresses = co_await resolver.resolve_addresses(host.name);
-    MxTarget entry{host, std::move(addresses)};
-    temporary = temporary || entry.addresses.status == AddressResult::Status::failed;
-    route.hosts.push_back(std::move(entry));
+  // The hosts' addresses at once, up to max_parallel_hosts of them (a huge MX RRset must not flood the
+  // resolver): a domain whose MX hosts never answer costs one dns.timeout per such group, not one per host.
+  const auto& plan = route.mx->plan.hosts;
+  for (std::size_t first = 0; first < plan.size(); first += max_parallel_hosts) {
+    std::vector<std::string> names;
+    for (std::size_t i = first; i < plan.size() && i < first + max_parallel_hosts; ++i)
+      names.push_back(plan[i].name);
+    std::vector<AddressResult> addresses = co_await resolver.resolve_addresses(std::move(names));
+    for (std::size_t i = 0; i < addresses.size(); ++i)
+      route.hosts.push_back(MxTarget{plan[first + i], std::move(addresses[i])});
   }
   // RFC 5321 5.1: when this relay is itself one of the MX hosts, only the hosts it prefers over itself are
   // tried; none left means the mail would loop.
@@ -59,21 +66,25 @@ boost::asio::awaitable<MxRoute> resolve_mx_route(Resolver& resolver, const OwnLi
       entry.self = entry.self || own.contains(address, port);
     if (entry.self && !self_preference) self_preference = entry.host.preference;
   }
+  bool temporary = false;  // a host that may be tried could not be looked up now
   for (auto& entry : route.hosts) {
     entry.skipped = self_preference && entry.host.preference >= *self_preference;
     if (entry.skipped) continue;
+    temporary = temporary || entry.addresses.status == AddressResult::Status::failed;
     for (const auto& address : entry.addresses.addresses)
       route.attempts.push_back(
           {entry.host.name, {address, port}, route.mx->secure && entry.addresses.secure, entry.addresses.canonical});
   }
-  if (route.attempts.empty() && self_preference) {
-    route.result = MxRoute::Result::loop;
-    route.reply = "554 5.4.6 Mail for " + route.domain + " loops back to myself";
-  } else if (!route.attempts.empty()) {
+  if (!route.attempts.empty()) {
     route.result = MxRoute::Result::deliver;
   } else if (temporary) {
+    // Before the loop check: a host preferred over this relay whose lookup failed for now may take the mail
+    // once DNS answers, so the sender tries again (a DNS failure is never a bounce).
     route.result = MxRoute::Result::dns_failure;
     route.reply = "451 4.4.3 Temporary DNS failure for the MX hosts of " + route.domain;
+  } else if (self_preference) {
+    route.result = MxRoute::Result::loop;
+    route.reply = "554 5.4.6 Mail for " + route.domain + " loops back to myself";
   } else {
     route.result = MxRoute::Result::no_addresses;
     route.reply = "550 5.1.2 Recipient address rejected: no address for the mail hosts of " + route.domain;

@@ -10,6 +10,7 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <cstring>
+#include <deque>
 #include <optional>
 #include <random>
 #include <stdexcept>
@@ -309,6 +310,13 @@ struct Resolver::Impl : std::enable_shared_from_this<Impl> {
     return query.result != nullptr && query.result->secure != 0 && query.result->bogus == 0;
   }
 
+  // An answer came (records, NODATA or NXDOMAIN), validated or not. A failed lookup (a bogus answer included)
+  // is not used, and says nothing about whether the name is signed.
+  static bool answered(const Query& query) {
+    return query.outcome == DnsOutcome::success || query.outcome == DnsOutcome::nodata ||
+           query.outcome == DnsOutcome::nxdomain;
+  }
+
   // A query given up (deadline, or its coroutine destroyed): no answer is coming for it. When it was the last
   // one, the pump's wait is cancelled so that an idle resolver leaves no operation pending on its loop (an
   // io_context with nothing else to do then returns from run()).
@@ -444,49 +452,67 @@ net::awaitable<MxResult> Resolver::resolve_mx(std::string domain) {
 }
 
 net::awaitable<AddressResult> Resolver::resolve_addresses(std::string host) {
-  auto impl = impl_;
-  // Both in flight at once: the slower one decides how long this takes, not their sum.
-  Impl::Query aaaa(impl, lookups_, DnsType::aaaa, host);
-  Impl::Query a(impl, lookups_, DnsType::a, host);
-  impl->start(aaaa);
-  impl->start(a);
-  co_await impl->finish(aaaa);
-  co_await impl->finish(a);
+  std::vector<std::string> hosts(1, std::move(host));  // not a braced list beside co_await (GCC 12)
+  std::vector<AddressResult> out = co_await resolve_addresses(std::move(hosts));
+  co_return std::move(out.front());
+}
 
-  AddressResult out;
-  out.aaaa = aaaa.outcome;
-  out.a = a.outcome;
-  out.secure = impl->secure(aaaa) && impl->secure(a);
-  out.canonical = canonical_name(host, aaaa.result);
-  if (out.canonical.empty()) out.canonical = canonical_name(host, a.result);
-  std::vector<net::ip::address> v6;
-  std::vector<net::ip::address> v4;
-  if (aaaa.outcome == DnsOutcome::success) {
-    for (int i = 0; aaaa.result->data[i] != nullptr; ++i) {
-      if (aaaa.result->len[i] != 16) continue;
-      net::ip::address_v6::bytes_type bytes;
-      std::memcpy(bytes.data(), aaaa.result->data[i], 16);
-      v6.emplace_back(net::ip::address_v6(bytes));
+net::awaitable<std::vector<AddressResult>> Resolver::resolve_addresses(std::vector<std::string> hosts) {
+  auto impl = impl_;
+  // Every query in flight at once: the slowest one decides how long this takes (one dns.timeout at most), not
+  // their sum. A deque, because libunbound holds each Query's address until it answers.
+  std::deque<Impl::Query> queries;
+  for (const auto& host : hosts) {
+    impl->start(queries.emplace_back(impl, lookups_, DnsType::aaaa, host));
+    impl->start(queries.emplace_back(impl, lookups_, DnsType::a, host));
+  }
+  for (auto& query : queries) co_await impl->finish(query);
+
+  std::vector<AddressResult> results;
+  results.reserve(hosts.size());
+  for (std::size_t i = 0; i < hosts.size(); ++i) {
+    const Impl::Query& aaaa = queries[2 * i];
+    const Impl::Query& a = queries[2 * i + 1];
+    const std::string& host = hosts[i];
+    AddressResult& out = results.emplace_back();
+    out.aaaa = aaaa.outcome;
+    out.a = a.outcome;
+    // Secure when every answer that came is validated. A lookup that failed (a forged, bogus answer, or none
+    // in time) does not make the host insecure: that would let whoever forges one answer turn DANE off for
+    // the host (RFC 7672 2.1.1: bogus is not insecure). Its records, and its CNAME expansion, are not used.
+    out.secure = (Impl::answered(aaaa) || Impl::answered(a)) &&
+                 (!Impl::answered(aaaa) || impl->secure(aaaa)) && (!Impl::answered(a) || impl->secure(a));
+    if (Impl::answered(aaaa)) out.canonical = canonical_name(host, aaaa.result);
+    if (out.canonical.empty() && Impl::answered(a)) out.canonical = canonical_name(host, a.result);
+    std::vector<net::ip::address> v6;
+    std::vector<net::ip::address> v4;
+    if (aaaa.outcome == DnsOutcome::success) {
+      for (int j = 0; aaaa.result->data[j] != nullptr; ++j) {
+        if (aaaa.result->len[j] != 16) continue;
+        net::ip::address_v6::bytes_type bytes;
+        std::memcpy(bytes.data(), aaaa.result->data[j], 16);
+        v6.emplace_back(net::ip::address_v6(bytes));
+      }
+    }
+    if (a.outcome == DnsOutcome::success) {
+      for (int j = 0; a.result->data[j] != nullptr; ++j) {
+        if (a.result->len[j] != 4) continue;
+        net::ip::address_v4::bytes_type bytes;
+        std::memcpy(bytes.data(), a.result->data[j], 4);
+        v4.emplace_back(net::ip::address_v4(bytes));
+      }
+    }
+    out.addresses = proto::interleave_families(v6, v4);
+    if (!out.addresses.empty()) {
+      out.status = AddressResult::Status::addresses;
+    } else if (is_temporary(aaaa.outcome) || is_temporary(a.outcome)) {
+      out.status = AddressResult::Status::failed;
+      out.detail = is_temporary(aaaa.outcome) ? "AAAA: " + aaaa.detail : "A: " + a.detail;
+    } else {
+      out.status = AddressResult::Status::none;
     }
   }
-  if (a.outcome == DnsOutcome::success) {
-    for (int i = 0; a.result->data[i] != nullptr; ++i) {
-      if (a.result->len[i] != 4) continue;
-      net::ip::address_v4::bytes_type bytes;
-      std::memcpy(bytes.data(), a.result->data[i], 4);
-      v4.emplace_back(net::ip::address_v4(bytes));
-    }
-  }
-  out.addresses = proto::interleave_families(v6, v4);
-  if (!out.addresses.empty()) {
-    out.status = AddressResult::Status::addresses;
-  } else if (is_temporary(aaaa.outcome) || is_temporary(a.outcome)) {
-    out.status = AddressResult::Status::failed;
-    out.detail = is_temporary(aaaa.outcome) ? "AAAA: " + aaaa.detail : "A: " + a.detail;
-  } else {
-    out.status = AddressResult::Status::none;
-  }
-  co_return out;
+  co_return results;
 }
 
 net::awaitable<TlsaResult> Resolver::resolve_tlsa(std::string name) {

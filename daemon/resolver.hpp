@@ -56,7 +56,9 @@ struct AddressResult {
   std::vector<boost::asio::ip::address> addresses;
   DnsOutcome aaaa = DnsOutcome::error;
   DnsOutcome a = DnsOutcome::error;
-  bool secure = false;  // both answers DNSSEC-validated (every CNAME on the way included)
+  // Every answer that came DNSSEC-validated (every CNAME on the way included); a failed lookup (bogus,
+  // timeout) is not used and does not count as insecure.
+  bool secure = false;
   // The name's CNAME expansion, where it is an alias: the owner of the addresses (libunbound's canonname, without
   // the final dot); "" when the name is no alias. DANE looks for TLSA records there first (RFC 7672 2.2.3).
   std::string canonical;
@@ -108,6 +110,9 @@ class Resolver {
   boost::asio::awaitable<MxResult> resolve_mx(std::string domain);
   // AAAA and A of `host`, both queried at once, each within dns.timeout.
   boost::asio::awaitable<AddressResult> resolve_addresses(std::string host);
+  // The same for several hosts, every query at once (one result per host, in order): dns.timeout bounds them
+  // all together, not each in turn.
+  boost::asio::awaitable<std::vector<AddressResult>> resolve_addresses(std::vector<std::string> hosts);
   // TLSA records of `name`, within dns.timeout; malformed records are left out.
   boost::asio::awaitable<TlsaResult> resolve_tlsa(std::string name);
   // PTR of `address`, within dns.timeout (counted as DnsType::ptr).

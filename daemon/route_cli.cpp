@@ -23,7 +23,7 @@
 #include "daemon/report.hpp"
 #include "daemon/resolver.hpp"
 #include "daemon/telemetry.hpp"
-#include "proto/ascii.hpp"
+#include "proto/command.hpp"
 
 namespace mailflow {
 namespace {
@@ -43,8 +43,9 @@ constexpr std::string_view kUsage =
 
 std::string domain_of(std::string_view address) {
   if (address.starts_with('<') && address.ends_with('>')) address = address.substr(1, address.size() - 2);
-  const auto at = address.rfind('@');
-  return proto::ascii_lower(at == std::string_view::npos ? address : address.substr(at + 1));
+  // A bare domain is routed as an address at it: the same domain the relay would take from RCPT.
+  return proto::address_domain(address.find('@') == std::string_view::npos ? "@" + std::string(address)
+                                                                           : std::string(address));
 }
 
 std::string endpoint_text(const net::ip::address& address, std::uint16_t port) {

@@ -22,7 +22,8 @@ struct TlsInfo {
   std::string cipher;
   std::string sni;  // server name the client asked for (client leg)
   // Client leg: OpenSSL's verdict on the server's certificate (X509_V_OK = 0), recorded even where the
-  // handshake does not require it; meaningful against a trust store (ClientTls::check_names()).
+  // handshake does not require it; meaningful against a trust store (ClientTls::check_names()). Also set when
+  // the handshake failed (Link::handshake), so that a refused certificate's reason is known.
   long verify_error = -1;
 };
 TlsInfo tls_info(const SSL* ssl);

@@ -83,6 +83,32 @@ std::vector<std::string> tlsa_strings(const std::vector<proto::TlsaRecord>& reco
   return out;
 }
 
+// A certificate the Web PKI checks refused, as TLS-RPT names it (RFC 8460 4.3.2.2); nullopt when it is valid.
+std::optional<proto::tlsrpt::ResultType> certificate_problem(long verify_error) {
+  switch (certificate_verdict(verify_error)) {
+    case CertificateVerdict::valid:
+      return std::nullopt;
+    case CertificateVerdict::expired:
+      return proto::tlsrpt::ResultType::certificate_expired;
+    case CertificateVerdict::host_mismatch:
+      return proto::tlsrpt::ResultType::certificate_host_mismatch;
+    case CertificateVerdict::not_trusted:
+      break;
+  }
+  return proto::tlsrpt::ResultType::certificate_not_trusted;
+}
+
+// Why an MTA-STS policy kept an MX host from being used (its `mta_sts` line).
+void log_mta_sts_refusal(const std::string& id, const std::string& host, PolicyState::Mode mode,
+                         const proto::tlsrpt::FailureKey& failure) {
+  log_limited(LogLevel::warn, "mta_sts",
+              {{"id", id},
+               {"host", host},
+               {"mode", to_string(mode)},
+               {"result", proto::tlsrpt::to_string(failure.result)},
+               {"reason", failure.failure_reason_code}});
+}
+
 }  // namespace
 
 UpstreamLeg::UpstreamLeg(Session session, asio::any_io_executor executor)
@@ -468,6 +494,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
     } else if (by_sts && sts.enforced() && !mx_listed(sts, attempt.host)) {
       reason = "tls_policy";  // RFC 8461 5: only the hosts the policy lists
       failure = failure_of(proto::tlsrpt::ResultType::validation_failure, "MX host not listed in the MTA-STS policy");
+      log_mta_sts_refusal(session_.id, attempt.host, sts.mode, *failure);
     } else {
       connected = co_await connect_to(upstream, attempt.endpoint, attempt.host, in(config_.timeouts.upstream_connect),
                                       client, dane, reason);
@@ -478,9 +505,15 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
         failure = failure_of(*tls_failure_, tls_failure_reason_);
       }
     }
-    // A session that never reached TLS negotiation (no connection, a refused banner) is no TLS session.
+    // A session that never reached TLS negotiation (no connection, a refused banner) is no TLS session. Nor
+    // is one in plaintext that no policy asked TLS of (no STARTTLS offered, opportunistic): it counts under
+    // policy none, but the domain's TLS report counts TLS sessions only (RFC 8460 4.3), so it is not recorded
+    // there.
     const std::string_view policy = by_dane ? "dane" : by_sts ? "mta-sts" : "none";
-    if (connected || failure) report_session(connector, policy, domain, rua, key, std::move(failure));
+    const bool plaintext = connected && !failure && !link_->tls_active();
+    if (connected || failure)
+      report_session(connector, policy, domain, plaintext ? std::vector<std::string>{} : rua, key,
+                     std::move(failure));
     session_.telemetry.mx_attempt(upstream.name, connected ? "success" : reason);
     if (connected) {
       host_ = attempt.host;
@@ -499,30 +532,14 @@ bool UpstreamLeg::meets_mta_sts(const PolicyState& sts, const std::string& host,
   MxTls tls;
   tls.tls = link_->tls_active();
   tls.version = link_->tls().version;
-  switch (certificate_verdict(link_->tls().verify_error)) {
-    case CertificateVerdict::valid:
-      tls.certificate_valid = true;
-      break;
-    case CertificateVerdict::expired:
-      tls.certificate_problem = proto::tlsrpt::ResultType::certificate_expired;
-      break;
-    case CertificateVerdict::host_mismatch:
-      tls.certificate_problem = proto::tlsrpt::ResultType::certificate_host_mismatch;
-      break;
-    case CertificateVerdict::not_trusted:
-      tls.certificate_problem = proto::tlsrpt::ResultType::certificate_not_trusted;
-      break;
-  }
+  const auto problem = certificate_problem(link_->tls().verify_error);
+  tls.certificate_valid = !problem;
+  if (problem) tls.certificate_problem = *problem;
   const MxVerdict verdict = check_mx(sts, host, tls);
   if (verdict.failure)
     failure = proto::tlsrpt::FailureKey{*verdict.failure, local_address_, host, address(), verdict.reason};
   if (verdict.usable) return true;
-  log_limited(LogLevel::warn, "mta_sts",
-              {{"id", session_.id},
-               {"host", host},
-               {"mode", to_string(sts.mode)},
-               {"result", proto::tlsrpt::to_string(*verdict.failure)},
-               {"reason", verdict.reason}});
+  log_mta_sts_refusal(session_.id, host, sts.mode, *failure);
   fail("tls_policy");
   return false;
 }
@@ -626,11 +643,14 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
           session_.telemetry.tls_handshake_failed(session_.listener, Leg::upstream, label);
           log_limited(LogLevel::warn, "tls_failed",
                       {{"id", session_.id}, {"upstream", upstream.name}, {"leg", "upstream"}, {"reason", label}});
+          // Under DANE a certificate that matches no TLSA record is RFC 8460's tlsa-invalid; one that tls:
+          // verify refused is said as the Web PKI check says it (expired, another host's, untrusted).
+          const long verify_error = link_->tls().verify_error;
           fail("tls_failed");
-          // Under DANE a certificate that matches no TLSA record is RFC 8460's tlsa-invalid.
-          tls_failure_ = authenticate && label == "certificate_verify_failed"
-                             ? proto::tlsrpt::ResultType::tlsa_invalid
-                             : proto::tlsrpt::ResultType::validation_failure;
+          tls_failure_ = proto::tlsrpt::ResultType::validation_failure;
+          if (label == "certificate_verify_failed")
+            tls_failure_ = authenticate ? proto::tlsrpt::ResultType::tlsa_invalid
+                                        : certificate_problem(verify_error).value_or(*tls_failure_);
           tls_failure_reason_ = label;
           // A certificate that `verify` refuses is the policy's doing; anything else is a failed handshake.
           reason = label == "certificate_verify_failed" ? "tls_policy" : "tls_failed";

@@ -309,6 +309,9 @@ std::string address_domain(std::string_view address) {
   if (at == std::string_view::npos) return {};
   std::string domain(address.substr(at + 1));
   for (char& c : domain) c = to_lower(c);
+  // "example.org." is example.org (valid_domain tolerates the dot): one name for connectors, routes and
+  // reports.
+  if (domain.size() > 1 && domain.back() == '.') domain.pop_back();
   return domain;
 }
 

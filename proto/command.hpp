@@ -39,7 +39,8 @@ struct ParsedCommand {
 // A single space after "FROM:"/"TO:" is tolerated (common in the wild).
 ParsedCommand parse_command(std::string_view line);
 
-// The domain part of an address, lower-cased ("" for the null sender or an address without '@').
+// The domain part of an address, lower-cased and without a trailing dot ("" for the null sender or an address
+// without '@').
 std::string address_domain(std::string_view address);
 
 }  // namespace mailflow::proto

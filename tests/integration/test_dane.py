@@ -36,7 +36,7 @@ from harness import delta, series_key
 from hostile_helpers import greeted
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-from dns_server import KnotServer  # noqa: E402
+from dns_server import KnotServer, TamperingProxy  # noqa: E402
 
 SENDER = "app@corp.example"
 ADDR = {
@@ -114,6 +114,11 @@ tacname      MX    10 mx.tacname
 mx.tacname   CNAME host.tacname
 host.tacname A     {ADDR['tacname']}
 {tlsa}.host.tacname TLSA 2 0 1 {ca_sha256}
+; an MX host with A and AAAA records whose AAAA answer a DNS proxy forges (bogus); its DANE-EE record matches nothing
+bogus6       MX    10 mx.bogus6
+mx.bogus6    A     {ADDR['wrong']}
+mx.bogus6    AAAA  fd00::63
+{tlsa}.mx.bogus6  TLSA  3 1 1 {'00' * 32}
 """
 
 
@@ -289,6 +294,35 @@ def test_zone_outside_the_trust_anchor_falls_back(env, daemon_factory, workdir):
     assert wrong.wait_messages(n + 1)[-1][0]["tls_version"] != "none"
     after = harness.wait_moved(daemon, before)
     assert policy_moved(before, after) == {("internet", "none", "success"): 1.0}
+
+
+def test_a_forged_address_answer_does_not_turn_dane_off(env, daemon_factory):
+    """An attacker on the DNS path forges the MX host's AAAA answer (bogus); its A answer and TLSA records are
+    secure. A bogus answer is not used, and it is no reason to treat the host as unsigned: DANE still governs the
+    host, whose certificate matches no TLSA record, so it is not used (a downgrade to opportunistic TLS would
+    hand the mail to whoever answers on that address)."""
+    proxy = TamperingProxy(env.knot.address, ["mx.bogus6.example.net"])
+    try:
+        port = harness.free_port()
+        daemon = daemon_factory([{"name": "out-forged", "address": f"127.0.0.1:{port}", "direction": "outbound",
+                                  "upstream": "dane-forged"}],
+                                [{"name": "dane-forged", "mx": True, "port": env.port, "tls": "dane"}],
+                                name="mailflowd-forged-aaaa",
+                                dns={"servers": [proxy.address], "timeout": "2s",
+                                     "trust_anchor_file": str(env.knot.trust_anchor_file)})
+        wrong = env.sinks["wrong"]
+        n = wrong.count()
+        before = daemon.metrics()
+        rcpt, final = deliver(types.SimpleNamespace(port=port), "olga@bogus6.example.net")
+        assert proxy.tampered >= 1
+        after = harness.wait_moved(daemon, before, "mailflow_dns_lookups_total")
+        assert delta(before, after, "mailflow_dns_lookups_total", type="AAAA", result="bogus") == \
+            {series_key(type="AAAA", result="bogus"): 1.0}
+        assert rcpt[0] == 451 and "tls_policy" in rcpt[1], (rcpt, final)
+        assert wrong.count() == n, "DANE was dropped for the host: its mismatching certificate got the message"
+        assert policy_moved(before, daemon.metrics()) == {("internet", "dane", "tlsa-invalid"): 1.0}
+    finally:
+        proxy.close()
 
 
 def test_only_unusable_records_is_tls_without_authentication(env):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-from dns_server import KnotServer, SilentServer  # noqa: E402
+from dns_server import KnotServer, SilentServer, TamperingProxy  # noqa: E402
 
 MX_PORT = 2526
 ZONE = """$ORIGIN example.net.
@@ -62,6 +62,18 @@ selfpref       MX    20 mx.loop
 selfpref       MX    30 after.selfpref
 other.selfpref A     127.0.0.31
 after.selfpref A     127.0.0.32
+; the preferred MX host's addresses cannot be looked up now (a zone nobody serves here: SERVFAIL); the next is us
+selffail       MX    10 mx.unserved.org.
+selffail       MX    20 mx.loop
+; four MX hosts whose address queries a proxy drops (they can only time out)
+slowmx         MX    10 a.slowmx
+slowmx         MX    20 b.slowmx
+slowmx         MX    30 c.slowmx
+slowmx         MX    40 d.slowmx
+a.slowmx       A     127.0.0.41
+b.slowmx       A     127.0.0.42
+c.slowmx       A     127.0.0.43
+d.slowmx       A     127.0.0.44
 """
 
 
@@ -126,6 +138,16 @@ def test_mx_host_of_a_partner_and_the_lookups_counted(mailflowd_bin, config):
     assert r["result"] == "deliver" and r["reply"] == ""
     # mailflow_dns_lookups_total as the daemon exports it: one MX, one A, one AAAA (none there: nodata).
     assert r["dns_lookups"] == {"MX success": 1, "A success": 1, "AAAA nodata": 1}
+
+
+def test_a_trailing_dot_does_not_route_around_the_connector(mailflowd_bin, config):
+    """user@partner-a.example.net. is the same domain as user@partner-a.example.net (the command parser accepts the
+    trailing dot, as seen in the wild): it must get the partner's connector and its upstream's TLS policy, not
+    fall through to internet's opportunistic TLS."""
+    r = route(mailflowd_bin, config, "user@Partner-A.example.net.")
+    assert r["domain"] == "partner-a.example.net", r
+    assert (r["connector"], r["upstream"]) == ("partner-a", "partner-a-mx"), r
+    assert r["attempts"] == ["127.0.0.11:2527"], r
 
 
 def test_unmatched_recipient_goes_to_the_listeners_mx_upstream(mailflowd_bin, config):
@@ -226,6 +248,18 @@ def test_mx_on_our_own_listener_is_a_loop(mailflowd_bin, workdir, knot):
     assert r["attempts"] == ["127.0.0.31:2587"]
 
 
+def test_preferred_host_that_failed_to_resolve_is_temporary_not_a_loop(mailflowd_bin, workdir, knot):
+    """We are MX 20; the MX 10 host's address lookup failed temporarily: it may well take the mail once DNS
+    answers, so the recipient gets 451 4.4.3 (try again), not 554 5.4.6 (a bounce for a DNS hiccup)."""
+    ours = write_config(workdir, "own-port-fail", {"servers": [knot.address], "timeout": "2s"}, mx_port=2587)
+    r = route(mailflowd_bin, ours, "user@selffail.example.net")
+    assert [(h["preference"], h["self"], h["skipped"]) for h in r["hosts"]] == [(10, False, False), (20, True, True)]
+    assert r["hosts"][0]["status"] == "failed", r["hosts"][0]
+    assert r["attempts"] == []
+    assert (r["exit"], r["result"]) == (4, "dns_failure"), r
+    assert r["reply"].startswith("451 4.4.3 "), r["reply"]
+
+
 def test_forged_trust_anchor_is_bogus_and_temporary(mailflowd_bin, workdir, knot):
     forged = Path(workdir) / "forged.ds"
     text = Path(knot.trust_anchor_file).read_text().splitlines()[0]
@@ -254,6 +288,25 @@ def test_silent_dns_server_times_out_within_dns_timeout(mailflowd_bin, workdir):
     assert r["dns_lookups"] == {"MX timeout": 1}
     assert 1.5 <= r["elapsed_ms"] / 1000 < 2.5, r["elapsed_ms"]
     assert r["wall"] < 5.0
+
+
+def test_mx_hosts_that_time_out_cost_one_dns_timeout_not_one_each(mailflowd_bin, workdir, knot):
+    """dns.timeout bounds each lookup; the MX hosts' address lookups run at once, so a domain whose four MX hosts
+    never answer costs one dns.timeout before its 451, not four (a hostile domain with many MX hosts would
+    otherwise hold the RCPT for N x dns.timeout before any connection is even tried)."""
+    hosts = [f"{h}.slowmx.example.net" for h in "abcd"]
+    proxy = TamperingProxy(knot.address, drop=hosts)
+    try:
+        cfg = write_config(workdir, "slowmx", {"servers": [proxy.address], "timeout": "1s"})
+        r = route(mailflowd_bin, cfg, "user@slowmx.example.net")
+    finally:
+        proxy.close()
+    assert [h["name"] for h in r["hosts"]] == hosts
+    assert all((h["status"], h["aaaa"], h["a"]) == ("failed", "timeout", "timeout") for h in r["hosts"]), r["hosts"]
+    assert (r["exit"], r["result"]) == (4, "dns_failure"), r
+    assert r["reply"].startswith("451 4.4.3 ")
+    assert r["dns_lookups"] == {"MX success": 1, "A timeout": 4, "AAAA timeout": 4}
+    assert r["elapsed_ms"] / 1000 < 2.0, r["elapsed_ms"]
 
 
 def test_stopped_dns_server_fails_temporarily_within_dns_timeout(mailflowd_bin, workdir):

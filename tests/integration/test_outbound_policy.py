@@ -48,6 +48,7 @@ POLICIES = {
     f"mta-sts.badcert.{ORIGIN}": policy("enforce", f"mx.badcert.{ORIGIN}"),
     f"mta-sts.testing.{ORIGIN}": policy("testing", f"mx.badcert.{ORIGIN}"),
     f"mta-sts.notlisted.{ORIGIN}": policy("enforce", f"mx.elsewhere.{ORIGIN}"),
+    f"mta-sts.vbadcert.{ORIGIN}": policy("enforce", f"mx.badcert.{ORIGIN}"),
 }
 
 ZONE = f"""$ORIGIN {ORIGIN}.
@@ -79,6 +80,12 @@ nopolicy         MX    10 mx.plain
 _mta-sts.nopolicy TXT  "v=STSv1; id=1;"
 mta-sts.nopolicy A     {POLICY_HOST}
 _smtp._tls.nopolicy TXT "v=TLSRPTv1; rua={RUA}"
+plainrpt         MX    10 mx.plain
+vbadcert         MX    10 mx.badcert
+_mta-sts.vbadcert TXT  "v=STSv1; id=1;"
+mta-sts.vbadcert A     {POLICY_HOST}
+_smtp._tls.vbadcert TXT "v=TLSRPTv1; rua={RUA}"
+_smtp._tls.plainrpt TXT "v=TLSRPTv1; rua={RUA}"
 """
 
 
@@ -130,13 +137,17 @@ def env(certs, workdir, short_dir, sink_factory, daemon_factory):
         listeners = [{"name": "out", "address": f"127.0.0.1:{port}", "direction": "outbound",
                       "upstream": "internet"}]
         upstreams = [{"name": "internet", "mx": True, "port": port, "tls": "opportunistic", "mta_sts": "enforce"},
-                     {"name": "lenient", "mx": True, "port": port, "tls": "opportunistic", "mta_sts": "testing"}]
+                     {"name": "lenient", "mx": True, "port": port, "tls": "opportunistic", "mta_sts": "testing"},
+                     {"name": "verifying", "mx": True, "port": port, "tls": "verify", "ca_file": str(certs / "ca.pem"),
+                      "mta_sts": "enforce"}]
         connectors = [{"name": "partners", "type": "partner", "direction": "outbound",
                        "match": {"recipient_domains": [f"sts.{ORIGIN}", f"badcert.{ORIGIN}",
                                                        f"notlisted.{ORIGIN}", f"plain.{ORIGIN}",
-                                                       f"nopolicy.{ORIGIN}"]}},
+                                                       f"nopolicy.{ORIGIN}", f"plainrpt.{ORIGIN}"]}},
                       {"name": "lenient-partner", "type": "partner", "direction": "outbound",
-                       "match": {"recipient_domains": [f"testing.{ORIGIN}"]}, "upstream": "lenient"}]
+                       "match": {"recipient_domains": [f"testing.{ORIGIN}"]}, "upstream": "lenient"},
+                      {"name": "verify-partner", "type": "partner", "direction": "outbound",
+                       "match": {"recipient_domains": [f"vbadcert.{ORIGIN}"]}, "upstream": "verifying"}]
         daemon = daemon_factory(listeners, upstreams, connectors,
                                 dns={"servers": [knot.address], "timeout": "2s"},
                                 mta_sts={"ca_file": str(certs / "ca.pem"), "fetch_timeout": "3s"})
@@ -210,6 +221,24 @@ def test_enforced_policy_skips_an_mx_whose_certificate_names_another_host(env):
     assert detail["failed-session-count"] == 1
 
 
+def test_certificate_that_tls_verify_refuses_is_reported_with_its_result_type(env):
+    """tls: verify refuses the MX's certificate in the handshake (it names another host): the TLS report and
+    mailflow_outbound_policy_total say why, certificate-host-mismatch, as they do where the handshake is made
+    without verification and the verdict is checked after it (RFC 8460 4.3.2.2), not a bare validation-failure."""
+    sink = env.sinks["bad"]
+    n = sink.count()
+    before = env.daemon.metrics()
+    rcpt, _ = deliver(env, f"ivy@vbadcert.{ORIGIN}")
+    assert rcpt[0] == 451 and "tls_policy" in rcpt[1], rcpt
+    assert sink.count() == n
+    assert policy_moved(before, env.daemon.metrics()) == \
+        {("verify-partner", "mta-sts", "certificate-host-mismatch"): 1.0}
+    (entry,) = tlsrpt(env, f"vbadcert.{ORIGIN}")["report"]["policies"]
+    (detail,) = entry["failure-details"]
+    assert detail["result-type"] == "certificate-host-mismatch", detail
+    assert detail["receiving-mx-hostname"] == f"mx.badcert.{ORIGIN}"
+
+
 def test_testing_policy_delivers_and_still_reports_the_failure(env):
     sink = env.sinks["bad"]
     n = sink.count()
@@ -233,6 +262,11 @@ def test_enforced_policy_skips_an_mx_it_does_not_list(env):
     assert policy_moved(before, env.daemon.metrics()) == {("partners", "mta-sts", "validation-failure"): 1.0}
     (detail,) = tlsrpt(env, f"notlisted.{ORIGIN}")["report"]["policies"][0]["failure-details"]
     assert detail["result-type"] == "validation-failure"
+    # The operator sees why the host was not used: an mta_sts line naming it and the result (docs/outbound.md).
+    harness.wait_for(lambda: any(" mta_sts " in line and f"host=mx.sts.{ORIGIN}" in line
+                                 and "result=validation-failure" in line
+                                 for line in env.daemon.stderr().splitlines()),
+                     what="an mta_sts log line for the MX host the policy does not list")
 
 
 def test_domain_without_a_policy_counts_under_none(env):
@@ -260,7 +294,30 @@ def test_policy_that_cannot_be_fetched_is_reported_and_mail_goes_on(env):
                                            ("partners", "none", "success"): 1.0}
     policies = {p["policy"]["policy-type"]: p for p in tlsrpt(env, f"nopolicy.{ORIGIN}")["report"]["policies"]}
     assert policies["sts"]["failure-details"][0]["result-type"] == "sts-policy-fetch-error"
-    assert policies["no-policy-found"]["summary"]["total-successful-session-count"] == 1
+    # The MX host offers no STARTTLS: a plaintext session is no TLS session to report (RFC 8460 4.3).
+    assert "no-policy-found" not in policies, policies
+
+
+def test_plaintext_session_is_no_successful_tls_session_in_the_report(env):
+    """RFC 8460 4.3: total-successful-session-count counts successfully negotiated TLS connections. A domain
+    without a policy whose MX host offers no STARTTLS gets the mail in plaintext (opportunistic), and its report
+    must not tell its postmaster that the session was a TLS success."""
+    sink = env.sinks["plain"]
+    n = sink.count()
+    rcpt, final = deliver(env, f"gina@plainrpt.{ORIGIN}")
+    assert rcpt[0] == 250 and final[0] == 250, (rcpt, final)
+    assert sink.wait_messages(n + 1)[-1][0]["tls_version"] == "none"
+    report = tlsrpt(env, f"plainrpt.{ORIGIN}")
+    successes = sum(p["summary"]["total-successful-session-count"] for p in report["report"]["policies"]) \
+        if report else 0
+    assert successes == 0, report
+    # A TLS session to the same kind of domain is reported as a success (the negative above is not vacuous).
+    good = env.sinks["good"]
+    n = good.count()
+    rcpt, final = deliver(env, f"hank@sts.{ORIGIN}")
+    assert rcpt[0] == 250 and final[0] == 250, (rcpt, final)
+    good.wait_messages(n + 1)
+    assert tlsrpt(env, f"sts.{ORIGIN}")["report"]["policies"][0]["summary"]["total-successful-session-count"] >= 1
 
 
 def test_full_state_dir_keeps_delivering_and_says_why(env, daemon_factory, workdir):

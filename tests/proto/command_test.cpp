@@ -142,4 +142,6 @@ TEST_CASE("address_domain") {
   CHECK(address_domain("postmaster") == "");
   CHECK(address_domain("\"a@b\"@c.example") == "c.example");
   CHECK(address_domain("a@[192.0.2.1]") == "[192.0.2.1]");
+  // The trailing dot the parser tolerates names the same domain (connectors, MX route, TLS reports).
+  CHECK(address_domain("alice@Example.ORG.") == "example.org");
 }

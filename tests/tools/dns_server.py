@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -220,6 +221,99 @@ class HoldingProxy:
             self._forward(query, client)
 
     def close(self):
+        self.sock.close()
+
+
+class TamperingProxy:
+    """A UDP DNS forwarder in front of `upstream` ("127.0.0.1:PORT") that changes one byte of every AAAA
+    record it passes for the names in `names` (lower case, no final dot), leaving their RRSIGs as they are: a
+    validating resolver then finds those answers bogus, as it would where an attacker forged them. Queries for
+    the names in `drop` get no answer at all (a lookup that can only time out). Everything else passes
+    unchanged."""
+
+    def __init__(self, upstream, names=(), host="127.0.0.1", drop=()):
+        up_host, _, up_port = upstream.rpartition(":")
+        self.upstream = (up_host.strip("[]"), int(up_port))
+        self.names = {n.lower().rstrip(".") for n in names}
+        self.drop = {n.lower().rstrip(".") for n in drop}
+        self.tampered = 0
+        self.dropped = 0
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((host, 0))
+        self.address = f"{host}:{self.sock.getsockname()[1]}"
+        self.closed = False
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @staticmethod
+    def _skip_name(packet, at):
+        while True:
+            length = packet[at]
+            if length & 0xC0 == 0xC0:
+                return at + 2
+            if length == 0:
+                return at + 1
+            at += 1 + length
+
+    @staticmethod
+    def _question(packet):
+        """(name, type, offset after the question) of a one-question packet."""
+        if struct.unpack("!H", packet[4:6])[0] != 1:
+            return None, None, None
+        at, labels = 12, []
+        while packet[at]:
+            labels.append(packet[at + 1:at + 1 + packet[at]].decode("ascii", "replace").lower())
+            at += 1 + packet[at]
+        return ".".join(labels), struct.unpack("!H", packet[at + 1:at + 3])[0], at + 5
+
+    def _tamper(self, packet):
+        ancount = struct.unpack("!H", packet[6:8])[0]
+        name, qtype, at = self._question(packet)
+        if qtype != 28 or name not in self.names:
+            return packet
+        out = bytearray(packet)
+        for _ in range(ancount):
+            at = self._skip_name(packet, at)
+            rtype, _, _, rdlength = struct.unpack("!HHIH", packet[at:at + 10])
+            at += 10
+            if rtype == 28:
+                out[at + rdlength - 1] ^= 0x01
+                self.tampered += 1
+            at += rdlength
+        return bytes(out)
+
+    def _answer(self, query, client):
+        try:
+            if self._question(query)[0] in self.drop:
+                self.dropped += 1
+                return
+        except (IndexError, struct.error):
+            pass
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as up:
+            up.settimeout(3)
+            try:
+                up.sendto(query, self.upstream)
+                reply = up.recv(65535)
+            except OSError:
+                return
+            try:
+                reply = self._tamper(reply)
+            except (IndexError, struct.error, UnicodeError):
+                pass  # not a packet this proxy understands: passed on as it came
+            try:
+                self.sock.sendto(reply, client)
+            except OSError:
+                pass
+
+    def _serve(self):
+        while not self.closed:
+            try:
+                query, client = self.sock.recvfrom(65535)
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(query, client), daemon=True).start()
+
+    def close(self):
+        self.closed = True
         self.sock.close()
 
 
