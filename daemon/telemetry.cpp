@@ -869,12 +869,18 @@ bool Telemetry::save_state(const std::string& state_dir, std::string& error) {
     windows = impl_->windows.serialize();
     remotes = impl_->remotes.serialize();
   }
-  if (!write_state_file(state_dir, kStateFile, windows, error)) return false;
-  if (!write_state_file(state_dir, kRemotesFile, remotes, error)) return false;
-  // TLS-RPT aggregates: kept until sent, so they are state like the windows.
-  if (!impl_->tlsrpt.save(state_dir, error)) return false;
+  // Each file on its own: one that cannot be written (the biggest, on a nearly full disk) does not keep the
+  // others from being saved. `error` names every failure.
   error.clear();
-  return true;
+  const auto keep = [&](bool saved, const std::string& why) {
+    if (!saved) error += (error.empty() ? "" : "; ") + why;
+  };
+  std::string why;
+  keep(write_state_file(state_dir, kStateFile, windows, why), why);
+  keep(write_state_file(state_dir, kRemotesFile, remotes, why), why);
+  // TLS-RPT aggregates: kept until sent, so they are state like the windows.
+  keep(impl_->tlsrpt.save(state_dir, why), why);
+  return error.empty();
 }
 
 bool Telemetry::load_state(const std::string& state_dir, std::string& error) {
