@@ -589,6 +589,11 @@ void Telemetry::configure(const config::Config& config) {
   impl_->windows.set_window(config.telemetry.window);
   impl_->remotes.set_limits({config.telemetry.top_remotes, config.telemetry.top_domains, config.telemetry.remotes,
                              config.telemetry.window});
+  // A shorter window drops what it no longer covers now, not at whichever scrape comes next: a reload back to
+  // the longer one must not bring back hours depending on whether Prometheus scraped in between.
+  const auto now = impl_->clock();
+  impl_->windows.prune(now);
+  impl_->remotes.prune(now);
 
   // Connectors that left the configuration lose their info and threshold series (a changed type or
   // forced_tls is a new info series); their counters stay (counters must never go backwards while the
