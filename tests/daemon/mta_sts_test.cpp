@@ -60,7 +60,8 @@ TEST_CASE("mta-sts cache: saved and loaded - expired entries are not loaded - co
 
 TEST_CASE("mta-sts cache: a file cut inside a line is never loaded as valid") {
   // "mx: mx1.example.net" cut to "mx: mx1.exam" would be a valid policy that refuses the real MX.
-  const auto dir = std::filesystem::temp_directory_path() / ("mailflow-mta-sts-cut-" + std::to_string(::getpid()));
+  const auto dir =
+      std::filesystem::temp_directory_path() / ("mailflow-mta-sts-cut-" + std::to_string(::getpid()));
   std::filesystem::create_directories(dir);
   MtaStsCache cache;
   cache.store("a.example", {"id1", policy(proto::mta_sts::Mode::enforce), 100, 1000}, 100);
