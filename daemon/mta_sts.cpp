@@ -186,6 +186,11 @@ std::string MtaStsCache::serialize() const {
 }
 
 bool MtaStsCache::deserialize(std::string_view text, std::int64_t now, std::string& error) {
+  // Every line ends in a newline: a file cut inside its last line ("mx: mx1.exam") is not loaded.
+  if (!text.empty() && text.back() != '\n') {
+    error = "truncated (no newline at the end)";
+    return false;
+  }
   std::map<std::string, CachedPolicy, std::less<>> loaded;
   std::istringstream in{std::string(text)};
   std::string line;

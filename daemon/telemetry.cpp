@@ -589,6 +589,11 @@ void Telemetry::configure(const config::Config& config) {
   impl_->windows.set_window(config.telemetry.window);
   impl_->remotes.set_limits({config.telemetry.top_remotes, config.telemetry.top_domains, config.telemetry.remotes,
                              config.telemetry.window});
+  // A shorter window drops what it no longer covers now, not at whichever scrape comes next: a reload back to
+  // the longer one must not bring back hours depending on whether Prometheus scraped in between.
+  const auto now = impl_->clock();
+  impl_->windows.prune(now);
+  impl_->remotes.prune(now);
 
   // Connectors that left the configuration lose their info and threshold series (a changed type or
   // forced_tls is a new info series); their counters stay (counters must never go backwards while the
@@ -869,12 +874,18 @@ bool Telemetry::save_state(const std::string& state_dir, std::string& error) {
     windows = impl_->windows.serialize();
     remotes = impl_->remotes.serialize();
   }
-  if (!write_state_file(state_dir, kStateFile, windows, error)) return false;
-  if (!write_state_file(state_dir, kRemotesFile, remotes, error)) return false;
-  // TLS-RPT aggregates: kept until sent, so they are state like the windows.
-  if (!impl_->tlsrpt.save(state_dir, error)) return false;
+  // Each file on its own: one that cannot be written (the biggest, on a nearly full disk) does not keep the
+  // others from being saved. `error` names every failure.
   error.clear();
-  return true;
+  const auto keep = [&](bool saved, const std::string& why) {
+    if (!saved) error += (error.empty() ? "" : "; ") + why;
+  };
+  std::string why;
+  keep(write_state_file(state_dir, kStateFile, windows, why), why);
+  keep(write_state_file(state_dir, kRemotesFile, remotes, why), why);
+  // TLS-RPT aggregates: kept until sent, so they are state like the windows.
+  keep(impl_->tlsrpt.save(state_dir, why), why);
+  return error.empty();
 }
 
 bool Telemetry::load_state(const std::string& state_dir, std::string& error) {

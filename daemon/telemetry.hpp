@@ -131,6 +131,7 @@ class Telemetry {
   // returns true with `error` set (for the log). False + error when the file or directory is unusable; those
   // failures are not counted here (the caller counts them with state_error).
   // The drill-down tables (state_dir/remotes.state) are saved and loaded the same way, with the windows.
+  // save_state writes each file even when another failed; the error then names every one that did.
   bool save_state(const std::string& state_dir, std::string& error);
   bool load_state(const std::string& state_dir, std::string& error);
 

@@ -131,6 +131,11 @@ std::string TlsRptStore::serialize() const {
 }
 
 bool TlsRptStore::deserialize(std::string_view text, std::string& error) {
+  // Every line ends in a newline: a file cut inside its last line (a count short of digits) is not loaded.
+  if (!text.empty() && text.back() != '\n') {
+    error = "truncated (no newline at the end)";
+    return false;
+  }
   std::vector<DomainDay> loaded;
   std::istringstream in{std::string(text)};
   std::string line;

@@ -25,7 +25,7 @@ class WindowStore {
 
   explicit WindowStore(std::chrono::hours window = std::chrono::hours(24 * 7));
 
-  void set_window(std::chrono::hours window);  // reload: shrinking drops what falls outside at next prune
+  void set_window(std::chrono::hours window);  // shrinking drops what falls outside at the next prune()
   std::chrono::hours window() const { return window_; }
 
   void add(std::string_view connector, config::Direction direction, proto::TlsVersion version, TimePoint now,

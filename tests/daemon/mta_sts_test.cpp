@@ -58,6 +58,31 @@ TEST_CASE("mta-sts cache: saved and loaded - expired entries are not loaded - co
   std::filesystem::remove_all(dir);
 }
 
+TEST_CASE("mta-sts cache: a file cut inside a line is never loaded as valid") {
+  // "mx: mx1.example.net" cut to "mx: mx1.exam" would be a valid policy that refuses the real MX.
+  const auto dir =
+      std::filesystem::temp_directory_path() / ("mailflow-mta-sts-cut-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  MtaStsCache cache;
+  cache.store("a.example", {"id1", policy(proto::mta_sts::Mode::enforce), 100, 1000}, 100);
+  const std::string whole = cache.serialize();
+  REQUIRE(whole.back() == '\n');
+  const auto header_end = whole.find('\n') + 1;
+  for (std::size_t cut = header_end + 1; cut < whole.size(); ++cut) {
+    if (whole[cut - 1] == '\n') continue;
+    CAPTURE(whole.substr(0, cut));
+    std::ofstream(dir / "mta-sts.state", std::ios::binary | std::ios::trunc) << whole.substr(0, cut);
+    MtaStsCache loaded;
+    std::string error;
+    REQUIRE(loaded.load(dir.string(), 500, error));
+    CHECK(error.find("mta-sts.state is unusable") != std::string::npos);
+    CHECK(std::filesystem::exists(dir / "mta-sts.state.corrupt-500"));
+    CHECK(loaded.size() == 0);
+    std::filesystem::remove(dir / "mta-sts.state.corrupt-500");
+  }
+  std::filesystem::remove_all(dir);
+}
+
 TEST_CASE("check_mx: listed, TLS1.2+, valid certificate - enforce refuses, testing reports, none ignores") {
   PolicyState enforce;
   enforce.mode = PolicyState::Mode::enforce;

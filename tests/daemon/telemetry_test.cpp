@@ -19,6 +19,7 @@
 #include "daemon/exposition.hpp"
 #include "daemon/reasons.hpp"
 #include "daemon/report.hpp"
+#include "daemon/tlsrpt.hpp"
 
 namespace {
 
@@ -371,6 +372,25 @@ TEST_CASE("an unusable state_dir fails load and save with a message") {
   CHECK_FALSE(telemetry.save_state(file.string(), error));
   CHECK(error.find("plain-file") != std::string::npos);
   CHECK_FALSE(telemetry.save_state((dir / "missing" / "deeper").string(), error));
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("a state file that cannot be written does not keep the others from being saved") {
+  // One file's save failing (here windows.state.tmp is in the way; in life a disk too full for the biggest
+  // file) must not cost the smaller ones, above all tlsrpt.state with the reports not yet sent.
+  const auto dir = fresh_dir("partial-save");
+  std::filesystem::create_directory(dir / "windows.state.tmp");
+  Telemetry telemetry([] { return kNow; });
+  telemetry.configure(test_config());
+  mailflow::Remote remote;
+  remote.address = "203.0.113.7";
+  telemetry.message_delivered("partner-contoso", Direction::inbound, TlsVersion::tls12, 1, 1, remote);
+  telemetry.tlsrpt().record("2026-11-25", {"example.net", {"mailto:tlsrpt@example.net"}, {}, std::nullopt});
+  std::string error;
+  CHECK_FALSE(telemetry.save_state(dir.string(), error));
+  CHECK(error.find("windows.state.tmp") != std::string::npos);
+  CHECK(std::filesystem::exists(dir / "remotes.state"));
+  CHECK(std::filesystem::exists(dir / "tlsrpt.state"));
   std::filesystem::remove_all(dir);
 }
 

@@ -1,9 +1,12 @@
 """A telemetry.window other than 7 days: `days` defaults to the window when it is shorter, may not exceed
 it (400 naming the limit), the insight sentence names the window ("in the last 1 day"), and the report's own
 statement of the window agrees with what the days parameter accepts; a window that is not whole days is refused."""
+import json
 import re
+import signal
 import subprocess
 import types
+from datetime import datetime, timezone
 
 import pytest
 
@@ -68,3 +71,36 @@ def test_window_must_be_whole_days(tmp_path, mailflowd_bin):
     result = subprocess.run([mailflowd_bin, "--check-config", str(config)], capture_output=True, text=True)
     assert result.returncode == 1, result
     assert f"{config}:6:11: telemetry.window: must be a whole number of days" in result.stderr, result.stderr
+
+
+
+def test_reload_that_shortens_the_window_drops_the_older_hours_at_once(workdir, sink_factory, daemon_factory):
+    """SIGHUP with telemetry.window 7d -> 1d drops the hours older than the new window at once, scraped or not
+    in between: a later reload back to 7d brings nothing back (as docs/configuration.md says). The days
+    parameter follows each window, and what stayed inside is still counted."""
+    sink = sink_factory("reload-window-store")
+    hour = int(datetime.now(timezone.utc).timestamp()) // 3600
+    state = workdir / "reload-window-state"
+    state.mkdir()
+    (state / "windows.state").write_text("mailflowd-windows 1\n"
+                                         f"{hour - 72} partner-cidr inbound 0 4 0 0 0\n"  # 3 days ago
+                                         f"{hour} partner-cidr inbound 2 0 0 0 0\n")
+    d = make(daemon_factory, sink, "reload-window", "7d")
+
+    def reload_to(window):
+        d.config["telemetry"]["window"] = window
+        d.config_path.write_text(json.dumps(d.config, indent=2) + "\n")
+        before = d.stderr().count("reloaded")
+        d.proc.send_signal(signal.SIGHUP)  # waited for in the log: a scrape would prune by itself
+        harness.wait_for(lambda: d.stderr().count("reloaded") > before, 10, what=f"the reload to {window}")
+
+    reload_to("1d")
+    reload_to("7d")
+    assert accepted_days(d, 7) == [1, 2, 3, 4, 5, 6, 7]
+    report, _ = rh.stable_report(d, "?days=7")
+    counted = {r["date"]: r["counts"] for r in report["rows"] if r["connector"] == "partner-cidr" and r["messages"]}
+    assert list(counted.values()) == [{"none": 2, "TLS1.0": 0, "TLS1.1": 0, "TLS1.2": 0, "TLS1.3": 0}], \
+        f"the hours before the 1-day window came back: {counted}"
+    assert harness.value(d.metrics(), "mailflow_window_messages", connector="partner-cidr", tls_version="TLS1.0") == 0
+    reload_to("1d")
+    assert accepted_days(d, 3) == [1]
