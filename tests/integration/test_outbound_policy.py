@@ -134,7 +134,8 @@ class PolicyHandler(http.server.BaseHTTPRequestHandler):
 class ScriptedMx:
     """An MX host that speaks SMTP itself and records every command it receives, before and after STARTTLS: EHLO
     offers XCLIENT, and STARTTLS when it has a certificate. After the handshake `after_tls` says what it does:
-    "serve" (250 to everything, a message taken), "refuse" (421 to the EHLO, then close) or "close" (close at the EHLO)."""
+    "serve" (250 to everything, a message taken), "refuse" (421 to the EHLO, then close) or "close" (close at the
+    EHLO)."""
 
     def __init__(self, host, port, cert=None, key=None, after_tls="serve"):
         self.name = f"scripted-mx-{host}"
@@ -553,7 +554,8 @@ def test_verify_names_do_not_stand_in_for_the_mx_host_name_under_mta_sts(env):
     rcpt, _ = deliver(env, f"max@vnames.{ORIGIN}")
     assert rcpt[0] == 451 and "tls_policy" in rcpt[1], rcpt
     assert sink.count() == n
-    assert policy_moved(before, env.daemon.metrics()) == {("names-partner", "mta-sts", "certificate-host-mismatch"): 1.0}
+    assert policy_moved(before, env.daemon.metrics()) == \
+        {("names-partner", "mta-sts", "certificate-host-mismatch"): 1.0}
     (detail,) = tlsrpt(env, f"vnames.{ORIGIN}")["report"]["policies"][0]["failure-details"]
     assert detail["result-type"] == "certificate-host-mismatch", detail
 
