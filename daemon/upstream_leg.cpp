@@ -100,13 +100,13 @@ std::optional<proto::tlsrpt::ResultType> certificate_problem(long verify_error) 
 
 // Why an MTA-STS policy kept an MX host from being used (its `mta_sts` line).
 void log_mta_sts_refusal(const std::string& id, const std::string& host, PolicyState::Mode mode,
-                         const proto::tlsrpt::FailureKey& failure) {
+                         proto::tlsrpt::ResultType result, std::string_view reason) {
   log_limited(LogLevel::warn, "mta_sts",
               {{"id", id},
                {"host", host},
                {"mode", to_string(mode)},
-               {"result", proto::tlsrpt::to_string(failure.result)},
-               {"reason", failure.failure_reason_code}});
+               {"result", proto::tlsrpt::to_string(result)},
+               {"reason", reason}});
 }
 
 }  // namespace
@@ -379,14 +379,17 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
     if (closed_) break;  // force_close() while connecting: no next address
     std::optional<proto::tlsrpt::FailureKey> failure;
     bool connected = false;
+    bool tls_session = false;
     if (dane.kind == proto::DanePlan::Kind::skip) {
       reason = "tls_policy";  // RFC 7672 2.2: a host whose TLSA records cannot be learned is not used
       failure = failure_key(proto::tlsrpt::ResultType::dnssec_invalid, host, endpoint, std::string(dane.why));
     } else {
-      connected = co_await connect_to(upstream, endpoint, host, connect_deadline, client, dane, reason);
-      if (!connected && tls_failure_) failure = failure_key(*tls_failure_, host, endpoint, tls_failure_reason_);
+      connected =
+          co_await connect_to(upstream, endpoint, host, connect_deadline, client, dane, nullptr, reason);
+      tls_session = tls_session_;
+      if (tls_failure_) failure = failure_key(*tls_failure_, host, endpoint, tls_failure_reason_);
     }
-    if (upstream.tls == config::UpstreamTls::dane && (connected || failure))
+    if (upstream.tls == config::UpstreamTls::dane && (connected || tls_session || failure))
       report_session(connector, policy, {}, {}, {}, std::move(failure));
     if (connected) {
       host_ = host;
@@ -488,31 +491,30 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
     };
     std::optional<proto::tlsrpt::FailureKey> failure;
     bool connected = false;
+    bool tls_session = false;
     if (dane.kind == proto::DanePlan::Kind::skip) {
       reason = "tls_policy";  // RFC 7672 2.2: a host whose TLSA records cannot be learned is not used
       failure = failure_of(proto::tlsrpt::ResultType::dnssec_invalid, std::string(dane.why));
     } else if (by_sts && sts.enforced() && !mx_listed(sts, attempt.host)) {
       reason = "tls_policy";  // RFC 8461 5: only the hosts the policy lists
       failure = failure_of(proto::tlsrpt::ResultType::validation_failure, "MX host not listed in the MTA-STS policy");
-      log_mta_sts_refusal(session_.id, attempt.host, sts.mode, *failure);
+      log_mta_sts_refusal(session_.id, attempt.host, sts.mode, failure->result, failure->failure_reason_code);
     } else {
-      connected = co_await connect_to(upstream, attempt.endpoint, attempt.host, in(config_.timeouts.upstream_connect),
-                                      client, dane, reason);
-      if (connected && by_sts && !meets_mta_sts(sts, attempt.host, failure)) {
-        connected = false;
-        reason = "tls_policy";
-      } else if (!connected && tls_failure_) {
-        failure = failure_of(*tls_failure_, tls_failure_reason_);
-      }
+      connected =
+          co_await connect_to(upstream, attempt.endpoint, attempt.host, in(config_.timeouts.upstream_connect),
+                              client, dane, by_sts ? &sts : nullptr, reason);
+      tls_session = tls_session_;
+      if (tls_failure_) failure = failure_of(*tls_failure_, tls_failure_reason_);
     }
-    // A session that never reached TLS negotiation (no connection, a refused banner) is no TLS session. Nor
-    // is one in plaintext that no policy asked TLS of (no STARTTLS offered, opportunistic): it counts under
-    // policy none, but the domain's TLS report counts TLS sessions only (RFC 8460 4.3), so it is not recorded
-    // there.
+    // A session that never reached TLS negotiation (no connection, a refused banner) is no TLS session. One
+    // whose negotiation succeeded is a successful one whatever SMTP said next (RFC 8460 4.3 counts sessions
+    // by their TLS negotiation). A session in plaintext that no policy asked TLS of (no STARTTLS offered,
+    // opportunistic) counts under policy none, but the domain's TLS report counts TLS sessions only, so it is
+    // not recorded there.
     const std::string_view policy = by_dane ? "dane" : by_sts ? "mta-sts" : "none";
-    const bool plaintext = connected && !failure && !link_->tls_active();
-    if (connected || failure)
-      report_session(connector, policy, domain, plaintext ? std::vector<std::string>{} : rua, key,
+    const bool reported = tls_session || failure;
+    if (connected || reported)
+      report_session(connector, policy, domain, reported ? rua : std::vector<std::string>{}, key,
                      std::move(failure));
     session_.telemetry.mx_attempt(upstream.name, connected ? "success" : reason);
     if (connected) {
@@ -527,19 +529,24 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
                     {}};
 }
 
-bool UpstreamLeg::meets_mta_sts(const PolicyState& sts, const std::string& host,
-                                std::optional<proto::tlsrpt::FailureKey>& failure) {
+bool UpstreamLeg::meets_mta_sts(const PolicyState& sts, const std::string& host) {
   MxTls tls;
   tls.tls = link_->tls_active();
   tls.version = link_->tls().version;
-  const auto problem = certificate_problem(link_->tls().verify_error);
+  auto problem = certificate_problem(link_->tls().verify_error);
+  // The certificate must be valid for the MX host name (RFC 8461 4.2), also where tls: verify checked it
+  // against verify_names instead.
+  if (!problem && tls.tls && !link_->certificate_matches(host))
+    problem = proto::tlsrpt::ResultType::certificate_host_mismatch;
   tls.certificate_valid = !problem;
   if (problem) tls.certificate_problem = *problem;
   const MxVerdict verdict = check_mx(sts, host, tls);
-  if (verdict.failure)
-    failure = proto::tlsrpt::FailureKey{*verdict.failure, local_address_, host, address(), verdict.reason};
+  if (verdict.failure) {
+    tls_failure_ = *verdict.failure;
+    tls_failure_reason_ = verdict.reason;
+  }
   if (verdict.usable) return true;
-  log_mta_sts_refusal(session_.id, host, sts.mode, *failure);
+  log_mta_sts_refusal(session_.id, host, sts.mode, *verdict.failure, verdict.reason);
   fail("tls_policy");
   return false;
 }
@@ -547,9 +554,10 @@ bool UpstreamLeg::meets_mta_sts(const PolicyState& sts, const std::string& host,
 asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, const tcp::endpoint& endpoint,
                                               const std::string& tls_name, TimePoint connect_deadline,
                                               const Client& client, const proto::DanePlan& dane,
-                                              std::string& reason) {
+                                              const PolicyState* sts, std::string& reason) {
   link_ = std::make_unique<Link>(tcp::socket(executor_), session_.deadlines);
   dane_authenticated_ = false;
+  tls_session_ = false;
   tls_failure_.reset();
   tls_failure_reason_.clear();
   local_address_.clear();
@@ -592,6 +600,10 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
       options.tls = dane_mandatory ? proto::UpstreamTlsPolicy::required : proto::UpstreamTlsPolicy::opportunistic;
       break;
   }
+  // An enforced MTA-STS policy makes TLS mandatory (RFC 8461 5): a host without STARTTLS gets no XCLIENT
+  // either.
+  if (sts != nullptr && sts->enforced() && options.tls == proto::UpstreamTlsPolicy::opportunistic)
+    options.tls = proto::UpstreamTlsPolicy::required;
   options.xclient_allowed = upstream.xclient;
   options.client_address = client.address;
   options.client_port = client.port;
@@ -670,11 +682,24 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
           tls_failure_reason_ = "below min_version " + std::string(proto::to_string(*upstream.min_version));
           co_return false;
         }
+        // MTA-STS before anything more is said to the host: no EHLO, no XCLIENT to one that fails it
+        // (enforce).
+        if (sts != nullptr && !meets_mta_sts(*sts, tls_name)) {
+          reason = "tls_policy";
+          co_return false;
+        }
         dane_authenticated_ = authenticate;
+        tls_session_ = !tls_failure_;
         action = engine.on_tls_started();
         break;
       }
       case Kind::ready:
+        // Without TLS (only where the policy is not enforced: enforce makes TLS mandatory): the failure it
+        // reports.
+        if (sts != nullptr && !link_->tls_active() && !meets_mta_sts(*sts, tls_name)) {
+          reason = "tls_policy";
+          co_return false;
+        }
         pipelining_ = engine.pipelining();
         co_return true;
       case Kind::fail: {
@@ -685,6 +710,8 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
         if (action.reason == "starttls_unavailable" || action.reason == "starttls_rejected") {
           tls_failure_ = proto::tlsrpt::ResultType::starttls_not_supported;
           tls_failure_reason_ = std::string(action.reason);
+          if (sts != nullptr && sts->enforced())
+            log_mta_sts_refusal(session_.id, tls_name, sts->mode, *tls_failure_, tls_failure_reason_);
         }
         reason = action.reason == "greeting_rejected" ? "banner_rejected"
                  : action.reason == "starttls_unavailable" || action.reason == "starttls_rejected"

@@ -118,11 +118,15 @@ class UpstreamLeg {
  private:
   // One connection attempt (connect, banner, EHLO, STARTTLS per policy, XCLIENT): false with `reason` set
   // (one of reasons::mx_attempts).
-  // `dane`: what DANE asks of this host (kind none unless tls: dane).
+  // `dane`: what DANE asks of this host (kind none unless tls: dane). `sts`: the MTA-STS policy that governs
+  // this MX host `tls_name` (null: none); it is checked right after the handshake, before anything else is
+  // said to the host (RFC 8461 5: under enforce one that fails it gets nothing more), and under enforce TLS
+  // is mandatory.
   boost::asio::awaitable<bool> connect_to(const config::Upstream& upstream,
                                           const boost::asio::ip::tcp::endpoint& endpoint,
                                           const std::string& tls_name, TimePoint connect_deadline,
-                                          const Client& client, const proto::DanePlan& dane, std::string& reason);
+                                          const Client& client, const proto::DanePlan& dane,
+                                          const PolicyState* sts, std::string& reason);
   // tls: dane: the TLSA records of `host` (when its DNS is `secure`; first those of its CNAME expansion
   // `canonical`, when it is an alias) and what they ask. The MX walk and a fixed upstream both plan with it.
   boost::asio::awaitable<proto::DanePlan> plan_dane(Resolver& resolver, const config::Upstream& upstream,
@@ -145,9 +149,10 @@ class UpstreamLeg {
   // A TLS-RPT failure of the session to `host` at `endpoint` (our side: the last connection's).
   proto::tlsrpt::FailureKey failure_key(proto::tlsrpt::ResultType type, const std::string& host,
                                         const boost::asio::ip::tcp::endpoint& endpoint, std::string why) const;
-  // The TLS-RPT verdict on the handshake just made to an MX host under an MTA-STS policy (RFC 8461 4):
-  // false when the policy is enforced and the host fails it (the connection is then closed).
-  bool meets_mta_sts(const PolicyState& sts, const std::string& host, std::optional<proto::tlsrpt::FailureKey>& failure);
+  // The MTA-STS check (RFC 8461 4) of the connection just made to MX host `host`: after the handshake, or
+  // where it goes on without TLS. A failure is kept in tls_failure_ (TLS-RPT); false when the policy is
+  // enforced and the host fails it (the connection is then closed without another word).
+  bool meets_mta_sts(const PolicyState& sts, const std::string& host);
   // A write or read of the connection failed with `ec` at `stage` ("write", "reply"): its idle close (see
   // closed_idle()) or a failure counted as `timeout` or `connection_lost`.
   void lost(const boost::system::error_code& ec, std::string_view stage);
@@ -166,10 +171,14 @@ class UpstreamLeg {
   bool pipelining_ = false;
   bool dane_authenticated_ = false;  // the current connection's certificate matched a TLSA record
   std::string_view policy_ = "none";
-  // Why the last connect_to() failed in TLS (TLS-RPT result type and reason), when it did; a connection that
-  // never reached STARTTLS is no TLS session and leaves it empty.
+  // Why the last connect_to() failed in TLS (TLS-RPT result type and reason), when it did, or what the
+  // MTA-STS check found where a testing policy let the connection go on; a connection that never reached
+  // STARTTLS is no TLS session and leaves it empty.
   std::optional<proto::tlsrpt::ResultType> tls_failure_;
   std::string tls_failure_reason_;
+  // The last connect_to() negotiated TLS and the policy's checks passed: a successful TLS session (RFC 8460),
+  // whatever SMTP said next (EHLO refused, connection lost).
+  bool tls_session_ = false;
   std::string local_address_;  // our side of the current connection (TLS-RPT's sending-mta-ip)
   bool kept_unanswered_ = false;  // open() kept the connection, and it has not answered anything since
   bool closed_idle_ = false;      // see closed_idle()

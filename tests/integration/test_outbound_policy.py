@@ -11,12 +11,19 @@ certificates from the test CA) on 127.0.0.75:443 serves their policies; the MX h
 - enforce, the MX is not listed in the policy: not used, validation-failure;
 - a domain without a policy: counted under policy "none";
 - a domain whose policy host answers 404: delivered, and sts-policy-fetch-error reported;
-- a full state_dir: delivery goes on, the save at shutdown fails loudly."""
+- a full state_dir: delivery goes on, the save at shutdown fails loudly;
+- enforce, a scripted MX that fails the check (certificate for another name, no STARTTLS) is told nothing more:
+  no XCLIENT, no second EHLO (RFC 8461 5);
+- a TLS session that met the policy and then failed in SMTP (EHLO refused, connection closed) is a successful TLS
+  session in the metric and the TLS report (RFC 8460);
+- tls: verify with verify_names: a certificate that matches verify_names but not the MX host name fails
+  MTA-STS (RFC 8461 4.2)."""
 import datetime
 import http.server
 import json
 import os
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
@@ -36,6 +43,9 @@ from dns_server import KnotServer  # noqa: E402
 
 ORIGIN = "policy2.example.net"
 GOOD_MX, BAD_MX, PLAIN_MX, POLICY_HOST = "127.0.0.71", "127.0.0.72", "127.0.0.73", "127.0.0.75"
+# Scripted MX hosts (ScriptedMx): certificate for another name; no STARTTLS; EHLO after STARTTLS refused; the
+# connection closed at the EHLO after STARTTLS.
+OTHERCERT_MX, NOTLS_MX, REFUSE_MX, CLOSE_MX = "127.0.0.76", "127.0.0.77", "127.0.0.78", "127.0.0.79"
 RUA = "mailto:tls-reports@example.org"
 
 
@@ -49,6 +59,10 @@ POLICIES = {
     f"mta-sts.testing.{ORIGIN}": policy("testing", f"mx.badcert.{ORIGIN}"),
     f"mta-sts.notlisted.{ORIGIN}": policy("enforce", f"mx.elsewhere.{ORIGIN}"),
     f"mta-sts.vbadcert.{ORIGIN}": policy("enforce", f"mx.badcert.{ORIGIN}"),
+    f"mta-sts.vnames.{ORIGIN}": policy("enforce", f"mx.badcert.{ORIGIN}"),
+    **{f"mta-sts.{name}.{ORIGIN}": policy("enforce", f"mx.{name}.{ORIGIN}")
+       for name in ("othercert", "notls", "refuse", "close")},
+    f"mta-sts.notlstest.{ORIGIN}": policy("testing", f"mx.notls.{ORIGIN}"),
 }
 
 ZONE = f"""$ORIGIN {ORIGIN}.
@@ -86,7 +100,21 @@ _mta-sts.vbadcert TXT  "v=STSv1; id=1;"
 mta-sts.vbadcert A     {POLICY_HOST}
 _smtp._tls.vbadcert TXT "v=TLSRPTv1; rua={RUA}"
 _smtp._tls.plainrpt TXT "v=TLSRPTv1; rua={RUA}"
-"""
+notlstest        MX    10 mx.notls
+_mta-sts.notlstest TXT "v=STSv1; id=1;"
+mta-sts.notlstest A    {POLICY_HOST}
+_smtp._tls.notlstest TXT "v=TLSRPTv1; rua={RUA}"
+vnames           MX    10 mx.badcert
+_mta-sts.vnames  TXT   "v=STSv1; id=1;"
+mta-sts.vnames   A     {POLICY_HOST}
+_smtp._tls.vnames TXT  "v=TLSRPTv1; rua={RUA}"
+""" + "".join(f"""{name}  MX  10 mx.{name}
+mx.{name}  A  {address}
+_mta-sts.{name}  TXT  "v=STSv1; id=1;"
+mta-sts.{name}  A  {POLICY_HOST}
+_smtp._tls.{name}  TXT  "v=TLSRPTv1; rua={RUA}"
+""" for name, address in (("othercert", OTHERCERT_MX), ("notls", NOTLS_MX), ("refuse", REFUSE_MX),
+                          ("close", CLOSE_MX)))
 
 
 class PolicyHandler(http.server.BaseHTTPRequestHandler):
@@ -103,6 +131,87 @@ class PolicyHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class ScriptedMx:
+    """An MX host that speaks SMTP itself and records every command it receives, before and after STARTTLS: EHLO
+    offers XCLIENT, and STARTTLS when it has a certificate. After the handshake `after_tls` says what it does:
+    "serve" (250 to everything, a message taken), "refuse" (421 to the EHLO, then close) or "close" (close at the
+    EHLO)."""
+
+    def __init__(self, host, port, cert=None, key=None, after_tls="serve"):
+        self.name = f"scripted-mx-{host}"
+        self.after_tls = after_tls
+        self.context = None
+        if cert:
+            self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.context.load_cert_chain(cert, key)
+        self.commands = []  # (tls, command line) in arrival order, over all connections
+        self.sock = socket.create_server((host, port))
+        threading.Thread(target=self._accept, daemon=True).start()
+        harness.LIVE.append(self)
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        conn.settimeout(10)
+        buffer, tls, data = b"", False, False
+        try:
+            conn.sendall(b"220 scripted.test ESMTP\r\n")
+            while True:
+                while b"\r\n" not in buffer:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        return
+                    buffer += chunk
+                line, buffer = buffer.split(b"\r\n", 1)
+                if data:  # message text, up to its end
+                    if line == b".":
+                        data = False
+                        conn.sendall(b"250 2.0.0 Queued\r\n")
+                    continue
+                self.commands.append((tls, line.decode(errors="replace")))
+                verb = line.split(b" ", 1)[0].upper()
+                if tls and self.after_tls == "close":
+                    return
+                if tls and self.after_tls == "refuse":
+                    conn.sendall(b"421 4.3.2 Not now\r\n")
+                    return
+                if verb == b"EHLO":
+                    conn.sendall(b"250-scripted.test\r\n250-XCLIENT ADDR PORT HELO PROTO\r\n" +
+                                 (b"250 STARTTLS\r\n" if self.context and not tls else b"250 8BITMIME\r\n"))
+                elif verb == b"STARTTLS" and self.context and not tls:
+                    conn.sendall(b"220 2.0.0 Go ahead\r\n")
+                    conn = self.context.wrap_socket(conn, server_side=True)
+                    tls = True
+                elif verb == b"XCLIENT":
+                    conn.sendall(b"220 scripted.test ESMTP\r\n")
+                elif verb == b"DATA":
+                    data = True
+                    conn.sendall(b"354 Go ahead\r\n")
+                elif verb == b"QUIT":
+                    conn.sendall(b"221 2.0.0 Bye\r\n")
+                    return
+                else:
+                    conn.sendall(b"250 2.0.0 OK\r\n")
+        except (OSError, ssl.SSLError):
+            pass
+        finally:
+            conn.close()
+
+    def stop(self):
+        self.sock.close()
+        if self in harness.LIVE:
+            harness.LIVE.remove(self)
+
+    def log_tail(self):
+        return "\n".join(f"{'TLS' if tls else 'plain'}: {line}" for tls, line in self.commands[-50:])
+
+
 @pytest.fixture(scope="module")
 def short_dir():
     path = tempfile.mkdtemp(prefix="mf-pol-")
@@ -114,6 +223,7 @@ def short_dir():
 def env(certs, workdir, short_dir, sink_factory, daemon_factory):
     knot = KnotServer(short_dir, {ORIGIN: ZONE}).start()
     server = None
+    scripted = {}
     try:
         # mta-sts.nopolicy's name is on the certificate, but the server has no policy for it (404).
         cert, key = harness.ca_signed_cert(certs, workdir, "policy-host",
@@ -125,7 +235,7 @@ def env(certs, workdir, short_dir, sink_factory, daemon_factory):
         server.daemon_threads = True
         threading.Thread(target=server.serve_forever, daemon=True).start()
 
-        port = harness.free_port("127.0.0.1", GOOD_MX, BAD_MX, PLAIN_MX)
+        port = harness.free_port("127.0.0.1", GOOD_MX, BAD_MX, PLAIN_MX, OTHERCERT_MX, NOTLS_MX, REFUSE_MX, CLOSE_MX)
         good_cert, good_key = harness.ca_signed_cert(certs, workdir, "mx-sts", [f"mx.sts.{ORIGIN}"], chain=True)
         sinks = {
             "good": sink_factory("mx-sts", host=GOOD_MX, port=port, tls_cert=good_cert, tls_key=good_key),
@@ -134,25 +244,39 @@ def env(certs, workdir, short_dir, sink_factory, daemon_factory):
                                 tls_key=certs / "sink.key"),
             "plain": sink_factory("mx-plain", host=PLAIN_MX, port=port),
         }
+        scripted = {"othercert": ScriptedMx(OTHERCERT_MX, port, certs / "sink.pem", certs / "sink.key"),
+                    "notls": ScriptedMx(NOTLS_MX, port)}
+        for name, address in (("refuse", REFUSE_MX), ("close", CLOSE_MX)):
+            cert, key = harness.ca_signed_cert(certs, workdir, f"mx-{name}", [f"mx.{name}.{ORIGIN}"], chain=True)
+            scripted[name] = ScriptedMx(address, port, cert, key, after_tls=name)
         listeners = [{"name": "out", "address": f"127.0.0.1:{port}", "direction": "outbound",
                       "upstream": "internet"}]
         upstreams = [{"name": "internet", "mx": True, "port": port, "tls": "opportunistic", "mta_sts": "enforce"},
                      {"name": "lenient", "mx": True, "port": port, "tls": "opportunistic", "mta_sts": "testing"},
                      {"name": "verifying", "mx": True, "port": port, "tls": "verify", "ca_file": str(certs / "ca.pem"),
-                      "mta_sts": "enforce"}]
+                      "mta_sts": "enforce"},
+                     {"name": "verifying-names", "mx": True, "port": port, "tls": "verify",
+                      "ca_file": str(certs / "ca.pem"), "verify_names": ["sink.test"], "mta_sts": "enforce"}]
         connectors = [{"name": "partners", "type": "partner", "direction": "outbound",
                        "match": {"recipient_domains": [f"sts.{ORIGIN}", f"badcert.{ORIGIN}",
                                                        f"notlisted.{ORIGIN}", f"plain.{ORIGIN}",
-                                                       f"nopolicy.{ORIGIN}", f"plainrpt.{ORIGIN}"]}},
+                                                       f"nopolicy.{ORIGIN}", f"plainrpt.{ORIGIN}"] +
+                                                      [f"{name}.{ORIGIN}" for name in scripted]}},
                       {"name": "lenient-partner", "type": "partner", "direction": "outbound",
-                       "match": {"recipient_domains": [f"testing.{ORIGIN}"]}, "upstream": "lenient"},
+                       "match": {"recipient_domains": [f"testing.{ORIGIN}", f"notlstest.{ORIGIN}"]},
+                       "upstream": "lenient"},
                       {"name": "verify-partner", "type": "partner", "direction": "outbound",
-                       "match": {"recipient_domains": [f"vbadcert.{ORIGIN}"]}, "upstream": "verifying"}]
+                       "match": {"recipient_domains": [f"vbadcert.{ORIGIN}"]}, "upstream": "verifying"},
+                      {"name": "names-partner", "type": "partner", "direction": "outbound",
+                       "match": {"recipient_domains": [f"vnames.{ORIGIN}"]}, "upstream": "verifying-names"}]
         daemon = daemon_factory(listeners, upstreams, connectors,
                                 dns={"servers": [knot.address], "timeout": "2s"},
                                 mta_sts={"ca_file": str(certs / "ca.pem"), "fetch_timeout": "3s"})
-        yield types.SimpleNamespace(daemon=daemon, port=port, sinks=sinks, dns=knot.address, ca=certs / "ca.pem")
+        yield types.SimpleNamespace(daemon=daemon, port=port, sinks=sinks, scripted=scripted, dns=knot.address,
+                                    ca=certs / "ca.pem")
     finally:
+        for mx in scripted.values():
+            mx.stop()
         if server:
             server.shutdown()
         knot.stop()
@@ -379,3 +503,73 @@ def test_destination_domains_show_their_policy_and_failures(env):
     assert header.endswith(",policy,policy_failures"), header
     badcert = next(line.split(",") for line in lines if f",badcert.{ORIGIN}," in line)
     assert badcert[-2:] == ["mta-sts", str(rows[f"badcert.{ORIGIN}"]["refused"])], badcert
+
+
+@pytest.mark.parametrize("name,result", [("othercert", "certificate-host-mismatch"),
+                                         ("notls", "starttls-not-supported")])
+def test_enforced_policy_tells_a_failing_host_nothing_more(env, name, result):
+    """RFC 8461 5: the MTA-STS check belongs right after the TLS handshake (and before anything is sent to a host
+    that has no STARTTLS): a host that fails it under enforce gets neither XCLIENT (the real client's address and
+    HELO) nor a second EHLO. The scripted MX offers XCLIENT and records every command."""
+    mx = env.scripted[name]
+    start = len(mx.commands)
+    before = env.daemon.metrics()
+    rcpt, _ = deliver(env, f"kim@{name}.{ORIGIN}")
+    assert rcpt[0] == 451 and "tls_policy" in rcpt[1], rcpt
+    received = mx.commands[start:]
+    verbs = [line.split(" ", 1)[0].upper() for _, line in received]
+    assert verbs and verbs[0] == "EHLO", received  # it was contacted
+    assert "XCLIENT" not in verbs and verbs.count("EHLO") == 1, received
+    assert "MAIL" not in verbs, received
+    assert not any(tls for tls, _ in received), received  # not a word inside TLS either
+    assert policy_moved(before, env.daemon.metrics()) == {("partners", "mta-sts", result): 1.0}
+    (detail,) = tlsrpt(env, f"{name}.{ORIGIN}")["report"]["policies"][0]["failure-details"]
+    assert detail["result-type"] == result and detail["receiving-mx-hostname"] == f"mx.{name}.{ORIGIN}", detail
+
+
+@pytest.mark.parametrize("name", ["refuse", "close"])
+def test_tls_session_that_fails_after_the_handshake_is_a_successful_tls_session(env, name):
+    """RFC 8460 counts TLS sessions by their negotiation: the handshake and the policy's checks succeeded, so the
+    session is a success in mailflow_outbound_policy_total and in the domain's TLS report, whatever SMTP said next
+    (the EHLO after STARTTLS refused, or the connection closed)."""
+    mx = env.scripted[name]
+    start = len(mx.commands)
+    before = env.daemon.metrics()
+    rcpt, _ = deliver(env, f"lee@{name}.{ORIGIN}")
+    assert rcpt[0] == 451, rcpt  # no host took the mail
+    received = mx.commands[start:]
+    assert any(tls for tls, _ in received), received  # TLS was negotiated, the EHLO inside it sent
+    assert policy_moved(before, env.daemon.metrics()) == {("partners", "mta-sts", "success"): 1.0}
+    (entry,) = tlsrpt(env, f"{name}.{ORIGIN}")["report"]["policies"]
+    assert entry["summary"] == {"total-successful-session-count": 1, "total-failure-session-count": 0}, entry
+
+
+def test_verify_names_do_not_stand_in_for_the_mx_host_name_under_mta_sts(env):
+    """tls: verify with verify_names: ["sink.test"]: the MX's certificate (sink.test, from the trusted CA) passes the
+    upstream's own check, but MTA-STS wants a certificate valid for the MX host name (RFC 8461 4.2), which it is
+    not: under enforce the host is not used, and certificate-host-mismatch is reported."""
+    sink = env.sinks["bad"]
+    n = sink.count()
+    before = env.daemon.metrics()
+    rcpt, _ = deliver(env, f"max@vnames.{ORIGIN}")
+    assert rcpt[0] == 451 and "tls_policy" in rcpt[1], rcpt
+    assert sink.count() == n
+    assert policy_moved(before, env.daemon.metrics()) == \
+        {("names-partner", "mta-sts", "certificate-host-mismatch"): 1.0}
+    (detail,) = tlsrpt(env, f"vnames.{ORIGIN}")["report"]["policies"][0]["failure-details"]
+    assert detail["result-type"] == "certificate-host-mismatch", detail
+
+
+def test_testing_policy_delivers_in_plaintext_and_reports_starttls_not_supported(env):
+    """A testing policy withholds nothing: an MX without STARTTLS gets the mail in plaintext, and the session is
+    reported as the policy's failure (starttls-not-supported), not as a success."""
+    mx = env.scripted["notls"]
+    start = len(mx.commands)
+    before = env.daemon.metrics()
+    rcpt, final = deliver(env, f"nina@notlstest.{ORIGIN}")
+    assert rcpt[0] == 250 and final[0] == 250, (rcpt, final)
+    assert "XCLIENT" in [line.split(" ", 1)[0] for _, line in mx.commands[start:]], mx.commands[start:]
+    assert policy_moved(before, harness.wait_moved(env.daemon, before)) == \
+        {("lenient-partner", "mta-sts", "starttls-not-supported"): 1.0}
+    (detail,) = tlsrpt(env, f"notlstest.{ORIGIN}")["report"]["policies"][0]["failure-details"]
+    assert detail["result-type"] == "starttls-not-supported", detail
