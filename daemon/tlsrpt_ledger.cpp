@@ -42,13 +42,15 @@ TlsRptLedger::Verdict TlsRptLedger::record(const Key& key, const std::vector<std
   for (const auto& address : rua) {
     if (!entry.finished.contains(address)) left.push_back(address);
   }
+  // A report done with stays here, every rua finished, until the store has forgotten it too (keep_only): were it
+  // forgotten here first, a crash before the store's save would bring it back from the older state file, unknown
+  // here, and it would go out again to every rua.
   if (left.empty()) {
     verdict.kind = Verdict::Kind::done;
-    entries_.erase(it);
   } else if (now - entry.first_try >= retry_for.count()) {
     verdict.kind = Verdict::Kind::gave_up;
+    entry.finished.insert(left.begin(), left.end());
     verdict.given_up = std::move(left);
-    entries_.erase(it);
   }
   return verdict;
 }

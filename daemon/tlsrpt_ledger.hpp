@@ -4,8 +4,9 @@
 // was. A report is done when every rua took it or refused it permanently; one that still fails temporarily
 // `retry_for` after its first try is given up. No I/O here: serialize() and parse() give the text that the
 // sender keeps in state_dir/tlsrpt-ledger.state, so that a restart neither sends a report again to a rua that
-// took it nor restarts its retry_for. Bounded by the store: keep_only() drops what left it (sent, or older
-// than max_days). Not thread-safe: one sender owns it.
+// took it nor restarts its retry_for. A report done with (sent, or given up) stays, with nothing left to try,
+// until the store has forgotten it too. Bounded by the store: keep_only() drops what left it (done with, or
+// older than max_days). Not thread-safe: one sender owns it.
 #include <chrono>
 #include <cstdint>
 #include <map>
@@ -33,7 +34,8 @@ class TlsRptLedger {
 
   // The addresses of `rua` still to try for this report (all of them the first time).
   std::vector<std::string> to_try(const Key& key, const std::vector<std::string>& rua) const;
-  // One try of this report at unix time `now`: `outcomes` for the addresses tried.
+  // One try of this report at unix time `now`: `outcomes` for the addresses tried. Once done or given up, to_try()
+  // gives nothing for it until keep_only() drops it.
   Verdict record(const Key& key, const std::vector<std::string>& rua,
                  const std::vector<std::pair<std::string, TlsRptDelivery>>& outcomes, std::int64_t now,
                  std::chrono::seconds retry_for);

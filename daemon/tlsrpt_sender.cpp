@@ -342,6 +342,7 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
         ledger_.record(key, day->rua, outcomes, now,
                        std::chrono::duration_cast<std::chrono::seconds>(config.tlsrpt.retry_for));
     ledger_changed_ = true;
+    save_ledger();  // at once: a crash later in the run must not send this report again where it was taken
     if (verdict.kind == TlsRptLedger::Verdict::Kind::retry) continue;
     if (verdict.kind == TlsRptLedger::Verdict::Kind::gave_up) {
       for (const auto& uri : verdict.given_up) {
@@ -358,10 +359,13 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
   }
   resolver_.reset();  // the next run uses the dns settings of its time
   if (forgot) {
-    // A report done with is saved gone at once, before the ledger forgets it: after a crash it must not come back
-    // from an older tlsrpt.state (the periodic save) and go out again to every rua.
+    // The reports done with are saved gone from the store at once, and only then forgotten by the ledger (which
+    // has them, nothing left to try, since their last try): after a crash none comes back from an older
+    // tlsrpt.state unknown to the ledger, to go out again to every rua.
     std::string error;
-    if (!store.save(state_dir_, error)) {
+    if (store.save(state_dir_, error)) {
+      if (ledger_.keep_only(store.reports_before(utc_date(now))) > 0) ledger_changed_ = true;
+    } else {
       telemetry_.state_error("save_failed");
       log_limited(LogLevel::error, "state_save_failed", {{"error", error}});
     }

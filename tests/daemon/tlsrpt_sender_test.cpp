@@ -27,7 +27,11 @@ TEST_CASE("ledger: a report every rua took is done, and only the failed rua are 
   CHECK(ledger.to_try(day, rua) == std::vector<std::string>{rua[1]});
   verdict = ledger.record(day, rua, {{rua[1], TlsRptDelivery::success}}, 4600, 24h);
   CHECK(verdict.kind == Kind::done);
-  CHECK(ledger.size() == 0);
+  // Kept, nothing left to try, until the store forgot it too (a crash between the two must not resend it).
+  CHECK(ledger.size() == 1);
+  CHECK(ledger.to_try(day, rua).empty());
+  CHECK(ledger.record(day, rua, {}, 4700, 24h).kind == Kind::done);
+  CHECK(ledger.keep_only({}) == 1);
   CHECK(ledger.to_try(day, rua) == rua);  // forgotten: a new report of that key starts over
 }
 
@@ -51,7 +55,12 @@ TEST_CASE("ledger: still failing retry_for after the first try: given up, with t
   const auto verdict = ledger.record(day, rua, {{rua[0], TlsRptDelivery::temporary_failure}}, first + 24 * 3600, 24h);
   CHECK(verdict.kind == Kind::gave_up);
   CHECK(verdict.given_up == std::vector<std::string>{rua[0]});
-  CHECK(ledger.size() == 0);
+  // Kept with nothing left to try until the store forgot it: neither rua gets it again, none is given up twice.
+  CHECK(ledger.to_try(day, rua).empty());
+  const auto again = ledger.record(day, rua, {}, first + 25 * 3600, 24h);
+  CHECK(again.kind == Kind::done);
+  CHECK(again.given_up.empty());
+  CHECK(ledger.keep_only({}) == 1);
 }
 
 TEST_CASE("ledger: retry_for 0 gives up at the first temporary failure, reports keep their own clocks") {

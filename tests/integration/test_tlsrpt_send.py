@@ -295,13 +295,17 @@ def test_a_restart_keeps_which_rua_took_the_report_and_its_first_try(stop, workd
     took.wait_messages(1, timeout=20)
     harness.wait_for(lambda: deliveries(first, "temporary_failure") >= 1, 20, what="the 451 of the other rua")
     first_try_seen = time.monotonic()  # the first try was before this
+    ledger_file = state_dir / "tlsrpt-ledger.state"
+    # Saved right after the report's try, not at the end of the run or at stop (the counter above comes first).
+    harness.wait_for(lambda: ledger_file.exists() and "took.rpt.example.net" in ledger_file.read_text(), 10,
+                     what="the ledger saved after the try")
     if stop == "SIGKILL":
         first.proc.kill()
         first.proc.wait(5)
     else:
         assert first.stop() == 0, first.log_tail()
     harness.LIVE.remove(first)
-    ledger = (state_dir / "tlsrpt-ledger.state").read_text()
+    ledger = ledger_file.read_text()
     assert "d.example.net" in ledger and "mailto:tlsrpt@took.rpt.example.net" in ledger, ledger
     assert "later.rpt.example.net" not in ledger, ledger  # it did not take it: tried again after the restart
 
