@@ -56,6 +56,9 @@ inline constexpr auto tls_handshake_failures = std::to_array<std::string_view>({
 inline constexpr auto upstream_errors = std::to_array<std::string_view>({
     "connect_failed", "connect_timeout", "connection_lost", "timeout", "protocol", "tls_failed", "tls_policy",
     "starttls_pipelining", "rset_rejected",
+    // timeouts.upstream_open passed while an upstream was being opened (DNS, MTA-STS, the connect
+    // attempts, their setup): once per open, its RCPT gets 451 4.4.2
+    "open_timeout",
     // proto/client_session.cpp
     "greeting_rejected", "ehlo_rejected", "starttls_unavailable", "starttls_rejected",
 });
@@ -64,6 +67,7 @@ inline constexpr auto upstream_errors = std::to_array<std::string_view>({
 // daemon/upstream_leg.cpp.
 inline constexpr auto mx_attempts = std::to_array<std::string_view>({
     "success", "connect_failed", "connect_timeout", "banner_rejected", "tls_failed", "tls_policy", "failed",
+    "open_timeout",  // cut short by timeouts.upstream_open: the walk ends there
 });
 
 // mailflow_outbound_policy_total{connector, policy, result}: policy is one of outbound_policies; result is
