@@ -11,7 +11,8 @@ upstream_open 3s:
 - onehole.example.net (silent, good): the walk reaches the good host in time and delivers.
 - a fixed upstream that stalls at EHLO: 451 4.4.2 at 3 s, not after timeouts.command.
 - stsslow.example.net, whose MTA-STS policy host never answers (mta_sts.fetch_timeout 10s): 451 4.4.2 at 3 s.
-- a DNS server that never answers (dns.timeout 8s, upstream_open 2s): 451 4.4.2 at 2 s."""
+- a DNS server that never answers (dns.timeout 8s, upstream_open 2s): 451 4.4.2 at 2 s.
+- address literals: refused with 550 5.1.2 by an mx upstream (nothing looked up), relayed by a fixed one."""
 import shutil
 import sys
 import tempfile
@@ -227,3 +228,29 @@ def test_dns_lookups_end_by_upstream_open(env, daemon_factory):
         assert "at=dns" in d.stderr(), d.log_tail()
     finally:
         silent.close()
+
+
+def test_address_literal_refused_by_mx_upstream_relayed_by_fixed_one(env):
+    d = env.daemon
+    before = d.metrics()
+    n = env.good.connections()
+    c, (code, text), _ = timed_rcpt(env.ports["out"], f"frank@[{ADDR['good']}]")
+    try:
+        assert code == 550 and text.startswith("550 5.1.2 "), text
+        assert "address literal" in text, text
+    finally:
+        c.close()
+    after = hh.assert_counter(d, before, "mailflow_rejects_total", listener="out", reason="address_literal")
+    assert not delta(before, after, "mailflow_dns_lookups_total"), "an address literal is not looked up"
+    assert env.good.connections() == n, "nothing was delivered to the literal's address"
+
+    # A fixed upstream takes the recipient as it is.
+    n = env.store.count()
+    c = hh.greeted(env.ports["in"])
+    try:
+        code, text = hh.transaction(c, hh.message("literal"), sender=SENDER, rcpts=("grace@[127.0.0.1]",))
+        assert code == 250, text
+    finally:
+        c.close()
+    meta, _ = env.store.wait_messages(n + 1)[-1]
+    assert meta["rcpt_tos"] == ["grace@[127.0.0.1]"]
