@@ -58,7 +58,9 @@ const std::vector<Section>& schema() {
        {"max_sessions", "max_sessions_per_ip", "max_message_size", "max_recipients", "max_bad_commands",
         "max_line", "drain_timeout", "greet_pause", "bare_newline", "max_hops"}},
       {"log", {"level", "format", "output"}},
-      {"timeouts", {"greeting", "command", "data_block", "data_end", "tls_handshake", "upstream_connect"}},
+      {"timeouts",
+       {"greeting", "command", "data_block", "data_end", "tls_handshake", "upstream_connect",
+        "upstream_open"}},
       {"performance", {"busy_poll", "event_loops"}},
   };
   return sections;
@@ -1455,6 +1457,17 @@ class Loader {
     one("data_end", t.data_end);
     one("tls_handshake", t.tls_handshake);
     one("upstream_connect", t.upstream_connect);
+    one("upstream_open", t.upstream_open);
+    // upstream_open bounds the whole opening of an upstream, every connect attempt included: no longer than
+    // one attempt, it leaves no time for the next MX host or address.
+    if (t.upstream_open <= t.upstream_connect) {
+      const Field* at = get(*map, "upstream_open");
+      if (at == nullptr) at = get(*map, "upstream_connect");
+      warn_at(at->value.Mark(), "timeouts.upstream_open (" + format_duration(t.upstream_open) +
+                                    ") is not longer than timeouts.upstream_connect (" +
+                                    format_duration(t.upstream_connect) +
+                                    "): a host that does not answer leaves no time to try the next one");
+    }
   }
 };
 

@@ -200,6 +200,9 @@ struct Timeouts {
   std::chrono::milliseconds data_end{600000};
   std::chrono::milliseconds tls_handshake{30000};
   std::chrono::milliseconds upstream_connect{30000};
+  // The whole opening of an upstream for a RCPT (DNS, MTA-STS, every connect attempt and the setup steps):
+  // under the 5 minutes a client waits for its RCPT reply (RFC 5321 4.5.3.2.5), so that it gets ours.
+  std::chrono::milliseconds upstream_open{240000};
 };
 
 struct Config {

@@ -64,7 +64,7 @@ net::awaitable<PolicyFetch> fetch_policy(net::any_io_executor executor, std::str
   using Error = HttpsResponse::Error;
   const std::string host = "mta-sts." + proto::ascii_lower(domain);
   HttpsLimits limits;
-  limits.deadline = std::chrono::steady_clock::now() + settings.fetch_timeout;
+  limits.deadline = std::min(std::chrono::steady_clock::now() + settings.fetch_timeout, settings.not_after);
   limits.max_body_bytes = proto::mta_sts::max_policy_bytes;
   HttpsRequest request;
   request.host = host;  // RFC 8461 3.3: the certificate must be valid for mta-sts.<domain>

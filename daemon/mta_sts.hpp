@@ -31,6 +31,8 @@ class Resolver;
 struct MtaStsSettings {
   std::string ca_file;  // PEM CA file for the HTTPS fetch; empty: the system trust store
   std::chrono::milliseconds fetch_timeout{10000};  // the whole fetch: connect, handshake, request, answer
+  // And no later than this (the caller's own deadline: the MX walk's timeouts.upstream_open).
+  std::chrono::steady_clock::time_point not_after = std::chrono::steady_clock::time_point::max();
   std::size_t max_policies = 10000;                // cached domains; the soonest to expire is dropped first
   // "host:port" to connect to instead of mta-sts.<domain>:443 (SNI and the verified name stay
   // mta-sts.<domain>); for `mailflowd mta-sts --connect` and the tests. Empty: the real place.

@@ -22,6 +22,8 @@ std::string_view to_string(MxRoute::Result result) {
       return "dns_failure";
     case MxRoute::Result::loop:
       return "loop";
+    case MxRoute::Result::address_literal:
+      return "address_literal";
   }
   return "dns_failure";
 }
@@ -30,6 +32,17 @@ boost::asio::awaitable<MxRoute> resolve_mx_route(Resolver& resolver, const OwnLi
                                                  std::string domain, std::uint16_t port) {
   MxRoute route;
   route.domain = std::move(domain);
+  if (route.domain.starts_with('[')) {
+    // RFC 5321 4.1.3: a host named by its address, not a domain whose MX hosts could be looked up (asking DNS
+    // for MX of "[192.0.2.1]" gets nothing sensible). Delivering to it directly would let any client of an mx
+    // upstream send to any address, internal ones included, past every policy that rests on the domain
+    // (connectors by recipient domain, MTA-STS, DANE, TLS-RPT): refused, as most MX delivery is. A fixed
+    // upstream relays it.
+    route.result = MxRoute::Result::address_literal;
+    route.reply = "550 5.1.2 Recipient address rejected: address literal " + route.domain +
+                  " is not routed through MX delivery";
+    co_return route;
+  }
   route.mx = co_await resolver.resolve_mx(route.domain);
   switch (route.mx->status) {
     case MxResult::Status::null_mx:

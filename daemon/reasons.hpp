@@ -27,7 +27,7 @@ inline constexpr auto rejects = std::to_array<std::string_view>({
     // (452 4.5.3); daemon/relay_session.cpp: a message with more Received: fields than limits.max_hops (554 5.4.6)
     "recipient_route", "too_many_hops",
     // the MX route of an mx upstream's recipient domain (daemon/mx_route.hpp MxRoute::Result, reply at RCPT)
-    "null_mx", "nxdomain", "no_addresses", "dns_failure", "loop",
+    "null_mx", "nxdomain", "no_addresses", "dns_failure", "loop", "address_literal",
 });
 
 // mailflow_tls_handshake_failures_total{listener, leg, reason}: daemon/tls.cpp handshake_failure_reason().
@@ -56,6 +56,9 @@ inline constexpr auto tls_handshake_failures = std::to_array<std::string_view>({
 inline constexpr auto upstream_errors = std::to_array<std::string_view>({
     "connect_failed", "connect_timeout", "connection_lost", "timeout", "protocol", "tls_failed", "tls_policy",
     "starttls_pipelining", "rset_rejected",
+    // timeouts.upstream_open passed while an upstream was being opened (DNS, MTA-STS, the connect
+    // attempts, their setup): once per open, its RCPT gets 451 4.4.2
+    "open_timeout",
     // proto/client_session.cpp
     "greeting_rejected", "ehlo_rejected", "starttls_unavailable", "starttls_rejected",
 });
@@ -64,6 +67,7 @@ inline constexpr auto upstream_errors = std::to_array<std::string_view>({
 // daemon/upstream_leg.cpp.
 inline constexpr auto mx_attempts = std::to_array<std::string_view>({
     "success", "connect_failed", "connect_timeout", "banner_rejected", "tls_failed", "tls_policy", "failed",
+    "open_timeout",  // cut short by timeouts.upstream_open: the walk ends there
 });
 
 // mailflow_outbound_policy_total{connector, policy, result}: policy is one of outbound_policies; result is

@@ -107,10 +107,14 @@ void print_text(const Route& route, std::ostream& out) {
   }
   out << "the MX hosts of " << route.domain << ", port " << upstream.port << ", tls "
       << config::to_string(upstream.tls) << "\n";
-  const MxResult& mx = *route.delivery.mx;
-  out << "MX lookup:  " << to_string(mx.outcome) << (mx.secure ? " (DNSSEC secure)" : " (insecure)")
-      << (mx.detail.empty() ? "" : ": " + mx.detail) << "\n";
-  if (mx.status == MxResult::Status::hosts) {
+  if (!route.delivery.mx) out << "MX lookup:  none (an address literal has no MX hosts)\n";
+  if (route.delivery.mx) {
+    const MxResult& mx = *route.delivery.mx;
+    out << "MX lookup:  " << to_string(mx.outcome) << (mx.secure ? " (DNSSEC secure)" : " (insecure)")
+        << (mx.detail.empty() ? "" : ": " + mx.detail) << "\n";
+  }
+  if (route.delivery.mx && route.delivery.mx->status == MxResult::Status::hosts) {
+    const MxResult& mx = *route.delivery.mx;
     out << "MX plan:    " << proto::to_string(mx.plan.kind) << "\n";
     for (std::size_t i = 0; i < route.delivery.hosts.size(); ++i) {
       const auto& host = route.delivery.hosts[i];
@@ -154,12 +158,19 @@ void print_json(const Route& route, std::ostream& out) {
   if (!upstream.mx) {
     out << ", \"attempts\": [" << quoted(upstream.address.text) << "], \"result\": \"deliver\", \"reply\": \"\"";
   } else {
-    const MxResult& mx = *route.delivery.mx;
-    out << ", \"port\": " << upstream.port << ", \"mx_lookup\": {\"status\": " << quoted(to_string(mx.status))
-        << ", \"outcome\": " << quoted(to_string(mx.outcome)) << ", \"secure\": " << (mx.secure ? "true" : "false")
-        << ", \"detail\": " << quoted(mx.detail) << ", \"plan\": "
-        << quoted(mx.status == MxResult::Status::hosts ? proto::to_string(mx.plan.kind) : std::string_view())
-        << "}, \"hosts\": [";
+    out << ", \"port\": " << upstream.port << ", \"mx_lookup\": ";
+    if (!route.delivery.mx) out << "null";  // an address literal: nothing looked up
+    if (route.delivery.mx) {
+      const MxResult& mx = *route.delivery.mx;
+      out << "{\"status\": " << quoted(to_string(mx.status))
+          << ", \"outcome\": " << quoted(to_string(mx.outcome))
+          << ", \"secure\": " << (mx.secure ? "true" : "false") << ", \"detail\": " << quoted(mx.detail)
+          << ", \"plan\": "
+          << quoted(mx.status == MxResult::Status::hosts ? proto::to_string(mx.plan.kind)
+                                                         : std::string_view())
+          << "}";
+    }
+    out << ", \"hosts\": [";
     for (std::size_t i = 0; i < route.delivery.hosts.size(); ++i) {
       const auto& host = route.delivery.hosts[i];
       out << (i == 0 ? "" : ", ") << "{\"name\": " << quoted(host.host.name)

@@ -132,6 +132,36 @@ std::string UpstreamLeg::address() const {
 void UpstreamLeg::cancel() {
   if (link_) link_->cancel();
   if (resolver_) resolver_->cancel();
+  // The open's deadline passed during a lookup: the open is over, so are its lookups (a connect attempt's own
+  // deadline leaves them alone: the next MX host's lookups still follow).
+  if (open_expired())
+    if (const auto dns = dns_.lock()) dns->cancel();
+}
+
+template <typename T>
+asio::awaitable<T> UpstreamLeg::within_open(asio::awaitable<T> lookup) {
+  session_.deadlines.arm(open_deadline_);
+  T result = co_await std::move(lookup);
+  error_code ignored;  // the caller asks open_expired()
+  session_.deadlines.disarm(ignored);
+  co_return result;
+}
+
+UpstreamLeg::Refusal UpstreamLeg::open_timed_out(const config::Upstream& upstream, const std::string& domain,
+                                                 std::string_view stage) {
+  session_.telemetry.upstream_error(upstream.name, "open_timeout");
+  log_limited(LogLevel::warn, "upstream_error",
+              {{"id", session_.id},
+               {"upstream", upstream.name},
+               {"reason", "open_timeout"},
+               {"domain", domain},
+               {"at", stage},
+               {"timeout", config::format_duration(config_.timeouts.upstream_open)}});
+  // RFC 3463 X.4.2 (bad connection) is the network status whose definition names a time-out; X.4.1 would say
+  // that no host answered, which is not always so (a host that stalls after its banner does answer).
+  const std::string what = upstream.mx ? "the mail hosts of " + domain : std::string("the upstream");
+  return Refusal{proto::format_reply(451, "4.4.2", "Timed out connecting to " + what + ", try again later"),
+                 {}};
 }
 
 void UpstreamLeg::force_close() {
@@ -168,6 +198,10 @@ void UpstreamLeg::drop() {
 
 void UpstreamLeg::lost(const error_code& ec, std::string_view stage) {
   if (ec == asio::error::timed_out) {
+    if (open_expired()) {
+      drop();  // the open's own deadline, not this step's: open_timed_out() counts it
+      return;
+    }
     fail("timeout");  // a slow upstream is no closed one
     return;
   }
@@ -238,7 +272,7 @@ asio::awaitable<bool> UpstreamLeg::reset() {
 asio::awaitable<void> UpstreamLeg::close(bool polite) {
   if (!link_) co_return;
   if (polite) {
-    const auto deadline = in(goodbye_timeout);
+    const auto deadline = open_bounded(goodbye_timeout);
     error_code ec;
     co_await link_->write("QUIT\r\n", deadline, ec);
     if (!ec) {
@@ -247,7 +281,7 @@ asio::awaitable<void> UpstreamLeg::close(bool polite) {
     }
     if (!ec && link_->tls_active()) {
       // close_notify (bounded by the goodbye deadline), so a strict peer sees no truncation.
-      co_await link_->shutdown_tls(in(goodbye_timeout), ec);
+      co_await link_->shutdown_tls(open_bounded(goodbye_timeout), ec);
     }
   }
   drop();
@@ -271,6 +305,11 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open(const con
   }
   kept_unanswered_ = reused;
   if (reused) co_return std::nullopt;
+  open_deadline_ = in(config_.timeouts.upstream_open);
+  struct OpenEnds {
+    TimePoint& deadline;
+    ~OpenEnds() { deadline = TimePoint::max(); }
+  } open_ends{open_deadline_};
   co_await close(polite);
   if (closed_) co_return Refusal{upstream_unavailable_reply, {}};
   upstream_ = &upstream;
@@ -329,8 +368,9 @@ asio::awaitable<proto::DanePlan> UpstreamLeg::plan_dane(Resolver& resolver, cons
 asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(const config::Upstream& upstream,
                                                                              const Client& client,
                                                                              std::string_view connector) {
-  // timeouts.upstream_connect bounds the lookup, every connect attempt and the banner together.
-  const auto connect_deadline = in(config_.timeouts.upstream_connect);
+  // timeouts.upstream_connect bounds the lookup, every connect attempt and the banner together (and
+  // timeouts.upstream_open all of the open).
+  const auto connect_deadline = open_bounded(config_.timeouts.upstream_connect);
   const std::string& host = upstream.address.host;
   const std::uint16_t port = upstream.address.port;
   std::string reason = "no address";
@@ -343,8 +383,9 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
     // DANE needs to know whether the host's addresses are DNSSEC-validated: looked up through libunbound.
     const auto dns = resolver();
     if (!dns) co_return Refusal{proto::format_reply(451, "4.4.3", "DNS resolver unavailable, try again later"), {}};
-    const AddressResult addresses = co_await dns->resolve_addresses(host);
+    const AddressResult addresses = co_await within_open(dns->resolve_addresses(host));
     if (closed_) co_return Refusal{upstream_unavailable_reply, {}};
+    if (open_expired()) co_return open_timed_out(upstream, {}, "dns");
     for (const auto& address : addresses.addresses) endpoints.emplace_back(address, port);
     if (endpoints.empty()) {
       reason = "connect_failed";
@@ -352,7 +393,9 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
       log_limited(LogLevel::warn, "upstream_error",
                   {{"id", session_.id}, {"upstream", upstream.name}, {"reason", reason}, {"error", addresses.detail}});
     } else {
-      dane = co_await plan_dane(*dns, upstream, host, addresses.canonical, port, addresses.secure);
+      dane =
+          co_await within_open(plan_dane(*dns, upstream, host, addresses.canonical, port, addresses.secure));
+      if (open_expired()) co_return open_timed_out(upstream, {}, "dns");
     }
   } else {
     ec = {};
@@ -363,6 +406,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
     session_.deadlines.disarm(ec);
     resolver_.reset();
     if (closed_) co_return Refusal{upstream_unavailable_reply, {}};
+    if (ec == asio::error::timed_out && open_expired()) co_return open_timed_out(upstream, {}, "dns");
     for (const auto& entry : results) endpoints.push_back(entry.endpoint());
     if (ec) {
       const bool timed_out = ec == asio::error::timed_out;
@@ -396,6 +440,8 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
       policy_ = policy;
       co_return std::nullopt;
     }
+    // The open's deadline passed during this attempt (a TLS session it got as far as is reported above).
+    if (!closed_ && open_expired()) co_return open_timed_out(upstream, {}, "connect");
     if (reason == "connect_timeout") break;  // the deadline is spent
   }
   co_return Refusal{upstream_unavailable_reply, {}};
@@ -421,11 +467,16 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
                                                                           const Client& client,
                                                                           std::string_view connector) {
   // Delivery to the recipient domain's MX hosts (RFC 5321 section 5): in order, each host and address in
-  // turn, each attempt with timeouts.upstream_connect of its own.
+  // turn, each attempt with timeouts.upstream_connect of its own, all of it within timeouts.upstream_open:
+  // the client waits for its RCPT reply meanwhile, and gives up after 5 minutes (RFC 5321 4.5.3.2.5), so a
+  // few hosts that never answer must not keep the later ones from being tried in time, nor hold it past that.
   const auto resolver = this->resolver();
   if (!resolver) co_return Refusal{proto::format_reply(451, "4.4.3", "DNS resolver unavailable, try again later"), {}};
-  const MxRoute mx = co_await resolve_mx_route(*resolver, *session_.runtime.own_listeners, domain, upstream.port);
+  const MxRoute mx = co_await within_open(
+      resolve_mx_route(*resolver, *session_.runtime.own_listeners, domain, upstream.port));
   if (closed_) co_return Refusal{upstream_unavailable_reply, {}};  // force_close() during the lookups
+  if (open_expired())
+    co_return open_timed_out(upstream, domain, "dns");  // before a given-up lookup's verdict
   if (mx.result != MxRoute::Result::deliver) {
     // mailflowd's own refusal of the recipient (null MX, no such domain, a loop, DNS trouble).
     log_limited(LogLevel::info, "mx_route",
@@ -440,15 +491,18 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
     MtaStsSettings settings;
     settings.ca_file = config_.mta_sts.ca_file;
     settings.fetch_timeout = config_.mta_sts.fetch_timeout;
+    settings.not_after = open_deadline_;  // the fetch's deadline is its own, not the session's
     settings.max_policies = config_.mta_sts.max_policies;
-    sts = co_await lookup_policy(*resolver, *session_.mta_sts, domain, settings, std::time(nullptr));
+    sts = co_await within_open(
+        lookup_policy(*resolver, *session_.mta_sts, domain, settings, std::time(nullptr)));
     // upstreams[].mta_sts: testing never skips a host, whatever the domain publishes.
     if (upstream.mta_sts == config::MtaStsMode::testing && sts.mode == PolicyState::Mode::enforce)
       sts.mode = PolicyState::Mode::testing;
   }
   std::vector<std::string> rua;
-  if (!connector.empty()) rua = co_await report_addresses(*resolver, domain);
+  if (!connector.empty()) rua = co_await within_open(report_addresses(*resolver, domain));
   if (closed_) co_return Refusal{upstream_unavailable_reply, {}};  // nothing to report of lookups given up
+  if (open_expired()) co_return open_timed_out(upstream, domain, "policy");
   proto::tlsrpt::PolicyKey sts_key;
   if (sts.mode != PolicyState::Mode::none || sts.failure) {
     sts_key.type = proto::tlsrpt::PolicyType::sts;
@@ -472,11 +526,12 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
   for (const auto& attempt : mx.attempts) {
     auto plan = dane_plans.find(attempt.host);
     if (plan == dane_plans.end()) {
-      proto::DanePlan dane = co_await plan_dane(*resolver, upstream, attempt.host, attempt.canonical, upstream.port,
-                                                attempt.secure);
+      proto::DanePlan dane = co_await within_open(
+          plan_dane(*resolver, upstream, attempt.host, attempt.canonical, upstream.port, attempt.secure));
       plan = dane_plans.emplace(attempt.host, std::move(dane)).first;
     }
     if (closed_) co_return Refusal{upstream_unavailable_reply, {}};  // force_close(): no next host
+    if (open_expired()) co_return open_timed_out(upstream, domain, "dns");
     const proto::DanePlan& dane = plan->second;
     // DANE, where it applies, governs the host (RFC 8461 2: it takes precedence over MTA-STS).
     const bool by_dane = dane.kind != proto::DanePlan::Kind::none;
@@ -500,9 +555,9 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
       failure = failure_of(proto::tlsrpt::ResultType::validation_failure, "MX host not listed in the MTA-STS policy");
       log_mta_sts_refusal(session_.id, attempt.host, sts.mode, failure->result, failure->failure_reason_code);
     } else {
-      connected =
-          co_await connect_to(upstream, attempt.endpoint, attempt.host, in(config_.timeouts.upstream_connect),
-                              client, dane, by_sts ? &sts : nullptr, reason);
+      connected = co_await connect_to(upstream, attempt.endpoint, attempt.host,
+                                      open_bounded(config_.timeouts.upstream_connect), client, dane,
+                                      by_sts ? &sts : nullptr, reason);
       tls_session = tls_session_;
       if (tls_failure_) failure = failure_of(*tls_failure_, tls_failure_reason_);
     }
@@ -516,12 +571,17 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
     if (connected || reported)
       report_session(connector, policy, domain, reported ? rua : std::vector<std::string>{}, key,
                      std::move(failure));
+    // The open's deadline passed during this attempt: it ends the walk, and is no failure of this host's (a
+    // TLS session it got as far as is reported above).
+    const bool open_timeout = !connected && !closed_ && open_expired();
+    if (open_timeout) reason = "open_timeout";
     session_.telemetry.mx_attempt(upstream.name, connected ? "success" : reason);
     if (connected) {
       host_ = attempt.host;
       policy_ = policy;
       co_return std::nullopt;
     }
+    if (open_timeout) co_return open_timed_out(upstream, domain, "connect");
   }
   co_return Refusal{proto::format_reply(451, "4.4.1",
                                         "No mail host of " + domain + " could be used (last: " + reason +
@@ -568,6 +628,10 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
     link_.reset();  // never connected: no upstream leg to count
     if (closed_) co_return false;  // force_close() ended it: no failure of the upstream's
     const bool timed_out = ec == asio::error::timed_out;
+    if (timed_out && open_expired()) {
+      reason = "open_timeout";  // the open's deadline, not this host's: the caller counts it
+      co_return false;
+    }
     reason = timed_out ? "connect_timeout" : "connect_failed";
     session_.telemetry.upstream_error(upstream.name, timed_out ? "connect_timeout" : "connect_failed");
     log_limited(LogLevel::warn, "upstream_error",
@@ -618,12 +682,15 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
   for (;;) {
     switch (action.kind) {
       case Kind::send:
-        if (!co_await write(action.data, in(config_.timeouts.command))) co_return false;
+        if (!co_await write(action.data, open_bounded(config_.timeouts.command))) co_return false;
         [[fallthrough]];
       case Kind::read_reply: {
         // Connecting includes the banner: an upstream that accepts and never greets is
         // "connect_timeout"-slow.
-        auto reply = co_await read_reply(first_reply ? connect_deadline : in(config_.timeouts.command));
+        // The setup steps keep timeouts.command, as Postfix's smtp_helo_timeout, smtp_starttls_timeout and
+        // smtp_xforward_timeout (300s) do; timeouts.upstream_open bounds them all together.
+        auto reply =
+            co_await read_reply(first_reply ? connect_deadline : open_bounded(config_.timeouts.command));
         if (!reply) {
           if (first_reply) reason = "connect_timeout";
           co_return false;
@@ -649,7 +716,12 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
         peer.record_name = tls->check_names();
         peer.dane = authenticate ? &dane.records : nullptr;
         peer.dane_names = authenticate ? &dane.names : nullptr;
-        co_await link_->handshake(tls->context(), &peer, in(config_.timeouts.tls_handshake), hs);
+        co_await link_->handshake(tls->context(), &peer, open_bounded(config_.timeouts.tls_handshake), hs);
+        if (hs == asio::error::timed_out && open_expired()) {
+          drop();  // the open's deadline, no verdict on this host's TLS: the caller counts it
+          reason = "open_timeout";
+          co_return false;
+        }
         if (hs) {
           const std::string label = handshake_failure_label(hs);
           session_.telemetry.tls_handshake_failed(session_.listener, Leg::upstream, label);

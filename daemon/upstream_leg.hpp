@@ -10,6 +10,7 @@
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/ip/tcp.hpp>
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -68,8 +69,10 @@ class UpstreamLeg {
 
   // Connected for `upstream` (and for mx upstreams the recipient `domain`): the current connection when it
   // already goes there (`reused`), else a new one (the old one is closed first, with QUIT when `polite`).
-  // `connector`: whose mail it is (mailflow_outbound_policy_total and TLS-RPT); empty for mailflowd's own
-  // deliveries (the TLS reports it sends), which are neither counted nor reported.
+  // Opening a new one (the old one's QUIT, DNS, MTA-STS, every connect attempt, banner, EHLO, STARTTLS,
+  // XCLIENT, EHLO again) ends within timeouts.upstream_open, whatever each step's own timeout: 451 4.4.2 when
+  // it passes. `connector`: whose mail it is (mailflow_outbound_policy_total and TLS-RPT); empty for
+  // mailflowd's own deliveries (the TLS reports it sends), which are neither counted nor reported.
   boost::asio::awaitable<std::optional<Refusal>> open(const config::Upstream& upstream, const std::string& domain,
                                                       const Client& client, std::string_view connector,
                                                       bool polite, bool& reused);
@@ -117,7 +120,7 @@ class UpstreamLeg {
 
  private:
   // One connection attempt (connect, banner, EHLO, STARTTLS per policy, XCLIENT): false with `reason` set
-  // (one of reasons::mx_attempts).
+  // (one of reasons::mx_attempts; "open_timeout", uncounted, when timeouts.upstream_open passed).
   // `dane`: what DANE asks of this host (kind none unless tls: dane). `sts`: the MTA-STS policy that governs
   // this MX host `tls_name` (null: none); it is checked right after the handshake, before anything else is
   // said to the host (RFC 8461 5: under enforce one that fails it gets nothing more), and under enforce TLS
@@ -154,8 +157,23 @@ class UpstreamLeg {
   // enforced and the host fails it (the connection is then closed without another word).
   bool meets_mta_sts(const PolicyState& sts, const std::string& host);
   // A write or read of the connection failed with `ec` at `stage` ("write", "reply"): its idle close (see
-  // closed_idle()) or a failure counted as `timeout` or `connection_lost`.
+  // closed_idle()) or a failure counted as `timeout` or `connection_lost` (or the open's timeout, counted by
+  // open_timed_out()).
   void lost(const boost::system::error_code& ec, std::string_view stage);
+
+  // timeouts.upstream_open: the deadline of the open() in progress (max outside one). Every step of an open
+  // waits at most until then; a lookup (DNS, the MTA-STS policy), which has no deadline of the session's own,
+  // is armed with it by within_open(), and the watchdog (cancel()) gives up the session's lookups once it has
+  // passed.
+  bool open_expired() const { return Deadlines::Clock::now() >= open_deadline_; }
+  TimePoint open_bounded(Deadlines::Clock::duration timeout) const {
+    return std::min(Deadlines::in(timeout), open_deadline_);
+  }
+  template <typename T>
+  boost::asio::awaitable<T> within_open(boost::asio::awaitable<T> lookup);
+  // The open ran out of time at `stage` ("dns", "policy", "connect"): counted (upstream_errors open_timeout),
+  // logged, and the recipient's 451 4.4.2.
+  Refusal open_timed_out(const config::Upstream& upstream, const std::string& domain, std::string_view stage);
 
   Session session_;
   boost::asio::any_io_executor executor_;
@@ -163,6 +181,7 @@ class UpstreamLeg {
   std::optional<boost::asio::ip::tcp::resolver> resolver_;  // a fixed upstream's host name being looked up
   std::weak_ptr<Resolver> dns_;                             // what resolver() gave for the open() in progress
   bool closed_ = false;                                     // force_close(): the session is being closed
+  TimePoint open_deadline_ = TimePoint::max();              // see open_expired()
   const config::Upstream* upstream_ = nullptr;
   std::string domain_;  // mx upstreams: the recipient domain whose MX host this is
   std::string host_;

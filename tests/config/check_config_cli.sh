@@ -136,6 +136,21 @@ else
   fail "warnings: exit status $status (expected 0 and the warning)"; cat "$work/err" "$work/out"
 fi
 
+# timeouts.upstream_open no longer than one connect attempt: a warning at its value, not an error.
+cat >"$work/open.yaml" <<EOF
+listeners:
+  - {name: inbound, address: "127.0.0.1:2525", upstream: up}
+upstreams:
+  - {name: up, address: "127.0.0.1:25"}
+timeouts: {upstream_connect: 30s, upstream_open: 20s}
+EOF
+run "$work/open.yaml"
+if [ "$status" -eq 0 ] && grep -qF "$work/open.yaml:5:50: warning: timeouts.upstream_open (20s) is not longer than" "$work/err"; then
+  passed=$((passed + 1)); echo "ok: upstream_open warning"
+else
+  fail "upstream_open warning: exit status $status (expected 0 and the warning)"; cat "$work/err" "$work/out"
+fi
+
 # A file that does not exist is an error too.
 run "$work/missing.yaml"
 if [ "$status" -eq 1 ] && grep -qF "$work/missing.yaml: cannot read the configuration" "$work/err"; then

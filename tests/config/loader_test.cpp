@@ -81,6 +81,7 @@ TEST_CASE("minimal config: every default") {
   CHECK(c.timeouts.data_end == std::chrono::seconds(600));
   CHECK(c.timeouts.tls_handshake == std::chrono::seconds(30));
   CHECK(c.timeouts.upstream_connect == std::chrono::seconds(30));
+  CHECK(c.timeouts.upstream_open == std::chrono::seconds(240));
   CHECK_FALSE(c.performance.busy_poll);
   CHECK(c.performance.event_loops == 1);
   CHECK(c.find_listener("in") == &c.listeners[0]);
@@ -167,7 +168,8 @@ limits:
   greet_pause: 250ms
   bare_newline: reject
 log: {level: debug, format: json}
-timeouts: {greeting: 1s, command: 2s, data_block: 3s, data_end: 4m, tls_handshake: 5s, upstream_connect: 6s}
+timeouts: {greeting: 1s, command: 2s, data_block: 3s, data_end: 4m, tls_handshake: 5s, upstream_connect: 6s,
+           upstream_open: 1m}
 performance: {busy_poll: true, event_loops: 3}
 )";
   const auto result = load(yaml);
@@ -262,6 +264,7 @@ performance: {busy_poll: true, event_loops: 3}
   CHECK(c.timeouts.data_end == std::chrono::minutes(4));
   CHECK(c.timeouts.tls_handshake == std::chrono::seconds(5));
   CHECK(c.timeouts.upstream_connect == std::chrono::seconds(6));
+  CHECK(c.timeouts.upstream_open == std::chrono::minutes(1));
 
   const std::string summary = summarize(c);
   CHECK(summary.find("listeners (2):") != std::string::npos);
@@ -371,6 +374,30 @@ TEST_CASE("duplicate keys are errors") {
   CHECK(e.to_string() == "test.yaml:7:3: duplicate key \"level\" in log (first at line 6)");
 }
 
+TEST_CASE("timeouts.upstream_open not longer than upstream_connect: a warning at the value") {
+  SUBCASE("upstream_open given") {
+    const auto result = load(with("timeouts:\n  upstream_connect: 30s\n  upstream_open: 30s\n"));
+    INFO(all_errors(result));
+    REQUIRE(result.errors.empty());
+    REQUIRE(result.warnings.size() == 1);
+    CHECK(
+        result.warnings[0].to_string() ==
+        "test.yaml:7:18: warning: timeouts.upstream_open (30s) is not longer than timeouts.upstream_connect "
+        "(30s): a host that does not answer leaves no time to try the next one");
+  }
+  SUBCASE("upstream_connect raised past the default upstream_open") {
+    const auto result = load(with("timeouts: {upstream_connect: 5m}\n"));
+    REQUIRE(result.warnings.size() == 1);
+    CHECK(result.warnings[0].line == 5);
+    CHECK(result.warnings[0].message.starts_with("timeouts.upstream_open (4m) is not longer than"));
+  }
+  SUBCASE("longer: no warning") {
+    const auto result = load(with("timeouts: {upstream_connect: 5s, upstream_open: 6s}\n"));
+    CHECK(result.errors.empty());
+    CHECK(result.warnings.empty());
+  }
+}
+
 TEST_CASE("value errors point at the value") {
   SUBCASE("duration") {
     const auto e = only_error(load(with("timeouts:\n  command: 30x\n")));
@@ -439,6 +466,7 @@ TEST_CASE("ranges") {
        "limits.max_message_size: must be between 1024 and 1099511627776, got 100"},
       {"limits: {greet_pause: 10m}\n", "limits.greet_pause: must be between 0s and 5m, got 10m"},
       {"timeouts: {command: 0}\n", "timeouts.command: must be between 1ms and 1d, got 0"},
+      {"timeouts: {upstream_open: 2d}\n", "timeouts.upstream_open: must be between 1ms and 1d, got 2d"},
       {"performance: {event_loops: 0}\n",
        "performance.event_loops: expected a whole number from 1 to 1024, or auto, got \"0\""},
       {"performance: {event_loops: 1025}\n",

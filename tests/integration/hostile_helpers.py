@@ -161,12 +161,12 @@ class FakeUpstream:
     """A raw TCP server on loopback that runs `script(conn, self)` for every accepted connection in its own
     thread. Scripts use the helpers below; received bytes are kept per connection in self.received."""
 
-    def __init__(self, name, script):
+    def __init__(self, name, script, host="127.0.0.1", port=0):
         self.name = name
         self.script = script
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind((host, port))  # any 127.x address: MX hosts of a test zone share one port
         self.sock.listen(16)
         self.port = self.sock.getsockname()[1]
         self.received = []

@@ -1,7 +1,8 @@
 """DNS for mx upstreams against a real authoritative server: knotd (tests/tools/dns_server.py) serves
 example.net, DNSSEC-signed by knot, and `mailflowd route` (the daemon's own Resolver, plan_mx and
 match_connector) says where mail for each recipient goes: MX hosts by preference, equal preferences shuffled,
-implicit MX, IPv6 and IPv4 addresses alternating, null MX (556), NXDOMAIN (550), no address (550), a silent
+implicit MX, IPv6 and IPv4 addresses alternating, null MX (556), NXDOMAIN (550), no address (550), an address
+literal (550, nothing looked up), a silent
 and a stopped DNS server (451 within dns.timeout), a forged trust anchor (bogus, 451), connectors by
 recipient domain, and the lookups counted in mailflow_dns_lookups_total."""
 import json
@@ -221,6 +222,20 @@ def test_nxdomain_is_550_and_validated(mailflowd_bin, config):
     assert r["mx_lookup"]["status"] == "nxdomain" and r["mx_lookup"]["secure"] is True
     assert r["reply"].startswith("550 5.1.2 ")
     assert r["dns_lookups"] == {"MX nxdomain": 1}
+
+
+def test_address_literal_is_550_without_a_lookup(mailflowd_bin, config):
+    """An mx upstream delivers to a domain's MX hosts: an address literal has none, and is not looked up as a name."""
+    r = route(mailflowd_bin, config, "user@[192.0.2.1]")
+    assert (r["exit"], r["result"], r["mx_lookup"], r["attempts"]) == (3, "address_literal", None, []), r
+    assert r["reply"] == "550 5.1.2 Recipient address rejected: address literal [192.0.2.1] is not routed through " \
+                         "MX delivery"
+    assert r["dns_lookups"] == {}
+    p = subprocess.run([mailflowd_bin, "route", "--config", str(config), "--recipient", "user@[IPv6:2001:db8::1]"],
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 3, p.stderr
+    assert "MX lookup:  none (an address literal has no MX hosts)" in p.stdout, p.stdout
+    assert "result:     address_literal (550 5.1.2 " in p.stdout, p.stdout
 
 
 def test_mx_host_without_address_is_550(mailflowd_bin, config):
