@@ -20,6 +20,7 @@
 #include <string>
 #include <string_view>
 
+#include "daemon/state_file.hpp"
 #include "proto/mta_sts.hpp"
 #include "proto/tls_version.hpp"
 #include "proto/tlsrpt.hpp"
@@ -79,6 +80,7 @@ class MtaStsCache {
   std::string serialize() const;
   bool deserialize(std::string_view text, std::int64_t now, std::string& error);  // false: corrupt
   // Atomic save; load moves a corrupt file aside (returns true, error says so) and starts empty.
+  StateFile state_file() const;  // its name in state_dir and serialize()
   bool save(const std::string& state_dir, std::string& error) const;
   bool load(const std::string& state_dir, std::int64_t now, std::string& error);
 

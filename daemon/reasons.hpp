@@ -87,7 +87,9 @@ inline constexpr std::string_view tlsrpt_sessions = "tlsrpt";
 
 // mailflow_state_errors_total{reason}: the files in state_dir (daemon/telemetry.cpp, server.cpp,
 // tlsrpt_sender.cpp).
-inline constexpr auto state_errors = std::to_array<std::string_view>({"corrupt", "save_failed"});
+// save_skipped: the minute's save came while the previous one was still being written (a slow disk).
+inline constexpr auto state_errors =
+    std::to_array<std::string_view>({"corrupt", "save_failed", "save_skipped"});
 
 template <std::size_t N>
 constexpr bool is_listed(const std::array<std::string_view, N>& list, std::string_view reason) {

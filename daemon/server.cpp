@@ -41,6 +41,7 @@
 #include "daemon/relay_session.hpp"
 #include "daemon/resolver.hpp"
 #include "daemon/runtime.hpp"
+#include "daemon/state_writer.hpp"
 #include "daemon/telemetry.hpp"
 #include "daemon/tlsrpt_sender.hpp"
 
@@ -167,10 +168,15 @@ struct Server::Impl {
   std::vector<std::shared_ptr<Acceptor>> acceptors;  // touched only from the signal coroutine and startup
   std::atomic<bool> stopping{false};                 // read by /readyz on any thread
   std::atomic<bool> busy_poll{true};                 // performance.busy_poll, read by every loop
+  std::atomic<bool> save_in_flight{false};           // the minute's save is queued or being written
+  // Writes state_dir's files off the event loops. Declared last: its jobs touch the members above (telemetry,
+  // the MTA-STS cache, the sender's ledger flag, save_in_flight), so it is destroyed, and joined, first.
+  std::unique_ptr<StateWriter> state_writer;
 
   Impl(std::string path, std::shared_ptr<const config::Config> config) : config_path(std::move(path)) {
     runtime = Runtime::build(std::move(config));
     started = runtime->config;
+    state_writer = std::make_unique<StateWriter>(started->state_dir, telemetry);
     const unsigned loops = event_loops(started->performance);
     for (unsigned i = 1; i < loops; ++i) {
       workers.push_back(std::make_unique<asio::io_context>(1));
@@ -312,19 +318,36 @@ struct Server::Impl {
     sd_notify(0, status.c_str());
   }
 
-  void save_state() {
-    // Each on its own: one that cannot be written does not keep the other from being saved.
-    std::string error;
-    if (!telemetry.save_state(started->state_dir, error)) {
-      telemetry.state_error("save_failed");
-      log_limited(LogLevel::error, "state_save_failed", {{"error", error}});
-    }
-    if (!registry.mta_sts().save(started->state_dir, error)) {
-      telemetry.state_error("save_failed");
-      log_limited(LogLevel::error, "state_save_failed", {{"error", error}});
-    }
+  // Hands the state to the writer thread: Telemetry's files and the MTA-STS cache are serialized there (both
+  // are thread-safe), the TLS-RPT ledger here (it lives on this loop). `done` runs on the writer thread.
+  void save_state(StateWriter::Done done = {}) {
+    state_writer->write(
+        [this] {
+          auto files = telemetry.state_files();
+          files.push_back(registry.mta_sts().state_file());
+          return files;
+        },
+        std::move(done));
     // Saved after each run already; here what a run cut short by the stop had recorded (or a failed save).
     if (tlsrpt_sender) tlsrpt_sender->save_ledger();
+  }
+
+  // The save at stop, after the sessions ended: after any save still being written, and finished before exit.
+  void save_state_now() {
+    save_state();
+    state_writer->wait();
+  }
+
+  // The minute's save. One still being written (a slow disk) is not queued again: this minute is skipped, the
+  // next one saves the newer state.
+  void save_state_periodically() {
+    if (save_in_flight.exchange(true)) {
+      telemetry.state_error("save_skipped");
+      log_limited(LogLevel::warn, "state_save_skipped",
+                  {{"reason", "the previous save is still being written"}});
+      return;
+    }
+    save_state([this](bool) { save_in_flight = false; });
   }
 
   // At start and after a reload: certificates that expired or expire soon are logged (as --check-config
@@ -415,7 +438,7 @@ struct Server::Impl {
       }
     }
     http->stop();
-    save_state();
+    save_state_now();
     log_event(LogLevel::info, "stopped", {{"messages", telemetry.messages_total()}});
     stop_loops();
   }
@@ -437,7 +460,7 @@ struct Server::Impl {
       // A drain that failed still saves the windows and exits (with sessions cut short) rather than hang.
       asio::co_spawn(io, drain(), on_escape("drain", [this] {
                        registry.close_all();
-                       save_state();
+                       save_state_now();
                        stop_loops();
                      }));
     }
@@ -504,11 +527,13 @@ struct Server::Impl {
 
   asio::awaitable<void> periodic() {
     asio::steady_timer timer(io);
+    // The tests' shorter period (Debug builds: MAILFLOWD_FAILPOINTS=state.save_interval=Nms).
+    const auto test_interval = failpoint_delay("state.save_interval");
     for (;;) {
-      timer.expires_after(state_save_interval);
+      timer.expires_after(test_interval.count() > 0 ? test_interval : state_save_interval);
       co_await timer.async_wait(asio::use_awaitable);
       if (stopping) co_return;
-      save_state();
+      save_state_periodically();
       notify_status();
     }
   }
@@ -537,7 +562,7 @@ int Server::run() {
     log_event(LogLevel::warn, "state_discarded", {{"reason", error}});
   }
   s.tlsrpt_sender = std::make_unique<TlsRptSender>(
-      s.io.get_executor(), s.telemetry, [&s] { return s.current(); }, config.state_dir);
+      s.io.get_executor(), s.telemetry, [&s] { return s.current(); }, config.state_dir, *s.state_writer);
   if (!s.tlsrpt_sender->load_ledger(std::time(nullptr), error))
     throw std::runtime_error("state_dir " + config.state_dir + ": " + error);
   if (!error.empty()) {

@@ -6,6 +6,9 @@
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
+#include <thread>
+
+#include "daemon/failpoint.hpp"
 
 namespace mailflow {
 namespace {
@@ -36,6 +39,9 @@ bool write_state_file(const std::string& state_dir, std::string_view name, std::
   };
   const int fd = ::open(temp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
   if (fd < 0) return fail("cannot create " + temp.string(), errno);
+  // The tests' slow disk (a busy HDD or network volume takes 10-500 ms per fsync): state.fsync=Nms.
+  if (const auto delay = failpoint_delay("state.fsync"); delay.count() > 0)
+    std::this_thread::sleep_for(delay);
   if (!write_all(fd, text) || ::fsync(fd) != 0) {
     const int saved = errno;
     ::close(fd);

@@ -9,6 +9,12 @@
 
 namespace mailflow {
 
+// One state file's name (in state_dir) and its whole text, serialized and waiting to be written.
+struct StateFile {
+  std::string name;
+  std::string text;
+};
+
 // Writes state_dir/name atomically. False + error ("cannot write ...: reason") on any failure; the old file
 // is then unchanged.
 bool write_state_file(const std::string& state_dir, std::string_view name, std::string_view text,

@@ -14,6 +14,7 @@
 
 #include "config/config.hpp"
 #include "daemon/dns_vocabulary.hpp"
+#include "daemon/state_file.hpp"
 #include "proto/tls_version.hpp"
 
 namespace mailflow {
@@ -132,7 +133,9 @@ class Telemetry {
   // failures are not counted here (the caller counts them with state_error).
   // The drill-down tables (state_dir/remotes.state) are saved and loaded the same way, with the windows.
   // save_state writes each file even when another failed; the error then names every one that did.
+  // state_files: the text of those files (windows, remotes, TLS-RPT), serialized now for a writer elsewhere.
   bool save_state(const std::string& state_dir, std::string& error);
+  std::vector<StateFile> state_files();
   bool load_state(const std::string& state_dir, std::string& error);
 
   // The TLS-RPT aggregates (daemon/tlsrpt.hpp): saved and loaded with the windows (state_dir/tlsrpt.state).

@@ -12,6 +12,7 @@
 #include <utility>
 #include <vector>
 
+#include "daemon/state_file.hpp"
 #include "proto/tlsrpt.hpp"
 
 namespace mailflow {
@@ -51,6 +52,7 @@ class TlsRptStore {
 
   std::string serialize() const;
   bool deserialize(std::string_view text, std::string& error);  // false: corrupt (the store is unchanged)
+  StateFile state_file() const;                                 // its name in state_dir and serialize()
   bool save(const std::string& state_dir, std::string& error) const;
   // A corrupt file is moved aside (true, error says so); false when the file cannot be read.
   bool load(const std::string& state_dir, std::int64_t unix_now, std::string& error);

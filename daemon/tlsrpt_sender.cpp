@@ -3,6 +3,7 @@
 
 #include <fmt/format.h>
 
+#include <boost/asio/post.hpp>
 #include <boost/asio/redirect_error.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
@@ -21,6 +22,7 @@
 #include "daemon/resolver.hpp"
 #include "daemon/runtime.hpp"
 #include "daemon/state_file.hpp"
+#include "daemon/state_writer.hpp"
 #include "daemon/telemetry.hpp"
 #include "daemon/tlsrpt.hpp"
 #include "daemon/upstream_leg.hpp"
@@ -222,11 +224,12 @@ std::string dot_stuff_for_data(std::string_view text) {
 }
 
 TlsRptSender::TlsRptSender(asio::any_io_executor executor, Telemetry& telemetry, RuntimeSource runtime,
-                           std::string state_dir)
+                           std::string state_dir, StateWriter& writer)
     : executor_(std::move(executor)),
       telemetry_(telemetry),
       runtime_(std::move(runtime)),
-      state_dir_(std::move(state_dir)) {
+      state_dir_(std::move(state_dir)),
+      writer_(writer) {
   std::random_device random;
   unique_ = (static_cast<std::uint64_t>(random()) << 32) ^ random();
 }
@@ -251,14 +254,26 @@ bool TlsRptSender::load_ledger(std::int64_t now, std::string& error) {
 }
 
 void TlsRptSender::save_ledger() {
-  if (!ledger_changed_) return;
-  std::string error;
-  if (!write_state_file(state_dir_, kLedgerFile, ledger_.serialize(), error)) {
-    telemetry_.state_error("save_failed");
-    log_limited(LogLevel::error, "state_save_failed", {{"error", error}});
-    return;
+  if (!ledger_changed_.exchange(false)) return;
+  {
+    // A write still waiting in the writer's queue takes this newer text instead: a run of many reports on a
+    // slow disk queues one ledger write, not one per try.
+    std::lock_guard lock(unsaved_ledger_->mutex);
+    const bool queued = unsaved_ledger_->text.has_value();
+    unsaved_ledger_->text = ledger_.serialize();
+    if (queued) return;
   }
-  ledger_changed_ = false;
+  writer_.write(
+      [unsaved = unsaved_ledger_] {
+        std::lock_guard lock(unsaved->mutex);
+        std::vector<StateFile> files;
+        if (unsaved->text) files.push_back({std::string(kLedgerFile), std::move(*unsaved->text)});
+        unsaved->text.reset();
+        return files;
+      },
+      [this](bool saved) {
+        if (!saved) ledger_changed_ = true;
+      });
 }
 
 asio::awaitable<void> TlsRptSender::run(const std::atomic<bool>& stopping) {
@@ -359,16 +374,26 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
   }
   resolver_.reset();  // the next run uses the dns settings of its time
   if (forgot) {
-    // The reports done with are saved gone from the store at once, and only then forgotten by the ledger (which
-    // has them, nothing left to try, since their last try): after a crash none comes back from an older
-    // tlsrpt.state unknown to the ledger, to go out again to every rua.
-    std::string error;
-    if (store.save(state_dir_, error)) {
-      if (ledger_.keep_only(store.reports_before(utc_date(now))) > 0) ledger_changed_ = true;
-    } else {
-      telemetry_.state_error("save_failed");
-      log_limited(LogLevel::error, "state_save_failed", {{"error", error}});
-    }
+    // The reports done with are saved gone from the store at once (the writer writes jobs in order: this one
+    // before the ledger's below), and only then forgotten by the ledger (which has them, nothing left to try,
+    // since their last try): after a crash none comes back from an older tlsrpt.state unknown to the ledger,
+    // to go out again to every rua. The reports kept are read before the text is serialized: one done with in
+    // between stays in the ledger until the next save.
+    auto kept = std::make_shared<std::vector<TlsRptLedger::Key>>();
+    writer_.write(
+        [&store, kept, today = utc_date(now)] {
+          *kept = store.reports_before(today);
+          return std::vector{store.state_file()};
+        },
+        [this, kept](bool saved) {
+          if (!saved) return;
+          asio::post(executor_, [this, kept] {
+            if (ledger_.keep_only(*kept) > 0) {
+              ledger_changed_ = true;
+              save_ledger();
+            }
+          });
+        });
   }
   save_ledger();
   co_return tried;

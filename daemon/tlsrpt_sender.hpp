@@ -11,9 +11,10 @@
 // in mailflow_tlsrpt_deliveries_total{method,result} and logged. At most tlsrpt.max_reports_per_run reports
 // are tried per run, oldest day first, so a large store never stalls the loop.
 // Which rua took a report and when its first try was (TlsRptLedger) is kept in
-// state_dir/tlsrpt-ledger.state: saved after every run that changed it (and by save_ledger() with the other
-// state), loaded at start, so that a restart neither sends a report again to a rua that took it nor gives a
-// failing report a new retry_for.
+// state_dir/tlsrpt-ledger.state: saved after each report's try (and by save_ledger() with the other state),
+// loaded at start, so that a restart neither sends a report again to a rua that took it nor gives a failing
+// report a new retry_for. Both files are written by the daemon's StateWriter, off the event loop and in
+// order (a ledger write still queued takes the newer text).
 #include <utility>  // before Asio (Boost 1.74 + GCC 12)
 
 #include <boost/asio/any_io_executor.hpp>
@@ -23,6 +24,8 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -34,6 +37,7 @@ namespace mailflow {
 
 struct Runtime;
 class Resolver;
+class StateWriter;
 class Telemetry;
 
 // What a rua URI says where to deliver: "mailto:a%40b@example.net?subject=x" -> address, domain;
@@ -58,16 +62,17 @@ class TlsRptSender {
  public:
   using RuntimeSource = std::function<std::shared_ptr<const Runtime>()>;
 
-  // `state_dir`: where the ledger is kept (the one the daemon started with; a reload does not change it).
+  // `state_dir`: where the ledger is kept (the one the daemon started with; a reload does not change it);
+  // `writer` writes it there (and tlsrpt.state after a run), off the event loop.
   TlsRptSender(boost::asio::any_io_executor executor, Telemetry& telemetry, RuntimeSource runtime,
-               std::string state_dir);
+               std::string state_dir, StateWriter& writer);
 
   // At start, before run(): a corrupt or oversized ledger file is moved aside (true, `error` says so, for the
   // caller to log and count as the other state files); false + error when the file cannot be read at all.
   bool load_ledger(std::int64_t now, std::string& error);
-  // Writes the ledger if it changed since the last save; a failure is logged and counted
+  // Hands the ledger to the writer if it changed since the last save; a failure is logged and counted there
   // (mailflow_state_errors_total{reason="save_failed"}) and tried again at the next call. Runs on the
-  // sender's executor (the ledger is not thread-safe).
+  // sender's executor (the ledger is not thread-safe: it is serialized here, written on the writer's thread).
   void save_ledger();
 
   // The task: a first run shortly after start, then one every tlsrpt.interval while tlsrpt.send is true (a
@@ -88,8 +93,15 @@ class TlsRptSender {
   Telemetry& telemetry_;
   RuntimeSource runtime_;
   std::string state_dir_;
+  StateWriter& writer_;
   TlsRptLedger ledger_;
-  bool ledger_changed_ = false;  // since the last save
+  std::atomic<bool> ledger_changed_{false};  // since the last save (set again by the writer when it failed)
+  // The ledger's text handed to the writer and not yet taken by it (nullopt: no ledger write is queued).
+  struct UnsavedLedger {
+    std::mutex mutex;
+    std::optional<std::string> text;
+  };
+  std::shared_ptr<UnsavedLedger> unsaved_ledger_ = std::make_shared<UnsavedLedger>();
   const std::atomic<bool>* stopping_ = nullptr;
   std::shared_ptr<Resolver> resolver_;  // https: rua host names, during one run (dns settings of that run)
   std::uint64_t unique_ = 0;            // random, with sequence_: Message-IDs, MIME boundaries, session ids

@@ -1,0 +1,96 @@
+#include "daemon/state_writer.hpp"
+
+#include <doctest/doctest.h>
+
+#include <unistd.h>
+#include <atomic>
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <string>
+#include <thread>
+
+#include "daemon/telemetry.hpp"
+
+namespace {
+
+using mailflow::StateFile;
+using mailflow::StateWriter;
+using mailflow::Telemetry;
+
+std::filesystem::path fresh_dir(const std::string& name) {
+  const auto dir = std::filesystem::temp_directory_path() /
+                   ("mailflow-state-writer-" + name + "-" + std::to_string(::getpid()));
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  return dir;
+}
+
+std::string read(const std::filesystem::path& path) {
+  std::ifstream in(path);
+  return {std::istreambuf_iterator<char>(in), {}};
+}
+
+double save_failures(Telemetry& telemetry) {
+  const std::string text = telemetry.metrics_text();
+  const std::string series = R"(mailflow_state_errors_total{reason="save_failed"} )";
+  const auto at = text.find(series);
+  REQUIRE(at != std::string::npos);
+  return std::stod(text.substr(at + series.size()));
+}
+
+}  // namespace
+
+TEST_CASE("state writer: jobs are written in order off the caller's thread, wait() returns when all are") {
+  const auto dir = fresh_dir("order");
+  Telemetry telemetry;
+  StateWriter writer(dir.string(), telemetry);
+  const auto caller = std::this_thread::get_id();
+  std::atomic<bool> other_thread{false};
+  std::atomic<bool> first_release{false};
+  // The first job holds the writer until released: the caller is not blocked meanwhile.
+  writer.write([&] {
+    other_thread = std::this_thread::get_id() != caller;
+    while (!first_release) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    return std::vector<StateFile>{{"a.state", "old"}};
+  });
+  writer.write([] { return std::vector<StateFile>{{"a.state", "new"}, {"b.state", "b"}}; });
+  CHECK_FALSE(std::filesystem::exists(dir / "a.state"));
+  first_release = true;
+  writer.wait();
+  CHECK(other_thread);
+  CHECK(read(dir / "a.state") == "new");  // the later job's text, never overwritten by the earlier one
+  CHECK(read(dir / "b.state") == "b");
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("state writer: a file that cannot be written is counted, the job's others are written") {
+  const auto dir = fresh_dir("failure");
+  std::filesystem::create_directory(dir / "bad.state.tmp");  // in the way of the temporary file
+  Telemetry telemetry;
+  std::atomic<int> done_calls{0};
+  std::atomic<bool> saved{true};
+  {
+    StateWriter writer(dir.string(), telemetry);
+    writer.write(
+        [] {
+          return std::vector<StateFile>{{"bad.state", "x"}, {"good.state", "y"}};
+        },
+        [&](bool all) {
+          saved = all;
+          ++done_calls;
+        });
+    writer.wait();
+    CHECK(done_calls == 1);
+    CHECK_FALSE(saved);
+    CHECK(save_failures(telemetry) == 1.0);
+    CHECK(read(dir / "good.state") == "y");
+    // A job that throws (out of memory while serializing) is counted too; the thread goes on.
+    writer.write([]() -> std::vector<StateFile> { throw std::runtime_error("no memory"); });
+    writer.write([] { return std::vector<StateFile>{{"after.state", "z"}}; });
+  }  // the destructor writes what was handed in before it joins
+  CHECK(save_failures(telemetry) == 2.0);
+  CHECK(read(dir / "after.state") == "z");
+  std::filesystem::remove_all(dir);
+}
