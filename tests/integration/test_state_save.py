@@ -13,7 +13,7 @@ import harness
 import hostile_helpers as hh
 
 FSYNC_SLEEP = 1.0  # seconds per state file: a save of the four files takes about 4 s
-PROMPT = 0.5  # a banner + EHLO + message: half of one fsync sleep (a stalled save holds them 4 s)
+PROMPT = 1.0  # a banner + EHLO + message: one fsync sleep (a stalled save holds them 4 s; room for ASan and load)
 
 
 @pytest.fixture(scope="module")
