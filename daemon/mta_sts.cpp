@@ -240,11 +240,6 @@ bool MtaStsCache::deserialize(std::string_view text, std::int64_t now, std::stri
 
 StateFile MtaStsCache::state_file() const { return {std::string(kCacheFile), serialize()}; }
 
-bool MtaStsCache::save(const std::string& state_dir, std::string& error) const {
-  const auto file = state_file();
-  return write_state_file(state_dir, file.name, file.text, error);
-}
-
 bool MtaStsCache::load(const std::string& state_dir, std::int64_t now, std::string& error) {
   std::string text;
   error.clear();

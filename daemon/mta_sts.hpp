@@ -79,9 +79,9 @@ class MtaStsCache {
 
   std::string serialize() const;
   bool deserialize(std::string_view text, std::int64_t now, std::string& error);  // false: corrupt
-  // Atomic save; load moves a corrupt file aside (returns true, error says so) and starts empty.
-  StateFile state_file() const;  // its name in state_dir and serialize()
-  bool save(const std::string& state_dir, std::string& error) const;
+  // Its name in state_dir and serialize(), for the StateWriter (atomic save); load moves a corrupt file aside
+  // (returns true, error says so) and starts empty.
+  StateFile state_file() const;
   bool load(const std::string& state_dir, std::int64_t now, std::string& error);
 
  private:

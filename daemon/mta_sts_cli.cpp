@@ -14,6 +14,7 @@
 #include "config/config.hpp"
 #include "daemon/mta_sts.hpp"
 #include "daemon/resolver.hpp"
+#include "daemon/state_file.hpp"
 #include "daemon/cli_http.hpp"
 #include "proto/json.hpp"
 #include "proto/tlsrpt.hpp"
@@ -140,7 +141,8 @@ int run_mta_sts_cli(int argc, char** argv, std::ostream& out, std::ostream& err)
                       code = state.failure ? 3 : 0;
                     });
       io.run();
-      if (use_state && !cache.save(config.state_dir, error)) {
+      const StateFile file = cache.state_file();
+      if (use_state && !write_state_file(config.state_dir, file.name, file.text, error)) {
         err << "mailflowd mta-sts: " << error << "\n";
         return 1;
       }

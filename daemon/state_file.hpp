@@ -1,8 +1,8 @@
 #pragma once
-// Files in state_dir written and read the way windows.state is (Telemetry::save_state): written whole to a
-// temporary file, fsynced, renamed over the old one and the directory fsynced, so that a crash leaves the
-// old or the new file, never half of one; a file that cannot be parsed is moved aside (NAME.corrupt-<unix
-// time>) so that the evidence is kept and the daemon starts empty.
+// Files in state_dir, written (by the StateWriter, daemon/state_writer.hpp) and read the same way: written
+// whole to a temporary file, fsynced, renamed over the old one and the directory fsynced, so that a crash
+// leaves the old or the new file, never half of one; a file that cannot be parsed is moved aside
+// (NAME.corrupt-<unix time>) so that the evidence is kept and the daemon starts empty.
 #include <cstdint>
 #include <string>
 #include <string_view>

@@ -885,17 +885,6 @@ std::vector<StateFile> Telemetry::state_files() {
   return files;
 }
 
-bool Telemetry::save_state(const std::string& state_dir, std::string& error) {
-  // Each file on its own: one that cannot be written (the biggest, on a nearly full disk) does not keep the
-  // others from being saved. `error` names every failure.
-  error.clear();
-  for (const auto& file : state_files()) {
-    std::string why;
-    if (!write_state_file(state_dir, file.name, file.text, why)) error += (error.empty() ? "" : "; ") + why;
-  }
-  return error.empty();
-}
-
 bool Telemetry::load_state(const std::string& state_dir, std::string& error) {
   namespace fs = std::filesystem;
   error.clear();

@@ -127,14 +127,12 @@ class Telemetry {
   // telemetry.window in whole days (the largest `days` a report may ask for).
   int window_days() const;
 
-  // Rolling windows persistence (state_dir/windows.state): atomic save (temp, fsync, rename); load moves a
+  // Rolling windows persistence (state_dir/windows.state): state_files() gives the text of the files (windows,
+  // remotes, TLS-RPT), serialized now, for the StateWriter (atomic save: temp, fsync, rename). load moves a
   // corrupt or foreign file aside (windows.state.corrupt-<time>), counts state_error("corrupt"), starts empty and
   // returns true with `error` set (for the log). False + error when the file or directory is unusable; those
   // failures are not counted here (the caller counts them with state_error).
-  // The drill-down tables (state_dir/remotes.state) are saved and loaded the same way, with the windows.
-  // save_state writes each file even when another failed; the error then names every one that did.
-  // state_files: the text of those files (windows, remotes, TLS-RPT), serialized now for a writer elsewhere.
-  bool save_state(const std::string& state_dir, std::string& error);
+  // The drill-down tables (state_dir/remotes.state) are loaded the same way, with the windows.
   std::vector<StateFile> state_files();
   bool load_state(const std::string& state_dir, std::string& error);
 

@@ -186,11 +186,6 @@ bool TlsRptStore::deserialize(std::string_view text, std::string& error) {
 
 StateFile TlsRptStore::state_file() const { return {std::string(kStateFile), serialize()}; }
 
-bool TlsRptStore::save(const std::string& state_dir, std::string& error) const {
-  const auto file = state_file();
-  return write_state_file(state_dir, file.name, file.text, error);
-}
-
 bool TlsRptStore::load(const std::string& state_dir, std::int64_t unix_now, std::string& error) {
   std::string text;
   error.clear();

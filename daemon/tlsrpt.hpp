@@ -52,8 +52,7 @@ class TlsRptStore {
 
   std::string serialize() const;
   bool deserialize(std::string_view text, std::string& error);  // false: corrupt (the store is unchanged)
-  StateFile state_file() const;                                 // its name in state_dir and serialize()
-  bool save(const std::string& state_dir, std::string& error) const;
+  StateFile state_file() const;  // its name in state_dir and serialize(), for the StateWriter (atomic save)
   // A corrupt file is moved aside (true, error says so); false when the file cannot be read.
   bool load(const std::string& state_dir, std::int64_t unix_now, std::string& error);
 

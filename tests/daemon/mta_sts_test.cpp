@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include "daemon/mta_sts.hpp"
+#include "daemon/state_file.hpp"
 
 namespace {
 
@@ -41,7 +42,8 @@ TEST_CASE("mta-sts cache: saved and loaded - expired entries are not loaded - co
   cache.store("a.example", {"id1", policy(proto::mta_sts::Mode::enforce), 100, 1000}, 100);
   cache.store("b.example", {"id2", policy(proto::mta_sts::Mode::testing), 100, 300}, 100);
   std::string error;
-  REQUIRE(cache.save(dir.string(), error));
+  const auto file = cache.state_file();
+  REQUIRE(mailflow::write_state_file(dir.string(), file.name, file.text, error));
   MtaStsCache loaded;
   REQUIRE(loaded.load(dir.string(), 500, error));
   CHECK(error.empty());

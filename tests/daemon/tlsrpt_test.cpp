@@ -8,6 +8,7 @@
 #include <fstream>
 #include <string>
 
+#include "daemon/state_file.hpp"
 #include "daemon/telemetry.hpp"
 #include "daemon/tlsrpt.hpp"
 
@@ -106,7 +107,8 @@ TEST_CASE("tlsrpt store: saved and loaded exactly - a corrupt file is moved asid
   store.record("2026-01-02", bad("example.net", ResultType::sts_webpki_invalid));
   store.record("2026-01-02", TlsRptSession{"x.example", {"https://r.example/v1?a=b,c"}, PolicyKey{}, std::nullopt});
   std::string error;
-  REQUIRE(store.save(dir.path.string(), error));
+  const auto file = store.state_file();
+  REQUIRE(mailflow::write_state_file(dir.path.string(), file.name, file.text, error));
   TlsRptStore loaded;
   REQUIRE(loaded.load(dir.path.string(), 1000, error));
   CHECK(error.empty());
