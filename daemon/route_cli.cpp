@@ -107,34 +107,37 @@ void print_text(const Route& route, std::ostream& out) {
   }
   out << "the MX hosts of " << route.domain << ", port " << upstream.port << ", tls "
       << config::to_string(upstream.tls) << "\n";
-  if (!route.delivery.mx) out << "MX lookup:  none (an address literal has no MX hosts)\n";
-  if (route.delivery.mx) {
+  if (!route.delivery.mx) {
+    out << "MX lookup:  none (an address literal has no MX hosts)\n";
+  } else {
     const MxResult& mx = *route.delivery.mx;
     out << "MX lookup:  " << to_string(mx.outcome) << (mx.secure ? " (DNSSEC secure)" : " (insecure)")
         << (mx.detail.empty() ? "" : ": " + mx.detail) << "\n";
-  }
-  if (route.delivery.mx && route.delivery.mx->status == MxResult::Status::hosts) {
-    const MxResult& mx = *route.delivery.mx;
-    out << "MX plan:    " << proto::to_string(mx.plan.kind) << "\n";
-    for (std::size_t i = 0; i < route.delivery.hosts.size(); ++i) {
-      const auto& host = route.delivery.hosts[i];
-      out << "  " << i + 1 << ". " << host.host.name << "  preference " << host.host.preference << "  ";
-      if (host.self) out << "(this relay: skipped with every host of its preference or worse) ";
-      else if (host.skipped) out << "(skipped: not preferred over this relay) ";
-      if (host.addresses.addresses.empty()) {
-        out << "no address (AAAA " << to_string(host.addresses.aaaa) << ", A " << to_string(host.addresses.a) << ")";
+    if (mx.status == MxResult::Status::hosts) {
+      out << "MX plan:    " << proto::to_string(mx.plan.kind) << "\n";
+      for (std::size_t i = 0; i < route.delivery.hosts.size(); ++i) {
+        const auto& host = route.delivery.hosts[i];
+        out << "  " << i + 1 << ". " << host.host.name << "  preference " << host.host.preference << "  ";
+        if (host.self)
+          out << "(this relay: skipped with every host of its preference or worse) ";
+        else if (host.skipped)
+          out << "(skipped: not preferred over this relay) ";
+        if (host.addresses.addresses.empty()) {
+          out << "no address (AAAA " << to_string(host.addresses.aaaa) << ", A "
+              << to_string(host.addresses.a) << ")";
+        }
+        for (std::size_t j = 0; j < host.addresses.addresses.size(); ++j) {
+          out << (j == 0 ? "" : ", ") << host.addresses.addresses[j].to_string();
+        }
+        out << "\n";
       }
-      for (std::size_t j = 0; j < host.addresses.addresses.size(); ++j) {
-        out << (j == 0 ? "" : ", ") << host.addresses.addresses[j].to_string();
+      out << "try:        ";
+      for (std::size_t i = 0; i < route.delivery.attempts.size(); ++i) {
+        const auto& endpoint = route.delivery.attempts[i].endpoint;
+        out << (i == 0 ? "" : ", ") << endpoint_text(endpoint.address(), endpoint.port());
       }
       out << "\n";
     }
-    out << "try:        ";
-    for (std::size_t i = 0; i < route.delivery.attempts.size(); ++i) {
-      const auto& endpoint = route.delivery.attempts[i].endpoint;
-      out << (i == 0 ? "" : ", ") << endpoint_text(endpoint.address(), endpoint.port());
-    }
-    out << "\n";
   }
   out << "result:     " << to_string(route.delivery.result)
       << (route.delivery.reply.empty() ? "" : " (" + route.delivery.reply + ")") << "\n";
@@ -159,8 +162,9 @@ void print_json(const Route& route, std::ostream& out) {
     out << ", \"attempts\": [" << quoted(upstream.address.text) << "], \"result\": \"deliver\", \"reply\": \"\"";
   } else {
     out << ", \"port\": " << upstream.port << ", \"mx_lookup\": ";
-    if (!route.delivery.mx) out << "null";  // an address literal: nothing looked up
-    if (route.delivery.mx) {
+    if (!route.delivery.mx) {
+      out << "null";  // an address literal: nothing looked up
+    } else {
       const MxResult& mx = *route.delivery.mx;
       out << "{\"status\": " << quoted(to_string(mx.status))
           << ", \"outcome\": " << quoted(to_string(mx.outcome))

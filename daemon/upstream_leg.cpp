@@ -147,6 +147,14 @@ asio::awaitable<T> UpstreamLeg::within_open(asio::awaitable<T> lookup) {
   co_return result;
 }
 
+std::optional<UpstreamLeg::Refusal> UpstreamLeg::open_over(const config::Upstream& upstream,
+                                                           const std::string& domain,
+                                                           std::string_view stage) {
+  if (closed_) return Refusal{upstream_unavailable_reply, {}};  // force_close() while it waited
+  if (open_expired()) return open_timed_out(upstream, domain, stage);
+  return std::nullopt;
+}
+
 UpstreamLeg::Refusal UpstreamLeg::open_timed_out(const config::Upstream& upstream, const std::string& domain,
                                                  std::string_view stage) {
   session_.telemetry.upstream_error(upstream.name, "open_timeout");
@@ -384,8 +392,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
     const auto dns = resolver();
     if (!dns) co_return Refusal{proto::format_reply(451, "4.4.3", "DNS resolver unavailable, try again later"), {}};
     const AddressResult addresses = co_await within_open(dns->resolve_addresses(host));
-    if (closed_) co_return Refusal{upstream_unavailable_reply, {}};
-    if (open_expired()) co_return open_timed_out(upstream, {}, "dns");
+    if (auto over = open_over(upstream, {}, "dns")) co_return over;
     for (const auto& address : addresses.addresses) endpoints.emplace_back(address, port);
     if (endpoints.empty()) {
       reason = "connect_failed";
@@ -395,7 +402,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
     } else {
       dane =
           co_await within_open(plan_dane(*dns, upstream, host, addresses.canonical, port, addresses.secure));
-      if (open_expired()) co_return open_timed_out(upstream, {}, "dns");
+      if (auto over = open_over(upstream, {}, "dns")) co_return over;
     }
   } else {
     ec = {};
@@ -474,9 +481,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
   if (!resolver) co_return Refusal{proto::format_reply(451, "4.4.3", "DNS resolver unavailable, try again later"), {}};
   const MxRoute mx = co_await within_open(
       resolve_mx_route(*resolver, *session_.runtime.own_listeners, domain, upstream.port));
-  if (closed_) co_return Refusal{upstream_unavailable_reply, {}};  // force_close() during the lookups
-  if (open_expired())
-    co_return open_timed_out(upstream, domain, "dns");  // before a given-up lookup's verdict
+  if (auto over = open_over(upstream, domain, "dns")) co_return over;  // before a given-up lookup's verdict
   if (mx.result != MxRoute::Result::deliver) {
     // mailflowd's own refusal of the recipient (null MX, no such domain, a loop, DNS trouble).
     log_limited(LogLevel::info, "mx_route",
@@ -501,8 +506,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
   }
   std::vector<std::string> rua;
   if (!connector.empty()) rua = co_await within_open(report_addresses(*resolver, domain));
-  if (closed_) co_return Refusal{upstream_unavailable_reply, {}};  // nothing to report of lookups given up
-  if (open_expired()) co_return open_timed_out(upstream, domain, "policy");
+  if (auto over = open_over(upstream, domain, "policy")) co_return over;  // lookups given up: no report
   proto::tlsrpt::PolicyKey sts_key;
   if (sts.mode != PolicyState::Mode::none || sts.failure) {
     sts_key.type = proto::tlsrpt::PolicyType::sts;
@@ -530,8 +534,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
           plan_dane(*resolver, upstream, attempt.host, attempt.canonical, upstream.port, attempt.secure));
       plan = dane_plans.emplace(attempt.host, std::move(dane)).first;
     }
-    if (closed_) co_return Refusal{upstream_unavailable_reply, {}};  // force_close(): no next host
-    if (open_expired()) co_return open_timed_out(upstream, domain, "dns");
+    if (auto over = open_over(upstream, domain, "dns")) co_return over;  // no next host
     const proto::DanePlan& dane = plan->second;
     // DANE, where it applies, governs the host (RFC 8461 2: it takes precedence over MTA-STS).
     const bool by_dane = dane.kind != proto::DanePlan::Kind::none;

@@ -174,6 +174,10 @@ class UpstreamLeg {
   // The open ran out of time at `stage` ("dns", "policy", "connect"): counted (upstream_errors open_timeout),
   // logged, and the recipient's 451 4.4.2.
   Refusal open_timed_out(const config::Upstream& upstream, const std::string& domain, std::string_view stage);
+  // After a wait of the open (a lookup): its refusal when the open ends there, because force_close() came
+  // meanwhile or timeouts.upstream_open passed (open_timed_out() at `stage`); nullopt to go on.
+  std::optional<Refusal> open_over(const config::Upstream& upstream, const std::string& domain,
+                                   std::string_view stage);
 
   Session session_;
   boost::asio::any_io_executor executor_;
