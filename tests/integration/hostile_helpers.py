@@ -236,6 +236,16 @@ class Conn:
         self.server.log.append(f"conn {self.idx} C: {line!r}")
         return line
 
+    def message(self):
+        """After a 354: the message's content up to its terminator (None when the peer goes away first)."""
+        while b"\r\n.\r\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                return None
+            self.buf += chunk
+        content, self.buf = self.buf.split(b"\r\n.\r\n", 1)
+        return content
+
     def recv_some(self, n=65536):
         if self.buf:
             out, self.buf = self.buf, b""

@@ -45,12 +45,9 @@ def make_idle_closer(how):
                 conn.send(b"250-fake.test\r\n250 PIPELINING\r\n")
             elif word == b"DATA":
                 conn.send(b"354 go on\r\n")
-                while b"\r\n.\r\n" not in conn.buf:
-                    chunk = conn.sock.recv(65536)
-                    if not chunk:
-                        return
-                    conn.buf += chunk
-                content, conn.buf = conn.buf.split(b"\r\n.\r\n", 1)
+                content = conn.message()
+                if content is None:
+                    return
                 conn.server.messages.append((conn.idx, content))
                 conn.send(b"250 2.0.0 queued\r\n")
             elif word == b"QUIT":
@@ -137,12 +134,9 @@ def make_closer_at_next_mail(how, pipelining):
                 return
             elif word == b"DATA":
                 conn.send(b"354 go on\r\n")
-                while b"\r\n.\r\n" not in conn.buf:
-                    chunk = conn.sock.recv(65536)
-                    if not chunk:
-                        return
-                    conn.buf += chunk
-                content, conn.buf = conn.buf.split(b"\r\n.\r\n", 1)
+                content = conn.message()
+                if content is None:
+                    return
                 conn.server.messages.append((conn.idx, content))
                 delivered = True
                 conn.send(b"250 2.0.0 queued\r\n")
