@@ -3,7 +3,7 @@
 # 0.1.0+git20261204.abc1234; '+' sorts after the plain version in Debian's order, as a snapshot of it
 # should). From a tarball (no .git) or without git: PROJECT_VERSION. Computed at configure time; a commit
 # re-runs the configure step (CMAKE_CONFIGURE_DEPENDS on HEAD and its ref), so a build never carries a stale
-# revision. Uncommitted changes are not marked.
+# revision (also in a `git worktree`). Uncommitted changes are not marked.
 include_guard(GLOBAL)
 
 set(MAILFLOW_VERSION_FULL ${PROJECT_VERSION})
@@ -22,16 +22,24 @@ if(EXISTS ${PROJECT_SOURCE_DIR}/.git)
       set(MAILFLOW_VERSION_FULL "${PROJECT_VERSION}+git${mailflow_git_date}.${mailflow_git_rev}")
     endif()
     # Reconfigure when HEAD moves: HEAD itself (branch switch), the branch's ref (commit) and packed-refs.
+    # In a `git worktree` HEAD is in the worktree's own git dir, the refs in the main repository's (common) one.
     execute_process(COMMAND ${GIT_EXECUTABLE} rev-parse --absolute-git-dir
                     WORKING_DIRECTORY ${PROJECT_SOURCE_DIR} RESULT_VARIABLE dir_rc
                     OUTPUT_VARIABLE mailflow_git_dir OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET)
+    execute_process(COMMAND ${GIT_EXECUTABLE} rev-parse --path-format=absolute --git-common-dir
+                    WORKING_DIRECTORY ${PROJECT_SOURCE_DIR} RESULT_VARIABLE common_rc
+                    OUTPUT_VARIABLE mailflow_git_common_dir OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET)
+    if(NOT common_rc EQUAL 0)
+      set(mailflow_git_common_dir ${mailflow_git_dir})
+    endif()
     execute_process(COMMAND ${GIT_EXECUTABLE} symbolic-ref -q HEAD
                     WORKING_DIRECTORY ${PROJECT_SOURCE_DIR}
                     OUTPUT_VARIABLE mailflow_git_ref OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET)
     if(dir_rc EQUAL 0)
-      foreach(f HEAD ${mailflow_git_ref} packed-refs)
-        if(EXISTS ${mailflow_git_dir}/${f})
-          set_property(DIRECTORY ${PROJECT_SOURCE_DIR} APPEND PROPERTY CMAKE_CONFIGURE_DEPENDS ${mailflow_git_dir}/${f})
+      foreach(f ${mailflow_git_dir}/HEAD ${mailflow_git_common_dir}/${mailflow_git_ref}
+                ${mailflow_git_common_dir}/packed-refs)
+        if(EXISTS ${f})
+          set_property(DIRECTORY ${PROJECT_SOURCE_DIR} APPEND PROPERTY CMAKE_CONFIGURE_DEPENDS ${f})
         endif()
       endforeach()
     endif()

@@ -87,6 +87,13 @@ std::map<tcp::endpoint, int> inherited_sockets() {
   return sockets;
 }
 
+// "127.0.0.1:25", "[::]:25": an endpoint as a listener's address is written.
+std::string endpoint_text(const tcp::endpoint& endpoint) {
+  const std::string ip = endpoint.address().to_string();
+  const std::string port = std::to_string(endpoint.port());
+  return endpoint.address().is_v6() ? "[" + ip + "]:" + port : ip + ":" + port;
+}
+
 // How many event loops (threads) relay sessions: performance.event_loops, or with "auto" one per CPU this
 // process may run on (taskset/cgroup cpusets), not per CPU online: two threads sharing one CPU only add
 // hand-offs.
@@ -575,6 +582,14 @@ int Server::run() {
   s.busy_poll = config.performance.busy_poll;
 
   s.swap_listeners(s.reconcile_listeners(config));
+  // A socket from systemd that no listener's address equals is never accepted on: its clients would wait for
+  // a banner until they give up, and nothing else would say so. (Kept open: a reload that adds the listener
+  // still takes it.)
+  for (const auto& inherited : s.inherited)
+    log_event(LogLevel::error, "socket_unused",
+              {{"address", endpoint_text(inherited.first)},
+               {"reason", "socket activation passed it, but no listener has this address; its connections are "
+                          "never answered (ListenStream= of mailflowd.socket must equal a listener address)"}});
   s.http = std::make_unique<HttpServer>(config.http, s.telemetry, [&s] { return !s.stopping; });
   s.http->start();
   s.keep_running("signals", [&s] { return s.signals(); });

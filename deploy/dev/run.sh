@@ -79,9 +79,9 @@ url=http://127.0.0.1:$http_port
 cat <<TXT
 
 mailflowd is relaying 127.0.0.1:$smtp_port -> sink 127.0.0.1:$sink_port (messages land in run/mail/).
-Send a mail (plaintext, then TLS1.0 from a "partner" address):
+Send a mail (plaintext, then TLS1.0 from partner contoso.com, which the report then shows as an insight):
   swaks --server 127.0.0.1:$smtp_port --from alice@example.com --to bob@example.org
-  swaks --server 127.0.0.1:$smtp_port --local-interface 127.0.0.2 --tls --tls-protocol tlsv1 \\
+  swaks --server 127.0.0.1:$smtp_port --tls --tls-protocol tlsv1 \\
         --tls-cipher 'DEFAULT:@SECLEVEL=0' --from partner@contoso.com --to bob@example.org
 Look:
   $url/          connector report (HTML)

@@ -38,3 +38,27 @@ def test_relay_over_ipv6(env):
     assert b"[IPv6:::1]" in received[0], received[0]
     harness.assert_counted(env.daemon, before, "loopback6", "inbound", "none")
     harness.wait_for(lambda: "client=[::1]:" in env.daemon.stderr(), what="session log line with [::1]")
+
+
+def test_any_address_listener_is_ipv6_only_beside_an_ipv4_one(sink_factory, daemon_factory):
+    """"[::]:PORT" takes IPv6 clients only (IPV6_V6ONLY, as mailflowd.socket's BindIPv6Only=ipv6-only), so an
+    IPv4 listener "0.0.0.0:PORT" on the same port can sit beside it and each client counts under the listener
+    of its address family (docs/configuration.md, the example mailflowd.yaml)."""
+    sink = sink_factory("sink-any")
+    port = harness.free_port()
+    daemon = daemon_factory(
+        listeners=[{"name": "any6", "address": f"[::]:{port}", "direction": "inbound", "upstream": "store"},
+                   {"name": "any4", "address": f"0.0.0.0:{port}", "direction": "inbound", "upstream": "store"}],
+        upstreams=[{"name": "store", "address": f"127.0.0.1:{sink.port}", "tls": "none"}], name="anyaddr")
+    for host in ("::1", "127.0.0.1"):
+        c = harness.RawSmtp(port, host=host)
+        try:
+            assert c.reply()[0] == 220
+            c.cmd("QUIT")
+        finally:
+            c.close()
+    harness.wait_for(lambda: "client=[::1]:" in daemon.stderr() and "client=127.0.0.1:" in daemon.stderr(),
+                     what="both session lines")
+    lines = [line for line in daemon.stderr().splitlines() if " session " in line]
+    assert any("client=[::1]:" in line and "listener=any6" in line for line in lines), lines
+    assert any("client=127.0.0.1:" in line and "listener=any4" in line for line in lines), lines

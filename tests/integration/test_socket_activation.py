@@ -1,0 +1,88 @@
+"""Socket activation as mailflowd.socket does it, through systemd's own tool (systemd-socket-activate passes
+the sockets as LISTEN_FDS and execs mailflowd on the first connection): a listener whose address equals an
+inherited socket serves on it (mailflowd could not bind that address itself, the socket holds it), and an
+inherited socket that no listener's address equals is named in the log at start, since no one would ever
+answer the clients that connect to it."""
+import json
+import shutil
+import signal
+import subprocess
+
+import pytest
+
+import harness
+
+
+@pytest.fixture(scope="module")
+def sink(sink_factory):
+    return sink_factory("store")
+
+
+@pytest.fixture
+def activated(tmp_path, sink, mailflowd_bin):
+    """start(listener_port, extra_ports) -> (Popen of mailflowd, its stderr path), under systemd-socket-activate."""
+    tool = shutil.which("systemd-socket-activate")
+    if not tool:
+        pytest.fail("systemd-socket-activate is not installed (package systemd, deploy/dev/deps.sh test)",
+                    pytrace=False)
+    procs = []
+
+    def start(listener_port, extra_ports=()):
+        state = tmp_path / "state"
+        state.mkdir()
+        cfg = harness.default_config(
+            state, harness.free_port(),
+            listeners=[{"name": "inbound", "address": f"127.0.0.1:{listener_port}", "direction": "inbound",
+                        "upstream": "store"}],
+            upstreams=[{"name": "store", "address": f"127.0.0.1:{sink.port}", "tls": "none", "xclient": "off"}])
+        config = tmp_path / "mailflowd.yaml"
+        config.write_text(json.dumps(cfg, indent=2) + "\n")
+        stderr = tmp_path / "mailflowd.stderr"
+        argv = [tool] + [a for p in (listener_port, *extra_ports) for a in ("-l", f"127.0.0.1:{p}")]
+        argv += [mailflowd_bin, "--config", str(config)]
+        proc = subprocess.Popen(argv, stdout=open(stderr, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        procs.append(proc)
+        # The tool listens first, then execs mailflowd (same pid) on the first connection.
+        harness.wait_for(lambda: "Listening on" in stderr.read_text() or proc.poll() is not None, 10,
+                         what="systemd-socket-activate to listen")
+        assert proc.poll() is None, harness.tail(stderr)
+        return proc, stderr, sink
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def test_listener_serves_on_its_inherited_socket(activated):
+    port = harness.free_port()
+    proc, stderr, sink = activated(port)
+    before = sink.count()
+    res = harness.swaks(port)  # this connection makes the tool exec mailflowd, which accepts it
+    assert res.rc == 0, f"{res}\n{harness.tail(stderr)}"
+    sink.wait_messages(before + 1)
+    assert proc.poll() is None, harness.tail(stderr)
+    assert "startup_failed" not in stderr.read_text(), harness.tail(stderr)
+
+
+def test_inherited_socket_without_listener_is_logged_at_start(activated):
+    port, stray = harness.free_port(), harness.free_port()
+    proc, stderr, sink = activated(port, extra_ports=(stray,))
+    before = sink.count()
+    res = harness.swaks(port)
+    assert res.rc == 0, f"{res}\n{harness.tail(stderr)}"
+    harness.wait_for(lambda: " started " in stderr.read_text(), 10, what="mailflowd started")
+    lines = [line for line in stderr.read_text().splitlines() if "socket_unused" in line]
+    assert len(lines) == 1, f"expected one socket_unused line naming 127.0.0.1:{stray}\n{harness.tail(stderr)}"
+    assert f"address=127.0.0.1:{stray}" in lines[0] and " error " in lines[0], lines[0]
+    assert f"127.0.0.1:{port}" not in lines[0], lines[0]
+    # The listener on the other inherited socket is not disturbed by it.
+    assert harness.swaks(port).rc == 0
+    sink.wait_messages(before + 2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(15) == 0, harness.tail(stderr)
