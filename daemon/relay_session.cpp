@@ -419,15 +419,19 @@ asio::awaitable<bool> RelaySession::read_proxy_header() {
 
 asio::awaitable<bool> RelaySession::greet_pause() {
   // RFC 5321 §4.3.1: the client must wait for the banner. Anything sent before it is a spambot tell.
-  error_code ec;
-  co_await deadlines_.wait_readable(client_.socket(), in(config_.limits.greet_pause), ec);
-  if (ec == asio::error::timed_out) co_return true;
-  // Readable: input, or a client that hung up without a word (not an early talker, just gone).
-  char byte = 0;
-  const bool hung_up = !ec && ::recv(client_.socket().native_handle(), &byte, 1, MSG_PEEK) == 0;
-  if (ec || hung_up) {
-    result_ = "disconnected";
-    co_return false;
+  // Bytes read behind a PROXY header (a proxy forwards the client's first bytes right after it) are such input
+  // already.
+  if (client_in_.empty()) {
+    error_code ec;
+    co_await deadlines_.wait_readable(client_.socket(), in(config_.limits.greet_pause), ec);
+    if (ec == asio::error::timed_out) co_return true;
+    // Readable: input, or a client that hung up without a word (not an early talker, just gone).
+    char byte = 0;
+    const bool hung_up = !ec && ::recv(client_.socket().native_handle(), &byte, 1, MSG_PEEK) == 0;
+    if (ec || hung_up) {
+      result_ = "disconnected";
+      co_return false;
+    }
   }
   count_reject("early_talker");
   co_await say_goodbye(

@@ -300,8 +300,10 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open(const con
                                                                        const Client& client,
                                                                        std::string_view connector, bool polite,
                                                                        bool& reused) {
-  // A connection is reused for the next transaction that routes the same way (same upstream, same domain).
-  reused = link_ && upstream_ == &upstream && domain_ == domain;
+  // A connection is reused for the next transaction that routes the same way (same upstream, same domain) and
+  // speaks for the same client (its HELO name may have changed with a new EHLO/HELO).
+  reused = link_ && upstream_ == &upstream && domain_ == domain && client_helo_ == client.helo &&
+           client_esmtp_ == client.esmtp;
   closed_idle_ = false;
   if (reused && (!in_.empty() || !link_->quiet())) {
     // The upstream closed it meanwhile (Postfix does after smtpd_timeout, 10 s under stress): no error of the
@@ -322,6 +324,8 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open(const con
   if (closed_) co_return Refusal{upstream_unavailable_reply, {}};
   upstream_ = &upstream;
   domain_ = upstream.mx ? domain : std::string();
+  client_helo_ = client.helo;
+  client_esmtp_ = client.esmtp;
   host_.clear();
   policy_ = "none";
   if (upstream.mx) co_return co_await open_mx(upstream, domain, client, connector);

@@ -188,6 +188,10 @@ class UpstreamLeg {
   TimePoint open_deadline_ = TimePoint::max();              // see open_expired()
   const config::Upstream* upstream_ = nullptr;
   std::string domain_;  // mx upstreams: the recipient domain whose MX host this is
+  // The client's HELO name and ESMTP-ness the connection was opened with (XCLIENT HELO=/PROTO=, EHLO after it):
+  // a client that greets again with another name gets a new connection, not one that speaks for the old one.
+  std::string client_helo_;
+  bool client_esmtp_ = true;
   std::string host_;
   std::unique_ptr<Link> link_;
   ReadBuffer in_;

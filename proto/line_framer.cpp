@@ -18,10 +18,17 @@ CommandFramer::Event CommandFramer::next(std::string_view input) {
   if (discarding_) {
     const std::size_t lf = find_lf(input, 0, input.size());
     if (lf == std::string_view::npos) {
+      if (!input.empty()) discarded_cr_ = input.back() == '\r';
       ev.consumed = input.size();
       return ev;
     }
     discarding_ = false;
+    if (!(lf > 0 ? input[lf - 1] == '\r' : discarded_cr_)) {
+      // What follows the bare LF may still be the over-long line to the client: never a command of its own.
+      ev.kind = Kind::too_long_bare_lf;
+      ev.consumed = lf + 1;
+      return ev;
+    }
     // Go on with the next line in the same call: a caller that stops at need_more must not leave a complete
     // pipelined command unanswered until more bytes arrive.
     start = lf + 1;
@@ -34,15 +41,14 @@ CommandFramer::Event CommandFramer::next(std::string_view input) {
       ev.consumed = start;  // need more (after the discarded tail, if any)
       return ev;
     }
-    // Even if the LF came next, the line would be over the limit: report now, discard the rest up to its LF.
+    // Even if the LF came next, the line would be over the limit: report now, discard the rest up to its LF
+    // (the LF itself is left to the next call, which tells a CRLF from a bare LF however the input was split).
     ev.kind = Kind::too_long;
+    discarding_ = true;
     const std::size_t tail_lf = find_lf(rest, window, rest.size());
-    if (tail_lf == std::string_view::npos) {
-      discarding_ = true;
-      ev.consumed = input.size();
-    } else {
-      ev.consumed = start + tail_lf + 1;
-    }
+    const std::size_t discarded = tail_lf == std::string_view::npos ? rest.size() : tail_lf;
+    discarded_cr_ = rest[discarded - 1] == '\r';
+    ev.consumed = start + discarded;
     return ev;
   }
   ev.consumed = start + lf + 1;

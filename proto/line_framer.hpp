@@ -15,6 +15,8 @@ class CommandFramer {
     bare_lf,      // a line that ends in a bare LF: where the client thinks the line ends is unknowable (it may
                   // go on to the next CRLF), so the session answers once and closes (Postfix's
                   // smtpd_forbid_bare_newline): its tail never gets a reply of its own
+    too_long_bare_lf,  // the over-long line reported as too_long ended in a bare LF: the same, except that the
+                       // line has had its one reply already, so the session closes without another
   };
   struct Event {
     Kind kind = Kind::need_more;
@@ -33,6 +35,7 @@ class CommandFramer {
  private:
   std::size_t max_line_;
   bool discarding_ = false;
+  bool discarded_cr_ = false;  // the last byte discarded was a CR (the LF that ends the line may follow it)
 };
 
 }  // namespace mailflow::proto

@@ -251,6 +251,15 @@ ServerSession::Action ServerSession::on_framing_error(CommandFramer::Kind kind) 
   if (kind == CommandFramer::Kind::bad_newline) {
     return refuse(500, "5.5.2", "Error: bare CR or LF in command", "bare_newline_command");
   }
+  if (kind == CommandFramer::Kind::too_long_bare_lf) {
+    // The line had its 500 already (too_long): its tail gets no reply, the session just ends.
+    Action a;
+    a.kind = ActionKind::close;
+    a.reject_reason = "bare_newline_command";
+    state_ = State::closed;
+    clear_transaction();
+    return a;
+  }
   if (kind == CommandFramer::Kind::bare_lf) {
     Action a = refuse(500, "5.5.2", "Error: bare LF in command", "bare_newline_command");
     a.kind = ActionKind::close;

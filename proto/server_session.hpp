@@ -64,7 +64,9 @@ class ServerSession {
   //   starttls_twice         503 5.5.1  STARTTLS when TLS is already active
   //   line_too_long          500 5.5.2  on_framing_error(too_long)
   //   bare_newline_command   500 5.5.2  on_framing_error(bad_newline); on_framing_error(bare_lf) answers the
-  //                                     same and closes (kind close): the line's tail is never answered
+  //                                     same and closes (kind close): the line's tail is never answered;
+  //                                     on_framing_error(too_long_bare_lf) closes without a reply (the line
+  //                                     had its 500 as too_long)
   //   too_many_bad_commands  421 4.7.0  (kind close) the max_bad_commands-th local 5xx replaces that reply;
   //                                     max_bad_commands == 0 means no limit
   // After close (QUIT, 421) every further line gets kind close with a 421 and no reason.

@@ -1,5 +1,6 @@
 // CommandFramer: the events do not depend on how the stream is cut, lines never hold CR/LF, the limit holds,
-// and an over-long line yields exactly one event.
+// and an over-long line yields exactly one too_long event (and one more when a bare LF ends it).
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -35,6 +36,8 @@ std::vector<std::string> frame(std::string_view input, std::size_t max_line, std
         events.emplace_back("B");
       } else if (ev.kind == CommandFramer::Kind::bare_lf) {
         events.emplace_back("F");
+      } else if (ev.kind == CommandFramer::Kind::too_long_bare_lf) {
+        events.emplace_back("G");
       }
       buf.erase(0, ev.consumed);
       if (ev.kind == CommandFramer::Kind::need_more) break;
@@ -54,9 +57,12 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   const auto whole = frame(input, max_line, 0);
   FUZZ_CHECK(frame(input, max_line, piece) == whole);
   FUZZ_CHECK(frame(input, max_line, 1) == whole);
-  // Events are at most one per LF, plus one for a trailing over-long line.
+  // Events that end a line are at most one per LF; too_long ones one per over-long line (ended by an LF, or the
+  // trailing one).
   std::size_t lfs = 0;
   for (char c : input) lfs += c == '\n';
-  FUZZ_CHECK(whole.size() - 1 <= lfs + 1);
+  const auto too_long = static_cast<std::size_t>(std::count(whole.begin(), whole.end(), std::string("T")));
+  FUZZ_CHECK(whole.size() - 1 - too_long <= lfs);
+  FUZZ_CHECK(too_long <= lfs + 1);
   return 0;
 }

@@ -107,6 +107,33 @@ def test_bare_lf_in_command_one_reply_then_close(env):
     hh.assert_relays(env.daemon, env.port, env.sink)
 
 
+@pytest.mark.parametrize("second", [0, 4000], ids=["one-write", "tail-in-a-later-write"])
+def test_overlong_command_ended_by_bare_lf_one_reply_then_close(env, second):
+    """An over-long line whose tail ends in a bare LF: the client may think the line goes on to the next CRLF,
+    so what follows the LF is part of the line it got its one 500 for: never executed or answered; close."""
+    before = env.daemon.metrics()
+    n = env.sink.count()
+    c = hh.greeted(env.port)
+    try:
+        c.send(b"NOOP " + b"x" * 600)
+        if second:
+            code, text = c.reply()
+            assert code == 500 and re.match(r"^500 5\.5\.2 ", text), f"over-long line: {text!r}"
+            c.send(b"y" * second)
+        c.send(b"\nMAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\n")
+        if not second:
+            code, text = c.reply()
+            assert code == 500 and re.match(r"^500 5\.5\.2 ", text), f"over-long line: {text!r}"
+        more = hh.replies_within(c)
+        assert more == [], f"a second reply for the tail of the line: {more!r}"
+        assert c.pending(2.0) is None, "the session must be closed after the bare LF"
+    finally:
+        c.close()
+    assert env.sink.count() == n
+    hh.assert_rejected(env.daemon, before, "bare_newline_command")
+    hh.assert_relays(env.daemon, env.port, env.sink)
+
+
 def test_too_many_bad_commands_421_and_close(env):
     before = env.daemon.metrics()
     c = hh.greeted(env.port)

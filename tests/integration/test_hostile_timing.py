@@ -16,17 +16,19 @@ COMMAND_TIMEOUT = 2.0
 @pytest.fixture(scope="module")
 def env(certs, sink_factory, daemon_factory):
     sink = sink_factory("store")
-    slow, limited, paused = harness.free_port(), harness.free_port(), harness.free_port()
+    slow, limited, paused, proxied = harness.free_port(), harness.free_port(), harness.free_port(), harness.free_port()
     up = [hh.plain_upstream("store", sink.port)]
     slow_d = daemon_factory(listeners=[hh.listener("inbound", slow, "store")], upstreams=up, name="slow",
                             timeouts={"greeting": "1s", "command": "2s", "data_block": "2s",
                                       "upstream_connect": "5s"})
     limited_d = daemon_factory(listeners=[hh.listener("inbound", limited, "store")], upstreams=up, name="limited",
                                limits={"drain_timeout": "3s", "max_sessions_per_ip": 2, "max_sessions": 3})
-    paused_d = daemon_factory(listeners=[hh.listener("inbound", paused, "store")], upstreams=up, name="paused",
-                              limits={"drain_timeout": "3s", "greet_pause": "1s"})
+    paused_d = daemon_factory(listeners=[hh.listener("inbound", paused, "store"),
+                                         hh.listener("proxied", proxied, "store",
+                                                     proxy_protocol={"trusted": ["127.0.0.1/32"]})],
+                              upstreams=up, name="paused", limits={"drain_timeout": "3s", "greet_pause": "1s"})
     return types.SimpleNamespace(sink=sink, slow=slow, slow_d=slow_d, limited=limited, limited_d=limited_d,
-                                 paused=paused, paused_d=paused_d)
+                                 paused=paused, paused_d=paused_d, proxied=proxied)
 
 
 # ------------------------------------------------------------------------------------------ early talker
@@ -43,6 +45,23 @@ def test_early_talker_554_and_close(env):
     assert b"220 " not in data, f"an early talker got the banner: {data!r}"
     assert closed, "the connection stayed open after 554"
     hh.assert_rejected(env.paused_d, before, "early_talker")
+
+
+def test_early_talker_behind_a_proxy_554_and_close(env):
+    """The proxy forwards the client's early bytes right behind its PROXY header, often in the same segment:
+    they are input before the banner all the same."""
+    before = env.paused_d.metrics()
+    c = harness.RawSmtp(env.proxied)
+    try:
+        c.send(b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 25\r\nEHLO spambot.example.test\r\n")
+        data, closed = hh.read_all(c.sock, wait=4.0)
+    finally:
+        c.close()
+    c.transcript.append(f"S: {data!r}")
+    assert data.startswith(b"554 "), f"input before the banner must get 554 (and no banner): {data!r}"
+    assert b"220 " not in data, f"an early talker got the banner: {data!r}"
+    assert closed, "the connection stayed open after 554"
+    hh.assert_rejected(env.paused_d, before, "early_talker", listener_name="proxied")
 
 
 def test_patient_client_served_after_greet_pause(env):

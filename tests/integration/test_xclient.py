@@ -67,3 +67,27 @@ def test_xclient_not_advertised(env):
     send_from(env.ports["in-unadvertised"], "127.0.0.2", "client.example.test")
     meta, _ = env.plain.wait_messages(n + 1)[-1]
     assert meta["xclient"] is None
+
+
+def test_new_helo_name_reaches_the_sink_on_the_next_transaction(env):
+    """A client that greets again with another name (EHLO resets the session) must not have its next message
+    sent over the upstream connection that XCLIENT and EHLO set up with the old name: the sink's HELO
+    checks and Received: field would see a name the client no longer uses."""
+    n = env.xsink.count()
+    c = harness.RawSmtp(env.ports["in-auto"], source="127.0.0.2")
+    try:
+        assert c.reply()[0] == 220
+        assert c.cmd("EHLO first.example.test")[0] == 250
+        code, text = hh.transaction(c, MESSAGE, "s@example.test", ("r@dest.test",))
+        assert code == 250, text
+        assert c.cmd("HELO second.example.test")[0] == 250
+        code, text = hh.transaction(c, MESSAGE, "s@example.test", ("r@dest.test",))
+        assert code == 250, text
+        c.cmd("QUIT")
+    finally:
+        c.close()
+    first, second = [meta for meta, _ in env.xsink.wait_messages(n + 2)[-2:]]
+    assert first["xclient"]["HELO"] == "first.example.test", first
+    assert second["xclient"]["HELO"] == "second.example.test", second
+    assert second["xclient"]["PROTO"] == "SMTP", second
+    assert second["helo"] == "second.example.test", second

@@ -15,7 +15,7 @@ using mailflow::test::splits_of;
 namespace {
 
 struct Framed {
-  std::vector<std::string> events;  // "L:<line>", "TOO_LONG", "BAD_NL", "BARE_LF"
+  std::vector<std::string> events;  // "L:<line>", "TOO_LONG", "BAD_NL", "BARE_LF", "TOO_LONG_BARE_LF"
   std::string rest;                 // unread bytes (a partial line)
   bool operator==(const Framed&) const = default;
 };
@@ -41,6 +41,9 @@ Framed frame(const std::vector<std::string>& chunks, std::size_t max_line = 512)
           break;
         case CommandFramer::Kind::bare_lf:
           out.events.push_back("BARE_LF");
+          break;
+        case CommandFramer::Kind::too_long_bare_lf:
+          out.events.push_back("TOO_LONG_BARE_LF");
           break;
         case CommandFramer::Kind::need_more:
           break;
@@ -96,13 +99,26 @@ TEST_CASE("CommandFramer: an over-long line gets one event, never a second one f
   // The tail may contain bare CRs, NULs and more over-long stretches: still one event.
   const std::string nasty = std::string(600, 'x') + "\r" + std::string(600, '\0') + "\r\nQUIT\r\n";
   check_every_split(nasty, {{"TOO_LONG", "L:QUIT"}, ""});
-  // Two over-long lines are two events.
+  // Two over-long lines are two events (the first one ended by a bare LF says so as well).
   check_every_split(std::string(600, 'x') + "\n" + std::string(600, 'y') + "\r\n",
-                    {{"TOO_LONG", "TOO_LONG"}, ""});
+                    {{"TOO_LONG", "TOO_LONG_BARE_LF", "TOO_LONG"}, ""});
   // Small limit, for the double-split sweep.
   check_every_split("abcdefghij\r\nok\r\n", {{"TOO_LONG", "L:ok"}, ""}, 8);
   check_every_split("abcdef\r\nok\r\n", {{"L:abcdef", "L:ok"}, ""}, 8);
   check_every_split("abcdefg\r\nok\r\n", {{"TOO_LONG", "L:ok"}, ""}, 8);
+}
+
+TEST_CASE("CommandFramer: an over-long line ended by a bare LF says so, however the input is split") {
+  // The client may think the line goes on to the next CRLF: what follows the LF is no command of its own.
+  check_every_split(std::string(20, 'x') + "\nNOOP\r\nQUIT\r\n",
+                    {{"TOO_LONG", "TOO_LONG_BARE_LF", "L:NOOP", "L:QUIT"}, ""}, 8);
+  check_every_split(std::string(20, 'x') + "\r\nQUIT\r\n", {{"TOO_LONG", "L:QUIT"}, ""}, 8);
+  // A CR discarded at the end of one read and the LF at the start of the next are a CRLF.
+  CHECK(frame({std::string(20, 'x') + "\r", "\nQUIT\r\n"}, 8) == Framed{{"TOO_LONG", "L:QUIT"}, ""});
+  CHECK(frame({std::string(20, 'x'), "\nQUIT\r\n"}, 8) ==
+        Framed{{"TOO_LONG", "TOO_LONG_BARE_LF", "L:QUIT"}, ""});
+  CHECK(frame({std::string(20, 'x') + "\r", "yy", "\nQUIT\r\n"}, 8) ==
+        Framed{{"TOO_LONG", "TOO_LONG_BARE_LF", "L:QUIT"}, ""});
 }
 
 TEST_CASE("CommandFramer: a discarding framer still needs more until the LF") {

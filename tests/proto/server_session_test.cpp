@@ -387,6 +387,19 @@ TEST_CASE("ServerSession: a line ended by a bare LF is answered once and closes 
   }
 }
 
+TEST_CASE("ServerSession: an over-long line ended by a bare LF closes the session without a second reply") {
+  ServerSession s(opts());
+  s.on_line("EHLO c");
+  const auto first = s.on_framing_error(CommandFramer::Kind::too_long);
+  CHECK(first.kind == Kind::reply);
+  CHECK(first.reply.rfind("500 5.5.2 ", 0) == 0);
+  const auto tail = s.on_framing_error(CommandFramer::Kind::too_long_bare_lf);
+  CHECK(tail.kind == Kind::close);
+  CHECK(tail.reply.empty());
+  CHECK(tail.reject_reason == "bare_newline_command");
+  CHECK(s.state() == State::closed);
+}
+
 TEST_CASE("ServerSession: a pipelining daemon gets the same answers") {
   // MAIL, RCPT, DATA processed before the upstream answered MAIL/RCPT.
   ServerSession s(opts());
