@@ -108,6 +108,18 @@ def control_characters(text):
     return [c for c in text if (ord(c) < 0x20 and c != "\n") or ord(c) == 0x7F]
 
 
+def test_csv_cells_never_start_a_formula(env):
+    daemon, _, _ = env
+    status, body, _ = rh.http_get(daemon, "/api/v1/remotes.csv")
+    assert status == 200
+    rows = list(csv.DictReader(io.StringIO(body)))
+    for row in rows:
+        for column, cell in row.items():
+            assert not cell.startswith(("=", "+", "-", "@")), (column, cell)
+    good = [r for r in rows if r["address"] == GOOD]
+    assert good and good[0]["name"] == "'" + FORMULA, body  # shown as text, nothing of it lost
+
+
 def test_cli_prints_no_control_characters(env, mailflowd_bin):
     daemon, _, _ = env
     for args in (("--connector", "partner-in"), ("--connector", "internet"), ("--domains",), ()):
