@@ -70,7 +70,7 @@ constexpr auto kTlsCloseTimeout = std::chrono::seconds(5);  // close_notify
 constexpr std::size_t kMaxConnections = 256;
 constexpr std::size_t kMaxConnectionsPerAddress = 16;
 constexpr std::uint32_t kHeaderLimit = 8 * 1024;
-constexpr std::uint64_t kBodyLimit = 8 * 1024;  // only GET is served
+constexpr std::uint64_t kBodyLimit = 8 * 1024;  // only GET and HEAD are served
 constexpr std::size_t kMaxCachedCredentials = 8;
 // Password checks (bcrypt/yescrypt: up to half a second of CPU each) run on one low-priority thread of their
 // own, never on an event loop; at most this many are queued or running, more get 503 at once.
@@ -483,6 +483,12 @@ class Server : public std::enable_shared_from_this<Server> {
         response.keep_alive(false);
       } else {
         response = co_await handle(parser.get(), settings, peer);
+        if (parser.get().method() == http::verb::head) {
+          // RFC 9110 9.3.2: what a GET gets, Content-Length included, without the body.
+          const auto length = response.body().size();
+          response.body().clear();
+          response.content_length(length);
+        }
       }
       beast::get_lowest_layer(stream).expires_after(kWriteTimeout);
       co_await http::async_write(stream, response, asio::redirect_error(asio::use_awaitable, ec));
@@ -537,9 +543,9 @@ class Server : public std::enable_shared_from_this<Server> {
     const std::string_view path = target.substr(0, question);
     const std::string_view query = question == std::string_view::npos ? std::string_view{} : target.substr(question + 1);
 
-    if (request.method() != http::verb::get) {
+    if (request.method() != http::verb::get && request.method() != http::verb::head) {
       auto response = make_response(request, http::status::method_not_allowed, kTextPlain, "method not allowed\n");
-      response.set(http::field::allow, "GET");
+      response.set(http::field::allow, "GET, HEAD");
       return response;
     }
     if (path == "/metrics") {
