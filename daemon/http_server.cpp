@@ -477,9 +477,21 @@ class Server : public std::enable_shared_from_this<Server> {
       if (ec && ec.category() != http::make_error_code(http::error::bad_target).category()) co_return false;
       Response response;
       if (ec || bad) {
+        // What was wrong, in the status and in words: a browser sends every localhost cookie to this port too.
         reject(HttpReject::bad_request, peer);
         Request request;
-        response = plain_response(request, http::status::bad_request, "bad request\n");
+        if (ec == http::error::header_limit) {
+          response = plain_response(request, http::status::request_header_fields_too_large,
+                                    fmt::format("request head over {} KiB\n", kHeaderLimit / 1024));
+        } else if (ec == http::error::body_limit) {
+          response = plain_response(request, http::status::payload_too_large,
+                                    fmt::format("request body over {} KiB\n", kBodyLimit / 1024));
+        } else if (bad) {
+          response = plain_response(request, http::status::bad_request,
+                                    "bad request: Transfer-Encoding must end in chunked (RFC 9112 6.3)\n");
+        } else {
+          response = plain_response(request, http::status::bad_request, "bad request: " + ec.message() + "\n");
+        }
         response.keep_alive(false);
       } else {
         response = co_await handle(parser.get(), settings, peer);

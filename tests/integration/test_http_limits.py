@@ -229,3 +229,23 @@ def test_other_methods_are_405_naming_get_and_head(env):
     reply = hx.raw_request(env.port, b"DELETE /metrics HTTP/1.1\r\nHost: mailflowd\r\nConnection: close\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 405 "), reply
     assert b"\r\nAllow: GET, HEAD\r\n" in reply, reply
+
+
+@pytest.mark.parametrize("data, status, words", [
+    # A browser sends every localhost cookie to this port too: what it gets must say what was too big.
+    (b"GET / HTTP/1.1\r\nHost: mailflowd\r\nCookie: " + b"a" * 9000 + b"\r\n\r\n", 431, b"request head over 8 KiB"),
+    (b"POST /healthz HTTP/1.1\r\nHost: mailflowd\r\nContent-Length: 9000\r\n\r\n" + b"a" * 9000, 413,
+     b"request body over 8 KiB"),
+    (b"GET /healthz HTTP/1.1\r\nHost: mailflowd\r\nTransfer-Encoding: gzip\r\n\r\n", 400,
+     b"Transfer-Encoding must end in chunked"),
+    (b"GET /healthz HTTP/1.1\r\nHost: mailflowd\r\nContent-Length: 0\r\nContent-Length: 5\r\n\r\n", 400,
+     b"bad request: "),
+], ids=["head_over_limit", "body_over_limit", "transfer_encoding", "two_lengths"])
+def test_a_refused_request_is_told_why(env, data, status, words):
+    before = hx.rejects(hx.metrics(env.port))
+    reply = hx.raw_request(env.port, data)
+    assert reply.startswith(b"HTTP/1.1 %d " % status), reply
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert b"\r\nConnection: close" in head and words in body, reply
+    after = hx.rejects(hx.metrics(env.port))
+    assert after["bad_request"] - before["bad_request"] == 1
