@@ -513,7 +513,9 @@ class Server : public std::enable_shared_from_this<Server> {
   asio::awaitable<Response> handle(const Request& request, const Settings& settings, const asio::ip::address& peer) {
     const std::string_view target(request.target().data(), request.target().size());
     const std::string_view path = target.substr(0, target.find('?'));
-    if (path != "/healthz" && settings.basic_auth) {
+    // The probes (the kubelet's, a load balancer's health check) send no credentials, and their answers say
+    // nothing of the data: /readyz guarded made every pod unready, every relay "down", once basic_auth was set.
+    if (path != "/healthz" && path != "/readyz" && settings.basic_auth) {
       const AuthVerdict verdict = co_await authorize(request, *settings.basic_auth, peer);
       switch (verdict.result) {
         case AuthResult::ok:

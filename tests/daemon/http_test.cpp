@@ -193,7 +193,7 @@ TEST_CASE("http: unknown path 404, non-GET 405") {
   CHECK(request(f.server->port(), "/healthz", http::verb::delete_).status == 405);
 }
 
-TEST_CASE("http: basic auth with a crypt(3) hash guards everything but /healthz") {
+TEST_CASE("http: basic auth with a crypt(3) hash guards everything but /healthz and /readyz") {
   const std::string hash = make_hash("s3cret");
   Fixture f(mailflow::config::BasicAuth{"prom", hash});
   const auto port = f.server->port();
@@ -212,6 +212,7 @@ TEST_CASE("http: basic auth with a crypt(3) hash guards everything but /healthz"
   CHECK(request(port, "/metrics", http::verb::get, "basic " + base64("prom:s3cret")).status == 200);  // cached path
   CHECK(request(port, "/api/v1/report", http::verb::get, "Basic " + base64("prom:s3cret")).status == 200);
   CHECK(request(port, "/healthz").status == 200);
+  CHECK(request(port, "/readyz").status == 503);  // not ready in this fixture, and no 401
 }
 
 TEST_CASE("http: start() on an address in use throws a clear error") {
