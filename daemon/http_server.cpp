@@ -307,10 +307,15 @@ class Server : public std::enable_shared_from_this<Server> {
     return settings_;
   }
 
-  // Every refusal is counted and logged (rate-limited: a hostile peer triggers them at will).
-  void reject(HttpReject reason, const asio::ip::address& peer) {
+  // Every refusal is counted and logged (rate-limited: a hostile peer triggers them at will); `error` says more.
+  void reject(HttpReject reason, const asio::ip::address& peer, std::string_view error = {}) {
     telemetry_.http_rejected(reason);
-    log_limited(LogLevel::warn, "http_reject", {{"reason", to_string(reason)}, {"client", peer.to_string()}});
+    if (error.empty()) {
+      log_limited(LogLevel::warn, "http_reject", {{"reason", to_string(reason)}, {"client", peer.to_string()}});
+    } else {
+      log_limited(LogLevel::warn, "http_reject",
+                  {{"reason", to_string(reason)}, {"client", peer.to_string()}, {"error", error}});
+    }
   }
 
   // ------------------------------------------------------------------------------------------- connections
@@ -425,7 +430,13 @@ class Server : public std::enable_shared_from_this<Server> {
       if (!id) co_return;
       beast::get_lowest_layer(*stream).expires_at(head_deadline);
       co_await stream->async_handshake(asio::ssl::stream_base::server, asio::redirect_error(asio::use_awaitable, ec));
-      if (ec == beast::error::timeout) reject(HttpReject::head_timeout, peer);
+      if (ec == beast::error::timeout) {
+        reject(HttpReject::head_timeout, peer);
+      } else if (ec && ec.category() == asio::error::get_ssl_category()) {
+        // What OpenSSL refused (plain HTTP from a scraper set to http, not https; no common version) is a bad
+        // request; a connection closed without a word (a TCP port check) is none.
+        reject(HttpReject::bad_request, peer, "TLS handshake failed: " + ec.message());
+      }
       if (!ec && co_await serve(*stream, *settings, peer, head_deadline)) {
         beast::get_lowest_layer(*stream).expires_after(kTlsCloseTimeout);
         co_await stream->async_shutdown(asio::redirect_error(asio::use_awaitable, ec));
