@@ -7,7 +7,6 @@
 #include <openssl/hmac.h>
 #include <openssl/rand.h>
 #include <fmt/format.h>
-#include <spdlog/spdlog.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
@@ -70,7 +69,7 @@ constexpr auto kTlsCloseTimeout = std::chrono::seconds(5);  // close_notify
 constexpr std::size_t kMaxConnections = 256;
 constexpr std::size_t kMaxConnectionsPerAddress = 16;
 constexpr std::uint32_t kHeaderLimit = 8 * 1024;
-constexpr std::uint64_t kBodyLimit = 8 * 1024;  // only GET is served
+constexpr std::uint64_t kBodyLimit = 8 * 1024;  // only GET and HEAD are served
 constexpr std::size_t kMaxCachedCredentials = 8;
 // Password checks (bcrypt/yescrypt: up to half a second of CPU each) run on one low-priority thread of their
 // own, never on an event loop; at most this many are queued or running, more get 503 at once.
@@ -307,10 +306,15 @@ class Server : public std::enable_shared_from_this<Server> {
     return settings_;
   }
 
-  // Every refusal is counted and logged (rate-limited: a hostile peer triggers them at will).
-  void reject(HttpReject reason, const asio::ip::address& peer) {
+  // Every refusal is counted and logged (rate-limited: a hostile peer triggers them at will); `error` says more.
+  void reject(HttpReject reason, const asio::ip::address& peer, std::string_view error = {}) {
     telemetry_.http_rejected(reason);
-    log_limited(LogLevel::warn, "http_reject", {{"reason", to_string(reason)}, {"client", peer.to_string()}});
+    if (error.empty()) {
+      log_limited(LogLevel::warn, "http_reject", {{"reason", to_string(reason)}, {"client", peer.to_string()}});
+    } else {
+      log_limited(LogLevel::warn, "http_reject",
+                  {{"reason", to_string(reason)}, {"client", peer.to_string()}, {"error", error}});
+    }
   }
 
   // ------------------------------------------------------------------------------------------- connections
@@ -425,7 +429,13 @@ class Server : public std::enable_shared_from_this<Server> {
       if (!id) co_return;
       beast::get_lowest_layer(*stream).expires_at(head_deadline);
       co_await stream->async_handshake(asio::ssl::stream_base::server, asio::redirect_error(asio::use_awaitable, ec));
-      if (ec == beast::error::timeout) reject(HttpReject::head_timeout, peer);
+      if (ec == beast::error::timeout) {
+        reject(HttpReject::head_timeout, peer);
+      } else if (ec && ec.category() == asio::error::get_ssl_category()) {
+        // What OpenSSL refused (plain HTTP from a scraper set to http, not https; no common version) is a bad
+        // request; a connection closed without a word (a TCP port check) is none.
+        reject(HttpReject::bad_request, peer, "TLS handshake failed: " + ec.message());
+      }
       if (!ec && co_await serve(*stream, *settings, peer, head_deadline)) {
         beast::get_lowest_layer(*stream).expires_after(kTlsCloseTimeout);
         co_await stream->async_shutdown(asio::redirect_error(asio::use_awaitable, ec));
@@ -477,12 +487,30 @@ class Server : public std::enable_shared_from_this<Server> {
       if (ec && ec.category() != http::make_error_code(http::error::bad_target).category()) co_return false;
       Response response;
       if (ec || bad) {
+        // What was wrong, in the status and in words: a browser sends every localhost cookie to this port too.
         reject(HttpReject::bad_request, peer);
         Request request;
-        response = plain_response(request, http::status::bad_request, "bad request\n");
+        if (ec == http::error::header_limit) {
+          response = plain_response(request, http::status::request_header_fields_too_large,
+                                    fmt::format("request head over {} KiB\n", kHeaderLimit / 1024));
+        } else if (ec == http::error::body_limit) {
+          response = plain_response(request, http::status::payload_too_large,
+                                    fmt::format("request body over {} KiB\n", kBodyLimit / 1024));
+        } else if (bad) {
+          response = plain_response(request, http::status::bad_request,
+                                    "bad request: Transfer-Encoding must end in chunked (RFC 9112 6.3)\n");
+        } else {
+          response = plain_response(request, http::status::bad_request, "bad request: " + ec.message() + "\n");
+        }
         response.keep_alive(false);
       } else {
         response = co_await handle(parser.get(), settings, peer);
+        if (parser.get().method() == http::verb::head) {
+          // RFC 9110 9.3.2: what a GET gets, Content-Length included, without the body.
+          const auto length = response.body().size();
+          response.body().clear();
+          response.content_length(length);
+        }
       }
       beast::get_lowest_layer(stream).expires_after(kWriteTimeout);
       co_await http::async_write(stream, response, asio::redirect_error(asio::use_awaitable, ec));
@@ -495,7 +523,9 @@ class Server : public std::enable_shared_from_this<Server> {
   asio::awaitable<Response> handle(const Request& request, const Settings& settings, const asio::ip::address& peer) {
     const std::string_view target(request.target().data(), request.target().size());
     const std::string_view path = target.substr(0, target.find('?'));
-    if (path != "/healthz" && settings.basic_auth) {
+    // The probes (the kubelet's, a load balancer's health check) send no credentials, and their answers say
+    // nothing of the data: /readyz guarded made every pod unready, every relay "down", once basic_auth was set.
+    if (path != "/healthz" && path != "/readyz" && settings.basic_auth) {
       const AuthVerdict verdict = co_await authorize(request, *settings.basic_auth, peer);
       switch (verdict.result) {
         case AuthResult::ok:
@@ -526,7 +556,12 @@ class Server : public std::enable_shared_from_this<Server> {
     try {
       return route(request);
     } catch (const std::exception& e) {
-      spdlog::error("http: {} failed: {}", std::string_view(request.target().data(), request.target().size()), e.what());
+      // Logged and counted as every internal error is (a spdlog line of its own broke log.format: json).
+      telemetry_.internal_error("http");
+      log_event(LogLevel::error, "internal_error",
+                {{"component", "http"},
+                 {"target", std::string_view(request.target().data(), request.target().size())},
+                 {"error", e.what()}});
       return make_response(request, http::status::internal_server_error, kTextPlain, "internal error\n");
     }
   }
@@ -537,9 +572,9 @@ class Server : public std::enable_shared_from_this<Server> {
     const std::string_view path = target.substr(0, question);
     const std::string_view query = question == std::string_view::npos ? std::string_view{} : target.substr(question + 1);
 
-    if (request.method() != http::verb::get) {
+    if (request.method() != http::verb::get && request.method() != http::verb::head) {
       auto response = make_response(request, http::status::method_not_allowed, kTextPlain, "method not allowed\n");
-      response.set(http::field::allow, "GET");
+      response.set(http::field::allow, "GET, HEAD");
       return response;
     }
     if (path == "/metrics") {
@@ -600,6 +635,7 @@ class Server : public std::enable_shared_from_this<Server> {
       std::string error;
       const auto days = parse_days(query, telemetry_.window_days(), error);
       if (!days) return make_response(request, http::status::bad_request, kTextPlain, error);
+      failpoint("http.report");
       return make_response(request, http::status::ok, route.content_type, route.render(telemetry_.report(*days)));
     }
     return make_response(request, http::status::not_found, kTextPlain, "not found\n");

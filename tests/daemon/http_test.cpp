@@ -87,6 +87,9 @@ Reply request(unsigned short port, const std::string& target, http::verb method 
   return reply;
 }
 
+// mailflow_http_rejects_total{reason} in the telemetry's /metrics text (-1 when absent); defined below.
+double http_rejects(mailflow::Telemetry& telemetry, const std::string& reason);
+
 // A running HttpServer on 127.0.0.1:<ephemeral> (it runs its own I/O thread).
 struct Fixture {
   explicit Fixture(std::optional<mailflow::config::BasicAuth> auth = std::nullopt,
@@ -193,7 +196,7 @@ TEST_CASE("http: unknown path 404, non-GET 405") {
   CHECK(request(f.server->port(), "/healthz", http::verb::delete_).status == 405);
 }
 
-TEST_CASE("http: basic auth with a crypt(3) hash guards everything but /healthz") {
+TEST_CASE("http: basic auth with a crypt(3) hash guards everything but /healthz and /readyz") {
   const std::string hash = make_hash("s3cret");
   Fixture f(mailflow::config::BasicAuth{"prom", hash});
   const auto port = f.server->port();
@@ -212,6 +215,7 @@ TEST_CASE("http: basic auth with a crypt(3) hash guards everything but /healthz"
   CHECK(request(port, "/metrics", http::verb::get, "basic " + base64("prom:s3cret")).status == 200);  // cached path
   CHECK(request(port, "/api/v1/report", http::verb::get, "Basic " + base64("prom:s3cret")).status == 200);
   CHECK(request(port, "/healthz").status == 200);
+  CHECK(request(port, "/readyz").status == 503);  // not ready in this fixture, and no 401
 }
 
 TEST_CASE("http: start() on an address in use throws a clear error") {
@@ -272,8 +276,19 @@ TEST_CASE("http: HTTPS when http.tls is configured") {
   CHECK(res.result_int() == 200);
   CHECK(res.body().find("mailflow_build_info{") != std::string::npos);
 
-  // Plain HTTP to the TLS port gets no HTTP answer.
+  // Plain HTTP to the TLS port gets no HTTP answer, but is no silent failure (a scraper set to http, not https):
+  // counted and logged as a bad request. A connection closed without a byte (a TCP port check) is none.
   CHECK_THROWS(request(f.server->port(), "/healthz"));
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+  while (http_rejects(f.telemetry, "bad_request") < 1.0 && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  CHECK(http_rejects(f.telemetry, "bad_request") == 1.0);
+  {
+    tcp::socket probe(io);
+    probe.connect(tcp::endpoint(asio::ip::make_address("127.0.0.1"), f.server->port()));
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  CHECK(http_rejects(f.telemetry, "bad_request") == 1.0);
   std::filesystem::remove_all(dir);
 }
 

@@ -3,7 +3,10 @@
 #include <doctest/doctest.h>
 
 #include <chrono>
+#include <iterator>
+#include <sstream>
 #include <string>
+#include <vector>
 
 #include "daemon/remote_store.hpp"
 #include "daemon/report.hpp"
@@ -173,6 +176,48 @@ TEST_CASE("drill-down: over the bound, the other row and the error bound show, r
   CHECK(report.drilldowns[0].remotes.rows.empty());
   CHECK(mailflow::render_remotes_table(report, "partner-contoso").find("telemetry.remotes: false") !=
         std::string::npos);
+}
+
+TEST_CASE("drill-down: an other row of refused handshakes only shows in every rendering") {
+  Fixture f;
+  f.remotes.set_limits({.top_remotes = 1, .top_domains = 50, .remotes = true, .window = hours(24 * 7)});
+  HeavyHitters::Observation refused;
+  refused.key = "203.0.113.66";
+  refused.offered = TlsVersion::tls10;
+  refused.time = duration_cast<seconds>(kNow.time_since_epoch()).count();
+  f.remotes.add("partner-contoso", Direction::inbound, RemoteTable::remotes, refused, kNow);
+  f.inbound("203.0.113.1", "a", TlsVersion::tls12, 5);  // takes the one slot: the refused server goes to "other"
+  const auto report = f.report(1);
+  const auto& table = report.drilldowns[0].remotes;
+  REQUIRE(table.rows.size() == 1);
+  REQUIRE(table.other.refused == 1);
+  CHECK(table.other.total() == 0);
+  CHECK(mailflow::render_remotes_csv(report).find("\npartner-contoso,inbound,other,") != std::string::npos);
+  CHECK(mailflow::render_html(report).find("<td>other</td>") != std::string::npos);
+  const std::string text = mailflow::render_remotes_table(report, "partner-contoso");
+  const auto other = text.find("\nother ");
+  CHECK_MESSAGE(other != std::string::npos, text);
+  if (other != std::string::npos) {
+    // ADDRESS EHLO VERIFIED MESSAGES NONE TLS1.0 TLS1.1 TLS1.2 TLS1.3 REFUSED
+    std::istringstream words(text.substr(other + 1, text.find('\n', other + 1) - other - 1));
+    std::vector<std::string> cells{std::istream_iterator<std::string>(words), std::istream_iterator<std::string>()};
+    REQUIRE(cells.size() >= 10);
+    CHECK(cells[9] == "1");
+  }
+
+  // Outbound, the same for a destination domain whose sessions only failed its policy.
+  f.remotes.set_limits({.top_remotes = 1, .top_domains = 1, .remotes = true, .window = hours(24 * 7)});
+  HeavyHitters::Observation failed;
+  failed.key = "strict.example";
+  failed.name = "mx.strict.example";
+  failed.policy = "dane";
+  failed.time = refused.time;
+  f.remotes.add("internet", Direction::outbound, RemoteTable::domains, failed, kNow);
+  f.outbound("fabrikam.com", "mx.fabrikam.com", "192.0.2.25", TlsVersion::tls12);
+  const auto out = f.report(1);
+  REQUIRE(out.drilldowns[2].domains.other.refused == 1);
+  CHECK(mailflow::render_domains_csv(out).find("\ninternet,outbound,other,") != std::string::npos);
+  CHECK(mailflow::render_domains_table(out).find("\nother ") != std::string::npos);
 }
 
 }  // namespace

@@ -410,6 +410,14 @@ TEST_CASE("JSON and CSV escape hostile names") {
   const Report report = mailflow::build_report(store, make_config(), 1, kNow);
   CHECK(mailflow::render_json(report).find("\"connector\": \"we\\\"ird,name\"") != std::string::npos);
   CHECK(mailflow::render_csv(report).find("\n2026-11-25,\"we\"\"ird,name\",inbound,") != std::string::npos);
+  // A cell that a spreadsheet would run as a formula is shown as text (a leading '), nothing of it lost.
+  CHECK(mailflow::csv_field("=HYPERLINK(\"http://x/\",\"y\")") == "\"'=HYPERLINK(\"\"http://x/\"\",\"\"y\"\")\"");
+  CHECK(mailflow::csv_field("+1") == "\"'+1\"");
+  CHECK(mailflow::csv_field("-2+3") == "\"'-2+3\"");
+  CHECK(mailflow::csv_field("@SUM(A1)") == "\"'@SUM(A1)\"");
+  CHECK(mailflow::csv_field("mx1.example.net") == "mx1.example.net");
+  CHECK(mailflow::csv_field("a=b") == "a=b");
+  CHECK(mailflow::csv_field("") == "");
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -145,3 +145,33 @@ def test_exception_before_the_session_coroutine_is_cleaned_up_too(sink_factory, 
     hh.wait_sessions_idle(daemon)
     assert harness.value(daemon.metrics(), "mailflow_sessions_active", listener="in") == 0
     assert "failpoint session.begin" in daemon.stderr()
+
+
+def test_a_failed_http_answer_is_a_500_logged_as_json_and_counted(sink_factory, daemon_factory):
+    """An exception while the HTTP side builds an answer (here: the report) is a 500 for that request, an
+    internal_error event in the configured log format (JSON here, so every line stays one JSON object) and
+    mailflow_internal_errors_total{component="http"}; the next request is served."""
+    import http_helpers as hx
+    import json
+    sink = sink_factory("route-sink")
+    os.environ["MAILFLOWD_FAILPOINTS"] = "http.report=1"
+    try:
+        daemon = daemon_factory(listeners=[hh.listener("in", harness.free_port(), "up")],
+                                upstreams=[hh.plain_upstream("up", sink.port)], name="route-fails",
+                                log={"level": "info", "format": "json"})
+    finally:
+        del os.environ["MAILFLOWD_FAILPOINTS"]
+    port = int(daemon.config["http"]["address"].rsplit(":", 1)[1])
+    status, _, body, _ = hx.get(port, "/api/v1/report")
+    assert (status, body) == (500, b"internal error\n")
+    assert hx.get(port, "/api/v1/report")[0] == 200
+    assert internal_errors(daemon, "http") == 1
+    lines = [ln for ln in daemon.stderr().splitlines() if ln.strip()]
+    events = []
+    for ln in lines:
+        try:
+            events.append(json.loads(ln))
+        except ValueError:
+            raise AssertionError(f"not a JSON log line: {ln!r}")
+    failed = [e for e in events if e.get("event") == "internal_error" and e.get("component") == "http"]
+    assert failed and "/api/v1/report" in failed[0].get("target", ""), failed

@@ -153,3 +153,15 @@ def test_unknown_user_costs_no_hash_but_takes_as_long(env):
     t_user = statistics.median(r[3] for r in wrong_user)
     print(f"401 after {t_password * 1000:.0f} ms (wrong password), {t_user * 1000:.0f} ms (wrong user)")
     assert t_user >= 0.5 * t_password, (t_user, t_password)
+
+
+def test_probes_need_no_credentials(env):
+    """The kubelet's probes (deploy/kubernetes/deployment.yaml) and HAProxy's `option httpchk GET /readyz`
+    (docs/scaling.md) send no credentials: /healthz and /readyz answer them, and say nothing of the data."""
+    for path in ("/healthz", "/readyz"):
+        status, _, body, _ = hx.get(env.port, path, source="127.0.7.9")
+        assert (status, body) == (200, b"ok"), (path, status, body)
+    status, _, _, _ = hx.get(env.port, "/readyz?x", source="127.0.7.9")
+    assert status == 200
+    for path in ("/metrics", "/", "/readyz/", "/api/v1/report"):
+        assert hx.get(env.port, path, source="127.0.7.9")[0] == 401, path

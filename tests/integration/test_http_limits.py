@@ -202,3 +202,50 @@ def test_idle_keep_alive_is_closed_but_not_counted(env):
     assert rest == b"" and HEAD_TIMEOUT - 0.5 <= waited <= HEAD_TIMEOUT + MARGIN, (rest, waited)
     after = hx.rejects(hx.metrics(env.port))
     assert after["head_timeout"] == before["head_timeout"]
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/metrics", "/api/v1/report.csv"])
+def test_head_is_the_get_head_without_a_body(env, path):
+    """RFC 9110 9.1 and 9.3.2: a server supports HEAD (curl -I, uptime probes): the status and headers that a GET
+    gets, Content-Length included, and no body, so that a request pipelined behind it is answered in order."""
+    s = socket.create_connection(("127.0.0.1", env.port), timeout=5)
+    try:
+        s.sendall(f"HEAD {path} HTTP/1.1\r\nHost: mailflowd\r\n\r\n"
+                  f"GET /healthz HTTP/1.1\r\nHost: mailflowd\r\nConnection: close\r\n\r\n".encode())
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    finally:
+        s.close()
+    head, _, rest = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), reply[:300]
+    length = [ln for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length:")]
+    assert length and int(length[0].split(b":")[1]) > 0, head
+    # Straight after the HEAD reply's head: the GET's reply, and nothing of a body between them.
+    assert rest.startswith(b"HTTP/1.1 200 ") and rest.endswith(b"\r\n\r\nok"), rest[:300]
+
+
+def test_other_methods_are_405_naming_get_and_head(env):
+    reply = hx.raw_request(env.port, b"DELETE /metrics HTTP/1.1\r\nHost: mailflowd\r\nConnection: close\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 405 "), reply
+    assert b"\r\nAllow: GET, HEAD\r\n" in reply, reply
+
+
+@pytest.mark.parametrize("data, status, words", [
+    # A browser sends every localhost cookie to this port too: what it gets must say what was too big.
+    (b"GET / HTTP/1.1\r\nHost: mailflowd\r\nCookie: " + b"a" * 9000 + b"\r\n\r\n", 431, b"request head over 8 KiB"),
+    (b"POST /healthz HTTP/1.1\r\nHost: mailflowd\r\nContent-Length: 9000\r\n\r\n" + b"a" * 9000, 413,
+     b"request body over 8 KiB"),
+    (b"GET /healthz HTTP/1.1\r\nHost: mailflowd\r\nTransfer-Encoding: gzip\r\n\r\n", 400,
+     b"Transfer-Encoding must end in chunked"),
+    (b"GET /healthz HTTP/1.1\r\nHost: mailflowd\r\nContent-Length: 0\r\nContent-Length: 5\r\n\r\n", 400,
+     b"bad request: "),
+], ids=["head_over_limit", "body_over_limit", "transfer_encoding", "two_lengths"])
+def test_a_refused_request_is_told_why(env, data, status, words):
+    before = hx.rejects(hx.metrics(env.port))
+    reply = hx.raw_request(env.port, data)
+    assert reply.startswith(b"HTTP/1.1 %d " % status), reply
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert b"\r\nConnection: close" in head and words in body, reply
+    after = hx.rejects(hx.metrics(env.port))
+    assert after["bad_request"] - before["bad_request"] == 1
