@@ -261,6 +261,9 @@ std::optional<std::chrono::milliseconds> parse_duration(std::string_view text);
 // The exact form with the largest units first: "7d", "1m30s", "250ms", "0s".
 std::string format_duration(std::chrono::milliseconds duration);
 
+// A listener, upstream or connector name as the loader accepts it: 1-64 of a-z 0-9 _ - (label-value safe).
+bool valid_name(std::string_view name);
+
 // Every key path the loader accepts, e.g. "hostname", "listeners[].tls.min_version" ("[]" = each list item).
 // docs/configuration.md documents exactly these (a test compares them).
 std::vector<std::string> known_keys();

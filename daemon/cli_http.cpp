@@ -2,13 +2,14 @@
 
 #include <utility>  // before Boost.Asio (Boost 1.74 + GCC 12)
 
+#include <algorithm>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/ssl.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 #include <boost/beast/ssl.hpp>
-#include <algorithm>
+#include <cctype>
 #include <charconv>
 #include <cstdlib>
 #include <fstream>
@@ -49,7 +50,25 @@ std::optional<Url> parse_url_impl(std::string_view text, std::string& error) {
     url.base_path = std::string(path);
   }
   if (const auto at = authority.rfind('@'); at != std::string_view::npos) {
-    url.userinfo = std::string(authority.substr(0, at));
+    // RFC 3986 3.2.1: a '/', '?', '#' or '@' in the password is written %2F, %3F, %23, %40 (a '/' would end
+    // the authority), and '%' itself %25.
+    const std::string_view userinfo = authority.substr(0, at);
+    for (std::size_t i = 0; i < userinfo.size(); ++i) {
+      if (userinfo[i] != '%') {
+        url.userinfo += userinfo[i];
+        continue;
+      }
+      unsigned value = 0;
+      const char* digits = userinfo.data() + i + 1;
+      const bool two = i + 2 < userinfo.size() && std::isxdigit(static_cast<unsigned char>(digits[0])) &&
+                       std::isxdigit(static_cast<unsigned char>(digits[1]));
+      if (!two || std::from_chars(digits, digits + 2, value, 16).ec != std::errc()) {
+        error = "bad %-escape in the URL's user:password (write a '%' as %25)";
+        return std::nullopt;
+      }
+      url.userinfo += static_cast<char>(value);
+      i += 2;
+    }
     authority.remove_prefix(at + 1);
   }
   std::string_view port;
@@ -254,8 +273,10 @@ const std::string_view daemon_options_usage =
     "                   --config's address); https:// when http.tls is set\n"
     "  --user           basic auth user (http.basic_auth.user; default: --config's)\n"
     "  --password-file  basic auth password: the first line of FILE; else the environment variable\n"
-    "                   MAILFLOWD_PASSWORD. (http://user:password@host:port works too, but shows in ps.)\n"
-    "  --ca-file        PEM file of CA certificates to verify an https:// server with (default: system store)\n"
+    "                   MAILFLOWD_PASSWORD. (http://user:password@host:port works too, a '/' in the\n"
+    "                   password written %2F, a '%' %25; but it shows in ps.)\n"
+    "  --ca-file        PEM file of CA certificates to verify an https:// server with (default: system "
+    "store)\n"
     "  --insecure       https:// without certificate verification (self-signed certificates)\n";
 
 bool parse_valued_option(int argc, char** argv, int& i, std::initializer_list<std::string_view> names,

@@ -6,13 +6,15 @@
 #include <string>
 #include <string_view>
 
+#include "config/config.hpp"
 #include "daemon/cli_http.hpp"
 
 namespace mailflow {
 namespace {
 
 constexpr std::string_view kUsage =
-    "usage: mailflowd report [--config FILE] [--url http://127.0.0.1:9725] [--days N] [--format table|json|csv]\n"
+    "usage: mailflowd report [--config FILE] [--url http://127.0.0.1:9725] [--days N] [--format "
+    "table|json|csv]\n"
     "                        [--summary | --connector NAME | --domains]\n"
     "                        [--user USER] [--password-file FILE] [--ca-file FILE] [--insecure]\n"
     "  --days           UTC days to show, today included (default 7, at most the telemetry window)\n"
@@ -21,7 +23,9 @@ constexpr std::string_view kUsage =
     "                   domains) with messages per TLS version, legacy TLS first. --format csv: every\n"
     "                   connector's servers (/api/v1/remotes.csv); json: the whole report\n"
     "  --domains        the destination domains of every outbound connector (csv: /api/v1/domains.csv)\n"
-    "  --summary        only the whole-window summary per connector (messages per TLS version), not the days\n";
+    "  --summary        only the whole-window summary per connector (messages per TLS version), not the "
+    "days\n"
+    "                   (the whole telemetry window: not with --days)\n";
 
 }  // namespace
 
@@ -66,6 +70,9 @@ int run_report_cli(int argc, char** argv, std::ostream& out, std::ostream& err,
     const std::string_view value = option.value;
     if (name == "--connector") {
       if (value.empty()) return usage_error("--connector needs a connector name");
+      if (!config::valid_name(value))
+        return usage_error("--connector \"" + std::string(value) +
+                           "\" is no connector name (names are 1-64 of a-z, 0-9, _ and -)");
       connector = std::string(value);
     } else if (name == "--days") {
       int n = 0;
@@ -88,6 +95,8 @@ int run_report_cli(int argc, char** argv, std::ostream& out, std::ostream& err,
 
   if (int{summary} + int{connector.has_value()} + int{domains} > 1)
     return usage_error("--summary, --connector and --domains exclude each other");
+  if (summary && days)
+    return usage_error("--summary covers the whole telemetry window: --days does not apply to it");
   std::string target = url->base_path + (summary ? "/api/v1/connectors" : "/api/v1/report");
   if (format == "csv") target += ".csv";
   if (format == "table") target += ".txt";

@@ -522,6 +522,16 @@ TEST_CASE("mailflowd report fetches the chosen format and prints the body") {
     CHECK(server.target == "/mailflow/api/v1/report.txt");
     CHECK(server.authorization == "Basic cHJvbTpzM2NyZXQ=");
   }
+  {
+    // A password with a '/' (it would end the authority) and a '%', %-escaped as RFC 3986 3.2.1 wants them.
+    FakeServer server(http::status::ok, "{}");
+    const auto r =
+        run_cli({"--format", "json", "--url", "http://prom:a%2Fb%25c%40d@" + server.url().substr(7)});
+    server.wait();
+    CHECK(r.code == 0);
+    CHECK(server.target == "/api/v1/report");
+    CHECK(server.authorization == "Basic cHJvbTphL2IlY0Bk");
+  }
 }
 
 namespace {
@@ -650,6 +660,9 @@ TEST_CASE("mailflowd report: bad usage exits 2 with the usage text") {
                                                                 {"--url", "http://127.0.0.1:99999"},
                                                                 {"--url", "http://:9725"},
                                                                 {"--verbose"},
+                                                                {"--summary", "--days", "3"},
+                                                                {"--connector", "no such/name"},
+                                                                {"--url", "http://u:50%@127.0.0.1:9725"},
                                                                 {"extra"}}) {
     CAPTURE(args.front());
     const auto r = run_cli(args);

@@ -166,7 +166,9 @@ def test_cli_days_beyond_window(env):
     assert res.stdout == ""
 
 
-@pytest.mark.parametrize("args", [["--days", "abc"], ["--days", "0"], ["--format", "xml"], ["--bogus"]])
+@pytest.mark.parametrize("args", [["--days", "abc"], ["--days", "0"], ["--format", "xml"], ["--bogus"],
+                                  ["--summary", "--days", "3"], ["--connector", "partner contoso"],
+                                  ["--connector", "Partner"]])
 def test_cli_usage_errors(env, args):
     res = rh.run_cli(env.bin, "--url", env.daemon.http, *args)
     assert res.returncode == 2, f"{args}: exit code {res.returncode} (want 2, a usage error)"
