@@ -2,6 +2,7 @@
 
 #include <ctime>
 #include <exception>
+#include <utility>
 
 #include "daemon/tls.hpp"
 
@@ -74,14 +75,21 @@ CertificateFindings check_certificates(const config::Config& config, std::chrono
       check_pair(config, listener.name, path, listener.tls->certificates[c], *listener.tls, now, out);
     }
   }
+  bool webpki_reported = false;  // one trust store for every upstream with mta_sts on: its error once
   for (std::size_t u = 0; u < config.upstreams.size(); ++u) {
     const auto& upstream = config.upstreams[u];
-    if (upstream.tls != config::UpstreamTls::verify) continue;
+    if (upstream.tls == config::UpstreamTls::none) continue;
     const std::string path = "upstreams[" + std::to_string(u) + "]";
     try {
-      const ClientTls tls(upstream);  // loads ca_file as the daemon does for tls: verify
+      // As the daemon builds it (Runtime::build): ca_file for tls: verify, else the Web PKI store with mta_sts on.
+      const ClientTls tls(upstream, config.mta_sts.ca_file);
     } catch (const std::exception& e) {
-      out.errors.push_back(finding(config, path + ".ca_file", path + ": " + e.what(), false));
+      if (upstream.tls != config::UpstreamTls::verify && upstream.mta_sts != config::MtaStsMode::off) {
+        if (!std::exchange(webpki_reported, true))
+          out.errors.push_back(finding(config, "mta_sts.ca_file", std::string("mta_sts.ca_file: ") + e.what(), false));
+      } else {
+        out.errors.push_back(finding(config, path + ".ca_file", path + ": " + e.what(), false));
+      }
     }
   }
   if (config.http.tls) {

@@ -118,6 +118,22 @@ else
   fail "certificate good: exit status $status, stderr:"; cat "$work/err"
 fi
 
+# The Web PKI trust store of MTA-STS (mta_sts.ca_file) is loaded at start for every upstream with mta_sts on: a file
+# that is readable but holds no certificate fails the start, so it fails the check too, at its line.
+cat >"$work/webpki.yaml" <<EOF
+listeners:
+  - {name: out, address: "127.0.0.1:2525", direction: outbound, upstream: internet}
+upstreams:
+  - {name: internet, mx: true, tls: opportunistic, mta_sts: enforce}
+mta_sts: {ca_file: $certs/garbage.pem}
+EOF
+run "$work/webpki.yaml"
+if [ "$status" -eq 1 ] && grep -qF "$work/webpki.yaml:5:20: mta_sts.ca_file: cannot load the Web PKI trust store $certs/garbage.pem: " "$work/err"; then
+  passed=$((passed + 1)); echo "ok: mta_sts.ca_file"
+else
+  fail "mta_sts.ca_file: exit status $status (expected 1 and the file named at 5:20)"; cat "$work/err" "$work/out"
+fi
+
 # Warnings (a connector that never matches) are printed with file:line:col and do not fail the check.
 cat >"$work/shadowed.yaml" <<EOF
 listeners:
