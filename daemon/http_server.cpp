@@ -42,6 +42,7 @@
 #include "daemon/failpoint.hpp"
 #include "daemon/log.hpp"
 #include "daemon/report.hpp"
+#include "daemon/tls.hpp"
 #include "daemon/telemetry.hpp"
 #include "daemon/tlsrpt.hpp"
 
@@ -297,8 +298,11 @@ class Server : public std::enable_shared_from_this<Server> {
     beast::error_code ec;
     context->use_certificate_chain_file(pair.cert, ec);
     if (ec) throw std::system_error(ec, "http.tls: cannot load certificate " + pair.cert);
-    context->use_private_key_file(pair.key, asio::ssl::context::pem, ec);
-    if (ec) throw std::system_error(ec, "http.tls: cannot load key " + pair.key);
+    try {
+      use_private_key_file(context->native_handle(), pair.key, pair.cert);  // as the listeners load theirs
+    } catch (const std::exception& e) {
+      throw std::runtime_error(std::string("http.tls: ") + e.what());
+    }
     return context;
   }
 

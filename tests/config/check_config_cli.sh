@@ -110,6 +110,20 @@ check_tls mismatch "$certs/good.pem" "$certs/other.key" 1 \
 check_tls expired "$certs/expired.pem" "$certs/expired.key" 0 \
   "7:18: warning: listeners[0].tls.certificates[0].cert: certificate $certs/expired.pem (CN expired.test) expired on 2020-02-01 00:00:00 UTC"
 if ! grep -q "listeners (1):" "$work/out"; then fail "certificate expired: no summary on stdout"; cat "$work/out"; fi
+# A key protected by a passphrase: mailflowd cannot ask for one (under systemd there is no terminal, and a reload
+# must never wait for a person), so it is an error that says so, and it never prompts, even from a terminal
+# (OpenSSL's default prompt blocked the check, and the daemon's reload, on the controlling terminal).
+openssl pkey -in "$certs/good.key" -aes256 -passout pass:secret -out "$certs/encrypted.key" 2>/dev/null
+check_tls encrypted "$certs/good.pem" "$certs/encrypted.key" 1 \
+  "7:18: listeners[0].tls.certificates[0]: key $certs/encrypted.key is encrypted: mailflowd cannot ask for its passphrase; store it unencrypted (openssl pkey -in KEY -out KEY.new), readable only by root and mailflowd"
+timeout 10 script -qec "$bin --check-config $work/encrypted.yaml" /dev/null </dev/null >"$work/tty" 2>&1
+status=$?
+if [ "$status" -eq 1 ] && ! grep -qi "pass phrase" "$work/tty"; then
+  passed=$((passed + 1)); echo "ok: encrypted key, from a terminal"
+else
+  fail "encrypted key from a terminal: exit status $status (expected 1, no prompt; 124: it waited for a passphrase)"
+  cat "$work/tty"
+fi
 tls_config good "$certs/good.pem" "$certs/good.key"
 run "$work/good.yaml"
 if [ "$status" -eq 0 ] && [ ! -s "$work/err" ]; then
