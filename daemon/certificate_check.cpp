@@ -4,6 +4,7 @@
 #include <exception>
 #include <utility>
 
+#include "daemon/http_server.hpp"
 #include "daemon/tls.hpp"
 
 namespace mailflow {
@@ -93,9 +94,14 @@ CertificateFindings check_certificates(const config::Config& config, std::chrono
     }
   }
   if (config.http.tls) {
-    // The HTTP server loads its pair with Asio (the same OpenSSL calls); its own protocol floor is not
-    // what is checked here, so the listener defaults serve.
-    check_pair(config, "http", "http.tls", *config.http.tls, config::ListenerTls{}, now, out);
+    // First as the HTTP server loads it (at OpenSSL's default security level, which refuses weak keys that a
+    // listener's @SECLEVEL=0 takes); then, for its dates, the way a listener's pair is read.
+    try {
+      HttpServer::check_tls(*config.http.tls);
+      check_pair(config, "http", "http.tls", *config.http.tls, config::ListenerTls{}, now, out);
+    } catch (const std::exception& e) {
+      out.errors.push_back(finding(config, "http.tls.cert", e.what(), false));
+    }
   }
   return out;
 }

@@ -290,6 +290,8 @@ class Server : public std::enable_shared_from_this<Server> {
     });
   }
 
+ public:
+  // Also HttpServer::check_tls (--check-config): the one way http.tls is loaded.
   static std::shared_ptr<asio::ssl::context> load_tls(const config::CertificatePair& pair) {
     auto context = std::make_shared<asio::ssl::context>(asio::ssl::context::tls_server);
     context->set_options(asio::ssl::context::default_workarounds | asio::ssl::context::no_sslv2 |
@@ -306,6 +308,7 @@ class Server : public std::enable_shared_from_this<Server> {
     return context;
   }
 
+ private:
   std::shared_ptr<const Settings> settings() const {
     std::lock_guard lock(mutex_);
     return settings_;
@@ -841,6 +844,7 @@ void HttpServer::start() {
 }
 void HttpServer::stop() { impl_->server->stop(); }
 void HttpServer::update(const config::Http& http) { impl_->server->update(http); }
+void HttpServer::check_tls(const config::CertificatePair& pair) { Server::load_tls(pair); }
 unsigned short HttpServer::port() const { return impl_->server->port(); }
 
 }  // namespace mailflow

@@ -148,6 +148,26 @@ else
   fail "mta_sts.ca_file: exit status $status (expected 1 and the file named at 5:20)"; cat "$work/err" "$work/out"
 fi
 
+# http.tls is loaded by the HTTP server at OpenSSL's default security level, not at a listener's @SECLEVEL=0: a
+# certificate with a 512-bit key fails the start there, so it fails the check too (it passed, then the start failed).
+openssl req -x509 -newkey rsa:512 -nodes -days 365 -subj "/CN=weak.test" \
+  -keyout "$certs/weak.key" -out "$certs/weak.pem" >/dev/null 2>&1
+cat >"$work/weakhttp.yaml" <<EOF
+listeners:
+  - {name: inbound, address: "127.0.0.1:2525", upstream: up}
+upstreams:
+  - {name: up, address: "127.0.0.1:25"}
+http:
+  tls: {cert: $certs/weak.pem, key: $certs/weak.key}
+EOF
+run "$work/weakhttp.yaml"
+if [ "$status" -eq 1 ] && grep -qF "$work/weakhttp.yaml:6:15: http.tls: cannot load certificate $certs/weak.pem: ee key too small" "$work/err"; then
+  passed=$((passed + 1)); echo "ok: http.tls weak certificate"
+else
+  fail "http.tls weak certificate: exit status $status (expected 1 and the certificate named at 6:15)"
+  cat "$work/err" "$work/out"
+fi
+
 # Warnings (a connector that never matches) are printed with file:line:col and do not fail the check.
 cat >"$work/shadowed.yaml" <<EOF
 listeners:
