@@ -82,12 +82,14 @@ CertificateFindings check_certificates(const config::Config& config, std::chrono
     if (upstream.tls == config::UpstreamTls::none) continue;
     const std::string path = "upstreams[" + std::to_string(u) + "]";
     try {
-      // As the daemon builds it (Runtime::build): ca_file for tls: verify, else the Web PKI store with mta_sts on.
+      // As the daemon builds it (Runtime::build): ca_file for tls: verify, else the Web PKI store with
+      // mta_sts on.
       const ClientTls tls(upstream, config.mta_sts.ca_file);
     } catch (const std::exception& e) {
       if (upstream.tls != config::UpstreamTls::verify && upstream.mta_sts != config::MtaStsMode::off) {
         if (!std::exchange(webpki_reported, true))
-          out.errors.push_back(finding(config, "mta_sts.ca_file", std::string("mta_sts.ca_file: ") + e.what(), false));
+          out.errors.push_back(
+              finding(config, "mta_sts.ca_file", std::string("mta_sts.ca_file: ") + e.what(), false));
       } else {
         out.errors.push_back(finding(config, path + ".ca_file", path + ": " + e.what(), false));
       }

@@ -42,8 +42,8 @@
 #include "daemon/failpoint.hpp"
 #include "daemon/log.hpp"
 #include "daemon/report.hpp"
-#include "daemon/tls.hpp"
 #include "daemon/telemetry.hpp"
+#include "daemon/tls.hpp"
 #include "daemon/tlsrpt.hpp"
 
 namespace mailflow {

@@ -28,8 +28,8 @@ class HttpServer {
   // restart). Throws (naming the file) and keeps the old settings when the certificate or key is
   // unusable.
   void update(const config::Http& http);
-  // Loads http.tls's pair as start() and update() do (OpenSSL's default security level, not a listener's): throws
-  // what they would throw. For --check-config.
+  // Loads http.tls's pair as start() and update() do (OpenSSL's default security level, not a listener's):
+  // throws what they would throw. For --check-config.
   static void check_tls(const config::CertificatePair& pair);
   // The bound port (after start(); useful with port 0 in tests).
   unsigned short port() const;

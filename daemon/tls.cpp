@@ -132,9 +132,9 @@ std::string handshake_failure_reason(unsigned long openssl_error, bool timed_out
 }
 
 namespace {
-// OpenSSL's default asks for a passphrase on the controlling terminal: a reload started from one waited there with
-// the event loop held, and without one the error said only "UI routines::processing error". Never asked: a
-// flag says that the key wanted one.
+// OpenSSL's default asks for a passphrase on the controlling terminal: a reload started from one waited there
+// with the event loop held, and without one the error said only "UI routines::processing error". Never asked:
+// a flag says that the key wanted one.
 int refuse_passphrase(char*, int, int, void* asked) {
   if (asked != nullptr) *static_cast<bool*>(asked) = true;
   return 0;
@@ -150,14 +150,16 @@ void use_private_key_file(SSL_CTX* ctx, const std::string& key, const std::strin
   if (loaded != 1) {
     if (asked) {
       ERR_clear_error();
-      throw std::runtime_error("key " + key + " is encrypted: mailflowd cannot ask for its passphrase; store it "
-                               "unencrypted (openssl pkey -in KEY -out KEY.new), readable only by root and mailflowd");
+      throw std::runtime_error("key " + key +
+                               " is encrypted: mailflowd cannot ask for its passphrase; store it unencrypted "
+                               "(openssl pkey -in KEY -out KEY.new), readable only by root and mailflowd");
     }
     // OpenSSL compares the key with the certificate while loading it: say which two do not belong together.
     const unsigned long code = ERR_peek_last_error();
     if (ERR_GET_LIB(code) == ERR_LIB_X509 && ERR_GET_REASON(code) == X509_R_KEY_VALUES_MISMATCH) {
       ERR_clear_error();
-      throw std::runtime_error("key " + key + " does not match certificate " + cert + " (key values mismatch)");
+      throw std::runtime_error("key " + key + " does not match certificate " + cert +
+                               " (key values mismatch)");
     }
     throw std::runtime_error("cannot load key " + key + ": " + openssl_error_text());
   }

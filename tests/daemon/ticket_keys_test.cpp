@@ -96,7 +96,7 @@ TEST_CASE("TicketKeys: unknown key names are refused") {
   CHECK(redeem(keys, forged, state) == 0);
 }
 
-TEST_CASE("TicketKeys: a rotation that comes late keeps the old key no longer than two lifetimes of its birth") {
+TEST_CASE("TicketKeys: after a late rotation the old key lasts two lifetimes from its birth, no longer") {
   auto now = std::chrono::steady_clock::time_point{} + std::chrono::hours(1000);
   TicketKeys keys(std::chrono::hours(12), [&] { return now; });
   const Ticket ticket = issue(keys, "x");
