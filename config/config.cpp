@@ -892,7 +892,9 @@ class Loader {
   void load_mta_sts(const Field& field) {
     const auto map = fields(field, "mta_sts", "mta_sts");
     if (!map) return;
-    read_file(*map, "ca_file", "mta_sts", config_.mta_sts.ca_file);
+    // Its position: where --check-config says that the file does not load.
+    if (read_file(*map, "ca_file", "mta_sts", config_.mta_sts.ca_file))
+      remember_position("mta_sts.ca_file", get(*map, "ca_file")->value);
     read_duration(*map, "fetch_timeout", "mta_sts", config_.mta_sts.fetch_timeout, std::chrono::milliseconds(100),
                   std::chrono::minutes(5));
     read_integer(*map, "max_policies", "mta_sts", config_.mta_sts.max_policies, 1, 10'000'000, false);

@@ -2,7 +2,9 @@
 
 #include <ctime>
 #include <exception>
+#include <utility>
 
+#include "daemon/http_server.hpp"
 #include "daemon/tls.hpp"
 
 namespace mailflow {
@@ -74,20 +76,34 @@ CertificateFindings check_certificates(const config::Config& config, std::chrono
       check_pair(config, listener.name, path, listener.tls->certificates[c], *listener.tls, now, out);
     }
   }
+  bool webpki_reported = false;  // one trust store for every upstream with mta_sts on: its error once
   for (std::size_t u = 0; u < config.upstreams.size(); ++u) {
     const auto& upstream = config.upstreams[u];
-    if (upstream.tls != config::UpstreamTls::verify) continue;
+    if (upstream.tls == config::UpstreamTls::none) continue;
     const std::string path = "upstreams[" + std::to_string(u) + "]";
     try {
-      const ClientTls tls(upstream);  // loads ca_file as the daemon does for tls: verify
+      // As the daemon builds it (Runtime::build): ca_file for tls: verify, else the Web PKI store with
+      // mta_sts on.
+      const ClientTls tls(upstream, config.mta_sts.ca_file);
     } catch (const std::exception& e) {
-      out.errors.push_back(finding(config, path + ".ca_file", path + ": " + e.what(), false));
+      if (upstream.tls != config::UpstreamTls::verify && upstream.mta_sts != config::MtaStsMode::off) {
+        if (!std::exchange(webpki_reported, true))
+          out.errors.push_back(
+              finding(config, "mta_sts.ca_file", std::string("mta_sts.ca_file: ") + e.what(), false));
+      } else {
+        out.errors.push_back(finding(config, path + ".ca_file", path + ": " + e.what(), false));
+      }
     }
   }
   if (config.http.tls) {
-    // The HTTP server loads its pair with Asio (the same OpenSSL calls); its own protocol floor is not
-    // what is checked here, so the listener defaults serve.
-    check_pair(config, "http", "http.tls", *config.http.tls, config::ListenerTls{}, now, out);
+    // First as the HTTP server loads it (at OpenSSL's default security level, which refuses weak keys that a
+    // listener's @SECLEVEL=0 takes); then, for its dates, the way a listener's pair is read.
+    try {
+      HttpServer::check_tls(*config.http.tls);
+      check_pair(config, "http", "http.tls", *config.http.tls, config::ListenerTls{}, now, out);
+    } catch (const std::exception& e) {
+      out.errors.push_back(finding(config, "http.tls.cert", e.what(), false));
+    }
   }
   return out;
 }

@@ -21,8 +21,9 @@ struct CertificateFindings {
   std::vector<CertificateExpiry> expiries;    // of every certificate that loaded
 };
 
-// Loads each {cert, key} pair of every listener and of http.tls on its own, so that every problem is
-// reported, and the ca_file of every upstream with tls: verify (positions from config.positions).
+// Loads each {cert, key} pair of every listener and of http.tls (as the HTTP server does) on its own, so that
+// every problem is reported, the ca_file of every upstream with tls: verify and the Web PKI trust store
+// (mta_sts.ca_file) where an upstream has mta_sts on (positions from config.positions).
 CertificateFindings check_certificates(const config::Config& config, std::chrono::system_clock::time_point now);
 
 }  // namespace mailflow

@@ -42,6 +42,7 @@
 #include "daemon/log.hpp"
 #include "daemon/report.hpp"
 #include "daemon/telemetry.hpp"
+#include "daemon/tls.hpp"
 #include "daemon/tlsrpt.hpp"
 
 namespace mailflow {
@@ -288,6 +289,8 @@ class Server : public std::enable_shared_from_this<Server> {
     });
   }
 
+ public:
+  // Also HttpServer::check_tls (--check-config): the one way http.tls is loaded.
   static std::shared_ptr<asio::ssl::context> load_tls(const config::CertificatePair& pair) {
     auto context = std::make_shared<asio::ssl::context>(asio::ssl::context::tls_server);
     context->set_options(asio::ssl::context::default_workarounds | asio::ssl::context::no_sslv2 |
@@ -296,11 +299,15 @@ class Server : public std::enable_shared_from_this<Server> {
     beast::error_code ec;
     context->use_certificate_chain_file(pair.cert, ec);
     if (ec) throw std::system_error(ec, "http.tls: cannot load certificate " + pair.cert);
-    context->use_private_key_file(pair.key, asio::ssl::context::pem, ec);
-    if (ec) throw std::system_error(ec, "http.tls: cannot load key " + pair.key);
+    try {
+      use_private_key_file(context->native_handle(), pair.key, pair.cert);  // as the listeners load theirs
+    } catch (const std::exception& e) {
+      throw std::runtime_error(std::string("http.tls: ") + e.what());
+    }
     return context;
   }
 
+ private:
   std::shared_ptr<const Settings> settings() const {
     std::lock_guard lock(mutex_);
     return settings_;
@@ -873,6 +880,7 @@ void HttpServer::start() {
 }
 void HttpServer::stop() { impl_->server->stop(); }
 void HttpServer::update(const config::Http& http) { impl_->server->update(http); }
+void HttpServer::check_tls(const config::CertificatePair& pair) { Server::load_tls(pair); }
 unsigned short HttpServer::port() const { return impl_->server->port(); }
 
 }  // namespace mailflow

@@ -25,8 +25,12 @@ class HttpServer {
   // Any thread: stops accepting and closes open HTTP connections; returns without waiting for them.
   void stop();
   // SIGHUP: new basic_auth and TLS certificate/key for connections accepted from now on (the address needs a
-  // restart). Throws std::system_error and keeps the old settings when the certificate or key is unusable.
+  // restart). Throws (naming the file) and keeps the old settings when the certificate or key is
+  // unusable.
   void update(const config::Http& http);
+  // Loads http.tls's pair as start() and update() do (OpenSSL's default security level, not a listener's):
+  // throws what they would throw. For --check-config.
+  static void check_tls(const config::CertificatePair& pair);
   // The bound port (after start(); useful with port 0 in tests).
   unsigned short port() const;
 

@@ -366,7 +366,8 @@ void RelaySession::release() {
             {{"id", id_},
              {"client", client},
              {"listener", listener_.name},
-             {"helo", session_.helo_name()},
+             // After a STARTTLS without a new EHLO (a failed handshake, say), the name given before it.
+             {"helo", session_.helo_name().empty() ? session_.helo_before_tls() : session_.helo_name()},
              {"sni", client_.tls().sni},
              {"tls", proto::to_string(client_.tls().version)},
              {"cipher", client_.tls().cipher},

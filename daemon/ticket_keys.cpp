@@ -41,8 +41,11 @@ TicketKeys::Key TicketKeys::fresh(std::chrono::steady_clock::time_point now) {
 }
 
 void TicketKeys::rotate_if_due(std::chrono::steady_clock::time_point now) {
+  // A key encrypts for one lifetime from its birth and decrypts until two lifetimes from it: checked at every
+  // use, since a rotation comes only with a handshake and may come late (the new key is then younger than
+  // it).
+  if (has_previous_ && now - previous_.born >= 2 * lifetime_) has_previous_ = false;
   if (now - current_.born < lifetime_) return;
-  // Tickets issued more than two lifetimes ago are refused: the previous key goes, whatever its age.
   previous_ = current_;
   has_previous_ = now - current_.born < 2 * lifetime_;
   current_ = fresh(now);

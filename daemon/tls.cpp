@@ -131,6 +131,42 @@ std::string handshake_failure_reason(unsigned long openssl_error, bool timed_out
   return reasons::is_listed(reasons::tls_handshake_failures, label) ? label : "other";
 }
 
+namespace {
+// OpenSSL's default asks for a passphrase on the controlling terminal: a reload started from one waited there
+// with the event loop held, and without one the error said only "UI routines::processing error". Never asked:
+// a flag says that the key wanted one.
+int refuse_passphrase(char*, int, int, void* asked) {
+  if (asked != nullptr) *static_cast<bool*>(asked) = true;
+  return 0;
+}
+}  // namespace
+
+void use_private_key_file(SSL_CTX* ctx, const std::string& key, const std::string& cert) {
+  bool asked = false;
+  SSL_CTX_set_default_passwd_cb(ctx, &refuse_passphrase);
+  SSL_CTX_set_default_passwd_cb_userdata(ctx, &asked);
+  const int loaded = SSL_CTX_use_PrivateKey_file(ctx, key.c_str(), SSL_FILETYPE_PEM);
+  SSL_CTX_set_default_passwd_cb_userdata(ctx, nullptr);
+  if (loaded != 1) {
+    if (asked) {
+      ERR_clear_error();
+      throw std::runtime_error("key " + key +
+                               " is encrypted: mailflowd cannot ask for its passphrase; store it unencrypted "
+                               "(openssl pkey -in KEY -out KEY.new), readable only by root and mailflowd");
+    }
+    // OpenSSL compares the key with the certificate while loading it: say which two do not belong together.
+    const unsigned long code = ERR_peek_last_error();
+    if (ERR_GET_LIB(code) == ERR_LIB_X509 && ERR_GET_REASON(code) == X509_R_KEY_VALUES_MISMATCH) {
+      ERR_clear_error();
+      throw std::runtime_error("key " + key + " does not match certificate " + cert +
+                               " (key values mismatch)");
+    }
+    throw std::runtime_error("cannot load key " + key + ": " + openssl_error_text());
+  }
+  if (SSL_CTX_check_private_key(ctx) != 1)
+    throw std::runtime_error("key " + key + " does not match certificate " + cert);
+}
+
 struct ServerTls::Entry {
   SSL_CTX* ctx = nullptr;
   X509* leaf = nullptr;  // owned by ctx
@@ -154,18 +190,7 @@ ServerTls::ServerTls(const config::ListenerTls& tls) {
       throw std::runtime_error("invalid ciphers '" + tls.ciphers + "': " + openssl_error_text());
     if (SSL_CTX_use_certificate_chain_file(ctx, pair.cert.c_str()) != 1)
       throw std::runtime_error("cannot load certificate " + pair.cert + ": " + openssl_error_text());
-    if (SSL_CTX_use_PrivateKey_file(ctx, pair.key.c_str(), SSL_FILETYPE_PEM) != 1) {
-      // OpenSSL compares the key with the certificate while loading it: say which two do not belong together.
-      const unsigned long code = ERR_peek_last_error();
-      if (ERR_GET_LIB(code) == ERR_LIB_X509 && ERR_GET_REASON(code) == X509_R_KEY_VALUES_MISMATCH) {
-        ERR_clear_error();
-        throw std::runtime_error("key " + pair.key + " does not match certificate " + pair.cert +
-                                 " (key values mismatch)");
-      }
-      throw std::runtime_error("cannot load key " + pair.key + ": " + openssl_error_text());
-    }
-    if (SSL_CTX_check_private_key(ctx) != 1)
-      throw std::runtime_error("key " + pair.key + " does not match certificate " + pair.cert);
+    use_private_key_file(ctx, pair.key, pair.cert);
     TicketKeys::install(ctx);  // rotating ticket keys instead of one per SSL_CTX for the daemon's life
     entry->leaf = SSL_CTX_get0_certificate(ctx);
     entry->cert_path = pair.cert;

@@ -39,6 +39,11 @@ std::string handshake_failure_reason(unsigned long openssl_error, bool timed_out
 // reasons::tls_offered; the label of mailflow_tls_handshake_refused_total{offered}.
 std::string_view offered_tls_version(const SSL* ssl);
 
+// Loads the PEM private key `key` into `ctx`, whose certificate `cert` is loaded already; never asks for a
+// passphrase. Throws std::runtime_error that says what is wrong: unreadable, encrypted, or not the key of
+// `cert`.
+void use_private_key_file(SSL_CTX* ctx, const std::string& key, const std::string& cert);
+
 // What a loaded certificate says about itself (the leaf of a chain file).
 struct CertificateInfo {
   std::string cert_path;      // as configured

@@ -110,12 +110,62 @@ check_tls mismatch "$certs/good.pem" "$certs/other.key" 1 \
 check_tls expired "$certs/expired.pem" "$certs/expired.key" 0 \
   "7:18: warning: listeners[0].tls.certificates[0].cert: certificate $certs/expired.pem (CN expired.test) expired on 2020-02-01 00:00:00 UTC"
 if ! grep -q "listeners (1):" "$work/out"; then fail "certificate expired: no summary on stdout"; cat "$work/out"; fi
+# A key protected by a passphrase: mailflowd cannot ask for one (under systemd there is no terminal, and a reload
+# must never wait for a person), so it is an error that says so, and it never prompts, even from a terminal
+# (OpenSSL's default prompt blocked the check, and the daemon's reload, on the controlling terminal).
+openssl pkey -in "$certs/good.key" -aes256 -passout pass:secret -out "$certs/encrypted.key" 2>/dev/null
+check_tls encrypted "$certs/good.pem" "$certs/encrypted.key" 1 \
+  "7:18: listeners[0].tls.certificates[0]: key $certs/encrypted.key is encrypted: mailflowd cannot ask for its passphrase; store it unencrypted (openssl pkey -in KEY -out KEY.new), readable only by root and mailflowd"
+timeout 10 script -qec "$bin --check-config $work/encrypted.yaml" /dev/null </dev/null >"$work/tty" 2>&1
+status=$?
+if [ "$status" -eq 1 ] && ! grep -qi "pass phrase" "$work/tty"; then
+  passed=$((passed + 1)); echo "ok: encrypted key, from a terminal"
+else
+  fail "encrypted key from a terminal: exit status $status (expected 1, no prompt; 124: it waited for a passphrase)"
+  cat "$work/tty"
+fi
 tls_config good "$certs/good.pem" "$certs/good.key"
 run "$work/good.yaml"
 if [ "$status" -eq 0 ] && [ ! -s "$work/err" ]; then
   passed=$((passed + 1)); echo "ok: certificate good"
 else
   fail "certificate good: exit status $status, stderr:"; cat "$work/err"
+fi
+
+# The Web PKI trust store of MTA-STS (mta_sts.ca_file) is loaded at start for every upstream with mta_sts on: a file
+# that is readable but holds no certificate fails the start, so it fails the check too, at its line.
+cat >"$work/webpki.yaml" <<EOF
+listeners:
+  - {name: out, address: "127.0.0.1:2525", direction: outbound, upstream: internet}
+upstreams:
+  - {name: internet, mx: true, tls: opportunistic, mta_sts: enforce}
+mta_sts: {ca_file: $certs/garbage.pem}
+EOF
+run "$work/webpki.yaml"
+if [ "$status" -eq 1 ] && grep -qF "$work/webpki.yaml:5:20: mta_sts.ca_file: cannot load the Web PKI trust store $certs/garbage.pem: " "$work/err"; then
+  passed=$((passed + 1)); echo "ok: mta_sts.ca_file"
+else
+  fail "mta_sts.ca_file: exit status $status (expected 1 and the file named at 5:20)"; cat "$work/err" "$work/out"
+fi
+
+# http.tls is loaded by the HTTP server at OpenSSL's default security level, not at a listener's @SECLEVEL=0: a
+# certificate with a 512-bit key fails the start there, so it fails the check too (it passed, then the start failed).
+openssl req -x509 -newkey rsa:512 -nodes -days 365 -subj "/CN=weak.test" \
+  -keyout "$certs/weak.key" -out "$certs/weak.pem" >/dev/null 2>&1
+cat >"$work/weakhttp.yaml" <<EOF
+listeners:
+  - {name: inbound, address: "127.0.0.1:2525", upstream: up}
+upstreams:
+  - {name: up, address: "127.0.0.1:25"}
+http:
+  tls: {cert: $certs/weak.pem, key: $certs/weak.key}
+EOF
+run "$work/weakhttp.yaml"
+if [ "$status" -eq 1 ] && grep -qF "$work/weakhttp.yaml:6:15: http.tls: cannot load certificate $certs/weak.pem: ee key too small" "$work/err"; then
+  passed=$((passed + 1)); echo "ok: http.tls weak certificate"
+else
+  fail "http.tls weak certificate: exit status $status (expected 1 and the certificate named at 6:15)"
+  cat "$work/err" "$work/out"
 fi
 
 # Warnings (a connector that never matches) are printed with file:line:col and do not fail the check.

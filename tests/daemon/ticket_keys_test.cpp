@@ -95,3 +95,14 @@ TEST_CASE("TicketKeys: unknown key names are refused") {
   std::string state;
   CHECK(redeem(keys, forged, state) == 0);
 }
+
+TEST_CASE("TicketKeys: after a late rotation the old key lasts two lifetimes from its birth, no longer") {
+  auto now = std::chrono::steady_clock::time_point{} + std::chrono::hours(1000);
+  TicketKeys keys(std::chrono::hours(12), [&] { return now; });
+  const Ticket ticket = issue(keys, "x");
+  now += std::chrono::hours(18);  // no handshake for 18 hours: the rotation comes now, late
+  std::string state;
+  CHECK(redeem(keys, ticket, state) == 2);
+  now += std::chrono::hours(7);  // 25 hours after the key was made, the new key only 7 hours old
+  CHECK(redeem(keys, ticket, state) == 0);
+}

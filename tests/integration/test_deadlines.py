@@ -1,7 +1,8 @@
 """Issue #15's faults against the real binary: every deadline bounds its wait (a blackholed upstream, an
-upstream that stalls in DATA followed by a client that stalls), close_notify on an orderly TLS close (and
-TLS1.2 session-ID resumption that follows from it), a greet_pause hang-up that is no early talker, a
-listener renamed on its address by a reload, and whole connector names in the session log line."""
+upstream that stalls in DATA followed by a client that stalls, a client that stalls in its TLS handshake),
+close_notify on an orderly TLS close (and TLS1.2 session-ID resumption that follows from it), a greet_pause
+hang-up that is no early talker, a listener renamed on its address by a reload, and whole connector names in the
+session log line."""
 import re
 import signal
 import socket
@@ -204,6 +205,26 @@ def test_close_notify_after_quit_and_session_id_resumption(env):
         assert c.cmd("QUIT")[0] == 221
     finally:
         c.close()
+
+
+def test_client_that_never_finishes_its_handshake(env):
+    """A client that sends STARTTLS and then only the first bytes of a ClientHello: closed when
+    timeouts.tls_handshake (5 s) passes, counted as a handshake failure with reason timeout, and the session is
+    gone (sessions_active back to 0)."""
+    before = env.daemon.metrics()
+    c = hh.greeted(env.ports["tls"])
+    try:
+        assert c.cmd("STARTTLS")[0] == 220
+        c.send(b"\x16\x03\x01\x02\x00\x01")  # a record header and the start of a ClientHello, then nothing
+        started = time.monotonic()
+        assert c.closed_or_error(5 + 2 * MARGIN), "the server kept waiting past timeouts.tls_handshake"
+        took = time.monotonic() - started
+    finally:
+        c.close()
+    assert 5 - 0.5 <= took <= 5 + MARGIN, f"closed after {took:.1f}s, timeouts.tls_handshake is 5s"
+    hh.assert_counter(env.daemon, before, "mailflow_tls_handshake_failures_total", listener="tls", leg="client",
+                      reason="timeout")
+    hh.wait_sessions_idle(env.daemon)
 
 
 def test_greet_pause_hangup_is_not_an_early_talker(env, daemon_factory, sink_factory):

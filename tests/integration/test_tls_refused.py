@@ -1,6 +1,7 @@
 """A handshake refused by a listener's `min_version` is attributed (issue #18 item 5): the `tls_failed` log line and
 mailflow_tls_handshake_refused_total{listener, connector, offered} name the connector known before the handshake
-(listener, client address, the EHLO name given before STARTTLS) and the highest version the client offered.
+(listener, client address, the EHLO name given before STARTTLS) and the highest version the client offered; the
+session's own log line keeps that EHLO name.
 Real clients: `openssl s_client -tls1 -starttls smtp` (its -name is the EHLO name) and Python's ssl module from
 another loopback address."""
 import re
@@ -54,6 +55,13 @@ def assert_log_names(daemon, seen_before, connector, offered, helo):
     assert field(line, "offered") == offered, f"offered version not named: {line}"
     assert field(line, "helo") == helo, f"EHLO name before STARTTLS not named: {line}"
     assert field(line, "listener") == "modern", f"listener not named: {line}"
+    # The session's one line names the client by the same EHLO name (what an operator greps for).
+    session_id = field(line, "id")
+    session = harness.wait_for(
+        lambda: [x for x in daemon.stderr().splitlines() if " session " in x and field(x, "id") == session_id] or None,
+        timeout=5, what="the session line")[0]
+    assert field(session, "result") == "tls_failed", session
+    assert field(session, "helo") == helo, f"the session line lost the EHLO name given before STARTTLS: {session}"
 
 
 def test_zeros_exported_for_the_connectors_a_listener_can_match(env):

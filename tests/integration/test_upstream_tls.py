@@ -1,4 +1,5 @@
-"""Upstream leg: STARTTLS to the sink with `tls: required` and `tls: verify` (ca_file = the test CA).
+"""Upstream leg: STARTTLS to the sink with `tls: required` and `tls: verify` (ca_file = the test CA), and with
+`tls: opportunistic` to sinks capped at each version (TLS1.0 .. TLS1.3), each counted under its own version.
 The listeners are `direction: outbound`, so a message counts under the upstream leg's TLS version (the sink
 is capped at TLS1.2 while the client leg is plaintext or TLS1.3). `verify` against a sink whose certificate
 is not from the CA, and `required` against a sink without STARTTLS, must fail with a 4xx to the client,
@@ -14,17 +15,26 @@ from harness import delta, fmt_delta
 MESSAGE = b"From: out@example.test\r\nTo: rcpt@dest.test\r\nSubject: upstream leg\r\n\r\nbody\r\n.dot\r\n"
 
 
+def name(version, prefix):
+    """"TLS1.0" -> "out-tls10": a listener or upstream name for the sink capped at that version."""
+    return f"{prefix}-tls{version[3]}{version[5]}"
+
+
 @pytest.fixture(scope="module")
 def env(certs, sink_factory, daemon_factory):
     good = sink_factory("good", tls_cert=certs / "sink.pem", tls_key=certs / "sink.key", tls_max_version="TLS1.2")
     rogue = sink_factory("rogue", tls_cert=certs / "rogue.pem", tls_key=certs / "rogue.key")
     plain = sink_factory("plain")
+    # one sink per other version (good is capped at TLS1.2), for the version an opportunistic upstream leg records
+    capped = {v: sink_factory(f"max-{v}", tls_cert=certs / "sink.pem", tls_key=certs / "sink.key", tls_max_version=v)
+              for v in ("TLS1.0", "TLS1.1", "TLS1.3")}
     ca = str(certs / "ca.pem")
     routes = {  # listener -> (upstream name, sink, tls mode)
         "out-required": ("up-required", good, "required"),
         "out-verify": ("up-verify", good, "verify"),
         "out-rogue": ("up-rogue", rogue, "verify"),
         "out-plain": ("up-plain", plain, "required"),
+        **{name(v, "out"): (name(v, "up"), sink, "opportunistic") for v, sink in capped.items()},
     }
     ports = {name: harness.free_port() for name in routes}
     listeners = [{"name": name, "address": f"127.0.0.1:{ports[name]}", "direction": "outbound",
@@ -33,7 +43,8 @@ def env(certs, sink_factory, daemon_factory):
     upstreams = [{"name": up, "address": f"127.0.0.1:{sink.port}", "tls": mode, "ca_file": ca}
                  for (up, sink, mode) in routes.values()]
     daemon = daemon_factory(listeners=listeners, upstreams=upstreams)
-    return types.SimpleNamespace(daemon=daemon, ports=ports, good=good, rogue=rogue, plain=plain)
+    capped["TLS1.2"] = good
+    return types.SimpleNamespace(daemon=daemon, ports=ports, good=good, rogue=rogue, plain=plain, capped=capped)
 
 
 @pytest.mark.parametrize("listener", ["out-required", "out-verify"])
@@ -48,6 +59,25 @@ def test_outbound_counts_upstream_leg(env, listener, client_tls):
     headers, rest = harness.split_received(content)
     assert len(headers) == 1 and rest == MESSAGE, f"message altered: {content!r}"
     harness.assert_counted(env.daemon, before, "internet", "outbound", "TLS1.2")
+
+
+@pytest.mark.parametrize("version", ["TLS1.0", "TLS1.1", "TLS1.2", "TLS1.3"])
+def test_outbound_counts_every_upstream_version(env, version):
+    """tls: opportunistic offers every version: the upstream leg records what the host can do, down to TLS1.0,
+    in the message's series and in the upstream leg's mailflow_sessions_total."""
+    listener = "out-required" if version == "TLS1.2" else name(version, "out")
+    sink = env.capped[version]
+    before = env.daemon.metrics()
+    n = sink.count()
+    r = harness.swaks(env.ports[listener], data=MESSAGE)
+    assert r.rc == 0, f"swaks failed:\n{r}"
+    meta, _ = sink.wait_messages(n + 1)[-1]
+    assert meta["tls_version"] == version.replace("TLS", "TLSv").replace("v1.0", "v1"), meta
+    harness.assert_counted(env.daemon, before, "internet", "outbound", version)
+    after = harness.wait_moved(env.daemon, before, "mailflow_sessions_total", at_least=2)
+    moved = delta(before, after, "mailflow_sessions_total", leg="upstream")
+    assert moved == {harness.series_key(leg="upstream", listener=listener, tls_version=version): 1.0}, \
+        f"mailflow_sessions_total{{leg=upstream}} moved:\n{fmt_delta(moved)}"
 
 
 def check_upstream_failure(env, listener, upstream, sink):
