@@ -28,6 +28,7 @@
 #include <functional>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <stdexcept>
 #include <thread>
 #include <vector>
@@ -146,6 +147,8 @@ struct Server::Impl {
     std::string name;
     std::string address;
     tcp::acceptor acceptor;
+    // The socket came from systemd (LISTEN_FDS), at this endpoint: handed back when retired, never closed.
+    std::optional<tcp::endpoint> inherited;
   };
 
   using WorkGuard = asio::executor_work_guard<asio::io_context::executor_type>;
@@ -210,11 +213,12 @@ struct Server::Impl {
 
   std::shared_ptr<Acceptor> open_acceptor(const config::Listener& listener) {
     auto endpoint = listen_endpoint(listener.address);
-    auto result =
-        std::make_shared<Acceptor>(Acceptor{listener.name, listener.address.text, tcp::acceptor(io)});
+    auto result = std::make_shared<Acceptor>(
+        Acceptor{listener.name, listener.address.text, tcp::acceptor(io), std::nullopt});
     auto& acceptor = result->acceptor;
     if (auto it = inherited.find(endpoint); it != inherited.end()) {
       acceptor.assign(endpoint.protocol(), it->second);
+      result->inherited = endpoint;
       inherited.erase(it);
       return result;
     }
@@ -301,6 +305,32 @@ struct Server::Impl {
     return next;
   }
 
+  // A listener that no longer is: its socket is closed, or, when systemd passed it, handed back to
+  // `inherited` (systemd keeps it listening whatever this process does: closing our copy would only leave its
+  // clients unanswered, unnamed). A later reload that brings the listener back takes it again. Pending
+  // accepts end.
+  void retire(Acceptor& entry) {
+    error_code ec;
+    if (!entry.inherited) {
+      entry.acceptor.close(ec);
+      return;
+    }
+    const int fd = entry.acceptor.release(ec);
+    if (!ec) inherited.emplace(*entry.inherited, fd);
+    entry.inherited.reset();
+  }
+
+  // Sockets from systemd that no listener's address equals are never accepted on: their clients would wait
+  // for a banner until they give up, and nothing else would say so. Said at start and after each reload.
+  void log_unused_sockets() const {
+    for (const auto& socket : inherited)
+      log_event(LogLevel::error, "socket_unused",
+                {{"address", endpoint_text(socket.first)},
+                 {"reason",
+                  "socket activation passed it, but no listener has this address; its connections are "
+                  "never answered (ListenStream= of mailflowd.socket must equal a listener address)"}});
+  }
+
   void swap_listeners(std::vector<PlannedListener> next) {
     std::vector<std::shared_ptr<Acceptor>> kept;
     for (auto& planned : next) {
@@ -308,10 +338,7 @@ struct Server::Impl {
       kept.push_back(planned.acceptor);
     }
     for (auto& old : acceptors) {
-      if (std::find(kept.begin(), kept.end(), old) == kept.end()) {
-        error_code ec;
-        old->acceptor.close(ec);
-      }
+      if (std::find(kept.begin(), kept.end(), old) == kept.end()) retire(*old);
     }
     for (auto& entry : kept) {
       if (std::find(acceptors.begin(), acceptors.end(), entry) == acceptors.end()) spawn_accept_loop(entry);
@@ -402,6 +429,7 @@ struct Server::Impl {
       }
       swap_listeners(std::move(next_acceptors));
       setup_logging(loaded.config->log);
+      log_unused_sockets();
       busy_poll = loaded.config->performance.busy_poll;
       telemetry.configure(*loaded.config);
       registry.mta_sts().set_max_policies(loaded.config->mta_sts.max_policies);
@@ -582,14 +610,7 @@ int Server::run() {
   s.busy_poll = config.performance.busy_poll;
 
   s.swap_listeners(s.reconcile_listeners(config));
-  // A socket from systemd that no listener's address equals is never accepted on: its clients would wait for
-  // a banner until they give up, and nothing else would say so. (Kept open: a reload that adds the listener
-  // still takes it.)
-  for (const auto& inherited : s.inherited)
-    log_event(LogLevel::error, "socket_unused",
-              {{"address", endpoint_text(inherited.first)},
-               {"reason", "socket activation passed it, but no listener has this address; its connections are "
-                          "never answered (ListenStream= of mailflowd.socket must equal a listener address)"}});
+  s.log_unused_sockets();  // kept open: a reload that adds the listener still takes it
   s.http = std::make_unique<HttpServer>(config.http, s.telemetry, [&s] { return !s.stopping; });
   s.http->start();
   s.keep_running("signals", [&s] { return s.signals(); });

@@ -2,7 +2,9 @@
 the sockets as LISTEN_FDS and execs mailflowd on the first connection): a listener whose address equals an
 inherited socket serves on it (mailflowd could not bind that address itself, the socket holds it), and an
 inherited socket that no listener's address equals is named in the log at start, since no one would ever
-answer the clients that connect to it."""
+answer the clients that connect to it. A reload that drops the listener of an inherited socket keeps the socket
+(systemd keeps it listening too) and names it the same way; a later reload that brings the listener back
+takes it again, and serves the clients that queued on it meanwhile."""
 import json
 import shutil
 import signal
@@ -84,5 +86,46 @@ def test_inherited_socket_without_listener_is_logged_at_start(activated):
     # The listener on the other inherited socket is not disturbed by it.
     assert harness.swaks(port).rc == 0
     sink.wait_messages(before + 2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(15) == 0, harness.tail(stderr)
+
+
+def test_reload_without_the_listener_keeps_its_inherited_socket(activated, tmp_path):
+    port, other = harness.free_port(), harness.free_port()
+    proc, stderr, sink = activated(port)
+    before = sink.count()
+    assert harness.swaks(port).rc == 0, harness.tail(stderr)  # execs mailflowd, which takes the socket
+    harness.wait_for(lambda: " started " in stderr.read_text(), 10, what="mailflowd started")
+    config = tmp_path / "mailflowd.yaml"
+    with_listener = json.loads(config.read_text())
+    without = json.loads(config.read_text())
+    without["listeners"] = [dict(without["listeners"][0], name="other", address=f"127.0.0.1:{other}")]
+
+    def reload(cfg, n):
+        config.write_text(json.dumps(cfg, indent=2) + "\n")
+        proc.send_signal(signal.SIGHUP)
+        harness.wait_for(lambda: stderr.read_text().count(" reloaded ") >= n, 10, what=f"reload {n}")
+        assert "reload_refused" not in stderr.read_text(), harness.tail(stderr)
+
+    reload(without, 1)
+    after_reload = stderr.read_text().split(" reload config=", 1)[1]
+    lines = [line for line in after_reload.splitlines() if "socket_unused" in line]
+    assert len(lines) == 1 and f"address=127.0.0.1:{port}" in lines[0], \
+        f"the reload that dropped the listener of 127.0.0.1:{port} did not name its socket\n{harness.tail(stderr)}"
+    assert harness.swaks(other).rc == 0, harness.tail(stderr)
+    # Still listening (under systemd the socket unit holds it open whatever mailflowd does): a client connects
+    # and waits, unanswered, for the listener to come back.
+    waiting = harness.RawSmtp(port)
+    try:
+        assert waiting.pending(0.5) == b"", "a banner on a socket no listener uses"
+        reload(with_listener, 2)
+        code, text = waiting.reply()
+        assert code == 220, text
+        assert waiting.cmd("QUIT")[0] == 221
+    finally:
+        waiting.close()
+    assert harness.swaks(port).rc == 0, harness.tail(stderr)
+    sink.wait_messages(before + 3)
+    assert proc.poll() is None, harness.tail(stderr)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(15) == 0, harness.tail(stderr)
