@@ -297,12 +297,25 @@ struct Server::Impl {
   // is now called); returns the new set. Throws before changing anything that is running.
   std::vector<PlannedListener> reconcile_listeners(const config::Config& config) {
     std::vector<PlannedListener> next;
-    for (const auto& listener : config.listeners) {
-      auto kept = std::find_if(acceptors.begin(), acceptors.end(),
-                               [&](const auto& a) { return a->address == listener.address.text; });
-      next.push_back({kept != acceptors.end() ? *kept : open_acceptor(listener), listener.name});
+    try {
+      for (const auto& listener : config.listeners) {
+        auto kept = std::find_if(acceptors.begin(), acceptors.end(),
+                                 [&](const auto& a) { return a->address == listener.address.text; });
+        next.push_back({kept != acceptors.end() ? *kept : open_acceptor(listener), listener.name});
+      }
+    } catch (...) {
+      discard(next);
+      throw;
     }
     return next;
+  }
+
+  // A plan that is not applied (the reload was refused): what it opened is retired, so that a socket it took
+  // from systemd goes back to `inherited` instead of being closed with the plan.
+  void discard(const std::vector<PlannedListener>& next) {
+    for (const auto& planned : next)
+      if (std::find(acceptors.begin(), acceptors.end(), planned.acceptor) == acceptors.end())
+        retire(*planned.acceptor);
   }
 
   // A listener that no longer is: its socket is closed, or, when systemd passed it, handed back to
@@ -416,9 +429,10 @@ struct Server::Impl {
       sd_notify(0, "READY=1");
       return;
     }
+    std::vector<PlannedListener> next_acceptors;
     try {
       auto next_runtime = Runtime::build(loaded.config);
-      auto next_acceptors = reconcile_listeners(*loaded.config);
+      next_acceptors = reconcile_listeners(*loaded.config);
       http->update(loaded.config->http);  // basic auth and certificate; throws keeping the old ones
       for (const char* setting : restart_only_changes(*loaded.config))
         log_event(LogLevel::warn, "reload_partial",
@@ -441,6 +455,7 @@ struct Server::Impl {
           LogLevel::info, "reloaded",
           {{"listeners", loaded.config->listeners.size()}, {"connectors", loaded.config->connectors.size()}});
     } catch (const std::exception& e) {
+      discard(next_acceptors);  // empty once swapped in
       log_event(LogLevel::error, "reload_refused", {{"reason", e.what()}});
       telemetry.config_reloaded(false);
     }

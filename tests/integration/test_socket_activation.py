@@ -4,10 +4,12 @@ inherited socket serves on it (mailflowd could not bind that address itself, the
 inherited socket that no listener's address equals is named in the log at start, since no one would ever
 answer the clients that connect to it. A reload that drops the listener of an inherited socket keeps the socket
 (systemd keeps it listening too) and names it the same way; a later reload that brings the listener back
-takes it again, and serves the clients that queued on it meanwhile."""
+takes it again, and serves the clients that queued on it meanwhile; a reload that is refused after it took an
+inherited socket for a new listener leaves that socket open too."""
 import json
 import shutil
 import signal
+import socket
 import subprocess
 
 import pytest
@@ -129,3 +131,30 @@ def test_reload_without_the_listener_keeps_its_inherited_socket(activated, tmp_p
     assert proc.poll() is None, harness.tail(stderr)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(15) == 0, harness.tail(stderr)
+
+
+def test_refused_reload_keeps_the_inherited_socket_it_took(activated, tmp_path):
+    port, stray = harness.free_port(), harness.free_port()
+    proc, stderr, sink = activated(port, extra_ports=(stray,))
+    assert harness.swaks(port).rc == 0, harness.tail(stderr)
+    harness.wait_for(lambda: " started " in stderr.read_text(), 10, what="mailflowd started")
+    config = tmp_path / "mailflowd.yaml"
+    cfg = json.loads(config.read_text())
+    inbound = cfg["listeners"][0]
+    # The listener for the unused socket takes it, then the next listener cannot bind: the reload is refused.
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    cfg["listeners"] += [dict(inbound, name="stray", address=f"127.0.0.1:{stray}"),
+                         dict(inbound, name="busy", address=f"127.0.0.1:{busy.getsockname()[1]}")]
+    config.write_text(json.dumps(cfg, indent=2) + "\n")
+    proc.send_signal(signal.SIGHUP)
+    harness.wait_for(lambda: "reload_refused" in stderr.read_text(), 10, what="the reload to be refused")
+    busy.close()
+    try:
+        waiting = harness.RawSmtp(stray)  # refused once mailflowd has closed the socket systemd passed
+    except ConnectionRefusedError:
+        pytest.fail(f"the refused reload closed the inherited socket 127.0.0.1:{stray}\n{harness.tail(stderr)}",
+                    pytrace=False)
+    waiting.close()
+    assert harness.swaks(port).rc == 0, harness.tail(stderr)
