@@ -6,6 +6,7 @@
 #include <malloc.h>
 #include <sched.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <systemd/sd-daemon.h>
 #include <unistd.h>
 
@@ -71,28 +72,47 @@ tcp::endpoint listen_endpoint(const config::Endpoint& address) {
   return {ip, address.port};
 }
 
-// Sockets handed over by systemd socket activation (LISTEN_FDS), by local endpoint.
-std::map<tcp::endpoint, int> inherited_sockets() {
-  std::map<tcp::endpoint, int> sockets;
-  const int count = sd_listen_fds(1);
-  for (int fd = SD_LISTEN_FDS_START; fd < SD_LISTEN_FDS_START + count; ++fd) {
-    if (sd_is_socket_inet(fd, 0, SOCK_STREAM, 1, 0) <= 0) continue;
-    sockaddr_storage storage{};
-    socklen_t length = sizeof storage;
-    if (getsockname(fd, reinterpret_cast<sockaddr*>(&storage), &length) != 0) continue;
-    tcp::endpoint endpoint;
-    std::memcpy(endpoint.data(), &storage, length);
-    endpoint.resize(length);
-    sockets.emplace(endpoint, fd);
-  }
-  return sockets;
-}
-
 // "127.0.0.1:25", "[::]:25": an endpoint as a listener's address is written.
 std::string endpoint_text(const tcp::endpoint& endpoint) {
   const std::string ip = endpoint.address().to_string();
   const std::string port = std::to_string(endpoint.port());
   return endpoint.address().is_v6() ? "[" + ip + "]:" + port : ip + ":" + port;
+}
+
+// Sockets handed over by systemd socket activation (LISTEN_FDS): the listening TCP ones by local endpoint.
+// The others (a unix or UDP socket, a connection passed by Accept=yes) no listener can take: `unusable` says
+// what each is, for the log.
+std::map<tcp::endpoint, int> inherited_sockets(std::vector<std::string>& unusable) {
+  std::map<tcp::endpoint, int> sockets;
+  const int count = sd_listen_fds(1);
+  for (int fd = SD_LISTEN_FDS_START; fd < SD_LISTEN_FDS_START + count; ++fd) {
+    sockaddr_storage storage{};
+    socklen_t length = sizeof storage;
+    if (getsockname(fd, reinterpret_cast<sockaddr*>(&storage), &length) != 0) {
+      unusable.push_back("fd " + std::to_string(fd) + " (not a socket)");
+      continue;
+    }
+    if (storage.ss_family == AF_UNIX) {
+      // `storage` is zeroed, larger than sockaddr_un: a path ends in NUL, an abstract name starts with one.
+      const char* path = reinterpret_cast<const sockaddr_un*>(&storage)->sun_path;
+      unusable.push_back(std::string(*path != '\0' ? path : "(abstract)") + " (unix socket)");
+      continue;
+    }
+    if (storage.ss_family != AF_INET && storage.ss_family != AF_INET6) {
+      unusable.push_back("fd " + std::to_string(fd) + " (address family " +
+                         std::to_string(storage.ss_family) + ")");
+      continue;
+    }
+    tcp::endpoint endpoint;
+    std::memcpy(endpoint.data(), &storage, length);
+    endpoint.resize(length);
+    if (sd_is_socket_inet(fd, 0, SOCK_STREAM, 1, 0) <= 0) {
+      unusable.push_back(endpoint_text(endpoint) + " (not a listening TCP socket)");
+      continue;
+    }
+    sockets.emplace(endpoint, fd);
+  }
+  return sockets;
 }
 
 // How many event loops (threads) relay sessions: performance.event_loops, or with "auto" one per CPU this
@@ -168,7 +188,9 @@ struct Server::Impl {
   SessionRegistry registry{telemetry};
   std::unique_ptr<HttpServer> http;
   std::unique_ptr<TlsRptSender> tlsrpt_sender;  // sends TLS-RPT reports while tlsrpt.send is true
-  std::map<tcp::endpoint, int> inherited = inherited_sockets();
+  // From systemd, but not listening TCP sockets: no listener can take them (inherited_sockets).
+  std::vector<std::string> unusable_sockets;
+  std::map<tcp::endpoint, int> inherited = inherited_sockets(unusable_sockets);
 
   mutable std::mutex runtime_mutex;
   std::shared_ptr<const Runtime> runtime;
@@ -342,6 +364,13 @@ struct Server::Impl {
                  {"reason",
                   "socket activation passed it, but no listener has this address; its connections are "
                   "never answered (ListenStream= of mailflowd.socket must equal a listener address)"}});
+    for (const auto& socket : unusable_sockets)
+      log_event(
+          LogLevel::error, "socket_unused",
+          {{"address", socket},
+           {"reason",
+            "socket activation passed it, but a listener takes only a listening TCP socket (ListenStream= "
+            "with an IP address and port, Accept=no); its connections are never answered"}});
   }
 
   void swap_listeners(std::vector<PlannedListener> next) {

@@ -24,14 +24,15 @@ def sink(sink_factory):
 
 @pytest.fixture
 def activated(tmp_path, sink, mailflowd_bin):
-    """start(listener_port, extra_ports) -> (Popen of mailflowd, its stderr path), under systemd-socket-activate."""
+    """start(listener_port, extra_ports, extra_listen) -> (Popen of mailflowd, its stderr path, sink), under
+    systemd-socket-activate (extra_listen: more -l addresses, e.g. a unix socket's path)."""
     tool = shutil.which("systemd-socket-activate")
     if not tool:
         pytest.fail("systemd-socket-activate is not installed (package systemd, deploy/dev/deps.sh test)",
                     pytrace=False)
     procs = []
 
-    def start(listener_port, extra_ports=()):
+    def start(listener_port, extra_ports=(), extra_listen=()):
         state = tmp_path / "state"
         state.mkdir()
         cfg = harness.default_config(
@@ -43,6 +44,7 @@ def activated(tmp_path, sink, mailflowd_bin):
         config.write_text(json.dumps(cfg, indent=2) + "\n")
         stderr = tmp_path / "mailflowd.stderr"
         argv = [tool] + [a for p in (listener_port, *extra_ports) for a in ("-l", f"127.0.0.1:{p}")]
+        argv += [a for address in extra_listen for a in ("-l", str(address))]
         argv += [mailflowd_bin, "--config", str(config)]
         proc = subprocess.Popen(argv, stdout=open(stderr, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         procs.append(proc)
@@ -90,6 +92,18 @@ def test_inherited_socket_without_listener_is_logged_at_start(activated):
     sink.wait_messages(before + 2)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(15) == 0, harness.tail(stderr)
+
+
+def test_inherited_unix_socket_is_logged_at_start(activated, tmp_path):
+    """No listener can take a unix socket (ListenStream=/path): named at start like an unused TCP socket."""
+    port = harness.free_port()
+    path = tmp_path / "smtp.sock"
+    proc, stderr, sink = activated(port, extra_listen=(path,))
+    assert harness.swaks(port).rc == 0, harness.tail(stderr)
+    harness.wait_for(lambda: " started " in stderr.read_text(), 10, what="mailflowd started")
+    lines = [line for line in stderr.read_text().splitlines() if "socket_unused" in line]
+    assert len(lines) == 1 and str(path) in lines[0] and " error " in lines[0], \
+        f"expected one socket_unused line naming {path}\n{harness.tail(stderr)}"
 
 
 def test_reload_without_the_listener_keeps_its_inherited_socket(activated, tmp_path):
