@@ -6,6 +6,7 @@
 #include <malloc.h>
 #include <sched.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <systemd/sd-daemon.h>
 #include <unistd.h>
 
@@ -28,6 +29,7 @@
 #include <functional>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <stdexcept>
 #include <thread>
 #include <vector>
@@ -70,28 +72,47 @@ tcp::endpoint listen_endpoint(const config::Endpoint& address) {
   return {ip, address.port};
 }
 
-// Sockets handed over by systemd socket activation (LISTEN_FDS), by local endpoint.
-std::map<tcp::endpoint, int> inherited_sockets() {
-  std::map<tcp::endpoint, int> sockets;
-  const int count = sd_listen_fds(1);
-  for (int fd = SD_LISTEN_FDS_START; fd < SD_LISTEN_FDS_START + count; ++fd) {
-    if (sd_is_socket_inet(fd, 0, SOCK_STREAM, 1, 0) <= 0) continue;
-    sockaddr_storage storage{};
-    socklen_t length = sizeof storage;
-    if (getsockname(fd, reinterpret_cast<sockaddr*>(&storage), &length) != 0) continue;
-    tcp::endpoint endpoint;
-    std::memcpy(endpoint.data(), &storage, length);
-    endpoint.resize(length);
-    sockets.emplace(endpoint, fd);
-  }
-  return sockets;
-}
-
 // "127.0.0.1:25", "[::]:25": an endpoint as a listener's address is written.
 std::string endpoint_text(const tcp::endpoint& endpoint) {
   const std::string ip = endpoint.address().to_string();
   const std::string port = std::to_string(endpoint.port());
   return endpoint.address().is_v6() ? "[" + ip + "]:" + port : ip + ":" + port;
+}
+
+// Sockets handed over by systemd socket activation (LISTEN_FDS): the listening TCP ones by local endpoint.
+// The others (a unix or UDP socket, a connection passed by Accept=yes) no listener can take: `unusable` says
+// what each is, for the log.
+std::map<tcp::endpoint, int> inherited_sockets(std::vector<std::string>& unusable) {
+  std::map<tcp::endpoint, int> sockets;
+  const int count = sd_listen_fds(1);
+  for (int fd = SD_LISTEN_FDS_START; fd < SD_LISTEN_FDS_START + count; ++fd) {
+    sockaddr_storage storage{};
+    socklen_t length = sizeof storage;
+    if (getsockname(fd, reinterpret_cast<sockaddr*>(&storage), &length) != 0) {
+      unusable.push_back("fd " + std::to_string(fd) + " (not a socket)");
+      continue;
+    }
+    if (storage.ss_family == AF_UNIX) {
+      // `storage` is zeroed, larger than sockaddr_un: a path ends in NUL, an abstract name starts with one.
+      const char* path = reinterpret_cast<const sockaddr_un*>(&storage)->sun_path;
+      unusable.push_back(std::string(*path != '\0' ? path : "(abstract)") + " (unix socket)");
+      continue;
+    }
+    if (storage.ss_family != AF_INET && storage.ss_family != AF_INET6) {
+      unusable.push_back("fd " + std::to_string(fd) + " (address family " +
+                         std::to_string(storage.ss_family) + ")");
+      continue;
+    }
+    tcp::endpoint endpoint;
+    std::memcpy(endpoint.data(), &storage, length);
+    endpoint.resize(length);
+    if (sd_is_socket_inet(fd, 0, SOCK_STREAM, 1, 0) <= 0) {
+      unusable.push_back(endpoint_text(endpoint) + " (not a listening TCP socket)");
+      continue;
+    }
+    sockets.emplace(endpoint, fd);
+  }
+  return sockets;
 }
 
 // How many event loops (threads) relay sessions: performance.event_loops, or with "auto" one per CPU this
@@ -146,6 +167,8 @@ struct Server::Impl {
     std::string name;
     std::string address;
     tcp::acceptor acceptor;
+    // The socket came from systemd (LISTEN_FDS), at this endpoint: handed back when retired, never closed.
+    std::optional<tcp::endpoint> inherited;
   };
 
   using WorkGuard = asio::executor_work_guard<asio::io_context::executor_type>;
@@ -165,7 +188,9 @@ struct Server::Impl {
   SessionRegistry registry{telemetry};
   std::unique_ptr<HttpServer> http;
   std::unique_ptr<TlsRptSender> tlsrpt_sender;  // sends TLS-RPT reports while tlsrpt.send is true
-  std::map<tcp::endpoint, int> inherited = inherited_sockets();
+  // From systemd, but not listening TCP sockets: no listener can take them (inherited_sockets).
+  std::vector<std::string> unusable_sockets;
+  std::map<tcp::endpoint, int> inherited = inherited_sockets(unusable_sockets);
 
   mutable std::mutex runtime_mutex;
   std::shared_ptr<const Runtime> runtime;
@@ -210,11 +235,12 @@ struct Server::Impl {
 
   std::shared_ptr<Acceptor> open_acceptor(const config::Listener& listener) {
     auto endpoint = listen_endpoint(listener.address);
-    auto result =
-        std::make_shared<Acceptor>(Acceptor{listener.name, listener.address.text, tcp::acceptor(io)});
+    auto result = std::make_shared<Acceptor>(
+        Acceptor{listener.name, listener.address.text, tcp::acceptor(io), std::nullopt});
     auto& acceptor = result->acceptor;
     if (auto it = inherited.find(endpoint); it != inherited.end()) {
       acceptor.assign(endpoint.protocol(), it->second);
+      result->inherited = endpoint;
       inherited.erase(it);
       return result;
     }
@@ -293,12 +319,58 @@ struct Server::Impl {
   // is now called); returns the new set. Throws before changing anything that is running.
   std::vector<PlannedListener> reconcile_listeners(const config::Config& config) {
     std::vector<PlannedListener> next;
-    for (const auto& listener : config.listeners) {
-      auto kept = std::find_if(acceptors.begin(), acceptors.end(),
-                               [&](const auto& a) { return a->address == listener.address.text; });
-      next.push_back({kept != acceptors.end() ? *kept : open_acceptor(listener), listener.name});
+    try {
+      for (const auto& listener : config.listeners) {
+        auto kept = std::find_if(acceptors.begin(), acceptors.end(),
+                                 [&](const auto& a) { return a->address == listener.address.text; });
+        next.push_back({kept != acceptors.end() ? *kept : open_acceptor(listener), listener.name});
+      }
+    } catch (...) {
+      discard(next);
+      throw;
     }
     return next;
+  }
+
+  // A plan that is not applied (the reload was refused): what it opened is retired, so that a socket it took
+  // from systemd goes back to `inherited` instead of being closed with the plan.
+  void discard(const std::vector<PlannedListener>& next) {
+    for (const auto& planned : next)
+      if (std::find(acceptors.begin(), acceptors.end(), planned.acceptor) == acceptors.end())
+        retire(*planned.acceptor);
+  }
+
+  // A listener that no longer is: its socket is closed, or, when systemd passed it, handed back to
+  // `inherited` (systemd keeps it listening whatever this process does: closing our copy would only leave its
+  // clients unanswered, unnamed). A later reload that brings the listener back takes it again. Pending
+  // accepts end.
+  void retire(Acceptor& entry) {
+    error_code ec;
+    if (!entry.inherited) {
+      entry.acceptor.close(ec);
+      return;
+    }
+    const int fd = entry.acceptor.release(ec);
+    if (!ec) inherited.emplace(*entry.inherited, fd);
+    entry.inherited.reset();
+  }
+
+  // Sockets from systemd that no listener's address equals are never accepted on: their clients would wait
+  // for a banner until they give up, and nothing else would say so. Said at start and after each reload.
+  void log_unused_sockets() const {
+    for (const auto& socket : inherited)
+      log_event(LogLevel::error, "socket_unused",
+                {{"address", endpoint_text(socket.first)},
+                 {"reason",
+                  "socket activation passed it, but no listener has this address; its connections are "
+                  "never answered (ListenStream= of mailflowd.socket must equal a listener address)"}});
+    for (const auto& socket : unusable_sockets)
+      log_event(
+          LogLevel::error, "socket_unused",
+          {{"address", socket},
+           {"reason",
+            "socket activation passed it, but a listener takes only a listening TCP socket (ListenStream= "
+            "with an IP address and port, Accept=no); its connections are never answered"}});
   }
 
   void swap_listeners(std::vector<PlannedListener> next) {
@@ -308,10 +380,7 @@ struct Server::Impl {
       kept.push_back(planned.acceptor);
     }
     for (auto& old : acceptors) {
-      if (std::find(kept.begin(), kept.end(), old) == kept.end()) {
-        error_code ec;
-        old->acceptor.close(ec);
-      }
+      if (std::find(kept.begin(), kept.end(), old) == kept.end()) retire(*old);
     }
     for (auto& entry : kept) {
       if (std::find(acceptors.begin(), acceptors.end(), entry) == acceptors.end()) spawn_accept_loop(entry);
@@ -389,9 +458,10 @@ struct Server::Impl {
       sd_notify(0, "READY=1");
       return;
     }
+    std::vector<PlannedListener> next_acceptors;
     try {
       auto next_runtime = Runtime::build(loaded.config);
-      auto next_acceptors = reconcile_listeners(*loaded.config);
+      next_acceptors = reconcile_listeners(*loaded.config);
       http->update(loaded.config->http);  // basic auth and certificate; throws keeping the old ones
       for (const char* setting : restart_only_changes(*loaded.config))
         log_event(LogLevel::warn, "reload_partial",
@@ -402,6 +472,7 @@ struct Server::Impl {
       }
       swap_listeners(std::move(next_acceptors));
       setup_logging(loaded.config->log);
+      log_unused_sockets();
       busy_poll = loaded.config->performance.busy_poll;
       telemetry.configure(*loaded.config);
       registry.mta_sts().set_max_policies(loaded.config->mta_sts.max_policies);
@@ -413,6 +484,7 @@ struct Server::Impl {
           LogLevel::info, "reloaded",
           {{"listeners", loaded.config->listeners.size()}, {"connectors", loaded.config->connectors.size()}});
     } catch (const std::exception& e) {
+      discard(next_acceptors);  // empty once swapped in
       log_event(LogLevel::error, "reload_refused", {{"reason", e.what()}});
       telemetry.config_reloaded(false);
     }
@@ -582,14 +654,7 @@ int Server::run() {
   s.busy_poll = config.performance.busy_poll;
 
   s.swap_listeners(s.reconcile_listeners(config));
-  // A socket from systemd that no listener's address equals is never accepted on: its clients would wait for
-  // a banner until they give up, and nothing else would say so. (Kept open: a reload that adds the listener
-  // still takes it.)
-  for (const auto& inherited : s.inherited)
-    log_event(LogLevel::error, "socket_unused",
-              {{"address", endpoint_text(inherited.first)},
-               {"reason", "socket activation passed it, but no listener has this address; its connections are "
-                          "never answered (ListenStream= of mailflowd.socket must equal a listener address)"}});
+  s.log_unused_sockets();  // kept open: a reload that adds the listener still takes it
   s.http = std::make_unique<HttpServer>(config.http, s.telemetry, [&s] { return !s.stopping; });
   s.http->start();
   s.keep_running("signals", [&s] { return s.signals(); });

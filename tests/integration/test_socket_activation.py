@@ -2,10 +2,14 @@
 the sockets as LISTEN_FDS and execs mailflowd on the first connection): a listener whose address equals an
 inherited socket serves on it (mailflowd could not bind that address itself, the socket holds it), and an
 inherited socket that no listener's address equals is named in the log at start, since no one would ever
-answer the clients that connect to it."""
+answer the clients that connect to it. A reload that drops the listener of an inherited socket keeps the socket
+(systemd keeps it listening too) and names it the same way; a later reload that brings the listener back
+takes it again, and serves the clients that queued on it meanwhile; a reload that is refused after it took an
+inherited socket for a new listener leaves that socket open too."""
 import json
 import shutil
 import signal
+import socket
 import subprocess
 
 import pytest
@@ -20,14 +24,15 @@ def sink(sink_factory):
 
 @pytest.fixture
 def activated(tmp_path, sink, mailflowd_bin):
-    """start(listener_port, extra_ports) -> (Popen of mailflowd, its stderr path), under systemd-socket-activate."""
+    """start(listener_port, extra_ports, extra_listen) -> (Popen of mailflowd, its stderr path, sink), under
+    systemd-socket-activate (extra_listen: more -l addresses, e.g. a unix socket's path)."""
     tool = shutil.which("systemd-socket-activate")
     if not tool:
         pytest.fail("systemd-socket-activate is not installed (package systemd, deploy/dev/deps.sh test)",
                     pytrace=False)
     procs = []
 
-    def start(listener_port, extra_ports=()):
+    def start(listener_port, extra_ports=(), extra_listen=()):
         state = tmp_path / "state"
         state.mkdir()
         cfg = harness.default_config(
@@ -39,6 +44,7 @@ def activated(tmp_path, sink, mailflowd_bin):
         config.write_text(json.dumps(cfg, indent=2) + "\n")
         stderr = tmp_path / "mailflowd.stderr"
         argv = [tool] + [a for p in (listener_port, *extra_ports) for a in ("-l", f"127.0.0.1:{p}")]
+        argv += [a for address in extra_listen for a in ("-l", str(address))]
         argv += [mailflowd_bin, "--config", str(config)]
         proc = subprocess.Popen(argv, stdout=open(stderr, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         procs.append(proc)
@@ -86,3 +92,83 @@ def test_inherited_socket_without_listener_is_logged_at_start(activated):
     sink.wait_messages(before + 2)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(15) == 0, harness.tail(stderr)
+
+
+def test_inherited_unix_socket_is_logged_at_start(activated, tmp_path):
+    """No listener can take a unix socket (ListenStream=/path): named at start like an unused TCP socket."""
+    port = harness.free_port()
+    path = tmp_path / "smtp.sock"
+    proc, stderr, sink = activated(port, extra_listen=(path,))
+    assert harness.swaks(port).rc == 0, harness.tail(stderr)
+    harness.wait_for(lambda: " started " in stderr.read_text(), 10, what="mailflowd started")
+    lines = [line for line in stderr.read_text().splitlines() if "socket_unused" in line]
+    assert len(lines) == 1 and str(path) in lines[0] and " error " in lines[0], \
+        f"expected one socket_unused line naming {path}\n{harness.tail(stderr)}"
+
+
+def test_reload_without_the_listener_keeps_its_inherited_socket(activated, tmp_path):
+    port, other = harness.free_port(), harness.free_port()
+    proc, stderr, sink = activated(port)
+    before = sink.count()
+    assert harness.swaks(port).rc == 0, harness.tail(stderr)  # execs mailflowd, which takes the socket
+    harness.wait_for(lambda: " started " in stderr.read_text(), 10, what="mailflowd started")
+    config = tmp_path / "mailflowd.yaml"
+    with_listener = json.loads(config.read_text())
+    without = json.loads(config.read_text())
+    without["listeners"] = [dict(without["listeners"][0], name="other", address=f"127.0.0.1:{other}")]
+
+    def reload(cfg, n):
+        config.write_text(json.dumps(cfg, indent=2) + "\n")
+        proc.send_signal(signal.SIGHUP)
+        harness.wait_for(lambda: stderr.read_text().count(" reloaded ") >= n, 10, what=f"reload {n}")
+        assert "reload_refused" not in stderr.read_text(), harness.tail(stderr)
+
+    reload(without, 1)
+    after_reload = stderr.read_text().split(" reload config=", 1)[1]
+    lines = [line for line in after_reload.splitlines() if "socket_unused" in line]
+    assert len(lines) == 1 and f"address=127.0.0.1:{port}" in lines[0], \
+        f"the reload that dropped the listener of 127.0.0.1:{port} did not name its socket\n{harness.tail(stderr)}"
+    assert harness.swaks(other).rc == 0, harness.tail(stderr)
+    # Still listening (under systemd the socket unit holds it open whatever mailflowd does): a client connects
+    # and waits, unanswered, for the listener to come back.
+    waiting = harness.RawSmtp(port)
+    try:
+        assert waiting.pending(0.5) == b"", "a banner on a socket no listener uses"
+        reload(with_listener, 2)
+        code, text = waiting.reply()
+        assert code == 220, text
+        assert waiting.cmd("QUIT")[0] == 221
+    finally:
+        waiting.close()
+    assert harness.swaks(port).rc == 0, harness.tail(stderr)
+    sink.wait_messages(before + 3)
+    assert proc.poll() is None, harness.tail(stderr)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(15) == 0, harness.tail(stderr)
+
+
+def test_refused_reload_keeps_the_inherited_socket_it_took(activated, tmp_path):
+    port, stray = harness.free_port(), harness.free_port()
+    proc, stderr, sink = activated(port, extra_ports=(stray,))
+    assert harness.swaks(port).rc == 0, harness.tail(stderr)
+    harness.wait_for(lambda: " started " in stderr.read_text(), 10, what="mailflowd started")
+    config = tmp_path / "mailflowd.yaml"
+    cfg = json.loads(config.read_text())
+    inbound = cfg["listeners"][0]
+    # The listener for the unused socket takes it, then the next listener cannot bind: the reload is refused.
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    cfg["listeners"] += [dict(inbound, name="stray", address=f"127.0.0.1:{stray}"),
+                         dict(inbound, name="busy", address=f"127.0.0.1:{busy.getsockname()[1]}")]
+    config.write_text(json.dumps(cfg, indent=2) + "\n")
+    proc.send_signal(signal.SIGHUP)
+    harness.wait_for(lambda: "reload_refused" in stderr.read_text(), 10, what="the reload to be refused")
+    busy.close()
+    try:
+        waiting = harness.RawSmtp(stray)  # refused once mailflowd has closed the socket systemd passed
+    except ConnectionRefusedError:
+        pytest.fail(f"the refused reload closed the inherited socket 127.0.0.1:{stray}\n{harness.tail(stderr)}",
+                    pytrace=False)
+    waiting.close()
+    assert harness.swaks(port).rc == 0, harness.tail(stderr)

@@ -3,7 +3,8 @@
 # (cmake/Version.cmake): a commit after the configure step makes the next build configure again, in a clone
 # and in a `git worktree` (whose branch refs live in the main repository's git dir, not in its own).
 # Configures scratch trees without tests (seconds), commits an empty commit, and asks ninja to bring
-# build.ninja up to date, which re-runs the configure step when a dependency moved.
+# build.ninja up to date, which re-runs the configure step when a dependency moved. The versions of two
+# commits sort in the order of the commits, also on one day (Debian's order, what apt upgrades by).
 # Usage: test_version.sh SOURCE_DIR
 set -euo pipefail
 src=$1
@@ -39,6 +40,33 @@ check() {  # check NAME SOURCE: configure, commit, regenerate; the version must 
 }
 check clone "$tmp/clone"
 check worktree "$tmp/worktree"
+
+# Two commits of one day, the later one's hash the "smaller": its package must still sort after the earlier
+# one's in Debian's order, or `apt-get install ./mailflowd_<new>.deb` is a downgrade that apt refuses.
+if command -v dpkg >/dev/null; then
+  version_of() {  # version_of TREE: what the configure step names
+    cmake -S "$1" -B "$tmp/build-order" -G Ninja -DMAILFLOW_BUILD_TESTS=OFF -DCMAKE_DISABLE_FIND_PACKAGE_doctest=ON 2>&1 |
+      sed -n 's/.*mailflowd version \([^ ]*\) .*/\1/p'
+  }
+  at() { GIT_COMMITTER_DATE="$1" GIT_AUTHOR_DATE="$1" g -C "$tmp/clone" commit -q --allow-empty -m "$2"; }
+  at "2026-12-01T09:00:00Z" "morning"
+  morning=$(git -C "$tmp/clone" rev-parse --short=7 HEAD)
+  earlier=$(version_of "$tmp/clone")
+  for i in $(seq 1 64); do  # an afternoon commit whose hash alone would sort before the morning's
+    at "2026-12-01T15:00:00Z" "afternoon $i"
+    afternoon=$(git -C "$tmp/clone" rev-parse --short=7 HEAD)
+    dpkg --compare-versions "0+$afternoon" lt "0+$morning" && break
+    g -C "$tmp/clone" reset -q --hard HEAD~1
+  done
+  later=$(version_of "$tmp/clone")
+  if [ -z "$earlier" ] || [ -z "$later" ]; then
+    fail "no version from configure (earlier '$earlier', later '$later')"
+  elif dpkg --compare-versions "$later" gt "$earlier"; then
+    echo "ok: a later commit of the same day sorts after the earlier one ($later > $earlier)"
+  else
+    fail "the package of a later commit of the same day sorts before the earlier one's: $later <= $earlier"
+  fi
+fi
 
 if [ "$failures" -ne 0 ]; then
   echo "$failures check(s) failed"
