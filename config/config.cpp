@@ -727,6 +727,14 @@ class Loader {
     if (config_.tlsrpt.submitter.empty()) config_.tlsrpt.submitter = config_.hostname;
     if (config_.tlsrpt.from.empty()) config_.tlsrpt.from = "tlsrpt-noreply@" + config_.hostname;
     if (const Field* field = get(*top, "http")) load_http(*field);
+    if (!http_address_given_) {
+      for (const auto& listener : bound_) {
+        if (bind_clash(listener.address, config_.http.address) == Clash::none) continue;
+        error_at(listener.mark, listener.path + ": " + quoted(listener.address.text) +
+                                    " cannot listen beside http.address, whose default is " +
+                                    quoted(config_.http.address.text) + " (set http.address to another one)");
+      }
+    }
     if (const Field* field = get(*top, "limits")) load_limits(*field);
     if (const Field* field = get(*top, "log")) load_log(*field);
     if (const Field* field = get(*top, "timeouts")) load_timeouts(*field);
@@ -1022,7 +1030,6 @@ class Loader {
   void load_listeners(const Field& field) {
     const auto list = items(field, "listeners");
     std::map<std::string, int> seen;
-    std::map<std::string, std::string> addresses;
     for (std::size_t i = 0; i < list.size(); ++i) {
       const std::string where = "listeners[" + std::to_string(i) + "]";
       const auto map = fields(list[i], list[i].Mark(), "listeners[]", where);
@@ -1033,12 +1040,9 @@ class Loader {
       }
       if (require(*map, "address", list[i].Mark(), where) &&
           read_endpoint(*map, "address", where, listener.address, true)) {
-        const std::string canonical = listener.address.host + "|" + std::to_string(listener.address.port);
-        const auto [it, inserted] = addresses.emplace(canonical, listener.name);
-        if (!inserted) {
-          error_at(get(*map, "address")->value, where + ".address: " + quoted(listener.address.text) +
-                                                    " is already used by listener " + quoted(it->second));
-        }
+        const YAML::Mark mark = get(*map, "address")->value.Mark();
+        check_bind(listener.address, mark, where + ".address");
+        bound_.push_back({listener.name, listener.address, where + ".address", mark});
       }
       read_enum(*map, "direction", where, listener.direction,
                 {{"inbound", Direction::inbound}, {"outbound", Direction::outbound}});
@@ -1058,6 +1062,50 @@ class Loader {
         check_upstream_reference(*map, where, listener.upstream);
       }
       config_.listeners.push_back(std::move(listener));
+    }
+  }
+
+  // The listeners' addresses so far: http.address and each further listener must be able to listen beside them.
+  struct Bound {
+    std::string listener;
+    Endpoint address;
+    std::string path;  // "listeners[N].address"
+    YAML::Mark mark;
+  };
+  std::vector<Bound> bound_;
+  bool http_address_given_ = false;
+
+  // Whether `address` can listen beside `other`. Linux lets no two sockets listen on one port where their
+  // addresses are the same or one of them is the wildcard of the other's family (0.0.0.0, or "::", which the
+  // daemon binds IPv6-only), SO_REUSEADDR or not: refused here, not with "Address already in use" at start.
+  enum class Clash { none, same, this_wildcard, that_wildcard };
+  static Clash bind_clash(const Endpoint& address, const Endpoint& other) {
+    if (other.port != address.port) return Clash::none;
+    if (parse_ip_address(other.host) == parse_ip_address(address.host)) return Clash::same;
+    const auto family_wildcard = [](const Endpoint& e) {
+      const bool v6 = e.host.find(':') != std::string::npos;
+      return std::pair(v6, parse_ip_address(e.host) == parse_ip_address(v6 ? "::" : "0.0.0.0"));
+    };
+    const auto [v6, wildcard] = family_wildcard(address);
+    const auto [other_v6, other_wildcard] = family_wildcard(other);
+    if (other_v6 != v6) return Clash::none;
+    return wildcard ? Clash::this_wildcard : other_wildcard ? Clash::that_wildcard : Clash::none;
+  }
+
+  void check_bind(const Endpoint& address, const YAML::Mark& mark, const std::string& path) {
+    for (const auto& other : bound_) {
+      const Clash clash = bind_clash(address, other.address);
+      if (clash == Clash::none) continue;
+      std::string message = path + ": " + quoted(address.text);
+      if (clash == Clash::same) {
+        message += " is already used by listener " + quoted(other.listener);
+      } else {
+        message += " cannot listen beside listener " + quoted(other.listener) + " on " + quoted(other.address.text) +
+                   " (" + (clash == Clash::this_wildcard ? "this" : "that") +
+                   " address takes the port on every local address of its family)";
+      }
+      error_at(mark, std::move(message));
+      return;
     }
   }
 
@@ -1349,7 +1397,9 @@ class Loader {
   void load_http(const Field& field) {
     const auto map = fields(field, "http", "http");
     if (!map) return;
-    read_endpoint(*map, "address", "http", config_.http.address, true);
+    http_address_given_ = get(*map, "address") != nullptr;
+    if (read_endpoint(*map, "address", "http", config_.http.address, true))
+      check_bind(config_.http.address, get(*map, "address")->value.Mark(), "http.address");
     if (const Field* auth = get(*map, "basic_auth")) {
       const auto auth_map = fields(*auth, "http.basic_auth", "http.basic_auth");
       if (auth_map) {

@@ -564,6 +564,57 @@ upstreams:
   CHECK(two.errors[1].message == "upstreams[0].address: invalid host name \"bad host\"");
 }
 
+// Linux refuses a second listening socket on a port that a wildcard address of the same family holds (and the
+// reverse), SO_REUSEADDR or not: such a file passed --check-config and then failed at start with "Address
+// already in use".
+TEST_CASE("listeners and http.address that cannot all listen are errors") {
+  const auto overlapping = load(R"(listeners:
+  - {name: a, address: "0.0.0.0:2525", upstream: up}
+  - {name: b, address: "127.0.0.1:2525", upstream: up}
+  - {name: c, address: "[::]:2525", upstream: up}
+  - {name: d, address: "[0::1]:2525", upstream: up}
+  - {name: e, address: "127.0.0.1:9725", upstream: up}
+  - {name: f, address: "[::1]:2526", upstream: up}
+  - {name: g, address: "127.0.0.1:2526", upstream: up}
+upstreams:
+  - {name: up, address: "127.0.0.1:25"}
+http: {address: "0.0.0.0:9725"}
+)");
+  INFO(all_errors(overlapping));
+  REQUIRE(overlapping.errors.size() == 3);
+  CHECK(overlapping.errors[0].to_string() ==
+        "test.yaml:3:24: listeners[1].address: \"127.0.0.1:2525\" cannot listen beside listener \"a\" on "
+        "\"0.0.0.0:2525\" (that address takes the port on every local address of its family)");
+  CHECK(overlapping.errors[1].to_string() ==
+        "test.yaml:5:24: listeners[3].address: \"[0::1]:2525\" cannot listen beside listener \"c\" on "
+        "\"[::]:2525\" (that address takes the port on every local address of its family)");
+  CHECK(overlapping.errors[2].to_string() ==
+        "test.yaml:11:17: http.address: \"0.0.0.0:9725\" cannot listen beside listener \"e\" on "
+        "\"127.0.0.1:9725\" (this address takes the port on every local address of its family)");
+
+  const auto same = load(R"(listeners:
+  - {name: a, address: "127.0.0.1:2525", upstream: up}
+upstreams:
+  - {name: up, address: "127.0.0.1:25"}
+http: {address: "127.0.0.1:2525"}
+)");
+  INFO(all_errors(same));
+  REQUIRE(same.errors.size() == 1);
+  CHECK(same.errors[0].to_string() ==
+        "test.yaml:5:17: http.address: \"127.0.0.1:2525\" is already used by listener \"a\"");
+
+  const auto default_http = load(R"(listeners:
+  - {name: a, address: "0.0.0.0:9725", upstream: up}
+upstreams:
+  - {name: up, address: "127.0.0.1:25"}
+)");
+  INFO(all_errors(default_http));
+  REQUIRE(default_http.errors.size() == 1);
+  CHECK(default_http.errors[0].to_string() ==
+        "test.yaml:2:24: listeners[0].address: \"0.0.0.0:9725\" cannot listen beside http.address, whose default "
+        "is \"127.0.0.1:9725\" (set http.address to another one)");
+}
+
 TEST_CASE("names, duplicates and references") {
   const auto result = load(R"(listeners:
   - {name: In, address: "127.0.0.1:2525", upstream: up}
