@@ -1,5 +1,7 @@
 // mailflowd: command line entry point. Everything else lives in the mailflow_relay library.
 #include <malloc.h>
+#include <pthread.h>
+#include <signal.h>
 
 #include <algorithm>
 #include <chrono>
@@ -68,6 +70,12 @@ int check_config(const std::string& path) {
 }
 
 int run_daemon(const std::string& path) {
+  // SIGHUP, SIGTERM and SIGINT wait, blocked, until the server handles them (Server's constructor unblocks them):
+  // their default action killed a daemon that was still starting, e.g. loading a large state_dir.
+  sigset_t signals;
+  sigemptyset(&signals);
+  for (int signal : {SIGHUP, SIGTERM, SIGINT}) sigaddset(&signals, signal);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
   auto result = mailflow::config::load_config_file(path);
   if (!result.errors.empty()) {
     for (const auto& error : result.errors) std::fprintf(stderr, "%s\n", error.to_string().c_str());
