@@ -875,10 +875,11 @@ class Loader {
     }
   }
 
-  // MTA-STS applies to the recipient domain's MX hosts: on by default (testing) for mx upstreams; a fixed
-  // address has no recipient domain whose policy could name it.
+  // MTA-STS applies to the recipient domain's MX hosts: on by default (testing) for mx upstreams that speak TLS; a
+  // fixed address has no recipient domain whose policy could name it, and without STARTTLS every delivery would
+  // fail the policy.
   void load_upstream_mta_sts(const Fields& map, const std::string& where, Upstream& upstream) {
-    upstream.mta_sts = upstream.mx ? MtaStsMode::testing : MtaStsMode::off;
+    upstream.mta_sts = upstream.mx && upstream.tls != UpstreamTls::none ? MtaStsMode::testing : MtaStsMode::off;
     const Field* field = get(map, "mta_sts");
     if (field == nullptr) return;
     MtaStsMode mode = upstream.mta_sts;
