@@ -1543,13 +1543,17 @@ LoadResult load_config_string(std::string_view yaml, const std::string& file_nam
 }
 
 LoadResult load_config_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
+  const auto unreadable = [&](int error) {
     LoadResult result;
     result.errors.push_back(
-        ConfigError{path, 0, 0, std::string("cannot read the configuration: ") + std::strerror(errno)});
+        ConfigError{path, 0, 0, std::string("cannot read the configuration: ") + std::strerror(error)});
     return result;
-  }
+  };
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return unreadable(errno);
+  // A directory opens like a file and reads as nothing, which is no empty configuration.
+  struct stat info {};
+  if (::stat(path.c_str(), &info) == 0 && S_ISDIR(info.st_mode)) return unreadable(EISDIR);
   std::ostringstream text;
   text << in.rdbuf();
   return load_config_string(text.str(), path);

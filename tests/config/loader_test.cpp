@@ -927,6 +927,10 @@ TEST_CASE("load_config_file") {
   CHECK(missing.errors[0].to_string() ==
         "/nonexistent/mailflowd.yaml: cannot read the configuration: No such file or directory");
   TempDir dir;
+  // A directory opens like a file and reads as nothing: that is no empty configuration.
+  const auto directory = load_config_file(dir.path().string());
+  REQUIRE(directory.errors.size() == 1);
+  CHECK(directory.errors[0].to_string() == dir.path().string() + ": cannot read the configuration: Is a directory");
   const std::string path = dir.write("m.yaml", minimal);
   const auto ok = load_config_file(path);
   REQUIRE(ok.config);
