@@ -1337,6 +1337,13 @@ class Loader {
                                                          ConnectorMatch& match) {
     const auto map = fields(field, "connectors[].match", where);
     if (!map) return std::nullopt;
+    // Each list matches if any of its items does: an empty one (or one whose items are all commented out) would
+    // match nothing, and is no way to say "any" (that is leaving the key out).
+    for (const auto& key : keys_of("connectors[].match")) {
+      const Field* list = get(*map, key);
+      if (list != nullptr && (list->value.IsNull() || (list->value.IsSequence() && list->value.size() == 0)))
+        error_at(*list, join(where, key) + ": an empty list matches nothing; leave the key out to match any");
+    }
     std::optional<std::vector<MatchedListener>> matched;
     if (const Field* listeners = get(*map, "listener")) {
       matched.emplace();

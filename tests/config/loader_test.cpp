@@ -727,6 +727,39 @@ TEST_CASE("the name internet is reserved unless the type is internet") {
         "connectors[0].type: expected one of partner, onpremises, internet, got \"cloud\"");
 }
 
+// "each list matches if any item matches": an empty one (or one whose items are all commented out) matched
+// everything instead, as if the key were absent, so a partner connector whose CIDRs were commented out took all
+// the traffic; `listener: []` also let a connector without `direction` through as inbound.
+TEST_CASE("an empty match list is an error, not any") {
+  const auto result = load(with(R"(connectors:
+  - name: p
+    match:
+      listener: []
+  - name: q
+    direction: inbound
+    match:
+      client_cidrs:
+      #  - 203.0.113.0/24
+      sender_domains: []
+      recipient_domains: []
+      ehlo: []
+      sni: []
+)"));
+  INFO(all_errors(result));
+  REQUIRE(result.errors.size() == 6);
+  CHECK(result.errors[0].to_string() ==
+        "test.yaml:8:17: connectors[0].match.listener: an empty list matches nothing; leave the key out to match "
+        "any");
+  CHECK(result.errors[1].to_string() ==
+        "test.yaml:12:7: connectors[1].match.client_cidrs: an empty list matches nothing; leave the key out to "
+        "match any");
+  CHECK(result.errors[2].line == 14);
+  CHECK(result.errors[3].line == 15);
+  CHECK(result.errors[4].line == 16);
+  CHECK(result.errors[5].message == "connectors[1].match.sni: an empty list matches nothing; leave the key out to "
+                                    "match any");
+}
+
 TEST_CASE("match values") {
   const auto result = load(with(R"(connectors:
   - name: p
