@@ -114,11 +114,22 @@ std::size_t edit_distance(std::string_view a, std::string_view b) {
   return row[b.size()];
 }
 
+// Labels of 1-63 letters, digits, '-' and '_' (not starting with '-'), separated by single dots, without the
+// root's trailing dot: the hostname goes into the banner, EHLO and Received: as it is (RFC 5321 4.1.2).
 bool valid_hostname(std::string_view name) {
-  if (name.empty() || name.size() > 253 || name.front() == '.' || name.front() == '-') return false;
-  return std::all_of(name.begin(), name.end(), [](char c) {
-    return std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '-' || c == '_';
-  });
+  if (name.empty() || name.size() > 253) return false;
+  std::size_t start = 0;
+  for (;;) {
+    const std::size_t dot = std::min(name.find('.', start), name.size());
+    const std::string_view label = name.substr(start, dot - start);
+    if (label.empty() || label.size() > 63 || label.front() == '-') return false;
+    if (!std::all_of(label.begin(), label.end(), [](char c) {
+          return std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_';
+        }))
+      return false;
+    if (dot == name.size()) return true;
+    start = dot + 1;
+  }
 }
 
 template <class Int>

@@ -436,6 +436,19 @@ TEST_CASE("value errors point at the value") {
     const auto e = only_error(load(with("limits: 5\n")));
     CHECK(e.to_string() == "test.yaml:5:1: limits: expected a mapping of keys, got \"5\"");
   }
+  SUBCASE("host names with empty or overlong labels") {
+    // The hostname goes into the banner, EHLO and Received: as it is; "a..b" or "mx1.example.org." is no domain
+    // (RFC 5321 4.1.2) and an upstream such as Postfix with reject_invalid_helo_hostname refuses our EHLO.
+    for (const std::string& bad : std::vector<std::string>{"mx1..example.org", "mx1.example.org.", ".example.org",
+                                                           std::string(64, 'a') + ".example.org"}) {
+      CAPTURE(bad);
+      CHECK(only_error(load(with("hostname: \"" + bad + "\"\n"))).message == "hostname: invalid host name \"" + bad + "\"");
+      CHECK(only_error(load("listeners:\n  - {name: in, address: \"127.0.0.1:2525\", upstream: up}\nupstreams:\n"
+                            "  - {name: up, address: \"" + bad + ":25\"}\n")).message ==
+            "upstreams[0].address: invalid host name \"" + bad + "\"");
+    }
+    CHECK(load(with("hostname: " + std::string(63, 'a') + ".example.org\n")).errors.empty());
+  }
   SUBCASE("bool") {
     const auto e =
         only_error(load(with("connectors:\n  - {name: c, match: {listener: in}, require_tls: maybe}\n")));
