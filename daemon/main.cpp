@@ -122,7 +122,15 @@ int main(int argc, char** argv) {
       usage(stdout);
       return 0;
     }
-    if (arg == "--check-config") return check_config(value(arg));
+    if (arg == "--check-config") {
+      const std::string file = value(arg);
+      if (i + 1 < argc) {  // a second file would go unchecked, and the user believe it checked
+        std::fprintf(stderr, "mailflowd: unexpected argument '%s' after --check-config FILE\n", argv[i + 1]);
+        usage(stderr);
+        return 2;
+      }
+      return check_config(file);
+    }
     if (arg == "--config" || arg == "-c") {
       config_path = value(arg);
       continue;
