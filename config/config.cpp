@@ -721,6 +721,7 @@ class Loader {
       error_at(listeners != nullptr ? listeners->key.Mark() : root.Mark(),
                "at least one listener is required");
     }
+    check_upstream_loops();
     if (const Field* field = get(*top, "connectors")) load_connectors(*field);
     if (const Field* field = get(*top, "dns")) load_dns(*field);
     if (config_.dns.trust_anchor_file.empty()) {
@@ -849,8 +850,8 @@ class Loader {
     if (address == nullptr) {
       if (get(map, "mx") == nullptr) error_at(mark, where + ": missing required key \"address\" (or mx: true)");
       else error_at(get(map, "mx")->value, where + ": missing required key \"address\" (mx is false)");
-    } else {
-      read_endpoint(map, "address", where, upstream.address, false);
+    } else if (read_endpoint(map, "address", where, upstream.address, false)) {
+      fixed_upstreams_.push_back({where + ".address", upstream.address, address->value.Mark()});
     }
     if (const Field* port = get(map, "port")) {
       error_at(port->key, where + ".port: only for mx: true; an address carries its own port (\"host:port\")");
@@ -1086,6 +1087,35 @@ class Loader {
   };
   std::vector<Bound> bound_;
   bool http_address_given_ = false;
+
+  // The fixed upstream addresses, checked against the listeners once both are read.
+  struct FixedUpstream {
+    std::string path;  // "upstreams[N].address"
+    Endpoint address;
+    YAML::Mark mark;
+  };
+  std::vector<FixedUpstream> fixed_upstreams_;
+
+  // An upstream on one of mailflowd's own listeners (its address, or a loopback address where the listener takes
+  // every address of its family) relays each RCPT back into mailflowd, session inside session, until the per-address
+  // limit refuses: nothing is ever delivered.
+  void check_upstream_loops() {
+    for (const auto& upstream : fixed_upstreams_) {
+      const auto ip = parse_ip_address(upstream.address.host);
+      if (!ip) continue;  // a host name: what it resolves to is not known here
+      const bool v6 = upstream.address.host.find(':') != std::string::npos;
+      const bool loopback = v6 ? *ip == *parse_ip_address("::1") : (*ip)[12] == 127;
+      for (const auto& listener : bound_) {
+        const Clash clash = bind_clash(upstream.address, listener.address);
+        if (clash == Clash::same || (clash == Clash::that_wildcard && loopback)) {
+          error_at(upstream.mark, upstream.path + ": " + quoted(upstream.address.text) + " is mailflowd's own listener " +
+                                      quoted(listener.listener) + " (" + quoted(listener.address.text) +
+                                      "): its mail would come back to it, in a loop");
+          break;
+        }
+      }
+    }
+  }
 
   // Whether `address` can listen beside `other`. Linux lets no two sockets listen on one port where their
   // addresses are the same or one of them is the wildcard of the other's family (0.0.0.0, or "::", which the

@@ -628,6 +628,33 @@ upstreams:
         "is \"127.0.0.1:9725\" (set http.address to another one)");
 }
 
+// A fixed upstream on one of mailflowd's own listeners relays each RCPT back into itself, session inside session,
+// until the per-address limit answers 421: nothing is ever delivered.
+TEST_CASE("an upstream address that is one of the listeners is an error") {
+  const auto result = load(R"(listeners:
+  - {name: a, address: "127.0.0.1:2525", upstream: self}
+  - {name: b, address: "0.0.0.0:2526", upstream: loop}
+  - {name: c, address: "[::]:2527", upstream: up}
+upstreams:
+  - {name: self, address: "127.0.0.1:2525"}
+  - {name: loop, address: "127.0.0.2:2526"}
+  - {name: v6, address: "[::1]:2527"}
+  - {name: up, address: "127.0.0.1:2527"}
+  - {name: other, address: "10.0.0.5:2525"}
+)");
+  INFO(all_errors(result));
+  REQUIRE(result.errors.size() == 3);
+  CHECK(result.errors[0].to_string() ==
+        "test.yaml:6:27: upstreams[0].address: \"127.0.0.1:2525\" is mailflowd's own listener \"a\" "
+        "(\"127.0.0.1:2525\"): its mail would come back to it, in a loop");
+  CHECK(result.errors[1].message ==
+        "upstreams[1].address: \"127.0.0.2:2526\" is mailflowd's own listener \"b\" (\"0.0.0.0:2526\"): its mail "
+        "would come back to it, in a loop");
+  CHECK(result.errors[2].message ==
+        "upstreams[2].address: \"[::1]:2527\" is mailflowd's own listener \"c\" (\"[::]:2527\"): its mail "
+        "would come back to it, in a loop");
+}
+
 TEST_CASE("names, duplicates and references") {
   const auto result = load(R"(listeners:
   - {name: In, address: "127.0.0.1:2525", upstream: up}
