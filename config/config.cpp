@@ -1006,7 +1006,8 @@ class Loader {
     }
     read_duration(*map, "timeout", "dns", config_.dns.timeout, std::chrono::milliseconds(100),
                   std::chrono::minutes(5));
-    read_file(*map, "trust_anchor_file", "dns", config_.dns.trust_anchor_file);
+    if (read_file(*map, "trust_anchor_file", "dns", config_.dns.trust_anchor_file))
+      remember_position("dns.trust_anchor_file", get(*map, "trust_anchor_file")->value);
   }
 
   void check_unique(std::map<std::string, int>& seen, const std::string& name, const YAML::Node& node,

@@ -92,6 +92,20 @@ def test_sighup_with_broken_config_keeps_running_one(daemon_factory, sink):
     hh.assert_relays(d, port, sink)
 
 
+def test_sighup_with_a_broken_trust_anchor_keeps_running_one(daemon_factory, sink, workdir):
+    """dns.trust_anchor_file that is no trust anchor: the reload is refused (libunbound read it only at the first
+    lookup, so the reload succeeded and every MX delivery got 451 afterwards)."""
+    d, port = start(daemon_factory, "anchor-reload", sink)
+    anchor = workdir / "broken-root.key"
+    anchor.write_text("this is no trust anchor\n")
+    cfg = json.loads(d.config_path.read_text())
+    cfg["dns"] = {"trust_anchor_file": str(anchor)}
+    d.config_path.write_text(json.dumps(cfg))
+    sighup_and_wait(d, "failure")
+    assert "reload_refused" in d.stderr() and "dns.trust_anchor_file" in d.stderr(), d.log_tail()
+    hh.assert_relays(d, port, sink)
+
+
 def test_sighup_serves_renewed_certificate(daemon_factory, sink, certs, workdir):
     live = workdir / "live-tls"
     live.mkdir(exist_ok=True)
