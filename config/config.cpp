@@ -114,11 +114,22 @@ std::size_t edit_distance(std::string_view a, std::string_view b) {
   return row[b.size()];
 }
 
+// Labels of 1-63 letters, digits, '-' and '_' (not starting with '-'), separated by single dots, without the
+// root's trailing dot: the hostname goes into the banner, EHLO and Received: as it is (RFC 5321 4.1.2).
 bool valid_hostname(std::string_view name) {
-  if (name.empty() || name.size() > 253 || name.front() == '.' || name.front() == '-') return false;
-  return std::all_of(name.begin(), name.end(), [](char c) {
-    return std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '-' || c == '_';
-  });
+  if (name.empty() || name.size() > 253) return false;
+  std::size_t start = 0;
+  for (;;) {
+    const std::size_t dot = std::min(name.find('.', start), name.size());
+    const std::string_view label = name.substr(start, dot - start);
+    if (label.empty() || label.size() > 63 || label.front() == '-') return false;
+    if (!std::all_of(label.begin(), label.end(), [](char c) {
+          return std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_';
+        }))
+      return false;
+    if (dot == name.size()) return true;
+    start = dot + 1;
+  }
 }
 
 template <class Int>
@@ -710,6 +721,7 @@ class Loader {
       error_at(listeners != nullptr ? listeners->key.Mark() : root.Mark(),
                "at least one listener is required");
     }
+    check_upstream_loops();
     if (const Field* field = get(*top, "connectors")) load_connectors(*field);
     if (const Field* field = get(*top, "dns")) load_dns(*field);
     if (config_.dns.trust_anchor_file.empty()) {
@@ -727,6 +739,14 @@ class Loader {
     if (config_.tlsrpt.submitter.empty()) config_.tlsrpt.submitter = config_.hostname;
     if (config_.tlsrpt.from.empty()) config_.tlsrpt.from = "tlsrpt-noreply@" + config_.hostname;
     if (const Field* field = get(*top, "http")) load_http(*field);
+    if (!http_address_given_) {
+      for (const auto& listener : bound_) {
+        if (bind_clash(listener.address, config_.http.address) == Clash::none) continue;
+        error_at(listener.mark, listener.path + ": " + quoted(listener.address.text) +
+                                    " cannot listen beside http.address, whose default is " +
+                                    quoted(config_.http.address.text) + " (set http.address to another one)");
+      }
+    }
     if (const Field* field = get(*top, "limits")) load_limits(*field);
     if (const Field* field = get(*top, "log")) load_log(*field);
     if (const Field* field = get(*top, "timeouts")) load_timeouts(*field);
@@ -830,8 +850,8 @@ class Loader {
     if (address == nullptr) {
       if (get(map, "mx") == nullptr) error_at(mark, where + ": missing required key \"address\" (or mx: true)");
       else error_at(get(map, "mx")->value, where + ": missing required key \"address\" (mx is false)");
-    } else {
-      read_endpoint(map, "address", where, upstream.address, false);
+    } else if (read_endpoint(map, "address", where, upstream.address, false)) {
+      fixed_upstreams_.push_back({where + ".address", upstream.address, address->value.Mark()});
     }
     if (const Field* port = get(map, "port")) {
       error_at(port->key, where + ".port: only for mx: true; an address carries its own port (\"host:port\")");
@@ -867,10 +887,11 @@ class Loader {
     }
   }
 
-  // MTA-STS applies to the recipient domain's MX hosts: on by default (testing) for mx upstreams; a fixed
-  // address has no recipient domain whose policy could name it.
+  // MTA-STS applies to the recipient domain's MX hosts: on by default (testing) for mx upstreams that speak TLS; a
+  // fixed address has no recipient domain whose policy could name it, and without STARTTLS every delivery would
+  // fail the policy.
   void load_upstream_mta_sts(const Fields& map, const std::string& where, Upstream& upstream) {
-    upstream.mta_sts = upstream.mx ? MtaStsMode::testing : MtaStsMode::off;
+    upstream.mta_sts = upstream.mx && upstream.tls != UpstreamTls::none ? MtaStsMode::testing : MtaStsMode::off;
     const Field* field = get(map, "mta_sts");
     if (field == nullptr) return;
     MtaStsMode mode = upstream.mta_sts;
@@ -985,7 +1006,8 @@ class Loader {
     }
     read_duration(*map, "timeout", "dns", config_.dns.timeout, std::chrono::milliseconds(100),
                   std::chrono::minutes(5));
-    read_file(*map, "trust_anchor_file", "dns", config_.dns.trust_anchor_file);
+    if (read_file(*map, "trust_anchor_file", "dns", config_.dns.trust_anchor_file))
+      remember_position("dns.trust_anchor_file", get(*map, "trust_anchor_file")->value);
   }
 
   void check_unique(std::map<std::string, int>& seen, const std::string& name, const YAML::Node& node,
@@ -1022,7 +1044,6 @@ class Loader {
   void load_listeners(const Field& field) {
     const auto list = items(field, "listeners");
     std::map<std::string, int> seen;
-    std::map<std::string, std::string> addresses;
     for (std::size_t i = 0; i < list.size(); ++i) {
       const std::string where = "listeners[" + std::to_string(i) + "]";
       const auto map = fields(list[i], list[i].Mark(), "listeners[]", where);
@@ -1033,12 +1054,9 @@ class Loader {
       }
       if (require(*map, "address", list[i].Mark(), where) &&
           read_endpoint(*map, "address", where, listener.address, true)) {
-        const std::string canonical = listener.address.host + "|" + std::to_string(listener.address.port);
-        const auto [it, inserted] = addresses.emplace(canonical, listener.name);
-        if (!inserted) {
-          error_at(get(*map, "address")->value, where + ".address: " + quoted(listener.address.text) +
-                                                    " is already used by listener " + quoted(it->second));
-        }
+        const YAML::Mark mark = get(*map, "address")->value.Mark();
+        check_bind(listener.address, mark, where + ".address");
+        bound_.push_back({listener.name, listener.address, where + ".address", mark});
       }
       read_enum(*map, "direction", where, listener.direction,
                 {{"inbound", Direction::inbound}, {"outbound", Direction::outbound}});
@@ -1058,6 +1076,79 @@ class Loader {
         check_upstream_reference(*map, where, listener.upstream);
       }
       config_.listeners.push_back(std::move(listener));
+    }
+  }
+
+  // The listeners' addresses so far: http.address and each further listener must be able to listen beside them.
+  struct Bound {
+    std::string listener;
+    Endpoint address;
+    std::string path;  // "listeners[N].address"
+    YAML::Mark mark;
+  };
+  std::vector<Bound> bound_;
+  bool http_address_given_ = false;
+
+  // The fixed upstream addresses, checked against the listeners once both are read.
+  struct FixedUpstream {
+    std::string path;  // "upstreams[N].address"
+    Endpoint address;
+    YAML::Mark mark;
+  };
+  std::vector<FixedUpstream> fixed_upstreams_;
+
+  // An upstream on one of mailflowd's own listeners (its address, or a loopback address where the listener takes
+  // every address of its family) relays each RCPT back into mailflowd, session inside session, until the per-address
+  // limit refuses: nothing is ever delivered.
+  void check_upstream_loops() {
+    for (const auto& upstream : fixed_upstreams_) {
+      const auto ip = parse_ip_address(upstream.address.host);
+      if (!ip) continue;  // a host name: what it resolves to is not known here
+      const bool v6 = upstream.address.host.find(':') != std::string::npos;
+      const bool loopback = v6 ? *ip == *parse_ip_address("::1") : (*ip)[12] == 127;
+      for (const auto& listener : bound_) {
+        const Clash clash = bind_clash(upstream.address, listener.address);
+        if (clash == Clash::same || (clash == Clash::that_wildcard && loopback)) {
+          error_at(upstream.mark, upstream.path + ": " + quoted(upstream.address.text) + " is mailflowd's own listener " +
+                                      quoted(listener.listener) + " (" + quoted(listener.address.text) +
+                                      "): its mail would come back to it, in a loop");
+          break;
+        }
+      }
+    }
+  }
+
+  // Whether `address` can listen beside `other`. Linux lets no two sockets listen on one port where their
+  // addresses are the same or one of them is the wildcard of the other's family (0.0.0.0, or "::", which the
+  // daemon binds IPv6-only), SO_REUSEADDR or not: refused here, not with "Address already in use" at start.
+  enum class Clash { none, same, this_wildcard, that_wildcard };
+  static Clash bind_clash(const Endpoint& address, const Endpoint& other) {
+    if (other.port != address.port) return Clash::none;
+    if (parse_ip_address(other.host) == parse_ip_address(address.host)) return Clash::same;
+    const auto family_wildcard = [](const Endpoint& e) {
+      const bool v6 = e.host.find(':') != std::string::npos;
+      return std::pair(v6, parse_ip_address(e.host) == parse_ip_address(v6 ? "::" : "0.0.0.0"));
+    };
+    const auto [v6, wildcard] = family_wildcard(address);
+    const auto [other_v6, other_wildcard] = family_wildcard(other);
+    if (other_v6 != v6) return Clash::none;
+    return wildcard ? Clash::this_wildcard : other_wildcard ? Clash::that_wildcard : Clash::none;
+  }
+
+  void check_bind(const Endpoint& address, const YAML::Mark& mark, const std::string& path) {
+    for (const auto& other : bound_) {
+      const Clash clash = bind_clash(address, other.address);
+      if (clash == Clash::none) continue;
+      std::string message = path + ": " + quoted(address.text);
+      if (clash == Clash::same) {
+        message += " is already used by listener " + quoted(other.listener);
+      } else {
+        message += " cannot listen beside listener " + quoted(other.listener) + " on " + quoted(other.address.text) +
+                   " (" + (clash == Clash::this_wildcard ? "this" : "that") +
+                   " address takes the port on every local address of its family)";
+      }
+      error_at(mark, std::move(message));
+      return;
     }
   }
 
@@ -1288,6 +1379,13 @@ class Loader {
                                                          ConnectorMatch& match) {
     const auto map = fields(field, "connectors[].match", where);
     if (!map) return std::nullopt;
+    // Each list matches if any of its items does: an empty one (or one whose items are all commented out) would
+    // match nothing, and is no way to say "any" (that is leaving the key out).
+    for (const auto& key : keys_of("connectors[].match")) {
+      const Field* list = get(*map, key);
+      if (list != nullptr && (list->value.IsNull() || (list->value.IsSequence() && list->value.size() == 0)))
+        error_at(*list, join(where, key) + ": an empty list matches nothing; leave the key out to match any");
+    }
     std::optional<std::vector<MatchedListener>> matched;
     if (const Field* listeners = get(*map, "listener")) {
       matched.emplace();
@@ -1349,7 +1447,9 @@ class Loader {
   void load_http(const Field& field) {
     const auto map = fields(field, "http", "http");
     if (!map) return;
-    read_endpoint(*map, "address", "http", config_.http.address, true);
+    http_address_given_ = get(*map, "address") != nullptr;
+    if (read_endpoint(*map, "address", "http", config_.http.address, true))
+      check_bind(config_.http.address, get(*map, "address")->value.Mark(), "http.address");
     if (const Field* auth = get(*map, "basic_auth")) {
       const auto auth_map = fields(*auth, "http.basic_auth", "http.basic_auth");
       if (auth_map) {
@@ -1492,13 +1592,17 @@ LoadResult load_config_string(std::string_view yaml, const std::string& file_nam
 }
 
 LoadResult load_config_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
+  const auto unreadable = [&](int error) {
     LoadResult result;
     result.errors.push_back(
-        ConfigError{path, 0, 0, std::string("cannot read the configuration: ") + std::strerror(errno)});
+        ConfigError{path, 0, 0, std::string("cannot read the configuration: ") + std::strerror(error)});
     return result;
-  }
+  };
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return unreadable(errno);
+  // A directory opens like a file and reads as nothing, which is no empty configuration.
+  struct stat info {};
+  if (::stat(path.c_str(), &info) == 0 && S_ISDIR(info.st_mode)) return unreadable(EISDIR);
   std::ostringstream text;
   text << in.rdbuf();
   return load_config_string(text.str(), path);

@@ -5,6 +5,7 @@
 #include <utility>
 
 #include "daemon/http_server.hpp"
+#include "daemon/resolver.hpp"
 #include "daemon/tls.hpp"
 
 namespace mailflow {
@@ -95,6 +96,8 @@ CertificateFindings check_certificates(const config::Config& config, std::chrono
       }
     }
   }
+  if (const std::string problem = dns_settings_problem(config.dns); !problem.empty())
+    out.errors.push_back(finding(config, "dns.trust_anchor_file", problem, false));
   if (config.http.tls) {
     // First as the HTTP server loads it (at OpenSSL's default security level, which refuses weak keys that a
     // listener's @SECLEVEL=0 takes); then, for its dates, the way a listener's pair is read.

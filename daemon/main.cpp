@@ -1,5 +1,7 @@
 // mailflowd: command line entry point. Everything else lives in the mailflow_relay library.
 #include <malloc.h>
+#include <pthread.h>
+#include <signal.h>
 
 #include <algorithm>
 #include <chrono>
@@ -68,6 +70,12 @@ int check_config(const std::string& path) {
 }
 
 int run_daemon(const std::string& path) {
+  // SIGHUP, SIGTERM and SIGINT wait, blocked, until the server handles them (Server's constructor unblocks them):
+  // their default action killed a daemon that was still starting, e.g. loading a large state_dir.
+  sigset_t signals;
+  sigemptyset(&signals);
+  for (int signal : {SIGHUP, SIGTERM, SIGINT}) sigaddset(&signals, signal);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
   auto result = mailflow::config::load_config_file(path);
   if (!result.errors.empty()) {
     for (const auto& error : result.errors) std::fprintf(stderr, "%s\n", error.to_string().c_str());
@@ -114,7 +122,15 @@ int main(int argc, char** argv) {
       usage(stdout);
       return 0;
     }
-    if (arg == "--check-config") return check_config(value(arg));
+    if (arg == "--check-config") {
+      const std::string file = value(arg);
+      if (i + 1 < argc) {  // a second file would go unchecked, and the user believe it checked
+        std::fprintf(stderr, "mailflowd: unexpected argument '%s' after --check-config FILE\n", argv[i + 1]);
+        usage(stderr);
+        return 2;
+      }
+      return check_config(file);
+    }
     if (arg == "--config" || arg == "-c") {
       config_path = value(arg);
       continue;

@@ -5,6 +5,7 @@
 
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
+#include <boost/asio/io_context.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/redirect_error.hpp>
 #include <boost/asio/steady_timer.hpp>
@@ -611,6 +612,16 @@ net::awaitable<TxtResult> Resolver::resolve_txt(std::string name) {
     out.detail = "malformed TXT records";
   }
   co_return out;
+}
+
+std::string dns_settings_problem(const config::Dns& dns) {
+  try {
+    net::io_context io;
+    const Resolver probe(io.get_executor(), dns, nullptr);
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "";
 }
 
 net::awaitable<std::string> Resolver::verified_name(net::ip::address address, bool& failed) {

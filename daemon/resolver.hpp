@@ -94,6 +94,10 @@ struct TxtResult {
 // The character-strings of one TXT rdata (RFC 1035 3.3.14) joined; nullopt when a length runs past the end.
 std::optional<std::string> join_txt_rdata(std::string_view rdata);
 
+// "" when libunbound takes these settings (dns.servers, dns.trust_anchor_file), else why not: it reads them only
+// when a resolver is made, so start, reload and --check-config make one to find out.
+std::string dns_settings_problem(const config::Dns& dns);
+
 class Resolver {
  public:
   // Applies `dns`: forwarders (dns.servers) or /etc/resolv.conf, the trust anchor, the timeout. Throws

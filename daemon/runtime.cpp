@@ -1,8 +1,16 @@
 #include "daemon/runtime.hpp"
 
+#include <stdexcept>
+
+#include "daemon/resolver.hpp"
+
 namespace mailflow {
 
 std::shared_ptr<const Runtime> Runtime::build(std::shared_ptr<const config::Config> config) {
+  // The sessions make their resolvers when they first need one: settings that libunbound refuses fail the start
+  // or the reload here, not every delivery afterwards.
+  if (const std::string problem = dns_settings_problem(config->dns); !problem.empty())
+    throw std::runtime_error(problem);
   auto runtime = std::make_shared<Runtime>();
   for (const auto& listener : config->listeners) {
     if (listener.tls)

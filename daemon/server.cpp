@@ -4,7 +4,9 @@
 
 #include <fmt/format.h>
 #include <malloc.h>
+#include <pthread.h>
 #include <sched.h>
+#include <signal.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <systemd/sd-daemon.h>
@@ -183,6 +185,9 @@ struct Server::Impl {
   std::vector<std::unique_ptr<asio::io_context>> workers;  // the other loops
   std::vector<WorkGuard> worker_guards;                    // keep them running while they have no session
   asio::io_context io{1};
+  // Handled from the start, so that a signal that comes while the server starts waits for it (main blocks them
+  // until then); signals() takes them once the loop runs.
+  asio::signal_set signal_set{io, SIGHUP, SIGTERM, SIGINT};
   std::size_t next_loop = 0;
   Telemetry telemetry;
   SessionRegistry registry{telemetry};
@@ -206,6 +211,10 @@ struct Server::Impl {
   std::unique_ptr<StateWriter> state_writer;
 
   Impl(std::string path, std::shared_ptr<const config::Config> config) : config_path(std::move(path)) {
+    sigset_t handled;
+    sigemptyset(&handled);
+    for (int signal : {SIGHUP, SIGTERM, SIGINT}) sigaddset(&handled, signal);
+    pthread_sigmask(SIG_UNBLOCK, &handled, nullptr);
     runtime = Runtime::build(std::move(config));
     started = runtime->config;
     state_writer = std::make_unique<StateWriter>(started->state_dir, telemetry);
@@ -523,9 +532,8 @@ struct Server::Impl {
   }
 
   asio::awaitable<void> signals() {
-    asio::signal_set set(io, SIGHUP, SIGTERM, SIGINT);
     for (;;) {
-      int signal = co_await set.async_wait(asio::use_awaitable);
+      int signal = co_await signal_set.async_wait(asio::use_awaitable);
       if (signal == SIGHUP) {
         if (!stopping) reload();
         continue;
@@ -628,6 +636,8 @@ int Server::run() {
   const auto snapshot = s.current();
   const config::Config& config = *snapshot->config;
 
+  // A slow start (a large state_dir, a slow disk) for the tests of signals that come meanwhile.
+  if (const auto delay = failpoint_delay("startup"); delay.count() > 0) std::this_thread::sleep_for(delay);
   check_state_dir(config.state_dir);
   std::string error;
   if (!s.telemetry.load_state(config.state_dir, error))

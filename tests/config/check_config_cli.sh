@@ -209,5 +209,14 @@ else
   fail "missing file: exit status $status"; cat "$work/err"
 fi
 
+# A second file (or anything else) after --check-config FILE is a usage error, not silently left unchecked.
+timeout 20 "$bin" --check-config "$work/good.yaml" "$work/garbage.yaml" >"$work/out" 2>"$work/err"
+status=$?
+if [ "$status" -eq 2 ] && grep -qF "unexpected argument '$work/garbage.yaml' after --check-config FILE" "$work/err"; then
+  passed=$((passed + 1)); echo "ok: argument after the file"
+else
+  fail "argument after the file: exit status $status (expected 2)"; cat "$work/err" "$work/out"
+fi
+
 echo "check-config: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

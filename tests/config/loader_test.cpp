@@ -436,6 +436,19 @@ TEST_CASE("value errors point at the value") {
     const auto e = only_error(load(with("limits: 5\n")));
     CHECK(e.to_string() == "test.yaml:5:1: limits: expected a mapping of keys, got \"5\"");
   }
+  SUBCASE("host names with empty or overlong labels") {
+    // The hostname goes into the banner, EHLO and Received: as it is; "a..b" or "mx1.example.org." is no domain
+    // (RFC 5321 4.1.2) and an upstream such as Postfix with reject_invalid_helo_hostname refuses our EHLO.
+    for (const std::string& bad : std::vector<std::string>{"mx1..example.org", "mx1.example.org.", ".example.org",
+                                                           std::string(64, 'a') + ".example.org"}) {
+      CAPTURE(bad);
+      CHECK(only_error(load(with("hostname: \"" + bad + "\"\n"))).message == "hostname: invalid host name \"" + bad + "\"");
+      CHECK(only_error(load("listeners:\n  - {name: in, address: \"127.0.0.1:2525\", upstream: up}\nupstreams:\n"
+                            "  - {name: up, address: \"" + bad + ":25\"}\n")).message ==
+            "upstreams[0].address: invalid host name \"" + bad + "\"");
+    }
+    CHECK(load(with("hostname: " + std::string(63, 'a') + ".example.org\n")).errors.empty());
+  }
   SUBCASE("bool") {
     const auto e =
         only_error(load(with("connectors:\n  - {name: c, match: {listener: in}, require_tls: maybe}\n")));
@@ -564,6 +577,84 @@ upstreams:
   CHECK(two.errors[1].message == "upstreams[0].address: invalid host name \"bad host\"");
 }
 
+// Linux refuses a second listening socket on a port that a wildcard address of the same family holds (and the
+// reverse), SO_REUSEADDR or not: such a file passed --check-config and then failed at start with "Address
+// already in use".
+TEST_CASE("listeners and http.address that cannot all listen are errors") {
+  const auto overlapping = load(R"(listeners:
+  - {name: a, address: "0.0.0.0:2525", upstream: up}
+  - {name: b, address: "127.0.0.1:2525", upstream: up}
+  - {name: c, address: "[::]:2525", upstream: up}
+  - {name: d, address: "[0::1]:2525", upstream: up}
+  - {name: e, address: "127.0.0.1:9725", upstream: up}
+  - {name: f, address: "[::1]:2526", upstream: up}
+  - {name: g, address: "127.0.0.1:2526", upstream: up}
+upstreams:
+  - {name: up, address: "127.0.0.1:25"}
+http: {address: "0.0.0.0:9725"}
+)");
+  INFO(all_errors(overlapping));
+  REQUIRE(overlapping.errors.size() == 3);
+  CHECK(overlapping.errors[0].to_string() ==
+        "test.yaml:3:24: listeners[1].address: \"127.0.0.1:2525\" cannot listen beside listener \"a\" on "
+        "\"0.0.0.0:2525\" (that address takes the port on every local address of its family)");
+  CHECK(overlapping.errors[1].to_string() ==
+        "test.yaml:5:24: listeners[3].address: \"[0::1]:2525\" cannot listen beside listener \"c\" on "
+        "\"[::]:2525\" (that address takes the port on every local address of its family)");
+  CHECK(overlapping.errors[2].to_string() ==
+        "test.yaml:11:17: http.address: \"0.0.0.0:9725\" cannot listen beside listener \"e\" on "
+        "\"127.0.0.1:9725\" (this address takes the port on every local address of its family)");
+
+  const auto same = load(R"(listeners:
+  - {name: a, address: "127.0.0.1:2525", upstream: up}
+upstreams:
+  - {name: up, address: "127.0.0.1:25"}
+http: {address: "127.0.0.1:2525"}
+)");
+  INFO(all_errors(same));
+  REQUIRE(same.errors.size() == 1);
+  CHECK(same.errors[0].to_string() ==
+        "test.yaml:5:17: http.address: \"127.0.0.1:2525\" is already used by listener \"a\"");
+
+  const auto default_http = load(R"(listeners:
+  - {name: a, address: "0.0.0.0:9725", upstream: up}
+upstreams:
+  - {name: up, address: "127.0.0.1:25"}
+)");
+  INFO(all_errors(default_http));
+  REQUIRE(default_http.errors.size() == 1);
+  CHECK(default_http.errors[0].to_string() ==
+        "test.yaml:2:24: listeners[0].address: \"0.0.0.0:9725\" cannot listen beside http.address, whose default "
+        "is \"127.0.0.1:9725\" (set http.address to another one)");
+}
+
+// A fixed upstream on one of mailflowd's own listeners relays each RCPT back into itself, session inside session,
+// until the per-address limit answers 421: nothing is ever delivered.
+TEST_CASE("an upstream address that is one of the listeners is an error") {
+  const auto result = load(R"(listeners:
+  - {name: a, address: "127.0.0.1:2525", upstream: self}
+  - {name: b, address: "0.0.0.0:2526", upstream: loop}
+  - {name: c, address: "[::]:2527", upstream: up}
+upstreams:
+  - {name: self, address: "127.0.0.1:2525"}
+  - {name: loop, address: "127.0.0.2:2526"}
+  - {name: v6, address: "[::1]:2527"}
+  - {name: up, address: "127.0.0.1:2527"}
+  - {name: other, address: "10.0.0.5:2525"}
+)");
+  INFO(all_errors(result));
+  REQUIRE(result.errors.size() == 3);
+  CHECK(result.errors[0].to_string() ==
+        "test.yaml:6:27: upstreams[0].address: \"127.0.0.1:2525\" is mailflowd's own listener \"a\" "
+        "(\"127.0.0.1:2525\"): its mail would come back to it, in a loop");
+  CHECK(result.errors[1].message ==
+        "upstreams[1].address: \"127.0.0.2:2526\" is mailflowd's own listener \"b\" (\"0.0.0.0:2526\"): its mail "
+        "would come back to it, in a loop");
+  CHECK(result.errors[2].message ==
+        "upstreams[2].address: \"[::1]:2527\" is mailflowd's own listener \"c\" (\"[::]:2527\"): its mail "
+        "would come back to it, in a loop");
+}
+
 TEST_CASE("names, duplicates and references") {
   const auto result = load(R"(listeners:
   - {name: In, address: "127.0.0.1:2525", upstream: up}
@@ -674,6 +765,39 @@ TEST_CASE("the name internet is reserved unless the type is internet") {
   CHECK(load(with("connectors:\n  - {name: internet, type: internet, direction: inbound}\n")).errors.empty());
   CHECK(only_error(load(with("connectors:\n  - {name: x, type: cloud, direction: inbound}\n"))).message ==
         "connectors[0].type: expected one of partner, onpremises, internet, got \"cloud\"");
+}
+
+// "each list matches if any item matches": an empty one (or one whose items are all commented out) matched
+// everything instead, as if the key were absent, so a partner connector whose CIDRs were commented out took all
+// the traffic; `listener: []` also let a connector without `direction` through as inbound.
+TEST_CASE("an empty match list is an error, not any") {
+  const auto result = load(with(R"(connectors:
+  - name: p
+    match:
+      listener: []
+  - name: q
+    direction: inbound
+    match:
+      client_cidrs:
+      #  - 203.0.113.0/24
+      sender_domains: []
+      recipient_domains: []
+      ehlo: []
+      sni: []
+)"));
+  INFO(all_errors(result));
+  REQUIRE(result.errors.size() == 6);
+  CHECK(result.errors[0].to_string() ==
+        "test.yaml:8:17: connectors[0].match.listener: an empty list matches nothing; leave the key out to match "
+        "any");
+  CHECK(result.errors[1].to_string() ==
+        "test.yaml:12:7: connectors[1].match.client_cidrs: an empty list matches nothing; leave the key out to "
+        "match any");
+  CHECK(result.errors[2].line == 14);
+  CHECK(result.errors[3].line == 15);
+  CHECK(result.errors[4].line == 16);
+  CHECK(result.errors[5].message == "connectors[1].match.sni: an empty list matches nothing; leave the key out to "
+                                    "match any");
 }
 
 TEST_CASE("match values") {
@@ -876,6 +1000,10 @@ TEST_CASE("load_config_file") {
   CHECK(missing.errors[0].to_string() ==
         "/nonexistent/mailflowd.yaml: cannot read the configuration: No such file or directory");
   TempDir dir;
+  // A directory opens like a file and reads as nothing: that is no empty configuration.
+  const auto directory = load_config_file(dir.path().string());
+  REQUIRE(directory.errors.size() == 1);
+  CHECK(directory.errors[0].to_string() == dir.path().string() + ": cannot read the configuration: Is a directory");
   const std::string path = dir.write("m.yaml", minimal);
   const auto ok = load_config_file(path);
   REQUIRE(ok.config);

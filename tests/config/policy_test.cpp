@@ -44,6 +44,15 @@ TEST_CASE("mta_sts and tlsrpt defaults: testing for mx upstreams, off for fixed 
         std::string::npos);
 }
 
+// mta_sts with tls: none is an error; the default must not make that pair either (it fetched every recipient
+// domain's policy and recorded each delivery as an MTA-STS failure for its TLS report).
+TEST_CASE("mta_sts defaults to off for an mx upstream with tls: none") {
+  const auto result = load(with("upstreams:\n  - {name: internet, mx: true, tls: none}\n"));
+  INFO(all_errors(result));
+  REQUIRE(result.config);
+  CHECK(result.config->upstreams.at(0).mta_sts == MtaStsMode::off);
+}
+
 TEST_CASE("mta_sts and tlsrpt with explicit values") {
   const auto result = load(with(R"(upstreams:
   - {name: internet, mx: true, mta_sts: enforce}

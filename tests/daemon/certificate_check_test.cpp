@@ -137,3 +137,24 @@ TEST_CASE("check_certificates: garbage, a foreign key, expired and expiring cert
   CHECK(findings.expiries[2].listener == "http");
   CHECK(findings.expiries[2].certificate == soon_cert);
 }
+
+// libunbound reads dns.trust_anchor_file only when its resolver is made, which the daemon did at the first lookup:
+// a file that is no trust anchor passed --check-config, the start and every reload, then deferred each delivery
+// through an mx upstream with 451 (dns_unavailable).
+TEST_CASE("check_certificates: dns.trust_anchor_file as the resolver loads it") {
+  Dir dir;
+  const std::string garbage = dir.write("root.key", "this is no trust anchor\n");
+  const std::string yaml = "listeners:\n"
+                           "  - {name: out, address: \"127.0.0.1:2525\", direction: outbound, upstream: internet}\n"
+                           "upstreams:\n"
+                           "  - {name: internet, mx: true}\n"
+                           "dns:\n"
+                           "  trust_anchor_file: " + garbage + "\n";
+  const auto loaded = mailflow::config::load_config_string(yaml, "mailflowd.yaml");
+  REQUIRE(loaded.errors.empty());
+  const auto findings = mailflow::check_certificates(*loaded.config, std::chrono::system_clock::now());
+  REQUIRE(findings.errors.size() == 1);
+  CHECK(findings.errors[0].line == 6);
+  CHECK(findings.errors[0].column == 22);
+  CHECK(findings.errors[0].message.starts_with("dns: settings (dns.servers, dns.trust_anchor_file): "));
+}

@@ -5,7 +5,7 @@ sessions; SIGTERM during a slow DATA transfer lets it finish within drain_timeou
 still exits 0 (and relays until then); performance.busy_poll off relays, and a SIGHUP switches it on;
 performance.event_loops starts that many relaying threads ("auto": one per usable CPU); a reload that changes
 what only a restart applies (http.address, state_dir, event_loops) says so on every reload and changes none of
-them."""
+them. A SIGHUP or SIGTERM that comes while the daemon starts waits for it (reload, or a clean stop)."""
 import json
 import os
 import re
@@ -89,6 +89,20 @@ def test_sighup_with_broken_config_keeps_running_one(daemon_factory, sink):
         d.config_path.write_text(good)
     assert "reload_refused" in d.stderr(), "a refused reload must be logged"
     sighup_and_wait(d, "success")
+    hh.assert_relays(d, port, sink)
+
+
+def test_sighup_with_a_broken_trust_anchor_keeps_running_one(daemon_factory, sink, workdir):
+    """dns.trust_anchor_file that is no trust anchor: the reload is refused (libunbound read it only at the first
+    lookup, so the reload succeeded and every MX delivery got 451 afterwards)."""
+    d, port = start(daemon_factory, "anchor-reload", sink)
+    anchor = workdir / "broken-root.key"
+    anchor.write_text("this is no trust anchor\n")
+    cfg = json.loads(d.config_path.read_text())
+    cfg["dns"] = {"trust_anchor_file": str(anchor)}
+    d.config_path.write_text(json.dumps(cfg))
+    sighup_and_wait(d, "failure")
+    assert "reload_refused" in d.stderr() and "dns.trust_anchor_file" in d.stderr(), d.log_tail()
     hh.assert_relays(d, port, sink)
 
 
@@ -329,3 +343,52 @@ def test_restart_only_settings_keep_their_started_values(daemon_factory, sink, t
     assert os.path.exists(started_state), "the windows were not saved to the state_dir the daemon started with"
     assert not (other_state / "windows.state").exists()
 
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM])
+def test_signal_during_startup_is_not_lost(workdir, mailflowd_bin, sink, sig):
+    """A signal that comes while the daemon starts (held 1.5 s here, at the start of Server::run, by the failpoint
+    startup; a large state_dir or a slow disk does the same) neither kills it nor is lost: SIGHUP reloads once
+    start-up is done, SIGTERM stops it as at any other time (exit 0, windows saved)."""
+    name = f"early-{sig.name.lower()}"
+    state = workdir / f"{name}-state"
+    state.mkdir(exist_ok=True)
+    port = harness.free_port()
+    cfg = harness.default_config(state, harness.free_port(), [hh.listener("inbound", port, "store")],
+                                 [hh.plain_upstream("store", sink.port)])
+    d = harness.Daemon(mailflowd_bin, workdir, cfg, name=name)
+    d.config_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    with open(d.log_path, "ab") as log:
+        d.proc = subprocess.Popen([mailflowd_bin, "--config", str(d.config_path)], stdout=log, stderr=log,
+                                  stdin=subprocess.DEVNULL,
+                                  env=dict(os.environ, MAILFLOWD_FAILPOINTS="startup=1500ms"))
+    harness.LIVE.append(d)
+    try:
+        time.sleep(0.5)
+        assert d.proc.poll() is None, d.log_tail()
+        d.proc.send_signal(sig)
+        if sig == signal.SIGTERM:
+            rc = d.proc.wait(20)
+            assert rc == 0, f"exit {rc} after a SIGTERM during start-up\n{d.log_tail()}"
+            assert "stopped" in d.stderr(), d.log_tail()
+            assert (state / "windows.state").exists(), "the windows were not saved"
+            return
+        harness.wait_for(lambda: d.proc.poll() is not None or reloads_or_none(d) == 1, 20,
+                         what="the reload of the SIGHUP sent during start-up")
+        assert d.proc.poll() is None, f"SIGHUP during start-up killed the daemon: exit {d.proc.returncode}\n" \
+                                      f"{d.log_tail()}"
+        assert reloads(d, "success") == 1
+        hh.assert_relays(d, port, sink)
+        assert d.stop() == 0, d.log_tail()
+    finally:
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
+        harness.LIVE.remove(d)
+
+
+def reloads_or_none(daemon):
+    try:
+        return reloads(daemon, "success")
+    except OSError:
+        return None
