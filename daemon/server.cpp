@@ -418,9 +418,16 @@ struct Server::Impl {
   }
 
   // The save at stop, after the sessions ended: after any save still being written, and finished before exit.
+  // Then the TLS-RPT ledger forgets the reports that tlsrpt.state, now written, no longer holds: a run's own
+  // "forget once the store is saved" step is posted to this loop, which does not run again.
   void save_state_now() {
-    save_state();
+    auto saved = std::make_shared<std::atomic<bool>>(false);
+    save_state([saved](bool ok) { *saved = ok; });
     state_writer->wait();
+    if (tlsrpt_sender && *saved) {
+      tlsrpt_sender->forget_reports_saved_gone(std::time(nullptr));
+      state_writer->wait();
+    }
   }
 
   // The minute's save. One still being written (a slow disk) is not queued again: this minute is skipped, the

@@ -276,6 +276,11 @@ void TlsRptSender::save_ledger() {
       });
 }
 
+void TlsRptSender::forget_reports_saved_gone(std::int64_t now) {
+  if (ledger_.keep_only(telemetry_.tlsrpt().reports_before(utc_date(now))) > 0) ledger_changed_ = true;
+  save_ledger();
+}
+
 asio::awaitable<void> TlsRptSender::run(const std::atomic<bool>& stopping) {
   stopping_ = &stopping;
   asio::steady_timer timer(executor_);

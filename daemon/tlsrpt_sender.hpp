@@ -74,6 +74,10 @@ class TlsRptSender {
   // (mailflow_state_errors_total{reason="save_failed"}) and tried again at the next call. Runs on the
   // sender's executor (the ledger is not thread-safe: it is serialized here, written on the writer's thread).
   void save_ledger();
+  // The last save at stop, once tlsrpt.state has been written from the store as it is now (nothing queued
+  // before it is left): the ledger forgets the reports the store no longer holds and is handed to the writer.
+  // (A run does the same after its own save of the store, which a stop may cut short.)
+  void forget_reports_saved_gone(std::int64_t now);
 
   // The task: a first run shortly after start, then one every tlsrpt.interval while tlsrpt.send is true (a
   // reload may turn it on or off); returns when `stopping` is set.

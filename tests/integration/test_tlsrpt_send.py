@@ -15,6 +15,7 @@ import email.policy
 import gzip
 import http.server
 import json
+import os
 import socket
 import ssl
 import sys
@@ -311,7 +312,13 @@ def test_a_restart_keeps_which_rua_took_the_report_and_its_first_try(stop, workd
 
     # Down for longer than retry_for after the first try: the first run after the restart is the last try.
     time.sleep(max(0.0, first_try_seen + retry_for + 0.5 - time.monotonic()))
-    second = harness.Daemon(mailflowd_bin, workdir, config, name=f"ledger-{stop}-again").start()
+    # Slow fsyncs: the stop below comes while the run that gave the report up is still saving tlsrpt.state, so
+    # the ledger forgets it at the last save, not after that run's own save (which the stop cuts short).
+    os.environ["MAILFLOWD_FAILPOINTS"] = "state.fsync=300ms"
+    try:
+        second = harness.Daemon(mailflowd_bin, workdir, config, name=f"ledger-{stop}-again").start()
+    finally:
+        os.environ.pop("MAILFLOWD_FAILPOINTS", None)
     try:
         harness.wait_for(lambda: "d.example.net" not in reports_of(second, DATE), 20, what="d.example.net given up")
         assert deliveries(second, "success") == 0  # the rua that took it was not tried again
