@@ -440,6 +440,26 @@ def test_permanent_route_failures_at_rcpt(env, rcpt, code, ext, lookups):
     assert any(x.startswith(f"{code} {ext} ") for x in r.final_replies()), str(r)
 
 
+def test_every_recipient_of_a_dead_domain_counts_its_refusal(env):
+    # The domain is looked up once per transaction; its later recipients get the same 550 at once, and each
+    # of those refusals is counted like the first (rejects_total says how many recipients were refused).
+    d = env.daemon
+    before = d.metrics()
+    c = greeted(env.port)
+    rcpts = ["kay@nope.example.net", "lou@nope.example.net", "mo@nope.example.net"]
+    try:
+        out = send(c, rcpts)
+        c.cmd("QUIT")
+    finally:
+        c.close()
+    assert [enhanced(out[r]) for r in rcpts] == [(550, "5.1.2")] * 3, out
+    after = harness.assert_not_counted(d, before)
+    assert dns_moved(before, after) == {"MX nxdomain": 1.0}
+    assert delta(before, after, "mailflow_rejects_total", listener="out") == \
+        {series_key(listener="out", reason="nxdomain"): 3.0}, \
+        fmt_delta(delta(before, after, "mailflow_rejects_total", listener="out"))
+
+
 def test_three_partner_domains_in_one_transaction(env):
     d = env.daemon
     rcpts = {"tls13": "kim@tls13.example.net", "tls12": "lee@tls12.example.net", "tls10": "max@tls10.example.net"}
