@@ -174,6 +174,24 @@ TEST_CASE("heavy hitters: merging days keeps counts exact below the bound and bo
     check_bounds(week, exact);
     CHECK(week.entries()[0]->key == "198.51.0");
   }
+  SUBCASE("days that each fit but together do not: the merged days are no longer exact") {
+    // What operations.md says of the report: exact while the days it covers have no more distinct servers
+    // together than the capacity, not merely each day.
+    HeavyHitters monday(2), tuesday(2);
+    monday.add(message("a", TlsVersion::tls12, 100));
+    monday.add(message("b", TlsVersion::tls12, 110));
+    tuesday.add(message("c", TlsVersion::tls10, 200));
+    CHECK(monday.exact());
+    CHECK(tuesday.exact());
+    HeavyHitters week(2);
+    week.merge(monday);
+    week.merge(tuesday);
+    CHECK_FALSE(week.exact());
+    CHECK(week.size() == 2);
+    CHECK(week.other().weight() == 1);
+    CHECK(week.error_bound() == 1);
+    CHECK(week.total_weight() == 3);
+  }
   SUBCASE("a smaller capacity caps the merge; what is dropped lands in other") {
     HeavyHitters day(10);
     for (int i = 0; i < 6; ++i)
