@@ -732,7 +732,9 @@ void Telemetry::handshake_refused(std::string_view listener, std::string_view co
   std::lock_guard lock(impl_->mutex);
   ++impl_->labelled(Labelled::tls_handshake_refused,
                     {{"connector", connector}, {"listener", listener}, {"offered", offered}});
-  impl_->remotes.add(connector, direction, RemoteTable::remotes, observation, now);
+  // The outbound drill-down lists the MX hosts mail went to: a client of an outbound listener is none of them.
+  if (direction == config::Direction::inbound)
+    impl_->remotes.add(connector, direction, RemoteTable::remotes, observation, now);
 }
 
 std::vector<std::string> Telemetry::addresses_to_name(std::size_t most) {

@@ -27,6 +27,7 @@ import pytest
 
 import harness
 import hostile_helpers
+import report_helpers as rh
 from harness import delta, fmt_delta, series_key
 from hostile_helpers import assert_counter, greeted
 
@@ -627,3 +628,23 @@ def test_stopped_dns_server_is_451_4_4_3(short_dir, daemon_factory):
     failed = dns_moved(before, after)
     assert failed in ({"MX servfail": 1.0}, {"MX timeout": 1.0}), failed
     assert not delta(before, after, "mailflow_mx_attempts_total")
+
+
+def test_a_client_refused_at_starttls_is_no_mx_host_in_the_drilldown(env):
+    # The outbound drill-down lists the MX hosts mail went to; a client of the outbound listener whose own
+    # handshake failed is counted in mailflow_tls_handshake_refused_total, and is not listed among them.
+    d = env.daemon
+    before = d.metrics()
+    c = greeted(env.port, source="127.0.0.9")
+    try:
+        assert c.cmd("STARTTLS")[0] == 220
+        c.send(b"GET / HTTP/1.0\r\n\r\n")  # not a ClientHello
+        assert c.closed_or_error()
+    finally:
+        c.close()
+    assert_counter(d, before, "mailflow_tls_handshake_refused_total", listener="out", connector="internet",
+                   offered="no_hello")
+    report = rh.report_json(d)
+    listed = [(c["connector"], r["address"]) for c in report["connectors"] if c["direction"] == "outbound"
+              for r in c["remotes"]["rows"] + c["domains"]["rows"] if r.get("address", r.get("domain")) == "127.0.0.9"]
+    assert not listed, f"the refused client is listed as an MX host: {listed}"
