@@ -277,6 +277,39 @@ TEST_CASE("heavy hitters: corrupt input is refused and leaves the table as it wa
   }
 }
 
+TEST_CASE("remote store: a larger top_remotes (reload, or a restart with a state file) holds for the day already begun") {
+  RemoteStore store;
+  store.set_limits({.top_remotes = 1, .top_domains = 1, .remotes = true, .window = hours(24 * 7)});
+  const auto now = sys_days(2026y / 11 / 20) + hours(10);
+  auto add = [&](RemoteStore& into, std::string_view key) {
+    into.add("partner", Direction::inbound, RemoteTable::remotes, message(key, TlsVersion::tls10), now);
+  };
+  add(store, "203.0.113.1");
+  add(store, "203.0.113.2");  // over the limit of 1: the first goes to other
+  const auto today = floor<days>(now);
+  auto check_grown = [&](RemoteStore& grown) {
+    grown.set_limits({.top_remotes = 10, .top_domains = 10, .remotes = true, .window = hours(24 * 7)});
+    add(grown, "203.0.113.3");
+    add(grown, "203.0.113.4");
+    const auto day = grown.merged("partner", Direction::inbound, RemoteTable::remotes, today, today);
+    CHECK(day.total_weight() == 4);
+    // What was dropped before stays dropped (other, bound 1); the servers seen since are all listed.
+    CHECK(day.size() == 3);
+    CHECK(day.other().weight() == 1);
+    CHECK(day.error_bound() == 1);
+    const auto tracked = by_key(day);
+    CHECK(tracked.count("203.0.113.3") == 1);
+    CHECK(tracked.count("203.0.113.4") == 1);
+  };
+  SUBCASE("reload") { check_grown(store); }
+  SUBCASE("restart: the day's table loaded from remotes.state") {
+    RemoteStore loaded;
+    std::string error;
+    REQUIRE(loaded.deserialize(store.serialize(), error));
+    check_grown(loaded);
+  }
+}
+
 TEST_CASE("remote store: per day tables, merged over days, dropped when they leave the window") {
   RemoteStore store;
   store.set_limits({.top_remotes = 2, .top_domains = 5, .remotes = true, .window = hours(24 * 3)});
