@@ -750,8 +750,8 @@ asio::awaitable<void> RelaySession::drive(Step step) {
                                                transaction_->route_to_open().connector,
                                                !transaction_->upstream_in_transaction(), reused);
         if (refusal) {
-          if (!refusal->reason.empty()) count_reject(refusal->reason);
-          transaction_->on_opened(std::move(refusal->reply), reused, false);
+          // Its reason is counted by the engine, for every recipient that this refusal answers.
+          transaction_->on_opened(std::move(refusal->reply), reused, false, refusal->reason);
           break;
         }
         transaction_->on_opened(std::nullopt, reused, upstream_->pipelining());

@@ -51,6 +51,13 @@ void RemoteStore::add(std::string_view connector, config::Direction direction, R
   Key key{std::string(connector), direction, table, day_of(now)};
   auto it = tables_.find(key);
   if (it == tables_.end()) it = tables_.emplace(std::move(key), HeavyHitters(capacity(table))).first;
+  if (it->second.capacity() < capacity(table)) {
+    // A larger limit (a reload, or a state file written under a smaller one) holds for the day already begun
+    // too: what was dropped stays in "other", the servers seen from now on get the room.
+    HeavyHitters grown(capacity(table));
+    grown.merge(it->second);
+    it->second = std::move(grown);
+  }
   it->second.add(observation);
   if (table == RemoteTable::remotes && direction == config::Direction::inbound) queue_lookup(observation.key, now);
 }

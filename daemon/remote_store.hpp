@@ -37,7 +37,7 @@ class RemoteStore {
   const Limits& limits() const { return limits_; }
 
   // Adds to today's (UTC, from `now`) table; observation.time is set from `now`. A remotes observation is
-  // ignored while remotes are off.
+  // ignored while remotes are off. A table made under a smaller limit grows to the current one first.
   void add(std::string_view connector, config::Direction direction, RemoteTable table,
            HeavyHitters::Observation observation, TimePoint now);
 

@@ -80,10 +80,10 @@ std::vector<Entry> entries_of(const WindowStore& store, const config::Config& co
                                           [d](const config::Listener& l) { return l.direction == d; });
     if (has_listener) push({"internet", d, ConnectorType::internet, false, true, config.telemetry.defaults});
   }
+  // History of connectors no longer configured. "internet" gets here only for a direction without a listener
+  // (a reload removed it): no longer configured either, as its metrics say (no window or insight gauges).
   for (const auto& key : store.keys(now)) {  // already sorted
-    const bool internet =
-        key.connector == "internet";  // unmatched traffic is never "removed from the config"
-    push({key.connector, key.direction, ConnectorType::internet, false, internet, config.telemetry.defaults});
+    push({key.connector, key.direction, ConnectorType::internet, false, false, config.telemetry.defaults});
   }
   return entries;
 }

@@ -112,7 +112,7 @@ std::vector<Insight> compute_insights(const WindowStore& store, const config::Co
 
 // Connector order: configured connectors (config order), then "internet" for each direction that has a
 // listener (inbound first), then connectors that are no longer configured but still have messages in the
-// window (sorted). A removed connector is reported with type "internet", forced_tls false and the
+// window (sorted; "internet" of a direction that no longer has a listener is one of them). A removed connector is reported with type "internet", forced_tls false and the
 // telemetry.defaults thresholds: its config is gone, and that is how unmatched traffic is treated too.
 // Every connector gets a row for every day, zero messages included, so the table has no holes, except days
 // before the first message in the window (the daemon, or its state, did not exist yet): those are left out,

@@ -726,11 +726,15 @@ void Telemetry::handshake_refused(std::string_view listener, std::string_view co
   HeavyHitters::Observation observation;
   observation.key = address;
   observation.name = name;
-  observation.offered = proto::parse_tls_version(offered).value_or(proto::TlsVersion::none);
+  // "other" (SSL3, unknown) and "no_hello" name no version: the row's refused_version stays unknown, never
+  // "none", which everywhere else is plaintext mail.
+  observation.offered = proto::parse_tls_version(offered);
   std::lock_guard lock(impl_->mutex);
   ++impl_->labelled(Labelled::tls_handshake_refused,
                     {{"connector", connector}, {"listener", listener}, {"offered", offered}});
-  impl_->remotes.add(connector, direction, RemoteTable::remotes, observation, now);
+  // The outbound drill-down lists the MX hosts mail went to: a client of an outbound listener is none of them.
+  if (direction == config::Direction::inbound)
+    impl_->remotes.add(connector, direction, RemoteTable::remotes, observation, now);
 }
 
 std::vector<std::string> Telemetry::addresses_to_name(std::size_t most) {

@@ -84,8 +84,9 @@ class Telemetry {
   // A failed client-leg handshake (e.g. refused below the listener's min_version), attributed to the connector
   // known before it (listener, client address, EHLO name) and the version the client offered (one of
   // reasons::tls_offered): mailflow_tls_handshake_refused_total{listener, connector, offered}, zeros from the
-  // start for every listener with TLS x connector it can match; and the remote's `refused` count in the
-  // drill-down (`address`, `name`: the client's address and EHLO name). The log line is the caller's.
+  // start for every listener with TLS x connector it can match; and, inbound, the remote's `refused` count in the
+  // drill-down (`address`, `name`: the client's address and EHLO name; the outbound drill-down lists MX hosts).
+  // The log line is the caller's.
   void handshake_refused(std::string_view listener, std::string_view connector, config::Direction direction,
                          std::string_view address, std::string_view name, std::string_view offered);
   // Verified reverse names of inbound remotes (looked up off the session path, see Server): the addresses

@@ -205,6 +205,10 @@ void UpstreamLeg::drop() {
 }
 
 void UpstreamLeg::lost(const error_code& ec, std::string_view stage) {
+  if (closed_) {
+    drop();  // force_close() ended it (the drain timeout): no failure of the upstream's
+    return;
+  }
   if (ec == asio::error::timed_out) {
     if (open_expired()) {
       drop();  // the open's own deadline, not this step's: open_timed_out() counts it

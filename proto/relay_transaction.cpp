@@ -54,7 +54,8 @@ void RelayTransaction::rcpt(std::string_view argument, std::string_view domain, 
     return;
   }
   if (auto failed = failed_.find(route.path); failed != failed_.end()) {
-    local(Owed::local_rcpt, failed->second);
+    if (!failed->second.reason.empty()) rejects_.push_back(failed->second.reason);
+    local(Owed::local_rcpt, failed->second.reply);
     return;
   }
   opening_ = route;
@@ -122,8 +123,10 @@ RelayTransaction::ReplyWait RelayTransaction::reply_wait() const {
   return !owed_.empty() && owed_.front().owed == Owed::final_reply ? ReplyWait::data_end : ReplyWait::command;
 }
 
-void RelayTransaction::on_opened(std::optional<std::string> refusal, bool reused, bool pipelining) {
+void RelayTransaction::on_opened(std::optional<std::string> refusal, bool reused, bool pipelining,
+                                 std::string_view reason) {
   open_requested_ = false;
+  if (refusal && !reason.empty()) rejects_.push_back(reason);
   if (!reused) upstream_transaction_ = false;
   if (std::exchange(replaying_, false)) {
     // The commands the closed connection never answered go again, as they were sent, and their replies are
@@ -142,7 +145,7 @@ void RelayTransaction::on_opened(std::optional<std::string> refusal, bool reused
     return;
   }
   if (refusal) {
-    failed_.emplace(opening_.path, *refusal);
+    failed_.emplace(opening_.path, FailedRoute{*refusal, reason});
     local(Owed::local_rcpt, std::move(*refusal));
     held_rcpt_.clear();
     return;

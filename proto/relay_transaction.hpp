@@ -75,7 +75,10 @@ class RelayTransaction {
 
   // ---- outcomes ----
   // `refusal`: the route cannot be used (its reply in wire form). `reused`: the previous connection was kept.
-  void on_opened(std::optional<std::string> refusal, bool reused, bool pipelining);
+  // `reason`: the refusal's mailflow_rejects_total reason where it is mailflowd's own (an MX route result; ""
+  // for an upstream that could not be reached), static storage: reported by take_rejects() for the recipient
+  // that opened the route and for every later one of the transaction that the same refusal answers.
+  void on_opened(std::optional<std::string> refusal, bool reused, bool pipelining, std::string_view reason = {});
   void on_reset(bool ok);  // false: the upstream was dropped
   // false: the upstream was dropped. `closed_idle` (with a failure): the connection was a kept one that the
   // upstream had closed (write error, end of stream or reset) before it answered anything since it was kept.
@@ -101,7 +104,8 @@ class RelayTransaction {
   // transaction, at most max_domains.
   const std::vector<std::string>& accepted_domains() const { return accepted_domains_; }
   static constexpr std::size_t max_domains = 32;
-  // Local refusals since the last call (mailflow_rejects_total reasons): recipient_route, tls_required.
+  // Local refusals since the last call (mailflow_rejects_total reasons): recipient_route, tls_required, and the
+  // reasons given to on_opened.
   std::vector<std::string_view> take_rejects() { return std::exchange(rejects_, {}); }
 
  private:
@@ -146,9 +150,13 @@ class RelayTransaction {
   std::optional<RelayRoute> route_;
   std::string mail_line_;               // "MAIL FROM:<...>\r\n": answered here, sent with the first RCPT
   std::optional<Reply> mail_refusal_;   // the upstream refused MAIL: every RCPT of the transaction hears it
-  // Routes that could not be opened in this transaction (path -> the reply): the next recipient of a dead
-  // domain is answered at once instead of walking its MX hosts again.
-  std::map<std::string, std::string, std::less<>> failed_;
+  // Routes that could not be opened in this transaction (path -> the reply and its reason): the next recipient
+  // of a dead domain is answered at once instead of walking its MX hosts again.
+  struct FailedRoute {
+    std::string reply;
+    std::string_view reason;
+  };
+  std::map<std::string, FailedRoute, std::less<>> failed_;
   std::vector<std::string> accepted_domains_;
   std::uint32_t recipients_ = 0;  // of the message in DATA
   std::optional<std::uint32_t> delivered_;

@@ -174,6 +174,24 @@ TEST_CASE("heavy hitters: merging days keeps counts exact below the bound and bo
     check_bounds(week, exact);
     CHECK(week.entries()[0]->key == "198.51.0");
   }
+  SUBCASE("days that each fit but together do not: the merged days are no longer exact") {
+    // What operations.md says of the report: exact while the days it covers have no more distinct servers
+    // together than the capacity, not merely each day.
+    HeavyHitters monday(2), tuesday(2);
+    monday.add(message("a", TlsVersion::tls12, 100));
+    monday.add(message("b", TlsVersion::tls12, 110));
+    tuesday.add(message("c", TlsVersion::tls10, 200));
+    CHECK(monday.exact());
+    CHECK(tuesday.exact());
+    HeavyHitters week(2);
+    week.merge(monday);
+    week.merge(tuesday);
+    CHECK_FALSE(week.exact());
+    CHECK(week.size() == 2);
+    CHECK(week.other().weight() == 1);
+    CHECK(week.error_bound() == 1);
+    CHECK(week.total_weight() == 3);
+  }
   SUBCASE("a smaller capacity caps the merge; what is dropped lands in other") {
     HeavyHitters day(10);
     for (int i = 0; i < 6; ++i)
@@ -256,6 +274,39 @@ TEST_CASE("heavy hitters: corrupt input is refused and leaves the table as it wa
     CHECK_FALSE(error.empty());
     REQUIRE(table.size() == 1);
     CHECK(table.entries()[0]->key == "kept");
+  }
+}
+
+TEST_CASE("remote store: a larger top_remotes (reload, or a restart with a state file) holds for the day already begun") {
+  RemoteStore store;
+  store.set_limits({.top_remotes = 1, .top_domains = 1, .remotes = true, .window = hours(24 * 7)});
+  const auto now = sys_days(2026y / 11 / 20) + hours(10);
+  auto add = [&](RemoteStore& into, std::string_view key) {
+    into.add("partner", Direction::inbound, RemoteTable::remotes, message(key, TlsVersion::tls10), now);
+  };
+  add(store, "203.0.113.1");
+  add(store, "203.0.113.2");  // over the limit of 1: the first goes to other
+  const auto today = floor<days>(now);
+  auto check_grown = [&](RemoteStore& grown) {
+    grown.set_limits({.top_remotes = 10, .top_domains = 10, .remotes = true, .window = hours(24 * 7)});
+    add(grown, "203.0.113.3");
+    add(grown, "203.0.113.4");
+    const auto day = grown.merged("partner", Direction::inbound, RemoteTable::remotes, today, today);
+    CHECK(day.total_weight() == 4);
+    // What was dropped before stays dropped (other, bound 1); the servers seen since are all listed.
+    CHECK(day.size() == 3);
+    CHECK(day.other().weight() == 1);
+    CHECK(day.error_bound() == 1);
+    const auto tracked = by_key(day);
+    CHECK(tracked.count("203.0.113.3") == 1);
+    CHECK(tracked.count("203.0.113.4") == 1);
+  };
+  SUBCASE("reload") { check_grown(store); }
+  SUBCASE("restart: the day's table loaded from remotes.state") {
+    RemoteStore loaded;
+    std::string error;
+    REQUIRE(loaded.deserialize(store.serialize(), error));
+    check_grown(loaded);
   }
 }
 

@@ -286,6 +286,40 @@ TEST_CASE("a connector removed or renamed by a reload leaves no ghost window or 
   CHECK(found);
 }
 
+TEST_CASE("unmatched traffic of a direction whose last listener a reload removed: no insight, in metrics or report") {
+  Telemetry telemetry([] { return kNow; });
+  auto config = test_config();
+  config.telemetry.defaults.min_messages = 1;
+  mailflow::config::Listener out;
+  out.name = "outbound";
+  out.direction = Direction::outbound;
+  out.upstream = "mailstore";
+  config.listeners.push_back(out);
+  telemetry.configure(config);
+  for (int i = 0; i < 3; ++i) telemetry.message_delivered("internet", Direction::outbound, TlsVersion::tls10, 10, 1);
+  const std::string active =
+      R"(mailflow_insight_active{connector="internet",direction="outbound",insight="significant_tls10"})";
+  CHECK(sample(telemetry.metrics_text(), active) == 1.0);
+  CHECK(telemetry.report(1).insights.size() == 1);
+
+  config.listeners.pop_back();  // the outbound listener is gone: so is the outbound "internet" connector
+  telemetry.configure(config);
+  const std::string after = telemetry.metrics_text();
+  CHECK_FALSE(sample(after, active));
+  CHECK_FALSE(has_series_prefix(after, R"(mailflow_window_messages{connector="internet",direction="outbound",)"));
+  // The report agrees with the metrics: the history is kept, marked as no longer configured, and raises nothing.
+  const auto report = telemetry.report(1);
+  CHECK(report.insights.empty());
+  bool found = false;
+  for (const auto& c : report.connectors) {
+    if (c.connector != "internet" || c.direction != Direction::outbound) continue;
+    found = true;
+    CHECK_FALSE(c.configured);
+    CHECK(c.counts[static_cast<std::size_t>(TlsVersion::tls10)] == 3);
+  }
+  CHECK(found);
+}
+
 TEST_CASE("refused client handshakes: zeros per listener with TLS x matchable connector x offered version") {
   Telemetry telemetry([] { return kNow; });
   auto config = test_config();

@@ -27,6 +27,7 @@ import pytest
 
 import harness
 import hostile_helpers
+import report_helpers as rh
 from harness import delta, fmt_delta, series_key
 from hostile_helpers import assert_counter, greeted
 
@@ -440,6 +441,26 @@ def test_permanent_route_failures_at_rcpt(env, rcpt, code, ext, lookups):
     assert any(x.startswith(f"{code} {ext} ") for x in r.final_replies()), str(r)
 
 
+def test_every_recipient_of_a_dead_domain_counts_its_refusal(env):
+    # The domain is looked up once per transaction; its later recipients get the same 550 at once, and each
+    # of those refusals is counted like the first (rejects_total says how many recipients were refused).
+    d = env.daemon
+    before = d.metrics()
+    c = greeted(env.port)
+    rcpts = ["kay@nope.example.net", "lou@nope.example.net", "mo@nope.example.net"]
+    try:
+        out = send(c, rcpts)
+        c.cmd("QUIT")
+    finally:
+        c.close()
+    assert [enhanced(out[r]) for r in rcpts] == [(550, "5.1.2")] * 3, out
+    after = harness.assert_not_counted(d, before)
+    assert dns_moved(before, after) == {"MX nxdomain": 1.0}
+    assert delta(before, after, "mailflow_rejects_total", listener="out") == \
+        {series_key(listener="out", reason="nxdomain"): 3.0}, \
+        fmt_delta(delta(before, after, "mailflow_rejects_total", listener="out"))
+
+
 def test_three_partner_domains_in_one_transaction(env):
     d = env.daemon
     rcpts = {"tls13": "kim@tls13.example.net", "tls12": "lee@tls12.example.net", "tls10": "max@tls10.example.net"}
@@ -607,3 +628,23 @@ def test_stopped_dns_server_is_451_4_4_3(short_dir, daemon_factory):
     failed = dns_moved(before, after)
     assert failed in ({"MX servfail": 1.0}, {"MX timeout": 1.0}), failed
     assert not delta(before, after, "mailflow_mx_attempts_total")
+
+
+def test_a_client_refused_at_starttls_is_no_mx_host_in_the_drilldown(env):
+    # The outbound drill-down lists the MX hosts mail went to; a client of the outbound listener whose own
+    # handshake failed is counted in mailflow_tls_handshake_refused_total, and is not listed among them.
+    d = env.daemon
+    before = d.metrics()
+    c = greeted(env.port, source="127.0.0.9")
+    try:
+        assert c.cmd("STARTTLS")[0] == 220
+        c.send(b"GET / HTTP/1.0\r\n\r\n")  # not a ClientHello
+        assert c.closed_or_error()
+    finally:
+        c.close()
+    assert_counter(d, before, "mailflow_tls_handshake_refused_total", listener="out", connector="internet",
+                   offered="no_hello")
+    report = rh.report_json(d)
+    listed = [(c["connector"], r["address"]) for c in report["connectors"] if c["direction"] == "outbound"
+              for r in c["remotes"]["rows"] + c["domains"]["rows"] if r.get("address", r.get("domain")) == "127.0.0.9"]
+    assert not listed, f"the refused client is listed as an MX host: {listed}"

@@ -225,6 +225,43 @@ def test_drain_timeout_stops_a_session_in_its_mx_lookup(workdir, daemon_factory)
         knot.stop()
 
 
+def test_drain_timeout_cutting_a_session_is_no_upstream_error(daemon_factory):
+    """The drain timeout closes a session that still waits for its upstream's reply to end-of-data: mailflowd
+    cut it, the upstream did nothing wrong, so no upstream_error (connection_lost) is logged (nor counted: the
+    process is gone before a scrape could show it) for it."""
+    got_message = threading.Event()
+
+    def silent_after_dot(conn):
+        if conn.smtp_until(b"DATA") is not None:
+            conn.send(b"354 go on\r\n")
+            if conn.message() is not None:
+                got_message.set()
+            conn.hang(10)
+
+    fake = hh.FakeUpstream("silent-after-dot", silent_after_dot)
+    try:
+        port = harness.free_port()
+        d = daemon_factory(listeners=[hh.listener("inbound", port, fake.name)],
+                           upstreams=[hh.plain_upstream(fake.name, fake.port)], name="cut-upstream",
+                           limits={"drain_timeout": "1s"})
+        c = hh.greeted(port)
+        try:
+            assert c.cmd(f"MAIL FROM:<{hh.SENDER}>")[0] == 250
+            assert c.cmd(f"RCPT TO:<{hh.RCPT}>")[0] == 250
+            assert c.cmd("DATA")[0] == 354
+            c.send(harness.dot_stuff(hh.message("cut")) + b".\r\n")  # its reply never comes
+            assert got_message.wait(5), f"the message did not reach the upstream:\n{fake.log_tail()}"
+            d.proc.send_signal(signal.SIGTERM)
+            d.proc.wait(15)
+        finally:
+            c.close()
+        log = d.stderr()
+        assert "drain_timeout" in log, harness.tail(d.log_path)
+        assert not re.search(r"upstream_error .*reason=connection_lost", log), harness.tail(d.log_path)
+    finally:
+        fake.stop()
+
+
 def refused(port):
     try:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()

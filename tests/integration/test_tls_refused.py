@@ -13,6 +13,7 @@ import pytest
 
 import harness
 import hostile_helpers as hh
+import report_helpers as rh
 
 REFUSED = "mailflow_tls_handshake_refused_total"
 
@@ -141,3 +142,22 @@ def test_not_a_tls_client_is_no_hello_and_a_modern_client_is_not_counted(env):
     env.sink.wait_messages(n + 1)
     moved = harness.delta(before, env.daemon.metrics(), REFUSED)
     assert not moved, f"a successful handshake was counted as refused:\n{harness.fmt_delta(moved)}"
+
+
+def test_drilldown_says_no_version_for_a_client_that_offered_none(env):
+    # A client that sent no ClientHello offered no version: its drill-down row has refused_version null, not "none"
+    # (which is the name of plaintext mail in every other column).
+    before = env.daemon.metrics()
+    c = hh.greeted(env.modern, ehlo="scanner.unknown.test", source="127.0.0.5")
+    try:
+        assert c.cmd("STARTTLS")[0] == 220
+        c.send(b"GET / HTTP/1.0\r\n\r\n")  # not a ClientHello
+        assert c.closed_or_error()
+    finally:
+        c.close()
+    hh.assert_counter(env.daemon, before, REFUSED, listener="modern", connector="internet", offered="no_hello")
+    report = rh.report_json(env.daemon)
+    rows = [r for c in report["connectors"] if (c["connector"], c["direction"]) == ("internet", "inbound")
+            for r in c["remotes"]["rows"] if r["address"] == "127.0.0.5"]
+    assert len(rows) == 1, report["connectors"]
+    assert (rows[0]["refused"], rows[0]["refused_version"]) == (1, None), rows[0]

@@ -76,6 +76,7 @@ struct Relay {
       {"example.org", {"internet", "mx/example.org", false}},
   };
   std::map<std::string, std::string> dead_paths;  // path -> the refusal its open gets
+  std::string_view dead_reason;                   // the reason given with those refusals (an MX route result)
 
   bool fail() { return ++steps == fail_at; }
   void drop() {
@@ -103,7 +104,7 @@ struct Relay {
           closed_idle = false;
           if (auto dead = dead_paths.find(want); dead != dead_paths.end()) {
             drop();
-            txn.on_opened(dead->second, false, upstream_pipelining);
+            txn.on_opened(dead->second, false, upstream_pipelining, dead_reason);
           } else if (fail()) {
             drop();
             txn.on_opened("451 4.4.1 No mail host could be used\r\n", false, upstream_pipelining);
@@ -300,6 +301,22 @@ TEST_CASE("a route that cannot be opened answers its recipients at once; the nex
   CHECK(codes(relay.out) == std::vector<int>{250, 250, 556, 556, 250, 354, 250});
   CHECK(relay.opens == 2);  // contoso.com once, example.org once
   CHECK(relay.txn.accepted_domains() == std::vector<std::string>{"example.org"});
+}
+
+TEST_CASE("every recipient that a refused route answers counts the refusal's reason, not only the first") {
+  Relay relay;
+  relay.dead_paths["mx/contoso.com"] = "550 5.1.2 Recipient domain not found\r\n";
+  relay.dead_reason = "nxdomain";
+  relay.group({"EHLO client.example"});
+  relay.group({"MAIL FROM:<a@example.net>", "RCPT TO:<b@contoso.com>", "RCPT TO:<c@contoso.com>",
+               "RCPT TO:<d@contoso.com>", "RSET"});
+  CHECK(codes(relay.out) == std::vector<int>{250, 250, 550, 550, 550, 250});  // EHLO first
+  CHECK(relay.opens == 1);
+  CHECK(relay.rejects == std::vector<std::string_view>{"nxdomain", "nxdomain", "nxdomain"});
+  // A refusal without a reason (no host could be reached) is no reject of mailflowd's own.
+  relay.dead_reason = {};
+  relay.group({"MAIL FROM:<a@example.net>", "RCPT TO:<b@contoso.com>", "RCPT TO:<c@contoso.com>", "RSET"});
+  CHECK(relay.rejects.size() == 3);
 }
 
 TEST_CASE("DATA refused by the upstream: its reply is relayed and the upstream transaction is reset") {
