@@ -709,7 +709,8 @@ class Loader {
            if (!valid_hostname(text)) problem = "invalid host name " + quoted(text);
            return valid_hostname(text) ? std::optional<std::string>(text) : std::nullopt;
          });
-    read_string(*top, "state_dir", "", config_.state_dir);
+    if (read_string(*top, "state_dir", "", config_.state_dir))
+      remember_position("state_dir", get(*top, "state_dir")->value);
 
     // Telemetry first: connectors inherit its alert defaults. Upstreams before listeners and listeners before
     // connectors, so that references can be checked as they are read, whatever order the file uses.

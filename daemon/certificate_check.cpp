@@ -2,6 +2,7 @@
 
 #include <ctime>
 #include <exception>
+#include <filesystem>
 #include <utility>
 
 #include "daemon/http_server.hpp"
@@ -95,6 +96,18 @@ CertificateFindings check_certificates(const config::Config& config, std::chrono
         out.errors.push_back(finding(config, path + ".ca_file", path + ": " + e.what(), false));
       }
     }
+  }
+  // state_dir is made at start where it is missing: the nearest part of its path that exists must be a
+  // directory. (Whether the daemon's user may write there is not known here: --check-config may run as root.)
+  {
+    std::error_code ec;
+    std::filesystem::path existing = std::filesystem::absolute(config.state_dir, ec);
+    while (!ec && !std::filesystem::exists(existing, ec) && existing.has_relative_path())
+      existing = existing.parent_path();
+    if (!ec && std::filesystem::exists(existing, ec) && !std::filesystem::is_directory(existing, ec))
+      out.errors.push_back(
+          finding(config, "state_dir",
+                  "state_dir " + config.state_dir + ": " + existing.string() + " is not a directory", false));
   }
   if (const std::string problem = dns_settings_problem(config.dns); !problem.empty())
     out.errors.push_back(finding(config, "dns.trust_anchor_file", problem, false));

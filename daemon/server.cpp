@@ -542,7 +542,11 @@ struct Server::Impl {
     for (;;) {
       int signal = co_await signal_set.async_wait(asio::use_awaitable);
       if (signal == SIGHUP) {
-        if (!stopping) reload();
+        if (stopping)
+          log_event(LogLevel::warn, "reload_ignored",
+                    {{"reason", "the daemon is stopping (draining its sessions)"}});
+        else
+          reload();
         continue;
       }
       if (stopping) {

@@ -158,3 +158,32 @@ TEST_CASE("check_certificates: dns.trust_anchor_file as the resolver loads it") 
   CHECK(findings.errors[0].column == 22);
   CHECK(findings.errors[0].message.starts_with("dns: settings (dns.servers, dns.trust_anchor_file): "));
 }
+
+// state_dir is made at start where it is missing; a path through a regular file passed --check-config and
+// then failed the start ("Not a directory").
+TEST_CASE(
+    "check_certificates: a state_dir whose path runs through a file is an error, a missing one is not") {
+  Dir dir;
+  const std::string file = dir.write("not-a-dir", "x\n");
+  const auto check = [](const std::string& state_dir) {
+    const std::string yaml =
+        "listeners:\n"
+        "  - {name: in, address: \"127.0.0.1:2525\", upstream: up}\n"
+        "upstreams:\n"
+        "  - {name: up, address: \"127.0.0.1:25\"}\n"
+        "state_dir: " +
+        state_dir + "\n";
+    const auto loaded = mailflow::config::load_config_string(yaml, "mailflowd.yaml");
+    REQUIRE(loaded.errors.empty());
+    return mailflow::check_certificates(*loaded.config, std::chrono::system_clock::now());
+  };
+  for (const std::string& bad : {file, file + "/state"}) {
+    CAPTURE(bad);
+    const auto findings = check(bad);
+    REQUIRE(findings.errors.size() == 1);
+    CHECK(findings.errors[0].line == 5);
+    CHECK(findings.errors[0].message == "state_dir " + bad + ": " + file + " is not a directory");
+  }
+  CHECK(check(dir.path.string() + "/new/state").errors.empty());
+  CHECK(check(dir.path.string()).errors.empty());
+}

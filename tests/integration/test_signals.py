@@ -147,6 +147,9 @@ def test_sigterm_lets_slow_data_finish(daemon_factory, sink):
         d.proc.send_signal(signal.SIGTERM)
         # new connections are no longer accepted while draining
         harness.wait_for(lambda: refused(port), 3, what="the listener to close after SIGTERM")
+        # A reload asked for while draining is not done, and the log says so (it was dropped without a word).
+        d.proc.send_signal(signal.SIGHUP)
+        harness.wait_for(lambda: "reload_ignored" in d.stderr(), 3, what="the log line of the SIGHUP while draining")
         for i in range(200, len(wire), 100):  # ~2 s more of DATA
             c.send(wire[i:i + 100])
             time.sleep(0.2)
