@@ -205,6 +205,10 @@ void UpstreamLeg::drop() {
 }
 
 void UpstreamLeg::lost(const error_code& ec, std::string_view stage) {
+  if (closed_) {
+    drop();  // force_close() (a stop) ended the wait: the daemon's own doing, no failure of the upstream's
+    return;
+  }
   if (ec == asio::error::timed_out) {
     if (open_expired()) {
       drop();  // the open's own deadline, not this step's: open_timed_out() counts it
@@ -565,6 +569,8 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
       connected = co_await connect_to(upstream, attempt.endpoint, attempt.host,
                                       open_bounded(config_.timeouts.upstream_connect), client, dane,
                                       by_sts ? &sts : nullptr, reason);
+      // force_close() (a stop) ended the attempt: nothing of this host's to count.
+      if (closed_) co_return Refusal{upstream_unavailable_reply, {}};
       tls_session = tls_session_;
       if (tls_failure_) failure = failure_of(*tls_failure_, tls_failure_reason_);
     }
@@ -724,6 +730,10 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
         peer.dane = authenticate ? &dane.records : nullptr;
         peer.dane_names = authenticate ? &dane.names : nullptr;
         co_await link_->handshake(tls->context(), &peer, open_bounded(config_.timeouts.tls_handshake), hs);
+        if (hs && closed_) {
+          drop();  // force_close() (a stop) ended the handshake: no verdict on this host's TLS
+          co_return false;
+        }
         if (hs == asio::error::timed_out && open_expired()) {
           drop();  // the open's deadline, no verdict on this host's TLS: the caller counts it
           reason = "open_timeout";
