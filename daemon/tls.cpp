@@ -49,6 +49,16 @@ int offered_index() {
 
 bool known_version(unsigned version) { return version >= SSL3_VERSION && version <= TLS1_3_VERSION; }
 
+// The server name a client asked for, without one trailing dot: "mx.example.org." names the same host as
+// "mx.example.org" (RFC 6066 3 says SNI carries no trailing dot, but clients send it). Certificates and connectors'
+// `sni:` patterns are matched against it, and it is what is recorded. Empty without SNI.
+std::string_view server_name(const SSL* ssl) {
+  const char* name = SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name);
+  std::string_view view = name == nullptr ? std::string_view() : std::string_view(name);
+  if (view.ends_with('.')) view.remove_suffix(1);
+  return view;
+}
+
 }  // namespace
 
 std::string_view offered_tls_version(const SSL* ssl) {
@@ -111,7 +121,7 @@ TlsInfo tls_info(const SSL* ssl) {
       break;
   }
   if (const char* cipher = SSL_get_cipher_name(ssl)) info.cipher = cipher;
-  if (const char* name = SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name)) info.sni = name;
+  info.sni = server_name(ssl);
   if (!SSL_is_server(ssl)) info.verify_error = SSL_get_verify_result(ssl);
   return info;
 }
@@ -228,10 +238,10 @@ std::vector<CertificateInfo> ServerTls::certificates() const {
 
 int ServerTls::on_servername(SSL* ssl, int*, void* arg) {
   const auto* self = static_cast<const ServerTls*>(arg);
-  const char* name = SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name);
-  if (name == nullptr) return SSL_TLSEXT_ERR_OK;
+  const std::string_view name = server_name(ssl);
+  if (name.empty()) return SSL_TLSEXT_ERR_OK;
   for (const auto& entry : self->entries_) {
-    if (X509_check_host(entry->leaf, name, 0, 0, nullptr) == 1) {
+    if (X509_check_host(entry->leaf, name.data(), name.size(), 0, nullptr) == 1) {
       if (entry.get() != self->entries_.front().get()) SSL_set_SSL_CTX(ssl, entry->ctx);
       return SSL_TLSEXT_ERR_OK;
     }
