@@ -1,6 +1,7 @@
 #include "daemon/tls.hpp"
 
 #include <openssl/err.h>
+#include <openssl/evp.h>
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
 
@@ -184,7 +185,17 @@ struct ServerTls::Entry {
   ~Entry() { SSL_CTX_free(ctx); }
 };
 
-ServerTls::ServerTls(const config::ListenerTls& tls) {
+ServerTls::ServerTls(const config::ListenerTls& tls, std::string_view listener) {
+  // All listeners share the ticket keys (TicketKeys::process()), and without a session ID context of its own a
+  // listener resumed any listener's session (ticket or cache): a client could resume, on a listener with another
+  // certificate, a session authenticated by the first one's. The context is the listener's name (hashed: it may
+  // be longer than SSL_MAX_SID_CTX_LENGTH), the same for all its certificates, so that the SNI callback's switch
+  // to another certificate's context leaves it as it is; and the same across reloads, which keep the keys.
+  unsigned char sid_context[EVP_MAX_MD_SIZE];
+  unsigned int sid_length = 0;
+  const std::string sid_input = "mailflowd listener " + std::string(listener);
+  if (EVP_Digest(sid_input.data(), sid_input.size(), sid_context, &sid_length, EVP_sha256(), nullptr) != 1)
+    throw std::runtime_error("session id context: " + openssl_error_text());
   for (const auto& pair : tls.certificates) {
     auto entry = std::make_unique<Entry>();
     entry->ctx = SSL_CTX_new(TLS_server_method());
@@ -202,6 +213,8 @@ ServerTls::ServerTls(const config::ListenerTls& tls) {
       throw std::runtime_error("cannot load certificate " + pair.cert + ": " + openssl_error_text());
     use_private_key_file(ctx, pair.key, pair.cert);
     TicketKeys::install(ctx);  // rotating ticket keys instead of one per SSL_CTX for the daemon's life
+    if (SSL_CTX_set_session_id_context(ctx, sid_context, std::min(sid_length, unsigned{SSL_MAX_SID_CTX_LENGTH})) != 1)
+      throw std::runtime_error("session id context: " + openssl_error_text());
     entry->leaf = SSL_CTX_get0_certificate(ctx);
     entry->cert_path = pair.cert;
     entries_.push_back(std::move(entry));
