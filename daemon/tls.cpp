@@ -51,8 +51,8 @@ int offered_index() {
 bool known_version(unsigned version) { return version >= SSL3_VERSION && version <= TLS1_3_VERSION; }
 
 // The server name a client asked for, without one trailing dot: "mx.example.org." names the same host as
-// "mx.example.org" (RFC 6066 3 says SNI carries no trailing dot, but clients send it). Certificates and connectors'
-// `sni:` patterns are matched against it, and it is what is recorded. Empty without SNI.
+// "mx.example.org" (RFC 6066 3 says SNI carries no trailing dot, but clients send it). Certificates and
+// connectors' `sni:` patterns are matched against it, and it is what is recorded. Empty without SNI.
 std::string_view server_name(const SSL* ssl) {
   const char* name = SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name);
   std::string_view view = name == nullptr ? std::string_view() : std::string_view(name);
@@ -186,11 +186,12 @@ struct ServerTls::Entry {
 };
 
 ServerTls::ServerTls(const config::ListenerTls& tls, std::string_view listener) {
-  // All listeners share the ticket keys (TicketKeys::process()), and without a session ID context of its own a
-  // listener resumed any listener's session (ticket or cache): a client could resume, on a listener with another
-  // certificate, a session authenticated by the first one's. The context is the listener's name (hashed: it may
-  // be longer than SSL_MAX_SID_CTX_LENGTH), the same for all its certificates, so that the SNI callback's switch
-  // to another certificate's context leaves it as it is; and the same across reloads, which keep the keys.
+  // All listeners share the ticket keys (TicketKeys::process()), and without a session ID context of its own
+  // a listener resumed any listener's session (ticket or cache): a client could resume, on a listener with
+  // another certificate, a session authenticated by the first one's. The context is the listener's name
+  // (hashed: it may be longer than SSL_MAX_SID_CTX_LENGTH), the same for all its certificates, so that the
+  // SNI callback's switch to another certificate's context leaves it as it is; and the same across reloads,
+  // which keep the keys.
   unsigned char sid_context[EVP_MAX_MD_SIZE];
   unsigned int sid_length = 0;
   const std::string sid_input = "mailflowd listener " + std::string(listener);
@@ -213,7 +214,8 @@ ServerTls::ServerTls(const config::ListenerTls& tls, std::string_view listener) 
       throw std::runtime_error("cannot load certificate " + pair.cert + ": " + openssl_error_text());
     use_private_key_file(ctx, pair.key, pair.cert);
     TicketKeys::install(ctx);  // rotating ticket keys instead of one per SSL_CTX for the daemon's life
-    if (SSL_CTX_set_session_id_context(ctx, sid_context, std::min(sid_length, unsigned{SSL_MAX_SID_CTX_LENGTH})) != 1)
+    if (SSL_CTX_set_session_id_context(ctx, sid_context,
+                                       std::min(sid_length, unsigned{SSL_MAX_SID_CTX_LENGTH})) != 1)
       throw std::runtime_error("session id context: " + openssl_error_text());
     entry->leaf = SSL_CTX_get0_certificate(ctx);
     entry->cert_path = pair.cert;

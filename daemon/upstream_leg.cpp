@@ -573,7 +573,8 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
       if (closed_) co_return Refusal{upstream_unavailable_reply, {}};
       tls_session = tls_session_;
       if (tls_failure_) failure = failure_of(*tls_failure_, tls_failure_reason_);
-      // The failed handshake before the plaintext retry was an attempt of its own (the retry is counted below).
+      // The failed handshake before the plaintext retry was an attempt of its own (the retry is counted
+      // below).
       if (tls_fallback_) session_.telemetry.mx_attempt(upstream.name, "tls_failed");
     }
     // A session that never reached TLS negotiation (no connection, a refused banner) is no TLS session. One
@@ -686,9 +687,9 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
   // either.
   if (sts != nullptr && sts->enforced() && options.tls == proto::UpstreamTlsPolicy::opportunistic)
     options.tls = proto::UpstreamTlsPolicy::required;
-  // A failed handshake may be retried without TLS only where nothing asks for TLS: tls: opportunistic (not dane,
-  // whose TLSA records are a policy), no enforced MTA-STS policy, and no min_version (a host below it is not used,
-  // and plaintext is below every version).
+  // A failed handshake may be retried without TLS only where nothing asks for TLS: tls: opportunistic (not
+  // dane, whose TLSA records are a policy), no enforced MTA-STS policy, and no min_version (a host below it
+  // is not used, and plaintext is below every version).
   const bool may_fall_back = !plaintext && upstream.tls == config::UpstreamTls::opportunistic &&
                              !upstream.min_version && options.tls == proto::UpstreamTlsPolicy::opportunistic;
   if (plaintext) options.tls = proto::UpstreamTlsPolicy::none;
@@ -767,9 +768,10 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
           // A certificate that `verify` refuses is the policy's doing; anything else is a failed handshake.
           reason = label == "certificate_verify_failed" ? "tls_policy" : "tls_failed";
           if (!may_fall_back) co_return false;
-          // RFC 7435 (opportunistic security) and Postfix's "may" level: rather than give up on the mail, the same
-          // host again without TLS, within the same timeouts.upstream_open. mailflowd has no queue: a 451 would
-          // leave the mail with the sending MTA, which would then deliver it to this host without TLS itself.
+          // RFC 7435 (opportunistic security) and Postfix's "may" level: rather than give up on the mail, the
+          // same host again without TLS, within the same timeouts.upstream_open. mailflowd has no queue: a
+          // 451 would leave the mail with the sending MTA, which would then deliver it to this host without
+          // TLS itself.
           log_limited(LogLevel::warn, "upstream_tls_fallback",
                       {{"id", session_.id},
                        {"upstream", upstream.name},
@@ -777,8 +779,9 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
                        {"address", endpoint_text(endpoint.address(), endpoint.port())},
                        {"reason", label}});
           tls_fallback_ = true;
-          co_return co_await connect_to(upstream, endpoint, tls_name, open_bounded(config_.timeouts.upstream_connect),
-                                        client, dane, nullptr, reason, true);
+          co_return co_await connect_to(upstream, endpoint, tls_name,
+                                        open_bounded(config_.timeouts.upstream_connect), client, dane,
+                                        nullptr, reason, true);
         }
         if (upstream.min_version && link_->tls().version < *upstream.min_version) {
           // upstreams[].min_version: this host negotiated less; the next one is tried.
