@@ -40,7 +40,7 @@ void check_pair(const config::Config& config, const std::string& listener, const
   config::ListenerTls one = settings;
   one.certificates = {pair};
   try {
-    const ServerTls tls(one);  // exactly what the daemon builds at start and on reload
+    const ServerTls tls(one, listener);  // exactly what the daemon builds at start and on reload
     for (const auto& info : tls.certificates()) {
       out.expiries.push_back({listener, info.cert_path, info.not_after});
       const auto now_seconds = std::chrono::duration_cast<std::chrono::seconds>(now.time_since_epoch()).count();

@@ -144,6 +144,7 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
   }
   void force_close() {
     asio::post(client_.socket().get_executor(), [self = shared_from_this()] {
+      self->forced_ = true;
       self->client_.close();
       if (self->upstream_) self->upstream_->force_close();
     });
@@ -236,6 +237,7 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
   bool counted_open_ = false;  // telemetry_.session_opened() was called: release() owes the session_closed()
   bool idle_ = false;
   bool close_ = false;
+  bool forced_ = false;  // force_close(): a stop closed the session, whatever it was waiting for
   bool proxy_checked_ = false;
 
   Route opening_;              // Step::open_upstream's: the opening RCPT's route, or the transaction's
@@ -623,6 +625,12 @@ asio::awaitable<void> RelaySession::start_tls() {
   const ServerTls* tls = runtime_->server_tls(listener_.name);
   error_code ec;
   co_await client_.handshake(tls->context(), nullptr, in(config_.timeouts.tls_handshake), ec);
+  if (ec && forced_) {
+    // A stop (drain_timeout passed) ended the handshake: the daemon's own doing, no failure of the client's.
+    result_ = "shutdown";
+    close_ = true;
+    co_return;
+  }
   if (ec) {
     const std::string reason = handshake_failure_label(ec);
     telemetry_.tls_handshake_failed(listener_.name, Leg::client, reason);

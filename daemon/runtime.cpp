@@ -14,7 +14,8 @@ std::shared_ptr<const Runtime> Runtime::build(std::shared_ptr<const config::Conf
   auto runtime = std::make_shared<Runtime>();
   for (const auto& listener : config->listeners) {
     if (listener.tls)
-      runtime->listener_tls.emplace(listener.name, std::make_shared<const ServerTls>(*listener.tls));
+      runtime->listener_tls.emplace(listener.name,
+                                    std::make_shared<const ServerTls>(*listener.tls, listener.name));
   }
   for (const auto& upstream : config->upstreams) {
     if (upstream.tls != config::UpstreamTls::none)

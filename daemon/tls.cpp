@@ -1,6 +1,7 @@
 #include "daemon/tls.hpp"
 
 #include <openssl/err.h>
+#include <openssl/evp.h>
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
 
@@ -48,6 +49,16 @@ int offered_index() {
 }
 
 bool known_version(unsigned version) { return version >= SSL3_VERSION && version <= TLS1_3_VERSION; }
+
+// The server name a client asked for, without one trailing dot: "mx.example.org." names the same host as
+// "mx.example.org" (RFC 6066 3 says SNI carries no trailing dot, but clients send it). Certificates and
+// connectors' `sni:` patterns are matched against it, and it is what is recorded. Empty without SNI.
+std::string_view server_name(const SSL* ssl) {
+  const char* name = SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name);
+  std::string_view view = name == nullptr ? std::string_view() : std::string_view(name);
+  if (view.ends_with('.')) view.remove_suffix(1);
+  return view;
+}
 
 }  // namespace
 
@@ -111,7 +122,7 @@ TlsInfo tls_info(const SSL* ssl) {
       break;
   }
   if (const char* cipher = SSL_get_cipher_name(ssl)) info.cipher = cipher;
-  if (const char* name = SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name)) info.sni = name;
+  info.sni = server_name(ssl);
   if (!SSL_is_server(ssl)) info.verify_error = SSL_get_verify_result(ssl);
   return info;
 }
@@ -174,7 +185,18 @@ struct ServerTls::Entry {
   ~Entry() { SSL_CTX_free(ctx); }
 };
 
-ServerTls::ServerTls(const config::ListenerTls& tls) {
+ServerTls::ServerTls(const config::ListenerTls& tls, std::string_view listener) {
+  // All listeners share the ticket keys (TicketKeys::process()), and without a session ID context of its own
+  // a listener resumed any listener's session (ticket or cache): a client could resume, on a listener with
+  // another certificate, a session authenticated by the first one's. The context is the listener's name
+  // (hashed: it may be longer than SSL_MAX_SID_CTX_LENGTH), the same for all its certificates, so that the
+  // SNI callback's switch to another certificate's context leaves it as it is; and the same across reloads,
+  // which keep the keys.
+  unsigned char sid_context[EVP_MAX_MD_SIZE];
+  unsigned int sid_length = 0;
+  const std::string sid_input = "mailflowd listener " + std::string(listener);
+  if (EVP_Digest(sid_input.data(), sid_input.size(), sid_context, &sid_length, EVP_sha256(), nullptr) != 1)
+    throw std::runtime_error("session id context: " + openssl_error_text());
   for (const auto& pair : tls.certificates) {
     auto entry = std::make_unique<Entry>();
     entry->ctx = SSL_CTX_new(TLS_server_method());
@@ -192,6 +214,9 @@ ServerTls::ServerTls(const config::ListenerTls& tls) {
       throw std::runtime_error("cannot load certificate " + pair.cert + ": " + openssl_error_text());
     use_private_key_file(ctx, pair.key, pair.cert);
     TicketKeys::install(ctx);  // rotating ticket keys instead of one per SSL_CTX for the daemon's life
+    if (SSL_CTX_set_session_id_context(ctx, sid_context,
+                                       std::min(sid_length, unsigned{SSL_MAX_SID_CTX_LENGTH})) != 1)
+      throw std::runtime_error("session id context: " + openssl_error_text());
     entry->leaf = SSL_CTX_get0_certificate(ctx);
     entry->cert_path = pair.cert;
     entries_.push_back(std::move(entry));
@@ -228,10 +253,10 @@ std::vector<CertificateInfo> ServerTls::certificates() const {
 
 int ServerTls::on_servername(SSL* ssl, int*, void* arg) {
   const auto* self = static_cast<const ServerTls*>(arg);
-  const char* name = SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name);
-  if (name == nullptr) return SSL_TLSEXT_ERR_OK;
+  const std::string_view name = server_name(ssl);
+  if (name.empty()) return SSL_TLSEXT_ERR_OK;
   for (const auto& entry : self->entries_) {
-    if (X509_check_host(entry->leaf, name, 0, 0, nullptr) == 1) {
+    if (X509_check_host(entry->leaf, name.data(), name.size(), 0, nullptr) == 1) {
       if (entry.get() != self->entries_.front().get()) SSL_set_SSL_CTX(ssl, entry->ctx);
       return SSL_TLSEXT_ERR_OK;
     }

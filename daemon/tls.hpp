@@ -53,8 +53,9 @@ struct CertificateInfo {
 
 class ServerTls {
  public:
-  // Throws std::runtime_error naming the file when a certificate or key cannot be loaded.
-  explicit ServerTls(const config::ListenerTls& tls);
+  // Throws std::runtime_error naming the file when a certificate or key cannot be loaded. `listener`: the
+  // listener's name, its session ID context (a session resumes only on the listener that made it).
+  ServerTls(const config::ListenerTls& tls, std::string_view listener);
   ~ServerTls();
   ServerTls(const ServerTls&) = delete;
   ServerTls& operator=(const ServerTls&) = delete;

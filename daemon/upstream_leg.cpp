@@ -206,7 +206,7 @@ void UpstreamLeg::drop() {
 
 void UpstreamLeg::lost(const error_code& ec, std::string_view stage) {
   if (closed_) {
-    drop();  // force_close() ended it (the drain timeout): no failure of the upstream's
+    drop();  // force_close() (a stop) ended the wait: the daemon's own doing, no failure of the upstream's
     return;
   }
   if (ec == asio::error::timed_out) {
@@ -569,8 +569,13 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
       connected = co_await connect_to(upstream, attempt.endpoint, attempt.host,
                                       open_bounded(config_.timeouts.upstream_connect), client, dane,
                                       by_sts ? &sts : nullptr, reason);
+      // force_close() (a stop) ended the attempt: nothing of this host's to count.
+      if (closed_) co_return Refusal{upstream_unavailable_reply, {}};
       tls_session = tls_session_;
       if (tls_failure_) failure = failure_of(*tls_failure_, tls_failure_reason_);
+      // The failed handshake before the plaintext retry was an attempt of its own (the retry is counted
+      // below).
+      if (tls_fallback_) session_.telemetry.mx_attempt(upstream.name, "tls_failed");
     }
     // A session that never reached TLS negotiation (no connection, a refused banner) is no TLS session. One
     // whose negotiation succeeded is a successful one whatever SMTP said next (RFC 8460 4.3 counts sessions
@@ -625,12 +630,15 @@ bool UpstreamLeg::meets_mta_sts(const PolicyState& sts, const std::string& host)
 asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, const tcp::endpoint& endpoint,
                                               const std::string& tls_name, TimePoint connect_deadline,
                                               const Client& client, const proto::DanePlan& dane,
-                                              const PolicyState* sts, std::string& reason) {
+                                              const PolicyState* sts, std::string& reason, bool plaintext) {
   link_ = std::make_unique<Link>(tcp::socket(executor_), session_.deadlines);
   dane_authenticated_ = false;
   tls_session_ = false;
-  tls_failure_.reset();
-  tls_failure_reason_.clear();
+  if (!plaintext) {  // the retry keeps the failed TLS session's verdict: that is what is reported
+    tls_fallback_ = false;
+    tls_failure_.reset();
+    tls_failure_reason_.clear();
+  }
   local_address_.clear();
   in_.clear();
   error_code ec;
@@ -679,6 +687,12 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
   // either.
   if (sts != nullptr && sts->enforced() && options.tls == proto::UpstreamTlsPolicy::opportunistic)
     options.tls = proto::UpstreamTlsPolicy::required;
+  // A failed handshake may be retried without TLS only where nothing asks for TLS: tls: opportunistic (not
+  // dane, whose TLSA records are a policy), no enforced MTA-STS policy, and no min_version (a host below it
+  // is not used, and plaintext is below every version).
+  const bool may_fall_back = !plaintext && upstream.tls == config::UpstreamTls::opportunistic &&
+                             !upstream.min_version && options.tls == proto::UpstreamTlsPolicy::opportunistic;
+  if (plaintext) options.tls = proto::UpstreamTlsPolicy::none;
   options.xclient_allowed = upstream.xclient;
   options.client_address = client.address;
   options.client_port = client.port;
@@ -728,6 +742,10 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
         peer.dane = authenticate ? &dane.records : nullptr;
         peer.dane_names = authenticate ? &dane.names : nullptr;
         co_await link_->handshake(tls->context(), &peer, open_bounded(config_.timeouts.tls_handshake), hs);
+        if (hs && closed_) {
+          drop();  // force_close() (a stop) ended the handshake: no verdict on this host's TLS
+          co_return false;
+        }
         if (hs == asio::error::timed_out && open_expired()) {
           drop();  // the open's deadline, no verdict on this host's TLS: the caller counts it
           reason = "open_timeout";
@@ -749,7 +767,21 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
           tls_failure_reason_ = label;
           // A certificate that `verify` refuses is the policy's doing; anything else is a failed handshake.
           reason = label == "certificate_verify_failed" ? "tls_policy" : "tls_failed";
-          co_return false;
+          if (!may_fall_back) co_return false;
+          // RFC 7435 (opportunistic security) and Postfix's "may" level: rather than give up on the mail, the
+          // same host again without TLS, within the same timeouts.upstream_open. mailflowd has no queue: a
+          // 451 would leave the mail with the sending MTA, which would then deliver it to this host without
+          // TLS itself.
+          log_limited(LogLevel::warn, "upstream_tls_fallback",
+                      {{"id", session_.id},
+                       {"upstream", upstream.name},
+                       {"host", tls_name},
+                       {"address", endpoint_text(endpoint.address(), endpoint.port())},
+                       {"reason", label}});
+          tls_fallback_ = true;
+          co_return co_await connect_to(upstream, endpoint, tls_name,
+                                        open_bounded(config_.timeouts.upstream_connect), client, dane,
+                                        nullptr, reason, true);
         }
         if (upstream.min_version && link_->tls().version < *upstream.min_version) {
           // upstreams[].min_version: this host negotiated less; the next one is tried.

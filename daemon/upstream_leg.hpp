@@ -125,11 +125,16 @@ class UpstreamLeg {
   // this MX host `tls_name` (null: none); it is checked right after the handshake, before anything else is
   // said to the host (RFC 8461 5: under enforce one that fails it gets nothing more), and under enforce TLS
   // is mandatory.
+  // Under tls: opportunistic (without min_version) a failed handshake is followed by a new connection to the
+  // same host without STARTTLS (`plaintext`, see tls_fallback_), as Postfix's "may" level does: a host whose
+  // TLS does not work with ours still gets the mail. The failed TLS session stays in tls_failure_, to be
+  // reported.
   boost::asio::awaitable<bool> connect_to(const config::Upstream& upstream,
                                           const boost::asio::ip::tcp::endpoint& endpoint,
                                           const std::string& tls_name, TimePoint connect_deadline,
                                           const Client& client, const proto::DanePlan& dane,
-                                          const PolicyState* sts, std::string& reason);
+                                          const PolicyState* sts, std::string& reason,
+                                          bool plaintext = false);
   // tls: dane: the TLSA records of `host` (when its DNS is `secure`; first those of its CNAME expansion
   // `canonical`, when it is an alias) and what they ask. The MX walk and a fixed upstream both plan with it.
   boost::asio::awaitable<proto::DanePlan> plan_dane(Resolver& resolver, const config::Upstream& upstream,
@@ -206,6 +211,7 @@ class UpstreamLeg {
   // The last connect_to() negotiated TLS and the policy's checks passed: a successful TLS session (RFC 8460),
   // whatever SMTP said next (EHLO refused, connection lost).
   bool tls_session_ = false;
+  bool tls_fallback_ = false;  // the last connect_to()'s handshake failed and it went on without TLS
   std::string local_address_;  // our side of the current connection (TLS-RPT's sending-mta-ip)
   bool kept_unanswered_ = false;  // open() kept the connection, and it has not answered anything since
   bool closed_idle_ = false;      // see closed_idle()

@@ -460,9 +460,10 @@ class RawSmtp:
 class SClient:
     """openssl s_client -starttls smtp, driven line by line over stdin, replies read from stdout."""
 
-    def __init__(self, port, version_flag="-tls1_2", host="127.0.0.1"):
+    def __init__(self, port, version_flag="-tls1_2", host="127.0.0.1", extra=()):
         self.argv = ["openssl", "s_client", "-starttls", "smtp", "-connect", f"{host}:{port}", version_flag,
-                     "-cipher", "DEFAULT:@SECLEVEL=0", "-quiet", "-crlf", "-ign_eof", "-name", "client.example.test"]
+                     "-cipher", "DEFAULT:@SECLEVEL=0", "-quiet", "-crlf", "-ign_eof", "-name", "client.example.test",
+                     *extra]
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE)
         self.transcript = [f"$ {' '.join(self.argv)}"]

@@ -170,6 +170,7 @@ class FakeUpstream:
         self.sock.listen(16)
         self.port = self.sock.getsockname()[1]
         self.received = []
+        self.delivered = []  # message contents, for scripts that take mail (Conn.broken_tls_sink)
         self.log = []
         self.stopped = False
         self.conns = []
@@ -273,6 +274,38 @@ class Conn:
                 return None
             elif word == b"DATA":
                 self.send(b"354 go on\r\n")
+            else:
+                self.send(b"250 ok\r\n")
+
+    def broken_tls_sink(self):
+        """An SMTP server whose TLS is broken: it offers STARTTLS, answers 220 to it and then sends garbage for a
+        ServerHello (and closes); without STARTTLS it takes mail, each message's content appended to
+        server.delivered."""
+        self.send(b"220 broken-tls.test ESMTP\r\n")
+        while True:
+            try:
+                line = self.line()
+            except (ConnectionError, OSError):
+                return
+            word = line.split(b" ", 1)[0].upper()
+            if word == b"EHLO":
+                self.send(b"250-broken-tls.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n")
+            elif word == b"STARTTLS":
+                self.send(b"220 2.0.0 Ready to start TLS\r\n")
+                self.recv_some()  # the ClientHello
+                self.send(b"this is not a TLS server hello\r\n" * 4)
+                self.sock.close()
+                return
+            elif word == b"DATA":
+                self.send(b"354 go on\r\n")
+                content = self.message()
+                if content is None:
+                    return
+                self.server.delivered.append(content)
+                self.send(b"250 2.0.0 queued\r\n")
+            elif word == b"QUIT":
+                self.send(b"221 bye\r\n")
+                return
             else:
                 self.send(b"250 ok\r\n")
 

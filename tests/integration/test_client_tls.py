@@ -2,7 +2,10 @@
 listener. Each message must reach the sink byte-for-byte behind exactly one prepended Received header that
 names the client leg's TLS version, and mailflow_messages_total must move by exactly one, in exactly the
 series {connector="internet", direction="inbound", tls_version=<client leg>} (the upstream leg to the sink
-is TLS1.3, so counting the wrong leg shows)."""
+is TLS1.3, so counting the wrong leg shows). A TLS session (TLS1.2 session ticket, TLS1.3 PSK) resumes on the
+listener that issued it and not on another listener of the same daemon (openssl s_client -sess_out/-sess_in)."""
+import re
+import subprocess
 import types
 
 import pytest
@@ -134,3 +137,50 @@ def test_second_message_same_session_counts_again(env):
     for _, content in msgs[-2:]:
         assert harness.split_received(content)[1] == MESSAGE
     harness.assert_counted(env.daemon, before, "internet", "inbound", "TLS1.2", n=2)
+
+
+def s_client_session(port, version_flag, sess_out=None, sess_in=None, servername=None):
+    """One STARTTLS session with openssl s_client (EHLO, QUIT over TLS): "Reused" or "New", as s_client says it.
+    `sess_out` saves the session (with its ticket), `sess_in` offers a saved one for resumption."""
+    argv = ["openssl", "s_client", "-starttls", "smtp", "-connect", f"127.0.0.1:{port}", version_flag,
+            "-cipher", "DEFAULT:@SECLEVEL=0", "-name", "client.example.test", "-ign_eof"]
+    argv += ["-sess_out", str(sess_out)] if sess_out else []
+    argv += ["-sess_in", str(sess_in)] if sess_in else []
+    argv += ["-servername", servername] if servername else []
+    # -ign_eof: s_client reads until the server closes after QUIT, so a TLS1.3 ticket (sent after the handshake)
+    # is received before the session is saved.
+    r = subprocess.run(argv, input=b"EHLO client.example.test\r\nQUIT\r\n", capture_output=True, timeout=20)
+    out = r.stdout.decode("utf-8", "replace")
+    found = re.search(r"^(Reused|New), ", out, re.M)
+    assert found and "221 " in out, f"s_client session failed:\n$ {' '.join(argv)}\n{out[-3000:]}\n{r.stderr[-2000:]!r}"
+    return found.group(1)
+
+
+@pytest.fixture(scope="module")
+def two_listeners(certs, sink_factory, daemon_factory):
+    """Listener a serves server.pem, listener b other.pem; one daemon, so they share the ticket keys."""
+    sink = sink_factory("resume-store")
+    ports = {"a": harness.free_port(), "b": harness.free_port()}
+    other = {"certificates": [{"cert": str(certs / "other.pem"), "key": str(certs / "other.key")}],
+             "min_version": "TLS1.0", "ciphers": "DEFAULT:@SECLEVEL=0"}
+    listeners = [{"name": "a", "address": f"127.0.0.1:{ports['a']}", "direction": "inbound",
+                  "tls": harness.listener_tls(certs), "upstream": "store"},
+                 {"name": "b", "address": f"127.0.0.1:{ports['b']}", "direction": "inbound",
+                  "tls": other, "upstream": "store"}]
+    daemon = daemon_factory(listeners=listeners, name="resume",
+                            upstreams=[{"name": "store", "address": f"127.0.0.1:{sink.port}", "tls": "none"}])
+    return types.SimpleNamespace(daemon=daemon, ports=ports)
+
+
+@pytest.mark.parametrize("version_flag", ["-tls1_2", "-tls1_3"])
+def test_session_resumes_only_on_the_listener_that_issued_it(two_listeners, workdir, version_flag):
+    """Listeners share the ticket keys; a session (ticket) issued by listener `a` (certificate server.pem)
+    resumes there, and never on listener `b` (certificate other.pem): b makes a full handshake with its own
+    certificate instead."""
+    ports = two_listeners.ports
+    saved = workdir / f"a-session{version_flag}.pem"
+    assert s_client_session(ports["a"], version_flag, sess_out=saved) == "New"
+    assert s_client_session(ports["a"], version_flag, sess_in=saved) == "Reused", \
+        "the session did not resume on the listener that issued it: the test would prove nothing"
+    assert s_client_session(ports["b"], version_flag, sess_in=saved) == "New", \
+        "a session issued by listener a (another certificate) resumed on listener b"

@@ -1,7 +1,10 @@
 """Connector selection at MAIL FROM: by client CIDR (connecting from 127.0.0.2 vs 127.0.0.1) and by sender
 domain, first match wins, unmatched traffic under "internet"; a require_tls connector refuses MAIL before
-STARTTLS with 530 5.7.0 and accepts it over TLS."""
+STARTTLS with 530 5.7.0 and accepts it over TLS; an SNI with a trailing dot (openssl s_client -servername
+other.test.) picks the certificate and the connector of other.test."""
+import re
 import ssl
+import subprocess
 import types
 
 import pytest
@@ -54,6 +57,42 @@ def test_connector_chosen(env, source, sender, connector):
     before = env.daemon.metrics()
     deliver(env, sender, local=source)
     harness.assert_counted(env.daemon, before, connector, "inbound", "none")
+
+
+def served_subject(port, servername):
+    """The subject of the certificate the listener serves to openssl s_client -servername `servername`."""
+    r = subprocess.run(["openssl", "s_client", "-starttls", "smtp", "-connect", f"127.0.0.1:{port}", "-tls1_2",
+                        "-servername", servername], input=b"QUIT\r\n", capture_output=True, timeout=20)
+    found = re.search(r"^subject=(.*)$", r.stdout.decode("utf-8", "replace"), re.M)
+    assert found, f"s_client saw no certificate:\n{r.stdout[-2000:]!r}\n{r.stderr[-2000:]!r}"
+    return found.group(1)
+
+
+def test_sni_with_a_trailing_dot_names_the_same_host(env):
+    """SNI "other.test." (a fully qualified name; RFC 6066 says SNI has none, but clients send it) is the host
+    other.test: its certificate, the connector whose sni: pattern is other.test, and sni=other.test in the
+    session line."""
+    assert "other.test" in served_subject(env.port, "other.test."), "the default certificate answered other.test."
+    before = env.daemon.metrics()
+    n = env.sink.count()
+    c = harness.SClient(env.port, extra=("-servername", "other.test."))
+    try:
+        assert c.cmd("EHLO client.example.test")[0] == 250
+        assert c.cmd("MAIL FROM:<s@example.test>")[0] == 250
+        assert c.cmd("RCPT TO:<r@dest.test>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        for line in MESSAGE.decode().split("\r\n")[:-1]:
+            c.send_line(line)
+        assert c.cmd(".")[0] == 250
+        c.cmd("QUIT")
+    finally:
+        c.close()
+    env.sink.wait_messages(n + 1)
+    harness.assert_counted(env.daemon, before, "by-sni", "inbound", "TLS1.2")
+    lines = harness.wait_for(lambda: [ln for ln in env.daemon.stderr().splitlines()
+                                      if " session id=" in ln and " connector=by-sni " in ln] or None,
+                             5, what="the session line")
+    assert " sni=other.test " in lines[-1], lines[-1]
 
 
 def test_every_connector_exports_all_versions(env):

@@ -46,7 +46,7 @@ ADDR = {
     "implicit": "127.0.0.47",  # A record, no MX
     "busy": "127.0.0.48",      # banner 421
     "refuse": "127.0.0.49",    # refuses every MAIL FROM
-    "badtls": "127.0.0.50",    # offers STARTTLS, answers 220 to it, then no TLS handshake
+    "badtls": "127.0.0.50",    # offers STARTTLS, answers 220 to it, then garbage; takes mail without STARTTLS
 }
 ZONE = """$ORIGIN example.net.
 $TTL 300
@@ -87,6 +87,8 @@ needtls      MX    20 mx.tls12
 badtls       MX    10 mx.badtls
 badtls       MX    20 mx.tls12
 mx.badtls    A     {badtls}
+; tls: opportunistic (internet), the only MX breaks the TLS handshake: plaintext to it instead
+brokentls    MX    10 mx.badtls
 forced       MX    10 mx.tls13
 refuse       MX    10 mx.refuse
 mx.refuse    A     {refuse}
@@ -105,7 +107,7 @@ class ScriptedMx(hostile_helpers.FakeUpstream):
         self.sock.bind((host, port))
         self.sock.listen(16)
         self.port = port
-        self.received, self.log, self.conns = [], [], []
+        self.received, self.delivered, self.log, self.conns = [], [], [], []
         self.stopped = False
         self.thread = threading.Thread(target=self._accept, daemon=True)
         self.thread.start()
@@ -115,13 +117,6 @@ class ScriptedMx(hostile_helpers.FakeUpstream):
 def busy_banner(conn):
     conn.send(b"421 4.3.2 mx.busy.example.net busy, try another host\r\n")
     conn.hang(5)
-
-
-def broken_starttls(conn):
-    if conn.smtp_until(b"STARTTLS") is not None:
-        conn.send(b"220 2.0.0 Ready to start TLS\r\n")
-        conn.send(b"this is not a TLS record\r\n")
-        conn.hang(2)
 
 
 def refuse_mail(conn):
@@ -176,7 +171,7 @@ def env(certs, workdir, knot, sink_factory, daemon_factory):
     try:
         fakes += [ScriptedMx("mx-busy", ADDR["busy"], port, busy_banner),
                   ScriptedMx("mx-refuse", ADDR["refuse"], port, refuse_mail),
-                  ScriptedMx("mx-badtls", ADDR["badtls"], port, broken_starttls)]
+                  ScriptedMx("mx-badtls", ADDR["badtls"], port, lambda conn: conn.broken_tls_sink())]
         yield from _start(certs, knot, daemon_factory, port, sinks, store, fakes)
     finally:
         for f in fakes:
@@ -379,6 +374,28 @@ def test_tls_required_next_mx_when_the_first_has_no_tls(env, rcpt, result):
     attempts = delta(before, after, "mailflow_mx_attempts_total")
     assert attempts == {series_key(upstream="needtls-mx", result=result): 1.0,
                         series_key(upstream="needtls-mx", result="success"): 1.0}, fmt_delta(attempts)
+
+
+def test_opportunistic_mx_with_broken_tls_gets_the_mail_in_plaintext(env):
+    """upstream internet (tls: opportunistic): the only MX host of brokentls.example.net fails the TLS handshake;
+    the same host gets the mail over a new connection without STARTTLS, counted under none. The failed TLS
+    session still counts (mx_attempts tls_failed, then success for the retry; the policy none session as a
+    failure)."""
+    d, fake = env.daemon, env.badtls
+    before = d.metrics()
+    n, conns = len(fake.delivered), fake.connections()
+    r = harness.swaks(env.port, to="gus@brokentls.example.net", sender=SENDER)
+    assert r.rc == 0, f"swaks failed:\n{r}\n{fake.log_tail()}"
+    assert len(fake.delivered) == n + 1, fake.log_tail()
+    assert fake.connections() == conns + 2, fake.log_tail()
+    after = harness.assert_counted(d, before, "internet", "outbound", "none")
+    attempts = delta(before, after, "mailflow_mx_attempts_total")
+    assert attempts == {series_key(upstream="internet", result="tls_failed"): 1.0,
+                        series_key(upstream="internet", result="success"): 1.0}, fmt_delta(attempts)
+    assert_counter(d, before, "mailflow_upstream_errors_total", upstream="internet", reason="tls_failed")
+    policy = delta(before, after, "mailflow_outbound_policy_total")
+    assert policy == {series_key(connector="internet", policy="none", result="validation-failure"): 1.0}, \
+        fmt_delta(policy)
 
 
 def test_min_version_not_met_by_the_only_mx_is_451_4_4_1(env):

@@ -11,6 +11,8 @@ certificates from the test CA) on 127.0.0.75:443 serves their policies; the MX h
 - enforce, the MX is not listed in the policy: not used, validation-failure;
 - a domain without a policy: counted under policy "none";
 - a domain whose policy host answers 404: delivered, and sts-policy-fetch-error reported;
+- testing, an MX whose TLS handshake fails: delivered to it in plaintext (tls: opportunistic), the failed
+  handshake reported once;
 - a full state_dir: delivery goes on, the save at shutdown fails loudly;
 - enforce, a scripted MX that fails the check (certificate for another name, no STARTTLS) is told nothing more:
   no XCLIENT, no second EHLO (RFC 8461 5);
@@ -46,6 +48,7 @@ GOOD_MX, BAD_MX, PLAIN_MX, POLICY_HOST = "127.0.0.71", "127.0.0.72", "127.0.0.73
 # Scripted MX hosts (ScriptedMx): certificate for another name; no STARTTLS; EHLO after STARTTLS refused; the
 # connection closed at the EHLO after STARTTLS.
 OTHERCERT_MX, NOTLS_MX, REFUSE_MX, CLOSE_MX = "127.0.0.76", "127.0.0.77", "127.0.0.78", "127.0.0.79"
+BROKEN_MX = "127.0.0.80"  # answers 220 to STARTTLS, then garbage for a ServerHello
 RUA = "mailto:tls-reports@example.org"
 
 
@@ -63,6 +66,7 @@ POLICIES = {
     **{f"mta-sts.{name}.{ORIGIN}": policy("enforce", f"mx.{name}.{ORIGIN}")
        for name in ("othercert", "notls", "refuse", "close")},
     f"mta-sts.notlstest.{ORIGIN}": policy("testing", f"mx.notls.{ORIGIN}"),
+    f"mta-sts.brokentest.{ORIGIN}": policy("testing", f"mx.brokentest.{ORIGIN}"),
 }
 
 ZONE = f"""$ORIGIN {ORIGIN}.
@@ -108,6 +112,11 @@ vnames           MX    10 mx.badcert
 _mta-sts.vnames  TXT   "v=STSv1; id=1;"
 mta-sts.vnames   A     {POLICY_HOST}
 _smtp._tls.vnames TXT  "v=TLSRPTv1; rua={RUA}"
+brokentest       MX    10 mx.brokentest
+mx.brokentest    A     {BROKEN_MX}
+_mta-sts.brokentest TXT "v=STSv1; id=1;"
+mta-sts.brokentest A   {POLICY_HOST}
+_smtp._tls.brokentest TXT "v=TLSRPTv1; rua={RUA}"
 """ + "".join(f"""{name}  MX  10 mx.{name}
 mx.{name}  A  {address}
 _mta-sts.{name}  TXT  "v=STSv1; id=1;"
@@ -135,7 +144,7 @@ class ScriptedMx:
     """An MX host that speaks SMTP itself and records every command it receives, before and after STARTTLS: EHLO
     offers XCLIENT, and STARTTLS when it has a certificate. After the handshake `after_tls` says what it does:
     "serve" (250 to everything, a message taken), "refuse" (421 to the EHLO, then close) or "close" (close at the
-    EHLO)."""
+    EHLO); "garbage" breaks the handshake itself (220 to STARTTLS, then bytes that are no ServerHello)."""
 
     def __init__(self, host, port, cert=None, key=None, after_tls="serve"):
         self.name = f"scripted-mx-{host}"
@@ -184,6 +193,11 @@ class ScriptedMx:
                 if verb == b"EHLO":
                     conn.sendall(b"250-scripted.test\r\n250-XCLIENT ADDR PORT HELO PROTO\r\n" +
                                  (b"250 STARTTLS\r\n" if self.context and not tls else b"250 8BITMIME\r\n"))
+                elif verb == b"STARTTLS" and self.after_tls == "garbage":
+                    conn.sendall(b"220 2.0.0 Go ahead\r\n")
+                    conn.recv(4096)  # the ClientHello
+                    conn.sendall(b"this is not a TLS server hello\r\n" * 4)
+                    return
                 elif verb == b"STARTTLS" and self.context and not tls:
                     conn.sendall(b"220 2.0.0 Go ahead\r\n")
                     conn = self.context.wrap_socket(conn, server_side=True)
@@ -235,7 +249,8 @@ def env(certs, workdir, short_dir, sink_factory, daemon_factory):
         server.daemon_threads = True
         threading.Thread(target=server.serve_forever, daemon=True).start()
 
-        port = harness.free_port("127.0.0.1", GOOD_MX, BAD_MX, PLAIN_MX, OTHERCERT_MX, NOTLS_MX, REFUSE_MX, CLOSE_MX)
+        port = harness.free_port("127.0.0.1", GOOD_MX, BAD_MX, PLAIN_MX, OTHERCERT_MX, NOTLS_MX, REFUSE_MX, CLOSE_MX,
+                                 BROKEN_MX)
         good_cert, good_key = harness.ca_signed_cert(certs, workdir, "mx-sts", [f"mx.sts.{ORIGIN}"], chain=True)
         sinks = {
             "good": sink_factory("mx-sts", host=GOOD_MX, port=port, tls_cert=good_cert, tls_key=good_key),
@@ -245,7 +260,8 @@ def env(certs, workdir, short_dir, sink_factory, daemon_factory):
             "plain": sink_factory("mx-plain", host=PLAIN_MX, port=port),
         }
         scripted = {"othercert": ScriptedMx(OTHERCERT_MX, port, certs / "sink.pem", certs / "sink.key"),
-                    "notls": ScriptedMx(NOTLS_MX, port)}
+                    "notls": ScriptedMx(NOTLS_MX, port),
+                    "broken": ScriptedMx(BROKEN_MX, port, certs / "sink.pem", certs / "sink.key", after_tls="garbage")}
         for name, address in (("refuse", REFUSE_MX), ("close", CLOSE_MX)):
             cert, key = harness.ca_signed_cert(certs, workdir, f"mx-{name}", [f"mx.{name}.{ORIGIN}"], chain=True)
             scripted[name] = ScriptedMx(address, port, cert, key, after_tls=name)
@@ -261,9 +277,10 @@ def env(certs, workdir, short_dir, sink_factory, daemon_factory):
                        "match": {"recipient_domains": [f"sts.{ORIGIN}", f"badcert.{ORIGIN}",
                                                        f"notlisted.{ORIGIN}", f"plain.{ORIGIN}",
                                                        f"nopolicy.{ORIGIN}", f"plainrpt.{ORIGIN}"] +
-                                                      [f"{name}.{ORIGIN}" for name in scripted]}},
+                                                      [f"{name}.{ORIGIN}" for name in scripted if name != "broken"]}},
                       {"name": "lenient-partner", "type": "partner", "direction": "outbound",
-                       "match": {"recipient_domains": [f"testing.{ORIGIN}", f"notlstest.{ORIGIN}"]},
+                       "match": {"recipient_domains": [f"testing.{ORIGIN}", f"notlstest.{ORIGIN}",
+                                                       f"brokentest.{ORIGIN}"]},
                        "upstream": "lenient"},
                       {"name": "verify-partner", "type": "partner", "direction": "outbound",
                        "match": {"recipient_domains": [f"vbadcert.{ORIGIN}"]}, "upstream": "verifying"},
@@ -573,3 +590,24 @@ def test_testing_policy_delivers_in_plaintext_and_reports_starttls_not_supported
         {("lenient-partner", "mta-sts", "starttls-not-supported"): 1.0}
     (detail,) = tlsrpt(env, f"notlstest.{ORIGIN}")["report"]["policies"][0]["failure-details"]
     assert detail["result-type"] == "starttls-not-supported", detail
+
+
+def test_testing_policy_mx_with_broken_tls_gets_the_mail_in_plaintext(env):
+    """tls: opportunistic under a testing policy (RFC 8461 5: testing withholds no mail): an MX whose TLS handshake
+    fails gets the mail over a new connection without STARTTLS. The failed handshake is the session that counts
+    and is reported (validation-failure), once: the plaintext retry adds neither a success nor a second
+    failure."""
+    mx = env.scripted["broken"]
+    start = len(mx.commands)
+    before = env.daemon.metrics()
+    rcpt, final = deliver(env, f"otto@brokentest.{ORIGIN}")
+    assert rcpt[0] == 250 and final[0] == 250, (rcpt, final)
+    verbs = [(tls, line.split(" ", 1)[0].upper()) for tls, line in mx.commands[start:]]
+    assert verbs.count((False, "STARTTLS")) == 1 and (False, "DATA") in verbs, mx.log_tail()
+    after = harness.assert_counted(env.daemon, before, "lenient-partner", "outbound", "none")
+    assert policy_moved(before, after) == {("lenient-partner", "mta-sts", "validation-failure"): 1.0}
+    (entry,) = tlsrpt(env, f"brokentest.{ORIGIN}")["report"]["policies"]
+    assert entry["summary"] == {"total-successful-session-count": 0, "total-failure-session-count": 1}, entry
+    (detail,) = entry["failure-details"]
+    assert detail["result-type"] == "validation-failure", detail
+    assert detail["receiving-mx-hostname"] == f"mx.brokentest.{ORIGIN}" and detail["receiving-ip"] == BROKEN_MX

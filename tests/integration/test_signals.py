@@ -265,6 +265,56 @@ def test_drain_timeout_cutting_a_session_is_no_upstream_error(daemon_factory):
         fake.stop()
 
 
+def stall_after_starttls(conn):
+    """An upstream that answers 220 to STARTTLS and never sends a ServerHello."""
+    if conn.smtp_until(b"STARTTLS") is not None:
+        conn.send(b"220 2.0.0 Ready to start TLS\r\n")
+        conn.hang(20)
+
+
+def test_stop_during_stalled_handshakes_is_no_tls_failure(workdir, certs, daemon_factory):
+    """A forced close (drain_timeout passed) of two sessions in the middle of a TLS handshake: one whose client
+    sent STARTTLS and half a ClientHello, one whose upstream answered 220 to STARTTLS and never a ServerHello.
+    The stop is the daemon's own doing: neither is logged or counted as a failed handshake (tls_failed) or an
+    upstream error, and the client's session line says result=shutdown (not tls_failed)."""
+    stalled = hh.FakeUpstream("stalled-tls", stall_after_starttls)
+    try:
+        port = harness.free_port()
+        d = daemon_factory([{"name": "stall", "address": f"127.0.0.1:{port}", "direction": "inbound",
+                             "tls": harness.listener_tls(certs), "upstream": "stalled"}],
+                           [{"name": "stalled", "address": f"127.0.0.1:{stalled.port}", "tls": "opportunistic"}],
+                           name="stall-tls", limits={"drain_timeout": "1s"},
+                           timeouts={"tls_handshake": "30s", "upstream_open": "60s"})
+        client_leg = hh.greeted(port)
+        upstream_leg = hh.greeted(port)
+        try:
+            assert client_leg.cmd("STARTTLS")[0] == 220
+            client_leg.send(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # a ClientHello's first bytes
+            assert upstream_leg.cmd(f"MAIL FROM:<{hh.SENDER}>")[0] == 250
+            upstream_leg.send(f"RCPT TO:<{hh.RCPT}>\r\n".encode())  # its reply waits for the upstream
+            harness.wait_for(lambda: stalled.received and len(stalled.received[0].partition(b"STARTTLS\r\n")[2]) > 5,
+                             10, what="the upstream leg's ClientHello at the stalled upstream")
+            time.sleep(0.2)
+            d.proc.send_signal(signal.SIGTERM)
+            try:
+                d.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                pytest.fail("mailflowd did not exit after SIGTERM")
+            assert d.proc.returncode == 0, f"exit code {d.proc.returncode}"
+        finally:
+            client_leg.close()
+            upstream_leg.close()
+        log = d.stderr()
+        failures = [ln for ln in log.splitlines() if re.search(r" (tls_failed|upstream_error) ", ln)]
+        assert not failures, "a stop counted as TLS failures:\n" + "\n".join(failures)
+        sessions = [ln for ln in log.splitlines() if " session id=" in ln]
+        client_tls = [ln for ln in sessions if " upstream=\"\" " in ln]  # the one that never opened an upstream
+        assert len(sessions) == 2 and len(client_tls) == 1 and " result=shutdown " in client_tls[0], \
+            "\n".join(sessions)
+    finally:
+        stalled.stop()
+
+
 def refused(port):
     try:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()

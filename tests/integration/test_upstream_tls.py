@@ -3,13 +3,16 @@
 The listeners are `direction: outbound`, so a message counts under the upstream leg's TLS version (the sink
 is capped at TLS1.2 while the client leg is plaintext or TLS1.3). `verify` against a sink whose certificate
 is not from the CA, and `required` against a sink without STARTTLS, must fail with a 4xx to the client,
-count nothing, and move mailflow_upstream_errors_total."""
+count nothing, and move mailflow_upstream_errors_total. An upstream whose TLS is broken (it answers the
+ClientHello with garbage) gets the mail in plaintext under `tls: opportunistic` (a new connection without
+STARTTLS), and never under `required` or a `min_version`."""
 import re
 import types
 
 import pytest
 
 import harness
+import hostile_helpers as hh
 from harness import delta, fmt_delta
 
 MESSAGE = b"From: out@example.test\r\nTo: rcpt@dest.test\r\nSubject: upstream leg\r\n\r\nbody\r\n.dot\r\n"
@@ -103,3 +106,67 @@ def test_verify_fails_against_foreign_ca(env):
 
 def test_required_fails_without_starttls(env):
     check_upstream_failure(env, "out-plain", "up-plain", env.plain)
+
+
+# ------------------------------------------------------------------------------------ broken TLS, plaintext retry
+BROKEN = {  # upstream (and listener) name -> what the upstream asks of TLS
+    "broken-opportunistic": {"tls": "opportunistic"},
+    "broken-minimum": {"tls": "opportunistic", "min_version": "TLS1.2"},
+    "broken-required": {"tls": "required"},
+}
+
+
+@pytest.fixture(scope="module")
+def broken(daemon_factory):
+    fake = hh.FakeUpstream("broken-tls", lambda conn: conn.broken_tls_sink())
+    ports = {name: harness.free_port() for name in BROKEN}
+    listeners = [{"name": name, "address": f"127.0.0.1:{ports[name]}", "direction": "outbound", "upstream": name}
+                 for name in BROKEN]
+    upstreams = [{"name": name, "address": f"127.0.0.1:{fake.port}", **policy} for name, policy in BROKEN.items()]
+    daemon = daemon_factory(listeners=listeners, upstreams=upstreams, name="broken")
+    yield types.SimpleNamespace(daemon=daemon, ports=ports, fake=fake)
+    fake.stop()
+
+
+def fallback_lines(daemon, upstream):
+    return [line for line in daemon.stderr().splitlines()
+            if "upstream_tls_fallback" in line and f"upstream={upstream} " in line]
+
+
+def test_opportunistic_retries_in_plaintext_after_a_failed_handshake(broken):
+    """tls: opportunistic, a host that offers STARTTLS and then fails the handshake: the failure is counted as
+    before (handshake failure, upstream error tls_failed), logged as upstream_tls_fallback, and the same host
+    gets the mail over a new connection without STARTTLS (Postfix's "may" level does the same), counted under
+    tls_version none."""
+    d, fake, name = broken.daemon, broken.fake, "broken-opportunistic"
+    before = d.metrics()
+    conns, n = fake.connections(), len(fake.delivered)
+    r = harness.swaks(broken.ports[name], data=MESSAGE)
+    assert r.rc == 0, f"the message should reach the upstream in plaintext:\n{r}\n{fake.log_tail()}"
+    assert len(fake.delivered) == n + 1 and b"Subject: upstream leg" in fake.delivered[-1], fake.log_tail()
+    assert fake.connections() == conns + 2, f"want the TLS attempt and one plaintext retry:\n{fake.log_tail()}"
+    tls_try, plain_try = fake.received[conns], fake.received[conns + 1]
+    assert b"STARTTLS" in tls_try and b"STARTTLS" not in plain_try and b"DATA" in plain_try, fake.log_tail()
+    after = harness.assert_counted(d, before, "internet", "outbound", "none")
+    hh.assert_counter(d, before, "mailflow_tls_handshake_failures_total", listener=name, leg="upstream")
+    hh.assert_counter(d, before, "mailflow_upstream_errors_total", upstream=name, reason="tls_failed")
+    legs = delta(before, after, "mailflow_sessions_total", leg="upstream")
+    assert legs == {harness.series_key(leg="upstream", listener=name, tls_version="none"): 2.0}, fmt_delta(legs)
+    lines = harness.wait_for(lambda: fallback_lines(d, name), 5, what="an upstream_tls_fallback line")
+    assert " host=127.0.0.1 " in lines[-1] and " reason=" in lines[-1], lines
+
+
+@pytest.mark.parametrize("name", ["broken-minimum", "broken-required"])
+def test_no_plaintext_retry_where_tls_is_asked_for(broken, name):
+    """tls: required, and opportunistic with a min_version (no host below it is used): a failed handshake is
+    a 451 as before, and the host is not tried again without TLS."""
+    d, fake = broken.daemon, broken.fake
+    before = d.metrics()
+    conns, n = fake.connections(), len(fake.delivered)
+    r = harness.swaks(broken.ports[name], data=MESSAGE)
+    assert r.rc != 0 and any(x.startswith("451 ") for x in r.final_replies()), str(r)
+    hh.assert_counter(d, before, "mailflow_upstream_errors_total", upstream=name, reason="tls_failed")
+    harness.assert_not_counted(d, before)
+    assert len(fake.delivered) == n, "a message went in plaintext where TLS was asked for"
+    assert fake.connections() == conns + 1, f"the host was tried again:\n{fake.log_tail()}"
+    assert not fallback_lines(d, name)
