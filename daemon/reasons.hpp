@@ -19,6 +19,7 @@ inline constexpr auto rejects = std::to_array<std::string_view>({
     "bad_sequence", "no_valid_recipients", "unrecognized_command", "bad_bytes", "syntax_error", "bad_address",
     "unknown_parameter", "message_too_big", "too_many_recipients", "vrfy_disabled", "not_implemented",
     "starttls_unavailable", "starttls_twice", "line_too_long", "bare_newline_command", "too_many_bad_commands",
+    "unauth_pipelining",
     // daemon/relay_session.cpp: limits at connect, PROXY header, timing, STARTTLS, DATA
     "session_limit", "ip_limit", "proxy_invalid", "proxy_timeout", "proxy_truncated", "proxy_untrusted",
     "early_talker", "timeout", "starttls_pipelining", "tls_required", "data_line_too_long", "bare_newline",

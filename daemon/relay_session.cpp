@@ -295,7 +295,9 @@ asio::awaitable<void> RelaySession::run() {
         continue;
       }
       failpoint("session.command");
-      co_await perform(session_.on_line(line));
+      // What the client sent behind this line and is read already (RFC 2920 pipelining; no system call: a
+      // client's pipelined group nearly always comes in one read).
+      co_await perform(session_.on_line(line, !client_in_.empty() || client_.buffered()));
     }
   }
   co_await finish();

@@ -177,7 +177,7 @@ struct Relay {
   }
 
   void command(std::string_view line) {
-    const auto action = session.on_line(line);
+    const auto action = session.on_line(line, false);
     using Kind = ServerSession::ActionKind;
     if (action.kind != Kind::begin_mail && action.kind != Kind::forward_rcpt && action.kind != Kind::begin_data) {
       txn.flush();  // replies go out in command order
@@ -280,7 +280,7 @@ TEST_CASE("a recipient of another route or connector gets 452 4.5.3; one of the 
 TEST_CASE("forced TLS: at MAIL when the connector is certain, else at the route's first RCPT") {
   Relay relay;
   relay.group({"EHLO client.example"});
-  const auto mail = relay.session.on_line("MAIL FROM:<a@example.net>");
+  const auto mail = relay.session.on_line("MAIL FROM:<a@example.net>", false);
   REQUIRE(mail.kind == ServerSession::ActionKind::begin_mail);
   relay.txn.mail(relay.session.last_command().argument, true);
   relay.drive();
