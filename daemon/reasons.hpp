@@ -28,7 +28,7 @@ inline constexpr auto rejects = std::to_array<std::string_view>({
     // (452 4.5.3); daemon/relay_session.cpp: a message with more Received: fields than limits.max_hops (554 5.4.6)
     "recipient_route", "too_many_hops",
     // the MX route of an mx upstream's recipient domain (daemon/mx_route.hpp MxRoute::Result, reply at RCPT)
-    "null_mx", "nxdomain", "no_addresses", "dns_failure", "loop", "address_literal",
+    "null_mx", "nxdomain", "no_addresses", "dns_failure", "loop", "address_literal", "no_domain",
 });
 
 // mailflow_tls_handshake_failures_total{listener, leg, reason}: daemon/tls.cpp handshake_failure_reason().
