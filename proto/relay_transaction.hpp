@@ -13,9 +13,10 @@
 // itself would have ended. (A message the upstream accepted before is delivered: its 250 came first.) The
 // 421 of a kept connection that answered nothing of the transaction yet is its idle close instead (below).
 //
-// Invariants (tested): every command handed over gets exactly one reply, in command order; the client never
-// gets a 2xx to RCPT or to end-of-data that the upstream did not give; a message is reported delivered at
-// most once, and only after the upstream's 2xx to its end-of-data.
+// Invariants (tested): every command handed over gets exactly one reply, in command order (up to an
+// upstream's 421, which ends the session: none after it); the client never gets a 2xx to RCPT or to
+// end-of-data that the upstream did not give; a message is reported delivered at most once, and only after
+// the upstream's 2xx to its end-of-data.
 //
 // A kept connection found closed (a server may close an idle connection after its timeout, RFC 5321
 // 4.5.3.2.7; RFC 5321 3.8 has the client treat the loss as a 451, and Postfix's smtp client tries what a

@@ -122,7 +122,7 @@ ServerSession::Action ServerSession::refuse_parse_error(const ParsedCommand& par
 
 namespace {
 // RFC 2920 section 3.1: the commands that can only appear as the last command of a group (TURN is not one of
-// ours; QUIT ends the session anyway).
+// ours; QUIT is below).
 bool ends_group(Verb verb) {
   return verb == Verb::ehlo || verb == Verb::helo || verb == Verb::data || verb == Verb::noop ||
          verb == Verb::vrfy || verb == Verb::expn;
@@ -132,8 +132,10 @@ bool ends_group(Verb verb) {
 ServerSession::Action ServerSession::on_line(std::string_view line, bool input_waiting) {
   ParsedCommand parsed = parse_command(line);
   last_command_ = std::move(parsed.command);  // dispatch() reads it there (no copy of its strings per command)
-  const bool out_of_turn =
-      input_waiting && state_ != State::closed && (ends_group(last_command_.verb) || !pipelining_announced());
+  // QUIT ends the session whatever follows it, so nothing behind it can run: it gets its 221 (a TLS client's
+  // close_notify right behind it is no pipelining either).
+  const bool out_of_turn = input_waiting && state_ != State::closed && last_command_.verb != Verb::quit &&
+                           (ends_group(last_command_.verb) || !pipelining_announced());
   // STARTTLS keeps its own rule when it starts TLS (what follows it is discarded); refused, nothing would be.
   if (out_of_turn && last_command_.verb != Verb::starttls) return refuse_pipelining();
   // A MAIL/RCPT still waiting for its upstream answer counts as accepted for sequencing, so that a daemon

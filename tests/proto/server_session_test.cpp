@@ -513,7 +513,7 @@ TEST_CASE("input behind a command that must end an RFC 2920 group: 554 5.5.0, cl
 }
 
 TEST_CASE("input behind any command while PIPELINING was not announced: 554 5.5.0 and close") {
-  for (const std::string line : {"MAIL FROM:<a@b.example>", "RSET", "HELP", "QUIT", "XYZZY"}) {
+  for (const std::string line : {"MAIL FROM:<a@b.example>", "RSET", "HELP", "XYZZY"}) {
     auto helo = greeted_with("HELO c");
     check_refused_for_pipelining(helo, line);
     auto not_greeted = greeted_with("");
@@ -542,6 +542,12 @@ TEST_CASE("pipelining RFC 2920 allows after the EHLO reply, and STARTTLS, are no
   // STARTTLS keeps its own rule: what was pipelined behind it is the daemon's to discard (starttls_pipelining).
   auto helo = greeted_with("HELO c");
   CHECK(helo.on_line("STARTTLS", true).kind == Kind::start_tls);
+  // QUIT ends the session whatever is behind it (a TLS client's close_notify, say): its 221.
+  auto quitting = greeted_with("HELO c");
+  const auto quit = quitting.on_line("QUIT", true);
+  CHECK(quit.kind == Kind::close);
+  CHECK(quit.reply.starts_with("221 "));
+  CHECK(quit.reject_reason.empty());
   // A refused STARTTLS discards nothing: the usual rule.
   auto o = opts();
   o.starttls_available = false;
