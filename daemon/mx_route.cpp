@@ -35,9 +35,9 @@ boost::asio::awaitable<MxRoute> resolve_mx_route(Resolver& resolver, const OwnLi
   MxRoute route;
   route.domain = std::move(domain);
   if (route.domain.empty()) {
-    // RCPT TO:<postmaster> (RFC 5321 4.5.1) means the postmaster of the server it is sent to; through MX delivery
-    // there is no domain to look up and so no server it could mean (an MX query for "" is a resolver error, a
-    // 451 the client would retry for days). A fixed upstream relays it.
+    // RCPT TO:<postmaster> (RFC 5321 4.5.1) means the postmaster of the server it is sent to; through MX
+    // delivery there is no domain to look up and so no server it could mean (an MX query for "" is a resolver
+    // error, a 451 the client would retry for days). A fixed upstream relays it.
     route.result = MxRoute::Result::no_domain;
     route.reply = "550 5.1.2 Recipient address rejected: no domain to route through MX delivery";
     co_return route;

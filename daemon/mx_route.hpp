@@ -36,7 +36,9 @@ struct MxRoute {
   std::optional<MxResult> mx;
   std::vector<MxTarget> hosts;
   std::vector<Attempt> attempts;  // in the order to connect
-  enum class Result { deliver, null_mx, nxdomain, no_addresses, dns_failure, loop, address_literal, no_domain };
+  enum class Result {
+    deliver, null_mx, nxdomain, no_addresses, dns_failure, loop, address_literal, no_domain
+  };
   Result result = Result::dns_failure;
   std::string reply;  // the reply to the RCPT instead of delivering (empty with deliver)
   bool permanent() const { return result != Result::deliver && result != Result::dns_failure; }

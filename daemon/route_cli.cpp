@@ -109,7 +109,8 @@ void print_text(const Route& route, std::ostream& out) {
       << config::to_string(upstream.tls) << "\n";
   if (!route.delivery.mx) {
     out << "MX lookup:  none ("
-        << (route.delivery.result == MxRoute::Result::no_domain ? "no domain" : "an address literal has no MX hosts")
+        << (route.delivery.result == MxRoute::Result::no_domain ? "no domain"
+                                                                : "an address literal has no MX hosts")
         << ")\n";
   } else {
     const MxResult& mx = *route.delivery.mx;

@@ -171,7 +171,8 @@ void RelayTransaction::on_written(bool ok, bool closed_idle) {
 }
 
 void RelayTransaction::on_reply(std::optional<Reply> reply, bool closed_idle) {
-  // A 421 closes the connection (RFC 5321 3.8): from a kept connection that answered nothing yet, its idle close.
+  // A 421 closes the connection (RFC 5321 3.8): from a kept connection that answered nothing yet, its idle
+  // close.
   if (!reply || (reply->code == 421 && closed_idle)) {
     upstream_lost(closed_idle);
     return;
@@ -260,7 +261,8 @@ void RelayTransaction::emit_local(const Entry& entry) {
 }
 
 void RelayTransaction::upstream_closing(const Reply& reply) {
-  // The client hears the 421 for the command it answers, and nothing after it: the session ends (see the header).
+  // The client hears the 421 for the command it answers, and nothing after it: the session ends (see the
+  // header).
   client_out_ += format_reply(reply);
   closing_ = true;
   owed_.clear();

@@ -7,11 +7,11 @@
 // (daemon/relay_session.cpp); tests/proto/relay_transaction_test.cpp drives it with scripted upstreams and an
 // error injected at every step.
 //
-// An upstream's 421 closes its channel (RFC 5321 3.8, 4.2.2), whatever command it answers: the client gets it,
-// as it is, as the reply to the command it answers, and nothing after it; then closing() is true and the
+// An upstream's 421 closes its channel (RFC 5321 3.8, 4.2.2), whatever command it answers: the client gets
+// it, as it is, as the reply to the command it answers, and nothing after it; then closing() is true and the
 // daemon ends the client's session once the reply is flushed, as the client's session with the upstream
-// itself would have ended. (A message the upstream accepted before is delivered: its 250 came first.) The
-// 421 of a kept connection that answered nothing of the transaction yet is its idle close instead (below).
+// itself would have ended. (A message the upstream accepted before is delivered: its 250 came first.) The 421
+// of a kept connection that answered nothing of the transaction yet is its idle close instead (below).
 //
 // Invariants (tested): every command handed over gets exactly one reply, in command order (up to an
 // upstream's 421, which ends the session: none after it); the client never gets a 2xx to RCPT or to

@@ -347,11 +347,13 @@ TEST_CASE("an upstream 421 is relayed as it is and ends the session: nothing is 
       armed = true;
       if (at == "final") relay.final_reply = reply_of(421, "4.3.0 mx.example closing transmission channel");
       const std::size_t told = relay.out.size();
-      relay.group({"MAIL FROM:<a@example.net>", "RCPT TO:<closeme@contoso.com>", "RCPT TO:<c@contoso.com>", "DATA"});
+      relay.group(
+          {"MAIL FROM:<a@example.net>", "RCPT TO:<closeme@contoso.com>", "RCPT TO:<c@contoso.com>", "DATA"});
       const auto replies = replies_in(std::string_view(relay.out).substr(told));
       REQUIRE_FALSE(replies.empty());
       CHECK(replies.back().code == 421);
-      CHECK(replies.back().lines == std::vector<std::string>{"4.3.0 mx.example closing transmission channel"});
+      const std::vector<std::string> said{"4.3.0 mx.example closing transmission channel"};
+      CHECK(replies.back().lines == said);
       for (std::size_t i = 0; i + 1 < replies.size(); ++i) CHECK(replies[i].code != 421);
       CHECK(relay.txn.closing());
       CHECK(relay.txn.next() == RelayTransaction::Step::idle);
@@ -361,12 +363,12 @@ TEST_CASE("an upstream 421 is relayed as it is and ends the session: nothing is 
   }
 }
 
-TEST_CASE("the 421 of a kept connection before it answered anything is its idle close: replayed, not relayed") {
+TEST_CASE("a kept connection's 421 before it answered anything is its idle close: replayed, not relayed") {
   Relay relay;
   relay.kept_closes = true;
   int mails = 0;
   relay.upstream_rule = [&mails](std::string_view line) {
-    if (line.starts_with("MAIL") && ++mails == 2) return reply_of(421, "4.4.2 mx.example Error: timeout exceeded");
+    if (line.starts_with("MAIL") && ++mails == 2) return reply_of(421, "4.4.2 mx.example timeout exceeded");
     if (line.starts_with("DATA")) return reply_of(354, "go ahead");
     return reply_of(250);
   };

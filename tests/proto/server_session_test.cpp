@@ -494,7 +494,7 @@ void check_refused_for_pipelining(ServerSession& s, const std::string& line) {
 }
 }  // namespace
 
-TEST_CASE("input behind a command that must end an RFC 2920 group: 554 5.5.0, close, the command not executed") {
+TEST_CASE("input behind a command that must end an RFC 2920 group: 554 5.5.0, close, the command not run") {
   for (const std::string line : {"EHLO c", "HELO c", "NOOP", "VRFY postmaster", "EXPN staff"}) {
     auto s = greeted_with("EHLO c");
     check_refused_for_pipelining(s, line);
@@ -539,7 +539,8 @@ TEST_CASE("pipelining RFC 2920 allows after the EHLO reply, and STARTTLS, are no
   CHECK(s.on_line("RCPT TO:<c@d.example>", true).kind == Kind::forward_rcpt);
   s.on_rcpt_reply(250);
   CHECK(s.on_line("DATA", false).kind == Kind::begin_data);
-  // STARTTLS keeps its own rule: what was pipelined behind it is the daemon's to discard (starttls_pipelining).
+  // STARTTLS keeps its own rule: what was pipelined behind it is the daemon's to discard
+  // (starttls_pipelining).
   auto helo = greeted_with("HELO c");
   CHECK(helo.on_line("STARTTLS", true).kind == Kind::start_tls);
   // QUIT ends the session whatever is behind it (a TLS client's close_notify, say): its 221.
