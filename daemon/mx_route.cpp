@@ -24,6 +24,8 @@ std::string_view to_string(MxRoute::Result result) {
       return "loop";
     case MxRoute::Result::address_literal:
       return "address_literal";
+    case MxRoute::Result::no_domain:
+      return "no_domain";
   }
   return "dns_failure";
 }
@@ -32,6 +34,14 @@ boost::asio::awaitable<MxRoute> resolve_mx_route(Resolver& resolver, const OwnLi
                                                  std::string domain, std::uint16_t port) {
   MxRoute route;
   route.domain = std::move(domain);
+  if (route.domain.empty()) {
+    // RCPT TO:<postmaster> (RFC 5321 4.5.1) means the postmaster of the server it is sent to; through MX
+    // delivery there is no domain to look up and so no server it could mean (an MX query for "" is a resolver
+    // error, a 451 the client would retry for days). A fixed upstream relays it.
+    route.result = MxRoute::Result::no_domain;
+    route.reply = "550 5.1.2 Recipient address rejected: no domain to route through MX delivery";
+    co_return route;
+  }
   if (route.domain.starts_with('[')) {
     // RFC 5321 4.1.3: a host named by its address, not a domain whose MX hosts could be looked up (asking DNS
     // for MX of "[192.0.2.1]" gets nothing sensible). Delivering to it directly would let any client of an mx

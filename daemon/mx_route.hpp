@@ -36,16 +36,19 @@ struct MxRoute {
   std::optional<MxResult> mx;
   std::vector<MxTarget> hosts;
   std::vector<Attempt> attempts;  // in the order to connect
-  enum class Result { deliver, null_mx, nxdomain, no_addresses, dns_failure, loop, address_literal };
+  enum class Result {
+    deliver, null_mx, nxdomain, no_addresses, dns_failure, loop, address_literal, no_domain
+  };
   Result result = Result::dns_failure;
   std::string reply;  // the reply to the RCPT instead of delivering (empty with deliver)
   bool permanent() const { return result != Result::deliver && result != Result::dns_failure; }
 };
-// deliver, null_mx, nxdomain, no_addresses, dns_failure, loop, address_literal
+// deliver, null_mx, nxdomain, no_addresses, dns_failure, loop, address_literal, no_domain
 std::string_view to_string(MxRoute::Result result);
 
 // Resolves `domain`'s route for delivery on `port`; every lookup goes through `resolver` (and is counted
-// there). An address literal ("[192.0.2.1]") has no MX hosts: address_literal (550 5.1.2), nothing looked up.
+// there). An address literal ("[192.0.2.1]") has no MX hosts: address_literal (550 5.1.2), nothing looked up;
+// nor has an empty domain (RCPT TO:<postmaster>): no_domain (550 5.1.2), nothing looked up.
 boost::asio::awaitable<MxRoute> resolve_mx_route(Resolver& resolver, const OwnListeners& own,
                                                  std::string domain, std::uint16_t port);
 

@@ -19,6 +19,7 @@ inline constexpr auto rejects = std::to_array<std::string_view>({
     "bad_sequence", "no_valid_recipients", "unrecognized_command", "bad_bytes", "syntax_error", "bad_address",
     "unknown_parameter", "message_too_big", "too_many_recipients", "vrfy_disabled", "not_implemented",
     "starttls_unavailable", "starttls_twice", "line_too_long", "bare_newline_command", "too_many_bad_commands",
+    "unauth_pipelining",
     // daemon/relay_session.cpp: limits at connect, PROXY header, timing, STARTTLS, DATA
     "session_limit", "ip_limit", "proxy_invalid", "proxy_timeout", "proxy_truncated", "proxy_untrusted",
     "early_talker", "timeout", "starttls_pipelining", "tls_required", "data_line_too_long", "bare_newline",
@@ -27,7 +28,7 @@ inline constexpr auto rejects = std::to_array<std::string_view>({
     // (452 4.5.3); daemon/relay_session.cpp: a message with more Received: fields than limits.max_hops (554 5.4.6)
     "recipient_route", "too_many_hops",
     // the MX route of an mx upstream's recipient domain (daemon/mx_route.hpp MxRoute::Result, reply at RCPT)
-    "null_mx", "nxdomain", "no_addresses", "dns_failure", "loop", "address_literal",
+    "null_mx", "nxdomain", "no_addresses", "dns_failure", "loop", "address_literal", "no_domain",
 });
 
 // mailflow_tls_handshake_failures_total{listener, leg, reason}: daemon/tls.cpp handshake_failure_reason().

@@ -297,7 +297,9 @@ asio::awaitable<void> RelaySession::run() {
         continue;
       }
       failpoint("session.command");
-      co_await perform(session_.on_line(line));
+      // What the client sent behind this line and is read already (RFC 2920 pipelining; no system call: a
+      // client's pipelined group nearly always comes in one read).
+      co_await perform(session_.on_line(line, !client_in_.empty() || client_.buffered()));
     }
   }
   co_await finish();
@@ -471,6 +473,7 @@ asio::awaitable<RelaySession::Input> RelaySession::next_line(std::string& line, 
       continue;
     }
     if (const Step step = next_step(true); step != Step::idle) co_await drive(step);
+    if (close_) co_return Input::closed;  // an upstream's 421 (finish() flushes it)
     if (!flush_now()) {
       if (!co_await flush()) co_return Input::closed;
     }
@@ -530,6 +533,7 @@ asio::awaitable<void> RelaySession::perform(const proto::ServerSession::Action& 
   using Kind = proto::ServerSession::ActionKind;
   if (action.kind != Kind::begin_mail && action.kind != Kind::forward_rcpt && action.kind != Kind::begin_data) {
     if (const Step step = next_step(true); step != Step::idle) co_await drive(step);  // replies in command order
+    if (close_) co_return;  // an upstream's 421 ended the session there: nothing is said after it
   }
   if (!action.reject_reason.empty()) count_reject(action.reject_reason);
   switch (action.kind) {
@@ -781,6 +785,7 @@ asio::awaitable<void> RelaySession::drive(Step step) {
         const bool data_end = transaction_->reply_wait() == proto::RelayTransaction::ReplyWait::data_end;
         auto reply = co_await upstream_->read_reply(
             in(data_end ? config_.timeouts.data_end : config_.timeouts.command));
+        if (reply && reply->code == 421) upstream_->closing();
         transaction_->on_reply(std::move(reply), upstream_->closed_idle());
         break;
       }
@@ -788,6 +793,11 @@ asio::awaitable<void> RelaySession::drive(Step step) {
         co_await relay_message();
         break;
     }
+  }
+  if (transaction_->closing() && !close_) {
+    // The upstream's 421 is the client's (RFC 5321 3.8): its session ends once the reply is flushed.
+    close_ = true;
+    result_ = "upstream_closed";
   }
 }
 

@@ -108,7 +108,10 @@ void print_text(const Route& route, std::ostream& out) {
   out << "the MX hosts of " << route.domain << ", port " << upstream.port << ", tls "
       << config::to_string(upstream.tls) << "\n";
   if (!route.delivery.mx) {
-    out << "MX lookup:  none (an address literal has no MX hosts)\n";
+    out << "MX lookup:  none ("
+        << (route.delivery.result == MxRoute::Result::no_domain ? "no domain"
+                                                                : "an address literal has no MX hosts")
+        << ")\n";
   } else {
     const MxResult& mx = *route.delivery.mx;
     out << "MX lookup:  " << to_string(mx.outcome) << (mx.secure ? " (DNSSEC secure)" : " (insecure)")

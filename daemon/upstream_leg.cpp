@@ -229,6 +229,8 @@ void UpstreamLeg::lost(const error_code& ec, std::string_view stage) {
   drop();
 }
 
+void UpstreamLeg::closing() { lost(asio::error::eof, "421"); }
+
 std::size_t UpstreamLeg::write_now(std::string_view data) {
   if (!link_) return 0;
   error_code ec;
@@ -254,7 +256,7 @@ asio::awaitable<std::optional<proto::Reply>> UpstreamLeg::read_reply(TimePoint d
     auto parsed = proto::parse_reply(in_.view());
     if (parsed.status == proto::ReplyStatus::complete) {
       in_.consume(parsed.consumed);
-      kept_unanswered_ = false;
+      if (parsed.reply.code != 421) kept_unanswered_ = false;  // a 421 is no answer but a goodbye: closing()
       co_return std::move(parsed.reply);
     }
     if (parsed.status == proto::ReplyStatus::invalid) {

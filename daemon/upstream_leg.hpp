@@ -91,6 +91,9 @@ class UpstreamLeg {
   boost::asio::awaitable<void> close(bool polite);
   // The connection failed for `reason` (mailflow_upstream_errors_total): counted, logged, dropped.
   void fail(std::string_view reason);
+  // read_reply() returned a 421: the upstream is closing the connection (RFC 5321 3.8), lost as at its end of
+  // stream: dropped and counted as connection_lost, or a kept connection's idle close (closed_idle()).
+  void closing();
   // The connection last lost (write(), write_now(), read_reply() failed) was a kept one that the upstream had
   // closed (write error, end of stream, reset) before it answered anything since open() kept it: its idle
   // close, logged at debug as upstream_closed_idle and not counted; proto::RelayTransaction replays the

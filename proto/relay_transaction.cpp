@@ -84,6 +84,7 @@ void RelayTransaction::flush() {
 }
 
 RelayTransaction::Step RelayTransaction::next() {
+  if (closing_) return Step::idle;
   for (;;) {
     while (!owed_.empty() && (owed_.front().owed == Owed::local_mail || owed_.front().owed == Owed::local_rcpt)) {
       emit_local(owed_.front());
@@ -173,8 +174,14 @@ void RelayTransaction::on_written(bool ok, bool closed_idle) {
 }
 
 void RelayTransaction::on_reply(std::optional<Reply> reply, bool closed_idle) {
-  if (!reply) {
+  // A 421 closes the connection (RFC 5321 3.8): from a kept connection that answered nothing yet, its idle
+  // close.
+  if (!reply || (reply->code == 421 && closed_idle)) {
     upstream_lost(closed_idle);
+    return;
+  }
+  if (reply->code == 421) {
+    upstream_closing(*reply);
     return;
   }
   // The upstream answered a command of the transaction: from now on it is its connection's, for better or
@@ -254,6 +261,17 @@ void RelayTransaction::emit_local(const Entry& entry) {
     session_.on_mail_reply(code);
   else
     session_.on_rcpt_reply(code);
+}
+
+void RelayTransaction::upstream_closing(const Reply& reply) {
+  // The client hears the 421 for the command it answers, and nothing after it: the session ends (see the
+  // header).
+  client_out_ += format_reply(reply);
+  closing_ = true;
+  owed_.clear();
+  held_rcpt_.clear();
+  open_requested_ = false;
+  upstream_lost(false);  // with nothing owed any more: the rest of the transaction's state is dropped
 }
 
 void RelayTransaction::upstream_lost(bool closed_idle) {

@@ -7,9 +7,16 @@
 // (daemon/relay_session.cpp); tests/proto/relay_transaction_test.cpp drives it with scripted upstreams and an
 // error injected at every step.
 //
-// Invariants (tested): every command handed over gets exactly one reply, in command order; the client never
-// gets a 2xx to RCPT or to end-of-data that the upstream did not give; a message is reported delivered at
-// most once, and only after the upstream's 2xx to its end-of-data.
+// An upstream's 421 closes its channel (RFC 5321 3.8, 4.2.2), whatever command it answers: the client gets
+// it, as it is, as the reply to the command it answers, and nothing after it; then closing() is true and the
+// daemon ends the client's session once the reply is flushed, as the client's session with the upstream
+// itself would have ended. (A message the upstream accepted before is delivered: its 250 came first.) The 421
+// of a kept connection that answered nothing of the transaction yet is its idle close instead (below).
+//
+// Invariants (tested): every command handed over gets exactly one reply, in command order (up to an
+// upstream's 421, which ends the session: none after it); the client never gets a 2xx to RCPT or to
+// end-of-data that the upstream did not give; a message is reported delivered at most once, and only after
+// the upstream's 2xx to its end-of-data.
 //
 // A kept connection found closed (a server may close an idle connection after its timeout, RFC 5321
 // 4.5.3.2.7; RFC 5321 3.8 has the client treat the loss as a 451, and Postfix's smtp client tries what a
@@ -93,6 +100,9 @@ class RelayTransaction {
   void on_message_aborted();
   // The daemon closed the upstream connection outside a step (a new route, the session's end).
   void on_upstream_closed();
+  // The upstream answered 421 (see the top): the client has it, nothing more is done (next() is idle) and the
+  // daemon closes the client's session.
+  bool closing() const { return closing_; }
 
   // ---- for the daemon's bookkeeping ----
   // The transaction's route, fixed by its first recipient that reached an upstream (rule 4).
@@ -119,6 +129,7 @@ class RelayTransaction {
   void local(Owed owed, std::string reply);
   void emit_local(const Entry& entry);
   void upstream_lost(bool closed_idle);
+  void upstream_closing(const Reply& reply);
 
   ServerSession& session_;
   std::string& client_out_;
@@ -161,6 +172,7 @@ class RelayTransaction {
   std::uint32_t recipients_ = 0;  // of the message in DATA
   std::optional<std::uint32_t> delivered_;
   std::vector<std::string_view> rejects_;
+  bool closing_ = false;  // the upstream answered 421
 };
 
 }  // namespace mailflow::proto

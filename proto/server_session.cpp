@@ -120,9 +120,24 @@ ServerSession::Action ServerSession::refuse_parse_error(const ParsedCommand& par
   return refuse(500, "5.5.2", "Error: command not recognized", "unrecognized_command");
 }
 
-ServerSession::Action ServerSession::on_line(std::string_view line) {
+namespace {
+// RFC 2920 section 3.1: the commands that can only appear as the last command of a group (TURN is not one of
+// ours; QUIT is below).
+bool ends_group(Verb verb) {
+  return verb == Verb::ehlo || verb == Verb::helo || verb == Verb::data || verb == Verb::noop ||
+         verb == Verb::vrfy || verb == Verb::expn;
+}
+}  // namespace
+
+ServerSession::Action ServerSession::on_line(std::string_view line, bool input_waiting) {
   ParsedCommand parsed = parse_command(line);
   last_command_ = std::move(parsed.command);  // dispatch() reads it there (no copy of its strings per command)
+  // QUIT ends the session whatever follows it, so nothing behind it can run: it gets its 221 (a TLS client's
+  // close_notify right behind it is no pipelining either).
+  const bool out_of_turn = input_waiting && state_ != State::closed && last_command_.verb != Verb::quit &&
+                           (ends_group(last_command_.verb) || !pipelining_announced());
+  // STARTTLS keeps its own rule when it starts TLS (what follows it is discarded); refused, nothing would be.
+  if (out_of_turn && last_command_.verb != Verb::starttls) return refuse_pipelining();
   // A MAIL/RCPT still waiting for its upstream answer counts as accepted for sequencing, so that a daemon
   // which pipelines upstream gets the same answers as one that waits (the upstream has the final word
   // anyway).
@@ -131,7 +146,19 @@ ServerSession::Action ServerSession::on_line(std::string_view line) {
   if (effective == State::mail && pending_rcpts_ > 0) effective = State::rcpt;
   static constexpr auto table = make_table<Step>();
   const Step step = table[static_cast<std::size_t>(effective)][static_cast<std::size_t>(last_command_.verb)];
-  return dispatch(step, parsed, effective);
+  Action a = dispatch(step, parsed, effective);
+  if (out_of_turn && a.kind != ActionKind::start_tls) return refuse_pipelining();
+  return a;
+}
+
+ServerSession::Action ServerSession::refuse_pipelining() {
+  Action a;
+  a.kind = ActionKind::close;
+  a.reply = format_reply(554, "5.5.0", "Error: SMTP protocol synchronization");
+  a.reject_reason = "unauth_pipelining";
+  state_ = State::closed;
+  clear_transaction();
+  return a;
 }
 
 ServerSession::Action ServerSession::dispatch(Step step, const ParsedCommand& parsed, State effective) {

@@ -69,6 +69,8 @@ class ServerSession {
   //                                     had its 500 as too_long)
   //   too_many_bad_commands  421 4.7.0  (kind close) the max_bad_commands-th local 5xx replaces that reply;
   //                                     max_bad_commands == 0 means no limit
+  //   unauth_pipelining      554 5.5.0  (kind close) pipelining RFC 2920 does not allow (on_line's
+  //                                     `input_waiting`); the command is not executed
   // After close (QUIT, 421) every further line gets kind close with a 421 and no reason.
 
   explicit ServerSession(Options options);
@@ -76,8 +78,15 @@ class ServerSession {
   // The banner to send after accept: "220 <hostname> ESMTP mailflowd\r\n".
   std::string banner() const;
 
-  // A command line the framer produced (CRLF removed).
-  Action on_line(std::string_view line);
+  // A command line the framer produced (CRLF removed). `input_waiting`: more of the client's input was
+  // already received behind it. RFC 2920 allows that only behind a command that may be followed within a
+  // group, and only once PIPELINING was announced (the EHLO reply): EHLO, HELO, DATA, NOOP, VRFY and EXPN
+  // must end a group, and a client that got no EHLO reply must wait for every reply. Otherwise the client
+  // talks past the conversation (a message sent behind DATA that the upstream refused would be run as
+  // commands): 554 5.5.0 and close, as Postfix's smtpd_forbid_unauth_pipelining. A STARTTLS that starts TLS
+  // is exempt: what follows it is the daemon's to discard (starttls_pipelining); so is QUIT, which ends the
+  // session anyway.
+  Action on_line(std::string_view line, bool input_waiting);
   // A framing problem (CommandFramer::Kind::too_long or bad_newline): one 500 5.5.x reply.
   Action on_framing_error(CommandFramer::Kind kind);
 
@@ -91,6 +100,10 @@ class ServerSession {
   State state() const { return state_; }
   bool tls_active() const { return tls_active_; }
   bool esmtp() const { return esmtp_; }                  // EHLO (not HELO) was used
+  // PIPELINING was in the EHLO reply this conversation goes on from (not after HELO, nor after STARTTLS).
+  bool pipelining_announced() const {
+    return esmtp_ && state_ != State::need_helo && state_ != State::closed;
+  }
   const std::string& helo_name() const { return helo_name_; }
   // The EHLO/HELO name given before the last STARTTLS (helo_name() is cleared by it): what is known of the client
   // while its handshake runs, for attributing a refused one.
@@ -104,6 +117,7 @@ class ServerSession {
   Action dispatch(Step step, const ParsedCommand& parsed, State effective);
   Action refuse(int code, std::string_view enhanced, std::string_view text, std::string_view reason);
   Action refuse_parse_error(const ParsedCommand& parsed, std::string_view address_enhanced);
+  Action refuse_pipelining();  // 554 5.5.0 and close (unauth_pipelining)
   std::string ehlo_reply(bool esmtp) const;
   void clear_transaction();
 

@@ -48,7 +48,7 @@ struct Driver {
         checksum += session.on_framing_error(event.kind).reply.size();
         continue;
       }
-      auto action = session.on_line(event.line);
+      auto action = session.on_line(event.line, !input.empty());  // the rest of the input is read already
       checksum += action.reply.size();
       switch (action.kind) {
         case Kind::begin_mail: session.on_mail_reply(250); break;

@@ -48,6 +48,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   options.max_bad_commands = 1 + data[1] % 8;
   options.max_message_size = 200;
   const std::uint8_t upstream_seed = data[1];
+  const unsigned waiting_pattern = data[0] >> 3;  // bits 3..7: unused by the options above
+  unsigned lines = 0;
   std::string_view input(reinterpret_cast<const char*>(data + 2), size - 2);
 
   ServerSession session(options);
@@ -61,10 +63,19 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     if (ev.kind == CommandFramer::Kind::need_more) break;
     const State before = session.state();
     const std::uint32_t bad_before = session.bad_commands();
-    ServerSession::Action a =
-        ev.kind == CommandFramer::Kind::line ? session.on_line(ev.line) : session.on_framing_error(ev.kind);
+    // Whether the rest of the input came in the same read as this line (the daemon's read buffer holds it):
+    // data[0]'s high bits, one per command in turn, so that a conversation can also get past its EHLO.
+    const bool input_waiting = input.size() > ev.consumed && ((waiting_pattern >> (lines++ % 5)) & 1) != 0;
+    const bool was_announced = session.pipelining_announced();
+    ServerSession::Action a = ev.kind == CommandFramer::Kind::line ? session.on_line(ev.line, input_waiting)
+                                                                   : session.on_framing_error(ev.kind);
     input.remove_prefix(ev.consumed);
     check_reply(a);
+    // RFC 2920: nothing runs with input behind it unless PIPELINING was announced, and never DATA.
+    if (ev.kind == CommandFramer::Kind::line && input_waiting && !was_announced)
+      FUZZ_CHECK(a.kind == Kind::close || a.kind == Kind::start_tls);
+    if (a.kind == Kind::begin_data) FUZZ_CHECK(!input_waiting);
+    if (a.reject_reason == "unauth_pipelining") FUZZ_CHECK(input_waiting && a.kind == Kind::close);
     FUZZ_CHECK(session.bad_commands() <= options.max_bad_commands);
     FUZZ_CHECK(session.bad_commands() >= bad_before);
     if (a.kind == Kind::close) FUZZ_CHECK(session.state() == State::closed);

@@ -60,6 +60,33 @@ def script_starttls_refused(conn):
         conn.smtp_until(b"NEVER")
 
 
+def script_421_at_rcpt(conn):
+    """Delivers messages; a RCPT to closeme@ gets 421 (the upstream closes the channel), and then, as a sloppy
+    server does, it goes on talking: DATA gets 451."""
+    conn.send(b"220 fake.test ESMTP fake\r\n")
+    closing = False
+    while True:
+        line = conn.line()
+        word = line.split(b" ", 1)[0].upper()
+        if word == b"EHLO":
+            conn.send(b"250-fake.test\r\n250 PIPELINING\r\n")
+        elif word == b"RCPT" and b"closeme@" in line:
+            closing = True
+            conn.send(b"421 4.3.0 fake.test closing transmission channel\r\n")
+        elif word == b"DATA" and closing:
+            conn.send(b"451 4.3.0 not now\r\n")
+        elif word == b"DATA":
+            conn.send(b"354 go on\r\n")
+            if conn.message() is None:
+                return
+            conn.send(b"250 2.0.0 queued\r\n")
+        elif word == b"QUIT":
+            conn.send(b"221 bye\r\n")
+            return
+        else:
+            conn.send(b"250 ok\r\n")
+
+
 FAKES = {  # listener/upstream name -> (script, upstream tls mode)
     "inject": (script_inject, "opportunistic"),
     "reset": (script_reset, "opportunistic"),
@@ -67,6 +94,7 @@ FAKES = {  # listener/upstream name -> (script, upstream tls mode)
     "middata": (script_close_after_data_chunk, "none"),
     "tlsgarbage": (script_starttls_garbage, "required"),
     "tlsrefused": (script_starttls_refused, "required"),
+    "closing": (script_421_at_rcpt, "none"),
 }
 
 
@@ -177,4 +205,31 @@ def test_client_disconnects_mid_data(env):
     assert env.sink.connections() == conns + 1
     moved = harness.delta(before, after, "mailflow_upstream_errors_total")
     assert not moved, f"a client going away is not an upstream error:\n{harness.fmt_delta(moved)}"
+    hh.assert_relays(env.daemon, env.ports["good"], env.sink)
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["RCPT", "RCPT+DATA-pipelined"])
+def test_upstream_421_relayed_then_client_closed(env, pipelined):
+    """A 421 from the upstream closes the channel (RFC 5321 3.8, 4.2.2): the client gets the upstream's 421 as
+    it is, and then its session ends, as if it talked to the upstream directly; nothing the upstream says after
+    it (here a 451 to the pipelined DATA) reaches the client. The message delivered before it stays delivered
+    and counted once."""
+    before = env.daemon.metrics()
+    c = hh.greeted(env.ports["closing"])
+    try:
+        code, text = hh.transaction(c, hh.message("before the 421"))
+        assert code == 250, text
+        assert c.cmd(f"MAIL FROM:<{hh.SENDER}>")[0] == 250
+        if pipelined:
+            c.send(b"RCPT TO:<closeme@dest.test>\r\nDATA\r\n")
+            replies = hh.replies_within(c, 1.0)
+        else:
+            replies = [c.cmd("RCPT TO:<closeme@dest.test>")] + hh.replies_within(c, 1.0)
+        assert replies == [(421, "421 4.3.0 fake.test closing transmission channel")], replies
+        assert c.closed_or_error(1.5), "the client session stayed open after the upstream's 421"
+    finally:
+        c.close()
+    harness.assert_counted(env.daemon, before, "internet", "inbound", "none")
+    hh.assert_counter(env.daemon, before, "mailflow_upstream_errors_total", upstream="closing",
+                      reason="connection_lost")
     hh.assert_relays(env.daemon, env.ports["good"], env.sink)

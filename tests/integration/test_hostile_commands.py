@@ -1,7 +1,8 @@
 """Hostile clients in the command phase (INTERFACE.md "What hostile or broken input gets"): over-long lines,
 NUL/8-bit/bare-LF bytes, too many bad commands, commands out of order, too many recipients, a TLS
 ClientHello on the plaintext port, garbage or a too-old TLS version after STARTTLS, plaintext pipelined
-behind STARTTLS (the counter; the behaviour is test_starttls_injection.py). Every case: the exact reply,
+behind STARTTLS (the counter; the behaviour is test_starttls_injection.py), pipelining that RFC 2920 does not
+allow (Postfix's smtpd_forbid_unauth_pipelining). Every case: the exact reply,
 mailflow_rejects_total{reason} (or the handshake-failure counter) moved, and a normal message still relays."""
 import re
 import ssl
@@ -16,17 +17,37 @@ MAX_BAD = 3
 MAX_RCPTS = 2
 
 
+def script_refuse_data(conn):
+    """An upstream that answers DATA with 451 (and everything else with 250)."""
+    conn.send(b"220 fake.test ESMTP fake\r\n")
+    while True:
+        word = conn.line().split(b" ", 1)[0].upper()
+        if word == b"EHLO":
+            conn.send(b"250-fake.test\r\n250 PIPELINING\r\n")
+        elif word == b"DATA":
+            conn.send(b"451 4.3.0 not now\r\n")
+        elif word == b"QUIT":
+            conn.send(b"221 bye\r\n")
+            return
+        else:
+            conn.send(b"250 ok\r\n")
+
+
 @pytest.fixture(scope="module")
 def env(certs, sink_factory, daemon_factory):
     sink = sink_factory("store")
-    port, modern = harness.free_port(), harness.free_port()
+    refuser = hh.FakeUpstream("refuser", script_refuse_data)
+    port, modern, refusing = harness.free_port(), harness.free_port(), harness.free_port()
     modern_tls = {"certificates": harness.listener_tls(certs)["certificates"], "min_version": "TLS1.2"}
     daemon = daemon_factory(
         listeners=[hh.listener("inbound", port, "store", certs),
-                   hh.listener("modern", modern, "store", tls=modern_tls)],
-        upstreams=[hh.plain_upstream("store", sink.port)],
+                   hh.listener("modern", modern, "store", tls=modern_tls),
+                   hh.listener("refusing", refusing, "refuser")],
+        upstreams=[hh.plain_upstream("store", sink.port), hh.plain_upstream("refuser", refuser.port)],
         limits={"drain_timeout": "3s", "max_bad_commands": MAX_BAD, "max_recipients": MAX_RCPTS})
-    return types.SimpleNamespace(sink=sink, daemon=daemon, port=port, modern=modern)
+    yield types.SimpleNamespace(sink=sink, daemon=daemon, port=port, modern=modern, refusing=refusing,
+                                refuser=refuser)
+    refuser.stop()
 
 
 def enhanced(text):
@@ -373,3 +394,88 @@ def test_starttls_sequence_counters(env):
         c.close()
     hh.assert_rejected(env.daemon, before, "bad_sequence")
     hh.assert_rejected(env.daemon, before, "starttls_twice")
+
+
+# ------------------------------------------------------------------------------------------ pipelining
+SMUGGLED = (b"MAIL FROM:<evil@evil.test>\r\nRCPT TO:<victim@dest.test>\r\nDATA\r\n"
+            b"Subject: smuggled\r\n\r\nsmuggled body\r\n.\r\n")
+
+
+@pytest.mark.parametrize("upstream", ["store", "refuser"], ids=["upstream-354", "upstream-451-to-DATA"])
+def test_message_pipelined_behind_data_554_and_close(env, upstream):
+    """DATA must be the last command of a group (RFC 2920): a message sent behind it without waiting for the 354
+    gets 554 5.5.0 and the session ends, whatever the upstream would have answered DATA. Before, with an
+    upstream that refused DATA, each message line was answered as a command and a MAIL/RCPT/DATA in the content
+    ran as a transaction of its own."""
+    before = env.daemon.metrics()
+    n = env.sink.count()
+    port = env.port if upstream == "store" else env.refusing
+    c = hh.greeted(port)
+    try:
+        c.send(f"MAIL FROM:<{hh.SENDER}>\r\nRCPT TO:<{hh.RCPT}>\r\nDATA\r\n".encode()
+               + hh.message("pipelined behind DATA") + b".\r\n" + SMUGGLED)
+        replies = hh.replies_within(c, 1.0)
+        assert [code for code, _ in replies] == [250, 250, 554], replies
+        assert replies[-1][1].startswith("554 5.5.0 "), replies
+        assert "synchronization" in replies[-1][1], replies
+        assert c.closed_or_error(3.0), "the session stayed open after 554"
+    finally:
+        c.close()
+    hh.assert_rejected(env.daemon, before, "unauth_pipelining")
+    harness.assert_not_counted(env.daemon, before, settle=0.3)
+    assert env.sink.count() == n, "a message reached the sink"
+    assert all(b"evil" not in r for r in env.refuser.received), "the content's MAIL reached the upstream"
+    hh.assert_relays(env.daemon, env.port, env.sink)
+
+
+@pytest.mark.parametrize("setup,batch", [
+    ([], b"EHLO client.example.test\r\nMAIL FROM:<s@example.test>\r\n"),
+    (["HELO client.example.test"], b"MAIL FROM:<s@example.test>\r\nRCPT TO:<r@dest.test>\r\n"),
+    (["HELO client.example.test"], b"RSET\r\nNOOP\r\n"),
+    ([], b"RSET\r\nEHLO client.example.test\r\n"),
+    (["EHLO client.example.test"], b"NOOP\r\nMAIL FROM:<s@example.test>\r\n"),
+    (["EHLO client.example.test"], b"VRFY postmaster\r\nNOOP\r\n"),
+    (["EHLO client.example.test"], b"HELO client.example.test\r\nMAIL FROM:<s@example.test>\r\n"),
+], ids=["behind-EHLO", "no-PIPELINING-after-HELO", "RSET-after-HELO", "before-the-EHLO-reply", "behind-NOOP",
+        "behind-VRFY", "behind-HELO"])
+def test_illegal_pipelining_554_and_close(env, setup, batch):
+    """Input waiting behind a command that must end a group (EHLO, HELO, NOOP, VRFY), or behind any command
+    while PIPELINING was not announced to the client: 554 5.5.0 for that command, which is not executed, and
+    close (Postfix 3.9's smtpd_forbid_unauth_pipelining)."""
+    before = env.daemon.metrics()
+    c = harness.RawSmtp(env.port)
+    try:
+        assert c.reply()[0] == 220
+        for s in setup:
+            assert c.cmd(s)[0] == 250, s
+        c.send(batch)
+        replies = hh.replies_within(c, 1.0)
+        assert len(replies) == 1 and replies[0][1].startswith("554 5.5.0 "), replies
+        assert c.closed_or_error(3.0), "the session stayed open after 554"
+    finally:
+        c.close()
+    hh.assert_rejected(env.daemon, before, "unauth_pipelining")
+    hh.assert_relays(env.daemon, env.port, env.sink)
+
+
+def test_pipelining_after_ehlo_relays(env):
+    """What RFC 2920 allows after the EHLO reply announced PIPELINING: MAIL, RCPTs and DATA in one write, then
+    RSET and the next transaction's MAIL in one write. Nothing refused."""
+    before = env.daemon.metrics()
+    n = env.sink.count()
+    data = hh.message("pipelined")
+    c = hh.greeted(env.port)
+    try:
+        c.send(f"MAIL FROM:<{hh.SENDER}>\r\nRCPT TO:<a@dest.test>\r\nRCPT TO:<b@dest.test>\r\nDATA\r\n".encode())
+        assert [c.reply()[0] for _ in range(4)] == [250, 250, 250, 354]
+        c.send(harness.dot_stuff(data) + b".\r\nRSET\r\n" + f"MAIL FROM:<{hh.SENDER}>\r\n".encode())
+        assert [c.reply()[0] for _ in range(3)] == [250, 250, 250]
+        assert c.cmd("QUIT")[0] == 221
+    finally:
+        c.close()
+    meta, _ = env.sink.wait_messages(n + 1)[-1]
+    assert meta["rcpt_tos"] == ["a@dest.test", "b@dest.test"], meta
+    harness.assert_counted(env.daemon, before, "internet", "inbound", "none")
+    after = env.daemon.metrics()
+    assert not harness.delta(before, after, "mailflow_rejects_total"), \
+        harness.fmt_delta(harness.delta(before, after, "mailflow_rejects_total"))

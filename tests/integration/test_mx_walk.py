@@ -12,7 +12,8 @@ upstream_open 3s:
 - a fixed upstream that stalls at EHLO: 451 4.4.2 at 3 s, not after timeouts.command.
 - stsslow.example.net, whose MTA-STS policy host never answers (mta_sts.fetch_timeout 10s): 451 4.4.2 at 3 s.
 - a DNS server that never answers (dns.timeout 8s, upstream_open 2s): 451 4.4.2 at 2 s.
-- address literals: refused with 550 5.1.2 by an mx upstream (nothing looked up), relayed by a fixed one."""
+- address literals: refused with 550 5.1.2 by an mx upstream (nothing looked up), relayed by a fixed one.
+- <postmaster> without a domain: the same (no empty name is looked up)."""
 import shutil
 import sys
 import tempfile
@@ -254,3 +255,32 @@ def test_address_literal_refused_by_mx_upstream_relayed_by_fixed_one(env):
         c.close()
     meta, _ = env.store.wait_messages(n + 1)[-1]
     assert meta["rcpt_tos"] == ["grace@[127.0.0.1]"]
+
+
+def test_postmaster_without_domain_refused_by_mx_upstream_relayed_by_fixed_one(env):
+    """RCPT TO:<postmaster> (RFC 5321 4.5.1: the postmaster of the server it is sent to) has no domain whose MX
+    hosts could be looked up: an mx upstream refuses it with 550 5.1.2 without a lookup; a fixed upstream relays
+    it, the postmaster being its business."""
+    d = env.daemon
+    before = d.metrics()
+    n = env.good.connections()
+    c, (code, text), _ = timed_rcpt(env.ports["out"], "postmaster")
+    try:
+        assert code == 550 and text.startswith("550 5.1.2 "), text
+        assert "no domain" in text, text
+    finally:
+        c.close()
+    after = hh.assert_counter(d, before, "mailflow_rejects_total", listener="out", reason="no_domain")
+    assert not delta(before, after, "mailflow_dns_lookups_total"), \
+        f"an empty domain was looked up: {delta(before, after, 'mailflow_dns_lookups_total')}"
+    assert env.good.connections() == n, "an MX host was connected to"
+
+    n = env.store.count()
+    c = hh.greeted(env.ports["in"])
+    try:
+        code, text = hh.transaction(c, hh.message("postmaster"), sender=SENDER, rcpts=("postmaster",))
+        assert code == 250, text
+    finally:
+        c.close()
+    meta, _ = env.store.wait_messages(n + 1)[-1]
+    assert meta["rcpt_tos"] == ["postmaster"], meta

@@ -153,9 +153,14 @@ struct Relay {
           } else if (fail() || upstream_owes.empty()) {
             txn.on_reply(std::nullopt, lose());
           } else {
-            kept_unanswered = false;
             Reply reply = upstream_owes.front();
             upstream_owes.pop_front();
+            if (reply.code == 421) {  // the upstream closes the channel: lost as at its end of stream
+              const bool idle = lose();
+              txn.on_reply(reply, idle);
+              break;
+            }
+            kept_unanswered = false;
             txn.on_reply(reply);
           }
           break;
@@ -178,7 +183,7 @@ struct Relay {
   }
 
   void command(std::string_view line) {
-    const auto action = session.on_line(line);
+    const auto action = session.on_line(line, false);
     using Kind = ServerSession::ActionKind;
     if (action.kind != Kind::begin_mail && action.kind != Kind::forward_rcpt && action.kind != Kind::begin_data) {
       txn.flush();  // replies go out in command order
@@ -281,7 +286,7 @@ TEST_CASE("a recipient of another route or connector gets 452 4.5.3; one of the 
 TEST_CASE("forced TLS: at MAIL when the connector is certain, else at the route's first RCPT") {
   Relay relay;
   relay.group({"EHLO client.example"});
-  const auto mail = relay.session.on_line("MAIL FROM:<a@example.net>");
+  const auto mail = relay.session.on_line("MAIL FROM:<a@example.net>", false);
   REQUIRE(mail.kind == ServerSession::ActionKind::begin_mail);
   relay.txn.mail(relay.session.last_command().argument, true);
   relay.drive();
@@ -338,6 +343,59 @@ TEST_CASE("DATA refused by the upstream: its reply is relayed and the upstream t
   CHECK(relay.writes.size() == 3);
   CHECK(relay.opens == 2);
   CHECK(relay.delivered == 1);
+}
+
+TEST_CASE("an upstream 421 is relayed as it is and ends the session: nothing is said or sent after it") {
+  for (const bool pipelined : {true, false}) {
+    for (const std::string at : {"MAIL", "RCPT", "DATA", "final"}) {
+      CAPTURE(pipelined);
+      CAPTURE(at);
+      Relay relay;
+      relay.upstream_pipelining = pipelined;
+      bool armed = false;  // from the second transaction on
+      relay.upstream_rule = [at, &armed](std::string_view line) {
+        if (armed && line.starts_with(at) && (at != "RCPT" || line.find("closeme") != std::string_view::npos))
+          return reply_of(421, "4.3.0 mx.example closing transmission channel");
+        if (line.starts_with("DATA")) return reply_of(354, "go ahead");
+        return reply_of(250);
+      };
+      relay.group({"EHLO client.example"});
+      relay.group({"MAIL FROM:<a@example.net>", "RCPT TO:<b@contoso.com>", "DATA"});  // delivered first
+      armed = true;
+      if (at == "final") relay.final_reply = reply_of(421, "4.3.0 mx.example closing transmission channel");
+      const std::size_t told = relay.out.size();
+      relay.group(
+          {"MAIL FROM:<a@example.net>", "RCPT TO:<closeme@contoso.com>", "RCPT TO:<c@contoso.com>", "DATA"});
+      const auto replies = replies_in(std::string_view(relay.out).substr(told));
+      REQUIRE_FALSE(replies.empty());
+      CHECK(replies.back().code == 421);
+      const std::vector<std::string> said{"4.3.0 mx.example closing transmission channel"};
+      CHECK(replies.back().lines == said);
+      for (std::size_t i = 0; i + 1 < replies.size(); ++i) CHECK(replies[i].code != 421);
+      CHECK(relay.txn.closing());
+      CHECK(relay.txn.next() == RelayTransaction::Step::idle);
+      CHECK_FALSE(relay.txn.upstream_in_transaction());
+      CHECK(relay.delivered == 1);  // the message before the 421 stays delivered, once
+    }
+  }
+}
+
+TEST_CASE("a kept connection's 421 before it answered anything is its idle close: replayed, not relayed") {
+  Relay relay;
+  relay.kept_closes = true;
+  int mails = 0;
+  relay.upstream_rule = [&mails](std::string_view line) {
+    if (line.starts_with("MAIL") && ++mails == 2) return reply_of(421, "4.4.2 mx.example timeout exceeded");
+    if (line.starts_with("DATA")) return reply_of(354, "go ahead");
+    return reply_of(250);
+  };
+  relay.group({"EHLO client.example"});
+  relay.group({"MAIL FROM:<a@example.net>", "RCPT TO:<b@contoso.com>", "DATA"});
+  relay.group({"MAIL FROM:<a@example.net>", "RCPT TO:<b@contoso.com>", "DATA"});  // the kept connection: 421
+  CHECK(codes(relay.out) == std::vector<int>{250, 250, 250, 354, 250, 250, 250, 354, 250});
+  CHECK_FALSE(relay.txn.closing());
+  CHECK(relay.opens == 3);  // the first connection, its reuse, the new one for the replay
+  CHECK(relay.delivered == 2);
 }
 
 TEST_CASE("a reused connection whose last transaction is still open gets RSET before the next MAIL") {

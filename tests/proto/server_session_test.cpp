@@ -38,7 +38,7 @@ struct Turn {
 
 void play(ServerSession& s, const Turn& t) {
   INFO("line: " << t.line);
-  const auto a = s.on_line(t.line);
+  const auto a = s.on_line(t.line, false);
   CHECK(a.kind == t.kind);
   CHECK_MESSAGE(a.reply.rfind(t.reply_prefix, 0) == 0, "reply: ", printable(a.reply));
   if (t.reply_prefix.empty()) CHECK(a.reply.empty());
@@ -127,7 +127,7 @@ TEST_CASE("ServerSession: an error injected before each step changes nothing but
       for (std::size_t i = 0; i < script.size(); ++i) {
         if (i == at) {
           const State before = s.state();
-          const auto a = s.on_line(inj.line);
+          const auto a = s.on_line(inj.line, false);
           CHECK(a.kind == Kind::reply);
           CHECK_MESSAGE(a.reply.rfind(inj.reply_prefix, 0) == 0, printable(a.reply));
           CHECK(a.reject_reason == inj.reason);
@@ -324,7 +324,7 @@ TEST_CASE("ServerSession: STARTTLS") {
              {},
              State::need_helo});
     play(s, {"EHLO c", Kind::reply, "250-mx.example.org\r\n", "", {}, State::ready});
-    const auto a = s.on_line("EHLO c");
+    const auto a = s.on_line("EHLO c", false);
     CHECK(a.reply.find("STARTTLS") == std::string::npos);
     CHECK(a.reply.find("250 ENHANCEDSTATUSCODES\r\n") != std::string::npos);
     play(s, {"STARTTLS", Kind::reply, "503 5.5.1 ", "starttls_twice", {}, State::ready});
@@ -333,7 +333,7 @@ TEST_CASE("ServerSession: STARTTLS") {
     auto o = opts();
     o.starttls_available = false;
     ServerSession s(o);
-    const auto a = s.on_line("EHLO c");
+    const auto a = s.on_line("EHLO c", false);
     CHECK(a.reply.find("STARTTLS") == std::string::npos);
     play(s, {"STARTTLS", Kind::reply, "502 5.5.1 ", "starttls_unavailable", {}, State::ready});
     play(s, {"STARTTLS x", Kind::reply, "502 5.5.1 ", "starttls_unavailable", {}, State::ready});
@@ -364,7 +364,7 @@ TEST_CASE("ServerSession: max_bad_commands ends the session with 421") {
   CHECK(a.reply == "421 4.7.0 mx.example.org Error: too many errors\r\n");
   CHECK(a.reject_reason == "too_many_bad_commands");
   CHECK(s.state() == State::closed);
-  const auto after = s.on_line("NOOP");
+  const auto after = s.on_line("NOOP", false);
   CHECK(after.kind == Kind::close);
   CHECK(after.reply.rfind("421 ", 0) == 0);
 }
@@ -381,7 +381,7 @@ TEST_CASE("ServerSession: a line ended by a bare LF is answered once and closes 
     CHECK(a.reply == "500 5.5.2 Error: bare LF in command\r\n");
     CHECK(a.reject_reason == "bare_newline_command");
     CHECK(s.state() == State::closed);
-    const auto after = s.on_line("RCPT TO:<c@d.example>");
+    const auto after = s.on_line("RCPT TO:<c@d.example>", false);
     CHECK(after.kind == Kind::close);
     CHECK(after.reject_reason.empty());
   }
@@ -389,7 +389,7 @@ TEST_CASE("ServerSession: a line ended by a bare LF is answered once and closes 
 
 TEST_CASE("ServerSession: an over-long line ended by a bare LF closes the session without a second reply") {
   ServerSession s(opts());
-  s.on_line("EHLO c");
+  s.on_line("EHLO c", false);
   const auto first = s.on_framing_error(CommandFramer::Kind::too_long);
   CHECK(first.kind == Kind::reply);
   CHECK(first.reply.rfind("500 5.5.2 ", 0) == 0);
@@ -403,12 +403,12 @@ TEST_CASE("ServerSession: an over-long line ended by a bare LF closes the sessio
 TEST_CASE("ServerSession: a pipelining daemon gets the same answers") {
   // MAIL, RCPT, DATA processed before the upstream answered MAIL/RCPT.
   ServerSession s(opts());
-  s.on_line("EHLO c");
-  CHECK(s.on_line("MAIL FROM:<a@b.example>").kind == Kind::begin_mail);
-  CHECK(s.on_line("RCPT TO:<c@d.example>").kind == Kind::forward_rcpt);
-  CHECK(s.on_line("RCPT TO:<e@d.example>").kind == Kind::forward_rcpt);
-  CHECK(s.on_line("RCPT TO:<f@d.example>").kind == Kind::reply);  // over max_recipients (2)
-  CHECK(s.on_line("DATA").kind == Kind::begin_data);
+  s.on_line("EHLO c", false);
+  CHECK(s.on_line("MAIL FROM:<a@b.example>", false).kind == Kind::begin_mail);
+  CHECK(s.on_line("RCPT TO:<c@d.example>", false).kind == Kind::forward_rcpt);
+  CHECK(s.on_line("RCPT TO:<e@d.example>", false).kind == Kind::forward_rcpt);
+  CHECK(s.on_line("RCPT TO:<f@d.example>", false).kind == Kind::reply);  // over max_recipients (2)
+  CHECK(s.on_line("DATA", false).kind == Kind::begin_data);
   s.on_mail_reply(250);
   s.on_rcpt_reply(250);
   s.on_rcpt_reply(550);
@@ -433,7 +433,7 @@ std::vector<std::string> converse(const std::vector<std::string>& chunks) {
       const auto ev = framer.next(buf);
       ServerSession::Action a;
       if (ev.kind == CommandFramer::Kind::line) {
-        a = s.on_line(ev.line);
+        a = s.on_line(ev.line, false);
       } else if (ev.kind != CommandFramer::Kind::need_more) {
         a = s.on_framing_error(ev.kind);
       }
@@ -474,4 +474,85 @@ TEST_CASE("ServerSession behind CommandFramer: a bare LF closes the session at e
   for (const auto& chunks : mailflow::test::splits_of(stream)) {
     CHECK(converse(chunks) == whole);
   }
+}
+
+namespace {
+// A session greeted with `greeting` (nothing waiting behind it), the upstream accepting everything.
+ServerSession greeted_with(const std::string& greeting) {
+  ServerSession s(opts());
+  if (!greeting.empty()) REQUIRE(s.on_line(greeting, false).kind == Kind::reply);
+  return s;
+}
+
+void check_refused_for_pipelining(ServerSession& s, const std::string& line) {
+  INFO("line: " << line);
+  const auto a = s.on_line(line, true);
+  CHECK(a.kind == Kind::close);
+  CHECK(a.reply == "554 5.5.0 Error: SMTP protocol synchronization\r\n");
+  CHECK(a.reject_reason == "unauth_pipelining");
+  CHECK(s.state() == State::closed);
+}
+}  // namespace
+
+TEST_CASE("input behind a command that must end an RFC 2920 group: 554 5.5.0, close, the command not run") {
+  for (const std::string line : {"EHLO c", "HELO c", "NOOP", "VRFY postmaster", "EXPN staff"}) {
+    auto s = greeted_with("EHLO c");
+    check_refused_for_pipelining(s, line);
+  }
+  auto s = greeted_with("EHLO c");
+  CHECK(s.on_line("MAIL FROM:<a@b.example>", true).kind == Kind::begin_mail);
+  s.on_mail_reply(250);
+  CHECK(s.on_line("RCPT TO:<c@d.example>", true).kind == Kind::forward_rcpt);
+  s.on_rcpt_reply(250);
+  // The message sent behind DATA, without waiting for the 354 (or the upstream's refusal of DATA).
+  check_refused_for_pipelining(s, "DATA");
+  CHECK(s.on_line("MAIL FROM:<a@b.example>", false).kind == Kind::close);  // nothing runs after it
+
+  auto before_ehlo = greeted_with("");
+  check_refused_for_pipelining(before_ehlo, "EHLO c");
+}
+
+TEST_CASE("input behind any command while PIPELINING was not announced: 554 5.5.0 and close") {
+  for (const std::string line : {"MAIL FROM:<a@b.example>", "RSET", "HELP", "XYZZY"}) {
+    auto helo = greeted_with("HELO c");
+    check_refused_for_pipelining(helo, line);
+    auto not_greeted = greeted_with("");
+    check_refused_for_pipelining(not_greeted, line);
+  }
+  // After STARTTLS the EHLO reply that announced it no longer holds.
+  auto s = greeted_with("EHLO c");
+  REQUIRE(s.on_line("STARTTLS", false).kind == Kind::start_tls);
+  s.on_tls_started();
+  CHECK_FALSE(s.pipelining_announced());
+  check_refused_for_pipelining(s, "RSET");
+}
+
+TEST_CASE("pipelining RFC 2920 allows after the EHLO reply, and STARTTLS, are not refused") {
+  auto s = greeted_with("EHLO c");
+  CHECK(s.pipelining_announced());
+  CHECK(s.on_line("RSET", true).kind == Kind::reset);
+  CHECK(s.on_line("HELP", true).kind == Kind::reply);
+  const auto unknown = s.on_line("XYZZY", true);  // an ordinary bad command, answered as one
+  CHECK(unknown.reject_reason == "unrecognized_command");
+  CHECK(s.on_line("MAIL FROM:<a@b.example>", true).kind == Kind::begin_mail);
+  s.on_mail_reply(250);
+  CHECK(s.on_line("RCPT TO:<c@d.example>", true).kind == Kind::forward_rcpt);
+  s.on_rcpt_reply(250);
+  CHECK(s.on_line("DATA", false).kind == Kind::begin_data);
+  // STARTTLS keeps its own rule: what was pipelined behind it is the daemon's to discard
+  // (starttls_pipelining).
+  auto helo = greeted_with("HELO c");
+  CHECK(helo.on_line("STARTTLS", true).kind == Kind::start_tls);
+  // QUIT ends the session whatever is behind it (a TLS client's close_notify, say): its 221.
+  auto quitting = greeted_with("HELO c");
+  const auto quit = quitting.on_line("QUIT", true);
+  CHECK(quit.kind == Kind::close);
+  CHECK(quit.reply.starts_with("221 "));
+  CHECK(quit.reject_reason.empty());
+  // A refused STARTTLS discards nothing: the usual rule.
+  auto o = opts();
+  o.starttls_available = false;
+  ServerSession no_tls(o);
+  REQUIRE(no_tls.on_line("HELO c", false).kind == Kind::reply);
+  check_refused_for_pipelining(no_tls, "STARTTLS");
 }
