@@ -11,6 +11,8 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -97,13 +99,18 @@ def test_inherited_socket_without_listener_is_logged_at_start(activated):
 def test_inherited_unix_socket_is_logged_at_start(activated, tmp_path):
     """No listener can take a unix socket (ListenStream=/path): named at start like an unused TCP socket."""
     port = harness.free_port()
-    path = tmp_path / "smtp.sock"
-    proc, stderr, sink = activated(port, extra_listen=(path,))
-    assert harness.swaks(port).rc == 0, harness.tail(stderr)
-    harness.wait_for(lambda: " started " in stderr.read_text(), 10, what="mailflowd started")
-    lines = [line for line in stderr.read_text().splitlines() if "socket_unused" in line]
-    assert len(lines) == 1 and str(path) in lines[0] and " error " in lines[0], \
-        f"expected one socket_unused line naming {path}\n{harness.tail(stderr)}"
+    # A unix socket's path has at most 107 bytes: not under tmp_path, which a long checkout path makes longer.
+    short = Path(tempfile.mkdtemp(prefix="mfd-", dir="/tmp"))
+    path = short / "smtp.sock"
+    try:
+        proc, stderr, sink = activated(port, extra_listen=(path,))
+        assert harness.swaks(port).rc == 0, harness.tail(stderr)
+        harness.wait_for(lambda: " started " in stderr.read_text(), 10, what="mailflowd started")
+        lines = [line for line in stderr.read_text().splitlines() if "socket_unused" in line]
+        assert len(lines) == 1 and str(path) in lines[0] and " error " in lines[0], \
+            f"expected one socket_unused line naming {path}\n{harness.tail(stderr)}"
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
 
 
 def test_reload_without_the_listener_keeps_its_inherited_socket(activated, tmp_path):
