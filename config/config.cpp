@@ -1136,7 +1136,22 @@ class Loader {
     return wildcard ? Clash::this_wildcard : other_wildcard ? Clash::that_wildcard : Clash::none;
   }
 
-  void check_bind(const Endpoint& address, const YAML::Mark& mark, const std::string& path) {
+  // The HTTP server binds "[::]" dual-stack (a listener's "[::]" is IPv6-only): it takes the port on the IPv4
+  // addresses too, so no IPv4 listener can listen beside it.
+  void check_http_dual_stack(const YAML::Mark& mark) {
+    const Endpoint& http = config_.http.address;
+    if (parse_ip_address(http.host) != parse_ip_address("::")) return;
+    for (const auto& other : bound_) {
+      if (other.address.port != http.port || other.address.host.find(':') != std::string::npos) continue;
+      error_at(mark, "http.address: " + quoted(http.text) + " cannot listen beside listener " +
+                         quoted(other.listener) + " on " + quoted(other.address.text) +
+                         " (http.address \"[::]\" takes IPv4 clients too, on every local address)");
+      return;
+    }
+  }
+
+  // False when `address` cannot listen beside one of the listeners (the error is recorded).
+  bool check_bind(const Endpoint& address, const YAML::Mark& mark, const std::string& path) {
     for (const auto& other : bound_) {
       const Clash clash = bind_clash(address, other.address);
       if (clash == Clash::none) continue;
@@ -1149,8 +1164,9 @@ class Loader {
                    " address takes the port on every local address of its family)";
       }
       error_at(mark, std::move(message));
-      return;
+      return false;
     }
+    return true;
   }
 
   void load_listener_tls(const Field& field, const std::string& where, Listener& listener) {
@@ -1449,8 +1465,10 @@ class Loader {
     const auto map = fields(field, "http", "http");
     if (!map) return;
     http_address_given_ = get(*map, "address") != nullptr;
-    if (read_endpoint(*map, "address", "http", config_.http.address, true))
-      check_bind(config_.http.address, get(*map, "address")->value.Mark(), "http.address");
+    if (read_endpoint(*map, "address", "http", config_.http.address, true)) {
+      const YAML::Mark mark = get(*map, "address")->value.Mark();
+      if (check_bind(config_.http.address, mark, "http.address")) check_http_dual_stack(mark);
+    }
     if (const Field* auth = get(*map, "basic_auth")) {
       const auto auth_map = fields(*auth, "http.basic_auth", "http.basic_auth");
       if (auth_map) {

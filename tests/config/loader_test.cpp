@@ -626,6 +626,27 @@ upstreams:
   CHECK(default_http.errors[0].to_string() ==
         "test.yaml:2:24: listeners[0].address: \"0.0.0.0:9725\" cannot listen beside http.address, whose default "
         "is \"127.0.0.1:9725\" (set http.address to another one)");
+
+  // The HTTP server binds "[::]" dual-stack (IPv4 clients too, unlike a listener's IPv6-only "[::]"): it
+  // cannot listen beside an IPv4 listener on its port, while "[::1]" can.
+  const auto dual_stack = load(R"(listeners:
+  - {name: a, address: "0.0.0.0:9725", upstream: up}
+  - {name: b, address: "127.0.0.1:9726", upstream: up}
+upstreams:
+  - {name: up, address: "127.0.0.1:25"}
+http: {address: "[::]:9725"}
+)");
+  INFO(all_errors(dual_stack));
+  REQUIRE(dual_stack.errors.size() == 1);
+  CHECK(dual_stack.errors[0].to_string() ==
+        "test.yaml:6:17: http.address: \"[::]:9725\" cannot listen beside listener \"a\" on \"0.0.0.0:9725\" "
+        "(http.address \"[::]\" takes IPv4 clients too, on every local address)");
+  CHECK(load(R"(listeners:
+  - {name: a, address: "127.0.0.1:9725", upstream: up}
+upstreams:
+  - {name: up, address: "127.0.0.1:25"}
+http: {address: "[::1]:9725"}
+)").errors.empty());
 }
 
 // A fixed upstream on one of mailflowd's own listeners relays each RCPT back into itself, session inside session,
