@@ -512,12 +512,13 @@ class Server : public std::enable_shared_from_this<Server> {
         response.keep_alive(false);
       } else {
         response = co_await handle(parser.get(), settings, peer);
-        if (parser.get().method() == http::verb::head) {
-          // RFC 9110 9.3.2: what a GET gets, Content-Length included, without the body.
-          const auto length = response.body().size();
-          response.body().clear();
-          response.content_length(length);
-        }
+      }
+      // RFC 9110 9.3.2: a HEAD gets what a GET would get, Content-Length included, without the body (a
+      // refused one too, where its start line was read).
+      if (parser.get().method() == http::verb::head) {
+        const auto length = response.body().size();
+        response.body().clear();
+        response.content_length(length);
       }
       beast::get_lowest_layer(stream).expires_after(kWriteTimeout);
       co_await http::async_write(stream, response, asio::redirect_error(asio::use_awaitable, ec));

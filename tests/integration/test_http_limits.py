@@ -2,6 +2,7 @@
 out /metrics and /healthz for everyone else (per-address cap, a deadline for the whole request head), a
 connection over the total cap gets a quick 503, a Transfer-Encoding not ending in chunked gets 400, and every
 refusal is counted in mailflow_http_rejects_total{reason}."""
+import re
 import socket
 import threading
 import time
@@ -249,3 +250,12 @@ def test_a_refused_request_is_told_why(env, data, status, words):
     assert b"\r\nConnection: close" in head and words in body, reply
     after = hx.rejects(hx.metrics(env.port))
     assert after["bad_request"] - before["bad_request"] == 1
+
+
+def test_a_refused_head_has_no_body(env):
+    """A refused HEAD (here a Transfer-Encoding that is not chunked) gets the status and its length, no body."""
+    reply = hx.raw_request(env.port, b"HEAD /metrics HTTP/1.1\r\nHost: mailflowd\r\nTransfer-Encoding: gzip\r\n\r\n")
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), reply
+    assert body == b"", reply
+    assert re.search(rb"\r\nContent-Length: [1-9][0-9]*", head), reply
