@@ -276,6 +276,10 @@ asio::awaitable<bool> UpstreamLeg::reset() {
   if (!co_await write("RSET\r\n", in(config_.timeouts.command))) co_return false;
   const auto reply = co_await read_reply(in(config_.timeouts.command));
   if (!reply) co_return false;
+  if (reply->code == 421) {
+    closing();  // the upstream closes the channel, as at any other command: no refusal of RSET
+    co_return false;
+  }
   if (!reply->positive()) {
     fail("rset_rejected");
     co_return false;

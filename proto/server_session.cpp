@@ -122,10 +122,11 @@ ServerSession::Action ServerSession::refuse_parse_error(const ParsedCommand& par
 
 namespace {
 // RFC 2920 section 3.1: the commands that can only appear as the last command of a group (TURN is not one of
-// ours; QUIT is below).
+// ours; QUIT is below). And BDAT: what follows it at once is its chunk (RFC 3030), which mailflowd,
+// announcing no CHUNKING, cannot frame; a message, never commands.
 bool ends_group(Verb verb) {
   return verb == Verb::ehlo || verb == Verb::helo || verb == Verb::data || verb == Verb::noop ||
-         verb == Verb::vrfy || verb == Verb::expn;
+         verb == Verb::vrfy || verb == Verb::expn || verb == Verb::bdat;
 }
 }  // namespace
 

@@ -81,11 +81,11 @@ class ServerSession {
   // A command line the framer produced (CRLF removed). `input_waiting`: more of the client's input was
   // already received behind it. RFC 2920 allows that only behind a command that may be followed within a
   // group, and only once PIPELINING was announced (the EHLO reply): EHLO, HELO, DATA, NOOP, VRFY and EXPN
-  // must end a group, and a client that got no EHLO reply must wait for every reply. Otherwise the client
-  // talks past the conversation (a message sent behind DATA that the upstream refused would be run as
-  // commands): 554 5.5.0 and close, as Postfix's smtpd_forbid_unauth_pipelining. A STARTTLS that starts TLS
-  // is exempt: what follows it is the daemon's to discard (starttls_pipelining); so is QUIT, which ends the
-  // session anyway.
+  // must end a group (and BDAT, whose chunk mailflowd cannot frame), and a client that got no EHLO reply must
+  // wait for every reply. Otherwise the client talks past the conversation (a message sent behind DATA that
+  // the upstream refused would be run as commands): 554 5.5.0 and close, as Postfix's
+  // smtpd_forbid_unauth_pipelining. A STARTTLS that starts TLS is exempt: what follows it is the daemon's to
+  // discard (starttls_pipelining); so is QUIT, which ends the session anyway.
   Action on_line(std::string_view line, bool input_waiting);
   // A framing problem (CommandFramer::Kind::too_long or bad_newline): one 500 5.5.x reply.
   Action on_framing_error(CommandFramer::Kind kind);

@@ -87,6 +87,30 @@ def script_421_at_rcpt(conn):
             conn.send(b"250 ok\r\n")
 
 
+def script_421_at_rset(conn):
+    """Delivers messages; RSET gets 421 (the upstream closes the channel) and the connection is closed."""
+    conn.send(b"220 fake.test ESMTP fake\r\n")
+    while True:
+        line = conn.line()
+        word = line.split(b" ", 1)[0].upper()
+        if word == b"EHLO":
+            conn.send(b"250-fake.test\r\n250 PIPELINING\r\n")
+        elif word == b"RSET":
+            conn.send(b"421 4.3.0 fake.test closing transmission channel\r\n")
+            conn.sock.close()
+            return
+        elif word == b"DATA":
+            conn.send(b"354 go on\r\n")
+            if conn.message() is None:
+                return
+            conn.send(b"250 2.0.0 queued\r\n")
+        elif word == b"QUIT":
+            conn.send(b"221 bye\r\n")
+            return
+        else:
+            conn.send(b"250 ok\r\n")
+
+
 FAKES = {  # listener/upstream name -> (script, upstream tls mode)
     "inject": (script_inject, "opportunistic"),
     "reset": (script_reset, "opportunistic"),
@@ -95,6 +119,7 @@ FAKES = {  # listener/upstream name -> (script, upstream tls mode)
     "tlsgarbage": (script_starttls_garbage, "required"),
     "tlsrefused": (script_starttls_refused, "required"),
     "closing": (script_421_at_rcpt, "none"),
+    "rsetclosing": (script_421_at_rset, "none"),
 }
 
 
@@ -233,3 +258,26 @@ def test_upstream_421_relayed_then_client_closed(env, pipelined):
     hh.assert_counter(env.daemon, before, "mailflow_upstream_errors_total", upstream="closing",
                       reason="connection_lost")
     hh.assert_relays(env.daemon, env.ports["good"], env.sink)
+
+
+def test_upstream_421_to_rset_is_its_close(env):
+    """The client's RSET is answered here and sent upstream; an upstream that answers it 421 closes the channel
+    (RFC 5321 3.8), as a 421 to any other command does: counted as connection_lost (not as an RSET the upstream
+    refused), and the client's next transaction goes over a new connection."""
+    before = env.daemon.metrics()
+    conns = env.fakes["rsetclosing"].connections()
+    c = hh.greeted(env.ports["rsetclosing"])
+    try:
+        assert c.cmd(f"MAIL FROM:<{hh.SENDER}>")[0] == 250
+        assert c.cmd(f"RCPT TO:<{hh.RCPT}>")[0] == 250
+        assert c.cmd("RSET")[0] == 250
+        code, text = hh.transaction(c, hh.message("after the RSET"))
+        assert code == 250, text
+        assert c.cmd("QUIT")[0] == 221
+    finally:
+        c.close()
+    assert env.fakes["rsetclosing"].connections() == conns + 2
+    after = harness.assert_counted(env.daemon, before, "internet", "inbound", "none")
+    moved = harness.delta(before, after, "mailflow_upstream_errors_total")
+    assert moved == {harness.series_key(upstream="rsetclosing", reason="connection_lost"): 1.0}, \
+        harness.fmt_delta(moved)
