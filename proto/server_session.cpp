@@ -243,8 +243,17 @@ ServerSession::Action ServerSession::dispatch(Step step, const ParsedCommand& pa
     case Step::help:
       a.reply = format_reply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT STARTTLS");
       return a;
-    case Step::not_implemented:
-      return refuse(502, "5.5.1", "Error: command not implemented", "not_implemented");
+    case Step::not_implemented: {
+      Action refused = refuse(502, "5.5.1", "Error: command not implemented", "not_implemented");
+      if (cmd.verb != Verb::bdat) return refused;
+      // BDAT's chunk follows it whatever the reply (RFC 3030 2), and with no CHUNKING announced where it ends
+      // is unknowable: the session ends, so that no byte of it is read as a command (input already behind the
+      // BDAT line is refused before this, as unauth_pipelining).
+      refused.kind = ActionKind::close;
+      state_ = State::closed;
+      clear_transaction();
+      return refused;
+    }
     case Step::unrecognized:
       return refuse_parse_error(parsed, "5.5.2");
     case Step::need_helo_first:

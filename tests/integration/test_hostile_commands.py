@@ -428,6 +428,29 @@ def test_message_pipelined_behind_data_554_and_close(env, upstream):
     hh.assert_relays(env.daemon, env.port, env.sink)
 
 
+def test_bdat_alone_502_and_close(env):
+    """A BDAT whose chunk comes in a later write: it gets its 502, and the session ends there (mailflowd
+    announces no CHUNKING and cannot tell where the chunk ends); before, the chunk's MAIL/RCPT/DATA ran."""
+    before = env.daemon.metrics()
+    n = env.sink.count()
+    c = hh.greeted(env.port)
+    try:
+        c.send(b"BDAT %d LAST\r\n" % len(SMUGGLED))
+        code, text = c.reply()
+        assert code == 502 and text.startswith("502 5.5.1 "), text
+        try:
+            c.send(SMUGGLED)
+        except OSError:
+            pass  # closed already
+        assert hh.replies_within(c, 1.0) == [], "the chunk was answered as commands"
+        assert c.closed_or_error(3.0), "the session stayed open after BDAT"
+    finally:
+        c.close()
+    hh.assert_rejected(env.daemon, before, "not_implemented")
+    assert env.sink.count() == n, "the chunk's message reached the sink"
+    hh.assert_relays(env.daemon, env.port, env.sink)
+
+
 def test_chunk_behind_bdat_554_and_close(env):
     """BDAT's chunk follows the command at once (RFC 3030), and mailflowd announces no CHUNKING: bytes behind a
     BDAT are a message it cannot frame, never commands. 554 5.5.0 and close, as for a message sent behind DATA;

@@ -99,7 +99,6 @@ const std::vector<Injection> injections = {
     {"VRFY root", "502 5.5.1 ", "vrfy_disabled"},
     {"EXPN staff", "502 5.5.1 ", "vrfy_disabled"},
     {"AUTH PLAIN AGFhAGI=", "502 5.5.1 ", "not_implemented"},
-    {"BDAT 10 LAST", "502 5.5.1 ", "not_implemented"},
     {"EHLO", "501 5.5.4 ", "syntax_error"},
 };
 
@@ -382,6 +381,26 @@ TEST_CASE("ServerSession: a line ended by a bare LF is answered once and closes 
     CHECK(a.reject_reason == "bare_newline_command");
     CHECK(s.state() == State::closed);
     const auto after = s.on_line("RCPT TO:<c@d.example>", false);
+    CHECK(after.kind == Kind::close);
+    CHECK(after.reject_reason.empty());
+  }
+}
+
+TEST_CASE("ServerSession: BDAT is refused once and closes the session, its chunk never read as commands") {
+  // No CHUNKING is announced, but a client that sends BDAT sends its chunk behind it whatever the reply
+  // (RFC 3030 2), in the same read or a later one: where the chunk ends is unknowable.
+  const auto script = happy_path();
+  for (std::size_t at = 0; at < script.size(); ++at) {
+    CAPTURE(at);
+    ServerSession s(opts());
+    for (std::size_t i = 0; i < at; ++i) play(s, script[i]);
+    if (s.state() == State::closed) continue;
+    const auto a = s.on_line("BDAT 64 LAST", false);
+    CHECK(a.kind == Kind::close);
+    CHECK(a.reply.starts_with("502 5.5.1 "));
+    CHECK(a.reject_reason == "not_implemented");
+    CHECK(s.state() == State::closed);
+    const auto after = s.on_line("MAIL FROM:<a@b.example>", false);
     CHECK(after.kind == Kind::close);
     CHECK(after.reject_reason.empty());
   }
