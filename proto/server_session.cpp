@@ -122,11 +122,10 @@ ServerSession::Action ServerSession::refuse_parse_error(const ParsedCommand& par
 
 namespace {
 // RFC 2920 section 3.1: the commands that can only appear as the last command of a group (TURN is not one of
-// ours; QUIT is below). And BDAT: what follows it at once is its chunk (RFC 3030), which mailflowd,
-// announcing no CHUNKING, cannot frame; a message, never commands.
+// ours; QUIT is below). BDAT is not one (RFC 3030 lets its chunk follow at once): it ends the session itself.
 bool ends_group(Verb verb) {
   return verb == Verb::ehlo || verb == Verb::helo || verb == Verb::data || verb == Verb::noop ||
-         verb == Verb::vrfy || verb == Verb::expn || verb == Verb::bdat;
+         verb == Verb::vrfy || verb == Verb::expn;
 }
 }  // namespace
 
@@ -246,9 +245,9 @@ ServerSession::Action ServerSession::dispatch(Step step, const ParsedCommand& pa
     case Step::not_implemented: {
       Action refused = refuse(502, "5.5.1", "Error: command not implemented", "not_implemented");
       if (cmd.verb != Verb::bdat) return refused;
-      // BDAT's chunk follows it whatever the reply (RFC 3030 2), and with no CHUNKING announced where it ends
-      // is unknowable: the session ends, so that no byte of it is read as a command (input already behind the
-      // BDAT line is refused before this, as unauth_pipelining).
+      // BDAT's chunk follows it whatever the reply (RFC 3030 2), in the same read or a later one, and with no
+      // CHUNKING announced where it ends is unknowable: the session ends, so that no byte of it is read as a
+      // command.
       refused.kind = ActionKind::close;
       state_ = State::closed;
       clear_transaction();

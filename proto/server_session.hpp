@@ -46,24 +46,25 @@ class ServerSession {
     std::string_view reject_reason;  // non-empty when this is a refusal to count in mailflow_rejects_total
   };
   // reject_reason values (the `reason` label of mailflow_rejects_total), with the reply that carries them:
-  //   bad_sequence           503 5.5.1  MAIL before EHLO/HELO (or after STARTTLS), nested MAIL, RCPT before MAIL,
+  //   bad_sequence           503 5.5.1  MAIL before EHLO/HELO (or after STARTTLS), nested MAIL, RCPT before
+  //   MAIL,
   //                                     DATA before MAIL, STARTTLS inside a transaction
   //   no_valid_recipients    554 5.5.1  DATA after RCPT commands that were all refused
   //   (DATA after MAIL with no RCPT command at all is bad_sequence, 503 5.5.1)
   //   unrecognized_command   500 5.5.2  unknown verb, empty line
   //   bad_bytes              500 5.5.2  NUL, control characters or bytes >= 0x80 in a command
-  //   syntax_error           501 5.5.4  known verb, malformed arguments (EHLO without name, "MAIL TO:", DATA x,
+  //   syntax_error           501 5.5.4  known verb, malformed arguments (EHLO without name, "MAIL TO:", DATA
+  //   x,
   //                                     STARTTLS with an argument)
   //   bad_address            501 5.1.7 (MAIL) / 501 5.1.3 (RCPT)  invalid path syntax
-  //   unknown_parameter      555 5.5.4  MAIL parameter other than SIZE/BODY, any RCPT parameter, bad SIZE value
-  //   message_too_big        552 5.3.4  MAIL SIZE= above max_message_size
-  //   too_many_recipients    452 4.5.3  RCPT beyond max_recipients (not counted as a bad command: 4xx)
-  //   vrfy_disabled          502 5.5.1  VRFY, EXPN
-  //   not_implemented        502 5.5.1  AUTH, BDAT
-  //   starttls_unavailable   502 5.5.1  STARTTLS on a listener without certificates
-  //   starttls_twice         503 5.5.1  STARTTLS when TLS is already active
-  //   line_too_long          500 5.5.2  on_framing_error(too_long)
-  //   bare_newline_command   500 5.5.2  on_framing_error(bad_newline); on_framing_error(bare_lf) answers the
+  //   unknown_parameter      555 5.5.4  MAIL parameter other than SIZE/BODY, any RCPT parameter, bad SIZE
+  //   value message_too_big        552 5.3.4  MAIL SIZE= above max_message_size too_many_recipients 452 4.5.3
+  //   RCPT beyond max_recipients (not counted as a bad command: 4xx) vrfy_disabled          502 5.5.1  VRFY,
+  //   EXPN not_implemented        502 5.5.1  AUTH; BDAT too, with kind close (its chunk follows whatever the
+  //   reply) starttls_unavailable   502 5.5.1  STARTTLS on a listener without certificates starttls_twice
+  //   503 5.5.1  STARTTLS when TLS is already active line_too_long          500 5.5.2
+  //   on_framing_error(too_long) bare_newline_command   500 5.5.2  on_framing_error(bad_newline);
+  //   on_framing_error(bare_lf) answers the
   //                                     same and closes (kind close): the line's tail is never answered;
   //                                     on_framing_error(too_long_bare_lf) closes without a reply (the line
   //                                     had its 500 as too_long)
@@ -81,9 +82,9 @@ class ServerSession {
   // A command line the framer produced (CRLF removed). `input_waiting`: more of the client's input was
   // already received behind it. RFC 2920 allows that only behind a command that may be followed within a
   // group, and only once PIPELINING was announced (the EHLO reply): EHLO, HELO, DATA, NOOP, VRFY and EXPN
-  // must end a group (and BDAT, whose chunk mailflowd cannot frame), and a client that got no EHLO reply must
-  // wait for every reply. Otherwise the client talks past the conversation (a message sent behind DATA that
-  // the upstream refused would be run as commands): 554 5.5.0 and close, as Postfix's
+  // must end a group (BDAT ends the session itself: see not_implemented), and a client that got no EHLO reply
+  // must wait for every reply. Otherwise the client talks past the conversation (a message sent behind DATA
+  // that the upstream refused would be run as commands): 554 5.5.0 and close, as Postfix's
   // smtpd_forbid_unauth_pipelining. A STARTTLS that starts TLS is exempt: what follows it is the daemon's to
   // discard (starttls_pipelining); so is QUIT, which ends the session anyway.
   Action on_line(std::string_view line, bool input_waiting);
