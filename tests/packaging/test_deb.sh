@@ -13,31 +13,12 @@ set -euo pipefail
 build=$1 src=$2 version=$3
 [ "$(id -u)" -eq 0 ] || { echo "SKIP: needs root to install a package"; exit 77; }
 command -v dpkg >/dev/null && command -v cpack >/dev/null || { echo "SKIP: no dpkg/cpack"; exit 77; }
-if dpkg-query -W -f='${Status}' mailflowd 2>/dev/null | grep -q installed; then
-  echo "FAIL: a mailflowd package is already installed here; this test would purge it. Remove it first:"
-  echo "  apt-get purge mailflowd"
-  exit 1
-fi
-
-tmp=$(mktemp -d)
-installed=0
-apt_get() { DEBIAN_FRONTEND=noninteractive apt-get -q -y -o DPkg::Lock::Timeout=300 "$@"; }
-cleanup() {
-  if [ "$installed" -eq 1 ]; then
-    echo "trap: purging mailflowd"
-    apt_get purge mailflowd >/dev/null 2>&1 || dpkg --purge mailflowd || true
-  fi
-  rm -rf "$tmp"
-}
-trap cleanup EXIT
-failures=0
-fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
+. "$(dirname "$0")/deb_lib.sh"
+refuse_if_installed
+deb_test_setup
 
 # --- build --------------------------------------------------------------------------------------
-(cd "$build" && cpack --config CPackConfig.cmake -G DEB -B "$tmp/out") >"$tmp/cpack.log" 2>&1 ||
-  { cat "$tmp/cpack.log"; echo "FAIL: cpack"; exit 1; }
-deb=$(ls "$tmp"/out/mailflowd_"$version"_*.deb 2>/dev/null | head -1)
-[ -n "$deb" ] || { cat "$tmp/cpack.log"; ls -R "$tmp/out"; echo "FAIL: no mailflowd_${version}_*.deb"; exit 1; }
+deb=$(build_deb "$build" "$version")
 echo "ok: built $(basename "$deb") ($(du -h "$deb" | cut -f1))"
 
 # --- contents -----------------------------------------------------------------------------------

@@ -18,28 +18,12 @@ build=$1 version=$2
 [ "$(id -u)" -eq 0 ] || { echo "SKIP: needs root to install a package"; exit 77; }
 command -v dpkg >/dev/null && command -v cpack >/dev/null && command -v unshare >/dev/null ||
   { echo "SKIP: no dpkg/cpack/unshare"; exit 77; }
+. "$(dirname "$0")/deb_lib.sh"
 if [ -z "${MAILFLOW_LIFECYCLE_NS:-}" ]; then
-  if dpkg-query -W -f='${Status}' mailflowd 2>/dev/null | grep -q installed; then
-    echo "FAIL: a mailflowd package is already installed here; this test would purge it. Remove it first:"
-    echo "  apt-get purge mailflowd"
-    exit 1
-  fi
+  refuse_if_installed
   exec unshare --mount --propagation private env MAILFLOW_LIFECYCLE_NS=1 "$0" "$@"
 fi
-
-tmp=$(mktemp -d)
-installed=0
-apt_get() { DEBIAN_FRONTEND=noninteractive apt-get -q -y -o DPkg::Lock::Timeout=300 "$@"; }
-cleanup() {
-  if [ "$installed" -eq 1 ]; then
-    echo "trap: purging mailflowd"
-    apt_get purge mailflowd >/dev/null 2>&1 || dpkg --purge mailflowd || true
-  fi
-  rm -rf "$tmp"
-}
-trap cleanup EXIT
-failures=0
-fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
+deb_test_setup
 
 # --- systemd, as the maintainer scripts see it ----------------------------------------------------------
 mount -t tmpfs mailflowd-test /run/systemd
@@ -69,10 +53,7 @@ apt_get() {  # apt gives dpkg a PATH of its own (DPkg::Path): the stand-ins go f
 systemd_calls() { cat "$tmp/systemd.log"; : >"$tmp/systemd.log"; }  # the calls since the last look
 
 # --- the packages: the build tree's, then two later versions ----------------------------------------------
-(cd "$build" && cpack --config CPackConfig.cmake -G DEB -B "$tmp/out") >"$tmp/cpack.log" 2>&1 ||
-  { cat "$tmp/cpack.log"; echo "FAIL: cpack"; exit 1; }
-v1=$(ls "$tmp"/out/mailflowd_"$version"_*.deb 2>/dev/null | head -1)
-[ -n "$v1" ] || { cat "$tmp/cpack.log"; echo "FAIL: no mailflowd_${version}_*.deb"; exit 1; }
+v1=$(build_deb "$build" "$version")
 repack() {  # repack FROM TO NEW_VERSION [LINE appended to the shipped mailflowd.yaml]
   rm -rf "$tmp/repack" && dpkg-deb -R "$1" "$tmp/repack"
   sed -i "s/^Version: .*/Version: $3/" "$tmp/repack/DEBIAN/control"
