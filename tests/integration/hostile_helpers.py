@@ -170,7 +170,7 @@ class FakeUpstream:
         self.sock.listen(16)
         self.port = self.sock.getsockname()[1]
         self.received = []
-        self.delivered = []  # message contents, for scripts that take mail (Conn.broken_tls_sink)
+        self.delivered = []  # message contents, for scripts that take mail (Conn.serve)
         self.log = []
         self.stopped = False
         self.conns = []
@@ -277,25 +277,26 @@ class Conn:
             else:
                 self.send(b"250 ok\r\n")
 
-    def broken_tls_sink(self):
-        """An SMTP server whose TLS is broken: it offers STARTTLS, answers 220 to it and then sends garbage for a
-        ServerHello (and closes); without STARTTLS it takes mail, each message's content appended to
-        server.delivered."""
-        self.send(b"220 broken-tls.test ESMTP\r\n")
+    def serve(self, on=None, ehlo=b"250-fake.test\r\n250 PIPELINING\r\n"):
+        """A mail server for scripts: greets, answers EHLO with `ehlo`, takes each message (DATA, 354, content
+        appended to server.delivered, 250), QUIT with 221 and anything else with 250, until the peer goes away.
+        `on` maps a command word (b"RCPT") to handler(line) for the script's own behaviour: it returns True when
+        the conversation is over, and a false value to go on; None means "as by default" for this line."""
+        self.send(b"220 fake.test ESMTP fake\r\n")
         while True:
             try:
                 line = self.line()
             except (ConnectionError, OSError):
                 return
             word = line.split(b" ", 1)[0].upper()
-            if word == b"EHLO":
-                self.send(b"250-broken-tls.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n")
-            elif word == b"STARTTLS":
-                self.send(b"220 2.0.0 Ready to start TLS\r\n")
-                self.recv_some()  # the ClientHello
-                self.send(b"this is not a TLS server hello\r\n" * 4)
-                self.sock.close()
+            handler = (on or {}).get(word)
+            verdict = handler(line) if handler else None
+            if verdict:
                 return
+            if verdict is not None:
+                continue
+            if word == b"EHLO":
+                self.send(ehlo)
             elif word == b"DATA":
                 self.send(b"354 go on\r\n")
                 content = self.message()
@@ -308,6 +309,18 @@ class Conn:
                 return
             else:
                 self.send(b"250 ok\r\n")
+
+    def broken_tls_sink(self):
+        """An SMTP server whose TLS is broken: it offers STARTTLS, answers 220 to it and then sends garbage for a
+        ServerHello (and closes); without STARTTLS it takes mail (serve())."""
+        def starttls(_line):
+            self.send(b"220 2.0.0 Ready to start TLS\r\n")
+            self.recv_some()  # the ClientHello
+            self.send(b"this is not a TLS server hello\r\n" * 4)
+            self.sock.close()
+            return True
+
+        self.serve({b"STARTTLS": starttls}, ehlo=b"250-broken-tls.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n")
 
     def reset(self):
         """Closes with an RST (SO_LINGER 0)."""

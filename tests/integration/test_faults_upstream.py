@@ -63,52 +63,32 @@ def script_starttls_refused(conn):
 def script_421_at_rcpt(conn):
     """Delivers messages; a RCPT to closeme@ gets 421 (the upstream closes the channel), and then, as a sloppy
     server does, it goes on talking: DATA gets 451."""
-    conn.send(b"220 fake.test ESMTP fake\r\n")
-    closing = False
-    while True:
-        line = conn.line()
-        word = line.split(b" ", 1)[0].upper()
-        if word == b"EHLO":
-            conn.send(b"250-fake.test\r\n250 PIPELINING\r\n")
-        elif word == b"RCPT" and b"closeme@" in line:
-            closing = True
-            conn.send(b"421 4.3.0 fake.test closing transmission channel\r\n")
-        elif word == b"DATA" and closing:
-            conn.send(b"451 4.3.0 not now\r\n")
-        elif word == b"DATA":
-            conn.send(b"354 go on\r\n")
-            if conn.message() is None:
-                return
-            conn.send(b"250 2.0.0 queued\r\n")
-        elif word == b"QUIT":
-            conn.send(b"221 bye\r\n")
-            return
-        else:
-            conn.send(b"250 ok\r\n")
+    closing = []
+
+    def rcpt(line):
+        if b"closeme@" not in line:
+            return None
+        closing.append(True)
+        conn.send(b"421 4.3.0 fake.test closing transmission channel\r\n")
+        return False
+
+    def data(_line):
+        if not closing:
+            return None
+        conn.send(b"451 4.3.0 not now\r\n")
+        return False
+
+    conn.serve({b"RCPT": rcpt, b"DATA": data})
 
 
 def script_421_at_rset(conn):
     """Delivers messages; RSET gets 421 (the upstream closes the channel) and the connection is closed."""
-    conn.send(b"220 fake.test ESMTP fake\r\n")
-    while True:
-        line = conn.line()
-        word = line.split(b" ", 1)[0].upper()
-        if word == b"EHLO":
-            conn.send(b"250-fake.test\r\n250 PIPELINING\r\n")
-        elif word == b"RSET":
-            conn.send(b"421 4.3.0 fake.test closing transmission channel\r\n")
-            conn.sock.close()
-            return
-        elif word == b"DATA":
-            conn.send(b"354 go on\r\n")
-            if conn.message() is None:
-                return
-            conn.send(b"250 2.0.0 queued\r\n")
-        elif word == b"QUIT":
-            conn.send(b"221 bye\r\n")
-            return
-        else:
-            conn.send(b"250 ok\r\n")
+    def rset(_line):
+        conn.send(b"421 4.3.0 fake.test closing transmission channel\r\n")
+        conn.sock.close()
+        return True
+
+    conn.serve({b"RSET": rset})
 
 
 FAKES = {  # listener/upstream name -> (script, upstream tls mode)
