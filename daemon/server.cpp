@@ -421,10 +421,10 @@ struct Server::Impl {
   // Then the TLS-RPT ledger forgets the reports that tlsrpt.state, now written, no longer holds: a run's own
   // "forget once the store is saved" step is posted to this loop, which does not run again.
   void save_state_now() {
-    auto saved = std::make_shared<std::atomic<bool>>(false);
-    save_state([saved](bool ok) { *saved = ok; });
+    bool saved = false;  // set on the writer thread before wait() returns (it waits for the job's `done`)
+    save_state([&saved](bool ok) { saved = ok; });
     state_writer->wait();
-    if (tlsrpt_sender && *saved) {
+    if (tlsrpt_sender && saved) {
       tlsrpt_sender->forget_reports_saved_gone(std::time(nullptr));
       state_writer->wait();
     }
