@@ -912,7 +912,7 @@ asio::awaitable<void> RelaySession::relay_message() {
         co_await say_goodbye(proto::format_reply(421, "4.4.2", config_.hostname + " Error: timeout exceeded"),
                              "timeout");
       } else {
-        result_ = "disconnected_in_data";
+        result_ = forced_ ? "shutdown" : "disconnected_in_data";  // a stop cut it, or the client went
         close_ = true;
       }
       co_return;

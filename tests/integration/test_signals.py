@@ -265,6 +265,44 @@ def test_drain_timeout_cutting_a_session_is_no_upstream_error(daemon_factory):
         fake.stop()
 
 
+def test_drain_timeout_cutting_a_message_is_a_shutdown(daemon_factory):
+    """The drain timeout closes a session whose client is in the middle of its message: mailflowd cut it, so its
+    session line says result=shutdown (not disconnected_in_data, the client's doing), the upstream gets no message
+    and no upstream error is logged."""
+    got_data = threading.Event()
+
+    def takes_data(conn):
+        if conn.smtp_until(b"DATA") is not None:
+            conn.send(b"354 go on\r\n")
+            got_data.set()
+            conn.message()
+
+    fake = hh.FakeUpstream("takes-data", takes_data)
+    try:
+        port = harness.free_port()
+        d = daemon_factory(listeners=[hh.listener("inbound", port, fake.name)],
+                           upstreams=[hh.plain_upstream(fake.name, fake.port)], name="cut-message",
+                           limits={"drain_timeout": "1s"})
+        c = hh.greeted(port)
+        try:
+            assert c.cmd(f"MAIL FROM:<{hh.SENDER}>")[0] == 250
+            assert c.cmd(f"RCPT TO:<{hh.RCPT}>")[0] == 250
+            assert c.cmd("DATA")[0] == 354
+            c.send(b"Subject: cut\r\n\r\nthe first half")  # and the rest never comes
+            assert got_data.wait(5), fake.log_tail()
+            d.proc.send_signal(signal.SIGTERM)
+            d.proc.wait(15)
+        finally:
+            c.close()
+        log = d.stderr()
+        sessions = [ln for ln in log.splitlines() if " session id=" in ln]
+        assert len(sessions) == 1 and " result=shutdown " in sessions[0], "\n".join(sessions)
+        assert not re.search(r" upstream_error ", log), harness.tail(d.log_path)
+        assert not fake.delivered, fake.log_tail()
+    finally:
+        fake.stop()
+
+
 def stall_after_starttls(conn):
     """An upstream that answers 220 to STARTTLS and never sends a ServerHello."""
     if conn.smtp_until(b"STARTTLS") is not None:
