@@ -2,11 +2,13 @@
 
 #include "daemon/http_server.hpp"
 
+#include <fmt/format.h>
 #include <openssl/crypto.h>
+#include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
 #include <openssl/rand.h>
-#include <fmt/format.h>
+#include <openssl/ssl.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
@@ -22,6 +24,7 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/thread_pool.hpp>
 #include <boost/asio/use_awaitable.hpp>
+#include <boost/asio/write.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 #include <boost/beast/ssl.hpp>
@@ -442,6 +445,8 @@ class Server : public std::enable_shared_from_this<Server> {
         // What OpenSSL refused (plain HTTP from a scraper set to http, not https; no common version) is a bad
         // request; a connection closed without a word (a TCP port check) is none.
         reject(HttpReject::bad_request, peer, "TLS handshake failed: " + ec.message());
+        if (ERR_GET_REASON(ec.value()) == SSL_R_HTTP_REQUEST)
+          co_await refuse_plain_http(get_lowest_layer(*stream));
       }
       if (!ec && co_await serve(*stream, *settings, peer, head_deadline)) {
         beast::get_lowest_layer(*stream).expires_after(kTlsCloseTimeout);
@@ -457,6 +462,26 @@ class Server : public std::enable_shared_from_this<Server> {
       }
       untrack(*id);
     }
+  }
+
+  // A request in plain HTTP on the HTTPS port (a scraper set to http, not https; OpenSSL sent no alert): a
+  // 400 that says so, as nginx's, instead of a closed connection. The rest of the request is read (until the
+  // peer closes, at most kTlsCloseTimeout) so that the close does not reset the connection before the peer
+  // read the answer.
+  static asio::awaitable<void> refuse_plain_http(beast::tcp_stream& stream) {
+    static constexpr std::string_view kBody = "plain HTTP request sent to the HTTPS port: use https://\n";
+    static const std::string answer = fmt::format(
+        "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n"
+        "Connection: close\r\n\r\n{}",
+        kBody.size(), kBody);
+    beast::error_code ec;
+    stream.expires_after(kTlsCloseTimeout);
+    co_await asio::async_write(stream, asio::buffer(answer), asio::redirect_error(asio::use_awaitable, ec));
+    if (ec) co_return;
+    stream.socket().shutdown(tcp::socket::shutdown_send, ec);
+    std::array<char, 1024> discard;
+    while (!ec)
+      co_await stream.async_read_some(asio::buffer(discard), asio::redirect_error(asio::use_awaitable, ec));
   }
 
   // Serves requests until the peer closes, asks to close, or an I/O error. True when a graceful close is due.

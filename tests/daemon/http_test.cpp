@@ -276,9 +276,11 @@ TEST_CASE("http: HTTPS when http.tls is configured") {
   CHECK(res.result_int() == 200);
   CHECK(res.body().find("mailflow_build_info{") != std::string::npos);
 
-  // Plain HTTP to the TLS port gets no HTTP answer, but is no silent failure (a scraper set to http, not https):
-  // counted and logged as a bad request. A connection closed without a byte (a TCP port check) is none.
-  CHECK_THROWS(request(f.server->port(), "/healthz"));
+  // Plain HTTP to the TLS port (a scraper set to http, not https) gets a 400 that says so, and is counted and
+  // logged as a bad request. A connection closed without a byte (a TCP port check) is none.
+  const Reply plain = request(f.server->port(), "/healthz");
+  CHECK(plain.status == 400);
+  CHECK(plain.body.find("plain HTTP request sent to the HTTPS port") != std::string::npos);
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
   while (http_rejects(f.telemetry, "bad_request") < 1.0 && std::chrono::steady_clock::now() < deadline)
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
