@@ -47,6 +47,7 @@
 #include "daemon/telemetry.hpp"
 #include "daemon/tls.hpp"
 #include "daemon/tlsrpt.hpp"
+#include "proto/ascii.hpp"
 
 namespace mailflow {
 namespace {
@@ -502,11 +503,13 @@ class Server : public std::enable_shared_from_this<Server> {
         if (first || parser.got_some()) reject(HttpReject::head_timeout, peer);
         co_return false;
       }
-      bool bad = false;
+      const char* bad = nullptr;  // what is wrong with a request that was read whole
       if (!ec) {
         // RFC 9112 6.3: a request whose Transfer-Encoding does not end in chunked has no knowable length.
         if (parser.get().find(http::field::transfer_encoding) != parser.get().end() && !parser.chunked()) {
-          bad = true;
+          bad = "Transfer-Encoding must end in chunked (RFC 9112 6.3)";
+        } else if (parser.get().version() == 11 && parser.get().count(http::field::host) != 1) {
+          bad = "an HTTP/1.1 request needs one Host header (RFC 9112 3.2)";
         } else {
           beast::get_lowest_layer(stream).expires_after(kBodyTimeout);
           co_await http::async_read(stream, buffer, parser, asio::redirect_error(asio::use_awaitable, ec));
@@ -529,8 +532,8 @@ class Server : public std::enable_shared_from_this<Server> {
           response = plain_response(request, http::status::payload_too_large,
                                     fmt::format("request body over {} KiB\n", kBodyLimit / 1024));
         } else if (bad) {
-          response = plain_response(request, http::status::bad_request,
-                                    "bad request: Transfer-Encoding must end in chunked (RFC 9112 6.3)\n");
+          response =
+              plain_response(request, http::status::bad_request, fmt::format("bad request: {}\n", bad));
         } else {
           response = plain_response(request, http::status::bad_request, "bad request: " + ec.message() + "\n");
         }
@@ -553,8 +556,22 @@ class Server : public std::enable_shared_from_this<Server> {
     }
   }
 
-  asio::awaitable<Response> handle(const Request& request, const Settings& settings, const asio::ip::address& peer) {
+  // The request target in origin form (path and query): RFC 9112 3.2.2 has servers take the absolute form
+  // ("http://host/metrics") too.
+  static std::string_view origin_form(const Request& request) {
     const std::string_view target(request.target().data(), request.target().size());
+    for (const std::string_view scheme : {"http://", "https://"}) {
+      if (proto::ascii_lower(target.substr(0, scheme.size())) == scheme) {
+        const auto slash = target.find_first_of("/?", scheme.size());
+        return slash == std::string_view::npos ? std::string_view("/") : target.substr(slash);
+      }
+    }
+    return target;
+  }
+
+  asio::awaitable<Response> handle(const Request& request, const Settings& settings,
+                                   const asio::ip::address& peer) {
+    const std::string_view target = origin_form(request);
     const std::string_view path = target.substr(0, target.find('?'));
     // The probes (the kubelet's, a load balancer's health check) send no credentials, and their answers say
     // nothing of the data: /readyz guarded made every pod unready, every relay "down", once basic_auth was set.
@@ -600,7 +617,7 @@ class Server : public std::enable_shared_from_this<Server> {
   }
 
   Response route(const Request& request) {
-    const std::string_view target(request.target().data(), request.target().size());
+    const std::string_view target = origin_form(request);
     const auto question = target.find('?');
     const std::string_view path = target.substr(0, question);
     const std::string_view query = question == std::string_view::npos ? std::string_view{} : target.substr(question + 1);

@@ -241,7 +241,10 @@ def test_other_methods_are_405_naming_get_and_head(env):
      b"Transfer-Encoding must end in chunked"),
     (b"GET /healthz HTTP/1.1\r\nHost: mailflowd\r\nContent-Length: 0\r\nContent-Length: 5\r\n\r\n", 400,
      b"bad request: "),
-], ids=["head_over_limit", "body_over_limit", "transfer_encoding", "two_lengths"])
+    # RFC 9112 3.2: an HTTP/1.1 request without a Host header, or with two, gets 400.
+    (b"GET /healthz HTTP/1.1\r\n\r\n", 400, b"needs one Host header"),
+    (b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400, b"needs one Host header"),
+], ids=["head_over_limit", "body_over_limit", "transfer_encoding", "two_lengths", "no_host", "two_hosts"])
 def test_a_refused_request_is_told_why(env, data, status, words):
     before = hx.rejects(hx.metrics(env.port))
     reply = hx.raw_request(env.port, data)
@@ -259,3 +262,13 @@ def test_a_refused_head_has_no_body(env):
     assert head.startswith(b"HTTP/1.1 400 "), reply
     assert body == b"", reply
     assert re.search(rb"\r\nContent-Length: [1-9][0-9]*", head), reply
+
+
+@pytest.mark.parametrize("target", [b"http://mailflowd/healthz", b"HTTP://mailflowd:9100/healthz?x=1"])
+def test_absolute_form_is_served(env, target):
+    """RFC 9112 3.2.2: a server takes the absolute form of the target (what a client sends to a proxy), and an
+    HTTP/1.0 request needs no Host header."""
+    reply = hx.raw_request(env.port, b"GET " + target + b" HTTP/1.1\r\nHost: mailflowd\r\nConnection: close\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 200 ") and reply.endswith(b"\r\n\r\nok"), reply
+    reply = hx.raw_request(env.port, b"GET /healthz HTTP/1.0\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.0 200 ") and reply.endswith(b"\r\n\r\nok"), reply
