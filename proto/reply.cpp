@@ -75,7 +75,10 @@ ReplyParseResult parse_reply(std::string_view input) {
     const std::size_t check = rest.size() < 4 ? rest.size() : 4;
     for (std::size_t i = 0; i < check; ++i) {
       const char c = rest[i];
-      if (i < 3) {
+      if (i == 0) {
+        // RFC 5321 4.2.1: SMTP has no other first digits, and a client SHOULD treat one as a fatal error.
+        if (c < '2' || c > '5') return invalid("reply code outside 2xx-5xx");
+      } else if (i < 3) {
         if (!is_digit(c)) return invalid("reply line does not start with a three-digit code");
       } else if (c != ' ' && c != '-' && c != '\r' && c != '\n') {
         return invalid("bad separator after reply code");

@@ -104,11 +104,18 @@ TEST_CASE("parse_reply: invalid input at every split") {
   check_every_split("250-a\r\n251 b\r\n", {{"invalid"}, "<stopped>"});
   check_every_split("250 ok\r\nxyz\r\n", {{"250|ok", "invalid"}, "<stopped>"});
   check_every_split("250\r0\r\n", {{"invalid"}, "<stopped>"});
+  // RFC 5321 4.2.1: first digits other than 2..5 are out of range (fatal for the client), also behind a
+  // valid reply.
+  check_every_split("650 6.0.0 odd\r\n", {{"invalid"}, "<stopped>"});
+  check_every_split("199 wait\r\n", {{"invalid"}, "<stopped>"});
+  check_every_split("000\r\n", {{"invalid"}, "<stopped>"});
+  check_every_split("250 ok\r\n999 odd\r\n", {{"250|ok", "invalid"}, "<stopped>"});
 }
 
 TEST_CASE("parse_reply: garbage is refused before a newline arrives") {
   CHECK(parse_reply("H").status == ReplyStatus::invalid);
   CHECK(parse_reply("2").status == ReplyStatus::incomplete);
+  CHECK(parse_reply("6").status == ReplyStatus::invalid);
   CHECK(parse_reply("250").status == ReplyStatus::incomplete);
   CHECK(parse_reply("250x").status == ReplyStatus::invalid);
   CHECK(parse_reply("").status == ReplyStatus::incomplete);

@@ -1,0 +1,62 @@
+"""Replies a broken or hostile upstream gives that do not fit the command they answer: a code outside 2xx-5xx
+(RFC 5321 4.2.1: fatal). Each is the upstream out of step: the client gets 451 4.4.2 for the command (never
+the misfit reply, never a 2xx that the upstream did not give to that command), mailflow_upstream_errors_total{reason="protocol"} moves, nothing is counted, and the daemon
+still relays."""
+import types
+
+import pytest
+
+import harness
+import hostile_helpers as hh
+
+
+def answering(verb, reply, ehlo=b"250-fake.test\r\n250 PIPELINING\r\n"):
+    """A mail server whose reply to `verb` is `reply` (bytes), and default otherwise."""
+    def script(conn):
+        def handler(_line):
+            conn.send(reply)
+            return False
+        conn.serve({verb: handler}, ehlo=ehlo)
+    return script
+
+
+FAKES = {
+    "oddrcpt": answering(b"RCPT", b"650 6.0.0 out of range\r\n"),
+}
+
+
+@pytest.fixture(scope="module")
+def env(sink_factory, daemon_factory):
+    sink = sink_factory("store")
+    fakes = {name: hh.FakeUpstream(name, script) for name, script in FAKES.items()}
+    ports = {name: harness.free_port() for name in list(FAKES) + ["good"]}
+    listeners = [hh.listener(name, ports[name], name) for name in list(FAKES) + ["good"]]
+    upstreams = [hh.plain_upstream(name, fake.port) for name, fake in fakes.items()]
+    upstreams.append(hh.plain_upstream("good", sink.port))
+    daemon = daemon_factory(listeners=listeners, upstreams=upstreams,
+                            timeouts={"command": "3s", "upstream_connect": "2s", "data_end": "3s"})
+    yield types.SimpleNamespace(sink=sink, daemon=daemon, ports=ports, fakes=fakes)
+    for f in fakes.values():
+        f.stop()
+
+
+def assert_protocol_error(env, before, name):
+    after = hh.assert_counter(env.daemon, before, "mailflow_upstream_errors_total", upstream=name,
+                              reason="protocol")
+    harness.assert_not_counted(env.daemon, before, settle=0.2)
+    return after
+
+
+@pytest.mark.parametrize("name", ["oddrcpt"])
+def test_rcpt_reply_out_of_class_is_451(env, name):
+    before = env.daemon.metrics()
+    c = hh.greeted(env.ports[name])
+    try:
+        assert c.cmd(f"MAIL FROM:<{hh.SENDER}>")[0] == 250
+        code, text = c.cmd(f"RCPT TO:<{hh.RCPT}>")
+        assert text.startswith("451 4.4.2"), f"RCPT answered {text!r} upstream: the client got {text!r}"
+        assert c.cmd("DATA")[0] in (503, 554), "no recipient was accepted (the transaction is gone)"
+    finally:
+        c.close()
+    assert_protocol_error(env, before, name)
+    hh.assert_relays(env.daemon, env.ports["good"], env.sink)
