@@ -1,5 +1,5 @@
 """Replies a broken or hostile upstream gives that do not fit the command they answer: a code outside 2xx-5xx
-(RFC 5321 4.2.1: fatal). Each is the upstream out of step: the client gets 451 4.4.2 for the command (never
+(RFC 5321 4.2.1: fatal), a 2xx to DATA, a 3xx to RCPT. Each is the upstream out of step: the client gets 451 4.4.2 for the command (never
 the misfit reply, never a 2xx that the upstream did not give to that command), mailflow_upstream_errors_total{reason="protocol"} moves, nothing is counted, and the daemon
 still relays."""
 import types
@@ -22,6 +22,8 @@ def answering(verb, reply, ehlo=b"250-fake.test\r\n250 PIPELINING\r\n"):
 
 FAKES = {
     "oddrcpt": answering(b"RCPT", b"650 6.0.0 out of range\r\n"),
+    "rcpt354": answering(b"RCPT", b"354 go on\r\n"),
+    "data250": answering(b"DATA", b"250 2.0.0 ok\r\n"),
 }
 
 
@@ -47,7 +49,7 @@ def assert_protocol_error(env, before, name):
     return after
 
 
-@pytest.mark.parametrize("name", ["oddrcpt"])
+@pytest.mark.parametrize("name", ["oddrcpt", "rcpt354"])
 def test_rcpt_reply_out_of_class_is_451(env, name):
     before = env.daemon.metrics()
     c = hh.greeted(env.ports[name])
@@ -59,4 +61,19 @@ def test_rcpt_reply_out_of_class_is_451(env, name):
     finally:
         c.close()
     assert_protocol_error(env, before, name)
+    hh.assert_relays(env.daemon, env.ports["good"], env.sink)
+
+
+def test_2xx_to_data_is_451(env):
+    before = env.daemon.metrics()
+    c = hh.greeted(env.ports["data250"])
+    try:
+        assert c.cmd(f"MAIL FROM:<{hh.SENDER}>")[0] == 250
+        assert c.cmd(f"RCPT TO:<{hh.RCPT}>")[0] == 250
+        code, text = c.cmd("DATA")
+        assert text.startswith("451 4.4.2"), f"DATA answered 250 upstream: the client got {text!r}"
+        assert c.cmd("NOOP")[0] == 250
+    finally:
+        c.close()
+    assert_protocol_error(env, before, "data250")
     hh.assert_relays(env.daemon, env.ports["good"], env.sink)

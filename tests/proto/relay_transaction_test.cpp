@@ -161,7 +161,7 @@ struct Relay {
               break;
             }
             kept_unanswered = false;
-            txn.on_reply(reply);
+            if (!txn.on_reply(reply)) drop();  // out of step: the daemon drops it (upstream_errors protocol)
           }
           break;
         case RelayTransaction::Step::send_message:
@@ -414,6 +414,42 @@ TEST_CASE("a reused connection whose last transaction is still open gets RSET be
   CHECK(relay.writes[2] == "MAIL FROM:<a@example.net>\r\nRCPT TO:<b@contoso.com>\r\n");
   CHECK(codes(relay.out) == std::vector<int>{250, 250, 550, 554, 250, 250, 250});
   CHECK(relay.opens == 2);
+}
+
+TEST_CASE("a reply that cannot answer its command is never relayed: 451 4.4.2 and the connection dropped") {
+  struct Case {
+    const char* verb;
+    int code;
+    std::vector<int> client;  // EHLO, MAIL, RCPT, DATA, as the client hears them
+  };
+  for (const Case& c : {Case{"DATA", 250, {250, 250, 250, 451}}, Case{"DATA", 221, {250, 250, 250, 451}},
+                        Case{"DATA", 350, {250, 250, 250, 451}}, Case{"RCPT", 354, {250, 250, 451}},
+                        Case{"MAIL", 354, {250, 250, 451}}}) {
+    CAPTURE(c.verb);
+    CAPTURE(c.code);
+    Relay relay;
+    relay.upstream_pipelining = false;
+    relay.upstream_rule = [&c](std::string_view line) {
+      if (line.starts_with(c.verb)) return reply_of(c.code, "out of step");
+      return line.starts_with("DATA") ? reply_of(354) : reply_of(250);
+    };
+    relay.group({"EHLO client.example"});
+    relay.command("MAIL FROM:<a@example.net>");
+    relay.command("RCPT TO:<b@contoso.com>");
+    if (c.client.size() == 4) relay.command("DATA");
+    CHECK(codes(relay.out) == c.client);
+    CHECK(relay.out.find("out of step") == std::string::npos);
+    CHECK_FALSE(relay.connected);
+    CHECK(relay.delivered == 0);
+  }
+  // The end of the message: a 354 there is no completion.
+  Relay relay;
+  relay.final_reply = reply_of(354, "out of step");
+  relay.group({"EHLO client.example"});
+  relay.group({"MAIL FROM:<a@example.net>", "RCPT TO:<b@contoso.com>", "DATA"});
+  relay.group({});
+  CHECK(codes(relay.out) == std::vector<int>{250, 250, 250, 354, 451});
+  CHECK(relay.delivered == 0);
 }
 
 TEST_CASE("an upstream 4xx or 5xx to the message is relayed and never counted") {
