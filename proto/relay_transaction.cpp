@@ -173,7 +173,7 @@ void RelayTransaction::on_written(bool ok, bool closed_idle) {
   if (!ok) upstream_lost(closed_idle);
 }
 
-bool RelayTransaction::on_reply(std::optional<Reply> reply, bool closed_idle) {
+bool RelayTransaction::on_reply(std::optional<Reply> reply, bool closed_idle, bool followed) {
   // A 421 closes the connection (RFC 5321 3.8): from a kept connection that answered nothing yet, its idle
   // close.
   if (!reply || (reply->code == 421 && closed_idle)) {
@@ -186,9 +186,14 @@ bool RelayTransaction::on_reply(std::optional<Reply> reply, bool closed_idle) {
   }
   const bool refusal = reply->transient() || reply->permanent();
   const bool fits = owed_.front().owed == Owed::data ? reply->code == 354 || refusal : reply->positive() || refusal;
-  if (!fits) {
+  const bool last = std::none_of(owed_.begin() + 1, owed_.end(), [](const Entry& entry) {
+    return entry.owed == Owed::mail || entry.owed == Owed::rcpt || entry.owed == Owed::data;
+  });
+  const bool unasked = followed && last && owed_.front().owed != Owed::final_reply;
+  if (!fits || unasked) {
     // A 250 to DATA relayed would be a 2xx the upstream never gave to a message, a 354 to RCPT a go-ahead for
-    // message bytes that the client's session would run as commands.
+    // message bytes that the client's session would run as commands; a 250 sent behind the 354 would be read
+    // as the message's reply, whatever the upstream answers to the message.
     upstream_lost(false);
     return false;
   }

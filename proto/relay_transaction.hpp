@@ -94,7 +94,11 @@ class RelayTransaction {
   // reply cannot answer the command it was read for (RFC 5321 4.3.2: DATA gets 354 or a refusal, the others a
   // completion or a refusal; a 2xx to DATA, a 3xx to anything else): the upstream is out of step, never
   // relayed; the engine takes the connection as lost, and the caller drops it (upstream_errors protocol).
-  bool on_reply(std::optional<Reply> reply, bool closed_idle = false);
+  // `followed`: the upstream sent more behind the reply, already received. Behind the last reply owed (before
+  // the next command was sent, or the message behind a 354) that is a reply nobody asked for, which would
+  // answer the next command in its place: out of step too. (Behind the reply to the message it is left to the
+  // next transaction's check of a kept connection: the upstream took the message.)
+  bool on_reply(std::optional<Reply> reply, bool closed_idle = false, bool followed = false);
   // The message went through DATA: nullopt when its terminator reached the upstream (its reply is read next);
   // else the reply the client gets instead (message refused here, or the upstream lost on the way), and the
   // upstream connection is gone.

@@ -1,5 +1,6 @@
 """Replies a broken or hostile upstream gives that do not fit the command they answer: a code outside 2xx-5xx
-(RFC 5321 4.2.1: fatal), a 2xx to DATA, a 3xx to RCPT. Each is the upstream out of step: the client gets 451 4.4.2 for the command (never
+(RFC 5321 4.2.1: fatal), a 2xx to DATA, a 3xx to RCPT, and a reply that comes before its command was sent
+(behind the 354, behind a RCPT's reply). Each is the upstream out of step: the client gets 451 4.4.2 for the command (never
 the misfit reply, never a 2xx that the upstream did not give to that command), mailflow_upstream_errors_total{reason="protocol"} moves, nothing is counted, and the daemon
 still relays."""
 import types
@@ -8,6 +9,8 @@ import pytest
 
 import harness
 import hostile_helpers as hh
+
+NO_PIPELINING = b"250 fake.test\r\n"
 
 
 def answering(verb, reply, ehlo=b"250-fake.test\r\n250 PIPELINING\r\n"):
@@ -20,10 +23,34 @@ def answering(verb, reply, ehlo=b"250-fake.test\r\n250 PIPELINING\r\n"):
     return script
 
 
+def script_early_250(conn):
+    """354 with a 250 behind it in the same write (before the message was sent), then 554 to the message."""
+    def data(_line):
+        conn.send(b"354 go on\r\n250 2.0.0 queued before it came\r\n")
+        if conn.message() is None:
+            return True
+        conn.send(b"554 5.7.1 refused after all\r\n")
+        return False
+    conn.serve({b"DATA": data})
+
+
+def script_double_rcpt(conn):
+    """No PIPELINING; the first RCPT is answered twice, nobody@ is refused."""
+    def rcpt(line):
+        if b"nobody@" in line:
+            conn.send(b"550 5.1.1 no such user\r\n")
+        else:
+            conn.send(b"250 2.1.5 ok\r\n250 2.1.5 ok again\r\n")
+        return False
+    conn.serve({b"RCPT": rcpt}, ehlo=NO_PIPELINING)
+
+
 FAKES = {
     "oddrcpt": answering(b"RCPT", b"650 6.0.0 out of range\r\n"),
     "rcpt354": answering(b"RCPT", b"354 go on\r\n"),
     "data250": answering(b"DATA", b"250 2.0.0 ok\r\n"),
+    "early250": script_early_250,
+    "doublercpt": script_double_rcpt,
 }
 
 
@@ -76,4 +103,42 @@ def test_2xx_to_data_is_451(env):
     finally:
         c.close()
     assert_protocol_error(env, before, "data250")
+    hh.assert_relays(env.daemon, env.ports["good"], env.sink)
+
+
+def test_reply_before_the_message_is_no_delivery(env):
+    """A 250 that came before the message was sent is no answer to it: the client must not hear 250 (the
+    upstream refused the message); the 354 it came behind is not relayed either, so no message is sent."""
+    before = env.daemon.metrics()
+    c = hh.greeted(env.ports["early250"])
+    try:
+        assert c.cmd(f"MAIL FROM:<{hh.SENDER}>")[0] == 250
+        assert c.cmd(f"RCPT TO:<{hh.RCPT}>")[0] == 250
+        code, text = c.cmd("DATA")
+        if code == 354:
+            c.send(harness.dot_stuff(hh.message("early 250")))
+            code, text = c.cmd(".")
+            assert code != 250, f"the client was told {text!r} for a message the upstream refused"
+        assert text.startswith("451 4.4.2"), f"DATA answered 354 and 250 at once upstream: the client got {text!r}"
+        assert c.cmd("NOOP")[0] == 250
+    finally:
+        c.close()
+    assert_protocol_error(env, before, "early250")
+    hh.assert_relays(env.daemon, env.ports["good"], env.sink)
+
+
+def test_second_reply_to_rcpt_answers_no_other_command(env):
+    """The upstream answers a RCPT twice (no PIPELINING): its second reply must not become the next RCPT's,
+    which the upstream refused."""
+    before = env.daemon.metrics()
+    c = hh.greeted(env.ports["doublercpt"])
+    try:
+        assert c.cmd(f"MAIL FROM:<{hh.SENDER}>")[0] == 250
+        first = c.cmd(f"RCPT TO:<{hh.RCPT}>")
+        second = c.cmd("RCPT TO:<nobody@dest.test>")
+        assert second[0] != 250, f"nobody@ was refused upstream, the client got {second[1]!r} (first: {first!r})"
+        assert first[1].startswith("451 4.4.2"), f"RCPT answered twice: the client got {first[1]!r}"
+    finally:
+        c.close()
+    assert_protocol_error(env, before, "doublercpt")
     hh.assert_relays(env.daemon, env.ports["good"], env.sink)
