@@ -1,8 +1,9 @@
 """Replies a broken or hostile upstream gives that do not fit the command they answer: a code outside 2xx-5xx
 (RFC 5321 4.2.1: fatal), a 2xx to DATA, a 3xx to RCPT, and a reply that comes before its command was sent
-(behind the 354, behind a RCPT's reply). Each is the upstream out of step: the client gets 451 4.4.2 for the command (never
-the misfit reply, never a 2xx that the upstream did not give to that command), mailflow_upstream_errors_total{reason="protocol"} moves, nothing is counted, and the daemon
-still relays."""
+(behind the 354, behind a RCPT's reply, behind the EHLO reply). Each is the upstream out of step: the client
+gets a 451 for the command (never the misfit reply, never a 2xx that the upstream did not give to that
+command), mailflow_upstream_errors_total{reason="protocol"} moves, nothing is counted, and the daemon still
+relays."""
 import types
 
 import pytest
@@ -45,12 +46,21 @@ def script_double_rcpt(conn):
     conn.serve({b"RCPT": rcpt}, ehlo=NO_PIPELINING)
 
 
+def script_extra_after_ehlo(conn):
+    """No PIPELINING; a 250 nobody asked for behind the EHLO reply, in the same write; every RCPT refused."""
+    def rcpt(_line):
+        conn.send(b"550 5.1.1 no such user\r\n")
+        return False
+    conn.serve({b"RCPT": rcpt}, ehlo=NO_PIPELINING + b"250 2.1.0 unasked\r\n")
+
+
 FAKES = {
     "oddrcpt": answering(b"RCPT", b"650 6.0.0 out of range\r\n"),
     "rcpt354": answering(b"RCPT", b"354 go on\r\n"),
     "data250": answering(b"DATA", b"250 2.0.0 ok\r\n"),
     "early250": script_early_250,
     "doublercpt": script_double_rcpt,
+    "extraehlo": script_extra_after_ehlo,
 }
 
 
@@ -141,4 +151,20 @@ def test_second_reply_to_rcpt_answers_no_other_command(env):
     finally:
         c.close()
     assert_protocol_error(env, before, "doublercpt")
+    hh.assert_relays(env.daemon, env.ports["good"], env.sink)
+
+
+def test_reply_behind_the_ehlo_reply_answers_no_command(env):
+    """A reply behind the EHLO reply, before any command was sent: taken as MAIL's, it shifted every reply by
+    one, and the RCPT the upstream refused heard MAIL's 250. The connection is not used: 451 4.4.1 at RCPT."""
+    before = env.daemon.metrics()
+    c = hh.greeted(env.ports["extraehlo"])
+    try:
+        assert c.cmd(f"MAIL FROM:<{hh.SENDER}>")[0] == 250
+        code, text = c.cmd(f"RCPT TO:<{hh.RCPT}>")
+        assert code != 250, f"the upstream refused the RCPT, the client got {text!r}"
+        assert text.startswith("451 4.4.1"), text
+    finally:
+        c.close()
+    assert_protocol_error(env, before, "extraehlo")
     hh.assert_relays(env.daemon, env.ports["good"], env.sink)
