@@ -185,7 +185,8 @@ bool RelayTransaction::on_reply(std::optional<Reply> reply, bool closed_idle, bo
     return true;
   }
   const bool refusal = reply->transient() || reply->permanent();
-  const bool fits = owed_.front().owed == Owed::data ? reply->code == 354 || refusal : reply->positive() || refusal;
+  const bool fits =
+      owed_.front().owed == Owed::data ? reply->code == 354 || refusal : reply->positive() || refusal;
   const bool last = std::none_of(owed_.begin() + 1, owed_.end(), [](const Entry& entry) {
     return entry.owed == Owed::mail || entry.owed == Owed::rcpt || entry.owed == Owed::data;
   });

@@ -129,7 +129,7 @@ def test_reply_before_the_message_is_no_delivery(env):
             c.send(harness.dot_stuff(hh.message("early 250")))
             code, text = c.cmd(".")
             assert code != 250, f"the client was told {text!r} for a message the upstream refused"
-        assert text.startswith("451 4.4.2"), f"DATA answered 354 and 250 at once upstream: the client got {text!r}"
+        assert text.startswith("451 4.4.2"), f"DATA answered 354 and 250 at once: the client got {text!r}"
         assert c.cmd("NOOP")[0] == 250
     finally:
         c.close()
@@ -146,7 +146,7 @@ def test_second_reply_to_rcpt_answers_no_other_command(env):
         assert c.cmd(f"MAIL FROM:<{hh.SENDER}>")[0] == 250
         first = c.cmd(f"RCPT TO:<{hh.RCPT}>")
         second = c.cmd("RCPT TO:<nobody@dest.test>")
-        assert second[0] != 250, f"nobody@ was refused upstream, the client got {second[1]!r} (first: {first!r})"
+        assert second[0] != 250, f"nobody@ was refused upstream, the client got {second[1]!r} ({first!r})"
         assert first[1].startswith("451 4.4.2"), f"RCPT answered twice: the client got {first[1]!r}"
     finally:
         c.close()

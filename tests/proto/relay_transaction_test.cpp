@@ -168,7 +168,7 @@ struct Relay {
             }
             kept_unanswered = false;
             // What the upstream said behind it has arrived already (UpstreamLeg::unread()).
-            if (!txn.on_reply(reply, false, !upstream_owes.empty())) drop();  // out of step: dropped (protocol)
+            if (!txn.on_reply(reply, false, !upstream_owes.empty())) drop();  // out of step: dropped
           }
           break;
         case RelayTransaction::Step::send_message:
@@ -469,7 +469,8 @@ TEST_CASE("a reply nobody asked for behind the last one owed answers no other co
       relay.answer_twice = verb;
       relay.group({"EHLO client.example"});
       if (pipelining) {
-        relay.group({"MAIL FROM:<a@example.net>", "RCPT TO:<b@contoso.com>", "RCPT TO:<refused@contoso.com>"});
+        relay.group(
+            {"MAIL FROM:<a@example.net>", "RCPT TO:<b@contoso.com>", "RCPT TO:<refused@contoso.com>"});
         relay.group({"DATA"});
       } else {
         relay.command("MAIL FROM:<a@example.net>");
