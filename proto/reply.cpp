@@ -17,12 +17,15 @@ void append_code(std::string& out, int code) {
   out.push_back(static_cast<char>('0' + code % 10));
 }
 
-// Reply text is relayed from upstreams: a CR or LF inside it must never reach the wire as a line break.
+// Reply text is relayed from upstreams: a CR or LF inside it must never reach the wire as a line break, nor
+// another control byte (a NUL, a terminal escape) reach the client at all (RFC 5321 4.2: HT and printable
+// US-ASCII). 8-bit bytes stay: upstreams say UTF-8 text, and clients take it.
 void append_text(std::string& out, std::string_view text) {
   const std::size_t start = out.size();
   out.append(text);
   for (std::size_t i = start; i < out.size(); ++i) {
-    if (out[i] == '\r' || out[i] == '\n') out[i] = ' ';
+    const auto c = static_cast<unsigned char>(out[i]);
+    if ((c < 0x20 && c != '\t') || c == 0x7f) out[i] = ' ';
   }
 }
 

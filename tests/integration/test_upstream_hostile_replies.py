@@ -61,6 +61,7 @@ FAKES = {
     "early250": script_early_250,
     "doublercpt": script_double_rcpt,
     "extraehlo": script_extra_after_ehlo,
+    "ctlrcpt": answering(b"RCPT", b"550 5.1.1 bad \x00\x1b[31m\x7f user\r\n"),
 }
 
 
@@ -168,3 +169,16 @@ def test_reply_behind_the_ehlo_reply_answers_no_command(env):
         c.close()
     assert_protocol_error(env, before, "extraehlo")
     hh.assert_relays(env.daemon, env.ports["good"], env.sink)
+
+
+def test_control_bytes_in_reply_text_never_reach_the_client(env):
+    """The refusal is relayed (its code and words), but not the NUL, the terminal escape or the DEL in its text
+    (RFC 5321 4.2: reply text is HT and printable US-ASCII)."""
+    c = hh.greeted(env.ports["ctlrcpt"])
+    try:
+        assert c.cmd(f"MAIL FROM:<{hh.SENDER}>")[0] == 250
+        code, text = c.cmd(f"RCPT TO:<{hh.RCPT}>")
+    finally:
+        c.close()
+    assert code == 550 and text.startswith("550 5.1.1 bad ") and text.endswith(" user"), repr(text)
+    assert not [ch for ch in text if ord(ch) < 32 or ord(ch) == 127], f"control bytes relayed: {text!r}"

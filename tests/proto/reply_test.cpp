@@ -70,6 +70,10 @@ TEST_CASE("format_reply writes wire form") {
 TEST_CASE("format_reply never lets text break a line") {
   CHECK(format_reply(550, "5.7.1", "evil\r\n250 ok") == "550 5.7.1 evil  250 ok\r\n");
   CHECK(format_reply(Reply{451, {"a\nb", "c\rd"}}) == "451-a b\r\n451 c d\r\n");
+  // Nor carry other control bytes (RFC 5321 4.2: reply text is HT and printable US-ASCII): an upstream's NUL
+  // or terminal escape never reaches the client. HT and 8-bit text (UTF-8 from upstreams) stay.
+  CHECK(format_reply(Reply{550, {std::string("bad \0\x1b[31m\x7f\tuser \xc3\xa4", 19)}}) ==
+        "550 bad   [31m \tuser \xc3\xa4\r\n");
 }
 
 TEST_CASE("format_reply and parse_reply agree") {
