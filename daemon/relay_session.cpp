@@ -786,7 +786,8 @@ asio::awaitable<void> RelaySession::drive(Step step) {
         auto reply = co_await upstream_->read_reply(
             in(data_end ? config_.timeouts.data_end : config_.timeouts.command));
         if (reply && reply->code == 421) upstream_->closing();
-        transaction_->on_reply(std::move(reply), upstream_->closed_idle());
+        if (!transaction_->on_reply(std::move(reply), upstream_->closed_idle(), upstream_->unread()))
+          upstream_->fail("protocol");
         break;
       }
       case Step::send_message:

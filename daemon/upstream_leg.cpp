@@ -713,6 +713,11 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
   for (;;) {
     switch (action.kind) {
       case Kind::send:
+        if (!in_.empty()) {
+          // A reply nobody asked for (behind the banner, the EHLO reply, ...) would answer this command.
+          fail("protocol");
+          co_return false;
+        }
         if (!co_await write(action.data, open_bounded(config_.timeouts.command))) co_return false;
         [[fallthrough]];
       case Kind::read_reply: {
@@ -819,6 +824,10 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
         // reports.
         if (sts != nullptr && !link_->tls_active() && !meets_mta_sts(*sts, tls_name)) {
           reason = "tls_policy";
+          co_return false;
+        }
+        if (!in_.empty()) {
+          fail("protocol");  // as before a command: it would be taken as the first transaction's reply
           co_return false;
         }
         pipelining_ = engine.pipelining();

@@ -85,6 +85,8 @@ class UpstreamLeg {
   // The next reply, within `deadline` however many reads it takes; nullopt when the connection was lost,
   // timed out or sent garbage (dropped and counted).
   boost::asio::awaitable<std::optional<proto::Reply>> read_reply(TimePoint deadline);
+  // The upstream sent more than the replies read so far (already received, no look at the socket).
+  bool unread() const { return !in_.empty(); }
   // RSET; false when refused (rset_rejected), answered 421 (closing()) or lost (the connection is dropped then).
   boost::asio::awaitable<bool> reset();
   // Closes the connection, with QUIT when `polite`; no-op without one.

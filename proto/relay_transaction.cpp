@@ -173,16 +173,30 @@ void RelayTransaction::on_written(bool ok, bool closed_idle) {
   if (!ok) upstream_lost(closed_idle);
 }
 
-void RelayTransaction::on_reply(std::optional<Reply> reply, bool closed_idle) {
+bool RelayTransaction::on_reply(std::optional<Reply> reply, bool closed_idle, bool followed) {
   // A 421 closes the connection (RFC 5321 3.8): from a kept connection that answered nothing yet, its idle
   // close.
   if (!reply || (reply->code == 421 && closed_idle)) {
     upstream_lost(closed_idle);
-    return;
+    return true;
   }
   if (reply->code == 421) {
     upstream_closing(*reply);
-    return;
+    return true;
+  }
+  const bool refusal = reply->transient() || reply->permanent();
+  const bool fits =
+      owed_.front().owed == Owed::data ? reply->code == 354 || refusal : reply->positive() || refusal;
+  const bool last = std::none_of(owed_.begin() + 1, owed_.end(), [](const Entry& entry) {
+    return entry.owed == Owed::mail || entry.owed == Owed::rcpt || entry.owed == Owed::data;
+  });
+  const bool unasked = followed && last && owed_.front().owed != Owed::final_reply;
+  if (!fits || unasked) {
+    // A 250 to DATA relayed would be a 2xx the upstream never gave to a message, a 354 to RCPT a go-ahead for
+    // message bytes that the client's session would run as commands; a 250 sent behind the 354 would be read
+    // as the message's reply, whatever the upstream answers to the message.
+    upstream_lost(false);
+    return false;
   }
   // The upstream answered a command of the transaction: from now on it is its connection's, for better or
   // worse.
@@ -223,6 +237,7 @@ void RelayTransaction::on_reply(std::optional<Reply> reply, bool closed_idle) {
     case Owed::local_rcpt:
       break;  // never at the front here: next() emits them
   }
+  return true;
 }
 
 void RelayTransaction::on_message_end(std::optional<std::string> local_reply) {

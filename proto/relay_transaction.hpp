@@ -90,8 +90,15 @@ class RelayTransaction {
   // false: the upstream was dropped. `closed_idle` (with a failure): the connection was a kept one that the
   // upstream had closed (write error, end of stream or reset) before it answered anything since it was kept.
   void on_written(bool ok, bool closed_idle = false);
-  // nullopt: the upstream was dropped (lost, timeout, garbage); `closed_idle` as for on_written.
-  void on_reply(std::optional<Reply> reply, bool closed_idle = false);
+  // nullopt: the upstream was dropped (lost, timeout, garbage); `closed_idle` as for on_written. False: the
+  // reply cannot answer the command it was read for (RFC 5321 4.3.2: DATA gets 354 or a refusal, the others a
+  // completion or a refusal; a 2xx to DATA, a 3xx to anything else): the upstream is out of step, never
+  // relayed; the engine takes the connection as lost, and the caller drops it (upstream_errors protocol).
+  // `followed`: the upstream sent more behind the reply, already received. Behind the last reply owed (before
+  // the next command was sent, or the message behind a 354) that is a reply nobody asked for, which would
+  // answer the next command in its place: out of step too. (Behind the reply to the message it is left to the
+  // next transaction's check of a kept connection: the upstream took the message.)
+  bool on_reply(std::optional<Reply> reply, bool closed_idle = false, bool followed = false);
   // The message went through DATA: nullopt when its terminator reached the upstream (its reply is read next);
   // else the reply the client gets instead (message refused here, or the upstream lost on the way), and the
   // upstream connection is gone.

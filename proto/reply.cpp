@@ -17,12 +17,15 @@ void append_code(std::string& out, int code) {
   out.push_back(static_cast<char>('0' + code % 10));
 }
 
-// Reply text is relayed from upstreams: a CR or LF inside it must never reach the wire as a line break.
+// Reply text is relayed from upstreams: a CR or LF inside it must never reach the wire as a line break, nor
+// another control byte (a NUL, a terminal escape) reach the client at all (RFC 5321 4.2: HT and printable
+// US-ASCII). 8-bit bytes stay: upstreams say UTF-8 text, and clients take it.
 void append_text(std::string& out, std::string_view text) {
   const std::size_t start = out.size();
   out.append(text);
   for (std::size_t i = start; i < out.size(); ++i) {
-    if (out[i] == '\r' || out[i] == '\n') out[i] = ' ';
+    const auto c = static_cast<unsigned char>(out[i]);
+    if ((c < 0x20 && c != '\t') || c == 0x7f) out[i] = ' ';
   }
 }
 
@@ -75,7 +78,10 @@ ReplyParseResult parse_reply(std::string_view input) {
     const std::size_t check = rest.size() < 4 ? rest.size() : 4;
     for (std::size_t i = 0; i < check; ++i) {
       const char c = rest[i];
-      if (i < 3) {
+      if (i == 0) {
+        // RFC 5321 4.2.1: SMTP has no other first digits, and a client SHOULD treat one as a fatal error.
+        if (c < '2' || c > '5') return invalid("reply code outside 2xx-5xx");
+      } else if (i < 3) {
         if (!is_digit(c)) return invalid("reply line does not start with a three-digit code");
       } else if (c != ' ' && c != '-' && c != '\r' && c != '\n') {
         return invalid("bad separator after reply code");

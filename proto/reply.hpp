@@ -33,8 +33,8 @@ struct ReplyParseResult {
 
 // Parses the first complete reply at the start of `input` (the caller keeps unread bytes and calls again).
 // Lines end in CRLF (a bare LF is tolerated from upstreams). Limits: 2048 octets per line, 100 lines.
-// Invalid: a line that does not start with three digits and ' ', '-' or CRLF, codes that change between lines
-// of one reply, or a limit exceeded.
+// Invalid: a line that does not start with three digits and ' ', '-' or CRLF, a code whose first digit is not
+// 2..5 (RFC 5321 4.2.1), codes that change between lines of one reply, or a limit exceeded.
 ReplyParseResult parse_reply(std::string_view input);
 
 }  // namespace mailflow::proto

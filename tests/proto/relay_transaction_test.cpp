@@ -43,6 +43,8 @@ struct Relay {
     return reply_of(250);
   };
   Reply final_reply = reply_of(250, "queued");
+  // The upstream answers the first command with this verb twice: its reply, then a 250 nobody asked for.
+  std::string_view answer_twice;
   // Losses the way the daemon's UpstreamLeg reports them: `kept_closes`: a failure on a kept connection that
   // has answered nothing since it was kept is its idle close (closed_idle); `close_kept_once`: the next kept
   // connection is found closed at its first reply; `every_loss_closed_idle`: every loss claims to be one (the
@@ -139,6 +141,10 @@ struct Relay {
             const Reply reply = upstream_rule(rest.substr(0, end));
             if (rest.starts_with("RCPT") && reply.positive()) ++upstream_rcpt_2xx;
             upstream_owes.push_back(reply);
+            if (!answer_twice.empty() && rest.starts_with(answer_twice)) {
+              answer_twice = {};
+              upstream_owes.push_back(reply_of(250, "unasked"));
+            }
             rest.remove_prefix(end + 2);
           }
           txn.on_written(true);
@@ -161,7 +167,8 @@ struct Relay {
               break;
             }
             kept_unanswered = false;
-            txn.on_reply(reply);
+            // What the upstream said behind it has arrived already (UpstreamLeg::unread()).
+            if (!txn.on_reply(reply, false, !upstream_owes.empty())) drop();  // out of step: dropped
           }
           break;
         case RelayTransaction::Step::send_message:
@@ -414,6 +421,76 @@ TEST_CASE("a reused connection whose last transaction is still open gets RSET be
   CHECK(relay.writes[2] == "MAIL FROM:<a@example.net>\r\nRCPT TO:<b@contoso.com>\r\n");
   CHECK(codes(relay.out) == std::vector<int>{250, 250, 550, 554, 250, 250, 250});
   CHECK(relay.opens == 2);
+}
+
+TEST_CASE("a reply that cannot answer its command is never relayed: 451 4.4.2 and the connection dropped") {
+  struct Case {
+    const char* verb;
+    int code;
+    std::vector<int> client;  // EHLO, MAIL, RCPT, DATA, as the client hears them
+  };
+  for (const Case& c : {Case{"DATA", 250, {250, 250, 250, 451}}, Case{"DATA", 221, {250, 250, 250, 451}},
+                        Case{"DATA", 350, {250, 250, 250, 451}}, Case{"RCPT", 354, {250, 250, 451}},
+                        Case{"MAIL", 354, {250, 250, 451}}}) {
+    CAPTURE(c.verb);
+    CAPTURE(c.code);
+    Relay relay;
+    relay.upstream_pipelining = false;
+    relay.upstream_rule = [&c](std::string_view line) {
+      if (line.starts_with(c.verb)) return reply_of(c.code, "out of step");
+      return line.starts_with("DATA") ? reply_of(354) : reply_of(250);
+    };
+    relay.group({"EHLO client.example"});
+    relay.command("MAIL FROM:<a@example.net>");
+    relay.command("RCPT TO:<b@contoso.com>");
+    if (c.client.size() == 4) relay.command("DATA");
+    CHECK(codes(relay.out) == c.client);
+    CHECK(relay.out.find("out of step") == std::string::npos);
+    CHECK_FALSE(relay.connected);
+    CHECK(relay.delivered == 0);
+  }
+  // The end of the message: a 354 there is no completion.
+  Relay relay;
+  relay.final_reply = reply_of(354, "out of step");
+  relay.group({"EHLO client.example"});
+  relay.group({"MAIL FROM:<a@example.net>", "RCPT TO:<b@contoso.com>", "DATA"});
+  relay.group({});
+  CHECK(codes(relay.out) == std::vector<int>{250, 250, 250, 354, 451});
+  CHECK(relay.delivered == 0);
+}
+
+TEST_CASE("a reply nobody asked for behind the last one owed answers no other command: 451, dropped") {
+  for (const bool pipelining : {false, true}) {
+    for (const std::string_view verb : {"MAIL", "RCPT", "DATA"}) {
+      CAPTURE(pipelining);
+      CAPTURE(verb);
+      Relay relay;
+      relay.upstream_pipelining = pipelining;
+      relay.answer_twice = verb;
+      relay.group({"EHLO client.example"});
+      if (pipelining) {
+        relay.group(
+            {"MAIL FROM:<a@example.net>", "RCPT TO:<b@contoso.com>", "RCPT TO:<refused@contoso.com>"});
+        relay.group({"DATA"});
+      } else {
+        relay.command("MAIL FROM:<a@example.net>");
+        relay.command("RCPT TO:<b@contoso.com>");
+        relay.command("RCPT TO:<refused@contoso.com>");
+        relay.command("DATA");
+      }
+      if (relay.txn.next() == RelayTransaction::Step::send_message) relay.group({});
+      const auto replies = replies_in(relay.out);
+      REQUIRE(replies.size() >= 4);
+      CHECK(replies[3].code != 250);  // refused@ was refused by the upstream, if it got that far
+      // Inside a pipelined group a reply behind another is no surprise: the shift shows at the group's last
+      // reply, whose command is then lost (451) with the transaction, so that no message follows.
+      if (!pipelining) CHECK(relay.out.find("unasked") == std::string::npos);
+      CHECK(replies.back().code != 354);
+      CHECK(relay.out.find("451 4.4.2") != std::string::npos);
+      CHECK(relay.delivered == 0);
+      CHECK_FALSE(relay.connected);
+    }
+  }
 }
 
 TEST_CASE("an upstream 4xx or 5xx to the message is relayed and never counted") {

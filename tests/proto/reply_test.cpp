@@ -70,6 +70,10 @@ TEST_CASE("format_reply writes wire form") {
 TEST_CASE("format_reply never lets text break a line") {
   CHECK(format_reply(550, "5.7.1", "evil\r\n250 ok") == "550 5.7.1 evil  250 ok\r\n");
   CHECK(format_reply(Reply{451, {"a\nb", "c\rd"}}) == "451-a b\r\n451 c d\r\n");
+  // Nor carry other control bytes (RFC 5321 4.2: reply text is HT and printable US-ASCII): an upstream's NUL
+  // or terminal escape never reaches the client. HT and 8-bit text (UTF-8 from upstreams) stay.
+  CHECK(format_reply(Reply{550, {std::string("bad \0\x1b[31m\x7f\tuser \xc3\xa4", 19)}}) ==
+        "550 bad   [31m \tuser \xc3\xa4\r\n");
 }
 
 TEST_CASE("format_reply and parse_reply agree") {
@@ -104,11 +108,18 @@ TEST_CASE("parse_reply: invalid input at every split") {
   check_every_split("250-a\r\n251 b\r\n", {{"invalid"}, "<stopped>"});
   check_every_split("250 ok\r\nxyz\r\n", {{"250|ok", "invalid"}, "<stopped>"});
   check_every_split("250\r0\r\n", {{"invalid"}, "<stopped>"});
+  // RFC 5321 4.2.1: first digits other than 2..5 are out of range (fatal for the client), also behind a
+  // valid reply.
+  check_every_split("650 6.0.0 odd\r\n", {{"invalid"}, "<stopped>"});
+  check_every_split("199 wait\r\n", {{"invalid"}, "<stopped>"});
+  check_every_split("000\r\n", {{"invalid"}, "<stopped>"});
+  check_every_split("250 ok\r\n999 odd\r\n", {{"250|ok", "invalid"}, "<stopped>"});
 }
 
 TEST_CASE("parse_reply: garbage is refused before a newline arrives") {
   CHECK(parse_reply("H").status == ReplyStatus::invalid);
   CHECK(parse_reply("2").status == ReplyStatus::incomplete);
+  CHECK(parse_reply("6").status == ReplyStatus::invalid);
   CHECK(parse_reply("250").status == ReplyStatus::incomplete);
   CHECK(parse_reply("250x").status == ReplyStatus::invalid);
   CHECK(parse_reply("").status == ReplyStatus::incomplete);
