@@ -1,5 +1,6 @@
 #include "proto/reply.hpp"
 
+#include <algorithm>
 #include <cstring>
 
 namespace mailflow::proto {
@@ -8,6 +9,11 @@ namespace {
 
 constexpr std::size_t max_reply_line = 2048;  // octets including the line ending
 constexpr std::size_t max_reply_lines = 100;
+// What a written reply keeps: RFC 5321 4.5.3.1.5's 512 octets per line (code and CRLF included), and 10
+// lines. An upstream's reply is relayed through here: at the read limits above, 100 pipelined RCPTs answered
+// by a hostile MX piled up 20 MB in one session's output.
+constexpr std::size_t max_written_text = 512 - 6;
+constexpr std::size_t max_written_lines = 10;
 
 void append_code(std::string& out, int code) {
   // Codes outside 000..999 cannot be written as three digits; clamp rather than emit garbage.
@@ -35,11 +41,23 @@ bool is_digit(char c) { return c >= '0' && c <= '9'; }
 
 std::string format_reply(const Reply& reply) {
   std::string out;
-  const std::size_t n = reply.lines.empty() ? 1 : reply.lines.size();
+  const std::size_t total = reply.lines.empty() ? 1 : reply.lines.size();
+  const std::size_t n = std::min(total, max_written_lines);
   for (std::size_t i = 0; i < n; ++i) {
     append_code(out, reply.code);
     out.push_back(i + 1 == n ? ' ' : '-');
-    if (!reply.lines.empty()) append_text(out, reply.lines[i]);
+    if (!reply.lines.empty()) {
+      // The first lines and the last one (where a reply usually ends with what to do about it).
+      std::string_view text = reply.lines[i + 1 == n ? total - 1 : i];
+      if (text.size() > max_written_text) {
+        text = text.substr(0, max_written_text);
+        // Not in the middle of a UTF-8 sequence: back to the start of the cut one.
+        while (!text.empty() && (static_cast<unsigned char>(text.back()) & 0xc0) == 0x80)
+          text.remove_suffix(1);
+        if (!text.empty() && static_cast<unsigned char>(text.back()) >= 0xc0) text.remove_suffix(1);
+      }
+      append_text(out, text);
+    }
     out.append("\r\n");
   }
   return out;

@@ -16,8 +16,9 @@ struct Reply {
   bool permanent() const { return code >= 500 && code < 600; }
 };
 
-// Writes one reply in wire form: "250-first\r\n250 last\r\n". Empty `lines` writes "CODE \r\n"... never:
-// a reply always has at least one line.
+// Writes one reply in wire form: "250-first\r\n250 last\r\n". Empty `lines` writes "CODE \r\n". At most
+// 10 lines (the first 9 and the last) of at most 512 octets (RFC 5321 4.5.3.1.5), so that what an upstream
+// says is relayed in a bounded size; control bytes in the text are written as spaces.
 std::string format_reply(const Reply& reply);
 // Single-line convenience: format_reply(250, "2.0.0", "Ok") == "250 2.0.0 Ok\r\n"; empty enhanced code omitted.
 std::string format_reply(int code, std::string_view enhanced, std::string_view text);

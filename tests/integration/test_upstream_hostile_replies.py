@@ -62,6 +62,8 @@ FAKES = {
     "doublercpt": script_double_rcpt,
     "extraehlo": script_extra_after_ehlo,
     "ctlrcpt": answering(b"RCPT", b"550 5.1.1 bad \x00\x1b[31m\x7f user\r\n"),
+    "bigrcpt": answering(b"RCPT", b"".join(b"550-5.1.1 %d " % i + b"x" * 2000 + b"\r\n" for i in range(99)) +
+                         b"550 5.1.1 the last line\r\n"),
 }
 
 
@@ -182,3 +184,19 @@ def test_control_bytes_in_reply_text_never_reach_the_client(env):
         c.close()
     assert code == 550 and text.startswith("550 5.1.1 bad ") and text.endswith(" user"), repr(text)
     assert not [ch for ch in text if ord(ch) < 32 or ord(ch) == 127], f"control bytes relayed: {text!r}"
+
+
+def test_a_huge_reply_is_relayed_in_ten_lines_of_512_octets(env):
+    """An upstream's refusal of 100 lines of 2 KiB (what the reply parser takes) reaches the client as its first
+    9 lines and its last, each cut to 512 octets (RFC 5321 4.5.3.1.5): a hostile MX answering 100 pipelined
+    RCPTs so piled up 20 MB in one session."""
+    c = hh.greeted(env.ports["bigrcpt"])
+    try:
+        assert c.cmd(f"MAIL FROM:<{hh.SENDER}>")[0] == 250
+        code, text = c.cmd(f"RCPT TO:<{hh.RCPT}>")
+    finally:
+        c.close()
+    lines = text.split("\n")
+    assert code == 550 and len(lines) == 10, f"{len(lines)} lines, {len(text)} characters"
+    assert all(len(line) + 2 <= 512 for line in lines), [len(line) for line in lines]
+    assert lines[0].startswith("550-5.1.1 0 xxx") and lines[-1] == "550 5.1.1 the last line", lines[-1]

@@ -76,6 +76,33 @@ TEST_CASE("format_reply never lets text break a line") {
         "550 bad   [31m \tuser \xc3\xa4\r\n");
 }
 
+TEST_CASE("format_reply writes at most 10 lines of 512 octets") {
+  // What a hostile upstream can make parse_reply take (100 lines of 2 KiB) is relayed in 10 lines of 512
+  // octets (RFC 5321 4.5.3.1.5): the first 9 and the last.
+  Reply big{550, {}};
+  for (int i = 0; i < 100; ++i) big.lines.push_back(std::to_string(i) + " " + std::string(2000, 'x'));
+  const std::string wire = format_reply(big);
+  std::vector<std::string> lines;
+  for (std::size_t at = 0; at < wire.size();) {
+    const auto end = wire.find("\r\n", at);
+    REQUIRE(end != std::string::npos);
+    lines.push_back(wire.substr(at, end + 2 - at));
+    at = end + 2;
+  }
+  REQUIRE(lines.size() == 10);
+  for (const auto& line : lines) CHECK(line.size() == 512);
+  CHECK(lines[0].starts_with("550-0 xxx"));
+  CHECK(lines[8].starts_with("550-8 xxx"));
+  CHECK(lines[9].starts_with("550 99 xxx"));
+  // A cut never splits a UTF-8 sequence.
+  const std::string cut = format_reply(Reply{550, {std::string(505, 'a') + "\xc3\xa4"}});
+  CHECK(cut == "550 " + std::string(505, 'a') + "\r\n");
+  // Ten lines or fewer, each short: as they were.
+  Reply ten{250, {}};
+  for (int i = 0; i < 10; ++i) ten.lines.push_back("line " + std::to_string(i));
+  CHECK(parse_reply(format_reply(ten)).reply.lines == ten.lines);
+}
+
 TEST_CASE("format_reply and parse_reply agree") {
   Reply r{250, {"mx", "PIPELINING", "", "8BITMIME"}};
   const std::string wire = format_reply(r);
