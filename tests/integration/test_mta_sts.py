@@ -111,6 +111,24 @@ def wrong_name_https(certs):
 
 
 @pytest.fixture(scope="module")
+def cn_only_https(certs, workdir):
+    """A certificate from the test CA whose only name is its subject CN, mta-sts.ok.policy.example.net: no
+    subjectAltName (RFC 8461 3.3: only DNS-IDs count)."""
+    server = serve(*harness.ca_signed_cert(certs, workdir, "cn-only", ["mta-sts.ok.policy.example.net"], san=False))
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def wildcard_https(certs, workdir):
+    """A certificate from the test CA for *.ok.policy.example.net: a wildcard as the whole left-most label is valid
+    for mta-sts.ok.policy.example.net (RFC 8461 3.3)."""
+    server = serve(*harness.ca_signed_cert(certs, workdir, "wildcard", ["*.ok.policy.example.net"]))
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
 def rogue_https(certs):
     """A certificate for the right names from a CA that is not trusted."""
     server = serve(certs / "rogue.pem", certs / "rogue.key")
@@ -195,10 +213,15 @@ def test_slow_server_is_bounded_by_fetch_timeout(mailflowd_bin, config, https):
     assert 1400 <= r["elapsed_ms"] < 3500
 
 
-@pytest.mark.parametrize("server", ["wrong_name_https", "rogue_https"])
+@pytest.mark.parametrize("server", ["wrong_name_https", "rogue_https", "cn_only_https"])
 def test_certificate_that_does_not_verify_is_webpki_invalid(mailflowd_bin, config, server, request):
     r = fetch(mailflowd_bin, config, "ok.policy.example.net", request.getfixturevalue(server))
     assert (r["exit"], r["fetch"], r["policy"]) == (3, "webpki_invalid", None), r
+
+
+def test_wildcard_certificate_for_the_policy_host_is_valid(mailflowd_bin, config, wildcard_https):
+    r = fetch(mailflowd_bin, config, "ok.policy.example.net", wildcard_https)
+    assert (r["exit"], r["fetch"]) == (0, "ok"), r
 
 
 def test_lookup_txt_then_policy_and_the_cache_in_state_dir(mailflowd_bin, config, https, workdir):
