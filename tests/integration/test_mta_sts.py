@@ -34,6 +34,9 @@ BEHAVIOUR = {
     "mta-sts.slow.policy.example.net": ("slow", "text/plain", POLICY),
     "mta-sts.invalid.policy.example.net": ("200", "text/plain", "version: STSv1\r\nmode: strict\r\nmax_age: 1\r\n"),
     "mta-sts.missing.policy.example.net": ("404", "text/plain", "not found"),
+    # RFC 8461 3.2: a field other than mx given again is ignored, the first counts.
+    "mta-sts.dup.policy.example.net": ("200", "text/plain", "version: STSv1\nmode: enforce\nmode: none\n"
+                                       "mx: mx.dup.policy.example.net\nmax_age: 600\nmax_age: x\n"),
 }
 NAMES = sorted(BEHAVIOUR)
 
@@ -49,6 +52,7 @@ _mta-sts.two   TXT   "v=STSv1; id=1;"
 _mta-sts.two   TXT   "v=STSv1; id=2;"
 _mta-sts.bad   TXT   "v=STSv1; id=not-alnum;"
 _mta-sts.slow  TXT   "v=STSv1; id=1;"
+_mta-sts.dup   TXT   "v=STSv1; id=first; id=second;"
 """
 
 
@@ -238,6 +242,10 @@ def test_lookup_txt_then_policy_and_the_cache_in_state_dir(mailflowd_bin, config
     # A multi-string TXT record ("v=STSv1; " "id=split2;") is one record.
     lf = mta_sts(mailflowd_bin, config, "lf.policy.example.net", "--connect", https)
     assert (lf["mode"], lf["id"]) == ("testing", "split2"), lf
+    # A field given again, in the TXT record or the policy: the first counts (RFC 8461 3.2).
+    dup = mta_sts(mailflowd_bin, config, "dup.policy.example.net", "--connect", https)
+    assert (dup["exit"], dup["mode"], dup["id"], dup["failure"]) == (0, "enforce", "first", None), dup
+    assert dup["policy"] == {"mode": "enforce", "max_age": 600, "mx": ["mx.dup.policy.example.net"]}, dup
 
 
 def test_lookup_failures_as_tlsrpt_names_them(mailflowd_bin, config, https, rogue_https):
