@@ -34,6 +34,10 @@ BEHAVIOUR = {
     "mta-sts.slow.policy.example.net": ("slow", "text/plain", POLICY),
     "mta-sts.invalid.policy.example.net": ("200", "text/plain", "version: STSv1\r\nmode: strict\r\nmax_age: 1\r\n"),
     "mta-sts.missing.policy.example.net": ("404", "text/plain", "not found"),
+    # An extension field's value may be UTF-8 (RFC 8461 3.2, sts-policy-vchar).
+    "mta-sts.utf8.policy.example.net": ("200", "text/plain; charset=utf-8",
+                                        "version: STSv1\nmode: enforce\nmx: mx.utf8.policy.example.net\n"
+                                        "max_age: 600\ncomment: Gr\u00fc\u00dfe aus K\u00f6ln\n"),
     # RFC 8461 3.2: a field other than mx given again is ignored, the first counts.
     "mta-sts.dup.policy.example.net": ("200", "text/plain", "version: STSv1\nmode: enforce\nmode: none\n"
                                        "mx: mx.dup.policy.example.net\nmax_age: 600\nmax_age: x\n"),
@@ -187,6 +191,9 @@ def test_policy_fetched_verified_and_parsed(mailflowd_bin, config, https):
     assert Handler.requests == [("mta-sts.ok.policy.example.net", "/.well-known/mta-sts.txt")]
     lf = fetch(mailflowd_bin, config, "lf.policy.example.net", https)
     assert lf["policy"] == {"mode": "testing", "max_age": 600, "mx": ["mx.lf.policy.example.net"]}
+    utf8 = fetch(mailflowd_bin, config, "utf8.policy.example.net", https)
+    assert (utf8["exit"], utf8["fetch"]) == (0, "ok"), utf8
+    assert utf8["policy"] == {"mode": "enforce", "max_age": 600, "mx": ["mx.utf8.policy.example.net"]}
 
 
 @pytest.mark.parametrize("domain, detail", [

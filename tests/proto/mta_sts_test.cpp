@@ -83,6 +83,13 @@ TEST_CASE("mta-sts policy: the RFC's example, CRLF or LF, in any order, unknown 
   CHECK(none->mode == Mode::none);
   CHECK(none->mx.empty());
   CHECK(parse_policy("version: STSv1\nmode: none\nmax_age: 31557600\n", error).has_value());
+  // An extension's value may be UTF-8 (sts-policy-vchar includes UTF8-2/3/4); it is ignored all the same.
+  const auto utf8 = parse_policy("version: STSv1\nmode: enforce\nmx: mx.example\nmax_age: 60\n"
+                                 "comment: Gr\xc3\xbc\xc3\x9f\x65 aus K\xc3\xb6ln \xe2\x9c\x89\n",
+                                 error);
+  REQUIRE_MESSAGE(utf8.has_value(), error);
+  CHECK(utf8->mode == Mode::enforce);
+  CHECK(utf8->lines.size() == 4);
 }
 
 TEST_CASE("mta-sts policy: a field other than mx given again - the first counts, the others are ignored") {
@@ -123,8 +130,10 @@ TEST_CASE("mta-sts policy: missing fields, bad values, binary and huge bodies ar
       {"version: STSv1\nmode enforce\n", "not a \"key: value\" line (line 2)"},
       {"version: STSv1\n: enforce\n", "malformed key (line 2)"},
       {std::string("version: STSv1\nmode: enforce\0\nmx: a.example\nmax_age: 1\n", 50),
-       "a byte that is not printable ASCII (line 2)"},
-      {"version: STSv1\nmode: enforce\nmx: \xc3\xa9.example\nmax_age: 1\n", "a byte that is not printable ASCII (line 3)"},
+       "a control byte (line 2)"},
+      {"version: STSv1\nmode: enforce\nmx: \xc3\xa9.example\nmax_age: 1\n", "mx must be a host name or *.domain (line 3)"},
+      {"version: STSv1\nmode: enforce\xc2\xa0\nmx: a.example\nmax_age: 1\n", "mode must be enforce, testing or none (line 2)"},
+      {"version: STSv1\nmode: enforce\nmx: a.example\nmax_age: 1\nnote: a\x7f\n", "a control byte (line 5)"},
       {"<html><body>Not found</body></html>", "not a \"key: value\" line (line 1)"},
       {"", "missing version"},
   };
