@@ -220,7 +220,7 @@ def test_invalid_policy(mailflowd_bin, config, https):
 def test_slow_server_is_bounded_by_fetch_timeout(mailflowd_bin, config, https):
     r = fetch(mailflowd_bin, config, "slow.policy.example.net", https)
     assert (r["exit"], r["fetch"]) == (3, "fetch_error"), r
-    assert "timed out" in r["detail"]
+    assert r["detail"] == "timed out reading the policy from mta-sts.slow.policy.example.net", r
     assert 1400 <= r["elapsed_ms"] < 3500
 
 
