@@ -154,8 +154,8 @@ std::optional<Policy> parse_policy(std::string_view body, std::string& error) {
       error = "empty line" + where;
       return std::nullopt;
     }
-    // No control bytes. Bytes over 0x7e are allowed: an extension's value may be UTF-8 (sts-policy-vchar); the
-    // known keys' own checks refuse them in their values.
+    // No control bytes. Bytes over 0x7e are allowed: an extension's value may be UTF-8 (sts-policy-vchar);
+    // the known keys' own checks refuse them in their values.
     for (const char c : line) {
       const auto u = static_cast<unsigned char>(c);
       if ((u < 0x20 && c != '\t') || u == 0x7f) {

@@ -45,10 +45,11 @@ struct Policy {
   bool operator==(const Policy&) const = default;
 };
 
-// Section 3.2: "key: value" lines separated by LF or CRLF; version STSv1, mode and max_age required, mx at least
-// once unless mode is none; unknown keys ignored; a version, mode or max_age given again is ignored (the first
-// counts); an invalid value of a known key, a line that is not key: value, a control byte or a body over
-// max_policy_bytes make the whole policy invalid (nullopt, `error` says why). An extension's value may be UTF-8.
+// Section 3.2: "key: value" lines separated by LF or CRLF; version STSv1, mode and max_age required, mx at
+// least once unless mode is none; unknown keys ignored; a version, mode or max_age given again is ignored
+// (the first counts); an invalid value of a known key, a line that is not key: value, a control byte or a
+// body over max_policy_bytes make the whole policy invalid (nullopt, `error` says why). An extension's value
+// may be UTF-8.
 std::optional<Policy> parse_policy(std::string_view body, std::string& error);
 
 // Section 4.1: `host` (an MX host name, any case, trailing dot allowed) matches `pattern` when equal, or when

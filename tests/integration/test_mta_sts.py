@@ -122,15 +122,16 @@ def wrong_name_https(certs):
 def cn_only_https(certs, workdir):
     """A certificate from the test CA whose only name is its subject CN, mta-sts.ok.policy.example.net: no
     subjectAltName (RFC 8461 3.3: only DNS-IDs count)."""
-    server = serve(*harness.ca_signed_cert(certs, workdir, "cn-only", ["mta-sts.ok.policy.example.net"], san=False))
+    cert = harness.ca_signed_cert(certs, workdir, "cn-only", ["mta-sts.ok.policy.example.net"], san=False)
+    server = serve(*cert)
     yield f"127.0.0.1:{server.server_address[1]}"
     server.shutdown()
 
 
 @pytest.fixture(scope="module")
 def wildcard_https(certs, workdir):
-    """A certificate from the test CA for *.ok.policy.example.net: a wildcard as the whole left-most label is valid
-    for mta-sts.ok.policy.example.net (RFC 8461 3.3)."""
+    """A certificate from the test CA for *.ok.policy.example.net: a wildcard as the whole left-most label is
+    valid for mta-sts.ok.policy.example.net (RFC 8461 3.3)."""
     server = serve(*harness.ca_signed_cert(certs, workdir, "wildcard", ["*.ok.policy.example.net"]))
     yield f"127.0.0.1:{server.server_address[1]}"
     server.shutdown()

@@ -266,7 +266,8 @@ def env(certs, workdir, short_dir, sink_factory, daemon_factory):
         for name, address in (("refuse", REFUSE_MX), ("close", CLOSE_MX)):
             cert, key = harness.ca_signed_cert(certs, workdir, f"mx-{name}", [f"mx.{name}.{ORIGIN}"], chain=True)
             scripted[name] = ScriptedMx(address, port, cert, key, after_tls=name)
-        cert, key = harness.ca_signed_cert(certs, workdir, "mx-cnonly", [f"mx.cnonly.{ORIGIN}"], chain=True, san=False)
+        cert, key = harness.ca_signed_cert(certs, workdir, "mx-cnonly", [f"mx.cnonly.{ORIGIN}"], chain=True,
+                                           san=False)
         scripted["cnonly"] = ScriptedMx(CNONLY_MX, port, cert, key)
         listeners = [{"name": "out", "address": f"127.0.0.1:{port}", "direction": "outbound",
                       "upstream": "internet"}]
