@@ -3,7 +3,9 @@ HTTPS server on loopback (python's ssl, a certificate from the test CA), and the
 real authoritative server (knotd). Covers what the MX walk gets: a policy, or a failure as TLS-RPT names it
 (sts-policy-fetch-error for redirects, wrong Content-Type, oversized bodies - also one that comes in the same
 write as the head - and a slow server;
-sts-webpki-invalid for a certificate that does not verify; sts-policy-invalid), and the cache in state_dir.
+sts-webpki-invalid for a certificate that does not verify - also one that names the host in its CN only;
+sts-policy-invalid), fields given twice and UTF-8 extension values (RFC 8461 3.2), and the cache in state_dir
+(a policy that cannot be refreshed is kept until it expires, RFC 8461 5.1).
 (The zone is under example.net, not .test: libunbound answers .test itself with NXDOMAIN, RFC 6761.)"""
 import http.server
 import json
@@ -267,6 +269,24 @@ def test_lookup_failures_as_tlsrpt_names_them(mailflowd_bin, config, https, rogu
     assert (slow["mode"], slow["failure"]) == ("none", "sts-policy-fetch-error"), slow
     rogue = mta_sts(mailflowd_bin, config, "ok.policy.example.net", "--connect", rogue_https)
     assert (rogue["mode"], rogue["failure"]) == ("none", "sts-webpki-invalid"), rogue
+
+
+@pytest.mark.parametrize("expires_in, mode, from_cache", [(3600, "enforce", True), (-1, "none", False)])
+def test_a_policy_that_cannot_be_refreshed_is_kept_until_it_expires(mailflowd_bin, config, workdir, expires_in,
+                                                                     mode, from_cache):
+    """RFC 8461 5.1: the TXT record names a new id and the fetch fails (nothing listens at --connect): an unexpired
+    cached policy stays in force and the failure is reported; an expired one is gone (no policy)."""
+    state = workdir / "state"
+    now = int(time.time())
+    (state / "mta-sts.state").write_text(
+        "mailflowd-mta-sts 1\n"
+        f"ok.policy.example.net\told\t{now - 100}\t{now + expires_in}\tversion: STSv1\tmode: enforce\t"
+        "mx: mx1.ok.policy.example.net\tmax_age: 86400\n")
+    closed = harness.free_port("127.0.0.1")
+    r = mta_sts(mailflowd_bin, config, "ok.policy.example.net", "--connect", f"127.0.0.1:{closed}", "--state")
+    assert (r["exit"], r["mode"], r["from_cache"], r["failure"]) == (3, mode, from_cache,
+                                                                     "sts-policy-fetch-error"), r
+    assert r["id"] == ("old" if from_cache else ""), r
 
 
 def test_corrupt_cache_is_moved_aside(mailflowd_bin, config, https, workdir):
