@@ -3,6 +3,7 @@
 
 #include <openssl/ssl.h>
 #include <openssl/x509_vfy.h>
+#include <openssl/x509v3.h>
 
 #include <algorithm>
 #include <boost/asio/ip/tcp.hpp>
@@ -67,6 +68,11 @@ net::awaitable<HttpsResponse> https_request(net::any_io_executor executor, Https
   } else {
     SSL_set_tlsext_host_name(stream.native_handle(), request.host.c_str());
     SSL_set1_host(stream.native_handle(), request.host.c_str());  // checked by OpenSSL during the handshake
+    // Only the DNS names of the subjectAltName count (RFC 8461 3.3, RFC 6125 DNS-IDs), a '*' only as the
+    // whole left-most label: OpenSSL would otherwise take a subject CN where there is no DNS name
+    // ("mta-sts.<domain>" alone in the CN) and a partial wildcard ("mta-*.example.net").
+    SSL_set_hostflags(stream.native_handle(),
+                      X509_CHECK_FLAG_NEVER_CHECK_SUBJECT | X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
   }
 
   std::vector<tcp::endpoint> endpoints;

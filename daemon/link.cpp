@@ -226,7 +226,9 @@ asio::awaitable<void> Link::write(std::string_view data, TimePoint deadline, err
 bool Link::certificate_matches(const std::string& name) const {
   const X509* certificate = ssl_ == nullptr ? nullptr : SSL_get0_peer_certificate(ssl_);
   return certificate != nullptr &&
-         X509_check_host(const_cast<X509*>(certificate), name.data(), name.size(), 0, nullptr) == 1;
+         X509_check_host(const_cast<X509*>(certificate), name.data(), name.size(),
+                         X509_CHECK_FLAG_NEVER_CHECK_SUBJECT | X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS,
+                         nullptr) == 1;
 }
 
 std::string_view Link::offered_tls() const { return ssl_ == nullptr ? "no_hello" : offered_tls_version(ssl_); }

@@ -38,8 +38,9 @@ class Link {
   boost::asio::ip::tcp::socket& socket() { return socket_; }
   const TlsInfo& tls() const { return tls_info_; }
   bool tls_active() const { return ssl_ != nullptr; }
-  // Client side, after handshake(): the peer's certificate is valid for host name `name` (its DNS names,
-  // wildcards as the handshake's own check matches them), whatever reference names the handshake checked.
+  // Client side, after handshake(): the peer's certificate is valid for host name `name` (RFC 8461 4.2: a DNS
+  // name of its subjectAltName, never the subject CN; a '*' only as the whole left-most label), whatever
+  // reference names the handshake checked.
   bool certificate_matches(const std::string& name) const;
   // Server side, after handshake(): the highest version the client offered (offered_tls_version()), also when
   // the handshake failed; "no_hello" before any handshake.

@@ -92,7 +92,7 @@ net::awaitable<PolicyFetch> fetch_policy(net::any_io_executor executor, std::str
   // A failed step: fetch_error, in the words of the step (and the library's, unless the deadline ended it).
   const auto step_failed = [&](std::string_view timed_out, std::string_view failed_to) {
     return failed(Status::fetch_error, response.error == Error::timed_out
-                                           ? with(timed_out)
+                                           ? std::string(timed_out) + " " + host
                                            : with(failed_to) + response.error_text);
   };
   switch (response.step) {

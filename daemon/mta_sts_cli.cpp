@@ -30,7 +30,8 @@ constexpr std::string_view kUsage =
     "  --connect     connect to HOST:PORT instead of mta-sts.DOMAIN:443 (the certificate must still be valid\n"
     "                for mta-sts.DOMAIN)\n"
     "  --fetch-only  fetch the policy without looking up the _mta-sts TXT record\n"
-    "  --state       use and update the daemon's policy cache (state_dir/mta-sts.state)\n"
+    "  --state       use and update the cache file state_dir/mta-sts.state (a running daemon never sees\n"
+    "                the update: it reads the file at its start and writes its own cache over it)\n"
     "exit: 0 policy or none, 1 configuration error, 2 usage, 3 fetch or policy failure (as TLS-RPT reports it)\n";
 
 std::string quote(std::string_view text) { return "\"" + proto::json_escape(text) + "\""; }

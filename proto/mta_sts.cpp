@@ -68,10 +68,7 @@ TxtLookup parse_one_txt(std::string_view record) {
     const auto name = field.substr(0, eq);
     const auto value = field.substr(eq + 1);
     if (name == "id") {
-      if (have_id) {
-        out.error = "more than one id in the _mta-sts record";
-        return out;
-      }
+      if (have_id) continue;  // RFC 8461 3.2: of a field given again, all but the first are ignored
       if (value.empty() || value.size() > 32 || !std::all_of(value.begin(), value.end(), is_alnum)) {
         out.error = "id must be 1 to 32 letters and digits";
         return out;
@@ -157,10 +154,12 @@ std::optional<Policy> parse_policy(std::string_view body, std::string& error) {
       error = "empty line" + where;
       return std::nullopt;
     }
+    // No control bytes. Bytes over 0x7e are allowed: an extension's value may be UTF-8 (sts-policy-vchar);
+    // the known keys' own checks refuse them in their values.
     for (const char c : line) {
       const auto u = static_cast<unsigned char>(c);
-      if ((u < 0x20 && c != '\t') || u > 0x7e) {
-        error = "a byte that is not printable ASCII" + where;
+      if ((u < 0x20 && c != '\t') || u == 0x7f) {
+        error = "a control byte" + where;
         return std::nullopt;
       }
     }
@@ -175,18 +174,16 @@ std::optional<Policy> parse_policy(std::string_view body, std::string& error) {
       error = "malformed key" + where;
       return std::nullopt;
     }
-    const auto once = [&](bool& seen) {
-      if (seen) error = "duplicate " + std::string(key) + where;
-      return !std::exchange(seen, true);
-    };
+    // RFC 8461 3.2: of a field other than mx given again, all but the first are ignored (not policy strings).
+    const auto again = [](bool& seen) { return std::exchange(seen, true); };
     if (key == "version") {
-      if (!once(have_version)) return std::nullopt;
+      if (again(have_version)) continue;
       if (value != "STSv1") {
         error = "version must be STSv1" + where;
         return std::nullopt;
       }
     } else if (key == "mode") {
-      if (!once(have_mode)) return std::nullopt;
+      if (again(have_mode)) continue;
       if (value == "enforce") policy.mode = Mode::enforce;
       else if (value == "testing") policy.mode = Mode::testing;
       else if (value == "none") policy.mode = Mode::none;
@@ -195,7 +192,7 @@ std::optional<Policy> parse_policy(std::string_view body, std::string& error) {
         return std::nullopt;
       }
     } else if (key == "max_age") {
-      if (!once(have_max_age)) return std::nullopt;
+      if (again(have_max_age)) continue;
       std::uint64_t seconds = 0;
       const auto [ptr, ec] = std::from_chars(value.data(), value.data() + value.size(), seconds);
       if (value.empty() || value.size() > 10 || ec != std::errc() || ptr != value.data() + value.size() ||

@@ -28,7 +28,7 @@ struct TxtLookup {
 
 // Section 3.1: records that do not begin with "v=STSv1;" are discarded; the rest must be exactly one record
 // that is syntactically valid (sts-text-record: v=STSv1 first, id=1*32(ALPHA/DIGIT), extensions
-// name=value; duplicate id refused).
+// name=value; an id given again is ignored, as section 3.2 has it).
 TxtLookup parse_txt_records(const std::vector<std::string>& records);
 
 enum class Mode { enforce, testing, none };
@@ -45,10 +45,11 @@ struct Policy {
   bool operator==(const Policy&) const = default;
 };
 
-// Section 3.2: "key: value" lines separated by LF or CRLF; version STSv1, mode and max_age required once,
-// mx at least once unless mode is none; unknown keys ignored; a duplicated version/mode/max_age, an invalid
-// value of a known key, a line that is not key: value, bytes outside printable ASCII or a body over
-// max_policy_bytes make the whole policy invalid (nullopt, `error` says why).
+// Section 3.2: "key: value" lines separated by LF or CRLF; version STSv1, mode and max_age required, mx at
+// least once unless mode is none; unknown keys ignored; a version, mode or max_age given again is ignored
+// (the first counts); an invalid value of a known key, a line that is not key: value, a control byte or a
+// body over max_policy_bytes make the whole policy invalid (nullopt, `error` says why). An extension's value
+// may be UTF-8.
 std::optional<Policy> parse_policy(std::string_view body, std::string& error);
 
 // Section 4.1: `host` (an MX host name, any case, trailing dot allowed) matches `pattern` when equal, or when

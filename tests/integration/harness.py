@@ -40,15 +40,16 @@ def make_certs(directory):
     return Path(directory)
 
 
-def ca_signed_cert(certs, directory, name, names, chain=False):
+def ca_signed_cert(certs, directory, name, names, chain=False, san=True):
     """A server certificate from the test CA (certs/ca.pem) for `names` (the first is the CN): (cert, key) files in
     `directory`. `chain`: the cert file holds the leaf, then the CA (a server that sends its chain, as DANE-TA
-    needs)."""
+    needs). `san=False`: the names are not in a subjectAltName, the first is only the subject's CN."""
     directory = Path(directory)
     key, csr, crt, ext = (directory / f"{name}.{suffix}" for suffix in ("key", "csr", "crt", "ext"))
     subprocess.run(["openssl", "req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
                     "-subj", f"/CN={names[0]}"], check=True, capture_output=True)
-    ext.write_text("subjectAltName=" + ",".join(f"DNS:{n}" for n in names) + "\nextendedKeyUsage=serverAuth\n")
+    ext.write_text(("subjectAltName=" + ",".join(f"DNS:{n}" for n in names) + "\n" if san else "") +
+                   "extendedKeyUsage=serverAuth\n")
     subprocess.run(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(Path(certs) / "ca.pem"), "-CAkey",
                     str(Path(certs) / "ca.key"), "-CAcreateserial", "-days", "2", "-extfile", str(ext), "-out",
                     str(crt)], check=True, capture_output=True)

@@ -3,7 +3,9 @@ HTTPS server on loopback (python's ssl, a certificate from the test CA), and the
 real authoritative server (knotd). Covers what the MX walk gets: a policy, or a failure as TLS-RPT names it
 (sts-policy-fetch-error for redirects, wrong Content-Type, oversized bodies - also one that comes in the same
 write as the head - and a slow server;
-sts-webpki-invalid for a certificate that does not verify; sts-policy-invalid), and the cache in state_dir.
+sts-webpki-invalid for a certificate that does not verify - also one that names the host in its CN only;
+sts-policy-invalid), fields given twice and UTF-8 extension values (RFC 8461 3.2), and the cache in state_dir
+(a policy that cannot be refreshed is kept until it expires, RFC 8461 5.1).
 (The zone is under example.net, not .test: libunbound answers .test itself with NXDOMAIN, RFC 6761.)"""
 import http.server
 import json
@@ -34,6 +36,13 @@ BEHAVIOUR = {
     "mta-sts.slow.policy.example.net": ("slow", "text/plain", POLICY),
     "mta-sts.invalid.policy.example.net": ("200", "text/plain", "version: STSv1\r\nmode: strict\r\nmax_age: 1\r\n"),
     "mta-sts.missing.policy.example.net": ("404", "text/plain", "not found"),
+    # An extension field's value may be UTF-8 (RFC 8461 3.2, sts-policy-vchar).
+    "mta-sts.utf8.policy.example.net": ("200", "text/plain; charset=utf-8",
+                                        "version: STSv1\nmode: enforce\nmx: mx.utf8.policy.example.net\n"
+                                        "max_age: 600\ncomment: Gr\u00fc\u00dfe aus K\u00f6ln\n"),
+    # RFC 8461 3.2: a field other than mx given again is ignored, the first counts.
+    "mta-sts.dup.policy.example.net": ("200", "text/plain", "version: STSv1\nmode: enforce\nmode: none\n"
+                                       "mx: mx.dup.policy.example.net\nmax_age: 600\nmax_age: x\n"),
 }
 NAMES = sorted(BEHAVIOUR)
 
@@ -49,6 +58,7 @@ _mta-sts.two   TXT   "v=STSv1; id=1;"
 _mta-sts.two   TXT   "v=STSv1; id=2;"
 _mta-sts.bad   TXT   "v=STSv1; id=not-alnum;"
 _mta-sts.slow  TXT   "v=STSv1; id=1;"
+_mta-sts.dup   TXT   "v=STSv1; id=first; id=second;"
 """
 
 
@@ -111,6 +121,25 @@ def wrong_name_https(certs):
 
 
 @pytest.fixture(scope="module")
+def cn_only_https(certs, workdir):
+    """A certificate from the test CA whose only name is its subject CN, mta-sts.ok.policy.example.net: no
+    subjectAltName (RFC 8461 3.3: only DNS-IDs count)."""
+    cert = harness.ca_signed_cert(certs, workdir, "cn-only", ["mta-sts.ok.policy.example.net"], san=False)
+    server = serve(*cert)
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def wildcard_https(certs, workdir):
+    """A certificate from the test CA for *.ok.policy.example.net: a wildcard as the whole left-most label is
+    valid for mta-sts.ok.policy.example.net (RFC 8461 3.3)."""
+    server = serve(*harness.ca_signed_cert(certs, workdir, "wildcard", ["*.ok.policy.example.net"]))
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
 def rogue_https(certs):
     """A certificate for the right names from a CA that is not trusted."""
     server = serve(certs / "rogue.pem", certs / "rogue.key")
@@ -165,6 +194,9 @@ def test_policy_fetched_verified_and_parsed(mailflowd_bin, config, https):
     assert Handler.requests == [("mta-sts.ok.policy.example.net", "/.well-known/mta-sts.txt")]
     lf = fetch(mailflowd_bin, config, "lf.policy.example.net", https)
     assert lf["policy"] == {"mode": "testing", "max_age": 600, "mx": ["mx.lf.policy.example.net"]}
+    utf8 = fetch(mailflowd_bin, config, "utf8.policy.example.net", https)
+    assert (utf8["exit"], utf8["fetch"]) == (0, "ok"), utf8
+    assert utf8["policy"] == {"mode": "enforce", "max_age": 600, "mx": ["mx.utf8.policy.example.net"]}
 
 
 @pytest.mark.parametrize("domain, detail", [
@@ -191,14 +223,19 @@ def test_invalid_policy(mailflowd_bin, config, https):
 def test_slow_server_is_bounded_by_fetch_timeout(mailflowd_bin, config, https):
     r = fetch(mailflowd_bin, config, "slow.policy.example.net", https)
     assert (r["exit"], r["fetch"]) == (3, "fetch_error"), r
-    assert "timed out" in r["detail"]
+    assert r["detail"] == "timed out reading the policy from mta-sts.slow.policy.example.net", r
     assert 1400 <= r["elapsed_ms"] < 3500
 
 
-@pytest.mark.parametrize("server", ["wrong_name_https", "rogue_https"])
+@pytest.mark.parametrize("server", ["wrong_name_https", "rogue_https", "cn_only_https"])
 def test_certificate_that_does_not_verify_is_webpki_invalid(mailflowd_bin, config, server, request):
     r = fetch(mailflowd_bin, config, "ok.policy.example.net", request.getfixturevalue(server))
     assert (r["exit"], r["fetch"], r["policy"]) == (3, "webpki_invalid", None), r
+
+
+def test_wildcard_certificate_for_the_policy_host_is_valid(mailflowd_bin, config, wildcard_https):
+    r = fetch(mailflowd_bin, config, "ok.policy.example.net", wildcard_https)
+    assert (r["exit"], r["fetch"]) == (0, "ok"), r
 
 
 def test_lookup_txt_then_policy_and_the_cache_in_state_dir(mailflowd_bin, config, https, workdir):
@@ -215,6 +252,10 @@ def test_lookup_txt_then_policy_and_the_cache_in_state_dir(mailflowd_bin, config
     # A multi-string TXT record ("v=STSv1; " "id=split2;") is one record.
     lf = mta_sts(mailflowd_bin, config, "lf.policy.example.net", "--connect", https)
     assert (lf["mode"], lf["id"]) == ("testing", "split2"), lf
+    # A field given again, in the TXT record or the policy: the first counts (RFC 8461 3.2).
+    dup = mta_sts(mailflowd_bin, config, "dup.policy.example.net", "--connect", https)
+    assert (dup["exit"], dup["mode"], dup["id"], dup["failure"]) == (0, "enforce", "first", None), dup
+    assert dup["policy"] == {"mode": "enforce", "max_age": 600, "mx": ["mx.dup.policy.example.net"]}, dup
 
 
 def test_lookup_failures_as_tlsrpt_names_them(mailflowd_bin, config, https, rogue_https):
@@ -228,6 +269,24 @@ def test_lookup_failures_as_tlsrpt_names_them(mailflowd_bin, config, https, rogu
     assert (slow["mode"], slow["failure"]) == ("none", "sts-policy-fetch-error"), slow
     rogue = mta_sts(mailflowd_bin, config, "ok.policy.example.net", "--connect", rogue_https)
     assert (rogue["mode"], rogue["failure"]) == ("none", "sts-webpki-invalid"), rogue
+
+
+@pytest.mark.parametrize("expires_in, mode, from_cache", [(3600, "enforce", True), (-1, "none", False)])
+def test_a_policy_that_cannot_be_refreshed_is_kept_until_it_expires(mailflowd_bin, config, workdir, expires_in,
+                                                                     mode, from_cache):
+    """RFC 8461 5.1: the TXT record names a new id and the fetch fails (nothing listens at --connect): an unexpired
+    cached policy stays in force and the failure is reported; an expired one is gone (no policy)."""
+    state = workdir / "state"
+    now = int(time.time())
+    (state / "mta-sts.state").write_text(
+        "mailflowd-mta-sts 1\n"
+        f"ok.policy.example.net\told\t{now - 100}\t{now + expires_in}\tversion: STSv1\tmode: enforce\t"
+        "mx: mx1.ok.policy.example.net\tmax_age: 86400\n")
+    closed = harness.free_port("127.0.0.1")
+    r = mta_sts(mailflowd_bin, config, "ok.policy.example.net", "--connect", f"127.0.0.1:{closed}", "--state")
+    assert (r["exit"], r["mode"], r["from_cache"], r["failure"]) == (3, mode, from_cache,
+                                                                     "sts-policy-fetch-error"), r
+    assert r["id"] == ("old" if from_cache else ""), r
 
 
 def test_corrupt_cache_is_moved_aside(mailflowd_bin, config, https, workdir):

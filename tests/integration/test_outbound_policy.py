@@ -49,6 +49,7 @@ GOOD_MX, BAD_MX, PLAIN_MX, POLICY_HOST = "127.0.0.71", "127.0.0.72", "127.0.0.73
 # connection closed at the EHLO after STARTTLS.
 OTHERCERT_MX, NOTLS_MX, REFUSE_MX, CLOSE_MX = "127.0.0.76", "127.0.0.77", "127.0.0.78", "127.0.0.79"
 BROKEN_MX = "127.0.0.80"  # answers 220 to STARTTLS, then garbage for a ServerHello
+CNONLY_MX = "127.0.0.81"  # its certificate names it in the subject CN only, no subjectAltName
 RUA = "mailto:tls-reports@example.org"
 
 
@@ -64,7 +65,7 @@ POLICIES = {
     f"mta-sts.vbadcert.{ORIGIN}": policy("enforce", f"mx.badcert.{ORIGIN}"),
     f"mta-sts.vnames.{ORIGIN}": policy("enforce", f"mx.badcert.{ORIGIN}"),
     **{f"mta-sts.{name}.{ORIGIN}": policy("enforce", f"mx.{name}.{ORIGIN}")
-       for name in ("othercert", "notls", "refuse", "close")},
+       for name in ("othercert", "notls", "refuse", "close", "cnonly")},
     f"mta-sts.notlstest.{ORIGIN}": policy("testing", f"mx.notls.{ORIGIN}"),
     f"mta-sts.brokentest.{ORIGIN}": policy("testing", f"mx.brokentest.{ORIGIN}"),
 }
@@ -123,7 +124,7 @@ _mta-sts.{name}  TXT  "v=STSv1; id=1;"
 mta-sts.{name}  A  {POLICY_HOST}
 _smtp._tls.{name}  TXT  "v=TLSRPTv1; rua={RUA}"
 """ for name, address in (("othercert", OTHERCERT_MX), ("notls", NOTLS_MX), ("refuse", REFUSE_MX),
-                          ("close", CLOSE_MX)))
+                          ("close", CLOSE_MX), ("cnonly", CNONLY_MX)))
 
 
 class PolicyHandler(http.server.BaseHTTPRequestHandler):
@@ -250,7 +251,7 @@ def env(certs, workdir, short_dir, sink_factory, daemon_factory):
         threading.Thread(target=server.serve_forever, daemon=True).start()
 
         port = harness.free_port("127.0.0.1", GOOD_MX, BAD_MX, PLAIN_MX, OTHERCERT_MX, NOTLS_MX, REFUSE_MX, CLOSE_MX,
-                                 BROKEN_MX)
+                                 BROKEN_MX, CNONLY_MX)
         good_cert, good_key = harness.ca_signed_cert(certs, workdir, "mx-sts", [f"mx.sts.{ORIGIN}"], chain=True)
         sinks = {
             "good": sink_factory("mx-sts", host=GOOD_MX, port=port, tls_cert=good_cert, tls_key=good_key),
@@ -265,6 +266,9 @@ def env(certs, workdir, short_dir, sink_factory, daemon_factory):
         for name, address in (("refuse", REFUSE_MX), ("close", CLOSE_MX)):
             cert, key = harness.ca_signed_cert(certs, workdir, f"mx-{name}", [f"mx.{name}.{ORIGIN}"], chain=True)
             scripted[name] = ScriptedMx(address, port, cert, key, after_tls=name)
+        cert, key = harness.ca_signed_cert(certs, workdir, "mx-cnonly", [f"mx.cnonly.{ORIGIN}"], chain=True,
+                                           san=False)
+        scripted["cnonly"] = ScriptedMx(CNONLY_MX, port, cert, key)
         listeners = [{"name": "out", "address": f"127.0.0.1:{port}", "direction": "outbound",
                       "upstream": "internet"}]
         upstreams = [{"name": "internet", "mx": True, "port": port, "tls": "opportunistic", "mta_sts": "enforce"},
@@ -523,7 +527,9 @@ def test_destination_domains_show_their_policy_and_failures(env):
 
 
 @pytest.mark.parametrize("name,result", [("othercert", "certificate-host-mismatch"),
-                                         ("notls", "starttls-not-supported")])
+                                         ("notls", "starttls-not-supported"),
+                                         # RFC 8461 4.2: the MX name must be a DNS-ID of the subjectAltName
+                                         ("cnonly", "certificate-host-mismatch")])
 def test_enforced_policy_tells_a_failing_host_nothing_more(env, name, result):
     """RFC 8461 5: the MTA-STS check belongs right after the TLS handshake (and before anything is sent to a host
     that has no STARTTLS): a host that fails it under enforce gets neither XCLIENT (the real client's address and

@@ -21,21 +21,28 @@ TEST_CASE("mta-sts TXT: one valid v=STSv1 record gives its id - others are disca
   CHECK(parse_txt_records({"v=STSv10; id=1"}).status == Status::none);
   CHECK(parse_txt_records({"v=STSv1 id=1"}).status == Status::none);  // does not begin with "v=STSv1;"
   CHECK(parse_txt_records({"hello", "v=spf1"}).status == Status::none);
+  // RFC 8461 3.2: of a field other than mx given twice, all but the first are ignored (the record stays
+  // valid).
+  for (const std::string record : {"v=STSv1; id=1; id=2", "v=STSv1; id=1; id=not-alnum;"}) {
+    CAPTURE(record);
+    const auto first = parse_txt_records({record});
+    CHECK(first.status == Status::policy);
+    CHECK(first.id == "1");
+  }
 }
 
 TEST_CASE("mta-sts TXT: invalid records make the domain's MTA-STS invalid, never a policy") {
   const std::vector<std::string> bad = {
-      "v=STSv1",                                 // no id
-      "v=STSv1;",                                // no id
-      "v=STSv1; id=",                            // empty id
-      "v=STSv1; id=abc-def",                     // id: letters and digits only
+      "v=STSv1",                                        // no id
+      "v=STSv1;",                                       // no id
+      "v=STSv1; id=",                                   // empty id
+      "v=STSv1; id=abc-def",                            // id: letters and digits only
       "v=STSv1; id=123456789012345678901234567890123",  // 33 characters
-      "v=STSv1; id=1; id=2",                     // duplicate id
-      "v=STSv1; id=1; junk",                     // field without '='
-      "v=STSv1; id=1; =x",                       // empty extension name
-      "v=STSv1; id=1; e=a=b",                    // '=' in an extension value
-      std::string("v=STSv1; id=1; e=\x01", 18),  // control byte
-      "v=STSv1; id=1; e=\xff",                   // binary
+      "v=STSv1; id=1; junk",                            // field without '='
+      "v=STSv1; id=1; =x",                              // empty extension name
+      "v=STSv1; id=1; e=a=b",                           // '=' in an extension value
+      std::string("v=STSv1; id=1; e=\x01", 18),         // control byte
+      "v=STSv1; id=1; e=\xff",                          // binary
   };
   for (const auto& record : bad) {
     CAPTURE(record);
@@ -77,34 +84,66 @@ TEST_CASE("mta-sts policy: the RFC's example, CRLF or LF, in any order, unknown 
   CHECK(none->mode == Mode::none);
   CHECK(none->mx.empty());
   CHECK(parse_policy("version: STSv1\nmode: none\nmax_age: 31557600\n", error).has_value());
+  // An extension's value may be UTF-8 (sts-policy-vchar includes UTF8-2/3/4); it is ignored all the same.
+  const auto utf8 = parse_policy(
+      "version: STSv1\nmode: enforce\nmx: mx.example\nmax_age: 60\n"
+      "comment: Gr\xc3\xbc\xc3\x9f\x65 aus K\xc3\xb6ln \xe2\x9c\x89\n",
+      error);
+  REQUIRE_MESSAGE(utf8.has_value(), error);
+  CHECK(utf8->mode == Mode::enforce);
+  CHECK(utf8->lines.size() == 4);
 }
 
-TEST_CASE("mta-sts policy: missing fields, bad values, duplicates, binary and huge bodies are invalid") {
+TEST_CASE("mta-sts policy: a field other than mx given again - the first counts, the others are ignored") {
+  // RFC 8461 3.2: "If any non-repeated field -- i.e., all fields except the mx field -- is duplicated, all
+  // entries except for the first SHALL be ignored."
+  std::string error;
+  const auto policy = parse_policy(
+      "version: STSv1\nmode: enforce\nmode: none\nmx: a.example\nmax_age: 60\n"
+      "max_age: 2\nversion: STSv2\nmode: bogus\nmax_age: x\nmx: b.example\n",
+      error);
+  REQUIRE_MESSAGE(policy.has_value(), error);
+  CHECK(policy->mode == Mode::enforce);
+  CHECK(policy->max_age == 60);
+  CHECK(policy->mx == std::vector<std::string>{"a.example", "b.example"});
+  CHECK(policy->lines == std::vector<std::string>{"version: STSv1", "mode: enforce", "mx: a.example",
+                                                  "max_age: 60", "mx: b.example"});
+  CHECK_FALSE(parse_policy("version: STSv2\nversion: STSv1\nmode: none\nmax_age: 1\n", error).has_value());
+  CHECK(error == "version must be STSv1 (line 1)");
+}
+
+TEST_CASE("mta-sts policy: missing fields, bad values, binary and huge bodies are invalid") {
   const std::vector<std::pair<std::string, std::string>> cases = {
       {"mode: enforce\nmx: a.example\nmax_age: 1\n", "missing version"},
       {"version: STSv1\nmx: a.example\nmax_age: 1\n", "missing mode"},
       {"version: STSv1\nmode: enforce\nmx: a.example\n", "missing max_age"},
       {"version: STSv1\nmode: enforce\nmax_age: 1\n", "no mx in a policy whose mode is enforce"},
       {"version: STSv2\nmode: enforce\nmx: a.example\nmax_age: 1\n", "version must be STSv1 (line 1)"},
-      {"version: STSv1\nmode: Enforce\nmx: a.example\nmax_age: 1\n", "mode must be enforce, testing or none (line 2)"},
+      {"version: STSv1\nmode: Enforce\nmx: a.example\nmax_age: 1\n",
+       "mode must be enforce, testing or none (line 2)"},
       {"version: STSv1\nmode: enforce\nmx: a.example\nmax_age: 31557601\n",
        "max_age must be 0..31557600 seconds (line 4)"},
-      {"version: STSv1\nmode: enforce\nmx: a.example\nmax_age: -1\n", "max_age must be 0..31557600 seconds (line 4)"},
+      {"version: STSv1\nmode: enforce\nmx: a.example\nmax_age: -1\n",
+       "max_age must be 0..31557600 seconds (line 4)"},
       {"version: STSv1\nmode: enforce\nmx: a.example\nmax_age: 99999999999999999999\n",
        "max_age must be 0..31557600 seconds (line 4)"},
-      {"version: STSv1\nmode: enforce\nmode: none\nmx: a.example\nmax_age: 1\n", "duplicate mode (line 3)"},
-      {"version: STSv1\nversion: STSv1\nmode: none\nmax_age: 1\n", "duplicate version (line 2)"},
-      {"version: STSv1\nmode: none\nmax_age: 1\nmax_age: 2\n", "duplicate max_age (line 4)"},
-      {"version: STSv1\nmode: enforce\nmx: *.*.example\nmax_age: 1\n", "mx must be a host name or *.domain (line 3)"},
-      {"version: STSv1\nmode: enforce\nmx: a..example\nmax_age: 1\n", "mx must be a host name or *.domain (line 3)"},
-      {"version: STSv1\nmode: enforce\nmx: -a.example\nmax_age: 1\n", "mx must be a host name or *.domain (line 3)"},
+      {"version: STSv1\nmode: enforce\nmx: *.*.example\nmax_age: 1\n",
+       "mx must be a host name or *.domain (line 3)"},
+      {"version: STSv1\nmode: enforce\nmx: a..example\nmax_age: 1\n",
+       "mx must be a host name or *.domain (line 3)"},
+      {"version: STSv1\nmode: enforce\nmx: -a.example\nmax_age: 1\n",
+       "mx must be a host name or *.domain (line 3)"},
       {"version: STSv1\nmode: enforce\nmx:\nmax_age: 1\n", "mx must be a host name or *.domain (line 3)"},
       {"version: STSv1\nmode: enforce\n\nmx: a.example\nmax_age: 1\n", "empty line (line 3)"},
       {"version: STSv1\nmode enforce\n", "not a \"key: value\" line (line 2)"},
       {"version: STSv1\n: enforce\n", "malformed key (line 2)"},
       {std::string("version: STSv1\nmode: enforce\0\nmx: a.example\nmax_age: 1\n", 50),
-       "a byte that is not printable ASCII (line 2)"},
-      {"version: STSv1\nmode: enforce\nmx: \xc3\xa9.example\nmax_age: 1\n", "a byte that is not printable ASCII (line 3)"},
+       "a control byte (line 2)"},
+      {"version: STSv1\nmode: enforce\nmx: \xc3\xa9.example\nmax_age: 1\n",
+       "mx must be a host name or *.domain (line 3)"},
+      {"version: STSv1\nmode: enforce\xc2\xa0\nmx: a.example\nmax_age: 1\n",
+       "mode must be enforce, testing or none (line 2)"},
+      {"version: STSv1\nmode: enforce\nmx: a.example\nmax_age: 1\nnote: a\x7f\n", "a control byte (line 5)"},
       {"<html><body>Not found</body></html>", "not a \"key: value\" line (line 1)"},
       {"", "missing version"},
   };
