@@ -649,6 +649,43 @@ TEST_CASE("mailflowd report: a server that never answers times out with exit 1")
   CHECK(mailflow::run_report_cli(4, argv.data(), out, err, milliseconds(300)) == 1);
   CHECK(steady_clock::now() - start < seconds(3));
   CHECK(err.str().find("timed out") != std::string::npos);
+  // A slow daemon is no TLS server: it neither closed nor answered in TLS, so no hint to use https://.
+  CHECK(err.str().find("closed without answering") == std::string::npos);
+  CHECK(err.str().find("https://") == std::string::npos);
+}
+
+TEST_CASE("mailflowd report: an answer cut short, or stalled after its head, is no hint to use https://") {
+  for (const bool stall : {false, true}) {
+    CAPTURE(stall);
+    boost::asio::io_context io;
+    tcp::acceptor acceptor(io, tcp::endpoint(boost::asio::ip::make_address("127.0.0.1"), 0));
+    std::thread server([&] {
+      beast::error_code ec;
+      tcp::socket socket(io);
+      acceptor.accept(socket, ec);
+      if (ec) return;
+      beast::flat_buffer buffer;
+      http::request<http::string_body> request;
+      http::read(socket, buffer, request, ec);
+      const std::string head =
+          "HTTP/1.1 200 OK\r\nServer: mailflowd/9.8.7\r\nContent-Length: 100\r\n\r\nDATE  CONNECTOR\n";
+      boost::asio::write(socket, boost::asio::buffer(head), ec);
+      if (stall) std::this_thread::sleep_for(milliseconds(800));  // past the client's deadline
+      socket.shutdown(tcp::socket::shutdown_both, ec);
+    });
+    std::vector<std::string> args{"mailflowd", "report", "--url",
+                                  "http://127.0.0.1:" + std::to_string(acceptor.local_endpoint().port())};
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    std::ostringstream out;
+    std::ostringstream err;
+    CHECK(mailflow::run_report_cli(4, argv.data(), out, err, milliseconds(300)) == 1);
+    server.join();
+    CHECK(out.str().empty());
+    CHECK(err.str().find(stall ? "timed out" : "partial message") != std::string::npos);
+    CHECK(err.str().find("closed without answering") == std::string::npos);
+    CHECK(err.str().find("https://") == std::string::npos);
+  }
 }
 
 TEST_CASE("mailflowd report: bad usage exits 2 with the usage text") {
