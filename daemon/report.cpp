@@ -363,6 +363,11 @@ std::string summary_table_body(const Report& report) {
   }
   std::string out = align_columns(cells, {false, false, false, false, true, true, true, true, true, true});
   for (const TransitSummary& t : report.in_transit) {
+    // No messages is no share at all: "0.0% with TLS" would say that mail went without it (the page says so too).
+    if (t.messages == 0) {
+      out += fmt::format("{} protected in transit: no messages in the window\n", direction_title(t.direction));
+      continue;
+    }
     out += fmt::format("{} protected in transit: {}% with TLS, {}% with TLS1.2 or later ({} of {})\n",
                        direction_title(t.direction), one_decimal(100.0 * share_of(t.tls, t.messages)),
                        one_decimal(100.0 * share_of(t.tls12_plus, t.messages)),
