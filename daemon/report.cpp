@@ -464,11 +464,16 @@ std::string render_table(const Report& report) {
   out += "Whole window:\n";
   out += summary_table_body(report);
   const int shown = static_cast<int>(report.rows.size() / std::max<std::size_t>(1, report.connectors.size()));
+  const bool empty = std::all_of(report.connectors.begin(), report.connectors.end(),
+                                 [](const ConnectorSummary& c) { return c.messages == 0; });
+  std::string left_out;
+  if (empty && shown < report.days)
+    left_out = " (no messages in the window yet: today only)";  // there is no first message to count back to
+  else if (shown < report.days)
+    left_out = fmt::format(" ({} before the first message left out)",
+                           pluralize(static_cast<std::uint64_t>(report.days - shown), "day", "days"));
   out += fmt::format("\nPer day, newest first: last {} {}{}\n", report.days, report.days == 1 ? "day" : "days",
-                     shown < report.days ? fmt::format(" ({} before the first message left out)",
-                                                       pluralize(static_cast<std::uint64_t>(report.days - shown),
-                                                                 "day", "days"))
-                                         : std::string());
+                     left_out);
   std::vector<std::vector<std::string>> cells;
   cells.push_back({"DATE", "CONNECTOR", "DIRECTION", "TYPE", "FORCED_TLS", "MESSAGES", "NONE", "TLS1.0", "TLS1.1",
                    "TLS1.2", "TLS1.3"});

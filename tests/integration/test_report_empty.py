@@ -35,6 +35,13 @@ def test_table_says_no_messages_not_zero_percent(env, mailflowd_bin, args):
         assert "%" not in ln and "no messages in the window" in ln, ln
 
 
+def test_table_of_an_empty_window_names_no_first_message(env, mailflowd_bin):
+    res = rh.run_cli(mailflowd_bin, "--url", env.daemon.http)
+    assert res.returncode == 0, res.stderr
+    days = next(ln for ln in res.stdout.splitlines() if ln.startswith("Per day"))
+    assert days == "Per day, newest first: last 7 days (no messages in the window yet: today only)", days
+
+
 def test_page_json_and_csv_of_an_empty_window(env):
     status, page = env.daemon.get("/")
     assert status == 200 and page.count("no messages in the window") >= 2
