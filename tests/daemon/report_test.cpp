@@ -219,6 +219,22 @@ TEST_CASE("report table is aligned and lists the insights") {
       "Get the servers behind these connectors to TLS1.2 or later before TLS1.0/1.1 are switched off.\n");
 }
 
+TEST_CASE("the whole window is the last 7 x 24 hours, so it reaches into an eighth UTC day that no row shows") {
+  // At 10:00, the window's first hour is 11:00 seven days back: what came then counts in the summary and the
+  // insights, not in the 7 daily rows (operations.md says so).
+  WindowStore store(hours(24 * 7));
+  add(store, "partner-contoso", in, at(nov(18), 11), {0, 2, 0, 0, 0});
+  add(store, "partner-contoso", in, at(nov(18), 10), {0, 5, 0, 0, 0});  // rolled off
+  add(store, "partner-contoso", in, at(nov(25), 9), {0, 0, 0, 3, 0});
+  const Report report = mailflow::build_report(store, make_config(), 7, kNow);
+  CHECK(report.connectors.front().messages == 5);
+  std::uint64_t rows = 0;
+  for (const auto& row : report.rows)
+    if (row.connector == "partner-contoso") rows += row.messages;
+  CHECK(rows == 3);
+  CHECK(report.rows.back().date == "2026-11-19");
+}
+
 TEST_CASE("the whole-window summary alone: CSV with exact counts, JSON, table") {
   const Report report = mailflow::build_report(known_store(), make_config(), 1, kNow);
   CHECK(mailflow::render_summary_csv(report) ==
