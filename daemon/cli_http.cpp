@@ -171,6 +171,7 @@ class Exchange {
         result_.status = response.result_int();
         result_.reason = std::string(response.reason());
         result_.server = std::string(response[http::field::server]);
+        result_.content_type = std::string(response[http::field::content_type]);
         result_.body = response.body();
         beast::error_code ignored;
         beast::get_lowest_layer(stream).socket().shutdown(tcp::socket::shutdown_both, ignored);

@@ -452,8 +452,9 @@ struct FakeServer {
   std::string target;
   std::string authorization;
 
-  FakeServer(http::status status, std::string body) {
-    thread = std::thread([this, status, body = std::move(body)] {
+  // `content_type` empty: what the daemon serves at the requested path (JSON, .csv, .txt).
+  FakeServer(http::status status, std::string body, std::string content_type = {}) {
+    thread = std::thread([this, status, body = std::move(body), content_type = std::move(content_type)] {
       beast::error_code ec;
       tcp::socket socket(io);
       acceptor.accept(socket, ec);
@@ -465,7 +466,12 @@ struct FakeServer {
       target = std::string(request.target());
       authorization = std::string(request[http::field::authorization]);
       http::response<http::string_body> response{status, 11};
-      response.set(http::field::content_type, "text/plain");
+      const std::string path = target.substr(0, target.find('?'));
+      response.set(http::field::content_type,
+                   !content_type.empty()      ? content_type
+                   : path.ends_with(".csv")   ? "text/csv; charset=utf-8"
+                   : path.ends_with(".txt") || status != http::status::ok ? "text/plain; charset=utf-8"
+                                                                            : "application/json");
       response.set(http::field::server, "mailflowd/9.8.7+test");
       response.body() = body;
       response.prepare_payload();
@@ -627,6 +633,30 @@ TEST_CASE("mailflowd report: an unusable --config or --password-file is an error
   CHECK(r.err.find("--password-file needs a user") != std::string::npos);
 }
 
+TEST_CASE("mailflowd report: a 200 that is not the report asked for (a proxy's login page) is an error, exit 1") {
+  for (const auto& [format, content_type] : std::vector<std::pair<std::string, std::string>>{
+           {"json", "text/html; charset=utf-8"}, {"csv", "text/html"}, {"table", "application/json"},
+           {"json", ""}}) {
+    CAPTURE(format);
+    CAPTURE(content_type);
+    FakeServer server(http::status::ok, "<html><body>Please log in</body></html>\n",
+                      content_type.empty() ? "text/plain" : content_type);
+    const auto r = run_cli({"--url", server.url(), "--format", format});
+    server.wait();
+    CHECK(r.code == 1);
+    CHECK(r.out.empty());
+    CHECK(r.err.find("answered 200 with Content-Type " + (content_type.empty() ? "text/plain" : content_type)) !=
+          std::string::npos);
+    CHECK(r.err.find("not the report") != std::string::npos);
+  }
+  // The media type decides, not its parameters or case.
+  FakeServer server(http::status::ok, "{}\n", "Application/JSON;charset=UTF-8");
+  const auto r = run_cli({"--url", server.url(), "--format", "json"});
+  server.wait();
+  CHECK(r.code == 0);
+  CHECK(r.out == "{}\n");
+}
+
 TEST_CASE("mailflowd report: a non-200 answer shows the server's message and exits 1") {
   FakeServer server(http::status::bad_request, "days must be between 1 and 7\n");
   const auto r = run_cli({"--url", server.url(), "--days", "30"});
@@ -758,6 +788,10 @@ struct FakeTlsServer {
       if (ec) return;
       target = std::string(request.target());
       http::response<http::string_body> response{http::status::ok, 11};
+      const std::string path = target.substr(0, target.find('?'));
+      response.set(http::field::content_type, path.ends_with(".csv")   ? "text/csv; charset=utf-8"
+                                              : path.ends_with(".txt") ? "text/plain; charset=utf-8"
+                                                                       : "application/json");
       response.body() = body;
       response.prepare_payload();
       http::write(stream, response, ec);
