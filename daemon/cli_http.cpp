@@ -376,6 +376,9 @@ int resolve_daemon(const DaemonOptions& options, std::string_view program, std::
       return 2;
     }
     if (user) url->userinfo = *user + ":" + password.value_or("");
+  } else if (url->userinfo.find(':') == std::string::npos) {
+    // http://user@host: the user only (RFC 7617 credentials are user:password, never the user alone).
+    url->userinfo += ":" + password.value_or("");
   }
   daemon.url = std::move(*url);
   daemon.password = password.has_value();

@@ -617,6 +617,28 @@ TEST_CASE("mailflowd report --config: address and user from the daemon's file, p
   }
 }
 
+TEST_CASE("mailflowd report: a URL with a user and no password takes the password from --password-file or env") {
+  ::unsetenv("MAILFLOWD_PASSWORD");
+  const TempFile password("url-user-password", "s3cret\n");
+  {
+    FakeServer server(http::status::ok, "{}");
+    const auto r = run_cli({"--format", "json", "--url", "http://prom@" + server.url().substr(7), "--password-file",
+                            password.path.string()});
+    server.wait();
+    CHECK(r.code == 0);
+    CHECK(server.authorization == "Basic cHJvbTpzM2NyZXQ=");  // prom:s3cret
+  }
+  {
+    ::setenv("MAILFLOWD_PASSWORD", "s3cret", 1);
+    FakeServer server(http::status::ok, "{}");
+    const auto r = run_cli({"--format", "json", "--url", "http://prom@" + server.url().substr(7)});
+    ::unsetenv("MAILFLOWD_PASSWORD");
+    server.wait();
+    CHECK(r.code == 0);
+    CHECK(server.authorization == "Basic cHJvbTpzM2NyZXQ=");
+  }
+}
+
 TEST_CASE("mailflowd report: an unusable --config or --password-file is an error, not a guess") {
   const TempFile broken("broken.yaml", "hostname: t.localhost\nhttp: {address: nowhere}\n");
   auto r = run_cli({"--config", broken.path.string()});
