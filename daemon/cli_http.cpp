@@ -166,11 +166,12 @@ class Exchange {
       http::async_read(stream, buffer_, parser_, [this, &stream](beast::error_code ec, std::size_t) {
         // A TLS peer that closes without close_notify after a complete answer is not an error here.
         if (ec && !(ec == net::ssl::error::stream_truncated && parser_.is_done()))
-          return failed("no valid HTTP answer from", ec, plain_ ? tls_hint() : "");
+          return failed("no valid HTTP answer from", ec, plain_ ? tls_hint(ec) : "");
         const auto& response = parser_.get();
         result_.status = response.result_int();
         result_.reason = std::string(response.reason());
         result_.server = std::string(response[http::field::server]);
+        result_.content_type = std::string(response[http::field::content_type]);
         result_.body = response.body();
         beast::error_code ignored;
         beast::get_lowest_layer(stream).socket().shutdown(tcp::socket::shutdown_both, ignored);
@@ -183,12 +184,17 @@ class Exchange {
 
  private:
   // A TLS server that gets a plaintext request answers with a TLS record (an alert, 0x15, or a handshake,
-  // 0x16, then version 3.x) or closes without a byte; an HTTP server's answer starts with "HTTP/".
-  std::string_view tls_hint() const {
-    if (buffer_.size() == 0)
+  // 0x16, then version 3.x) or closes without a byte; an HTTP server's answer starts with "HTTP/". A peer that
+  // said nothing before the deadline, or whose answer began and then stalled or broke off, is a slow or
+  // broken HTTP server, not a TLS one.
+  std::string_view tls_hint(const beast::error_code& ec) const {
+    if (buffer_.size() == 0) {
+      if (ec == beast::error::timeout || parser_.got_some()) return {};
       return "(it closed without answering: if http.tls is set there, use an https:// URL)";
+    }
     const auto* bytes = static_cast<const unsigned char*>(buffer_.data().data());
-    if ((bytes[0] == 0x15 || bytes[0] == 0x16) && (buffer_.size() < 2 || bytes[1] == 0x03))
+    if (!parser_.is_header_done() && (bytes[0] == 0x15 || bytes[0] == 0x16) &&
+        (buffer_.size() < 2 || bytes[1] == 0x03))
       return "(it answered in TLS: http.tls is set there, use an https:// URL; --insecure for a self-signed "
              "certificate)";
     return {};
@@ -370,6 +376,9 @@ int resolve_daemon(const DaemonOptions& options, std::string_view program, std::
       return 2;
     }
     if (user) url->userinfo = *user + ":" + password.value_or("");
+  } else if (url->userinfo.find(':') == std::string::npos) {
+    // http://user@host: the user only (RFC 7617 credentials are user:password, never the user alone).
+    url->userinfo += ":" + password.value_or("");
   }
   daemon.url = std::move(*url);
   daemon.password = password.has_value();

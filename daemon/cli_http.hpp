@@ -31,6 +31,7 @@ struct Fetch {
   unsigned status = 0;
   std::string reason;
   std::string server;  // the Server: header, "mailflowd/VERSION" from a daemon
+  std::string content_type;  // the Content-Type: header as sent
   std::string body;
   std::string error;  // non-empty: no usable answer
 };

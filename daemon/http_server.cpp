@@ -135,16 +135,23 @@ bool iequals(std::string_view a, std::string_view b) {
   return true;
 }
 
-// `days` from the query string: default 7 (or the window when shorter), else an integer 1..max_days.
-std::optional<int> parse_days(std::string_view query, int max_days, std::string& error) {
+// The value of `name` in a query string (its last occurrence; "" for a bare `name`), nullopt when absent. No
+// percent-decoding: days is digits, connector names are [a-z0-9_-]+, and anything else simply matches nothing.
+std::optional<std::string_view> query_param(std::string_view query, std::string_view name) {
   std::optional<std::string_view> value;
   while (!query.empty()) {
     const auto amp = query.find('&');
     const std::string_view param = query.substr(0, amp);
     query = amp == std::string_view::npos ? std::string_view{} : query.substr(amp + 1);
     const auto eq = param.find('=');
-    if (param.substr(0, eq) == "days") value = eq == std::string_view::npos ? std::string_view{} : param.substr(eq + 1);
+    if (param.substr(0, eq) == name) value = eq == std::string_view::npos ? std::string_view{} : param.substr(eq + 1);
   }
+  return value;
+}
+
+// `days` from the query string: default 7 (or the window when shorter), else an integer 1..max_days.
+std::optional<int> parse_days(std::string_view query, int max_days, std::string& error) {
+  const std::optional<std::string_view> value = query_param(query, "days");
   if (!value) return std::min(kDefaultDays, max_days);
   int days = 0;
   const auto [end, ec] = std::from_chars(value->data(), value->data() + value->size(), days);
@@ -153,19 +160,6 @@ std::optional<int> parse_days(std::string_view query, int max_days, std::string&
     return std::nullopt;
   }
   return days;
-}
-
-// The value of `name` in a query string ("" when absent); connector names need no percent-decoding
-// ([a-z0-9_-]+), and anything else simply matches no connector.
-std::string query_value(std::string_view query, std::string_view name) {
-  while (!query.empty()) {
-    const auto amp = query.find('&');
-    const std::string_view param = query.substr(0, amp);
-    query = amp == std::string_view::npos ? std::string_view{} : query.substr(amp + 1);
-    const auto eq = param.find('=');
-    if (eq != std::string_view::npos && param.substr(0, eq) == name) return std::string(param.substr(eq + 1));
-  }
-  return {};
 }
 
 Response make_response(const Request& request, http::status status, std::string_view content_type,
@@ -644,15 +638,16 @@ class Server : public std::enable_shared_from_this<Server> {
       std::string_view path;
       std::string_view content_type;
       Render render;
+      bool whole_window;  // the summary: the whole window, its drill-down (JSON) too; no days
     };
     static constexpr ReportRoute kReports[] = {
-        {"/", "text/html; charset=utf-8", &render_html},
-        {"/api/v1/report", "application/json", &render_json},
-        {"/api/v1/report.csv", "text/csv; charset=utf-8", &render_csv},
-        {"/api/v1/report.txt", kTextPlain, &render_table},
-        {"/api/v1/connectors", "application/json", &render_summary_json},
-        {"/api/v1/connectors.csv", "text/csv; charset=utf-8", &render_summary_csv},
-        {"/api/v1/connectors.txt", kTextPlain, &render_summary_table},
+        {"/", "text/html; charset=utf-8", &render_html, false},
+        {"/api/v1/report", "application/json", &render_json, false},
+        {"/api/v1/report.csv", "text/csv; charset=utf-8", &render_csv, false},
+        {"/api/v1/report.txt", kTextPlain, &render_table, false},
+        {"/api/v1/connectors", "application/json", &render_summary_json, true},
+        {"/api/v1/connectors.csv", "text/csv; charset=utf-8", &render_summary_csv, true},
+        {"/api/v1/connectors.txt", kTextPlain, &render_summary_table, true},
     };
     // The drill-down (daemon/report_remotes.cpp): CSVs for scripts, aligned text for `mailflowd report
     // --connector NAME` / `--domains`.
@@ -668,7 +663,7 @@ class Server : public std::enable_shared_from_this<Server> {
         return make_response(request, http::status::ok, "text/csv; charset=utf-8", render_domains_csv(report));
       if (path == "/api/v1/domains.txt")
         return make_response(request, http::status::ok, kTextPlain, render_domains_table(report));
-      const std::string connector = query_value(query, "connector");
+      const std::string connector(query_param(query, "connector").value_or(""));
       std::string text = render_remotes_table(report, connector);
       if (text.empty()) {
         std::string known;
@@ -683,7 +678,15 @@ class Server : public std::enable_shared_from_this<Server> {
     for (const auto& route : kReports) {
       if (path != route.path) continue;
       std::string error;
-      const auto days = parse_days(query, telemetry_.window_days(), error);
+      const int window_days = telemetry_.window_days();
+      std::optional<int> days = window_days;
+      if (!route.whole_window) {
+        days = parse_days(query, window_days, error);
+      } else if (query_param(query, "days")) {
+        error = "the connector summary covers the whole telemetry window (" + std::to_string(window_days) +
+                (window_days == 1 ? " day" : " days") + "): it takes no days\n";
+        days.reset();
+      }
       if (!days) return make_response(request, http::status::bad_request, kTextPlain, error);
       failpoint("http.report");
       return make_response(request, http::status::ok, route.content_type, route.render(telemetry_.report(*days)));

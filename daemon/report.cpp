@@ -363,6 +363,11 @@ std::string summary_table_body(const Report& report) {
   }
   std::string out = align_columns(cells, {false, false, false, false, true, true, true, true, true, true});
   for (const TransitSummary& t : report.in_transit) {
+    // No messages is no share at all: "0.0% with TLS" would say that mail went without it (the page says so too).
+    if (t.messages == 0) {
+      out += fmt::format("{} protected in transit: no messages in the window\n", direction_title(t.direction));
+      continue;
+    }
     out += fmt::format("{} protected in transit: {}% with TLS, {}% with TLS1.2 or later ({} of {})\n",
                        direction_title(t.direction), one_decimal(100.0 * share_of(t.tls, t.messages)),
                        one_decimal(100.0 * share_of(t.tls12_plus, t.messages)),
@@ -459,11 +464,16 @@ std::string render_table(const Report& report) {
   out += "Whole window:\n";
   out += summary_table_body(report);
   const int shown = static_cast<int>(report.rows.size() / std::max<std::size_t>(1, report.connectors.size()));
+  const bool empty = std::all_of(report.connectors.begin(), report.connectors.end(),
+                                 [](const ConnectorSummary& c) { return c.messages == 0; });
+  std::string left_out;
+  if (empty && shown < report.days)
+    left_out = " (no messages in the window yet: today only)";  // there is no first message to count back to
+  else if (shown < report.days)
+    left_out = fmt::format(" ({} before the first message left out)",
+                           pluralize(static_cast<std::uint64_t>(report.days - shown), "day", "days"));
   out += fmt::format("\nPer day, newest first: last {} {}{}\n", report.days, report.days == 1 ? "day" : "days",
-                     shown < report.days ? fmt::format(" ({} before the first message left out)",
-                                                       pluralize(static_cast<std::uint64_t>(report.days - shown),
-                                                                 "day", "days"))
-                                         : std::string());
+                     left_out);
   std::vector<std::vector<std::string>> cells;
   cells.push_back({"DATE", "CONNECTOR", "DIRECTION", "TYPE", "FORCED_TLS", "MESSAGES", "NONE", "TLS1.0", "TLS1.1",
                    "TLS1.2", "TLS1.3"});

@@ -1,5 +1,6 @@
 #include "daemon/report_cli.hpp"
 
+#include <cctype>
 #include <charconv>
 #include <iostream>
 #include <optional>
@@ -112,6 +113,19 @@ int run_report_cli(int argc, char** argv, std::ostream& out, std::ostream& err,
   const cli::Fetch result = cli::fetch(*url, target, daemon_options.tls, timeout);
   if (!result.error.empty() || result.status != 200)
     return cli::print_failure(result, daemon, daemon_options, target, "mailflowd report", err);
+  // A 200 in another media type is not the report: a proxy's login page, another service on that port. Printed
+  // with exit 0 it would go into a script's pipe as if it were the report.
+  const std::string_view expected = format == "json" ? "application/json" : format == "csv" ? "text/csv" : "text/plain";
+  std::string media = result.content_type.substr(0, result.content_type.find(';'));
+  while (!media.empty() && media.back() == ' ') media.pop_back();
+  for (char& c : media) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  if (media != expected) {
+    err << "mailflowd report: GET " << target << " answered 200 with Content-Type "
+        << (result.content_type.empty() ? "(none)" : result.content_type) << ", not the report (" << expected
+        << "): is " << (daemon_options.config_path && !daemon_options.url ? "--config's http.address" : "--url")
+        << " mailflowd's http.address?\n";
+    return 1;
+  }
   // Which daemon this is, for a human: the table only (json and csv stay machine-readable as they come).
   if (format == "table") {
     std::string version = "version unknown";

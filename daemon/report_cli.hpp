@@ -6,7 +6,8 @@
 // version, from its Server: header). --config reads http.address, http.tls and http.basic_auth.user from the
 // daemon's file. The basic auth password comes from --password-file or MAILFLOWD_PASSWORD (or the URL's
 // user:password@, which ps shows). Exit codes: 0 printed, 1 connection failure / timeout / TLS failure /
-// non-200 answer (the server's message is shown) / unusable --config, 2 bad usage.
+// non-200 answer (the server's message is shown) / a 200 in another media type than the format's (not the
+// report: a proxy's page) / unusable --config, 2 bad usage.
 #include <chrono>
 #include <iosfwd>
 

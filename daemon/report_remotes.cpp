@@ -356,9 +356,11 @@ void append_drilldown_html(std::string& out, const Report& report) {
       };
       for (const auto& row : t.rows) line(row);
       if (has_other(t)) line(t.other);
+      // Key, name, verified name, messages, the versions, refused, cipher, last seen, domains (and the policy).
+      const std::size_t columns = 4 + kVersions + 4 + (inbound ? 0 : 1);
       if (t.rows.empty())
         out += fmt::format("<tr class=\"zero\"><td colspan=\"{}\">no messages in these days</td></tr>\n",
-                           inbound ? 14 : 15);
+                           columns);
       out += "</tbody></table>\n";
       if (t.error_bound != 0)
         out += fmt::format("<p class=\"pct\">More than the table holds: one not listed sent at most {} messages.</p>\n",

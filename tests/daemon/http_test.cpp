@@ -417,3 +417,45 @@ TEST_CASE("http: a request head must be complete within its deadline, trickling 
   CHECK(closed_after < std::chrono::seconds(7));
   CHECK(http_rejects(f.telemetry, "head_timeout") == 1.0);
 }
+
+TEST_CASE("http: the connector summary is the whole window, its servers too, and takes no days") {
+  // A 30-day window with a server seen 20 days ago and one seen today: the summary (whole window) lists both.
+  std::atomic<std::int64_t> offset_hours{-20 * 24};
+  const auto now = std::chrono::system_clock::now();
+  mailflow::Telemetry telemetry([&] { return now + std::chrono::hours(offset_hours.load()); });
+  mailflow::config::Config config;
+  mailflow::config::Listener in;
+  in.name = "inbound";
+  config.listeners.push_back(in);
+  config.telemetry.window = std::chrono::hours(24 * 30);
+  telemetry.configure(config);
+  telemetry.message_delivered("internet", Direction::inbound, mailflow::proto::TlsVersion::tls10, 100, 1,
+                              {.address = "192.0.2.1", .name = "old.example", .cipher = {}, .domains = {},
+                               .policy = {}});
+  offset_hours = 0;
+  telemetry.message_delivered("internet", Direction::inbound, mailflow::proto::TlsVersion::tls13, 100, 1,
+                              {.address = "192.0.2.2", .name = "new.example", .cipher = {}, .domains = {},
+                               .policy = {}});
+  mailflow::config::Http http;
+  http.address = {"127.0.0.1", 0, "127.0.0.1:0"};
+  mailflow::HttpServer server(http, telemetry, [] { return true; });
+  server.start();
+
+  const auto summary = request(server.port(), "/api/v1/connectors");
+  CHECK(summary.status == 200);
+  CHECK(summary.body.find("\"messages\": 2") != std::string::npos);
+  CHECK(summary.body.find("\"address\": \"192.0.2.2\"") != std::string::npos);
+  CHECK(summary.body.find("\"address\": \"192.0.2.1\"") != std::string::npos);  // 20 days ago, in the window
+  // The report's drill-down is that of its days (default 7).
+  const auto report = request(server.port(), "/api/v1/report");
+  CHECK(report.status == 200);
+  CHECK(report.body.find("\"address\": \"192.0.2.1\"") == std::string::npos);
+  // days does not apply to the whole window (mailflowd report refuses --summary --days too).
+  for (const char* target : {"/api/v1/connectors?days=3", "/api/v1/connectors.csv?days=3",
+                             "/api/v1/connectors.txt?days=30"}) {
+    CAPTURE(target);
+    const auto reply = request(server.port(), target);
+    CHECK(reply.status == 400);
+    CHECK(reply.body.find("whole telemetry window") != std::string::npos);
+  }
+}

@@ -219,6 +219,22 @@ TEST_CASE("report table is aligned and lists the insights") {
       "Get the servers behind these connectors to TLS1.2 or later before TLS1.0/1.1 are switched off.\n");
 }
 
+TEST_CASE("the whole window is the last 7 x 24 hours, so it reaches into an eighth UTC day that no row shows") {
+  // At 10:00, the window's first hour is 11:00 seven days back: what came then counts in the summary and the
+  // insights, not in the 7 daily rows (operations.md says so).
+  WindowStore store(hours(24 * 7));
+  add(store, "partner-contoso", in, at(nov(18), 11), {0, 2, 0, 0, 0});
+  add(store, "partner-contoso", in, at(nov(18), 10), {0, 5, 0, 0, 0});  // rolled off
+  add(store, "partner-contoso", in, at(nov(25), 9), {0, 0, 0, 3, 0});
+  const Report report = mailflow::build_report(store, make_config(), 7, kNow);
+  CHECK(report.connectors.front().messages == 5);
+  std::uint64_t rows = 0;
+  for (const auto& row : report.rows)
+    if (row.connector == "partner-contoso") rows += row.messages;
+  CHECK(rows == 3);
+  CHECK(report.rows.back().date == "2026-11-19");
+}
+
 TEST_CASE("the whole-window summary alone: CSV with exact counts, JSON, table") {
   const Report report = mailflow::build_report(known_store(), make_config(), 1, kNow);
   CHECK(mailflow::render_summary_csv(report) ==
@@ -436,8 +452,9 @@ struct FakeServer {
   std::string target;
   std::string authorization;
 
-  FakeServer(http::status status, std::string body) {
-    thread = std::thread([this, status, body = std::move(body)] {
+  // `content_type` empty: what the daemon serves at the requested path (JSON, .csv, .txt).
+  FakeServer(http::status status, std::string body, std::string content_type = {}) {
+    thread = std::thread([this, status, body = std::move(body), content_type = std::move(content_type)] {
       beast::error_code ec;
       tcp::socket socket(io);
       acceptor.accept(socket, ec);
@@ -449,7 +466,12 @@ struct FakeServer {
       target = std::string(request.target());
       authorization = std::string(request[http::field::authorization]);
       http::response<http::string_body> response{status, 11};
-      response.set(http::field::content_type, "text/plain");
+      const std::string path = target.substr(0, target.find('?'));
+      response.set(http::field::content_type,
+                   !content_type.empty()      ? content_type
+                   : path.ends_with(".csv")   ? "text/csv; charset=utf-8"
+                   : path.ends_with(".txt") || status != http::status::ok ? "text/plain; charset=utf-8"
+                                                                            : "application/json");
       response.set(http::field::server, "mailflowd/9.8.7+test");
       response.body() = body;
       response.prepare_payload();
@@ -595,6 +617,28 @@ TEST_CASE("mailflowd report --config: address and user from the daemon's file, p
   }
 }
 
+TEST_CASE("mailflowd report: a URL with a user and no password takes the password from --password-file or env") {
+  ::unsetenv("MAILFLOWD_PASSWORD");
+  const TempFile password("url-user-password", "s3cret\n");
+  {
+    FakeServer server(http::status::ok, "{}");
+    const auto r = run_cli({"--format", "json", "--url", "http://prom@" + server.url().substr(7), "--password-file",
+                            password.path.string()});
+    server.wait();
+    CHECK(r.code == 0);
+    CHECK(server.authorization == "Basic cHJvbTpzM2NyZXQ=");  // prom:s3cret
+  }
+  {
+    ::setenv("MAILFLOWD_PASSWORD", "s3cret", 1);
+    FakeServer server(http::status::ok, "{}");
+    const auto r = run_cli({"--format", "json", "--url", "http://prom@" + server.url().substr(7)});
+    ::unsetenv("MAILFLOWD_PASSWORD");
+    server.wait();
+    CHECK(r.code == 0);
+    CHECK(server.authorization == "Basic cHJvbTpzM2NyZXQ=");
+  }
+}
+
 TEST_CASE("mailflowd report: an unusable --config or --password-file is an error, not a guess") {
   const TempFile broken("broken.yaml", "hostname: t.localhost\nhttp: {address: nowhere}\n");
   auto r = run_cli({"--config", broken.path.string()});
@@ -609,6 +653,30 @@ TEST_CASE("mailflowd report: an unusable --config or --password-file is an error
   r = run_cli({"--password-file", broken.path.string()});  // whose password?
   CHECK(r.code == 2);
   CHECK(r.err.find("--password-file needs a user") != std::string::npos);
+}
+
+TEST_CASE("mailflowd report: a 200 that is not the report asked for (a proxy's login page) is an error, exit 1") {
+  for (const auto& [format, content_type] : std::vector<std::pair<std::string, std::string>>{
+           {"json", "text/html; charset=utf-8"}, {"csv", "text/html"}, {"table", "application/json"},
+           {"json", ""}}) {
+    CAPTURE(format);
+    CAPTURE(content_type);
+    FakeServer server(http::status::ok, "<html><body>Please log in</body></html>\n",
+                      content_type.empty() ? "text/plain" : content_type);
+    const auto r = run_cli({"--url", server.url(), "--format", format});
+    server.wait();
+    CHECK(r.code == 1);
+    CHECK(r.out.empty());
+    CHECK(r.err.find("answered 200 with Content-Type " + (content_type.empty() ? "text/plain" : content_type)) !=
+          std::string::npos);
+    CHECK(r.err.find("not the report") != std::string::npos);
+  }
+  // The media type decides, not its parameters or case.
+  FakeServer server(http::status::ok, "{}\n", "Application/JSON;charset=UTF-8");
+  const auto r = run_cli({"--url", server.url(), "--format", "json"});
+  server.wait();
+  CHECK(r.code == 0);
+  CHECK(r.out == "{}\n");
 }
 
 TEST_CASE("mailflowd report: a non-200 answer shows the server's message and exits 1") {
@@ -649,6 +717,43 @@ TEST_CASE("mailflowd report: a server that never answers times out with exit 1")
   CHECK(mailflow::run_report_cli(4, argv.data(), out, err, milliseconds(300)) == 1);
   CHECK(steady_clock::now() - start < seconds(3));
   CHECK(err.str().find("timed out") != std::string::npos);
+  // A slow daemon is no TLS server: it neither closed nor answered in TLS, so no hint to use https://.
+  CHECK(err.str().find("closed without answering") == std::string::npos);
+  CHECK(err.str().find("https://") == std::string::npos);
+}
+
+TEST_CASE("mailflowd report: an answer cut short, or stalled after its head, is no hint to use https://") {
+  for (const bool stall : {false, true}) {
+    CAPTURE(stall);
+    boost::asio::io_context io;
+    tcp::acceptor acceptor(io, tcp::endpoint(boost::asio::ip::make_address("127.0.0.1"), 0));
+    std::thread server([&] {
+      beast::error_code ec;
+      tcp::socket socket(io);
+      acceptor.accept(socket, ec);
+      if (ec) return;
+      beast::flat_buffer buffer;
+      http::request<http::string_body> request;
+      http::read(socket, buffer, request, ec);
+      const std::string head =
+          "HTTP/1.1 200 OK\r\nServer: mailflowd/9.8.7\r\nContent-Length: 100\r\n\r\nDATE  CONNECTOR\n";
+      boost::asio::write(socket, boost::asio::buffer(head), ec);
+      if (stall) std::this_thread::sleep_for(milliseconds(800));  // past the client's deadline
+      socket.shutdown(tcp::socket::shutdown_both, ec);
+    });
+    std::vector<std::string> args{"mailflowd", "report", "--url",
+                                  "http://127.0.0.1:" + std::to_string(acceptor.local_endpoint().port())};
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    std::ostringstream out;
+    std::ostringstream err;
+    CHECK(mailflow::run_report_cli(4, argv.data(), out, err, milliseconds(300)) == 1);
+    server.join();
+    CHECK(out.str().empty());
+    CHECK(err.str().find(stall ? "timed out" : "partial message") != std::string::npos);
+    CHECK(err.str().find("closed without answering") == std::string::npos);
+    CHECK(err.str().find("https://") == std::string::npos);
+  }
 }
 
 TEST_CASE("mailflowd report: bad usage exits 2 with the usage text") {
@@ -705,6 +810,10 @@ struct FakeTlsServer {
       if (ec) return;
       target = std::string(request.target());
       http::response<http::string_body> response{http::status::ok, 11};
+      const std::string path = target.substr(0, target.find('?'));
+      response.set(http::field::content_type, path.ends_with(".csv")   ? "text/csv; charset=utf-8"
+                                              : path.ends_with(".txt") ? "text/plain; charset=utf-8"
+                                                                       : "application/json");
       response.body() = body;
       response.prepare_payload();
       http::write(stream, response, ec);

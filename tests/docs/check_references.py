@@ -4,7 +4,8 @@
 1. Every `mailflowd ...` command line quoted in docs/, README.md, the man pages and the alert rules' texts
    uses only options that the binary declares: `mailflowd --help` for the daemon and for each subcommand
    (its usage line `mailflowd SUB ...`), `mailflowd report --help` for the report in full.
-2. The man page mailflowd(8) lists every option that these --help texts declare.
+2. The man page mailflowd(8) lists every option that these --help texts declare, and every path that the HTTP
+   server answers (the string literals of daemon/http_server.cpp).
 3. Every log key quoted there (`key=value` outside PromQL/Alertmanager selectors, in prose, inline code and
    fenced log lines or greps) is a field that the daemon logs: the field names of every log_event/log_limited
    call in daemon/ plus what daemon/log.cpp adds itself (suppressed=).
@@ -206,6 +207,17 @@ def main():
     for option in sorted(o for o in declared if o.startswith("--") and o != "--help"):
         if option not in man_options:
             errors.append(f"docs/man/mailflowd.8.scd: does not list {option} (declared by --help)")
+
+    # ...and every path the HTTP server answers (HTTP ENDPOINTS; "_/x_, _.csv_" or "_/x.json_, _.csv_" name /x.csv too).
+    paths = set(re.findall(r'"(/[a-z0-9_./]*)"', open(os.path.join(args.source, "daemon", "http_server.cpp"),
+                                                        encoding="utf-8").read()))
+    if not {"/metrics", "/api/v1/report", "/api/v1/report.csv"} <= paths:
+        sys.exit(f"FAIL: cannot read the HTTP paths from daemon/http_server.cpp (found {sorted(paths)})")
+    for path in sorted(paths - {"/"}):
+        base, dot, ext = path.rpartition(".")
+        if f"_{path}_" not in man and f"_{path}?" not in man and \
+                not (dot and any(f"_{base}" in ln and f"_.{ext}_" in ln for ln in man.splitlines())):
+            errors.append(f"docs/man/mailflowd.8.scd: HTTP ENDPOINTS does not list {path} (daemon/http_server.cpp)")
 
     commands = sum(1 for _, line in lines for _ in commands_in(line, tuple(s for s in options_of if s)))
     for e in errors:

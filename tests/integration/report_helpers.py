@@ -267,7 +267,7 @@ def table_section(text, first_column):
     fixed = 6 if first_column == "DATE" else 5
     out = {}
     for ln in lines[header + 1:]:
-        if not ln.strip() or ln.endswith("messages)"):
+        if not ln.strip() or "protected in transit:" in ln:
             break
         f = ln.split()
         head, tail = f[:fixed], " ".join(f[fixed:])

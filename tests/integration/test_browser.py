@@ -407,3 +407,20 @@ def test_drilldown_opens_on_click_and_lists_the_servers(env):
         assert shown == expected, (rows, expected)
     finally:
         tools.stop()
+
+
+def test_drilldown_tables_have_as_many_cells_per_row_as_columns(env):
+    """Every row of every drill-down table (the "no messages in these days" row of an idle connector too) spans
+    exactly the columns of its header: a wider row adds a column without a header to the whole table."""
+    tools = DevTools(env)
+    try:
+        tools.open(env.daemon.http + "/")
+        widths = tools.evaluate(
+            "Array.from(document.querySelectorAll('details.drilldown table')).map(t => ["
+            " t.closest('details').dataset.connector, t.tHead.rows[0].cells.length,"
+            " Array.from(t.tBodies[0].rows).map(r => Array.from(r.cells).reduce((n, c) => n + c.colSpan, 0))])")
+        assert any(name == "idle-partner" for name, _, _ in widths), widths
+        wrong = [(name, columns, rows) for name, columns, rows in widths if any(n != columns for n in rows)]
+        assert not wrong, f"(connector, header columns, row widths): {wrong}"
+    finally:
+        tools.stop()

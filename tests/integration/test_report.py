@@ -6,6 +6,7 @@ share is strictly above the threshold; bad `days` get a 400 with a message."""
 import json
 import re
 import types
+from pathlib import Path
 
 import pytest
 
@@ -140,6 +141,30 @@ def test_cli_table(env):
     for insight in rh.expected_insights(env.counts):
         assert f"  - {insight['text']}" in [rh.split_offender(ln) for ln in lines], \
             f"insight {insight['text']!r} not in the table output"
+
+
+def test_readme_example_has_the_shape_of_the_real_table(env):
+    """README.md shows `mailflowd report --days 1`: its headings, column headers and the lines around them are
+    those the command prints (data rows, times and versions aside)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    example = readme.split("$ mailflowd report --days 1\n", 1)[1].split("```", 1)[0]
+    res = rh.run_cli(env.bin, "--url", env.daemon.http, "--days", "1")
+    assert res.returncode == 0, res.stderr
+
+    def shape(text):
+        out = []
+        for ln in text.splitlines():
+            words = ln.split()
+            if not words or words[0] in ("mailflowd", "-", "partner-contoso", "internet") or \
+                    re.match(r"\d{4}-\d\d-\d\d$|[a-z]+-[a-z]+$", words[0]):
+                continue  # the daemon line, data rows, insights
+            ln = re.sub(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", "TIME", ln)
+            out.append(" ".join(re.sub(r"[\d.,]+%?", "N", w) for w in ln.split()))
+        return out
+
+    real = iter(shape(res.stdout))  # this daemon has more connectors and an outbound direction too
+    missing = [ln for ln in shape(example) if not any(ln == r for r in real)]
+    assert not missing, f"README lines the command does not print: {missing}\nmailflowd report --days 1:\n{res.stdout}"
 
 
 def test_cli_default_format_is_table(env):
