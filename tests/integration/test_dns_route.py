@@ -58,6 +58,9 @@ nohost         MX    10 missing.example.net.
 ; MX hosts on mailflowd's own listener (127.0.0.1:2587 with port 2587): a loop, or only the better ones tried
 loop           MX    10 mx.loop
 mx.loop        A     127.0.0.1
+; an MX host at the unspecified address: a connect() there reaches this host's loopback (127.0.0.1)
+anyaddr        MX    10 mx.anyaddr
+mx.anyaddr     A     0.0.0.0
 selfpref       MX    10 other.selfpref
 selfpref       MX    20 mx.loop
 selfpref       MX    30 after.selfpref
@@ -261,6 +264,16 @@ def test_mx_on_our_own_listener_is_a_loop(mailflowd_bin, workdir, knot):
     assert [(h["preference"], h["self"], h["skipped"]) for h in r["hosts"]] == \
         [(10, False, False), (20, True, True), (30, False, True)]
     assert r["attempts"] == ["127.0.0.31:2587"]
+
+
+def test_mx_at_the_unspecified_address_reaches_our_loopback_listener_a_loop(mailflowd_bin, workdir, knot):
+    """A hostile domain's MX host at 0.0.0.0: Linux connects that to 127.0.0.1, where the "out" listener is
+    (127.0.0.1:2587), so the mail would come back to ourselves: a loop, as for 127.0.0.1 itself."""
+    ours = write_config(workdir, "own-port-any", {"servers": [knot.address]}, mx_port=2587)
+    r = route(mailflowd_bin, ours, "user@anyaddr.example.net")
+    assert r["hosts"][0]["self"] is True and r["attempts"] == [], r
+    assert (r["exit"], r["result"]) == (3, "loop"), r
+    assert r["reply"].startswith("554 5.4.6 "), r["reply"]
 
 
 def test_preferred_host_that_failed_to_resolve_is_temporary_not_a_loop(mailflowd_bin, workdir, knot):
