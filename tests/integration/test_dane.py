@@ -487,6 +487,24 @@ def test_fixed_dane_upstream_sessions_are_counted_under_their_policy(fixed):
     wait_dane_sessions(fixed.daemon, 2)
 
 
+def test_fixed_dane_upstream_whose_host_has_no_address_says_so(env, daemon_factory):
+    """A fixed tls: dane upstream whose host name does not exist (NXDOMAIN): the RCPT gets a temporary refusal,
+    and the upstream_error line says why (it said error="" where the same upstream without DANE names the DNS
+    answer)."""
+    port = harness.free_port()
+    daemon = daemon_factory(
+        [{"name": "out-gone", "address": f"127.0.0.1:{port}", "direction": "outbound", "upstream": "fixed-gone"}],
+        [{"name": "fixed-gone", "address": f"mx.gone.example.net:{env.port}", "tls": "dane"}],
+        name="mailflowd-fixed-gone",
+        dns={"servers": [env.knot.address], "timeout": "2s", "trust_anchor_file": str(env.knot.trust_anchor_file)})
+    rcpt, final = deliver(types.SimpleNamespace(port=port), "sam@gone.example")
+    assert rcpt[0] in (421, 451) and final is None, rcpt
+    harness.wait_for(lambda: "upstream_error" in daemon.stderr(), what="the upstream_error line")
+    line = next(x for x in daemon.stderr().splitlines() if "upstream_error" in x)
+    assert "reason=connect_failed" in line, line
+    assert 'error=""' not in line and "nxdomain" in line.lower(), line
+
+
 def test_dane_without_a_trust_anchor_is_a_config_error(mailflowd_bin, workdir):
     cfg = Path(workdir) / "dane-no-anchor.yaml"
     cfg.write_text("""listeners:
