@@ -452,6 +452,8 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
     if (dane.kind == proto::DanePlan::Kind::skip) {
       reason = "tls_policy";  // RFC 7672 2.2: a host whose TLSA records cannot be learned is not used
       failure = failure_key(proto::tlsrpt::ResultType::dnssec_invalid, host, endpoint, std::string(dane.why));
+      // A fixed upstream has no MX attempts to count it: its errors are what says that it cannot be used.
+      session_.telemetry.upstream_error(upstream.name, reason);
     } else {
       connected =
           co_await connect_to(upstream, endpoint, host, connect_deadline, client, dane, nullptr, reason);

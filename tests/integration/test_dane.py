@@ -487,6 +487,35 @@ def test_fixed_dane_upstream_sessions_are_counted_under_their_policy(fixed):
     wait_dane_sessions(fixed.daemon, 2)
 
 
+def test_fixed_dane_upstream_whose_tlsa_lookup_fails_counts_an_upstream_error(env, daemon_factory):
+    """A fixed tls: dane upstream whose TLSA lookup gets no answer (a DNS proxy drops it): the host is not used
+    (RFC 7672 2.2), every RCPT gets a temporary refusal, and that counts in mailflow_upstream_errors_total (the
+    series MailflowUpstreamDown watches for a fixed upstream), as a certificate that matches no TLSA record does;
+    it counted nothing there."""
+    proxy = TamperingProxy(env.knot.address, drop=[f"_{env.port}._tcp.mx.good.example.net"])
+    try:
+        port = harness.free_port()
+        daemon = daemon_factory(
+            [{"name": "out-tlsafail", "address": f"127.0.0.1:{port}", "direction": "outbound",
+              "upstream": "fixed-tlsafail"}],
+            [{"name": "fixed-tlsafail", "address": f"mx.good.example.net:{env.port}", "tls": "dane"}],
+            name="mailflowd-fixed-tlsafail",
+            dns={"servers": [proxy.address], "timeout": "1s", "trust_anchor_file": str(env.knot.trust_anchor_file)})
+        good = env.sinks["good"]
+        n = good.count()
+        before = daemon.metrics()
+        rcpt, final = deliver(types.SimpleNamespace(port=port), "tim@tlsafail.example")
+        assert rcpt[0] in (421, 451) and final is None, rcpt
+        assert proxy.dropped >= 1 and good.count() == n
+        after = harness.wait_moved(daemon, before, "mailflow_dns_lookups_total")
+        assert delta(before, after, "mailflow_dns_lookups_total", type="TLSA", result="timeout") == \
+            {series_key(type="TLSA", result="timeout"): 1.0}
+        assert delta(before, after, "mailflow_upstream_errors_total") == \
+            {series_key(upstream="fixed-tlsafail", reason="tls_policy"): 1.0}
+    finally:
+        proxy.close()
+
+
 def test_fixed_dane_upstream_whose_host_has_no_address_says_so(env, daemon_factory):
     """A fixed tls: dane upstream whose host name does not exist (NXDOMAIN): the RCPT gets a temporary refusal,
     and the upstream_error line says why (it said error="" where the same upstream without DANE names the DNS
