@@ -53,6 +53,9 @@ host.dual      A     127.0.0.15
 host.dual      A     127.0.0.16
 ; RFC 7505 null MX: accepts no mail
 nullmx         MX    0 .
+; two null MX records (at different preferences): still no host at all
+nullmx2        MX    0 .
+nullmx2        MX    10 .
 ; an MX host that does not exist
 nohost         MX    10 missing.example.net.
 ; MX hosts on mailflowd's own listener (127.0.0.1:2587 with port 2587): a loop, or only the better ones tried
@@ -213,10 +216,11 @@ def test_connector_by_recipient_and_sender_domain_with_a_fixed_upstream(mailflow
 
 
 def test_null_mx_is_556(mailflowd_bin, config):
-    r = route(mailflowd_bin, config, "user@nullmx.example.net")
-    assert r["exit"] == 3, r
-    assert r["mx_lookup"]["status"] == "null_mx" and r["hosts"] == [] and r["attempts"] == []
-    assert r["result"] == "null_mx" and r["reply"].startswith("556 5.1.10 ")
+    for domain in ("nullmx", "nullmx2"):
+        r = route(mailflowd_bin, config, f"user@{domain}.example.net")
+        assert r["exit"] == 3, r
+        assert r["mx_lookup"]["status"] == "null_mx" and r["hosts"] == [] and r["attempts"] == [], r
+        assert r["result"] == "null_mx" and r["reply"].startswith("556 5.1.10 "), r
 
 
 def test_nxdomain_is_550_and_validated(mailflowd_bin, config):
