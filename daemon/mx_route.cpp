@@ -105,7 +105,8 @@ boost::asio::awaitable<MxRoute> resolve_mx_route(Resolver& resolver, const OwnLi
     // Before the loop check: a host preferred over this relay whose lookup failed for now may take the mail
     // once DNS answers, so the sender tries again (a DNS failure is never a bounce).
     route.result = MxRoute::Result::dns_failure;
-    route.reply = "451 4.4.3 Temporary DNS failure for the MX hosts of " + route.domain + " (" + temporary + ")";
+    route.reply =
+        "451 4.4.3 Temporary DNS failure for the MX hosts of " + route.domain + " (" + temporary + ")";
   } else if (self_preference) {
     route.result = MxRoute::Result::loop;
     route.reply = "554 5.4.6 Mail for " + route.domain + " loops back to myself";

@@ -76,8 +76,8 @@ enum class CertificateVerdict { valid, expired, host_mismatch, not_trusted };
 CertificateVerdict certificate_verdict(long verify_error);
 
 // Whether OpenSSL can load a TLSA record's data: a full certificate or key (matching type 0) must be one DER
-// object, exactly (a digest's length is proto::usable_for_smtp's check). SSL_dane_tlsa_add leaves out a record
-// that fails this, and a handshake left without records verifies against the Web PKI instead of DANE.
+// object, exactly (a digest's length is proto::usable_for_smtp's check). SSL_dane_tlsa_add leaves out a
+// record that fails this, and a handshake left without records verifies against the Web PKI instead of DANE.
 bool tlsa_data_loads(const proto::TlsaRecord& record);
 
 class ClientTls {

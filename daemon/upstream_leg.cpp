@@ -368,9 +368,11 @@ asio::awaitable<proto::DanePlan> UpstreamLeg::plan_dane(Resolver& resolver, cons
   std::string detail;
   for (const auto& base : bases) {
     TlsaResult tlsa = co_await resolver.resolve_tlsa("_" + std::to_string(port) + "._tcp." + base);
-    // A full certificate or key that is none is a malformed record, so unusable (RFC 7672 3.1): left out before
-    // the plan, or OpenSSL would leave it out of the handshake, which with no record left checks the Web PKI.
-    std::erase_if(tlsa.answer.records, [](const proto::TlsaRecord& record) { return !tlsa_data_loads(record); });
+    // A full certificate or key that is none is a malformed record, so unusable (RFC 7672 3.1): left out
+    // before the plan, or OpenSSL would leave it out of the handshake, which with no record left checks the
+    // Web PKI.
+    std::erase_if(tlsa.answer.records,
+                  [](const proto::TlsaRecord& record) { return !tlsa_data_loads(record); });
     plan = proto::plan_dane(true, &tlsa.answer);
     detail = tlsa.detail;
     if (plan.kind == proto::DanePlan::Kind::none) continue;  // none there: the next name (a failure is not)
