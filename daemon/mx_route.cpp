@@ -89,22 +89,24 @@ boost::asio::awaitable<MxRoute> resolve_mx_route(Resolver& resolver, const OwnLi
       entry.self = entry.self || own.contains(address, port);
     if (entry.self && !self_preference) self_preference = entry.host.preference;
   }
-  bool temporary = false;  // a host that may be tried could not be looked up now
+  std::string temporary;  // the first host that may be tried and could not be looked up now, and why
   for (auto& entry : route.hosts) {
     entry.skipped = self_preference && entry.host.preference >= *self_preference;
     if (entry.skipped) continue;
-    temporary = temporary || entry.addresses.status == AddressResult::Status::failed;
+    if (temporary.empty() && entry.addresses.status == AddressResult::Status::failed)
+      temporary = entry.host.name + ": " + entry.addresses.detail;
     for (const auto& address : entry.addresses.addresses)
       route.attempts.push_back(
           {entry.host.name, {address, port}, route.mx->secure && entry.addresses.secure, entry.addresses.canonical});
   }
   if (!route.attempts.empty()) {
     route.result = MxRoute::Result::deliver;
-  } else if (temporary) {
+  } else if (!temporary.empty()) {
     // Before the loop check: a host preferred over this relay whose lookup failed for now may take the mail
     // once DNS answers, so the sender tries again (a DNS failure is never a bounce).
     route.result = MxRoute::Result::dns_failure;
-    route.reply = "451 4.4.3 Temporary DNS failure for the MX hosts of " + route.domain;
+    route.reply =
+        "451 4.4.3 Temporary DNS failure for the MX hosts of " + route.domain + " (" + temporary + ")";
   } else if (self_preference) {
     route.result = MxRoute::Result::loop;
     route.reply = "554 5.4.6 Mail for " + route.domain + " loops back to myself";

@@ -52,7 +52,12 @@ OwnListeners::OwnListeners(const config::Config& config, std::vector<net::ip::ad
 }
 
 bool OwnListeners::contains(const net::ip::address& candidate, std::uint16_t port) const {
-  const auto address = unmapped(candidate);
+  auto address = unmapped(candidate);
+  // A connect() to 0.0.0.0 or :: reaches this host's loopback, 127.0.0.1 or ::1 (Linux), where a listener on
+  // that address takes it: an MX host that a hostile DNS puts there is us.
+  if (address.is_unspecified())
+    address = address.is_v4() ? net::ip::address(net::ip::address_v4::loopback())
+                              : net::ip::address(net::ip::address_v6::loopback());
   for (const auto& listener : listeners_) {
     if (listener.port != port) continue;
     if (!listener.address.is_unspecified()) {

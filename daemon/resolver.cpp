@@ -520,6 +520,8 @@ net::awaitable<std::vector<AddressResult>> Resolver::resolve_addresses(std::vect
       out.detail = is_temporary(aaaa.outcome) ? "AAAA: " + aaaa.detail : "A: " + a.detail;
     } else {
       out.status = AddressResult::Status::none;
+      out.detail =
+          "AAAA " + std::string(to_string(aaaa.outcome)) + ", A " + std::string(to_string(a.outcome));
     }
   }
   co_return results;

@@ -62,7 +62,7 @@ struct AddressResult {
   // The name's CNAME expansion, where it is an alias: the owner of the addresses (libunbound's canonname, without
   // the final dot); "" when the name is no alias. DANE looks for TLSA records there first (RFC 7672 2.2.3).
   std::string canonical;
-  std::string detail;
+  std::string detail;  // failed: the failed lookup's reason; none: both answers ("AAAA nxdomain, A nxdomain")
 };
 std::string_view to_string(AddressResult::Status status);  // "addresses", "none", "failed"
 

@@ -308,6 +308,25 @@ ClientTls::ClientTls(const config::Upstream& upstream, const std::string& webpki
   }
 }
 
+bool tlsa_data_loads(const proto::TlsaRecord& record) {
+  if (record.matching != 0) return true;
+  const auto* data = reinterpret_cast<const unsigned char*>(record.data.data());
+  const auto size = static_cast<long>(record.data.size());
+  const unsigned char* end = data;
+  bool loaded = false;
+  if (record.selector == 0) {
+    X509* cert = d2i_X509(nullptr, &end, size);
+    loaded = cert != nullptr;
+    X509_free(cert);
+  } else {
+    EVP_PKEY* key = d2i_PUBKEY(nullptr, &end, size);
+    loaded = key != nullptr;
+    EVP_PKEY_free(key);
+  }
+  ERR_clear_error();
+  return loaded && end == data + size;
+}
+
 CertificateVerdict certificate_verdict(long verify_error) {
   switch (verify_error) {
     case X509_V_OK:

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "config/config.hpp"
+#include "proto/dane.hpp"
 #include "proto/tls_version.hpp"
 
 typedef struct ssl_st SSL;
@@ -73,6 +74,11 @@ class ServerTls {
 // A recorded certificate verdict, in the words TLS-RPT reports it with.
 enum class CertificateVerdict { valid, expired, host_mismatch, not_trusted };
 CertificateVerdict certificate_verdict(long verify_error);
+
+// Whether OpenSSL can load a TLSA record's data: a full certificate or key (matching type 0) must be one DER
+// object, exactly (a digest's length is proto::usable_for_smtp's check). SSL_dane_tlsa_add leaves out a
+// record that fails this, and a handshake left without records verifies against the Web PKI instead of DANE.
+bool tlsa_data_loads(const proto::TlsaRecord& record);
 
 class ClientTls {
  public:

@@ -14,6 +14,7 @@
 #include "daemon/resolver.hpp"
 #include "daemon/runtime.hpp"
 #include "daemon/telemetry.hpp"
+#include "daemon/tls.hpp"
 #include "daemon/tlsrpt.hpp"
 #include "proto/client_session.hpp"
 
@@ -366,7 +367,12 @@ asio::awaitable<proto::DanePlan> UpstreamLeg::plan_dane(Resolver& resolver, cons
   proto::DanePlan plan;
   std::string detail;
   for (const auto& base : bases) {
-    const TlsaResult tlsa = co_await resolver.resolve_tlsa("_" + std::to_string(port) + "._tcp." + base);
+    TlsaResult tlsa = co_await resolver.resolve_tlsa("_" + std::to_string(port) + "._tcp." + base);
+    // A full certificate or key that is none is a malformed record, so unusable (RFC 7672 3.1): left out
+    // before the plan, or OpenSSL would leave it out of the handshake, which with no record left checks the
+    // Web PKI.
+    std::erase_if(tlsa.answer.records,
+                  [](const proto::TlsaRecord& record) { return !tlsa_data_loads(record); });
     plan = proto::plan_dane(true, &tlsa.answer);
     detail = tlsa.detail;
     if (plan.kind == proto::DanePlan::Kind::none) continue;  // none there: the next name (a failure is not)
@@ -448,6 +454,8 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
     if (dane.kind == proto::DanePlan::Kind::skip) {
       reason = "tls_policy";  // RFC 7672 2.2: a host whose TLSA records cannot be learned is not used
       failure = failure_key(proto::tlsrpt::ResultType::dnssec_invalid, host, endpoint, std::string(dane.why));
+      // A fixed upstream has no MX attempts to count it: its errors are what says that it cannot be used.
+      session_.telemetry.upstream_error(upstream.name, reason);
     } else {
       connected =
           co_await connect_to(upstream, endpoint, host, connect_deadline, client, dane, nullptr, reason);

@@ -26,7 +26,9 @@ MxPlan plan_mx(std::string_view domain, const std::vector<MxRecord>& records, st
     plan.hosts.push_back(MxHost{dns_name_key(domain), 0});
     return plan;
   }
-  if (records.size() == 1 && dns_name_key(records.front().exchange).empty()) {
+  // Every record the root (one, or several at different preferences): the domain names no host at all.
+  if (std::all_of(records.begin(), records.end(),
+                  [](const MxRecord& record) { return dns_name_key(record.exchange).empty(); })) {
     plan.kind = MxPlanKind::null_mx;
     return plan;
   }

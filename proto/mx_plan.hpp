@@ -35,10 +35,10 @@ struct MxPlan {
 // `records` is the MX RRset of `domain` (empty: the domain has none, answered NOERROR/NODATA). Hosts are
 // ordered by preference, lowest first; hosts of equal preference are shuffled (RFC 5321 5.1: "pick one at
 // random") by a generator seeded with `seed`, so a test can fix the order and a relay spreads its load.
-// A host listed twice keeps its lowest preference. A single record whose exchange is the root (".") is a
-// null MX, whatever its preference; a "." among other records is a misconfigured RRset (RFC 7505 section 3:
-// a null MX must be the only MX) and the "." is skipped like any host that cannot be connected to, so
-// the domain's real MX hosts still get the mail.
+// A host listed twice keeps its lowest preference. A record whose exchange is the root (".") is a null MX,
+// whatever its preference (so are several such records and nothing else); a "." among other records is a
+// misconfigured RRset (RFC 7505 section 3: a null MX must be the only MX) and the "." is skipped like any
+// host that cannot be connected to, so the domain's real MX hosts still get the mail.
 MxPlan plan_mx(std::string_view domain, const std::vector<MxRecord>& records, std::uint64_t seed);
 
 // The addresses of one host in the order to connect: IPv6 and IPv4 alternating, IPv6 first (RFC 8305

@@ -42,6 +42,16 @@ TEST_CASE("own listeners: a wildcard listener is every address of this host, loo
   CHECK_FALSE(dual.contains(make_address("2001:db8::8"), 25));
 }
 
+TEST_CASE("own listeners: the unspecified address is this host's loopback (a connect() there reaches it)") {
+  const mailflow::OwnListeners own(listeners({{"127.0.0.1", 2525}, {"::1", 2526}, {"192.0.2.7", 2527}}), {});
+  CHECK(own.contains(make_address("0.0.0.0"), 2525));
+  CHECK(own.contains(make_address("::ffff:0.0.0.0"), 2525));
+  CHECK(own.contains(make_address("::"), 2526));
+  CHECK_FALSE(own.contains(make_address("::"), 2525));  // :: is ::1, not 127.0.0.1
+  CHECK_FALSE(own.contains(make_address("0.0.0.0"), 2526));
+  CHECK_FALSE(own.contains(make_address("0.0.0.0"), 2527));  // not an interface address
+}
+
 TEST_CASE("own listeners: the real interfaces include loopback") {
   const mailflow::OwnListeners own(listeners({{"0.0.0.0", 2525}}));
   CHECK(own.contains(make_address("127.0.0.1"), 2525));

@@ -48,6 +48,7 @@ ADDR = {
     "ta": "127.0.0.66",        # TLS, chain from the test CA, leaf names mx.ta.example.net; DANE-TA names the CA
     "taname": "127.0.0.67",    # TLS, chain from the test CA, leaf names sink.test only; DANE-TA names the CA
     "tacname": "127.0.0.68",   # TLS, chain from the test CA, leaf names the alias mx.tacname.example.net only
+    "badkey": "127.0.0.69",    # TLS; only a DANE-EE record whose full key (matching type 0) is no key at all
 }
 
 
@@ -87,6 +88,9 @@ mx.plain     A     {ADDR['plain']}
 unusable     MX    10 mx.unusable
 mx.unusable  A     {ADDR['unusable']}
 {tlsa}.mx.unusable TLSA 1 1 1 {'00' * 32}
+badkey       MX    10 mx.badkey
+mx.badkey    A     {ADDR['badkey']}
+{tlsa}.mx.badkey  TLSA  3 1 0 {'00' * 40}
 ta           MX    10 mx.ta
 mx.ta        A     {ADDR['ta']}
 {tlsa}.mx.ta      TLSA  2 0 1 {ca_sha256}
@@ -148,6 +152,7 @@ def env(certs, workdir, short_dir, sink_factory, daemon_factory):
             "notls": sink_factory("mx-notls", host=ADDR["notls"], port=port),
             "plain": sink_factory("mx-plain", host=ADDR["plain"], port=port),
             "unusable": sink_factory("mx-unusable", host=ADDR["unusable"], port=port, **tls),
+            "badkey": sink_factory("mx-badkey", host=ADDR["badkey"], port=port, **tls),
             "ta": sink_factory("mx-ta", host=ADDR["ta"], port=port, tls_cert=ta_chain, tls_key=ta_key),
             "taname": sink_factory("mx-taname", host=ADDR["taname"], port=port, tls_cert=taname_chain,
                                    tls_key=taname_key),
@@ -334,6 +339,24 @@ def test_only_unusable_records_is_tls_without_authentication(env):
     assert meta["tls_version"] != "none"
 
 
+def test_a_malformed_full_key_record_is_unusable_tls_without_authentication(env):
+    """A DANE-EE record with matching type 0 carries the full key (or certificate); here its data is no DER key.
+    It is malformed, so unusable (RFC 7672 3.1), and with no other record the host gets TLS without
+    authentication, as with only PKIX records. (OpenSSL refuses to load such a record; with none loaded it
+    verified the certificate against the Web PKI store instead, and the host was not used.)"""
+    sink = env.sinks["badkey"]
+    n, authenticated = sink.count(), dane_sessions(env.daemon)
+    sessions = len(session_upstreams(env.daemon))
+    before = env.daemon.metrics()
+    rcpt, final = deliver(env, "fred@badkey.example.net")
+    assert rcpt[0] == 250 and final[0] == 250, (rcpt, final)
+    assert sink.wait_messages(n + 1)[-1][0]["tls_version"] in ("TLSv1.2", "TLSv1.3")
+    after = harness.wait_moved(env.daemon, before)
+    assert policy_moved(before, after) == {("partners", "dane", "success"): 1.0}
+    harness.wait_for(lambda: len(session_upstreams(env.daemon)) > sessions, what="the session line")
+    assert dane_sessions(env.daemon) == authenticated, "a session DANE did not authenticate says /dane"
+
+
 def test_dane_ta_chain_with_the_mx_name_delivers(env):
     sink = env.sinks["ta"]
     n = sink.count()
@@ -462,6 +485,53 @@ def test_fixed_dane_upstream_sessions_are_counted_under_their_policy(fixed):
                                            ("fixed-plain", "none", "success"): 1.0,
                                            ("fixed-wrong", "dane", "tlsa-invalid"): 1.0}
     wait_dane_sessions(fixed.daemon, 2)
+
+
+def test_fixed_dane_upstream_whose_tlsa_lookup_fails_counts_an_upstream_error(env, daemon_factory):
+    """A fixed tls: dane upstream whose TLSA lookup gets no answer (a DNS proxy drops it): the host is not used
+    (RFC 7672 2.2), every RCPT gets a temporary refusal, and that counts in mailflow_upstream_errors_total (the
+    series MailflowUpstreamDown watches for a fixed upstream), as a certificate that matches no TLSA record does;
+    it counted nothing there."""
+    proxy = TamperingProxy(env.knot.address, drop=[f"_{env.port}._tcp.mx.good.example.net"])
+    try:
+        port = harness.free_port()
+        daemon = daemon_factory(
+            [{"name": "out-tlsafail", "address": f"127.0.0.1:{port}", "direction": "outbound",
+              "upstream": "fixed-tlsafail"}],
+            [{"name": "fixed-tlsafail", "address": f"mx.good.example.net:{env.port}", "tls": "dane"}],
+            name="mailflowd-fixed-tlsafail",
+            dns={"servers": [proxy.address], "timeout": "1s", "trust_anchor_file": str(env.knot.trust_anchor_file)})
+        good = env.sinks["good"]
+        n = good.count()
+        before = daemon.metrics()
+        rcpt, final = deliver(types.SimpleNamespace(port=port), "tim@tlsafail.example")
+        assert rcpt[0] in (421, 451) and final is None, rcpt
+        assert proxy.dropped >= 1 and good.count() == n
+        after = harness.wait_moved(daemon, before, "mailflow_dns_lookups_total")
+        assert delta(before, after, "mailflow_dns_lookups_total", type="TLSA", result="timeout") == \
+            {series_key(type="TLSA", result="timeout"): 1.0}
+        assert delta(before, after, "mailflow_upstream_errors_total") == \
+            {series_key(upstream="fixed-tlsafail", reason="tls_policy"): 1.0}
+    finally:
+        proxy.close()
+
+
+def test_fixed_dane_upstream_whose_host_has_no_address_says_so(env, daemon_factory):
+    """A fixed tls: dane upstream whose host name does not exist (NXDOMAIN): the RCPT gets a temporary refusal,
+    and the upstream_error line says why (it said error="" where the same upstream without DANE names the DNS
+    answer)."""
+    port = harness.free_port()
+    daemon = daemon_factory(
+        [{"name": "out-gone", "address": f"127.0.0.1:{port}", "direction": "outbound", "upstream": "fixed-gone"}],
+        [{"name": "fixed-gone", "address": f"mx.gone.example.net:{env.port}", "tls": "dane"}],
+        name="mailflowd-fixed-gone",
+        dns={"servers": [env.knot.address], "timeout": "2s", "trust_anchor_file": str(env.knot.trust_anchor_file)})
+    rcpt, final = deliver(types.SimpleNamespace(port=port), "sam@gone.example")
+    assert rcpt[0] in (421, 451) and final is None, rcpt
+    harness.wait_for(lambda: "upstream_error" in daemon.stderr(), what="the upstream_error line")
+    line = next(x for x in daemon.stderr().splitlines() if "upstream_error" in x)
+    assert "reason=connect_failed" in line, line
+    assert 'error=""' not in line and "nxdomain" in line.lower(), line
 
 
 def test_dane_without_a_trust_anchor_is_a_config_error(mailflowd_bin, workdir):

@@ -53,11 +53,17 @@ host.dual      A     127.0.0.15
 host.dual      A     127.0.0.16
 ; RFC 7505 null MX: accepts no mail
 nullmx         MX    0 .
+; two null MX records (at different preferences): still no host at all
+nullmx2        MX    0 .
+nullmx2        MX    10 .
 ; an MX host that does not exist
 nohost         MX    10 missing.example.net.
 ; MX hosts on mailflowd's own listener (127.0.0.1:2587 with port 2587): a loop, or only the better ones tried
 loop           MX    10 mx.loop
 mx.loop        A     127.0.0.1
+; an MX host at the unspecified address: a connect() there reaches this host's loopback (127.0.0.1)
+anyaddr        MX    10 mx.anyaddr
+mx.anyaddr     A     0.0.0.0
 selfpref       MX    10 other.selfpref
 selfpref       MX    20 mx.loop
 selfpref       MX    30 after.selfpref
@@ -210,10 +216,11 @@ def test_connector_by_recipient_and_sender_domain_with_a_fixed_upstream(mailflow
 
 
 def test_null_mx_is_556(mailflowd_bin, config):
-    r = route(mailflowd_bin, config, "user@nullmx.example.net")
-    assert r["exit"] == 3, r
-    assert r["mx_lookup"]["status"] == "null_mx" and r["hosts"] == [] and r["attempts"] == []
-    assert r["result"] == "null_mx" and r["reply"].startswith("556 5.1.10 ")
+    for domain in ("nullmx", "nullmx2"):
+        r = route(mailflowd_bin, config, f"user@{domain}.example.net")
+        assert r["exit"] == 3, r
+        assert r["mx_lookup"]["status"] == "null_mx" and r["hosts"] == [] and r["attempts"] == [], r
+        assert r["result"] == "null_mx" and r["reply"].startswith("556 5.1.10 "), r
 
 
 def test_nxdomain_is_550_and_validated(mailflowd_bin, config):
@@ -261,6 +268,16 @@ def test_mx_on_our_own_listener_is_a_loop(mailflowd_bin, workdir, knot):
     assert [(h["preference"], h["self"], h["skipped"]) for h in r["hosts"]] == \
         [(10, False, False), (20, True, True), (30, False, True)]
     assert r["attempts"] == ["127.0.0.31:2587"]
+
+
+def test_mx_at_the_unspecified_address_reaches_our_loopback_listener_a_loop(mailflowd_bin, workdir, knot):
+    """A hostile domain's MX host at 0.0.0.0: Linux connects that to 127.0.0.1, where the "out" listener is
+    (127.0.0.1:2587), so the mail would come back to ourselves: a loop, as for 127.0.0.1 itself."""
+    ours = write_config(workdir, "own-port-any", {"servers": [knot.address]}, mx_port=2587)
+    r = route(mailflowd_bin, ours, "user@anyaddr.example.net")
+    assert r["hosts"][0]["self"] is True and r["attempts"] == [], r
+    assert (r["exit"], r["result"]) == (3, "loop"), r
+    assert r["reply"].startswith("554 5.4.6 "), r["reply"]
 
 
 def test_preferred_host_that_failed_to_resolve_is_temporary_not_a_loop(mailflowd_bin, workdir, knot):
@@ -319,7 +336,9 @@ def test_mx_hosts_that_time_out_cost_one_dns_timeout_not_one_each(mailflowd_bin,
     assert [h["name"] for h in r["hosts"]] == hosts
     assert all((h["status"], h["aaaa"], h["a"]) == ("failed", "timeout", "timeout") for h in r["hosts"]), r["hosts"]
     assert (r["exit"], r["result"]) == (4, "dns_failure"), r
-    assert r["reply"].startswith("451 4.4.3 ")
+    # The reply says which host could not be looked up, and why.
+    assert r["reply"] == "451 4.4.3 Temporary DNS failure for the MX hosts of slowmx.example.net " \
+        "(a.slowmx.example.net: AAAA: no answer within 1s)", r["reply"]
     assert r["dns_lookups"] == {"MX success": 1, "A timeout": 4, "AAAA timeout": 4}
     assert r["elapsed_ms"] / 1000 < 2.0, r["elapsed_ms"]
 

@@ -67,6 +67,8 @@ TEST_CASE("null MX (RFC 7505): one record whose exchange is the root") {
   CHECK(plan_mx("nomail.example", {{0, "."}}, 1).kind == MxPlanKind::null_mx);
   CHECK(plan_mx("nomail.example", {{0, "."}}, 1).hosts.empty());
   CHECK(plan_mx("nomail.example", {{10, ""}}, 1).kind == MxPlanKind::null_mx);  // any preference
+  // Several records, every one the root: no host either (not an MX plan without hosts).
+  CHECK(plan_mx("nomail.example", {{0, "."}, {10, "."}}, 1).kind == MxPlanKind::null_mx);
   // A "." beside real hosts violates RFC 7505 section 3; the real hosts are used, the "." is skipped.
   const auto mixed = plan_mx("mixed.example", {{0, "."}, {10, "mx.mixed.example."}}, 1);
   CHECK(mixed.kind == MxPlanKind::mx);
