@@ -79,11 +79,12 @@ TxtLookup parse_one(std::string_view rest) {
           out.error = "malformed rua URI in the _smtp._tls record";
           return out;
         }
-        if (starts_with_nocase(uri, "mailto:") && uri.size() > 7 && uri.find('@') != std::string_view::npos) {
-          out.rua.emplace_back(uri);
-        } else if (starts_with_nocase(uri, "https://") && uri.size() > 8) {
-          out.rua.emplace_back(uri);
-        }  // other schemes: ignored (section 3: only mailto and https are defined)
+        // Other schemes: ignored (section 3: only mailto and https are defined). A URI listed twice is one
+        // destination: the report goes there once.
+        const bool usable =
+            (starts_with_nocase(uri, "mailto:") && uri.size() > 7 && uri.find('@') != std::string_view::npos) ||
+            (starts_with_nocase(uri, "https://") && uri.size() > 8);
+        if (usable && std::find(out.rua.begin(), out.rua.end(), uri) == out.rua.end()) out.rua.emplace_back(uri);
         if (comma == std::string_view::npos) break;
         at = comma + 1;
       }

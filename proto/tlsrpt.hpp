@@ -19,7 +19,7 @@ struct TxtLookup {
     invalid,  // more than one, malformed, or no mailto:/https: rua (treated as none)
   };
   Status status = Status::none;
-  std::vector<std::string> rua;  // "mailto:..." and "https://..." URIs in record order
+  std::vector<std::string> rua;  // "mailto:..." and "https://..." URIs in record order, each once
   std::string error;
 };
 

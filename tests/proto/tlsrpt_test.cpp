@@ -23,6 +23,13 @@ TEST_CASE("tlsrpt TXT: rua lists of mailto: and https: URIs - other schemes igno
   CHECK(parse_txt_records({"v=TLSRPTv10; rua=mailto:a@example.com"}).status == Status::none);
 }
 
+TEST_CASE("tlsrpt TXT: a rua listed twice is one destination - the report goes there once") {
+  const auto r = parse_txt_records(
+      {"v=TLSRPTv1; rua=mailto:a@example.com,https://r.example.com/v1,mailto:a@example.com, https://r.example.com/v1"});
+  CHECK(r.status == Status::report);
+  CHECK(r.rua == std::vector<std::string>{"mailto:a@example.com", "https://r.example.com/v1"});
+}
+
 TEST_CASE("tlsrpt TXT: malformed, duplicated or unusable records are invalid") {
   const std::vector<std::string> bad = {
       "v=TLSRPTv1",
