@@ -383,3 +383,59 @@ policy no-policy-found - - 2 0 0
     finally:
         assert second.stop() == 0, second.log_tail()
         harness.LIVE.remove(second)
+
+
+class InterimThenFinal(http.server.BaseHTTPRequestHandler):
+    """Answers each POST with a 100 Continue it was not asked for, then the final status its path names
+    (/ok: 201, /busy: 503). RFC 9110 15.2: a client must parse 1xx answers that come before the final one."""
+    protocol_version = "HTTP/1.1"
+    posts = []
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        InterimThenFinal.posts.append((self.path, self.rfile.read(int(self.headers.get("Content-Length", "0")))))
+        self.send_response_only(100)
+        self.end_headers()
+        self.send_response(201 if self.path == "/ok" else 503)
+        self.send_header("Content-Length", "0")
+        self.send_header("Connection", "close")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_an_interim_100_before_the_final_answer_is_not_the_answer(certs, report_cert, knot, daemon_factory,
+                                                                    workdir):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), InterimThenFinal)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*report_cert)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        directory = workdir / "interim-state"
+        directory.mkdir(exist_ok=True)
+        (directory / "tlsrpt.state").write_text(f"""mailflowd-tlsrpt 1
+day {DATE} f.example.net https://reports.rpt.example.net:{port}/ok,https://reports.rpt.example.net:{port}/busy
+policy no-policy-found - - 1 0 0
+""")
+        listeners = [{"name": "out", "address": f"127.0.0.1:{harness.free_port()}", "direction": "outbound",
+                      "upstream": "internet"}]
+        daemon = daemon_factory(listeners, [{"name": "internet", "mx": True}], name="interim",
+                                dns={"servers": [knot.address], "timeout": "3s"},
+                                tlsrpt={"send": True, "interval": "1s", "retry_for": "3s",
+                                        "ca_file": str(certs / "ca.pem")})
+        harness.wait_for(lambda: "f.example.net" not in reports_of(daemon, DATE), 30, what="f.example.net done")
+        m = daemon.metrics()
+        count = lambda result: harness.value(m, "mailflow_tlsrpt_deliveries_total", method="https",  # noqa: E731
+                                             result=result)
+        assert count("success") == 1  # the 201 after the 100
+        # The 503 after the 100 is temporary: retried every second until retry_for, then given up.
+        assert count("permanent_failure") == 0
+        assert count("temporary_failure") >= 2 and count("gave_up") == 1
+        log = daemon.stderr()
+        assert "answered 201" in log and "answered 503" in log and "answered 100" not in log
+    finally:
+        server.shutdown()
+
