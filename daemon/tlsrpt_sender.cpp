@@ -462,9 +462,22 @@ asio::awaitable<TlsRptDelivery> TlsRptSender::deliver_https(const Runtime& runti
         co_return TlsRptDelivery::temporary_failure;
       }
     }
-    const AddressResult addresses = co_await resolver_->resolve_addresses(rua.host);
+    // The lookup is part of the POST: given up at its deadline (dns.timeout alone may be longer). A lookup of
+    // its own, so that giving it up leaves the run's resolver to the next rua.
+    const auto lookup = Resolver::share(resolver_);
+    asio::steady_timer deadline(executor_, limits.deadline);
+    deadline.async_wait([lookup](const error_code& e) {
+      if (!e) lookup->cancel();
+    });
+    const AddressResult addresses = co_await lookup->resolve_addresses(rua.host);
+    deadline.cancel();
     request.addresses = addresses.addresses;
     if (request.addresses.empty()) {
+      if (std::chrono::steady_clock::now() >= limits.deadline) {
+        detail = "looking up " + rua.host + " timed out (tlsrpt.https_timeout " +
+                 config::format_duration(config.tlsrpt.https_timeout) + ")";
+        co_return TlsRptDelivery::temporary_failure;
+      }
       detail = "no address for " + rua.host + (addresses.detail.empty() ? "" : ": " + addresses.detail);
       co_return addresses.status == AddressResult::Status::none ? TlsRptDelivery::permanent_failure
                                                                  : TlsRptDelivery::temporary_failure;

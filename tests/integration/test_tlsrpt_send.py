@@ -439,3 +439,32 @@ policy no-policy-found - - 1 0 0
     finally:
         server.shutdown()
 
+
+@pytest.fixture(scope="module")
+def silent_dns():
+    """A DNS server that takes every query and never answers."""
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind(("127.0.0.1", 0))
+    yield f"127.0.0.1:{server.getsockname()[1]}"
+    server.close()
+
+
+def test_https_timeout_bounds_the_lookup_of_the_rua_host_too(silent_dns, daemon_factory, workdir):
+    """tlsrpt.https_timeout is the whole POST, the host name's lookup included: a DNS server that never answers
+    (dns.timeout 20s) does not hold the try, and the run, for longer."""
+    directory = workdir / "silent-dns-state"
+    directory.mkdir(exist_ok=True)
+    (directory / "tlsrpt.state").write_text(f"""mailflowd-tlsrpt 1
+day {DATE} g.example.net https://reports.nowhere.example/v1
+policy no-policy-found - - 1 0 0
+""")
+    listeners = [{"name": "out", "address": f"127.0.0.1:{harness.free_port()}", "direction": "outbound",
+                  "upstream": "internet"}]
+    daemon = daemon_factory(listeners, [{"name": "internet", "mx": True}], name="silent-dns",
+                            dns={"servers": [silent_dns], "timeout": "20s"},
+                            tlsrpt={"send": True, "interval": "1s", "https_timeout": "500ms"})
+    started = time.monotonic()  # the first run comes a second after the start
+    harness.wait_for(lambda: harness.value(daemon.metrics(), "mailflow_tlsrpt_deliveries_total", method="https",
+                                           result="temporary_failure") >= 1, 40, what="the first try")
+    assert time.monotonic() - started < 8, "the lookup outlasted tlsrpt.https_timeout"
+    assert "looking up reports.nowhere.example timed out (tlsrpt.https_timeout 500ms)" in daemon.stderr()
