@@ -44,6 +44,7 @@
 #include "daemon/telemetry.hpp"
 #include "daemon/tls.hpp"
 #include "daemon/tlsrpt.hpp"
+#include "proto/ascii.hpp"
 
 namespace mailflow {
 namespace {
@@ -663,7 +664,7 @@ class Server : public std::enable_shared_from_this<Server> {
       const std::string_view name = param.substr(0, eq);
       const std::string value(eq == std::string_view::npos ? std::string_view{} : param.substr(eq + 1));
       if (name == "date") date = value;
-      else if (name == "domain") domain = value;
+      else if (name == "domain") domain = proto::dns_name_key(value);  // the store's names are keys
       else if (name == "format") format = value;
     }
     if (date.empty()) {

@@ -115,6 +115,15 @@ def test_cli_prints_the_day_and_one_domain(mailflowd_bin, daemon):
     assert report["report-id"] == "2026-01-02T00:00:00Z-b.example@mx.sender.example"
 
 
+def test_a_domain_is_found_whatever_its_case_or_trailing_dot(mailflowd_bin, daemon):
+    """Domain names compare without case (the store keeps them lower-case): A.Example.NET. is a.example.net."""
+    want = get(daemon, f"/api/v1/tlsrpt?date={DATE}&domain=a.example.net&format=gzip")[2]
+    assert get(daemon, f"/api/v1/tlsrpt?date={DATE}&domain=A.Example.NET.&format=gzip")[2] == want
+    one = tlsrpt_cli(mailflowd_bin, daemon, "--date", DATE, "--domain", "B.Example")
+    assert one.returncode == 0, one.stderr
+    assert json.loads(one.stdout)["report-id"] == "2026-01-02T00:00:00Z-b.example@mx.sender.example"
+
+
 def test_cli_gzip_is_the_report_as_sent(mailflowd_bin, daemon, workdir):
     path = workdir / "a.json.gz"
     with open(path, "wb") as f:
