@@ -335,7 +335,6 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
     if (!day || day->rua.empty()) continue;
     ++tried;
     const std::string gzipped = gzip(proto::tlsrpt::render_json(*day, submitter));
-    std::vector<std::pair<std::string, TlsRptDelivery>> outcomes;
     for (const auto& uri : ledger_.to_try(key, day->rua)) {
       const RuaTarget target = parse_rua(uri);
       std::string detail;
@@ -356,13 +355,16 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
                  {"result", to_string(result)},
                  {"bytes", gzipped.size()},
                  {"detail", detail}});
-      outcomes.emplace_back(uri, result);
+      // Saved at once, before the next rua: a stop or crash while a later one is tried (or later in the run)
+      // must not send this report again where it was taken.
+      ledger_.tried(key, uri, result, now);
+      ledger_changed_ = true;
+      save_ledger();
     }
-    const auto verdict =
-        ledger_.record(key, day->rua, outcomes, now,
-                       std::chrono::duration_cast<std::chrono::seconds>(config.tlsrpt.retry_for));
+    const auto retry_for = std::chrono::duration_cast<std::chrono::seconds>(config.tlsrpt.retry_for);
+    const auto verdict = ledger_.verdict(key, day->rua, now, retry_for);
     ledger_changed_ = true;
-    save_ledger();  // at once: a crash later in the run must not send this report again where it was taken
+    save_ledger();
     if (verdict.kind == TlsRptLedger::Verdict::Kind::retry) continue;
     if (verdict.kind == TlsRptLedger::Verdict::Kind::gave_up) {
       for (const auto& uri : verdict.given_up) {

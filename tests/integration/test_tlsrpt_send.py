@@ -33,6 +33,7 @@ from dns_server import KnotServer  # noqa: E402
 DATE = "2026-01-02"
 ADDR = {"ok": "127.0.0.51", "busy": "127.0.0.52"}
 LEDGER_ADDR = {"took": "127.0.0.53", "later": "127.0.0.54"}  # the restart test's own rua hosts
+STALL_ADDR = "127.0.0.55"  # an MX host that takes the connection and never greets
 ZONE = f"""$ORIGIN rpt.example.net.
 $TTL 300
 @              SOA   ns hostmaster 1 3600 600 86400 300
@@ -46,6 +47,8 @@ took           MX    10 mx.took
 mx.took        A     {LEDGER_ADDR["took"]}
 later          MX    10 mx.later
 mx.later       A     {LEDGER_ADDR["later"]}
+stall          MX    10 mx.stall
+mx.stall       A     {STALL_ADDR}
 reports        A     127.0.0.1
 wrong          A     127.0.0.1
 silent         A     127.0.0.1
@@ -468,3 +471,46 @@ policy no-policy-found - - 1 0 0
                                            result="temporary_failure") >= 1, 40, what="the first try")
     assert time.monotonic() - started < 8, "the lookup outlasted tlsrpt.https_timeout"
     assert "looking up reports.nowhere.example timed out (tlsrpt.https_timeout 500ms)" in daemon.stderr()
+
+
+def test_a_rua_that_took_the_report_is_saved_before_the_next_rua_is_tried(workdir, knot, sink_factory,
+                                                                          mailflowd_bin):
+    """Which rua took a report is in the ledger as soon as it took it, not once every rua of the report was tried:
+    a stop while a later rua's MX host keeps the try waiting (it never greets) must not send the report again to
+    the one that took it."""
+    port = harness.free_port("127.0.0.1", LEDGER_ADDR["took"], STALL_ADDR)
+    took = sink_factory("rua-took-stall", host=LEDGER_ADDR["took"], port=port)
+    stall = socket.socket()
+    stall.bind((STALL_ADDR, port))
+    stall.listen(16)  # the kernel completes the connection; nobody ever speaks
+    state_dir = workdir / "stall-state"
+    state_dir.mkdir(exist_ok=True)
+    (state_dir / "tlsrpt.state").write_text(f"""mailflowd-tlsrpt 1
+day {DATE} h.example.net mailto:tlsrpt@took.rpt.example.net,mailto:reports@stall.rpt.example.net
+policy no-policy-found - - 1 0 0
+""")
+    tlsrpt = {"send": True, "submitter": SUBMITTER, "smtp_port": port, "interval": "1s"}
+    listeners = [{"name": "out", "address": f"127.0.0.1:{harness.free_port()}", "direction": "outbound",
+                  "upstream": "internet"}]
+    config = harness.default_config(state_dir, harness.free_port(), listeners, [{"name": "internet", "mx": True}],
+                                    dns={"servers": [knot.address], "timeout": "3s"}, tlsrpt=tlsrpt,
+                                    timeouts={"upstream_connect": "60s", "tls_handshake": "60s"})
+    ledger_file = state_dir / "tlsrpt-ledger.state"
+    try:
+        first = harness.Daemon(mailflowd_bin, workdir, config, name="stall").start()
+        took.wait_messages(1, timeout=20)
+        # The try of the other rua waits for a banner (timeouts.upstream_connect, 60s): the ledger already says
+        # who took the report.
+        harness.wait_for(lambda: ledger_file.exists() and "took.rpt.example.net" in ledger_file.read_text(), 5,
+                         what="the ledger saved once the first rua took the report")
+        assert first.stop() == 0, first.log_tail()
+        harness.LIVE.remove(first)
+        second = harness.Daemon(mailflowd_bin, workdir, config, name="stall-again").start()
+        try:
+            time.sleep(2.5)  # the first run after the start, and one more
+            assert took.count() == 1, "the rua that took the report got it again after the restart"
+        finally:
+            assert second.stop() == 0, second.log_tail()
+            harness.LIVE.remove(second)
+    finally:
+        stall.close()
