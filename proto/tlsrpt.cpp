@@ -84,7 +84,10 @@ TxtLookup parse_one(std::string_view rest) {
         const bool usable =
             (starts_with_nocase(uri, "mailto:") && uri.size() > 7 && uri.find('@') != std::string_view::npos) ||
             (starts_with_nocase(uri, "https://") && uri.size() > 8);
-        if (usable && std::find(out.rua.begin(), out.rua.end(), uri) == out.rua.end()) out.rua.emplace_back(uri);
+        if (usable && std::find(out.rua.begin(), out.rua.end(), uri) == out.rua.end()) {
+          if (out.rua.size() < max_rua) out.rua.emplace_back(uri);
+          else ++out.rua_left_out;
+        }
         if (comma == std::string_view::npos) break;
         at = comma + 1;
       }
@@ -153,7 +156,8 @@ TxtLookup parse_txt_records(const std::vector<std::string>& records) {
   }
   if (count == 0) return {};
   if (count > 1) {
-    return TxtLookup{TxtLookup::Status::invalid, {}, std::to_string(count) + " v=TLSRPTv1 records (exactly one allowed)"};
+    return TxtLookup{TxtLookup::Status::invalid, {}, 0,
+                     std::to_string(count) + " v=TLSRPTv1 records (exactly one allowed)"};
   }
   return parse_one(std::string_view(*found).substr(version.size()));
 }

@@ -12,6 +12,11 @@
 
 namespace mailflow::proto::tlsrpt {
 
+// The destinations one record may name: the rest are left out. Any domain a relayed mail goes to publishes the
+// record, and each rua is a report mail (or POST) a day to wherever it says: a record of a thousand addresses
+// must not make mailflowd a mailer of a thousand reports a day, nor hold each run for a thousand tries.
+inline constexpr std::size_t max_rua = 10;
+
 struct TxtLookup {
   enum class Status {
     none,     // no record starts with "v=TLSRPTv1" (the domain asks for no reports)
@@ -19,7 +24,8 @@ struct TxtLookup {
     invalid,  // more than one, malformed, or no mailto:/https: rua (treated as none)
   };
   Status status = Status::none;
-  std::vector<std::string> rua;  // "mailto:..." and "https://..." URIs in record order, each once
+  std::vector<std::string> rua;  // "mailto:..." and "https://..." URIs in record order, each once, max_rua
+  std::size_t rua_left_out = 0;  // usable URIs after the first max_rua
   std::string error;
 };
 

@@ -30,6 +30,18 @@ TEST_CASE("tlsrpt TXT: a rua listed twice is one destination - the report goes t
   CHECK(r.rua == std::vector<std::string>{"mailto:a@example.com", "https://r.example.com/v1"});
 }
 
+TEST_CASE("tlsrpt TXT: a record lists at most max_rua destinations - the rest are left out, and counted") {
+  std::string record = "v=TLSRPTv1; rua=";
+  for (int i = 0; i < 1000; ++i) record += (i ? ",mailto:r" : "mailto:r") + std::to_string(i) + "@victim.example";
+  const auto r = parse_txt_records({record});
+  CHECK(r.status == Status::report);
+  REQUIRE(r.rua.size() == max_rua);
+  CHECK(r.rua.front() == "mailto:r0@victim.example");
+  CHECK(r.rua.back() == "mailto:r" + std::to_string(max_rua - 1) + "@victim.example");
+  CHECK(r.rua_left_out == 1000 - max_rua);
+  CHECK(parse_txt_records({"v=TLSRPTv1; rua=mailto:a@example.com"}).rua_left_out == 0);
+}
+
 TEST_CASE("tlsrpt TXT: malformed, duplicated or unusable records are invalid") {
   const std::vector<std::string> bad = {
       "v=TLSRPTv1",
