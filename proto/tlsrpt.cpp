@@ -81,9 +81,9 @@ TxtLookup parse_one(std::string_view rest) {
         }
         // Other schemes: ignored (section 3: only mailto and https are defined). A URI listed twice is one
         // destination: the report goes there once.
-        const bool usable =
-            (starts_with_nocase(uri, "mailto:") && uri.size() > 7 && uri.find('@') != std::string_view::npos) ||
-            (starts_with_nocase(uri, "https://") && uri.size() > 8);
+        const bool mailto =
+            starts_with_nocase(uri, "mailto:") && uri.size() > 7 && uri.find('@') != std::string_view::npos;
+        const bool usable = mailto || (starts_with_nocase(uri, "https://") && uri.size() > 8);
         if (usable && std::find(out.rua.begin(), out.rua.end(), uri) == out.rua.end()) {
           if (out.rua.size() < max_rua) out.rua.emplace_back(uri);
           else ++out.rua_left_out;

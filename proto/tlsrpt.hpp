@@ -12,9 +12,10 @@
 
 namespace mailflow::proto::tlsrpt {
 
-// The destinations one record may name: the rest are left out. Any domain a relayed mail goes to publishes the
-// record, and each rua is a report mail (or POST) a day to wherever it says: a record of a thousand addresses
-// must not make mailflowd a mailer of a thousand reports a day, nor hold each run for a thousand tries.
+// The destinations one record may name: the rest are left out. Any domain a relayed mail goes to publishes
+// the record, and each rua is a report mail (or POST) a day to wherever it says: a record of a thousand
+// addresses must not make mailflowd a mailer of a thousand reports a day, nor hold each run for a thousand
+// tries.
 inline constexpr std::size_t max_rua = 10;
 
 struct TxtLookup {

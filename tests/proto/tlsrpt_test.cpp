@@ -24,15 +24,16 @@ TEST_CASE("tlsrpt TXT: rua lists of mailto: and https: URIs - other schemes igno
 }
 
 TEST_CASE("tlsrpt TXT: a rua listed twice is one destination - the report goes there once") {
-  const auto r = parse_txt_records(
-      {"v=TLSRPTv1; rua=mailto:a@example.com,https://r.example.com/v1,mailto:a@example.com, https://r.example.com/v1"});
+  const auto r = parse_txt_records({"v=TLSRPTv1; rua=mailto:a@example.com,https://r.example.com/v1,"
+                                    "mailto:a@example.com, https://r.example.com/v1"});
   CHECK(r.status == Status::report);
   CHECK(r.rua == std::vector<std::string>{"mailto:a@example.com", "https://r.example.com/v1"});
 }
 
 TEST_CASE("tlsrpt TXT: a record lists at most max_rua destinations - the rest are left out, and counted") {
   std::string record = "v=TLSRPTv1; rua=";
-  for (int i = 0; i < 1000; ++i) record += (i ? ",mailto:r" : "mailto:r") + std::to_string(i) + "@victim.example";
+  for (int i = 0; i < 1000; ++i)
+    record += (i ? ",mailto:r" : "mailto:r") + std::to_string(i) + "@victim.example";
   const auto r = parse_txt_records({record});
   CHECK(r.status == Status::report);
   REQUIRE(r.rua.size() == max_rua);
