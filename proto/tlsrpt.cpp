@@ -217,7 +217,7 @@ std::optional<ResultType> parse_result_type(std::string_view text) {
 }
 
 std::string report_id(const DomainDay& day, const Submitter& submitter) {
-  return day.date + "T00:00:00Z-" + day.domain + "@" + submitter.submitter;
+  return day.date + "." + day.domain + "@" + submitter.submitter;
 }
 
 std::string render_json(const DomainDay& day, const Submitter& submitter) {

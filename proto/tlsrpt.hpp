@@ -102,7 +102,8 @@ struct Submitter {
   std::string submitter;  // the domain of the reporting system (TLS-Report-Submitter)
 };
 
-// "<date>T00:00:00Z-<domain>@<submitter>": unique per day, domain and sender, as section 4.4 asks.
+// "<date>.<domain>@<submitter>": unique per day, domain and sender, as section 4.4 asks, and an RFC 5322 msg-id
+// (dot-atom-text "@" domain, no ':'), as the Subject's Report-ID must be (section 5.3).
 std::string report_id(const DomainDay& day, const Submitter& submitter);
 
 // Section 4.4 JSON: organization-name, date-range (start-datetime, end-datetime: the whole UTC day),

@@ -16,6 +16,7 @@ import gzip
 import http.server
 import json
 import os
+import re
 import socket
 import ssl
 import sys
@@ -167,7 +168,7 @@ def reports_of(daemon, date):
 def check_report(report):
     assert report["organization-name"] == "Example Sender"
     assert report["contact-info"] == "tls@sender.example"
-    assert report["report-id"] == f"{DATE}T00:00:00Z-a.example.net@{SUBMITTER}"
+    assert report["report-id"] == f"{DATE}.a.example.net@{SUBMITTER}"
     assert report["date-range"] == {"start-datetime": f"{DATE}T00:00:00Z", "end-datetime": f"{DATE}T23:59:59Z"}
     (policy,) = report["policies"]
     assert policy["policy"]["policy-type"] == "sts"
@@ -184,7 +185,10 @@ def test_mailto_rua_gets_the_section_5_3_mail_over_starttls(env):
     assert message["TLS-Report-Domain"] == "a.example.net"
     assert message["TLS-Report-Submitter"] == SUBMITTER
     assert message["Subject"] == (f"Report Domain: a.example.net Submitter: {SUBMITTER} "
-                                  f"Report-ID: <{DATE}T00:00:00Z-a.example.net@{SUBMITTER}>")
+                                  f"Report-ID: <{DATE}.a.example.net@{SUBMITTER}>")
+    # RFC 8460 5.3: the Subject's Report-ID is an RFC 5322 msg-id: "<" dot-atom-text "@" domain ">" (no ':').
+    assert re.fullmatch(r"<[\w!#$%&'*+/=?^`{|}~-]+(\.[\w!#$%&'*+/=?^`{|}~-]+)*@[a-z0-9.-]+>",
+                        message["Subject"].split("Report-ID: ")[1], re.ASCII)
     assert message["From"].addresses[0].addr_spec == f"tlsrpt-noreply@{harness.HOSTNAME}"
     assert message["To"].addresses[0].addr_spec == "tlsrpt@ok.rpt.example.net"
     assert message["Message-ID"].endswith(f"@{harness.HOSTNAME}>") and message["Date"]

@@ -95,7 +95,7 @@ TEST_CASE("tlsrpt JSON: the section 4.4 fields, report-id unique per day, domain
   CHECK(json.find("\"organization-name\": \"Company-X\"") != std::string::npos);
   CHECK(json.find("\"date-range\": {\"start-datetime\": \"2016-04-01T00:00:00Z\", \"end-datetime\": "
                   "\"2016-04-01T23:59:59Z\"}") != std::string::npos);
-  CHECK(json.find("\"report-id\": \"2016-04-01T00:00:00Z-company-y.example@mail.company-x.example\"") !=
+  CHECK(json.find("\"report-id\": \"2016-04-01.company-y.example@mail.company-x.example\"") !=
         std::string::npos);
   CHECK(json.find("\"policy-type\": \"sts\", \"policy-string\": [\"version: STSv1\", \"mode: testing\"") !=
         std::string::npos);
@@ -123,7 +123,7 @@ TEST_CASE("tlsrpt mail: section 5.3 headers, multipart/report with the base64 gz
                 "Fri, 02 Apr 2016 00:05:00 +0000", "r1@mail.company-x.example", "----=_tlsrpt_1"});
   CHECK(mail.starts_with("From: <tlsrpt-noreply@mail.company-x.example>\r\nTo: <reports@company-y.example>\r\n"));
   CHECK(mail.find("\r\nSubject: Report Domain: company-y.example Submitter: mail.company-x.example Report-ID: "
-                  "<2016-04-01T00:00:00Z-company-y.example@mail.company-x.example>\r\n") != std::string::npos);
+                  "<2016-04-01.company-y.example@mail.company-x.example>\r\n") != std::string::npos);
   CHECK(mail.find("\r\nTLS-Report-Domain: company-y.example\r\n") != std::string::npos);
   CHECK(mail.find("\r\nTLS-Report-Submitter: mail.company-x.example\r\n") != std::string::npos);
   CHECK(mail.find("Content-Type: multipart/report; report-type=\"tlsrpt\";\r\n\tboundary=\"----=_tlsrpt_1\"") !=
