@@ -114,7 +114,7 @@ std::string render_json(const DomainDay& day, const Submitter& submitter);
 // Section 5.3: the report mail, CRLF lines, 7bit: From, To, Date, Subject "Report Domain: D Submitter: S
 // Report-ID: <ID>", TLS-Report-Domain, TLS-Report-Submitter, Message-ID, MIME-Version, multipart/report;
 // report-type="tlsrpt" with a text/plain part and the application/tlsrpt+gzip attachment (base64, 76-column
-// lines), file name "<submitter>!<domain>!<start>!<end>!<id>.json.gz" (section 5.1 with unix seconds).
+// lines), file name "<submitter>!<domain>!<start>!<end>.json.gz" (section 5.1, unix seconds, no unique-id).
 // `date_header` is an RFC 5322 date; `gzipped` the compressed JSON; `boundary` must not occur in the parts.
 struct MailParts {
   std::string from;  // "tlsrpt-noreply@mx1.example.org"
