@@ -708,7 +708,7 @@ class Server : public std::enable_shared_from_this<Server> {
       const std::string_view name = param.substr(0, eq);
       const std::string value(eq == std::string_view::npos ? std::string_view{} : param.substr(eq + 1));
       if (name == "date") date = value;
-      else if (name == "domain") domain = value;
+      else if (name == "domain") domain = proto::dns_name_key(value);  // the store's names are keys
       else if (name == "format") format = value;
     }
     if (date.empty()) {

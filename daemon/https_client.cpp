@@ -17,6 +17,7 @@
 #include <charconv>
 #include <cstdint>
 #include <memory>
+#include <optional>
 
 namespace mailflow {
 
@@ -144,28 +145,35 @@ net::awaitable<HttpsResponse> https_request(net::any_io_executor executor, Https
   if (ec) co_return with_address(step_failed(Step::write, ec));
 
   beast::flat_buffer buffer;
-  http::response_parser<http::string_body> parser;
-  parser.header_limit(static_cast<std::uint32_t>(limits.max_header_bytes));
-  parser.body_limit(limits.max_body_bytes);
+  std::optional<http::response_parser<http::string_body>> parser;
   beast::get_lowest_layer(stream).expires_after(remaining());
   // The head first: Beast 1.74's async_read parses eagerly, and a Content-Length over the body limit that
-  // arrives in one read with the head then passes unchecked (the check's error is overwritten).
-  co_await http::async_read_header(stream, buffer, parser, net::redirect_error(net::use_awaitable, ec));
-  if (!ec) co_await http::async_read(stream, buffer, parser, net::redirect_error(net::use_awaitable, ec));
+  // arrives in one read with the head then passes unchecked (the check's error is overwritten). An interim
+  // answer (1xx: 100 Continue, 103 Early Hints), asked for or not, is not the answer: the final one follows
+  // (RFC 9110 15.2; 101 would switch protocols, which is never asked for, so it is final here).
+  for (;;) {
+    parser.emplace();
+    parser->header_limit(static_cast<std::uint32_t>(limits.max_header_bytes));
+    parser->body_limit(limits.max_body_bytes);
+    co_await http::async_read_header(stream, buffer, *parser, net::redirect_error(net::use_awaitable, ec));
+    const unsigned status = parser->get().result_int();
+    if (ec || status / 100 != 1 || status == 101) break;
+  }
+  if (!ec) co_await http::async_read(stream, buffer, *parser, net::redirect_error(net::use_awaitable, ec));
   // A peer that closes without close_notify after a complete answer has said all it had to say.
-  if (ec == net::ssl::error::stream_truncated && parser.is_done()) ec = {};
+  if (ec == net::ssl::error::stream_truncated && parser->is_done()) ec = {};
   HttpsResponse out;
   if (ec) {
     out = step_failed(Step::read, ec);
     if (ec == http::error::body_limit) out.error = Error::body_too_large;
   }
   out.address = address;
-  if (parser.is_header_done()) {
-    const auto& response = parser.get();
+  if (parser->is_header_done()) {
+    const auto& response = parser->get();
     out.head = true;
     out.status = response.result_int();
     out.content_type = std::string(response[http::field::content_type]);
-    if (!ec) out.body = std::move(parser.get().body());
+    if (!ec) out.body = std::move(parser->get().body());
     beast::error_code ignored;
     beast::get_lowest_layer(stream).socket().shutdown(tcp::socket::shutdown_both, ignored);
   }

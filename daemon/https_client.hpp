@@ -1,10 +1,11 @@
 #pragma once
 // One HTTPS request of mailflowd's own (the MTA-STS policy fetch, the TLS-RPT report POST): connect to the
 // given addresses in turn, TLS1.2+ handshake with the certificate verified against a CA file for the
-// request's host (SNI sent; an IP literal is checked as an IP address), write the request, read one answer
-// with its head and body bounded, shut down; every step within one deadline. No redirects are followed: a 3xx
-// is an answer like any other. Failures are values (a step and a kind) that each caller words in its own
-// vocabulary (RFC 8460 result types, TLS-RPT delivery results). Beast and OpenSSL stay in https_client.cpp.
+// request's host (SNI sent; an IP literal is checked as an IP address), write the request, read the final
+// answer (1xx interim answers passed over) with its head and body bounded, shut down; every step within one
+// deadline. No redirects are followed: a 3xx is an answer like any other. Failures are values (a step and a
+// kind) that each caller words in its own vocabulary (RFC 8460 result types, TLS-RPT delivery results). Beast
+// and OpenSSL stay in https_client.cpp.
 #include <utility>  // before Boost.Asio (Boost 1.74 + GCC 12)
 
 #include <boost/asio/any_io_executor.hpp>

@@ -51,7 +51,12 @@ void TlsRptStore::record(const std::string& date, const TlsRptSession& session) 
     it = days_.insert(it, std::move(fresh));
   }
   if (!session.rua.empty()) it->rua = session.rua;
-  auto& counts = it->policies[session.policy];
+  auto policy = it->policies.find(session.policy);
+  if (policy == it->policies.end()) {
+    const bool full = it->policies.size() >= limits_.max_policies;
+    policy = it->policies.try_emplace(full ? PolicyKey{session.policy.type, {}, {}} : session.policy).first;
+  }
+  auto& counts = policy->second;
   if (!session.failure) {
     ++counts.successful;
   } else {

@@ -2,8 +2,9 @@
 // TLS-RPT (RFC 8460) aggregates: per UTC day x policy domain x policy, the successful and failed session counts
 // and failure details, fed by the MX walk (one record() per outbound session to a domain that publishes
 // _smtp._tls), kept in state_dir/tlsrpt.state until sent, rendered by proto/tlsrpt.hpp. Thread-safe.
-// Bounded: max_domains per day (further domains are dropped and counted), max_failure_details per policy
-// (further details only raise the counts), max_days kept.
+// Bounded: max_domains per day (further domains are dropped and counted), max_policies per domain and day
+// (further policies count under their type without their text), max_failure_details per policy (further
+// details only raise the counts), max_days kept.
 #include <cstdint>
 #include <mutex>
 #include <optional>
@@ -21,6 +22,9 @@ struct TlsRptLimits {
   std::size_t max_domains_per_day = 10000;
   std::size_t max_failure_details = 100;  // per policy and day
   int max_days = 14;                      // days kept (unsent reports are dropped after that)
+  // Per domain and day. A domain can change its policy at every fetch (a new MTA-STS id, 64 KiB each time):
+  // the sessions under further policies count under their policy type without the policy's text.
+  std::size_t max_policies = 20;
 };
 
 // One outbound session's result, as the MX walk knows it.

@@ -28,15 +28,28 @@ std::vector<std::string> TlsRptLedger::to_try(const Key& key, const std::vector<
   return out;
 }
 
+TlsRptLedger::Entry& TlsRptLedger::entry(const Key& key, std::int64_t now) {
+  auto [it, fresh] = entries_.try_emplace(key);
+  if (fresh) it->second.first_try = now;
+  return it->second;
+}
+
+void TlsRptLedger::tried(const Key& key, const std::string& address, TlsRptDelivery result,
+                         std::int64_t now) {
+  Entry& tried = entry(key, now);
+  if (result != TlsRptDelivery::temporary_failure) tried.finished.insert(address);
+}
+
 TlsRptLedger::Verdict TlsRptLedger::record(const Key& key, const std::vector<std::string>& rua,
                                            const std::vector<std::pair<std::string, TlsRptDelivery>>& outcomes,
                                            std::int64_t now, std::chrono::seconds retry_for) {
-  auto [it, fresh] = entries_.try_emplace(key);
-  if (fresh) it->second.first_try = now;
-  Entry& entry = it->second;
-  for (const auto& [address, result] : outcomes) {
-    if (result != TlsRptDelivery::temporary_failure) entry.finished.insert(address);
-  }
+  for (const auto& [address, result] : outcomes) tried(key, address, result, now);
+  return verdict(key, rua, now, retry_for);
+}
+
+TlsRptLedger::Verdict TlsRptLedger::verdict(const Key& key, const std::vector<std::string>& rua,
+                                            std::int64_t now, std::chrono::seconds retry_for) {
+  Entry& entry = this->entry(key, now);
   Verdict verdict;
   std::vector<std::string> left;
   for (const auto& address : rua) {

@@ -34,8 +34,14 @@ class TlsRptLedger {
 
   // The addresses of `rua` still to try for this report (all of them the first time).
   std::vector<std::string> to_try(const Key& key, const std::vector<std::string>& rua) const;
-  // One try of this report at unix time `now`: `outcomes` for the addresses tried. Once done or given up, to_try()
-  // gives nothing for it until keep_only() drops it.
+  // One address of this report tried at unix time `now`: as soon as it is known, so that a stop or crash
+  // while a later address of the same report is being tried does not lose that this one took it.
+  void tried(const Key& key, const std::string& address, TlsRptDelivery result, std::int64_t now);
+  // The report's try at unix time `now` is over (every address of to_try() was tried()): done, given up, or
+  // to be tried again. Once done or given up, to_try() gives nothing for it until keep_only() drops it.
+  Verdict verdict(const Key& key, const std::vector<std::string>& rua, std::int64_t now,
+                  std::chrono::seconds retry_for);
+  // tried() for each of `outcomes`, then verdict().
   Verdict record(const Key& key, const std::vector<std::string>& rua,
                  const std::vector<std::pair<std::string, TlsRptDelivery>>& outcomes, std::int64_t now,
                  std::chrono::seconds retry_for);
@@ -54,6 +60,7 @@ class TlsRptLedger {
     std::int64_t first_try = 0;
     std::set<std::string, std::less<>> finished;  // took it (success) or refused it for good
   };
+  Entry& entry(const Key& key, std::int64_t now);  // made at the report's first try
   std::map<Key, Entry> entries_;
 };
 

@@ -335,7 +335,6 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
     if (!day || day->rua.empty()) continue;
     ++tried;
     const std::string gzipped = gzip(proto::tlsrpt::render_json(*day, submitter));
-    std::vector<std::pair<std::string, TlsRptDelivery>> outcomes;
     for (const auto& uri : ledger_.to_try(key, day->rua)) {
       const RuaTarget target = parse_rua(uri);
       std::string detail;
@@ -356,13 +355,16 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
                  {"result", to_string(result)},
                  {"bytes", gzipped.size()},
                  {"detail", detail}});
-      outcomes.emplace_back(uri, result);
+      // Saved at once, before the next rua: a stop or crash while a later one is tried (or later in the run)
+      // must not send this report again where it was taken.
+      ledger_.tried(key, uri, result, now);
+      ledger_changed_ = true;
+      save_ledger();
     }
-    const auto verdict =
-        ledger_.record(key, day->rua, outcomes, now,
-                       std::chrono::duration_cast<std::chrono::seconds>(config.tlsrpt.retry_for));
+    const auto retry_for = std::chrono::duration_cast<std::chrono::seconds>(config.tlsrpt.retry_for);
+    const auto verdict = ledger_.verdict(key, day->rua, now, retry_for);
     ledger_changed_ = true;
-    save_ledger();  // at once: a crash later in the run must not send this report again where it was taken
+    save_ledger();
     if (verdict.kind == TlsRptLedger::Verdict::Kind::retry) continue;
     if (verdict.kind == TlsRptLedger::Verdict::Kind::gave_up) {
       for (const auto& uri : verdict.given_up) {
@@ -462,9 +464,22 @@ asio::awaitable<TlsRptDelivery> TlsRptSender::deliver_https(const Runtime& runti
         co_return TlsRptDelivery::temporary_failure;
       }
     }
-    const AddressResult addresses = co_await resolver_->resolve_addresses(rua.host);
+    // The lookup is part of the POST: given up at its deadline (dns.timeout alone may be longer). A lookup of
+    // its own, so that giving it up leaves the run's resolver to the next rua.
+    const auto lookup = Resolver::share(resolver_);
+    asio::steady_timer deadline(executor_, limits.deadline);
+    deadline.async_wait([lookup](const error_code& e) {
+      if (!e) lookup->cancel();
+    });
+    const AddressResult addresses = co_await lookup->resolve_addresses(rua.host);
+    deadline.cancel();
     request.addresses = addresses.addresses;
     if (request.addresses.empty()) {
+      if (std::chrono::steady_clock::now() >= limits.deadline) {
+        detail = "looking up " + rua.host + " timed out (tlsrpt.https_timeout " +
+                 config::format_duration(config.tlsrpt.https_timeout) + ")";
+        co_return TlsRptDelivery::temporary_failure;
+      }
       detail = "no address for " + rua.host + (addresses.detail.empty() ? "" : ": " + addresses.detail);
       co_return addresses.status == AddressResult::Status::none ? TlsRptDelivery::permanent_failure
                                                                  : TlsRptDelivery::temporary_failure;

@@ -11,7 +11,7 @@
 // in mailflow_tlsrpt_deliveries_total{method,result} and logged. At most tlsrpt.max_reports_per_run reports
 // are tried per run, oldest day first, so a large store never stalls the loop.
 // Which rua took a report and when its first try was (TlsRptLedger) is kept in
-// state_dir/tlsrpt-ledger.state: saved after each report's try (and by save_ledger() with the other state),
+// state_dir/tlsrpt-ledger.state: saved after each rua's try (and by save_ledger() with the other state),
 // loaded at start, so that a restart neither sends a report again to a rua that took it nor gives a failing
 // report a new retry_for. Both files are written by the daemon's StateWriter, off the event loop and in
 // order (a ledger write still queued takes the newer text).

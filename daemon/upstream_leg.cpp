@@ -56,6 +56,13 @@ asio::awaitable<std::vector<std::string>> report_addresses(Resolver& resolver, c
   if (txt.outcome != DnsOutcome::success) co_return std::vector<std::string>{};
   auto lookup = proto::tlsrpt::parse_txt_records(txt.records);
   if (lookup.status != proto::tlsrpt::TxtLookup::Status::report) co_return std::vector<std::string>{};
+  if (lookup.rua_left_out > 0)
+    log_limited(LogLevel::warn, "tlsrpt_record",
+                {{"domain", domain},
+                 {"rua", lookup.rua.size()},
+                 {"left_out", lookup.rua_left_out},
+                 {"reason", "more rua than a report goes to (the first " + std::to_string(lookup.rua.size()) +
+                                " are kept)"}});
   co_return std::move(lookup.rua);
 }
 

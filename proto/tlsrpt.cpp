@@ -79,11 +79,15 @@ TxtLookup parse_one(std::string_view rest) {
           out.error = "malformed rua URI in the _smtp._tls record";
           return out;
         }
-        if (starts_with_nocase(uri, "mailto:") && uri.size() > 7 && uri.find('@') != std::string_view::npos) {
-          out.rua.emplace_back(uri);
-        } else if (starts_with_nocase(uri, "https://") && uri.size() > 8) {
-          out.rua.emplace_back(uri);
-        }  // other schemes: ignored (section 3: only mailto and https are defined)
+        // Other schemes: ignored (section 3: only mailto and https are defined). A URI listed twice is one
+        // destination: the report goes there once.
+        const bool mailto =
+            starts_with_nocase(uri, "mailto:") && uri.size() > 7 && uri.find('@') != std::string_view::npos;
+        const bool usable = mailto || (starts_with_nocase(uri, "https://") && uri.size() > 8);
+        if (usable && std::find(out.rua.begin(), out.rua.end(), uri) == out.rua.end()) {
+          if (out.rua.size() < max_rua) out.rua.emplace_back(uri);
+          else ++out.rua_left_out;
+        }
         if (comma == std::string_view::npos) break;
         at = comma + 1;
       }
@@ -152,7 +156,8 @@ TxtLookup parse_txt_records(const std::vector<std::string>& records) {
   }
   if (count == 0) return {};
   if (count > 1) {
-    return TxtLookup{TxtLookup::Status::invalid, {}, std::to_string(count) + " v=TLSRPTv1 records (exactly one allowed)"};
+    return TxtLookup{TxtLookup::Status::invalid, {}, 0,
+                     std::to_string(count) + " v=TLSRPTv1 records (exactly one allowed)"};
   }
   return parse_one(std::string_view(*found).substr(version.size()));
 }
@@ -212,7 +217,7 @@ std::optional<ResultType> parse_result_type(std::string_view text) {
 }
 
 std::string report_id(const DomainDay& day, const Submitter& submitter) {
-  return day.date + "T00:00:00Z-" + day.domain + "@" + submitter.submitter;
+  return day.date + "." + day.domain + "@" + submitter.submitter;
 }
 
 std::string render_json(const DomainDay& day, const Submitter& submitter) {

@@ -12,6 +12,12 @@
 
 namespace mailflow::proto::tlsrpt {
 
+// The destinations one record may name: the rest are left out. Any domain a relayed mail goes to publishes
+// the record, and each rua is a report mail (or POST) a day to wherever it says: a record of a thousand
+// addresses must not make mailflowd a mailer of a thousand reports a day, nor hold each run for a thousand
+// tries.
+inline constexpr std::size_t max_rua = 10;
+
 struct TxtLookup {
   enum class Status {
     none,     // no record starts with "v=TLSRPTv1" (the domain asks for no reports)
@@ -19,7 +25,8 @@ struct TxtLookup {
     invalid,  // more than one, malformed, or no mailto:/https: rua (treated as none)
   };
   Status status = Status::none;
-  std::vector<std::string> rua;  // "mailto:..." and "https://..." URIs in record order
+  std::vector<std::string> rua;  // "mailto:..." and "https://..." URIs in record order, each once, max_rua
+  std::size_t rua_left_out = 0;  // usable URIs after the first max_rua
   std::string error;
 };
 
@@ -95,7 +102,8 @@ struct Submitter {
   std::string submitter;  // the domain of the reporting system (TLS-Report-Submitter)
 };
 
-// "<date>T00:00:00Z-<domain>@<submitter>": unique per day, domain and sender, as section 4.4 asks.
+// "<date>.<domain>@<submitter>": unique per day, domain and sender, as section 4.4 asks, and an RFC 5322 msg-id
+// (dot-atom-text "@" domain, no ':'), as the Subject's Report-ID must be (section 5.3).
 std::string report_id(const DomainDay& day, const Submitter& submitter);
 
 // Section 4.4 JSON: organization-name, date-range (start-datetime, end-datetime: the whole UTC day),
@@ -106,7 +114,7 @@ std::string render_json(const DomainDay& day, const Submitter& submitter);
 // Section 5.3: the report mail, CRLF lines, 7bit: From, To, Date, Subject "Report Domain: D Submitter: S
 // Report-ID: <ID>", TLS-Report-Domain, TLS-Report-Submitter, Message-ID, MIME-Version, multipart/report;
 // report-type="tlsrpt" with a text/plain part and the application/tlsrpt+gzip attachment (base64, 76-column
-// lines), file name "<submitter>!<domain>!<start>!<end>!<id>.json.gz" (section 5.1 with unix seconds).
+// lines), file name "<submitter>!<domain>!<start>!<end>.json.gz" (section 5.1, unix seconds, no unique-id).
 // `date_header` is an RFC 5322 date; `gzipped` the compressed JSON; `boundary` must not occur in the parts.
 struct MailParts {
   std::string from;  // "tlsrpt-noreply@mx1.example.org"

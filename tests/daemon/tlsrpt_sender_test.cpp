@@ -35,6 +35,17 @@ TEST_CASE("ledger: a report every rua took is done, and only the failed rua are 
   CHECK(ledger.to_try(day, rua) == rua);  // forgotten: a new report of that key starts over
 }
 
+TEST_CASE("ledger: a rua that took the report is in the saved text at once, before the other rua are tried") {
+  TlsRptLedger ledger;
+  ledger.tried(day, rua[0], TlsRptDelivery::success, 1000);
+  std::string error;
+  const auto loaded = TlsRptLedger::parse(ledger.serialize(), error);  // a crash while rua[1] is being tried
+  REQUIRE(loaded.has_value());
+  CHECK(loaded->to_try(day, rua) == std::vector<std::string>{rua[1]});
+  // The first try's time is that of the first rua tried: retry_for counts from it.
+  CHECK(ledger.verdict(day, rua, 1000 + 24 * 3600, 24h).kind == Kind::gave_up);
+}
+
 TEST_CASE("ledger: a permanent refusal finishes that rua, without retries") {
   TlsRptLedger ledger;
   const auto verdict = ledger.record(

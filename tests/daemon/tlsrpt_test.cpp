@@ -80,6 +80,26 @@ TEST_CASE("tlsrpt store: sessions merge per day, domain and policy - failures pe
   CHECK(store.day("2026-01-02").size() == 1);
 }
 
+TEST_CASE("tlsrpt store: a domain whose policy changes at each session stays bounded - every session counts") {
+  TlsRptStore store;
+  const std::size_t bound = TlsRptLimits{}.max_policies;
+  for (int i = 0; i < 1000; ++i) {
+    const std::string mx = "mx" + std::to_string(i) + ".example.net";
+    const PolicyKey key{
+        PolicyType::sts, {"version: STSv1", "mode: enforce", "mx: " + mx, std::string(4000, 'x')}, {mx}};
+    store.record("2026-01-02",
+                 TlsRptSession{"example.net", {"mailto:tlsrpt@example.net"}, key, std::nullopt});
+  }
+  const auto day = store.find("2026-01-02", "example.net");
+  REQUIRE(day.has_value());
+  CHECK(day->policies.size() == bound + 1);
+  std::uint64_t sessions = 0;
+  for (const auto& [key, counts] : day->policies) sessions += counts.successful;
+  CHECK(sessions == 1000);
+  CHECK(day->policies.at(PolicyKey{PolicyType::sts, {}, {}}).successful == 1000 - bound);
+  CHECK(store.serialize().size() < 200 * 1000);  // not 1000 policies of 4 KB
+}
+
 TEST_CASE("tlsrpt store: bounded in domains per day, failure details and days") {
   TlsRptStore store(TlsRptLimits{2, 1, 2});
   store.record("2026-01-01", ok("a.example"));

@@ -51,6 +51,10 @@ OTHERCERT_MX, NOTLS_MX, REFUSE_MX, CLOSE_MX = "127.0.0.76", "127.0.0.77", "127.0
 BROKEN_MX = "127.0.0.80"  # answers 220 to STARTTLS, then garbage for a ServerHello
 CNONLY_MX = "127.0.0.81"  # its certificate names it in the subject CN only, no subjectAltName
 RUA = "mailto:tls-reports@example.org"
+# A record naming more destinations than a report goes to (proto::tlsrpt::max_rua, 10), in strings of 200.
+MANY_RUA = ",".join(f"mailto:r{i}@victim{i}.example" for i in range(25))
+MANY_RUA_TXT = " ".join(f'"{part}"' for part in (lambda text: [text[i:i + 200] for i in range(0, len(text), 200)])(
+    f"v=TLSRPTv1; rua={MANY_RUA}"))
 
 
 def policy(mode, mx):
@@ -118,6 +122,8 @@ mx.brokentest    A     {BROKEN_MX}
 _mta-sts.brokentest TXT "v=STSv1; id=1;"
 mta-sts.brokentest A   {POLICY_HOST}
 _smtp._tls.brokentest TXT "v=TLSRPTv1; rua={RUA}"
+manyrua          MX    10 mx.sts
+_smtp._tls.manyrua TXT {MANY_RUA_TXT}
 """ + "".join(f"""{name}  MX  10 mx.{name}
 mx.{name}  A  {address}
 _mta-sts.{name}  TXT  "v=STSv1; id=1;"
@@ -424,6 +430,19 @@ def test_domain_without_a_policy_counts_under_none(env):
     after = harness.wait_moved(env.daemon, before)
     assert policy_moved(before, after) == {("partners", "none", "success"): 1.0}
     assert tlsrpt(env, f"plain.{ORIGIN}") is None  # it asks for no reports
+
+
+def test_a_record_with_more_rua_than_a_report_goes_to_keeps_the_first(env):
+    """Any recipient domain names where its reports go: a thousand addresses would make mailflowd send a thousand
+    report mails a day on its behalf. The first ten are kept, the rest left out and logged."""
+    sink = env.sinks["good"]
+    n = sink.count()
+    rcpt, final = deliver(env, f"gina@manyrua.{ORIGIN}")
+    assert rcpt[0] == 250 and final[0] == 250, (rcpt, final)
+    sink.wait_messages(n + 1)
+    report = harness.wait_for(lambda: tlsrpt(env, f"manyrua.{ORIGIN}"), 5, what="the day's report")
+    assert report["rua"] == MANY_RUA.split(",")[:10]
+    assert f"tlsrpt_record domain=manyrua.{ORIGIN} rua=10 left_out=15" in env.daemon.stderr()
 
 
 def test_policy_that_cannot_be_fetched_is_reported_and_mail_goes_on(env):

@@ -58,7 +58,7 @@ def test_reports_of_a_day_follow_rfc8460_section4(daemon):
     assert report["organization-name"] == "Example Sender"
     assert report["contact-info"] == "tls@sender.example"
     assert report["date-range"] == {"start-datetime": "2026-01-02T00:00:00Z", "end-datetime": "2026-01-02T23:59:59Z"}
-    assert report["report-id"] == "2026-01-02T00:00:00Z-a.example.net@mx.sender.example"
+    assert report["report-id"] == "2026-01-02.a.example.net@mx.sender.example"
     for field in ("start-datetime", "end-datetime"):
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", report["date-range"][field])
     sts, none = report["policies"]
@@ -112,7 +112,16 @@ def test_cli_prints_the_day_and_one_domain(mailflowd_bin, daemon):
     one = tlsrpt_cli(mailflowd_bin, daemon, "--date", DATE, "--domain", "b.example")
     assert one.returncode == 0, one.stderr
     report = json.loads(one.stdout)
-    assert report["report-id"] == "2026-01-02T00:00:00Z-b.example@mx.sender.example"
+    assert report["report-id"] == "2026-01-02.b.example@mx.sender.example"
+
+
+def test_a_domain_is_found_whatever_its_case_or_trailing_dot(mailflowd_bin, daemon):
+    """Domain names compare without case (the store keeps them lower-case): A.Example.NET. is a.example.net."""
+    want = get(daemon, f"/api/v1/tlsrpt?date={DATE}&domain=a.example.net&format=gzip")[2]
+    assert get(daemon, f"/api/v1/tlsrpt?date={DATE}&domain=A.Example.NET.&format=gzip")[2] == want
+    one = tlsrpt_cli(mailflowd_bin, daemon, "--date", DATE, "--domain", "B.Example")
+    assert one.returncode == 0, one.stderr
+    assert json.loads(one.stdout)["report-id"] == "2026-01-02.b.example@mx.sender.example"
 
 
 def test_cli_gzip_is_the_report_as_sent(mailflowd_bin, daemon, workdir):

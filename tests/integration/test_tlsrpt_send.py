@@ -16,6 +16,7 @@ import gzip
 import http.server
 import json
 import os
+import re
 import socket
 import ssl
 import sys
@@ -33,6 +34,7 @@ from dns_server import KnotServer  # noqa: E402
 DATE = "2026-01-02"
 ADDR = {"ok": "127.0.0.51", "busy": "127.0.0.52"}
 LEDGER_ADDR = {"took": "127.0.0.53", "later": "127.0.0.54"}  # the restart test's own rua hosts
+STALL_ADDR = "127.0.0.55"  # an MX host that takes the connection and never greets
 ZONE = f"""$ORIGIN rpt.example.net.
 $TTL 300
 @              SOA   ns hostmaster 1 3600 600 86400 300
@@ -46,6 +48,8 @@ took           MX    10 mx.took
 mx.took        A     {LEDGER_ADDR["took"]}
 later          MX    10 mx.later
 mx.later       A     {LEDGER_ADDR["later"]}
+stall          MX    10 mx.stall
+mx.stall       A     {STALL_ADDR}
 reports        A     127.0.0.1
 wrong          A     127.0.0.1
 silent         A     127.0.0.1
@@ -164,7 +168,7 @@ def reports_of(daemon, date):
 def check_report(report):
     assert report["organization-name"] == "Example Sender"
     assert report["contact-info"] == "tls@sender.example"
-    assert report["report-id"] == f"{DATE}T00:00:00Z-a.example.net@{SUBMITTER}"
+    assert report["report-id"] == f"{DATE}.a.example.net@{SUBMITTER}"
     assert report["date-range"] == {"start-datetime": f"{DATE}T00:00:00Z", "end-datetime": f"{DATE}T23:59:59Z"}
     (policy,) = report["policies"]
     assert policy["policy"]["policy-type"] == "sts"
@@ -181,7 +185,10 @@ def test_mailto_rua_gets_the_section_5_3_mail_over_starttls(env):
     assert message["TLS-Report-Domain"] == "a.example.net"
     assert message["TLS-Report-Submitter"] == SUBMITTER
     assert message["Subject"] == (f"Report Domain: a.example.net Submitter: {SUBMITTER} "
-                                  f"Report-ID: <{DATE}T00:00:00Z-a.example.net@{SUBMITTER}>")
+                                  f"Report-ID: <{DATE}.a.example.net@{SUBMITTER}>")
+    # RFC 8460 5.3: the Subject's Report-ID is an RFC 5322 msg-id: "<" dot-atom-text "@" domain ">" (no ':').
+    assert re.fullmatch(r"<[\w!#$%&'*+/=?^`{|}~-]+(\.[\w!#$%&'*+/=?^`{|}~-]+)*@[a-z0-9.-]+>",
+                        message["Subject"].split("Report-ID: ")[1], re.ASCII)
     assert message["From"].addresses[0].addr_spec == f"tlsrpt-noreply@{harness.HOSTNAME}"
     assert message["To"].addresses[0].addr_spec == "tlsrpt@ok.rpt.example.net"
     assert message["Message-ID"].endswith(f"@{harness.HOSTNAME}>") and message["Date"]
@@ -383,3 +390,131 @@ policy no-policy-found - - 2 0 0
     finally:
         assert second.stop() == 0, second.log_tail()
         harness.LIVE.remove(second)
+
+
+class InterimThenFinal(http.server.BaseHTTPRequestHandler):
+    """Answers each POST with a 100 Continue it was not asked for, then the final status its path names
+    (/ok: 201, /busy: 503). RFC 9110 15.2: a client must parse 1xx answers that come before the final one."""
+    protocol_version = "HTTP/1.1"
+    posts = []
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        InterimThenFinal.posts.append((self.path, self.rfile.read(int(self.headers.get("Content-Length", "0")))))
+        self.send_response_only(100)
+        self.end_headers()
+        self.send_response(201 if self.path == "/ok" else 503)
+        self.send_header("Content-Length", "0")
+        self.send_header("Connection", "close")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_an_interim_100_before_the_final_answer_is_not_the_answer(certs, report_cert, knot, daemon_factory,
+                                                                    workdir):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), InterimThenFinal)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*report_cert)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        directory = workdir / "interim-state"
+        directory.mkdir(exist_ok=True)
+        (directory / "tlsrpt.state").write_text(f"""mailflowd-tlsrpt 1
+day {DATE} f.example.net https://reports.rpt.example.net:{port}/ok,https://reports.rpt.example.net:{port}/busy
+policy no-policy-found - - 1 0 0
+""")
+        listeners = [{"name": "out", "address": f"127.0.0.1:{harness.free_port()}", "direction": "outbound",
+                      "upstream": "internet"}]
+        daemon = daemon_factory(listeners, [{"name": "internet", "mx": True}], name="interim",
+                                dns={"servers": [knot.address], "timeout": "3s"},
+                                tlsrpt={"send": True, "interval": "1s", "retry_for": "3s",
+                                        "ca_file": str(certs / "ca.pem")})
+        harness.wait_for(lambda: "f.example.net" not in reports_of(daemon, DATE), 30, what="f.example.net done")
+        m = daemon.metrics()
+        count = lambda result: harness.value(m, "mailflow_tlsrpt_deliveries_total", method="https",  # noqa: E731
+                                             result=result)
+        assert count("success") == 1  # the 201 after the 100
+        # The 503 after the 100 is temporary: retried every second until retry_for, then given up.
+        assert count("permanent_failure") == 0
+        assert count("temporary_failure") >= 2 and count("gave_up") == 1
+        log = daemon.stderr()
+        assert "answered 201" in log and "answered 503" in log and "answered 100" not in log
+    finally:
+        server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def silent_dns():
+    """A DNS server that takes every query and never answers."""
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind(("127.0.0.1", 0))
+    yield f"127.0.0.1:{server.getsockname()[1]}"
+    server.close()
+
+
+def test_https_timeout_bounds_the_lookup_of_the_rua_host_too(silent_dns, daemon_factory, workdir):
+    """tlsrpt.https_timeout is the whole POST, the host name's lookup included: a DNS server that never answers
+    (dns.timeout 20s) does not hold the try, and the run, for longer."""
+    directory = workdir / "silent-dns-state"
+    directory.mkdir(exist_ok=True)
+    (directory / "tlsrpt.state").write_text(f"""mailflowd-tlsrpt 1
+day {DATE} g.example.net https://reports.nowhere.example/v1
+policy no-policy-found - - 1 0 0
+""")
+    listeners = [{"name": "out", "address": f"127.0.0.1:{harness.free_port()}", "direction": "outbound",
+                  "upstream": "internet"}]
+    daemon = daemon_factory(listeners, [{"name": "internet", "mx": True}], name="silent-dns",
+                            dns={"servers": [silent_dns], "timeout": "20s"},
+                            tlsrpt={"send": True, "interval": "1s", "https_timeout": "500ms"})
+    started = time.monotonic()  # the first run comes a second after the start
+    harness.wait_for(lambda: harness.value(daemon.metrics(), "mailflow_tlsrpt_deliveries_total", method="https",
+                                           result="temporary_failure") >= 1, 40, what="the first try")
+    assert time.monotonic() - started < 8, "the lookup outlasted tlsrpt.https_timeout"
+    assert "looking up reports.nowhere.example timed out (tlsrpt.https_timeout 500ms)" in daemon.stderr()
+
+
+def test_a_rua_that_took_the_report_is_saved_before_the_next_rua_is_tried(workdir, knot, sink_factory,
+                                                                          mailflowd_bin):
+    """Which rua took a report is in the ledger as soon as it took it, not once every rua of the report was tried:
+    a stop while a later rua's MX host keeps the try waiting (it never greets) must not send the report again to
+    the one that took it."""
+    port = harness.free_port("127.0.0.1", LEDGER_ADDR["took"], STALL_ADDR)
+    took = sink_factory("rua-took-stall", host=LEDGER_ADDR["took"], port=port)
+    stall = socket.socket()
+    stall.bind((STALL_ADDR, port))
+    stall.listen(16)  # the kernel completes the connection; nobody ever speaks
+    state_dir = workdir / "stall-state"
+    state_dir.mkdir(exist_ok=True)
+    (state_dir / "tlsrpt.state").write_text(f"""mailflowd-tlsrpt 1
+day {DATE} h.example.net mailto:tlsrpt@took.rpt.example.net,mailto:reports@stall.rpt.example.net
+policy no-policy-found - - 1 0 0
+""")
+    tlsrpt = {"send": True, "submitter": SUBMITTER, "smtp_port": port, "interval": "1s"}
+    listeners = [{"name": "out", "address": f"127.0.0.1:{harness.free_port()}", "direction": "outbound",
+                  "upstream": "internet"}]
+    config = harness.default_config(state_dir, harness.free_port(), listeners, [{"name": "internet", "mx": True}],
+                                    dns={"servers": [knot.address], "timeout": "3s"}, tlsrpt=tlsrpt,
+                                    timeouts={"upstream_connect": "60s", "tls_handshake": "60s"})
+    ledger_file = state_dir / "tlsrpt-ledger.state"
+    try:
+        first = harness.Daemon(mailflowd_bin, workdir, config, name="stall").start()
+        took.wait_messages(1, timeout=20)
+        # The try of the other rua waits for a banner (timeouts.upstream_connect, 60s): the ledger already says
+        # who took the report.
+        harness.wait_for(lambda: ledger_file.exists() and "took.rpt.example.net" in ledger_file.read_text(), 5,
+                         what="the ledger saved once the first rua took the report")
+        assert first.stop() == 0, first.log_tail()
+        harness.LIVE.remove(first)
+        second = harness.Daemon(mailflowd_bin, workdir, config, name="stall-again").start()
+        try:
+            time.sleep(2.5)  # the first run after the start, and one more
+            assert took.count() == 1, "the rua that took the report got it again after the restart"
+        finally:
+            assert second.stop() == 0, second.log_tail()
+            harness.LIVE.remove(second)
+    finally:
+        stall.close()

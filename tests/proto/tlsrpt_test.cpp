@@ -23,6 +23,26 @@ TEST_CASE("tlsrpt TXT: rua lists of mailto: and https: URIs - other schemes igno
   CHECK(parse_txt_records({"v=TLSRPTv10; rua=mailto:a@example.com"}).status == Status::none);
 }
 
+TEST_CASE("tlsrpt TXT: a rua listed twice is one destination - the report goes there once") {
+  const auto r = parse_txt_records({"v=TLSRPTv1; rua=mailto:a@example.com,https://r.example.com/v1,"
+                                    "mailto:a@example.com, https://r.example.com/v1"});
+  CHECK(r.status == Status::report);
+  CHECK(r.rua == std::vector<std::string>{"mailto:a@example.com", "https://r.example.com/v1"});
+}
+
+TEST_CASE("tlsrpt TXT: a record lists at most max_rua destinations - the rest are left out, and counted") {
+  std::string record = "v=TLSRPTv1; rua=";
+  for (int i = 0; i < 1000; ++i)
+    record += (i ? ",mailto:r" : "mailto:r") + std::to_string(i) + "@victim.example";
+  const auto r = parse_txt_records({record});
+  CHECK(r.status == Status::report);
+  REQUIRE(r.rua.size() == max_rua);
+  CHECK(r.rua.front() == "mailto:r0@victim.example");
+  CHECK(r.rua.back() == "mailto:r" + std::to_string(max_rua - 1) + "@victim.example");
+  CHECK(r.rua_left_out == 1000 - max_rua);
+  CHECK(parse_txt_records({"v=TLSRPTv1; rua=mailto:a@example.com"}).rua_left_out == 0);
+}
+
 TEST_CASE("tlsrpt TXT: malformed, duplicated or unusable records are invalid") {
   const std::vector<std::string> bad = {
       "v=TLSRPTv1",
@@ -75,7 +95,7 @@ TEST_CASE("tlsrpt JSON: the section 4.4 fields, report-id unique per day, domain
   CHECK(json.find("\"organization-name\": \"Company-X\"") != std::string::npos);
   CHECK(json.find("\"date-range\": {\"start-datetime\": \"2016-04-01T00:00:00Z\", \"end-datetime\": "
                   "\"2016-04-01T23:59:59Z\"}") != std::string::npos);
-  CHECK(json.find("\"report-id\": \"2016-04-01T00:00:00Z-company-y.example@mail.company-x.example\"") !=
+  CHECK(json.find("\"report-id\": \"2016-04-01.company-y.example@mail.company-x.example\"") !=
         std::string::npos);
   CHECK(json.find("\"policy-type\": \"sts\", \"policy-string\": [\"version: STSv1\", \"mode: testing\"") !=
         std::string::npos);
@@ -103,7 +123,7 @@ TEST_CASE("tlsrpt mail: section 5.3 headers, multipart/report with the base64 gz
                 "Fri, 02 Apr 2016 00:05:00 +0000", "r1@mail.company-x.example", "----=_tlsrpt_1"});
   CHECK(mail.starts_with("From: <tlsrpt-noreply@mail.company-x.example>\r\nTo: <reports@company-y.example>\r\n"));
   CHECK(mail.find("\r\nSubject: Report Domain: company-y.example Submitter: mail.company-x.example Report-ID: "
-                  "<2016-04-01T00:00:00Z-company-y.example@mail.company-x.example>\r\n") != std::string::npos);
+                  "<2016-04-01.company-y.example@mail.company-x.example>\r\n") != std::string::npos);
   CHECK(mail.find("\r\nTLS-Report-Domain: company-y.example\r\n") != std::string::npos);
   CHECK(mail.find("\r\nTLS-Report-Submitter: mail.company-x.example\r\n") != std::string::npos);
   CHECK(mail.find("Content-Type: multipart/report; report-type=\"tlsrpt\";\r\n\tboundary=\"----=_tlsrpt_1\"") !=
