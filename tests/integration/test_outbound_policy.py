@@ -72,6 +72,7 @@ POLICIES = {
        for name in ("othercert", "notls", "refuse", "close", "cnonly")},
     f"mta-sts.notlstest.{ORIGIN}": policy("testing", f"mx.notls.{ORIGIN}"),
     f"mta-sts.brokentest.{ORIGIN}": policy("testing", f"mx.brokentest.{ORIGIN}"),
+    f"mta-sts.brokenenf.{ORIGIN}": policy("enforce", f"mx.brokenenf.{ORIGIN}"),
 }
 
 ZONE = f"""$ORIGIN {ORIGIN}.
@@ -122,6 +123,10 @@ mx.brokentest    A     {BROKEN_MX}
 _mta-sts.brokentest TXT "v=STSv1; id=1;"
 mta-sts.brokentest A   {POLICY_HOST}
 _smtp._tls.brokentest TXT "v=TLSRPTv1; rua={RUA}"
+brokenenf        MX    10 mx.brokenenf
+mx.brokenenf     A     {BROKEN_MX}
+_mta-sts.brokenenf TXT "v=STSv1; id=1;"
+mta-sts.brokenenf A    {POLICY_HOST}
 manyrua          MX    10 mx.sts
 _smtp._tls.manyrua TXT {MANY_RUA_TXT}
 """ + "".join(f"""{name}  MX  10 mx.{name}
@@ -286,7 +291,8 @@ def env(certs, workdir, short_dir, sink_factory, daemon_factory):
         connectors = [{"name": "partners", "type": "partner", "direction": "outbound",
                        "match": {"recipient_domains": [f"sts.{ORIGIN}", f"badcert.{ORIGIN}",
                                                        f"notlisted.{ORIGIN}", f"plain.{ORIGIN}",
-                                                       f"nopolicy.{ORIGIN}", f"plainrpt.{ORIGIN}"] +
+                                                       f"nopolicy.{ORIGIN}", f"plainrpt.{ORIGIN}",
+                                                       f"brokenenf.{ORIGIN}"] +
                                                       [f"{name}.{ORIGIN}" for name in scripted if name != "broken"]}},
                       {"name": "lenient-partner", "type": "partner", "direction": "outbound",
                        "match": {"recipient_domains": [f"testing.{ORIGIN}", f"notlstest.{ORIGIN}",
@@ -636,3 +642,19 @@ def test_testing_policy_mx_with_broken_tls_gets_the_mail_in_plaintext(env):
     (detail,) = entry["failure-details"]
     assert detail["result-type"] == "validation-failure", detail
     assert detail["receiving-mx-hostname"] == f"mx.brokentest.{ORIGIN}" and detail["receiving-ip"] == BROKEN_MX
+
+
+def test_enforced_policy_mx_with_broken_tls_gets_no_plaintext_retry(env):
+    """tls: opportunistic retries a failed handshake in plaintext, but never under an enforced policy (RFC 8461 5:
+    a host that fails the policy is not used): the same broken MX as above, enforced, gets STARTTLS once and no
+    message; the sender gets 451 and the failure is reported."""
+    mx = env.scripted["broken"]
+    start = len(mx.commands)
+    before = env.daemon.metrics()
+    rcpt, _ = deliver(env, f"pia@brokenenf.{ORIGIN}")
+    assert rcpt[0] == 451, rcpt
+    verbs = [(tls, line.split(" ", 1)[0].upper()) for tls, line in mx.commands[start:]]
+    assert verbs.count((False, "STARTTLS")) == 1, mx.log_tail()
+    assert not [v for _, v in verbs if v in ("MAIL", "RCPT", "DATA", "XCLIENT")], mx.log_tail()
+    harness.assert_not_counted(env.daemon, before)
+    assert policy_moved(before, env.daemon.metrics()) == {("partners", "mta-sts", "validation-failure"): 1.0}
