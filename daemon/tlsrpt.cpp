@@ -6,6 +6,7 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "daemon/log.hpp"
 #include "daemon/state_file.hpp"
 #include "daemon/state_text.hpp"
 #include "proto/json.hpp"
@@ -43,6 +44,11 @@ void TlsRptStore::record(const std::string& date, const TlsRptSession& session) 
     const auto same_day = std::count_if(days_.begin(), days_.end(), [&](const DomainDay& d) { return d.date == date; });
     if (static_cast<std::size_t>(same_day) >= limits_.max_domains_per_day) {
       ++dropped_domains_;
+      if (full_date_ != date) {  // once a day: the domains of that day past the bound get no report
+        full_date_ = date;
+        log_event(LogLevel::warn, "tlsrpt_store_full",
+                  {{"date", date}, {"domains", limits_.max_domains_per_day}, {"dropped", session.domain}});
+      }
       return;
     }
     DomainDay fresh;
@@ -73,6 +79,15 @@ void TlsRptStore::record(const std::string& date, const TlsRptSession& session) 
   }
   if (dates.size() > static_cast<std::size_t>(limits_.max_days)) {
     const std::string& keep_from = dates[dates.size() - static_cast<std::size_t>(limits_.max_days)];
+    // A report still unsent at its date's end here was never given up (retry_for ends earlier, unless the
+    // daemon was stopped for longer than that): said, not silently gone.
+    const auto unsent = std::count_if(days_.begin(), days_.end(), [&](const DomainDay& day) {
+      return day.date < keep_from && !day.rua.empty();
+    });
+    if (unsent > 0)
+      log_event(
+          LogLevel::warn, "tlsrpt_reports_dropped",
+          {{"before", keep_from}, {"reports", static_cast<std::uint64_t>(unsent)}, {"reason", "too_old"}});
     std::erase_if(days_, [&](const DomainDay& day) { return day.date < keep_from; });
   }
 }

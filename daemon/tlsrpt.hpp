@@ -21,7 +21,10 @@ namespace mailflow {
 struct TlsRptLimits {
   std::size_t max_domains_per_day = 10000;
   std::size_t max_failure_details = 100;  // per policy and day
-  int max_days = 14;                      // days kept (unsent reports are dropped after that)
+  // Dates kept; unsent reports of older dates are dropped (and logged). tlsrpt.retry_for is at most 14d from
+  // the first try, the day after the report's date: it is given up (and counted) before its date leaves the
+  // store.
+  int max_days = 16;
   // Per domain and day. A domain can change its policy at every fetch (a new MTA-STS id, 64 KiB each time):
   // the sessions under further policies count under their policy type without the policy's text.
   std::size_t max_policies = 20;
@@ -65,6 +68,7 @@ class TlsRptStore {
   TlsRptLimits limits_;
   std::vector<proto::tlsrpt::DomainDay> days_;  // sorted by (date, domain)
   std::uint64_t dropped_domains_ = 0;
+  std::string full_date_;  // the last date whose domains hit max_domains_per_day (logged once)
   proto::tlsrpt::Submitter submitter_;
 };
 

@@ -12,6 +12,8 @@
 #include "daemon/telemetry.hpp"
 #include "daemon/tlsrpt.hpp"
 
+#include <fmt/format.h>
+
 namespace {
 
 using namespace mailflow;
@@ -118,6 +120,18 @@ TEST_CASE("tlsrpt store: bounded in domains per day, failure details and days") 
   store.record("2026-01-03", ok("a.example"));  // a third day: the oldest goes
   CHECK(store.day("2026-01-01").empty());
   CHECK(store.day("2026-01-02").size() == 1);
+}
+
+TEST_CASE("tlsrpt store: an unsent report outlives the longest tlsrpt.retry_for") {
+  // retry_for is at most 14d from the first try, on the day after the report's date: until then the report
+  // must stay in the store, although a session is recorded every day.
+  TlsRptStore store;
+  const auto date = [](int day) { return fmt::format("2026-01-{:02}", day); };
+  store.record(date(1), ok("example.net"));
+  for (int day = 2; day <= 16; ++day) store.record(date(day), ok("other.example"));
+  CHECK(store.find(date(1), "example.net").has_value());
+  store.record(date(17), ok("other.example"));  // given up by now: it may go
+  CHECK_FALSE(store.find(date(1), "example.net").has_value());
 }
 
 TEST_CASE("tlsrpt store: saved and loaded exactly - a corrupt file is moved aside") {
