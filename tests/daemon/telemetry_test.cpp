@@ -415,7 +415,11 @@ TEST_CASE("an unusable state_dir fails load and save with a message") {
   CHECK(error.find("plain-file") != std::string::npos);
   CHECK_FALSE(save_state(telemetry, file.string(), error));
   CHECK(error.find("plain-file") != std::string::npos);
-  CHECK_FALSE(save_state(telemetry, (dir / "missing" / "deeper").string(), error));
+  CHECK_FALSE(save_state(telemetry, (file / "deeper").string(), error));
+  CHECK(error.find("plain-file") != std::string::npos);
+  // A state_dir that is gone (deleted while the daemon ran) is made again, as at start.
+  CHECK_MESSAGE(save_state(telemetry, (dir / "missing" / "deeper").string(), error), error);
+  CHECK(std::filesystem::exists(dir / "missing" / "deeper" / "windows.state"));
   std::filesystem::remove_all(dir);
 }
 
