@@ -7,7 +7,10 @@ namespace mailflow {
 
 namespace {
 
-constexpr std::string_view kHeader = "mailflowd-remotes 1";
+constexpr std::string_view kHeader = "mailflowd-remotes 2";
+// Version 1 had no end line and is still read as it was: a cut at a table's end cannot be told there.
+constexpr std::string_view kHeaderV1 = "mailflowd-remotes 1";
+constexpr std::string_view kEnd = "end";  // the last line: a file cut at a line end lacks it
 
 std::int64_t day_of(RemoteStore::TimePoint t) {
   return std::chrono::floor<std::chrono::days>(t).time_since_epoch().count();
@@ -118,7 +121,7 @@ std::vector<std::string> RemoteStore::take_pending(std::size_t most) {
   return out;
 }
 
-// Header line, then per table: "T connector direction table day count" and `count` lines of the table.
+// Header line, then per table: "T connector direction table day count" and `count` lines of the table; "end".
 std::string RemoteStore::serialize() const {
   std::string out(kHeader);
   out += '\n';
@@ -139,6 +142,8 @@ std::string RemoteStore::serialize() const {
     out += '\n';
     out += body;
   }
+  out += kEnd;
+  out += '\n';
   return out;
 }
 
@@ -153,9 +158,16 @@ bool RemoteStore::deserialize(std::string_view text, std::string& error) {
     lines.push_back(text.substr(0, eol));
     text.remove_prefix(eol + 1);
   }
-  if (lines.empty() || lines[0] != kHeader) {
+  if (lines.empty() || (lines[0] != kHeader && lines[0] != kHeaderV1)) {
     error = "not a mailflowd remotes file (expected header \"" + std::string(kHeader) + "\")";
     return false;
+  }
+  if (lines[0] == kHeader) {
+    if (lines.size() < 2 || lines.back() != kEnd) {
+      error = "truncated (no end line)";
+      return false;
+    }
+    lines.pop_back();
   }
   std::map<Key, HeavyHitters> parsed;
   std::size_t at = 1;

@@ -7,7 +7,10 @@
 namespace mailflow {
 namespace {
 
-constexpr std::string_view kHeader = "mailflowd-windows 1";
+constexpr std::string_view kHeader = "mailflowd-windows 2";
+// Version 1 had no end line and is still read as it was: a cut at a line end cannot be told there.
+constexpr std::string_view kHeaderV1 = "mailflowd-windows 1";
+constexpr std::string_view kEnd = "end";  // the last line: a file cut at a line end lacks it
 
 std::int64_t hour_of(WindowStore::TimePoint t) {
   return std::chrono::floor<std::chrono::hours>(t).time_since_epoch().count();
@@ -231,6 +234,8 @@ std::string WindowStore::serialize() const {
       out += '\n';
     }
   }
+  out += kEnd;
+  out += '\n';
   return out;
 }
 
@@ -243,10 +248,13 @@ bool WindowStore::deserialize(std::string_view text, std::string& error) {
   };
 
   const auto header_end = text.find('\n');
-  if (header_end == std::string_view::npos || text.substr(0, header_end) != kHeader) {
+  const std::string_view header = text.substr(0, header_end);
+  if (header_end == std::string_view::npos || (header != kHeader && header != kHeaderV1)) {
     error = "not a mailflowd windows file (expected header \"" + std::string(kHeader) + "\")";
     return false;
   }
+  const bool needs_end = header == kHeader;
+  bool ended = false;
   std::string_view rest = text.substr(header_end + 1);
   std::string connector;
   auto current = parsed.end();
@@ -256,6 +264,11 @@ bool WindowStore::deserialize(std::string_view text, std::string& error) {
     if (eol == std::string_view::npos) return fail("truncated (no newline at the end)");
     std::string_view line = rest.substr(0, eol);
     rest.remove_prefix(eol + 1);
+    if (ended) return fail("a line after the end line");
+    if (needs_end && line == kEnd) {
+      ended = true;
+      continue;
+    }
 
     std::string_view fields[8];
     std::size_t count = 0;
@@ -294,6 +307,7 @@ bool WindowStore::deserialize(std::string_view text, std::string& error) {
     if (!is_zero(bucket.counts)) current->second.push_back(bucket);
   }
 
+  if (needs_end && !ended) return fail("truncated (no end line)");
   for (auto& [key, series] : parsed) {
     std::sort(series.begin(), series.end(), [](const Bucket& a, const Bucket& b) { return a.hour < b.hour; });
     for (std::size_t i = 1; i < series.size(); ++i)

@@ -53,7 +53,8 @@ class WindowStore {
 
   void prune(TimePoint now);  // drop buckets that rolled off (buckets in the future are kept)
 
-  // Text serialization for state_dir: versioned header, one line per non-empty bucket.
+  // Text serialization for state_dir: versioned header, one line per non-empty bucket, "end" (a file cut at a
+  // line end is refused; version 1, written before the end line, is still read).
   std::string serialize() const;
   // Replaces the content; false (content unchanged) with `error` on a corrupt or foreign input.
   bool deserialize(std::string_view text, std::string& error);

@@ -88,10 +88,11 @@ TEST_CASE("a clock that jumps backwards neither loses nor double-counts") {
   // Inserting between existing buckets keeps the order (serialization sorted by hour).
   store.add("c", in, TlsVersion::none, t - hours(1));
   CHECK(store.serialize() ==
-        "mailflowd-windows 1\n"
+        "mailflowd-windows 2\n"
         "498775 c inbound 0 2 0 0 0\n"
         "498777 c inbound 1 0 0 0 0\n"
-        "498778 c inbound 0 0 0 2 0\n");
+        "498778 c inbound 0 0 0 2 0\n"
+        "end\n");
 }
 
 TEST_CASE("a clock that jumps forwards rolls off as time would, and back again counts nothing twice") {
@@ -178,10 +179,11 @@ TEST_CASE("serialize writes the versioned format and deserialize reads it back")
   store.add("odd name%x", in, TlsVersion::tls12, t);  // survives although it cannot be a label value
   const std::string text = store.serialize();
   CHECK(text ==
-        "mailflowd-windows 1\n"
+        "mailflowd-windows 2\n"
         "498776 internet outbound 1 0 0 0 0\n"
         "498778 odd%20name%25x inbound 0 0 0 1 0\n"
-        "498778 partner-contoso inbound 0 7 0 0 18446744073709551615\n");
+        "498778 partner-contoso inbound 0 7 0 0 18446744073709551615\n"
+        "end\n");
 
   WindowStore copy(hours(24 * 30));
   std::string error;
@@ -190,8 +192,8 @@ TEST_CASE("serialize writes the versioned format and deserialize reads it back")
   CHECK(copy.window_totals("odd name%x", in, t) == TlsCounts{0, 0, 0, 1, 0});
   CHECK(copy.window() == hours(24 * 30));  // the window comes from the config, not the file
 
-  // Header only: a valid, empty store.
-  REQUIRE(copy.deserialize("mailflowd-windows 1\n", error));
+  // Header and end only: a valid, empty store.
+  REQUIRE(copy.deserialize("mailflowd-windows 2\nend\n", error));
   CHECK(copy.keys().empty());
 }
 
@@ -205,7 +207,10 @@ TEST_CASE("deserialize refuses foreign or corrupt input and leaves the store unt
       "",
       "\n",
       "mailflowd-windows 1",    // no newline after the header
-      "mailflowd-windows 2\n",  // future version
+      "mailflowd-windows 3\nend\n",  // future version
+      "mailflowd-windows 2\n",       // no end line
+      "mailflowd-windows 2\nend\nend\n",
+      "mailflowd-windows 2\n498778 c inbound 1 2 3 4 5\nend \n",
       "MAILFLOWD-WINDOWS 1\n",
       "{\"rows\": []}\n",
       "mailflowd-windows 1\n498778 c inbound 1 2 3 4 5",      // truncated: last line has no newline
@@ -237,6 +242,30 @@ TEST_CASE("deserialize refuses foreign or corrupt input and leaves the store unt
   std::string error;
   CHECK_FALSE(store.deserialize("mailflowd-windows 1\n498778 c\0 inbound 1 2 3 4 5\n"s, error));
   CHECK(store.serialize() == before);
+}
+
+TEST_CASE("a file cut at any byte, a line end included, is never loaded as valid") {
+  WindowStore store;
+  const auto t = at(nov(25), 10);
+  store.add("a", in, TlsVersion::tls12, t - hours(1), 3);
+  store.add("a", in, TlsVersion::tls10, t);
+  store.add("b", out, TlsVersion::none, t, 2);
+  const std::string text = store.serialize();
+  for (std::size_t cut = 0; cut < text.size(); ++cut) {
+    CAPTURE(cut);
+    WindowStore loaded;
+    std::string error;
+    CHECK_FALSE(loaded.deserialize(std::string_view(text).substr(0, cut), error));
+  }
+  WindowStore loaded;
+  std::string error;
+  REQUIRE(loaded.deserialize(text, error));
+  CHECK(loaded.serialize() == text);
+  CHECK_FALSE(loaded.deserialize(text + "498778 c inbound 1 0 0 0 0\n", error));  // nothing after the end
+
+  // A file of the previous version (no end line) still loads: it cannot tell a cut at a line end.
+  REQUIRE(loaded.deserialize("mailflowd-windows 1\n498778 c inbound 0 0 0 4 0\n", error));
+  CHECK(loaded.window_totals("c", in, t) == TlsCounts{0, 0, 0, 4, 0});
 }
 
 TEST_CASE("1,000 connectors x 2 directions x 7 days of hourly buckets stay fast") {
