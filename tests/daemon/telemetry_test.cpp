@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "daemon/exposition.hpp"
+#include "daemon/heavy_hitters.hpp"
 #include "daemon/reasons.hpp"
 #include "daemon/state_file.hpp"
 #include "daemon/state_writer.hpp"
@@ -403,6 +404,42 @@ TEST_CASE("a corrupt state file is moved aside and counted, the daemon starts em
   const std::string text = telemetry.metrics_text();
   CHECK(sample(text, R"(mailflow_state_errors_total{reason="corrupt"})") == 1.0);
   std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("the load limit of remotes.state holds what a 90-day window with top_remotes at 10,000 writes") {
+  auto config = test_config();  // three inbound connectors (internet too)
+  mailflow::config::Listener out;
+  out.name = "outbound";
+  out.direction = Direction::outbound;
+  out.upstream = "mailstore";
+  config.listeners.push_back(out);  // internet outbound: remotes and domains
+  config.telemetry.window = 90 * 24h;
+  config.telemetry.top_remotes = 10'000;
+  config.telemetry.top_domains = 10'000;
+  // One day's full table of ordinary remotes (an IPv6 client, its EHLO name, two sender domains, a cipher).
+  mailflow::HeavyHitters table(10'000);
+  const std::vector<std::string> domains{"customer-example.net", "example.org"};
+  for (int i = 0; i < 10'000; ++i) {
+    const std::string address = "2001:db8:1234:" + std::to_string(1000 + i) + "::25";
+    const std::string name = "mail-relay-" + std::to_string(i) + ".customer-example.net";
+    mailflow::HeavyHitters::Observation o;
+    o.key = address;
+    o.name = name;
+    o.cipher = "TLS_AES_256_GCM_SHA384";
+    o.domains = domains;
+    o.version = TlsVersion::tls13;
+    o.time = 1'795'000'000;
+    table.add(o);
+  }
+  std::string day;
+  table.serialize(day);
+  // 5 tables a day (3 inbound remotes, outbound remotes and domains), 91 days (the window's first day is partial).
+  const std::size_t written = 5 * 91 * day.size();
+  CAPTURE(written);
+  CHECK(mailflow::state_load_limit(config, "remotes.state") >= written);
+  // With the defaults the limit stays the fixed 512 MiB.
+  CHECK(mailflow::state_load_limit(test_config(), "remotes.state") == 512u << 20);
+  CHECK(mailflow::state_load_limit(test_config(), "windows.state") == 512u << 20);
 }
 
 TEST_CASE("an unusable state_dir fails load and save with a message") {
