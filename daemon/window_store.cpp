@@ -258,6 +258,9 @@ bool WindowStore::deserialize(std::string_view text, std::string& error) {
   std::string_view rest = text.substr(header_end + 1);
   std::string connector;
   auto current = parsed.end();
+  // Every count of the file added up: while it fits in 64 bits, so does any total taken over them (a key's
+  // window, a direction's keys). Far beyond any real count; past it only a corrupt or forged file goes.
+  std::uint64_t total = 0;
   while (!rest.empty()) {
     ++line_number;
     const auto eol = rest.find('\n');
@@ -295,8 +298,12 @@ bool WindowStore::deserialize(std::string_view text, std::string& error) {
     else
       return fail("bad direction");
     Bucket bucket{hour, {}};
-    for (std::size_t i = 0; i < bucket.counts.size(); ++i)
+    for (std::size_t i = 0; i < bucket.counts.size(); ++i) {
       if (!parse_number(fields[3 + i], bucket.counts[i])) return fail("bad count");
+      if (bucket.counts[i] > std::numeric_limits<std::uint64_t>::max() - total)
+        return fail("the counts add up to more than 64 bits hold");
+      total += bucket.counts[i];
+    }
 
     // Lines of one key come together in our own files: skip the lookup then.
     if (current == parsed.end() || current->first.direction != direction ||

@@ -174,7 +174,7 @@ TEST_CASE("serialize writes the versioned format and deserialize reads it back")
   WindowStore store;
   const auto t = at(nov(25), 10);
   store.add("partner-contoso", in, TlsVersion::tls10, t, 7);
-  store.add("partner-contoso", in, TlsVersion::tls13, t, 18446744073709551615ull);
+  store.add("partner-contoso", in, TlsVersion::tls13, t, 18446744073709551606ull);  // all counts: 2^64 - 1
   store.add("internet", out, TlsVersion::none, t - hours(2));
   store.add("odd name%x", in, TlsVersion::tls12, t);  // survives although it cannot be a label value
   const std::string text = store.serialize();
@@ -182,7 +182,7 @@ TEST_CASE("serialize writes the versioned format and deserialize reads it back")
         "mailflowd-windows 2\n"
         "498776 internet outbound 1 0 0 0 0\n"
         "498778 odd%20name%25x inbound 0 0 0 1 0\n"
-        "498778 partner-contoso inbound 0 7 0 0 18446744073709551615\n"
+        "498778 partner-contoso inbound 0 7 0 0 18446744073709551606\n"
         "end\n");
 
   WindowStore copy(hours(24 * 30));
@@ -230,6 +230,11 @@ TEST_CASE("deserialize refuses foreign or corrupt input and leaves the store unt
       "mailflowd-windows 1\n\n",                                                        // empty line
       "mailflowd-windows 1\r\n498778 c inbound 1 2 3 4 5\r\n",                          // CRLF
       "mailflowd-windows 1\n498778 c inbound 1 2 3 4 5\n498778 c inbound 1 0 0 0 0\n",  // duplicate bucket
+      // Counts whose sum does not fit in 64 bits: a window total (one key's hours, or a direction's keys, as
+      // the report's in_transit row adds them) would wrap to a small number.
+      "mailflowd-windows 1\n498778 c inbound 18446744073709551615 0 0 0 0\n498779 c inbound 2 0 0 0 0\n",
+      "mailflowd-windows 1\n498778 a inbound 18446744073709551615 0 0 0 0\n498778 b inbound 2 0 0 0 0\n",
+      "mailflowd-windows 1\n498778 c inbound 9223372036854775808 9223372036854775808 0 0 0\n",
   };
   for (const char* input : bad) {
     CAPTURE(input);
