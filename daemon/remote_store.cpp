@@ -121,6 +121,17 @@ std::vector<std::string> RemoteStore::take_pending(std::size_t most) {
   return out;
 }
 
+std::optional<RemoteStore::Key> RemoteStore::copy_to(RemoteStore& into, const std::optional<Key>& after,
+                                                     std::size_t most) const {
+  std::optional<Key> last;
+  for (auto it = after ? tables_.upper_bound(*after) : tables_.begin(); it != tables_.end() && most > 0;
+       ++it, --most) {
+    into.tables_.insert_or_assign(it->first, it->second);
+    last = it->first;
+  }
+  return last;
+}
+
 // Header line, then per table: "T connector direction table day count" and `count` lines of the table; "end".
 std::string RemoteStore::serialize() const {
   std::string out(kHeader);

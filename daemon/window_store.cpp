@@ -204,6 +204,18 @@ void WindowStore::prune(TimePoint now) {
   }
 }
 
+std::optional<WindowStore::Key> WindowStore::copy_to(WindowStore& into, const std::optional<Key>& after,
+                                                     std::size_t most) const {
+  into.window_ = window_;
+  std::optional<Key> last;
+  for (auto it = after ? series_.upper_bound(*after) : series_.begin(); it != series_.end() && most > 0;
+       ++it, --most) {
+    into.series_.insert_or_assign(it->first, it->second);
+    last = it->first;
+  }
+  return last;
+}
+
 std::string WindowStore::serialize() const {
   std::string out;
   std::size_t buckets = 0;

@@ -387,6 +387,45 @@ TEST_CASE("state survives save and load, a missing file is an empty start") {
   std::filesystem::remove_all(dir);
 }
 
+TEST_CASE("a save of many connectors (copied a few at a time) holds every one of them") {
+  const auto dir = fresh_dir("many");
+  auto config = test_config();
+  for (int i = 0; i < 100; ++i) {
+    mailflow::config::Connector c;
+    c.name = "partner-" + std::to_string(i);
+    c.type = mailflow::config::ConnectorType::partner;
+    c.direction = Direction::inbound;
+    config.connectors.push_back(c);
+  }
+  std::string error;
+  {
+    Telemetry telemetry([] { return kNow; });
+    telemetry.configure(config);
+    for (int i = 0; i < 100; ++i) {
+      const std::string address = "192.0.2." + std::to_string(i);
+      for (int m = 0; m <= i % 3; ++m)
+        telemetry.message_delivered("partner-" + std::to_string(i), Direction::inbound, TlsVersion::tls12, 1, 1,
+                                    {.address = address, .name = {}, .cipher = {}, .domains = {}, .policy = {}});
+    }
+    REQUIRE_MESSAGE(save_state(telemetry, dir.string(), error), error);
+  }
+  Telemetry restarted([] { return kNow; });
+  restarted.configure(config);
+  REQUIRE(restarted.load_state(dir.string(), error));
+  CHECK(error.empty());
+  const std::string text = restarted.metrics_text();
+  const auto report = restarted.report(7);
+  for (int i = 0; i < 100; ++i) {
+    CAPTURE(i);
+    CHECK(sample(text, "mailflow_window_messages{connector=\"partner-" + std::to_string(i) +
+                           "\",direction=\"inbound\",tls_version=\"TLS1.2\"}") == 1.0 + i % 3);
+  }
+  std::size_t remotes = 0;
+  for (const auto& drilldown : report.drilldowns) remotes += drilldown.remotes.rows.size();
+  CHECK(remotes == 100);
+  std::filesystem::remove_all(dir);
+}
+
 TEST_CASE("a corrupt state file is moved aside and counted, the daemon starts empty") {
   const auto dir = fresh_dir("corrupt");
   {

@@ -4,6 +4,7 @@
 #include <doctest/doctest.h>
 
 #include <chrono>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -271,6 +272,35 @@ TEST_CASE("a file cut at any byte, a line end included, is never loaded as valid
   // A file of the previous version (no end line) still loads: it cannot tell a cut at a line end.
   REQUIRE(loaded.deserialize("mailflowd-windows 1\n498778 c inbound 0 0 0 4 0\n", error));
   CHECK(loaded.window_totals("c", in, t) == TlsCounts{0, 0, 0, 4, 0});
+}
+
+TEST_CASE("copy_to copies a few keys at a time, each key whole, and resumes after the last one") {
+  WindowStore store(hours(48));
+  const auto t = at(nov(25), 10);
+  for (const char* name : {"a", "b", "c", "d", "e"}) {
+    store.add(name, in, TlsVersion::tls12, t - hours(1));
+    store.add(name, out, TlsVersion::tls13, t);
+  }
+  WindowStore copy;
+  auto last = store.copy_to(copy, std::nullopt, 3);
+  REQUIRE(last);
+  CHECK(last->connector == "b");
+  CHECK(last->direction == in);
+  CHECK(copy.window() == hours(48));
+  CHECK(copy.keys().size() == 3);
+  // Meanwhile a message for a key already copied (the next save has it) and one for a key still to come.
+  store.add("a", in, TlsVersion::none, t);
+  store.add("d", in, TlsVersion::none, t);
+  while (last) last = store.copy_to(copy, last, 3);
+  CHECK(copy.keys().size() == 10);
+  CHECK(copy.window_totals("a", in, t) == TlsCounts{0, 0, 0, 1, 0});
+  CHECK(copy.window_totals("d", in, t) == TlsCounts{1, 0, 0, 1, 0});
+  CHECK(copy.window_totals("e", out, t) == TlsCounts{0, 0, 0, 0, 1});
+  // Copied again from the start: the same text as the store.
+  WindowStore again;
+  for (std::optional<WindowStore::Key> after; (after = store.copy_to(again, after, 4));) {
+  }
+  CHECK(again.serialize() == store.serialize());
 }
 
 TEST_CASE("1,000 connectors x 2 directions x 7 days of hourly buckets stay fast") {
