@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <charconv>
+#include <limits>
 
 namespace mailflow {
 
@@ -181,6 +182,9 @@ bool RemoteStore::deserialize(std::string_view text, std::string& error) {
     lines.pop_back();
   }
   std::map<Key, HeavyHitters> parsed;
+  // Counts, errors and bounds over every table (HeavyHitters::deserialize checks each table's): while they fit in
+  // 64 bits, so do the weights of a report that merges any of the days.
+  std::uint64_t sum = 0;
   std::size_t at = 1;
   while (at < lines.size()) {
     const auto fail = [&](std::string_view why) {
@@ -218,6 +222,11 @@ bool RemoteStore::deserialize(std::string_view text, std::string& error) {
     HeavyHitters table;
     std::string table_error;
     if (!table.deserialize(std::span(lines).subspan(at + 1, body), table_error)) return fail(table_error);
+    std::uint64_t table_sum = table.total_weight() + table.error_bound();  // fits: the table checked its sum
+    for (const auto* entry : table.entries()) table_sum += entry->error;
+    if (table_sum > std::numeric_limits<std::uint64_t>::max() - sum)
+      return fail("the counts add up to more than 64 bits hold");
+    sum += table_sum;
     if (!parsed.emplace(std::move(key), std::move(table)).second) return fail("duplicate table");
     at += 1 + body;
   }
