@@ -354,7 +354,8 @@ bool HeavyHitters::deserialize(std::span<const std::string_view> lines, std::str
   if (!parse_stats(std::span(head).subspan(3), other)) return fail(0, "bad counts");
   if (lines.size() - 1 > capacity) return fail(0, "more entries than the capacity");
   // Every count, error and bound of the table added up must fit in 64 bits: then so does any sum a merge or a
-  // report takes (the remote store checks the same over all its tables). Only a corrupt or forged file exceeds it.
+  // report takes (the remote store checks the same over all its tables). Only a corrupt or forged file
+  // exceeds it.
   std::uint64_t sum = 0;
   const auto add = [&sum](std::uint64_t value) {
     if (value > std::numeric_limits<std::uint64_t>::max() - sum) return false;

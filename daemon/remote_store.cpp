@@ -182,8 +182,8 @@ bool RemoteStore::deserialize(std::string_view text, std::string& error) {
     lines.pop_back();
   }
   std::map<Key, HeavyHitters> parsed;
-  // Counts, errors and bounds over every table (HeavyHitters::deserialize checks each table's): while they fit in
-  // 64 bits, so do the weights of a report that merges any of the days.
+  // Counts, errors and bounds over every table (HeavyHitters::deserialize checks each table's): while they
+  // fit in 64 bits, so do the weights of a report that merges any of the days.
   std::uint64_t sum = 0;
   std::size_t at = 1;
   while (at < lines.size()) {

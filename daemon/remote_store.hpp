@@ -62,9 +62,9 @@ class RemoteStore {
     std::int64_t day;  // days since the epoch (UTC)
     auto operator<=>(const Key&) const = default;
   };
-  // Copies into `into` at most `most` tables, those after `after` (from the first when nullopt); returns the last
-  // key copied, nullopt when none was left. As WindowStore::copy_to: a save copies in steps under a lock. Only
-  // what serialize() writes is copied (not the reverse names).
+  // Copies into `into` at most `most` tables, those after `after` (from the first when nullopt); returns the
+  // last key copied, nullopt when none was left. As WindowStore::copy_to: a save copies in steps under a
+  // lock. Only what serialize() writes is copied (not the reverse names).
   std::optional<Key> copy_to(RemoteStore& into, const std::optional<Key>& after, std::size_t most) const;
 
   std::string serialize() const;

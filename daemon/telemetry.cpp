@@ -592,7 +592,8 @@ std::size_t state_load_limit(const config::Config& config, std::string_view file
   std::size_t bound = 0;
   if (file == kStateFile) bound = keys * hours * kBucketLineBytes;
   if (file == kRemotesFile) {
-    const std::size_t lines_a_day = config.telemetry.top_remotes + config.telemetry.top_domains + 4;  // + T, O
+    const std::size_t lines_a_day =
+        config.telemetry.top_remotes + config.telemetry.top_domains + 4;  // + T, O
     bound = keys * (hours / 24 + 1) * lines_a_day * kEntryLineBytes;  // +1: the window's first day is partial
   }
   return std::max(kMaxStateFileBytes, bound);
@@ -891,9 +892,9 @@ int Telemetry::window_days() const {
 
 std::vector<StateFile> Telemetry::state_files() {
   // Copied under the mutex, serialized without it: formatting a large state (1,000 connectors x 90 days)
-  // takes far longer than the copy, and every session waits on this mutex when it opens. Copied a few keys at a
-  // time, too: the whole copy of that state takes 0.1-0.2 s. Each key's history is copied whole, so a message
-  // is in this save or the next one, never in neither or twice.
+  // takes far longer than the copy, and every session waits on this mutex when it opens. Copied a few keys at
+  // a time, too: the whole copy of that state takes 0.1-0.2 s. Each key's history is copied whole, so a
+  // message is in this save or the next one, never in neither or twice.
   constexpr std::size_t kKeysPerLock = 16;
   std::optional<WindowStore> windows(std::in_place);
   std::optional<RemoteStore> remotes(std::in_place);
@@ -939,7 +940,8 @@ bool Telemetry::load_state(const std::string& state_dir, std::string& error) {
   const auto load = [&](const char* file, auto parse, std::string_view what) {
     std::string text;
     std::string parse_error;
-    const StateRead read = read_state_file(state_dir, file, state_load_limit(*config, file), text, parse_error);
+    const StateRead read =
+        read_state_file(state_dir, file, state_load_limit(*config, file), text, parse_error);
     if (read == StateRead::absent) return true;  // first start: empty
     if (read == StateRead::failed) {
       error = parse_error;

@@ -131,13 +131,13 @@ class Telemetry {
   // telemetry.window in whole days (the largest `days` a report may ask for).
   int window_days() const;
 
-  // Rolling windows persistence (state_dir/windows.state): state_files() gives the text of the files (windows,
-  // remotes, TLS-RPT), serialized now, for the StateWriter (atomic save: temp, fsync, rename). load moves a
-  // corrupt or foreign file aside (windows.state.corrupt-<time>), counts state_error("corrupt"), starts empty and
-  // returns true with `error` set (for the log). False + error when the file or directory is unusable; those
-  // failures are not counted here (the caller counts them with state_error).
-  // The drill-down tables (state_dir/remotes.state) are loaded the same way, with the windows. Called after
-  // configure(): the window, the drill-down limits and the largest file read (state_load_limit) follow it.
+  // Rolling windows persistence (state_dir/windows.state): state_files() gives the text of the files
+  // (windows, remotes, TLS-RPT), serialized now, for the StateWriter (atomic save: temp, fsync, rename). load
+  // moves a corrupt or foreign file aside (windows.state.corrupt-<time>), counts state_error("corrupt"),
+  // starts empty and returns true with `error` set (for the log). False + error when the file or directory is
+  // unusable; those failures are not counted here (the caller counts them with state_error). The drill-down
+  // tables (state_dir/remotes.state) are loaded the same way, with the windows. Called after configure(): the
+  // window, the drill-down limits and the largest file read (state_load_limit) follow it.
   std::vector<StateFile> state_files();
   bool load_state(const std::string& state_dir, std::string& error);
 

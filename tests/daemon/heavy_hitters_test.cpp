@@ -360,9 +360,12 @@ TEST_CASE("remote store: per day tables, merged over days, dropped when they lea
 TEST_CASE("remote store: a file cut at any byte, a line end included, is never loaded as valid") {
   RemoteStore store;
   const auto now = sys_days(2026y / 11 / 20) + hours(10);
-  store.add("partner", Direction::inbound, RemoteTable::remotes, message("203.0.113.7", TlsVersion::tls10), now);
-  store.add("partner", Direction::inbound, RemoteTable::remotes, message("203.0.113.8", TlsVersion::tls12), now);
-  store.add("internet", Direction::outbound, RemoteTable::domains, message("contoso.com", TlsVersion::tls13), now);
+  store.add("partner", Direction::inbound, RemoteTable::remotes, message("203.0.113.7", TlsVersion::tls10),
+            now);
+  store.add("partner", Direction::inbound, RemoteTable::remotes, message("203.0.113.8", TlsVersion::tls12),
+            now);
+  store.add("internet", Direction::outbound, RemoteTable::domains, message("contoso.com", TlsVersion::tls13),
+            now);
   const std::string text = store.serialize();
   for (std::size_t cut = 0; cut < text.size(); ++cut) {
     CAPTURE(cut);
@@ -376,11 +379,13 @@ TEST_CASE("remote store: a file cut at any byte, a line end included, is never l
   CHECK(loaded.serialize() == text);
 
   // A file of the previous version (no end line) still loads.
-  REQUIRE(loaded.deserialize("mailflowd-remotes 1\nT partner inbound remotes 20412 2\nO 2 0 0 0 0 0 0 0 0 0\n"
-                             "E 203.0.113.7 - 0 0 5 5 0 1 0 0 0 - - - -\n",
-                             error));
-  CHECK(loaded.merged("partner", Direction::inbound, RemoteTable::remotes, sys_days(days(20412)),
-                      sys_days(days(20412)))
+  REQUIRE(
+      loaded.deserialize("mailflowd-remotes 1\nT partner inbound remotes 20412 2\nO 2 0 0 0 0 0 0 0 0 0\n"
+                         "E 203.0.113.7 - 0 0 5 5 0 1 0 0 0 - - - -\n",
+                         error));
+  CHECK(loaded
+            .merged("partner", Direction::inbound, RemoteTable::remotes, sys_days(days(20412)),
+                    sys_days(days(20412)))
             .total_weight() == 1);
 }
 
@@ -388,12 +393,13 @@ TEST_CASE("remote store: counts that add up past 64 bits are refused (a merged r
   RemoteStore store;
   std::string error;
   // Each table on its own fits; a report over both days would add 2^63 + 2^63 and show 0.
-  CHECK_FALSE(store.deserialize("mailflowd-remotes 1\n"
-                                "T partner inbound remotes 20412 2\nO 2 0 0 0 0 0 0 0 0 0\n"
-                                "E 192.0.2.1 - 0 0 5 5 0 9223372036854775808 0 0 0 - - - -\n"
-                                "T partner inbound remotes 20413 2\nO 2 0 0 0 0 0 0 0 0 0\n"
-                                "E 192.0.2.1 - 0 0 5 5 0 9223372036854775808 0 0 0 - - - -\n",
-                                error));
+  CHECK_FALSE(
+      store.deserialize("mailflowd-remotes 1\n"
+                        "T partner inbound remotes 20412 2\nO 2 0 0 0 0 0 0 0 0 0\n"
+                        "E 192.0.2.1 - 0 0 5 5 0 9223372036854775808 0 0 0 - - - -\n"
+                        "T partner inbound remotes 20413 2\nO 2 0 0 0 0 0 0 0 0 0\n"
+                        "E 192.0.2.1 - 0 0 5 5 0 9223372036854775808 0 0 0 - - - -\n",
+                        error));
   CHECK_FALSE(error.empty());
   const std::vector<std::vector<std::string_view>> tables{
       {"O 5 0 0 0 0 18446744073709551615 0 0 0 0", "E a - 0 0 1 1 0 0 0 1 0 - - - -"},  // other + an entry

@@ -19,9 +19,9 @@
 #include "daemon/exposition.hpp"
 #include "daemon/heavy_hitters.hpp"
 #include "daemon/reasons.hpp"
+#include "daemon/report.hpp"
 #include "daemon/state_file.hpp"
 #include "daemon/state_writer.hpp"
-#include "daemon/report.hpp"
 #include "daemon/tlsrpt.hpp"
 
 namespace {
@@ -404,8 +404,9 @@ TEST_CASE("a save of many connectors (copied a few at a time) holds every one of
     for (int i = 0; i < 100; ++i) {
       const std::string address = "192.0.2." + std::to_string(i);
       for (int m = 0; m <= i % 3; ++m)
-        telemetry.message_delivered("partner-" + std::to_string(i), Direction::inbound, TlsVersion::tls12, 1, 1,
-                                    {.address = address, .name = {}, .cipher = {}, .domains = {}, .policy = {}});
+        telemetry.message_delivered(
+            "partner-" + std::to_string(i), Direction::inbound, TlsVersion::tls12, 1, 1,
+            {.address = address, .name = {}, .cipher = {}, .domains = {}, .policy = {}});
     }
     REQUIRE_MESSAGE(save_state(telemetry, dir.string(), error), error);
   }
@@ -472,7 +473,8 @@ TEST_CASE("the load limit of remotes.state holds what a 90-day window with top_r
   }
   std::string day;
   table.serialize(day);
-  // 5 tables a day (3 inbound remotes, outbound remotes and domains), 91 days (the window's first day is partial).
+  // 5 tables a day (3 inbound remotes, outbound remotes and domains), 91 days (the window's first day is
+  // partial).
   const std::size_t written = 5 * 91 * day.size();
   CAPTURE(written);
   CHECK(mailflow::state_load_limit(config, "remotes.state") >= written);

@@ -207,7 +207,7 @@ TEST_CASE("deserialize refuses foreign or corrupt input and leaves the store unt
   const char* bad[] = {
       "",
       "\n",
-      "mailflowd-windows 1",    // no newline after the header
+      "mailflowd-windows 1",         // no newline after the header
       "mailflowd-windows 3\nend\n",  // future version
       "mailflowd-windows 2\n",       // no end line
       "mailflowd-windows 2\nend\nend\n",
