@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <charconv>
+#include <limits>
 #include <map>
 
 namespace mailflow {
@@ -352,6 +353,20 @@ bool HeavyHitters::deserialize(std::span<const std::string_view> lines, std::str
   if (!parse_number(head[2], bound)) return fail(0, "bad bound");
   if (!parse_stats(std::span(head).subspan(3), other)) return fail(0, "bad counts");
   if (lines.size() - 1 > capacity) return fail(0, "more entries than the capacity");
+  // Every count, error and bound of the table added up must fit in 64 bits: then so does any sum a merge or a
+  // report takes (the remote store checks the same over all its tables). Only a corrupt or forged file
+  // exceeds it.
+  std::uint64_t sum = 0;
+  const auto add = [&sum](std::uint64_t value) {
+    if (value > std::numeric_limits<std::uint64_t>::max() - sum) return false;
+    sum += value;
+    return true;
+  };
+  const auto add_counts = [&add](const Stats& stats) {
+    return add(stats.refused) && std::all_of(stats.messages.begin(), stats.messages.end(), add);
+  };
+  constexpr std::string_view kTooLarge = "the counts add up to more than 64 bits hold";
+  if (!add(bound) || !add_counts(other)) return fail(0, kTooLarge);
 
   std::vector<Entry> entries;
   std::map<std::string, bool, std::less<>> seen;
@@ -364,6 +379,7 @@ bool HeavyHitters::deserialize(std::span<const std::string_view> lines, std::str
     if (!parse_field(f[2], entry.name)) return fail(i, "bad name");
     if (!parse_number(f[3], entry.error)) return fail(i, "bad error");
     if (!parse_stats(std::span(f).subspan(4, 8), entry.stats)) return fail(i, "bad counts");
+    if (!add(entry.error) || !add_counts(entry.stats)) return fail(i, kTooLarge);
     if (f[12] != "-") {
       unsigned version = 0;
       if (!parse_number(f[12], version) || version >= kVersions) return fail(i, "bad refused version");
@@ -391,6 +407,7 @@ bool HeavyHitters::deserialize(std::span<const std::string_view> lines, std::str
         if (colon == std::string_view::npos || !parse_field(item.substr(0, colon), cipher.name) ||
             cipher.name.empty() || !parse_number(item.substr(colon + 1), cipher.count))
           return fail(i, "bad cipher");
+        if (!add(cipher.count)) return fail(i, kTooLarge);
         entry.ciphers.push_back(std::move(cipher));
         if (entry.ciphers.size() > kMaxCiphers) return fail(i, "too many ciphers");
         if (comma == std::string_view::npos) break;

@@ -2,12 +2,16 @@
 
 #include <algorithm>
 #include <charconv>
+#include <limits>
 
 namespace mailflow {
 
 namespace {
 
-constexpr std::string_view kHeader = "mailflowd-remotes 1";
+constexpr std::string_view kHeader = "mailflowd-remotes 2";
+// Version 1 had no end line and is still read as it was: a cut at a table's end cannot be told there.
+constexpr std::string_view kHeaderV1 = "mailflowd-remotes 1";
+constexpr std::string_view kEnd = "end";  // the last line: a file cut at a line end lacks it
 
 std::int64_t day_of(RemoteStore::TimePoint t) {
   return std::chrono::floor<std::chrono::days>(t).time_since_epoch().count();
@@ -118,7 +122,18 @@ std::vector<std::string> RemoteStore::take_pending(std::size_t most) {
   return out;
 }
 
-// Header line, then per table: "T connector direction table day count" and `count` lines of the table.
+std::optional<RemoteStore::Key> RemoteStore::copy_to(RemoteStore& into, const std::optional<Key>& after,
+                                                     std::size_t most) const {
+  std::optional<Key> last;
+  for (auto it = after ? tables_.upper_bound(*after) : tables_.begin(); it != tables_.end() && most > 0;
+       ++it, --most) {
+    into.tables_.insert_or_assign(it->first, it->second);
+    last = it->first;
+  }
+  return last;
+}
+
+// Header line, then per table: "T connector direction table day count" and `count` lines of the table; "end".
 std::string RemoteStore::serialize() const {
   std::string out(kHeader);
   out += '\n';
@@ -139,6 +154,8 @@ std::string RemoteStore::serialize() const {
     out += '\n';
     out += body;
   }
+  out += kEnd;
+  out += '\n';
   return out;
 }
 
@@ -153,11 +170,21 @@ bool RemoteStore::deserialize(std::string_view text, std::string& error) {
     lines.push_back(text.substr(0, eol));
     text.remove_prefix(eol + 1);
   }
-  if (lines.empty() || lines[0] != kHeader) {
+  if (lines.empty() || (lines[0] != kHeader && lines[0] != kHeaderV1)) {
     error = "not a mailflowd remotes file (expected header \"" + std::string(kHeader) + "\")";
     return false;
   }
+  if (lines[0] == kHeader) {
+    if (lines.size() < 2 || lines.back() != kEnd) {
+      error = "truncated (no end line)";
+      return false;
+    }
+    lines.pop_back();
+  }
   std::map<Key, HeavyHitters> parsed;
+  // Counts, errors and bounds over every table (HeavyHitters::deserialize checks each table's): while they
+  // fit in 64 bits, so do the weights of a report that merges any of the days.
+  std::uint64_t sum = 0;
   std::size_t at = 1;
   while (at < lines.size()) {
     const auto fail = [&](std::string_view why) {
@@ -195,6 +222,11 @@ bool RemoteStore::deserialize(std::string_view text, std::string& error) {
     HeavyHitters table;
     std::string table_error;
     if (!table.deserialize(std::span(lines).subspan(at + 1, body), table_error)) return fail(table_error);
+    std::uint64_t table_sum = table.total_weight() + table.error_bound();  // fits: the table checked its sum
+    for (const auto* entry : table.entries()) table_sum += entry->error;
+    if (table_sum > std::numeric_limits<std::uint64_t>::max() - sum)
+      return fail("the counts add up to more than 64 bits hold");
+    sum += table_sum;
     if (!parsed.emplace(std::move(key), std::move(table)).second) return fail("duplicate table");
     at += 1 + body;
   }

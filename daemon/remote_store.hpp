@@ -55,10 +55,6 @@ class RemoteStore {
   static constexpr std::size_t kMaxNames = 10'000;
   static constexpr std::size_t kMaxPending = 1'000;
 
-  std::string serialize() const;
-  bool deserialize(std::string_view text, std::string& error);  // content unchanged on error
-
- private:
   struct Key {
     std::string connector;
     config::Direction direction;
@@ -66,6 +62,15 @@ class RemoteStore {
     std::int64_t day;  // days since the epoch (UTC)
     auto operator<=>(const Key&) const = default;
   };
+  // Copies into `into` at most `most` tables, those after `after` (from the first when nullopt); returns the
+  // last key copied, nullopt when none was left. As WindowStore::copy_to: a save copies in steps under a
+  // lock. Only what serialize() writes is copied (not the reverse names).
+  std::optional<Key> copy_to(RemoteStore& into, const std::optional<Key>& after, std::size_t most) const;
+
+  std::string serialize() const;
+  bool deserialize(std::string_view text, std::string& error);  // content unchanged on error
+
+ private:
   std::size_t capacity(RemoteTable table) const;
   void queue_lookup(std::string_view address, TimePoint now);
 

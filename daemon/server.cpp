@@ -650,6 +650,7 @@ int Server::run() {
   // A slow start (a large state_dir, a slow disk) for the tests of signals that come meanwhile.
   if (const auto delay = failpoint_delay("startup"); delay.count() > 0) std::this_thread::sleep_for(delay);
   check_state_dir(config.state_dir);
+  s.telemetry.configure(config);  // first: the window and limits that load_state follows
   std::string error;
   if (!s.telemetry.load_state(config.state_dir, error))
     throw std::runtime_error("state_dir " + config.state_dir + ": " + error);
@@ -670,7 +671,6 @@ int Server::run() {
     log_event(LogLevel::warn, "state_discarded", {{"reason", error}});
   }
   s.registry.mta_sts().set_max_policies(config.mta_sts.max_policies);
-  s.telemetry.configure(config);
   s.apply_certificates(config);
   s.busy_poll = config.performance.busy_poll;
 

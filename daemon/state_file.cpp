@@ -37,7 +37,16 @@ bool write_state_file(const std::string& state_dir, std::string_view name, std::
     error = what + ": " + std::strerror(saved_errno);
     return false;
   };
-  const int fd = ::open(temp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
+  const auto create = [&] { return ::open(temp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640); };
+  int fd = create();
+  if (fd < 0 && errno == ENOENT) {
+    // state_dir was deleted while the daemon runs (an operator's rm -rf, a clean-up job): made again as at
+    // start, or every save would fail until a restart and the windows would be lost at stop.
+    std::error_code ec;
+    fs::create_directories(state_dir, ec);
+    if (ec) return fail("cannot create " + state_dir, ec.value());
+    fd = create();
+  }
   if (fd < 0) return fail("cannot create " + temp.string(), errno);
   // The tests' slow disk (a busy HDD or network volume takes 10-500 ms per fsync): state.fsync=Nms.
   if (const auto delay = failpoint_delay("state.fsync"); delay.count() > 0)

@@ -15,8 +15,8 @@ struct StateFile {
   std::string text;
 };
 
-// Writes state_dir/name atomically. False + error ("cannot write ...: reason") on any failure; the old file
-// is then unchanged.
+// Writes state_dir/name atomically (state_dir made again when it was deleted). False + error ("cannot write
+// ...: reason") on any failure; the old file is then unchanged.
 bool write_state_file(const std::string& state_dir, std::string_view name, std::string_view text,
                       std::string& error);
 

@@ -57,7 +57,9 @@ constexpr std::array<config::ConnectorType, 3> kConnectorTypes{
     config::ConnectorType::partner, config::ConnectorType::onpremises, config::ConnectorType::internet};
 constexpr const char* kStateFile = "windows.state";
 constexpr const char* kRemotesFile = "remotes.state";  // the drill-down tables (RemoteStore)
-constexpr std::size_t kMaxStateFileBytes = 512u << 20;  // far above 90 days x hourly x many connectors
+// The least a state file may have (far above 90 days x hourly x many connectors); state_load_limit raises it
+// where the configuration can write more (remotes.state with a large top_remotes).
+constexpr std::size_t kMaxStateFileBytes = 512u << 20;
 
 // SMTP sessions: from an immediate QUIT (10 ms) to a slow DATA near the default timeouts (10 min).
 constexpr std::array<double, 14> kSessionBuckets{0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600};
@@ -578,6 +580,25 @@ struct Telemetry::Impl {
   }
 };
 
+std::size_t state_load_limit(const config::Config& config, std::string_view file) {
+  // What a file written under `config` can reach, per connector x direction: hourly buckets, and a table of
+  // top_remotes (+ top_domains) entries a day. The bytes per line are generous (a bucket line is ~40 bytes, a
+  // drill-down entry 100-200, one with long names and four domains a few KiB): the margin also covers the
+  // history that removed connectors keep for a window.
+  constexpr std::size_t kBucketLineBytes = 256;
+  constexpr std::size_t kEntryLineBytes = 2048;
+  const std::size_t keys = connector_views(config).size();
+  const auto hours = static_cast<std::size_t>(config.telemetry.window.count());
+  std::size_t bound = 0;
+  if (file == kStateFile) bound = keys * hours * kBucketLineBytes;
+  if (file == kRemotesFile) {
+    const std::size_t lines_a_day =
+        config.telemetry.top_remotes + config.telemetry.top_domains + 4;  // + T, O
+    bound = keys * (hours / 24 + 1) * lines_a_day * kEntryLineBytes;  // +1: the window's first day is partial
+  }
+  return std::max(kMaxStateFileBytes, bound);
+}
+
 Telemetry::Telemetry(Clock clock) : impl_(std::make_unique<Impl>(std::move(clock))) {}
 Telemetry::~Telemetry() = default;
 
@@ -871,13 +892,19 @@ int Telemetry::window_days() const {
 
 std::vector<StateFile> Telemetry::state_files() {
   // Copied under the mutex, serialized without it: formatting a large state (1,000 connectors x 90 days)
-  // takes far longer than the copy, and every session waits on this mutex when it opens.
-  std::optional<WindowStore> windows;
-  std::optional<RemoteStore> remotes;
-  {
+  // takes far longer than the copy, and every session waits on this mutex when it opens. Copied a few keys at
+  // a time, too: the whole copy of that state takes 0.1-0.2 s. Each key's history is copied whole, so a
+  // message is in this save or the next one, never in neither or twice.
+  constexpr std::size_t kKeysPerLock = 16;
+  std::optional<WindowStore> windows(std::in_place);
+  std::optional<RemoteStore> remotes(std::in_place);
+  for (std::optional<WindowStore::Key> after;;) {
     std::lock_guard lock(impl_->mutex);
-    windows.emplace(impl_->windows);
-    remotes.emplace(impl_->remotes);
+    if (!(after = impl_->windows.copy_to(*windows, after, kKeysPerLock))) break;
+  }
+  for (std::optional<RemoteStore::Key> after;;) {
+    std::lock_guard lock(impl_->mutex);
+    if (!(after = impl_->remotes.copy_to(*remotes, after, kKeysPerLock))) break;
   }
   std::vector<StateFile> files(2);
   files[0] = {kStateFile, windows->serialize()};
@@ -904,11 +931,17 @@ bool Telemetry::load_state(const std::string& state_dir, std::string& error) {
     impl_->count_state_error("corrupt");
     error = tlsrpt_note;
   }
+  std::shared_ptr<const config::Config> config;
+  {
+    std::lock_guard lock(impl_->mutex);
+    config = impl_->config;
+  }
   // Each file on its own: a corrupt drill-down never costs the windows, nor the other way round.
   const auto load = [&](const char* file, auto parse, std::string_view what) {
     std::string text;
     std::string parse_error;
-    const StateRead read = read_state_file(state_dir, file, kMaxStateFileBytes, text, parse_error);
+    const StateRead read =
+        read_state_file(state_dir, file, state_load_limit(*config, file), text, parse_error);
     if (read == StateRead::absent) return true;  // first start: empty
     if (read == StateRead::failed) {
       error = parse_error;
@@ -916,7 +949,12 @@ bool Telemetry::load_state(const std::string& state_dir, std::string& error) {
     }
     if (read == StateRead::read) {
       std::lock_guard lock(impl_->mutex);
-      if (parse(text, parse_error)) return true;
+      if (parse(text, parse_error)) {
+        // What the configured window no longer covers (it was shortened while the daemon was stopped).
+        impl_->windows.prune(impl_->clock());
+        impl_->remotes.prune(impl_->clock());
+        return true;
+      }
     }
     // Keep the evidence, start empty: a broken state file must never keep the relay from starting.
     const auto unix_time =

@@ -65,6 +65,9 @@ struct Remote {
   std::string_view policy;  // outbound: the policy that governed the connection ("dane", "mta-sts", "none")
 };
 
+// The largest state file Telemetry::load_state reads under `config` (a larger one is moved aside).
+std::size_t state_load_limit(const config::Config& config, std::string_view file);
+
 class Telemetry {
  public:
   using Clock = std::function<std::chrono::system_clock::time_point()>;
@@ -128,12 +131,13 @@ class Telemetry {
   // telemetry.window in whole days (the largest `days` a report may ask for).
   int window_days() const;
 
-  // Rolling windows persistence (state_dir/windows.state): state_files() gives the text of the files (windows,
-  // remotes, TLS-RPT), serialized now, for the StateWriter (atomic save: temp, fsync, rename). load moves a
-  // corrupt or foreign file aside (windows.state.corrupt-<time>), counts state_error("corrupt"), starts empty and
-  // returns true with `error` set (for the log). False + error when the file or directory is unusable; those
-  // failures are not counted here (the caller counts them with state_error).
-  // The drill-down tables (state_dir/remotes.state) are loaded the same way, with the windows.
+  // Rolling windows persistence (state_dir/windows.state): state_files() gives the text of the files
+  // (windows, remotes, TLS-RPT), serialized now, for the StateWriter (atomic save: temp, fsync, rename). load
+  // moves a corrupt or foreign file aside (windows.state.corrupt-<time>), counts state_error("corrupt"),
+  // starts empty and returns true with `error` set (for the log). False + error when the file or directory is
+  // unusable; those failures are not counted here (the caller counts them with state_error). The drill-down
+  // tables (state_dir/remotes.state) are loaded the same way, with the windows. Called after configure(): the
+  // window, the drill-down limits and the largest file read (state_load_limit) follow it.
   std::vector<StateFile> state_files();
   bool load_state(const std::string& state_dir, std::string& error);
 

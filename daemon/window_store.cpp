@@ -7,7 +7,10 @@
 namespace mailflow {
 namespace {
 
-constexpr std::string_view kHeader = "mailflowd-windows 1";
+constexpr std::string_view kHeader = "mailflowd-windows 2";
+// Version 1 had no end line and is still read as it was: a cut at a line end cannot be told there.
+constexpr std::string_view kHeaderV1 = "mailflowd-windows 1";
+constexpr std::string_view kEnd = "end";  // the last line: a file cut at a line end lacks it
 
 std::int64_t hour_of(WindowStore::TimePoint t) {
   return std::chrono::floor<std::chrono::hours>(t).time_since_epoch().count();
@@ -201,6 +204,18 @@ void WindowStore::prune(TimePoint now) {
   }
 }
 
+std::optional<WindowStore::Key> WindowStore::copy_to(WindowStore& into, const std::optional<Key>& after,
+                                                     std::size_t most) const {
+  into.window_ = window_;
+  std::optional<Key> last;
+  for (auto it = after ? series_.upper_bound(*after) : series_.begin(); it != series_.end() && most > 0;
+       ++it, --most) {
+    into.series_.insert_or_assign(it->first, it->second);
+    last = it->first;
+  }
+  return last;
+}
+
 std::string WindowStore::serialize() const {
   std::string out;
   std::size_t buckets = 0;
@@ -231,6 +246,8 @@ std::string WindowStore::serialize() const {
       out += '\n';
     }
   }
+  out += kEnd;
+  out += '\n';
   return out;
 }
 
@@ -243,19 +260,30 @@ bool WindowStore::deserialize(std::string_view text, std::string& error) {
   };
 
   const auto header_end = text.find('\n');
-  if (header_end == std::string_view::npos || text.substr(0, header_end) != kHeader) {
+  const std::string_view header = text.substr(0, header_end);
+  if (header_end == std::string_view::npos || (header != kHeader && header != kHeaderV1)) {
     error = "not a mailflowd windows file (expected header \"" + std::string(kHeader) + "\")";
     return false;
   }
+  const bool needs_end = header == kHeader;
+  bool ended = false;
   std::string_view rest = text.substr(header_end + 1);
   std::string connector;
   auto current = parsed.end();
+  // Every count of the file added up: while it fits in 64 bits, so does any total taken over them (a key's
+  // window, a direction's keys). Far beyond any real count; past it only a corrupt or forged file goes.
+  std::uint64_t total = 0;
   while (!rest.empty()) {
     ++line_number;
     const auto eol = rest.find('\n');
     if (eol == std::string_view::npos) return fail("truncated (no newline at the end)");
     std::string_view line = rest.substr(0, eol);
     rest.remove_prefix(eol + 1);
+    if (ended) return fail("a line after the end line");
+    if (needs_end && line == kEnd) {
+      ended = true;
+      continue;
+    }
 
     std::string_view fields[8];
     std::size_t count = 0;
@@ -282,8 +310,12 @@ bool WindowStore::deserialize(std::string_view text, std::string& error) {
     else
       return fail("bad direction");
     Bucket bucket{hour, {}};
-    for (std::size_t i = 0; i < bucket.counts.size(); ++i)
+    for (std::size_t i = 0; i < bucket.counts.size(); ++i) {
       if (!parse_number(fields[3 + i], bucket.counts[i])) return fail("bad count");
+      if (bucket.counts[i] > std::numeric_limits<std::uint64_t>::max() - total)
+        return fail("the counts add up to more than 64 bits hold");
+      total += bucket.counts[i];
+    }
 
     // Lines of one key come together in our own files: skip the lookup then.
     if (current == parsed.end() || current->first.direction != direction ||
@@ -294,6 +326,7 @@ bool WindowStore::deserialize(std::string_view text, std::string& error) {
     if (!is_zero(bucket.counts)) current->second.push_back(bucket);
   }
 
+  if (needs_end && !ended) return fail("truncated (no end line)");
   for (auto& [key, series] : parsed) {
     std::sort(series.begin(), series.end(), [](const Bucket& a, const Bucket& b) { return a.hour < b.hour; });
     for (std::size_t i = 1; i < series.size(); ++i)

@@ -53,7 +53,13 @@ class WindowStore {
 
   void prune(TimePoint now);  // drop buckets that rolled off (buckets in the future are kept)
 
-  // Text serialization for state_dir: versioned header, one line per non-empty bucket.
+  // Copies into `into` the history of at most `most` keys, those after `after` (from the first key when
+  // nullopt), and this store's window; returns the last key copied, nullopt when none was left. A save copies
+  // the store in such steps under Telemetry's lock, so that a session never waits for the copy of all of it.
+  std::optional<Key> copy_to(WindowStore& into, const std::optional<Key>& after, std::size_t most) const;
+
+  // Text serialization for state_dir: versioned header, one line per non-empty bucket, "end" (a file cut at a
+  // line end is refused; version 1, written before the end line, is still read).
   std::string serialize() const;
   // Replaces the content; false (content unchanged) with `error` on a corrupt or foreign input.
   bool deserialize(std::string_view text, std::string& error);

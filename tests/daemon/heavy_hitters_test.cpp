@@ -357,6 +357,62 @@ TEST_CASE("remote store: per day tables, merged over days, dropped when they lea
   CHECK(loaded.merged("partner", Direction::inbound, RemoteTable::remotes, first, first + days(3)).empty());
 }
 
+TEST_CASE("remote store: a file cut at any byte, a line end included, is never loaded as valid") {
+  RemoteStore store;
+  const auto now = sys_days(2026y / 11 / 20) + hours(10);
+  store.add("partner", Direction::inbound, RemoteTable::remotes, message("203.0.113.7", TlsVersion::tls10),
+            now);
+  store.add("partner", Direction::inbound, RemoteTable::remotes, message("203.0.113.8", TlsVersion::tls12),
+            now);
+  store.add("internet", Direction::outbound, RemoteTable::domains, message("contoso.com", TlsVersion::tls13),
+            now);
+  const std::string text = store.serialize();
+  for (std::size_t cut = 0; cut < text.size(); ++cut) {
+    CAPTURE(cut);
+    RemoteStore loaded;
+    std::string error;
+    CHECK_FALSE(loaded.deserialize(std::string_view(text).substr(0, cut), error));
+  }
+  RemoteStore loaded;
+  std::string error;
+  REQUIRE(loaded.deserialize(text, error));
+  CHECK(loaded.serialize() == text);
+
+  // A file of the previous version (no end line) still loads.
+  REQUIRE(
+      loaded.deserialize("mailflowd-remotes 1\nT partner inbound remotes 20412 2\nO 2 0 0 0 0 0 0 0 0 0\n"
+                         "E 203.0.113.7 - 0 0 5 5 0 1 0 0 0 - - - -\n",
+                         error));
+  CHECK(loaded
+            .merged("partner", Direction::inbound, RemoteTable::remotes, sys_days(days(20412)),
+                    sys_days(days(20412)))
+            .total_weight() == 1);
+}
+
+TEST_CASE("remote store: counts that add up past 64 bits are refused (a merged report would wrap)") {
+  RemoteStore store;
+  std::string error;
+  // Each table on its own fits; a report over both days would add 2^63 + 2^63 and show 0.
+  CHECK_FALSE(
+      store.deserialize("mailflowd-remotes 1\n"
+                        "T partner inbound remotes 20412 2\nO 2 0 0 0 0 0 0 0 0 0\n"
+                        "E 192.0.2.1 - 0 0 5 5 0 9223372036854775808 0 0 0 - - - -\n"
+                        "T partner inbound remotes 20413 2\nO 2 0 0 0 0 0 0 0 0 0\n"
+                        "E 192.0.2.1 - 0 0 5 5 0 9223372036854775808 0 0 0 - - - -\n",
+                        error));
+  CHECK_FALSE(error.empty());
+  const std::vector<std::vector<std::string_view>> tables{
+      {"O 5 0 0 0 0 18446744073709551615 0 0 0 0", "E a - 0 0 1 1 0 0 0 1 0 - - - -"},  // other + an entry
+      {"O 5 0 0 0 0 0 0 0 0 0", "E a - 0 0 1 1 18446744073709551615 0 0 1 0 - - - -"},  // one entry's counts
+      {"O 5 0 0 0 0 0 0 0 0 0", "E a - 18446744073709551615 0 1 1 0 0 0 1 0 - - - -"},  // weight + error
+      {"O 5 18446744073709551615 0 0 0 0 0 0 0 1", "E a - 1 0 1 1 0 0 0 1 0 - - - -"},  // bound + counts
+  };
+  for (const auto& lines : tables) {
+    HeavyHitters table;
+    CHECK_FALSE(table.deserialize(lines, error));
+  }
+}
+
 TEST_CASE("remote store: inbound addresses queue once for a reverse name, a cached name expires") {
   RemoteStore store;
   const auto now = sys_days(2026y / 11 / 20) + hours(10);

@@ -17,10 +17,11 @@
 #include <unistd.h>
 
 #include "daemon/exposition.hpp"
+#include "daemon/heavy_hitters.hpp"
 #include "daemon/reasons.hpp"
+#include "daemon/report.hpp"
 #include "daemon/state_file.hpp"
 #include "daemon/state_writer.hpp"
-#include "daemon/report.hpp"
 #include "daemon/tlsrpt.hpp"
 
 namespace {
@@ -386,6 +387,46 @@ TEST_CASE("state survives save and load, a missing file is an empty start") {
   std::filesystem::remove_all(dir);
 }
 
+TEST_CASE("a save of many connectors (copied a few at a time) holds every one of them") {
+  const auto dir = fresh_dir("many");
+  auto config = test_config();
+  for (int i = 0; i < 100; ++i) {
+    mailflow::config::Connector c;
+    c.name = "partner-" + std::to_string(i);
+    c.type = mailflow::config::ConnectorType::partner;
+    c.direction = Direction::inbound;
+    config.connectors.push_back(c);
+  }
+  std::string error;
+  {
+    Telemetry telemetry([] { return kNow; });
+    telemetry.configure(config);
+    for (int i = 0; i < 100; ++i) {
+      const std::string address = "192.0.2." + std::to_string(i);
+      for (int m = 0; m <= i % 3; ++m)
+        telemetry.message_delivered(
+            "partner-" + std::to_string(i), Direction::inbound, TlsVersion::tls12, 1, 1,
+            {.address = address, .name = {}, .cipher = {}, .domains = {}, .policy = {}});
+    }
+    REQUIRE_MESSAGE(save_state(telemetry, dir.string(), error), error);
+  }
+  Telemetry restarted([] { return kNow; });
+  restarted.configure(config);
+  REQUIRE(restarted.load_state(dir.string(), error));
+  CHECK(error.empty());
+  const std::string text = restarted.metrics_text();
+  const auto report = restarted.report(7);
+  for (int i = 0; i < 100; ++i) {
+    CAPTURE(i);
+    CHECK(sample(text, "mailflow_window_messages{connector=\"partner-" + std::to_string(i) +
+                           "\",direction=\"inbound\",tls_version=\"TLS1.2\"}") == 1.0 + i % 3);
+  }
+  std::size_t remotes = 0;
+  for (const auto& drilldown : report.drilldowns) remotes += drilldown.remotes.rows.size();
+  CHECK(remotes == 100);
+  std::filesystem::remove_all(dir);
+}
+
 TEST_CASE("a corrupt state file is moved aside and counted, the daemon starts empty") {
   const auto dir = fresh_dir("corrupt");
   {
@@ -405,6 +446,43 @@ TEST_CASE("a corrupt state file is moved aside and counted, the daemon starts em
   std::filesystem::remove_all(dir);
 }
 
+TEST_CASE("the load limit of remotes.state holds what a 90-day window with top_remotes at 10,000 writes") {
+  auto config = test_config();  // three inbound connectors (internet too)
+  mailflow::config::Listener out;
+  out.name = "outbound";
+  out.direction = Direction::outbound;
+  out.upstream = "mailstore";
+  config.listeners.push_back(out);  // internet outbound: remotes and domains
+  config.telemetry.window = 90 * 24h;
+  config.telemetry.top_remotes = 10'000;
+  config.telemetry.top_domains = 10'000;
+  // One day's full table of ordinary remotes (an IPv6 client, its EHLO name, two sender domains, a cipher).
+  mailflow::HeavyHitters table(10'000);
+  const std::vector<std::string> domains{"customer-example.net", "example.org"};
+  for (int i = 0; i < 10'000; ++i) {
+    const std::string address = "2001:db8:1234:" + std::to_string(1000 + i) + "::25";
+    const std::string name = "mail-relay-" + std::to_string(i) + ".customer-example.net";
+    mailflow::HeavyHitters::Observation o;
+    o.key = address;
+    o.name = name;
+    o.cipher = "TLS_AES_256_GCM_SHA384";
+    o.domains = domains;
+    o.version = TlsVersion::tls13;
+    o.time = 1'795'000'000;
+    table.add(o);
+  }
+  std::string day;
+  table.serialize(day);
+  // 5 tables a day (3 inbound remotes, outbound remotes and domains), 91 days (the window's first day is
+  // partial).
+  const std::size_t written = 5 * 91 * day.size();
+  CAPTURE(written);
+  CHECK(mailflow::state_load_limit(config, "remotes.state") >= written);
+  // With the defaults the limit stays the fixed 512 MiB.
+  CHECK(mailflow::state_load_limit(test_config(), "remotes.state") == 512u << 20);
+  CHECK(mailflow::state_load_limit(test_config(), "windows.state") == 512u << 20);
+}
+
 TEST_CASE("an unusable state_dir fails load and save with a message") {
   const auto dir = fresh_dir("notadir");
   const auto file = dir / "plain-file";
@@ -415,7 +493,11 @@ TEST_CASE("an unusable state_dir fails load and save with a message") {
   CHECK(error.find("plain-file") != std::string::npos);
   CHECK_FALSE(save_state(telemetry, file.string(), error));
   CHECK(error.find("plain-file") != std::string::npos);
-  CHECK_FALSE(save_state(telemetry, (dir / "missing" / "deeper").string(), error));
+  CHECK_FALSE(save_state(telemetry, (file / "deeper").string(), error));
+  CHECK(error.find("plain-file") != std::string::npos);
+  // A state_dir that is gone (deleted while the daemon ran) is made again, as at start.
+  CHECK_MESSAGE(save_state(telemetry, (dir / "missing" / "deeper").string(), error), error);
+  CHECK(std::filesystem::exists(dir / "missing" / "deeper" / "windows.state"));
   std::filesystem::remove_all(dir);
 }
 

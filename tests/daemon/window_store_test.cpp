@@ -4,6 +4,7 @@
 #include <doctest/doctest.h>
 
 #include <chrono>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -88,10 +89,11 @@ TEST_CASE("a clock that jumps backwards neither loses nor double-counts") {
   // Inserting between existing buckets keeps the order (serialization sorted by hour).
   store.add("c", in, TlsVersion::none, t - hours(1));
   CHECK(store.serialize() ==
-        "mailflowd-windows 1\n"
+        "mailflowd-windows 2\n"
         "498775 c inbound 0 2 0 0 0\n"
         "498777 c inbound 1 0 0 0 0\n"
-        "498778 c inbound 0 0 0 2 0\n");
+        "498778 c inbound 0 0 0 2 0\n"
+        "end\n");
 }
 
 TEST_CASE("a clock that jumps forwards rolls off as time would, and back again counts nothing twice") {
@@ -173,15 +175,16 @@ TEST_CASE("serialize writes the versioned format and deserialize reads it back")
   WindowStore store;
   const auto t = at(nov(25), 10);
   store.add("partner-contoso", in, TlsVersion::tls10, t, 7);
-  store.add("partner-contoso", in, TlsVersion::tls13, t, 18446744073709551615ull);
+  store.add("partner-contoso", in, TlsVersion::tls13, t, 18446744073709551606ull);  // all counts: 2^64 - 1
   store.add("internet", out, TlsVersion::none, t - hours(2));
   store.add("odd name%x", in, TlsVersion::tls12, t);  // survives although it cannot be a label value
   const std::string text = store.serialize();
   CHECK(text ==
-        "mailflowd-windows 1\n"
+        "mailflowd-windows 2\n"
         "498776 internet outbound 1 0 0 0 0\n"
         "498778 odd%20name%25x inbound 0 0 0 1 0\n"
-        "498778 partner-contoso inbound 0 7 0 0 18446744073709551615\n");
+        "498778 partner-contoso inbound 0 7 0 0 18446744073709551606\n"
+        "end\n");
 
   WindowStore copy(hours(24 * 30));
   std::string error;
@@ -190,8 +193,8 @@ TEST_CASE("serialize writes the versioned format and deserialize reads it back")
   CHECK(copy.window_totals("odd name%x", in, t) == TlsCounts{0, 0, 0, 1, 0});
   CHECK(copy.window() == hours(24 * 30));  // the window comes from the config, not the file
 
-  // Header only: a valid, empty store.
-  REQUIRE(copy.deserialize("mailflowd-windows 1\n", error));
+  // Header and end only: a valid, empty store.
+  REQUIRE(copy.deserialize("mailflowd-windows 2\nend\n", error));
   CHECK(copy.keys().empty());
 }
 
@@ -204,8 +207,11 @@ TEST_CASE("deserialize refuses foreign or corrupt input and leaves the store unt
   const char* bad[] = {
       "",
       "\n",
-      "mailflowd-windows 1",    // no newline after the header
-      "mailflowd-windows 2\n",  // future version
+      "mailflowd-windows 1",         // no newline after the header
+      "mailflowd-windows 3\nend\n",  // future version
+      "mailflowd-windows 2\n",       // no end line
+      "mailflowd-windows 2\nend\nend\n",
+      "mailflowd-windows 2\n498778 c inbound 1 2 3 4 5\nend \n",
       "MAILFLOWD-WINDOWS 1\n",
       "{\"rows\": []}\n",
       "mailflowd-windows 1\n498778 c inbound 1 2 3 4 5",      // truncated: last line has no newline
@@ -225,6 +231,11 @@ TEST_CASE("deserialize refuses foreign or corrupt input and leaves the store unt
       "mailflowd-windows 1\n\n",                                                        // empty line
       "mailflowd-windows 1\r\n498778 c inbound 1 2 3 4 5\r\n",                          // CRLF
       "mailflowd-windows 1\n498778 c inbound 1 2 3 4 5\n498778 c inbound 1 0 0 0 0\n",  // duplicate bucket
+      // Counts whose sum does not fit in 64 bits: a window total (one key's hours, or a direction's keys, as
+      // the report's in_transit row adds them) would wrap to a small number.
+      "mailflowd-windows 1\n498778 c inbound 18446744073709551615 0 0 0 0\n498779 c inbound 2 0 0 0 0\n",
+      "mailflowd-windows 1\n498778 a inbound 18446744073709551615 0 0 0 0\n498778 b inbound 2 0 0 0 0\n",
+      "mailflowd-windows 1\n498778 c inbound 9223372036854775808 9223372036854775808 0 0 0\n",
   };
   for (const char* input : bad) {
     CAPTURE(input);
@@ -237,6 +248,59 @@ TEST_CASE("deserialize refuses foreign or corrupt input and leaves the store unt
   std::string error;
   CHECK_FALSE(store.deserialize("mailflowd-windows 1\n498778 c\0 inbound 1 2 3 4 5\n"s, error));
   CHECK(store.serialize() == before);
+}
+
+TEST_CASE("a file cut at any byte, a line end included, is never loaded as valid") {
+  WindowStore store;
+  const auto t = at(nov(25), 10);
+  store.add("a", in, TlsVersion::tls12, t - hours(1), 3);
+  store.add("a", in, TlsVersion::tls10, t);
+  store.add("b", out, TlsVersion::none, t, 2);
+  const std::string text = store.serialize();
+  for (std::size_t cut = 0; cut < text.size(); ++cut) {
+    CAPTURE(cut);
+    WindowStore loaded;
+    std::string error;
+    CHECK_FALSE(loaded.deserialize(std::string_view(text).substr(0, cut), error));
+  }
+  WindowStore loaded;
+  std::string error;
+  REQUIRE(loaded.deserialize(text, error));
+  CHECK(loaded.serialize() == text);
+  CHECK_FALSE(loaded.deserialize(text + "498778 c inbound 1 0 0 0 0\n", error));  // nothing after the end
+
+  // A file of the previous version (no end line) still loads: it cannot tell a cut at a line end.
+  REQUIRE(loaded.deserialize("mailflowd-windows 1\n498778 c inbound 0 0 0 4 0\n", error));
+  CHECK(loaded.window_totals("c", in, t) == TlsCounts{0, 0, 0, 4, 0});
+}
+
+TEST_CASE("copy_to copies a few keys at a time, each key whole, and resumes after the last one") {
+  WindowStore store(hours(48));
+  const auto t = at(nov(25), 10);
+  for (const char* name : {"a", "b", "c", "d", "e"}) {
+    store.add(name, in, TlsVersion::tls12, t - hours(1));
+    store.add(name, out, TlsVersion::tls13, t);
+  }
+  WindowStore copy;
+  auto last = store.copy_to(copy, std::nullopt, 3);
+  REQUIRE(last);
+  CHECK(last->connector == "b");
+  CHECK(last->direction == in);
+  CHECK(copy.window() == hours(48));
+  CHECK(copy.keys().size() == 3);
+  // Meanwhile a message for a key already copied (the next save has it) and one for a key still to come.
+  store.add("a", in, TlsVersion::none, t);
+  store.add("d", in, TlsVersion::none, t);
+  while (last) last = store.copy_to(copy, last, 3);
+  CHECK(copy.keys().size() == 10);
+  CHECK(copy.window_totals("a", in, t) == TlsCounts{0, 0, 0, 1, 0});
+  CHECK(copy.window_totals("d", in, t) == TlsCounts{1, 0, 0, 1, 0});
+  CHECK(copy.window_totals("e", out, t) == TlsCounts{0, 0, 0, 0, 1});
+  // Copied again from the start: the same text as the store.
+  WindowStore again;
+  for (std::optional<WindowStore::Key> after; (after = store.copy_to(again, after, 4));) {
+  }
+  CHECK(again.serialize() == store.serialize());
 }
 
 TEST_CASE("1,000 connectors x 2 directions x 7 days of hourly buckets stay fast") {

@@ -202,6 +202,9 @@ CORRUPT = {
     "empty-file": b"",
     "right-header-garbage-line": b"mailflowd-windows 1\n\x00\xff\xfe not a bucket line\n",
     "truncated-line": b"mailflowd-windows 1\n490000 partner-cidr inbound 1 0 0 0",
+    "cut-at-a-line-end": b"mailflowd-windows 2\n490000 partner-cidr inbound 1 0 0 0 0\n",  # no "end" line
+    "counts-beyond-64-bits": b"mailflowd-windows 2\n490000 partner-cidr inbound 18446744073709551615 0 0 0 0\n"
+                             b"490001 partner-cidr inbound 1 0 0 0 0\nend\n",
     "negative-count": b"mailflowd-windows 1\n490000 partner-cidr inbound 1 -5 0 0 0\n",
     "foreign-text": b"{\"windows\": []}\n",
 }

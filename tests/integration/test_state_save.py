@@ -5,6 +5,7 @@ is still being written is skipped, logged and counted (mailflow_state_errors_tot
 not queued; at SIGTERM the last save waits for the one in flight, is written, and the daemon exits 0 with the
 windows on disk."""
 import os
+import shutil
 import time
 
 import pytest
@@ -116,4 +117,27 @@ def test_stop_during_a_save_waits_for_it_and_saves_last(env):
     windows = harness.series(again.metrics(), "mailflow_window_messages", connector="internet",
                              direction="inbound")
     assert sum(windows.values()) == delivered, f"window after restart: {windows}"
+    assert again.stop() == 0
+
+
+def test_a_state_dir_deleted_while_running_is_made_again_by_the_next_save(env):
+    """An operator's `rm -rf /var/lib/mailflowd` (or a tmpfiles clean-up) while mailflowd runs: the next save
+    makes the directory again (as the start does) instead of failing every minute until a restart and losing
+    the windows at stop."""
+    make, sink, workdir = env
+    state = workdir / "deleted-state"
+    state.mkdir()
+    daemon, port = make("deleted", state, "state.save_interval=200ms")
+    timed_exchange(port, sink)
+    harness.wait_for(lambda: (state / "windows.state").exists(), 10, 0.05, what="a first save")
+    while state.exists():  # a save caught in the middle of it fails (counted), or makes rmtree fail: again
+        shutil.rmtree(state, ignore_errors=True)
+    harness.wait_for(lambda: (state / "windows.state").exists(), 10, 0.05,
+                     what=f"windows.state written again after state_dir was deleted\n{daemon.log_tail()}")
+    timed_exchange(port, sink)
+    assert daemon.stop(timeout=30) == 0, daemon.log_tail()
+    again, _ = make("deleted-again", state)
+    windows = harness.series(again.metrics(), "mailflow_window_messages", connector="internet",
+                             direction="inbound")
+    assert sum(windows.values()) == 2, f"window after restart: {windows}"
     assert again.stop() == 0
