@@ -1,12 +1,10 @@
 #include "daemon/mx_route.hpp"
 
+#include <algorithm>
+
 #include "daemon/own_listeners.hpp"
 
 namespace mailflow {
-
-namespace {
-constexpr std::size_t max_parallel_hosts = 32;  // MX hosts whose addresses are looked up at once
-}  // namespace
 
 std::string_view to_string(MxRoute::Result result) {
   switch (result) {
@@ -70,34 +68,52 @@ boost::asio::awaitable<MxRoute> resolve_mx_route(Resolver& resolver, const OwnLi
     case MxResult::Status::hosts:
       break;
   }
-  // The hosts' addresses at once, up to max_parallel_hosts of them (a huge MX RRset must not flood the
-  // resolver): a domain whose MX hosts never answer costs one dns.timeout per such group, not one per host.
-  const auto& plan = route.mx->plan.hosts;
-  for (std::size_t first = 0; first < plan.size(); first += max_parallel_hosts) {
-    std::vector<std::string> names;
-    for (std::size_t i = first; i < plan.size() && i < first + max_parallel_hosts; ++i)
-      names.push_back(plan[i].name);
-    std::vector<AddressResult> addresses = co_await resolver.resolve_addresses(std::move(names));
-    for (std::size_t i = 0; i < addresses.size(); ++i)
-      route.hosts.push_back(MxTarget{plan[first + i], std::move(addresses[i])});
-  }
+  // The hosts' addresses in preference order, a batch at a time: each batch is as many hosts as addresses are
+  // still wanted (a host with an address gives one at least), its AAAA and A queries all at once, so one to
+  // five MX hosts are one round, as before, and a domain with hundreds costs a few lookups, not hundreds.
+  // Hosts that give no address take another round; timeouts.upstream_open bounds the rounds.
+  //
   // RFC 5321 5.1: when this relay is itself one of the MX hosts, only the hosts it prefers over itself are
-  // tried; none left means the mail would loop.
+  // tried; none left means the mail would loop. So no host of its preference or worse is looked up once it is
+  // known. A host not looked up cannot be recognized as this relay, but it comes after every host that gave
+  // the addresses to try: it can only share the last one's preference (a peer, which skips us by the same
+  // rule).
+  const auto& plan = route.mx->plan.hosts;
   std::optional<std::uint16_t> self_preference;
-  for (auto& entry : route.hosts) {
-    for (const auto& address : entry.addresses.addresses)
-      entry.self = entry.self || own.contains(address, port);
-    if (entry.self && !self_preference) self_preference = entry.host.preference;
+  std::size_t usable = 0;  // addresses of the hosts looked up that are preferred over this relay
+  std::size_t next = 0;    // the first host not looked up
+  const auto may_be_tried = [&] {
+    return next < plan.size() && !(self_preference && plan[next].preference >= *self_preference);
+  };
+  while (may_be_tried() && usable < mx_address_limit) {
+    const std::size_t batch = std::min(plan.size() - next, mx_address_limit - usable);
+    std::vector<std::string> names;
+    for (std::size_t i = next; i < next + batch; ++i) names.push_back(plan[i].name);
+    std::vector<AddressResult> addresses = co_await resolver.resolve_addresses(std::move(names));
+    for (std::size_t i = 0; i < addresses.size(); ++i) {
+      MxTarget& entry = route.hosts.emplace_back(MxTarget{plan[next + i], std::move(addresses[i])});
+      for (const auto& address : entry.addresses.addresses)
+        entry.self = entry.self || own.contains(address, port);
+      if (entry.self && !self_preference) self_preference = entry.host.preference;
+    }
+    next += batch;
+    usable = 0;
+    for (const auto& entry : route.hosts)
+      if (!self_preference || entry.host.preference < *self_preference)
+        usable += entry.addresses.addresses.size();
   }
+  route.address_limited = usable > mx_address_limit || may_be_tried();
   std::string temporary;  // the first host that may be tried and could not be looked up now, and why
   for (auto& entry : route.hosts) {
     entry.skipped = self_preference && entry.host.preference >= *self_preference;
     if (entry.skipped) continue;
     if (temporary.empty() && entry.addresses.status == AddressResult::Status::failed)
       temporary = entry.host.name + ": " + entry.addresses.detail;
-    for (const auto& address : entry.addresses.addresses)
+    for (const auto& address : entry.addresses.addresses) {
+      if (route.attempts.size() == mx_address_limit) break;
       route.attempts.push_back(
           {entry.host.name, {address, port}, route.mx->secure && entry.addresses.secure, entry.addresses.canonical});
+    }
   }
   if (!route.attempts.empty()) {
     route.result = MxRoute::Result::deliver;

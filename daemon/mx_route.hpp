@@ -7,6 +7,7 @@
 
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/ip/tcp.hpp>
+#include <cstddef>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -17,6 +18,13 @@
 namespace mailflow {
 
 class OwnListeners;
+
+// Postfix's bounds on a delivery's walk of the MX hosts (smtp_mx_address_limit, smtp_mx_session_limit, with
+// their defaults): the addresses tried, in MX preference order (a host without an address does not count),
+// and the sessions that got a banner. A domain with hundreds of MX hosts must not make the relay send DNS
+// queries and connections to hundreds of addresses of the domain's choosing for one recipient.
+constexpr std::size_t mx_address_limit = 5;
+constexpr std::size_t mx_session_limit = 2;
 
 struct MxTarget {
   proto::MxHost host;
@@ -34,8 +42,9 @@ struct MxRoute {
   };
   std::string domain;
   std::optional<MxResult> mx;
-  std::vector<MxTarget> hosts;
-  std::vector<Attempt> attempts;  // in the order to connect
+  std::vector<MxTarget> hosts;    // those looked up, in the plan's order (mx->plan.hosts may name more)
+  std::vector<Attempt> attempts;  // in the order to connect, at most mx_address_limit
+  bool address_limited = false;   // mx_address_limit left hosts unlooked-up or addresses untried
   enum class Result {
     deliver, null_mx, nxdomain, no_addresses, dns_failure, loop, address_literal, no_domain
   };
@@ -47,8 +56,10 @@ struct MxRoute {
 std::string_view to_string(MxRoute::Result result);
 
 // Resolves `domain`'s route for delivery on `port`; every lookup goes through `resolver` (and is counted
-// there). An address literal ("[192.0.2.1]") has no MX hosts: address_literal (550 5.1.2), nothing looked up;
-// nor has an empty domain (RCPT TO:<postmaster>): no_domain (550 5.1.2), nothing looked up.
+// there). The hosts are looked up in preference order, a few at a time, until they give mx_address_limit
+// addresses (or the next host is not preferred over this relay). An address literal ("[192.0.2.1]") has no MX
+// hosts: address_literal (550 5.1.2), nothing looked up; nor has an empty domain (RCPT TO:<postmaster>):
+// no_domain (550 5.1.2), nothing looked up.
 boost::asio::awaitable<MxRoute> resolve_mx_route(Resolver& resolver, const OwnListeners& own,
                                                  std::string domain, std::uint16_t port);
 

@@ -90,6 +90,16 @@ std::vector<std::pair<std::string, std::uint64_t>> counted_lookups(Telemetry& te
   return out;
 }
 
+// The MX hosts that were not looked up: after those that gave mx_address_limit addresses, or not preferred
+// over this relay.
+std::vector<std::string> not_looked_up(const MxRoute& delivery) {
+  std::vector<std::string> out;
+  if (!delivery.mx) return out;
+  const auto& plan = delivery.mx->plan.hosts;
+  for (std::size_t i = delivery.hosts.size(); i < plan.size(); ++i) out.push_back(plan[i].name);
+  return out;
+}
+
 void print_text(const Route& route, std::ostream& out) {
   out << "recipient:  " << route.recipient << " (domain " << route.domain << ")\n";
   out << "listener:   " << route.listener->name << " (" << config::to_string(route.listener->direction) << ")\n";
@@ -140,6 +150,14 @@ void print_text(const Route& route, std::ostream& out) {
         out << (i == 0 ? "" : ", ") << endpoint_text(endpoint.address(), endpoint.port());
       }
       out << "\n";
+      const std::vector<std::string> rest = not_looked_up(route.delivery);
+      if (!rest.empty()) {
+        out << "not looked up: ";
+        for (std::size_t i = 0; i < rest.size(); ++i) out << (i == 0 ? "" : ", ") << rest[i];
+        out << "\n";
+      }
+      if (route.delivery.address_limited)
+        out << "limit:      at most " << mx_address_limit << " addresses are tried (smtp_mx_address_limit)\n";
     }
   }
   out << "result:     " << to_string(route.delivery.result)
@@ -195,7 +213,11 @@ void print_json(const Route& route, std::ostream& out) {
       const auto& endpoint = route.delivery.attempts[i].endpoint;
       out << (i == 0 ? "" : ", ") << quoted(endpoint_text(endpoint.address(), endpoint.port()));
     }
-    out << "], \"result\": " << quoted(to_string(route.delivery.result))
+    out << "], \"not_looked_up\": [";
+    const std::vector<std::string> rest = not_looked_up(route.delivery);
+    for (std::size_t i = 0; i < rest.size(); ++i) out << (i == 0 ? "" : ", ") << quoted(rest[i]);
+    out << "], \"address_limited\": " << (route.delivery.address_limited ? "true" : "false");
+    out << ", \"result\": " << quoted(to_string(route.delivery.result))
         << ", \"reply\": " << quoted(route.delivery.reply);
   }
   out << ", \"elapsed_ms\": " << route.elapsed_ms << ", \"dns_lookups\": {";

@@ -556,7 +556,13 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
 
   std::string reason = "no address";
   std::map<std::string, proto::DanePlan, std::less<>> dane_plans;  // per host: its addresses share it
+  // Postfix's smtp_mx_session_limit: a host that greeted and then failed (EHLO refused, TLS, a policy) was a
+  // session; after mx_session_limit of them the walk ends (mx_route's list holds at most mx_address_limit).
+  greeted_sessions_ = 0;
+  std::size_t tried = 0;
+  std::string_view limit = mx.address_limited ? "addresses" : "";
   for (const auto& attempt : mx.attempts) {
+    ++tried;
     auto plan = dane_plans.find(attempt.host);
     if (plan == dane_plans.end()) {
       proto::DanePlan dane = co_await within_open(
@@ -619,6 +625,19 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
       co_return std::nullopt;
     }
     if (open_timeout) co_return open_timed_out(upstream, domain, "connect");
+    if (greeted_sessions_ >= mx_session_limit && tried < mx.attempts.size()) {
+      limit = "sessions";
+      break;
+    }
+  }
+  if (!limit.empty()) {
+    log_limited(LogLevel::info, "mx_limit",
+                {{"id", session_.id},
+                 {"upstream", upstream.name},
+                 {"domain", domain},
+                 {"limit", limit},
+                 {"addresses", tried},
+                 {"sessions", greeted_sessions_}});
   }
   co_return Refusal{proto::format_reply(451, "4.4.1",
                                         "No mail host of " + domain + " could be used (last: " + reason +
@@ -746,8 +765,9 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
           if (first_reply) reason = "connect_timeout";
           co_return false;
         }
-        first_reply = false;
         action = engine.on_reply(*reply);
+        if (first_reply && action.kind != Kind::fail) ++greeted_sessions_;  // a session, whatever follows
+        first_reply = false;
         break;
       }
       case Kind::start_tls: {

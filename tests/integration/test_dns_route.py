@@ -81,6 +81,21 @@ a.slowmx       A     127.0.0.41
 b.slowmx       A     127.0.0.42
 c.slowmx       A     127.0.0.43
 d.slowmx       A     127.0.0.44
+; seven MX hosts: at most 5 addresses are tried, and no more hosts looked up than give them (h2 has none)
+many           MX    10 h1.many
+many           MX    20 h2.many
+many           MX    30 h3.many
+many           MX    40 h4.many
+many           MX    50 h5.many
+many           MX    60 h6.many
+many           MX    70 h7.many
+h1.many        A     127.0.0.51
+h1.many        AAAA  fd00::51
+h3.many        A     127.0.0.53
+h4.many        A     127.0.0.54
+h5.many        A     127.0.0.55
+h6.many        A     127.0.0.56
+h7.many        A     127.0.0.57
 """
 
 
@@ -341,6 +356,23 @@ def test_mx_hosts_that_time_out_cost_one_dns_timeout_not_one_each(mailflowd_bin,
         "(a.slowmx.example.net: AAAA: no answer within 1s)", r["reply"]
     assert r["dns_lookups"] == {"MX success": 1, "A timeout": 4, "AAAA timeout": 4}
     assert r["elapsed_ms"] / 1000 < 2.0, r["elapsed_ms"]
+
+
+def test_at_most_five_addresses_and_no_more_hosts_looked_up(mailflowd_bin, config):
+    """Postfix's smtp_mx_address_limit (5): h1 (two addresses), h3, h4 and h5 are tried; h2 has no address and does
+    not count. h1..h5 are looked up at once (five addresses wanted), h6 and h7 not at all."""
+    r = route(mailflowd_bin, config, "user@many.example.net")
+    assert r["exit"] == 0, r
+    assert [h["name"].split(".")[0] for h in r["hosts"]] == ["h1", "h2", "h3", "h4", "h5"], r["hosts"]
+    assert r["not_looked_up"] == ["h6.many.example.net", "h7.many.example.net"] and r["address_limited"], r
+    assert r["attempts"] == [f"[fd00::51]:{MX_PORT}", f"127.0.0.51:{MX_PORT}", f"127.0.0.53:{MX_PORT}",
+                             f"127.0.0.54:{MX_PORT}", f"127.0.0.55:{MX_PORT}"], r["attempts"]
+    assert r["dns_lookups"] == {"MX success": 1, "A success": 4, "AAAA success": 1, "AAAA nodata": 3,
+                                "A nxdomain": 1, "AAAA nxdomain": 1}, r["dns_lookups"]
+    p = subprocess.run([mailflowd_bin, "route", "--config", str(config), "--recipient", "user@many.example.net"],
+                       capture_output=True, text=True, timeout=30)
+    assert "not looked up: h6.many.example.net, h7.many.example.net\n" in p.stdout, p.stdout
+    assert "limit:      at most 5 addresses are tried (smtp_mx_address_limit)\n" in p.stdout, p.stdout
 
 
 def test_stopped_dns_server_fails_temporarily_within_dns_timeout(mailflowd_bin, workdir):

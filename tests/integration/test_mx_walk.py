@@ -13,7 +13,11 @@ upstream_open 3s:
 - stsslow.example.net, whose MTA-STS policy host never answers (mta_sts.fetch_timeout 10s): 451 4.4.2 at 3 s.
 - a DNS server that never answers (dns.timeout 8s, upstream_open 2s): 451 4.4.2 at 2 s.
 - address literals: refused with 550 5.1.2 by an mx upstream (nothing looked up), relayed by a fixed one.
-- <postmaster> without a domain: the same (no empty name is looked up)."""
+- <postmaster> without a domain: the same (no empty name is looked up).
+- many.example.net, eight MX hosts whose banners say 421 (two with no address): at most 5 addresses are tried
+  (Postfix's smtp_mx_address_limit), and no more hosts are looked up than give them.
+- sessions.example.net, a 421 banner, two hosts that refuse EHLO, then a working one: at most 2 sessions that got a
+  banner (Postfix's smtp_mx_session_limit), so the working host is never tried; the 421 banner is no session."""
 import shutil
 import sys
 import tempfile
@@ -37,6 +41,8 @@ MARGIN = 1.5
 SENDER = "app@corp.example"
 ADDR = {"silent": "127.0.0.61", "mute": "127.0.0.62", "silent2": "127.0.0.63", "good": "127.0.0.64"}
 POLICY_HOST = "127.0.0.66"  # mta-sts.stsslow.example.net:443, which accepts and never answers
+MANY = ["127.0.0.71", "127.0.0.72", "127.0.0.73", "127.0.0.74", "127.0.0.75", "127.0.0.76", "127.0.0.77"]
+SESSIONS = {"busy": "127.0.0.81", "noehlo1": "127.0.0.82", "noehlo2": "127.0.0.83", "fine": "127.0.0.84"}
 ZONE = """$ORIGIN example.net.
 $TTL 300
 @            SOA   ns hostmaster 1 3600 600 86400 300
@@ -55,7 +61,31 @@ mx.good      A     {good}
 stsslow      MX    10 mx.good
 _mta-sts.stsslow TXT "v=STSv1; id=1;"
 mta-sts.stsslow  A   {policy}
-""".format(policy=POLICY_HOST, **ADDR)
+; eight MX hosts, h3 and h4 without any address
+many         MX    10 h1.many
+many         MX    20 h2.many
+many         MX    30 h3.many
+many         MX    40 h4.many
+many         MX    50 h5.many
+many         MX    60 h6.many
+many         MX    70 h7.many
+many         MX    80 h8.many
+h1.many      A     {many[0]}
+h1.many      A     {many[1]}
+h2.many      A     {many[2]}
+h5.many      A     {many[3]}
+h6.many      A     {many[4]}
+h7.many      A     {many[5]}
+h8.many      A     {many[6]}
+sessions     MX    10 busy.sessions
+sessions     MX    20 noehlo1.sessions
+sessions     MX    30 noehlo2.sessions
+sessions     MX    40 fine.sessions
+busy.sessions    A {sessions[busy]}
+noehlo1.sessions A {sessions[noehlo1]}
+noehlo2.sessions A {sessions[noehlo2]}
+fine.sessions    A {sessions[fine]}
+""".format(policy=POLICY_HOST, many=MANY, sessions=SESSIONS, **ADDR)
 
 
 def black_hole(conn):
@@ -65,6 +95,17 @@ def black_hole(conn):
 def mute_after_banner(conn):
     conn.send(b"220 mx.mute.example.net ESMTP\r\n")
     conn.hang(30)  # EHLO never answered
+
+
+def busy_banner(conn):
+    conn.send(b"421 4.3.2 busy, try again later\r\n")
+
+
+def refuses_ehlo(conn):
+    conn.send(b"220 mx.example.net ESMTP\r\n")
+    while True:  # EHLO, then HELO, refused; QUIT; until the close
+        conn.line()
+        conn.send(b"554 5.7.1 not for you\r\n")
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +119,7 @@ def knot():
 
 @pytest.fixture(scope="module")
 def env(knot, sink_factory, daemon_factory):
-    port = harness.free_port("127.0.0.1", *ADDR.values())
+    port = harness.free_port("127.0.0.1", *ADDR.values(), *MANY, *SESSIONS.values())
     good = sink_factory("mx-good", host=ADDR["good"], port=port)
     store = sink_factory("store")
     fakes = [hh.FakeUpstream("silent", black_hole, host=ADDR["silent"], port=port),
@@ -86,6 +127,11 @@ def env(knot, sink_factory, daemon_factory):
              hh.FakeUpstream("silent2", black_hole, host=ADDR["silent2"], port=port),
              hh.FakeUpstream("stallfix", mute_after_banner),
              hh.FakeUpstream("policy", black_hole, host=POLICY_HOST, port=443)]
+    many = [hh.FakeUpstream(f"many{i}", busy_banner, host=host, port=port) for i, host in enumerate(MANY)]
+    sessions = {"busy": hh.FakeUpstream("busy", busy_banner, host=SESSIONS["busy"], port=port),
+                "noehlo1": hh.FakeUpstream("noehlo1", refuses_ehlo, host=SESSIONS["noehlo1"], port=port),
+                "noehlo2": hh.FakeUpstream("noehlo2", refuses_ehlo, host=SESSIONS["noehlo2"], port=port),
+                "fine": sink_factory("mx-fine", host=SESSIONS["fine"], port=port)}
     try:
         ports = {name: harness.free_port() for name in ("out", "in", "stallfix")}
         listeners = [
@@ -103,9 +149,10 @@ def env(knot, sink_factory, daemon_factory):
                                 timeouts={"greeting": "10s", "command": f"{COMMAND:g}s",
                                           "upstream_connect": f"{UPSTREAM_CONNECT:g}s",
                                           "upstream_open": f"{UPSTREAM_OPEN:g}s", "tls_handshake": "5s"})
-        yield types.SimpleNamespace(daemon=daemon, ports=ports, good=good, store=store, fakes=fakes)
+        yield types.SimpleNamespace(daemon=daemon, ports=ports, good=good, store=store, fakes=fakes, many=many,
+                                    sessions=sessions)
     finally:
-        for f in fakes:
+        for f in fakes + many + [sessions["busy"], sessions["noehlo1"], sessions["noehlo2"]]:
             f.stop()
 
 
@@ -284,3 +331,59 @@ def test_postmaster_without_domain_refused_by_mx_upstream_relayed_by_fixed_one(e
         c.close()
     meta, _ = env.store.wait_messages(n + 1)[-1]
     assert meta["rcpt_tos"] == ["postmaster"], meta
+
+
+def address_lookups(before, after):
+    """The A and AAAA lookups between two scrapes, {"A success": 4, ...}."""
+    return {f"{dict(k)['type']} {dict(k)['result']}": v
+            for k, v in delta(before, after, "mailflow_dns_lookups_total").items() if dict(k)["type"] in ("A", "AAAA")}
+
+
+def limit_lines(d, domain):
+    """The limit= field of each mx_limit line logged for `domain`."""
+    lines = [line.split() for line in d.stderr().splitlines()]
+    return [word for words in lines if "mx_limit" in words and f"domain={domain}" in words
+            for word in words if word.startswith("limit=")]
+
+
+def test_at_most_five_addresses_are_looked_up_and_tried(env):
+    """A hostile domain's many MX hosts must not make the relay spray DNS queries and connections at addresses of
+    its choosing. As Postfix's smtp_mx_address_limit (5): h1 (2 addresses), h2, h5 and h6 are tried, h3 and h4
+    (no address) do not count, and h7 and h8 are neither looked up nor connected to."""
+    d = env.daemon
+    before = d.metrics()
+    c, (code, text), _ = timed_rcpt(env.ports["out"], "erin@many.example.net")
+    try:
+        assert text == "451 4.4.1 No mail host of many.example.net could be used (last: banner_rejected), try " \
+                       "again later", text
+    finally:
+        c.close()
+    after = d.metrics()
+    assert [f.connections() for f in env.many] == [1, 1, 1, 1, 1, 0, 0], d.log_tail()
+    assert delta(before, after, "mailflow_mx_attempts_total") == {
+        series_key(upstream="internet", result="banner_rejected"): 5.0}
+    # h1..h5 at once (5 addresses were wanted), then h6 alone (one was missing): six hosts, AAAA and A each.
+    assert address_lookups(before, after) == {"A success": 4.0, "A nxdomain": 2.0, "AAAA nodata": 4.0,
+                                              "AAAA nxdomain": 2.0}
+    assert limit_lines(d, "many.example.net") == ["limit=addresses"], d.log_tail()
+
+
+def test_at_most_two_sessions_that_got_a_banner(env):
+    """As Postfix's smtp_mx_session_limit (2): busy (421 banner: no session), noehlo1 and noehlo2 (a banner, then
+    EHLO refused: two sessions) are tried, and the working fine.sessions is not: the RCPT gets 451 4.4.1."""
+    d = env.daemon
+    before = d.metrics()
+    n = env.sessions["fine"].connections()
+    c, (code, text), _ = timed_rcpt(env.ports["out"], "frank@sessions.example.net")
+    try:
+        assert text == "451 4.4.1 No mail host of sessions.example.net could be used (last: failed), try again " \
+                       "later", text
+    finally:
+        c.close()
+    after = d.metrics()
+    assert [env.sessions[h].connections() for h in ("busy", "noehlo1", "noehlo2")] == [1, 1, 1], d.log_tail()
+    assert env.sessions["fine"].connections() == n, "a third session was opened"
+    assert delta(before, after, "mailflow_mx_attempts_total") == {
+        series_key(upstream="internet", result="banner_rejected"): 1.0,
+        series_key(upstream="internet", result="failed"): 2.0}
+    assert limit_lines(d, "sessions.example.net") == ["limit=sessions"], d.log_tail()
