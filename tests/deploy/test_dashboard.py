@@ -7,6 +7,7 @@ must find values. The shipped rules are loaded too and must evaluate without err
 """
 import json
 import os
+import subprocess
 import threading
 import time
 
@@ -113,3 +114,39 @@ def test_every_dashboard_query_returns_data(procs, tmp_path):
         raise AssertionError(f"{e}\n{procs.logs()}") from None
     finally:
         stop.set()
+
+
+def test_reload_annotation_marks_reloads_not_restarts(tmp_path):
+    """The "Config reloads" annotation on a relay scraped every 30s (as the shipped configs do) that is
+    reloaded once and restarted later: the reload is marked, the restart is not (a restart sets
+    mailflow_config_reloads_total back to 0, and that is no reload). promtool evaluates the dashboard's own
+    expression, $__rate_interval as Grafana makes it for a 30s scrape; "* 0 + 1" only fixes the value."""
+    dash = d.load_dashboard()
+    (annotation,) = [a for a in dash["annotations"]["list"] if a["name"] == "Config reloads"]
+    expr = "(" + d.substitute(annotation["expr"], dash, {"__rate_interval": "2m"}) + ") * 0 + 1"
+    marked = [{"labels": '{instance="r1",job="mailflowd",result="success"}', "value": 1}]
+    test = {
+        "rule_files": [],
+        "evaluation_interval": "30s",
+        "tests": [{
+            "interval": "30s",
+            "input_series": [
+                # reloaded at 3m (0 -> 1); restarted at 10m: two scrapes missed, then the new process's 0
+                {"series": 'mailflow_config_reloads_total{instance="r1",job="mailflowd",result="success"}',
+                 "values": "0x5 1x13 _x2 0x20"},
+                {"series": 'mailflow_config_reloads_total{instance="r1",job="mailflowd",result="failure"}',
+                 "values": "0x5 0x13 _x2 0x20"},
+            ],
+            "promql_expr_test": [
+                {"expr": expr, "eval_time": "2m", "exp_samples": []},
+                {"expr": expr, "eval_time": "4m", "exp_samples": marked},
+                {"expr": expr, "eval_time": "8m", "exp_samples": []},
+                {"expr": expr, "eval_time": "11m", "exp_samples": []},
+                {"expr": expr, "eval_time": "12m", "exp_samples": []},
+            ],
+        }],
+    }
+    path = tmp_path / "annotation.test.yml"
+    path.write_text(json.dumps(test))
+    result = subprocess.run(["promtool", "test", "rules", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, f"{annotation['expr']}\n{result.stdout}{result.stderr}"
