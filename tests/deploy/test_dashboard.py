@@ -7,11 +7,13 @@ must find values. The shipped rules are loaded too and must evaluate without err
 """
 import json
 import os
+import re
 import subprocess
 import threading
 import time
 
 import pytest
+import yaml
 
 import deploylib as d
 import sample_metrics
@@ -150,3 +152,28 @@ def test_reload_annotation_marks_reloads_not_restarts(tmp_path):
     path.write_text(json.dumps(test))
     result = subprocess.run(["promtool", "test", "rules", str(path)], capture_output=True, text=True)
     assert result.returncode == 0, f"{annotation['expr']}\n{result.stdout}{result.stderr}"
+
+
+def test_scaling_md_federation_serves_its_90_day_query(procs, tmp_path):
+    """docs/scaling.md's federation setup, as written: a site Prometheus with the shipped rules scrapes a
+    relay, a central one federates from it with the documented match[], and the documented 90-day query
+    must find its series on the central server."""
+    text = (d.REPO / "docs" / "scaling.md").read_text()
+    (federation,) = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if "/federate" in b]
+    (query,) = re.findall(r"```promql\n(.*?)```", text, re.S)
+    query = "\n".join(line for line in query.splitlines() if not line.lstrip().startswith("#"))
+    port, stop = serve_sample_metrics(procs, tmp_path)
+    try:
+        site = d.Prometheus(procs, tmp_path, {"mailflowd": [f"127.0.0.1:{port}"]}, rule_files=[d.RULES],
+                            name="prometheus-site", external_labels={"site": "a"})
+        (job,) = yaml.safe_load(federation)["scrape_configs"]
+        job["static_configs"] = [{"targets": [f"127.0.0.1:{site.port}"]}]
+        central = d.Prometheus(procs, tmp_path, {}, name="prometheus-central", scrape_configs=[job])
+        d.wait_for(lambda: central.query('count_over_time(mailflow_fleet:window_messages_all:sum[1m]) >= 3'), 30,
+                   what="3 federation scrapes of the fleet series on the central server")
+        assert central.query(query), f"central Prometheus has nothing for scaling.md's query:\n{query}\n" \
+            f"federated with:\n{federation}"
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{procs.logs()}") from None
+    finally:
+        stop.set()
