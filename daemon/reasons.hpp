@@ -83,7 +83,8 @@ inline constexpr auto tlsrpt_results =
 
 // The listener and upstream label of mailflowd's own TLS-RPT report mails (tlsrpt.send; daemon/tlsrpt_sender.cpp):
 // mailflow_sessions_total{listener="tlsrpt",leg="upstream"}, mailflow_mx_attempts_total{upstream="tlsrpt"},
-// mailflow_upstream_errors_total{upstream="tlsrpt"}; exported from the start while tlsrpt.send is true.
+// mailflow_upstream_errors_total{upstream="tlsrpt"}, mailflow_tls_handshake_failures_total{listener="tlsrpt",
+// leg="upstream"}; exported from the start while tlsrpt.send is true.
 inline constexpr std::string_view tlsrpt_sessions = "tlsrpt";
 
 // mailflow_state_errors_total{reason}: the files in state_dir (daemon/telemetry.cpp, server.cpp,

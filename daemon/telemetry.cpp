@@ -673,6 +673,11 @@ void Telemetry::configure(const config::Config& config) {
     for (const auto result : reasons::mx_attempts) {
       impl_->labelled(Labelled::mx_attempts, {{"result", result}, {"upstream", reasons::tlsrpt_sessions}});
     }
+    for (const auto reason : reasons::tls_handshake_failures) {  // they have an upstream leg only
+      impl_->labelled(
+          Labelled::tls_handshake_failures,
+          {{"leg", to_string(Leg::upstream)}, {"listener", reasons::tlsrpt_sessions}, {"reason", reason}});
+    }
   }
   impl_->tlsrpt.set_submitter(
       {config.tlsrpt.organization_name, config.tlsrpt.contact_info, config.tlsrpt.submitter});

@@ -112,14 +112,18 @@ def _drain(stream, log):
 
 # ------------------------------------------------------------------------------------------- Prometheus
 class Prometheus:
-    def __init__(self, procs, workdir, jobs, rule_files=(), alertmanager=None, interval="1s"):
-        """jobs: {job_name: [host:port, ...]}"""
+    def __init__(self, procs, workdir, jobs, rule_files=(), alertmanager=None, interval="1s", name="prometheus",
+                 external_labels=None, scrape_configs=()):
+        """jobs: {job_name: [host:port, ...]}; scrape_configs: more scrape configs, as dicts"""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        workdir = Path(workdir)
+        workdir = Path(workdir) / name if name != "prometheus" else Path(workdir)
+        workdir.mkdir(exist_ok=True)
         (workdir / "prom-data").mkdir(exist_ok=True)
         lines = ["global:", f"  scrape_interval: {interval}", f"  evaluation_interval: {interval}",
                  f"  scrape_timeout: {interval}"]
+        if external_labels:
+            lines.append(f"  external_labels: {json.dumps(external_labels)}")
         if rule_files:
             lines.append("rule_files:")
             lines += [f"  - {json.dumps(str(f))}" for f in rule_files]
@@ -130,12 +134,13 @@ class Prometheus:
         for job, targets in jobs.items():
             lines += [f"  - job_name: {json.dumps(job)}", "    static_configs:",
                       f"      - targets: {json.dumps(list(targets))}"]
+        lines += [f"  - {json.dumps(c)}" for c in scrape_configs]
         self.config_path = workdir / "prometheus.yml"
         self.config_path.write_text("\n".join(lines) + "\n")
-        procs.start("prometheus", ["prometheus", f"--config.file={self.config_path}",
-                                   f"--storage.tsdb.path={workdir / 'prom-data'}",
-                                   f"--web.listen-address=127.0.0.1:{self.port}",
-                                   "--storage.tsdb.retention.time=1d", "--log.level=warn"])
+        procs.start(name, ["prometheus", f"--config.file={self.config_path}",
+                           f"--storage.tsdb.path={workdir / 'prom-data'}",
+                           f"--web.listen-address=127.0.0.1:{self.port}",
+                           "--storage.tsdb.retention.time=1d", "--log.level=warn"])
         wait_for(lambda: http_get(self.url + "/-/ready")[0] == 200, 30, what="prometheus ready")
 
     def api(self, path, **params):

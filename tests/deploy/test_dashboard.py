@@ -7,10 +7,13 @@ must find values. The shipped rules are loaded too and must evaluate without err
 """
 import json
 import os
+import re
+import subprocess
 import threading
 import time
 
 import pytest
+import yaml
 
 import deploylib as d
 import sample_metrics
@@ -109,6 +112,67 @@ def test_every_dashboard_query_returns_data(procs, tmp_path):
         alerts = d.wait_for(pending, 20, what="MailflowSignificantTLS10 pending")
         assert [(a["labels"]["connector"], a["state"]) for a in alerts] == [("partner-contoso", "pending")], alerts
         assert "12.5% of 1024 messages" in alerts[0]["annotations"]["summary"], alerts[0]["annotations"]
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{procs.logs()}") from None
+    finally:
+        stop.set()
+
+
+def test_reload_annotation_marks_reloads_not_restarts(tmp_path):
+    """The "Config reloads" annotation on a relay scraped every 30s (as the shipped configs do) that is
+    reloaded once and restarted later: the reload is marked, the restart is not (a restart sets
+    mailflow_config_reloads_total back to 0, and that is no reload). promtool evaluates the dashboard's own
+    expression, $__rate_interval as Grafana makes it for a 30s scrape; "* 0 + 1" only fixes the value."""
+    dash = d.load_dashboard()
+    (annotation,) = [a for a in dash["annotations"]["list"] if a["name"] == "Config reloads"]
+    expr = "(" + d.substitute(annotation["expr"], dash, {"__rate_interval": "2m"}) + ") * 0 + 1"
+    marked = [{"labels": '{instance="r1",job="mailflowd",result="success"}', "value": 1}]
+    test = {
+        "rule_files": [],
+        "evaluation_interval": "30s",
+        "tests": [{
+            "interval": "30s",
+            "input_series": [
+                # reloaded at 3m (0 -> 1); restarted at 10m: two scrapes missed, then the new process's 0
+                {"series": 'mailflow_config_reloads_total{instance="r1",job="mailflowd",result="success"}',
+                 "values": "0x5 1x13 _x2 0x20"},
+                {"series": 'mailflow_config_reloads_total{instance="r1",job="mailflowd",result="failure"}',
+                 "values": "0x5 0x13 _x2 0x20"},
+            ],
+            "promql_expr_test": [
+                {"expr": expr, "eval_time": "2m", "exp_samples": []},
+                {"expr": expr, "eval_time": "4m", "exp_samples": marked},
+                {"expr": expr, "eval_time": "8m", "exp_samples": []},
+                {"expr": expr, "eval_time": "11m", "exp_samples": []},
+                {"expr": expr, "eval_time": "12m", "exp_samples": []},
+            ],
+        }],
+    }
+    path = tmp_path / "annotation.test.yml"
+    path.write_text(json.dumps(test))
+    result = subprocess.run(["promtool", "test", "rules", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, f"{annotation['expr']}\n{result.stdout}{result.stderr}"
+
+
+def test_scaling_md_federation_serves_its_90_day_query(procs, tmp_path):
+    """docs/scaling.md's federation setup, as written: a site Prometheus with the shipped rules scrapes a
+    relay, a central one federates from it with the documented match[], and the documented 90-day query
+    must find its series on the central server."""
+    text = (d.REPO / "docs" / "scaling.md").read_text()
+    (federation,) = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if "/federate" in b]
+    (query,) = re.findall(r"```promql\n(.*?)```", text, re.S)
+    query = "\n".join(line for line in query.splitlines() if not line.lstrip().startswith("#"))
+    port, stop = serve_sample_metrics(procs, tmp_path)
+    try:
+        site = d.Prometheus(procs, tmp_path, {"mailflowd": [f"127.0.0.1:{port}"]}, rule_files=[d.RULES],
+                            name="prometheus-site", external_labels={"site": "a"})
+        (job,) = yaml.safe_load(federation)["scrape_configs"]
+        job["static_configs"] = [{"targets": [f"127.0.0.1:{site.port}"]}]
+        central = d.Prometheus(procs, tmp_path, {}, name="prometheus-central", scrape_configs=[job])
+        d.wait_for(lambda: central.query('count_over_time(mailflow_fleet:window_messages_all:sum[1m]) >= 3'), 30,
+                   what="3 federation scrapes of the fleet series on the central server")
+        assert central.query(query), f"central Prometheus has nothing for scaling.md's query:\n{query}\n" \
+            f"federated with:\n{federation}"
     except AssertionError as e:
         raise AssertionError(f"{e}\n{procs.logs()}") from None
     finally:

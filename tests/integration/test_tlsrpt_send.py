@@ -252,7 +252,9 @@ def test_https_rua_that_fails_is_retried_and_says_why(env):
     # No report went by mail, yet the report mails' own series are there from the start (tlsrpt.send), at zero.
     own = [("mailflow_sessions_total", {"listener": "tlsrpt", "leg": "upstream"}),
            ("mailflow_mx_attempts_total", {"upstream": "tlsrpt", "result": "success"}),
-           ("mailflow_upstream_errors_total", {"upstream": "tlsrpt", "reason": "connect_failed"})]
+           ("mailflow_upstream_errors_total", {"upstream": "tlsrpt", "reason": "connect_failed"}),
+           ("mailflow_tls_handshake_failures_total",
+            {"listener": "tlsrpt", "leg": "upstream", "reason": "certificate_verify_failed"})]
     for name, labels in own:
         assert harness.series(m, name, **labels), (name, labels)
         assert harness.value(m, name, **labels) == 0
@@ -270,6 +272,7 @@ def test_send_false_keeps_the_reports_and_sends_nothing(env):
     assert reports_of(quiet, DATE) == ["a.example.net", "b.example.net"]
     assert not harness.series(m, "mailflow_sessions_total", listener="tlsrpt")  # no report mails, no series
     assert not harness.series(m, "mailflow_mx_attempts_total", upstream="tlsrpt")
+    assert not harness.series(m, "mailflow_tls_handshake_failures_total", listener="tlsrpt")
 
 
 def ledger_state():
