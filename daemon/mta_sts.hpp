@@ -70,6 +70,9 @@ struct CachedPolicy {
 
 // RFC 8461 3.3: after a failed fetch, the same domain and id are not fetched again for this many seconds.
 inline constexpr std::int64_t mta_sts_fetch_retry_after = 300;
+// RFC 8461 3.3: a cached policy is refreshed (fetched again, its id unchanged) once it is this many seconds
+// old, or half its max_age where that is shorter, so that a fetch blocked at its expiry does not end it.
+inline constexpr std::int64_t mta_sts_refresh_after = 86400;
 
 // The policies fetched, per domain (thread-safe). Persisted as state_dir/mta-sts.state; the failed fetches
 // are remembered in memory only.
@@ -81,7 +84,8 @@ class MtaStsCache {
   void store(const std::string& domain, CachedPolicy policy, std::int64_t now);  // forgets a failed fetch
   std::size_t size() const;
   // Whether the policy that the TXT record's `id` names is to be fetched: not when an unexpired policy with
-  // that id is cached, nor within mta_sts_fetch_retry_after of a failed fetch for the domain and id.
+  // that id is cached and not yet due for its refresh, nor within mta_sts_fetch_retry_after of a failed fetch
+  // for the domain and id.
   bool fetch_due(std::string_view domain, std::string_view id, std::int64_t now) const;
   // A fetch for the domain and id failed (at most max_policies remembered; the oldest are dropped first).
   void fetch_failed(const std::string& domain, const std::string& id, std::int64_t now);
@@ -121,9 +125,11 @@ struct PolicyState {
 std::string_view to_string(PolicyState::Mode mode);
 
 // RFC 8461 section 5: the TXT record, then the cache (same id, not expired) or a fetch; a failed fetch falls
-// back to an unexpired cached policy; no TXT record and no cached policy: none. A failed fetch is reported
-// once: within mta_sts_fetch_retry_after the domain and id are not fetched again, and the lookup answers as
-// if the fetch had failed (the cached policy, or none) without a failure to report. `now` in unix seconds.
+// back to an unexpired cached policy; no TXT record and no cached policy: none. A cached policy due for its
+// refresh is fetched again, inline (under its own id where there is no TXT record, or DNS failed). A failed
+// fetch is reported once: within mta_sts_fetch_retry_after the domain and id are not fetched again, and the
+// lookup answers as if the fetch had failed (the cached policy, or none) without a failure to report. `now`
+// in unix seconds.
 boost::asio::awaitable<PolicyState> lookup_policy(Resolver& resolver, MtaStsCache& cache, std::string domain,
                                                   const MtaStsSettings& settings, std::int64_t now);
 

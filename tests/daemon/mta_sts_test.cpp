@@ -56,6 +56,24 @@ TEST_CASE("mta-sts cache: a failed fetch is not tried again for the same domain 
   CHECK(cache.fetch_due("c.example", "2", 1011));
 }
 
+TEST_CASE(
+    "mta-sts cache: a cached policy is refreshed after a day, or half its max_age where that is shorter") {
+  MtaStsCache cache;
+  const std::int64_t week = 7 * 86400;
+  cache.store("week.example", {"1", policy(proto::mta_sts::Mode::enforce, week), 1000, 1000 + week}, 1000);
+  CHECK_FALSE(cache.fetch_due("week.example", "1", 1000 + mta_sts_refresh_after - 1));
+  CHECK(cache.fetch_due("week.example", "1", 1000 + mta_sts_refresh_after));
+  // The refresh failed: the policy stays in force, and the next try is five minutes later.
+  const std::int64_t failed_at = 1000 + mta_sts_refresh_after;
+  cache.fetch_failed("week.example", "1", failed_at);
+  CHECK(cache.find("week.example", failed_at + 1).has_value());
+  CHECK_FALSE(cache.fetch_due("week.example", "1", failed_at + mta_sts_fetch_retry_after - 1));
+  CHECK(cache.fetch_due("week.example", "1", failed_at + mta_sts_fetch_retry_after));
+  cache.store("hour.example", {"1", policy(proto::mta_sts::Mode::enforce, 3600), 1000, 4600}, 1000);
+  CHECK_FALSE(cache.fetch_due("hour.example", "1", 1000 + 1799));
+  CHECK(cache.fetch_due("hour.example", "1", 1000 + 1800));
+}
+
 TEST_CASE("mta-sts cache: saved and loaded - expired entries are not loaded - corrupt file moved aside") {
   const auto dir = std::filesystem::temp_directory_path() / ("mailflow-mta-sts-" + std::to_string(::getpid()));
   std::filesystem::create_directories(dir);
