@@ -149,6 +149,7 @@ std::optional<CachedPolicy> MtaStsCache::find(std::string_view domain, std::int6
 
 void MtaStsCache::store(const std::string& domain, CachedPolicy policy, std::int64_t now) {
   std::lock_guard lock(mutex_);
+  failed_fetches_.erase(domain);
   policies_[domain] = std::move(policy);
   // Bounded: expired entries go first, then the ones that expire soonest.
   if (policies_.size() <= max_policies_) return;
@@ -158,6 +159,34 @@ void MtaStsCache::store(const std::string& domain, CachedPolicy policy, std::int
       return a.second.expires_at < b.second.expires_at;
     });
     policies_.erase(soonest);
+  }
+}
+
+bool MtaStsCache::fetch_due(std::string_view domain, std::string_view id, std::int64_t now) const {
+  std::lock_guard lock(mutex_);
+  const auto cached = policies_.find(domain);
+  if (cached != policies_.end() && cached->second.id == id && cached->second.expires_at > now) {
+    const CachedPolicy& policy = cached->second;
+    const auto refresh_at =
+        policy.fetched_at + std::min(mta_sts_refresh_after, (policy.expires_at - policy.fetched_at) / 2);
+    if (now < refresh_at) return false;
+  }
+  const auto failed = failed_fetches_.find(domain);
+  return failed == failed_fetches_.end() || failed->second.id != id ||
+         now - failed->second.at >= mta_sts_fetch_retry_after;
+}
+
+void MtaStsCache::fetch_failed(const std::string& domain, const std::string& id, std::int64_t now) {
+  std::lock_guard lock(mutex_);
+  failed_fetches_[domain] = {id, now};
+  if (failed_fetches_.size() <= max_policies_) return;
+  // Bounded as the policies are: the ones that no longer hold anything back go first, then the oldest.
+  std::erase_if(failed_fetches_,
+                [&](const auto& entry) { return now - entry.second.at >= mta_sts_fetch_retry_after; });
+  while (failed_fetches_.size() > max_policies_) {
+    failed_fetches_.erase(
+        std::min_element(failed_fetches_.begin(), failed_fetches_.end(),
+                         [](const auto& a, const auto& b) { return a.second.at < b.second.at; }));
   }
 }
 
@@ -279,32 +308,39 @@ net::awaitable<PolicyState> lookup_policy(Resolver& resolver, MtaStsCache& cache
   };
   const auto cached = cache.find(domain, now);
   const auto txt = co_await resolver.resolve_txt("_mta-sts." + domain);
+  std::string id;  // the policy to fetch if it is due: the one the TXT record names
   if (txt.outcome != DnsOutcome::success) {
-    // No record (or DNS trouble): a cached policy stays in force until it expires (section 5.1).
-    if (cached) use(*cached, true);
     state.detail = "_mta-sts." + domain + ": " + std::string(to_string(txt.outcome));
-    co_return state;
-  }
-  const auto record = proto::mta_sts::parse_txt_records(txt.records);
-  if (record.status != proto::mta_sts::TxtLookup::Status::policy) {
-    if (cached) use(*cached, true);
+  } else {
+    const auto record = proto::mta_sts::parse_txt_records(txt.records);
+    if (record.status == proto::mta_sts::TxtLookup::Status::policy) id = record.id;
     if (record.status == proto::mta_sts::TxtLookup::Status::invalid) {
       state.failure = ResultType::sts_policy_invalid;
       state.detail = record.error;
     }
-    co_return state;
   }
-  if (cached && cached->id == record.id) {
+  if (id.empty()) {
+    // No record (or DNS trouble): a cached policy stays in force until it expires (section 5.1), and is
+    // refreshed under its own id as below (an invalid record is reported instead).
+    if (!cached) co_return state;
     use(*cached, true);
+    if (state.failure) co_return state;
+    id = cached->id;
+  }
+  if (!cache.fetch_due(domain, id, now)) {
+    // Cached with this id and not due for its refresh; or a fetch for this id failed moments ago and was
+    // reported then (RFC 8461 3.3: no further attempt within five minutes), so the mail goes on as after it.
+    if (cached) use(*cached, true);
     co_return state;
   }
   auto fetched = co_await fetch_policy(co_await net::this_coro::executor, domain, settings, &resolver);
   if (fetched.status == PolicyFetch::Status::ok) {
-    CachedPolicy fresh{record.id, *fetched.policy, now, now + fetched.policy->max_age};
+    CachedPolicy fresh{id, *fetched.policy, now, now + fetched.policy->max_age};
     cache.store(domain, fresh, now);
     use(fresh, false);
     co_return state;
   }
+  cache.fetch_failed(domain, id, now);
   if (cached) use(*cached, true);  // section 5.1: a failed refresh keeps the unexpired policy
   state.detail = fetched.detail;
   switch (fetched.status) {

@@ -68,14 +68,27 @@ struct CachedPolicy {
   std::int64_t expires_at = 0;  // fetched_at + max_age
 };
 
-// The policies fetched, per domain (thread-safe). Persisted as state_dir/mta-sts.state.
+// RFC 8461 3.3: after a failed fetch, the same domain and id are not fetched again for this many seconds.
+inline constexpr std::int64_t mta_sts_fetch_retry_after = 300;
+// RFC 8461 3.3: a cached policy is refreshed (fetched again, its id unchanged) once it is this many seconds
+// old, or half its max_age where that is shorter, so that a fetch blocked at its expiry does not end it.
+inline constexpr std::int64_t mta_sts_refresh_after = 86400;
+
+// The policies fetched, per domain (thread-safe). Persisted as state_dir/mta-sts.state; the failed fetches
+// are remembered in memory only.
 class MtaStsCache {
  public:
   explicit MtaStsCache(std::size_t max_policies = 10000) : max_policies_(max_policies) {}
   void set_max_policies(std::size_t max_policies);  // mta_sts.max_policies, at start and reload
   std::optional<CachedPolicy> find(std::string_view domain, std::int64_t now) const;  // unexpired only
-  void store(const std::string& domain, CachedPolicy policy, std::int64_t now);
+  void store(const std::string& domain, CachedPolicy policy, std::int64_t now);  // forgets a failed fetch
   std::size_t size() const;
+  // Whether the policy that the TXT record's `id` names is to be fetched: not when an unexpired policy with
+  // that id is cached and not yet due for its refresh, nor within mta_sts_fetch_retry_after of a failed fetch
+  // for the domain and id.
+  bool fetch_due(std::string_view domain, std::string_view id, std::int64_t now) const;
+  // A fetch for the domain and id failed (at most max_policies remembered; the oldest are dropped first).
+  void fetch_failed(const std::string& domain, const std::string& id, std::int64_t now);
 
   std::string serialize() const;
   bool deserialize(std::string_view text, std::int64_t now, std::string& error);  // false: corrupt
@@ -88,6 +101,11 @@ class MtaStsCache {
   mutable std::mutex mutex_;
   std::size_t max_policies_;
   std::map<std::string, CachedPolicy, std::less<>> policies_;
+  struct FailedFetch {
+    std::string id;
+    std::int64_t at = 0;
+  };
+  std::map<std::string, FailedFetch, std::less<>> failed_fetches_;
 };
 
 // What the MX walk works with for one recipient domain.
@@ -107,7 +125,11 @@ struct PolicyState {
 std::string_view to_string(PolicyState::Mode mode);
 
 // RFC 8461 section 5: the TXT record, then the cache (same id, not expired) or a fetch; a failed fetch falls
-// back to an unexpired cached policy; no TXT record and no cached policy: none. `now` in unix seconds.
+// back to an unexpired cached policy; no TXT record and no cached policy: none. A cached policy due for its
+// refresh is fetched again, inline (under its own id where there is no TXT record, or DNS failed). A failed
+// fetch is reported once: within mta_sts_fetch_retry_after the domain and id are not fetched again, and the
+// lookup answers as if the fetch had failed (the cached policy, or none) without a failure to report. `now`
+// in unix seconds.
 boost::asio::awaitable<PolicyState> lookup_policy(Resolver& resolver, MtaStsCache& cache, std::string domain,
                                                   const MtaStsSettings& settings, std::int64_t now);
 

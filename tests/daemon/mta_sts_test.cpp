@@ -35,6 +35,45 @@ TEST_CASE("mta-sts cache: unexpired policies only, bounded by dropping the soone
   CHECK(cache.find("c.example", 150)->id == "2");
 }
 
+TEST_CASE("mta-sts cache: a failed fetch is not tried again for the same domain and id within five minutes") {
+  MtaStsCache cache(2);
+  CHECK(cache.fetch_due("a.example", "1", 1000));  // nothing cached, nothing failed
+  cache.fetch_failed("a.example", "1", 1000);
+  CHECK_FALSE(cache.fetch_due("a.example", "1", 1000));
+  CHECK_FALSE(cache.fetch_due("a.example", "1", 1000 + mta_sts_fetch_retry_after - 1));
+  CHECK(cache.fetch_due("a.example", "1", 1000 + mta_sts_fetch_retry_after));
+  CHECK(cache.fetch_due("a.example", "2", 1001));  // a new id is fetched at once
+  CHECK(cache.fetch_due("b.example", "1", 1001));  // per domain
+  // Bounded like the policies (max_policies): the oldest failure goes first.
+  cache.fetch_failed("b.example", "1", 1001);
+  cache.fetch_failed("c.example", "1", 1002);
+  CHECK(cache.fetch_due("a.example", "1", 1003));
+  CHECK_FALSE(cache.fetch_due("b.example", "1", 1003));
+  CHECK_FALSE(cache.fetch_due("c.example", "1", 1003));
+  // A policy fetched for the id afterwards is used, and the failure forgotten.
+  cache.store("c.example", {"1", policy(proto::mta_sts::Mode::enforce), 1010, 1010 + 7 * 86400}, 1010);
+  CHECK_FALSE(cache.fetch_due("c.example", "1", 1011));
+  CHECK(cache.fetch_due("c.example", "2", 1011));
+}
+
+TEST_CASE(
+    "mta-sts cache: a cached policy is refreshed after a day, or half its max_age where that is shorter") {
+  MtaStsCache cache;
+  const std::int64_t week = 7 * 86400;
+  cache.store("week.example", {"1", policy(proto::mta_sts::Mode::enforce, week), 1000, 1000 + week}, 1000);
+  CHECK_FALSE(cache.fetch_due("week.example", "1", 1000 + mta_sts_refresh_after - 1));
+  CHECK(cache.fetch_due("week.example", "1", 1000 + mta_sts_refresh_after));
+  // The refresh failed: the policy stays in force, and the next try is five minutes later.
+  const std::int64_t failed_at = 1000 + mta_sts_refresh_after;
+  cache.fetch_failed("week.example", "1", failed_at);
+  CHECK(cache.find("week.example", failed_at + 1).has_value());
+  CHECK_FALSE(cache.fetch_due("week.example", "1", failed_at + mta_sts_fetch_retry_after - 1));
+  CHECK(cache.fetch_due("week.example", "1", failed_at + mta_sts_fetch_retry_after));
+  cache.store("hour.example", {"1", policy(proto::mta_sts::Mode::enforce, 3600), 1000, 4600}, 1000);
+  CHECK_FALSE(cache.fetch_due("hour.example", "1", 1000 + 1799));
+  CHECK(cache.fetch_due("hour.example", "1", 1000 + 1800));
+}
+
 TEST_CASE("mta-sts cache: saved and loaded - expired entries are not loaded - corrupt file moved aside") {
   const auto dir = std::filesystem::temp_directory_path() / ("mailflow-mta-sts-" + std::to_string(::getpid()));
   std::filesystem::create_directories(dir);

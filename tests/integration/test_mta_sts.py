@@ -5,7 +5,8 @@ real authoritative server (knotd). Covers what the MX walk gets: a policy, or a 
 write as the head - and a slow server;
 sts-webpki-invalid for a certificate that does not verify - also one that names the host in its CN only;
 sts-policy-invalid), fields given twice and UTF-8 extension values (RFC 8461 3.2), and the cache in state_dir
-(a policy that cannot be refreshed is kept until it expires, RFC 8461 5.1).
+(a policy that cannot be refreshed is kept until it expires, RFC 8461 5.1; a cached policy is refreshed before it
+expires, after a day or half its max_age, RFC 8461 3.3).
 (The zone is under example.net, not .test: libunbound answers .test itself with NXDOMAIN, RFC 6761.)"""
 import http.server
 import json
@@ -287,6 +288,61 @@ def test_a_policy_that_cannot_be_refreshed_is_kept_until_it_expires(mailflowd_bi
     assert (r["exit"], r["mode"], r["from_cache"], r["failure"]) == (3, mode, from_cache,
                                                                      "sts-policy-fetch-error"), r
     assert r["id"] == ("old" if from_cache else ""), r
+
+
+@pytest.mark.parametrize("age, max_age, refreshed", [
+    (100, 7 * 86400, False),         # young: used as cached, the policy host is not asked
+    (86400 + 60, 7 * 86400, True),   # older than a day, though valid for six more days
+    (1900, 3600, True),              # older than half its max_age (shorter than a day)
+])
+def test_a_cached_policy_is_refreshed_before_it_expires(mailflowd_bin, config, https, workdir, age, max_age,
+                                                        refreshed):
+    """RFC 8461 3.3: a cached policy is fetched again before it expires (the TXT record still names its id), so
+    that one blocked fetch at expiry does not end the protection. The cached one says mode testing, the policy
+    host serves enforce: which one the lookup gives says whether it was refreshed."""
+    state = workdir / "state"
+    now = int(time.time())
+    (state / "mta-sts.state").write_text(
+        "mailflowd-mta-sts 1\n"
+        f"ok.policy.example.net\t20240101T000000\t{now - age}\t{now - age + max_age}\tversion: STSv1\t"
+        f"mode: testing\tmx: mx1.ok.policy.example.net\tmax_age: {max_age}\n")
+    Handler.requests.clear()
+    r = mta_sts(mailflowd_bin, config, "ok.policy.example.net", "--connect", https, "--state")
+    assert r["exit"] == 0, r
+    assert (r["mode"], r["from_cache"], r["failure"]) == (("enforce", False, None) if refreshed else
+                                                          ("testing", True, None)), r
+    assert len(Handler.requests) == (1 if refreshed else 0)
+    saved = (state / "mta-sts.state").read_text().split("\t")
+    assert ("mode: enforce" in saved) == refreshed, saved
+    assert int(saved[2]) >= now if refreshed else int(saved[2]) == now - age
+
+
+def test_a_cached_policy_is_refreshed_without_a_txt_record(mailflowd_bin, config, https, workdir):
+    """No _mta-sts record for utf8.policy.example.net (removed, or kept from us): the cached policy stays in force
+    until it expires and is refreshed under its own id (its policy host serves enforce, the cache says testing)."""
+    state = workdir / "state"
+    now = int(time.time())
+    (state / "mta-sts.state").write_text(
+        "mailflowd-mta-sts 1\n"
+        f"utf8.policy.example.net\tcached1\t{now - 86460}\t{now + 86400}\tversion: STSv1\tmode: testing\t"
+        "mx: mx.utf8.policy.example.net\tmax_age: 172860\n")
+    r = mta_sts(mailflowd_bin, config, "utf8.policy.example.net", "--connect", https, "--state")
+    assert (r["exit"], r["mode"], r["from_cache"], r["id"], r["failure"]) == (0, "enforce", False, "cached1", None), r
+
+
+def test_a_refresh_that_fails_keeps_the_cached_policy(mailflowd_bin, config, workdir):
+    """The refresh of a day-old policy fails (nothing listens at --connect): the cached policy stays in force
+    and the failure is reported (RFC 8461 5.1)."""
+    state = workdir / "state"
+    now = int(time.time())
+    (state / "mta-sts.state").write_text(
+        "mailflowd-mta-sts 1\n"
+        f"ok.policy.example.net\t20240101T000000\t{now - 90000}\t{now + 86400}\tversion: STSv1\tmode: enforce\t"
+        "mx: mx1.ok.policy.example.net\tmax_age: 176400\n")
+    closed = harness.free_port("127.0.0.1")
+    r = mta_sts(mailflowd_bin, config, "ok.policy.example.net", "--connect", f"127.0.0.1:{closed}", "--state")
+    assert (r["exit"], r["mode"], r["from_cache"], r["id"], r["failure"]) == (
+        3, "enforce", True, "20240101T000000", "sts-policy-fetch-error"), r
 
 
 def test_corrupt_cache_is_moved_aside(mailflowd_bin, config, https, workdir):

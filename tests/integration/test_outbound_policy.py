@@ -11,6 +11,8 @@ certificates from the test CA) on 127.0.0.75:443 serves their policies; the MX h
 - enforce, the MX is not listed in the policy: not used, validation-failure;
 - a domain without a policy: counted under policy "none";
 - a domain whose policy host answers 404: delivered, and sts-policy-fetch-error reported;
+- a domain whose policy host does not answer within fetch_timeout: the failed fetch is remembered (RFC 8461 3.3),
+  so the next message neither waits for it nor asks the host again, and the failure is reported once;
 - testing, an MX whose TLS handshake fails: delivered to it in plaintext (tls: opportunistic), the failed
   handshake reported once;
 - a full state_dir: delivery goes on, the save at shutdown fails loudly;
@@ -31,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import types
 from pathlib import Path
 
@@ -104,6 +107,10 @@ nopolicy         MX    10 mx.plain
 _mta-sts.nopolicy TXT  "v=STSv1; id=1;"
 mta-sts.nopolicy A     {POLICY_HOST}
 _smtp._tls.nopolicy TXT "v=TLSRPTv1; rua={RUA}"
+silent           MX    10 mx.plain
+_mta-sts.silent  TXT   "v=STSv1; id=1;"
+mta-sts.silent   A     {POLICY_HOST}
+_smtp._tls.silent TXT  "v=TLSRPTv1; rua={RUA}"
 plainrpt         MX    10 mx.plain
 vbadcert         MX    10 mx.badcert
 _mta-sts.vbadcert TXT  "v=STSv1; id=1;"
@@ -139,8 +146,16 @@ _smtp._tls.{name}  TXT  "v=TLSRPTv1; rua={RUA}"
 
 
 class PolicyHandler(http.server.BaseHTTPRequestHandler):
+    requests = []  # the Host header of every GET
+    SILENT = f"mta-sts.silent.{ORIGIN}"  # says nothing for longer than the daemon's fetch_timeout (3s)
+
     def do_GET(self):  # noqa: N802
-        body = POLICIES.get(self.headers.get("Host", ""))
+        host = self.headers.get("Host", "")
+        PolicyHandler.requests.append(host)
+        if host == PolicyHandler.SILENT:
+            time.sleep(5)
+            return
+        body = POLICIES.get(host)
         data = (body or "not found").encode()
         self.send_response(200 if body else 404)
         self.send_header("Content-Type", "text/plain")
@@ -251,9 +266,10 @@ def env(certs, workdir, short_dir, sink_factory, daemon_factory):
     server = None
     scripted = {}
     try:
-        # mta-sts.nopolicy's name is on the certificate, but the server has no policy for it (404).
+        # mta-sts.nopolicy's (and mta-sts.silent's) name is on the certificate, but the server has no policy for it
+        # (404).
         cert, key = harness.ca_signed_cert(certs, workdir, "policy-host",
-                                           sorted(POLICIES) + [f"mta-sts.nopolicy.{ORIGIN}"])
+                                           sorted(POLICIES) + [f"mta-sts.nopolicy.{ORIGIN}", PolicyHandler.SILENT])
         server = http.server.ThreadingHTTPServer((POLICY_HOST, 443), PolicyHandler)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(cert, key)
@@ -292,7 +308,7 @@ def env(certs, workdir, short_dir, sink_factory, daemon_factory):
                        "match": {"recipient_domains": [f"sts.{ORIGIN}", f"badcert.{ORIGIN}",
                                                        f"notlisted.{ORIGIN}", f"plain.{ORIGIN}",
                                                        f"nopolicy.{ORIGIN}", f"plainrpt.{ORIGIN}",
-                                                       f"brokenenf.{ORIGIN}"] +
+                                                       f"brokenenf.{ORIGIN}", f"silent.{ORIGIN}"] +
                                                       [f"{name}.{ORIGIN}" for name in scripted if name != "broken"]}},
                       {"name": "lenient-partner", "type": "partner", "direction": "outbound",
                        "match": {"recipient_domains": [f"testing.{ORIGIN}", f"notlstest.{ORIGIN}",
@@ -466,6 +482,33 @@ def test_policy_that_cannot_be_fetched_is_reported_and_mail_goes_on(env):
     assert policies["sts"]["failure-details"][0]["result-type"] == "sts-policy-fetch-error"
     # The MX host offers no STARTTLS: a plaintext session is no TLS session to report (RFC 8460 4.3).
     assert "no-policy-found" not in policies, policies
+
+
+def test_failed_fetch_is_remembered_so_the_next_message_neither_waits_nor_asks_again(env):
+    """RFC 8461 3.3: after a failed fetch, further attempts are limited to one per five minutes per policy id. The
+    policy host of silent.<origin> says nothing for longer than fetch_timeout (3s): the first message waits for it and the
+    failure is reported; the second message, a moment later, is delivered at once without asking the host again,
+    as if there were no policy, and the failure is not reported again (once per fetch, not per message)."""
+    sink = env.sinks["plain"]
+    n = sink.count()
+    PolicyHandler.requests.clear()
+    before = env.daemon.metrics()
+    started = time.monotonic()
+    rcpt, final = deliver(env, f"ivan@silent.{ORIGIN}")
+    assert rcpt[0] == 250 and final[0] == 250, (rcpt, final)
+    assert time.monotonic() - started >= 2.9  # the fetch was given up at fetch_timeout
+    sink.wait_messages(n + 1)
+    middle = harness.wait_moved(env.daemon, before)
+    assert policy_moved(before, middle) == {("partners", "mta-sts", "sts-policy-fetch-error"): 1.0,
+                                            ("partners", "none", "success"): 1.0}
+    started = time.monotonic()
+    rcpt, final = deliver(env, f"judy@silent.{ORIGIN}")
+    assert rcpt[0] == 250 and final[0] == 250, (rcpt, final)
+    assert time.monotonic() - started < 2.0
+    sink.wait_messages(n + 2)
+    after = harness.wait_moved(env.daemon, middle)
+    assert policy_moved(middle, after) == {("partners", "none", "success"): 1.0}
+    assert PolicyHandler.requests.count(PolicyHandler.SILENT) == 1, PolicyHandler.requests
 
 
 def test_plaintext_session_is_no_successful_tls_session_in_the_report(env):
