@@ -272,6 +272,14 @@ def test_lookup_failures_as_tlsrpt_names_them(mailflowd_bin, config, https, rogu
     assert (rogue["mode"], rogue["failure"]) == ("none", "sts-webpki-invalid"), rogue
 
 
+def cache_policy(state, domain, policy_id, fetched, expires, mode, max_age, mx="mx1.ok.policy.example.net"):
+    """state/mta-sts.state with one cached policy, as the daemon writes it (fetched and expires in Unix time)."""
+    (state / "mta-sts.state").write_text(
+        "mailflowd-mta-sts 1\n"
+        f"{domain}\t{policy_id}\t{fetched}\t{expires}\t"
+        f"version: STSv1\tmode: {mode}\tmx: {mx}\tmax_age: {max_age}\n")
+
+
 @pytest.mark.parametrize("expires_in, mode, from_cache", [(3600, "enforce", True), (-1, "none", False)])
 def test_a_policy_that_cannot_be_refreshed_is_kept_until_it_expires(mailflowd_bin, config, workdir, expires_in,
                                                                      mode, from_cache):
@@ -279,10 +287,7 @@ def test_a_policy_that_cannot_be_refreshed_is_kept_until_it_expires(mailflowd_bi
     cached policy stays in force and the failure is reported; an expired one is gone (no policy)."""
     state = workdir / "state"
     now = int(time.time())
-    (state / "mta-sts.state").write_text(
-        "mailflowd-mta-sts 1\n"
-        f"ok.policy.example.net\told\t{now - 100}\t{now + expires_in}\tversion: STSv1\tmode: enforce\t"
-        "mx: mx1.ok.policy.example.net\tmax_age: 86400\n")
+    cache_policy(state, "ok.policy.example.net", "old", now - 100, now + expires_in, "enforce", 86400)
     closed = harness.free_port("127.0.0.1")
     r = mta_sts(mailflowd_bin, config, "ok.policy.example.net", "--connect", f"127.0.0.1:{closed}", "--state")
     assert (r["exit"], r["mode"], r["from_cache"], r["failure"]) == (3, mode, from_cache,
@@ -302,10 +307,8 @@ def test_a_cached_policy_is_refreshed_before_it_expires(mailflowd_bin, config, h
     host serves enforce: which one the lookup gives says whether it was refreshed."""
     state = workdir / "state"
     now = int(time.time())
-    (state / "mta-sts.state").write_text(
-        "mailflowd-mta-sts 1\n"
-        f"ok.policy.example.net\t20240101T000000\t{now - age}\t{now - age + max_age}\tversion: STSv1\t"
-        f"mode: testing\tmx: mx1.ok.policy.example.net\tmax_age: {max_age}\n")
+    cache_policy(state, "ok.policy.example.net", "20240101T000000", now - age, now - age + max_age, "testing",
+                 max_age)
     Handler.requests.clear()
     r = mta_sts(mailflowd_bin, config, "ok.policy.example.net", "--connect", https, "--state")
     assert r["exit"] == 0, r
@@ -322,10 +325,8 @@ def test_a_cached_policy_is_refreshed_without_a_txt_record(mailflowd_bin, config
     until it expires and is refreshed under its own id (its policy host serves enforce, the cache says testing)."""
     state = workdir / "state"
     now = int(time.time())
-    (state / "mta-sts.state").write_text(
-        "mailflowd-mta-sts 1\n"
-        f"utf8.policy.example.net\tcached1\t{now - 86460}\t{now + 86400}\tversion: STSv1\tmode: testing\t"
-        "mx: mx.utf8.policy.example.net\tmax_age: 172860\n")
+    cache_policy(state, "utf8.policy.example.net", "cached1", now - 86460, now + 86400, "testing", 172860,
+                 mx="mx.utf8.policy.example.net")
     r = mta_sts(mailflowd_bin, config, "utf8.policy.example.net", "--connect", https, "--state")
     assert (r["exit"], r["mode"], r["from_cache"], r["id"], r["failure"]) == (0, "enforce", False, "cached1", None), r
 
@@ -335,10 +336,7 @@ def test_a_refresh_that_fails_keeps_the_cached_policy(mailflowd_bin, config, wor
     and the failure is reported (RFC 8461 5.1)."""
     state = workdir / "state"
     now = int(time.time())
-    (state / "mta-sts.state").write_text(
-        "mailflowd-mta-sts 1\n"
-        f"ok.policy.example.net\t20240101T000000\t{now - 90000}\t{now + 86400}\tversion: STSv1\tmode: enforce\t"
-        "mx: mx1.ok.policy.example.net\tmax_age: 176400\n")
+    cache_policy(state, "ok.policy.example.net", "20240101T000000", now - 90000, now + 86400, "enforce", 176400)
     closed = harness.free_port("127.0.0.1")
     r = mta_sts(mailflowd_bin, config, "ok.policy.example.net", "--connect", f"127.0.0.1:{closed}", "--state")
     assert (r["exit"], r["mode"], r["from_cache"], r["id"], r["failure"]) == (

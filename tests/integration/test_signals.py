@@ -228,79 +228,65 @@ def test_drain_timeout_stops_a_session_in_its_mx_lookup(workdir, daemon_factory)
         knot.stop()
 
 
-def test_drain_timeout_cutting_a_session_is_no_upstream_error(daemon_factory):
-    """The drain timeout closes a session that still waits for its upstream's reply to end-of-data: mailflowd
-    cut it, the upstream did nothing wrong, so no upstream_error (connection_lost) is logged (nor counted: the
-    process is gone before a scrape could show it) for it."""
-    got_message = threading.Event()
+def cut_by_drain_timeout(daemon_factory, name, body):
+    """A session through a fake upstream that answers 354 to DATA, takes the message and never answers it; the
+    client sends `body` behind DATA and nothing more. Once the upstream has the whole message (or, for a partial
+    body, has answered 354), SIGTERM with a drain timeout of 1 s, which cuts the session. Returns the stopped
+    daemon and the (stopped) fake upstream."""
+    whole = body.endswith(b"\r\n.\r\n")
+    reached = threading.Event()
 
-    def silent_after_dot(conn):
+    def script(conn):
         if conn.smtp_until(b"DATA") is not None:
             conn.send(b"354 go on\r\n")
+            if not whole:
+                reached.set()
             if conn.message() is not None:
-                got_message.set()
+                reached.set()
             conn.hang(10)
 
-    fake = hh.FakeUpstream("silent-after-dot", silent_after_dot)
+    fake = hh.FakeUpstream(name, script)
     try:
         port = harness.free_port()
         d = daemon_factory(listeners=[hh.listener("inbound", port, fake.name)],
-                           upstreams=[hh.plain_upstream(fake.name, fake.port)], name="cut-upstream",
+                           upstreams=[hh.plain_upstream(fake.name, fake.port)], name=name,
                            limits={"drain_timeout": "1s"})
         c = hh.greeted(port)
         try:
             assert c.cmd(f"MAIL FROM:<{hh.SENDER}>")[0] == 250
             assert c.cmd(f"RCPT TO:<{hh.RCPT}>")[0] == 250
             assert c.cmd("DATA")[0] == 354
-            c.send(harness.dot_stuff(hh.message("cut")) + b".\r\n")  # its reply never comes
-            assert got_message.wait(5), f"the message did not reach the upstream:\n{fake.log_tail()}"
+            c.send(body)
+            assert reached.wait(5), f"the upstream never got that far:\n{fake.log_tail()}"
             d.proc.send_signal(signal.SIGTERM)
             d.proc.wait(15)
         finally:
             c.close()
-        log = d.stderr()
-        assert "drain_timeout" in log, harness.tail(d.log_path)
-        assert not re.search(r"upstream_error .*reason=connection_lost", log), harness.tail(d.log_path)
     finally:
         fake.stop()
+    return d, fake
+
+
+def test_drain_timeout_cutting_a_session_is_no_upstream_error(daemon_factory):
+    """The drain timeout closes a session that still waits for its upstream's reply to end-of-data: mailflowd
+    cut it, the upstream did nothing wrong, so no upstream_error (connection_lost) is logged (nor counted: the
+    process is gone before a scrape could show it) for it."""
+    d, _ = cut_by_drain_timeout(daemon_factory, "cut-upstream", harness.dot_stuff(hh.message("cut")) + b".\r\n")
+    log = d.stderr()
+    assert "drain_timeout" in log, harness.tail(d.log_path)
+    assert not re.search(r"upstream_error .*reason=connection_lost", log), harness.tail(d.log_path)
 
 
 def test_drain_timeout_cutting_a_message_is_a_shutdown(daemon_factory):
     """The drain timeout closes a session whose client is in the middle of its message: mailflowd cut it, so its
     session line says result=shutdown (not disconnected_in_data, the client's doing), the upstream gets no message
     and no upstream error is logged."""
-    got_data = threading.Event()
-
-    def takes_data(conn):
-        if conn.smtp_until(b"DATA") is not None:
-            conn.send(b"354 go on\r\n")
-            got_data.set()
-            conn.message()
-
-    fake = hh.FakeUpstream("takes-data", takes_data)
-    try:
-        port = harness.free_port()
-        d = daemon_factory(listeners=[hh.listener("inbound", port, fake.name)],
-                           upstreams=[hh.plain_upstream(fake.name, fake.port)], name="cut-message",
-                           limits={"drain_timeout": "1s"})
-        c = hh.greeted(port)
-        try:
-            assert c.cmd(f"MAIL FROM:<{hh.SENDER}>")[0] == 250
-            assert c.cmd(f"RCPT TO:<{hh.RCPT}>")[0] == 250
-            assert c.cmd("DATA")[0] == 354
-            c.send(b"Subject: cut\r\n\r\nthe first half")  # and the rest never comes
-            assert got_data.wait(5), fake.log_tail()
-            d.proc.send_signal(signal.SIGTERM)
-            d.proc.wait(15)
-        finally:
-            c.close()
-        log = d.stderr()
-        sessions = [ln for ln in log.splitlines() if " session id=" in ln]
-        assert len(sessions) == 1 and " result=shutdown " in sessions[0], "\n".join(sessions)
-        assert not re.search(r" upstream_error ", log), harness.tail(d.log_path)
-        assert not fake.delivered, fake.log_tail()
-    finally:
-        fake.stop()
+    d, fake = cut_by_drain_timeout(daemon_factory, "cut-message", b"Subject: cut\r\n\r\nthe first half")
+    log = d.stderr()
+    sessions = [ln for ln in log.splitlines() if " session id=" in ln]
+    assert len(sessions) == 1 and " result=shutdown " in sessions[0], "\n".join(sessions)
+    assert not re.search(r" upstream_error ", log), harness.tail(d.log_path)
+    assert not fake.delivered, fake.log_tail()
 
 
 def stall_after_starttls(conn):
