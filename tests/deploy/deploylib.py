@@ -212,13 +212,18 @@ class Webhook:
 
 
 class Alertmanager:
-    def __init__(self, procs, workdir, webhook_url):
+    """A real Alertmanager: with webhook_url, routing everything to that webhook; with config, that file."""
+
+    def __init__(self, procs, workdir, webhook_url=None, config=None):
         workdir = Path(workdir)
         self.port = free_port()
         cluster_port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config_path = workdir / "alertmanager.yml"
-        self.config_path.write_text(f"""route:
+        if config is not None:
+            shutil.copyfile(config, self.config_path)
+        else:
+            self.config_path.write_text(f"""route:
   receiver: hook
   group_by: [alertname, connector, direction]
   group_wait: 1s
@@ -240,6 +245,19 @@ receivers:
 
     def host_port(self):
         return f"127.0.0.1:{self.port}"
+
+    def post(self, *label_sets):
+        """Alerts firing now, as Prometheus sends them (API v2)."""
+        body = json.dumps([{"labels": labels} for labels in label_sets]).encode()
+        request = urllib.request.Request(self.url + "/api/v2/alerts", data=body,
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert response.status == 200, response.status
+
+    def alerts(self):
+        """Every alert Alertmanager holds, with its status (state, inhibitedBy)."""
+        with urllib.request.urlopen(self.url + "/api/v2/alerts", timeout=5) as response:
+            return json.loads(response.read())
 
 
 def rules_with_short_for(workdir, duration="0s"):
