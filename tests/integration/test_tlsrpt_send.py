@@ -19,6 +19,7 @@ import os
 import re
 import socket
 import ssl
+import subprocess
 import sys
 import threading
 import time
@@ -562,3 +563,29 @@ policy no-policy-found - - 1 0 0
         for connection in held:
             connection.close()
         stall.close()
+
+
+@pytest.mark.parametrize("name, error", [
+    ("O" * 257, "tlsrpt.organization_name: at most 256 characters (it goes into a line of the report mail, and "
+                "mail lines end at 998), got 257"),
+    ("Example\\tOrg", "tlsrpt.organization_name: must be printable ASCII, not empty"),
+    ("Example\\x7fOrg", "tlsrpt.organization_name: must be printable ASCII, not empty"),
+    ("O" * 256, None),
+])
+def test_check_config_refuses_an_organization_name_no_report_mail_can_carry(name, error, workdir, mailflowd_bin):
+    """tlsrpt.organization_name goes into a plain-text line of every report mail: a name that would break the
+    998-octet line limit (receivers refuse such mail, so every report would bounce), or with control characters,
+    is refused by --check-config with file:line:col; the longest one allowed is accepted."""
+    config = workdir / "organization-name.yaml"
+    config.write_text(
+        "hostname: mx.sender.example\n"
+        f"state_dir: {workdir}\n"
+        "listeners:\n  - {name: out, address: \"127.0.0.1:2525\", direction: outbound, upstream: internet}\n"
+        "upstreams:\n  - {name: internet, mx: true}\n"
+        f"tlsrpt:\n  send: true\n  organization_name: \"{name}\"\n")
+    result = subprocess.run([mailflowd_bin, "--check-config", str(config)], capture_output=True, text=True)
+    if error is None:
+        assert result.returncode == 0, result.stderr
+    else:
+        assert result.returncode == 1, result
+        assert f"{config}:9:22: {error}" in result.stderr, result.stderr
