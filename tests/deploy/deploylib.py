@@ -281,6 +281,25 @@ GRAFANA_VARS = {
 }
 
 
+# Grafana's default "Scrape interval" of a Prometheus data source, which $__rate_interval assumes for a query
+# without a Min step.
+GRAFANA_DEFAULT_SCRAPE_INTERVAL = 15
+
+
+def seconds(duration):
+    """'30s', '2m', '1h' -> seconds."""
+    m = re.fullmatch(r"(\d+)([smh])", duration)
+    assert m, duration
+    return int(m.group(1)) * {"s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+def grafana_rate_interval(min_step=None):
+    """$__rate_interval in seconds as Grafana makes it for a short range (where $__interval is at its floor, the
+    Min step): max($__interval + S, 4 * S), S = the query's Min step or the data source's scrape interval."""
+    scrape = seconds(min_step) if min_step else GRAFANA_DEFAULT_SCRAPE_INTERVAL
+    return max(scrape + scrape, 4 * scrape)
+
+
 def load_dashboard(path=DASHBOARD):
     return json.loads(Path(path).read_text())
 
