@@ -3,6 +3,7 @@
 // reliable).
 #include "config/config.hpp"
 #include "proto/ascii.hpp"
+#include "proto/tlsrpt.hpp"
 
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -941,18 +942,24 @@ class Loader {
                         "of a configured upstream: their metrics share series (rename the upstream)");
       }
     }
-    // Printable ASCII: these go into the report's JSON and into mail headers as they are.
-    const auto ascii = [&](std::string_view key, std::string& out) {
-      return read(*map, key, "tlsrpt", "a string", out, [](const std::string& text, std::string& problem) {
+    // Printable ASCII: these go into the report's JSON and the organization name into a text line of the
+    // report mail as they are; that line has a length limit (proto::tlsrpt::max_organization_name).
+    const auto ascii = [&](std::string_view key, std::string& out, std::size_t max_size) {
+      const auto parse = [max_size](const std::string& text, std::string& problem) {
         const bool ok = !text.empty() && std::all_of(text.begin(), text.end(), [](char c) {
           return static_cast<unsigned char>(c) >= 0x20 && static_cast<unsigned char>(c) < 0x7f;
         });
         if (!ok) problem = "must be printable ASCII, not empty";
-        return ok ? std::optional<std::string>(text) : std::nullopt;
-      });
+        if (ok && text.size() > max_size)
+          problem = "at most " + std::to_string(max_size) +
+                    " characters (it goes into a line of the report mail, and mail lines end at 998), got " +
+                    std::to_string(text.size());
+        return problem.empty() ? std::optional<std::string>(text) : std::nullopt;
+      };
+      return read(*map, key, "tlsrpt", "a string", out, parse);
     };
-    ascii("organization_name", config_.tlsrpt.organization_name);
-    ascii("contact_info", config_.tlsrpt.contact_info);
+    ascii("organization_name", config_.tlsrpt.organization_name, proto::tlsrpt::max_organization_name);
+    ascii("contact_info", config_.tlsrpt.contact_info, std::string::npos);
     read(*map, "submitter", "tlsrpt", "a domain name", config_.tlsrpt.submitter,
          [](const std::string& text, std::string& problem) {
            if (!valid_hostname(text)) problem = "expected a domain name like mx1.example.org, got " + quoted(text);

@@ -532,6 +532,15 @@ struct Server::Impl {
         co_await tick.async_wait(asio::use_awaitable);
       }
     }
+    if (tlsrpt_sender && tlsrpt_sender->running()) {
+      // A TLS-RPT report mail in flight is closed too, and says so (result=shutdown) before the loop stops.
+      tlsrpt_sender->stop();
+      const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+      while (tlsrpt_sender->running() && std::chrono::steady_clock::now() < until) {
+        tick.expires_after(std::chrono::milliseconds(20));
+        co_await tick.async_wait(asio::use_awaitable);
+      }
+    }
     http->stop();
     save_state_now();
     log_event(LogLevel::info, "stopped", {{"messages", telemetry.messages_total()}});

@@ -298,7 +298,17 @@ asio::awaitable<void> TlsRptSender::run(const std::atomic<bool>& stopping) {
   }
 }
 
+void TlsRptSender::stop() {
+  stopped_ = true;
+  if (close_in_flight_) close_in_flight_();
+}
+
 asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
+  running_ = true;
+  struct NotRunning {  // also when a try throws
+    bool& running;
+    ~NotRunning() { running = false; }
+  } not_running{running_};
   const auto current = runtime_();
   const config::Config& config = *current->config;
   TlsRptStore& store = telemetry_.tlsrpt();
@@ -324,8 +334,9 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
   const auto submitter = store.submitter();
   std::size_t tried = 0;
   bool forgot = false;  // a report was done with (sent to every rua, or given up)
+  bool cut_short = false;  // stop() ended a try: the run ends, the report stays as it was
   for (const auto& key : keys) {
-    if (stopping_ != nullptr && *stopping_) break;
+    if (cut_short || stopped_ || (stopping_ != nullptr && *stopping_)) break;
     if (tried >= config.tlsrpt.max_reports_per_run) {
       log_event(LogLevel::info, "tlsrpt_deferred",
                 {{"reports", keys.size() - tried}, {"reason", "tlsrpt.max_reports_per_run reached"}});
@@ -346,6 +357,17 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
       } else {
         result = co_await deliver_https(*runtime, target, gzipped, detail);
       }
+      if (stopped_ && result != TlsRptDelivery::success) {
+        log_event(LogLevel::info, "tlsrpt_delivery",
+                  {{"date", day->date},
+                   {"domain", day->domain},
+                   {"rua", uri},
+                   {"method", to_string(target.method)},
+                   {"result", "shutdown"},
+                   {"detail", "the daemon is stopping; sent at the next start"}});
+        cut_short = true;
+        break;
+      }
       telemetry_.tlsrpt_delivery(to_string(target.method), to_string(result));
       log_event(result == TlsRptDelivery::success ? LogLevel::info : LogLevel::warn, "tlsrpt_delivery",
                 {{"date", day->date},
@@ -361,6 +383,7 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
       ledger_changed_ = true;
       save_ledger();
     }
+    if (cut_short) break;
     const auto retry_for = std::chrono::duration_cast<std::chrono::seconds>(config.tlsrpt.retry_for);
     const auto verdict = ledger_.verdict(key, day->rua, now, retry_for);
     ledger_changed_ = true;
@@ -429,7 +452,11 @@ asio::awaitable<TlsRptDelivery> TlsRptSender::deliver_mailto(const Runtime& runt
     Deadlines& deadlines;
     ~StopWatchdog() { deadlines.stop(); }
   } stop_watchdog{conversation->deadlines};
+  close_in_flight_ = [weak = std::weak_ptr<Conversation>(conversation)] {
+    if (const auto in_flight = weak.lock()) in_flight->leg.force_close();
+  };
   const TlsRptDelivery result = co_await converse(*conversation, upstream, rua, config, message, detail);
+  close_in_flight_ = nullptr;
   co_await conversation->leg.close(true);
   co_return result;
 }

@@ -85,6 +85,13 @@ class TlsRptSender {
   // One run at unix time `now`: returns how many reports were tried.
   boost::asio::awaitable<std::size_t> run_once(std::int64_t now);
 
+  // At stop, once the sessions are done: the report mail in flight (if any) is closed where it is, as a stop
+  // closes a relay session's upstream leg. The daemon's own doing, so nobody's failure: a try that ends after
+  // this is logged with result=shutdown and neither counted nor put in the ledger (the report goes out at the
+  // next start), and no upstream error or MX attempt is counted for it. The run ends after that try.
+  void stop();
+  bool running() const { return running_; }  // a run is in progress (the daemon waits for it to end)
+
  private:
   // `upstream`: the mx upstream the mail goes through (its TLS context is in `runtime`).
   boost::asio::awaitable<TlsRptDelivery> deliver_mailto(const Runtime& runtime, const config::Upstream& upstream,
@@ -107,6 +114,9 @@ class TlsRptSender {
   };
   std::shared_ptr<UnsavedLedger> unsaved_ledger_ = std::make_shared<UnsavedLedger>();
   const std::atomic<bool>* stopping_ = nullptr;
+  bool stopped_ = false;                   // stop() was called
+  bool running_ = false;                   // run_once() is in progress
+  std::function<void()> close_in_flight_;  // force_close() of the report mail's conversation in flight
   std::shared_ptr<Resolver> resolver_;  // https: rua host names, during one run (dns settings of that run)
   std::uint64_t unique_ = 0;            // random, with sequence_: Message-IDs, MIME boundaries, session ids
   std::uint64_t sequence_ = 0;

@@ -313,6 +313,8 @@ std::string render_mail(const DomainDay& day, const Submitter& submitter, std::s
   out += "This is a multipart message in MIME format.\r\n\r\n";
   out += "--" + parts.boundary + "\r\n";
   out += "Content-Type: text/plain; charset=\"us-ascii\"\r\n\r\n";
+  // 66 octets of text and date around the three names (max_organization_name says why this must fit).
+  static_assert(66 + max_organization_name + 253 + 253 <= 998);
   out += "This is an aggregate TLS report from " + submitter.organization_name + " (" + submitter.submitter +
          ") for " + day.domain + " on " + day.date + " (UTC).\r\n\r\n";
   out += "--" + parts.boundary + "\r\n";

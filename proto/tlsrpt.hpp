@@ -3,6 +3,7 @@
 // UTC day x policy domain (section 4's model), its JSON report (section 4.4) and the report mail (section
 // 5.3). No I/O, no clock: the store in daemon/tlsrpt.hpp feeds these.
 #include <array>
+#include <cstddef>
 #include <cstdint>
 #include <map>
 #include <optional>
@@ -94,6 +95,13 @@ struct DomainDay {
   std::vector<std::string> rua;  // where the report goes (the latest TXT record seen)
   std::map<PolicyKey, PolicyCounts> policies;
 };
+
+// The longest organization_name that a report mail can carry: render_mail() puts it into the text line
+// "This is an aggregate TLS report from NAME (SUBMITTER) for DOMAIN on DATE (UTC).", and with a submitter and
+// a domain of up to 253 octets each a longer name could break RFC 5322's limit of 998 octets per line (2.1.1):
+// receivers refuse such a mail, every report would bounce. config refuses a longer
+// tlsrpt.organization_name.
+inline constexpr std::size_t max_organization_name = 256;
 
 // What the report says about its sender (config `tlsrpt`).
 struct Submitter {

@@ -95,6 +95,15 @@ TEST_CASE("mta_sts and tlsrpt errors name the key, with line and column") {
             .find("tlsrpt.send") != std::string::npos);
   CHECK(only_error(load(with("upstreams:\n  - {name: internet, mx: true}\ntlsrpt: {organization_name: \"\"}\n")))
             .find("tlsrpt.organization_name: must be printable ASCII") != std::string::npos);
+  // It goes into a text line of the report mail (proto::tlsrpt::max_organization_name).
+  const auto with_name = [](std::size_t size) {
+    return with("upstreams:\n  - {name: internet, mx: true}\ntlsrpt: {organization_name: " +
+                std::string(size, 'O') + "}\n");
+  };
+  CHECK(only_error(load(with_name(257))) ==
+        "test.yaml:6:29: tlsrpt.organization_name: at most 256 characters (it goes into a line of the report "
+        "mail, and mail lines end at 998), got 257");
+  CHECK(load(with_name(256)).config);
 }
 
 }  // namespace

@@ -212,13 +212,18 @@ class Webhook:
 
 
 class Alertmanager:
-    def __init__(self, procs, workdir, webhook_url):
+    """A real Alertmanager: with webhook_url, routing everything to that webhook; with config, that file."""
+
+    def __init__(self, procs, workdir, webhook_url=None, config=None):
         workdir = Path(workdir)
         self.port = free_port()
         cluster_port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config_path = workdir / "alertmanager.yml"
-        self.config_path.write_text(f"""route:
+        if config is not None:
+            shutil.copyfile(config, self.config_path)
+        else:
+            self.config_path.write_text(f"""route:
   receiver: hook
   group_by: [alertname, connector, direction]
   group_wait: 1s
@@ -241,6 +246,19 @@ receivers:
     def host_port(self):
         return f"127.0.0.1:{self.port}"
 
+    def post(self, *label_sets):
+        """Alerts firing now, as Prometheus sends them (API v2)."""
+        body = json.dumps([{"labels": labels} for labels in label_sets]).encode()
+        request = urllib.request.Request(self.url + "/api/v2/alerts", data=body,
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert response.status == 200, response.status
+
+    def alerts(self):
+        """Every alert Alertmanager holds, with its status (state, inhibitedBy)."""
+        with urllib.request.urlopen(self.url + "/api/v2/alerts", timeout=5) as response:
+            return json.loads(response.read())
+
 
 def rules_with_short_for(workdir, duration="0s"):
     """The shipped rules file with only `for:` shortened (the e2e tests cannot wait 30 minutes)."""
@@ -261,6 +279,25 @@ GRAFANA_VARS = {
     "__range": "1m",
     "__range_s": "60",
 }
+
+
+# Grafana's default "Scrape interval" of a Prometheus data source, which $__rate_interval assumes for a query
+# without a Min step.
+GRAFANA_DEFAULT_SCRAPE_INTERVAL = 15
+
+
+def seconds(duration):
+    """'30s', '2m', '1h' -> seconds."""
+    m = re.fullmatch(r"(\d+)([smh])", duration)
+    assert m, duration
+    return int(m.group(1)) * {"s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+def grafana_rate_interval(min_step=None):
+    """$__rate_interval in seconds as Grafana makes it for a short range (where $__interval is at its floor, the
+    Min step): max($__interval + S, 4 * S), S = the query's Min step or the data source's scrape interval."""
+    scrape = seconds(min_step) if min_step else GRAFANA_DEFAULT_SCRAPE_INTERVAL
+    return max(scrape + scrape, 4 * scrape)
 
 
 def load_dashboard(path=DASHBOARD):

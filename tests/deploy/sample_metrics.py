@@ -50,13 +50,13 @@ def render(t):
     sample("mailflow_sessions_active", {"listener": "inbound"}, 3 + int(t) % 4)
     sample("mailflow_sessions_active", {"listener": "outbound"}, 1)
     family("mailflow_tls_handshake_failures_total", "counter", "Failed TLS handshakes")
-    sample("mailflow_tls_handshake_failures_total", {"listener": "inbound", "leg": "client", "reason": "protocol_version"}, int(t))
+    sample("mailflow_tls_handshake_failures_total", {"listener": "inbound", "leg": "client", "reason": "tlsv1_alert_protocol_version"}, int(t))
     sample("mailflow_tls_handshake_failures_total", {"listener": "inbound", "leg": "client", "reason": "no_shared_cipher"}, int(t) // 2)
     family("mailflow_tls_handshake_refused_total", "counter", "Failed client handshakes by connector and offered version")
     sample("mailflow_tls_handshake_refused_total", {"listener": "inbound", "connector": "partner-contoso", "offered": "TLS1.0"}, int(t))
     sample("mailflow_tls_handshake_refused_total", {"listener": "inbound", "connector": "internet", "offered": "TLS1.1"}, int(t) // 2)
     family("mailflow_upstream_errors_total", "counter", "Upstream errors")
-    sample("mailflow_upstream_errors_total", {"upstream": "mailstore", "reason": "connect"}, int(t) // 3)
+    sample("mailflow_upstream_errors_total", {"upstream": "mailstore", "reason": "connect_failed"}, int(t) // 3)
     family("mailflow_outbound_policy_total", "counter", "Outbound sessions under a TLS policy")
     sample("mailflow_outbound_policy_total", {"connector": "onprem", "policy": "mta-sts", "result": "success"}, int(t) * 4)
     sample("mailflow_outbound_policy_total",
@@ -65,8 +65,8 @@ def render(t):
     sample("mailflow_tlsrpt_deliveries_total", {"method": "mailto", "result": "success"}, int(t) // 5)
     sample("mailflow_tlsrpt_deliveries_total", {"method": "https", "result": "temporary_failure"}, 0)
     family("mailflow_rejects_total", "counter", "Refused commands, sessions and messages")
-    sample("mailflow_rejects_total", {"listener": "inbound", "reason": "bad_command"}, int(t))
-    sample("mailflow_rejects_total", {"listener": "inbound", "reason": "require_tls"}, 4)
+    sample("mailflow_rejects_total", {"listener": "inbound", "reason": "unrecognized_command"}, int(t))
+    sample("mailflow_rejects_total", {"listener": "inbound", "reason": "tls_required"}, 4)
     family("mailflow_window_messages", "gauge", "Messages in the rolling window")
     for (c, d), (_, _, window) in CONNECTORS.items():
         for v in TLS:

@@ -154,6 +154,51 @@ def test_reload_annotation_marks_reloads_not_restarts(tmp_path):
     assert result.returncode == 0, f"{annotation['expr']}\n{result.stdout}{result.stderr}"
 
 
+def shipped_scrape_interval():
+    """The scrape interval of the shipped Prometheus config (the ServiceMonitor's must be the same)."""
+    prom = yaml.safe_load((d.REPO / "deploy" / "prometheus" / "examples" / "prometheus.example.yml").read_text())
+    (monitor,) = [doc for doc in yaml.safe_load_all((d.REPO / "deploy" / "kubernetes" / "servicemonitor.yaml")
+                                                     .read_text()) if doc and doc.get("kind") == "ServiceMonitor"]
+    assert {e["interval"] for e in monitor["spec"]["endpoints"]} == {prom["global"]["scrape_interval"]}
+    return d.seconds(prom["global"]["scrape_interval"])
+
+
+def test_rate_panels_bridge_a_missed_scrape_at_the_shipped_scrape_interval(tmp_path):
+    """Grafana makes $__rate_interval max($__interval + S, 4 * S), S being the query's Min step or else the data
+    source's scrape interval setting, 15s unless someone changed it. The shipped configs scrape every 30s, so
+    without a Min step a short range gets 1m: two scrapes, and one missed scrape leaves a gap in every rate panel.
+    Every query (and annotation) with $__rate_interval must come to at least 4 scrapes by itself, and promtool
+    shows what that window gives on a relay scraped every 30s with one scrape missed: a value at every step."""
+    scrape = shipped_scrape_interval()
+    dash = d.load_dashboard()
+    queries = [(p["title"], t) for p in d.all_panels(dash) for t in p.get("targets", [])]
+    queries += [(a["name"], {**a, "interval": a.get("step")}) for a in dash["annotations"]["list"] if "expr" in a]
+    windows = {}
+    for title, target in queries:
+        if "$__rate_interval" in target["expr"]:
+            windows[title] = d.grafana_rate_interval(target.get("interval"))
+    assert len(windows) >= 7, windows
+    short = {title: w for title, w in windows.items() if w < 4 * scrape}
+    assert not short, f"$__rate_interval below 4 scrapes of {scrape}s (seconds per query): {short}"
+
+    window = min(windows.values())
+    step = f"{scrape}s"
+    expr = f"(rate(c[{window}s]) > 0) * 0 + 1"  # present or not: "* 0 + 1" only fixes the value
+    test = {"rule_files": [], "evaluation_interval": step, "tests": [{
+        "interval": step,
+        # 1 a scrape, the 6th scrape missed
+        "input_series": [{"series": 'c{job="mailflowd"}', "values": "0 1 2 3 4 _ 6 7 8 9 10 11 12 13 14 15"}],
+        # Grafana's steps fall between scrapes: every half-way point once the window is full
+        "promql_expr_test": [{"expr": expr, "eval_time": f"{n * scrape + scrape // 2}s",
+                              "exp_samples": [{"labels": '{job="mailflowd"}', "value": 1}]}
+                             for n in range(window // scrape, 14)],
+    }]}
+    path = tmp_path / "rate.test.yml"
+    path.write_text(json.dumps(test))
+    result = subprocess.run(["promtool", "test", "rules", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, f"{expr}\n{result.stdout}{result.stderr}"
+
+
 def test_scaling_md_federation_serves_its_90_day_query(procs, tmp_path):
     """docs/scaling.md's federation setup, as written: a site Prometheus with the shipped rules scrapes a
     relay, a central one federates from it with the documented match[], and the documented 90-day query

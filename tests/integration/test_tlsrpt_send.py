@@ -19,6 +19,7 @@ import os
 import re
 import socket
 import ssl
+import subprocess
 import sys
 import threading
 import time
@@ -521,3 +522,70 @@ policy no-policy-found - - 1 0 0
             harness.LIVE.remove(second)
     finally:
         stall.close()
+
+
+def test_a_stop_while_a_report_mail_is_in_flight_is_nobodys_failure(workdir, knot, mailflowd_bin):
+    """A report mail cut short by a stop (its MX host has not greeted yet) is the daemon's own doing, as a relay
+    session's upstream leg cut by a stop is (operations.md): logged with result=shutdown, no temporary_failure, no
+    upstream error or failed MX attempt, nothing in the ledger (retry_for has not started), and the next start
+    sends it again."""
+    port = harness.free_port("127.0.0.1", STALL_ADDR)
+    stall = socket.socket()
+    stall.bind((STALL_ADDR, port))
+    stall.listen(16)
+    stall.settimeout(20)
+    state_dir = workdir / "stop-state"
+    state_dir.mkdir(exist_ok=True)
+    (state_dir / "tlsrpt.state").write_text(f"""mailflowd-tlsrpt 1
+day {DATE} h.example.net mailto:reports@stall.rpt.example.net
+policy no-policy-found - - 1 0 0
+""")
+    tlsrpt = {"send": True, "submitter": SUBMITTER, "smtp_port": port, "interval": "1s"}
+    listeners = [{"name": "out", "address": f"127.0.0.1:{harness.free_port()}", "direction": "outbound",
+                  "upstream": "internet"}]
+    config = harness.default_config(state_dir, harness.free_port(), listeners, [{"name": "internet", "mx": True}],
+                                    dns={"servers": [knot.address], "timeout": "3s"}, tlsrpt=tlsrpt,
+                                    timeouts={"upstream_connect": "60s", "tls_handshake": "60s"})
+    held = []
+    try:
+        for name in ("stop-in-flight", "stop-in-flight-again"):
+            daemon = harness.Daemon(mailflowd_bin, workdir, config, name=name).start()
+            held.append(stall.accept()[0])  # the report mail's MX attempt: it waits for a banner that never comes
+            assert daemon.stop() == 0, daemon.log_tail()
+            harness.LIVE.remove(daemon)
+            log = daemon.stderr()
+            tries = [line for line in log.splitlines() if "tlsrpt_delivery" in line]
+            assert len(tries) == 1 and "result=shutdown" in tries[0] and "stall.rpt.example.net" in tries[0], log
+            assert "upstream_error" not in log and "connect_timeout" not in log, log
+            ledger = state_dir / "tlsrpt-ledger.state"
+            assert not ledger.exists() or "stall.rpt.example.net" not in ledger.read_text(), ledger.read_text()
+    finally:
+        for connection in held:
+            connection.close()
+        stall.close()
+
+
+@pytest.mark.parametrize("name, error", [
+    ("O" * 257, "tlsrpt.organization_name: at most 256 characters (it goes into a line of the report mail, and "
+                "mail lines end at 998), got 257"),
+    ("Example\\tOrg", "tlsrpt.organization_name: must be printable ASCII, not empty"),
+    ("Example\\x7fOrg", "tlsrpt.organization_name: must be printable ASCII, not empty"),
+    ("O" * 256, None),
+])
+def test_check_config_refuses_an_organization_name_no_report_mail_can_carry(name, error, workdir, mailflowd_bin):
+    """tlsrpt.organization_name goes into a plain-text line of every report mail: a name that would break the
+    998-octet line limit (receivers refuse such mail, so every report would bounce), or with control characters,
+    is refused by --check-config with file:line:col; the longest one allowed is accepted."""
+    config = workdir / "organization-name.yaml"
+    config.write_text(
+        "hostname: mx.sender.example\n"
+        f"state_dir: {workdir}\n"
+        "listeners:\n  - {name: out, address: \"127.0.0.1:2525\", direction: outbound, upstream: internet}\n"
+        "upstreams:\n  - {name: internet, mx: true}\n"
+        f"tlsrpt:\n  send: true\n  organization_name: \"{name}\"\n")
+    result = subprocess.run([mailflowd_bin, "--check-config", str(config)], capture_output=True, text=True)
+    if error is None:
+        assert result.returncode == 0, result.stderr
+    else:
+        assert result.returncode == 1, result
+        assert f"{config}:9:22: {error}" in result.stderr, result.stderr

@@ -147,6 +147,27 @@ TEST_CASE("tlsrpt mail: section 5.3 headers, multipart/report with the base64 gz
   for (const char c : mail) CHECK_MESSAGE(static_cast<unsigned char>(c) < 0x80, "7bit only");
 }
 
+// config refuses a longer tlsrpt.organization_name: with it, and a submitter and a domain of 253 octets each,
+// the text line still fits RFC 5322's 998 octets (a longer line makes receivers refuse every report).
+TEST_CASE("tlsrpt mail: the longest organization name allowed keeps the text line within 998 octets") {
+  const std::string longest_name = std::string(63, 'a') + "." + std::string(63, 'b') + "." +
+                                   std::string(63, 'c') + "." + std::string(61, 'd');
+  REQUIRE(longest_name.size() == 253);
+  const Submitter submitter{std::string(max_organization_name, 'O'), "c@x.example", longest_name};
+  DomainDay day = sample_day();
+  day.domain = longest_name;
+  const MailParts parts{"t@x.example", "r@y.example", "Fri, 02 Apr 2016 00:05:00 +0000", "r1@x.example",
+                        "----=_tlsrpt_1"};
+  const std::string mail = render_mail(day, submitter, "gz", parts);
+  const auto start = mail.find("This is an aggregate TLS report from ");
+  REQUIRE(start != std::string::npos);
+  const auto line = mail.substr(start, mail.find("\r\n", start) - start);
+  CHECK(line.find(submitter.organization_name + " (" + longest_name + ") for " + longest_name) !=
+        std::string::npos);
+  CHECK(line.size() <= 998);
+  CHECK(max_organization_name >= 253);  // the default, the hostname, always fits
+}
+
 TEST_CASE("base64: RFC 4648 test vectors") {
   CHECK(base64("") == "");
   CHECK(base64("f") == "Zg==");
