@@ -37,7 +37,11 @@ bool write_state_file(const std::string& state_dir, std::string_view name, std::
     error = what + ": " + std::strerror(saved_errno);
     return false;
   };
-  const auto create = [&] { return ::open(temp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640); };
+  // A temporary file that an earlier run left (a crash, a kill -9; owned by root after a root run, so the
+  // daemon's user could not open it to truncate it) made every later save fail: it is unlinked first (state_dir
+  // has one writer, so nobody else has it open) and the new one is created exclusively, never through a link.
+  ::unlink(temp.c_str());
+  const auto create = [&] { return ::open(temp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0640); };
   int fd = create();
   if (fd < 0 && errno == ENOENT) {
     // state_dir was deleted while the daemon runs (an operator's rm -rf, a clean-up job): made again as at

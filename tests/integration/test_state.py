@@ -323,3 +323,38 @@ def test_state_dir_not_writable(env, tmp_path_factory):
         assert list(state.iterdir()) == [], f"something was written: {list(state.iterdir())}"
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_temporary_file_left_by_a_crashed_root_run_does_not_block_the_saves(env):
+    """windows.state.tmp left by a run that died mid-save, owned by root (an operator's run as root): the daemon's
+    user cannot open it for writing, and every save failed on it until someone removed it. As root, the daemon
+    runs as `nobody` via setpriv; otherwise the file is made read-only for its owner."""
+    base = Path(tempfile.mkdtemp(prefix="mailflowd-tmp-"))  # outside the 0700 pytest basetemp: nobody reads it
+    try:
+        base.chmod(0o755)
+        state = base / "state"
+        state.mkdir(mode=0o750)
+        left = state / "windows.state.tmp"
+        left.write_text("mailflowd-windows 2\nhalf a save\n")
+        left.chmod(0o400)
+        wrapper = []
+        if os.geteuid() == 0:
+            setpriv = shutil.which("setpriv")
+            if not setpriv:
+                pytest.skip("running as root without setpriv: cannot leave a file the daemon cannot write")
+            nobody = int(subprocess.run(["id", "-u", "nobody"], capture_output=True, text=True).stdout)
+            os.chown(state, nobody, -1)
+            wrapper = [setpriv, "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+        cfg = harness.default_config(
+            state, harness.free_port(),
+            [{"name": "inbound", "address": f"127.0.0.1:{harness.free_port()}", "direction": "inbound",
+              "upstream": "store"}],
+            [{"name": "store", "address": f"127.0.0.1:{env.sink.port}", "tls": "none"}])
+        d = harness.Daemon(env.bin, base, cfg, name="stale-tmp", wrapper=wrapper).start()
+        stop_ok(d)
+        log = d.stderr()
+        assert "state_save_failed" not in log, f"the save failed on the stale temporary file:\n{log}"
+        assert (state / "windows.state").read_text().startswith("mailflowd-windows 2\n"), log
+        assert not left.exists(), "the stale temporary file is still there"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
