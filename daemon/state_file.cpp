@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>  // renameat2, RENAME_NOREPLACE
 #include <cstring>
 #include <filesystem>
 #include <thread>
@@ -117,11 +118,21 @@ StateRead read_state_file(const std::string& state_dir, std::string_view name, s
 
 std::string move_state_file_aside(const std::string& state_dir, std::string_view name, std::int64_t unix_time) {
   const fs::path path = fs::path(state_dir) / name;
-  const fs::path aside = fs::path(state_dir) / (std::string(name) + ".corrupt-" + std::to_string(unix_time));
-  if (::rename(path.c_str(), aside.c_str()) != 0) {
-    return "cannot be moved aside: " + std::string(std::strerror(errno));
+  const std::string first = std::string(name) + ".corrupt-" + std::to_string(unix_time);
+  // Never over an earlier one: two files moved aside in the same second (a restart loop, another bad copy
+  // restored at once) keep both evidence, the later as NAME.corrupt-<time>-2, -3, ...
+  constexpr int kMostPerSecond = 1000;
+  for (int n = 1; n <= kMostPerSecond; ++n) {
+    const fs::path aside = fs::path(state_dir) / (n == 1 ? first : first + "-" + std::to_string(n));
+    int moved = ::renameat2(AT_FDCWD, path.c_str(), AT_FDCWD, aside.c_str(), RENAME_NOREPLACE);
+    if (moved != 0 && errno == EINVAL) {  // a file system without RENAME_NOREPLACE (NFS): link() never replaces
+      moved = ::link(path.c_str(), aside.c_str());
+      if (moved == 0) ::unlink(path.c_str());
+    }
+    if (moved == 0) return "moved to " + aside.string();
+    if (errno != EEXIST) return "cannot be moved aside: " + std::string(std::strerror(errno));
   }
-  return "moved to " + aside.string();
+  return "cannot be moved aside: " + std::to_string(kMostPerSecond) + " files named " + first + "* already";
 }
 
 }  // namespace mailflow

@@ -2,7 +2,7 @@
 // Files in state_dir, written (by the StateWriter, daemon/state_writer.hpp) and read the same way: written
 // whole to a temporary file, fsynced, renamed over the old one and the directory fsynced, so that a crash
 // leaves the old or the new file, never half of one; a file that cannot be parsed is moved aside
-// (NAME.corrupt-<unix time>) so that the evidence is kept and the daemon starts empty.
+// (NAME.corrupt-<unix time>[-N]) so that the evidence is kept and the daemon starts empty.
 #include <cstdint>
 #include <string>
 #include <string_view>
@@ -25,7 +25,8 @@ enum class StateRead { read, absent, too_big, failed };
 StateRead read_state_file(const std::string& state_dir, std::string_view name, std::size_t max_bytes,
                           std::string& text, std::string& error);
 
-// Renames state_dir/name to name.corrupt-<unix_time>; returns the text for the log ("moved to ..." or why not).
+// Renames state_dir/name to name.corrupt-<unix_time> (name.corrupt-<unix_time>-2, -3, ... where that one is
+// taken: never over an earlier one); returns the text for the log ("moved to ..." or why not).
 std::string move_state_file_aside(const std::string& state_dir, std::string_view name, std::int64_t unix_time);
 
 }  // namespace mailflow

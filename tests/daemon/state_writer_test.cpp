@@ -94,3 +94,16 @@ TEST_CASE("state writer: a file that cannot be written is counted, the job's oth
   CHECK(read(dir / "after.state") == "z");
   std::filesystem::remove_all(dir);
 }
+
+TEST_CASE("state files: two moved aside in the same second are both kept") {
+  const auto dir = fresh_dir("aside");
+  for (const char* text : {"first", "second", "third"}) {
+    std::ofstream(dir / "x.state") << text;
+    CHECK(mailflow::move_state_file_aside(dir.string(), "x.state", 1000).starts_with("moved to "));
+  }
+  CHECK_FALSE(std::filesystem::exists(dir / "x.state"));
+  CHECK(read(dir / "x.state.corrupt-1000") == "first");
+  CHECK(read(dir / "x.state.corrupt-1000-2") == "second");
+  CHECK(read(dir / "x.state.corrupt-1000-3") == "third");
+  std::filesystem::remove_all(dir);
+}

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 import types
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -243,6 +244,26 @@ def test_corrupt_state_file_is_moved_aside_and_the_daemon_relays(env, kind):
     report, today = rh.stable_report(again)
     rh.assert_report_matches(report, rh.plan_counts(ONE_MORE), today)
     stop_ok(again)
+
+
+def test_a_file_moved_aside_never_replaces_an_earlier_one(env):
+    """Two corrupt copies moved aside in the same second (a restart loop, another bad copy restored at once) must
+    both be kept: the rename over windows.state.corrupt-<time> lost the first. Earlier ones are made for every
+    second the start can take, so the daemon's own name is always taken."""
+    state = env.workdir / "aside-twice-state"
+    state.mkdir()
+    now = int(time.time())
+    earlier = {state / f"windows.state.corrupt-{t}": f"earlier {t}\n".encode() for t in range(now - 2, now + 60)}
+    for path, content in earlier.items():
+        path.write_bytes(content)
+    (state / "windows.state").write_bytes(b"garbage\n")
+    daemon = env.make("aside-twice", state)
+    stop_ok(daemon)
+    for path, content in earlier.items():
+        assert path.read_bytes() == content, f"{path.name} was replaced by the file moved aside"
+    new = [p for p in state.glob("windows.state.corrupt-*") if p not in earlier]
+    assert [p.read_bytes() for p in new] == [b"garbage\n"], sorted(p.name for p in new)
+    assert new[0].name in daemon.stderr(), f"the log should say where the file went ({new[0].name})"
 
 
 # -------------------------------------------------------------------------------- unusable state_dir
