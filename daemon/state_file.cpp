@@ -1,12 +1,14 @@
 #include "daemon/state_file.hpp"
 
 #include <fcntl.h>
+#include <sys/file.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstdio>  // renameat2, RENAME_NOREPLACE
 #include <cstring>
 #include <filesystem>
+#include <stdexcept>
 #include <thread>
 
 #include "daemon/failpoint.hpp"
@@ -83,6 +85,41 @@ bool write_state_file(const std::string& state_dir, std::string_view name, std::
   error.clear();
   return true;
 }
+
+StateDirLock::StateDirLock(const std::string& state_dir) {
+  const fs::path path = fs::path(state_dir) / "mailflowd.lock";
+  const auto fail = [&](const std::string& what, int saved_errno) {
+    if (fd_ >= 0) ::close(fd_);
+    throw std::runtime_error("state_dir " + state_dir + ": " + what + ": " + std::strerror(saved_errno));
+  };
+  std::error_code ec;
+  fs::create_directories(state_dir, ec);
+  if (ec) fail("cannot create it", ec.value());
+  fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0644);
+  const bool writable = fd_ >= 0;
+  // Made by a run as another user (root): a lock needs no write access, only the pid is not written then.
+  if (fd_ < 0 && errno == EACCES) fd_ = ::open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+  if (fd_ < 0) fail("cannot open " + path.string(), errno);
+  if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+    if (errno != EWOULDBLOCK) fail("cannot lock " + path.string(), errno);
+    char text[24] = {};
+    const ssize_t n = ::pread(fd_, text, sizeof text - 1, 0);
+    std::string pid(text, n > 0 ? static_cast<std::size_t>(n) : 0);
+    pid.resize(pid.find_first_not_of("0123456789") == std::string::npos ? pid.size()
+                                                                          : pid.find_first_not_of("0123456789"));
+    ::close(fd_);
+    throw InUse("state_dir " + state_dir + " is in use by another mailflowd process (pid " +
+                             (pid.empty() ? "unknown" : pid) + ", which holds " + path.string() +
+                             "): two processes on one state_dir overwrite each other's state");
+  }
+  if (writable) {
+    const std::string pid = std::to_string(::getpid()) + "\n";
+    if (::ftruncate(fd_, 0) != 0 || ::pwrite(fd_, pid.data(), pid.size(), 0) != static_cast<ssize_t>(pid.size()))
+      fail("cannot write " + path.string(), errno);
+  }
+}
+
+StateDirLock::~StateDirLock() { ::close(fd_); }
 
 StateRead read_state_file(const std::string& state_dir, std::string_view name, std::size_t max_bytes,
                           std::string& text, std::string& error) {

@@ -266,6 +266,43 @@ def test_a_file_moved_aside_never_replaces_an_earlier_one(env):
     assert new[0].name in daemon.stderr(), f"the log should say where the file went ({new[0].name})"
 
 
+def test_a_state_dir_in_use_is_refused(env):
+    """state_dir is one process's: a second daemon on it (another configuration on the same state_dir) and
+    `mailflowd mta-sts --state` are refused while the first runs, reloads included, naming its pid; neither
+    writes there. --check-config takes no lock. Once the first has stopped, the next one starts."""
+    state = env.workdir / "shared-state"
+    first = env.make("in-use-first", state)
+    rh.send_plan(first, env.sink, ONE_MORE)
+    base = harness.value(first.metrics(), "mailflow_config_reloads_total", result="success")
+    first.proc.send_signal(signal.SIGHUP)
+    harness.wait_for(lambda: harness.value(first.metrics(), "mailflow_config_reloads_total",
+                                           result="success") >= base + 1, 10, what="the reload")
+    before = sorted(p.name for p in state.iterdir())
+
+    rc, out, second = start_expecting_refusal(env, "in-use-second", state)
+    assert rc != 0, f"a second mailflowd started on the same state_dir:\n{out}"
+    assert f"state_dir {state} is in use" in out and f"pid {first.proc.pid}" in out, \
+        f"the message should name state_dir and the first daemon's pid {first.proc.pid}:\n{out}"
+    assert rh.http_get_fails(second), "the HTTP side answered although the daemon refused to start"
+
+    cli = subprocess.run([env.bin, "mta-sts", "--config", str(first.config_path), "--domain", "example.net",
+                          "--state"], capture_output=True, text=True, timeout=20)
+    harness.TRANSCRIPTS.append(f"$ mailflowd mta-sts ... --state\n(rc={cli.returncode})\n{cli.stderr}")
+    assert cli.returncode == 1 and "the daemon is running" in cli.stderr and f"pid {first.proc.pid}" in cli.stderr, \
+        cli.stderr
+
+    check = subprocess.run([env.bin, "--check-config", str(first.config_path)], capture_output=True, text=True,
+                           timeout=20)
+    assert check.returncode == 0, check.stderr
+    assert sorted(p.name for p in state.iterdir()) == before, "a refused process wrote in state_dir"
+
+    stop_ok(first)  # its last save: the message it relayed
+    again = env.make("in-use-again", state)
+    report, today = rh.stable_report(again)
+    rh.assert_report_matches(report, rh.plan_counts(ONE_MORE), today)
+    stop_ok(again)
+
+
 # -------------------------------------------------------------------------------- unusable state_dir
 def start_expecting_refusal(env, name, state_dir):
     d = env.make(name, state_dir, start=False)
