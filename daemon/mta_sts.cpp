@@ -174,8 +174,8 @@ std::size_t MtaStsCache::size() const {
   return policies_.size();
 }
 
-// One line per domain: domain TAB id TAB fetched_at TAB expires_at, then TAB and each policy line (policy lines
-// are printable ASCII without tabs: parse_policy checked them; they are parsed again on load); "end".
+// One line per domain: domain TAB id TAB fetched_at TAB expires_at, then TAB and each policy line (policy
+// lines are printable ASCII without tabs: parse_policy checked them; they are parsed again on load); "end".
 std::string MtaStsCache::serialize() const {
   std::lock_guard lock(mutex_);
   std::string out = std::string(kCacheHeader) + "\n";

@@ -131,8 +131,8 @@ int run_mta_sts_cli(int argc, char** argv, std::ostream& out, std::ostream& err)
           lock.emplace(config.state_dir);
         } catch (const StateDirLock::InUse& e) {
           err << "mailflowd mta-sts: --state: " << e.what()
-              << "\nmailflowd mta-sts: the daemon is running on this state_dir: its MTA-STS cache lives in its "
-                 "memory and its next save would overwrite this update; run without --state\n";
+              << "\nmailflowd mta-sts: the daemon is running on this state_dir: its MTA-STS cache lives in "
+                 "its memory and its next save would overwrite this update; run without --state\n";
           return 1;
         }
       }

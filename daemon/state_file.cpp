@@ -4,6 +4,7 @@
 #include <sys/file.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>  // renameat2, RENAME_NOREPLACE
 #include <cstring>
@@ -41,8 +42,9 @@ bool write_state_file(const std::string& state_dir, std::string_view name, std::
     return false;
   };
   // A temporary file that an earlier run left (a crash, a kill -9; owned by root after a root run, so the
-  // daemon's user could not open it to truncate it) made every later save fail: it is unlinked first (state_dir
-  // has one writer, so nobody else has it open) and the new one is created exclusively, never through a link.
+  // daemon's user could not open it to truncate it) made every later save fail: it is unlinked first
+  // (state_dir has one writer, so nobody else has it open) and the new one is created exclusively, never
+  // through a link.
   ::unlink(temp.c_str());
   const auto create = [&] { return ::open(temp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0640); };
   int fd = create();
@@ -105,16 +107,16 @@ StateDirLock::StateDirLock(const std::string& state_dir) {
     char text[24] = {};
     const ssize_t n = ::pread(fd_, text, sizeof text - 1, 0);
     std::string pid(text, n > 0 ? static_cast<std::size_t>(n) : 0);
-    pid.resize(pid.find_first_not_of("0123456789") == std::string::npos ? pid.size()
-                                                                          : pid.find_first_not_of("0123456789"));
+    pid.resize(std::min(pid.size(), pid.find_first_not_of("0123456789")));  // the digits of "1234\n"
     ::close(fd_);
     throw InUse("state_dir " + state_dir + " is in use by another mailflowd process (pid " +
-                             (pid.empty() ? "unknown" : pid) + ", which holds " + path.string() +
-                             "): two processes on one state_dir overwrite each other's state");
+                (pid.empty() ? "unknown" : pid) + ", which holds " + path.string() +
+                "): two processes on one state_dir overwrite each other's state");
   }
   if (writable) {
     const std::string pid = std::to_string(::getpid()) + "\n";
-    if (::ftruncate(fd_, 0) != 0 || ::pwrite(fd_, pid.data(), pid.size(), 0) != static_cast<ssize_t>(pid.size()))
+    if (::ftruncate(fd_, 0) != 0 ||
+        ::pwrite(fd_, pid.data(), pid.size(), 0) != static_cast<ssize_t>(pid.size()))
       fail("cannot write " + path.string(), errno);
   }
 }
@@ -162,7 +164,8 @@ std::string move_state_file_aside(const std::string& state_dir, std::string_view
   for (int n = 1; n <= kMostPerSecond; ++n) {
     const fs::path aside = fs::path(state_dir) / (n == 1 ? first : first + "-" + std::to_string(n));
     int moved = ::renameat2(AT_FDCWD, path.c_str(), AT_FDCWD, aside.c_str(), RENAME_NOREPLACE);
-    if (moved != 0 && errno == EINVAL) {  // a file system without RENAME_NOREPLACE (NFS): link() never replaces
+    if (moved != 0 && errno == EINVAL) {
+      // A file system without RENAME_NOREPLACE (NFS): link() never replaces either.
       moved = ::link(path.c_str(), aside.c_str());
       if (moved == 0) ::unlink(path.c_str());
     }

@@ -26,11 +26,11 @@ enum class StateRead { read, absent, too_big, failed };
 StateRead read_state_file(const std::string& state_dir, std::string_view name, std::size_t max_bytes,
                           std::string& text, std::string& error);
 
-// state_dir belongs to one process at a time: an exclusive flock(2) on state_dir/mailflowd.lock, which holds the
-// holder's pid. The daemon holds it for its life (reloads included: state_dir does not change without a
-// restart), `mailflowd mta-sts --state` while it runs. Two daemons on one state_dir (two configurations both on
-// /var/lib/mailflowd) overwrote each other's files, wrote into one NAME.tmp at once, and the daemon's next save
-// overwrote what the CLI had written.
+// state_dir belongs to one process at a time: an exclusive flock(2) on state_dir/mailflowd.lock, which holds
+// the holder's pid. The daemon holds it for its life (reloads included: state_dir does not change without a
+// restart), `mailflowd mta-sts --state` while it runs. Two daemons on one state_dir (two configurations both
+// on /var/lib/mailflowd) overwrote each other's files, wrote into one NAME.tmp at once, and the daemon's next
+// save overwrote what the CLI had written.
 class StateDirLock {
  public:
   struct InUse : std::runtime_error {

@@ -131,8 +131,8 @@ std::uint64_t TlsRptStore::dropped_domains() const {
   return dropped_domains_;
 }
 
-// Lines: "day DATE DOMAIN RUA,..." then its "policy TYPE STRINGS MXHOSTS SUCCESSFUL FAILED DROPPED" lines, each
-// followed by its "failure RESULT SENDING-IP MX-HOST RECEIVING-IP REASON COUNT" lines; "end".
+// Lines: "day DATE DOMAIN RUA,..." then its "policy TYPE STRINGS MXHOSTS SUCCESSFUL FAILED DROPPED" lines,
+// each followed by its "failure RESULT SENDING-IP MX-HOST RECEIVING-IP REASON COUNT" lines; "end".
 std::string TlsRptStore::serialize() const {
   std::lock_guard lock(mutex_);
   std::string out = std::string(kHeader) + "\n";

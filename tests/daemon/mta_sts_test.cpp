@@ -62,7 +62,8 @@ TEST_CASE("mta-sts cache: saved and loaded - expired entries are not loaded - co
 
 TEST_CASE("mta-sts cache: a file cut at any byte is never loaded as valid") {
   // "mx: mx1.example.net" cut to "mx: mx1.exam" would be a valid policy that refuses the real MX; a cut at a
-  // line end would drop the last domains' enforced policies without a word (the downgrade the cache exists for).
+  // line end would drop the last domains' enforced policies without a word (the downgrade the cache exists
+  // for).
   const auto dir =
       std::filesystem::temp_directory_path() / ("mailflow-mta-sts-cut-" + std::to_string(::getpid()));
   std::filesystem::create_directories(dir);
