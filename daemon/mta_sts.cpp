@@ -9,6 +9,7 @@
 #include "daemon/https_client.hpp"
 #include "daemon/resolver.hpp"
 #include "daemon/state_file.hpp"
+#include "daemon/state_text.hpp"
 #include "proto/ascii.hpp"
 
 namespace mailflow {
@@ -19,7 +20,9 @@ using proto::tlsrpt::ResultType;
 namespace {
 
 constexpr std::string_view kCacheFile = "mta-sts.state";
-constexpr std::string_view kCacheHeader = "mailflowd-mta-sts 1";
+constexpr std::string_view kCacheHeader = "mailflowd-mta-sts 2";
+// Version 1 had no end line and is still read as it was: a cut at a line end cannot be told there.
+constexpr std::string_view kCacheHeaderV1 = "mailflowd-mta-sts 1";
 constexpr std::size_t kMaxCacheFileBytes = 64u << 20;
 
 PolicyFetch failed(PolicyFetch::Status status, std::string detail) {
@@ -200,8 +203,8 @@ std::size_t MtaStsCache::size() const {
   return policies_.size();
 }
 
-// One line per domain: domain TAB id TAB fetched_at TAB expires_at, then TAB and each policy line (policy lines
-// are printable ASCII without tabs: parse_policy checked them; they are parsed again on load).
+// One line per domain: domain TAB id TAB fetched_at TAB expires_at, then TAB and each policy line (policy
+// lines are printable ASCII without tabs: parse_policy checked them; they are parsed again on load); "end".
 std::string MtaStsCache::serialize() const {
   std::lock_guard lock(mutex_);
   std::string out = std::string(kCacheHeader) + "\n";
@@ -211,7 +214,7 @@ std::string MtaStsCache::serialize() const {
     for (const auto& line : cached.policy.lines) out += "\t" + line;
     out += "\n";
   }
-  return out;
+  return out += state_text::end_line;
 }
 
 bool MtaStsCache::deserialize(std::string_view text, std::int64_t now, std::string& error) {
@@ -220,13 +223,23 @@ bool MtaStsCache::deserialize(std::string_view text, std::int64_t now, std::stri
     error = "truncated (no newline at the end)";
     return false;
   }
-  std::map<std::string, CachedPolicy, std::less<>> loaded;
-  std::istringstream in{std::string(text)};
-  std::string line;
-  if (!std::getline(in, line) || line != kCacheHeader) {
+  const std::string_view header = text.substr(0, text.find('\n'));
+  if (header != kCacheHeader && header != kCacheHeaderV1) {
     error = "not a mailflowd MTA-STS cache (first line)";
     return false;
   }
+  if (header == kCacheHeader) {
+    const auto before_end = state_text::before_end_line(text);
+    if (!before_end) {
+      error = "truncated (no end line)";
+      return false;
+    }
+    text = *before_end;
+  }
+  std::map<std::string, CachedPolicy, std::less<>> loaded;
+  std::istringstream in{std::string(text)};
+  std::string line;
+  std::getline(in, line);  // the header
   int number = 1;
   while (std::getline(in, line)) {
     ++number;

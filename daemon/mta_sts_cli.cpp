@@ -30,9 +30,10 @@ constexpr std::string_view kUsage =
     "  --connect     connect to HOST:PORT instead of mta-sts.DOMAIN:443 (the certificate must still be valid\n"
     "                for mta-sts.DOMAIN)\n"
     "  --fetch-only  fetch the policy without looking up the _mta-sts TXT record\n"
-    "  --state       use and update the cache file state_dir/mta-sts.state (a running daemon never sees\n"
-    "                the update: it reads the file at its start and writes its own cache over it)\n"
-    "exit: 0 policy or none, 1 configuration error, 2 usage, 3 fetch or policy failure (as TLS-RPT reports it)\n";
+    "  --state       use and update the cache file state_dir/mta-sts.state; refused while the daemon runs\n"
+    "                on that state_dir (it keeps its cache in memory and saves it over the file)\n"
+    "exit: 0 policy or none, 1 configuration error or state_dir in use, 2 usage, 3 fetch or policy failure\n"
+    "      (as TLS-RPT reports it)\n";
 
 std::string quote(std::string_view text) { return "\"" + proto::json_escape(text) + "\""; }
 
@@ -124,6 +125,17 @@ int run_mta_sts_cli(int argc, char** argv, std::ostream& out, std::ostream& err)
     } else {
       MtaStsCache cache(settings.max_policies);
       std::string error;
+      std::optional<StateDirLock> lock;
+      if (use_state) {
+        try {
+          lock.emplace(config.state_dir);
+        } catch (const StateDirLock::InUse& e) {
+          err << "mailflowd mta-sts: --state: " << e.what()
+              << "\nmailflowd mta-sts: the daemon is running on this state_dir: its MTA-STS cache lives in "
+                 "its memory and its next save would overwrite this update; run without --state\n";
+          return 1;
+        }
+      }
       if (use_state && !cache.load(config.state_dir, unix_now(), error)) {
         err << "mailflowd mta-sts: " << error << "\n";
         return 1;

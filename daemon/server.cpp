@@ -45,6 +45,7 @@
 #include "daemon/relay_session.hpp"
 #include "daemon/resolver.hpp"
 #include "daemon/runtime.hpp"
+#include "daemon/state_file.hpp"
 #include "daemon/state_writer.hpp"
 #include "daemon/telemetry.hpp"
 #include "daemon/tlsrpt_sender.hpp"
@@ -206,6 +207,8 @@ struct Server::Impl {
   std::atomic<bool> stopping{false};                 // read by /readyz on any thread
   std::atomic<bool> busy_poll{true};                 // performance.busy_poll, read by every loop
   std::atomic<bool> save_in_flight{false};           // the minute's save is queued or being written
+  // state_dir is this process's from before its files are read until exit (after the last save).
+  std::unique_ptr<StateDirLock> state_dir_lock;
   // Writes state_dir's files off the event loops. Declared last: its jobs touch the members above (telemetry,
   // the MTA-STS cache, the sender's ledger flag, save_in_flight), so it is destroyed, and joined, first.
   std::unique_ptr<StateWriter> state_writer;
@@ -659,6 +662,7 @@ int Server::run() {
   // A slow start (a large state_dir, a slow disk) for the tests of signals that come meanwhile.
   if (const auto delay = failpoint_delay("startup"); delay.count() > 0) std::this_thread::sleep_for(delay);
   check_state_dir(config.state_dir);
+  s.state_dir_lock = std::make_unique<StateDirLock>(config.state_dir);
   s.telemetry.configure(config);  // first: the window and limits that load_state follows
   std::string error;
   if (!s.telemetry.load_state(config.state_dir, error))

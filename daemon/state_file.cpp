@@ -1,11 +1,15 @@
 #include "daemon/state_file.hpp"
 
 #include <fcntl.h>
+#include <sys/file.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <cstdio>  // renameat2, RENAME_NOREPLACE
 #include <cstring>
 #include <filesystem>
+#include <stdexcept>
 #include <thread>
 
 #include "daemon/failpoint.hpp"
@@ -37,7 +41,12 @@ bool write_state_file(const std::string& state_dir, std::string_view name, std::
     error = what + ": " + std::strerror(saved_errno);
     return false;
   };
-  const auto create = [&] { return ::open(temp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640); };
+  // A temporary file that an earlier run left (a crash, a kill -9; owned by root after a root run, so the
+  // daemon's user could not open it to truncate it) made every later save fail: it is unlinked first
+  // (state_dir has one writer, so nobody else has it open) and the new one is created exclusively, never
+  // through a link.
+  ::unlink(temp.c_str());
+  const auto create = [&] { return ::open(temp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0640); };
   int fd = create();
   if (fd < 0 && errno == ENOENT) {
     // state_dir was deleted while the daemon runs (an operator's rm -rf, a clean-up job): made again as at
@@ -79,6 +88,41 @@ bool write_state_file(const std::string& state_dir, std::string_view name, std::
   return true;
 }
 
+StateDirLock::StateDirLock(const std::string& state_dir) {
+  const fs::path path = fs::path(state_dir) / "mailflowd.lock";
+  const auto fail = [&](const std::string& what, int saved_errno) {
+    if (fd_ >= 0) ::close(fd_);
+    throw std::runtime_error("state_dir " + state_dir + ": " + what + ": " + std::strerror(saved_errno));
+  };
+  std::error_code ec;
+  fs::create_directories(state_dir, ec);
+  if (ec) fail("cannot create it", ec.value());
+  fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0644);
+  const bool writable = fd_ >= 0;
+  // Made by a run as another user (root): a lock needs no write access, only the pid is not written then.
+  if (fd_ < 0 && errno == EACCES) fd_ = ::open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+  if (fd_ < 0) fail("cannot open " + path.string(), errno);
+  if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+    if (errno != EWOULDBLOCK) fail("cannot lock " + path.string(), errno);
+    char text[24] = {};
+    const ssize_t n = ::pread(fd_, text, sizeof text - 1, 0);
+    std::string pid(text, n > 0 ? static_cast<std::size_t>(n) : 0);
+    pid.resize(std::min(pid.size(), pid.find_first_not_of("0123456789")));  // the digits of "1234\n"
+    ::close(fd_);
+    throw InUse("state_dir " + state_dir + " is in use by another mailflowd process (pid " +
+                (pid.empty() ? "unknown" : pid) + ", which holds " + path.string() +
+                "): two processes on one state_dir overwrite each other's state");
+  }
+  if (writable) {
+    const std::string pid = std::to_string(::getpid()) + "\n";
+    if (::ftruncate(fd_, 0) != 0 ||
+        ::pwrite(fd_, pid.data(), pid.size(), 0) != static_cast<ssize_t>(pid.size()))
+      fail("cannot write " + path.string(), errno);
+  }
+}
+
+StateDirLock::~StateDirLock() { ::close(fd_); }
+
 StateRead read_state_file(const std::string& state_dir, std::string_view name, std::size_t max_bytes,
                           std::string& text, std::string& error) {
   const fs::path path = fs::path(state_dir) / name;
@@ -113,11 +157,22 @@ StateRead read_state_file(const std::string& state_dir, std::string_view name, s
 
 std::string move_state_file_aside(const std::string& state_dir, std::string_view name, std::int64_t unix_time) {
   const fs::path path = fs::path(state_dir) / name;
-  const fs::path aside = fs::path(state_dir) / (std::string(name) + ".corrupt-" + std::to_string(unix_time));
-  if (::rename(path.c_str(), aside.c_str()) != 0) {
-    return "cannot be moved aside: " + std::string(std::strerror(errno));
+  const std::string first = std::string(name) + ".corrupt-" + std::to_string(unix_time);
+  // Never over an earlier one: two files moved aside in the same second (a restart loop, another bad copy
+  // restored at once) keep both evidence, the later as NAME.corrupt-<time>-2, -3, ...
+  constexpr int kMostPerSecond = 1000;
+  for (int n = 1; n <= kMostPerSecond; ++n) {
+    const fs::path aside = fs::path(state_dir) / (n == 1 ? first : first + "-" + std::to_string(n));
+    int moved = ::renameat2(AT_FDCWD, path.c_str(), AT_FDCWD, aside.c_str(), RENAME_NOREPLACE);
+    if (moved != 0 && errno == EINVAL) {
+      // A file system without RENAME_NOREPLACE (NFS): link() never replaces either.
+      moved = ::link(path.c_str(), aside.c_str());
+      if (moved == 0) ::unlink(path.c_str());
+    }
+    if (moved == 0) return "moved to " + aside.string();
+    if (errno != EEXIST) return "cannot be moved aside: " + std::string(std::strerror(errno));
   }
-  return "moved to " + aside.string();
+  return "cannot be moved aside: " + std::to_string(kMostPerSecond) + " files named " + first + "* already";
 }
 
 }  // namespace mailflow

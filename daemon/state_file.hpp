@@ -2,8 +2,9 @@
 // Files in state_dir, written (by the StateWriter, daemon/state_writer.hpp) and read the same way: written
 // whole to a temporary file, fsynced, renamed over the old one and the directory fsynced, so that a crash
 // leaves the old or the new file, never half of one; a file that cannot be parsed is moved aside
-// (NAME.corrupt-<unix time>) so that the evidence is kept and the daemon starts empty.
+// (NAME.corrupt-<unix time>[-N]) so that the evidence is kept and the daemon starts empty.
 #include <cstdint>
+#include <stdexcept>
 #include <string>
 #include <string_view>
 
@@ -25,7 +26,29 @@ enum class StateRead { read, absent, too_big, failed };
 StateRead read_state_file(const std::string& state_dir, std::string_view name, std::size_t max_bytes,
                           std::string& text, std::string& error);
 
-// Renames state_dir/name to name.corrupt-<unix_time>; returns the text for the log ("moved to ..." or why not).
+// state_dir belongs to one process at a time: an exclusive flock(2) on state_dir/mailflowd.lock, which holds
+// the holder's pid. The daemon holds it for its life (reloads included: state_dir does not change without a
+// restart), `mailflowd mta-sts --state` while it runs. Two daemons on one state_dir (two configurations both
+// on /var/lib/mailflowd) overwrote each other's files, wrote into one NAME.tmp at once, and the daemon's next
+// save overwrote what the CLI had written.
+class StateDirLock {
+ public:
+  struct InUse : std::runtime_error {
+    using std::runtime_error::runtime_error;
+  };
+  // Takes it, making state_dir where it is missing; throws InUse naming state_dir and the holder's pid when
+  // another process holds it (never waits), std::runtime_error on other failures.
+  explicit StateDirLock(const std::string& state_dir);
+  ~StateDirLock();  // released
+  StateDirLock(const StateDirLock&) = delete;
+  StateDirLock& operator=(const StateDirLock&) = delete;
+
+ private:
+  int fd_ = -1;
+};
+
+// Renames state_dir/name to name.corrupt-<unix_time> (name.corrupt-<unix_time>-2, -3, ... where that one is
+// taken: never over an earlier one); returns the text for the log ("moved to ..." or why not).
 std::string move_state_file_aside(const std::string& state_dir, std::string_view name, std::int64_t unix_time);
 
 }  // namespace mailflow

@@ -93,4 +93,10 @@ bool valid_date(std::string_view date) {
          std::all_of(date.begin(), date.end(), [](char c) { return (c >= '0' && c <= '9') || c == '-'; });
 }
 
+std::optional<std::string_view> before_end_line(std::string_view text) {
+  const std::string_view body = text.substr(0, text.size() - std::min(text.size(), end_line.size()));
+  if (!text.ends_with(end_line) || (!body.empty() && !body.ends_with('\n'))) return std::nullopt;
+  return body;
+}
+
 }  // namespace mailflow::state_text

@@ -19,4 +19,10 @@ std::vector<std::string_view> split_spaces(std::string_view line);
 std::optional<std::uint64_t> number(std::string_view text);  // decimal digits only, at most 19
 bool valid_date(std::string_view date);                      // YYYY-MM-DD (shape only)
 
+// The last line of the state files that have one (tlsrpt.state, tlsrpt-ledger.state, mta-sts.state from their
+// format 2 on): a file cut exactly at a line end is a file of whole lines that lacks it.
+inline constexpr std::string_view end_line = "end\n";
+// The text without its last line "end"; nullopt when it does not end in that line (a cut file).
+std::optional<std::string_view> before_end_line(std::string_view text);
+
 }  // namespace mailflow::state_text

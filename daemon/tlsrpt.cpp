@@ -26,7 +26,9 @@ using state_text::split_spaces;
 using state_text::valid_date;
 
 constexpr std::string_view kStateFile = "tlsrpt.state";
-constexpr std::string_view kHeader = "mailflowd-tlsrpt 1";
+constexpr std::string_view kHeader = "mailflowd-tlsrpt 2";
+// Version 1 had no end line and is still read as it was: a cut at a line end cannot be told there.
+constexpr std::string_view kHeaderV1 = "mailflowd-tlsrpt 1";
 constexpr std::size_t kMaxStateBytes = 256u << 20;
 
 bool before(const DomainDay& day, std::string_view date, std::string_view domain) {
@@ -129,8 +131,8 @@ std::uint64_t TlsRptStore::dropped_domains() const {
   return dropped_domains_;
 }
 
-// Lines: "day DATE DOMAIN RUA,..." then its "policy TYPE STRINGS MXHOSTS SUCCESSFUL FAILED DROPPED" lines, each
-// followed by its "failure RESULT SENDING-IP MX-HOST RECEIVING-IP REASON COUNT" lines.
+// Lines: "day DATE DOMAIN RUA,..." then its "policy TYPE STRINGS MXHOSTS SUCCESSFUL FAILED DROPPED" lines,
+// each followed by its "failure RESULT SENDING-IP MX-HOST RECEIVING-IP REASON COUNT" lines; "end".
 std::string TlsRptStore::serialize() const {
   std::lock_guard lock(mutex_);
   std::string out = std::string(kHeader) + "\n";
@@ -147,7 +149,7 @@ std::string TlsRptStore::serialize() const {
       }
     }
   }
-  return out;
+  return out += state_text::end_line;
 }
 
 bool TlsRptStore::deserialize(std::string_view text, std::string& error) {
@@ -156,13 +158,23 @@ bool TlsRptStore::deserialize(std::string_view text, std::string& error) {
     error = "truncated (no newline at the end)";
     return false;
   }
-  std::vector<DomainDay> loaded;
-  std::istringstream in{std::string(text)};
-  std::string line;
-  if (!std::getline(in, line) || line != kHeader) {
+  const std::string_view header = text.substr(0, text.find('\n'));
+  if (header != kHeader && header != kHeaderV1) {
     error = "not a mailflowd TLS-RPT store (first line)";
     return false;
   }
+  if (header == kHeader) {
+    const auto before_end = state_text::before_end_line(text);
+    if (!before_end) {
+      error = "truncated (no end line)";
+      return false;
+    }
+    text = *before_end;
+  }
+  std::vector<DomainDay> loaded;
+  std::istringstream in{std::string(text)};
+  std::string line;
+  std::getline(in, line);  // the header
   proto::tlsrpt::PolicyCounts* policy = nullptr;
   int number_of_line = 1;
   while (std::getline(in, line)) {

@@ -74,8 +74,10 @@ std::size_t TlsRptLedger::keep_only(const std::vector<Key>& keys) {
 }
 
 namespace {
-constexpr std::string_view kHeader = "mailflowd-tlsrpt-ledger 1";
-}
+constexpr std::string_view kHeader = "mailflowd-tlsrpt-ledger 2";
+// Version 1 had no end line and is still read as it was: a cut at a line end cannot be told there.
+constexpr std::string_view kHeaderV1 = "mailflowd-tlsrpt-ledger 1";
+}  // namespace
 
 std::string TlsRptLedger::serialize() const {
   using state_text::encode;
@@ -84,7 +86,7 @@ std::string TlsRptLedger::serialize() const {
     out += "report " + key.first + " " + encode(key.second) + " " + std::to_string(entry.first_try) + " " +
            state_text::encode_list({entry.finished.begin(), entry.finished.end()}) + "\n";
   }
-  return out;
+  return out += state_text::end_line;
 }
 
 std::optional<TlsRptLedger> TlsRptLedger::parse(std::string_view text, std::string& error) {
@@ -105,8 +107,13 @@ std::optional<TlsRptLedger> TlsRptLedger::parse(std::string_view text, std::stri
       return std::nullopt;
     };
     if (!header) {
-      if (line != kHeader) return bad("not a mailflowd TLS-RPT ledger");
+      if (line != kHeader && line != kHeaderV1) return bad("not a mailflowd TLS-RPT ledger");
       header = true;
+      if (line == kHeader) {
+        const auto before_end = state_text::before_end_line(text);
+        if (!before_end) return bad("truncated (no end line)");
+        text = *before_end;
+      }
       continue;
     }
     const auto f = state_text::split_spaces(line);

@@ -99,18 +99,19 @@ TEST_CASE("mta-sts cache: saved and loaded - expired entries are not loaded - co
   std::filesystem::remove_all(dir);
 }
 
-TEST_CASE("mta-sts cache: a file cut inside a line is never loaded as valid") {
-  // "mx: mx1.example.net" cut to "mx: mx1.exam" would be a valid policy that refuses the real MX.
+TEST_CASE("mta-sts cache: a file cut at any byte is never loaded as valid") {
+  // "mx: mx1.example.net" cut to "mx: mx1.exam" would be a valid policy that refuses the real MX; a cut at a
+  // line end would drop the last domains' enforced policies without a word (the downgrade the cache exists
+  // for).
   const auto dir =
       std::filesystem::temp_directory_path() / ("mailflow-mta-sts-cut-" + std::to_string(::getpid()));
   std::filesystem::create_directories(dir);
   MtaStsCache cache;
   cache.store("a.example", {"id1", policy(proto::mta_sts::Mode::enforce), 100, 1000}, 100);
+  cache.store("b.example", {"id2", policy(proto::mta_sts::Mode::enforce), 100, 1000}, 100);
   const std::string whole = cache.serialize();
   REQUIRE(whole.back() == '\n');
-  const auto header_end = whole.find('\n') + 1;
-  for (std::size_t cut = header_end + 1; cut < whole.size(); ++cut) {
-    if (whole[cut - 1] == '\n') continue;
+  for (std::size_t cut = 0; cut < whole.size(); ++cut) {
     CAPTURE(whole.substr(0, cut));
     std::ofstream(dir / "mta-sts.state", std::ios::binary | std::ios::trunc) << whole.substr(0, cut);
     MtaStsCache loaded;
@@ -121,6 +122,16 @@ TEST_CASE("mta-sts cache: a file cut inside a line is never loaded as valid") {
     CHECK(loaded.size() == 0);
     std::filesystem::remove(dir / "mta-sts.state.corrupt-500");
   }
+  // Format 1, written before the end line, is still read.
+  REQUIRE(whole.starts_with("mailflowd-mta-sts 2\n"));
+  REQUIRE(whole.ends_with("\nend\n"));
+  std::ofstream(dir / "mta-sts.state", std::ios::binary | std::ios::trunc)
+      << "mailflowd-mta-sts 1" << whole.substr(whole.find('\n'), whole.size() - whole.find('\n') - 4);
+  MtaStsCache v1;
+  std::string error;
+  REQUIRE(v1.load(dir.string(), 500, error));
+  CHECK(error.empty());
+  CHECK(v1.size() == 2);
   std::filesystem::remove_all(dir);
 }
 

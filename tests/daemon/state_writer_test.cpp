@@ -94,3 +94,33 @@ TEST_CASE("state writer: a file that cannot be written is counted, the job's oth
   CHECK(read(dir / "after.state") == "z");
   std::filesystem::remove_all(dir);
 }
+
+TEST_CASE("state files: two moved aside in the same second are both kept") {
+  const auto dir = fresh_dir("aside");
+  for (const char* text : {"first", "second", "third"}) {
+    std::ofstream(dir / "x.state") << text;
+    CHECK(mailflow::move_state_file_aside(dir.string(), "x.state", 1000).starts_with("moved to "));
+  }
+  CHECK_FALSE(std::filesystem::exists(dir / "x.state"));
+  CHECK(read(dir / "x.state.corrupt-1000") == "first");
+  CHECK(read(dir / "x.state.corrupt-1000-2") == "second");
+  CHECK(read(dir / "x.state.corrupt-1000-3") == "third");
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("state_dir lock: one holder at a time, named by its pid, free again once released") {
+  const auto dir = fresh_dir("lock") / "made";  // a missing state_dir is made, as at start
+  {
+    const mailflow::StateDirLock held(dir.string());
+    CHECK(read(dir / "mailflowd.lock") == std::to_string(::getpid()) + "\n");
+    try {
+      const mailflow::StateDirLock second(dir.string());  // another open file: refused even in one process
+      FAIL("a second lock on the same state_dir was taken");
+    } catch (const mailflow::StateDirLock::InUse& e) {
+      CHECK(std::string(e.what()).find("is in use by another mailflowd process (pid " +
+                                       std::to_string(::getpid()) + ",") != std::string::npos);
+    }
+  }
+  CHECK_NOTHROW(mailflow::StateDirLock(dir.string()));
+  std::filesystem::remove_all(dir.parent_path());
+}

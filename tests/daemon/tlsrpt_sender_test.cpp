@@ -106,7 +106,8 @@ TEST_CASE("ledger: serialize and parse give back which rua took each report and 
                 2000, 24h);
   ledger.record({"2026-01-04", "c.example"}, rua, {{rua[0], TlsRptDelivery::temporary_failure}}, 3000, 24h);
   const std::string text = ledger.serialize();
-  CHECK(text.starts_with("mailflowd-tlsrpt-ledger 1\n"));
+  CHECK(text.starts_with("mailflowd-tlsrpt-ledger 2\n"));
+  CHECK(text.ends_with("\nend\n"));
   std::string error;
   auto loaded = TlsRptLedger::parse(text, error);
   REQUIRE_MESSAGE(loaded, error);
@@ -152,6 +153,23 @@ TEST_CASE("ledger: parse refuses what serialize never writes, and says which lin
   }
   std::string error;
   CHECK(TlsRptLedger::parse(header + good, error));
+}
+
+TEST_CASE("ledger: a file cut at any byte is refused, never read as fewer reports") {
+  // A ledger that lost its last entries (a full disk, a copy cut short at a line end) would send those
+  // reports again to every rua that already took them.
+  TlsRptLedger ledger;
+  ledger.record(day, rua, {{rua[0], TlsRptDelivery::success}}, 1000, 24h);
+  ledger.record({"2026-01-04", "c.example"}, rua, {{rua[0], TlsRptDelivery::success}}, 3000, 24h);
+  const std::string whole = ledger.serialize();
+  for (std::size_t cut = 0; cut < whole.size(); ++cut) {
+    CAPTURE(whole.substr(0, cut));
+    std::string error;
+    CHECK_FALSE(TlsRptLedger::parse(whole.substr(0, cut), error));
+    CHECK_FALSE(error.empty());
+  }
+  std::string error;
+  CHECK(TlsRptLedger::parse(whole, error));
 }
 
 TEST_CASE("ledger: a loaded ledger drops the reports that left the store at the first keep_only") {

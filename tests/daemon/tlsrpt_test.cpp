@@ -209,18 +209,18 @@ connectors:
 
 }  // namespace
 
-TEST_CASE("tlsrpt store: a file cut inside a line is never loaded as valid") {
-  // A restore that ran out of disk, a copy cut short: whatever the last line lost (a digit of a count, a
-  // policy's last field), the file must be moved aside, never loaded with the rest silently changed.
+TEST_CASE("tlsrpt store: a file cut at any byte is never loaded as valid") {
+  // A restore that ran out of disk, a copy cut short: whatever the file lost (a digit of a count, a policy's
+  // last field, whole lines: a day's failures, the last days), it must be moved aside, never loaded with the
+  // rest silently changed.
   TempDir dir;
   TlsRptStore store;
   store.record("2026-01-02", ok("example.net"));
+  store.record("2026-01-03", ok("example.org"));
   for (int i = 0; i < 12; ++i) store.record("2026-01-02", bad("example.net", ResultType::sts_webpki_invalid));
   const std::string whole = store.serialize();
   REQUIRE(whole.back() == '\n');
-  const auto header_end = whole.find('\n') + 1;
-  for (std::size_t cut = header_end + 1; cut < whole.size(); ++cut) {
-    if (whole[cut - 1] == '\n') continue;  // a cut at a line end is a shorter file of whole lines
+  for (std::size_t cut = 0; cut < whole.size(); ++cut) {
     CAPTURE(whole.substr(0, cut));
     std::ofstream(dir.path / "tlsrpt.state", std::ios::binary | std::ios::trunc) << whole.substr(0, cut);
     TlsRptStore loaded;
@@ -229,6 +229,17 @@ TEST_CASE("tlsrpt store: a file cut inside a line is never loaded as valid") {
     CHECK(error.find("tlsrpt.state is unusable") != std::string::npos);
     CHECK(std::filesystem::exists(dir.path / "tlsrpt.state.corrupt-42"));
     CHECK(loaded.day("2026-01-02").empty());
+    CHECK(loaded.day("2026-01-03").empty());
     std::filesystem::remove(dir.path / "tlsrpt.state.corrupt-42");
   }
+  // Format 1, written before the end line, is still read.
+  REQUIRE(whole.starts_with("mailflowd-tlsrpt 2\n"));
+  REQUIRE(whole.ends_with("\nend\n"));
+  std::ofstream(dir.path / "tlsrpt.state", std::ios::binary | std::ios::trunc)
+      << "mailflowd-tlsrpt 1" << whole.substr(whole.find('\n'), whole.size() - whole.find('\n') - 4);
+  TlsRptStore v1;
+  std::string error;
+  REQUIRE(v1.load(dir.path.string(), 42, error));
+  CHECK(error.empty());
+  CHECK(v1.serialize() == whole);
 }

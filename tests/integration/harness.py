@@ -234,8 +234,9 @@ def listener_tls(certs, extra_certs=()):
 class Daemon:
     """mailflowd --config FILE, with a JSON (= YAML flow) config written from a dict."""
 
-    def __init__(self, binary, workdir, config, name="mailflowd"):
+    def __init__(self, binary, workdir, config, name="mailflowd", wrapper=()):
         self.binary = binary
+        self.wrapper = list(wrapper)  # runs the binary, e.g. setpriv as another user
         self.name = name
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -255,7 +256,7 @@ class Daemon:
     def start(self, timeout=15.0):
         self.config_path.write_text(json.dumps(self.config, indent=2) + "\n")
         self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([self.binary, "--config", str(self.config_path)],
+        self.proc = subprocess.Popen([*self.wrapper, self.binary, "--config", str(self.config_path)],
                                      stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL)
         LIVE.append(self)
         deadline = time.monotonic() + timeout

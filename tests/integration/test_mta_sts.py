@@ -246,7 +246,8 @@ def test_lookup_txt_then_policy_and_the_cache_in_state_dir(mailflowd_bin, config
     assert (r["mode"], r["id"], r["from_cache"], r["failure"]) == ("enforce", "20240101T000000", False, None)
     assert len(Handler.requests) == 1
     cache = (workdir / "state" / "mta-sts.state").read_text()
-    assert cache.startswith("mailflowd-mta-sts 1\nok.policy.example.net\t20240101T000000\t")
+    assert cache.startswith("mailflowd-mta-sts 2\nok.policy.example.net\t20240101T000000\t")
+    assert cache.endswith("\nend\n"), "a cache file cut at a line end could not be told from a whole one"
     again = mta_sts(mailflowd_bin, config, "ok.policy.example.net", "--connect", https, "--state")
     assert (again["mode"], again["from_cache"]) == ("enforce", True), again
     assert len(Handler.requests) == 1  # same id, not expired: not fetched again
@@ -350,4 +351,4 @@ def test_corrupt_cache_is_moved_aside(mailflowd_bin, config, https, workdir):
     assert r["mode"] == "enforce" and not r["from_cache"], r
     assert "is unusable" in r["stderr"] and "moved to" in r["stderr"]
     assert any(p.name.startswith("mta-sts.state.corrupt-") for p in state.iterdir())
-    assert (state / "mta-sts.state").read_text().startswith("mailflowd-mta-sts 1\n")
+    assert (state / "mta-sts.state").read_text().startswith("mailflowd-mta-sts 2\n")

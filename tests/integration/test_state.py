@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 import types
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -245,6 +246,63 @@ def test_corrupt_state_file_is_moved_aside_and_the_daemon_relays(env, kind):
     stop_ok(again)
 
 
+def test_a_file_moved_aside_never_replaces_an_earlier_one(env):
+    """Two corrupt copies moved aside in the same second (a restart loop, another bad copy restored at once) must
+    both be kept: the rename over windows.state.corrupt-<time> lost the first. Earlier ones are made for every
+    second the start can take, so the daemon's own name is always taken."""
+    state = env.workdir / "aside-twice-state"
+    state.mkdir()
+    now = int(time.time())
+    earlier = {state / f"windows.state.corrupt-{t}": f"earlier {t}\n".encode() for t in range(now - 2, now + 60)}
+    for path, content in earlier.items():
+        path.write_bytes(content)
+    (state / "windows.state").write_bytes(b"garbage\n")
+    daemon = env.make("aside-twice", state)
+    stop_ok(daemon)
+    for path, content in earlier.items():
+        assert path.read_bytes() == content, f"{path.name} was replaced by the file moved aside"
+    new = [p for p in state.glob("windows.state.corrupt-*") if p not in earlier]
+    assert [p.read_bytes() for p in new] == [b"garbage\n"], sorted(p.name for p in new)
+    assert new[0].name in daemon.stderr(), f"the log should say where the file went ({new[0].name})"
+
+
+def test_a_state_dir_in_use_is_refused(env):
+    """state_dir is one process's: a second daemon on it (another configuration on the same state_dir) and
+    `mailflowd mta-sts --state` are refused while the first runs, reloads included, naming its pid; neither
+    writes there. --check-config takes no lock. Once the first has stopped, the next one starts."""
+    state = env.workdir / "shared-state"
+    first = env.make("in-use-first", state)
+    rh.send_plan(first, env.sink, ONE_MORE)
+    base = harness.value(first.metrics(), "mailflow_config_reloads_total", result="success")
+    first.proc.send_signal(signal.SIGHUP)
+    harness.wait_for(lambda: harness.value(first.metrics(), "mailflow_config_reloads_total",
+                                           result="success") >= base + 1, 10, what="the reload")
+    before = sorted(p.name for p in state.iterdir())
+
+    rc, out, second = start_expecting_refusal(env, "in-use-second", state)
+    assert rc != 0, f"a second mailflowd started on the same state_dir:\n{out}"
+    assert f"state_dir {state} is in use" in out and f"pid {first.proc.pid}" in out, \
+        f"the message should name state_dir and the first daemon's pid {first.proc.pid}:\n{out}"
+    assert rh.http_get_fails(second), "the HTTP side answered although the daemon refused to start"
+
+    cli = subprocess.run([env.bin, "mta-sts", "--config", str(first.config_path), "--domain", "example.net",
+                          "--state"], capture_output=True, text=True, timeout=20)
+    harness.TRANSCRIPTS.append(f"$ mailflowd mta-sts ... --state\n(rc={cli.returncode})\n{cli.stderr}")
+    assert cli.returncode == 1 and "the daemon is running" in cli.stderr and f"pid {first.proc.pid}" in cli.stderr, \
+        cli.stderr
+
+    check = subprocess.run([env.bin, "--check-config", str(first.config_path)], capture_output=True, text=True,
+                           timeout=20)
+    assert check.returncode == 0, check.stderr
+    assert sorted(p.name for p in state.iterdir()) == before, "a refused process wrote in state_dir"
+
+    stop_ok(first)  # its last save: the message it relayed
+    again = env.make("in-use-again", state)
+    report, today = rh.stable_report(again)
+    rh.assert_report_matches(report, rh.plan_counts(ONE_MORE), today)
+    stop_ok(again)
+
+
 # -------------------------------------------------------------------------------- unusable state_dir
 def start_expecting_refusal(env, name, state_dir):
     d = env.make(name, state_dir, start=False)
@@ -321,5 +379,40 @@ def test_state_dir_not_writable(env, tmp_path_factory):
         assert "state_dir" in out and str(state) in out and "writable" in out, \
             f"the message should name state_dir, its path, and say it is not writable:\n{out}"
         assert list(state.iterdir()) == [], f"something was written: {list(state.iterdir())}"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_temporary_file_left_by_a_crashed_root_run_does_not_block_the_saves(env):
+    """windows.state.tmp left by a run that died mid-save, owned by root (an operator's run as root): the daemon's
+    user cannot open it for writing, and every save failed on it until someone removed it. As root, the daemon
+    runs as `nobody` via setpriv; otherwise the file is made read-only for its owner."""
+    base = Path(tempfile.mkdtemp(prefix="mailflowd-tmp-"))  # outside the 0700 pytest basetemp: nobody reads it
+    try:
+        base.chmod(0o755)
+        state = base / "state"
+        state.mkdir(mode=0o750)
+        left = state / "windows.state.tmp"
+        left.write_text("mailflowd-windows 2\nhalf a save\n")
+        left.chmod(0o400)
+        wrapper = []
+        if os.geteuid() == 0:
+            setpriv = shutil.which("setpriv")
+            if not setpriv:
+                pytest.skip("running as root without setpriv: cannot leave a file the daemon cannot write")
+            nobody = int(subprocess.run(["id", "-u", "nobody"], capture_output=True, text=True).stdout)
+            os.chown(state, nobody, -1)
+            wrapper = [setpriv, "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+        cfg = harness.default_config(
+            state, harness.free_port(),
+            [{"name": "inbound", "address": f"127.0.0.1:{harness.free_port()}", "direction": "inbound",
+              "upstream": "store"}],
+            [{"name": "store", "address": f"127.0.0.1:{env.sink.port}", "tls": "none"}])
+        d = harness.Daemon(env.bin, base, cfg, name="stale-tmp", wrapper=wrapper).start()
+        stop_ok(d)
+        log = d.stderr()
+        assert "state_save_failed" not in log, f"the save failed on the stale temporary file:\n{log}"
+        assert (state / "windows.state").read_text().startswith("mailflowd-windows 2\n"), log
+        assert not left.exists(), "the stale temporary file is still there"
     finally:
         shutil.rmtree(base, ignore_errors=True)

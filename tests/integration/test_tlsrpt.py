@@ -161,5 +161,6 @@ def test_cli_unknown_domain_and_no_daemon(mailflowd_bin, daemon):
 def test_state_is_saved_again_at_shutdown(daemon, workdir):
     daemon.stop()
     saved = (workdir / "mailflowd-state" / "tlsrpt.state").read_text()
-    assert saved.startswith("mailflowd-tlsrpt 1\nday 2026-01-02 a.example.net ")
+    assert saved.startswith("mailflowd-tlsrpt 2\nday 2026-01-02 a.example.net ")
+    assert saved.endswith("\nend\n"), "a file cut at a line end could not be told from a whole one"
     assert "failure starttls-not-supported 192.0.2.1 mx2.a.example.net 2001:db8::7 STARTTLS%20not%20offered 203" in saved
