@@ -209,13 +209,21 @@ class Loader {
   LoadResult load(std::string_view text) {
     const std::optional<OpenQuote> open_quote = find_open_quote(text);
     try {
-      const YAML::Node root = YAML::Load(std::string(text));
+      // YAML::Load would read the first document only: settings after a "---" line would be dropped unseen.
+      const std::vector<YAML::Node> documents = YAML::LoadAll(std::string(text));
+      const YAML::Node root = documents.empty() ? YAML::Node() : documents.front();
       // yaml-cpp reads a quote that is never closed up to the end of the file without complaint.
       if (open_quote && open_quote->closed_line < 0) {
         error_at(open_quote->mark, "unclosed quote: the value " + open_quote->what + " has no closing " +
                                        open_quote->quote + " (YAML would read the rest of the file into it)");
       } else {
         load_root(root);
+      }
+      for (std::size_t i = 1; i < documents.size(); ++i) {
+        if (documents[i].IsNull()) continue;  // an empty document (a trailing "---") holds nothing to lose
+        error_at(documents[i], "a second YAML document (after \"---\") is not read: the configuration is one "
+                               "document (remove the \"---\" line)");
+        break;
       }
     } catch (const YAML::Exception& e) {
       // A quote left open on an earlier line makes YAML read on to the next quote character and fail

@@ -374,6 +374,20 @@ TEST_CASE("duplicate keys are errors") {
   CHECK(e.to_string() == "test.yaml:7:3: duplicate key \"level\" in log (first at line 6)");
 }
 
+TEST_CASE("a second YAML document is an error, not silently left unread") {
+  SUBCASE("settings after ---") {
+    const auto e = only_error(load(with("---\nlimits: {max_sessions: 5}\n")));
+    CHECK(e.to_string() ==
+          "test.yaml:6:1: a second YAML document (after \"---\") is not read: the configuration is one document "
+          "(remove the \"---\" line)");
+  }
+  SUBCASE("a leading --- and a trailing empty document are fine") {
+    const auto result = load("---\n" + with("---\n# nothing more\n"));
+    INFO(all_errors(result));
+    CHECK(result.errors.empty());
+  }
+}
+
 TEST_CASE("timeouts.upstream_open not longer than upstream_connect: a warning at the value") {
   SUBCASE("upstream_open given") {
     const auto result = load(with("timeouts:\n  upstream_connect: 30s\n  upstream_open: 30s\n"));
