@@ -167,7 +167,8 @@ void check_state_dir(const std::string& dir) {
 struct Server::Impl {
   struct Acceptor {
     std::string name;
-    std::string address;
+    std::string address;      // as written
+    tcp::endpoint endpoint;  // what it listens on: "[::1]:25" and "[0::1]:25" are one
     tcp::acceptor acceptor;
     // The socket came from systemd (LISTEN_FDS), at this endpoint: handed back when retired, never closed.
     std::optional<tcp::endpoint> inherited;
@@ -245,7 +246,7 @@ struct Server::Impl {
   std::shared_ptr<Acceptor> open_acceptor(const config::Listener& listener) {
     auto endpoint = listen_endpoint(listener.address);
     auto result = std::make_shared<Acceptor>(
-        Acceptor{listener.name, listener.address.text, tcp::acceptor(io), std::nullopt});
+        Acceptor{listener.name, listener.address.text, endpoint, tcp::acceptor(io), std::nullopt});
     auto& acceptor = result->acceptor;
     if (auto it = inherited.find(endpoint); it != inherited.end()) {
       acceptor.assign(endpoint.protocol(), it->second);
@@ -322,17 +323,21 @@ struct Server::Impl {
   struct PlannedListener {
     std::shared_ptr<Acceptor> acceptor;
     std::string name;  // a listener renamed on the same address keeps its socket and takes the new name
+    std::string address;  // as now written
   };
 
   // Opens listeners of `config` whose address is not open yet (an open address is kept, whatever the listener
-  // is now called); returns the new set. Throws before changing anything that is running.
+  // is now called or however the address is written); returns the new set. Throws before changing anything
+  // that is running.
   std::vector<PlannedListener> reconcile_listeners(const config::Config& config) {
     std::vector<PlannedListener> next;
     try {
       for (const auto& listener : config.listeners) {
+        const tcp::endpoint endpoint = listen_endpoint(listener.address);
         auto kept = std::find_if(acceptors.begin(), acceptors.end(),
-                                 [&](const auto& a) { return a->address == listener.address.text; });
-        next.push_back({kept != acceptors.end() ? *kept : open_acceptor(listener), listener.name});
+                                 [&](const auto& a) { return a->endpoint == endpoint; });
+        next.push_back({kept != acceptors.end() ? *kept : open_acceptor(listener), listener.name,
+                        listener.address.text});
       }
     } catch (...) {
       discard(next);
@@ -386,6 +391,7 @@ struct Server::Impl {
     std::vector<std::shared_ptr<Acceptor>> kept;
     for (auto& planned : next) {
       planned.acceptor->name = planned.name;  // accept loops run on this thread too: no race
+      planned.acceptor->address = planned.address;
       kept.push_back(planned.acceptor);
     }
     for (auto& old : acceptors) {
