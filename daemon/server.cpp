@@ -336,6 +336,7 @@ struct Server::Impl {
         const tcp::endpoint endpoint = listen_endpoint(listener.address);
         auto kept = std::find_if(acceptors.begin(), acceptors.end(),
                                  [&](const auto& a) { return a->endpoint == endpoint; });
+        if (kept == acceptors.end()) refuse_beside_running(listener, endpoint);
         next.push_back({kept != acceptors.end() ? *kept : open_acceptor(listener), listener.name,
                         listener.address.text});
       }
@@ -344,6 +345,23 @@ struct Server::Impl {
       throw;
     }
     return next;
+  }
+
+  // A running socket on the wildcard of the new address's family, or on an address of that family where the new
+  // one is the wildcard, same port: Linux refuses the new one while the old one listens, and the old one is
+  // closed only once the reload has succeeded (what it opened must not cost a running listener). Said plainly
+  // rather than as "Address already in use": mailflowd's own listener is in the way, and a restart applies it.
+  void refuse_beside_running(const config::Listener& listener, const tcp::endpoint& endpoint) const {
+    for (const auto& running : acceptors) {
+      const tcp::endpoint& other = running->endpoint;
+      if (other.port() != endpoint.port() || other.protocol() != endpoint.protocol()) continue;
+      if (!other.address().is_unspecified() && !endpoint.address().is_unspecified()) continue;
+      throw std::runtime_error("listener " + listener.name + ": " + listener.address.text +
+                               " cannot listen beside the running listener " + running->name + " on " +
+                               running->address + " (a wildcard address takes the port on every address of its "
+                               "family) and that one closes only after a reload succeeds: a restart applies this "
+                               "change");
+    }
   }
 
   // A plan that is not applied (the reload was refused): what it opened is retired, so that a socket it took
