@@ -979,7 +979,8 @@ class Loader {
            return ok ? std::optional<std::string>(text) : std::nullopt;
          });
     read_integer(*map, "smtp_port", "tlsrpt", config_.tlsrpt.smtp_port, 1, 65535, false);
-    read_file(*map, "ca_file", "tlsrpt", config_.tlsrpt.ca_file);
+    if (read_file(*map, "ca_file", "tlsrpt", config_.tlsrpt.ca_file))
+      remember_position("tlsrpt.ca_file", get(*map, "ca_file")->value);
     read_duration(*map, "interval", "tlsrpt", config_.tlsrpt.interval, std::chrono::seconds(1),
                   std::chrono::hours(24));
     read_duration(*map, "retry_for", "tlsrpt", config_.tlsrpt.retry_for, std::chrono::milliseconds(0),
