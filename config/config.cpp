@@ -221,8 +221,9 @@ class Loader {
       }
       for (std::size_t i = 1; i < documents.size(); ++i) {
         if (documents[i].IsNull()) continue;  // an empty document (a trailing "---") holds nothing to lose
-        error_at(documents[i], "a second YAML document (after \"---\") is not read: the configuration is one "
-                               "document (remove the \"---\" line)");
+        error_at(documents[i],
+                 "a second YAML document (after \"---\") is not read: the configuration is one "
+                 "document (remove the \"---\" line)");
         break;
       }
     } catch (const YAML::Exception& e) {

@@ -167,7 +167,7 @@ void check_state_dir(const std::string& dir) {
 struct Server::Impl {
   struct Acceptor {
     std::string name;
-    std::string address;      // as written
+    std::string address;     // as written
     tcp::endpoint endpoint;  // what it listens on: "[::1]:25" and "[0::1]:25" are one
     tcp::acceptor acceptor;
     // The socket came from systemd (LISTEN_FDS), at this endpoint: handed back when retired, never closed.
@@ -347,20 +347,22 @@ struct Server::Impl {
     return next;
   }
 
-  // A running socket on the wildcard of the new address's family, or on an address of that family where the new
-  // one is the wildcard, same port: Linux refuses the new one while the old one listens, and the old one is
-  // closed only once the reload has succeeded (what it opened must not cost a running listener). Said plainly
-  // rather than as "Address already in use": mailflowd's own listener is in the way, and a restart applies it.
+  // A running socket on the wildcard of the new address's family, or on an address of that family where the
+  // new one is the wildcard, same port: Linux refuses the new one while the old one listens, and the old one
+  // is closed only once the reload has succeeded (what it opened must not cost a running listener). Said
+  // plainly rather than as "Address already in use": mailflowd's own listener is in the way, and a restart
+  // applies it.
   void refuse_beside_running(const config::Listener& listener, const tcp::endpoint& endpoint) const {
     for (const auto& running : acceptors) {
       const tcp::endpoint& other = running->endpoint;
       if (other.port() != endpoint.port() || other.protocol() != endpoint.protocol()) continue;
       if (!other.address().is_unspecified() && !endpoint.address().is_unspecified()) continue;
-      throw std::runtime_error("listener " + listener.name + ": " + listener.address.text +
-                               " cannot listen beside the running listener " + running->name + " on " +
-                               running->address + " (a wildcard address takes the port on every address of its "
-                               "family) and that one closes only after a reload succeeds: a restart applies this "
-                               "change");
+      throw std::runtime_error(
+          "listener " + listener.name + ": " + listener.address.text +
+          " cannot listen beside the running listener " + running->name + " on " + running->address +
+          " (a wildcard address takes the port on every address of its "
+          "family) and that one closes only after a reload succeeds: a restart applies this "
+          "change");
     }
   }
 
