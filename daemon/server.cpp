@@ -353,6 +353,7 @@ struct Server::Impl {
   // plainly rather than as "Address already in use": mailflowd's own listener is in the way, and a restart
   // applies it.
   void refuse_beside_running(const config::Listener& listener, const tcp::endpoint& endpoint) const {
+    if (inherited.count(endpoint) > 0) return;  // systemd holds that socket already: it is taken, not bound
     for (const auto& running : acceptors) {
       const tcp::endpoint& other = running->endpoint;
       if (other.port() != endpoint.port() || other.protocol() != endpoint.protocol()) continue;
