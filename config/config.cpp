@@ -392,6 +392,14 @@ class Loader {
         continue;
       }
       const std::string& name = key.Scalar();
+      if (name ==
+          "<<") {  // yaml-cpp reads a YAML 1.1 merge key as an ordinary key: its keys would go missing
+        error_at(key,
+                 (where.empty() ? "" : where + ": ") +
+                     "YAML merge keys (\"<<\") are not supported: write the keys out (an alias of a whole "
+                     "value, like *name, works)");
+        continue;
+      }
       if (std::find(allowed.begin(), allowed.end(), name) == allowed.end()) {
         std::string message = "unknown key " + quoted(name) + (where.empty() ? "" : " in " + where);
         std::string_view best;

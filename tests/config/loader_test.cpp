@@ -389,6 +389,30 @@ TEST_CASE("a second YAML document is an error, not silently left unread") {
   }
 }
 
+TEST_CASE("a YAML merge key says that merge keys are not supported, and whole aliases work") {
+  const std::string listeners = R"(listeners:
+  - &first {name: in, address: "127.0.0.1:2525", upstream: up}
+  - <<: *first
+    name: in2
+    address: "127.0.0.1:2527"
+upstreams:
+  - {name: up, address: "127.0.0.1:2526"}
+)";
+  const auto result = load(listeners);
+  INFO(all_errors(result));
+  REQUIRE_FALSE(result.errors.empty());
+  CHECK(
+      result.errors.front().to_string() ==
+      "test.yaml:3:5: listeners[1]: YAML merge keys (\"<<\") are not supported: write the keys out (an alias "
+      "of a whole value, like *name, works)");
+  const auto aliased = load(
+      "upstreams:\n  - {name: &up up, address: \"127.0.0.1:2526\"}\nlisteners:\n"
+      "  - {name: in, address: \"127.0.0.1:2525\", upstream: *up}\n");
+  INFO(all_errors(aliased));
+  REQUIRE(aliased.config);
+  CHECK(aliased.config->listeners[0].upstream == "up");
+}
+
 TEST_CASE("timeouts.upstream_open not longer than upstream_connect: a warning at the value") {
   SUBCASE("upstream_open given") {
     const auto result = load(with("timeouts:\n  upstream_connect: 30s\n  upstream_open: 30s\n"));
