@@ -7,6 +7,7 @@
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <yaml-cpp/depthguard.h>
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
@@ -234,6 +235,9 @@ class Loader {
                                        open_quote->quote + " on its line; YAML syntax error at line " +
                                        std::to_string(e.mark.line + 1) + " column " +
                                        std::to_string(e.mark.column + 1) + ": " + e.msg);
+      } else if (dynamic_cast<const YAML::DeepRecursion*>(&e) != nullptr) {
+        // yaml-cpp words its depth limit (some hundreds of levels) as "bad file".
+        error_at(e.mark, "YAML syntax error: lists or mappings nested deeper than the YAML parser reads");
       } else {
         error_at(e.mark, "YAML syntax error: " + e.msg + syntax_hint(text, e.mark));
       }

@@ -775,6 +775,12 @@ TEST_CASE("YAML syntax errors carry a position") {
   CHECK(e.message.starts_with("YAML syntax error: "));
 }
 
+TEST_CASE("nesting deeper than the YAML parser goes is said as such, not as \"bad file\"") {
+  const auto e = only_error(load("listeners: " + std::string(3000, '[') + std::string(3000, ']') + "\n"));
+  CHECK(e.line == 1);
+  CHECK(e.message == "YAML syntax error: lists or mappings nested deeper than the YAML parser reads");
+}
+
 TEST_CASE("connector direction follows its listener") {
   const std::string listeners = R"(listeners:
   - {name: in, address: "127.0.0.1:2525", upstream: up}
