@@ -1078,8 +1078,18 @@ class Loader {
       if (require(*map, "address", list[i].Mark(), where) &&
           read_endpoint(*map, "address", where, listener.address, true)) {
         const YAML::Mark mark = get(*map, "address")->value.Mark();
-        check_bind(listener.address, mark, where + ".address");
-        bound_.push_back({listener.name, listener.address, where + ".address", mark});
+        if (const auto v4 = ipv4_mapped(listener.address)) {
+          // The daemon binds a listener's IPv6 address IPv6-only, and Linux refuses a mapped one there
+          // (EINVAL).
+          error_at(
+              mark,
+              where + ".address: " + quoted(listener.address.text) +
+                  " is an IPv4-mapped IPv6 address, which a listener (IPv6-only) cannot listen on: write " +
+                  quoted(*v4 + ":" + std::to_string(listener.address.port)));
+        } else {
+          check_bind(listener.address, mark, where + ".address");
+          bound_.push_back({listener.name, listener.address, where + ".address", mark});
+        }
       }
       read_enum(*map, "direction", where, listener.direction,
                 {{"inbound", Direction::inbound}, {"outbound", Direction::outbound}});
@@ -1100,6 +1110,16 @@ class Loader {
       }
       config_.listeners.push_back(std::move(listener));
     }
+  }
+
+  // "::ffff:192.0.2.1" (written in brackets) -> "192.0.2.1"; nullopt for any other address.
+  static std::optional<std::string> ipv4_mapped(const Endpoint& address) {
+    const auto ip = parse_ip_address(address.host);
+    if (!ip || address.host.find(':') == std::string::npos) return std::nullopt;
+    static constexpr std::array<std::uint8_t, 12> prefix{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+    if (!std::equal(prefix.begin(), prefix.end(), ip->begin())) return std::nullopt;
+    return std::to_string((*ip)[12]) + "." + std::to_string((*ip)[13]) + "." + std::to_string((*ip)[14]) +
+           "." + std::to_string((*ip)[15]);
   }
 
   // The listeners' addresses so far: http.address and each further listener must be able to listen beside them.

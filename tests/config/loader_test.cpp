@@ -598,6 +598,11 @@ TEST_CASE("addresses") {
         "listeners[0].address: expected an IPv6 address inside [...], got \"[1.2.3.4]:25\"");
   CHECK(address_error("\":25\"") ==
         "listeners[0].address: missing host in \":25\" (use 0.0.0.0:port for all IPv4 addresses)");
+  // A listener's IPv6 socket is IPv6-only, which Linux does not let bind an IPv4-mapped address (the start
+  // failed with "Invalid argument" after --check-config had passed).
+  CHECK(address_error("\"[::ffff:127.0.0.1]:25\"") ==
+        "listeners[0].address: \"[::ffff:127.0.0.1]:25\" is an IPv4-mapped IPv6 address, which a listener "
+        "(IPv6-only) cannot listen on: write \"127.0.0.1:25\"");
   const auto unquoted =
       only_error(load("listeners:\n  - name: in\n    address: [::]:25\n    upstream: up\n"));
   CHECK(unquoted.to_string() ==
