@@ -323,7 +323,15 @@ class Loader {
   static std::string syntax_hint(std::string_view text, const YAML::Mark& mark) {
     if (mark.is_null() || mark.line < 0) return "";
     std::size_t start = 0;
-    for (int line = 0; line < mark.line && start != std::string_view::npos; ++line) {
+    for (int line = 0; line <= mark.line && start != std::string_view::npos; ++line) {
+      // A tab in the indentation, here or above: YAML allows none, and yaml-cpp's words do not say so.
+      const std::size_t indent_end = text.find_first_not_of(" \t", start);
+      const bool content = indent_end != std::string_view::npos && text[indent_end] != '\n' &&
+                           text[indent_end] != '\r' && text[indent_end] != '#';
+      if (content && text.substr(start, indent_end - start).find('\t') != std::string_view::npos)
+        return " (line " + std::to_string(line + 1) +
+               " is indented with a tab; YAML indents with spaces only)";
+      if (line == mark.line) break;
       start = text.find('\n', start);
       if (start != std::string_view::npos) ++start;
     }

@@ -780,6 +780,16 @@ TEST_CASE("YAML syntax errors carry a position") {
   CHECK(e.message.starts_with("YAML syntax error: "));
 }
 
+TEST_CASE("a tab in the indentation is named, not only \"illegal block entry\"") {
+  const auto e = only_error(load("listeners:\n\t- {name: in, address: \"127.0.0.1:2525\", upstream: up}\n"));
+  CHECK(e.to_string() ==
+        "test.yaml:2:2: YAML syntax error: illegal block entry (line 2 is indented with a tab; YAML "
+        "indents with spaces only)");
+  // A blank line with a tab is no indentation: an error further down is not blamed on it.
+  const auto other = only_error(load("listeners:\n\t\n  - {name: in\nupstreams: []\n"));
+  CHECK(other.message.find("tab") == std::string::npos);
+}
+
 TEST_CASE("nesting deeper than the YAML parser goes is said as such, not as \"bad file\"") {
   const auto e = only_error(load("listeners: " + std::string(3000, '[') + std::string(3000, ']') + "\n"));
   CHECK(e.line == 1);
