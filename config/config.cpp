@@ -8,6 +8,7 @@
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <yaml-cpp/depthguard.h>
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
@@ -210,13 +211,22 @@ class Loader {
   LoadResult load(std::string_view text) {
     const std::optional<OpenQuote> open_quote = find_open_quote(text);
     try {
-      const YAML::Node root = YAML::Load(std::string(text));
+      // YAML::Load would read the first document only: settings after a "---" line would be dropped unseen.
+      const std::vector<YAML::Node> documents = YAML::LoadAll(std::string(text));
+      const YAML::Node root = documents.empty() ? YAML::Node() : documents.front();
       // yaml-cpp reads a quote that is never closed up to the end of the file without complaint.
       if (open_quote && open_quote->closed_line < 0) {
         error_at(open_quote->mark, "unclosed quote: the value " + open_quote->what + " has no closing " +
                                        open_quote->quote + " (YAML would read the rest of the file into it)");
       } else {
         load_root(root);
+      }
+      for (std::size_t i = 1; i < documents.size(); ++i) {
+        if (documents[i].IsNull()) continue;  // an empty document (a trailing "---") holds nothing to lose
+        error_at(documents[i],
+                 "a second YAML document (after \"---\") is not read: the configuration is one "
+                 "document (remove the \"---\" line)");
+        break;
       }
     } catch (const YAML::Exception& e) {
       // A quote left open on an earlier line makes YAML read on to the next quote character and fail
@@ -226,6 +236,9 @@ class Loader {
                                        open_quote->quote + " on its line; YAML syntax error at line " +
                                        std::to_string(e.mark.line + 1) + " column " +
                                        std::to_string(e.mark.column + 1) + ": " + e.msg);
+      } else if (dynamic_cast<const YAML::DeepRecursion*>(&e) != nullptr) {
+        // yaml-cpp words its depth limit (some hundreds of levels) as "bad file".
+        error_at(e.mark, "YAML syntax error: lists or mappings nested deeper than the YAML parser reads");
       } else {
         error_at(e.mark, "YAML syntax error: " + e.msg + syntax_hint(text, e.mark));
       }
@@ -311,7 +324,15 @@ class Loader {
   static std::string syntax_hint(std::string_view text, const YAML::Mark& mark) {
     if (mark.is_null() || mark.line < 0) return "";
     std::size_t start = 0;
-    for (int line = 0; line < mark.line && start != std::string_view::npos; ++line) {
+    for (int line = 0; line <= mark.line && start != std::string_view::npos; ++line) {
+      // A tab in the indentation, here or above: YAML allows none, and yaml-cpp's words do not say so.
+      const std::size_t indent_end = text.find_first_not_of(" \t", start);
+      const bool content = indent_end != std::string_view::npos && text[indent_end] != '\n' &&
+                           text[indent_end] != '\r' && text[indent_end] != '#';
+      if (content && text.substr(start, indent_end - start).find('\t') != std::string_view::npos)
+        return " (line " + std::to_string(line + 1) +
+               " is indented with a tab; YAML indents with spaces only)";
+      if (line == mark.line) break;
       start = text.find('\n', start);
       if (start != std::string_view::npos) ++start;
     }
@@ -384,6 +405,14 @@ class Loader {
         continue;
       }
       const std::string& name = key.Scalar();
+      if (name ==
+          "<<") {  // yaml-cpp reads a YAML 1.1 merge key as an ordinary key: its keys would go missing
+        error_at(key,
+                 (where.empty() ? "" : where + ": ") +
+                     "YAML merge keys (\"<<\") are not supported: write the keys out (an alias of a whole "
+                     "value, like *name, works)");
+        continue;
+      }
       if (std::find(allowed.begin(), allowed.end(), name) == allowed.end()) {
         std::string message = "unknown key " + quoted(name) + (where.empty() ? "" : " in " + where);
         std::string_view best;
@@ -978,7 +1007,8 @@ class Loader {
            return ok ? std::optional<std::string>(text) : std::nullopt;
          });
     read_integer(*map, "smtp_port", "tlsrpt", config_.tlsrpt.smtp_port, 1, 65535, false);
-    read_file(*map, "ca_file", "tlsrpt", config_.tlsrpt.ca_file);
+    if (read_file(*map, "ca_file", "tlsrpt", config_.tlsrpt.ca_file))
+      remember_position("tlsrpt.ca_file", get(*map, "ca_file")->value);
     read_duration(*map, "interval", "tlsrpt", config_.tlsrpt.interval, std::chrono::seconds(1),
                   std::chrono::hours(24));
     read_duration(*map, "retry_for", "tlsrpt", config_.tlsrpt.retry_for, std::chrono::milliseconds(0),
@@ -1063,8 +1093,18 @@ class Loader {
       if (require(*map, "address", list[i].Mark(), where) &&
           read_endpoint(*map, "address", where, listener.address, true)) {
         const YAML::Mark mark = get(*map, "address")->value.Mark();
-        check_bind(listener.address, mark, where + ".address");
-        bound_.push_back({listener.name, listener.address, where + ".address", mark});
+        if (const auto v4 = ipv4_mapped(listener.address)) {
+          // The daemon binds a listener's IPv6 address IPv6-only, and Linux refuses a mapped one there
+          // (EINVAL).
+          error_at(
+              mark,
+              where + ".address: " + quoted(listener.address.text) +
+                  " is an IPv4-mapped IPv6 address, which a listener (IPv6-only) cannot listen on: write " +
+                  quoted(*v4 + ":" + std::to_string(listener.address.port)));
+        } else {
+          check_bind(listener.address, mark, where + ".address");
+          bound_.push_back({listener.name, listener.address, where + ".address", mark});
+        }
       }
       read_enum(*map, "direction", where, listener.direction,
                 {{"inbound", Direction::inbound}, {"outbound", Direction::outbound}});
@@ -1085,6 +1125,16 @@ class Loader {
       }
       config_.listeners.push_back(std::move(listener));
     }
+  }
+
+  // "::ffff:192.0.2.1" (written in brackets) -> "192.0.2.1"; nullopt for any other address.
+  static std::optional<std::string> ipv4_mapped(const Endpoint& address) {
+    const auto ip = parse_ip_address(address.host);
+    if (!ip || address.host.find(':') == std::string::npos) return std::nullopt;
+    static constexpr std::array<std::uint8_t, 12> prefix{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+    if (!std::equal(prefix.begin(), prefix.end(), ip->begin())) return std::nullopt;
+    return std::to_string((*ip)[12]) + "." + std::to_string((*ip)[13]) + "." + std::to_string((*ip)[14]) +
+           "." + std::to_string((*ip)[15]);
   }
 
   // The listeners' addresses so far: http.address and each further listener must be able to listen beside them.

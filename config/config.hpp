@@ -222,8 +222,8 @@ struct Config {
   Timeouts timeouts;
   Performance performance;
   // Line and column (1-based) of the values that are checked outside the loader, by key path: each
-  // "listeners[N].tls.certificates[M].cert", "http.tls.cert", "upstreams[N].ca_file", "mta_sts.ca_file" and
-  // "dns.trust_anchor_file" (the daemon loads them).
+  // "listeners[N].tls.certificates[M].cert", "http.tls.cert", "upstreams[N].ca_file", "mta_sts.ca_file",
+  // "tlsrpt.ca_file" and "dns.trust_anchor_file" (the daemon loads them).
   std::map<std::string, std::pair<int, int>, std::less<>> positions;
 
   const Upstream* find_upstream(std::string_view name) const;

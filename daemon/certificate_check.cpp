@@ -7,6 +7,7 @@
 
 #include "daemon/http_server.hpp"
 #include "daemon/resolver.hpp"
+#include "daemon/runtime.hpp"
 #include "daemon/tls.hpp"
 
 namespace mailflow {
@@ -96,6 +97,10 @@ CertificateFindings check_certificates(const config::Config& config, std::chrono
         out.errors.push_back(finding(config, path + ".ca_file", path + ": " + e.what(), false));
       }
     }
+  }
+  for (const auto& [key, problem] : https_ca_file_problems(config)) {
+    if (key == "mta_sts.ca_file" && webpki_reported) continue;  // said above, as the handshakes load it
+    out.errors.push_back(finding(config, key, key + ": " + problem, false));
   }
   // state_dir is made at start where it is missing: the nearest part of its path that exists must be a
   // directory. (Whether the daemon's user may write there is not known here: --check-config may run as root.)

@@ -23,8 +23,8 @@ struct CertificateFindings {
 
 // Loads each {cert, key} pair of every listener and of http.tls (as the HTTP server does) on its own, so that
 // every problem is reported, the ca_file of every upstream with tls: verify, the Web PKI trust store
-// (mta_sts.ca_file) where an upstream has mta_sts on, and the dns settings as a resolver takes them (positions
-// from config.positions).
+// (mta_sts.ca_file) where an upstream has mta_sts on, tlsrpt.ca_file while tlsrpt.send is true, and the dns
+// settings as a resolver takes them (positions from config.positions).
 CertificateFindings check_certificates(const config::Config& config, std::chrono::system_clock::time_point now);
 
 }  // namespace mailflow

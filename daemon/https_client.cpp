@@ -30,6 +30,14 @@ using Error = HttpsResponse::Error;
 
 namespace {
 
+// The one way a request's trust store is loaded (also ca_file_problem).
+void load_trust_store(net::ssl::context& context, const std::string& ca_file, beast::error_code& ec) {
+  if (ca_file.empty())
+    context.set_default_verify_paths(ec);
+  else
+    context.load_verify_file(ca_file, ec);
+}
+
 HttpsResponse failed(Step step, Error error, std::string text = {}) {
   HttpsResponse out;
   out.step = step;
@@ -39,6 +47,15 @@ HttpsResponse failed(Step step, Error error, std::string text = {}) {
 }
 
 }  // namespace
+
+std::string ca_file_problem(const std::string& ca_file) {
+  net::ssl::context context(net::ssl::context::tls_client);
+  beast::error_code ec;
+  load_trust_store(context, ca_file, ec);
+  if (!ec) return {};
+  return "cannot load " + (ca_file.empty() ? std::string("the system trust store") : ca_file) + ": " +
+         ec.message();
+}
 
 net::awaitable<HttpsResponse> https_request(net::any_io_executor executor, HttpsRequest request,
                                             HttpsLimits limits) {
@@ -54,10 +71,7 @@ net::awaitable<HttpsResponse> https_request(net::any_io_executor executor, Https
   net::ssl::context context(net::ssl::context::tls_client);
   beast::error_code ec;
   context.set_verify_mode(net::ssl::verify_peer);
-  if (request.ca_file.empty())
-    context.set_default_verify_paths(ec);
-  else
-    context.load_verify_file(request.ca_file, ec);
+  load_trust_store(context, request.ca_file, ec);
   if (ec) co_return failed(Step::ca_file, Error::failed, ec.message());
   SSL_CTX_set_min_proto_version(context.native_handle(), TLS1_2_VERSION);
 

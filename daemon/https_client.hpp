@@ -33,6 +33,10 @@ struct HttpsRequest {
   std::string port = "443";
 };
 
+// Loads `ca_file` as https_request does (empty: the system trust store): "" when it loads, else why not. The
+// start, a reload and --check-config refuse a CA file that every request would then fail on.
+std::string ca_file_problem(const std::string& ca_file);
+
 struct HttpsLimits {
   std::chrono::steady_clock::time_point deadline;  // for every step together
   std::size_t max_header_bytes = 16 * 1024;

@@ -1,16 +1,36 @@
 #include "daemon/runtime.hpp"
 
+#include <algorithm>
 #include <stdexcept>
 
+#include "daemon/https_client.hpp"
 #include "daemon/resolver.hpp"
 
 namespace mailflow {
+
+std::vector<std::pair<std::string, std::string>> https_ca_file_problems(const config::Config& config) {
+  std::vector<std::pair<std::string, std::string>> out;
+  const bool mta_sts =
+      std::any_of(config.upstreams.begin(), config.upstreams.end(),
+                  [](const auto& upstream) { return upstream.mta_sts != config::MtaStsMode::off; });
+  if (mta_sts && !config.mta_sts.ca_file.empty()) {
+    if (std::string problem = ca_file_problem(config.mta_sts.ca_file); !problem.empty())
+      out.emplace_back("mta_sts.ca_file", std::move(problem));
+  }
+  if (config.tlsrpt.send && !config.tlsrpt.ca_file.empty()) {
+    if (std::string problem = ca_file_problem(config.tlsrpt.ca_file); !problem.empty())
+      out.emplace_back("tlsrpt.ca_file", std::move(problem));
+  }
+  return out;
+}
 
 std::shared_ptr<const Runtime> Runtime::build(std::shared_ptr<const config::Config> config) {
   // The sessions make their resolvers when they first need one: settings that libunbound refuses fail the start
   // or the reload here, not every delivery afterwards.
   if (const std::string problem = dns_settings_problem(config->dns); !problem.empty())
     throw std::runtime_error(problem);
+  for (const auto& [key, problem] : https_ca_file_problems(*config))
+    throw std::runtime_error(key + ": " + problem);
   auto runtime = std::make_shared<Runtime>();
   for (const auto& listener : config->listeners) {
     if (listener.tls)

@@ -4,12 +4,20 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "config/config.hpp"
 #include "daemon/own_listeners.hpp"
 #include "daemon/tls.hpp"
 
 namespace mailflow {
+
+// The CA files of mailflowd's own HTTPS requests that `config` uses, mta_sts.ca_file where an upstream has
+// mta_sts on (the policy fetches) and tlsrpt.ca_file while tlsrpt.send is true (https: reports), that do not
+// load as those requests load them: {key, problem}. Runtime::build refuses them, --check-config reports them
+// at their line.
+std::vector<std::pair<std::string, std::string>> https_ca_file_problems(const config::Config& config);
 
 struct Runtime {
   std::shared_ptr<const config::Config> config;

@@ -168,7 +168,8 @@ void check_state_dir(const std::string& dir) {
 struct Server::Impl {
   struct Acceptor {
     std::string name;
-    std::string address;
+    std::string address;     // as written
+    tcp::endpoint endpoint;  // what it listens on: "[::1]:25" and "[0::1]:25" are one
     tcp::acceptor acceptor;
     // The socket came from systemd (LISTEN_FDS), at this endpoint: handed back when retired, never closed.
     std::optional<tcp::endpoint> inherited;
@@ -248,7 +249,7 @@ struct Server::Impl {
   std::shared_ptr<Acceptor> open_acceptor(const config::Listener& listener) {
     auto endpoint = listen_endpoint(listener.address);
     auto result = std::make_shared<Acceptor>(
-        Acceptor{listener.name, listener.address.text, tcp::acceptor(io), std::nullopt});
+        Acceptor{listener.name, listener.address.text, endpoint, tcp::acceptor(io), std::nullopt});
     auto& acceptor = result->acceptor;
     if (auto it = inherited.find(endpoint); it != inherited.end()) {
       acceptor.assign(endpoint.protocol(), it->second);
@@ -325,23 +326,48 @@ struct Server::Impl {
   struct PlannedListener {
     std::shared_ptr<Acceptor> acceptor;
     std::string name;  // a listener renamed on the same address keeps its socket and takes the new name
+    std::string address;  // as now written
   };
 
   // Opens listeners of `config` whose address is not open yet (an open address is kept, whatever the listener
-  // is now called); returns the new set. Throws before changing anything that is running.
+  // is now called or however the address is written); returns the new set. Throws before changing anything
+  // that is running.
   std::vector<PlannedListener> reconcile_listeners(const config::Config& config) {
     std::vector<PlannedListener> next;
     try {
       for (const auto& listener : config.listeners) {
+        const tcp::endpoint endpoint = listen_endpoint(listener.address);
         auto kept = std::find_if(acceptors.begin(), acceptors.end(),
-                                 [&](const auto& a) { return a->address == listener.address.text; });
-        next.push_back({kept != acceptors.end() ? *kept : open_acceptor(listener), listener.name});
+                                 [&](const auto& a) { return a->endpoint == endpoint; });
+        if (kept == acceptors.end()) refuse_beside_running(listener, endpoint);
+        next.push_back({kept != acceptors.end() ? *kept : open_acceptor(listener), listener.name,
+                        listener.address.text});
       }
     } catch (...) {
       discard(next);
       throw;
     }
     return next;
+  }
+
+  // A running socket on the wildcard of the new address's family, or on an address of that family where the
+  // new one is the wildcard, same port: Linux refuses the new one while the old one listens, and the old one
+  // is closed only once the reload has succeeded (what it opened must not cost a running listener). Said
+  // plainly rather than as "Address already in use": mailflowd's own listener is in the way, and a restart
+  // applies it.
+  void refuse_beside_running(const config::Listener& listener, const tcp::endpoint& endpoint) const {
+    if (inherited.count(endpoint) > 0) return;  // systemd holds that socket already: it is taken, not bound
+    for (const auto& running : acceptors) {
+      const tcp::endpoint& other = running->endpoint;
+      if (other.port() != endpoint.port() || other.protocol() != endpoint.protocol()) continue;
+      if (!other.address().is_unspecified() && !endpoint.address().is_unspecified()) continue;
+      throw std::runtime_error(
+          "listener " + listener.name + ": " + listener.address.text +
+          " cannot listen beside the running listener " + running->name + " on " + running->address +
+          " (a wildcard address takes the port on every address of its "
+          "family) and that one closes only after a reload succeeds: a restart applies this "
+          "change");
+    }
   }
 
   // A plan that is not applied (the reload was refused): what it opened is retired, so that a socket it took
@@ -389,6 +415,7 @@ struct Server::Impl {
     std::vector<std::shared_ptr<Acceptor>> kept;
     for (auto& planned : next) {
       planned.acceptor->name = planned.name;  // accept loops run on this thread too: no race
+      planned.acceptor->address = planned.address;
       kept.push_back(planned.acceptor);
     }
     for (auto& old : acceptors) {

@@ -148,6 +148,37 @@ else
   fail "mta_sts.ca_file: exit status $status (expected 1 and the file named at 5:20)"; cat "$work/err" "$work/out"
 fi
 
+# The CA files of the daemon's own HTTPS requests are loaded as those requests load them: mta_sts.ca_file for the
+# policy fetches also where the upstream is tls: verify (its handshakes use its own ca_file, so the file was never
+# loaded and every fetch failed), and tlsrpt.ca_file while tlsrpt.send is true (every https: report failed).
+cat >"$work/verify-sts.yaml" <<EOF
+listeners:
+  - {name: out, address: "127.0.0.1:2525", direction: outbound, upstream: internet}
+upstreams:
+  - {name: internet, mx: true, tls: verify, ca_file: $certs/good.pem, mta_sts: enforce}
+mta_sts: {ca_file: $certs/garbage.pem}
+EOF
+run "$work/verify-sts.yaml"
+if [ "$status" -eq 1 ] && grep -qF "$work/verify-sts.yaml:5:20: mta_sts.ca_file: cannot load $certs/garbage.pem: " "$work/err"; then
+  passed=$((passed + 1)); echo "ok: mta_sts.ca_file beside tls: verify"
+else
+  fail "mta_sts.ca_file beside tls: verify: exit status $status (expected 1 and the file named at 5:20)"
+  cat "$work/err" "$work/out"
+fi
+cat >"$work/tlsrpt-ca.yaml" <<EOF
+listeners:
+  - {name: inbound, address: "127.0.0.1:2525", upstream: up}
+upstreams:
+  - {name: up, address: "127.0.0.1:25"}
+tlsrpt: {send: true, ca_file: $certs/garbage.pem}
+EOF
+run "$work/tlsrpt-ca.yaml"
+if [ "$status" -eq 1 ] && grep -qF "$work/tlsrpt-ca.yaml:5:31: tlsrpt.ca_file: cannot load $certs/garbage.pem: " "$work/err"; then
+  passed=$((passed + 1)); echo "ok: tlsrpt.ca_file"
+else
+  fail "tlsrpt.ca_file: exit status $status (expected 1 and the file named at 5:31)"; cat "$work/err" "$work/out"
+fi
+
 # http.tls is loaded by the HTTP server at OpenSSL's default security level, not at a listener's @SECLEVEL=0: a
 # certificate with a 512-bit key fails the start there, so it fails the check too (it passed, then the start failed).
 openssl req -x509 -newkey rsa:512 -nodes -days 365 -subj "/CN=weak.test" \

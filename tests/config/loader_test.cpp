@@ -374,6 +374,45 @@ TEST_CASE("duplicate keys are errors") {
   CHECK(e.to_string() == "test.yaml:7:3: duplicate key \"level\" in log (first at line 6)");
 }
 
+TEST_CASE("a second YAML document is an error, not silently left unread") {
+  SUBCASE("settings after ---") {
+    const auto e = only_error(load(with("---\nlimits: {max_sessions: 5}\n")));
+    CHECK(e.to_string() ==
+          "test.yaml:6:1: a second YAML document (after \"---\") is not read: the configuration is one "
+          "document "
+          "(remove the \"---\" line)");
+  }
+  SUBCASE("a leading --- and a trailing empty document are fine") {
+    const auto result = load("---\n" + with("---\n# nothing more\n"));
+    INFO(all_errors(result));
+    CHECK(result.errors.empty());
+  }
+}
+
+TEST_CASE("a YAML merge key says that merge keys are not supported, and whole aliases work") {
+  const std::string listeners = R"(listeners:
+  - &first {name: in, address: "127.0.0.1:2525", upstream: up}
+  - <<: *first
+    name: in2
+    address: "127.0.0.1:2527"
+upstreams:
+  - {name: up, address: "127.0.0.1:2526"}
+)";
+  const auto result = load(listeners);
+  INFO(all_errors(result));
+  REQUIRE_FALSE(result.errors.empty());
+  CHECK(
+      result.errors.front().to_string() ==
+      "test.yaml:3:5: listeners[1]: YAML merge keys (\"<<\") are not supported: write the keys out (an alias "
+      "of a whole value, like *name, works)");
+  const auto aliased = load(
+      "upstreams:\n  - {name: &up up, address: \"127.0.0.1:2526\"}\nlisteners:\n"
+      "  - {name: in, address: \"127.0.0.1:2525\", upstream: *up}\n");
+  INFO(all_errors(aliased));
+  REQUIRE(aliased.config);
+  CHECK(aliased.config->listeners[0].upstream == "up");
+}
+
 TEST_CASE("timeouts.upstream_open not longer than upstream_connect: a warning at the value") {
   SUBCASE("upstream_open given") {
     const auto result = load(with("timeouts:\n  upstream_connect: 30s\n  upstream_open: 30s\n"));
@@ -559,6 +598,11 @@ TEST_CASE("addresses") {
         "listeners[0].address: expected an IPv6 address inside [...], got \"[1.2.3.4]:25\"");
   CHECK(address_error("\":25\"") ==
         "listeners[0].address: missing host in \":25\" (use 0.0.0.0:port for all IPv4 addresses)");
+  // A listener's IPv6 socket is IPv6-only, which Linux does not let bind an IPv4-mapped address (the start
+  // failed with "Invalid argument" after --check-config had passed).
+  CHECK(address_error("\"[::ffff:127.0.0.1]:25\"") ==
+        "listeners[0].address: \"[::ffff:127.0.0.1]:25\" is an IPv4-mapped IPv6 address, which a listener "
+        "(IPv6-only) cannot listen on: write \"127.0.0.1:25\"");
   const auto unquoted =
       only_error(load("listeners:\n  - name: in\n    address: [::]:25\n    upstream: up\n"));
   CHECK(unquoted.to_string() ==
@@ -734,6 +778,22 @@ TEST_CASE("YAML syntax errors carry a position") {
   const auto e = only_error(load("listeners:\n  - {name: in\nupstreams: []\n"));
   CHECK(e.line == 3);
   CHECK(e.message.starts_with("YAML syntax error: "));
+}
+
+TEST_CASE("a tab in the indentation is named, not only \"illegal block entry\"") {
+  const auto e = only_error(load("listeners:\n\t- {name: in, address: \"127.0.0.1:2525\", upstream: up}\n"));
+  CHECK(e.to_string() ==
+        "test.yaml:2:2: YAML syntax error: illegal block entry (line 2 is indented with a tab; YAML "
+        "indents with spaces only)");
+  // A blank line with a tab is no indentation: an error further down is not blamed on it.
+  const auto other = only_error(load("listeners:\n\t\n  - {name: in\nupstreams: []\n"));
+  CHECK(other.message.find("tab") == std::string::npos);
+}
+
+TEST_CASE("nesting deeper than the YAML parser goes is said as such, not as \"bad file\"") {
+  const auto e = only_error(load("listeners: " + std::string(3000, '[') + std::string(3000, ']') + "\n"));
+  CHECK(e.line == 1);
+  CHECK(e.message == "YAML syntax error: lists or mappings nested deeper than the YAML parser reads");
 }
 
 TEST_CASE("connector direction follows its listener") {

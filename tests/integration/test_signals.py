@@ -459,6 +459,45 @@ def test_restart_only_settings_keep_their_started_values(daemon_factory, sink, t
 
 
 
+def reload_lines(daemon):
+    return [line for line in daemon.stderr().splitlines() if "reload_refused" in line]
+
+
+def test_reload_moving_a_listener_to_the_wildcard_of_its_address_says_a_restart_applies_it(daemon_factory, sink):
+    """A listener moved between an address and the wildcard of its family on the same port (127.0.0.1:P and
+    0.0.0.0:P) cannot listen beside its own running socket (Linux refuses the pair): the reload is refused and
+    says so, naming the running listener and that a restart applies the change, not only "Address already in
+    use"; the running listener still relays."""
+    d, port = start(daemon_factory, "to-wildcard", sink)
+    cfg = json.loads(d.config_path.read_text())
+    cfg["listeners"][0]["address"] = f"0.0.0.0:{port}"
+    d.config_path.write_text(json.dumps(cfg))
+    sighup_and_wait(d, "failure")
+    refused = reload_lines(d)
+    assert len(refused) == 1, d.log_tail()
+    assert f'0.0.0.0:{port}' in refused[0] and f'running listener inbound on 127.0.0.1:{port}' in refused[0], refused
+    assert "restart" in refused[0], refused
+    hh.assert_relays(d, port, sink)
+
+
+def test_reload_keeps_a_listener_whose_address_is_only_written_differently(daemon_factory, sink):
+    """"[::1]:P" and "[0::1]:P" are one address: a reload that only respells it keeps the running socket (it
+    tried to open a second one beside it and was refused with "Address already in use")."""
+    port = harness.free_port()
+    lst = hh.listener("inbound", port, "store", address=f"[::1]:{port}")
+    d = daemon_factory(listeners=[lst], upstreams=[hh.plain_upstream("store", sink.port)], name="respelled")
+    cfg = json.loads(d.config_path.read_text())
+    cfg["listeners"][0]["address"] = f"[0::1]:{port}"
+    d.config_path.write_text(json.dumps(cfg))
+    sighup_and_wait(d, "success")
+    assert not reload_lines(d), d.log_tail()
+    c = socket.create_connection(("::1", port), timeout=5)
+    try:
+        assert c.recv(512).startswith(b"220 ")
+    finally:
+        c.close()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM])
 def test_signal_during_startup_is_not_lost(workdir, mailflowd_bin, sink, sig):
     """A signal that comes while the daemon starts (held 1.5 s here, at the start of Server::run, by the failpoint
