@@ -199,14 +199,18 @@ bool TlsRptStore::deserialize(std::string_view text, std::string& error) {
       const auto ok = number(f[4]), failed = number(f[5]), dropped = number(f[6]);
       if (!type || !strings || !mx || !ok || !failed || !dropped) return bad("malformed policy");
       key = PolicyKey{*type, std::move(*strings), std::move(*mx)};
-      policy = &loaded.back().policies[key];
-      *policy = proto::tlsrpt::PolicyCounts{*ok, *failed, {}, *dropped};
+      // Our files list each policy of a day once: a repeated one would silently replace the first's counts.
+      const auto [at, added] = loaded.back().policies.emplace(
+          std::move(key), proto::tlsrpt::PolicyCounts{*ok, *failed, {}, *dropped});
+      if (!added) return bad("repeated policy");
+      policy = &at->second;
     } else if (f[0] == "failure" && f.size() == 7 && policy != nullptr) {
       const auto result = proto::tlsrpt::parse_result_type(f[1]);
       auto sending = decode(f[2]), mx = decode(f[3]), receiving = decode(f[4]), reason = decode(f[5]);
       const auto count = number(f[6]);
       if (!result || !sending || !mx || !receiving || !reason || !count) return bad("malformed failure");
-      policy->failures[FailureKey{*result, *sending, *mx, *receiving, *reason}] = *count;
+      if (!policy->failures.emplace(FailureKey{*result, *sending, *mx, *receiving, *reason}, *count).second)
+        return bad("repeated failure");
     } else {
       return bad("unexpected line");
     }

@@ -6,6 +6,7 @@
 #include <cctype>
 #include <chrono>
 #include <cstdio>
+#include <set>
 
 namespace mailflow::proto::tlsrpt {
 namespace {
@@ -71,6 +72,7 @@ TxtLookup parse_one(std::string_view rest) {
         return out;
       }
       have_rua = true;
+      std::set<std::string_view> left_out;
       std::size_t at = 0;
       while (at <= value.size()) {
         const auto comma = value.find(',', at);
@@ -86,7 +88,8 @@ TxtLookup parse_one(std::string_view rest) {
         const bool usable = mailto || (starts_with_nocase(uri, "https://") && uri.size() > 8);
         if (usable && std::find(out.rua.begin(), out.rua.end(), uri) == out.rua.end()) {
           if (out.rua.size() < max_rua) out.rua.emplace_back(uri);
-          else ++out.rua_left_out;
+          else if (left_out.insert(uri).second)  // past the bound too, each one once
+            ++out.rua_left_out;
         }
         if (comma == std::string_view::npos) break;
         at = comma + 1;

@@ -149,10 +149,14 @@ TEST_CASE("tlsrpt store: saved and loaded exactly - a corrupt file is moved asid
   CHECK(loaded.serialize() == store.serialize());
   CHECK(loaded.day("2026-01-02").at(1).rua == std::vector<std::string>{"https://r.example/v1?a=b,c"});
 
-  for (const std::string& corrupt : std::vector<std::string>{"garbage\n", "mailflowd-tlsrpt 1\nday 2026-13 x -\n",
-                                    "mailflowd-tlsrpt 1\npolicy sts - - 1 0 0\n",
-                                    "mailflowd-tlsrpt 1\nday 2026-01-01 x -\npolicy sts - - 1 0 0\nfailure nope - - - - 1\n",
-                                    std::string("mailflowd-tlsrpt 1\nday 2026-01-01 x\0 -\n", 38)}) {
+  for (const std::string& corrupt : std::vector<std::string>{
+           "garbage\n", "mailflowd-tlsrpt 1\nday 2026-13 x -\n", "mailflowd-tlsrpt 1\npolicy sts - - 1 0 0\n",
+           "mailflowd-tlsrpt 1\nday 2026-01-01 x -\npolicy sts - - 1 0 0\nfailure nope - - - - 1\n",
+           std::string("mailflowd-tlsrpt 1\nday 2026-01-01 x\0 -\n", 38),
+           // A repeated policy or failure (never written) would replace the first's counts.
+           "mailflowd-tlsrpt 1\nday 2026-01-01 x -\npolicy sts - - 1 0 0\npolicy sts - - 5 0 0\n",
+           "mailflowd-tlsrpt 1\nday 2026-01-01 x -\npolicy sts - - 0 2 0\n"
+           "failure sts-webpki-invalid - - - - 1\nfailure sts-webpki-invalid - - - - 1\n"}) {
     CAPTURE(corrupt);
     std::ofstream(dir.path / "tlsrpt.state", std::ios::binary) << corrupt;
     TlsRptStore again;

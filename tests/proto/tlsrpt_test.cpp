@@ -41,6 +41,9 @@ TEST_CASE("tlsrpt TXT: a record lists at most max_rua destinations - the rest ar
   CHECK(r.rua.back() == "mailto:r" + std::to_string(max_rua - 1) + "@victim.example");
   CHECK(r.rua_left_out == 1000 - max_rua);
   CHECK(parse_txt_records({"v=TLSRPTv1; rua=mailto:a@example.com"}).rua_left_out == 0);
+  // A destination past the bound named again is still one left out (as one within the bound is one kept).
+  const auto twice = parse_txt_records({record + ",mailto:r999@victim.example,mailto:r999@victim.example"});
+  CHECK(twice.rua_left_out == 1000 - max_rua);
 }
 
 TEST_CASE("tlsrpt TXT: malformed, duplicated or unusable records are invalid") {
