@@ -23,6 +23,7 @@ std::string encode(std::string_view text) {
 
 std::optional<std::string> decode(std::string_view text) {
   if (text == "-") return std::string();
+  if (text.empty()) return std::nullopt;  // encode() writes "-" for the empty string: two spaces are no field
   std::string out;
   for (std::size_t i = 0; i < text.size(); ++i) {
     const auto u = static_cast<unsigned char>(text[i]);

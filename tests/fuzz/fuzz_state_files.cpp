@@ -20,8 +20,11 @@
 
 namespace {
 
+// The lines that hold entries: all but the end line that version 2 files end in (version 1 files, still read,
+// have none, and are saved as version 2).
 std::size_t lines(std::string_view text) {
-  return static_cast<std::size_t>(std::count(text.begin(), text.end(), '\n'));
+  const auto n = static_cast<std::size_t>(std::count(text.begin(), text.end(), '\n'));
+  return text.ends_with("\nend\n") ? n - 1 : n;
 }
 
 // `Store` has serialize() and deserialize(text, error); `fill` gives it something to hold before the load.
