@@ -204,6 +204,40 @@ struct Field {
 };
 using Fields = std::map<std::string, Field, std::less<>>;
 
+// The line (0-based) where a second YAML document starts: a "---" or "..." marker at a line's start behind
+// the first document's content, with content of its own behind it (on its line or later); nullopt when there
+// is none (a leading "---", a trailing empty one). YAML 1.2 allows no such marker inside a scalar, so the
+// lines tell.
+std::optional<int> second_document_line(std::string_view text) {
+  bool content = false;       // the first document has content
+  std::optional<int> marker;  // the first marker behind it
+  int number = 0;
+  for (std::size_t start = 0; start < text.size(); ++number) {
+    const auto end = text.find('\n', start);
+    std::string_view line =
+        text.substr(start, end == std::string_view::npos ? std::string_view::npos : end - start);
+    start = end == std::string_view::npos ? text.size() : end + 1;
+    if ((line.starts_with("---") || line.starts_with("...")) &&
+        (line.size() == 3 || line[3] == ' ' || line[3] == '\t' || line[3] == '\r')) {
+      if (content && !marker) marker = number;
+      line.remove_prefix(3);
+    }
+    const auto first = line.find_first_not_of(" \t\r");
+    if (first == std::string_view::npos || line[first] == '#') continue;
+    if (marker) return marker;
+    content = true;
+  }
+  return std::nullopt;
+}
+
+YAML::Mark mark_at(int line) {
+  YAML::Mark mark = YAML::Mark::null_mark();
+  mark.pos = 0;
+  mark.line = line;
+  mark.column = 0;
+  return mark;
+}
+
 class Loader {
  public:
   explicit Loader(std::string file) : file_(std::move(file)) {}
@@ -211,9 +245,9 @@ class Loader {
   LoadResult load(std::string_view text) {
     const std::optional<OpenQuote> open_quote = find_open_quote(text);
     try {
-      // YAML::Load would read the first document only: settings after a "---" line would be dropped unseen.
-      const std::vector<YAML::Node> documents = YAML::LoadAll(std::string(text));
-      const YAML::Node root = documents.empty() ? YAML::Node() : documents.front();
+      // YAML::Load reads the first document only: settings after a "---" line would be dropped unseen.
+      // (Not YAML::LoadAll: yaml-cpp 0.7's loops forever on some inputs, fuzz_config found one.)
+      const YAML::Node root = YAML::Load(std::string(text));
       // yaml-cpp reads a quote that is never closed up to the end of the file without complaint.
       if (open_quote && open_quote->closed_line < 0) {
         error_at(open_quote->mark, "unclosed quote: the value " + open_quote->what + " has no closing " +
@@ -221,13 +255,10 @@ class Loader {
       } else {
         load_root(root);
       }
-      for (std::size_t i = 1; i < documents.size(); ++i) {
-        if (documents[i].IsNull()) continue;  // an empty document (a trailing "---") holds nothing to lose
-        error_at(documents[i],
+      if (const auto line = second_document_line(text))
+        error_at(mark_at(*line),
                  "a second YAML document (after \"---\") is not read: the configuration is one "
                  "document (remove the \"---\" line)");
-        break;
-      }
     } catch (const YAML::Exception& e) {
       // A quote left open on an earlier line makes YAML read on to the next quote character and fail
       // there, far from the mistake: blame the quote, and keep yaml-cpp's own words and position.

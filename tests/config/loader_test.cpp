@@ -378,7 +378,7 @@ TEST_CASE("a second YAML document is an error, not silently left unread") {
   SUBCASE("settings after ---") {
     const auto e = only_error(load(with("---\nlimits: {max_sessions: 5}\n")));
     CHECK(e.to_string() ==
-          "test.yaml:6:1: a second YAML document (after \"---\") is not read: the configuration is one "
+          "test.yaml:5:1: a second YAML document (after \"---\") is not read: the configuration is one "
           "document "
           "(remove the \"---\" line)");
   }
