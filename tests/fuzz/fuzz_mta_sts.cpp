@@ -69,15 +69,7 @@ void check_policy(std::string_view body) {
 }
 
 void check_txt(std::string_view input) {
-  std::vector<std::string> records;
-  std::size_t start = 0;
-  while (true) {
-    const auto nul = input.find('\0', start);
-    records.emplace_back(
-        input.substr(start, nul == std::string_view::npos ? std::string_view::npos : nul - start));
-    if (nul == std::string_view::npos) break;
-    start = nul + 1;
-  }
+  const std::vector<std::string> records = nul_separated_records(input);
   const auto lookup = sts::parse_txt_records(records);
   switch (lookup.status) {
     case sts::TxtLookup::Status::none:

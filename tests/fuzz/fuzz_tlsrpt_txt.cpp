@@ -29,15 +29,7 @@ bool starts_with_nocase(std::string_view text, std::string_view prefix) {
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   const std::string_view input(reinterpret_cast<const char*>(data), size);
-  std::vector<std::string> records;
-  std::size_t start = 0;
-  while (true) {
-    const auto nul = input.find('\0', start);
-    records.emplace_back(
-        input.substr(start, nul == std::string_view::npos ? std::string_view::npos : nul - start));
-    if (nul == std::string_view::npos) break;
-    start = nul + 1;
-  }
+  const std::vector<std::string> records = nul_separated_records(input);
   const auto lookup = tlsrpt::parse_txt_records(records);
   switch (lookup.status) {
     case tlsrpt::TxtLookup::Status::none:
