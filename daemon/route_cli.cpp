@@ -24,6 +24,7 @@
 #include "daemon/resolver.hpp"
 #include "daemon/telemetry.hpp"
 #include "proto/command.hpp"
+#include "proto/server_session.hpp"
 
 namespace mailflow {
 namespace {
@@ -46,6 +47,50 @@ std::string domain_of(std::string_view address) {
   // A bare domain is routed as an address at it: the same domain the relay would take from RCPT.
   return proto::address_domain(address.find('@') == std::string_view::npos ? "@" + std::string(address)
                                                                            : std::string(address));
+}
+
+// `text` for a terminal: bytes outside printable ASCII as \xNN.
+std::string shown(std::string_view text) {
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string out;
+  for (const unsigned char c : text) {
+    if (c >= 0x20 && c < 0x7f) {
+      out += static_cast<char>(c);
+    } else {
+      out += "\\x";
+      out += kHex[c >> 4];
+      out += kHex[c & 0xf];
+    }
+  }
+  return out;
+}
+
+// The path as the relay would get it in MAIL FROM or RCPT TO: a bare domain as its postmaster.
+std::string smtp_path(std::string_view address) {
+  if (address.starts_with('<') && address.ends_with('>')) address = address.substr(1, address.size() - 2);
+  if (!address.empty() && address.find('@') == std::string_view::npos)
+    return "<postmaster@" + std::string(address) + ">";
+  return "<" + std::string(address) + ">";
+}
+
+// What the relay answers when it refuses the sender or the recipient itself, before any route is chosen: the
+// client conversation the relay runs (proto::ServerSession), fed EHLO, MAIL and RCPT. "" when both pass.
+std::string refused_by_relay(const config::Config& config, std::string_view sender,
+                             std::string_view recipient) {
+  proto::ServerSession session(proto::ServerSession::Options{.hostname = config.hostname});
+  session.on_line("EHLO route.invalid", false);
+  const std::string mail = "MAIL FROM:" + smtp_path(sender);
+  auto action = session.on_line(mail, false);
+  if (action.kind != proto::ServerSession::ActionKind::begin_mail) {
+    return "the relay answers " + shown(mail) + " with " + action.reply.substr(0, action.reply.size() - 2);
+  }
+  session.on_mail_reply(250);
+  const std::string rcpt = "RCPT TO:" + smtp_path(recipient);
+  action = session.on_line(rcpt, false);
+  if (action.kind != proto::ServerSession::ActionKind::forward_rcpt) {
+    return "the relay answers " + shown(rcpt) + " with " + action.reply.substr(0, action.reply.size() - 2);
+  }
+  return {};
 }
 
 std::string endpoint_text(const net::ip::address& address, std::uint16_t port) {
@@ -292,6 +337,10 @@ int run_route_cli(int argc, char** argv, std::ostream& out, std::ostream& err) {
     return 1;
   }
   const config::Config& config = *loaded.config;
+  if (const std::string refusal = refused_by_relay(config, sender, recipient); !refusal.empty()) {
+    err << "mailflowd route: " << refusal << "\n";
+    return 2;
+  }
 
   Route route;
   route.recipient = recipient;

@@ -403,3 +403,25 @@ def test_usage_errors(mailflowd_bin, config):
     p = subprocess.run([mailflowd_bin, "route", "--config", "/nonexistent.yaml", "--recipient", "a@b"],
                        capture_output=True, text=True, timeout=10)
     assert p.returncode == 1 and "cannot read the configuration" in p.stderr
+
+
+@pytest.mark.parametrize("recipient, reply", [
+    ("<>", "501 5.1.3"),                      # the null path is a sender, never a recipient
+    ("user@x\x1b[31mred.example", "500 5.5.2"),  # a terminal escape: the relay refuses the whole line
+    ("user name@example.net", "501 5.1.3"),
+])
+def test_a_recipient_the_relay_refuses_is_not_routed(mailflowd_bin, config, recipient, reply):
+    """route answers what the relay would: an address whose RCPT the relay refuses is a usage error, not a route."""
+    p = subprocess.run([mailflowd_bin, "route", "--config", str(config), "--recipient", recipient],
+                       capture_output=True, text=True, timeout=10)
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert p.stdout == ""
+    assert f"the relay answers RCPT TO:<" in p.stderr and reply in p.stderr, p.stderr
+    assert "\x1b" not in p.stderr
+
+
+def test_a_sender_the_relay_refuses_is_a_usage_error(mailflowd_bin, config):
+    p = subprocess.run([mailflowd_bin, "route", "--config", str(config), "--recipient", "user@example.net",
+                        "--sender", "a b@apps.example"], capture_output=True, text=True, timeout=10)
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert "the relay answers MAIL FROM:<a b@apps.example> with 501 5.1.7" in p.stderr, p.stderr
