@@ -285,6 +285,21 @@ const std::string_view daemon_options_usage =
     "store)\n"
     "  --insecure       https:// without certificate verification (self-signed certificates)\n";
 
+std::string shown(std::string_view text) {
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string out;
+  for (const unsigned char c : text) {
+    if (c >= 0x20 && c < 0x7f) {
+      out += static_cast<char>(c);
+    } else {
+      out += "\\x";
+      out += kHex[c >> 4];
+      out += kHex[c & 0xf];
+    }
+  }
+  return out;
+}
+
 bool parse_valued_option(int argc, char** argv, int& i, std::initializer_list<std::string_view> names,
                          ValuedOption& option, std::string& error) {
   error.clear();

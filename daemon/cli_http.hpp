@@ -51,6 +51,9 @@ extern const std::string_view daemon_options_usage;
 // not one of them; false with `error`: a usage error (a missing value).
 bool parse_daemon_option(int argc, char** argv, int& i, DaemonOptions& options, std::string& error);
 
+// `text` for a terminal: bytes outside printable ASCII as \xNN.
+std::string shown(std::string_view text);
+
 // An option that takes a value: "--name=value", or "--name value" (the value is argv[i + 1]: consumed, i advanced).
 struct ValuedOption {
   std::string_view name;

@@ -12,10 +12,11 @@
 #include <string_view>
 
 #include "config/config.hpp"
+#include "daemon/cli_http.hpp"
 #include "daemon/mta_sts.hpp"
 #include "daemon/resolver.hpp"
 #include "daemon/state_file.hpp"
-#include "daemon/cli_http.hpp"
+#include "proto/command.hpp"
 #include "proto/json.hpp"
 #include "proto/tlsrpt.hpp"
 
@@ -89,6 +90,16 @@ int run_mta_sts_cli(int argc, char** argv, std::ostream& out, std::ostream& err)
   }
   if (!config_path) return usage_error("--config FILE is required (dns: and mta_sts: settings)");
   if (domain.empty()) return usage_error("--domain DOMAIN is required");
+  // The domain as the relay takes it from an RCPT address: lower-cased, without a trailing dot. One the relay
+  // refuses in RCPT, or an address literal (never routed through MX delivery), never gets a policy looked up.
+  if (domain.starts_with('['))
+    return usage_error("an address literal has no MTA-STS policy: " + cli::shown(domain));
+  if (const auto parsed = proto::parse_command("RCPT TO:<postmaster@" + domain + ">");
+      parsed.error != proto::CommandError::none) {
+    return usage_error("not a domain the relay accepts in RCPT TO: " + cli::shown(domain) + " (" +
+                       parsed.message + ")");
+  }
+  domain = proto::address_domain("postmaster@" + domain);
   const auto loaded = config::load_config_file(*config_path);
   if (!loaded.errors.empty()) {
     for (const auto& e : loaded.errors) err << e.to_string() << "\n";

@@ -49,22 +49,6 @@ std::string domain_of(std::string_view address) {
                                                                            : std::string(address));
 }
 
-// `text` for a terminal: bytes outside printable ASCII as \xNN.
-std::string shown(std::string_view text) {
-  static constexpr char kHex[] = "0123456789abcdef";
-  std::string out;
-  for (const unsigned char c : text) {
-    if (c >= 0x20 && c < 0x7f) {
-      out += static_cast<char>(c);
-    } else {
-      out += "\\x";
-      out += kHex[c >> 4];
-      out += kHex[c & 0xf];
-    }
-  }
-  return out;
-}
-
 // The path as the relay would get it in MAIL FROM or RCPT TO: a bare domain as its postmaster.
 std::string smtp_path(std::string_view address) {
   if (address.starts_with('<') && address.ends_with('>')) address = address.substr(1, address.size() - 2);
@@ -82,13 +66,15 @@ std::string refused_by_relay(const config::Config& config, std::string_view send
   const std::string mail = "MAIL FROM:" + smtp_path(sender);
   auto action = session.on_line(mail, false);
   if (action.kind != proto::ServerSession::ActionKind::begin_mail) {
-    return "the relay answers " + shown(mail) + " with " + action.reply.substr(0, action.reply.size() - 2);
+    return "the relay answers " + cli::shown(mail) + " with " +
+           action.reply.substr(0, action.reply.size() - 2);
   }
   session.on_mail_reply(250);
   const std::string rcpt = "RCPT TO:" + smtp_path(recipient);
   action = session.on_line(rcpt, false);
   if (action.kind != proto::ServerSession::ActionKind::forward_rcpt) {
-    return "the relay answers " + shown(rcpt) + " with " + action.reply.substr(0, action.reply.size() - 2);
+    return "the relay answers " + cli::shown(rcpt) + " with " +
+           action.reply.substr(0, action.reply.size() - 2);
   }
   return {};
 }

@@ -352,3 +352,23 @@ def test_corrupt_cache_is_moved_aside(mailflowd_bin, config, https, workdir):
     assert "is unusable" in r["stderr"] and "moved to" in r["stderr"]
     assert any(p.name.startswith("mta-sts.state.corrupt-") for p in state.iterdir())
     assert (state / "mta-sts.state").read_text().startswith("mailflowd-mta-sts 2\n")
+
+
+def test_domain_is_taken_as_the_relay_takes_it_from_rcpt(mailflowd_bin, config, https):
+    """The relay looks a policy up for the domain of an RCPT address: lower-cased, without a trailing dot."""
+    Handler.requests.clear()
+    r = fetch(mailflowd_bin, config, "OK.policy.example.net.", https)
+    assert (r["exit"], r["fetch"], r["domain"]) == (0, "ok", "ok.policy.example.net"), r
+    assert Handler.requests == [("mta-sts.ok.policy.example.net", "/.well-known/mta-sts.txt")]
+
+
+@pytest.mark.parametrize("domain, says", [
+    ("ex\x1bample.net", "ex\\x1bample.net"),  # the relay refuses the RCPT: no policy is ever looked up for it
+    ("a b.example.net", "a b.example.net"),
+    ("[192.0.2.1]", "an address literal"),     # not routed through MX delivery
+])
+def test_a_domain_the_relay_never_looks_up_is_a_usage_error(mailflowd_bin, config, domain, says):
+    p = subprocess.run([mailflowd_bin, "mta-sts", "--config", str(config), "--domain", domain],
+                       capture_output=True, text=True, timeout=30)
+    assert (p.returncode, p.stdout) == (2, ""), (p.stdout, p.stderr)
+    assert says in p.stderr and "\x1b" not in p.stderr, p.stderr
