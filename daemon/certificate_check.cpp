@@ -75,8 +75,8 @@ CertificateFindings check_certificates(const config::Config& config, std::chrono
     if (!listener.tls) continue;
     const std::string tls_path = "listeners[" + std::to_string(l) + "].tls";
     config::ListenerTls settings = *listener.tls;
-    // A cipher list OpenSSL refuses is the listener's one error, said at its line; its pairs are still checked
-    // (with the default list) for problems of their own.
+    // A cipher list OpenSSL refuses is the listener's one error, said at its line; its pairs are still
+    // checked (with the default list) for problems of their own.
     if (const std::string problem = cipher_list_problem(settings.ciphers); !problem.empty()) {
       out.errors.push_back(finding(config, tls_path + ".ciphers", tls_path + ".ciphers: " + problem, false));
       settings.ciphers = config::ListenerTls{}.ciphers;
