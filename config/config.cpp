@@ -1281,7 +1281,8 @@ class Loader {
     }
     read(*map, "min_version", where, "one of TLS1.0, TLS1.1, TLS1.2, TLS1.3", tls.min_version,
          [](const std::string& text, std::string&) { return parse_min_version(text); });
-    read_string(*map, "ciphers", where, tls.ciphers);
+    if (read_string(*map, "ciphers", where, tls.ciphers))
+      remember_position(where + ".ciphers", get(*map, "ciphers")->value);  // OpenSSL's verdict is said there
     listener.tls = std::move(tls);
   }
 

@@ -73,10 +73,17 @@ CertificateFindings check_certificates(const config::Config& config, std::chrono
   for (std::size_t l = 0; l < config.listeners.size(); ++l) {
     const auto& listener = config.listeners[l];
     if (!listener.tls) continue;
-    for (std::size_t c = 0; c < listener.tls->certificates.size(); ++c) {
-      const std::string path =
-          "listeners[" + std::to_string(l) + "].tls.certificates[" + std::to_string(c) + "]";
-      check_pair(config, listener.name, path, listener.tls->certificates[c], *listener.tls, now, out);
+    const std::string tls_path = "listeners[" + std::to_string(l) + "].tls";
+    config::ListenerTls settings = *listener.tls;
+    // A cipher list OpenSSL refuses is the listener's one error, said at its line; its pairs are still
+    // checked (with the default list) for problems of their own.
+    if (const std::string problem = cipher_list_problem(settings.ciphers); !problem.empty()) {
+      out.errors.push_back(finding(config, tls_path + ".ciphers", tls_path + ".ciphers: " + problem, false));
+      settings.ciphers = config::ListenerTls{}.ciphers;
+    }
+    for (std::size_t c = 0; c < settings.certificates.size(); ++c) {
+      const std::string path = tls_path + ".certificates[" + std::to_string(c) + "]";
+      check_pair(config, listener.name, path, settings.certificates[c], settings, now, out);
     }
   }
   bool webpki_reported = false;  // one trust store for every upstream with mta_sts on: its error once

@@ -703,6 +703,12 @@ void Telemetry::certificates_loaded(const std::vector<CertificateExpiry>& certif
     rendered.emplace_back(std::move(labels), certificate.not_after);
   }
   std::sort(rendered.begin(), rendered.end());
+  // A file listed twice for one listener (a pair repeated, or a listener named "http" with http.tls's file)
+  // is one series: a series twice in one scrape is a duplicate sample, which Prometheus drops with an error.
+  // The same file read at the same time has the same notAfter.
+  rendered.erase(std::unique(rendered.begin(), rendered.end(),
+                             [](const auto& a, const auto& b) { return a.first == b.first; }),
+                 rendered.end());
   std::lock_guard lock(impl_->mutex);
   impl_->certificates = std::move(rendered);
 }

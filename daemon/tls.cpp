@@ -178,6 +178,21 @@ void use_private_key_file(SSL_CTX* ctx, const std::string& key, const std::strin
     throw std::runtime_error("key " + key + " does not match certificate " + cert);
 }
 
+namespace {
+std::string set_cipher_list(SSL_CTX* ctx, const std::string& ciphers) {
+  if (SSL_CTX_set_cipher_list(ctx, ciphers.c_str()) == 1) return {};
+  return "invalid ciphers '" + ciphers + "': " + openssl_error_text();
+}
+}  // namespace
+
+std::string cipher_list_problem(const std::string& ciphers) {
+  SSL_CTX* ctx = SSL_CTX_new(TLS_server_method());
+  if (ctx == nullptr) return "SSL_CTX_new: " + openssl_error_text();
+  std::string problem = set_cipher_list(ctx, ciphers);
+  SSL_CTX_free(ctx);
+  return problem;
+}
+
 struct ServerTls::Entry {
   SSL_CTX* ctx = nullptr;
   X509* leaf = nullptr;  // owned by ctx
@@ -208,8 +223,8 @@ ServerTls::ServerTls(const config::ListenerTls& tls, std::string_view listener) 
     SSL_CTX_set_options(ctx,
                         SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION | SSL_OP_CIPHER_SERVER_PREFERENCE);
     SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);
-    if (SSL_CTX_set_cipher_list(ctx, tls.ciphers.c_str()) != 1)
-      throw std::runtime_error("invalid ciphers '" + tls.ciphers + "': " + openssl_error_text());
+    if (const std::string problem = set_cipher_list(ctx, tls.ciphers); !problem.empty())
+      throw std::runtime_error(problem);
     if (SSL_CTX_use_certificate_chain_file(ctx, pair.cert.c_str()) != 1)
       throw std::runtime_error("cannot load certificate " + pair.cert + ": " + openssl_error_text());
     use_private_key_file(ctx, pair.key, pair.cert);

@@ -45,6 +45,10 @@ std::string_view offered_tls_version(const SSL* ssl);
 // `cert`.
 void use_private_key_file(SSL_CTX* ctx, const std::string& key, const std::string& cert);
 
+// Why OpenSSL refuses `ciphers` as a listener's cipher list ("invalid ciphers '...': ..."); empty when it
+// takes it.
+std::string cipher_list_problem(const std::string& ciphers);
+
 // What a loaded certificate says about itself (the leaf of a chain file).
 struct CertificateInfo {
   std::string cert_path;      // as configured

@@ -872,16 +872,19 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
         log_limited(LogLevel::warn, "upstream_refused",
                     {{"id", session_.id}, {"upstream", upstream.name}, {"reason", action.reason}, {"reply", said}});
         fail(action.reason);
-        if (action.reason == "starttls_unavailable" || action.reason == "starttls_rejected") {
+        // A 421 to STARTTLS is the host closing (as at any other step), not a refusal of TLS.
+        const bool tls_refused =
+            (action.reason == "starttls_unavailable" || action.reason == "starttls_rejected") &&
+            action.reply.code != 421;
+        if (tls_refused) {
           tls_failure_ = proto::tlsrpt::ResultType::starttls_not_supported;
           tls_failure_reason_ = std::string(action.reason);
           if (sts != nullptr && sts->enforced())
             log_mta_sts_refusal(session_.id, tls_name, sts->mode, *tls_failure_, tls_failure_reason_);
         }
         reason = action.reason == "greeting_rejected" ? "banner_rejected"
-                 : action.reason == "starttls_unavailable" || action.reason == "starttls_rejected"
-                     ? "tls_policy"
-                     : "failed";
+                 : tls_refused                          ? "tls_policy"
+                                                        : "failed";
         co_return false;
       }
     }

@@ -165,7 +165,10 @@ ClientSession::Action ClientSession::on_reply(const Reply& reply) {
         a.kind = ActionKind::start_tls;
         return a;
       }
-      if (options_.tls == UpstreamTlsPolicy::required) return fail("starttls_rejected", reply);
+      // A 421 is the server closing the connection (RFC 5321 3.8), not a STARTTLS it declined: going on in
+      // plaintext would send the next commands to a closed channel, so the host's session ends here.
+      if (options_.tls == UpstreamTlsPolicy::required || reply.code == 421)
+        return fail("starttls_rejected", reply);
       starttls_declined_ = true;
       return after_ehlo();
     case Step::xclient:

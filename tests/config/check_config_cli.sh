@@ -132,6 +132,31 @@ else
   fail "certificate good: exit status $status, stderr:"; cat "$work/err"
 fi
 
+# A cipher list OpenSSL refuses is one error, at the `ciphers` line: it was reported once per certificate, each at
+# the certificate's line, which sent the reader to files that were fine.
+cat >"$work/ciphers.yaml" <<EOF
+listeners:
+  - name: inbound
+    address: "127.0.0.1:2525"
+    upstream: up
+    tls:
+      certificates:
+        - {cert: $certs/good.pem, key: $certs/good.key}
+        - {cert: $certs/other.pem, key: $certs/other.key}
+      ciphers: "NOPE:ALSO-NOPE"
+upstreams:
+  - {name: up, address: "127.0.0.1:25"}
+EOF
+run "$work/ciphers.yaml"
+if [ "$status" -eq 1 ] &&
+   grep -qF "$work/ciphers.yaml:9:16: listeners[0].tls.ciphers: invalid ciphers 'NOPE:ALSO-NOPE': " "$work/err" &&
+   grep -qF "$work/ciphers.yaml: 1 error(s)" "$work/err"; then
+  passed=$((passed + 1)); echo "ok: invalid ciphers"
+else
+  fail "invalid ciphers: exit status $status (expected 1 and one error at 9:16 that names listeners[0].tls.ciphers)"
+  cat "$work/err"
+fi
+
 # The Web PKI trust store of MTA-STS (mta_sts.ca_file) is loaded at start for every upstream with mta_sts on: a file
 # that is readable but holds no certificate fails the start, so it fails the check too, at its line.
 cat >"$work/webpki.yaml" <<EOF

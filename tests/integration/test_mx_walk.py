@@ -17,7 +17,9 @@ upstream_open 3s:
 - many.example.net, eight MX hosts whose banners say 421 (two with no address): at most 5 addresses are tried
   (Postfix's smtp_mx_address_limit), and no more hosts are looked up than give them.
 - sessions.example.net, a 421 banner, two hosts that refuse EHLO, then a working one: at most 2 sessions that got a
-  banner (Postfix's smtp_mx_session_limit), so the working host is never tried; the 421 banner is no session."""
+  banner (Postfix's smtp_mx_session_limit), so the working host is never tried; the 421 banner is no session.
+- closing.example.net, a host that answers STARTTLS with 421 (it is going away), then good: under tls: opportunistic
+  the 421 ends that host's session (it is no declined STARTTLS to go on from in plaintext), and good gets the mail."""
 import shutil
 import sys
 import tempfile
@@ -43,6 +45,7 @@ ADDR = {"silent": "127.0.0.61", "mute": "127.0.0.62", "silent2": "127.0.0.63", "
 POLICY_HOST = "127.0.0.66"  # mta-sts.stsslow.example.net:443, which accepts and never answers
 MANY = ["127.0.0.71", "127.0.0.72", "127.0.0.73", "127.0.0.74", "127.0.0.75", "127.0.0.76", "127.0.0.77"]
 SESSIONS = {"busy": "127.0.0.81", "noehlo1": "127.0.0.82", "noehlo2": "127.0.0.83", "fine": "127.0.0.84"}
+CLOSING = "127.0.0.65"  # mx.closing.example.net: 421 to STARTTLS
 ZONE = """$ORIGIN example.net.
 $TTL 300
 @            SOA   ns hostmaster 1 3600 600 86400 300
@@ -85,7 +88,10 @@ busy.sessions    A {sessions[busy]}
 noehlo1.sessions A {sessions[noehlo1]}
 noehlo2.sessions A {sessions[noehlo2]}
 fine.sessions    A {sessions[fine]}
-""".format(policy=POLICY_HOST, many=MANY, sessions=SESSIONS, **ADDR)
+closing      MX    10 mx.closing
+closing      MX    20 mx.good
+mx.closing   A     {closing}
+""".format(policy=POLICY_HOST, many=MANY, sessions=SESSIONS, closing=CLOSING, **ADDR)
 
 
 def black_hole(conn):
@@ -108,6 +114,21 @@ def refuses_ehlo(conn):
         conn.send(b"554 5.7.1 not for you\r\n")
 
 
+def closes_at_starttls(conn):
+    """Offers STARTTLS and answers it with 421 (going away, RFC 5321 3.8); records what still comes for a second."""
+    conn.send(b"220 mx.closing.example.net ESMTP\r\n")
+    conn.line()  # EHLO
+    conn.send(b"250-mx.closing.example.net\r\n250-PIPELINING\r\n250 STARTTLS\r\n")
+    conn.line()  # STARTTLS
+    conn.send(b"421 4.3.2 Service shutting down, closing transmission channel\r\n")
+    conn.sock.settimeout(1.0)
+    try:
+        while conn.recv_some():
+            pass
+    except OSError:
+        pass
+
+
 @pytest.fixture(scope="module")
 def knot():
     short = Path(tempfile.mkdtemp(prefix="mf-walk-"))  # knotd's control socket path has at most 107 bytes
@@ -119,14 +140,15 @@ def knot():
 
 @pytest.fixture(scope="module")
 def env(knot, sink_factory, daemon_factory):
-    port = harness.free_port("127.0.0.1", *ADDR.values(), *MANY, *SESSIONS.values())
+    port = harness.free_port("127.0.0.1", *ADDR.values(), *MANY, *SESSIONS.values(), CLOSING)
     good = sink_factory("mx-good", host=ADDR["good"], port=port)
     store = sink_factory("store")
     fakes = [hh.FakeUpstream("silent", black_hole, host=ADDR["silent"], port=port),
              hh.FakeUpstream("mute", mute_after_banner, host=ADDR["mute"], port=port),
              hh.FakeUpstream("silent2", black_hole, host=ADDR["silent2"], port=port),
              hh.FakeUpstream("stallfix", mute_after_banner),
-             hh.FakeUpstream("policy", black_hole, host=POLICY_HOST, port=443)]
+             hh.FakeUpstream("policy", black_hole, host=POLICY_HOST, port=443),
+             hh.FakeUpstream("closing", closes_at_starttls, host=CLOSING, port=port)]
     many = [hh.FakeUpstream(f"many{i}", busy_banner, host=host, port=port) for i, host in enumerate(MANY)]
     sessions = {"busy": hh.FakeUpstream("busy", busy_banner, host=SESSIONS["busy"], port=port),
                 "noehlo1": hh.FakeUpstream("noehlo1", refuses_ehlo, host=SESSIONS["noehlo1"], port=port),
@@ -387,3 +409,33 @@ def test_at_most_two_sessions_that_got_a_banner(env):
         series_key(upstream="internet", result="banner_rejected"): 1.0,
         series_key(upstream="internet", result="failed"): 2.0}
     assert limit_lines(d, "sessions.example.net") == ["limit=sessions"], d.log_tail()
+
+
+def test_a_host_that_answers_starttls_with_421_is_left_for_the_next(env):
+    """mx.closing greets, offers STARTTLS and answers it with 421: mailflowd took that for a declined STARTTLS (the
+    454 of tls: opportunistic, after which mail goes on in plaintext), sent MAIL and RCPT to a host that had said
+    it is closing, and gave the client 451 for a connection lost, never trying mx.good. The 421 ends that host's
+    session instead, as it does at any other step: nothing more is sent to it, and mx.good gets the mail."""
+    d, sink, closing = env.daemon, env.good, env.fakes[-1]
+    before = d.metrics()
+    n, conns = sink.count(), closing.connections()
+    c, (code, text), _ = timed_rcpt(env.ports["out"], "dave@closing.example.net")
+    try:
+        assert code == 250, text
+        assert c.cmd("DATA")[0] == 354
+        c.send(harness.dot_stuff(hh.message("past a closing host")))
+        code, text = c.cmd(".")
+        assert code == 250, text
+    finally:
+        c.close()
+    meta, _ = sink.wait_messages(n + 1)[-1]
+    assert meta["rcpt_tos"] == ["dave@closing.example.net"]
+    assert closing.connections() == conns + 1
+    said = closing.received[conns]
+    assert said.endswith(b"STARTTLS\r\n"), f"commands sent after the 421: {said!r}"
+    after = d.metrics()
+    assert delta(before, after, "mailflow_mx_attempts_total") == {
+        series_key(upstream="internet", result="failed"): 1.0,
+        series_key(upstream="internet", result="success"): 1.0}
+    assert delta(before, after, "mailflow_upstream_errors_total") == {
+        series_key(upstream="internet", reason="starttls_rejected"): 1.0}
