@@ -583,6 +583,9 @@ asio::awaitable<bool> RelaySession::flush() {
   co_await client_.write(client_out_, in(config_.timeouts.command), ec);
   client_out_.clear();
   if (ec) {
+    // A client that reads no reply within the timeout is as slow as one that sends no command: counted alike
+    // (no 421 can reach it).
+    if (ec == asio::error::timed_out) count_reject("timeout");
     result_ = ec == asio::error::timed_out ? "timeout" : "disconnected";
     close_ = true;
     co_return false;
