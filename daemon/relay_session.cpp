@@ -448,7 +448,6 @@ asio::awaitable<bool> RelaySession::greet_pause() {
 asio::awaitable<RelaySession::Input> RelaySession::next_line(std::string& line, bool readable) {
   for (;;) {
     if (!proxy_checked_ && !client_in_.empty()) {
-      proxy_checked_ = true;
       if (proto::looks_like_proxy_header(client_in_.view())) {
         count_reject("proxy_untrusted");
         co_await say_goodbye(
@@ -456,8 +455,11 @@ asio::awaitable<RelaySession::Input> RelaySession::next_line(std::string& line, 
             "proxy_untrusted");
         co_return Input::closed;
       }
+      // The first octets of a header, in a read of their own, are no command yet ("\r\n" would be framed as an
+      // empty line, "PROXY ..." as an unknown verb, and the session go on): wait until there is enough to tell.
+      proxy_checked_ = !proto::may_be_proxy_header(client_in_.view());
     }
-    auto event = framer_.next(client_in_.view());
+    auto event = proxy_checked_ ? framer_.next(client_in_.view()) : proto::CommandFramer::Event{};
     if (event.kind == proto::CommandFramer::Kind::line) {
       line.assign(event.line);
       client_in_.consume(event.consumed);

@@ -225,10 +225,18 @@ ProxyParseResult parse_proxy_header(std::string_view input) {
   return parse_v2(input);
 }
 
+namespace {
+// Five octets tell: "PROXY" is no SMTP verb, and "\r\n\r\n\0" is no SMTP client's first line.
+constexpr std::size_t proxy_header_telling = 5;
+}  // namespace
+
 bool looks_like_proxy_header(std::string_view input) {
-  // Five octets tell: "PROXY" is no SMTP verb, and "\r\n\r\n\0" is no SMTP client's first line.
-  constexpr std::size_t enough = 5;
-  if (input.size() < enough) return false;
+  if (input.size() < proxy_header_telling) return false;
+  return is_prefix_of(input, v1_prefix) || is_prefix_of(input, signature_view());
+}
+
+bool may_be_proxy_header(std::string_view input) {
+  if (input.empty() || input.size() >= proxy_header_telling) return false;
   return is_prefix_of(input, v1_prefix) || is_prefix_of(input, signature_view());
 }
 

@@ -189,3 +189,16 @@ TEST_CASE("looks_like_proxy_header") {
   CHECK_FALSE(looks_like_proxy_header(""));
   CHECK_FALSE(looks_like_proxy_header("PROXZ"));
 }
+
+TEST_CASE("may_be_proxy_header: too short to tell, a prefix of either signature") {
+  CHECK(may_be_proxy_header("P"));
+  CHECK(may_be_proxy_header("PROX"));
+  CHECK(may_be_proxy_header("\r\n"));
+  CHECK(may_be_proxy_header(v2_sig.substr(0, 4)));
+  CHECK_FALSE(may_be_proxy_header(""));
+  CHECK_FALSE(may_be_proxy_header("PROXY"));  // long enough: looks_like_proxy_header() tells
+  CHECK_FALSE(may_be_proxy_header(v2_sig.substr(0, 5)));
+  CHECK_FALSE(may_be_proxy_header("EHLO"));
+  CHECK_FALSE(may_be_proxy_header("\r\nX"));
+  CHECK_FALSE(may_be_proxy_header("PRX"));
+}
