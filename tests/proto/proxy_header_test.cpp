@@ -157,6 +157,8 @@ TEST_CASE("PROXY v2: LOCAL, UNSPEC and UNIX mean: use the socket's address") {
 TEST_CASE("PROXY v2: truncated, oversized, garbage") {
   const std::string v4 = bytes({192, 0, 2, 1, 198, 51, 100, 7, 0, 1, 0, 2});
   check_invalid(v2(0x21, 0x11, v4.substr(0, 8)));           // address block shorter than INET needs
+  check_invalid(v2(0x21, 0x31, std::string(10, '\0')));     // ... than UNIX needs (216 octets)
+  check_invalid(v2(0x21, 0x31, ""));
   check_invalid(v2(0x21, 0x11, v4 + bytes({0x01, 0x00})));  // TLV header cut
   check_invalid(v2(0x21, 0x11, v4 + bytes({0x01, 0x00, 0x05, 'a'})));  // TLV value cut
   check_invalid(v2(0x11, 0x11, v4));                                   // version 1 in binary form
