@@ -430,10 +430,12 @@ asio::awaitable<bool> RelaySession::greet_pause() {
     error_code ec;
     co_await deadlines_.wait_readable(client_.socket(), in(config_.limits.greet_pause), ec);
     if (ec == asio::error::timed_out) co_return true;
-    // Readable: input, or a client that hung up without a word (not an early talker, just gone).
+    // Readable: input, or a client that hung up without a word, with an end of stream or a reset (a balancer's
+    // health check resets): not an early talker, just gone.
     char byte = 0;
-    const bool hung_up = !ec && ::recv(client_.socket().native_handle(), &byte, 1, MSG_PEEK) == 0;
-    if (ec || hung_up) {
+    const bool talked =
+        !ec && ::recv(client_.socket().native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT) > 0;
+    if (!talked) {
       result_ = "disconnected";
       co_return false;
     }
