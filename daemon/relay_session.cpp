@@ -415,6 +415,11 @@ asio::awaitable<bool> RelaySession::read_proxy_header() {
     co_await client_.read_some(client_in_, proto::max_proxy_header - client_in_.size(), deadline, ec);
     if (ec) {
       const bool timed_out = ec == asio::error::timed_out;
+      if (!timed_out && client_in_.empty()) {
+        // Gone without a byte (a balancer's TCP health check): no header was begun, so none was truncated.
+        result_ = "disconnected";
+        co_return false;
+      }
       count_reject(timed_out ? "proxy_timeout" : "proxy_truncated");
       result_ = timed_out ? "proxy_timeout" : "proxy_truncated";
       co_return false;
