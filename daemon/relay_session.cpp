@@ -435,8 +435,8 @@ asio::awaitable<bool> RelaySession::greet_pause() {
     error_code ec;
     co_await deadlines_.wait_readable(client_.socket(), in(config_.limits.greet_pause), ec);
     if (ec == asio::error::timed_out) co_return true;
-    // Readable: input, or a client that hung up without a word, with an end of stream or a reset (a balancer's
-    // health check resets): not an early talker, just gone.
+    // Readable: input, or a client that hung up without a word, with an end of stream or a reset (a
+    // balancer's health check resets): not an early talker, just gone.
     char byte = 0;
     const bool talked =
         !ec && ::recv(client_.socket().native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT) > 0;
@@ -462,8 +462,9 @@ asio::awaitable<RelaySession::Input> RelaySession::next_line(std::string& line, 
             "proxy_untrusted");
         co_return Input::closed;
       }
-      // The first octets of a header, in a read of their own, are no command yet ("\r\n" would be framed as an
-      // empty line, "PROXY ..." as an unknown verb, and the session go on): wait until there is enough to tell.
+      // The first octets of a header, in a read of their own, are no command yet ("\r\n" would be framed as
+      // an empty line, "PROXY ..." as an unknown verb, and the session go on): wait until there is enough to
+      // tell.
       proxy_checked_ = !proto::may_be_proxy_header(client_in_.view());
     }
     auto event = proxy_checked_ ? framer_.next(client_in_.view()) : proto::CommandFramer::Event{};
