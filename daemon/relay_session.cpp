@@ -415,6 +415,11 @@ asio::awaitable<bool> RelaySession::read_proxy_header() {
     co_await client_.read_some(client_in_, proto::max_proxy_header - client_in_.size(), deadline, ec);
     if (ec) {
       const bool timed_out = ec == asio::error::timed_out;
+      if (!timed_out && client_in_.empty()) {
+        // Gone without a byte (a balancer's TCP health check): no header was begun, so none was truncated.
+        result_ = "disconnected";
+        co_return false;
+      }
       count_reject(timed_out ? "proxy_timeout" : "proxy_truncated");
       result_ = timed_out ? "proxy_timeout" : "proxy_truncated";
       co_return false;
@@ -430,10 +435,12 @@ asio::awaitable<bool> RelaySession::greet_pause() {
     error_code ec;
     co_await deadlines_.wait_readable(client_.socket(), in(config_.limits.greet_pause), ec);
     if (ec == asio::error::timed_out) co_return true;
-    // Readable: input, or a client that hung up without a word (not an early talker, just gone).
+    // Readable: input, or a client that hung up without a word, with an end of stream or a reset (a
+    // balancer's health check resets): not an early talker, just gone.
     char byte = 0;
-    const bool hung_up = !ec && ::recv(client_.socket().native_handle(), &byte, 1, MSG_PEEK) == 0;
-    if (ec || hung_up) {
+    const bool talked =
+        !ec && ::recv(client_.socket().native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT) > 0;
+    if (!talked) {
       result_ = "disconnected";
       co_return false;
     }
@@ -448,7 +455,6 @@ asio::awaitable<bool> RelaySession::greet_pause() {
 asio::awaitable<RelaySession::Input> RelaySession::next_line(std::string& line, bool readable) {
   for (;;) {
     if (!proxy_checked_ && !client_in_.empty()) {
-      proxy_checked_ = true;
       if (proto::looks_like_proxy_header(client_in_.view())) {
         count_reject("proxy_untrusted");
         co_await say_goodbye(
@@ -456,8 +462,12 @@ asio::awaitable<RelaySession::Input> RelaySession::next_line(std::string& line, 
             "proxy_untrusted");
         co_return Input::closed;
       }
+      // The first octets of a header, in a read of their own, are no command yet ("\r\n" would be framed as
+      // an empty line, "PROXY ..." as an unknown verb, and the session go on): wait until there is enough to
+      // tell.
+      proxy_checked_ = !proto::may_be_proxy_header(client_in_.view());
     }
-    auto event = framer_.next(client_in_.view());
+    auto event = proxy_checked_ ? framer_.next(client_in_.view()) : proto::CommandFramer::Event{};
     if (event.kind == proto::CommandFramer::Kind::line) {
       line.assign(event.line);
       client_in_.consume(event.consumed);
@@ -583,6 +593,9 @@ asio::awaitable<bool> RelaySession::flush() {
   co_await client_.write(client_out_, in(config_.timeouts.command), ec);
   client_out_.clear();
   if (ec) {
+    // A client that reads no reply within the timeout is as slow as one that sends no command: counted alike
+    // (no 421 can reach it).
+    if (ec == asio::error::timed_out) count_reject("timeout");
     result_ = ec == asio::error::timed_out ? "timeout" : "disconnected";
     close_ = true;
     co_return false;

@@ -179,7 +179,10 @@ ProxyParseResult parse_v2(std::string_view input) {
   if (command == 0 || family == 0 || family == 3) {
     // LOCAL (health checks), AF_UNSPEC and AF_UNIX carry no usable client address: use the socket's.
     r.header.local = true;
-    if (command == 1 && family == 3) addr_len = 216;
+    if (command == 1 && family == 3) {
+      addr_len = 216;
+      if (length < addr_len) return invalid("PROXY v2 address block truncated");
+    }
   } else {
     if (transport == 2) return invalid("PROXY v2 datagram transport is not SMTP");
     if (family == 1) {
@@ -199,7 +202,7 @@ ProxyParseResult parse_v2(std::string_view input) {
     }
   }
   // TLVs (ALPN, authority, SSL info, ...) are skipped, but their framing must hold together.
-  if (command == 1 && addr_len <= length) {
+  if (command == 1) {
     std::size_t pos = addr_len;
     while (pos < length) {
       if (length - pos < 3) return invalid("PROXY v2 TLV truncated");
@@ -225,10 +228,18 @@ ProxyParseResult parse_proxy_header(std::string_view input) {
   return parse_v2(input);
 }
 
+namespace {
+// Five octets tell: "PROXY" is no SMTP verb, and "\r\n\r\n\0" is no SMTP client's first line.
+constexpr std::size_t proxy_header_telling = 5;
+}  // namespace
+
 bool looks_like_proxy_header(std::string_view input) {
-  // Five octets tell: "PROXY" is no SMTP verb, and "\r\n\r\n\0" is no SMTP client's first line.
-  constexpr std::size_t enough = 5;
-  if (input.size() < enough) return false;
+  if (input.size() < proxy_header_telling) return false;
+  return is_prefix_of(input, v1_prefix) || is_prefix_of(input, signature_view());
+}
+
+bool may_be_proxy_header(std::string_view input) {
+  if (input.empty() || input.size() >= proxy_header_telling) return false;
   return is_prefix_of(input, v1_prefix) || is_prefix_of(input, signature_view());
 }
 

@@ -34,5 +34,8 @@ ProxyParseResult parse_proxy_header(std::string_view input);
 // True when `input` starts with the v1 ("PROXY ") or v2 signature, or with a prefix of either that is long
 // enough to tell (used to refuse headers from untrusted peers).
 bool looks_like_proxy_header(std::string_view input);
+// True when `input` is too short for looks_like_proxy_header() to tell but is a prefix of either signature:
+// the first octets of a header that arrived in a read of their own (a client may split its writes anywhere).
+bool may_be_proxy_header(std::string_view input);
 
 }  // namespace mailflow::proto

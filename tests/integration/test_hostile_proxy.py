@@ -1,6 +1,8 @@
 """Hostile PROXY headers from a trusted peer (untrusted peers are test_proxy_protocol.py): truncated (closed
 after 5 s even while bytes keep trickling in, or at EOF), oversized v1/v2, garbage. Each is closed (or
 answered 5xx) without a banner and without relaying; a proper header still works afterwards."""
+import socket
+import struct
 import time
 import types
 
@@ -90,6 +92,22 @@ def test_truncated_header_then_eof(env):
         c.close()
     assert_closed_unserved(data, closed)
     hh.assert_rejected(env.daemon, before, "proxy_truncated", listener_name="proxied")
+
+
+def test_connect_and_close_without_a_byte_is_no_truncated_header(env):
+    """A balancer's TCP health check connects and hangs up (FIN, or a reset as HAProxy's checks close) without
+    sending anything: no header was begun, so nothing was truncated; counting each as proxy_truncated would
+    fill rejects_total with one refusal per check. A header cut short still counts (the test above)."""
+    before = env.daemon.metrics()
+    for linger in (False, True):
+        s = socket.create_connection(("127.0.0.1", env.proxied))
+        if linger:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+    time.sleep(0.5)
+    hh.wait_sessions_idle(env.daemon)
+    moved = harness.delta(before, env.daemon.metrics(), "mailflow_rejects_total")
+    assert not moved, f"a connection that sent nothing was counted as a refusal: {moved}"
 
 
 def proxy_v2_with_length(n):

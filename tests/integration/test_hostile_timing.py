@@ -170,6 +170,38 @@ def test_slow_data_421_after_block_timeout(env):
     hh.assert_relays(env.slow_d, env.slow, env.sink)
 
 
+def test_client_that_stops_reading_replies_is_closed_and_counted(env):
+    """The write side of slowloris: a client pipelines commands (HELP may be inside an RFC 2920 group) and
+    never reads a reply. Once the socket buffers are full, the reply write must end within timeouts.command,
+    close the session and count it as the read side's timeout is counted."""
+    before = env.slow_d.metrics()
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        s.connect(("127.0.0.1", env.slow))
+        s.settimeout(5)
+        assert s.recv(4096).startswith(b"220 ")
+        s.sendall(b"EHLO reader.example.test\r\n")
+        assert b"250 " in s.recv(4096)
+        s.setblocking(False)
+        group = b"HELP\r\n" * 1000
+        start, ended = time.monotonic(), None
+        while time.monotonic() - start < COMMAND_TIMEOUT + 8:
+            try:
+                s.send(group)
+            except BlockingIOError:
+                time.sleep(0.05)
+            except OSError:
+                ended = time.monotonic() - start
+                break
+        assert ended is not None, "a client that reads no reply kept its session for 10 s (timeouts.command 2s)"
+    finally:
+        s.close()
+    hh.assert_rejected(env.slow_d, before, "timeout")
+    hh.wait_sessions_idle(env.slow_d)
+    hh.assert_relays(env.slow_d, env.slow, env.sink)
+
+
 # ------------------------------------------------------------------------------------------ session limits
 def refused_at_connect(port, source=None):
     c = harness.RawSmtp(port, source=source)

@@ -2,6 +2,7 @@
 mailflow_rejects_total moved); a v1 or v2 header from a trusted peer carrying source 127.0.0.2 makes the
 CIDR connector match and the Received header name 127.0.0.2."""
 import re
+import time
 import types
 
 import pytest
@@ -64,6 +65,31 @@ def test_header_from_untrusted_peer_refused(env, listener, source, version):
     harness.assert_not_counted(env.daemon, before, settle=0.2)
     harness.wait_for(lambda: delta(before, env.daemon.metrics(), "mailflow_rejects_total", listener=listener), 3,
                      what=f"mailflow_rejects_total{{listener={listener}}} to move")
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_header_from_untrusted_peer_split_after_four_octets_refused(env, version):
+    """The same header from an untrusted peer, its first four octets in a write of their own (too few to tell
+    a header from a command): still 554 5.7.0 and close, counted as proxy_untrusted, not 500 for "PROXY ..."
+    (or for the empty lines of the v2 signature) with the session going on."""
+    before = env.daemon.metrics()
+    conns = env.sink.connections()
+    port = env.ports["proxied"]
+    header = (harness.proxy_v1 if version == "v1" else harness.proxy_v2)("127.0.0.2", "127.0.0.1", 40000, port)
+    c = harness.RawSmtp(port, source="127.0.0.2")
+    try:
+        assert c.reply()[0] == 220
+        c.send(header[:4])
+        time.sleep(0.3)
+        c.send(header[4:])
+        data, closed = hh.read_all(c.sock, wait=3.0)
+        c.transcript.append(f"S: {data!r} closed={closed}")
+    finally:
+        c.close()
+    assert data.startswith(b"554 5.7.0 "), f"a split PROXY {version} header from an untrusted peer: {data!r}"
+    assert closed, "the session went on after the untrusted PROXY header"
+    assert env.sink.connections() == conns, "something was relayed upstream"
+    hh.assert_rejected(env.daemon, before, "proxy_untrusted", listener_name="proxied")
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])

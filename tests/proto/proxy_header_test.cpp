@@ -157,6 +157,8 @@ TEST_CASE("PROXY v2: LOCAL, UNSPEC and UNIX mean: use the socket's address") {
 TEST_CASE("PROXY v2: truncated, oversized, garbage") {
   const std::string v4 = bytes({192, 0, 2, 1, 198, 51, 100, 7, 0, 1, 0, 2});
   check_invalid(v2(0x21, 0x11, v4.substr(0, 8)));           // address block shorter than INET needs
+  check_invalid(v2(0x21, 0x31, std::string(10, '\0')));     // ... than UNIX needs (216 octets)
+  check_invalid(v2(0x21, 0x31, ""));
   check_invalid(v2(0x21, 0x11, v4 + bytes({0x01, 0x00})));  // TLV header cut
   check_invalid(v2(0x21, 0x11, v4 + bytes({0x01, 0x00, 0x05, 'a'})));  // TLV value cut
   check_invalid(v2(0x11, 0x11, v4));                                   // version 1 in binary form
@@ -188,4 +190,17 @@ TEST_CASE("looks_like_proxy_header") {
   CHECK_FALSE(looks_like_proxy_header("\r\n\r\n"));
   CHECK_FALSE(looks_like_proxy_header(""));
   CHECK_FALSE(looks_like_proxy_header("PROXZ"));
+}
+
+TEST_CASE("may_be_proxy_header: too short to tell, a prefix of either signature") {
+  CHECK(may_be_proxy_header("P"));
+  CHECK(may_be_proxy_header("PROX"));
+  CHECK(may_be_proxy_header("\r\n"));
+  CHECK(may_be_proxy_header(v2_sig.substr(0, 4)));
+  CHECK_FALSE(may_be_proxy_header(""));
+  CHECK_FALSE(may_be_proxy_header("PROXY"));  // long enough: looks_like_proxy_header() tells
+  CHECK_FALSE(may_be_proxy_header(v2_sig.substr(0, 5)));
+  CHECK_FALSE(may_be_proxy_header("EHLO"));
+  CHECK_FALSE(may_be_proxy_header("\r\nX"));
+  CHECK_FALSE(may_be_proxy_header("PRX"));
 }
