@@ -51,8 +51,17 @@ install(FILES ${PROJECT_SOURCE_DIR}/systemd/mailflowd.sysusers
 install(FILES ${PROJECT_SOURCE_DIR}/systemd/mailflowd.tmpfiles
         DESTINATION ${MAILFLOW_TMPFILESDIR} RENAME mailflowd.conf)
 install(FILES ${PROJECT_SOURCE_DIR}/systemd/socket-activation.conf DESTINATION share/mailflowd/systemd)
-# The example config is written to pass --check-config without any certificate present.
-install(FILES ${MAILFLOW_EXAMPLE_CONFIG} DESTINATION ${MAILFLOW_CONFDIR} RENAME mailflowd.yaml)
+# The example config is written to pass --check-config without any certificate present. Never over a file that
+# is there: `cmake --install` run again to upgrade from source keeps the administrator's configuration, as dpkg
+# keeps the package's conffile (cpack installs into an empty DESTDIR, so the package always gets the example).
+install(CODE "
+  set(mailflow_config \"\$ENV{DESTDIR}${MAILFLOW_CONFDIR}/mailflowd.yaml\")
+  if(EXISTS \"\${mailflow_config}\")
+    message(STATUS \"Keeping: \${mailflow_config} (the example: ${MAILFLOW_EXAMPLE_CONFIG})\")
+  else()
+    file(INSTALL DESTINATION \"${MAILFLOW_CONFDIR}\" TYPE FILE RENAME mailflowd.yaml
+         FILES \"${MAILFLOW_EXAMPLE_CONFIG}\")
+  endif()")
 # Globbed at install time: these folders fill up while the tree is configured.
 install(DIRECTORY ${PROJECT_SOURCE_DIR}/deploy/prometheus/ DESTINATION share/mailflowd/prometheus
         FILES_MATCHING PATTERN "*.yml" PATTERN "*.yaml" PATTERN tests EXCLUDE)

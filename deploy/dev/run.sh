@@ -33,8 +33,11 @@ if [ ! -s run/dev-cert.pem ] || [ ! -s run/dev-key.pem ]; then
   echo "run: generated run/dev-cert.pem (self-signed, localhost)"
 fi
 config=run/dev.yaml
-sed -e "s/127\.0\.0\.1:2525/127.0.0.1:$smtp_port/g" -e "s/127\.0\.0\.1:2526/127.0.0.1:$sink_port/g" \
-    -e "s/127\.0\.0\.1:9725/127.0.0.1:$http_port/g" config/examples/dev.yaml >"$config"
+# Through placeholders: replaced one after the other, a chosen port that is another default (SMTP_PORT=2526)
+# would be replaced again by the next expression.
+sed -e 's/127\.0\.0\.1:2525/127.0.0.1:@SMTP@/g' -e 's/127\.0\.0\.1:2526/127.0.0.1:@SINK@/g' \
+    -e 's/127\.0\.0\.1:9725/127.0.0.1:@HTTP@/g' \
+    -e "s/@SMTP@/$smtp_port/g; s/@SINK@/$sink_port/g; s/@HTTP@/$http_port/g" config/examples/dev.yaml >"$config"
 
 /usr/bin/python3 tests/tools/sink.py --host 127.0.0.1 --port "$sink_port" --maildir run/mail >run/sink.log 2>&1 &
 sink=$!

@@ -5,11 +5,15 @@ them the printed report command shows the partner's TLS1.0 mail as an insight, t
 run.sh works in the repository's run/ folder, so the test runs a copy of the three files it uses in a scratch
 tree (a user's own `make run` keeps its run/ untouched). The binary is the dev build (MAILFLOWD).
 """
+import contextlib
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
+
+import pytest
 
 import deploylib as d
 
@@ -28,22 +32,36 @@ def printed_commands(text):
     return commands
 
 
-def test_make_run_prints_commands_that_show_an_insight(tmp_path):
-    binary = os.environ["MAILFLOWD"]
+@contextlib.contextmanager
+def run_sh(tmp_path, ports):
+    """run.sh with the dev binary on a copy of its files, ports {"SMTP_PORT": n, ...}; yields (tree, output file)
+    once it printed what to try (or ended), stops it at the end. Assertion messages get run.sh's output."""
     tree = tmp_path / "tree"
     for f in FILES:
         (tree / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(d.REPO / f, tree / f)
-    smtp, http, sink = d.free_port(), d.free_port(), d.free_port()
-    env = dict(os.environ, SMTP_PORT=str(smtp), HTTP_PORT=str(http), SINK_PORT=str(sink))
+    env = dict(os.environ, **{name: str(port) for name, port in ports.items()})
     out = tmp_path / "run.out"
-    proc = subprocess.Popen([tree / "deploy/dev/run.sh", binary], env=env, stdout=open(out, "wb"),
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen([tree / "deploy/dev/run.sh", os.environ["MAILFLOWD"]], env=env,
+                            stdout=open(out, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
     try:
         d.wait_for(lambda: "Ctrl-C stops" in out.read_text() or proc.poll() is not None, 30,
                    what="run.sh to print what to try")
+        assert proc.poll() is None, "run.sh ended"
+        yield tree, out
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n--- run.sh:\n{d.tail(out)}") from None
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+            proc.wait(20)
+
+
+def test_make_run_prints_commands_that_show_an_insight(tmp_path):
+    ports = {"SMTP_PORT": d.free_port(), "HTTP_PORT": d.free_port(), "SINK_PORT": d.free_port()}
+    with run_sh(tmp_path, ports) as (tree, out):
         text = out.read_text()
-        assert proc.poll() is None, text
         commands = printed_commands(text)
         swaks = [c for c in commands if c.startswith("swaks ")]
         report = [c for c in commands if " report " in c + " "]
@@ -55,9 +73,30 @@ def test_make_run_prints_commands_that_show_an_insight(tmp_path):
         p = subprocess.run(["bash", "-c", report[0]], cwd=tree, capture_output=True, text=True, timeout=30)
         assert p.returncode == 0, f"{report[0]}\n{p.stdout}{p.stderr}"
         assert "significant TLS1.0 mail flow" in p.stdout, f"no insight after the printed commands:\n{p.stdout}"
-    except AssertionError as e:
-        raise AssertionError(f"{e}\n--- run.sh:\n{d.tail(out)}") from None
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)
-            proc.wait(20)
+
+
+def bindable(port):
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is no obstacle
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+# A port of dev.yaml replaced by another of its defaults (2525 SMTP, 2526 sink, 9725 HTTP), as a user picks
+# `make run SMTP_PORT=2526 SINK_PORT=2527` when 2525 is taken: each must end up where it was asked for.
+@pytest.mark.parametrize("given", [{"SMTP_PORT": 2526}, {"SMTP_PORT": 9725}, {"SINK_PORT": 9725},
+                                   {"HTTP_PORT": 2525}, {"HTTP_PORT": 2526}])
+def test_make_run_listens_on_the_ports_given(tmp_path, given):
+    if not all(bindable(port) for port in given.values()):
+        pytest.skip(f"a default port of `make run` is in use here: {given}")
+    ports = {name: given.get(name) or d.free_port() for name in ("SMTP_PORT", "HTTP_PORT", "SINK_PORT")}
+    with run_sh(tmp_path, ports) as (tree, _):
+        config = (tree / "run/dev.yaml").read_text()
+        addresses = re.findall(r'address: "127\.0\.0\.1:(\d+)"', config)
+        assert addresses == [str(ports["SMTP_PORT"]), str(ports["SINK_PORT"]), str(ports["HTTP_PORT"])], \
+            f"run/dev.yaml's listener, sink and http ports for {ports}: {addresses}"
+        status, _ = d.http_get(f"http://127.0.0.1:{ports['HTTP_PORT']}/healthz")
+        assert status == 200
