@@ -28,5 +28,19 @@ if [ ! -e "$policy" ]; then
   $SUDO chmod 755 "$policy"
   trap '$SUDO rm -f "$policy"' EXIT
 fi
+installed() { dpkg-query -W -f='${db:Status-Abbrev} ${Package}\n' | awk '$1 == "ii" { print $2 }' | sort; }
+before=$(installed)
 $SUDO apt-get update -q
 $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+# Debian also enables those daemons for the next boot (policy-rc.d only kept them from starting now): nginx on
+# port 80, knot on 53, Prometheus, Alertmanager, HAProxy would come up at every boot of a machine that only ran
+# the tests. Disabled again, for the packages this install added (with their dependencies: nginx.service is
+# nginx-common's); the units of packages that were there before are the user's and stay as they are.
+for p in $(comm -13 <(echo "$before") <(installed)); do
+  for unit in $(dpkg -L "$p" | grep -E '^(/usr)?/lib/systemd/system/[^/@]+\.(service|socket|timer)$' || true); do
+    unit=${unit##*/}
+    if systemctl is-enabled --quiet "$unit" 2>/dev/null; then
+      $SUDO systemctl disable --quiet "$unit" && echo "deps: disabled $unit (installed now; the tests start their own)"
+    fi
+  done
+done
