@@ -33,14 +33,6 @@ std::string_view type_words(ConnectorType t) {
 
 std::string one_decimal(double value) { return fmt::format("{:.1f}", value); }
 
-std::array<double, 5> percentages(const TlsCounts& counts, std::uint64_t total) {
-  std::array<double, 5> out{};
-  if (total == 0) return out;
-  for (std::size_t i = 0; i < out.size(); ++i)
-    out[i] = 100.0 * static_cast<double>(counts[i]) / static_cast<double>(total);
-  return out;
-}
-
 std::uint64_t total_of(const TlsCounts& counts) {
   std::uint64_t total = 0;
   for (const auto c : counts) total += c;
@@ -130,6 +122,30 @@ void add_insights(std::vector<Insight>& out, const Entry& entry, const TlsCounts
 }
 
 }  // namespace
+
+std::array<double, 5> tls_percent(const TlsCounts& counts) {
+  std::array<double, 5> out{};
+  const std::uint64_t total = total_of(counts);
+  if (total == 0) return out;
+  // In tenths of a percent, each rounded down, then the tenths left over to the largest remainders (ties in
+  // version order): rounded each on its own, 2/7, 1/7, 1/7, 3/7 would show 28.6 + 14.3 + 14.3 + 42.9 = 100.1.
+  std::array<std::uint64_t, 5> tenths{}, remainder{};
+  std::uint64_t left = 1000;
+  for (std::size_t i = 0; i < counts.size(); ++i) {
+    tenths[i] = counts[i] / total * 1000 + counts[i] % total * 1000 / total;
+    remainder[i] = counts[i] % total * 1000 % total;
+    left -= tenths[i];
+  }
+  for (; left > 0; --left) {
+    std::size_t largest = 0;
+    for (std::size_t i = 1; i < counts.size(); ++i)
+      if (remainder[i] > remainder[largest]) largest = i;
+    ++tenths[largest];
+    remainder[largest] = 0;
+  }
+  for (std::size_t i = 0; i < out.size(); ++i) out[i] = static_cast<double>(tenths[i]) / 10.0;
+  return out;
+}
 
 std::string csv_field(std::string_view text) {
   // A cell that starts with = + - @ (or a tab or CR) is a formula to a spreadsheet: an EHLO name such as
@@ -250,7 +266,7 @@ Report build_report(const WindowStore& store, const config::Config& config, int 
       row.configured = entry.configured;
       row.messages = total_of(counts);
       row.counts = counts;
-      row.percent = percentages(counts, row.messages);
+      row.percent = tls_percent(counts);
       report.rows.push_back(std::move(row));
     }
   }
@@ -265,7 +281,7 @@ Report build_report(const WindowStore& store, const config::Config& config, int 
     summary.configured = entry.configured;
     summary.messages = total_of(counts);
     summary.counts = counts;
-    summary.percent = percentages(counts, summary.messages);
+    summary.percent = tls_percent(counts);
     report.connectors.push_back(std::move(summary));
   }
   for (const Direction d : {Direction::inbound, Direction::outbound}) {

@@ -24,7 +24,7 @@ struct ReportRow {
   bool configured = true;  // false: the connector was removed from (or renamed in) the config since
   std::uint64_t messages = 0;
   TlsCounts counts{};               // messages by proto::TlsVersion (exact; the percentages are rounded)
-  std::array<double, 5> percent{};  // by proto::TlsVersion, 0..100, one decimal in renderings
+  std::array<double, 5> percent{};  // by proto::TlsVersion, tls_percent(counts)
 };
 
 struct Insight {
@@ -48,7 +48,7 @@ struct ConnectorSummary {
   bool configured = true;  // false: removed from the config, shown while its history is inside the window
   std::uint64_t messages = 0;
   TlsCounts counts{};               // by proto::TlsVersion
-  std::array<double, 5> percent{};  // by proto::TlsVersion, 0..100
+  std::array<double, 5> percent{};  // by proto::TlsVersion, tls_percent(counts)
 };
 
 // The drill-down behind one connector (daemon/report_remotes.cpp): its remote servers and, outbound, its
@@ -122,6 +122,9 @@ Report build_report(const WindowStore& store, const config::Config& config, int 
                     WindowStore::TimePoint now);
 
 // Helpers shared with the renderers and the HTTP/metrics side.
+// Per TLS version, in percent with one decimal (0..100): a row with messages adds up to exactly 100.0 (largest
+// remainder); all 0.0 without messages.
+std::array<double, 5> tls_percent(const TlsCounts& counts);
 std::string format_thousands(std::uint64_t value);  // 1024 -> "1,024"
 using proto::json_escape;                          // proto/json.hpp
 std::string html_escape(std::string_view text);
