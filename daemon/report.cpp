@@ -323,6 +323,12 @@ double share_of(std::uint64_t part, std::uint64_t total) {
   return total == 0 ? 0.0 : static_cast<double>(part) / static_cast<double>(total);
 }
 
+// No messages is no share at all: null, as the table and the page say "no messages in the window" (a 0 would say
+// that every message went without TLS).
+std::string share_json(std::uint64_t part, std::uint64_t total) {
+  return total == 0 ? "null" : fmt::format("{}", share_of(part, total));
+}
+
 // "connectors" and "in_transit", the whole-window part of the JSON report.
 std::string summary_json_members(const Report& report) {
   std::string out = "\"connectors\": [";
@@ -347,8 +353,8 @@ std::string summary_json_members(const Report& report) {
     out += fmt::format(
         "{{\"direction\": \"{}\", \"messages\": {}, \"tls\": {}, \"tls12_plus\": {}, \"tls_share\": {}, "
         "\"tls12_plus_share\": {}}}",
-        config::to_string(t.direction), t.messages, t.tls, t.tls12_plus, share_of(t.tls, t.messages),
-        share_of(t.tls12_plus, t.messages));
+        config::to_string(t.direction), t.messages, t.tls, t.tls12_plus, share_json(t.tls, t.messages),
+        share_json(t.tls12_plus, t.messages));
   }
   out += "]";
   return out;
