@@ -151,10 +151,12 @@ void add_drilldown(Report& report, const RemoteStore& store, WindowStore::TimePo
 void append_drilldown_members(std::string& out, const Report& report, std::string_view connector,
                               config::Direction direction);
 void append_drilldown_html(std::string& out, const Report& report);  // per connector a <details> section
-std::string render_remotes_csv(const Report& report);
+// Every connector's servers, or (`connector` not empty) that connector's.
+std::string render_remotes_csv(const Report& report, std::string_view connector = {});
 std::string render_domains_csv(const Report& report);
 // `mailflowd report --connector NAME`: that connector's servers (both directions when it has both), legacy
-// TLS first; "" when the report has no such connector. And `--domains`: every outbound connector's domains.
+// TLS first; "" when the report has no such connector (--format csv: render_remotes_csv with its name). And
+// `--domains`: every outbound connector's domains.
 std::string render_remotes_table(const Report& report, std::string_view connector);
 std::string render_domains_table(const Report& report);
 

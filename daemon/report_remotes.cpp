@@ -229,11 +229,12 @@ void append_drilldown_members(std::string& out, const Report& report, std::strin
   }
 }
 
-std::string render_remotes_csv(const Report& report) {
+std::string render_remotes_csv(const Report& report, std::string_view connector) {
   std::string out =
       "connector,direction,address,name,verified_name,domains,messages,none,tls10,tls11,tls12,tls13,"
       "none_pct,tls10_pct,tls11_pct,tls12_pct,tls13_pct,refused,refused_version,cipher,first_seen,last_seen,error\n";
   for (const auto& d : report.drilldowns) {
+    if (!connector.empty() && d.connector != connector) continue;
     auto line = [&](const DrilldownRow& row) {
       out += fmt::format("{},{},{},{},{},{},{}", csv_field(d.connector), config::to_string(d.direction),
                          csv_field(row.key), csv_field(row.name), csv_field(row.verified_name),
