@@ -54,7 +54,7 @@ struct ConnectorSummary {
 // The drill-down behind one connector (daemon/report_remotes.cpp): its remote servers and, outbound, its
 // destination domains over the report's days, merged from the per-day heavy-hitters tables.
 struct DrilldownRow {
-  std::string key;            // address (remotes) or destination domain (domains); "other" for the rest
+  std::string key;            // address (remotes) or destination domain (domains); "(other)" for the rest
   std::string name;           // EHLO/HELO name (inbound), MX host name (outbound)
   std::string verified_name;  // inbound: the forward-confirmed reverse name ("" when none or not yet known)
   std::vector<std::string> domains;  // sender (inbound) or destination (outbound) domains seen, a few
@@ -75,7 +75,7 @@ struct DrilldownRow {
 struct DrilldownTable {
   bool enabled = true;  // remotes: false under telemetry.remotes: false
   std::vector<DrilldownRow> rows;  // the ones to fix first: legacy() descending, then total, then key
-  DrilldownRow other;              // key "other": everything not listed
+  DrilldownRow other;              // key "(other)": everything not listed
   std::uint64_t error_bound = 0;   // a server or domain not listed sent at most this many (0: exact)
 };
 

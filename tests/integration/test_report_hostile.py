@@ -148,3 +148,37 @@ def test_page_and_json_escape_what_they_show(env):
     status, body, _ = rh.http_get(daemon, "/api/v1/report")
     assert status == 200
     assert remotes_rows(json.loads(body))[EVIL]["name"] == MARKUP
+
+
+@pytest.fixture(scope="module")
+def other_env(sink_factory, daemon_factory):
+    """Outbound through a fixed upstream with room for one destination domain: a message to b.test, then two to a
+    real domain named "other", which takes the one row; b.test's message is summed in the row of the rest."""
+    store = sink_factory("store-other")
+    listeners = [{"name": "out", "address": f"127.0.0.1:{harness.free_port()}", "direction": "outbound",
+                  "upstream": "store"}]
+    upstreams = [{"name": "store", "address": f"127.0.0.1:{store.port}", "tls": "none"}]
+    daemon = daemon_factory(listeners, upstreams, [], name="domain-other", telemetry={"top_domains": 1})
+    before = daemon.metrics()
+    for to in ("rcpt@b.test", "rcpt@other", "rcpt@other"):
+        r = harness.swaks(daemon.listener_port("out"), to=to, sender="app@corp.example", data=rh.MESSAGE)
+        assert r.rc == 0, str(r)
+    harness.wait_moved(daemon, before, at_least=3)
+    return daemon
+
+
+def test_a_domain_named_other_is_not_the_row_of_the_rest(other_env, mailflowd_bin):
+    status, body, _ = rh.http_get(other_env, "/api/v1/domains.csv")
+    assert status == 200
+    rows = list(csv.DictReader(io.StringIO(body)))
+    assert len(rows) == 2, body
+    named = [r for r in rows if r["domain"] == "other"]
+    assert len(named) == 1 and named[0]["none"] == "2", body  # the domain, not the rest
+    rest = [r for r in rows if r["domain"] != "other"]
+    assert rest[0]["none"] == "1" and rest[0]["domain"] != "b.test", body
+    res = rh.run_cli(mailflowd_bin, "--url", other_env.http, "--domains")
+    assert res.returncode == 0, res.stderr
+    assert [ln.split()[1] for ln in res.stdout.splitlines() if ln.split()[:1] == ["other"]] == ["127.0.0.1"], \
+        res.stdout  # the domain's row (its MX host column names the upstream), not also the rest's
+    status, page = other_env.get("/")
+    assert status == 200 and page.count("<td>other</td>") == 1, page[page.index('id="drilldown"'):]
