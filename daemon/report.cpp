@@ -113,6 +113,8 @@ void add_insights(std::vector<Insight>& out, const Entry& entry, const TlsCounts
     insight.share = share;
     insight.messages = total;
     insight.threshold = kind.threshold;
+    // Its own share rounded (4 of 9 is 44.4%): the summary row, rounded with the other versions to add up to
+    // 100.0, may show 0.1 more or less.
     insight.text = fmt::format("{} {} connector {} is seeing {}: {}% of {} in the last {}",
                                direction_title(entry.direction), type_words(entry.type), entry.name,
                                kind.what, one_decimal(share * 100.0), pluralize(total, "message", "messages"),
