@@ -325,8 +325,8 @@ double share_of(std::uint64_t part, std::uint64_t total) {
   return total == 0 ? 0.0 : static_cast<double>(part) / static_cast<double>(total);
 }
 
-// No messages is no share at all: null, as the table and the page say "no messages in the window" (a 0 would say
-// that every message went without TLS).
+// No messages is no share at all: null, as the table and the page say "no messages in the window" (a 0
+// would say that every message went without TLS).
 std::string share_json(std::uint64_t part, std::uint64_t total) {
   return total == 0 ? "null" : fmt::format("{}", share_of(part, total));
 }

@@ -122,8 +122,8 @@ Report build_report(const WindowStore& store, const config::Config& config, int 
                     WindowStore::TimePoint now);
 
 // Helpers shared with the renderers and the HTTP/metrics side.
-// Per TLS version, in percent with one decimal (0..100): a row with messages adds up to exactly 100.0 (largest
-// remainder); all 0.0 without messages.
+// Per TLS version, in percent with one decimal (0..100): a row with messages adds up to exactly 100.0
+// (largest remainder); all 0.0 without messages.
 std::array<double, 5> tls_percent(const TlsCounts& counts);
 std::string format_thousands(std::uint64_t value);  // 1024 -> "1,024"
 using proto::json_escape;                          // proto/json.hpp

@@ -61,8 +61,8 @@ DrilldownTable table_of(const HeavyHitters& merged, const RemoteStore& store, bo
     if (a.total() != b.total()) return a.total() > b.total();
     return a.key < b.key;
   });
-  // A key no address or domain can be (they are letters, digits, '-', '_', '.', ':' and '[]'): a destination domain
-  // may well be called "other".
+  // A key no address or domain can be (they are letters, digits, '-', '_', '.', ':' and '[]'): a destination
+  // domain may well be called "other".
   table.other.key = "(other)";
   table.other.messages = merged.other().messages;
   table.other.refused = merged.other().refused;
