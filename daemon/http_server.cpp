@@ -657,15 +657,17 @@ class Server : public std::enable_shared_from_this<Server> {
       const auto days = parse_days(query, telemetry_.window_days(), error);
       if (!days) return make_response(request, http::status::bad_request, kTextPlain, error);
       const Report report = telemetry_.report(*days);
-      if (path == "/api/v1/remotes.csv")
-        return make_response(request, http::status::ok, "text/csv; charset=utf-8", render_remotes_csv(report));
       if (path == "/api/v1/domains.csv")
         return make_response(request, http::status::ok, "text/csv; charset=utf-8", render_domains_csv(report));
       if (path == "/api/v1/domains.txt")
         return make_response(request, http::status::ok, kTextPlain, render_domains_table(report));
-      const std::string connector(query_param(query, "connector").value_or(""));
-      std::string text = render_remotes_table(report, connector);
-      if (text.empty()) {
+      // remotes.txt is one connector's; remotes.csv every connector's, or with ?connector= that one's.
+      const auto named = query_param(query, "connector");
+      const std::string connector(named.value_or(""));
+      const bool known_connector =
+          std::any_of(report.connectors.begin(), report.connectors.end(),
+                      [&](const ConnectorSummary& c) { return c.connector == connector; });
+      if (!known_connector && (named || path == "/api/v1/remotes.txt")) {
         std::string known;
         for (const auto& c : report.connectors)
           if (known.find(" " + c.connector + ",") == std::string::npos) known += " " + c.connector + ",";
@@ -673,7 +675,10 @@ class Server : public std::enable_shared_from_this<Server> {
         return make_response(request, http::status::not_found, kTextPlain,
                              "no connector \"" + connector + "\" in the report; connectors:" + known + "\n");
       }
-      return make_response(request, http::status::ok, kTextPlain, std::move(text));
+      if (path == "/api/v1/remotes.csv")
+        return make_response(request, http::status::ok, "text/csv; charset=utf-8",
+                             render_remotes_csv(report, connector));
+      return make_response(request, http::status::ok, kTextPlain, render_remotes_table(report, connector));
     }
     for (const auto& route : kReports) {
       if (path != route.path) continue;

@@ -33,14 +33,6 @@ std::string_view type_words(ConnectorType t) {
 
 std::string one_decimal(double value) { return fmt::format("{:.1f}", value); }
 
-std::array<double, 5> percentages(const TlsCounts& counts, std::uint64_t total) {
-  std::array<double, 5> out{};
-  if (total == 0) return out;
-  for (std::size_t i = 0; i < out.size(); ++i)
-    out[i] = 100.0 * static_cast<double>(counts[i]) / static_cast<double>(total);
-  return out;
-}
-
 std::uint64_t total_of(const TlsCounts& counts) {
   std::uint64_t total = 0;
   for (const auto c : counts) total += c;
@@ -121,6 +113,8 @@ void add_insights(std::vector<Insight>& out, const Entry& entry, const TlsCounts
     insight.share = share;
     insight.messages = total;
     insight.threshold = kind.threshold;
+    // Its own share rounded (4 of 9 is 44.4%): the summary row, rounded with the other versions to add up to
+    // 100.0, may show 0.1 more or less.
     insight.text = fmt::format("{} {} connector {} is seeing {}: {}% of {} in the last {}",
                                direction_title(entry.direction), type_words(entry.type), entry.name,
                                kind.what, one_decimal(share * 100.0), pluralize(total, "message", "messages"),
@@ -130,6 +124,30 @@ void add_insights(std::vector<Insight>& out, const Entry& entry, const TlsCounts
 }
 
 }  // namespace
+
+std::array<double, 5> tls_percent(const TlsCounts& counts) {
+  std::array<double, 5> out{};
+  const std::uint64_t total = total_of(counts);
+  if (total == 0) return out;
+  // In tenths of a percent, each rounded down, then the tenths left over to the largest remainders (ties in
+  // version order): rounded each on its own, 2/7, 1/7, 1/7, 3/7 would show 28.6 + 14.3 + 14.3 + 42.9 = 100.1.
+  std::array<std::uint64_t, 5> tenths{}, remainder{};
+  std::uint64_t left = 1000;
+  for (std::size_t i = 0; i < counts.size(); ++i) {
+    tenths[i] = counts[i] / total * 1000 + counts[i] % total * 1000 / total;
+    remainder[i] = counts[i] % total * 1000 % total;
+    left -= tenths[i];
+  }
+  for (; left > 0; --left) {
+    std::size_t largest = 0;
+    for (std::size_t i = 1; i < counts.size(); ++i)
+      if (remainder[i] > remainder[largest]) largest = i;
+    ++tenths[largest];
+    remainder[largest] = 0;
+  }
+  for (std::size_t i = 0; i < out.size(); ++i) out[i] = static_cast<double>(tenths[i]) / 10.0;
+  return out;
+}
 
 std::string csv_field(std::string_view text) {
   // A cell that starts with = + - @ (or a tab or CR) is a formula to a spreadsheet: an EHLO name such as
@@ -250,7 +268,7 @@ Report build_report(const WindowStore& store, const config::Config& config, int 
       row.configured = entry.configured;
       row.messages = total_of(counts);
       row.counts = counts;
-      row.percent = percentages(counts, row.messages);
+      row.percent = tls_percent(counts);
       report.rows.push_back(std::move(row));
     }
   }
@@ -265,7 +283,7 @@ Report build_report(const WindowStore& store, const config::Config& config, int 
     summary.configured = entry.configured;
     summary.messages = total_of(counts);
     summary.counts = counts;
-    summary.percent = percentages(counts, summary.messages);
+    summary.percent = tls_percent(counts);
     report.connectors.push_back(std::move(summary));
   }
   for (const Direction d : {Direction::inbound, Direction::outbound}) {
@@ -307,6 +325,12 @@ double share_of(std::uint64_t part, std::uint64_t total) {
   return total == 0 ? 0.0 : static_cast<double>(part) / static_cast<double>(total);
 }
 
+// No messages is no share at all: null, as the table and the page say "no messages in the window" (a 0
+// would say that every message went without TLS).
+std::string share_json(std::uint64_t part, std::uint64_t total) {
+  return total == 0 ? "null" : fmt::format("{}", share_of(part, total));
+}
+
 // "connectors" and "in_transit", the whole-window part of the JSON report.
 std::string summary_json_members(const Report& report) {
   std::string out = "\"connectors\": [";
@@ -331,8 +355,8 @@ std::string summary_json_members(const Report& report) {
     out += fmt::format(
         "{{\"direction\": \"{}\", \"messages\": {}, \"tls\": {}, \"tls12_plus\": {}, \"tls_share\": {}, "
         "\"tls12_plus_share\": {}}}",
-        config::to_string(t.direction), t.messages, t.tls, t.tls12_plus, share_of(t.tls, t.messages),
-        share_of(t.tls12_plus, t.messages));
+        config::to_string(t.direction), t.messages, t.tls, t.tls12_plus, share_json(t.tls, t.messages),
+        share_json(t.tls12_plus, t.messages));
   }
   out += "]";
   return out;

@@ -24,7 +24,7 @@ struct ReportRow {
   bool configured = true;  // false: the connector was removed from (or renamed in) the config since
   std::uint64_t messages = 0;
   TlsCounts counts{};               // messages by proto::TlsVersion (exact; the percentages are rounded)
-  std::array<double, 5> percent{};  // by proto::TlsVersion, 0..100, one decimal in renderings
+  std::array<double, 5> percent{};  // by proto::TlsVersion, tls_percent(counts)
 };
 
 struct Insight {
@@ -48,13 +48,13 @@ struct ConnectorSummary {
   bool configured = true;  // false: removed from the config, shown while its history is inside the window
   std::uint64_t messages = 0;
   TlsCounts counts{};               // by proto::TlsVersion
-  std::array<double, 5> percent{};  // by proto::TlsVersion, 0..100
+  std::array<double, 5> percent{};  // by proto::TlsVersion, tls_percent(counts)
 };
 
 // The drill-down behind one connector (daemon/report_remotes.cpp): its remote servers and, outbound, its
 // destination domains over the report's days, merged from the per-day heavy-hitters tables.
 struct DrilldownRow {
-  std::string key;            // address (remotes) or destination domain (domains); "other" for the rest
+  std::string key;            // address (remotes) or destination domain (domains); "(other)" for the rest
   std::string name;           // EHLO/HELO name (inbound), MX host name (outbound)
   std::string verified_name;  // inbound: the forward-confirmed reverse name ("" when none or not yet known)
   std::vector<std::string> domains;  // sender (inbound) or destination (outbound) domains seen, a few
@@ -75,7 +75,7 @@ struct DrilldownRow {
 struct DrilldownTable {
   bool enabled = true;  // remotes: false under telemetry.remotes: false
   std::vector<DrilldownRow> rows;  // the ones to fix first: legacy() descending, then total, then key
-  DrilldownRow other;              // key "other": everything not listed
+  DrilldownRow other;              // key "(other)": everything not listed
   std::uint64_t error_bound = 0;   // a server or domain not listed sent at most this many (0: exact)
 };
 
@@ -122,6 +122,9 @@ Report build_report(const WindowStore& store, const config::Config& config, int 
                     WindowStore::TimePoint now);
 
 // Helpers shared with the renderers and the HTTP/metrics side.
+// Per TLS version, in percent with one decimal (0..100): a row with messages adds up to exactly 100.0
+// (largest remainder); all 0.0 without messages.
+std::array<double, 5> tls_percent(const TlsCounts& counts);
 std::string format_thousands(std::uint64_t value);  // 1024 -> "1,024"
 using proto::json_escape;                          // proto/json.hpp
 std::string html_escape(std::string_view text);
@@ -148,10 +151,12 @@ void add_drilldown(Report& report, const RemoteStore& store, WindowStore::TimePo
 void append_drilldown_members(std::string& out, const Report& report, std::string_view connector,
                               config::Direction direction);
 void append_drilldown_html(std::string& out, const Report& report);  // per connector a <details> section
-std::string render_remotes_csv(const Report& report);
+// Every connector's servers, or (`connector` not empty) that connector's.
+std::string render_remotes_csv(const Report& report, std::string_view connector = {});
 std::string render_domains_csv(const Report& report);
 // `mailflowd report --connector NAME`: that connector's servers (both directions when it has both), legacy
-// TLS first; "" when the report has no such connector. And `--domains`: every outbound connector's domains.
+// TLS first; "" when the report has no such connector (--format csv: render_remotes_csv with its name). And
+// `--domains`: every outbound connector's domains.
 std::string render_remotes_table(const Report& report, std::string_view connector);
 std::string render_domains_table(const Report& report);
 

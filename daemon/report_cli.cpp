@@ -21,8 +21,8 @@ constexpr std::string_view kUsage =
     "  --days           UTC days to show, today included (default 7, at most the telemetry window)\n"
     "  --format         table (default), json or csv\n"
     "  --connector      the drill-down of one connector: its remote servers (and, outbound, destination\n"
-    "                   domains) with messages per TLS version, legacy TLS first. --format csv: every\n"
-    "                   connector's servers (/api/v1/remotes.csv); json: the whole report\n"
+    "                   domains) with messages per TLS version, legacy TLS first. --format csv: its\n"
+    "                   servers (/api/v1/remotes.csv?connector=NAME); json: the whole report\n"
     "  --domains        the destination domains of every outbound connector (csv: /api/v1/domains.csv)\n"
     "  --summary        only the whole-window summary per connector (messages per TLS version), not the "
     "days\n"
@@ -107,7 +107,7 @@ int run_report_cli(int argc, char** argv, std::ostream& out, std::ostream& err,
   }
   std::string query;
   if (days) query += "days=" + std::to_string(*days);
-  if (connector && !domains && format == "table") query += (query.empty() ? "" : "&") + ("connector=" + *connector);
+  if (connector && format != "json") query += (query.empty() ? "" : "&") + ("connector=" + *connector);
   if (!query.empty()) target += "?" + query;
 
   const cli::Fetch result = cli::fetch(*url, target, daemon_options.tls, timeout);

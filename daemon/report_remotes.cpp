@@ -61,7 +61,9 @@ DrilldownTable table_of(const HeavyHitters& merged, const RemoteStore& store, bo
     if (a.total() != b.total()) return a.total() > b.total();
     return a.key < b.key;
   });
-  table.other.key = "other";
+  // A key no address or domain can be (they are letters, digits, '-', '_', '.', ':' and '[]'): a destination
+  // domain may well be called "other".
+  table.other.key = "(other)";
   table.other.messages = merged.other().messages;
   table.other.refused = merged.other().refused;
   table.other.first_seen = time_text(merged.other().first_seen);
@@ -87,9 +89,7 @@ std::string server_words(const DrilldownRow& row) {
   return name.empty() ? row.key : row.key + " (" + name + ")";
 }
 
-std::string percent_text(std::uint64_t count, std::uint64_t total) {
-  return fmt::format("{:.1f}", total == 0 ? 0.0 : 100.0 * static_cast<double>(count) / static_cast<double>(total));
-}
+std::string percent_text(double percent) { return fmt::format("{:.1f}", percent); }
 
 // ---- JSON ----
 void append_json_row(std::string& out, const DrilldownRow& row, std::string_view key_name) {
@@ -102,9 +102,10 @@ void append_json_row(std::string& out, const DrilldownRow& row, std::string_view
     out += fmt::format("{}\"{}\": {}", v == 0 ? "" : ", ", proto::to_string(proto::all_tls_versions[v]),
                        row.messages[v]);
   out += "}, \"percent\": {";
+  const auto percent = tls_percent(row.messages);
   for (std::size_t v = 0; v < kVersions; ++v)
     out += fmt::format("{}\"{}\": {}", v == 0 ? "" : ", ", proto::to_string(proto::all_tls_versions[v]),
-                       percent_text(row.messages[v], row.total()));
+                       percent_text(percent[v]));
   out += fmt::format(
       "}}, \"refused\": {}, \"refused_version\": {}, \"policy\": {}, \"cipher\": \"{}\", \"first_seen\": {}, "
       "\"last_seen\": {}, \"error\": {}}}",
@@ -230,17 +231,18 @@ void append_drilldown_members(std::string& out, const Report& report, std::strin
   }
 }
 
-std::string render_remotes_csv(const Report& report) {
+std::string render_remotes_csv(const Report& report, std::string_view connector) {
   std::string out =
       "connector,direction,address,name,verified_name,domains,messages,none,tls10,tls11,tls12,tls13,"
       "none_pct,tls10_pct,tls11_pct,tls12_pct,tls13_pct,refused,refused_version,cipher,first_seen,last_seen,error\n";
   for (const auto& d : report.drilldowns) {
+    if (!connector.empty() && d.connector != connector) continue;
     auto line = [&](const DrilldownRow& row) {
       out += fmt::format("{},{},{},{},{},{},{}", csv_field(d.connector), config::to_string(d.direction),
                          csv_field(row.key), csv_field(row.name), csv_field(row.verified_name),
                          csv_field(joined(row.domains, " ")), row.total());
       for (const auto count : row.messages) out += fmt::format(",{}", count);
-      for (const auto count : row.messages) out += "," + percent_text(count, row.total());
+      for (const double percent : tls_percent(row.messages)) out += "," + percent_text(percent);
       out += fmt::format(",{},{},{},{},{},{}\n", row.refused, row.refused_version, csv_field(row.cipher),
                          row.first_seen, row.last_seen, row.error);
     };
@@ -260,7 +262,7 @@ std::string render_domains_csv(const Report& report) {
       out += fmt::format("{},{},{},{},{}", csv_field(d.connector), config::to_string(d.direction),
                          csv_field(row.key), csv_field(row.name), row.total());
       for (const auto count : row.messages) out += fmt::format(",{}", count);
-      for (const auto count : row.messages) out += "," + percent_text(count, row.total());
+      for (const double percent : tls_percent(row.messages)) out += "," + percent_text(percent);
       out += fmt::format(",{},{},{},{},{}\n", row.first_seen, row.last_seen, row.error, csv_field(row.policy),
                          row.refused);
     };

@@ -150,6 +150,21 @@ TEST_CASE("report rows: newest day first, every connector x direction, zeros inc
   for (const auto& row : later.rows) CHECK(row.connector != "old-partner");
 }
 
+TEST_CASE("percentages: a row with messages adds up to exactly 100.0, rounded by largest remainder") {
+  using P = std::array<double, 5>;
+  CHECK(mailflow::tls_percent({2, 1, 0, 1, 3}) == P{28.6, 14.3, 0.0, 14.3, 42.8});  // each alone: 42.9, 100.1
+  CHECK(mailflow::tls_percent({1, 1, 1, 0, 0}) == P{33.4, 33.3, 33.3, 0.0, 0.0});   // each alone: 99.9
+  CHECK(mailflow::tls_percent({12, 128, 0, 820, 64}) == P{1.2, 12.5, 0.0, 80.1, 6.2});  // the contract's row
+  CHECK(mailflow::tls_percent({0, 0, 0, 0, 0}) == P{});
+  CHECK(mailflow::tls_percent({0, 0, 0, 0, 5}) == P{0, 0, 0, 0, 100.0});
+  for (std::uint64_t n = 1; n < 60; ++n) {
+    const auto p = mailflow::tls_percent({n, 2 * n + 1, 1, n * n, 3});
+    double sum = 0;
+    for (const double v : p) sum += v * 10;
+    CHECK(static_cast<long>(sum + 0.5) == 1000);
+  }
+}
+
 TEST_CASE("report JSON is exactly the documented shape") {
   const auto config = make_config();
   const Report report = mailflow::build_report(known_store(), config, 2, kNow);

@@ -115,14 +115,18 @@ def plan_counts(plan=PLAN):
 
 
 # ------------------------------------------------------------------------------------- expectations
-def pct(count, total):
-    """One decimal, as the report shows it (0.0 for an empty row)."""
-    return float(f"{100.0 * count / total:.1f}") if total else 0.0
-
-
 def expected_percent(counts):
+    """The five percentages in tenths, as the report shows them: each rounded down, then the tenths left over go
+    to the largest remainders (ties in version order), so that a row with messages adds up to exactly 100.0
+    (a row of 2/7, 1/7, 1/7, 3/7 is 28.6, 14.3, 14.3, 42.8, not 100.1); 0.0 each for a row without messages."""
     total = sum(counts.values())
-    return {v: pct(counts[v], total) for v in VERSIONS}
+    if not total:
+        return {v: 0.0 for v in VERSIONS}
+    tenths = {v: counts[v] * 1000 // total for v in VERSIONS}
+    left = 1000 - sum(tenths.values())
+    for v in sorted(VERSIONS, key=lambda v: -(counts[v] * 1000 % total))[:left]:  # stable: ties in version order
+        tenths[v] += 1
+    return {v: tenths[v] / 10 for v in VERSIONS}
 
 
 def plural(n, one, many):

@@ -200,6 +200,25 @@ def test_cli_connector_and_domains(env, mailflowd_bin):
     assert res.returncode == 1 and "partner-in" in res.stderr, res.stderr
 
 
+def test_cli_connector_csv_is_that_connectors_servers(env, mailflowd_bin):
+    """`--connector NAME --format csv` is the named connector's servers (both directions when it has both), as the
+    table is, not every connector's; /api/v1/remotes.csv without ?connector= stays the whole list."""
+    res = rh.run_cli(mailflowd_bin, "--url", env.http, "--connector", "partner-in", "--format", "csv")
+    assert res.returncode == 0, res.stderr
+    rows = list(csv.DictReader(io.StringIO(res.stdout)))
+    assert [(r["connector"], r["address"]) for r in rows] == \
+        [("partner-in", CLIENT[c]) for c in ("legacy", "modern", "liar")], res.stdout
+    res = rh.run_cli(mailflowd_bin, "--url", env.http, "--connector", "internet", "--format", "csv")
+    assert res.returncode == 0, res.stderr
+    rows = list(csv.DictReader(io.StringIO(res.stdout)))
+    assert {r["connector"] for r in rows} == {"internet"} and {r["address"] for r in rows} == set(MX.values()), \
+        res.stdout
+    status, body, _ = rh.http_get(env, "/api/v1/remotes.csv")
+    assert status == 200 and {r["connector"] for r in csv.DictReader(io.StringIO(body))} == {"partner-in", "internet"}
+    res = rh.run_cli(mailflowd_bin, "--url", env.http, "--connector", "no-such", "--format", "csv")
+    assert res.returncode == 1 and res.stdout == "" and "partner-in" in res.stderr, (res.stdout, res.stderr)
+
+
 def test_page_has_a_drilldown_per_connector(env):
     status, page = env.get("/")
     assert status == 200

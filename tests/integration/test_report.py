@@ -3,6 +3,8 @@ connector chosen by client CIDR (127.0.0.2), connectors chosen by sender domain,
 outbound): /api/v1/report (JSON), /api/v1/report.csv, /api/v1/report.txt, `mailflowd report`, and the
 window metrics all say exactly what was sent; insights appear exactly when messages >= min_messages and the
 share is strictly above the threshold; bad `days` get a 400 with a message."""
+import csv
+import io
 import json
 import re
 import types
@@ -75,6 +77,28 @@ def test_bad_days_is_400_with_a_message(env, path, days):
     assert status == 400, f"GET {path}?days={days} answered {status} (want 400): {body[:300]}"
     assert "days" in body and "7" in body, f"the 400 should say what days may be (1..7): {body!r}"
     assert len(body) < 500 and "<" not in body, f"the 400 should be a short plain message: {body[:500]!r}"
+
+
+def test_every_row_with_messages_adds_up_to_100_percent(env):
+    """The five percentages of a row are rounded together (largest remainder), not each on its own: partner-cidr's
+    2/7, 1/7, 1/7, 3/7 rounded one by one are 28.6 + 14.3 + 14.3 + 42.9 = 100.1. In the JSON rows, the
+    connectors, the servers behind them, and both CSVs."""
+    def tenths(values):
+        return sum(round(float(x) * 10) for x in values)
+
+    report, _ = rh.stable_report(env.daemon)
+    rows = [r for r in report["rows"] + report["connectors"] if r["messages"]]
+    rows += [s for c in report["connectors"] for s in c["remotes"]["rows"] if s["messages"]]
+    assert any(r.get("connector") == "partner-cidr" for r in rows)
+    for row in rows:
+        assert tenths(row["percent"].values()) == 1000, row
+    for path, columns in (("/api/v1/report.csv", ("none_pct", "tls10_pct", "tls11_pct", "tls12_pct", "tls13_pct")),
+                          ("/api/v1/remotes.csv", ("none_pct", "tls10_pct", "tls11_pct", "tls12_pct", "tls13_pct"))):
+        status, body, _ = rh.http_get(env.daemon, path)
+        assert status == 200, (path, body)
+        for row in csv.DictReader(io.StringIO(body)):
+            if row["messages"] != "0":
+                assert tenths(row[c] for c in columns) == 1000, (path, row)
 
 
 def test_csv_header_and_numbers(env):

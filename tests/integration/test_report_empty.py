@@ -48,6 +48,11 @@ def test_page_json_and_csv_of_an_empty_window(env):
     report, today = rh.stable_report(env.daemon)
     assert {r["date"] for r in report["rows"]} == {today} and report["insights"] == []
     assert all(t["messages"] == 0 for t in report["in_transit"])
+    # No messages is no share: null ("no data"), not 0 (which says that all mail went without TLS).
+    for t in report["in_transit"]:
+        assert t["tls_share"] is None and t["tls12_plus_share"] is None, t
+    status, body, _ = rh.http_get(env.daemon, "/api/v1/connectors")
+    assert status == 200 and all(t["tls_share"] is None for t in json.loads(body)["in_transit"]), body
     status, body, _ = rh.http_get(env.daemon, "/api/v1/report.csv")
     assert status == 200 and all(r["messages"] == "0" for r in rh.parse_csv(body))
 
@@ -60,5 +65,8 @@ def test_one_direction_with_mail_the_other_without(env, mailflowd_bin):
     inbound, outbound = transit_lines(res.stdout)
     assert "100.0% with TLS, 100.0% with TLS1.2 or later (1 of 1 message)" in inbound, inbound
     assert "%" not in outbound and "no messages in the window" in outbound, outbound
+    transit = {t["direction"]: t for t in rh.report_json(env.daemon)["in_transit"]}
+    assert (transit["inbound"]["tls_share"], transit["inbound"]["tls12_plus_share"]) == (1.0, 1.0), transit
+    assert (transit["outbound"]["tls_share"], transit["outbound"]["tls12_plus_share"]) == (None, None), transit
     # The summary table before it is still read whole.
     assert rh.table_section(res.stdout, "CONNECTOR")[("internet", "inbound")][4] == "1"

