@@ -424,3 +424,31 @@ def test_drilldown_tables_have_as_many_cells_per_row_as_columns(env):
         assert not wrong, f"(connector, header columns, row widths): {wrong}"
     finally:
         tools.stop()
+
+
+def test_page_runs_no_script_even_one_slipped_in_and_keeps_its_style(env):
+    """Defence in depth behind the escaping: the page is served with a Content-Security-Policy that allows no
+    script at all, so markup that got into it (an escaping bug) could not run an event handler; its own <style>
+    still applies. Every answer says nosniff, so no browser takes a text/plain or CSV answer for HTML."""
+    import urllib.request
+    for path in ("/", "/metrics", "/api/v1/report", "/api/v1/report.csv", "/nonexistent"):
+        try:
+            answer = urllib.request.urlopen(env.daemon.http + path, timeout=5)
+        except urllib.error.HTTPError as error:
+            answer = error
+        assert answer.headers.get("X-Content-Type-Options") == "nosniff", (path, dict(answer.headers))
+        policy = answer.headers.get("Content-Security-Policy")
+        if path == "/":
+            assert policy and "default-src 'none'" in policy and "script-src" not in policy, policy
+    tools = DevTools(env)
+    try:
+        tools.open(env.daemon.http + "/")
+        assert tools.evaluate("getComputedStyle(document.querySelector('header')).backgroundColor") == \
+            "rgb(31, 41, 55)", "the page's own <style> did not apply"
+        # As an EHLO name that escaped the escaping would: an element whose handler runs as it loads.
+        tools.evaluate("document.querySelector('main').insertAdjacentHTML('beforeend', "
+                       "'<img src=\"data:,x\" onerror=\"document.body.id=\\'xss\\'\">')")
+        time.sleep(0.5)
+        assert tools.evaluate("document.body.id") != "xss", "a handler in the page ran"
+    finally:
+        tools.stop()
