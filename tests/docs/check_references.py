@@ -10,6 +10,10 @@
    fenced log lines or greps) is a field that the daemon logs: the field names of every log_event/log_limited
    call in daemon/ plus what daemon/log.cpp adds itself (suppressed=).
 
+4. Every key of a mailflowd configuration quoted in a ```yaml block of docs/ or README.md (a block whose top-level
+   keys include one of the configuration's) is a key that docs/configuration.md documents, which the config unit
+   test holds to be exactly the keys the loader accepts; other YAML (Prometheus, Kubernetes) is left alone.
+
 Before it reads the docs it runs the same checks on the two mistakes that shipped (`tls_version=TLS1.0` and an
 unknown report option) and fails if they would have passed, so the checker itself can fail.
 
@@ -21,6 +25,9 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
+
+import yaml
 
 # key=value vocabularies that are not mailflowd's log: say why when adding one.
 NOT_LOG_KEYS = {
@@ -149,6 +156,59 @@ def doc_lines(source):
                 yield f"{rel}:{n}", line
 
 
+def documented_config_keys(source):
+    """The key paths of docs/configuration.md's tables ("listeners[].tls.min_version")."""
+    keys = set()
+    with open(os.path.join(source, "docs", "configuration.md"), encoding="utf-8") as f:
+        for line in f:
+            m = re.match(r"^\| `([a-z0-9_.\[\]]+)` \|", line)
+            if m:
+                keys.add(m.group(1))
+    return keys
+
+
+def key_paths(node, prefix=""):
+    """Every key path of a parsed YAML document, lists as "[]": {"listeners": [{"name": x}]} -> listeners,
+    listeners[].name."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            path = f"{prefix}.{key}" if prefix else str(key)
+            yield path
+            yield from key_paths(value, path)
+    elif isinstance(node, list):
+        for item in node:
+            yield from key_paths(item, prefix + "[]")
+
+
+def check_config_blocks(blocks, config_keys):
+    """blocks: [(where, yaml text)]. The keys of every block that is a mailflowd configuration must be documented."""
+    errors = []
+    top = {k for k in config_keys if "." not in k and "[" not in k}
+    for where, text in blocks:
+        try:
+            document = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            errors.append(f"{where}: the YAML example does not parse: {e}")
+            continue
+        if not isinstance(document, dict) or not set(map(str, document)) & top:
+            continue  # not a mailflowd configuration
+        for path in key_paths(document):
+            if path not in config_keys:
+                errors.append(f"{where}: the configuration example has key {path}, which docs/configuration.md "
+                              "does not document (and the loader refuses)")
+    return errors
+
+
+def yaml_blocks(source):
+    """(file:line, text) of every ```yaml block in docs/ and README.md."""
+    paths = sorted(glob.glob(os.path.join(source, "docs", "**", "*.md"), recursive=True))
+    paths += [os.path.join(source, "README.md")]
+    for path in paths:
+        text = open(path, encoding="utf-8").read()
+        for m in re.finditer(r"^([ \t]*)```ya?ml\n(.*?)^\1```", text, re.S | re.M):  # also indented in a list
+            yield f"{os.path.relpath(path, source)}:{text[:m.start()].count(chr(10)) + 2}", textwrap.dedent(m.group(2))
+
+
 def help_of(binary, *args):
     result = subprocess.run([binary, *args, "--help"], capture_output=True, text=True, timeout=30)
     if result.returncode != 0:
@@ -195,9 +255,16 @@ def main():
             ("options", "mailflowd report --days 30 --format csv > tls-report.csv")]
     if check_log_keys(good, log_keys) or check_commands(good, options_of):
         sys.exit("FAIL: the checker refuses known-good texts")
+    config_keys = documented_config_keys(args.source)
+    if not check_config_blocks([("typo", "limits:\n  max_session: 10\n")], config_keys) or check_config_blocks(
+            [("good", "limits: {max_sessions: 10}\nlisteners:\n  - {name: a, tls: {min_version: TLS1.2}}\n"),
+             ("prometheus", "scrape_configs:\n  - job_name: mailflowd\n")], config_keys):
+        sys.exit("FAIL: the configuration-example check cannot tell a wrong key from right ones")
 
     lines = list(doc_lines(args.source))
     errors = check_commands(lines, options_of) + check_log_keys(lines, log_keys)
+    blocks = list(yaml_blocks(args.source))
+    errors += check_config_blocks(blocks, config_keys)
 
     # The man page lists every option (its OPTIONS section and the report's sub-list).
     man_path = os.path.join(args.source, "docs", "man", "mailflowd.8.scd")
@@ -224,7 +291,8 @@ def main():
         print("FAIL:", e)
     print(f"checked {len(lines)} lines: {commands} mailflowd commands against the options of "
           f"{', '.join(f'mailflowd {s}' if s else 'mailflowd' for s in options_of)} "
-          f"({len(declared)} in all), log keys against {len(log_keys)} fields the code logs")
+          f"({len(declared)} in all), log keys against {len(log_keys)} fields the code logs, "
+          f"{len(blocks)} YAML examples against the documented configuration keys")
     return 1 if errors else 0
 
 
