@@ -8,7 +8,8 @@ declared in daemon/telemetry.cpp must be in that scrape with samples, so that it
 1. docs/metrics.md's reference table lists every exported family (name, type, label names), and nothing else.
 2. Every metric name in docs/, README.md, the man pages, deploy/prometheus (rules, rule tests, the example), the
    Kubernetes PrometheusRule, deploy/grafana/*.json and the dashboard test's sample metrics is an exported family
-   (or one of its histogram series); `mailflow_window_*` is a prefix that must match one. Recording rules
+   (or one of its histogram series), and the label names of a selector behind it ({reason}, {leg="upstream"}) are
+   its labels or a scrape's (instance, job); `mailflow_window_*` is a prefix that must match one. Recording rules
    (`mailflow_fleet:...`, with a colon) are the rules' own names, not the daemon's.
    The executables the build makes (mailflow_loadgen, ...) are names of programs, not metrics.
 3. The contract's Metrics table (INTERFACE.md, --interface FILE; not part of this repository) is only reported on:
@@ -36,6 +37,8 @@ REFERENCE = os.path.join("docs", "metrics.md")
 # `mailflow_x` or process_x, not part of a longer word or a recording rule's name (mailflow_fleet:...).
 METRIC = re.compile(r"(?<![\w:])((?:mailflow|process)_[a-z0-9_]*)(?![\w:])(\*?)")
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
+# Labels a series has in Prometheus besides its own: the scrape's target labels, the name, a histogram's le.
+TARGET_LABELS = {"instance", "job", "__name__", "le"}
 # | `name` | type | `label`, `label` | meaning |
 ROW = re.compile(r"^\| `((?:mailflow|process)_[a-z0-9_]+)` \| ([a-z]+) \| ([^|]*) \|")
 
@@ -197,10 +200,31 @@ def program_names(source):
     return names
 
 
+def family_of(name, exported):
+    """The family of a series name (a histogram's _bucket, _sum, _count belong to it); None if not exported."""
+    if name in exported:
+        return name
+    return next((name[:-len(s)] for s in HISTOGRAM_SUFFIXES
+                 if name.endswith(s) and exported.get(name[:-len(s)], ("",))[0] == "histogram"), None)
+
+
+def selector_labels(text, at):
+    """The label names of a selector right after a metric name: {reason}, {leg="upstream", offered=~"TLS1.*"}
+    (also with the JSON-escaped quotes of a dashboard); none where no { follows."""
+    if at >= len(text) or text[at] != "{":
+        return []
+    end = text.find("}", at)
+    if end < 0:
+        return []
+    body = re.sub(r'\\?"(?:[^"\\]|\\.)*?\\?"', '""', text[at + 1:end])  # values out of the way
+    return [m.group(1) for m in re.finditer(r"(?:^|,)\s*([a-zA-Z_]\w*)", body)]
+
+
 def check_names(lines, exported, programs=()):
     errors = []
     for where, line in lines:
-        for m in METRIC.finditer(line.replace("\\_", "_")):
+        text = line.replace("\\_", "_")
+        for m in METRIC.finditer(text):
             name, star = m.group(1), m.group(2)
             if name in ("mailflow_", "process_") or (not star and name.endswith("_")):
                 continue  # the prefix itself ("prefix `mailflow_`")
@@ -208,6 +232,13 @@ def check_names(lines, exported, programs=()):
                 continue
             if not exists(name, star, exported):
                 errors.append(f"{where}: {name}{star} is not a metric mailflowd exports: {line.strip()[:160]}")
+                continue
+            for label in selector_labels(text, m.end()):
+                family = family_of(name, exported)
+                allowed = (exported[family][1] or frozenset()) | TARGET_LABELS
+                if family and exported[family][1] is not None and label not in allowed:
+                    errors.append(f"{where}: {name} has no label {label} (its labels: "
+                                  f"{', '.join(sorted(exported[family][1]))}): {line.strip()[:160]}")
     return errors
 
 
@@ -268,10 +299,13 @@ def main():
     good_row = ("good", "| `mailflow_sessions_active` | gauge | `listener` | open sessions |")
     wrong = [e for e in check_reference(reference_rows(bad), exported) if "does not list" not in e]
     right = [e for e in check_reference(reference_rows([good_row]), exported) if "does not list" not in e]
-    made_up = check_names([("made-up", "rate(mailflow_tls_failures_total[5m]) and mailflow_fleet:x:sum")], exported)
-    fine = check_names([("fine", "mailflow_session_duration_seconds_bucket, mailflow_window_*, "
-                                 "mailflow_fleet:window_messages:sum, prefix `mailflow_`")], exported)
-    if len(wrong) != 2 or right or len(made_up) != 1 or fine:
+    made_up = check_names([("made-up", "rate(mailflow_tls_failures_total[5m]) and mailflow_fleet:x:sum"),
+                           ("made-up label", '"expr": "mailflow_rejects_total{listener=~\\"$l\\",connector=\\"a,b\\"}"')],
+                          exported)
+    fine = check_names([("fine", "mailflow_session_duration_seconds_bucket{le=\"1\"}, mailflow_window_*, "
+                                 "mailflow_fleet:window_messages:sum, prefix `mailflow_`, mailflow_rejects_total{reason}, "
+                                 '"mailflow_rejects_total{job=\\"x\\",listener=~\\"$l,connector\\"}"')], exported)
+    if len(wrong) != 2 or right or len(made_up) != 2 or fine:
         sys.exit(f"FAIL: the checker cannot tell known-bad from known-good lines: {wrong} {right} {made_up} {fine}")
 
     reference = os.path.join(src, REFERENCE)
