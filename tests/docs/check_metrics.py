@@ -10,7 +10,8 @@ declared in daemon/telemetry.cpp must be in that scrape with samples, so that it
    Kubernetes PrometheusRule, deploy/grafana/*.json and the dashboard test's sample metrics is an exported family
    (or one of its histogram series), and the label names of a selector behind it ({reason}, {leg="upstream"}) are
    its labels or a scrape's (instance, job); `mailflow_window_*` is a prefix that must match one. Recording rules
-   (`mailflow_fleet:...`, with a colon) are the rules' own names, not the daemon's.
+   (`mailflow_fleet:...`, with a colon) are the rules' own names, not the daemon's: each must be a `record:` of
+   deploy/prometheus.
    The executables the build makes (mailflow_loadgen, ...) are names of programs, not metrics.
 3. The contract's Metrics table (INTERFACE.md, --interface FILE; not part of this repository) is only reported on:
    a metric there that the daemon does not export, or exports with another type or other labels, is printed as a
@@ -220,10 +221,24 @@ def selector_labels(text, at):
     return [m.group(1) for m in re.finditer(r"(?:^|,)\s*([a-zA-Z_]\w*)", body)]
 
 
-def check_names(lines, exported, programs=()):
+RECORDED = re.compile(r"(?<![\w:])(mailflow_[a-z0-9_]*:[a-z0-9_:]*[a-z0-9_])(?![\w:])")
+
+
+def recorded_names(source):
+    """The names the shipped recording rules define (record: mailflow_fleet:...)."""
+    names = set()
+    for path in glob.glob(os.path.join(source, "deploy", "prometheus", "*.yml")):
+        names.update(re.findall(r"^\s*-?\s*record:\s*(\S+)", open(path, encoding="utf-8").read(), re.M))
+    return names
+
+
+def check_names(lines, exported, programs=(), recorded=None):
     errors = []
     for where, line in lines:
         text = line.replace("\\_", "_")
+        for m in RECORDED.finditer(text) if recorded is not None else ():
+            if m.group(1) not in recorded:
+                errors.append(f"{where}: {m.group(1)} is no recording rule of deploy/prometheus: {line.strip()[:160]}")
         for m in METRIC.finditer(text):
             name, star = m.group(1), m.group(2)
             if name in ("mailflow_", "process_") or (not star and name.endswith("_")):
@@ -299,13 +314,16 @@ def main():
     good_row = ("good", "| `mailflow_sessions_active` | gauge | `listener` | open sessions |")
     wrong = [e for e in check_reference(reference_rows(bad), exported) if "does not list" not in e]
     right = [e for e in check_reference(reference_rows([good_row]), exported) if "does not list" not in e]
-    made_up = check_names([("made-up", "rate(mailflow_tls_failures_total[5m]) and mailflow_fleet:x:sum"),
-                           ("made-up label", '"expr": "mailflow_rejects_total{listener=~\\"$l\\",connector=\\"a,b\\"}"')],
-                          exported)
-    fine = check_names([("fine", "mailflow_session_duration_seconds_bucket{le=\"1\"}, mailflow_window_*, "
-                                 "mailflow_fleet:window_messages:sum, prefix `mailflow_`, mailflow_rejects_total{reason}, "
-                                 '"mailflow_rejects_total{job=\\"x\\",listener=~\\"$l,connector\\"}"')], exported)
-    if len(wrong) != 2 or right or len(made_up) != 2 or fine:
+    made_up = check_names(
+        [("made-up", "rate(mailflow_tls_failures_total[5m]) and mailflow_fleet:x:sum"),
+         ("made-up label", '"expr": "mailflow_rejects_total{listener=~\\"$l\\",connector=\\"a,b\\"}"')],
+        exported, (), {"mailflow_fleet:y:sum"})
+    fine = check_names(
+        [("fine", "mailflow_session_duration_seconds_bucket{le=\"1\"}, mailflow_window_*, prefix `mailflow_`, "
+                  "mailflow_fleet:window_messages:sum, mailflow_rejects_total{reason}, "
+                  '"mailflow_rejects_total{job=\\"x\\",listener=~\\"$l,connector\\"}"')],
+        exported, (), {"mailflow_fleet:window_messages:sum"})
+    if len(wrong) != 2 or right or len(made_up) != 3 or fine:
         sys.exit(f"FAIL: the checker cannot tell known-bad from known-good lines: {wrong} {right} {made_up} {fine}")
 
     reference = os.path.join(src, REFERENCE)
@@ -323,7 +341,10 @@ def main():
     paths += [os.path.join(src, "tests", "deploy", "sample_metrics.py")]
     paths = [p for p in paths if os.path.exists(p)]
     lines = list(file_lines(paths, src))
-    errors += check_names(lines, exported, program_names(src))
+    recorded = recorded_names(src)
+    if "mailflow_fleet:window_tls_share:ratio" not in recorded:
+        sys.exit(f"FAIL: cannot read the recording rules' names from deploy/prometheus: {sorted(recorded)}")
+    errors += check_names(lines, exported, program_names(src), recorded)
 
     if args.interface and os.path.exists(args.interface):
         for note in interface_notes(args.interface, exported):

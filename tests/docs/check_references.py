@@ -346,7 +346,8 @@ def main():
     config_keys = documented_config_keys(args.source)
     man5_text = open(os.path.join(args.source, "docs", "man", "mailflowd.yaml.5.scd"), encoding="utf-8").read()
     man5 = man_config_entries(man5_text, config_keys)
-    bad_man = "# LIMITS\n\n[[ *Key*\n:[ *Default*\n|  max_sessions\n:[ 1000\n\n# LOG\n\n*log.levle*\n\tDefault: _info_.\n"
+    bad_man = ("# LIMITS\n\n[[ *Key*\n:[ *Default*\n|  max_sessions\n:[ 1000\n\n"  # 10000, and a misspelt key
+               "# LOG\n\n*log.levle*\n\tDefault: _info_.\n")
     if len(check_man_config(man_config_entries(bad_man, config_keys), config_keys, "bad")) != 2 or \
             len(man5) < 60 or not any(path == "listeners[].tls.min_version" and default == "TLS1.0"
                                       for _, path, default in man5):
