@@ -98,10 +98,14 @@ http: {{address: "127.0.0.1:{http}"}}
                         raise
                     time.sleep(0.1)
             while True:
-                with urllib.request.urlopen(f"http://127.0.0.1:{http}/metrics", timeout=5) as answer:
-                    text = answer.read().decode()
-                if "mailflow_session_duration_seconds_count{" in text or time.monotonic() > deadline:
-                    return text
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{http}/metrics", timeout=5) as answer:
+                        text = answer.read().decode()
+                    if "mailflow_session_duration_seconds_count{" in text or time.monotonic() > deadline:
+                        return text
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
                 time.sleep(0.1)
         except Exception:
             log.seek(0)
@@ -113,6 +117,7 @@ http: {{address: "127.0.0.1:{http}"}}
             except subprocess.TimeoutExpired:
                 daemon.kill()
                 daemon.wait()
+            log.close()
 
 
 def parse_exposition(text):
