@@ -51,17 +51,20 @@ struct Endpoint {
   std::string host;  // "0.0.0.0", "::", "127.0.0.1", or a name for upstreams
   std::uint16_t port = 0;
   std::string text;  // as written
+  bool operator==(const Endpoint&) const = default;
 };
 
 struct CertificatePair {
   std::string cert;  // PEM chain
   std::string key;
+  bool operator==(const CertificatePair&) const = default;
 };
 
 struct ListenerTls {
   std::vector<CertificatePair> certificates;  // first is default; others selected by SNI (their SANs/CN)
   proto::TlsVersion min_version = proto::TlsVersion::tls10;
   std::string ciphers = "DEFAULT:@SECLEVEL=0";
+  bool operator==(const ListenerTls&) const = default;
 };
 
 struct Listener {
@@ -72,6 +75,7 @@ struct Listener {
   // Non-empty: a PROXY header is required from these and refused from others.
   std::vector<Cidr> proxy_trusted;
   std::string upstream;  // default route (name of an upstream)
+  bool operator==(const Listener&) const = default;
 };
 
 struct Upstream {
@@ -88,6 +92,7 @@ struct Upstream {
   std::string ca_file = "/etc/ssl/certs/ca-certificates.crt";
   bool xclient = true;  // "auto": used if advertised; false for "off"
   MtaStsMode mta_sts = MtaStsMode::off;  // default: testing for mx upstreams, off for a fixed address
+  bool operator==(const Upstream&) const = default;
 };
 
 // MTA-STS policy fetching (upstreams[].mta_sts turns it on per upstream).
@@ -95,6 +100,7 @@ struct MtaSts {
   std::string ca_file;  // PEM CA certificates for https://mta-sts.<domain>; empty: the system trust store
   std::chrono::milliseconds fetch_timeout{10000};  // a whole policy fetch
   std::uint32_t max_policies = 10000;              // cached policy domains (state_dir/mta-sts.state)
+  bool operator==(const MtaSts&) const = default;
 };
 
 // SMTP TLS reporting (RFC 8460). Reports are always kept (state_dir/tlsrpt.state) and served; `send` mails them.
@@ -112,6 +118,7 @@ struct TlsRpt {
   std::chrono::milliseconds retry_for{86400000};  // a report still failing this long after its first try: given up
   std::chrono::milliseconds https_timeout{30000};  // one POST: lookup, connect, TLS, request and answer
   std::uint32_t max_reports_per_run = 1000;        // domain reports attempted per run; the rest wait for the next
+  bool operator==(const TlsRpt&) const = default;
 };
 
 // The resolver used for MX, A/AAAA (and, later, TLSA/MTA-STS) lookups.
@@ -119,6 +126,7 @@ struct Dns {
   std::vector<Endpoint> servers;        // IP literals with port; empty: the nameservers of /etc/resolv.conf
   std::chrono::milliseconds timeout{5000};  // per lookup, retries included
   std::string trust_anchor_file;        // empty: no DNSSEC validation (answers are never "secure")
+  bool operator==(const Dns&) const = default;
 };
 
 struct AlertThresholds {
@@ -126,6 +134,7 @@ struct AlertThresholds {
   double no_tls_share = 0.05;
   std::uint64_t min_messages = 100;
   double tls11_share = 0.05;  // last: keeps the brace-initialised {tls10, no_tls, min_messages} meaning
+  bool operator==(const AlertThresholds&) const = default;
 };
 
 struct ConnectorMatch {
@@ -135,6 +144,7 @@ struct ConnectorMatch {
   std::vector<std::string> recipient_domains;  // same form; empty = any; given: an unknown domain never matches
   std::vector<std::string> ehlo;            // glob patterns ("*.contoso.com"), lower-case; empty = any
   std::vector<std::string> sni;             // glob patterns, lower-case; empty = any
+  bool operator==(const ConnectorMatch&) const = default;
 };
 
 struct Connector {
@@ -145,6 +155,7 @@ struct Connector {
   bool require_tls = false;
   std::string upstream;    // empty: the listener's
   AlertThresholds alerts;  // resolved: missing keys inherited from telemetry.defaults
+  bool operator==(const Connector&) const = default;
 };
 
 struct Telemetry {
@@ -153,17 +164,20 @@ struct Telemetry {
   std::uint32_t top_domains = 50;  // destination domains kept per connector in the report; the rest is "other"
   std::uint32_t top_remotes = 100;  // remote servers kept per connector and day (heavy hitters); the rest is "other"
   bool remotes = true;              // false: no per-address drill-down (addresses and names are personal data)
+  bool operator==(const Telemetry&) const = default;
 };
 
 struct BasicAuth {
   std::string user;
   std::string password_hash;  // crypt(3) hash: $2b$ (bcrypt), $6$, $5$, $y$
+  bool operator==(const BasicAuth&) const = default;
 };
 
 struct Http {
   Endpoint address{"127.0.0.1", 9725, "127.0.0.1:9725"};
   std::optional<BasicAuth> basic_auth;
   std::optional<CertificatePair> tls;
+  bool operator==(const Http&) const = default;
 };
 
 struct Limits {
@@ -177,12 +191,14 @@ struct Limits {
   std::chrono::milliseconds greet_pause{0};
   proto::BareNewlinePolicy bare_newline = proto::BareNewlinePolicy::normalize;
   std::uint32_t max_hops = 50;  // Received: headers above this => 554 5.4.6 (Postfix hopcount_limit)
+  bool operator==(const Limits&) const = default;
 };
 
 struct Log {
   std::string level = "info";  // trace, debug, info, warn, error, critical, off
   LogFormat format = LogFormat::text;
   LogOutput output = LogOutput::standard_error;  // syslog: syslog(3), facility mail, for hosts without journald
+  bool operator==(const Log&) const = default;
 };
 
 struct Performance {
@@ -191,6 +207,7 @@ struct Performance {
   bool busy_poll = false;
   // How many event loops (threads) relay sessions; 0 ("auto"): one per CPU the process may run on.
   unsigned event_loops = 1;
+  bool operator==(const Performance&) const = default;
 };
 
 struct Timeouts {
@@ -203,6 +220,7 @@ struct Timeouts {
   // The whole opening of an upstream for a RCPT (DNS, MTA-STS, every connect attempt and the setup steps):
   // under the 5 minutes a client waits for its RCPT reply (RFC 5321 4.5.3.2.5), so that it gets ours.
   std::chrono::milliseconds upstream_open{240000};
+  bool operator==(const Timeouts&) const = default;
 };
 
 struct Config {
@@ -229,6 +247,10 @@ struct Config {
   const Upstream* find_upstream(std::string_view name) const;
   const Listener* find_listener(std::string_view name) const;
   const Connector* find_connector(std::string_view name) const;
+
+  // Field by field (positions and source_path included): the test of docs/configuration.md's defaults compares
+  // a file that leaves a key out with one that states its documented default.
+  bool operator==(const Config&) const = default;
 };
 
 struct ConfigError {

@@ -9,9 +9,16 @@
 3. Every log key quoted there (`key=value` outside PromQL/Alertmanager selectors, in prose, inline code and
    fenced log lines or greps) is a field that the daemon logs: the field names of every log_event/log_limited
    call in daemon/ plus what daemon/log.cpp adds itself (suppressed=).
+4. Every key of a mailflowd configuration quoted in a YAML block of docs/, the man pages or README.md (a block
+   whose top-level keys include one of the configuration's) is a key that docs/configuration.md documents, which
+   the config unit test holds to be exactly the keys the loader accepts; other YAML (Prometheus, Kubernetes) is
+   left alone.
+5. mailflowd.yaml(5) describes only such keys, and every default it states is configuration.md's (which the config
+   test holds to the loader's own defaults).
 
 Before it reads the docs it runs the same checks on the two mistakes that shipped (`tls_version=TLS1.0` and an
-unknown report option) and fails if they would have passed, so the checker itself can fail.
+unknown report option), a misspelt configuration key and a wrong man page default, and fails if they would have
+passed, so the checker itself can fail.
 
 Usage: check_references.py --binary build/dev/daemon/mailflowd --source .
 """
@@ -21,6 +28,9 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
+
+import yaml
 
 # key=value vocabularies that are not mailflowd's log: say why when adding one.
 NOT_LOG_KEYS = {
@@ -149,6 +159,144 @@ def doc_lines(source):
                 yield f"{rel}:{n}", line
 
 
+def documented_config_keys(source):
+    """{key path: default cell} of docs/configuration.md's tables ("listeners[].tls.min_version": "`TLS1.0`")."""
+    keys = {}
+    with open(os.path.join(source, "docs", "configuration.md"), encoding="utf-8") as f:
+        for line in f:
+            m = re.match(r"^\| `([a-z0-9_.\[\]]+)` \| (?:.*?) \| (.*?) \|", line)
+            if m:
+                keys[m.group(1)] = m.group(2)
+    return keys
+
+
+def man_config_entries(text, config_keys):
+    """(line, key path, stated default or None) of every key that mailflowd.yaml(5) describes: `*key*` alone on a
+    line (nested by tabs under its section, or a dotted path), "*key* (default _x_)" inline, and the rows of the
+    LIMITS and TIMEOUTS tables. The default is the first _literal_ after "Default:" in the key's paragraph."""
+    entries = []
+    prefix, stack, current = None, [], None
+    lines = text.replace("\\_", "\0").splitlines()
+
+    def literal(value):
+        return value.replace("\0", "_") if value is not None else None
+
+    def add(n, path, default=None):
+        entries.append([n, path, literal(default)])
+        return entries[-1]
+
+    paragraph = []
+
+    def close():
+        if current is not None and current[2] is None:
+            m = re.search(r"Default:\s*_([^_]+)_", " ".join(paragraph))
+            current[2] = literal(m.group(1)) if m else None
+        paragraph.clear()
+
+    for n, line in enumerate(lines, 1):
+        m = re.match(r"^# (.+)$", line)
+        if m:
+            close()
+            current, stack = None, []
+            name = m.group(1).lower().replace("-", "_").replace(" ", "_")
+            prefix = "" if name == "top_level" else name + "[]" if f"{name}[].name" in config_keys else \
+                name if any(k.startswith(name + ".") for k in config_keys) else None
+            continue
+        if prefix is None:
+            continue
+        m = re.match(r"^(\t*)\*([a-z_][a-z0-9_.]*)\*$", line)
+        if m:
+            close()
+            depth, key = len(m.group(1)), m.group(2)
+            while stack and stack[-1][0] >= depth:
+                stack.pop()
+            parent = stack[-1][1] if stack else prefix
+            path = key if "." in key or not parent else f"{parent}.{key}"
+            stack.append((depth, path))
+            current = add(n, path)
+            continue
+        inline = re.findall(r"\*([a-z0-9_]+)\* \(default _([^_]+)_\)", line)
+        if inline:
+            depth = len(line) - len(line.lstrip("\t"))
+            parent = next((p for d, p in reversed(stack) if d < depth), prefix)
+            for key, default in inline:
+                add(n, f"{parent}.{key}", default)
+            continue
+        m = re.match(r"^\|  ([a-z_]+)$", line)
+        if m and n < len(lines) and lines[n].startswith(":[ "):
+            add(n, f"{prefix}.{m.group(1)}", lines[n][3:].strip())
+            continue
+        paragraph.append(line)
+    close()
+    return [tuple(e) for e in entries]
+
+
+def check_man_config(entries, config_keys, where):
+    """The keys mailflowd.yaml(5) describes are accepted, and the defaults it states are configuration.md's."""
+    errors = []
+    for n, path, default in entries:
+        if path not in config_keys:
+            errors.append(f"{where}:{n}: describes key {path}, which docs/configuration.md does not document "
+                          "(and the loader refuses)")
+        elif default is not None:
+            documented = re.findall(r"`([^`]+)`", config_keys[path])
+            if not documented or documented[0] != default:
+                errors.append(f"{where}:{n}: {path} default _{default}_, but docs/configuration.md (held to the "
+                              f"loader's defaults by the config test) says: {config_keys[path]}")
+    return errors
+
+
+def key_paths(node, prefix=""):
+    """Every key path of a parsed YAML document, lists as "[]": {"listeners": [{"name": x}]} -> listeners,
+    listeners[].name."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            path = f"{prefix}.{key}" if prefix else str(key)
+            yield path
+            yield from key_paths(value, path)
+    elif isinstance(node, list):
+        for item in node:
+            yield from key_paths(item, prefix + "[]")
+
+
+def check_config_blocks(blocks, config_keys):
+    """blocks: [(where, yaml text)]. The keys of every block that is a mailflowd configuration must be documented."""
+    errors = []
+    top = {k for k in config_keys if "." not in k and "[" not in k}
+    for where, text in blocks:
+        try:
+            document = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            errors.append(f"{where}: the YAML example does not parse: {e}")
+            continue
+        if not isinstance(document, dict) or not set(map(str, document)) & top:
+            continue  # not a mailflowd configuration
+        for path in key_paths(document):
+            if path not in config_keys:
+                errors.append(f"{where}: the configuration example has key {path}, which docs/configuration.md "
+                              "does not document (and the loader refuses)")
+    return errors
+
+
+def yaml_blocks(source):
+    """(file:line, text) of every ```yaml block in docs/ and README.md, and the YAML blocks of the man pages."""
+    paths = sorted(glob.glob(os.path.join(source, "docs", "**", "*.md"), recursive=True))
+    paths += [os.path.join(source, "README.md")]
+    for path in paths:
+        text = open(path, encoding="utf-8").read()
+        for m in re.finditer(r"^([ \t]*)```ya?ml\n(.*?)^\1```", text, re.S | re.M):  # also indented in a list
+            yield f"{os.path.relpath(path, source)}:{text[:m.start()].count(chr(10)) + 2}", textwrap.dedent(m.group(2))
+    # mailflowd.yaml(5)'s EXAMPLE: scdoc's blocks carry no language, so those that are no YAML are left alone.
+    for path in sorted(glob.glob(os.path.join(source, "docs", "man", "*.scd"))):
+        text = open(path, encoding="utf-8").read()
+        for m in re.finditer(r"^```\n(.*?)^```", text, re.S | re.M):
+            try:
+                yaml.safe_load(m.group(1))
+            except yaml.YAMLError:
+                continue
+            yield f"{os.path.relpath(path, source)}:{text[:m.start()].count(chr(10)) + 2}", m.group(1)
+
+
 def help_of(binary, *args):
     result = subprocess.run([binary, *args, "--help"], capture_output=True, text=True, timeout=30)
     if result.returncode != 0:
@@ -195,9 +343,25 @@ def main():
             ("options", "mailflowd report --days 30 --format csv > tls-report.csv")]
     if check_log_keys(good, log_keys) or check_commands(good, options_of):
         sys.exit("FAIL: the checker refuses known-good texts")
+    config_keys = documented_config_keys(args.source)
+    man5_text = open(os.path.join(args.source, "docs", "man", "mailflowd.yaml.5.scd"), encoding="utf-8").read()
+    man5 = man_config_entries(man5_text, config_keys)
+    bad_man = ("# LIMITS\n\n[[ *Key*\n:[ *Default*\n|  max_sessions\n:[ 1000\n\n"  # 10000, and a misspelt key
+               "# LOG\n\n*log.levle*\n\tDefault: _info_.\n")
+    if len(check_man_config(man_config_entries(bad_man, config_keys), config_keys, "bad")) != 2 or \
+            len(man5) < 60 or not any(path == "listeners[].tls.min_version" and default == "TLS1.0"
+                                      for _, path, default in man5):
+        sys.exit(f"FAIL: cannot read the keys and defaults of mailflowd.yaml(5), or the check cannot fail: {man5}")
+    if not check_config_blocks([("typo", "limits:\n  max_session: 10\n")], config_keys) or check_config_blocks(
+            [("good", "limits: {max_sessions: 10}\nlisteners:\n  - {name: a, tls: {min_version: TLS1.2}}\n"),
+             ("prometheus", "scrape_configs:\n  - job_name: mailflowd\n")], config_keys):
+        sys.exit("FAIL: the configuration-example check cannot tell a wrong key from right ones")
 
     lines = list(doc_lines(args.source))
     errors = check_commands(lines, options_of) + check_log_keys(lines, log_keys)
+    blocks = list(yaml_blocks(args.source))
+    errors += check_config_blocks(blocks, config_keys)
+    errors += check_man_config(man5, config_keys, "docs/man/mailflowd.yaml.5.scd")
 
     # The man page lists every option (its OPTIONS section and the report's sub-list).
     man_path = os.path.join(args.source, "docs", "man", "mailflowd.8.scd")
@@ -224,7 +388,9 @@ def main():
         print("FAIL:", e)
     print(f"checked {len(lines)} lines: {commands} mailflowd commands against the options of "
           f"{', '.join(f'mailflowd {s}' if s else 'mailflowd' for s in options_of)} "
-          f"({len(declared)} in all), log keys against {len(log_keys)} fields the code logs")
+          f"({len(declared)} in all), log keys against {len(log_keys)} fields the code logs, "
+          f"{len(blocks)} YAML examples and the {len(man5)} keys of mailflowd.yaml(5) against the documented "
+          "configuration keys and defaults")
     return 1 if errors else 0
 
 
