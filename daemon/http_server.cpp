@@ -546,6 +546,7 @@ class Server : public std::enable_shared_from_this<Server> {
       }
       beast::get_lowest_layer(stream).expires_after(kWriteTimeout);
       co_await http::async_write(stream, response, asio::redirect_error(asio::use_awaitable, ec));
+      if (ec == beast::error::timeout) reject(HttpReject::write_timeout, peer);  // a scrape lost: say so
       if (ec) co_return false;
       if (!response.keep_alive()) co_return true;
       head_deadline = SteadyClock::now() + kHeadTimeout;

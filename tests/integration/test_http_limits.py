@@ -272,3 +272,24 @@ def test_absolute_form_is_served(env, target):
     assert reply.startswith(b"HTTP/1.1 200 ") and reply.endswith(b"\r\n\r\nok"), reply
     reply = hx.raw_request(env.port, b"GET /healthz HTTP/1.0\r\n\r\n")
     assert reply.startswith(b"HTTP/1.0 200 ") and reply.endswith(b"\r\n\r\nok"), reply
+
+
+WRITE_TIMEOUT = 30.0    # kWriteTimeout
+
+
+def test_a_response_not_taken_within_the_write_deadline_is_counted(env):
+    """A client that asks and never reads: the answers fill the socket buffers, the write deadline closes the
+    connection, and that is logged and counted (a scraper too slow to take /metrics lost its scrapes without a
+    trace on this side)."""
+    before = hx.rejects(hx.metrics(env.port))
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+    s.bind(("127.0.0.6", 0))
+    s.connect(("127.0.0.1", env.port))
+    try:
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: mailflowd\r\n\r\n" * 2000)  # ~50 MB of answers, never read
+        harness.wait_for(lambda: hx.rejects(hx.metrics(env.port)).get("write_timeout", 0) > before.get(
+            "write_timeout", 0), WRITE_TIMEOUT + 10, interval=0.5, what="write_timeout to be counted")
+    finally:
+        s.close()
+    assert "http_reject reason=write_timeout client=127.0.0.6" in env.d.stderr()
