@@ -74,7 +74,8 @@ constexpr auto kTlsCloseTimeout = std::chrono::seconds(5);  // close_notify
 constexpr std::size_t kMaxConnections = 256;
 constexpr std::size_t kMaxConnectionsPerAddress = 16;
 constexpr std::uint32_t kHeaderLimit = 8 * 1024;
-constexpr std::uint64_t kBodyLimit = 8 * 1024;  // only GET and HEAD are served
+// As sent (chunked: framing, extensions and trailers too); only GET and HEAD are served.
+constexpr std::uint64_t kBodyLimit = 8 * 1024;
 constexpr std::size_t kMaxCachedCredentials = 8;
 // Password checks (bcrypt/yescrypt: up to half a second of CPU each) run on one low-priority thread of their
 // own, never on an event loop; at most this many are queued or running, more get 503 at once.
@@ -485,7 +486,9 @@ class Server : public std::enable_shared_from_this<Server> {
   template <class Stream>
   asio::awaitable<bool> serve(Stream& stream, const asio::ip::address& peer,
                               SteadyClock::time_point head_deadline) {
-    beast::flat_buffer buffer;
+    // Bounded: a parser that needs more holds what it has unparsed here (a chunk extension, the trailer section are
+    // parsed only once whole), and a read into a full buffer fails with buffer_overflow.
+    beast::flat_buffer buffer(kHeaderLimit + kBodyLimit);
     for (bool first = true;; first = false) {
       http::request_parser<http::string_body> parser;
       parser.header_limit(kHeaderLimit);
@@ -508,7 +511,14 @@ class Server : public std::enable_shared_from_this<Server> {
           bad = "an HTTP/1.1 request needs one Host header (RFC 9112 3.2)";
         } else {
           beast::get_lowest_layer(stream).expires_after(kBodyTimeout);
-          co_await http::async_read(stream, buffer, parser, asio::redirect_error(asio::use_awaitable, ec));
+          // The body as sent is limited, chunk framing, extensions and trailer fields included: Beast's
+          // body_limit counts only the payload, and buffered a chunk extension or trailer section of any size
+          // until it was whole (megabytes, parsed on this thread for seconds, past the deadline).
+          for (std::uint64_t as_sent = 0; !ec && !parser.is_done();) {
+            as_sent += co_await http::async_read_some(stream, buffer, parser,
+                                                      asio::redirect_error(asio::use_awaitable, ec));
+            if (ec == http::error::buffer_overflow || (!ec && as_sent > kBodyLimit)) ec = http::error::body_limit;
+          }
           if (ec == beast::error::timeout) {
             reject(HttpReject::head_timeout, peer);
             co_return false;

@@ -255,6 +255,23 @@ def test_a_refused_request_is_told_why(env, data, status, words):
     assert after["bad_request"] - before["bad_request"] == 1
 
 
+@pytest.mark.parametrize("chunked", [
+    b"1;" + b"e" * 60000 + b"\r\nx\r\n0\r\n\r\n",  # one chunk extension
+    b"1\r\nx\r\n0\r\n" + b"X-T: y\r\n" * 7500 + b"\r\n",  # trailer fields
+], ids=["chunk_extension", "trailers"])
+def test_a_chunked_body_is_limited_as_sent(env, chunked):
+    """The 8 KiB body limit counts the body as sent, chunk framing, extensions and trailer fields included: it
+    counted the payload only, so megabytes of trailer fields (each kept in memory) were taken; 4 requests of 24 MB
+    took the RSS from 25 MB to 489 MB and held the HTTP thread for 16 s each, past the body deadline, while
+    /metrics and /healthz waited."""
+    before = hx.rejects(hx.metrics(env.port))
+    reply = hx.raw_request(env.port, b"GET /healthz HTTP/1.1\r\nHost: mailflowd\r\nTransfer-Encoding: chunked\r\n\r\n"
+                           + chunked)
+    assert reply.startswith(b"HTTP/1.1 413 ") and b"request body over 8 KiB" in reply, reply[:300]
+    after = hx.rejects(hx.metrics(env.port))
+    assert after["bad_request"] - before["bad_request"] == 1
+
+
 def test_a_refused_head_has_no_body(env):
     """A refused HEAD (here a Transfer-Encoding that is not chunked) gets the status and its length, no body."""
     reply = hx.raw_request(env.port, b"HEAD /metrics HTTP/1.1\r\nHost: mailflowd\r\nTransfer-Encoding: gzip\r\n\r\n")
