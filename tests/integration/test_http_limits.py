@@ -255,9 +255,9 @@ def test_a_refused_request_is_told_why(env, data, status, words):
     assert after["bad_request"] - before["bad_request"] == 1
 
 
-@pytest.mark.parametrize("chunked", [
-    b"1;" + b"e" * 60000 + b"\r\nx\r\n0\r\n\r\n",  # one chunk extension
-    b"1\r\nx\r\n0\r\n" + b"X-T: y\r\n" * 7500 + b"\r\n",  # trailer fields
+@pytest.mark.parametrize("chunked", [  # neither is ever finished: the answer must come before its end
+    b"1;" + b"e" * 60000,  # one chunk extension
+    b"1\r\nx\r\n0\r\n" + b"X-T: y\r\n" * 7500,  # trailer fields
 ], ids=["chunk_extension", "trailers"])
 def test_a_chunked_body_is_limited_as_sent(env, chunked):
     """The 8 KiB body limit counts the body as sent, chunk framing, extensions and trailer fields included: it
