@@ -486,8 +486,8 @@ class Server : public std::enable_shared_from_this<Server> {
   template <class Stream>
   asio::awaitable<bool> serve(Stream& stream, const asio::ip::address& peer,
                               SteadyClock::time_point head_deadline) {
-    // Bounded: a parser that needs more holds what it has unparsed here (a chunk extension, the trailer section are
-    // parsed only once whole), and a read into a full buffer fails with buffer_overflow.
+    // Bounded: a parser that needs more holds what it has unparsed here (a chunk extension, the trailer
+    // section are parsed only once whole), and a read into a full buffer fails with buffer_overflow.
     beast::flat_buffer buffer(kHeaderLimit + kBodyLimit);
     for (bool first = true;; first = false) {
       http::request_parser<http::string_body> parser;
@@ -517,7 +517,8 @@ class Server : public std::enable_shared_from_this<Server> {
           for (std::uint64_t as_sent = 0; !ec && !parser.is_done();) {
             as_sent += co_await http::async_read_some(stream, buffer, parser,
                                                       asio::redirect_error(asio::use_awaitable, ec));
-            if (ec == http::error::buffer_overflow || (!ec && as_sent > kBodyLimit)) ec = http::error::body_limit;
+            if (ec == http::error::buffer_overflow || (!ec && as_sent > kBodyLimit))
+              ec = http::error::body_limit;
           }
           if (ec == beast::error::timeout) {
             reject(HttpReject::head_timeout, peer);

@@ -703,8 +703,8 @@ void Telemetry::certificates_loaded(const std::vector<CertificateExpiry>& certif
     exposition::append_label(labels, "listener", certificate.listener);
     rendered.emplace_back(std::move(labels), certificate.not_after);
   }
-  // A file named twice (in one listener's list, or by a listener called "http" and http.tls) is one series: the
-  // same labels twice make an invalid exposition.
+  // A file named twice (in one listener's list, or by a listener called "http" and http.tls) is one series:
+  // the same labels twice make an invalid exposition.
   std::sort(rendered.begin(), rendered.end());
   rendered.erase(std::unique(rendered.begin(), rendered.end()), rendered.end());
   std::lock_guard lock(impl_->mutex);

@@ -281,8 +281,8 @@ performance: {busy_poll: true, event_loops: 3}
 }
 
 TEST_CASE("the example of the contract (INTERFACE.md) is valid as written") {
-  // Verbatim from the design contract, with certificate paths pointing at files that exist and a whole hash for
-  // its "$2b$...".
+  // Verbatim from the design contract, with certificate paths pointing at files that exist and a whole hash
+  // for its "$2b$...".
   std::string yaml = R"(hostname: mx1.example.org            # used in banner/EHLO/Received
 state_dir: /var/lib/mailflowd        # rolling windows survive restarts here
 listeners:
@@ -332,9 +332,10 @@ timeouts: {greeting: 300s, command: 300s, data_block: 180s, data_end: 600s,
   TempDir dir;
   const std::string cert = dir.write("mx1.pem", "x");
   const std::string key = dir.write("mx1.key", "x");
-  for (const auto& [from, to] : {std::pair<std::string, std::string>{"@CERT@", cert},
-                                 {"@KEY@", key},
-                                 {"@HASH@", "$2b$12$abcdefghijklmnopqrstuuOeZ2hQ32AyBh8ZYFFLfYoUxWKOV2GcS"}}) {
+  for (const auto& [from, to] :
+       {std::pair<std::string, std::string>{"@CERT@", cert},
+        {"@KEY@", key},
+        {"@HASH@", "$2b$12$abcdefghijklmnopqrstuuOeZ2hQ32AyBh8ZYFFLfYoUxWKOV2GcS"}}) {
     for (auto at = yaml.find(from); at != std::string::npos; at = yaml.find(from))
       yaml.replace(at, from.size(), to);
   }
@@ -1017,14 +1018,17 @@ TEST_CASE("http") {
         e.message.starts_with("http.basic_auth.password_hash: expected a crypt(3) hash starting with $2b$"));
   }
   SUBCASE("a hash no password can match is refused") {
-    // Truncated or altered in copying: crypt(3) never yields it, so every request would get 401 without a word.
+    // Truncated or altered in copying: crypt(3) never yields it, so every request would get 401 without a
+    // word.
     for (const std::string hash :
-         {"$2b$12$abcdefghijklmnopqrstuv", "$2b$12$tooshort", "$2b$99$abcdefghijklmnopqrstuuOeZ2hQ32AyBh8ZYFFLfYoUxWKOV2GcS",
+         {"$2b$12$abcdefghijklmnopqrstuv", "$2b$12$tooshort",
+          "$2b$99$abcdefghijklmnopqrstuuOeZ2hQ32AyBh8ZYFFLfYoUxWKOV2GcS",
           "$2b$12$abcdefghijklmnopqrstuuOeZ2hQ32AyBh8ZYFFLfYoUxWKOV2GcSx", "$6$", "$y$garbage",
           "$5$UCwp6dWhAFpEIkow$djHmgiKeTN3JhfPe0DtwWwa40iEHbtYmhhNVUf8v",
           "$y$j9T$F5Jx5fExrKuPp53xLKQ..1$X3DX6M94c7o.9agCG9G317fhZg9SqC.5i5rd.RhAt!7"}) {
       INFO(hash);
-      const auto e = only_error(load(with("http:\n  basic_auth: {user: prom, password_hash: \"" + hash + "\"}\n")));
+      const auto e =
+          only_error(load(with("http:\n  basic_auth: {user: prom, password_hash: \"" + hash + "\"}\n")));
       CHECK(e.line == 6);
       CHECK(e.message.starts_with("http.basic_auth.password_hash: not a whole crypt(3) hash"));
     }
@@ -1032,7 +1036,8 @@ TEST_CASE("http") {
          {"$2b$04$BAPtbhCRXzcUNbdJ0QLw5eZpS1YlGPR8S8OUow.Ca4QzF/2V7e3O6",
           "$2y$12$abcdefghijklmnopqrstuuOeZ2hQ32AyBh8ZYFFLfYoUxWKOV2GcS",
           "$5$UCwp6dWhAFpEIkow$djHmgiKeTN3JhfPe0DtwWwa40iEHbtYmhhNVUf8veE8",
-          "$6$rounds=5000$abc$K4v3HcZ8yAmpRfxML6S46NCcqy9r4/KdbQpFvqSWsBf4dgySOEOo1DHJTrmn2BsJK2aNmPN8Tfb826D2o9.z51",
+          "$6$rounds=5000$abc$K4v3HcZ8yAmpRfxML6S46NCcqy9r4/"
+          "KdbQpFvqSWsBf4dgySOEOo1DHJTrmn2BsJK2aNmPN8Tfb826D2o9.z51",
           "$y$j9T$F5Jx5fExrKuPp53xLKQ..1$X3DX6M94c7o.9agCG9G317fhZg9SqC.5i5rd.RhAtQ7"}) {
       INFO(hash);
       const auto result = load(with("http:\n  basic_auth: {user: prom, password_hash: \"" + hash + "\"}\n"));

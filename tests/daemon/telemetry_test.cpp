@@ -732,8 +732,9 @@ TEST_CASE("mailflow_certificate_expiry_timestamp_seconds: one gauge per certific
 }
 
 TEST_CASE("mailflow_certificate_expiry_timestamp_seconds: a certificate named twice is one series") {
-  // The same file twice in a listener's certificates, or a listener named "http" serving the file of http.tls:
-  // a series twice in one exposition is invalid (Prometheus drops one of them, OpenMetrics parsers refuse it).
+  // The same file twice in a listener's certificates, or a listener named "http" serving the file of
+  // http.tls: a series twice in one exposition is invalid (Prometheus drops one of them, OpenMetrics parsers
+  // refuse it).
   Telemetry telemetry([] { return kNow; });
   telemetry.configure(test_config());
   telemetry.certificates_loaded({{"http", "/etc/mailflowd/tls/mx1.pem", 1798761600},
