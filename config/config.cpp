@@ -32,6 +32,41 @@ bool valid_name(std::string_view name) {
 
 namespace {
 
+// Why http.basic_auth.password_hash cannot work ("" when it can). Beyond the method, the checksum that
+// crypt(3) writes is checked (its length and alphabet, bcrypt's cost), without hashing (that would cost a
+// reload up to a second): a hash truncated or altered in copying is never what crypt(3) yields, so no
+// password would match it and every request would get 401 without a word of why.
+std::string password_hash_problem(std::string_view hash) {
+  struct Method {
+    std::string_view prefix;
+    std::size_t checksum;  // characters after the last '$' (bcrypt: salt and checksum, 22 + 31)
+  };
+  static constexpr Method methods[] = {{"$2b$", 53}, {"$2a$", 53}, {"$2y$", 53}, {"$y$", 43},
+                                       {"$gy$", 43}, {"$7$", 43},  {"$6$", 86},  {"$5$", 43}};
+  const auto method = std::find_if(std::begin(methods), std::end(methods),
+                                   [&](const Method& m) { return hash.starts_with(m.prefix); });
+  if (method == std::end(methods)) {
+    return "expected a crypt(3) hash starting with $2b$, $y$, $6$ or $5$ (never a plain password; "
+           "make one with: mkpasswd -m bcrypt)";
+  }
+  const auto last = hash.rfind('$');
+  const std::string_view checksum = hash.substr(last + 1);
+  const bool alphabet =
+      checksum.find_first_not_of("./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz") ==
+      std::string_view::npos;
+  bool ok = last >= method->prefix.size() && checksum.size() == method->checksum && alphabet;
+  if (ok && method->prefix.starts_with("$2")) {  // $2b$NN$: a cost of 04..31, then nothing but the 53
+    const std::string_view cost = hash.substr(4, last - 4);
+    ok = cost.size() == 2 && cost >= "04" && cost <= "31" && cost[1] >= '0' && cost[1] <= '9';
+  }
+  if (ok) return {};
+  return "not a whole crypt(3) hash: a " + std::string(method->prefix) + " hash ends in " +
+         std::to_string(method->checksum) + " characters of [./0-9A-Za-z] after its last '$'" +
+         (method->prefix.starts_with("$2") ? " (and has a cost of 04..31)" : "") +
+         ", so no password can match it (truncated or altered in copying?); make one with: "
+         "mkpasswd -m bcrypt";
+}
+
 // The accepted keys of every mapping, by schema path ("[]" = each item of a list). This one table drives both
 // the unknown-key check and known_keys(), so the documentation test sees exactly what the loader accepts.
 struct Section {
@@ -1571,20 +1606,11 @@ class Loader {
                });
         }
         if (require(*auth_map, "password_hash", auth->key.Mark(), "http.basic_auth")) {
-          read(
-              *auth_map, "password_hash", "http.basic_auth", "a crypt(3) hash", basic.password_hash,
-              [](const std::string& text, std::string& problem) {
-                static constexpr std::string_view prefixes[] = {"$2b$", "$2a$", "$2y$", "$y$",
-                                                                "$gy$", "$7$",  "$6$",  "$5$"};
-                const bool ok = std::any_of(std::begin(prefixes), std::end(prefixes),
-                                            [&](std::string_view p) { return text.starts_with(p); });
-                if (!ok) {
-                  problem =
-                      "expected a crypt(3) hash starting with $2b$, $y$, $6$ or $5$ (never a plain password; "
-                      "make one with: mkpasswd -m bcrypt)";
-                }
-                return ok ? std::optional<std::string>(text) : std::nullopt;
-              });
+          read(*auth_map, "password_hash", "http.basic_auth", "a crypt(3) hash", basic.password_hash,
+               [](const std::string& text, std::string& problem) {
+                 problem = password_hash_problem(text);
+                 return problem.empty() ? std::optional<std::string>(text) : std::nullopt;
+               });
         }
         config_.http.basic_auth = std::move(basic);
       }

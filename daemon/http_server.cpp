@@ -74,7 +74,8 @@ constexpr auto kTlsCloseTimeout = std::chrono::seconds(5);  // close_notify
 constexpr std::size_t kMaxConnections = 256;
 constexpr std::size_t kMaxConnectionsPerAddress = 16;
 constexpr std::uint32_t kHeaderLimit = 8 * 1024;
-constexpr std::uint64_t kBodyLimit = 8 * 1024;  // only GET and HEAD are served
+// As sent (chunked: framing, extensions and trailers too); only GET and HEAD are served.
+constexpr std::uint64_t kBodyLimit = 8 * 1024;
 constexpr std::size_t kMaxCachedCredentials = 8;
 // Password checks (bcrypt/yescrypt: up to half a second of CPU each) run on one low-priority thread of their
 // own, never on an event loop; at most this many are queued or running, more get 503 at once.
@@ -187,7 +188,9 @@ Response plain_response(const Request& request, http::status status, std::string
   return make_response(request, status, kTextPlain, std::move(body));
 }
 
-// What may change on reload without rebinding. A connection keeps the snapshot it was accepted with.
+// What may change on reload without rebinding. A connection keeps the TLS context it was accepted with (its
+// handshake is done); basic_auth is the current one for every request, so that a reload that changes the
+// password or sets basic_auth also applies to connections kept alive from before it.
 struct Settings {
   std::optional<config::BasicAuth> basic_auth;
   std::shared_ptr<asio::ssl::context> tls;  // null: plain HTTP
@@ -452,7 +455,7 @@ class Server : public std::enable_shared_from_this<Server> {
         if (ERR_GET_REASON(ec.value()) == SSL_R_HTTP_REQUEST)
           co_await refuse_plain_http(get_lowest_layer(*stream));
       }
-      if (!ec && co_await serve(*stream, *settings, peer, head_deadline)) {
+      if (!ec && co_await serve(*stream, peer, head_deadline)) {
         beast::get_lowest_layer(*stream).expires_after(kTlsCloseTimeout);
         co_await stream->async_shutdown(asio::redirect_error(asio::use_awaitable, ec));
       }
@@ -461,7 +464,7 @@ class Server : public std::enable_shared_from_this<Server> {
       auto stream = std::make_shared<beast::tcp_stream>(std::move(socket));
       const auto id = track(stream);
       if (!id) co_return;
-      if (co_await serve(*stream, *settings, peer, head_deadline)) {
+      if (co_await serve(*stream, peer, head_deadline)) {
         stream->socket().shutdown(tcp::socket::shutdown_send, ec);
       }
       untrack(*id);
@@ -490,9 +493,11 @@ class Server : public std::enable_shared_from_this<Server> {
 
   // Serves requests until the peer closes, asks to close, or an I/O error. True when a graceful close is due.
   template <class Stream>
-  asio::awaitable<bool> serve(Stream& stream, const Settings& settings, const asio::ip::address& peer,
+  asio::awaitable<bool> serve(Stream& stream, const asio::ip::address& peer,
                               SteadyClock::time_point head_deadline) {
-    beast::flat_buffer buffer;
+    // Bounded: a parser that needs more holds what it has unparsed here (a chunk extension, the trailer
+    // section are parsed only once whole), and a read into a full buffer fails with buffer_overflow.
+    beast::flat_buffer buffer(kHeaderLimit + kBodyLimit);
     for (bool first = true;; first = false) {
       http::request_parser<http::string_body> parser;
       parser.header_limit(kHeaderLimit);
@@ -515,7 +520,15 @@ class Server : public std::enable_shared_from_this<Server> {
           bad = "an HTTP/1.1 request needs one Host header (RFC 9112 3.2)";
         } else {
           beast::get_lowest_layer(stream).expires_after(kBodyTimeout);
-          co_await http::async_read(stream, buffer, parser, asio::redirect_error(asio::use_awaitable, ec));
+          // The body as sent is limited, chunk framing, extensions and trailer fields included: Beast's
+          // body_limit counts only the payload, and buffered a chunk extension or trailer section of any size
+          // until it was whole (megabytes, parsed on this thread for seconds, past the deadline).
+          for (std::uint64_t as_sent = 0; !ec && !parser.is_done();) {
+            as_sent += co_await http::async_read_some(stream, buffer, parser,
+                                                      asio::redirect_error(asio::use_awaitable, ec));
+            if (ec == http::error::buffer_overflow || (!ec && as_sent > kBodyLimit))
+              ec = http::error::body_limit;
+          }
           if (ec == beast::error::timeout) {
             reject(HttpReject::head_timeout, peer);
             co_return false;
@@ -542,7 +555,7 @@ class Server : public std::enable_shared_from_this<Server> {
         }
         response.keep_alive(false);
       } else {
-        response = co_await handle(parser.get(), settings, peer);
+        response = co_await handle(parser.get(), peer);
       }
       // RFC 9110 9.3.2: a HEAD gets what a GET would get, Content-Length included, without the body (a
       // refused one too, where its start line was read).
@@ -553,6 +566,7 @@ class Server : public std::enable_shared_from_this<Server> {
       }
       beast::get_lowest_layer(stream).expires_after(kWriteTimeout);
       co_await http::async_write(stream, response, asio::redirect_error(asio::use_awaitable, ec));
+      if (ec == beast::error::timeout) reject(HttpReject::write_timeout, peer);  // a scrape lost: say so
       if (ec) co_return false;
       if (!response.keep_alive()) co_return true;
       head_deadline = SteadyClock::now() + kHeadTimeout;
@@ -572,14 +586,14 @@ class Server : public std::enable_shared_from_this<Server> {
     return target;
   }
 
-  asio::awaitable<Response> handle(const Request& request, const Settings& settings,
-                                   const asio::ip::address& peer) {
+  asio::awaitable<Response> handle(const Request& request, const asio::ip::address& peer) {
     const std::string_view target = origin_form(request);
     const std::string_view path = target.substr(0, target.find('?'));
     // The probes (the kubelet's, a load balancer's health check) send no credentials, and their answers say
     // nothing of the data: /readyz guarded made every pod unready, every relay "down", once basic_auth was set.
-    if (path != "/healthz" && path != "/readyz" && settings.basic_auth) {
-      const AuthVerdict verdict = co_await authorize(request, *settings.basic_auth, peer);
+    const auto settings = this->settings();
+    if (path != "/healthz" && path != "/readyz" && settings->basic_auth) {
+      const AuthVerdict verdict = co_await authorize(request, settings, peer);
       switch (verdict.result) {
         case AuthResult::ok:
           break;
@@ -751,8 +765,10 @@ class Server : public std::enable_shared_from_this<Server> {
   // ---------------------------------------------------------------------------------------------------- auth
   // Order: a cached success answers at once (a scrape every few seconds never waits for a hash, nor for an
   // attacker's queue); then the address's backoff; then the bound on pending checks; only then a check.
-  asio::awaitable<AuthVerdict> authorize(const Request& request, const config::BasicAuth& auth,
+  // `settings` (with basic_auth) is the snapshot the request is checked against.
+  asio::awaitable<AuthVerdict> authorize(const Request& request, std::shared_ptr<const Settings> settings,
                                          const asio::ip::address& peer) {
+    const config::BasicAuth& auth = *settings->basic_auth;
     const auto field = request.find(http::field::authorization);
     if (field == request.end()) co_return AuthVerdict{AuthResult::missing};
     std::string_view value(field->value().data(), field->value().size());
@@ -800,8 +816,11 @@ class Server : public std::enable_shared_from_this<Server> {
       co_return AuthVerdict{AuthResult::wrong};
     }
     failures_.erase(peer);
-    if (accepted_.size() >= kMaxCachedCredentials) accepted_.erase(accepted_.begin());
-    accepted_.push_back(digest);
+    // A reload during the check cleared the cache: what the old settings accepted must not come back into it.
+    if (settings_ == settings) {
+      if (accepted_.size() >= kMaxCachedCredentials) accepted_.erase(accepted_.begin());
+      accepted_.push_back(digest);
+    }
     co_return AuthVerdict{AuthResult::ok};
   }
 

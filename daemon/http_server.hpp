@@ -24,9 +24,9 @@ class HttpServer {
   void start();
   // Any thread: stops accepting and closes open HTTP connections; returns without waiting for them.
   void stop();
-  // SIGHUP: new basic_auth and TLS certificate/key for connections accepted from now on (the address needs a
-  // restart). Throws (naming the file) and keeps the old settings when the certificate or key is
-  // unusable.
+  // SIGHUP: new basic_auth for every request from now on (on kept-alive connections too), new TLS
+  // certificate/key for connections accepted from now on (the address needs a restart). Throws (naming the
+  // file) and keeps the old settings when the certificate or key is unusable.
   void update(const config::Http& http);
   // Loads http.tls's pair as start() and update() do (OpenSSL's default security level, not a listener's):
   // throws what they would throw. For --check-config.

@@ -158,7 +158,9 @@ net::awaitable<HttpsResponse> https_request(net::any_io_executor executor, Https
   co_await http::async_write(stream, message, net::redirect_error(net::use_awaitable, ec));
   if (ec) co_return with_address(step_failed(Step::write, ec));
 
-  beast::flat_buffer buffer;
+  // Bounded: Beast keeps a chunk extension or a trailer section here until it is whole (the body limit does
+  // not count them), and a read into a full buffer fails with buffer_overflow instead of growing it.
+  beast::flat_buffer buffer(limits.max_header_bytes + limits.max_body_bytes);
   std::optional<http::response_parser<http::string_body>> parser;
   beast::get_lowest_layer(stream).expires_after(remaining());
   // The head first: Beast 1.74's async_read parses eagerly, and a Content-Length over the body limit that
@@ -179,7 +181,8 @@ net::awaitable<HttpsResponse> https_request(net::any_io_executor executor, Https
   HttpsResponse out;
   if (ec) {
     out = step_failed(Step::read, ec);
-    if (ec == http::error::body_limit) out.error = Error::body_too_large;
+    if (ec == http::error::body_limit || ec == http::error::buffer_overflow)
+      out.error = Error::body_too_large;
   }
   out.address = address;
   if (parser->is_header_done()) {

@@ -42,6 +42,7 @@ std::string_view to_string(HttpReject reason) {
     case HttpReject::auth_failed: return "auth_failed";
     case HttpReject::auth_busy: return "auth_busy";
     case HttpReject::auth_backoff: return "auth_backoff";
+    case HttpReject::write_timeout: return "write_timeout";
   }
   return "unknown";
 }

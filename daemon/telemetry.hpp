@@ -36,10 +36,12 @@ enum class HttpReject {
   auth_failed,       // 401: wrong user name or password
   auth_busy,         // 503: too many password checks pending
   auth_backoff,      // 429: the address failed too often, no check was run
+  write_timeout,     // a response the client did not take within its deadline: the connection was closed
 };
-inline constexpr std::array<HttpReject, 8> all_http_rejects{
-    HttpReject::connection_limit, HttpReject::address_limit, HttpReject::head_timeout, HttpReject::bad_request,
-    HttpReject::auth_missing,     HttpReject::auth_failed,   HttpReject::auth_busy,    HttpReject::auth_backoff};
+inline constexpr std::array<HttpReject, 9> all_http_rejects{
+    HttpReject::connection_limit, HttpReject::address_limit, HttpReject::head_timeout,
+    HttpReject::bad_request,      HttpReject::auth_missing,  HttpReject::auth_failed,
+    HttpReject::auth_busy,        HttpReject::auth_backoff,  HttpReject::write_timeout};
 std::string_view to_string(HttpReject reason);
 
 // The coroutines whose escaped exceptions are counted (mailflow_internal_errors_total{component}).

@@ -154,7 +154,7 @@ telemetry:
   defaults: {tls10_share: 0.1, tls11_share: 0.15, no_tls_share: 0.2, min_messages: 50}
 http:
   address: "0.0.0.0:9100"
-  basic_auth: {user: prom, password_hash: "$2b$12$abcdefghijklmnopqrstuv"}
+  basic_auth: {user: prom, password_hash: "$2b$12$abcdefghijklmnopqrstuuOeZ2hQ32AyBh8ZYFFLfYoUxWKOV2GcS"}
   tls: {cert: )" + cert +
                            ", key: " + key + R"(}
 limits:
@@ -242,7 +242,7 @@ performance: {busy_poll: true, event_loops: 3}
   CHECK(c.http.address.text == "0.0.0.0:9100");
   REQUIRE(c.http.basic_auth.has_value());
   CHECK(c.http.basic_auth->user == "prom");
-  CHECK(c.http.basic_auth->password_hash == "$2b$12$abcdefghijklmnopqrstuv");
+  CHECK(c.http.basic_auth->password_hash == "$2b$12$abcdefghijklmnopqrstuuOeZ2hQ32AyBh8ZYFFLfYoUxWKOV2GcS");
   REQUIRE(c.http.tls.has_value());
   CHECK(c.http.tls->key == key);
   CHECK(c.limits.max_sessions == 200);
@@ -281,7 +281,8 @@ performance: {busy_poll: true, event_loops: 3}
 }
 
 TEST_CASE("the example of the contract (INTERFACE.md) is valid as written") {
-  // Verbatim from the design contract, with certificate paths pointing at files that exist.
+  // Verbatim from the design contract, with certificate paths pointing at files that exist and a whole hash
+  // for its "$2b$...".
   std::string yaml = R"(hostname: mx1.example.org            # used in banner/EHLO/Received
 state_dir: /var/lib/mailflowd        # rolling windows survive restarts here
 listeners:
@@ -319,7 +320,7 @@ telemetry:
   defaults: {tls10_share: 0.05, no_tls_share: 0.05, min_messages: 100}
 http:
   address: "127.0.0.1:9725"          # /metrics, /, /api/v1/report(.csv), /healthz, /readyz
-  basic_auth: {user: prom, password_hash: "$2b$..."}   # optional
+  basic_auth: {user: prom, password_hash: "@HASH@"}   # optional
   tls: {cert: @CERT@, key: @KEY@}                           # optional
 limits: {max_sessions: 10000, max_sessions_per_ip: 50, max_message_size: 36700160,
          max_recipients: 100, max_bad_commands: 20, max_line: 1000, drain_timeout: 30s,
@@ -331,7 +332,10 @@ timeouts: {greeting: 300s, command: 300s, data_block: 180s, data_end: 600s,
   TempDir dir;
   const std::string cert = dir.write("mx1.pem", "x");
   const std::string key = dir.write("mx1.key", "x");
-  for (const auto& [from, to] : {std::pair<std::string, std::string>{"@CERT@", cert}, {"@KEY@", key}}) {
+  for (const auto& [from, to] :
+       {std::pair<std::string, std::string>{"@CERT@", cert},
+        {"@KEY@", key},
+        {"@HASH@", "$2b$12$abcdefghijklmnopqrstuuOeZ2hQ32AyBh8ZYFFLfYoUxWKOV2GcS"}}) {
     for (auto at = yaml.find(from); at != std::string::npos; at = yaml.find(from))
       yaml.replace(at, from.size(), to);
   }
@@ -1012,6 +1016,33 @@ TEST_CASE("http") {
     CHECK(e.column == 43);
     CHECK(
         e.message.starts_with("http.basic_auth.password_hash: expected a crypt(3) hash starting with $2b$"));
+  }
+  SUBCASE("a hash no password can match is refused") {
+    // Truncated or altered in copying: crypt(3) never yields it, so every request would get 401 without a
+    // word.
+    for (const std::string hash :
+         {"$2b$12$abcdefghijklmnopqrstuv", "$2b$12$tooshort",
+          "$2b$99$abcdefghijklmnopqrstuuOeZ2hQ32AyBh8ZYFFLfYoUxWKOV2GcS",
+          "$2b$12$abcdefghijklmnopqrstuuOeZ2hQ32AyBh8ZYFFLfYoUxWKOV2GcSx", "$6$", "$y$garbage",
+          "$5$UCwp6dWhAFpEIkow$djHmgiKeTN3JhfPe0DtwWwa40iEHbtYmhhNVUf8v",
+          "$y$j9T$F5Jx5fExrKuPp53xLKQ..1$X3DX6M94c7o.9agCG9G317fhZg9SqC.5i5rd.RhAt!7"}) {
+      INFO(hash);
+      const auto e =
+          only_error(load(with("http:\n  basic_auth: {user: prom, password_hash: \"" + hash + "\"}\n")));
+      CHECK(e.line == 6);
+      CHECK(e.message.starts_with("http.basic_auth.password_hash: not a whole crypt(3) hash"));
+    }
+    for (const std::string hash :
+         {"$2b$04$BAPtbhCRXzcUNbdJ0QLw5eZpS1YlGPR8S8OUow.Ca4QzF/2V7e3O6",
+          "$2y$12$abcdefghijklmnopqrstuuOeZ2hQ32AyBh8ZYFFLfYoUxWKOV2GcS",
+          "$5$UCwp6dWhAFpEIkow$djHmgiKeTN3JhfPe0DtwWwa40iEHbtYmhhNVUf8veE8",
+          "$6$rounds=5000$abc$K4v3HcZ8yAmpRfxML6S46NCcqy9r4/"
+          "KdbQpFvqSWsBf4dgySOEOo1DHJTrmn2BsJK2aNmPN8Tfb826D2o9.z51",
+          "$y$j9T$F5Jx5fExrKuPp53xLKQ..1$X3DX6M94c7o.9agCG9G317fhZg9SqC.5i5rd.RhAtQ7"}) {
+      INFO(hash);
+      const auto result = load(with("http:\n  basic_auth: {user: prom, password_hash: \"" + hash + "\"}\n"));
+      CHECK(all_errors(result) == "");
+    }
   }
   SUBCASE("http.tls files") {
     const auto result = load(with("http:\n  tls: {cert: /nonexistent/h.pem}\n"));

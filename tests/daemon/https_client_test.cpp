@@ -185,6 +185,18 @@ TEST_CASE("https_request: a body over max_body_bytes is body_too_large, with the
   CHECK(response.body.empty());
 }
 
+TEST_CASE("https_request: a chunked body is limited as sent, a trailer section that never ends included") {
+  // Beast buffers a trailer section (or a chunk extension) until it is whole: a policy host could send one
+  // without end, and the daemon kept every byte that came before the deadline.
+  std::string answer =
+      "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n";
+  for (int i = 0; i < 200000; ++i) answer += "X-Trailer: y\r\n";  // 2.8 MB, and no end
+  const auto [response, took] = exchange(to_loopback(), Peer::answer, answer);
+  CHECK(response.error == Error::body_too_large);
+  CHECK(response.step == Step::read);
+  CHECK(took < std::chrono::seconds(2));
+}
+
 TEST_CASE("https_request: a certificate for another name or from another CA is certificate_invalid") {
   SUBCASE("a name the certificate does not carry (SNI sent, looked up with the system resolver)") {
     HttpsRequest request;

@@ -730,3 +730,22 @@ TEST_CASE("mailflow_certificate_expiry_timestamp_seconds: one gauge per certific
   CHECK(text.find("mx2.pem") == std::string::npos);
   CHECK(text.find("http.pem") == std::string::npos);
 }
+
+TEST_CASE("mailflow_certificate_expiry_timestamp_seconds: a certificate named twice is one series") {
+  // The same file twice in a listener's certificates, or a listener named "http" serving the file of
+  // http.tls: a series twice in one exposition is invalid (Prometheus drops one of them, OpenMetrics parsers
+  // refuse it).
+  Telemetry telemetry([] { return kNow; });
+  telemetry.configure(test_config());
+  telemetry.certificates_loaded({{"http", "/etc/mailflowd/tls/mx1.pem", 1798761600},
+                                 {"http", "/etc/mailflowd/tls/mx1.pem", 1798761600},
+                                 {"inbound", "/etc/mailflowd/tls/mx1.pem", 1798761600},
+                                 {"http", "/etc/mailflowd/tls/mx1.pem", 1798761600}});
+  const std::string text = telemetry.metrics_text();
+  const std::string series =
+      R"(mailflow_certificate_expiry_timestamp_seconds{certificate="/etc/mailflowd/tls/mx1.pem",listener="http"} )";
+  const auto first = text.find(series);
+  REQUIRE(first != std::string::npos);
+  CHECK(text.find(series, first + 1) == std::string::npos);
+  CHECK(text.find(R"(listener="inbound"} 1798761600)") != std::string::npos);
+}

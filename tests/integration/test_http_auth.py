@@ -1,6 +1,10 @@
 """http.basic_auth under password guessing (issue #15 item 5): wrong guesses cost a bcrypt each, which must not
 run on the event loop that relays SMTP; they are bounded, backed off per address and counted, while the right
 password still works (and, once verified, is answered from the cache without a hash)."""
+import base64
+import http.client
+import json
+import signal
 import statistics
 import threading
 import time
@@ -165,3 +169,59 @@ def test_probes_need_no_credentials(env):
     assert status == 200
     for path in ("/metrics", "/", "/readyz/", "/api/v1/report"):
         assert hx.get(env.port, path, source="127.0.7.9")[0] == 401, path
+
+
+def keep_alive_get(conn, path, auth=None):
+    """(status, body) of one GET on an open http.client connection (kept alive)."""
+    headers = {}
+    if auth:
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+    conn.request("GET", path, headers=headers)
+    r = conn.getresponse()
+    return r.status, r.read()
+
+
+def reload_and_wait(d, http):
+    """Writes `http` as the http section, SIGHUP, and waits for the log line of the applied reload."""
+    d.config["http"] = http
+    d.config_path.write_text(json.dumps(d.config, indent=2) + "\n")
+    before = d.stderr().count(" reloaded ")
+    d.proc.send_signal(signal.SIGHUP)
+    harness.wait_for(lambda: d.stderr().count(" reloaded ") > before, 5, what="the reload to be applied")
+
+
+def test_a_reload_applies_to_kept_alive_connections(sink_factory, daemon_factory):
+    """A reload that changes the password (one that leaked) or sets basic_auth applies to every request from then
+    on, on connections kept alive from before it too: such a connection checked the old password against the
+    old hash (and put it back into the cache that the reload had cleared, opening every new connection to it
+    as well), or went on without credentials."""
+    old, new = "old secret", "new secret"
+
+    def auth_config(password):
+        return {"address": address, "basic_auth": {"user": USER, "password_hash": crypt.crypt(
+            password, crypt.mksalt(crypt.METHOD_SHA256))}}
+
+    sink = sink_factory("store")
+    address = f"127.0.0.1:{harness.free_port()}"
+    d = daemon_factory(listeners=[hh.listener("inbound", harness.free_port(), "store")],
+                       upstreams=[hh.plain_upstream("store", sink.port)], name="http-auth-reload",
+                       http=auth_config(old))
+    port = int(address.rsplit(":", 1)[1])
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5, source_address=("127.0.8.1", 0))
+    try:
+        assert keep_alive_get(conn, "/api/v1/report", (USER, old))[0] == 200
+        reload_and_wait(d, auth_config(new))
+        assert keep_alive_get(conn, "/api/v1/report", (USER, old))[0] == 401
+        assert keep_alive_get(conn, "/api/v1/report", (USER, new))[0] == 200
+    finally:
+        conn.close()
+    assert hx.get(port, "/api/v1/report", source="127.0.8.2", auth=(USER, old))[0] == 401
+
+    reload_and_wait(d, {"address": address})
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5, source_address=("127.0.8.3", 0))
+    try:
+        assert keep_alive_get(conn, "/api/v1/report")[0] == 200
+        reload_and_wait(d, auth_config(new))
+        assert keep_alive_get(conn, "/api/v1/report")[0] == 401
+    finally:
+        conn.close()

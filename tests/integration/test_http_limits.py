@@ -255,6 +255,23 @@ def test_a_refused_request_is_told_why(env, data, status, words):
     assert after["bad_request"] - before["bad_request"] == 1
 
 
+@pytest.mark.parametrize("chunked", [  # neither is ever finished: the answer must come before its end
+    b"1;" + b"e" * 60000,  # one chunk extension
+    b"1\r\nx\r\n0\r\n" + b"X-T: y\r\n" * 7500,  # trailer fields
+], ids=["chunk_extension", "trailers"])
+def test_a_chunked_body_is_limited_as_sent(env, chunked):
+    """The 8 KiB body limit counts the body as sent, chunk framing, extensions and trailer fields included: it
+    counted the payload only, so megabytes of trailer fields (each kept in memory) were taken; 4 requests of 24 MB
+    took the RSS from 25 MB to 489 MB and held the HTTP thread for 16 s each, past the body deadline, while
+    /metrics and /healthz waited."""
+    before = hx.rejects(hx.metrics(env.port))
+    reply = hx.raw_request(env.port, b"GET /healthz HTTP/1.1\r\nHost: mailflowd\r\nTransfer-Encoding: chunked\r\n\r\n"
+                           + chunked)
+    assert reply.startswith(b"HTTP/1.1 413 ") and b"request body over 8 KiB" in reply, reply[:300]
+    after = hx.rejects(hx.metrics(env.port))
+    assert after["bad_request"] - before["bad_request"] == 1
+
+
 def test_a_refused_head_has_no_body(env):
     """A refused HEAD (here a Transfer-Encoding that is not chunked) gets the status and its length, no body."""
     reply = hx.raw_request(env.port, b"HEAD /metrics HTTP/1.1\r\nHost: mailflowd\r\nTransfer-Encoding: gzip\r\n\r\n")
@@ -272,3 +289,24 @@ def test_absolute_form_is_served(env, target):
     assert reply.startswith(b"HTTP/1.1 200 ") and reply.endswith(b"\r\n\r\nok"), reply
     reply = hx.raw_request(env.port, b"GET /healthz HTTP/1.0\r\n\r\n")
     assert reply.startswith(b"HTTP/1.0 200 ") and reply.endswith(b"\r\n\r\nok"), reply
+
+
+WRITE_TIMEOUT = 30.0    # kWriteTimeout
+
+
+def test_a_response_not_taken_within_the_write_deadline_is_counted(env):
+    """A client that asks and never reads: the answers fill the socket buffers, the write deadline closes the
+    connection, and that is logged and counted (a scraper too slow to take /metrics lost its scrapes without a
+    trace on this side)."""
+    before = hx.rejects(hx.metrics(env.port))
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+    s.bind(("127.0.0.6", 0))
+    s.connect(("127.0.0.1", env.port))
+    try:
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: mailflowd\r\n\r\n" * 2000)  # ~50 MB of answers, never read
+        harness.wait_for(lambda: hx.rejects(hx.metrics(env.port)).get("write_timeout", 0) > before.get(
+            "write_timeout", 0), WRITE_TIMEOUT + 10, interval=0.5, what="write_timeout to be counted")
+    finally:
+        s.close()
+    assert "http_reject reason=write_timeout client=127.0.0.6" in env.d.stderr()
