@@ -44,6 +44,7 @@
 #include "daemon/failpoint.hpp"
 #include "daemon/log.hpp"
 #include "daemon/report.hpp"
+#include "daemon/state_text.hpp"
 #include "daemon/telemetry.hpp"
 #include "daemon/tls.hpp"
 #include "daemon/tlsrpt.hpp"
@@ -745,9 +746,8 @@ class Server : public std::enable_shared_from_this<Server> {
       date = fmt::format("{:04}-{:02}-{:02}", static_cast<int>(ymd.year()), static_cast<unsigned>(ymd.month()),
                          static_cast<unsigned>(ymd.day()));
     }
-    const bool date_ok = date.size() == 10 && date[4] == '-' && date[7] == '-' &&
-                         std::all_of(date.begin(), date.end(), [](char c) { return std::isdigit(static_cast<unsigned char>(c)) || c == '-'; });
-    if (!date_ok) return make_response(request, http::status::bad_request, kTextPlain, "date must be YYYY-MM-DD\n");
+    if (!state_text::valid_date(date))
+      return make_response(request, http::status::bad_request, kTextPlain, "date must be YYYY-MM-DD\n");
     if (format == "json" && domain.empty()) {
       return make_response(request, http::status::ok, "application/json", render_tlsrpt_day(telemetry_.tlsrpt(), date));
     }

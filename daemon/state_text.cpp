@@ -2,6 +2,7 @@
 #include "daemon/state_text.hpp"
 
 #include <algorithm>
+#include <chrono>
 
 namespace mailflow::state_text {
 
@@ -90,8 +91,21 @@ std::optional<std::uint64_t> number(std::string_view text) {
 }
 
 bool valid_date(std::string_view date) {
-  return date.size() == 10 && date[4] == '-' && date[7] == '-' &&
-         std::all_of(date.begin(), date.end(), [](char c) { return (c >= '0' && c <= '9') || c == '-'; });
+  const auto digits = [&](std::size_t at, std::size_t count) {
+    unsigned value = 0;
+    for (std::size_t i = at; i < at + count; ++i) {
+      if (date[i] < '0' || date[i] > '9') return -1;
+      value = value * 10 + static_cast<unsigned>(date[i] - '0');
+    }
+    return static_cast<int>(value);
+  };
+  if (date.size() != 10 || date[4] != '-' || date[7] != '-') return false;
+  const int year = digits(0, 4), month = digits(5, 2), day = digits(8, 2);
+  if (year < 0 || month < 0 || day < 0) return false;
+  return std::chrono::year_month_day(std::chrono::year(year),
+                                     std::chrono::month(static_cast<unsigned>(month)),
+                                     std::chrono::day(static_cast<unsigned>(day)))
+      .ok();
 }
 
 std::optional<std::string_view> before_end_line(std::string_view text) {

@@ -17,7 +17,7 @@ std::string encode_list(const std::vector<std::string>& items);
 std::optional<std::vector<std::string>> decode_list(std::string_view text);
 std::vector<std::string_view> split_spaces(std::string_view line);
 std::optional<std::uint64_t> number(std::string_view text);  // decimal digits only, at most 19
-bool valid_date(std::string_view date);                      // YYYY-MM-DD (shape only)
+bool valid_date(std::string_view date);                      // YYYY-MM-DD, a day of the calendar
 
 // The last line of the state files that have one (tlsrpt.state, tlsrpt-ledger.state, mta-sts.state from their
 // format 2 on): a file cut exactly at a line end is a file of whole lines that lacks it.

@@ -9,6 +9,7 @@
 #include <string_view>
 
 #include "daemon/cli_http.hpp"
+#include "daemon/state_text.hpp"
 
 namespace mailflow {
 namespace {
@@ -21,11 +22,6 @@ constexpr std::string_view kUsage =
     "                   rua addresses\n"
     "  --format         json (default) or gzip: the report exactly as it is sent (application/tlsrpt+gzip),\n"
     "                   needs --domain; write it to a file, not a terminal\n";
-
-bool valid_date(std::string_view date) {
-  return date.size() == 10 && date[4] == '-' && date[7] == '-' &&
-         std::all_of(date.begin(), date.end(), [](char c) { return (c >= '0' && c <= '9') || c == '-'; });
-}
 
 bool valid_domain(std::string_view domain) {
   return !domain.empty() && domain.size() <= 253 && std::all_of(domain.begin(), domain.end(), [](char c) {
@@ -65,7 +61,8 @@ int run_tlsrpt_cli(int argc, char** argv, std::ostream& out, std::ostream& err, 
     const std::string_view name = option.name;
     const std::string_view value = option.value;
     if (name == "--date") {
-      if (!valid_date(value)) return usage_error("--date must be YYYY-MM-DD, not \"" + std::string(value) + "\"");
+      if (!state_text::valid_date(value))
+        return usage_error("--date must be YYYY-MM-DD, not \"" + std::string(value) + "\"");
       date = std::string(value);
     } else if (name == "--domain") {
       if (!valid_domain(value)) return usage_error("--domain must be a domain name, not \"" + std::string(value) + "\"");

@@ -83,9 +83,10 @@ def test_other_days_and_bad_dates(daemon):
     assert [r["domain"] for r in json.loads(get(daemon, "/api/v1/tlsrpt?date=2026-01-03")[2])["reports"]] == \
         ["a.example.net"]
     assert json.loads(get(daemon, "/api/v1/tlsrpt?date=2025-01-01")[2]) == {"date": "2025-01-01", "reports": []}
-    with pytest.raises(urllib.error.HTTPError) as bad:
-        get(daemon, "/api/v1/tlsrpt?date=yesterday")
-    assert bad.value.code == 400
+    for date in ("yesterday", "----------", "2026-13-01", "2026-02-30", "2026-00-10"):  # no day of the calendar
+        with pytest.raises(urllib.error.HTTPError) as bad:
+            get(daemon, f"/api/v1/tlsrpt?date={date}")
+        assert bad.value.code == 400, date
     with pytest.raises(urllib.error.HTTPError) as missing:
         get(daemon, f"/api/v1/tlsrpt?date={DATE}&domain=nowhere.example&format=gzip")
     assert missing.value.code == 404
@@ -113,6 +114,12 @@ def test_cli_prints_the_day_and_one_domain(mailflowd_bin, daemon):
     assert one.returncode == 0, one.stderr
     report = json.loads(one.stdout)
     assert report["report-id"] == "2026-01-02.b.example@mx.sender.example"
+
+
+@pytest.mark.parametrize("date", ["2026-02-30", "2026-13-01", "----------"])
+def test_cli_refuses_a_date_that_is_no_day(mailflowd_bin, daemon, date):
+    r = tlsrpt_cli(mailflowd_bin, daemon, "--date", date)
+    assert r.returncode == 2 and b"--date must be" in r.stderr, r.stderr
 
 
 def test_a_domain_is_found_whatever_its_case_or_trailing_dot(mailflowd_bin, daemon):
