@@ -634,13 +634,11 @@ struct Server::Impl {
       if (stopping) co_return;
       const auto addresses = telemetry.addresses_to_name(name_batch);
       if (addresses.empty()) continue;
-      const config::Dns dns = current()->config->dns;  // a copy: a reload may replace the snapshot meanwhile
-      std::string key = std::to_string(dns.timeout.count()) + " " + dns.trust_anchor_file;
-      for (const auto& server : dns.servers) key += " " + server.text;
-      if (!resolver || key != resolver_key) {
+      const auto snapshot = current();  // kept: a reload may replace the current one meanwhile
+      if (!resolver || snapshot->resolver_key != resolver_key) {
         try {
-          resolver = std::make_shared<Resolver>(io.get_executor(), dns, &telemetry);
-          resolver_key = key;
+          resolver = std::make_shared<Resolver>(io.get_executor(), snapshot->config->dns, &telemetry);
+          resolver_key = snapshot->resolver_key;
         } catch (const std::exception& e) {
           log_event(LogLevel::warn, "dns_unavailable", {{"purpose", "reverse names"}, {"error", e.what()}});
           for (const auto& address : addresses) telemetry.remote_named(address, "", name_failure_ttl);
