@@ -75,6 +75,13 @@ tcp::endpoint listen_endpoint(const config::Endpoint& address) {
   return {ip, address.port};
 }
 
+// One directory however it is written: the same path, or paths to one existing directory (a trailing "/", a
+// symbolic link).
+bool same_directory(const std::string& a, const std::string& b) {
+  std::error_code ec;
+  return a == b || std::filesystem::equivalent(a, b, ec);
+}
+
 // "127.0.0.1:25", "[::]:25": an endpoint as a listener's address is written.
 std::string endpoint_text(const tcp::endpoint& endpoint) {
   const std::string ip = endpoint.address().to_string();
@@ -481,11 +488,14 @@ struct Server::Impl {
     telemetry.certificates_loaded(findings.expiries);
   }
 
-  // The settings of `next` that differ from what the process started with and only a restart applies.
+  // The settings of `next` that differ from what the process started with and only a restart applies,
+  // compared as what they mean, not as written: "[::1]:9725" and "[0::1]:9725" are one address,
+  // "/var/lib/mailflowd" and "/var/lib/mailflowd/" one directory.
   std::vector<const char*> restart_only_changes(const config::Config& next) const {
     std::vector<const char*> changed;
-    if (next.http.address.text != started->http.address.text) changed.push_back("http.address");
-    if (next.state_dir != started->state_dir) changed.push_back("state_dir");
+    if (listen_endpoint(next.http.address) != listen_endpoint(started->http.address))
+      changed.push_back("http.address");
+    if (!same_directory(next.state_dir, started->state_dir)) changed.push_back("state_dir");
     if (next.performance.event_loops != started->performance.event_loops)
       changed.push_back("performance.event_loops");
     return changed;

@@ -545,3 +545,21 @@ def reloads_or_none(daemon):
         return reloads(daemon, "success")
     except OSError:
         return None
+
+
+def test_reload_with_restart_only_settings_only_written_differently_is_complete(daemon_factory, sink):
+    """http.address and state_dir written differently but meaning the same ("[::1]:P" and "[0::1]:P", a state_dir
+    with "/." behind it) change nothing that needs a restart: the reload logs no reload_partial (they were
+    compared as written)."""
+    port, http_port = harness.free_port(), harness.free_port("::1")
+    d = daemon_factory(listeners=[hh.listener("inbound", port, "store")],
+                       upstreams=[hh.plain_upstream("store", sink.port)], name="respelled-restart-only",
+                       http={"address": f"[::1]:{http_port}"})
+    cfg = json.loads(d.config_path.read_text())
+    cfg["http"]["address"] = f"[0::1]:{http_port}"
+    cfg["state_dir"] = cfg["state_dir"] + "/."
+    d.config_path.write_text(json.dumps(cfg))
+    sighup_and_wait(d, "success")
+    assert "reload_partial" not in d.stderr(), d.log_tail()
+    hh.assert_relays(d, port, sink)
+
