@@ -270,10 +270,25 @@ struct Server::Impl {
     if (!ec && endpoint.protocol() == tcp::v6()) acceptor.set_option(asio::ip::v6_only(true), ec);
     if (!ec) acceptor.bind(endpoint, ec);
     if (!ec) acceptor.listen(asio::socket_base::max_listen_connections, ec);
-    if (ec)
+    if (ec) {
+      const std::string why = ec == asio::error::address_in_use && on_started_http(endpoint)
+                                  ? "the HTTP server still listens on " + started->http.address.text +
+                                        " (http.address changes need a restart)"
+                                  : ec.message();
       throw std::runtime_error("listener " + listener.name + ": cannot listen on " + listener.address.text +
-                               ": " + ec.message());
+                               ": " + why);
+    }
     return result;
+  }
+
+  // Whether `endpoint` takes the port the HTTP server listens on (it keeps the address it started with until
+  // a restart, so a reload that moves http.address and puts a listener on the old one cannot open that one).
+  bool on_started_http(const tcp::endpoint& endpoint) const {
+    if (!started) return false;
+    const tcp::endpoint http_endpoint = listen_endpoint(started->http.address);
+    return endpoint.port() == http_endpoint.port() &&
+           (endpoint.address() == http_endpoint.address() || endpoint.address().is_unspecified() ||
+            http_endpoint.address().is_unspecified());
   }
 
   // A completion handler for co_spawn: an exception that escapes a coroutine of the server is logged and
