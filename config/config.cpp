@@ -1054,6 +1054,12 @@ class Loader {
     if (!map) return;
     if (const Field* servers = get(*map, "servers")) {
       const auto list = items(*servers, "dns.servers");
+      // Not the default in disguise: an empty list (or one whose items are all commented out) is more likely
+      // a mistake than a way to say /etc/resolv.conf, which leaving the key out says.
+      if (list.empty() && (servers->value.IsNull() || servers->value.IsSequence()))
+        error_at(*servers,
+                 "dns.servers: an empty list names no DNS server; leave the key out to use the name servers "
+                 "of /etc/resolv.conf");
       for (std::size_t i = 0; i < list.size(); ++i) {
         const std::string key = "servers[" + std::to_string(i) + "]";
         const auto text = scalar_item(list[i], "dns." + key, "an address like 127.0.0.1:53");
