@@ -761,7 +761,9 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
         auto reply =
             co_await read_reply(first_reply ? connect_deadline : open_bounded(config_.timeouts.command));
         if (!reply) {
-          if (first_reply) reason = "connect_timeout";
+          // Only a banner that did not come in time is a connect timeout; a host that closed before it (or
+          // sent no reply) failed otherwise, as lost() or fail() counted it.
+          if (first_reply && Deadlines::Clock::now() >= connect_deadline) reason = "connect_timeout";
           co_return false;
         }
         action = engine.on_reply(*reply);
