@@ -1089,6 +1089,12 @@ class Loader {
     if (!map) return;
     if (const Field* servers = get(*map, "servers")) {
       const auto list = items(*servers, "dns.servers");
+      // Not the default in disguise: an empty list (or one whose items are all commented out) is more likely
+      // a mistake than a way to say /etc/resolv.conf, which leaving the key out says.
+      if (list.empty() && (servers->value.IsNull() || servers->value.IsSequence()))
+        error_at(*servers,
+                 "dns.servers: an empty list names no DNS server; leave the key out to use the name servers "
+                 "of /etc/resolv.conf");
       for (std::size_t i = 0; i < list.size(); ++i) {
         const std::string key = "servers[" + std::to_string(i) + "]";
         const auto text = scalar_item(list[i], "dns." + key, "an address like 127.0.0.1:53");
@@ -1737,9 +1743,21 @@ LoadResult load_config_file(const std::string& path) {
   // A directory opens like a file and reads as nothing, which is no empty configuration.
   struct stat info {};
   if (::stat(path.c_str(), &info) == 0 && S_ISDIR(info.st_mode)) return unreadable(EISDIR);
-  std::ostringstream text;
-  text << in.rdbuf();
-  return load_config_string(text.str(), path);
+  std::string text;
+  std::vector<char> buffer(65536);
+  while (in.read(buffer.data(), static_cast<std::streamsize>(buffer.size())) || in.gcount() > 0) {
+    text.append(buffer.data(), static_cast<std::size_t>(in.gcount()));
+    if (text.size() > max_config_bytes) {
+      LoadResult result;
+      const std::string size = std::to_string(max_config_bytes / (1024 * 1024)) + " MiB";
+      result.errors.push_back(ConfigError{path, 0, 0,
+                                          "the configuration is larger than " + size +
+                                              " (no configuration is that large: is it the right file?)"});
+      return result;
+    }
+  }
+  if (in.bad()) return unreadable(errno);
+  return load_config_string(text, path);
 }
 
 }  // namespace mailflow::config

@@ -271,6 +271,10 @@ struct LoadResult {
   std::vector<ConfigError> warnings;
 };
 
+// A configuration is kilobytes; a file larger than this (a log, an image, a device named by mistake) is
+// refused after reading this much, never read whole.
+inline constexpr std::size_t max_config_bytes = 16 * 1024 * 1024;
+
 // Parses and validates; collects every error it can find (never stops at the first).
 LoadResult load_config_file(const std::string& path);
 LoadResult load_config_string(std::string_view yaml, const std::string& file_name);

@@ -60,8 +60,8 @@ inline constexpr auto upstream_errors = std::to_array<std::string_view>({
     // timeouts.upstream_open passed while an upstream was being opened (DNS, MTA-STS, the connect
     // attempts, their setup): once per open, its RCPT gets 451 4.4.2
     "open_timeout",
-    // proto/client_session.cpp
-    "greeting_rejected", "ehlo_rejected", "starttls_unavailable", "starttls_rejected",
+    // proto/client_session.cpp (xclient_rejected: XCLIENT answered 421, the upstream's goodbye)
+    "greeting_rejected", "ehlo_rejected", "starttls_unavailable", "starttls_rejected", "xclient_rejected",
 });
 
 // mailflow_mx_attempts_total{upstream, result}: one per connection attempt to an MX host (mx upstreams),

@@ -12,6 +12,8 @@
 #include <boost/asio/use_awaitable.hpp>
 #include <cstring>
 #include <deque>
+#include <fstream>
+#include <iterator>
 #include <optional>
 #include <random>
 #include <stdexcept>
@@ -624,6 +626,17 @@ std::string dns_settings_problem(const config::Dns& dns) {
     return e.what();
   }
   return "";
+}
+
+std::string resolver_settings_key(const config::Dns& dns) {
+  std::string key = std::to_string(dns.timeout.count());
+  for (const auto& server : dns.servers) key += " " + server.text;
+  if (!dns.trust_anchor_file.empty()) {
+    std::ifstream in(dns.trust_anchor_file, std::ios::binary);
+    key += " " + dns.trust_anchor_file + "\n";
+    key.append(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  return key;
 }
 
 net::awaitable<std::string> Resolver::verified_name(net::ip::address address, bool& failed) {

@@ -98,6 +98,10 @@ std::optional<std::string> join_txt_rdata(std::string_view rdata);
 // when a resolver is made, so start, reload and --check-config make one to find out.
 std::string dns_settings_problem(const config::Dns& dns);
 
+// What a Resolver made from `dns` depends on: the settings and the trust anchor file's content, read now (at
+// start and each reload), so that a reload after the anchor was rolled at the same path makes new resolvers.
+std::string resolver_settings_key(const config::Dns& dns);
+
 class Resolver {
  public:
   // Applies `dns`: forwarders (dns.servers) or /etc/resolv.conf, the trust anchor, the timeout. Throws

@@ -42,6 +42,7 @@ std::shared_ptr<const Runtime> Runtime::build(std::shared_ptr<const config::Conf
       runtime->upstream_tls.emplace(upstream.name, std::make_shared<const ClientTls>(upstream, config->mta_sts.ca_file));
   }
   runtime->own_listeners = std::make_shared<const OwnListeners>(*config);
+  runtime->resolver_key = resolver_settings_key(config->dns);
   runtime->config = std::move(config);
   return runtime;
 }

@@ -24,6 +24,7 @@ struct Runtime {
   std::map<std::string, std::shared_ptr<const ServerTls>, std::less<>> listener_tls;  // by listener name
   std::map<std::string, std::shared_ptr<const ClientTls>, std::less<>> upstream_tls;  // by upstream name
   std::shared_ptr<const OwnListeners> own_listeners;  // where delivering to an MX host would loop
+  std::string resolver_key;  // resolver_settings_key(config->dns); a resolver made for another is replaced
 
   // Throws std::runtime_error (naming the file) when a certificate, key or CA file cannot be loaded.
   static std::shared_ptr<const Runtime> build(std::shared_ptr<const config::Config> config);

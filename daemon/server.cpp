@@ -75,6 +75,13 @@ tcp::endpoint listen_endpoint(const config::Endpoint& address) {
   return {ip, address.port};
 }
 
+// One directory however it is written: the same path, or paths to one existing directory (a trailing "/", a
+// symbolic link).
+bool same_directory(const std::string& a, const std::string& b) {
+  std::error_code ec;
+  return a == b || std::filesystem::equivalent(a, b, ec);
+}
+
 // "127.0.0.1:25", "[::]:25": an endpoint as a listener's address is written.
 std::string endpoint_text(const tcp::endpoint& endpoint) {
   const std::string ip = endpoint.address().to_string();
@@ -263,10 +270,25 @@ struct Server::Impl {
     if (!ec && endpoint.protocol() == tcp::v6()) acceptor.set_option(asio::ip::v6_only(true), ec);
     if (!ec) acceptor.bind(endpoint, ec);
     if (!ec) acceptor.listen(asio::socket_base::max_listen_connections, ec);
-    if (ec)
+    if (ec) {
+      const std::string why = ec == asio::error::address_in_use && on_started_http(endpoint)
+                                  ? "the HTTP server still listens on " + started->http.address.text +
+                                        " (http.address changes need a restart)"
+                                  : ec.message();
       throw std::runtime_error("listener " + listener.name + ": cannot listen on " + listener.address.text +
-                               ": " + ec.message());
+                               ": " + why);
+    }
     return result;
+  }
+
+  // Whether `endpoint` takes the port the HTTP server listens on (it keeps the address it started with until
+  // a restart, so a reload that moves http.address and puts a listener on the old one cannot open that one).
+  bool on_started_http(const tcp::endpoint& endpoint) const {
+    if (!started) return false;
+    const tcp::endpoint http_endpoint = listen_endpoint(started->http.address);
+    return endpoint.port() == http_endpoint.port() &&
+           (endpoint.address() == http_endpoint.address() || endpoint.address().is_unspecified() ||
+            http_endpoint.address().is_unspecified());
   }
 
   // A completion handler for co_spawn: an exception that escapes a coroutine of the server is logged and
@@ -481,11 +503,14 @@ struct Server::Impl {
     telemetry.certificates_loaded(findings.expiries);
   }
 
-  // The settings of `next` that differ from what the process started with and only a restart applies.
+  // The settings of `next` that differ from what the process started with and only a restart applies,
+  // compared as what they mean, not as written: "[::1]:9725" and "[0::1]:9725" are one address,
+  // "/var/lib/mailflowd" and "/var/lib/mailflowd/" one directory.
   std::vector<const char*> restart_only_changes(const config::Config& next) const {
     std::vector<const char*> changed;
-    if (next.http.address.text != started->http.address.text) changed.push_back("http.address");
-    if (next.state_dir != started->state_dir) changed.push_back("state_dir");
+    if (listen_endpoint(next.http.address) != listen_endpoint(started->http.address))
+      changed.push_back("http.address");
+    if (!same_directory(next.state_dir, started->state_dir)) changed.push_back("state_dir");
     if (next.performance.event_loops != started->performance.event_loops)
       changed.push_back("performance.event_loops");
     return changed;
@@ -634,13 +659,11 @@ struct Server::Impl {
       if (stopping) co_return;
       const auto addresses = telemetry.addresses_to_name(name_batch);
       if (addresses.empty()) continue;
-      const config::Dns dns = current()->config->dns;  // a copy: a reload may replace the snapshot meanwhile
-      std::string key = std::to_string(dns.timeout.count()) + " " + dns.trust_anchor_file;
-      for (const auto& server : dns.servers) key += " " + server.text;
-      if (!resolver || key != resolver_key) {
+      const auto snapshot = current();  // kept: a reload may replace the current one meanwhile
+      if (!resolver || snapshot->resolver_key != resolver_key) {
         try {
-          resolver = std::make_shared<Resolver>(io.get_executor(), dns, &telemetry);
-          resolver_key = key;
+          resolver = std::make_shared<Resolver>(io.get_executor(), snapshot->config->dns, &telemetry);
+          resolver_key = snapshot->resolver_key;
         } catch (const std::exception& e) {
           log_event(LogLevel::warn, "dns_unavailable", {{"purpose", "reverse names"}, {"error", e.what()}});
           for (const auto& address : addresses) telemetry.remote_named(address, "", name_failure_ttl);

@@ -6,11 +6,15 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <charconv>
 #include <cstdio>  // renameat2, RENAME_NOREPLACE
 #include <cstring>
 #include <filesystem>
+#include <optional>
 #include <stdexcept>
 #include <thread>
+#include <utility>
+#include <vector>
 
 #include "daemon/failpoint.hpp"
 
@@ -155,7 +159,53 @@ StateRead read_state_file(const std::string& state_dir, std::string_view name, s
   return StateRead::read;
 }
 
-std::string move_state_file_aside(const std::string& state_dir, std::string_view name, std::int64_t unix_time) {
+namespace {
+
+// (unix time, N) of NAME.corrupt-<unix time>[-N] (N = 1 without a suffix); nullopt for any other file name.
+std::optional<std::pair<std::int64_t, std::int64_t>> aside_order(std::string_view file,
+                                                                 std::string_view prefix) {
+  if (!file.starts_with(prefix)) return std::nullopt;
+  file.remove_prefix(prefix.size());
+  const auto number = [](std::string_view digits) -> std::optional<std::int64_t> {
+    std::int64_t value = 0;
+    const auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), value);
+    if (digits.empty() || ec != std::errc() || end != digits.data() + digits.size() || digits.front() == '-')
+      return std::nullopt;
+    return value;
+  };
+  const auto dash = file.find('-');
+  const auto time = number(file.substr(0, dash));
+  const auto n =
+      dash == std::string_view::npos ? std::optional<std::int64_t>(1) : number(file.substr(dash + 1));
+  if (!time || !n) return std::nullopt;
+  return std::pair{*time, *n};
+}
+
+// Keeps `kept` (just moved aside) and the newest others of NAME.corrupt-* up to max_kept_aside in all: a
+// file that is corrupt at every start (a restart loop, a disk going bad) must not fill state_dir. Returns the
+// names removed, oldest first.
+std::vector<std::string> remove_oldest_aside(const fs::path& state_dir, std::string_view name,
+                                             const fs::path& kept) {
+  const std::string prefix = std::string(name) + ".corrupt-";
+  std::vector<std::pair<std::pair<std::int64_t, std::int64_t>, std::string>> others;
+  std::error_code ec;
+  for (fs::directory_iterator it(state_dir, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string file = it->path().filename().string();
+    if (it->path() == kept) continue;
+    if (const auto order = aside_order(file, prefix)) others.emplace_back(*order, file);
+  }
+  std::sort(others.begin(), others.end());
+  std::vector<std::string> removed;
+  for (std::size_t i = 0; i + (max_kept_aside - 1) < others.size(); ++i) {
+    if (fs::remove(state_dir / others[i].second, ec)) removed.push_back(others[i].second);
+  }
+  return removed;
+}
+
+}  // namespace
+
+std::string move_state_file_aside(const std::string& state_dir, std::string_view name,
+                                  std::int64_t unix_time) {
   const fs::path path = fs::path(state_dir) / name;
   const std::string first = std::string(name) + ".corrupt-" + std::to_string(unix_time);
   // Never over an earlier one: two files moved aside in the same second (a restart loop, another bad copy
@@ -169,7 +219,13 @@ std::string move_state_file_aside(const std::string& state_dir, std::string_view
       moved = ::link(path.c_str(), aside.c_str());
       if (moved == 0) ::unlink(path.c_str());
     }
-    if (moved == 0) return "moved to " + aside.string();
+    if (moved == 0) {
+      const auto removed = remove_oldest_aside(state_dir, name, aside);
+      std::string said = "moved to " + aside.string();
+      for (std::size_t i = 0; i < removed.size(); ++i)
+        said += (i == 0 ? " (removed the oldest moved aside before: " : ", ") + removed[i];
+      return removed.empty() ? said : said + ")";
+    }
     if (errno != EEXIST) return "cannot be moved aside: " + std::string(std::strerror(errno));
   }
   return "cannot be moved aside: " + std::to_string(kMostPerSecond) + " files named " + first + "* already";

@@ -47,8 +47,12 @@ class StateDirLock {
   int fd_ = -1;
 };
 
+// At most this many files moved aside are kept per state file: the one moved aside now and the newest others.
+inline constexpr std::size_t max_kept_aside = 5;
+
 // Renames state_dir/name to name.corrupt-<unix_time> (name.corrupt-<unix_time>-2, -3, ... where that one is
-// taken: never over an earlier one); returns the text for the log ("moved to ..." or why not).
+// taken: never over an earlier one), then removes the oldest earlier ones beyond max_kept_aside; returns the
+// text for the log ("moved to ..." and the names removed, or why not).
 std::string move_state_file_aside(const std::string& state_dir, std::string_view name, std::int64_t unix_time);
 
 }  // namespace mailflow

@@ -34,18 +34,16 @@ const char* const upstream_unavailable_reply = "451 4.4.1 Upstream unavailable, 
 auto in(Deadlines::Clock::duration timeout) { return Deadlines::in(timeout); }
 
 // One Resolver per event loop, i.e. per thread (daemon/resolver.hpp), held by the loop's LoopScope: made on
-// first use, and again when a reload changed `dns`. Sessions hold it (shared) while they use it, so a
-// replaced one lives until they are done. Outside a LoopScope (no loop of the server's) each call makes its
-// own.
+// first use, and again when a reload changed `dns` or the trust anchor file's content (`key`, the runtime's
+// resolver_key). Sessions hold it (shared) while they use it, so a replaced one lives until they are done.
+// Outside a LoopScope (no loop of the server's) each call makes its own.
 std::shared_ptr<Resolver> loop_resolver(const asio::any_io_executor& executor, const config::Dns& dns,
-                                        Telemetry& telemetry) {
-  std::string key = std::to_string(dns.timeout.count()) + " " + dns.trust_anchor_file;
-  for (const auto& server : dns.servers) key += " " + server.text;
+                                        const std::string& key, Telemetry& telemetry) {
   LoopScope::Resources* loop = LoopScope::current();
   if (loop == nullptr) return std::make_shared<Resolver>(executor, dns, &telemetry);
   if (!loop->resolver || key != loop->resolver_key) {
     loop->resolver = std::make_shared<Resolver>(executor, dns, &telemetry);
-    loop->resolver_key = std::move(key);
+    loop->resolver_key = key;
   }
   return loop->resolver;
 }
@@ -352,7 +350,8 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open(const con
 
 std::shared_ptr<Resolver> UpstreamLeg::resolver() {
   try {
-    auto dns = Resolver::share(loop_resolver(executor_, config_.dns, session_.telemetry));
+    const std::string& key = session_.runtime.resolver_key;
+    auto dns = Resolver::share(loop_resolver(executor_, config_.dns, key, session_.telemetry));
     dns_ = dns;
     return dns;
   } catch (const std::exception& e) {
@@ -762,7 +761,9 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
         auto reply =
             co_await read_reply(first_reply ? connect_deadline : open_bounded(config_.timeouts.command));
         if (!reply) {
-          if (first_reply) reason = "connect_timeout";
+          // Only a banner that did not come in time is a connect timeout; a host that closed before it (or
+          // sent no reply) failed otherwise, as lost() or fail() counted it.
+          if (first_reply && Deadlines::Clock::now() >= connect_deadline) reason = "connect_timeout";
           co_return false;
         }
         action = engine.on_reply(*reply);

@@ -178,6 +178,9 @@ ClientSession::Action ClientSession::on_reply(const Reply& reply) {
         const std::string& name = options_.client_helo.empty() ? options_.ehlo_name : options_.client_helo;
         return send("EHLO " + name + "\r\n", Step::ehlo_after_xclient);
       }
+      // 421: the upstream closes the channel (RFC 5321 3.8), which going on without XCLIENT would find only
+      // at MAIL, as a lost connection.
+      if (reply.code == 421) return fail("xclient_rejected", reply);
       // Refused (not authorized for XCLIENT, ...): the session is still the one after our EHLO.
       step_ = Step::done;
       {

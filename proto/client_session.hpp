@@ -37,7 +37,7 @@ class ClientSession {
     ActionKind kind = ActionKind::read_reply;
     std::string data;           // send only (wire form, CRLF included)
     std::string_view reason;    // fail only: greeting_rejected, ehlo_rejected, starttls_unavailable,
-                                // starttls_rejected, protocol
+                                // starttls_rejected, xclient_rejected (421), protocol
     Reply reply;                // fail only
   };
 

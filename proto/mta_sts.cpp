@@ -195,12 +195,13 @@ std::optional<Policy> parse_policy(std::string_view body, std::string& error) {
       if (again(have_max_age)) continue;
       std::uint64_t seconds = 0;
       const auto [ptr, ec] = std::from_chars(value.data(), value.data() + value.size(), seconds);
-      if (value.empty() || value.size() > 10 || ec != std::errc() || ptr != value.data() + value.size() ||
-          seconds > max_max_age) {
-        error = "max_age must be 0.." + std::to_string(max_max_age) + " seconds" + where;
+      if (value.empty() || value.size() > 10 || ec != std::errc() || ptr != value.data() + value.size()) {
+        error = "max_age must be 1 to 10 digits (seconds)" + where;
         return std::nullopt;
       }
-      policy.max_age = static_cast<std::uint32_t>(seconds);
+      // RFC 8461 3.2: "max value is 31557600". A larger one is taken as the longest (as mox and
+      // postfix-mta-sts-resolver take it): refusing the policy would leave the domain unprotected.
+      policy.max_age = static_cast<std::uint32_t>(std::min<std::uint64_t>(seconds, max_max_age));
     } else if (key == "mx") {
       const std::string pattern = ascii_lower(value);
       const std::string_view domain = std::string_view(pattern).starts_with("*.")

@@ -9,7 +9,7 @@
 
 namespace mailflow::proto::mta_sts {
 
-// RFC 8461 3.2: a policy's max_age is at most 31557600 seconds (about a year).
+// RFC 8461 3.2: a policy's max_age is at most 31557600 seconds (about a year); a larger one is taken as this.
 inline constexpr std::uint32_t max_max_age = 31557600;
 // RFC 8461 3.3: senders may bound the policy file; 64 KiB is what the RFC suggests.
 inline constexpr std::size_t max_policy_bytes = 64 * 1024;

@@ -306,7 +306,16 @@ std::string render_mail(const DomainDay& day, const Submitter& submitter, std::s
   header("From", "<" + parts.from + ">");
   header("To", "<" + parts.to + ">");
   header("Date", parts.date_header);
-  header("Subject", "Report Domain: " + day.domain + " Submitter: " + submitter.submitter + " Report-ID: <" + id + ">");
+  // RFC 8460 5.3's Subject on one line, unless that would pass RFC 5322 2.1.1's 998 octets (two names of up
+  // to 253 octets and a Report-ID that holds both again): then folded before "Submitter:" and "Report-ID:",
+  // which unfolds to the same text.
+  const std::string subject_parts[] = {"Report Domain: " + day.domain, "Submitter: " + submitter.submitter,
+                                       "Report-ID: <" + id + ">"};
+  const bool fold = std::string_view("Subject: ").size() + subject_parts[0].size() + subject_parts[1].size() +
+                        subject_parts[2].size() + 2 >
+                    998;
+  const std::string separator = fold ? "\r\n " : " ";
+  header("Subject", subject_parts[0] + separator + subject_parts[1] + separator + subject_parts[2]);
   header("TLS-Report-Domain", day.domain);
   header("TLS-Report-Submitter", submitter.submitter);
   header("Message-ID", "<" + parts.message_id + ">");

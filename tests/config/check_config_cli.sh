@@ -265,6 +265,16 @@ else
   fail "missing file: exit status $status"; cat "$work/err"
 fi
 
+# A file larger than any configuration (16 MiB) is refused without being read whole: a valid one padded with a
+# comment to one byte over the bound.
+{ cat "$work/good.yaml"; printf '#'; head -c $((16 * 1024 * 1024)) /dev/zero | tr '\0' x; echo; } >"$work/huge.yaml"
+run "$work/huge.yaml"
+if [ "$status" -eq 1 ] && grep -qF "$work/huge.yaml: the configuration is larger than 16 MiB" "$work/err"; then
+  passed=$((passed + 1)); echo "ok: file over 16 MiB"
+else
+  fail "file over 16 MiB: exit status $status (expected 1 and the size error)"; head -c 2000 "$work/err"
+fi
+
 # A second file (or anything else) after --check-config FILE is a usage error, not silently left unchecked.
 timeout 20 "$bin" --check-config "$work/good.yaml" "$work/garbage.yaml" >"$work/out" 2>"$work/err"
 status=$?

@@ -1116,6 +1116,13 @@ TEST_CASE("load_config_file") {
   const auto directory = load_config_file(dir.path().string());
   REQUIRE(directory.errors.size() == 1);
   CHECK(directory.errors[0].to_string() == dir.path().string() + ": cannot read the configuration: Is a directory");
+  // A file larger than any configuration is refused once that much is read, not read whole (nor parsed).
+  const std::string huge = dir.write("huge.yaml", with("# " + std::string(max_config_bytes, 'x') + "\n"));
+  const auto too_big = load_config_file(huge);
+  REQUIRE(too_big.errors.size() == 1);
+  const std::string said = too_big.errors[0].to_string();
+  CHECK(said == huge + ": the configuration is larger than 16 MiB (no configuration is that large: is it the "
+                       "right file?)");
   const std::string path = dir.write("m.yaml", minimal);
   const auto ok = load_config_file(path);
   REQUIRE(ok.config);

@@ -168,6 +168,15 @@ dns:
         "test.yaml:8:22: dns.trust_anchor_file: cannot read \"/nonexistent/root.key\": No such file or directory");
   CHECK(only_error(load(with("upstreams:\n  - {name: internet, mx: true}\ndns: {resolvers: []}\n"))).message ==
         "unknown key \"resolvers\" in dns (expected one of: servers timeout trust_anchor_file)");
+  // An empty list (or one whose items are all commented out) names no server; it used to mean
+  // /etc/resolv.conf silently, which leaving the key out says.
+  for (const char* empty : {"dns: {servers: []}\n", "dns:\n  servers:\n  # - 127.0.0.1\n"}) {
+    CAPTURE(empty);
+    const std::string mx = "upstreams:\n  - {name: internet, mx: true}\n";
+    CHECK(only_error(load(with(mx + empty))).message ==
+          "dns.servers: an empty list names no DNS server; leave the key out to use the name servers of "
+          "/etc/resolv.conf");
+  }
 }
 
 TEST_CASE("recipient_domains: bad patterns, and the checker's reference errors") {

@@ -108,6 +108,27 @@ TEST_CASE("state files: two moved aside in the same second are both kept") {
   std::filesystem::remove_all(dir);
 }
 
+TEST_CASE("state files: at most 5 moved aside are kept per name, the newest, and the removed ones are said") {
+  const auto dir = fresh_dir("aside-bound");
+  // Six earlier ones (one a second in the same second), another file's, one "from the future" (a clock set
+  // back: the file moved aside now is kept whatever the others' times say) and a name of another pattern.
+  for (const char* name : {"x.state.corrupt-100", "x.state.corrupt-101", "x.state.corrupt-102",
+                           "x.state.corrupt-102-2", "x.state.corrupt-103", "x.state.corrupt-5000",
+                           "y.state.corrupt-50", "x.state.corrupt-notes"})
+    std::ofstream(dir / name) << name;
+  std::ofstream(dir / "x.state") << "bad";
+  const std::string said = mailflow::move_state_file_aside(dir.string(), "x.state", 1000);
+  CHECK(said == "moved to " + (dir / "x.state.corrupt-1000").string() +
+                    " (removed the oldest moved aside before: x.state.corrupt-100, x.state.corrupt-101)");
+  CHECK(read(dir / "x.state.corrupt-1000") == "bad");
+  for (const char* kept : {"x.state.corrupt-102", "x.state.corrupt-102-2", "x.state.corrupt-103",
+                           "x.state.corrupt-5000", "y.state.corrupt-50", "x.state.corrupt-notes"})
+    CHECK_MESSAGE(read(dir / kept) == kept, kept);
+  CHECK_FALSE(std::filesystem::exists(dir / "x.state.corrupt-100"));
+  CHECK_FALSE(std::filesystem::exists(dir / "x.state.corrupt-101"));
+  std::filesystem::remove_all(dir);
+}
+
 TEST_CASE("state_dir lock: one holder at a time, named by its pid, free again once released") {
   const auto dir = fresh_dir("lock") / "made";  // a missing state_dir is made, as at start
   {

@@ -22,6 +22,7 @@ that are real aiosmtpd sinks, and TLSA records made from the sinks' real certifi
 - the config checker refuses `tls: dane` without dns.trust_anchor_file."""
 import hashlib
 import shutil
+import signal
 import ssl
 import subprocess
 import sys
@@ -299,6 +300,35 @@ def test_zone_outside_the_trust_anchor_falls_back(env, daemon_factory, workdir):
     assert wrong.wait_messages(n + 1)[-1][0]["tls_version"] != "none"
     after = harness.wait_moved(daemon, before)
     assert policy_moved(before, after) == {("internet", "none", "success"): 1.0}
+
+
+def test_a_trust_anchor_rolled_at_the_same_path_applies_at_the_reload(env, daemon_factory, workdir):
+    """dns.trust_anchor_file rewritten in place (a rolled anchor) and SIGHUP: the reload reads the new content,
+    as the start does. First an anchor for another zone only: example.net is insecure, DANE does not apply and
+    the mail goes out to the host whose TLSA record matches nothing. Then the zone's own anchor at the same path
+    and a reload: the answers are secure, DANE applies and that host is not used (the resolvers were kept by
+    path, so the old anchor held until a restart)."""
+    anchor = Path(workdir) / "rolled-anchor.ds"
+    anchor.write_text(env.knot.ds("other.example"))
+    port = harness.free_port()
+    daemon = daemon_factory([{"name": "out-roll", "address": f"127.0.0.1:{port}", "direction": "outbound",
+                              "upstream": "dane-roll"}],
+                            [{"name": "dane-roll", "mx": True, "port": env.port, "tls": "dane"}],
+                            name="mailflowd-anchor-roll",
+                            dns={"servers": [env.knot.address], "timeout": "2s", "trust_anchor_file": str(anchor)})
+    wrong = env.sinks["wrong"]
+    n = wrong.count()
+    rcpt, final = deliver(types.SimpleNamespace(port=port), "rita@onlywrong.example.net")
+    assert rcpt[0] == 250 and final[0] == 250, (rcpt, final)
+    assert wrong.wait_messages(n + 1)
+    anchor.write_text(Path(env.knot.trust_anchor_file).read_text())
+    reloaded = harness.value(daemon.metrics(), "mailflow_config_reloads_total", result="success")
+    daemon.proc.send_signal(signal.SIGHUP)
+    harness.wait_for(lambda: harness.value(daemon.metrics(), "mailflow_config_reloads_total", result="success")
+                     > reloaded, 10, what="the reload")
+    rcpt, final = deliver(types.SimpleNamespace(port=port), "rita@onlywrong.example.net")
+    assert rcpt[0] == 451 and "tls_policy" in rcpt[1], (rcpt, final)
+    assert wrong.count() == n + 1, "the old trust anchor still held after the reload"
 
 
 def test_a_forged_address_answer_does_not_turn_dane_off(env, daemon_factory):

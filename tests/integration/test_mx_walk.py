@@ -9,6 +9,8 @@ upstream_open 3s:
 - stalls.example.net (silent, mute, silent2, good): without the bound the walk would take 1 + 6 + 1 s and then
   deliver; with it, the RCPT gets 451 4.4.2 at 3 s, counted once as upstream_errors open_timeout.
 - onehole.example.net (silent, good): the walk reaches the good host in time and delivers.
+- closes.example.net (a host that closes before its banner, good): counted as a lost connection and a failed
+  attempt, not as a connect timeout; the good host delivers.
 - a fixed upstream that stalls at EHLO: 451 4.4.2 at 3 s, not after timeouts.command.
 - stsslow.example.net, whose MTA-STS policy host never answers (mta_sts.fetch_timeout 10s): 451 4.4.2 at 3 s.
 - a DNS server that never answers (dns.timeout 8s, upstream_open 2s): 451 4.4.2 at 2 s.
@@ -41,11 +43,12 @@ COMMAND = 6.0
 UPSTREAM_OPEN = 3.0
 MARGIN = 1.5
 SENDER = "app@corp.example"
-ADDR = {"silent": "127.0.0.61", "mute": "127.0.0.62", "silent2": "127.0.0.63", "good": "127.0.0.64"}
+ADDR = {"silent": "127.0.0.61", "mute": "127.0.0.62", "silent2": "127.0.0.63", "good": "127.0.0.64",
+        "closes": "127.0.0.65"}
 POLICY_HOST = "127.0.0.66"  # mta-sts.stsslow.example.net:443, which accepts and never answers
 MANY = ["127.0.0.71", "127.0.0.72", "127.0.0.73", "127.0.0.74", "127.0.0.75", "127.0.0.76", "127.0.0.77"]
 SESSIONS = {"busy": "127.0.0.81", "noehlo1": "127.0.0.82", "noehlo2": "127.0.0.83", "fine": "127.0.0.84"}
-CLOSING = "127.0.0.65"  # mx.closing.example.net: 421 to STARTTLS
+CLOSING = "127.0.0.67"  # mx.closing.example.net: 421 to STARTTLS
 ZONE = """$ORIGIN example.net.
 $TTL 300
 @            SOA   ns hostmaster 1 3600 600 86400 300
@@ -61,6 +64,9 @@ mx.silent    A     {silent}
 mx.mute      A     {mute}
 mx.silent2   A     {silent2}
 mx.good      A     {good}
+closes       MX    10 mx.closes
+closes       MX    20 mx.good
+mx.closes    A     {closes}
 stsslow      MX    10 mx.good
 _mta-sts.stsslow TXT "v=STSv1; id=1;"
 mta-sts.stsslow  A   {policy}
@@ -101,6 +107,10 @@ def black_hole(conn):
 def mute_after_banner(conn):
     conn.send(b"220 mx.mute.example.net ESMTP\r\n")
     conn.hang(30)  # EHLO never answered
+
+
+def closes_before_banner(conn):
+    conn.sock.close()  # accepted, closed at once: no banner
 
 
 def busy_banner(conn):
@@ -148,7 +158,8 @@ def env(knot, sink_factory, daemon_factory):
              hh.FakeUpstream("silent2", black_hole, host=ADDR["silent2"], port=port),
              hh.FakeUpstream("stallfix", mute_after_banner),
              hh.FakeUpstream("policy", black_hole, host=POLICY_HOST, port=443),
-             hh.FakeUpstream("closing", closes_at_starttls, host=CLOSING, port=port)]
+             hh.FakeUpstream("closing", closes_at_starttls, host=CLOSING, port=port),
+             hh.FakeUpstream("closes", closes_before_banner, host=ADDR["closes"], port=port)]
     many = [hh.FakeUpstream(f"many{i}", busy_banner, host=host, port=port) for i, host in enumerate(MANY)]
     sessions = {"busy": hh.FakeUpstream("busy", busy_banner, host=SESSIONS["busy"], port=port),
                 "noehlo1": hh.FakeUpstream("noehlo1", refuses_ehlo, host=SESSIONS["noehlo1"], port=port),
@@ -238,6 +249,29 @@ def test_walk_past_a_black_hole_reaches_the_working_host_in_time(env):
         series_key(upstream="internet", result="connect_timeout"): 1.0,
         series_key(upstream="internet", result="success"): 1.0}
     assert not delta(before, after, "mailflow_upstream_errors_total", reason="open_timeout")
+
+
+def test_mx_host_that_closes_before_its_banner_is_no_connect_timeout(env):
+    """An MX host that accepts and closes at once, well within upstream_connect: the connection was lost
+    (upstream_errors connection_lost) and the attempt failed (mx_attempts failed), not connect_timeout (it was
+    counted as one whatever ended the wait for the banner); the next host takes the mail."""
+    d, sink = env.daemon, env.good
+    before = d.metrics()
+    n = sink.count()
+    c, (code, text), elapsed = timed_rcpt(env.ports["out"], "dave@closes.example.net")
+    try:
+        assert code == 250, text
+        assert elapsed < UPSTREAM_CONNECT, f"250 after {elapsed:.2f}s"
+        c.cmd("RSET")
+    finally:
+        c.close()
+    after = hh.assert_counter(d, before, "mailflow_mx_attempts_total", upstream="internet", result="success")
+    assert delta(before, after, "mailflow_mx_attempts_total") == {
+        series_key(upstream="internet", result="failed"): 1.0,
+        series_key(upstream="internet", result="success"): 1.0}
+    assert delta(before, after, "mailflow_upstream_errors_total") == {
+        series_key(upstream="internet", reason="connection_lost"): 1.0}
+    assert env.fakes[-1].connections() == 1
 
 
 def test_fixed_upstream_that_stalls_at_ehlo_gets_451_by_upstream_open(env):

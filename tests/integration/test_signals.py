@@ -545,3 +545,39 @@ def reloads_or_none(daemon):
         return reloads(daemon, "success")
     except OSError:
         return None
+
+
+def test_reload_with_restart_only_settings_only_written_differently_is_complete(daemon_factory, sink):
+    """http.address and state_dir written differently but meaning the same ("[::1]:P" and "[0::1]:P", a state_dir
+    with "/." behind it) change nothing that needs a restart: the reload logs no reload_partial (they were
+    compared as written)."""
+    port, http_port = harness.free_port(), harness.free_port("::1")
+    d = daemon_factory(listeners=[hh.listener("inbound", port, "store")],
+                       upstreams=[hh.plain_upstream("store", sink.port)], name="respelled-restart-only",
+                       http={"address": f"[::1]:{http_port}"})
+    cfg = json.loads(d.config_path.read_text())
+    cfg["http"]["address"] = f"[0::1]:{http_port}"
+    cfg["state_dir"] = cfg["state_dir"] + "/."
+    d.config_path.write_text(json.dumps(cfg))
+    sighup_and_wait(d, "success")
+    assert "reload_partial" not in d.stderr(), d.log_tail()
+    hh.assert_relays(d, port, sink)
+
+
+def test_reload_adding_a_listener_on_the_old_http_port_says_http_still_listens_there(daemon_factory, sink):
+    """A reload that moves http.address and puts a listener on the port HTTP had: http.address changes need a
+    restart, so the HTTP server still listens there and the listener cannot. The refusal says so (it said only
+    "Address already in use", which the user had just freed), and the running listener still relays."""
+    d, port = start(daemon_factory, "listener-on-old-http", sink)
+    cfg = json.loads(d.config_path.read_text())
+    old_http = cfg["http"]["address"]
+    cfg["http"]["address"] = f"127.0.0.1:{harness.free_port()}"
+    cfg["listeners"].append(hh.listener("second", int(old_http.rsplit(":", 1)[1]), "store"))
+    d.config_path.write_text(json.dumps(cfg))
+    sighup_and_wait(d, "failure")
+    refused = reload_lines(d)
+    assert len(refused) == 1, d.log_tail()
+    assert f"listener second: cannot listen on {old_http}" in refused[0], refused
+    assert f"the HTTP server still listens on {old_http}" in refused[0], refused
+    assert "http.address changes need a restart" in refused[0], refused
+    hh.assert_relays(d, port, sink)

@@ -260,10 +260,32 @@ def test_a_file_moved_aside_never_replaces_an_earlier_one(env):
     daemon = env.make("aside-twice", state)
     stop_ok(daemon)
     for path, content in earlier.items():
-        assert path.read_bytes() == content, f"{path.name} was replaced by the file moved aside"
+        assert not path.exists() or path.read_bytes() == content, f"{path.name} was replaced by the file moved aside"
     new = [p for p in state.glob("windows.state.corrupt-*") if p not in earlier]
     assert [p.read_bytes() for p in new] == [b"garbage\n"], sorted(p.name for p in new)
     assert new[0].name in daemon.stderr(), f"the log should say where the file went ({new[0].name})"
+    # At most 5 are kept: the one moved aside now and the 4 newest earlier ones; the log names those removed.
+    kept = sorted(p.name for p in state.glob("windows.state.corrupt-*") if p in earlier)
+    assert kept == [f"windows.state.corrupt-{t}" for t in range(now + 56, now + 60)], kept
+    assert f"windows.state.corrupt-{now - 2}, windows.state.corrupt-{now - 1}," in daemon.stderr(), daemon.log_tail()
+
+
+def test_files_moved_aside_are_bounded_and_the_removed_ones_logged(env):
+    """A state file that is corrupt at every start (a restart loop, a disk going bad) must not fill state_dir with
+    copies: the newest 5 moved aside are kept, the older ones are removed, and the log says which."""
+    state = env.workdir / "aside-bounded-state"
+    state.mkdir()
+    for start in range(7):
+        (state / "windows.state").write_bytes(f"garbage {start}\n".encode())
+        daemon = env.make(f"aside-bounded-{start}", state)
+        stop_ok(daemon)
+        aside = sorted(state.glob("windows.state.corrupt-*"), key=lambda p: p.stat().st_mtime_ns)
+        assert len(aside) == min(start + 1, 5), sorted(p.name for p in aside)
+        if start >= 5:
+            assert "removed the oldest moved aside before: windows.state.corrupt-" in daemon.stderr(), \
+                daemon.log_tail()
+    contents = sorted(p.read_bytes() for p in state.glob("windows.state.corrupt-*"))
+    assert contents == [f"garbage {n}\n".encode() for n in range(2, 7)], contents
 
 
 def test_a_state_dir_in_use_is_refused(env):

@@ -308,7 +308,7 @@ TEST_CASE("ClientSession: 421 or 554 injected at each step of the full conversat
       {1, "fail:ehlo_rejected", "fail:starttls_unavailable"},  // 554: HELO fallback has no STARTTLS
       {2, "fail:starttls_rejected", "fail:starttls_rejected"},
       {3, "fail:ehlo_rejected", "ready+tls"},  // 554: HELO after TLS, no extensions, so no XCLIENT
-      {4, "ready+tls", "ready+tls"},           // XCLIENT refused: go on without it
+      {4, "fail:xclient_rejected", "ready+tls"},  // 554: XCLIENT refused, go on without it; 421: a goodbye
       {5, "fail:ehlo_rejected", "ready+tls+xclient"},
       {99, "ready+tls+xclient", "ready+tls+xclient"},
   };

@@ -169,6 +169,17 @@ TEST_CASE("tlsrpt mail: the longest organization name allowed keeps the text lin
         std::string::npos);
   CHECK(line.size() <= 998);
   CHECK(max_organization_name >= 253);  // the default, the hostname, always fits
+  // Every line of the mail, the Subject too (two names and a Report-ID that holds both again: ~1,070 octets
+  // on one line), which is folded before "Submitter:" and "Report-ID:" where it would not fit.
+  for (std::size_t at = 0; at < mail.size();) {
+    const auto eol = mail.find("\r\n", at);
+    REQUIRE(eol != std::string::npos);
+    CHECK_MESSAGE(eol - at <= 998, mail.substr(at, 60));
+    at = eol + 2;
+  }
+  const std::string subject = "Subject: Report Domain: " + longest_name + "\r\n Submitter: " + longest_name +
+                              "\r\n Report-ID: <2016-04-01." + longest_name + "@" + longest_name + ">\r\n";
+  CHECK(mail.find("\r\n" + subject) != std::string::npos);
 }
 
 TEST_CASE("base64: RFC 4648 test vectors") {
