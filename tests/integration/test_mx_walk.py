@@ -48,7 +48,7 @@ ADDR = {"silent": "127.0.0.61", "mute": "127.0.0.62", "silent2": "127.0.0.63", "
 POLICY_HOST = "127.0.0.66"  # mta-sts.stsslow.example.net:443, which accepts and never answers
 MANY = ["127.0.0.71", "127.0.0.72", "127.0.0.73", "127.0.0.74", "127.0.0.75", "127.0.0.76", "127.0.0.77"]
 SESSIONS = {"busy": "127.0.0.81", "noehlo1": "127.0.0.82", "noehlo2": "127.0.0.83", "fine": "127.0.0.84"}
-CLOSING = "127.0.0.67"  # mx.closing.example.net: 421 to STARTTLS
+CLOSING = "127.0.0.58"  # mx.closing.example.net: 421 to STARTTLS
 ZONE = """$ORIGIN example.net.
 $TTL 300
 @            SOA   ns hostmaster 1 3600 600 86400 300
@@ -251,6 +251,10 @@ def test_walk_past_a_black_hole_reaches_the_working_host_in_time(env):
     assert not delta(before, after, "mailflow_upstream_errors_total", reason="open_timeout")
 
 
+def fake(env, name):
+    return next(f for f in env.fakes if f.name == name)
+
+
 def test_mx_host_that_closes_before_its_banner_is_no_connect_timeout(env):
     """An MX host that accepts and closes at once, well within upstream_connect: the connection was lost
     (upstream_errors connection_lost) and the attempt failed (mx_attempts failed), not connect_timeout (it was
@@ -271,7 +275,7 @@ def test_mx_host_that_closes_before_its_banner_is_no_connect_timeout(env):
         series_key(upstream="internet", result="success"): 1.0}
     assert delta(before, after, "mailflow_upstream_errors_total") == {
         series_key(upstream="internet", reason="connection_lost"): 1.0}
-    assert env.fakes[-1].connections() == 1
+    assert fake(env, "closes").connections() == 1
 
 
 def test_fixed_upstream_that_stalls_at_ehlo_gets_451_by_upstream_open(env):
@@ -450,7 +454,7 @@ def test_a_host_that_answers_starttls_with_421_is_left_for_the_next(env):
     454 of tls: opportunistic, after which mail goes on in plaintext), sent MAIL and RCPT to a host that had said
     it is closing, and gave the client 451 for a connection lost, never trying mx.good. The 421 ends that host's
     session instead, as it does at any other step: nothing more is sent to it, and mx.good gets the mail."""
-    d, sink, closing = env.daemon, env.good, env.fakes[-1]
+    d, sink, closing = env.daemon, env.good, fake(env, "closing")
     before = d.metrics()
     n, conns = sink.count(), closing.connections()
     c, (code, text), _ = timed_rcpt(env.ports["out"], "dave@closing.example.net")
