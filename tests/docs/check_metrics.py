@@ -166,6 +166,19 @@ def reference_rows(lines):
     return rows
 
 
+def differences(where, name, kind, labels, exported, said):
+    """How one metric as a table `said` it (type, label names) differs from what mailflowd exports."""
+    if name not in exported:
+        return [f"{where}: {name} is {said} but mailflowd does not export it"]
+    real_kind, real_labels = exported[name]
+    out = []
+    if kind != real_kind:
+        out.append(f"{where}: {name} is {said} as a {kind}, mailflowd exports a {real_kind}")
+    if real_labels is not None and labels != real_labels:
+        out.append(f"{where}: {name} is {said} with labels {sorted(labels)}, mailflowd exports {sorted(real_labels)}")
+    return out
+
+
 def check_reference(rows, exported):
     errors = []
     seen = set()
@@ -173,15 +186,7 @@ def check_reference(rows, exported):
         if name in seen:
             errors.append(f"{where}: {name} is listed twice")
         seen.add(name)
-        if name not in exported:
-            errors.append(f"{where}: {name} is documented but mailflowd does not export it")
-            continue
-        real_kind, real_labels = exported[name]
-        if kind != real_kind:
-            errors.append(f"{where}: {name} is documented as a {kind}, mailflowd exports a {real_kind}")
-        if real_labels is not None and labels != real_labels:
-            errors.append(f"{where}: {name} is documented with labels {sorted(labels)}, mailflowd exports "
-                          f"{sorted(real_labels)}")
+        errors += differences(where, name, kind, labels, exported, "documented")
     for name in sorted(set(exported) - seen):
         kind, labels = exported[name]
         errors.append(f"{REFERENCE}: does not list {name} ({kind}, labels {sorted(labels or [])}), which mailflowd "
@@ -272,15 +277,7 @@ def interface_notes(path, exported):
         name, kind = m.group(1), m.group(2).split()[0].split("=")[0]
         labels = frozenset(re.findall(r"(?:^|,)\s*([a-z_]+)", re.sub(r"\([^)]*\)", "", m.group(3))))
         where = f"{os.path.basename(path)}:{n}"
-        if name not in exported:
-            notes.append(f"{where}: {name} is in the contract but mailflowd does not export it")
-            continue
-        real_kind, real_labels = exported[name]
-        if kind != real_kind:
-            notes.append(f"{where}: {name} is a {kind} in the contract, mailflowd exports a {real_kind}")
-        if real_labels is not None and labels != real_labels:
-            notes.append(f"{where}: {name} has labels {sorted(labels)} in the contract, mailflowd exports "
-                         f"{sorted(real_labels)}")
+        notes += differences(where, name, kind, labels, exported, "in the contract")
     return notes
 
 

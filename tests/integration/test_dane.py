@@ -280,18 +280,25 @@ def test_no_tlsa_records_is_opportunistic(env):
     assert policy_moved(before, harness.wait_moved(env.daemon, before)) == {("partners", "none", "success"): 1.0}
 
 
+def daemon_with_other_anchor(env, daemon_factory, anchor, name):
+    """A daemon whose trust anchor (written to `anchor`) is another zone's: every answer for example.net is
+    insecure. Its outbound port and the daemon."""
+    anchor.write_text(env.knot.ds("other.example"))
+    port = harness.free_port()
+    daemon = daemon_factory([{"name": f"out-{name}", "address": f"127.0.0.1:{port}", "direction": "outbound",
+                              "upstream": f"dane-{name}"}],
+                            [{"name": f"dane-{name}", "mx": True, "port": env.port, "tls": "dane"}],
+                            name=f"mailflowd-{name}",
+                            dns={"servers": [env.knot.address], "timeout": "2s", "trust_anchor_file": str(anchor)})
+    return port, daemon
+
+
 def test_zone_outside_the_trust_anchor_falls_back(env, daemon_factory, workdir):
     """The same signed zone, but a trust anchor for another zone only: every answer for example.net is
     insecure, so its TLSA records (here: one that matches nothing) do not apply, and the mail goes out with
     opportunistic TLS."""
     anchor = Path(workdir) / "other-anchor.ds"
-    anchor.write_text(env.knot.ds("other.example"))
-    port = harness.free_port()
-    daemon = daemon_factory([{"name": "out2", "address": f"127.0.0.1:{port}", "direction": "outbound",
-                              "upstream": "dane-mx2"}],
-                            [{"name": "dane-mx2", "mx": True, "port": env.port, "tls": "dane"}],
-                            name="mailflowd-insecure",
-                            dns={"servers": [env.knot.address], "timeout": "2s", "trust_anchor_file": str(anchor)})
+    port, daemon = daemon_with_other_anchor(env, daemon_factory, anchor, "insecure")
     wrong = env.sinks["wrong"]
     n = wrong.count()
     before = daemon.metrics()
@@ -309,13 +316,7 @@ def test_a_trust_anchor_rolled_at_the_same_path_applies_at_the_reload(env, daemo
     and a reload: the answers are secure, DANE applies and that host is not used (the resolvers were kept by
     path, so the old anchor held until a restart)."""
     anchor = Path(workdir) / "rolled-anchor.ds"
-    anchor.write_text(env.knot.ds("other.example"))
-    port = harness.free_port()
-    daemon = daemon_factory([{"name": "out-roll", "address": f"127.0.0.1:{port}", "direction": "outbound",
-                              "upstream": "dane-roll"}],
-                            [{"name": "dane-roll", "mx": True, "port": env.port, "tls": "dane"}],
-                            name="mailflowd-anchor-roll",
-                            dns={"servers": [env.knot.address], "timeout": "2s", "trust_anchor_file": str(anchor)})
+    port, daemon = daemon_with_other_anchor(env, daemon_factory, anchor, "anchor-roll")
     wrong = env.sinks["wrong"]
     n = wrong.count()
     rcpt, final = deliver(types.SimpleNamespace(port=port), "rita@onlywrong.example.net")
