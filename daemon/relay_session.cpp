@@ -158,6 +158,7 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
     options.max_message_size = config_.limits.max_message_size;
     options.max_recipients = config_.limits.max_recipients;
     options.max_bad_commands = config_.limits.max_bad_commands;
+    options.max_junk_commands = config_.limits.max_junk_commands;
     return options;
   }
   static SteadyClock::time_point in(SteadyClock::duration timeout) { return Deadlines::in(timeout); }

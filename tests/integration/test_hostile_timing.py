@@ -20,7 +20,10 @@ def env(certs, sink_factory, daemon_factory):
     up = [hh.plain_upstream("store", sink.port)]
     slow_d = daemon_factory(listeners=[hh.listener("inbound", slow, "store")], upstreams=up, name="slow",
                             timeouts={"greeting": "1s", "command": "2s", "data_block": "2s",
-                                      "upstream_connect": "5s"})
+                                      "upstream_connect": "5s"},
+                            # the client that stops reading sends thousands of HELP: junk, but here it is
+                            # the write timeout that must end its session
+                            limits={"max_junk_commands": 0})
     limited_d = daemon_factory(listeners=[hh.listener("inbound", limited, "store")], upstreams=up, name="limited",
                                limits={"drain_timeout": "3s", "max_sessions_per_ip": 2, "max_sessions": 3})
     paused_d = daemon_factory(listeners=[hh.listener("inbound", paused, "store"),
