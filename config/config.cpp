@@ -100,7 +100,7 @@ const std::vector<Section>& schema() {
       {"http.tls", {"cert", "key"}},
       {"limits",
        {"max_sessions", "max_sessions_per_ip", "max_message_size", "max_recipients", "max_bad_commands",
-        "max_line", "drain_timeout", "greet_pause", "bare_newline", "max_hops"}},
+        "max_junk_commands", "max_line", "drain_timeout", "greet_pause", "bare_newline", "max_hops"}},
       {"log", {"level", "format", "output"}},
       {"timeouts",
        {"greeting", "command", "data_block", "data_end", "tls_handshake", "upstream_connect",
@@ -1645,6 +1645,7 @@ class Loader {
                  true);
     read_integer(*map, "max_recipients", "limits", limits.max_recipients, 1, 100'000, false);
     read_integer(*map, "max_bad_commands", "limits", limits.max_bad_commands, 1, 10'000, false);
+    read_integer(*map, "max_junk_commands", "limits", limits.max_junk_commands, 0, 1'000'000, false);
     // RFC 5321 §4.5.3.1.6: a server must accept text lines of 1000 octets including CRLF.
     read_integer(*map, "max_line", "limits", limits.max_line, 1000, 1 << 20, false);
     read_duration(*map, "drain_timeout", "limits", limits.drain_timeout, std::chrono::milliseconds(0),

@@ -186,6 +186,7 @@ struct Limits {
   std::uint64_t max_message_size = 36700160;
   std::uint32_t max_recipients = 100;
   std::uint32_t max_bad_commands = 20;
+  std::uint32_t max_junk_commands = 100;  // 0: no limit (Postfix smtpd_junk_command_limit)
   std::size_t max_line = 1000;
   std::chrono::milliseconds drain_timeout{30000};
   std::chrono::milliseconds greet_pause{0};

@@ -158,6 +158,7 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
     options.max_message_size = config_.limits.max_message_size;
     options.max_recipients = config_.limits.max_recipients;
     options.max_bad_commands = config_.limits.max_bad_commands;
+    options.max_junk_commands = config_.limits.max_junk_commands;
     return options;
   }
   static SteadyClock::time_point in(SteadyClock::duration timeout) { return Deadlines::in(timeout); }
@@ -228,6 +229,7 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
   std::uint16_t client_port_ = 0;
   std::array<std::uint8_t, 16> client_bytes_{};
   bool address_admitted_ = false;
+  bool session_admitted_ = false;  // holds one of max_sessions (SessionRegistry::admit_session)
 
   SteadyClock::time_point started_ = SteadyClock::now();
   SteadyClock::time_point command_deadline_;
@@ -311,12 +313,13 @@ asio::awaitable<bool> RelaySession::open() {
                   [&](const config::Cidr& cidr) { return cidr.contains(client_bytes_); });
   if (proxy_trusted && !co_await read_proxy_header()) co_return false;
 
-  if (registry_.active() > config_.limits.max_sessions) {
+  if (!registry_.admit_session(config_.limits.max_sessions)) {
     count_reject("session_limit");
     co_await say_goodbye(proto::format_reply(421, "4.7.0", config_.hostname + " Error: too many connections"),
                          "session_limit");
     co_return false;
   }
+  session_admitted_ = true;
   if (!registry_.admit_address(client_bytes_, config_.limits.max_sessions_per_ip)) {
     count_reject("ip_limit");
     co_await say_goodbye(
@@ -362,6 +365,7 @@ void RelaySession::release() {
   // below 0.
   if (std::exchange(counted_open_, false)) telemetry_.session_closed(listener_.name, seconds);
   if (address_admitted_) registry_.release_address(client_bytes_);
+  if (session_admitted_) registry_.release_session();
   registry_.remove(this);
 
   const std::string client = endpoint_text(client_address_, client_port_);
@@ -976,6 +980,18 @@ SessionRegistry::SessionRegistry(Telemetry& telemetry)
     : telemetry_(telemetry), mta_sts_(std::make_unique<MtaStsCache>()) {}
 
 SessionRegistry::~SessionRegistry() = default;
+
+bool SessionRegistry::admit_session(std::size_t limit) {
+  std::lock_guard lock(mutex_);
+  if (admitted_ >= limit) return false;
+  ++admitted_;
+  return true;
+}
+
+void SessionRegistry::release_session() {
+  std::lock_guard lock(mutex_);
+  --admitted_;
+}
 
 bool SessionRegistry::admit_address(const std::array<std::uint8_t, 16>& address, std::uint32_t limit) {
   std::lock_guard lock(mutex_);

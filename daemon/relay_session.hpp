@@ -31,6 +31,11 @@ class SessionRegistry {
   // The MTA-STS policies fetched for recipient domains (persisted by the server in state_dir/mta-sts.state).
   MtaStsCache& mta_sts() { return *mta_sts_; }
 
+  // A session slot of max_sessions (after PROXY): false when `limit` sessions hold one already. Taken and
+  // counted under one lock, so that exactly `limit` are served: active() counts every accepted connection,
+  // those being refused and those still sending their PROXY header included.
+  bool admit_session(std::size_t limit);
+  void release_session();
   // Per client address (after PROXY): false when the address already has `limit` sessions.
   bool admit_address(const std::array<std::uint8_t, 16>& address, std::uint32_t limit);
   void release_address(const std::array<std::uint8_t, 16>& address);
@@ -53,6 +58,7 @@ class SessionRegistry {
   mutable std::mutex mutex_;
   bool draining_ = false;
   std::size_t peak_ = 0;
+  std::size_t admitted_ = 0;
   std::unordered_map<std::string, std::uint32_t> per_address_;
   std::unordered_map<RelaySession*, std::weak_ptr<RelaySession>> sessions_;
 };

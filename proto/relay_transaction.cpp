@@ -231,7 +231,10 @@ bool RelayTransaction::on_reply(std::optional<Reply> reply, bool closed_idle, bo
       client_out_ += format_reply(*reply);
       upstream_transaction_ = false;
       // The one place a message is reported delivered: the upstream took responsibility for it.
-      if (reply->positive()) delivered_ = recipients_;
+      if (reply->positive()) {
+        delivered_ = recipients_;
+        session_.on_message_delivered();
+      }
       break;
     case Owed::local_mail:
     case Owed::local_rcpt:

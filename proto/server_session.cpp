@@ -1,6 +1,7 @@
 #include "proto/server_session.hpp"
 
 #include <array>
+#include <utility>
 
 #include "proto/reply.hpp"
 
@@ -88,15 +89,28 @@ ServerSession::Action ServerSession::refuse(int code, std::string_view enhanced,
   a.reject_reason = reason;
   a.reply = format_reply(code, enhanced, text);
   // Like Postfix's smtpd_hard_error_limit: every local 5xx counts, the last one becomes a 421 and a close.
-  if (code >= 500) {
-    ++bad_commands_;
-    if (options_.max_bad_commands != 0 && bad_commands_ >= options_.max_bad_commands) {
-      a.kind = ActionKind::close;
-      a.reply = format_reply(421, "4.7.0", options_.hostname + " Error: too many errors");
-      a.reject_reason = "too_many_bad_commands";
-      state_ = State::closed;
-      clear_transaction();
-    }
+  if (code >= 500) return count_bad_command(std::move(a));
+  return a;
+}
+
+ServerSession::Action ServerSession::count_bad_command(Action a) {
+  ++bad_commands_;
+  if (options_.max_bad_commands != 0 && bad_commands_ >= options_.max_bad_commands) {
+    a.kind = ActionKind::close;
+    a.reply = format_reply(421, "4.7.0", options_.hostname + " Error: too many errors");
+    a.reject_reason = "too_many_bad_commands";
+    state_ = State::closed;
+    clear_transaction();
+  }
+  return a;
+}
+
+ServerSession::Action ServerSession::junk(Action a) {
+  // As Postfix's smtpd_junk_command_limit: the first max_junk_commands are free, each one after counts as a
+  // bad command but keeps its own answer until max_bad_commands is reached.
+  ++junk_commands_;
+  if (options_.max_junk_commands != 0 && junk_commands_ > options_.max_junk_commands) {
+    return count_bad_command(std::move(a));
   }
   return a;
 }
@@ -175,7 +189,7 @@ ServerSession::Action ServerSession::dispatch(Step step, const ParsedCommand& pa
       helo_name_ = cmd.domain;
       state_ = State::ready;
       a.reply = ehlo_reply(esmtp);
-      return a;
+      return junk(std::move(a));
     }
     case Step::mail:
       if (parsed.error != CommandError::none) return refuse_parse_error(parsed, "5.1.7");
@@ -207,10 +221,10 @@ ServerSession::Action ServerSession::dispatch(Step step, const ParsedCommand& pa
       if (state_ != State::need_helo) state_ = State::ready;
       a.kind = ActionKind::reset;
       a.reply = format_reply(250, "2.0.0", "Ok");
-      return a;
+      return junk(std::move(a));
     case Step::noop:
       a.reply = format_reply(250, "2.0.0", "Ok");
-      return a;
+      return junk(std::move(a));
     case Step::quit:
       // Arguments to QUIT are ignored: refusing to let a client leave helps nobody.
       a.kind = ActionKind::close;
@@ -241,7 +255,7 @@ ServerSession::Action ServerSession::dispatch(Step step, const ParsedCommand& pa
                     "vrfy_disabled");
     case Step::help:
       a.reply = format_reply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT STARTTLS");
-      return a;
+      return junk(std::move(a));
     case Step::not_implemented: {
       Action refused = refuse(502, "5.5.1", "Error: command not implemented", "not_implemented");
       if (cmd.verb != Verb::bdat) return refused;
@@ -332,6 +346,8 @@ void ServerSession::on_data_finished() {
 }
 
 void ServerSession::on_transaction_aborted() { on_data_finished(); }
+
+void ServerSession::on_message_delivered() { junk_commands_ = 0; }
 
 void ServerSession::on_tls_started() {
   tls_active_ = true;

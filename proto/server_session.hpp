@@ -19,6 +19,11 @@ class ServerSession {
     std::uint64_t max_message_size = 36700160;
     std::uint32_t max_recipients = 100;
     std::uint32_t max_bad_commands = 20;
+    // Like Postfix's smtpd_junk_command_limit: EHLO, HELO, RSET, NOOP and HELP carry no mail and are answered
+    // locally, so a client could repeat them forever (one per timeouts.command) and hold its session slots.
+    // Those beyond this many count as bad commands (towards max_bad_commands) until a message is delivered;
+    // 0 means no limit.
+    std::uint32_t max_junk_commands = 100;
   };
 
   enum class State {
@@ -68,8 +73,9 @@ class ServerSession {
   //                                     same and closes (kind close): the line's tail is never answered;
   //                                     on_framing_error(too_long_bare_lf) closes without a reply (the line
   //                                     had its 500 as too_long)
-  //   too_many_bad_commands  421 4.7.0  (kind close) the max_bad_commands-th local 5xx replaces that reply;
-  //                                     max_bad_commands == 0 means no limit
+  //   too_many_bad_commands  421 4.7.0  (kind close) the max_bad_commands-th local 5xx (or junk command
+  //                                     beyond max_junk_commands) replaces that reply; max_bad_commands == 0
+  //                                     means no limit
   //   unauth_pipelining      554 5.5.0  (kind close) pipelining RFC 2920 does not allow (on_line's
   //                                     `input_waiting`); the command is not executed
   // After close (QUIT, 421) every further line gets kind close with a 421 and no reason.
@@ -95,6 +101,7 @@ class ServerSession {
   void on_mail_reply(int code);    // 2xx: state mail
   void on_rcpt_reply(int code);    // 2xx: state rcpt, one more accepted recipient
   void on_data_finished();         // end of DATA whatever the outcome: state ready
+  void on_message_delivered();     // the upstream answered 2xx to end-of-data: the junk count starts over
   void on_transaction_aborted();   // upstream lost mid-transaction: state ready
   void on_tls_started();           // handshake done: state need_helo, tls active, transaction cleared
 
@@ -112,6 +119,7 @@ class ServerSession {
   const Command& last_command() const { return last_command_; }  // the command behind the last action
   std::uint32_t accepted_recipients() const { return recipients_; }
   std::uint32_t bad_commands() const { return bad_commands_; }
+  std::uint32_t junk_commands() const { return junk_commands_; }  // since the start or the last delivery
 
  private:
   enum class Step : std::uint8_t;  // an entry of the transition table (server_session.cpp)
@@ -119,6 +127,8 @@ class ServerSession {
   Action refuse(int code, std::string_view enhanced, std::string_view text, std::string_view reason);
   Action refuse_parse_error(const ParsedCommand& parsed, std::string_view address_enhanced);
   Action refuse_pipelining();  // 554 5.5.0 and close (unauth_pipelining)
+  Action junk(Action a);       // a junk command's answer: `a`, or the 421 once it is one too many
+  Action count_bad_command(Action a);  // one more bad command: `a`, or the 421 that ends the session
   std::string ehlo_reply(bool esmtp) const;
   void clear_transaction();
 
@@ -134,6 +144,7 @@ class ServerSession {
   std::uint32_t recipients_ = 0;
   std::uint32_t pending_rcpts_ = 0;
   std::uint32_t bad_commands_ = 0;
+  std::uint32_t junk_commands_ = 0;
 };
 
 }  // namespace mailflow::proto

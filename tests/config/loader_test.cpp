@@ -69,6 +69,7 @@ TEST_CASE("minimal config: every default") {
   CHECK(c.limits.max_message_size == 36700160);
   CHECK(c.limits.max_recipients == 100);
   CHECK(c.limits.max_bad_commands == 20);
+  CHECK(c.limits.max_junk_commands == 100);
   CHECK(c.limits.max_line == 1000);
   CHECK(c.limits.drain_timeout == std::chrono::seconds(30));
   CHECK(c.limits.greet_pause == std::chrono::milliseconds(0));
@@ -163,6 +164,7 @@ limits:
   max_message_size: 10MiB
   max_recipients: 10
   max_bad_commands: 3
+  max_junk_commands: 0
   max_line: 2000
   drain_timeout: 1m30s
   greet_pause: 250ms
@@ -250,6 +252,7 @@ performance: {busy_poll: true, event_loops: 3}
   CHECK(c.limits.max_message_size == 10 * 1024 * 1024);
   CHECK(c.limits.max_recipients == 10);
   CHECK(c.limits.max_bad_commands == 3);
+  CHECK(c.limits.max_junk_commands == 0);  // no limit
   CHECK(c.limits.max_line == 2000);
   CHECK(c.limits.drain_timeout == std::chrono::seconds(90));
   CHECK(c.limits.greet_pause == std::chrono::milliseconds(250));

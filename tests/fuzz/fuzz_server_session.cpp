@@ -47,6 +47,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   options.max_recipients = 1 + (data[0] >> 1) % 4;
   options.max_bad_commands = 1 + data[1] % 8;
   options.max_message_size = 200;
+  options.max_junk_commands = data[1] >> 3;  // 0 (no limit) .. 31; bits 0..2 give max_bad_commands
   const std::uint8_t upstream_seed = data[1];
   const unsigned waiting_pattern = data[0] >> 3;  // bits 3..7: unused by the options above
   unsigned lines = 0;
@@ -78,6 +79,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     if (a.reject_reason == "unauth_pipelining") FUZZ_CHECK(input_waiting && a.kind == Kind::close);
     FUZZ_CHECK(session.bad_commands() <= options.max_bad_commands);
     FUZZ_CHECK(session.bad_commands() >= bad_before);
+    // A command that got a positive answer counts as a bad command only as junk beyond max_junk_commands.
+    if (session.bad_commands() > bad_before && !a.reply.empty() && a.reply[0] == '2')
+      FUZZ_CHECK(options.max_junk_commands != 0 && session.junk_commands() > options.max_junk_commands);
     if (a.kind == Kind::close) FUZZ_CHECK(session.state() == State::closed);
     switch (a.kind) {
       case Kind::begin_mail:

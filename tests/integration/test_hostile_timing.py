@@ -17,17 +17,25 @@ COMMAND_TIMEOUT = 2.0
 def env(certs, sink_factory, daemon_factory):
     sink = sink_factory("store")
     slow, limited, paused, proxied = harness.free_port(), harness.free_port(), harness.free_port(), harness.free_port()
+    limited_proxied = harness.free_port()
     up = [hh.plain_upstream("store", sink.port)]
     slow_d = daemon_factory(listeners=[hh.listener("inbound", slow, "store")], upstreams=up, name="slow",
                             timeouts={"greeting": "1s", "command": "2s", "data_block": "2s",
-                                      "upstream_connect": "5s"})
-    limited_d = daemon_factory(listeners=[hh.listener("inbound", limited, "store")], upstreams=up, name="limited",
+                                      "upstream_connect": "5s"},
+                            # the client that stops reading sends thousands of HELP: junk, but here it is
+                            # the write timeout that must end its session
+                            limits={"max_junk_commands": 0})
+    limited_d = daemon_factory(listeners=[hh.listener("inbound", limited, "store"),
+                                          hh.listener("proxied", limited_proxied, "store",
+                                                      proxy_protocol={"trusted": ["127.0.0.1/32"]})],
+                               upstreams=up, name="limited",
                                limits={"drain_timeout": "3s", "max_sessions_per_ip": 2, "max_sessions": 3})
     paused_d = daemon_factory(listeners=[hh.listener("inbound", paused, "store"),
                                          hh.listener("proxied", proxied, "store",
                                                      proxy_protocol={"trusted": ["127.0.0.1/32"]})],
                               upstreams=up, name="paused", limits={"drain_timeout": "3s", "greet_pause": "1s"})
     return types.SimpleNamespace(sink=sink, slow=slow, slow_d=slow_d, limited=limited, limited_d=limited_d,
+                                 limited_proxied=limited_proxied,
                                  paused=paused, paused_d=paused_d, proxied=proxied)
 
 
@@ -241,5 +249,44 @@ def test_per_ip_and_total_limits(env):
     finally:
         for c in [a, b] + others:
             c.close()
+    hh.wait_sessions_idle(d)
+    hh.assert_relays(d, env.limited, env.sink)
+
+
+def first_line(sock):
+    data = b""
+    while b"\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_total_limit_counts_sessions_not_connections(env):
+    """max_sessions (3) counts sessions: a connection still sending its PROXY header, or being refused, holds
+    no slot. The limit was compared with every accepted connection, so with two sessions served and two
+    connections behind a proxy not yet past their header, the first header got 421 while two sessions were
+    served (and connections arriving together could be refused whole)."""
+    d = env.limited_d
+    hh.wait_sessions_idle(d)
+    before = d.metrics()
+    served = [hh.greeted(env.limited, source="127.0.0.2"), hh.greeted(env.limited, source="127.0.0.3")]
+    pending = [socket.create_connection(("127.0.0.1", env.limited_proxied), timeout=5.0) for _ in range(2)]
+    try:
+        time.sleep(0.5)  # both accepted, each waiting for its header
+        pending[0].sendall(b"PROXY TCP4 192.0.2.10 127.0.0.1 40000 25\r\n")
+        data = first_line(pending[0])
+        assert data.startswith(b"220 "), f"the third session (max_sessions 3, two served): {data!r}"
+        pending[1].sendall(b"PROXY TCP4 192.0.2.11 127.0.0.1 40000 25\r\n")
+        data = first_line(pending[1])
+        assert data.startswith(b"421 4.7.0"), f"the fourth session (max_sessions 3): {data!r}"
+        hh.assert_rejected(d, before, "session_limit", listener_name="proxied")
+        assert all(c.cmd("NOOP")[0] == 250 for c in served)
+    finally:
+        for c in served:
+            c.close()
+        for s in pending:
+            s.close()
     hh.wait_sessions_idle(d)
     hh.assert_relays(d, env.limited, env.sink)

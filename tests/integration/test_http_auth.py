@@ -36,7 +36,9 @@ def env(sink_factory, daemon_factory):
     d = daemon_factory(listeners=[hh.listener("inbound", smtp, "store")],
                        upstreams=[hh.plain_upstream("store", sink.port)], name="http-auth",
                        http={"address": f"127.0.0.1:{harness.free_port()}",
-                             "basic_auth": {"user": USER, "password_hash": password_hash}})
+                             "basic_auth": {"user": USER, "password_hash": password_hash}},
+                       # the round trips below are EHLO and NOOP for seconds on one session: junk without end
+                       limits={"max_junk_commands": 0})
     port = int(d.config["http"]["address"].rsplit(":", 1)[1])
     return types.SimpleNamespace(d=d, port=port, smtp=smtp, sink=sink)
 

@@ -575,3 +575,83 @@ TEST_CASE("pipelining RFC 2920 allows after the EHLO reply, and STARTTLS, are no
   REQUIRE(no_tls.on_line("HELO c", false).kind == Kind::reply);
   check_refused_for_pipelining(no_tls, "STARTTLS");
 }
+
+TEST_CASE("ServerSession: junk commands beyond max_junk_commands count as bad commands") {
+  auto o = opts();
+  o.max_junk_commands = 3;
+  o.max_bad_commands = 3;
+  ServerSession s(o);
+  // EHLO, HELO, RSET, NOOP, HELP: each carries no mail, so each is junk; the first three are free.
+  play(s, {"EHLO c", Kind::reply, ehlo_reply, "", {}, State::ready});
+  play(s, {"NOOP", Kind::reply, "250 2.0.0 ", "", {}, State::ready});
+  play(s, {"RSET", Kind::reset, "250 2.0.0 ", "", {}, State::ready});
+  CHECK(s.bad_commands() == 0);
+  // Beyond the limit each one keeps its own answer but counts as a bad command...
+  play(s, {"HELP", Kind::reply, "214 2.0.0 ", "", {}, State::ready});
+  play(s, {"HELO c", Kind::reply, "250 mx.example.org", "", {}, State::ready});
+  CHECK(s.bad_commands() == 2);
+  CHECK(s.junk_commands() == 5);
+  // ...and the max_bad_commands-th is answered with the 421 that ends the session.
+  const auto a = s.on_line("NOOP", false);
+  CHECK(a.kind == Kind::close);
+  CHECK(a.reply == "421 4.7.0 mx.example.org Error: too many errors\r\n");
+  CHECK(a.reject_reason == "too_many_bad_commands");
+  CHECK(s.state() == State::closed);
+}
+
+TEST_CASE("ServerSession: junk commands refused for their syntax count once") {
+  auto o = opts();
+  o.max_junk_commands = 1;
+  ServerSession s(o);
+  play(s, {"EHLO", Kind::reply, "501 5.5.4 ", "syntax_error", {}, State::need_helo});
+  CHECK(s.bad_commands() == 1);
+  CHECK(s.junk_commands() == 0);  // a refused command is a bad command, not junk besides
+}
+
+TEST_CASE("ServerSession: a delivered message starts the junk count over") {
+  auto o = opts();
+  o.max_junk_commands = 2;
+  ServerSession s(o);
+  play(s, {"EHLO c", Kind::reply, ehlo_reply, "", {}, State::ready});
+  play(s, {"NOOP", Kind::reply, "250 2.0.0 ", "", {}, State::ready});
+  play(s, {"MAIL FROM:<a@b.example>", Kind::begin_mail, "", "", 250, State::mail});
+  play(s, {"RCPT TO:<c@d.example>", Kind::forward_rcpt, "", "", 250, State::rcpt});
+  play(s, {"DATA", Kind::begin_data, "", "", {}, State::ready});
+  // A refused message is no delivery: the count goes on.
+  CHECK(s.junk_commands() == 2);
+  play(s, {"MAIL FROM:<a@b.example>", Kind::begin_mail, "", "", 250, State::mail});
+  play(s, {"RCPT TO:<c@d.example>", Kind::forward_rcpt, "", "", 250, State::rcpt});
+  play(s, {"DATA", Kind::begin_data, "", "", {}, State::ready});
+  s.on_message_delivered();
+  CHECK(s.junk_commands() == 0);
+  play(s, {"NOOP", Kind::reply, "250 2.0.0 ", "", {}, State::ready});
+  play(s, {"RSET", Kind::reset, "250 2.0.0 ", "", {}, State::ready});
+  CHECK(s.bad_commands() == 0);
+  play(s, {"NOOP", Kind::reply, "250 2.0.0 ", "", {}, State::ready});
+  CHECK(s.bad_commands() == 1);
+}
+
+TEST_CASE("ServerSession: max_junk_commands 0 means no limit") {
+  auto o = opts();
+  o.max_junk_commands = 0;
+  o.max_bad_commands = 2;
+  ServerSession s(o);
+  play(s, {"EHLO c", Kind::reply, ehlo_reply, "", {}, State::ready});
+  for (int i = 0; i < 1000; ++i) {
+    CAPTURE(i);
+    play(s, {"NOOP", Kind::reply, "250 2.0.0 ", "", {}, State::ready});
+  }
+  CHECK(s.bad_commands() == 0);
+}
+
+TEST_CASE("ServerSession: by default a NOOP loop is ended after max_junk_commands + max_bad_commands") {
+  auto o = opts();
+  o.max_bad_commands = 20;
+  ServerSession s(o);
+  CHECK(o.max_junk_commands == 100);
+  play(s, {"EHLO c", Kind::reply, ehlo_reply, "", {}, State::ready});
+  int answered = 1;
+  while (answered < 1000 && s.on_line("NOOP", false).kind == Kind::reply) ++answered;
+  CHECK(answered == 100 + 19);  // the 120th junk command gets the 421
+  CHECK(s.state() == State::closed);
+}
