@@ -1631,6 +1631,16 @@ class Loader {
         if (require(*tls_map, "key", tls->key.Mark(), "http.tls"))
           read_file(*tls_map, "key", "http.tls", pair.key);
         config_.http.tls = std::move(pair);
+        // http.tls's certificate is exported as listener "http" (daemon/telemetry.cpp): a listener of that
+        // name with certificates of its own would share the label value.
+        for (const auto& listener : config_.listeners) {
+          if (listener.name == "http" && listener.tls && !listener.tls->certificates.empty())
+            warn_at(tls->key.Mark(),
+                    "http.tls: its certificate is exported as listener \"http\" in "
+                    "mailflow_certificate_expiry_timestamp_seconds, which is also the name of a configured "
+                    "listener "
+                    "with certificates: their series cannot be told apart (rename the listener)");
+        }
       }
     }
   }

@@ -222,5 +222,22 @@ TEST_CASE("tlsrpt.send with a listener or upstream named tlsrpt is a warning: th
   CHECK(quiet.warnings.empty());
 }
 
+TEST_CASE("http.tls beside a listener named http with certificates is a warning: their expiry series mix") {
+  Files f;
+  const std::string tls = "tls: {certificates: [{cert: " + f.cert + ", key: " + f.key + "}]}";
+  const std::string config = "listeners:\n  - {name: http, address: \"127.0.0.1:2525\", upstream: up, " +
+                             tls + "}\nupstreams:\n  - {name: up, address: \"127.0.0.1:25\"}\n";
+  const auto clash = load(config + "http:\n  tls: {cert: " + f.cert + ", key: " + f.key + "}\n");
+  INFO(all_errors(clash), all_warnings(clash));
+  REQUIRE(clash.errors.empty());
+  CHECK(all_warnings(clash) ==
+        "test.yaml:6:3: warning: http.tls: its certificate is exported as listener \"http\" in "
+        "mailflow_certificate_expiry_timestamp_seconds, which is also the name of a configured listener with "
+        "certificates: their series cannot be told apart (rename the listener)\n");
+  const auto no_http_tls = load(config);
+  INFO(all_warnings(no_http_tls));
+  CHECK(no_http_tls.warnings.empty());
+}
+
 }  // namespace
 }  // namespace mailflow::config
