@@ -347,7 +347,12 @@ void ServerSession::on_data_finished() {
 
 void ServerSession::on_transaction_aborted() { on_data_finished(); }
 
-void ServerSession::on_message_delivered() { junk_commands_ = 0; }
+void ServerSession::on_message_delivered() {
+  // As Postfix: its hard error limit counts the errors of a client "without delivering mail", and the junk
+  // count starts over too.
+  junk_commands_ = 0;
+  bad_commands_ = 0;
+}
 
 void ServerSession::on_tls_started() {
   tls_active_ = true;

@@ -101,7 +101,8 @@ class ServerSession {
   void on_mail_reply(int code);    // 2xx: state mail
   void on_rcpt_reply(int code);    // 2xx: state rcpt, one more accepted recipient
   void on_data_finished();         // end of DATA whatever the outcome: state ready
-  void on_message_delivered();     // the upstream answered 2xx to end-of-data: the junk count starts over
+  void
+  on_message_delivered();  // the upstream answered 2xx to end-of-data: the junk and bad counts start over
   void on_transaction_aborted();   // upstream lost mid-transaction: state ready
   void on_tls_started();           // handshake done: state need_helo, tls active, transaction cleared
 

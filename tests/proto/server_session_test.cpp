@@ -631,6 +631,25 @@ TEST_CASE("ServerSession: a delivered message starts the junk count over") {
   CHECK(s.bad_commands() == 1);
 }
 
+TEST_CASE("ServerSession: a delivered message starts the bad command count over, as Postfix's error count") {
+  // smtpd_hard_error_limit is "the maximal number of errors a remote SMTP client is allowed to make without
+  // delivering mail": a client that makes a few mistakes in each of many messages it delivers is not cut off.
+  auto o = opts();
+  o.max_bad_commands = 3;
+  ServerSession s(o);
+  play(s, {"EHLO c", Kind::reply, ehlo_reply, "", {}, State::ready});
+  play(s, {"FOO", Kind::reply, "500 5.5.2 ", "unrecognized_command", {}, State::ready});
+  play(s, {"BAR", Kind::reply, "500 5.5.2 ", "unrecognized_command", {}, State::ready});
+  play(s, {"MAIL FROM:<a@b.example>", Kind::begin_mail, "", "", 250, State::mail});
+  play(s, {"RCPT TO:<c@d.example>", Kind::forward_rcpt, "", "", 250, State::rcpt});
+  play(s, {"DATA", Kind::begin_data, "", "", {}, State::ready});
+  s.on_message_delivered();
+  CHECK(s.bad_commands() == 0);
+  play(s, {"FOO", Kind::reply, "500 5.5.2 ", "unrecognized_command", {}, State::ready});
+  play(s, {"BAR", Kind::reply, "500 5.5.2 ", "unrecognized_command", {}, State::ready});
+  play(s, {"BAZ", Kind::close, "421 4.7.0 ", "too_many_bad_commands", {}, State::closed});
+}
+
 TEST_CASE("ServerSession: max_junk_commands 0 means no limit") {
   auto o = opts();
   o.max_junk_commands = 0;
