@@ -39,7 +39,9 @@ $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
 for p in $(comm -13 <(echo "$before") <(installed)); do
   for unit in $(dpkg -L "$p" | grep -E '^(/usr)?/lib/systemd/system/[^/@]+\.(service|socket|timer)$' || true); do
     unit=${unit##*/}
-    if systemctl is-enabled --quiet "$unit" 2>/dev/null; then
+    # Only "enabled": is-enabled also says yes (exit 0) for static, indirect and generated units, which have
+    # nothing to disable (man-db.service, started by its timer), and "disabled" would be untrue for them.
+    if [ "$(systemctl is-enabled "$unit" 2>/dev/null)" = enabled ]; then
       $SUDO systemctl disable --quiet "$unit" && echo "deps: disabled $unit (installed now; the tests start their own)"
     fi
   done

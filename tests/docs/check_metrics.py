@@ -34,6 +34,9 @@ import tempfile
 import time
 import urllib.request
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
+from free_port import free_port  # noqa: E402  (tests/tools is not a package)
+
 REFERENCE = os.path.join("docs", "metrics.md")
 # `mailflow_x` or process_x, not part of a longer word or a recording rule's name (mailflow_fleet:...).
 METRIC = re.compile(r"(?<![\w:])((?:mailflow|process)_[a-z0-9_]*)(?![\w:])(\*?)")
@@ -44,12 +47,6 @@ TARGET_LABELS = {"instance", "job", "__name__", "le"}
 ROW = re.compile(r"^\| `((?:mailflow|process)_[a-z0-9_]+)` \| ([a-z]+) \| ([^|]*) \|")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def scrape(binary):
     """The /metrics text of mailflowd started on a configuration that makes every family export samples."""
     with tempfile.TemporaryDirectory(prefix="check-metrics-") as work:
@@ -57,7 +54,14 @@ def scrape(binary):
         subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
                         "-days", "30", "-subj", "/CN=mx.test", "-keyout", key, "-out", cert],
                        check=True, capture_output=True, timeout=30)
-        smtp, smtp_out, http = free_port(), free_port(), free_port()
+        # Below the ephemeral range (tests/tools/free_port.py: a bind(0) port is any outgoing connection's to
+        # take before the daemon binds it), and three different ones.
+        ports = []
+        while len(ports) < 3:
+            port = free_port()
+            if port not in ports:
+                ports.append(port)
+        smtp, smtp_out, http = ports
         config = os.path.join(work, "mailflowd.yaml")
         with open(config, "w", encoding="utf-8") as f:
             f.write(f"""hostname: mx.test

@@ -14,7 +14,8 @@
    the config unit test holds to be exactly the keys the loader accepts; other YAML (Prometheus, Kubernetes) is
    left alone.
 5. mailflowd.yaml(5) describes only such keys, and every default it states is configuration.md's (which the config
-   test holds to the loader's own defaults).
+   test holds to the loader's own defaults); its LIMITS and TIMEOUTS tables have a row for every limits.* and
+   timeouts.* key that configuration.md documents.
 
 Before it reads the docs it runs the same checks on the two mistakes that shipped (`tls_version=TLS1.0` and an
 unknown report option), a misspelt configuration key and a wrong man page default, and fails if they would have
@@ -362,6 +363,11 @@ def main():
     blocks = list(yaml_blocks(args.source))
     errors += check_config_blocks(blocks, config_keys)
     errors += check_man_config(man5, config_keys, "docs/man/mailflowd.yaml.5.scd")
+    # Its LIMITS and TIMEOUTS tables are the whole sections: a key added to configuration.md is added there too.
+    described = {path for _, path, _ in man5}
+    errors += [f"docs/man/mailflowd.yaml.5.scd: the {key.split('.')[0].upper()} table has no row for {key} "
+               "(docs/configuration.md documents it)" for key in config_keys
+               if "." in key and key.split(".")[0] in ("limits", "timeouts") and key not in described]
 
     # The man page lists every option (its OPTIONS section and the report's sub-list).
     man_path = os.path.join(args.source, "docs", "man", "mailflowd.8.scd")
