@@ -96,6 +96,7 @@ constexpr std::string_view kBusyResponse =
     "HTTP/1.1 503 Service Unavailable\r\n"
     "Content-Type: text/plain; charset=utf-8\r\n"
     "Content-Length: 21\r\n"
+    "X-Content-Type-Options: nosniff\r\n"
     "Retry-After: 5\r\n"
     "Connection: close\r\n"
     "\r\n"
@@ -480,7 +481,7 @@ class Server : public std::enable_shared_from_this<Server> {
     static constexpr std::string_view kBody = "plain HTTP request sent to the HTTPS port: use https://\n";
     static const std::string answer = fmt::format(
         "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n"
-        "Connection: close\r\n\r\n{}",
+        "X-Content-Type-Options: nosniff\r\nConnection: close\r\n\r\n{}",
         kBody.size(), kBody);
     beast::error_code ec;
     stream.expires_after(kTlsCloseTimeout);

@@ -241,6 +241,9 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
   bool close_ = false;
   bool forced_ = false;  // force_close(): a stop closed the session, whatever it was waiting for
   bool proxy_checked_ = false;
+  // The first line was held back for the PROXY check (may_be_proxy_header): what came behind it while it
+  // waited is no pipelining of the client's.
+  bool first_line_held_ = false;
 
   Route opening_;              // Step::open_upstream's: the opening RCPT's route, or the transaction's
   std::string sender_domain_;  // of the transaction's MAIL FROM
@@ -301,7 +304,8 @@ asio::awaitable<void> RelaySession::run() {
       failpoint("session.command");
       // What the client sent behind this line and is read already (RFC 2920 pipelining; no system call: a
       // client's pipelined group nearly always comes in one read).
-      co_await perform(session_.on_line(line, !client_in_.empty() || client_.buffered()));
+      const bool held = std::exchange(first_line_held_, false);
+      co_await perform(session_.on_line(line, !held && (!client_in_.empty() || client_.buffered())));
     }
   }
   co_await finish();
@@ -470,6 +474,7 @@ asio::awaitable<RelaySession::Input> RelaySession::next_line(std::string& line, 
       // an empty line, "PROXY ..." as an unknown verb, and the session go on): wait until there is enough to
       // tell.
       proxy_checked_ = !proto::may_be_proxy_header(client_in_.view());
+      if (!proxy_checked_) first_line_held_ = true;
     }
     auto event = proxy_checked_ ? framer_.next(client_in_.view()) : proto::CommandFramer::Event{};
     if (event.kind == proto::CommandFramer::Kind::line) {
@@ -482,6 +487,7 @@ asio::awaitable<RelaySession::Input> RelaySession::next_line(std::string& line, 
     client_in_.consume(event.consumed);
     if (event.kind != proto::CommandFramer::Kind::need_more) {
       command_clock_running_ = false;
+      first_line_held_ = false;
       co_await perform(session_.on_framing_error(event.kind));
       if (close_) co_return Input::closed;
       continue;

@@ -39,6 +39,7 @@ struct Reply {
   int status = 0;
   std::string content_type;
   std::string www_authenticate;
+  std::string nosniff;  // X-Content-Type-Options
   std::string body;
 };
 
@@ -83,6 +84,7 @@ Reply request(unsigned short port, const std::string& target, http::verb method 
   reply.status = static_cast<int>(res.result_int());
   reply.content_type = std::string(res[http::field::content_type]);
   reply.www_authenticate = std::string(res[http::field::www_authenticate]);
+  reply.nosniff = std::string(res["X-Content-Type-Options"]);
   reply.body = res.body();
   return reply;
 }
@@ -281,6 +283,7 @@ TEST_CASE("http: HTTPS when http.tls is configured") {
   const Reply plain = request(f.server->port(), "/healthz");
   CHECK(plain.status == 400);
   CHECK(plain.body.find("plain HTTP request sent to the HTTPS port") != std::string::npos);
+  CHECK(plain.nosniff == "nosniff");  // docs/security.md: every HTTP answer says it
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
   while (http_rejects(f.telemetry, "bad_request") < 1.0 && std::chrono::steady_clock::now() < deadline)
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
@@ -389,6 +392,7 @@ TEST_CASE("http: connections over the per-address cap get a quick 503, other add
   CHECK(std::chrono::steady_clock::now() - started < std::chrono::seconds(2));
   CHECK(refused.rfind("HTTP/1.1 503 ", 0) == 0);
   CHECK(refused.find("Connection: close\r\n") != std::string::npos);
+  CHECK(refused.find("\r\nX-Content-Type-Options: nosniff\r\n") != std::string::npos);  // as every answer
   const auto other = send_raw(port, "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", "127.0.0.2");
   CHECK(other.rfind("HTTP/1.1 200 ", 0) == 0);
   CHECK(http_rejects(f.telemetry, "address_limit") == 1.0);

@@ -92,6 +92,27 @@ def test_header_from_untrusted_peer_split_after_four_octets_refused(env, version
     hh.assert_rejected(env.daemon, before, "proxy_untrusted", listener_name="proxied")
 
 
+def test_empty_line_held_for_the_header_check_is_no_pipelining(env):
+    """A client's first line "\r\n" is held back (it may begin a v2 signature) until more comes. The EHLO
+    that the client sends after it, unanswered, is no pipelining: the empty line gets its 500 and the EHLO its
+    250, as when the empty line was not held. They came in apart, but the held line was judged with the EHLO
+    waiting behind it, so the client got 554 5.5.0 (unauth_pipelining) and was closed."""
+    before = env.daemon.metrics()
+    c = harness.RawSmtp(env.ports["proxied"], source="127.0.0.2")
+    try:
+        assert c.reply()[0] == 220
+        c.send(b"\r\n")
+        time.sleep(0.3)
+        code, text = c.cmd("EHLO client.example.test")
+        assert code == 500, f"the empty line: {text!r}"
+        code, text = c.reply()
+        assert code == 250, f"the EHLO sent after the empty line: {text!r}"
+        assert c.cmd("QUIT")[0] == 221
+    finally:
+        c.close()
+    assert not delta(before, env.daemon.metrics(), "mailflow_rejects_total", reason="unauth_pipelining")
+
+
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_trusted_header_sets_client_address(env, version):
     before = env.daemon.metrics()
