@@ -193,6 +193,10 @@ void print_text(const Route& route, std::ostream& out) {
   }
   out << "result:     " << to_string(route.delivery.result)
       << (route.delivery.reply.empty() ? "" : " (" + route.delivery.reply + ")") << "\n";
+  if (route.lookups.empty()) {
+    out << "lookups:    none\n";
+    return;
+  }
   out << "lookups:    " << route.elapsed_ms << " ms: ";
   for (std::size_t i = 0; i < route.lookups.size(); ++i) {
     out << (i == 0 ? "" : ", ") << route.lookups[i].first << " " << route.lookups[i].second;

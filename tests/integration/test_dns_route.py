@@ -258,6 +258,7 @@ def test_address_literal_is_550_without_a_lookup(mailflowd_bin, config):
     assert p.returncode == 3, p.stderr
     assert "MX lookup:  none (an address literal has no MX hosts)" in p.stdout, p.stdout
     assert "result:     address_literal (550 5.1.2 " in p.stdout, p.stdout
+    assert p.stdout.endswith("lookups:    none\n"), p.stdout  # not "0 ms: " and nothing after it
 
 
 def test_mx_host_without_address_is_550(mailflowd_bin, config):
