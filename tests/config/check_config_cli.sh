@@ -19,6 +19,15 @@ run() {  # run FILE: sets $status, stdout in $work/out, stderr in $work/err
   status=$?
 }
 
+refused() {  # refused NAME FILE MESSAGE: the check of FILE exits 1 and its errors contain MESSAGE
+  run "$2"
+  if [ "$status" -eq 1 ] && grep -qF "$3" "$work/err"; then
+    passed=$((passed + 1)); echo "ok: $1"
+  else
+    fail "$1: exit status $status (expected 1 and: $3)"; head -c 2000 "$work/err"; head -c 2000 "$work/out"
+  fi
+}
+
 for file in "$src"/tests/config/broken/*.yaml; do
   run "$file"
   ok=1
@@ -166,12 +175,8 @@ upstreams:
   - {name: internet, mx: true, tls: opportunistic, mta_sts: enforce}
 mta_sts: {ca_file: $certs/garbage.pem}
 EOF
-run "$work/webpki.yaml"
-if [ "$status" -eq 1 ] && grep -qF "$work/webpki.yaml:5:20: mta_sts.ca_file: cannot load the Web PKI trust store $certs/garbage.pem: " "$work/err"; then
-  passed=$((passed + 1)); echo "ok: mta_sts.ca_file"
-else
-  fail "mta_sts.ca_file: exit status $status (expected 1 and the file named at 5:20)"; cat "$work/err" "$work/out"
-fi
+refused "mta_sts.ca_file" "$work/webpki.yaml" \
+  "$work/webpki.yaml:5:20: mta_sts.ca_file: cannot load the Web PKI trust store $certs/garbage.pem: "
 
 # The CA files of the daemon's own HTTPS requests are loaded as those requests load them: mta_sts.ca_file for the
 # policy fetches also where the upstream is tls: verify (its handshakes use its own ca_file, so the file was never
@@ -183,13 +188,8 @@ upstreams:
   - {name: internet, mx: true, tls: verify, ca_file: $certs/good.pem, mta_sts: enforce}
 mta_sts: {ca_file: $certs/garbage.pem}
 EOF
-run "$work/verify-sts.yaml"
-if [ "$status" -eq 1 ] && grep -qF "$work/verify-sts.yaml:5:20: mta_sts.ca_file: cannot load $certs/garbage.pem: " "$work/err"; then
-  passed=$((passed + 1)); echo "ok: mta_sts.ca_file beside tls: verify"
-else
-  fail "mta_sts.ca_file beside tls: verify: exit status $status (expected 1 and the file named at 5:20)"
-  cat "$work/err" "$work/out"
-fi
+refused "mta_sts.ca_file beside tls: verify" "$work/verify-sts.yaml" \
+  "$work/verify-sts.yaml:5:20: mta_sts.ca_file: cannot load $certs/garbage.pem: "
 cat >"$work/tlsrpt-ca.yaml" <<EOF
 listeners:
   - {name: inbound, address: "127.0.0.1:2525", upstream: up}
@@ -197,12 +197,8 @@ upstreams:
   - {name: up, address: "127.0.0.1:25"}
 tlsrpt: {send: true, ca_file: $certs/garbage.pem}
 EOF
-run "$work/tlsrpt-ca.yaml"
-if [ "$status" -eq 1 ] && grep -qF "$work/tlsrpt-ca.yaml:5:31: tlsrpt.ca_file: cannot load $certs/garbage.pem: " "$work/err"; then
-  passed=$((passed + 1)); echo "ok: tlsrpt.ca_file"
-else
-  fail "tlsrpt.ca_file: exit status $status (expected 1 and the file named at 5:31)"; cat "$work/err" "$work/out"
-fi
+refused "tlsrpt.ca_file" "$work/tlsrpt-ca.yaml" \
+  "$work/tlsrpt-ca.yaml:5:31: tlsrpt.ca_file: cannot load $certs/garbage.pem: "
 
 # http.tls is loaded by the HTTP server at OpenSSL's default security level, not at a listener's @SECLEVEL=0: a
 # certificate with a 512-bit key fails the start there, so it fails the check too (it passed, then the start failed).
@@ -216,13 +212,8 @@ upstreams:
 http:
   tls: {cert: $certs/weak.pem, key: $certs/weak.key}
 EOF
-run "$work/weakhttp.yaml"
-if [ "$status" -eq 1 ] && grep -qF "$work/weakhttp.yaml:6:15: http.tls: cannot load certificate $certs/weak.pem: ee key too small" "$work/err"; then
-  passed=$((passed + 1)); echo "ok: http.tls weak certificate"
-else
-  fail "http.tls weak certificate: exit status $status (expected 1 and the certificate named at 6:15)"
-  cat "$work/err" "$work/out"
-fi
+refused "http.tls weak certificate" "$work/weakhttp.yaml" \
+  "$work/weakhttp.yaml:6:15: http.tls: cannot load certificate $certs/weak.pem: ee key too small"
 
 # Warnings (a connector that never matches) are printed with file:line:col and do not fail the check.
 cat >"$work/shadowed.yaml" <<EOF
@@ -258,22 +249,14 @@ else
 fi
 
 # A file that does not exist is an error too.
-run "$work/missing.yaml"
-if [ "$status" -eq 1 ] && grep -qF "$work/missing.yaml: cannot read the configuration" "$work/err"; then
-  passed=$((passed + 1)); echo "ok: missing file"
-else
-  fail "missing file: exit status $status"; cat "$work/err"
-fi
+refused "missing file" "$work/missing.yaml" \
+  "$work/missing.yaml: cannot read the configuration"
 
 # A file larger than any configuration (16 MiB) is refused without being read whole: a valid one padded with a
 # comment to one byte over the bound.
 { cat "$work/good.yaml"; printf '#'; head -c $((16 * 1024 * 1024)) /dev/zero | tr '\0' x; echo; } >"$work/huge.yaml"
-run "$work/huge.yaml"
-if [ "$status" -eq 1 ] && grep -qF "$work/huge.yaml: the configuration is larger than 16 MiB" "$work/err"; then
-  passed=$((passed + 1)); echo "ok: file over 16 MiB"
-else
-  fail "file over 16 MiB: exit status $status (expected 1 and the size error)"; head -c 2000 "$work/err"
-fi
+refused "file over 16 MiB" "$work/huge.yaml" \
+  "$work/huge.yaml: the configuration is larger than 16 MiB"
 
 # A second file (or anything else) after --check-config FILE is a usage error, not silently left unchecked.
 timeout 20 "$bin" --check-config "$work/good.yaml" "$work/garbage.yaml" >"$work/out" 2>"$work/err"
