@@ -199,6 +199,13 @@ def timed_rcpt(port, rcpt):
     return c, reply, time.monotonic() - start
 
 
+def send_data(c, subject):
+    """DATA and a message on a session past its RCPT; the reply to its end."""
+    assert c.cmd("DATA")[0] == 354
+    c.send(harness.dot_stuff(hh.message(subject)))
+    return c.cmd(".")
+
+
 def test_stalling_mx_hosts_get_451_by_upstream_open(env):
     """silent (1 s), mute (banner, then EHLO never answered: timeouts.command is 6 s), silent2, good: the walk ends
     at upstream_open with 451 4.4.2, instead of holding the RCPT for 8 s and more (in real life: 30 s per black
@@ -236,9 +243,7 @@ def test_walk_past_a_black_hole_reaches_the_working_host_in_time(env):
     try:
         assert code == 250, text
         assert UPSTREAM_CONNECT - 0.3 < elapsed < UPSTREAM_OPEN, f"250 after {elapsed:.2f}s"
-        assert c.cmd("DATA")[0] == 354
-        c.send(harness.dot_stuff(hh.message("walked")))
-        code, text = c.cmd(".")
+        code, text = send_data(c, "walked")
         assert code == 250, text
     finally:
         c.close()
@@ -460,9 +465,7 @@ def test_a_host_that_answers_starttls_with_421_is_left_for_the_next(env):
     c, (code, text), _ = timed_rcpt(env.ports["out"], "dave@closing.example.net")
     try:
         assert code == 250, text
-        assert c.cmd("DATA")[0] == 354
-        c.send(harness.dot_stuff(hh.message("past a closing host")))
-        code, text = c.cmd(".")
+        code, text = send_data(c, "past a closing host")
         assert code == 250, text
     finally:
         c.close()

@@ -48,13 +48,18 @@ def refused(c):
         return True
 
 
+def client_header(version, port):
+    """A PROXY header (v1 or v2) that says the client is 127.0.0.2:40000, connected to 127.0.0.1:port."""
+    return (harness.proxy_v1 if version == "v1" else harness.proxy_v2)("127.0.0.2", "127.0.0.1", 40000, port)
+
+
 @pytest.mark.parametrize("listener,source", [("proxied", "127.0.0.2"), ("behind-lb", "127.0.0.1")])
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_header_from_untrusted_peer_refused(env, listener, source, version):
     before = env.daemon.metrics()
     conns, n = env.sink.connections(), env.sink.count()
     port = env.ports[listener]
-    header = (harness.proxy_v1 if version == "v1" else harness.proxy_v2)("127.0.0.2", "127.0.0.1", 40000, port)
+    header = client_header(version, port)
     c = harness.RawSmtp(port, source=source)
     try:
         c.send(header)
@@ -75,7 +80,7 @@ def test_header_from_untrusted_peer_split_after_four_octets_refused(env, version
     before = env.daemon.metrics()
     conns = env.sink.connections()
     port = env.ports["proxied"]
-    header = (harness.proxy_v1 if version == "v1" else harness.proxy_v2)("127.0.0.2", "127.0.0.1", 40000, port)
+    header = client_header(version, port)
     c = harness.RawSmtp(port, source="127.0.0.2")
     try:
         assert c.reply()[0] == 220
@@ -118,7 +123,7 @@ def test_trusted_header_sets_client_address(env, version):
     before = env.daemon.metrics()
     n = env.sink.count()
     port = env.ports["proxied"]
-    header = (harness.proxy_v1 if version == "v1" else harness.proxy_v2)("127.0.0.2", "127.0.0.1", 40000, port)
+    header = client_header(version, port)
     c = harness.RawSmtp(port, source="127.0.0.1")
     try:
         c.send(header)
