@@ -786,10 +786,10 @@ asio::awaitable<void> RelaySession::drive(Step step) {
                                                !transaction_->upstream_in_transaction(), reused);
         if (refusal) {
           // Its reason is counted by the engine, for every recipient that this refusal answers.
-          transaction_->on_opened(std::move(refusal->reply), reused, false, refusal->reason);
+          transaction_->on_opened(std::move(refusal->reply), reused, {}, refusal->reason);
           break;
         }
-        transaction_->on_opened(std::nullopt, reused, upstream_->pipelining());
+        transaction_->on_opened(std::nullopt, reused, upstream_->extensions());
         route_chosen();
         break;
       }

@@ -866,7 +866,7 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
           fail("protocol");  // as before a command: it would be taken as the first transaction's reply
           co_return false;
         }
-        pipelining_ = engine.pipelining();
+        extensions_ = engine.extensions();
         co_return true;
       case Kind::fail: {
         const std::string said = action.reply.lines.empty() ? "" : action.reply.lines.front();

@@ -22,10 +22,11 @@
 #include "daemon/deadlines.hpp"
 #include "daemon/link.hpp"
 #include "daemon/read_buffer.hpp"
+#include "proto/client_session.hpp"
 #include "proto/dane.hpp"
 #include "proto/reply.hpp"
-#include "proto/tlsrpt.hpp"
 #include "proto/tls_version.hpp"
+#include "proto/tlsrpt.hpp"
 
 namespace mailflow {
 
@@ -110,7 +111,7 @@ class UpstreamLeg {
   void release_idle_buffers();
 
   bool connected() const { return link_ != nullptr; }
-  bool pipelining() const { return pipelining_; }
+  const proto::UpstreamExtensions& extensions() const { return extensions_; }
   proto::TlsVersion tls_version() const;
   std::string_view cipher() const;  // of the current connection's TLS ("" without)
   // The far side of the current connection: its address ("203.0.113.7") and host name (the MX host, or the
@@ -205,7 +206,7 @@ class UpstreamLeg {
   std::string host_;
   std::unique_ptr<Link> link_;
   ReadBuffer in_;
-  bool pipelining_ = false;
+  proto::UpstreamExtensions extensions_;
   bool dane_authenticated_ = false;  // the current connection's certificate matched a TLSA record
   std::string_view policy_ = "none";
   // Why the last connect_to() failed in TLS (TLS-RPT result type and reason), when it did, or what the

@@ -68,7 +68,7 @@ ClientSession::Action ClientSession::fail(std::string_view reason, const Reply& 
 void ClientSession::parse_capabilities(const Reply& reply) {
   starttls_offered_ = false;
   xclient_offered_ = false;
-  pipelining_ = false;
+  extensions_ = {};
   size_limit_ = 0;
   // The first line is the server's name and greeting; each further line is "KEYWORD [params]".
   for (std::size_t i = 1; i < reply.lines.size(); ++i) {
@@ -81,8 +81,11 @@ void ClientSession::parse_capabilities(const Reply& reply) {
     } else if (keyword == "XCLIENT") {
       xclient_offered_ = true;
     } else if (keyword == "PIPELINING") {
-      pipelining_ = true;
+      extensions_.pipelining = true;
+    } else if (keyword == "8BITMIME") {
+      extensions_.eight_bit_mime = true;
     } else if (keyword == "SIZE") {
+      extensions_.size = true;
       std::uint64_t size = 0;
       if (space != std::string::npos) {
         for (std::size_t j = space + 1; j < line.size() && line[j] >= '0' && line[j] <= '9'; ++j) {

@@ -12,6 +12,15 @@ namespace mailflow::proto {
 
 enum class UpstreamTlsPolicy { none, opportunistic, required };  // "verify" is "required" + certificate checks
 
+// What the server announced in its last EHLO reply (none after HELO) that the relay's transactions depend on:
+// a client uses an extension, and the MAIL parameters it defines, only where the server announced it (RFC
+// 5321 2.2.1; a server answers a parameter it does not know with 555, 4.1.1.11).
+struct UpstreamExtensions {
+  bool pipelining = false;      // RFC 2920
+  bool size = false;            // RFC 1870: MAIL SIZE=
+  bool eight_bit_mime = false;  // RFC 6152: MAIL BODY=
+};
+
 class ClientSession {
  public:
   struct Options {
@@ -49,7 +58,7 @@ class ClientSession {
 
   bool tls_active() const { return tls_active_; }
   bool xclient_done() const { return xclient_done_; }
-  bool pipelining() const { return pipelining_; }   // upstream advertised PIPELINING
+  const UpstreamExtensions& extensions() const { return extensions_; }
   std::uint64_t size_limit() const { return size_limit_; }  // upstream SIZE, 0 if none
 
  private:
@@ -69,7 +78,7 @@ class ClientSession {
   bool xclient_tried_ = false;
   bool starttls_declined_ = false;  // opportunistic STARTTLS refused: go on in plaintext
   bool helo_after_xclient_ = false;  // the HELO being answered replaces the EHLO after XCLIENT
-  bool pipelining_ = false;
+  UpstreamExtensions extensions_;
   std::uint64_t size_limit_ = 0;
 };
 

@@ -3,6 +3,9 @@
 #include <algorithm>
 #include <cstdlib>
 
+#include "proto/ascii.hpp"
+#include "proto/command.hpp"
+
 namespace mailflow::proto {
 
 RelayTransaction::RelayTransaction(ServerSession& session, std::string& client_out)
@@ -15,13 +18,39 @@ void RelayTransaction::mail(std::string_view argument, bool tls_missing) {
   mail_refusal_.reset();
   failed_.clear();
   accepted_domains_.clear();
-  mail_line_ = "MAIL " + std::string(argument) + "\r\n";
+  mail_argument_ = argument;
   if (tls_missing) {
     rejects_.push_back("tls_required");
     local(Owed::local_mail, format_reply(530, "5.7.0", "Must issue a STARTTLS command first"));
     return;
   }
   local(Owed::local_mail, format_reply(250, "2.1.0", "Ok"));
+}
+
+// RFC 5321 2.2.1 and 4.1.1.11: a MAIL parameter goes only to an upstream that announced its extension (one
+// that did not answers 555, and a server that knows only HELO knows none), as Postfix's smtp client sends
+// SIZE= only where SIZE was announced and BODY= only where 8BITMIME was. BODY=7BIT says what no BODY= says.
+// BODY=8BITMIME still goes where 8BITMIME was not announced: RFC 6152 3 has a relay convert such a message to
+// 7 bits or refuse it, this one streams and cannot convert, and dropping the parameter would hand the
+// upstream 8-bit data undeclared; so the upstream is told, and refuses it (555, relayed to the RCPT) or takes
+// it.
+std::string RelayTransaction::upstream_mail_line() const {
+  const ParsedCommand parsed = parse_command("MAIL " + mail_argument_);
+  if (parsed.error != CommandError::none) return "MAIL " + mail_argument_ + "\r\n";  // ServerSession took it
+  // The parameters are the argument's last space-separated words (the parser's own split), the path before.
+  std::string_view path = mail_argument_;
+  for (std::size_t i = 0; i < parsed.command.parameters.size(); ++i) {
+    path = path.substr(0, path.find_last_not_of(' ') + 1);
+    path = path.substr(0, path.rfind(' '));
+  }
+  path = path.substr(0, path.find_last_not_of(' ') + 1);
+  std::string line = "MAIL " + std::string(path);
+  for (const auto& [keyword, value] : parsed.command.parameters) {
+    const bool announced =
+        keyword == "SIZE" ? extensions_.size : extensions_.eight_bit_mime || ascii_lower(value) != "7bit";
+    if (announced) line += " " + keyword + "=" + value;
+  }
+  return line + "\r\n";
 }
 
 void RelayTransaction::rcpt(std::string_view argument, std::string_view domain, const RelayRoute& route,
@@ -44,7 +73,7 @@ void RelayTransaction::rcpt(std::string_view argument, std::string_view domain, 
     }
     queue(Owed::rcpt, line);
     owed_.back().text = domain;
-    if (!pipelining_) due_ = true;
+    if (!extensions_.pipelining) due_ = true;
     return;
   }
   // The first recipient that gets this far chooses the transaction's connector and route.
@@ -99,9 +128,9 @@ RelayTransaction::Step RelayTransaction::next() {
       // MAIL goes upstream with the first RCPT; without PIPELINING its reply comes first, so that a refusal
       // answers the RCPT instead of the RCPT being sent at all.
       start_ = false;
-      queue(Owed::mail, mail_line_);
-      due_ = !pipelining_;
-      if (!pipelining_) continue;
+      queue(Owed::mail, upstream_mail_line());
+      due_ = !extensions_.pipelining;
+      if (!extensions_.pipelining) continue;
     }
     if (!held_rcpt_.empty()) {
       if (mail_refusal_) {
@@ -109,7 +138,7 @@ RelayTransaction::Step RelayTransaction::next() {
       } else {
         queue(Owed::rcpt, held_rcpt_);
         owed_.back().text = held_domain_;
-        due_ = !pipelining_;
+        due_ = !extensions_.pipelining;
       }
       held_rcpt_.clear();
       continue;
@@ -124,8 +153,8 @@ RelayTransaction::ReplyWait RelayTransaction::reply_wait() const {
   return !owed_.empty() && owed_.front().owed == Owed::final_reply ? ReplyWait::data_end : ReplyWait::command;
 }
 
-void RelayTransaction::on_opened(std::optional<std::string> refusal, bool reused, bool pipelining,
-                                 std::string_view reason) {
+void RelayTransaction::on_opened(std::optional<std::string> refusal, bool reused,
+                                 const UpstreamExtensions& extensions, std::string_view reason) {
   open_requested_ = false;
   if (refusal && !reason.empty()) rejects_.push_back(reason);
   if (!reused) upstream_transaction_ = false;
@@ -137,11 +166,11 @@ void RelayTransaction::on_opened(std::optional<std::string> refusal, bool reused
       return entry.owed == Owed::mail || entry.owed == Owed::rcpt || entry.owed == Owed::data;
     });
     upstream_out_ = std::exchange(sent_, {});
-    if (refusal || (commands > 1 && !pipelining)) {
+    if (refusal || (commands > 1 && !extensions.pipelining)) {
       upstream_lost(false);
       return;
     }
-    pipelining_ = pipelining;
+    extensions_ = extensions;
     due_ = true;
     return;
   }
@@ -152,7 +181,7 @@ void RelayTransaction::on_opened(std::optional<std::string> refusal, bool reused
     return;
   }
   route_ = opening_;
-  pipelining_ = pipelining;
+  extensions_ = extensions;
   replayable_ = reused;
   sent_.clear();
   start_ = true;

@@ -34,6 +34,7 @@
 #include <utility>
 #include <vector>
 
+#include "proto/client_session.hpp"
 #include "proto/reply.hpp"
 #include "proto/server_session.hpp"
 
@@ -82,10 +83,12 @@ class RelayTransaction {
 
   // ---- outcomes ----
   // `refusal`: the route cannot be used (its reply in wire form). `reused`: the previous connection was kept.
-  // `reason`: the refusal's mailflow_rejects_total reason where it is mailflowd's own (an MX route result; ""
-  // for an upstream that could not be reached), static storage: reported by take_rejects() for the recipient
-  // that opened the route and for every later one of the transaction that the same refusal answers.
-  void on_opened(std::optional<std::string> refusal, bool reused, bool pipelining, std::string_view reason = {});
+  // `extensions`: what the connection's upstream announced (MAIL goes there with only the parameters of
+  // those). `reason`: the refusal's mailflow_rejects_total reason where it is mailflowd's own (an MX route
+  // result; "" for an upstream that could not be reached), static storage: reported by take_rejects() for the
+  // recipient that opened the route and for every later one of the transaction that the same refusal answers.
+  void on_opened(std::optional<std::string> refusal, bool reused, const UpstreamExtensions& extensions,
+                 std::string_view reason = {});
   void on_reset(bool ok);  // false: the upstream was dropped
   // false: the upstream was dropped. `closed_idle` (with a failure): the connection was a kept one that the
   // upstream had closed (write error, end of stream or reset) before it answered anything since it was kept.
@@ -133,6 +136,7 @@ class RelayTransaction {
   };
 
   void queue(Owed owed, std::string_view line);
+  std::string upstream_mail_line() const;
   void local(Owed owed, std::string reply);
   void emit_local(const Entry& entry);
   void upstream_lost(bool closed_idle);
@@ -163,10 +167,10 @@ class RelayTransaction {
   bool replaying_ = false;
   std::string sent_;
 
-  bool pipelining_ = false;            // of the current connection
+  UpstreamExtensions extensions_;      // of the current connection
   bool upstream_transaction_ = false;  // the upstream accepted MAIL and has not finished or reset since
   std::optional<RelayRoute> route_;
-  std::string mail_line_;               // "MAIL FROM:<...>\r\n": answered here, sent with the first RCPT
+  std::string mail_argument_;  // "FROM:<...> SIZE=..." of MAIL: answered here, sent with the first RCPT
   std::optional<Reply> mail_refusal_;   // the upstream refused MAIL: every RCPT of the transaction hears it
   // Routes that could not be opened in this transaction (path -> the reply and its reason): the next recipient
   // of a dead domain is answered at once instead of walking its MX hosts again.

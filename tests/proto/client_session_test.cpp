@@ -55,7 +55,7 @@ TEST_CASE("ClientSession: full path with STARTTLS and XCLIENT") {
   a = c.on_reply(reply(250, {"upstream.example", "PIPELINING", "SIZE 777"}));
   CHECK(a.kind == Kind::ready);
   CHECK(c.xclient_done());
-  CHECK(c.pipelining());
+  CHECK(c.extensions().pipelining);
   CHECK(c.size_limit() == 777);
   CHECK(c.tls_active());
 }
@@ -66,15 +66,15 @@ TEST_CASE("ClientSession: capabilities are case-insensitive and forgotten after 
   c.on_reply(banner);
   c.on_reply(ehlo_full);
   CHECK(c.size_limit() == 10240000);
-  CHECK(c.pipelining());
+  CHECK(c.extensions().pipelining);
   c.on_reply(ok220);
   c.on_tls_started();
-  CHECK_FALSE(c.pipelining());
+  CHECK_FALSE(c.extensions().pipelining);
   CHECK(c.size_limit() == 0);
   auto a = c.on_reply(ehlo_after_tls);
   CHECK(a.kind == Kind::ready);  // XCLIENT offered but not allowed
   CHECK(c.size_limit() == 5000);
-  CHECK(c.pipelining());
+  CHECK(c.extensions().pipelining);
   CHECK_FALSE(c.xclient_done());
 }
 
@@ -124,7 +124,7 @@ TEST_CASE("ClientSession: an error injected at each step") {
     a = c.on_reply(reply(250, {"upstream.example"}));
     CHECK(a.kind == Kind::ready);  // no extensions: no STARTTLS under opportunistic, no XCLIENT
     CHECK_FALSE(c.tls_active());
-    CHECK_FALSE(c.pipelining());
+    CHECK_FALSE(c.extensions().pipelining);
   }
   SUBCASE("EHLO and HELO refused") {
     ClientSession c(options(UpstreamTlsPolicy::opportunistic, true));

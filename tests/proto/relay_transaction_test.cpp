@@ -36,6 +36,8 @@ std::vector<Reply> replies_in(std::string_view out) {
 // the daemon reports it: a refused route, a dropped connection, a message that did not make it.
 struct Relay {
   bool upstream_pipelining = true;
+  bool upstream_size = true;      // SIZE announced
+  bool upstream_8bitmime = true;  // 8BITMIME announced
   int fail_at = 0;
   std::function<Reply(std::string_view line)> upstream_rule = [](std::string_view line) {
     if (line.starts_with("DATA")) return reply_of(354, "go ahead");
@@ -81,6 +83,7 @@ struct Relay {
   std::string_view dead_reason;                   // the reason given with those refusals (an MX route result)
 
   bool fail() { return ++steps == fail_at; }
+  UpstreamExtensions extensions() const { return {upstream_pipelining, upstream_size, upstream_8bitmime}; }
   void drop() {
     connected = false;
     upstream_owes.clear();
@@ -106,15 +109,15 @@ struct Relay {
           closed_idle = false;
           if (auto dead = dead_paths.find(want); dead != dead_paths.end()) {
             drop();
-            txn.on_opened(dead->second, false, upstream_pipelining, dead_reason);
+            txn.on_opened(dead->second, false, extensions(), dead_reason);
           } else if (fail()) {
             drop();
-            txn.on_opened("451 4.4.1 No mail host could be used\r\n", false, upstream_pipelining);
+            txn.on_opened("451 4.4.1 No mail host could be used\r\n", false, extensions());
           } else {
             if (!reused) drop();
             connected = true;
             path = want;
-            txn.on_opened(std::nullopt, reused, upstream_pipelining);
+            txn.on_opened(std::nullopt, reused, extensions());
           }
           break;
         }
@@ -270,6 +273,30 @@ TEST_CASE("without upstream PIPELINING, MAIL's reply comes before the RCPT is se
   REQUIRE(relay.writes.size() == 1);  // the RCPTs were never sent
   CHECK(relay.writes[0] == "MAIL FROM:<a@example.net>\r\n");
   CHECK(relay.delivered == 0);
+}
+
+TEST_CASE("MAIL goes upstream with only the parameters of the extensions the upstream announced") {
+  const auto mail_sent = [](bool size, bool eight_bit_mime, bool pipelining, std::string_view mail) {
+    Relay relay;
+    relay.upstream_size = size;
+    relay.upstream_8bitmime = eight_bit_mime;
+    relay.upstream_pipelining = pipelining;
+    relay.group({"EHLO client.example"});
+    relay.group({std::string(mail), "RCPT TO:<b@contoso.com>", "DATA"});
+    relay.group({});  // the message (send_message)
+    CHECK(relay.delivered == 1);
+    REQUIRE(!relay.writes.empty());
+    return relay.writes[0].substr(0, relay.writes[0].find("\r\n") + 2);
+  };
+  // RFC 1870 SIZE=, RFC 6152 BODY=: neither where the upstream did not announce it (a HELO-only one none).
+  CHECK(mail_sent(false, false, true, "MAIL FROM:<a@example.net> SIZE=100 BODY=7BIT") ==
+        "MAIL FROM:<a@example.net>\r\n");
+  CHECK(mail_sent(false, true, false, "MAIL FROM:<a@example.net>  size=100   BODY=7bit") ==
+        "MAIL FROM:<a@example.net> BODY=7bit\r\n");
+  CHECK(mail_sent(true, false, true, "MAIL FROM: <> BODY=7BIT SIZE=100") == "MAIL FROM: <> SIZE=100\r\n");
+  CHECK(mail_sent(true, true, true, "MAIL FROM:<\"a b\"@example.net> SIZE=100 BODY=8BITMIME") ==
+        "MAIL FROM:<\"a b\"@example.net> SIZE=100 BODY=8BITMIME\r\n");
+  CHECK(mail_sent(false, false, true, "MAIL FROM:<a@example.net>") == "MAIL FROM:<a@example.net>\r\n");
 }
 
 TEST_CASE("a recipient of another route or connector gets 452 4.5.3; one of the same route and connector goes along") {
