@@ -35,6 +35,8 @@ void RelayTransaction::mail(std::string_view argument, bool tls_missing) {
 // upstream 8-bit data undeclared; so the upstream is told, and refuses it (555, relayed to the RCPT) or takes
 // it.
 std::string RelayTransaction::upstream_mail_line() const {
+  if (extensions_.size && extensions_.eight_bit_mime)
+    return "MAIL " + mail_argument_ + "\r\n";  // all it may have
   const ParsedCommand parsed = parse_command("MAIL " + mail_argument_);
   if (parsed.error != CommandError::none) return "MAIL " + mail_argument_ + "\r\n";  // ServerSession took it
   // The parameters are the argument's last space-separated words (the parser's own split), the path before.
