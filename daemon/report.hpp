@@ -145,7 +145,8 @@ std::string render_html(const Report& report);   // self-contained page, inline 
 // ---- the drill-down (daemon/report_remotes.cpp) ----
 class RemoteStore;
 // Fills report.drilldowns for report.connectors over the report's days, and appends to each insight its top
-// offender over the whole window ("...: 203.0.113.7 (mx2.contoso.com) sent 9 of the 12 TLS1.0 messages").
+// offender over the UTC days the window touches ("...: 203.0.113.7 (mx2.contoso.com) sent 9 of the 12 TLS1.0
+// messages since 2026-11-18 00:00 UTC").
 void add_drilldown(Report& report, const RemoteStore& store, WindowStore::TimePoint now);
 // `, "remotes": {...}, "domains": {...}` of one connector, inside its object of the JSON `connectors` list.
 void append_drilldown_members(std::string& out, const Report& report, std::string_view connector,

@@ -193,7 +193,7 @@ void add_drilldown(Report& report, const RemoteStore& store, WindowStore::TimePo
     }
     report.drilldowns.push_back(std::move(drilldown));
 
-    // Insights are over the whole window: so is their offender.
+    // Insights are over the whole window: so is their offender, over the UTC days the window touches.
     for (Insight& insight : report.insights) {
       if (insight.connector != connector.connector || insight.direction != connector.direction) continue;
       const auto version = insight_version(insight.insight);
@@ -211,8 +211,11 @@ void add_drilldown(Report& report, const RemoteStore& store, WindowStore::TimePo
       if (top == nullptr) continue;
       const std::string what = *version == TlsVersion::none ? "messages without TLS"
                                                              : std::string(proto::to_string(*version)) + " messages";
-      insight.text += fmt::format("; {} sent {} of the {} {}", server_words(*top), format_thousands(top->messages[v]),
-                                  format_thousands(all), what);
+      // The servers are kept per UTC day, the window per hour: these counts start at midnight of the window's
+      // first day, up to 23 hours before the insight's own messages do, so the clause says since when.
+      insight.text += fmt::format("; {} sent {} of the {} {} since {} 00:00 UTC", server_words(*top),
+                                  format_thousands(top->messages[v]), format_thousands(all), what,
+                                  rfc3339_utc(WindowStore::TimePoint(window_first)).substr(0, 10));
     }
   }
 }

@@ -107,8 +107,9 @@ TEST_CASE("drill-down: rows over the report's days, the ones to fix first, and t
   // Insights are over the window: 12 TLS1.0 messages of 63, 9 of them from one server.
   REQUIRE(!week.insights.empty());
   CHECK(week.insights[0].text ==
-        "Inbound partner connector partner-contoso is seeing significant TLS1.0 mail flow: 19.0% of 63 messages in "
-        "the last 7 days; 203.0.113.7 (mx2.contoso.com) sent 9 of the 12 TLS1.0 messages");
+        "Inbound partner connector partner-contoso is seeing significant TLS1.0 mail flow: 19.0% of 63 "
+        "messages in the last 7 days; 203.0.113.7 (mx2.contoso.com) sent 9 of the 12 TLS1.0 messages "
+        "since 2026-11-18 00:00 UTC");
 
   // One day: the server seen three days ago is not in the rows (its messages are outside these days).
   const auto today = f.report(1);
@@ -153,6 +154,24 @@ TEST_CASE("drill-down: rows over the report's days, the ones to fix first, and t
   CHECK(html.find("<details class=\"drilldown\" data-connector=\"partner-contoso\" data-direction=\"inbound\">") !=
         std::string::npos);
   CHECK(html.find("<tr class=\"fix\"><td>203.0.113.7</td>") != std::string::npos);
+}
+
+TEST_CASE("drill-down: the offender's count says since when, as it starts before the window's hours") {
+  // The window is the 168 hours up to 2026-11-25 10:00 UTC, from 2026-11-18 11:00 on; the servers are kept
+  // per UTC day, so 2026-11-18 counts whole. Four TLS1.0 messages at 05:00 that day are in the offender's
+  // count, not in the insight's share: the sentence must not read as if both counted the same messages.
+  Fixture f;
+  const auto before_window = sys_days(2026y / 11 / 18) + hours(5);
+  f.inbound("203.0.113.7", "mx2.contoso.com", TlsVersion::tls10, 4, before_window);
+  f.inbound("203.0.113.7", "mx2.contoso.com", TlsVersion::tls10, 6);
+  f.inbound("203.0.113.9", "mx9.contoso.com", TlsVersion::tls13, 54);
+  const auto week = f.report(7);
+  REQUIRE(week.insights.size() == 1);
+  CHECK(week.insights[0].messages == 60);
+  CHECK(week.insights[0].text ==
+        "Inbound partner connector partner-contoso is seeing significant TLS1.0 mail flow: 10.0% of 60 "
+        "messages in the last 7 days; 203.0.113.7 (mx2.contoso.com) sent 10 of the 10 TLS1.0 messages "
+        "since 2026-11-18 00:00 UTC");
 }
 
 TEST_CASE("drill-down: over the bound, the other row and the error bound show, remotes off says so") {

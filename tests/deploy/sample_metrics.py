@@ -4,6 +4,8 @@ on the daemon. Counters grow with `t` (seconds) so that rate() has something to 
 partner-contoso (inbound) has 12.5% TLS1.0 in its window (insight active); internet (inbound) and
 onprem (outbound) are clean.
 """
+import time
+
 TLS = ("none", "TLS1.0", "TLS1.1", "TLS1.2", "TLS1.3")
 
 CONNECTORS = {
@@ -12,6 +14,15 @@ CONNECTORS = {
     ("internet", "inbound"): ("internet", "false", {"none": 3, "TLS1.0": 0, "TLS1.1": 1, "TLS1.2": 400, "TLS1.3": 2600}),
     ("onprem", "outbound"): ("onpremises", "true", {"none": 0, "TLS1.0": 0, "TLS1.1": 0, "TLS1.2": 0, "TLS1.3": 950}),
 }
+
+# (listener, certificate file): days from now to its notAfter; the inbound one is inside the 14 days of
+# MailflowCertificateExpiring.
+CERTIFICATE_DAYS_LEFT = {
+    ("inbound", "/etc/mailflowd/tls/mx1.pem"): 10,
+    ("http", "/etc/mailflowd/tls/http.pem"): 60,
+}
+# notAfter is a fixed point in time, as the daemon's gauge is (the file's, not a count down).
+_LOADED = time.time()
 
 
 def render(t):
@@ -24,7 +35,8 @@ def render(t):
 
     def sample(name, labels, value):
         text = ",".join(f'{k}="{v}"' for k, v in labels.items())
-        out.append(f"{name}{{{text}}} {value:g}" if labels else f"{name} {value:g}")
+        number = str(value) if isinstance(value, int) else f"{value:g}"  # timestamps keep every digit
+        out.append(f"{name}{{{text}}} {number}" if labels else f"{name} {number}")
 
     family("mailflow_messages_total", "counter", "Messages delivered (2xx to end-of-data)")
     for (c, d), (_, _, window) in CONNECTORS.items():
@@ -107,6 +119,10 @@ def render(t):
     family("mailflow_config_reloads_total", "counter", "Configuration reloads")
     sample("mailflow_config_reloads_total", {"result": "success"}, 1)
     sample("mailflow_config_reloads_total", {"result": "failure"}, 0)
+    family("mailflow_certificate_expiry_timestamp_seconds", "gauge", "notAfter of each served certificate")
+    for (listener, certificate), days in CERTIFICATE_DAYS_LEFT.items():
+        sample("mailflow_certificate_expiry_timestamp_seconds", {"listener": listener, "certificate": certificate},
+               int(_LOADED) + days * 86400)
     family("mailflow_build_info", "gauge", "Build")
     sample("mailflow_build_info", {"version": "0.1.0"}, 1)
     family("process_resident_memory_bytes", "gauge", "RSS")

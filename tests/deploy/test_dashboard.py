@@ -76,6 +76,27 @@ def test_dashboard_structure():
         assert "$" not in expr, f"unsubstituted variable in {expr}"
 
 
+def test_certificate_panel_turns_red_where_the_alert_fires():
+    """MailflowCertificateExpiring alerts on every served certificate (per relay, listener and file) that expires
+    within the rule's days; the dashboard shows those days left per relay, listener and file, and its red starts
+    at the rule's threshold, not at a number of its own."""
+    rules = yaml.safe_load(d.RULES.read_text())
+    (rule,) = [r for g in rules["groups"] for r in g["rules"] if r.get("alert") == "MailflowCertificateExpiring"]
+    m = re.fullmatch(r"\s*mailflow_certificate_expiry_timestamp_seconds - time\(\) < (\d+) \* 86400\s*", rule["expr"])
+    assert m, rule["expr"]
+    alert_days = int(m.group(1))
+    panels = [p for p in d.all_panels(d.load_dashboard())
+              if any("mailflow_certificate_expiry_timestamp_seconds" in t["expr"] for t in p.get("targets", []))]
+    assert [p["title"] for p in panels] == ["Certificate expiry"], [p["title"] for p in panels]
+    (panel,) = panels
+    (target,) = panel["targets"]
+    assert re.search(r"by \(instance, listener, certificate\)", target["expr"]), target["expr"]
+    assert panel["fieldConfig"]["defaults"]["unit"] == "d", panel["fieldConfig"]
+    steps = panel["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    assert steps[0] == {"color": "red", "value": None}, steps
+    assert steps[1]["value"] == alert_days and steps[1]["color"] != "red", steps
+
+
 def test_every_dashboard_query_returns_data(procs, tmp_path):
     port, stop = serve_sample_metrics(procs, tmp_path)
     try:
@@ -97,6 +118,11 @@ def test_every_dashboard_query_returns_data(procs, tmp_path):
             dash, {"connector": "onprem", "direction": ".*"}))
         result = prom.query(narrowed["Window per connector"])
         assert {r["metric"]["connector"] for r in result} == {"onprem"}, result
+        # Days left per relay, listener and file, as the certificate panel shows them.
+        days_left = {(r["metric"]["listener"], r["metric"]["certificate"]): float(r["value"][1])
+                     for r in prom.query(narrowed["Certificate expiry"])}
+        assert days_left == {key: pytest.approx(days, abs=0.01)
+                             for key, days in sample_metrics.CERTIFICATE_DAYS_LEFT.items()}, days_left
 
         # The shipped rules load and evaluate cleanly on this data ...
         def rules_evaluated():

@@ -143,9 +143,11 @@ def insight_sentence(connector, direction, ctype, insight, share, messages, days
 
 
 # The top offender the report appends to an insight (issue #18): "...; ADDRESS (NAME) sent N of the M
-# TLS1.0 messages" (or "messages without TLS").
+# TLS1.0 messages since YYYY-MM-DD 00:00 UTC" (or "messages without TLS"): the servers are kept per UTC day, so
+# the clause counts from midnight of the window's first day.
 OFFENDER = re.compile(r"; (?P<address>\S+)(?: \((?P<name>[^)]*)\))? sent (?P<sent>[\d,]+) of the (?P<all>[\d,]+) "
-                      r"(?:(?P<version>TLS1\.[01]) messages|messages without TLS)$")
+                      r"(?:(?P<version>TLS1\.[01]) messages|messages without TLS) "
+                      r"since (?P<since>\d{4}-\d{2}-\d{2}) 00:00 UTC$")
 
 
 def split_offender(text, counts=None, insight=None):

@@ -10,6 +10,7 @@ import shutil
 import sys
 import tempfile
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -165,8 +166,11 @@ def test_json_drilldown_rows_names_and_offender(env):
     check_outbound(report)
     insight = [i for i in report["insights"] if i["connector"] == "partner-in"]
     assert [i["insight"] for i in insight] == ["significant_tls10"], report["insights"]
+    # The servers are kept per UTC day: the count starts at midnight of the first day the 7-day window touches.
+    now = datetime.strptime(report["generated_at"], "%Y-%m-%dT%H:%M:%SZ")
+    since = (now - timedelta(days=7) + timedelta(hours=1)).date().isoformat()
     assert insight[0]["text"].endswith("in the last 7 days; 127.0.0.21 (mx1.sender.example.net) sent 3 of the 3 "
-                                       "TLS1.0 messages"), insight[0]["text"]
+                                       f"TLS1.0 messages since {since} 00:00 UTC"), insight[0]["text"]
 
 
 def test_csv_forms(env):

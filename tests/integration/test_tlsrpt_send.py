@@ -283,6 +283,19 @@ policy no-policy-found - - 3 0 0
 """
 
 
+def state_dir_and_config(workdir, name, tlsrpt_state, knot, tlsrpt, **extra):
+    """For a daemon the test starts (and starts again) itself: state_dir NAME-state holding tlsrpt.state, and a
+    config on it with one outbound listener to the MX upstream, knotd for DNS, `tlsrpt` and the `extra` keys."""
+    state_dir = workdir / f"{name}-state"
+    state_dir.mkdir(exist_ok=True)
+    (state_dir / "tlsrpt.state").write_text(tlsrpt_state)
+    listeners = [{"name": "out", "address": f"127.0.0.1:{harness.free_port()}", "direction": "outbound",
+                  "upstream": "internet"}]
+    config = harness.default_config(state_dir, harness.free_port(), listeners, [{"name": "internet", "mx": True}],
+                                    dns={"servers": [knot.address], "timeout": "3s"}, tlsrpt=tlsrpt, **extra)
+    return state_dir, config
+
+
 def deliveries(daemon, result):
     return harness.value(daemon.metrics(), "mailflow_tlsrpt_deliveries_total", method="mailto", result=result)
 
@@ -294,15 +307,9 @@ def test_a_restart_keeps_which_rua_took_the_report_and_its_first_try(stop, workd
     took = sink_factory(f"rua-took-{stop}", host=LEDGER_ADDR["took"], port=port)
     later = sink_factory(f"rua-later-{stop}", host=LEDGER_ADDR["later"], port=port,
                          fail_rcpt=["reports@later.rpt.example.net=451 4.3.0 try again later"])
-    state_dir = workdir / f"ledger-{stop}-state"
-    state_dir.mkdir(exist_ok=True)
-    (state_dir / "tlsrpt.state").write_text(ledger_state())
     retry_for = 6  # long enough that the first daemon is stopped before it gives up itself
     tlsrpt = {"send": True, "submitter": SUBMITTER, "smtp_port": port, "interval": "1s", "retry_for": f"{retry_for}s"}
-    listeners = [{"name": "out", "address": f"127.0.0.1:{harness.free_port()}", "direction": "outbound",
-                  "upstream": "internet"}]
-    config = harness.default_config(state_dir, harness.free_port(), listeners, [{"name": "internet", "mx": True}],
-                                    dns={"servers": [knot.address], "timeout": "3s"}, tlsrpt=tlsrpt)
+    state_dir, config = state_dir_and_config(workdir, f"ledger-{stop}", ledger_state(), knot, tlsrpt)
     first = harness.Daemon(mailflowd_bin, workdir, config, name=f"ledger-{stop}").start()
     took.wait_messages(1, timeout=20)
     harness.wait_for(lambda: deliveries(first, "temporary_failure") >= 1, 20, what="the 451 of the other rua")
@@ -366,17 +373,11 @@ def test_a_report_sent_stays_sent_after_a_crash(workdir, knot, sink_factory, mai
     older tlsrpt.state (once the ledger has forgotten it too, it would go out again to every rua)."""
     port = harness.free_port("127.0.0.1", LEDGER_ADDR["took"])
     took = sink_factory("rua-took-crash", host=LEDGER_ADDR["took"], port=port)
-    state_dir = workdir / "sent-crash-state"
-    state_dir.mkdir(exist_ok=True)
-    (state_dir / "tlsrpt.state").write_text(f"""mailflowd-tlsrpt 1
+    tlsrpt = {"send": True, "submitter": SUBMITTER, "smtp_port": port, "interval": "1s"}
+    state_dir, config = state_dir_and_config(workdir, "sent-crash", f"""mailflowd-tlsrpt 1
 day {DATE} e.example.net mailto:tlsrpt@took.rpt.example.net
 policy no-policy-found - - 2 0 0
-""")
-    tlsrpt = {"send": True, "submitter": SUBMITTER, "smtp_port": port, "interval": "1s"}
-    listeners = [{"name": "out", "address": f"127.0.0.1:{harness.free_port()}", "direction": "outbound",
-                  "upstream": "internet"}]
-    config = harness.default_config(state_dir, harness.free_port(), listeners, [{"name": "internet", "mx": True}],
-                                    dns={"servers": [knot.address], "timeout": "3s"}, tlsrpt=tlsrpt)
+""", knot, tlsrpt)
     first = harness.Daemon(mailflowd_bin, workdir, config, name="sent-crash").start()
     took.wait_messages(1, timeout=20)
     # Two more runs (interval 1s): the ledger forgets the finished report and is saved without it.
@@ -491,18 +492,11 @@ def test_a_rua_that_took_the_report_is_saved_before_the_next_rua_is_tried(workdi
     stall = socket.socket()
     stall.bind((STALL_ADDR, port))
     stall.listen(16)  # the kernel completes the connection; nobody ever speaks
-    state_dir = workdir / "stall-state"
-    state_dir.mkdir(exist_ok=True)
-    (state_dir / "tlsrpt.state").write_text(f"""mailflowd-tlsrpt 1
+    tlsrpt = {"send": True, "submitter": SUBMITTER, "smtp_port": port, "interval": "1s"}
+    state_dir, config = state_dir_and_config(workdir, "stall", f"""mailflowd-tlsrpt 1
 day {DATE} h.example.net mailto:tlsrpt@took.rpt.example.net,mailto:reports@stall.rpt.example.net
 policy no-policy-found - - 1 0 0
-""")
-    tlsrpt = {"send": True, "submitter": SUBMITTER, "smtp_port": port, "interval": "1s"}
-    listeners = [{"name": "out", "address": f"127.0.0.1:{harness.free_port()}", "direction": "outbound",
-                  "upstream": "internet"}]
-    config = harness.default_config(state_dir, harness.free_port(), listeners, [{"name": "internet", "mx": True}],
-                                    dns={"servers": [knot.address], "timeout": "3s"}, tlsrpt=tlsrpt,
-                                    timeouts={"upstream_connect": "60s", "tls_handshake": "60s"})
+""", knot, tlsrpt, timeouts={"upstream_connect": "60s", "tls_handshake": "60s"})
     ledger_file = state_dir / "tlsrpt-ledger.state"
     try:
         first = harness.Daemon(mailflowd_bin, workdir, config, name="stall").start()
@@ -534,18 +528,11 @@ def test_a_stop_while_a_report_mail_is_in_flight_is_nobodys_failure(workdir, kno
     stall.bind((STALL_ADDR, port))
     stall.listen(16)
     stall.settimeout(20)
-    state_dir = workdir / "stop-state"
-    state_dir.mkdir(exist_ok=True)
-    (state_dir / "tlsrpt.state").write_text(f"""mailflowd-tlsrpt 1
+    tlsrpt = {"send": True, "submitter": SUBMITTER, "smtp_port": port, "interval": "1s"}
+    state_dir, config = state_dir_and_config(workdir, "stop", f"""mailflowd-tlsrpt 1
 day {DATE} h.example.net mailto:reports@stall.rpt.example.net
 policy no-policy-found - - 1 0 0
-""")
-    tlsrpt = {"send": True, "submitter": SUBMITTER, "smtp_port": port, "interval": "1s"}
-    listeners = [{"name": "out", "address": f"127.0.0.1:{harness.free_port()}", "direction": "outbound",
-                  "upstream": "internet"}]
-    config = harness.default_config(state_dir, harness.free_port(), listeners, [{"name": "internet", "mx": True}],
-                                    dns={"servers": [knot.address], "timeout": "3s"}, tlsrpt=tlsrpt,
-                                    timeouts={"upstream_connect": "60s", "tls_handshake": "60s"})
+""", knot, tlsrpt, timeouts={"upstream_connect": "60s", "tls_handshake": "60s"})
     held = []
     try:
         for name in ("stop-in-flight", "stop-in-flight-again"):

@@ -5,7 +5,8 @@
 # and user); install again (works on what remove kept); purge (removes configuration and state, keeps the
 # user as documented). At every step the configuration stays 0640 root:mailflowd (it may hold a password
 # hash), state_dir's files are kept, and the service is restarted, stopped or left alone as the maintainer
-# scripts promise: running before an upgrade, running after it (restarted); stopped before, still stopped.
+# scripts promise: running before an upgrade, running after it (restarted); stopped before, still stopped;
+# enabled before a remove, running again after the install that follows (debhelper's behaviour).
 # The later versions are the first package repacked with a higher version (and a changed example config).
 # systemd does not run here: the script runs in a mount namespace of its own where /run/systemd/system
 # exists (so the maintainer scripts talk to systemd) and `systemctl`/`deb-systemd-invoke` are stand-ins that
@@ -27,23 +28,43 @@ deb_test_setup
 
 # --- systemd, as the maintainer scripts see it ----------------------------------------------------------
 mount -t tmpfs mailflowd-test /run/systemd
-mkdir -p /run/systemd/system "$tmp/bin" "$tmp/units"
+mkdir -p /run/systemd/system "$tmp/bin" "$tmp/units" "$tmp/enabled"
 cat >"$tmp/bin/systemctl" <<EOF
 #!/bin/sh
-# stand-in: start/stop/restart/try-restart UNIT... and is-active UNIT act on $tmp/units; the rest only logs
+# stand-in: start/stop/restart/try-restart UNIT... and is-active UNIT act on $tmp/units, enable/disable UNIT...
+# and is-enabled UNIT on $tmp/enabled; the rest only logs
 echo "systemctl \$*" >>"$tmp/systemd.log"
 action=\$1; shift
 for unit in "\$@"; do
   case \$action in
-    start|restart) touch "$tmp/units/\$unit" ;;
+    start) touch "$tmp/units/\$unit" ;;
+    restart) [ ! -e "$tmp/units/\$unit" ] || echo "restarted \$unit" >>"$tmp/systemd.log"; touch "$tmp/units/\$unit" ;;
     stop) rm -f "$tmp/units/\$unit" ;;
     try-restart) [ ! -e "$tmp/units/\$unit" ] || echo "restarted \$unit" >>"$tmp/systemd.log" ;;
     is-active) [ -e "$tmp/units/\$unit" ] || exit 3 ;;
+    enable) touch "$tmp/enabled/\$unit" ;;
+    disable) rm -f "$tmp/enabled/\$unit" ;;
+    is-enabled) [ -e "$tmp/enabled/\$unit" ] || exit 1 ;;
   esac
 done
 exit 0
 EOF
-printf '#!/bin/sh\nexec systemctl "$@"\n' >"$tmp/bin/deb-systemd-invoke"
+# deb-systemd-invoke's own rule (Debian's init-system-helpers): start acts only on an enabled unit, restart on an
+# enabled or a running one; anything else goes to systemctl as it is.
+cat >"$tmp/bin/deb-systemd-invoke" <<'EOF'
+#!/bin/sh
+action=$1; shift
+case $action in
+  start|restart)
+    for unit in "$@"; do
+      if systemctl is-enabled "$unit" || { [ "$action" = restart ] && systemctl is-active "$unit"; }; then
+        systemctl "$action" "$unit"
+      fi
+    done ;;
+  *) exec systemctl "$action" "$@" ;;
+esac
+exit 0
+EOF
 chmod +x "$tmp/bin/systemctl" "$tmp/bin/deb-systemd-invoke"
 export PATH="$tmp/bin:$PATH"
 apt_get() {  # apt gives dpkg a PATH of its own (DPkg::Path): the stand-ins go first there too
@@ -119,8 +140,9 @@ runuser -u mailflowd -- /usr/sbin/mailflowd --check-config "$config" >/dev/null 
   fail "--check-config as mailflowd after the upgrade: $(runuser -u mailflowd -- /usr/sbin/mailflowd --check-config "$config" 2>&1)"
 echo "ok: upgraded to $version.3 while stopped: still stopped; the edited config kept"
 
-# --- remove: stopped, configuration, state and user kept --------------------------------------------------
-systemctl start mailflowd.service mailflowd.socket && systemd_calls >/dev/null
+# --- remove: stopped; configuration, state, user and the units' enablement kept ----------------------------
+systemctl enable mailflowd.service mailflowd.socket && systemctl start mailflowd.service mailflowd.socket &&
+  systemd_calls >/dev/null
 apt_get remove mailflowd >"$tmp/remove.log" 2>&1 || { cat "$tmp/remove.log"; fail "remove"; }
 calls=$(systemd_calls)
 is_active && fail "remove left the service running: $calls"
@@ -134,10 +156,15 @@ echo "ok: removed: stopped; config, state and user kept"
 
 # --- install again on what remove kept ----------------------------------------------------------------------
 install_deb "$tmp/v3.deb" "install $version.3 after remove"
+calls=$(systemd_calls)
 check_kept "install after remove"
+# Enabled before the remove, which keeps the enablement (the wants/ links go at purge): running again, as
+# debhelper's postinst has it (deb-systemd-invoke starts enabled units only).
+is_active || fail "install after remove left the enabled service stopped: $calls"
+systemctl is-active mailflowd.socket >/dev/null || fail "install after remove left the enabled socket stopped: $calls"
 runuser -u mailflowd -- /usr/sbin/mailflowd --check-config "$config" >/dev/null 2>&1 ||
   fail "--check-config as mailflowd after install on a removed package: $(runuser -u mailflowd -- /usr/sbin/mailflowd --check-config "$config" 2>&1)"
-echo "ok: installed again after remove"
+echo "ok: installed again after remove: the enabled service and socket run again"
 
 # --- purge: configuration and state gone, the user stays (operations.md: Uninstall) -------------------------
 apt_get purge mailflowd >"$tmp/purge.log" 2>&1 || { cat "$tmp/purge.log"; fail "purge"; }
