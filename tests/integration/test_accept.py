@@ -1,0 +1,84 @@
+"""Accepting connections, against the real binary: a listener whose accept() fails (out of file descriptors,
+EMFILE) logs it, counts it (mailflow_rejects_total{reason="accept_failed"}), pauses instead of spinning the CPU
+on the connections waiting in the listen queue, and serves them once descriptors are free again."""
+import os
+import resource
+import socket
+import time
+
+import pytest
+
+import harness
+import hostile_helpers as hh
+
+
+@pytest.fixture(scope="module")
+def env(sink_factory, daemon_factory):
+    sink = sink_factory("store")
+    port = harness.free_port()
+    daemon = daemon_factory(listeners=[hh.listener("in", port, "up")], upstreams=[hh.plain_upstream("up", sink.port)])
+    return sink, daemon, port
+
+
+def open_fds(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def cpu_seconds(pid):
+    # /proc/PID/stat: utime and stime, fields 14 and 15, in clock ticks (after the ")" that ends the name).
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def banner(sock, wait):
+    """The first bytes the daemon sent within `wait` seconds (b"" if none)."""
+    sock.settimeout(wait)
+    try:
+        return sock.recv(512)
+    except socket.timeout:
+        return b""
+
+
+def test_accept_out_of_descriptors_is_logged_counted_paced_and_recovers(env):
+    sink, daemon, port = env
+    pid = daemon.proc.pid
+    before = daemon.metrics()
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    held, waiting = [], []
+    try:
+        # Room for two more descriptors: two sessions, then accept() fails with EMFILE.
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (open_fds(pid) + 2, hard))
+        for _ in range(8):
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            if not banner(s, 1.0).startswith(b"220"):
+                waiting.append(s)
+                break
+            held.append(s)
+        assert waiting, f"every connection got a banner: the descriptor limit did not bite\n{daemon.log_tail()}"
+        waiting.append(socket.create_connection(("127.0.0.1", port), timeout=5))  # queued behind it
+        harness.wait_for(lambda: "accept_error" in daemon.stderr(), 5, what="the accept_error log line")
+        line = [l for l in daemon.stderr().splitlines() if "accept_error" in l][-1]
+        assert "listener=in" in line and "Too many open files" in line, line
+        # While the queue stays full the loop retries after a pause, it does not spin on the failing accept().
+        start = cpu_seconds(pid)
+        time.sleep(1.0)
+        used = cpu_seconds(pid) - start
+        assert used < 0.3, f"{used:.2f} s of CPU in 1 s while accept() failed: the accept loop spins"
+        # Descriptors come free: the connections that waited in the queue are served.
+        for s in held:
+            s.close()
+        held.clear()
+        for s in waiting:
+            got = banner(s, 5.0)
+            assert got.startswith(b"220"), f"a queued connection after the descriptors came free: {got!r}"
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        for s in held + waiting:
+            s.close()
+    after = daemon.metrics()
+    failed = harness.value(after, "mailflow_rejects_total", listener="in", reason="accept_failed") - \
+        harness.value(before, "mailflow_rejects_total", listener="in", reason="accept_failed")
+    assert failed >= 1, f"accept() failed, but mailflow_rejects_total{{reason=\"accept_failed\"}} moved by {failed}"
+    # Each failed try counts (the loop tries again every 100 ms): a second of failures is about ten, not thousands.
+    assert failed <= 40, f"{failed} failed accepts counted in about 2 s"
+    hh.assert_relays(daemon, port, sink)
