@@ -419,8 +419,10 @@ struct Server::Impl {
   }
 
   // Sockets from systemd that no listener's address equals are never accepted on: their clients would wait
-  // for a banner until they give up, and nothing else would say so. Said at start and after each reload.
-  void log_unused_sockets() const {
+  // for a banner until they give up, and nothing else would say so. Said (and set in mailflow_sockets_unused,
+  // for an alert: the log line comes once) at start and after each reload.
+  void log_unused_sockets() {
+    telemetry.sockets_unused(inherited.size() + unusable_sockets.size());
     for (const auto& socket : inherited)
       log_event(LogLevel::error, "socket_unused",
                 {{"address", endpoint_text(socket.first)},

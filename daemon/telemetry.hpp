@@ -118,6 +118,9 @@ class Telemetry {
   // reasons::tlsrpt_results, all exported from the start).
   void tlsrpt_delivery(std::string_view method, std::string_view result);
   void config_reloaded(bool success);  // mailflow_config_reloads_total{result="success"|"failure"}
+  // mailflow_sockets_unused: the sockets from systemd (LISTEN_FDS) that no listener accepts on, at start and
+  // after every reload.
+  void sockets_unused(std::size_t count);
   void state_error(std::string_view reason);  // mailflow_state_errors_total{reason}: save/load problems
   // mailflow_dns_lookups_total{type,result}: every lookup of the resolver; all series exported from the start.
   void dns_lookup(DnsType type, DnsOutcome outcome);
