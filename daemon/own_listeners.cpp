@@ -64,8 +64,9 @@ bool OwnListeners::contains(const net::ip::address& candidate, std::uint16_t por
       if (listener.address == address) return true;
       continue;
     }
-    // 0.0.0.0 takes IPv4 only; :: takes both (Linux's default bindv6only=0).
-    if (listener.address.is_v4() && !address.is_v4()) continue;
+    // 0.0.0.0 takes IPv4 only, and :: IPv6 only: the server binds it IPv6-only (IPV6_V6ONLY), so that an IPv4
+    // listener on the same port can listen beside it.
+    if (listener.address.is_v4() != address.is_v4()) continue;
     if (address.is_loopback() || address.is_unspecified() || local_.count(address) != 0) return true;
   }
   return false;
