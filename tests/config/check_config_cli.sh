@@ -258,6 +258,23 @@ refused "missing file" "$work/missing.yaml" \
 refused "file over 16 MiB" "$work/huge.yaml" \
   "$work/huge.yaml: the configuration is larger than 16 MiB"
 
+# An upstream at an address of this host on a 0.0.0.0 listener's port is mailflowd itself: its mail would loop.
+# The loader cannot see the interfaces (the daemon reads them), so this needs one of the host's own addresses;
+# nothing connects to it.
+own=$(ip -o -4 addr show scope global 2>/dev/null | awk '{split($4, a, "/"); print a[1]; exit}')
+if [ -n "$own" ]; then
+  cat >"$work/own-address.yaml" <<EOF
+listeners:
+  - {name: inbound, address: "0.0.0.0:2525", upstream: up}
+upstreams:
+  - {name: up, address: "$own:2525"}
+EOF
+  refused "upstream at an address of this host" "$work/own-address.yaml" \
+    "$work/own-address.yaml:4:25: upstreams[0].address: \"$own:2525\" is an address of this host where mailflowd's own listener \"inbound\" (\"0.0.0.0:2525\") takes it: its mail would come back to it, in a loop"
+else
+  fail "upstream at an address of this host: the host has no global IPv4 address (ip -o -4 addr)"
+fi
+
 # A second file (or anything else) after --check-config FILE is a usage error, not silently left unchecked.
 timeout 20 "$bin" --check-config "$work/good.yaml" "$work/garbage.yaml" >"$work/out" 2>"$work/err"
 status=$?
