@@ -82,3 +82,36 @@ def test_accept_out_of_descriptors_is_logged_counted_paced_and_recovers(env):
     # Each failed try counts (the loop tries again every 100 ms): a second of failures is about ten, not thousands.
     assert failed <= 40, f"{failed} failed accepts counted in about 2 s"
     hh.assert_relays(daemon, port, sink)
+
+
+def test_every_accepted_connection_is_a_client_session(env, daemon_factory):
+    """mailflow_sessions_total{leg="client"} counts every accepted connection once it closed, as docs/metrics.md
+    says: a connection that closes without a word (a load balancer's TCP health check, a port scan) and one refused
+    at connect (421 4.7.0, over max_sessions_per_ip) each count one, under tls_version "none", as does the
+    session duration histogram; mailflow_rejects_total says which were refused."""
+    sink, _, _ = env
+    port = harness.free_port()
+    daemon = daemon_factory(listeners=[hh.listener("lim", port, "up")], upstreams=[hh.plain_upstream("up", sink.port)],
+                            name="limited", limits={"max_sessions_per_ip": 1, "drain_timeout": "3s"})
+    sessions = dict(name="mailflow_sessions_total", listener="lim", leg="client", tls_version="none")
+    before = daemon.metrics()
+    socket.create_connection(("127.0.0.1", port), timeout=5).close()  # a TCP health check
+    held = hh.greeted(port)
+    try:
+        refused = harness.RawSmtp(port)
+        code, text = refused.reply()
+        assert code == 421, f"the second session from one address: {text!r}"
+        refused.close()
+        after = hh.assert_counter(daemon, before, n=2, **sessions)
+    finally:
+        held.close()
+    after = hh.assert_counter(daemon, before, n=3, **sessions)
+    assert harness.value(after, "mailflow_sessions_total", listener="lim", leg="client") - \
+        harness.value(before, "mailflow_sessions_total", listener="lim", leg="client") == 3
+    hh.assert_rejected(daemon, before, "ip_limit", n=1, listener_name="lim")
+    durations = harness.value(after, "mailflow_session_duration_seconds_count", listener="lim") - \
+        harness.value(before, "mailflow_session_duration_seconds_count", listener="lim")
+    assert durations == 3, f"the duration histogram counted {durations} sessions, sessions_total 3"
+    results = [l.split(" result=", 1)[1].split()[0] for l in daemon.stderr().splitlines()
+               if " session id=" in l and "listener=lim" in l]
+    assert sorted(results) == ["disconnected", "disconnected", "ip_limit"], results
