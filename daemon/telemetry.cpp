@@ -43,6 +43,7 @@ std::string_view to_string(HttpReject reason) {
     case HttpReject::auth_busy: return "auth_busy";
     case HttpReject::auth_backoff: return "auth_backoff";
     case HttpReject::write_timeout: return "write_timeout";
+    case HttpReject::accept_failed: return "accept_failed";
   }
   return "unknown";
 }

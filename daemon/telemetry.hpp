@@ -37,11 +37,13 @@ enum class HttpReject {
   auth_busy,         // 503: too many password checks pending
   auth_backoff,      // 429: the address failed too often, no check was run
   write_timeout,     // a response the client did not take within its deadline: the connection was closed
+  accept_failed,     // accept() failed (out of descriptors): each try, one per 100 ms pause
 };
-inline constexpr std::array<HttpReject, 9> all_http_rejects{
+inline constexpr std::array<HttpReject, 10> all_http_rejects{
     HttpReject::connection_limit, HttpReject::address_limit, HttpReject::head_timeout,
     HttpReject::bad_request,      HttpReject::auth_missing,  HttpReject::auth_failed,
-    HttpReject::auth_busy,        HttpReject::auth_backoff,  HttpReject::write_timeout};
+    HttpReject::auth_busy,        HttpReject::auth_backoff,  HttpReject::write_timeout,
+    HttpReject::accept_failed};
 std::string_view to_string(HttpReject reason);
 
 // The coroutines whose escaped exceptions are counted (mailflow_internal_errors_total{component}).

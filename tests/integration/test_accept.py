@@ -1,6 +1,7 @@
 """Accepting connections, against the real binary: a listener whose accept() fails (out of file descriptors,
 EMFILE) logs it, counts it (mailflow_rejects_total{reason="accept_failed"}), pauses instead of spinning the CPU
-on the connections waiting in the listen queue, and serves them once descriptors are free again."""
+on the connections waiting in the listen queue, and serves them once descriptors are free again; the HTTP server's
+accept likewise. What mailflow_sessions_total{leg="client"} counts."""
 import os
 import resource
 import socket
@@ -82,6 +83,36 @@ def test_accept_out_of_descriptors_is_logged_counted_paced_and_recovers(env):
     # Each failed try counts (the loop tries again every 100 ms): a second of failures is about ten, not thousands.
     assert failed <= 40, f"{failed} failed accepts counted in about 2 s"
     hh.assert_relays(daemon, port, sink)
+
+
+def test_http_accept_out_of_descriptors_is_logged_and_counted(env):
+    """The HTTP server's accept loop likewise: logged, counted (mailflow_http_rejects_total{reason="accept_failed"}),
+    and the scrape that waited in the queue is answered once there are descriptors again."""
+    _, daemon, _ = env
+    pid = daemon.proc.pid
+    host, http_port = daemon.config["http"]["address"].rsplit(":", 1)
+    before = daemon.metrics()
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    scrape = None
+    try:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (open_fds(pid), hard))  # no room at all
+        scrape = socket.create_connection((host, int(http_port)), timeout=5)
+        scrape.sendall(b"GET /healthz HTTP/1.1\r\nHost: mailflowd\r\nConnection: close\r\n\r\n")
+        harness.wait_for(lambda: "http_accept_failed" in daemon.stderr(), 5, what="the http_accept_failed log line")
+        start = cpu_seconds(pid)
+        time.sleep(1.0)
+        used = cpu_seconds(pid) - start
+        assert used < 0.3, f"{used:.2f} s of CPU in 1 s while the HTTP accept() failed: the accept loop spins"
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        got = banner(scrape, 5.0)
+        assert got.startswith(b"HTTP/1.1 200"), f"the request that waited in the queue: {got!r}"
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        if scrape:
+            scrape.close()
+    failed = harness.value(daemon.metrics(), "mailflow_http_rejects_total", reason="accept_failed") - \
+        harness.value(before, "mailflow_http_rejects_total", reason="accept_failed")
+    assert 1 <= failed <= 40, f"the HTTP accept() failed, mailflow_http_rejects_total{{reason=\"accept_failed\"}} moved by {failed}"
 
 
 def test_every_accepted_connection_is_a_client_session(env, daemon_factory):
