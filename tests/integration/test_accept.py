@@ -1,10 +1,14 @@
 """Accepting connections, against the real binary: a listener whose accept() fails (out of file descriptors,
 EMFILE) logs it, counts it (mailflow_rejects_total{reason="accept_failed"}), pauses instead of spinning the CPU
 on the connections waiting in the listen queue, and serves them once descriptors are free again; the HTTP server's
-accept likewise. What mailflow_sessions_total{leg="client"} counts."""
+accept likewise. What mailflow_sessions_total{leg="client"} counts. A reload to an upstream that is one of the
+daemon's own listeners is refused."""
+import json
 import os
 import resource
+import signal
 import socket
+import subprocess
 import time
 
 import pytest
@@ -146,3 +150,29 @@ def test_every_accepted_connection_is_a_client_session(env, daemon_factory):
     results = [l.split(" result=", 1)[1].split()[0] for l in daemon.stderr().splitlines()
                if " session id=" in l and "listener=lim" in l]
     assert sorted(results) == ["disconnected", "disconnected", "ip_limit"], results
+
+
+def test_reload_to_an_upstream_that_is_an_own_listener_is_refused(sink_factory, daemon_factory):
+    """An upstream at an address of this host on a 0.0.0.0 listener's port is mailflowd itself: a reload to it is
+    refused (at the key's file:line:col) before the new listener is bound, and the old configuration keeps
+    relaying."""
+    out = subprocess.run(["ip", "-o", "-4", "addr", "show", "scope", "global"], capture_output=True, text=True).stdout
+    own = [line.split()[3].split("/")[0] for line in out.splitlines()]
+    assert own, f"the host has no global IPv4 address (ip -o -4 addr): {out!r}"
+    sink = sink_factory("reload-store")
+    port, wild = harness.free_port(), harness.free_port()
+    daemon = daemon_factory(listeners=[hh.listener("in", port, "up")], upstreams=[hh.plain_upstream("up", sink.port)],
+                            name="reload-loop")
+    before = daemon.metrics()
+    cfg = json.loads(daemon.config_path.read_text())
+    cfg["listeners"].append({"name": "any", "address": f"0.0.0.0:{wild}", "direction": "inbound", "upstream": "self"})
+    cfg["upstreams"].append({"name": "self", "address": f"{own[0]}:{wild}", "tls": "none"})
+    daemon.config_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    daemon.proc.send_signal(signal.SIGHUP)
+    harness.wait_for(lambda: "reload_refused" in daemon.stderr(), 10, what="the reload to be refused")
+    line = [l for l in daemon.stderr().splitlines() if "reload_refused" in l][-1]
+    assert f"{daemon.config_path}:" in line and "upstreams[1].address" in line and "in a loop" in line, line
+    hh.assert_counter(daemon, before, "mailflow_config_reloads_total", n=1, result="failure")
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", wild), timeout=2).close()  # the refused listener never listened
+    hh.assert_relays(daemon, port, sink)
