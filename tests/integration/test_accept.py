@@ -53,9 +53,10 @@ def test_accept_out_of_descriptors_is_logged_counted_paced_and_recovers(env):
     try:
         # Room for two more descriptors: two sessions, then accept() fails with EMFILE.
         resource.prlimit(pid, resource.RLIMIT_NOFILE, (open_fds(pid) + 2, hard))
+        started = time.monotonic()
         for _ in range(8):
             s = socket.create_connection(("127.0.0.1", port), timeout=5)
-            if not banner(s, 1.0).startswith(b"220"):
+            if not banner(s, 3.0).startswith(b"220"):  # none in 3 s (a loaded test host): it is queued
                 waiting.append(s)
                 break
             held.append(s)
@@ -76,6 +77,7 @@ def test_accept_out_of_descriptors_is_logged_counted_paced_and_recovers(env):
         for s in waiting:
             got = banner(s, 5.0)
             assert got.startswith(b"220"), f"a queued connection after the descriptors came free: {got!r}"
+        failing = time.monotonic() - started
     finally:
         resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
         for s in held + waiting:
@@ -84,8 +86,8 @@ def test_accept_out_of_descriptors_is_logged_counted_paced_and_recovers(env):
     failed = harness.value(after, "mailflow_rejects_total", listener="in", reason="accept_failed") - \
         harness.value(before, "mailflow_rejects_total", listener="in", reason="accept_failed")
     assert failed >= 1, f"accept() failed, but mailflow_rejects_total{{reason=\"accept_failed\"}} moved by {failed}"
-    # Each failed try counts (the loop tries again every 100 ms): a second of failures is about ten, not thousands.
-    assert failed <= 40, f"{failed} failed accepts counted in about 2 s"
+    # Each failed try counts (the loop tries again every 100 ms): about ten a second, not thousands.
+    assert failed <= 12 * failing + 5, f"{failed} failed accepts counted in {failing:.1f} s"
     hh.assert_relays(daemon, port, sink)
 
 
