@@ -949,6 +949,8 @@ class Loader {
       else error_at(get(map, "mx")->value, where + ": missing required key \"address\" (mx is false)");
     } else if (read_endpoint(map, "address", where, upstream.address, false)) {
       fixed_upstreams_.push_back({where + ".address", upstream.address, address->value.Mark()});
+      // The daemon's own check (OwnListeners: this host's interfaces) reports there too.
+      remember_position(where + ".address", address->value);
     }
     if (const Field* port = get(map, "port")) {
       error_at(port->key, where + ".port: only for mx: true; an address carries its own port (\"host:port\")");
@@ -1227,18 +1229,28 @@ class Loader {
   };
   std::vector<FixedUpstream> fixed_upstreams_;
 
-  // An upstream on one of mailflowd's own listeners (its address, or a loopback address where the listener takes
-  // every address of its family) relays each RCPT back into mailflowd, session inside session, until the per-address
-  // limit refuses: nothing is ever delivered.
+  // An upstream on one of mailflowd's own listeners (its address, or a loopback address where the listener
+  // takes every address of its family) relays each RCPT back into mailflowd, session inside session, until
+  // the per-address limit refuses: nothing is ever delivered. Compared as the connect() goes:
+  // "[::ffff:127.0.0.1]" is 127.0.0.1 (IPv4), and 0.0.0.0 or "[::]" is this host's loopback address (Linux).
+  // An address of this host's interfaces on a wildcard listener's port is the daemon's check (OwnListeners):
+  // the interfaces are not known here.
   void check_upstream_loops() {
+    const auto any_v4 = parse_ip_address("0.0.0.0");
+    const auto any_v6 = parse_ip_address("::");
     for (const auto& upstream : fixed_upstreams_) {
-      const auto ip = parse_ip_address(upstream.address.host);
+      auto ip = parse_ip_address(upstream.address.host);
       if (!ip) continue;  // a host name: what it resolves to is not known here
-      const bool v6 = upstream.address.host.find(':') != std::string::npos;
-      const bool loopback = v6 ? *ip == *parse_ip_address("::1") : (*ip)[12] == 127;
+      if (*ip == *any_v4) ip = parse_ip_address("127.0.0.1");
+      if (*ip == *any_v6) ip = parse_ip_address("::1");
+      const bool v4 = std::equal(ip->begin(), ip->begin() + 12, any_v4->begin());  // "::ffff:" + 4 bytes
+      const bool loopback = v4 ? (*ip)[12] == 127 : *ip == *parse_ip_address("::1");
       for (const auto& listener : bound_) {
-        const Clash clash = bind_clash(upstream.address, listener.address);
-        if (clash == Clash::same || (clash == Clash::that_wildcard && loopback)) {
+        if (listener.address.port != upstream.address.port) continue;
+        const auto bound = parse_ip_address(listener.address.host);
+        const bool bound_v6 = listener.address.host.find(':') != std::string::npos;  // "[::]" is IPv6-only
+        const bool wildcard = bound == (bound_v6 ? any_v6 : any_v4);
+        if (bound == ip || (wildcard && loopback && bound_v6 != v4)) {
           error_at(upstream.mark, upstream.path + ": " + quoted(upstream.address.text) + " is mailflowd's own listener " +
                                       quoted(listener.listener) + " (" + quoted(listener.address.text) +
                                       "): its mail would come back to it, in a loop");

@@ -396,7 +396,8 @@ class Server : public std::enable_shared_from_this<Server> {
       co_await acceptor_.async_accept(socket, asio::redirect_error(asio::use_awaitable, ec));
       if (ec == asio::error::operation_aborted || !acceptor_.is_open()) co_return;
       if (ec) {
-        // EMFILE and friends: the acceptor survives; pause so a full fd table does not spin the CPU.
+        // EMFILE and friends: the acceptor survives; count it, pause so a full fd table does not spin.
+        telemetry_.http_rejected(HttpReject::accept_failed);
         log_limited(LogLevel::warn, "http_accept_failed", {{"error", ec.message()}});
         backoff.expires_after(std::chrono::milliseconds(100));
         co_await backoff.async_wait(asio::redirect_error(asio::use_awaitable, ec));

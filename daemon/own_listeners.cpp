@@ -46,12 +46,12 @@ OwnListeners::OwnListeners(const config::Config& config, std::vector<net::ip::ad
   for (const auto& listener : config.listeners) {
     boost::system::error_code ec;
     const auto address = net::ip::make_address(listener.address.host, ec);
-    if (!ec) listeners_.push_back(Bound{unmapped(address), listener.address.port});
+    if (!ec) listeners_.push_back(Bound{unmapped(address), listener.address.port, listener});
   }
   for (const auto& address : addresses) local_.insert(unmapped(address));
 }
 
-bool OwnListeners::contains(const net::ip::address& candidate, std::uint16_t port) const {
+const config::Listener* OwnListeners::owner(const net::ip::address& candidate, std::uint16_t port) const {
   auto address = unmapped(candidate);
   // A connect() to 0.0.0.0 or :: reaches this host's loopback, 127.0.0.1 or ::1 (Linux), where a listener on
   // that address takes it: an MX host that a hostile DNS puts there is us.
@@ -61,14 +61,16 @@ bool OwnListeners::contains(const net::ip::address& candidate, std::uint16_t por
   for (const auto& listener : listeners_) {
     if (listener.port != port) continue;
     if (!listener.address.is_unspecified()) {
-      if (listener.address == address) return true;
+      if (listener.address == address) return &listener.listener;
       continue;
     }
-    // 0.0.0.0 takes IPv4 only; :: takes both (Linux's default bindv6only=0).
-    if (listener.address.is_v4() && !address.is_v4()) continue;
-    if (address.is_loopback() || address.is_unspecified() || local_.count(address) != 0) return true;
+    // 0.0.0.0 takes IPv4 only, and :: IPv6 only: the server binds it IPv6-only (IPV6_V6ONLY), so that an IPv4
+    // listener on the same port can listen beside it.
+    if (listener.address.is_v4() != address.is_v4()) continue;
+    if (address.is_loopback() || address.is_unspecified() || local_.count(address) != 0)
+      return &listener.listener;
   }
-  return false;
+  return nullptr;
 }
 
 }  // namespace mailflow

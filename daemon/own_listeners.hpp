@@ -20,12 +20,17 @@ class OwnListeners {
   // For tests: the interface addresses given instead of read.
   OwnListeners(const config::Config& config, std::vector<boost::asio::ip::address> interface_addresses);
 
-  bool contains(const boost::asio::ip::address& address, std::uint16_t port) const;
+  bool contains(const boost::asio::ip::address& address, std::uint16_t port) const {
+    return owner(address, port) != nullptr;
+  }
+  // The listener that a connection to `address`:`port` reaches, or nullptr.
+  const config::Listener* owner(const boost::asio::ip::address& address, std::uint16_t port) const;
 
  private:
   struct Bound {
     boost::asio::ip::address address;  // unspecified for a wildcard listener
     std::uint16_t port;
+    config::Listener listener;
   };
   std::vector<Bound> listeners_;
   std::set<boost::asio::ip::address> local_;

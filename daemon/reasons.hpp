@@ -29,6 +29,9 @@ inline constexpr auto rejects = std::to_array<std::string_view>({
     "recipient_route", "too_many_hops",
     // the MX route of an mx upstream's recipient domain (daemon/mx_route.hpp MxRoute::Result, reply at RCPT)
     "null_mx", "nxdomain", "no_addresses", "dns_failure", "loop", "address_literal", "no_domain",
+    // daemon/server.cpp: accept() failed (out of descriptors or memory); the connection waits in the listen
+    // queue, each failed try counts (one per 100 ms pause)
+    "accept_failed",
 });
 
 // mailflow_tls_handshake_failures_total{listener, leg, reason}: daemon/tls.cpp handshake_failure_reason().

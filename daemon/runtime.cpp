@@ -24,6 +24,26 @@ std::vector<std::pair<std::string, std::string>> https_ca_file_problems(const co
   return out;
 }
 
+std::vector<std::pair<std::string, std::string>> upstream_loops(const config::Config& config,
+                                                                const OwnListeners& own) {
+  std::vector<std::pair<std::string, std::string>> out;
+  for (std::size_t i = 0; i < config.upstreams.size(); ++i) {
+    const auto& upstream = config.upstreams[i];
+    if (upstream.mx) continue;
+    boost::system::error_code ec;
+    const auto address = boost::asio::ip::make_address(upstream.address.host, ec);
+    if (ec) continue;  // a host name: what it resolves to is known only when a session connects
+    if (const config::Listener* listener = own.owner(address, upstream.address.port)) {
+      out.emplace_back("upstreams[" + std::to_string(i) + "].address",
+                       "\"" + upstream.address.text +
+                           "\" is an address of this host where mailflowd's own listener \"" +
+                           listener->name + "\" (\"" + listener->address.text +
+                           "\") takes it: its mail would come back to it, in a loop");
+    }
+  }
+  return out;
+}
+
 std::shared_ptr<const Runtime> Runtime::build(std::shared_ptr<const config::Config> config) {
   // The sessions make their resolvers when they first need one: settings that libunbound refuses fail the start
   // or the reload here, not every delivery afterwards.
@@ -42,6 +62,12 @@ std::shared_ptr<const Runtime> Runtime::build(std::shared_ptr<const config::Conf
       runtime->upstream_tls.emplace(upstream.name, std::make_shared<const ClientTls>(upstream, config->mta_sts.ca_file));
   }
   runtime->own_listeners = std::make_shared<const OwnListeners>(*config);
+  for (const auto& [key, problem] : upstream_loops(*config, *runtime->own_listeners)) {
+    std::string where = config->source_path;
+    if (const auto it = config->positions.find(key); it != config->positions.end())
+      where += ":" + std::to_string(it->second.first) + ":" + std::to_string(it->second.second);
+    throw std::runtime_error(where + ": " + key + ": " + problem);
+  }
   runtime->resolver_key = resolver_settings_key(config->dns);
   runtime->config = std::move(config);
   return runtime;

@@ -19,6 +19,15 @@ namespace mailflow {
 // at their line.
 std::vector<std::pair<std::string, std::string>> https_ca_file_problems(const config::Config& config);
 
+// Fixed upstreams whose address (an IP literal) is one of mailflowd's own listeners as `own` sees them, this
+// host's interface addresses included (an upstream at 192.0.2.7:25 where a 0.0.0.0:25 listener runs on
+// 192.0.2.7):
+// {"upstreams[N].address", problem}. The loader refuses what it can see without the interfaces (the same
+// address, loopback on a wildcard's port); Runtime::build refuses these, --check-config reports them at their
+// line. A host name is not resolved here.
+std::vector<std::pair<std::string, std::string>> upstream_loops(const config::Config& config,
+                                                                const OwnListeners& own);
+
 struct Runtime {
   std::shared_ptr<const config::Config> config;
   std::map<std::string, std::shared_ptr<const ServerTls>, std::less<>> listener_tls;  // by listener name

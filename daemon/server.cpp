@@ -331,7 +331,10 @@ struct Server::Impl {
           session_loop(), asio::redirect_error(asio::use_awaitable, ec));
       if (ec) {
         if (!entry->acceptor.is_open() || ec == asio::error::operation_aborted) co_return;
-        // Out of descriptors or a transient network error: log, breathe, keep accepting.
+        // Out of descriptors (EMFILE, ENFILE) or memory: the connection stays in the listen queue. Log and
+        // count each failed try, then breathe before the next one (nginx pauses accepting on EMFILE too): Asio
+        // would retry at once, and a full descriptor table would spin this loop at 100 % CPU.
+        telemetry.rejected(entry->name, "accept_failed");
         log_limited(LogLevel::error, "accept_error", {{"listener", entry->name}, {"error", ec.message()}});
         asio::steady_timer pause(io, std::chrono::milliseconds(100));
         co_await pause.async_wait(asio::redirect_error(asio::use_awaitable, ec));
@@ -416,8 +419,10 @@ struct Server::Impl {
   }
 
   // Sockets from systemd that no listener's address equals are never accepted on: their clients would wait
-  // for a banner until they give up, and nothing else would say so. Said at start and after each reload.
-  void log_unused_sockets() const {
+  // for a banner until they give up, and nothing else would say so. Said (and set in mailflow_sockets_unused,
+  // for an alert: the log line comes once) at start and after each reload.
+  void log_unused_sockets() {
+    telemetry.sockets_unused(inherited.size() + unusable_sockets.size());
     for (const auto& socket : inherited)
       log_event(LogLevel::error, "socket_unused",
                 {{"address", endpoint_text(socket.first)},

@@ -43,6 +43,7 @@ std::string_view to_string(HttpReject reason) {
     case HttpReject::auth_busy: return "auth_busy";
     case HttpReject::auth_backoff: return "auth_backoff";
     case HttpReject::write_timeout: return "write_timeout";
+    case HttpReject::accept_failed: return "accept_failed";
   }
   return "unknown";
 }
@@ -143,6 +144,8 @@ constexpr Family remotes_error_bound{"mailflow_remotes_error_bound", "gauge",
                                      "Heavy-hitters error bound of the window's drill-down: a server not listed sent "
                                      "at most this many messages (0: exact)"};
 constexpr Family build_info{"mailflow_build_info", "gauge", "Build information (always 1)"};
+constexpr Family sockets_unused{"mailflow_sockets_unused", "gauge",
+                                "Sockets passed by systemd socket activation that no listener accepts on"};
 constexpr Family certificate_expiry{"mailflow_certificate_expiry_timestamp_seconds", "gauge",
                                    "notAfter of each served certificate (unix seconds), by listener (http: "
                                    "http.tls) and certificate file"};
@@ -297,6 +300,7 @@ struct Snapshot {
   std::array<std::array<std::uint64_t, all_dns_outcomes.size()>, all_dns_types.size()> dns_lookups{};
   std::array<std::vector<std::pair<const std::string*, std::uint64_t>>, kLabelledFamilies> labelled;
   std::vector<std::pair<std::string, std::int64_t>> certificates;  // rendered labels, notAfter
+  std::uint64_t sockets_unused = 0;
 };
 
 void write_exposition(std::string& out, const Snapshot& snapshot, const std::optional<ProcessStats>& process) {
@@ -433,6 +437,8 @@ void write_exposition(std::string& out, const Snapshot& snapshot, const std::opt
   }
   header(family::build_info);
   append_sample(out, family::build_info.name, {fixed.version}, std::uint64_t{1});
+  header(family::sockets_unused);
+  append_sample(out, family::sockets_unused.name, {}, snapshot.sockets_unused);
   header(family::certificate_expiry);
   for (const auto& [labels, not_after] : snapshot.certificates) {
     append_sample(out, family::certificate_expiry.name, {labels}, not_after);
@@ -488,6 +494,7 @@ struct Telemetry::Impl {
 
   std::atomic<std::uint64_t> messages_total{0};
   std::atomic<std::int64_t> sessions_active{0};
+  std::atomic<std::uint64_t> sockets_unused{0};
   // Counted without the mutex: every resolver (one per event loop) adds here.
   std::array<std::array<std::atomic<std::uint64_t>, all_dns_outcomes.size()>, all_dns_types.size()> dns_lookups{};
 
@@ -880,6 +887,7 @@ std::string Telemetry::metrics_text() {
       impl_->snapshot.dns_lookups[t][o] = impl_->dns_lookups[t][o].load(std::memory_order_relaxed);
     }
   }
+  impl_->snapshot.sockets_unused = impl_->sockets_unused.load(std::memory_order_relaxed);
   const auto process = read_process_stats();
   std::string text;
   text.reserve(impl_->last_text_size + impl_->last_text_size / 16 + 4096);  // one allocation, no regrowth
@@ -983,6 +991,10 @@ bool Telemetry::load_state(const std::string& state_dir, std::string& error) {
   return load(kRemotesFile,
               [&](std::string_view text, std::string& e) { return impl_->remotes.deserialize(text, e); },
               "drill-down tables");
+}
+
+void Telemetry::sockets_unused(std::size_t count) {
+  impl_->sockets_unused.store(count, std::memory_order_relaxed);
 }
 
 std::uint64_t Telemetry::messages_total() const { return impl_->messages_total.load(std::memory_order_relaxed); }

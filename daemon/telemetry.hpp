@@ -37,11 +37,13 @@ enum class HttpReject {
   auth_busy,         // 503: too many password checks pending
   auth_backoff,      // 429: the address failed too often, no check was run
   write_timeout,     // a response the client did not take within its deadline: the connection was closed
+  accept_failed,     // accept() failed (out of descriptors): each try, one per 100 ms pause
 };
-inline constexpr std::array<HttpReject, 9> all_http_rejects{
+inline constexpr std::array<HttpReject, 10> all_http_rejects{
     HttpReject::connection_limit, HttpReject::address_limit, HttpReject::head_timeout,
     HttpReject::bad_request,      HttpReject::auth_missing,  HttpReject::auth_failed,
-    HttpReject::auth_busy,        HttpReject::auth_backoff,  HttpReject::write_timeout};
+    HttpReject::auth_busy,        HttpReject::auth_backoff,  HttpReject::write_timeout,
+    HttpReject::accept_failed};
 std::string_view to_string(HttpReject reason);
 
 // The coroutines whose escaped exceptions are counted (mailflow_internal_errors_total{component}).
@@ -118,6 +120,9 @@ class Telemetry {
   // reasons::tlsrpt_results, all exported from the start).
   void tlsrpt_delivery(std::string_view method, std::string_view result);
   void config_reloaded(bool success);  // mailflow_config_reloads_total{result="success"|"failure"}
+  // mailflow_sockets_unused: the sockets from systemd (LISTEN_FDS) that no listener accepts on, at start and
+  // after every reload.
+  void sockets_unused(std::size_t count);
   void state_error(std::string_view reason);  // mailflow_state_errors_total{reason}: save/load problems
   // mailflow_dns_lookups_total{type,result}: every lookup of the resolver; all series exported from the start.
   void dns_lookup(DnsType type, DnsOutcome outcome);

@@ -258,6 +258,33 @@ refused "missing file" "$work/missing.yaml" \
 refused "file over 16 MiB" "$work/huge.yaml" \
   "$work/huge.yaml: the configuration is larger than 16 MiB"
 
+# An upstream at an address of this host on a 0.0.0.0 listener's port is mailflowd itself: its mail would loop.
+# The loader cannot see the interfaces (the daemon reads them), so this needs one of the host's own addresses;
+# nothing connects to it.
+own=$(ip -o -4 addr show scope global 2>/dev/null | awk '{split($4, a, "/"); print a[1]; exit}')
+if [ -n "$own" ]; then
+  cat >"$work/own-address.yaml" <<EOF
+listeners:
+  - {name: inbound, address: "0.0.0.0:2525", upstream: up}
+upstreams:
+  - {name: up, address: "$own:2525"}
+EOF
+  refused "upstream at an address of this host" "$work/own-address.yaml" \
+    "$work/own-address.yaml:4:25: upstreams[0].address: \"$own:2525\" is an address of this host where mailflowd's own listener \"inbound\" (\"0.0.0.0:2525\") takes it: its mail would come back to it, in a loop"
+  # The daemon refuses to start on it too, before it binds anything (the check comes with the configuration).
+  timeout 20 "$bin" --config "$work/own-address.yaml" >"$work/out" 2>"$work/err"
+  status=$?
+  if [ "$status" -eq 1 ] && grep -q "startup_failed" "$work/err" &&
+     grep -qF "$work/own-address.yaml:4:25: upstreams[0].address: \\\"$own:2525\\\" is an address of this host" "$work/err"; then
+    passed=$((passed + 1)); echo "ok: start refused on an upstream at an address of this host"
+  else
+    fail "start with an upstream at an address of this host: exit status $status (expected 1 and startup_failed)"
+    head -c 2000 "$work/err"
+  fi
+else
+  fail "upstream at an address of this host: the host has no global IPv4 address (ip -o -4 addr)"
+fi
+
 # A second file (or anything else) after --check-config FILE is a usage error, not silently left unchecked.
 timeout 20 "$bin" --check-config "$work/good.yaml" "$work/garbage.yaml" >"$work/out" 2>"$work/err"
 status=$?

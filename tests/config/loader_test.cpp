@@ -727,6 +727,34 @@ upstreams:
         "would come back to it, in a loop");
 }
 
+// connect() takes 0.0.0.0 and [::] as this host's loopback address, and [::ffff:127.0.0.1] is 127.0.0.1 over
+// IPv4: each of them reaches the listener below on its port, and passed the check before.
+TEST_CASE("an upstream address that connect() takes to one of the listeners is an error") {
+  const auto result = load(R"(listeners:
+  - {name: a, address: "127.0.0.1:2528", upstream: any}
+  - {name: b, address: "0.0.0.0:2529", upstream: mapped}
+  - {name: c, address: "[::1]:2530", upstream: any6}
+  - {name: d, address: "[::]:2531", upstream: other}
+upstreams:
+  - {name: any, address: "0.0.0.0:2528"}
+  - {name: mapped, address: "[::ffff:127.0.0.9]:2529"}
+  - {name: any6, address: "[::]:2530"}
+  - {name: other, address: "[::ffff:127.0.0.1]:2531"}
+)");
+  INFO(all_errors(result));
+  REQUIRE(result.errors.size() == 3);
+  CHECK(result.errors[0].to_string() ==
+        "test.yaml:7:26: upstreams[0].address: \"0.0.0.0:2528\" is mailflowd's own listener \"a\" "
+        "(\"127.0.0.1:2528\"): its mail would come back to it, in a loop");
+  CHECK(result.errors[1].message ==
+        "upstreams[1].address: \"[::ffff:127.0.0.9]:2529\" is mailflowd's own listener \"b\" "
+        "(\"0.0.0.0:2529\"): "
+        "its mail would come back to it, in a loop");
+  CHECK(result.errors[2].message ==
+        "upstreams[2].address: \"[::]:2530\" is mailflowd's own listener \"c\" (\"[::1]:2530\"): its mail "
+        "would come back to it, in a loop");
+}
+
 TEST_CASE("names, duplicates and references") {
   const auto result = load(R"(listeners:
   - {name: In, address: "127.0.0.1:2525", upstream: up}

@@ -9,7 +9,7 @@ import time
 import harness
 
 REASONS = ("connection_limit", "address_limit", "head_timeout", "bad_request", "auth_missing", "auth_failed",
-           "auth_busy", "auth_backoff", "write_timeout")
+           "auth_busy", "auth_backoff", "write_timeout", "accept_failed")
 
 
 def get(port, path, source="127.0.0.2", auth=None, timeout=5.0):

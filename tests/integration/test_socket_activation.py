@@ -5,18 +5,30 @@ inherited socket that no listener's address equals is named in the log at start,
 answer the clients that connect to it. A reload that drops the listener of an inherited socket keeps the socket
 (systemd keeps it listening too) and names it the same way; a later reload that brings the listener back
 takes it again, and serves the clients that queued on it meanwhile; a reload that is refused after it took an
-inherited socket for a new listener leaves that socket open too."""
+inherited socket for a new listener leaves that socket open too. The sockets no listener uses are counted in the
+gauge mailflow_sockets_unused too (the log line comes once; an alert needs a series)."""
 import json
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 import harness
+
+
+def sockets_unused(config_path):
+    """mailflow_sockets_unused of the daemon that runs `config_path` (read for its http.address)."""
+    http = json.loads(Path(config_path).read_text())["http"]["address"]
+    with urllib.request.urlopen(f"http://{http}/metrics", timeout=5) as response:
+        metrics = harness.parse_metrics(response.read().decode())
+    found = harness.series(metrics, "mailflow_sockets_unused")
+    assert len(found) == 1, f"mailflow_sockets_unused: {found}"
+    return next(iter(found.values()))
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +101,7 @@ def test_inherited_socket_without_listener_is_logged_at_start(activated):
     assert len(lines) == 1, f"expected one socket_unused line naming 127.0.0.1:{stray}\n{harness.tail(stderr)}"
     assert f"address=127.0.0.1:{stray}" in lines[0] and " error " in lines[0], lines[0]
     assert f"127.0.0.1:{port}" not in lines[0], lines[0]
+    assert sockets_unused(stderr.parent / "mailflowd.yaml") == 1
     # The listener on the other inherited socket is not disturbed by it.
     assert harness.swaks(port).rc == 0
     sink.wait_messages(before + 2)
@@ -109,6 +122,7 @@ def test_inherited_unix_socket_is_logged_at_start(activated, tmp_path):
         lines = [line for line in stderr.read_text().splitlines() if "socket_unused" in line]
         assert len(lines) == 1 and str(path) in lines[0] and " error " in lines[0], \
             f"expected one socket_unused line naming {path}\n{harness.tail(stderr)}"
+        assert sockets_unused(stderr.parent / "mailflowd.yaml") == 1
     finally:
         shutil.rmtree(short, ignore_errors=True)
 
@@ -120,6 +134,7 @@ def test_reload_without_the_listener_keeps_its_inherited_socket(activated, tmp_p
     assert harness.swaks(port).rc == 0, harness.tail(stderr)  # execs mailflowd, which takes the socket
     harness.wait_for(lambda: " started " in stderr.read_text(), 10, what="mailflowd started")
     config = tmp_path / "mailflowd.yaml"
+    assert sockets_unused(config) == 0
     with_listener = json.loads(config.read_text())
     without = json.loads(config.read_text())
     without["listeners"] = [dict(without["listeners"][0], name="other", address=f"127.0.0.1:{other}")]
@@ -135,6 +150,7 @@ def test_reload_without_the_listener_keeps_its_inherited_socket(activated, tmp_p
     lines = [line for line in after_reload.splitlines() if "socket_unused" in line]
     assert len(lines) == 1 and f"address=127.0.0.1:{port}" in lines[0], \
         f"the reload that dropped the listener of 127.0.0.1:{port} did not name its socket\n{harness.tail(stderr)}"
+    assert sockets_unused(config) == 1
     assert harness.swaks(other).rc == 0, harness.tail(stderr)
     # Still listening (under systemd the socket unit holds it open whatever mailflowd does): a client connects
     # and waits, unanswered, for the listener to come back.
@@ -144,6 +160,7 @@ def test_reload_without_the_listener_keeps_its_inherited_socket(activated, tmp_p
         reload(with_listener, 2)
         code, text = waiting.reply()
         assert code == 220, text
+        assert sockets_unused(config) == 0, "the listener took its socket back"
         assert waiting.cmd("QUIT")[0] == 221
     finally:
         waiting.close()

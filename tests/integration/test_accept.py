@@ -1,0 +1,180 @@
+"""Accepting connections, against the real binary: a listener whose accept() fails (out of file descriptors,
+EMFILE) logs it, counts it (mailflow_rejects_total{reason="accept_failed"}), pauses instead of spinning the CPU
+on the connections waiting in the listen queue, and serves them once descriptors are free again; the HTTP server's
+accept likewise. What mailflow_sessions_total{leg="client"} counts. A reload to an upstream that is one of the
+daemon's own listeners is refused."""
+import json
+import os
+import resource
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+import harness
+import hostile_helpers as hh
+
+
+@pytest.fixture(scope="module")
+def env(sink_factory, daemon_factory):
+    sink = sink_factory("store")
+    port = harness.free_port()
+    daemon = daemon_factory(listeners=[hh.listener("in", port, "up")], upstreams=[hh.plain_upstream("up", sink.port)])
+    return sink, daemon, port
+
+
+def open_fds(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def cpu_seconds(pid):
+    # /proc/PID/stat: utime and stime, fields 14 and 15, in clock ticks (after the ")" that ends the name).
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def banner(sock, wait):
+    """The first bytes the daemon sent within `wait` seconds (b"" if none)."""
+    sock.settimeout(wait)
+    try:
+        return sock.recv(512)
+    except socket.timeout:
+        return b""
+
+
+def test_accept_out_of_descriptors_is_logged_counted_paced_and_recovers(env):
+    sink, daemon, port = env
+    pid = daemon.proc.pid
+    before = daemon.metrics()
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    held, waiting = [], []
+    try:
+        # Room for two more descriptors: two sessions, then accept() fails with EMFILE.
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (open_fds(pid) + 2, hard))
+        started = time.monotonic()
+        for _ in range(8):
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            if not banner(s, 3.0).startswith(b"220"):  # none in 3 s (a loaded test host): it is queued
+                waiting.append(s)
+                break
+            held.append(s)
+        assert waiting, f"every connection got a banner: the descriptor limit did not bite\n{daemon.log_tail()}"
+        waiting.append(socket.create_connection(("127.0.0.1", port), timeout=5))  # queued behind it
+        harness.wait_for(lambda: "accept_error" in daemon.stderr(), 5, what="the accept_error log line")
+        line = [l for l in daemon.stderr().splitlines() if "accept_error" in l][-1]
+        assert "listener=in" in line and "Too many open files" in line, line
+        # While the queue stays full the loop retries after a pause, it does not spin on the failing accept().
+        start = cpu_seconds(pid)
+        time.sleep(1.0)
+        used = cpu_seconds(pid) - start
+        assert used < 0.3, f"{used:.2f} s of CPU in 1 s while accept() failed: the accept loop spins"
+        # Descriptors come free: the connections that waited in the queue are served.
+        for s in held:
+            s.close()
+        held.clear()
+        for s in waiting:
+            got = banner(s, 5.0)
+            assert got.startswith(b"220"), f"a queued connection after the descriptors came free: {got!r}"
+        failing = time.monotonic() - started
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        for s in held + waiting:
+            s.close()
+    after = daemon.metrics()
+    failed = harness.value(after, "mailflow_rejects_total", listener="in", reason="accept_failed") - \
+        harness.value(before, "mailflow_rejects_total", listener="in", reason="accept_failed")
+    assert failed >= 1, f"accept() failed, but mailflow_rejects_total{{reason=\"accept_failed\"}} moved by {failed}"
+    # Each failed try counts (the loop tries again every 100 ms): about ten a second, not thousands.
+    assert failed <= 12 * failing + 5, f"{failed} failed accepts counted in {failing:.1f} s"
+    hh.assert_relays(daemon, port, sink)
+
+
+def test_http_accept_out_of_descriptors_is_logged_and_counted(env):
+    """The HTTP server's accept loop likewise: logged, counted (mailflow_http_rejects_total{reason="accept_failed"}),
+    and the scrape that waited in the queue is answered once there are descriptors again."""
+    _, daemon, _ = env
+    pid = daemon.proc.pid
+    host, http_port = daemon.config["http"]["address"].rsplit(":", 1)
+    before = daemon.metrics()
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    scrape = None
+    try:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (open_fds(pid), hard))  # no room at all
+        scrape = socket.create_connection((host, int(http_port)), timeout=5)
+        scrape.sendall(b"GET /healthz HTTP/1.1\r\nHost: mailflowd\r\nConnection: close\r\n\r\n")
+        harness.wait_for(lambda: "http_accept_failed" in daemon.stderr(), 5, what="the http_accept_failed log line")
+        start = cpu_seconds(pid)
+        time.sleep(1.0)
+        used = cpu_seconds(pid) - start
+        assert used < 0.3, f"{used:.2f} s of CPU in 1 s while the HTTP accept() failed: the accept loop spins"
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        got = banner(scrape, 5.0)
+        assert got.startswith(b"HTTP/1.1 200"), f"the request that waited in the queue: {got!r}"
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        if scrape:
+            scrape.close()
+    failed = harness.value(daemon.metrics(), "mailflow_http_rejects_total", reason="accept_failed") - \
+        harness.value(before, "mailflow_http_rejects_total", reason="accept_failed")
+    assert 1 <= failed <= 40, f"the HTTP accept() failed, mailflow_http_rejects_total{{reason=\"accept_failed\"}} moved by {failed}"
+
+
+def test_every_accepted_connection_is_a_client_session(env, daemon_factory):
+    """mailflow_sessions_total{leg="client"} counts every accepted connection once it closed, as docs/metrics.md
+    says: a connection that closes without a word (a load balancer's TCP health check, a port scan) and one refused
+    at connect (421 4.7.0, over max_sessions_per_ip) each count one, under tls_version "none", as does the
+    session duration histogram; mailflow_rejects_total says which were refused."""
+    sink, _, _ = env
+    port = harness.free_port()
+    daemon = daemon_factory(listeners=[hh.listener("lim", port, "up")], upstreams=[hh.plain_upstream("up", sink.port)],
+                            name="limited", limits={"max_sessions_per_ip": 1, "drain_timeout": "3s"})
+    sessions = dict(name="mailflow_sessions_total", listener="lim", leg="client", tls_version="none")
+    before = daemon.metrics()
+    socket.create_connection(("127.0.0.1", port), timeout=5).close()  # a TCP health check
+    held = hh.greeted(port)
+    try:
+        refused = harness.RawSmtp(port)
+        code, text = refused.reply()
+        assert code == 421, f"the second session from one address: {text!r}"
+        refused.close()
+        after = hh.assert_counter(daemon, before, n=2, **sessions)
+    finally:
+        held.close()
+    after = hh.assert_counter(daemon, before, n=3, **sessions)
+    assert harness.value(after, "mailflow_sessions_total", listener="lim", leg="client") - \
+        harness.value(before, "mailflow_sessions_total", listener="lim", leg="client") == 3
+    hh.assert_rejected(daemon, before, "ip_limit", n=1, listener_name="lim")
+    durations = harness.value(after, "mailflow_session_duration_seconds_count", listener="lim") - \
+        harness.value(before, "mailflow_session_duration_seconds_count", listener="lim")
+    assert durations == 3, f"the duration histogram counted {durations} sessions, sessions_total 3"
+    results = [l.split(" result=", 1)[1].split()[0] for l in daemon.stderr().splitlines()
+               if " session id=" in l and "listener=lim" in l]
+    assert sorted(results) == ["disconnected", "disconnected", "ip_limit"], results
+
+
+def test_reload_to_an_upstream_that_is_an_own_listener_is_refused(sink_factory, daemon_factory):
+    """An upstream at an address of this host on a 0.0.0.0 listener's port is mailflowd itself: a reload to it is
+    refused (at the key's file:line:col) before the new listener is bound, and the old configuration keeps
+    relaying."""
+    out = subprocess.run(["ip", "-o", "-4", "addr", "show", "scope", "global"], capture_output=True, text=True).stdout
+    own = [line.split()[3].split("/")[0] for line in out.splitlines()]
+    assert own, f"the host has no global IPv4 address (ip -o -4 addr): {out!r}"
+    sink = sink_factory("reload-store")
+    port, wild = harness.free_port(), harness.free_port()
+    daemon = daemon_factory(listeners=[hh.listener("in", port, "up")], upstreams=[hh.plain_upstream("up", sink.port)],
+                            name="reload-loop")
+    before = daemon.metrics()
+    cfg = json.loads(daemon.config_path.read_text())
+    cfg["listeners"].append({"name": "any", "address": f"0.0.0.0:{wild}", "direction": "inbound", "upstream": "self"})
+    cfg["upstreams"].append({"name": "self", "address": f"{own[0]}:{wild}", "tls": "none"})
+    daemon.config_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    daemon.proc.send_signal(signal.SIGHUP)
+    harness.wait_for(lambda: "reload_refused" in daemon.stderr(), 10, what="the reload to be refused")
+    line = [l for l in daemon.stderr().splitlines() if "reload_refused" in l][-1]
+    assert f"{daemon.config_path}:" in line and "upstreams[1].address" in line and "in a loop" in line, line
+    hh.assert_counter(daemon, before, "mailflow_config_reloads_total", n=1, result="failure")
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", wild), timeout=2).close()  # the refused listener never listened
+    hh.assert_relays(daemon, port, sink)
