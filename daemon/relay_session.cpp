@@ -341,7 +341,14 @@ asio::awaitable<bool> RelaySession::open() {
 }
 
 asio::awaitable<void> RelaySession::finish() {
-  if (!flush_now()) co_await flush();
+  // What is left for the client (the closing reply: 221, a 421, behind the replies it pipelined for) gets the
+  // goodbye limit, as say_goodbye() does: a client that reads no more holds its slots no longer than that,
+  // and the session's result stays what it ended with (no timeout of the client's: it may well have gone).
+  if (!flush_now()) {
+    error_code ec;
+    co_await client_.write(client_out_, in(goodbye_timeout), ec);
+    client_out_.clear();
+  }
   if (upstream_) co_await upstream_->close(!transaction_->upstream_in_transaction());
   co_await close_client();
   release();
