@@ -500,7 +500,7 @@ asio::awaitable<RelaySession::Input> RelaySession::next_line(std::string& line, 
       continue;
     }
     if (const Step step = next_step(true); step != Step::idle) co_await drive(step);
-    if (close_) co_return Input::closed;  // an upstream's 421 (finish() flushes it)
+    if (close_) co_return Input::closed;  // a 421 of the transaction's (finish() flushes it)
     if (!flush_now()) {
       if (!co_await flush()) co_return Input::closed;
     }
@@ -560,7 +560,7 @@ asio::awaitable<void> RelaySession::perform(const proto::ServerSession::Action& 
   using Kind = proto::ServerSession::ActionKind;
   if (action.kind != Kind::begin_mail && action.kind != Kind::forward_rcpt && action.kind != Kind::begin_data) {
     if (const Step step = next_step(true); step != Step::idle) co_await drive(step);  // replies in command order
-    if (close_) co_return;  // an upstream's 421 ended the session there: nothing is said after it
+    if (close_) co_return;  // a 421 of the transaction's ended the session there: nothing is said after it
   }
   if (!action.reject_reason.empty()) count_reject(action.reject_reason);
   switch (action.kind) {
@@ -760,7 +760,6 @@ void RelaySession::forward_rcpt() {
 proto::RelayTransaction::Step RelaySession::next_step(bool settle) {
   if (!transaction_) return Step::idle;
   if (settle) transaction_->flush();
-  for (const auto reason : transaction_->take_rejects()) count_reject(reason);
   if (const auto recipients = transaction_->take_delivered()) {
     // The one place a message is counted: the upstream took responsibility for it.
     ++messages_;
@@ -776,7 +775,16 @@ proto::RelayTransaction::Step RelaySession::next_step(bool settle) {
                out ? upstream_->cipher() : std::string_view(client_.tls().cipher), domains,
                out ? upstream_->policy() : std::string_view()});
   }
-  return transaction_->next();
+  const Step step = transaction_->next();
+  // After next(), which may give local refusals too (and the 421 of the max_bad_commands-th).
+  for (const auto reason : transaction_->take_rejects()) count_reject(reason);
+  if (transaction_->closing() && !close_) {
+    // The upstream's 421 is the client's (RFC 5321 3.8), or a refusal was its max_bad_commands-th: its
+    // session ends once the 421 is flushed.
+    close_ = true;
+    result_ = transaction_->closing_reason();
+  }
+  return step;
 }
 
 asio::awaitable<void> RelaySession::drive(Step step) {
@@ -824,11 +832,6 @@ asio::awaitable<void> RelaySession::drive(Step step) {
         co_await relay_message();
         break;
     }
-  }
-  if (transaction_->closing() && !close_) {
-    // The upstream's 421 is the client's (RFC 5321 3.8): its session ends once the reply is flushed.
-    close_ = true;
-    result_ = "upstream_closed";
   }
 }
 
