@@ -544,7 +544,10 @@ asio::awaitable<RelaySession::Input> RelaySession::next_line(std::string& line, 
 }
 
 asio::awaitable<void> RelaySession::read_failed(const error_code& ec) {
-  if (ec == asio::error::timed_out) {
+  if (forced_) {
+    result_ =
+        "shutdown";  // a stop closed the session (the socket is gone): the daemon's doing, not the client's
+  } else if (ec == asio::error::timed_out) {
     count_reject("timeout");
     co_await say_goodbye(proto::format_reply(421, "4.4.2", config_.hostname + " Error: timeout exceeded"),
                          "timeout");
@@ -611,9 +614,10 @@ asio::awaitable<bool> RelaySession::flush() {
   client_out_.clear();
   if (ec) {
     // A client that reads no reply within the timeout is as slow as one that sends no command: counted alike
-    // (no 421 can reach it).
-    if (ec == asio::error::timed_out) count_reject("timeout");
-    result_ = ec == asio::error::timed_out ? "timeout" : "disconnected";
+    // (no 421 can reach it). A stop that closed the session (force_close()) is neither its timeout nor its
+    // leaving.
+    if (ec == asio::error::timed_out && !forced_) count_reject("timeout");
+    result_ = forced_ ? "shutdown" : ec == asio::error::timed_out ? "timeout" : "disconnected";
     close_ = true;
     co_return false;
   }
