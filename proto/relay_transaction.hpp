@@ -14,7 +14,8 @@
 // of a kept connection that answered nothing of the transaction yet is its idle close instead (below).
 //
 // Invariants (tested): every command handed over gets exactly one reply, in command order (up to an
-// upstream's 421, which ends the session: none after it); the client never gets a 2xx to RCPT or to
+// upstream's 421, or the one that follows the client's max_bad_commands-th refusal (see take_rejects()), which
+// ends the session: none after it); the client never gets a 2xx to RCPT or to
 // end-of-data that the upstream did not give; a message is reported delivered at most once, and only after
 // the upstream's 2xx to its end-of-data.
 //
