@@ -341,7 +341,14 @@ asio::awaitable<bool> RelaySession::open() {
 }
 
 asio::awaitable<void> RelaySession::finish() {
-  if (!flush_now()) co_await flush();
+  // What is left for the client (the closing reply: 221, a 421, behind the replies it pipelined for) gets the
+  // goodbye limit, as say_goodbye() does: a client that reads no more holds its slots no longer than that,
+  // and the session's result stays what it ended with (no timeout of the client's: it may well have gone).
+  if (!flush_now()) {
+    error_code ec;
+    co_await client_.write(client_out_, in(goodbye_timeout), ec);
+    client_out_.clear();
+  }
   if (upstream_) co_await upstream_->close(!transaction_->upstream_in_transaction());
   co_await close_client();
   release();
@@ -493,7 +500,7 @@ asio::awaitable<RelaySession::Input> RelaySession::next_line(std::string& line, 
       continue;
     }
     if (const Step step = next_step(true); step != Step::idle) co_await drive(step);
-    if (close_) co_return Input::closed;  // an upstream's 421 (finish() flushes it)
+    if (close_) co_return Input::closed;  // a 421 of the transaction's (finish() flushes it)
     if (!flush_now()) {
       if (!co_await flush()) co_return Input::closed;
     }
@@ -537,7 +544,10 @@ asio::awaitable<RelaySession::Input> RelaySession::next_line(std::string& line, 
 }
 
 asio::awaitable<void> RelaySession::read_failed(const error_code& ec) {
-  if (ec == asio::error::timed_out) {
+  if (forced_) {
+    result_ =
+        "shutdown";  // a stop closed the session (the socket is gone): the daemon's doing, not the client's
+  } else if (ec == asio::error::timed_out) {
     count_reject("timeout");
     co_await say_goodbye(proto::format_reply(421, "4.4.2", config_.hostname + " Error: timeout exceeded"),
                          "timeout");
@@ -553,7 +563,7 @@ asio::awaitable<void> RelaySession::perform(const proto::ServerSession::Action& 
   using Kind = proto::ServerSession::ActionKind;
   if (action.kind != Kind::begin_mail && action.kind != Kind::forward_rcpt && action.kind != Kind::begin_data) {
     if (const Step step = next_step(true); step != Step::idle) co_await drive(step);  // replies in command order
-    if (close_) co_return;  // an upstream's 421 ended the session there: nothing is said after it
+    if (close_) co_return;  // a 421 of the transaction's ended the session there: nothing is said after it
   }
   if (!action.reject_reason.empty()) count_reject(action.reject_reason);
   switch (action.kind) {
@@ -604,9 +614,10 @@ asio::awaitable<bool> RelaySession::flush() {
   client_out_.clear();
   if (ec) {
     // A client that reads no reply within the timeout is as slow as one that sends no command: counted alike
-    // (no 421 can reach it).
-    if (ec == asio::error::timed_out) count_reject("timeout");
-    result_ = ec == asio::error::timed_out ? "timeout" : "disconnected";
+    // (no 421 can reach it). A stop that closed the session (force_close()) is neither its timeout nor its
+    // leaving.
+    if (ec == asio::error::timed_out && !forced_) count_reject("timeout");
+    result_ = forced_ ? "shutdown" : ec == asio::error::timed_out ? "timeout" : "disconnected";
     close_ = true;
     co_return false;
   }
@@ -753,7 +764,6 @@ void RelaySession::forward_rcpt() {
 proto::RelayTransaction::Step RelaySession::next_step(bool settle) {
   if (!transaction_) return Step::idle;
   if (settle) transaction_->flush();
-  for (const auto reason : transaction_->take_rejects()) count_reject(reason);
   if (const auto recipients = transaction_->take_delivered()) {
     // The one place a message is counted: the upstream took responsibility for it.
     ++messages_;
@@ -769,7 +779,16 @@ proto::RelayTransaction::Step RelaySession::next_step(bool settle) {
                out ? upstream_->cipher() : std::string_view(client_.tls().cipher), domains,
                out ? upstream_->policy() : std::string_view()});
   }
-  return transaction_->next();
+  const Step step = transaction_->next();
+  // After next(), which may give local refusals too (and the 421 of the max_bad_commands-th).
+  for (const auto reason : transaction_->take_rejects()) count_reject(reason);
+  if (transaction_->closing() && !close_) {
+    // The upstream's 421 is the client's (RFC 5321 3.8), or a refusal was its max_bad_commands-th: its
+    // session ends once the 421 is flushed.
+    close_ = true;
+    result_ = transaction_->closing_reason();
+  }
+  return step;
 }
 
 asio::awaitable<void> RelaySession::drive(Step step) {
@@ -817,11 +836,6 @@ asio::awaitable<void> RelaySession::drive(Step step) {
         co_await relay_message();
         break;
     }
-  }
-  if (transaction_->closing() && !close_) {
-    // The upstream's 421 is the client's (RFC 5321 3.8): its session ends once the reply is flushed.
-    close_ = true;
-    result_ = "upstream_closed";
   }
 }
 

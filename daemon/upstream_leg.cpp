@@ -866,6 +866,19 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
           fail("protocol");  // as before a command: it would be taken as the first transaction's reply
           co_return false;
         }
+        if (const auto& declined = engine.starttls_declined()) {
+          // tls: opportunistic and STARTTLS offered, then refused (454): the mail goes on this connection in
+          // plaintext (RFC 3207 4.1), as after a failed handshake: said as that is, not only seen as
+          // tls_version="none".
+          log_limited(LogLevel::warn, "upstream_tls_fallback",
+                      {{"id", session_.id},
+                       {"upstream", upstream.name},
+                       {"host", tls_name},
+                       {"address", endpoint_text(endpoint.address(), endpoint.port())},
+                       {"reason", "starttls_rejected"},
+                       {"reply", std::to_string(declined->code) + " " +
+                                     (declined->lines.empty() ? std::string() : declined->lines.front())}});
+        }
         extensions_ = engine.extensions();
         co_return true;
       case Kind::fail: {

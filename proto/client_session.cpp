@@ -172,7 +172,7 @@ ClientSession::Action ClientSession::on_reply(const Reply& reply) {
       // plaintext would send the next commands to a closed channel, so the host's session ends here.
       if (options_.tls == UpstreamTlsPolicy::required || reply.code == 421)
         return fail("starttls_rejected", reply);
-      starttls_declined_ = true;
+      starttls_declined_ = reply;
       return after_ehlo();
     case Step::xclient:
       if (reply.positive()) {

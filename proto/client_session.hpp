@@ -3,6 +3,7 @@
 // banner -> EHLO (HELO fallback) -> STARTTLS per policy -> EHLO -> XCLIENT when allowed -> EHLO <client helo>.
 // Sans-I/O: returns what to send next; the daemon does the I/O and the TLS handshake.
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -60,6 +61,9 @@ class ClientSession {
   bool xclient_done() const { return xclient_done_; }
   const UpstreamExtensions& extensions() const { return extensions_; }
   std::uint64_t size_limit() const { return size_limit_; }  // upstream SIZE, 0 if none
+  // The reply that declined STARTTLS under UpstreamTlsPolicy::opportunistic (a 454, say), after which the
+  // session went on in plaintext; nullopt when it was not declined.
+  const std::optional<Reply>& starttls_declined() const { return starttls_declined_; }
 
  private:
   enum class Step { banner, ehlo, helo, starttls, xclient, ehlo_after_xclient, done };
@@ -76,7 +80,7 @@ class ClientSession {
   bool xclient_offered_ = false;
   bool xclient_done_ = false;
   bool xclient_tried_ = false;
-  bool starttls_declined_ = false;  // opportunistic STARTTLS refused: go on in plaintext
+  std::optional<Reply> starttls_declined_;  // opportunistic STARTTLS refused: go on in plaintext
   bool helo_after_xclient_ = false;  // the HELO being answered replaces the EHLO after XCLIENT
   UpstreamExtensions extensions_;
   std::uint64_t size_limit_ = 0;

@@ -85,8 +85,11 @@ void RelayTransaction::rcpt(std::string_view argument, std::string_view domain, 
     return;
   }
   if (auto failed = failed_.find(route.path); failed != failed_.end()) {
-    if (!failed->second.reason.empty()) rejects_.push_back(failed->second.reason);
-    local(Owed::local_rcpt, failed->second.reply);
+    // Counted as the relay's refusal (a reject reason: an MX route result), not where the upstream could not
+    // be reached.
+    const bool refused = !failed->second.reason.empty();
+    if (refused) rejects_.push_back(failed->second.reason);
+    local(Owed::local_rcpt, failed->second.reply, refused);
     return;
   }
   opening_ = route;
@@ -118,8 +121,10 @@ RelayTransaction::Step RelayTransaction::next() {
   if (closing_) return Step::idle;
   for (;;) {
     while (!owed_.empty() && (owed_.front().owed == Owed::local_mail || owed_.front().owed == Owed::local_rcpt)) {
-      emit_local(owed_.front());
+      const Entry entry = std::move(owed_.front());
       owed_.erase(owed_.begin());
+      emit_local(entry);
+      if (closing_) return Step::idle;  // the client's max_bad_commands-th refusal
     }
     if (replaying_) return Step::open_upstream;  // the replies still owed come from the new connection
     if (due_ && !upstream_out_.empty()) return Step::write_upstream;
@@ -178,7 +183,7 @@ void RelayTransaction::on_opened(std::optional<std::string> refusal, bool reused
   }
   if (refusal) {
     failed_.emplace(opening_.path, FailedRoute{*refusal, reason});
-    local(Owed::local_rcpt, std::move(*refusal));
+    local(Owed::local_rcpt, std::move(*refusal), !reason.empty());
     held_rcpt_.clear();
     return;
   }
@@ -245,6 +250,7 @@ bool RelayTransaction::on_reply(std::optional<Reply> reply, bool closed_idle, bo
       if (mail_refusal_) reply = *mail_refusal_;
       client_out_ += format_reply(*reply);
       session_.on_rcpt_reply(reply->code);
+      answered(reply->code, true);
       if (reply->positive() && accepted_domains_.size() < max_domains &&
           std::find(accepted_domains_.begin(), accepted_domains_.end(), entry.text) == accepted_domains_.end())
         accepted_domains_.push_back(entry.text);
@@ -301,7 +307,9 @@ void RelayTransaction::queue(Owed owed, std::string_view line) {
   owed_.push_back({owed, {}});
 }
 
-void RelayTransaction::local(Owed owed, std::string reply) { owed_.push_back({owed, std::move(reply)}); }
+void RelayTransaction::local(Owed owed, std::string reply, bool counted) {
+  owed_.push_back({owed, std::move(reply), counted});
+}
 
 void RelayTransaction::emit_local(const Entry& entry) {
   client_out_ += entry.text;
@@ -310,6 +318,26 @@ void RelayTransaction::emit_local(const Entry& entry) {
     session_.on_mail_reply(code);
   else
     session_.on_rcpt_reply(code);
+  answered(code, entry.counted);
+}
+
+void RelayTransaction::answered(int code, bool counts) {
+  if (!counts || code < 400 || code == 452 || closing_) return;
+  std::string goodbye = session_.on_refusal();
+  if (goodbye.empty()) return;
+  // As Postfix's smtpd: the refusal, then the 421 before the client's next command; nothing after it (what
+  // the client pipelined behind is not answered, what went upstream for it is left there).
+  client_out_ += goodbye;
+  rejects_.push_back("too_many_bad_commands");
+  closing_ = true;
+  closing_reason_ = "too_many_bad_commands";
+  owed_.clear();
+  held_rcpt_.clear();
+  open_requested_ = false;
+  upstream_out_.clear();
+  start_ = false;
+  go_ahead_ = false;
+  replaying_ = false;
 }
 
 void RelayTransaction::upstream_closing(const Reply& reply) {
@@ -317,6 +345,7 @@ void RelayTransaction::upstream_closing(const Reply& reply) {
   // header).
   client_out_ += format_reply(reply);
   closing_ = true;
+  closing_reason_ = "upstream_closed";
   owed_.clear();
   held_rcpt_.clear();
   open_requested_ = false;
@@ -338,7 +367,8 @@ void RelayTransaction::upstream_lost(bool closed_idle) {
   // Every reply still owed is given now: local ones as they are, the upstream's as "connection lost". The
   // client had its local 250 to MAIL; its RCPTs hear the 451.
   bool aborted = false;
-  for (const Entry& entry : owed_) {
+  for (const Entry& entry : std::exchange(owed_, {})) {
+    if (closing_) break;  // a local refusal among them was the client's max_bad_commands-th
     switch (entry.owed) {
       case Owed::local_mail:
       case Owed::local_rcpt:
@@ -361,8 +391,7 @@ void RelayTransaction::upstream_lost(bool closed_idle) {
         break;
     }
   }
-  owed_.clear();
-  if (!held_rcpt_.empty()) {
+  if (!held_rcpt_.empty() && !closing_) {
     client_out_ += upstream_lost_reply;
     session_.on_rcpt_reply(451);
     held_rcpt_.clear();

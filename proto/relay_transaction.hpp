@@ -14,7 +14,8 @@
 // of a kept connection that answered nothing of the transaction yet is its idle close instead (below).
 //
 // Invariants (tested): every command handed over gets exactly one reply, in command order (up to an
-// upstream's 421, which ends the session: none after it); the client never gets a 2xx to RCPT or to
+// upstream's 421, or the one that follows the client's max_bad_commands-th refusal (see take_rejects()), which
+// ends the session: none after it); the client never gets a 2xx to RCPT or to
 // end-of-data that the upstream did not give; a message is reported delivered at most once, and only after
 // the upstream's 2xx to its end-of-data.
 //
@@ -110,9 +111,11 @@ class RelayTransaction {
   void on_message_aborted();
   // The daemon closed the upstream connection outside a step (a new route, the session's end).
   void on_upstream_closed();
-  // The upstream answered 421 (see the top): the client has it, nothing more is done (next() is idle) and the
-  // daemon closes the client's session.
+  // The upstream answered 421 (see the top), or a refusal was the client's max_bad_commands-th: the client
+  // has the 421, nothing more is done (next() is idle) and the daemon closes the client's session.
   bool closing() const { return closing_; }
+  // Why, as the session's result: upstream_closed or too_many_bad_commands.
+  std::string_view closing_reason() const { return closing_reason_; }
 
   // ---- for the daemon's bookkeeping ----
   // The transaction's route, fixed by its first recipient that reached an upstream (rule 4).
@@ -124,21 +127,32 @@ class RelayTransaction {
   // transaction, at most max_domains.
   const std::vector<std::string>& accepted_domains() const { return accepted_domains_; }
   static constexpr std::size_t max_domains = 32;
-  // Local refusals since the last call (mailflow_rejects_total reasons): recipient_route, tls_required, and the
-  // reasons given to on_opened.
+  // Local refusals since the last call (mailflow_rejects_total reasons): recipient_route, tls_required, the
+  // reasons given to on_opened, and too_many_bad_commands.
+  //
+  // Every refusal the client gets for MAIL or RCPT counts as a bad command (ServerSession::on_refusal(), as
+  // Postfix's smtpd_hard_error_limit counts a before-queue proxy's refusals too), the upstream's and those of
+  // the relay's own checks alike, except a 452 (too many recipients, or "send it in a separate transaction":
+  // the client is to send it again, and Postfix does not count its own either) and the failures of the way to
+  // the upstream (unreachable, lost: a 451 with no reject reason). The max_bad_commands-th is followed by the
+  // 421 and the session ends (closing()); a delivered message starts the count over.
   std::vector<std::string_view> take_rejects() { return std::exchange(rejects_, {}); }
 
  private:
   enum class Owed { mail, rcpt, data, final_reply, local_mail, local_rcpt };
   struct Entry {
     Owed owed;
-    std::string text;  // local_*: the reply in wire form; rcpt: the recipient's domain
+    std::string text;     // local_*: the reply in wire form; rcpt: the recipient's domain
+    bool counted = true;  // local_*: a refusal counts as a bad command (see take_rejects())
   };
 
   void queue(Owed owed, std::string_view line);
   std::string upstream_mail_line() const;
-  void local(Owed owed, std::string reply);
+  void local(Owed owed, std::string reply, bool counted = true);
   void emit_local(const Entry& entry);
+  // A reply to MAIL/RCPT was given (see take_rejects()): a refusal that `counts` is one more bad command, and
+  // the max_bad_commands-th ends the session after its 421.
+  void answered(int code, bool counts);
   void upstream_lost(bool closed_idle);
   void upstream_closing(const Reply& reply);
 
@@ -183,7 +197,8 @@ class RelayTransaction {
   std::uint32_t recipients_ = 0;  // of the message in DATA
   std::optional<std::uint32_t> delivered_;
   std::vector<std::string_view> rejects_;
-  bool closing_ = false;  // the upstream answered 421
+  bool closing_ = false;  // the client's session ends (see closing())
+  std::string_view closing_reason_;
 };
 
 }  // namespace mailflow::proto

@@ -347,6 +347,12 @@ void ServerSession::on_data_finished() {
 
 void ServerSession::on_transaction_aborted() { on_data_finished(); }
 
+std::string ServerSession::on_refusal() {
+  if (state_ == State::closed) return {};
+  Action a = count_bad_command(Action{});
+  return a.kind == ActionKind::close ? std::move(a.reply) : std::string();
+}
+
 void ServerSession::on_message_delivered() {
   // As Postfix: its hard error limit counts the errors of a client "without delivering mail", and the junk
   // count starts over too.

@@ -275,6 +275,9 @@ def test_drain_timeout_cutting_a_session_is_no_upstream_error(daemon_factory):
     log = d.stderr()
     assert "drain_timeout" in log, harness.tail(d.log_path)
     assert not re.search(r"upstream_error .*reason=connection_lost", log), harness.tail(d.log_path)
+    # Nor is it the client's doing: its session line says what cut it.
+    sessions = [ln for ln in log.splitlines() if " session id=" in ln]
+    assert len(sessions) == 1 and " result=shutdown " in sessions[0], "\n".join(sessions)
 
 
 def test_drain_timeout_cutting_a_message_is_a_shutdown(daemon_factory):

@@ -116,16 +116,29 @@ BROKEN = {  # upstream (and listener) name -> what the upstream asks of TLS
 }
 
 
+def declining_sink(conn):
+    """An SMTP server that offers STARTTLS and answers it 454 (its certificate is missing, say), then takes mail
+    in plaintext."""
+    def starttls(_line):
+        conn.send(b"454 4.7.0 TLS not available due to local problem\r\n")
+        return False
+
+    conn.serve({b"STARTTLS": starttls}, ehlo=b"250-declining.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n")
+
+
 @pytest.fixture(scope="module")
 def broken(daemon_factory):
     fake = hh.FakeUpstream("broken-tls", lambda conn: conn.broken_tls_sink())
-    ports = {name: harness.free_port() for name in BROKEN}
-    listeners = [{"name": name, "address": f"127.0.0.1:{ports[name]}", "direction": "outbound", "upstream": name}
-                 for name in BROKEN]
+    declining = hh.FakeUpstream("declining", declining_sink)
+    ports = {name: harness.free_port() for name in [*BROKEN, "declining"]}
+    listeners = [{"name": name, "address": f"127.0.0.1:{port}", "direction": "outbound", "upstream": name}
+                 for name, port in ports.items()]
     upstreams = [{"name": name, "address": f"127.0.0.1:{fake.port}", **policy} for name, policy in BROKEN.items()]
+    upstreams.append({"name": "declining", "address": f"127.0.0.1:{declining.port}", "tls": "opportunistic"})
     daemon = daemon_factory(listeners=listeners, upstreams=upstreams, name="broken")
-    yield types.SimpleNamespace(daemon=daemon, ports=ports, fake=fake)
+    yield types.SimpleNamespace(daemon=daemon, ports=ports, fake=fake, declining=declining)
     fake.stop()
+    declining.stop()
 
 
 def fallback_lines(daemon, upstream):
@@ -173,3 +186,21 @@ def test_no_plaintext_retry_where_tls_is_asked_for(broken, name):
     assert len(fake.delivered) == n, "a message went in plaintext where TLS was asked for"
     assert fake.connections() == conns + 1, f"the host was tried again:\n{fake.log_tail()}"
     assert not fallback_lines(d, name)
+
+
+def test_opportunistic_starttls_refused_goes_on_in_plaintext_and_says_so(broken):
+    """tls: opportunistic, a host that offers STARTTLS and answers it 454: the mail goes on the same connection in
+    plaintext (RFC 3207 4.1 lets the client go on), counted under none as before, and logged as
+    upstream_tls_fallback with reason=starttls_rejected and what the host said, so that it is seen for what it is
+    and not only as tls_version="none"."""
+    d, fake, name = broken.daemon, broken.declining, "declining"
+    before = d.metrics()
+    conns, n = fake.connections(), len(fake.delivered)
+    r = harness.swaks(broken.ports[name], data=MESSAGE)
+    assert r.rc == 0, f"the message should reach the upstream in plaintext:\n{r}\n{fake.log_tail()}"
+    assert len(fake.delivered) == n + 1, fake.log_tail()
+    assert fake.connections() == conns + 1, fake.log_tail()
+    harness.assert_counted(d, before, "internet", "outbound", "none")
+    lines = harness.wait_for(lambda: fallback_lines(d, name), 5, what="an upstream_tls_fallback line")
+    assert " reason=starttls_rejected " in lines[-1] and "TLS not available" in lines[-1], lines
+    assert " host=127.0.0.1 " in lines[-1] and f" address=127.0.0.1:{fake.port}" in lines[-1], lines

@@ -58,6 +58,7 @@ TEST_CASE("ClientSession: full path with STARTTLS and XCLIENT") {
   CHECK(c.extensions().pipelining);
   CHECK(c.size_limit() == 777);
   CHECK(c.tls_active());
+  CHECK_FALSE(c.starttls_declined());
 }
 
 TEST_CASE("ClientSession: capabilities are case-insensitive and forgotten after STARTTLS") {
@@ -183,10 +184,15 @@ TEST_CASE("ClientSession: an error injected at each step") {
     c.start();
     c.on_reply(banner);
     c.on_reply(ehlo_full);
+    CHECK_FALSE(c.starttls_declined());
     auto a = c.on_reply(reply(454, {"4.7.0 TLS not available"}));
     CHECK(a.kind == Kind::send);
     CHECK(a.data.rfind("XCLIENT ADDR=192.0.2.1 ", 0) == 0);
     CHECK_FALSE(c.tls_active());
+    // What declined it, for the daemon's upstream_tls_fallback line.
+    REQUIRE(c.starttls_declined());
+    CHECK(c.starttls_declined()->code == 454);
+    CHECK(c.starttls_declined()->lines == std::vector<std::string>{"4.7.0 TLS not available"});
     a = c.on_reply(reply(220, {"upstream.example ESMTP"}));
     CHECK(a.data == "EHLO client.example\r\n");
     a = c.on_reply(reply(250, {"upstream.example", "STARTTLS"}));

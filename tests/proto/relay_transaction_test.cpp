@@ -532,6 +532,98 @@ TEST_CASE("an upstream 4xx or 5xx to the message is relayed and never counted") 
   }
 }
 
+namespace {
+// A Relay whose client session ends at its `limit`-th bad command (limits.max_bad_commands).
+void limit_bad_commands(Relay& relay, std::uint32_t limit) {
+  ServerSession::Options options;
+  options.max_bad_commands = limit;
+  relay.session = ServerSession(options);
+}
+}  // namespace
+
+TEST_CASE(
+    "refused recipients are bad commands: the max_bad_commands-th is followed by the 421, nothing after it") {
+  for (const bool pipelined : {true, false}) {
+    for (const int code : {550, 450}) {
+      CAPTURE(pipelined);
+      CAPTURE(code);
+      Relay relay;
+      limit_bad_commands(relay, 3);
+      relay.upstream_pipelining = pipelined;
+      relay.upstream_rule = [code](std::string_view line) {
+        return line.starts_with("RCPT") ? reply_of(code, "5.1.1 no such user") : reply_of(250);
+      };
+      relay.group({"EHLO client.example"});
+      // Pipelined upstream: the RCPTs behind the third are sent there too, and their replies never relayed.
+      // Without, the third's 421 comes before the next RCPT is taken (the daemon reads no more: closing()).
+      if (pipelined)
+        relay.group({"MAIL FROM:<a@example.net>", "RCPT TO:<a@contoso.com>", "RCPT TO:<b@contoso.com>",
+                     "RCPT TO:<c@contoso.com>", "RCPT TO:<d@contoso.com>", "RCPT TO:<e@contoso.com>"});
+      else
+        relay.group({"MAIL FROM:<a@example.net>", "RCPT TO:<a@contoso.com>", "RCPT TO:<b@contoso.com>",
+                     "RCPT TO:<c@contoso.com>"});
+      const auto replies = replies_in(relay.out);
+      CHECK(codes(relay.out) == std::vector<int>{250, 250, code, code, code, 421});
+      CHECK(replies.back().lines.front() == "4.7.0 localhost Error: too many errors");
+      CHECK(relay.txn.closing());
+      CHECK(relay.txn.closing_reason() == "too_many_bad_commands");
+      CHECK(relay.txn.next() == RelayTransaction::Step::idle);
+      CHECK(relay.session.state() == ServerSession::State::closed);
+      for (auto reason : relay.txn.take_rejects()) relay.rejects.push_back(reason);
+      CHECK(relay.rejects == std::vector<std::string_view>{"too_many_bad_commands"});
+    }
+  }
+}
+
+TEST_CASE(
+    "the relay's own refusals of recipients count as bad commands, but not a 452 nor a lost way to the "
+    "upstream") {
+  SUBCASE(
+      "forced TLS at RCPT and a route's refusal with a reason count, with the client's own bad commands") {
+    Relay relay;
+    limit_bad_commands(relay, 4);
+    relay.dead_paths["mx/example.org"] = "550 5.1.2 Recipient domain not found\r\n";
+    relay.dead_reason = "nxdomain";
+    relay.group({"EHLO client.example", "VRFY x"});  // 502: the first bad command
+    relay.group({"MAIL FROM:<a@example.net>", "RCPT TO:<b@fabrikam.com>", "RSET"});
+    relay.group({"MAIL FROM:<a@example.net>", "RCPT TO:<c@example.org>", "RCPT TO:<d@example.org>"});
+    CHECK(codes(relay.out) == std::vector<int>{250, 502, 250, 530, 250, 250, 550, 550, 421});
+    CHECK(relay.txn.closing_reason() == "too_many_bad_commands");
+  }
+  SUBCASE("452: too many recipients upstream, another route here; 451: no upstream could be reached") {
+    Relay relay;
+    limit_bad_commands(relay, 2);
+    relay.dead_paths["mx/example.org"] = "451 4.4.1 No mail host could be used\r\n";
+    relay.upstream_rule = [](std::string_view line) {
+      if (line.find("full") != std::string_view::npos) return reply_of(452, "4.5.3 too many recipients");
+      return line.starts_with("DATA") ? reply_of(354, "go ahead") : reply_of(250);
+    };
+    relay.group({"EHLO client.example"});
+    relay.group({"MAIL FROM:<a@example.net>", "RCPT TO:<c@example.org>", "RCPT TO:<d@example.org>",
+                 "RCPT TO:<e@example.org>", "RSET"});
+    relay.group({"MAIL FROM:<a@example.net>", "RCPT TO:<b@contoso.com>", "RCPT TO:<full1@contoso.com>",
+                 "RCPT TO:<full2@contoso.com>", "RCPT TO:<full3@contoso.com>", "RCPT TO:<f@example.org>",
+                 "RCPT TO:<g@example.org>", "RCPT TO:<h@example.org>"});
+    CHECK(codes(relay.out) ==
+          std::vector<int>{250, 250, 451, 451, 451, 250, 250, 250, 452, 452, 452, 452, 452, 452});
+    CHECK_FALSE(relay.txn.closing());
+    CHECK(relay.session.bad_commands() == 0);
+  }
+  SUBCASE("a delivered message starts the count over") {
+    Relay relay;
+    limit_bad_commands(relay, 3);
+    relay.group({"EHLO client.example"});
+    for (int round = 0; round < 3; ++round) {
+      relay.group({"MAIL FROM:<a@example.net>", "RCPT TO:<refused1@contoso.com>",
+                   "RCPT TO:<refused2@contoso.com>", "RCPT TO:<b@contoso.com>", "DATA"});
+      relay.group({});
+    }
+    CHECK(relay.delivered == 3);
+    CHECK_FALSE(relay.txn.closing());
+    CHECK(relay.session.bad_commands() == 0);
+  }
+}
+
 TEST_CASE(
     "a kept connection found closed before it answered is replayed once on a new connection, unnoticed") {
   for (const bool pipelining : {true, false}) {

@@ -650,6 +650,23 @@ TEST_CASE("ServerSession: a delivered message starts the bad command count over,
   play(s, {"BAZ", Kind::close, "421 4.7.0 ", "too_many_bad_commands", {}, State::closed});
 }
 
+TEST_CASE("ServerSession: refusals relayed for MAIL and RCPT count with the client's own bad commands") {
+  auto o = opts();
+  o.max_bad_commands = 3;
+  ServerSession s(o);
+  play(s, {"EHLO c", Kind::reply, ehlo_reply, "", {}, State::ready});
+  play(s, {"FOO", Kind::reply, "500 5.5.2 ", "unrecognized_command", {}, State::ready});
+  play(s, {"MAIL FROM:<a@b.example>", Kind::begin_mail, "", "", 250, State::mail});
+  play(s, {"RCPT TO:<c@d.example>", Kind::forward_rcpt, "", "", 550, State::mail});
+  CHECK(s.on_refusal().empty());  // the second
+  CHECK(s.bad_commands() == 2);
+  play(s, {"RCPT TO:<e@d.example>", Kind::forward_rcpt, "", "", 550, State::mail});
+  const std::string goodbye = s.on_refusal();  // the third: the 421 follows the refusal
+  CHECK(goodbye.starts_with("421 4.7.0 "));
+  CHECK(s.state() == State::closed);
+  CHECK(s.on_refusal().empty());  // closed: no second 421
+}
+
 TEST_CASE("ServerSession: max_junk_commands 0 means no limit") {
   auto o = opts();
   o.max_junk_commands = 0;

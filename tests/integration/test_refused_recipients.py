@@ -1,0 +1,101 @@
+"""Recipients refused by the upstream count towards limits.max_bad_commands, as Postfix counts every error reply
+towards smtpd_hard_error_limit, a before-queue proxy's refusals included: a client that walks a list of addresses
+through the relay (harvesting) is cut off by the relay with its 421, whatever the upstream's own limit. A
+delivered message starts the count over; a 452 (too many recipients: the client is to send them again) does not
+count."""
+import types
+
+import pytest
+
+import harness
+import hostile_helpers as hh
+
+MAX_BAD = 3
+
+
+def picky(conn):
+    """An upstream that refuses unknown@ (550), greylists later@ (450), says full@ is one too many (452) and takes
+    the rest."""
+    def rcpt(line):
+        address = line.split(b":", 1)[1].strip(b"<> ").lower()
+        if address.startswith(b"unknown"):
+            conn.send(b"550 5.1.1 <" + address + b">: Recipient address rejected: User unknown\r\n")
+        elif address.startswith(b"later"):
+            conn.send(b"450 4.2.0 <" + address + b">: Recipient address rejected: Greylisted\r\n")
+        elif address.startswith(b"full"):
+            conn.send(b"452 4.5.3 Error: too many recipients\r\n")
+        else:
+            return None
+        return False
+
+    conn.serve({b"RCPT": rcpt})
+
+
+@pytest.fixture(scope="module")
+def env(daemon_factory):
+    upstream = hh.FakeUpstream("picky", picky)
+    port = harness.free_port()
+    daemon = daemon_factory(listeners=[hh.listener("inbound", port, "picky")],
+                            upstreams=[hh.plain_upstream("picky", upstream.port)], name="refused",
+                            limits={"drain_timeout": "3s", "max_bad_commands": MAX_BAD})
+    yield types.SimpleNamespace(daemon=daemon, port=port, upstream=upstream)
+    upstream.stop()
+
+
+@pytest.mark.parametrize("local", ["unknown", "later"])
+def test_refused_recipients_end_the_session_at_max_bad_commands(env, local):
+    before = env.daemon.metrics()
+    c = hh.greeted(env.port)
+    try:
+        assert c.cmd("MAIL FROM:<harvester@example.test>")[0] == 250
+        for i in range(MAX_BAD):
+            code, text = c.cmd(f"RCPT TO:<{local}{i}@dest.test>")
+            assert code in (450, 550), f"RCPT {i + 1}: {text!r}"
+        # The max_bad_commands-th refusal is followed by the 421, before the client's next command (as Postfix's
+        # smtpd_hard_error_limit), and the session ends.
+        code, text = c.reply()
+        assert code == 421 and text.startswith("421 4.7.0 "), f"after {MAX_BAD} refused recipients: {text!r}"
+        assert c.closed_or_error(3.0), "the connection stayed open after 421"
+    finally:
+        c.close()
+    hh.assert_rejected(env.daemon, before, "too_many_bad_commands")
+    hh.wait_sessions_idle(env.daemon)
+
+
+def test_pipelined_refused_recipients_get_no_reply_after_the_421(env):
+    before = env.daemon.metrics()
+    c = hh.greeted(env.port)
+    try:
+        c.send(b"MAIL FROM:<harvester@example.test>\r\n"
+               + b"".join(b"RCPT TO:<unknown%d@dest.test>\r\n" % i for i in range(MAX_BAD + 3)))
+        replies = hh.replies_within(c, 2.0)
+        codes = [code for code, _ in replies]
+        assert codes == [250] + [550] * MAX_BAD + [421], replies
+        assert c.closed_or_error(3.0), "the connection stayed open after 421"
+    finally:
+        c.close()
+    hh.assert_rejected(env.daemon, before, "too_many_bad_commands")
+
+
+def test_a_delivered_message_starts_the_count_over_and_452_does_not_count(env):
+    before = env.daemon.metrics()
+    c = hh.greeted(env.port)
+    try:
+        for round_ in range(2):
+            assert c.cmd("MAIL FROM:<sender@example.test>")[0] == 250
+            for i in range(MAX_BAD - 1):
+                code, text = c.cmd(f"RCPT TO:<unknown{round_}{i}@dest.test>")
+                assert code == 550, text
+            for i in range(MAX_BAD + 1):
+                code, text = c.cmd(f"RCPT TO:<full{round_}{i}@dest.test>")
+                assert code == 452, f"a 452 counted as a bad command: {text!r}"
+            assert c.cmd("RCPT TO:<rcpt@dest.test>")[0] == 250
+            assert c.cmd("DATA")[0] == 354
+            c.send(harness.dot_stuff(hh.message(f"round {round_}")))
+            code, text = c.cmd(".")
+            assert code == 250, f"the message: {text!r}"
+        assert c.cmd("QUIT")[0] == 221
+    finally:
+        c.close()
+    after = env.daemon.metrics()
+    assert not harness.delta(before, after, "mailflow_rejects_total", reason="too_many_bad_commands")
