@@ -31,6 +31,7 @@
 #include <cctype>
 #include <charconv>
 #include <chrono>
+#include <initializer_list>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -40,6 +41,7 @@
 #include <thread>
 #include <vector>
 
+#include "daemon/cli_http.hpp"
 #include "daemon/crypt_check.hpp"
 #include "daemon/failpoint.hpp"
 #include "daemon/log.hpp"
@@ -138,27 +140,62 @@ bool iequals(std::string_view a, std::string_view b) {
   return true;
 }
 
-// The value of `name` in a query string (its last occurrence; "" for a bare `name`), nullopt when absent. No
-// percent-decoding: days is digits, connector names are [a-z0-9_-]+, and anything else simply matches nothing.
-std::optional<std::string_view> query_param(std::string_view query, std::string_view name) {
-  std::optional<std::string_view> value;
-  while (!query.empty()) {
-    const auto amp = query.find('&');
-    const std::string_view param = query.substr(0, amp);
-    query = amp == std::string_view::npos ? std::string_view{} : query.substr(amp + 1);
+// The parameters in `names` of a query string, percent-decoded (RFC 3986 2.1: names too, so d%61ys is days;
+// '+' is a '+'), "" for a bare `name`; others are left alone (Prometheus's `params:` may add its own).
+// nullopt with `error` set when an escape is not % and two hex digits, or one of `names` comes twice:
+// days=7&days=8 has no one meaning, and a last-wins answer would be the report of a period the client may not
+// have meant.
+using Query = std::map<std::string, std::string, std::less<>>;
+std::optional<Query> parse_query(std::string_view text, std::initializer_list<std::string_view> names,
+                                 std::string& error) {
+  auto decode = [](std::string_view in, std::string& out) {
+    auto hex = [](char c) {
+      return c >= '0' && c <= '9'   ? c - '0'
+             : c >= 'a' && c <= 'f' ? c - 'a' + 10
+             : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                                    : -1;
+    };
+    for (std::size_t i = 0; i < in.size(); ++i) {
+      if (in[i] != '%') {
+        out += in[i];
+        continue;
+      }
+      if (i + 2 >= in.size() || hex(in[i + 1]) < 0 || hex(in[i + 2]) < 0) return false;
+      out += static_cast<char>(hex(in[i + 1]) * 16 + hex(in[i + 2]));
+      i += 2;
+    }
+    return true;
+  };
+  Query query;
+  while (!text.empty()) {
+    const auto amp = text.find('&');
+    const std::string_view param = text.substr(0, amp);
+    text = amp == std::string_view::npos ? std::string_view{} : text.substr(amp + 1);
     const auto eq = param.find('=');
-    if (param.substr(0, eq) == name) value = eq == std::string_view::npos ? std::string_view{} : param.substr(eq + 1);
+    std::string name;
+    std::string value;
+    if (!decode(param.substr(0, eq), name) ||
+        (eq != std::string_view::npos && !decode(param.substr(eq + 1), value))) {
+      error = "bad %-escape in the query: a '%' must start %XX with two hex digits (RFC 3986 2.1)\n";
+      return std::nullopt;
+    }
+    if (std::find(names.begin(), names.end(), name) == names.end()) continue;
+    if (!query.emplace(name, std::move(value)).second) {
+      error = name + " is given more than once in the query\n";
+      return std::nullopt;
+    }
   }
-  return value;
+  return query;
 }
 
-// `days` from the query string: default 7 (or the window when shorter), else an integer 1..max_days.
-std::optional<int> parse_days(std::string_view query, int max_days, std::string& error) {
-  const std::optional<std::string_view> value = query_param(query, "days");
-  if (!value) return std::min(kDefaultDays, max_days);
+// `days` from the query: default 7 (or the window when shorter), else an integer 1..max_days.
+std::optional<int> parse_days(const Query& query, int max_days, std::string& error) {
+  const auto value = query.find("days");
+  if (value == query.end()) return std::min(kDefaultDays, max_days);
+  const std::string& text = value->second;
   int days = 0;
-  const auto [end, ec] = std::from_chars(value->data(), value->data() + value->size(), days);
-  if (value->empty() || ec != std::errc{} || end != value->data() + value->size() || days < 1 || days > max_days) {
+  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), days);
+  if (text.empty() || ec != std::errc{} || end != text.data() + text.size() || days < 1 || days > max_days) {
     error = "days must be an integer from 1 to " + std::to_string(max_days) + " (the telemetry window)\n";
     return std::nullopt;
   }
@@ -679,7 +716,8 @@ class Server : public std::enable_shared_from_this<Server> {
     if (path == "/api/v1/remotes.csv" || path == "/api/v1/domains.csv" || path == "/api/v1/remotes.txt" ||
         path == "/api/v1/domains.txt") {
       std::string error;
-      const auto days = parse_days(query, telemetry_.window_days(), error);
+      const auto params = parse_query(query, {"days", "connector"}, error);
+      const auto days = params ? parse_days(*params, telemetry_.window_days(), error) : std::nullopt;
       if (!days) return make_response(request, http::status::bad_request, kTextPlain, error);
       const Report report = telemetry_.report(*days);
       if (path == "/api/v1/domains.csv")
@@ -687,18 +725,19 @@ class Server : public std::enable_shared_from_this<Server> {
       if (path == "/api/v1/domains.txt")
         return make_response(request, http::status::ok, kTextPlain, render_domains_table(report));
       // remotes.txt is one connector's; remotes.csv every connector's, or with ?connector= that one's.
-      const auto named = query_param(query, "connector");
-      const std::string connector(named.value_or(""));
+      const auto named = params->find("connector");
+      const std::string connector = named == params->end() ? std::string() : named->second;
       const bool known_connector =
           std::any_of(report.connectors.begin(), report.connectors.end(),
                       [&](const ConnectorSummary& c) { return c.connector == connector; });
-      if (!known_connector && (named || path == "/api/v1/remotes.txt")) {
+      if (!known_connector && (named != params->end() || path == "/api/v1/remotes.txt")) {
         std::string known;
         for (const auto& c : report.connectors)
           if (known.find(" " + c.connector + ",") == std::string::npos) known += " " + c.connector + ",";
         if (!known.empty()) known.pop_back();
-        return make_response(request, http::status::not_found, kTextPlain,
-                             "no connector \"" + connector + "\" in the report; connectors:" + known + "\n");
+        return make_response(
+            request, http::status::not_found, kTextPlain,
+            "no connector \"" + cli::shown(connector) + "\" in the report; connectors:" + known + "\n");
       }
       if (path == "/api/v1/remotes.csv")
         return make_response(request, http::status::ok, "text/csv; charset=utf-8",
@@ -709,10 +748,13 @@ class Server : public std::enable_shared_from_this<Server> {
       if (path != route.path) continue;
       std::string error;
       const int window_days = telemetry_.window_days();
+      const auto params = parse_query(query, {"days"}, error);
       std::optional<int> days = window_days;
-      if (!route.whole_window) {
-        days = parse_days(query, window_days, error);
-      } else if (query_param(query, "days")) {
+      if (!params) {
+        days.reset();
+      } else if (!route.whole_window) {
+        days = parse_days(*params, window_days, error);
+      } else if (params->contains("days")) {
         error = "the connector summary covers the whole telemetry window (" + std::to_string(window_days) +
                 (window_days == 1 ? " day" : " days") + "): it takes no days\n";
         days.reset();
@@ -727,20 +769,16 @@ class Server : public std::enable_shared_from_this<Server> {
   // GET /api/v1/tlsrpt?date=YYYY-MM-DD (default: today, UTC): every domain's TLS-RPT report of that day, JSON.
   // With &domain=D&format=gzip: that domain's report as it is sent (application/tlsrpt+gzip, RFC 8460 5.3).
   Response tlsrpt_response(const Request& request, std::string_view query) {
-    std::string date;
-    std::string domain;
-    std::string format = "json";
-    while (!query.empty()) {
-      const auto amp = query.find('&');
-      const std::string_view param = query.substr(0, amp);
-      query = amp == std::string_view::npos ? std::string_view{} : query.substr(amp + 1);
-      const auto eq = param.find('=');
-      const std::string_view name = param.substr(0, eq);
-      const std::string value(eq == std::string_view::npos ? std::string_view{} : param.substr(eq + 1));
-      if (name == "date") date = value;
-      else if (name == "domain") domain = proto::dns_name_key(value);  // the store's names are keys
-      else if (name == "format") format = value;
-    }
+    std::string error;
+    const auto params = parse_query(query, {"date", "domain", "format"}, error);
+    if (!params) return make_response(request, http::status::bad_request, kTextPlain, error);
+    auto param = [&](std::string_view name, std::string_view otherwise) {
+      const auto it = params->find(name);
+      return it == params->end() ? std::string(otherwise) : it->second;
+    };
+    std::string date = param("date", "");
+    const std::string domain = proto::dns_name_key(param("domain", ""));  // the store's names are keys
+    const std::string format = param("format", "json");
     if (date.empty()) {
       const auto today = std::chrono::floor<std::chrono::days>(std::chrono::system_clock::now());
       const std::chrono::year_month_day ymd{today};

@@ -103,6 +103,13 @@ def test_the_report_as_sent_is_gzip_of_the_json(daemon):
     assert report == day["reports"][0]["report"]
 
 
+def test_query_parameters_are_percent_decoded(daemon):
+    """RFC 3986 2.1: %2D is '-', %2E is '.' (a client library may escape them)."""
+    plain = get(daemon, f"/api/v1/tlsrpt?date={DATE}&domain=b.example&format=json")
+    escaped = get(daemon, "/api/v1/tlsrpt?date=2026%2D01%2D02&domain=b%2Eexample&%66ormat=json")
+    assert escaped[0] == 200 and escaped[2] == plain[2], escaped
+
+
 def tlsrpt_cli(mailflowd_bin, daemon, *args, stdout=subprocess.PIPE):
     return subprocess.run([mailflowd_bin, "tlsrpt", "--url", daemon.http, *args], stdout=stdout,
                           stderr=subprocess.PIPE, timeout=20)
