@@ -72,6 +72,12 @@ constexpr auto kHeadTimeout = std::chrono::seconds(5);
 constexpr auto kBodyTimeout = std::chrono::seconds(5);
 constexpr auto kWriteTimeout = std::chrono::seconds(30);
 constexpr auto kTlsCloseTimeout = std::chrono::seconds(5);  // close_notify
+// Lingering close (nginx's lingering_close, lingering_time): after an answer that ends the connection, what
+// the client still sends (the rest of a body over the limit) is read and dropped until it closes, for at most
+// this long and this much; closed with it unread, the kernel would answer it with a reset and the client's
+// send fail before it read the answer.
+constexpr auto kLingerTime = std::chrono::seconds(5);
+constexpr std::uint64_t kLingerBytes = 4 * 1024 * 1024;
 // Prometheus, a probe and a browser need a few connections each; one address holding more is hostile. The
 // total cap protects descriptors and memory.
 constexpr std::size_t kMaxConnections = 256;
@@ -497,23 +503,33 @@ class Server : public std::enable_shared_from_this<Server> {
       if (!ec && co_await serve(*stream, peer, head_deadline)) {
         beast::get_lowest_layer(*stream).expires_after(kTlsCloseTimeout);
         co_await stream->async_shutdown(asio::redirect_error(asio::use_awaitable, ec));
+        co_await linger(beast::get_lowest_layer(*stream));
       }
       untrack(*id);
     } else {
       auto stream = std::make_shared<beast::tcp_stream>(std::move(socket));
       const auto id = track(stream);
       if (!id) co_return;
-      if (co_await serve(*stream, peer, head_deadline)) {
-        stream->socket().shutdown(tcp::socket::shutdown_send, ec);
-      }
+      if (co_await serve(*stream, peer, head_deadline)) co_await linger(*stream);
       untrack(*id);
     }
   }
 
+  // The end of a connection whose last answer was written: FIN, then what the client still sends is dropped
+  // until it closes (kLingerTime, kLingerBytes at most), so that the close resets nothing the client has yet
+  // to read.
+  static asio::awaitable<void> linger(beast::tcp_stream& stream) {
+    beast::error_code ec;
+    stream.socket().shutdown(tcp::socket::shutdown_send, ec);
+    stream.expires_after(kLingerTime);
+    std::array<char, 16384> discard;
+    for (std::uint64_t dropped = 0; !ec && dropped < kLingerBytes;)
+      dropped += co_await stream.async_read_some(asio::buffer(discard),
+                                                 asio::redirect_error(asio::use_awaitable, ec));
+  }
+
   // A request in plain HTTP on the HTTPS port (a scraper set to http, not https; OpenSSL sent no alert): a
-  // 400 that says so, as nginx's, instead of a closed connection. The rest of the request is read (until the
-  // peer closes, at most kTlsCloseTimeout) so that the close does not reset the connection before the peer
-  // read the answer.
+  // 400 that says so, as nginx's, instead of a closed connection, then a lingering close.
   static asio::awaitable<void> refuse_plain_http(beast::tcp_stream& stream) {
     static constexpr std::string_view kBody = "plain HTTP request sent to the HTTPS port: use https://\n";
     static const std::string answer = fmt::format(
@@ -523,11 +539,7 @@ class Server : public std::enable_shared_from_this<Server> {
     beast::error_code ec;
     stream.expires_after(kTlsCloseTimeout);
     co_await asio::async_write(stream, asio::buffer(answer), asio::redirect_error(asio::use_awaitable, ec));
-    if (ec) co_return;
-    stream.socket().shutdown(tcp::socket::shutdown_send, ec);
-    std::array<char, 1024> discard;
-    while (!ec)
-      co_await stream.async_read_some(asio::buffer(discard), asio::redirect_error(asio::use_awaitable, ec));
+    if (!ec) co_await linger(stream);
   }
 
   // Serves requests until the peer closes, asks to close, or an I/O error. True when a graceful close is due.

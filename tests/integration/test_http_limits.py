@@ -272,6 +272,49 @@ def test_a_chunked_body_is_limited_as_sent(env, chunked):
     assert after["bad_request"] - before["bad_request"] == 1
 
 
+def send_body_then_read(port, head, body_size, piece=8192, pause=0.002, source="127.0.0.1"):
+    """Sends `head` and then `body_size` bytes in pieces, as a client uploading a body does (curl, a script with
+    requests), and reads the answer only after the whole body went out. (answer bytes, body bytes sent, the send
+    error or None, the read error or None)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+    sent, send_error, read_error, answer = 0, None, None, b""
+    try:
+        s.sendall(head)
+        while sent < body_size:
+            try:
+                s.sendall(b"x" * piece)
+            except OSError as e:
+                send_error = e
+                break
+            sent += piece
+            time.sleep(pause)
+        try:
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+        except OSError as e:
+            read_error = e
+    finally:
+        s.close()
+    return answer, sent, send_error, read_error
+
+
+@pytest.mark.parametrize("size", [256 * 1024, 2 * 1024 * 1024])
+def test_a_413_reaches_a_client_still_sending_its_body(env, size):
+    """A body over 8 KiB gets 413 once 8 KiB have come, while the client is still sending. The connection was
+    closed with the rest unread: the kernel answered the next bytes with a reset, the client's send failed and
+    its read got ECONNRESET, the 413 lost (nginx's lingering_close). Now the server reads and drops what
+    follows (bounded: 5 s, 4 MiB) until the client closes, so the client reads the 413."""
+    head = b"POST /healthz HTTP/1.1\r\nHost: mailflowd\r\nContent-Length: %d\r\n\r\n" % size
+    answer, sent, send_error, read_error = send_body_then_read(env.port, head, size)
+    print(f"413 test: sent {sent} of {size} body bytes; send error {send_error!r}, read error {read_error!r}")
+    assert answer.startswith(b"HTTP/1.1 413 ") and b"request body over 8 KiB" in answer, (
+        f"no 413 read: {answer[:200]!r}; sent {sent} of {size}; send error {send_error!r}, read error {read_error!r}")
+    assert send_error is None and read_error is None, (send_error, read_error)
+
+
 def test_a_refused_head_has_no_body(env):
     """A refused HEAD (here a Transfer-Encoding that is not chunked) gets the status and its length, no body."""
     reply = hx.raw_request(env.port, b"HEAD /metrics HTTP/1.1\r\nHost: mailflowd\r\nTransfer-Encoding: gzip\r\n\r\n")
