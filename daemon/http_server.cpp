@@ -291,17 +291,17 @@ class Server : public std::enable_shared_from_this<Server> {
 
   // Any thread: stops accepting and closes every connection (on the HTTP thread).
   void stop() {
-    std::map<std::uint64_t, std::function<void()>> closers;
+    std::vector<std::function<void()>> closers;
     {
       std::lock_guard lock(mutex_);
       stopped_ = true;
-      closers.swap(closers_);
+      for (const auto& [id, connection] : tracked_) closers.push_back(connection.close);
     }
     asio::post(io_, [self = shared_from_this()] {
       beast::error_code ignored;
       self->acceptor_.close(ignored);
     });
-    for (auto& [id, close] : closers) close();
+    for (auto& close : closers) close();
   }
 
   unsigned short port() const { return port_; }
@@ -380,24 +380,46 @@ class Server : public std::enable_shared_from_this<Server> {
   }
 
   // ------------------------------------------------------------------------------------------- connections
-  // Counts the connection against the caps; the reason when it is over one.
-  std::optional<HttpReject> admit(const asio::ip::address& peer) {
+  // Counts the connection against the caps; the reason when it is over one. At the total cap, the connection
+  // that has waited longest without a complete request (idle, trickling a head or body, lingering) is closed
+  // to make room, as nginx reuses its idle connections when worker_connections run out: a peer on many
+  // addresses that holds every connection idle locks no scrape out (each waits 5 s at most anyway). Only when
+  // none waits does the new connection get the 503. `evicted`: the address of the connection closed.
+  std::optional<HttpReject> admit(const asio::ip::address& peer, std::optional<asio::ip::address>& evicted) {
     std::lock_guard lock(mutex_);
     auto& from_peer = per_address_[peer];
     if (from_peer >= kMaxConnectionsPerAddress) return HttpReject::address_limit;
-    if (connections_ >= kMaxConnections) {
-      if (from_peer == 0) per_address_.erase(peer);
-      return HttpReject::connection_limit;
+    if (connections_ - evicting_ >= kMaxConnections) {
+      auto longest = tracked_.end();
+      for (auto it = tracked_.begin(); it != tracked_.end(); ++it) {
+        if (!it->second.evicted && it->second.idle_since != SteadyClock::time_point::max() &&
+            (longest == tracked_.end() || it->second.idle_since < longest->second.idle_since))
+          longest = it;
+      }
+      if (longest == tracked_.end()) {
+        if (from_peer == 0) per_address_.erase(peer);
+        return HttpReject::connection_limit;
+      }
+      longest->second.evicted = true;
+      ++evicting_;
+      longest->second.close();
+      evicted = longest->second.peer;
     }
     ++from_peer;
     ++connections_;
     return std::nullopt;
   }
 
-  void release(const asio::ip::address& peer) {
+  // A connection ends: its slot and its registration go.
+  void release(const asio::ip::address& peer, std::optional<std::uint64_t> id) {
     std::lock_guard lock(mutex_);
     --connections_;
     if (auto it = per_address_.find(peer); it != per_address_.end() && --it->second == 0) per_address_.erase(it);
+    if (!id) return;
+    if (auto it = tracked_.find(*id); it != tracked_.end()) {
+      if (it->second.evicted) --evicting_;
+      tracked_.erase(it);
+    }
   }
 
   // Gives a connection's slot back when the session ends, however it ends.
@@ -405,10 +427,17 @@ class Server : public std::enable_shared_from_this<Server> {
     Slot(std::shared_ptr<Server> s, asio::ip::address a) : server(std::move(s)), peer(a) {}
     Slot(const Slot&) = delete;
     Slot& operator=(const Slot&) = delete;
-    ~Slot() { server->release(peer); }
+    ~Slot() { server->release(peer, id); }
     std::shared_ptr<Server> server;
     asio::ip::address peer;
+    std::optional<std::uint64_t> id;  // once tracked
   };
+
+  // The connection waits for (the rest of) a request, or lingers, since `since`; max(): it is being served.
+  void waiting(const Slot& slot, SteadyClock::time_point since) {
+    std::lock_guard lock(mutex_);
+    if (auto it = tracked_.find(slot.id.value()); it != tracked_.end()) it->second.idle_since = since;
+  }
 
   // Over a cap: a canned 503 for plain HTTP (TLS would need a handshake first), then close.
   void refuse(tcp::socket& socket, HttpReject reason, const asio::ip::address& peer, bool tls) {
@@ -449,7 +478,11 @@ class Server : public std::enable_shared_from_this<Server> {
       const auto peer = socket.remote_endpoint(ec).address();
       if (ec) continue;  // already gone
       auto settings = this->settings();
-      if (const auto refusal = admit(peer)) {
+      std::optional<asio::ip::address> evicted;
+      const auto refusal = admit(peer, evicted);
+      if (evicted)
+        reject(HttpReject::connection_limit, *evicted, "closed to make room: idle longest at the cap");
+      if (refusal) {
         refuse(socket, *refusal, peer, settings->tls != nullptr);
         continue;
       }
@@ -461,34 +494,33 @@ class Server : public std::enable_shared_from_this<Server> {
     }
   }
 
-  // Registers a connection so that stop() can close it; nullopt when stopped.
+  // Registers a connection so that stop() and admit() can close it, waiting for its first request since
+  // `accepted`; false when stopped.
   template <class Stream>
-  std::optional<std::uint64_t> track(const std::shared_ptr<Stream>& stream) {
+  bool track(const std::shared_ptr<Stream>& stream, Slot& slot, SteadyClock::time_point accepted) {
     std::lock_guard lock(mutex_);
-    if (stopped_) return std::nullopt;
+    if (stopped_) return false;
     const std::uint64_t id = next_id_++;
-    closers_.emplace(id, [weak = std::weak_ptr<Stream>(stream), executor = beast::get_lowest_layer(*stream).get_executor()] {
+    auto close = [weak = std::weak_ptr<Stream>(stream),
+                  executor = beast::get_lowest_layer(*stream).get_executor()] {
       asio::post(executor, [weak] {
         if (auto s = weak.lock()) beast::get_lowest_layer(*s).close();
       });
-    });
-    return id;
-  }
-
-  void untrack(std::uint64_t id) {
-    std::lock_guard lock(mutex_);
-    closers_.erase(id);
+    };
+    tracked_.emplace(id, Tracked{std::move(close), slot.peer, accepted});
+    slot.id = id;
+    return true;
   }
 
   asio::awaitable<void> run_session(tcp::socket socket, asio::ip::address peer,
                                     std::shared_ptr<const Settings> settings, SteadyClock::time_point head_deadline) {
-    const Slot slot(shared_from_this(), peer);
+    Slot slot(shared_from_this(), peer);
+    const auto accepted = head_deadline - kHeadTimeout;
     beast::error_code ec;
     if (settings->tls) {
       auto stream =
           std::make_shared<beast::ssl_stream<beast::tcp_stream>>(beast::tcp_stream(std::move(socket)), *settings->tls);
-      const auto id = track(stream);
-      if (!id) co_return;
+      if (!track(stream, slot, accepted)) co_return;
       beast::get_lowest_layer(*stream).expires_at(head_deadline);
       co_await stream->async_handshake(asio::ssl::stream_base::server, asio::redirect_error(asio::use_awaitable, ec));
       if (ec == beast::error::timeout) {
@@ -500,18 +532,19 @@ class Server : public std::enable_shared_from_this<Server> {
         if (ERR_GET_REASON(ec.value()) == SSL_R_HTTP_REQUEST)
           co_await refuse_plain_http(get_lowest_layer(*stream));
       }
-      if (!ec && co_await serve(*stream, peer, head_deadline)) {
+      if (!ec && co_await serve(*stream, slot, head_deadline)) {
+        waiting(slot, SteadyClock::now());
         beast::get_lowest_layer(*stream).expires_after(kTlsCloseTimeout);
         co_await stream->async_shutdown(asio::redirect_error(asio::use_awaitable, ec));
         co_await linger(beast::get_lowest_layer(*stream));
       }
-      untrack(*id);
     } else {
       auto stream = std::make_shared<beast::tcp_stream>(std::move(socket));
-      const auto id = track(stream);
-      if (!id) co_return;
-      if (co_await serve(*stream, peer, head_deadline)) co_await linger(*stream);
-      untrack(*id);
+      if (!track(stream, slot, accepted)) co_return;
+      if (co_await serve(*stream, slot, head_deadline)) {
+        waiting(slot, SteadyClock::now());
+        co_await linger(*stream);
+      }
     }
   }
 
@@ -544,8 +577,8 @@ class Server : public std::enable_shared_from_this<Server> {
 
   // Serves requests until the peer closes, asks to close, or an I/O error. True when a graceful close is due.
   template <class Stream>
-  asio::awaitable<bool> serve(Stream& stream, const asio::ip::address& peer,
-                              SteadyClock::time_point head_deadline) {
+  asio::awaitable<bool> serve(Stream& stream, const Slot& slot, SteadyClock::time_point head_deadline) {
+    const asio::ip::address& peer = slot.peer;
     // Bounded: a parser that needs more holds what it has unparsed here (a chunk extension, the trailer
     // section are parsed only once whole), and a read into a full buffer fails with buffer_overflow.
     beast::flat_buffer buffer(kHeaderLimit + kBodyLimit);
@@ -554,6 +587,7 @@ class Server : public std::enable_shared_from_this<Server> {
       parser.header_limit(kHeaderLimit);
       parser.body_limit(kBodyLimit);
       beast::error_code ec;
+      waiting(slot, head_deadline - kHeadTimeout);
       beast::get_lowest_layer(stream).expires_at(head_deadline);
       co_await http::async_read_header(stream, buffer, parser, asio::redirect_error(asio::use_awaitable, ec));
       if (ec == http::error::end_of_stream) co_return true;
@@ -587,6 +621,7 @@ class Server : public std::enable_shared_from_this<Server> {
         }
       }
       if (ec && ec.category() != http::make_error_code(http::error::bad_target).category()) co_return false;
+      waiting(slot, SteadyClock::time_point::max());  // a whole request (or a refused one): no longer idle
       Response response;
       if (ec || bad) {
         // What was wrong, in the status and in words: a browser sends every localhost cookie to this port too.
@@ -970,7 +1005,16 @@ class Server : public std::enable_shared_from_this<Server> {
   std::shared_ptr<const Settings> settings_ = std::make_shared<Settings>();
   bool stopped_ = false;
   std::uint64_t next_id_ = 0;
-  std::map<std::uint64_t, std::function<void()>> closers_;
+  struct Tracked {
+    std::function<void()> close;
+    asio::ip::address peer;
+    // Since when it waits for a request (the accept, the end of the previous answer) or lingers; max() while
+    // a request is served. The longest waiting is closed first at the cap.
+    SteadyClock::time_point idle_since;
+    bool evicted = false;  // closed to make room, its slot not yet given back
+  };
+  std::map<std::uint64_t, Tracked> tracked_;
+  std::size_t evicting_ = 0;  // connections closed to make room whose slots are not yet given back
   std::size_t connections_ = 0;
   std::map<asio::ip::address, std::size_t> per_address_;
   std::vector<Digest> accepted_;
