@@ -312,13 +312,20 @@ class Server : public std::enable_shared_from_this<Server> {
     auto next = std::make_shared<Settings>();
     next->basic_auth = http.basic_auth;
     if (http.tls) next->tls = load_tls(*http.tls);
+    bool same_auth = false;
     {
       std::lock_guard lock(mutex_);
+      // What was verified against the same user and hash stays verified: a reload for a renewed certificate
+      // or a new connector cleared the cache, and Prometheus's next scrape had to win one of the few check
+      // slots against whoever was guessing (4 addresses kept them full). The failure records stay with it.
+      same_auth = settings_->basic_auth == next->basic_auth;
       settings_ = next;
-      accepted_.clear();
-      failures_.clear();
+      if (!same_auth) {
+        accepted_.clear();
+        failures_.clear();
+      }
     }
-    if (next->basic_auth) calibrate(next->basic_auth->password_hash);
+    if (next->basic_auth && !same_auth) calibrate(next->basic_auth->password_hash);
   }
 
  private:
@@ -902,8 +909,9 @@ class Server : public std::enable_shared_from_this<Server> {
       co_return AuthVerdict{AuthResult::wrong};
     }
     failures_.erase(peer);
-    // A reload during the check cleared the cache: what the old settings accepted must not come back into it.
-    if (settings_ == settings) {
+    // A reload during the check that changed basic_auth cleared the cache: what the old settings accepted
+    // must not come back into it.
+    if (settings_->basic_auth == settings->basic_auth) {
       if (accepted_.size() >= kMaxCachedCredentials) accepted_.erase(accepted_.begin());
       accepted_.push_back(digest);
     }
