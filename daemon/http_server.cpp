@@ -95,6 +95,11 @@ constexpr unsigned kFreeFailures = 5;
 constexpr auto kMaxBackoff = std::chrono::seconds(60);
 constexpr auto kForgetFailures = std::chrono::minutes(10);
 constexpr std::size_t kMaxFailureRecords = 4096;
+// One more check slot, beyond kMaxPendingChecks, for an address that presented verified credentials within
+// the last hour (Prometheus, after a reload changed the password and cleared the cache): guessers on any
+// number of addresses can keep the 4 slots full, not this one.
+constexpr auto kForgetLogins = std::chrono::hours(1);
+constexpr std::size_t kMaxLoginRecords = 64;
 constexpr int kDefaultDays = 7;
 
 constexpr std::string_view kTextPlain = "text/plain; charset=utf-8";
@@ -876,14 +881,23 @@ class Server : public std::enable_shared_from_this<Server> {
     if (!credentials || credentials->find(':') == std::string::npos) co_return AuthVerdict{AuthResult::missing};
 
     const Digest digest = keyed_digest(*credentials);
+    bool reserved = false;  // the check holds the slot kept for an address that logged in recently
     {
       std::lock_guard lock(mutex_);
       for (const auto& known : accepted_) {
-        if (CRYPTO_memcmp(known.data(), digest.data(), digest.size()) == 0) co_return AuthVerdict{AuthResult::ok};
+        if (CRYPTO_memcmp(known.data(), digest.data(), digest.size()) == 0) {
+          logged_in(peer);
+          co_return AuthVerdict{AuthResult::ok};
+        }
       }
       if (const auto wait = backoff_left(peer); wait.count() > 0) co_return AuthVerdict{AuthResult::backoff, wait};
-      if (pending_checks_ >= kMaxPendingChecks) co_return AuthVerdict{AuthResult::busy, std::chrono::seconds(1)};
-      ++pending_checks_;
+      if (pending_checks_ < kMaxPendingChecks) {
+        ++pending_checks_;
+      } else if (!reserved_check_busy_ && logged_in_recently(peer)) {
+        reserved_check_busy_ = reserved = true;
+      } else {
+        co_return AuthVerdict{AuthResult::busy, std::chrono::seconds(1)};
+      }
     }
 
     const auto colon = credentials->find(':');
@@ -903,12 +917,16 @@ class Server : public std::enable_shared_from_this<Server> {
     OPENSSL_cleanse(credentials->data(), credentials->size());
 
     std::lock_guard lock(mutex_);
-    --pending_checks_;
+    if (reserved)
+      reserved_check_busy_ = false;
+    else
+      --pending_checks_;
     if (!password_ok) {
       failed(peer);
       co_return AuthVerdict{AuthResult::wrong};
     }
     failures_.erase(peer);
+    logged_in(peer);
     // A reload during the check that changed basic_auth cleared the cache: what the old settings accepted
     // must not come back into it.
     if (settings_->basic_auth == settings->basic_auth) {
@@ -976,6 +994,20 @@ class Server : public std::enable_shared_from_this<Server> {
     return std::chrono::ceil<std::chrono::seconds>(it->second.blocked_until - now);
   }
 
+  // Callers hold mutex_.
+  void logged_in(const asio::ip::address& peer) {
+    if (logins_.size() >= kMaxLoginRecords && !logins_.contains(peer)) {
+      logins_.erase(std::min_element(logins_.begin(), logins_.end(),
+                                     [](const auto& a, const auto& b) { return a.second < b.second; }));
+    }
+    logins_[peer] = SteadyClock::now();
+  }
+
+  bool logged_in_recently(const asio::ip::address& peer) const {
+    const auto it = logins_.find(peer);
+    return it != logins_.end() && SteadyClock::now() - it->second < kForgetLogins;
+  }
+
   void failed(const asio::ip::address& peer) {
     const auto now = SteadyClock::now();
     if (failures_.size() >= kMaxFailureRecords && failures_.find(peer) == failures_.end()) {
@@ -1027,6 +1059,8 @@ class Server : public std::enable_shared_from_this<Server> {
   std::map<asio::ip::address, std::size_t> per_address_;
   std::vector<Digest> accepted_;
   std::size_t pending_checks_ = 0;
+  bool reserved_check_busy_ = false;
+  std::map<asio::ip::address, SteadyClock::time_point> logins_;  // who presented verified credentials, when
   std::map<asio::ip::address, FailureRecord> failures_;
 };
 
