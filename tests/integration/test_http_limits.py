@@ -1,7 +1,8 @@
 """The HTTP side under hostile connections (issue #15 items 4 and 10): slowloris from one address must not take
-out /metrics and /healthz for everyone else (per-address cap, a deadline for the whole request head), a
-connection over the total cap gets a quick 503, a Transfer-Encoding not ending in chunked gets 400, and every
-refusal is counted in mailflow_http_rejects_total{reason}."""
+out /metrics and /healthz for everyone else (per-address cap, a deadline for the whole request head), at the
+total cap the connection idle longest makes room for a new one, a Transfer-Encoding not ending in chunked gets 400,
+a refused body's 413 reaches a client still sending it (lingering close), and every refusal is counted in
+mailflow_http_rejects_total{reason}."""
 import re
 import socket
 import threading
