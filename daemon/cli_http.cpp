@@ -346,7 +346,7 @@ int resolve_daemon(const DaemonOptions& options, std::string_view program, std::
   if (options.config_path) {
     const auto loaded = config::load_config_file(*options.config_path);
     if (!loaded.errors.empty()) {
-      for (const auto& e : loaded.errors) err << e.to_string() << "\n";
+      for (const auto& e : loaded.errors) err << shown(e.to_string()) << "\n";
       err << program << ": cannot use --config " << shown(*options.config_path) << ": "
           << loaded.errors.size() << " error(s)\n";
       return 1;

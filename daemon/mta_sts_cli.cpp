@@ -100,8 +100,8 @@ int run_mta_sts_cli(int argc, char** argv, std::ostream& out, std::ostream& err)
   domain = proto::address_domain("postmaster@" + domain);
   const auto loaded = config::load_config_file(*config_path);
   if (!loaded.errors.empty()) {
-    for (const auto& e : loaded.errors) err << e.to_string() << "\n";
-    err << "mailflowd mta-sts: cannot use --config " << *config_path << "\n";
+    for (const auto& e : loaded.errors) err << cli::shown(e.to_string()) << "\n";
+    err << "mailflowd mta-sts: cannot use --config " << cli::shown(*config_path) << "\n";
     return 1;
   }
   const config::Config& config = *loaded.config;

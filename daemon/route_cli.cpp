@@ -324,7 +324,7 @@ int run_route_cli(int argc, char** argv, std::ostream& out, std::ostream& err) {
   }
   const auto loaded = config::load_config_file(config_path);
   if (!loaded.errors.empty()) {
-    for (const auto& error : loaded.errors) err << error.to_string() << "\n";
+    for (const auto& error : loaded.errors) err << cli::shown(error.to_string()) << "\n";
     return 1;
   }
   const config::Config& config = *loaded.config;

@@ -179,6 +179,10 @@ ESC = "\x1b"
     ("report", ["--bogus" + ESC + "[31m"]),
     ("report", ["--url", "http://h" + ESC + "[2J:1"]),
     ("report", ["--url", "http://127.0.0.1:1", "--user", "u", "--password-file", "/nonexistent/" + ESC + "[2J"]),
+    ("report", ["--config", "/nonexistent/" + ESC + "[2J.yaml"]),  # the loader's error names the file too
+    ("tlsrpt", ["--config", "/nonexistent/" + ESC + "[2J.yaml"]),
+    ("route", ["--config", "/nonexistent/" + ESC + "[2J.yaml", "--recipient", "a@example.net"]),
+    ("mta-sts", ["--config", "/nonexistent/" + ESC + "[2J.yaml", "--domain", "example.net"]),
 ])
 def test_cli_shows_control_bytes_of_a_bad_argument(mailflowd_bin, command, args):
     """A bad argument is echoed as route and mta-sts echo it: its control bytes as \\xNN, never sent to the
