@@ -346,9 +346,9 @@ int resolve_daemon(const DaemonOptions& options, std::string_view program, std::
   if (options.config_path) {
     const auto loaded = config::load_config_file(*options.config_path);
     if (!loaded.errors.empty()) {
-      for (const auto& e : loaded.errors) err << e.to_string() << "\n";
-      err << program << ": cannot use --config " << *options.config_path << ": " << loaded.errors.size()
-          << " error(s)\n";
+      for (const auto& e : loaded.errors) err << shown(e.to_string()) << "\n";
+      err << program << ": cannot use --config " << shown(*options.config_path) << ": "
+          << loaded.errors.size() << " error(s)\n";
       return 1;
     }
     const auto& http_config = loaded.config->http;
@@ -376,7 +376,8 @@ int resolve_daemon(const DaemonOptions& options, std::string_view program, std::
     std::ifstream in(*options.password_file);
     std::string line;
     if (!in || !std::getline(in, line)) {
-      err << program << ": cannot read a password from --password-file " << *options.password_file << "\n";
+      err << program << ": cannot read a password from --password-file " << shown(*options.password_file)
+          << "\n";
       return 1;
     }
     if (!line.empty() && line.back() == '\r') line.pop_back();
@@ -403,18 +404,27 @@ int resolve_daemon(const DaemonOptions& options, std::string_view program, std::
 int print_failure(const Fetch& result, const Daemon& daemon, const DaemonOptions& options, const std::string& target,
                   std::string_view program, std::ostream& err) {
   if (!result.error.empty()) {
-    err << program << ": " << result.error;
+    err << program << ": " << shown(result.error);
     if (result.error.starts_with("cannot connect") || result.error.starts_with("cannot resolve"))
       err << " (is mailflowd running, and is "
           << (options.config_path && !options.url ? "--config's http.address" : "--url") << " its http.address?)";
     err << "\n";
     return 1;
   }
-  std::string message = result.body;
-  while (!message.empty() && (message.back() == '\n' || message.back() == '\r')) message.pop_back();
-  if (message.size() > 2000) message = message.substr(0, 2000) + "...";
-  err << program << ": GET " << target << " answered " << result.status << (result.reason.empty() ? "" : " ")
-      << result.reason << (message.empty() ? "" : ": ") << message;
+  // The server's words go to a terminal: its control bytes (an escape sequence) are shown, not sent; its
+  // lines stay lines.
+  std::string message;
+  for (std::string_view body = std::string_view(result.body).substr(0, 2000); !body.empty();) {
+    std::string_view line = body.substr(0, body.find('\n'));
+    body.remove_prefix(std::min(body.size(), line.size() + 1));
+    if (line.ends_with('\r')) line.remove_suffix(1);
+    message += (message.empty() ? "" : "\n") + shown(line);
+  }
+  while (!message.empty() && message.back() == '\n') message.pop_back();
+  if (result.body.size() > 2000) message += "...";
+  err << program << ": GET " << shown(target) << " answered " << result.status
+      << (result.reason.empty() ? "" : " ") << shown(result.reason) << (message.empty() ? "" : ": ")
+      << message;
   if (result.status == 401) {
     if (daemon.url.userinfo.empty())
       err << " (http.basic_auth is set there: --user USER, or --config FILE, with --password-file FILE or "

@@ -31,6 +31,7 @@
 #include <cctype>
 #include <charconv>
 #include <chrono>
+#include <initializer_list>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -40,6 +41,7 @@
 #include <thread>
 #include <vector>
 
+#include "daemon/cli_http.hpp"
 #include "daemon/crypt_check.hpp"
 #include "daemon/failpoint.hpp"
 #include "daemon/log.hpp"
@@ -70,6 +72,12 @@ constexpr auto kHeadTimeout = std::chrono::seconds(5);
 constexpr auto kBodyTimeout = std::chrono::seconds(5);
 constexpr auto kWriteTimeout = std::chrono::seconds(30);
 constexpr auto kTlsCloseTimeout = std::chrono::seconds(5);  // close_notify
+// Lingering close (nginx's lingering_close, lingering_time): after an answer that ends the connection, what
+// the client still sends (the rest of a body over the limit) is read and dropped until it closes, for at most
+// this long and this much; closed with it unread, the kernel would answer it with a reset and the client's
+// send fail before it read the answer.
+constexpr auto kLingerTime = std::chrono::seconds(5);
+constexpr std::uint64_t kLingerBytes = 4 * 1024 * 1024;
 // Prometheus, a probe and a browser need a few connections each; one address holding more is hostile. The
 // total cap protects descriptors and memory.
 constexpr std::size_t kMaxConnections = 256;
@@ -87,6 +95,11 @@ constexpr unsigned kFreeFailures = 5;
 constexpr auto kMaxBackoff = std::chrono::seconds(60);
 constexpr auto kForgetFailures = std::chrono::minutes(10);
 constexpr std::size_t kMaxFailureRecords = 4096;
+// One more check slot, beyond kMaxPendingChecks, for an address that presented verified credentials within
+// the last hour (Prometheus, after a reload changed the password and cleared the cache): guessers on any
+// number of addresses can keep the 4 slots full, not this one.
+constexpr auto kForgetLogins = std::chrono::hours(1);
+constexpr std::size_t kMaxLoginRecords = 64;
 constexpr int kDefaultDays = 7;
 
 constexpr std::string_view kTextPlain = "text/plain; charset=utf-8";
@@ -138,27 +151,62 @@ bool iequals(std::string_view a, std::string_view b) {
   return true;
 }
 
-// The value of `name` in a query string (its last occurrence; "" for a bare `name`), nullopt when absent. No
-// percent-decoding: days is digits, connector names are [a-z0-9_-]+, and anything else simply matches nothing.
-std::optional<std::string_view> query_param(std::string_view query, std::string_view name) {
-  std::optional<std::string_view> value;
-  while (!query.empty()) {
-    const auto amp = query.find('&');
-    const std::string_view param = query.substr(0, amp);
-    query = amp == std::string_view::npos ? std::string_view{} : query.substr(amp + 1);
+// The parameters in `names` of a query string, percent-decoded (RFC 3986 2.1: names too, so d%61ys is days;
+// '+' is a '+'), "" for a bare `name`; others are left alone (Prometheus's `params:` may add its own).
+// nullopt with `error` set when an escape is not % and two hex digits, or one of `names` comes twice:
+// days=7&days=8 has no one meaning, and a last-wins answer would be the report of a period the client may not
+// have meant.
+using Query = std::map<std::string, std::string, std::less<>>;
+std::optional<Query> parse_query(std::string_view text, std::initializer_list<std::string_view> names,
+                                 std::string& error) {
+  auto decode = [](std::string_view in, std::string& out) {
+    auto hex = [](char c) {
+      return c >= '0' && c <= '9'   ? c - '0'
+             : c >= 'a' && c <= 'f' ? c - 'a' + 10
+             : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                                    : -1;
+    };
+    for (std::size_t i = 0; i < in.size(); ++i) {
+      if (in[i] != '%') {
+        out += in[i];
+        continue;
+      }
+      if (i + 2 >= in.size() || hex(in[i + 1]) < 0 || hex(in[i + 2]) < 0) return false;
+      out += static_cast<char>(hex(in[i + 1]) * 16 + hex(in[i + 2]));
+      i += 2;
+    }
+    return true;
+  };
+  Query query;
+  while (!text.empty()) {
+    const auto amp = text.find('&');
+    const std::string_view param = text.substr(0, amp);
+    text = amp == std::string_view::npos ? std::string_view{} : text.substr(amp + 1);
     const auto eq = param.find('=');
-    if (param.substr(0, eq) == name) value = eq == std::string_view::npos ? std::string_view{} : param.substr(eq + 1);
+    std::string name;
+    std::string value;
+    if (!decode(param.substr(0, eq), name) ||
+        (eq != std::string_view::npos && !decode(param.substr(eq + 1), value))) {
+      error = "bad %-escape in the query: a '%' must start %XX with two hex digits (RFC 3986 2.1)\n";
+      return std::nullopt;
+    }
+    if (std::find(names.begin(), names.end(), name) == names.end()) continue;
+    if (!query.emplace(name, std::move(value)).second) {
+      error = name + " is given more than once in the query\n";
+      return std::nullopt;
+    }
   }
-  return value;
+  return query;
 }
 
-// `days` from the query string: default 7 (or the window when shorter), else an integer 1..max_days.
-std::optional<int> parse_days(std::string_view query, int max_days, std::string& error) {
-  const std::optional<std::string_view> value = query_param(query, "days");
-  if (!value) return std::min(kDefaultDays, max_days);
+// `days` from the query: default 7 (or the window when shorter), else an integer 1..max_days.
+std::optional<int> parse_days(const Query& query, int max_days, std::string& error) {
+  const auto value = query.find("days");
+  if (value == query.end()) return std::min(kDefaultDays, max_days);
+  const std::string& text = value->second;
   int days = 0;
-  const auto [end, ec] = std::from_chars(value->data(), value->data() + value->size(), days);
-  if (value->empty() || ec != std::errc{} || end != value->data() + value->size() || days < 1 || days > max_days) {
+  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), days);
+  if (text.empty() || ec != std::errc{} || end != text.data() + text.size() || days < 1 || days > max_days) {
     error = "days must be an integer from 1 to " + std::to_string(max_days) + " (the telemetry window)\n";
     return std::nullopt;
   }
@@ -248,17 +296,17 @@ class Server : public std::enable_shared_from_this<Server> {
 
   // Any thread: stops accepting and closes every connection (on the HTTP thread).
   void stop() {
-    std::map<std::uint64_t, std::function<void()>> closers;
+    std::vector<std::function<void()>> closers;
     {
       std::lock_guard lock(mutex_);
       stopped_ = true;
-      closers.swap(closers_);
+      for (const auto& [id, connection] : tracked_) closers.push_back(connection.close);
     }
     asio::post(io_, [self = shared_from_this()] {
       beast::error_code ignored;
       self->acceptor_.close(ignored);
     });
-    for (auto& [id, close] : closers) close();
+    for (auto& close : closers) close();
   }
 
   unsigned short port() const { return port_; }
@@ -269,13 +317,20 @@ class Server : public std::enable_shared_from_this<Server> {
     auto next = std::make_shared<Settings>();
     next->basic_auth = http.basic_auth;
     if (http.tls) next->tls = load_tls(*http.tls);
+    bool same_auth = false;
     {
       std::lock_guard lock(mutex_);
+      // What was verified against the same user and hash stays verified: a reload for a renewed certificate
+      // or a new connector cleared the cache, and Prometheus's next scrape had to win one of the few check
+      // slots against whoever was guessing (4 addresses kept them full). The failure records stay with it.
+      same_auth = settings_->basic_auth == next->basic_auth;
       settings_ = next;
-      accepted_.clear();
-      failures_.clear();
+      if (!same_auth) {
+        accepted_.clear();
+        failures_.clear();
+      }
     }
-    if (next->basic_auth) calibrate(next->basic_auth->password_hash);
+    if (next->basic_auth && !same_auth) calibrate(next->basic_auth->password_hash);
   }
 
  private:
@@ -337,24 +392,46 @@ class Server : public std::enable_shared_from_this<Server> {
   }
 
   // ------------------------------------------------------------------------------------------- connections
-  // Counts the connection against the caps; the reason when it is over one.
-  std::optional<HttpReject> admit(const asio::ip::address& peer) {
+  // Counts the connection against the caps; the reason when it is over one. At the total cap, the connection
+  // that has waited longest without a complete request (idle, trickling a head or body, lingering) is closed
+  // to make room, as nginx reuses its idle connections when worker_connections run out: a peer on many
+  // addresses that holds every connection idle locks no scrape out (each waits 5 s at most anyway). Only when
+  // none waits does the new connection get the 503. `evicted`: the address of the connection closed.
+  std::optional<HttpReject> admit(const asio::ip::address& peer, std::optional<asio::ip::address>& evicted) {
     std::lock_guard lock(mutex_);
     auto& from_peer = per_address_[peer];
     if (from_peer >= kMaxConnectionsPerAddress) return HttpReject::address_limit;
-    if (connections_ >= kMaxConnections) {
-      if (from_peer == 0) per_address_.erase(peer);
-      return HttpReject::connection_limit;
+    if (connections_ - evicting_ >= kMaxConnections) {
+      auto longest = tracked_.end();
+      for (auto it = tracked_.begin(); it != tracked_.end(); ++it) {
+        if (!it->second.evicted && it->second.idle_since != SteadyClock::time_point::max() &&
+            (longest == tracked_.end() || it->second.idle_since < longest->second.idle_since))
+          longest = it;
+      }
+      if (longest == tracked_.end()) {
+        if (from_peer == 0) per_address_.erase(peer);
+        return HttpReject::connection_limit;
+      }
+      longest->second.evicted = true;
+      ++evicting_;
+      longest->second.close();
+      evicted = longest->second.peer;
     }
     ++from_peer;
     ++connections_;
     return std::nullopt;
   }
 
-  void release(const asio::ip::address& peer) {
+  // A connection ends: its slot and its registration go.
+  void release(const asio::ip::address& peer, std::optional<std::uint64_t> id) {
     std::lock_guard lock(mutex_);
     --connections_;
     if (auto it = per_address_.find(peer); it != per_address_.end() && --it->second == 0) per_address_.erase(it);
+    if (!id) return;
+    if (auto it = tracked_.find(*id); it != tracked_.end()) {
+      if (it->second.evicted) --evicting_;
+      tracked_.erase(it);
+    }
   }
 
   // Gives a connection's slot back when the session ends, however it ends.
@@ -362,10 +439,17 @@ class Server : public std::enable_shared_from_this<Server> {
     Slot(std::shared_ptr<Server> s, asio::ip::address a) : server(std::move(s)), peer(a) {}
     Slot(const Slot&) = delete;
     Slot& operator=(const Slot&) = delete;
-    ~Slot() { server->release(peer); }
+    ~Slot() { server->release(peer, id); }
     std::shared_ptr<Server> server;
     asio::ip::address peer;
+    std::optional<std::uint64_t> id;  // once tracked
   };
+
+  // The connection waits for (the rest of) a request, or lingers, since `since`; max(): it is being served.
+  void waiting(const Slot& slot, SteadyClock::time_point since) {
+    std::lock_guard lock(mutex_);
+    if (auto it = tracked_.find(slot.id.value()); it != tracked_.end()) it->second.idle_since = since;
+  }
 
   // Over a cap: a canned 503 for plain HTTP (TLS would need a handshake first), then close.
   void refuse(tcp::socket& socket, HttpReject reason, const asio::ip::address& peer, bool tls) {
@@ -407,7 +491,11 @@ class Server : public std::enable_shared_from_this<Server> {
       const auto peer = socket.remote_endpoint(ec).address();
       if (ec) continue;  // already gone
       auto settings = this->settings();
-      if (const auto refusal = admit(peer)) {
+      std::optional<asio::ip::address> evicted;
+      const auto refusal = admit(peer, evicted);
+      if (evicted)
+        reject(HttpReject::connection_limit, *evicted, "closed to make room: idle longest at the cap");
+      if (refusal) {
         refuse(socket, *refusal, peer, settings->tls != nullptr);
         continue;
       }
@@ -419,34 +507,33 @@ class Server : public std::enable_shared_from_this<Server> {
     }
   }
 
-  // Registers a connection so that stop() can close it; nullopt when stopped.
+  // Registers a connection so that stop() and admit() can close it, waiting for its first request since
+  // `accepted`; false when stopped.
   template <class Stream>
-  std::optional<std::uint64_t> track(const std::shared_ptr<Stream>& stream) {
+  bool track(const std::shared_ptr<Stream>& stream, Slot& slot, SteadyClock::time_point accepted) {
     std::lock_guard lock(mutex_);
-    if (stopped_) return std::nullopt;
+    if (stopped_) return false;
     const std::uint64_t id = next_id_++;
-    closers_.emplace(id, [weak = std::weak_ptr<Stream>(stream), executor = beast::get_lowest_layer(*stream).get_executor()] {
+    auto close = [weak = std::weak_ptr<Stream>(stream),
+                  executor = beast::get_lowest_layer(*stream).get_executor()] {
       asio::post(executor, [weak] {
         if (auto s = weak.lock()) beast::get_lowest_layer(*s).close();
       });
-    });
-    return id;
-  }
-
-  void untrack(std::uint64_t id) {
-    std::lock_guard lock(mutex_);
-    closers_.erase(id);
+    };
+    tracked_.emplace(id, Tracked{std::move(close), slot.peer, accepted});
+    slot.id = id;
+    return true;
   }
 
   asio::awaitable<void> run_session(tcp::socket socket, asio::ip::address peer,
                                     std::shared_ptr<const Settings> settings, SteadyClock::time_point head_deadline) {
-    const Slot slot(shared_from_this(), peer);
+    Slot slot(shared_from_this(), peer);
+    const auto accepted = head_deadline - kHeadTimeout;
     beast::error_code ec;
     if (settings->tls) {
       auto stream =
           std::make_shared<beast::ssl_stream<beast::tcp_stream>>(beast::tcp_stream(std::move(socket)), *settings->tls);
-      const auto id = track(stream);
-      if (!id) co_return;
+      if (!track(stream, slot, accepted)) co_return;
       beast::get_lowest_layer(*stream).expires_at(head_deadline);
       co_await stream->async_handshake(asio::ssl::stream_base::server, asio::redirect_error(asio::use_awaitable, ec));
       if (ec == beast::error::timeout) {
@@ -458,26 +545,37 @@ class Server : public std::enable_shared_from_this<Server> {
         if (ERR_GET_REASON(ec.value()) == SSL_R_HTTP_REQUEST)
           co_await refuse_plain_http(get_lowest_layer(*stream));
       }
-      if (!ec && co_await serve(*stream, peer, head_deadline)) {
+      if (!ec && co_await serve(*stream, slot, head_deadline)) {
+        waiting(slot, SteadyClock::now());
         beast::get_lowest_layer(*stream).expires_after(kTlsCloseTimeout);
         co_await stream->async_shutdown(asio::redirect_error(asio::use_awaitable, ec));
+        co_await linger(beast::get_lowest_layer(*stream));
       }
-      untrack(*id);
     } else {
       auto stream = std::make_shared<beast::tcp_stream>(std::move(socket));
-      const auto id = track(stream);
-      if (!id) co_return;
-      if (co_await serve(*stream, peer, head_deadline)) {
-        stream->socket().shutdown(tcp::socket::shutdown_send, ec);
+      if (!track(stream, slot, accepted)) co_return;
+      if (co_await serve(*stream, slot, head_deadline)) {
+        waiting(slot, SteadyClock::now());
+        co_await linger(*stream);
       }
-      untrack(*id);
     }
   }
 
+  // The end of a connection whose last answer was written: FIN, then what the client still sends is dropped
+  // until it closes (kLingerTime, kLingerBytes at most), so that the close resets nothing the client has yet
+  // to read.
+  static asio::awaitable<void> linger(beast::tcp_stream& stream) {
+    beast::error_code ec;
+    stream.socket().shutdown(tcp::socket::shutdown_send, ec);
+    stream.expires_after(kLingerTime);
+    std::array<char, 16384> discard;
+    for (std::uint64_t dropped = 0; !ec && dropped < kLingerBytes;)
+      dropped += co_await stream.async_read_some(asio::buffer(discard),
+                                                 asio::redirect_error(asio::use_awaitable, ec));
+  }
+
   // A request in plain HTTP on the HTTPS port (a scraper set to http, not https; OpenSSL sent no alert): a
-  // 400 that says so, as nginx's, instead of a closed connection. The rest of the request is read (until the
-  // peer closes, at most kTlsCloseTimeout) so that the close does not reset the connection before the peer
-  // read the answer.
+  // 400 that says so, as nginx's, instead of a closed connection, then a lingering close.
   static asio::awaitable<void> refuse_plain_http(beast::tcp_stream& stream) {
     static constexpr std::string_view kBody = "plain HTTP request sent to the HTTPS port: use https://\n";
     static const std::string answer = fmt::format(
@@ -487,17 +585,13 @@ class Server : public std::enable_shared_from_this<Server> {
     beast::error_code ec;
     stream.expires_after(kTlsCloseTimeout);
     co_await asio::async_write(stream, asio::buffer(answer), asio::redirect_error(asio::use_awaitable, ec));
-    if (ec) co_return;
-    stream.socket().shutdown(tcp::socket::shutdown_send, ec);
-    std::array<char, 1024> discard;
-    while (!ec)
-      co_await stream.async_read_some(asio::buffer(discard), asio::redirect_error(asio::use_awaitable, ec));
+    if (!ec) co_await linger(stream);
   }
 
   // Serves requests until the peer closes, asks to close, or an I/O error. True when a graceful close is due.
   template <class Stream>
-  asio::awaitable<bool> serve(Stream& stream, const asio::ip::address& peer,
-                              SteadyClock::time_point head_deadline) {
+  asio::awaitable<bool> serve(Stream& stream, const Slot& slot, SteadyClock::time_point head_deadline) {
+    const asio::ip::address& peer = slot.peer;
     // Bounded: a parser that needs more holds what it has unparsed here (a chunk extension, the trailer
     // section are parsed only once whole), and a read into a full buffer fails with buffer_overflow.
     beast::flat_buffer buffer(kHeaderLimit + kBodyLimit);
@@ -506,6 +600,7 @@ class Server : public std::enable_shared_from_this<Server> {
       parser.header_limit(kHeaderLimit);
       parser.body_limit(kBodyLimit);
       beast::error_code ec;
+      waiting(slot, head_deadline - kHeadTimeout);
       beast::get_lowest_layer(stream).expires_at(head_deadline);
       co_await http::async_read_header(stream, buffer, parser, asio::redirect_error(asio::use_awaitable, ec));
       if (ec == http::error::end_of_stream) co_return true;
@@ -539,6 +634,7 @@ class Server : public std::enable_shared_from_this<Server> {
         }
       }
       if (ec && ec.category() != http::make_error_code(http::error::bad_target).category()) co_return false;
+      waiting(slot, SteadyClock::time_point::max());  // a whole request (or a refused one): no longer idle
       Response response;
       if (ec || bad) {
         // What was wrong, in the status and in words: a browser sends every localhost cookie to this port too.
@@ -680,7 +776,8 @@ class Server : public std::enable_shared_from_this<Server> {
     if (path == "/api/v1/remotes.csv" || path == "/api/v1/domains.csv" || path == "/api/v1/remotes.txt" ||
         path == "/api/v1/domains.txt") {
       std::string error;
-      const auto days = parse_days(query, telemetry_.window_days(), error);
+      const auto params = parse_query(query, {"days", "connector"}, error);
+      const auto days = params ? parse_days(*params, telemetry_.window_days(), error) : std::nullopt;
       if (!days) return make_response(request, http::status::bad_request, kTextPlain, error);
       const Report report = telemetry_.report(*days);
       if (path == "/api/v1/domains.csv")
@@ -688,18 +785,19 @@ class Server : public std::enable_shared_from_this<Server> {
       if (path == "/api/v1/domains.txt")
         return make_response(request, http::status::ok, kTextPlain, render_domains_table(report));
       // remotes.txt is one connector's; remotes.csv every connector's, or with ?connector= that one's.
-      const auto named = query_param(query, "connector");
-      const std::string connector(named.value_or(""));
+      const auto named = params->find("connector");
+      const std::string connector = named == params->end() ? std::string() : named->second;
       const bool known_connector =
           std::any_of(report.connectors.begin(), report.connectors.end(),
                       [&](const ConnectorSummary& c) { return c.connector == connector; });
-      if (!known_connector && (named || path == "/api/v1/remotes.txt")) {
+      if (!known_connector && (named != params->end() || path == "/api/v1/remotes.txt")) {
         std::string known;
         for (const auto& c : report.connectors)
           if (known.find(" " + c.connector + ",") == std::string::npos) known += " " + c.connector + ",";
         if (!known.empty()) known.pop_back();
-        return make_response(request, http::status::not_found, kTextPlain,
-                             "no connector \"" + connector + "\" in the report; connectors:" + known + "\n");
+        return make_response(
+            request, http::status::not_found, kTextPlain,
+            "no connector \"" + cli::shown(connector) + "\" in the report; connectors:" + known + "\n");
       }
       if (path == "/api/v1/remotes.csv")
         return make_response(request, http::status::ok, "text/csv; charset=utf-8",
@@ -710,10 +808,13 @@ class Server : public std::enable_shared_from_this<Server> {
       if (path != route.path) continue;
       std::string error;
       const int window_days = telemetry_.window_days();
+      const auto params = parse_query(query, {"days"}, error);
       std::optional<int> days = window_days;
-      if (!route.whole_window) {
-        days = parse_days(query, window_days, error);
-      } else if (query_param(query, "days")) {
+      if (!params) {
+        days.reset();
+      } else if (!route.whole_window) {
+        days = parse_days(*params, window_days, error);
+      } else if (params->contains("days")) {
         error = "the connector summary covers the whole telemetry window (" + std::to_string(window_days) +
                 (window_days == 1 ? " day" : " days") + "): it takes no days\n";
         days.reset();
@@ -728,20 +829,16 @@ class Server : public std::enable_shared_from_this<Server> {
   // GET /api/v1/tlsrpt?date=YYYY-MM-DD (default: today, UTC): every domain's TLS-RPT report of that day, JSON.
   // With &domain=D&format=gzip: that domain's report as it is sent (application/tlsrpt+gzip, RFC 8460 5.3).
   Response tlsrpt_response(const Request& request, std::string_view query) {
-    std::string date;
-    std::string domain;
-    std::string format = "json";
-    while (!query.empty()) {
-      const auto amp = query.find('&');
-      const std::string_view param = query.substr(0, amp);
-      query = amp == std::string_view::npos ? std::string_view{} : query.substr(amp + 1);
-      const auto eq = param.find('=');
-      const std::string_view name = param.substr(0, eq);
-      const std::string value(eq == std::string_view::npos ? std::string_view{} : param.substr(eq + 1));
-      if (name == "date") date = value;
-      else if (name == "domain") domain = proto::dns_name_key(value);  // the store's names are keys
-      else if (name == "format") format = value;
-    }
+    std::string error;
+    const auto params = parse_query(query, {"date", "domain", "format"}, error);
+    if (!params) return make_response(request, http::status::bad_request, kTextPlain, error);
+    auto param = [&](std::string_view name, std::string_view otherwise) {
+      const auto it = params->find(name);
+      return it == params->end() ? std::string(otherwise) : it->second;
+    };
+    std::string date = param("date", "");
+    const std::string domain = proto::dns_name_key(param("domain", ""));  // the store's names are keys
+    const std::string format = param("format", "json");
     if (date.empty()) {
       const auto today = std::chrono::floor<std::chrono::days>(std::chrono::system_clock::now());
       const std::chrono::year_month_day ymd{today};
@@ -785,14 +882,23 @@ class Server : public std::enable_shared_from_this<Server> {
     if (!credentials || credentials->find(':') == std::string::npos) co_return AuthVerdict{AuthResult::missing};
 
     const Digest digest = keyed_digest(*credentials);
+    bool reserved = false;  // the check holds the slot kept for an address that logged in recently
     {
       std::lock_guard lock(mutex_);
       for (const auto& known : accepted_) {
-        if (CRYPTO_memcmp(known.data(), digest.data(), digest.size()) == 0) co_return AuthVerdict{AuthResult::ok};
+        if (CRYPTO_memcmp(known.data(), digest.data(), digest.size()) == 0) {
+          logged_in(peer);
+          co_return AuthVerdict{AuthResult::ok};
+        }
       }
       if (const auto wait = backoff_left(peer); wait.count() > 0) co_return AuthVerdict{AuthResult::backoff, wait};
-      if (pending_checks_ >= kMaxPendingChecks) co_return AuthVerdict{AuthResult::busy, std::chrono::seconds(1)};
-      ++pending_checks_;
+      if (pending_checks_ < kMaxPendingChecks) {
+        ++pending_checks_;
+      } else if (!reserved_check_busy_ && logged_in_recently(peer)) {
+        reserved_check_busy_ = reserved = true;
+      } else {
+        co_return AuthVerdict{AuthResult::busy, std::chrono::seconds(1)};
+      }
     }
 
     const auto colon = credentials->find(':');
@@ -812,14 +918,19 @@ class Server : public std::enable_shared_from_this<Server> {
     OPENSSL_cleanse(credentials->data(), credentials->size());
 
     std::lock_guard lock(mutex_);
-    --pending_checks_;
+    if (reserved)
+      reserved_check_busy_ = false;
+    else
+      --pending_checks_;
     if (!password_ok) {
       failed(peer);
       co_return AuthVerdict{AuthResult::wrong};
     }
     failures_.erase(peer);
-    // A reload during the check cleared the cache: what the old settings accepted must not come back into it.
-    if (settings_ == settings) {
+    logged_in(peer);
+    // A reload during the check that changed basic_auth cleared the cache: what the old settings accepted
+    // must not come back into it.
+    if (settings_->basic_auth == settings->basic_auth) {
       if (accepted_.size() >= kMaxCachedCredentials) accepted_.erase(accepted_.begin());
       accepted_.push_back(digest);
     }
@@ -884,6 +995,20 @@ class Server : public std::enable_shared_from_this<Server> {
     return std::chrono::ceil<std::chrono::seconds>(it->second.blocked_until - now);
   }
 
+  // Callers hold mutex_.
+  void logged_in(const asio::ip::address& peer) {
+    if (logins_.size() >= kMaxLoginRecords && !logins_.contains(peer)) {
+      logins_.erase(std::min_element(logins_.begin(), logins_.end(),
+                                     [](const auto& a, const auto& b) { return a.second < b.second; }));
+    }
+    logins_[peer] = SteadyClock::now();
+  }
+
+  bool logged_in_recently(const asio::ip::address& peer) const {
+    const auto it = logins_.find(peer);
+    return it != logins_.end() && SteadyClock::now() - it->second < kForgetLogins;
+  }
+
   void failed(const asio::ip::address& peer) {
     const auto now = SteadyClock::now();
     if (failures_.size() >= kMaxFailureRecords && failures_.find(peer) == failures_.end()) {
@@ -921,11 +1046,22 @@ class Server : public std::enable_shared_from_this<Server> {
   std::shared_ptr<const Settings> settings_ = std::make_shared<Settings>();
   bool stopped_ = false;
   std::uint64_t next_id_ = 0;
-  std::map<std::uint64_t, std::function<void()>> closers_;
+  struct Tracked {
+    std::function<void()> close;
+    asio::ip::address peer;
+    // Since when it waits for a request (the accept, the end of the previous answer) or lingers; max() while
+    // a request is served. The longest waiting is closed first at the cap.
+    SteadyClock::time_point idle_since;
+    bool evicted = false;  // closed to make room, its slot not yet given back
+  };
+  std::map<std::uint64_t, Tracked> tracked_;
+  std::size_t evicting_ = 0;  // connections closed to make room whose slots are not yet given back
   std::size_t connections_ = 0;
   std::map<asio::ip::address, std::size_t> per_address_;
   std::vector<Digest> accepted_;
   std::size_t pending_checks_ = 0;
+  bool reserved_check_busy_ = false;
+  std::map<asio::ip::address, SteadyClock::time_point> logins_;  // who presented verified credentials, when
   std::map<asio::ip::address, FailureRecord> failures_;
 };
 

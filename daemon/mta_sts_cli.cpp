@@ -64,7 +64,7 @@ int run_mta_sts_cli(int argc, char** argv, std::ostream& out, std::ostream& err)
   int i = 1;
   if (i < argc && std::string_view(argv[i]) == "mta-sts") ++i;
   const auto usage_error = [&](const std::string& message) {
-    err << "mailflowd mta-sts: " << message << "\n" << kUsage;
+    err << "mailflowd mta-sts: " << cli::shown(message) << "\n" << kUsage;
     return 2;
   };
   for (; i < argc; ++i) {
@@ -92,18 +92,16 @@ int run_mta_sts_cli(int argc, char** argv, std::ostream& out, std::ostream& err)
   if (domain.empty()) return usage_error("--domain DOMAIN is required");
   // The domain as the relay takes it from an RCPT address: lower-cased, without a trailing dot. One the relay
   // refuses in RCPT, or an address literal (never routed through MX delivery), never gets a policy looked up.
-  if (domain.starts_with('['))
-    return usage_error("an address literal has no MTA-STS policy: " + cli::shown(domain));
+  if (domain.starts_with('[')) return usage_error("an address literal has no MTA-STS policy: " + domain);
   if (const auto parsed = proto::parse_command("RCPT TO:<postmaster@" + domain + ">");
       parsed.error != proto::CommandError::none) {
-    return usage_error("not a domain the relay accepts in RCPT TO: " + cli::shown(domain) + " (" +
-                       parsed.message + ")");
+    return usage_error("not a domain the relay accepts in RCPT TO: " + domain + " (" + parsed.message + ")");
   }
   domain = proto::address_domain("postmaster@" + domain);
   const auto loaded = config::load_config_file(*config_path);
   if (!loaded.errors.empty()) {
-    for (const auto& e : loaded.errors) err << e.to_string() << "\n";
-    err << "mailflowd mta-sts: cannot use --config " << *config_path << "\n";
+    for (const auto& e : loaded.errors) err << cli::shown(e.to_string()) << "\n";
+    err << "mailflowd mta-sts: cannot use --config " << cli::shown(*config_path) << "\n";
     return 1;
   }
   const config::Config& config = *loaded.config;

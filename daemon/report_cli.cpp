@@ -44,7 +44,7 @@ int run_report_cli(int argc, char** argv, std::ostream& out, std::ostream& err,
   int i = 1;
   if (i < argc && std::string_view(argv[i]) == "report") ++i;
   const auto usage_error = [&](const std::string& message) {
-    err << "mailflowd report: " << message << "\n" << kUsage << cli::daemon_options_usage;
+    err << "mailflowd report: " << cli::shown(message) << "\n" << kUsage << cli::daemon_options_usage;
     return 2;
   };
   for (; i < argc; ++i) {
@@ -121,8 +121,9 @@ int run_report_cli(int argc, char** argv, std::ostream& out, std::ostream& err,
   for (char& c : media) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
   if (media != expected) {
     err << "mailflowd report: GET " << target << " answered 200 with Content-Type "
-        << (result.content_type.empty() ? "(none)" : result.content_type) << ", not the report (" << expected
-        << "): is " << (daemon_options.config_path && !daemon_options.url ? "--config's http.address" : "--url")
+        << (result.content_type.empty() ? "(none)" : cli::shown(result.content_type)) << ", not the report ("
+        << expected << "): is "
+        << (daemon_options.config_path && !daemon_options.url ? "--config's http.address" : "--url")
         << " mailflowd's http.address?\n";
     return 1;
   }

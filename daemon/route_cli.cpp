@@ -288,7 +288,8 @@ int run_route_cli(int argc, char** argv, std::ostream& out, std::ostream& err) {
                                   {"--config", "-c", "--recipient", "--listener", "--sender", "--client", "--format",
                                    "--seed"},
                                   option, error)) {
-      err << "mailflowd route: " << (error.empty() ? "unknown argument '" + std::string(arg) + "'" : error) << "\n"
+      err << "mailflowd route: "
+          << cli::shown(error.empty() ? "unknown argument '" + std::string(arg) + "'" : error) << "\n"
           << kUsage;
       return 2;
     }
@@ -313,7 +314,7 @@ int run_route_cli(int argc, char** argv, std::ostream& out, std::ostream& err) {
         return 2;
       }
     } else {
-      err << "mailflowd route: bad value '" << value << "' for " << name << "\n" << kUsage;
+      err << "mailflowd route: bad value '" << cli::shown(value) << "' for " << name << "\n" << kUsage;
       return 2;
     }
   }
@@ -323,7 +324,7 @@ int run_route_cli(int argc, char** argv, std::ostream& out, std::ostream& err) {
   }
   const auto loaded = config::load_config_file(config_path);
   if (!loaded.errors.empty()) {
-    for (const auto& error : loaded.errors) err << error.to_string() << "\n";
+    for (const auto& error : loaded.errors) err << cli::shown(error.to_string()) << "\n";
     return 1;
   }
   const config::Config& config = *loaded.config;
@@ -338,7 +339,8 @@ int run_route_cli(int argc, char** argv, std::ostream& out, std::ostream& err) {
   if (!listener_name.empty()) {
     route.listener = config.find_listener(listener_name);
     if (route.listener == nullptr) {
-      err << "mailflowd route: no listener named '" << listener_name << "' in " << config_path << "\n";
+      err << "mailflowd route: no listener named '" << cli::shown(listener_name) << "' in "
+          << cli::shown(config_path) << "\n";
       return 2;
     }
   } else {
@@ -356,7 +358,7 @@ int run_route_cli(int argc, char** argv, std::ostream& out, std::ostream& err) {
   if (!client.empty()) {
     const auto address = config::parse_ip_address(client);
     if (!address) {
-      err << "mailflowd route: --client needs an IP address, got '" << client << "'\n";
+      err << "mailflowd route: --client needs an IP address, got '" << cli::shown(client) << "'\n";
       return 2;
     }
     input.client_address = *address;

@@ -28,7 +28,7 @@ std::string_view to_string(Leg leg);
 // Why the HTTP side refused a connection or a request (mailflow_http_rejects_total{reason}); every reason is
 // exported from the start, zeros included.
 enum class HttpReject {
-  connection_limit,  // over the total HTTP connection cap
+  connection_limit,  // at the total HTTP connection cap: closed to make room, or refused when none was idle
   address_limit,     // over the per-address HTTP connection cap
   head_timeout,      // the request head was not complete within its deadline
   bad_request,       // 400: unparsable, oversized, or a Transfer-Encoding other than chunked

@@ -43,7 +43,7 @@ int run_tlsrpt_cli(int argc, char** argv, std::ostream& out, std::ostream& err, 
   int i = 1;
   if (i < argc && std::string_view(argv[i]) == "tlsrpt") ++i;
   const auto usage_error = [&](const std::string& message) {
-    err << "mailflowd tlsrpt: " << message << "\n" << kUsage << cli::daemon_options_usage;
+    err << "mailflowd tlsrpt: " << cli::shown(message) << "\n" << kUsage << cli::daemon_options_usage;
     return 2;
   };
   for (; i < argc; ++i) {

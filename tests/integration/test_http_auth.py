@@ -227,3 +227,91 @@ def test_a_reload_applies_to_kept_alive_connections(sink_factory, daemon_factory
         assert keep_alive_get(conn, "/api/v1/report")[0] == 401
     finally:
         conn.close()
+
+
+def test_a_reload_that_keeps_basic_auth_keeps_scrapes_answered(sink_factory, daemon_factory):
+    """A reload that leaves basic_auth as it was (a renewed certificate, a new connector) cleared the credentials
+    cache all the same: Prometheus's next scrape needed a check, and 4 addresses sending wrong passwords kept the
+    4 check slots full, so its scrapes got 503 (busy) until one of them won a slot. The verified credentials (and
+    the failure records) now survive such a reload; one that changes basic_auth still clears them."""
+    sink = sink_factory("store")
+    address = f"127.0.0.1:{harness.free_port()}"
+    http = {"address": address, "basic_auth": {"user": USER, "password_hash": crypt.crypt(
+        PASSWORD, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=2 ** 12))}}
+    d = daemon_factory(listeners=[hh.listener("inbound", harness.free_port(), "store")],
+                       upstreams=[hh.plain_upstream("store", sink.port)], name="http-auth-same", http=dict(http))
+    port = int(address.rsplit(":", 1)[1])
+    prometheus = "127.0.0.124"
+    assert hx.get(port, "/metrics", source=prometheus, auth=(USER, PASSWORD), timeout=10)[0] == 200  # cached
+    stop = threading.Event()
+
+    def guess(source):
+        while not stop.is_set():
+            try:
+                hx.get(port, "/metrics", source=source, auth=(USER, "wrong"), timeout=10)
+            except OSError:
+                pass
+
+    attackers = [threading.Thread(target=guess, args=(f"127.0.0.{120 + i}",), daemon=True) for i in range(4)]
+    for t in attackers:
+        t.start()
+    statuses = []
+    try:
+        time.sleep(0.5)
+        reload_and_wait(d, dict(http))
+        for _ in range(10):
+            statuses.append(hx.get(port, "/metrics", source=prometheus, auth=(USER, PASSWORD), timeout=10)[0])
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        for t in attackers:
+            t.join(15)
+    assert statuses == [200] * 10, f"scrapes after a reload that kept basic_auth, 4 addresses guessing: {statuses}"
+    assert "reason=auth_failed client=127.0.0.120" in d.stderr()
+
+
+def test_after_a_password_change_a_known_scraper_gets_a_check_slot(sink_factory, daemon_factory):
+    """A reload that changes the password clears the cache: Prometheus's first scrape with the new one needs a
+    check, and guessers on 4 addresses (on as many as they like, from an IPv6 prefix) kept the 4 check slots
+    full, so it got 503 busy for as long as they went on. An address that presented verified credentials within
+    the last hour now has one more slot of its own."""
+    sink = sink_factory("store")
+    address = f"127.0.0.1:{harness.free_port()}"
+
+    def auth_config(password):
+        return {"address": address, "basic_auth": {"user": USER, "password_hash": crypt.crypt(
+            password, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=2 ** 12))}}
+
+    d = daemon_factory(listeners=[hh.listener("inbound", harness.free_port(), "store")],
+                       upstreams=[hh.plain_upstream("store", sink.port)], name="http-auth-changed",
+                       http=auth_config("old secret"))
+    port = int(address.rsplit(":", 1)[1])
+    prometheus = "127.0.0.125"
+    assert hx.get(port, "/metrics", source=prometheus, auth=(USER, "old secret"), timeout=10)[0] == 200
+    stop = threading.Event()
+
+    def guess(source):
+        while not stop.is_set():
+            try:
+                hx.get(port, "/metrics", source=source, auth=(USER, "wrong"), timeout=10)
+            except OSError:
+                pass
+
+    reload_and_wait(d, auth_config(PASSWORD))
+    attackers = [threading.Thread(target=guess, args=(f"127.0.0.{120 + i}",), daemon=True) for i in range(4)]
+    for t in attackers:
+        t.start()
+    statuses = []
+    try:
+        time.sleep(0.5)
+        for _ in range(6):
+            statuses.append(hx.get(port, "/metrics", source=prometheus, auth=(USER, PASSWORD), timeout=10)[0])
+            time.sleep(0.2)
+        other = hx.get(port, "/metrics", source="127.0.0.126", auth=(USER, PASSWORD), timeout=10)[0]
+    finally:
+        stop.set()
+        for t in attackers:
+            t.join(15)
+    assert statuses == [200] * 6, f"scrapes with the new password, 4 addresses guessing: {statuses}"
+    # The new credentials are cached now: any address is answered with them, without a check.
+    assert other == 200

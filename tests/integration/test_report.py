@@ -79,6 +79,42 @@ def test_bad_days_is_400_with_a_message(env, path, days):
     assert len(body) < 500 and "<" not in body, f"the 400 should be a short plain message: {body[:500]!r}"
 
 
+@pytest.mark.parametrize("query, days", [("days=%33", 3), ("d%61ys=2", 2), ("days=1&other=a&other=b", 1)])
+def test_query_parameters_are_percent_decoded(env, query, days):
+    """RFC 3986 2.1: %33 is 3, in a name too (d%61ys is days), as a browser or a client library may write them;
+    parameters the server does not take are left alone, repeated or not."""
+    status, body, _ = rh.http_get(env.daemon, f"/api/v1/report?{query}")
+    assert status == 200, f"GET /api/v1/report?{query} answered {status}: {body[:300]}"
+    assert json.loads(body)["days"] == days, body[:300]
+
+
+def test_a_percent_encoded_connector_is_found(env):
+    status, body, _ = rh.http_get(env.daemon, "/api/v1/remotes.csv?connector=partner%2dcidr")
+    assert status == 200, body[:300]
+    rows = list(csv.DictReader(io.StringIO(body)))
+    assert rows and {r["connector"] for r in rows} == {"partner-cidr"}, body[:500]
+    # A decoded name that is no connector is echoed, its control bytes shown as \xNN.
+    status, body, _ = rh.http_get(env.daemon, "/api/v1/remotes.csv?connector=a%1b%5b2J")
+    assert status == 404 and 'no connector "a\\x1b[2J"' in body, (status, body)
+
+
+@pytest.mark.parametrize("path, query, words", [
+    ("/api/v1/report", "days=%3", "bad %-escape"),
+    ("/api/v1/report", "days=%zz", "bad %-escape"),
+    ("/api/v1/report.csv", "x=%g1&days=1", "bad %-escape"),
+    ("/api/v1/report", "days=2&days=3", "days is given more than once"),
+    ("/", "days=1&d%61ys=1", "days is given more than once"),
+    ("/api/v1/connectors", "days=1&days=1", "days is given more than once"),
+    ("/api/v1/remotes.csv", "connector=partner-cidr&connector=internet", "connector is given more than once"),
+    ("/api/v1/tlsrpt", "date=2026-01-02&date=2026-01-03", "date is given more than once"),
+    ("/api/v1/tlsrpt", "domain=a%2", "bad %-escape"),
+])
+def test_a_bad_escape_or_a_repeated_parameter_is_400(env, path, query, words):
+    """days=2&days=3 has no one meaning: it was the report of 3 days (the last won), silently."""
+    status, body, _ = rh.http_get(env.daemon, f"{path}?{query}")
+    assert status == 400 and words in body, f"GET {path}?{query} answered {status}: {body[:300]!r}"
+
+
 def test_every_row_with_messages_adds_up_to_100_percent(env):
     """The five percentages of a row are rounded together (largest remainder), not each on its own: partner-cidr's
     2/7, 1/7, 1/7, 3/7 rounded one by one are 28.6 + 14.3 + 14.3 + 42.9 = 100.1. In the JSON rows, the

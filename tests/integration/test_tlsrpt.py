@@ -5,7 +5,9 @@ report is sent as (decompressed with python's zlib), and the state saved again a
 import gzip
 import json
 import re
+import socket
 import subprocess
+import threading
 import urllib.error
 import urllib.request
 
@@ -101,6 +103,13 @@ def test_the_report_as_sent_is_gzip_of_the_json(daemon):
     assert report == day["reports"][0]["report"]
 
 
+def test_query_parameters_are_percent_decoded(daemon):
+    """RFC 3986 2.1: %2D is '-', %2E is '.' (a client library may escape them)."""
+    plain = get(daemon, f"/api/v1/tlsrpt?date={DATE}&domain=b.example&format=json")
+    escaped = get(daemon, "/api/v1/tlsrpt?date=2026%2D01%2D02&domain=b%2Eexample&%66ormat=json")
+    assert escaped[0] == 200 and escaped[2] == plain[2], escaped
+
+
 def tlsrpt_cli(mailflowd_bin, daemon, *args, stdout=subprocess.PIPE):
     return subprocess.run([mailflowd_bin, "tlsrpt", "--url", daemon.http, *args], stdout=stdout,
                           stderr=subprocess.PIPE, timeout=20)
@@ -153,6 +162,72 @@ def test_cli_usage_errors(mailflowd_bin, daemon, args, message):
     r = subprocess.run([mailflowd_bin, "tlsrpt", *args], capture_output=True, text=True, timeout=20)
     assert r.returncode == 2, r
     assert message in r.stderr and "usage: mailflowd tlsrpt" in r.stderr
+
+
+ESC = "\x1b"
+
+
+@pytest.mark.parametrize("command, args", [
+    ("tlsrpt", ["--date", ESC + "[2J"]),
+    ("tlsrpt", ["--domain", "a" + ESC + "]0;owned" + "\x07"]),
+    ("tlsrpt", ["--format", ESC + "[5m", "--domain", "a.example.net"]),
+    ("tlsrpt", ["--bogus" + ESC + "[31m"]),
+    ("tlsrpt", ["--url", "http://h" + ESC + "[2J:1"]),
+    ("report", ["--days", ESC + "[2J"]),
+    ("report", ["--format", ESC + "[5m"]),
+    ("report", ["--connector", "a" + ESC + "[31m"]),
+    ("report", ["--bogus" + ESC + "[31m"]),
+    ("report", ["--url", "http://h" + ESC + "[2J:1"]),
+    ("report", ["--url", "http://127.0.0.1:1", "--user", "u", "--password-file", "/nonexistent/" + ESC + "[2J"]),
+    ("report", ["--config", "/nonexistent/" + ESC + "[2J.yaml"]),  # the loader's error names the file too
+    ("tlsrpt", ["--config", "/nonexistent/" + ESC + "[2J.yaml"]),
+    ("route", ["--config", "/nonexistent/" + ESC + "[2J.yaml", "--recipient", "a@example.net"]),
+    ("mta-sts", ["--config", "/nonexistent/" + ESC + "[2J.yaml", "--domain", "example.net"]),
+])
+def test_cli_shows_control_bytes_of_a_bad_argument(mailflowd_bin, command, args):
+    """A bad argument is echoed as route and mta-sts echo it: its control bytes as \\xNN, never sent to the
+    terminal (an escape sequence would clear it, retitle it or recolour it)."""
+    r = subprocess.run([mailflowd_bin, command, *args], capture_output=True, timeout=20)
+    assert r.returncode in (1, 2) and r.stdout == b"", r
+    assert b"\\x1b" in r.stderr, r.stderr
+    assert not any((b < 0x20 and b != 0x0A) or b >= 0x7F for b in r.stderr), r.stderr
+
+
+def test_cli_shows_control_bytes_of_a_servers_answer(mailflowd_bin):
+    """An error answer from whatever listens at --url (a proxy, another service) is printed for the user to read:
+    its control bytes as \\xNN, its lines still lines."""
+    body = b"no" + ESC.encode() + b"[2J such report\r\nsecond" + ESC.encode() + b"]0;t\x07 line\n"
+    answer = (b"HTTP/1.1 404 Not\x9b31m Found\r\nContent-Type: text/plain\r\n"
+              b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+
+        def serve():
+            for _ in range(2):
+                try:
+                    conn, _ = server.accept()
+                except OSError:
+                    return
+                with conn:
+                    conn.settimeout(5)
+                    data = b""
+                    while b"\r\n\r\n" not in data:
+                        chunk = conn.recv(4096)
+                        if not chunk:
+                            break
+                        data += chunk
+                    conn.sendall(answer)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        for command in ("tlsrpt", "report"):
+            r = subprocess.run([mailflowd_bin, command, "--url", f"http://127.0.0.1:{port}"], capture_output=True,
+                               timeout=20)
+            assert r.returncode == 1 and r.stdout == b"", r
+            assert b"answered 404 Not\\x9b31m Found" in r.stderr, r.stderr  # 0x9b: a CSI on 8-bit terminals
+            assert b"no\\x1b[2J such report" in r.stderr and b"\nsecond\\x1b]0;t\\x07 line" in r.stderr, r.stderr
+            assert not any((b < 0x20 and b != 0x0A) or b >= 0x7F for b in r.stderr), r.stderr
+        thread.join(5)
 
 
 def test_cli_unknown_domain_and_no_daemon(mailflowd_bin, daemon):
