@@ -193,7 +193,9 @@ void UpstreamLeg::release_idle_buffers() {
 void UpstreamLeg::fail(std::string_view reason) {
   const std::string name = upstream_ ? upstream_->name : "";
   session_.telemetry.upstream_error(name, reason);
-  log_limited(LogLevel::warn, "upstream_error", {{"id", session_.id}, {"upstream", name}, {"reason", reason}});
+  // Which address failed: a fixed upstream's host name and an MX walk may have several.
+  log_limited(LogLevel::warn, "upstream_error",
+              {{"id", session_.id}, {"upstream", name}, {"address", link_ ? peer_ : ""}, {"reason", reason}});
   drop();
 }
 
@@ -680,6 +682,7 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
     tls_failure_reason_.clear();
   }
   local_address_.clear();
+  peer_ = endpoint_text(endpoint.address(), endpoint.port());
   in_.clear();
   error_code ec;
   co_await link_->connect(endpoint, connect_deadline, ec);

@@ -130,8 +130,12 @@ def test_next_address_after_one_that_black_holes(env, first):
     assert f"Subject: past {first}".encode() in content
     after = harness.assert_counted(d, before, "internet", "inbound", "none")
     # The first address's timeout, and nothing else.
+    reason = "connect_timeout" if first == "backlog" else "timeout"
     assert harness.delta(before, after, "mailflow_upstream_errors_total") == {
-        harness.series_key(upstream=first, reason="connect_timeout" if first == "backlog" else "timeout"): 1.0}
+        harness.series_key(upstream=first, reason=reason): 1.0}
+    # The log line says which address failed.
+    lines = [x for x in d.stderr().splitlines() if " upstream_error " in x and f"upstream={first} " in x]
+    assert lines and f"address={FIRST}:" in lines[-1] and f"reason={reason}" in lines[-1], lines
 
 
 def test_every_address_black_holes_451_at_upstream_open(env):
