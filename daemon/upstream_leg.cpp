@@ -193,7 +193,9 @@ void UpstreamLeg::release_idle_buffers() {
 void UpstreamLeg::fail(std::string_view reason) {
   const std::string name = upstream_ ? upstream_->name : "";
   session_.telemetry.upstream_error(name, reason);
-  log_limited(LogLevel::warn, "upstream_error", {{"id", session_.id}, {"upstream", name}, {"reason", reason}});
+  // Which address failed: a fixed upstream's host name and an MX walk may have several.
+  log_limited(LogLevel::warn, "upstream_error",
+              {{"id", session_.id}, {"upstream", name}, {"address", link_ ? peer_ : ""}, {"reason", reason}});
   drop();
 }
 
@@ -402,9 +404,10 @@ asio::awaitable<proto::DanePlan> UpstreamLeg::plan_dane(Resolver& resolver, cons
 asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(const config::Upstream& upstream,
                                                                              const Client& client,
                                                                              std::string_view connector) {
-  // timeouts.upstream_connect bounds the lookup, every connect attempt and the banner together (and
-  // timeouts.upstream_open all of the open).
-  const auto connect_deadline = open_bounded(config_.timeouts.upstream_connect);
+  // timeouts.upstream_connect bounds the lookup, and each address's connect attempt with its banner on its
+  // own, as in the MX walk and as Postfix gives each attempt its smtp_connect_timeout: an address that
+  // black-holes (a broken IPv6 route, a dead host among several A records) leaves the next one its time.
+  // timeouts.upstream_open bounds all of the open.
   const std::string& host = upstream.address.host;
   const std::uint16_t port = upstream.address.port;
   std::string reason = "no address";
@@ -433,7 +436,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
   } else {
     ec = {};
     resolver_.emplace(executor_);
-    session_.deadlines.arm(connect_deadline);
+    session_.deadlines.arm(open_bounded(config_.timeouts.upstream_connect));
     auto results = co_await resolver_->async_resolve(host, std::to_string(port),
                                                      asio::redirect_error(asio::use_awaitable, ec));
     session_.deadlines.disarm(ec);
@@ -464,7 +467,8 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
       session_.telemetry.upstream_error(upstream.name, reason);
     } else {
       connected =
-          co_await connect_to(upstream, endpoint, host, connect_deadline, client, dane, nullptr, reason);
+          co_await connect_to(upstream, endpoint, host, open_bounded(config_.timeouts.upstream_connect),
+                              client, dane, nullptr, reason);
       tls_session = tls_session_;
       if (tls_failure_) failure = failure_key(*tls_failure_, host, endpoint, tls_failure_reason_);
     }
@@ -477,7 +481,6 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
     }
     // The open's deadline passed during this attempt (a TLS session it got as far as is reported above).
     if (!closed_ && open_expired()) co_return open_timed_out(upstream, {}, "connect");
-    if (reason == "connect_timeout") break;  // the deadline is spent
   }
   co_return Refusal{upstream_unavailable_reply, {}};
 }
@@ -679,6 +682,7 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
     tls_failure_reason_.clear();
   }
   local_address_.clear();
+  peer_ = endpoint_text(endpoint.address(), endpoint.port());
   in_.clear();
   error_code ec;
   co_await link_->connect(endpoint, connect_deadline, ec);

@@ -166,9 +166,10 @@ void RelayTransaction::on_opened(std::optional<std::string> refusal, bool reused
   if (refusal && !reason.empty()) rejects_.push_back(reason);
   if (!reused) upstream_transaction_ = false;
   if (std::exchange(replaying_, false)) {
-    // The commands the closed connection never answered go again, as they were sent, and their replies are
-    // still owed in the same order. Several at once need PIPELINING on the new connection (RFC 2920); without
-    // it, or without a connection, the transaction is lost as it would have been without the replay.
+    // The commands the closed connection never answered go again (MAIL built for the new connection, below),
+    // and their replies are still owed in the same order. Several at once need PIPELINING on the new
+    // connection (RFC 2920); without it, or without a connection, the transaction is lost as it would have
+    // been without the replay.
     const auto commands = std::count_if(owed_.begin(), owed_.end(), [](const Entry& entry) {
       return entry.owed == Owed::mail || entry.owed == Owed::rcpt || entry.owed == Owed::data;
     });
@@ -178,6 +179,11 @@ void RelayTransaction::on_opened(std::optional<std::string> refusal, bool reused
       return;
     }
     extensions_ = extensions;
+    // MAIL, the first command queued on the kept connection (nothing was answered there, so it is still
+    // owed), was built for what that connection announced; the new one (another MX host, the upstream
+    // restarted with other settings) gets the parameters of what it announced itself.
+    if (upstream_out_.starts_with("MAIL "))
+      upstream_out_.replace(0, upstream_out_.find("\r\n") + 2, upstream_mail_line());
     due_ = true;
     return;
   }

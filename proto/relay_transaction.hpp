@@ -23,10 +23,10 @@
 // 4.5.3.2.7; RFC 5321 3.8 has the client treat the loss as a 451, and Postfix's smtp client tries what a
 // failed session, a cached one's included, left over on another session of the same delivery): when the
 // upstream closed a reused connection before it answered anything of the transaction (on_written/on_reply
-// with `closed_idle`), the commands sent there are sent again, once, on a new connection to the same route,
-// and the client notices nothing. Never after the upstream answered a command of the transaction, never for a
-// new connection, never twice. A replay always comes before the upstream's 354, so no message byte is ever
-// involved.
+// with `closed_idle`), the commands sent there are sent again, once, on a new connection to the same route
+// (MAIL with the parameters of what the new connection announced), and the client notices nothing. Never
+// after the upstream answered a command of the transaction, never for a new connection, never twice. A replay
+// always comes before the upstream's 354, so no message byte is ever involved.
 #include <cstdint>
 #include <map>
 #include <optional>

@@ -7,6 +7,7 @@ Postfix's smtp client sends SIZE= and BODY= only where its server announced SIZE
 
 Each scripted upstream here behaves as RFC 5321 4.1.1.11 says (555 5.5.4 to a MAIL parameter it did not
 announce) and keeps the MAIL lines it got."""
+import socket
 import types
 
 import pytest
@@ -42,10 +43,37 @@ def strict_server(ehlo, helo_only=False):
     return script
 
 
+def restarted_server():
+    """Connection 0 announces SIZE and 8BITMIME, takes a message and then, at the next MAIL, closes without a word
+    (an upstream restarted with other settings, or an idle close that shows only at the next command); the
+    connections after it announce neither and are strict_server(EHLO_BARE)'s."""
+    bare = strict_server(EHLO_BARE)
+
+    def script(conn):
+        if conn.idx > 0:
+            bare(conn)
+            return
+
+        def mail(line):
+            conn.server.mail_lines.append(line)
+            if not conn.server.delivered:
+                conn.send(b"250 2.1.0 ok\r\n")
+                return False
+            conn.sock.shutdown(socket.SHUT_WR)
+            while conn.sock.recv(65536):
+                pass
+            conn.sock.close()
+            return True
+
+        conn.serve({b"MAIL": mail}, ehlo=EHLO_FULL)
+    return script
+
+
 FAKES = {
     "bare": strict_server(EHLO_BARE),
     "heloonly": strict_server(b"", helo_only=True),
     "full": strict_server(EHLO_FULL),
+    "restarted": restarted_server(),
 }
 
 
@@ -118,3 +146,30 @@ def test_body_8bitmime_still_goes_where_8bitmime_was_not_announced(env):
     assert end is None and rcpt[1].startswith("555 5.5.4"), (rcpt, end)
     assert fake.mail_lines[lines:] == [f"MAIL FROM:<{hh.SENDER}> BODY=8BITMIME".encode()]
     harness.assert_not_counted(env.daemon, before, settle=0.2)
+
+
+def test_replay_on_a_new_connection_gets_the_new_connections_mail_line(env):
+    """A kept connection that the upstream closes at the next MAIL has the transaction replayed on a new
+    connection. The replay sent the bytes built for the old connection, whose EHLO announced SIZE: the new one,
+    which does not, got SIZE= and answered 555, which the client got for its RCPT. MAIL is built again for the
+    connection it goes to."""
+    before = env.daemon.metrics()
+    fake = env.fakes["restarted"]
+    c = hh.greeted(env.ports["restarted"])
+    try:
+        for subject in ("first", "second"):
+            assert c.cmd(f"MAIL FROM:<{hh.SENDER}> SIZE=200")[0] == 250
+            code, text = c.cmd(f"RCPT TO:<{hh.RCPT}>")
+            assert code == 250, f"RCPT of the {subject} message: {text!r}; MAIL lines {fake.mail_lines!r}"
+            assert c.cmd("DATA")[0] == 354
+            c.send(harness.dot_stuff(hh.message(subject)))
+            code, text = c.cmd(".")
+            assert code == 250, f"end of the {subject} message: {text!r}"
+        c.cmd("QUIT")
+    finally:
+        c.close()
+    assert fake.connections() == 2, fake.log_tail()
+    mail = f"MAIL FROM:<{hh.SENDER}>".encode()
+    assert fake.mail_lines == [mail + b" SIZE=200", mail + b" SIZE=200", mail], fake.mail_lines
+    assert b"Subject: second" in fake.delivered[-1]
+    harness.assert_counted(env.daemon, before, "internet", "inbound", "none", n=2)

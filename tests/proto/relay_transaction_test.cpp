@@ -38,6 +38,9 @@ struct Relay {
   bool upstream_pipelining = true;
   bool upstream_size = true;      // SIZE announced
   bool upstream_8bitmime = true;  // 8BITMIME announced
+  // What a connection opened from now on announces, when it differs from the above (the kept one keeps its
+  // own): another MX host, or the upstream restarted with other settings.
+  std::optional<UpstreamExtensions> new_connection_extensions;
   int fail_at = 0;
   std::function<Reply(std::string_view line)> upstream_rule = [](std::string_view line) {
     if (line.starts_with("DATA")) return reply_of(354, "go ahead");
@@ -117,7 +120,8 @@ struct Relay {
             if (!reused) drop();
             connected = true;
             path = want;
-            txn.on_opened(std::nullopt, reused, extensions());
+            txn.on_opened(std::nullopt, reused,
+                          !reused && new_connection_extensions ? *new_connection_extensions : extensions());
           }
           break;
         }
@@ -648,6 +652,30 @@ TEST_CASE(
     CHECK(relay.writes[first + 1] == relay.writes[first]);
     CHECK(relay.writes[first].starts_with("MAIL FROM:<a@example.net>\r\n"));
   }
+}
+
+TEST_CASE("a replay's MAIL carries the parameters of what the new connection announced, not the old one's") {
+  Relay relay;
+  relay.kept_closes = true;
+  relay.group({"EHLO client.example"});
+  relay.group({"MAIL FROM:<a@example.net> SIZE=100", "RCPT TO:<b@contoso.com>", "DATA"});
+  relay.group({});
+  const std::size_t first = relay.writes.size();
+  relay.close_kept_once = true;
+  relay.new_connection_extensions = UpstreamExtensions{true, false, true};  // no SIZE there
+  relay.group({"MAIL FROM:<a@example.net> SIZE=100 BODY=8BITMIME", "RCPT TO:<c@contoso.com>", "DATA"});
+  relay.group({});
+  CAPTURE(relay.out);
+  CHECK(relay.delivered == 2);
+  CHECK(relay.opens == 3);
+  REQUIRE(relay.writes.size() > first + 1);
+  // The same commands again, MAIL built for the new connection: SIZE= is not sent where SIZE was not
+  // announced.
+  const auto rest = [](const std::string& write) { return write.substr(write.find("\r\n") + 2); };
+  CHECK(relay.writes[first].starts_with(
+      "MAIL FROM:<a@example.net> SIZE=100 BODY=8BITMIME\r\nRCPT TO:<c@contoso.com>\r\n"));
+  CHECK(relay.writes[first + 1].starts_with("MAIL FROM:<a@example.net> BODY=8BITMIME\r\n"));
+  CHECK(rest(relay.writes[first + 1]) == rest(relay.writes[first]));
 }
 
 TEST_CASE("no replay once the upstream answered, for a new connection, or twice") {
