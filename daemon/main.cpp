@@ -14,12 +14,13 @@
 
 #include "config/config.hpp"
 #include "daemon/certificate_check.hpp"
+#include "daemon/cli_http.hpp"
 #include "daemon/log.hpp"
-#include "daemon/report_cli.hpp"
 #include "daemon/mta_sts_cli.hpp"
+#include "daemon/report_cli.hpp"
 #include "daemon/route_cli.hpp"
-#include "daemon/tlsrpt_cli.hpp"
 #include "daemon/server.hpp"
+#include "daemon/tlsrpt_cli.hpp"
 
 namespace {
 
@@ -56,16 +57,19 @@ int check_config(const std::string& path) {
   std::stable_sort(findings.begin(), findings.end(), [](const auto& a, const auto& b) {
     return std::pair(a.line, a.column) < std::pair(b.line, b.column);
   });
-  for (const auto& finding : findings) std::fprintf(stderr, "%s\n", finding.to_string().c_str());
+  // Shown as the commands show what they echo: a file name or a value with control bytes stays text.
+  for (const auto& finding : findings)
+    std::fprintf(stderr, "%s\n", mailflow::cli::shown(finding.to_string()).c_str());
   const std::size_t warnings = findings.size() - errors;
   if (errors > 0) {
-    std::fprintf(stderr, "%s: %zu error(s)", path.c_str(), errors);
+    std::fprintf(stderr, "%s: %zu error(s)", mailflow::cli::shown(path).c_str(), errors);
     if (warnings > 0) std::fprintf(stderr, ", %zu warning(s)", warnings);
     std::fprintf(stderr, "\n");
     return 1;
   }
   std::printf("%s", mailflow::config::summarize(*result.config).c_str());
-  if (warnings > 0) std::fprintf(stderr, "%s: %zu warning(s)\n", path.c_str(), warnings);
+  if (warnings > 0)
+    std::fprintf(stderr, "%s: %zu warning(s)\n", mailflow::cli::shown(path).c_str(), warnings);
   return 0;
 }
 
@@ -78,7 +82,8 @@ int run_daemon(const std::string& path) {
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
   auto result = mailflow::config::load_config_file(path);
   if (!result.errors.empty()) {
-    for (const auto& error : result.errors) std::fprintf(stderr, "%s\n", error.to_string().c_str());
+    for (const auto& error : result.errors)
+      std::fprintf(stderr, "%s\n", mailflow::cli::shown(error.to_string()).c_str());
     return 1;
   }
   mailflow::setup_logging(result.config->log);
@@ -125,7 +130,8 @@ int main(int argc, char** argv) {
     if (arg == "--check-config") {
       const std::string file = value(arg);
       if (i + 1 < argc) {  // a second file would go unchecked, and the user believe it checked
-        std::fprintf(stderr, "mailflowd: unexpected argument '%s' after --check-config FILE\n", argv[i + 1]);
+        std::fprintf(stderr, "mailflowd: unexpected argument '%s' after --check-config FILE\n",
+                     mailflow::cli::shown(argv[i + 1]).c_str());
         usage(stderr);
         return 2;
       }
@@ -135,7 +141,7 @@ int main(int argc, char** argv) {
       config_path = value(arg);
       continue;
     }
-    std::fprintf(stderr, "mailflowd: unknown argument '%s'\n", argv[i]);
+    std::fprintf(stderr, "mailflowd: unknown argument '%s'\n", mailflow::cli::shown(argv[i]).c_str());
     usage(stderr);
     return 2;
   }

@@ -294,5 +294,18 @@ else
   fail "argument after the file: exit status $status (expected 2)"; cat "$work/err" "$work/out"
 fi
 
+# What it echoes of a file name or an argument is text: a control byte (an escape sequence that would clear the
+# terminal) is shown as \xNN, as the commands show theirs.
+esc=$(printf '\033')
+refused "control bytes of a file name shown" "$work/${esc}[2J.yaml" \
+  "$work/\x1b[2J.yaml: cannot read the configuration"
+timeout 20 "$bin" "--${esc}[2J" >"$work/out" 2>"$work/err"
+status=$?
+if [ "$status" -eq 2 ] && grep -qF "unknown argument '--\x1b[2J'" "$work/err" && ! grep -q "$esc" "$work/err"; then
+  passed=$((passed + 1)); echo "ok: control bytes of an argument shown"
+else
+  fail "control bytes of an argument: exit status $status (expected 2 and \\x1b)"; cat -v "$work/err"
+fi
+
 echo "check-config: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]
