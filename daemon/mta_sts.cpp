@@ -322,6 +322,8 @@ net::awaitable<PolicyState> lookup_policy(Resolver& resolver, MtaStsCache& cache
   const auto cached = cache.find(domain, now);
   const auto txt = co_await resolver.resolve_txt("_mta-sts." + domain);
   std::string id;  // the policy to fetch if it is due: the one the TXT record names
+  state.txt = txt.outcome;
+  state.txt_detail = txt.detail;
   if (txt.outcome != DnsOutcome::success) {
     state.detail = "_mta-sts." + domain + ": " + std::string(to_string(txt.outcome));
   } else {

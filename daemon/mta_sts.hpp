@@ -20,6 +20,7 @@
 #include <string>
 #include <string_view>
 
+#include "daemon/dns_vocabulary.hpp"
 #include "daemon/state_file.hpp"
 #include "proto/mta_sts.hpp"
 #include "proto/tls_version.hpp"
@@ -119,6 +120,11 @@ struct PolicyState {
   // or sts-webpki-invalid; with a still-valid cached policy the failure is reported and that policy used.
   std::optional<proto::tlsrpt::ResultType> failure;
   std::string detail;
+  // The _mta-sts TXT lookup: a temporary failure (is_temporary: timeout, servfail, bogus, error) is taken as
+  // no record (RFC 8461 5: the cached policy, if any, else none) and is not reported; `mailflowd mta-sts`
+  // says so.
+  DnsOutcome txt = DnsOutcome::error;
+  std::string txt_detail;  // the resolver's words for a failed TXT lookup
 
   bool enforced() const { return mode == Mode::enforce; }
 };
