@@ -2,6 +2,7 @@
 #include "daemon/mta_sts_cache.hpp"
 
 #include <algorithm>
+#include <set>
 #include <sstream>
 #include <vector>
 
@@ -113,6 +114,7 @@ bool MtaStsCache::deserialize(std::string_view text, std::int64_t now, std::stri
     text = *before_end;
   }
   std::map<std::string, CachedPolicy, std::less<>> loaded;
+  std::set<std::string, std::less<>> seen;
   std::istringstream in{std::string(text)};
   std::string line;
   std::getline(in, line);  // the header
@@ -143,12 +145,19 @@ bool MtaStsCache::deserialize(std::string_view text, std::int64_t now, std::stri
     } catch (const std::exception&) {
       return bad("bad time");
     }
+    // Times store() never writes: the refresh time (fetch_due: expires_at - fetched_at) would overflow.
+    if (cached.fetched_at < 0 || cached.expires_at < cached.fetched_at) return bad("bad times");
     std::string body;
     for (std::size_t i = 4; i < fields.size(); ++i) body += fields[i] + "\n";
     std::string why;
     auto policy = proto::mta_sts::parse_policy(body, why);
     if (!policy) return bad("invalid policy: " + why);
     cached.policy = std::move(*policy);
+    // Never longer than its max_age (RFC 8461 5.1), as store() keeps it: a hand-edited expiry is cut back.
+    if (cached.expires_at - cached.fetched_at > std::int64_t{cached.policy.max_age})
+      cached.expires_at = cached.fetched_at + cached.policy.max_age;
+    // Each domain once, as written: a second line would silently replace the first.
+    if (!seen.insert(fields[0]).second) return bad("domain " + fields[0] + " again");
     if (cached.expires_at > now) loaded[fields[0]] = std::move(cached);
   }
   std::lock_guard lock(mutex_);
