@@ -644,11 +644,13 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
                     {}};
 }
 
-bool UpstreamLeg::meets_mta_sts(const PolicyState& sts, const std::string& host) {
+bool UpstreamLeg::meets_mta_sts(const PolicyState& sts, const std::string& host,
+                                const ClientTls* client_tls) {
   MxTls tls;
   tls.tls = link_->tls_active();
   tls.version = link_->tls().version;
-  auto problem = certificate_problem(link_->tls().verify_error);
+  // The Web PKI's verdict (mta_sts.ca_file), also where tls: verify trusted the chain by its own ca_file.
+  auto problem = certificate_problem(link_->webpki_verdict(client_tls));
   // The certificate must be valid for the MX host name (RFC 8461 4.2), also where tls: verify checked it
   // against verify_names instead.
   if (!problem && tls.tls && !link_->certificate_matches(host))
@@ -846,7 +848,7 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
         }
         // MTA-STS before anything more is said to the host: no EHLO, no XCLIENT to one that fails it
         // (enforce).
-        if (sts != nullptr && !meets_mta_sts(*sts, tls_name)) {
+        if (sts != nullptr && !meets_mta_sts(*sts, tls_name, tls)) {
           reason = "tls_policy";
           co_return false;
         }
@@ -858,7 +860,8 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
       case Kind::ready:
         // Without TLS (only where the policy is not enforced: enforce makes TLS mandatory): the failure it
         // reports.
-        if (sts != nullptr && !link_->tls_active() && !meets_mta_sts(*sts, tls_name)) {
+        if (sts != nullptr && !link_->tls_active() &&
+            !meets_mta_sts(*sts, tls_name, session_.runtime.client_tls(upstream.name))) {
           reason = "tls_policy";
           co_return false;
         }
