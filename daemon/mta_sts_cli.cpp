@@ -154,7 +154,7 @@ int run_mta_sts_cli(int argc, char** argv, std::ostream& out, std::ostream& err)
         return 1;
       }
       if (!error.empty()) err << "mailflowd mta-sts: " << error << "\n";
-      Resolver resolver(io.get_executor(), config.dns, nullptr);
+      Resolver resolver(io.get_executor(), resolver_settings(config.dns), nullptr);
       net::co_spawn(io, lookup_policy(resolver, cache, domain, settings, unix_now()),
                     [&](std::exception_ptr e, PolicyState state) {
                       failure = e;

@@ -35,15 +35,15 @@ auto in(Deadlines::Clock::duration timeout) { return Deadlines::in(timeout); }
 
 // One Resolver per event loop, i.e. per thread (daemon/resolver.hpp), held by the loop's LoopScope: made on
 // first use, and again when a reload changed `dns` or the trust anchor file's content (`key`, the runtime's
-// resolver_key). Sessions hold it (shared) while they use it, so a replaced one lives until they are done.
-// Outside a LoopScope (no loop of the server's) each call makes its own.
-std::shared_ptr<Resolver> loop_resolver(const asio::any_io_executor& executor, const config::Dns& dns,
-                                        const std::string& key, Telemetry& telemetry) {
+// resolver settings' key). Sessions hold it (shared) while they use it, so a replaced one lives until they
+// are done. Outside a LoopScope (no loop of the server's) each call makes its own.
+std::shared_ptr<Resolver> loop_resolver(const asio::any_io_executor& executor,
+                                        const ResolverSettings& settings, Telemetry& telemetry) {
   LoopScope::Resources* loop = LoopScope::current();
-  if (loop == nullptr) return std::make_shared<Resolver>(executor, dns, &telemetry);
-  if (!loop->resolver || key != loop->resolver_key) {
-    loop->resolver = std::make_shared<Resolver>(executor, dns, &telemetry);
-    loop->resolver_key = key;
+  if (loop == nullptr) return std::make_shared<Resolver>(executor, settings, &telemetry);
+  if (!loop->resolver || settings.key != loop->resolver_key) {
+    loop->resolver = std::make_shared<Resolver>(executor, settings, &telemetry);
+    loop->resolver_key = settings.key;
   }
   return loop->resolver;
 }
@@ -350,8 +350,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open(const con
 
 std::shared_ptr<Resolver> UpstreamLeg::resolver() {
   try {
-    const std::string& key = session_.runtime.resolver_key;
-    auto dns = Resolver::share(loop_resolver(executor_, config_.dns, key, session_.telemetry));
+    auto dns = Resolver::share(loop_resolver(executor_, *session_.runtime.resolver, session_.telemetry));
     dns_ = dns;
     return dns;
   } catch (const std::exception& e) {
