@@ -123,7 +123,7 @@ CertificateFindings check_certificates(const config::Config& config, std::chrono
           finding(config, "state_dir",
                   "state_dir " + config.state_dir + ": " + existing.string() + " is not a directory", false));
   }
-  if (const std::string problem = dns_settings_problem(config.dns); !problem.empty())
+  if (const std::string problem = dns_settings_problem(resolver_settings(config.dns)); !problem.empty())
     out.errors.push_back(finding(config, "dns.trust_anchor_file", problem, false));
   if (config.http.tls) {
     // First as the HTTP server loads it (at OpenSSL's default security level, which refuses weak keys that a

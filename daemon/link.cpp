@@ -231,6 +231,10 @@ bool Link::certificate_matches(const std::string& name) const {
                          nullptr) == 1;
 }
 
+long Link::webpki_verdict(const ClientTls* tls) const {
+  return ssl_ == nullptr || tls == nullptr ? tls_info_.verify_error : tls->webpki_verdict(ssl_);
+}
+
 std::string_view Link::offered_tls() const { return ssl_ == nullptr ? "no_hello" : offered_tls_version(ssl_); }
 
 asio::awaitable<void> Link::handshake(SSL_CTX* context, const Peer* peer, TimePoint deadline, error_code& ec) {

@@ -42,6 +42,9 @@ class Link {
   // name of its subjectAltName, never the subject CN; a '*' only as the whole left-most label), whatever
   // reference names the handshake checked.
   bool certificate_matches(const std::string& name) const;
+  // Client side, after handshake(): the MTA-STS verdict on the peer's chain (ClientTls::webpki_verdict);
+  // tls().verify_error without TLS (or without a ClientTls).
+  long webpki_verdict(const ClientTls* tls) const;
   // Server side, after handshake(): the highest version the client offered (offered_tls_version()), also when
   // the handshake failed; "no_hello" before any handshake.
   std::string_view offered_tls() const;

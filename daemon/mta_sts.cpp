@@ -4,12 +4,9 @@
 #include <algorithm>
 #include <boost/asio/this_coro.hpp>
 #include <cctype>
-#include <sstream>
 
 #include "daemon/https_client.hpp"
 #include "daemon/resolver.hpp"
-#include "daemon/state_file.hpp"
-#include "daemon/state_text.hpp"
 #include "proto/ascii.hpp"
 
 namespace mailflow {
@@ -18,12 +15,6 @@ namespace net = boost::asio;
 using proto::tlsrpt::ResultType;
 
 namespace {
-
-constexpr std::string_view kCacheFile = "mta-sts.state";
-constexpr std::string_view kCacheHeader = "mailflowd-mta-sts 2";
-// Version 1 had no end line and is still read as it was: a cut at a line end cannot be told there.
-constexpr std::string_view kCacheHeaderV1 = "mailflowd-mta-sts 1";
-constexpr std::size_t kMaxCacheFileBytes = 64u << 20;
 
 PolicyFetch failed(PolicyFetch::Status status, std::string detail) {
   PolicyFetch out;
@@ -143,162 +134,6 @@ net::awaitable<PolicyFetch> fetch_policy(net::any_io_executor executor, std::str
 }
 
 // --------------------------------------------------------------------------------------------------------------
-std::optional<CachedPolicy> MtaStsCache::find(std::string_view domain, std::int64_t now) const {
-  std::lock_guard lock(mutex_);
-  const auto it = policies_.find(domain);
-  if (it == policies_.end() || it->second.expires_at <= now) return std::nullopt;
-  return it->second;
-}
-
-void MtaStsCache::store(const std::string& domain, CachedPolicy policy, std::int64_t now) {
-  std::lock_guard lock(mutex_);
-  failed_fetches_.erase(domain);
-  policies_[domain] = std::move(policy);
-  // Bounded: expired entries go first, then the ones that expire soonest.
-  if (policies_.size() <= max_policies_) return;
-  std::erase_if(policies_, [&](const auto& entry) { return entry.second.expires_at <= now; });
-  while (policies_.size() > max_policies_) {
-    const auto soonest = std::min_element(policies_.begin(), policies_.end(), [](const auto& a, const auto& b) {
-      return a.second.expires_at < b.second.expires_at;
-    });
-    policies_.erase(soonest);
-  }
-}
-
-bool MtaStsCache::fetch_due(std::string_view domain, std::string_view id, std::int64_t now) const {
-  std::lock_guard lock(mutex_);
-  const auto cached = policies_.find(domain);
-  if (cached != policies_.end() && cached->second.id == id && cached->second.expires_at > now) {
-    const CachedPolicy& policy = cached->second;
-    const auto refresh_at =
-        policy.fetched_at + std::min(mta_sts_refresh_after, (policy.expires_at - policy.fetched_at) / 2);
-    if (now < refresh_at) return false;
-  }
-  const auto failed = failed_fetches_.find(domain);
-  return failed == failed_fetches_.end() || failed->second.id != id ||
-         now - failed->second.at >= mta_sts_fetch_retry_after;
-}
-
-void MtaStsCache::fetch_failed(const std::string& domain, const std::string& id, std::int64_t now) {
-  std::lock_guard lock(mutex_);
-  failed_fetches_[domain] = {id, now};
-  if (failed_fetches_.size() <= max_policies_) return;
-  // Bounded as the policies are: the ones that no longer hold anything back go first, then the oldest.
-  std::erase_if(failed_fetches_,
-                [&](const auto& entry) { return now - entry.second.at >= mta_sts_fetch_retry_after; });
-  while (failed_fetches_.size() > max_policies_) {
-    failed_fetches_.erase(
-        std::min_element(failed_fetches_.begin(), failed_fetches_.end(),
-                         [](const auto& a, const auto& b) { return a.second.at < b.second.at; }));
-  }
-}
-
-void MtaStsCache::set_max_policies(std::size_t max_policies) {
-  std::lock_guard lock(mutex_);
-  max_policies_ = max_policies;
-}
-
-std::size_t MtaStsCache::size() const {
-  std::lock_guard lock(mutex_);
-  return policies_.size();
-}
-
-// One line per domain: domain TAB id TAB fetched_at TAB expires_at, then TAB and each policy line (policy
-// lines are printable ASCII without tabs: parse_policy checked them; they are parsed again on load); "end".
-std::string MtaStsCache::serialize() const {
-  std::lock_guard lock(mutex_);
-  std::string out = std::string(kCacheHeader) + "\n";
-  for (const auto& [domain, cached] : policies_) {
-    out += domain + "\t" + cached.id + "\t" + std::to_string(cached.fetched_at) + "\t" +
-           std::to_string(cached.expires_at);
-    for (const auto& line : cached.policy.lines) out += "\t" + line;
-    out += "\n";
-  }
-  return out += state_text::end_line;
-}
-
-bool MtaStsCache::deserialize(std::string_view text, std::int64_t now, std::string& error) {
-  // Every line ends in a newline: a file cut inside its last line ("mx: mx1.exam") is not loaded.
-  if (!text.empty() && text.back() != '\n') {
-    error = "truncated (no newline at the end)";
-    return false;
-  }
-  const std::string_view header = text.substr(0, text.find('\n'));
-  if (header != kCacheHeader && header != kCacheHeaderV1) {
-    error = "not a mailflowd MTA-STS cache (first line)";
-    return false;
-  }
-  if (header == kCacheHeader) {
-    const auto before_end = state_text::before_end_line(text);
-    if (!before_end) {
-      error = "truncated (no end line)";
-      return false;
-    }
-    text = *before_end;
-  }
-  std::map<std::string, CachedPolicy, std::less<>> loaded;
-  std::istringstream in{std::string(text)};
-  std::string line;
-  std::getline(in, line);  // the header
-  int number = 1;
-  while (std::getline(in, line)) {
-    ++number;
-    std::vector<std::string> fields;
-    std::size_t start = 0;
-    for (;;) {
-      const auto tab = line.find('\t', start);
-      fields.push_back(line.substr(start, tab == std::string::npos ? std::string::npos : tab - start));
-      if (tab == std::string::npos) break;
-      start = tab + 1;
-    }
-    const auto bad = [&](std::string_view why) {
-      error = "line " + std::to_string(number) + ": " + std::string(why);
-      return false;
-    };
-    if (fields.size() < 5 || fields[0].empty()) return bad("too few fields");
-    CachedPolicy cached;
-    cached.id = fields[1];
-    try {
-      std::size_t used = 0;
-      cached.fetched_at = std::stoll(fields[2], &used);
-      if (used != fields[2].size()) return bad("bad fetch time");
-      cached.expires_at = std::stoll(fields[3], &used);
-      if (used != fields[3].size()) return bad("bad expiry time");
-    } catch (const std::exception&) {
-      return bad("bad time");
-    }
-    std::string body;
-    for (std::size_t i = 4; i < fields.size(); ++i) body += fields[i] + "\n";
-    std::string why;
-    auto policy = proto::mta_sts::parse_policy(body, why);
-    if (!policy) return bad("invalid policy: " + why);
-    cached.policy = std::move(*policy);
-    if (cached.expires_at > now) loaded[fields[0]] = std::move(cached);
-  }
-  std::lock_guard lock(mutex_);
-  policies_ = std::move(loaded);
-  return true;
-}
-
-StateFile MtaStsCache::state_file() const { return {std::string(kCacheFile), serialize()}; }
-
-bool MtaStsCache::load(const std::string& state_dir, std::int64_t now, std::string& error) {
-  std::string text;
-  error.clear();
-  const auto read = read_state_file(state_dir, kCacheFile, kMaxCacheFileBytes, text, error);
-  if (read == StateRead::absent) return true;
-  if (read == StateRead::failed) return false;
-  std::string why = error;
-  if (read == StateRead::read && deserialize(text, now, why)) {
-    error.clear();
-    return true;
-  }
-  error = std::string(kCacheFile) + " is unusable (" + why + "); " +
-          move_state_file_aside(state_dir, kCacheFile, now) + ", starting with an empty MTA-STS cache";
-  return true;
-}
-
-// --------------------------------------------------------------------------------------------------------------
 net::awaitable<PolicyState> lookup_policy(Resolver& resolver, MtaStsCache& cache, std::string domain,
                                           const MtaStsSettings& settings, std::int64_t now) {
   domain = proto::ascii_lower(domain);
@@ -322,6 +157,8 @@ net::awaitable<PolicyState> lookup_policy(Resolver& resolver, MtaStsCache& cache
   const auto cached = cache.find(domain, now);
   const auto txt = co_await resolver.resolve_txt("_mta-sts." + domain);
   std::string id;  // the policy to fetch if it is due: the one the TXT record names
+  state.txt = txt.outcome;
+  state.txt_detail = txt.detail;
   if (txt.outcome != DnsOutcome::success) {
     state.detail = "_mta-sts." + domain + ": " + std::string(to_string(txt.outcome));
   } else {

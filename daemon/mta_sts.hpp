@@ -1,8 +1,8 @@
 #pragma once
-// MTA-STS (RFC 8461) for the MX walk: the policy fetch over HTTPS (Boost.Beast), the per-domain policy cache
-// (persisted in state_dir/mta-sts.state), the lookup the MX walk calls per recipient domain, and the check
-// whether an MX host may be used under the policy given the TLS result. The pure parts (TXT record, policy
-// file, MX patterns) are proto/mta_sts.hpp.
+// MTA-STS (RFC 8461) for the MX walk: the policy fetch over HTTPS (Boost.Beast), the lookup the MX walk calls
+// per recipient domain, and the check whether an MX host may be used under the policy given the TLS result.
+// The per-domain policy cache (state_dir/mta-sts.state) is mta_sts_cache.hpp; the pure parts (TXT record,
+// policy file, MX patterns) are proto/mta_sts.hpp.
 //
 // Wiring (the MX walk): `auto state = co_await lookup_policy(resolver, cache, domain, settings)` once per
 // domain; `mx_listed(state, host)` to skip hosts before connecting when state.enforced(); after the handshake
@@ -14,13 +14,12 @@
 #include <boost/asio/awaitable.hpp>
 #include <chrono>
 #include <cstdint>
-#include <map>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <string_view>
 
-#include "daemon/state_file.hpp"
+#include "daemon/dns_vocabulary.hpp"
+#include "daemon/mta_sts_cache.hpp"
 #include "proto/mta_sts.hpp"
 #include "proto/tls_version.hpp"
 #include "proto/tlsrpt.hpp"
@@ -61,53 +60,6 @@ std::string_view to_string(PolicyFetch::Status status);  // "ok", "fetch_error",
 boost::asio::awaitable<PolicyFetch> fetch_policy(boost::asio::any_io_executor executor, std::string domain,
                                                  const MtaStsSettings& settings, Resolver* resolver = nullptr);
 
-struct CachedPolicy {
-  std::string id;  // the TXT record's id when fetched
-  proto::mta_sts::Policy policy;
-  std::int64_t fetched_at = 0;  // unix seconds
-  std::int64_t expires_at = 0;  // fetched_at + max_age
-};
-
-// RFC 8461 3.3: after a failed fetch, the same domain and id are not fetched again for this many seconds.
-inline constexpr std::int64_t mta_sts_fetch_retry_after = 300;
-// RFC 8461 3.3: a cached policy is refreshed (fetched again, its id unchanged) once it is this many seconds
-// old, or half its max_age where that is shorter, so that a fetch blocked at its expiry does not end it.
-inline constexpr std::int64_t mta_sts_refresh_after = 86400;
-
-// The policies fetched, per domain (thread-safe). Persisted as state_dir/mta-sts.state; the failed fetches
-// are remembered in memory only.
-class MtaStsCache {
- public:
-  explicit MtaStsCache(std::size_t max_policies = 10000) : max_policies_(max_policies) {}
-  void set_max_policies(std::size_t max_policies);  // mta_sts.max_policies, at start and reload
-  std::optional<CachedPolicy> find(std::string_view domain, std::int64_t now) const;  // unexpired only
-  void store(const std::string& domain, CachedPolicy policy, std::int64_t now);  // forgets a failed fetch
-  std::size_t size() const;
-  // Whether the policy that the TXT record's `id` names is to be fetched: not when an unexpired policy with
-  // that id is cached and not yet due for its refresh, nor within mta_sts_fetch_retry_after of a failed fetch
-  // for the domain and id.
-  bool fetch_due(std::string_view domain, std::string_view id, std::int64_t now) const;
-  // A fetch for the domain and id failed (at most max_policies remembered; the oldest are dropped first).
-  void fetch_failed(const std::string& domain, const std::string& id, std::int64_t now);
-
-  std::string serialize() const;
-  bool deserialize(std::string_view text, std::int64_t now, std::string& error);  // false: corrupt
-  // Its name in state_dir and serialize(), for the StateWriter (atomic save); load moves a corrupt file aside
-  // (returns true, error says so) and starts empty.
-  StateFile state_file() const;
-  bool load(const std::string& state_dir, std::int64_t now, std::string& error);
-
- private:
-  mutable std::mutex mutex_;
-  std::size_t max_policies_;
-  std::map<std::string, CachedPolicy, std::less<>> policies_;
-  struct FailedFetch {
-    std::string id;
-    std::int64_t at = 0;
-  };
-  std::map<std::string, FailedFetch, std::less<>> failed_fetches_;
-};
-
 // What the MX walk works with for one recipient domain.
 struct PolicyState {
   enum class Mode { none, testing, enforce };
@@ -119,6 +71,11 @@ struct PolicyState {
   // or sts-webpki-invalid; with a still-valid cached policy the failure is reported and that policy used.
   std::optional<proto::tlsrpt::ResultType> failure;
   std::string detail;
+  // The _mta-sts TXT lookup: a temporary failure (is_temporary: timeout, servfail, bogus, error) is taken as
+  // no record (RFC 8461 5: the cached policy, if any, else none) and is not reported; `mailflowd mta-sts`
+  // says so.
+  DnsOutcome txt = DnsOutcome::error;
+  std::string txt_detail;  // the resolver's words for a failed TXT lookup
 
   bool enforced() const { return mode == Mode::enforce; }
 };

@@ -28,13 +28,14 @@ namespace net = boost::asio;
 constexpr std::string_view kUsage =
     "usage: mailflowd mta-sts --config FILE --domain DOMAIN [--connect HOST:PORT] [--fetch-only] [--state]\n"
     "  --domain      the recipient domain whose MTA-STS policy to look up\n"
-    "  --connect     connect to HOST:PORT instead of mta-sts.DOMAIN:443 (the certificate must still be valid\n"
-    "                for mta-sts.DOMAIN)\n"
+    "  --connect     connect to HOST:PORT instead of mta-sts.DOMAIN:443 (the certificate must still\n"
+    "                be valid for mta-sts.DOMAIN)\n"
     "  --fetch-only  fetch the policy without looking up the _mta-sts TXT record\n"
     "  --state       use and update the cache file state_dir/mta-sts.state; refused while the daemon runs\n"
     "                on that state_dir (it keeps its cache in memory and saves it over the file)\n"
     "exit: 0 policy or none, 1 configuration error or state_dir in use, 2 usage, 3 fetch or policy failure\n"
-    "      (as TLS-RPT reports it)\n";
+    "      (as TLS-RPT reports it), 4 temporary failure of the _mta-sts TXT lookup (the relay goes on as\n"
+    "      without a record: with a cached policy, else none)\n";
 
 std::string quote(std::string_view text) { return "\"" + proto::json_escape(text) + "\""; }
 
@@ -114,6 +115,7 @@ int run_mta_sts_cli(int argc, char** argv, std::ostream& out, std::ostream& err)
   net::io_context io;
   std::exception_ptr failure;
   std::string json;
+  std::string txt_failed;  // why the exit is 4
   int code = 0;
   const auto started = std::chrono::steady_clock::now();
   const auto elapsed_ms = [&] {
@@ -150,17 +152,31 @@ int run_mta_sts_cli(int argc, char** argv, std::ostream& out, std::ostream& err)
         return 1;
       }
       if (!error.empty()) err << "mailflowd mta-sts: " << error << "\n";
-      Resolver resolver(io.get_executor(), config.dns, nullptr);
+      Resolver resolver(io.get_executor(), resolver_settings(config.dns), nullptr);
       net::co_spawn(io, lookup_policy(resolver, cache, domain, settings, unix_now()),
                     [&](std::exception_ptr e, PolicyState state) {
                       failure = e;
                       json = "{\"domain\": " + quote(domain) + ", \"mode\": " + quote(to_string(state.mode)) +
-                             ", \"id\": " + quote(state.id) + ", \"from_cache\": " +
-                             (state.from_cache ? "true" : "false") + ", \"policy\": " + policy_json(state.policy) +
-                             ", \"failure\": " +
+                             ", \"id\": " + quote(state.id) +
+                             ", \"from_cache\": " + (state.from_cache ? "true" : "false") +
+                             ", \"policy\": " + policy_json(state.policy) + ", \"failure\": " +
                              (state.failure ? quote(proto::tlsrpt::to_string(*state.failure)) : "null") +
-                             ", \"detail\": " + quote(state.detail) + ", \"elapsed_ms\": " + elapsed_ms() + "}\n";
+                             ", \"detail\": " + quote(state.detail) +
+                             ", \"txt\": " + quote(to_string(state.txt)) +
+                             ", \"elapsed_ms\": " + elapsed_ms() + "}\n";
                       code = state.failure ? 3 : 0;
+                      // The relay takes a failed TXT lookup as no record and reports nothing; whoever asks
+                      // here must see that the answer is the fallback, not the domain's (as `route` exits 4).
+                      if (code == 0 && is_temporary(state.txt)) {
+                        txt_failed = "the _mta-sts." + domain + " TXT lookup failed (" +
+                                     std::string(to_string(state.txt)) +
+                                     (state.txt_detail.empty() ? "" : ": " + state.txt_detail) +
+                                     "): the mode shown is the relay's fallback (" +
+                                     (state.policy ? "the policy cached under id " + state.id
+                                                   : std::string("no policy")) +
+                                     "), not what the domain publishes";
+                        code = 4;
+                      }
                     });
       io.run();
       const StateFile file = cache.state_file();
@@ -182,6 +198,7 @@ int run_mta_sts_cli(int argc, char** argv, std::ostream& out, std::ostream& err)
     }
   }
   out << json;
+  if (!txt_failed.empty()) err << "mailflowd mta-sts: " << txt_failed << "\n";
   return code;
 }
 

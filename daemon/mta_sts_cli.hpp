@@ -6,7 +6,8 @@
 // verified name stay mta-sts.DOMAIN), as curl's --connect-to does; --fetch-only skips the TXT record and
 // shows the fetch alone; --state uses and updates state_dir/mta-sts.state as the daemon does.
 // Exit codes: 0 a policy (or none published); 1 unusable configuration; 2 bad usage; 3 a failure that
-// TLS-RPT reports (sts-policy-fetch-error, sts-policy-invalid, sts-webpki-invalid).
+// TLS-RPT reports (sts-policy-fetch-error, sts-policy-invalid, sts-webpki-invalid); 4 the _mta-sts TXT lookup
+// failed temporarily (timeout, servfail, bogus, error), so the mode shown is the relay's fallback.
 #include <iosfwd>
 
 namespace mailflow {

@@ -170,8 +170,14 @@ std::optional<std::string> join_txt_rdata(std::string_view rdata) {
 
 // --------------------------------------------------------------------------------------------------------------
 struct Resolver::Impl : std::enable_shared_from_this<Impl> {
-  Impl(net::any_io_executor ex, const config::Dns& dns, Telemetry* counters, std::uint64_t seed)
-      : executor(std::move(ex)), pipe(executor), timeout(dns.timeout), telemetry(counters), random(seed) {
+  Impl(net::any_io_executor ex, const ResolverSettings& settings, Telemetry* counters, std::uint64_t seed)
+      : executor(std::move(ex)),
+        pipe(executor),
+        timeout(settings.dns.timeout),
+        telemetry(counters),
+        random(seed) {
+    if (!settings.problem.empty()) throw std::runtime_error("dns: " + settings.problem);
+    const config::Dns& dns = settings.dns;
     ctx = ub_ctx_create();
     if (ctx == nullptr) throw std::runtime_error("dns: cannot create a libunbound context");
     const auto check = [&](int rc, const std::string& what) {
@@ -202,9 +208,9 @@ struct Resolver::Impl : std::enable_shared_from_this<Impl> {
     check(ub_ctx_set_option(ctx, "local-zone:", "127.in-addr.arpa. transparent"), "local-zone 127.in-addr.arpa");
     check(ub_ctx_set_option(ctx, "unblock-lan-zones:", "yes"), "unblock-lan-zones");
     check(ub_ctx_set_option(ctx, "insecure-lan-zones:", "yes"), "insecure-lan-zones");
-    if (!dns.trust_anchor_file.empty()) {
-      check(ub_ctx_add_ta_file(ctx, dns.trust_anchor_file.c_str()), "trust anchor " + dns.trust_anchor_file);
-    }
+    // The records read at start or reload (resolver_settings), not the file as it is now.
+    for (const auto& record : settings.trust_anchors)
+      check(ub_ctx_add_ta(ctx, record.c_str()), "trust anchor " + dns.trust_anchor_file);
     // libunbound reads the trust anchor and checks its settings only when the context is first used. Use it
     // now, for a name its built-in local zone answers without any network (no blocking wait), so that a
     // broken setting fails at start and on reload, not at the first delivery.
@@ -389,9 +395,9 @@ Resolver::Impl::Query::~Query() {
   if (result != nullptr) ub_resolve_free(result);
 }
 
-Resolver::Resolver(net::any_io_executor executor, const config::Dns& dns, Telemetry* telemetry,
+Resolver::Resolver(net::any_io_executor executor, const ResolverSettings& settings, Telemetry* telemetry,
                    std::uint64_t seed)
-    : impl_(std::make_shared<Impl>(std::move(executor), dns, telemetry,
+    : impl_(std::make_shared<Impl>(std::move(executor), settings, telemetry,
                                    seed != 0 ? seed : std::random_device{}())),
       lookups_(std::make_shared<Lookups>()) {}
 
@@ -618,25 +624,78 @@ net::awaitable<TxtResult> Resolver::resolve_txt(std::string name) {
   co_return out;
 }
 
-std::string dns_settings_problem(const config::Dns& dns) {
+std::string dns_settings_problem(const ResolverSettings& settings) {
   try {
     net::io_context io;
-    const Resolver probe(io.get_executor(), dns, nullptr);
+    const Resolver probe(io.get_executor(), settings, nullptr);
   } catch (const std::exception& e) {
     return e.what();
   }
   return "";
 }
 
-std::string resolver_settings_key(const config::Dns& dns) {
-  std::string key = std::to_string(dns.timeout.count());
-  for (const auto& server : dns.servers) key += " " + server.text;
-  if (!dns.trust_anchor_file.empty()) {
-    std::ifstream in(dns.trust_anchor_file, std::ios::binary);
-    key += " " + dns.trust_anchor_file + "\n";
-    key.append(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+std::optional<std::vector<std::string>> trust_anchor_records(std::string_view text, std::string& error) {
+  std::vector<std::string> records;
+  std::string record;
+  int depth = 0;
+  bool comment = false;
+  const auto finish = [&] {
+    const auto last = record.find_last_not_of(" \t\r");
+    if (last != std::string::npos) records.push_back(record.substr(0, last + 1));
+    record.clear();
+  };
+  for (const char c : text) {
+    if (comment && c != '\n') continue;
+    comment = false;
+    if (c == ';') {
+      comment = true;
+    } else if (c == '$' && record.find_first_not_of(" \t\r") == std::string::npos) {
+      error =
+          "a $ directive in the trust anchor file (write each record with its owner name, without $ORIGIN, "
+          "$TTL or $INCLUDE)";
+      return std::nullopt;
+    } else if (c == '(') {
+      ++depth;
+      record += ' ';
+    } else if (c == ')') {
+      depth = std::max(0, depth - 1);
+      record += ' ';
+    } else if (c == '\n') {
+      if (depth == 0)
+        finish();
+      else
+        record += ' ';
+    } else {
+      record += c;
+    }
   }
-  return key;
+  finish();
+  return records;
+}
+
+ResolverSettings resolver_settings(const config::Dns& dns) {
+  ResolverSettings settings;
+  settings.dns = dns;
+  settings.key = std::to_string(dns.timeout.count());
+  for (const auto& server : dns.servers) settings.key += " " + server.text;
+  if (dns.trust_anchor_file.empty()) return settings;
+  std::ifstream in(dns.trust_anchor_file, std::ios::binary);
+  const std::string text{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+  settings.key += " " + dns.trust_anchor_file + "\n" + text;
+  std::string error;
+  const std::string where = "dns.trust_anchor_file " + dns.trust_anchor_file + ": ";
+  if (!in.is_open()) {
+    settings.problem = where + "cannot open it";
+  } else if (in.bad()) {
+    settings.problem = where + "cannot read it";
+  } else if (auto records = trust_anchor_records(text, error); !records) {
+    settings.problem = where + error;
+  } else if (records->empty()) {
+    settings.problem = where + "no record in it";
+  } else {
+    settings.trust_anchors = std::move(*records);
+  }
+  return settings;
 }
 
 net::awaitable<std::string> Resolver::verified_name(net::ip::address address, bool& failed) {

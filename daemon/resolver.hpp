@@ -94,13 +94,26 @@ struct TxtResult {
 // The character-strings of one TXT rdata (RFC 1035 3.3.14) joined; nullopt when a length runs past the end.
 std::optional<std::string> join_txt_rdata(std::string_view rdata);
 
-// "" when libunbound takes these settings (dns.servers, dns.trust_anchor_file), else why not: it reads them only
-// when a resolver is made, so start, reload and --check-config make one to find out.
-std::string dns_settings_problem(const config::Dns& dns);
+// The records of a trust anchor file (DS or DNSKEY, zone file syntax), one string each as ub_ctx_add_ta takes
+// them: a record ends at a line end outside parentheses; comments (';' to the line end) and empty lines are
+// left out. nullopt and `error` for a $ directive ($ORIGIN, $TTL, $INCLUDE: each record is written with its
+// owner).
+std::optional<std::vector<std::string>> trust_anchor_records(std::string_view text, std::string& error);
 
-// What a Resolver made from `dns` depends on: the settings and the trust anchor file's content, read now (at
-// start and each reload), so that a reload after the anchor was rolled at the same path makes new resolvers.
-std::string resolver_settings_key(const config::Dns& dns);
+// The dns settings as a start or a reload takes them: dns.trust_anchor_file is read here, once, and every
+// Resolver made from these settings is given what was read, so that a file changed afterwards applies at the
+// next reload, not at some event loop's first lookup (each makes its resolver then).
+struct ResolverSettings {
+  config::Dns dns;
+  std::vector<std::string> trust_anchors;  // trust_anchor_records of the file as read
+  std::string problem;  // the file could not be read or split: why (a Resolver made from these throws it)
+  std::string key;      // the settings and the file's content: a resolver made for another key is replaced
+};
+ResolverSettings resolver_settings(const config::Dns& dns);
+
+// "" when libunbound takes these settings (dns.servers, the trust anchor), else why not: it checks them only
+// when a resolver is made, so start, reload and --check-config make one to find out.
+std::string dns_settings_problem(const ResolverSettings& settings);
 
 class Resolver {
  public:
@@ -108,7 +121,7 @@ class Resolver {
   // std::runtime_error with libunbound's reason when it refuses a setting. `telemetry` may be null (counts
   // nothing); every lookup is counted in mailflow_dns_lookups_total{type,result} otherwise.
   // `seed`: the shuffle of equal MX preferences; 0 = a random one.
-  Resolver(boost::asio::any_io_executor executor, const config::Dns& dns, Telemetry* telemetry,
+  Resolver(boost::asio::any_io_executor executor, const ResolverSettings& settings, Telemetry* telemetry,
            std::uint64_t seed = 0);
   ~Resolver();
   Resolver(const Resolver&) = delete;

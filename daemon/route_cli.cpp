@@ -381,7 +381,7 @@ int run_route_cli(int argc, char** argv, std::ostream& out, std::ostream& err) {
     net::io_context io;
     std::exception_ptr failure;
     try {
-      Resolver resolver(io.get_executor(), config.dns, &telemetry, seed);
+      Resolver resolver(io.get_executor(), resolver_settings(config.dns), &telemetry, seed);
       const OwnListeners own(config);
       const auto started = std::chrono::steady_clock::now();
       net::co_spawn(io, resolve_mx_route(resolver, own, route.domain, route.upstream->port),

@@ -47,7 +47,8 @@ std::vector<std::pair<std::string, std::string>> upstream_loops(const config::Co
 std::shared_ptr<const Runtime> Runtime::build(std::shared_ptr<const config::Config> config) {
   // The sessions make their resolvers when they first need one: settings that libunbound refuses fail the start
   // or the reload here, not every delivery afterwards.
-  if (const std::string problem = dns_settings_problem(config->dns); !problem.empty())
+  auto resolver = std::make_shared<const ResolverSettings>(resolver_settings(config->dns));
+  if (const std::string problem = dns_settings_problem(*resolver); !problem.empty())
     throw std::runtime_error(problem);
   for (const auto& [key, problem] : https_ca_file_problems(*config))
     throw std::runtime_error(key + ": " + problem);
@@ -68,7 +69,7 @@ std::shared_ptr<const Runtime> Runtime::build(std::shared_ptr<const config::Conf
       where += ":" + std::to_string(it->second.first) + ":" + std::to_string(it->second.second);
     throw std::runtime_error(where + ": " + key + ": " + problem);
   }
-  runtime->resolver_key = resolver_settings_key(config->dns);
+  runtime->resolver = std::move(resolver);
   runtime->config = std::move(config);
   return runtime;
 }

@@ -9,6 +9,7 @@
 
 #include "config/config.hpp"
 #include "daemon/own_listeners.hpp"
+#include "daemon/resolver.hpp"
 #include "daemon/tls.hpp"
 
 namespace mailflow {
@@ -33,7 +34,9 @@ struct Runtime {
   std::map<std::string, std::shared_ptr<const ServerTls>, std::less<>> listener_tls;  // by listener name
   std::map<std::string, std::shared_ptr<const ClientTls>, std::less<>> upstream_tls;  // by upstream name
   std::shared_ptr<const OwnListeners> own_listeners;  // where delivering to an MX host would loop
-  std::string resolver_key;  // resolver_settings_key(config->dns); a resolver made for another is replaced
+  // dns with the trust anchor file as read at this start or reload; its key: a resolver made for another is
+  // replaced.
+  std::shared_ptr<const ResolverSettings> resolver;
 
   // Throws std::runtime_error (naming the file) when a certificate, key or CA file cannot be loaded.
   static std::shared_ptr<const Runtime> build(std::shared_ptr<const config::Config> config);

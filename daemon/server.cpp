@@ -665,10 +665,10 @@ struct Server::Impl {
       const auto addresses = telemetry.addresses_to_name(name_batch);
       if (addresses.empty()) continue;
       const auto snapshot = current();  // kept: a reload may replace the current one meanwhile
-      if (!resolver || snapshot->resolver_key != resolver_key) {
+      if (!resolver || snapshot->resolver->key != resolver_key) {
         try {
-          resolver = std::make_shared<Resolver>(io.get_executor(), snapshot->config->dns, &telemetry);
-          resolver_key = snapshot->resolver_key;
+          resolver = std::make_shared<Resolver>(io.get_executor(), *snapshot->resolver, &telemetry);
+          resolver_key = snapshot->resolver->key;
         } catch (const std::exception& e) {
           log_event(LogLevel::warn, "dns_unavailable", {{"purpose", "reverse names"}, {"error", e.what()}});
           for (const auto& address : addresses) telemetry.remote_named(address, "", name_failure_ttl);

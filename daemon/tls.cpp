@@ -295,6 +295,22 @@ ClientTls::ClientTls(const config::Upstream& upstream, const std::string& webpki
       throw std::runtime_error("cannot load ca_file " + upstream.ca_file + ": " + openssl_error_text());
     }
     SSL_CTX_set_verify(ctx_, SSL_VERIFY_PEER, nullptr);
+    // ca_file is this upstream's own requirement (it may be a private CA); MTA-STS asks the Web PKI, as the
+    // policy host's certificate is asked (mta_sts.ca_file, else the system's), whatever ca_file trusts.
+    if (upstream.mta_sts != config::MtaStsMode::off) {
+      webpki_store_ = X509_STORE_new();
+      const bool loaded =
+          webpki_store_ != nullptr &&
+          (webpki_ca_file.empty() ? X509_STORE_set_default_paths(webpki_store_) == 1
+                                  : X509_STORE_load_file(webpki_store_, webpki_ca_file.c_str()) == 1);
+      if (!loaded) {
+        X509_STORE_free(webpki_store_);
+        SSL_CTX_free(ctx_);
+        throw std::runtime_error("cannot load the Web PKI trust store " +
+                                 (webpki_ca_file.empty() ? std::string("(system default)") : webpki_ca_file) +
+                                 ": " + openssl_error_text());
+      }
+    }
   } else {
     // Opportunistic/required TLS to a mail server: encryption without authentication (RFC 7435), and
     // old servers must still be reachable so that their version can be recorded.
@@ -355,6 +371,27 @@ CertificateVerdict certificate_verdict(long verify_error) {
   }
 }
 
-ClientTls::~ClientTls() { SSL_CTX_free(ctx_); }
+long ClientTls::webpki_verdict(SSL* ssl) const {
+  if (webpki_store_ == nullptr) return SSL_get_verify_result(ssl);
+  X509* leaf = SSL_get0_peer_certificate(ssl);
+  if (leaf == nullptr) return X509_V_ERR_UNSPECIFIED;
+  X509_STORE_CTX* check = X509_STORE_CTX_new();
+  long verdict = X509_V_ERR_UNSPECIFIED;
+  // The chain the peer sent (its leaf first, on the client side), as the handshake verified it: purpose and
+  // trust of a TLS server, the current time.
+  if (check != nullptr &&
+      X509_STORE_CTX_init(check, webpki_store_, leaf, SSL_get_peer_cert_chain(ssl)) == 1 &&
+      X509_STORE_CTX_set_default(check, "ssl_server") == 1) {
+    verdict = X509_verify_cert(check) == 1 ? X509_V_OK : X509_STORE_CTX_get_error(check);
+  }
+  X509_STORE_CTX_free(check);
+  ERR_clear_error();
+  return verdict;
+}
+
+ClientTls::~ClientTls() {
+  X509_STORE_free(webpki_store_);
+  SSL_CTX_free(ctx_);
+}
 
 }  // namespace mailflow

@@ -14,6 +14,7 @@
 
 typedef struct ssl_st SSL;
 typedef struct ssl_ctx_st SSL_CTX;
+typedef struct x509_store_st X509_STORE;
 
 namespace mailflow {
 
@@ -99,9 +100,15 @@ class ClientTls {
   const std::vector<std::string>& verify_names() const { return verify_names_; }
   // The host name is set on every connection so that the recorded verdict covers it (MTA-STS).
   bool check_names() const { return check_names_; }
+  // After a handshake on `ssl`: the MTA-STS verdict on the peer's chain (RFC 8461 4.2), X509_V_OK or why not,
+  // always against the Web PKI trust store (`webpki_ca_file`). Without verify that is the handshake's own
+  // verdict; with verify the handshake checked ca_file, so the chain is verified again here (its name is
+  // Link::certificate_matches's check).
+  long webpki_verdict(SSL* ssl) const;
 
  private:
   SSL_CTX* ctx_ = nullptr;
+  X509_STORE* webpki_store_ = nullptr;  // verify with mta_sts on: the Web PKI, apart from ca_file
   bool verify_ = false;
   bool check_names_ = false;
   std::vector<std::string> verify_names_;

@@ -485,7 +485,7 @@ asio::awaitable<TlsRptDelivery> TlsRptSender::deliver_https(const Runtime& runti
     // The daemon's resolver (dns.*), as for MX hosts.
     if (!resolver_) {
       try {
-        resolver_ = std::make_shared<Resolver>(executor_, config.dns, &telemetry_);
+        resolver_ = std::make_shared<Resolver>(executor_, *runtime.resolver, &telemetry_);
       } catch (const std::exception& e) {
         detail = std::string("DNS resolver unavailable: ") + e.what();
         co_return TlsRptDelivery::temporary_failure;

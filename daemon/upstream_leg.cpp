@@ -35,15 +35,15 @@ auto in(Deadlines::Clock::duration timeout) { return Deadlines::in(timeout); }
 
 // One Resolver per event loop, i.e. per thread (daemon/resolver.hpp), held by the loop's LoopScope: made on
 // first use, and again when a reload changed `dns` or the trust anchor file's content (`key`, the runtime's
-// resolver_key). Sessions hold it (shared) while they use it, so a replaced one lives until they are done.
-// Outside a LoopScope (no loop of the server's) each call makes its own.
-std::shared_ptr<Resolver> loop_resolver(const asio::any_io_executor& executor, const config::Dns& dns,
-                                        const std::string& key, Telemetry& telemetry) {
+// resolver settings' key). Sessions hold it (shared) while they use it, so a replaced one lives until they
+// are done. Outside a LoopScope (no loop of the server's) each call makes its own.
+std::shared_ptr<Resolver> loop_resolver(const asio::any_io_executor& executor,
+                                        const ResolverSettings& settings, Telemetry& telemetry) {
   LoopScope::Resources* loop = LoopScope::current();
-  if (loop == nullptr) return std::make_shared<Resolver>(executor, dns, &telemetry);
-  if (!loop->resolver || key != loop->resolver_key) {
-    loop->resolver = std::make_shared<Resolver>(executor, dns, &telemetry);
-    loop->resolver_key = key;
+  if (loop == nullptr) return std::make_shared<Resolver>(executor, settings, &telemetry);
+  if (!loop->resolver || settings.key != loop->resolver_key) {
+    loop->resolver = std::make_shared<Resolver>(executor, settings, &telemetry);
+    loop->resolver_key = settings.key;
   }
   return loop->resolver;
 }
@@ -352,8 +352,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open(const con
 
 std::shared_ptr<Resolver> UpstreamLeg::resolver() {
   try {
-    const std::string& key = session_.runtime.resolver_key;
-    auto dns = Resolver::share(loop_resolver(executor_, config_.dns, key, session_.telemetry));
+    auto dns = Resolver::share(loop_resolver(executor_, *session_.runtime.resolver, session_.telemetry));
     dns_ = dns;
     return dns;
   } catch (const std::exception& e) {
@@ -647,11 +646,13 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
                     {}};
 }
 
-bool UpstreamLeg::meets_mta_sts(const PolicyState& sts, const std::string& host) {
+bool UpstreamLeg::meets_mta_sts(const PolicyState& sts, const std::string& host,
+                                const ClientTls* client_tls) {
   MxTls tls;
   tls.tls = link_->tls_active();
   tls.version = link_->tls().version;
-  auto problem = certificate_problem(link_->tls().verify_error);
+  // The Web PKI's verdict (mta_sts.ca_file), also where tls: verify trusted the chain by its own ca_file.
+  auto problem = certificate_problem(link_->webpki_verdict(client_tls));
   // The certificate must be valid for the MX host name (RFC 8461 4.2), also where tls: verify checked it
   // against verify_names instead.
   if (!problem && tls.tls && !link_->certificate_matches(host))
@@ -850,7 +851,7 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
         }
         // MTA-STS before anything more is said to the host: no EHLO, no XCLIENT to one that fails it
         // (enforce).
-        if (sts != nullptr && !meets_mta_sts(*sts, tls_name)) {
+        if (sts != nullptr && !meets_mta_sts(*sts, tls_name, tls)) {
           reason = "tls_policy";
           co_return false;
         }
@@ -862,7 +863,8 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
       case Kind::ready:
         // Without TLS (only where the policy is not enforced: enforce makes TLS mandatory): the failure it
         // reports.
-        if (sts != nullptr && !link_->tls_active() && !meets_mta_sts(*sts, tls_name)) {
+        if (sts != nullptr && !link_->tls_active() &&
+            !meets_mta_sts(*sts, tls_name, session_.runtime.client_tls(upstream.name))) {
           reason = "tls_policy";
           co_return false;
         }

@@ -166,7 +166,7 @@ class UpstreamLeg {
   // The MTA-STS check (RFC 8461 4) of the connection just made to MX host `host`: after the handshake, or
   // where it goes on without TLS. A failure is kept in tls_failure_ (TLS-RPT); false when the policy is
   // enforced and the host fails it (the connection is then closed without another word).
-  bool meets_mta_sts(const PolicyState& sts, const std::string& host);
+  bool meets_mta_sts(const PolicyState& sts, const std::string& host, const ClientTls* tls);
   // A write or read of the connection failed with `ec` at `stage` ("write", "reply"): its idle close (see
   // closed_idle()) or a failure counted as `timeout` or `connection_lost` (or the open's timeout, counted by
   // open_timed_out()).

@@ -135,6 +135,38 @@ TEST_CASE("mta-sts cache: a file cut at any byte is never loaded as valid") {
   std::filesystem::remove_all(dir);
 }
 
+TEST_CASE("mta-sts cache: a file with times it never writes, or a domain twice, is refused whole") {
+  const std::string policy_lines = "\tversion: STSv1\tmode: enforce\tmx: mx1.example.net\tmax_age: 86400\n";
+  const auto file = [&](const std::string& lines) { return "mailflowd-mta-sts 2\n" + lines + "end\n"; };
+  const std::string good = "a.example\tid1\t100\t86500" + policy_lines;
+  for (const std::string& bad : {
+           // fetch_due's refresh time (expires_at - fetched_at) overflowed on these: undefined behaviour.
+           std::string("a.example\tid1\t-9223372036854775808\t9223372036854775807") + policy_lines,
+           std::string("a.example\tid1\t-1\t1000") + policy_lines,   // fetched before 1970
+           std::string("a.example\tid1\t1000\t999") + policy_lines,  // expired before it was fetched
+           good + good,  // the second would silently replace the first
+       }) {
+    CAPTURE(bad);
+    MtaStsCache cache;
+    cache.store("held.example", {"h", policy(proto::mta_sts::Mode::testing), 100, 900}, 100);
+    const std::string held = cache.serialize();
+    std::string error;
+    CHECK_FALSE(cache.deserialize(file(bad), 500, error));
+    CHECK(error.starts_with("line "));
+    CHECK(cache.serialize() == held);
+  }
+  MtaStsCache cache;
+  std::string error;
+  REQUIRE(cache.deserialize(file(good), 500, error));
+  CHECK(cache.find("a.example", 86499).has_value());
+  // Kept for longer than its max_age (a hand-edited file, a year-long cache): it expires at max_age, as
+  // stored.
+  REQUIRE(cache.deserialize(file("a.example\tid1\t100\t9999999999" + policy_lines), 500, error));
+  CHECK(cache.find("a.example", 86499).has_value());
+  CHECK_FALSE(cache.find("a.example", 86500).has_value());
+  CHECK(cache.serialize() == file(good));
+}
+
 TEST_CASE("check_mx: listed, TLS1.2+, valid certificate - enforce refuses, testing reports, none ignores") {
   PolicyState enforce;
   enforce.mode = PolicyState::Mode::enforce;

@@ -5,14 +5,18 @@
 
 #include <doctest/doctest.h>
 
+#include <unistd.h>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/udp.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <chrono>
 #include <exception>
+#include <filesystem>
+#include <fstream>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "daemon/resolver.hpp"
 #include "daemon/telemetry.hpp"
@@ -62,7 +66,7 @@ TEST_CASE("a lookup that a silent server never answers fails as a timeout within
   std::exception_ptr failure;
   const auto started = std::chrono::steady_clock::now();
   {
-    Resolver resolver(io.get_executor(), dns, &telemetry, 1);
+    Resolver resolver(io.get_executor(), mailflow::resolver_settings(dns), &telemetry, 1);
     net::co_spawn(
         io, [&]() -> net::awaitable<void> { result = co_await resolver.resolve_mx("example.net"); },
         [&](std::exception_ptr e) { failure = e; });
@@ -90,7 +94,7 @@ TEST_CASE("AAAA and A are asked at once: both time out within one dns.timeout, n
   std::optional<mailflow::AddressResult> result;
   const auto started = std::chrono::steady_clock::now();
   {
-    Resolver resolver(io.get_executor(), dns, &telemetry, 1);
+    Resolver resolver(io.get_executor(), mailflow::resolver_settings(dns), &telemetry, 1);
     net::co_spawn(
         io, [&]() -> net::awaitable<void> { result = co_await resolver.resolve_addresses("mx1.example.net"); },
         [](std::exception_ptr) {});
@@ -121,7 +125,8 @@ TEST_CASE("cancel() gives up one shared Resolver's lookups at once, and not the 
   std::chrono::steady_clock::duration cancelled_after{};
   const auto started = std::chrono::steady_clock::now();
   {
-    auto loop = std::make_shared<Resolver>(io.get_executor(), dns, &telemetry, 1);
+    auto loop =
+        std::make_shared<Resolver>(io.get_executor(), mailflow::resolver_settings(dns), &telemetry, 1);
     auto session = Resolver::share(loop);
     auto bystander = Resolver::share(loop);
     net::co_spawn(
@@ -160,8 +165,52 @@ TEST_CASE("settings libunbound refuses are an error at construction, with its re
   net::io_context io;
   mailflow::config::Dns dns;
   dns.trust_anchor_file = "/nonexistent/root.key";
-  CHECK_THROWS_WITH_AS(Resolver(io.get_executor(), dns, nullptr), doctest::Contains("dns: settings (dns.servers, dns.trust_anchor_file): "),
+  CHECK_THROWS_WITH_AS(Resolver(io.get_executor(), mailflow::resolver_settings(dns), nullptr),
+                       doctest::Contains("dns: dns.trust_anchor_file /nonexistent/root.key: cannot open it"),
                        std::runtime_error);
+}
+
+}  // namespace
+
+namespace {
+
+TEST_CASE("trust anchor file: one string per record, parentheses joined, comments and empty lines left out") {
+  std::string error;
+  const auto records = mailflow::trust_anchor_records(
+      "; autotrust trust anchor file\n"
+      ";;id: . 1\n"
+      "\n"
+      ". 86400 IN DS 20326 8 2 E06D44B80B8F1D39A95C0B0D7C65D08458E880409BBC683457104237C7F8EC8D\n"
+      "example.net. 3600 IN DNSKEY 257 3 13 ( AbCd\n"
+      "        EfGh ) ; KSK; key id = 1\n"
+      "example.org. IN DS 1 13 2 ABCD ;;state=2 [ VALID ]\r\n",
+      error);
+  REQUIRE(records.has_value());
+  REQUIRE(records->size() == 3);
+  CHECK((*records)[0] ==
+        ". 86400 IN DS 20326 8 2 E06D44B80B8F1D39A95C0B0D7C65D08458E880409BBC683457104237C7F8EC8D");
+  CHECK((*records)[1] == "example.net. 3600 IN DNSKEY 257 3 13   AbCd         EfGh");
+  CHECK((*records)[2] == "example.org. IN DS 1 13 2 ABCD");
+  CHECK_FALSE(
+      mailflow::trust_anchor_records("$ORIGIN example.net.\n@ IN DS 1 13 2 ABCD\n", error).has_value());
+  CHECK(error.find("$ directive") != std::string::npos);
+  CHECK(mailflow::trust_anchor_records("; nothing\n\n", error)->empty());
+}
+
+TEST_CASE("trust anchor file: read once, when the settings are made - unreadable or empty is a problem") {
+  const auto path =
+      std::filesystem::temp_directory_path() / ("mailflow-anchor-" + std::to_string(::getpid()));
+  std::ofstream(path) << ". IN DS 1 13 2 ABCD\n";
+  mailflow::config::Dns dns;
+  dns.trust_anchor_file = path.string();
+  const auto settings = mailflow::resolver_settings(dns);
+  std::ofstream(path) << "; emptied after the read\n";
+  CHECK(settings.problem.empty());
+  CHECK(settings.trust_anchors == std::vector<std::string>{". IN DS 1 13 2 ABCD"});
+  CHECK(mailflow::resolver_settings(dns).problem.find("no record") != std::string::npos);
+  CHECK(mailflow::resolver_settings(dns).key != settings.key);
+  std::filesystem::remove(path);
+  CHECK(mailflow::resolver_settings(dns).problem.find("cannot open it") != std::string::npos);
 }
 
 }  // namespace

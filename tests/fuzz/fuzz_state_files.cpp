@@ -1,10 +1,11 @@
 // The state files read back from state_dir (a crash, a full disk, an editor or an attacker may have changed
-// them): the first byte picks the parser (windows.state, remotes.state, tlsrpt.state, tlsrpt-ledger.state),
-// the rest is the file. (The MTA-STS policy cache, daemon/mta_sts.cpp, is not here: that file needs Asio,
-// which the clang of the fuzz preset does not build with Boost 1.74.) A file is either refused whole (the
-// store keeps what it had) or loaded, and what loaded serializes to a file that loads to the same thing
+// them): the first byte picks the parser (windows.state, remotes.state, tlsrpt.state, tlsrpt-ledger.state,
+// mta-sts.state), the rest is the file. A file is either refused whole (the store keeps what it had) or
+// loaded, and what loaded serializes to a file that loads to the same thing
 // (serialize(load(serialize(x))) == serialize(x)). Where our own files never repeat or leave out a line, a
-// loaded file loses none of its lines either (a repeated entry is refused, not merged over the first).
+// loaded file loses none of its lines either (a repeated entry is refused, not merged over the first). The
+// MTA-STS policies loaded are then looked up as the MX walk does (find, fetch_due, a failed fetch), so that
+// the times a file holds are used, not only read back.
 #include <algorithm>
 #include <chrono>
 #include <cstddef>
@@ -12,6 +13,7 @@
 #include <string>
 #include <string_view>
 
+#include "daemon/mta_sts_cache.hpp"
 #include "daemon/remote_store.hpp"
 #include "daemon/tlsrpt.hpp"
 #include "daemon/tlsrpt_ledger.hpp"
@@ -48,6 +50,50 @@ void check_store(std::string_view file, Fill fill, bool keeps_lines) {
   FUZZ_CHECK(reloaded.serialize() == saved);
 }
 
+// The MTA-STS cache: deserialize takes the time (entries expired by then are dropped, not refused).
+void check_mta_sts(std::string_view file) {
+  constexpr std::int64_t now = 1'780'000'000;  // 2026
+  const auto fill = [](mailflow::MtaStsCache& cache) {
+    std::string error;
+    auto policy = mailflow::proto::mta_sts::parse_policy(
+        "version: STSv1\nmode: enforce\nmx: mx.held.example\n"
+        "max_age: 86400\n",
+        error);
+    cache.store("held.example", {"held1", *policy, now - 10, now + 86390}, now);
+  };
+  mailflow::MtaStsCache cache;
+  fill(cache);
+  const std::string held = cache.serialize();
+  std::string error;
+  if (!cache.deserialize(file, now, error)) {
+    FUZZ_CHECK(!error.empty());
+    FUZZ_CHECK(cache.serialize() == held);
+    return;
+  }
+  const std::string saved = cache.serialize();
+  mailflow::MtaStsCache reloaded;
+  error.clear();
+  FUZZ_CHECK(reloaded.deserialize(saved, now, error));
+  FUZZ_CHECK(reloaded.serialize() == saved);
+  // Every entry loaded is in force now, and the walk's questions have an answer at any time.
+  for (std::size_t at = saved.find('\n') + 1; at < saved.size();) {
+    const std::size_t end = saved.find('\n', at);
+    const std::string line = saved.substr(at, end - at);
+    at = end + 1;
+    if (line == "end") break;
+    const std::string domain = line.substr(0, line.find('\t'));
+    const auto found = cache.find(domain, now);
+    FUZZ_CHECK(found.has_value());
+    FUZZ_CHECK(found->expires_at > now);
+    for (const std::int64_t when : {now, found->fetched_at, found->expires_at - 1, found->expires_at}) {
+      (void)cache.fetch_due(domain, found->id, when);
+      (void)cache.find(domain, when);
+    }
+    cache.fetch_failed(domain, found->id, now);
+    FUZZ_CHECK(!cache.fetch_due(domain, found->id, now));
+  }
+}
+
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
@@ -55,7 +101,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   const std::string_view file(reinterpret_cast<const char*>(data) + 1, size - 1);
   const auto now = std::chrono::system_clock::time_point(std::chrono::hours(493'000));  // 2026
   const auto held = std::string("held");
-  switch (data[0] % 4) {
+  switch (data[0] % 5) {
     case 0:
       check_store<mailflow::WindowStore>(
           file,
@@ -100,6 +146,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       FUZZ_CHECK(reloaded->serialize() == saved);
       break;
     }
+    case 4:
+      check_mta_sts(file);
+      break;
   }
   return 0;
 }

@@ -40,24 +40,35 @@ def make_certs(directory):
     return Path(directory)
 
 
-def ca_signed_cert(certs, directory, name, names, chain=False, san=True):
+def ca_signed_cert(certs, directory, name, names, chain=False, san=True, ca="ca"):
     """A server certificate from the test CA (certs/ca.pem) for `names` (the first is the CN): (cert, key) files in
     `directory`. `chain`: the cert file holds the leaf, then the CA (a server that sends its chain, as DANE-TA
-    needs). `san=False`: the names are not in a subjectAltName, the first is only the subject's CN."""
+    needs). `san=False`: the names are not in a subjectAltName, the first is only the subject's CN. `ca`: another
+    CA in `certs` (CA.pem and CA.key, e.g. one made with make_ca)."""
     directory = Path(directory)
     key, csr, crt, ext = (directory / f"{name}.{suffix}" for suffix in ("key", "csr", "crt", "ext"))
     subprocess.run(["openssl", "req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
                     "-subj", f"/CN={names[0]}"], check=True, capture_output=True)
     ext.write_text(("subjectAltName=" + ",".join(f"DNS:{n}" for n in names) + "\n" if san else "") +
                    "extendedKeyUsage=serverAuth\n")
-    subprocess.run(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(Path(certs) / "ca.pem"), "-CAkey",
-                    str(Path(certs) / "ca.key"), "-CAcreateserial", "-days", "2", "-extfile", str(ext), "-out",
+    subprocess.run(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(Path(certs) / f"{ca}.pem"), "-CAkey",
+                    str(Path(certs) / f"{ca}.key"), "-CAcreateserial", "-days", "2", "-extfile", str(ext), "-out",
                     str(crt)], check=True, capture_output=True)
     if not chain:
         return crt, key
     pem = directory / f"{name}-chain.pem"
-    pem.write_text(crt.read_text() + (Path(certs) / "ca.pem").read_text())
+    pem.write_text(crt.read_text() + (Path(certs) / f"{ca}.pem").read_text())
     return pem, key
+
+
+def make_ca(directory, name, cn):
+    """A CA of its own (DIRECTORY/NAME.pem and NAME.key), e.g. a private CA apart from the test CA."""
+    directory = Path(directory)
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-sha256", "-days", "2", "-keyout",
+                    str(directory / f"{name}.key"), "-out", str(directory / f"{name}.pem"), "-subj", f"/CN={cn}",
+                    "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+                   check=True, capture_output=True)
+    return directory / f"{name}.pem"
 
 
 def tail(path, limit=12000):

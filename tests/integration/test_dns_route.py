@@ -7,12 +7,16 @@ and a stopped DNS server (451 within dns.timeout), a forged trust anchor (bogus,
 recipient domain, and the lookups counted in mailflow_dns_lookups_total."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+import harness
+from hostile_helpers import greeted
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 from dns_server import KnotServer, SilentServer, TamperingProxy  # noqa: E402
@@ -426,3 +430,38 @@ def test_a_sender_the_relay_refuses_is_a_usage_error(mailflowd_bin, config):
                         "--sender", "a b@apps.example"], capture_output=True, text=True, timeout=10)
     assert p.returncode == 2, (p.stdout, p.stderr)
     assert "the relay answers MAIL FROM:<a b@apps.example> with 501 5.1.7" in p.stderr, p.stderr
+
+
+def test_trust_anchor_is_the_one_read_at_start_until_a_reload(daemon_factory, workdir, knot):
+    """dns.trust_anchor_file is read once per start or reload: an event loop that makes its resolver later (at its
+    first lookup) uses what was read then, not the file as it is now. The anchor is replaced by a forged one after
+    the start: lookups stay secure (nullmx.example.net's null MX: 556) until SIGHUP, then they are bogus (451
+    4.4.3)."""
+    anchor = Path(workdir) / "swapped.ds"
+    good = Path(knot.trust_anchor_file).read_text()
+    anchor.write_text(good)
+    port = harness.free_port()
+    d = daemon_factory([{"name": "out", "address": f"127.0.0.1:{port}", "direction": "outbound",
+                         "upstream": "internet"}],
+                       [{"name": "internet", "mx": True, "port": MX_PORT}], name="anchor-swap",
+                       dns={"servers": [knot.address], "timeout": "3s", "trust_anchor_file": str(anchor)})
+    line = good.splitlines()[0]
+    digest = line.split()[-1]
+    anchor.write_text(line[: -len(digest)] + ("0" if digest[0] != "0" else "1") + digest[1:] + "\n")
+
+    def rcpt():
+        c = greeted(port)
+        try:
+            assert c.cmd("MAIL FROM:<app@corp.example>")[0] == 250
+            return c.cmd("RCPT TO:<user@nullmx.example.net>")
+        finally:
+            c.close()
+
+    code, text = rcpt()
+    assert code == 556 and "5.1.10" in text, f"the anchor read at start must hold until a reload: {text!r}"
+    base = harness.value(d.metrics(), "mailflow_config_reloads_total", result="success")
+    d.proc.send_signal(signal.SIGHUP)
+    harness.wait_for(lambda: harness.value(d.metrics(), "mailflow_config_reloads_total", result="success") > base,
+                     10, what="the reload")
+    code, text = rcpt()
+    assert code == 451 and text.startswith("451 4.4.3"), f"after the reload the forged anchor applies: {text!r}"

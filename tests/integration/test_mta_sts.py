@@ -22,7 +22,7 @@ import pytest
 import harness
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-from dns_server import KnotServer  # noqa: E402
+from dns_server import KnotServer, SilentServer  # noqa: E402
 
 POLICY = "version: STSv1\r\nmode: enforce\r\nmx: mx1.ok.policy.example.net\r\nmx: *.mail.ok.policy.example.net\r\nmax_age: 86400\r\n"
 # What each policy domain's server does (chosen by the Host header, so one server serves them all).
@@ -260,9 +260,42 @@ def test_lookup_txt_then_policy_and_the_cache_in_state_dir(mailflowd_bin, config
     assert dup["policy"] == {"mode": "enforce", "max_age": 600, "mx": ["mx.dup.policy.example.net"]}, dup
 
 
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_txt_lookup_that_times_out_is_said_and_exits_4(mailflowd_bin, workdir, certs, https, cached):
+    """A DNS server that never answers: the relay goes on as without a TXT record (the cached policy, else none),
+    but whoever runs the command must not take that fallback for the domain's answer: exit 4 (as `route` exits for
+    a temporary DNS failure), the outcome in "txt", and the lookup that failed named on stderr."""
+    silent = SilentServer()
+    state = workdir / f"silent-state-{cached}"
+    state.mkdir(exist_ok=True)
+    path = workdir / f"mta-sts-silent-{cached}.yaml"
+    path.write_text("\n".join([
+        f"state_dir: {state}",
+        "listeners:",
+        '  - {name: out, address: "127.0.0.1:2587", direction: outbound, upstream: internet}',
+        "upstreams:",
+        "  - {name: internet, mx: true, mta_sts: enforce}",
+        "dns: " + json.dumps({"servers": [silent.address], "timeout": "1s"}),
+        "mta_sts: " + json.dumps({"ca_file": str(certs / "ca.pem"), "fetch_timeout": "1500ms"}),
+    ]) + "\n")
+    now = int(time.time())
+    if cached:
+        cache_policy(state, "ok.policy.example.net", "kept1", now - 100, now + 3600, "enforce", 86400)
+    try:
+        r = mta_sts(mailflowd_bin, path, "ok.policy.example.net", "--connect", https,
+                    *(["--state"] if cached else []))
+    finally:
+        silent.close()
+    assert (r["exit"], r["txt"], r["failure"]) == (4, "timeout", None), r
+    assert (r["mode"], r["from_cache"], r["id"]) == (("enforce", True, "kept1") if cached else ("none", False, "")), r
+    assert "the _mta-sts.ok.policy.example.net TXT lookup failed (timeout" in r["stderr"], r["stderr"]
+    assert ("cached under id kept1" if cached else "no policy") in r["stderr"], r["stderr"]
+    assert r["wall"] < 10
+
+
 def test_lookup_failures_as_tlsrpt_names_them(mailflowd_bin, config, https, rogue_https):
     none = mta_sts(mailflowd_bin, config, "nothing.policy.example.net", "--connect", https)
-    assert (none["exit"], none["mode"], none["failure"]) == (0, "none", None), none
+    assert (none["exit"], none["mode"], none["failure"], none["txt"]) == (0, "none", None, "nxdomain"), none
     two = mta_sts(mailflowd_bin, config, "two.policy.example.net", "--connect", https)
     assert (two["exit"], two["mode"], two["failure"]) == (3, "none", "sts-policy-invalid"), two
     bad = mta_sts(mailflowd_bin, config, "bad.policy.example.net", "--connect", https)
