@@ -191,7 +191,29 @@ std::optional<WindowStore::TimePoint> WindowStore::first_data(TimePoint now) con
 }
 
 void WindowStore::prune(TimePoint now) {
-  const std::int64_t first = hour_of(now) - window_.count() + 1;
+  const std::int64_t now_hour = hour_of(now);
+  const auto after = [](std::int64_t h, const Bucket& b) { return h < b.hour; };
+  // Buckets after the current hour (the clock was stepped back since they were counted) count in the current
+  // hour: each message stays counted once, and now, rather than vanishing from the window until the clock has
+  // caught up with them.
+  std::optional<std::int64_t> newest;
+  for (auto& [key, series] : series_) {
+    const auto later = std::upper_bound(series.begin(), series.end(), now_hour, after);
+    if (later != series.end()) {
+      TlsCounts folded{};
+      for (auto it = later; it != series.end(); ++it) add_counts(folded, it->counts);
+      series.erase(later, series.end());
+      if (series.empty() || series.back().hour != now_hour) series.push_back(Bucket{now_hour, {}});
+      add_counts(series.back().counts, folded);
+    }
+    if (!series.empty() && (!newest || series.back().hour > *newest)) newest = series.back().hour;
+  }
+  if (!newest) return;
+  // What rolled off is measured from the newest data, not from the clock (as Prometheus's retention is, from
+  // the newest block's end: tsdb BeyondTimeRetention): a clock far ahead (a VM's wrong clock at boot, before
+  // NTP steps it) shows an empty window but deletes nothing, and the history is back when the clock is
+  // corrected. The window shown always ends at `now`; what is kept beyond it is at most one window per key.
+  const std::int64_t first = *newest - window_.count() + 1;
   for (auto it = series_.begin(); it != series_.end();) {
     Series& series = it->second;
     const auto keep = std::lower_bound(series.begin(), series.end(), first,
