@@ -83,12 +83,14 @@ HeavyHitters RemoteStore::merged(std::string_view connector, config::Direction d
 }
 
 void RemoteStore::prune(TimePoint now) {
-  // As WindowStore::prune: the tables of days after today (the clock was stepped back since) count as
-  // today's, and what rolled off is measured from the newest data, never from a clock far ahead of it.
+  // As WindowStore::prune: the tables of days less than a window after today (the clock was stepped back
+  // since) count as today's, those further ahead stay unseen (a clock far behind), and what rolled off is
+  // measured from the newest data up to now, never from a clock ahead of it.
   const std::int64_t today = day_of(now);
+  const std::int64_t fold_below = today + (limits_.window.count() + 23) / 24;
   std::vector<std::pair<Key, HeavyHitters>> later;
   for (auto it = tables_.begin(); it != tables_.end();) {
-    if (it->first.day <= today) {
+    if (it->first.day <= today || it->first.day >= fold_below) {
       ++it;
       continue;
     }
@@ -104,7 +106,7 @@ void RemoteStore::prune(TimePoint now) {
   }
   std::optional<std::int64_t> newest;
   for (const auto& entry : tables_)
-    if (!newest || entry.first.day > *newest) newest = entry.first.day;
+    if (entry.first.day <= today && (!newest || entry.first.day > *newest)) newest = entry.first.day;
   if (!newest) return;
   // A day stays while any of its hours is inside the window (as WindowStore's day_totals sees it) that ends
   // at `now`, or at the newest day's last hour when that is earlier.

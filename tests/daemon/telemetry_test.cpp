@@ -432,6 +432,23 @@ TEST_CASE("a clock far ahead at start shows an empty window but deletes no histo
   std::filesystem::remove_all(dir);
 }
 
+TEST_CASE("a clock far behind at start (an RTC reset) hides the window but keeps it: corrected, it is back") {
+  auto now = kNow;
+  Telemetry telemetry([&now] { return now; });
+  telemetry.configure(test_config());
+  mailflow::Remote remote;
+  remote.address = "192.0.2.7";
+  telemetry.message_delivered("partner-contoso", Direction::inbound, TlsVersion::tls12, 1, 1, remote);
+  const std::string tls12 =
+      R"(mailflow_window_messages{connector="partner-contoso",direction="inbound",tls_version="TLS1.2"})";
+  now = kNow - 24h * 365;
+  CHECK(sample(telemetry.metrics_text(), tls12) == 0.0);
+  CHECK(contoso_remotes(telemetry) == 0);
+  now = kNow + 1h;
+  CHECK(sample(telemetry.metrics_text(), tls12) == 1.0);
+  CHECK(contoso_remotes(telemetry) == 1);
+}
+
 TEST_CASE("messages counted before the clock was stepped back count now, once, and roll off a window later") {
   auto now = kNow + 3h;
   Telemetry telemetry([&now] { return now; });

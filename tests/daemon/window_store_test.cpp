@@ -123,6 +123,28 @@ TEST_CASE("a clock that jumps forwards rolls off as time would, and back again c
   CHECK(store.window_totals("c", in, t + hours(24 * 30)) == TlsCounts{1, 0, 0, 0, 0});
 }
 
+TEST_CASE(
+    "a clock far behind (an RTC reset at boot) neither moves nor drops the history: corrected, it is back") {
+  WindowStore store;  // 7 days
+  const auto t = at(nov(25), 10);
+  store.add("c", in, TlsVersion::tls12, t - hours(50));
+  store.add("c", in, TlsVersion::tls13, t);
+  const auto behind = t - hours(24 * 365);
+  store.prune(behind);  // a window or more ahead: left as they are, unseen
+  CHECK(store.window_totals("c", in, behind) == TlsCounts{});
+  store.add("c", in, TlsVersion::none, behind);  // a message counted meanwhile: at the wrong hour
+  CHECK(store.window_totals("c", in, behind) == TlsCounts{1, 0, 0, 0, 0});
+  store.prune(behind);
+  CHECK(store.window_totals("c", in, t) == TlsCounts{0, 0, 0, 1, 1});
+  store.prune(t);  // corrected: the history is there; the hour long gone leaves with the next prune
+  CHECK(store.window_totals("c", in, t) == TlsCounts{0, 0, 0, 1, 1});
+  CHECK(store.serialize() ==
+        "mailflowd-windows 2\n"
+        "498728 c inbound 0 0 0 1 0\n"
+        "498778 c inbound 0 0 0 0 1\n"
+        "end\n");
+}
+
 TEST_CASE("90-day window keeps 90 days and not an hour more") {
   WindowStore store(hours(24 * 90));
   const auto t0 = at(nov(1), 0);
