@@ -2,6 +2,7 @@
 #include "daemon/mta_sts_cache.hpp"
 
 #include <algorithm>
+#include <limits>
 #include <set>
 #include <sstream>
 #include <vector>
@@ -158,8 +159,17 @@ bool MtaStsCache::deserialize(std::string_view text, std::int64_t now, std::stri
       cached.expires_at = cached.fetched_at + cached.policy.max_age;
     // Each domain once, as written: a second line would silently replace the first.
     if (!seen.insert(fields[0]).second) return bad("domain " + fields[0] + " again");
-    if (cached.expires_at > now) loaded[fields[0]] = std::move(cached);
+    loaded[fields[0]] = std::move(cached);
   }
+  // Expired is measured from the newest fetch in the file, or from `now` where that is earlier, never from a
+  // clock ahead of every fetch: a clock far ahead at boot (before NTP steps it) dropped every cached policy,
+  // for good at the next save, and each domain in enforce mode was without its policy after the clock was
+  // corrected until a fetch got through (RFC 8461 section 10.2: the cache is what defeats a blocked fetch).
+  // Find() still uses only what is unexpired at its `now`.
+  std::int64_t newest_fetch = std::numeric_limits<std::int64_t>::min();
+  for (const auto& [domain, cached] : loaded) newest_fetch = std::max(newest_fetch, cached.fetched_at);
+  const std::int64_t expired_at = std::min(now, newest_fetch);
+  std::erase_if(loaded, [&](const auto& entry) { return entry.second.expires_at <= expired_at; });
   std::lock_guard lock(mutex_);
   policies_ = std::move(loaded);
   return true;

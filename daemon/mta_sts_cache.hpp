@@ -44,7 +44,9 @@ class MtaStsCache {
   void fetch_failed(const std::string& domain, const std::string& id, std::int64_t now);
 
   std::string serialize() const;
-  bool deserialize(std::string_view text, std::int64_t now, std::string& error);  // false: corrupt
+  // False: corrupt. Drops the policies expired at `now` or at the newest fetch in the text, whichever is
+  // earlier (a clock far ahead drops none: they are back when it is corrected).
+  bool deserialize(std::string_view text, std::int64_t now, std::string& error);
   // Its name in state_dir and serialize(), for the StateWriter (atomic save); load moves a corrupt file aside
   // (returns true, error says so) and starts empty.
   StateFile state_file() const;

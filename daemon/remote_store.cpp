@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <charconv>
 #include <limits>
+#include <utility>
+#include <vector>
 
 namespace mailflow {
 
@@ -81,9 +83,37 @@ HeavyHitters RemoteStore::merged(std::string_view connector, config::Direction d
 }
 
 void RemoteStore::prune(TimePoint now) {
-  // A day stays while any of its hours is inside the window (as WindowStore's day_totals sees it).
-  const auto first_hour = std::chrono::floor<std::chrono::hours>(now) - limits_.window + std::chrono::hours(1);
-  const std::int64_t first_day = day_of(TimePoint(first_hour));
+  // As WindowStore::prune: the tables of days less than a window after today (the clock was stepped back
+  // since) count as today's, those further ahead stay unseen (a clock far behind), and what rolled off is
+  // measured from the newest data up to now, never from a clock ahead of it.
+  const std::int64_t today = day_of(now);
+  const std::int64_t fold_below = today + (limits_.window.count() + 23) / 24;
+  std::vector<std::pair<Key, HeavyHitters>> later;
+  for (auto it = tables_.begin(); it != tables_.end();) {
+    if (it->first.day <= today || it->first.day >= fold_below) {
+      ++it;
+      continue;
+    }
+    later.emplace_back(it->first, std::move(it->second));
+    it = tables_.erase(it);
+  }
+  for (auto& [key, table] : later) {
+    Key into = key;
+    into.day = today;
+    auto it = tables_.find(into);
+    if (it == tables_.end()) it = tables_.emplace(into, HeavyHitters(capacity(into.table))).first;
+    it->second.merge(table);
+  }
+  std::optional<std::int64_t> newest;
+  for (const auto& entry : tables_)
+    if (entry.first.day <= today && (!newest || entry.first.day > *newest)) newest = entry.first.day;
+  if (!newest) return;
+  // A day stays while any of its hours is inside the window (as WindowStore's day_totals sees it) that ends
+  // at `now`, or at the newest day's last hour when that is earlier.
+  const auto end = std::min(std::chrono::floor<std::chrono::hours>(now),
+                            std::chrono::floor<std::chrono::hours>(TimePoint(std::chrono::days(*newest + 1)) -
+                                                                   std::chrono::hours(1)));
+  const std::int64_t first_day = day_of(TimePoint(end - limits_.window + std::chrono::hours(1)));
   std::erase_if(tables_, [&](const auto& entry) { return entry.first.day < first_day; });
 }
 

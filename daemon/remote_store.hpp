@@ -45,7 +45,10 @@ class RemoteStore {
   HeavyHitters merged(std::string_view connector, config::Direction direction, RemoteTable table,
                       std::chrono::sys_days first, std::chrono::sys_days last) const;
 
-  void prune(TimePoint now);  // drops days that left the window
+  // Days less than a window after today (a clock stepped back) merge into today (those further ahead stay,
+  // unseen: a clock far behind); days that left the window are dropped, the window ending at `now` or at the
+  // end of the newest day up to today when that is earlier (a clock far ahead drops nothing).
+  void prune(TimePoint now);
 
   // Verified reverse names (PTR, forward-confirmed). name(): the cached name ("" = looked up, none), nullopt
   // when unknown or expired. Addresses of inbound remotes without a cached name queue for a lookup (bounded).

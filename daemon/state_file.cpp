@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <sys/file.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -131,10 +132,20 @@ StateRead read_state_file(const std::string& state_dir, std::string_view name, s
                           std::string& text, std::string& error) {
   const fs::path path = fs::path(state_dir) / name;
   text.clear();
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  // O_NONBLOCK: a FIFO opens at once instead of waiting for a writer (the daemon never started, and never
+  // said why), and is refused below as what it is.
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) {
     if (errno == ENOENT) return StateRead::absent;
     error = "cannot open " + path.string() + ": " + std::strerror(errno);
+    return StateRead::failed;
+  }
+  // Only a regular file is state, as Postfix's safe_open() takes nothing else ("must be a regular file"):
+  // like a file that cannot be read, it is refused, naming it, and nothing is moved or overwritten.
+  struct stat st {};
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    ::close(fd);
+    error = "cannot read " + path.string() + ": not a regular file";
     return StateRead::failed;
   }
   char buffer[65536];

@@ -22,7 +22,9 @@ bool write_state_file(const std::string& state_dir, std::string_view name, std::
                       std::string& error);
 
 enum class StateRead { read, absent, too_big, failed };
-// Reads state_dir/name (at most max_bytes). absent: no such file (a first start). failed: error says why.
+// Reads state_dir/name (at most max_bytes). absent: no such file (a first start). failed: error says why;
+// also for anything but a regular file (a directory, a device, a FIFO, whose open waited for a writer
+// forever).
 StateRead read_state_file(const std::string& state_dir, std::string_view name, std::size_t max_bytes,
                           std::string& text, std::string& error);
 

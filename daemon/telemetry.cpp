@@ -899,6 +899,7 @@ std::string Telemetry::metrics_text() {
 Report Telemetry::report(int days) {
   const auto now = impl_->clock();
   std::lock_guard lock(impl_->mutex);
+  impl_->windows.prune(now);  // buckets of a clock stepped back since count now, as at a scrape
   impl_->remotes.prune(now);
   Report report = build_report(impl_->windows, *impl_->config, days, now);
   add_drilldown(report, impl_->remotes, now);

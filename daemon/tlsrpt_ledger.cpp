@@ -68,9 +68,11 @@ TlsRptLedger::Verdict TlsRptLedger::verdict(const Key& key, const std::vector<st
   return verdict;
 }
 
-std::size_t TlsRptLedger::keep_only(const std::vector<Key>& keys) {
+std::size_t TlsRptLedger::keep_only(const std::vector<Key>& keys, std::string_view oldest_date) {
   const std::set<Key> kept(keys.begin(), keys.end());
-  return std::erase_if(entries_, [&](const auto& entry) { return !kept.contains(entry.first); });
+  return std::erase_if(entries_, [&](const auto& entry) {
+    return !kept.contains(entry.first) && std::string_view(entry.first.first) < oldest_date;
+  });
 }
 
 namespace {

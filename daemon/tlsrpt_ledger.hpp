@@ -5,8 +5,9 @@
 // `retry_for` after its first try is given up. No I/O here: serialize() and parse() give the text that the
 // sender keeps in state_dir/tlsrpt-ledger.state, so that a restart neither sends a report again to a rua that
 // took it nor restarts its retry_for. A report done with (sent, or given up) stays, with nothing left to try,
-// until the store has forgotten it too. Bounded by the store: keep_only() drops what left it (done with, or
-// older than max_days). Not thread-safe: one sender owns it.
+// as long as the store may hold its date (max_days): sessions the store records for that day after it was
+// sent (the clock stepped back over midnight) never make a second report of one day. Bounded as the store:
+// keep_only() drops what left the store and is older than that. Not thread-safe: one sender owns it.
 #include <chrono>
 #include <cstdint>
 #include <map>
@@ -45,9 +46,9 @@ class TlsRptLedger {
   Verdict record(const Key& key, const std::vector<std::string>& rua,
                  const std::vector<std::pair<std::string, TlsRptDelivery>>& outcomes, std::int64_t now,
                  std::chrono::seconds retry_for);
-  // Reports no longer in the store (sent, or dropped after max_days) are forgotten here too; returns how
-  // many.
-  std::size_t keep_only(const std::vector<Key>& keys);
+  // Reports no longer in the store (sent, or dropped after max_days) whose date is before `oldest_date` (the
+  // oldest day the store may still hold, "YYYY-MM-DD") are forgotten here too; returns how many.
+  std::size_t keep_only(const std::vector<Key>& keys, std::string_view oldest_date);
   std::size_t size() const { return entries_.size(); }
 
   // The state file's text: a header line, then per report "report DATE DOMAIN FIRST_TRY FINISHED-RUA,...".

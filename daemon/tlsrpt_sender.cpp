@@ -74,6 +74,12 @@ std::string utc_date(std::int64_t unix_seconds) {
                      static_cast<unsigned>(ymd.day()));
 }
 
+// The oldest day the store may still hold (max_days before today): the ledger keeps a report done with until
+// then, so that sessions recorded for its day after it was sent never make a second report of that day.
+std::string oldest_kept_date(std::int64_t now) {
+  return utc_date(now - std::int64_t{TlsRptLimits{}.max_days} * 86400);
+}
+
 std::string rfc5322_date(std::int64_t unix_seconds) {
   const std::time_t t = static_cast<std::time_t>(unix_seconds);
   std::tm tm{};
@@ -277,7 +283,8 @@ void TlsRptSender::save_ledger() {
 }
 
 void TlsRptSender::forget_reports_saved_gone(std::int64_t now) {
-  if (ledger_.keep_only(telemetry_.tlsrpt().reports_before(utc_date(now))) > 0) ledger_changed_ = true;
+  if (ledger_.keep_only(telemetry_.tlsrpt().reports_before(utc_date(now)), oldest_kept_date(now)) > 0)
+    ledger_changed_ = true;
   save_ledger();
 }
 
@@ -313,7 +320,7 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
   const config::Config& config = *current->config;
   TlsRptStore& store = telemetry_.tlsrpt();
   const auto keys = store.reports_before(utc_date(now));
-  if (ledger_.keep_only(keys) > 0) ledger_changed_ = true;
+  if (ledger_.keep_only(keys, oldest_kept_date(now)) > 0) ledger_changed_ = true;
   if (keys.empty()) {
     save_ledger();
     co_return 0;
@@ -346,7 +353,17 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
     if (!day || day->rua.empty()) continue;
     ++tried;
     const std::string gzipped = gzip(proto::tlsrpt::render_json(*day, submitter));
-    for (const auto& uri : ledger_.to_try(key, day->rua)) {
+    const auto pending = ledger_.to_try(key, day->rua);
+    if (pending.empty()) {
+      // Every rua took (or refused) this day's report already: sessions recorded for the day after its report
+      // went out (the clock was stepped back over midnight), or a crash before the store's save. RFC 8460
+      // section 4: a report covers one UTC day; a second one for the same day would be counted twice.
+      log_event(LogLevel::warn, "tlsrpt_not_sent_again",
+                {{"date", day->date},
+                 {"domain", day->domain},
+                 {"reason", "the report of this day was already sent to every rua"}});
+    }
+    for (const auto& uri : pending) {
       const RuaTarget target = parse_rua(uri);
       std::string detail;
       TlsRptDelivery result = TlsRptDelivery::permanent_failure;
@@ -415,10 +432,10 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
           *kept = store.reports_before(today);
           return std::vector{store.state_file()};
         },
-        [this, kept](bool saved) {
+        [this, kept, oldest = oldest_kept_date(now)](bool saved) {
           if (!saved) return;
-          asio::post(executor_, [this, kept] {
-            if (ledger_.keep_only(*kept) > 0) {
+          asio::post(executor_, [this, kept, oldest] {
+            if (ledger_.keep_only(*kept, oldest) > 0) {
               ledger_changed_ = true;
               save_ledger();
             }

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <charconv>
+#include <iterator>
 #include <limits>
 
 namespace mailflow {
@@ -191,7 +192,38 @@ std::optional<WindowStore::TimePoint> WindowStore::first_data(TimePoint now) con
 }
 
 void WindowStore::prune(TimePoint now) {
-  const std::int64_t first = hour_of(now) - window_.count() + 1;
+  const std::int64_t now_hour = hour_of(now);
+  const auto after = [](std::int64_t h, const Bucket& b) { return h < b.hour; };
+  // Buckets less than a window after the current hour (the clock was stepped back since they were counted)
+  // count in the current hour: each message stays counted once, and now, rather than vanishing from the
+  // window until the clock has caught up with them. Those a window or more ahead are left as they are,
+  // unseen: the clock may be far behind (an RTC reset at boot, before NTP steps it), and folding them would
+  // move the whole history into an hour long gone.
+  const std::int64_t fold_below = now_hour + window_.count();
+  std::optional<std::int64_t> newest;  // the newest hour with data up to now
+  for (auto& [key, series] : series_) {
+    const auto later = std::upper_bound(series.begin(), series.end(), now_hour, after);
+    const auto far = std::lower_bound(later, series.end(), fold_below,
+                                      [](const Bucket& b, std::int64_t h) { return b.hour < h; });
+    if (later != far) {
+      TlsCounts folded{};
+      for (auto it = later; it != far; ++it) add_counts(folded, it->counts);
+      const auto at = series.erase(later, far);
+      const bool has_now = at != series.begin() && std::prev(at)->hour == now_hour;
+      const auto into = has_now ? std::prev(at) : series.insert(at, Bucket{now_hour, {}});
+      add_counts(into->counts, folded);
+    }
+    const auto up_to_now = std::upper_bound(series.begin(), series.end(), now_hour, after);
+    if (up_to_now != series.begin() && (!newest || std::prev(up_to_now)->hour > *newest))
+      newest = std::prev(up_to_now)->hour;
+  }
+  if (!newest) return;
+  // What rolled off is measured from the newest data up to now, not from the clock (as Prometheus's retention
+  // is, from the newest block's end: tsdb BeyondTimeRetention): a clock far ahead (a VM's wrong clock at
+  // boot, before NTP steps it) shows an empty window but deletes nothing, and the history is back when the
+  // clock is corrected. The window shown always ends at `now`; what is kept beyond it is at most one window
+  // per key.
+  const std::int64_t first = *newest - window_.count() + 1;
   for (auto it = series_.begin(); it != series_.end();) {
     Series& series = it->second;
     const auto keep = std::lower_bound(series.begin(), series.end(), first,

@@ -1,8 +1,10 @@
 #pragma once
 // Rolling per-connector message counts in hourly buckets: a plain class, no I/O, no locking, clock passed in.
 // Buckets are keyed by absolute UTC hour, so a clock that jumps backwards or forwards neither loses nor
-// double-counts: a jump back lands in an older bucket still inside the window, a jump forward rolls old
-// buckets off exactly as time would.
+// double-counts: a jump back lands in an older bucket still inside the window (and prune() moves the buckets
+// then less than a window in the future into the current hour), a jump forward rolls old buckets out of the
+// window shown exactly as time would, but prune() deletes them only once newer data is a window ahead of
+// them.
 #include <array>
 #include <chrono>
 #include <cstdint>
@@ -51,7 +53,10 @@ class WindowStore {
   // when the window is empty. The report prints no days before it (the daemon, or its state, did not exist).
   std::optional<TimePoint> first_data(TimePoint now) const;
 
-  void prune(TimePoint now);  // drop buckets that rolled off (buckets in the future are kept)
+  // Buckets less than a window after the hour of `now` (a clock stepped back) move into that hour (those
+  // further ahead stay, unseen: a clock far behind); then the buckets more than a window before the newest
+  // one up to `now` are dropped (measured from the data, so a clock far ahead drops nothing).
+  void prune(TimePoint now);
 
   // Copies into `into` the history of at most `most` keys, those after `after` (from the first key when
   // nullopt), and this store's window; returns the last key copied, nullopt when none was left. A save copies

@@ -332,6 +332,8 @@ TEST_CASE("remote store: per day tables, merged over days, dropped when they lea
             .total_weight() == 2);
   CHECK(store.merged("internet", Direction::outbound, RemoteTable::domains, first, first).total_weight() == 1);
 
+  // The window is measured from the newest data (never from a clock ahead of it): mail at the hour pruned at.
+  store.add("late", Direction::inbound, RemoteTable::remotes, obs("198.51.100.1"), day0 + hours(84));
   store.prune(day0 + hours(84));  // 72 hours to 23:00 two days on: day0 has one hour left in the window
   CHECK(store.merged("other", Direction::inbound, RemoteTable::remotes, first, first).total_weight() == 1);
   store.prune(day0 + hours(85));  // now the window starts at the next day's 00:00

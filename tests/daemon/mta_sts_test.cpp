@@ -74,19 +74,24 @@ TEST_CASE(
   CHECK(cache.fetch_due("hour.example", "1", 1000 + 1800));
 }
 
-TEST_CASE("mta-sts cache: saved and loaded - expired entries are not loaded - corrupt file moved aside") {
+TEST_CASE(
+    "mta-sts cache: saved and loaded - entries expired before the newest fetch are not loaded - corrupt file "
+    "moved aside") {
   const auto dir = std::filesystem::temp_directory_path() / ("mailflow-mta-sts-" + std::to_string(::getpid()));
   std::filesystem::create_directories(dir);
   MtaStsCache cache;
   cache.store("a.example", {"id1", policy(proto::mta_sts::Mode::enforce), 100, 1000}, 100);
   cache.store("b.example", {"id2", policy(proto::mta_sts::Mode::testing), 100, 300}, 100);
+  cache.store("c.example", {"id3", policy(proto::mta_sts::Mode::testing), 400, 450}, 400);
   std::string error;
   const auto file = cache.state_file();
   REQUIRE(mailflow::write_state_file(dir.string(), file.name, file.text, error));
   MtaStsCache loaded;
   REQUIRE(loaded.load(dir.string(), 500, error));
   CHECK(error.empty());
-  CHECK(loaded.size() == 1);
+  CHECK(loaded.size() == 2);  // b expired before the newest fetch (400): not loaded
+  CHECK_FALSE(loaded.find("b.example", 500).has_value());
+  CHECK_FALSE(loaded.find("c.example", 500).has_value());  // loaded, expired at 500: not used
   const auto a = loaded.find("a.example", 500);
   REQUIRE(a.has_value());
   CHECK(a->policy == policy(proto::mta_sts::Mode::enforce));
@@ -97,6 +102,22 @@ TEST_CASE("mta-sts cache: saved and loaded - expired entries are not loaded - co
   CHECK(error.find("invalid policy") != std::string::npos);
   CHECK(std::filesystem::exists(dir / "mta-sts.state.corrupt-77"));
   std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("mta-sts cache: a clock far ahead at start drops no cached policy: corrected, they are in force") {
+  MtaStsCache cache;
+  cache.store("a.example", {"id1", policy(proto::mta_sts::Mode::enforce), 1000, 1000 + 86400}, 1000);
+  const std::int64_t year_ahead = 2000 + 365 * 86400;
+  std::string error;
+  MtaStsCache booted;  // loaded under the wrong clock, and saved under it
+  REQUIRE(booted.deserialize(cache.serialize(), year_ahead, error));
+  CHECK_FALSE(booted.find("a.example", year_ahead).has_value());  // expired at that time: not used
+  MtaStsCache corrected;
+  REQUIRE(corrected.deserialize(booted.serialize(), 2000, error));
+  const auto a = corrected.find("a.example", 2000);
+  REQUIRE(a.has_value());
+  CHECK(a->policy.mode == proto::mta_sts::Mode::enforce);
+  CHECK(booted.find("a.example", 2000).has_value());  // the same process, once NTP stepped the clock back
 }
 
 TEST_CASE("mta-sts cache: a file cut at any byte is never loaded as valid") {

@@ -387,6 +387,88 @@ TEST_CASE("state survives save and load, a missing file is an empty start") {
   std::filesystem::remove_all(dir);
 }
 
+// The drill-down's rows of partner-contoso/inbound in the report at the telemetry's clock (7 days).
+std::size_t contoso_remotes(Telemetry& telemetry) {
+  for (const auto& drilldown : telemetry.report(7).drilldowns)
+    if (drilldown.connector == "partner-contoso" && drilldown.direction == Direction::inbound)
+      return drilldown.remotes.rows.size();
+  return 0;
+}
+
+TEST_CASE("a clock far ahead at start shows an empty window but deletes no history: corrected, it is back") {
+  const auto dir = fresh_dir("clock-ahead");
+  std::string error;
+  auto now = kNow;
+  const Telemetry::Clock clock = [&now] { return now; };
+  const std::string tls12 =
+      R"(mailflow_window_messages{connector="partner-contoso",direction="inbound",tls_version="TLS1.2"})";
+  mailflow::Remote remote;
+  remote.address = "192.0.2.7";
+  remote.name = "mx.contoso.example";
+  {
+    Telemetry telemetry(clock);
+    telemetry.configure(test_config());
+    telemetry.message_delivered("partner-contoso", Direction::inbound, TlsVersion::tls12, 1, 1, remote);
+    REQUIRE_MESSAGE(save_state(telemetry, dir.string(), error), error);
+  }
+  // A VM boots with its clock a year ahead: mailflowd loads its state, is scraped, asked for the report and
+  // saves before NTP steps the clock back.
+  now = kNow + 24h * 365;
+  Telemetry restarted(clock);
+  restarted.configure(test_config());
+  REQUIRE(restarted.load_state(dir.string(), error));
+  CHECK(sample(restarted.metrics_text(), tls12) == 0.0);  // the window ending a year from now is empty
+  CHECK(contoso_remotes(restarted) == 0);
+  REQUIRE_MESSAGE(save_state(restarted, dir.string(), error), error);
+
+  now = kNow + 1h;  // the clock is corrected
+  CHECK(sample(restarted.metrics_text(), tls12) == 1.0);
+  CHECK(contoso_remotes(restarted) == 1);
+  Telemetry again(clock);  // and what it saved under the wrong clock still holds the history
+  again.configure(test_config());
+  REQUIRE(again.load_state(dir.string(), error));
+  CHECK(sample(again.metrics_text(), tls12) == 1.0);
+  CHECK(contoso_remotes(again) == 1);
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("a clock far behind at start (an RTC reset) hides the window but keeps it: corrected, it is back") {
+  auto now = kNow;
+  Telemetry telemetry([&now] { return now; });
+  telemetry.configure(test_config());
+  mailflow::Remote remote;
+  remote.address = "192.0.2.7";
+  telemetry.message_delivered("partner-contoso", Direction::inbound, TlsVersion::tls12, 1, 1, remote);
+  const std::string tls12 =
+      R"(mailflow_window_messages{connector="partner-contoso",direction="inbound",tls_version="TLS1.2"})";
+  now = kNow - 24h * 365;
+  CHECK(sample(telemetry.metrics_text(), tls12) == 0.0);
+  CHECK(contoso_remotes(telemetry) == 0);
+  now = kNow + 1h;
+  CHECK(sample(telemetry.metrics_text(), tls12) == 1.0);
+  CHECK(contoso_remotes(telemetry) == 1);
+}
+
+TEST_CASE("messages counted before the clock was stepped back count now, once, and roll off a window later") {
+  auto now = kNow + 3h;
+  Telemetry telemetry([&now] { return now; });
+  telemetry.configure(test_config());
+  mailflow::Remote remote;
+  remote.address = "192.0.2.7";
+  telemetry.message_delivered("partner-contoso", Direction::inbound, TlsVersion::tls10, 1, 1, remote);
+  const std::string tls10 =
+      R"(mailflow_window_messages{connector="partner-contoso",direction="inbound",tls_version="TLS1.0"})";
+  now = kNow;  // NTP steps the clock back three hours
+  CHECK(sample(telemetry.metrics_text(), tls10) == 1.0);
+  CHECK(contoso_remotes(telemetry) == 1);
+  telemetry.message_delivered("partner-contoso", Direction::inbound, TlsVersion::tls10, 1, 1, remote);
+  CHECK(sample(telemetry.metrics_text(), tls10) == 2.0);
+  now = kNow + 3h;  // the hour they were first counted in: neither is counted twice
+  CHECK(sample(telemetry.metrics_text(), tls10) == 2.0);
+  now = kNow + 24h * 7;  // both count in the hour of the step, and leave the window with it
+  CHECK(sample(telemetry.metrics_text(), tls10) == 0.0);
+}
+
 TEST_CASE("a save of many connectors (copied a few at a time) holds every one of them") {
   const auto dir = fresh_dir("many");
   auto config = test_config();

@@ -31,8 +31,28 @@ TEST_CASE("ledger: a report every rua took is done, and only the failed rua are 
   CHECK(ledger.size() == 1);
   CHECK(ledger.to_try(day, rua).empty());
   CHECK(ledger.record(day, rua, {}, 4700, 24h).kind == Kind::done);
-  CHECK(ledger.keep_only({}) == 1);
+  CHECK(ledger.keep_only({}, "2026-01-03") == 1);
   CHECK(ledger.to_try(day, rua) == rua);  // forgotten: a new report of that key starts over
+}
+
+TEST_CASE("ledger: a report sent and gone from the store stays sent while the store may hold its day again") {
+  // The clock is stepped back over midnight after the day's report went out: the store records sessions for
+  // that day again. Its report must not go out a second time (RFC 8460 section 4: one report per UTC day).
+  TlsRptLedger ledger;
+  REQUIRE(ledger
+              .record(day, rua,
+                      {{rua[0], TlsRptDelivery::success}, {rua[1], TlsRptDelivery::permanent_failure}}, 1000,
+                      24h)
+              .kind == Kind::done);
+  CHECK(ledger.keep_only({}, "2025-12-18") == 0);  // the store forgot it, 2026-01-02 may come back
+  CHECK(ledger.to_try(day, rua).empty());
+  CHECK(ledger.record(day, rua, {}, 90000, 24h).kind == Kind::done);
+  std::string error;
+  const auto loaded = TlsRptLedger::parse(ledger.serialize(), error);  // and after a restart
+  REQUIRE(loaded);
+  CHECK(loaded->to_try(day, rua).empty());
+  CHECK(ledger.keep_only({}, "2026-01-03") == 1);  // past max_days: the store cannot hold that day any more
+  CHECK(ledger.to_try(day, rua) == rua);
 }
 
 TEST_CASE("ledger: a rua that took the report is in the saved text at once, before the other rua are tried") {
@@ -71,7 +91,7 @@ TEST_CASE("ledger: still failing retry_for after the first try: given up, with t
   const auto again = ledger.record(day, rua, {}, first + 25 * 3600, 24h);
   CHECK(again.kind == Kind::done);
   CHECK(again.given_up.empty());
-  CHECK(ledger.keep_only({}) == 1);
+  CHECK(ledger.keep_only({}, "2026-01-03") == 1);
 }
 
 TEST_CASE("ledger: retry_for 0 gives up at the first temporary failure, reports keep their own clocks") {
@@ -89,7 +109,7 @@ TEST_CASE("ledger: reports that left the store are forgotten") {
   ledger.record(day, rua, {{rua[0], TlsRptDelivery::temporary_failure}}, 1, 24h);
   ledger.record(other, rua, {{rua[0], TlsRptDelivery::temporary_failure}}, 1, 24h);
   CHECK(ledger.size() == 2);
-  ledger.keep_only({other});
+  ledger.keep_only({other}, "2026-01-03");
   CHECK(ledger.size() == 1);
   CHECK(ledger.to_try(day, rua) == rua);
 }
@@ -180,8 +200,8 @@ TEST_CASE("ledger: a loaded ledger drops the reports that left the store at the 
   std::string error;
   auto loaded = TlsRptLedger::parse(ledger.serialize(), error);
   REQUIRE(loaded);
-  CHECK(loaded->keep_only({day}) == 1);
-  CHECK(loaded->keep_only({day}) == 0);
+  CHECK(loaded->keep_only({day}, "2026-01-02") == 1);
+  CHECK(loaded->keep_only({day}, "2026-01-02") == 0);
   CHECK(loaded->size() == 1);
   CHECK(loaded->serialize().find("2025-12-01") == std::string::npos);
   CHECK(loaded->to_try(old, rua) == rua);

@@ -65,12 +65,15 @@ TEST_CASE("a message rolls off exactly when its hour leaves the window") {
   CHECK(total(store.window_totals("c", in, at(nov(18), 10, 0))) == 1);
   CHECK(total(store.window_totals("c", in, at(nov(25), 9, 59, 59))) == 1);  // 167 hours later: still inside
   CHECK(total(store.window_totals("c", in, at(nov(25), 10, 0))) == 0);      // 168 hours: rolled off
-  // Pruning at the boundary drops exactly that bucket and nothing newer.
+  // Pruning drops what is a window before the newest data: exactly that bucket and nothing newer.
   store.add("c", in, TlsVersion::tls13, at(nov(18), 11, 0));
+  store.add("d", in, TlsVersion::tls13, at(nov(25), 10, 0));
   store.prune(at(nov(25), 10, 0));
   CHECK(store.window_totals("c", in, at(nov(25), 10, 0)) == TlsCounts{0, 0, 0, 0, 1});
+  CHECK(store.window_totals("c", in, at(nov(18), 11, 0)) == TlsCounts{0, 0, 0, 0, 1});  // 10:00 is gone
+  store.add("d", in, TlsVersion::tls13, at(nov(25), 11, 0));
   store.prune(at(nov(25), 11, 0));
-  CHECK(store.keys().empty());
+  CHECK(store.keys().size() == 1);
 }
 
 TEST_CASE("a clock that jumps backwards neither loses nor double-counts") {
@@ -79,9 +82,11 @@ TEST_CASE("a clock that jumps backwards neither loses nor double-counts") {
   store.add("c", in, TlsVersion::tls12, t);
   store.add("c", in, TlsVersion::tls10, t - hours(3));  // NTP stepped the clock back three hours
   store.add("c", in, TlsVersion::tls10, t - hours(3));
-  // While the clock is behind, the window ends at the earlier hour: the later bucket is not yet inside.
+  // The window ends at the earlier hour: the later bucket is not inside until prune() (at every scrape and
+  // report) moves it into the current hour, so that the message stays in the window, counted once.
   CHECK(store.window_totals("c", in, t - hours(3)) == TlsCounts{0, 2, 0, 0, 0});
   store.prune(t - hours(3));  // must not drop the "future" bucket
+  CHECK(store.window_totals("c", in, t - hours(3)) == TlsCounts{0, 2, 0, 1, 0});
   // Back at the real time everything is there, each message once.
   CHECK(store.window_totals("c", in, t) == TlsCounts{0, 2, 0, 1, 0});
   store.add("c", in, TlsVersion::tls12, t);
@@ -90,9 +95,9 @@ TEST_CASE("a clock that jumps backwards neither loses nor double-counts") {
   store.add("c", in, TlsVersion::none, t - hours(1));
   CHECK(store.serialize() ==
         "mailflowd-windows 2\n"
-        "498775 c inbound 0 2 0 0 0\n"
+        "498775 c inbound 0 2 0 1 0\n"
         "498777 c inbound 1 0 0 0 0\n"
-        "498778 c inbound 0 0 0 2 0\n"
+        "498778 c inbound 0 0 0 1 0\n"
         "end\n");
 }
 
@@ -102,14 +107,42 @@ TEST_CASE("a clock that jumps forwards rolls off as time would, and back again c
   store.add("c", in, TlsVersion::tls12, t);
   store.add("c", in, TlsVersion::tls13, t + hours(48));  // clock jumped two days ahead
   CHECK(store.window_totals("c", in, t + hours(48)) == TlsCounts{0, 0, 0, 1, 1});
-  // The clock is corrected: the bucket from the "future" is not counted yet, nothing is lost.
+  // The clock is corrected: the bucket from the "future" counts in the current hour from the next prune on,
+  // nothing is lost.
   store.add("c", in, TlsVersion::tls12, t + hours(1));
   CHECK(store.window_totals("c", in, t + hours(1)) == TlsCounts{0, 0, 0, 2, 0});
+  store.prune(t + hours(1));
+  CHECK(store.window_totals("c", in, t + hours(1)) == TlsCounts{0, 0, 0, 2, 1});
   CHECK(store.window_totals("c", in, t + hours(48)) == TlsCounts{0, 0, 0, 2, 1});
-  // A jump far ahead (beyond the window) rolls everything before it off.
+  // A jump far ahead (beyond the window) rolls everything before it out of the window; a prune then deletes
+  // nothing (the newest data is the measure), a message counted then does.
   CHECK(store.window_totals("c", in, t + hours(24 * 30)) == TlsCounts{});
+  store.prune(t + hours(24 * 30));
+  CHECK(store.window_totals("c", in, t + hours(1)) == TlsCounts{0, 0, 0, 2, 1});
   store.add("c", in, TlsVersion::none, t + hours(24 * 30));
   CHECK(store.window_totals("c", in, t + hours(24 * 30)) == TlsCounts{1, 0, 0, 0, 0});
+}
+
+TEST_CASE(
+    "a clock far behind (an RTC reset at boot) neither moves nor drops the history: corrected, it is back") {
+  WindowStore store;  // 7 days
+  const auto t = at(nov(25), 10);
+  store.add("c", in, TlsVersion::tls12, t - hours(50));
+  store.add("c", in, TlsVersion::tls13, t);
+  const auto behind = t - hours(24 * 365);
+  store.prune(behind);  // a window or more ahead: left as they are, unseen
+  CHECK(store.window_totals("c", in, behind) == TlsCounts{});
+  store.add("c", in, TlsVersion::none, behind);  // a message counted meanwhile: at the wrong hour
+  CHECK(store.window_totals("c", in, behind) == TlsCounts{1, 0, 0, 0, 0});
+  store.prune(behind);
+  CHECK(store.window_totals("c", in, t) == TlsCounts{0, 0, 0, 1, 1});
+  store.prune(t);  // corrected: the history is there; the hour long gone leaves with the next prune
+  CHECK(store.window_totals("c", in, t) == TlsCounts{0, 0, 0, 1, 1});
+  CHECK(store.serialize() ==
+        "mailflowd-windows 2\n"
+        "498728 c inbound 0 0 0 1 0\n"
+        "498778 c inbound 0 0 0 0 1\n"
+        "end\n");
 }
 
 TEST_CASE("90-day window keeps 90 days and not an hour more") {
@@ -167,6 +200,9 @@ TEST_CASE("keys lists every connector with history, including removed ones, unti
   // Five hours later alpha/inbound's only bucket has rolled off: gone from keys(now) even before a prune.
   CHECK(store.keys(t + hours(5)).size() == 2);
   CHECK(store.keys().size() == 3);
+  store.prune(t + hours(5));  // nothing newer than t: a prune keeps it
+  CHECK(store.keys().size() == 3);
+  store.add("zeta", out, TlsVersion::tls12, t + hours(5));
   store.prune(t + hours(5));
   CHECK(store.keys().size() == 2);
 }

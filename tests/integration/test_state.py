@@ -368,6 +368,21 @@ def test_state_file_is_a_directory(env):
     assert "state_dir" in out and "windows.state" in out, f"the message should name the state file:\n{out}"
 
 
+@pytest.mark.parametrize("file", ["windows.state", "remotes.state", "tlsrpt.state", "tlsrpt-ledger.state",
+                                  "mta-sts.state"])
+def test_a_state_file_that_is_a_fifo_is_refused_at_once(env, file):
+    """A FIFO in place of a state file (a mistake, a planted one): the open waited for a writer forever, so the daemon
+    never became ready and never said why (under systemd: a start timeout, no log line). Refused at once, as a
+    directory is, naming the file: as Postfix's safe_open(), only a regular file is read."""
+    state = env.workdir / f"state-fifo-{file}"
+    state.mkdir()
+    os.mkfifo(state / file)
+    rc, out, _ = start_expecting_refusal(env, f"state-fifo-{file}", state)
+    assert rc != 0, f"mailflowd started with {file} a FIFO:\n{out}"
+    assert f"{file}: not a regular file" in out, f"the message should name the file and say why:\n{out}"
+    assert (state / file).is_fifo(), "nothing is moved or replaced"
+
+
 def test_state_dir_not_writable(env, tmp_path_factory):
     """A state_dir the daemon's user cannot write. As root (permissions do not bind root), the daemon runs as
     `nobody` via setpriv against a root-owned 0755 directory; otherwise the directory is made 0555."""

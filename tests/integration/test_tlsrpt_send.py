@@ -36,6 +36,7 @@ DATE = "2026-01-02"
 ADDR = {"ok": "127.0.0.51", "busy": "127.0.0.52"}
 LEDGER_ADDR = {"took": "127.0.0.53", "later": "127.0.0.54"}  # the restart test's own rua hosts
 STALL_ADDR = "127.0.0.55"  # an MX host that takes the connection and never greets
+AGAIN_ADDR = "127.0.0.150"  # the one-report-per-day test's rua host
 ZONE = f"""$ORIGIN rpt.example.net.
 $TTL 300
 @              SOA   ns hostmaster 1 3600 600 86400 300
@@ -50,6 +51,8 @@ mx.took        A     {LEDGER_ADDR["took"]}
 later          MX    10 mx.later
 mx.later       A     {LEDGER_ADDR["later"]}
 stall          MX    10 mx.stall
+again          MX    10 mx.again
+mx.again       A     {AGAIN_ADDR}
 mx.stall       A     {STALL_ADDR}
 reports        A     127.0.0.1
 wrong          A     127.0.0.1
@@ -392,6 +395,50 @@ policy no-policy-found - - 2 0 0
         time.sleep(2.5)  # two runs of the sender
         assert took.count() == 1, "the report went out again after the crash"
         assert "e.example.net" not in reports_of(second, DATE)
+    finally:
+        assert second.stop() == 0, second.log_tail()
+        harness.LIVE.remove(second)
+
+
+def test_a_day_recorded_again_after_its_report_went_out_is_not_sent_twice(workdir, knot, sink_factory, mailflowd_bin):
+    """The clock stepped back over midnight after a day's report went out: the store records sessions for that day
+    again (here: the tlsrpt.state that the daemon writes then). RFC 8460 section 4: a report covers one UTC day; the
+    ledger keeps the sent report while the store may hold its day (max_days), and the day is not reported again,
+    which the log says."""
+    port = harness.free_port("127.0.0.1", AGAIN_ADDR)
+    again = sink_factory("rua-again", host=AGAIN_ADDR, port=port)
+    yesterday = (datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=1)).strftime("%Y-%m-%d")
+    state_dir = workdir / "sent-again-state"
+    state_dir.mkdir(exist_ok=True)
+
+    def day_state(sessions):
+        return f"""mailflowd-tlsrpt 1
+day {yesterday} f.example.net mailto:tlsrpt@again.rpt.example.net
+policy no-policy-found - - {sessions} 0 0
+"""
+
+    (state_dir / "tlsrpt.state").write_text(day_state(2))
+    tlsrpt = {"send": True, "submitter": SUBMITTER, "smtp_port": port, "interval": "1s"}
+    listeners = [{"name": "out", "address": f"127.0.0.1:{harness.free_port()}", "direction": "outbound",
+                  "upstream": "internet"}]
+    config = harness.default_config(state_dir, harness.free_port(), listeners, [{"name": "internet", "mx": True}],
+                                    dns={"servers": [knot.address], "timeout": "3s"}, tlsrpt=tlsrpt)
+    first = harness.Daemon(mailflowd_bin, workdir, config, name="sent-again").start()
+    try:
+        again.wait_messages(1, timeout=20)
+        harness.wait_for(lambda: "f.example.net" not in reports_of(first, yesterday), 10, what="the report done with")
+    finally:
+        assert first.stop() == 0, first.log_tail()
+        harness.LIVE.remove(first)
+    (state_dir / "tlsrpt.state").write_text(day_state(3))  # sessions recorded for that day after its report
+    second = harness.Daemon(mailflowd_bin, workdir, config, name="sent-again-later").start()
+    try:
+        harness.wait_for(lambda: "tlsrpt_not_sent_again" in second.stderr() or again.count() > 1, 10,
+                         what="the sender's run over that day")
+        time.sleep(1.5)  # another run of the sender
+        assert again.count() == 1, "a second report of one day went out"
+        assert re.search(rf"tlsrpt_not_sent_again date={yesterday} domain=f.example.net", second.stderr())
+        assert "f.example.net" not in reports_of(second, yesterday)
     finally:
         assert second.stop() == 0, second.log_tail()
         harness.LIVE.remove(second)
