@@ -35,12 +35,18 @@ void MtaStsCache::store(const std::string& domain, CachedPolicy policy, std::int
   // Bounded: expired entries go first, then the ones that expire soonest.
   if (policies_.size() <= max_policies_) return;
   std::erase_if(policies_, [&](const auto& entry) { return entry.second.expires_at <= now; });
-  while (policies_.size() > max_policies_) {
-    const auto soonest = std::min_element(
-        policies_.begin(), policies_.end(),
-        [](const auto& a, const auto& b) { return a.second.expires_at < b.second.expires_at; });
-    policies_.erase(soonest);
-  }
+  trim_locked();
+}
+
+void MtaStsCache::trim_locked() {
+  if (policies_.size() <= max_policies_) return;
+  // The ones that expire soonest go, however many: sorted once, not searched for one by one.
+  std::vector<decltype(policies_)::iterator> all;
+  for (auto it = policies_.begin(); it != policies_.end(); ++it) all.push_back(it);
+  const auto drop = all.begin() + static_cast<std::ptrdiff_t>(all.size() - max_policies_);
+  std::nth_element(all.begin(), drop, all.end(),
+                   [](const auto& a, const auto& b) { return a->second.expires_at < b->second.expires_at; });
+  for (auto it = all.begin(); it != drop; ++it) policies_.erase(*it);
 }
 
 bool MtaStsCache::fetch_due(std::string_view domain, std::string_view id, std::int64_t now) const {
@@ -61,19 +67,26 @@ void MtaStsCache::fetch_failed(const std::string& domain, const std::string& id,
   std::lock_guard lock(mutex_);
   failed_fetches_[domain] = {id, now};
   if (failed_fetches_.size() <= max_policies_) return;
-  // Bounded as the policies are: the ones that no longer hold anything back go first, then the oldest.
+  // Bounded as the policies are: the ones that no longer hold anything back go first, then the oldest, never
+  // the one just recorded (many failures in the same second: it could be the "oldest", and its domain would
+  // be fetched again for the next message).
   std::erase_if(failed_fetches_,
                 [&](const auto& entry) { return now - entry.second.at >= mta_sts_fetch_retry_after; });
   while (failed_fetches_.size() > max_policies_) {
-    failed_fetches_.erase(
-        std::min_element(failed_fetches_.begin(), failed_fetches_.end(),
-                         [](const auto& a, const auto& b) { return a.second.at < b.second.at; }));
+    auto oldest = failed_fetches_.end();
+    for (auto it = failed_fetches_.begin(); it != failed_fetches_.end(); ++it) {
+      if (it->first != domain && (oldest == failed_fetches_.end() || it->second.at < oldest->second.at))
+        oldest = it;
+    }
+    if (oldest == failed_fetches_.end()) break;  // only this one is left
+    failed_fetches_.erase(oldest);
   }
 }
 
 void MtaStsCache::set_max_policies(std::size_t max_policies) {
   std::lock_guard lock(mutex_);
   max_policies_ = max_policies;
+  trim_locked();  // a lower bound at reload, and a file loaded at start before the bound was set
 }
 
 std::size_t MtaStsCache::size() const {
@@ -172,6 +185,7 @@ bool MtaStsCache::deserialize(std::string_view text, std::int64_t now, std::stri
   std::erase_if(loaded, [&](const auto& entry) { return entry.second.expires_at <= expired_at; });
   std::lock_guard lock(mutex_);
   policies_ = std::move(loaded);
+  trim_locked();  // a file written under a larger mta_sts.max_policies
   return true;
 }
 

@@ -32,7 +32,7 @@ inline constexpr std::int64_t mta_sts_refresh_after = 86400;
 class MtaStsCache {
  public:
   explicit MtaStsCache(std::size_t max_policies = 10000) : max_policies_(max_policies) {}
-  void set_max_policies(std::size_t max_policies);  // mta_sts.max_policies, at start and reload
+  void set_max_policies(std::size_t max_policies);  // mta_sts.max_policies, at start and reload (trims)
   std::optional<CachedPolicy> find(std::string_view domain, std::int64_t now) const;  // unexpired only
   void store(const std::string& domain, CachedPolicy policy, std::int64_t now);  // forgets a failed fetch
   std::size_t size() const;
@@ -53,6 +53,8 @@ class MtaStsCache {
   bool load(const std::string& state_dir, std::int64_t now, std::string& error);
 
  private:
+  void trim_locked();  // to max_policies_, dropping those that expire soonest (mutex_ held)
+
   mutable std::mutex mutex_;
   std::size_t max_policies_;
   std::map<std::string, CachedPolicy, std::less<>> policies_;

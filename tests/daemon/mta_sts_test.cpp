@@ -56,6 +56,37 @@ TEST_CASE("mta-sts cache: a failed fetch is not tried again for the same domain 
   CHECK(cache.fetch_due("c.example", "2", 1011));
 }
 
+TEST_CASE("mta-sts cache: a failure recorded is kept when every failure came in the same second") {
+  MtaStsCache cache(2);
+  cache.fetch_failed("b.example", "1", 1000);
+  cache.fetch_failed("c.example", "1", 1000);
+  // a.example sorts first and failed in the same second as the others: it is the one just recorded.
+  cache.fetch_failed("a.example", "1", 1000);
+  CHECK_FALSE(cache.fetch_due("a.example", "1", 1001));
+}
+
+TEST_CASE(
+    "mta-sts cache: a file with more policies than max_policies, or a lower bound at reload, keeps those "
+    "that expire last") {
+  MtaStsCache big(4);
+  for (int i = 0; i < 4; ++i)
+    big.store(std::string(1, static_cast<char>('a' + i)) + ".example",
+              {"1", policy(proto::mta_sts::Mode::enforce), 100, 1000 + i}, 100);
+  const std::string text = big.serialize();
+  MtaStsCache cache(2);  // the bound before the load, as a test of its own; the daemon sets it after (below)
+  std::string error;
+  REQUIRE(cache.deserialize(text, 100, error));
+  CHECK(cache.size() == 2);
+  CHECK(cache.find("c.example", 100).has_value());
+  CHECK(cache.find("d.example", 100).has_value());
+  MtaStsCache later(100);  // loaded first, bounded after (start: load, then mta_sts.max_policies)
+  REQUIRE(later.deserialize(text, 100, error));
+  CHECK(later.size() == 4);
+  later.set_max_policies(3);
+  CHECK(later.size() == 3);
+  CHECK_FALSE(later.find("a.example", 100).has_value());
+}
+
 TEST_CASE(
     "mta-sts cache: a cached policy is refreshed after a day, or half its max_age where that is shorter") {
   MtaStsCache cache;
