@@ -256,7 +256,7 @@ bool RelayTransaction::on_reply(std::optional<Reply> reply, bool closed_idle, bo
       if (mail_refusal_) reply = *mail_refusal_;
       client_out_ += format_reply(*reply);
       session_.on_rcpt_reply(reply->code);
-      answered(reply->code, true);
+      answered(reply->code, reply->code != 452);
       if (reply->positive() && accepted_domains_.size() < max_domains &&
           std::find(accepted_domains_.begin(), accepted_domains_.end(), entry.text) == accepted_domains_.end())
         accepted_domains_.push_back(entry.text);
@@ -268,6 +268,7 @@ bool RelayTransaction::on_reply(std::optional<Reply> reply, bool closed_idle, bo
       } else {
         session_.on_data_finished();
         reset_needed_ = upstream_transaction_;
+        answered(reply->code, true);
       }
       break;
     case Owed::final_reply:
@@ -277,6 +278,8 @@ bool RelayTransaction::on_reply(std::optional<Reply> reply, bool closed_idle, bo
       if (reply->positive()) {
         delivered_ = recipients_;
         session_.on_message_delivered();
+      } else {
+        answered(reply->code, true);
       }
       break;
     case Owed::local_mail:
@@ -293,6 +296,8 @@ void RelayTransaction::on_message_end(std::optional<std::string> local_reply) {
   if (local_reply) {
     client_out_ += *local_reply;
     upstream_transaction_ = false;
+    // The relay's own refusal of the message counts, the 451 for an upstream lost on the way does not.
+    answered(std::atoi(local_reply->c_str()), *local_reply != upstream_lost_reply);
     return;
   }
   owed_.push_back({Owed::final_reply, {}});
@@ -324,11 +329,11 @@ void RelayTransaction::emit_local(const Entry& entry) {
     session_.on_mail_reply(code);
   else
     session_.on_rcpt_reply(code);
-  answered(code, entry.counted);
+  answered(code, entry.counted && code != 452);
 }
 
 void RelayTransaction::answered(int code, bool counts) {
-  if (!counts || code < 400 || code == 452 || closing_) return;
+  if (!counts || code < 400 || closing_) return;
   std::string goodbye = session_.on_refusal();
   if (goodbye.empty()) return;
   // As Postfix's smtpd: the refusal, then the 421 before the client's next command; nothing after it (what

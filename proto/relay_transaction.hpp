@@ -130,12 +130,14 @@ class RelayTransaction {
   // Local refusals since the last call (mailflow_rejects_total reasons): recipient_route, tls_required, the
   // reasons given to on_opened, and too_many_bad_commands.
   //
-  // Every refusal the client gets for MAIL or RCPT counts as a bad command (ServerSession::on_refusal(), as
-  // Postfix's smtpd_hard_error_limit counts a before-queue proxy's refusals too), the upstream's and those of
-  // the relay's own checks alike, except a 452 (too many recipients, or "send it in a separate transaction":
-  // the client is to send it again, and Postfix does not count its own either) and the failures of the way to
-  // the upstream (unreachable, lost: a 451 with no reject reason). The max_bad_commands-th is followed by the
-  // 421 and the session ends (closing()); a delivered message starts the count over.
+  // Every refusal the client gets for MAIL, RCPT, DATA or a message counts as a bad command
+  // (ServerSession::on_refusal(), as Postfix's smtpd_hard_error_limit counts a before-queue proxy's refusals
+  // too, and every failed DATA: data_cmd returns its error), the upstream's and those of the relay's own
+  // checks alike (a message too big, a line too long, bare CR/LF refused, too many hops), except a 452 to
+  // MAIL or RCPT (too many recipients, or "send it in a separate transaction": the client is to send it
+  // again, and Postfix does not count its own either) and the failures of the way to the upstream
+  // (unreachable, lost: a 451 with no reject reason). The max_bad_commands-th is followed by the 421 and the
+  // session ends (closing()); a delivered message starts the count over.
   std::vector<std::string_view> take_rejects() { return std::exchange(rejects_, {}); }
 
  private:
@@ -150,8 +152,8 @@ class RelayTransaction {
   std::string upstream_mail_line() const;
   void local(Owed owed, std::string reply, bool counted = true);
   void emit_local(const Entry& entry);
-  // A reply to MAIL/RCPT was given (see take_rejects()): a refusal that `counts` is one more bad command, and
-  // the max_bad_commands-th ends the session after its 421.
+  // A reply to MAIL, RCPT, DATA or a message was given (see take_rejects()): a refusal that `counts` is one
+  // more bad command, and the max_bad_commands-th ends the session after its 421.
   void answered(int code, bool counts);
   void upstream_lost(bool closed_idle);
   void upstream_closing(const Reply& reply);

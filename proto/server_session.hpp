@@ -75,8 +75,9 @@ class ServerSession {
   //                                     had its 500 as too_long)
   //   too_many_bad_commands  421 4.7.0  (kind close) the max_bad_commands-th local 5xx (or junk command
   //                                     beyond max_junk_commands) replaces that reply; max_bad_commands == 0
-  //                                     means no limit. Refusals of MAIL/RCPT relayed by the daemon count too
-  //                                     (on_refusal()): the 421 then follows the refusal.
+  //                                     means no limit. Refusals of MAIL/RCPT/DATA and of a message that the
+  //                                     daemon gives count too (on_refusal()): the 421 then follows the
+  //                                     refusal.
   //   unauth_pipelining      554 5.5.0  (kind close) pipelining RFC 2920 does not allow (on_line's
   //                                     `input_waiting`); the command is not executed
   // After close (QUIT, 421) every further line gets kind close with a 421 and no reason.
@@ -105,9 +106,10 @@ class ServerSession {
   void
   on_message_delivered();  // the upstream answered 2xx to end-of-data: the junk and bad counts start over
   void on_transaction_aborted();   // upstream lost mid-transaction: state ready
-  // A refusal relayed for MAIL or RCPT (the upstream's 4xx/5xx, or one of the relay's own checks) counts as a
-  // bad command, as Postfix counts every error reply towards smtpd_hard_error_limit, a before-queue proxy's
-  // included: the 421 that ends the session (state closed) when it is the max_bad_commands-th, else "".
+  // A refusal given for MAIL, RCPT, DATA or a message (the upstream's 4xx/5xx, or one of the relay's own
+  // checks) counts as a bad command, as Postfix counts every error reply towards smtpd_hard_error_limit, a
+  // before-queue proxy's included: the 421 that ends the session (state closed) when it is the
+  // max_bad_commands-th, else "".
   std::string on_refusal();
   void on_tls_started();           // handshake done: state need_helo, tls active, transaction cleared
 

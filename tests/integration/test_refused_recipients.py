@@ -2,7 +2,8 @@
 towards smtpd_hard_error_limit, a before-queue proxy's refusals included: a client that walks a list of addresses
 through the relay (harvesting) is cut off by the relay with its 421, whatever the upstream's own limit. A
 delivered message starts the count over; a 452 (too many recipients: the client is to send them again) does not
-count."""
+count. Refusals of DATA and of a message count as well (Postfix's data_cmd returns every failure to the same
+count): the upstream's to DATA or to the end of data, and the relay's own (a message too big)."""
 import types
 
 import pytest
@@ -13,9 +14,34 @@ import hostile_helpers as hh
 MAX_BAD = 3
 
 
+MAX_SIZE = 4096
+
+
 def picky(conn):
     """An upstream that refuses unknown@ (550), greylists later@ (450), says full@ is one too many (452) and takes
-    the rest."""
+    the rest; it refuses DATA from nodata@ (554) and a message whose content says "refuse-me" (554 after its
+    end)."""
+    sender = [b""]
+
+    def mail(line):
+        sender[0] = line.split(b":", 1)[1].strip(b"<> ").lower()
+        return None
+
+    def data(_line):
+        if sender[0].startswith(b"nodata"):
+            conn.send(b"554 5.7.1 Error: no data accepted from this sender\r\n")
+            return False
+        conn.send(b"354 go on\r\n")
+        content = conn.message()
+        if content is None:
+            return True
+        if b"refuse-me" in content:
+            conn.send(b"554 5.7.1 Error: content refused\r\n")
+        else:
+            conn.server.delivered.append(content)
+            conn.send(b"250 2.0.0 queued\r\n")
+        return False
+
     def rcpt(line):
         address = line.split(b":", 1)[1].strip(b"<> ").lower()
         if address.startswith(b"unknown"):
@@ -28,7 +54,7 @@ def picky(conn):
             return None
         return False
 
-    conn.serve({b"RCPT": rcpt})
+    conn.serve({b"MAIL": mail, b"RCPT": rcpt, b"DATA": data})
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +63,7 @@ def env(daemon_factory):
     port = harness.free_port()
     daemon = daemon_factory(listeners=[hh.listener("inbound", port, "picky")],
                             upstreams=[hh.plain_upstream("picky", upstream.port)], name="refused",
-                            limits={"drain_timeout": "3s", "max_bad_commands": MAX_BAD})
+                            limits={"drain_timeout": "3s", "max_bad_commands": MAX_BAD, "max_message_size": MAX_SIZE})
     yield types.SimpleNamespace(daemon=daemon, port=port, upstream=upstream)
     upstream.stop()
 
@@ -99,3 +125,33 @@ def test_a_delivered_message_starts_the_count_over_and_452_does_not_count(env):
         c.close()
     after = env.daemon.metrics()
     assert not harness.delta(before, after, "mailflow_rejects_total", reason="too_many_bad_commands")
+
+
+@pytest.mark.parametrize("refused", ["data", "end_of_data", "too_big"])
+def test_refused_messages_end_the_session_at_max_bad_commands(env, refused):
+    """The upstream's 554 to DATA, its 554 to the end of data, mailflowd's own 552 to a message too big: each one
+    is a bad command, and the max_bad_commands-th is followed by the 421."""
+    before = env.daemon.metrics()
+    c = hh.greeted(env.port)
+    try:
+        for i in range(MAX_BAD):
+            sender = "nodata@example.test" if refused == "data" else "sender@example.test"
+            assert c.cmd(f"MAIL FROM:<{sender}>")[0] == 250
+            assert c.cmd(f"RCPT TO:<rcpt{i}@dest.test>")[0] == 250
+            code, text = c.cmd("DATA")
+            if refused == "data":
+                assert code == 554, f"DATA {i + 1}: {text!r}"
+                continue
+            assert code == 354, f"DATA {i + 1}: {text!r}"
+            body = b"x" * 100 + b"\r\n"
+            body = body * (2 * MAX_SIZE // len(body)) if refused == "too_big" else b"refuse-me\r\n"
+            c.send(harness.dot_stuff(hh.message(f"refused {i}", body=body)))
+            code, text = c.cmd(".")
+            assert code == (552 if refused == "too_big" else 554), f"message {i + 1}: {text!r}"
+        code, text = c.reply()
+        assert code == 421 and text.startswith("421 4.7.0 "), f"after {MAX_BAD} refusals: {text!r}"
+        assert c.closed_or_error(3.0), "the connection stayed open after 421"
+    finally:
+        c.close()
+    hh.assert_rejected(env.daemon, before, "too_many_bad_commands")
+    hh.wait_sessions_idle(env.daemon)

@@ -5,6 +5,7 @@
 #include <deque>
 #include <functional>
 #include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -48,6 +49,9 @@ struct Relay {
     return reply_of(250);
   };
   Reply final_reply = reply_of(250, "queued");
+  // The reply the daemon gives the message itself instead of sending its terminator (refused here: too big, a
+  // line too long, ...; or the upstream lost on the way).
+  std::optional<std::string> message_refusal;
   // The upstream answers the first command with this verb twice: its reply, then a 250 nobody asked for.
   std::string_view answer_twice;
   // Losses the way the daemon's UpstreamLeg reports them: `kept_closes`: a failure on a kept connection that
@@ -182,6 +186,9 @@ struct Relay {
           if (fail()) {
             drop();
             txn.on_message_end("451 4.4.2 Upstream connection lost, try again later\r\n");
+          } else if (message_refusal) {
+            drop();
+            txn.on_message_end(*message_refusal);
           } else {
             upstream_owes.push_back(final_reply);
             if (final_reply.positive()) ++upstream_final_2xx;
@@ -524,7 +531,7 @@ TEST_CASE("a reply nobody asked for behind the last one owed answers no other co
   }
 }
 
-TEST_CASE("an upstream 4xx or 5xx to the message is relayed and never counted") {
+TEST_CASE("an upstream 4xx or 5xx to the message is relayed and never counted as delivered") {
   for (int code : {451, 554}) {
     Relay relay;
     relay.final_reply = reply_of(code, "content refused");
@@ -625,6 +632,74 @@ TEST_CASE(
     CHECK(relay.delivered == 3);
     CHECK_FALSE(relay.txn.closing());
     CHECK(relay.session.bad_commands() == 0);
+  }
+}
+
+TEST_CASE("refusals of DATA and of the message are bad commands too, as Postfix's data_cmd returns them") {
+  const auto limited = [](std::function<Reply(std::string_view)> rule = {}) {
+    auto relay = std::make_unique<Relay>();
+    limit_bad_commands(*relay, 2);
+    if (rule) relay->upstream_rule = std::move(rule);
+    relay->group({"EHLO client.example"});
+    return relay;
+  };
+  const auto transaction = [](Relay& relay) {
+    relay.group({"MAIL FROM:<a@example.net>", "RCPT TO:<b@contoso.com>", "DATA"});
+    relay.group({});
+  };
+  SUBCASE("the upstream's 5xx and 4xx to the end of data") {
+    for (const int code : {554, 451}) {
+      CAPTURE(code);
+      auto relay = limited();
+      relay->final_reply = reply_of(code, "content refused");
+      transaction(*relay);
+      CHECK_FALSE(relay->txn.closing());
+      transaction(*relay);
+      CHECK(codes(relay->out) == std::vector<int>{250, 250, 250, 354, code, 250, 250, 354, code, 421});
+      CHECK(relay->txn.closing());
+      CHECK(relay->txn.closing_reason() == "too_many_bad_commands");
+      CHECK(relay->session.state() == ServerSession::State::closed);
+      CHECK(relay->delivered == 0);
+    }
+  }
+  SUBCASE("the upstream's refusal of DATA, a 452 included") {
+    for (const int code : {554, 452}) {
+      CAPTURE(code);
+      auto relay = limited([code](std::string_view line) {
+        return line.starts_with("DATA") ? reply_of(code, "no thanks") : reply_of(250);
+      });
+      transaction(*relay);
+      transaction(*relay);
+      CHECK(codes(relay->out) == std::vector<int>{250, 250, 250, code, 250, 250, code, 421});
+      CHECK(relay->txn.closing_reason() == "too_many_bad_commands");
+    }
+  }
+  SUBCASE("the relay's own refusal of the message (too big, a line too long, bare CR/LF, too many hops)") {
+    auto relay = limited();
+    relay->message_refusal = "552 5.3.4 Message size exceeds fixed maximum message size\r\n";
+    transaction(*relay);
+    transaction(*relay);
+    CHECK(codes(relay->out) == std::vector<int>{250, 250, 250, 354, 552, 250, 250, 354, 552, 421});
+    CHECK(relay->txn.closing_reason() == "too_many_bad_commands");
+    for (auto reason : relay->txn.take_rejects()) relay->rejects.push_back(reason);
+    CHECK(relay->rejects == std::vector<std::string_view>{"too_many_bad_commands"});
+  }
+  SUBCASE("not the 451 of an upstream lost on the way, and a delivered message starts the count over") {
+    auto relay = limited();
+    relay->message_refusal = std::string(RelayTransaction::upstream_lost_reply);
+    for (int i = 0; i < 3; ++i) transaction(*relay);
+    CHECK_FALSE(relay->txn.closing());
+    CHECK(relay->session.bad_commands() == 0);
+    relay->message_refusal.reset();
+    relay->final_reply = reply_of(554, "content refused");
+    transaction(*relay);
+    relay->final_reply = reply_of(250, "queued");
+    transaction(*relay);
+    CHECK(relay->session.bad_commands() == 0);
+    relay->final_reply = reply_of(554, "content refused");
+    transaction(*relay);
+    CHECK_FALSE(relay->txn.closing());
+    CHECK(relay->delivered == 1);
   }
 }
 
