@@ -60,6 +60,10 @@ inline constexpr auto tls_handshake_failures = std::to_array<std::string_view>({
 inline constexpr auto upstream_errors = std::to_array<std::string_view>({
     "connect_failed", "connect_timeout", "connection_lost", "timeout", "protocol", "tls_failed", "tls_policy",
     "starttls_pipelining", "rset_rejected",
+    // daemon/upstream_leg.cpp connect_failure_reason(): the socket could not be made or connected for a
+    // reason of this host's (EMFILE, ENFILE, ENOBUFS, ENOMEM, EADDRNOTAVAIL: out of descriptors, memory or
+    // ephemeral ports); no failure of the upstream's, so MailflowUpstreamDown leaves it out
+    "local_resources",
     // timeouts.upstream_open passed while an upstream was being opened (DNS, MTA-STS, the connect
     // attempts, their setup): once per open, its RCPT gets 451 4.4.2
     "open_timeout",
@@ -72,6 +76,8 @@ inline constexpr auto upstream_errors = std::to_array<std::string_view>({
 inline constexpr auto mx_attempts = std::to_array<std::string_view>({
     "success", "connect_failed", "connect_timeout", "banner_rejected", "tls_failed", "tls_policy", "failed",
     "open_timeout",  // cut short by timeouts.upstream_open: the walk ends there
+    // no socket to try the host with (out of descriptors, ...: connect_failure_reason()): not the host's
+    "local_resources",
 });
 
 // mailflow_outbound_policy_total{connector, policy, result}: policy is one of outbound_policies; result is

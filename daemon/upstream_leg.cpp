@@ -33,6 +33,20 @@ const char* const upstream_unavailable_reply = "451 4.4.1 Upstream unavailable, 
 
 auto in(Deadlines::Clock::duration timeout) { return Deadlines::in(timeout); }
 
+// The reason a lookup or connect that failed with `ec` counts under. local_resources: this host could not
+// make or connect the socket (out of descriptors, kernel memory or buffers, or ephemeral ports: EADDRNOTAVAIL
+// on connect), which says nothing about the upstream, so that MailflowUpstreamDown, which counts every other
+// reason, does not page for an upstream that is fine while the relay itself is short (Postfix's SMTP client
+// likewise treats a failed socket() as its own fatal error, not as a failure of the destination).
+std::string_view connect_failure_reason(const error_code& ec) {
+  namespace errc = boost::system::errc;
+  if (ec == asio::error::timed_out) return "connect_timeout";
+  if (ec == errc::too_many_files_open || ec == errc::too_many_files_open_in_system ||
+      ec == errc::no_buffer_space || ec == errc::not_enough_memory || ec == errc::address_not_available)
+    return "local_resources";
+  return "connect_failed";
+}
+
 // One Resolver per event loop, i.e. per thread (daemon/resolver.hpp), held by the loop's LoopScope: made on
 // first use, and again when a reload changed `dns` or the trust anchor file's content (`key`, the runtime's
 // resolver settings' key). Sessions hold it (shared) while they use it, so a replaced one lives until they
@@ -444,9 +458,8 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
     if (ec == asio::error::timed_out && open_expired()) co_return open_timed_out(upstream, {}, "dns");
     for (const auto& entry : results) endpoints.push_back(entry.endpoint());
     if (ec) {
-      const bool timed_out = ec == asio::error::timed_out;
-      reason = timed_out ? "connect_timeout" : "connect_failed";
-      session_.telemetry.upstream_error(upstream.name, timed_out ? "connect_timeout" : "connect_failed");
+      reason = connect_failure_reason(ec);
+      session_.telemetry.upstream_error(upstream.name, reason);
       log_limited(LogLevel::warn, "upstream_error",
                   {{"id", session_.id}, {"upstream", upstream.name}, {"reason", reason}, {"error", ec.message()}});
     }
@@ -695,8 +708,8 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
       reason = "open_timeout";  // the open's deadline, not this host's: the caller counts it
       co_return false;
     }
-    reason = timed_out ? "connect_timeout" : "connect_failed";
-    session_.telemetry.upstream_error(upstream.name, timed_out ? "connect_timeout" : "connect_failed");
+    reason = connect_failure_reason(ec);
+    session_.telemetry.upstream_error(upstream.name, reason);
     log_limited(LogLevel::warn, "upstream_error",
                 {{"id", session_.id},
                  {"upstream", upstream.name},

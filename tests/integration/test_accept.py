@@ -1,7 +1,7 @@
 """Accepting connections, against the real binary: a listener whose accept() fails (out of file descriptors,
 EMFILE) logs it, counts it (mailflow_rejects_total{reason="accept_failed"}), pauses instead of spinning the CPU
 on the connections waiting in the listen queue, and serves them once descriptors are free again; the HTTP server's
-accept likewise. What mailflow_sessions_total{leg="client"} counts. A reload to an upstream that is one of the
+accept likewise. An upstream socket that cannot be made for want of descriptors counts as local_resources. What mailflow_sessions_total{leg="client"} counts. A reload to an upstream that is one of the
 daemon's own listeners is refused."""
 import json
 import os
@@ -119,6 +119,43 @@ def test_http_accept_out_of_descriptors_is_logged_and_counted(env):
     failed = harness.value(daemon.metrics(), "mailflow_http_rejects_total", reason="accept_failed") - \
         harness.value(before, "mailflow_http_rejects_total", reason="accept_failed")
     assert 1 <= failed <= 40, f"the HTTP accept() failed, mailflow_http_rejects_total{{reason=\"accept_failed\"}} moved by {failed}"
+
+
+def test_upstream_socket_out_of_descriptors_is_counted_as_local_resources(env):
+    """With the daemon at its descriptor limit an RCPT cannot open the upstream: 451, as for an upstream that is
+    down, but counted as mailflow_upstream_errors_total{reason="local_resources"}, not connect_failed, which
+    MailflowUpstreamDown would page for although the upstream is fine."""
+    sink, daemon, port = env
+    pid = daemon.proc.pid
+    c = hh.greeted(port)
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    try:
+        code, text = c.cmd("MAIL FROM:<s@example.test>")
+        assert code == 250, f"MAIL: {text!r}"  # answered locally: no upstream yet
+        before = daemon.metrics()
+        # No room for a socket: a new descriptor gets the lowest free number, and every number below 3 is taken
+        # (stdin, stdout, stderr), whatever else closes meanwhile (the scrape's connection); the open ones go on.
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (3, hard))
+        code, text = c.cmd("RCPT TO:<r@dest.test>")
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+    assert code == 451, f"RCPT with no descriptor left for the upstream: {text!r}"
+    after = daemon.metrics()
+    moved = {reason: harness.value(after, "mailflow_upstream_errors_total", upstream="up", reason=reason)
+             - harness.value(before, "mailflow_upstream_errors_total", upstream="up", reason=reason)
+             for reason in ("local_resources", "connect_failed")}
+    assert moved == {"local_resources": 1, "connect_failed": 0}, \
+        f"mailflow_upstream_errors_total{{upstream=\"up\"}} moved by {moved}\n{daemon.log_tail()}"
+    line = [l for l in daemon.stderr().splitlines() if "upstream_error" in l][-1]
+    assert "reason=local_resources" in line and "Too many open files" in line, line
+    # The session goes on, and with descriptors back the same client's next transaction is relayed.
+    assert c.cmd("RSET")[0] == 250
+    assert c.cmd("MAIL FROM:<s@example.test>")[0] == 250
+    code, text = c.cmd("RCPT TO:<r@dest.test>")
+    assert code == 250, f"RCPT once descriptors are free again: {text!r}"
+    c.cmd("QUIT")
+    c.close()
+    hh.assert_relays(daemon, port, sink)
 
 
 def test_every_accepted_connection_is_a_client_session(env, daemon_factory):
