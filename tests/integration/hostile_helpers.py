@@ -82,6 +82,24 @@ def greeted(port, ehlo="client.example.test", source=None, timeout=10.0):
     return c
 
 
+def deliver_to(port, rcpt, sender, subject):
+    """One message to `rcpt` in a session of its own: (RCPT reply, final reply, or None where RCPT was refused)."""
+    c = greeted(port)
+    try:
+        assert c.cmd(f"MAIL FROM:<{sender}>")[0] == 250
+        rcpt_reply = c.cmd(f"RCPT TO:<{rcpt}>")
+        if rcpt_reply[0] != 250:
+            c.cmd("QUIT")
+            return rcpt_reply, None
+        assert c.cmd("DATA")[0] == 354
+        c.send(f"From: {sender}\r\nTo: {rcpt}\r\nSubject: {subject}\r\n\r\nbody\r\n".encode())
+        final = c.cmd(".")
+        c.cmd("QUIT")
+        return rcpt_reply, final
+    finally:
+        c.close()
+
+
 def transaction(c, data, sender=SENDER, rcpts=(RCPT,)):
     """MAIL/RCPT/DATA/content/. on an open session; returns the (code, text) after the final dot."""
     code, text = c.cmd(f"MAIL FROM:<{sender}>")

@@ -34,7 +34,7 @@ import pytest
 
 import harness
 from harness import delta, series_key
-from hostile_helpers import greeted
+from hostile_helpers import deliver_to
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 from dns_server import KnotServer, TamperingProxy  # noqa: E402
@@ -175,20 +175,7 @@ def env(certs, workdir, short_dir, sink_factory, daemon_factory):
 
 def deliver(env, rcpt):
     """One message to `rcpt`: (RCPT reply, final reply or None)."""
-    c = greeted(env.port)
-    try:
-        assert c.cmd(f"MAIL FROM:<{SENDER}>")[0] == 250
-        rcpt_reply = c.cmd(f"RCPT TO:<{rcpt}>")
-        if rcpt_reply[0] != 250:
-            c.cmd("QUIT")
-            return rcpt_reply, None
-        assert c.cmd("DATA")[0] == 354
-        c.send(f"From: {SENDER}\r\nTo: {rcpt}\r\nSubject: dane\r\n\r\nbody\r\n".encode())
-        final = c.cmd(".")
-        c.cmd("QUIT")
-        return rcpt_reply, final
-    finally:
-        c.close()
+    return deliver_to(env.port, rcpt, SENDER, "dane")
 
 
 def session_upstreams(daemon):

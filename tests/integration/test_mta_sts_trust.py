@@ -18,7 +18,7 @@ import pytest
 
 import harness
 from harness import delta
-from hostile_helpers import greeted
+from hostile_helpers import deliver_to
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 from dns_server import KnotServer  # noqa: E402
@@ -93,17 +93,7 @@ def env(certs, workdir, sink_factory, daemon_factory):
 
 
 def deliver(env, rcpt):
-    c = greeted(env.port)
-    try:
-        assert c.cmd("MAIL FROM:<app@corp.example>")[0] == 250
-        rcpt_reply = c.cmd(f"RCPT TO:<{rcpt}>")
-        if rcpt_reply[0] != 250:
-            return rcpt_reply, None
-        assert c.cmd("DATA")[0] == 354
-        c.send(f"From: app@corp.example\r\nTo: {rcpt}\r\nSubject: trust\r\n\r\nbody\r\n".encode())
-        return rcpt_reply, c.cmd(".")
-    finally:
-        c.close()
+    return deliver_to(env.port, rcpt, "app@corp.example", "trust")
 
 
 def policy_moved(before, after):
