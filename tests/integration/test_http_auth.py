@@ -2,6 +2,7 @@
 run on the event loop that relays SMTP; they are bounded, backed off per address and counted, while the right
 password still works (and, once verified, is answered from the cache without a hash)."""
 import base64
+import contextlib
 import http.client
 import json
 import signal
@@ -229,6 +230,29 @@ def test_a_reload_applies_to_kept_alive_connections(sink_factory, daemon_factory
         conn.close()
 
 
+@contextlib.contextmanager
+def guessing(port, sources):
+    """While the block runs, each of `sources` keeps asking for /metrics with a wrong password."""
+    stop = threading.Event()
+
+    def guess(source):
+        while not stop.is_set():
+            try:
+                hx.get(port, "/metrics", source=source, auth=(USER, "wrong"), timeout=10)
+            except OSError:
+                pass
+
+    attackers = [threading.Thread(target=guess, args=(source,), daemon=True) for source in sources]
+    for t in attackers:
+        t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for t in attackers:
+            t.join(15)
+
+
 def test_a_reload_that_keeps_basic_auth_keeps_scrapes_answered(sink_factory, daemon_factory):
     """A reload that leaves basic_auth as it was (a renewed certificate, a new connector) cleared the credentials
     cache all the same: Prometheus's next scrape needed a check, and 4 addresses sending wrong passwords kept the
@@ -243,29 +267,13 @@ def test_a_reload_that_keeps_basic_auth_keeps_scrapes_answered(sink_factory, dae
     port = int(address.rsplit(":", 1)[1])
     prometheus = "127.0.0.124"
     assert hx.get(port, "/metrics", source=prometheus, auth=(USER, PASSWORD), timeout=10)[0] == 200  # cached
-    stop = threading.Event()
-
-    def guess(source):
-        while not stop.is_set():
-            try:
-                hx.get(port, "/metrics", source=source, auth=(USER, "wrong"), timeout=10)
-            except OSError:
-                pass
-
-    attackers = [threading.Thread(target=guess, args=(f"127.0.0.{120 + i}",), daemon=True) for i in range(4)]
-    for t in attackers:
-        t.start()
     statuses = []
-    try:
+    with guessing(port, [f"127.0.0.{120 + i}" for i in range(4)]):
         time.sleep(0.5)
         reload_and_wait(d, dict(http))
         for _ in range(10):
             statuses.append(hx.get(port, "/metrics", source=prometheus, auth=(USER, PASSWORD), timeout=10)[0])
             time.sleep(0.2)
-    finally:
-        stop.set()
-        for t in attackers:
-            t.join(15)
     assert statuses == [200] * 10, f"scrapes after a reload that kept basic_auth, 4 addresses guessing: {statuses}"
     assert "reason=auth_failed client=127.0.0.120" in d.stderr()
 
@@ -288,30 +296,14 @@ def test_after_a_password_change_a_known_scraper_gets_a_check_slot(sink_factory,
     port = int(address.rsplit(":", 1)[1])
     prometheus = "127.0.0.125"
     assert hx.get(port, "/metrics", source=prometheus, auth=(USER, "old secret"), timeout=10)[0] == 200
-    stop = threading.Event()
-
-    def guess(source):
-        while not stop.is_set():
-            try:
-                hx.get(port, "/metrics", source=source, auth=(USER, "wrong"), timeout=10)
-            except OSError:
-                pass
-
     reload_and_wait(d, auth_config(PASSWORD))
-    attackers = [threading.Thread(target=guess, args=(f"127.0.0.{120 + i}",), daemon=True) for i in range(4)]
-    for t in attackers:
-        t.start()
     statuses = []
-    try:
+    with guessing(port, [f"127.0.0.{120 + i}" for i in range(4)]):
         time.sleep(0.5)
         for _ in range(6):
             statuses.append(hx.get(port, "/metrics", source=prometheus, auth=(USER, PASSWORD), timeout=10)[0])
             time.sleep(0.2)
         other = hx.get(port, "/metrics", source="127.0.0.126", auth=(USER, PASSWORD), timeout=10)[0]
-    finally:
-        stop.set()
-        for t in attackers:
-            t.join(15)
     assert statuses == [200] * 6, f"scrapes with the new password, 4 addresses guessing: {statuses}"
     # The new credentials are cached now: any address is answered with them, without a check.
     assert other == 200
