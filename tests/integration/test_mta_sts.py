@@ -155,10 +155,8 @@ def knot(workdir):
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def config(workdir, certs, knot):
-    path = workdir / "mta-sts.yaml"
-    state = workdir / "state"
+def write_config(path, state, certs, dns_server, dns_timeout):
+    """The commands' configuration: an enforce mx upstream, `dns_server` as the resolver, state in `state`."""
     state.mkdir(exist_ok=True)
     path.write_text("\n".join([
         f"state_dir: {state}",
@@ -166,10 +164,15 @@ def config(workdir, certs, knot):
         '  - {name: out, address: "127.0.0.1:2587", direction: outbound, upstream: internet}',
         "upstreams:",
         "  - {name: internet, mx: true, mta_sts: enforce}",
-        "dns: " + json.dumps({"servers": [knot.address], "timeout": "3s"}),
+        "dns: " + json.dumps({"servers": [dns_server], "timeout": dns_timeout}),
         "mta_sts: " + json.dumps({"ca_file": str(certs / "ca.pem"), "fetch_timeout": "1500ms"}),
     ]) + "\n")
     return path
+
+
+@pytest.fixture(scope="module")
+def config(workdir, certs, knot):
+    return write_config(workdir / "mta-sts.yaml", workdir / "state", certs, knot.address, "3s")
 
 
 def mta_sts(mailflowd_bin, config, domain, *extra):
@@ -267,17 +270,7 @@ def test_a_txt_lookup_that_times_out_is_said_and_exits_4(mailflowd_bin, workdir,
     a temporary DNS failure), the outcome in "txt", and the lookup that failed named on stderr."""
     silent = SilentServer()
     state = workdir / f"silent-state-{cached}"
-    state.mkdir(exist_ok=True)
-    path = workdir / f"mta-sts-silent-{cached}.yaml"
-    path.write_text("\n".join([
-        f"state_dir: {state}",
-        "listeners:",
-        '  - {name: out, address: "127.0.0.1:2587", direction: outbound, upstream: internet}',
-        "upstreams:",
-        "  - {name: internet, mx: true, mta_sts: enforce}",
-        "dns: " + json.dumps({"servers": [silent.address], "timeout": "1s"}),
-        "mta_sts: " + json.dumps({"ca_file": str(certs / "ca.pem"), "fetch_timeout": "1500ms"}),
-    ]) + "\n")
+    path = write_config(workdir / f"mta-sts-silent-{cached}.yaml", state, certs, silent.address, "1s")
     now = int(time.time())
     if cached:
         cache_policy(state, "ok.policy.example.net", "kept1", now - 100, now + 3600, "enforce", 86400)
