@@ -82,6 +82,13 @@ def greeted(port, ehlo="client.example.test", source=None, timeout=10.0):
     return c
 
 
+def assert_cut_off(reply, c, after):
+    """`reply` is the 421 4.7.0 of limits.max_bad_commands (after `after`), and the session ends with it."""
+    code, text = reply
+    assert code == 421 and text.startswith("421 4.7.0 "), f"after {after}: {text!r}"
+    assert c.closed_or_error(3.0), "the connection stayed open after 421"
+
+
 def deliver_to(port, rcpt, sender, subject):
     """One message to `rcpt` in a session of its own: (RCPT reply, final reply, or None where RCPT was refused)."""
     c = greeted(port)

@@ -34,9 +34,7 @@ def test_noop_loop_ends_with_421(env):
             code, text = c.cmd("NOOP")
             assert code == 250, f"NOOP {i + 2} of the session: {text!r}"
         # ...the one that reaches max_bad_commands gets the 421.
-        code, text = c.cmd("NOOP")
-        assert code == 421 and text.startswith("421 4.7.0 "), f"junk command {MAX_JUNK + MAX_BAD}: {text!r}"
-        assert c.closed_or_error(3.0), "the connection stayed open after 421"
+        hh.assert_cut_off(c.cmd("NOOP"), c, f"junk command {MAX_JUNK + MAX_BAD}")
     finally:
         c.close()
     hh.assert_rejected(env.daemon, before, "too_many_bad_commands")
