@@ -19,6 +19,10 @@ std::optional<std::vector<std::string>> trust_anchor_records(std::string_view te
     comment = false;
     if (c == ';') {
       comment = true;
+    } else if (c == '\0') {
+      // ub_ctx_add_ta takes a C string: the record would be loaded cut short, another trust anchor.
+      error = "a NUL byte in the trust anchor file (it is a text file of zone-file records)";
+      return std::nullopt;
     } else if (c == '$' && record.find_first_not_of(" \t\r") == std::string::npos) {
       error =
           "a $ directive in the trust anchor file (write each record with its owner name, without $ORIGIN, "

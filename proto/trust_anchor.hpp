@@ -12,7 +12,7 @@ namespace mailflow::proto {
 // The records of a trust anchor file (DS or DNSKEY, zone file syntax), one string each as ub_ctx_add_ta takes
 // them: a record ends at a line end outside parentheses; comments (';' to the line end) and empty lines are
 // left out. nullopt and `error` for a $ directive ($ORIGIN, $TTL, $INCLUDE: each record is written with its
-// owner).
+// owner) and for a NUL byte outside a comment (libunbound takes each record as a C string).
 std::optional<std::vector<std::string>> trust_anchor_records(std::string_view text, std::string& error);
 
 }  // namespace mailflow::proto

@@ -29,4 +29,17 @@ TEST_CASE("trust anchor file: one string per record, parentheses joined, comment
   CHECK(trust_anchor_records("; nothing\n\n", error)->empty());
 }
 
+TEST_CASE("trust anchor file: a NUL byte in a record is an error, not a record cut short") {
+  // ub_ctx_add_ta takes each record as a C string: one with a NUL byte would be loaded cut short (here a DS
+  // whose digest ends at AB), a trust anchor that is not the one in the file. In a comment it changes
+  // nothing.
+  std::string error;
+  using namespace std::string_view_literals;
+  CHECK_FALSE(trust_anchor_records("example.org. IN DS 1 13 2 AB\0CD\n"sv, error).has_value());
+  CHECK(error.find("NUL byte") != std::string::npos);
+  const auto records = trust_anchor_records("; a comment \0 here\nexample.org. IN DS 1 13 2 ABCD\n"sv, error);
+  REQUIRE(records.has_value());
+  CHECK(*records == std::vector<std::string>{"example.org. IN DS 1 13 2 ABCD"});
+}
+
 }  // namespace
