@@ -20,6 +20,7 @@
 
 #include "daemon/telemetry.hpp"
 #include "proto/ascii.hpp"
+#include "proto/trust_anchor.hpp"
 
 namespace mailflow {
 
@@ -634,45 +635,6 @@ std::string dns_settings_problem(const ResolverSettings& settings) {
   return "";
 }
 
-std::optional<std::vector<std::string>> trust_anchor_records(std::string_view text, std::string& error) {
-  std::vector<std::string> records;
-  std::string record;
-  int depth = 0;
-  bool comment = false;
-  const auto finish = [&] {
-    const auto last = record.find_last_not_of(" \t\r");
-    if (last != std::string::npos) records.push_back(record.substr(0, last + 1));
-    record.clear();
-  };
-  for (const char c : text) {
-    if (comment && c != '\n') continue;
-    comment = false;
-    if (c == ';') {
-      comment = true;
-    } else if (c == '$' && record.find_first_not_of(" \t\r") == std::string::npos) {
-      error =
-          "a $ directive in the trust anchor file (write each record with its owner name, without $ORIGIN, "
-          "$TTL or $INCLUDE)";
-      return std::nullopt;
-    } else if (c == '(') {
-      ++depth;
-      record += ' ';
-    } else if (c == ')') {
-      depth = std::max(0, depth - 1);
-      record += ' ';
-    } else if (c == '\n') {
-      if (depth == 0)
-        finish();
-      else
-        record += ' ';
-    } else {
-      record += c;
-    }
-  }
-  finish();
-  return records;
-}
-
 ResolverSettings resolver_settings(const config::Dns& dns) {
   ResolverSettings settings;
   settings.dns = dns;
@@ -688,7 +650,7 @@ ResolverSettings resolver_settings(const config::Dns& dns) {
     settings.problem = where + "cannot open it";
   } else if (in.bad()) {
     settings.problem = where + "cannot read it";
-  } else if (auto records = trust_anchor_records(text, error); !records) {
+  } else if (auto records = proto::trust_anchor_records(text, error); !records) {
     settings.problem = where + error;
   } else if (records->empty()) {
     settings.problem = where + "no record in it";

@@ -94,18 +94,12 @@ struct TxtResult {
 // The character-strings of one TXT rdata (RFC 1035 3.3.14) joined; nullopt when a length runs past the end.
 std::optional<std::string> join_txt_rdata(std::string_view rdata);
 
-// The records of a trust anchor file (DS or DNSKEY, zone file syntax), one string each as ub_ctx_add_ta takes
-// them: a record ends at a line end outside parentheses; comments (';' to the line end) and empty lines are
-// left out. nullopt and `error` for a $ directive ($ORIGIN, $TTL, $INCLUDE: each record is written with its
-// owner).
-std::optional<std::vector<std::string>> trust_anchor_records(std::string_view text, std::string& error);
-
 // The dns settings as a start or a reload takes them: dns.trust_anchor_file is read here, once, and every
 // Resolver made from these settings is given what was read, so that a file changed afterwards applies at the
 // next reload, not at some event loop's first lookup (each makes its resolver then).
 struct ResolverSettings {
   config::Dns dns;
-  std::vector<std::string> trust_anchors;  // trust_anchor_records of the file as read
+  std::vector<std::string> trust_anchors;  // proto::trust_anchor_records of the file as read
   std::string problem;  // the file could not be read or split: why (a Resolver made from these throws it)
   std::string key;      // the settings and the file's content: a resolver made for another key is replaced
 };

@@ -718,6 +718,7 @@ int Server::run() {
   if (const auto delay = failpoint_delay("startup"); delay.count() > 0) std::this_thread::sleep_for(delay);
   check_state_dir(config.state_dir);
   s.state_dir_lock = std::make_unique<StateDirLock>(config.state_dir);
+  s.state_writer->guard(*s.state_dir_lock);
   s.telemetry.configure(config);  // first: the window and limits that load_state follows
   std::string error;
   if (!s.telemetry.load_state(config.state_dir, error))

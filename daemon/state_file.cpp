@@ -93,7 +93,7 @@ bool write_state_file(const std::string& state_dir, std::string_view name, std::
   return true;
 }
 
-StateDirLock::StateDirLock(const std::string& state_dir) {
+StateDirLock::StateDirLock(const std::string& state_dir) : state_dir_(state_dir) {
   const fs::path path = fs::path(state_dir) / "mailflowd.lock";
   const auto fail = [&](const std::string& what, int saved_errno) {
     if (fd_ >= 0) ::close(fd_);
@@ -127,6 +127,23 @@ StateDirLock::StateDirLock(const std::string& state_dir) {
 }
 
 StateDirLock::~StateDirLock() { ::close(fd_); }
+
+StateDirLock::Kept StateDirLock::keep(std::string& error) {
+  const fs::path path = fs::path(state_dir_) / "mailflowd.lock";
+  struct stat held {};
+  struct stat there {};
+  if (::fstat(fd_, &held) == 0 && ::lstat(path.c_str(), &there) == 0 && held.st_dev == there.st_dev &&
+      held.st_ino == there.st_ino)
+    return Kept::held;
+  try {
+    StateDirLock again(state_dir_);
+    std::swap(fd_, again.fd_);  // the lock on the deleted file is released with `again`
+    return Kept::taken_again;
+  } catch (const std::exception& e) {
+    error = e.what();
+    return Kept::lost;
+  }
+}
 
 StateRead read_state_file(const std::string& state_dir, std::string_view name, std::size_t max_bytes,
                           std::string& text, std::string& error) {

@@ -45,7 +45,15 @@ class StateDirLock {
   StateDirLock(const StateDirLock&) = delete;
   StateDirLock& operator=(const StateDirLock&) = delete;
 
+  enum class Kept { held, taken_again, lost };
+  // Before files are written: whether state_dir/mailflowd.lock is still the file this lock holds. When
+  // state_dir (or the lock file) was deleted while running, the lock held is on a file nobody else can open,
+  // so another process could take the new one: it is taken again (state_dir made again), taken_again. lost,
+  // with `error`, when another process has it or it cannot be taken: nothing may be written then.
+  Kept keep(std::string& error);
+
  private:
+  std::string state_dir_;
   int fd_ = -1;
 };
 
@@ -55,6 +63,7 @@ inline constexpr std::size_t max_kept_aside = 5;
 // Renames state_dir/name to name.corrupt-<unix_time> (name.corrupt-<unix_time>-2, -3, ... where that one is
 // taken: never over an earlier one), then removes the oldest earlier ones beyond max_kept_aside; returns the
 // text for the log ("moved to ..." and the names removed, or why not).
-std::string move_state_file_aside(const std::string& state_dir, std::string_view name, std::int64_t unix_time);
+std::string move_state_file_aside(const std::string& state_dir, std::string_view name,
+                                  std::int64_t unix_time);
 
 }  // namespace mailflow

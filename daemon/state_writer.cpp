@@ -27,6 +27,11 @@ void StateWriter::write(Files files, Done done) {
   wake_.notify_one();
 }
 
+void StateWriter::guard(StateDirLock& lock) {
+  std::lock_guard hold(mutex_);
+  lock_ = &lock;
+}
+
 void StateWriter::wait() {
   std::unique_lock lock(mutex_);
   idle_.wait(lock, [this] { return jobs_.empty() && !running_job_; });
@@ -40,8 +45,9 @@ void StateWriter::run() {
     Job job = std::move(jobs_.front());
     jobs_.pop_front();
     running_job_ = true;
+    StateDirLock* const state_dir_lock = lock_;
     lock.unlock();
-    const bool saved = write_files(job.files);
+    const bool saved = write_files(job.files, state_dir_lock);
     if (job.done) job.done(saved);
     lock.lock();
     running_job_ = false;
@@ -49,12 +55,24 @@ void StateWriter::run() {
   }
 }
 
-bool StateWriter::write_files(const Files& files) {
+bool StateWriter::write_files(const Files& files, StateDirLock* state_dir_lock) {
   const auto failed = [this](const std::string& error) {
     telemetry_.state_error("save_failed");
     log_limited(LogLevel::error, "state_save_failed", {{"error", error}});
   };
   bool saved = true;
+  if (state_dir_lock != nullptr) {
+    // state_dir deleted while running (an operator's rm -rf, a clean-up job): the files below would make it
+    // again, and a second daemon (or `mailflowd mta-sts --state`) could take the new one meanwhile or after.
+    std::string error;
+    const auto kept = state_dir_lock->keep(error);
+    if (kept == StateDirLock::Kept::lost) {
+      failed(error);
+      return false;
+    }
+    if (kept == StateDirLock::Kept::taken_again)
+      log_event(LogLevel::warn, "state_dir_locked_again", {{"state_dir", state_dir_}});
+  }
   try {
     // Each file on its own: one that cannot be written (the biggest, on a nearly full disk) does not keep the
     // others from being saved.

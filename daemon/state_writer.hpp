@@ -34,6 +34,9 @@ class StateWriter {
   StateWriter& operator=(const StateWriter&) = delete;
 
   void write(Files files, Done done = {});
+  // The lock on state_dir (taken after the writer is made): each job first keeps it (StateDirLock::keep), and
+  // writes nothing where it was lost to another process.
+  void guard(StateDirLock& lock);
   // Blocks until every job handed in so far is done (the final save at stop).
   void wait();
 
@@ -43,10 +46,11 @@ class StateWriter {
     Done done;
   };
   void run();
-  bool write_files(const Files& files);
+  bool write_files(const Files& files, StateDirLock* state_dir_lock);
 
   const std::string state_dir_;
   Telemetry& telemetry_;
+  StateDirLock* lock_ = nullptr;  // under mutex_ when set; read by the writer thread after a job is taken
   std::mutex mutex_;
   std::condition_variable wake_;  // a job arrived, or stop
   std::condition_variable idle_;  // the queue ran empty

@@ -420,7 +420,9 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
   // timeouts.upstream_connect bounds the lookup, and each address's connect attempt with its banner on its
   // own, as in the MX walk and as Postfix gives each attempt its smtp_connect_timeout: an address that
   // black-holes (a broken IPv6 route, a dead host among several A records) leaves the next one its time.
-  // timeouts.upstream_open bounds all of the open.
+  // timeouts.upstream_open bounds all of the open. The MX walk's bounds hold here too, as Postfix's
+  // smtp_mx_address_limit and smtp_mx_session_limit hold for every destination (smtp_connect.c): a name with
+  // many dead addresses would otherwise hold the client's RCPT until upstream_open.
   const std::string& host = upstream.address.host;
   const std::uint16_t port = upstream.address.port;
   std::string reason = "no address";
@@ -467,8 +469,13 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
   // Under tls: dane every TLS session is counted under the policy that governed it, as in the MX walk (there is
   // no recipient domain's policy here, so no TLS report and no domain's drill-down).
   const std::string_view policy = dane.kind == proto::DanePlan::Kind::none ? "none" : "dane";
+  std::string_view limit = endpoints.size() > mx_address_limit ? "addresses" : "";
+  if (endpoints.size() > mx_address_limit) endpoints.resize(mx_address_limit);
+  greeted_sessions_ = 0;
+  std::size_t tried = 0;
   for (const auto& endpoint : endpoints) {
     if (closed_) break;  // force_close() while connecting: no next address
+    ++tried;
     std::optional<proto::tlsrpt::FailureKey> failure;
     bool connected = false;
     bool tls_session = false;
@@ -493,6 +500,19 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
     }
     // The open's deadline passed during this attempt (a TLS session it got as far as is reported above).
     if (!closed_ && open_expired()) co_return open_timed_out(upstream, {}, "connect");
+    if (greeted_sessions_ >= mx_session_limit && tried < endpoints.size()) {
+      limit = "sessions";
+      break;
+    }
+  }
+  if (!limit.empty() && !closed_) {
+    log_limited(LogLevel::info, "mx_limit",
+                {{"id", session_.id},
+                 {"upstream", upstream.name},
+                 {"host", host},
+                 {"limit", limit},
+                 {"addresses", tried},
+                 {"sessions", greeted_sessions_}});
   }
   co_return Refusal{upstream_unavailable_reply, {}};
 }

@@ -112,9 +112,9 @@ TEST_CASE("state files: at most 5 moved aside are kept per name, the newest, and
   const auto dir = fresh_dir("aside-bound");
   // Six earlier ones (one a second in the same second), another file's, one "from the future" (a clock set
   // back: the file moved aside now is kept whatever the others' times say) and a name of another pattern.
-  for (const char* name : {"x.state.corrupt-100", "x.state.corrupt-101", "x.state.corrupt-102",
-                           "x.state.corrupt-102-2", "x.state.corrupt-103", "x.state.corrupt-5000",
-                           "y.state.corrupt-50", "x.state.corrupt-notes"})
+  for (const char* name :
+       {"x.state.corrupt-100", "x.state.corrupt-101", "x.state.corrupt-102", "x.state.corrupt-102-2",
+        "x.state.corrupt-103", "x.state.corrupt-5000", "y.state.corrupt-50", "x.state.corrupt-notes"})
     std::ofstream(dir / name) << name;
   std::ofstream(dir / "x.state") << "bad";
   const std::string said = mailflow::move_state_file_aside(dir.string(), "x.state", 1000);
@@ -143,5 +143,25 @@ TEST_CASE("state_dir lock: one holder at a time, named by its pid, free again on
     }
   }
   CHECK_NOTHROW(mailflow::StateDirLock(dir.string()));
+  std::filesystem::remove_all(dir.parent_path());
+}
+
+TEST_CASE(
+    "state_dir lock: kept while its file is there, taken again after state_dir was deleted, lost to "
+    "another") {
+  const auto dir = fresh_dir("keep") / "state";
+  mailflow::StateDirLock held(dir.string());
+  std::string error;
+  CHECK(held.keep(error) == mailflow::StateDirLock::Kept::held);
+  std::filesystem::remove_all(dir);  // an operator's rm -rf while running: made again with the lock on it
+  CHECK(held.keep(error) == mailflow::StateDirLock::Kept::taken_again);
+  CHECK_THROWS_AS(mailflow::StateDirLock(dir.string()), mailflow::StateDirLock::InUse);
+  CHECK(held.keep(error) == mailflow::StateDirLock::Kept::held);
+  std::filesystem::remove_all(dir);
+  {
+    const mailflow::StateDirLock other(dir.string());  // another process took the new state_dir first
+    CHECK(held.keep(error) == mailflow::StateDirLock::Kept::lost);
+    CHECK(error.find("is in use by another mailflowd process") != std::string::npos);
+  }
   std::filesystem::remove_all(dir.parent_path());
 }

@@ -134,6 +134,12 @@ def test_a_state_dir_deleted_while_running_is_made_again_by_the_next_save(env):
         shutil.rmtree(state, ignore_errors=True)
     harness.wait_for(lambda: (state / "windows.state").exists(), 10, 0.05,
                      what=f"windows.state written again after state_dir was deleted\n{daemon.log_tail()}")
+    # state_dir is still this daemon's: its lock was taken again with the directory (before, it kept its lock on
+    # the deleted file, and a second daemon started on the new directory, both writing the same files).
+    with pytest.raises(AssertionError, match="is in use by another mailflowd process"):
+        make("deleted-second", state)
+    assert (state / "mailflowd.lock").read_text() == f"{daemon.proc.pid}\n"
+    assert "state_dir_locked_again" in daemon.stderr()
     timed_exchange(port, sink)
     assert daemon.stop(timeout=30) == 0, daemon.log_tail()
     again, _ = make("deleted-again", state)
