@@ -3,6 +3,8 @@
 #include "daemon/http_server.hpp"
 
 #include <fmt/format.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <openssl/crypto.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
@@ -78,6 +80,12 @@ constexpr auto kTlsCloseTimeout = std::chrono::seconds(5);  // close_notify
 // send fail before it read the answer.
 constexpr auto kLingerTime = std::chrono::seconds(5);
 constexpr std::uint64_t kLingerBytes = 4 * 1024 * 1024;
+// What an answer may leave queued and not yet sent before the write waits for the client (TCP_NOTSENT_LOWAT,
+// as HTTP/2 servers set it): a write "completes" once the kernel has the bytes, so a client that pipelines
+// requests and never reads had the next answer rendered until its send buffer (autotuned up to tcp_wmem's 4
+// MiB) was full, some 150 renders of /metrics per connection, all on the one HTTP thread. Bytes in flight are
+// not counted, so a fast reader is not slowed.
+constexpr int kNotSentLowat = 16 * 1024;
 // Prometheus, a probe and a browser need a few connections each; one address holding more is hostile. The
 // total cap protects descriptors and memory.
 constexpr std::size_t kMaxConnections = 256;
@@ -500,6 +508,8 @@ class Server : public std::enable_shared_from_this<Server> {
         continue;
       }
       failpoint("http.accept");
+      const int lowat = kNotSentLowat;
+      (void)::setsockopt(socket.native_handle(), IPPROTO_TCP, TCP_NOTSENT_LOWAT, &lowat, sizeof lowat);
       asio::co_spawn(io_, self->run_session(std::move(socket), peer, std::move(settings), head_deadline),
                      [self](const std::exception_ptr& error) {
                        if (error) self->escaped(error);
