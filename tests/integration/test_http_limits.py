@@ -18,6 +18,7 @@ import http_helpers as hx
 HEAD_TIMEOUT = 5.0      # daemon/http_server.cpp kHeadTimeout
 PER_ADDRESS = 16        # kMaxConnectionsPerAddress
 TOTAL = 256             # kMaxConnections
+STALLED_WRITE = 5.0     # kStalledWrite
 MARGIN = 2.5
 
 
@@ -453,3 +454,40 @@ def test_scrapes_are_answered_while_240_connections_pipeline_metrics_unread(env)
           f"{max(took, default=0):.2f}s), the daemon used {cpu:.1f}s of CPU")
     assert answered == 20, f"only {answered} of 20 scrapes answered over {span:.1f}s: {results}"
     assert cpu < 3.0, f"the daemon used {cpu:.1f}s of CPU on 240 connections that read nothing"
+
+
+def test_at_the_total_cap_an_answer_untaken_for_5s_makes_room(env):
+    """16 addresses x 16 connections with a 4 KiB receive window pipeline GET /metrics and read nothing: all 256
+    are in a write, none waits for a request, so every scrape from a 17th address got 503 until the 30 s write
+    deadline closed them. Now at the cap the connection whose answer has gone untaken longest (5 s at least) is
+    closed to make room, logged and counted as connection_limit."""
+    before = hx.rejects(hx.metrics(env.port))
+    pipelined = b"GET /metrics HTTP/1.1\r\nHost: mailflowd\r\n\r\n" * 50
+    held, results = [], []
+    try:
+        for a in range(TOTAL // PER_ADDRESS):
+            for _ in range(PER_ADDRESS):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                s.bind((f"127.0.4.{a + 1}", 0))
+                s.connect(("127.0.0.1", env.port))
+                s.sendall(pipelined)
+                held.append(s)
+        time.sleep(STALLED_WRITE + 1.0)
+        for _ in range(10):
+            try:
+                status, _, body, _ = hx.get(env.port, "/metrics", source="127.0.0.122", timeout=2.0)
+                results.append(status)
+            except OSError as e:
+                results.append(repr(e))
+            time.sleep(0.1)
+        closed = sum(hx.state_of(s) == "closed" for s in held)
+    finally:
+        for s in held:
+            s.close()
+    assert results == [200] * 10, results
+    assert 1 <= closed <= 10, f"{closed} of the 256 writers closed"
+    after = hx.rejects(hx.metrics(env.port))
+    assert after["connection_limit"] - before["connection_limit"] == closed
+    assert after["write_timeout"] == before["write_timeout"]
+    assert "closed to make room: its answer untaken longest at the cap" in env.d.stderr()
