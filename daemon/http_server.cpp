@@ -3,6 +3,8 @@
 #include "daemon/http_server.hpp"
 
 #include <fmt/format.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <openssl/crypto.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
@@ -78,10 +80,20 @@ constexpr auto kTlsCloseTimeout = std::chrono::seconds(5);  // close_notify
 // send fail before it read the answer.
 constexpr auto kLingerTime = std::chrono::seconds(5);
 constexpr std::uint64_t kLingerBytes = 4 * 1024 * 1024;
+// What an answer may leave queued and not yet sent before the write waits for the client (TCP_NOTSENT_LOWAT,
+// as HTTP/2 servers set it): a write "completes" once the kernel has the bytes, so a client that pipelines
+// requests and never reads had the next answer rendered until its send buffer (autotuned up to tcp_wmem's 4
+// MiB) was full, some 150 renders of /metrics per connection, all on the one HTTP thread. Bytes in flight are
+// not counted, so a fast reader is not slowed.
+constexpr int kNotSentLowat = 16 * 1024;
 // Prometheus, a probe and a browser need a few connections each; one address holding more is hostile. The
 // total cap protects descriptors and memory.
 constexpr std::size_t kMaxConnections = 256;
 constexpr std::size_t kMaxConnectionsPerAddress = 16;
+// At the total cap with no connection waiting for a request, one whose answer has gone untaken this long (its
+// client reads nothing) is closed to make room rather than answering the newcomer 503 until its write
+// deadline: a scrape of a few MiB is taken in well under a second.
+constexpr auto kStalledWrite = std::chrono::seconds(5);
 constexpr std::uint32_t kHeaderLimit = 8 * 1024;
 // As sent (chunked: framing, extensions and trailers too); only GET and HEAD are served.
 constexpr std::uint64_t kBodyLimit = 8 * 1024;
@@ -395,9 +407,12 @@ class Server : public std::enable_shared_from_this<Server> {
   // Counts the connection against the caps; the reason when it is over one. At the total cap, the connection
   // that has waited longest without a complete request (idle, trickling a head or body, lingering) is closed
   // to make room, as nginx reuses its idle connections when worker_connections run out: a peer on many
-  // addresses that holds every connection idle locks no scrape out (each waits 5 s at most anyway). Only when
-  // none waits does the new connection get the 503. `evicted`: the address of the connection closed.
-  std::optional<HttpReject> admit(const asio::ip::address& peer, std::optional<asio::ip::address>& evicted) {
+  // addresses that holds every connection idle locks no scrape out (each waits 5 s at most anyway). When none
+  // waits, the one whose answer has gone untaken longest (kStalledWrite at least) is closed instead; only
+  // when none of those either does the new connection get the 503. `evicted`: the address of the connection
+  // closed, `evicted_writing`: it was in a write.
+  std::optional<HttpReject> admit(const asio::ip::address& peer, std::optional<asio::ip::address>& evicted,
+                                  bool& evicted_writing) {
     std::lock_guard lock(mutex_);
     auto& from_peer = per_address_[peer];
     if (from_peer >= kMaxConnectionsPerAddress) return HttpReject::address_limit;
@@ -409,6 +424,15 @@ class Server : public std::enable_shared_from_this<Server> {
           longest = it;
       }
       if (longest == tracked_.end()) {
+        // None waits: the answer written longest, if it has been written for kStalledWrite.
+        const auto stalled = SteadyClock::now() - kStalledWrite;
+        for (auto it = tracked_.begin(); it != tracked_.end(); ++it) {
+          if (!it->second.evicted && it->second.writing_since <= stalled &&
+              (longest == tracked_.end() || it->second.writing_since < longest->second.writing_since))
+            longest = it;
+        }
+      }
+      if (longest == tracked_.end()) {
         if (from_peer == 0) per_address_.erase(peer);
         return HttpReject::connection_limit;
       }
@@ -416,6 +440,7 @@ class Server : public std::enable_shared_from_this<Server> {
       ++evicting_;
       longest->second.close();
       evicted = longest->second.peer;
+      evicted_writing = longest->second.writing_since != SteadyClock::time_point::max();
     }
     ++from_peer;
     ++connections_;
@@ -449,6 +474,12 @@ class Server : public std::enable_shared_from_this<Server> {
   void waiting(const Slot& slot, SteadyClock::time_point since) {
     std::lock_guard lock(mutex_);
     if (auto it = tracked_.find(slot.id.value()); it != tracked_.end()) it->second.idle_since = since;
+  }
+
+  // The connection writes an answer since `since`; max(): it does not.
+  void writing(const Slot& slot, SteadyClock::time_point since) {
+    std::lock_guard lock(mutex_);
+    if (auto it = tracked_.find(slot.id.value()); it != tracked_.end()) it->second.writing_since = since;
   }
 
   // Over a cap: a canned 503 for plain HTTP (TLS would need a handshake first), then close.
@@ -492,14 +523,19 @@ class Server : public std::enable_shared_from_this<Server> {
       if (ec) continue;  // already gone
       auto settings = this->settings();
       std::optional<asio::ip::address> evicted;
-      const auto refusal = admit(peer, evicted);
+      bool evicted_writing = false;
+      const auto refusal = admit(peer, evicted, evicted_writing);
       if (evicted)
-        reject(HttpReject::connection_limit, *evicted, "closed to make room: idle longest at the cap");
+        reject(HttpReject::connection_limit, *evicted,
+               evicted_writing ? "closed to make room: its answer untaken longest at the cap"
+                               : "closed to make room: idle longest at the cap");
       if (refusal) {
         refuse(socket, *refusal, peer, settings->tls != nullptr);
         continue;
       }
       failpoint("http.accept");
+      const int lowat = kNotSentLowat;
+      (void)::setsockopt(socket.native_handle(), IPPROTO_TCP, TCP_NOTSENT_LOWAT, &lowat, sizeof lowat);
       asio::co_spawn(io_, self->run_session(std::move(socket), peer, std::move(settings), head_deadline),
                      [self](const std::exception_ptr& error) {
                        if (error) self->escaped(error);
@@ -664,7 +700,9 @@ class Server : public std::enable_shared_from_this<Server> {
         response.content_length(length);
       }
       beast::get_lowest_layer(stream).expires_after(kWriteTimeout);
+      writing(slot, SteadyClock::now());
       co_await http::async_write(stream, response, asio::redirect_error(asio::use_awaitable, ec));
+      writing(slot, SteadyClock::time_point::max());
       if (ec == beast::error::timeout) reject(HttpReject::write_timeout, peer);  // a scrape lost: say so
       if (ec) co_return false;
       if (!response.keep_alive()) co_return true;
@@ -1052,6 +1090,8 @@ class Server : public std::enable_shared_from_this<Server> {
     // Since when it waits for a request (the accept, the end of the previous answer) or lingers; max() while
     // a request is served. The longest waiting is closed first at the cap.
     SteadyClock::time_point idle_since;
+    SteadyClock::time_point writing_since =
+        SteadyClock::time_point::max();  // an answer is being written since
     bool evicted = false;  // closed to make room, its slot not yet given back
   };
   std::map<std::uint64_t, Tracked> tracked_;

@@ -18,6 +18,7 @@ import http_helpers as hx
 HEAD_TIMEOUT = 5.0      # daemon/http_server.cpp kHeadTimeout
 PER_ADDRESS = 16        # kMaxConnectionsPerAddress
 TOTAL = 256             # kMaxConnections
+STALLED_WRITE = 5.0     # kStalledWrite
 MARGIN = 2.5
 
 
@@ -404,3 +405,89 @@ def test_a_response_not_taken_within_the_write_deadline_is_counted(env):
     finally:
         s.close()
     assert "http_reject reason=write_timeout client=127.0.0.6" in env.d.stderr()
+
+
+def cpu_seconds(port):
+    return harness.value(hx.metrics(port, source="127.0.0.121"), "process_cpu_seconds_total")
+
+
+def test_scrapes_are_answered_while_240_connections_pipeline_metrics_unread(env):
+    """15 addresses x 16 connections, each with a 4 KiB receive window, each pipelining 200 GET /metrics that it
+    never reads. A write completes once the kernel has the bytes, and the send buffers grow to megabytes: the
+    one HTTP thread rendered /metrics some 150 times per connection until they were full (seconds of CPU), and
+    scrapes from another address timed out (2 s) behind those renders for 8 s and more. Now what an answer may
+    leave unsent is bounded (TCP_NOTSENT_LOWAT): a connection that does not read gets a few answers, the
+    scrapes are answered at once and the flood costs little CPU."""
+    pipelined = b"GET /metrics HTTP/1.1\r\nHost: mailflowd\r\n\r\n" * 200
+    held = []
+    results, took = [], []
+    cpu_before = cpu_seconds(env.port)
+    try:
+        for a in range(15):
+            for _ in range(PER_ADDRESS):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+                s.bind((f"127.0.4.{a + 1}", 0))
+                s.connect(("127.0.0.1", env.port))
+                s.setblocking(False)
+                try:
+                    s.send(pipelined)
+                except BlockingIOError:
+                    pass
+                held.append(s)
+        started = time.monotonic()
+        for _ in range(20):
+            try:
+                status, _, body, seconds = hx.get(env.port, "/metrics", source="127.0.0.120", timeout=2.0)
+                results.append(status if status != 200 or body.startswith(b"# ") else "bad body")
+                took.append(seconds)
+            except OSError as e:
+                results.append(repr(e))
+            time.sleep(0.2)
+        span = time.monotonic() - started
+        cpu = cpu_seconds(env.port) - cpu_before
+    finally:
+        for s in held:
+            s.close()
+    answered = results.count(200)
+    print(f"pipelined flood: {answered} of 20 scrapes answered over {span:.1f}s (slowest "
+          f"{max(took, default=0):.2f}s), the daemon used {cpu:.1f}s of CPU")
+    assert answered == 20, f"only {answered} of 20 scrapes answered over {span:.1f}s: {results}"
+    assert cpu < 3.0, f"the daemon used {cpu:.1f}s of CPU on 240 connections that read nothing"
+
+
+def test_at_the_total_cap_an_answer_untaken_for_5s_makes_room(env):
+    """16 addresses x 16 connections with a 4 KiB receive window pipeline GET /metrics and read nothing: all 256
+    are in a write, none waits for a request, so every scrape from a 17th address got 503 until the 30 s write
+    deadline closed them. Now at the cap the connection whose answer has gone untaken longest (5 s at least) is
+    closed to make room, logged and counted as connection_limit."""
+    before = hx.rejects(hx.metrics(env.port))
+    pipelined = b"GET /metrics HTTP/1.1\r\nHost: mailflowd\r\n\r\n" * 50
+    held, results = [], []
+    try:
+        for a in range(TOTAL // PER_ADDRESS):
+            for _ in range(PER_ADDRESS):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                s.bind((f"127.0.4.{a + 1}", 0))
+                s.connect(("127.0.0.1", env.port))
+                s.sendall(pipelined)
+                held.append(s)
+        time.sleep(STALLED_WRITE + 1.0)
+        for _ in range(10):
+            try:
+                status, _, body, _ = hx.get(env.port, "/metrics", source="127.0.0.122", timeout=2.0)
+                results.append(status)
+            except OSError as e:
+                results.append(repr(e))
+            time.sleep(0.1)
+        closed = sum(hx.state_of(s) == "closed" for s in held)
+    finally:
+        for s in held:
+            s.close()
+    assert results == [200] * 10, results
+    assert 1 <= closed <= 10, f"{closed} of the 256 writers closed"
+    after = hx.rejects(hx.metrics(env.port))
+    assert after["connection_limit"] - before["connection_limit"] == closed
+    assert after["write_timeout"] == before["write_timeout"]
+    assert "closed to make room: its answer untaken longest at the cap" in env.d.stderr()
