@@ -361,13 +361,21 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open(const con
   co_return co_await open_fixed(upstream, client, connector);
 }
 
-std::shared_ptr<Resolver> UpstreamLeg::resolver() {
+std::shared_ptr<Resolver> UpstreamLeg::resolver(const config::Upstream& upstream) {
   try {
     auto dns = Resolver::share(loop_resolver(executor_, *session_.runtime.resolver, session_.telemetry));
     dns_ = dns;
     return dns;
   } catch (const std::exception& e) {
-    log_limited(LogLevel::error, "dns_unavailable", {{"id", session_.id}, {"error", e.what()}});
+    // The settings were checked at the start or reload: what fails here is the relay's own (the libunbound
+    // context's socketpair or resolv.conf at the descriptor limit, memory), none of the upstream's or the
+    // domain's.
+    session_.telemetry.upstream_error(upstream.name, "local_resources");
+    log_limited(LogLevel::error, "dns_unavailable",
+                {{"id", session_.id},
+                 {"upstream", upstream.name},
+                 {"reason", "local_resources"},
+                 {"error", e.what()}});
     return nullptr;
   }
 }
@@ -428,7 +436,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
     endpoints.emplace_back(address, port);
   } else if (upstream.tls == config::UpstreamTls::dane) {
     // DANE needs to know whether the host's addresses are DNSSEC-validated: looked up through libunbound.
-    const auto dns = resolver();
+    const auto dns = resolver(upstream);
     if (!dns) co_return Refusal{proto::format_reply(451, "4.4.3", "DNS resolver unavailable, try again later"), {}};
     const AddressResult addresses = co_await within_open(dns->resolve_addresses(host));
     if (auto over = open_over(upstream, {}, "dns")) co_return over;
@@ -517,7 +525,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
   // turn, each attempt with timeouts.upstream_connect of its own, all of it within timeouts.upstream_open:
   // the client waits for its RCPT reply meanwhile, and gives up after 5 minutes (RFC 5321 4.5.3.2.5), so a
   // few hosts that never answer must not keep the later ones from being tried in time, nor hold it past that.
-  const auto resolver = this->resolver();
+  const auto resolver = this->resolver(upstream);
   if (!resolver) co_return Refusal{proto::format_reply(451, "4.4.3", "DNS resolver unavailable, try again later"), {}};
   const MxRoute mx = co_await within_open(
       resolve_mx_route(*resolver, *session_.runtime.own_listeners, domain, upstream.port));
