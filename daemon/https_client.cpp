@@ -1,6 +1,7 @@
 // One HTTPS request; see https_client.hpp.
 #include "daemon/https_client.hpp"
 
+#include <openssl/err.h>
 #include <openssl/ssl.h>
 #include <openssl/x509_vfy.h>
 #include <openssl/x509v3.h>
@@ -18,6 +19,8 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+
+#include "daemon/local_shortage.hpp"
 
 namespace mailflow {
 
@@ -65,14 +68,27 @@ net::awaitable<HttpsResponse> https_request(net::any_io_executor executor, Https
   };
   // A failed step: timed out when the deadline ended it, else in the library's words.
   const auto step_failed = [](Step step, const beast::error_code& ec) {
-    return failed(step, ec == beast::error::timeout ? Error::timed_out : Error::failed, ec.message());
+    auto out = failed(step, ec == beast::error::timeout ? Error::timed_out : Error::failed, ec.message());
+    out.local = local_shortage(ec);
+    return out;
   };
 
   net::ssl::context context(net::ssl::context::tls_client);
   beast::error_code ec;
   context.set_verify_mode(net::ssl::verify_peer);
   load_trust_store(context, request.ca_file, ec);
-  if (ec) co_return failed(Step::ca_file, Error::failed, ec.message());
+  if (ec) {
+    // A file that could not be opened or read: OpenSSL queues the system's errno ("asio.ssl error"
+    // otherwise).
+    const auto code = static_cast<unsigned long>(ec.value());
+    if (ec.category() == net::error::get_ssl_category() && ERR_GET_LIB(code) == ERR_LIB_SYS)
+      ec = beast::error_code(ERR_GET_REASON(code), boost::system::system_category());
+    // The relay's own file (out of descriptors, or changed since it was checked at the start): none of the
+    // peer's.
+    auto out = failed(Step::ca_file, Error::failed, ec.message());
+    out.local = true;
+    co_return out;
+  }
   SSL_CTX_set_min_proto_version(context.native_handle(), TLS1_2_VERSION);
 
   beast::ssl_stream<beast::tcp_stream> stream(executor, context);
@@ -118,20 +134,31 @@ net::awaitable<HttpsResponse> https_request(net::any_io_executor executor, Https
         request.connect_host.empty() ? request.host : request.connect_host, request.port,
         net::redirect_error(net::use_awaitable, ec));
     guard.cancel();
-    if (ec) co_return failed(Step::resolve, lookup->expired ? Error::timed_out : Error::failed, ec.message());
+    if (ec) {
+      if (lookup->expired) co_return failed(Step::resolve, Error::timed_out, ec.message());
+      co_return step_failed(Step::resolve, ec);
+    }
     for (const auto& entry : results) endpoints.push_back(entry.endpoint());
   }
 
-  // In turn until one connects; the response names the address tried last.
+  // In turn until one connects; the response names the address tried last. The socket is opened here, not by
+  // a range connect: Asio's reports a socket it could not open (EMFILE) as operation_aborted, which would
+  // hide the relay's own shortage behind what looks like the peer's failure. Past the deadline no next
+  // address is tried.
   std::string address;
-  beast::get_lowest_layer(stream).expires_after(remaining());
-  co_await beast::get_lowest_layer(stream).async_connect(
-      endpoints,
-      [&address](const beast::error_code&, const tcp::endpoint& next) {
-        address = next.address().to_string();
-        return true;
-      },
-      net::redirect_error(net::use_awaitable, ec));
+  auto& connection = beast::get_lowest_layer(stream);
+  ec = net::error::not_found;  // no address at all, as a range connect says it
+  for (const auto& endpoint : endpoints) {
+    address = endpoint.address().to_string();
+    beast::error_code ignored;
+    connection.socket().close(ignored);
+    connection.socket().open(endpoint.protocol(), ec);
+    if (ec && local_shortage(ec)) break;  // none for the next address either
+    if (ec) continue;                     // this family not supported here (an IPv6 address without IPv6)
+    connection.expires_after(remaining());
+    co_await connection.async_connect(endpoint, net::redirect_error(net::use_awaitable, ec));
+    if (!ec || ec == beast::error::timeout) break;
+  }
   const auto with_address = [&address](HttpsResponse out) {
     out.address = address;
     return out;

@@ -57,6 +57,9 @@ struct HttpsResponse {
   Step step = Step::done;
   Error error = Error::none;
   std::string error_text;  // the library's words for the failure ("Connection refused", ...)
+  // The failure is this host's own, none of the peer's: the CA file could not be loaded, or the socket could
+  // not be made or connected for want of descriptors, memory or ephemeral ports (local_shortage.hpp).
+  bool local = false;
   std::string address;     // the address of the last connection attempt ("" before any)
   bool head = false;       // the answer's status line and headers were read (also when its body then failed)
   unsigned status = 0;     // with head

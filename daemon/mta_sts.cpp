@@ -35,6 +35,8 @@ std::string_view to_string(PolicyFetch::Status status) {
       return "invalid";
     case PolicyFetch::Status::webpki_invalid:
       return "webpki_invalid";
+    case PolicyFetch::Status::local_error:
+      return "local_error";
   }
   return "fetch_error";
 }
@@ -83,17 +85,18 @@ net::awaitable<PolicyFetch> fetch_policy(net::any_io_executor executor, std::str
   }
 
   auto response = co_await https_request(executor, std::move(request), limits);
+  // The relay's own failure (its CA file, no socket): said in the step's words, but none of the domain's.
+  const Status failure = response.local ? Status::local_error : Status::fetch_error;
   // A failed step: fetch_error, in the words of the step (and the library's, unless the deadline ended it).
   const auto step_failed = [&](std::string_view timed_out, std::string_view failed_to) {
-    return failed(Status::fetch_error, response.error == Error::timed_out
-                                           ? std::string(timed_out) + " " + host
-                                           : with(failed_to) + response.error_text);
+    return failed(failure, response.error == Error::timed_out ? std::string(timed_out) + " " + host
+                                                              : with(failed_to) + response.error_text);
   };
   switch (response.step) {
     case Step::ca_file:
-      co_return failed(Status::fetch_error, "cannot load CA certificates: " + response.error_text);
+      co_return failed(failure, "cannot load CA certificates: " + response.error_text);
     case Step::resolve:
-      co_return failed(Status::fetch_error, with("cannot resolve") + response.error_text);
+      co_return failed(failure, with("cannot resolve") + response.error_text);
     case Step::connect:
       co_return step_failed("timed out connecting to", "cannot connect to");
     case Step::handshake:
@@ -190,9 +193,15 @@ net::awaitable<PolicyState> lookup_policy(Resolver& resolver, MtaStsCache& cache
     use(fresh, false);
     co_return state;
   }
-  cache.fetch_failed(domain, id, now);
   if (cached) use(*cached, true);  // section 5.1: a failed refresh keeps the unexpired policy
   state.detail = fetched.detail;
+  if (fetched.status == PolicyFetch::Status::local_error) {
+    // The relay could not make the request (its CA file, no descriptor for the socket): nothing the domain
+    // did or failed to do, so nothing for its TLS report, and the next message tries again.
+    state.local_failure = true;
+    co_return state;
+  }
+  cache.fetch_failed(domain, id, now);
   switch (fetched.status) {
     case PolicyFetch::Status::invalid:
       state.failure = ResultType::sts_policy_invalid;

@@ -46,12 +46,15 @@ struct PolicyFetch {
                      // wrong Content-Type, over 64 KiB (TLS-RPT sts-policy-fetch-error)
     invalid,         // an answer that is not a valid policy (sts-policy-invalid)
     webpki_invalid,  // the certificate of mta-sts.<domain> did not verify (sts-webpki-invalid)
+    local_error,     // the relay's own failure, none of the domain's: mta_sts.ca_file could not be loaded, or
+                  // no socket for want of descriptors, memory or ports (HttpsResponse::local); not reported
   };
   Status status = Status::fetch_error;
   std::optional<proto::mta_sts::Policy> policy;
   std::string detail;  // why, for logs
 };
-std::string_view to_string(PolicyFetch::Status status);  // "ok", "fetch_error", "invalid", "webpki_invalid"
+// "ok", "fetch_error", "invalid", "webpki_invalid", "local_error"
+std::string_view to_string(PolicyFetch::Status status);
 
 // GET https://mta-sts.<domain>/.well-known/mta-sts.txt: certificate verified for mta-sts.<domain> (SNI sent),
 // no redirects followed, Content-Type text/plain, body at most 64 KiB, all within settings.fetch_timeout.
@@ -71,6 +74,11 @@ struct PolicyState {
   // or sts-webpki-invalid; with a still-valid cached policy the failure is reported and that policy used.
   std::optional<proto::tlsrpt::ResultType> failure;
   std::string detail;
+  // The fetch failed for a reason of the relay's own (PolicyFetch::Status::local_error; `detail` says why):
+  // nothing to report, and not recorded as the domain's failed fetch, so the next message fetches again; a
+  // cached policy stays in force as after a failed refresh, and without one the MX walk does not go on
+  // (451 4.4.1, upstream_errors local_resources) rather than deliver as though the domain published none.
+  bool local_failure = false;
   // The _mta-sts TXT lookup: a temporary failure (is_temporary: timeout, servfail, bogus, error) is taken as
   // no record (RFC 8461 5: the cached policy, if any, else none) and is not reported; `mailflowd mta-sts`
   // says so.
@@ -85,8 +93,9 @@ std::string_view to_string(PolicyState::Mode mode);
 // back to an unexpired cached policy; no TXT record and no cached policy: none. A cached policy due for its
 // refresh is fetched again, inline (under its own id where there is no TXT record, or DNS failed). A failed
 // fetch is reported once: within mta_sts_fetch_retry_after the domain and id are not fetched again, and the
-// lookup answers as if the fetch had failed (the cached policy, or none) without a failure to report. `now`
-// in unix seconds.
+// lookup answers as if the fetch had failed (the cached policy, or none) without a failure to report. A fetch
+// that failed for the relay's own reason (local_failure) is neither reported nor recorded. `now` in unix
+// seconds.
 boost::asio::awaitable<PolicyState> lookup_policy(Resolver& resolver, MtaStsCache& cache, std::string domain,
                                                   const MtaStsSettings& settings, std::int64_t now);
 

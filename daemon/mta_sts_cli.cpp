@@ -130,7 +130,11 @@ int run_mta_sts_cli(int argc, char** argv, std::ostream& out, std::ostream& err)
                       json = "{\"domain\": " + quote(domain) + ", \"fetch\": " + quote(to_string(fetched.status)) +
                              ", \"policy\": " + policy_json(fetched.policy) + ", \"detail\": " +
                              quote(fetched.detail) + ", \"elapsed_ms\": " + elapsed_ms() + "}\n";
-                      code = fetched.status == PolicyFetch::Status::ok ? 0 : 3;
+                      // local_error: this host's own failure (its CA file, no socket), no answer of the
+                      // domain's.
+                      code = fetched.status == PolicyFetch::Status::ok            ? 0
+                             : fetched.status == PolicyFetch::Status::local_error ? 4
+                                                                                  : 3;
                     });
       io.run();
     } else {
@@ -165,6 +169,13 @@ int run_mta_sts_cli(int argc, char** argv, std::ostream& out, std::ostream& err)
                              ", \"txt\": " + quote(to_string(state.txt)) +
                              ", \"elapsed_ms\": " + elapsed_ms() + "}\n";
                       code = state.failure ? 3 : 0;
+                      // The fetch failed for a reason of this host's own (its CA file, no socket): the relay
+                      // reports nothing and does not deliver without a policy; the mode shown is no answer.
+                      if (code == 0 && state.local_failure) {
+                        txt_failed = "the policy fetch failed for a reason of this host's (" + state.detail +
+                                     "): the mode shown is not what the domain publishes";
+                        code = 4;
+                      }
                       // The relay takes a failed TXT lookup as no record and reports nothing; whoever asks
                       // here must see that the answer is the fallback, not the domain's (as `route` exits 4).
                       if (code == 0 && is_temporary(state.txt)) {

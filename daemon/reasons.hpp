@@ -62,7 +62,8 @@ inline constexpr auto upstream_errors = std::to_array<std::string_view>({
     "starttls_pipelining", "rset_rejected",
     // daemon/upstream_leg.cpp connect_failure_reason(): the socket could not be made or connected for a
     // reason of this host's (EMFILE, ENFILE, ENOBUFS, ENOMEM, EADDRNOTAVAIL: out of descriptors, memory or
-    // ephemeral ports); no failure of the upstream's, so MailflowUpstreamDown leaves it out
+    // ephemeral ports); no failure of the upstream's, so MailflowUpstreamDown leaves it out. Also an MTA-STS
+    // policy fetch that failed so (or mta_sts.ca_file unreadable): daemon/upstream_leg.cpp open_mx()
     "local_resources",
     // timeouts.upstream_open passed while an upstream was being opened (DNS, MTA-STS, the connect
     // attempts, their setup): once per open, its RCPT gets 451 4.4.2

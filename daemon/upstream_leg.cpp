@@ -7,6 +7,7 @@
 #include <exception>
 #include <map>
 
+#include "daemon/local_shortage.hpp"
 #include "daemon/log.hpp"
 #include "daemon/mta_sts.hpp"
 #include "daemon/mx_route.hpp"
@@ -34,16 +35,12 @@ const char* const upstream_unavailable_reply = "451 4.4.1 Upstream unavailable, 
 auto in(Deadlines::Clock::duration timeout) { return Deadlines::in(timeout); }
 
 // The reason a lookup or connect that failed with `ec` counts under. local_resources: this host could not
-// make or connect the socket (out of descriptors, kernel memory or buffers, or ephemeral ports: EADDRNOTAVAIL
-// on connect), which says nothing about the upstream, so that MailflowUpstreamDown, which counts every other
-// reason, does not page for an upstream that is fine while the relay itself is short (Postfix's SMTP client
-// likewise treats a failed socket() as its own fatal error, not as a failure of the destination).
+// make or connect the socket (local_shortage.hpp), which says nothing about the upstream, so that
+// MailflowUpstreamDown, which counts every other reason, does not page for an upstream that is fine while the
+// relay itself is short.
 std::string_view connect_failure_reason(const error_code& ec) {
-  namespace errc = boost::system::errc;
   if (ec == asio::error::timed_out) return "connect_timeout";
-  if (ec == errc::too_many_files_open || ec == errc::too_many_files_open_in_system ||
-      ec == errc::no_buffer_space || ec == errc::not_enough_memory || ec == errc::address_not_available)
-    return "local_resources";
+  if (local_shortage(ec)) return "local_resources";
   return "connect_failed";
 }
 
@@ -364,13 +361,21 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open(const con
   co_return co_await open_fixed(upstream, client, connector);
 }
 
-std::shared_ptr<Resolver> UpstreamLeg::resolver() {
+std::shared_ptr<Resolver> UpstreamLeg::resolver(const config::Upstream& upstream) {
   try {
     auto dns = Resolver::share(loop_resolver(executor_, *session_.runtime.resolver, session_.telemetry));
     dns_ = dns;
     return dns;
   } catch (const std::exception& e) {
-    log_limited(LogLevel::error, "dns_unavailable", {{"id", session_.id}, {"error", e.what()}});
+    // The settings were checked at the start or reload: what fails here is the relay's own (the libunbound
+    // context's socketpair or resolv.conf at the descriptor limit, memory), none of the upstream's or the
+    // domain's.
+    session_.telemetry.upstream_error(upstream.name, "local_resources");
+    log_limited(LogLevel::error, "dns_unavailable",
+                {{"id", session_.id},
+                 {"upstream", upstream.name},
+                 {"reason", "local_resources"},
+                 {"error", e.what()}});
     return nullptr;
   }
 }
@@ -433,7 +438,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
     endpoints.emplace_back(address, port);
   } else if (upstream.tls == config::UpstreamTls::dane) {
     // DANE needs to know whether the host's addresses are DNSSEC-validated: looked up through libunbound.
-    const auto dns = resolver();
+    const auto dns = resolver(upstream);
     if (!dns) co_return Refusal{proto::format_reply(451, "4.4.3", "DNS resolver unavailable, try again later"), {}};
     const AddressResult addresses = co_await within_open(dns->resolve_addresses(host));
     if (auto over = open_over(upstream, {}, "dns")) co_return over;
@@ -540,7 +545,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
   // turn, each attempt with timeouts.upstream_connect of its own, all of it within timeouts.upstream_open:
   // the client waits for its RCPT reply meanwhile, and gives up after 5 minutes (RFC 5321 4.5.3.2.5), so a
   // few hosts that never answer must not keep the later ones from being tried in time, nor hold it past that.
-  const auto resolver = this->resolver();
+  const auto resolver = this->resolver(upstream);
   if (!resolver) co_return Refusal{proto::format_reply(451, "4.4.3", "DNS resolver unavailable, try again later"), {}};
   const MxRoute mx = co_await within_open(
       resolve_mx_route(*resolver, *session_.runtime.own_listeners, domain, upstream.port));
@@ -566,6 +571,23 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
     // upstreams[].mta_sts: testing never skips a host, whatever the domain publishes.
     if (upstream.mta_sts == config::MtaStsMode::testing && sts.mode == PolicyState::Mode::enforce)
       sts.mode = PolicyState::Mode::testing;
+    if (sts.local_failure) {
+      // The relay could not fetch the policy for a reason of its own (mta_sts.ca_file, out of descriptors):
+      // no failure of the domain's (nothing reported, the next message fetches again). With no cached policy
+      // to go on with, the message waits, as for an upstream socket the relay could not make.
+      session_.telemetry.upstream_error(upstream.name, "local_resources");
+      log_limited(LogLevel::warn, "upstream_error",
+                  {{"id", session_.id},
+                   {"upstream", upstream.name},
+                   {"domain", domain},
+                   {"reason", "local_resources"},
+                   {"error", sts.detail}});
+      if (!sts.policy)
+        co_return Refusal{proto::format_reply(451, "4.4.1",
+                                              "MTA-STS policy of " + domain +
+                                                  " could not be fetched (local_resources), try again later"),
+                          {}};
+    }
   }
   std::vector<std::string> rua;
   if (!connector.empty()) rua = co_await within_open(report_addresses(*resolver, domain));

@@ -148,9 +148,10 @@ class UpstreamLeg {
                                                     std::uint16_t port, bool secure);
   boost::asio::awaitable<std::optional<Refusal>> open_fixed(const config::Upstream& upstream, const Client& client,
                                                             std::string_view connector);
-  // The event loop's, shared for this leg's lookups (force_close() gives them up); null, logged, when
-  // libunbound refuses the settings.
-  std::shared_ptr<Resolver> resolver();
+  // The event loop's, shared for this leg's lookups (force_close() gives them up); null, logged and counted
+  // as upstream_errors local_resources for `upstream`, when it cannot be made (the libunbound context at the
+  // descriptor limit).
+  std::shared_ptr<Resolver> resolver(const config::Upstream& upstream);
   boost::asio::awaitable<std::optional<Refusal>> open_mx(const config::Upstream& upstream,
                                                          const std::string& domain, const Client& client,
                                                          std::string_view connector);

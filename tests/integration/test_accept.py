@@ -158,6 +158,37 @@ def test_upstream_socket_out_of_descriptors_is_counted_as_local_resources(env):
     hh.assert_relays(daemon, port, sink)
 
 
+def test_resolver_that_cannot_be_made_for_want_of_descriptors_is_counted_as_local_resources(daemon_factory):
+    """An mx upstream's first RCPT on an event loop makes its DNS resolver (a libunbound context, whose socketpair
+    needs descriptors): at the descriptor limit that fails, the RCPT gets 451 4.4.3 as before, and it counts as
+    mailflow_upstream_errors_total{reason="local_resources"}, which MailflowDescriptorsLow watches; it counted
+    nowhere before (only a log line)."""
+    port = harness.free_port()
+    dead_dns = harness.free_port()  # never asked: the context cannot even be made
+    daemon = daemon_factory(listeners=[hh.listener("mxl", port, "mx")],
+                            upstreams=[{"name": "mx", "mx": True, "port": 25}], name="nodns",
+                            dns={"servers": [f"127.0.0.1:{dead_dns}"], "timeout": "1s"})
+    pid = daemon.proc.pid
+    c = hh.greeted(port)
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    try:
+        assert c.cmd("MAIL FROM:<s@example.test>")[0] == 250
+        before = daemon.metrics()
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (3, hard))
+        code, text = c.cmd("RCPT TO:<r@dest.example.net>")
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+    assert (code, text[:9]) == (451, "451 4.4.3"), f"RCPT with no descriptor for the resolver: {text!r}"
+    after = daemon.metrics()
+    moved = {dict(k)["reason"]: v for k, v in
+             harness.delta(before, after, "mailflow_upstream_errors_total", upstream="mx").items()}
+    assert moved == {"local_resources": 1.0}, f"mailflow_upstream_errors_total moved by {moved}\n{daemon.log_tail()}"
+    line = [l for l in daemon.stderr().splitlines() if "dns_unavailable" in l][-1]
+    assert "upstream=mx" in line and "reason=local_resources" in line, line
+    c.cmd("QUIT")
+    c.close()
+
+
 def test_every_accepted_connection_is_a_client_session(env, daemon_factory):
     """mailflow_sessions_total{leg="client"} counts every accepted connection once it closed, as docs/metrics.md
     says: a connection that closes without a word (a load balancer's TCP health check, a port scan) and one refused

@@ -10,6 +10,7 @@ expires, after a day or half its max_age, RFC 8461 3.3).
 (The zone is under example.net, not .test: libunbound answers .test itself with NXDOMAIN, RFC 6761.)"""
 import http.server
 import json
+import resource
 import ssl
 import subprocess
 import sys
@@ -229,6 +230,31 @@ def test_slow_server_is_bounded_by_fetch_timeout(mailflowd_bin, config, https):
     assert (r["exit"], r["fetch"]) == (3, "fetch_error"), r
     assert r["detail"] == "timed out reading the policy from mta-sts.slow.policy.example.net", r
     assert 1400 <= r["elapsed_ms"] < 3500
+
+
+def test_fetch_with_no_descriptor_left_is_a_local_error(mailflowd_bin, config, https):
+    """A fetch that cannot make its socket (RLIMIT_NOFILE reached: EMFILE) failed for a reason of this host's, not
+    the domain's: "local_error", exit 4, in the system's words; never an sts-policy-fetch-error (exit 3), which the
+    relay would report to the domain. The limit is raised one descriptor at a time from where the configuration
+    cannot even be read: the first run that gets as far as the fetch has none left for its socket."""
+    Handler.requests.clear()
+    runs = []
+    for limit in range(4, 64):
+        p = subprocess.run([mailflowd_bin, "mta-sts", "--config", str(config), "--domain", "ok.policy.example.net",
+                            "--fetch-only", "--connect", https], capture_output=True, text=True, timeout=30,
+                           preexec_fn=lambda n=limit: resource.setrlimit(resource.RLIMIT_NOFILE, (n, n)))
+        if p.returncode == 1 and not p.stdout:
+            continue  # the configuration (or the CA file it names) could not be read yet
+        runs.append((limit, p.returncode, json.loads(p.stdout) if p.stdout else p.stderr))
+        if p.returncode == 0:
+            break
+    assert runs and runs[-1][1] == 0, f"never fetched the policy: {runs}"
+    short = [(limit, code, out) for limit, code, out in runs if code != 0]
+    assert short, f"the first run past the configuration fetched the policy: {runs}"
+    for limit, code, out in short:
+        assert (code, out["fetch"]) == (4, "local_error"), f"RLIMIT_NOFILE {limit}: {out}"
+        assert "Too many open files" in out["detail"], f"RLIMIT_NOFILE {limit}: {out}"
+    assert len(Handler.requests) == 1, Handler.requests
 
 
 @pytest.mark.parametrize("server", ["wrong_name_https", "rogue_https", "cn_only_https"])
