@@ -4,6 +4,7 @@ s_client, raw sockets). Imported by conftest.py and by the test modules.
 Everything that runs is registered in LIVE so that a failing test's report carries the daemon's stderr,
 the sinks' logs and the SMTP transcripts (see conftest.pytest_runtest_makereport).
 """
+import http.server
 import json
 import os
 import re
@@ -69,6 +70,18 @@ def make_ca(directory, name, cn):
                     "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
                    check=True, capture_output=True)
     return directory / f"{name}.pem"
+
+
+def https_server(handler, cert, key, address=("127.0.0.1", 0)):
+    """An HTTPS server of `handler` (an http.server handler class) on `address`, serving from a thread of its own
+    (its server_address has the port; shutdown() stops it)."""
+    server = http.server.ThreadingHTTPServer(address, handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
 
 
 def tail(path, limit=12000):

@@ -11,10 +11,8 @@ expires, after a day or half its max_age, RFC 8461 3.3).
 import http.server
 import json
 import resource
-import ssl
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -92,13 +90,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 
 def serve(cert, key):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+    return harness.https_server(Handler, cert, key)
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,8 @@ resolver's cache, so the only thing that needs a new descriptor is the fetch (an
 import http.server
 import resource
 import shutil
-import ssl
 import sys
 import tempfile
-import threading
 import time
 import types
 from pathlib import Path
@@ -66,12 +64,7 @@ def env(certs, workdir, sink_factory, daemon_factory):
     server = None
     try:
         cert, key = harness.ca_signed_cert(certs, workdir, "stsfd-policy", [f"mta-sts.{DOMAIN}"])
-        server = http.server.ThreadingHTTPServer((POLICY_HOST, 443), PolicyHandler)
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(cert, key)
-        server.socket = context.wrap_socket(server.socket, server_side=True)
-        server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        server = harness.https_server(PolicyHandler, cert, key, address=(POLICY_HOST, 443))
         port = harness.free_port("127.0.0.1", MX)
         mx_cert, mx_key = harness.ca_signed_cert(certs, workdir, "stsfd-mx", [f"mx.{DOMAIN}"])
         sink = sink_factory("stsfd-mx", host=MX, port=port, tls_cert=mx_cert, tls_key=mx_key)

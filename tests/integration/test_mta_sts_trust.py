@@ -7,10 +7,8 @@ present certificates for their names: mx.private's from a private CA that only t
 mx.public's from the test CA (mta_sts.ca_file). The upstream verifies against both CAs (ca_file holds both)."""
 import http.server
 import shutil
-import ssl
 import sys
 import tempfile
-import threading
 import types
 from pathlib import Path
 
@@ -60,12 +58,7 @@ def env(certs, workdir, sink_factory, daemon_factory):
     server = None
     try:
         cert, key = harness.ca_signed_cert(certs, workdir, "sts3-policy", sorted(POLICIES))
-        server = http.server.ThreadingHTTPServer((POLICY_HOST, 443), PolicyHandler)
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(cert, key)
-        server.socket = context.wrap_socket(server.socket, server_side=True)
-        server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        server = harness.https_server(PolicyHandler, cert, key, address=(POLICY_HOST, 443))
 
         private_ca = harness.make_ca(workdir, "sts3-private-ca", "mailflow private CA")
         both = workdir / "sts3-both-cas.pem"

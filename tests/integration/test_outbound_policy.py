@@ -270,12 +270,7 @@ def env(certs, workdir, short_dir, sink_factory, daemon_factory):
         # (404).
         cert, key = harness.ca_signed_cert(certs, workdir, "policy-host",
                                            sorted(POLICIES) + [f"mta-sts.nopolicy.{ORIGIN}", PolicyHandler.SILENT])
-        server = http.server.ThreadingHTTPServer((POLICY_HOST, 443), PolicyHandler)
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(cert, key)
-        server.socket = context.wrap_socket(server.socket, server_side=True)
-        server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        server = harness.https_server(PolicyHandler, cert, key, address=(POLICY_HOST, 443))
 
         port = harness.free_port("127.0.0.1", GOOD_MX, BAD_MX, PLAIN_MX, OTHERCERT_MX, NOTLS_MX, REFUSE_MX, CLOSE_MX,
                                  BROKEN_MX, CNONLY_MX)

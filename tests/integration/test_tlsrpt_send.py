@@ -18,10 +18,8 @@ import json
 import os
 import re
 import socket
-import ssl
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -83,12 +81,7 @@ def report_cert(certs, workdir):
 
 @pytest.fixture(scope="module")
 def https_port(report_cert):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Collector)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(*report_cert)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = harness.https_server(Collector, *report_cert)
     yield server.server_address[1]
     server.shutdown()
 
@@ -465,12 +458,7 @@ class InterimThenFinal(http.server.BaseHTTPRequestHandler):
 
 def test_an_interim_100_before_the_final_answer_is_not_the_answer(certs, report_cert, knot, daemon_factory,
                                                                     workdir):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), InterimThenFinal)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(*report_cert)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = harness.https_server(InterimThenFinal, *report_cert)
     try:
         port = server.server_address[1]
         directory = workdir / "interim-state"
