@@ -44,7 +44,8 @@ def banner(sock, wait):
         return b""
 
 
-def test_accept_out_of_descriptors_is_logged_counted_paced_and_recovers(env):
+def test_accept_out_of_descriptors_is_logged_counted_paced_and_recovers(env, mailflowd_bin):
+    harness.skip_out_of_descriptors_if_sanitized(mailflowd_bin)
     sink, daemon, port = env
     pid = daemon.proc.pid
     before = daemon.metrics()
@@ -91,9 +92,10 @@ def test_accept_out_of_descriptors_is_logged_counted_paced_and_recovers(env):
     hh.assert_relays(daemon, port, sink)
 
 
-def test_http_accept_out_of_descriptors_is_logged_and_counted(env):
+def test_http_accept_out_of_descriptors_is_logged_and_counted(env, mailflowd_bin):
     """The HTTP server's accept loop likewise: logged, counted (mailflow_http_rejects_total{reason="accept_failed"}),
     and the scrape that waited in the queue is answered once there are descriptors again."""
+    harness.skip_out_of_descriptors_if_sanitized(mailflowd_bin)
     _, daemon, _ = env
     pid = daemon.proc.pid
     host, http_port = daemon.config["http"]["address"].rsplit(":", 1)
@@ -121,10 +123,11 @@ def test_http_accept_out_of_descriptors_is_logged_and_counted(env):
     assert 1 <= failed <= 40, f"the HTTP accept() failed, mailflow_http_rejects_total{{reason=\"accept_failed\"}} moved by {failed}"
 
 
-def test_upstream_socket_out_of_descriptors_is_counted_as_local_resources(env):
+def test_upstream_socket_out_of_descriptors_is_counted_as_local_resources(env, mailflowd_bin):
     """With the daemon at its descriptor limit an RCPT cannot open the upstream: 451, as for an upstream that is
     down, but counted as mailflow_upstream_errors_total{reason="local_resources"}, not connect_failed, which
     MailflowUpstreamDown would page for although the upstream is fine."""
+    harness.skip_out_of_descriptors_if_sanitized(mailflowd_bin)
     sink, daemon, port = env
     pid = daemon.proc.pid
     c = hh.greeted(port)
@@ -158,11 +161,13 @@ def test_upstream_socket_out_of_descriptors_is_counted_as_local_resources(env):
     hh.assert_relays(daemon, port, sink)
 
 
-def test_resolver_that_cannot_be_made_for_want_of_descriptors_is_counted_as_local_resources(daemon_factory):
+def test_resolver_that_cannot_be_made_for_want_of_descriptors_is_counted_as_local_resources(daemon_factory,
+                                                                                          mailflowd_bin):
     """An mx upstream's first RCPT on an event loop makes its DNS resolver (a libunbound context, whose socketpair
     needs descriptors): at the descriptor limit that fails, the RCPT gets 451 4.4.3 as before, and it counts as
     mailflow_upstream_errors_total{reason="local_resources"}, which MailflowDescriptorsLow watches; it counted
     nowhere before (only a log line)."""
+    harness.skip_out_of_descriptors_if_sanitized(mailflowd_bin)
     port = harness.free_port()
     dead_dns = harness.free_port()  # never asked: the context cannot even be made
     daemon = daemon_factory(listeners=[hh.listener("mxl", port, "mx")],

@@ -6,18 +6,12 @@ memory goes back to the system after a burst of idle STARTTLS sessions."""
 import os
 import resource
 import socket
-import subprocess
 import time
 
 import pytest
 
 import harness
 import hostile_helpers as hh
-
-
-def asan_build(binary):
-    out = subprocess.run(["ldd", binary], capture_output=True, text=True).stdout
-    return "libasan" in out
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +74,7 @@ SESSIONS = 1000
 
 
 def test_memory_goes_back_after_a_burst_of_tls_sessions(certs, sink_factory, daemon_factory, mailflowd_bin):
-    if asan_build(mailflowd_bin):
+    if harness.sanitized(mailflowd_bin):
         pytest.skip("ASan's allocator keeps its own pools: malloc_trim does not apply")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     need = 2 * SESSIONS + 200  # the daemon inherits this limit

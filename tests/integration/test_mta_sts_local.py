@@ -96,7 +96,8 @@ def policy_moved(before, after):
             for k, v in delta(before, after, "mailflow_outbound_policy_total").items()}
 
 
-def test_policy_fetch_out_of_descriptors_is_not_the_domains_failure(env):
+def test_policy_fetch_out_of_descriptors_is_not_the_domains_failure(env, mailflowd_bin):
+    harness.skip_out_of_descriptors_if_sanitized(mailflowd_bin)
     daemon, sink = env.daemon, env.sink
     # A first message: the policy is fetched and applied, and every DNS answer is in the resolver's cache.
     c = greeted(env.port)
