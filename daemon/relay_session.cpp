@@ -745,7 +745,7 @@ void RelaySession::begin_mail() {
     const Route route = route_for("");
     tls_missing = route.connector && route.connector->require_tls;
   }
-  transaction_->mail(session_.last_command().argument, tls_missing);
+  transaction_->mail(session_.last_command(), tls_missing);
 }
 
 void RelaySession::forward_rcpt() {

@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "proto/client_session.hpp"
+#include "proto/command.hpp"
 #include "proto/reply.hpp"
 #include "proto/server_session.hpp"
 
@@ -68,7 +69,7 @@ class RelayTransaction {
 
   // ---- the client's commands, as ServerSession hands them over (begin_mail, forward_rcpt, begin_data) ----
   // `tls_missing`: the transaction's connector is already certain, forces TLS, and the session has none.
-  void mail(std::string_view argument, bool tls_missing);
+  void mail(const Command& command, bool tls_missing);  // ServerSession's MAIL, parsed
   // `domain`: the recipient's domain; `route`: where it goes; `tls_active`: on the client leg.
   void rcpt(std::string_view argument, std::string_view domain, const RelayRoute& route, bool tls_active);
   void data();
@@ -187,6 +188,7 @@ class RelayTransaction {
   bool upstream_transaction_ = false;  // the upstream accepted MAIL and has not finished or reset since
   std::optional<RelayRoute> route_;
   std::string mail_argument_;  // "FROM:<...> SIZE=..." of MAIL: answered here, sent with the first RCPT
+  std::vector<std::pair<std::string, std::string>> mail_parameters_;  // its parameters, as parsed
   std::optional<Reply> mail_refusal_;   // the upstream refused MAIL: every RCPT of the transaction hears it
   // Routes that could not be opened in this transaction (path -> the reply and its reason): the next recipient
   // of a dead domain is answered at once instead of walking its MX hosts again.

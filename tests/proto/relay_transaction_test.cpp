@@ -212,7 +212,7 @@ struct Relay {
     }
     switch (action.kind) {
       case Kind::begin_mail:
-        txn.mail(session.last_command().argument, false);
+        txn.mail(session.last_command(), false);
         break;
       case Kind::forward_rcpt: {
         const std::string& address = session.last_command().address;
@@ -333,7 +333,7 @@ TEST_CASE("forced TLS: at MAIL when the connector is certain, else at the route'
   relay.group({"EHLO client.example"});
   const auto mail = relay.session.on_line("MAIL FROM:<a@example.net>", false);
   REQUIRE(mail.kind == ServerSession::ActionKind::begin_mail);
-  relay.txn.mail(relay.session.last_command().argument, true);
+  relay.txn.mail(relay.session.last_command(), true);
   relay.drive();
   relay.group({"RCPT TO:<b@contoso.com>"});  // no transaction: 503
   relay.group({"MAIL FROM:<a@example.net>", "RCPT TO:<b@fabrikam.com>", "RCPT TO:<c@contoso.com>"});
