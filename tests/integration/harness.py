@@ -74,6 +74,33 @@ def make_ca(directory, name, cn):
     return directory / f"{name}.pem"
 
 
+class PolicyHost(http.server.BaseHTTPRequestHandler):
+    """An MTA-STS policy host (RFC 8461 3.3) for https_server: a GET gets the policy of the Host it names
+    (`policies`: host -> policy text) as 200 text/plain, else 404, and a host in `silent` says nothing for 5 s
+    (longer than the daemon's fetch_timeout). Every GET's Host is recorded in `requests`. A test subclasses it
+    with class attributes of its own."""
+    policies = {}
+    silent = ()
+    requests = []
+
+    def do_GET(self):  # noqa: N802
+        host = self.headers.get("Host", "")
+        self.requests.append(host)
+        if host in self.silent:
+            time.sleep(5)
+            return
+        body = self.policies.get(host)
+        data = (body or "not found").encode()
+        self.send_response(200 if body else 404)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
 def https_server(handler, cert, key, address=("127.0.0.1", 0)):
     """An HTTPS server of `handler` (an http.server handler class) on `address`, serving from a thread of its own
     (its server_address has the port; shutdown() stops it)."""

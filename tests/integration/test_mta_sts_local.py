@@ -7,7 +7,6 @@ A real knotd serves the domain (MX, _mta-sts TXT, the policy host's address), a 
 127.0.0.100:443 serves its enforce policy (max_age 1 s, so that the next message fetches it again), a sink on
 127.0.0.101 is its MX. The daemon's RLIMIT_NOFILE is lowered with prlimit while the DNS answers are in its
 resolver's cache, so the only thing that needs a new descriptor is the fetch (and the MX connect after it)."""
-import http.server
 import resource
 import shutil
 import sys
@@ -41,20 +40,9 @@ mta-sts.short  A  {POLICY_HOST}
 """
 
 
-class PolicyHandler(http.server.BaseHTTPRequestHandler):
+class PolicyHandler(harness.PolicyHost):
+    policies = {f"mta-sts.{DOMAIN}": POLICY}
     requests = []
-
-    def do_GET(self):  # noqa: N802
-        PolicyHandler.requests.append(self.headers.get("Host", ""))
-        data = POLICY.encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ system's), also for an upstream with tls: verify, whose ca_file is its own, stri
 A real knotd serves the domains; a real HTTPS server on 127.0.0.130:443 serves their enforce policies; two MX sinks
 present certificates for their names: mx.private's from a private CA that only the upstream's ca_file trusts,
 mx.public's from the test CA (mta_sts.ca_file). The upstream verifies against both CAs (ca_file holds both)."""
-import http.server
 import shutil
 import sys
 import tempfile
@@ -37,18 +36,9 @@ mta-sts.{name}  A  {POLICY_HOST}
 """ for name, address in (("private", PRIVATE_MX), ("public", PUBLIC_MX)))
 
 
-class PolicyHandler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802
-        body = POLICIES.get(self.headers.get("Host", ""))
-        data = (body or "not found").encode()
-        self.send_response(200 if body else 404)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+class PolicyHandler(harness.PolicyHost):
+    policies = POLICIES
+    requests = []
 
 
 @pytest.fixture(scope="module")

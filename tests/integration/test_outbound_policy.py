@@ -23,7 +23,6 @@ certificates from the test CA) on 127.0.0.75:443 serves their policies; the MX h
 - tls: verify with verify_names: a certificate that matches verify_names but not the MX host name fails
   MTA-STS (RFC 8461 4.2)."""
 import datetime
-import http.server
 import json
 import os
 import shutil
@@ -145,26 +144,11 @@ _smtp._tls.{name}  TXT  "v=TLSRPTv1; rua={RUA}"
                           ("close", CLOSE_MX), ("cnonly", CNONLY_MX)))
 
 
-class PolicyHandler(http.server.BaseHTTPRequestHandler):
+class PolicyHandler(harness.PolicyHost):
+    policies = POLICIES
     requests = []  # the Host header of every GET
     SILENT = f"mta-sts.silent.{ORIGIN}"  # says nothing for longer than the daemon's fetch_timeout (3s)
-
-    def do_GET(self):  # noqa: N802
-        host = self.headers.get("Host", "")
-        PolicyHandler.requests.append(host)
-        if host == PolicyHandler.SILENT:
-            time.sleep(5)
-            return
-        body = POLICIES.get(host)
-        data = (body or "not found").encode()
-        self.send_response(200 if body else 404)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+    silent = (SILENT,)
 
 
 class ScriptedMx:
