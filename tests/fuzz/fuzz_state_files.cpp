@@ -10,8 +10,10 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "daemon/mta_sts_cache.hpp"
 #include "daemon/remote_store.hpp"
@@ -75,22 +77,43 @@ void check_mta_sts(std::string_view file) {
   error.clear();
   FUZZ_CHECK(reloaded.deserialize(saved, now, error));
   FUZZ_CHECK(reloaded.serialize() == saved);
-  // Every entry loaded is in force now, and the walk's questions have an answer at any time.
+  // Every entry loaded is unexpired at now, or at the newest fetch in the file where that is earlier (a clock
+  // far ahead drops none); find() gives it exactly while it is unexpired; the walk's questions have an answer
+  // at any time.
+  struct Entry {
+    std::string domain;
+    std::string id;
+    std::int64_t fetched_at;
+    std::int64_t expires_at;
+  };
+  std::vector<Entry> entries;
+  std::int64_t newest_fetch = std::numeric_limits<std::int64_t>::min();
   for (std::size_t at = saved.find('\n') + 1; at < saved.size();) {
     const std::size_t end = saved.find('\n', at);
     const std::string line = saved.substr(at, end - at);
     at = end + 1;
     if (line == "end") break;
-    const std::string domain = line.substr(0, line.find('\t'));
-    const auto found = cache.find(domain, now);
-    FUZZ_CHECK(found.has_value());
-    FUZZ_CHECK(found->expires_at > now);
-    for (const std::int64_t when : {now, found->fetched_at, found->expires_at - 1, found->expires_at}) {
-      (void)cache.fetch_due(domain, found->id, when);
-      (void)cache.find(domain, when);
+    std::vector<std::string> fields;  // domain, id, fetched_at, expires_at, policy lines
+    for (std::size_t from = 0; fields.size() < 4;) {
+      const std::size_t tab = line.find('\t', from);
+      fields.push_back(line.substr(from, tab - from));
+      if (tab == std::string::npos) break;
+      from = tab + 1;
     }
-    cache.fetch_failed(domain, found->id, now);
-    FUZZ_CHECK(!cache.fetch_due(domain, found->id, now));
+    FUZZ_CHECK(fields.size() == 4);
+    entries.push_back({fields[0], fields[1], std::stoll(fields[2]), std::stoll(fields[3])});
+    newest_fetch = std::max(newest_fetch, entries.back().fetched_at);
+  }
+  for (const Entry& entry : entries) {
+    FUZZ_CHECK(entry.expires_at > std::min(now, newest_fetch));
+    const auto found = cache.find(entry.domain, now);
+    FUZZ_CHECK(found.has_value() == (entry.expires_at > now));
+    for (const std::int64_t when : {now, entry.fetched_at, entry.expires_at - 1, entry.expires_at}) {
+      (void)cache.fetch_due(entry.domain, entry.id, when);
+      FUZZ_CHECK(cache.find(entry.domain, when).has_value() == (entry.expires_at > when));
+    }
+    cache.fetch_failed(entry.domain, entry.id, now);
+    FUZZ_CHECK(!cache.fetch_due(entry.domain, entry.id, now));
   }
 }
 
