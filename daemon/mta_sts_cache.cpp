@@ -28,13 +28,14 @@ std::optional<CachedPolicy> MtaStsCache::find(std::string_view domain, std::int6
   return it->second;
 }
 
-void MtaStsCache::store(const std::string& domain, CachedPolicy policy, std::int64_t now) {
+void MtaStsCache::store(const std::string& domain, CachedPolicy policy) {
   std::lock_guard lock(mutex_);
   failed_fetches_.erase(domain);
   policies_[domain] = std::move(policy);
-  // Bounded: expired entries go first, then the ones that expire soonest.
-  if (policies_.size() <= max_policies_) return;
-  std::erase_if(policies_, [&](const auto& entry) { return entry.second.expires_at <= now; });
+  // Bounded: the ones that expire soonest go (expired ones first), only as many as the bound needs. Not every
+  // one expired at the current time: at the bound (a busy relay's cache always is) a fetch under a clock far
+  // ahead (a VM before NTP steps it) dropped them all, for good at the next save, the downgrade that the
+  // load's rule (deserialize) keeps away (RFC 8461 section 10.2).
   trim_locked();
 }
 
