@@ -57,10 +57,14 @@ bool MtaStsCache::fetch_due(std::string_view domain, std::string_view id, std::i
     const CachedPolicy& policy = cached->second;
     const auto refresh_at =
         policy.fetched_at + std::min(mta_sts_refresh_after, (policy.expires_at - policy.fetched_at) / 2);
-    if (now < refresh_at) return false;
+    // Fetched "after now": under a clock that was ahead and has been stepped back since (NTP correcting a
+    // VM's boot clock). Its age is unknown, so it is refreshed now rather than once the clock has caught up.
+    if (now < refresh_at && policy.fetched_at <= now) return false;
   }
+  // The same for a failure: one recorded a day ahead kept the domain unfetched for that day, each message
+  // going on without its policy and without a report.
   const auto failed = failed_fetches_.find(domain);
-  return failed == failed_fetches_.end() || failed->second.id != id ||
+  return failed == failed_fetches_.end() || failed->second.id != id || failed->second.at > now ||
          now - failed->second.at >= mta_sts_fetch_retry_after;
 }
 
@@ -71,8 +75,9 @@ void MtaStsCache::fetch_failed(const std::string& domain, const std::string& id,
   // Bounded as the policies are: the ones that no longer hold anything back go first, then the oldest, never
   // the one just recorded (many failures in the same second: it could be the "oldest", and its domain would
   // be fetched again for the next message).
-  std::erase_if(failed_fetches_,
-                [&](const auto& entry) { return now - entry.second.at >= mta_sts_fetch_retry_after; });
+  std::erase_if(failed_fetches_, [&](const auto& entry) {
+    return entry.second.at > now || now - entry.second.at >= mta_sts_fetch_retry_after;
+  });
   while (failed_fetches_.size() > max_policies_) {
     auto oldest = failed_fetches_.end();
     for (auto it = failed_fetches_.begin(); it != failed_fetches_.end(); ++it) {

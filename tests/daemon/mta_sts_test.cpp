@@ -172,6 +172,23 @@ TEST_CASE("mta-sts cache: a fetch under a clock far ahead at the bound drops one
   CHECK(b->policy.mode == proto::mta_sts::Mode::enforce);
 }
 
+TEST_CASE("mta-sts cache: a fetch or a failure made under a clock since stepped back holds nothing back") {
+  // Made while the clock was ahead, they lie in the future once NTP corrected it: their age is unknown. A
+  // failed fetch a day "ahead" kept the domain from being fetched for that day, each message going without
+  // its policy and without a report; a policy fetched a day "ahead" was never refreshed for as long.
+  MtaStsCache cache;
+  const std::int64_t day_ahead = 1000 + 86400;
+  cache.fetch_failed("failed.example", "1", day_ahead);
+  CHECK(cache.fetch_due("failed.example", "1", 1000));
+  cache.fetch_failed("failed.example", "1", 1000);  // failed again at the right time: five minutes as ever
+  CHECK_FALSE(cache.fetch_due("failed.example", "1", 1000 + mta_sts_fetch_retry_after - 1));
+  cache.store("ahead.example", {"1", policy(proto::mta_sts::Mode::enforce), day_ahead, day_ahead + 86400});
+  CHECK(cache.find("ahead.example", 1000).has_value());  // still in force meanwhile
+  CHECK(cache.fetch_due("ahead.example", "1", 1000));    // and refreshed at the next message
+  cache.store("ahead.example", {"1", policy(proto::mta_sts::Mode::enforce), 1000, 1000 + 86400});
+  CHECK_FALSE(cache.fetch_due("ahead.example", "1", 1001));
+}
+
 TEST_CASE("mta-sts cache: a file cut at any byte is never loaded as valid") {
   // "mx: mx1.example.net" cut to "mx: mx1.exam" would be a valid policy that refuses the real MX; a cut at a
   // line end would drop the last domains' enforced policies without a word (the downgrade the cache exists
