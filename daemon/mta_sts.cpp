@@ -189,7 +189,7 @@ net::awaitable<PolicyState> lookup_policy(Resolver& resolver, MtaStsCache& cache
   auto fetched = co_await fetch_policy(co_await net::this_coro::executor, domain, settings, &resolver);
   if (fetched.status == PolicyFetch::Status::ok) {
     CachedPolicy fresh{id, *fetched.policy, now, now + fetched.policy->max_age};
-    cache.store(domain, fresh, now);
+    cache.store(domain, fresh);
     use(fresh, false);
     co_return state;
   }

@@ -28,13 +28,14 @@ std::optional<CachedPolicy> MtaStsCache::find(std::string_view domain, std::int6
   return it->second;
 }
 
-void MtaStsCache::store(const std::string& domain, CachedPolicy policy, std::int64_t now) {
+void MtaStsCache::store(const std::string& domain, CachedPolicy policy) {
   std::lock_guard lock(mutex_);
   failed_fetches_.erase(domain);
   policies_[domain] = std::move(policy);
-  // Bounded: expired entries go first, then the ones that expire soonest.
-  if (policies_.size() <= max_policies_) return;
-  std::erase_if(policies_, [&](const auto& entry) { return entry.second.expires_at <= now; });
+  // Bounded: the ones that expire soonest go (expired ones first), only as many as the bound needs. Not every
+  // one expired at the current time: at the bound (a busy relay's cache always is) a fetch under a clock far
+  // ahead (a VM before NTP steps it) dropped them all, for good at the next save, the downgrade that the
+  // load's rule (deserialize) keeps away (RFC 8461 section 10.2).
   trim_locked();
 }
 
@@ -56,10 +57,14 @@ bool MtaStsCache::fetch_due(std::string_view domain, std::string_view id, std::i
     const CachedPolicy& policy = cached->second;
     const auto refresh_at =
         policy.fetched_at + std::min(mta_sts_refresh_after, (policy.expires_at - policy.fetched_at) / 2);
-    if (now < refresh_at) return false;
+    // Fetched "after now": under a clock that was ahead and has been stepped back since (NTP correcting a
+    // VM's boot clock). Its age is unknown, so it is refreshed now rather than once the clock has caught up.
+    if (now < refresh_at && policy.fetched_at <= now) return false;
   }
+  // The same for a failure: one recorded a day ahead kept the domain unfetched for that day, each message
+  // going on without its policy and without a report.
   const auto failed = failed_fetches_.find(domain);
-  return failed == failed_fetches_.end() || failed->second.id != id ||
+  return failed == failed_fetches_.end() || failed->second.id != id || failed->second.at > now ||
          now - failed->second.at >= mta_sts_fetch_retry_after;
 }
 
@@ -70,8 +75,9 @@ void MtaStsCache::fetch_failed(const std::string& domain, const std::string& id,
   // Bounded as the policies are: the ones that no longer hold anything back go first, then the oldest, never
   // the one just recorded (many failures in the same second: it could be the "oldest", and its domain would
   // be fetched again for the next message).
-  std::erase_if(failed_fetches_,
-                [&](const auto& entry) { return now - entry.second.at >= mta_sts_fetch_retry_after; });
+  std::erase_if(failed_fetches_, [&](const auto& entry) {
+    return entry.second.at > now || now - entry.second.at >= mta_sts_fetch_retry_after;
+  });
   while (failed_fetches_.size() > max_policies_) {
     auto oldest = failed_fetches_.end();
     for (auto it = failed_fetches_.begin(); it != failed_fetches_.end(); ++it) {

@@ -34,7 +34,9 @@ class MtaStsCache {
   explicit MtaStsCache(std::size_t max_policies = 10000) : max_policies_(max_policies) {}
   void set_max_policies(std::size_t max_policies);  // mta_sts.max_policies, at start and reload (trims)
   std::optional<CachedPolicy> find(std::string_view domain, std::int64_t now) const;  // unexpired only
-  void store(const std::string& domain, CachedPolicy policy, std::int64_t now);  // forgets a failed fetch
+  // Forgets a failed fetch; at the bound, drops the policies that expire soonest (expired or not: expiry is
+  // find()'s to judge at its own time, and a clock far ahead would make every one expired).
+  void store(const std::string& domain, CachedPolicy policy);
   std::size_t size() const;
   // Whether the policy that the TXT record's `id` names is to be fetched: not when an unexpired policy with
   // that id is cached and not yet due for its refresh, nor within mta_sts_fetch_retry_after of a failed fetch

@@ -35,7 +35,9 @@ constexpr std::string_view kUsage =
     "                on that state_dir (it keeps its cache in memory and saves it over the file)\n"
     "exit: 0 policy or none, 1 configuration error or state_dir in use, 2 usage, 3 fetch or policy failure\n"
     "      (as TLS-RPT reports it), 4 temporary failure of the _mta-sts TXT lookup (the relay goes on as\n"
-    "      without a record: with a cached policy, else none)\n";
+    "      without a record: with a cached policy, else none), or a fetch that failed for a reason of this\n"
+    "      host's own (mta_sts.ca_file unreadable, no descriptor left: \"local_error\"; the relay reports\n"
+    "      nothing): either way the mode shown is not what the domain publishes\n";
 
 std::string quote(std::string_view text) { return "\"" + proto::json_escape(text) + "\""; }
 

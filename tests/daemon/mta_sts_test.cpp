@@ -24,11 +24,11 @@ proto::mta_sts::Policy policy(proto::mta_sts::Mode mode, std::uint32_t max_age =
 
 TEST_CASE("mta-sts cache: unexpired policies only, bounded by dropping the soonest to expire") {
   MtaStsCache cache(2);
-  cache.store("a.example", {"1", policy(proto::mta_sts::Mode::enforce), 100, 200}, 100);
-  cache.store("b.example", {"1", policy(proto::mta_sts::Mode::testing), 100, 500}, 100);
+  cache.store("a.example", {"1", policy(proto::mta_sts::Mode::enforce), 100, 200});
+  cache.store("b.example", {"1", policy(proto::mta_sts::Mode::testing), 100, 500});
   CHECK(cache.find("a.example", 150).has_value());
   CHECK_FALSE(cache.find("a.example", 200).has_value());  // expired at max_age
-  cache.store("c.example", {"2", policy(proto::mta_sts::Mode::enforce), 100, 400}, 150);
+  cache.store("c.example", {"2", policy(proto::mta_sts::Mode::enforce), 100, 400});
   CHECK(cache.size() == 2);
   CHECK_FALSE(cache.find("a.example", 150).has_value());  // expired soonest: dropped
   CHECK(cache.find("b.example", 150).has_value());
@@ -51,7 +51,7 @@ TEST_CASE("mta-sts cache: a failed fetch is not tried again for the same domain 
   CHECK_FALSE(cache.fetch_due("b.example", "1", 1003));
   CHECK_FALSE(cache.fetch_due("c.example", "1", 1003));
   // A policy fetched for the id afterwards is used, and the failure forgotten.
-  cache.store("c.example", {"1", policy(proto::mta_sts::Mode::enforce), 1010, 1010 + 7 * 86400}, 1010);
+  cache.store("c.example", {"1", policy(proto::mta_sts::Mode::enforce), 1010, 1010 + 7 * 86400});
   CHECK_FALSE(cache.fetch_due("c.example", "1", 1011));
   CHECK(cache.fetch_due("c.example", "2", 1011));
 }
@@ -71,7 +71,7 @@ TEST_CASE(
   MtaStsCache big(4);
   for (int i = 0; i < 4; ++i)
     big.store(std::string(1, static_cast<char>('a' + i)) + ".example",
-              {"1", policy(proto::mta_sts::Mode::enforce), 100, 1000 + i}, 100);
+              {"1", policy(proto::mta_sts::Mode::enforce), 100, 1000 + i});
   const std::string text = big.serialize();
   MtaStsCache cache(2);  // the bound before the load, as a test of its own; the daemon sets it after (below)
   std::string error;
@@ -91,7 +91,7 @@ TEST_CASE(
     "mta-sts cache: a cached policy is refreshed after a day, or half its max_age where that is shorter") {
   MtaStsCache cache;
   const std::int64_t week = 7 * 86400;
-  cache.store("week.example", {"1", policy(proto::mta_sts::Mode::enforce, week), 1000, 1000 + week}, 1000);
+  cache.store("week.example", {"1", policy(proto::mta_sts::Mode::enforce, week), 1000, 1000 + week});
   CHECK_FALSE(cache.fetch_due("week.example", "1", 1000 + mta_sts_refresh_after - 1));
   CHECK(cache.fetch_due("week.example", "1", 1000 + mta_sts_refresh_after));
   // The refresh failed: the policy stays in force, and the next try is five minutes later.
@@ -100,7 +100,7 @@ TEST_CASE(
   CHECK(cache.find("week.example", failed_at + 1).has_value());
   CHECK_FALSE(cache.fetch_due("week.example", "1", failed_at + mta_sts_fetch_retry_after - 1));
   CHECK(cache.fetch_due("week.example", "1", failed_at + mta_sts_fetch_retry_after));
-  cache.store("hour.example", {"1", policy(proto::mta_sts::Mode::enforce, 3600), 1000, 4600}, 1000);
+  cache.store("hour.example", {"1", policy(proto::mta_sts::Mode::enforce, 3600), 1000, 4600});
   CHECK_FALSE(cache.fetch_due("hour.example", "1", 1000 + 1799));
   CHECK(cache.fetch_due("hour.example", "1", 1000 + 1800));
 }
@@ -111,9 +111,9 @@ TEST_CASE(
   const auto dir = std::filesystem::temp_directory_path() / ("mailflow-mta-sts-" + std::to_string(::getpid()));
   std::filesystem::create_directories(dir);
   MtaStsCache cache;
-  cache.store("a.example", {"id1", policy(proto::mta_sts::Mode::enforce), 100, 1000}, 100);
-  cache.store("b.example", {"id2", policy(proto::mta_sts::Mode::testing), 100, 300}, 100);
-  cache.store("c.example", {"id3", policy(proto::mta_sts::Mode::testing), 400, 450}, 400);
+  cache.store("a.example", {"id1", policy(proto::mta_sts::Mode::enforce), 100, 1000});
+  cache.store("b.example", {"id2", policy(proto::mta_sts::Mode::testing), 100, 300});
+  cache.store("c.example", {"id3", policy(proto::mta_sts::Mode::testing), 400, 450});
   std::string error;
   const auto file = cache.state_file();
   REQUIRE(mailflow::write_state_file(dir.string(), file.name, file.text, error));
@@ -137,7 +137,7 @@ TEST_CASE(
 
 TEST_CASE("mta-sts cache: a clock far ahead at start drops no cached policy: corrected, they are in force") {
   MtaStsCache cache;
-  cache.store("a.example", {"id1", policy(proto::mta_sts::Mode::enforce), 1000, 1000 + 86400}, 1000);
+  cache.store("a.example", {"id1", policy(proto::mta_sts::Mode::enforce), 1000, 1000 + 86400});
   const std::int64_t year_ahead = 2000 + 365 * 86400;
   std::string error;
   MtaStsCache booted;  // loaded under the wrong clock, and saved under it
@@ -151,6 +151,44 @@ TEST_CASE("mta-sts cache: a clock far ahead at start drops no cached policy: cor
   CHECK(booted.find("a.example", 2000).has_value());  // the same process, once NTP stepped the clock back
 }
 
+TEST_CASE("mta-sts cache: a fetch under a clock far ahead at the bound drops one policy, not every one") {
+  // A busy relay's cache is at mta_sts.max_policies: the fetch stored while the clock is a year ahead (a VM
+  // before NTP steps it) dropped every policy expired at that time, all of them, and the next save made it
+  // for good: once the clock was corrected each domain in enforce mode waited for a fetch an attacker may
+  // block (RFC 8461 section 10.2), as the load did before it measured expiry from the newest fetch.
+  MtaStsCache cache(2);
+  cache.store("a.example", {"1", policy(proto::mta_sts::Mode::enforce), 1000, 1000 + 86400});
+  cache.store("b.example", {"1", policy(proto::mta_sts::Mode::enforce), 1000, 1000 + 2 * 86400});
+  const std::int64_t year_ahead = 2000 + 365 * 86400;
+  cache.store("c.example", {"1", policy(proto::mta_sts::Mode::enforce), year_ahead, year_ahead + 86400});
+  CHECK(cache.size() == 2);
+  CHECK(cache.find("c.example", year_ahead).has_value());
+  CHECK_FALSE(cache.find("a.example", 2000).has_value());  // the one that expires soonest made room
+  std::string error;
+  MtaStsCache corrected(2);
+  REQUIRE(corrected.deserialize(cache.serialize(), 2000, error));
+  const auto b = corrected.find("b.example", 2000);
+  REQUIRE(b.has_value());
+  CHECK(b->policy.mode == proto::mta_sts::Mode::enforce);
+}
+
+TEST_CASE("mta-sts cache: a fetch or a failure made under a clock since stepped back holds nothing back") {
+  // Made while the clock was ahead, they lie in the future once NTP corrected it: their age is unknown. A
+  // failed fetch a day "ahead" kept the domain from being fetched for that day, each message going without
+  // its policy and without a report; a policy fetched a day "ahead" was never refreshed for as long.
+  MtaStsCache cache;
+  const std::int64_t day_ahead = 1000 + 86400;
+  cache.fetch_failed("failed.example", "1", day_ahead);
+  CHECK(cache.fetch_due("failed.example", "1", 1000));
+  cache.fetch_failed("failed.example", "1", 1000);  // failed again at the right time: five minutes as ever
+  CHECK_FALSE(cache.fetch_due("failed.example", "1", 1000 + mta_sts_fetch_retry_after - 1));
+  cache.store("ahead.example", {"1", policy(proto::mta_sts::Mode::enforce), day_ahead, day_ahead + 86400});
+  CHECK(cache.find("ahead.example", 1000).has_value());  // still in force meanwhile
+  CHECK(cache.fetch_due("ahead.example", "1", 1000));    // and refreshed at the next message
+  cache.store("ahead.example", {"1", policy(proto::mta_sts::Mode::enforce), 1000, 1000 + 86400});
+  CHECK_FALSE(cache.fetch_due("ahead.example", "1", 1001));
+}
+
 TEST_CASE("mta-sts cache: a file cut at any byte is never loaded as valid") {
   // "mx: mx1.example.net" cut to "mx: mx1.exam" would be a valid policy that refuses the real MX; a cut at a
   // line end would drop the last domains' enforced policies without a word (the downgrade the cache exists
@@ -159,8 +197,8 @@ TEST_CASE("mta-sts cache: a file cut at any byte is never loaded as valid") {
       std::filesystem::temp_directory_path() / ("mailflow-mta-sts-cut-" + std::to_string(::getpid()));
   std::filesystem::create_directories(dir);
   MtaStsCache cache;
-  cache.store("a.example", {"id1", policy(proto::mta_sts::Mode::enforce), 100, 1000}, 100);
-  cache.store("b.example", {"id2", policy(proto::mta_sts::Mode::enforce), 100, 1000}, 100);
+  cache.store("a.example", {"id1", policy(proto::mta_sts::Mode::enforce), 100, 1000});
+  cache.store("b.example", {"id2", policy(proto::mta_sts::Mode::enforce), 100, 1000});
   const std::string whole = cache.serialize();
   REQUIRE(whole.back() == '\n');
   for (std::size_t cut = 0; cut < whole.size(); ++cut) {
@@ -200,7 +238,7 @@ TEST_CASE("mta-sts cache: a file with times it never writes, or a domain twice, 
        }) {
     CAPTURE(bad);
     MtaStsCache cache;
-    cache.store("held.example", {"h", policy(proto::mta_sts::Mode::testing), 100, 900}, 100);
+    cache.store("held.example", {"h", policy(proto::mta_sts::Mode::testing), 100, 900});
     const std::string held = cache.serialize();
     std::string error;
     CHECK_FALSE(cache.deserialize(file(bad), 500, error));

@@ -61,7 +61,7 @@ void check_mta_sts(std::string_view file) {
         "version: STSv1\nmode: enforce\nmx: mx.held.example\n"
         "max_age: 86400\n",
         error);
-    cache.store("held.example", {"held1", *policy, now - 10, now + 86390}, now);
+    cache.store("held.example", {"held1", *policy, now - 10, now + 86390});
   };
   mailflow::MtaStsCache cache;
   fill(cache);

@@ -10,6 +10,7 @@ expires, after a day or half its max_age, RFC 8461 3.3).
 (The zone is under example.net, not .test: libunbound answers .test itself with NXDOMAIN, RFC 6761.)"""
 import http.server
 import json
+import re
 import resource
 import subprocess
 import sys
@@ -248,6 +249,16 @@ def test_fetch_with_no_descriptor_left_is_a_local_error(mailflowd_bin, config, h
         assert (code, out["fetch"]) == (4, "local_error"), f"RLIMIT_NOFILE {limit}: {out}"
         assert "Too many open files" in out["detail"], f"RLIMIT_NOFILE {limit}: {out}"
     assert len(Handler.requests) == 1, Handler.requests
+
+
+def test_the_usage_says_what_exit_4_means(mailflowd_bin):
+    """--help is where a script's author reads the exit codes: the 4 of a fetch that failed for a reason of this
+    host's own (above, and mailflowd(8)) was missing there, which named only the failed TXT lookup."""
+    p = subprocess.run([mailflowd_bin, "mta-sts", "--help"], capture_output=True, text=True, timeout=10)
+    assert p.returncode == 0, p
+    exits = p.stdout[p.stdout.index("exit:"):]
+    four = re.sub(r"\s+", " ", exits[exits.index(" 4 "):])
+    assert "TXT lookup" in four and "fetch that failed for a reason of this host's own" in four, exits
 
 
 @pytest.mark.parametrize("server", ["wrong_name_https", "rogue_https", "cn_only_https"])
