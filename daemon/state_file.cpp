@@ -102,11 +102,19 @@ StateDirLock::StateDirLock(const std::string& state_dir) : state_dir_(state_dir)
   std::error_code ec;
   fs::create_directories(state_dir, ec);
   if (ec) fail("cannot create it", ec.value());
-  fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0644);
+  // O_NONBLOCK: a FIFO there opens at once (read-only, it would wait for a writer forever) and is refused
+  // below.
+  fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK, 0644);
   const bool writable = fd_ >= 0;
   // Made by a run as another user (root): a lock needs no write access, only the pid is not written then.
-  if (fd_ < 0 && errno == EACCES) fd_ = ::open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+  if (fd_ < 0 && errno == EACCES) fd_ = ::open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
   if (fd_ < 0) fail("cannot open " + path.string(), errno);
+  struct stat st {};
+  if (::fstat(fd_, &st) != 0) fail("cannot read " + path.string(), errno);
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd_);
+    throw std::runtime_error("state_dir " + state_dir + ": " + path.string() + ": not a regular file");
+  }
   if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
     if (errno != EWOULDBLOCK) fail("cannot lock " + path.string(), errno);
     char text[24] = {};

@@ -369,7 +369,7 @@ def test_state_file_is_a_directory(env):
 
 
 @pytest.mark.parametrize("file", ["windows.state", "remotes.state", "tlsrpt.state", "tlsrpt-ledger.state",
-                                  "mta-sts.state"])
+                                  "mta-sts.state", "mailflowd.lock"])
 def test_a_state_file_that_is_a_fifo_is_refused_at_once(env, file):
     """A FIFO in place of a state file (a mistake, a planted one): the open waited for a writer forever, so the daemon
     never became ready and never said why (under systemd: a start timeout, no log line). Refused at once, as a
@@ -381,6 +381,43 @@ def test_a_state_file_that_is_a_fifo_is_refused_at_once(env, file):
     assert rc != 0, f"mailflowd started with {file} a FIFO:\n{out}"
     assert f"{file}: not a regular file" in out, f"the message should name the file and say why:\n{out}"
     assert (state / file).is_fifo(), "nothing is moved or replaced"
+
+
+def test_a_lock_fifo_the_daemon_cannot_write_is_refused_at_once(env):
+    """mailflowd.lock a FIFO that the daemon's user cannot write (made by root; as root, the daemon runs as
+    `nobody` via setpriv): the lock falls back to opening it read-only, which for a FIFO waited for a writer
+    forever, so the daemon hung at start without a word. Refused at once, naming the file."""
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv: a FIFO the daemon's user cannot open for writing")
+    base = Path(tempfile.mkdtemp(prefix="mailflowd-lockfifo-"))  # outside the 0700 pytest basetemp
+    try:
+        base.chmod(0o755)
+        state = base / "state"
+        state.mkdir()
+        state.chmod(0o777)  # the daemon's user may write the directory, not the lock
+        os.mkfifo(state / "mailflowd.lock", 0o444)
+        cfg = harness.default_config(
+            state, harness.free_port(),
+            [{"name": "inbound", "address": f"127.0.0.1:{harness.free_port()}", "direction": "inbound",
+              "upstream": "store"}],
+            [{"name": "store", "address": f"127.0.0.1:{env.sink.port}", "tls": "none"}])
+        config = base / "mailflowd.yaml"
+        config.write_text(json.dumps(cfg, indent=2) + "\n")
+        config.chmod(0o644)
+        argv = [shutil.which("setpriv"), "--reuid=nobody", "--regid=nogroup", "--clear-groups", env.bin,
+                "--config", str(config)]
+        try:
+            p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                               timeout=15)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("mailflowd hung at start on a mailflowd.lock FIFO it cannot write")
+        out = p.stdout.decode("utf-8", "replace")
+        harness.TRANSCRIPTS.append(f"$ {' '.join(argv)}\n(rc={p.returncode})\n{out}")
+        assert p.returncode != 0, f"mailflowd started with mailflowd.lock a FIFO:\n{out}"
+        assert "mailflowd.lock: not a regular file" in out, f"the message should name the file and say why:\n{out}"
+        assert (state / "mailflowd.lock").is_fifo(), "nothing is moved or replaced"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_state_dir_not_writable(env, tmp_path_factory):
