@@ -818,7 +818,6 @@ class Loader {
       error_at(listeners != nullptr ? listeners->key.Mark() : root.Mark(),
                "at least one listener is required");
     }
-    check_upstream_loops();
     if (const Field* field = get(*top, "connectors")) load_connectors(*field);
     if (const Field* field = get(*top, "dns")) load_dns(*field);
     if (config_.dns.trust_anchor_file.empty()) {
@@ -948,8 +947,8 @@ class Loader {
       if (get(map, "mx") == nullptr) error_at(mark, where + ": missing required key \"address\" (or mx: true)");
       else error_at(get(map, "mx")->value, where + ": missing required key \"address\" (mx is false)");
     } else if (read_endpoint(map, "address", where, upstream.address, false)) {
-      fixed_upstreams_.push_back({where + ".address", upstream.address, address->value.Mark()});
-      // The daemon's own check (OwnListeners: this host's interfaces) reports there too.
+      // Whether it is one of mailflowd's own listeners is the daemon's check (upstream_loops: it needs this
+      // host's interfaces), reported at this position by --check-config, start and reload.
       remember_position(where + ".address", address->value);
     }
     if (const Field* port = get(map, "port")) {
@@ -1220,45 +1219,6 @@ class Loader {
   };
   std::vector<Bound> bound_;
   bool http_address_given_ = false;
-
-  // The fixed upstream addresses, checked against the listeners once both are read.
-  struct FixedUpstream {
-    std::string path;  // "upstreams[N].address"
-    Endpoint address;
-    YAML::Mark mark;
-  };
-  std::vector<FixedUpstream> fixed_upstreams_;
-
-  // An upstream on one of mailflowd's own listeners (its address, or a loopback address where the listener
-  // takes every address of its family) relays each RCPT back into mailflowd, session inside session, until
-  // the per-address limit refuses: nothing is ever delivered. Compared as the connect() goes:
-  // "[::ffff:127.0.0.1]" is 127.0.0.1 (IPv4), and 0.0.0.0 or "[::]" is this host's loopback address (Linux).
-  // An address of this host's interfaces on a wildcard listener's port is the daemon's check (OwnListeners):
-  // the interfaces are not known here.
-  void check_upstream_loops() {
-    const auto any_v4 = parse_ip_address("0.0.0.0");
-    const auto any_v6 = parse_ip_address("::");
-    for (const auto& upstream : fixed_upstreams_) {
-      auto ip = parse_ip_address(upstream.address.host);
-      if (!ip) continue;  // a host name: what it resolves to is not known here
-      if (*ip == *any_v4) ip = parse_ip_address("127.0.0.1");
-      if (*ip == *any_v6) ip = parse_ip_address("::1");
-      const bool v4 = std::equal(ip->begin(), ip->begin() + 12, any_v4->begin());  // "::ffff:" + 4 bytes
-      const bool loopback = v4 ? (*ip)[12] == 127 : *ip == *parse_ip_address("::1");
-      for (const auto& listener : bound_) {
-        if (listener.address.port != upstream.address.port) continue;
-        const auto bound = parse_ip_address(listener.address.host);
-        const bool bound_v6 = listener.address.host.find(':') != std::string::npos;  // "[::]" is IPv6-only
-        const bool wildcard = bound == (bound_v6 ? any_v6 : any_v4);
-        if (bound == ip || (wildcard && loopback && bound_v6 != v4)) {
-          error_at(upstream.mark, upstream.path + ": " + quoted(upstream.address.text) + " is mailflowd's own listener " +
-                                      quoted(listener.listener) + " (" + quoted(listener.address.text) +
-                                      "): its mail would come back to it, in a loop");
-          break;
-        }
-      }
-    }
-  }
 
   // Whether `address` can listen beside `other`. Linux lets no two sockets listen on one port where their
   // addresses are the same or one of them is the wildcard of the other's family (0.0.0.0, or "::", which the

@@ -105,8 +105,7 @@ CertificateFindings check_certificates(const config::Config& config, std::chrono
       }
     }
   }
-  for (const auto& [key, problem] : upstream_loops(config, OwnListeners(config)))
-    out.errors.push_back(finding(config, key, key + ": " + problem, false));
+  for (auto& loop : upstream_loops(config, OwnListeners(config))) out.errors.push_back(std::move(loop));
   for (const auto& [key, problem] : https_ca_file_problems(config)) {
     if (key == "mta_sts.ca_file" && webpki_reported) continue;  // said above, as the handshakes load it
     out.errors.push_back(finding(config, key, key + ": " + problem, false));

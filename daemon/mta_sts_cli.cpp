@@ -192,6 +192,23 @@ int run_mta_sts_cli(int argc, char** argv, std::ostream& out, std::ostream& err)
                       }
                     });
       io.run();
+      if (use_state) {
+        // state_dir deleted while the lookup ran (an operator's rm -rf, a clean-up job): the lock is held on
+        // a file nobody else can open, so a daemon started since holds the new state_dir's, and this write
+        // would go into its files (one NAME.tmp for both; its next save overwrites this one). As the daemon's
+        // own saves do (StateWriter): the lock taken again first, or nothing written.
+        std::string lock_error;
+        const auto kept = lock->keep(lock_error);
+        if (kept == StateDirLock::Kept::lost) {
+          err << "mailflowd mta-sts: --state: state_dir " << cli::shown(config.state_dir)
+              << " was deleted while this command ran, and cannot be taken again: " << cli::shown(lock_error)
+              << "\nmailflowd mta-sts: the cache is not written; run it again\n";
+          return 1;
+        }
+        if (kept == StateDirLock::Kept::taken_again)
+          err << "mailflowd mta-sts: --state: state_dir " << cli::shown(config.state_dir)
+              << " was deleted while this command ran: made again, with this lookup's cache in it\n";
+      }
       const StateFile file = cache.state_file();
       if (use_state && !write_state_file(config.state_dir, file.name, file.text, error)) {
         err << "mailflowd mta-sts: " << error << "\n";

@@ -22,6 +22,7 @@
 #include "daemon/own_listeners.hpp"
 #include "daemon/report.hpp"
 #include "daemon/resolver.hpp"
+#include "daemon/runtime.hpp"
 #include "daemon/telemetry.hpp"
 #include "proto/command.hpp"
 #include "proto/server_session.hpp"
@@ -328,6 +329,11 @@ int run_route_cli(int argc, char** argv, std::ostream& out, std::ostream& err) {
     return 1;
   }
   const config::Config& config = *loaded.config;
+  // A file that the daemon would not start on (as --check-config says it): no route to show.
+  if (const auto loops = upstream_loops(config, OwnListeners(config)); !loops.empty()) {
+    for (const auto& error : loops) err << cli::shown(error.to_string()) << "\n";
+    return 1;
+  }
   if (const std::string refusal = refused_by_relay(config, sender, recipient); !refusal.empty()) {
     err << "mailflowd route: " << refusal << "\n";
     return 2;

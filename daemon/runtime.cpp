@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <stdexcept>
+#include <tuple>
 
 #include "daemon/https_client.hpp"
 #include "daemon/resolver.hpp"
@@ -24,22 +25,24 @@ std::vector<std::pair<std::string, std::string>> https_ca_file_problems(const co
   return out;
 }
 
-std::vector<std::pair<std::string, std::string>> upstream_loops(const config::Config& config,
-                                                                const OwnListeners& own) {
-  std::vector<std::pair<std::string, std::string>> out;
+std::vector<config::ConfigError> upstream_loops(const config::Config& config, const OwnListeners& own) {
+  std::vector<config::ConfigError> out;
   for (std::size_t i = 0; i < config.upstreams.size(); ++i) {
     const auto& upstream = config.upstreams[i];
     if (upstream.mx) continue;
     boost::system::error_code ec;
     const auto address = boost::asio::ip::make_address(upstream.address.host, ec);
     if (ec) continue;  // a host name: what it resolves to is known only when a session connects
-    if (const config::Listener* listener = own.owner(address, upstream.address.port)) {
-      out.emplace_back("upstreams[" + std::to_string(i) + "].address",
-                       "\"" + upstream.address.text +
-                           "\" is an address of this host where mailflowd's own listener \"" +
-                           listener->name + "\" (\"" + listener->address.text +
-                           "\") takes it: its mail would come back to it, in a loop");
-    }
+    const config::Listener* listener = own.owner(address, upstream.address.port);
+    if (listener == nullptr) continue;
+    const std::string key = "upstreams[" + std::to_string(i) + "].address";
+    config::ConfigError& error = out.emplace_back();
+    error.file = config.source_path;
+    if (const auto it = config.positions.find(key); it != config.positions.end())
+      std::tie(error.line, error.column) = it->second;
+    error.message = key + ": \"" + upstream.address.text + "\" reaches mailflowd's own listener \"" +
+                    listener->name + "\" (\"" + listener->address.text +
+                    "\") on this host: its mail would come back to it, in a loop";
   }
   return out;
 }
@@ -63,12 +66,8 @@ std::shared_ptr<const Runtime> Runtime::build(std::shared_ptr<const config::Conf
       runtime->upstream_tls.emplace(upstream.name, std::make_shared<const ClientTls>(upstream, config->mta_sts.ca_file));
   }
   runtime->own_listeners = std::make_shared<const OwnListeners>(*config);
-  for (const auto& [key, problem] : upstream_loops(*config, *runtime->own_listeners)) {
-    std::string where = config->source_path;
-    if (const auto it = config->positions.find(key); it != config->positions.end())
-      where += ":" + std::to_string(it->second.first) + ":" + std::to_string(it->second.second);
-    throw std::runtime_error(where + ": " + key + ": " + problem);
-  }
+  if (const auto loops = upstream_loops(*config, *runtime->own_listeners); !loops.empty())
+    throw std::runtime_error(loops.front().to_string());
   runtime->resolver = std::move(resolver);
   runtime->config = std::move(config);
   return runtime;

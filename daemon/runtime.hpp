@@ -20,14 +20,14 @@ namespace mailflow {
 // at their line.
 std::vector<std::pair<std::string, std::string>> https_ca_file_problems(const config::Config& config);
 
-// Fixed upstreams whose address (an IP literal) is one of mailflowd's own listeners as `own` sees them, this
-// host's interface addresses included (an upstream at 192.0.2.7:25 where a 0.0.0.0:25 listener runs on
-// 192.0.2.7):
-// {"upstreams[N].address", problem}. The loader refuses what it can see without the interfaces (the same
-// address, loopback on a wildcard's port); Runtime::build refuses these, --check-config reports them at their
-// line. A host name is not resolved here.
-std::vector<std::pair<std::string, std::string>> upstream_loops(const config::Config& config,
-                                                                const OwnListeners& own);
+// Fixed upstreams whose address (an IP literal) reaches one of mailflowd's own listeners as `own` sees them:
+// the listener's address itself, "[::ffff:a.b.c.d]" as a.b.c.d, 0.0.0.0 and "[::]" (a connect() there reaches
+// this host's loopback address), and on a wildcard listener's port a loopback address or one of this host's
+// interface addresses (an upstream at 192.0.2.7:25 where a 0.0.0.0:25 listener runs on 192.0.2.7). Each
+// message to it would come back into mailflowd, session inside session. One error per upstream, at
+// upstreams[N].address's file:line:col: the one check that --check-config, start and reload (Runtime::build)
+// make; the loader cannot make it (it does not read the interfaces). A host name is not resolved here.
+std::vector<config::ConfigError> upstream_loops(const config::Config& config, const OwnListeners& own);
 
 struct Runtime {
   std::shared_ptr<const config::Config> config;

@@ -258,6 +258,35 @@ refused "missing file" "$work/missing.yaml" \
 refused "file over 16 MiB" "$work/huge.yaml" \
   "$work/huge.yaml: the configuration is larger than 16 MiB"
 
+# An upstream that reaches one of the listeners is one check (upstream_loops, the daemon's: the loader passes the
+# file) for --check-config, start and `mailflowd route`: the same line, at the address's file:line:col. connect()
+# takes 0.0.0.0 as this host's loopback address: the upstream is the listener itself, its mail a loop.
+loop="$work/upstream-loop.yaml"
+cat >"$loop" <<EOF
+listeners:
+  - {name: inbound, address: "127.0.0.1:2525", upstream: up}
+upstreams:
+  - {name: up, address: "0.0.0.0:2525"}
+EOF
+loop_line="$loop:4:25: upstreams[0].address: \"0.0.0.0:2525\" reaches mailflowd's own listener \"inbound\" (\"127.0.0.1:2525\") on this host: its mail would come back to it, in a loop"
+refused "upstream that is a listener" "$loop" "$loop_line"
+timeout 20 "$bin" --config "$loop" >"$work/out" 2>"$work/err"
+status=$?
+if [ "$status" -eq 1 ] && grep -q "startup_failed" "$work/err" && grep -qF "${loop_line//\"/\\\"}" "$work/err"; then
+  passed=$((passed + 1)); echo "ok: start refused on an upstream that is a listener"
+else
+  fail "start with an upstream that is a listener: exit status $status (expected 1, startup_failed and the line)"
+  head -c 2000 "$work/err"
+fi
+timeout 20 "$bin" route --config "$loop" --recipient user@example.org >"$work/out" 2>"$work/err"
+status=$?
+if [ "$status" -eq 1 ] && grep -qxF "$loop_line" "$work/err" && [ ! -s "$work/out" ]; then
+  passed=$((passed + 1)); echo "ok: route refused on an upstream that is a listener"
+else
+  fail "route with an upstream that is a listener: exit status $status (expected 1 and the line)"
+  head -c 2000 "$work/err"; head -c 2000 "$work/out"
+fi
+
 # An upstream at an address of this host on a 0.0.0.0 listener's port is mailflowd itself: its mail would loop.
 # The loader cannot see the interfaces (the daemon reads them), so this needs one of the host's own addresses;
 # nothing connects to it.
@@ -270,12 +299,12 @@ upstreams:
   - {name: up, address: "$own:2525"}
 EOF
   refused "upstream at an address of this host" "$work/own-address.yaml" \
-    "$work/own-address.yaml:4:25: upstreams[0].address: \"$own:2525\" is an address of this host where mailflowd's own listener \"inbound\" (\"0.0.0.0:2525\") takes it: its mail would come back to it, in a loop"
+    "$work/own-address.yaml:4:25: upstreams[0].address: \"$own:2525\" reaches mailflowd's own listener \"inbound\" (\"0.0.0.0:2525\") on this host: its mail would come back to it, in a loop"
   # The daemon refuses to start on it too, before it binds anything (the check comes with the configuration).
   timeout 20 "$bin" --config "$work/own-address.yaml" >"$work/out" 2>"$work/err"
   status=$?
   if [ "$status" -eq 1 ] && grep -q "startup_failed" "$work/err" &&
-     grep -qF "$work/own-address.yaml:4:25: upstreams[0].address: \\\"$own:2525\\\" is an address of this host" "$work/err"; then
+     grep -qF "$work/own-address.yaml:4:25: upstreams[0].address: \\\"$own:2525\\\" reaches mailflowd's own listener" "$work/err"; then
     passed=$((passed + 1)); echo "ok: start refused on an upstream at an address of this host"
   else
     fail "start with an upstream at an address of this host: exit status $status (expected 1 and startup_failed)"

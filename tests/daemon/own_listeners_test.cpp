@@ -2,6 +2,7 @@
 
 #include <doctest/doctest.h>
 
+#include "config/config.hpp"
 #include "daemon/own_listeners.hpp"
 #include "daemon/runtime.hpp"
 
@@ -80,12 +81,78 @@ TEST_CASE("upstream loops: an address of this host on a wildcard listener's port
   const mailflow::OwnListeners own(config, {make_address("192.0.2.7"), make_address("2001:db8::7")});
   const auto loops = mailflow::upstream_loops(config, own);
   REQUIRE(loops.size() == 2);
-  CHECK(loops[0].first == "upstreams[1].address");
-  CHECK(loops[0].second ==
-        "\"192.0.2.7:25\" is an address of this host where mailflowd's own listener \"in\" (\"0.0.0.0:25\") "
-        "takes "
-        "it: its mail would come back to it, in a loop");
-  CHECK(loops[1].first == "upstreams[3].address");
+  CHECK(loops[0].message ==
+        "upstreams[1].address: \"192.0.2.7:25\" reaches mailflowd's own listener \"in\" (\"0.0.0.0:25\") on "
+        "this host: its mail would come back to it, in a loop");
+  CHECK(loops[1].message.starts_with(
+      "upstreams[3].address: \"[2001:db8::7]:26\" reaches mailflowd's own listener "
+      "\"in6\" (\"[::]:26\")"));
+}
+
+// The check without any interface address (what it finds on every host), on a configuration as the loader
+// reads it: the loader leaves the check to upstream_loops, which says it at the address's file:line:col.
+mailflow::config::Config loaded(std::string_view yaml) {
+  auto result = mailflow::config::load_config_string(yaml, "test.yaml");
+  REQUIRE(result.errors.empty());
+  return *result.config;
+}
+
+std::vector<mailflow::config::ConfigError> loops_without_interfaces(const mailflow::config::Config& config) {
+  return mailflow::upstream_loops(config, mailflow::OwnListeners(config, {}));
+}
+
+// A fixed upstream on one of mailflowd's own listeners relays each RCPT back into itself, session inside
+// session, until the per-address limit answers 421: nothing is ever delivered.
+TEST_CASE("upstream loops: an upstream address that is one of the listeners") {
+  const auto config = loaded(R"(listeners:
+  - {name: a, address: "127.0.0.1:2525", upstream: self}
+  - {name: b, address: "0.0.0.0:2526", upstream: loop}
+  - {name: c, address: "[::]:2527", upstream: up}
+upstreams:
+  - {name: self, address: "127.0.0.1:2525"}
+  - {name: loop, address: "127.0.0.2:2526"}
+  - {name: v6, address: "[::1]:2527"}
+  - {name: up, address: "127.0.0.1:2527"}
+  - {name: other, address: "10.0.0.5:2525"}
+)");
+  const auto loops = loops_without_interfaces(config);
+  REQUIRE(loops.size() == 3);
+  CHECK(loops[0].to_string() ==
+        "test.yaml:6:27: upstreams[0].address: \"127.0.0.1:2525\" reaches mailflowd's own listener \"a\" "
+        "(\"127.0.0.1:2525\") on this host: its mail would come back to it, in a loop");
+  CHECK(loops[1].to_string() ==
+        "test.yaml:7:27: upstreams[1].address: \"127.0.0.2:2526\" reaches mailflowd's own listener \"b\" "
+        "(\"0.0.0.0:2526\") on this host: its mail would come back to it, in a loop");
+  CHECK(loops[2].to_string() ==
+        "test.yaml:8:25: upstreams[2].address: \"[::1]:2527\" reaches mailflowd's own listener \"c\" "
+        "(\"[::]:2527\") on this host: its mail would come back to it, in a loop");
+}
+
+// connect() takes 0.0.0.0 and [::] as this host's loopback address, and [::ffff:127.0.0.1] is 127.0.0.1 over
+// IPv4: each of them reaches the listener below on its port.
+TEST_CASE("upstream loops: an upstream address that connect() takes to one of the listeners") {
+  const auto config = loaded(R"(listeners:
+  - {name: a, address: "127.0.0.1:2528", upstream: any}
+  - {name: b, address: "0.0.0.0:2529", upstream: mapped}
+  - {name: c, address: "[::1]:2530", upstream: any6}
+  - {name: d, address: "[::]:2531", upstream: other}
+upstreams:
+  - {name: any, address: "0.0.0.0:2528"}
+  - {name: mapped, address: "[::ffff:127.0.0.9]:2529"}
+  - {name: any6, address: "[::]:2530"}
+  - {name: other, address: "[::ffff:127.0.0.1]:2531"}
+)");
+  const auto loops = loops_without_interfaces(config);
+  REQUIRE(loops.size() == 3);
+  CHECK(loops[0].to_string() ==
+        "test.yaml:7:26: upstreams[0].address: \"0.0.0.0:2528\" reaches mailflowd's own listener \"a\" "
+        "(\"127.0.0.1:2528\") on this host: its mail would come back to it, in a loop");
+  CHECK(loops[1].message ==
+        "upstreams[1].address: \"[::ffff:127.0.0.9]:2529\" reaches mailflowd's own listener \"b\" "
+        "(\"0.0.0.0:2529\") on this host: its mail would come back to it, in a loop");
+  CHECK(loops[2].message ==
+        "upstreams[2].address: \"[::]:2530\" reaches mailflowd's own listener \"c\" (\"[::1]:2530\") on this "
+        "host: its mail would come back to it, in a loop");
 }
 
 TEST_CASE("own listeners: the real interfaces include loopback") {

@@ -9,8 +9,6 @@ import shutil
 import subprocess
 import time
 
-import pytest
-
 import harness
 import hostile_helpers as hh
 from test_signals import pem_der, served_certificate, sighup_and_wait

@@ -8,7 +8,6 @@ import signal
 import socket
 import ssl
 import struct
-import threading
 import time
 import types
 

@@ -6,7 +6,6 @@ literal (550, nothing looked up), a silent
 and a stopped DNS server (451 within dns.timeout), a forged trust anchor (bogus, 451), connectors by
 recipient domain, and the lookups counted in mailflow_dns_lookups_total."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -421,7 +420,7 @@ def test_a_recipient_the_relay_refuses_is_not_routed(mailflowd_bin, config, reci
                        capture_output=True, text=True, timeout=10)
     assert p.returncode == 2, (p.stdout, p.stderr)
     assert p.stdout == ""
-    assert f"the relay answers RCPT TO:<" in p.stderr and reply in p.stderr, p.stderr
+    assert "the relay answers RCPT TO:<" in p.stderr and reply in p.stderr, p.stderr
     assert "\x1b" not in p.stderr
 
 

@@ -170,8 +170,11 @@ def test_probes_need_no_credentials(env):
         assert (status, body) == (200, b"ok"), (path, status, body)
     status, _, _, _ = hx.get(env.port, "/readyz?x", source="127.0.7.9")
     assert status == 200
-    for path in ("/metrics", "/", "/readyz/", "/api/v1/report"):
+    for path in ("/metrics", "/", "/readyz/", "/api/v1/report", "/%6Detrics", "/api/v1/report%2Ecsv"):
         assert hx.get(env.port, path, source="127.0.7.9")[0] == 401, path
+    # The exemption and the routes see one spelling of the path: /%68ealthz is /healthz (RFC 3986 6.2.2.2).
+    status, _, body, _ = hx.get(env.port, "/%68ealthz", source="127.0.7.9")
+    assert (status, body) == (200, b"ok"), (status, body)
 
 
 def keep_alive_get(conn, path, auth=None):

@@ -386,6 +386,43 @@ def test_absolute_form_is_served(env, target):
     assert reply.startswith(b"HTTP/1.0 200 ") and reply.endswith(b"\r\n\r\nok"), reply
 
 
+@pytest.mark.parametrize("target, plain", [
+    ("/%6Detrics", "/metrics"),
+    ("/%68%65%61%6c%74%68%7A", "/healthz"),  # hex digits in either case
+    ("/api/v1/report%2Ecsv?days=1", "/api/v1/report.csv?days=1"),
+    ("/api/v1/%72eport.txt?d%61ys=%31", "/api/v1/report.txt?days=1"),
+    ("/api/v1/connectors%2etxt", "/api/v1/connectors.txt"),
+])
+def test_an_escaped_unreserved_character_is_that_character(env, target, plain):
+    """RFC 3986 6.2.2.2: a percent-encoded unreserved character (ALPHA, DIGIT, '-', '.', '_', '~') is the same
+    URI as the character itself, as nginx decodes before it matches a location: the same answer as the plain
+    spelling. It was 404 (the path was compared as sent, while the query was decoded)."""
+    status, headers, body, _ = hx.get(env.port, target)
+    plain_status, plain_headers, plain_body, _ = hx.get(env.port, plain)
+    assert plain_status == 200, (plain, plain_status, plain_body[:200])
+    assert status == 200 and headers["Content-Type"] == plain_headers["Content-Type"], (target, status, body[:200])
+    if plain == "/metrics":  # counters move between the two scrapes
+        assert body.startswith(b"# HELP mailflow_") and b"\nmailflow_build_info{" in body, body[:200]
+    else:
+        assert body == plain_body, (target, body[:300], plain_body[:300])
+
+
+@pytest.mark.parametrize("target", ["/api%2Fv1%2Freport", "/api/v1%2freport.csv", "/%2Fmetrics", "/metrics%20"])
+def test_an_escaped_reserved_or_other_character_is_no_path_of_ours(env, target):
+    """RFC 3986 2.2: a percent-encoded reserved character is data, not a delimiter: %2F is no '/', so these are no
+    path the daemon serves (nginx would decode %2F; Go's ServeMux keeps it apart, as here)."""
+    status, _, body, _ = hx.get(env.port, target)
+    assert (status, body) == (404, b"not found\n"), (target, status, body)
+
+
+@pytest.mark.parametrize("target", ["/metrics%", "/metrics%4", "/%zzmetrics", "/metrics%00", "/healthz%00"])
+def test_a_bad_escape_or_nul_in_the_path_is_400(env, target):
+    """A '%' that does not start %XX is no URI (RFC 3986 2.1), and %00 is refused as nginx refuses it
+    (ngx_http_parse_complex_uri): 400 saying why, as a bad escape in the query gets. Both were 404."""
+    status, _, body, _ = hx.get(env.port, target)
+    assert status == 400 and body.startswith(b"bad %-escape in the path"), (target, status, body)
+
+
 WRITE_TIMEOUT = 30.0    # kWriteTimeout
 
 

@@ -39,7 +39,7 @@ from pathlib import Path
 import pytest
 
 import harness
-from harness import delta, series_key
+from harness import delta
 from hostile_helpers import deliver_to
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))

@@ -66,8 +66,8 @@ def env(certs, workdir, short_dir, sink_factory, daemon_factory):
     try:
         port = harness.free_port(*MX.values())
         tls = {"tls_cert": certs / "sink.pem", "tls_key": certs / "sink.key"}
-        sinks = {"tls13": sink_factory("mx-tls13", host=MX["tls13"], port=port, **tls),
-                 "tls10": sink_factory("mx-tls10", host=MX["tls10"], port=port, tls_max_version="TLS1.0", **tls)}
+        sink_factory("mx-tls13", host=MX["tls13"], port=port, **tls)
+        sink_factory("mx-tls10", host=MX["tls10"], port=port, tls_max_version="TLS1.0", **tls)
         store = sink_factory("store")
         listeners = [
             {"name": "in", "address": f"127.0.0.1:{harness.free_port()}", "direction": "inbound",

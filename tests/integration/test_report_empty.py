@@ -1,8 +1,6 @@
 """The report of a daemon that has relayed nothing yet, or nothing in one direction: no direction is said to be
 "0.0% with TLS" (no message went without TLS either), in the table as on the page, which says "no messages in
 the window"; the JSON and CSV are still valid, with today's zero rows."""
-import csv
-import io
 import json
 import types
 

@@ -8,6 +8,7 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import types
@@ -18,6 +19,9 @@ import pytest
 
 import harness
 import report_helpers as rh
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+from dns_server import SilentServer  # noqa: E402
 
 SMALL_PLAN = [
     ("partner-cidr", "inbound", "inbound", "127.0.0.2", "a@example.test", "none", 1),
@@ -323,6 +327,66 @@ def test_a_state_dir_in_use_is_refused(env):
     report, today = rh.stable_report(again)
     rh.assert_report_matches(report, rh.plan_counts(ONE_MORE), today)
     stop_ok(again)
+
+
+@pytest.mark.parametrize("taken", [True, False], ids=["taken_by_a_daemon", "nobody_else"])
+def test_mta_sts_state_with_state_dir_deleted_while_it_runs(env, taken):
+    """`mailflowd mta-sts --state` holds state_dir's lock from before it reads the cache until it has written it.
+    A state_dir deleted while its lookup runs (an operator's rm -rf, a clean-up job) leaves that lock on a file
+    nobody can open any more: a daemon started meanwhile made state_dir again and took it, and the command still
+    wrote its cache into the daemon's state_dir (exit 4 for the TXT timeout, no word of it), through the NAME.tmp
+    that the daemon's saves use. Now the command takes the lock again before it writes, as the daemon's saves do:
+    held by the daemon, it writes nothing and exits 1 naming its pid; held by nobody, state_dir is made again and
+    the cache written there, and stderr says so."""
+    state = env.workdir / f"cli-deleted-{taken}-state"
+    state.mkdir()
+    now = int(time.time())
+    cached = (f"mailflowd-mta-sts 1\nok.policy.example.net\tkept1\t{now - 100}\t{now + 3600}\t"
+              "version: STSv1\tmode: enforce\tmx: mx1.ok.policy.example.net\tmax_age: 86400\n")
+    silent = SilentServer()  # the TXT lookup waits for its timeout: the window in which state_dir goes
+    config = env.workdir / f"cli-deleted-{taken}.yaml"
+    config.write_text("\n".join([
+        f"state_dir: {state}",
+        "listeners:",
+        '  - {name: out, address: "127.0.0.133:2587", direction: outbound, upstream: internet}',
+        "upstreams:",
+        "  - {name: internet, mx: true, mta_sts: enforce}",
+        "dns: " + json.dumps({"servers": [silent.address], "timeout": "6s"}),
+    ]) + "\n")
+    daemon = None
+    try:
+        (state / "mta-sts.state").write_text(cached)
+        cli = subprocess.Popen([env.bin, "mta-sts", "--config", str(config), "--domain", "ok.policy.example.net",
+                                "--state"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            silent.sock.settimeout(10)
+            silent.sock.recvfrom(4096)  # its TXT query: the cache is read and the lock held
+            assert (state / "mailflowd.lock").exists()
+            shutil.rmtree(state)
+            if taken:
+                daemon = env.make(f"cli-deleted-daemon-{taken}", state)
+            assert cli.poll() is None, "the command ended before the test was ready: the DNS timeout is too short"
+            out, err = cli.communicate(timeout=30)
+        finally:
+            if cli.poll() is None:
+                cli.kill()
+                cli.wait()
+        harness.TRANSCRIPTS.append(f"$ mailflowd mta-sts ... --state\n(rc={cli.returncode})\n{out}{err}")
+        written = (state / "mta-sts.state").read_text() if (state / "mta-sts.state").exists() else ""
+        if taken:
+            assert cli.returncode == 1 and "cannot be taken again" in err and f"pid {daemon.proc.pid}" in err, err
+            assert out == "", out
+            assert "kept1" not in written, f"the command wrote into the daemon's state_dir:\n{written}"
+            stop_ok(daemon)
+        else:
+            assert cli.returncode == 4 and "was deleted while this command ran: made again" in err, err
+            assert json.loads(out)["id"] == "kept1", out
+            assert "\tkept1\t" in written, written
+            assert (state / "mailflowd.lock").exists()
+    finally:
+        silent.close()
+        if daemon is not None and daemon.proc.poll() is None:
+            stop_ok(daemon)
 
 
 # -------------------------------------------------------------------------------- unusable state_dir

@@ -12,7 +12,6 @@ Also runnable by hand, to poke at a zone with kdig or mailflowd route:
     python3 tests/tools/dns_server.py --zone example.net=FILE [--dnssec] [--dir DIR]
 """
 import argparse
-import os
 import shutil
 import signal
 import socket
