@@ -723,6 +723,12 @@ class Server : public std::enable_shared_from_this<Server> {
         response.keep_alive(false);
       } else {
         response = co_await handle(parser.get(), peer);
+        // A target the API refuses (a bad %-escape, a parameter given twice or out of range) is a bad request
+        // too, counted as the unparsable ones are; the answer says why, and so does the log.
+        if (response.result() == http::status::bad_request) {
+          const std::string_view why = response.body();
+          reject(HttpReject::bad_request, peer, why.substr(0, why.find('\n')));
+        }
       }
       // RFC 9110 9.3.2: a HEAD gets what a GET would get, Content-Length included, without the body (a
       // refused one too, where its start line was read).

@@ -31,7 +31,7 @@ enum class HttpReject {
   connection_limit,  // at the total HTTP connection cap: closed to make room, or refused when none was idle
   address_limit,     // over the per-address HTTP connection cap
   head_timeout,      // the request head was not complete within its deadline
-  bad_request,       // 400: unparsable, oversized, or a Transfer-Encoding other than chunked
+  bad_request,       // 400/413/431: unparsable, oversized, a Transfer-Encoding not chunked, a target refused
   auth_missing,      // 401 without (usable) credentials
   auth_failed,       // 401: wrong user name or password
   auth_busy,         // 503: too many password checks pending

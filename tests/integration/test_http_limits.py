@@ -418,9 +418,12 @@ def test_an_escaped_reserved_or_other_character_is_no_path_of_ours(env, target):
 @pytest.mark.parametrize("target", ["/metrics%", "/metrics%4", "/%zzmetrics", "/metrics%00", "/healthz%00"])
 def test_a_bad_escape_or_nul_in_the_path_is_400(env, target):
     """A '%' that does not start %XX is no URI (RFC 3986 2.1), and %00 is refused as nginx refuses it
-    (ngx_http_parse_complex_uri): 400 saying why, as a bad escape in the query gets. Both were 404."""
+    (ngx_http_parse_complex_uri): 400 saying why, as a bad escape in the query gets. Both were 404. Counted as
+    every refused request is (a 400 of the API was not counted at all)."""
+    before = hx.rejects(hx.metrics(env.port)).get("bad_request", 0)
     status, _, body, _ = hx.get(env.port, target)
     assert status == 400 and body.startswith(b"bad %-escape in the path"), (target, status, body)
+    assert hx.rejects(hx.metrics(env.port)).get("bad_request", 0) == before + 1
 
 
 WRITE_TIMEOUT = 30.0    # kWriteTimeout

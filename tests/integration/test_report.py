@@ -110,9 +110,14 @@ def test_a_percent_encoded_connector_is_found(env):
     ("/api/v1/tlsrpt", "domain=a%2", "bad %-escape"),
 ])
 def test_a_bad_escape_or_a_repeated_parameter_is_400(env, path, query, words):
-    """days=2&days=3 has no one meaning: it was the report of 3 days (the last won), silently."""
+    """days=2&days=3 has no one meaning: it was the report of 3 days (the last won), silently. Counted as a bad
+    request (the API's 400s were not counted)."""
+    def refused():
+        return harness.value(env.daemon.metrics(), "mailflow_http_rejects_total", reason="bad_request")
+    before = refused()
     status, body, _ = rh.http_get(env.daemon, f"{path}?{query}")
     assert status == 400 and words in body, f"GET {path}?{query} answered {status}: {body[:300]!r}"
+    assert refused() == before + 1
 
 
 def test_every_row_with_messages_adds_up_to_100_percent(env):
