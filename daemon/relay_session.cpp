@@ -428,6 +428,10 @@ asio::awaitable<bool> RelaySession::read_proxy_header() {
     }
     error_code ec;
     co_await client_.read_some(client_in_, proto::max_proxy_header - client_in_.size(), deadline, ec);
+    if (ec && forced_) {
+      result_ = "shutdown";  // a stop cut the header short: no truncation of the peer's
+      co_return false;
+    }
     if (ec) {
       const bool timed_out = ec == asio::error::timed_out;
       if (!timed_out && client_in_.empty()) {
@@ -449,6 +453,10 @@ asio::awaitable<bool> RelaySession::greet_pause() {
   if (client_in_.empty()) {
     error_code ec;
     co_await deadlines_.wait_readable(client_.socket(), in(config_.limits.greet_pause), ec);
+    if (forced_) {
+      result_ = "shutdown";  // a stop closed the session during the pause: not the client's leaving
+      co_return false;
+    }
     if (ec == asio::error::timed_out) co_return true;
     // Readable: input, or a client that hung up without a word, with an end of stream or a reset (a
     // balancer's health check resets): not an early talker, just gone.

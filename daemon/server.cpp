@@ -4,6 +4,7 @@
 
 #include <fmt/format.h>
 #include <malloc.h>
+#include <netinet/in.h>
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
@@ -123,6 +124,13 @@ std::map<tcp::endpoint, int> inherited_sockets(std::vector<std::string>& unusabl
     sockets.emplace(endpoint, fd);
   }
   return sockets;
+}
+
+// Whether a listening IPv6 socket takes IPv6 clients only (IPV6_V6ONLY).
+bool v6_only(int fd) {
+  int on = 0;
+  socklen_t length = sizeof on;
+  return getsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &on, &length) == 0 && on != 0;
 }
 
 // How many event loops (threads) relay sessions: performance.event_loops, or with "auto" one per CPU this
@@ -259,6 +267,17 @@ struct Server::Impl {
         Acceptor{listener.name, listener.address.text, endpoint, tcp::acceptor(io), std::nullopt});
     auto& acceptor = result->acceptor;
     if (auto it = inherited.find(endpoint); it != inherited.end()) {
+      // A "[::]" listener takes IPv6 clients only, as the one bound here (below): the checks for an upstream
+      // or MX host that is mailflowd itself count on it (an IPv4 address on its port is another server). A
+      // socket that systemd bound without BindIPv6Only=ipv6-only takes IPv4 clients too, so such an upstream
+      // would get every RCPT back, session inside session. Refused before it is taken: systemd keeps it.
+      if (endpoint.address().is_v6() && endpoint.address().is_unspecified() && !v6_only(it->second))
+        throw std::runtime_error(
+            "listener " + listener.name + ": the socket systemd passed for " + endpoint_text(endpoint) +
+            " takes IPv4 clients too (IPV6_V6ONLY off: BindIPv6Only=both, or default "
+            "with net.ipv6.bindv6only=0), where a \"[::]\" listener takes IPv6 only: set "
+            "BindIPv6Only=ipv6-only in the socket unit, as mailflowd.socket does, and "
+            "give IPv4 a ListenStream= and a listener of its own (\"0.0.0.0:PORT\")");
       acceptor.assign(endpoint.protocol(), it->second);
       result->inherited = endpoint;
       inherited.erase(it);

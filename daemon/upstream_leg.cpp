@@ -465,10 +465,16 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
     if (ec == asio::error::timed_out && open_expired()) co_return open_timed_out(upstream, {}, "dns");
     for (const auto& entry : results) endpoints.push_back(entry.endpoint());
     if (ec) {
-      reason = connect_failure_reason(ec);
+      // Not found (or any failure) while no socket can be made either: the lookup could not be made, the name
+      // is fine (local_shortage.hpp).
+      const error_code shortage = ec == asio::error::timed_out ? error_code() : socket_shortage();
+      reason = shortage ? "local_resources" : connect_failure_reason(ec);
       session_.telemetry.upstream_error(upstream.name, reason);
       log_limited(LogLevel::warn, "upstream_error",
-                  {{"id", session_.id}, {"upstream", upstream.name}, {"reason", reason}, {"error", ec.message()}});
+                  {{"id", session_.id},
+                   {"upstream", upstream.name},
+                   {"reason", reason},
+                   {"error", shortage ? ec.message() + " (" + shortage.message() + ")" : ec.message()}});
     }
   }
   // Under tls: dane every TLS session is counted under the policy that governed it, as in the MX walk (there is

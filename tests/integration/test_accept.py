@@ -161,6 +161,48 @@ def test_upstream_socket_out_of_descriptors_is_counted_as_local_resources(env, m
     hh.assert_relays(daemon, port, sink)
 
 
+def test_upstream_host_name_out_of_descriptors_is_counted_as_local_resources(sink_factory, daemon_factory,
+                                                                           mailflowd_bin):
+    """A fixed upstream given by host name ("localhost:PORT") is looked up by the system resolver (getaddrinfo)
+    for each new connection; at the descriptor limit glibc can open neither /etc/hosts nor a socket to the name
+    server and answers EAI_NONAME, "Name or service not known" (errno EMFILE, which the error code loses): that
+    counted as mailflow_upstream_errors_total{reason="connect_failed"}, the upstream's failure, which
+    MailflowUpstreamDown pages for, although the name and the upstream are fine. It counts as local_resources, as
+    the socket that cannot be made does (0a413ae)."""
+    harness.skip_out_of_descriptors_if_sanitized(mailflowd_bin)
+    sink = sink_factory("store-by-name")
+    port = harness.free_port()
+    daemon = daemon_factory(listeners=[hh.listener("in", port, "up")],
+                            upstreams=[dict(hh.plain_upstream("up", sink.port), address=f"localhost:{sink.port}")],
+                            name="by-name")
+    pid = daemon.proc.pid
+    c = hh.greeted(port)
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    try:
+        assert c.cmd("MAIL FROM:<s@example.test>")[0] == 250
+        before = daemon.metrics()
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (3, hard))  # no descriptor left (see above)
+        code, text = c.cmd("RCPT TO:<r@dest.test>")
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+    assert code == 451, f"RCPT with no descriptor left for the lookup: {text!r}"
+    after = daemon.metrics()
+    moved = {reason: harness.value(after, "mailflow_upstream_errors_total", upstream="up", reason=reason)
+             - harness.value(before, "mailflow_upstream_errors_total", upstream="up", reason=reason)
+             for reason in ("local_resources", "connect_failed")}
+    assert moved == {"local_resources": 1, "connect_failed": 0}, \
+        f"mailflow_upstream_errors_total{{upstream=\"up\"}} moved by {moved}\n{daemon.log_tail()}"
+    line = [l for l in daemon.stderr().splitlines() if "upstream_error" in l][-1]
+    assert "reason=local_resources" in line and "Too many open files" in line, line
+    # With descriptors back the name is found and the same client's next transaction is relayed.
+    assert c.cmd("RSET")[0] == 250
+    assert c.cmd("MAIL FROM:<s@example.test>")[0] == 250
+    code, text = c.cmd("RCPT TO:<r@dest.test>")
+    assert code == 250, f"RCPT once descriptors are free again: {text!r}"
+    c.cmd("QUIT")
+    c.close()
+
+
 def test_resolver_that_cannot_be_made_for_want_of_descriptors_is_counted_as_local_resources(daemon_factory,
                                                                                           mailflowd_bin):
     """An mx upstream's first RCPT on an event loop makes its DNS resolver (a libunbound context, whose socketpair

@@ -584,3 +584,33 @@ def test_reload_adding_a_listener_on_the_old_http_port_says_http_still_listens_t
     assert f"the HTTP server still listens on {old_http}" in refused[0], refused
     assert "http.address changes need a restart" in refused[0], refused
     hh.assert_relays(d, port, sink)
+
+
+@pytest.mark.parametrize("wait", ["greet_pause", "proxy_header"])
+def test_drain_timeout_cutting_a_session_before_its_banner_is_a_shutdown(daemon_factory, sink, wait):
+    """A session still before its banner, waiting out limits.greet_pause or the rest of a PROXY header from a
+    trusted peer, is cut by the drain timeout (1 s): mailflowd's doing, so its session line says result=shutdown,
+    and nothing is counted against the client. Before, the greet pause's session said disconnected (the client's
+    leaving) and the cut PROXY header was the client's proxy_truncated (a reject line and
+    mailflow_rejects_total{reason="proxy_truncated"}, result=proxy_truncated)."""
+    port = harness.free_port()
+    extra = {"proxy_protocol": {"trusted": ["127.0.0.1/32"]}} if wait == "proxy_header" else {}
+    limits = {"drain_timeout": "1s"}
+    if wait == "greet_pause":
+        limits["greet_pause"] = "10s"
+    d = daemon_factory(listeners=[hh.listener("inbound", port, "store", **extra)],
+                       upstreams=[hh.plain_upstream("store", sink.port)], name=f"cut-{wait}", limits=limits)
+    c = harness.RawSmtp(port)
+    try:
+        if wait == "proxy_header":
+            c.send(b"PROXY TCP4 192.0.2.1 ")  # a header begun, its end still to come (5 s allowed)
+        harness.wait_for(lambda: harness.value(d.metrics(), "mailflow_sessions_active", listener="inbound") == 1, 5,
+                         what="the session to start")
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(15) == 0, harness.tail(d.log_path)
+    finally:
+        c.close()
+    log = d.stderr()
+    sessions = [ln for ln in log.splitlines() if " session id=" in ln]
+    assert len(sessions) == 1 and " result=shutdown " in sessions[0], "\n".join(sessions)
+    assert not re.search(r" reject .*reason=proxy_truncated", log), harness.tail(d.log_path)

@@ -38,26 +38,29 @@ def sink(sink_factory):
 
 @pytest.fixture
 def activated(tmp_path, sink, mailflowd_bin):
-    """start(listener_port, extra_ports, extra_listen) -> (Popen of mailflowd, its stderr path, sink), under
-    systemd-socket-activate (extra_listen: more -l addresses, e.g. a unix socket's path)."""
+    """start(listener_port, extra_ports, extra_listen, host, upstream) -> (Popen of mailflowd, its stderr path,
+    sink), under systemd-socket-activate (extra_listen: more -l addresses, e.g. a unix socket's path; host: the
+    listener's and its socket's address; upstream: the store's address instead of the sink's)."""
     tool = shutil.which("systemd-socket-activate")
     if not tool:
         pytest.fail("systemd-socket-activate is not installed (package systemd, deploy/dev/deps.sh test)",
                     pytrace=False)
     procs = []
 
-    def start(listener_port, extra_ports=(), extra_listen=()):
+    def start(listener_port, extra_ports=(), extra_listen=(), host="127.0.0.1", upstream=None):
         state = tmp_path / "state"
         state.mkdir()
         cfg = harness.default_config(
             state, harness.free_port(),
-            listeners=[{"name": "inbound", "address": f"127.0.0.1:{listener_port}", "direction": "inbound",
+            listeners=[{"name": "inbound", "address": f"{host}:{listener_port}", "direction": "inbound",
                         "upstream": "store"}],
-            upstreams=[{"name": "store", "address": f"127.0.0.1:{sink.port}", "tls": "none", "xclient": "off"}])
+            upstreams=[{"name": "store", "address": upstream or f"127.0.0.1:{sink.port}", "tls": "none",
+                        "xclient": "off"}])
         config = tmp_path / "mailflowd.yaml"
         config.write_text(json.dumps(cfg, indent=2) + "\n")
         stderr = tmp_path / "mailflowd.stderr"
-        argv = [tool] + [a for p in (listener_port, *extra_ports) for a in ("-l", f"127.0.0.1:{p}")]
+        argv = [tool, "-l", f"{host}:{listener_port}"]
+        argv += [a for p in extra_ports for a in ("-l", f"127.0.0.1:{p}")]
         argv += [a for address in extra_listen for a in ("-l", str(address))]
         argv += [mailflowd_bin, "--config", str(config)]
         proc = subprocess.Popen(argv, stdout=open(stderr, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -196,3 +199,32 @@ def test_refused_reload_keeps_the_inherited_socket_it_took(activated, tmp_path):
                     pytrace=False)
     waiting.close()
     assert harness.swaks(port).rc == 0, harness.tail(stderr)
+
+
+def test_dual_stack_inherited_socket_for_an_ipv6_wildcard_listener_is_refused(activated):
+    """A "[::]" listener takes IPv6 clients only (IPV6_V6ONLY, docs/configuration.md), and the upstream loop checks
+    rely on it: an IPv4 upstream on its port is no loop of mailflowd's. A socket that systemd passes for "[::]:PORT"
+    without BindIPv6Only=ipv6-only (BindIPv6Only=both, or default with net.ipv6.bindv6only=0, as
+    systemd-socket-activate binds it here) takes IPv4 clients too: mailflowd served them on it, and an upstream
+    127.0.0.1:PORT passed every check and got each RCPT back into mailflowd, session inside session. Such a socket
+    is refused at start now (startup_failed names the socket and BindIPv6Only=ipv6-only), and it is left to
+    systemd: no client, IPv4 or IPv6, is served on it."""
+    port = harness.free_port()
+    proc, stderr, sink = activated(port, host="[::]", upstream=f"127.0.0.1:{port}")
+    try:
+        c = harness.RawSmtp(port, host="127.0.0.1")  # makes the tool exec mailflowd
+    except ConnectionRefusedError:
+        pytest.fail("systemd-socket-activate did not take the IPv4 connection on [::]", pytrace=False)
+    try:
+        c.sock.settimeout(10)
+        try:
+            banner = c.sock.recv(512)
+        except OSError:
+            banner = b""
+        assert not banner.startswith(b"220"), f"an IPv4 client was served on [::]:{port}: {banner!r}"
+    finally:
+        c.close()
+    assert proc.wait(15) != 0, harness.tail(stderr)
+    text = stderr.read_text()
+    assert "startup_failed" in text and f"[::]:{port}" in text and "BindIPv6Only=ipv6-only" in text, \
+        harness.tail(stderr)
