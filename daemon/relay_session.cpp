@@ -998,6 +998,7 @@ LoopScope::LoopScope() : previous_(current_loop) { current_loop = &resources_; }
 LoopScope::~LoopScope() {
   current_loop = previous_;
   resources_.resolver.reset();  // before the event loop it belongs to goes away
+  resources_.hosts_resolver.reset();
 }
 
 LoopScope::Resources* LoopScope::current() { return current_loop; }

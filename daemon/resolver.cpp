@@ -3,6 +3,7 @@
 
 #include <unbound.h>
 
+#include <algorithm>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/asio/io_context.hpp>
@@ -203,6 +204,16 @@ struct Resolver::Impl : std::enable_shared_from_this<Impl> {
               "forwarder " + server.text);
       }
     }
+    // Addresses in the order of the answer (a hosts file's: its order, as getaddrinfo gave them; the first is
+    // tried first), not rotated at random from one answer to the next (libunbound's default since 1.17). Set
+    // in every context alike: libunbound keeps this one setting in a process-wide variable, which the context
+    // made last decides. (The MX walk shuffles equal preferences itself, proto::plan_mx.)
+    check(ub_ctx_set_option(ctx, "rrset-roundrobin:", "no"), "rrset-roundrobin");
+    // The hosts file as read at start or reload (with_hosts_file): local data, answered before the forwarders
+    // are asked; for a name it has, a type it lacks is NODATA, as getaddrinfo stops at the files service when
+    // the name is there.
+    for (const auto& record : settings.hosts_records)
+      check(ub_ctx_set_option(ctx, "local-data:", record.c_str()), settings.hosts_file + ": " + record);
     // Reverse names of loopback and private clients are asked of the configured resolver, not answered by
     // libunbound's built-in local zones (RFC 6303 defaults): a site's own DNS serves its PTRs, and the tests'
     // clients are on 127.0.0.x ("transparent": 127.0.0.1 is still localhost; "nodefault" is not honoured here).
@@ -657,6 +668,50 @@ ResolverSettings resolver_settings(const config::Dns& dns) {
   } else {
     settings.trust_anchors = std::move(*records);
   }
+  return settings;
+}
+
+std::vector<std::string> hosts_records(std::string_view text) {
+  std::vector<std::string> out;
+  const auto host_name = [](std::string_view name) {
+    return !name.empty() && name.size() <= 253 && std::all_of(name.begin(), name.end(), [](char c) {
+      return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' ||
+             c == '_' || c == '.';
+    });
+  };
+  while (!text.empty()) {
+    const std::size_t end = text.find('\n');
+    std::string_view line = text.substr(0, end);
+    text = end == std::string_view::npos ? std::string_view() : text.substr(end + 1);
+    line = line.substr(0, line.find('#'));
+    std::vector<std::string_view> fields;
+    for (std::size_t at = 0; at < line.size();) {
+      at = line.find_first_not_of(" \t\r\f\v", at);
+      if (at == std::string_view::npos) break;
+      const std::size_t stop = std::min(line.find_first_of(" \t\r\f\v", at), line.size());
+      fields.push_back(line.substr(at, stop - at));
+      at = stop;
+    }
+    if (fields.size() < 2 || fields[0].find('%') != std::string_view::npos)
+      continue;  // fe80::1%lo0: no use here
+    boost::system::error_code ec;
+    const auto address = net::ip::make_address(std::string(fields[0]), ec);
+    if (ec) continue;
+    for (std::size_t i = 1; i < fields.size(); ++i) {
+      if (!host_name(fields[i])) continue;
+      out.push_back(std::string(fields[i]) + (address.is_v6() ? " AAAA " : " A ") + address.to_string());
+    }
+  }
+  return out;
+}
+
+ResolverSettings with_hosts_file(ResolverSettings settings, const std::string& hosts_file) {
+  std::ifstream in(hosts_file, std::ios::binary);
+  const std::string text{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+  settings.hosts_file = hosts_file;
+  settings.hosts_records = hosts_records(text);
+  settings.key += "\nhosts " + hosts_file;
+  for (const auto& record : settings.hosts_records) settings.key += "\n" + record;
   return settings;
 }
 

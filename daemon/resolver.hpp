@@ -1,13 +1,14 @@
 #pragma once
-// DNS for delivery to MX hosts (upstreams[].mx): MX and address lookups through libunbound, a validating,
-// caching resolver library, driven by the Asio event loop that asks. <unbound.h> stays inside resolver.cpp.
+// DNS for delivery to MX hosts (upstreams[].mx) and for fixed upstreams' host names (with /etc/hosts first,
+// with_hosts_file()): MX and address lookups through libunbound, a validating, caching resolver library,
+// driven by the Asio event loop that asks. <unbound.h> stays inside resolver.cpp.
 //
 // Thread model: one Resolver per event loop, created on it and used only from its thread. libunbound does
 // the network I/O in a worker thread of its own (ub_ctx_async(ctx, 1)) and hands answers back through a pipe
 // (ub_fd); the loop waits for that pipe to become readable and calls ub_process there, which runs the
 // answers' callbacks on the loop thread. No lock is needed on this side, and a lookup never blocks the loop.
-// (One ub_ctx shared by several loops would need a lock around ub_process and a way to hand each answer to the
-// loop that asked; one per loop costs one cache per loop, which is small next to a session's buffers.)
+// (One ub_ctx shared by several loops would need a lock around ub_process and a way to hand each answer to
+// the loop that asked; one per loop costs one cache per loop, which is small next to a session's buffers.)
 #include <utility>  // before Boost.Asio (Boost 1.74 + GCC 12)
 
 #include <array>
@@ -102,8 +103,22 @@ struct ResolverSettings {
   std::vector<std::string> trust_anchors;  // proto::trust_anchor_records of the file as read
   std::string problem;  // the file could not be read or split: why (a Resolver made from these throws it)
   std::string key;      // the settings and the file's content: a resolver made for another key is replaced
+  // "": DNS only. Else a hosts file (hosts(5)) whose names are answered from it before DNS is asked, as
+  // getaddrinfo's "files dns" does: for fixed upstreams' host names (with_hosts_file()). Its entries as read
+  // then, as libunbound local data ("mail.example.org A 192.0.2.25"), in the file's order.
+  std::string hosts_file;
+  std::vector<std::string> hosts_records;
 };
 ResolverSettings resolver_settings(const config::Dns& dns);
+// `settings` for a fixed upstream's host name: `hosts_file`'s names first, then DNS as `settings` say. The
+// file is read here, once (start, reload), as the trust anchor file is, and its entries are part of the key,
+// so a reload after it changed makes new resolvers and a change without one is used by none. A file that
+// cannot be opened leaves DNS alone (as glibc's files service does); a line whose first field is no IP
+// address, and a name with bytes other than letters, digits, '-', '_' and '.', are skipped (glibc skips the
+// first too).
+ResolverSettings with_hosts_file(ResolverSettings settings, const std::string& hosts_file);
+// hosts(5) text as local data records, in its order: "name A address" / "name AAAA address".
+std::vector<std::string> hosts_records(std::string_view text);
 
 // "" when libunbound takes these settings (dns.servers, the trust anchor), else why not: it checks them only
 // when a resolver is made, so start, reload and --check-config make one to find out.

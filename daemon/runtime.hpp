@@ -37,6 +37,9 @@ struct Runtime {
   // dns with the trust anchor file as read at this start or reload; its key: a resolver made for another is
   // replaced.
   std::shared_ptr<const ResolverSettings> resolver;
+  // The same with /etc/hosts answered first: for fixed upstreams' host names (not under tls: dane). DNS only
+  // (the same settings as `resolver`) when libunbound cannot take the file (logged as hosts_file).
+  std::shared_ptr<const ResolverSettings> hosts_resolver;
 
   // Throws std::runtime_error (naming the file) when a certificate, key or CA file cannot be loaded.
   static std::shared_ptr<const Runtime> build(std::shared_ptr<const config::Config> config);

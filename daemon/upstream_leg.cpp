@@ -47,16 +47,21 @@ std::string_view connect_failure_reason(const error_code& ec) {
 // One Resolver per event loop, i.e. per thread (daemon/resolver.hpp), held by the loop's LoopScope: made on
 // first use, and again when a reload changed `dns` or the trust anchor file's content (`key`, the runtime's
 // resolver settings' key). Sessions hold it (shared) while they use it, so a replaced one lives until they
-// are done. Outside a LoopScope (no loop of the server's) each call makes its own.
+// are done. Outside a LoopScope (no loop of the server's) each call makes its own. Settings with a hosts file
+// (Runtime::hosts_resolver, fixed upstreams' names) have a Resolver of their own, so that the hosts file's
+// names never answer the MX walk's, DANE's or MTA-STS's lookups.
 std::shared_ptr<Resolver> loop_resolver(const asio::any_io_executor& executor,
                                         const ResolverSettings& settings, Telemetry& telemetry) {
   LoopScope::Resources* loop = LoopScope::current();
   if (loop == nullptr) return std::make_shared<Resolver>(executor, settings, &telemetry);
-  if (!loop->resolver || settings.key != loop->resolver_key) {
-    loop->resolver = std::make_shared<Resolver>(executor, settings, &telemetry);
-    loop->resolver_key = settings.key;
+  const bool hosts = !settings.hosts_file.empty();
+  std::shared_ptr<Resolver>& resolver = hosts ? loop->hosts_resolver : loop->resolver;
+  std::string& key = hosts ? loop->hosts_resolver_key : loop->resolver_key;
+  if (!resolver || settings.key != key) {
+    resolver = std::make_shared<Resolver>(executor, settings, &telemetry);
+    key = settings.key;
   }
-  return loop->resolver;
+  return resolver;
 }
 
 // Where `domain` wants its TLS reports (RFC 8460 3: the _smtp._tls TXT record); empty: nowhere.
@@ -148,7 +153,7 @@ std::string UpstreamLeg::address() const {
 
 void UpstreamLeg::cancel() {
   if (link_) link_->cancel();
-  if (resolver_) resolver_->cancel();
+  if (name_lookup_) name_lookup_->cancel();
   // The open's deadline passed during a lookup: the open is over, so are its lookups (a connect attempt's own
   // deadline leaves them alone: the next MX host's lookups still follow).
   if (open_expired())
@@ -192,7 +197,7 @@ UpstreamLeg::Refusal UpstreamLeg::open_timed_out(const config::Upstream& upstrea
 void UpstreamLeg::force_close() {
   closed_ = true;
   if (link_) link_->close();
-  if (resolver_) resolver_->cancel();
+  if (name_lookup_) name_lookup_->cancel();
   if (const auto dns = dns_.lock()) dns->cancel();
 }
 
@@ -361,9 +366,10 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open(const con
   co_return co_await open_fixed(upstream, client, connector);
 }
 
-std::shared_ptr<Resolver> UpstreamLeg::resolver(const config::Upstream& upstream) {
+std::shared_ptr<Resolver> UpstreamLeg::resolver(const config::Upstream& upstream,
+                                                const ResolverSettings& settings) {
   try {
-    auto dns = Resolver::share(loop_resolver(executor_, *session_.runtime.resolver, session_.telemetry));
+    auto dns = Resolver::share(loop_resolver(executor_, settings, session_.telemetry));
     dns_ = dns;
     return dns;
   } catch (const std::exception& e) {
@@ -436,45 +442,48 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
   std::vector<tcp::endpoint> endpoints;
   if (auto address = asio::ip::make_address(host, ec); !ec) {
     endpoints.emplace_back(address, port);
-  } else if (upstream.tls == config::UpstreamTls::dane) {
-    // DANE needs to know whether the host's addresses are DNSSEC-validated: looked up through libunbound.
-    const auto dns = resolver(upstream);
-    if (!dns) co_return Refusal{proto::format_reply(451, "4.4.3", "DNS resolver unavailable, try again later"), {}};
-    const AddressResult addresses = co_await within_open(dns->resolve_addresses(host));
-    if (auto over = open_over(upstream, {}, "dns")) co_return over;
-    for (const auto& address : addresses.addresses) endpoints.emplace_back(address, port);
-    if (endpoints.empty()) {
-      reason = "connect_failed";
-      session_.telemetry.upstream_error(upstream.name, "connect_failed");
-      log_limited(LogLevel::warn, "upstream_error",
-                  {{"id", session_.id}, {"upstream", upstream.name}, {"reason", reason}, {"error", addresses.detail}});
-    } else {
-      dane =
-          co_await within_open(plan_dane(*dns, upstream, host, addresses.canonical, port, addresses.secure));
-      if (auto over = open_over(upstream, {}, "dns")) co_return over;
-    }
   } else {
-    ec = {};
-    resolver_.emplace(executor_);
+    // Through the event loop's libunbound, as the MX hosts' addresses: each lookup runs beside the others and
+    // is given up at its deadline. (Asio's async_resolve ran getaddrinfo on one thread per event loop, each
+    // lookup after the one before, none cut short: while the name servers were silent every session's lookup
+    // waited for those queued before it, a name in /etc/hosts too, and sessions outlived their clients.)
+    // Under tls: dane DNS only: DANE needs to know whether the addresses are DNSSEC-validated, which no hosts
+    // file says. Otherwise /etc/hosts first, then DNS, as getaddrinfo did ("files dns"): an admin's name for
+    // the mail store keeps working (Postfix needs smtp_host_lookup = dns, native for it, which asks the hosts
+    // file after DNS). The MX walk asks DNS only, as Postfix's default smtp_host_lookup = dns.
+    const bool dane_dns = upstream.tls == config::UpstreamTls::dane;
+    const auto dns =
+        resolver(upstream, dane_dns ? *session_.runtime.resolver : *session_.runtime.hosts_resolver);
+    if (!dns)
+      co_return Refusal{proto::format_reply(451, "4.4.3", "DNS resolver unavailable, try again later"), {}};
+    name_lookup_ = dns;
+    ec = {};  // make_address's
     session_.deadlines.arm(open_bounded(config_.timeouts.upstream_connect));
-    auto results = co_await resolver_->async_resolve(host, std::to_string(port),
-                                                     asio::redirect_error(asio::use_awaitable, ec));
+    const AddressResult addresses = co_await dns->resolve_addresses(host);
     session_.deadlines.disarm(ec);
-    resolver_.reset();
+    name_lookup_.reset();
     if (closed_) co_return Refusal{upstream_unavailable_reply, {}};
     if (ec == asio::error::timed_out && open_expired()) co_return open_timed_out(upstream, {}, "dns");
-    for (const auto& entry : results) endpoints.push_back(entry.endpoint());
-    if (ec) {
-      // Not found (or any failure) while no socket can be made either: the lookup could not be made, the name
-      // is fine (local_shortage.hpp).
-      const error_code shortage = ec == asio::error::timed_out ? error_code() : socket_shortage();
-      reason = shortage ? "local_resources" : connect_failure_reason(ec);
-      session_.telemetry.upstream_error(upstream.name, reason);
+    if (!ec)
+      for (const auto& address : addresses.addresses) endpoints.emplace_back(address, port);
+    if (endpoints.empty()) {
+      // As getaddrinfo's failures counted: timeouts.upstream_connect passed (connect_timeout), or the name
+      // has no address or its lookup failed, dns.timeout included (connect_failed).
+      session_.telemetry.upstream_error(upstream.name, ec ? "connect_timeout" : "connect_failed");
+      reason = ec ? "connect_timeout" : "connect_failed";
+      const std::string error = ec ? "no address within timeouts.upstream_connect " +
+                                         config::format_duration(config_.timeouts.upstream_connect)
+                                   : addresses.detail;
       log_limited(LogLevel::warn, "upstream_error",
                   {{"id", session_.id},
                    {"upstream", upstream.name},
+                   {"host", host},
                    {"reason", reason},
-                   {"error", shortage ? ec.message() + " (" + shortage.message() + ")" : ec.message()}});
+                   {"error", error}});
+    } else if (dane_dns) {
+      dane =
+          co_await within_open(plan_dane(*dns, upstream, host, addresses.canonical, port, addresses.secure));
+      if (auto over = open_over(upstream, {}, "dns")) co_return over;
     }
   }
   // Under tls: dane every TLS session is counted under the policy that governed it, as in the MX walk (there is
@@ -551,7 +560,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
   // turn, each attempt with timeouts.upstream_connect of its own, all of it within timeouts.upstream_open:
   // the client waits for its RCPT reply meanwhile, and gives up after 5 minutes (RFC 5321 4.5.3.2.5), so a
   // few hosts that never answer must not keep the later ones from being tried in time, nor hold it past that.
-  const auto resolver = this->resolver(upstream);
+  const auto resolver = this->resolver(upstream, *session_.runtime.resolver);
   if (!resolver) co_return Refusal{proto::format_reply(451, "4.4.3", "DNS resolver unavailable, try again later"), {}};
   const MxRoute mx = co_await within_open(
       resolve_mx_route(*resolver, *session_.runtime.own_listeners, domain, upstream.port));

@@ -33,6 +33,7 @@ namespace mailflow {
 struct Runtime;
 class MtaStsCache;
 class Resolver;
+struct ResolverSettings;
 class Telemetry;
 struct PolicyState;
 
@@ -148,10 +149,11 @@ class UpstreamLeg {
                                                     std::uint16_t port, bool secure);
   boost::asio::awaitable<std::optional<Refusal>> open_fixed(const config::Upstream& upstream, const Client& client,
                                                             std::string_view connector);
-  // The event loop's, shared for this leg's lookups (force_close() gives them up); null, logged and counted
-  // as upstream_errors local_resources for `upstream`, when it cannot be made (the libunbound context at the
+  // The event loop's for `settings` (the runtime's resolver, or its hosts_resolver for a fixed upstream's
+  // host name), shared for this leg's lookups (force_close() gives them up); null, logged and counted as
+  // upstream_errors local_resources for `upstream`, when it cannot be made (the libunbound context at the
   // descriptor limit).
-  std::shared_ptr<Resolver> resolver(const config::Upstream& upstream);
+  std::shared_ptr<Resolver> resolver(const config::Upstream& upstream, const ResolverSettings& settings);
   boost::asio::awaitable<std::optional<Refusal>> open_mx(const config::Upstream& upstream,
                                                          const std::string& domain, const Client& client,
                                                          std::string_view connector);
@@ -194,7 +196,8 @@ class UpstreamLeg {
   Session session_;
   boost::asio::any_io_executor executor_;
   const config::Config& config_;
-  std::optional<boost::asio::ip::tcp::resolver> resolver_;  // a fixed upstream's host name being looked up
+  std::shared_ptr<Resolver>
+      name_lookup_;  // a fixed upstream's host name being looked up (cancel() gives it up)
   std::weak_ptr<Resolver> dns_;                             // what resolver() gave for the open() in progress
   bool closed_ = false;                                     // force_close(): the session is being closed
   TimePoint open_deadline_ = TimePoint::max();              // see open_expired()

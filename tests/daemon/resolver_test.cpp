@@ -191,3 +191,91 @@ TEST_CASE("trust anchor file: read once, when the settings are made - unreadable
 }
 
 }  // namespace
+
+namespace {
+
+TEST_CASE("with_hosts_file: its names answered first in its order and others asked of DNS") {
+  net::io_context io;
+  net::ip::udp::socket silent(io, net::ip::udp::endpoint(net::ip::make_address("127.0.0.1"), 0));
+  mailflow::config::Dns dns;
+  dns.servers.push_back({"127.0.0.1", silent.local_endpoint().port(), "silent"});
+  dns.timeout = std::chrono::milliseconds(300);
+  const auto path = std::filesystem::temp_directory_path() / ("mailflow-hosts-" + std::to_string(::getpid()));
+  std::ofstream(path) << "# comment\n127.0.0.9 store.example.org store\n127.0.0.8 store.example.org\n"
+                         "::1 v6.example.org\n";
+  const auto plain = mailflow::resolver_settings(dns);
+  const auto hosts = mailflow::with_hosts_file(plain, path.string());
+  CHECK(hosts.hosts_file == path.string());
+  CHECK(hosts.key != plain.key);
+  std::ofstream(path, std::ios::app) << "127.0.0.7 other.example.org\n";
+  CHECK(mailflow::with_hosts_file(plain, path.string()).key !=
+        hosts.key);  // a reload after a change: new resolvers
+
+  mailflow::Telemetry telemetry;
+  std::vector<mailflow::AddressResult> from_hosts;
+  std::optional<mailflow::AddressResult> from_plain;
+  const auto started = std::chrono::steady_clock::now();
+  {
+    Resolver with(io.get_executor(), hosts, &telemetry, 1);
+    Resolver without(io.get_executor(), plain, &telemetry, 1);
+    net::co_spawn(
+        io,
+        [&]() -> net::awaitable<void> {
+          std::vector<std::string> names{"store.example.org", "v6.example.org", "absent.example.org",
+                                         "other.example.org"};
+          from_hosts = co_await with.resolve_addresses(std::move(names));
+        },
+        [](std::exception_ptr) {});
+    net::co_spawn(
+        io,
+        [&]() -> net::awaitable<void> {
+          from_plain = co_await without.resolve_addresses("store.example.org");
+        },
+        [](std::exception_ptr) {});
+    io.run();
+  }
+  std::filesystem::remove(path);
+  REQUIRE(from_hosts.size() == 4);
+  // Added to the file after the settings were made: not used until new ones are (a reload).
+  CHECK(from_hosts[3].status == mailflow::AddressResult::Status::failed);
+  CHECK(from_hosts[0].status == mailflow::AddressResult::Status::addresses);
+  REQUIRE(from_hosts[0].addresses.size() == 2);
+  CHECK(from_hosts[0].addresses[0].to_string() == "127.0.0.9");  // the file's order
+  CHECK(from_hosts[0].addresses[1].to_string() == "127.0.0.8");
+  CHECK(from_hosts[0].aaaa == DnsOutcome::nodata);  // the name is there: no AAAA asked of DNS
+  REQUIRE(from_hosts[1].addresses.size() == 1);
+  CHECK(from_hosts[1].addresses[0].to_string() == "::1");
+  CHECK(from_hosts[2].status == mailflow::AddressResult::Status::failed);  // not there: DNS, which is silent
+  CHECK(from_hosts[2].a == DnsOutcome::timeout);
+  REQUIRE(from_plain.has_value());
+  CHECK(from_plain->status == mailflow::AddressResult::Status::failed);  // the MX walk's resolver: DNS only
+  CHECK(from_plain->a == DnsOutcome::timeout);
+  CHECK(std::chrono::steady_clock::now() - started < std::chrono::milliseconds(1500));
+}
+
+TEST_CASE("hosts_records: every name of each line with an IP address - other lines and odd names skipped") {
+  const std::string text =
+      "# comment\n127.0.0.1\tlocalhost\n"
+      "::1 localhost ip6-localhost # a comment after the names\n"
+      "  192.0.2.25   mail.example.org   mail  \r\n"
+      "fe80::1%lo0 localhost\n"
+      "not-an-address some.name\n"
+      "192.0.2.26\n"
+      "192.0.2.27 bad\"name good-name\n";
+  CHECK(mailflow::hosts_records(text) ==
+        std::vector<std::string>{"localhost A 127.0.0.1", "localhost AAAA ::1", "ip6-localhost AAAA ::1",
+                                 "mail.example.org A 192.0.2.25", "mail A 192.0.2.25",
+                                 "good-name A 192.0.2.27"});
+  CHECK(mailflow::hosts_records("").empty());
+}
+
+TEST_CASE("with_hosts_file: a file that cannot be opened leaves DNS alone") {
+  net::io_context io;
+  mailflow::config::Dns dns;
+  dns.servers.push_back({"127.0.0.1", 53, "local"});
+  const auto settings =
+      mailflow::with_hosts_file(mailflow::resolver_settings(dns), "/nonexistent/mailflow-hosts");
+  CHECK_NOTHROW(Resolver(io.get_executor(), settings, nullptr));
+}
+
+}  // namespace

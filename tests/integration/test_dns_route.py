@@ -220,7 +220,7 @@ def test_addresses_alternate_between_families(mailflowd_bin, config):
     r = route(mailflowd_bin, config, "user@dual.example.net")
     assert r["exit"] == 0, r
     addresses = r["hosts"][0]["addresses"]
-    # The resolver rotates an RRset's order (round robin); the families alternate whatever it is.
+    # The families alternate, whatever the order within each (DNS order).
     assert [":" in a for a in addresses] == [True, False, True, False], addresses
     assert sorted(addresses) == ["127.0.0.15", "127.0.0.16", "fd00::1", "fd00::2"]
     assert r["attempts"] == [f"[{a}]:{MX_PORT}" if ":" in a else f"{a}:{MX_PORT}" for a in addresses]

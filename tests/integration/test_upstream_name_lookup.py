@@ -1,0 +1,260 @@
+"""A fixed upstream's host name (`address: "name:port"`, no `mx: true`) whose name servers do not answer, against the
+real binary: the daemon runs in a mount namespace of its own with the test's /etc/hosts and /etc/resolv.conf bound
+over the system's; the name server (127.0.0.85:53) is a UDP socket that takes every query and never answers.
+
+- slow.upstream.example is in no hosts file: its lookup goes to the silent name server (not a name under .test,
+  which libunbound answers NXDOMAIN itself, RFC 6761);
+- fast.upstream.test is in the hosts file (127.0.0.86, a sink there).
+
+Several sessions need slow.upstream.example at once, and one fast.upstream.test just after them. Each slow lookup
+must end by timeouts.upstream_connect (3 s) on its own: the sessions' lookups run side by side, none waits for
+another's, and the fast name, which /etc/hosts answers, is not held up by them.
+
+Before, the lookup was Asio's async_resolve (getaddrinfo), which Asio runs on one private thread per event loop,
+one lookup after the other: with resolv.conf's timeout:3 each getaddrinfo took 3 s, the first session got its 451
+at 3 s, the second at 6 s (its lookup started when the first one ended, and upstream_connect could not cut it
+short), the third and the fast one (cancelled at their deadlines, but queued) at 6 s: the fast upstream, whose
+name /etc/hosts has, got 451 4.4.1 connect_timeout. Sessions whose clients had gone stayed active until the queue
+reached their lookups."""
+import signal
+import socket
+import subprocess
+import threading
+import time
+import types
+
+import pytest
+
+import harness
+import hostile_helpers as hh
+
+DNS_SERVER = "127.0.0.85"  # port 53: what resolv.conf names (it cannot say another port)
+FAST = "127.0.0.86"  # fast.upstream.test in the hosts file
+MOVED_FROM, MOVED_TO = "127.0.0.87", "127.0.0.88"  # moved.upstream.test before and after the hosts file changes
+UPSTREAM_CONNECT = 3.0
+RESOLV_TIMEOUT = 3  # getaddrinfo's own, per lookup (resolv.conf options timeout:, attempts:1)
+MARGIN = 1.5
+SLOW_SESSIONS = 3
+
+
+def in_own_files(hosts, resolv):
+    """Runs the daemon with `hosts` over /etc/hosts and `resolv` over /etc/resolv.conf, in a mount namespace of its
+    own."""
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+            'mount --bind "$0" /etc/hosts && mount --bind "$1" /etc/resolv.conf && shift && exec "$@"',
+            str(hosts), str(resolv)]
+
+
+class SilentNameServer:
+    """UDP port 53 of `host`, bound (no ICMP port unreachable comes back), counting the queries it takes and never
+    answering any."""
+
+    def __init__(self, host):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((host, 53))
+        self.sock.settimeout(0.2)
+        self.queries = []  # monotonic time of each query
+        self.running = True
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while self.running:
+            try:
+                self.sock.recvfrom(65535)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self.queries.append(time.monotonic())
+
+    def close(self):
+        self.running = False
+        self.thread.join(2)
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def env(workdir, mailflowd_bin, sink_factory):
+    if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs a mount namespace (unshare --mount) for a hosts file and resolv.conf of its own")
+    try:
+        dns = SilentNameServer(DNS_SERVER)
+    except OSError as e:
+        pytest.skip(f"cannot bind {DNS_SERVER}:53 for the silent name server: {e}")
+    hosts = workdir / "name-lookup-hosts"
+    hosts.write_text(f"127.0.0.1 localhost\n{FAST} fast.upstream.test\n{MOVED_FROM} moved.upstream.test\n")
+    resolv = workdir / "name-lookup-resolv.conf"
+    resolv.write_text(f"nameserver {DNS_SERVER}\noptions timeout:{RESOLV_TIMEOUT} attempts:1\n")
+    sink_port = harness.free_port(FAST)
+    sink = sink_factory("name-lookup-fast", host=FAST, port=sink_port)
+    moved_port = harness.free_port(MOVED_FROM, MOVED_TO)
+    moved = {a: sink_factory(f"name-lookup-{a}", host=a, port=moved_port) for a in (MOVED_FROM, MOVED_TO)}
+    daemon = None
+    try:
+        listen = {"slow": harness.free_port(), "fast": harness.free_port(), "moved": harness.free_port()}
+        listeners = [hh.listener(name, port, name) for name, port in listen.items()]
+        upstreams = [{"name": "slow", "address": f"slow.upstream.example:{harness.free_port()}", "tls": "none"},
+                     {"name": "fast", "address": f"fast.upstream.test:{sink_port}", "tls": "none"},
+                     {"name": "moved", "address": f"moved.upstream.test:{moved_port}", "tls": "none"}]
+        state = workdir / "name-lookup-state"
+        state.mkdir(exist_ok=True)
+        # dns.timeout above upstream_connect: upstream_connect is what bounds the lookup.
+        cfg = harness.default_config(state, harness.free_port(), listeners, upstreams,
+                                     dns={"timeout": "20s"},
+                                     timeouts={"greeting": "30s", "command": "30s",
+                                               "upstream_connect": f"{UPSTREAM_CONNECT:g}s",
+                                               "upstream_open": "30s"})
+        daemon = harness.Daemon(mailflowd_bin, workdir, cfg, name="name-lookup",
+                                wrapper=in_own_files(hosts, resolv)).start()
+        yield types.SimpleNamespace(daemon=daemon, listen=listen, sink=sink, dns=dns, hosts=hosts, moved=moved)
+    finally:
+        if daemon is not None:
+            code = daemon.stop()
+            if daemon in harness.LIVE:
+                harness.LIVE.remove(daemon)
+            assert code == 0, f"exit code after SIGTERM = {code!r}\n{daemon.log_tail()}"
+        dns.close()
+
+
+def rcpt_at(port, start, results, key):
+    """One session: EHLO, MAIL, then RCPT at `start` (monotonic); records (reply code, text, seconds after start)."""
+    c = hh.greeted(port, timeout=30)
+    try:
+        assert c.cmd(f"MAIL FROM:<{hh.SENDER}>")[0] == 250
+        time.sleep(max(0.0, start - time.monotonic()))
+        code, text = c.cmd(f"RCPT TO:<{hh.RCPT}>")
+        results[key] = (code, text, time.monotonic() - start)
+    except (OSError, AssertionError) as e:
+        results[key] = (None, repr(e), time.monotonic() - start)
+    finally:
+        c.close()
+
+
+def test_lookups_of_a_silent_name_run_side_by_side_and_leave_hosts_names_alone(env):
+    d = env.daemon
+    before = d.metrics()
+    start = time.monotonic() + 1.0
+    results = {}
+    # Half a second apart, so that each lookup is under way before the one before it ends.
+    threads = [threading.Thread(target=rcpt_at, args=(env.listen["slow"], start + 0.5 * i, results, f"slow{i}"))
+               for i in range(SLOW_SESSIONS)]
+    threads.append(threading.Thread(target=rcpt_at, args=(env.listen["fast"], start + 1.2, results, "fast")))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(40)
+    shown = {k: (code, text, f"{elapsed:.2f}s") for k, (code, text, elapsed) in sorted(results.items())}
+    code, text, elapsed = results["fast"]
+    # The name /etc/hosts answers is not held up by the other upstream's lookups.
+    assert code == 250 and elapsed < 1.0, f"{shown}\n{d.log_tail()}"
+    for i in range(SLOW_SESSIONS):
+        code, text, elapsed = results[f"slow{i}"]
+        assert code == 451 and text.startswith("451 4.4.1 "), shown
+        # Each lookup ends at its own upstream_connect, not after the lookups queued before it.
+        assert UPSTREAM_CONNECT - 0.3 < elapsed < UPSTREAM_CONNECT + MARGIN, shown
+    assert env.dns.queries, "the silent name server was asked"
+    after = d.metrics()
+    assert harness.delta(before, after, "mailflow_upstream_errors_total") == {
+        harness.series_key(upstream="slow", reason="connect_timeout"): float(SLOW_SESSIONS)}, shown
+    # Each is logged with the name and why.
+    lines = [x for x in d.stderr().splitlines() if " upstream_error " in x and "upstream=slow " in x]
+    assert len(lines) >= SLOW_SESSIONS and all("host=slow.upstream.example" in x and "reason=connect_timeout" in x
+                                               for x in lines[-SLOW_SESSIONS:]), lines
+
+
+def test_sessions_whose_clients_left_end_with_their_lookups(env):
+    """Clients that give up while their RCPT waits for the lookup: their sessions end by upstream_connect (no lookup
+    stays queued behind the others, holding its session). libunbound may go on asking for the name a little
+    longer on its own schedule (one query for all the sessions that asked, not one per session), which holds
+    no session."""
+    d = env.daemon
+    start = time.monotonic()
+    clients = []
+    for i in range(SLOW_SESSIONS):
+        c = hh.greeted(env.listen["slow"], timeout=30)
+        assert c.cmd(f"MAIL FROM:<{hh.SENDER}>")[0] == 250
+        time.sleep(max(0.0, start + 0.5 * i - time.monotonic()))
+        c.send(f"RCPT TO:<{hh.RCPT}>\r\n".encode())
+        clients.append(c)
+    time.sleep(0.5)
+    for c in clients:
+        c.close()
+    last = start + 0.5 * (SLOW_SESSIONS - 1)
+
+    def active():
+        return harness.value(d.metrics(), "mailflow_sessions_active", listener="slow")
+
+    harness.wait_for(lambda: active() == 0, UPSTREAM_CONNECT + MARGIN + 10, what="the slow sessions to end")
+    ended = time.monotonic() - last
+    assert ended < UPSTREAM_CONNECT + MARGIN, f"the last session lasted {ended:.2f}s after its RCPT"
+
+
+def test_a_hosts_file_libunbound_cannot_take_leaves_dns(env, workdir, mailflowd_bin):
+    """A name libunbound refuses ("a..b") must not stop delivery to every fixed upstream nor the start: logged as hosts_file at the start, and the names are looked up in DNS alone (here a name under
+    .test, which libunbound answers NXDOMAIN itself: 451 at once, counted as connect_failed)."""
+    hosts = workdir / "name-lookup-broken-hosts"
+    hosts.write_text(f"127.0.0.1 localhost\nnot-an-address some.name\n127.0.0.1 a..b\n{FAST} fast.upstream.test\n")
+    resolv = workdir / "name-lookup-resolv.conf"
+    port = harness.free_port()
+    state = workdir / "name-lookup-broken-state"
+    state.mkdir(exist_ok=True)
+    cfg = harness.default_config(state, harness.free_port(), [hh.listener("fast", port, "fast")],
+                                 [{"name": "fast", "address": f"fast.upstream.test:{harness.free_port(FAST)}",
+                                   "tls": "none"}],
+                                 timeouts={"upstream_connect": f"{UPSTREAM_CONNECT:g}s", "upstream_open": "30s"})
+    daemon = harness.Daemon(mailflowd_bin, workdir, cfg, name="name-lookup-broken",
+                            wrapper=in_own_files(hosts, resolv)).start()
+    try:
+        lines = [x for x in daemon.stderr().splitlines() if " hosts_file " in x]
+        assert lines and "file=/etc/hosts" in lines[0] and "DNS only" in lines[0], daemon.log_tail()
+        before = daemon.metrics()
+        c = hh.greeted(port, timeout=30)
+        try:
+            assert c.cmd(f"MAIL FROM:<{hh.SENDER}>")[0] == 250
+            started = time.monotonic()
+            code, text = c.cmd(f"RCPT TO:<{hh.RCPT}>")
+            elapsed = time.monotonic() - started
+        finally:
+            c.close()
+        assert code == 451 and elapsed < 1.0, (code, text, elapsed)
+        hh.assert_counter(daemon, before, "mailflow_upstream_errors_total", upstream="fast",
+                          reason="connect_failed")
+        assert "host=fast.upstream.test reason=connect_failed error=\"AAAA nxdomain, A nxdomain\"" in daemon.stderr()
+    finally:
+        code = daemon.stop()
+        if daemon in harness.LIVE:
+            harness.LIVE.remove(daemon)
+        assert code == 0, daemon.log_tail()
+
+
+def test_a_changed_hosts_file_applies_at_the_reload(env):
+    """/etc/hosts is read at start and at each reload (SIGHUP), as dns.trust_anchor_file: a change applies to the
+    sessions after the reload, on every event loop alike, not before it on some of them."""
+    d = env.daemon
+
+    def deliver(subject):
+        c = hh.greeted(env.listen["moved"], timeout=30)
+        try:
+            code, text = hh.transaction(c, hh.message(subject))
+            assert code == 250, text
+        finally:
+            c.close()
+
+    old, new = env.moved[MOVED_FROM], env.moved[MOVED_TO]
+    deliver("before")
+    old.wait_messages(1)
+    # Rewritten in place (the bind mount shows the same file), every line but the moved one kept.
+    env.hosts.write_text(env.hosts.read_text().replace(f"{MOVED_FROM} moved", f"{MOVED_TO} moved"))
+    for i in range(3):  # fresh sessions, spread over the event loops
+        deliver(f"unreloaded {i}")
+    old.wait_messages(4)
+    assert new.count() == 0, "a change without a reload was used"
+    base = harness.value(d.metrics(), "mailflow_config_reloads_total", result="success")
+    d.proc.send_signal(signal.SIGHUP)
+    harness.wait_for(lambda: harness.value(d.metrics(), "mailflow_config_reloads_total", result="success") > base,
+                     10, what="the reload")
+    for i in range(3):
+        deliver(f"reloaded {i}")
+    new.wait_messages(3)
+    assert old.count() == 4
