@@ -149,8 +149,8 @@ def test_upstream_socket_out_of_descriptors_is_counted_as_local_resources(env, m
              for reason in ("local_resources", "connect_failed")}
     assert moved == {"local_resources": 1, "connect_failed": 0}, \
         f"mailflow_upstream_errors_total{{upstream=\"up\"}} moved by {moved}\n{daemon.log_tail()}"
-    line = [l for l in daemon.stderr().splitlines() if "upstream_error" in l][-1]
-    assert "reason=local_resources" in line and "Too many open files" in line, line
+    line = [l for l in daemon.stderr().splitlines() if "upstream_error" in l or "dns_unavailable" in l][-1]
+    assert "reason=local_resources" in line, line
     # The session goes on, and with descriptors back the same client's next transaction is relayed.
     assert c.cmd("RSET")[0] == 250
     assert c.cmd("MAIL FROM:<s@example.test>")[0] == 250
@@ -163,12 +163,12 @@ def test_upstream_socket_out_of_descriptors_is_counted_as_local_resources(env, m
 
 def test_upstream_host_name_out_of_descriptors_is_counted_as_local_resources(sink_factory, daemon_factory,
                                                                            mailflowd_bin):
-    """A fixed upstream given by host name ("localhost:PORT") is looked up by the system resolver (getaddrinfo)
-    for each new connection; at the descriptor limit glibc can open neither /etc/hosts nor a socket to the name
-    server and answers EAI_NONAME, "Name or service not known" (errno EMFILE, which the error code loses): that
-    counted as mailflow_upstream_errors_total{reason="connect_failed"}, the upstream's failure, which
-    MailflowUpstreamDown pages for, although the name and the upstream are fine. It counts as local_resources, as
-    the socket that cannot be made does (0a413ae)."""
+    """A fixed upstream given by host name ("localhost:PORT") is looked up for each new connection; at the
+    descriptor limit the lookup cannot be made (getaddrinfo, which looked it up before the event loop's libunbound
+    did, could open neither /etc/hosts nor a socket to the name server and answered EAI_NONAME; libunbound cannot
+    make its context or its query's socket): that counted as mailflow_upstream_errors_total{reason=
+    "connect_failed"}, the upstream's failure, which MailflowUpstreamDown pages for, although the name and the
+    upstream are fine. It counts as local_resources, as the socket that cannot be made does (0a413ae)."""
     harness.skip_out_of_descriptors_if_sanitized(mailflowd_bin)
     sink = sink_factory("store-by-name")
     port = harness.free_port()
@@ -192,8 +192,8 @@ def test_upstream_host_name_out_of_descriptors_is_counted_as_local_resources(sin
              for reason in ("local_resources", "connect_failed")}
     assert moved == {"local_resources": 1, "connect_failed": 0}, \
         f"mailflow_upstream_errors_total{{upstream=\"up\"}} moved by {moved}\n{daemon.log_tail()}"
-    line = [l for l in daemon.stderr().splitlines() if "upstream_error" in l][-1]
-    assert "reason=local_resources" in line and "Too many open files" in line, line
+    line = [l for l in daemon.stderr().splitlines() if "upstream_error" in l or "dns_unavailable" in l][-1]
+    assert "reason=local_resources" in line, line
     # With descriptors back the name is found and the same client's next transaction is relayed.
     assert c.cmd("RSET")[0] == 250
     assert c.cmd("MAIL FROM:<s@example.test>")[0] == 250
