@@ -319,8 +319,15 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
   const auto current = runtime_();
   const config::Config& config = *current->config;
   TlsRptStore& store = telemetry_.tlsrpt();
-  const auto keys = store.reports_before(utc_date(now));
+  auto keys = store.reports_before(utc_date(now));
   if (ledger_.keep_only(keys, oldest_kept_date(now)) > 0) ledger_changed_ = true;
+  // Reports never tried first, then those tried again, each oldest day first. A run tries at most
+  // max_reports_per_run, and one whose rua keeps failing (an https rua that never answers holds each try for
+  // https_timeout) is tried at every run until retry_for gives it up: in plain date and domain order, enough
+  // of them at the front kept every report behind them from its first try until they were given up, day after
+  // day.
+  std::stable_partition(keys.begin(), keys.end(),
+                        [&](const auto& key) { return !ledger_.tried_before(key); });
   if (keys.empty()) {
     save_ledger();
     co_return 0;
