@@ -92,9 +92,13 @@ void TlsRptStore::record(const std::string& date, const TlsRptSession& session) 
     ++counts.successful;
   } else {
     ++counts.failed;
-    auto detail = counts.failures.find(*session.failure);
+    FailureKey failure = *session.failure;
+    if (failure.failure_reason_code.size() > limits_.max_failure_reason)
+      failure.failure_reason_code.resize(limits_.max_failure_reason);
+    auto detail = counts.failures.find(failure);
     if (detail != counts.failures.end()) ++detail->second;
-    else if (counts.failures.size() < limits_.max_failure_details) counts.failures.emplace(*session.failure, 1);
+    else if (counts.failures.size() < limits_.max_failure_details)
+      counts.failures.emplace(std::move(failure), 1);
     else ++counts.failures_dropped;
   }
   // Old days go: the store keeps max_days distinct dates.

@@ -34,6 +34,10 @@ struct TlsRptLimits {
   // bound is moved aside at start with every unsent report. Sessions under a policy past it count under its
   // type without the text, as past max_policies; a report sent (or dropped) gives its text back.
   std::size_t max_policy_text = 32u << 20;
+  // Octets of a failure's reason text (failure-reason-code) kept, the rest cut off. An MTA-STS fetch failure
+  // quotes what the domain's policy host said (a Content-Type of up to 16 KiB), different at each fetch if it
+  // likes: max_failure_details of them per policy.
+  std::size_t max_failure_reason = 256;
 };
 
 // One outbound session's result, as the MX walk knows it.

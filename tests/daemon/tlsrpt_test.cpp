@@ -147,6 +147,29 @@ TEST_CASE("tlsrpt store: the policies' text stays bounded across domains - every
   CHECK(store.find("2026-01-03", "next.example")->policies.contains(next));
 }
 
+TEST_CASE("tlsrpt store: a failure's reason text is bounded - its session still counts") {
+  // The reason of an MTA-STS fetch failure quotes what the domain's policy host said (a Content-Type of up to
+  // the 16 KiB head bound), different at every fetch if it likes: 100 details a policy, each that long.
+  TlsRptStore store;
+  const std::size_t bound = TlsRptLimits{}.max_failure_reason;
+  for (int i = 0; i < 100; ++i) {
+    TlsRptSession session = bad("example.net", ResultType::sts_policy_fetch_error);
+    session.failure->failure_reason_code =
+        "Content-Type is not text/plain: \"" + std::to_string(i) + std::string(16 * 1024, 'x') + "\"";
+    store.record("2026-01-02", session);
+  }
+  const auto day = store.find("2026-01-02", "example.net");
+  REQUIRE(day.has_value());
+  const auto& counts = day->policies.at(kSts);
+  CHECK(counts.failed == 100);
+  CHECK(counts.failures.size() == 100);  // still told apart by what they begin with
+  for (const auto& [failure, count] : counts.failures) {
+    CHECK(failure.failure_reason_code.size() <= bound);
+    CHECK(failure.failure_reason_code.starts_with("Content-Type is not text/plain: \""));
+  }
+  CHECK(store.serialize().size() < 100 * (bound + 200));
+}
+
 TEST_CASE("tlsrpt store: bounded in domains per day, failure details and days") {
   TlsRptStore store(TlsRptLimits{2, 1, 2});
   store.record("2026-01-01", ok("a.example"));
