@@ -207,6 +207,9 @@ RuaTarget parse_rua(std::string_view uri) {
     const auto colon = authority.rfind(':');
     out.host = proto::ascii_lower(authority.substr(0, colon));
     if (colon != std::string_view::npos) out.port = std::string(authority.substr(colon + 1));
+    // A fully qualified name's final dot (the root) names the same host, and is in no certificate's names nor
+    // in SNI (RFC 6066 3): kept, the certificate check failed at every try until the report was given up.
+    if (out.host.ends_with('.')) out.host.pop_back();
   }
   const bool port_ok = !out.port.empty() && out.port.size() <= 5 &&
                        std::all_of(out.port.begin(), out.port.end(), [](char c) { return c >= '0' && c <= '9'; }) &&

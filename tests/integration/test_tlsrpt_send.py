@@ -471,6 +471,24 @@ policy no-policy-found - - 1 0 0
         harness.LIVE.remove(daemon)
 
 
+def test_a_rua_host_written_with_a_trailing_dot_gets_the_post(workdir, knot, https_port, mailflowd_bin, certs):
+    """A fully qualified rua host name (https://reports.rpt.example.net.:PORT/...): the same host; the POST goes
+    there, its certificate checked against the name without the root's dot."""
+    tlsrpt = {"send": True, "submitter": SUBMITTER, "interval": "1s", "ca_file": str(certs / "ca.pem")}
+    _, config = state_dir_and_config(workdir, "fqdn", f"""mailflowd-tlsrpt 1
+day {DATE} f.example.net https://reports.rpt.example.net.:{https_port}/fqdn
+policy no-policy-found - - 1 0 0
+""", knot, tlsrpt)
+    daemon = harness.Daemon(mailflowd_bin, workdir, config, name="fqdn").start()
+    try:
+        harness.wait_for(lambda: [p for p, _, _ in Collector.posts if p == "/fqdn"], 15, what="the POST")
+        assert harness.value(daemon.metrics(), "mailflow_tlsrpt_deliveries_total", method="https",
+                             result="success") == 1
+    finally:
+        assert daemon.stop() == 0, daemon.log_tail()
+        harness.LIVE.remove(daemon)
+
+
 class InterimThenFinal(http.server.BaseHTTPRequestHandler):
     """Answers each POST with a 100 Continue it was not asked for, then the final status its path names
     (/ok: 201, /busy: 503). RFC 9110 15.2: a client must parse 1xx answers that come before the final one."""
