@@ -171,8 +171,10 @@ RuaTarget parse_rua(std::string_view uri) {
     out.method = RuaTarget::Method::mailto;
     auto rest = uri.substr(7);
     rest = rest.substr(0, rest.find('?'));  // RFC 6068 headers (?subject=...) are not used
-    const auto address = percent_decode(rest);
+    auto address = percent_decode(rest);
     if (!address) return out;
+    // The root's final dot names the same domain, and RFC 5321's Domain has none: RCPT TO with it is refused.
+    if (address->ends_with('.')) address->pop_back();
     const auto at = address->rfind('@');
     if (at == std::string::npos || at == 0 || !valid_host(address->substr(at + 1))) return out;
     const bool printable = std::all_of(address->begin(), address->end(), [](char c) {

@@ -217,6 +217,11 @@ TEST_CASE("parse_rua: mailto and https URIs as RFC 8460 section 3 writes them") 
   CHECK(mail.address == "TLS-Reports@x@Example.NET");
   CHECK(mail.domain == "example.net");
   CHECK(parse_rua("mailto:reports@a.example").address == "reports@a.example");
+  auto fq = parse_rua("mailto:reports@Example.NET.");  // the root's dot: the same domain, left out
+  CHECK(fq.valid);
+  CHECK(fq.address == "reports@Example.NET");
+  CHECK(fq.domain == "example.net");
+  CHECK_FALSE(parse_rua("mailto:reports@.").valid);
   CHECK_FALSE(parse_rua("mailto:no-domain").valid);
   CHECK_FALSE(parse_rua("mailto:bad%zzescape@a.example").valid);
   CHECK_FALSE(parse_rua("mailto:@a.example").valid);

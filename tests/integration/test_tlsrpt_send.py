@@ -36,6 +36,7 @@ LEDGER_ADDR = {"took": "127.0.0.53", "later": "127.0.0.54"}  # the restart test'
 STALL_ADDR = "127.0.0.55"  # an MX host that takes the connection and never greets
 AGAIN_ADDR = "127.0.0.150"  # the one-report-per-day test's rua host
 TURN_ADDR = {"stuck": "127.0.0.116", "next": "127.0.0.117"}  # the first-try-first test's rua hosts
+FQDN_ADDR = "127.0.0.118"  # the fully qualified mailto: rua's MX host
 ZONE = f"""$ORIGIN rpt.example.net.
 $TTL 300
 @              SOA   ns hostmaster 1 3600 600 86400 300
@@ -57,6 +58,8 @@ stuck          MX    10 mx.stuck
 mx.stuck       A     {TURN_ADDR["stuck"]}
 next           MX    10 mx.next
 mx.next        A     {TURN_ADDR["next"]}
+fq             MX    10 mx.fq
+mx.fq          A     {FQDN_ADDR}
 reports        A     127.0.0.1
 wrong          A     127.0.0.1
 silent         A     127.0.0.1
@@ -484,6 +487,25 @@ policy no-policy-found - - 1 0 0
         harness.wait_for(lambda: [p for p, _, _ in Collector.posts if p == "/fqdn"], 15, what="the POST")
         assert harness.value(daemon.metrics(), "mailflow_tlsrpt_deliveries_total", method="https",
                              result="success") == 1
+    finally:
+        assert daemon.stop() == 0, daemon.log_tail()
+        harness.LIVE.remove(daemon)
+
+
+def test_a_mailto_rua_written_fully_qualified_gets_the_mail(workdir, knot, sink_factory, mailflowd_bin):
+    """mailto:reports@fq.rpt.example.net. (the root's final dot): the mail goes to that domain's MX host, to the
+    address without the dot (RFC 5321's Domain has none)."""
+    port = harness.free_port("127.0.0.1", FQDN_ADDR)
+    sink = sink_factory("rua-fq", host=FQDN_ADDR, port=port)
+    tlsrpt = {"send": True, "submitter": SUBMITTER, "smtp_port": port, "interval": "1s"}
+    _, config = state_dir_and_config(workdir, "fq", f"""mailflowd-tlsrpt 1
+day {DATE} g.example.net mailto:reports@fq.rpt.example.net.
+policy no-policy-found - - 1 0 0
+""", knot, tlsrpt)
+    daemon = harness.Daemon(mailflowd_bin, workdir, config, name="fq").start()
+    try:
+        (meta, _), = sink.wait_messages(1, timeout=15)
+        assert meta["rcpt_tos"] == ["reports@fq.rpt.example.net"]
     finally:
         assert daemon.stop() == 0, daemon.log_tail()
         harness.LIVE.remove(daemon)
