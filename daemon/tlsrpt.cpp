@@ -35,6 +35,20 @@ bool before(const DomainDay& day, std::string_view date, std::string_view domain
   return day.date < date || (day.date == date && day.domain < domain);
 }
 
+// What TlsRptLimits::max_policy_text counts of a policy, and of a day.
+std::size_t text_size(const PolicyKey& key) {
+  std::size_t size = 0;
+  for (const auto& line : key.strings) size += line.size();
+  for (const auto& mx : key.mx_hosts) size += mx.size();
+  return size;
+}
+
+std::size_t text_size(const DomainDay& day) {
+  std::size_t size = 0;
+  for (const auto& [key, counts] : day.policies) size += text_size(key);
+  return size;
+}
+
 }  // namespace
 
 void TlsRptStore::record(const std::string& date, const TlsRptSession& session) {
@@ -61,17 +75,30 @@ void TlsRptStore::record(const std::string& date, const TlsRptSession& session) 
   if (!session.rua.empty()) it->rua = session.rua;
   auto policy = it->policies.find(session.policy);
   if (policy == it->policies.end()) {
-    const bool full = it->policies.size() >= limits_.max_policies;
+    const std::size_t text = text_size(session.policy);
+    const bool text_full = policy_text_ + text > limits_.max_policy_text;
+    if (text_full && text_full_date_ != date) {  // once a day: that day's further policies go without text
+      text_full_date_ = date;
+      log_event(
+          LogLevel::warn, "tlsrpt_policy_text_full",
+          {{"date", date}, {"policy_text_bytes", limits_.max_policy_text}, {"without_text", session.domain}});
+    }
+    const bool full = it->policies.size() >= limits_.max_policies || text_full;
     policy = it->policies.try_emplace(full ? PolicyKey{session.policy.type, {}, {}} : session.policy).first;
+    if (!full) policy_text_ += text;
   }
   auto& counts = policy->second;
   if (!session.failure) {
     ++counts.successful;
   } else {
     ++counts.failed;
-    auto detail = counts.failures.find(*session.failure);
+    FailureKey failure = *session.failure;
+    if (failure.failure_reason_code.size() > limits_.max_failure_reason)
+      failure.failure_reason_code.resize(limits_.max_failure_reason);
+    auto detail = counts.failures.find(failure);
     if (detail != counts.failures.end()) ++detail->second;
-    else if (counts.failures.size() < limits_.max_failure_details) counts.failures.emplace(*session.failure, 1);
+    else if (counts.failures.size() < limits_.max_failure_details)
+      counts.failures.emplace(std::move(failure), 1);
     else ++counts.failures_dropped;
   }
   // Old days go: the store keeps max_days distinct dates.
@@ -90,7 +117,11 @@ void TlsRptStore::record(const std::string& date, const TlsRptSession& session) 
       log_event(
           LogLevel::warn, "tlsrpt_reports_dropped",
           {{"before", keep_from}, {"reports", static_cast<std::uint64_t>(unsent)}, {"reason", "too_old"}});
-    std::erase_if(days_, [&](const DomainDay& day) { return day.date < keep_from; });
+    std::erase_if(days_, [&](const DomainDay& day) {
+      if (day.date >= keep_from) return false;
+      policy_text_ -= text_size(day);
+      return true;
+    });
   }
 }
 
@@ -123,7 +154,11 @@ std::vector<std::pair<std::string, std::string>> TlsRptStore::reports_before(std
 
 void TlsRptStore::forget(std::string_view date, std::string_view domain) {
   std::lock_guard lock(mutex_);
-  std::erase_if(days_, [&](const DomainDay& day) { return day.date == date && day.domain == domain; });
+  std::erase_if(days_, [&](const DomainDay& day) {
+    if (day.date != date || day.domain != domain) return false;
+    policy_text_ -= text_size(day);
+    return true;
+  });
 }
 
 std::uint64_t TlsRptStore::dropped_domains() const {
@@ -215,8 +250,12 @@ bool TlsRptStore::deserialize(std::string_view text, std::string& error) {
       return bad("unexpected line");
     }
   }
+  std::size_t policy_text = 0;
+  for (const auto& day : loaded) policy_text += text_size(day);
   std::lock_guard lock(mutex_);
   days_ = std::move(loaded);
+  policy_text_ =
+      policy_text;  // a file written before the bound may hold more: then no further policy gets its text
   return true;
 }
 

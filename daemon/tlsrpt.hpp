@@ -1,10 +1,10 @@
 #pragma once
-// TLS-RPT (RFC 8460) aggregates: per UTC day x policy domain x policy, the successful and failed session counts
-// and failure details, fed by the MX walk (one record() per outbound session to a domain that publishes
-// _smtp._tls), kept in state_dir/tlsrpt.state until sent, rendered by proto/tlsrpt.hpp. Thread-safe.
-// Bounded: max_domains per day (further domains are dropped and counted), max_policies per domain and day
-// (further policies count under their type without their text), max_failure_details per policy (further
-// details only raise the counts), max_days kept.
+// TLS-RPT (RFC 8460) aggregates: per UTC day x policy domain x policy, the successful and failed session
+// counts and failure details, fed by the MX walk (one record() per outbound session to a domain that
+// publishes _smtp._tls), kept in state_dir/tlsrpt.state until sent, rendered by proto/tlsrpt.hpp.
+// Thread-safe. Bounded: max_domains per day (further domains are dropped and counted), max_policies per
+// domain and day and max_policy_text bytes of policy text in all (further policies count under their type
+// without their text), max_failure_details per policy (further details only raise the counts), max_days kept.
 #include <cstdint>
 #include <mutex>
 #include <optional>
@@ -28,6 +28,16 @@ struct TlsRptLimits {
   // Per domain and day. A domain can change its policy at every fetch (a new MTA-STS id, 64 KiB each time):
   // the sessions under further policies count under their policy type without the policy's text.
   std::size_t max_policies = 20;
+  // The policy strings and MX patterns of every policy in the store, all days and domains together. Each of
+  // them is the domain's to choose (a 64 KiB MTA-STS policy, a TLSA RRset of that size, twice as much as
+  // hex), so 10,000 domains a day within max_policies could hold gigabytes, and tlsrpt.state past its 256 MiB
+  // bound is moved aside at start with every unsent report. Sessions under a policy past it count under its
+  // type without the text, as past max_policies; a report sent (or dropped) gives its text back.
+  std::size_t max_policy_text = 32u << 20;
+  // Octets of a failure's reason text (failure-reason-code) kept, the rest cut off. An MTA-STS fetch failure
+  // quotes what the domain's policy host said (a Content-Type of up to 16 KiB), different at each fetch if it
+  // likes: max_failure_details of them per policy.
+  std::size_t max_failure_reason = 256;
 };
 
 // One outbound session's result, as the MX walk knows it.
@@ -69,6 +79,8 @@ class TlsRptStore {
   std::vector<proto::tlsrpt::DomainDay> days_;  // sorted by (date, domain)
   std::uint64_t dropped_domains_ = 0;
   std::string full_date_;  // the last date whose domains hit max_domains_per_day (logged once)
+  std::size_t policy_text_ = 0;  // the bytes max_policy_text bounds, as held now
+  std::string text_full_date_;   // the last date a policy went without its text for max_policy_text (logged)
   proto::tlsrpt::Submitter submitter_;
 };
 

@@ -50,6 +50,8 @@ class TlsRptLedger {
   // oldest day the store may still hold, "YYYY-MM-DD") are forgotten here too; returns how many.
   std::size_t keep_only(const std::vector<Key>& keys, std::string_view oldest_date);
   std::size_t size() const { return entries_.size(); }
+  // The report has had its first try (and is being retried, or is done with).
+  bool tried_before(const Key& key) const { return entries_.contains(key); }
 
   // The state file's text: a header line, then per report "report DATE DOMAIN FIRST_TRY FINISHED-RUA,...".
   std::string serialize() const;

@@ -171,8 +171,10 @@ RuaTarget parse_rua(std::string_view uri) {
     out.method = RuaTarget::Method::mailto;
     auto rest = uri.substr(7);
     rest = rest.substr(0, rest.find('?'));  // RFC 6068 headers (?subject=...) are not used
-    const auto address = percent_decode(rest);
+    auto address = percent_decode(rest);
     if (!address) return out;
+    // The root's final dot names the same domain, and RFC 5321's Domain has none: RCPT TO with it is refused.
+    if (address->ends_with('.')) address->pop_back();
     const auto at = address->rfind('@');
     if (at == std::string::npos || at == 0 || !valid_host(address->substr(at + 1))) return out;
     const bool printable = std::all_of(address->begin(), address->end(), [](char c) {
@@ -207,6 +209,9 @@ RuaTarget parse_rua(std::string_view uri) {
     const auto colon = authority.rfind(':');
     out.host = proto::ascii_lower(authority.substr(0, colon));
     if (colon != std::string_view::npos) out.port = std::string(authority.substr(colon + 1));
+    // A fully qualified name's final dot (the root) names the same host, and is in no certificate's names nor
+    // in SNI (RFC 6066 3): kept, the certificate check failed at every try until the report was given up.
+    if (out.host.ends_with('.')) out.host.pop_back();
   }
   const bool port_ok = !out.port.empty() && out.port.size() <= 5 &&
                        std::all_of(out.port.begin(), out.port.end(), [](char c) { return c >= '0' && c <= '9'; }) &&
@@ -319,8 +324,15 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
   const auto current = runtime_();
   const config::Config& config = *current->config;
   TlsRptStore& store = telemetry_.tlsrpt();
-  const auto keys = store.reports_before(utc_date(now));
+  auto keys = store.reports_before(utc_date(now));
   if (ledger_.keep_only(keys, oldest_kept_date(now)) > 0) ledger_changed_ = true;
+  // Reports never tried first, then those tried again, each oldest day first. A run tries at most
+  // max_reports_per_run, and one whose rua keeps failing (an https rua that never answers holds each try for
+  // https_timeout) is tried at every run until retry_for gives it up: in plain date and domain order, enough
+  // of them at the front kept every report behind them from its first try until they were given up, day after
+  // day.
+  std::stable_partition(keys.begin(), keys.end(),
+                        [&](const auto& key) { return !ledger_.tried_before(key); });
   if (keys.empty()) {
     save_ledger();
     co_return 0;

@@ -1,15 +1,16 @@
 #pragma once
-// Sends the TLS-RPT reports (RFC 8460 section 5) that TlsRptStore keeps, when tlsrpt.send is true: shortly after
-// start and then every tlsrpt.interval, every finished UTC day (before today) x policy domain with rua
+// Sends the TLS-RPT reports (RFC 8460 section 5) that TlsRptStore keeps, when tlsrpt.send is true: shortly
+// after start and then every tlsrpt.interval, every finished UTC day (before today) x policy domain with rua
 // addresses gets its report (JSON, gzip) delivered to each rua:
-//   mailto:  the section 5.3 mail through mailflowd's own MX delivery (an UpstreamLeg to the address's domain MX
-//            hosts on tlsrpt.smtp_port, opportunistic STARTTLS), MAIL FROM tlsrpt.from, dot-stuffed DATA;
-//   https:   a POST (Boost.Beast) of the gzip body, certificate verified (tlsrpt.ca_file or the system store),
-//            TLS1.2+, no redirects followed, answer bounded in size, all within tlsrpt.https_timeout.
-// A report is forgotten when every rua took it (2xx / 250) or refused it for good (5xx, 4xx other than 408 and
-// 429), or when it still fails tlsrpt.retry_for after its first try (gave_up); each try of each rua is counted
-// in mailflow_tlsrpt_deliveries_total{method,result} and logged. At most tlsrpt.max_reports_per_run reports
-// are tried per run, oldest day first, so a large store never stalls the loop.
+//   mailto:  the section 5.3 mail through mailflowd's own MX delivery (an UpstreamLeg to the address's domain
+//            MX hosts on tlsrpt.smtp_port, opportunistic STARTTLS), MAIL FROM tlsrpt.from, dot-stuffed DATA;
+//   https:   a POST (Boost.Beast) of the gzip body, certificate verified (tlsrpt.ca_file or the system
+//            store), TLS1.2+, no redirects followed, answer bounded in size, all within tlsrpt.https_timeout.
+// A report is forgotten when every rua took it (2xx / 250) or refused it for good (5xx, 4xx other than 408
+// and 429), or when it still fails tlsrpt.retry_for after its first try (gave_up); each try of each rua is
+// counted in mailflow_tlsrpt_deliveries_total{method,result} and logged. At most tlsrpt.max_reports_per_run
+// reports are tried per run, those never tried first, then the retries, each oldest day first, so that a
+// large store never stalls the loop, nor reports that keep failing the first try of the others.
 // Which rua took a report and when its first try was (TlsRptLedger) is kept in
 // state_dir/tlsrpt-ledger.state: saved after each rua's try (and by save_ledger() with the other state),
 // loaded at start, so that a restart neither sends a report again to a rua that took it nor gives a failing

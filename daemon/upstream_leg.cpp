@@ -120,6 +120,23 @@ std::optional<proto::tlsrpt::ResultType> certificate_problem(long verify_error) 
   return proto::tlsrpt::ResultType::certificate_not_trusted;
 }
 
+// A certificate DANE refused, as TLS-RPT names it: a DANE-TA(2) chain whose anchor matched a TLSA record can
+// still fail on the name (the TLSA base domain, RFC 7672 3.2.2) or on its dates (3.1.2); RFC 8460 4.3's
+// certificate-host-mismatch covers "the constraints specified in the MTA-STS or DANE policy", and
+// certificate-expired any certificate. tlsa-invalid is left for what it says: no record of the RRset matched.
+proto::tlsrpt::ResultType dane_problem(long verify_error) {
+  switch (certificate_verdict(verify_error)) {
+    case CertificateVerdict::expired:
+      return proto::tlsrpt::ResultType::certificate_expired;
+    case CertificateVerdict::host_mismatch:
+      return proto::tlsrpt::ResultType::certificate_host_mismatch;
+    case CertificateVerdict::valid:
+    case CertificateVerdict::not_trusted:
+      break;
+  }
+  return proto::tlsrpt::ResultType::tlsa_invalid;
+}
+
 // Why an MTA-STS policy kept an MX host from being used (its `mta_sts` line).
 void log_mta_sts_refusal(const std::string& id, const std::string& host, PolicyState::Mode mode,
                          proto::tlsrpt::ResultType result, std::string_view reason) {
@@ -878,13 +895,14 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
           session_.telemetry.tls_handshake_failed(session_.listener, Leg::upstream, label);
           log_limited(LogLevel::warn, "tls_failed",
                       {{"id", session_.id}, {"upstream", upstream.name}, {"leg", "upstream"}, {"reason", label}});
-          // Under DANE a certificate that matches no TLSA record is RFC 8460's tlsa-invalid; one that tls:
-          // verify refused is said as the Web PKI check says it (expired, another host's, untrusted).
+          // Under DANE a certificate that matches no TLSA record is RFC 8460's tlsa-invalid, a DANE-TA chain
+          // that matched but names another host or has expired is said as that; one that tls: verify refused
+          // is said as the Web PKI check says it (expired, another host's, untrusted).
           const long verify_error = link_->tls().verify_error;
           fail("tls_failed");
           tls_failure_ = proto::tlsrpt::ResultType::validation_failure;
           if (label == "certificate_verify_failed")
-            tls_failure_ = authenticate ? proto::tlsrpt::ResultType::tlsa_invalid
+            tls_failure_ = authenticate ? dane_problem(verify_error)
                                         : certificate_problem(verify_error).value_or(*tls_failure_);
           tls_failure_reason_ = label;
           // A certificate that `verify` refuses is the policy's doing; anything else is a failed handshake.

@@ -1,5 +1,6 @@
 #include "proto/tlsrpt.hpp"
 
+#include "proto/ascii.hpp"
 #include "proto/json.hpp"
 
 #include <algorithm>
@@ -37,6 +38,32 @@ bool valid_uri(std::string_view uri) {
   });
 }
 
+}  // namespace
+
+std::string rua_destination(std::string_view uri) {
+  const auto colon = uri.find(':');
+  const std::string scheme = ascii_lower(uri.substr(0, colon + 1));
+  std::string_view rest = uri.substr(colon + 1);
+  if (scheme == "mailto:") {
+    rest = rest.substr(0, rest.find('?'));
+    const auto at = rest.rfind('@');
+    std::string domain = ascii_lower(rest.substr(at + 1));
+    if (domain.ends_with('.')) domain.pop_back();
+    return scheme + std::string(rest.substr(0, at + 1)) + domain;
+  }
+  if (rest.starts_with("//")) rest.remove_prefix(2);
+  const auto path = std::min(rest.find_first_of("/?#"), rest.size());
+  std::string authority = ascii_lower(rest.substr(0, path));
+  const auto bracket = authority.rfind(']');
+  const auto port = authority.rfind(':');
+  const std::size_t host_end =
+      port != std::string::npos && (bracket == std::string::npos || port > bracket) ? port : authority.size();
+  if (host_end > 0 && authority[host_end - 1] == '.') authority.erase(host_end - 1, 1);
+  return scheme + "//" + authority + std::string(rest.substr(path));
+}
+
+namespace {
+
 TxtLookup parse_one(std::string_view rest) {
   TxtLookup out;
   out.status = TxtLookup::Status::invalid;
@@ -72,7 +99,8 @@ TxtLookup parse_one(std::string_view rest) {
         return out;
       }
       have_rua = true;
-      std::set<std::string_view> left_out;
+      std::vector<std::string> kept;  // the rua_destination() of each of out.rua
+      std::set<std::string> left_out;
       std::size_t at = 0;
       while (at <= value.size()) {
         const auto comma = value.find(',', at);
@@ -81,15 +109,19 @@ TxtLookup parse_one(std::string_view rest) {
           out.error = "malformed rua URI in the _smtp._tls record";
           return out;
         }
-        // Other schemes: ignored (section 3: only mailto and https are defined). A URI listed twice is one
-        // destination: the report goes there once.
+        // Other schemes: ignored (section 3: only mailto and https are defined). A URI listed twice, or
+        // spelled otherwise (rua_destination()), is one destination: the report goes there once.
         const bool mailto =
             starts_with_nocase(uri, "mailto:") && uri.size() > 7 && uri.find('@') != std::string_view::npos;
         const bool usable = mailto || (starts_with_nocase(uri, "https://") && uri.size() > 8);
-        if (usable && std::find(out.rua.begin(), out.rua.end(), uri) == out.rua.end()) {
-          if (out.rua.size() < max_rua) out.rua.emplace_back(uri);
-          else if (left_out.insert(uri).second)  // past the bound too, each one once
+        std::string named = usable ? rua_destination(uri) : std::string();
+        if (usable && std::find(kept.begin(), kept.end(), named) == kept.end()) {
+          if (out.rua.size() < max_rua) {
+            out.rua.emplace_back(uri);
+            kept.push_back(std::move(named));
+          } else if (left_out.insert(std::move(named)).second) {  // past the bound too, each one once
             ++out.rua_left_out;
+          }
         }
         if (comma == std::string_view::npos) break;
         at = comma + 1;

@@ -26,10 +26,15 @@ struct TxtLookup {
     invalid,  // more than one, malformed, or no mailto:/https: rua (treated as none)
   };
   Status status = Status::none;
-  std::vector<std::string> rua;  // "mailto:..." and "https://..." URIs in record order, each once, max_rua
+  std::vector<std::string> rua;  // "mailto:..." and "https://..." URIs in record order, each destination once
   std::size_t rua_left_out = 0;  // usable URIs after the first max_rua
   std::string error;
 };
+
+// What a mailto: or https: rua URI names, to tell two spellings of one destination apart (the record keeps
+// one): the scheme, and the mail domain or the host without case and without the root's final dot; a mailto:
+// query (not used) left out. The local part and the path keep their case (RFC 5321 2.4, RFC 3986 6.2.2.1).
+std::string rua_destination(std::string_view uri);
 
 // Section 3: records that do not begin with "v=TLSRPTv1" are discarded; exactly one must remain, of the form
 // v=TLSRPTv1; rua=URI[,URI...] [; ext=value]...; URIs other than mailto: and https: are ignored.

@@ -217,6 +217,11 @@ TEST_CASE("parse_rua: mailto and https URIs as RFC 8460 section 3 writes them") 
   CHECK(mail.address == "TLS-Reports@x@Example.NET");
   CHECK(mail.domain == "example.net");
   CHECK(parse_rua("mailto:reports@a.example").address == "reports@a.example");
+  auto fq = parse_rua("mailto:reports@Example.NET.");  // the root's dot: the same domain, left out
+  CHECK(fq.valid);
+  CHECK(fq.address == "reports@Example.NET");
+  CHECK(fq.domain == "example.net");
+  CHECK_FALSE(parse_rua("mailto:reports@.").valid);
   CHECK_FALSE(parse_rua("mailto:no-domain").valid);
   CHECK_FALSE(parse_rua("mailto:bad%zzescape@a.example").valid);
   CHECK_FALSE(parse_rua("mailto:@a.example").valid);
@@ -227,6 +232,11 @@ TEST_CASE("parse_rua: mailto and https URIs as RFC 8460 section 3 writes them") 
   CHECK(web.host == "reports.example.net");
   CHECK(web.port == "8443");
   CHECK(web.target == "/v1/tlsrpt?x=1");
+  auto fqdn = parse_rua("https://Reports.Example.net.:8443/v1");  // the root's dot: the same host
+  CHECK(fqdn.valid);
+  CHECK(fqdn.host == "reports.example.net");
+  CHECK(parse_rua("https://reports.example.net./").host == "reports.example.net");
+  CHECK_FALSE(parse_rua("https://./").valid);
   auto plain = parse_rua("https://reports.example.net");
   CHECK(plain.valid);
   CHECK(plain.port == "443");

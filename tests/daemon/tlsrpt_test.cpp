@@ -102,6 +102,74 @@ TEST_CASE("tlsrpt store: a domain whose policy changes at each session stays bou
   CHECK(store.serialize().size() < 200 * 1000);  // not 1000 policies of 4 KB
 }
 
+TEST_CASE("tlsrpt store: the policies' text stays bounded across domains - every session counts") {
+  // Any domain a relayed mail goes to can publish a 64 KiB MTA-STS policy (or a TLSA RRset of that size,
+  // twice that as hex): one session per domain, 10,000 domains a day, kept 16 days. Each domain within its 20
+  // policies, the text of all of them together must still stay far below what tlsrpt.state may hold (256 MiB,
+  // a larger file is moved aside at start with every unsent report).
+  TlsRptStore store;
+  const std::size_t bound = TlsRptLimits{}.max_policy_text;
+  const std::string big(64 * 1024 - 64, 'x');
+  const int domains = static_cast<int>(bound / big.size()) + 200;
+  for (int i = 0; i < domains; ++i) {
+    const std::string domain = "d" + std::to_string(i) + ".example.net";
+    const PolicyKey key{
+        PolicyType::sts, {"version: STSv1", "mode: enforce", "mx: mx." + domain, big}, {"mx." + domain}};
+    store.record("2026-01-02", TlsRptSession{domain, {"mailto:tlsrpt@example.net"}, key, std::nullopt});
+  }
+  const auto text = store.serialize();
+  CHECK(text.size() < bound + bound / 8);
+  const auto days = store.day("2026-01-02");
+  REQUIRE(days.size() == static_cast<std::size_t>(domains));
+  // Every session still counts; the last domains' under their policy type without its text.
+  std::uint64_t sessions = 0;
+  for (const auto& day : days)
+    for (const auto& [key, counts] : day.policies) sessions += counts.successful;
+  CHECK(sessions == static_cast<std::uint64_t>(domains));
+  const auto late = store.find("2026-01-02", "d" + std::to_string(domains - 1) + ".example.net");
+  REQUIRE(late.has_value());
+  CHECK(late->policies.at(PolicyKey{PolicyType::sts, {}, {}}).successful == 1);
+  // A store loaded from that file counts what it holds: a further policy goes without its text there too.
+  TlsRptStore loaded;
+  std::string error;
+  REQUIRE(loaded.deserialize(text, error));
+  const PolicyKey more{
+      PolicyType::sts, {"version: STSv1", "mode: enforce", "mx: mx.more.example", big}, {"mx.more.example"}};
+  loaded.record("2026-01-02",
+                TlsRptSession{"more.example", {"mailto:tlsrpt@example.net"}, more, std::nullopt});
+  CHECK(loaded.find("2026-01-02", "more.example")->policies.contains(PolicyKey{PolicyType::sts, {}, {}}));
+  // Sent and forgotten, a report gives its text back: the next day's first policy is kept with its text.
+  for (const auto& day : days) store.forget(day.date, day.domain);
+  const PolicyKey next{
+      PolicyType::sts, {"version: STSv1", "mode: enforce", "mx: mx.next.example", big}, {"mx.next.example"}};
+  store.record("2026-01-03",
+               TlsRptSession{"next.example", {"mailto:tlsrpt@example.net"}, next, std::nullopt});
+  CHECK(store.find("2026-01-03", "next.example")->policies.contains(next));
+}
+
+TEST_CASE("tlsrpt store: a failure's reason text is bounded - its session still counts") {
+  // The reason of an MTA-STS fetch failure quotes what the domain's policy host said (a Content-Type of up to
+  // the 16 KiB head bound), different at every fetch if it likes: 100 details a policy, each that long.
+  TlsRptStore store;
+  const std::size_t bound = TlsRptLimits{}.max_failure_reason;
+  for (int i = 0; i < 100; ++i) {
+    TlsRptSession session = bad("example.net", ResultType::sts_policy_fetch_error);
+    session.failure->failure_reason_code =
+        "Content-Type is not text/plain: \"" + std::to_string(i) + std::string(16 * 1024, 'x') + "\"";
+    store.record("2026-01-02", session);
+  }
+  const auto day = store.find("2026-01-02", "example.net");
+  REQUIRE(day.has_value());
+  const auto& counts = day->policies.at(kSts);
+  CHECK(counts.failed == 100);
+  CHECK(counts.failures.size() == 100);  // still told apart by what they begin with
+  for (const auto& [failure, count] : counts.failures) {
+    CHECK(failure.failure_reason_code.size() <= bound);
+    CHECK(failure.failure_reason_code.starts_with("Content-Type is not text/plain: \""));
+  }
+  CHECK(store.serialize().size() < 100 * (bound + 200));
+}
+
 TEST_CASE("tlsrpt store: bounded in domains per day, failure details and days") {
   TlsRptStore store(TlsRptLimits{2, 1, 2});
   store.record("2026-01-01", ok("a.example"));

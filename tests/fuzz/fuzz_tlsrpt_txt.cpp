@@ -45,7 +45,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       std::string canonical = "v=TLSRPTv1; rua=";
       for (std::size_t i = 0; i < lookup.rua.size(); ++i) {
         const auto& uri = lookup.rua[i];
-        FUZZ_CHECK(std::count(lookup.rua.begin(), lookup.rua.end(), uri) == 1);
+        FUZZ_CHECK(std::count_if(lookup.rua.begin(), lookup.rua.end(), [&](const std::string& other) {
+                     return tlsrpt::rua_destination(other) == tlsrpt::rua_destination(uri);
+                   }) == 1);
         FUZZ_CHECK((starts_with_nocase(uri, "mailto:") && uri.find('@') != std::string::npos) ||
                    (starts_with_nocase(uri, "https://") && uri.size() > 8));
         FUZZ_CHECK(std::all_of(uri.begin(), uri.end(), [](char c) {
@@ -63,7 +65,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       for (const auto& uri : lookup.rua) doubled += uri + "," + uri + ",";
       constexpr std::string_view past = "mailto:past@bound.example";
       const bool full = lookup.rua.size() == tlsrpt::max_rua &&
-                        std::find(lookup.rua.begin(), lookup.rua.end(), past) == lookup.rua.end();
+                        std::none_of(lookup.rua.begin(), lookup.rua.end(), [&](const std::string& uri) {
+                          return tlsrpt::rua_destination(uri) == tlsrpt::rua_destination(past);
+                        });
       if (full) doubled += std::string(past) + "," + std::string(past) + ",";
       doubled += lookup.rua.front();
       const auto twice = tlsrpt::parse_txt_records({doubled});

@@ -12,7 +12,8 @@ that are real aiosmtpd sinks, and TLSA records made from the sinks' real certifi
 - no TLSA records: opportunistic, delivered in plaintext to a host without STARTTLS;
 - only unusable records (PKIX-EE): TLS without authentication (delivered over TLS);
 - DANE-TA(2): a certificate chain from the test CA whose TLSA names the CA, with the MX host name in the leaf
-  (delivered), and one whose leaf does not name the MX host (not used: DANE-TA keeps the name check);
+  (delivered), one whose leaf does not name the MX host (not used: DANE-TA keeps the name check; reported as
+  certificate-host-mismatch) and one whose leaf has expired (not used; certificate-expired);
 - MX host names that are secure CNAMEs (RFC 7672 2.2.3): the TLSA records at the expanded name are used (a
   matching DANE-EE delivers under DANE, a mismatching one keeps the host from being used even though the alias's
   own record would match); where the expanded name has none, the alias's own are; DANE-TA accepts a leaf that
@@ -50,6 +51,7 @@ ADDR = {
     "taname": "127.0.0.67",    # TLS, chain from the test CA, leaf names sink.test only; DANE-TA names the CA
     "tacname": "127.0.0.68",   # TLS, chain from the test CA, leaf names the alias mx.tacname.example.net only
     "badkey": "127.0.0.69",    # TLS; only a DANE-EE record whose full key (matching type 0) is no key at all
+    "taexp": "127.0.0.115",    # TLS, chain from the test CA, leaf names mx.taexp.example.net but has expired
 }
 
 
@@ -64,6 +66,34 @@ def spki_sha256(pem_path):
     der = subprocess.run(["openssl", "pkey", "-pubin", "-outform", "DER"], input=pub, check=True,
                          capture_output=True).stdout
     return hashlib.sha256(der).hexdigest()
+
+
+def expired_ca_signed_chain(certs, directory, name, host):
+    """A leaf for `host` from the test CA that expired yesterday, then the CA: (chain, key) files in `directory`."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    ca_pem = (Path(certs) / "ca.pem").read_bytes()
+    ca = x509.load_pem_x509_certificate(ca_pem)
+    ca_key = serialization.load_pem_private_key((Path(certs) / "ca.key").read_bytes(), password=None)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    leaf = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
+            .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=10)).not_valid_after(now - datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    chain, key_file = Path(directory) / f"{name}-chain.pem", Path(directory) / f"{name}.key"
+    chain.write_bytes(leaf.public_bytes(serialization.Encoding.PEM) + ca_pem)
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                           serialization.NoEncryption()))
+    return chain, key_file
 
 
 def zone(port, sink_spki, ca_sha256):
@@ -98,6 +128,9 @@ mx.ta        A     {ADDR['ta']}
 taname       MX    10 mx.taname
 mx.taname    A     {ADDR['taname']}
 {tlsa}.mx.taname  TLSA  2 0 1 {ca_sha256}
+taexp        MX    10 mx.taexp
+mx.taexp     A     {ADDR['taexp']}
+{tlsa}.mx.taexp   TLSA  2 0 1 {ca_sha256}
 ; MX host names that are aliases (RFC 7672 2.2.3): TLSA records at the CNAME target first, then at the alias.
 alias        MX    10 mx.alias
 mx.alias     CNAME host.alias
@@ -147,6 +180,7 @@ def env(certs, workdir, short_dir, sink_factory, daemon_factory):
         taname_chain, taname_key = harness.ca_signed_cert(certs, workdir, "mx-taname", ["sink.test"], chain=True)
         tacname_chain, tacname_key = harness.ca_signed_cert(certs, workdir, "mx-tacname", ["mx.tacname.example.net"],
                                                             chain=True)
+        taexp_chain, taexp_key = expired_ca_signed_chain(certs, workdir, "mx-taexp", "mx.taexp.example.net")
         sinks = {
             "good": sink_factory("mx-good", host=ADDR["good"], port=port, **tls),
             "wrong": sink_factory("mx-wrong", host=ADDR["wrong"], port=port, **tls),
@@ -159,6 +193,7 @@ def env(certs, workdir, short_dir, sink_factory, daemon_factory):
                                    tls_key=taname_key),
             "tacname": sink_factory("mx-tacname", host=ADDR["tacname"], port=port, tls_cert=tacname_chain,
                                     tls_key=tacname_key),
+            "taexp": sink_factory("mx-taexp", host=ADDR["taexp"], port=port, tls_cert=taexp_chain, tls_key=taexp_key),
         }
         listeners = [{"name": "out", "address": f"127.0.0.1:{port}", "direction": "outbound",
                       "upstream": "dane-mx"}]
@@ -384,11 +419,30 @@ def test_dane_ta_chain_with_the_mx_name_delivers(env):
 
 
 def test_dane_ta_keeps_the_name_check(env):
+    """The DANE-TA record matches the chain's CA, but the leaf does not name the MX host: not used, and said as
+    RFC 8460 4.3 (and the IANA registry) names a certificate outside the DANE policy's name constraints,
+    certificate-host-mismatch; tlsa-invalid is for an RRset none of whose records matched."""
     sink = env.sinks["taname"]
     n = sink.count()
+    before = env.daemon.metrics()
     rcpt, _ = deliver(env, "heidi@taname.example.net")
     assert rcpt[0] == 451 and "tls_policy" in rcpt[1], rcpt
     assert sink.count() == n
+    after = harness.wait_moved(env.daemon, before, "mailflow_mx_attempts_total")
+    assert policy_moved(before, after) == {("partners", "dane", "certificate-host-mismatch"): 1.0}
+
+
+def test_dane_ta_with_an_expired_leaf_is_certificate_expired(env):
+    """The DANE-TA record matches the chain's CA and the leaf names the MX host, but it has expired (DANE-TA keeps
+    the validity check, RFC 7672 3.1.2): not used, reported as certificate-expired, not tlsa-invalid."""
+    sink = env.sinks["taexp"]
+    n = sink.count()
+    before = env.daemon.metrics()
+    rcpt, _ = deliver(env, "ivy@taexp.example.net")
+    assert rcpt[0] == 451 and "tls_policy" in rcpt[1], rcpt
+    assert sink.count() == n
+    after = harness.wait_moved(env.daemon, before, "mailflow_mx_attempts_total")
+    assert policy_moved(before, after) == {("partners", "dane", "certificate-expired"): 1.0}
 
 
 def test_alias_mx_host_uses_the_tlsa_records_of_its_cname_target(env):

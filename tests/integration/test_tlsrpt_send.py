@@ -35,6 +35,8 @@ ADDR = {"ok": "127.0.0.51", "busy": "127.0.0.52"}
 LEDGER_ADDR = {"took": "127.0.0.53", "later": "127.0.0.54"}  # the restart test's own rua hosts
 STALL_ADDR = "127.0.0.55"  # an MX host that takes the connection and never greets
 AGAIN_ADDR = "127.0.0.150"  # the one-report-per-day test's rua host
+TURN_ADDR = {"stuck": "127.0.0.116", "next": "127.0.0.117"}  # the first-try-first test's rua hosts
+FQDN_ADDR = "127.0.0.118"  # the fully qualified mailto: rua's MX host
 ZONE = f"""$ORIGIN rpt.example.net.
 $TTL 300
 @              SOA   ns hostmaster 1 3600 600 86400 300
@@ -52,6 +54,12 @@ stall          MX    10 mx.stall
 again          MX    10 mx.again
 mx.again       A     {AGAIN_ADDR}
 mx.stall       A     {STALL_ADDR}
+stuck          MX    10 mx.stuck
+mx.stuck       A     {TURN_ADDR["stuck"]}
+next           MX    10 mx.next
+mx.next        A     {TURN_ADDR["next"]}
+fq             MX    10 mx.fq
+mx.fq          A     {FQDN_ADDR}
 reports        A     127.0.0.1
 wrong          A     127.0.0.1
 silent         A     127.0.0.1
@@ -435,6 +443,72 @@ policy no-policy-found - - {sessions} 0 0
     finally:
         assert second.stop() == 0, second.log_tail()
         harness.LIVE.remove(second)
+
+
+def test_a_report_that_keeps_failing_does_not_hold_back_the_first_try_of_the_next(workdir, knot, sink_factory,
+                                                                                    mailflowd_bin):
+    """tlsrpt.max_reports_per_run bounds a run; a report whose rua keeps failing (451 here; an https rua that never
+    answers holds each try for https_timeout) is tried again at every run until retry_for gives it up. Reports
+    never tried go first: the one behind it (here max_reports_per_run 1) gets its first try at the next run, not
+    after retry_for. Oldest day first, domain next, it waited for the whole retry_for: a domain of any name at the
+    front of the list (a thousand of them with the default bound) held every other report back for good."""
+    port = harness.free_port("127.0.0.1", *TURN_ADDR.values())
+    stuck = sink_factory("rua-stuck", host=TURN_ADDR["stuck"], port=port,
+                         fail_rcpt=["reports@stuck.rpt.example.net=451 4.3.0 try again later"])
+    behind = sink_factory("rua-next", host=TURN_ADDR["next"], port=port)
+    tlsrpt = {"send": True, "submitter": SUBMITTER, "smtp_port": port, "interval": "1s", "retry_for": "60s",
+              "max_reports_per_run": 1}
+    _, config = state_dir_and_config(workdir, "turns", f"""mailflowd-tlsrpt 1
+day {DATE} a.example.net mailto:reports@stuck.rpt.example.net
+policy no-policy-found - - 1 0 0
+day {DATE} b.example.net mailto:reports@next.rpt.example.net
+policy no-policy-found - - 1 0 0
+""", knot, tlsrpt)
+    daemon = harness.Daemon(mailflowd_bin, workdir, config, name="turns").start()
+    try:
+        behind.wait_messages(1, timeout=15)
+        assert deliveries(daemon, "temporary_failure") >= 1 and deliveries(daemon, "gave_up") == 0
+        assert reports_of(daemon, DATE) == ["a.example.net"] and stuck.count() == 0
+    finally:
+        assert daemon.stop() == 0, daemon.log_tail()
+        harness.LIVE.remove(daemon)
+
+
+def test_a_rua_host_written_with_a_trailing_dot_gets_the_post(workdir, knot, https_port, mailflowd_bin, certs):
+    """A fully qualified rua host name (https://reports.rpt.example.net.:PORT/...): the same host; the POST goes
+    there, its certificate checked against the name without the root's dot."""
+    tlsrpt = {"send": True, "submitter": SUBMITTER, "interval": "1s", "ca_file": str(certs / "ca.pem")}
+    _, config = state_dir_and_config(workdir, "fqdn", f"""mailflowd-tlsrpt 1
+day {DATE} f.example.net https://reports.rpt.example.net.:{https_port}/fqdn
+policy no-policy-found - - 1 0 0
+""", knot, tlsrpt)
+    daemon = harness.Daemon(mailflowd_bin, workdir, config, name="fqdn").start()
+    try:
+        harness.wait_for(lambda: [p for p, _, _ in Collector.posts if p == "/fqdn"], 15, what="the POST")
+        assert harness.value(daemon.metrics(), "mailflow_tlsrpt_deliveries_total", method="https",
+                             result="success") == 1
+    finally:
+        assert daemon.stop() == 0, daemon.log_tail()
+        harness.LIVE.remove(daemon)
+
+
+def test_a_mailto_rua_written_fully_qualified_gets_the_mail(workdir, knot, sink_factory, mailflowd_bin):
+    """mailto:reports@fq.rpt.example.net. (the root's final dot): the mail goes to that domain's MX host, to the
+    address without the dot (RFC 5321's Domain has none)."""
+    port = harness.free_port("127.0.0.1", FQDN_ADDR)
+    sink = sink_factory("rua-fq", host=FQDN_ADDR, port=port)
+    tlsrpt = {"send": True, "submitter": SUBMITTER, "smtp_port": port, "interval": "1s"}
+    _, config = state_dir_and_config(workdir, "fq", f"""mailflowd-tlsrpt 1
+day {DATE} g.example.net mailto:reports@fq.rpt.example.net.
+policy no-policy-found - - 1 0 0
+""", knot, tlsrpt)
+    daemon = harness.Daemon(mailflowd_bin, workdir, config, name="fq").start()
+    try:
+        (meta, _), = sink.wait_messages(1, timeout=15)
+        assert meta["rcpt_tos"] == ["reports@fq.rpt.example.net"]
+    finally:
+        assert daemon.stop() == 0, daemon.log_tail()
+        harness.LIVE.remove(daemon)
 
 
 class InterimThenFinal(http.server.BaseHTTPRequestHandler):

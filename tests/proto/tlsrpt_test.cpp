@@ -28,6 +28,15 @@ TEST_CASE("tlsrpt TXT: a rua listed twice is one destination - the report goes t
                                     "mailto:a@example.com, https://r.example.com/v1"});
   CHECK(r.status == Status::report);
   CHECK(r.rua == std::vector<std::string>{"mailto:a@example.com", "https://r.example.com/v1"});
+  // Written otherwise, the same destination: the domain's case, the root's final dot, the scheme's case, a
+  // mailto: query (not used). The first spelling is kept; a local part or path of another case is another
+  // one.
+  const auto same = parse_txt_records(
+      {"v=TLSRPTv1; rua=mailto:a@example.com,https://r.example.com:8443/v1,MAILTO:a@Example.COM.,"
+       "mailto:a@example.com?subject=x,HTTPS://R.Example.com.:8443/v1,mailto:A@example.com,https://"
+       "r.example.com/V1"});
+  CHECK(same.rua == std::vector<std::string>{"mailto:a@example.com", "https://r.example.com:8443/v1",
+                                             "mailto:A@example.com", "https://r.example.com/V1"});
 }
 
 TEST_CASE("tlsrpt TXT: a record lists at most max_rua destinations - the rest are left out, and counted") {
