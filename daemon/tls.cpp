@@ -279,7 +279,28 @@ int ServerTls::on_servername(SSL* ssl, int*, void* arg) {
   return SSL_TLSEXT_ERR_OK;  // unknown name: the default certificate answers
 }
 
-ClientTls::ClientTls(const config::Upstream& upstream, const std::string& webpki_ca_file)
+WebPkiStore::WebPkiStore(std::string ca_file) : ca_file_(std::move(ca_file)) {}
+
+WebPkiStore::~WebPkiStore() { X509_STORE_free(store_); }
+
+X509_STORE* WebPkiStore::get() const {
+  if (store_ == nullptr && error_.empty()) {
+    store_ = X509_STORE_new();
+    const bool loaded =
+        store_ != nullptr && (ca_file_.empty() ? X509_STORE_set_default_paths(store_) == 1
+                                               : X509_STORE_load_file(store_, ca_file_.c_str()) == 1);
+    if (!loaded) {
+      error_ = "cannot load the Web PKI trust store " +
+               (ca_file_.empty() ? std::string("(system default)") : ca_file_) + ": " + openssl_error_text();
+      X509_STORE_free(store_);
+      store_ = nullptr;
+    }
+  }
+  if (store_ == nullptr) throw std::runtime_error(error_);
+  return store_;
+}
+
+ClientTls::ClientTls(const config::Upstream& upstream, const WebPkiStore& webpki)
     : verify_(upstream.tls == config::UpstreamTls::verify) {
   ctx_ = SSL_CTX_new(TLS_client_method());
   if (ctx_ == nullptr) throw std::runtime_error("SSL_CTX_new: " + openssl_error_text());
@@ -298,18 +319,13 @@ ClientTls::ClientTls(const config::Upstream& upstream, const std::string& webpki
     // ca_file is this upstream's own requirement (it may be a private CA); MTA-STS asks the Web PKI, as the
     // policy host's certificate is asked (mta_sts.ca_file, else the system's), whatever ca_file trusts.
     if (upstream.mta_sts != config::MtaStsMode::off) {
-      webpki_store_ = X509_STORE_new();
-      const bool loaded =
-          webpki_store_ != nullptr &&
-          (webpki_ca_file.empty() ? X509_STORE_set_default_paths(webpki_store_) == 1
-                                  : X509_STORE_load_file(webpki_store_, webpki_ca_file.c_str()) == 1);
-      if (!loaded) {
-        X509_STORE_free(webpki_store_);
+      try {
+        webpki_store_ = webpki.get();
+      } catch (...) {
         SSL_CTX_free(ctx_);
-        throw std::runtime_error("cannot load the Web PKI trust store " +
-                                 (webpki_ca_file.empty() ? std::string("(system default)") : webpki_ca_file) +
-                                 ": " + openssl_error_text());
+        throw;
       }
+      X509_STORE_up_ref(webpki_store_);
     }
   } else {
     // Opportunistic/required TLS to a mail server: encryption without authentication (RFC 7435), and
@@ -325,14 +341,11 @@ ClientTls::ClientTls(const config::Upstream& upstream, const std::string& webpki
     // MTA-STS (RFC 8461 4.2) asks whether the MX's certificate is valid for its name in the Web PKI: the
     // handshake still never fails for it (SSL_VERIFY_NONE), but the verdict is recorded (TlsInfo::verify_error).
     if (upstream.mta_sts != config::MtaStsMode::off) {
-      const bool loaded = webpki_ca_file.empty()
-                              ? SSL_CTX_set_default_verify_paths(ctx_) == 1
-                              : SSL_CTX_load_verify_locations(ctx_, webpki_ca_file.c_str(), nullptr) == 1;
-      if (!loaded) {
+      try {
+        SSL_CTX_set1_cert_store(ctx_, webpki.get());  // the shared store, referenced
+      } catch (...) {
         SSL_CTX_free(ctx_);
-        throw std::runtime_error("cannot load the Web PKI trust store " +
-                                 (webpki_ca_file.empty() ? std::string("(system default)") : webpki_ca_file) +
-                                 ": " + openssl_error_text());
+        throw;
       }
       check_names_ = true;
     }

@@ -85,11 +85,37 @@ CertificateVerdict certificate_verdict(long verify_error);
 // record that fails this, and a handshake left without records verifies against the Web PKI instead of DANE.
 bool tlsa_data_loads(const proto::TlsaRecord& record);
 
+// The Web PKI trust store that MTA-STS verdicts are made against (mta_sts.ca_file, empty: the system's),
+// loaded at most once for all the upstreams that use it: OpenSSL 3 takes some 50 ms to load the system bundle
+// (it parses each of its ~140 certificates), which every upstream with mta_sts on paid at every start, reload
+// and
+// --check-config, on the event loop that accepts and relays. Not thread-safe while loading; the store it
+// gives is (OpenSSL locks it), and every ClientTls made from it holds a reference of its own.
+class WebPkiStore {
+ public:
+  explicit WebPkiStore(std::string ca_file = {});
+  ~WebPkiStore();
+  WebPkiStore(const WebPkiStore&) = delete;
+  WebPkiStore& operator=(const WebPkiStore&) = delete;
+
+  // Loaded at the first call; throws std::runtime_error when it cannot be (at every call, with the same
+  // message).
+  X509_STORE* get() const;
+
+ private:
+  std::string ca_file_;
+  mutable X509_STORE* store_ = nullptr;
+  mutable std::string error_;
+};
+
 class ClientTls {
  public:
-  // verify: the upstream's certificate must chain to ca_file and match its host name. With upstreams[].mta_sts
-  // on, the Web PKI trust store (`webpki_ca_file`, empty: the system's) records a verdict for every handshake.
-  explicit ClientTls(const config::Upstream& upstream, const std::string& webpki_ca_file = {});
+  // verify: the upstream's certificate must chain to ca_file and match its host name. With
+  // upstreams[].mta_sts on, the Web PKI trust store (`webpki`) records a verdict for every handshake.
+  ClientTls(const config::Upstream& upstream, const WebPkiStore& webpki);
+  // With a Web PKI store of its own (`webpki_ca_file`, empty: the system's).
+  explicit ClientTls(const config::Upstream& upstream, const std::string& webpki_ca_file = {})
+      : ClientTls(upstream, WebPkiStore(webpki_ca_file)) {}
   ~ClientTls();
   ClientTls(const ClientTls&) = delete;
   ClientTls& operator=(const ClientTls&) = delete;

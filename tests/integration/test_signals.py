@@ -128,6 +128,27 @@ def test_a_reload_the_daemon_refuses_reads_0_in_last_reload_successful_until_one
     assert last_reload_successful(d) == 1
 
 
+def test_a_reload_with_many_mta_sts_upstreams_keeps_answering(daemon_factory, sink):
+    """Every upstream with mta_sts on (the default of mx: true) needs the Web PKI trust store, the system's
+    bundle here: it is loaded once per reload, not once per upstream (and again for the expiry check), so a
+    reload does not hold the event loop that accepts and relays for seconds. With 80 such upstreams a client
+    that connects right after the SIGHUP waited 6-7 s for its banner; now a fraction of a second."""
+    port = harness.free_port()
+    upstreams = [hh.plain_upstream("store", sink.port)] + [
+        {"name": f"mx{i}", "mx": True, "tls": "opportunistic", "mta_sts": "testing"} for i in range(80)]
+    d = daemon_factory(listeners=[hh.listener("inbound", port, "store")], upstreams=upstreams, name="many-sts")
+    base = reloads(d, "success")
+    d.proc.send_signal(signal.SIGHUP)
+    time.sleep(0.05)  # the reload has begun
+    started = time.monotonic()
+    c = hh.greeted(port)
+    waited = time.monotonic() - started
+    c.close()
+    harness.wait_for(lambda: reloads(d, "success") == base + 1, 30, what="the reload")
+    assert waited < 1.5, f"the banner waited {waited:.1f} s for the reload"
+    hh.assert_relays(d, port, sink)
+
+
 def test_sighup_with_a_broken_trust_anchor_keeps_running_one(daemon_factory, sink, workdir):
     """dns.trust_anchor_file that is no trust anchor: the reload is refused (libunbound read it only at the first
     lookup, so the reload succeeded and every MX delivery got 451 afterwards)."""
