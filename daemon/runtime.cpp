@@ -58,10 +58,10 @@ std::shared_ptr<const Runtime> Runtime::build(std::shared_ptr<const config::Conf
       runtime->listener_tls.emplace(listener.name,
                                     std::make_shared<const ServerTls>(*listener.tls, listener.name));
   }
-  const WebPkiStore webpki(config->mta_sts.ca_file);  // loaded once, for all the upstreams with mta_sts on
+  const TrustStores stores(config->mta_sts.ca_file);  // each file loaded once, for all the upstreams using it
   for (const auto& upstream : config->upstreams) {
     if (upstream.tls != config::UpstreamTls::none)
-      runtime->upstream_tls.emplace(upstream.name, std::make_shared<const ClientTls>(upstream, webpki));
+      runtime->upstream_tls.emplace(upstream.name, std::make_shared<const ClientTls>(upstream, stores));
   }
   runtime->own_listeners = std::make_shared<const OwnListeners>(*config);
   for (const auto& [key, problem] : upstream_loops(*config, *runtime->own_listeners)) {
