@@ -87,6 +87,7 @@ CertificateFindings check_certificates(const config::Config& config, std::chrono
     }
   }
   bool webpki_reported = false;  // one trust store for every upstream with mta_sts on: its error once
+  const TrustStores stores(config.mta_sts.ca_file);  // each file loaded once, as Runtime::build loads them
   for (std::size_t u = 0; u < config.upstreams.size(); ++u) {
     const auto& upstream = config.upstreams[u];
     if (upstream.tls == config::UpstreamTls::none) continue;
@@ -94,7 +95,7 @@ CertificateFindings check_certificates(const config::Config& config, std::chrono
     try {
       // As the daemon builds it (Runtime::build): ca_file for tls: verify, else the Web PKI store with
       // mta_sts on.
-      const ClientTls tls(upstream, config.mta_sts.ca_file);
+      const ClientTls tls(upstream, stores);
     } catch (const std::exception& e) {
       if (upstream.tls != config::UpstreamTls::verify && upstream.mta_sts != config::MtaStsMode::off) {
         if (!std::exchange(webpki_reported, true))

@@ -62,9 +62,10 @@ std::shared_ptr<const Runtime> Runtime::build(std::shared_ptr<const config::Conf
       runtime->listener_tls.emplace(listener.name,
                                     std::make_shared<const ServerTls>(*listener.tls, listener.name));
   }
+  const TrustStores stores(config->mta_sts.ca_file);  // each file loaded once, for all the upstreams using it
   for (const auto& upstream : config->upstreams) {
     if (upstream.tls != config::UpstreamTls::none)
-      runtime->upstream_tls.emplace(upstream.name, std::make_shared<const ClientTls>(upstream, config->mta_sts.ca_file));
+      runtime->upstream_tls.emplace(upstream.name, std::make_shared<const ClientTls>(upstream, stores));
   }
   runtime->own_listeners = std::make_shared<const OwnListeners>(*config);
   if (const auto loops = upstream_loops(*config, *runtime->own_listeners); !loops.empty())

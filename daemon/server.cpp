@@ -571,6 +571,7 @@ struct Server::Impl {
       busy_poll = loaded.config->performance.busy_poll;
       telemetry.configure(*loaded.config);
       registry.mta_sts().set_max_policies(loaded.config->mta_sts.max_policies);
+      tlsrpt_sender->reconfigured();
       for (const auto& warning : loaded.warnings)
         log_event(LogLevel::warn, "config_warning", {{"warning", warning.to_string()}});
       apply_certificates(*loaded.config);

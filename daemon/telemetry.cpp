@@ -124,6 +124,10 @@ constexpr Family below_tls12{"mailflow_below_tls12_total", "counter",
                              "Messages without TLS or with TLS1.0/1.1: what breaks if TLS1.2 is enforced"};
 constexpr Family config_reloads{"mailflow_config_reloads_total", "counter",
                                 "Configuration reloads by result (success, failure)"};
+constexpr Family config_last_reload{
+    "mailflow_config_last_reload_successful", "gauge",
+    "1 when the last reload was applied (or none was tried since the start), 0 when "
+    "it was refused and the configuration before it runs"};
 constexpr Family state_errors{"mailflow_state_errors_total", "counter",
                               "Problems saving or loading the rolling windows state"};
 constexpr Family dns_lookups{"mailflow_dns_lookups_total", "counter",
@@ -301,6 +305,7 @@ struct Snapshot {
   std::array<std::vector<std::pair<const std::string*, std::uint64_t>>, kLabelledFamilies> labelled;
   std::vector<std::pair<std::string, std::int64_t>> certificates;  // rendered labels, notAfter
   std::uint64_t sockets_unused = 0;
+  std::uint64_t last_reload_successful = 1;
 };
 
 void write_exposition(std::string& out, const Snapshot& snapshot, const std::optional<ProcessStats>& process) {
@@ -439,6 +444,8 @@ void write_exposition(std::string& out, const Snapshot& snapshot, const std::opt
   append_sample(out, family::build_info.name, {fixed.version}, std::uint64_t{1});
   header(family::sockets_unused);
   append_sample(out, family::sockets_unused.name, {}, snapshot.sockets_unused);
+  header(family::config_last_reload);
+  append_sample(out, family::config_last_reload.name, {}, snapshot.last_reload_successful);
   header(family::certificate_expiry);
   for (const auto& [labels, not_after] : snapshot.certificates) {
     append_sample(out, family::certificate_expiry.name, {labels}, not_after);
@@ -495,6 +502,7 @@ struct Telemetry::Impl {
   std::atomic<std::uint64_t> messages_total{0};
   std::atomic<std::int64_t> sessions_active{0};
   std::atomic<std::uint64_t> sockets_unused{0};
+  std::atomic<bool> last_reload_successful{true};
   // Counted without the mutex: every resolver (one per event loop) adds here.
   std::array<std::array<std::atomic<std::uint64_t>, all_dns_outcomes.size()>, all_dns_types.size()> dns_lookups{};
 
@@ -869,6 +877,7 @@ void Telemetry::internal_error(std::string_view component) {
 void Telemetry::config_reloaded(bool success) {
   std::lock_guard lock(impl_->mutex);
   ++impl_->labelled(Labelled::config_reloads, {{"result", success ? "success" : "failure"}});
+  impl_->last_reload_successful.store(success, std::memory_order_relaxed);
 }
 
 void Telemetry::state_error(std::string_view reason) { impl_->count_state_error(reason); }
@@ -888,6 +897,8 @@ std::string Telemetry::metrics_text() {
     }
   }
   impl_->snapshot.sockets_unused = impl_->sockets_unused.load(std::memory_order_relaxed);
+  impl_->snapshot.last_reload_successful =
+      impl_->last_reload_successful.load(std::memory_order_relaxed) ? 1 : 0;
   const auto process = read_process_stats();
   std::string text;
   text.reserve(impl_->last_text_size + impl_->last_text_size / 16 + 4096);  // one allocation, no regrowth

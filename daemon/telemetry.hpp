@@ -119,7 +119,10 @@ class Telemetry {
   // mailflow_tlsrpt_deliveries_total{method,result}: a TLS-RPT report tried at one rua (reasons::tlsrpt_methods x
   // reasons::tlsrpt_results, all exported from the start).
   void tlsrpt_delivery(std::string_view method, std::string_view result);
-  void config_reloaded(bool success);  // mailflow_config_reloads_total{result="success"|"failure"}
+  // mailflow_config_reloads_total{result="success"|"failure"}, and mailflow_config_last_reload_successful: 1
+  // from the start, 0 from a refused reload until one succeeds (the counter alone cannot say which came
+  // last).
+  void config_reloaded(bool success);
   // mailflow_sockets_unused: the sockets from systemd (LISTEN_FDS) that no listener accepts on, at start and
   // after every reload.
   void sockets_unused(std::size_t count);

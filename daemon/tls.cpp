@@ -279,7 +279,36 @@ int ServerTls::on_servername(SSL* ssl, int*, void* arg) {
   return SSL_TLSEXT_ERR_OK;  // unknown name: the default certificate answers
 }
 
-ClientTls::ClientTls(const config::Upstream& upstream, const std::string& webpki_ca_file)
+TrustStores::TrustStores(std::string webpki_ca_file) : webpki_ca_file_(std::move(webpki_ca_file)) {}
+
+TrustStores::~TrustStores() {
+  for (auto& [key, entry] : stores_) X509_STORE_free(entry.store);
+}
+
+X509_STORE* TrustStores::web_pki() const { return get(webpki_ca_file_, "the Web PKI trust store"); }
+
+X509_STORE* TrustStores::ca_file(const std::string& path) const { return get(path, "ca_file"); }
+
+// `path` empty: the system's default locations.
+X509_STORE* TrustStores::get(const std::string& path, const std::string& what) const {
+  Store& entry = stores_[what + "\n" + path];
+  if (entry.store == nullptr && entry.error.empty()) {
+    entry.store = X509_STORE_new();
+    const bool loaded =
+        entry.store != nullptr && (path.empty() ? X509_STORE_set_default_paths(entry.store) == 1
+                                                : X509_STORE_load_file(entry.store, path.c_str()) == 1);
+    if (!loaded) {
+      entry.error = "cannot load " + what + " " + (path.empty() ? std::string("(system default)") : path) +
+                    ": " + openssl_error_text();
+      X509_STORE_free(entry.store);
+      entry.store = nullptr;
+    }
+  }
+  if (entry.store == nullptr) throw std::runtime_error(entry.error);
+  return entry.store;
+}
+
+ClientTls::ClientTls(const config::Upstream& upstream, const TrustStores& stores)
     : verify_(upstream.tls == config::UpstreamTls::verify) {
   ctx_ = SSL_CTX_new(TLS_client_method());
   if (ctx_ == nullptr) throw std::runtime_error("SSL_CTX_new: " + openssl_error_text());
@@ -290,26 +319,23 @@ ClientTls::ClientTls(const config::Upstream& upstream, const std::string& webpki
   if (verify_) {
     SSL_CTX_set_min_proto_version(ctx_, TLS1_2_VERSION);
     verify_names_ = upstream.verify_names;
-    if (SSL_CTX_load_verify_locations(ctx_, upstream.ca_file.c_str(), nullptr) != 1) {
+    try {
+      SSL_CTX_set1_cert_store(ctx_, stores.ca_file(upstream.ca_file));  // shared, referenced
+    } catch (...) {
       SSL_CTX_free(ctx_);
-      throw std::runtime_error("cannot load ca_file " + upstream.ca_file + ": " + openssl_error_text());
+      throw;
     }
     SSL_CTX_set_verify(ctx_, SSL_VERIFY_PEER, nullptr);
     // ca_file is this upstream's own requirement (it may be a private CA); MTA-STS asks the Web PKI, as the
     // policy host's certificate is asked (mta_sts.ca_file, else the system's), whatever ca_file trusts.
     if (upstream.mta_sts != config::MtaStsMode::off) {
-      webpki_store_ = X509_STORE_new();
-      const bool loaded =
-          webpki_store_ != nullptr &&
-          (webpki_ca_file.empty() ? X509_STORE_set_default_paths(webpki_store_) == 1
-                                  : X509_STORE_load_file(webpki_store_, webpki_ca_file.c_str()) == 1);
-      if (!loaded) {
-        X509_STORE_free(webpki_store_);
+      try {
+        webpki_store_ = stores.web_pki();
+      } catch (...) {
         SSL_CTX_free(ctx_);
-        throw std::runtime_error("cannot load the Web PKI trust store " +
-                                 (webpki_ca_file.empty() ? std::string("(system default)") : webpki_ca_file) +
-                                 ": " + openssl_error_text());
+        throw;
       }
+      X509_STORE_up_ref(webpki_store_);
     }
   } else {
     // Opportunistic/required TLS to a mail server: encryption without authentication (RFC 7435), and
@@ -325,14 +351,11 @@ ClientTls::ClientTls(const config::Upstream& upstream, const std::string& webpki
     // MTA-STS (RFC 8461 4.2) asks whether the MX's certificate is valid for its name in the Web PKI: the
     // handshake still never fails for it (SSL_VERIFY_NONE), but the verdict is recorded (TlsInfo::verify_error).
     if (upstream.mta_sts != config::MtaStsMode::off) {
-      const bool loaded = webpki_ca_file.empty()
-                              ? SSL_CTX_set_default_verify_paths(ctx_) == 1
-                              : SSL_CTX_load_verify_locations(ctx_, webpki_ca_file.c_str(), nullptr) == 1;
-      if (!loaded) {
+      try {
+        SSL_CTX_set1_cert_store(ctx_, stores.web_pki());  // shared, referenced
+      } catch (...) {
         SSL_CTX_free(ctx_);
-        throw std::runtime_error("cannot load the Web PKI trust store " +
-                                 (webpki_ca_file.empty() ? std::string("(system default)") : webpki_ca_file) +
-                                 ": " + openssl_error_text());
+        throw;
       }
       check_names_ = true;
     }

@@ -3,6 +3,7 @@
 // certificates) and one client context per upstream. Built at start and on reload; a failure to load a
 // certificate is a startup error / a refused reload.
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -85,11 +86,44 @@ CertificateVerdict certificate_verdict(long verify_error);
 // record that fails this, and a handshake left without records verifies against the Web PKI instead of DANE.
 bool tlsa_data_loads(const proto::TlsaRecord& record);
 
+// The trust stores of the upstreams' contexts, each file loaded at most once however many upstreams use it:
+// the Web PKI that MTA-STS verdicts are made against (mta_sts.ca_file, empty: the system's) and each tls:
+// verify upstream's ca_file (the system bundle by default). OpenSSL 3 takes some 50 ms to load the system
+// bundle (it parses each of its ~140 certificates), which every such upstream paid at every start, reload and
+// --check-config, on the event loop that accepts and relays. Not thread-safe while loading; the stores it
+// gives are (OpenSSL locks them), and every ClientTls made from them holds references of its own.
+class TrustStores {
+ public:
+  explicit TrustStores(std::string webpki_ca_file = {});
+  ~TrustStores();
+  TrustStores(const TrustStores&) = delete;
+  TrustStores& operator=(const TrustStores&) = delete;
+
+  // Loaded at the first call; throw std::runtime_error when the file cannot be loaded (at every call, with
+  // the same message).
+  X509_STORE* web_pki() const;
+  X509_STORE* ca_file(const std::string& path) const;
+
+ private:
+  struct Store {
+    X509_STORE* store = nullptr;
+    std::string error;
+  };
+  X509_STORE* get(const std::string& path, const std::string& what) const;
+
+  std::string webpki_ca_file_;
+  mutable std::map<std::string, Store> stores_;  // by "what\npath"
+};
+
 class ClientTls {
  public:
-  // verify: the upstream's certificate must chain to ca_file and match its host name. With upstreams[].mta_sts
-  // on, the Web PKI trust store (`webpki_ca_file`, empty: the system's) records a verdict for every handshake.
-  explicit ClientTls(const config::Upstream& upstream, const std::string& webpki_ca_file = {});
+  // verify: the upstream's certificate must chain to ca_file and match its host name. With
+  // upstreams[].mta_sts on, the Web PKI trust store records a verdict for every handshake. Both from
+  // `stores`.
+  ClientTls(const config::Upstream& upstream, const TrustStores& stores);
+  // With stores of its own (`webpki_ca_file`, empty: the system's).
+  explicit ClientTls(const config::Upstream& upstream, const std::string& webpki_ca_file = {})
+      : ClientTls(upstream, TrustStores(webpki_ca_file)) {}
   ~ClientTls();
   ClientTls(const ClientTls&) = delete;
   ClientTls& operator=(const ClientTls&) = delete;

@@ -240,7 +240,8 @@ TlsRptSender::TlsRptSender(asio::any_io_executor executor, Telemetry& telemetry,
       telemetry_(telemetry),
       runtime_(std::move(runtime)),
       state_dir_(std::move(state_dir)),
-      writer_(writer) {
+      writer_(writer),
+      timer_(executor_) {
   std::random_device random;
   unique_ = (static_cast<std::uint64_t>(random()) << 32) ^ random();
 }
@@ -295,20 +296,26 @@ void TlsRptSender::forget_reports_saved_gone(std::int64_t now) {
 
 asio::awaitable<void> TlsRptSender::run(const std::atomic<bool>& stopping) {
   stopping_ = &stopping;
-  asio::steady_timer timer(executor_);
-  std::chrono::steady_clock::duration wait = std::min<std::chrono::steady_clock::duration>(
-      runtime_()->config->tlsrpt.interval, kFirstRun);
+  // The wait is measured from `since` with the interval of the current configuration: a reload
+  // (reconfigured()) wakes it to measure it again, so that a shorter interval, or send turned on, applies now
+  // and not at the end of a wait begun under the old one (up to a whole old interval).
+  auto since = std::chrono::steady_clock::now();
+  bool first = true;  // the first run comes shortly after start
   for (;;) {
-    timer.expires_after(wait);
+    const auto interval = runtime_()->config->tlsrpt.interval;
+    timer_.expires_at(since + (first ? std::min<std::chrono::steady_clock::duration>(interval, kFirstRun)
+                                     : std::chrono::steady_clock::duration(interval)));
     error_code ec;
-    co_await timer.async_wait(asio::redirect_error(asio::use_awaitable, ec));
+    co_await timer_.async_wait(asio::redirect_error(asio::use_awaitable, ec));
     if (stopping) co_return;
-    const auto runtime = runtime_();
-    wait = runtime->config->tlsrpt.interval;
-    if (!runtime->config->tlsrpt.send) continue;  // kept and served, never sent
-    co_await run_once(unix_now());
+    if (ec == asio::error::operation_aborted) continue;  // reconfigured(): measured again
+    first = false;
+    if (runtime_()->config->tlsrpt.send) co_await run_once(unix_now());  // else kept and served, never sent
+    since = std::chrono::steady_clock::now();
   }
 }
+
+void TlsRptSender::reconfigured() { timer_.cancel(); }
 
 void TlsRptSender::stop() {
   stopped_ = true;

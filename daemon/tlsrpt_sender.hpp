@@ -20,6 +20,7 @@
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/awaitable.hpp>
+#include <boost/asio/steady_timer.hpp>
 
 #include <atomic>
 #include <cstdint>
@@ -83,6 +84,9 @@ class TlsRptSender {
   // The task: a first run shortly after start, then one every tlsrpt.interval while tlsrpt.send is true (a
   // reload may turn it on or off); returns when `stopping` is set.
   boost::asio::awaitable<void> run(const std::atomic<bool>& stopping);
+  // After a reload, on the sender's executor: the wait under way is measured again with the new
+  // tlsrpt.interval (a run that is due by it starts now), and tlsrpt.send applies from then.
+  void reconfigured();
   // One run at unix time `now`: returns how many reports were tried.
   boost::asio::awaitable<std::size_t> run_once(std::int64_t now);
 
@@ -107,6 +111,7 @@ class TlsRptSender {
   std::string state_dir_;
   StateWriter& writer_;
   TlsRptLedger ledger_;
+  boost::asio::steady_timer timer_;          // run()'s wait between runs, which reconfigured() cancels
   std::atomic<bool> ledger_changed_{false};  // since the last save (set again by the writer when it failed)
   // The ledger's text handed to the writer and not yet taken by it (nullopt: no ledger write is queued).
   struct UnsavedLedger {

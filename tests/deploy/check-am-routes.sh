@@ -25,6 +25,7 @@ expect mail-admins              alertname=MailflowOutboundPolicyFailures severit
 expect mail-admins              alertname=MailflowTLSHandshakeFailures severity=warning listener=inbound leg=client
 expect mail-admins              alertname=MailflowCertificateExpiring severity=warning listener=inbound certificate=/etc/mailflowd/tls/mx1.pem instance=r1
 expect mail-admins              alertname=MailflowDescriptorsLow severity=warning job=mailflowd instance=r1
+expect mail-admins              alertname=MailflowConfigReloadFailed severity=warning job=mailflowd instance=r1
 expect oncall-pager,mail-admins alertname=MailflowUpstreamDown severity=critical upstream=mailstore
 expect oncall-pager,mail-admins alertname=MailflowAbsent severity=critical job=mailflowd
 exit $fail

@@ -119,6 +119,8 @@ def render(t):
     family("mailflow_config_reloads_total", "counter", "Configuration reloads")
     sample("mailflow_config_reloads_total", {"result": "success"}, 1)
     sample("mailflow_config_reloads_total", {"result": "failure"}, 0)
+    family("mailflow_config_last_reload_successful", "gauge", "1 when the last reload was applied")
+    sample("mailflow_config_last_reload_successful", {}, 1)
     family("mailflow_certificate_expiry_timestamp_seconds", "gauge", "notAfter of each served certificate")
     for (listener, certificate), days in CERTIFICATE_DAYS_LEFT.items():
         sample("mailflow_certificate_expiry_timestamp_seconds", {"listener": listener, "certificate": certificate},

@@ -8,7 +8,8 @@ tlsrpt.interval and given up after tlsrpt.retry_for, every try counted in mailfl
 sent days forgotten, today's day kept, and tlsrpt.send: false sending nothing. An https rua whose certificate
 names another host, or whose server never answers (tlsrpt.https_timeout), is a temporary failure that says why.
 The retry bookkeeping survives a restart (state_dir/tlsrpt-ledger.state): a rua that took a report does not get
-it again, and retry_for counts from the first try; a corrupt ledger file is moved aside and counted."""
+it again, and retry_for counts from the first try; a corrupt ledger file is moved aside and counted. A reload
+that turns send on with a shorter interval sends at that interval, not at the end of the wait under way."""
 import datetime
 import email
 import email.policy
@@ -17,6 +18,7 @@ import http.server
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -278,6 +280,36 @@ def test_send_false_keeps_the_reports_and_sends_nothing(env):
     assert not harness.series(m, "mailflow_sessions_total", listener="tlsrpt")  # no report mails, no series
     assert not harness.series(m, "mailflow_mx_attempts_total", upstream="tlsrpt")
     assert not harness.series(m, "mailflow_tls_handshake_failures_total", listener="tlsrpt")
+
+
+def test_a_reload_that_turns_send_on_applies_its_interval_to_the_wait_under_way(workdir, knot, certs, https_port,
+                                                                                 daemon_factory):
+    """tlsrpt.send and tlsrpt.interval apply at a reload, to the wait already under way too: a daemon started
+    with send: false and interval: 1h waits a minute for its first run; a reload to send: true, interval: 1s
+    sends the report a second after the start, not at the end of the wait begun before it (a minute here, up to
+    a whole old interval later: 24h for interval: 24h)."""
+    name = "reload-send"
+    state_dir = workdir / f"{name}-state"
+    state_dir.mkdir(exist_ok=True)
+    (state_dir / "tlsrpt.state").write_text(f"""mailflowd-tlsrpt 1
+day {DATE} e.example.net https://reports.rpt.example.net:{https_port}/reload
+policy no-policy-found - - 1 0 0
+""")
+    listeners = [{"name": "out", "address": f"127.0.0.1:{harness.free_port()}", "direction": "outbound",
+                  "upstream": "internet"}]
+    tlsrpt = {"send": False, "interval": "1h", "submitter": SUBMITTER, "ca_file": str(certs / "ca.pem")}
+    daemon = daemon_factory(listeners, [{"name": "internet", "mx": True}], name=name,
+                            dns={"servers": [knot.address], "timeout": "3s"}, tlsrpt=tlsrpt)
+    daemon.config["tlsrpt"] = {**tlsrpt, "send": True, "interval": "1s"}
+    daemon.config_path.write_text(json.dumps(daemon.config, indent=2) + "\n")
+    daemon.proc.send_signal(signal.SIGHUP)
+    harness.wait_for(lambda: harness.value(daemon.metrics(), "mailflow_config_reloads_total", result="success") == 1,
+                     10, what="the reload")
+    reloaded = time.monotonic()
+    harness.wait_for(lambda: [path for path, _, _ in Collector.posts if path == "/reload"], 20,
+                     what="the report sent after the reload")
+    assert time.monotonic() - reloaded < 10  # the first run's minute had not passed
+    assert harness.value(daemon.metrics(), "mailflow_tlsrpt_deliveries_total", method="https", result="success") == 1
 
 
 def ledger_state():
