@@ -469,15 +469,24 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
     // the mail store keeps working (Postfix needs smtp_host_lookup = dns, native for it, which asks the hosts
     // file after DNS). The MX walk asks DNS only, as Postfix's default smtp_host_lookup = dns.
     const bool dane_dns = upstream.tls == config::UpstreamTls::dane;
-    const auto dns =
-        resolver(upstream, dane_dns ? *session_.runtime.resolver : *session_.runtime.hosts_resolver);
+    const ResolverSettings& settings =
+        dane_dns ? *session_.runtime.resolver : *session_.runtime.hosts_resolver;
+    const auto dns = resolver(upstream, settings);
     if (!dns)
       co_return Refusal{proto::format_reply(451, "4.4.3", "DNS resolver unavailable, try again later"), {}};
     name_lookup_ = dns;
     ec = {};  // make_address's
-    session_.deadlines.arm(open_bounded(config_.timeouts.upstream_connect));
-    const AddressResult addresses = co_await dns->resolve_addresses(host);
-    session_.deadlines.disarm(ec);
+    // Under /etc/resolv.conf's search list as getaddrinfo was (a short name such as "mailstore", which a
+    // Kubernetes pod's search list completes): each name in turn until one has addresses, all within
+    // upstream_connect.
+    const auto deadline = open_bounded(config_.timeouts.upstream_connect);
+    AddressResult addresses;
+    for (const auto& name : search_names(host, settings)) {
+      session_.deadlines.arm(deadline);
+      addresses = co_await dns->resolve_addresses(name);
+      session_.deadlines.disarm(ec);
+      if (ec || closed_ || !addresses.addresses.empty()) break;
+    }
     name_lookup_.reset();
     if (closed_) co_return Refusal{upstream_unavailable_reply, {}};
     if (ec == asio::error::timed_out && open_expired()) co_return open_timed_out(upstream, {}, "dns");

@@ -85,18 +85,20 @@ def env(workdir, mailflowd_bin, sink_factory):
     hosts = workdir / "name-lookup-hosts"
     hosts.write_text(f"127.0.0.1 localhost\n{FAST} fast.upstream.test\n{MOVED_FROM} moved.upstream.test\n")
     resolv = workdir / "name-lookup-resolv.conf"
-    resolv.write_text(f"nameserver {DNS_SERVER}\noptions timeout:{RESOLV_TIMEOUT} attempts:1\n")
+    resolv.write_text(f"nameserver {DNS_SERVER}\nsearch upstream.test\noptions timeout:{RESOLV_TIMEOUT} attempts:1\n")
     sink_port = harness.free_port(FAST)
     sink = sink_factory("name-lookup-fast", host=FAST, port=sink_port)
     moved_port = harness.free_port(MOVED_FROM, MOVED_TO)
     moved = {a: sink_factory(f"name-lookup-{a}", host=a, port=moved_port) for a in (MOVED_FROM, MOVED_TO)}
     daemon = None
     try:
-        listen = {"slow": harness.free_port(), "fast": harness.free_port(), "moved": harness.free_port()}
+        listen = {"slow": harness.free_port(), "fast": harness.free_port(), "moved": harness.free_port(),
+                  "short": harness.free_port()}
         listeners = [hh.listener(name, port, name) for name, port in listen.items()]
         upstreams = [{"name": "slow", "address": f"slow.upstream.example:{harness.free_port()}", "tls": "none"},
                      {"name": "fast", "address": f"fast.upstream.test:{sink_port}", "tls": "none"},
-                     {"name": "moved", "address": f"moved.upstream.test:{moved_port}", "tls": "none"}]
+                     {"name": "moved", "address": f"moved.upstream.test:{moved_port}", "tls": "none"},
+                     {"name": "short", "address": f"fast:{sink_port}", "tls": "none"}]
         state = workdir / "name-lookup-state"
         state.mkdir(exist_ok=True)
         # dns.timeout above upstream_connect: upstream_connect is what bounds the lookup.
@@ -161,6 +163,20 @@ def test_lookups_of_a_silent_name_run_side_by_side_and_leave_hosts_names_alone(e
     lines = [x for x in d.stderr().splitlines() if " upstream_error " in x and "upstream=slow " in x]
     assert len(lines) >= SLOW_SESSIONS and all("host=slow.upstream.example" in x and "reason=connect_timeout" in x
                                                for x in lines[-SLOW_SESSIONS:]), lines
+
+
+def test_a_short_name_is_completed_by_the_search_list(env):
+    """"fast:PORT" with `search upstream.test` in resolv.conf: getaddrinfo completed it (a Kubernetes pod's
+    "mailstore:25" works so), libunbound asks only the name as written, so the upstream was unreachable (451
+    after upstream_connect, the silent name server asked for "fast"). The search domains come first for a name
+    with fewer dots than ndots, as glibc does: fast.upstream.test, which the hosts file has."""
+    d = env.daemon
+    before = harness.value(d.metrics(), "mailflow_upstream_errors_total", upstream="short")
+    results = {}
+    rcpt_at(env.listen["short"], time.monotonic(), results, "short")
+    code, text, elapsed = results["short"]
+    assert code == 250 and elapsed < 1.0, f"{results}\n{d.log_tail()}"
+    assert harness.value(d.metrics(), "mailflow_upstream_errors_total", upstream="short") == before
 
 
 def test_sessions_whose_clients_left_end_with_their_lookups(env):
