@@ -1,7 +1,9 @@
 // libunbound behind an awaitable API; see resolver.hpp for the thread model.
 #include "daemon/resolver.hpp"
 
+#include <sys/socket.h>
 #include <unbound.h>
+#include <unistd.h>
 
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
@@ -10,6 +12,7 @@
 #include <boost/asio/redirect_error.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
+#include <cerrno>
 #include <cstring>
 #include <deque>
 #include <fstream>
@@ -18,6 +21,7 @@
 #include <random>
 #include <stdexcept>
 
+#include "daemon/local_shortage.hpp"
 #include "daemon/telemetry.hpp"
 #include "proto/ascii.hpp"
 #include "proto/trust_anchor.hpp"
@@ -60,13 +64,15 @@ std::string_view to_string(DnsOutcome outcome) {
       return "bogus";
     case DnsOutcome::error:
       return "error";
+    case DnsOutcome::local_resources:
+      return "local_resources";
   }
   return "error";
 }
 
 bool is_temporary(DnsOutcome outcome) {
   return outcome == DnsOutcome::servfail || outcome == DnsOutcome::timeout || outcome == DnsOutcome::bogus ||
-         outcome == DnsOutcome::error;
+         outcome == DnsOutcome::error || outcome == DnsOutcome::local_resources;
 }
 
 std::string_view to_string(MxResult::Status status) {
@@ -153,6 +159,20 @@ std::string canonical_name(std::string_view name, const ub_result* result) {
   if (result == nullptr || result->canonname == nullptr) return {};
   std::string canonical = proto::dns_name_key(result->canonname);
   return canonical == proto::dns_name_key(name) ? std::string() : canonical;
+}
+
+// Why this process cannot make a socket right now, where the reason is its own (local_shortage.hpp); empty
+// when it can. libunbound that cannot make the socket for a query (out of descriptors) logs it and answers
+// SERVFAIL, as for a name server that failed: only a socket made (or not) now tells the two apart. Asked only
+// after a SERVFAIL or an error, so an answered lookup costs nothing more.
+boost::system::error_code socket_shortage() {
+  const int fd = ::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  if (fd >= 0) {
+    ::close(fd);
+    return {};
+  }
+  const boost::system::error_code ec(errno, boost::system::system_category());
+  return local_shortage(ec) ? ec : boost::system::error_code();
 }
 
 }  // namespace
@@ -322,6 +342,13 @@ struct Resolver::Impl : std::enable_shared_from_this<Impl> {
     } else {
       query.outcome = query.result->havedata ? DnsOutcome::success : DnsOutcome::nodata;
     }
+    if (query.outcome == DnsOutcome::servfail || query.outcome == DnsOutcome::error) {
+      if (const auto shortage = socket_shortage()) {
+        query.outcome = DnsOutcome::local_resources;
+        spoiled = true;
+        query.detail = "no socket for the query: " + shortage.message() + " (" + query.detail + ")";
+      }
+    }
     if (telemetry != nullptr) telemetry->dns_lookup(query.type, query.outcome);
   }
 
@@ -369,6 +396,7 @@ struct Resolver::Impl : std::enable_shared_from_this<Impl> {
   int outstanding = 0;
   bool pumping = false;
   bool closed = false;
+  bool spoiled = false;  // Resolver::spoiled()
 };
 
 struct Resolver::Lookups {
@@ -415,6 +443,8 @@ Resolver::~Resolver() {
 std::shared_ptr<Resolver> Resolver::share(std::shared_ptr<Resolver> shared) {
   return std::shared_ptr<Resolver>(new Resolver(std::move(shared)));
 }
+
+bool Resolver::spoiled() const { return impl_->spoiled; }
 
 void Resolver::cancel() {
   lookups_->cancelled = true;

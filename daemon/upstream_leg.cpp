@@ -46,13 +46,15 @@ std::string_view connect_failure_reason(const error_code& ec) {
 
 // One Resolver per event loop, i.e. per thread (daemon/resolver.hpp), held by the loop's LoopScope: made on
 // first use, and again when a reload changed `dns` or the trust anchor file's content (`key`, the runtime's
-// resolver settings' key). Sessions hold it (shared) while they use it, so a replaced one lives until they
-// are done. Outside a LoopScope (no loop of the server's) each call makes its own.
+// resolver settings' key), or when one of its lookups could not be sent (Resolver::spoiled(): its cache holds
+// the SERVFAIL that libunbound answered then; the new context's first lookups cost a round trip each).
+// Sessions hold it (shared) while they use it, so a replaced one lives until they are done. Outside a
+// LoopScope (no loop of the server's) each call makes its own.
 std::shared_ptr<Resolver> loop_resolver(const asio::any_io_executor& executor,
                                         const ResolverSettings& settings, Telemetry& telemetry) {
   LoopScope::Resources* loop = LoopScope::current();
   if (loop == nullptr) return std::make_shared<Resolver>(executor, settings, &telemetry);
-  if (!loop->resolver || settings.key != loop->resolver_key) {
+  if (!loop->resolver || settings.key != loop->resolver_key || loop->resolver->spoiled()) {
     loop->resolver = std::make_shared<Resolver>(executor, settings, &telemetry);
     loop->resolver_key = settings.key;
   }
@@ -361,7 +363,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open(const con
   co_return co_await open_fixed(upstream, client, connector);
 }
 
-std::shared_ptr<Resolver> UpstreamLeg::resolver(const config::Upstream& upstream) {
+std::shared_ptr<Resolver> UpstreamLeg::resolver(std::string& error) {
   try {
     auto dns = Resolver::share(loop_resolver(executor_, *session_.runtime.resolver, session_.telemetry));
     dns_ = dns;
@@ -370,19 +372,27 @@ std::shared_ptr<Resolver> UpstreamLeg::resolver(const config::Upstream& upstream
     // The settings were checked at the start or reload: what fails here is the relay's own (the libunbound
     // context's socketpair or resolv.conf at the descriptor limit, memory), none of the upstream's or the
     // domain's.
-    session_.telemetry.upstream_error(upstream.name, "local_resources");
-    log_limited(LogLevel::error, "dns_unavailable",
-                {{"id", session_.id},
-                 {"upstream", upstream.name},
-                 {"reason", "local_resources"},
-                 {"error", e.what()}});
+    error = e.what();
     return nullptr;
   }
 }
 
+UpstreamLeg::Refusal UpstreamLeg::dns_unavailable(const config::Upstream& upstream, const std::string& domain,
+                                                  std::string_view error) {
+  session_.telemetry.upstream_error(upstream.name, "local_resources");
+  log_limited(LogLevel::error, "dns_unavailable",
+              {{"id", session_.id},
+               {"upstream", upstream.name},
+               {"domain", domain},
+               {"reason", "local_resources"},
+               {"error", error}});
+  return Refusal{std::string(dns_unavailable_reply) + "\r\n", {}};
+}
+
 asio::awaitable<proto::DanePlan> UpstreamLeg::plan_dane(Resolver& resolver, const config::Upstream& upstream,
-                                                       const std::string& host, const std::string& canonical,
-                                                       std::uint16_t port, bool secure) {
+                                                        const std::string& host, const std::string& canonical,
+                                                        std::uint16_t port, bool secure,
+                                                        std::string& local_error) {
   if (upstream.tls != config::UpstreamTls::dane) co_return proto::DanePlan{};
   if (!secure) co_return proto::plan_dane(false, nullptr);
   // RFC 7672 2.2.3: the TLSA base domain is the host name's CNAME expansion when it is an alias (a secure address
@@ -399,6 +409,12 @@ asio::awaitable<proto::DanePlan> UpstreamLeg::plan_dane(Resolver& resolver, cons
     // Web PKI.
     std::erase_if(tlsa.answer.records,
                   [](const proto::TlsaRecord& record) { return !tlsa_data_loads(record); });
+    if (tlsa.outcome == DnsOutcome::local_resources) {
+      // No socket for the query: the host's records are unknown, not unlearnable (RFC 7672 2.2 would have the
+      // host skipped, and TLS-RPT report it as the domain's dnssec-invalid).
+      local_error = tlsa.detail;
+      co_return proto::DanePlan{};
+    }
     plan = proto::plan_dane(true, &tlsa.answer);
     detail = tlsa.detail;
     if (plan.kind == proto::DanePlan::Kind::none) continue;  // none there: the next name (a failure is not)
@@ -438,10 +454,12 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
     endpoints.emplace_back(address, port);
   } else if (upstream.tls == config::UpstreamTls::dane) {
     // DANE needs to know whether the host's addresses are DNSSEC-validated: looked up through libunbound.
-    const auto dns = resolver(upstream);
-    if (!dns) co_return Refusal{proto::format_reply(451, "4.4.3", "DNS resolver unavailable, try again later"), {}};
+    std::string dns_error;
+    const auto dns = resolver(dns_error);
+    if (!dns) co_return dns_unavailable(upstream, {}, dns_error);
     const AddressResult addresses = co_await within_open(dns->resolve_addresses(host));
     if (auto over = open_over(upstream, {}, "dns")) co_return over;
+    if (addresses.local_failure()) co_return dns_unavailable(upstream, {}, addresses.detail);
     for (const auto& address : addresses.addresses) endpoints.emplace_back(address, port);
     if (endpoints.empty()) {
       reason = "connect_failed";
@@ -449,9 +467,10 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
       log_limited(LogLevel::warn, "upstream_error",
                   {{"id", session_.id}, {"upstream", upstream.name}, {"reason", reason}, {"error", addresses.detail}});
     } else {
-      dane =
-          co_await within_open(plan_dane(*dns, upstream, host, addresses.canonical, port, addresses.secure));
+      dane = co_await within_open(
+          plan_dane(*dns, upstream, host, addresses.canonical, port, addresses.secure, dns_error));
       if (auto over = open_over(upstream, {}, "dns")) co_return over;
+      if (!dns_error.empty()) co_return dns_unavailable(upstream, {}, dns_error);
     }
   } else {
     ec = {};
@@ -545,11 +564,15 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
   // turn, each attempt with timeouts.upstream_connect of its own, all of it within timeouts.upstream_open:
   // the client waits for its RCPT reply meanwhile, and gives up after 5 minutes (RFC 5321 4.5.3.2.5), so a
   // few hosts that never answer must not keep the later ones from being tried in time, nor hold it past that.
-  const auto resolver = this->resolver(upstream);
-  if (!resolver) co_return Refusal{proto::format_reply(451, "4.4.3", "DNS resolver unavailable, try again later"), {}};
+  std::string dns_error;
+  const auto resolver = this->resolver(dns_error);
+  if (!resolver) co_return dns_unavailable(upstream, domain, dns_error);
   const MxRoute mx = co_await within_open(
       resolve_mx_route(*resolver, *session_.runtime.own_listeners, domain, upstream.port));
   if (auto over = open_over(upstream, domain, "dns")) co_return over;  // before a given-up lookup's verdict
+  // No socket for the lookups: the relay's own failure, not the domain's dns_failure.
+  if (mx.result == MxRoute::Result::local_resources)
+    co_return dns_unavailable(upstream, domain, mx.local_error);
   if (mx.result != MxRoute::Result::deliver) {
     // mailflowd's own refusal of the recipient (null MX, no such domain, a loop, DNS trouble).
     log_limited(LogLevel::info, "mx_route",
@@ -621,11 +644,14 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
     ++tried;
     auto plan = dane_plans.find(attempt.host);
     if (plan == dane_plans.end()) {
-      proto::DanePlan dane = co_await within_open(
-          plan_dane(*resolver, upstream, attempt.host, attempt.canonical, upstream.port, attempt.secure));
+      proto::DanePlan dane = co_await within_open(plan_dane(
+          *resolver, upstream, attempt.host, attempt.canonical, upstream.port, attempt.secure, dns_error));
       plan = dane_plans.emplace(attempt.host, std::move(dane)).first;
     }
     if (auto over = open_over(upstream, domain, "dns")) co_return over;  // no next host
+    // No socket for the TLSA lookup: nothing against the host or in the domain's report, and no next host
+    // (its lookups would fail alike).
+    if (!dns_error.empty()) co_return dns_unavailable(upstream, domain, dns_error);
     const proto::DanePlan& dane = plan->second;
     // DANE, where it applies, governs the host (RFC 8461 2: it takes precedence over MTA-STS).
     const bool by_dane = dane.kind != proto::DanePlan::Kind::none;
