@@ -608,7 +608,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
       if (!sts.policy)
         co_return Refusal{proto::format_reply(451, "4.4.1",
                                               "MTA-STS policy of " + domain +
-                                                  " could not be fetched (local_resources), try again later"),
+                                                  " could not be had (local_resources), try again later"),
                           {}};
     }
   }
