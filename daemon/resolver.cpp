@@ -1,9 +1,7 @@
 // libunbound behind an awaitable API; see resolver.hpp for the thread model.
 #include "daemon/resolver.hpp"
 
-#include <sys/socket.h>
 #include <unbound.h>
-#include <unistd.h>
 
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
@@ -12,7 +10,6 @@
 #include <boost/asio/redirect_error.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
-#include <cerrno>
 #include <cstring>
 #include <deque>
 #include <fstream>
@@ -159,20 +156,6 @@ std::string canonical_name(std::string_view name, const ub_result* result) {
   if (result == nullptr || result->canonname == nullptr) return {};
   std::string canonical = proto::dns_name_key(result->canonname);
   return canonical == proto::dns_name_key(name) ? std::string() : canonical;
-}
-
-// Why this process cannot make a socket right now, where the reason is its own (local_shortage.hpp); empty
-// when it can. libunbound that cannot make the socket for a query (out of descriptors) logs it and answers
-// SERVFAIL, as for a name server that failed: only a socket made (or not) now tells the two apart. Asked only
-// after a SERVFAIL or an error, so an answered lookup costs nothing more.
-boost::system::error_code socket_shortage() {
-  const int fd = ::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-  if (fd >= 0) {
-    ::close(fd);
-    return {};
-  }
-  const boost::system::error_code ec(errno, boost::system::system_category());
-  return local_shortage(ec) ? ec : boost::system::error_code();
 }
 
 }  // namespace
@@ -342,6 +325,9 @@ struct Resolver::Impl : std::enable_shared_from_this<Impl> {
     } else {
       query.outcome = query.result->havedata ? DnsOutcome::success : DnsOutcome::nodata;
     }
+    // libunbound that cannot make the socket for a query (out of descriptors) logs "can't create socket" and
+    // answers SERVFAIL, as for a name server that failed: only a socket made (or not) now tells the two
+    // apart. Asked only after a SERVFAIL or an error, so an answered lookup costs nothing more.
     if (query.outcome == DnsOutcome::servfail || query.outcome == DnsOutcome::error) {
       if (const auto shortage = socket_shortage()) {
         query.outcome = DnsOutcome::local_resources;
