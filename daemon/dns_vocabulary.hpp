@@ -20,13 +20,15 @@ enum class DnsOutcome {
   timeout,   // no answer within dns.timeout; the query was cancelled
   bogus,     // DNSSEC validation failed (only with dns.trust_anchor_file)
   error,     // anything else: REFUSED, FORMERR, a resolver library error
+  // SERVFAIL or an error while this process could not make a socket (local_shortage.hpp: out of descriptors,
+  // memory, buffers): libunbound could not send the query, so the answer says nothing about the name
+  local_resources,
 };
-inline constexpr std::array<DnsOutcome, 7> all_dns_outcomes{DnsOutcome::success,  DnsOutcome::nodata,
-                                                            DnsOutcome::nxdomain, DnsOutcome::servfail,
-                                                            DnsOutcome::timeout,  DnsOutcome::bogus,
-                                                            DnsOutcome::error};
+inline constexpr std::array<DnsOutcome, 8> all_dns_outcomes{
+    DnsOutcome::success, DnsOutcome::nodata, DnsOutcome::nxdomain, DnsOutcome::servfail,
+    DnsOutcome::timeout, DnsOutcome::bogus,  DnsOutcome::error,    DnsOutcome::local_resources};
 std::string_view to_string(DnsOutcome outcome);
-// servfail, timeout, bogus and error: try again later (451 4.4.3), never a bounce.
+// servfail, timeout, bogus, error and local_resources: try again later (451 4.4.3), never a bounce.
 bool is_temporary(DnsOutcome outcome);
 
 }  // namespace mailflow

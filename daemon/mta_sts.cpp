@@ -79,8 +79,9 @@ net::awaitable<PolicyFetch> fetch_policy(net::any_io_executor executor, std::str
     // The daemon's own DNS (dns.servers, dns.timeout), as for the MX hosts; else the system's (getaddrinfo).
     const AddressResult addresses = co_await resolver->resolve_addresses(host);
     request.addresses = addresses.addresses;
+    // No socket for the lookup (DnsOutcome::local_resources): the relay's own failure, as for the fetch's.
     if (request.addresses.empty())
-      co_return failed(Status::fetch_error,
+      co_return failed(addresses.local_failure() ? Status::local_error : Status::fetch_error,
                        with("cannot resolve") + (addresses.detail.empty() ? "no address" : addresses.detail));
   }
 
@@ -162,6 +163,15 @@ net::awaitable<PolicyState> lookup_policy(Resolver& resolver, MtaStsCache& cache
   std::string id;  // the policy to fetch if it is due: the one the TXT record names
   state.txt = txt.outcome;
   state.txt_detail = txt.detail;
+  if (txt.outcome == DnsOutcome::local_resources) {
+    // No socket for the query: nothing is known of the domain's record, which other failures take as none
+    // (section 5). As for a fetch that failed so: a cached policy stays in force, without one the MX walk
+    // waits rather than deliver as though the domain published none.
+    state.local_failure = true;
+    state.detail = "_mta-sts." + domain + ": " + txt.detail;
+    if (cached) use(*cached, true);
+    co_return state;
+  }
   if (txt.outcome != DnsOutcome::success) {
     state.detail = "_mta-sts." + domain + ": " + std::string(to_string(txt.outcome));
   } else {

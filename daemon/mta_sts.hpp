@@ -47,7 +47,8 @@ struct PolicyFetch {
     invalid,         // an answer that is not a valid policy (sts-policy-invalid)
     webpki_invalid,  // the certificate of mta-sts.<domain> did not verify (sts-webpki-invalid)
     local_error,     // the relay's own failure, none of the domain's: mta_sts.ca_file could not be loaded, or
-                  // no socket for want of descriptors, memory or ports (HttpsResponse::local); not reported
+                  // no socket for want of descriptors, memory or ports (HttpsResponse::local, or the lookup
+                  // of mta-sts.<domain>'s addresses: DnsOutcome::local_resources); not reported
   };
   Status status = Status::fetch_error;
   std::optional<proto::mta_sts::Policy> policy;
@@ -74,14 +75,15 @@ struct PolicyState {
   // or sts-webpki-invalid; with a still-valid cached policy the failure is reported and that policy used.
   std::optional<proto::tlsrpt::ResultType> failure;
   std::string detail;
-  // The fetch failed for a reason of the relay's own (PolicyFetch::Status::local_error; `detail` says why):
-  // nothing to report, and not recorded as the domain's failed fetch, so the next message fetches again; a
-  // cached policy stays in force as after a failed refresh, and without one the MX walk does not go on
-  // (451 4.4.1, upstream_errors local_resources) rather than deliver as though the domain published none.
+  // The fetch, or the _mta-sts TXT lookup (DnsOutcome::local_resources), failed for a reason of the relay's
+  // own (PolicyFetch::Status::local_error; `detail` says why): nothing to report, and not recorded as the
+  // domain's failed fetch, so the next message fetches again; a cached policy stays in force as after a
+  // failed refresh, and without one the MX walk does not go on (451 4.4.1, upstream_errors local_resources)
+  // rather than deliver as though the domain published none.
   bool local_failure = false;
-  // The _mta-sts TXT lookup: a temporary failure (is_temporary: timeout, servfail, bogus, error) is taken as
-  // no record (RFC 8461 5: the cached policy, if any, else none) and is not reported; `mailflowd mta-sts`
-  // says so.
+  // The _mta-sts TXT lookup: a temporary failure (is_temporary: timeout, servfail, bogus, error; not
+  // local_resources, above) is taken as no record (RFC 8461 5: the cached policy, if any, else none) and is
+  // not reported; `mailflowd mta-sts` says so.
   DnsOutcome txt = DnsOutcome::error;
   std::string txt_detail;  // the resolver's words for a failed TXT lookup
 

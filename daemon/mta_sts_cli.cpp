@@ -171,11 +171,12 @@ int run_mta_sts_cli(int argc, char** argv, std::ostream& out, std::ostream& err)
                              ", \"txt\": " + quote(to_string(state.txt)) +
                              ", \"elapsed_ms\": " + elapsed_ms() + "}\n";
                       code = state.failure ? 3 : 0;
-                      // The fetch failed for a reason of this host's own (its CA file, no socket): the relay
-                      // reports nothing and does not deliver without a policy; the mode shown is no answer.
+                      // The fetch or the TXT lookup failed for a reason of this host's own (its CA file, no
+                      // socket): the relay reports nothing and does not deliver without a policy; the mode
+                      // shown is no answer.
                       if (code == 0 && state.local_failure) {
-                        txt_failed = "the policy fetch failed for a reason of this host's (" + state.detail +
-                                     "): the mode shown is not what the domain publishes";
+                        txt_failed = "the policy could not be had for a reason of this host's (" +
+                                     state.detail + "): the mode shown is not what the domain publishes";
                         code = 4;
                       }
                       // The relay takes a failed TXT lookup as no record and reports nothing; whoever asks

@@ -24,6 +24,8 @@ std::string_view to_string(MxRoute::Result result) {
       return "address_literal";
     case MxRoute::Result::no_domain:
       return "no_domain";
+    case MxRoute::Result::local_resources:
+      return "local_resources";
   }
   return "dns_failure";
 }
@@ -62,6 +64,12 @@ boost::asio::awaitable<MxRoute> resolve_mx_route(Resolver& resolver, const OwnLi
       route.reply = "550 5.1.2 Recipient address rejected: domain " + route.domain + " does not exist";
       co_return route;
     case MxResult::Status::failed:
+      if (route.mx->outcome == DnsOutcome::local_resources) {
+        route.result = MxRoute::Result::local_resources;
+        route.reply = dns_unavailable_reply;
+        route.local_error = "MX " + route.domain + ": " + route.mx->detail;
+        co_return route;
+      }
       route.result = MxRoute::Result::dns_failure;
       route.reply = "451 4.4.3 Temporary DNS failure for " + route.domain + " (MX: " + route.mx->detail + ")";
       co_return route;
@@ -104,11 +112,14 @@ boost::asio::awaitable<MxRoute> resolve_mx_route(Resolver& resolver, const OwnLi
   }
   route.address_limited = usable > mx_address_limit || may_be_tried();
   std::string temporary;  // the first host that may be tried and could not be looked up now, and why
+  bool local = false;     // that host's lookup could not be sent (no socket: AddressResult::local_failure)
   for (auto& entry : route.hosts) {
     entry.skipped = self_preference && entry.host.preference >= *self_preference;
     if (entry.skipped) continue;
-    if (temporary.empty() && entry.addresses.status == AddressResult::Status::failed)
+    if (temporary.empty() && entry.addresses.status == AddressResult::Status::failed) {
       temporary = entry.host.name + ": " + entry.addresses.detail;
+      local = entry.addresses.local_failure();
+    }
     for (const auto& address : entry.addresses.addresses) {
       if (route.attempts.size() == mx_address_limit) break;
       route.attempts.push_back(
@@ -117,6 +128,10 @@ boost::asio::awaitable<MxRoute> resolve_mx_route(Resolver& resolver, const OwnLi
   }
   if (!route.attempts.empty()) {
     route.result = MxRoute::Result::deliver;
+  } else if (local) {
+    route.result = MxRoute::Result::local_resources;
+    route.reply = dns_unavailable_reply;
+    route.local_error = temporary;
   } else if (!temporary.empty()) {
     // Before the loop check: a host preferred over this relay whose lookup failed for now may take the mail
     // once DNS answers, so the sender tries again (a DNS failure is never a bounce).

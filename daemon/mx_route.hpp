@@ -26,6 +26,11 @@ class OwnListeners;
 constexpr std::size_t mx_address_limit = 5;
 constexpr std::size_t mx_session_limit = 2;
 
+// The reply to a recipient whose route this relay cannot look up for a reason of its own: its DNS resolver
+// could not be made, or a lookup could not be sent (MxRoute::Result::local_resources, a TLSA lookup).
+inline constexpr std::string_view dns_unavailable_reply =
+    "451 4.4.3 DNS resolver unavailable, try again later";
+
 struct MxTarget {
   proto::MxHost host;
   AddressResult addresses;
@@ -45,14 +50,27 @@ struct MxRoute {
   std::vector<MxTarget> hosts;    // those looked up, in the plan's order (mx->plan.hosts may name more)
   std::vector<Attempt> attempts;  // in the order to connect, at most mx_address_limit
   bool address_limited = false;   // mx_address_limit left hosts unlooked-up or addresses untried
+  // local_resources: the lookups could not be sent, this process could not make a socket for them
+  // (DnsOutcome::local_resources): no failure of the domain's (not counted in mailflow_rejects_total).
   enum class Result {
-    deliver, null_mx, nxdomain, no_addresses, dns_failure, loop, address_literal, no_domain
+    deliver,
+    null_mx,
+    nxdomain,
+    no_addresses,
+    dns_failure,
+    loop,
+    address_literal,
+    no_domain,
+    local_resources
   };
   Result result = Result::dns_failure;
   std::string reply;  // the reply to the RCPT instead of delivering (empty with deliver)
-  bool permanent() const { return result != Result::deliver && result != Result::dns_failure; }
+  std::string local_error;  // local_resources: which lookup could not be sent, and why
+  bool permanent() const {
+    return result != Result::deliver && result != Result::dns_failure && result != Result::local_resources;
+  }
 };
-// deliver, null_mx, nxdomain, no_addresses, dns_failure, loop, address_literal, no_domain
+// deliver, null_mx, nxdomain, no_addresses, dns_failure, loop, address_literal, no_domain, local_resources
 std::string_view to_string(MxRoute::Result result);
 
 // Resolves `domain`'s route for delivery on `port`; every lookup goes through `resolver` (and is counted

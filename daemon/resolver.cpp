@@ -19,6 +19,7 @@
 #include <random>
 #include <stdexcept>
 
+#include "daemon/local_shortage.hpp"
 #include "daemon/telemetry.hpp"
 #include "proto/ascii.hpp"
 #include "proto/trust_anchor.hpp"
@@ -61,13 +62,15 @@ std::string_view to_string(DnsOutcome outcome) {
       return "bogus";
     case DnsOutcome::error:
       return "error";
+    case DnsOutcome::local_resources:
+      return "local_resources";
   }
   return "error";
 }
 
 bool is_temporary(DnsOutcome outcome) {
   return outcome == DnsOutcome::servfail || outcome == DnsOutcome::timeout || outcome == DnsOutcome::bogus ||
-         outcome == DnsOutcome::error;
+         outcome == DnsOutcome::error || outcome == DnsOutcome::local_resources;
 }
 
 std::string_view to_string(MxResult::Status status) {
@@ -333,6 +336,16 @@ struct Resolver::Impl : std::enable_shared_from_this<Impl> {
     } else {
       query.outcome = query.result->havedata ? DnsOutcome::success : DnsOutcome::nodata;
     }
+    // libunbound that cannot make the socket for a query (out of descriptors) logs "can't create socket" and
+    // answers SERVFAIL, as for a name server that failed: only a socket made (or not) now tells the two
+    // apart. Asked only after a SERVFAIL or an error, so an answered lookup costs nothing more.
+    if (query.outcome == DnsOutcome::servfail || query.outcome == DnsOutcome::error) {
+      if (const auto shortage = socket_shortage()) {
+        query.outcome = DnsOutcome::local_resources;
+        spoiled = true;
+        query.detail = "no socket for the query: " + shortage.message() + " (" + query.detail + ")";
+      }
+    }
     if (telemetry != nullptr) telemetry->dns_lookup(query.type, query.outcome);
   }
 
@@ -380,6 +393,7 @@ struct Resolver::Impl : std::enable_shared_from_this<Impl> {
   int outstanding = 0;
   bool pumping = false;
   bool closed = false;
+  bool spoiled = false;  // Resolver::spoiled()
 };
 
 struct Resolver::Lookups {
@@ -426,6 +440,8 @@ Resolver::~Resolver() {
 std::shared_ptr<Resolver> Resolver::share(std::shared_ptr<Resolver> shared) {
   return std::shared_ptr<Resolver>(new Resolver(std::move(shared)));
 }
+
+bool Resolver::spoiled() const { return impl_->spoiled; }
 
 void Resolver::cancel() {
   lookups_->cancelled = true;

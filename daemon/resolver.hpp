@@ -64,6 +64,13 @@ struct AddressResult {
   // the final dot); "" when the name is no alias. DANE looks for TLSA records there first (RFC 7672 2.2.3).
   std::string canonical;
   std::string detail;  // failed: the failed lookup's reason; none: both answers ("AAAA nxdomain, A nxdomain")
+
+  // Failed because this process could not make a socket for a lookup (DnsOutcome::local_resources): nothing
+  // is known about the name.
+  bool local_failure() const {
+    return status == Status::failed &&
+           (aaaa == DnsOutcome::local_resources || a == DnsOutcome::local_resources);
+  }
 };
 std::string_view to_string(AddressResult::Status status);  // "addresses", "none", "failed"
 
@@ -174,6 +181,10 @@ class Resolver {
   // (DnsOutcome::error, detail "cancelled") without waiting for an answer, and is not counted. For a session
   // that was closed (drain timeout, shutdown): its lookups must not hold it open, nor lead it on to connect.
   void cancel();
+  // A lookup on this context could not be sent (DnsOutcome::local_resources). libunbound keeps the SERVFAIL
+  // it answered in its cache for a while, and would give it for the same name once descriptors are back, as
+  // though the name's servers had failed: such a context is replaced (loop_resolver) rather than used on.
+  bool spoiled() const;
 
  private:
   struct Impl;

@@ -46,8 +46,10 @@ std::string_view connect_failure_reason(const error_code& ec) {
 
 // One Resolver per event loop, i.e. per thread (daemon/resolver.hpp), held by the loop's LoopScope: made on
 // first use, and again when a reload changed `dns` or the trust anchor file's content (`key`, the runtime's
-// resolver settings' key). Sessions hold it (shared) while they use it, so a replaced one lives until they
-// are done. Outside a LoopScope (no loop of the server's) each call makes its own. Settings with a hosts file
+// resolver settings' key), or when one of its lookups could not be sent (Resolver::spoiled(): its cache holds
+// the SERVFAIL that libunbound answered then; the new context's first lookups cost a round trip each).
+// Sessions hold it (shared) while they use it, so a replaced one lives until they are done. Outside a
+// LoopScope (no loop of the server's) each call makes its own. Settings with a hosts file
 // (Runtime::hosts_resolver, fixed upstreams' names) have a Resolver of their own, so that the hosts file's
 // names never answer the MX walk's, DANE's or MTA-STS's lookups.
 std::shared_ptr<Resolver> loop_resolver(const asio::any_io_executor& executor,
@@ -57,7 +59,7 @@ std::shared_ptr<Resolver> loop_resolver(const asio::any_io_executor& executor,
   const bool hosts = !settings.hosts_file.empty();
   std::shared_ptr<Resolver>& resolver = hosts ? loop->hosts_resolver : loop->resolver;
   std::string& key = hosts ? loop->hosts_resolver_key : loop->resolver_key;
-  if (!resolver || settings.key != key) {
+  if (!resolver || settings.key != key || resolver->spoiled()) {
     resolver = std::make_shared<Resolver>(executor, settings, &telemetry);
     key = settings.key;
   }
@@ -383,8 +385,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open(const con
   co_return co_await open_fixed(upstream, client, connector);
 }
 
-std::shared_ptr<Resolver> UpstreamLeg::resolver(const config::Upstream& upstream,
-                                                const ResolverSettings& settings) {
+std::shared_ptr<Resolver> UpstreamLeg::resolver(const ResolverSettings& settings, std::string& error) {
   try {
     auto dns = Resolver::share(loop_resolver(executor_, settings, session_.telemetry));
     dns_ = dns;
@@ -393,19 +394,27 @@ std::shared_ptr<Resolver> UpstreamLeg::resolver(const config::Upstream& upstream
     // The settings were checked at the start or reload: what fails here is the relay's own (the libunbound
     // context's socketpair or resolv.conf at the descriptor limit, memory), none of the upstream's or the
     // domain's.
-    session_.telemetry.upstream_error(upstream.name, "local_resources");
-    log_limited(LogLevel::error, "dns_unavailable",
-                {{"id", session_.id},
-                 {"upstream", upstream.name},
-                 {"reason", "local_resources"},
-                 {"error", e.what()}});
+    error = e.what();
     return nullptr;
   }
 }
 
+UpstreamLeg::Refusal UpstreamLeg::dns_unavailable(const config::Upstream& upstream, const std::string& domain,
+                                                  std::string_view error) {
+  session_.telemetry.upstream_error(upstream.name, "local_resources");
+  log_limited(LogLevel::error, "dns_unavailable",
+              {{"id", session_.id},
+               {"upstream", upstream.name},
+               {"domain", domain},
+               {"reason", "local_resources"},
+               {"error", error}});
+  return Refusal{std::string(dns_unavailable_reply) + "\r\n", {}};
+}
+
 asio::awaitable<proto::DanePlan> UpstreamLeg::plan_dane(Resolver& resolver, const config::Upstream& upstream,
-                                                       const std::string& host, const std::string& canonical,
-                                                       std::uint16_t port, bool secure) {
+                                                        const std::string& host, const std::string& canonical,
+                                                        std::uint16_t port, bool secure,
+                                                        std::string& local_error) {
   if (upstream.tls != config::UpstreamTls::dane) co_return proto::DanePlan{};
   if (!secure) co_return proto::plan_dane(false, nullptr);
   // RFC 7672 2.2.3: the TLSA base domain is the host name's CNAME expansion when it is an alias (a secure address
@@ -422,6 +431,12 @@ asio::awaitable<proto::DanePlan> UpstreamLeg::plan_dane(Resolver& resolver, cons
     // Web PKI.
     std::erase_if(tlsa.answer.records,
                   [](const proto::TlsaRecord& record) { return !tlsa_data_loads(record); });
+    if (tlsa.outcome == DnsOutcome::local_resources) {
+      // No socket for the query: the host's records are unknown, not unlearnable (RFC 7672 2.2 would have the
+      // host skipped, and TLS-RPT report it as the domain's dnssec-invalid).
+      local_error = tlsa.detail;
+      co_return proto::DanePlan{};
+    }
     plan = proto::plan_dane(true, &tlsa.answer);
     detail = tlsa.detail;
     if (plan.kind == proto::DanePlan::Kind::none) continue;  // none there: the next name (a failure is not)
@@ -471,9 +486,9 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
     const bool dane_dns = upstream.tls == config::UpstreamTls::dane;
     const ResolverSettings& settings =
         dane_dns ? *session_.runtime.resolver : *session_.runtime.hosts_resolver;
-    const auto dns = resolver(upstream, settings);
-    if (!dns)
-      co_return Refusal{proto::format_reply(451, "4.4.3", "DNS resolver unavailable, try again later"), {}};
+    std::string dns_error;
+    const auto dns = resolver(settings, dns_error);
+    if (!dns) co_return dns_unavailable(upstream, {}, dns_error);
     name_lookup_ = dns;
     ec = {};  // make_address's
     // Under /etc/resolv.conf's search list as getaddrinfo was (a short name such as "mailstore", which a
@@ -485,11 +500,13 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
       session_.deadlines.arm(deadline);
       addresses = co_await dns->resolve_addresses(name);
       session_.deadlines.disarm(ec);
-      if (ec || closed_ || !addresses.addresses.empty()) break;
+      if (ec || closed_ || !addresses.addresses.empty() || addresses.local_failure()) break;
     }
     name_lookup_.reset();
     if (closed_) co_return Refusal{upstream_unavailable_reply, {}};
     if (ec == asio::error::timed_out && open_expired()) co_return open_timed_out(upstream, {}, "dns");
+    // No socket for the lookup: the relay's own failure, not the upstream's connect_failed.
+    if (!ec && addresses.local_failure()) co_return dns_unavailable(upstream, {}, addresses.detail);
     if (!ec)
       for (const auto& address : addresses.addresses) endpoints.emplace_back(address, port);
     if (endpoints.empty()) {
@@ -507,9 +524,10 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
                    {"reason", reason},
                    {"error", error}});
     } else if (dane_dns) {
-      dane =
-          co_await within_open(plan_dane(*dns, upstream, host, addresses.canonical, port, addresses.secure));
+      dane = co_await within_open(
+          plan_dane(*dns, upstream, host, addresses.canonical, port, addresses.secure, dns_error));
       if (auto over = open_over(upstream, {}, "dns")) co_return over;
+      if (!dns_error.empty()) co_return dns_unavailable(upstream, {}, dns_error);
     }
   }
   // Under tls: dane every TLS session is counted under the policy that governed it, as in the MX walk (there is
@@ -586,11 +604,15 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
   // turn, each attempt with timeouts.upstream_connect of its own, all of it within timeouts.upstream_open:
   // the client waits for its RCPT reply meanwhile, and gives up after 5 minutes (RFC 5321 4.5.3.2.5), so a
   // few hosts that never answer must not keep the later ones from being tried in time, nor hold it past that.
-  const auto resolver = this->resolver(upstream, *session_.runtime.resolver);
-  if (!resolver) co_return Refusal{proto::format_reply(451, "4.4.3", "DNS resolver unavailable, try again later"), {}};
+  std::string dns_error;
+  const auto resolver = this->resolver(*session_.runtime.resolver, dns_error);
+  if (!resolver) co_return dns_unavailable(upstream, domain, dns_error);
   const MxRoute mx = co_await within_open(
       resolve_mx_route(*resolver, *session_.runtime.own_listeners, domain, upstream.port));
   if (auto over = open_over(upstream, domain, "dns")) co_return over;  // before a given-up lookup's verdict
+  // No socket for the lookups: the relay's own failure, not the domain's dns_failure.
+  if (mx.result == MxRoute::Result::local_resources)
+    co_return dns_unavailable(upstream, domain, mx.local_error);
   if (mx.result != MxRoute::Result::deliver) {
     // mailflowd's own refusal of the recipient (null MX, no such domain, a loop, DNS trouble).
     log_limited(LogLevel::info, "mx_route",
@@ -626,7 +648,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
       if (!sts.policy)
         co_return Refusal{proto::format_reply(451, "4.4.1",
                                               "MTA-STS policy of " + domain +
-                                                  " could not be fetched (local_resources), try again later"),
+                                                  " could not be had (local_resources), try again later"),
                           {}};
     }
   }
@@ -662,11 +684,14 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
     ++tried;
     auto plan = dane_plans.find(attempt.host);
     if (plan == dane_plans.end()) {
-      proto::DanePlan dane = co_await within_open(
-          plan_dane(*resolver, upstream, attempt.host, attempt.canonical, upstream.port, attempt.secure));
+      proto::DanePlan dane = co_await within_open(plan_dane(
+          *resolver, upstream, attempt.host, attempt.canonical, upstream.port, attempt.secure, dns_error));
       plan = dane_plans.emplace(attempt.host, std::move(dane)).first;
     }
     if (auto over = open_over(upstream, domain, "dns")) co_return over;  // no next host
+    // No socket for the TLSA lookup: nothing against the host or in the domain's report, and no next host
+    // (its lookups would fail alike).
+    if (!dns_error.empty()) co_return dns_unavailable(upstream, domain, dns_error);
     const proto::DanePlan& dane = plan->second;
     // DANE, where it applies, governs the host (RFC 8461 2: it takes precedence over MTA-STS).
     const bool by_dane = dane.kind != proto::DanePlan::Kind::none;

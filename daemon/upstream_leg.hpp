@@ -144,16 +144,25 @@ class UpstreamLeg {
                                           bool plaintext = false);
   // tls: dane: the TLSA records of `host` (when its DNS is `secure`; first those of its CNAME expansion
   // `canonical`, when it is an alias) and what they ask. The MX walk and a fixed upstream both plan with it.
+  // `local_error`: set (and the plan not to be used) when a TLSA lookup could not be sent for a reason of
+  // this relay's own (DnsOutcome::local_resources): nothing is known about the host's records.
   boost::asio::awaitable<proto::DanePlan> plan_dane(Resolver& resolver, const config::Upstream& upstream,
                                                     const std::string& host, const std::string& canonical,
-                                                    std::uint16_t port, bool secure);
+                                                    std::uint16_t port, bool secure,
+                                                    std::string& local_error);
   boost::asio::awaitable<std::optional<Refusal>> open_fixed(const config::Upstream& upstream, const Client& client,
                                                             std::string_view connector);
   // The event loop's for `settings` (the runtime's resolver, or its hosts_resolver for a fixed upstream's
-  // host name), shared for this leg's lookups (force_close() gives them up); null, logged and counted as
-  // upstream_errors local_resources for `upstream`, when it cannot be made (the libunbound context at the
-  // descriptor limit).
-  std::shared_ptr<Resolver> resolver(const config::Upstream& upstream, const ResolverSettings& settings);
+  // host name), shared for this leg's lookups (force_close() gives them up); null when it cannot be made (the
+  // libunbound context at the descriptor limit), `error` saying why (for dns_unavailable()).
+  std::shared_ptr<Resolver> resolver(const ResolverSettings& settings, std::string& error);
+  // The relay's DNS cannot work now for a reason of its own (the resolver cannot be made, a lookup could not
+  // be sent: out of descriptors): counted as upstream_errors local_resources for `upstream` (no failure of
+  // the upstream's or the domain's, so MailflowUpstreamDown leaves it out), logged `dns_unavailable` with
+  // `domain` (when there is one) and `error`, and the recipient's 451 4.4.3 (mx_route.hpp
+  // dns_unavailable_reply).
+  Refusal dns_unavailable(const config::Upstream& upstream, const std::string& domain,
+                          std::string_view error);
   boost::asio::awaitable<std::optional<Refusal>> open_mx(const config::Upstream& upstream,
                                                          const std::string& domain, const Client& client,
                                                          std::string_view connector);
