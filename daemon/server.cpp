@@ -690,7 +690,7 @@ struct Server::Impl {
       const auto addresses = telemetry.addresses_to_name(name_batch);
       if (addresses.empty()) continue;
       const auto snapshot = current();  // kept: a reload may replace the current one meanwhile
-      if (!resolver || snapshot->resolver->key != resolver_key) {
+      if (!resolver || snapshot->resolver->key != resolver_key || resolver->spoiled()) {
         try {
           resolver = std::make_shared<Resolver>(io.get_executor(), *snapshot->resolver, &telemetry);
           resolver_key = snapshot->resolver->key;

@@ -519,7 +519,7 @@ asio::awaitable<TlsRptDelivery> TlsRptSender::deliver_https(const Runtime& runti
     request.addresses.push_back(literal);
   } else {
     // The daemon's resolver (dns.*), as for MX hosts.
-    if (!resolver_) {
+    if (!resolver_ || resolver_->spoiled()) {  // spoiled: its cache holds a SERVFAIL of ours (resolver.hpp)
       try {
         resolver_ = std::make_shared<Resolver>(executor_, *runtime.resolver, &telemetry_);
       } catch (const std::exception& e) {
