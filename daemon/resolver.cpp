@@ -1,6 +1,7 @@
 // libunbound behind an awaitable API; see resolver.hpp for the thread model.
 #include "daemon/resolver.hpp"
 
+#include <unbound-event.h>
 #include <unbound.h>
 
 #include <algorithm>
@@ -11,15 +12,18 @@
 #include <boost/asio/redirect_error.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
+#include <cstdio>
 #include <cstring>
 #include <deque>
 #include <fstream>
 #include <iterator>
+#include <mutex>
 #include <optional>
 #include <random>
 #include <stdexcept>
 
 #include "daemon/local_shortage.hpp"
+#include "daemon/log.hpp"
 #include "daemon/telemetry.hpp"
 #include "proto/ascii.hpp"
 #include "proto/trust_anchor.hpp"
@@ -174,6 +178,100 @@ std::optional<std::string> join_txt_rdata(std::string_view rdata) {
 }
 
 // --------------------------------------------------------------------------------------------------------------
+// libunbound's own messages ("error: can't create socket: Too many open files", about five per lookup at the
+// descriptor limit) go into mailflowd's log as dns_library events, in its format and rate-limited: written to
+// standard error as they were, they broke log.format json's one object per line, and a broken network could
+// flood the journal with them. libunbound 1.17 keeps the file it logs to in one process-wide variable
+// (ub_ctx_debugout sets it, each context sets it again when it is first used), and ub_ctx_delete of any
+// context that set it resets it to none, so a keeper context that is never deleted sets it back after each
+// delete. Both are serialised by library_log_mutex, so that no context is made while it is reset
+// (ub_ctx_create then points the variable at standard error again).
+namespace {
+
+std::mutex library_log_mutex;
+
+// The text of one line libunbound wrote, "[1733450000] libunbound[1234:0] error: ...", without its time and
+// ident.
+std::string_view library_message(std::string_view line) {
+  if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
+  if (!line.starts_with('[')) return line;
+  const auto time_end = line.find("] ");
+  if (time_end == std::string_view::npos) return line;
+  const auto ident_end = line.find("] ", time_end + 2);
+  if (ident_end == std::string_view::npos) return line;
+  return line.substr(ident_end + 2);
+}
+
+// The FILE's cookie: what libunbound's threads write, cut into lines (a line may come in several writes).
+struct LibraryLog {
+  static constexpr std::size_t max_line = 4096;
+  std::mutex mutex;
+  std::string pending;
+
+  void write(std::string_view data) {
+    std::lock_guard lock(mutex);
+    pending.append(data);
+    std::size_t start = 0;
+    for (std::size_t end; (end = pending.find('\n', start)) != std::string::npos; start = end + 1)
+      emit(std::string_view(pending).substr(start, end - start));
+    pending.erase(0, start);
+    if (pending.size() > max_line) {
+      emit(pending);
+      pending.clear();
+    }
+  }
+  static void emit(std::string_view line) {
+    const std::string_view message = library_message(line);
+    if (message.empty()) return;
+    log_limited(LogLevel::warn, "dns_library", {{"message", message.substr(0, max_line)}});
+  }
+};
+
+// Made once, never closed or freed: libunbound's threads may write to it until the process ends.
+FILE* library_log_file() {
+  static FILE* const file = [] {
+    cookie_io_functions_t io{};
+    io.write = [](void* cookie, const char* data, std::size_t size) -> ssize_t {
+      static_cast<LibraryLog*>(cookie)->write(std::string_view(data, size));
+      return static_cast<ssize_t>(size);
+    };
+    FILE* made = ::fopencookie(new LibraryLog, "w", io);
+    if (made != nullptr) std::setvbuf(made, nullptr, _IOLBF, 0);
+    return made;
+  }();
+  return file;
+}
+
+// Holds the process-wide setting between deletes; no descriptor, never used for a lookup, never deleted. Made
+// again at the next call if it could not be made (out of memory). Called under library_log_mutex.
+ub_ctx* library_log_keeper() {
+  static ub_ctx* keeper = nullptr;
+  if (keeper == nullptr) keeper = ub_ctx_create_ub_event(nullptr);
+  return keeper;
+}
+
+// ub_ctx_create, with libunbound's messages routed into the log. Null if the context cannot be made.
+ub_ctx* create_context() {
+  std::lock_guard lock(library_log_mutex);
+  FILE* file = library_log_file();
+  ub_ctx* keeper = library_log_keeper();
+  if (file != nullptr && keeper != nullptr) ub_ctx_debugout(keeper, file);
+  ub_ctx* ctx = ub_ctx_create();
+  if (ctx != nullptr && file != nullptr) ub_ctx_debugout(ctx, file);
+  return ctx;
+}
+
+void delete_context(ub_ctx* ctx) {
+  std::lock_guard lock(library_log_mutex);
+  ub_ctx_delete(ctx);
+  FILE* file = library_log_file();
+  ub_ctx* keeper = library_log_keeper();
+  if (file != nullptr && keeper != nullptr) ub_ctx_debugout(keeper, file);
+}
+
+}  // namespace
+
+// --------------------------------------------------------------------------------------------------------------
 struct Resolver::Impl : std::enable_shared_from_this<Impl> {
   Impl(net::any_io_executor ex, const ResolverSettings& settings, Telemetry* counters, std::uint64_t seed)
       : executor(std::move(ex)),
@@ -183,12 +281,12 @@ struct Resolver::Impl : std::enable_shared_from_this<Impl> {
         random(seed) {
     if (!settings.problem.empty()) throw std::runtime_error("dns: " + settings.problem);
     const config::Dns& dns = settings.dns;
-    ctx = ub_ctx_create();
+    ctx = create_context();
     if (ctx == nullptr) throw std::runtime_error("dns: cannot create a libunbound context");
     const auto check = [&](int rc, const std::string& what) {
       if (rc != 0) {
         const std::string reason = ub_strerror(rc);
-        ub_ctx_delete(ctx);
+        delete_context(ctx);
         ctx = nullptr;
         throw std::runtime_error("dns: " + what + ": " + reason);
       }
@@ -240,7 +338,7 @@ struct Resolver::Impl : std::enable_shared_from_this<Impl> {
 
   ~Impl() {
     if (pipe.is_open()) pipe.release();  // libunbound's descriptor: ub_ctx_delete closes it
-    if (ctx != nullptr) ub_ctx_delete(ctx);
+    if (ctx != nullptr) delete_context(ctx);
   }
 
   // One ub_resolve_async in flight. Lives in the awaiting coroutine's frame; its destructor cancels a query
