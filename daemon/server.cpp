@@ -205,6 +205,10 @@ struct Server::Impl {
   // Handled from the start, so that a signal that comes while the server starts waits for it (main blocks them
   // until then); signals() takes them once the loop runs.
   asio::signal_set signal_set{io, SIGHUP, SIGTERM, SIGINT};
+  // Never waited on: it keeps Asio's SIGHUP handler installed while signals() takes SIGHUP out of
+  // `signal_set` and back to drop the notifications queued there (a set that is the signal's last one
+  // restores SIG_DFL, and a SIGHUP then would end the process).
+  asio::signal_set sighup_keeper{io, SIGHUP};
   std::size_t next_loop = 0;
   Telemetry telemetry;
   SessionRegistry registry{telemetry};
@@ -631,6 +635,14 @@ struct Server::Impl {
     for (;;) {
       int signal = co_await signal_set.async_wait(asio::use_awaitable);
       if (signal == SIGHUP) {
+        // Asio queues one notification per SIGHUP delivered, and the reload runs here, on the loop that
+        // reads them: a burst (a deploy hook per renewed certificate) made as many full reloads, one after
+        // another, with the accepts and this loop's sessions waiting, and a SIGTERM behind them all (SIGHUP
+        // is dequeued first). The ones queued now came before this reload, which reads the file after them:
+        // dropped. Those that come while it runs make one more, as Postfix's master reloads once for any
+        // number of SIGHUPs behind its master_gotsighup flag.
+        signal_set.remove(SIGHUP);
+        signal_set.add(SIGHUP);
         if (stopping)
           log_event(LogLevel::warn, "reload_ignored",
                     {{"reason", "the daemon is stopping (draining its sessions)"}});
