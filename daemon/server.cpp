@@ -523,9 +523,10 @@ struct Server::Impl {
   }
 
   // At start and after a reload: certificates that expired or expire soon are logged (as --check-config
-  // prints them), and mailflow_certificate_expiry_timestamp_seconds gets the notAfter of each.
-  void apply_certificates(const config::Config& config) {
-    const auto findings = check_certificates(config, std::chrono::system_clock::now());
+  // prints them), and mailflow_certificate_expiry_timestamp_seconds gets the notAfter of each, as `next` and
+  // the HTTP server loaded them (a file read again here may have been replaced meanwhile).
+  void apply_certificates(const Runtime& next) {
+    const auto findings = served_certificates(next, http->certificate(), std::chrono::system_clock::now());
     for (const auto& warning : findings.warnings)
       log_event(LogLevel::warn, "config_warning", {{"warning", warning.to_string()}});
     telemetry.certificates_loaded(findings.expiries);
@@ -578,7 +579,7 @@ struct Server::Impl {
       tlsrpt_sender->reconfigured();
       for (const auto& warning : loaded.warnings)
         log_event(LogLevel::warn, "config_warning", {{"warning", warning.to_string()}});
-      apply_certificates(*loaded.config);
+      apply_certificates(*next_runtime);
       telemetry.config_reloaded(true);
       log_event(
           LogLevel::info, "reloaded",
@@ -777,13 +778,13 @@ int Server::run() {
     log_event(LogLevel::warn, "state_discarded", {{"reason", error}});
   }
   s.registry.mta_sts().set_max_policies(config.mta_sts.max_policies);
-  s.apply_certificates(config);
   s.busy_poll = config.performance.busy_poll;
 
   s.swap_listeners(s.reconcile_listeners(config));
   s.log_unused_sockets();  // kept open: a reload that adds the listener still takes it
   s.http = std::make_unique<HttpServer>(config.http, s.telemetry, [&s] { return !s.stopping; });
   s.http->start();
+  s.apply_certificates(*snapshot);  // what the listeners' contexts and the HTTP server loaded
   s.keep_running("signals", [&s] { return s.signals(); });
   s.keep_running("periodic", [&s] { return s.periodic(); });
   s.keep_running("periodic", [&s] { return s.give_back_memory(); });
