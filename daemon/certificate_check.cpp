@@ -35,6 +35,34 @@ std::string utc_date(std::int64_t unix_seconds) {
   return buffer;
 }
 
+// A loaded certificate's notAfter, and the warning when it expired or expires soon; `path`: its pair's key in
+// the configuration ("listeners[0].tls.certificates[1]", "http.tls").
+void add_expiry(const config::Config& config, const std::string& listener, const std::string& path,
+                const CertificateInfo& info, std::chrono::system_clock::time_point now,
+                CertificateFindings& out) {
+  out.expiries.push_back({listener, info.cert_path, info.not_after});
+  const auto now_seconds = std::chrono::duration_cast<std::chrono::seconds>(now.time_since_epoch()).count();
+  const std::string subject = info.subject.empty() ? "" : " (CN " + info.subject + ")";
+  if (info.not_after <= now_seconds) {
+    out.warnings.push_back(finding(
+        config, path + ".cert",
+        path + ".cert: certificate " + info.cert_path + subject + " expired on " + utc_date(info.not_after),
+        true));
+  } else if (info.not_after - now_seconds <
+             std::chrono::duration_cast<std::chrono::seconds>(certificate_warning_period).count()) {
+    const auto days = (info.not_after - now_seconds) / 86400;
+    out.warnings.push_back(finding(config, path + ".cert",
+                                   path + ".cert: certificate " + info.cert_path + subject + " expires on " +
+                                       utc_date(info.not_after) + " (in " + std::to_string(days) +
+                                       (days == 1 ? " day)" : " days)"),
+                                   true));
+  }
+}
+
+std::string pair_path(std::size_t listener, std::size_t certificate) {
+  return "listeners[" + std::to_string(listener) + "].tls.certificates[" + std::to_string(certificate) + "]";
+}
+
 void check_pair(const config::Config& config, const std::string& listener, const std::string& path,
                 const config::CertificatePair& pair, const config::ListenerTls& settings,
                 std::chrono::system_clock::time_point now, CertificateFindings& out) {
@@ -42,25 +70,7 @@ void check_pair(const config::Config& config, const std::string& listener, const
   one.certificates = {pair};
   try {
     const ServerTls tls(one, listener);  // exactly what the daemon builds at start and on reload
-    for (const auto& info : tls.certificates()) {
-      out.expiries.push_back({listener, info.cert_path, info.not_after});
-      const auto now_seconds = std::chrono::duration_cast<std::chrono::seconds>(now.time_since_epoch()).count();
-      const std::string subject = info.subject.empty() ? "" : " (CN " + info.subject + ")";
-      if (info.not_after <= now_seconds) {
-        out.warnings.push_back(finding(config, path + ".cert",
-                                       path + ".cert: certificate " + info.cert_path + subject + " expired on " +
-                                           utc_date(info.not_after),
-                                       true));
-      } else if (info.not_after - now_seconds <
-                 std::chrono::duration_cast<std::chrono::seconds>(certificate_warning_period).count()) {
-        const auto days = (info.not_after - now_seconds) / 86400;
-        out.warnings.push_back(finding(config, path + ".cert",
-                                       path + ".cert: certificate " + info.cert_path + subject + " expires on " +
-                                           utc_date(info.not_after) + " (in " + std::to_string(days) +
-                                           (days == 1 ? " day)" : " days)"),
-                                       true));
-      }
-    }
+    for (const auto& info : tls.certificates()) add_expiry(config, listener, path, info, now, out);
   } catch (const std::exception& e) {
     out.errors.push_back(finding(config, path + ".cert", path + ": " + e.what(), false));
   }
@@ -81,10 +91,8 @@ CertificateFindings check_certificates(const config::Config& config, std::chrono
       out.errors.push_back(finding(config, tls_path + ".ciphers", tls_path + ".ciphers: " + problem, false));
       settings.ciphers = config::ListenerTls{}.ciphers;
     }
-    for (std::size_t c = 0; c < settings.certificates.size(); ++c) {
-      const std::string path = tls_path + ".certificates[" + std::to_string(c) + "]";
-      check_pair(config, listener.name, path, settings.certificates[c], settings, now, out);
-    }
+    for (std::size_t c = 0; c < settings.certificates.size(); ++c)
+      check_pair(config, listener.name, pair_path(l, c), settings.certificates[c], settings, now, out);
   }
   bool webpki_reported = false;  // one trust store for every upstream with mta_sts on: its error once
   const TrustStores stores(config.mta_sts.ca_file);  // each file loaded once, as Runtime::build loads them
@@ -135,6 +143,21 @@ CertificateFindings check_certificates(const config::Config& config, std::chrono
       out.errors.push_back(finding(config, "http.tls.cert", e.what(), false));
     }
   }
+  return out;
+}
+
+CertificateFindings served_certificates(const Runtime& runtime, const std::optional<CertificateInfo>& http,
+                                        std::chrono::system_clock::time_point now) {
+  CertificateFindings out;
+  const config::Config& config = *runtime.config;
+  for (std::size_t l = 0; l < config.listeners.size(); ++l) {
+    const ServerTls* tls = runtime.server_tls(config.listeners[l].name);
+    if (tls == nullptr) continue;
+    const auto certificates = tls->certificates();  // in configuration order
+    for (std::size_t c = 0; c < certificates.size(); ++c)
+      add_expiry(config, config.listeners[l].name, pair_path(l, c), certificates[c], now, out);
+  }
+  if (http) add_expiry(config, "http", "http.tls", *http, now, out);
   return out;
 }
 

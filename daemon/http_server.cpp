@@ -288,6 +288,7 @@ Response plain_response(const Request& request, http::status status, std::string
 struct Settings {
   std::optional<config::BasicAuth> basic_auth;
   std::shared_ptr<asio::ssl::context> tls;  // null: plain HTTP
+  std::string tls_cert;                     // the file `tls`'s certificate came from
 };
 
 enum class AuthResult { ok, missing, wrong, busy, backoff };
@@ -355,12 +356,21 @@ class Server : public std::enable_shared_from_this<Server> {
 
   unsigned short port() const { return port_; }
 
+  std::optional<CertificateInfo> certificate() const {
+    const auto current = settings();
+    if (!current->tls) return std::nullopt;
+    return certificate_info(current->tls->native_handle(), current->tls_cert);
+  }
+
   // Any thread: basic auth and TLS certificate for connections accepted from now on; throws (keeping the old
   // ones) when the certificate or key cannot be loaded.
   void update(const config::Http& http) {
     auto next = std::make_shared<Settings>();
     next->basic_auth = http.basic_auth;
-    if (http.tls) next->tls = load_tls(*http.tls);
+    if (http.tls) {
+      next->tls = load_tls(*http.tls);
+      next->tls_cert = http.tls->cert;
+    }
     bool same_auth = false;
     {
       std::lock_guard lock(mutex_);
@@ -1185,5 +1195,6 @@ void HttpServer::stop() { impl_->server->stop(); }
 void HttpServer::update(const config::Http& http) { impl_->server->update(http); }
 void HttpServer::check_tls(const config::CertificatePair& pair) { Server::load_tls(pair); }
 unsigned short HttpServer::port() const { return impl_->server->port(); }
+std::optional<CertificateInfo> HttpServer::certificate() const { return impl_->server->certificate(); }
 
 }  // namespace mailflow

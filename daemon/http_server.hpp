@@ -5,8 +5,10 @@
 // client address, and every refusal is counted in mailflow_http_rejects_total{reason}.
 #include <functional>
 #include <memory>
+#include <optional>
 
 #include "config/config.hpp"
+#include "daemon/tls.hpp"  // CertificateInfo
 
 namespace mailflow {
 
@@ -31,6 +33,9 @@ class HttpServer {
   // Loads http.tls's pair as start() and update() do (OpenSSL's default security level, not a listener's):
   // throws what they would throw. For --check-config.
   static void check_tls(const config::CertificatePair& pair);
+  // Any thread: http.tls's certificate as start() or the last update() loaded it, the one new connections
+  // get; none without http.tls.
+  std::optional<CertificateInfo> certificate() const;
   // The bound port (after start(); useful with port 0 in tests).
   unsigned short port() const;
 

@@ -205,6 +205,10 @@ struct Server::Impl {
   // Handled from the start, so that a signal that comes while the server starts waits for it (main blocks them
   // until then); signals() takes them once the loop runs.
   asio::signal_set signal_set{io, SIGHUP, SIGTERM, SIGINT};
+  // Never waited on: it keeps Asio's SIGHUP handler installed while signals() takes SIGHUP out of
+  // `signal_set` and back to drop the notifications queued there (a set that is the signal's last one
+  // restores SIG_DFL, and a SIGHUP then would end the process).
+  asio::signal_set sighup_keeper{io, SIGHUP};
   std::size_t next_loop = 0;
   Telemetry telemetry;
   SessionRegistry registry{telemetry};
@@ -519,9 +523,10 @@ struct Server::Impl {
   }
 
   // At start and after a reload: certificates that expired or expire soon are logged (as --check-config
-  // prints them), and mailflow_certificate_expiry_timestamp_seconds gets the notAfter of each.
-  void apply_certificates(const config::Config& config) {
-    const auto findings = check_certificates(config, std::chrono::system_clock::now());
+  // prints them), and mailflow_certificate_expiry_timestamp_seconds gets the notAfter of each, as `next` and
+  // the HTTP server loaded them (a file read again here may have been replaced meanwhile).
+  void apply_certificates(const Runtime& next) {
+    const auto findings = served_certificates(next, http->certificate(), std::chrono::system_clock::now());
     for (const auto& warning : findings.warnings)
       log_event(LogLevel::warn, "config_warning", {{"warning", warning.to_string()}});
     telemetry.certificates_loaded(findings.expiries);
@@ -574,7 +579,7 @@ struct Server::Impl {
       tlsrpt_sender->reconfigured();
       for (const auto& warning : loaded.warnings)
         log_event(LogLevel::warn, "config_warning", {{"warning", warning.to_string()}});
-      apply_certificates(*loaded.config);
+      apply_certificates(*next_runtime);
       telemetry.config_reloaded(true);
       log_event(
           LogLevel::info, "reloaded",
@@ -631,6 +636,14 @@ struct Server::Impl {
     for (;;) {
       int signal = co_await signal_set.async_wait(asio::use_awaitable);
       if (signal == SIGHUP) {
+        // Asio queues one notification per SIGHUP delivered, and the reload runs here, on the loop that
+        // reads them: a burst (a deploy hook per renewed certificate) made as many full reloads, one after
+        // another, with the accepts and this loop's sessions waiting, and a SIGTERM behind them all (SIGHUP
+        // is dequeued first). The ones queued now came before this reload, which reads the file after them:
+        // dropped. Those that come while it runs make one more, as Postfix's master reloads once for any
+        // number of SIGHUPs behind its master_gotsighup flag.
+        signal_set.remove(SIGHUP);
+        signal_set.add(SIGHUP);
         if (stopping)
           log_event(LogLevel::warn, "reload_ignored",
                     {{"reason", "the daemon is stopping (draining its sessions)"}});
@@ -765,13 +778,13 @@ int Server::run() {
     log_event(LogLevel::warn, "state_discarded", {{"reason", error}});
   }
   s.registry.mta_sts().set_max_policies(config.mta_sts.max_policies);
-  s.apply_certificates(config);
   s.busy_poll = config.performance.busy_poll;
 
   s.swap_listeners(s.reconcile_listeners(config));
   s.log_unused_sockets();  // kept open: a reload that adds the listener still takes it
   s.http = std::make_unique<HttpServer>(config.http, s.telemetry, [&s] { return !s.stopping; });
   s.http->start();
+  s.apply_certificates(*snapshot);  // what the listeners' contexts and the HTTP server loaded
   s.keep_running("signals", [&s] { return s.signals(); });
   s.keep_running("periodic", [&s] { return s.periodic(); });
   s.keep_running("periodic", [&s] { return s.give_back_memory(); });

@@ -247,22 +247,26 @@ ServerTls::~ServerTls() = default;
 
 SSL_CTX* ServerTls::context() const { return entries_.front()->ctx; }
 
+CertificateInfo certificate_info(const SSL_CTX* ctx, std::string cert_path) {
+  CertificateInfo info;
+  info.cert_path = std::move(cert_path);
+  const X509* leaf = SSL_CTX_get0_certificate(ctx);
+  if (leaf == nullptr) return info;
+  const X509_NAME* subject = X509_get_subject_name(leaf);
+  const int index = X509_NAME_get_index_by_NID(subject, NID_commonName, -1);
+  if (index >= 0) {
+    const ASN1_STRING* cn = X509_NAME_ENTRY_get_data(X509_NAME_get_entry(subject, index));
+    info.subject.assign(reinterpret_cast<const char*>(ASN1_STRING_get0_data(cn)),
+                        static_cast<std::size_t>(ASN1_STRING_length(cn)));
+  }
+  std::tm tm{};
+  if (ASN1_TIME_to_tm(X509_get0_notAfter(leaf), &tm) == 1) info.not_after = timegm(&tm);
+  return info;
+}
+
 std::vector<CertificateInfo> ServerTls::certificates() const {
   std::vector<CertificateInfo> out;
-  for (const auto& entry : entries_) {
-    CertificateInfo info;
-    info.cert_path = entry->cert_path;
-    const X509_NAME* subject = X509_get_subject_name(entry->leaf);
-    const int index = X509_NAME_get_index_by_NID(subject, NID_commonName, -1);
-    if (index >= 0) {
-      const ASN1_STRING* cn = X509_NAME_ENTRY_get_data(X509_NAME_get_entry(subject, index));
-      info.subject.assign(reinterpret_cast<const char*>(ASN1_STRING_get0_data(cn)),
-                          static_cast<std::size_t>(ASN1_STRING_length(cn)));
-    }
-    std::tm tm{};
-    if (ASN1_TIME_to_tm(X509_get0_notAfter(entry->leaf), &tm) == 1) info.not_after = timegm(&tm);
-    out.push_back(std::move(info));
-  }
+  for (const auto& entry : entries_) out.push_back(certificate_info(entry->ctx, entry->cert_path));
   return out;
 }
 

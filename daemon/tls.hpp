@@ -57,6 +57,9 @@ struct CertificateInfo {
   std::string subject;        // the subject's CN, empty when it has none
   std::int64_t not_after = 0; // notAfter as unix seconds
 };
+// What `ctx` serves: the leaf it holds (SSL_CTX_use_certificate_chain_file's first), as loaded, with the path
+// of the file it came from.
+CertificateInfo certificate_info(const SSL_CTX* ctx, std::string cert_path);
 
 class ServerTls {
  public:
@@ -68,7 +71,8 @@ class ServerTls {
   ServerTls& operator=(const ServerTls&) = delete;
 
   SSL_CTX* context() const;  // the default context; SNI switches the SSL to another certificate's context
-  std::vector<CertificateInfo> certificates() const;  // in configuration order
+  // What it serves, as loaded (the expiry gauge and warnings), in configuration order.
+  std::vector<CertificateInfo> certificates() const;
 
  private:
   struct Entry;

@@ -1,6 +1,11 @@
 // check_certificates: what --check-config reports about certificates and keys, loaded with the daemon's own
-// ServerTls (garbage, a key of another certificate, expiry), with the position of each cert in the file.
+// ServerTls (garbage, a key of another certificate, expiry), with the position of each cert in the file; and
+// served_certificates: the same for what start and reload loaded.
 #include "daemon/certificate_check.hpp"
+
+#include "daemon/http_server.hpp"
+#include "daemon/runtime.hpp"
+#include "daemon/telemetry.hpp"
 
 #include <doctest/doctest.h>
 #include <openssl/evp.h>
@@ -186,4 +191,67 @@ TEST_CASE(
   }
   CHECK(check(dir.path.string() + "/new/state").errors.empty());
   CHECK(check(dir.path.string()).errors.empty());
+}
+
+// Start and reload set mailflow_certificate_expiry_timestamp_seconds and log the expiry warnings from what
+// the listeners' contexts and the HTTP server loaded. They read every file again for it (check_certificates),
+// once the reload was done: a certificate renewed in between was reported while the old one was served (or
+// its series vanished, where the second read failed).
+TEST_CASE(
+    "served_certificates: the loaded certificates, not the files as they are now, with check_certificates' "
+    "warnings") {
+  Dir dir;
+  const Pem loaded_pem = make_pem(std::chrono::hours(24 * 5) + 1h, "mx1.example.org");
+  const Pem renewed_pem = make_pem(std::chrono::hours(24 * 90), "mx1.example.org");
+  const std::string cert = dir.write("cert.pem", loaded_pem.cert);
+  const std::string key = dir.write("key.pem", loaded_pem.key);
+  const std::string yaml =
+      "listeners:\n"
+      "  - name: inbound\n"
+      "    address: \"127.0.0.1:2525\"\n"
+      "    upstream: up\n"
+      "    tls:\n"
+      "      certificates:\n"
+      "        - {cert: " +
+      cert + ", key: " + key +
+      "}\n"
+      "upstreams:\n"
+      "  - {name: up, address: \"127.0.0.1:25\"}\n"
+      "http:\n"
+      "  tls: {cert: " +
+      cert + ", key: " + key + "}\n";
+  const auto loaded = mailflow::config::load_config_string(yaml, "mailflowd.yaml");
+  REQUIRE(loaded.errors.empty());
+  const auto now = std::chrono::system_clock::now();
+  const auto checked = mailflow::check_certificates(*loaded.config, now);
+  const auto runtime = mailflow::Runtime::build(loaded.config);
+  mailflow::Telemetry telemetry;
+  mailflow::HttpServer http(loaded.config->http, telemetry, [] { return true; });
+  http.update(loaded.config->http);  // as start() loads it
+  REQUIRE(http.certificate().has_value());
+
+  // The renewal lands now, after the listener and the HTTP server loaded their pair.
+  dir.write("cert.pem", renewed_pem.cert);
+  dir.write("key.pem", renewed_pem.key);
+  const auto served = mailflow::served_certificates(*runtime, http.certificate(), now);
+
+  REQUIRE(served.expiries.size() == 2);
+  REQUIRE(checked.expiries.size() == 2);
+  for (std::size_t i = 0; i < 2; ++i) {
+    CHECK(served.expiries[i].listener == checked.expiries[i].listener);
+    CHECK(served.expiries[i].certificate == cert);
+    CHECK(served.expiries[i].not_after == checked.expiries[i].not_after);  // the loaded certificate's
+  }
+  CHECK(served.expiries[1].listener == "http");
+  REQUIRE(served.warnings.size() == 2);  // it expires in 5 days: the same warnings, at the same places
+  for (std::size_t i = 0; i < 2; ++i) {
+    CHECK(served.warnings[i].to_string() == checked.warnings[i].to_string());
+    CHECK(served.warnings[i].line == checked.warnings[i].line);
+  }
+  CHECK(served.errors.empty());
+  // What the files say now is another date, which nothing serves yet.
+  const auto reread = mailflow::check_certificates(*loaded.config, now);
+  REQUIRE(reread.expiries.size() == 2);
+  CHECK(reread.expiries[0].not_after > served.expiries[0].not_after + 80 * 86400);
+  CHECK(reread.warnings.empty());
 }

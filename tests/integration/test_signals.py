@@ -5,7 +5,8 @@ sessions; SIGTERM during a slow DATA transfer lets it finish within drain_timeou
 still exits 0 (and relays until then); performance.busy_poll off relays, and a SIGHUP switches it on;
 performance.event_loops starts that many relaying threads ("auto": one per usable CPU); a reload that changes
 what only a restart applies (http.address, state_dir, event_loops) says so on every reload and changes none of
-them. A SIGHUP or SIGTERM that comes while the daemon starts waits for it (reload, or a clean stop)."""
+them. A SIGHUP or SIGTERM that comes while the daemon starts waits for it (reload, or a clean stop). SIGHUPs that
+come during a reload make one more reload, not one each."""
 import json
 import os
 import re
@@ -151,6 +152,55 @@ def test_a_reload_with_many_upstreams_needing_the_system_bundle_keeps_answering(
     c.close()
     harness.wait_for(lambda: reloads(d, "success") == base + 1, 30, what="the reload")
     assert waited < 1.5, f"the banner waited {waited:.1f} s for the reload"
+    hh.assert_relays(d, port, sink)
+
+
+def test_a_burst_of_sighups_makes_one_reload_and_one_more_not_one_each(daemon_factory, sink, workdir):
+    """SIGHUPs that come while a reload runs are merged, as Postfix's master merges them behind a flag: 30 SIGHUPs
+    10 ms apart during a reload that takes a second (20 tls: verify upstreams, each with its own copy of the system
+    bundle) make the reload under way and one more after it, which reads the file as it is by then, not 30 full
+    reloads, each holding the first event loop (accepts, and every session with event_loops: 1). The last SIGHUP
+    follows a change of the file: the follow-up reload applies it."""
+    port = harness.free_port()
+    bundles = workdir / "burst-bundles"
+    bundles.mkdir(exist_ok=True)
+    many = []
+    for i in range(20):
+        shutil.copy("/etc/ssl/certs/ca-certificates.crt", bundles / f"ca{i}.pem")
+        many.append({"name": f"partner{i}", "address": f"192.0.2.{i + 1}:25", "tls": "verify",
+                     "ca_file": str(bundles / f"ca{i}.pem")})
+    d = daemon_factory(listeners=[hh.listener("inbound", port, "store")],
+                       upstreams=[hh.plain_upstream("store", sink.port)] + many, name="sighup-burst")
+    cfg = json.loads(d.config_path.read_text())
+    cfg["connectors"] = [{"name": "late", "type": "partner", "direction": "inbound",
+                          "match": {"listener": "inbound", "client_cidrs": ["192.0.2.0/24"]}, "upstream": "store"}]
+    changed = d.config_path.with_suffix(".new")
+    changed.write_text(json.dumps(cfg, indent=2) + "\n")
+    base = reloads(d, "success")
+    started = time.monotonic()
+    for i in range(30):
+        if i == 29:
+            changed.rename(d.config_path)  # replaced in one step, then the last SIGHUP
+        d.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.01)
+    burst = time.monotonic() - started
+
+    def late_applied():
+        return harness.series(d.metrics(), "mailflow_connector_info", connector="late")
+
+    harness.wait_for(late_applied, 30, what="the configuration written before the last SIGHUP")
+    # Settled: no reload for 2 s (bounded: with one reload per SIGHUP they went on for half a minute).
+    last, since = reloads(d, "success"), time.monotonic()
+    deadline = time.monotonic() + 20
+    while time.monotonic() - since < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = reloads(d, "success")
+        if now != last:
+            last, since = now, time.monotonic()
+    made = last - base
+    began = d.stderr().count(" reload config=")
+    assert 2 <= made <= 3, f"{made} reloads for 30 SIGHUPs in {burst:.2f} s (want the one under way and one more)"
+    assert began == made, f"{began} reloads began, {made} ended"
     hh.assert_relays(d, port, sink)
 
 
