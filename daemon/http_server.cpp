@@ -43,6 +43,7 @@
 #include <thread>
 #include <vector>
 
+#include "daemon/accept_error.hpp"
 #include "daemon/cli_http.hpp"
 #include "daemon/crypt_check.hpp"
 #include "daemon/failpoint.hpp"
@@ -552,6 +553,11 @@ class Server : public std::enable_shared_from_this<Server> {
       beast::error_code ec;
       co_await acceptor_.async_accept(socket, asio::redirect_error(asio::use_awaitable, ec));
       if (ec == asio::error::operation_aborted || !acceptor_.is_open()) co_return;
+      if (ec && connection_error_on_accept(ec)) {
+        // That one connection is gone (reset, unreachable): accept the next one at once.
+        log_limited(LogLevel::info, "http_accept_dropped", {{"error", ec.message()}});
+        continue;
+      }
       if (ec) {
         // EMFILE and friends: the acceptor survives; count it, pause so a full fd table does not spin.
         telemetry_.http_rejected(HttpReject::accept_failed);

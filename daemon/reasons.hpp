@@ -16,21 +16,53 @@ namespace mailflow::reasons {
 // mailflow_rejects_total{listener, reason}: every refusal of a client command, message or connection.
 inline constexpr auto rejects = std::to_array<std::string_view>({
     // proto/server_session.hpp (the reply that carries each one is listed there)
-    "bad_sequence", "no_valid_recipients", "unrecognized_command", "bad_bytes", "syntax_error", "bad_address",
-    "unknown_parameter", "message_too_big", "too_many_recipients", "vrfy_disabled", "not_implemented",
-    "starttls_unavailable", "starttls_twice", "line_too_long", "bare_newline_command", "too_many_bad_commands",
+    "bad_sequence",
+    "no_valid_recipients",
+    "unrecognized_command",
+    "bad_bytes",
+    "syntax_error",
+    "bad_address",
+    "unknown_parameter",
+    "message_too_big",
+    "too_many_recipients",
+    "vrfy_disabled",
+    "not_implemented",
+    "starttls_unavailable",
+    "starttls_twice",
+    "line_too_long",
+    "bare_newline_command",
+    "too_many_bad_commands",
     "unauth_pipelining",
     // daemon/relay_session.cpp: limits at connect, PROXY header, timing, STARTTLS, DATA
-    "session_limit", "ip_limit", "proxy_invalid", "proxy_timeout", "proxy_truncated", "proxy_untrusted",
-    "early_talker", "timeout", "starttls_pipelining", "tls_required", "data_line_too_long", "bare_newline",
+    "session_limit",
+    "ip_limit",
+    "proxy_invalid",
+    "proxy_timeout",
+    "proxy_truncated",
+    "proxy_untrusted",
+    "early_talker",
+    "timeout",
+    "starttls_pipelining",
+    "tls_required",
+    "data_line_too_long",
+    "bare_newline",
     "bare_newline_normalized",
     // proto/relay_transaction.cpp: a later RCPT whose connector or route differs from the transaction's
-    // (452 4.5.3); daemon/relay_session.cpp: a message with more Received: fields than limits.max_hops (554 5.4.6)
-    "recipient_route", "too_many_hops",
+    // (452 4.5.3); daemon/relay_session.cpp: a message with more Received: fields than limits.max_hops
+    // (554 5.4.6)
+    "recipient_route",
+    "too_many_hops",
     // the MX route of an mx upstream's recipient domain (daemon/mx_route.hpp MxRoute::Result, reply at RCPT)
-    "null_mx", "nxdomain", "no_addresses", "dns_failure", "loop", "address_literal", "no_domain",
-    // daemon/server.cpp: accept() failed (out of descriptors or memory); the connection waits in the listen
-    // queue, each failed try counts (one per 100 ms pause)
+    "null_mx",
+    "nxdomain",
+    "no_addresses",
+    "dns_failure",
+    "loop",
+    "address_literal",
+    "no_domain",
+    // daemon/server.cpp: accept() failed (out of descriptors or memory, a security module's refusal); the
+    // connection waits in the listen queue, each failed try counts (one per 100 ms pause). Not a connection
+    // that went away before it was taken (daemon/accept_error.hpp): that is only logged.
     "accept_failed",
 });
 

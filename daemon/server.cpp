@@ -37,6 +37,7 @@
 #include <thread>
 #include <vector>
 
+#include "daemon/accept_error.hpp"
 #include "daemon/certificate_check.hpp"
 #include "daemon/failpoint.hpp"
 #include "daemon/http_server.hpp"
@@ -354,9 +355,16 @@ struct Server::Impl {
           session_loop(), asio::redirect_error(asio::use_awaitable, ec));
       if (ec) {
         if (!entry->acceptor.is_open() || ec == asio::error::operation_aborted) co_return;
-        // Out of descriptors (EMFILE, ENFILE) or memory: the connection stays in the listen queue. Log and
-        // count each failed try, then breathe before the next one (nginx pauses accepting on EMFILE too): Asio
-        // would retry at once, and a full descriptor table would spin this loop at 100 % CPU.
+        if (connection_error_on_accept(ec)) {
+          // That one connection is gone (reset, unreachable): nothing was refused and the next one is taken
+          // at once, as nginx does after ECONNABORTED.
+          log_limited(LogLevel::info, "accept_dropped", {{"listener", entry->name}, {"error", ec.message()}});
+          continue;
+        }
+        // Out of descriptors (EMFILE, ENFILE) or memory, or refused by a security module: the connection
+        // stays in the listen queue. Log and count each failed try, then breathe before the next one (nginx
+        // pauses accepting on EMFILE too): Asio would retry at once, and a full descriptor table would spin
+        // this loop at 100 % CPU.
         telemetry.rejected(entry->name, "accept_failed");
         log_limited(LogLevel::error, "accept_error", {{"listener", entry->name}, {"error", ec.message()}});
         asio::steady_timer pause(io, std::chrono::milliseconds(100));

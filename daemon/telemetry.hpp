@@ -37,7 +37,8 @@ enum class HttpReject {
   auth_busy,         // 503: too many password checks pending
   auth_backoff,      // 429: the address failed too often, no check was run
   write_timeout,     // a response the client did not take within its deadline: the connection was closed
-  accept_failed,     // accept() failed (out of descriptors): each try, one per 100 ms pause
+  accept_failed,     // accept() failed (out of descriptors): each try, one per 100 ms pause; not a connection
+                     // that went away before it was taken (daemon/accept_error.hpp)
 };
 inline constexpr std::array<HttpReject, 10> all_http_rejects{
     HttpReject::connection_limit, HttpReject::address_limit, HttpReject::head_timeout,

@@ -893,7 +893,10 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
           co_return false;
         }
         action = engine.on_reply(*reply);
-        if (first_reply && action.kind != Kind::fail) ++greeted_sessions_;  // a session, whatever follows
+        // A session, whatever follows; the plaintext retry after a failed handshake is the same host's
+        // session, counted with its TLS attempt (Postfix's smtp_connect.c retries the address without
+        // counting it again).
+        if (first_reply && action.kind != Kind::fail && !plaintext) ++greeted_sessions_;
         first_reply = false;
         break;
       }

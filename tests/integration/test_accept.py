@@ -1,15 +1,21 @@
 """Accepting connections, against the real binary: a listener whose accept() fails (out of file descriptors,
 EMFILE) logs it, counts it (mailflow_rejects_total{reason="accept_failed"}), pauses instead of spinning the CPU
 on the connections waiting in the listen queue, and serves them once descriptors are free again; the HTTP server's
-accept likewise. An upstream socket that cannot be made for want of descriptors counts as local_resources. What mailflow_sessions_total{leg="client"} counts. A reload to an upstream that is one of the
+accept likewise. A connection that went away before accept() took it (accept() failing with a network error for
+that one connection, made with tests/tools/accept_drop.c) is no shortage: the next one is accepted at once, not
+counted, logged at level info. An upstream socket that cannot be made for want of descriptors counts as local_resources. What mailflow_sessions_total{leg="client"} counts. A reload to an upstream that is one of the
 daemon's own listeners is refused."""
+import errno
 import json
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
 import time
+import types
+from pathlib import Path
 
 import pytest
 
@@ -121,6 +127,101 @@ def test_http_accept_out_of_descriptors_is_logged_and_counted(env, mailflowd_bin
     failed = harness.value(daemon.metrics(), "mailflow_http_rejects_total", reason="accept_failed") - \
         harness.value(before, "mailflow_http_rejects_total", reason="accept_failed")
     assert 1 <= failed <= 40, f"the HTTP accept() failed, mailflow_http_rejects_total{{reason=\"accept_failed\"}} moved by {failed}"
+
+
+DROPPED = 20  # connections that accept_drop.so makes accept() fail for, per port
+
+
+@pytest.fixture(scope="module")
+def dropping(workdir, mailflowd_bin, sink_factory):
+    """A daemon whose accept() fails with ENETUNREACH for the first DROPPED connections on its SMTP listener and on
+    its HTTP port, each connection gone from the queue (tests/tools/accept_drop.c, LD_PRELOAD), as Linux's accept()
+    passes on a network error pending on the new connection."""
+    if harness.sanitized(mailflowd_bin):
+        pytest.skip("LD_PRELOAD of a shim before the sanitizer runtime aborts the daemon")
+    if not shutil.which("cc"):
+        pytest.skip("needs a C compiler for tests/tools/accept_drop.c")
+    lib = workdir / "accept_drop.so"
+    source = Path(__file__).resolve().parents[1] / "tools" / "accept_drop.c"
+    subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(lib), str(source)], check=True)
+    sink = sink_factory("dropping-store")
+    port, http_port = harness.free_port(), harness.free_port()
+    state = workdir / "dropping-state"
+    state.mkdir(exist_ok=True)
+    cfg = harness.default_config(state, http_port, [hh.listener("in", port, "up")],
+                                 [hh.plain_upstream("up", sink.port)])
+    armed = workdir / "accept-drop-armed"
+    wrapper = ["env", f"LD_PRELOAD={lib}", f"ACCEPT_DROP_PORTS={port},{http_port}", f"ACCEPT_DROP_COUNT={DROPPED}",
+               f"ACCEPT_DROP_ERRNO={errno.ENETUNREACH}", f"ACCEPT_DROP_ARMED={armed}"]
+    daemon = harness.Daemon(mailflowd_bin, workdir, cfg, name="dropping", wrapper=wrapper)
+    try:
+        yield types.SimpleNamespace(daemon=daemon.start(), port=port, http_port=http_port, armed=armed)
+    finally:
+        code = daemon.stop()
+        if daemon in harness.LIVE:
+            harness.LIVE.remove(daemon)
+        assert code == 0, f"exit code after SIGTERM = {code!r}\n{daemon.log_tail()}"
+
+
+def queued_behind_dropped(env, port, request):
+    """Stops the daemon, queues DROPPED connections and then one that sends `request`, arms accept_drop.so, lets
+    the daemon go on: the first bytes that last one gets, and how long after the daemon went on."""
+    pid = env.daemon.proc.pid
+    dropped = []
+    os.kill(pid, signal.SIGSTOP)
+    env.armed.write_text("")
+    try:
+        for _ in range(DROPPED):
+            dropped.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        last = socket.create_connection(("127.0.0.1", port), timeout=5)
+        if request:
+            last.sendall(request)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    start = time.monotonic()
+    try:
+        got = banner(last, 10.0)
+        return got, time.monotonic() - start
+    finally:
+        env.armed.unlink()
+        last.close()
+        for s in dropped:
+            s.close()
+
+
+def test_a_connection_gone_before_accept_is_passed_at_once_not_paused_or_counted(dropping):
+    """accept() failing for one connection that went away (ENETUNREACH, ECONNABORTED: nginx logs it and accepts
+    on) is no shortage: the listener takes the next connection at once, it is not counted as accept_failed (which
+    says out of descriptors or memory, and pages), and it is logged as accept_dropped. Before, each such failure
+    was counted as accept_failed and paused the listener 100 ms: the client queued behind 20 of them waited 2 s."""
+    daemon, port = dropping.daemon, dropping.port
+    before = daemon.metrics()
+    got, waited = queued_behind_dropped(dropping, port, None)
+    assert got.startswith(b"220"), f"the client queued behind the dropped connections: {got!r}\n{daemon.log_tail()}"
+    assert waited < 1.0, f"its banner came {waited:.2f} s after the daemon went on: the listener paused"
+    failed = harness.value(daemon.metrics(), "mailflow_rejects_total", listener="in", reason="accept_failed") - \
+        harness.value(before, "mailflow_rejects_total", listener="in", reason="accept_failed")
+    assert failed == 0, f"{failed} connections gone before accept() counted as accept_failed"
+    lines = [x for x in daemon.stderr().splitlines() if " accept_dropped " in x]
+    assert lines and "listener=in" in lines[0] and "Network is unreachable" in lines[0], daemon.log_tail()
+    assert "accept_error" not in daemon.stderr(), daemon.log_tail()
+
+
+def test_http_a_connection_gone_before_accept_is_passed_at_once_not_paused_or_counted(dropping):
+    """The HTTP server's accept loop likewise: the scrape queued behind 20 connections gone before accept() is
+    answered at once, nothing counts as mailflow_http_rejects_total{reason="accept_failed"}, logged as
+    http_accept_dropped."""
+    daemon, http_port = dropping.daemon, dropping.http_port
+    before = daemon.metrics()
+    got, waited = queued_behind_dropped(
+        dropping, http_port, b"GET /healthz HTTP/1.1\r\nHost: mailflowd\r\nConnection: close\r\n\r\n")
+    assert got.startswith(b"HTTP/1.1 200"), f"the scrape queued behind the dropped connections: {got!r}"
+    assert waited < 1.0, f"its answer came {waited:.2f} s after the daemon went on: the HTTP listener paused"
+    failed = harness.value(daemon.metrics(), "mailflow_http_rejects_total", reason="accept_failed") - \
+        harness.value(before, "mailflow_http_rejects_total", reason="accept_failed")
+    assert failed == 0, f"{failed} connections gone before accept() counted as accept_failed"
+    lines = [x for x in daemon.stderr().splitlines() if " http_accept_dropped " in x]
+    assert lines and "Network is unreachable" in lines[0], daemon.log_tail()
 
 
 def test_upstream_socket_out_of_descriptors_is_counted_as_local_resources(env, mailflowd_bin):
