@@ -83,7 +83,11 @@ void read_search_list(std::string_view text, std::vector<std::string>& search, i
       for (std::size_t i = 1; i < fields.size() && search.size() < 6; ++i) {
         std::string_view name = fields[i];
         if (name.ends_with('.')) name.remove_suffix(1);
-        if (!name.empty() && name.size() <= 253) search.emplace_back(name);
+        // A name with an empty label ("a..b", ".a", "a.." once its final dot is gone): no name under it can
+        // be asked (glibc's dn_comp refuses it), and libunbound would take "host.a." as a name under the
+        // root.
+        const bool empty_label = name.starts_with('.') || name.ends_with('.') || name.find("..") != name.npos;
+        if (!name.empty() && name.size() <= 253 && !empty_label) search.emplace_back(name);
       }
     } else if (fields[0] == "options") {
       for (std::size_t i = 1; i < fields.size(); ++i) {

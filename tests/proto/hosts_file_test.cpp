@@ -71,4 +71,14 @@ TEST_CASE(
   CHECK(search_names("store", search, ndots, hosts) == std::vector<std::string>{"store"});
 }
 
+TEST_CASE(
+    "read_search_list: a search domain with an empty label is skipped, as glibc can ask no name under it") {
+  std::vector<std::string> search;
+  int ndots = 0;
+  // "b.example.." kept its second dot: "store.b.example." would be asked, a name glibc's res_search never
+  // makes (dn_comp refuses the empty label), and one under the root that libunbound takes as written.
+  read_search_list("search a.example b.example.. .c.example d..example e.example.\n", search, ndots);
+  CHECK(search == std::vector<std::string>{"a.example", "e.example"});
+}
+
 }  // namespace
