@@ -39,6 +39,8 @@ std::vector<std::string> hosts_records(std::string_view text) {
     const std::size_t end = text.find('\n');
     std::string_view line = text.substr(0, end);
     text = end == std::string_view::npos ? std::string_view() : text.substr(end + 1);
+    // glibc reads each line as a C string (__nss_readline, res_init): nothing behind a NUL byte is seen.
+    line = line.substr(0, line.find('\0'));
     line = line.substr(0, line.find('#'));
     std::vector<std::string_view> fields;
     for (std::size_t at = 0; at < line.size();) {
@@ -68,6 +70,7 @@ void read_search_list(std::string_view text, std::vector<std::string>& search, i
     const std::size_t end = text.find('\n');
     std::string_view line = text.substr(0, end);
     text = end == std::string_view::npos ? std::string_view() : text.substr(end + 1);
+    line = line.substr(0, line.find('\0'));  // as in hosts_records
     line = line.substr(0, line.find_first_of("#;"));
     std::vector<std::string_view> fields;
     for (std::size_t at = 0; at < line.size();) {

@@ -8,6 +8,8 @@
 
 namespace mailflow::proto {
 
+// Each line of either file ends at its first NUL byte, as glibc reads it (a C string).
+//
 // hosts(5) text as local data records, in its order: "name A address" / "name AAAA address". A line whose
 // first field is no IP address (or one with a zone, fe80::1%lo0), and a name with bytes other than letters,
 // digits, '-', '_' and '.' or longer than 253, are skipped.

@@ -5,6 +5,7 @@
 #include <doctest/doctest.h>
 
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace {
@@ -79,6 +80,20 @@ TEST_CASE(
   // makes (dn_comp refuses the empty label), and one under the root that libunbound takes as written.
   read_search_list("search a.example b.example.. .c.example d..example e.example.\n", search, ndots);
   CHECK(search == std::vector<std::string>{"a.example", "e.example"});
+}
+
+TEST_CASE("hosts and resolv.conf lines end at a NUL byte, as glibc reads each line as a C string") {
+  using namespace std::string_view_literals;
+  // glibc sees "192.0.2.1" without names on the first line, and "192.0.2.2 kept" on the second.
+  CHECK(hosts_records("192.0.2.1\0junk cut.example\n192.0.2.2 kept\0 cut.example\n::1\0 x\n"sv) ==
+        std::vector<std::string>{"kept A 192.0.2.2"});
+  std::vector<std::string> search;
+  int ndots = 0;
+  // glibc sees "search a.example" and "options ndots:2": no domain with a NUL in it (libunbound would ask
+  // the name cut short there), none from behind it.
+  read_search_list("search a.example\0b.example c.example\noptions ndots:2\0 ndots:7\n"sv, search, ndots);
+  CHECK(search == std::vector<std::string>{"a.example"});
+  CHECK(ndots == 2);
 }
 
 }  // namespace
