@@ -14,7 +14,8 @@ namespace mailflow::proto {
 // first field is no IP address (or one with a zone, fe80::1%lo0), and a name with bytes other than letters,
 // digits, '-', '_' and '.' or longer than 253, are skipped.
 std::vector<std::string> hosts_records(std::string_view text);
-// resolv.conf(5) text's search list ("search", or "domain": the last such line wins; at most 6 names) and
+// resolv.conf(5) text's search list ("search", or "domain" and its first name: the last such line wins; at
+// most 6 names) and
 // ndots ("options ndots:N", 1 unless said, at most 15), as glibc reads them; a search domain with an empty
 // label (a..b, .a, a..) is left out.
 void read_search_list(std::string_view text, std::vector<std::string>& search, int& ndots);

@@ -96,4 +96,15 @@ TEST_CASE("hosts and resolv.conf lines end at a NUL byte, as glibc reads each li
   CHECK(ndots == 2);
 }
 
+TEST_CASE("read_search_list: a domain line gives its first name only, as glibc's res_init reads it") {
+  std::vector<std::string> search;
+  int ndots = 0;
+  // glibc cuts "domain" at the first blank: corp.example alone, and a short name is never asked under
+  // other.example, which the administrator did not put in a search list.
+  read_search_list("search a.example\ndomain corp.example other.example\n", search, ndots);
+  CHECK(search == std::vector<std::string>{"corp.example"});
+  read_search_list("domain corp.example other.example\nsearch a.example b.example\n", search, ndots);
+  CHECK(search == std::vector<std::string>{"a.example", "b.example"});
+}
+
 }  // namespace
