@@ -54,6 +54,7 @@
 #include "daemon/tls.hpp"
 #include "daemon/tlsrpt.hpp"
 #include "proto/ascii.hpp"
+#include "proto/uri_path.hpp"
 
 namespace mailflow {
 namespace {
@@ -164,56 +165,6 @@ bool iequals(std::string_view a, std::string_view b) {
   return true;
 }
 
-// The value of a hex digit, -1 for any other character.
-int hex_value(char c) {
-  return c >= '0' && c <= '9'   ? c - '0'
-         : c >= 'a' && c <= 'f' ? c - 'a' + 10
-         : c >= 'A' && c <= 'F' ? c - 'A' + 10
-                                : -1;
-}
-
-// `in` with every %XX decoded into `out`; false where a '%' does not start % and two hex digits (RFC
-// 3986 2.1).
-bool percent_decode(std::string_view in, std::string& out) {
-  for (std::size_t i = 0; i < in.size(); ++i) {
-    if (in[i] != '%') {
-      out += in[i];
-      continue;
-    }
-    if (i + 2 >= in.size() || hex_value(in[i + 1]) < 0 || hex_value(in[i + 2]) < 0) return false;
-    out += static_cast<char>(hex_value(in[i + 1]) * 16 + hex_value(in[i + 2]));
-    i += 2;
-  }
-  return true;
-}
-
-// The request path as the routes are matched against it (RFC 3986 6.2.2): a percent-encoded unreserved
-// character is that character (2.3: /%6Detrics is /metrics, /api/v1/report%2Ecsv is report.csv); any other
-// escape stays as written, so that /api%2Fv1%2Freport, whose %2F is data and no separator (2.2), is no path
-// of ours (404). nginx decodes %2F too (ngx_http_parse_complex_uri); the RFC's rule is the stricter one, and
-// either way no escape reaches a path the plain spelling would not. nullopt for a '%' that is not % and two
-// hex digits (2.1) and for %00, which nginx refuses as well: 400.
-std::optional<std::string> normalized_path(std::string_view path) {
-  std::string out;
-  for (std::size_t i = 0; i < path.size(); ++i) {
-    if (path[i] != '%') {
-      out += path[i];
-      continue;
-    }
-    if (i + 2 >= path.size() || hex_value(path[i + 1]) < 0 || hex_value(path[i + 2]) < 0) return std::nullopt;
-    const char c = static_cast<char>(hex_value(path[i + 1]) * 16 + hex_value(path[i + 2]));
-    if (c == '\0') return std::nullopt;
-    const bool unreserved = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-                            c == '-' || c == '.' || c == '_' || c == '~';
-    if (unreserved)
-      out += c;
-    else
-      out += path.substr(i, 3);
-    i += 2;
-  }
-  return out;
-}
-
 // The parameters in `names` of a query string, percent-decoded (RFC 3986 2.1: names too, so d%61ys is days;
 // '+' is a '+'), "" for a bare `name`; others are left alone (Prometheus's `params:` may add its own).
 // nullopt with `error` set when an escape is not % and two hex digits, or one of `names` comes twice:
@@ -230,8 +181,8 @@ std::optional<Query> parse_query(std::string_view text, std::initializer_list<st
     const auto eq = param.find('=');
     std::string name;
     std::string value;
-    if (!percent_decode(param.substr(0, eq), name) ||
-        (eq != std::string_view::npos && !percent_decode(param.substr(eq + 1), value))) {
+    if (!proto::percent_decode(param.substr(0, eq), name) ||
+        (eq != std::string_view::npos && !proto::percent_decode(param.substr(eq + 1), value))) {
       error = "bad %-escape in the query: a '%' must start %XX with two hex digits (RFC 3986 2.1)\n";
       return std::nullopt;
     }
@@ -784,7 +735,7 @@ class Server : public std::enable_shared_from_this<Server> {
         question == std::string_view::npos ? std::string_view{} : target.substr(question + 1);
     // One spelling of the path for the probes' exemption below and for the routes: /%68ealthz is /healthz for
     // both.
-    const auto normalized = normalized_path(target.substr(0, question));
+    const auto normalized = proto::normalized_path(target.substr(0, question));
     if (!normalized) {
       co_return make_response(
           request, http::status::bad_request, kTextPlain,
@@ -836,7 +787,7 @@ class Server : public std::enable_shared_from_this<Server> {
     }
   }
 
-  // `path` as normalized_path gives it, `query` as sent.
+  // `path` as proto::normalized_path gives it, `query` as sent.
   Response route(const Request& request, std::string_view path, std::string_view query) {
     if (request.method() != http::verb::get && request.method() != http::verb::head) {
       auto response = make_response(request, http::status::method_not_allowed, kTextPlain, "method not allowed\n");

@@ -26,6 +26,7 @@
 #include "daemon/log.hpp"
 #include "daemon/telemetry.hpp"
 #include "proto/ascii.hpp"
+#include "proto/hosts_file.hpp"
 #include "proto/trust_anchor.hpp"
 
 namespace mailflow {
@@ -785,77 +786,6 @@ ResolverSettings resolver_settings(const config::Dns& dns) {
   return settings;
 }
 
-std::vector<std::string> hosts_records(std::string_view text) {
-  std::vector<std::string> out;
-  const auto host_name = [](std::string_view name) {
-    return !name.empty() && name.size() <= 253 && std::all_of(name.begin(), name.end(), [](char c) {
-      return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' ||
-             c == '_' || c == '.';
-    });
-  };
-  while (!text.empty()) {
-    const std::size_t end = text.find('\n');
-    std::string_view line = text.substr(0, end);
-    text = end == std::string_view::npos ? std::string_view() : text.substr(end + 1);
-    line = line.substr(0, line.find('#'));
-    std::vector<std::string_view> fields;
-    for (std::size_t at = 0; at < line.size();) {
-      at = line.find_first_not_of(" \t\r\f\v", at);
-      if (at == std::string_view::npos) break;
-      const std::size_t stop = std::min(line.find_first_of(" \t\r\f\v", at), line.size());
-      fields.push_back(line.substr(at, stop - at));
-      at = stop;
-    }
-    if (fields.size() < 2 || fields[0].find('%') != std::string_view::npos)
-      continue;  // fe80::1%lo0: no use here
-    boost::system::error_code ec;
-    const auto address = net::ip::make_address(std::string(fields[0]), ec);
-    if (ec) continue;
-    for (std::size_t i = 1; i < fields.size(); ++i) {
-      if (!host_name(fields[i])) continue;
-      out.push_back(std::string(fields[i]) + (address.is_v6() ? " AAAA " : " A ") + address.to_string());
-    }
-  }
-  return out;
-}
-
-void read_search_list(std::string_view text, std::vector<std::string>& search, int& ndots) {
-  search.clear();
-  ndots = 1;
-  while (!text.empty()) {
-    const std::size_t end = text.find('\n');
-    std::string_view line = text.substr(0, end);
-    text = end == std::string_view::npos ? std::string_view() : text.substr(end + 1);
-    line = line.substr(0, line.find_first_of("#;"));
-    std::vector<std::string_view> fields;
-    for (std::size_t at = 0; at < line.size();) {
-      at = line.find_first_not_of(" \t\r", at);
-      if (at == std::string_view::npos) break;
-      const std::size_t stop = std::min(line.find_first_of(" \t\r", at), line.size());
-      fields.push_back(line.substr(at, stop - at));
-      at = stop;
-    }
-    if (fields.empty()) continue;
-    if (fields[0] == "search" || fields[0] == "domain") {
-      search.clear();
-      for (std::size_t i = 1; i < fields.size() && search.size() < 6; ++i) {
-        std::string_view name = fields[i];
-        if (name.ends_with('.')) name.remove_suffix(1);
-        if (!name.empty() && name.size() <= 253) search.emplace_back(name);
-      }
-    } else if (fields[0] == "options") {
-      for (std::size_t i = 1; i < fields.size(); ++i) {
-        if (!fields[i].starts_with("ndots:")) continue;
-        const std::string_view digits = fields[i].substr(6);
-        if (digits.empty() || digits.size() > 3 ||
-            !std::all_of(digits.begin(), digits.end(), [](char c) { return c >= '0' && c <= '9'; }))
-          continue;
-        ndots = std::min(std::stoi(std::string(digits)), 15);
-      }
-    }
-  }
-}
-
 ResolverSettings with_hosts_file(ResolverSettings settings, const std::string& hosts_file,
                                  const std::string& resolv_conf) {
   const auto read = [](const std::string& path) {
@@ -863,25 +793,12 @@ ResolverSettings with_hosts_file(ResolverSettings settings, const std::string& h
     return std::string{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
   };
   settings.hosts_file = hosts_file;
-  settings.hosts_records = hosts_records(read(hosts_file));
-  read_search_list(read(resolv_conf), settings.search, settings.ndots);
+  settings.hosts_records = proto::hosts_records(read(hosts_file));
+  proto::read_search_list(read(resolv_conf), settings.search, settings.ndots);
   settings.key += "\nhosts " + hosts_file;
   for (const auto& record : settings.hosts_records) settings.key += "\n" + record;
   // The search list changes no lookup's answer, only which names are asked: no new resolver for it.
   return settings;
-}
-
-std::vector<std::string> search_names(const std::string& host, const ResolverSettings& settings) {
-  if (host.ends_with('.') || settings.search.empty()) return {host};
-  const std::string lower = proto::ascii_lower(host) + " ";
-  for (const auto& record : settings.hosts_records)
-    if (proto::ascii_lower(std::string_view(record).substr(0, lower.size())) == lower) return {host};
-  const auto dots = static_cast<int>(std::count(host.begin(), host.end(), '.'));
-  std::vector<std::string> names;
-  if (dots >= settings.ndots) names.push_back(host);
-  for (const auto& domain : settings.search) names.push_back(host + "." + domain);
-  if (dots < settings.ndots) names.push_back(host);
-  return names;
 }
 
 net::awaitable<std::string> Resolver::verified_name(net::ip::address address, bool& failed) {

@@ -116,7 +116,7 @@ struct ResolverSettings {
   std::string hosts_file;
   std::vector<std::string> hosts_records;
   // With a hosts file only: resolv.conf's search list and ndots, as getaddrinfo applies them
-  // (search_names()).
+  // (proto::search_names()).
   std::vector<std::string> search;
   int ndots = 1;
 };
@@ -127,19 +127,9 @@ ResolverSettings resolver_settings(const config::Dns& dns);
 // cannot be opened leaves DNS alone (as glibc's files service does); a line whose first field is no IP
 // address, and a name with bytes other than letters, digits, '-', '_' and '.', are skipped (glibc skips the
 // first too).
-// `resolv_conf`'s search list and ndots are read here as well (search_names()).
+// `resolv_conf`'s search list and ndots are read here as well (proto::search_names()).
 ResolverSettings with_hosts_file(ResolverSettings settings, const std::string& hosts_file,
                                  const std::string& resolv_conf);
-// hosts(5) text as local data records, in its order: "name A address" / "name AAAA address".
-std::vector<std::string> hosts_records(std::string_view text);
-// resolv.conf(5) text's search list ("search", or "domain": the last such line wins; at most 6 names) and
-// ndots ("options ndots:N", 1 unless said, at most 15), as glibc reads them.
-void read_search_list(std::string_view text, std::vector<std::string>& search, int& ndots);
-// The names a fixed upstream's `host` is looked up under, in turn until one has addresses, as glibc's
-// getaddrinfo does with /etc/resolv.conf (res_search): with fewer dots than ndots the search domains first,
-// then the name as written; else the name first. A name with the root's final dot, or one the hosts file has,
-// only as written (the files service sees no search list).
-std::vector<std::string> search_names(const std::string& host, const ResolverSettings& settings);
 
 // "" when libunbound takes these settings (dns.servers, the trust anchor), else why not: it checks them only
 // when a resolver is made, so start, reload and --check-config make one to find out.

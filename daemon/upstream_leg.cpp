@@ -18,6 +18,7 @@
 #include "daemon/tls.hpp"
 #include "daemon/tlsrpt.hpp"
 #include "proto/client_session.hpp"
+#include "proto/hosts_file.hpp"
 
 namespace mailflow {
 
@@ -496,7 +497,8 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
     // upstream_connect.
     const auto deadline = open_bounded(config_.timeouts.upstream_connect);
     AddressResult addresses;
-    for (const auto& name : search_names(host, settings)) {
+    for (const auto& name :
+         proto::search_names(host, settings.search, settings.ndots, settings.hosts_records)) {
       session_.deadlines.arm(deadline);
       addresses = co_await dns->resolve_addresses(name);
       session_.deadlines.disarm(ec);

@@ -253,64 +253,6 @@ TEST_CASE("with_hosts_file: its names answered first in its order and others ask
   CHECK(std::chrono::steady_clock::now() - started < std::chrono::milliseconds(1500));
 }
 
-TEST_CASE("hosts_records: every name of each line with an IP address - other lines and odd names skipped") {
-  const std::string text =
-      "# comment\n127.0.0.1\tlocalhost\n"
-      "::1 localhost ip6-localhost # a comment after the names\n"
-      "  192.0.2.25   mail.example.org   mail  \r\n"
-      "fe80::1%lo0 localhost\n"
-      "not-an-address some.name\n"
-      "192.0.2.26\n"
-      "192.0.2.27 bad\"name good-name\n";
-  CHECK(mailflow::hosts_records(text) ==
-        std::vector<std::string>{"localhost A 127.0.0.1", "localhost AAAA ::1", "ip6-localhost AAAA ::1",
-                                 "mail.example.org A 192.0.2.25", "mail A 192.0.2.25",
-                                 "good-name A 192.0.2.27"});
-  CHECK(mailflow::hosts_records("").empty());
-}
-
-TEST_CASE("read_search_list: search or domain, the last line winning, and ndots as glibc reads them") {
-  std::vector<std::string> search;
-  int ndots = 0;
-  mailflow::read_search_list(
-      "nameserver 10.0.0.1\nsearch mail.svc.cluster.local. svc.cluster.local cluster.local\n"
-      "options ndots:5 timeout:2 # comment\n",
-      search, ndots);
-  CHECK(search == std::vector<std::string>{"mail.svc.cluster.local", "svc.cluster.local", "cluster.local"});
-  CHECK(ndots == 5);
-  mailflow::read_search_list("search a.example b.example\ndomain corp.example\noptions ndots:x ndots:99\n",
-                             search, ndots);
-  CHECK(search == std::vector<std::string>{"corp.example"});
-  CHECK(ndots == 15);
-  mailflow::read_search_list("search 1 2 3 4 5 6 7 8\n", search, ndots);
-  CHECK(search.size() == 6);
-  CHECK(ndots == 1);
-  mailflow::read_search_list("", search, ndots);
-  CHECK(search.empty());
-}
-
-TEST_CASE(
-    "search_names: the search domains first below ndots, the name first from it, hosts-file names as "
-    "written") {
-  mailflow::ResolverSettings settings;
-  CHECK(mailflow::search_names("mailstore", settings) == std::vector<std::string>{"mailstore"});
-  settings.search = {"mail.svc.cluster.local", "cluster.local"};
-  settings.ndots = 1;
-  CHECK(mailflow::search_names("mailstore", settings) ==
-        std::vector<std::string>{"mailstore.mail.svc.cluster.local", "mailstore.cluster.local", "mailstore"});
-  CHECK(mailflow::search_names("mail.example.org", settings) ==
-        std::vector<std::string>{"mail.example.org", "mail.example.org.mail.svc.cluster.local",
-                                 "mail.example.org.cluster.local"});
-  CHECK(mailflow::search_names("mail.example.org.", settings) ==
-        std::vector<std::string>{"mail.example.org."});
-  settings.ndots = 5;
-  CHECK(mailflow::search_names("mailstore.mail", settings).front() ==
-        "mailstore.mail.mail.svc.cluster.local");
-  CHECK(mailflow::search_names("mailstore.mail", settings).back() == "mailstore.mail");
-  settings.hosts_records = {"Store A 127.0.0.9"};
-  CHECK(mailflow::search_names("store", settings) == std::vector<std::string>{"store"});
-}
-
 TEST_CASE("with_hosts_file: a file that cannot be opened leaves DNS alone") {
   net::io_context io;
   mailflow::config::Dns dns;

@@ -109,7 +109,8 @@ def env(workdir, mailflowd_bin, sink_factory):
                                                "upstream_open": "30s"})
         daemon = harness.Daemon(mailflowd_bin, workdir, cfg, name="name-lookup",
                                 wrapper=in_own_files(hosts, resolv)).start()
-        yield types.SimpleNamespace(daemon=daemon, listen=listen, sink=sink, dns=dns, hosts=hosts, moved=moved)
+        yield types.SimpleNamespace(daemon=daemon, listen=listen, sink=sink, sink_port=sink_port, dns=dns, hosts=hosts,
+                                    moved=moved)
     finally:
         if daemon is not None:
             code = daemon.stop()
@@ -237,6 +238,50 @@ def test_a_hosts_file_libunbound_cannot_take_leaves_dns(env, workdir, mailflowd_
         hh.assert_counter(daemon, before, "mailflow_upstream_errors_total", upstream="fast",
                           reason="connect_failed")
         assert "host=fast.upstream.test reason=connect_failed error=\"AAAA nxdomain, A nxdomain\"" in daemon.stderr()
+    finally:
+        code = daemon.stop()
+        if daemon in harness.LIVE:
+            harness.LIVE.remove(daemon)
+        assert code == 0, daemon.log_tail()
+
+
+def test_a_hosts_line_ends_at_a_nul_byte_as_glibc_reads_it(env, workdir, mailflowd_bin):
+    """A NUL byte in /etc/hosts (a corrupt copy, a binary file given by mistake) ends its line for glibc, which reads
+    each line as a C string: `getent -s files hosts` finds no name behind it. The relay read on past it and took
+    "127.0.0.86\\0 nul.upstream.test" for nul.upstream.test's address (the field "127.0.0.86\\0" passed inet_pton
+    as a C string): RCPT got 250 from the sink there, a delivery to an address glibc's lookup never gave; and
+    "fast.upstream.test\\0 cut.test", which glibc reads as fast.upstream.test, was skipped as a name with a NUL in
+    it: 451, an upstream that getaddrinfo reached unreachable. Now the relay reads the lines as glibc does:
+    nul.upstream.test is in DNS alone (NXDOMAIN under .test, 451 at once), fast.upstream.test is the sink (250)."""
+    hosts = workdir / "name-lookup-nul-hosts"
+    hosts.write_bytes(f"127.0.0.1 localhost\n{FAST}\0 nul.upstream.test\n{FAST} fast.upstream.test\0 cut.test\n"
+                      .encode())
+    resolv = workdir / "name-lookup-resolv.conf"
+    for name, found in (("nul.upstream.test", False), ("fast.upstream.test", True)):
+        getent = subprocess.run(in_own_files(hosts, resolv) + ["getent", "-s", "files", "hosts", name],
+                                capture_output=True, text=True, timeout=10)
+        assert (getent.returncode == 0) == found, (name, getent)
+    ports = {"nul": harness.free_port(), "fast": harness.free_port()}
+    state = workdir / "name-lookup-nul-state"
+    state.mkdir(exist_ok=True)
+    cfg = harness.default_config(
+        state, harness.free_port(), [hh.listener(name, port, name) for name, port in ports.items()],
+        [{"name": name, "address": f"{name}.upstream.test:{env.sink_port}", "tls": "none"} for name in ports],
+        timeouts={"upstream_connect": f"{UPSTREAM_CONNECT:g}s", "upstream_open": "30s"})
+    daemon = harness.Daemon(mailflowd_bin, workdir, cfg, name="name-lookup-nul",
+                            wrapper=in_own_files(hosts, resolv)).start()
+    try:
+        replies = {}
+        for name, port in ports.items():
+            c = hh.greeted(port, timeout=30)
+            try:
+                assert c.cmd(f"MAIL FROM:<{hh.SENDER}>")[0] == 250
+                replies[name] = c.cmd(f"RCPT TO:<{hh.RCPT}>")
+            finally:
+                c.close()
+        assert replies["fast"][0] == 250, (replies, daemon.log_tail())
+        assert replies["nul"][0] == 451, (replies, daemon.log_tail())
+        assert "host=nul.upstream.test reason=connect_failed" in daemon.stderr(), daemon.log_tail()
     finally:
         code = daemon.stop()
         if daemon in harness.LIVE:

@@ -1,0 +1,125 @@
+#include "proto/hosts_file.hpp"
+
+#include <arpa/inet.h>  // inet_pton/inet_ntop: pure conversions, no I/O
+
+#include <algorithm>
+#include <optional>
+
+#include "proto/ascii.hpp"
+
+namespace mailflow::proto {
+
+namespace {
+
+// `text` as an IP address in its canonical spelling, and whether it is IPv6; nullopt when it is none (IPv6
+// first, as boost::asio::ip::make_address tries them).
+std::optional<std::string> canonical_address(const std::string& text, bool& v6) {
+  unsigned char bin[16];
+  char buf[INET6_ADDRSTRLEN];
+  for (const int family : {AF_INET6, AF_INET}) {
+    if (inet_pton(family, text.c_str(), bin) != 1) continue;
+    if (inet_ntop(family, bin, buf, sizeof buf) == nullptr) return std::nullopt;
+    v6 = family == AF_INET6;
+    return std::string(buf);
+  }
+  return std::nullopt;
+}
+
+}  // namespace
+
+std::vector<std::string> hosts_records(std::string_view text) {
+  std::vector<std::string> out;
+  const auto host_name = [](std::string_view name) {
+    return !name.empty() && name.size() <= 253 && std::all_of(name.begin(), name.end(), [](char c) {
+      return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' ||
+             c == '_' || c == '.';
+    });
+  };
+  while (!text.empty()) {
+    const std::size_t end = text.find('\n');
+    std::string_view line = text.substr(0, end);
+    text = end == std::string_view::npos ? std::string_view() : text.substr(end + 1);
+    // glibc reads each line as a C string (__nss_readline, res_init): nothing behind a NUL byte is seen.
+    line = line.substr(0, line.find('\0'));
+    line = line.substr(0, line.find('#'));
+    std::vector<std::string_view> fields;
+    for (std::size_t at = 0; at < line.size();) {
+      at = line.find_first_not_of(" \t\r\f\v", at);
+      if (at == std::string_view::npos) break;
+      const std::size_t stop = std::min(line.find_first_of(" \t\r\f\v", at), line.size());
+      fields.push_back(line.substr(at, stop - at));
+      at = stop;
+    }
+    if (fields.size() < 2 || fields[0].find('%') != std::string_view::npos)
+      continue;  // fe80::1%lo0: no use here
+    bool v6 = false;
+    const auto address = canonical_address(std::string(fields[0]), v6);
+    if (!address) continue;
+    for (std::size_t i = 1; i < fields.size(); ++i) {
+      if (!host_name(fields[i])) continue;
+      out.push_back(std::string(fields[i]) + (v6 ? " AAAA " : " A ") + *address);
+    }
+  }
+  return out;
+}
+
+void read_search_list(std::string_view text, std::vector<std::string>& search, int& ndots) {
+  search.clear();
+  ndots = 1;
+  while (!text.empty()) {
+    const std::size_t end = text.find('\n');
+    std::string_view line = text.substr(0, end);
+    text = end == std::string_view::npos ? std::string_view() : text.substr(end + 1);
+    line = line.substr(0, line.find('\0'));  // as in hosts_records
+    line = line.substr(0, line.find_first_of("#;"));
+    std::vector<std::string_view> fields;
+    for (std::size_t at = 0; at < line.size();) {
+      at = line.find_first_not_of(" \t\r", at);
+      if (at == std::string_view::npos) break;
+      const std::size_t stop = std::min(line.find_first_of(" \t\r", at), line.size());
+      fields.push_back(line.substr(at, stop - at));
+      at = stop;
+    }
+    if (fields.empty()) continue;
+    if (fields[0] == "search" || fields[0] == "domain") {
+      search.clear();
+      // "domain" names one domain: glibc's res_init cuts its line at the first blank.
+      const std::size_t last =
+          fields[0] == "domain" ? std::min<std::size_t>(fields.size(), 2) : fields.size();
+      for (std::size_t i = 1; i < last && search.size() < 6; ++i) {
+        std::string_view name = fields[i];
+        if (name.ends_with('.')) name.remove_suffix(1);
+        // A name with an empty label ("a..b", ".a", "a.." once its final dot is gone): no name under it can
+        // be asked (glibc's dn_comp refuses it), and libunbound would take "host.a." as a name under the
+        // root.
+        const bool empty_label = name.starts_with('.') || name.ends_with('.') || name.find("..") != name.npos;
+        if (!name.empty() && name.size() <= 253 && !empty_label) search.emplace_back(name);
+      }
+    } else if (fields[0] == "options") {
+      for (std::size_t i = 1; i < fields.size(); ++i) {
+        if (!fields[i].starts_with("ndots:")) continue;
+        const std::string_view digits = fields[i].substr(6);
+        if (digits.empty() || digits.size() > 3 ||
+            !std::all_of(digits.begin(), digits.end(), [](char c) { return c >= '0' && c <= '9'; }))
+          continue;
+        ndots = std::min(std::stoi(std::string(digits)), 15);
+      }
+    }
+  }
+}
+
+std::vector<std::string> search_names(const std::string& host, const std::vector<std::string>& search,
+                                      int ndots, const std::vector<std::string>& hosts_records) {
+  if (host.ends_with('.') || search.empty()) return {host};
+  const std::string lower = ascii_lower(host) + " ";
+  for (const auto& record : hosts_records)
+    if (ascii_lower(std::string_view(record).substr(0, lower.size())) == lower) return {host};
+  const auto dots = static_cast<int>(std::count(host.begin(), host.end(), '.'));
+  std::vector<std::string> names;
+  if (dots >= ndots) names.push_back(host);
+  for (const auto& domain : search) names.push_back(host + "." + domain);
+  if (dots < ndots) names.push_back(host);
+  return names;
+}
+
+}  // namespace mailflow::proto

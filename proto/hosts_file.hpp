@@ -1,0 +1,29 @@
+#pragma once
+// /etc/hosts and /etc/resolv.conf text as a fixed upstream's host name is looked up with it, without I/O:
+// daemon/resolver reads the files (with_hosts_file) and gives the records to libunbound as local data; the
+// parsing is here, where the fuzz targets reach it.
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace mailflow::proto {
+
+// Each line of either file ends at its first NUL byte, as glibc reads it (a C string).
+//
+// hosts(5) text as local data records, in its order: "name A address" / "name AAAA address". A line whose
+// first field is no IP address (or one with a zone, fe80::1%lo0), and a name with bytes other than letters,
+// digits, '-', '_' and '.' or longer than 253, are skipped.
+std::vector<std::string> hosts_records(std::string_view text);
+// resolv.conf(5) text's search list ("search", or "domain" and its first name: the last such line wins; at
+// most 6 names) and
+// ndots ("options ndots:N", 1 unless said, at most 15), as glibc reads them; a search domain with an empty
+// label (a..b, .a, a..) is left out.
+void read_search_list(std::string_view text, std::vector<std::string>& search, int& ndots);
+// The names `host` is looked up under, in turn until one has addresses, as glibc's getaddrinfo does with
+// /etc/resolv.conf (res_search): with fewer dots than `ndots` the `search` domains first, then the name as
+// written; else the name first. A name with the root's final dot, or one `hosts_records` has (any case), only
+// as written (the files service sees no search list).
+std::vector<std::string> search_names(const std::string& host, const std::vector<std::string>& search,
+                                      int ndots, const std::vector<std::string>& hosts_records);
+
+}  // namespace mailflow::proto

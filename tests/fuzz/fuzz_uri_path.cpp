@@ -1,0 +1,52 @@
+// HTTP request paths and query parameters percent-decoded (proto/uri_path.hpp). A normalized path decodes
+// only unreserved characters: it holds exactly as many '/', '?', '#' and NUL bytes as the path as sent
+// (no escape becomes a separator or a NUL), is never longer, means the same decoded, and normalizing it again
+// changes nothing. A path is refused exactly when its escapes are bad or one is %00. percent_decode decodes
+// what every byte encoded as %XX gives back, byte for byte, and refuses what normalized_path refuses for a
+// bad escape.
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include "fuzz_check.hpp"
+#include "proto/uri_path.hpp"
+
+namespace {
+
+std::size_t count(std::string_view text, char c) {
+  return static_cast<std::size_t>(std::count(text.begin(), text.end(), c));
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  const std::string_view path(reinterpret_cast<const char*>(data), size);
+  std::string decoded;
+  const bool decodes = mailflow::proto::percent_decode(path, decoded);
+  const auto normalized = mailflow::proto::normalized_path(path);
+  const bool has_nul_escape = decodes && count(decoded, '\0') > count(path, '\0');
+  FUZZ_CHECK(normalized.has_value() == (decodes && !has_nul_escape));
+  if (normalized) {
+    FUZZ_CHECK(normalized->size() <= path.size());
+    for (const char c : {'/', '?', '#', '\0'}) FUZZ_CHECK(count(*normalized, c) == count(path, c));
+    std::string again;
+    FUZZ_CHECK(mailflow::proto::percent_decode(*normalized, again));
+    FUZZ_CHECK(again == decoded);
+    FUZZ_CHECK(mailflow::proto::normalized_path(*normalized) == normalized);
+  }
+  // Every byte escaped: decoded back to the input, and normalized to a path that percent-decodes to it too.
+  static constexpr char kHex[] = "0123456789ABCDEF";
+  std::string encoded;
+  for (const char c : path) {
+    const auto byte = static_cast<unsigned char>(c);
+    encoded += '%';
+    encoded += kHex[byte >> 4];
+    encoded += kHex[byte & 15];
+  }
+  std::string round_trip = "keep:";
+  FUZZ_CHECK(mailflow::proto::percent_decode(encoded, round_trip));
+  FUZZ_CHECK(round_trip == "keep:" + std::string(path));
+  return 0;
+}

@@ -1,0 +1,110 @@
+// /etc/hosts and /etc/resolv.conf text as a fixed upstream's host name is looked up with it
+// (proto/hosts_file.hpp).
+#include "proto/hosts_file.hpp"
+
+#include <doctest/doctest.h>
+
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace {
+
+using namespace mailflow::proto;
+
+TEST_CASE("hosts_records: every name of each line with an IP address - other lines and odd names skipped") {
+  const std::string text =
+      "# comment\n127.0.0.1\tlocalhost\n"
+      "::1 localhost ip6-localhost # a comment after the names\n"
+      "  192.0.2.25   mail.example.org   mail  \r\n"
+      "fe80::1%lo0 localhost\n"
+      "not-an-address some.name\n"
+      "192.0.2.26\n"
+      "192.0.2.27 bad\"name good-name\n";
+  CHECK(hosts_records(text) == std::vector<std::string>{"localhost A 127.0.0.1", "localhost AAAA ::1",
+                                                        "ip6-localhost AAAA ::1",
+                                                        "mail.example.org A 192.0.2.25", "mail A 192.0.2.25",
+                                                        "good-name A 192.0.2.27"});
+  CHECK(hosts_records("").empty());
+}
+
+TEST_CASE("read_search_list: search or domain, the last line winning, and ndots as glibc reads them") {
+  std::vector<std::string> search;
+  int ndots = 0;
+  read_search_list(
+      "nameserver 10.0.0.1\nsearch mail.svc.cluster.local. svc.cluster.local cluster.local\n"
+      "options ndots:5 timeout:2 # comment\n",
+      search, ndots);
+  CHECK(search == std::vector<std::string>{"mail.svc.cluster.local", "svc.cluster.local", "cluster.local"});
+  CHECK(ndots == 5);
+  read_search_list("search a.example b.example\ndomain corp.example\noptions ndots:x ndots:99\n", search,
+                   ndots);
+  CHECK(search == std::vector<std::string>{"corp.example"});
+  CHECK(ndots == 15);
+  read_search_list("search 1 2 3 4 5 6 7 8\n", search, ndots);
+  CHECK(search.size() == 6);
+  CHECK(ndots == 1);
+  read_search_list("", search, ndots);
+  CHECK(search.empty());
+}
+
+TEST_CASE(
+    "search_names: the search domains first below ndots, the name first from it, hosts-file names as "
+    "written") {
+  std::vector<std::string> search;
+  int ndots = 1;
+  std::vector<std::string> hosts;
+  CHECK(search_names("mailstore", search, ndots, hosts) == std::vector<std::string>{"mailstore"});
+  search = {"mail.svc.cluster.local", "cluster.local"};
+  ndots = 1;
+  CHECK(search_names("mailstore", search, ndots, hosts) ==
+        std::vector<std::string>{"mailstore.mail.svc.cluster.local", "mailstore.cluster.local", "mailstore"});
+  CHECK(search_names("mail.example.org", search, ndots, hosts) ==
+        std::vector<std::string>{"mail.example.org", "mail.example.org.mail.svc.cluster.local",
+                                 "mail.example.org.cluster.local"});
+  CHECK(search_names("mail.example.org.", search, ndots, hosts) ==
+        std::vector<std::string>{"mail.example.org."});
+  ndots = 5;
+  CHECK(search_names("mailstore.mail", search, ndots, hosts).front() ==
+        "mailstore.mail.mail.svc.cluster.local");
+  CHECK(search_names("mailstore.mail", search, ndots, hosts).back() == "mailstore.mail");
+  hosts = {"Store A 127.0.0.9"};
+  CHECK(search_names("store", search, ndots, hosts) == std::vector<std::string>{"store"});
+}
+
+TEST_CASE(
+    "read_search_list: a search domain with an empty label is skipped, as glibc can ask no name under it") {
+  std::vector<std::string> search;
+  int ndots = 0;
+  // "b.example.." kept its second dot: "store.b.example." would be asked, a name glibc's res_search never
+  // makes (dn_comp refuses the empty label), and one under the root that libunbound takes as written.
+  read_search_list("search a.example b.example.. .c.example d..example e.example.\n", search, ndots);
+  CHECK(search == std::vector<std::string>{"a.example", "e.example"});
+}
+
+TEST_CASE("hosts and resolv.conf lines end at a NUL byte, as glibc reads each line as a C string") {
+  using namespace std::string_view_literals;
+  // glibc sees "192.0.2.1" without names on the first line, and "192.0.2.2 kept" on the second.
+  CHECK(hosts_records("192.0.2.1\0junk cut.example\n192.0.2.2 kept\0 cut.example\n::1\0 x\n"sv) ==
+        std::vector<std::string>{"kept A 192.0.2.2"});
+  std::vector<std::string> search;
+  int ndots = 0;
+  // glibc sees "search a.example" and "options ndots:2": no domain with a NUL in it (libunbound would ask
+  // the name cut short there), none from behind it.
+  read_search_list("search a.example\0b.example c.example\noptions ndots:2\0 ndots:7\n"sv, search, ndots);
+  CHECK(search == std::vector<std::string>{"a.example"});
+  CHECK(ndots == 2);
+}
+
+TEST_CASE("read_search_list: a domain line gives its first name only, as glibc's res_init reads it") {
+  std::vector<std::string> search;
+  int ndots = 0;
+  // glibc cuts "domain" at the first blank: corp.example alone, and a short name is never asked under
+  // other.example, which the administrator did not put in a search list.
+  read_search_list("search a.example\ndomain corp.example other.example\n", search, ndots);
+  CHECK(search == std::vector<std::string>{"corp.example"});
+  read_search_list("domain corp.example other.example\nsearch a.example b.example\n", search, ndots);
+  CHECK(search == std::vector<std::string>{"a.example", "b.example"});
+}
+
+}  // namespace
