@@ -86,7 +86,7 @@ void read_search_list(std::string_view text, std::vector<std::string>& search, i
       // "domain" names one domain: glibc's res_init cuts its line at the first blank.
       const std::size_t last =
           fields[0] == "domain" ? std::min<std::size_t>(fields.size(), 2) : fields.size();
-      for (std::size_t i = 1; i < last && search.size() < 6; ++i) {
+      for (std::size_t i = 1; i < last && search.size() < max_search_domains; ++i) {
         std::string_view name = fields[i];
         if (name.ends_with('.')) name.remove_suffix(1);
         // A name with an empty label ("a..b", ".a", "a.." once its final dot is gone): no name under it can

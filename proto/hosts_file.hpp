@@ -15,9 +15,10 @@ namespace mailflow::proto {
 // digits, '-', '_' and '.' or longer than 253, are skipped.
 std::vector<std::string> hosts_records(std::string_view text);
 // resolv.conf(5) text's search list ("search", or "domain" and its first name: the last such line wins; at
-// most 6 names) and
-// ndots ("options ndots:N", 1 unless said, at most 15), as glibc reads them; a search domain with an empty
-// label (a..b, .a, a..) is left out.
+// most max_search_domains names) and ndots ("options ndots:N", 1 unless said, at most 15), as glibc reads
+// them; a search domain with an empty label (a..b, .a, a..) is left out.
+// glibc 2.26 and later read any number (Debian 12: 2.36); Kubernetes allows a pod 32, the bound kept here.
+inline constexpr std::size_t max_search_domains = 32;
 void read_search_list(std::string_view text, std::vector<std::string>& search, int& ndots);
 // The names `host` is looked up under, in turn until one has addresses, as glibc's getaddrinfo does with
 // /etc/resolv.conf (res_search): with fewer dots than `ndots` the `search` domains first, then the name as

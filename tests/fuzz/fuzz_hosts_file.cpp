@@ -3,10 +3,10 @@
 // from the text). Every hosts record is "name A|AAAA address" with a name of letters, digits, '-', '_' and
 // '.' (1 to 253 bytes) and an address in its canonical spelling that a line of the file has, whole, as its
 // first field, with the name among that line's other fields (a line ends at a NUL byte, as glibc reads it). A
-// search list has at most 6 names, none empty, longer than 253 bytes, with an empty label (a final dot) or a
-// NUL byte (libunbound takes names as C strings), each a field of the text; ndots is 0 to 15. search_names
-// asks the name as written exactly once, first or last, and every other name is the name, a dot and a search
-// domain.
+// search list has at most max_search_domains names, none empty, longer than 253 bytes, with an empty label (a
+// final dot) or a NUL byte (libunbound takes names as C strings), each a field of the text; ndots is 0 to 15.
+// search_names asks the name as written exactly once, first or last, and every other name is the name, a dot
+// and a search domain.
 #include <arpa/inet.h>
 
 #include <algorithm>
@@ -73,7 +73,7 @@ void check_search(std::string_view text, std::string_view host) {
   std::vector<std::string> search{"left.over"};
   int ndots = -1;
   mailflow::proto::read_search_list(text, search, ndots);
-  FUZZ_CHECK(search.size() <= 6);
+  FUZZ_CHECK(search.size() <= mailflow::proto::max_search_domains);
   FUZZ_CHECK(ndots >= 0 && ndots <= 15);
   for (const std::string& domain : search) {
     FUZZ_CHECK(!domain.empty() && domain.size() <= 253);
