@@ -113,6 +113,27 @@ def https_server(handler, cert, key, address=("127.0.0.1", 0)):
     return server
 
 
+def in_own_files(hosts, resolv=None):
+    """A Daemon wrapper that runs the daemon with `hosts` bound over /etc/hosts (and `resolv` over
+    /etc/resolv.conf), in a mount namespace of its own; skips the test where none can be made."""
+    if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs a mount namespace (unshare --mount) for a hosts file of its own")
+    if resolv is None:
+        return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                'mount --bind "$0" /etc/hosts && exec "$@"', str(hosts)]
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+            'mount --bind "$0" /etc/hosts && mount --bind "$1" /etc/resolv.conf && shift && exec "$@"',
+            str(hosts), str(resolv)]
+
+
+def stop_exits_0(daemon):
+    """Stops a daemon that a module fixture started itself: it must exit 0 after SIGTERM."""
+    code = daemon.stop()
+    if daemon in LIVE:
+        LIVE.remove(daemon)
+    assert code == 0, f"{daemon.name}: exit code after SIGTERM = {code!r}\n{daemon.log_tail()}"
+
+
 def sanitized(binary):
     """Whether `binary` is a sanitizer build (the asan preset: ASan and UBSan)."""
     out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True).stdout

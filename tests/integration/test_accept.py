@@ -224,6 +224,26 @@ def test_http_a_connection_gone_before_accept_is_passed_at_once_not_paused_or_co
     assert lines and "Network is unreachable" in lines[0], daemon.log_tail()
 
 
+def assert_local_resources_then_relays(daemon, before, c):
+    """After a 451 at the descriptor limit: counted as the relay's own shortage (local_resources), not as the
+    upstream's connect_failed, and logged so; the session goes on, and with descriptors back the same client's
+    next transaction is relayed."""
+    after = daemon.metrics()
+    moved = {reason: harness.value(after, "mailflow_upstream_errors_total", upstream="up", reason=reason)
+             - harness.value(before, "mailflow_upstream_errors_total", upstream="up", reason=reason)
+             for reason in ("local_resources", "connect_failed")}
+    assert moved == {"local_resources": 1, "connect_failed": 0}, \
+        f"mailflow_upstream_errors_total{{upstream=\"up\"}} moved by {moved}\n{daemon.log_tail()}"
+    line = [l for l in daemon.stderr().splitlines() if "upstream_error" in l or "dns_unavailable" in l][-1]
+    assert "reason=local_resources" in line, line
+    assert c.cmd("RSET")[0] == 250
+    assert c.cmd("MAIL FROM:<s@example.test>")[0] == 250
+    code, text = c.cmd("RCPT TO:<r@dest.test>")
+    assert code == 250, f"RCPT once descriptors are free again: {text!r}"
+    c.cmd("QUIT")
+    c.close()
+
+
 def test_upstream_socket_out_of_descriptors_is_counted_as_local_resources(env, mailflowd_bin):
     """With the daemon at its descriptor limit an RCPT cannot open the upstream: 451, as for an upstream that is
     down, but counted as mailflow_upstream_errors_total{reason="local_resources"}, not connect_failed, which
@@ -244,21 +264,7 @@ def test_upstream_socket_out_of_descriptors_is_counted_as_local_resources(env, m
     finally:
         resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
     assert code == 451, f"RCPT with no descriptor left for the upstream: {text!r}"
-    after = daemon.metrics()
-    moved = {reason: harness.value(after, "mailflow_upstream_errors_total", upstream="up", reason=reason)
-             - harness.value(before, "mailflow_upstream_errors_total", upstream="up", reason=reason)
-             for reason in ("local_resources", "connect_failed")}
-    assert moved == {"local_resources": 1, "connect_failed": 0}, \
-        f"mailflow_upstream_errors_total{{upstream=\"up\"}} moved by {moved}\n{daemon.log_tail()}"
-    line = [l for l in daemon.stderr().splitlines() if "upstream_error" in l or "dns_unavailable" in l][-1]
-    assert "reason=local_resources" in line, line
-    # The session goes on, and with descriptors back the same client's next transaction is relayed.
-    assert c.cmd("RSET")[0] == 250
-    assert c.cmd("MAIL FROM:<s@example.test>")[0] == 250
-    code, text = c.cmd("RCPT TO:<r@dest.test>")
-    assert code == 250, f"RCPT once descriptors are free again: {text!r}"
-    c.cmd("QUIT")
-    c.close()
+    assert_local_resources_then_relays(daemon, before, c)
     hh.assert_relays(daemon, port, sink)
 
 
@@ -287,21 +293,7 @@ def test_upstream_host_name_out_of_descriptors_is_counted_as_local_resources(sin
     finally:
         resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
     assert code == 451, f"RCPT with no descriptor left for the lookup: {text!r}"
-    after = daemon.metrics()
-    moved = {reason: harness.value(after, "mailflow_upstream_errors_total", upstream="up", reason=reason)
-             - harness.value(before, "mailflow_upstream_errors_total", upstream="up", reason=reason)
-             for reason in ("local_resources", "connect_failed")}
-    assert moved == {"local_resources": 1, "connect_failed": 0}, \
-        f"mailflow_upstream_errors_total{{upstream=\"up\"}} moved by {moved}\n{daemon.log_tail()}"
-    line = [l for l in daemon.stderr().splitlines() if "upstream_error" in l or "dns_unavailable" in l][-1]
-    assert "reason=local_resources" in line, line
-    # With descriptors back the name is found and the same client's next transaction is relayed.
-    assert c.cmd("RSET")[0] == 250
-    assert c.cmd("MAIL FROM:<s@example.test>")[0] == 250
-    code, text = c.cmd("RCPT TO:<r@dest.test>")
-    assert code == 250, f"RCPT once descriptors are free again: {text!r}"
-    c.cmd("QUIT")
-    c.close()
+    assert_local_resources_then_relays(daemon, before, c)
 
 
 def test_resolver_that_cannot_be_made_for_want_of_descriptors_is_counted_as_local_resources(daemon_factory,

@@ -7,7 +7,6 @@ bound over /etc/hosts) to 127.0.0.140, then 127.0.0.141, both on port P:
 - 127.0.0.141 takes mail in plaintext.
 Before, the failed handshake and the retry counted as two sessions: the limit ended the walk after the first
 address and the RCPT got 451 4.4.1, the second address never tried. Now the second address gets the mail."""
-import subprocess
 import time
 import types
 
@@ -36,15 +35,12 @@ def broken_then_refusing(conn):
 
 @pytest.fixture(scope="module")
 def env(workdir, mailflowd_bin):
-    if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0:
-        pytest.skip("needs a mount namespace (unshare --mount) for a hosts file of its own")
     hosts = workdir / "fallback-hosts"
     hosts.write_text(f"{FIRST} pair.fallback.test\n{SECOND} pair.fallback.test\n")
     port = harness.free_port(FIRST, SECOND)
     first = hh.FakeUpstream("first", broken_then_refusing, host=FIRST, port=port)
     second = hh.FakeUpstream("second", lambda conn: conn.serve(), host=SECOND, port=port)
-    wrapper = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-               'mount --bind "$0" /etc/hosts && exec "$@"', str(hosts)]
+    wrapper = harness.in_own_files(hosts)
     daemon = None
     try:
         listen = harness.free_port()
@@ -58,10 +54,7 @@ def env(workdir, mailflowd_bin):
         yield types.SimpleNamespace(daemon=daemon, listen=listen, first=first, second=second)
     finally:
         if daemon is not None:
-            code = daemon.stop()
-            if daemon in harness.LIVE:
-                harness.LIVE.remove(daemon)
-            assert code == 0, f"exit code after SIGTERM = {code!r}\n{daemon.log_tail()}"
+            harness.stop_exits_0(daemon)
         first.stop()
         second.stop()
 

@@ -16,7 +16,6 @@ Before, every address was tried: a name with many dead addresses held the RCPT u
 With upstream_connect 2s the first two deliver through the second address after about 2 s; before, the first
 address's timeout spent the one upstream_connect of all the addresses and ended the loop: 451 4.4.1."""
 import socket
-import subprocess
 import time
 import types
 
@@ -85,16 +84,8 @@ class FullBacklog:
         self.sock.close()
 
 
-def in_own_hosts(hosts_file):
-    """A wrapper that runs the daemon with `hosts_file` bound over /etc/hosts, in a mount namespace of its own."""
-    return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-            'mount --bind "$0" /etc/hosts && exec "$@"', str(hosts_file)]
-
-
 @pytest.fixture(scope="module")
 def env(workdir, mailflowd_bin, sink_factory):
-    if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0:
-        pytest.skip("needs a mount namespace (unshare --mount) for a hosts file of its own")
     hosts = workdir / "addresses-hosts"
     hosts.write_text(f"{FIRST} two.upstream.test\n{SECOND} two.upstream.test\n"
                      f"{BOTH_FIRST} both.upstream.test\n{BOTH_SECOND} both.upstream.test\n"
@@ -126,15 +117,13 @@ def env(workdir, mailflowd_bin, sink_factory):
                                      timeouts={"greeting": "10s", "command": "10s",
                                                "upstream_connect": f"{UPSTREAM_CONNECT:g}s",
                                                "upstream_open": f"{UPSTREAM_OPEN:g}s"})
-        daemon = harness.Daemon(mailflowd_bin, workdir, cfg, name="addresses", wrapper=in_own_hosts(hosts)).start()
+        daemon = harness.Daemon(mailflowd_bin, workdir, cfg, name="addresses",
+                                wrapper=harness.in_own_files(hosts)).start()
         yield types.SimpleNamespace(daemon=daemon, listen=listen, sinks=sinks, holes=holes, six=six,
                                     greeters=greeters)
     finally:
         if daemon is not None:
-            code = daemon.stop()
-            if daemon in harness.LIVE:
-                harness.LIVE.remove(daemon)
-            assert code == 0, f"exit code after SIGTERM = {code!r}\n{daemon.log_tail()}"
+            harness.stop_exits_0(daemon)
         for hole in holes:
             hole.stop()
 

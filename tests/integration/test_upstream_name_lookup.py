@@ -37,14 +37,6 @@ MARGIN = 1.5
 SLOW_SESSIONS = 3
 
 
-def in_own_files(hosts, resolv):
-    """Runs the daemon with `hosts` over /etc/hosts and `resolv` over /etc/resolv.conf, in a mount namespace of its
-    own."""
-    return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-            'mount --bind "$0" /etc/hosts && mount --bind "$1" /etc/resolv.conf && shift && exec "$@"',
-            str(hosts), str(resolv)]
-
-
 class SilentNameServer:
     """UDP port 53 of `host`, bound (no ICMP port unreachable comes back), counting the queries it takes and never
     answering any."""
@@ -76,8 +68,6 @@ class SilentNameServer:
 
 @pytest.fixture(scope="module")
 def env(workdir, mailflowd_bin, sink_factory):
-    if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0:
-        pytest.skip("needs a mount namespace (unshare --mount) for a hosts file and resolv.conf of its own")
     try:
         dns = SilentNameServer(DNS_SERVER)
     except OSError as e:
@@ -108,15 +98,12 @@ def env(workdir, mailflowd_bin, sink_factory):
                                                "upstream_connect": f"{UPSTREAM_CONNECT:g}s",
                                                "upstream_open": "30s"})
         daemon = harness.Daemon(mailflowd_bin, workdir, cfg, name="name-lookup",
-                                wrapper=in_own_files(hosts, resolv)).start()
+                                wrapper=harness.in_own_files(hosts, resolv)).start()
         yield types.SimpleNamespace(daemon=daemon, listen=listen, sink=sink, sink_port=sink_port, dns=dns, hosts=hosts,
                                     moved=moved)
     finally:
         if daemon is not None:
-            code = daemon.stop()
-            if daemon in harness.LIVE:
-                harness.LIVE.remove(daemon)
-            assert code == 0, f"exit code after SIGTERM = {code!r}\n{daemon.log_tail()}"
+            harness.stop_exits_0(daemon)
         dns.close()
 
 
@@ -221,7 +208,7 @@ def test_a_hosts_file_libunbound_cannot_take_leaves_dns(env, workdir, mailflowd_
                                    "tls": "none"}],
                                  timeouts={"upstream_connect": f"{UPSTREAM_CONNECT:g}s", "upstream_open": "30s"})
     daemon = harness.Daemon(mailflowd_bin, workdir, cfg, name="name-lookup-broken",
-                            wrapper=in_own_files(hosts, resolv)).start()
+                            wrapper=harness.in_own_files(hosts, resolv)).start()
     try:
         lines = [x for x in daemon.stderr().splitlines() if " hosts_file " in x]
         assert lines and "file=/etc/hosts" in lines[0] and "DNS only" in lines[0], daemon.log_tail()
@@ -239,10 +226,7 @@ def test_a_hosts_file_libunbound_cannot_take_leaves_dns(env, workdir, mailflowd_
                           reason="connect_failed")
         assert "host=fast.upstream.test reason=connect_failed error=\"AAAA nxdomain, A nxdomain\"" in daemon.stderr()
     finally:
-        code = daemon.stop()
-        if daemon in harness.LIVE:
-            harness.LIVE.remove(daemon)
-        assert code == 0, daemon.log_tail()
+        harness.stop_exits_0(daemon)
 
 
 def test_a_hosts_line_ends_at_a_nul_byte_as_glibc_reads_it(env, workdir, mailflowd_bin):
@@ -258,7 +242,7 @@ def test_a_hosts_line_ends_at_a_nul_byte_as_glibc_reads_it(env, workdir, mailflo
                       .encode())
     resolv = workdir / "name-lookup-resolv.conf"
     for name, found in (("nul.upstream.test", False), ("fast.upstream.test", True)):
-        getent = subprocess.run(in_own_files(hosts, resolv) + ["getent", "-s", "files", "hosts", name],
+        getent = subprocess.run(harness.in_own_files(hosts, resolv) + ["getent", "-s", "files", "hosts", name],
                                 capture_output=True, text=True, timeout=10)
         assert (getent.returncode == 0) == found, (name, getent)
     ports = {"nul": harness.free_port(), "fast": harness.free_port()}
@@ -269,7 +253,7 @@ def test_a_hosts_line_ends_at_a_nul_byte_as_glibc_reads_it(env, workdir, mailflo
         [{"name": name, "address": f"{name}.upstream.test:{env.sink_port}", "tls": "none"} for name in ports],
         timeouts={"upstream_connect": f"{UPSTREAM_CONNECT:g}s", "upstream_open": "30s"})
     daemon = harness.Daemon(mailflowd_bin, workdir, cfg, name="name-lookup-nul",
-                            wrapper=in_own_files(hosts, resolv)).start()
+                            wrapper=harness.in_own_files(hosts, resolv)).start()
     try:
         replies = {}
         for name, port in ports.items():
@@ -283,10 +267,7 @@ def test_a_hosts_line_ends_at_a_nul_byte_as_glibc_reads_it(env, workdir, mailflo
         assert replies["nul"][0] == 451, (replies, daemon.log_tail())
         assert "host=nul.upstream.test reason=connect_failed" in daemon.stderr(), daemon.log_tail()
     finally:
-        code = daemon.stop()
-        if daemon in harness.LIVE:
-            harness.LIVE.remove(daemon)
-        assert code == 0, daemon.log_tail()
+        harness.stop_exits_0(daemon)
 
 
 def test_a_changed_hosts_file_applies_at_the_reload(env):
