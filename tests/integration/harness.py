@@ -4,10 +4,12 @@ s_client, raw sockets). Imported by conftest.py and by the test modules.
 Everything that runs is registered in LIVE so that a failing test's report carries the daemon's stderr,
 the sinks' logs and the SMTP transcripts (see conftest.pytest_runtest_makereport).
 """
+import contextlib
 import http.server
 import json
 import os
 import re
+import resource
 import select
 import signal
 import socket
@@ -138,6 +140,20 @@ def sanitized(binary):
     """Whether `binary` is a sanitizer build (the asan preset: ASan and UBSan)."""
     out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True).stdout
     return "libasan" in out or "libubsan" in out
+
+
+@contextlib.contextmanager
+def out_of_descriptors(daemon):
+    """While in it, the daemon cannot make a new descriptor: a new one gets the lowest free number, and every number
+    below 3 is taken (stdin, stdout, stderr), whatever else closes meanwhile; the open ones go on. Its limit is
+    given back on the way out."""
+    pid = daemon.proc.pid
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (3, hard))
+    try:
+        yield
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def skip_out_of_descriptors_if_sanitized(binary):

@@ -250,19 +250,12 @@ def test_upstream_socket_out_of_descriptors_is_counted_as_local_resources(env, m
     MailflowUpstreamDown would page for although the upstream is fine."""
     harness.skip_out_of_descriptors_if_sanitized(mailflowd_bin)
     sink, daemon, port = env
-    pid = daemon.proc.pid
     c = hh.greeted(port)
-    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-    try:
-        code, text = c.cmd("MAIL FROM:<s@example.test>")
-        assert code == 250, f"MAIL: {text!r}"  # answered locally: no upstream yet
-        before = daemon.metrics()
-        # No room for a socket: a new descriptor gets the lowest free number, and every number below 3 is taken
-        # (stdin, stdout, stderr), whatever else closes meanwhile (the scrape's connection); the open ones go on.
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, (3, hard))
+    code, text = c.cmd("MAIL FROM:<s@example.test>")
+    assert code == 250, f"MAIL: {text!r}"  # answered locally: no upstream yet
+    before = daemon.metrics()
+    with harness.out_of_descriptors(daemon):  # no room for the upstream's socket
         code, text = c.cmd("RCPT TO:<r@dest.test>")
-    finally:
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
     assert code == 451, f"RCPT with no descriptor left for the upstream: {text!r}"
     assert_local_resources_then_relays(daemon, before, c)
     hh.assert_relays(daemon, port, sink)
@@ -282,16 +275,11 @@ def test_upstream_host_name_out_of_descriptors_is_counted_as_local_resources(sin
     daemon = daemon_factory(listeners=[hh.listener("in", port, "up")],
                             upstreams=[dict(hh.plain_upstream("up", sink.port), address=f"localhost:{sink.port}")],
                             name="by-name")
-    pid = daemon.proc.pid
     c = hh.greeted(port)
-    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-    try:
-        assert c.cmd("MAIL FROM:<s@example.test>")[0] == 250
-        before = daemon.metrics()
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, (3, hard))  # no descriptor left (see above)
+    assert c.cmd("MAIL FROM:<s@example.test>")[0] == 250
+    before = daemon.metrics()
+    with harness.out_of_descriptors(daemon):
         code, text = c.cmd("RCPT TO:<r@dest.test>")
-    finally:
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
     assert code == 451, f"RCPT with no descriptor left for the lookup: {text!r}"
     assert_local_resources_then_relays(daemon, before, c)
 
@@ -308,16 +296,11 @@ def test_resolver_that_cannot_be_made_for_want_of_descriptors_is_counted_as_loca
     daemon = daemon_factory(listeners=[hh.listener("mxl", port, "mx")],
                             upstreams=[{"name": "mx", "mx": True, "port": 25}], name="nodns",
                             dns={"servers": [f"127.0.0.1:{dead_dns}"], "timeout": "1s"})
-    pid = daemon.proc.pid
     c = hh.greeted(port)
-    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-    try:
-        assert c.cmd("MAIL FROM:<s@example.test>")[0] == 250
-        before = daemon.metrics()
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, (3, hard))
+    assert c.cmd("MAIL FROM:<s@example.test>")[0] == 250
+    before = daemon.metrics()
+    with harness.out_of_descriptors(daemon):
         code, text = c.cmd("RCPT TO:<r@dest.example.net>")
-    finally:
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
     assert (code, text[:9]) == (451, "451 4.4.3"), f"RCPT with no descriptor for the resolver: {text!r}"
     after = daemon.metrics()
     moved = {dict(k)["reason"]: v for k, v in

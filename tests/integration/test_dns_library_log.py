@@ -8,22 +8,11 @@ to standard error, which broke a log shipper's JSON parser and was not rate-limi
 The real binary, with the daemon's RLIMIT_NOFILE lowered (prlimit) for one RCPT so that libunbound cannot make the
 socket for its query. The name server is an address of this file's range, 127.0.0.145-149, where nothing listens."""
 import json
-import resource
 
 import harness
 from hostile_helpers import greeted
 
 NAME_SERVER = "127.0.0.145"
-
-
-def at_descriptor_limit(daemon, c, command):
-    pid = daemon.proc.pid
-    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-    try:
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, (3, hard))
-        return c.cmd(command)
-    finally:
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def json_events(daemon):
@@ -56,7 +45,8 @@ def test_libunbound_lines_are_json_log_events(daemon_factory, mailflowd_bin):
     # The first lookup makes the loop's resolver (its name server does not answer: a 4xx after dns.timeout).
     assert c.cmd("RCPT TO:<a@first.example>")[0] // 100 == 4
     for domain in ("second.example", "fourth.example"):
-        code, text = at_descriptor_limit(daemon, c, f"RCPT TO:<b@{domain}>")
+        with harness.out_of_descriptors(daemon):
+            code, text = c.cmd(f"RCPT TO:<b@{domain}>")
         assert text.startswith("451 4.4.3"), f"RCPT with no descriptor for the MX lookup: {text!r}\n{daemon.log_tail()}"
         if domain == "second.example":
             # The next lookup replaces the resolver whose cache holds that SERVFAIL: the old context is deleted
@@ -80,7 +70,8 @@ def test_a_resolver_that_cannot_be_made_says_so_in_a_json_log_event(daemon_facto
     socketpair), which libunbound says before any context of this process set where it logs."""
     harness.skip_out_of_descriptors_if_sanitized(mailflowd_bin)
     daemon, c = start(daemon_factory, "dnslog-new")
-    code, text = at_descriptor_limit(daemon, c, "RCPT TO:<a@first.example>")
+    with harness.out_of_descriptors(daemon):
+        code, text = c.cmd("RCPT TO:<a@first.example>")
     assert text.startswith("451 4.4.3 DNS resolver unavailable"), f"{text!r}\n{daemon.log_tail()}"
     c.cmd("QUIT")
     said = [e["message"] for e in json_events(daemon) if e["event"] == "dns_library"]

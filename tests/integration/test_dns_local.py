@@ -21,7 +21,6 @@ daemon's RLIMIT_NOFILE lowered with prlimit for one RCPT while the session is op
 The fixed loopback addresses are of this file's range, 127.0.0.90-94."""
 import datetime
 import json
-import resource
 import shutil
 import sys
 import tempfile
@@ -108,17 +107,6 @@ def env(certs, workdir, sink_factory, daemon_factory):
         shutil.rmtree(short_dir, ignore_errors=True)
 
 
-def at_descriptor_limit(daemon, c, command):
-    """`command`'s reply while the daemon cannot make a new descriptor (every number below 3 is taken)."""
-    pid = daemon.proc.pid
-    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-    try:
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, (3, hard))
-        return c.cmd(command)
-    finally:
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
-
-
 def send(c, rcpt):
     assert c.cmd("DATA")[0] == 354
     c.send(f"From: app@corp.example\r\nTo: {rcpt}\r\nSubject: dnsfd\r\n\r\nbody\r\n".encode())
@@ -144,7 +132,8 @@ def test_mx_lookup_out_of_descriptors_is_not_the_domains_dns_failure(env, mailfl
     assert c.cmd("MAIL FROM:<app@corp.example>")[0] == 250
     assert c.cmd(f"RCPT TO:<x@nowhere.{ORIGIN}>")[0] == 550
     before = daemon.metrics()
-    code, text = at_descriptor_limit(daemon, c, f"RCPT TO:<ann@fresh.{ORIGIN}>")
+    with harness.out_of_descriptors(daemon):
+        code, text = c.cmd(f"RCPT TO:<ann@fresh.{ORIGIN}>")
     after = daemon.metrics()
     log = daemon.log_tail()
     assert text.startswith("451 4.4.3 DNS resolver unavailable"), f"RCPT with no descriptor for the MX lookup: " \
@@ -185,7 +174,8 @@ def test_tlsa_lookup_out_of_descriptors_is_not_reported_as_the_domains_failure(e
     assert c.cmd("MAIL FROM:<app@corp.example>")[0] == 250
     time.sleep(2.5)  # the TLSA record has expired from the cache; the MX, A and TLS-RPT answers have not
     before = daemon.metrics()
-    code, text = at_descriptor_limit(daemon, c, f"RCPT TO:<{rcpt}>")
+    with harness.out_of_descriptors(daemon):
+        code, text = c.cmd(f"RCPT TO:<{rcpt}>")
     after = daemon.metrics()
     log = daemon.log_tail()
     assert text.startswith("451 4.4.3 DNS resolver unavailable"), f"RCPT with no descriptor for the TLSA " \
@@ -211,7 +201,8 @@ def test_tlsa_lookup_out_of_descriptors_is_not_reported_as_the_domains_failure(e
 def sts_at_descriptor_limit(daemon, c, domain, step):
     """RCPT to `domain` while `step` cannot be sent: the message waits, nothing of the domain's is counted."""
     before = daemon.metrics()
-    code, text = at_descriptor_limit(daemon, c, f"RCPT TO:<carl@{domain}>")
+    with harness.out_of_descriptors(daemon):
+        code, text = c.cmd(f"RCPT TO:<carl@{domain}>")
     after = daemon.metrics()
     log = daemon.log_tail()
     assert text.startswith(f"451 4.4.1 MTA-STS policy of {domain} could not be had (local_resources)"), \
@@ -275,7 +266,8 @@ def test_fixed_upstream_name_lookup_out_of_descriptors_is_not_the_upstreams_fail
     assert c.cmd("MAIL FROM:<app@corp.example>")[0] == 250
     time.sleep(2.5)  # the upstream's A record has expired from the cache
     before = daemon.metrics()
-    code, text = at_descriptor_limit(daemon, c, "RCPT TO:<dana@corp.example>")
+    with harness.out_of_descriptors(daemon):
+        code, text = c.cmd("RCPT TO:<dana@corp.example>")
     after = daemon.metrics()
     log = daemon.log_tail()
     assert text.startswith("451 4.4.3 DNS resolver unavailable"), f"RCPT with no descriptor for the upstream's " \

@@ -7,7 +7,6 @@ A real knotd serves the domain (MX, _mta-sts TXT, the policy host's address), a 
 127.0.0.100:443 serves its enforce policy (max_age 1 s, so that the next message fetches it again), a sink on
 127.0.0.101 is its MX. The daemon's RLIMIT_NOFILE is lowered with prlimit while the DNS answers are in its
 resolver's cache, so the only thing that needs a new descriptor is the fetch (and the MX connect after it)."""
-import resource
 import shutil
 import sys
 import tempfile
@@ -103,15 +102,9 @@ def test_policy_fetch_out_of_descriptors_is_not_the_domains_failure(env, mailflo
     c = greeted(env.port)  # while there are descriptors for it
     time.sleep(2.2)  # the policy (max_age 1) has expired: the next message fetches it again
 
-    pid = daemon.proc.pid
-    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
     before = daemon.metrics()
-    try:
-        # No room for a new descriptor (every number below 3 is taken); the open ones go on.
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, (3, hard))
+    with harness.out_of_descriptors(daemon):
         rcpt, _ = deliver(env, c)
-    finally:
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
     assert rcpt[0] == 451 and "4.4.1" in rcpt[1], f"RCPT with no descriptor for the policy fetch: {rcpt!r}"
     after = daemon.metrics()
     assert len(PolicyHandler.requests) == fetched, "the fetch reached the policy host although it had no socket"
