@@ -733,8 +733,8 @@ class Server : public std::enable_shared_from_this<Server> {
     const auto question = target.find('?');
     const std::string_view query =
         question == std::string_view::npos ? std::string_view{} : target.substr(question + 1);
-    // One spelling of the path for the probes' exemption below and for the routes: /%68ealthz is /healthz for
-    // both.
+    // One spelling of the path for the probes' exemption below and for the routes: /%68ealthz and
+    // /api/../healthz are /healthz for both, /healthz/../metrics is /metrics for both.
     const auto normalized = proto::normalized_path(target.substr(0, question));
     if (!normalized) {
       co_return make_response(
@@ -742,7 +742,7 @@ class Server : public std::enable_shared_from_this<Server> {
           "bad %-escape in the path: a '%' must start %XX with two hex digits, and %00 is "
           "refused (RFC 3986 2.1)\n");
     }
-    const std::string& path = *normalized;
+    const std::string path = proto::without_dot_segments(*normalized);
     // The probes (the kubelet's, a load balancer's health check) send no credentials, and their answers say
     // nothing of the data: /readyz guarded made every pod unready, every relay "down", once basic_auth was set.
     const auto settings = this->settings();
@@ -787,7 +787,7 @@ class Server : public std::enable_shared_from_this<Server> {
     }
   }
 
-  // `path` as proto::normalized_path gives it, `query` as sent.
+  // `path` as proto::normalized_path and without_dot_segments give it, `query` as sent.
   Response route(const Request& request, std::string_view path, std::string_view query) {
     if (request.method() != http::verb::get && request.method() != http::verb::head) {
       auto response = make_response(request, http::status::method_not_allowed, kTextPlain, "method not allowed\n");

@@ -170,11 +170,14 @@ def test_probes_need_no_credentials(env):
         assert (status, body) == (200, b"ok"), (path, status, body)
     status, _, _, _ = hx.get(env.port, "/readyz?x", source="127.0.7.9")
     assert status == 200
-    for path in ("/metrics", "/", "/readyz/", "/api/v1/report", "/%6Detrics", "/api/v1/report%2Ecsv"):
+    for path in ("/metrics", "/", "/readyz/", "/api/v1/report", "/%6Detrics", "/api/v1/report%2Ecsv",
+                 "/healthz/../metrics", "/healthz/%2E%2E/metrics", "/readyz/../api/v1/report"):
         assert hx.get(env.port, path, source="127.0.7.9")[0] == 401, path
-    # The exemption and the routes see one spelling of the path: /%68ealthz is /healthz (RFC 3986 6.2.2.2).
-    status, _, body, _ = hx.get(env.port, "/%68ealthz", source="127.0.7.9")
-    assert (status, body) == (200, b"ok"), (status, body)
+    # The exemption and the routes see one spelling of the path: /%68ealthz is /healthz (RFC 3986 6.2.2.2), and
+    # so is /metrics/../healthz (6.2.2.3).
+    for path in ("/%68ealthz", "/metrics/../healthz", "/./healthz"):
+        status, _, body, _ = hx.get(env.port, path, source="127.0.7.9")
+        assert (status, body) == (200, b"ok"), (path, status, body)
 
 
 def keep_alive_get(conn, path, auth=None):

@@ -415,6 +415,37 @@ def test_an_escaped_reserved_or_other_character_is_no_path_of_ours(env, target):
     assert (status, body) == (404, b"not found\n"), (target, status, body)
 
 
+@pytest.mark.parametrize("target, plain", [
+    ("/api/v1/../../metrics", "/metrics"),
+    ("/./metrics", "/metrics"),
+    ("/../metrics", "/metrics"),  # above the root: dropped (RFC 3986 5.2.4; curl sends it as /metrics)
+    ("/api/./v1/report.csv?days=1", "/api/v1/report.csv?days=1"),
+    ("/api/v1/x/%2E%2E/report.txt", "/api/v1/report.txt"),  # %2E is '.' (6.2.2.2), then the dot segment
+    ("/metrics/../healthz", "/healthz"),
+    ("/metrics/..", "/"),  # the report page
+])
+def test_dot_segments_are_removed_before_the_routes(env, target, plain):
+    """RFC 3986 6.2.2.3 and 5.2.4: '.' and '..' segments are removed before a path is compared, as curl does
+    before it sends (unless --path-as-is) and nginx before it matches a location (ngx_http_parse_complex_uri).
+    Sent as is (a script, Go's client, Prometheus with such a metrics_path) they got 404."""
+    status, headers, body, _ = hx.get(env.port, target)
+    plain_status, plain_headers, plain_body, _ = hx.get(env.port, plain)
+    assert plain_status == 200, (plain, plain_status, plain_body[:200])
+    assert status == 200 and headers["Content-Type"] == plain_headers["Content-Type"], (target, status, body[:200])
+    if plain == "/metrics":  # counters move between the two scrapes
+        assert body.startswith(b"# HELP mailflow_") and b"\nmailflow_build_info{" in body, body[:200]
+    elif plain != "/":  # the page says when it was made
+        assert body == plain_body, (target, body[:300], plain_body[:300])
+
+
+@pytest.mark.parametrize("target", ["/api%2F..%2Fmetrics", "/.metrics", "/api/v1/...", "/..metrics"])
+def test_what_only_looks_like_a_dot_segment_is_no_path_of_ours(env, target):
+    """An escaped '/' is no separator, so /api%2F..%2Fmetrics has no dot segment; '...' and '.metrics' are
+    segments of their own."""
+    status, _, body, _ = hx.get(env.port, target)
+    assert (status, body) == (404, b"not found\n"), (target, status, body)
+
+
 @pytest.mark.parametrize("target", ["/metrics%", "/metrics%4", "/%zzmetrics", "/metrics%00", "/healthz%00"])
 def test_a_bad_escape_or_nul_in_the_path_is_400(env, target):
     """A '%' that does not start %XX is no URI (RFC 3986 2.1), and %00 is refused as nginx refuses it
