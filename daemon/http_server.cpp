@@ -659,6 +659,10 @@ class Server : public std::enable_shared_from_this<Server> {
           bad = "Transfer-Encoding must end in chunked (RFC 9112 6.3)";
         } else if (parser.get().version() == 11 && parser.get().count(http::field::host) != 1) {
           bad = "an HTTP/1.1 request needs one Host header (RFC 9112 3.2)";
+        } else if (parser.get().count(http::field::authorization) > 1) {
+          // Authorization is no list (RFC 9110 5.3, 11.6.2): which one counts has no answer, and a proxy in
+          // front that checks the other one would disagree with us. nginx refuses it the same way.
+          bad = "more than one Authorization header (RFC 9110 11.6.2)";
         } else {
           beast::get_lowest_layer(stream).expires_after(kBodyTimeout);
           // The body as sent is limited, chunk framing, extensions and trailer fields included: Beast's

@@ -180,6 +180,25 @@ def test_probes_need_no_credentials(env):
         assert (status, body) == (200, b"ok"), (path, status, body)
 
 
+@pytest.mark.parametrize("order", ["wrong first", "right first"])
+def test_two_authorization_headers_are_400(env, order):
+    """Authorization is no list (RFC 9110 11.6.2, 5.3): with two, the first was checked and the second ignored,
+    so the same request was 401 or 200 by the order of its fields, while a proxy in front that reads the
+    other one would disagree. nginx answers 400 (ngx_http_process_unique_header_line); so does mailflowd now,
+    saying why, counted as bad_request, before any password check."""
+    def field(user, password):
+        return b"Authorization: Basic " + base64.b64encode(f"{user}:{password}".encode()) + b"\r\n"
+    right, wrong = field(USER, PASSWORD), field(USER, "wrong")
+    fields = wrong + right if order == "wrong first" else right + wrong
+    before = hx.rejects(hx.metrics(env.port, auth=(USER, PASSWORD)))
+    reply = hx.raw_request(env.port, b"GET /metrics HTTP/1.1\r\nHost: mailflowd\r\n" + fields + b"\r\n",
+                           source="127.0.0.177")
+    assert reply.startswith(b"HTTP/1.1 400 ") and b"more than one Authorization header" in reply, reply[:300]
+    after = hx.rejects(hx.metrics(env.port, auth=(USER, PASSWORD)))
+    assert after["bad_request"] - before["bad_request"] == 1
+    assert after["auth_failed"] == before["auth_failed"] and after["auth_missing"] == before["auth_missing"]
+
+
 def keep_alive_get(conn, path, auth=None):
     """(status, body) of one GET on an open http.client connection (kept alive)."""
     headers = {}
