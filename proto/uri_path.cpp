@@ -48,4 +48,38 @@ std::optional<std::string> normalized_path(std::string_view path) {
   return out;
 }
 
+std::string without_dot_segments(std::string_view path) {
+  // RFC 3986 5.2.4's steps A-E on an input buffer (`path`) and an output buffer (`out`).
+  std::string out;
+  const auto drop_last_segment = [&out] {
+    const auto slash = out.rfind('/');
+    out.erase(slash == std::string::npos ? 0 : slash);
+  };
+  while (!path.empty()) {
+    if (path.starts_with("../")) {
+      path.remove_prefix(3);
+    } else if (path.starts_with("./")) {
+      path.remove_prefix(2);
+    } else if (path.starts_with("/./")) {
+      path.remove_prefix(2);
+    } else if (path == "/.") {
+      path = "/";
+    } else if (path.starts_with("/../")) {
+      path.remove_prefix(3);
+      drop_last_segment();
+    } else if (path == "/..") {
+      path = "/";
+      drop_last_segment();
+    } else if (path == "." || path == "..") {
+      path = {};
+    } else {
+      const auto end = path.find('/', 1);
+      const auto segment = path.substr(0, end);
+      out += segment;
+      path.remove_prefix(segment.size());
+    }
+  }
+  return out;
+}
+
 }  // namespace mailflow::proto

@@ -20,4 +20,10 @@ bool percent_decode(std::string_view in, std::string& out);
 // hex digits (2.1) and for %00, which nginx refuses as well: 400.
 std::optional<std::string> normalized_path(std::string_view path);
 
+// `path` with its dot segments removed as RFC 3986 5.2.4 (remove_dot_segments) does, the last step of its
+// normalization (6.2.2.3): /api/v1/../../metrics and /./metrics are /metrics, as curl sends them and nginx
+// matches them; a ".." above the root is dropped (/../metrics is /metrics). Applied after normalized_path, so
+// that %2E%2E is a dot segment too and %2F is never a separator.
+std::string without_dot_segments(std::string_view path);
+
 }  // namespace mailflow::proto

@@ -170,11 +170,33 @@ def test_probes_need_no_credentials(env):
         assert (status, body) == (200, b"ok"), (path, status, body)
     status, _, _, _ = hx.get(env.port, "/readyz?x", source="127.0.7.9")
     assert status == 200
-    for path in ("/metrics", "/", "/readyz/", "/api/v1/report", "/%6Detrics", "/api/v1/report%2Ecsv"):
+    for path in ("/metrics", "/", "/readyz/", "/api/v1/report", "/%6Detrics", "/api/v1/report%2Ecsv",
+                 "/healthz/../metrics", "/healthz/%2E%2E/metrics", "/readyz/../api/v1/report"):
         assert hx.get(env.port, path, source="127.0.7.9")[0] == 401, path
-    # The exemption and the routes see one spelling of the path: /%68ealthz is /healthz (RFC 3986 6.2.2.2).
-    status, _, body, _ = hx.get(env.port, "/%68ealthz", source="127.0.7.9")
-    assert (status, body) == (200, b"ok"), (status, body)
+    # The exemption and the routes see one spelling of the path: /%68ealthz is /healthz (RFC 3986 6.2.2.2), and
+    # so is /metrics/../healthz (6.2.2.3).
+    for path in ("/%68ealthz", "/metrics/../healthz", "/./healthz"):
+        status, _, body, _ = hx.get(env.port, path, source="127.0.7.9")
+        assert (status, body) == (200, b"ok"), (path, status, body)
+
+
+@pytest.mark.parametrize("order", ["wrong first", "right first"])
+def test_two_authorization_headers_are_400(env, order):
+    """Authorization is no list (RFC 9110 11.6.2, 5.3): with two, the first was checked and the second ignored,
+    so the same request was 401 or 200 by the order of its fields, while a proxy in front that reads the
+    other one would disagree. nginx answers 400 (ngx_http_process_unique_header_line); so does mailflowd now,
+    saying why, counted as bad_request, before any password check."""
+    def field(user, password):
+        return b"Authorization: Basic " + base64.b64encode(f"{user}:{password}".encode()) + b"\r\n"
+    right, wrong = field(USER, PASSWORD), field(USER, "wrong")
+    fields = wrong + right if order == "wrong first" else right + wrong
+    before = hx.rejects(hx.metrics(env.port, auth=(USER, PASSWORD)))
+    reply = hx.raw_request(env.port, b"GET /metrics HTTP/1.1\r\nHost: mailflowd\r\n" + fields + b"\r\n",
+                           source="127.0.0.177")
+    assert reply.startswith(b"HTTP/1.1 400 ") and b"more than one Authorization header" in reply, reply[:300]
+    after = hx.rejects(hx.metrics(env.port, auth=(USER, PASSWORD)))
+    assert after["bad_request"] - before["bad_request"] == 1
+    assert after["auth_failed"] == before["auth_failed"] and after["auth_missing"] == before["auth_missing"]
 
 
 def keep_alive_get(conn, path, auth=None):

@@ -415,6 +415,37 @@ def test_an_escaped_reserved_or_other_character_is_no_path_of_ours(env, target):
     assert (status, body) == (404, b"not found\n"), (target, status, body)
 
 
+@pytest.mark.parametrize("target, plain", [
+    ("/api/v1/../../metrics", "/metrics"),
+    ("/./metrics", "/metrics"),
+    ("/../metrics", "/metrics"),  # above the root: dropped (RFC 3986 5.2.4; curl sends it as /metrics)
+    ("/api/./v1/report.csv?days=1", "/api/v1/report.csv?days=1"),
+    ("/api/v1/x/%2E%2E/report.txt", "/api/v1/report.txt"),  # %2E is '.' (6.2.2.2), then the dot segment
+    ("/metrics/../healthz", "/healthz"),
+    ("/metrics/..", "/"),  # the report page
+])
+def test_dot_segments_are_removed_before_the_routes(env, target, plain):
+    """RFC 3986 6.2.2.3 and 5.2.4: '.' and '..' segments are removed before a path is compared, as curl does
+    before it sends (unless --path-as-is) and nginx before it matches a location (ngx_http_parse_complex_uri).
+    Sent as is (a script, Go's client, Prometheus with such a metrics_path) they got 404."""
+    status, headers, body, _ = hx.get(env.port, target)
+    plain_status, plain_headers, plain_body, _ = hx.get(env.port, plain)
+    assert plain_status == 200, (plain, plain_status, plain_body[:200])
+    assert status == 200 and headers["Content-Type"] == plain_headers["Content-Type"], (target, status, body[:200])
+    if plain == "/metrics":  # counters move between the two scrapes
+        assert body.startswith(b"# HELP mailflow_") and b"\nmailflow_build_info{" in body, body[:200]
+    elif plain != "/":  # the page says when it was made
+        assert body == plain_body, (target, body[:300], plain_body[:300])
+
+
+@pytest.mark.parametrize("target", ["/api%2F..%2Fmetrics", "/.metrics", "/api/v1/...", "/..metrics"])
+def test_what_only_looks_like_a_dot_segment_is_no_path_of_ours(env, target):
+    """An escaped '/' is no separator, so /api%2F..%2Fmetrics has no dot segment; '...' and '.metrics' are
+    segments of their own."""
+    status, _, body, _ = hx.get(env.port, target)
+    assert (status, body) == (404, b"not found\n"), (target, status, body)
+
+
 @pytest.mark.parametrize("target", ["/metrics%", "/metrics%4", "/%zzmetrics", "/metrics%00", "/healthz%00"])
 def test_a_bad_escape_or_nul_in_the_path_is_400(env, target):
     """A '%' that does not start %XX is no URI (RFC 3986 2.1), and %00 is refused as nginx refuses it
@@ -445,6 +476,67 @@ def test_a_response_not_taken_within_the_write_deadline_is_counted(env):
     finally:
         s.close()
     assert "http_reject reason=write_timeout client=127.0.0.6" in env.d.stderr()
+
+
+KEEP_ALIVE_TIME = 30.0  # kKeepAliveTime
+
+
+def take_answer_slowly(s, seconds):
+    """The head and body of one answer on `s`, the body read in 20 pieces over `seconds`; None when the
+    server closed the connection first."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = s.recv(1)
+        if not chunk:
+            return None
+        head += chunk
+    length = int(re.search(rb"(?im)^content-length: *(\d+)", head).group(1))
+    body = b""
+    while len(body) < length:
+        chunk = s.recv(min(max(1, length // 20), length - len(body)))
+        if not chunk:
+            return None
+        body += chunk
+        time.sleep(seconds / 20)
+    return head, body
+
+
+def test_a_kept_alive_connection_takes_new_requests_for_30s_then_closes(env):
+    """A client that takes each /metrics answer a few bytes at a time in 2 s (under the 5 s that make an
+    answer stalled at the cap, well within the 30 s write deadline) and asks again at once is never idle,
+    never stalled and never timed out: it held its connection, and a rendered answer, for as long as it went on
+    (96 such clients held 133 MB of 1.4 MB answers for 70 s and more, nothing closed or counted). Now the first
+    answer after KEEP_ALIVE_TIME from the accept says Connection: close, whole, and the connection ends, as
+    nginx's keepalive_time ends one; nothing is counted, no answer is lost."""
+    before = hx.rejects(hx.metrics(env.port))
+    s = socket.create_connection(("127.0.0.1", env.port), timeout=10, source_address=("127.0.0.175", 0))
+    opened = time.monotonic()
+    heads = []
+    try:
+        while time.monotonic() - opened < KEEP_ALIVE_TIME + 12:
+            try:
+                s.sendall(b"GET /metrics HTTP/1.1\r\nHost: mailflowd\r\n\r\n")
+            except OSError:
+                break
+            answer = take_answer_slowly(s, 2.0)
+            if answer is None:
+                break
+            head, body = answer
+            assert head.startswith(b"HTTP/1.1 200 ") and body.startswith(b"# HELP "), (head, body[:100])
+            heads.append(head)
+            if b"connection: close" in head.lower():
+                s.settimeout(5)
+                assert s.recv(1) == b"", "the server went on after its Connection: close"
+                break
+        held = time.monotonic() - opened
+    finally:
+        s.close()
+    assert heads and b"connection: close" in heads[-1].lower(), \
+        f"still kept alive after {held:.1f}s and {len(heads)} answers"
+    assert all(b"connection: close" not in h.lower() for h in heads[:-1])
+    assert KEEP_ALIVE_TIME <= held <= KEEP_ALIVE_TIME + 2 * 2.0 + MARGIN, f"closed after {held:.1f}s"
+    after = hx.rejects(hx.metrics(env.port))
+    assert after == before, (before, after)
 
 
 def cpu_seconds(port):
