@@ -18,7 +18,11 @@ declared in daemon/telemetry.cpp must be in that scrape with samples, so that it
    `value` or "value", so that an operator who sees a series can look up what it counts. Not the names the
    configuration gives (listeners, upstreams, connectors, certificate files) nor the OpenSSL reason strings of
    mailflow_tls_handshake_failures_total (see NOT_NAMED_VALUES).
-4. The contract's Metrics table (INTERFACE.md, --interface FILE; not part of this repository) is only reported on:
+4. Every label matcher on a fixed vocabulary in the rules, the dashboard and the docs ({reason="timeout"},
+   {leg!="upstream"}, {tls_version=~"TLS1\\.[01]"}) matches a value that the scrape exports: a misspelt value makes a
+   rule that never fires, or a `!=` that excludes nothing, and Prometheus says nothing about either. Values built
+   by a template (`%s`, `$var`) are left alone.
+5. The contract's Metrics table (INTERFACE.md, --interface FILE; not part of this repository) is only reported on:
    a metric there that the daemon does not export, or exports with another type or other labels, is printed as a
    NOTE, not a failure.
 
@@ -170,6 +174,37 @@ def check_values(values, lines):
             errors.append(f"{family}{{{label}=\"{value}\"}} is exported, but no doc names the value {value} (as "
                           f"`{value}`): say what it counts where the family's other values are described, or add the "
                           f"label to NOT_NAMED_VALUES in {os.path.basename(__file__)} with the reason")
+    return errors
+
+
+MATCHER = re.compile(r"""([a-zA-Z_]\w*)\s*(=~|!~|!=|=)\s*\\*["']((?:[^"'\\]|\\+[^"'])*)\\*["']""")
+
+
+def check_matchers(lines, values):
+    """Every matcher of a fixed-vocabulary label behind a metric name matches an exported value of that label."""
+    errors = []
+    for where, line in lines:
+        for m in re.finditer(r"\b(mailflow_[a-z0-9_]+)\{([^{}]*)\}", line.replace("\\_", "_")):
+            family = m.group(1)
+            family = next((family[:-len(s)] for s in HISTOGRAM_SUFFIXES
+                           if family.endswith(s) and (family[:-len(s)], "listener") in values), family)
+            for label, op, value in MATCHER.findall(m.group(2)):
+                exported = values.get((family, label))
+                if exported is None or label in NOT_NAMED_VALUES or "%" in value or "$" in value:
+                    continue
+                value = re.sub(r"\\+", lambda b: "\\", value)  # YAML, Go template and JSON escapes: one backslash
+                # Each alternative of a regex without groups on its own: "TLS1\.2|TLS 1\.3" has a dead one.
+                alternatives = value.split("|") if "~" in op and "(" not in value else [value]
+                for alternative in alternatives:
+                    try:
+                        pattern = re.compile(alternative if "~" in op else re.escape(alternative))
+                    except re.error as e:
+                        errors.append(f"{where}: {family}{{{label}{op}\"{value}\"}} is no regular expression ({e})")
+                        break
+                    if not alternative or any(pattern.fullmatch(v) for v in exported):
+                        continue
+                    errors.append(f"{where}: {family}{{{label}{op}\"{value}\"}}: \"{alternative}\" matches none of "
+                                  f"the values mailflowd exports ({', '.join(sorted(exported))}): {line.strip()[:160]}")
     return errors
 
 
@@ -383,7 +418,17 @@ def main():
              'mailflow_rejects_total{listener="in",reason="made_up_reason"} 0\n'
     unnamed = check_values(label_values(sample), [("doc", "rejects `bad_sequence`")])
     named = check_values(label_values(sample), [("doc", 'rejects `bad_sequence`, {reason="made_up_reason"}')])
-    if len(wrong) != 2 or right or len(made_up) != 3 or fine or len(unnamed) != 1 or named:
+    typos = check_matchers([("typo", 'increase(mailflow_rejects_total{reason="tls_requird"}[1h])'),
+                            ("typo", 'mailflow_rejects_total{reason!~"local_resource"}'),
+                            ("typo", 'mailflow_rejects_total{reason=~"bad_sequence|local_resource"}')],
+                           label_values(sample.replace("made_up_reason", "local_resources")))
+    matching = check_matchers(
+        [("ok", r'mailflow_rejects_total{listener="x",reason=~"bad_.*|local_resources"} and '
+                r'mailflow_rejects_total{reason!="local_resources"} {{ printf "mailflow_rejects_total{reason=\"%s\"}" }}'),
+         ("ok", r'"expr": "mailflow_rejects_total{reason=~\"bad\\\\_sequence\"}"')],
+        label_values(sample.replace("made_up_reason", "local_resources")))
+    if len(wrong) != 2 or right or len(made_up) != 3 or fine or len(unnamed) != 1 or named or len(typos) != 3 or \
+            matching:
         sys.exit(f"FAIL: the checker cannot tell known-bad from known-good lines: {wrong} {right} {made_up} {fine}")
 
     reference = os.path.join(src, REFERENCE)
@@ -410,6 +455,7 @@ def main():
     if len(values.get(("mailflow_rejects_total", "reason"), ())) < 20:
         sys.exit(f"FAIL: cannot read the label values of the scrape: {sorted(values)}")
     errors += check_values(values, [(w, ln) for w, ln in lines if w.startswith(("docs", "README"))])
+    errors += check_matchers(lines, values)
 
     if args.interface and os.path.exists(args.interface):
         for note in interface_notes(args.interface, exported):
