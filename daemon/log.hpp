@@ -4,10 +4,12 @@
 // Output (log.output): standard error, with sd-daemon "<N>" priority prefixes and no timestamp when standard
 // error is the systemd journal (JOURNAL_STREAM), or syslog(3).
 #include <algorithm>
+#include <charconv>
+#include <cmath>
 #include <concepts>
 #include <cstdint>
-#include <initializer_list>
 #include <exception>
+#include <initializer_list>
 #include <string>
 #include <string_view>
 #include <type_traits>
@@ -49,6 +51,21 @@ class LogField {
     if (negative) *--p = '-';
     length_ = static_cast<std::uint8_t>(end - p);
     std::copy(p, end, digits_);
+  }
+  // A measured quantity (a session's duration in seconds): a number with three decimals, "0.115", unquoted in
+  // JSON as the integers are. A value that is no finite number, or too large for the field, is the text
+  // "out_of_range".
+  template <std::floating_point Float>
+  LogField(std::string_view key, Float value) : key_(key) {
+    // to_chars: a decimal point whatever the locale says.
+    const auto [end, error] = std::to_chars(digits_, digits_ + sizeof digits_, static_cast<double>(value),
+                                            std::chars_format::fixed, 3);
+    numeric_ = std::isfinite(value) && error == std::errc();
+    if (numeric_) {
+      length_ = static_cast<std::uint8_t>(end - digits_);
+    } else {
+      text_ = "out_of_range";
+    }
   }
   LogField(const LogField& other) : key_(other.key_), text_(other.text_), numeric_(other.numeric_), length_(other.length_) {
     std::copy(other.digits_, other.digits_ + length_, digits_);

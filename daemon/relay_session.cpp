@@ -380,7 +380,6 @@ void RelaySession::release() {
   registry_.remove(this);
 
   const std::string client = endpoint_text(client_address_, client_port_);
-  const std::string duration = fmt::format("{:.3f}", seconds);
   log_event(LogLevel::info, "session",
             {{"id", id_},
              {"client", client},
@@ -396,7 +395,7 @@ void RelaySession::release() {
              {"messages", messages_},
              {"rejects", rejects_},
              {"result", result_},
-             {"duration", duration}});
+             {"duration", seconds}});
 }
 
 asio::awaitable<bool> RelaySession::read_proxy_header() {

@@ -3,10 +3,12 @@
 #include "daemon/log.hpp"
 
 #include <doctest/doctest.h>
+
 #include <stdlib.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -74,6 +76,27 @@ TEST_CASE("json format: numeric fields are JSON numbers, text fields strings") {
   CHECK(text.find(R"("level":"info","event":"stopped","messages":12,"client":"192.0.2.1","id":"0042"})") !=
         std::string::npos);
   CHECK(text.ends_with("}\n"));
+}
+
+TEST_CASE("a measured quantity is a number with three decimals, in JSON and text alike") {
+  CHECK(mailflow::LogField("duration", 0.1154).numeric());
+  CHECK(mailflow::LogField("duration", 0.1154).value() == "0.115");
+  CHECK(mailflow::LogField("duration", 1234567.0).value() == "1234567.000");
+  CHECK_FALSE(mailflow::LogField("duration", std::nan("")).numeric());
+  CHECK(mailflow::LogField("duration", std::nan("")).value() == "out_of_range");
+  CHECK_FALSE(mailflow::LogField("duration", 1e300).numeric());  // 301 digits do not fit
+  const std::string json = capture_stderr(false, [] {
+    mailflow::setup_logging(log_config(mailflow::config::LogFormat::json));
+    mailflow::log_event(mailflow::LogLevel::info, "session", {{"messages", 1}, {"duration", 0.0126}});
+  });
+  CAPTURE(json);
+  CHECK(json.find(R"("event":"session","messages":1,"duration":0.013})") != std::string::npos);
+  const std::string text = capture_stderr(false, [] {
+    mailflow::setup_logging(log_config(mailflow::config::LogFormat::text));
+    mailflow::log_event(mailflow::LogLevel::info, "session", {{"duration", 2.5}});
+  });
+  CAPTURE(text);
+  CHECK(text.find("session duration=2.500") != std::string::npos);
 }
 
 TEST_CASE("rate-limited lines: a flood of one reason does not silence another") {

@@ -13,7 +13,16 @@ declared in daemon/telemetry.cpp must be in that scrape with samples, so that it
    (`mailflow_fleet:...`, with a colon) are the rules' own names, not the daemon's: each must be a `record:` of
    deploy/prometheus.
    The executables the build makes (mailflow_loadgen, ...) are names of programs, not metrics.
-3. The contract's Metrics table (INTERFACE.md, --interface FILE; not part of this repository) is only reported on:
+3. Every value of a closed vocabulary that the scrape exports (every `reason` and `result`, `offered`, `kind`,
+   `insight`, `component`, ...: each family exports all of its values from the start) is named in the docs, as
+   `value` or "value", so that an operator who sees a series can look up what it counts. Not the names the
+   configuration gives (listeners, upstreams, connectors, certificate files) nor the OpenSSL reason strings of
+   mailflow_tls_handshake_failures_total (see NOT_NAMED_VALUES).
+4. Every label matcher on a fixed vocabulary in the rules, the dashboard and the docs ({reason="timeout"},
+   {leg!="upstream"}, {tls_version=~"TLS1\\.[01]"}) matches a value that the scrape exports: a misspelt value makes a
+   rule that never fires, or a `!=` that excludes nothing, and Prometheus says nothing about either. Values built
+   by a template (`%s`, `$var`) are left alone.
+5. The contract's Metrics table (INTERFACE.md, --interface FILE; not part of this repository) is only reported on:
    a metric there that the daemon does not export, or exports with another type or other labels, is printed as a
    NOTE, not a failure.
 
@@ -43,6 +52,17 @@ METRIC = re.compile(r"(?<![\w:])((?:mailflow|process)_[a-z0-9_]*)(?![\w:])(\*?)"
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 # Labels a series has in Prometheus besides its own: the scrape's target labels, the name, a histogram's le.
 TARGET_LABELS = {"instance", "job", "__name__", "le"}
+# Label values that the docs need not name one by one: say why when adding one.
+NOT_NAMED_VALUES = {
+    "listener": "a listener's configured name (or tlsrpt, http)",
+    "upstream": "an upstream's configured name (or tlsrpt)",
+    "connector": "a connector's configured name (or internet)",
+    "certificate": "a certificate file as configured",
+    "version": "the binary's version",
+    "le": "a histogram bucket's bound",
+    ("mailflow_tls_handshake_failures_total", "reason"): "OpenSSL's own reason strings in snake_case, listed in "
+                                                         "daemon/reasons.hpp (docs/operations.md says so)",
+}
 # | `name` | type | `label`, `label` | meaning |
 ROW = re.compile(r"^\| `((?:mailflow|process)_[a-z0-9_]+)` \| ([a-z]+) \| ([^|]*) \|")
 
@@ -122,6 +142,70 @@ http: {{address: "127.0.0.1:{http}"}}
                 daemon.kill()
                 daemon.wait()
             log.close()
+
+
+def label_values(text):
+    """{(family, label): {values}} of every sample in an exposition (a histogram's series under its family)."""
+    values = {}
+    families = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M))
+    for line in text.splitlines():
+        m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)\{(.*)\} ", line)
+        if not m:
+            continue
+        name = m.group(1)
+        if name not in families:
+            name = next((name[:-len(s)] for s in HISTOGRAM_SUFFIXES
+                         if name.endswith(s) and families.get(name[:-len(s)]) == "histogram"), name)
+        for label, value in re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2)):
+            values.setdefault((name, label), set()).add(value)
+    return values
+
+
+def check_values(values, lines):
+    """Every exported value of a closed vocabulary is named in `lines` (`value` or "value")."""
+    text = "\n".join(line.replace("\\_", "_") for _, line in lines)
+    named = set(re.findall(r"`([^`\s]+)`", text)) | set(re.findall(r'"([^"\s]+)"', text)) | \
+        set(re.findall(r"\\\"([^\"\\\s]+)\\\"", text))
+    errors = []
+    for (family, label), vals in sorted(values.items()):
+        if label in NOT_NAMED_VALUES or (family, label) in NOT_NAMED_VALUES:
+            continue
+        for value in sorted(vals - named):
+            errors.append(f"{family}{{{label}=\"{value}\"}} is exported, but no doc names the value {value} (as "
+                          f"`{value}`): say what it counts where the family's other values are described, or add the "
+                          f"label to NOT_NAMED_VALUES in {os.path.basename(__file__)} with the reason")
+    return errors
+
+
+MATCHER = re.compile(r"""([a-zA-Z_]\w*)\s*(=~|!~|!=|=)\s*\\*["']((?:[^"'\\]|\\+[^"'])*)\\*["']""")
+
+
+def check_matchers(lines, values):
+    """Every matcher of a fixed-vocabulary label behind a metric name matches an exported value of that label."""
+    errors = []
+    for where, line in lines:
+        for m in re.finditer(r"\b(mailflow_[a-z0-9_]+)\{([^{}]*)\}", line.replace("\\_", "_")):
+            family = m.group(1)
+            family = next((family[:-len(s)] for s in HISTOGRAM_SUFFIXES
+                           if family.endswith(s) and (family[:-len(s)], "listener") in values), family)
+            for label, op, value in MATCHER.findall(m.group(2)):
+                exported = values.get((family, label))
+                if exported is None or label in NOT_NAMED_VALUES or "%" in value or "$" in value:
+                    continue
+                value = re.sub(r"\\+", lambda b: "\\", value)  # YAML, Go template and JSON escapes: one backslash
+                # Each alternative of a regex without groups on its own: "TLS1\.2|TLS 1\.3" has a dead one.
+                alternatives = value.split("|") if "~" in op and "(" not in value else [value]
+                for alternative in alternatives:
+                    try:
+                        pattern = re.compile(alternative if "~" in op else re.escape(alternative))
+                    except re.error as e:
+                        errors.append(f"{where}: {family}{{{label}{op}\"{value}\"}} is no regular expression ({e})")
+                        break
+                    if not alternative or any(pattern.fullmatch(v) for v in exported):
+                        continue
+                    errors.append(f"{where}: {family}{{{label}{op}\"{value}\"}}: \"{alternative}\" matches none of "
+                                  f"the values mailflowd exports ({', '.join(sorted(exported))}): {line.strip()[:160]}")
+    return errors
 
 
 def parse_exposition(text):
@@ -301,7 +385,8 @@ def main():
     args = parser.parse_args()
     src = args.source
 
-    exported = parse_exposition(scrape(args.binary))
+    scraped = scrape(args.binary)
+    exported = parse_exposition(scraped)
     errors = []
     for name, kind in declared_families(src).items():
         if name not in exported:
@@ -329,7 +414,21 @@ def main():
                   "mailflow_fleet:window_messages:sum, mailflow_rejects_total{reason}, "
                   '"mailflow_rejects_total{job=\\"x\\",listener=~\\"$l,connector\\"}"')],
         exported, (), {"mailflow_fleet:window_messages:sum"})
-    if len(wrong) != 2 or right or len(made_up) != 3 or fine:
+    sample = 'mailflow_rejects_total{listener="in",reason="bad_sequence"} 0\n' \
+             'mailflow_rejects_total{listener="in",reason="made_up_reason"} 0\n'
+    unnamed = check_values(label_values(sample), [("doc", "rejects `bad_sequence`")])
+    named = check_values(label_values(sample), [("doc", 'rejects `bad_sequence`, {reason="made_up_reason"}')])
+    typos = check_matchers([("typo", 'increase(mailflow_rejects_total{reason="tls_requird"}[1h])'),
+                            ("typo", 'mailflow_rejects_total{reason!~"local_resource"}'),
+                            ("typo", 'mailflow_rejects_total{reason=~"bad_sequence|local_resource"}')],
+                           label_values(sample.replace("made_up_reason", "local_resources")))
+    matching = check_matchers(
+        [("ok", r'mailflow_rejects_total{listener="x",reason=~"bad_.*|local_resources"} and '
+                r'mailflow_rejects_total{reason!="local_resources"} {{ printf "mailflow_rejects_total{reason=\"%s\"}" }}'),
+         ("ok", r'"expr": "mailflow_rejects_total{reason=~\"bad\\\\_sequence\"}"')],
+        label_values(sample.replace("made_up_reason", "local_resources")))
+    if len(wrong) != 2 or right or len(made_up) != 3 or fine or len(unnamed) != 1 or named or len(typos) != 3 or \
+            matching:
         sys.exit(f"FAIL: the checker cannot tell known-bad from known-good lines: {wrong} {right} {made_up} {fine}")
 
     reference = os.path.join(src, REFERENCE)
@@ -351,14 +450,20 @@ def main():
     if "mailflow_fleet:window_tls_share:ratio" not in recorded:
         sys.exit(f"FAIL: cannot read the recording rules' names from deploy/prometheus: {sorted(recorded)}")
     errors += check_names(lines, exported, program_names(src), recorded)
+    # The values are looked up in what an operator reads: docs/, the man pages and README.md.
+    values = label_values(scraped)
+    if len(values.get(("mailflow_rejects_total", "reason"), ())) < 20:
+        sys.exit(f"FAIL: cannot read the label values of the scrape: {sorted(values)}")
+    errors += check_values(values, [(w, ln) for w, ln in lines if w.startswith(("docs", "README"))])
+    errors += check_matchers(lines, values)
 
     if args.interface and os.path.exists(args.interface):
         for note in interface_notes(args.interface, exported):
             print("NOTE:", note)
     for e in errors:
         print("FAIL:", e)
-    print(f"checked {len(exported)} exported families against {REFERENCE} and the metric names in "
-          f"{len(paths)} files ({len(lines)} lines)")
+    print(f"checked {len(exported)} exported families against {REFERENCE}, the metric names in "
+          f"{len(paths)} files ({len(lines)} lines) and {sum(map(len, values.values()))} exported label values")
     return 1 if errors else 0
 
 

@@ -17,6 +17,10 @@
    test holds to the loader's own defaults); its LIMITS and TIMEOUTS tables have a row for every limits.* and
    timeouts.* key that configuration.md documents.
 
+6. Every event the daemon logs (the event name of every log_event/log_limited call in daemon/) is named in the docs
+   (`event` or `event key=...` in backticks), and every name the docs call a log line or event ("the `reloaded`
+   line", "logged `dns_unavailable`", "a `config_warning` event") is one the daemon logs.
+
 Before it reads the docs it runs the same checks on the two mistakes that shipped (`tls_version=TLS1.0` and an
 unknown report option), a misspelt configuration key and a wrong man page default, and fails if they would have
 passed, so the checker itself can fail.
@@ -37,6 +41,11 @@ import yaml
 NOT_LOG_KEYS = {
     "severity": "Alertmanager routing label (docs/alerting.md: severity=critical)",
     "release": "Kubernetes/Helm label in deploy/kubernetes (release=<helm release>)",
+}
+
+# Words the docs call a log line or event that are not mailflowd's log events: say why when adding one.
+NOT_EVENTS = {
+    "domain": "resolv.conf's `domain` line (docs/configuration.md, upstreams[].address)",
 }
 
 # `key=` as a log key: not part of a longer word, option (--days=7), URL query (?days=7, &x=), variable
@@ -141,6 +150,51 @@ def source_log_keys(source):
         if os.path.basename(path) == "log.cpp":
             keys.update(re.findall(r'" ([a-z][a-z0-9_]*)="', text))  # line += " suppressed=" + ...
     return keys
+
+
+LOG_CALL = re.compile(r"\blog_(?:event|limited)\s*\(\s*LogLevel::")
+LOG_EVENT = re.compile(r'\blog_(?:event|limited)\s*\(\s*LogLevel::\w+\s*,\s*"([a-z][a-z0-9_]*)"')
+# An event named in backticks: `reload_refused`, `internal_error component=... error=...`.
+EVENT_NAMED = r"`{}[` \n]"
+# What the docs call a log line or event: "logged `x`", "logs a `x` warning", "the `x` line", "a `x` (level warn) event".
+EVENT_REFERENCE = re.compile(r"(?:\blog(?:s|ged)?(?: as| with)?(?: an?| the| its| one)? `([a-z][a-z0-9_]*)[` ])|"
+                             r"(?:`([a-z][a-z0-9_]*)`(?: \((?:level )?[a-z, -]+\))? (?:log )?(?:lines?|events?)\b)")
+
+
+def source_log_events(source):
+    """{event: "daemon/file.cpp:line"} of every log_event/log_limited call in daemon/; exits when a call's event is
+    not a string literal (it could not be checked)."""
+    events = {}
+    for path in sorted(glob.glob(os.path.join(source, "daemon", "**", "*.[ch]pp"), recursive=True)):
+        text = open(path, encoding="utf-8").read()
+        calls = [m.start() for m in LOG_CALL.finditer(text)]
+        found = list(LOG_EVENT.finditer(text))
+        if len(found) != len(calls):
+            unread = sorted(set(calls) - {m.start() for m in found})
+            sys.exit(f"FAIL: {os.path.relpath(path, source)}:{text[:unread[0]].count(chr(10)) + 1}: a log call whose "
+                     "event is not a string literal; the docs check cannot read it")
+        for m in found:
+            events.setdefault(m.group(1), f"{os.path.relpath(path, source)}:{text[:m.start()].count(chr(10)) + 1}")
+    return events
+
+
+def check_log_events(lines, events, named_in=None):
+    """Every event is named in `named_in` (default: `lines`); every name that `lines` call a log line or event is
+    an event."""
+    errors = []
+    text = "\n".join(line for _, line in (lines if named_in is None else named_in))
+    for event, where in sorted(events.items()):
+        if not re.search(EVENT_NAMED.format(event), text):
+            errors.append(f"{where}: the daemon logs the event {event}, which no doc names (docs/operations.md "
+                          "\"Logs\", or where the case it reports is described)")
+    for where, line in lines:
+        for m in EVENT_REFERENCE.finditer(line):
+            name = m.group(1) or m.group(2)
+            if name not in events and name not in NOT_EVENTS:
+                errors.append(f"{where}: `{name}` is called a log line or event, but the daemon logs no such event "
+                              f"(its events: {', '.join(sorted(events))}); if it is no log event, add it to "
+                              f"NOT_EVENTS in {os.path.basename(__file__)} with the reason: {line.strip()}")
+    return errors
 
 
 def doc_lines(source):
@@ -344,6 +398,13 @@ def main():
             ("options", "mailflowd report --days 30 --format csv > tls-report.csv")]
     if check_log_keys(good, log_keys) or check_commands(good, options_of):
         sys.exit("FAIL: the checker refuses known-good texts")
+    events = source_log_events(args.source)
+    if not {"session", "reloaded", "reload_refused", "config_warning"} <= set(events):
+        sys.exit(f"FAIL: the log events were not found in daemon/: {sorted(events)}")
+    known = {"reloaded": "daemon/server.cpp:1", "session": "daemon/relay_session.cpp:1"}
+    if len(check_log_events([("bad", "the `reload_failed` line, then a `reloaded` event")], known)) != 2 or \
+            check_log_events([("good", "the `reloaded` line; `session id=... tls=TLS1.0`; a `domain` line")], known):
+        sys.exit("FAIL: the log event check cannot tell an unnamed or made-up event from named ones")
     config_keys = documented_config_keys(args.source)
     man5_text = open(os.path.join(args.source, "docs", "man", "mailflowd.yaml.5.scd"), encoding="utf-8").read()
     man5 = man_config_entries(man5_text, config_keys)
@@ -360,6 +421,8 @@ def main():
 
     lines = list(doc_lines(args.source))
     errors = check_commands(lines, options_of) + check_log_keys(lines, log_keys)
+    # Every event is named in the docs an operator reads (the rules' texts are no place for that).
+    errors += check_log_events(lines, events, [(w, ln) for w, ln in lines if not w.startswith("deploy/")])
     blocks = list(yaml_blocks(args.source))
     errors += check_config_blocks(blocks, config_keys)
     errors += check_man_config(man5, config_keys, "docs/man/mailflowd.yaml.5.scd")
@@ -394,7 +457,7 @@ def main():
         print("FAIL:", e)
     print(f"checked {len(lines)} lines: {commands} mailflowd commands against the options of "
           f"{', '.join(f'mailflowd {s}' if s else 'mailflowd' for s in options_of)} "
-          f"({len(declared)} in all), log keys against {len(log_keys)} fields the code logs, "
+          f"({len(declared)} in all), log keys against {len(log_keys)} fields the code logs, {len(events)} log events, "
           f"{len(blocks)} YAML examples and the {len(man5)} keys of mailflowd.yaml(5) against the documented "
           "configuration keys and defaults")
     return 1 if errors else 0

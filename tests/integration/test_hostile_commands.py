@@ -229,7 +229,13 @@ def test_data_after_all_rcpts_refused_554(env):
     ([], "MAIL FROM:<s@example.test> SIZE=lots", "555 5.5.4", "unknown_parameter"),
     (["MAIL FROM:<s@example.test>"], "RCPT TO:<no at sign>", "501 5.1.3", "bad_address"),
     (["MAIL FROM:<s@example.test>"], "RCPT TO:<r@dest.test> NOTIFY=NEVER", "555 5.5.4", "unknown_parameter"),
-], ids=["MAIL-bad-address", "MAIL-unknown-param", "MAIL-bad-SIZE", "RCPT-bad-address", "RCPT-param"])
+    ([], "MAIL TO:<s@example.test>", "501 5.5.4", "syntax_error"),
+    ([], "EHLO", "501 5.5.4", "syntax_error"),
+    (["MAIL FROM:<s@example.test>", "RCPT TO:<r@dest.test>"], "DATA now", "501 5.5.4", "syntax_error"),
+    ([], "VRFY postmaster", "502 5.5.1", "vrfy_disabled"),
+    ([], "EXPN staff", "502 5.5.1", "vrfy_disabled"),
+], ids=["MAIL-bad-address", "MAIL-unknown-param", "MAIL-bad-SIZE", "RCPT-bad-address", "RCPT-param",
+        "MAIL-TO", "EHLO-no-name", "DATA-argument", "VRFY", "EXPN"])
 def test_bad_arguments(env, setup, command, reply, reason):
     before = env.daemon.metrics()
     c = hh.greeted(env.port)

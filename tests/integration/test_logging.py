@@ -94,6 +94,31 @@ def test_journal_priorities_and_json_numbers(mailflowd_bin, tmp_path):
     assert priority == 6 and type(stopped["messages"]) is int and stopped["messages"] == 0, stopped
 
 
+def test_session_duration_is_a_json_number(mailflowd_bin, tmp_path):
+    """The session line's duration (seconds) is a number to a log shipper, as every other numeric field is
+    (docs/configuration.md, log.format): a string "0.012" cannot be summed or compared in Loki, Elasticsearch or
+    jq without a conversion per query. Text format keeps duration=0.012."""
+    smtp_port, http_port = harness.free_port(), harness.free_port()
+    proc, err_path = run_daemon(mailflowd_bin, tmp_path, config(tmp_path, smtp_port, http_port, "json"),
+                                journal_stream=None)
+    wait_healthy(proc, http_port, err_path)
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", smtp_port), timeout=5) as s:
+        assert s.recv(512).startswith(b"220")
+        time.sleep(0.2)
+        s.sendall(b"QUIT\r\n")
+        assert s.recv(512).startswith(b"221")
+    took = time.monotonic() - started
+    harness.wait_for(lambda: '"event":"session"' in err_path.read_text(), what="the session line")
+    stop(proc)
+    sessions = [json.loads(line) for line in err_path.read_text().splitlines() if '"event":"session"' in line]
+    assert len(sessions) == 1, sessions
+    duration = sessions[0]["duration"]
+    assert type(duration) in (int, float), f"duration is a {type(duration).__name__}: {sessions[0]}"
+    assert 0.2 <= duration <= took + 0.1, (duration, took)
+    assert type(sessions[0]["messages"]) is int and type(sessions[0]["rejects"]) is int, sessions[0]
+
+
 def test_startup_failure_is_an_error_for_the_journal(mailflowd_bin, tmp_path):
     with socket.socket() as taken:  # the SMTP address is in use: the start fails
         taken.bind(("127.0.0.1", 0))

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 from pathlib import Path
 
 import pytest
@@ -262,6 +263,12 @@ def test_sigterm_lets_slow_data_finish(daemon_factory, sink):
         # A reload asked for while draining is not done, and the log says so (it was dropped without a word).
         d.proc.send_signal(signal.SIGHUP)
         harness.wait_for(lambda: "reload_ignored" in d.stderr(), 3, what="the log line of the SIGHUP while draining")
+        # A balancer's health check (docs/scaling.md, mailflowd(8)) learns that the relay takes no new sessions,
+        # while the process still runs: /readyz 503, /healthz 200.
+        with pytest.raises(urllib.error.HTTPError) as not_ready:
+            d.get("/readyz")
+        assert not_ready.value.code == 503, f"/readyz while draining: {not_ready.value.code}"
+        assert d.get("/healthz") == (200, "ok")
         for i in range(200, len(wire), 100):  # ~2 s more of DATA
             c.send(wire[i:i + 100])
             time.sleep(0.2)
