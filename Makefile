@@ -9,7 +9,7 @@ SMTP_PORT ?= 2525
 HTTP_PORT ?= 9725
 SINK_PORT ?= 2526
 
-.PHONY: deps deps-test build test asan-test fuzz-smoke run bench fuzz deb clean
+.PHONY: deps deps-test build test asan-test tsan-test fuzz-smoke run bench fuzz deb clean
 
 deps:
 	deploy/dev/deps.sh build
@@ -21,16 +21,24 @@ build: deps
 	cmake --preset $(PRESET) >/dev/null
 	cmake --build --preset $(PRESET) -j $(JOBS)
 
-# Every test three ways: libFuzzer targets briefly (clang), units + integration under ASan+UBSan, then the
-# whole suite (units, integration, rules, dashboards, packaging, bench smoke) on the dev build. The last
-# line is ctest's summary of the full suite.
-test: deps-test fuzz-smoke asan-test build
+# Every test four ways: libFuzzer targets briefly (clang), units + integration under ASan+UBSan, the daemon's
+# units and the thread-heavy integration tests under ThreadSanitizer, then the whole suite (units, integration,
+# rules, dashboards, packaging, bench smoke) on the dev build. The last line is ctest's summary of the full suite.
+test: deps-test fuzz-smoke asan-test tsan-test build
 	ctest --preset $(PRESET) -j $(JOBS)
 
 asan-test: deps-test
 	cmake --preset asan >/dev/null
 	cmake --build --preset asan -j $(JOBS)
 	ctest --preset asan -j $(JOBS)
+
+# ThreadSanitizer (the tsan preset, TSAN_OPTIONS and tests/tsan.supp with it): the daemon's units (label daemon)
+# and the integration tests labelled threads (several event loops, HTTP scrapes, reloads and state saves at
+# once). Not the whole suite: under TSan it is 5-15 times slower, and timing tests fail on its slowness.
+tsan-test: deps-test
+	cmake --preset tsan >/dev/null
+	cmake --build --preset tsan -j $(JOBS) --target mailflowd daemon_tests
+	ctest --preset tsan -j $(JOBS) -L "daemon|threads"
 
 fuzz-smoke: deps-test
 	cmake --preset fuzz -DMAILFLOW_FUZZ_SECONDS=10 >/dev/null

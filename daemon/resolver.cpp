@@ -187,7 +187,10 @@ std::optional<std::string> join_txt_rdata(std::string_view rdata) {
 // (ub_ctx_debugout sets it, each context sets it again when it is first used), and ub_ctx_delete of any
 // context that set it resets it to none, so a keeper context that is never deleted sets it back after each
 // delete. Both are serialised by library_log_mutex, so that no context is made while it is reset
-// (ub_ctx_create then points the variable at standard error again).
+// (ub_ctx_create then points the variable at standard error again). So is a context's first use, which sets
+// up more of that process-wide state (context_finalize: the log file again, and listen_setup_locks' global
+// mutexes, which ub_ctx_delete of any context destroys): one loop set up its context while another deleted
+// one, and the two initialised and destroyed the same mutexes at once (found by the tsan preset).
 namespace {
 
 std::mutex library_log_mutex;
@@ -276,6 +279,16 @@ void delete_context(ub_ctx* ctx) {
   if (file != nullptr && keeper != nullptr) ub_ctx_debugout(keeper, file);
 }
 
+// The context's first lookup, which sets it up (context_finalize) with the settings given so far: UB_NOERROR,
+// or why the settings are refused. Answered locally: "localhost." is one of libunbound's own zones.
+int finalize_context(ub_ctx* ctx) {
+  std::lock_guard lock(library_log_mutex);
+  ub_result* probe = nullptr;
+  const int rc = ub_resolve(ctx, "localhost.", kTypeA, kClassIn, &probe);
+  if (probe != nullptr) ub_resolve_free(probe);
+  return rc;
+}
+
 }  // namespace
 
 // --------------------------------------------------------------------------------------------------------------
@@ -334,10 +347,7 @@ struct Resolver::Impl : std::enable_shared_from_this<Impl> {
     // libunbound reads the trust anchor and checks its settings only when the context is first used. Use it
     // now, for a name its built-in local zone answers without any network (no blocking wait), so that a
     // broken setting fails at start and on reload, not at the first delivery.
-    ub_result* probe = nullptr;
-    const int probe_rc = ub_resolve(ctx, "localhost.", kTypeA, kClassIn, &probe);
-    if (probe != nullptr) ub_resolve_free(probe);
-    check(probe_rc, "settings (dns.servers, dns.trust_anchor_file)");
+    check(finalize_context(ctx), "settings (dns.servers, dns.trust_anchor_file)");
     const int fd = ub_fd(ctx);
     if (fd < 0) check(UB_PIPE, "result pipe");
     pipe.assign(fd);

@@ -6,6 +6,7 @@
 #include <doctest/doctest.h>
 
 #include <unistd.h>
+#include <array>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/udp.hpp>
@@ -16,6 +17,7 @@
 #include <fstream>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "daemon/resolver.hpp"
@@ -260,6 +262,42 @@ TEST_CASE("with_hosts_file: a file that cannot be opened leaves DNS alone") {
   const auto settings = mailflow::with_hosts_file(mailflow::resolver_settings(dns),
                                                   "/nonexistent/mailflow-hosts", "/nonexistent/r");
   CHECK_NOTHROW(Resolver(io.get_executor(), settings, nullptr));
+}
+
+TEST_CASE("resolvers made and deleted on several event loops at once: each one set up whole") {
+  // Every event loop makes its own resolvers and a reload replaces them on all loops at once. libunbound sets
+  // up process-wide state when a context is first used (context_finalize: listen_setup_locks, the log file)
+  // and tears it down in ub_ctx_delete of any context (listen_desetup_locks): a context set up on one loop
+  // while another loop deleted one initialised and destroyed the same global mutexes at once (the tsan
+  // preset reported it, test_threads.py). Each constructor's first use is serialised with the deletes now.
+  mailflow::config::Dns dns;
+  dns.servers.push_back({"127.0.0.1", 9, "unused"});  // the constructor's own probe is answered locally
+  const auto settings = mailflow::resolver_settings(dns);
+  constexpr int kPerLoop = 25;
+  std::array<int, 3> made{};
+  std::array<std::string, 3> failed;
+  std::vector<std::thread> loops;
+  for (std::size_t loop = 0; loop < made.size(); ++loop) {
+    loops.emplace_back([&, loop] {
+      net::io_context io;
+      std::shared_ptr<Resolver> previous;
+      for (int i = 0; i < kPerLoop; ++i) {
+        try {
+          // Deletes the one made before, as a reload's new resolver replaces the loop's old one.
+          previous = std::make_shared<Resolver>(io.get_executor(), settings, nullptr);
+          ++made[loop];
+        } catch (const std::exception& e) {
+          failed[loop] = e.what();
+        }
+      }
+    });
+  }
+  for (auto& loop : loops) loop.join();
+  for (std::size_t loop = 0; loop < made.size(); ++loop) {
+    CAPTURE(loop);
+    CHECK(failed[loop] == "");
+    CHECK(made[loop] == kPerLoop);
+  }
 }
 
 }  // namespace

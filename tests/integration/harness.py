@@ -142,6 +142,12 @@ def sanitized(binary):
     return "libasan" in out or "libubsan" in out
 
 
+def thread_sanitized(binary):
+    """Whether `binary` is a ThreadSanitizer build (the tsan preset)."""
+    out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True).stdout
+    return "libtsan" in out
+
+
 @contextlib.contextmanager
 def out_of_descriptors(daemon):
     """While in it, the daemon cannot make a new descriptor: a new one gets the lowest free number, and every number

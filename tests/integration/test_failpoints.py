@@ -82,8 +82,8 @@ def test_memory_goes_back_after_a_burst_of_tls_sessions(certs, sink_factory, dae
     trim needs) once the first wave's trim is done. The few hold blocks all over the heap, and the pages around
     them stay resident through that trim (84 sessions kept 8 MiB); when they end, those pages go back only with
     another trim. RSS must end below half of the burst's growth, with a trim after the last session."""
-    if harness.sanitized(mailflowd_bin):
-        pytest.skip("ASan's allocator keeps its own pools: malloc_trim does not apply")
+    if harness.sanitized(mailflowd_bin) or harness.thread_sanitized(mailflowd_bin):
+        pytest.skip("the sanitizers' allocators (ASan, TSan) keep their own pools: malloc_trim does not apply")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     need = 2 * SESSIONS + 200  # the daemon inherits this limit
     if hard < need:
