@@ -10,7 +10,8 @@ that are real aiosmtpd sinks, and TLSA records made from the sinks' real certifi
   apply, the mail goes out with opportunistic TLS;
 - secure TLSA records on a host without STARTTLS: TLS is mandatory, the host is not used;
 - no TLSA records: opportunistic, delivered in plaintext to a host without STARTTLS;
-- only unusable records (PKIX-EE): TLS without authentication (delivered over TLS);
+- only unusable records (PKIX-EE): TLS without authentication (delivered over TLS), and the domain's TLS report
+  names those records as the tlsa policy's policy-string;
 - DANE-TA(2): a certificate chain from the test CA whose TLSA names the CA, with the MX host name in the leaf
   (delivered), one whose leaf does not name the MX host (not used: DANE-TA keeps the name check; reported as
   certificate-host-mismatch) and one whose leaf has expired (not used; certificate-expired);
@@ -21,7 +22,9 @@ that are real aiosmtpd sinks, and TLSA records made from the sinks' real certifi
 - fixed upstreams with tls: dane (host names in the signed zone, one a CNAME): their TLS sessions are counted in
   mailflow_outbound_policy_total under dane or none, as the MX walk counts them, zero series from the start;
 - the config checker refuses `tls: dane` without dns.trust_anchor_file."""
+import datetime
 import hashlib
+import json
 import shutil
 import signal
 import ssl
@@ -119,9 +122,11 @@ mx.plain     A     {ADDR['plain']}
 unusable     MX    10 mx.unusable
 mx.unusable  A     {ADDR['unusable']}
 {tlsa}.mx.unusable TLSA 1 1 1 {'00' * 32}
+_smtp._tls.unusable TXT "v=TLSRPTv1; rua=mailto:tlsrpt@example.net"
 badkey       MX    10 mx.badkey
 mx.badkey    A     {ADDR['badkey']}
 {tlsa}.mx.badkey  TLSA  3 1 0 {'00' * 40}
+_smtp._tls.badkey TXT "v=TLSRPTv1; rua=mailto:tlsrpt@example.net"
 ta           MX    10 mx.ta
 mx.ta        A     {ADDR['ta']}
 {tlsa}.mx.ta      TLSA  2 0 1 {ca_sha256}
@@ -408,6 +413,28 @@ def test_a_malformed_full_key_record_is_unusable_tls_without_authentication(env)
     assert policy_moved(before, after) == {("partners", "dane", "success"): 1.0}
     harness.wait_for(lambda: len(session_upstreams(env.daemon)) > sessions, what="the session line")
     assert dane_sessions(env.daemon) == authenticated, "a session DANE did not authenticate says /dane"
+
+
+def tls_report(daemon, domain):
+    """Today's TLS report (RFC 8460 JSON) of `domain`, as the daemon serves it."""
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    reports = json.loads(daemon.get(f"/api/v1/tlsrpt?date={date}")[1])["reports"]
+    return next(r["report"] for r in reports if r["domain"] == domain)
+
+
+@pytest.mark.parametrize("name, record", [("unusable", f"1 1 1 {'00' * 32}"), ("badkey", f"3 1 0 {'00' * 40}")])
+def test_the_tls_report_of_unusable_records_names_them(env, name, record):
+    """A secure RRset of unusable records (PKIX-EE, a full key that is none) still makes TLS mandatory (RFC 7672
+    2.2): the session is under the domain's DANE policy, and its TLS report says which (RFC 8460 4.1: "the DANE
+    TLSA record applied ... with each RR entry of the RR set listed"). It said policy-string [], a TLSA policy of
+    no record at all, where the domain's administrator needs to see the records that no sender can use."""
+    rcpt, final = deliver(env, f"uma@{name}.example.net")
+    assert rcpt[0] == 250 and final[0] == 250, (rcpt, final)
+    (policy,) = tls_report(env.daemon, f"{name}.example.net")["policies"]
+    assert policy["policy"] == {"policy-type": "tlsa", "policy-string": [record],
+                                "policy-domain": f"{name}.example.net"}
+    assert policy["summary"]["total-successful-session-count"] >= 1
+    assert policy["summary"]["total-failure-session-count"] == 0
 
 
 def test_dane_ta_chain_with_the_mx_name_delivers(env):
