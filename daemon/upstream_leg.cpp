@@ -128,8 +128,12 @@ std::optional<proto::tlsrpt::ResultType> certificate_problem(long verify_error) 
 // A certificate DANE refused, as TLS-RPT names it: a DANE-TA(2) chain whose anchor matched a TLSA record can
 // still fail on the name (the TLSA base domain, RFC 7672 3.2.2) or on its dates (3.1.2); RFC 8460 4.3's
 // certificate-host-mismatch covers "the constraints specified in the MTA-STS or DANE policy", and
-// certificate-expired any certificate. tlsa-invalid is left for what it says: no record of the RRset matched.
+// certificate-expired any certificate. tlsa-invalid is left for what it says: no record of the RRset matched
+// (OpenSSL's X509_V_ERR_DANE_NO_MATCH). Any other check a matched chain fails (a leaf not valid yet, a bad
+// signature below the anchor) has no result type of its own: validation-failure, not tlsa-invalid, which
+// would send the domain's administrator to TLSA records that are right.
 proto::tlsrpt::ResultType dane_problem(long verify_error) {
+  if (dane_no_match(verify_error)) return proto::tlsrpt::ResultType::tlsa_invalid;
   switch (certificate_verdict(verify_error)) {
     case CertificateVerdict::expired:
       return proto::tlsrpt::ResultType::certificate_expired;
@@ -139,7 +143,7 @@ proto::tlsrpt::ResultType dane_problem(long verify_error) {
     case CertificateVerdict::not_trusted:
       break;
   }
-  return proto::tlsrpt::ResultType::tlsa_invalid;
+  return proto::tlsrpt::ResultType::validation_failure;
 }
 
 // Why an MTA-STS policy kept an MX host from being used (its `mta_sts` line).

@@ -14,7 +14,8 @@ that are real aiosmtpd sinks, and TLSA records made from the sinks' real certifi
   names those records as the tlsa policy's policy-string;
 - DANE-TA(2): a certificate chain from the test CA whose TLSA names the CA, with the MX host name in the leaf
   (delivered), one whose leaf does not name the MX host (not used: DANE-TA keeps the name check; reported as
-  certificate-host-mismatch) and one whose leaf has expired (not used; certificate-expired);
+  certificate-host-mismatch), one whose leaf has expired (not used; certificate-expired) and one whose leaf is
+  not valid yet (not used; validation-failure, not tlsa-invalid: the record matched);
 - MX host names that are secure CNAMEs (RFC 7672 2.2.3): the TLSA records at the expanded name are used (a
   matching DANE-EE delivers under DANE, a mismatching one keeps the host from being used even though the alias's
   own record would match); where the expanded name has none, the alias's own are; DANE-TA accepts a leaf that
@@ -55,6 +56,7 @@ ADDR = {
     "tacname": "127.0.0.68",   # TLS, chain from the test CA, leaf names the alias mx.tacname.example.net only
     "badkey": "127.0.0.69",    # TLS; only a DANE-EE record whose full key (matching type 0) is no key at all
     "taexp": "127.0.0.115",    # TLS, chain from the test CA, leaf names mx.taexp.example.net but has expired
+    "tafuture": "127.0.0.170",  # TLS, chain from the test CA, leaf names mx.tafuture.example.net, valid from tomorrow
 }
 
 
@@ -71,8 +73,9 @@ def spki_sha256(pem_path):
     return hashlib.sha256(der).hexdigest()
 
 
-def expired_ca_signed_chain(certs, directory, name, host):
-    """A leaf for `host` from the test CA that expired yesterday, then the CA: (chain, key) files in `directory`."""
+def expired_ca_signed_chain(certs, directory, name, host, days=(-10, -1)):
+    """A leaf for `host` from the test CA valid from and to `days` from now (by default: it expired yesterday), then
+    the CA: (chain, key) files in `directory`."""
     import datetime
 
     from cryptography import x509
@@ -88,7 +91,8 @@ def expired_ca_signed_chain(certs, directory, name, host):
     leaf = (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
             .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=10)).not_valid_after(now - datetime.timedelta(days=1))
+            .not_valid_before(now + datetime.timedelta(days=days[0]))
+            .not_valid_after(now + datetime.timedelta(days=days[1]))
             .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .sign(ca_key, hashes.SHA256()))
@@ -136,6 +140,9 @@ mx.taname    A     {ADDR['taname']}
 taexp        MX    10 mx.taexp
 mx.taexp     A     {ADDR['taexp']}
 {tlsa}.mx.taexp   TLSA  2 0 1 {ca_sha256}
+tafuture     MX    10 mx.tafuture
+mx.tafuture  A     {ADDR['tafuture']}
+{tlsa}.mx.tafuture TLSA 2 0 1 {ca_sha256}
 ; MX host names that are aliases (RFC 7672 2.2.3): TLSA records at the CNAME target first, then at the alias.
 alias        MX    10 mx.alias
 mx.alias     CNAME host.alias
@@ -186,6 +193,8 @@ def env(certs, workdir, short_dir, sink_factory, daemon_factory):
         tacname_chain, tacname_key = harness.ca_signed_cert(certs, workdir, "mx-tacname", ["mx.tacname.example.net"],
                                                             chain=True)
         taexp_chain, taexp_key = expired_ca_signed_chain(certs, workdir, "mx-taexp", "mx.taexp.example.net")
+        tafuture_chain, tafuture_key = expired_ca_signed_chain(certs, workdir, "mx-tafuture",
+                                                               "mx.tafuture.example.net", days=(1, 30))
         sinks = {
             "good": sink_factory("mx-good", host=ADDR["good"], port=port, **tls),
             "wrong": sink_factory("mx-wrong", host=ADDR["wrong"], port=port, **tls),
@@ -199,6 +208,8 @@ def env(certs, workdir, short_dir, sink_factory, daemon_factory):
             "tacname": sink_factory("mx-tacname", host=ADDR["tacname"], port=port, tls_cert=tacname_chain,
                                     tls_key=tacname_key),
             "taexp": sink_factory("mx-taexp", host=ADDR["taexp"], port=port, tls_cert=taexp_chain, tls_key=taexp_key),
+            "tafuture": sink_factory("mx-tafuture", host=ADDR["tafuture"], port=port, tls_cert=tafuture_chain,
+                                     tls_key=tafuture_key),
         }
         listeners = [{"name": "out", "address": f"127.0.0.1:{port}", "direction": "outbound",
                       "upstream": "dane-mx"}]
@@ -470,6 +481,21 @@ def test_dane_ta_with_an_expired_leaf_is_certificate_expired(env):
     assert sink.count() == n
     after = harness.wait_moved(env.daemon, before, "mailflow_mx_attempts_total")
     assert policy_moved(before, after) == {("partners", "dane", "certificate-expired"): 1.0}
+
+
+def test_dane_ta_with_a_leaf_not_valid_yet_is_no_tlsa_invalid(env):
+    """The DANE-TA record matches the chain's CA and the leaf names the MX host, but it is valid only from tomorrow:
+    not used. It was reported as tlsa-invalid, which says that no record of the RRset matched, where the record
+    did and the certificate failed a check of its own; RFC 8460 4.3 has no type for a certificate not valid yet,
+    so it is the general validation-failure."""
+    sink = env.sinks["tafuture"]
+    n = sink.count()
+    before = env.daemon.metrics()
+    rcpt, _ = deliver(env, "ida@tafuture.example.net")
+    assert rcpt[0] == 451 and "tls_policy" in rcpt[1], rcpt
+    assert sink.count() == n
+    after = harness.wait_moved(env.daemon, before, "mailflow_mx_attempts_total")
+    assert policy_moved(before, after) == {("partners", "dane", "validation-failure"): 1.0}
 
 
 def test_alias_mx_host_uses_the_tlsa_records_of_its_cname_target(env):
