@@ -385,6 +385,8 @@ bool tlsa_data_loads(const proto::TlsaRecord& record) {
   return loaded && end == data + size;
 }
 
+bool dane_no_match(long verify_error) { return verify_error == X509_V_ERR_DANE_NO_MATCH; }
+
 CertificateVerdict certificate_verdict(long verify_error) {
   switch (verify_error) {
     case X509_V_OK:

@@ -84,6 +84,9 @@ class ServerTls {
 // A recorded certificate verdict, in the words TLS-RPT reports it with.
 enum class CertificateVerdict { valid, expired, host_mismatch, not_trusted };
 CertificateVerdict certificate_verdict(long verify_error);
+// OpenSSL's DANE found no TLSA record that matches the chain (X509_V_ERR_DANE_NO_MATCH); any other error of a
+// DANE handshake comes from a chain that a record did match (DANE-TA) and failed a check of its own.
+bool dane_no_match(long verify_error);
 
 // Whether OpenSSL can load a TLSA record's data: a full certificate or key (matching type 0) must be one DER
 // object, exactly (a digest's length is proto::usable_for_smtp's check). SSL_dane_tlsa_add leaves out a

@@ -330,16 +330,28 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
   } not_running{running_};
   const auto current = runtime_();
   const config::Config& config = *current->config;
+  const auto started = std::chrono::steady_clock::now();
   TlsRptStore& store = telemetry_.tlsrpt();
   auto keys = store.reports_before(utc_date(now));
   if (ledger_.keep_only(keys, oldest_kept_date(now)) > 0) ledger_changed_ = true;
-  // Reports never tried first, then those tried again, each oldest day first. A run tries at most
-  // max_reports_per_run, and one whose rua keeps failing (an https rua that never answers holds each try for
+  std::erase_if(last_turn_,
+                [&](const auto& turn) { return !std::binary_search(keys.begin(), keys.end(), turn.first); });
+  // Reports never tried first (oldest day first), then those tried again, the one whose last try in this
+  // process was longest ago first. A run tries at most max_reports_per_run and ends once it has taken
+  // tlsrpt.interval, and a report whose rua keeps failing (an https rua that never answers holds each try for
   // https_timeout) is tried at every run until retry_for gives it up: in plain date and domain order, enough
   // of them at the front kept every report behind them from its first try until they were given up, day after
-  // day.
-  std::stable_partition(keys.begin(), keys.end(),
-                        [&](const auto& key) { return !ledger_.tried_before(key); });
+  // day, and the retries at the back would never get the time left.
+  const auto turn = [&](const TlsRptLedger::Key& key) {
+    const auto last = last_turn_.find(key);
+    return std::pair{ledger_.tried_before(key), last == last_turn_.end() ? std::uint64_t{0} : last->second};
+  };
+  std::vector<std::pair<std::pair<bool, std::uint64_t>, TlsRptLedger::Key>> ranked;  // each looked up once
+  ranked.reserve(keys.size());
+  for (auto& key : keys) ranked.emplace_back(turn(key), std::move(key));
+  std::stable_sort(ranked.begin(), ranked.end(),
+                   [](const auto& a, const auto& b) { return a.first < b.first; });
+  for (std::size_t i = 0; i < keys.size(); ++i) keys[i] = std::move(ranked[i].second);
   if (keys.empty()) {
     save_ledger();
     co_return 0;
@@ -368,9 +380,22 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
                 {{"reports", keys.size() - tried}, {"reason", "tlsrpt.max_reports_per_run reached"}});
       break;
     }
+    // Each try has its deadline (https_timeout; the report mail's timeouts.*, up to half an hour), but with
+    // 10 rua per report and max_reports_per_run reports, a run of destinations that hang until their deadline
+    // would last days (1000 x 30s for one silent https rua each: 8 hours), and no next run, with the new
+    // day's reports that go first, could begin: one interval is the run's share, the rest waits for the next
+    // run.
+    if (tried > 0 && std::chrono::steady_clock::now() - started >= config.tlsrpt.interval) {
+      log_event(
+          LogLevel::info, "tlsrpt_deferred",
+          {{"reports", keys.size() - tried},
+           {"reason", "the run took tlsrpt.interval " + config::format_duration(config.tlsrpt.interval)}});
+      break;
+    }
     const auto day = store.find(key.first, key.second);
     if (!day || day->rua.empty()) continue;
     ++tried;
+    last_turn_[key] = ++turns_;
     const std::string gzipped = gzip(proto::tlsrpt::render_json(*day, submitter));
     const auto pending = ledger_.to_try(key, day->rua);
     if (pending.empty()) {

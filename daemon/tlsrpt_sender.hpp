@@ -9,13 +9,14 @@
 // A report is forgotten when every rua took it (2xx / 250) or refused it for good (5xx, 4xx other than 408
 // and 429), or when it still fails tlsrpt.retry_for after its first try (gave_up); each try of each rua is
 // counted in mailflow_tlsrpt_deliveries_total{method,result} and logged. At most tlsrpt.max_reports_per_run
-// reports are tried per run, those never tried first, then the retries, each oldest day first, so that a
-// large store never stalls the loop, nor reports that keep failing the first try of the others.
-// Which rua took a report and when its first try was (TlsRptLedger) is kept in
-// state_dir/tlsrpt-ledger.state: saved after each rua's try (and by save_ledger() with the other state),
-// loaded at start, so that a restart neither sends a report again to a rua that took it nor gives a failing
-// report a new retry_for. Both files are written by the daemon's StateWriter, off the event loop and in
-// order (a ledger write still queued takes the newer text).
+// reports are tried per run, and a run ends once it has taken tlsrpt.interval; those never tried first
+// (oldest day first), then the retries (the one tried longest ago first), so that a large store never stalls
+// the loop, nor reports that keep failing, or hang until their deadline, the first try of the others. Which
+// rua took a report and when its first try was (TlsRptLedger) is kept in state_dir/tlsrpt-ledger.state: saved
+// after each rua's try (and by save_ledger() with the other state), loaded at start, so that a restart
+// neither sends a report again to a rua that took it nor gives a failing report a new retry_for. Both files
+// are written by the daemon's StateWriter, off the event loop and in order (a ledger write still queued takes
+// the newer text).
 #include <utility>  // before Asio (Boost 1.74 + GCC 12)
 
 #include <boost/asio/any_io_executor.hpp>
@@ -25,6 +26,7 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -124,6 +126,10 @@ class TlsRptSender {
   bool running_ = false;                   // run_once() is in progress
   std::function<void()> close_in_flight_;  // force_close() of the report mail's conversation in flight
   std::shared_ptr<Resolver> resolver_;  // https: rua host names, during one run (dns settings of that run)
+  // When each report was last tried in this process (a count of tries): the retries of a run, the one tried
+  // longest ago first, so that those in front which hang until their deadline do not take every run's time.
+  std::map<TlsRptLedger::Key, std::uint64_t> last_turn_;
+  std::uint64_t turns_ = 0;
   std::uint64_t unique_ = 0;            // random, with sequence_: Message-IDs, MIME boundaries, session ids
   std::uint64_t sequence_ = 0;
 };

@@ -92,7 +92,9 @@ std::string utc_date() {
   return buffer;
 }
 
-// RFC 8460 4.3 policy-string of a TLSA policy: "3 1 1 <hex>" per record.
+// RFC 8460 4.3 policy-string of a TLSA policy: "3 1 1 <hex>" per record of the RRset (4.1: "with each RR
+// entry of the RR set listed"), as published: under a secure RRset of unusable records TLS is still mandatory
+// (RFC 7672 2.2), and that policy is those records; only the usable ones would name none at all.
 std::vector<std::string> tlsa_strings(const std::vector<proto::TlsaRecord>& records) {
   std::vector<std::string> out;
   for (const auto& record : records) {
@@ -126,8 +128,12 @@ std::optional<proto::tlsrpt::ResultType> certificate_problem(long verify_error) 
 // A certificate DANE refused, as TLS-RPT names it: a DANE-TA(2) chain whose anchor matched a TLSA record can
 // still fail on the name (the TLSA base domain, RFC 7672 3.2.2) or on its dates (3.1.2); RFC 8460 4.3's
 // certificate-host-mismatch covers "the constraints specified in the MTA-STS or DANE policy", and
-// certificate-expired any certificate. tlsa-invalid is left for what it says: no record of the RRset matched.
+// certificate-expired any certificate. tlsa-invalid is left for what it says: no record of the RRset matched
+// (OpenSSL's X509_V_ERR_DANE_NO_MATCH). Any other check a matched chain fails (a leaf not valid yet, a bad
+// signature below the anchor) has no result type of its own: validation-failure, not tlsa-invalid, which
+// would send the domain's administrator to TLSA records that are right.
 proto::tlsrpt::ResultType dane_problem(long verify_error) {
+  if (dane_no_match(verify_error)) return proto::tlsrpt::ResultType::tlsa_invalid;
   switch (certificate_verdict(verify_error)) {
     case CertificateVerdict::expired:
       return proto::tlsrpt::ResultType::certificate_expired;
@@ -137,7 +143,7 @@ proto::tlsrpt::ResultType dane_problem(long verify_error) {
     case CertificateVerdict::not_trusted:
       break;
   }
-  return proto::tlsrpt::ResultType::tlsa_invalid;
+  return proto::tlsrpt::ResultType::validation_failure;
 }
 
 // Why an MTA-STS policy kept an MX host from being used (its `mta_sts` line).
@@ -427,6 +433,7 @@ asio::awaitable<proto::DanePlan> UpstreamLeg::plan_dane(Resolver& resolver, cons
   std::string detail;
   for (const auto& base : bases) {
     TlsaResult tlsa = co_await resolver.resolve_tlsa("_" + std::to_string(port) + "._tcp." + base);
+    std::vector<proto::TlsaRecord> rrset = tlsa.answer.records;  // as published, for the TLS report
     // A full certificate or key that is none is a malformed record, so unusable (RFC 7672 3.1): left out
     // before the plan, or OpenSSL would leave it out of the handshake, which with no record left checks the
     // Web PKI.
@@ -441,6 +448,7 @@ asio::awaitable<proto::DanePlan> UpstreamLeg::plan_dane(Resolver& resolver, cons
     plan = proto::plan_dane(true, &tlsa.answer);
     detail = tlsa.detail;
     if (plan.kind == proto::DanePlan::Kind::none) continue;  // none there: the next name (a failure is not)
+    plan.rrset = std::move(rrset);
     plan.names = bases;  // RFC 7672 3.2.2: the base domain first, the other name also a reference identifier
     if (base != plan.names.front()) std::swap(plan.names.front(), plan.names.back());
     break;
@@ -701,7 +709,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
     proto::tlsrpt::PolicyKey key = by_sts ? sts_key : proto::tlsrpt::PolicyKey{};
     if (by_dane) {
       key.type = proto::tlsrpt::PolicyType::tlsa;
-      key.strings = tlsa_strings(dane.records);
+      key.strings = tlsa_strings(dane.rrset);
     }
     const auto failure_of = [&](proto::tlsrpt::ResultType type, std::string why) {
       return failure_key(type, attempt.host, attempt.endpoint, std::move(why));

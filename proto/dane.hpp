@@ -46,6 +46,9 @@ struct DanePlan {
   };
   Kind kind = Kind::none;
   std::vector<TlsaRecord> records;  // authenticate: the usable ones
+  // authenticate, encrypt: the TLSA RRset as DNS gave it, unusable and malformed records too: the policy that
+  // governs the host, which a TLS report names record by record (RFC 8460 4.1). Set by the caller.
+  std::vector<TlsaRecord> rrset;
   // authenticate: the reference names (RFC 7672 3.2.2) that DANE-TA(2) records check the certificate against:
   // the TLSA base domain first (also the SNI name, RFC 7672 8.1), then, where the MX host name is an alias, the
   // other of the host name and its CNAME expansion. Set by the caller, which knows the names.

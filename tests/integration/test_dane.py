@@ -10,10 +10,12 @@ that are real aiosmtpd sinks, and TLSA records made from the sinks' real certifi
   apply, the mail goes out with opportunistic TLS;
 - secure TLSA records on a host without STARTTLS: TLS is mandatory, the host is not used;
 - no TLSA records: opportunistic, delivered in plaintext to a host without STARTTLS;
-- only unusable records (PKIX-EE): TLS without authentication (delivered over TLS);
+- only unusable records (PKIX-EE): TLS without authentication (delivered over TLS), and the domain's TLS report
+  names those records as the tlsa policy's policy-string;
 - DANE-TA(2): a certificate chain from the test CA whose TLSA names the CA, with the MX host name in the leaf
   (delivered), one whose leaf does not name the MX host (not used: DANE-TA keeps the name check; reported as
-  certificate-host-mismatch) and one whose leaf has expired (not used; certificate-expired);
+  certificate-host-mismatch), one whose leaf has expired (not used; certificate-expired) and one whose leaf is
+  not valid yet (not used; validation-failure, not tlsa-invalid: the record matched);
 - MX host names that are secure CNAMEs (RFC 7672 2.2.3): the TLSA records at the expanded name are used (a
   matching DANE-EE delivers under DANE, a mismatching one keeps the host from being used even though the alias's
   own record would match); where the expanded name has none, the alias's own are; DANE-TA accepts a leaf that
@@ -21,7 +23,9 @@ that are real aiosmtpd sinks, and TLSA records made from the sinks' real certifi
 - fixed upstreams with tls: dane (host names in the signed zone, one a CNAME): their TLS sessions are counted in
   mailflow_outbound_policy_total under dane or none, as the MX walk counts them, zero series from the start;
 - the config checker refuses `tls: dane` without dns.trust_anchor_file."""
+import datetime
 import hashlib
+import json
 import shutil
 import signal
 import ssl
@@ -52,6 +56,7 @@ ADDR = {
     "tacname": "127.0.0.68",   # TLS, chain from the test CA, leaf names the alias mx.tacname.example.net only
     "badkey": "127.0.0.69",    # TLS; only a DANE-EE record whose full key (matching type 0) is no key at all
     "taexp": "127.0.0.115",    # TLS, chain from the test CA, leaf names mx.taexp.example.net but has expired
+    "tafuture": "127.0.0.170",  # TLS, chain from the test CA, leaf names mx.tafuture.example.net, valid from tomorrow
 }
 
 
@@ -68,8 +73,9 @@ def spki_sha256(pem_path):
     return hashlib.sha256(der).hexdigest()
 
 
-def expired_ca_signed_chain(certs, directory, name, host):
-    """A leaf for `host` from the test CA that expired yesterday, then the CA: (chain, key) files in `directory`."""
+def expired_ca_signed_chain(certs, directory, name, host, days=(-10, -1)):
+    """A leaf for `host` from the test CA valid from and to `days` from now (by default: it expired yesterday), then
+    the CA: (chain, key) files in `directory`."""
     import datetime
 
     from cryptography import x509
@@ -85,7 +91,8 @@ def expired_ca_signed_chain(certs, directory, name, host):
     leaf = (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
             .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=10)).not_valid_after(now - datetime.timedelta(days=1))
+            .not_valid_before(now + datetime.timedelta(days=days[0]))
+            .not_valid_after(now + datetime.timedelta(days=days[1]))
             .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .sign(ca_key, hashes.SHA256()))
@@ -119,9 +126,11 @@ mx.plain     A     {ADDR['plain']}
 unusable     MX    10 mx.unusable
 mx.unusable  A     {ADDR['unusable']}
 {tlsa}.mx.unusable TLSA 1 1 1 {'00' * 32}
+_smtp._tls.unusable TXT "v=TLSRPTv1; rua=mailto:tlsrpt@example.net"
 badkey       MX    10 mx.badkey
 mx.badkey    A     {ADDR['badkey']}
 {tlsa}.mx.badkey  TLSA  3 1 0 {'00' * 40}
+_smtp._tls.badkey TXT "v=TLSRPTv1; rua=mailto:tlsrpt@example.net"
 ta           MX    10 mx.ta
 mx.ta        A     {ADDR['ta']}
 {tlsa}.mx.ta      TLSA  2 0 1 {ca_sha256}
@@ -131,6 +140,9 @@ mx.taname    A     {ADDR['taname']}
 taexp        MX    10 mx.taexp
 mx.taexp     A     {ADDR['taexp']}
 {tlsa}.mx.taexp   TLSA  2 0 1 {ca_sha256}
+tafuture     MX    10 mx.tafuture
+mx.tafuture  A     {ADDR['tafuture']}
+{tlsa}.mx.tafuture TLSA 2 0 1 {ca_sha256}
 ; MX host names that are aliases (RFC 7672 2.2.3): TLSA records at the CNAME target first, then at the alias.
 alias        MX    10 mx.alias
 mx.alias     CNAME host.alias
@@ -181,6 +193,8 @@ def env(certs, workdir, short_dir, sink_factory, daemon_factory):
         tacname_chain, tacname_key = harness.ca_signed_cert(certs, workdir, "mx-tacname", ["mx.tacname.example.net"],
                                                             chain=True)
         taexp_chain, taexp_key = expired_ca_signed_chain(certs, workdir, "mx-taexp", "mx.taexp.example.net")
+        tafuture_chain, tafuture_key = expired_ca_signed_chain(certs, workdir, "mx-tafuture",
+                                                               "mx.tafuture.example.net", days=(1, 30))
         sinks = {
             "good": sink_factory("mx-good", host=ADDR["good"], port=port, **tls),
             "wrong": sink_factory("mx-wrong", host=ADDR["wrong"], port=port, **tls),
@@ -194,6 +208,8 @@ def env(certs, workdir, short_dir, sink_factory, daemon_factory):
             "tacname": sink_factory("mx-tacname", host=ADDR["tacname"], port=port, tls_cert=tacname_chain,
                                     tls_key=tacname_key),
             "taexp": sink_factory("mx-taexp", host=ADDR["taexp"], port=port, tls_cert=taexp_chain, tls_key=taexp_key),
+            "tafuture": sink_factory("mx-tafuture", host=ADDR["tafuture"], port=port, tls_cert=tafuture_chain,
+                                     tls_key=tafuture_key),
         }
         listeners = [{"name": "out", "address": f"127.0.0.1:{port}", "direction": "outbound",
                       "upstream": "dane-mx"}]
@@ -410,6 +426,28 @@ def test_a_malformed_full_key_record_is_unusable_tls_without_authentication(env)
     assert dane_sessions(env.daemon) == authenticated, "a session DANE did not authenticate says /dane"
 
 
+def tls_report(daemon, domain):
+    """Today's TLS report (RFC 8460 JSON) of `domain`, as the daemon serves it."""
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    reports = json.loads(daemon.get(f"/api/v1/tlsrpt?date={date}")[1])["reports"]
+    return next(r["report"] for r in reports if r["domain"] == domain)
+
+
+@pytest.mark.parametrize("name, record", [("unusable", f"1 1 1 {'00' * 32}"), ("badkey", f"3 1 0 {'00' * 40}")])
+def test_the_tls_report_of_unusable_records_names_them(env, name, record):
+    """A secure RRset of unusable records (PKIX-EE, a full key that is none) still makes TLS mandatory (RFC 7672
+    2.2): the session is under the domain's DANE policy, and its TLS report says which (RFC 8460 4.1: "the DANE
+    TLSA record applied ... with each RR entry of the RR set listed"). It said policy-string [], a TLSA policy of
+    no record at all, where the domain's administrator needs to see the records that no sender can use."""
+    rcpt, final = deliver(env, f"uma@{name}.example.net")
+    assert rcpt[0] == 250 and final[0] == 250, (rcpt, final)
+    (policy,) = tls_report(env.daemon, f"{name}.example.net")["policies"]
+    assert policy["policy"] == {"policy-type": "tlsa", "policy-string": [record],
+                                "policy-domain": f"{name}.example.net"}
+    assert policy["summary"]["total-successful-session-count"] >= 1
+    assert policy["summary"]["total-failure-session-count"] == 0
+
+
 def test_dane_ta_chain_with_the_mx_name_delivers(env):
     sink = env.sinks["ta"]
     n = sink.count()
@@ -443,6 +481,21 @@ def test_dane_ta_with_an_expired_leaf_is_certificate_expired(env):
     assert sink.count() == n
     after = harness.wait_moved(env.daemon, before, "mailflow_mx_attempts_total")
     assert policy_moved(before, after) == {("partners", "dane", "certificate-expired"): 1.0}
+
+
+def test_dane_ta_with_a_leaf_not_valid_yet_is_no_tlsa_invalid(env):
+    """The DANE-TA record matches the chain's CA and the leaf names the MX host, but it is valid only from tomorrow:
+    not used. It was reported as tlsa-invalid, which says that no record of the RRset matched, where the record
+    did and the certificate failed a check of its own; RFC 8460 4.3 has no type for a certificate not valid yet,
+    so it is the general validation-failure."""
+    sink = env.sinks["tafuture"]
+    n = sink.count()
+    before = env.daemon.metrics()
+    rcpt, _ = deliver(env, "ida@tafuture.example.net")
+    assert rcpt[0] == 451 and "tls_policy" in rcpt[1], rcpt
+    assert sink.count() == n
+    after = harness.wait_moved(env.daemon, before, "mailflow_mx_attempts_total")
+    assert policy_moved(before, after) == {("partners", "dane", "validation-failure"): 1.0}
 
 
 def test_alias_mx_host_uses_the_tlsa_records_of_its_cname_target(env):

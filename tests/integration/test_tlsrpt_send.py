@@ -717,3 +717,37 @@ def test_check_config_refuses_an_organization_name_no_report_mail_can_carry(name
     else:
         assert result.returncode == 1, result
         assert f"{config}:9:22: {error}" in result.stderr, result.stderr
+
+
+def test_a_run_of_rua_that_hang_ends_once_it_took_its_interval(workdir, knot, silent_port, daemon_factory):
+    """Each try has its deadline (tlsrpt.https_timeout here), but a run went on through every report due: with
+    max_reports_per_run (1000) reports whose rua hangs until its deadline (30s), 8 hours, 10 rua a report 80, and
+    a report mail's own timeouts.* allow half an hour a try. Meanwhile no next run began, so a new day's reports,
+    which a run tries first, waited for the end of it, and a reload that turned send off applied only then. A run
+    now ends once it has taken tlsrpt.interval, the rest waiting for the next run: here 8 reports to a host that
+    never answers (500 ms each) and interval 1s, and send turned off by a reload after the first try: at most the
+    run's second try follows (before: the 7 others, 3.5 s more)."""
+    state = "mailflowd-tlsrpt 1\n" + "".join(
+        f"day {DATE} h{n}.example.net https://silent.rpt.example.net:{silent_port}/hang\n"
+        "policy no-policy-found - - 1 0 0\n" for n in range(1, 9))
+    directory = workdir / "hang-state"
+    directory.mkdir(exist_ok=True)
+    (directory / "tlsrpt.state").write_text(state)
+    listeners = [{"name": "out", "address": f"127.0.0.1:{harness.free_port()}", "direction": "outbound",
+                  "upstream": "internet"}]
+    tlsrpt = {"send": True, "interval": "1s", "https_timeout": "500ms", "retry_for": "1h", "submitter": SUBMITTER}
+    daemon = daemon_factory(listeners, [{"name": "internet", "mx": True}], name="hang",
+                            dns={"servers": [knot.address], "timeout": "3s"}, tlsrpt=tlsrpt)
+    failures = lambda: harness.value(daemon.metrics(), "mailflow_tlsrpt_deliveries_total",  # noqa: E731
+                                     method="https", result="temporary_failure")
+    harness.wait_for(lambda: failures() >= 1, 20, what="the first try")
+    daemon.config["tlsrpt"] = {**tlsrpt, "send": False}
+    daemon.config_path.write_text(json.dumps(daemon.config, indent=2) + "\n")
+    daemon.proc.send_signal(signal.SIGHUP)
+    harness.wait_for(lambda: harness.value(daemon.metrics(), "mailflow_config_reloads_total", result="success") == 1,
+                     10, what="the reload")
+    at_reload = failures()
+    time.sleep(4)
+    assert failures() - at_reload <= 1, "the run went on past its interval"
+    assert "tlsrpt_deferred" in daemon.stderr() and "the run took tlsrpt.interval 1s" in daemon.stderr()
+    assert len(reports_of(daemon, DATE)) == 8  # none given up: each waits for its next try
