@@ -75,7 +75,7 @@ std::shared_ptr<const Runtime> Runtime::build(std::shared_ptr<const config::Conf
   // for a file that is no setting of mailflowd's: their names are looked up in DNS alone then, logged at each
   // start and reload until it is fixed.
   const std::string hosts_file = "/etc/hosts";
-  auto hosts = with_hosts_file(*resolver, hosts_file, "/etc/resolv.conf");
+  auto hosts = with_hosts_file(*resolver, hosts_file, resolv_conf_path);
   if (const std::string problem = dns_settings_problem(hosts); !problem.empty()) {
     log_event(LogLevel::warn, "hosts_file",
               {{"file", hosts_file},
