@@ -129,8 +129,8 @@ ResolverSettings resolver_settings(const config::Dns& dns);
 // file is read here, once (start, reload), as the trust anchor file is, and its entries are part of the key,
 // so a reload after it changed makes new resolvers and a change without one is used by none. A file that
 // cannot be opened leaves DNS alone (as glibc's files service does); a line whose first field is no IP
-// address, and a name with bytes other than letters, digits, '-', '_' and '.', are skipped (glibc skips the
-// first too).
+// address, and a name with bytes other than letters, digits, '-', '_' and '.' or that is no DNS name (an
+// empty label), are skipped (glibc skips the first too).
 // `resolv_conf`'s search list and ndots are read here as well (proto::search_names()).
 ResolverSettings with_hosts_file(ResolverSettings settings, const std::string& hosts_file,
                                  const std::string& resolv_conf);

@@ -30,10 +30,21 @@ std::optional<std::string> canonical_address(const std::string& text, bool& v6) 
 std::vector<std::string> hosts_records(std::string_view text) {
   std::vector<std::string> out;
   const auto host_name = [](std::string_view name) {
-    return !name.empty() && name.size() <= 253 && std::all_of(name.begin(), name.end(), [](char c) {
-      return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' ||
-             c == '_' || c == '.';
-    });
+    if (name.empty() || name.size() > 253 || !std::all_of(name.begin(), name.end(), [](char c) {
+          return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' ||
+                 c == '_' || c == '.';
+        }))
+      return false;
+    // A DNS name: labels of 1 to 63 bytes, one final dot allowed. libunbound refuses local data for any other
+    // ("a..b", ".a", a label of 64 bytes), and one such name made it refuse the whole file; no upstream's
+    // host name is such a name, and glibc's files service still answers every other name of the file.
+    if (name.ends_with('.')) name.remove_suffix(1);
+    for (std::size_t at = 0;;) {
+      const std::size_t dot = std::min(name.find('.', at), name.size());
+      if (dot == at || dot - at > 63) return false;
+      if (dot == name.size()) return true;
+      at = dot + 1;
+    }
   };
   while (!text.empty()) {
     const std::size_t end = text.find('\n');

@@ -28,6 +28,16 @@ TEST_CASE("hosts_records: every name of each line with an IP address - other lin
   CHECK(hosts_records("").empty());
 }
 
+TEST_CASE("hosts_records: a name that is no DNS name is skipped, the other names of its line kept") {
+  const std::string label63(63, 'a');
+  const std::string label64(64, 'a');
+  const std::string text = "192.0.2.1 a..b kept-1 .lead trail.. " + label64 + ".example\n" + "192.0.2.2 " +
+                           label63 + ".example absolute.example. .\n";
+  CHECK(hosts_records(text) == std::vector<std::string>{"kept-1 A 192.0.2.1",
+                                                        label63 + ".example A 192.0.2.2",
+                                                        "absolute.example. A 192.0.2.2"});
+}
+
 TEST_CASE("read_search_list: search or domain, the last line winning, and ndots as glibc reads them") {
   std::vector<std::string> search;
   int ndots = 0;
