@@ -8,11 +8,19 @@ The operator moves the site to the other name server (resolv.conf rewritten) and
 the reload must ask the name servers the file names now, as they use the search list it names now. Before, the
 search list was read at the reload but the name servers only when an event loop made its libunbound context, which
 the reload did not replace (its key held dns.* and the hosts file, not resolv.conf): the new search list was asked of
-the old name server until the daemon was restarted."""
+the old name server until the daemon was restarted.
+
+A name written with the root's final dot ("mail.rev29.example.net.:PORT") is asked as written, never completed by the
+search list: with Kubernetes' `options ndots:5` a name of fewer dots is asked under each search domain first, where a
+wildcard record (here *.rev29.example.net, 127.0.0.163) answers "mail.rev29.example.net.rev29.example.net" before the
+name itself is ever asked. The final dot is how glibc's users keep a name from that; the configuration refused it
+("invalid host name"), so nothing kept the relay from delivering to the wildcard's host."""
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
+import types
 from pathlib import Path
 
 import pytest
@@ -35,7 +43,48 @@ $TTL 300
 @     NS   ns
 ns    A    127.0.0.1
 store A    {store}
+mail  A    {OLD_STORE}
+*     A    {NEW_STORE}
 """
+
+
+@pytest.fixture(scope="module")
+def env(workdir, sink_factory):
+    for ns in (OLD_NS, NEW_NS):
+        if not udp_free(ns, 53):
+            pytest.skip(f"cannot bind {ns}:53 for knotd")
+    short_dir = Path(tempfile.mkdtemp(prefix="mf-rev29-"))  # knotd's control socket path must stay short
+    servers = []
+    try:
+        for ns, store in ((OLD_NS, OLD_STORE), (NEW_NS, NEW_STORE)):
+            servers.append(KnotServer(short_dir, {ORIGIN: zone(store)}, host=ns, port=53,
+                                      name=f"knotd-{ns}").start())
+        sink_port = harness.free_port(OLD_STORE, NEW_STORE)
+        sinks = {a: sink_factory(f"ns-{a}", host=a, port=sink_port) for a in (OLD_STORE, NEW_STORE)}
+        yield types.SimpleNamespace(sinks=sinks, sink_port=sink_port)
+    finally:
+        for server in servers:
+            server.stop()
+        shutil.rmtree(short_dir, ignore_errors=True)
+
+
+def start(workdir, mailflowd_bin, name, resolv_text, upstream_host, sink_port):
+    """A daemon with its own /etc/hosts (localhost only) and /etc/resolv.conf, one listener and the upstream
+    `upstream_host`:`sink_port`; returns (daemon, listener port, resolv.conf path)."""
+    hosts = workdir / f"{name}-hosts"
+    hosts.write_text("127.0.0.1 localhost\n")
+    resolv = workdir / f"{name}-resolv.conf"
+    resolv.write_text(resolv_text)
+    port = harness.free_port()
+    state = workdir / f"{name}-state"
+    state.mkdir(exist_ok=True)
+    cfg = harness.default_config(state, harness.free_port(), [hh.listener("store", port, "store")],
+                                 [{"name": "store", "address": f"{upstream_host}:{sink_port}", "tls": "none"}],
+                                 dns={"timeout": "3s"},
+                                 timeouts={"upstream_connect": "5s", "upstream_open": "30s"})
+    daemon = harness.Daemon(mailflowd_bin, workdir, cfg, name=name,
+                            wrapper=harness.in_own_files(hosts, resolv)).start()
+    return daemon, port, resolv
 
 
 def deliver(port, subject):
@@ -47,34 +96,14 @@ def deliver(port, subject):
         c.close()
 
 
-def test_a_reload_takes_resolv_conf_name_servers_with_its_search_list(workdir, mailflowd_bin, sink_factory):
-    for ns in (OLD_NS, NEW_NS):
-        if not udp_free(ns, 53):
-            pytest.skip(f"cannot bind {ns}:53 for knotd")
-    short_dir = Path(tempfile.mkdtemp(prefix="mf-rev29-"))  # knotd's control socket path must stay short
-    servers = []
-    daemon = None
+def test_a_reload_takes_resolv_conf_name_servers_with_its_search_list(env, workdir, mailflowd_bin):
+    daemon, port, resolv = start(workdir, mailflowd_bin, "ns-reload", f"nameserver {OLD_NS}\nsearch {ORIGIN}\n",
+                                 "store", env.sink_port)
+    old, new = env.sinks[OLD_STORE], env.sinks[NEW_STORE]
     try:
-        for ns, store in ((OLD_NS, OLD_STORE), (NEW_NS, NEW_STORE)):
-            servers.append(KnotServer(short_dir, {ORIGIN: zone(store)}, host=ns, port=53,
-                                      name=f"knotd-{ns}").start())
-        sink_port = harness.free_port(OLD_STORE, NEW_STORE)
-        sinks = {a: sink_factory(f"ns-reload-{a}", host=a, port=sink_port) for a in (OLD_STORE, NEW_STORE)}
-        hosts = workdir / "ns-reload-hosts"
-        hosts.write_text("127.0.0.1 localhost\n")
-        resolv = workdir / "ns-reload-resolv.conf"
-        resolv.write_text(f"nameserver {OLD_NS}\nsearch {ORIGIN}\n")
-        port = harness.free_port()
-        state = workdir / "ns-reload-state"
-        state.mkdir(exist_ok=True)
-        cfg = harness.default_config(state, harness.free_port(), [hh.listener("store", port, "store")],
-                                     [{"name": "store", "address": f"store:{sink_port}", "tls": "none"}],
-                                     dns={"timeout": "3s"},
-                                     timeouts={"upstream_connect": "5s", "upstream_open": "30s"})
-        daemon = harness.Daemon(mailflowd_bin, workdir, cfg, name="ns-reload",
-                                wrapper=harness.in_own_files(hosts, resolv)).start()
+        base_old, base_new = old.count(), new.count()
         deliver(port, "before")
-        sinks[OLD_STORE].wait_messages(1)
+        old.wait_messages(base_old + 1)
         # Rewritten in place (the bind mount shows the same file): the other name server, the same search list.
         resolv.write_text(f"nameserver {NEW_NS}\nsearch {ORIGIN}\n")
         base = harness.value(daemon.metrics(), "mailflow_config_reloads_total", result="success")
@@ -84,12 +113,30 @@ def test_a_reload_takes_resolv_conf_name_servers_with_its_search_list(workdir, m
             what="the reload")
         for i in range(2):
             deliver(port, f"reloaded {i}")
-        sinks[NEW_STORE].wait_messages(2)
-        assert sinks[OLD_STORE].count() == 1, "a session after the reload asked the name server resolv.conf no " \
-                                              "longer names"
+        new.wait_messages(base_new + 2)
+        assert old.count() == base_old + 1, "a session after the reload asked the name server resolv.conf no " \
+                                            "longer names"
     finally:
-        if daemon is not None:
-            harness.stop_exits_0(daemon)
-        for server in servers:
-            server.stop()
-        shutil.rmtree(short_dir, ignore_errors=True)
+        harness.stop_exits_0(daemon)
+
+
+def test_a_name_with_the_final_dot_is_asked_as_written_not_under_the_search_list(env, workdir, mailflowd_bin):
+    resolv_text = f"nameserver {OLD_NS}\nsearch {ORIGIN}\noptions ndots:5\n"
+    # The reference: glibc asks the wildcard's name first without the dot, the name itself with it.
+    hosts = workdir / "ns-dot-getent-hosts"
+    hosts.write_text("127.0.0.1 localhost\n")
+    resolv = workdir / "ns-dot-getent-resolv.conf"
+    resolv.write_text(resolv_text)
+    for name, address in ((f"mail.{ORIGIN}", NEW_STORE), (f"mail.{ORIGIN}.", OLD_STORE)):
+        getent = subprocess.run(harness.in_own_files(hosts, resolv) + ["getent", "ahostsv4", name],
+                                capture_output=True, text=True, timeout=20)
+        assert getent.stdout.split()[:1] == [address], (name, getent)
+    daemon, port, _ = start(workdir, mailflowd_bin, "ns-dot", resolv_text, f"mail.{ORIGIN}.", env.sink_port)
+    old, new = env.sinks[OLD_STORE], env.sinks[NEW_STORE]
+    try:
+        base_old, base_new = old.count(), new.count()
+        deliver(port, "absolute")
+        old.wait_messages(base_old + 1)
+        assert new.count() == base_new, "the name was completed by the search list (the wildcard's host)"
+    finally:
+        harness.stop_exits_0(daemon)
