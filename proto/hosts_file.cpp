@@ -82,6 +82,8 @@ void read_search_list(std::string_view text, std::vector<std::string>& search, i
     std::string_view line = text.substr(0, end);
     text = end == std::string_view::npos ? std::string_view() : text.substr(end + 1);
     line = line.substr(0, line.find('\0'));  // as in hosts_records
+    // glibc's res_init takes a keyword only at the start of its line: an indented one is no setting.
+    if (line.starts_with(' ') || line.starts_with('\t')) continue;
     line = line.substr(0, line.find_first_of("#;"));
     std::vector<std::string_view> fields;
     for (std::size_t at = 0; at < line.size();) {
@@ -93,6 +95,7 @@ void read_search_list(std::string_view text, std::vector<std::string>& search, i
     }
     if (fields.empty()) continue;
     if (fields[0] == "search" || fields[0] == "domain") {
+      if (fields.size() < 2) continue;  // no name: glibc keeps the list it had
       search.clear();
       // "domain" names one domain: glibc's res_init cuts its line at the first blank.
       const std::size_t last =
@@ -109,11 +112,16 @@ void read_search_list(std::string_view text, std::vector<std::string>& search, i
     } else if (fields[0] == "options") {
       for (std::size_t i = 1; i < fields.size(); ++i) {
         if (!fields[i].starts_with("ndots:")) continue;
-        const std::string_view digits = fields[i].substr(6);
-        if (digits.empty() || digits.size() > 3 ||
-            !std::all_of(digits.begin(), digits.end(), [](char c) { return c >= '0' && c <= '9'; }))
-          continue;
-        ndots = std::min(std::stoi(std::string(digits)), 15);
+        // As glibc's res_setoptions reads it: atoi() of what follows (its leading digits: "5x" is 5, "" and
+        // "x" are 0), at most RES_MAXNDOTS (15). A negative value, which glibc stores into an unsigned field,
+        // is left out.
+        std::string_view text = fields[i].substr(6);
+        if (text.starts_with('-')) continue;
+        if (text.starts_with('+')) text.remove_prefix(1);
+        int value = 0;
+        for (std::size_t d = 0; d < text.size() && text[d] >= '0' && text[d] <= '9' && value <= 15; ++d)
+          value = value * 10 + (text[d] - '0');
+        ndots = std::min(value, 15);
       }
     }
   }

@@ -140,3 +140,27 @@ def test_a_name_with_the_final_dot_is_asked_as_written_not_under_the_search_list
         assert new.count() == base_new, "the name was completed by the search list (the wildcard's host)"
     finally:
         harness.stop_exits_0(daemon)
+
+
+def test_ndots_is_read_as_glibc_reads_it(env, workdir, mailflowd_bin):
+    """`options ndots:5x` is ndots 5 for glibc (atoi of what follows the colon): "mail.rev29.example.net" (3 dots) is
+    asked under the search domain first, where the wildcard answers (127.0.0.163), as getent shows. The relay skipped
+    the option as no number and kept ndots 1: it asked the name first and reached 127.0.0.162, another host than
+    getaddrinfo's. A search line with no name keeps the list before it, for glibc and now for the relay too."""
+    resolv_text = f"nameserver {OLD_NS}\nsearch {ORIGIN}\nsearch\noptions ndots:5x\n"
+    hosts = workdir / "ns-ndots-getent-hosts"
+    hosts.write_text("127.0.0.1 localhost\n")
+    resolv = workdir / "ns-ndots-getent-resolv.conf"
+    resolv.write_text(resolv_text)
+    getent = subprocess.run(harness.in_own_files(hosts, resolv) + ["getent", "ahostsv4", f"mail.{ORIGIN}"],
+                            capture_output=True, text=True, timeout=20)
+    assert getent.stdout.split()[:1] == [NEW_STORE], getent
+    daemon, port, _ = start(workdir, mailflowd_bin, "ns-ndots", resolv_text, f"mail.{ORIGIN}", env.sink_port)
+    old, new = env.sinks[OLD_STORE], env.sinks[NEW_STORE]
+    try:
+        base_old, base_new = old.count(), new.count()
+        deliver(port, "ndots")
+        new.wait_messages(base_new + 1)
+        assert old.count() == base_old, "the relay asked the name before the search list, as glibc does not"
+    finally:
+        harness.stop_exits_0(daemon)

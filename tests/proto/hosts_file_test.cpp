@@ -109,6 +109,32 @@ TEST_CASE("hosts and resolv.conf lines end at a NUL byte, as glibc reads each li
   CHECK(ndots == 2);
 }
 
+TEST_CASE("read_search_list: ndots as glibc's atoi, an empty search line and an indented line as glibc") {
+  std::vector<std::string> search;
+  int ndots = 0;
+  const auto ndots_of = [&](const std::string& options) {
+    read_search_list("options ndots:3\noptions " + options + "\n", search, ndots);
+    return ndots;
+  };
+  CHECK(ndots_of("ndots:5x") == 5);
+  CHECK(ndots_of("ndots:+2") == 2);
+  CHECK(ndots_of("ndots:") == 0);
+  CHECK(ndots_of("ndots:x") == 0);
+  CHECK(ndots_of("ndots:0100") == 15);
+  CHECK(ndots_of("ndots:99999999999999999999") == 15);
+  CHECK(ndots_of("ndots:-1") == 3);  // left out
+  // A search or domain line without a name is no setting for glibc: the list before it stays.
+  for (const std::string empty : {"search", "search   ", "domain", "domain\t"}) {
+    CAPTURE(empty);
+    read_search_list("search a.example b.example\n" + empty + "\n", search, ndots);
+    CHECK(search == std::vector<std::string>{"a.example", "b.example"});
+  }
+  // glibc takes a keyword only at the start of a line.
+  read_search_list("search a.example\n  search b.example\n\toptions ndots:4\n", search, ndots);
+  CHECK(search == std::vector<std::string>{"a.example"});
+  CHECK(ndots == 1);
+}
+
 TEST_CASE("read_search_list: a domain line gives its first name only, as glibc's res_init reads it") {
   std::vector<std::string> search;
   int ndots = 0;
