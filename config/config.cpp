@@ -725,7 +725,11 @@ class Loader {
                     " (use 127.0.0.1, 0.0.0.0 or \"[::]\")";
           return std::optional<Endpoint>{};
         }
-        if (!bind && !parse_ip_address(endpoint.host) && !valid_hostname(endpoint.host)) {
+        // A host name may end with the root's dot: an absolute name, which is asked as written and never
+        // completed by resolv.conf's search list (as glibc's res_search takes it).
+        std::string_view name = endpoint.host;
+        if (name.size() > 1 && name.ends_with('.')) name.remove_suffix(1);
+        if (!bind && !parse_ip_address(endpoint.host) && !valid_hostname(name)) {
           problem = "invalid host name " + quoted(endpoint.host);
           return std::optional<Endpoint>{};
         }

@@ -318,7 +318,7 @@ struct Resolver::Impl : std::enable_shared_from_this<Impl> {
     // the common case for an MTA host; libunbound refuses to query localhost unless told.
     check(ub_ctx_set_option(ctx, "do-not-query-localhost:", "no"), "do-not-query-localhost");
     if (dns.servers.empty()) {
-      check(ub_ctx_resolvconf(ctx, "/etc/resolv.conf"), "reading /etc/resolv.conf");
+      check(ub_ctx_resolvconf(ctx, resolv_conf_path), std::string("reading ") + resolv_conf_path);
     } else {
       for (const auto& server : dns.servers) {
         check(ub_ctx_set_fwd(ctx, (server.host + "@" + std::to_string(server.port)).c_str()),
@@ -782,6 +782,15 @@ ResolverSettings resolver_settings(const config::Dns& dns) {
   settings.dns = dns;
   settings.key = std::to_string(dns.timeout.count());
   for (const auto& server : dns.servers) settings.key += " " + server.text;
+  if (dns.servers.empty()) {
+    // Without dns.servers each context reads resolv.conf's name servers when it is made (ub_ctx_resolvconf),
+    // and a loop's context is made again only for a new key: with the file's text in the key, a reload after
+    // the file changed gives every loop the name servers it names now, as it gives the search list
+    // (with_hosts_file).
+    std::ifstream in(resolv_conf_path, std::ios::binary);
+    settings.key += std::string("\n") + resolv_conf_path + "\n" +
+                    std::string{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+  }
   if (dns.trust_anchor_file.empty()) return settings;
   std::ifstream in(dns.trust_anchor_file, std::ios::binary);
   const std::string text{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
@@ -813,7 +822,8 @@ ResolverSettings with_hosts_file(ResolverSettings settings, const std::string& h
   proto::read_search_list(read(resolv_conf), settings.search, settings.ndots);
   settings.key += "\nhosts " + hosts_file;
   for (const auto& record : settings.hosts_records) settings.key += "\n" + record;
-  // The search list changes no lookup's answer, only which names are asked: no new resolver for it.
+  // The search list changes no lookup's answer, only which names are asked; resolv.conf's text is in the key
+  // of `settings` already where its name servers are used (resolver_settings).
   return settings;
 }
 

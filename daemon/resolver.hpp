@@ -109,7 +109,9 @@ struct ResolverSettings {
   config::Dns dns;
   std::vector<std::string> trust_anchors;  // proto::trust_anchor_records of the file as read
   std::string problem;  // the file could not be read or split: why (a Resolver made from these throws it)
-  std::string key;      // the settings and the file's content: a resolver made for another key is replaced
+  // The settings, the trust anchor file's content and, without dns.servers, resolv.conf's: a resolver made
+  // for another key is replaced.
+  std::string key;
   // "": DNS only. Else a hosts file (hosts(5)) whose names are answered from it before DNS is asked, as
   // getaddrinfo's "files dns" does: for fixed upstreams' host names (with_hosts_file()). Its entries as read
   // then, as libunbound local data ("mail.example.org A 192.0.2.25"), in the file's order.
@@ -120,13 +122,15 @@ struct ResolverSettings {
   std::vector<std::string> search;
   int ndots = 1;
 };
+// Where the name servers come from without dns.servers (and the search list, with_hosts_file's caller).
+inline constexpr const char* resolv_conf_path = "/etc/resolv.conf";
 ResolverSettings resolver_settings(const config::Dns& dns);
 // `settings` for a fixed upstream's host name: `hosts_file`'s names first, then DNS as `settings` say. The
 // file is read here, once (start, reload), as the trust anchor file is, and its entries are part of the key,
 // so a reload after it changed makes new resolvers and a change without one is used by none. A file that
 // cannot be opened leaves DNS alone (as glibc's files service does); a line whose first field is no IP
-// address, and a name with bytes other than letters, digits, '-', '_' and '.', are skipped (glibc skips the
-// first too).
+// address, and a name with bytes other than letters, digits, '-', '_' and '.' or that is no DNS name (an
+// empty label), are skipped (glibc skips the first too).
 // `resolv_conf`'s search list and ndots are read here as well (proto::search_names()).
 ResolverSettings with_hosts_file(ResolverSettings settings, const std::string& hosts_file,
                                  const std::string& resolv_conf);

@@ -70,12 +70,12 @@ std::shared_ptr<const Runtime> Runtime::build(std::shared_ptr<const config::Conf
   runtime->own_listeners = std::make_shared<const OwnListeners>(*config);
   if (const auto loops = upstream_loops(*config, *runtime->own_listeners); !loops.empty())
     throw std::runtime_error(loops.front().to_string());
-  // /etc/hosts for fixed upstreams' host names. One that libunbound cannot take (a name it cannot parse,
-  // such as "a..b") must not stop delivery to every fixed upstream, nor refuse a start or a reload
-  // for a file that is no setting of mailflowd's: their names are looked up in DNS alone then, logged at each
-  // start and reload until it is fixed.
+  // /etc/hosts for fixed upstreams' host names. A name that is no DNS name ("a..b") is skipped as it is read
+  // (proto::hosts_records); a file that libunbound still cannot take must not stop delivery to every fixed
+  // upstream, nor refuse a start or a reload for a file that is no setting of mailflowd's: their names are
+  // looked up in DNS alone then, logged at each start and reload until it is fixed.
   const std::string hosts_file = "/etc/hosts";
-  auto hosts = with_hosts_file(*resolver, hosts_file, "/etc/resolv.conf");
+  auto hosts = with_hosts_file(*resolver, hosts_file, resolv_conf_path);
   if (const std::string problem = dns_settings_problem(hosts); !problem.empty()) {
     log_event(LogLevel::warn, "hosts_file",
               {{"file", hosts_file},

@@ -475,13 +475,18 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
   // timeouts.upstream_open bounds all of the open. The MX walk's bounds hold here too, as Postfix's
   // smtp_mx_address_limit and smtp_mx_session_limit hold for every destination (smtp_connect.c): a name with
   // many dead addresses would otherwise hold the client's RCPT until upstream_open.
-  const std::string& host = upstream.address.host;
+  // A name written with the root's final dot is asked as written (proto::search_names); everything else (the
+  // TLS server name and the name verified, TLSA base domain, logs) takes it without the dot, as a name in an
+  // MX record comes (RFC 6066 3: no trailing dot in SNI).
+  const std::string& written = upstream.address.host;
+  const std::string host =
+      written.size() > 1 && written.ends_with('.') ? written.substr(0, written.size() - 1) : written;
   const std::uint16_t port = upstream.address.port;
   std::string reason = "no address";
   proto::DanePlan dane;
   error_code ec;
   std::vector<tcp::endpoint> endpoints;
-  if (auto address = asio::ip::make_address(host, ec); !ec) {
+  if (auto address = asio::ip::make_address(written, ec); !ec) {
     endpoints.emplace_back(address, port);
   } else {
     // Through the event loop's libunbound, as the MX hosts' addresses: each lookup runs beside the others and
@@ -506,7 +511,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
     const auto deadline = open_bounded(config_.timeouts.upstream_connect);
     AddressResult addresses;
     for (const auto& name :
-         proto::search_names(host, settings.search, settings.ndots, settings.hosts_records)) {
+         proto::search_names(written, settings.search, settings.ndots, settings.hosts_records)) {
       session_.deadlines.arm(deadline);
       addresses = co_await dns->resolve_addresses(name);
       session_.deadlines.disarm(ec);

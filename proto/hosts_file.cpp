@@ -30,10 +30,21 @@ std::optional<std::string> canonical_address(const std::string& text, bool& v6) 
 std::vector<std::string> hosts_records(std::string_view text) {
   std::vector<std::string> out;
   const auto host_name = [](std::string_view name) {
-    return !name.empty() && name.size() <= 253 && std::all_of(name.begin(), name.end(), [](char c) {
-      return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' ||
-             c == '_' || c == '.';
-    });
+    if (name.empty() || name.size() > 253 || !std::all_of(name.begin(), name.end(), [](char c) {
+          return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' ||
+                 c == '_' || c == '.';
+        }))
+      return false;
+    // A DNS name: labels of 1 to 63 bytes, one final dot allowed. libunbound refuses local data for any other
+    // ("a..b", ".a", a label of 64 bytes), and one such name made it refuse the whole file; no upstream's
+    // host name is such a name, and glibc's files service still answers every other name of the file.
+    if (name.ends_with('.')) name.remove_suffix(1);
+    for (std::size_t at = 0;;) {
+      const std::size_t dot = std::min(name.find('.', at), name.size());
+      if (dot == at || dot - at > 63) return false;
+      if (dot == name.size()) return true;
+      at = dot + 1;
+    }
   };
   while (!text.empty()) {
     const std::size_t end = text.find('\n');
@@ -71,6 +82,8 @@ void read_search_list(std::string_view text, std::vector<std::string>& search, i
     std::string_view line = text.substr(0, end);
     text = end == std::string_view::npos ? std::string_view() : text.substr(end + 1);
     line = line.substr(0, line.find('\0'));  // as in hosts_records
+    // glibc's res_init takes a keyword only at the start of its line: an indented one is no setting.
+    if (line.starts_with(' ') || line.starts_with('\t')) continue;
     line = line.substr(0, line.find_first_of("#;"));
     std::vector<std::string_view> fields;
     for (std::size_t at = 0; at < line.size();) {
@@ -82,6 +95,7 @@ void read_search_list(std::string_view text, std::vector<std::string>& search, i
     }
     if (fields.empty()) continue;
     if (fields[0] == "search" || fields[0] == "domain") {
+      if (fields.size() < 2) continue;  // no name: glibc keeps the list it had
       search.clear();
       // "domain" names one domain: glibc's res_init cuts its line at the first blank.
       const std::size_t last =
@@ -98,11 +112,16 @@ void read_search_list(std::string_view text, std::vector<std::string>& search, i
     } else if (fields[0] == "options") {
       for (std::size_t i = 1; i < fields.size(); ++i) {
         if (!fields[i].starts_with("ndots:")) continue;
-        const std::string_view digits = fields[i].substr(6);
-        if (digits.empty() || digits.size() > 3 ||
-            !std::all_of(digits.begin(), digits.end(), [](char c) { return c >= '0' && c <= '9'; }))
-          continue;
-        ndots = std::min(std::stoi(std::string(digits)), 15);
+        // As glibc's res_setoptions reads it: atoi() of what follows (its leading digits: "5x" is 5, "" and
+        // "x" are 0), at most RES_MAXNDOTS (15). A negative value, which glibc stores into an unsigned field,
+        // is left out.
+        std::string_view text = fields[i].substr(6);
+        if (text.starts_with('-')) continue;
+        if (text.starts_with('+')) text.remove_prefix(1);
+        int value = 0;
+        for (std::size_t d = 0; d < text.size() && text[d] >= '0' && text[d] <= '9' && value <= 15; ++d)
+          value = value * 10 + (text[d] - '0');
+        ndots = std::min(value, 15);
       }
     }
   }

@@ -12,11 +12,13 @@ namespace mailflow::proto {
 //
 // hosts(5) text as local data records, in its order: "name A address" / "name AAAA address". A line whose
 // first field is no IP address (or one with a zone, fe80::1%lo0), and a name with bytes other than letters,
-// digits, '-', '_' and '.' or longer than 253, are skipped.
+// digits, '-', '_' and '.', longer than 253, or with an empty label or one longer than 63 (no DNS name, which
+// libunbound would refuse), are skipped.
 std::vector<std::string> hosts_records(std::string_view text);
 // resolv.conf(5) text's search list ("search", or "domain" and its first name: the last such line wins; at
-// most max_search_domains names) and ndots ("options ndots:N", 1 unless said, at most 15), as glibc reads
-// them; a search domain with an empty label (a..b, .a, a..) is left out.
+// most max_search_domains names) and ndots ("options ndots:N", 1 unless said, at most 15, N as atoi reads
+// it), as glibc reads them: a keyword only at the start of a line, a search line without a name ignored; a
+// search domain with an empty label (a..b, .a, a..) is left out.
 // glibc 2.26 and later read any number (Debian 12: 2.36); Kubernetes allows a pod 32, the bound kept here.
 inline constexpr std::size_t max_search_domains = 32;
 void read_search_list(std::string_view text, std::vector<std::string>& search, int& ndots);

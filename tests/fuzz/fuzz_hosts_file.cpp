@@ -1,12 +1,12 @@
 // /etc/hosts and /etc/resolv.conf text as a fixed upstream's host name is looked up with it: the first byte
 // picks the reader (even: hosts_records, odd: read_search_list and then search_names for a host name taken
 // from the text). Every hosts record is "name A|AAAA address" with a name of letters, digits, '-', '_' and
-// '.' (1 to 253 bytes) and an address in its canonical spelling that a line of the file has, whole, as its
-// first field, with the name among that line's other fields (a line ends at a NUL byte, as glibc reads it). A
-// search list has at most max_search_domains names, none empty, longer than 253 bytes, with an empty label (a
-// final dot) or a NUL byte (libunbound takes names as C strings), each a field of the text; ndots is 0 to 15.
-// search_names asks the name as written exactly once, first or last, and every other name is the name, a dot
-// and a search domain.
+// '.' (1 to 253 bytes; labels of 1 to 63, one final dot at most) and an address in its canonical spelling
+// that a line of the file has, whole, as its first field, with the name among that line's other fields (a
+// line ends at a NUL byte, as glibc reads it). A search list has at most max_search_domains names, none
+// empty, longer than 253 bytes, with an empty label (a final dot) or a NUL byte (libunbound takes names as C
+// strings), each a field of the text; ndots is 0 to 15. search_names asks the name as written exactly once,
+// first or last, and every other name is the name, a dot and a search domain.
 #include <arpa/inet.h>
 
 #include <algorithm>
@@ -56,6 +56,13 @@ void check_hosts(std::string_view text) {
     FUZZ_CHECK(parts.size() == 3);
     const std::string_view name = parts[0];
     FUZZ_CHECK(!name.empty() && name.size() <= 253 && std::all_of(name.begin(), name.end(), host_byte));
+    // A DNS name, which libunbound takes as local data: labels of 1 to 63 bytes, one final dot at most.
+    const std::string_view labels = name.ends_with('.') ? name.substr(0, name.size() - 1) : name;
+    for (std::size_t at = 0; at <= labels.size();) {
+      const std::size_t dot = std::min(labels.find('.', at), labels.size());
+      FUZZ_CHECK(dot > at && dot - at <= 63);
+      at = dot + 1;
+    }
     FUZZ_CHECK(parts[1] == "A" || parts[1] == "AAAA");
     const int family = parts[1] == "A" ? AF_INET : AF_INET6;
     FUZZ_CHECK(canonical(parts[2], family) == parts[2]);

@@ -28,6 +28,16 @@ TEST_CASE("hosts_records: every name of each line with an IP address - other lin
   CHECK(hosts_records("").empty());
 }
 
+TEST_CASE("hosts_records: a name that is no DNS name is skipped, the other names of its line kept") {
+  const std::string label63(63, 'a');
+  const std::string label64(64, 'a');
+  const std::string text = "192.0.2.1 a..b kept-1 .lead trail.. " + label64 + ".example\n" + "192.0.2.2 " +
+                           label63 + ".example absolute.example. .\n";
+  CHECK(hosts_records(text) == std::vector<std::string>{"kept-1 A 192.0.2.1",
+                                                        label63 + ".example A 192.0.2.2",
+                                                        "absolute.example. A 192.0.2.2"});
+}
+
 TEST_CASE("read_search_list: search or domain, the last line winning, and ndots as glibc reads them") {
   std::vector<std::string> search;
   int ndots = 0;
@@ -97,6 +107,32 @@ TEST_CASE("hosts and resolv.conf lines end at a NUL byte, as glibc reads each li
   read_search_list("search a.example\0b.example c.example\noptions ndots:2\0 ndots:7\n"sv, search, ndots);
   CHECK(search == std::vector<std::string>{"a.example"});
   CHECK(ndots == 2);
+}
+
+TEST_CASE("read_search_list: ndots as glibc's atoi, an empty search line and an indented line as glibc") {
+  std::vector<std::string> search;
+  int ndots = 0;
+  const auto ndots_of = [&](const std::string& options) {
+    read_search_list("options ndots:3\noptions " + options + "\n", search, ndots);
+    return ndots;
+  };
+  CHECK(ndots_of("ndots:5x") == 5);
+  CHECK(ndots_of("ndots:+2") == 2);
+  CHECK(ndots_of("ndots:") == 0);
+  CHECK(ndots_of("ndots:x") == 0);
+  CHECK(ndots_of("ndots:0100") == 15);
+  CHECK(ndots_of("ndots:99999999999999999999") == 15);
+  CHECK(ndots_of("ndots:-1") == 3);  // left out
+  // A search or domain line without a name is no setting for glibc: the list before it stays.
+  for (const std::string empty : {"search", "search   ", "domain", "domain\t"}) {
+    CAPTURE(empty);
+    read_search_list("search a.example b.example\n" + empty + "\n", search, ndots);
+    CHECK(search == std::vector<std::string>{"a.example", "b.example"});
+  }
+  // glibc takes a keyword only at the start of a line.
+  read_search_list("search a.example\n  search b.example\n\toptions ndots:4\n", search, ndots);
+  CHECK(search == std::vector<std::string>{"a.example"});
+  CHECK(ndots == 1);
 }
 
 TEST_CASE("read_search_list: a domain line gives its first name only, as glibc's res_init reads it") {
