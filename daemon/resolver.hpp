@@ -110,6 +110,9 @@ struct ResolverSettings {
   std::vector<std::string> trust_anchors;  // proto::trust_anchor_records of the file as read
   std::string problem;  // the file could not be read or split: why (a Resolver made from these throws it)
   std::string key;      // the settings and the file's content: a resolver made for another key is replaced
+  // Which start or reload made these (Runtime::build counts them; 0 elsewhere): an event loop's resolver
+  // follows the newest settings, also for sessions that began before the reload (loop_resolver).
+  std::uint64_t generation = 0;
   // "": DNS only. Else a hosts file (hosts(5)) whose names are answered from it before DNS is asked, as
   // getaddrinfo's "files dns" does: for fixed upstreams' host names (with_hosts_file()). Its entries as read
   // then, as libunbound local data ("mail.example.org A 192.0.2.25"), in the file's order.
