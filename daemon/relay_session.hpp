@@ -71,10 +71,10 @@ class LoopScope {
  public:
   struct Resources {
     std::shared_ptr<Resolver> resolver;  // DNS for mx upstreams (one ub_ctx per loop)
-    std::string resolver_key;            // the dns settings it was made with
+    ResolverSettings resolver_settings;  // the newest settings a session asked with (loop_resolver)
     // /etc/hosts, then DNS: fixed upstreams' host names (Runtime::hosts_resolver), a ub_ctx of its own
     std::shared_ptr<Resolver> hosts_resolver;
-    std::string hosts_resolver_key;
+    ResolverSettings hosts_resolver_settings;
   };
   LoopScope();
   ~LoopScope();

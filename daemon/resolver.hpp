@@ -112,6 +112,9 @@ struct ResolverSettings {
   // The settings, the trust anchor file's content and, without dns.servers, resolv.conf's: a resolver made
   // for another key is replaced.
   std::string key;
+  // Which start or reload made these (Runtime::build counts them; 0 elsewhere): an event loop's resolver
+  // follows the newest settings, also for sessions that began before the reload (loop_resolver).
+  std::uint64_t generation = 0;
   // "": DNS only. Else a hosts file (hosts(5)) whose names are answered from it before DNS is asked, as
   // getaddrinfo's "files dns" does: for fixed upstreams' host names (with_hosts_file()). Its entries as read
   // then, as libunbound local data ("mail.example.org A 192.0.2.25"), in the file's order.

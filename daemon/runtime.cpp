@@ -51,7 +51,10 @@ std::vector<config::ConfigError> upstream_loops(const config::Config& config, co
 std::shared_ptr<const Runtime> Runtime::build(std::shared_ptr<const config::Config> config) {
   // The sessions make their resolvers when they first need one: settings that libunbound refuses fail the start
   // or the reload here, not every delivery afterwards.
-  auto resolver = std::make_shared<const ResolverSettings>(resolver_settings(config->dns));
+  static std::atomic<std::uint64_t> generations{0};
+  auto settings = resolver_settings(config->dns);
+  settings.generation = ++generations;
+  auto resolver = std::make_shared<const ResolverSettings>(std::move(settings));
   if (const std::string problem = dns_settings_problem(*resolver); !problem.empty())
     throw std::runtime_error(problem);
   for (const auto& [key, problem] : https_ca_file_problems(*config))

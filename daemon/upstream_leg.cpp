@@ -46,23 +46,31 @@ std::string_view connect_failure_reason(const error_code& ec) {
 }
 
 // One Resolver per event loop, i.e. per thread (daemon/resolver.hpp), held by the loop's LoopScope: made on
-// first use, and again when a reload changed `dns` or the trust anchor file's content (`key`, the runtime's
-// resolver settings' key), or when one of its lookups could not be sent (Resolver::spoiled(): its cache holds
-// the SERVFAIL that libunbound answered then; the new context's first lookups cost a round trip each).
-// Sessions hold it (shared) while they use it, so a replaced one lives until they are done. Outside a
-// LoopScope (no loop of the server's) each call makes its own. Settings with a hosts file
-// (Runtime::hosts_resolver, fixed upstreams' names) have a Resolver of their own, so that the hosts file's
-// names never answer the MX walk's, DANE's or MTA-STS's lookups.
+// first use, and again when a reload changed `dns`, the trust anchor file's content or the hosts file's
+// (the settings' key), or when one of its lookups could not be sent (Resolver::spoiled(): its cache holds the
+// SERVFAIL that libunbound answered then; the new context's first lookups cost a round trip each). It follows
+// the newest settings (their generation): a session that began before a reload looks up with the reload's
+// settings too, as the docs say ("applies to lookups from the reload on"). Before, a session asking with the
+// settings of its own start replaced the loop's resolver, and the next new session replaced it back: while
+// sessions from before a reload that changed `dns` were still open, every other lookup made a new libunbound
+// context (a worker thread, an empty cache). Sessions hold it (shared) while they use it, so a replaced one
+// lives until they are done. Outside a LoopScope (no loop of the server's) each call makes its own. Settings
+// with a hosts file (Runtime::hosts_resolver, fixed upstreams' names) have a Resolver of their own, so that
+// the hosts file's names never answer the MX walk's, DANE's or MTA-STS's lookups.
 std::shared_ptr<Resolver> loop_resolver(const asio::any_io_executor& executor,
                                         const ResolverSettings& settings, Telemetry& telemetry) {
   LoopScope::Resources* loop = LoopScope::current();
   if (loop == nullptr) return std::make_shared<Resolver>(executor, settings, &telemetry);
   const bool hosts = !settings.hosts_file.empty();
   std::shared_ptr<Resolver>& resolver = hosts ? loop->hosts_resolver : loop->resolver;
-  std::string& key = hosts ? loop->hosts_resolver_key : loop->resolver_key;
-  if (!resolver || settings.key != key || resolver->spoiled()) {
-    resolver = std::make_shared<Resolver>(executor, settings, &telemetry);
-    key = settings.key;
+  ResolverSettings& newest = hosts ? loop->hosts_resolver_settings : loop->resolver_settings;
+  const bool newer = settings.generation > newest.generation;
+  if (!resolver || (newer && settings.key != newest.key) || resolver->spoiled()) {
+    const ResolverSettings& use = !resolver || newer ? settings : newest;
+    resolver = std::make_shared<Resolver>(executor, use, &telemetry);
+    if (&use != &newest) newest = use;
+  } else if (newer) {
+    newest.generation = settings.generation;  // same key: the context is kept
   }
   return resolver;
 }

@@ -228,7 +228,7 @@ class TamperingProxy:
     record it passes for the names in `names` (lower case, no final dot), leaving their RRSIGs as they are: a
     validating resolver then finds those answers bogus, as it would where an attacker forged them. Queries for
     the names in `drop` get no answer at all (a lookup that can only time out). Everything else passes
-    unchanged."""
+    unchanged. `questions`: the (name, type) of every query it got, in order."""
 
     def __init__(self, upstream, names=(), host="127.0.0.1", drop=()):
         up_host, _, up_port = upstream.rpartition(":")
@@ -237,6 +237,7 @@ class TamperingProxy:
         self.drop = {n.lower().rstrip(".") for n in drop}
         self.tampered = 0
         self.dropped = 0
+        self.questions = []
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind((host, 0))
         self.address = f"{host}:{self.sock.getsockname()[1]}"
@@ -282,7 +283,9 @@ class TamperingProxy:
 
     def _answer(self, query, client):
         try:
-            if self._question(query)[0] in self.drop:
+            name, qtype, _ = self._question(query)
+            self.questions.append((name, qtype))
+            if name in self.drop:
                 self.dropped += 1
                 return
         except (IndexError, struct.error):
