@@ -1,6 +1,7 @@
 #include "daemon/runtime.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <stdexcept>
 #include <tuple>
 
