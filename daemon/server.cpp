@@ -566,37 +566,48 @@ struct Server::Impl {
       sd_notify(0, "READY=1");
       return;
     }
+    // Everything that can refuse the reload first, changing nothing that runs; then all of it is applied,
+    // where nothing fails. A reload refused half way (the HTTP settings in force, the rest not) would run
+    // what mailflow_config_last_reload_successful and MailflowConfigReloadFailed say is not in force.
+    std::shared_ptr<const Runtime> next_runtime;
+    std::shared_ptr<const HttpServer::Settings> next_http;
+    std::vector<const char*> restart_only;
     std::vector<PlannedListener> next_acceptors;
     try {
-      auto next_runtime = Runtime::build(loaded.config);
-      next_acceptors = reconcile_listeners(*loaded.config);
-      http->update(loaded.config->http);  // basic auth and certificate; throws keeping the old ones
-      for (const char* setting : restart_only_changes(*loaded.config))
-        log_event(LogLevel::warn, "reload_partial",
-                  {{"reason", std::string(setting) + " changes need a restart"}});
-      {
-        std::lock_guard lock(runtime_mutex);
-        runtime = next_runtime;
-      }
-      swap_listeners(std::move(next_acceptors));
-      setup_logging(loaded.config->log);
-      log_unused_sockets();
-      busy_poll = loaded.config->performance.busy_poll;
-      telemetry.configure(*loaded.config);
-      registry.mta_sts().set_max_policies(loaded.config->mta_sts.max_policies);
-      tlsrpt_sender->reconfigured();
-      for (const auto& warning : loaded.warnings)
-        log_event(LogLevel::warn, "config_warning", {{"warning", warning.to_string()}});
-      apply_certificates(*next_runtime);
-      telemetry.config_reloaded(true);
-      log_event(
-          LogLevel::info, "reloaded",
-          {{"listeners", loaded.config->listeners.size()}, {"connectors", loaded.config->connectors.size()}});
+      next_runtime = Runtime::build(loaded.config);
+      next_http = HttpServer::prepare(loaded.config->http);  // basic auth and certificate
+      restart_only = restart_only_changes(*loaded.config);
+      next_acceptors = reconcile_listeners(*loaded.config);  // last: opens sockets, closed again if refused
+      failpoint("reload.apply");  // the tests' refusal after every step that can refuse
     } catch (const std::exception& e) {
-      discard(next_acceptors);  // empty once swapped in
+      discard(next_acceptors);
       log_event(LogLevel::error, "reload_refused", {{"reason", e.what()}});
       telemetry.config_reloaded(false);
+      sd_notify(0, "READY=1");
+      return;
     }
+    http->update(std::move(next_http));
+    for (const char* setting : restart_only)
+      log_event(LogLevel::warn, "reload_partial",
+                {{"reason", std::string(setting) + " changes need a restart"}});
+    {
+      std::lock_guard lock(runtime_mutex);
+      runtime = next_runtime;
+    }
+    swap_listeners(std::move(next_acceptors));
+    setup_logging(loaded.config->log);
+    log_unused_sockets();
+    busy_poll = loaded.config->performance.busy_poll;
+    telemetry.configure(*loaded.config);
+    registry.mta_sts().set_max_policies(loaded.config->mta_sts.max_policies);
+    tlsrpt_sender->reconfigured();
+    for (const auto& warning : loaded.warnings)
+      log_event(LogLevel::warn, "config_warning", {{"warning", warning.to_string()}});
+    apply_certificates(*next_runtime);
+    telemetry.config_reloaded(true);
+    log_event(
+        LogLevel::info, "reloaded",
+        {{"listeners", loaded.config->listeners.size()}, {"connectors", loaded.config->connectors.size()}});
     sd_notify(0, "READY=1");
   }
 
