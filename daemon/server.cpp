@@ -189,6 +189,10 @@ struct Server::Impl {
     tcp::acceptor acceptor;
     // The socket came from systemd (LISTEN_FDS), at this endpoint: handed back when retired, never closed.
     std::optional<tcp::endpoint> inherited;
+    // What its connections start under: the configuration it listens for (set by swap_listeners), its
+    // listener in it. A listener that a reload removed keeps the one its clients connected to.
+    std::shared_ptr<const Runtime> runtime;
+    const config::Listener* listener = nullptr;
   };
 
   using WorkGuard = asio::executor_work_guard<asio::io_context::executor_type>;
@@ -268,8 +272,8 @@ struct Server::Impl {
 
   std::shared_ptr<Acceptor> open_acceptor(const config::Listener& listener) {
     auto endpoint = listen_endpoint(listener.address);
-    auto result = std::make_shared<Acceptor>(
-        Acceptor{listener.name, listener.address.text, endpoint, tcp::acceptor(io), std::nullopt});
+    auto result = std::make_shared<Acceptor>(Acceptor{
+        listener.name, listener.address.text, endpoint, tcp::acceptor(io), std::nullopt, {}, nullptr});
     auto& acceptor = result->acceptor;
     if (auto it = inherited.find(endpoint); it != inherited.end()) {
       // A "[::]" listener takes IPv6 clients only, as the one bound here (below): the checks for an upstream
@@ -371,11 +375,10 @@ struct Server::Impl {
         co_await pause.async_wait(asio::redirect_error(asio::use_awaitable, ec));
         continue;
       }
-      auto snapshot = current();
-      const config::Listener* listener = snapshot->config->find_listener(entry->name);
-      if (listener == nullptr) continue;  // removed by a reload that raced with this accept
+      // A connection accepted before a reload that removed the listener (the reload ran on this loop between
+      // the accept and this line) is served as the ones still queued then were (serve_queued).
       failpoint("accept");
-      start_relay_session(std::move(socket), std::move(snapshot), *listener, registry);
+      start_relay_session(std::move(socket), entry->runtime, *entry->listener, registry);
     }
   }
 
@@ -469,15 +472,48 @@ struct Server::Impl {
             "with an IP address and port, Accept=no); its connections are never answered"}});
   }
 
-  void swap_listeners(std::vector<PlannedListener> next) {
+  // A listener that a reload removed, before its socket closes: the clients that had connected to it (the
+  // kernel's accept queue: they were answered SYN-ACK while it listened) get their sessions, under the
+  // configuration they connected to. Closing the socket with them queued reset them, unanswered, with no log
+  // line or count. Bounded by the queue's length: what connects meanwhile is taken too, up to that.
+  void serve_queued(Acceptor& entry) {
+    std::size_t served = 0;
+    error_code ec;
+    entry.acceptor.non_blocking(true, ec);
+    for (int tries = 0; !ec && tries < asio::socket_base::max_listen_connections; ++tries) {
+      tcp::socket socket = entry.acceptor.accept(session_loop(), ec);
+      if (ec == asio::error::would_block || ec == asio::error::try_again) break;
+      if (ec && connection_error_on_accept(ec)) {
+        ec.clear();  // that one connection is gone, as in accept_loop
+        continue;
+      }
+      if (ec) {
+        // Out of descriptors or memory: the others are reset when the socket closes, as they were.
+        telemetry.rejected(entry.name, "accept_failed");
+        log_limited(LogLevel::error, "accept_error", {{"listener", entry.name}, {"error", ec.message()}});
+        break;
+      }
+      start_relay_session(std::move(socket), entry.runtime, *entry.listener, registry);
+      ++served;
+    }
+    log_event(LogLevel::info, "listener_removed",
+              {{"listener", entry.name}, {"address", entry.address}, {"queued_sessions", served}});
+  }
+
+  // `next` in force under `next_runtime`, the runtime now current.
+  void swap_listeners(std::vector<PlannedListener> next, const std::shared_ptr<const Runtime>& next_runtime) {
     std::vector<std::shared_ptr<Acceptor>> kept;
     for (auto& planned : next) {
       planned.acceptor->name = planned.name;  // accept loops run on this thread too: no race
       planned.acceptor->address = planned.address;
+      planned.acceptor->runtime = next_runtime;
+      planned.acceptor->listener = next_runtime->config->find_listener(planned.name);
       kept.push_back(planned.acceptor);
     }
     for (auto& old : acceptors) {
-      if (std::find(kept.begin(), kept.end(), old) == kept.end()) retire(*old);
+      if (std::find(kept.begin(), kept.end(), old) != kept.end()) continue;
+      if (!old->inherited) serve_queued(*old);  // systemd's socket stays open, its queue with it
+      retire(*old);
     }
     for (auto& entry : kept) {
       if (std::find(acceptors.begin(), acceptors.end(), entry) == acceptors.end()) spawn_accept_loop(entry);
@@ -594,7 +630,7 @@ struct Server::Impl {
       std::lock_guard lock(runtime_mutex);
       runtime = next_runtime;
     }
-    swap_listeners(std::move(next_acceptors));
+    swap_listeners(std::move(next_acceptors), next_runtime);
     setup_logging(loaded.config->log);
     log_unused_sockets();
     busy_poll = loaded.config->performance.busy_poll;
@@ -799,7 +835,7 @@ int Server::run() {
   s.registry.mta_sts().set_max_policies(config.mta_sts.max_policies);
   s.busy_poll = config.performance.busy_poll;
 
-  s.swap_listeners(s.reconcile_listeners(config));
+  s.swap_listeners(s.reconcile_listeners(config), snapshot);
   s.log_unused_sockets();  // kept open: a reload that adds the listener still takes it
   s.http = std::make_unique<HttpServer>(config.http, s.telemetry, [&s] { return !s.stopping; });
   s.http->start();

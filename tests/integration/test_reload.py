@@ -1,6 +1,8 @@
-"""Reloads are all or nothing: a reload refused at its last step (a fault injected where every setting is loaded
-and none is applied yet) leaves the HTTP settings as they were too, and the same file at the next reload puts
-them in force."""
+"""Reloads are all or nothing, and lose no client: a reload refused at its last step (a fault injected where every
+setting is loaded and none is applied yet) leaves the HTTP settings as they were too, and the same file at the
+next reload puts them in force; the connections waiting on a listener that a reload removes (accepted, or in the
+kernel's accept queue) are served under the configuration they connected to, not closed or reset unanswered.
+Fixed addresses: 127.0.0.165."""
 import json
 import signal
 import warnings
@@ -14,6 +16,7 @@ with warnings.catch_warnings():
     import crypt  # noqa: E402  (deprecated in 3.11, as test_http_auth makes its hashes)
 
 USER, PASSWORD = "prom", "reload secret"
+GONE_HOST = "127.0.0.165"
 
 
 def reloads(daemon, result, auth=None):
@@ -56,3 +59,55 @@ def test_a_reload_refused_at_its_last_step_keeps_the_http_settings_too(daemon_fa
     assert hx.get(http_port, "/metrics")[0] == 401
     assert reloads(d, "success", auth=(USER, PASSWORD)) == (1, 1)
 
+
+def test_connections_waiting_on_a_listener_a_reload_removes_are_served(daemon_factory, sink_factory):
+    """Clients that connected to a listener before the reload that removes it (the daemon stopped meanwhile, so
+    that they wait in the kernel's accept queue, and the SIGHUP comes with them) each get a banner and a session
+    under the configuration they connected to: one got its socket closed unanswered (accepted, then no such
+    listener in the new configuration), the others a reset (the socket closed with them in its queue), with no
+    log line or count. listener_removed says so; once the reload is done the address refuses new connections."""
+    sink = sink_factory("store")
+    keep, gone = harness.free_port(), harness.free_port()
+    d = daemon_factory(listeners=[hh.listener("inbound", keep, "store"),
+                                  {**hh.listener("gone", gone, "store"), "address": f"{GONE_HOST}:{gone}"}],
+                       upstreams=[hh.plain_upstream("store", sink.port)], name="listener-removed")
+    cfg = json.loads(d.config_path.read_text())
+    cfg["listeners"] = [cfg["listeners"][0]]
+    d.config_path.write_text(json.dumps(cfg))
+
+    clients = []
+    d.proc.send_signal(signal.SIGSTOP)
+    try:
+        for _ in range(6):
+            clients.append(harness.RawSmtp(gone, host=GONE_HOST, timeout=10))
+        d.proc.send_signal(signal.SIGHUP)
+    finally:
+        d.proc.send_signal(signal.SIGCONT)
+    outcomes = []
+    try:
+        for c in clients:
+            try:
+                code, _ = c.reply()
+                if code == 220:
+                    code, _ = c.cmd("EHLO waiting.example.test")
+                outcomes.append(code)
+            except (ConnectionError, OSError) as e:
+                outcomes.append(type(e).__name__)
+        assert outcomes == [250] * len(clients), f"banner and EHLO of each waiting client: {outcomes}"
+        before = sink.count()
+        code, text = hh.transaction(clients[0], hh.message("queued before the reload"))
+        assert code == 250, text
+        harness.wait_for(lambda: sink.count() == before + 1, 10, what="the message at the sink")
+        for c in clients:
+            assert c.cmd("QUIT")[0] == 221
+    finally:
+        for c in clients:
+            c.close()
+    harness.wait_for(lambda: " reloaded " in d.stderr(), 10, what="the reload")
+    assert f"listener_removed listener=gone address={GONE_HOST}:{gone} queued_sessions=" in d.stderr()
+    try:
+        harness.RawSmtp(gone, host=GONE_HOST, timeout=2).close()
+        raise AssertionError("the removed listener still accepts")
+    except ConnectionRefusedError:
+        pass
+    hh.assert_relays(d, keep, sink)
