@@ -1,10 +1,13 @@
 """Reloads are all or nothing, and lose no client: a reload refused at its last step (a fault injected where every
 setting is loaded and none is applied yet) leaves the HTTP settings as they were too, and the same file at the
 next reload puts them in force; the connections waiting on a listener that a reload removes (accepted, or in the
-kernel's accept queue) are served under the configuration they connected to, not closed or reset unanswered.
-Fixed addresses: 127.0.0.165."""
+kernel's accept queue) are served under the configuration they connected to, not closed or reset unanswered; a
+storm of reloads while STARTTLS sessions relay to tls: verify upstreams (one shared trust store per reload) loses
+no message. Fixed addresses: 127.0.0.165."""
 import json
 import signal
+import threading
+import time
 import warnings
 
 import harness
@@ -111,3 +114,45 @@ def test_connections_waiting_on_a_listener_a_reload_removes_are_served(daemon_fa
     except ConnectionRefusedError:
         pass
     hh.assert_relays(d, keep, sink)
+
+
+def test_a_reload_storm_during_tls_sessions_on_both_legs_loses_nothing(daemon_factory, sink_factory, certs):
+    """SIGHUPs every 20 ms while clients relay over STARTTLS to tls: verify upstreams that share one CA file's
+    trust store (loaded once per reload, referenced by each upstream's context): every reload frees the previous
+    runtime's contexts and stores once the last session that holds them ends, while handshakes use them. Every
+    message arrives and the daemon exits 0 (under the asan preset, a store or context freed in use fails it)."""
+    sink = sink_factory("tls-store", tls_cert=certs / "sink.pem", tls_key=certs / "sink.key")
+    ca = str(certs / "ca.pem")
+    port = harness.free_port()
+    d = daemon_factory(listeners=[hh.listener("inbound", port, "up0", certs=certs)],
+                       upstreams=[{"name": f"up{i}", "address": f"127.0.0.1:{sink.port}", "tls": "verify",
+                                   "ca_file": ca} for i in range(8)], name="reload-storm")
+    before = sink.count()
+    results = []
+
+    def client():
+        for _ in range(4):
+            results.append(harness.swaks(port, data=hh.message("storm"), tls="starttls").rc)
+
+    stop = threading.Event()
+
+    def storm():
+        while not stop.is_set():
+            d.proc.send_signal(signal.SIGHUP)
+            time.sleep(0.02)
+
+    signaller = threading.Thread(target=storm)
+    clients = [threading.Thread(target=client) for _ in range(3)]
+    signaller.start()
+    for t in clients:
+        t.start()
+    for t in clients:
+        t.join(120)
+    stop.set()
+    signaller.join(5)
+    assert results == [0] * 12, f"swaks exit codes during the reload storm: {results}"
+    arrived = sink.wait_messages(before + 12, 20)[before:]
+    assert [meta["tls_version"] for meta, _ in arrived] == ["TLSv1.3"] * 12, "the upstream leg was not TLS"
+    assert d.proc.poll() is None
+    assert "reloaded" in d.stderr() and "reload_refused" not in d.stderr()
+    assert d.stop() == 0, d.log_tail()
