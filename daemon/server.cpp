@@ -179,6 +179,18 @@ void check_state_dir(const std::string& dir) {
   std::filesystem::remove(probe, ec);
 }
 
+// Asio installs its handler for a signal while a signal_set has it and puts SIG_DFL back when the signal's
+// last set goes. signals() takes SIGHUP out of its set and back to drop the notifications queued there, and
+// at exit the server's sets are destroyed while the process still runs: a SIGHUP (a deploy hook's reload) or
+// a SIGTERM then ended it by that signal, its state saved and its stop clean otherwise (exit status 129, not
+// 0). This set, on a context of its own that never runs, is never destroyed: it keeps the handlers for the
+// life of the process, and what it catches is never waited for.
+void keep_signal_handlers() {
+  static auto* const context = new asio::io_context;
+  static auto* const keeper = new asio::signal_set(*context, SIGHUP, SIGTERM, SIGINT);
+  (void)keeper;
+}
+
 }  // namespace
 
 struct Server::Impl {
@@ -210,10 +222,6 @@ struct Server::Impl {
   // Handled from the start, so that a signal that comes while the server starts waits for it (main blocks them
   // until then); signals() takes them once the loop runs.
   asio::signal_set signal_set{io, SIGHUP, SIGTERM, SIGINT};
-  // Never waited on: it keeps Asio's SIGHUP handler installed while signals() takes SIGHUP out of
-  // `signal_set` and back to drop the notifications queued there (a set that is the signal's last one
-  // restores SIG_DFL, and a SIGHUP then would end the process).
-  asio::signal_set sighup_keeper{io, SIGHUP};
   std::size_t next_loop = 0;
   Telemetry telemetry;
   SessionRegistry registry{telemetry};
@@ -239,6 +247,7 @@ struct Server::Impl {
   std::unique_ptr<StateWriter> state_writer;
 
   Impl(std::string path, std::shared_ptr<const config::Config> config) : config_path(std::move(path)) {
+    keep_signal_handlers();
     sigset_t handled;
     sigemptyset(&handled);
     for (int signal : {SIGHUP, SIGTERM, SIGINT}) sigaddset(&handled, signal);
