@@ -57,6 +57,16 @@
 #include "proto/uri_path.hpp"
 
 namespace mailflow {
+
+// What may change on reload without rebinding. A connection keeps the TLS context it was accepted with (its
+// handshake is done); basic_auth is the current one for every request, so that a reload that changes the
+// password or sets basic_auth also applies to connections kept alive from before it.
+struct HttpServer::Settings {
+  std::optional<config::BasicAuth> basic_auth;
+  std::shared_ptr<boost::asio::ssl::context> tls;  // null: plain HTTP
+  std::string tls_cert;                            // the file `tls`'s certificate came from
+};
+
 namespace {
 
 namespace asio = boost::asio;
@@ -241,14 +251,7 @@ Response plain_response(const Request& request, http::status status, std::string
   return make_response(request, status, kTextPlain, std::move(body));
 }
 
-// What may change on reload without rebinding. A connection keeps the TLS context it was accepted with (its
-// handshake is done); basic_auth is the current one for every request, so that a reload that changes the
-// password or sets basic_auth also applies to connections kept alive from before it.
-struct Settings {
-  std::optional<config::BasicAuth> basic_auth;
-  std::shared_ptr<asio::ssl::context> tls;  // null: plain HTTP
-  std::string tls_cert;                     // the file `tls`'s certificate came from
-};
+using Settings = HttpServer::Settings;
 
 enum class AuthResult { ok, missing, wrong, busy, backoff };
 struct AuthVerdict {
@@ -271,7 +274,7 @@ class Server : public std::enable_shared_from_this<Server> {
   }
 
   void start() {
-    update(http_);
+    update(prepare(http_));
     const std::string host = http_.address.host.empty() ? "127.0.0.1" : http_.address.host;
     const std::string where = http_.address.text.empty() ? host + ":" + std::to_string(http_.address.port)
                                                          : http_.address.text;
@@ -321,15 +324,19 @@ class Server : public std::enable_shared_from_this<Server> {
     return certificate_info(current->tls->native_handle(), current->tls_cert);
   }
 
-  // Any thread: basic auth and TLS certificate for connections accepted from now on; throws (keeping the old
-  // ones) when the certificate or key cannot be loaded.
-  void update(const config::Http& http) {
+  // Throws when the certificate or key cannot be loaded.
+  static std::shared_ptr<const Settings> prepare(const config::Http& http) {
     auto next = std::make_shared<Settings>();
     next->basic_auth = http.basic_auth;
     if (http.tls) {
       next->tls = load_tls(*http.tls);
       next->tls_cert = http.tls->cert;
     }
+    return next;
+  }
+
+  // Any thread: basic auth and TLS certificate for connections accepted from now on.
+  void update(std::shared_ptr<const Settings> next) {
     bool same_auth = false;
     {
       std::lock_guard lock(mutex_);
@@ -1162,7 +1169,10 @@ void HttpServer::start() {
   impl_->thread = std::thread([this] { impl_->io.run(); });
 }
 void HttpServer::stop() { impl_->server->stop(); }
-void HttpServer::update(const config::Http& http) { impl_->server->update(http); }
+std::shared_ptr<const HttpServer::Settings> HttpServer::prepare(const config::Http& http) {
+  return Server::prepare(http);
+}
+void HttpServer::update(std::shared_ptr<const Settings> next) { impl_->server->update(std::move(next)); }
 void HttpServer::check_tls(const config::CertificatePair& pair) { Server::load_tls(pair); }
 unsigned short HttpServer::port() const { return impl_->server->port(); }
 std::optional<CertificateInfo> HttpServer::certificate() const { return impl_->server->certificate(); }

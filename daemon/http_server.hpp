@@ -26,15 +26,20 @@ class HttpServer {
   void start();
   // Any thread: stops accepting and closes open HTTP connections; returns without waiting for them.
   void stop();
-  // SIGHUP: new basic_auth for every request from now on (on kept-alive connections too), new TLS
-  // certificate/key for connections accepted from now on (the address needs a restart). Throws (naming the
-  // file) and keeps the old settings when the certificate or key is unusable.
-  void update(const config::Http& http);
-  // Loads http.tls's pair as start() and update() do (OpenSSL's default security level, not a listener's):
+  // What a reload can change of http: basic_auth and http.tls's pair, loaded.
+  struct Settings;
+  // Loads http.tls's pair as start() does, for update(): throws (naming the file) when the certificate or key
+  // is unusable, and changes nothing that runs. A reload loads everything before it applies any of it.
+  static std::shared_ptr<const Settings> prepare(const config::Http& http);
+  // SIGHUP: `next` (from prepare()) in force, cannot fail: its basic_auth for every request from now on (on
+  // kept-alive connections too), its TLS certificate/key for connections accepted from now on (the address
+  // needs a restart).
+  void update(std::shared_ptr<const Settings> next);
+  // Loads http.tls's pair as start() and prepare() do (OpenSSL's default security level, not a listener's):
   // throws what they would throw. For --check-config.
   static void check_tls(const config::CertificatePair& pair);
-  // Any thread: http.tls's certificate as start() or the last update() loaded it, the one new connections
-  // get; none without http.tls.
+  // Any thread: http.tls's certificate as start() loaded it or the last update() put it in force, the one new
+  // connections get; none without http.tls.
   std::optional<CertificateInfo> certificate() const;
   // The bound port (after start(); useful with port 0 in tests).
   unsigned short port() const;

@@ -179,6 +179,18 @@ void check_state_dir(const std::string& dir) {
   std::filesystem::remove(probe, ec);
 }
 
+// Asio installs its handler for a signal while a signal_set has it and puts SIG_DFL back when the signal's
+// last set goes. signals() takes SIGHUP out of its set and back to drop the notifications queued there, and
+// at exit the server's sets are destroyed while the process still runs: a SIGHUP (a deploy hook's reload) or
+// a SIGTERM then ended it by that signal, its state saved and its stop clean otherwise (exit status 129, not
+// 0). This set, on a context of its own that never runs, is never destroyed: it keeps the handlers for the
+// life of the process, and what it catches is never waited for.
+void keep_signal_handlers() {
+  static auto* const context = new asio::io_context;
+  static auto* const keeper = new asio::signal_set(*context, SIGHUP, SIGTERM, SIGINT);
+  (void)keeper;
+}
+
 }  // namespace
 
 struct Server::Impl {
@@ -189,6 +201,10 @@ struct Server::Impl {
     tcp::acceptor acceptor;
     // The socket came from systemd (LISTEN_FDS), at this endpoint: handed back when retired, never closed.
     std::optional<tcp::endpoint> inherited;
+    // What its connections start under: the configuration it listens for (set by swap_listeners), its
+    // listener in it. A listener that a reload removed keeps the one its clients connected to.
+    std::shared_ptr<const Runtime> runtime;
+    const config::Listener* listener = nullptr;
   };
 
   using WorkGuard = asio::executor_work_guard<asio::io_context::executor_type>;
@@ -206,10 +222,6 @@ struct Server::Impl {
   // Handled from the start, so that a signal that comes while the server starts waits for it (main blocks them
   // until then); signals() takes them once the loop runs.
   asio::signal_set signal_set{io, SIGHUP, SIGTERM, SIGINT};
-  // Never waited on: it keeps Asio's SIGHUP handler installed while signals() takes SIGHUP out of
-  // `signal_set` and back to drop the notifications queued there (a set that is the signal's last one
-  // restores SIG_DFL, and a SIGHUP then would end the process).
-  asio::signal_set sighup_keeper{io, SIGHUP};
   std::size_t next_loop = 0;
   Telemetry telemetry;
   SessionRegistry registry{telemetry};
@@ -235,6 +247,7 @@ struct Server::Impl {
   std::unique_ptr<StateWriter> state_writer;
 
   Impl(std::string path, std::shared_ptr<const config::Config> config) : config_path(std::move(path)) {
+    keep_signal_handlers();
     sigset_t handled;
     sigemptyset(&handled);
     for (int signal : {SIGHUP, SIGTERM, SIGINT}) sigaddset(&handled, signal);
@@ -268,8 +281,8 @@ struct Server::Impl {
 
   std::shared_ptr<Acceptor> open_acceptor(const config::Listener& listener) {
     auto endpoint = listen_endpoint(listener.address);
-    auto result = std::make_shared<Acceptor>(
-        Acceptor{listener.name, listener.address.text, endpoint, tcp::acceptor(io), std::nullopt});
+    auto result = std::make_shared<Acceptor>(Acceptor{
+        listener.name, listener.address.text, endpoint, tcp::acceptor(io), std::nullopt, {}, nullptr});
     auto& acceptor = result->acceptor;
     if (auto it = inherited.find(endpoint); it != inherited.end()) {
       // A "[::]" listener takes IPv6 clients only, as the one bound here (below): the checks for an upstream
@@ -371,11 +384,10 @@ struct Server::Impl {
         co_await pause.async_wait(asio::redirect_error(asio::use_awaitable, ec));
         continue;
       }
-      auto snapshot = current();
-      const config::Listener* listener = snapshot->config->find_listener(entry->name);
-      if (listener == nullptr) continue;  // removed by a reload that raced with this accept
+      // A connection accepted before a reload that removed the listener (the reload ran on this loop between
+      // the accept and this line) is served as the ones still queued then were (serve_queued).
       failpoint("accept");
-      start_relay_session(std::move(socket), std::move(snapshot), *listener, registry);
+      start_relay_session(std::move(socket), entry->runtime, *entry->listener, registry);
     }
   }
 
@@ -469,15 +481,48 @@ struct Server::Impl {
             "with an IP address and port, Accept=no); its connections are never answered"}});
   }
 
-  void swap_listeners(std::vector<PlannedListener> next) {
+  // A listener that a reload removed, before its socket closes: the clients that had connected to it (the
+  // kernel's accept queue: they were answered SYN-ACK while it listened) get their sessions, under the
+  // configuration they connected to. Closing the socket with them queued reset them, unanswered, with no log
+  // line or count. Bounded by the queue's length: what connects meanwhile is taken too, up to that.
+  void serve_queued(Acceptor& entry) {
+    std::size_t served = 0;
+    error_code ec;
+    entry.acceptor.non_blocking(true, ec);
+    for (int tries = 0; !ec && tries < asio::socket_base::max_listen_connections; ++tries) {
+      tcp::socket socket = entry.acceptor.accept(session_loop(), ec);
+      if (ec == asio::error::would_block || ec == asio::error::try_again) break;
+      if (ec && connection_error_on_accept(ec)) {
+        ec.clear();  // that one connection is gone, as in accept_loop
+        continue;
+      }
+      if (ec) {
+        // Out of descriptors or memory: the others are reset when the socket closes, as they were.
+        telemetry.rejected(entry.name, "accept_failed");
+        log_limited(LogLevel::error, "accept_error", {{"listener", entry.name}, {"error", ec.message()}});
+        break;
+      }
+      start_relay_session(std::move(socket), entry.runtime, *entry.listener, registry);
+      ++served;
+    }
+    log_event(LogLevel::info, "listener_removed",
+              {{"listener", entry.name}, {"address", entry.address}, {"queued_sessions", served}});
+  }
+
+  // `next` in force under `next_runtime`, the runtime now current.
+  void swap_listeners(std::vector<PlannedListener> next, const std::shared_ptr<const Runtime>& next_runtime) {
     std::vector<std::shared_ptr<Acceptor>> kept;
     for (auto& planned : next) {
       planned.acceptor->name = planned.name;  // accept loops run on this thread too: no race
       planned.acceptor->address = planned.address;
+      planned.acceptor->runtime = next_runtime;
+      planned.acceptor->listener = next_runtime->config->find_listener(planned.name);
       kept.push_back(planned.acceptor);
     }
     for (auto& old : acceptors) {
-      if (std::find(kept.begin(), kept.end(), old) == kept.end()) retire(*old);
+      if (std::find(kept.begin(), kept.end(), old) != kept.end()) continue;
+      if (!old->inherited) serve_queued(*old);  // systemd's socket stays open, its queue with it
+      retire(*old);
     }
     for (auto& entry : kept) {
       if (std::find(acceptors.begin(), acceptors.end(), entry) == acceptors.end()) spawn_accept_loop(entry);
@@ -566,37 +611,48 @@ struct Server::Impl {
       sd_notify(0, "READY=1");
       return;
     }
+    // Everything that can refuse the reload first, changing nothing that runs; then all of it is applied,
+    // where nothing fails. A reload refused half way (the HTTP settings in force, the rest not) would run
+    // what mailflow_config_last_reload_successful and MailflowConfigReloadFailed say is not in force.
+    std::shared_ptr<const Runtime> next_runtime;
+    std::shared_ptr<const HttpServer::Settings> next_http;
+    std::vector<const char*> restart_only;
     std::vector<PlannedListener> next_acceptors;
     try {
-      auto next_runtime = Runtime::build(loaded.config);
-      next_acceptors = reconcile_listeners(*loaded.config);
-      http->update(loaded.config->http);  // basic auth and certificate; throws keeping the old ones
-      for (const char* setting : restart_only_changes(*loaded.config))
-        log_event(LogLevel::warn, "reload_partial",
-                  {{"reason", std::string(setting) + " changes need a restart"}});
-      {
-        std::lock_guard lock(runtime_mutex);
-        runtime = next_runtime;
-      }
-      swap_listeners(std::move(next_acceptors));
-      setup_logging(loaded.config->log);
-      log_unused_sockets();
-      busy_poll = loaded.config->performance.busy_poll;
-      telemetry.configure(*loaded.config);
-      registry.mta_sts().set_max_policies(loaded.config->mta_sts.max_policies);
-      tlsrpt_sender->reconfigured();
-      for (const auto& warning : loaded.warnings)
-        log_event(LogLevel::warn, "config_warning", {{"warning", warning.to_string()}});
-      apply_certificates(*next_runtime);
-      telemetry.config_reloaded(true);
-      log_event(
-          LogLevel::info, "reloaded",
-          {{"listeners", loaded.config->listeners.size()}, {"connectors", loaded.config->connectors.size()}});
+      next_runtime = Runtime::build(loaded.config);
+      next_http = HttpServer::prepare(loaded.config->http);  // basic auth and certificate
+      restart_only = restart_only_changes(*loaded.config);
+      next_acceptors = reconcile_listeners(*loaded.config);  // last: opens sockets, closed again if refused
+      failpoint("reload.apply");  // the tests' refusal after every step that can refuse
     } catch (const std::exception& e) {
-      discard(next_acceptors);  // empty once swapped in
+      discard(next_acceptors);
       log_event(LogLevel::error, "reload_refused", {{"reason", e.what()}});
       telemetry.config_reloaded(false);
+      sd_notify(0, "READY=1");
+      return;
     }
+    http->update(std::move(next_http));
+    for (const char* setting : restart_only)
+      log_event(LogLevel::warn, "reload_partial",
+                {{"reason", std::string(setting) + " changes need a restart"}});
+    {
+      std::lock_guard lock(runtime_mutex);
+      runtime = next_runtime;
+    }
+    swap_listeners(std::move(next_acceptors), next_runtime);
+    setup_logging(loaded.config->log);
+    log_unused_sockets();
+    busy_poll = loaded.config->performance.busy_poll;
+    telemetry.configure(*loaded.config);
+    registry.mta_sts().set_max_policies(loaded.config->mta_sts.max_policies);
+    tlsrpt_sender->reconfigured();
+    for (const auto& warning : loaded.warnings)
+      log_event(LogLevel::warn, "config_warning", {{"warning", warning.to_string()}});
+    apply_certificates(*next_runtime);
+    telemetry.config_reloaded(true);
+    log_event(
+        LogLevel::info, "reloaded",
+        {{"listeners", loaded.config->listeners.size()}, {"connectors", loaded.config->connectors.size()}});
     sd_notify(0, "READY=1");
   }
 
@@ -788,7 +844,7 @@ int Server::run() {
   s.registry.mta_sts().set_max_policies(config.mta_sts.max_policies);
   s.busy_poll = config.performance.busy_poll;
 
-  s.swap_listeners(s.reconcile_listeners(config));
+  s.swap_listeners(s.reconcile_listeners(config), snapshot);
   s.log_unused_sockets();  // kept open: a reload that adds the listener still takes it
   s.http = std::make_unique<HttpServer>(config.http, s.telemetry, [&s] { return !s.stopping; });
   s.http->start();

@@ -227,7 +227,7 @@ TEST_CASE(
   const auto runtime = mailflow::Runtime::build(loaded.config);
   mailflow::Telemetry telemetry;
   mailflow::HttpServer http(loaded.config->http, telemetry, [] { return true; });
-  http.update(loaded.config->http);  // as start() loads it
+  http.update(mailflow::HttpServer::prepare(loaded.config->http));  // as start() loads it
   REQUIRE(http.certificate().has_value());
 
   // The renewal lands now, after the listener and the HTTP server loaded their pair.

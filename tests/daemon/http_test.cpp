@@ -297,7 +297,8 @@ TEST_CASE("http: HTTPS when http.tls is configured") {
   std::filesystem::remove_all(dir);
 }
 
-TEST_CASE("http: update() applies new basic auth, a bad certificate is refused and the old settings stay") {
+TEST_CASE(
+    "http: update() applies new basic auth, prepare() refuses a bad certificate and the old settings stay") {
   Fixture f;
   const auto port = f.server->port();
   CHECK(request(port, "/metrics").status == 200);
@@ -305,14 +306,14 @@ TEST_CASE("http: update() applies new basic auth, a bad certificate is refused a
   mailflow::config::Http http;
   http.address = {"127.0.0.1", port, ""};
   http.basic_auth = mailflow::config::BasicAuth{"prom", make_hash("new")};
-  f.server->update(http);
+  f.server->update(mailflow::HttpServer::prepare(http));
   CHECK(request(port, "/metrics").status == 401);
   CHECK(request(port, "/metrics", http::verb::get, "Basic " + base64("prom:new")).status == 200);
 
   auto broken = http;
   broken.basic_auth.reset();
   broken.tls = mailflow::config::CertificatePair{"/nonexistent/cert.pem", "/nonexistent/key.pem"};
-  CHECK_THROWS_AS(f.server->update(broken), std::system_error);
+  CHECK_THROWS_AS(mailflow::HttpServer::prepare(broken), std::system_error);
   CHECK(request(port, "/metrics").status == 401);  // still the previous settings
 }
 
