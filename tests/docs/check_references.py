@@ -46,6 +46,8 @@ NOT_LOG_KEYS = {
 # Words the docs call a log line or event that are not mailflowd's log events: say why when adding one.
 NOT_EVENTS = {
     "domain": "resolv.conf's `domain` line (docs/configuration.md, upstreams[].address)",
+    "search": "resolv.conf's `search` line (docs/configuration.md, upstreams[].address)",
+    "nameserver": "resolv.conf's `nameserver` lines (docs/configuration.md, upstreams[].address)",
 }
 
 # `key=` as a log key: not part of a longer word, option (--days=7), URL query (?days=7, &x=), variable
