@@ -311,9 +311,11 @@ asio::awaitable<void> Link::connect(const asio::ip::tcp::endpoint& endpoint, Tim
   socket_.close(ignored);  // a previous attempt's socket
   socket_.open(endpoint.protocol(), ec);
   if (ec) co_return;
+  // Before the connect: Asio's async_connect makes the socket non-blocking itself (an ioctl) unless it is so
+  // already, and setting it afterwards would be a second ioctl per upstream connection (issue #16).
+  socket_.non_blocking(true, ignored);
   co_await socket_.async_connect(endpoint, with(ec));
   if (ec) co_return;
-  socket_.non_blocking(true, ignored);
   socket_.set_option(asio::ip::tcp::no_delay(true), ignored);
 }
 
