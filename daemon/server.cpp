@@ -351,8 +351,9 @@ struct Server::Impl {
     }
     for (;;) {
       error_code ec;
+      tcp::endpoint peer;  // from accept() itself: no getpeername() per session (issue #16)
       tcp::socket socket = co_await entry->acceptor.async_accept(
-          session_loop(), asio::redirect_error(asio::use_awaitable, ec));
+          session_loop(), peer, asio::redirect_error(asio::use_awaitable, ec));
       if (ec) {
         if (!entry->acceptor.is_open() || ec == asio::error::operation_aborted) co_return;
         if (connection_error_on_accept(ec)) {
@@ -375,7 +376,7 @@ struct Server::Impl {
       const config::Listener* listener = snapshot->config->find_listener(entry->name);
       if (listener == nullptr) continue;  // removed by a reload that raced with this accept
       failpoint("accept");
-      start_relay_session(std::move(socket), std::move(snapshot), *listener, registry);
+      start_relay_session(std::move(socket), peer, std::move(snapshot), *listener, registry);
     }
   }
 
