@@ -264,8 +264,7 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
 // ---- the session ----------------------------------------------------------------------------------------
 
 void RelaySession::begin() {
-  error_code ec;
-  client_.socket().set_option(tcp::no_delay(true), ec);
+  // TCP_NODELAY comes with the socket, from its listener's (Server's no_delay_for_sessions).
   failpoint("session.begin");  // before the session counts itself open: release() must not count it closed
   telemetry_.session_opened(listener_.name);
   counted_open_ = true;

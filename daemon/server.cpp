@@ -266,6 +266,14 @@ struct Server::Impl {
     return runtime;
   }
 
+  // Sessions reply in small writes, each of which must leave at once (Nagle's algorithm would hold a reply
+  // back for the client's delayed ACK). Linux gives an accepted socket the listening socket's TCP_NODELAY, so
+  // it is set here, once per listener, instead of with a setsockopt() per session (issue #16).
+  static void no_delay_for_sessions(tcp::acceptor& acceptor) {
+    error_code ignored;  // as a session's own setsockopt() was: no reason to refuse the listener
+    acceptor.set_option(tcp::no_delay(true), ignored);
+  }
+
   std::shared_ptr<Acceptor> open_acceptor(const config::Listener& listener) {
     auto endpoint = listen_endpoint(listener.address);
     auto result = std::make_shared<Acceptor>(
@@ -286,10 +294,12 @@ struct Server::Impl {
       acceptor.assign(endpoint.protocol(), it->second);
       result->inherited = endpoint;
       inherited.erase(it);
+      no_delay_for_sessions(acceptor);
       return result;
     }
     error_code ec;
     acceptor.open(endpoint.protocol(), ec);
+    if (!ec) no_delay_for_sessions(acceptor);
     if (!ec) acceptor.set_option(tcp::acceptor::reuse_address(true), ec);
     if (!ec && endpoint.protocol() == tcp::v6()) acceptor.set_option(asio::ip::v6_only(true), ec);
     if (!ec) acceptor.bind(endpoint, ec);
