@@ -264,7 +264,7 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
 // ---- the session ----------------------------------------------------------------------------------------
 
 void RelaySession::begin() {
-  // TCP_NODELAY comes with the socket, from its listener's (Server's no_delay_for_sessions).
+  // TCP_NODELAY comes with the socket (Server's open_acceptor and accept loop).
   failpoint("session.begin");  // before the session counts itself open: release() must not count it closed
   telemetry_.session_opened(listener_.name);
   counted_open_ = true;

@@ -266,14 +266,6 @@ struct Server::Impl {
     return runtime;
   }
 
-  // Sessions reply in small writes, each of which must leave at once (Nagle's algorithm would hold a reply
-  // back for the client's delayed ACK). Linux gives an accepted socket the listening socket's TCP_NODELAY, so
-  // it is set here, once per listener, instead of with a setsockopt() per session (issue #16).
-  static void no_delay_for_sessions(tcp::acceptor& acceptor) {
-    error_code ignored;  // as a session's own setsockopt() was: no reason to refuse the listener
-    acceptor.set_option(tcp::no_delay(true), ignored);
-  }
-
   std::shared_ptr<Acceptor> open_acceptor(const config::Listener& listener) {
     auto endpoint = listen_endpoint(listener.address);
     auto result = std::make_shared<Acceptor>(
@@ -294,12 +286,18 @@ struct Server::Impl {
       acceptor.assign(endpoint.protocol(), it->second);
       result->inherited = endpoint;
       inherited.erase(it);
-      no_delay_for_sessions(acceptor);
       return result;
     }
     error_code ec;
     acceptor.open(endpoint.protocol(), ec);
-    if (!ec) no_delay_for_sessions(acceptor);
+    if (!ec) {
+      // Sessions reply in small writes, each of which must leave at once (Nagle's algorithm would hold a
+      // reply back for the client's delayed ACK). Linux gives a connection the listening socket's TCP_NODELAY
+      // as it completes its handshake, so it is set here, once, instead of with a setsockopt() per session
+      // (issue #16). Set before listen(): no connection can come before it.
+      error_code ignored;  // as a session's own setsockopt() was: no reason to refuse the listener
+      acceptor.set_option(tcp::no_delay(true), ignored);
+    }
     if (!ec) acceptor.set_option(tcp::acceptor::reuse_address(true), ec);
     if (!ec && endpoint.protocol() == tcp::v6()) acceptor.set_option(asio::ip::v6_only(true), ec);
     if (!ec) acceptor.bind(endpoint, ec);
@@ -386,6 +384,9 @@ struct Server::Impl {
       const config::Listener* listener = snapshot->config->find_listener(entry->name);
       if (listener == nullptr) continue;  // removed by a reload that raced with this accept
       failpoint("accept");
+      // A socket systemd passed may have queued connections before mailflowd started (a unit without
+      // NoDelay=yes, which mailflowd.socket has): they have the option the socket had then, so each is set.
+      if (entry->inherited) socket.set_option(tcp::no_delay(true), ec);
       start_relay_session(std::move(socket), peer, std::move(snapshot), *listener, registry);
     }
   }

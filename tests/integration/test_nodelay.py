@@ -1,10 +1,16 @@
 """Both legs of a session send with TCP_NODELAY: a relay answers in small writes, and with Nagle's algorithm a
 reply written while an earlier one is unacknowledged waits for the peer's delayed ACK (about 40 ms on Linux).
 The option is read on the daemon's own sockets, taken with pidfd_getfd(2) (Linux 5.6; needs ptrace rights over
-the daemon, which the test's own child is)."""
+the daemon, which the test's own child is). A listening socket that mailflowd binds passes the option to every
+connection; one that systemd passes may hold connections that queued before mailflowd started, which
+have the option the socket had then (none, without NoDelay=yes in the unit)."""
 import ctypes
+import json
 import os
+import shutil
+import signal
 import socket
+import subprocess
 
 import pytest
 
@@ -45,9 +51,8 @@ def daemon_socket(pid, peer):
     return None
 
 
-def test_both_legs_have_tcp_nodelay(daemon_factory, workdir):
-    sink = harness.Sink(workdir)
-    sink.start()
+def test_both_legs_have_tcp_nodelay(daemon_factory, sink_factory):
+    sink = sink_factory("nodelay-sink")
     port = harness.free_port()
     daemon = daemon_factory(listeners=[hh.listener("inbound", port, "sink")],
                             upstreams=[hh.plain_upstream("sink", sink.port)], name="nodelay")
@@ -67,4 +72,40 @@ def test_both_legs_have_tcp_nodelay(daemon_factory, workdir):
         assert client.cmd("QUIT")[0] == 221
     finally:
         client.close()
-        sink.stop()
+
+
+def test_a_connection_queued_on_a_socket_systemd_passed_has_tcp_nodelay(tmp_path, sink_factory, mailflowd_bin):
+    tool = shutil.which("systemd-socket-activate")
+    if not tool:
+        pytest.fail("systemd-socket-activate is not installed (package systemd, deploy/dev/deps.sh test)",
+                    pytrace=False)
+    sink = sink_factory("nodelay-store")
+    port = harness.free_port()
+    state = tmp_path / "state"
+    state.mkdir()
+    cfg = harness.default_config(
+        state, harness.free_port(),
+        listeners=[{"name": "inbound", "address": f"127.0.0.1:{port}", "direction": "inbound",
+                    "upstream": "store"}],
+        upstreams=[{"name": "store", "address": f"127.0.0.1:{sink.port}", "tls": "none"}])
+    config = tmp_path / "mailflowd.yaml"
+    config.write_text(json.dumps(cfg, indent=2) + "\n")
+    stderr = tmp_path / "mailflowd.stderr"
+    # The tool listens without NoDelay, and execs mailflowd on the first connection: that one has queued.
+    proc = subprocess.Popen([tool, "-l", f"127.0.0.1:{port}", mailflowd_bin, "--config", str(config)],
+                            stdout=open(stderr, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        harness.wait_for(lambda: "Listening on" in stderr.read_text() or proc.poll() is not None, 10,
+                         what="systemd-socket-activate to listen")
+        first = harness.RawSmtp(port)
+        second = harness.RawSmtp(port)
+        for client, which in ((first, "the connection that queued"), (second, "a later connection")):
+            assert client.reply()[0] == 220, harness.tail(stderr)
+            leg = daemon_socket(proc.pid, client.sock.getsockname()[:2])
+            assert leg is not None, f"{which}: no socket of the daemon's is connected to it"
+            with leg:
+                assert leg.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0, which
+            client.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0, harness.tail(stderr)
