@@ -311,9 +311,11 @@ asio::awaitable<void> Link::connect(const asio::ip::tcp::endpoint& endpoint, Tim
   socket_.close(ignored);  // a previous attempt's socket
   socket_.open(endpoint.protocol(), ec);
   if (ec) co_return;
+  // Before the connect: Asio's async_connect makes the socket non-blocking itself (an ioctl) unless it is so
+  // already, and setting it afterwards would be a second ioctl per upstream connection (issue #16).
+  socket_.non_blocking(true, ignored);
   co_await socket_.async_connect(endpoint, with(ec));
   if (ec) co_return;
-  socket_.non_blocking(true, ignored);
   socket_.set_option(asio::ip::tcp::no_delay(true), ignored);
 }
 
@@ -333,8 +335,10 @@ void Link::cancel() {
 }
 
 void Link::close() {
+  // close() alone: the descriptor is this process's only one (no fork, no dup), so closing it sends the FIN
+  // (an RST where input was left unread, as after a shutdown()); a shutdown() first was a system call more
+  // per connection, two per relayed session (issue #16).
   error_code ignored;
-  socket_.shutdown(asio::ip::tcp::socket::shutdown_both, ignored);
   socket_.close(ignored);
 }
 

@@ -114,8 +114,8 @@ std::string new_session_id() {
 
 class RelaySession : public std::enable_shared_from_this<RelaySession> {
  public:
-  RelaySession(tcp::socket socket, std::shared_ptr<const Runtime> runtime, const config::Listener& listener,
-               SessionRegistry& registry)
+  RelaySession(tcp::socket socket, const tcp::endpoint& peer, std::shared_ptr<const Runtime> runtime,
+               const config::Listener& listener, SessionRegistry& registry)
       : runtime_(std::move(runtime)),
         config_(*runtime_->config),
         listener_(listener),
@@ -128,9 +128,12 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
                    }),
         client_(std::move(socket), deadlines_),
         session_(server_options()),
+        client_address_(peer.address()),
+        client_port_(peer.port()),
+        client_bytes_(mapped_bytes(client_address_)),
         connector_certain_at_mail_(connector_certain_at_mail()) {}
 
-  // The first thing run() does: the client's address, the counters, the watchdog (no I/O).
+  // The first thing run() does: the counters, the watchdog (no I/O).
   void begin();
   asio::awaitable<void> run();
   // The completion of run() with an exception: logs, counts and releases what the session held.
@@ -225,7 +228,7 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
   std::unique_ptr<proto::RelayTransaction> transaction_;
 
   ReadBuffer client_in_;
-  asio::ip::address client_address_;
+  asio::ip::address client_address_;  // accept()'s peer, or the PROXY header's source
   std::uint16_t client_port_ = 0;
   std::array<std::uint8_t, 16> client_bytes_{};
   bool address_admitted_ = false;
@@ -261,14 +264,7 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
 // ---- the session ----------------------------------------------------------------------------------------
 
 void RelaySession::begin() {
-  error_code ec;
-  auto peer = client_.socket().remote_endpoint(ec);
-  if (!ec) {
-    client_address_ = peer.address();
-    client_port_ = peer.port();
-    client_bytes_ = mapped_bytes(client_address_);
-  }
-  client_.socket().set_option(tcp::no_delay(true), ec);
+  // TCP_NODELAY comes with the socket (Server's open_acceptor and accept loop).
   failpoint("session.begin");  // before the session counts itself open: release() must not count it closed
   telemetry_.session_opened(listener_.name);
   counted_open_ = true;
@@ -1085,10 +1081,12 @@ void SessionRegistry::close_all() {
   for (auto& session : sessions) session->force_close();
 }
 
-void start_relay_session(tcp::socket socket, std::shared_ptr<const Runtime> runtime,
-                         const config::Listener& listener, SessionRegistry& registry) {
+void start_relay_session(tcp::socket socket, const tcp::endpoint& peer,
+                         std::shared_ptr<const Runtime> runtime, const config::Listener& listener,
+                         SessionRegistry& registry) {
   auto executor = socket.get_executor();
-  auto session = std::make_shared<RelaySession>(std::move(socket), std::move(runtime), listener, registry);
+  auto session =
+      std::make_shared<RelaySession>(std::move(socket), peer, std::move(runtime), listener, registry);
   registry.add(session);
   asio::co_spawn(executor, session->run(), [session](std::exception_ptr error) {
     if (error) session->crashed(error);

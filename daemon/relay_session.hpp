@@ -87,10 +87,11 @@ class LoopScope {
   Resources* previous_;
 };
 
-// Starts the session coroutine on the socket's executor (the event loop the session was accepted onto). The
-// session keeps `runtime` for its whole life, so a reload never changes the rules under a running
-// transaction.
-void start_relay_session(boost::asio::ip::tcp::socket socket, std::shared_ptr<const Runtime> runtime,
-                         const config::Listener& listener, SessionRegistry& registry);
+// Starts the session coroutine on the socket's executor (the event loop the session was accepted onto);
+// `peer` is the client's address as accept() gave it. The session keeps `runtime` for its whole life, so a
+// reload never changes the rules under a running transaction.
+void start_relay_session(boost::asio::ip::tcp::socket socket, const boost::asio::ip::tcp::endpoint& peer,
+                         std::shared_ptr<const Runtime> runtime, const config::Listener& listener,
+                         SessionRegistry& registry);
 
 }  // namespace mailflow

@@ -303,6 +303,14 @@ struct Server::Impl {
     }
     error_code ec;
     acceptor.open(endpoint.protocol(), ec);
+    if (!ec) {
+      // Sessions reply in small writes, each of which must leave at once (Nagle's algorithm would hold a
+      // reply back for the client's delayed ACK). Linux gives a connection the listening socket's TCP_NODELAY
+      // as it completes its handshake, so it is set here, once, instead of with a setsockopt() per session
+      // (issue #16). Set before listen(): no connection can come before it.
+      error_code ignored;  // as a session's own setsockopt() was: no reason to refuse the listener
+      acceptor.set_option(tcp::no_delay(true), ignored);
+    }
     if (!ec) acceptor.set_option(tcp::acceptor::reuse_address(true), ec);
     if (!ec && endpoint.protocol() == tcp::v6()) acceptor.set_option(asio::ip::v6_only(true), ec);
     if (!ec) acceptor.bind(endpoint, ec);
@@ -364,8 +372,9 @@ struct Server::Impl {
     }
     for (;;) {
       error_code ec;
+      tcp::endpoint peer;  // from accept() itself: no getpeername() per session (issue #16)
       tcp::socket socket = co_await entry->acceptor.async_accept(
-          session_loop(), asio::redirect_error(asio::use_awaitable, ec));
+          session_loop(), peer, asio::redirect_error(asio::use_awaitable, ec));
       if (ec) {
         if (!entry->acceptor.is_open() || ec == asio::error::operation_aborted) co_return;
         if (connection_error_on_accept(ec)) {
@@ -387,7 +396,10 @@ struct Server::Impl {
       // A connection accepted before a reload that removed the listener (the reload ran on this loop between
       // the accept and this line) is served as the ones still queued then were (serve_queued).
       failpoint("accept");
-      start_relay_session(std::move(socket), entry->runtime, *entry->listener, registry);
+      // A socket systemd passed may have queued connections before mailflowd started (a unit without
+      // NoDelay=yes, which mailflowd.socket has): they have the option the socket had then, so each is set.
+      if (entry->inherited) socket.set_option(tcp::no_delay(true), ec);
+      start_relay_session(std::move(socket), peer, entry->runtime, *entry->listener, registry);
     }
   }
 
@@ -490,7 +502,8 @@ struct Server::Impl {
     error_code ec;
     entry.acceptor.non_blocking(true, ec);
     for (int tries = 0; !ec && tries < asio::socket_base::max_listen_connections; ++tries) {
-      tcp::socket socket = entry.acceptor.accept(session_loop(), ec);
+      tcp::endpoint peer;
+      tcp::socket socket = entry.acceptor.accept(session_loop(), peer, ec);
       if (ec == asio::error::would_block || ec == asio::error::try_again) break;
       if (ec && connection_error_on_accept(ec)) {
         ec.clear();  // that one connection is gone, as in accept_loop
@@ -502,7 +515,7 @@ struct Server::Impl {
         log_limited(LogLevel::error, "accept_error", {{"listener", entry.name}, {"error", ec.message()}});
         break;
       }
-      start_relay_session(std::move(socket), entry.runtime, *entry.listener, registry);
+      start_relay_session(std::move(socket), peer, entry.runtime, *entry.listener, registry);
       ++served;
     }
     log_event(LogLevel::info, "listener_removed",

@@ -849,7 +849,11 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
                  {"error", ec.message()}});
     co_return false;
   }
-  if (const auto local = link_->socket().local_endpoint(ec); !ec) local_address_ = address_text(local.address());
+  // Only the TLS reports and policy counts of an MX walk or of DANE name it (failure_key): for any other
+  // upstream a getsockname() per session would be wasted (issue #16).
+  if (upstream.mx || upstream.tls == config::UpstreamTls::dane)
+    if (const auto local = link_->socket().local_endpoint(ec); !ec)
+      local_address_ = address_text(local.address());
 
   proto::ClientSession::Options options;
   options.ehlo_name = config_.hostname;

@@ -232,7 +232,7 @@ class UpstreamLeg {
   bool tls_session_ = false;
   bool tls_fallback_ = false;  // the last connect_to()'s handshake failed and it went on without TLS
   std::size_t greeted_sessions_ = 0;  // connections whose banner was 2xx, for open_mx's mx_session_limit
-  std::string local_address_;  // our side of the current connection (TLS-RPT's sending-mta-ip)
+  std::string local_address_;         // our side (TLS-RPT's sending-mta-ip); MX walks and DANE only
   std::string peer_;           // its far side, "203.0.113.7:25", for its upstream_error lines
   bool kept_unanswered_ = false;  // open() kept the connection, and it has not answered anything since
   bool closed_idle_ = false;      // see closed_idle()
