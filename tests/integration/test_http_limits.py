@@ -403,8 +403,12 @@ def test_an_escaped_unreserved_character_is_that_character(env, target, plain):
     assert status == 200 and headers["Content-Type"] == plain_headers["Content-Type"], (target, status, body[:200])
     if plain == "/metrics":  # counters move between the two scrapes
         assert body.startswith(b"# HELP mailflow_") and b"\nmailflow_build_info{" in body, body[:200]
-    else:
-        assert body == plain_body, (target, body[:300], plain_body[:300])
+    else:  # the time of generation may differ by a second between the two requests (seen under ASan)
+        assert undated(body) == undated(plain_body), (target, body[:300], plain_body[:300])
+
+
+def undated(report):
+    return re.sub(rb'generated(_at)?("?: "?| )[0-9TZ:.-]+', b"generated", report)
 
 
 @pytest.mark.parametrize("target", ["/api%2Fv1%2Freport", "/api/v1%2freport.csv", "/%2Fmetrics", "/metrics%20"])
