@@ -335,10 +335,8 @@ void Link::cancel() {
 }
 
 void Link::close() {
-  // close() alone: the descriptor is this process's only one (no fork, no dup), so closing it sends the FIN
-  // (an RST where input was left unread, as after a shutdown()); a shutdown() first was a system call more
-  // per connection, two per relayed session (issue #16).
   error_code ignored;
+  socket_.shutdown(asio::ip::tcp::socket::shutdown_both, ignored);
   socket_.close(ignored);
 }
 
