@@ -27,6 +27,26 @@ def not_after(path):
     return calendar.timegm(time.strptime(out.split("=", 1)[1], "%b %d %H:%M:%S %Y %Z"))
 
 
+def live_pair(certs, workdir, directory, renewed):
+    """A certificate pair in a directory of its own, as certbot's live/ (server.pem and its key), and a renewal
+    for the same name with another notAfter: (directory, the pair's config, renewed cert, renewed key)."""
+    live = workdir / directory
+    live.mkdir()
+    shutil.copy(certs / "server.pem", live / "cert.pem")
+    shutil.copy(certs / "server.key", live / "key.pem")
+    renewed_cert, renewed_key = harness.ca_signed_cert(certs, workdir, renewed, ["mx.test"])
+    assert not_after(renewed_cert) != not_after(certs / "server.pem")
+    return live, {"cert": str(live / "cert.pem"), "key": str(live / "key.pem")}, renewed_cert, renewed_key
+
+
+def renew(live, cert, key):
+    """The renewal in place: each file written beside and renamed over the old one, the key first."""
+    shutil.copy(cert, live / "cert.pem.new")
+    shutil.copy(key, live / "key.pem.new")
+    (live / "key.pem.new").rename(live / "key.pem")
+    (live / "cert.pem.new").rename(live / "cert.pem")
+
+
 def expiry_lines(daemon):
     return [line for line in daemon.get("/metrics")[1].splitlines() if line.startswith(EXPIRY + "{")]
 
@@ -34,13 +54,7 @@ def expiry_lines(daemon):
 def test_expiry_is_one_valid_sample_per_certificate_and_follows_reloads(daemon_factory, sink_factory, certs,
                                                                         workdir):
     sink = sink_factory("store")
-    live = workdir / "live"
-    live.mkdir()
-    shutil.copy(certs / "server.pem", live / "cert.pem")
-    shutil.copy(certs / "server.key", live / "key.pem")
-    renewed_cert, renewed_key = harness.ca_signed_cert(certs, workdir, "renewed", ["mx.test"])
-    assert not_after(renewed_cert) != not_after(certs / "server.pem")
-    pair = {"cert": str(live / "cert.pem"), "key": str(live / "key.pem")}
+    live, pair, renewed_cert, renewed_key = live_pair(certs, workdir, "live", "renewed")
     # The same pair twice (the second is never chosen, the first matches every name it does): a configuration
     # the daemon takes, so its metrics must still be valid.
     tls = {"certificates": [pair, dict(pair)], "min_version": "TLS1.0", "ciphers": "DEFAULT:@SECLEVEL=0"}
@@ -58,10 +72,7 @@ def test_expiry_is_one_valid_sample_per_certificate_and_follows_reloads(daemon_f
 
     check(certs / "server.pem")
     # A renewal (new files at the same paths) and SIGHUP: the gauge follows at once.
-    shutil.copy(renewed_cert, live / "cert.pem.new")
-    shutil.copy(renewed_key, live / "key.pem.new")
-    (live / "key.pem.new").rename(live / "key.pem")
-    (live / "cert.pem.new").rename(live / "cert.pem")
+    renew(live, renewed_cert, renewed_key)
     sighup_and_wait(d, "success")
     check(renewed_cert)
     assert served_certificate(port) == pem_der(renewed_cert)
@@ -108,13 +119,7 @@ def test_expiry_is_of_the_certificate_served_when_the_files_change_during_the_re
     where the second read failed). The listener and http.tls (turned on by this reload) use the same files: the
     listener read them before the renewal, the HTTP server after it, and each series says what its side serves."""
     sink = sink_factory("store")
-    live = workdir / "live-during-reload"
-    live.mkdir()
-    shutil.copy(certs / "server.pem", live / "cert.pem")
-    shutil.copy(certs / "server.key", live / "key.pem")
-    renewed_cert, renewed_key = harness.ca_signed_cert(certs, workdir, "renewed-during", ["mx.test"])
-    assert not_after(renewed_cert) != not_after(certs / "server.pem")
-    pair = {"cert": str(live / "cert.pem"), "key": str(live / "key.pem")}
+    live, pair, renewed_cert, renewed_key = live_pair(certs, workdir, "live-during-reload", "renewed-during")
     bundles = workdir / "expiry-bundles"
     bundles.mkdir()
     many = []
@@ -135,10 +140,7 @@ def test_expiry_is_of_the_certificate_served_when_the_files_change_during_the_re
     d.proc.send_signal(signal.SIGHUP)
     harness.wait_for(lambda: d.stderr().count(" reload config=") > began, 10, interval=0.01, what="the reload")
     time.sleep(0.15)  # the listener has its pair; the CA bundles are being read
-    shutil.copy(renewed_cert, live / "cert.pem.new")
-    shutil.copy(renewed_key, live / "key.pem.new")
-    (live / "key.pem.new").rename(live / "key.pem")
-    (live / "cert.pem.new").rename(live / "cert.pem")
+    renew(live, renewed_cert, renewed_key)
     harness.wait_for(lambda: d.stderr().count(" reloaded ") >= 1, 30, what="the reload's end")
 
     metrics = https_metrics(http_port)
