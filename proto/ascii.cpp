@@ -15,4 +15,10 @@ std::string dns_name_key(std::string_view name) {
   return ascii_lower(name);
 }
 
+std::string_view trim_wsp(std::string_view text) {
+  while (!text.empty() && is_wsp(text.front())) text.remove_prefix(1);
+  while (!text.empty() && is_wsp(text.back())) text.remove_suffix(1);
+  return text;
+}
+
 }  // namespace mailflow::proto

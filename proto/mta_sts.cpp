@@ -2,21 +2,11 @@
 #include "proto/ascii.hpp"
 
 #include <algorithm>
-#include <cctype>
 #include <charconv>
 #include <utility>
 
 namespace mailflow::proto::mta_sts {
 namespace {
-
-bool is_alnum(char c) { return std::isalnum(static_cast<unsigned char>(c)) != 0; }
-bool is_wsp(char c) { return c == ' ' || c == '\t'; }
-
-std::string_view trim_wsp(std::string_view text) {
-  while (!text.empty() && is_wsp(text.front())) text.remove_prefix(1);
-  while (!text.empty() && is_wsp(text.back())) text.remove_suffix(1);
-  return text;
-}
 
 // sts-ext-name / sts-policy-ext-name: (ALPHA / DIGIT) *31(ALPHA / DIGIT / "_" / "-" / ".")
 bool valid_ext_name(std::string_view name) {
