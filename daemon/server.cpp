@@ -394,7 +394,7 @@ struct Server::Impl {
         continue;
       }
       // A connection accepted before a reload that removed the listener (the reload ran on this loop between
-      // the accept and this line) is served as the ones still queued then were (serve_queued).
+      // the accept and this line) is served as the ones still queued then were (take_queued).
       failpoint("accept");
       // A socket systemd passed may have queued connections before mailflowd started (a unit without
       // NoDelay=yes, which mailflowd.socket has): they have the option the socket had then, so each is set.
@@ -493,12 +493,13 @@ struct Server::Impl {
             "with an IP address and port, Accept=no); its connections are never answered"}});
   }
 
-  // A listener that a reload removed, before its socket closes: the clients that had connected to it (the
-  // kernel's accept queue: they were answered SYN-ACK while it listened) get their sessions, under the
-  // configuration they connected to. Closing the socket with them queued reset them, unanswered, with no log
-  // line or count. Bounded by the queue's length: what connects meanwhile is taken too, up to that.
-  void serve_queued(Acceptor& entry) {
-    std::size_t served = 0;
+  // The clients that had connected to a listener that is about to close (the kernel's accept queue: they were
+  // answered SYN-ACK while it listened) get their sessions, under the configuration they connected to: a
+  // listener that a reload removed serves them; at a drain (registry draining) each is told 421 4.3.2 at once
+  // (RelaySession::open). Closing the socket with them queued reset them, unanswered, with no log line or
+  // count. Bounded by the queue's length: what connects meanwhile is taken too, up to that. Returns how many.
+  std::size_t take_queued(Acceptor& entry) {
+    std::size_t taken = 0;
     error_code ec;
     entry.acceptor.non_blocking(true, ec);
     for (int tries = 0; !ec && tries < asio::socket_base::max_listen_connections; ++tries) {
@@ -516,10 +517,9 @@ struct Server::Impl {
         break;
       }
       start_relay_session(std::move(socket), peer, entry.runtime, *entry.listener, registry);
-      ++served;
+      ++taken;
     }
-    log_event(LogLevel::info, "listener_removed",
-              {{"listener", entry.name}, {"address", entry.address}, {"queued_sessions", served}});
+    return taken;
   }
 
   // `next` in force under `next_runtime`, the runtime now current.
@@ -534,7 +534,11 @@ struct Server::Impl {
     }
     for (auto& old : acceptors) {
       if (std::find(kept.begin(), kept.end(), old) != kept.end()) continue;
-      if (!old->inherited) serve_queued(*old);  // systemd's socket stays open, its queue with it
+      if (!old->inherited) {  // systemd's socket stays open, its queue with it
+        const std::size_t queued = take_queued(*old);
+        log_event(LogLevel::info, "listener_removed",
+                  {{"listener", old->name}, {"address", old->address}, {"queued_sessions", queued}});
+      }
       retire(*old);
     }
     for (auto& entry : kept) {
@@ -672,13 +676,20 @@ struct Server::Impl {
   asio::awaitable<void> drain() {
     stopping = true;
     sd_notify(0, "STOPPING=1");
+    // First: the sessions taken from the accept queues below start draining, told 421 4.3.2 at once, as RFC
+    // 5321 section 3.8 asks of a server that shuts down; closing the listening sockets with them queued reset
+    // them, unanswered, unlogged and uncounted. A socket from systemd keeps its queue for the next start.
+    registry.begin_drain();
+    std::size_t queued = 0;
     for (auto& entry : acceptors) {
+      if (!entry->inherited) queued += take_queued(*entry);
       error_code ec;
       entry->acceptor.close(ec);
     }
     const auto timeout = current()->config->limits.drain_timeout;
-    log_event(LogLevel::info, "draining", {{"sessions", registry.active()}, {"timeout_ms", timeout.count()}});
-    registry.begin_drain();
+    log_event(
+        LogLevel::info, "draining",
+        {{"sessions", registry.active()}, {"queued_sessions", queued}, {"timeout_ms", timeout.count()}});
     asio::steady_timer tick(io);
     const auto deadline = std::chrono::steady_clock::now() + timeout;
     while (registry.active() > 0 && std::chrono::steady_clock::now() < deadline) {
