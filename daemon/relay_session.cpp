@@ -313,6 +313,13 @@ asio::awaitable<bool> RelaySession::open() {
                   [&](const config::Cidr& cidr) { return cidr.contains(client_bytes_); });
   if (proxy_trusted && !co_await read_proxy_header()) co_return false;
 
+  // Taken from the accept queue by a drain (Server's take_queued), or accepted just before it: no banner, as
+  // Postfix's postscreen greets with 421 when it cannot serve.
+  if (registry_.draining()) {
+    co_await say_goodbye(proto::format_reply(421, "4.3.2", config_.hostname + " Service shutting down"),
+                         "shutdown");
+    co_return false;
+  }
   if (!registry_.admit_session(config_.limits.max_sessions)) {
     count_reject("session_limit");
     co_await say_goodbye(proto::format_reply(421, "4.7.0", config_.hostname + " Error: too many connections"),

@@ -13,17 +13,18 @@
 #include <systemd/sd-daemon.h>
 #include <unistd.h>
 
-#include <ctime>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/ip/v6_only.hpp>
+#include <boost/asio/post.hpp>
 #include <boost/asio/redirect_error.hpp>
 #include <boost/asio/signal_set.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
+#include <ctime>
 
 #include <atomic>
 #include <cstring>
@@ -180,11 +181,11 @@ void check_state_dir(const std::string& dir) {
 }
 
 // Asio installs its handler for a signal while a signal_set has it and puts SIG_DFL back when the signal's
-// last set goes. signals() takes SIGHUP out of its set and back to drop the notifications queued there, and
-// at exit the server's sets are destroyed while the process still runs: a SIGHUP (a deploy hook's reload) or
-// a SIGTERM then ended it by that signal, its state saved and its stop clean otherwise (exit status 129, not
-// 0). This set, on a context of its own that never runs, is never destroyed: it keeps the handlers for the
-// life of the process, and what it catches is never waited for.
+// last set goes. reload_signals() takes SIGHUP out of its set and back to drop the notifications queued
+// there, and at exit the server's sets are destroyed while the process still runs: a SIGHUP (a deploy hook's
+// reload) or a SIGTERM then ended it by that signal, its state saved and its stop clean otherwise (exit
+// status 129, not 0). This set, on a context of its own that never runs, is never destroyed: it keeps the
+// handlers for the life of the process, and what it catches is never waited for.
 void keep_signal_handlers() {
   static auto* const context = new asio::io_context;
   static auto* const keeper = new asio::signal_set(*context, SIGHUP, SIGTERM, SIGINT);
@@ -219,9 +220,11 @@ struct Server::Impl {
   std::vector<std::unique_ptr<asio::io_context>> workers;  // the other loops
   std::vector<WorkGuard> worker_guards;                    // keep them running while they have no session
   asio::io_context io{1};
-  // Handled from the start, so that a signal that comes while the server starts waits for it (main blocks them
-  // until then); signals() takes them once the loop runs.
-  asio::signal_set signal_set{io, SIGHUP, SIGTERM, SIGINT};
+  // Handled from the start, so that a signal that comes while the server starts waits for it (main blocks
+  // them until then); stop_signals() and reload_signals() take them once the loop runs. Two sets: see
+  // reload_signals().
+  asio::signal_set stop_signal_set{io, SIGTERM, SIGINT};
+  asio::signal_set reload_signal_set{io, SIGHUP};
   std::size_t next_loop = 0;
   Telemetry telemetry;
   SessionRegistry registry{telemetry};
@@ -394,7 +397,7 @@ struct Server::Impl {
         continue;
       }
       // A connection accepted before a reload that removed the listener (the reload ran on this loop between
-      // the accept and this line) is served as the ones still queued then were (serve_queued).
+      // the accept and this line) is served as the ones still queued then were (take_queued).
       failpoint("accept");
       // A socket systemd passed may have queued connections before mailflowd started (a unit without
       // NoDelay=yes, which mailflowd.socket has): they have the option the socket had then, so each is set.
@@ -493,12 +496,13 @@ struct Server::Impl {
             "with an IP address and port, Accept=no); its connections are never answered"}});
   }
 
-  // A listener that a reload removed, before its socket closes: the clients that had connected to it (the
-  // kernel's accept queue: they were answered SYN-ACK while it listened) get their sessions, under the
-  // configuration they connected to. Closing the socket with them queued reset them, unanswered, with no log
-  // line or count. Bounded by the queue's length: what connects meanwhile is taken too, up to that.
-  void serve_queued(Acceptor& entry) {
-    std::size_t served = 0;
+  // The clients that had connected to a listener that is about to close (the kernel's accept queue: they were
+  // answered SYN-ACK while it listened) get their sessions, under the configuration they connected to: a
+  // listener that a reload removed serves them; at a drain (registry draining) each is told 421 4.3.2 at once
+  // (RelaySession::open). Closing the socket with them queued reset them, unanswered, with no log line or
+  // count. Bounded by the queue's length: what connects meanwhile is taken too, up to that. Returns how many.
+  std::size_t take_queued(Acceptor& entry) {
+    std::size_t taken = 0;
     error_code ec;
     entry.acceptor.non_blocking(true, ec);
     for (int tries = 0; !ec && tries < asio::socket_base::max_listen_connections; ++tries) {
@@ -516,10 +520,9 @@ struct Server::Impl {
         break;
       }
       start_relay_session(std::move(socket), peer, entry.runtime, *entry.listener, registry);
-      ++served;
+      ++taken;
     }
-    log_event(LogLevel::info, "listener_removed",
-              {{"listener", entry.name}, {"address", entry.address}, {"queued_sessions", served}});
+    return taken;
   }
 
   // `next` in force under `next_runtime`, the runtime now current.
@@ -534,7 +537,11 @@ struct Server::Impl {
     }
     for (auto& old : acceptors) {
       if (std::find(kept.begin(), kept.end(), old) != kept.end()) continue;
-      if (!old->inherited) serve_queued(*old);  // systemd's socket stays open, its queue with it
+      if (!old->inherited) {  // systemd's socket stays open, its queue with it
+        const std::size_t queued = take_queued(*old);
+        log_event(LogLevel::info, "listener_removed",
+                  {{"listener", old->name}, {"address", old->address}, {"queued_sessions", queued}});
+      }
       retire(*old);
     }
     for (auto& entry : kept) {
@@ -670,15 +677,21 @@ struct Server::Impl {
   }
 
   asio::awaitable<void> drain() {
-    stopping = true;
     sd_notify(0, "STOPPING=1");
+    // First: the sessions taken from the accept queues below start draining, told 421 4.3.2 at once, as RFC
+    // 5321 section 3.8 asks of a server that shuts down; closing the listening sockets with them queued reset
+    // them, unanswered, unlogged and uncounted. A socket from systemd keeps its queue for the next start.
+    registry.begin_drain();
+    std::size_t queued = 0;
     for (auto& entry : acceptors) {
+      if (!entry->inherited) queued += take_queued(*entry);
       error_code ec;
       entry->acceptor.close(ec);
     }
     const auto timeout = current()->config->limits.drain_timeout;
-    log_event(LogLevel::info, "draining", {{"sessions", registry.active()}, {"timeout_ms", timeout.count()}});
-    registry.begin_drain();
+    log_event(
+        LogLevel::info, "draining",
+        {{"sessions", registry.active()}, {"queued_sessions", queued}, {"timeout_ms", timeout.count()}});
     asio::steady_timer tick(io);
     const auto deadline = std::chrono::steady_clock::now() + timeout;
     while (registry.active() > 0 && std::chrono::steady_clock::now() < deadline) {
@@ -709,37 +722,50 @@ struct Server::Impl {
     stop_loops();
   }
 
-  asio::awaitable<void> signals() {
+  // SIGTERM, SIGINT: a drain; a second one while draining cuts it short.
+  asio::awaitable<void> stop_signals() {
     for (;;) {
-      int signal = co_await signal_set.async_wait(asio::use_awaitable);
-      if (signal == SIGHUP) {
-        // Asio queues one notification per SIGHUP delivered, and the reload runs here, on the loop that
-        // reads them: a burst (a deploy hook per renewed certificate) made as many full reloads, one after
-        // another, with the accepts and this loop's sessions waiting, and a SIGTERM behind them all (SIGHUP
-        // is dequeued first). The ones queued now came before this reload, which reads the file after them:
-        // dropped. Those that come while it runs make one more, as Postfix's master reloads once for any
-        // number of SIGHUPs behind its master_gotsighup flag.
-        signal_set.remove(SIGHUP);
-        signal_set.add(SIGHUP);
-        if (stopping)
-          log_event(LogLevel::warn, "reload_ignored",
-                    {{"reason", "the daemon is stopping (draining its sessions)"}});
-        else
-          reload();
-        continue;
-      }
+      co_await stop_signal_set.async_wait(asio::use_awaitable);
       if (stopping) {
         // A second SIGTERM/SIGINT while draining: the operator does not want to wait.
         log_event(LogLevel::warn, "drain_cut_short", {{"sessions", registry.active()}});
         registry.close_all();
         continue;
       }
+      // Set here, not when drain() begins: a reload whose SIGHUP was read with this signal is not made
+      // (reload_signals()).
+      stopping = true;
       // A drain that failed still saves the windows and exits (with sessions cut short) rather than hang.
       asio::co_spawn(io, drain(), on_escape("drain", [this] {
                        registry.close_all();
                        save_state_now();
                        stop_loops();
                      }));
+    }
+  }
+
+  // SIGHUP: a reload.
+  asio::awaitable<void> reload_signals() {
+    for (;;) {
+      co_await reload_signal_set.async_wait(asio::use_awaitable);
+      // Asio queues one notification per SIGHUP delivered, and the reload runs here, on the loop that
+      // reads them: a burst (a deploy hook per renewed certificate) made as many full reloads, one after
+      // another, with the accepts and this loop's sessions waiting. The ones queued now came before this
+      // reload, which reads the file after them: dropped. Those that come while it runs make one more, as
+      // Postfix's master reloads once for any number of SIGHUPs behind its master_gotsighup flag.
+      reload_signal_set.remove(SIGHUP);
+      reload_signal_set.add(SIGHUP);
+      // A SIGTERM/SIGINT read with this SIGHUP (both sent while a reload ran, one after the other) goes
+      // first: its handler is queued already, and this turn of the loop lets it set `stopping`. One set for
+      // all three handed out the lower signal number first, so the daemon made a whole reload (about a second
+      // with 20 tls: verify upstreams, each with its own CA bundle) before it began to drain; in a SIGHUP
+      // storm, the reload under way and one more. Postfix's master acts on SIGTERM in its signal handler.
+      co_await asio::post(io, asio::use_awaitable);
+      if (stopping)
+        log_event(LogLevel::warn, "reload_ignored",
+                  {{"reason", "the daemon is stopping (draining its sessions)"}});
+      else
+        reload();
     }
   }
 
@@ -862,7 +888,8 @@ int Server::run() {
   s.http = std::make_unique<HttpServer>(config.http, s.telemetry, [&s] { return !s.stopping; });
   s.http->start();
   s.apply_certificates(*snapshot);  // what the listeners' contexts and the HTTP server loaded
-  s.keep_running("signals", [&s] { return s.signals(); });
+  s.keep_running("signals", [&s] { return s.stop_signals(); });
+  s.keep_running("signals", [&s] { return s.reload_signals(); });
   s.keep_running("periodic", [&s] { return s.periodic(); });
   s.keep_running("periodic", [&s] { return s.give_back_memory(); });
   s.keep_running("periodic", [&s] { return s.name_remotes(); });

@@ -1,6 +1,7 @@
 """SIGTERM while sessions wait for their next command: every idle session hears 421 4.3.2 at once (not after
 limits.drain_timeout, when it is cut without a word), plaintext or TLS, also when the client has sent part of
-a command or part of a TLS record; the daemon then exits 0 without waiting for the drain timeout."""
+a command or part of a TLS record; the daemon then exits 0 without waiting for the drain timeout. Clients still
+waiting in the listener's accept queue at the signal are told 421 4.3.2 too."""
 import signal
 import socket
 import ssl
@@ -101,3 +102,43 @@ def test_idle_tls_session_told_421(daemon_factory, certs, sink, partial):
     finally:
         sock.close()
     assert_quick(exited(d, at))
+
+
+def test_clients_waiting_in_the_accept_queue_at_sigterm_are_told_421(daemon_factory, certs, sink):
+    """Clients whose connection the kernel completed before the SIGTERM (the daemon stopped meanwhile, so that they
+    wait in its accept queue) are told 421 4.3.2 and counted, as RFC 5321 section 3.8 asks of a server that shuts
+    down. They were reset when the drain closed the listening socket: no reply, no log line, no count. A client that
+    the accept loop took before the signal (its banner sent) is told 421 at the drain like any idle session: as the
+    daemon resumes, its accept loop takes some of the queue before the signal is read, so many clients (of which
+    all but four were reset here)."""
+    port = harness.free_port()
+    d = daemon_factory(listeners=[hh.listener("inbound", port, "store")],
+                       upstreams=[hh.plain_upstream("store", sink.port)], name="drain-queued",
+                       limits={"drain_timeout": f"{DRAIN_TIMEOUT}s", "max_sessions_per_ip": 1000})
+    clients = []
+    d.proc.send_signal(signal.SIGSTOP)
+    try:
+        for _ in range(200):
+            clients.append(harness.RawSmtp(port, timeout=DRAIN_TIMEOUT + 5))
+        at = time.monotonic()
+        d.proc.send_signal(signal.SIGTERM)
+    finally:
+        d.proc.send_signal(signal.SIGCONT)
+    outcomes = []
+    try:
+        for c in clients:
+            try:
+                code, text = c.reply()
+                if code == 220:  # taken by the accept loop before the signal
+                    code, text = c.reply()
+                outcomes.append(text[:9])
+            except (ConnectionError, OSError) as e:
+                outcomes.append(type(e).__name__)
+    finally:
+        for c in clients:
+            c.close()
+    assert outcomes == ["421 4.3.2"] * len(clients), f"what each waiting client got: {outcomes}"
+    assert_quick(exited(d, at))
+    log = d.stderr()
+    assert log.count(" result=shutdown") == len(clients), d.log_tail()
+    assert " queued_sessions=" in log.split(" draining ", 1)[1], d.log_tail()

@@ -156,6 +156,19 @@ def test_a_reload_with_many_upstreams_needing_the_system_bundle_keeps_answering(
     hh.assert_relays(d, port, sink)
 
 
+def slow_to_load(workdir, name):
+    """Upstreams that make a reload take about a second (Debug build): 20 tls: verify upstreams, each with its own
+    copy of the system bundle."""
+    bundles = workdir / f"{name}-bundles"
+    bundles.mkdir(exist_ok=True)
+    many = []
+    for i in range(20):
+        shutil.copy("/etc/ssl/certs/ca-certificates.crt", bundles / f"ca{i}.pem")
+        many.append({"name": f"partner{i}", "address": f"192.0.2.{i + 1}:25", "tls": "verify",
+                     "ca_file": str(bundles / f"ca{i}.pem")})
+    return many
+
+
 def test_a_burst_of_sighups_makes_one_reload_and_one_more_not_one_each(daemon_factory, sink, workdir):
     """SIGHUPs that come while a reload runs are merged, as Postfix's master merges them behind a flag: 30 SIGHUPs
     10 ms apart during a reload that takes a second (20 tls: verify upstreams, each with its own copy of the system
@@ -163,15 +176,9 @@ def test_a_burst_of_sighups_makes_one_reload_and_one_more_not_one_each(daemon_fa
     reloads, each holding the first event loop (accepts, and every session with event_loops: 1). The last SIGHUP
     follows a change of the file: the follow-up reload applies it."""
     port = harness.free_port()
-    bundles = workdir / "burst-bundles"
-    bundles.mkdir(exist_ok=True)
-    many = []
-    for i in range(20):
-        shutil.copy("/etc/ssl/certs/ca-certificates.crt", bundles / f"ca{i}.pem")
-        many.append({"name": f"partner{i}", "address": f"192.0.2.{i + 1}:25", "tls": "verify",
-                     "ca_file": str(bundles / f"ca{i}.pem")})
     d = daemon_factory(listeners=[hh.listener("inbound", port, "store")],
-                       upstreams=[hh.plain_upstream("store", sink.port)] + many, name="sighup-burst")
+                       upstreams=[hh.plain_upstream("store", sink.port)] + slow_to_load(workdir, "burst"),
+                       name="sighup-burst")
     cfg = json.loads(d.config_path.read_text())
     cfg["connectors"] = [{"name": "late", "type": "partner", "direction": "inbound",
                           "match": {"listener": "inbound", "client_cidrs": ["192.0.2.0/24"]}, "upstream": "store"}]
@@ -203,6 +210,29 @@ def test_a_burst_of_sighups_makes_one_reload_and_one_more_not_one_each(daemon_fa
     assert 2 <= made <= 3, f"{made} reloads for 30 SIGHUPs in {burst:.2f} s (want the one under way and one more)"
     assert began == made, f"{began} reloads began, {made} ended"
     hh.assert_relays(d, port, sink)
+
+
+def test_a_sigterm_during_a_reload_is_not_held_up_by_one_more(daemon_factory, sink, workdir):
+    """A SIGHUP and then a SIGTERM while a reload runs (a deploy hook's reloads, then `systemctl stop`): the two are
+    read together once it is done, and Asio hands out the lower signal number first, so the daemon made a whole
+    second reload (about half a second here) before it began to drain; in a SIGHUP storm a SIGTERM always waited
+    behind the reload under way and one more. The stop wins: the reload it overtook is not made (reload_ignored)."""
+    port = harness.free_port()
+    d = daemon_factory(listeners=[hh.listener("inbound", port, "store")],
+                       upstreams=[hh.plain_upstream("store", sink.port)] + slow_to_load(workdir, "overtaken"),
+                       name="sigterm-overtakes")
+    d.proc.send_signal(signal.SIGHUP)
+    harness.wait_for(lambda: " reload config=" in d.stderr(), 10, interval=0.005, what="the first reload to begin")
+    d.proc.send_signal(signal.SIGHUP)
+    d.proc.send_signal(signal.SIGTERM)
+    try:
+        d.proc.wait(20)
+    except subprocess.TimeoutExpired:
+        pytest.fail("mailflowd did not exit after SIGTERM")
+    assert d.proc.returncode == 0, d.log_tail()
+    log = d.stderr()
+    assert " reloaded " in log, "the first reload was to finish before the drain"
+    assert log.count(" reload config=") == 1 and "reload_ignored" in log, d.log_tail()
 
 
 def test_sighup_with_a_broken_trust_anchor_keeps_running_one(daemon_factory, sink, workdir):
