@@ -273,7 +273,7 @@ Fetch fetch(const Url& url, const std::string& target, const TlsOptions& tls, st
 }
 
 const std::string_view daemon_options_usage =
-    "  --config         read http.address (https:// when http.tls is set) and http.basic_auth's user from\n"
+    "  -c, --config     read http.address (https:// when http.tls is set) and http.basic_auth's user from\n"
     "                   the daemon's configuration file\n"
     "  --url            where the daemon's HTTP side listens (default http://127.0.0.1:9725; overrides\n"
     "                   --config's address); https:// when http.tls is set\n"
@@ -283,7 +283,7 @@ const std::string_view daemon_options_usage =
     "                   password written %2F, a '%' %25; but it shows in ps.)\n"
     "  --ca-file        PEM file of CA certificates to verify an https:// server with (default: system "
     "store)\n"
-    "  --insecure       https:// without certificate verification (self-signed certificates)\n";
+    "  -k, --insecure   https:// without certificate verification (self-signed certificates)\n";
 
 std::string shown(std::string_view text) {
   static constexpr char kHex[] = "0123456789abcdef";
@@ -326,12 +326,14 @@ bool parse_daemon_option(int argc, char** argv, int& i, DaemonOptions& options, 
     return true;
   }
   ValuedOption option;
-  if (!parse_valued_option(argc, argv, i, {"--url", "--config", "--user", "--password-file", "--ca-file"}, option,
+  if (!parse_valued_option(argc, argv, i,
+                           {"--url", "--config", "-c", "--user", "--password-file", "--ca-file"}, option,
                            error))
     return false;
   const std::string value(option.value);
   if (option.name == "--url") options.url = value;
-  else if (option.name == "--config") options.config_path = value;
+  else if (option.name == "--config" || option.name == "-c")
+    options.config_path = value;
   else if (option.name == "--user") options.user = value;
   else if (option.name == "--password-file") options.password_file = value;
   else options.tls.ca_file = value;

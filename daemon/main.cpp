@@ -27,18 +27,20 @@ namespace {
 constexpr const char* default_config = "/etc/mailflowd/mailflowd.yaml";
 
 void usage(std::FILE* out) {
-  std::fprintf(out,
-               "usage: mailflowd [--config FILE]          run the relay (default %s)\n"
-               "       mailflowd --check-config FILE      validate a configuration and exit\n"
-               "       mailflowd report [--config FILE] [--url URL] [--days N] [--format table|json|csv] ...\n"
-               "       mailflowd route --config FILE --recipient ADDRESS [--listener NAME] [--sender ADDRESS] "
-               "[--client IP] [--format text|json] [--seed N]\n"
-               "       mailflowd mta-sts --config FILE --domain DOMAIN [--connect HOST:PORT] [--fetch-only] "
-               "[--state]\n"
-               "       mailflowd tlsrpt [--config FILE] [--url URL] [--date YYYY-MM-DD] [--domain DOMAIN] "
-               "[--format json|gzip] ...\n"
-               "       mailflowd --version\n",
-               default_config);
+  std::fprintf(
+      out,
+      "usage: mailflowd [-c|--config FILE]       run the relay (default %s)\n"
+      "       mailflowd --check-config FILE      validate a configuration and exit\n"
+      "       mailflowd report [-c|--config FILE] [--url URL] [--days N] [--format table|json|csv] ...\n"
+      "       mailflowd route -c|--config FILE --recipient ADDRESS [--listener NAME] [--sender ADDRESS] "
+      "[--client IP] [--format text|json] [--seed N]\n"
+      "       mailflowd mta-sts -c|--config FILE --domain DOMAIN [--connect HOST:PORT] [--fetch-only] "
+      "[--state]\n"
+      "       mailflowd tlsrpt [-c|--config FILE] [--url URL] [--date YYYY-MM-DD] [--domain DOMAIN] "
+      "[--format json|gzip] ...\n"
+      "       mailflowd -V|--version\n"
+      "       mailflowd [report|route|mta-sts|tlsrpt] -h|--help   this text, or the subcommand's\n",
+      default_config);
 }
 
 int check_config(const std::string& path) {

@@ -26,7 +26,8 @@ namespace {
 namespace net = boost::asio;
 
 constexpr std::string_view kUsage =
-    "usage: mailflowd mta-sts --config FILE --domain DOMAIN [--connect HOST:PORT] [--fetch-only] [--state]\n"
+    "usage: mailflowd mta-sts -c|--config FILE --domain DOMAIN [--connect HOST:PORT] [--fetch-only]\n"
+    "                         [--state]\n"
     "  --domain      the recipient domain whose MTA-STS policy to look up\n"
     "  --connect     connect to HOST:PORT instead of mta-sts.DOMAIN:443 (the certificate must still\n"
     "                be valid for mta-sts.DOMAIN)\n"
@@ -83,10 +84,12 @@ int run_mta_sts_cli(int argc, char** argv, std::ostream& out, std::ostream& err)
     } else {
       cli::ValuedOption option;
       std::string error;
-      if (!cli::parse_valued_option(argc, argv, i, {"--config", "--domain", "--connect"}, option, error))
+      if (!cli::parse_valued_option(argc, argv, i, {"--config", "-c", "--domain", "--connect"}, option,
+                                    error))
         return usage_error(error.empty() ? "unknown argument \"" + std::string(arg) + "\"" : error);
       const std::string value(option.value);
-      if (option.name == "--config") config_path = value;
+      if (option.name == "--config" || option.name == "-c")
+        config_path = value;
       else if (option.name == "--domain") domain = value;
       else connect = value;
     }

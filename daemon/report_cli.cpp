@@ -14,10 +14,10 @@ namespace mailflow {
 namespace {
 
 constexpr std::string_view kUsage =
-    "usage: mailflowd report [--config FILE] [--url http://127.0.0.1:9725] [--days N] [--format "
+    "usage: mailflowd report [-c|--config FILE] [--url http://127.0.0.1:9725] [--days N] [--format "
     "table|json|csv]\n"
     "                        [--summary | --connector NAME | --domains]\n"
-    "                        [--user USER] [--password-file FILE] [--ca-file FILE] [--insecure]\n"
+    "                        [--user USER] [--password-file FILE] [--ca-file FILE] [-k|--insecure]\n"
     "  --days           UTC days to show, today included (default 7, at most the telemetry window)\n"
     "  --format         table (default), json or csv\n"
     "  --connector      the drill-down of one connector: its remote servers (and, outbound, destination\n"

@@ -33,7 +33,7 @@ namespace {
 namespace net = boost::asio;
 
 constexpr std::string_view kUsage =
-    "usage: mailflowd route --config FILE --recipient ADDRESS [--listener NAME] [--sender ADDRESS]\n"
+    "usage: mailflowd route -c|--config FILE --recipient ADDRESS [--listener NAME] [--sender ADDRESS]\n"
     "                       [--client IP] [--format text|json] [--seed N]\n"
     "  --recipient  user@domain (or a bare domain) to route\n"
     "  --listener   the listener the mail arrives on (default: the first outbound listener, else the first)\n"

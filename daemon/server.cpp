@@ -62,6 +62,11 @@ using boost::system::error_code;
 namespace {
 
 constexpr auto state_save_interval = std::chrono::seconds(60);
+// After limits.drain_timeout: how long the sessions still open get to close, and a TLS-RPT mail in flight to
+// end; then the time allowed for saving the windows, in what the stop asks systemd to wait for.
+constexpr auto drain_close_wait = std::chrono::seconds(5);
+constexpr auto drain_tlsrpt_wait = std::chrono::seconds(5);
+constexpr auto drain_save_allowance = std::chrono::seconds(20);
 constexpr auto memory_check_interval = std::chrono::seconds(2);
 // Reverse names of the drill-down's inbound addresses: looked up here, off every session's path, a batch at a
 // time; each answer is cached (RemoteStore) for a while, a failure for less.
@@ -677,7 +682,15 @@ struct Server::Impl {
   }
 
   asio::awaitable<void> drain() {
-    sd_notify(0, "STOPPING=1");
+    const auto timeout = current()->config->limits.drain_timeout;
+    // The unit's TimeoutStopSec=60s holds the default drain_timeout (30s); a longer one would end in
+    // systemd's SIGKILL before the windows are saved. The stop may take the drain, the waits after it
+    // (closing what is left, a TLS-RPT mail in flight: 5 s each) and the save: systemd waits that long from
+    // now (sd_notify(3); it never shortens TimeoutStopSec).
+    const auto stop_budget = timeout + drain_close_wait + drain_tlsrpt_wait + drain_save_allowance;
+    sd_notify(0, fmt::format("STOPPING=1\nEXTEND_TIMEOUT_USEC={}",
+                             std::chrono::duration_cast<std::chrono::microseconds>(stop_budget).count())
+                     .c_str());
     // First: the sessions taken from the accept queues below start draining, told 421 4.3.2 at once, as RFC
     // 5321 section 3.8 asks of a server that shuts down; closing the listening sockets with them queued reset
     // them, unanswered, unlogged and uncounted. A socket from systemd keeps its queue for the next start.
@@ -688,7 +701,6 @@ struct Server::Impl {
       error_code ec;
       entry->acceptor.close(ec);
     }
-    const auto timeout = current()->config->limits.drain_timeout;
     log_event(
         LogLevel::info, "draining",
         {{"sessions", registry.active()}, {"queued_sessions", queued}, {"timeout_ms", timeout.count()}});
@@ -701,7 +713,7 @@ struct Server::Impl {
     if (registry.active() > 0) {
       log_event(LogLevel::warn, "drain_timeout", {{"sessions", registry.active()}});
       registry.close_all();
-      const auto hard_deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+      const auto hard_deadline = std::chrono::steady_clock::now() + drain_close_wait;
       while (registry.active() > 0 && std::chrono::steady_clock::now() < hard_deadline) {
         tick.expires_after(std::chrono::milliseconds(20));
         co_await tick.async_wait(asio::use_awaitable);
@@ -710,7 +722,7 @@ struct Server::Impl {
     if (tlsrpt_sender && tlsrpt_sender->running()) {
       // A TLS-RPT report mail in flight is closed too, and says so (result=shutdown) before the loop stops.
       tlsrpt_sender->stop();
-      const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+      const auto until = std::chrono::steady_clock::now() + drain_tlsrpt_wait;
       while (tlsrpt_sender->running() && std::chrono::steady_clock::now() < until) {
         tick.expires_after(std::chrono::milliseconds(20));
         co_await tick.async_wait(asio::use_awaitable);

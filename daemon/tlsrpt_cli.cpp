@@ -15,11 +15,13 @@ namespace mailflow {
 namespace {
 
 constexpr std::string_view kUsage =
-    "usage: mailflowd tlsrpt [--config FILE] [--url http://127.0.0.1:9725] [--date YYYY-MM-DD] [--domain DOMAIN]\n"
-    "                        [--format json|gzip] [--user USER] [--password-file FILE] [--ca-file FILE] [--insecure]\n"
-    "  --date           the UTC day (default: today, still being counted; reports are sent for finished days)\n"
-    "  --domain         one recipient (policy) domain's report; without it, every domain of the day with its\n"
-    "                   rua addresses\n"
+    "usage: mailflowd tlsrpt [-c|--config FILE] [--url http://127.0.0.1:9725] [--date YYYY-MM-DD]\n"
+    "                        [--domain DOMAIN] [--format json|gzip] [--user USER] [--password-file FILE]\n"
+    "                        [--ca-file FILE] [-k|--insecure]\n"
+    "  --date           the UTC day (default: today, still being counted; reports are sent for finished\n"
+    "                   days)\n"
+    "  --domain         one recipient (policy) domain's report; without it, every domain of the day with\n"
+    "                   its rua addresses\n"
     "  --format         json (default) or gzip: the report exactly as it is sent (application/tlsrpt+gzip),\n"
     "                   needs --domain; write it to a file, not a terminal\n";
 

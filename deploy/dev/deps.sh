@@ -6,7 +6,7 @@ build_pkgs=(g++ cmake ninja-build ccache pkg-config make libboost-dev libssl-dev
   libyaml-cpp-dev libspdlog-dev libfmt-dev doctest-dev libsystemd-dev libcrypt-dev libunbound-dev zlib1g-dev
   python3 python3-aiosmtpd swaks libnet-ssleay-perl curl ca-certificates scdoc dpkg-dev)
 test_pkgs=(python3-pytest valgrind linux-perf postfix prometheus prometheus-alertmanager haproxy nginx-full libnginx-mod-mail
-  python3-yaml chromium clang libclang-rt-14-dev iproute2 procps systemd man-db knot knot-dnsutils lintian)
+  python3-yaml chromium clang libclang-rt-14-dev iproute2 procps systemd man-db knot knot-dnsutils lintian strace)
 want=("${build_pkgs[@]}")
 [ "${1:-build}" = test ] && want+=("${test_pkgs[@]}")
 missing=()

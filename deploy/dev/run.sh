@@ -2,7 +2,8 @@
 # `make run`: a self-signed dev certificate, a local SMTP sink and mailflowd on config/examples/dev.yaml
 # (SMTP 127.0.0.1:2525, HTTP 127.0.0.1:9725, sink 127.0.0.1:2526). Ctrl-C stops both.
 # Other ports: SMTP_PORT, HTTP_PORT, SINK_PORT (make run SMTP_PORT=2535 HTTP_PORT=9735); the config with
-# them is written to run/dev.yaml. If mailflowd does not come up, it says why and exits 1.
+# them is written to run/dev.yaml. If mailflowd does not come up, it says why and exits 1; so does a second run.sh
+# in the same tree while one runs.
 set -euo pipefail
 binary=${1:?usage: run.sh path/to/mailflowd}
 smtp_port=${SMTP_PORT:-2525}
@@ -26,6 +27,15 @@ for port in "$smtp_port" "$http_port" "$sink_port"; do
 done
 
 mkdir -p run/state run/mail
+# One `make run` per tree: a second one (on other ports) would write over the running one's run/dev.yaml, which its
+# printed report command and its next SIGHUP read. Held by this script (fd 9, not passed on) while it runs.
+exec 9>run/run.lock
+if ! flock -n 9; then
+  echo "run: another \`make run\` is using $PWD/run (pid $(cat run/run.pid 2>/dev/null || echo '?'));" \
+       "stop it first (Ctrl-C in its terminal)" >&2
+  exit 1
+fi
+echo $$ >run/run.pid
 if [ ! -s run/dev-cert.pem ] || [ ! -s run/dev-key.pem ]; then
   openssl req -x509 -newkey rsa:2048 -nodes -days 365 -subj "/CN=localhost" \
     -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
@@ -39,7 +49,7 @@ sed -e 's/127\.0\.0\.1:2525/127.0.0.1:@SMTP@/g' -e 's/127\.0\.0\.1:2526/127.0.0.
     -e 's/127\.0\.0\.1:9725/127.0.0.1:@HTTP@/g' \
     -e "s/@SMTP@/$smtp_port/g; s/@SINK@/$sink_port/g; s/@HTTP@/$http_port/g" config/examples/dev.yaml >"$config"
 
-/usr/bin/python3 tests/tools/sink.py --host 127.0.0.1 --port "$sink_port" --maildir run/mail >run/sink.log 2>&1 &
+/usr/bin/python3 tests/tools/sink.py --host 127.0.0.1 --port "$sink_port" --maildir run/mail >run/sink.log 2>&1 9>&- &
 sink=$!
 daemon=""
 stop() {
@@ -52,7 +62,7 @@ trap stop INT TERM EXIT
 for _ in $(seq 50); do grep -q READY run/sink.log 2>/dev/null && break; sleep 0.1; done
 grep -q READY run/sink.log || { echo "run: the sink did not start:" >&2; cat run/sink.log >&2; exit 1; }
 
-"$binary" --config "$config" &
+"$binary" --config "$config" 9>&- &
 daemon=$!
 # Up means: still running and answering /healthz (a process that died at start may leave an old listener
 # answering on the port, so both are checked).

@@ -100,3 +100,23 @@ def test_make_run_listens_on_the_ports_given(tmp_path, given):
             f"run/dev.yaml's listener, sink and http ports for {ports}: {addresses}"
         status, _ = d.http_get(f"http://127.0.0.1:{ports['HTTP_PORT']}/healthz")
         assert status == 200
+
+
+def test_a_second_make_run_leaves_the_running_one_alone(tmp_path):
+    """A second `make run` in the same tree, on ports of its own, is refused before it touches run/: the first's
+    run/dev.yaml (which its printed report command and its SIGHUP read) and its sink stay as they were."""
+    ports = {"SMTP_PORT": d.free_port(), "HTTP_PORT": d.free_port(), "SINK_PORT": d.free_port()}
+    with run_sh(tmp_path, ports) as (tree, out):
+        config = (tree / "run/dev.yaml").read_text()
+        report = [c for c in printed_commands(out.read_text()) if " report " in c + " "]
+        other = {name: d.free_port() for name in ports}
+        second = subprocess.run([tree / "deploy/dev/run.sh", os.environ["MAILFLOWD"]],
+                                env=dict(os.environ, **{name: str(port) for name, port in other.items()}),
+                                capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        assert second.returncode == 1, f"the second run.sh: {second.returncode}\n{second.stdout}{second.stderr}"
+        assert "another `make run`" in second.stderr, second.stderr
+        assert (tree / "run/dev.yaml").read_text() == config, "the second run.sh rewrote the first's run/dev.yaml"
+        for port in other.values():
+            assert bindable(port), f"the second run.sh left something listening on {port}"
+        p = subprocess.run(["bash", "-c", report[0]], cwd=tree, capture_output=True, text=True, timeout=30)
+        assert p.returncode == 0, f"the first's printed {report[0]} after the second run.sh:\n{p.stdout}{p.stderr}"

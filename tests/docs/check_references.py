@@ -5,7 +5,10 @@
    uses only options that the binary declares: `mailflowd --help` for the daemon and for each subcommand
    (its usage line `mailflowd SUB ...`), `mailflowd report --help` for the report in full.
 2. The man page mailflowd(8) lists every option that these --help texts declare, and every path that the HTTP
-   server answers (the string literals of daemon/http_server.cpp).
+   server answers (the string literals of daemon/http_server.cpp). The parsers accept exactly the options that
+   --help declares, short forms included: every single-letter option and every "--name" literal of daemon/ is
+   tried on the daemon and on each subcommand (before a last argument that none knows, so nothing runs), and
+   one that is not refused as unknown must be declared by that --help (and one declared must not be refused).
 3. Every log key quoted there (`key=value` outside PromQL/Alertmanager selectors, in prose, inline code and
    fenced log lines or greps) is a field that the daemon logs: the field names of every log_event/log_limited
    call in daemon/ plus what daemon/log.cpp adds itself (suppressed=).
@@ -354,6 +357,44 @@ def yaml_blocks(source):
             yield f"{os.path.relpath(path, source)}:{text[:m.start()].count(chr(10)) + 2}", m.group(1)
 
 
+PROBE_END = "--zz-no-such-option"
+
+
+def refused_as_unknown(output, option):
+    return re.search(r"unknown argument ['\"]" + re.escape(option) + r"['\"]", output) is not None
+
+
+def accepted_options(binary, sub, candidates):
+    """The candidates that `mailflowd [SUB] OPTION VALUE --zz-no-such-option` does not refuse as unknown. The
+    parsers stop at the first argument they do not know, the last one at the latest, so nothing is run."""
+    accepted = set()
+    for option in sorted(candidates | {PROBE_END}):
+        result = subprocess.run([binary, *([sub] if sub else []), option, "probe-value", PROBE_END],
+                                capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+        if not refused_as_unknown(result.stdout + result.stderr, option):
+            accepted.add(option)
+    if PROBE_END in accepted:
+        sys.exit(f"FAIL: `mailflowd {sub or ''} {PROBE_END}` is not refused as an unknown argument: the parser "
+                 "probe cannot tell accepted options from unknown ones")
+    return accepted
+
+
+def check_parser_options(sub, accepted, declared):
+    """Errors for options the parser takes that --help does not declare, and for declared ones it refuses."""
+    what = f"mailflowd {sub}" if sub else "mailflowd"
+    return ([f"{what} accepts {o}, which its --help does not declare" for o in sorted(accepted - declared)] +
+            [f"{what} --help declares {o}, which it refuses as unknown" for o in sorted(declared - accepted)])
+
+
+def option_candidates(source):
+    """Every single-letter option, and every "--name" string literal in daemon/."""
+    letters = {f"-{c}" for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"}
+    names = set()
+    for path in glob.glob(os.path.join(source, "daemon", "*.cpp")):
+        names |= set(re.findall(r'"(--[a-z][a-z0-9-]*)', open(path, encoding="utf-8").read()))
+    return letters | names
+
+
 def help_of(binary, *args):
     result = subprocess.run([binary, *args, "--help"], capture_output=True, text=True, timeout=30)
     if result.returncode != 0:
@@ -379,8 +420,11 @@ def main():
         if result.returncode == 0:
             options_of[sub] |= declared_options(result.stdout)
     options_of["report"] = declared_options(help_of(args.binary, "report"))
-    for options in options_of.values():
-        options |= {"--help", "-h"}
+    # `mailflowd --help` says that every subcommand takes -h/--help too.
+    if not {"-h", "--help"} <= options_of[None]:
+        sys.exit(f"FAIL: `mailflowd --help` does not declare -h and --help:\n{main_help}")
+    for sub in [s for s in options_of if s]:
+        options_of[sub] |= {"--help", "-h"}
     main_options, report_options = options_of[None], options_of["report"]
     log_keys = source_log_keys(args.source)
     for required in ("--config", "--check-config", "--version"):
@@ -421,8 +465,17 @@ def main():
              ("prometheus", "scrape_configs:\n  - job_name: mailflowd\n")], config_keys):
         sys.exit("FAIL: the configuration-example check cannot tell a wrong key from right ones")
 
+    # The parsers against --help: the probe must see an undeclared short form, and a declared option refused.
+    if check_parser_options(None, {"--config", "--version"}, {"--config", "--version"}) or \
+            len(check_parser_options(None, {"--config", "-V"}, {"--config", "--version"})) != 2:
+        sys.exit("FAIL: the parser check cannot tell an undeclared or a refused option from declared ones")
+    candidates = option_candidates(args.source)
+    parser_errors = []
+    for sub, declared_by_help in options_of.items():
+        parser_errors += check_parser_options(sub, accepted_options(args.binary, sub, candidates), declared_by_help)
+
     lines = list(doc_lines(args.source))
-    errors = check_commands(lines, options_of) + check_log_keys(lines, log_keys)
+    errors = parser_errors + check_commands(lines, options_of) + check_log_keys(lines, log_keys)
     # Every event is named in the docs an operator reads (the rules' texts are no place for that).
     errors += check_log_events(lines, events, [(w, ln) for w, ln in lines if not w.startswith("deploy/")])
     blocks = list(yaml_blocks(args.source))
@@ -439,7 +492,7 @@ def main():
     man = open(man_path, encoding="utf-8").read()
     man_options = set(re.findall(r"\*(--?[a-zA-Z][a-zA-Z0-9-]*)\*", man))
     declared = set().union(*options_of.values())
-    for option in sorted(o for o in declared if o.startswith("--") and o != "--help"):
+    for option in sorted(declared):
         if option not in man_options:
             errors.append(f"docs/man/mailflowd.8.scd: does not list {option} (declared by --help)")
 

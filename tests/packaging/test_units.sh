@@ -45,7 +45,7 @@ verify() {  # verify DIR: must exit 0 and say nothing at all
   fi
 }
 
-# exposure UNITFILE -> prints the overall exposure number, e.g. 1.4
+# exposure UNITFILE -> prints the overall exposure number, e.g. 1.5
 exposure() {
   local report
   report=$(cd "$(dirname "$1")" && systemd-analyze security --offline=true "./$(basename "$1")" 2>&1) || true
