@@ -117,7 +117,7 @@ constexpr Family outbound_policy{"mailflow_outbound_policy_total", "counter",
                                  "(success or the RFC 8460 result type)"};
 constexpr Family tlsrpt_deliveries{"mailflow_tlsrpt_deliveries_total", "counter",
                                    "TLS-RPT reports tried per rua address, by method (mailto, https) and result "
-                                   "(success, temporary_failure, permanent_failure, gave_up)"};
+                                   "(success, temporary_failure, permanent_failure, gave_up, skipped)"};
 constexpr Family internal_errors{"mailflow_internal_errors_total", "counter",
                                  "Exceptions that escaped a coroutine (logged, cleaned up; the component restarts)"};
 constexpr Family below_tls12{"mailflow_below_tls12_total", "counter",
