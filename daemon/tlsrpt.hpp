@@ -65,6 +65,7 @@ class TlsRptStore {
   std::vector<std::pair<std::string, std::string>> reports_before(std::string_view date) const;
   // Sent (or given up): removed.
   void forget(std::string_view date, std::string_view domain);
+  // Sessions not recorded for max_domains_per_day since the start: mailflow_tlsrpt_sessions_dropped_total.
   std::uint64_t dropped_domains() const;
   // Who reports (config tlsrpt.*): set at start and reload by Telemetry::configure.
   void set_submitter(proto::tlsrpt::Submitter submitter);

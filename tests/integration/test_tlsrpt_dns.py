@@ -2,7 +2,8 @@
 proxy (tests/tools/dns_server.py TamperingProxy) that stops answering the record's queries when told (a lookup
 that can only time out, as in a DNS outage or under a resolver's SERVFAIL); the MX host is a real aiosmtpd sink
 with STARTTLS on 127.0.0.219. A session whose lookup failed goes to the rua the domain's record named for the
-day's earlier sessions; the first session of a day whose lookup fails has no rua to go to and is not recorded."""
+day's earlier sessions; the first session of a day whose lookup fails has no rua to go to and is not recorded.
+A session to a domain past the store's 10,000 domains of the day is in no report, and counted."""
 import datetime
 import json
 import sys
@@ -30,6 +31,8 @@ flaky              MX    10 mx
 _smtp._tls.flaky 0 TXT   "v=TLSRPTv1; rua={RUA}"
 down               MX    10 mx
 _smtp._tls.down  0 TXT   "v=TLSRPTv1; rua={RUA}"
+full               MX    10 mx
+_smtp._tls.full    TXT   "v=TLSRPTv1; rua={RUA}"
 """
 
 
@@ -45,7 +48,7 @@ def env(certs, workdir, sink_factory, daemon_factory):
                       "upstream": "internet"}]
         daemon = daemon_factory(listeners, [{"name": "internet", "mx": True, "port": port, "tls": "opportunistic"}],
                                 name="rptdns", dns={"servers": [proxy.address], "timeout": "1s"})
-        yield daemon, proxy, sink, port
+        yield daemon, proxy, sink, port, daemon_factory
     finally:
         proxy.close()
         knot.stop()
@@ -73,7 +76,7 @@ def test_a_session_whose_record_lookup_fails_goes_to_the_days_rua(env):
     """Before: a route whose _smtp._tls lookup failed recorded nothing, so a DNS outage (which is when sessions
     fail, and when the domain most wants its reports) took those sessions out of the domain's report: here 1
     session reported of 3."""
-    daemon, proxy, sink, port = env
+    daemon, proxy, sink, port, _ = env
     name = f"_smtp._tls.flaky.{ORIGIN}"
     send(daemon, sink, port, f"a@flaky.{ORIGIN}")
     entry = harness.wait_for(lambda: report(daemon, f"flaky.{ORIGIN}"), 5, what="the day's report")
@@ -90,9 +93,34 @@ def test_a_session_whose_record_lookup_fails_goes_to_the_days_rua(env):
 
 
 def test_without_a_rua_known_for_the_day_a_failed_lookup_records_nothing(env):
-    daemon, proxy, sink, port = env
+    daemon, proxy, sink, port, _ = env
     proxy.drop.add(f"_smtp._tls.down.{ORIGIN}")
     send(daemon, sink, port, f"c@down.{ORIGIN}")
     harness.wait_for(lambda: "no rua recorded for the domain today" in daemon.stderr(), 5,
                      what="the failed lookup logged")
     assert report(daemon, f"down.{ORIGIN}") is None
+
+
+def test_a_session_past_the_days_bound_of_domains_is_counted(env, workdir):
+    """The store keeps 10,000 domains a day (TlsRptLimits::max_domains_per_day): a session to a further domain
+    that day is in no report. It was logged for the first one of the day and counted in a member nobody read:
+    the sessions of every further domain that day went unseen (no metric said how many, or that it went on)."""
+    _, _, sink, port, daemon_factory = env
+    today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    state = workdir / "rptfull-state"
+    state.mkdir(exist_ok=True)
+    (state / "tlsrpt.state").write_text("mailflowd-tlsrpt 1\n" + "".join(
+        f"day {today} d{n:05}.example mailto:r@d{n:05}.example\npolicy no-policy-found - - 1 0 0\n"
+        for n in range(10000)))
+    listeners = [{"name": "out", "address": f"127.0.0.1:{harness.free_port()}", "direction": "outbound",
+                  "upstream": "internet"}]
+    daemon = daemon_factory(listeners, [{"name": "internet", "mx": True, "port": port, "tls": "opportunistic"}],
+                            name="rptfull", dns={"servers": [env[1].address], "timeout": "1s"})
+    dropped = lambda: harness.value(daemon.metrics(), "mailflow_tlsrpt_sessions_dropped_total")  # noqa: E731
+    assert dropped() == 0
+    listener_port = int(listeners[0]["address"].rsplit(":", 1)[1])
+    for n in range(2):
+        send(daemon, sink, listener_port, f"e{n}@full.{ORIGIN}")
+    harness.wait_for(lambda: dropped() == 2, 5, what="the two sessions counted")
+    assert report(daemon, f"full.{ORIGIN}") is None
+    assert f"tlsrpt_store_full date={today} domains=10000 dropped=full.{ORIGIN}" in daemon.stderr()
