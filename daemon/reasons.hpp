@@ -118,10 +118,11 @@ inline constexpr auto mx_attempts = std::to_array<std::string_view>({
 inline constexpr auto outbound_policies = std::to_array<std::string_view>({"dane", "mta-sts", "none"});
 
 // mailflow_tlsrpt_deliveries_total{method, result}: one per TLS-RPT report and rua address tried
-// (daemon/tlsrpt_sender.cpp); gave_up: still failing after tlsrpt.retry_for (the report is then dropped).
+// (daemon/tlsrpt_sender.cpp); gave_up: still failing after tlsrpt.retry_for (the report is then dropped);
+// skipped: not tried in a run where an earlier try of the same https host and port timed out.
 inline constexpr auto tlsrpt_methods = std::to_array<std::string_view>({"mailto", "https"});
-inline constexpr auto tlsrpt_results =
-    std::to_array<std::string_view>({"success", "temporary_failure", "permanent_failure", "gave_up"});
+inline constexpr auto tlsrpt_results = std::to_array<std::string_view>(
+    {"success", "temporary_failure", "permanent_failure", "gave_up", "skipped"});
 
 // The listener and upstream label of mailflowd's own TLS-RPT report mails (tlsrpt.send; daemon/tlsrpt_sender.cpp):
 // mailflow_sessions_total{listener="tlsrpt",leg="upstream"}, mailflow_mx_attempts_total{upstream="tlsrpt"},

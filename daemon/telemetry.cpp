@@ -117,7 +117,10 @@ constexpr Family outbound_policy{"mailflow_outbound_policy_total", "counter",
                                  "(success or the RFC 8460 result type)"};
 constexpr Family tlsrpt_deliveries{"mailflow_tlsrpt_deliveries_total", "counter",
                                    "TLS-RPT reports tried per rua address, by method (mailto, https) and result "
-                                   "(success, temporary_failure, permanent_failure, gave_up)"};
+                                   "(success, temporary_failure, permanent_failure, gave_up, skipped)"};
+constexpr Family tlsrpt_sessions_dropped{"mailflow_tlsrpt_sessions_dropped_total", "counter",
+                                         "Outbound sessions in no TLS report: their domain came after the "
+                                         "TLS-RPT store's bound of domains of the day"};
 constexpr Family internal_errors{"mailflow_internal_errors_total", "counter",
                                  "Exceptions that escaped a coroutine (logged, cleaned up; the component restarts)"};
 constexpr Family below_tls12{"mailflow_below_tls12_total", "counter",
@@ -306,6 +309,7 @@ struct Snapshot {
   std::vector<std::pair<std::string, std::int64_t>> certificates;  // rendered labels, notAfter
   std::uint64_t sockets_unused = 0;
   std::uint64_t last_reload_successful = 1;
+  std::uint64_t tlsrpt_sessions_dropped = 0;
 };
 
 void write_exposition(std::string& out, const Snapshot& snapshot, const std::optional<ProcessStats>& process) {
@@ -446,6 +450,8 @@ void write_exposition(std::string& out, const Snapshot& snapshot, const std::opt
   append_sample(out, family::sockets_unused.name, {}, snapshot.sockets_unused);
   header(family::config_last_reload);
   append_sample(out, family::config_last_reload.name, {}, snapshot.last_reload_successful);
+  header(family::tlsrpt_sessions_dropped);
+  append_sample(out, family::tlsrpt_sessions_dropped.name, {}, snapshot.tlsrpt_sessions_dropped);
   header(family::certificate_expiry);
   for (const auto& [labels, not_after] : snapshot.certificates) {
     append_sample(out, family::certificate_expiry.name, {labels}, not_after);
@@ -897,6 +903,7 @@ std::string Telemetry::metrics_text() {
     }
   }
   impl_->snapshot.sockets_unused = impl_->sockets_unused.load(std::memory_order_relaxed);
+  impl_->snapshot.tlsrpt_sessions_dropped = impl_->tlsrpt.dropped_domains();  // the store's own lock
   impl_->snapshot.last_reload_successful =
       impl_->last_reload_successful.load(std::memory_order_relaxed) ? 1 : 0;
   const auto process = read_process_stats();

@@ -149,6 +149,15 @@ std::optional<DomainDay> TlsRptStore::find(std::string_view date, std::string_vi
   return std::nullopt;
 }
 
+std::vector<std::string> TlsRptStore::rua(std::string_view date, std::string_view domain) const {
+  std::lock_guard lock(mutex_);
+  // Asked once per route whose _smtp._tls lookup failed: a DNS outage asks it for every session.
+  const auto it = std::partition_point(days_.begin(), days_.end(),
+                                       [&](const DomainDay& day) { return before(day, date, domain); });
+  if (it == days_.end() || it->date != date || it->domain != domain) return {};
+  return it->rua;
+}
+
 std::vector<std::pair<std::string, std::string>> TlsRptStore::reports_before(std::string_view date) const {
   std::lock_guard lock(mutex_);
   std::vector<std::pair<std::string, std::string>> out;

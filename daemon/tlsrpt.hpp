@@ -57,11 +57,15 @@ class TlsRptStore {
   // Every domain of that day, sorted by domain (an empty vector for an unknown day).
   std::vector<proto::tlsrpt::DomainDay> day(std::string_view date) const;
   std::optional<proto::tlsrpt::DomainDay> find(std::string_view date, std::string_view domain) const;
+  // The rua addresses recorded for that day and domain (empty: none, or not in the store): where a session
+  // goes when the domain's _smtp._tls record cannot be had right now (SERVFAIL, a timeout).
+  std::vector<std::string> rua(std::string_view date, std::string_view domain) const;
   // The reports to send: (date, domain) of every domain with rua addresses on a day before `date` (finished UTC
   // days), oldest first.
   std::vector<std::pair<std::string, std::string>> reports_before(std::string_view date) const;
   // Sent (or given up): removed.
   void forget(std::string_view date, std::string_view domain);
+  // Sessions not recorded for max_domains_per_day since the start: mailflow_tlsrpt_sessions_dropped_total.
   std::uint64_t dropped_domains() const;
   // Who reports (config tlsrpt.*): set at start and reload by Telemetry::configure.
   void set_submitter(proto::tlsrpt::Submitter submitter);

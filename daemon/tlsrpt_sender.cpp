@@ -14,6 +14,7 @@
 #include <ctime>
 #include <optional>
 #include <random>
+#include <set>
 
 #include "daemon/deadlines.hpp"
 #include "daemon/https_client.hpp"
@@ -370,6 +371,13 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
   runtime->upstream_tls[upstream.name] = std::make_shared<const ClientTls>(upstream);
 
   const auto submitter = store.submitter();
+  // The https destinations (host and port) that held a try of this run until tlsrpt.https_timeout: their
+  // other reports wait for the next run. A host that is down (or drops the packets) for the run held every
+  // report of its rua for the whole timeout, one after another: a thousand domains that send their reports to
+  // one reporting service took the run's whole interval, and the reports to every other rua waited behind
+  // them.
+  std::set<std::string, std::less<>> unreachable;  // "https://host:port"
+  std::size_t skipped = 0;                         // reports with a rua not tried for that
   std::size_t tried = 0;
   bool forgot = false;  // a report was done with (sent to every rua, or given up)
   bool cut_short = false;  // stop() ended a try: the run ends, the report stays as it was
@@ -407,16 +415,27 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
                  {"domain", day->domain},
                  {"reason", "the report of this day was already sent to every rua"}});
     }
+    std::size_t skipped_here = 0;
     for (const auto& uri : pending) {
       const RuaTarget target = parse_rua(uri);
+      const std::string destination = target.valid && target.method == RuaTarget::Method::https
+                                          ? "https://" + proto::ascii_lower(target.host) + ":" + target.port
+                                          : std::string();
+      if (!destination.empty() && unreachable.contains(destination)) {
+        // Not tried (nor put in the ledger as tried): counted, and said once at the end of the run.
+        ++skipped_here;
+        telemetry_.tlsrpt_delivery(to_string(target.method), "skipped");
+        continue;
+      }
       std::string detail;
       TlsRptDelivery result = TlsRptDelivery::permanent_failure;
+      bool timed_out = false;
       if (!target.valid) {
         detail = "unusable rua URI";
       } else if (target.method == RuaTarget::Method::mailto) {
         result = co_await deliver_mailto(*runtime, upstream, *day, target, gzipped, detail);
       } else {
-        result = co_await deliver_https(*runtime, target, gzipped, detail);
+        result = co_await deliver_https(*runtime, target, gzipped, detail, timed_out);
       }
       if (stopped_ && result != TlsRptDelivery::success) {
         log_event(LogLevel::info, "tlsrpt_delivery",
@@ -438,6 +457,7 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
                  {"result", to_string(result)},
                  {"bytes", gzipped.size()},
                  {"detail", detail}});
+      if (timed_out && result == TlsRptDelivery::temporary_failure) unreachable.insert(destination);
       // Saved at once, before the next rua: a stop or crash while a later one is tried (or later in the run)
       // must not send this report again where it was taken.
       ledger_.tried(key, uri, result, now);
@@ -445,6 +465,11 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
       save_ledger();
     }
     if (cut_short) break;
+    if (skipped_here > 0) ++skipped;
+    // A report none of whose rua was tried took none of the run's time: not one of max_reports_per_run. Its
+    // verdict below still starts its retry_for (the skip is for a destination that just failed a try): a rua
+    // down for all of retry_for gives up the reports to it, not only the one tried at each run.
+    if (skipped_here == pending.size() && skipped_here > 0) --tried;
     const auto retry_for = std::chrono::duration_cast<std::chrono::seconds>(config.tlsrpt.retry_for);
     const auto verdict = ledger_.verdict(key, day->rua, now, retry_for);
     ledger_changed_ = true;
@@ -464,6 +489,14 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
     forgot = true;
   }
   resolver_.reset();  // the next run uses the dns settings of its time
+  if (skipped > 0) {
+    std::string destinations;
+    for (const auto& destination : unreachable)
+      destinations += (destinations.empty() ? "" : ", ") + destination;
+    log_event(
+        LogLevel::warn, "tlsrpt_deferred",
+        {{"reports", skipped}, {"reason", "their rua timed out earlier in this run (" + destinations + ")"}});
+  }
   if (forgot) {
     // The reports done with are saved gone from the store at once (the writer writes jobs in order: this one
     // before the ledger's below), and only then forgotten by the ledger (which has them, nothing left to try,
@@ -523,7 +556,9 @@ asio::awaitable<TlsRptDelivery> TlsRptSender::deliver_mailto(const Runtime& runt
 }
 
 asio::awaitable<TlsRptDelivery> TlsRptSender::deliver_https(const Runtime& runtime, const RuaTarget& rua,
-                                                           const std::string& gzipped, std::string& detail) {
+                                                            const std::string& gzipped, std::string& detail,
+                                                            bool& timed_out) {
+  timed_out = false;
   const config::Config& config = *runtime.config;
   HttpsLimits limits;
   limits.deadline = std::chrono::steady_clock::now() + config.tlsrpt.https_timeout;
@@ -564,6 +599,7 @@ asio::awaitable<TlsRptDelivery> TlsRptSender::deliver_https(const Runtime& runti
     request.addresses = addresses.addresses;
     if (request.addresses.empty()) {
       if (std::chrono::steady_clock::now() >= limits.deadline) {
+        timed_out = true;
         detail = "looking up " + rua.host + " timed out (tlsrpt.https_timeout " +
                  config::format_duration(config.tlsrpt.https_timeout) + ")";
         co_return TlsRptDelivery::temporary_failure;
@@ -580,6 +616,7 @@ asio::awaitable<TlsRptDelivery> TlsRptSender::deliver_https(const Runtime& runti
   // does not change the answer).
   if (!response.head) {
     const std::string where = rua.host + " (" + response.address + "): ";
+    timed_out = response.error == HttpsResponse::Error::timed_out;
     const std::string why =
         response.error == HttpsResponse::Error::timed_out ? "timed out" : response.error_text;
     switch (response.step) {

@@ -104,8 +104,11 @@ class TlsRptSender {
   boost::asio::awaitable<TlsRptDelivery> deliver_mailto(const Runtime& runtime, const config::Upstream& upstream,
                                                         const proto::tlsrpt::DomainDay& day, const RuaTarget& rua,
                                                         const std::string& gzipped, std::string& detail);
+  // `timed_out`: the POST (its lookup included) waited until tlsrpt.https_timeout, so the host's other
+  // reports in the run are not tried (run_once()).
   boost::asio::awaitable<TlsRptDelivery> deliver_https(const Runtime& runtime, const RuaTarget& rua,
-                                                       const std::string& gzipped, std::string& detail);
+                                                       const std::string& gzipped, std::string& detail,
+                                                       bool& timed_out);
 
   boost::asio::any_io_executor executor_;
   Telemetry& telemetry_;

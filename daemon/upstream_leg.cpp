@@ -75,9 +75,34 @@ std::shared_ptr<Resolver> loop_resolver(const asio::any_io_executor& executor,
   return resolver;
 }
 
+std::string utc_date() {
+  const std::time_t now = std::time(nullptr);
+  std::tm tm{};
+  gmtime_r(&now, &tm);
+  char buffer[16];
+  std::strftime(buffer, sizeof buffer, "%Y-%m-%d", &tm);
+  return buffer;
+}
+
 // Where `domain` wants its TLS reports (RFC 8460 3: the _smtp._tls TXT record); empty: nowhere.
-asio::awaitable<std::vector<std::string>> report_addresses(Resolver& resolver, const std::string& domain) {
+asio::awaitable<std::vector<std::string>> report_addresses(Resolver& resolver, const TlsRptStore& store,
+                                                           const std::string& domain) {
   const TxtResult txt = co_await resolver.resolve_txt("_smtp._tls." + domain);
+  if (is_temporary(txt.outcome)) {
+    // The record cannot be had now (SERVFAIL, a timeout): the domain said where its reports go when this
+    // day's earlier sessions were recorded, and it did not say otherwise since. Without that, every session
+    // to it during a DNS outage (often the sessions that fail) was missing from its report, which counted
+    // only those of the lookups that happened to succeed. No record of the day: nothing is known, nothing
+    // recorded.
+    auto known = store.rua(utc_date(), domain);
+    log_limited(LogLevel::warn, "tlsrpt_record",
+                {{"domain", domain},
+                 {"rua", known.size()},
+                 {"reason", "_smtp._tls lookup failed (" + std::string(to_string(txt.outcome)) + "): " +
+                                (known.empty() ? "no rua recorded for the domain today, session not recorded"
+                                               : "the rua recorded for the domain today are used")}});
+    co_return known;
+  }
   if (txt.outcome != DnsOutcome::success) co_return std::vector<std::string>{};
   auto lookup = proto::tlsrpt::parse_txt_records(txt.records);
   if (lookup.status != proto::tlsrpt::TxtLookup::Status::report) co_return std::vector<std::string>{};
@@ -89,15 +114,6 @@ asio::awaitable<std::vector<std::string>> report_addresses(Resolver& resolver, c
                  {"reason", "more rua than a report goes to (the first " + std::to_string(lookup.rua.size()) +
                                 " are kept)"}});
   co_return std::move(lookup.rua);
-}
-
-std::string utc_date() {
-  const std::time_t now = std::time(nullptr);
-  std::tm tm{};
-  gmtime_r(&now, &tm);
-  char buffer[16];
-  std::strftime(buffer, sizeof buffer, "%Y-%m-%d", &tm);
-  return buffer;
 }
 
 // RFC 8460 4.3 policy-string of a TLSA policy: "3 1 1 <hex>" per record of the RRset (4.1: "with each RR
@@ -676,7 +692,8 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
     }
   }
   std::vector<std::string> rua;
-  if (!connector.empty()) rua = co_await within_open(report_addresses(*resolver, domain));
+  if (!connector.empty())
+    rua = co_await within_open(report_addresses(*resolver, session_.telemetry.tlsrpt(), domain));
   if (auto over = open_over(upstream, domain, "policy")) co_return over;  // lookups given up: no report
   proto::tlsrpt::PolicyKey sts_key;
   if (sts.mode != PolicyState::Mode::none || sts.failure) {

@@ -170,6 +170,18 @@ TEST_CASE("tlsrpt store: a failure's reason text is bounded - its session still 
   CHECK(store.serialize().size() < 100 * (bound + 200));
 }
 
+TEST_CASE("tlsrpt store: the rua of a day and domain, as recorded") {
+  TlsRptStore store;
+  store.record("2026-01-02", ok("b.example"));
+  store.record("2026-01-03", ok("a.example"));
+  store.record("2026-01-03", ok("c.example"));
+  CHECK(store.rua("2026-01-03", "c.example") == std::vector<std::string>{"mailto:tlsrpt@example.net"});
+  CHECK(store.rua("2026-01-02", "b.example") == std::vector<std::string>{"mailto:tlsrpt@example.net"});
+  CHECK(store.rua("2026-01-03", "b.example").empty());  // another day's
+  CHECK(store.rua("2026-01-04", "c.example").empty());
+  CHECK(store.rua("2026-01-01", "a.example").empty());
+}
+
 TEST_CASE("tlsrpt store: bounded in domains per day, failure details and days") {
   TlsRptStore store(TlsRptLimits{2, 1, 2});
   store.record("2026-01-01", ok("a.example"));

@@ -271,7 +271,7 @@ def test_send_false_keeps_the_reports_and_sends_nothing(env):
     quiet = env["quiet"]
     m = quiet.metrics()
     for method in ("mailto", "https"):
-        for result in ("success", "temporary_failure", "permanent_failure", "gave_up"):
+        for result in ("success", "temporary_failure", "permanent_failure", "gave_up", "skipped"):
             # exported from the start, and nothing was tried
             assert ("mailflow_tlsrpt_deliveries_total",
                     frozenset({"method": method, "result": result}.items())) in m
@@ -719,17 +719,24 @@ def test_check_config_refuses_an_organization_name_no_report_mail_can_carry(name
         assert f"{config}:9:22: {error}" in result.stderr, result.stderr
 
 
-def test_a_run_of_rua_that_hang_ends_once_it_took_its_interval(workdir, knot, silent_port, daemon_factory):
+def test_a_run_of_rua_that_hang_ends_once_it_took_its_interval(workdir, knot, daemon_factory):
     """Each try has its deadline (tlsrpt.https_timeout here), but a run went on through every report due: with
     max_reports_per_run (1000) reports whose rua hangs until its deadline (30s), 8 hours, 10 rua a report 80, and
     a report mail's own timeouts.* allow half an hour a try. Meanwhile no next run began, so a new day's reports,
     which a run tries first, waited for the end of it, and a reload that turned send off applied only then. A run
-    now ends once it has taken tlsrpt.interval, the rest waiting for the next run: here 8 reports to a host that
-    never answers (500 ms each) and interval 1s, and send turned off by a reload after the first try: at most the
-    run's second try follows (before: the 7 others, 3.5 s more)."""
+    now ends once it has taken tlsrpt.interval, the rest waiting for the next run: here 8 reports to 8 hosts that
+    never answer (500 ms each; one host's further reports are skipped once it timed out, so each has its own) and
+    interval 1s, and send turned off by a reload after the first try: at most the run's second try follows
+    (before: the 7 others, 3.5 s more)."""
+    silent = []
+    for _ in range(8):  # each takes connections (the kernel's backlog completes them) and never says a word
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        silent.append(listener)
     state = "mailflowd-tlsrpt 1\n" + "".join(
-        f"day {DATE} h{n}.example.net https://silent.rpt.example.net:{silent_port}/hang\n"
-        "policy no-policy-found - - 1 0 0\n" for n in range(1, 9))
+        f"day {DATE} h{n}.example.net https://silent.rpt.example.net:{listener.getsockname()[1]}/hang\n"
+        "policy no-policy-found - - 1 0 0\n" for n, listener in enumerate(silent, 1))
     directory = workdir / "hang-state"
     directory.mkdir(exist_ok=True)
     (directory / "tlsrpt.state").write_text(state)
@@ -751,3 +758,37 @@ def test_a_run_of_rua_that_hang_ends_once_it_took_its_interval(workdir, knot, si
     assert failures() - at_reload <= 1, "the run went on past its interval"
     assert "tlsrpt_deferred" in daemon.stderr() and "the run took tlsrpt.interval 1s" in daemon.stderr()
     assert len(reports_of(daemon, DATE)) == 8  # none given up: each waits for its next try
+    for listener in silent:
+        listener.close()
+
+
+def test_a_run_tries_a_rua_host_that_timed_out_once(workdir, knot, silent_port, https_port, certs, daemon_factory):
+    """A run tried every report of an https rua host that does not answer, one after another, each until
+    tlsrpt.https_timeout: the reporting service of a thousand domains, down for the run, held it for its whole
+    interval, and the reports to every other rua waited behind it (here 6 reports to a host that never answers,
+    500 ms each, before the report of z.example.net to a host that takes it: 6 tries first, 3 s). The host's
+    first try timed out: its other reports in that run are not tried (counted as skipped, logged once with the
+    host), and the report behind them goes at once."""
+    state = "mailflowd-tlsrpt 1\n" + "".join(
+        f"day {DATE} d{n}.example.net https://silent.rpt.example.net:{silent_port}/d{n}\n"
+        "policy no-policy-found - - 1 0 0\n" for n in range(1, 7)) + (
+        f"day {DATE} z.example.net https://reports.rpt.example.net:{https_port}/skip\n"
+        "policy no-policy-found - - 1 0 0\n")
+    directory = workdir / "dead-state"
+    directory.mkdir(exist_ok=True)
+    (directory / "tlsrpt.state").write_text(state)
+    listeners = [{"name": "out", "address": f"127.0.0.1:{harness.free_port()}", "direction": "outbound",
+                  "upstream": "internet"}]
+    tlsrpt = {"send": True, "interval": "5s", "https_timeout": "500ms", "retry_for": "1h", "submitter": SUBMITTER,
+              "ca_file": str(certs / "ca.pem")}
+    daemon = daemon_factory(listeners, [{"name": "internet", "mx": True}], name="dead",
+                            dns={"servers": [knot.address], "timeout": "3s"}, tlsrpt=tlsrpt)
+    harness.wait_for(lambda: any(path == "/skip" for path, _, _ in Collector.posts), 20, what="z's report")
+    m = daemon.metrics()
+    count = lambda result: harness.value(m, "mailflow_tlsrpt_deliveries_total", method="https",  # noqa: E731
+                                         result=result)
+    assert (count("temporary_failure"), count("skipped"), count("success")) == (1, 5, 1)
+    assert f"their rua timed out earlier in this run (https://silent.rpt.example.net:{silent_port})" in \
+        daemon.stderr()
+    # Each is tried again at a later run (the first of them first, while the host stays down): none was lost.
+    assert reports_of(daemon, DATE) == [f"d{n}.example.net" for n in range(1, 7)]
