@@ -687,6 +687,9 @@ class Server : public std::enable_shared_from_this<Server> {
           }
         }
       }
+      // A client that closed mid-request (the head or the body unfinished) sent nothing wrong, and there is
+      // no one to read an answer: closed, not counted, as a TLS connection closed without a word.
+      if (ec == http::error::partial_message) co_return false;
       if (ec && ec.category() != http::make_error_code(http::error::bad_target).category()) co_return false;
       waiting(slot, SteadyClock::time_point::max());  // a whole request (or a refused one): no longer idle
       Response response;

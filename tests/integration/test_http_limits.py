@@ -307,6 +307,34 @@ def test_a_refused_request_is_told_why(env, data, status, words):
     assert after["bad_request"] - before["bad_request"] == 1
 
 
+@pytest.mark.parametrize("data", [
+    b"GET /metrics HTTP/1.1\r\nHost: mailflowd\r\n",  # the head, unfinished
+    b"GET /healthz HTTP/1.1\r\nHost: mailflowd\r\nContent-Length: 100\r\n\r\nabc",  # the body, unfinished
+    b"GET /healthz HTTP/1.1\r\nHost: mailflowd\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab",
+], ids=["in_the_head", "in_the_body", "in_a_chunk"])
+def test_a_client_that_closes_mid_request_is_no_bad_request(env, data):
+    """A client that stops mid-request and closes (a killed curl, a scrape that gave up, a port check that sent a
+    few bytes) sent nothing wrong: the request was counted as bad_request, which docs/security.md defines as a
+    400, 413 or 431 for what was sent, and answered with a 400 'partial message' that nobody could read. It is
+    closed without an answer, not counted, as a TLS connection closed without a word is."""
+    before = hx.rejects(hx.metrics(env.port))
+    s = socket.create_connection(("127.0.0.1", env.port), timeout=HEAD_TIMEOUT + MARGIN,
+                                 source_address=("127.0.0.6", 0))
+    try:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        started = time.monotonic()
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+        took = time.monotonic() - started
+    finally:
+        s.close()
+    assert reply == b"" and took < 1.0, (reply, took)
+    after = hx.rejects(hx.metrics(env.port))
+    assert after == before, {r: after[r] - before[r] for r in after if after[r] != before[r]}
+
+
 @pytest.mark.parametrize("chunked", [  # neither is ever finished: the answer must come before its end
     b"1;" + b"e" * 60000,  # one chunk extension
     b"1\r\nx\r\n0\r\n" + b"X-T: y\r\n" * 7500,  # trailer fields
