@@ -864,15 +864,8 @@ class Server : public std::enable_shared_from_this<Server> {
       const bool known_connector =
           std::any_of(report.connectors.begin(), report.connectors.end(),
                       [&](const ConnectorSummary& c) { return c.connector == connector; });
-      if (!known_connector && (named != params->end() || path == "/api/v1/remotes.txt")) {
-        std::string known;
-        for (const auto& c : report.connectors)
-          if (known.find(" " + c.connector + ",") == std::string::npos) known += " " + c.connector + ",";
-        if (!known.empty()) known.pop_back();
-        return make_response(
-            request, http::status::not_found, kTextPlain,
-            "no connector \"" + cli::shown(connector) + "\" in the report; connectors:" + known + "\n");
-      }
+      if (!known_connector && (named != params->end() || path == "/api/v1/remotes.txt"))
+        return no_such_connector(request, report, connector);
       if (path == "/api/v1/remotes.csv")
         return make_response(request, http::status::ok, "text/csv; charset=utf-8",
                              render_remotes_csv(report, connector));
@@ -882,7 +875,7 @@ class Server : public std::enable_shared_from_this<Server> {
       if (path != route.path) continue;
       std::string error;
       const int window_days = telemetry_.window_days();
-      const auto params = parse_query(query, {"days"}, error);
+      const auto params = parse_query(query, {"days", "connector"}, error);
       std::optional<int> days = window_days;
       if (!params) {
         days.reset();
@@ -895,9 +888,26 @@ class Server : public std::enable_shared_from_this<Server> {
       }
       if (!days) return make_response(request, http::status::bad_request, kTextPlain, error);
       failpoint("http.report");
-      return make_response(request, http::status::ok, route.content_type, route.render(telemetry_.report(*days)));
+      Report report = telemetry_.report(*days);
+      // ?connector=NAME: that connector's report alone (`mailflowd report --connector NAME --format json`).
+      if (const auto named = params->find("connector");
+          named != params->end() && !keep_only_connector(report, named->second))
+        return no_such_connector(request, report, named->second);
+      return make_response(request, http::status::ok, route.content_type, route.render(report));
     }
     return make_response(request, http::status::not_found, kTextPlain, "not found\n");
+  }
+
+  // 404 for a connector the report does not have, naming those it has.
+  static Response no_such_connector(const Request& request, const Report& report,
+                                    std::string_view connector) {
+    std::string known;
+    for (const auto& c : report.connectors)
+      if (known.find(" " + c.connector + ",") == std::string::npos) known += " " + c.connector + ",";
+    if (!known.empty()) known.pop_back();
+    return make_response(
+        request, http::status::not_found, kTextPlain,
+        "no connector \"" + cli::shown(connector) + "\" in the report; connectors:" + known + "\n");
   }
 
   // GET /api/v1/tlsrpt?date=YYYY-MM-DD (default: today, UTC): every domain's TLS-RPT report of that day, JSON.
