@@ -416,11 +416,14 @@ class Server : public std::enable_shared_from_this<Server> {
   // that has waited longest without a complete request (idle, trickling a head or body, lingering) is closed
   // to make room, as nginx reuses its idle connections when worker_connections run out: a peer on many
   // addresses that holds every connection idle locks no scrape out (each waits 5 s at most anyway). When none
-  // waits, the one whose answer has gone untaken longest (kStalledWrite at least) is closed instead; only
-  // when none of those either does the new connection get the 503. `evicted`: the address of the connection
-  // closed, `evicted_writing`: it was in a write.
+  // waits, the one whose answer has gone untaken longest (kStalledWrite at least) is closed instead, and when
+  // none of those either, the one open longest (each connection is open 30 s and one answer at most,
+  // kKeepAliveTime; a newcomer is the last to go); only when every connection is already being closed does
+  // the new one get the 503.
+  // `evicted`: the address of the connection closed, `evicted_why`: which of the three it was.
+  enum class Evicted { idle, stalled, oldest };
   std::optional<HttpReject> admit(const asio::ip::address& peer, std::optional<asio::ip::address>& evicted,
-                                  bool& evicted_writing) {
+                                  Evicted& evicted_why) {
     std::lock_guard lock(mutex_);
     auto& from_peer = per_address_[peer];
     if (from_peer >= kMaxConnectionsPerAddress) return HttpReject::address_limit;
@@ -431,12 +434,25 @@ class Server : public std::enable_shared_from_this<Server> {
             (longest == tracked_.end() || it->second.idle_since < longest->second.idle_since))
           longest = it;
       }
+      evicted_why = Evicted::idle;
       if (longest == tracked_.end()) {
         // None waits: the answer written longest, if it has been written for kStalledWrite.
+        evicted_why = Evicted::stalled;
         const auto stalled = SteadyClock::now() - kStalledWrite;
         for (auto it = tracked_.begin(); it != tracked_.end(); ++it) {
           if (!it->second.evicted && it->second.writing_since <= stalled &&
               (longest == tracked_.end() || it->second.writing_since < longest->second.writing_since))
+            longest = it;
+        }
+      }
+      if (longest == tracked_.end()) {
+        // None stalled either: every connection is taking answers, each in under kStalledWrite (a client with
+        // a small receive window that pipelines and reads slowly). Then the one open longest: 256 such
+        // connections on 16 addresses held the cap, and 26 of 30 scrapes got 503 while they went on.
+        evicted_why = Evicted::oldest;
+        for (auto it = tracked_.begin(); it != tracked_.end(); ++it) {
+          if (!it->second.evicted &&
+              (longest == tracked_.end() || it->second.accepted < longest->second.accepted))
             longest = it;
         }
       }
@@ -448,7 +464,6 @@ class Server : public std::enable_shared_from_this<Server> {
       ++evicting_;
       longest->second.close();
       evicted = longest->second.peer;
-      evicted_writing = longest->second.writing_since != SteadyClock::time_point::max();
     }
     ++from_peer;
     ++connections_;
@@ -536,12 +551,14 @@ class Server : public std::enable_shared_from_this<Server> {
       if (ec) continue;  // already gone
       auto settings = this->settings();
       std::optional<asio::ip::address> evicted;
-      bool evicted_writing = false;
-      const auto refusal = admit(peer, evicted, evicted_writing);
+      Evicted evicted_why = Evicted::idle;
+      const auto refusal = admit(peer, evicted, evicted_why);
       if (evicted)
         reject(HttpReject::connection_limit, *evicted,
-               evicted_writing ? "closed to make room: its answer untaken longest at the cap"
-                               : "closed to make room: idle longest at the cap");
+               evicted_why == Evicted::idle ? "closed to make room: idle longest at the cap"
+               : evicted_why == Evicted::stalled
+                   ? "closed to make room: its answer untaken longest at the cap"
+                   : "closed to make room: open longest at the cap");
       if (refusal) {
         refuse(socket, *refusal, peer, settings->tls != nullptr);
         continue;
@@ -569,7 +586,7 @@ class Server : public std::enable_shared_from_this<Server> {
         if (auto s = weak.lock()) beast::get_lowest_layer(*s).close();
       });
     };
-    tracked_.emplace(id, Tracked{std::move(close), slot.peer, accepted});
+    tracked_.emplace(id, Tracked{std::move(close), slot.peer, accepted, accepted});
     slot.id = id;
     return true;
   }
@@ -1136,6 +1153,7 @@ class Server : public std::enable_shared_from_this<Server> {
     // Since when it waits for a request (the accept, the end of the previous answer) or lingers; max() while
     // a request is served. The longest waiting is closed first at the cap.
     SteadyClock::time_point idle_since;
+    SteadyClock::time_point accepted;  // the one open longest is closed at the cap when none waits or stalls
     SteadyClock::time_point writing_since =
         SteadyClock::time_point::max();  // an answer is being written since
     bool evicted = false;  // closed to make room, its slot not yet given back

@@ -654,3 +654,55 @@ def test_at_the_total_cap_an_answer_untaken_for_5s_makes_room(env):
     assert after["connection_limit"] - before["connection_limit"] == closed
     assert after["write_timeout"] == before["write_timeout"]
     assert "closed to make room: its answer untaken longest at the cap" in env.d.stderr()
+
+
+def test_at_the_total_cap_the_connection_open_longest_makes_room(env):
+    """16 addresses x 16 connections with a 4 KiB receive window pipeline GET /metrics and take each answer a KiB
+    at a time, in well under 5 s, and a closed one is opened again at once: all 256 are in a write, none waits
+    for a request and none has left an answer untaken for 5 s, so 26 of 30 scrapes from a 17th address got 503
+    for as long as that went on (each connection ends after 30 s and one answer, and is back at once). Now at the
+    cap, when none waits and none stalls, the connection open longest is closed to make room, logged and counted
+    as connection_limit; a scrape, the newest, is served."""
+    pipelined = b"GET /metrics HTTP/1.1\r\nHost: mailflowd\r\n\r\n" * 50
+    stop = threading.Event()
+
+    def busy(source):
+        while not stop.is_set():
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                s.settimeout(5)
+                s.bind((source, 0))
+                s.connect(("127.0.0.1", env.port))
+                s.sendall(pipelined)
+                while not stop.is_set() and s.recv(1024):
+                    stop.wait(0.05)
+            except OSError:
+                stop.wait(0.05)
+            finally:
+                s.close()
+
+    before = hx.rejects(hx.metrics(env.port))
+    readers = [threading.Thread(target=busy, args=(f"127.0.4.{a + 1}",), daemon=True)
+               for a in range(TOTAL // PER_ADDRESS) for _ in range(PER_ADDRESS)]
+    results = []
+    try:
+        for t in readers:
+            t.start()
+        time.sleep(2.0)  # all 256 connected and in a write, none for 5 s
+        for _ in range(10):
+            try:
+                status, _, body, _ = hx.get(env.port, "/metrics", source="127.0.0.123", timeout=2.0)
+                results.append(status if status != 200 or body.startswith(b"# ") else "bad body")
+            except OSError as e:
+                results.append(repr(e))
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        for t in readers:
+            t.join(10)
+    assert results == [200] * 10, results
+    after = hx.rejects(hx.metrics(env.port))
+    assert after["connection_limit"] > before["connection_limit"]
+    assert after["write_timeout"] == before["write_timeout"]
+    assert "closed to make room: open longest at the cap" in env.d.stderr()
