@@ -689,6 +689,16 @@ class Server : public std::enable_shared_from_this<Server> {
           bad = "more than one Authorization header (RFC 9110 11.6.2)";
         } else {
           beast::get_lowest_layer(stream).expires_after(kBodyTimeout);
+          // RFC 9110 10.1.1: a client that sent Expect: 100-continue waits for a 100 before it sends the body
+          // (curl for 1 s, then it sends anyway; a client that waits longer met the body deadline, counted as
+          // head_timeout). nginx sends it before it reads or discards a body; no route here reads one.
+          const auto expect = parser.get()[http::field::expect];
+          if (!parser.is_done() && parser.get().version() >= 11 &&
+              iequals(std::string_view(expect.data(), expect.size()), "100-continue")) {
+            static constexpr std::string_view kContinue = "HTTP/1.1 100 Continue\r\n\r\n";
+            co_await asio::async_write(stream, asio::buffer(kContinue.data(), kContinue.size()),
+                                       asio::redirect_error(asio::use_awaitable, ec));
+          }
           // The body as sent is limited, chunk framing, extensions and trailer fields included: Beast's
           // body_limit counts only the payload, and buffered a chunk extension or trailer section of any size
           // until it was whole (megabytes, parsed on this thread for seconds, past the deadline).

@@ -5,6 +5,7 @@ a refused body's 413 reaches a client still sending it (lingering close), and ev
 mailflow_http_rejects_total{reason}."""
 import re
 import socket
+import subprocess
 import threading
 import time
 import types
@@ -305,6 +306,38 @@ def test_a_refused_request_is_told_why(env, data, status, words):
     assert b"\r\nConnection: close" in head and words in body, reply
     after = hx.rejects(hx.metrics(env.port))
     assert after["bad_request"] - before["bad_request"] == 1
+
+
+def test_expect_100_continue_gets_a_100(env, tmp_path):
+    """RFC 9110 10.1.1: a client that sends Expect: 100-continue waits for a 100 before it sends its body. None
+    came: curl waited its 1 s before each such request, and a client that waits longer met the 5 s body deadline,
+    closed and counted as head_timeout. A 100 Continue now goes out before the body is read, as nginx sends it
+    before it reads or discards one; the request is then answered as before (POST: 405) on the same connection."""
+    before = hx.rejects(hx.metrics(env.port))
+    body = tmp_path / "body"
+    body.write_bytes(b"a" * 2000)
+    curl = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{time_total}", "-H",
+                           "Expect: 100-continue", "--data-binary", f"@{body}", f"http://127.0.0.1:{env.port}/metrics"],
+                          capture_output=True, text=True, timeout=10)
+    status, took = curl.stdout.split()
+    assert status == "405" and float(took) < 0.5, curl.stdout
+    s = socket.create_connection(("127.0.0.1", env.port), timeout=HEAD_TIMEOUT + MARGIN,
+                                 source_address=("127.0.0.7", 0))
+    try:
+        s.sendall(b"POST /healthz HTTP/1.1\r\nHost: mailflowd\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+        interim = s.recv(4096)
+        s.sendall(b"hello")
+        reply = b""
+        while b"method not allowed\n" not in reply and (chunk := s.recv(4096)):
+            reply += chunk
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: mailflowd\r\n\r\n")
+        again = s.recv(4096)
+    finally:
+        s.close()
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n", interim
+    assert reply.startswith(b"HTTP/1.1 405 ") and b"Connection: close" not in reply, reply
+    assert again.startswith(b"HTTP/1.1 200 "), again
+    assert hx.rejects(hx.metrics(env.port)) == before
 
 
 @pytest.mark.parametrize("data", [
