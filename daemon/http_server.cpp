@@ -416,11 +416,14 @@ class Server : public std::enable_shared_from_this<Server> {
   // that has waited longest without a complete request (idle, trickling a head or body, lingering) is closed
   // to make room, as nginx reuses its idle connections when worker_connections run out: a peer on many
   // addresses that holds every connection idle locks no scrape out (each waits 5 s at most anyway). When none
-  // waits, the one whose answer has gone untaken longest (kStalledWrite at least) is closed instead; only
-  // when none of those either does the new connection get the 503. `evicted`: the address of the connection
-  // closed, `evicted_writing`: it was in a write.
+  // waits, the one whose answer has gone untaken longest (kStalledWrite at least) is closed instead, and when
+  // none of those either, the one open longest (each connection is open 30 s and one answer at most,
+  // kKeepAliveTime; a newcomer is the last to go); only when every connection is already being closed does
+  // the new one get the 503.
+  // `evicted`: the address of the connection closed, `evicted_why`: which of the three it was.
+  enum class Evicted { idle, stalled, oldest };
   std::optional<HttpReject> admit(const asio::ip::address& peer, std::optional<asio::ip::address>& evicted,
-                                  bool& evicted_writing) {
+                                  Evicted& evicted_why) {
     std::lock_guard lock(mutex_);
     auto& from_peer = per_address_[peer];
     if (from_peer >= kMaxConnectionsPerAddress) return HttpReject::address_limit;
@@ -431,12 +434,25 @@ class Server : public std::enable_shared_from_this<Server> {
             (longest == tracked_.end() || it->second.idle_since < longest->second.idle_since))
           longest = it;
       }
+      evicted_why = Evicted::idle;
       if (longest == tracked_.end()) {
         // None waits: the answer written longest, if it has been written for kStalledWrite.
+        evicted_why = Evicted::stalled;
         const auto stalled = SteadyClock::now() - kStalledWrite;
         for (auto it = tracked_.begin(); it != tracked_.end(); ++it) {
           if (!it->second.evicted && it->second.writing_since <= stalled &&
               (longest == tracked_.end() || it->second.writing_since < longest->second.writing_since))
+            longest = it;
+        }
+      }
+      if (longest == tracked_.end()) {
+        // None stalled either: every connection is taking answers, each in under kStalledWrite (a client with
+        // a small receive window that pipelines and reads slowly). Then the one open longest: 256 such
+        // connections on 16 addresses held the cap, and 26 of 30 scrapes got 503 while they went on.
+        evicted_why = Evicted::oldest;
+        for (auto it = tracked_.begin(); it != tracked_.end(); ++it) {
+          if (!it->second.evicted &&
+              (longest == tracked_.end() || it->second.accepted < longest->second.accepted))
             longest = it;
         }
       }
@@ -448,7 +464,6 @@ class Server : public std::enable_shared_from_this<Server> {
       ++evicting_;
       longest->second.close();
       evicted = longest->second.peer;
-      evicted_writing = longest->second.writing_since != SteadyClock::time_point::max();
     }
     ++from_peer;
     ++connections_;
@@ -536,12 +551,14 @@ class Server : public std::enable_shared_from_this<Server> {
       if (ec) continue;  // already gone
       auto settings = this->settings();
       std::optional<asio::ip::address> evicted;
-      bool evicted_writing = false;
-      const auto refusal = admit(peer, evicted, evicted_writing);
+      Evicted evicted_why = Evicted::idle;
+      const auto refusal = admit(peer, evicted, evicted_why);
       if (evicted)
         reject(HttpReject::connection_limit, *evicted,
-               evicted_writing ? "closed to make room: its answer untaken longest at the cap"
-                               : "closed to make room: idle longest at the cap");
+               evicted_why == Evicted::idle ? "closed to make room: idle longest at the cap"
+               : evicted_why == Evicted::stalled
+                   ? "closed to make room: its answer untaken longest at the cap"
+                   : "closed to make room: open longest at the cap");
       if (refusal) {
         refuse(socket, *refusal, peer, settings->tls != nullptr);
         continue;
@@ -569,7 +586,7 @@ class Server : public std::enable_shared_from_this<Server> {
         if (auto s = weak.lock()) beast::get_lowest_layer(*s).close();
       });
     };
-    tracked_.emplace(id, Tracked{std::move(close), slot.peer, accepted});
+    tracked_.emplace(id, Tracked{std::move(close), slot.peer, accepted, accepted});
     slot.id = id;
     return true;
   }
@@ -672,6 +689,16 @@ class Server : public std::enable_shared_from_this<Server> {
           bad = "more than one Authorization header (RFC 9110 11.6.2)";
         } else {
           beast::get_lowest_layer(stream).expires_after(kBodyTimeout);
+          // RFC 9110 10.1.1: a client that sent Expect: 100-continue waits for a 100 before it sends the body
+          // (curl for 1 s, then it sends anyway; a client that waits longer met the body deadline, counted as
+          // head_timeout). nginx sends it before it reads or discards a body; no route here reads one.
+          const auto expect = parser.get()[http::field::expect];
+          if (!parser.is_done() && parser.get().version() >= 11 &&
+              iequals(std::string_view(expect.data(), expect.size()), "100-continue")) {
+            static constexpr std::string_view kContinue = "HTTP/1.1 100 Continue\r\n\r\n";
+            co_await asio::async_write(stream, asio::buffer(kContinue.data(), kContinue.size()),
+                                       asio::redirect_error(asio::use_awaitable, ec));
+          }
           // The body as sent is limited, chunk framing, extensions and trailer fields included: Beast's
           // body_limit counts only the payload, and buffered a chunk extension or trailer section of any size
           // until it was whole (megabytes, parsed on this thread for seconds, past the deadline).
@@ -687,6 +714,9 @@ class Server : public std::enable_shared_from_this<Server> {
           }
         }
       }
+      // A client that closed mid-request (the head or the body unfinished) sent nothing wrong, and there is
+      // no one to read an answer: closed, not counted, as a TLS connection closed without a word.
+      if (ec == http::error::partial_message) co_return false;
       if (ec && ec.category() != http::make_error_code(http::error::bad_target).category()) co_return false;
       waiting(slot, SteadyClock::time_point::max());  // a whole request (or a refused one): no longer idle
       Response response;
@@ -861,15 +891,8 @@ class Server : public std::enable_shared_from_this<Server> {
       const bool known_connector =
           std::any_of(report.connectors.begin(), report.connectors.end(),
                       [&](const ConnectorSummary& c) { return c.connector == connector; });
-      if (!known_connector && (named != params->end() || path == "/api/v1/remotes.txt")) {
-        std::string known;
-        for (const auto& c : report.connectors)
-          if (known.find(" " + c.connector + ",") == std::string::npos) known += " " + c.connector + ",";
-        if (!known.empty()) known.pop_back();
-        return make_response(
-            request, http::status::not_found, kTextPlain,
-            "no connector \"" + cli::shown(connector) + "\" in the report; connectors:" + known + "\n");
-      }
+      if (!known_connector && (named != params->end() || path == "/api/v1/remotes.txt"))
+        return no_such_connector(request, report, connector);
       if (path == "/api/v1/remotes.csv")
         return make_response(request, http::status::ok, "text/csv; charset=utf-8",
                              render_remotes_csv(report, connector));
@@ -879,7 +902,7 @@ class Server : public std::enable_shared_from_this<Server> {
       if (path != route.path) continue;
       std::string error;
       const int window_days = telemetry_.window_days();
-      const auto params = parse_query(query, {"days"}, error);
+      const auto params = parse_query(query, {"days", "connector"}, error);
       std::optional<int> days = window_days;
       if (!params) {
         days.reset();
@@ -892,9 +915,26 @@ class Server : public std::enable_shared_from_this<Server> {
       }
       if (!days) return make_response(request, http::status::bad_request, kTextPlain, error);
       failpoint("http.report");
-      return make_response(request, http::status::ok, route.content_type, route.render(telemetry_.report(*days)));
+      Report report = telemetry_.report(*days);
+      // ?connector=NAME: that connector's report alone (`mailflowd report --connector NAME --format json`).
+      if (const auto named = params->find("connector");
+          named != params->end() && !keep_only_connector(report, named->second))
+        return no_such_connector(request, report, named->second);
+      return make_response(request, http::status::ok, route.content_type, route.render(report));
     }
     return make_response(request, http::status::not_found, kTextPlain, "not found\n");
+  }
+
+  // 404 for a connector the report does not have, naming those it has.
+  static Response no_such_connector(const Request& request, const Report& report,
+                                    std::string_view connector) {
+    std::string known;
+    for (const auto& c : report.connectors)
+      if (known.find(" " + c.connector + ",") == std::string::npos) known += " " + c.connector + ",";
+    if (!known.empty()) known.pop_back();
+    return make_response(
+        request, http::status::not_found, kTextPlain,
+        "no connector \"" + cli::shown(connector) + "\" in the report; connectors:" + known + "\n");
   }
 
   // GET /api/v1/tlsrpt?date=YYYY-MM-DD (default: today, UTC): every domain's TLS-RPT report of that day, JSON.
@@ -1123,6 +1163,7 @@ class Server : public std::enable_shared_from_this<Server> {
     // Since when it waits for a request (the accept, the end of the previous answer) or lingers; max() while
     // a request is served. The longest waiting is closed first at the cap.
     SteadyClock::time_point idle_since;
+    SteadyClock::time_point accepted;  // the one open longest is closed at the cap when none waits or stalls
     SteadyClock::time_point writing_since =
         SteadyClock::time_point::max();  // an answer is being written since
     bool evicted = false;  // closed to make room, its slot not yet given back

@@ -238,6 +238,29 @@ std::vector<Insight> compute_insights(const WindowStore& store, const config::Co
   return out;
 }
 
+namespace {
+
+// report.in_transit from report.connectors.
+void add_in_transit(Report& report) {
+  report.in_transit.clear();
+  for (const Direction d : {Direction::inbound, Direction::outbound}) {
+    TransitSummary transit;
+    transit.direction = d;
+    bool any = false;
+    for (const ConnectorSummary& c : report.connectors) {
+      if (c.direction != d) continue;
+      any = true;
+      transit.messages += c.messages;
+      transit.tls += c.messages - c.counts[static_cast<std::size_t>(TlsVersion::none)];
+      transit.tls12_plus += c.counts[static_cast<std::size_t>(TlsVersion::tls12)] +
+                            c.counts[static_cast<std::size_t>(TlsVersion::tls13)];
+    }
+    if (any) report.in_transit.push_back(transit);
+  }
+}
+
+}  // namespace
+
 Report build_report(const WindowStore& store, const config::Config& config, int days,
                     WindowStore::TimePoint now) {
   Report report;
@@ -286,21 +309,19 @@ Report build_report(const WindowStore& store, const config::Config& config, int 
     summary.percent = tls_percent(counts);
     report.connectors.push_back(std::move(summary));
   }
-  for (const Direction d : {Direction::inbound, Direction::outbound}) {
-    TransitSummary transit;
-    transit.direction = d;
-    bool any = false;
-    for (const ConnectorSummary& c : report.connectors) {
-      if (c.direction != d) continue;
-      any = true;
-      transit.messages += c.messages;
-      transit.tls += c.messages - c.counts[static_cast<std::size_t>(TlsVersion::none)];
-      transit.tls12_plus +=
-          c.counts[static_cast<std::size_t>(TlsVersion::tls12)] + c.counts[static_cast<std::size_t>(TlsVersion::tls13)];
-    }
-    if (any) report.in_transit.push_back(transit);
-  }
+  add_in_transit(report);
   return report;
+}
+
+bool keep_only_connector(Report& report, std::string_view connector) {
+  const auto other = [&](const auto& item) { return item.connector != connector; };
+  if (std::all_of(report.connectors.begin(), report.connectors.end(), other)) return false;
+  std::erase_if(report.connectors, other);
+  std::erase_if(report.rows, other);
+  std::erase_if(report.insights, other);
+  std::erase_if(report.drilldowns, other);
+  add_in_transit(report);
+  return true;
 }
 
 namespace {

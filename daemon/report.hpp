@@ -121,6 +121,11 @@ std::vector<Insight> compute_insights(const WindowStore& store, const config::Co
 Report build_report(const WindowStore& store, const config::Config& config, int days,
                     WindowStore::TimePoint now);
 
+// `?connector=NAME` (`mailflowd report --connector NAME --format json`): the report of that connector alone,
+// both directions where it has both: its rows, insights, summary and drill-down, and "protected in transit"
+// over it alone. false, the report unchanged, when it has no such connector.
+bool keep_only_connector(Report& report, std::string_view connector);
+
 // Helpers shared with the renderers and the HTTP/metrics side.
 // Per TLS version, in percent with one decimal (0..100): a row with messages adds up to exactly 100.0
 // (largest remainder); all 0.0 without messages.

@@ -22,7 +22,8 @@ constexpr std::string_view kUsage =
     "  --format         table (default), json or csv\n"
     "  --connector      the drill-down of one connector: its remote servers (and, outbound, destination\n"
     "                   domains) with messages per TLS version, legacy TLS first. --format csv: its\n"
-    "                   servers (/api/v1/remotes.csv?connector=NAME); json: the whole report\n"
+    "                   servers (/api/v1/remotes.csv?connector=NAME); json: the report of that connector\n"
+    "                   alone (/api/v1/report?connector=NAME)\n"
     "  --domains        the destination domains of every outbound connector (csv: /api/v1/domains.csv)\n"
     "  --summary        only the whole-window summary per connector (messages per TLS version), not the "
     "days\n"
@@ -101,13 +102,14 @@ int run_report_cli(int argc, char** argv, std::ostream& out, std::ostream& err,
   std::string target = url->base_path + (summary ? "/api/v1/connectors" : "/api/v1/report");
   if (format == "csv") target += ".csv";
   if (format == "table") target += ".txt";
-  // The drill-down: its own CSV and text forms; JSON carries it in the report itself.
+  // The drill-down: its own CSV and text forms; JSON carries it in the report itself (?connector=NAME: that
+  // connector's alone).
   if ((connector || domains) && format != "json") {
     target = url->base_path + (domains ? "/api/v1/domains" : "/api/v1/remotes") + (format == "csv" ? ".csv" : ".txt");
   }
   std::string query;
   if (days) query += "days=" + std::to_string(*days);
-  if (connector && format != "json") query += (query.empty() ? "" : "&") + ("connector=" + *connector);
+  if (connector) query += (query.empty() ? "" : "&") + ("connector=" + *connector);
   if (!query.empty()) target += "?" + query;
 
   const cli::Fetch result = cli::fetch(*url, target, daemon_options.tls, timeout);

@@ -5,6 +5,7 @@ a refused body's 413 reaches a client still sending it (lingering close), and ev
 mailflow_http_rejects_total{reason}."""
 import re
 import socket
+import subprocess
 import threading
 import time
 import types
@@ -305,6 +306,66 @@ def test_a_refused_request_is_told_why(env, data, status, words):
     assert b"\r\nConnection: close" in head and words in body, reply
     after = hx.rejects(hx.metrics(env.port))
     assert after["bad_request"] - before["bad_request"] == 1
+
+
+def test_expect_100_continue_gets_a_100(env, tmp_path):
+    """RFC 9110 10.1.1: a client that sends Expect: 100-continue waits for a 100 before it sends its body. None
+    came: curl waited its 1 s before each such request, and a client that waits longer met the 5 s body deadline,
+    closed and counted as head_timeout. A 100 Continue now goes out before the body is read, as nginx sends it
+    before it reads or discards one; the request is then answered as before (POST: 405) on the same connection."""
+    before = hx.rejects(hx.metrics(env.port))
+    body = tmp_path / "body"
+    body.write_bytes(b"a" * 2000)
+    curl = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{time_total}", "-H",
+                           "Expect: 100-continue", "--data-binary", f"@{body}", f"http://127.0.0.1:{env.port}/metrics"],
+                          capture_output=True, text=True, timeout=10)
+    status, took = curl.stdout.split()
+    assert status == "405" and float(took) < 0.5, curl.stdout
+    s = socket.create_connection(("127.0.0.1", env.port), timeout=HEAD_TIMEOUT + MARGIN,
+                                 source_address=("127.0.0.7", 0))
+    try:
+        s.sendall(b"POST /healthz HTTP/1.1\r\nHost: mailflowd\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+        interim = s.recv(4096)
+        s.sendall(b"hello")
+        reply = b""
+        while b"method not allowed\n" not in reply and (chunk := s.recv(4096)):
+            reply += chunk
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: mailflowd\r\n\r\n")
+        again = s.recv(4096)
+    finally:
+        s.close()
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n", interim
+    assert reply.startswith(b"HTTP/1.1 405 ") and b"Connection: close" not in reply, reply
+    assert again.startswith(b"HTTP/1.1 200 "), again
+    assert hx.rejects(hx.metrics(env.port)) == before
+
+
+@pytest.mark.parametrize("data", [
+    b"GET /metrics HTTP/1.1\r\nHost: mailflowd\r\n",  # the head, unfinished
+    b"GET /healthz HTTP/1.1\r\nHost: mailflowd\r\nContent-Length: 100\r\n\r\nabc",  # the body, unfinished
+    b"GET /healthz HTTP/1.1\r\nHost: mailflowd\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab",
+], ids=["in_the_head", "in_the_body", "in_a_chunk"])
+def test_a_client_that_closes_mid_request_is_no_bad_request(env, data):
+    """A client that stops mid-request and closes (a killed curl, a scrape that gave up, a port check that sent a
+    few bytes) sent nothing wrong: the request was counted as bad_request, which docs/security.md defines as a
+    400, 413 or 431 for what was sent, and answered with a 400 'partial message' that nobody could read. It is
+    closed without an answer, not counted, as a TLS connection closed without a word is."""
+    before = hx.rejects(hx.metrics(env.port))
+    s = socket.create_connection(("127.0.0.1", env.port), timeout=HEAD_TIMEOUT + MARGIN,
+                                 source_address=("127.0.0.6", 0))
+    try:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        started = time.monotonic()
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+        took = time.monotonic() - started
+    finally:
+        s.close()
+    assert reply == b"" and took < 1.0, (reply, took)
+    after = hx.rejects(hx.metrics(env.port))
+    assert after == before, {r: after[r] - before[r] for r in after if after[r] != before[r]}
 
 
 @pytest.mark.parametrize("chunked", [  # neither is ever finished: the answer must come before its end
@@ -626,3 +687,55 @@ def test_at_the_total_cap_an_answer_untaken_for_5s_makes_room(env):
     assert after["connection_limit"] - before["connection_limit"] == closed
     assert after["write_timeout"] == before["write_timeout"]
     assert "closed to make room: its answer untaken longest at the cap" in env.d.stderr()
+
+
+def test_at_the_total_cap_the_connection_open_longest_makes_room(env):
+    """16 addresses x 16 connections with a 4 KiB receive window pipeline GET /metrics and take each answer a KiB
+    at a time, in well under 5 s, and a closed one is opened again at once: all 256 are in a write, none waits
+    for a request and none has left an answer untaken for 5 s, so 26 of 30 scrapes from a 17th address got 503
+    for as long as that went on (each connection ends after 30 s and one answer, and is back at once). Now at the
+    cap, when none waits and none stalls, the connection open longest is closed to make room, logged and counted
+    as connection_limit; a scrape, the newest, is served."""
+    pipelined = b"GET /metrics HTTP/1.1\r\nHost: mailflowd\r\n\r\n" * 50
+    stop = threading.Event()
+
+    def busy(source):
+        while not stop.is_set():
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                s.settimeout(5)
+                s.bind((source, 0))
+                s.connect(("127.0.0.1", env.port))
+                s.sendall(pipelined)
+                while not stop.is_set() and s.recv(1024):
+                    stop.wait(0.05)
+            except OSError:
+                stop.wait(0.05)
+            finally:
+                s.close()
+
+    before = hx.rejects(hx.metrics(env.port))
+    readers = [threading.Thread(target=busy, args=(f"127.0.4.{a + 1}",), daemon=True)
+               for a in range(TOTAL // PER_ADDRESS) for _ in range(PER_ADDRESS)]
+    results = []
+    try:
+        for t in readers:
+            t.start()
+        time.sleep(2.0)  # all 256 connected and in a write, none for 5 s
+        for _ in range(10):
+            try:
+                status, _, body, _ = hx.get(env.port, "/metrics", source="127.0.0.123", timeout=2.0)
+                results.append(status if status != 200 or body.startswith(b"# ") else "bad body")
+            except OSError as e:
+                results.append(repr(e))
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        for t in readers:
+            t.join(10)
+    assert results == [200] * 10, results
+    after = hx.rejects(hx.metrics(env.port))
+    assert after["connection_limit"] > before["connection_limit"]
+    assert after["write_timeout"] == before["write_timeout"]
+    assert "closed to make room: open longest at the cap" in env.d.stderr()

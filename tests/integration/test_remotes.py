@@ -6,6 +6,7 @@ rows, /api/v1/remotes.csv and /api/v1/domains.csv, `mailflowd report --connector
 insight's top offender, the bounded gauges, and the tables after a restart (state_dir/remotes.state)."""
 import csv
 import io
+import json
 import shutil
 import sys
 import tempfile
@@ -220,6 +221,27 @@ def test_cli_connector_csv_is_that_connectors_servers(env, mailflowd_bin):
     status, body, _ = rh.http_get(env, "/api/v1/remotes.csv")
     assert status == 200 and {r["connector"] for r in csv.DictReader(io.StringIO(body))} == {"partner-in", "internet"}
     res = rh.run_cli(mailflowd_bin, "--url", env.http, "--connector", "no-such", "--format", "csv")
+    assert res.returncode == 1 and res.stdout == "" and "partner-in" in res.stderr, (res.stdout, res.stderr)
+
+
+def test_cli_connector_json_is_that_connectors_report(env, mailflowd_bin):
+    """`--connector NAME --format json` was the whole report, every connector's rows, insights and servers (the name
+    was not even looked up): an administrator asking for one connector's JSON got all of them. It is now that
+    connector's report alone (/api/v1/report?connector=NAME), "protected in transit" over it alone, and a name
+    that is no connector fails as it does in the other formats."""
+    res = rh.run_cli(mailflowd_bin, "--url", env.http, "--connector", "partner-in", "--format", "json")
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert {r["connector"] for r in report["rows"]} == {"partner-in"}, report["rows"]
+    assert report["insights"] and {i["connector"] for i in report["insights"]} == {"partner-in"}, report["insights"]
+    assert [(c["connector"], c["direction"]) for c in report["connectors"]] == [("partner-in", "inbound")]
+    check_inbound_rows(report, with_names=False)
+    inbound = sum(n for label, _, _, _, n in INBOUND)
+    assert [(t["direction"], t["messages"]) for t in report["in_transit"]] == [("inbound", inbound)], \
+        report["in_transit"]
+    whole = rh.report_json(env)
+    assert {c["connector"] for c in whole["connectors"]} == {"partner-in", "internet"}  # unchanged without it
+    res = rh.run_cli(mailflowd_bin, "--url", env.http, "--connector", "no-such", "--format", "json")
     assert res.returncode == 1 and res.stdout == "" and "partner-in" in res.stderr, (res.stdout, res.stderr)
 
 
