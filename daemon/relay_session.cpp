@@ -1026,9 +1026,9 @@ void SessionRegistry::release_session() {
 
 bool SessionRegistry::admit_address(const std::array<std::uint8_t, 16>& address, std::uint32_t limit) {
   std::lock_guard lock(mutex_);
-  auto& count = per_address_[std::string(address.begin(), address.end())];
+  auto& count = per_address_[address];
   if (count >= limit) {
-    if (count == 0) per_address_.erase(std::string(address.begin(), address.end()));
+    if (count == 0) per_address_.erase(address);
     return false;
   }
   ++count;
@@ -1037,7 +1037,7 @@ bool SessionRegistry::admit_address(const std::array<std::uint8_t, 16>& address,
 
 void SessionRegistry::release_address(const std::array<std::uint8_t, 16>& address) {
   std::lock_guard lock(mutex_);
-  auto it = per_address_.find(std::string(address.begin(), address.end()));
+  auto it = per_address_.find(address);
   if (it != per_address_.end() && --it->second == 0) per_address_.erase(it);
 }
 

@@ -6,6 +6,7 @@
 
 #include <array>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -59,7 +60,9 @@ class SessionRegistry {
   bool draining_ = false;
   std::size_t peak_ = 0;
   std::size_t admitted_ = 0;
-  std::unordered_map<std::string, std::uint32_t> per_address_;
+  // Sessions per client address (IPv4 mapped into IPv6). Keyed by the bytes themselves: a 16-byte string key
+  // is one past the short-string buffer, an allocation at every admission and release (issue #16).
+  std::map<std::array<std::uint8_t, 16>, std::uint32_t> per_address_;
   std::unordered_map<RelaySession*, std::weak_ptr<RelaySession>> sessions_;
 };
 

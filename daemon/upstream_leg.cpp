@@ -195,10 +195,10 @@ proto::TlsVersion UpstreamLeg::tls_version() const {
 std::string_view UpstreamLeg::cipher() const { return link_ ? std::string_view(link_->tls().cipher) : ""; }
 
 std::string UpstreamLeg::address() const {
-  error_code ec;
-  if (!link_) return {};
-  const auto endpoint = link_->socket().remote_endpoint(ec);
-  return ec ? std::string() : address_text(endpoint.address());
+  // The address connect_to() connected to, not getpeername(): a system call per delivered message on an
+  // outbound listener (issue #16), which fails (ENOTCONN) once the upstream has reset the connection after
+  // its reply.
+  return link_ ? address_text(peer_address_) : std::string();
 }
 
 void UpstreamLeg::cancel() {
@@ -845,6 +845,7 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
   }
   local_address_.clear();
   peer_ = endpoint_text(endpoint.address(), endpoint.port());
+  peer_address_ = endpoint.address();
   in_.clear();
   error_code ec;
   co_await link_->connect(endpoint, connect_deadline, ec);

@@ -115,8 +115,8 @@ class UpstreamLeg {
   const proto::UpstreamExtensions& extensions() const { return extensions_; }
   proto::TlsVersion tls_version() const;
   std::string_view cipher() const;  // of the current connection's TLS ("" without)
-  // The far side of the current connection: its address ("203.0.113.7") and host name (the MX host, or the
-  // fixed upstream's configured host).
+  // The far side of the current connection: its address ("203.0.113.7", the one connected to) and host name
+  // (the MX host, or the fixed upstream's configured host).
   std::string address() const;
   const std::string& host() const { return host_; }
   // The policy that governed the current connection: "dane", "mta-sts" or "none".
@@ -234,6 +234,7 @@ class UpstreamLeg {
   std::size_t greeted_sessions_ = 0;  // connections whose banner was 2xx, for open_mx's mx_session_limit
   std::string local_address_;         // our side (TLS-RPT's sending-mta-ip); MX walks and DANE only
   std::string peer_;           // its far side, "203.0.113.7:25", for its upstream_error lines
+  boost::asio::ip::address peer_address_;  // its far side's address, for address()
   bool kept_unanswered_ = false;  // open() kept the connection, and it has not answered anything since
   bool closed_idle_ = false;      // see closed_idle()
   std::string summary_;

@@ -39,28 +39,45 @@ bool is_digit(char c) { return c >= '0' && c <= '9'; }
 
 }  // namespace
 
-std::string format_reply(const Reply& reply) {
-  std::string out;
-  const std::size_t total = reply.lines.empty() ? 1 : reply.lines.size();
+namespace {
+
+template <typename Line>
+std::string format_lines(int code, std::span<const Line> lines) {
+  const std::size_t total = lines.empty() ? 1 : lines.size();
   const std::size_t n = std::min(total, max_written_lines);
-  for (std::size_t i = 0; i < n; ++i) {
-    append_code(out, reply.code);
-    out.push_back(i + 1 == n ? ' ' : '-');
-    if (!reply.lines.empty()) {
-      // The first lines and the last one (where a reply usually ends with what to do about it).
-      std::string_view text = reply.lines[i + 1 == n ? total - 1 : i];
-      if (text.size() > max_written_text) {
-        text = text.substr(0, max_written_text);
-        // Not in the middle of a UTF-8 sequence: back to the start of the cut one.
-        while (!text.empty() && (static_cast<unsigned char>(text.back()) & 0xc0) == 0x80)
-          text.remove_suffix(1);
-        if (!text.empty() && static_cast<unsigned char>(text.back()) >= 0xc0) text.remove_suffix(1);
-      }
-      append_text(out, text);
+  // The first lines and the last one (where a reply usually ends with what to do about it).
+  const auto text_of = [&](std::size_t i) -> std::string_view {
+    std::string_view text = lines[i + 1 == n ? total - 1 : i];
+    if (text.size() > max_written_text) {
+      text = text.substr(0, max_written_text);
+      // Not in the middle of a UTF-8 sequence: back to the start of the cut one.
+      while (!text.empty() && (static_cast<unsigned char>(text.back()) & 0xc0) == 0x80) text.remove_suffix(1);
+      if (!text.empty() && static_cast<unsigned char>(text.back()) >= 0xc0) text.remove_suffix(1);
     }
+    return text;
+  };
+  std::size_t size = n * 6;  // "250-" and CRLF
+  if (!lines.empty())
+    for (std::size_t i = 0; i < n; ++i) size += text_of(i).size();
+  std::string out;
+  out.reserve(size);  // one allocation, not one per doubling
+  for (std::size_t i = 0; i < n; ++i) {
+    append_code(out, code);
+    out.push_back(i + 1 == n ? ' ' : '-');
+    if (!lines.empty()) append_text(out, text_of(i));
     out.append("\r\n");
   }
   return out;
+}
+
+}  // namespace
+
+std::string format_reply(const Reply& reply) {
+  return format_lines(reply.code, std::span<const std::string>(reply.lines));
+}
+
+std::string format_reply(int code, std::span<const std::string_view> lines) {
+  return format_lines(code, lines);
 }
 
 std::string format_reply(int code, std::string_view enhanced, std::string_view text) {

@@ -1,6 +1,7 @@
 #pragma once
 // SMTP replies (RFC 5321 §4.2): parsing what an upstream says, writing what we say.
 #include <cstddef>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -20,6 +21,8 @@ struct Reply {
 // 10 lines (the first 9 and the last) of at most 512 octets (RFC 5321 4.5.3.1.5), so that what an upstream
 // says is relayed in a bounded size; control bytes in the text are written as spaces.
 std::string format_reply(const Reply& reply);
+// The same from lines that are there already, without a Reply to build (a session's EHLO reply: issue #16).
+std::string format_reply(int code, std::span<const std::string_view> lines);
 // Single-line convenience: format_reply(250, "2.0.0", "Ok") == "250 2.0.0 Ok\r\n"; empty enhanced code omitted.
 std::string format_reply(int code, std::string_view enhanced, std::string_view text);
 

@@ -74,6 +74,34 @@ def test_both_legs_have_tcp_nodelay(daemon_factory, sink_factory):
         client.close()
 
 
+def assert_client_leg_nodelay(daemon, port, host, which):
+    client = harness.RawSmtp(port, host=host)
+    try:
+        assert client.reply()[0] == 220, which
+        leg = daemon_socket(daemon.proc.pid, client.sock.getsockname()[:2])
+        assert leg is not None, f"{which}: no socket of the daemon's is connected to the client"
+        with leg:
+            assert leg.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0, which
+    finally:
+        client.close()
+
+
+def test_an_ipv6_listener_and_one_a_reload_added_pass_tcp_nodelay(daemon_factory, sink_factory):
+    """The option is set where mailflowd binds a listening socket, before listen(): on an IPv6 socket as on an
+    IPv4 one, and on a listener that a reload opens as on one opened at start."""
+    sink = sink_factory("nodelay-v6")
+    v4, v6 = harness.free_port(), harness.free_port("::1")
+    daemon = daemon_factory(listeners=[{"name": "v6", "address": f"[::1]:{v6}", "direction": "inbound",
+                                        "upstream": "sink"}],
+                            upstreams=[hh.plain_upstream("sink", sink.port)], name="nodelay-v6")
+    assert_client_leg_nodelay(daemon, v6, "::1", "an IPv6 listener")
+    daemon.config["listeners"].append(hh.listener("added", v4, "sink"))
+    daemon.config_path.write_text(json.dumps(daemon.config, indent=2) + "\n")
+    daemon.proc.send_signal(signal.SIGHUP)
+    harness.wait_for(lambda: " reloaded " in daemon.stderr(), 10, what="the reload")
+    assert_client_leg_nodelay(daemon, v4, "127.0.0.1", "a listener a reload added")
+
+
 def test_a_connection_queued_on_a_socket_systemd_passed_has_tcp_nodelay(tmp_path, sink_factory, mailflowd_bin):
     tool = shutil.which("systemd-socket-activate")
     if not tool:

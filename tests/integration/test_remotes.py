@@ -8,6 +8,8 @@ import csv
 import io
 import json
 import shutil
+import socket
+import struct
 import sys
 import tempfile
 import time
@@ -17,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import harness
+import hostile_helpers as hh
 import report_helpers as rh
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
@@ -279,3 +282,44 @@ def test_tables_survive_a_restart(env):
                                                                        for r in c["remotes"]["rows"]]}}
                             for c in report["connectors"]]
     assert strip(after) == strip(before)
+
+
+RESETTER = "127.0.0.231"  # a fixed upstream of the test below (h-rev30perf's addresses)
+
+
+def accept_then_reset(conn):
+    """Takes a message, answers its end with 250 and resets the connection at once (SO_LINGER 0: an RST, no
+    FIN), as a server that drops its side the moment it has queued the message."""
+    def data(_line):
+        conn.send(b"354 go on\r\n")
+        if conn.message() is None:
+            return True
+        conn.send(b"250 2.0.0 queued\r\n")
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.sock.close()
+        return True
+    conn.serve({b"DATA": data})
+
+
+def test_outbound_remote_is_the_address_connected_to_after_a_reset(daemon_factory):
+    """The outbound drill-down's row of a message is the upstream's address also when the upstream reset the
+    connection right after its 250: the address was asked of the socket (getpeername()) after the reply, which
+    fails with ENOTCONN once the RST has come, and the message was counted under the address ""."""
+    upstream = hh.FakeUpstream("resetter", accept_then_reset, host=RESETTER, port=harness.free_port(RESETTER))
+    try:
+        listeners = [{"name": "out", "address": f"127.0.0.1:{harness.free_port()}", "direction": "outbound",
+                      "upstream": "resetter"}]
+        upstreams = [{"name": "resetter", "address": f"{RESETTER}:{upstream.port}", "tls": "none",
+                      "xclient": "off"}]
+        daemon = daemon_factory(listeners, upstreams, name="remotes-reset")
+        before = daemon.metrics()
+        messages = 3
+        for _ in range(messages):
+            r = harness.swaks(daemon.listener_port("out"), to="rcpt@reset.example", sender="app@corp.example",
+                              data=rh.MESSAGE)
+            assert r.rc == 0, str(r) + upstream.log_tail()
+        harness.wait_moved(daemon, before, at_least=messages)
+        rows = drilldown(rh.report_json(daemon), "internet", "outbound")["remotes"]["rows"]
+        assert [(r["address"], r["messages"]) for r in rows] == [(RESETTER, messages)], rows
+    finally:
+        upstream.stop()

@@ -3,6 +3,7 @@
 #include <doctest/doctest.h>
 
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "split_helpers.hpp"
@@ -101,6 +102,16 @@ TEST_CASE("format_reply writes at most 10 lines of 512 octets") {
   Reply ten{250, {}};
   for (int i = 0; i < 10; ++i) ten.lines.push_back("line " + std::to_string(i));
   CHECK(parse_reply(format_reply(ten)).reply.lines == ten.lines);
+}
+
+TEST_CASE("format_reply from views writes what it writes from a Reply") {
+  Reply big{550, {"a\r\nb", "", std::string(600, 'y')}};
+  for (int i = 0; i < 20; ++i) big.lines.push_back(std::to_string(i) + " " + std::string(700, 'x'));
+  for (std::size_t n = 0; n <= big.lines.size(); ++n) {
+    const Reply part{big.code, std::vector<std::string>(big.lines.begin(), big.lines.begin() + n)};
+    const std::vector<std::string_view> views(part.lines.begin(), part.lines.end());
+    CHECK(format_reply(part.code, views) == format_reply(part));
+  }
 }
 
 TEST_CASE("format_reply and parse_reply agree") {
