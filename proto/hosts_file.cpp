@@ -82,9 +82,11 @@ void read_search_list(std::string_view text, std::vector<std::string>& search, i
     std::string_view line = text.substr(0, end);
     text = end == std::string_view::npos ? std::string_view() : text.substr(end + 1);
     line = line.substr(0, line.find('\0'));  // as in hosts_records
-    // glibc's res_init takes a keyword only at the start of its line: an indented one is no setting.
-    if (line.starts_with(' ') || line.starts_with('\t')) continue;
-    line = line.substr(0, line.find_first_of("#;"));
+    // glibc's res_init takes a keyword only at the start of its line: an indented one is no setting. A
+    // comment is a line that starts with '#' or ';'; behind a setting neither starts one (a "search" line's
+    // words are all domains, an "options" line's all options), as res_init reads them.
+    if (line.starts_with(' ') || line.starts_with('\t') || line.starts_with('#') || line.starts_with(';'))
+      continue;
     std::vector<std::string_view> fields;
     for (std::size_t at = 0; at < line.size();) {
       at = line.find_first_not_of(" \t\r", at);

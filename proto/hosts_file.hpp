@@ -17,8 +17,9 @@ namespace mailflow::proto {
 std::vector<std::string> hosts_records(std::string_view text);
 // resolv.conf(5) text's search list ("search", or "domain" and its first name: the last such line wins; at
 // most max_search_domains names) and ndots ("options ndots:N", 1 unless said, at most 15, N as atoi reads
-// it), as glibc reads them: a keyword only at the start of a line, a search line without a name ignored; a
-// search domain with an empty label (a..b, .a, a..) is left out.
+// it), as glibc reads them: a keyword only at the start of a line, a comment only a line that starts with '#'
+// or ';' (behind a setting they are words of it), a search line without a name ignored; a search domain with
+// an empty label (a..b, .a, a..) is left out.
 // glibc 2.26 and later read any number (Debian 12: 2.36); Kubernetes allows a pod 32, the bound kept here.
 inline constexpr std::size_t max_search_domains = 32;
 void read_search_list(std::string_view text, std::vector<std::string>& search, int& ndots);

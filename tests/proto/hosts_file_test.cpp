@@ -146,4 +146,25 @@ TEST_CASE("read_search_list: a domain line gives its first name only, as glibc's
   CHECK(search == std::vector<std::string>{"a.example", "b.example"});
 }
 
+TEST_CASE("read_search_list: '#' and ';' start a comment at the start of a line only, as glibc's res_init") {
+  std::vector<std::string> search;
+  int ndots = 0;
+  // res_init skips a line that starts with '#' or ';' and nothing else: behind "search" every blank-separated
+  // word is a domain, "#" and ";" too, and the domains after them are searched as well.
+  read_search_list("search a.example # b.example\n#search c.example\n;search d.example\n", search, ndots);
+  CHECK(search == std::vector<std::string>{"a.example", "#", "b.example"});
+  read_search_list("search a.example ; b.example\n", search, ndots);
+  CHECK(search == std::vector<std::string>{"a.example", ";", "b.example"});
+  read_search_list("search ; b.example\n", search, ndots);
+  CHECK(search == std::vector<std::string>{";", "b.example"});
+  // "domain" ends at its first blank, so a '#' in its word stays in it.
+  read_search_list("domain corp.example#old\n", search, ndots);
+  CHECK(search == std::vector<std::string>{"corp.example#old"});
+  // res_setoptions reads every word of an "options" line: an ndots after a '#' is set.
+  read_search_list("options ndots:2 # ndots:7\n", search, ndots);
+  CHECK(ndots == 7);
+  read_search_list("options ndots:2\n# options ndots:7\n; options ndots:9\n", search, ndots);
+  CHECK(ndots == 2);
+}
+
 }  // namespace
