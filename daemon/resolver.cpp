@@ -318,7 +318,11 @@ struct Resolver::Impl : std::enable_shared_from_this<Impl> {
     // the common case for an MTA host; libunbound refuses to query localhost unless told.
     check(ub_ctx_set_option(ctx, "do-not-query-localhost:", "no"), "do-not-query-localhost");
     if (dns.servers.empty()) {
-      check(ub_ctx_resolvconf(ctx, resolv_conf_path), std::string("reading ") + resolv_conf_path);
+      // resolv.conf's name servers as read at start or reload (resolver_settings); none: 127.0.0.1, as glibc
+      // and libunbound ask then.
+      for (const auto& server : settings.name_servers)
+        check(ub_ctx_set_fwd(ctx, server.c_str()), std::string(resolv_conf_path) + " nameserver " + server);
+      if (settings.name_servers.empty()) check(ub_ctx_set_fwd(ctx, "127.0.0.1"), "nameserver 127.0.0.1");
     } else {
       for (const auto& server : dns.servers) {
         check(ub_ctx_set_fwd(ctx, (server.host + "@" + std::to_string(server.port)).c_str()),
@@ -783,13 +787,20 @@ ResolverSettings resolver_settings(const config::Dns& dns) {
   settings.key = std::to_string(dns.timeout.count());
   for (const auto& server : dns.servers) settings.key += " " + server.text;
   if (dns.servers.empty()) {
-    // Without dns.servers each context reads resolv.conf's name servers when it is made (ub_ctx_resolvconf),
-    // and a loop's context is made again only for a new key: with the file's text in the key, a reload after
-    // the file changed gives every loop the name servers it names now, as it gives the search list
-    // (with_hosts_file).
+    // Without dns.servers, resolv.conf's name servers, read here once (start, reload) as glibc reads them,
+    // and given to every context made from these settings, as the trust anchor is. They are part of the key,
+    // so a reload after the file changed gives every loop the name servers it names now. (libunbound's own
+    // ub_ctx_resolvconf read the file again for each context, whenever a loop made one, and refused the whole
+    // file, and with it the start or the reload, for a line glibc skips: "nameserver" without an address.)
     std::ifstream in(resolv_conf_path, std::ios::binary);
-    settings.key += std::string("\n") + resolv_conf_path + "\n" +
-                    std::string{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+    const std::string text{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+    if (!in.is_open() || in.bad()) {
+      settings.problem = std::string(resolv_conf_path) + ": cannot " + (in.is_open() ? "read" : "open") +
+                         " it (without dns.servers its name servers are asked)";
+    }
+    settings.name_servers = proto::read_name_servers(text);
+    settings.key += std::string("\n") + resolv_conf_path + ":";
+    for (const auto& server : settings.name_servers) settings.key += " " + server;
   }
   if (dns.trust_anchor_file.empty()) return settings;
   std::ifstream in(dns.trust_anchor_file, std::ios::binary);

@@ -108,9 +108,12 @@ std::optional<std::string> join_txt_rdata(std::string_view rdata);
 struct ResolverSettings {
   config::Dns dns;
   std::vector<std::string> trust_anchors;  // proto::trust_anchor_records of the file as read
-  std::string problem;  // the file could not be read or split: why (a Resolver made from these throws it)
-  // The settings, the trust anchor file's content and, without dns.servers, resolv.conf's: a resolver made
-  // for another key is replaced.
+  std::string problem;  // a file could not be read or split: why (a Resolver made from these throws it)
+  // Without dns.servers: resolv.conf's name servers as read then (proto::read_name_servers), given to every
+  // Resolver made from these settings; empty: 127.0.0.1.
+  std::vector<std::string> name_servers;
+  // The settings, the trust anchor file's content and, without dns.servers, resolv.conf's name servers: a
+  // resolver made for another key is replaced.
   std::string key;
   // Which start or reload made these (Runtime::build counts them; 0 elsewhere): an event loop's resolver
   // follows the newest settings, also for sessions that began before the reload (loop_resolver).

@@ -164,3 +164,27 @@ def test_ndots_is_read_as_glibc_reads_it(env, workdir, mailflowd_bin):
         assert old.count() == base_old, "the relay asked the name before the search list, as glibc does not"
     finally:
         harness.stop_exits_0(daemon)
+
+
+def test_name_servers_are_read_as_glibc_reads_them(env, workdir, mailflowd_bin):
+    """A `nameserver` line without an address (or with a word that is none, "localhost") is skipped by glibc's
+    res_init, which asks the name servers of the other lines; getent finds the upstream through them. libunbound's
+    ub_ctx_resolvconf, which read the file for each resolver, refused the whole file for it ("syntax error"): the
+    daemon did not start ("dns: reading /etc/resolv.conf: syntax error"), and a file so edited before a reload
+    refused the reload. The name servers are now read at start and reload as glibc reads them."""
+    resolv_text = f"nameserver\nnameserver localhost\nnameserver {OLD_NS} # the site's resolver\nsearch {ORIGIN}\n"
+    hosts = workdir / "ns-glibc-getent-hosts"
+    hosts.write_text("127.0.0.1 localhost\n")
+    resolv = workdir / "ns-glibc-getent-resolv.conf"
+    resolv.write_text(resolv_text)
+    getent = subprocess.run(harness.in_own_files(hosts, resolv) + ["getent", "ahostsv4", "store"],
+                            capture_output=True, text=True, timeout=20)
+    assert getent.stdout.split()[:1] == [OLD_STORE], getent
+    daemon, port, _ = start(workdir, mailflowd_bin, "ns-glibc", resolv_text, "store", env.sink_port)
+    old = env.sinks[OLD_STORE]
+    try:
+        base_old = old.count()
+        deliver(port, "glibc name servers")
+        old.wait_messages(base_old + 1)
+    finally:
+        harness.stop_exits_0(daemon)

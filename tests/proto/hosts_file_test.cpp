@@ -167,4 +167,24 @@ TEST_CASE("read_search_list: '#' and ';' start a comment at the start of a line 
   CHECK(ndots == 2);
 }
 
+TEST_CASE("read_name_servers: as glibc's res_init takes them, at most three, a line it cannot read skipped") {
+  CHECK(read_name_servers("nameserver 10.0.0.1\nnameserver\t::1 # a comment\n") ==
+        std::vector<std::string>{"10.0.0.1", "::1"});
+  // No address, no address glibc reads (a name, a typo'd keyword), an indented or commented line: skipped.
+  CHECK(read_name_servers("nameserver\nnameserver   \nnameserver localhost\nnameservers 10.0.0.2\n"
+                          "  nameserver 10.0.0.3\n#nameserver 10.0.0.4\nnameserver 10.0.0.5;x\n"
+                          "nameserver 10.0.0.6\n") == std::vector<std::string>{"10.0.0.6"});
+  // inet_aton's forms, written as inet_ntop writes them; an IPv6 zone kept where it is a name or a number.
+  CHECK(read_name_servers("nameserver 10.1\nnameserver 0x7f.1\nnameserver FE80:0::1%eth0\n") ==
+        std::vector<std::string>{"10.0.0.1", "127.0.0.1", "fe80::1%eth0"});
+  CHECK(read_name_servers("nameserver fe80::1%eth0@53\nnameserver fe80::2%\n") ==
+        std::vector<std::string>{"fe80::1", "fe80::2"});
+  CHECK(read_name_servers("nameserver 10.0.0.1\r\n") == std::vector<std::string>{"10.0.0.1"});
+  // glibc's MAXNS: the first three.
+  CHECK(read_name_servers(
+            "nameserver 10.0.0.1\nnameserver 10.0.0.2\nnameserver 10.0.0.3\nnameserver 10.0.0.4\n") ==
+        std::vector<std::string>{"10.0.0.1", "10.0.0.2", "10.0.0.3"});
+  CHECK(read_name_servers("search example.org\n").empty());
+}
+
 }  // namespace
