@@ -5,6 +5,7 @@
 #include <unbound.h>
 
 #include <algorithm>
+#include <atomic>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/asio/io_context.hpp>
@@ -23,7 +24,6 @@
 #include <random>
 #include <stdexcept>
 
-#include "daemon/local_shortage.hpp"
 #include "daemon/log.hpp"
 #include "daemon/telemetry.hpp"
 #include "proto/ascii.hpp"
@@ -207,6 +207,43 @@ std::string_view library_message(std::string_view line) {
   return line.substr(ident_end + 2);
 }
 
+// libunbound that cannot make the socket for a query (out of descriptors, memory, buffers) says so in its log
+// ("can't create socket: Too many open files" for UDP, "outgoing tcp: socket: ... for 192.0.2.53 port 53")
+// and answers SERVFAIL, as for a name server that failed: its message is what tells the two apart. It is
+// written by the context's worker before the answer, so a query whose SERVFAIL comes after a message that
+// came while it was in flight is taken for one that could not be sent (Impl::finish). The message may be
+// another context's (libunbound logs to one process-wide file): that loop was short of the same process's
+// descriptors. Before, a socket made on the loop after the answer was the test, and a descriptor freed in
+// between (a session that ended) made such a query the name servers' SERVFAIL, the context not replaced with
+// libunbound's cache holding it.
+std::atomic<std::uint64_t> library_socket_failures{0};
+std::mutex library_socket_failure_mutex;
+std::string library_socket_failure;  // the reason libunbound gave last ("Too many open files")
+
+void note_socket_failure(std::string_view message) {
+  std::string_view reason;
+  for (const std::string_view marker : {"can't create socket: ", "outgoing tcp: socket: "}) {
+    if (const auto at = message.find(marker); at != std::string_view::npos) {
+      reason = message.substr(at + marker.size());
+      reason = reason.substr(0, reason.find(" for "));  // the TCP message's "for ADDRESS port N"
+      break;
+    }
+  }
+  if (reason.empty()) return;
+  {
+    std::lock_guard lock(library_socket_failure_mutex);
+    library_socket_failure.assign(reason.substr(0, 200));
+  }
+  library_socket_failures.fetch_add(1, std::memory_order_release);
+}
+
+// Why libunbound last could not make a socket, when it said so after it had said so `count` times in all.
+std::optional<std::string> socket_failure_since(std::uint64_t count) {
+  if (library_socket_failures.load(std::memory_order_acquire) == count) return std::nullopt;
+  std::lock_guard lock(library_socket_failure_mutex);
+  return library_socket_failure;
+}
+
 // The FILE's cookie: what libunbound's threads write, cut into lines (a line may come in several writes).
 struct LibraryLog {
   static constexpr std::size_t max_line = 4096;
@@ -228,6 +265,7 @@ struct LibraryLog {
   static void emit(std::string_view line) {
     const std::string_view message = library_message(line);
     if (message.empty()) return;
+    note_socket_failure(message);
     log_limited(LogLevel::warn, "dns_library", {{"message", message.substr(0, max_line)}});
   }
 };
@@ -381,6 +419,7 @@ struct Resolver::Impl : std::enable_shared_from_this<Impl> {
     bool done = false;
     bool cancelled = false;  // Resolver::cancel(): given up, no answer waited for
     int error = 0;  // libunbound's error code (not the DNS rcode)
+    std::uint64_t socket_failures = 0;  // library_socket_failures when it was started
     ub_result* result = nullptr;
     DnsOutcome outcome = DnsOutcome::error;
     std::string detail;
@@ -402,6 +441,7 @@ struct Resolver::Impl : std::enable_shared_from_this<Impl> {
       return;
     }
     query.wakeup.expires_after(timeout);
+    query.socket_failures = library_socket_failures.load(std::memory_order_acquire);
     const int rc =
         ub_resolve_async(ctx, query.name.c_str(), rrtype(query.type), kClassIn, &query, &Impl::on_answer, &query.id);
     if (rc != 0) {
@@ -455,14 +495,12 @@ struct Resolver::Impl : std::enable_shared_from_this<Impl> {
     } else {
       query.outcome = query.result->havedata ? DnsOutcome::success : DnsOutcome::nodata;
     }
-    // libunbound that cannot make the socket for a query (out of descriptors) logs "can't create socket" and
-    // answers SERVFAIL, as for a name server that failed: only a socket made (or not) now tells the two
-    // apart. Asked only after a SERVFAIL or an error, so an answered lookup costs nothing more.
-    if (query.outcome == DnsOutcome::servfail || query.outcome == DnsOutcome::error) {
-      if (const auto shortage = socket_shortage()) {
+    // A SERVFAIL or an error after libunbound said that it could not make a socket (note_socket_failure).
+    if (answered && (query.outcome == DnsOutcome::servfail || query.outcome == DnsOutcome::error)) {
+      if (const auto reason = socket_failure_since(query.socket_failures)) {
         query.outcome = DnsOutcome::local_resources;
         spoiled = true;
-        query.detail = "no socket for the query: " + shortage.message() + " (" + query.detail + ")";
+        query.detail = "no socket for the query: " + *reason + " (" + query.detail + ")";
       }
     }
     if (telemetry != nullptr) telemetry->dns_lookup(query.type, query.outcome);

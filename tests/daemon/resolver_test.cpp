@@ -5,6 +5,7 @@
 
 #include <doctest/doctest.h>
 
+#include <sys/resource.h>
 #include <unistd.h>
 #include <array>
 #include <boost/asio/co_spawn.hpp>
@@ -161,6 +162,62 @@ TEST_CASE("cancel() gives up one shared Resolver's lookups at once, and not the 
   CHECK(dns_sample(metrics, "AAAA", "error") == "0");  // a lookup given up is no DNS result
   CHECK(dns_sample(metrics, "MX", "error") == "0");
   CHECK(dns_sample(metrics, "MX", "timeout") == "1");
+}
+
+// The sanitizers' runtime needs descriptors of its own at the limit
+// (harness.skip_out_of_descriptors_if_sanitized).
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+constexpr bool kSanitized = true;
+#else
+constexpr bool kSanitized = false;
+#endif
+
+TEST_CASE(
+    "a query libunbound had no socket for is local_resources though a descriptor is free by its answer" *
+    doctest::skip(kSanitized)) {
+  net::io_context io;
+  net::ip::udp::socket silent(io, net::ip::udp::endpoint(net::ip::make_address("127.0.0.1"), 0));
+  mailflow::config::Dns dns;
+  dns.servers.push_back({"127.0.0.1", silent.local_endpoint().port(), "silent"});
+  dns.timeout = std::chrono::milliseconds(3000);
+  mailflow::Telemetry telemetry;
+  Resolver resolver(io.get_executor(), mailflow::resolver_settings(dns), &telemetry, 1);
+  std::optional<mailflow::AddressResult> result;
+  // A first lookup, answered by libunbound itself, starts its worker thread (its event base is a descriptor).
+  net::co_spawn(
+      io, [&]() -> net::awaitable<void> { result = co_await resolver.resolve_addresses("localhost"); },
+      [](std::exception_ptr) {});
+  io.run();
+  REQUIRE(result.has_value());
+  REQUIRE(result->status == mailflow::AddressResult::Status::addresses);
+  result.reset();
+  io.restart();
+  net::co_spawn(
+      io, [&]() -> net::awaitable<void> { result = co_await resolver.resolve_addresses("mx1.example.net"); },
+      [](std::exception_ptr) {});
+  // No new descriptor while the queries are sent: the limit is the lowest free number.
+  rlimit saved{};
+  REQUIRE(::getrlimit(RLIMIT_NOFILE, &saved) == 0);
+  const int lowest_free = ::dup(2);
+  REQUIRE(lowest_free >= 0);
+  ::close(lowest_free);
+  rlimit low = saved;
+  low.rlim_cur = static_cast<rlim_t>(lowest_free);
+  REQUIRE(::setrlimit(RLIMIT_NOFILE, &low) == 0);
+  io.poll();  // the queries are handed to libunbound's worker, which cannot make their sockets
+  std::this_thread::sleep_for(std::chrono::milliseconds(1000));  // and answers SERVFAIL
+  // A descriptor is free again before the loop takes the answers (another session closed its connection).
+  REQUIRE(::setrlimit(RLIMIT_NOFILE, &saved) == 0);
+  io.run();
+  REQUIRE(result.has_value());
+  CHECK(result->aaaa == DnsOutcome::local_resources);
+  CHECK(result->a == DnsOutcome::local_resources);
+  CHECK(result->local_failure());
+  CHECK(resolver.spoiled());  // its cache holds those SERVFAILs: the loop makes a new context
+  CHECK(result->detail.find("Too many open files") != std::string::npos);
+  const std::string metrics = telemetry.metrics_text();
+  CHECK(dns_sample(metrics, "A", "local_resources") == "1");
+  CHECK(dns_sample(metrics, "A", "servfail") == "0");
 }
 
 TEST_CASE("settings libunbound refuses are an error at construction, with its reason") {
