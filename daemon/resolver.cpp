@@ -876,6 +876,13 @@ ResolverSettings with_hosts_file(ResolverSettings settings, const std::string& h
   return settings;
 }
 
+ResolverSettings fixed_upstream_settings(const ResolverSettings& dns, std::string& problem) {
+  auto hosts = with_hosts_file(dns, hosts_file_path, resolv_conf_path);
+  problem = dns_settings_problem(hosts);
+  if (problem.empty()) return hosts;
+  return dns;
+}
+
 net::awaitable<std::string> Resolver::verified_name(net::ip::address address, bool& failed) {
   failed = false;
   if (address.is_v6() && address.to_v6().is_v4_mapped())

@@ -141,6 +141,13 @@ ResolverSettings resolver_settings(const config::Dns& dns);
 ResolverSettings with_hosts_file(ResolverSettings settings, const std::string& hosts_file,
                                  const std::string& resolv_conf);
 
+// The settings for fixed upstreams' host names, as a start or a reload makes them (Runtime::build) and
+// `mailflowd route` shows them: `dns` with hosts_file_path's names first and resolv.conf's search list
+// (with_hosts_file). Where libunbound still cannot take the file, `dns` itself, and `problem` says why (else
+// "").
+inline constexpr const char* hosts_file_path = "/etc/hosts";
+ResolverSettings fixed_upstream_settings(const ResolverSettings& dns, std::string& problem);
+
 // "" when libunbound takes these settings (dns.servers, the trust anchor), else why not: it checks them only
 // when a resolver is made, so start, reload and --check-config make one to find out.
 std::string dns_settings_problem(const ResolverSettings& settings);

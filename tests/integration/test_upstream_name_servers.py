@@ -15,6 +15,7 @@ search list: with Kubernetes' `options ndots:5` a name of fewer dots is asked un
 wildcard record (here *.rev29.example.net, 127.0.0.163) answers "mail.rev29.example.net.rev29.example.net" before the
 name itself is ever asked. The final dot is how glibc's users keep a name from that; the configuration refused it
 ("invalid host name"), so nothing kept the relay from delivering to the wildcard's host."""
+import json
 import shutil
 import signal
 import subprocess
@@ -188,3 +189,56 @@ def test_name_servers_are_read_as_glibc_reads_them(env, workdir, mailflowd_bin):
         old.wait_messages(base_old + 1)
     finally:
         harness.stop_exits_0(daemon)
+
+
+def route(workdir, mailflowd_bin, name, upstream_host, sink_port, hosts, resolv):
+    """`mailflowd route --format json` for a configuration whose one upstream is `upstream_host`:`sink_port`, run
+    with `hosts` and `resolv` bound over /etc/hosts and /etc/resolv.conf as the daemon runs."""
+    state = workdir / f"{name}-state"
+    state.mkdir(exist_ok=True)
+    cfg = harness.default_config(state, harness.free_port(), [hh.listener("store", harness.free_port(), "store")],
+                                 [{"name": "store", "address": f"{upstream_host}:{sink_port}", "tls": "none"}],
+                                 dns={"timeout": "3s"})
+    path = workdir / f"{name}.yaml"
+    path.write_text(json.dumps(cfg) + "\n")
+    p = subprocess.run(harness.in_own_files(hosts, resolv) + [mailflowd_bin, "route", "--config", str(path),
+                                                              "--recipient", "user@example.org", "--format", "json"],
+                       capture_output=True, text=True, timeout=30)
+    assert p.stdout, f"no output (exit {p.returncode}):\n{p.stderr}"
+    out = json.loads(p.stdout)
+    out["exit"] = p.returncode
+    return out
+
+
+def test_route_looks_up_a_fixed_upstreams_name_as_the_daemon_does(env, workdir, mailflowd_bin):
+    """`mailflowd route` showed a fixed upstream's address as written ("store:PORT", result deliver, exit 0) and
+    looked nothing up, where the daemon asks /etc/hosts, then DNS under resolv.conf's search list: it said
+    "deliver" for a name that has no address (every RCPT 451), and could not show which host a short name or a
+    name only /etc/hosts knows reaches. It now looks the name up with the daemon's code and settings
+    (resolve_upstream_name, fixed_upstream_settings)."""
+    resolv_text = f"nameserver {OLD_NS}\nsearch {ORIGIN}\n"
+    daemon, port, resolv = start(workdir, mailflowd_bin, "ns-route", resolv_text, "store", env.sink_port)
+    old = env.sinks[OLD_STORE]
+    hosts = workdir / "ns-route-hosts"
+    hosts.write_text(f"127.0.0.1 localhost\n{NEW_STORE} onlyhosts\n")
+    try:
+        base_old = old.count()
+        deliver(port, "where route says")
+        old.wait_messages(base_old + 1)  # the daemon reached store.rev29.example.net's address
+    finally:
+        harness.stop_exits_0(daemon)
+    r = route(workdir, mailflowd_bin, "ns-route-store", "store", env.sink_port, hosts, resolv)
+    assert (r["exit"], r["result"], r["attempts"]) == (0, "deliver", [f"{OLD_STORE}:{env.sink_port}"]), r
+    assert r["name_lookup"]["asked"] == [f"store.{ORIGIN}"], r
+    r = route(workdir, mailflowd_bin, "ns-route-hosts", "onlyhosts", env.sink_port, hosts, resolv)
+    assert (r["exit"], r["attempts"], r["name_lookup"]["asked"]) == (0, [f"{NEW_STORE}:{env.sink_port}"],
+                                                                      ["onlyhosts"]), r
+    assert r["dns_lookups"] == {"AAAA nodata": 1, "A success": 1}, r  # answered by the hosts file alone
+    # No address (an RFC 6761 name, NXDOMAIN without a query): the RCPT would get 451, exit 4.
+    r = route(workdir, mailflowd_bin, "ns-route-none", "nowhere.invalid.", env.sink_port, hosts, resolv)
+    assert (r["exit"], r["result"], r["attempts"]) == (4, "no_addresses", []), r
+    assert r["reply"].startswith("451 4.4.1"), r
+    # An IP address: nothing looked up, as before.
+    r = route(workdir, mailflowd_bin, "ns-route-ip", OLD_STORE, env.sink_port, hosts, resolv)
+    assert (r["exit"], r["attempts"], r["name_lookup"], r["dns_lookups"]) == \
+        (0, [f"{OLD_STORE}:{env.sink_port}"], None, {}), r
