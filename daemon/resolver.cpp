@@ -22,6 +22,7 @@
 #include <new>
 #include <optional>
 #include <random>
+#include <set>
 #include <stdexcept>
 
 #include "daemon/log.hpp"
@@ -861,14 +862,21 @@ ResolverSettings resolver_settings(const config::Dns& dns) {
 }
 
 ResolverSettings with_hosts_file(ResolverSettings settings, const std::string& hosts_file,
-                                 const std::string& resolv_conf) {
+                                 const std::string& resolv_conf, const std::vector<std::string>& names) {
   const auto read = [](const std::string& path) {
     std::ifstream in(path, std::ios::binary);
     return std::string{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
   };
   settings.hosts_file = hosts_file;
-  settings.hosts_records = proto::hosts_records(read(hosts_file));
   proto::read_search_list(read(resolv_conf), settings.search, settings.ndots);
+  std::set<std::string, std::less<>> asked;  // dns_name_key of every name a lookup may ask
+  for (const auto& name : names)
+    for (const auto& search : proto::search_names(name, settings.search, settings.ndots, {}))
+      asked.insert(proto::dns_name_key(search));
+  for (auto& record : proto::hosts_records(read(hosts_file))) {
+    if (asked.contains(proto::dns_name_key(std::string_view(record).substr(0, record.find(' ')))))
+      settings.hosts_records.push_back(std::move(record));
+  }
   settings.key += "\nhosts " + hosts_file;
   for (const auto& record : settings.hosts_records) settings.key += "\n" + record;
   // The search list changes no lookup's answer, only which names are asked; resolv.conf's text is in the key
@@ -876,8 +884,15 @@ ResolverSettings with_hosts_file(ResolverSettings settings, const std::string& h
   return settings;
 }
 
-ResolverSettings fixed_upstream_settings(const ResolverSettings& dns, std::string& problem) {
-  auto hosts = with_hosts_file(dns, hosts_file_path, resolv_conf_path);
+ResolverSettings fixed_upstream_settings(const ResolverSettings& dns, const config::Config& config,
+                                         std::string& problem) {
+  std::vector<std::string> names;
+  for (const auto& upstream : config.upstreams) {
+    boost::system::error_code literal;
+    if (!upstream.mx && (net::ip::make_address(upstream.address.host, literal), literal))
+      names.push_back(upstream.address.host);
+  }
+  auto hosts = with_hosts_file(dns, hosts_file_path, resolv_conf_path, names);
   problem = dns_settings_problem(hosts);
   if (problem.empty()) return hosts;
   return dns;

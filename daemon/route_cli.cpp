@@ -460,7 +460,7 @@ int run_route_cli(int argc, char** argv, std::ostream& out, std::ostream& err) {
       // /etc/hosts and resolv.conf's search list, looked up by the relay's own code (resolve_upstream_name).
       const ResolverSettings dns = resolver_settings(config.dns);
       std::string hosts_problem;
-      const ResolverSettings hosts = upstream.mx ? dns : fixed_upstream_settings(dns, hosts_problem);
+      const ResolverSettings hosts = upstream.mx ? dns : fixed_upstream_settings(dns, config, hosts_problem);
       if (!hosts_problem.empty())
         err << "mailflowd route: " << cli::shown(hosts_problem) << " (names looked up in DNS only)\n";
       const ResolverSettings& settings = upstream.mx ? dns : upstream_name_settings(upstream, dns, hosts);

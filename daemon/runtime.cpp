@@ -79,7 +79,7 @@ std::shared_ptr<const Runtime> Runtime::build(std::shared_ptr<const config::Conf
   // upstream, nor refuse a start or a reload for a file that is no setting of mailflowd's: their names are
   // looked up in DNS alone then, logged at each start and reload until it is fixed.
   std::string problem;
-  auto hosts = fixed_upstream_settings(*resolver, problem);
+  auto hosts = fixed_upstream_settings(*resolver, *config, problem);
   if (!problem.empty()) {
     log_event(LogLevel::warn, "hosts_file",
               {{"file", hosts_file_path},

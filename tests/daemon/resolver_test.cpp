@@ -263,11 +263,13 @@ TEST_CASE("with_hosts_file: its names answered first in its order and others ask
   std::ofstream(path) << "# comment\n127.0.0.9 store.example.org store\n127.0.0.8 store.example.org\n"
                          "::1 v6.example.org\n";
   const auto plain = mailflow::resolver_settings(dns);
-  const auto hosts = mailflow::with_hosts_file(plain, path.string(), "/nonexistent/resolv.conf");
+  const std::vector<std::string> names{"store.example.org", "v6.example.org", "absent.example.org",
+                                       "other.example.org"};
+  const auto hosts = mailflow::with_hosts_file(plain, path.string(), "/nonexistent/resolv.conf", names);
   CHECK(hosts.hosts_file == path.string());
   CHECK(hosts.key != plain.key);
   std::ofstream(path, std::ios::app) << "127.0.0.7 other.example.org\n";
-  CHECK(mailflow::with_hosts_file(plain, path.string(), "/nonexistent/resolv.conf").key !=
+  CHECK(mailflow::with_hosts_file(plain, path.string(), "/nonexistent/resolv.conf", names).key !=
         hosts.key);  // a reload after a change: new resolvers
 
   mailflow::Telemetry telemetry;
@@ -312,12 +314,42 @@ TEST_CASE("with_hosts_file: its names answered first in its order and others ask
   CHECK(std::chrono::steady_clock::now() - started < std::chrono::milliseconds(1500));
 }
 
+TEST_CASE(
+    "with_hosts_file: only the names a fixed upstream's lookup can ask are kept, however long the file") {
+  const auto dir = std::filesystem::temp_directory_path();
+  const auto path = dir / ("mailflow-big-hosts-" + std::to_string(::getpid()));
+  const auto resolv = dir / ("mailflow-big-resolv-" + std::to_string(::getpid()));
+  {
+    std::ofstream out(path);
+    out << "10.0.0.1 Store\n10.0.0.2 other\n10.0.0.3 store.corp.example. alias\n10.0.0.4 mail.example.org\n";
+    for (int i = 0; i < 100000; ++i)
+      out << "10.1." << i / 256 % 256 << "." << i % 256 << " host" << i << ".example\n";
+  }
+  std::ofstream(resolv) << "search corp.example\n";
+  mailflow::config::Dns dns;
+  dns.servers.push_back({"127.0.0.1", 53, "local"});
+  const auto plain = mailflow::resolver_settings(dns);
+  const std::vector<std::string> names{"store", "mail.example.org."};
+  const auto hosts = mailflow::with_hosts_file(plain, path.string(), resolv.string(), names);
+  // "store" is asked as store.corp.example and store, "mail.example.org." as written: their records, any
+  // case, with a final dot or none, in the file's order; none of the 100,000 others.
+  CHECK(hosts.hosts_records == std::vector<std::string>{"Store A 10.0.0.1", "store.corp.example. A 10.0.0.3",
+                                                        "mail.example.org A 10.0.0.4"});
+  // Another name of the file changed: the same settings, the loops' resolvers kept at a reload.
+  std::ofstream(path, std::ios::app) << "10.0.0.9 other\n";
+  CHECK(mailflow::with_hosts_file(plain, path.string(), resolv.string(), names).key == hosts.key);
+  std::ofstream(path, std::ios::app) << "10.0.0.8 store\n";
+  CHECK(mailflow::with_hosts_file(plain, path.string(), resolv.string(), names).key != hosts.key);
+  std::filesystem::remove(path);
+  std::filesystem::remove(resolv);
+}
+
 TEST_CASE("with_hosts_file: a file that cannot be opened leaves DNS alone") {
   net::io_context io;
   mailflow::config::Dns dns;
   dns.servers.push_back({"127.0.0.1", 53, "local"});
   const auto settings = mailflow::with_hosts_file(mailflow::resolver_settings(dns),
-                                                  "/nonexistent/mailflow-hosts", "/nonexistent/r");
+                                                  "/nonexistent/mailflow-hosts", "/nonexistent/r", {"store"});
   CHECK_NOTHROW(Resolver(io.get_executor(), settings, nullptr));
 }
 
