@@ -886,6 +886,8 @@ ResolverSettings with_hosts_file(ResolverSettings settings, const std::string& h
 
 ResolverSettings fixed_upstream_settings(const ResolverSettings& dns, const config::Config& config,
                                          std::string& problem) {
+  problem.clear();
+  if (!dns.problem.empty()) return dns;  // no resolver at all (resolv.conf, the trust anchor): said as such
   std::vector<std::string> names;
   for (const auto& upstream : config.upstreams) {
     boost::system::error_code literal;

@@ -242,3 +242,23 @@ def test_route_looks_up_a_fixed_upstreams_name_as_the_daemon_does(env, workdir, 
     r = route(workdir, mailflowd_bin, "ns-route-ip", OLD_STORE, env.sink_port, hosts, resolv)
     assert (r["exit"], r["attempts"], r["name_lookup"], r["dns_lookups"]) == \
         (0, [f"{OLD_STORE}:{env.sink_port}"], None, {}), r
+
+
+def test_route_without_resolv_conf_says_so_once(workdir, mailflowd_bin):
+    """Without dns.servers and without /etc/resolv.conf (an empty /etc in a mount namespace of its own) no resolver
+    can be made, as the daemon's start and reload say. `mailflowd route` said so, and before it that the hosts file
+    could not be taken and fixed upstreams' names were "looked up in DNS only", which was not so: nothing is."""
+    if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs a mount namespace (unshare --mount)")
+    state = workdir / "no-resolv-state"
+    state.mkdir(exist_ok=True)
+    cfg = harness.default_config(state, harness.free_port(), [hh.listener("store", harness.free_port(), "store")],
+                                 [{"name": "store", "address": "store:25", "tls": "none"}])
+    path = workdir / "no-resolv.yaml"
+    path.write_text(json.dumps(cfg) + "\n")
+    p = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                        'mount -t tmpfs none /etc && exec "$0" "$@"', mailflowd_bin, "route", "--config", str(path),
+                        "--recipient", "user@example.org"], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 1, p
+    assert p.stderr.splitlines() == ["mailflowd route: dns: /etc/resolv.conf: cannot open it (without dns.servers "
+                                     "its name servers are asked)"], p.stderr
