@@ -20,8 +20,8 @@ enum class DnsOutcome {
   timeout,   // no answer within dns.timeout; the query was cancelled
   bogus,     // DNSSEC validation failed (only with dns.trust_anchor_file)
   error,     // anything else: REFUSED, FORMERR, a resolver library error
-  // SERVFAIL or an error while this process could not make a socket (local_shortage.hpp: out of descriptors,
-  // memory, buffers): libunbound could not send the query, so the answer says nothing about the name
+  // SERVFAIL or an error after libunbound said that it could not make a socket for a query (out of
+  // descriptors, memory, buffers): it could not send the query, so the answer says nothing about the name
   local_resources,
 };
 inline constexpr std::array<DnsOutcome, 8> all_dns_outcomes{

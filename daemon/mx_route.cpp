@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "daemon/own_listeners.hpp"
+#include "proto/hosts_file.hpp"
 
 namespace mailflow {
 
@@ -146,6 +147,24 @@ boost::asio::awaitable<MxRoute> resolve_mx_route(Resolver& resolver, const OwnLi
     route.reply = "550 5.1.2 Recipient address rejected: no address for the mail hosts of " + route.domain;
   }
   co_return route;
+}
+
+boost::asio::awaitable<AddressResult> resolve_upstream_name(Resolver& resolver,
+                                                            const ResolverSettings& settings,
+                                                            std::string written,
+                                                            std::vector<std::string>& asked) {
+  AddressResult addresses;
+  for (auto& name : proto::search_names(written, settings.search, settings.ndots, settings.hosts_records)) {
+    asked.push_back(name);
+    addresses = co_await resolver.resolve_addresses(std::move(name));
+    if (!addresses.addresses.empty() || addresses.local_failure()) break;
+  }
+  co_return addresses;
+}
+
+const ResolverSettings& upstream_name_settings(const config::Upstream& upstream, const ResolverSettings& dns,
+                                               const ResolverSettings& hosts) {
+  return upstream.tls == config::UpstreamTls::dane ? dns : hosts;
 }
 
 }  // namespace mailflow

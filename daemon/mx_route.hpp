@@ -31,6 +31,11 @@ constexpr std::size_t mx_session_limit = 2;
 inline constexpr std::string_view dns_unavailable_reply =
     "451 4.4.3 DNS resolver unavailable, try again later";
 
+// The reply to a recipient whose fixed upstream could not be reached (its host name has no address, or its
+// lookup failed).
+inline constexpr std::string_view upstream_unavailable_text =
+    "451 4.4.1 Upstream unavailable, try again later";
+
 struct MxTarget {
   proto::MxHost host;
   AddressResult addresses;
@@ -80,5 +85,20 @@ std::string_view to_string(MxRoute::Result result);
 // no_domain (550 5.1.2), nothing looked up.
 boost::asio::awaitable<MxRoute> resolve_mx_route(Resolver& resolver, const OwnListeners& own,
                                                  std::string domain, std::uint16_t port);
+
+// A fixed upstream's host name (its address as written, a final dot included) looked up as the relay looks it
+// up at each new connection (UpstreamLeg) and as `mailflowd route` shows it, one piece of code for both: the
+// settings of upstream_name_settings(), each of proto::search_names() in turn (resolv.conf's search list, a
+// name of the hosts file as written) until one has addresses or a lookup could not be sent. `asked` gets the
+// names asked, in order; the result is the last one's.
+boost::asio::awaitable<AddressResult> resolve_upstream_name(Resolver& resolver,
+                                                            const ResolverSettings& settings,
+                                                            std::string written,
+                                                            std::vector<std::string>& asked);
+// The settings a fixed upstream's host name is looked up with: `dns` (DNS only, no search list) under tls:
+// dane, which needs to know whether the addresses are DNSSEC-validated (no hosts file says so), else `hosts`
+// (/etc/hosts first, the search list: fixed_upstream_settings()).
+const ResolverSettings& upstream_name_settings(const config::Upstream& upstream, const ResolverSettings& dns,
+                                               const ResolverSettings& hosts);
 
 }  // namespace mailflow

@@ -5,6 +5,7 @@
 #include <unbound.h>
 
 #include <algorithm>
+#include <atomic>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/asio/io_context.hpp>
@@ -21,9 +22,9 @@
 #include <new>
 #include <optional>
 #include <random>
+#include <set>
 #include <stdexcept>
 
-#include "daemon/local_shortage.hpp"
 #include "daemon/log.hpp"
 #include "daemon/telemetry.hpp"
 #include "proto/ascii.hpp"
@@ -207,6 +208,43 @@ std::string_view library_message(std::string_view line) {
   return line.substr(ident_end + 2);
 }
 
+// libunbound that cannot make the socket for a query (out of descriptors, memory, buffers) says so in its log
+// ("can't create socket: Too many open files" for UDP, "outgoing tcp: socket: ... for 192.0.2.53 port 53")
+// and answers SERVFAIL, as for a name server that failed: its message is what tells the two apart. It is
+// written by the context's worker before the answer, so a query whose SERVFAIL comes after a message that
+// came while it was in flight is taken for one that could not be sent (Impl::finish). The message may be
+// another context's (libunbound logs to one process-wide file): that loop was short of the same process's
+// descriptors. Before, a socket made on the loop after the answer was the test, and a descriptor freed in
+// between (a session that ended) made such a query the name servers' SERVFAIL, the context not replaced with
+// libunbound's cache holding it.
+std::atomic<std::uint64_t> library_socket_failures{0};
+std::mutex library_socket_failure_mutex;
+std::string library_socket_failure;  // the reason libunbound gave last ("Too many open files")
+
+void note_socket_failure(std::string_view message) {
+  std::string_view reason;
+  for (const std::string_view marker : {"can't create socket: ", "outgoing tcp: socket: "}) {
+    if (const auto at = message.find(marker); at != std::string_view::npos) {
+      reason = message.substr(at + marker.size());
+      reason = reason.substr(0, reason.find(" for "));  // the TCP message's "for ADDRESS port N"
+      break;
+    }
+  }
+  if (reason.empty()) return;
+  {
+    std::lock_guard lock(library_socket_failure_mutex);
+    library_socket_failure.assign(reason.substr(0, 200));
+  }
+  library_socket_failures.fetch_add(1, std::memory_order_release);
+}
+
+// Why libunbound last could not make a socket, when it said so after it had said so `count` times in all.
+std::optional<std::string> socket_failure_since(std::uint64_t count) {
+  if (library_socket_failures.load(std::memory_order_acquire) == count) return std::nullopt;
+  std::lock_guard lock(library_socket_failure_mutex);
+  return library_socket_failure;
+}
+
 // The FILE's cookie: what libunbound's threads write, cut into lines (a line may come in several writes).
 struct LibraryLog {
   static constexpr std::size_t max_line = 4096;
@@ -228,6 +266,7 @@ struct LibraryLog {
   static void emit(std::string_view line) {
     const std::string_view message = library_message(line);
     if (message.empty()) return;
+    note_socket_failure(message);
     log_limited(LogLevel::warn, "dns_library", {{"message", message.substr(0, max_line)}});
   }
 };
@@ -318,7 +357,11 @@ struct Resolver::Impl : std::enable_shared_from_this<Impl> {
     // the common case for an MTA host; libunbound refuses to query localhost unless told.
     check(ub_ctx_set_option(ctx, "do-not-query-localhost:", "no"), "do-not-query-localhost");
     if (dns.servers.empty()) {
-      check(ub_ctx_resolvconf(ctx, resolv_conf_path), std::string("reading ") + resolv_conf_path);
+      // resolv.conf's name servers as read at start or reload (resolver_settings); none: 127.0.0.1, as glibc
+      // and libunbound ask then.
+      for (const auto& server : settings.name_servers)
+        check(ub_ctx_set_fwd(ctx, server.c_str()), std::string(resolv_conf_path) + " nameserver " + server);
+      if (settings.name_servers.empty()) check(ub_ctx_set_fwd(ctx, "127.0.0.1"), "nameserver 127.0.0.1");
     } else {
       for (const auto& server : dns.servers) {
         check(ub_ctx_set_fwd(ctx, (server.host + "@" + std::to_string(server.port)).c_str()),
@@ -377,6 +420,7 @@ struct Resolver::Impl : std::enable_shared_from_this<Impl> {
     bool done = false;
     bool cancelled = false;  // Resolver::cancel(): given up, no answer waited for
     int error = 0;  // libunbound's error code (not the DNS rcode)
+    std::uint64_t socket_failures = 0;  // library_socket_failures when it was started
     ub_result* result = nullptr;
     DnsOutcome outcome = DnsOutcome::error;
     std::string detail;
@@ -398,6 +442,7 @@ struct Resolver::Impl : std::enable_shared_from_this<Impl> {
       return;
     }
     query.wakeup.expires_after(timeout);
+    query.socket_failures = library_socket_failures.load(std::memory_order_acquire);
     const int rc =
         ub_resolve_async(ctx, query.name.c_str(), rrtype(query.type), kClassIn, &query, &Impl::on_answer, &query.id);
     if (rc != 0) {
@@ -451,14 +496,12 @@ struct Resolver::Impl : std::enable_shared_from_this<Impl> {
     } else {
       query.outcome = query.result->havedata ? DnsOutcome::success : DnsOutcome::nodata;
     }
-    // libunbound that cannot make the socket for a query (out of descriptors) logs "can't create socket" and
-    // answers SERVFAIL, as for a name server that failed: only a socket made (or not) now tells the two
-    // apart. Asked only after a SERVFAIL or an error, so an answered lookup costs nothing more.
-    if (query.outcome == DnsOutcome::servfail || query.outcome == DnsOutcome::error) {
-      if (const auto shortage = socket_shortage()) {
+    // A SERVFAIL or an error after libunbound said that it could not make a socket (note_socket_failure).
+    if (answered && (query.outcome == DnsOutcome::servfail || query.outcome == DnsOutcome::error)) {
+      if (const auto reason = socket_failure_since(query.socket_failures)) {
         query.outcome = DnsOutcome::local_resources;
         spoiled = true;
-        query.detail = "no socket for the query: " + shortage.message() + " (" + query.detail + ")";
+        query.detail = "no socket for the query: " + *reason + " (" + query.detail + ")";
       }
     }
     if (telemetry != nullptr) telemetry->dns_lookup(query.type, query.outcome);
@@ -783,13 +826,20 @@ ResolverSettings resolver_settings(const config::Dns& dns) {
   settings.key = std::to_string(dns.timeout.count());
   for (const auto& server : dns.servers) settings.key += " " + server.text;
   if (dns.servers.empty()) {
-    // Without dns.servers each context reads resolv.conf's name servers when it is made (ub_ctx_resolvconf),
-    // and a loop's context is made again only for a new key: with the file's text in the key, a reload after
-    // the file changed gives every loop the name servers it names now, as it gives the search list
-    // (with_hosts_file).
+    // Without dns.servers, resolv.conf's name servers, read here once (start, reload) as glibc reads them,
+    // and given to every context made from these settings, as the trust anchor is. They are part of the key,
+    // so a reload after the file changed gives every loop the name servers it names now. (libunbound's own
+    // ub_ctx_resolvconf read the file again for each context, whenever a loop made one, and refused the whole
+    // file, and with it the start or the reload, for a line glibc skips: "nameserver" without an address.)
     std::ifstream in(resolv_conf_path, std::ios::binary);
-    settings.key += std::string("\n") + resolv_conf_path + "\n" +
-                    std::string{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+    const std::string text{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+    if (!in.is_open() || in.bad()) {
+      settings.problem = std::string(resolv_conf_path) + ": cannot " + (in.is_open() ? "read" : "open") +
+                         " it (without dns.servers its name servers are asked)";
+    }
+    settings.name_servers = proto::read_name_servers(text);
+    settings.key += std::string("\n") + resolv_conf_path + ":";
+    for (const auto& server : settings.name_servers) settings.key += " " + server;
   }
   if (dns.trust_anchor_file.empty()) return settings;
   std::ifstream in(dns.trust_anchor_file, std::ios::binary);
@@ -812,19 +862,42 @@ ResolverSettings resolver_settings(const config::Dns& dns) {
 }
 
 ResolverSettings with_hosts_file(ResolverSettings settings, const std::string& hosts_file,
-                                 const std::string& resolv_conf) {
+                                 const std::string& resolv_conf, const std::vector<std::string>& names) {
   const auto read = [](const std::string& path) {
     std::ifstream in(path, std::ios::binary);
     return std::string{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
   };
   settings.hosts_file = hosts_file;
-  settings.hosts_records = proto::hosts_records(read(hosts_file));
   proto::read_search_list(read(resolv_conf), settings.search, settings.ndots);
+  std::set<std::string, std::less<>> asked;  // dns_name_key of every name a lookup may ask
+  for (const auto& name : names)
+    for (const auto& search : proto::search_names(name, settings.search, settings.ndots, {}))
+      asked.insert(proto::dns_name_key(search));
+  for (auto& record : proto::hosts_records(read(hosts_file))) {
+    if (asked.contains(proto::dns_name_key(std::string_view(record).substr(0, record.find(' ')))))
+      settings.hosts_records.push_back(std::move(record));
+  }
   settings.key += "\nhosts " + hosts_file;
   for (const auto& record : settings.hosts_records) settings.key += "\n" + record;
   // The search list changes no lookup's answer, only which names are asked; resolv.conf's text is in the key
   // of `settings` already where its name servers are used (resolver_settings).
   return settings;
+}
+
+ResolverSettings fixed_upstream_settings(const ResolverSettings& dns, const config::Config& config,
+                                         std::string& problem) {
+  problem.clear();
+  if (!dns.problem.empty()) return dns;  // no resolver at all (resolv.conf, the trust anchor): said as such
+  std::vector<std::string> names;
+  for (const auto& upstream : config.upstreams) {
+    boost::system::error_code literal;
+    if (!upstream.mx && (net::ip::make_address(upstream.address.host, literal), literal))
+      names.push_back(upstream.address.host);
+  }
+  auto hosts = with_hosts_file(dns, hosts_file_path, resolv_conf_path, names);
+  problem = dns_settings_problem(hosts);
+  if (problem.empty()) return hosts;
+  return dns;
 }
 
 net::awaitable<std::string> Resolver::verified_name(net::ip::address address, bool& failed) {

@@ -108,9 +108,12 @@ std::optional<std::string> join_txt_rdata(std::string_view rdata);
 struct ResolverSettings {
   config::Dns dns;
   std::vector<std::string> trust_anchors;  // proto::trust_anchor_records of the file as read
-  std::string problem;  // the file could not be read or split: why (a Resolver made from these throws it)
-  // The settings, the trust anchor file's content and, without dns.servers, resolv.conf's: a resolver made
-  // for another key is replaced.
+  std::string problem;  // a file could not be read or split: why (a Resolver made from these throws it)
+  // Without dns.servers: resolv.conf's name servers as read then (proto::read_name_servers), given to every
+  // Resolver made from these settings; empty: 127.0.0.1.
+  std::vector<std::string> name_servers;
+  // The settings, the trust anchor file's content and, without dns.servers, resolv.conf's name servers: a
+  // resolver made for another key is replaced.
   std::string key;
   // Which start or reload made these (Runtime::build counts them; 0 elsewhere): an event loop's resolver
   // follows the newest settings, also for sessions that began before the reload (loop_resolver).
@@ -134,9 +137,22 @@ ResolverSettings resolver_settings(const config::Dns& dns);
 // cannot be opened leaves DNS alone (as glibc's files service does); a line whose first field is no IP
 // address, and a name with bytes other than letters, digits, '-', '_' and '.' or that is no DNS name (an
 // empty label), are skipped (glibc skips the first too).
-// `resolv_conf`'s search list and ndots are read here as well (proto::search_names()).
+// `resolv_conf`'s search list and ndots are read here as well (proto::search_names()). Only the records of
+// `names` (fixed upstreams' host names as written) and of the names the search list makes of them are kept,
+// any case, a final dot or none: no other name is ever asked of these settings. Each event loop's context
+// took every record of the file as local data, on the loop's thread: a hosts file of 100,000 lines (an
+// ad-blocking list) held a loop ~7 s at its first lookup after each start and reload and cost ~70 MB per
+// loop.
 ResolverSettings with_hosts_file(ResolverSettings settings, const std::string& hosts_file,
-                                 const std::string& resolv_conf);
+                                 const std::string& resolv_conf, const std::vector<std::string>& names);
+
+// The settings for fixed upstreams' host names, as a start or a reload makes them (Runtime::build) and
+// `mailflowd route` shows them: `dns` with hosts_file_path's names first and resolv.conf's search list
+// (with_hosts_file), for the host names of `config`'s fixed upstreams. Where libunbound still cannot take the
+// file, `dns` itself, and `problem` says why (else "").
+inline constexpr const char* hosts_file_path = "/etc/hosts";
+ResolverSettings fixed_upstream_settings(const ResolverSettings& dns, const config::Config& config,
+                                         std::string& problem);
 
 // "" when libunbound takes these settings (dns.servers, the trust anchor), else why not: it checks them only
 // when a resolver is made, so start, reload and --check-config make one to find out.

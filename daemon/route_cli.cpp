@@ -92,12 +92,31 @@ struct Route {
   const config::Connector* connector = nullptr;  // null: unmatched, "internet"
   const config::Upstream* upstream = nullptr;
   MxRoute delivery;  // mx upstreams only
+  // A fixed upstream whose address is a host name: the names asked (resolve_upstream_name) and the last one's
+  // result; none for an IP address.
+  std::vector<std::string> asked;
+  std::optional<AddressResult> name_lookup;
+  std::vector<std::string> fixed_attempts;  // a fixed upstream's addresses, in the order to connect
   long elapsed_ms = 0;
   std::vector<std::pair<std::string, std::uint64_t>> lookups;  // "MX success" -> count (non-zero only)
 };
 
+// A fixed upstream: deliver (an IP address, or a name with addresses), else what the relay answers the RCPT
+// (451: the name has no address or its lookup failed; 451 4.4.3: the lookup could not be sent).
+std::string_view fixed_result(const Route& route) {
+  if (!route.fixed_attempts.empty()) return "deliver";
+  if (route.name_lookup->local_failure()) return "local_resources";
+  return route.name_lookup->status == AddressResult::Status::failed ? "dns_failure" : "no_addresses";
+}
+
+std::string fixed_reply(const Route& route) {
+  if (!route.fixed_attempts.empty()) return {};
+  return std::string(route.name_lookup->local_failure() ? dns_unavailable_reply : upstream_unavailable_text);
+}
+
 int exit_code(const Route& route) {
-  if (!route.upstream->mx || route.delivery.result == MxRoute::Result::deliver) return 0;
+  if (!route.upstream->mx) return route.fixed_attempts.empty() ? 4 : 0;
+  if (route.delivery.result == MxRoute::Result::deliver) return 0;
   return route.delivery.permanent() ? 3 : 4;
 }
 
@@ -132,6 +151,18 @@ std::vector<std::string> not_looked_up(const MxRoute& delivery) {
   return out;
 }
 
+void print_lookups(const Route& route, std::ostream& out) {
+  if (route.lookups.empty()) {
+    out << "lookups:    none\n";
+    return;
+  }
+  out << "lookups:    " << route.elapsed_ms << " ms: ";
+  for (std::size_t i = 0; i < route.lookups.size(); ++i) {
+    out << (i == 0 ? "" : ", ") << route.lookups[i].first << " " << route.lookups[i].second;
+  }
+  out << "\n";
+}
+
 void print_text(const Route& route, std::ostream& out) {
   out << "recipient:  " << route.recipient << " (domain " << route.domain << ")\n";
   out << "listener:   " << route.listener->name << " (" << config::to_string(route.listener->direction) << ")\n";
@@ -144,7 +175,30 @@ void print_text(const Route& route, std::ostream& out) {
   out << "upstream:   " << upstream.name << ": ";
   if (!upstream.mx) {
     out << upstream.address.text << ", tls " << config::to_string(upstream.tls) << "\n";
-    out << "try:        " << upstream.address.text << "\nresult:     deliver\n";
+    if (route.name_lookup) {
+      const AddressResult& lookup = *route.name_lookup;
+      out << "name lookup: ";
+      for (std::size_t i = 0; i < route.asked.size(); ++i) out << (i == 0 ? "" : ", ") << route.asked[i];
+      out << " ("
+          << (upstream.tls == config::UpstreamTls::dane ? "DNS only, under tls: dane"
+                                                        : "/etc/hosts, then DNS")
+          << "): ";
+      if (lookup.addresses.empty()) {
+        out << "no address (AAAA " << to_string(lookup.aaaa) << ", A " << to_string(lookup.a) << ")"
+            << (lookup.status != AddressResult::Status::failed || lookup.detail.empty()
+                    ? ""
+                    : ": " + lookup.detail);
+      }
+      for (std::size_t j = 0; j < lookup.addresses.size(); ++j)
+        out << (j == 0 ? "" : ", ") << lookup.addresses[j].to_string();
+      out << "\n";
+    }
+    out << "try:        " << (route.fixed_attempts.empty() ? "none" : "");
+    for (std::size_t i = 0; i < route.fixed_attempts.size(); ++i)
+      out << (i == 0 ? "" : ", ") << route.fixed_attempts[i];
+    const std::string reply = fixed_reply(route);
+    out << "\nresult:     " << fixed_result(route) << (reply.empty() ? "" : " (" + reply + ")") << "\n";
+    if (route.name_lookup) print_lookups(route, out);
     return;
   }
   out << "the MX hosts of " << route.domain << ", port " << upstream.port << ", tls "
@@ -194,15 +248,7 @@ void print_text(const Route& route, std::ostream& out) {
   }
   out << "result:     " << to_string(route.delivery.result)
       << (route.delivery.reply.empty() ? "" : " (" + route.delivery.reply + ")") << "\n";
-  if (route.lookups.empty()) {
-    out << "lookups:    none\n";
-    return;
-  }
-  out << "lookups:    " << route.elapsed_ms << " ms: ";
-  for (std::size_t i = 0; i < route.lookups.size(); ++i) {
-    out << (i == 0 ? "" : ", ") << route.lookups[i].first << " " << route.lookups[i].second;
-  }
-  out << "\n";
+  print_lookups(route, out);
 }
 
 std::string quoted(std::string_view text) { return "\"" + json_escape(text) + "\""; }
@@ -216,7 +262,25 @@ void print_json(const Route& route, std::ostream& out) {
       << ", \"connector_matched\": " << (route.connector != nullptr ? "true" : "false")
       << ", \"upstream\": " << quoted(upstream.name) << ", \"mx\": " << (upstream.mx ? "true" : "false");
   if (!upstream.mx) {
-    out << ", \"attempts\": [" << quoted(upstream.address.text) << "], \"result\": \"deliver\", \"reply\": \"\"";
+    out << ", \"name_lookup\": ";
+    if (!route.name_lookup) {
+      out << "null";  // an IP address: nothing looked up
+    } else {
+      const AddressResult& lookup = *route.name_lookup;
+      out << "{\"asked\": [";
+      for (std::size_t i = 0; i < route.asked.size(); ++i)
+        out << (i == 0 ? "" : ", ") << quoted(route.asked[i]);
+      out << "], \"status\": " << quoted(to_string(lookup.status))
+          << ", \"aaaa\": " << quoted(to_string(lookup.aaaa)) << ", \"a\": " << quoted(to_string(lookup.a))
+          << ", \"detail\": " << quoted(lookup.detail) << ", \"addresses\": [";
+      for (std::size_t j = 0; j < lookup.addresses.size(); ++j)
+        out << (j == 0 ? "" : ", ") << quoted(lookup.addresses[j].to_string());
+      out << "]}";
+    }
+    out << ", \"attempts\": [";
+    for (std::size_t i = 0; i < route.fixed_attempts.size(); ++i)
+      out << (i == 0 ? "" : ", ") << quoted(route.fixed_attempts[i]);
+    out << "], \"result\": " << quoted(fixed_result(route)) << ", \"reply\": " << quoted(fixed_reply(route));
   } else {
     out << ", \"port\": " << upstream.port << ", \"mx_lookup\": ";
     if (!route.delivery.mx) {
@@ -382,19 +446,40 @@ int run_route_cli(int argc, char** argv, std::ostream& out, std::ostream& err) {
     return 1;
   }
 
-  if (route.upstream->mx) {
+  const config::Upstream& upstream = *route.upstream;
+  boost::system::error_code no_address;
+  const auto address = net::ip::make_address(upstream.address.host, no_address);
+  if (!upstream.mx && !no_address)
+    route.fixed_attempts.push_back(endpoint_text(address, upstream.address.port));
+  if (upstream.mx || no_address) {
     Telemetry telemetry;
     net::io_context io;
     std::exception_ptr failure;
     try {
-      Resolver resolver(io.get_executor(), resolver_settings(config.dns), &telemetry, seed);
+      // The settings as the daemon's start makes them (Runtime::build): a fixed upstream's host name with
+      // /etc/hosts and resolv.conf's search list, looked up by the relay's own code (resolve_upstream_name).
+      const ResolverSettings dns = resolver_settings(config.dns);
+      std::string hosts_problem;
+      const ResolverSettings hosts = upstream.mx ? dns : fixed_upstream_settings(dns, config, hosts_problem);
+      if (!hosts_problem.empty())
+        err << "mailflowd route: " << cli::shown(hosts_problem) << " (names looked up in DNS only)\n";
+      const ResolverSettings& settings = upstream.mx ? dns : upstream_name_settings(upstream, dns, hosts);
+      Resolver resolver(io.get_executor(), settings, &telemetry, seed);
       const OwnListeners own(config);
       const auto started = std::chrono::steady_clock::now();
-      net::co_spawn(io, resolve_mx_route(resolver, own, route.domain, route.upstream->port),
-                    [&](std::exception_ptr e, MxRoute delivery) {
-                      failure = e;
-                      route.delivery = std::move(delivery);
-                    });
+      if (upstream.mx) {
+        net::co_spawn(io, resolve_mx_route(resolver, own, route.domain, upstream.port),
+                      [&](std::exception_ptr e, MxRoute delivery) {
+                        failure = e;
+                        route.delivery = std::move(delivery);
+                      });
+      } else {
+        net::co_spawn(io, resolve_upstream_name(resolver, settings, upstream.address.host, route.asked),
+                      [&](std::exception_ptr e, AddressResult lookup) {
+                        failure = e;
+                        route.name_lookup = std::move(lookup);
+                      });
+      }
       io.run();
       route.elapsed_ms = static_cast<long>(
           std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - started).count());
@@ -411,6 +496,12 @@ int run_route_cli(int argc, char** argv, std::ostream& out, std::ostream& err) {
       }
     }
     route.lookups = counted_lookups(telemetry);
+    if (route.name_lookup) {
+      // As the relay connects: each address in turn, at most mx_address_limit (UpstreamLeg::open_fixed).
+      for (const auto& found : route.name_lookup->addresses)
+        if (route.fixed_attempts.size() < mx_address_limit)
+          route.fixed_attempts.push_back(endpoint_text(found, upstream.address.port));
+    }
   }
   if (format == "json") {
     print_json(route, out);

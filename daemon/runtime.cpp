@@ -78,14 +78,13 @@ std::shared_ptr<const Runtime> Runtime::build(std::shared_ptr<const config::Conf
   // (proto::hosts_records); a file that libunbound still cannot take must not stop delivery to every fixed
   // upstream, nor refuse a start or a reload for a file that is no setting of mailflowd's: their names are
   // looked up in DNS alone then, logged at each start and reload until it is fixed.
-  const std::string hosts_file = "/etc/hosts";
-  auto hosts = with_hosts_file(*resolver, hosts_file, resolv_conf_path);
-  if (const std::string problem = dns_settings_problem(hosts); !problem.empty()) {
+  std::string problem;
+  auto hosts = fixed_upstream_settings(*resolver, *config, problem);
+  if (!problem.empty()) {
     log_event(LogLevel::warn, "hosts_file",
-              {{"file", hosts_file},
+              {{"file", hosts_file_path},
                {"error", problem},
                {"effect", "fixed upstreams' host names are looked up in DNS only"}});
-    hosts = *resolver;
   }
   runtime->hosts_resolver = std::make_shared<const ResolverSettings>(std::move(hosts));
   runtime->resolver = std::move(resolver);

@@ -18,7 +18,6 @@
 #include "daemon/tls.hpp"
 #include "daemon/tlsrpt.hpp"
 #include "proto/client_session.hpp"
-#include "proto/hosts_file.hpp"
 
 namespace mailflow {
 
@@ -31,7 +30,7 @@ namespace {
 constexpr std::size_t reply_read_chunk = 4096;
 constexpr auto goodbye_timeout = std::chrono::seconds(5);
 
-const char* const upstream_unavailable_reply = "451 4.4.1 Upstream unavailable, try again later\r\n";
+const std::string upstream_unavailable_reply = std::string(upstream_unavailable_text) + "\r\n";
 
 auto in(Deadlines::Clock::duration timeout) { return Deadlines::in(timeout); }
 
@@ -523,7 +522,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
     // file after DNS). The MX walk asks DNS only, as Postfix's default smtp_host_lookup = dns.
     const bool dane_dns = upstream.tls == config::UpstreamTls::dane;
     const ResolverSettings& settings =
-        dane_dns ? *session_.runtime.resolver : *session_.runtime.hosts_resolver;
+        upstream_name_settings(upstream, *session_.runtime.resolver, *session_.runtime.hosts_resolver);
     std::string dns_error;
     const auto dns = resolver(settings, dns_error);
     if (!dns) co_return dns_unavailable(upstream, {}, dns_error);
@@ -531,16 +530,11 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
     ec = {};  // make_address's
     // Under /etc/resolv.conf's search list as getaddrinfo was (a short name such as "mailstore", which a
     // Kubernetes pod's search list completes): each name in turn until one has addresses, all within
-    // upstream_connect.
-    const auto deadline = open_bounded(config_.timeouts.upstream_connect);
-    AddressResult addresses;
-    for (const auto& name :
-         proto::search_names(written, settings.search, settings.ndots, settings.hosts_records)) {
-      session_.deadlines.arm(deadline);
-      addresses = co_await dns->resolve_addresses(name);
-      session_.deadlines.disarm(ec);
-      if (ec || closed_ || !addresses.addresses.empty() || addresses.local_failure()) break;
-    }
+    // upstream_connect (its deadline gives up the lookup in flight and every later one: cancel()).
+    session_.deadlines.arm(open_bounded(config_.timeouts.upstream_connect));
+    std::vector<std::string> asked;
+    const AddressResult addresses = co_await resolve_upstream_name(*dns, settings, written, asked);
+    session_.deadlines.disarm(ec);
     name_lookup_.reset();
     if (closed_) co_return Refusal{upstream_unavailable_reply, {}};
     if (ec == asio::error::timed_out && open_expired()) co_return open_timed_out(upstream, {}, "dns");

@@ -82,9 +82,11 @@ void read_search_list(std::string_view text, std::vector<std::string>& search, i
     std::string_view line = text.substr(0, end);
     text = end == std::string_view::npos ? std::string_view() : text.substr(end + 1);
     line = line.substr(0, line.find('\0'));  // as in hosts_records
-    // glibc's res_init takes a keyword only at the start of its line: an indented one is no setting.
-    if (line.starts_with(' ') || line.starts_with('\t')) continue;
-    line = line.substr(0, line.find_first_of("#;"));
+    // glibc's res_init takes a keyword only at the start of its line: an indented one is no setting. A
+    // comment is a line that starts with '#' or ';'; behind a setting neither starts one (a "search" line's
+    // words are all domains, an "options" line's all options), as res_init reads them.
+    if (line.starts_with(' ') || line.starts_with('\t') || line.starts_with('#') || line.starts_with(';'))
+      continue;
     std::vector<std::string_view> fields;
     for (std::size_t at = 0; at < line.size();) {
       at = line.find_first_not_of(" \t\r", at);
@@ -125,6 +127,47 @@ void read_search_list(std::string_view text, std::vector<std::string>& search, i
       }
     }
   }
+}
+
+std::vector<std::string> read_name_servers(std::string_view text) {
+  std::vector<std::string> out;
+  constexpr std::string_view keyword = "nameserver";
+  while (!text.empty() && out.size() < max_name_servers) {
+    const std::size_t end = text.find('\n');
+    std::string_view line = text.substr(0, end);
+    text = end == std::string_view::npos ? std::string_view() : text.substr(end + 1);
+    line = line.substr(0, line.find('\0'));  // as in hosts_records
+    // res_init's MATCH: the keyword at the very start of the line, then a blank ("nameservers", an indented
+    // line and a comment are no name server; libunbound's ub_ctx_resolvconf took the first two, and refused
+    // the whole file for a word it could not read).
+    if (!line.starts_with(keyword) || line.size() == keyword.size() ||
+        (line[keyword.size()] != ' ' && line[keyword.size()] != '\t'))
+      continue;
+    line.remove_prefix(keyword.size());
+    line.remove_prefix(std::min(line.find_first_not_of(" \t"), line.size()));
+    const std::string word(line.substr(0, std::min(line.find_first_of(" \t\r"), line.size())));
+    if (word.empty()) continue;
+    char buf[INET6_ADDRSTRLEN];
+    in_addr v4{};
+    if (inet_aton(word.c_str(), &v4) != 0) {
+      if (inet_ntop(AF_INET, &v4, buf, sizeof buf) != nullptr) out.emplace_back(buf);
+      continue;
+    }
+    const std::size_t zone = word.find('%');
+    in6_addr v6{};
+    if (inet_pton(AF_INET6, word.substr(0, zone).c_str(), &v6) != 1) continue;
+    if (inet_ntop(AF_INET6, &v6, buf, sizeof buf) == nullptr) continue;
+    // The zone as written (an interface name or index; libunbound resolves it). One with other bytes is left
+    // out, as glibc ignores a zone it cannot read: libunbound would take "@53" in it for a port.
+    std::string_view scope =
+        zone == std::string::npos ? std::string_view() : std::string_view(word).substr(zone + 1);
+    const bool usable = !scope.empty() && std::all_of(scope.begin(), scope.end(), [](char c) {
+      return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' ||
+             c == '_' || c == '.';
+    });
+    out.push_back(std::string(buf) + (usable ? "%" + std::string(scope) : ""));
+  }
+  return out;
 }
 
 std::vector<std::string> search_names(const std::string& host, const std::vector<std::string>& search,

@@ -5,6 +5,7 @@
 
 #include <doctest/doctest.h>
 
+#include <sys/resource.h>
 #include <unistd.h>
 #include <array>
 #include <boost/asio/co_spawn.hpp>
@@ -163,6 +164,62 @@ TEST_CASE("cancel() gives up one shared Resolver's lookups at once, and not the 
   CHECK(dns_sample(metrics, "MX", "timeout") == "1");
 }
 
+// The sanitizers' runtime needs descriptors of its own at the limit
+// (harness.skip_out_of_descriptors_if_sanitized).
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+constexpr bool kSanitized = true;
+#else
+constexpr bool kSanitized = false;
+#endif
+
+TEST_CASE(
+    "a query libunbound had no socket for is local_resources though a descriptor is free by its answer" *
+    doctest::skip(kSanitized)) {
+  net::io_context io;
+  net::ip::udp::socket silent(io, net::ip::udp::endpoint(net::ip::make_address("127.0.0.1"), 0));
+  mailflow::config::Dns dns;
+  dns.servers.push_back({"127.0.0.1", silent.local_endpoint().port(), "silent"});
+  dns.timeout = std::chrono::milliseconds(3000);
+  mailflow::Telemetry telemetry;
+  Resolver resolver(io.get_executor(), mailflow::resolver_settings(dns), &telemetry, 1);
+  std::optional<mailflow::AddressResult> result;
+  // A first lookup, answered by libunbound itself, starts its worker thread (its event base is a descriptor).
+  net::co_spawn(
+      io, [&]() -> net::awaitable<void> { result = co_await resolver.resolve_addresses("localhost"); },
+      [](std::exception_ptr) {});
+  io.run();
+  REQUIRE(result.has_value());
+  REQUIRE(result->status == mailflow::AddressResult::Status::addresses);
+  result.reset();
+  io.restart();
+  net::co_spawn(
+      io, [&]() -> net::awaitable<void> { result = co_await resolver.resolve_addresses("mx1.example.net"); },
+      [](std::exception_ptr) {});
+  // No new descriptor while the queries are sent: the limit is the lowest free number.
+  rlimit saved{};
+  REQUIRE(::getrlimit(RLIMIT_NOFILE, &saved) == 0);
+  const int lowest_free = ::dup(2);
+  REQUIRE(lowest_free >= 0);
+  ::close(lowest_free);
+  rlimit low = saved;
+  low.rlim_cur = static_cast<rlim_t>(lowest_free);
+  REQUIRE(::setrlimit(RLIMIT_NOFILE, &low) == 0);
+  io.poll();  // the queries are handed to libunbound's worker, which cannot make their sockets
+  std::this_thread::sleep_for(std::chrono::milliseconds(1000));  // and answers SERVFAIL
+  // A descriptor is free again before the loop takes the answers (another session closed its connection).
+  REQUIRE(::setrlimit(RLIMIT_NOFILE, &saved) == 0);
+  io.run();
+  REQUIRE(result.has_value());
+  CHECK(result->aaaa == DnsOutcome::local_resources);
+  CHECK(result->a == DnsOutcome::local_resources);
+  CHECK(result->local_failure());
+  CHECK(resolver.spoiled());  // its cache holds those SERVFAILs: the loop makes a new context
+  CHECK(result->detail.find("Too many open files") != std::string::npos);
+  const std::string metrics = telemetry.metrics_text();
+  CHECK(dns_sample(metrics, "A", "local_resources") == "1");
+  CHECK(dns_sample(metrics, "A", "servfail") == "0");
+}
+
 TEST_CASE("settings libunbound refuses are an error at construction, with its reason") {
   net::io_context io;
   mailflow::config::Dns dns;
@@ -206,11 +263,13 @@ TEST_CASE("with_hosts_file: its names answered first in its order and others ask
   std::ofstream(path) << "# comment\n127.0.0.9 store.example.org store\n127.0.0.8 store.example.org\n"
                          "::1 v6.example.org\n";
   const auto plain = mailflow::resolver_settings(dns);
-  const auto hosts = mailflow::with_hosts_file(plain, path.string(), "/nonexistent/resolv.conf");
+  const std::vector<std::string> names{"store.example.org", "v6.example.org", "absent.example.org",
+                                       "other.example.org"};
+  const auto hosts = mailflow::with_hosts_file(plain, path.string(), "/nonexistent/resolv.conf", names);
   CHECK(hosts.hosts_file == path.string());
   CHECK(hosts.key != plain.key);
   std::ofstream(path, std::ios::app) << "127.0.0.7 other.example.org\n";
-  CHECK(mailflow::with_hosts_file(plain, path.string(), "/nonexistent/resolv.conf").key !=
+  CHECK(mailflow::with_hosts_file(plain, path.string(), "/nonexistent/resolv.conf", names).key !=
         hosts.key);  // a reload after a change: new resolvers
 
   mailflow::Telemetry telemetry;
@@ -255,12 +314,42 @@ TEST_CASE("with_hosts_file: its names answered first in its order and others ask
   CHECK(std::chrono::steady_clock::now() - started < std::chrono::milliseconds(1500));
 }
 
+TEST_CASE(
+    "with_hosts_file: only the names a fixed upstream's lookup can ask are kept, however long the file") {
+  const auto dir = std::filesystem::temp_directory_path();
+  const auto path = dir / ("mailflow-big-hosts-" + std::to_string(::getpid()));
+  const auto resolv = dir / ("mailflow-big-resolv-" + std::to_string(::getpid()));
+  {
+    std::ofstream out(path);
+    out << "10.0.0.1 Store\n10.0.0.2 other\n10.0.0.3 store.corp.example. alias\n10.0.0.4 mail.example.org\n";
+    for (int i = 0; i < 100000; ++i)
+      out << "10.1." << i / 256 % 256 << "." << i % 256 << " host" << i << ".example\n";
+  }
+  std::ofstream(resolv) << "search corp.example\n";
+  mailflow::config::Dns dns;
+  dns.servers.push_back({"127.0.0.1", 53, "local"});
+  const auto plain = mailflow::resolver_settings(dns);
+  const std::vector<std::string> names{"store", "mail.example.org."};
+  const auto hosts = mailflow::with_hosts_file(plain, path.string(), resolv.string(), names);
+  // "store" is asked as store.corp.example and store, "mail.example.org." as written: their records, any
+  // case, with a final dot or none, in the file's order; none of the 100,000 others.
+  CHECK(hosts.hosts_records == std::vector<std::string>{"Store A 10.0.0.1", "store.corp.example. A 10.0.0.3",
+                                                        "mail.example.org A 10.0.0.4"});
+  // Another name of the file changed: the same settings, the loops' resolvers kept at a reload.
+  std::ofstream(path, std::ios::app) << "10.0.0.9 other\n";
+  CHECK(mailflow::with_hosts_file(plain, path.string(), resolv.string(), names).key == hosts.key);
+  std::ofstream(path, std::ios::app) << "10.0.0.8 store\n";
+  CHECK(mailflow::with_hosts_file(plain, path.string(), resolv.string(), names).key != hosts.key);
+  std::filesystem::remove(path);
+  std::filesystem::remove(resolv);
+}
+
 TEST_CASE("with_hosts_file: a file that cannot be opened leaves DNS alone") {
   net::io_context io;
   mailflow::config::Dns dns;
   dns.servers.push_back({"127.0.0.1", 53, "local"});
   const auto settings = mailflow::with_hosts_file(mailflow::resolver_settings(dns),
-                                                  "/nonexistent/mailflow-hosts", "/nonexistent/r");
+                                                  "/nonexistent/mailflow-hosts", "/nonexistent/r", {"store"});
   CHECK_NOTHROW(Resolver(io.get_executor(), settings, nullptr));
 }
 

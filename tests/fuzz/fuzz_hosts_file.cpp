@@ -6,7 +6,8 @@
 // line ends at a NUL byte, as glibc reads it). A search list has at most max_search_domains names, none
 // empty, longer than 253 bytes, with an empty label (a final dot) or a NUL byte (libunbound takes names as C
 // strings), each a field of the text; ndots is 0 to 15. search_names asks the name as written exactly once,
-// first or last, and every other name is the name, a dot and a search domain.
+// first or last, and every other name is the name, a dot and a search domain. read_name_servers (odd too)
+// gives at most max_name_servers addresses, each in its canonical spelling, an IPv6 one with a plain zone.
 #include <arpa/inet.h>
 
 #include <algorithm>
@@ -87,6 +88,20 @@ void check_search(std::string_view text, std::string_view host) {
     FUZZ_CHECK(!domain.starts_with('.') && !domain.ends_with('.') && domain.find("..") == std::string::npos);
     FUZZ_CHECK(domain.find('\0') == std::string::npos);
     FUZZ_CHECK(text.find(domain) != std::string_view::npos);
+  }
+  // At most max_name_servers, each an address in its canonical spelling (an IPv6 one with a zone of letters,
+  // digits, '-', '_' and '.' at most): what libunbound's ub_ctx_set_fwd takes.
+  const auto servers = mailflow::proto::read_name_servers(text);
+  FUZZ_CHECK(servers.size() <= mailflow::proto::max_name_servers);
+  for (const std::string& server : servers) {
+    const auto zone = server.find('%');
+    const std::string address = server.substr(0, zone);
+    FUZZ_CHECK(canonical(address, AF_INET) == address || canonical(address, AF_INET6) == address);
+    if (zone != std::string::npos) {
+      FUZZ_CHECK(address.find(':') != std::string::npos && zone + 1 < server.size());
+      FUZZ_CHECK(
+          std::all_of(server.begin() + static_cast<std::ptrdiff_t>(zone) + 1, server.end(), host_byte));
+    }
   }
   const std::vector<std::string> hosts;
   const std::string name(host);

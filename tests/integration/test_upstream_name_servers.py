@@ -15,6 +15,7 @@ search list: with Kubernetes' `options ndots:5` a name of fewer dots is asked un
 wildcard record (here *.rev29.example.net, 127.0.0.163) answers "mail.rev29.example.net.rev29.example.net" before the
 name itself is ever asked. The final dot is how glibc's users keep a name from that; the configuration refused it
 ("invalid host name"), so nothing kept the relay from delivering to the wildcard's host."""
+import json
 import shutil
 import signal
 import subprocess
@@ -164,3 +165,100 @@ def test_ndots_is_read_as_glibc_reads_it(env, workdir, mailflowd_bin):
         assert old.count() == base_old, "the relay asked the name before the search list, as glibc does not"
     finally:
         harness.stop_exits_0(daemon)
+
+
+def test_name_servers_are_read_as_glibc_reads_them(env, workdir, mailflowd_bin):
+    """A `nameserver` line without an address (or with a word that is none, "localhost") is skipped by glibc's
+    res_init, which asks the name servers of the other lines; getent finds the upstream through them. libunbound's
+    ub_ctx_resolvconf, which read the file for each resolver, refused the whole file for it ("syntax error"): the
+    daemon did not start ("dns: reading /etc/resolv.conf: syntax error"), and a file so edited before a reload
+    refused the reload. The name servers are now read at start and reload as glibc reads them."""
+    resolv_text = f"nameserver\nnameserver localhost\nnameserver {OLD_NS} # the site's resolver\nsearch {ORIGIN}\n"
+    hosts = workdir / "ns-glibc-getent-hosts"
+    hosts.write_text("127.0.0.1 localhost\n")
+    resolv = workdir / "ns-glibc-getent-resolv.conf"
+    resolv.write_text(resolv_text)
+    getent = subprocess.run(harness.in_own_files(hosts, resolv) + ["getent", "ahostsv4", "store"],
+                            capture_output=True, text=True, timeout=20)
+    assert getent.stdout.split()[:1] == [OLD_STORE], getent
+    daemon, port, _ = start(workdir, mailflowd_bin, "ns-glibc", resolv_text, "store", env.sink_port)
+    old = env.sinks[OLD_STORE]
+    try:
+        base_old = old.count()
+        deliver(port, "glibc name servers")
+        old.wait_messages(base_old + 1)
+    finally:
+        harness.stop_exits_0(daemon)
+
+
+def route(workdir, mailflowd_bin, name, upstream_host, sink_port, hosts, resolv):
+    """`mailflowd route --format json` for a configuration whose one upstream is `upstream_host`:`sink_port`, run
+    with `hosts` and `resolv` bound over /etc/hosts and /etc/resolv.conf as the daemon runs."""
+    state = workdir / f"{name}-state"
+    state.mkdir(exist_ok=True)
+    cfg = harness.default_config(state, harness.free_port(), [hh.listener("store", harness.free_port(), "store")],
+                                 [{"name": "store", "address": f"{upstream_host}:{sink_port}", "tls": "none"}],
+                                 dns={"timeout": "3s"})
+    path = workdir / f"{name}.yaml"
+    path.write_text(json.dumps(cfg) + "\n")
+    p = subprocess.run(harness.in_own_files(hosts, resolv) + [mailflowd_bin, "route", "--config", str(path),
+                                                              "--recipient", "user@example.org", "--format", "json"],
+                       capture_output=True, text=True, timeout=30)
+    assert p.stdout, f"no output (exit {p.returncode}):\n{p.stderr}"
+    out = json.loads(p.stdout)
+    out["exit"] = p.returncode
+    return out
+
+
+def test_route_looks_up_a_fixed_upstreams_name_as_the_daemon_does(env, workdir, mailflowd_bin):
+    """`mailflowd route` showed a fixed upstream's address as written ("store:PORT", result deliver, exit 0) and
+    looked nothing up, where the daemon asks /etc/hosts, then DNS under resolv.conf's search list: it said
+    "deliver" for a name that has no address (every RCPT 451), and could not show which host a short name or a
+    name only /etc/hosts knows reaches. It now looks the name up with the daemon's code and settings
+    (resolve_upstream_name, fixed_upstream_settings)."""
+    resolv_text = f"nameserver {OLD_NS}\nsearch {ORIGIN}\n"
+    daemon, port, resolv = start(workdir, mailflowd_bin, "ns-route", resolv_text, "store", env.sink_port)
+    old = env.sinks[OLD_STORE]
+    hosts = workdir / "ns-route-hosts"
+    hosts.write_text(f"127.0.0.1 localhost\n{NEW_STORE} onlyhosts\n")
+    try:
+        base_old = old.count()
+        deliver(port, "where route says")
+        old.wait_messages(base_old + 1)  # the daemon reached store.rev29.example.net's address
+    finally:
+        harness.stop_exits_0(daemon)
+    r = route(workdir, mailflowd_bin, "ns-route-store", "store", env.sink_port, hosts, resolv)
+    assert (r["exit"], r["result"], r["attempts"]) == (0, "deliver", [f"{OLD_STORE}:{env.sink_port}"]), r
+    assert r["name_lookup"]["asked"] == [f"store.{ORIGIN}"], r
+    r = route(workdir, mailflowd_bin, "ns-route-hosts", "onlyhosts", env.sink_port, hosts, resolv)
+    assert (r["exit"], r["attempts"], r["name_lookup"]["asked"]) == (0, [f"{NEW_STORE}:{env.sink_port}"],
+                                                                      ["onlyhosts"]), r
+    assert r["dns_lookups"] == {"AAAA nodata": 1, "A success": 1}, r  # answered by the hosts file alone
+    # No address (an RFC 6761 name, NXDOMAIN without a query): the RCPT would get 451, exit 4.
+    r = route(workdir, mailflowd_bin, "ns-route-none", "nowhere.invalid.", env.sink_port, hosts, resolv)
+    assert (r["exit"], r["result"], r["attempts"]) == (4, "no_addresses", []), r
+    assert r["reply"].startswith("451 4.4.1"), r
+    # An IP address: nothing looked up, as before.
+    r = route(workdir, mailflowd_bin, "ns-route-ip", OLD_STORE, env.sink_port, hosts, resolv)
+    assert (r["exit"], r["attempts"], r["name_lookup"], r["dns_lookups"]) == \
+        (0, [f"{OLD_STORE}:{env.sink_port}"], None, {}), r
+
+
+def test_route_without_resolv_conf_says_so_once(workdir, mailflowd_bin):
+    """Without dns.servers and without /etc/resolv.conf (an empty /etc in a mount namespace of its own) no resolver
+    can be made, as the daemon's start and reload say. `mailflowd route` said so, and before it that the hosts file
+    could not be taken and fixed upstreams' names were "looked up in DNS only", which was not so: nothing is."""
+    if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs a mount namespace (unshare --mount)")
+    state = workdir / "no-resolv-state"
+    state.mkdir(exist_ok=True)
+    cfg = harness.default_config(state, harness.free_port(), [hh.listener("store", harness.free_port(), "store")],
+                                 [{"name": "store", "address": "store:25", "tls": "none"}])
+    path = workdir / "no-resolv.yaml"
+    path.write_text(json.dumps(cfg) + "\n")
+    p = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                        'mount -t tmpfs none /etc && exec "$0" "$@"', mailflowd_bin, "route", "--config", str(path),
+                        "--recipient", "user@example.org"], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 1, p
+    assert p.stderr.splitlines() == ["mailflowd route: dns: /etc/resolv.conf: cannot open it (without dns.servers "
+                                     "its name servers are asked)"], p.stderr

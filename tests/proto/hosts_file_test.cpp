@@ -146,4 +146,45 @@ TEST_CASE("read_search_list: a domain line gives its first name only, as glibc's
   CHECK(search == std::vector<std::string>{"a.example", "b.example"});
 }
 
+TEST_CASE("read_search_list: '#' and ';' start a comment at the start of a line only, as glibc's res_init") {
+  std::vector<std::string> search;
+  int ndots = 0;
+  // res_init skips a line that starts with '#' or ';' and nothing else: behind "search" every blank-separated
+  // word is a domain, "#" and ";" too, and the domains after them are searched as well.
+  read_search_list("search a.example # b.example\n#search c.example\n;search d.example\n", search, ndots);
+  CHECK(search == std::vector<std::string>{"a.example", "#", "b.example"});
+  read_search_list("search a.example ; b.example\n", search, ndots);
+  CHECK(search == std::vector<std::string>{"a.example", ";", "b.example"});
+  read_search_list("search ; b.example\n", search, ndots);
+  CHECK(search == std::vector<std::string>{";", "b.example"});
+  // "domain" ends at its first blank, so a '#' in its word stays in it.
+  read_search_list("domain corp.example#old\n", search, ndots);
+  CHECK(search == std::vector<std::string>{"corp.example#old"});
+  // res_setoptions reads every word of an "options" line: an ndots after a '#' is set.
+  read_search_list("options ndots:2 # ndots:7\n", search, ndots);
+  CHECK(ndots == 7);
+  read_search_list("options ndots:2\n# options ndots:7\n; options ndots:9\n", search, ndots);
+  CHECK(ndots == 2);
+}
+
+TEST_CASE("read_name_servers: as glibc's res_init takes them, at most three, a line it cannot read skipped") {
+  CHECK(read_name_servers("nameserver 10.0.0.1\nnameserver\t::1 # a comment\n") ==
+        std::vector<std::string>{"10.0.0.1", "::1"});
+  // No address, no address glibc reads (a name, a typo'd keyword), an indented or commented line: skipped.
+  CHECK(read_name_servers("nameserver\nnameserver   \nnameserver localhost\nnameservers 10.0.0.2\n"
+                          "  nameserver 10.0.0.3\n#nameserver 10.0.0.4\nnameserver 10.0.0.5;x\n"
+                          "nameserver 10.0.0.6\n") == std::vector<std::string>{"10.0.0.6"});
+  // inet_aton's forms, written as inet_ntop writes them; an IPv6 zone kept where it is a name or a number.
+  CHECK(read_name_servers("nameserver 10.1\nnameserver 0x7f.1\nnameserver FE80:0::1%eth0\n") ==
+        std::vector<std::string>{"10.0.0.1", "127.0.0.1", "fe80::1%eth0"});
+  CHECK(read_name_servers("nameserver fe80::1%eth0@53\nnameserver fe80::2%\n") ==
+        std::vector<std::string>{"fe80::1", "fe80::2"});
+  CHECK(read_name_servers("nameserver 10.0.0.1\r\n") == std::vector<std::string>{"10.0.0.1"});
+  // glibc's MAXNS: the first three.
+  CHECK(read_name_servers(
+            "nameserver 10.0.0.1\nnameserver 10.0.0.2\nnameserver 10.0.0.3\nnameserver 10.0.0.4\n") ==
+        std::vector<std::string>{"10.0.0.1", "10.0.0.2", "10.0.0.3"});
+  CHECK(read_name_servers("search example.org\n").empty());
+}
+
 }  // namespace
