@@ -20,7 +20,7 @@ def reasons_lists():
     """{list name: values} of every std::to_array<std::string_view> list in daemon/reasons.hpp."""
     text = re.sub(r"//[^\n]*", "", REASONS_HPP.read_text())
     lists = {name: re.findall(r'"([^"]*)"', body) for name, body in re.findall(
-        r"inline constexpr auto (\w+)\s*=\s*std::to_array<std::string_view>\(\{(.*?)\}\);", text, re.S)}
+        r"inline constexpr auto (\w+)\s*=\s*std::to_array<std::string_view>\(\s*\{(.*?)\}\s*\);", text, re.S)}
     assert {"rejects", "tls_handshake_failures", "upstream_errors", "mx_attempts"} <= set(lists), lists
     return lists
 
