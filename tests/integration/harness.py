@@ -416,6 +416,19 @@ class Daemon:
     def stderr(self):
         return tail(self.log_path, 10 ** 9)
 
+    def queue_clients(self, count, connect, then):
+        """`count` clients from `connect()` made while the daemon is stopped (SIGSTOP), so that they wait in the
+        kernel's accept queue; signal `then` is sent before it resumes (SIGCONT). Returns the clients."""
+        clients = []
+        self.proc.send_signal(signal.SIGSTOP)
+        try:
+            for _ in range(count):
+                clients.append(connect())
+            self.proc.send_signal(then)
+        finally:
+            self.proc.send_signal(signal.SIGCONT)
+        return clients
+
 
 # ---------------------------------------------------------------------------------------- SMTP clients
 class SwaksResult:

@@ -115,15 +115,8 @@ def test_clients_waiting_in_the_accept_queue_at_sigterm_are_told_421(daemon_fact
     d = daemon_factory(listeners=[hh.listener("inbound", port, "store")],
                        upstreams=[hh.plain_upstream("store", sink.port)], name="drain-queued",
                        limits={"drain_timeout": f"{DRAIN_TIMEOUT}s", "max_sessions_per_ip": 1000})
-    clients = []
-    d.proc.send_signal(signal.SIGSTOP)
-    try:
-        for _ in range(200):
-            clients.append(harness.RawSmtp(port, timeout=DRAIN_TIMEOUT + 5))
-        at = time.monotonic()
-        d.proc.send_signal(signal.SIGTERM)
-    finally:
-        d.proc.send_signal(signal.SIGCONT)
+    clients = d.queue_clients(200, lambda: harness.RawSmtp(port, timeout=DRAIN_TIMEOUT + 5), signal.SIGTERM)
+    at = time.monotonic()
     outcomes = []
     try:
         for c in clients:

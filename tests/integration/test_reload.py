@@ -80,14 +80,7 @@ def test_connections_waiting_on_a_listener_a_reload_removes_are_served(daemon_fa
     cfg["listeners"] = [cfg["listeners"][0]]
     d.config_path.write_text(json.dumps(cfg))
 
-    clients = []
-    d.proc.send_signal(signal.SIGSTOP)
-    try:
-        for _ in range(6):
-            clients.append(harness.RawSmtp(gone, host=GONE_HOST, timeout=10))
-        d.proc.send_signal(signal.SIGHUP)
-    finally:
-        d.proc.send_signal(signal.SIGCONT)
+    clients = d.queue_clients(6, lambda: harness.RawSmtp(gone, host=GONE_HOST, timeout=10), signal.SIGHUP)
     outcomes = []
     try:
         for c in clients:
