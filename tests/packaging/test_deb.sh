@@ -3,18 +3,19 @@
 # files where a Debian admin looks for them (copyright, changelog, docs whose links resolve), shlib
 # dependencies, a stripped binary, a control file lintian accepts (no error or warning), the config as a
 # conffile that passes --check-config (as root and as the service user), --version, man pages, units that
-# `systemd-analyze verify` accepts at their installed paths. Then it is purged, always (trap), and
-# purge must leave nothing behind.
+# `systemd-analyze verify` accepts at their installed paths. Then it is purged, and purge must leave nothing
+# behind.
 # Under `make test` this packs the dev tree (Debug: the content is what is checked); `make deb` packs the
 # release tree the same way.
-# Needs root and dpkg; changes this machine's package database for the duration of the test.
+# Needs root, dpkg and a mount namespace with overlayfs: it all happens in sandbox.sh's overlays of /etc, /var and
+# /usr, and this machine is left as it was (sandbox.sh checks that after the run).
 # Usage: test_deb.sh BUILD_DIR SOURCE_DIR VERSION
 set -euo pipefail
 build=$1 src=$2 version=$3
 [ "$(id -u)" -eq 0 ] || { echo "SKIP: needs root to install a package"; exit 77; }
 command -v dpkg >/dev/null && command -v cpack >/dev/null || { echo "SKIP: no dpkg/cpack"; exit 77; }
 . "$(dirname "$0")/deb_lib.sh"
-refuse_if_installed
+enter_sandbox "$@"
 deb_test_setup
 
 # --- build --------------------------------------------------------------------------------------
@@ -72,7 +73,6 @@ else
 fi
 
 # --- install --------------------------------------------------------------------------------------
-installed=1
 apt_get install --no-install-recommends "$deb" >"$tmp/install.log" 2>&1 ||
   { cat "$tmp/install.log"; echo "FAIL: install"; exit 1; }
 dpkg-query -W -f='${Status}' mailflowd | grep -q 'install ok installed' || { echo "FAIL: not installed"; exit 1; }
@@ -100,7 +100,6 @@ echo "ok: installed package checked"
 
 # --- purge ----------------------------------------------------------------------------------------
 apt_get purge mailflowd >"$tmp/purge.log" 2>&1 || { cat "$tmp/purge.log"; fail "purge"; }
-installed=0
 ! dpkg-query -W -f='${Status}' mailflowd 2>/dev/null | grep -q installed || fail "still installed after purge"
 for p in /usr/sbin/mailflowd /etc/mailflowd /var/lib/mailflowd /lib/systemd/system/mailflowd.service \
          /usr/share/man/man8/mailflowd.8.gz /usr/share/mailflowd; do
