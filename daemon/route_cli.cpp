@@ -330,7 +330,11 @@ int run_route_cli(int argc, char** argv, std::ostream& out, std::ostream& err) {
   }
   const config::Config& config = *loaded.config;
   // A file that the daemon would not start on (as --check-config says it): no route to show.
-  if (const auto loops = upstream_loops(config, OwnListeners(config)); !loops.empty()) {
+  const OwnListeners own(config);
+  if (!own.interfaces_error().empty())
+    err << "mailflowd route: warning: this host's interface addresses could not be read ("
+        << cli::shown(own.interfaces_error()) << "): " << interfaces_unread_effect << "\n";
+  if (const auto loops = upstream_loops(config, own); !loops.empty()) {
     for (const auto& error : loops) err << cli::shown(error.to_string()) << "\n";
     return 1;
   }
@@ -388,7 +392,6 @@ int run_route_cli(int argc, char** argv, std::ostream& out, std::ostream& err) {
     std::exception_ptr failure;
     try {
       Resolver resolver(io.get_executor(), resolver_settings(config.dns), &telemetry, seed);
-      const OwnListeners own(config);
       const auto started = std::chrono::steady_clock::now();
       net::co_spawn(io, resolve_mx_route(resolver, own, route.domain, route.upstream->port),
                     [&](std::exception_ptr e, MxRoute delivery) {
