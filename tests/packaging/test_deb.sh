@@ -88,6 +88,17 @@ out=$(runuser -u mailflowd -- /usr/sbin/mailflowd --check-config /etc/mailflowd/
 [ "$(stat -c '%a %U %G' /etc/mailflowd/mailflowd.yaml)" = "640 root mailflowd" ] ||
   fail "config is $(stat -c '%a %U %G' /etc/mailflowd/mailflowd.yaml), expected 640 root mailflowd"
 [ "$(stat -c '%a %U' /var/lib/mailflowd 2>/dev/null)" = "750 mailflowd" ] || fail "/var/lib/mailflowd is not 750 mailflowd"
+# Under the unit /etc/mailflowd is mounted writable (ConfigurationDirectory=): the permissions alone keep the
+# service from changing its configuration, certificates and keys (security.md).
+[ "$(stat -c '%a %U %G' /etc/mailflowd)" = "755 root root" ] || fail "/etc/mailflowd is $(stat -c '%a %U %G' /etc/mailflowd)"
+[ "$(stat -c '%a %U %G' /etc/mailflowd/tls 2>&1)" = "750 root mailflowd" ] ||
+  fail "/etc/mailflowd/tls is $(stat -c '%a %U %G' /etc/mailflowd/tls 2>&1), expected 750 root mailflowd"
+for p in /etc/mailflowd/new /etc/mailflowd/tls/new /etc/mailflowd/mailflowd.yaml; do
+  runuser -u mailflowd -- sh -c ": >>$p" 2>/dev/null && fail "user mailflowd can write $p"
+done
+[ ! -e /etc/mailflowd/new ] && [ ! -e /etc/mailflowd/tls/new ] || fail "user mailflowd created a file in /etc/mailflowd"
+runuser -u mailflowd -- sh -c ': >>/var/lib/mailflowd/probe' && rm /var/lib/mailflowd/probe ||
+  fail "user mailflowd cannot write in /var/lib/mailflowd (so the checks above prove nothing)"
 [ "$(man -w mailflowd 2>&1)" = /usr/share/man/man8/mailflowd.8.gz ] || fail "man -w mailflowd: $(man -w mailflowd 2>&1)"
 [ "$(man -w mailflowd.yaml 2>&1)" = /usr/share/man/man5/mailflowd.yaml.5.gz ] || fail "man -w mailflowd.yaml: $(man -w mailflowd.yaml 2>&1)"
 zcat /usr/share/man/man8/mailflowd.8.gz | grep -q '^\.TH "mailflowd" "8"' || fail "mailflowd.8.gz is not a section 8 man page"
