@@ -12,9 +12,17 @@ refuse_if_installed() {
   fi
 }
 
-# enter_sandbox "$@": the calling test, run again by sandbox.sh with the same arguments; returns inside it.
+# enter_sandbox "$@": the calling test, run again by sandbox.sh with the same arguments; returns inside it (checked:
+# a MAILFLOW_PKG_SANDBOX set by hand must not let the test loose on the real root).
 enter_sandbox() {
-  [ -z "${MAILFLOW_PKG_SANDBOX:-}" ] || return 0
+  if [ -n "${MAILFLOW_PKG_SANDBOX:-}" ]; then
+    local path
+    for path in /etc /var /usr; do
+      [ "$(findmnt -n -o FSTYPE --mountpoint "$path")" = overlay ] ||
+        { echo "FAIL: MAILFLOW_PKG_SANDBOX is set but $path is no overlay: not in sandbox.sh"; exit 1; }
+    done
+    return 0
+  fi
   refuse_if_installed
   exec "$(dirname "${BASH_SOURCE[0]}")/sandbox.sh" "$0" "$@"
 }

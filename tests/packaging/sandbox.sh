@@ -52,7 +52,8 @@ unshare --mount --propagation private --fork --kill-child -- "$BASH" "$0" --insi
 
 after=$(traces)
 if [ "$before" != "$after" ]; then
-  echo "FAIL: sandbox.sh: $1 changed the machine outside its sandbox:" >&2
+  echo "FAIL: sandbox.sh: the machine changed outside the sandbox while $1 ran (by it, or by an apt/dpkg run" \
+    "beside it):" >&2
   diff <(echo "$before") <(echo "$after") >&2 || true
   exit 1
 fi

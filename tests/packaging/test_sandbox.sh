@@ -15,7 +15,6 @@ fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
 name=mfsbx$$  # a user, group and paths of this run only
 paths=(/etc/mailflowd-$name /usr/share/mailflowd-$name /var/lib/mailflowd-$name)
 getent passwd "$name" >/dev/null && { echo "FAIL: user $name exists before the test"; exit 1; }
-ls -d /tmp/mailflowd-sandbox.* 2>/dev/null | sort >"$tmp/scratch.before" || true
 
 status=0
 "$sandbox" bash -c "
@@ -23,13 +22,15 @@ status=0
   useradd --system --no-create-home $name
   mkdir ${paths[0]} && touch ${paths[1]} ${paths[2]}
   getent passwd $name && ls -d ${paths[*]} && mountpoint -q \"\$MAILFLOW_PKG_SANDBOX\"
+  echo \"scratch: \$MAILFLOW_PKG_SANDBOX\"
   exit 7" >"$tmp/inside.log" 2>&1 || status=$?
 [ "$status" -eq 7 ] || fail "sandbox.sh exited $status, not the command's 7: $(cat "$tmp/inside.log")"
 grep -q "^$name:" "$tmp/inside.log" || fail "the command did not see the user it made: $(cat "$tmp/inside.log")"
 getent passwd "$name" >/dev/null && fail "user $name exists outside the sandbox"
 for p in "${paths[@]}"; do [ ! -e "$p" ] || fail "$p exists outside the sandbox"; done
-ls -d /tmp/mailflowd-sandbox.* 2>/dev/null | sort >"$tmp/scratch.after" || true
-cmp -s "$tmp/scratch.before" "$tmp/scratch.after" || fail "sandbox.sh left $(comm -13 "$tmp/scratch.before" "$tmp/scratch.after")"
+scratch=$(sed -n 's/^scratch: //p' "$tmp/inside.log")
+[ -n "$scratch" ] || fail "the command did not see MAILFLOW_PKG_SANDBOX: $(cat "$tmp/inside.log")"
+for p in "$scratch" "$scratch.entered"; do [ ! -e "$p" ] || fail "sandbox.sh left $p"; done
 echo "ok: the command's user and files stayed in the sandbox, its status passed on"
 
 # No fallback to the real root: stand-ins for unshare (missing) and mount (refusing overlayfs).
@@ -46,6 +47,15 @@ for case in no-unshare no-overlay; do
   grep -q "FAIL: sandbox.sh: " "$tmp/$case.log" || fail "$case: sandbox.sh did not say why: $(cat "$tmp/$case.log")"
 done
 echo "ok: without unshare or overlayfs the command does not run, and sandbox.sh fails: $(tail -1 "$tmp/no-overlay.log")"
+
+# A test that sources deb_lib.sh goes into the sandbox; a MAILFLOW_PKG_SANDBOX set outside one does not keep it out.
+lib=$(dirname "$sandbox")/deb_lib.sh
+out=$("$sandbox" bash -c "set -euo pipefail; . $lib; enter_sandbox; echo entered" 2>&1) || true
+[ "$out" = entered ] || fail "enter_sandbox inside sandbox.sh: $out"
+status=0
+out=$(MAILFLOW_PKG_SANDBOX=/tmp bash -c "set -euo pipefail; . $lib; enter_sandbox; echo entered" 2>&1) || status=$?
+[ "$status" -eq 1 ] && ! grep -q entered <<<"$out" || fail "enter_sandbox with MAILFLOW_PKG_SANDBOX set by hand: $out"
+echo "ok: enter_sandbox: $out"
 
 if [ "$failures" -ne 0 ]; then
   echo "$failures check(s) failed"
