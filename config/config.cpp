@@ -1170,6 +1170,8 @@ class Loader {
       if (require(*map, "address", list[i].Mark(), where) &&
           read_endpoint(*map, "address", where, listener.address, true)) {
         const YAML::Mark mark = get(*map, "address")->value.Mark();
+        // --check-config says at a wildcard listener's address that it could not read the host's addresses.
+        remember_position(where + ".address", get(*map, "address")->value);
         if (const auto v4 = ipv4_mapped(listener.address)) {
           // The daemon binds a listener's IPv6 address IPv6-only, and Linux refuses a mapped one there
           // (EINVAL).

@@ -114,7 +114,23 @@ CertificateFindings check_certificates(const config::Config& config, std::chrono
       }
     }
   }
-  for (auto& loop : upstream_loops(config, OwnListeners(config))) out.errors.push_back(std::move(loop));
+  const OwnListeners own(config);
+  for (auto& loop : upstream_loops(config, own)) out.errors.push_back(std::move(loop));
+  if (!own.interfaces_error().empty()) {
+    // At the first wildcard listener: the addresses are what it stands for.
+    std::string at = "listeners";
+    for (std::size_t i = 0; i < config.listeners.size(); ++i) {
+      boost::system::error_code ec;
+      if (boost::asio::ip::make_address(config.listeners[i].address.host, ec).is_unspecified() && !ec) {
+        at = "listeners[" + std::to_string(i) + "].address";
+        break;
+      }
+    }
+    out.warnings.push_back(finding(config, at,
+                                   "this host's interface addresses could not be read (" +
+                                       own.interfaces_error() + "): " + interfaces_unread_effect,
+                                   true));
+  }
   for (const auto& [key, problem] : https_ca_file_problems(config)) {
     if (key == "mta_sts.ca_file" && webpki_reported) continue;  // said above, as the handshakes load it
     out.errors.push_back(finding(config, key, key + ": " + problem, false));

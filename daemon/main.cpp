@@ -114,13 +114,6 @@ int main(int argc, char** argv) {
   if (argc >= 2 && std::string_view(argv[1]) == "tlsrpt") return mailflow::run_tlsrpt_cli(argc, argv);
   for (int i = 1; i < argc; ++i) {
     std::string_view arg = argv[i];
-    auto value = [&](std::string_view flag) -> const char* {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "mailflowd: %.*s needs a file\n", static_cast<int>(flag.size()), flag.data());
-        std::exit(2);
-      }
-      return argv[++i];
-    };
     if (arg == "--version" || arg == "-V") {
       std::printf("mailflowd %s (%s)\n", MAILFLOW_VERSION, MAILFLOW_BUILD_TYPE);
       return 0;
@@ -129,19 +122,26 @@ int main(int argc, char** argv) {
       usage(stdout);
       return 0;
     }
-    if (arg == "--check-config") {
-      const std::string file = value(arg);
+    // "--config FILE" or "--config=FILE", as every subcommand takes its options.
+    mailflow::cli::ValuedOption option;
+    std::string option_error;
+    if (mailflow::cli::parse_valued_option(argc, argv, i, {"--check-config", "--config", "-c"}, option,
+                                           option_error)) {
+      if (option.name != "--check-config") {
+        config_path = std::string(option.value);
+        continue;
+      }
       if (i + 1 < argc) {  // a second file would go unchecked, and the user believe it checked
         std::fprintf(stderr, "mailflowd: unexpected argument '%s' after --check-config FILE\n",
                      mailflow::cli::shown(argv[i + 1]).c_str());
         usage(stderr);
         return 2;
       }
-      return check_config(file);
+      return check_config(std::string(option.value));
     }
-    if (arg == "--config" || arg == "-c") {
-      config_path = value(arg);
-      continue;
+    if (!option_error.empty()) {
+      std::fprintf(stderr, "mailflowd: %s\n", mailflow::cli::shown(option_error).c_str());
+      return 2;
     }
     std::fprintf(stderr, "mailflowd: unknown argument '%s'\n", mailflow::cli::shown(argv[i]).c_str());
     usage(stderr);

@@ -3,7 +3,9 @@
 #include <ifaddrs.h>
 #include <netinet/in.h>
 
+#include <cerrno>
 #include <cstring>
+#include <string>
 
 namespace mailflow {
 namespace {
@@ -18,10 +20,14 @@ net::ip::address unmapped(const net::ip::address& address) {
   return address;
 }
 
-std::vector<net::ip::address> interface_addresses() {
+// The addresses of this host's interfaces; `error` says why there are none when getifaddrs(3) fails.
+std::vector<net::ip::address> interface_addresses(std::string& error) {
   std::vector<net::ip::address> out;
   ifaddrs* list = nullptr;
-  if (::getifaddrs(&list) != 0) return out;  // then only loopback counts as local
+  if (::getifaddrs(&list) != 0) {
+    error = std::string("getifaddrs: ") + std::strerror(errno);
+    return out;
+  }
   for (const ifaddrs* entry = list; entry != nullptr; entry = entry->ifa_next) {
     if (entry->ifa_addr == nullptr) continue;
     if (entry->ifa_addr->sa_family == AF_INET) {
@@ -40,7 +46,9 @@ std::vector<net::ip::address> interface_addresses() {
 
 }  // namespace
 
-OwnListeners::OwnListeners(const config::Config& config) : OwnListeners(config, interface_addresses()) {}
+OwnListeners::OwnListeners(const config::Config& config) : OwnListeners(config, {}) {
+  for (const auto& address : interface_addresses(interfaces_error_)) local_.insert(unmapped(address));
+}
 
 OwnListeners::OwnListeners(const config::Config& config, std::vector<net::ip::address> addresses) {
   for (const auto& listener : config.listeners) {

@@ -7,6 +7,7 @@
 #include <boost/asio/ip/address.hpp>
 #include <cstdint>
 #include <set>
+#include <string>
 #include <vector>
 
 #include "config/config.hpp"
@@ -26,6 +27,11 @@ class OwnListeners {
   // The listener that a connection to `address`:`port` reaches, or nullptr.
   const config::Listener* owner(const boost::asio::ip::address& address, std::uint16_t port) const;
 
+  // Why the host's interface addresses could not be read (getifaddrs failed), or empty. Then only loopback
+  // and the listeners' own addresses count as this host's: each caller says so where its user sees it
+  // (interfaces_unread_effect).
+  const std::string& interfaces_error() const { return interfaces_error_; }
+
  private:
   struct Bound {
     boost::asio::ip::address address;  // unspecified for a wildcard listener
@@ -34,6 +40,12 @@ class OwnListeners {
   };
   std::vector<Bound> listeners_;
   std::set<boost::asio::ip::address> local_;
+  std::string interfaces_error_;
 };
+
+// What a failed read of the interface addresses means, for the log and --check-config.
+inline constexpr const char* interfaces_unread_effect =
+    "only loopback and the listeners' own addresses count as this host's: an upstream or MX host on another "
+    "address of this host, behind a 0.0.0.0 or [::] listener, is not known as mailflowd itself";
 
 }  // namespace mailflow

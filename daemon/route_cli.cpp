@@ -394,7 +394,11 @@ int run_route_cli(int argc, char** argv, std::ostream& out, std::ostream& err) {
   }
   const config::Config& config = *loaded.config;
   // A file that the daemon would not start on (as --check-config says it): no route to show.
-  if (const auto loops = upstream_loops(config, OwnListeners(config)); !loops.empty()) {
+  const OwnListeners own(config);
+  if (!own.interfaces_error().empty())
+    err << "mailflowd route: warning: this host's interface addresses could not be read ("
+        << cli::shown(own.interfaces_error()) << "): " << interfaces_unread_effect << "\n";
+  if (const auto loops = upstream_loops(config, own); !loops.empty()) {
     for (const auto& error : loops) err << cli::shown(error.to_string()) << "\n";
     return 1;
   }
@@ -465,7 +469,6 @@ int run_route_cli(int argc, char** argv, std::ostream& out, std::ostream& err) {
         err << "mailflowd route: " << cli::shown(hosts_problem) << " (names looked up in DNS only)\n";
       const ResolverSettings& settings = upstream.mx ? dns : upstream_name_settings(upstream, dns, hosts);
       Resolver resolver(io.get_executor(), settings, &telemetry, seed);
-      const OwnListeners own(config);
       const auto started = std::chrono::steady_clock::now();
       if (upstream.mx) {
         net::co_spawn(io, resolve_mx_route(resolver, own, route.domain, upstream.port),

@@ -72,6 +72,11 @@ std::shared_ptr<const Runtime> Runtime::build(std::shared_ptr<const config::Conf
       runtime->upstream_tls.emplace(upstream.name, std::make_shared<const ClientTls>(upstream, stores));
   }
   runtime->own_listeners = std::make_shared<const OwnListeners>(*config);
+  // Said at every start and reload, as hosts_file below: the loop check is blind to the host's other
+  // addresses.
+  if (const std::string& error = runtime->own_listeners->interfaces_error(); !error.empty())
+    log_event(LogLevel::warn, "interface_addresses",
+              {{"error", error}, {"effect", interfaces_unread_effect}});
   if (const auto loops = upstream_loops(*config, *runtime->own_listeners); !loops.empty())
     throw std::runtime_error(loops.front().to_string());
   // /etc/hosts for fixed upstreams' host names. A name that is no DNS name ("a..b") is skipped as it is read

@@ -364,15 +364,21 @@ def refused_as_unknown(output, option):
     return re.search(r"unknown argument ['\"]" + re.escape(option) + r"['\"]", output) is not None
 
 
+def probe(binary, sub, *args):
+    result = subprocess.run([binary, *([sub] if sub else []), *args], capture_output=True, text=True, timeout=30,
+                            stdin=subprocess.DEVNULL)
+    return result.returncode, result.stdout + result.stderr
+
+
 def accepted_options(binary, sub, candidates):
-    """The candidates that `mailflowd [SUB] OPTION VALUE --zz-no-such-option` does not refuse as unknown. The
-    parsers stop at the first argument they do not know, the last one at the latest, so nothing is run."""
-    accepted = set()
+    """{option: (exit status, output)} of the candidates that `mailflowd [SUB] OPTION probe-value
+    --zz-no-such-option` does not refuse as unknown. The parsers stop at the first argument they do not know, the
+    last one at the latest, so nothing is run."""
+    accepted = {}
     for option in sorted(candidates | {PROBE_END}):
-        result = subprocess.run([binary, *([sub] if sub else []), option, "probe-value", PROBE_END],
-                                capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
-        if not refused_as_unknown(result.stdout + result.stderr, option):
-            accepted.add(option)
+        code, output = probe(binary, sub, option, "probe-value", PROBE_END)
+        if not refused_as_unknown(output, option):
+            accepted[option] = (code, output)
     if PROBE_END in accepted:
         sys.exit(f"FAIL: `mailflowd {sub or ''} {PROBE_END}` is not refused as an unknown argument: the parser "
                  "probe cannot tell accepted options from unknown ones")
@@ -384,6 +390,21 @@ def check_parser_options(sub, accepted, declared):
     what = f"mailflowd {sub}" if sub else "mailflowd"
     return ([f"{what} accepts {o}, which its --help does not declare" for o in sorted(accepted - declared)] +
             [f"{what} --help declares {o}, which it refuses as unknown" for o in sorted(declared - accepted)])
+
+
+def takes_value(option, code, output):
+    """Whether `OPTION probe-value ...` took probe-value as the option's value: it did not stop there at once (exit
+    0: --help, --version) and did not refuse probe-value as an argument of its own."""
+    return option.startswith("--") and code != 0 and not refused_as_unknown(output, "probe-value")
+
+
+def check_equals_forms(sub, accepted, equals_refused):
+    """Errors for the long options with a value that the parser takes as "--name value" and refuses as
+    "--name=value" (every parser takes both). equals_refused: {option: whether "OPTION=probe-value" was refused
+    as unknown}."""
+    what = f"mailflowd {sub}" if sub else "mailflowd"
+    return [f"{what} takes {o} VALUE but refuses {o}=VALUE as an unknown argument"
+            for o in sorted(accepted) if takes_value(o, *accepted[o]) and equals_refused[o]]
 
 
 def option_candidates(source):
@@ -469,10 +490,20 @@ def main():
     if check_parser_options(None, {"--config", "--version"}, {"--config", "--version"}) or \
             len(check_parser_options(None, {"--config", "-V"}, {"--config", "--version"})) != 2:
         sys.exit("FAIL: the parser check cannot tell an undeclared or a refused option from declared ones")
+    bad_parse = {"--config": (2, "mailflowd: unexpected argument '--zz-no-such-option'"),
+                 "--version": (0, "mailflowd 1.0"), "--insecure": (2, "unknown argument 'probe-value'")}
+    if check_equals_forms(None, bad_parse, {"--config": False, "--version": True, "--insecure": True}) or \
+            len(check_equals_forms(None, bad_parse, {"--config": True, "--version": True, "--insecure": True})) != 1:
+        sys.exit("FAIL: the parser check cannot tell a refused --name=value form of an option with a value")
     candidates = option_candidates(args.source)
     parser_errors = []
     for sub, declared_by_help in options_of.items():
-        parser_errors += check_parser_options(sub, accepted_options(args.binary, sub, candidates), declared_by_help)
+        accepted = accepted_options(args.binary, sub, candidates)
+        parser_errors += check_parser_options(sub, set(accepted), declared_by_help)
+        equals_refused = {o: refused_as_unknown(probe(args.binary, sub, f"{o}=probe-value", PROBE_END)[1],
+                                                f"{o}=probe-value")
+                          for o in accepted if takes_value(o, *accepted[o])}
+        parser_errors += check_equals_forms(sub, accepted, equals_refused)
 
     lines = list(doc_lines(args.source))
     errors = parser_errors + check_commands(lines, options_of) + check_log_keys(lines, log_keys)

@@ -3,18 +3,19 @@
 # files where a Debian admin looks for them (copyright, changelog, docs whose links resolve), shlib
 # dependencies, a stripped binary, a control file lintian accepts (no error or warning), the config as a
 # conffile that passes --check-config (as root and as the service user), --version, man pages, units that
-# `systemd-analyze verify` accepts at their installed paths. Then it is purged, always (trap), and
-# purge must leave nothing behind.
+# `systemd-analyze verify` accepts at their installed paths. Then it is purged, and purge must leave nothing
+# behind.
 # Under `make test` this packs the dev tree (Debug: the content is what is checked); `make deb` packs the
 # release tree the same way.
-# Needs root and dpkg; changes this machine's package database for the duration of the test.
+# Needs root, dpkg and a mount namespace with overlayfs: it all happens in sandbox.sh's overlays of /etc, /var and
+# /usr, and this machine is left as it was (sandbox.sh checks that after the run).
 # Usage: test_deb.sh BUILD_DIR SOURCE_DIR VERSION
 set -euo pipefail
 build=$1 src=$2 version=$3
 [ "$(id -u)" -eq 0 ] || { echo "SKIP: needs root to install a package"; exit 77; }
 command -v dpkg >/dev/null && command -v cpack >/dev/null || { echo "SKIP: no dpkg/cpack"; exit 77; }
 . "$(dirname "$0")/deb_lib.sh"
-refuse_if_installed
+enter_sandbox "$@"
 deb_test_setup
 
 # --- build --------------------------------------------------------------------------------------
@@ -72,7 +73,6 @@ else
 fi
 
 # --- install --------------------------------------------------------------------------------------
-installed=1
 apt_get install --no-install-recommends "$deb" >"$tmp/install.log" 2>&1 ||
   { cat "$tmp/install.log"; echo "FAIL: install"; exit 1; }
 dpkg-query -W -f='${Status}' mailflowd | grep -q 'install ok installed' || { echo "FAIL: not installed"; exit 1; }
@@ -88,6 +88,17 @@ out=$(runuser -u mailflowd -- /usr/sbin/mailflowd --check-config /etc/mailflowd/
 [ "$(stat -c '%a %U %G' /etc/mailflowd/mailflowd.yaml)" = "640 root mailflowd" ] ||
   fail "config is $(stat -c '%a %U %G' /etc/mailflowd/mailflowd.yaml), expected 640 root mailflowd"
 [ "$(stat -c '%a %U' /var/lib/mailflowd 2>/dev/null)" = "750 mailflowd" ] || fail "/var/lib/mailflowd is not 750 mailflowd"
+# Under the unit /etc/mailflowd is mounted writable (ConfigurationDirectory=): the permissions alone keep the
+# service from changing its configuration, certificates and keys (security.md).
+[ "$(stat -c '%a %U %G' /etc/mailflowd)" = "755 root root" ] || fail "/etc/mailflowd is $(stat -c '%a %U %G' /etc/mailflowd)"
+[ "$(stat -c '%a %U %G' /etc/mailflowd/tls 2>&1)" = "750 root mailflowd" ] ||
+  fail "/etc/mailflowd/tls is $(stat -c '%a %U %G' /etc/mailflowd/tls 2>&1), expected 750 root mailflowd"
+for p in /etc/mailflowd/new /etc/mailflowd/tls/new /etc/mailflowd/mailflowd.yaml; do
+  runuser -u mailflowd -- sh -c ": >>$p" 2>/dev/null && fail "user mailflowd can write $p"
+done
+[ ! -e /etc/mailflowd/new ] && [ ! -e /etc/mailflowd/tls/new ] || fail "user mailflowd created a file in /etc/mailflowd"
+runuser -u mailflowd -- sh -c ': >>/var/lib/mailflowd/probe' && rm /var/lib/mailflowd/probe ||
+  fail "user mailflowd cannot write in /var/lib/mailflowd (so the checks above prove nothing)"
 [ "$(man -w mailflowd 2>&1)" = /usr/share/man/man8/mailflowd.8.gz ] || fail "man -w mailflowd: $(man -w mailflowd 2>&1)"
 [ "$(man -w mailflowd.yaml 2>&1)" = /usr/share/man/man5/mailflowd.yaml.5.gz ] || fail "man -w mailflowd.yaml: $(man -w mailflowd.yaml 2>&1)"
 zcat /usr/share/man/man8/mailflowd.8.gz | grep -q '^\.TH "mailflowd" "8"' || fail "mailflowd.8.gz is not a section 8 man page"
@@ -100,7 +111,6 @@ echo "ok: installed package checked"
 
 # --- purge ----------------------------------------------------------------------------------------
 apt_get purge mailflowd >"$tmp/purge.log" 2>&1 || { cat "$tmp/purge.log"; fail "purge"; }
-installed=0
 ! dpkg-query -W -f='${Status}' mailflowd 2>/dev/null | grep -q installed || fail "still installed after purge"
 for p in /usr/sbin/mailflowd /etc/mailflowd /var/lib/mailflowd /lib/systemd/system/mailflowd.service \
          /usr/share/man/man8/mailflowd.8.gz /usr/share/mailflowd; do

@@ -8,22 +8,18 @@
 # scripts promise: running before an upgrade, running after it (restarted); stopped before, still stopped;
 # enabled before a remove, running again after the install that follows (debhelper's behaviour).
 # The later versions are the first package repacked with a higher version (and a changed example config).
-# systemd does not run here: the script runs in a mount namespace of its own where /run/systemd/system
+# systemd does not run here: the script runs in sandbox.sh's mount namespace, where /run/systemd/system
 # exists (so the maintainer scripts talk to systemd) and `systemctl`/`deb-systemd-invoke` are stand-ins that
 # keep each unit's state and log every call; nothing outside the namespace sees them.
-# Needs root, dpkg and unshare; changes this machine's package database for the duration of the test and
-# purges the package at the end, always (trap).
+# Needs root, dpkg and a mount namespace with overlayfs: it all happens in sandbox.sh's overlays of /etc, /var and
+# /usr, and this machine is left as it was (sandbox.sh checks that after the run).
 # Usage: test_deb_lifecycle.sh BUILD_DIR VERSION
 set -euo pipefail
 build=$1 version=$2
 [ "$(id -u)" -eq 0 ] || { echo "SKIP: needs root to install a package"; exit 77; }
-command -v dpkg >/dev/null && command -v cpack >/dev/null && command -v unshare >/dev/null ||
-  { echo "SKIP: no dpkg/cpack/unshare"; exit 77; }
+command -v dpkg >/dev/null && command -v cpack >/dev/null || { echo "SKIP: no dpkg/cpack"; exit 77; }
 . "$(dirname "$0")/deb_lib.sh"
-if [ -z "${MAILFLOW_LIFECYCLE_NS:-}" ]; then
-  refuse_if_installed
-  exec unshare --mount --propagation private env MAILFLOW_LIFECYCLE_NS=1 "$0" "$@"
-fi
+enter_sandbox "$@"
 deb_test_setup
 
 # --- systemd, as the maintainer scripts see it ----------------------------------------------------------
@@ -88,7 +84,6 @@ dpkg --compare-versions "$version.3" gt "$version.2" && dpkg --compare-versions 
   { echo "FAIL: the test's versions do not sort"; exit 1; }
 
 install_deb() {  # install_deb DEB WHAT
-  installed=1
   apt_get install --no-install-recommends "$1" >"$tmp/install.log" 2>&1 ||
     { cat "$tmp/install.log"; echo "FAIL: $2"; exit 1; }
 }
@@ -168,7 +163,6 @@ echo "ok: installed again after remove: the enabled service and socket run again
 
 # --- purge: configuration and state gone, the user stays (operations.md: Uninstall) -------------------------
 apt_get purge mailflowd >"$tmp/purge.log" 2>&1 || { cat "$tmp/purge.log"; fail "purge"; }
-installed=0
 ! dpkg-query -W -f='${Status}' mailflowd 2>/dev/null | grep -q 'installed\|config-files' ||
   fail "after purge the package is $(dpkg-query -W -f='${Status}' mailflowd)"
 for p in /etc/mailflowd /var/lib/mailflowd /usr/sbin/mailflowd; do
