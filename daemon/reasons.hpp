@@ -119,7 +119,8 @@ inline constexpr auto outbound_policies = std::to_array<std::string_view>({"dane
 
 // mailflow_tlsrpt_deliveries_total{method, result}: one per TLS-RPT report and rua address tried
 // (daemon/tlsrpt_sender.cpp); gave_up: still failing after tlsrpt.retry_for (the report is then dropped);
-// skipped: not tried in a run where an earlier try of the same https host and port timed out.
+// skipped: not tried in a run where an earlier try of the same https host and port, or of the same mailto:
+// mail domain, timed out.
 inline constexpr auto tlsrpt_methods = std::to_array<std::string_view>({"mailto", "https"});
 inline constexpr auto tlsrpt_results = std::to_array<std::string_view>(
     {"success", "temporary_failure", "permanent_failure", "gave_up", "skipped"});

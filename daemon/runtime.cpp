@@ -5,6 +5,7 @@
 #include <stdexcept>
 #include <tuple>
 
+#include "daemon/failpoint.hpp"
 #include "daemon/https_client.hpp"
 #include "daemon/log.hpp"
 #include "daemon/resolver.hpp"
@@ -82,19 +83,29 @@ std::shared_ptr<const Runtime> Runtime::build(std::shared_ptr<const config::Conf
   // /etc/hosts for fixed upstreams' host names. A name that is no DNS name ("a..b") is skipped as it is read
   // (proto::hosts_records); a file that libunbound still cannot take must not stop delivery to every fixed
   // upstream, nor refuse a start or a reload for a file that is no setting of mailflowd's: their names are
-  // looked up in DNS alone then, logged at each start and reload until it is fixed.
-  std::string problem;
-  auto hosts = fixed_upstream_settings(*resolver, *config, problem);
-  if (!problem.empty()) {
-    log_event(LogLevel::warn, "hosts_file",
-              {{"file", hosts_file_path},
-               {"error", problem},
-               {"effect", "fixed upstreams' host names are looked up in DNS only"}});
+  // looked up in DNS alone then, logged at each start and reload that puts it in force until it is fixed
+  // (log_hosts_file_problem()).
+  auto hosts = fixed_upstream_settings(*resolver, *config, runtime->hosts_file_problem);
+  try {
+    // The tests' stand-in for such a file: no file is known that gets past proto::hosts_records and that
+    // libunbound then refuses.
+    failpoint("runtime.hosts_file");
+  } catch (const std::exception& e) {
+    runtime->hosts_file_problem = e.what();
   }
+  if (!runtime->hosts_file_problem.empty()) hosts = *resolver;
   runtime->hosts_resolver = std::make_shared<const ResolverSettings>(std::move(hosts));
   runtime->resolver = std::move(resolver);
   runtime->config = std::move(config);
   return runtime;
+}
+
+void Runtime::log_hosts_file_problem() const {
+  if (hosts_file_problem.empty()) return;
+  log_event(LogLevel::warn, "hosts_file",
+            {{"file", hosts_file_path},
+             {"error", hosts_file_problem},
+             {"effect", "fixed upstreams' host names are looked up in DNS only"}});
 }
 
 const ServerTls* Runtime::server_tls(std::string_view listener) const {

@@ -38,11 +38,17 @@ struct Runtime {
   // replaced.
   std::shared_ptr<const ResolverSettings> resolver;
   // The same with /etc/hosts answered first: for fixed upstreams' host names (not under tls: dane). DNS only
-  // (the same settings as `resolver`) when libunbound cannot take the file (logged as hosts_file).
+  // (the same settings as `resolver`) when libunbound cannot take the file: why, in hosts_file_problem.
   std::shared_ptr<const ResolverSettings> hosts_resolver;
+  std::string hosts_file_problem;  // empty when /etc/hosts is in hosts_resolver
 
-  // Throws std::runtime_error (naming the file) when a certificate, key or CA file cannot be loaded.
+  // Throws std::runtime_error (naming the file) when a certificate, key or CA file cannot be loaded. Logs
+  // nothing itself: a later step may still refuse the reload it is built for.
   static std::shared_ptr<const Runtime> build(std::shared_ptr<const config::Config> config);
+
+  // hosts_file_problem as a hosts_file warning, by whoever puts this runtime in force (the start, a reload at
+  // its apply step): a reload refused after build() never ran with it.
+  void log_hosts_file_problem() const;
 
   const ServerTls* server_tls(std::string_view listener) const;
   const ClientTls* client_tls(std::string_view upstream) const;

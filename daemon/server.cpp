@@ -674,6 +674,7 @@ struct Server::Impl {
     for (const auto& warning : loaded.warnings)
       log_event(LogLevel::warn, "config_warning", {{"warning", warning.to_string()}});
     apply_certificates(*next_runtime);
+    next_runtime->log_hosts_file_problem();
     telemetry.config_reloaded(true);
     log_event(
         LogLevel::info, "reloaded",
@@ -900,6 +901,7 @@ int Server::run() {
   s.http = std::make_unique<HttpServer>(config.http, s.telemetry, [&s] { return !s.stopping; });
   s.http->start();
   s.apply_certificates(*snapshot);  // what the listeners' contexts and the HTTP server loaded
+  snapshot->log_hosts_file_problem();
   s.keep_running("signals", [&s] { return s.stop_signals(); });
   s.keep_running("signals", [&s] { return s.reload_signals(); });
   s.keep_running("periodic", [&s] { return s.periodic(); });

@@ -121,10 +121,13 @@ struct Conversation {
 };
 
 // MAIL, RCPT, DATA and the message over a connection that `open` makes to the rua domain's MX hosts.
+// `timed_out`: the try ended because a deadline passed (UpstreamLeg::timed_out()), not at a refusal or a
+// connection that the far side closed.
 asio::awaitable<TlsRptDelivery> converse(Conversation& conversation, const config::Upstream& upstream,
                                          const RuaTarget& rua, const config::Config& config,
-                                         const std::string& message, std::string& detail) {
+                                         const std::string& message, std::string& detail, bool& timed_out) {
   UpstreamLeg& leg = conversation.leg;
+  timed_out = false;
   UpstreamLeg::Client client;
   client.helo = config.hostname;
   bool reused = false;
@@ -132,6 +135,7 @@ asio::awaitable<TlsRptDelivery> converse(Conversation& conversation, const confi
   const auto refusal = co_await leg.open(upstream, rua.domain, client, {}, true, reused);
   if (refusal) {
     detail = first_line(refusal->reply);
+    timed_out = leg.timed_out();
     co_return refusal->reply.starts_with('5') ? TlsRptDelivery::permanent_failure
                                               : TlsRptDelivery::temporary_failure;
   }
@@ -145,7 +149,8 @@ asio::awaitable<TlsRptDelivery> converse(Conversation& conversation, const confi
     std::optional<proto::Reply> reply;
     if (co_await leg.write(commands[i], Deadlines::in(timeout))) reply = co_await leg.read_reply(Deadlines::in(timeout));
     if (!reply) {
-      detail += ": connection lost at " + std::string(names[i]);
+      timed_out = leg.timed_out();
+      detail += (timed_out ? ": timed out at " : ": connection lost at ") + std::string(names[i]);
       co_return TlsRptDelivery::temporary_failure;
     }
     if (reply->code / 100 != expected[i]) {
@@ -371,12 +376,16 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
   runtime->upstream_tls[upstream.name] = std::make_shared<const ClientTls>(upstream);
 
   const auto submitter = store.submitter();
-  // The https destinations (host and port) that held a try of this run until tlsrpt.https_timeout: their
-  // other reports wait for the next run. A host that is down (or drops the packets) for the run held every
-  // report of its rua for the whole timeout, one after another: a thousand domains that send their reports to
-  // one reporting service took the run's whole interval, and the reports to every other rua waited behind
-  // them.
-  std::set<std::string, std::less<>> unreachable;  // "https://host:port"
+  // The destinations that held a try of this run until its deadline: their other reports wait for the next
+  // run. A host that is down (or drops the packets, or stalls) for the run held every report of its rua for
+  // the whole timeout, one after another: a thousand domains that send their reports to one reporting service
+  // took the run's whole interval, and the reports to every other rua waited behind them. An https rua's host
+  // and port (tlsrpt.https_timeout); a mailto: rua's mail domain (timeouts.upstream_open, or the timeouts.*
+  // of the step where the last of its MX hosts hung), as Postfix's queue manager suspends delivery to a
+  // destination (the next-hop domain, not one of its hosts) after a failed try: its MX walk already tried
+  // every host of the domain in that time, and a try of another report to it walks the same hosts in the same
+  // order.
+  std::set<std::string, std::less<>> unreachable;  // "https://host:port", "the mail hosts of DOMAIN"
   std::size_t skipped = 0;                         // reports with a rua not tried for that
   std::size_t tried = 0;
   bool forgot = false;  // a report was done with (sent to every rua, or given up)
@@ -418,9 +427,10 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
     std::size_t skipped_here = 0;
     for (const auto& uri : pending) {
       const RuaTarget target = parse_rua(uri);
-      const std::string destination = target.valid && target.method == RuaTarget::Method::https
+      const std::string destination = !target.valid ? std::string()
+                                      : target.method == RuaTarget::Method::https
                                           ? "https://" + proto::ascii_lower(target.host) + ":" + target.port
-                                          : std::string();
+                                          : "the mail hosts of " + target.domain;
       if (!destination.empty() && unreachable.contains(destination)) {
         // Not tried (nor put in the ledger as tried): counted, and said once at the end of the run.
         ++skipped_here;
@@ -433,7 +443,7 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
       if (!target.valid) {
         detail = "unusable rua URI";
       } else if (target.method == RuaTarget::Method::mailto) {
-        result = co_await deliver_mailto(*runtime, upstream, *day, target, gzipped, detail);
+        result = co_await deliver_mailto(*runtime, upstream, *day, target, gzipped, detail, timed_out);
       } else {
         result = co_await deliver_https(*runtime, target, gzipped, detail, timed_out);
       }
@@ -524,10 +534,10 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
 }
 
 asio::awaitable<TlsRptDelivery> TlsRptSender::deliver_mailto(const Runtime& runtime,
-                                                            const config::Upstream& upstream,
-                                                            const proto::tlsrpt::DomainDay& day,
-                                                            const RuaTarget& rua, const std::string& gzipped,
-                                                            std::string& detail) {
+                                                             const config::Upstream& upstream,
+                                                             const proto::tlsrpt::DomainDay& day,
+                                                             const RuaTarget& rua, const std::string& gzipped,
+                                                             std::string& detail, bool& timed_out) {
   const config::Config& config = *runtime.config;
   const std::int64_t now = unix_now();
   const std::uint64_t sequence = ++sequence_;
@@ -549,7 +559,8 @@ asio::awaitable<TlsRptDelivery> TlsRptSender::deliver_mailto(const Runtime& runt
   close_in_flight_ = [weak = std::weak_ptr<Conversation>(conversation)] {
     if (const auto in_flight = weak.lock()) in_flight->leg.force_close();
   };
-  const TlsRptDelivery result = co_await converse(*conversation, upstream, rua, config, message, detail);
+  const TlsRptDelivery result =
+      co_await converse(*conversation, upstream, rua, config, message, detail, timed_out);
   close_in_flight_ = nullptr;
   co_await conversation->leg.close(true);
   co_return result;

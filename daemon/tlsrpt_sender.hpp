@@ -100,10 +100,14 @@ class TlsRptSender {
   bool running() const { return running_; }  // a run is in progress (the daemon waits for it to end)
 
  private:
-  // `upstream`: the mx upstream the mail goes through (its TLS context is in `runtime`).
-  boost::asio::awaitable<TlsRptDelivery> deliver_mailto(const Runtime& runtime, const config::Upstream& upstream,
-                                                        const proto::tlsrpt::DomainDay& day, const RuaTarget& rua,
-                                                        const std::string& gzipped, std::string& detail);
+  // `upstream`: the mx upstream the mail goes through (its TLS context is in `runtime`). `timed_out`: the try
+  // ended because a deadline passed (UpstreamLeg::timed_out()), so the rua domain's other reports in the run
+  // are not tried (run_once()).
+  boost::asio::awaitable<TlsRptDelivery> deliver_mailto(const Runtime& runtime,
+                                                        const config::Upstream& upstream,
+                                                        const proto::tlsrpt::DomainDay& day,
+                                                        const RuaTarget& rua, const std::string& gzipped,
+                                                        std::string& detail, bool& timed_out);
   // `timed_out`: the POST (its lookup included) waited until tlsrpt.https_timeout, so the host's other
   // reports in the run are not tried (run_once()).
   boost::asio::awaitable<TlsRptDelivery> deliver_https(const Runtime& runtime, const RuaTarget& rua,

@@ -228,6 +228,7 @@ std::optional<UpstreamLeg::Refusal> UpstreamLeg::open_over(const config::Upstrea
 
 UpstreamLeg::Refusal UpstreamLeg::open_timed_out(const config::Upstream& upstream, const std::string& domain,
                                                  std::string_view stage) {
+  timed_out_ = true;
   session_.telemetry.upstream_error(upstream.name, "open_timeout");
   log_limited(LogLevel::warn, "upstream_error",
               {{"id", session_.id},
@@ -278,6 +279,7 @@ void UpstreamLeg::drop() {
 }
 
 void UpstreamLeg::lost(const error_code& ec, std::string_view stage) {
+  timed_out_ = !closed_ && ec == asio::error::timed_out;
   if (closed_) {
     drop();  // force_close() (a stop) ended the wait: the daemon's own doing, no failure of the upstream's
     return;
@@ -388,6 +390,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open(const con
   reused = link_ && upstream_ == &upstream && domain_ == domain && client_helo_ == client.helo &&
            client_esmtp_ == client.esmtp;
   closed_idle_ = false;
+  timed_out_ = false;
   if (reused && (!in_.empty() || !link_->quiet())) {
     // The upstream closed it meanwhile (Postfix does after smtpd_timeout, 10 s under stress): no error of the
     // upstream's, and no reason to refuse the transaction; it gets a new connection.
@@ -547,6 +550,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
       // has no address or its lookup failed, dns.timeout included (connect_failed).
       session_.telemetry.upstream_error(upstream.name, ec ? "connect_timeout" : "connect_failed");
       reason = ec ? "connect_timeout" : "connect_failed";
+      timed_out_ = static_cast<bool>(ec);
       const std::string error = ec ? "no address within timeouts.upstream_connect " +
                                          config::format_duration(config_.timeouts.upstream_connect)
                                    : addresses.detail;
@@ -573,6 +577,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
   for (const auto& endpoint : endpoints) {
     if (closed_) break;  // force_close() while connecting: no next address
     ++tried;
+    timed_out_ = false;  // the last address tried says (timed_out())
     std::optional<proto::tlsrpt::FailureKey> failure;
     bool connected = false;
     bool tls_session = false;
@@ -716,6 +721,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
   std::string_view limit = mx.address_limited ? "addresses" : "";
   for (const auto& attempt : mx.attempts) {
     ++tried;
+    timed_out_ = false;  // the last host tried says (timed_out())
     auto plan = dane_plans.find(attempt.host);
     if (plan == dane_plans.end()) {
       proto::DanePlan dane = co_await within_open(plan_dane(
@@ -841,12 +847,14 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
   peer_ = endpoint_text(endpoint.address(), endpoint.port());
   peer_address_ = endpoint.address();
   in_.clear();
+  timed_out_ = false;
   error_code ec;
   co_await link_->connect(endpoint, connect_deadline, ec);
   if (ec) {
     link_.reset();  // never connected: no upstream leg to count
     if (closed_) co_return false;  // force_close() ended it: no failure of the upstream's
     const bool timed_out = ec == asio::error::timed_out;
+    timed_out_ = timed_out;
     if (timed_out && open_expired()) {
       reason = "open_timeout";  // the open's deadline, not this host's: the caller counts it
       co_return false;
@@ -967,6 +975,7 @@ asio::awaitable<bool> UpstreamLeg::connect_to(const config::Upstream& upstream, 
           co_return false;
         }
         if (hs) {
+          timed_out_ = hs == asio::error::timed_out;  // the plaintext retry below says again
           const std::string label = handshake_failure_label(hs);
           session_.telemetry.tls_handshake_failed(session_.listener, Leg::upstream, label);
           log_limited(LogLevel::warn, "tls_failed",

@@ -103,6 +103,11 @@ class UpstreamLeg {
   // close, logged at debug as upstream_closed_idle and not counted; proto::RelayTransaction replays the
   // transaction.
   bool closed_idle() const { return closed_idle_; }
+  // The last open() was refused, or the connection was last lost, because a deadline passed
+  // (timeouts.upstream_open; for the last host or address tried, upstream_connect, tls_handshake or a reply's
+  // timeout): the far side hangs rather than refuses. The TLS reports' sender skips such a rua domain for the
+  // rest of its run (tlsrpt_sender.cpp).
+  bool timed_out() const { return timed_out_; }
 
   void cancel();  // the watchdog: cancel whatever is in flight
   // Shutdown (another thread's request, posted): close the socket and give up a name lookup in flight; from
@@ -237,6 +242,7 @@ class UpstreamLeg {
   boost::asio::ip::address peer_address_;  // its far side's address, for address()
   bool kept_unanswered_ = false;  // open() kept the connection, and it has not answered anything since
   bool closed_idle_ = false;      // see closed_idle()
+  bool timed_out_ = false;        // see timed_out()
   std::string summary_;
 };
 

@@ -3,7 +3,9 @@ setting is loaded and none is applied yet) leaves the HTTP settings as they were
 next reload puts them in force; the connections waiting on a listener that a reload removes (accepted, or in the
 kernel's accept queue) are served under the configuration they connected to, not closed or reset unanswered; a
 storm of reloads while STARTTLS sessions relay to tls: verify upstreams (one shared trust store per reload) loses
-no message; SIGHUPs that come while the daemon stops leave its exit status 0. Fixed addresses: 127.0.0.165."""
+no message; SIGHUPs that come while the daemon stops leave its exit status 0; a hosts file libunbound cannot take
+is logged by the start or reload that puts it in force, not by a reload that is refused. Fixed addresses:
+127.0.0.165."""
 import json
 import signal
 import subprocess
@@ -11,6 +13,8 @@ import threading
 import time
 import warnings
 from pathlib import Path
+
+import pytest
 
 import harness
 import hostile_helpers as hh
@@ -183,3 +187,45 @@ def test_sighups_while_the_daemon_stops_leave_its_exit_status_0(daemon_factory, 
         flooder.join(5)
         assert state.exists(), "the windows were not saved"
     assert codes == [0] * 6, f"exit status of each stop: {codes}"
+
+
+@pytest.mark.parametrize("failpoints, in_force", [
+    ("runtime.hosts_file=1", "start"),
+    ("runtime.hosts_file=2,reload.apply=1", None),  # the first reload has the problem, and is refused
+    ("runtime.hosts_file=3,reload.apply=1", "second reload"),  # refused first, then in force with the problem
+])
+def test_a_hosts_file_problem_is_logged_for_a_configuration_that_goes_in_force(failpoints, in_force, daemon_factory,
+                                                                                sink_factory, monkeypatch):
+    """/etc/hosts that libunbound cannot take (its names are then asked of DNS alone) is logged as hosts_file by the
+    start or reload that puts it in force. Runtime::build logged it while it built the configuration, so a reload
+    that a later step refused (here the failpoint reload.apply; a listener address taken, a certificate that does
+    not load) said that the hosts file of a configuration that never went in force had a problem: the running one,
+    built from the file as it was read earlier, had none. No such file is known (proto::hosts_records leaves out
+    what libunbound refuses), so the failpoint runtime.hosts_file stands in for it at the N-th build."""
+    sink = sink_factory("store")
+    monkeypatch.setenv("MAILFLOWD_FAILPOINTS", failpoints)
+    d = daemon_factory(listeners=[hh.listener("inbound", harness.free_port(), "store")],
+                       upstreams=[hh.plain_upstream("store", sink.port)], name=f"hosts-file-{in_force}")
+
+    def reloads_done():
+        log = d.stderr()
+        return log.count(" reloaded ") + log.count(" reload_refused ")
+
+    for n in (1, 2):
+        d.proc.send_signal(signal.SIGHUP)
+        harness.wait_for(lambda: reloads_done() == n, 10, what=f"reload {n}")
+    lines = d.stderr().splitlines()
+    said = [i for i, line in enumerate(lines) if " hosts_file " in line]
+    refused = [i for i, line in enumerate(lines) if " reload_refused " in line]
+    assert len(refused) == (0 if in_force == "start" else 1), d.log_tail()
+    if in_force is None:
+        assert said == [], "a refused reload logged the hosts file of a configuration never in force:\n" + \
+            "\n".join(lines[i] for i in said)
+        return
+    assert len(said) == 1, d.log_tail()
+    assert "failpoint runtime.hosts_file" in lines[said[0]]
+    reload_lines = [i for i, line in enumerate(lines) if " reload config=" in line]
+    if in_force == "start":
+        assert said[0] < reload_lines[0], d.log_tail()
+    else:
+        assert reload_lines[1] < said[0], d.log_tail()

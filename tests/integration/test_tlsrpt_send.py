@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -39,6 +40,7 @@ STALL_ADDR = "127.0.0.55"  # an MX host that takes the connection and never gree
 AGAIN_ADDR = "127.0.0.150"  # the one-report-per-day test's rua host
 TURN_ADDR = {"stuck": "127.0.0.116", "next": "127.0.0.117"}  # the first-try-first test's rua hosts
 FQDN_ADDR = "127.0.0.118"  # the fully qualified mailto: rua's MX host
+HANG_ADDR = {"hang": "127.0.5.1", "take": "127.0.5.2"}  # the hanging mailto: rua test's MX hosts
 ZONE = f"""$ORIGIN rpt.example.net.
 $TTL 300
 @              SOA   ns hostmaster 1 3600 600 86400 300
@@ -62,6 +64,10 @@ next           MX    10 mx.next
 mx.next        A     {TURN_ADDR["next"]}
 fq             MX    10 mx.fq
 mx.fq          A     {FQDN_ADDR}
+hang           MX    10 mx.hang
+mx.hang        A     {HANG_ADDR["hang"]}
+take           MX    10 mx.take
+mx.take        A     {HANG_ADDR["take"]}
 reports        A     127.0.0.1
 wrong          A     127.0.0.1
 silent         A     127.0.0.1
@@ -792,3 +798,108 @@ def test_a_run_tries_a_rua_host_that_timed_out_once(workdir, knot, silent_port, 
         daemon.stderr()
     # Each is tried again at a later run (the first of them first, while the host stays down): none was lost.
     assert reports_of(daemon, DATE) == [f"d{n}.example.net" for n in range(1, 7)]
+
+
+class HangingMx:
+    """An MX host at HANG_ADDR["hang"]:`port` that `mode` says how to fail: "silent" takes the connection (the
+    kernel's backlog completes it) and never says a word; "stall_at_mail" greets, answers EHLO, then never answers
+    MAIL; "close_at_mail" greets, answers EHLO and closes the connection at MAIL."""
+
+    def __init__(self, mode, port):
+        self.mode = mode
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind((HANG_ADDR["hang"], port))
+        self.listener.listen(16)
+        self.connections = []
+        self.thread = None
+        if mode != "silent":
+            self.thread = threading.Thread(target=self.serve, daemon=True)
+            self.thread.start()
+
+    def serve(self):
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            self.connections.append(connection)
+            threading.Thread(target=self.converse, args=(connection,), daemon=True).start()
+
+    def converse(self, connection):
+        try:
+            connection.settimeout(30)
+            connection.sendall(b"220 mx.hang.rpt.example.net ESMTP\r\n")
+            buffered = b""
+            while True:
+                data = connection.recv(4096)
+                if not data:
+                    return
+                buffered += data
+                while b"\r\n" in buffered:
+                    line, buffered = buffered.split(b"\r\n", 1)
+                    verb = line[:4].upper()
+                    if verb in (b"EHLO", b"HELO"):
+                        connection.sendall(b"250 mx.hang.rpt.example.net\r\n")
+                    elif verb == b"MAIL" and self.mode == "close_at_mail":
+                        connection.close()
+                        return
+                    elif verb == b"MAIL":
+                        continue  # stall_at_mail: no answer, ever
+                    elif verb == b"QUIT":
+                        connection.sendall(b"221 bye\r\n")
+                        return
+                    else:
+                        connection.sendall(b"502 5.5.2 no\r\n")
+        except OSError:
+            return
+
+    def close(self):
+        self.listener.close()
+        for connection in self.connections:
+            connection.close()
+        if self.thread:
+            self.thread.join(5)
+
+
+@pytest.mark.parametrize("mode", ["silent", "stall_at_mail", "close_at_mail"])
+def test_a_run_tries_a_mailto_rua_domain_that_timed_out_once(mode, workdir, knot, sink_factory, mailflowd_bin):
+    """A run tried every report to a mailto: rua whose mail host hangs, one after another, each until its deadline
+    (a host that never greets: timeouts.upstream_connect; one that stalls at MAIL: timeouts.command; up to
+    timeouts.upstream_open and the timeouts.* of each step): a reporting address that many domains send their
+    reports to, whose host hangs for the run, held it for that per report, and the reports to every other rua
+    waited behind it. Here 6 reports to hang.rpt.example.net (1 s each) before the report of z.example.net to
+    take.rpt.example.net: 6 tries before z's mail before (temporary_failure 6, skipped 0). A mail domain whose try
+    timed out is now marked for the rest of the run, as an https host is: its other reports are counted as
+    skipped and logged once at the end of the run, and the try says "timed out", not "connection lost". A host
+    that closes the connection (close_at_mail) answers at once: each of its reports is still tried."""
+    port = harness.free_port("127.0.0.1", *HANG_ADDR.values())
+    take = sink_factory(f"rua-take-{mode}", host=HANG_ADDR["take"], port=port)
+    hanging = HangingMx(mode, port)
+    tlsrpt = {"send": True, "submitter": SUBMITTER, "smtp_port": port, "interval": "5s", "retry_for": "1h"}
+    _, config = state_dir_and_config(workdir, f"hang-{mode}", "mailflowd-tlsrpt 1\n" + "".join(
+        f"day {DATE} d{n}.example.net mailto:reports+d{n}@hang.rpt.example.net\n"
+        "policy no-policy-found - - 1 0 0\n" for n in range(1, 7)) + (
+        f"day {DATE} z.example.net mailto:reports@take.rpt.example.net\n"
+        "policy no-policy-found - - 1 0 0\n"), knot, tlsrpt,
+        timeouts={"upstream_connect": "1s", "command": "1s", "upstream_open": "5s"})
+    daemon = harness.Daemon(mailflowd_bin, workdir, config, name=f"hang-{mode}").start()
+    try:
+        take.wait_messages(1, timeout=30)
+        counts = tuple(deliveries(daemon, result) for result in ("temporary_failure", "skipped", "success"))
+        log = daemon.stderr()
+        tries = [line for line in log.splitlines() if "tlsrpt_delivery" in line and "hang.rpt.example.net" in line]
+        if mode == "close_at_mail":
+            assert counts == (6, 0, 1), (counts, daemon.log_tail())
+            assert all("connection lost at MAIL" in line for line in tries), tries
+            assert "their rua timed out" not in log
+        else:
+            assert counts == (1, 5, 1), (counts, daemon.log_tail())
+            (first,) = tries
+            assert ("timed out at MAIL" if mode == "stall_at_mail" else "last: connect_timeout") in first, first
+            assert "their rua timed out earlier in this run (the mail hosts of hang.rpt.example.net)" in log, log
+        # None was lost: each waits for a later run.
+        assert reports_of(daemon, DATE) == [f"d{n}.example.net" for n in range(1, 7)]
+    finally:
+        harness.stop_exits_0(daemon)
+        hanging.close()
