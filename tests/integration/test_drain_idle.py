@@ -142,3 +142,27 @@ def test_clients_waiting_in_the_accept_queue_at_sigterm_are_told_421(daemon_fact
     log = d.stderr()
     assert log.count(" result=shutdown") == len(clients), d.log_tail()
     assert " queued_sessions=" in log.split(" draining ", 1)[1], d.log_tail()
+
+
+def test_a_client_in_the_greet_pause_at_sigterm_is_told_421_at_once(daemon_factory, certs, sink):
+    """A client accepted before the SIGTERM and still waiting for its banner (limits.greet_pause, 6 s as Postfix's
+    postscreen_greet_wait) waited as an idle one does not: the rest of the pause, then a 220 banner it could not
+    use, then the 421 (and a greet_pause longer than drain_timeout cut it without a word). It is told 421 4.3.2 at
+    once, with no banner before it, as the clients still in the accept queue are."""
+    port = harness.free_port()
+    d = daemon_factory(listeners=[hh.listener("inbound", port, "store")],
+                       upstreams=[hh.plain_upstream("store", sink.port)], name="drain-greet-pause",
+                       limits={"drain_timeout": f"{DRAIN_TIMEOUT}s", "greet_pause": "6s"})
+    c = harness.RawSmtp(port, timeout=DRAIN_TIMEOUT + 5)
+    try:
+        time.sleep(0.5)  # accepted, in its greet pause
+        at = time.monotonic()
+        d.proc.send_signal(signal.SIGTERM)
+        code, text = c.reply()
+        took = time.monotonic() - at
+        assert code == 421 and text.startswith("421 4.3.2"), f"after {took:.1f}s: {text}"
+        assert took < 2, f"421 {took:.1f}s after SIGTERM: the greet pause ran out first"
+    finally:
+        c.close()
+    assert exited(d, at) < 3
+    assert " result=shutdown" in d.stderr(), d.log_tail()
