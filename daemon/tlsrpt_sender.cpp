@@ -477,14 +477,21 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
     // POST times out (a large one on a slow link, a path of the host that hangs) went first again at every
     // run, being the one tried longest ago, and the host's other reports, which it would have taken, were
     // skipped behind it at each run until retry_for gave them up, never tried.
-    if (skipped_here == pending.size() && skipped_here > 0) {
+    const bool untried = skipped_here > 0 && skipped_here == pending.size();
+    if (untried) {
       --tried;
       if (turn_before)
         last_turn_[key] = *turn_before;
       else
         last_turn_.erase(key);
     }
-    const auto retry_for = std::chrono::duration_cast<std::chrono::seconds>(config.tlsrpt.retry_for);
+    // Its retry_for starts (a host down for all of it gives up every report to it, not one per run), but it
+    // is given up only at a run that tried it: a report whose time ran out was given up in the very run that
+    // skipped it (with retry_for 0 every report behind the first one to a host that did not answer, the host
+    // never asked for them), although retry_for counts from a report's first try.
+    const auto retry_for = untried
+                               ? std::chrono::seconds::max()
+                               : std::chrono::duration_cast<std::chrono::seconds>(config.tlsrpt.retry_for);
     const auto verdict = ledger_.verdict(key, day->rua, now, retry_for);
     ledger_changed_ = true;
     save_ledger();

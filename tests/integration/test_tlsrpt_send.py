@@ -845,3 +845,30 @@ def test_a_report_that_times_out_does_not_keep_its_hosts_other_reports_untried(w
         assert harness.value(m, "mailflow_tlsrpt_deliveries_total", method="https", result="gave_up") == 0
     finally:
         server.shutdown()
+
+
+def test_a_skipped_report_is_not_given_up_before_its_first_try(workdir, knot, silent_port, daemon_factory):
+    """tlsrpt.retry_for is counted from a report's first try, and a report skipped in a run (its https host timed
+    out earlier in the run) starts it too; but it was given up in the very run that skipped it once its retry_for
+    had run out: with retry_for 0 (one try each) the first report to a host that does not answer was tried and
+    given up, and the others, skipped behind it, were given up with it untried (counted gave_up, dropped), where
+    the host was not even asked. A report is given up only at a run that tried it: each is tried once here."""
+    state = "mailflowd-tlsrpt 1\n" + "".join(
+        f"day {DATE} g{n}.example.net https://silent.rpt.example.net:{silent_port}/g{n}\n"
+        "policy no-policy-found - - 1 0 0\n" for n in range(1, 4))
+    directory = workdir / "once-state"
+    directory.mkdir(exist_ok=True)
+    (directory / "tlsrpt.state").write_text(state)
+    listeners = [{"name": "out", "address": f"127.0.0.1:{harness.free_port()}", "direction": "outbound",
+                  "upstream": "internet"}]
+    tlsrpt = {"send": True, "interval": "1s", "https_timeout": "500ms", "retry_for": "0s", "submitter": SUBMITTER}
+    daemon = daemon_factory(listeners, [{"name": "internet", "mx": True}], name="once",
+                            dns={"servers": [knot.address], "timeout": "3s"}, tlsrpt=tlsrpt)
+    count = lambda result: harness.value(daemon.metrics(), "mailflow_tlsrpt_deliveries_total",  # noqa: E731
+                                         method="https", result=result)
+    harness.wait_for(lambda: count("gave_up") == 3, 15, what="the three reports given up")
+    assert reports_of(daemon, DATE) == []
+    assert count("temporary_failure") == 3, "a report was given up without its one try"
+    tried = re.findall(r"tlsrpt_delivery date=\S+ domain=(g\d)\.example\.net rua=\S+ method=https "
+                       r"result=temporary_failure", daemon.stderr())
+    assert sorted(tried) == ["g1", "g2", "g3"], daemon.log_tail()
