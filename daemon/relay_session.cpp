@@ -429,9 +429,19 @@ asio::awaitable<bool> RelaySession::read_proxy_header() {
       co_return false;
     }
     error_code ec;
+    // Idle as one that waits for its next command (notify_drain): a drain that begins while the trusted proxy
+    // has not sent the header yet tells it 421 4.3.2 at once (relayed to its client). It held the drain for
+    // the header's 5 s, then was closed without a word and counted as the peer's proxy_timeout.
+    idle_ = true;
     co_await client_.read_some(client_in_, proto::max_proxy_header - client_in_.size(), deadline, ec);
+    idle_ = false;
     if (ec && forced_) {
       result_ = "shutdown";  // a stop cut the header short: no truncation of the peer's
+      co_return false;
+    }
+    if (ec == asio::error::operation_aborted && registry_.draining()) {
+      co_await say_goodbye(proto::format_reply(421, "4.3.2", config_.hostname + " Service shutting down"),
+                           "shutdown");
       co_return false;
     }
     if (ec) {
@@ -454,9 +464,20 @@ asio::awaitable<bool> RelaySession::greet_pause() {
   // already.
   if (client_in_.empty()) {
     error_code ec;
+    // Idle as one that waits for its next command (notify_drain): a drain that begins during the pause tells
+    // the client 421 at once, as open() tells those taken from the accept queue. It waited for the rest of
+    // the pause (up to 5 minutes, past drain_timeout) and then got a banner it could not use, and the 421
+    // after it.
+    idle_ = true;
     co_await deadlines_.wait_readable(client_.socket(), in(config_.limits.greet_pause), ec);
+    idle_ = false;
     if (forced_) {
       result_ = "shutdown";  // a stop closed the session during the pause: not the client's leaving
+      co_return false;
+    }
+    if ((ec == asio::error::operation_aborted || ec == asio::error::timed_out) && registry_.draining()) {
+      co_await say_goodbye(proto::format_reply(421, "4.3.2", config_.hostname + " Service shutting down"),
+                           "shutdown");
       co_return false;
     }
     if (ec == asio::error::timed_out) co_return true;

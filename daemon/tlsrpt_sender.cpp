@@ -412,6 +412,10 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
     const auto day = store.find(key.first, key.second);
     if (!day || day->rua.empty()) continue;
     ++tried;
+    // Its turn, taken back below if none of its rua was tried (every one skipped).
+    const auto previous_turn = last_turn_.find(key);
+    const std::optional<std::uint64_t> turn_before =
+        previous_turn == last_turn_.end() ? std::nullopt : std::optional(previous_turn->second);
     last_turn_[key] = ++turns_;
     const std::string gzipped = gzip(proto::tlsrpt::render_json(*day, submitter));
     const auto pending = ledger_.to_try(key, day->rua);
@@ -479,8 +483,25 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
     // A report none of whose rua was tried took none of the run's time: not one of max_reports_per_run. Its
     // verdict below still starts its retry_for (the skip is for a destination that just failed a try): a rua
     // down for all of retry_for gives up the reports to it, not only the one tried at each run.
-    if (skipped_here == pending.size() && skipped_here > 0) --tried;
-    const auto retry_for = std::chrono::duration_cast<std::chrono::seconds>(config.tlsrpt.retry_for);
+    // Nor did it take its turn: it goes before the report that timed out at the next run. A report whose own
+    // POST times out (a large one on a slow link, a path of the host that hangs) went first again at every
+    // run, being the one tried longest ago, and the host's other reports, which it would have taken, were
+    // skipped behind it at each run until retry_for gave them up, never tried.
+    const bool untried = skipped_here > 0 && skipped_here == pending.size();
+    if (untried) {
+      --tried;
+      if (turn_before)
+        last_turn_[key] = *turn_before;
+      else
+        last_turn_.erase(key);
+    }
+    // Its retry_for starts (a host down for all of it gives up every report to it, not one per run), but it
+    // is given up only at a run that tried it: a report whose time ran out was given up in the very run that
+    // skipped it (with retry_for 0 every report behind the first one to a host that did not answer, the host
+    // never asked for them), although retry_for counts from a report's first try.
+    const auto retry_for = untried
+                               ? std::chrono::seconds::max()
+                               : std::chrono::duration_cast<std::chrono::seconds>(config.tlsrpt.retry_for);
     const auto verdict = ledger_.verdict(key, day->rua, now, retry_for);
     ledger_changed_ = true;
     save_ledger();

@@ -903,3 +903,83 @@ def test_a_run_tries_a_mailto_rua_domain_that_timed_out_once(mode, workdir, knot
     finally:
         harness.stop_exits_0(daemon)
         hanging.close()
+
+
+class HangsOnOnePath(http.server.BaseHTTPRequestHandler):
+    """Takes every report but the one POSTed to /hang, which it holds past tlsrpt.https_timeout (a large report
+    on a slow link, a path of the reporting service that hangs)."""
+    posts = []
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        if self.path == "/hang":
+            time.sleep(3)
+            return
+        HangsOnOnePath.posts.append(self.path)
+        self.send_response(201)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_report_that_times_out_does_not_keep_its_hosts_other_reports_untried(workdir, knot, certs, report_cert,
+                                                                                 daemon_factory):
+    """A report whose own POST times out marks its host for the run, and the host's other reports are skipped
+    (not tried). The skipped ones took their turn all the same, so at the next run the one that timed out, tried
+    longest ago, went first again, timed out again, and the others were skipped again, run after run, until
+    retry_for gave them up without a single try, although the host took them. A report none of whose rua was
+    tried takes no turn: the next run tries the skipped ones first."""
+    server = harness.https_server(HangsOnOnePath, *report_cert)
+    port = server.server_address[1]
+    try:
+        host = f"https://reports.rpt.example.net:{port}"
+        state = "mailflowd-tlsrpt 1\n" + "".join(
+            f"day {DATE} {name}.example.net {host}/{path}\npolicy no-policy-found - - 1 0 0\n"
+            for name, path in (("h1", "hang"), ("h2", "two"), ("h3", "three")))
+        directory = workdir / "onepath-state"
+        directory.mkdir(exist_ok=True)
+        (directory / "tlsrpt.state").write_text(state)
+        listeners = [{"name": "out", "address": f"127.0.0.1:{harness.free_port()}", "direction": "outbound",
+                      "upstream": "internet"}]
+        tlsrpt = {"send": True, "interval": "1s", "https_timeout": "500ms", "retry_for": "1h",
+                  "submitter": SUBMITTER, "ca_file": str(certs / "ca.pem")}
+        daemon = daemon_factory(listeners, [{"name": "internet", "mx": True}], name="onepath",
+                                dns={"servers": [knot.address], "timeout": "3s"}, tlsrpt=tlsrpt)
+        # Several runs (1 s apart, the first after at most 1 s): before, /hang first at each, the others skipped.
+        harness.wait_for(lambda: sorted(HangsOnOnePath.posts) == ["/three", "/two"], 10,
+                         what="the reports of h2 and h3, which the host takes")
+        assert reports_of(daemon, DATE) == ["h1.example.net"]
+        m = daemon.metrics()
+        assert harness.value(m, "mailflow_tlsrpt_deliveries_total", method="https", result="success") == 2
+        assert harness.value(m, "mailflow_tlsrpt_deliveries_total", method="https", result="gave_up") == 0
+    finally:
+        server.shutdown()
+
+
+def test_a_skipped_report_is_not_given_up_before_its_first_try(workdir, knot, silent_port, daemon_factory):
+    """tlsrpt.retry_for is counted from a report's first try, and a report skipped in a run (its https host timed
+    out earlier in the run) starts it too; but it was given up in the very run that skipped it once its retry_for
+    had run out: with retry_for 0 (one try each) the first report to a host that does not answer was tried and
+    given up, and the others, skipped behind it, were given up with it untried (counted gave_up, dropped), where
+    the host was not even asked. A report is given up only at a run that tried it: each is tried once here."""
+    state = "mailflowd-tlsrpt 1\n" + "".join(
+        f"day {DATE} g{n}.example.net https://silent.rpt.example.net:{silent_port}/g{n}\n"
+        "policy no-policy-found - - 1 0 0\n" for n in range(1, 4))
+    directory = workdir / "once-state"
+    directory.mkdir(exist_ok=True)
+    (directory / "tlsrpt.state").write_text(state)
+    listeners = [{"name": "out", "address": f"127.0.0.1:{harness.free_port()}", "direction": "outbound",
+                  "upstream": "internet"}]
+    tlsrpt = {"send": True, "interval": "1s", "https_timeout": "500ms", "retry_for": "0s", "submitter": SUBMITTER}
+    daemon = daemon_factory(listeners, [{"name": "internet", "mx": True}], name="once",
+                            dns={"servers": [knot.address], "timeout": "3s"}, tlsrpt=tlsrpt)
+    count = lambda result: harness.value(daemon.metrics(), "mailflow_tlsrpt_deliveries_total",  # noqa: E731
+                                         method="https", result=result)
+    harness.wait_for(lambda: count("gave_up") == 3, 15, what="the three reports given up")
+    assert reports_of(daemon, DATE) == []
+    assert count("temporary_failure") == 3, "a report was given up without its one try"
+    tried = re.findall(r"tlsrpt_delivery date=\S+ domain=(g\d)\.example\.net rua=\S+ method=https "
+                       r"result=temporary_failure", daemon.stderr())
+    assert sorted(tried) == ["g1", "g2", "g3"], daemon.log_tail()
