@@ -626,6 +626,8 @@ struct Server::Impl {
   void reload() {
     sd_notify(0, "RELOADING=1");
     log_event(LogLevel::info, "reload", {{"config", config_path}});
+    // The tests' slow reload (a configuration of many CA bundles on a busy host takes seconds).
+    if (const auto delay = failpoint_delay("reload"); delay.count() > 0) std::this_thread::sleep_for(delay);
     auto loaded = config::load_config_file(config_path);
     if (!loaded.errors.empty()) {
       for (const auto& error : loaded.errors)

@@ -911,7 +911,7 @@ class HangsOnOnePath(http.server.BaseHTTPRequestHandler):
     posts = []
 
     def do_POST(self):  # noqa: N802 (http.server's name)
-        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
         if self.path == "/hang":
             time.sleep(3)
             return
