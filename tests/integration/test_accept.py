@@ -157,10 +157,7 @@ def dropping(workdir, mailflowd_bin, sink_factory):
     try:
         yield types.SimpleNamespace(daemon=daemon.start(), port=port, http_port=http_port, armed=armed)
     finally:
-        code = daemon.stop()
-        if daemon in harness.LIVE:
-            harness.LIVE.remove(daemon)
-        assert code == 0, f"exit code after SIGTERM = {code!r}\n{daemon.log_tail()}"
+        harness.stop_exits_0(daemon)
 
 
 def queued_behind_dropped(env, port, request):

@@ -137,6 +137,26 @@ def test_clients_waiting_in_the_accept_queue_at_sigterm_are_told_421(daemon_fact
     assert " queued_sessions=" in log.split(" draining ", 1)[1], d.log_tail()
 
 
+def told_421_at_sigterm(d, port):
+    """A client connected 0.5 s before the SIGTERM is told 421 4.3.2 within 2 s of it (not closed without a reply,
+    not after its greet pause or PROXY header deadline). Returns when the signal was sent."""
+    c = harness.RawSmtp(port, timeout=DRAIN_TIMEOUT + 5)
+    try:
+        time.sleep(0.5)
+        at = time.monotonic()
+        d.proc.send_signal(signal.SIGTERM)
+        try:
+            code, text = c.reply()
+        except (ConnectionError, OSError) as e:
+            pytest.fail(f"closed without a reply after {time.monotonic() - at:.1f}s: {e!r}")
+        took = time.monotonic() - at
+        assert code == 421 and text.startswith("421 4.3.2"), f"after {took:.1f}s: {text}"
+        assert took < 2, f"421 {took:.1f}s after SIGTERM"
+    finally:
+        c.close()
+    return at
+
+
 def test_a_client_in_the_greet_pause_at_sigterm_is_told_421_at_once(daemon_factory, certs, sink):
     """A client accepted before the SIGTERM and still waiting for its banner (limits.greet_pause, 6 s as Postfix's
     postscreen_greet_wait) waited as an idle one does not: the rest of the pause, then a 220 banner it could not
@@ -146,17 +166,7 @@ def test_a_client_in_the_greet_pause_at_sigterm_is_told_421_at_once(daemon_facto
     d = daemon_factory(listeners=[hh.listener("inbound", port, "store")],
                        upstreams=[hh.plain_upstream("store", sink.port)], name="drain-greet-pause",
                        limits={"drain_timeout": f"{DRAIN_TIMEOUT}s", "greet_pause": "6s"})
-    c = harness.RawSmtp(port, timeout=DRAIN_TIMEOUT + 5)
-    try:
-        time.sleep(0.5)  # accepted, in its greet pause
-        at = time.monotonic()
-        d.proc.send_signal(signal.SIGTERM)
-        code, text = c.reply()
-        took = time.monotonic() - at
-        assert code == 421 and text.startswith("421 4.3.2"), f"after {took:.1f}s: {text}"
-        assert took < 2, f"421 {took:.1f}s after SIGTERM: the greet pause ran out first"
-    finally:
-        c.close()
+    at = told_421_at_sigterm(d, port)  # accepted, in its greet pause
     assert exited(d, at) < 3
     assert " result=shutdown" in d.stderr(), d.log_tail()
 
@@ -171,20 +181,7 @@ def test_a_trusted_proxy_that_has_not_sent_its_header_at_sigterm_is_told_421_at_
                                               proxy_protocol={"trusted": ["127.0.0.1/32"]})],
                        upstreams=[hh.plain_upstream("store", sink.port)], name="drain-proxy",
                        limits={"drain_timeout": f"{DRAIN_TIMEOUT}s"})
-    c = harness.RawSmtp(port, timeout=DRAIN_TIMEOUT + 5)
-    try:
-        time.sleep(0.5)  # accepted, waiting for the PROXY header
-        at = time.monotonic()
-        d.proc.send_signal(signal.SIGTERM)
-        try:
-            code, text = c.reply()
-        except (ConnectionError, OSError) as e:
-            pytest.fail(f"closed without a reply after {time.monotonic() - at:.1f}s: {e!r}")
-        took = time.monotonic() - at
-        assert code == 421 and text.startswith("421 4.3.2"), f"after {took:.1f}s: {text}"
-        assert took < 2, f"421 {took:.1f}s after SIGTERM"
-    finally:
-        c.close()
+    at = told_421_at_sigterm(d, port)  # accepted, waiting for the PROXY header
     assert exited(d, at) < 3
     log = d.stderr()
     assert " result=shutdown" in log and "proxy_timeout" not in log, d.log_tail()

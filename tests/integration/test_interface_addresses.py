@@ -52,10 +52,7 @@ def test_a_failed_getifaddrs_is_logged_at_start_and_at_each_reload(workdir, mail
         assert len(events(daemon.stderr())) == 2, f"no interface_addresses line at the reload:\n{daemon.log_tail()}"
         hh.assert_relays(daemon, port, sink)  # the relay goes on
     finally:
-        code = daemon.stop()
-        if daemon in harness.LIVE:
-            harness.LIVE.remove(daemon)
-    assert code == 0, f"exit code after SIGTERM = {code!r}\n{daemon.log_tail()}"
+        harness.stop_exits_0(daemon)
 
 
 def test_check_config_says_that_it_could_not_see_this_hosts_addresses(workdir, mailflowd_bin, shim):
