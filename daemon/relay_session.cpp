@@ -181,6 +181,8 @@ class RelaySession : public std::enable_shared_from_this<RelaySession> {
   bool flush_now();
   asio::awaitable<bool> flush();
   asio::awaitable<void> say_goodbye(std::string_view reply, std::string_view result);
+  // 421 4.3.2 "Service shutting down" (RFC 5321 3.8): a drain's goodbye, result=shutdown.
+  asio::awaitable<void> say_shutting_down();
   asio::awaitable<void> start_tls();
   asio::awaitable<void> close_client();  // close_notify on TLS (bounded by the goodbye deadline), then close
 
@@ -316,8 +318,7 @@ asio::awaitable<bool> RelaySession::open() {
   // Taken from the accept queue by a drain (Server's take_queued), or accepted just before it: no banner, as
   // Postfix's postscreen greets with 421 when it cannot serve.
   if (registry_.draining()) {
-    co_await say_goodbye(proto::format_reply(421, "4.3.2", config_.hostname + " Service shutting down"),
-                         "shutdown");
+    co_await say_shutting_down();
     co_return false;
   }
   if (!registry_.admit_session(config_.limits.max_sessions)) {
@@ -440,8 +441,7 @@ asio::awaitable<bool> RelaySession::read_proxy_header() {
       co_return false;
     }
     if (ec == asio::error::operation_aborted && registry_.draining()) {
-      co_await say_goodbye(proto::format_reply(421, "4.3.2", config_.hostname + " Service shutting down"),
-                           "shutdown");
+      co_await say_shutting_down();
       co_return false;
     }
     if (ec) {
@@ -476,8 +476,7 @@ asio::awaitable<bool> RelaySession::greet_pause() {
       co_return false;
     }
     if ((ec == asio::error::operation_aborted || ec == asio::error::timed_out) && registry_.draining()) {
-      co_await say_goodbye(proto::format_reply(421, "4.3.2", config_.hostname + " Service shutting down"),
-                           "shutdown");
+      co_await say_shutting_down();
       co_return false;
     }
     if (ec == asio::error::timed_out) co_return true;
@@ -538,8 +537,7 @@ asio::awaitable<RelaySession::Input> RelaySession::next_line(std::string& line, 
     const bool idle = session_.state() == proto::ServerSession::State::need_helo ||
                       session_.state() == proto::ServerSession::State::ready;
     if (idle && registry_.draining()) {
-      co_await say_goodbye(proto::format_reply(421, "4.3.2", config_.hostname + " Service shutting down"),
-                           "shutdown");
+      co_await say_shutting_down();
       co_return Input::closed;
     }
     // The whole command must arrive within the timeout: partial lines do not restart the clock (slowloris).
@@ -583,8 +581,7 @@ asio::awaitable<void> RelaySession::read_failed(const error_code& ec) {
     co_await say_goodbye(proto::format_reply(421, "4.4.2", config_.hostname + " Error: timeout exceeded"),
                          "timeout");
   } else if (ec == asio::error::operation_aborted && registry_.draining()) {
-    co_await say_goodbye(proto::format_reply(421, "4.3.2", config_.hostname + " Service shutting down"),
-                         "shutdown");
+    co_await say_shutting_down();
   } else {
     result_ = "disconnected";
   }
@@ -653,6 +650,11 @@ asio::awaitable<bool> RelaySession::flush() {
     co_return false;
   }
   co_return true;
+}
+
+asio::awaitable<void> RelaySession::say_shutting_down() {
+  co_await say_goodbye(proto::format_reply(421, "4.3.2", config_.hostname + " Service shutting down"),
+                       "shutdown");
 }
 
 asio::awaitable<void> RelaySession::say_goodbye(std::string_view reply, std::string_view result) {
