@@ -5,11 +5,15 @@ connection (the relay's upstream legs, load generators, curl) takes its source p
 and the server's bind another test running in parallel can take it (a CI run failed with EADDRINUSE that
 way). So pick at random below the ephemeral range, where only an explicit bind can land, and check that it
 binds. A server the test binds itself and keeps open (hostile_helpers' fake upstreams) can use port 0.
+
+A port is handed out once per process: two picks for one config (a listener and http.address) met on the same
+port in a CI run, and the config was refused ("already used by listener").
 """
 import random
 import socket
 
 FLOOR = 10000
+_handed_out = set()
 
 
 def _ephemeral_low():
@@ -37,6 +41,7 @@ def free_port(*hosts):
     ceiling = max(FLOOR + 1000, _ephemeral_low())
     for _ in range(200):
         port = random.randrange(FLOOR, ceiling)
-        if all(_bindable(host, port) for host in hosts):
+        if port not in _handed_out and all(_bindable(host, port) for host in hosts):
+            _handed_out.add(port)
             return port
     raise RuntimeError(f"no port free on all of {', '.join(hosts)} in [{FLOOR}, {ceiling})")
