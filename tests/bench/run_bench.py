@@ -661,8 +661,10 @@ class Bench:
                                                  tls=version, messages=messages))
 
     def agg(self, tag, kind, mode, gen, name):
-        """One figure over the rounds: mean rate; CPU per message/session = CPU time / count over all rounds."""
-        runs = self.runs.get((tag, kind, mode, gen, name))
+        """One figure over the rounds: mean rate; CPU per message/session = CPU time / count over all rounds.
+        A round in which no message completed (a stalled run, listed among the harness problems) is left out: its
+        zero rate would pull the mean down as if the path were slower."""
+        runs = [r for r in self.runs.get((tag, kind, mode, gen, name), []) if r["messages"]]
         if not runs:
             return None
         out = {"rounds": len(runs), "msgs_per_s": mean(r["msgs_per_s"] for r in runs),
@@ -888,7 +890,9 @@ class Bench:
 
         def added(gen, name):
             v = self.latency.get(name)
-            return None if v is None or direct_p99 is None else v["p99_us"] - direct_p99
+            if v is None or not v["messages"] or direct_p99 is None or not self.latency["direct"]["messages"]:
+                return None  # a stalled run has no p99 (its 0 read as 236 us faster than direct)
+            return v["p99_us"] - direct_p99
 
         row("p99_added_latency_vs_nginx", "p99 added latency/msg, 1 session, low load, pinned", "us", added,
             "nginx", "<=", 1.00, gated=True, generators=("loadgen",))
