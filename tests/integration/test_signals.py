@@ -237,6 +237,32 @@ def test_a_sigterm_during_a_reload_is_not_held_up_by_one_more(daemon_factory, si
     assert log.count(" reload config=") == 1 and "reload_ignored" in log, d.log_tail()
 
 
+def test_a_sigterm_sent_just_after_a_sighup_to_an_idle_daemon_is_not_held_up_by_its_reload(daemon_factory, sink,
+                                                                                          monkeypatch):
+    """`kill -HUP; kill -TERM` to an idle daemon: it wakes for the SIGHUP before the SIGTERM is written, and the two
+    are read apart. The reload began on the turn of the loop after the SIGHUP's, before the SIGTERM was read, and
+    the stop waited for all of it (2 s here, failpoint `reload`; seconds with many CA bundles). The SIGTERM wins:
+    the reload is not made (reload_ignored) and the drain begins at once."""
+    monkeypatch.setenv("MAILFLOWD_FAILPOINTS", "reload=2000ms")
+    port = harness.free_port()
+    d = daemon_factory(listeners=[hh.listener("inbound", port, "store")],
+                       upstreams=[hh.plain_upstream("store", sink.port)], name="sigterm-after-sighup")
+    d.proc.send_signal(signal.SIGHUP)
+    time.sleep(0.005)  # the daemon reads the SIGHUP alone
+    d.proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    try:
+        d.proc.wait(20)
+    except subprocess.TimeoutExpired:
+        pytest.fail("mailflowd did not exit after SIGTERM")
+    took = time.monotonic() - sent
+    assert d.proc.returncode == 0, d.log_tail()
+    log = d.stderr()
+    assert " reload config=" not in log and "reload_ignored" in log, \
+        f"a reload ran before the drain (exit {took:.2f} s after the SIGTERM)\n{d.log_tail()}"
+    assert "stopped" in log, d.log_tail()
+
+
 def test_sighup_with_a_broken_trust_anchor_keeps_running_one(daemon_factory, sink, workdir):
     """dns.trust_anchor_file that is no trust anchor: the reload is refused (libunbound read it only at the first
     lookup, so the reload succeeded and every MX delivery got 451 afterwards)."""
