@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 #include <malloc.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
@@ -214,6 +215,8 @@ struct Server::Impl {
     // listener in it. A listener that a reload removed keeps the one its clients connected to.
     std::shared_ptr<const Runtime> runtime;
     const config::Listener* listener = nullptr;
+    // Each session sets TCP_NODELAY: a socket from systemd that lacked it (open_acceptor()).
+    bool nodelay_per_session = false;
   };
 
   using WorkGuard = asio::executor_work_guard<asio::io_context::executor_type>;
@@ -294,7 +297,7 @@ struct Server::Impl {
   std::shared_ptr<Acceptor> open_acceptor(const config::Listener& listener) {
     auto endpoint = listen_endpoint(listener.address);
     auto result = std::make_shared<Acceptor>(Acceptor{
-        listener.name, listener.address.text, endpoint, tcp::acceptor(io), std::nullopt, {}, nullptr});
+        listener.name, listener.address.text, endpoint, tcp::acceptor(io), std::nullopt, {}, nullptr, false});
     auto& acceptor = result->acceptor;
     if (auto it = inherited.find(endpoint); it != inherited.end()) {
       // A "[::]" listener takes IPv6 clients only, as the one bound here (below): the checks for an upstream
@@ -310,6 +313,15 @@ struct Server::Impl {
             "give IPv4 a ListenStream= and a listener of its own (\"0.0.0.0:PORT\")");
       acceptor.assign(endpoint.protocol(), it->second);
       result->inherited = endpoint;
+      // Linux gives a connection its listening socket's TCP_NODELAY as its handshake completes: one that
+      // systemd set (NoDelay=yes, as mailflowd.socket has) every connection queued on the socket has too,
+      // those from before mailflowd started included, and no session sets it again. systemd sets it right
+      // after listen(), before any service of the socket starts. Without it (systemd-socket-activate, a unit
+      // of an operator's own), the connections that queued have none, and each session sets it (issue #16).
+      int nodelay = 0;
+      socklen_t length = sizeof nodelay;
+      result->nodelay_per_session =
+          getsockopt(it->second, IPPROTO_TCP, TCP_NODELAY, &nodelay, &length) != 0 || nodelay == 0;
       inherited.erase(it);
       return result;
     }
@@ -408,9 +420,9 @@ struct Server::Impl {
       // A connection accepted before a reload that removed the listener (the reload ran on this loop between
       // the accept and this line) is served as the ones still queued then were (take_queued).
       failpoint("accept");
-      // A socket systemd passed may have queued connections before mailflowd started (a unit without
-      // NoDelay=yes, which mailflowd.socket has): they have the option the socket had then, so each is set.
-      if (entry->inherited) socket.set_option(tcp::no_delay(true), ec);
+      // A socket systemd passed without TCP_NODELAY (a unit without NoDelay=yes, which mailflowd.socket has)
+      // may have queued connections before mailflowd started: they have the option the socket had then.
+      if (entry->nodelay_per_session) socket.set_option(tcp::no_delay(true), ec);
       start_relay_session(std::move(socket), peer, entry->runtime, *entry->listener, registry);
     }
   }
