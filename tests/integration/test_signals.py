@@ -10,6 +10,7 @@ come during a reload make one more reload, not one each."""
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -716,6 +717,46 @@ def test_signal_during_startup_is_not_lost(workdir, mailflowd_bin, sink, sig):
         assert reloads(d, "success") == 1
         hh.assert_relays(d, port, sink)
         assert d.stop() == 0, d.log_tail()
+    finally:
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
+        harness.LIVE.remove(d)
+
+
+def test_a_log_pipe_whose_reader_ends_does_not_kill_the_daemon(workdir, mailflowd_bin, sink):
+    """mailflowd logs to standard error. Run outside systemd (which ignores SIGPIPE for its services:
+    IgnoreSIGPIPE=yes) with it piped to a log reader (`mailflowd 2>&1 | logger`, a container's log pipe) that ends,
+    its next log line went into a pipe without a reader, and SIGPIPE's default action ended the daemon there: no
+    drain, no windows saved, exit by signal (-13). SIGPIPE is ignored, as Postfix's master and nginx ignore it: the
+    line is lost (EPIPE), the daemon reloads, relays and stops as ever."""
+    name = "log-reader-gone"
+    state = workdir / f"{name}-state"
+    state.mkdir(exist_ok=True)
+    port = harness.free_port()
+    cfg = harness.default_config(state, harness.free_port(), [hh.listener("inbound", port, "store")],
+                                 [hh.plain_upstream("store", sink.port)])
+    d = harness.Daemon(mailflowd_bin, workdir, cfg, name=name)
+    d.config_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    d.proc = subprocess.Popen([mailflowd_bin, "--config", str(d.config_path)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    harness.LIVE.append(d)
+    try:
+        seen = b""
+        deadline = time.monotonic() + 20
+        while b" started " not in seen and time.monotonic() < deadline and d.proc.poll() is None:
+            if select.select([d.proc.stderr], [], [], 0.1)[0]:
+                seen += os.read(d.proc.stderr.fileno(), 65536)
+        assert b" started " in seen, seen.decode(errors="replace")
+        d.proc.stderr.close()  # the reader ends
+        d.proc.send_signal(signal.SIGHUP)  # the reload logs
+        harness.wait_for(lambda: d.proc.poll() is not None or reloads_or_none(d) == 1, 20, what="the reload")
+        assert d.proc.poll() is None, f"the daemon ended at its first log line after the reader: exit " \
+                                      f"{d.proc.returncode}"
+        hh.assert_relays(d, port, sink)
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(20) == 0
+        assert (state / "windows.state").exists(), "the windows were not saved"
     finally:
         if d.proc.poll() is None:
             d.proc.kill()
