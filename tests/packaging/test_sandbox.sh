@@ -68,7 +68,7 @@ first=$(ps -o args= -p "$inner" | sed -n 's/.* --inside \([^ ]*\) .*/\1/p')
 [ -n "$inner" ] && [ -n "$first" ] || fail "no unshare under sandbox.sh ($outer): $(ps -o pid,ppid,args -e)"
 kill -KILL "$outer"
 wait "$outer" 2>/dev/null || true
-[ -n "$inner" ] && kill "$inner"  # --kill-child: the command with it
+[ -n "$inner" ] && kill -KILL "$inner"  # unshare ignores SIGTERM while it waits; --kill-child: the command with it
 for _ in $(seq 100); do kill -0 "$inner" 2>/dev/null || break; sleep 0.1; done
 for p in "$first" "$first.entered"; do [ ! -e "$p" ] || fail "sandbox.sh killed by SIGKILL left $p"; done
 echo "ok: sandbox.sh killed by SIGKILL left nothing in /tmp (its scratch was $first)"
