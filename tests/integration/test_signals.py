@@ -249,7 +249,7 @@ def test_a_sigterm_sent_just_after_a_sighup_to_an_idle_daemon_is_not_held_up_by_
     d = daemon_factory(listeners=[hh.listener("inbound", port, "store")],
                        upstreams=[hh.plain_upstream("store", sink.port)], name="sigterm-after-sighup")
     d.proc.send_signal(signal.SIGHUP)
-    time.sleep(0.005)  # the daemon reads the SIGHUP alone
+    time.sleep(0.01)  # the daemon reads the SIGHUP alone
     d.proc.send_signal(signal.SIGTERM)
     sent = time.monotonic()
     try:
