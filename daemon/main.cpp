@@ -82,6 +82,11 @@ int run_daemon(const std::string& path) {
   sigemptyset(&signals);
   for (int signal : {SIGHUP, SIGTERM, SIGINT}) sigaddset(&signals, signal);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  // Standard error may be a pipe (`mailflowd 2>&1 | logger`, a container's log pipe): once its reader was
+  // gone, the next log line raised SIGPIPE, whose default action ended the daemon, without its drain or the
+  // windows saved. Ignored, as Postfix's master and nginx ignore it (systemd does so for its services,
+  // IgnoreSIGPIPE=yes): the write fails with EPIPE instead. Asio writes to sockets with MSG_NOSIGNAL already.
+  signal(SIGPIPE, SIG_IGN);
   auto result = mailflow::config::load_config_file(path);
   if (!result.errors.empty()) {
     for (const auto& error : result.errors)

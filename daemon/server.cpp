@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 #include <malloc.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
@@ -75,6 +76,9 @@ constexpr std::size_t name_batch = 64;
 constexpr auto name_ttl = std::chrono::hours(6);
 constexpr auto name_failure_ttl = std::chrono::minutes(5);
 constexpr std::size_t memory_trim_sessions = 100;
+// How long a SIGHUP waits before its reload begins, the event loop running on: a SIGTERM or SIGINT that comes
+// meanwhile (sent with it) stops the daemon and the reload is not made (reload_signals()).
+constexpr auto reload_settle = std::chrono::milliseconds(50);
 
 tcp::endpoint listen_endpoint(const config::Endpoint& address) {
   error_code ec;
@@ -211,6 +215,8 @@ struct Server::Impl {
     // listener in it. A listener that a reload removed keeps the one its clients connected to.
     std::shared_ptr<const Runtime> runtime;
     const config::Listener* listener = nullptr;
+    // Each session sets TCP_NODELAY: a socket from systemd that lacked it (open_acceptor()).
+    bool nodelay_per_session = false;
   };
 
   using WorkGuard = asio::executor_work_guard<asio::io_context::executor_type>;
@@ -230,6 +236,7 @@ struct Server::Impl {
   // reload_signals().
   asio::signal_set stop_signal_set{io, SIGTERM, SIGINT};
   asio::signal_set reload_signal_set{io, SIGHUP};
+  asio::steady_timer reload_settle_timer{io};  // a SIGHUP's wait before its reload (reload_signals())
   std::size_t next_loop = 0;
   Telemetry telemetry;
   SessionRegistry registry{telemetry};
@@ -290,7 +297,7 @@ struct Server::Impl {
   std::shared_ptr<Acceptor> open_acceptor(const config::Listener& listener) {
     auto endpoint = listen_endpoint(listener.address);
     auto result = std::make_shared<Acceptor>(Acceptor{
-        listener.name, listener.address.text, endpoint, tcp::acceptor(io), std::nullopt, {}, nullptr});
+        listener.name, listener.address.text, endpoint, tcp::acceptor(io), std::nullopt, {}, nullptr, false});
     auto& acceptor = result->acceptor;
     if (auto it = inherited.find(endpoint); it != inherited.end()) {
       // A "[::]" listener takes IPv6 clients only, as the one bound here (below): the checks for an upstream
@@ -306,6 +313,15 @@ struct Server::Impl {
             "give IPv4 a ListenStream= and a listener of its own (\"0.0.0.0:PORT\")");
       acceptor.assign(endpoint.protocol(), it->second);
       result->inherited = endpoint;
+      // Linux gives a connection its listening socket's TCP_NODELAY as its handshake completes: one that
+      // systemd set (NoDelay=yes, as mailflowd.socket has) every connection queued on the socket has too,
+      // those from before mailflowd started included, and no session sets it again. systemd sets it right
+      // after listen(), before any service of the socket starts. Without it (systemd-socket-activate, a unit
+      // of an operator's own), the connections that queued have none, and each session sets it (issue #16).
+      int nodelay = 0;
+      socklen_t length = sizeof nodelay;
+      result->nodelay_per_session =
+          getsockopt(it->second, IPPROTO_TCP, TCP_NODELAY, &nodelay, &length) != 0 || nodelay == 0;
       inherited.erase(it);
       return result;
     }
@@ -404,9 +420,9 @@ struct Server::Impl {
       // A connection accepted before a reload that removed the listener (the reload ran on this loop between
       // the accept and this line) is served as the ones still queued then were (take_queued).
       failpoint("accept");
-      // A socket systemd passed may have queued connections before mailflowd started (a unit without
-      // NoDelay=yes, which mailflowd.socket has): they have the option the socket had then, so each is set.
-      if (entry->inherited) socket.set_option(tcp::no_delay(true), ec);
+      // A socket systemd passed without TCP_NODELAY (a unit without NoDelay=yes, which mailflowd.socket has)
+      // may have queued connections before mailflowd started: they have the option the socket had then.
+      if (entry->nodelay_per_session) socket.set_option(tcp::no_delay(true), ec);
       start_relay_session(std::move(socket), peer, entry->runtime, *entry->listener, registry);
     }
   }
@@ -750,6 +766,7 @@ struct Server::Impl {
       // Set here, not when drain() begins: a reload whose SIGHUP was read with this signal is not made
       // (reload_signals()).
       stopping = true;
+      reload_settle_timer.cancel();  // a SIGHUP waiting to reload says reload_ignored now
       // A drain that failed still saves the windows and exits (with sessions cut short) rather than hang.
       asio::co_spawn(io, drain(), on_escape("drain", [this] {
                        registry.close_all();
@@ -763,6 +780,21 @@ struct Server::Impl {
   asio::awaitable<void> reload_signals() {
     for (;;) {
       co_await reload_signal_set.async_wait(asio::use_awaitable);
+      if (!stopping) {
+        // A SIGTERM/SIGINT sent with this SIGHUP goes first: the loop runs on for reload_settle before the
+        // reload begins, and stop_signals() ends the wait when it takes one. The two come in separate
+        // notifications when the loop wakes for the SIGHUP before the SIGTERM is written (`kill -HUP; kill
+        // -TERM` to an idle daemon): one turn of the loop after the SIGHUP's came before the SIGTERM was
+        // read, so the reload began, and ran whole (seconds with many CA bundles) before the drain. One set
+        // for all three signals handed out the lower number first: the same whole reload, even when both
+        // were read at once. Postfix's master acts on SIGTERM in its signal handler, before anything else.
+        reload_settle_timer.expires_after(reload_settle);
+        error_code cancelled;  // by stop_signals(): the stop has come
+        co_await reload_settle_timer.async_wait(asio::redirect_error(asio::use_awaitable, cancelled));
+        // A SIGTERM read in the turn of the loop that ended the wait is taken in the next one. Not after one
+        // taken already: the drain of an idle daemon may be over (the loop stopped) before a turn to come.
+        if (!stopping) co_await asio::post(io, asio::use_awaitable);
+      }
       // Asio queues one notification per SIGHUP delivered, and the reload runs here, on the loop that
       // reads them: a burst (a deploy hook per renewed certificate) made as many full reloads, one after
       // another, with the accepts and this loop's sessions waiting. The ones queued now came before this
@@ -770,12 +802,6 @@ struct Server::Impl {
       // Postfix's master reloads once for any number of SIGHUPs behind its master_gotsighup flag.
       reload_signal_set.remove(SIGHUP);
       reload_signal_set.add(SIGHUP);
-      // A SIGTERM/SIGINT read with this SIGHUP (both sent while a reload ran, one after the other) goes
-      // first: its handler is queued already, and this turn of the loop lets it set `stopping`. One set for
-      // all three handed out the lower signal number first, so the daemon made a whole reload (about a second
-      // with 20 tls: verify upstreams, each with its own CA bundle) before it began to drain; in a SIGHUP
-      // storm, the reload under way and one more. Postfix's master acts on SIGTERM in its signal handler.
-      co_await asio::post(io, asio::use_awaitable);
       if (stopping)
         log_event(LogLevel::warn, "reload_ignored",
                   {{"reason", "the daemon is stopping (draining its sessions)"}});

@@ -10,6 +10,7 @@ come during a reload make one more reload, not one each."""
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -235,6 +236,32 @@ def test_a_sigterm_during_a_reload_is_not_held_up_by_one_more(daemon_factory, si
     log = d.stderr()
     assert " reloaded " in log, "the first reload was to finish before the drain"
     assert log.count(" reload config=") == 1 and "reload_ignored" in log, d.log_tail()
+
+
+def test_a_sigterm_sent_just_after_a_sighup_to_an_idle_daemon_is_not_held_up_by_its_reload(daemon_factory, sink,
+                                                                                          monkeypatch):
+    """`kill -HUP; kill -TERM` to an idle daemon: it wakes for the SIGHUP before the SIGTERM is written, and the two
+    are read apart. The reload began on the turn of the loop after the SIGHUP's, before the SIGTERM was read, and
+    the stop waited for all of it (2 s here, failpoint `reload`; seconds with many CA bundles). The SIGTERM wins:
+    the reload is not made (reload_ignored) and the drain begins at once."""
+    monkeypatch.setenv("MAILFLOWD_FAILPOINTS", "reload=2000ms")
+    port = harness.free_port()
+    d = daemon_factory(listeners=[hh.listener("inbound", port, "store")],
+                       upstreams=[hh.plain_upstream("store", sink.port)], name="sigterm-after-sighup")
+    d.proc.send_signal(signal.SIGHUP)
+    time.sleep(0.01)  # the daemon reads the SIGHUP alone
+    d.proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    try:
+        d.proc.wait(20)
+    except subprocess.TimeoutExpired:
+        pytest.fail("mailflowd did not exit after SIGTERM")
+    took = time.monotonic() - sent
+    assert d.proc.returncode == 0, d.log_tail()
+    log = d.stderr()
+    assert " reload config=" not in log and "reload_ignored" in log, \
+        f"a reload ran before the drain (exit {took:.2f} s after the SIGTERM)\n{d.log_tail()}"
+    assert "stopped" in log, d.log_tail()
 
 
 def test_sighup_with_a_broken_trust_anchor_keeps_running_one(daemon_factory, sink, workdir):
@@ -690,6 +717,46 @@ def test_signal_during_startup_is_not_lost(workdir, mailflowd_bin, sink, sig):
         assert reloads(d, "success") == 1
         hh.assert_relays(d, port, sink)
         assert d.stop() == 0, d.log_tail()
+    finally:
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
+        harness.LIVE.remove(d)
+
+
+def test_a_log_pipe_whose_reader_ends_does_not_kill_the_daemon(workdir, mailflowd_bin, sink):
+    """mailflowd logs to standard error. Run outside systemd (which ignores SIGPIPE for its services:
+    IgnoreSIGPIPE=yes) with it piped to a log reader (`mailflowd 2>&1 | logger`, a container's log pipe) that ends,
+    its next log line went into a pipe without a reader, and SIGPIPE's default action ended the daemon there: no
+    drain, no windows saved, exit by signal (-13). SIGPIPE is ignored, as Postfix's master and nginx ignore it: the
+    line is lost (EPIPE), the daemon reloads, relays and stops as ever."""
+    name = "log-reader-gone"
+    state = workdir / f"{name}-state"
+    state.mkdir(exist_ok=True)
+    port = harness.free_port()
+    cfg = harness.default_config(state, harness.free_port(), [hh.listener("inbound", port, "store")],
+                                 [hh.plain_upstream("store", sink.port)])
+    d = harness.Daemon(mailflowd_bin, workdir, cfg, name=name)
+    d.config_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    d.proc = subprocess.Popen([mailflowd_bin, "--config", str(d.config_path)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    harness.LIVE.append(d)
+    try:
+        seen = b""
+        deadline = time.monotonic() + 20
+        while b" started " not in seen and time.monotonic() < deadline and d.proc.poll() is None:
+            if select.select([d.proc.stderr], [], [], 0.1)[0]:
+                seen += os.read(d.proc.stderr.fileno(), 65536)
+        assert b" started " in seen, seen.decode(errors="replace")
+        d.proc.stderr.close()  # the reader ends
+        d.proc.send_signal(signal.SIGHUP)  # the reload logs
+        harness.wait_for(lambda: d.proc.poll() is not None or reloads_or_none(d) == 1, 20, what="the reload")
+        assert d.proc.poll() is None, f"the daemon ended at its first log line after the reader: exit " \
+                                      f"{d.proc.returncode}"
+        hh.assert_relays(d, port, sink)
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(20) == 0
+        assert (state / "windows.state").exists(), "the windows were not saved"
     finally:
         if d.proc.poll() is None:
             d.proc.kill()

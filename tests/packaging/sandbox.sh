@@ -14,7 +14,7 @@ fail() { echo "FAIL: sandbox.sh: $*" >&2; exit 1; }
 if [ "${1:-}" = --inside ]; then  # in the new namespace (unshare below): mount, then become COMMAND
   dir=$2
   shift 2
-  touch "$dir.entered"  # outside, where unshare's own failure is told from COMMAND's
+  touch "$dir/entered"  # outside, where unshare's own failure is told from COMMAND's; under the tmpfs below
   mount -t tmpfs -o mode=0700 mailflowd-sandbox "$dir" || fail "cannot mount a tmpfs on $dir"
   for path in /etc /var /usr /bin /sbin /lib /lib32 /lib64 /libx32; do
     [ -d "$path" ] && [ ! -L "$path" ] || continue
@@ -22,7 +22,16 @@ if [ "${1:-}" = --inside ]; then  # in the new namespace (unshare below): mount,
     mount -t overlay mailflowd-sandbox -o "lowerdir=$path,upperdir=$dir/upper$path,workdir=$dir/work$path" \
       "$path" || fail "cannot mount an overlay (overlayfs) on $path: not running $1 on the real root"
   done
-  export MAILFLOW_PKG_SANDBOX=$dir
+  # The tmpfs moves to a directory of the /var overlay (the overlays keep their upper directories: they hold
+  # them, not their paths), and its mount point in the real /tmp goes now: from here on nothing of the sandbox is
+  # on the machine, however its processes end. The outer shell's trap cannot promise that: SIGKILL (ctest's
+  # timeout, an operator's kill -9) ends it without one, and unshare with COMMAND run on, then left the
+  # directory behind.
+  mkdir -p /var/tmp/mailflowd-sandbox
+  mount --move "$dir" /var/tmp/mailflowd-sandbox || fail "cannot move the tmpfs from $dir"
+  rm "$dir/entered"
+  rmdir "$dir"
+  export MAILFLOW_PKG_SANDBOX=/var/tmp/mailflowd-sandbox
   exec "$@"
 fi
 
@@ -41,14 +50,15 @@ traces() {
 before=$(traces)
 
 dir=$(mktemp -d /tmp/mailflowd-sandbox.XXXXXX)
-# The tmpfs goes with the namespace; this removes its (empty) mount point, on every exit that runs traps.
-trap 'rm -f "$dir.entered"; rmdir "$dir" 2>/dev/null || rm -rf "$dir"' EXIT
+# The tmpfs's first mount point: the namespace removes it once its overlays are up (--inside); this removes it
+# where the namespace never got that far (unshare or a mount failed), on every exit that runs traps.
+trap 'rm -rf "$dir"' EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 status=0
 # --fork --kill-child: COMMAND is the namespace's child, killed when unshare is (ctest's timeout).
 unshare --mount --propagation private --fork --kill-child -- "$BASH" "$0" --inside "$dir" "$@" || status=$?
-[ -e "$dir.entered" ] || fail "no mount namespace (unshare --mount exited $status): not running $1 on the real root"
+[ -e "$dir/entered" ] || [ ! -e "$dir" ] || fail "no mount namespace (unshare --mount exited $status): not running $1 on the real root"
 
 after=$(traces)
 if [ "$before" != "$after" ]; then

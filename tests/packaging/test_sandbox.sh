@@ -57,6 +57,22 @@ out=$(MAILFLOW_PKG_SANDBOX=/tmp bash -c "set -euo pipefail; . $lib; enter_sandbo
 [ "$status" -eq 1 ] && ! grep -q entered <<<"$out" || fail "enter_sandbox with MAILFLOW_PKG_SANDBOX set by hand: $out"
 echo "ok: enter_sandbox: $out"
 
+# Its outer shell killed (SIGKILL: no trap runs) while the command runs: unshare and the command run on, and once
+# they end, nothing of the sandbox is left in /tmp (its scratch was the namespace's, not the shell's).
+"$sandbox" bash -c "echo \$MAILFLOW_PKG_SANDBOX >$tmp/killed.ready; exec sleep 30" >"$tmp/killed.log" 2>&1 &
+outer=$!
+for _ in $(seq 100); do [ -s "$tmp/killed.ready" ] && break; sleep 0.1; done
+[ -s "$tmp/killed.ready" ] || fail "the command in the sandbox did not start: $(cat "$tmp/killed.log")"
+inner=$(pgrep -P "$outer" -x unshare || true)
+first=$(ps -o args= -p "$inner" | sed -n 's/.* --inside \([^ ]*\) .*/\1/p')
+[ -n "$inner" ] && [ -n "$first" ] || fail "no unshare under sandbox.sh ($outer): $(ps -o pid,ppid,args -e)"
+kill -KILL "$outer"
+wait "$outer" 2>/dev/null || true
+[ -n "$inner" ] && kill -KILL "$inner"  # unshare ignores SIGTERM while it waits; --kill-child: the command with it
+for _ in $(seq 100); do kill -0 "$inner" 2>/dev/null || break; sleep 0.1; done
+for p in "$first" "$first.entered"; do [ ! -e "$p" ] || fail "sandbox.sh killed by SIGKILL left $p"; done
+echo "ok: sandbox.sh killed by SIGKILL left nothing in /tmp (its scratch was $first)"
+
 if [ "$failures" -ne 0 ]; then
   echo "$failures check(s) failed"
   exit 1
