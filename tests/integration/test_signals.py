@@ -152,7 +152,9 @@ def test_a_reload_with_many_upstreams_needing_the_system_bundle_keeps_answering(
     waited = time.monotonic() - started
     c.close()
     harness.wait_for(lambda: reloads(d, "success") == base + 1, 30, what="the reload")
-    assert waited < 1.5, f"the banner waited {waited:.1f} s for the reload"
+    # Loading one bundle holds the loop for a moment (up to 1.9 s under ASan on a busy machine); one per upstream
+    # held it 6.7 s and more in Debug.
+    assert waited < 3.5, f"the banner waited {waited:.1f} s for the reload"
     hh.assert_relays(d, port, sink)
 
 
