@@ -34,6 +34,12 @@ PYTHON = "/usr/bin/python3"
 HOSTNAME = "mx.test"
 TLS_LABELS = ("none", "TLS1.0", "TLS1.1", "TLS1.2", "TLS1.3")
 
+# How long a sink or a daemon may take to come up: only an upper bound, for one that never does. The sanitizer
+# builds on a busy machine are several times slower than Debug (test_signals' daemon with 20 CA bundles to load took
+# 10 to 17 s to answer /healthz under ASan, 4 to 5 s in Debug), and a start that merely took long is no failure of
+# what a test checks.
+START_TIMEOUT = 60.0
+
 # Things whose logs a failure report should show: objects with .name and .log_tail().
 LIVE = []
 # SMTP transcripts of the current test (cleared by conftest before each test).
@@ -221,7 +227,7 @@ class Sink:
     def start(self):
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=self.log)
-        ready, _, _ = select.select([self.proc.stdout], [], [], 10)
+        ready, _, _ = select.select([self.proc.stdout], [], [], START_TIMEOUT)
         line = self.proc.stdout.readline().decode() if ready else ""
         if not line.startswith("READY "):
             self.proc.kill()
@@ -363,7 +369,8 @@ class Daemon:
                 return int(lst["address"].rsplit(":", 1)[1])
         raise KeyError(name)
 
-    def start(self, timeout=15.0):
+    def start(self, timeout=None):
+        timeout = timeout or START_TIMEOUT
         self.config_path.write_text(json.dumps(self.config, indent=2) + "\n")
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([*self.wrapper, self.binary, "--config", str(self.config_path)],

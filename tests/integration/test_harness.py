@@ -1,5 +1,7 @@
 """The harness itself, without mailflowd: swaks / s_client / raw sockets straight to the sink.
 If these fail, the other integration tests cannot be trusted."""
+import subprocess
+
 import pytest
 
 import harness
@@ -150,3 +152,21 @@ def test_injection_detector_catches_a_vulnerable_server(certs):
         c.close()
         listener.close()
         t.join(5)
+
+
+def test_free_port_never_hands_one_port_to_two_processes():
+    """ctest runs two test files at once, each in a pytest process of its own: a port that one of them picked and
+    has not bound yet (its daemon is still starting) is still bindable, and must not be handed to the other."""
+    picks = 400  # of some 22,000 ports: two processes drawing independently would meet on about 7 of them
+    pick = (f"import sys; sys.path.insert(0, {str(harness.SINK.parent)!r}); from free_port import free_port; "
+            f"print(*(free_port() for _ in range({picks})), flush=True); sys.stdin.read()")
+    first, second = (subprocess.Popen([harness.PYTHON, "-c", pick], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      text=True) for _ in range(2))
+    try:
+        ports = [set(p.stdout.readline().split()) for p in (first, second)]  # both hold theirs until stdin closes
+    finally:
+        for p in (first, second):
+            p.stdin.close()
+            p.wait(10)
+    assert [len(p) for p in ports] == [picks, picks], ports
+    assert not ports[0] & ports[1], f"both processes were handed {sorted(ports[0] & ports[1], key=int)}"

@@ -7,13 +7,13 @@ The host name two.upstream.test resolves (getaddrinfo, /etc/hosts: the daemon ru
 own with a hosts file of the test's bound over /etc/hosts) to 127.0.0.181, then 127.0.0.182, both on port P:
 - `silent`: 127.0.0.181 accepts and never greets, 127.0.0.182 is a sink;
 - `backlog`: 127.0.0.181's accept queue is full (its SYNs are dropped, the connect hangs), 127.0.0.182 a sink;
-- `both`: both addresses accept and never greet: 451 4.4.2 when upstream_open passes (3 s), not sooner or later.
+- `both`: both addresses accept and never greet: 451 4.4.2 when upstream_open passes (5 s), not sooner or later.
 - `six`: six.upstream.test has six addresses (127.0.0.183 to .188, on a port of its own), each greeting with 421:
   five are tried (Postfix's smtp_mx_address_limit, which holds for every destination), then 451 4.4.1 at once;
 - `greeters`: greeters.upstream.test has three addresses (127.0.0.185 to .187) that greet with 220 and refuse
   EHLO: two sessions are tried (smtp_mx_session_limit), the third address is not.
 Before, every address was tried: a name with many dead addresses held the RCPT until upstream_open.
-With upstream_connect 2s the first two deliver through the second address after about 2 s; before, the first
+With upstream_connect 3s the first two deliver through the second address after about 3 s; before, the first
 address's timeout spent the one upstream_connect of all the addresses and ended the loop: 451 4.4.1."""
 import socket
 import time
@@ -24,8 +24,8 @@ import pytest
 import harness
 import hostile_helpers as hh
 
-UPSTREAM_CONNECT = 2.0
-UPSTREAM_OPEN = 3.0
+UPSTREAM_CONNECT = 3.0
+UPSTREAM_OPEN = 5.0  # after the first address's upstream_connect, 2 s for the second one's connect, banner and EHLO
 MARGIN = 1.5
 FIRST, SECOND = "127.0.0.181", "127.0.0.182"  # two.upstream.test
 BOTH_FIRST, BOTH_SECOND = "127.0.0.183", "127.0.0.184"  # both.upstream.test

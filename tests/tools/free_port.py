@@ -8,12 +8,19 @@ binds. A server the test binds itself and keeps open (hostile_helpers' fake upst
 
 A port is handed out once per process: two picks for one config (a listener and http.address) met on the same
 port in a CI run, and the config was refused ("already used by listener").
+
+And once per machine while the process that picked it lives: ctest runs two test files at once (and other
+checkouts run theirs), each in a pytest process of its own, and a port one of them picked but has not bound yet
+(its daemon is still starting, or it is a port that must refuse connections, or a sink's that is restarted on it)
+is still bindable, so the other could draw it too. Every pick is claimed by binding an abstract unix socket named
+after the port: only one process can hold the name, and the kernel lets go of it when that process ends, however
+it ends.
 """
 import random
 import socket
 
 FLOOR = 10000
-_handed_out = set()
+_claims = {}  # port -> the abstract unix socket that claims it for this process
 
 
 def _ephemeral_low():
@@ -34,6 +41,18 @@ def _bindable(host, port):
     return True
 
 
+def _claim(port):
+    """Whether this process now holds `port` (no other process that uses free_port does)."""
+    claim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # not inherited by the daemons the tests start
+    try:
+        claim.bind(f"\0mailflow-test-port-{port}")
+    except OSError:
+        claim.close()
+        return False
+    _claims[port] = claim
+    return True
+
+
 def free_port(*hosts):
     """A port free on every one of `hosts` (default 127.0.0.1): servers on several loopback addresses can then
     share it, as the MX hosts of a test zone share upstreams[].port."""
@@ -41,7 +60,6 @@ def free_port(*hosts):
     ceiling = max(FLOOR + 1000, _ephemeral_low())
     for _ in range(200):
         port = random.randrange(FLOOR, ceiling)
-        if port not in _handed_out and all(_bindable(host, port) for host in hosts):
-            _handed_out.add(port)
+        if port not in _claims and all(_bindable(host, port) for host in hosts) and _claim(port):
             return port
     raise RuntimeError(f"no port free on all of {', '.join(hosts)} in [{FLOOR}, {ceiling})")
