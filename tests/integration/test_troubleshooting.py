@@ -43,11 +43,11 @@ def assert_documented(line, row_words):
         f"row: {list(rows)}"
 
 
-def start_failure(binary, base, listener_address, http_address, as_nobody=False):
+def start_failure(binary, base, listener_address, http_address, as_nobody=False, state_mode=0o777, wrapper=()):
     """Starts mailflowd on a config with one listener, expecting it to refuse; returns its startup_failed line."""
     state = base / "state"
     state.mkdir(exist_ok=True)
-    state.chmod(0o777)
+    state.chmod(state_mode)
     cfg = harness.default_config(state, 0, [{"name": "inbound", "address": listener_address, "upstream": "store"}],
                                  [{"name": "store", "address": "127.0.0.1:9", "tls": "none"}])
     cfg["http"] = {"address": http_address}
@@ -57,6 +57,7 @@ def start_failure(binary, base, listener_address, http_address, as_nobody=False)
     argv = [binary, "--config", str(config)]
     if as_nobody:
         argv = [shutil.which("setpriv"), "--reuid=nobody", "--regid=nogroup", "--clear-groups"] + argv
+    argv = [*wrapper, *argv]
     p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=20)
     out = p.stdout.decode("utf-8", "replace")
     harness.TRANSCRIPTS.append(f"$ {' '.join(argv)}\n(rc={p.returncode})\n{out}")
@@ -99,3 +100,27 @@ def test_a_privileged_port_without_the_capability_is_in_the_table(mailflowd_bin,
                          as_nobody=True)
     assert "Permission denied" in line, line
     assert_documented(line, "port 25")
+
+
+def test_a_state_dir_of_another_user_is_in_the_table(mailflowd_bin, base):
+    """A state_dir owned by root, 0755: the daemon's user may not write it."""
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv: the daemon runs as nobody")
+    line = start_failure(mailflowd_bin, base, f"127.0.0.1:{harness.free_port()}", f"127.0.0.1:{harness.free_port()}",
+                         as_nobody=True, state_mode=0o755)
+    assert "state_dir" in line and "Permission denied" in line, line
+    assert_documented(line, "not writable: Permission denied")
+
+
+def test_a_read_only_state_dir_is_in_the_table(mailflowd_bin, base):
+    """state_dir on a read-only file system, as ProtectSystem=strict makes every path outside ReadWritePaths=:
+    a read-only bind mount of it in a mount namespace of the daemon's own."""
+    if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs a mount namespace (unshare --mount)")
+    state = base / "state"
+    wrapper = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+               'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"', str(state)]
+    line = start_failure(mailflowd_bin, base, f"127.0.0.1:{harness.free_port()}", f"127.0.0.1:{harness.free_port()}",
+                         wrapper=wrapper)
+    assert "state_dir" in line and "Read-only file system" in line, line
+    assert_documented(line, "not writable: Read-only file system")
