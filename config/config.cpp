@@ -1349,6 +1349,7 @@ class Loader {
       marks.item = named ? get(*map, "name")->value.Mark() : list[i].Mark();
       if (const Field* direction = get(*map, "direction")) marks.direction = direction->value.Mark();
       if (const Field* require_tls = get(*map, "require_tls")) marks.require_tls = require_tls->value.Mark();
+      if (!config_.connectors.back().match.sni.empty()) marks.sni = get(*map, "match")->value["sni"].Mark();
       marks.line = list[i].Mark().line + 1;
       connector_marks_.push_back(marks);
     }
@@ -1360,6 +1361,7 @@ class Loader {
     YAML::Mark item;         // its name (or the list item)
     YAML::Mark direction;    // null when not given
     YAML::Mark require_tls;  // null when not given
+    YAML::Mark sni;          // match.sni; null when not given
     int line = 0;
   };
   std::vector<ConnectorMarks> connector_marks_;
@@ -1450,6 +1452,23 @@ class Loader {
                       " that connect there get 530 5.7.0; restrict the connector with match.listener to "
                       "listeners with tls:");
         }
+      }
+      // SNI comes with a TLS handshake: on listeners without STARTTLS no client sends one, and a connector
+      // that needs it sees nothing but "internet" traffic there.
+      if (!connector.match.sni.empty() &&
+          std::none_of(listeners.begin(), listeners.end(),
+                       [](const Listener* l) { return l->tls.has_value(); })) {
+        std::string names;
+        for (const Listener* listener : listeners)
+          names += (names.empty() ? "" : ", ") + quoted(listener->name);
+        warn_at(
+            marks.sni,
+            where + ".match.sni: " +
+                (listeners.size() == 1 ? "listener " + names + " offers" : "listeners " + names + " offer") +
+                " no STARTTLS (no tls: block), so no client sends an SNI there and connector " +
+                quoted(connector.name) +
+                " never matches; add a tls: block with certificates to the listener, or leave "
+                "match.sni out");
       }
       for (std::size_t j = 0; j < i; ++j) {
         const Connector& earlier = config_.connectors[j];

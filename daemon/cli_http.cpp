@@ -2,6 +2,8 @@
 
 #include <utility>  // before Boost.Asio (Boost 1.74 + GCC 12)
 
+#include <openssl/ssl.h>
+#include <openssl/x509_vfy.h>
 #include <algorithm>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
@@ -138,7 +140,8 @@ class Exchange {
     const bool timed_out = ec == beast::error::timeout;
     result_.error =
         std::string(what) + " " + where_ + ": " + (timed_out ? std::string("timed out") : ec.message());
-    if (!hint.empty()) result_.error += std::string(" ") + std::string(hint);
+    // A hint that starts with ':' continues OpenSSL's words ("certificate verify failed: hostname mismatch").
+    if (!hint.empty()) result_.error += (hint.front() == ':' ? "" : " ") + std::string(hint);
   }
 
   template <class Stream, class Connected>
@@ -239,7 +242,17 @@ Fetch fetch_impl(const Url& url, const std::string& target, const TlsOptions& tl
     }
   }
   beast::ssl_stream<beast::tcp_stream> stream(io, context);
-  if (!tls.insecure) stream.set_verify_callback(net::ssl::host_name_verification(url.host));
+  if (!tls.insecure) {
+    // OpenSSL's own name check (X509_check_host / X509_check_ip_asc, as asio's host_name_verification calls
+    // them): a mismatch is then a verify result of its own, which the error below names; a callback that
+    // returned false left it X509_V_OK, and the message sent an administrator who had given the right CA to
+    // --ca-file.
+    X509_VERIFY_PARAM* param = SSL_get0_param(stream.native_handle());
+    if (is_ip_literal(url.host))
+      X509_VERIFY_PARAM_set1_ip_asc(param, url.host.c_str());
+    else
+      X509_VERIFY_PARAM_set1_host(param, url.host.c_str(), url.host.size());
+  }
   if (!is_ip_literal(url.host)) SSL_set_tlsext_host_name(stream.native_handle(), url.host.c_str());
   exchange.start(io, stream, url, [&] {
     beast::get_lowest_layer(stream).expires_after(exchange.timeout());
@@ -252,8 +265,21 @@ Fetch fetch_impl(const Url& url, const std::string& target, const TlsOptions& tl
             message.find("http request") != std::string::npos)
           return exchange.failed("TLS handshake failed with", ec,
                                  "(it does not speak TLS: without http.tls there, use an http:// URL)");
-        return exchange.failed("TLS handshake failed with", ec,
-                               "(--ca-file FILE to trust its certificate, --insecure to skip verification)");
+        const long verified = SSL_get_verify_result(stream.native_handle());
+        if (tls.insecure || verified == X509_V_OK)
+          return exchange.failed(
+              "TLS handshake failed with", ec,
+              "(--ca-file FILE to trust its certificate, --insecure to skip verification)");
+        // The verify result says what to fix: a certificate for another name needs another --url, not a CA.
+        const std::string reason = X509_verify_cert_error_string(verified);
+        const bool other_name =
+            verified == X509_V_ERR_HOSTNAME_MISMATCH || verified == X509_V_ERR_IP_ADDRESS_MISMATCH;
+        return exchange.failed(
+            "TLS handshake failed with", ec,
+            ": " + reason +
+                (other_name ? " (its certificate is not for " + url.host + ": use --url https://NAME:" +
+                                  url.port + " with a name it is for, or --insecure to skip verification)"
+                            : " (--ca-file FILE to trust its certificate, --insecure to skip verification)"));
       }
       exchange.send(stream);
     });

@@ -413,8 +413,10 @@ int run_route_cli(int argc, char** argv, std::ostream& out, std::ostream& err) {
   if (!listener_name.empty()) {
     route.listener = config.find_listener(listener_name);
     if (route.listener == nullptr) {
+      std::string known;
+      for (const auto& listener : config.listeners) known += (known.empty() ? "" : ", ") + listener.name;
       err << "mailflowd route: no listener named '" << cli::shown(listener_name) << "' in "
-          << cli::shown(config_path) << "\n";
+          << cli::shown(config_path) << " (its listeners: " << known << ")\n";
       return 2;
     }
   } else {

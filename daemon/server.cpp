@@ -2,6 +2,7 @@
 
 #include <utility>  // before Asio (Boost 1.74 + GCC 12)
 
+#include <fcntl.h>
 #include <fmt/format.h>
 #include <malloc.h>
 #include <netinet/in.h>
@@ -28,9 +29,9 @@
 #include <ctime>
 
 #include <atomic>
+#include <cerrno>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <functional>
 #include <map>
 #include <mutex>
@@ -181,12 +182,18 @@ void check_state_dir(const std::string& dir) {
   std::filesystem::create_directories(dir, ec);
   if (ec) throw std::runtime_error("state_dir " + dir + ": " + ec.message());
   const std::string probe = dir + "/.write-test";
-  {
-    std::ofstream out(probe);
-    if (!out || !(out << "ok") || !out.flush())
-      throw std::runtime_error("state_dir " + dir + " is not writable");
-  }
+  // open(2) and write(2) themselves, for their errno: "Read-only file system" (ProtectSystem=strict: the unit
+  // needs ReadWritePaths=) and "Permission denied" (the directory is not the service user's) ask for
+  // different fixes, and the message said neither.
+  const int fd = ::open(probe.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
+  if (fd < 0) throw std::runtime_error("state_dir " + dir + " is not writable: " + std::strerror(errno));
+  const bool written = ::write(fd, "ok", 2) == 2;
+  const int write_errno = errno;
+  ::close(fd);
   std::filesystem::remove(probe, ec);
+  if (!written)
+    throw std::runtime_error("state_dir " + dir + " is not writable: " +
+                             (write_errno != 0 ? std::strerror(write_errno) : "short write"));
 }
 
 // Asio installs its handler for a signal while a signal_set has it and puts SIG_DFL back when the signal's

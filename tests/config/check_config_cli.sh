@@ -248,6 +248,27 @@ else
   fail "upstream_open warning: exit status $status (expected 0 and the warning)"; cat "$work/err" "$work/out"
 fi
 
+# match.sni where no listener of the connector offers STARTTLS: no client sends an SNI there, so the connector never
+# matches (the reference example's partner-contoso did, its listener's tls: commented out). A warning at match.sni;
+# with a tls: listener beside the plain one it matches there, and nothing is said.
+cat >"$work/sni.yaml" <<EOF
+listeners:
+  - {name: inbound, address: "127.0.0.1:2525", upstream: up}
+  - {name: secure, address: "127.0.0.1:2526", upstream: up, tls: {certificates: [{cert: $certs/good.pem, key: $certs/good.key}]}}
+upstreams:
+  - {name: up, address: "127.0.0.1:25"}
+connectors:
+  - {name: partner, match: {listener: inbound, sni: ["mx1.example.org"]}}
+  - {name: partner-any, direction: inbound, match: {sni: ["mx2.example.org"]}}
+EOF
+run "$work/sni.yaml"
+if [ "$status" -eq 0 ] && grep -qF "$work/sni.yaml:7:53: warning: connectors[0].match.sni: listener \"inbound\" offers no STARTTLS (no tls: block), so no client sends an SNI there and connector \"partner\" never matches" "$work/err" \
+  && grep -qF "$work/sni.yaml: 1 warning(s)" "$work/err"; then
+  passed=$((passed + 1)); echo "ok: sni warning"
+else
+  fail "sni warning: exit status $status (expected 0 and one warning at connectors[0].match.sni)"; cat "$work/err" "$work/out"
+fi
+
 # A file that does not exist is an error too.
 refused "missing file" "$work/missing.yaml" \
   "$work/missing.yaml: cannot read the configuration"

@@ -24,6 +24,10 @@
    (`event` or `event key=...` in backticks), and every name the docs call a log line or event ("the `reloaded`
    line", "logged `dns_unavailable`", "a `config_warning` event") is one the daemon logs.
 
+7. Every `mailflowd report --days N` (and `?days=N` of a report path) asks for at most the default
+   `telemetry.window` (configuration.md's default): more is refused with 400 ("days must be an integer from 1 to
+   7"), so an example with `--days 30` fails on every daemon that did not lengthen its window.
+
 Before it reads the docs it runs the same checks on the two mistakes that shipped (`tls_version=TLS1.0` and an
 unknown report option), a misspelt configuration key and a wrong man page default, and fails if they would have
 passed, so the checker itself can fail.
@@ -199,6 +203,32 @@ def check_log_events(lines, events, named_in=None):
                 errors.append(f"{where}: `{name}` is called a log line or event, but the daemon logs no such event "
                               f"(its events: {', '.join(sorted(events))}); if it is no log event, add it to "
                               f"NOT_EVENTS in {os.path.basename(__file__)} with the reason: {line.strip()}")
+    return errors
+
+
+# `mailflowd report ... --days N` (also --days=N), and ?days=N / &days=N in a report URL; N is group 1 or 2.
+DAYS = re.compile(r"mailflowd\s+report\b[^|>;&#]*?--days[= ]+(\d+)|/api/v1/[a-z.]+\?(?:[^ `]*&)?days=(\d+)")
+
+
+def window_days(config_keys):
+    """The default telemetry.window in days, from configuration.md's table ("`7d`")."""
+    m = re.fullmatch(r"`(\d+)d`", config_keys.get("telemetry.window", ""))
+    if not m:
+        sys.exit(f"FAIL: cannot read the default telemetry.window from docs/configuration.md: "
+                 f"{config_keys.get('telemetry.window')!r}")
+    return int(m.group(1))
+
+
+def check_days(lines, window):
+    """Every report command or URL that asks for days asks for no more than the default window."""
+    errors = []
+    for where, line in lines:
+        for m in DAYS.finditer(clean_markup(line) if "mailflowd" in line else line):
+            days = int(m.group(1) or m.group(2))
+            if days > window:
+                errors.append(f"{where}: asks for {days} days, but the report covers at most telemetry.window, "
+                              f"{window} days unless the configuration sets a longer one (the daemon answers 400, "
+                              f"`mailflowd report` exits 1); ask for {window} or fewer: {line.strip()}")
     return errors
 
 
@@ -462,7 +492,7 @@ def main():
             or not check_commands(old[2:], options_of):
         sys.exit("FAIL: the checker accepts the known-bad texts; it could not catch a mistake")
     good = [("selector", 'mailflow_window_messages{tls_version="TLS1.0"} and `tls=TLS1.0` in the log'),
-            ("options", "mailflowd report --days 30 --format csv > tls-report.csv")]
+            ("options", "mailflowd report --days 7 --format csv > tls-report.csv")]
     if check_log_keys(good, log_keys) or check_commands(good, options_of):
         sys.exit("FAIL: the checker refuses known-good texts")
     events = source_log_events(args.source)
@@ -473,6 +503,13 @@ def main():
             check_log_events([("good", "the `reloaded` line; `session id=... tls=TLS1.0`; a `domain` line")], known):
         sys.exit("FAIL: the log event check cannot tell an unnamed or made-up event from named ones")
     config_keys = documented_config_keys(args.source)
+    window = window_days(config_keys)
+    if len(check_days([("bad", "mailflowd report --days 30 --format csv > tls.csv"),
+                       ("bad man", "\tmailflowd report *--days* _30_"),
+                       ("bad url", "curl -s 'http://127.0.0.1:9725/api/v1/report.csv?days=30'")], 7)) != 3 or \
+            check_days([("good", "mailflowd report --days 7 --format csv; mailflowd report --days N"),
+                        ("good url", "`/api/v1/report?days=7`, ?days=%37, `?days=7&days=8`")], 7):
+        sys.exit("FAIL: the --days check cannot tell a request beyond the window from one within it")
     man5_text = open(os.path.join(args.source, "docs", "man", "mailflowd.yaml.5.scd"), encoding="utf-8").read()
     man5 = man_config_entries(man5_text, config_keys)
     bad_man = ("# LIMITS\n\n[[ *Key*\n:[ *Default*\n|  max_sessions\n:[ 1000\n\n"  # 10000, and a misspelt key
@@ -511,6 +548,7 @@ def main():
     errors += check_log_events(lines, events, [(w, ln) for w, ln in lines if not w.startswith("deploy/")])
     blocks = list(yaml_blocks(args.source))
     errors += check_config_blocks(blocks, config_keys)
+    errors += check_days(lines, window)
     errors += check_man_config(man5, config_keys, "docs/man/mailflowd.yaml.5.scd")
     # Its LIMITS and TIMEOUTS tables are the whole sections: a key added to configuration.md is added there too.
     described = {path for _, path, _ in man5}

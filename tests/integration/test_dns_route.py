@@ -407,6 +407,11 @@ def test_usage_errors(mailflowd_bin, config):
     p = subprocess.run([mailflowd_bin, "route", "--config", "/nonexistent.yaml", "--recipient", "a@b"],
                        capture_output=True, text=True, timeout=10)
     assert p.returncode == 1 and "cannot read the configuration" in p.stderr
+    # A listener the file does not have: the message names those it has, as match.listener's error does.
+    p = subprocess.run([mailflowd_bin, "route", "--config", str(config), "--recipient", "a@example.net",
+                        "--listener", "inbound"], capture_output=True, text=True, timeout=10)
+    assert p.returncode == 2 and p.stdout == "", (p.stdout, p.stderr)
+    assert f"no listener named 'inbound' in {config} (its listeners: out, in)" in p.stderr, p.stderr
 
 
 @pytest.mark.parametrize("recipient, reply", [
