@@ -429,6 +429,12 @@ asio::awaitable<bool> RelaySession::read_proxy_header() {
       result_ = "proxy_invalid";
       co_return false;
     }
+    // A session begun at the drain (taken from the accept queue, Server's take_queued) was never notified
+    // (notify_drain reached only those before it): what the proxy has sent is read, the rest not waited for.
+    if (registry_.draining() && client_.quiet()) {
+      co_await say_shutting_down();
+      co_return false;
+    }
     error_code ec;
     // Idle as one that waits for its next command (notify_drain): a drain that begins while the trusted proxy
     // has not sent the header yet tells it 421 4.3.2 at once (relayed to its client). It held the drain for

@@ -877,6 +877,7 @@ ResolverSettings with_hosts_file(ResolverSettings settings, const std::string& h
     if (asked.contains(proto::dns_name_key(std::string_view(record).substr(0, record.find(' ')))))
       settings.hosts_records.push_back(std::move(record));
   }
+  settings.hosts_names.assign(asked.begin(), asked.end());
   settings.key += "\nhosts " + hosts_file;
   for (const auto& record : settings.hosts_records) settings.key += "\n" + record;
   // The search list changes no lookup's answer, only which names are asked; resolv.conf's text is in the key

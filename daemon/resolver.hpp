@@ -123,6 +123,10 @@ struct ResolverSettings {
   // then, as libunbound local data ("mail.example.org A 192.0.2.25"), in the file's order.
   std::string hosts_file;
   std::vector<std::string> hosts_records;
+  // The names whose records were kept (proto::dns_name_key, sorted): the fixed upstreams' host names of the
+  // configuration these were made for, and what the search list makes of them. No other name is answered
+  // from the file (loop_resolver: a session from before a reload that renamed its upstream).
+  std::vector<std::string> hosts_names;
   // With a hosts file only: resolv.conf's search list and ndots, as getaddrinfo applies them
   // (proto::search_names()).
   std::vector<std::string> search;
@@ -139,10 +143,10 @@ ResolverSettings resolver_settings(const config::Dns& dns);
 // empty label), are skipped (glibc skips the first too).
 // `resolv_conf`'s search list and ndots are read here as well (proto::search_names()). Only the records of
 // `names` (fixed upstreams' host names as written) and of the names the search list makes of them are kept,
-// any case, a final dot or none: no other name is ever asked of these settings. Each event loop's context
-// took every record of the file as local data, on the loop's thread: a hosts file of 100,000 lines (an
-// ad-blocking list) held a loop ~7 s at its first lookup after each start and reload and cost ~70 MB per
-// loop.
+// any case, a final dot or none (hosts_names): no other name of this configuration is asked. Each event
+// loop's context took every record of the file as local data, on the loop's thread: a hosts file of 100,000
+// lines (an ad-blocking list) held a loop ~7 s at its first lookup after each start and reload and cost ~70
+// MB per loop.
 ResolverSettings with_hosts_file(ResolverSettings settings, const std::string& hosts_file,
                                  const std::string& resolv_conf, const std::vector<std::string>& names);
 

@@ -73,18 +73,13 @@ std::shared_ptr<const Runtime> Runtime::build(std::shared_ptr<const config::Conf
       runtime->upstream_tls.emplace(upstream.name, std::make_shared<const ClientTls>(upstream, stores));
   }
   runtime->own_listeners = std::make_shared<const OwnListeners>(*config);
-  // Said at every start and reload, as hosts_file below: the loop check is blind to the host's other
-  // addresses.
-  if (const std::string& error = runtime->own_listeners->interfaces_error(); !error.empty())
-    log_event(LogLevel::warn, "interface_addresses",
-              {{"error", error}, {"effect", interfaces_unread_effect}});
   if (const auto loops = upstream_loops(*config, *runtime->own_listeners); !loops.empty())
     throw std::runtime_error(loops.front().to_string());
   // /etc/hosts for fixed upstreams' host names. A name that is no DNS name ("a..b") is skipped as it is read
   // (proto::hosts_records); a file that libunbound still cannot take must not stop delivery to every fixed
   // upstream, nor refuse a start or a reload for a file that is no setting of mailflowd's: their names are
   // looked up in DNS alone then, logged at each start and reload that puts it in force until it is fixed
-  // (log_hosts_file_problem()).
+  // (log_problems()).
   auto hosts = fixed_upstream_settings(*resolver, *config, runtime->hosts_file_problem);
   try {
     // The tests' stand-in for such a file: no file is known that gets past proto::hosts_records and that
@@ -100,7 +95,11 @@ std::shared_ptr<const Runtime> Runtime::build(std::shared_ptr<const config::Conf
   return runtime;
 }
 
-void Runtime::log_hosts_file_problem() const {
+void Runtime::log_problems() const {
+  // The loop check blind to the host's other addresses: said at every start and reload that puts it in force.
+  if (own_listeners && !own_listeners->interfaces_error().empty())
+    log_event(LogLevel::warn, "interface_addresses",
+              {{"error", own_listeners->interfaces_error()}, {"effect", interfaces_unread_effect}});
   if (hosts_file_problem.empty()) return;
   log_event(LogLevel::warn, "hosts_file",
             {{"file", hosts_file_path},

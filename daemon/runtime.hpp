@@ -46,9 +46,10 @@ struct Runtime {
   // nothing itself: a later step may still refuse the reload it is built for.
   static std::shared_ptr<const Runtime> build(std::shared_ptr<const config::Config> config);
 
-  // hosts_file_problem as a hosts_file warning, by whoever puts this runtime in force (the start, a reload at
-  // its apply step): a reload refused after build() never ran with it.
-  void log_hosts_file_problem() const;
+  // What this runtime runs without, as warnings: interface_addresses (own_listeners could not read the host's
+  // addresses) and hosts_file (hosts_file_problem). By whoever puts it in force (the start, a reload at its
+  // apply step): a reload refused after build() never ran with it.
+  void log_problems() const;
 
   const ServerTls* server_tls(std::string_view listener) const;
   const ClientTls* client_tls(std::string_view upstream) const;

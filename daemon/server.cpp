@@ -699,7 +699,7 @@ struct Server::Impl {
     for (const auto& warning : loaded.warnings)
       log_event(LogLevel::warn, "config_warning", {{"warning", warning.to_string()}});
     apply_certificates(*next_runtime);
-    next_runtime->log_hosts_file_problem();
+    next_runtime->log_problems();
     telemetry.config_reloaded(true);
     log_event(
         LogLevel::info, "reloaded",
@@ -933,10 +933,10 @@ int Server::run() {
 
   s.swap_listeners(s.reconcile_listeners(config), snapshot);
   s.log_unused_sockets();  // kept open: a reload that adds the listener still takes it
+  snapshot->log_problems();  // said before /healthz answers, as Runtime::build said it
   s.http = std::make_unique<HttpServer>(config.http, s.telemetry, [&s] { return !s.stopping; });
   s.http->start();
   s.apply_certificates(*snapshot);  // what the listeners' contexts and the HTTP server loaded
-  snapshot->log_hosts_file_problem();
   s.keep_running("signals", [&s] { return s.stop_signals(); });
   s.keep_running("signals", [&s] { return s.reload_signals(); });
   s.keep_running("periodic", [&s] { return s.periodic(); });

@@ -3,6 +3,7 @@
 #include <boost/asio/redirect_error.hpp>
 #include <boost/asio/use_awaitable.hpp>
 
+#include <algorithm>
 #include <ctime>
 #include <exception>
 #include <map>
@@ -64,6 +65,14 @@ std::shared_ptr<Resolver> loop_resolver(const asio::any_io_executor& executor,
   std::shared_ptr<Resolver>& resolver = hosts ? loop->hosts_resolver : loop->resolver;
   ResolverSettings& newest = hosts ? loop->hosts_resolver_settings : loop->resolver_settings;
   const bool newer = settings.generation > newest.generation;
+  // A session from before a reload asks the host names of its own configuration's fixed upstreams: the newest
+  // settings answer from /etc/hosts only the names of theirs (with_hosts_file), so a reload that renamed or
+  // removed an upstream had its earlier sessions' lookups of the old name go to DNS (451 4.4.1 for a name
+  // only the file has, or another address where DNS knows the name). Such a lookup gets a context of its own.
+  if (hosts && resolver && !newer && settings.key != newest.key &&
+      !std::includes(newest.hosts_names.begin(), newest.hosts_names.end(), settings.hosts_names.begin(),
+                     settings.hosts_names.end()))
+    return std::make_shared<Resolver>(executor, settings, &telemetry);
   if (!resolver || (newer && settings.key != newest.key) || resolver->spoiled()) {
     const ResolverSettings& use = !resolver || newer ? settings : newest;
     resolver = std::make_shared<Resolver>(executor, use, &telemetry);

@@ -185,3 +185,34 @@ def test_a_trusted_proxy_that_has_not_sent_its_header_at_sigterm_is_told_421_at_
     assert exited(d, at) < 3
     log = d.stderr()
     assert " result=shutdown" in log and "proxy_timeout" not in log, d.log_tail()
+
+
+def test_trusted_proxy_connections_in_the_accept_queue_without_their_header_are_told_421_at_once(daemon_factory,
+                                                                                                  sink):
+    """Connections from a trusted proxy still in the kernel's accept queue at the SIGTERM, their PROXY header not
+    sent yet, are taken by the drain (take_queued) after it notified the sessions it had: nothing cancelled their
+    wait for the header, so they held the drain for its 5 s, were then closed without a word and counted as
+    proxy_timeout refusals. They are told 421 4.3.2 at once, as the ones the accept loop took before the signal."""
+    port = harness.free_port()
+    d = daemon_factory(listeners=[hh.listener("inbound", port, "store",
+                                              proxy_protocol={"trusted": ["127.0.0.1/32"]})],
+                       upstreams=[hh.plain_upstream("store", sink.port)], name="drain-proxy-queued",
+                       limits={"drain_timeout": f"{DRAIN_TIMEOUT}s", "max_sessions_per_ip": 1000})
+    clients = d.queue_clients(20, lambda: harness.RawSmtp(port, timeout=DRAIN_TIMEOUT + 5), signal.SIGTERM)
+    at = time.monotonic()
+    outcomes = []
+    try:
+        for c in clients:
+            try:
+                code, text = c.reply()
+                outcomes.append((text[:9], time.monotonic() - at))
+            except (ConnectionError, OSError) as e:
+                outcomes.append((type(e).__name__, time.monotonic() - at))
+    finally:
+        for c in clients:
+            c.close()
+    shown = [f"{what} after {took:.1f}s" for what, took in outcomes]
+    assert all(what == "421 4.3.2" and took < 2 for what, took in outcomes), f"what each proxy connection got: {shown}"
+    assert_quick(exited(d, at))
+    log = d.stderr()
+    assert log.count(" result=shutdown") == len(clients) and "proxy_timeout" not in log, d.log_tail()

@@ -1,8 +1,8 @@
 """The host's interface addresses, which tell an upstream or MX host on this host's own address (behind a 0.0.0.0 or
 [::] listener) as mailflowd itself: when getifaddrs(3) fails (tests/tools/getifaddrs_fail.c, LD_PRELOAD, as glibc's
 fails where no netlink socket can be made), the daemon logs it as `interface_addresses` (level warn, with the
-error) at its start and at each reload, and --check-config and `mailflowd route`, whose loop checks then know loopback
-and the listeners' own addresses only, print it as a warning."""
+error) at its start and at each reload that goes in force, and --check-config and `mailflowd route`, whose loop
+checks then know loopback and the listeners' own addresses only, print it as a warning."""
 import json
 import shutil
 import signal
@@ -52,6 +52,43 @@ def test_a_failed_getifaddrs_is_logged_at_start_and_at_each_reload(workdir, mail
         assert len(events(daemon.stderr())) == 2, f"no interface_addresses line at the reload:\n{daemon.log_tail()}"
         hh.assert_relays(daemon, port, sink)  # the relay goes on
     finally:
+        harness.stop_exits_0(daemon)
+
+
+def test_interface_addresses_is_logged_only_for_a_configuration_that_goes_in_force(workdir, mailflowd_bin,
+                                                                                   sink_factory, shim):
+    """getifaddrs(3) that works at the start and fails from a reload on (GETIFADDRS_FAIL_IF_EXISTS: a seccomp
+    profile applied later, descriptors or memory short at that moment). A reload that a later step refuses (here the
+    failpoint reload.apply; a listener address taken, a certificate that does not load) keeps the running
+    configuration, whose loop check read this host's addresses at the start: Runtime::build logged interface_addresses
+    all the same, saying that only loopback now counts as this host's, which was not so (as hosts_file was, 6befe7d).
+    It is said by the reload that puts the configuration in force, after that reload's begin."""
+    sink = sink_factory("ifaddrs-later-store")
+    port, http_port = harness.free_port(), harness.free_port()
+    state = workdir / "ifaddrs-later-state"
+    state.mkdir(exist_ok=True)
+    failing = workdir / "ifaddrs-later-failing"
+    failing.unlink(missing_ok=True)
+    cfg = harness.default_config(state, http_port, [hh.listener("in", port, "up")], [hh.plain_upstream("up", sink.port)])
+    wrapper = [*shim, f"GETIFADDRS_FAIL_IF_EXISTS={failing}", "MAILFLOWD_FAILPOINTS=reload.apply=1"]
+    daemon = harness.Daemon(mailflowd_bin, workdir, cfg, name="ifaddrs-later", wrapper=wrapper)
+    try:
+        daemon.start()
+        assert not events(daemon.stderr()), f"start (addresses read):\n{daemon.log_tail()}"
+        failing.touch()
+        daemon.proc.send_signal(signal.SIGHUP)
+        harness.wait_for(lambda: " reload_refused " in daemon.stderr(), 10, what="the refused reload")
+        assert not events(daemon.stderr()), \
+            f"a refused reload logged the interface addresses of a configuration never in force:\n{daemon.log_tail()}"
+        daemon.proc.send_signal(signal.SIGHUP)
+        harness.wait_for(lambda: " reloaded " in daemon.stderr(), 10, what="the second reload")
+        lines = daemon.stderr().splitlines()
+        said = [i for i, line in enumerate(lines) if EVENT in line]
+        begun = [i for i, line in enumerate(lines) if " reload config=" in line]
+        assert len(said) == 1 and len(begun) == 2 and begun[1] < said[0], daemon.log_tail()
+        hh.assert_relays(daemon, port, sink)
+    finally:
+        failing.unlink(missing_ok=True)
         harness.stop_exits_0(daemon)
 
 
