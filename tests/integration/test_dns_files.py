@@ -1,0 +1,106 @@
+"""/etc/hosts and /etc/resolv.conf as the real binary reads them for a fixed upstream's host name, each test in a
+mount namespace of its own with the test's files bound over the system's (harness.in_own_files), compared with what
+glibc's own readers (getent, getaddrinfo) make of the same files where that decides the behaviour.
+
+Addresses: 127.0.7.21 - 127.0.7.30 (this file's own range)."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+
+import pytest
+
+import harness
+import hostile_helpers as hh
+
+HOSTS_ADDRESS = "127.0.7.22"  # what the test's hosts files say for the names in them
+
+
+def unread_hosts_file_config(workdir, name, upstream_host):
+    """A config with one listener and the fixed upstream `upstream_host`:25, and its listener port."""
+    port = harness.free_port()
+    state = workdir / f"{name}-state"
+    state.mkdir(exist_ok=True)
+    cfg = harness.default_config(state, harness.free_port(), [hh.listener("store", port, "store")],
+                                 [{"name": "store", "address": f"{upstream_host}:25", "tls": "none"}],
+                                 timeouts={"upstream_connect": "3s", "upstream_open": "10s"})
+    return cfg, port
+
+
+def hosts_file_lines(daemon):
+    return [line for line in daemon.stderr().splitlines() if " hosts_file " in line]
+
+
+@pytest.mark.parametrize("unreadable", ["mode 000", "a directory"])
+def test_an_unreadable_hosts_file_is_logged_at_start_and_reload(unreadable, workdir, mailflowd_bin):
+    """/etc/hosts that exists and cannot be read was taken as an empty file without a word (permissions 000 for a
+    daemon without CAP_DAC_OVERRIDE, as a daemon that is not root meets a file only root may read), or refused the
+    start and every reload with "basic_filebuf::underflow error reading the file: Is a directory" (a directory in its
+    place: here an /etc of the test's own). glibc's lookups pass such a file over silently (files: UNAVAIL, then
+    dns). Now it is logged as hosts_file, as a file that libunbound cannot take is, at the start and at each reload
+    that puts it in force, and the fixed upstream's name is asked of DNS (under .test: answered NXDOMAIN by
+    libunbound itself, so a 451 at once)."""
+    if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs a mount namespace (unshare --mount)")
+    name = "unread-hosts-" + unreadable.split()[-1]
+    if unreadable == "mode 000":
+        if os.geteuid() != 0 or not shutil.which("setpriv"):
+            pytest.skip("needs root and setpriv: a daemon that may not read a file of mode 000")
+        hosts = workdir / f"{name}-hosts"
+        hosts.write_text(f"127.0.0.1 localhost\n{HOSTS_ADDRESS} store.unread.test\n")
+        hosts.chmod(0)
+        resolv = workdir / f"{name}-resolv.conf"
+        resolv.write_text("nameserver 127.0.0.1\n")
+        no_dac = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
+        wrapper, error = harness.in_own_files(hosts, resolv) + no_dac, "cannot open it: Permission denied"
+    else:
+        etc = workdir / f"{name}-etc"
+        (etc / "hosts").mkdir(parents=True, exist_ok=True)
+        (etc / "resolv.conf").write_text("nameserver 127.0.0.1\n")
+        wrapper = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                   'mount --bind "$0" /etc && exec "$@"', str(etc)]
+        error = "cannot read it: Is a directory"
+    cfg, port = unread_hosts_file_config(workdir, name, "store.unread.test")
+    daemon = harness.Daemon(mailflowd_bin, workdir, cfg, name=name, wrapper=wrapper).start()
+    try:
+        harness.wait_for(lambda: len(hosts_file_lines(daemon)) == 1, 5, what="the hosts_file warning at the start")
+        line = hosts_file_lines(daemon)[0]
+        assert "file=/etc/hosts" in line and f"/etc/hosts: {error}" in line, line
+        assert "looked up in DNS only" in line, line
+        c = hh.greeted(port, timeout=30)
+        try:
+            assert c.cmd(f"MAIL FROM:<{hh.SENDER}>")[0] == 250
+            code, text = c.cmd(f"RCPT TO:<{hh.RCPT}>")
+        finally:
+            c.close()
+        assert code == 451, (code, text, daemon.log_tail())
+        base = harness.value(daemon.metrics(), "mailflow_config_reloads_total", result="success")
+        daemon.proc.send_signal(signal.SIGHUP)
+        harness.wait_for(lambda: harness.value(daemon.metrics(), "mailflow_config_reloads_total",
+                                               result="success") > base, 10, what="the reload")
+        harness.wait_for(lambda: len(hosts_file_lines(daemon)) == 2, 5, what="the hosts_file warning at the reload")
+    finally:
+        harness.stop_exits_0(daemon)
+
+
+def test_route_says_that_the_hosts_file_cannot_be_read(workdir, mailflowd_bin):
+    """`mailflowd route` says that /etc/hosts cannot be read (here a directory in its place: an /etc of the test's
+    own in a mount namespace), as it says that libunbound cannot take it; its JSON on standard output unchanged."""
+    if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs a mount namespace (unshare --mount)")
+    etc = workdir / "route-dir-etc"
+    (etc / "hosts").mkdir(parents=True, exist_ok=True)
+    (etc / "resolv.conf").write_text("nameserver 127.0.0.1\n")
+    cfg, _ = unread_hosts_file_config(workdir, "route-dir", "store.unread.test")
+    path = workdir / "route-dir.yaml"
+    path.write_text(json.dumps(cfg) + "\n")
+    p = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                        'mount --bind "$0" /etc && exec "$@"', str(etc), mailflowd_bin, "route",
+                        "--config", str(path), "--recipient", "user@example.org", "--format", "json"],
+                       capture_output=True, text=True, timeout=30)
+    assert p.stderr.splitlines() == ["mailflowd route: /etc/hosts: cannot read it: Is a directory (names looked up "
+                                     "in DNS only)"], p
+    route = json.loads(p.stdout)
+    assert route["name_lookup"]["asked"] == ["store.unread.test"], route
+
