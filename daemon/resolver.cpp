@@ -904,12 +904,13 @@ ResolverSettings with_hosts_file(ResolverSettings settings, const std::string& h
   // "persistent errors caused by file system contents"); without dns.servers resolver_settings refuses it.
   std::string unread_resolv_conf;
   proto::read_search_list(read_text(resolv_conf, unread_resolv_conf), settings.search, settings.ndots);
-  std::set<std::string, std::less<>> asked;  // dns_name_key of every name a lookup may ask
-  for (const auto& name : names)
-    for (const auto& search : proto::search_names(name, settings.search, settings.ndots, {}))
-      asked.insert(proto::dns_name_key(search));
+  // The names getaddrinfo asks of the files service: each as written, matched whole in any case (glibc's
+  // nss_files compares with strcasecmp: "mail.example.org." is not the file's "mail.example.org"). The names
+  // the search list makes are asked of DNS only (res_search), never of the file.
+  std::set<std::string, std::less<>> asked;
+  for (const auto& name : names) asked.insert(proto::ascii_lower(name));
   for (auto& record : proto::hosts_records(read_text(hosts_file, problem))) {
-    if (asked.contains(proto::dns_name_key(std::string_view(record).substr(0, record.find(' ')))))
+    if (asked.contains(proto::ascii_lower(std::string_view(record).substr(0, record.find(' ')))))
       settings.hosts_records.push_back(std::move(record));
   }
   settings.key += "\nhosts " + hosts_file;

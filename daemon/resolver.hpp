@@ -140,10 +140,11 @@ ResolverSettings resolver_settings(const config::Dns& dns);
 // field is no IP address, and a name with bytes other than letters, digits, '-', '_' and '.' or that is no
 // DNS name (an empty label), are skipped (glibc skips the first too). `resolv_conf`'s search list and ndots
 // are read here as well (proto::search_names()). Only the records of `names` (fixed upstreams' host names as
-// written) and of the names the search list makes of them are kept, any case, a final dot or none: no other
-// name is ever asked of these settings. Each event loop's context took every record of the file as local
-// data, on the loop's thread: a hosts file of 100,000 lines (an ad-blocking list) held a loop ~7 s at its
-// first lookup after each start and reload and cost ~70 MB per loop.
+// written) are kept, matched whole in any case (a final dot is part of the name), as getaddrinfo asks the
+// files service for the name as written and nothing else: the names the search list makes are DNS's. Each
+// event loop's context took every record of the file as local data, on the loop's thread: a hosts file of
+// 100,000 lines (an ad-blocking list) held a loop ~7 s at its first lookup after each start and reload and
+// cost ~70 MB per loop.
 ResolverSettings with_hosts_file(ResolverSettings settings, const std::string& hosts_file,
                                  const std::string& resolv_conf, const std::vector<std::string>& names,
                                  std::string& problem);

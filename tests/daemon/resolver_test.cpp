@@ -317,14 +317,14 @@ TEST_CASE("with_hosts_file: its names answered first in its order and others ask
   CHECK(std::chrono::steady_clock::now() - started < std::chrono::milliseconds(1500));
 }
 
-TEST_CASE(
-    "with_hosts_file: only the names a fixed upstream's lookup can ask are kept, however long the file") {
+TEST_CASE("with_hosts_file: only the fixed upstreams' names as written are kept, however long the file") {
   const auto dir = std::filesystem::temp_directory_path();
   const auto path = dir / ("mailflow-big-hosts-" + std::to_string(::getpid()));
   const auto resolv = dir / ("mailflow-big-resolv-" + std::to_string(::getpid()));
   {
     std::ofstream out(path);
-    out << "10.0.0.1 Store\n10.0.0.2 other\n10.0.0.3 store.corp.example. alias\n10.0.0.4 mail.example.org\n";
+    out << "10.0.0.1 Store\n10.0.0.2 other\n10.0.0.3 store.corp.example. store.corp.example alias\n"
+           "10.0.0.4 mail.example.org\n10.0.0.5 MAIL.example.org.\n";
     for (int i = 0; i < 100000; ++i)
       out << "10.1." << i / 256 % 256 << "." << i % 256 << " host" << i << ".example\n";
   }
@@ -335,12 +335,13 @@ TEST_CASE(
   const std::vector<std::string> names{"store", "mail.example.org."};
   std::string problem;
   const auto hosts = mailflow::with_hosts_file(plain, path.string(), resolv.string(), names, problem);
-  // "store" is asked as store.corp.example and store, "mail.example.org." as written: their records, any
-  // case, with a final dot or none, in the file's order; none of the 100,000 others.
-  CHECK(hosts.hosts_records == std::vector<std::string>{"Store A 10.0.0.1", "store.corp.example. A 10.0.0.3",
-                                                        "mail.example.org A 10.0.0.4"});
+  // Each name as written, as getaddrinfo asks the files service (`getent ahosts`): the records of "store" and
+  // "mail.example.org.", any case, the final dot part of the name, in the file's order; not
+  // store.corp.example, which the search list makes of "store" and which glibc asks of DNS alone, nor
+  // "mail.example.org" without the dot; none of the 100,000 others.
+  CHECK(hosts.hosts_records == std::vector<std::string>{"Store A 10.0.0.1", "MAIL.example.org. A 10.0.0.5"});
   // Another name of the file changed: the same settings, the loops' resolvers kept at a reload.
-  std::ofstream(path, std::ios::app) << "10.0.0.9 other\n";
+  std::ofstream(path, std::ios::app) << "10.0.0.9 other store.corp.example mail.example.org\n";
   CHECK(mailflow::with_hosts_file(plain, path.string(), resolv.string(), names, problem).key == hosts.key);
   std::ofstream(path, std::ios::app) << "10.0.0.8 store\n";
   CHECK(mailflow::with_hosts_file(plain, path.string(), resolv.string(), names, problem).key != hosts.key);

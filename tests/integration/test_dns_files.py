@@ -18,6 +18,7 @@ import hostile_helpers as hh
 
 HOSTS_ADDRESS = "127.0.7.22"  # what the test's hosts files say for the names in them
 CRLF_NAME_SERVER = "127.0.7.23"  # named by a resolv.conf line that ends in CR: asked by neither glibc nor the relay
+NOWHERE_NAME_SERVER = "127.0.7.24"  # nothing listens there
 
 
 def unread_hosts_file_config(workdir, name, upstream_host):
@@ -173,3 +174,47 @@ def test_a_resolv_conf_with_crlf_line_ends_is_read_as_glibc_reads_it(workdir, ma
     finally:
         dns.close()
 
+
+def test_hosts_file_names_are_matched_as_glibc_matches_them(workdir, mailflowd_bin, sink_factory):
+    """glibc's files service is asked the name as written, and matches it whole (any case): "plain.files.test." with
+    the root's final dot is not the file's "plain.files.test", and "store", completed by the search list to
+    store.corp.files.test, is not looked up in the file at all (the search list is DNS's; `getent ahosts` finds
+    neither in such a file). The relay answered both from the file (it compared names without their final dot and
+    took the file's records for every name the search list makes): 250 from a host that no other program on the
+    machine would reach by those names. Now both are asked of DNS (under .test: NXDOMAIN, a 451), while a name as
+    the file writes it is still answered from it."""
+    hosts = workdir / "match-hosts"
+    hosts.write_text(f"127.0.0.1 localhost\n{HOSTS_ADDRESS} plain.files.test store.corp.files.test other.files.test\n")
+    resolv = workdir / "match-resolv.conf"
+    resolv.write_text(f"nameserver {NOWHERE_NAME_SERVER}\nsearch corp.files.test\noptions timeout:1 attempts:1\n")
+    wrapper = harness.in_own_files(hosts, resolv)
+    for name, found in (("plain.files.test", True), ("plain.files.test.", False), ("store", False),
+                        ("other.files.test", True)):
+        getent = subprocess.run(wrapper + ["getent", "ahosts", name], capture_output=True, text=True, timeout=20)
+        assert (HOSTS_ADDRESS in getent.stdout) == found, (name, getent)
+    sink_port = harness.free_port(HOSTS_ADDRESS)
+    sink_factory("match-sink", host=HOSTS_ADDRESS, port=sink_port)
+    # Not "plain.files.test" beside "plain.files.test.": one resolver answers every fixed upstream's name, and the
+    # file's record of one spelling would answer the other too (configuration.md).
+    written = {"other": "other.files.test", "dotted": "plain.files.test.", "short": "store"}
+    ports = {key: harness.free_port() for key in written}
+    state = workdir / "match-state"
+    state.mkdir(exist_ok=True)
+    cfg = harness.default_config(state, harness.free_port(), [hh.listener(key, ports[key], key) for key in written],
+                                 [{"name": key, "address": f"{host}:{sink_port}", "tls": "none"}
+                                  for key, host in written.items()],
+                                 dns={"timeout": "1s"},
+                                 timeouts={"upstream_connect": "3s", "upstream_open": "10s"})
+    daemon = harness.Daemon(mailflowd_bin, workdir, cfg, name="match", wrapper=wrapper).start()
+    try:
+        replies = {}
+        for key, port in ports.items():
+            c = hh.greeted(port, timeout=30)
+            try:
+                assert c.cmd(f"MAIL FROM:<{hh.SENDER}>")[0] == 250
+                replies[key] = c.cmd(f"RCPT TO:<{hh.RCPT}>")[0]
+            finally:
+                c.close()
+        assert replies == {"other": 250, "dotted": 451, "short": 451}, (replies, daemon.log_tail())
+    finally:
+        harness.stop_exits_0(daemon)
