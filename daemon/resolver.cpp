@@ -823,6 +823,38 @@ std::string dns_settings_problem(const ResolverSettings& settings) {
   return "";
 }
 
+namespace {
+
+// `path`'s text. A file that does not exist is empty, and a problem only where `absent_is_a_problem`; one
+// that exists and cannot be read whole (a directory in its place, permissions, EIO) is empty too, and
+// `problem` says why. (std::ifstream read a directory as an exception, "basic_filebuf::underflow error
+// reading the file", which refused the start, and which --check-config did not catch: it aborted.)
+std::string read_text(const std::string& path, std::string& problem, bool absent_is_a_problem = false) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    if (errno != ENOENT || absent_is_a_problem) problem = path + ": cannot open it: " + std::strerror(errno);
+    return "";
+  }
+  std::string text;
+  char buffer[65536];
+  for (;;) {
+    const ssize_t n = ::read(fd, buffer, sizeof buffer);
+    if (n > 0) {
+      text.append(buffer, static_cast<std::size_t>(n));
+    } else if (n == 0) {
+      break;
+    } else if (errno != EINTR) {
+      problem = path + ": cannot read it: " + std::strerror(errno);
+      text.clear();  // part of a file: none of it, rather than some names from it and others from DNS
+      break;
+    }
+  }
+  ::close(fd);
+  return text;
+}
+
+}  // namespace
+
 ResolverSettings resolver_settings(const config::Dns& dns) {
   ResolverSettings settings;
   settings.dns = dns;
@@ -834,12 +866,10 @@ ResolverSettings resolver_settings(const config::Dns& dns) {
     // so a reload after the file changed gives every loop the name servers it names now. (libunbound's own
     // ub_ctx_resolvconf read the file again for each context, whenever a loop made one, and refused the whole
     // file, and with it the start or the reload, for a line glibc skips: "nameserver" without an address.)
-    std::ifstream in(resolv_conf_path, std::ios::binary);
-    const std::string text{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-    if (!in.is_open() || in.bad()) {
-      settings.problem = std::string(resolv_conf_path) + ": cannot " + (in.is_open() ? "read" : "open") +
-                         " it (without dns.servers its name servers are asked)";
-    }
+    std::string unreadable;
+    const std::string text = read_text(resolv_conf_path, unreadable, true);
+    if (!unreadable.empty())
+      settings.problem = unreadable + " (without dns.servers its name servers are asked)";
     settings.name_servers = proto::read_name_servers(text);
     settings.key += std::string("\n") + resolv_conf_path + ":";
     for (const auto& server : settings.name_servers) settings.key += " " + server;
@@ -863,37 +893,6 @@ ResolverSettings resolver_settings(const config::Dns& dns) {
   }
   return settings;
 }
-
-namespace {
-
-// `path`'s text. A file that does not exist is empty and no problem; one that exists and cannot be read whole
-// (a directory in its place, permissions, EIO) is empty too, and `problem` says why. (std::ifstream read a
-// directory as an exception, "basic_filebuf::underflow error reading the file", which refused the start.)
-std::string read_text(const std::string& path, std::string& problem) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) {
-    if (errno != ENOENT) problem = path + ": cannot open it: " + std::strerror(errno);
-    return "";
-  }
-  std::string text;
-  char buffer[65536];
-  for (;;) {
-    const ssize_t n = ::read(fd, buffer, sizeof buffer);
-    if (n > 0) {
-      text.append(buffer, static_cast<std::size_t>(n));
-    } else if (n == 0) {
-      break;
-    } else if (errno != EINTR) {
-      problem = path + ": cannot read it: " + std::strerror(errno);
-      text.clear();  // part of a file: none of it, rather than some names from it and others from DNS
-      break;
-    }
-  }
-  ::close(fd);
-  return text;
-}
-
-}  // namespace
 
 ResolverSettings with_hosts_file(ResolverSettings settings, const std::string& hosts_file,
                                  const std::string& resolv_conf, const std::vector<std::string>& names,

@@ -218,3 +218,26 @@ def test_hosts_file_names_are_matched_as_glibc_matches_them(workdir, mailflowd_b
         assert replies == {"other": 250, "dotted": 451, "short": 451}, (replies, daemon.log_tail())
     finally:
         harness.stop_exits_0(daemon)
+
+
+def test_a_resolv_conf_that_is_a_directory_is_said_not_aborted_on(workdir, mailflowd_bin):
+    """Without dns.servers the name servers come from /etc/resolv.conf; a directory in its place (here an /etc of the
+    test's own) made `--check-config` abort (terminate on std::ios_base::failure, "basic_filebuf::underflow error
+    reading the file: Is a directory", status 134, a core dump) and the start fail with that text. Now both say
+    "/etc/resolv.conf: cannot read it: Is a directory" as they say that the file cannot be opened: --check-config
+    exits 1, the daemon does not start."""
+    if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs a mount namespace (unshare --mount)")
+    etc = workdir / "resolv-dir-etc"
+    (etc / "resolv.conf").mkdir(parents=True, exist_ok=True)
+    (etc / "hosts").write_text("127.0.0.1 localhost\n")
+    cfg, _ = unread_hosts_file_config(workdir, "resolv-dir", "store.unread.test")
+    path = workdir / "resolv-dir.yaml"
+    path.write_text(json.dumps(cfg) + "\n")
+    in_etc = ["unshare", "--mount", "--propagation", "private", "sh", "-c", 'mount --bind "$0" /etc && exec "$@"',
+              str(etc), mailflowd_bin]
+    said = "/etc/resolv.conf: cannot read it: Is a directory (without dns.servers its name servers are asked)"
+    check = subprocess.run(in_etc + ["--check-config", str(path)], capture_output=True, text=True, timeout=30)
+    assert check.returncode == 1 and said in check.stdout + check.stderr, check
+    start = subprocess.run(in_etc + ["--config", str(path)], capture_output=True, text=True, timeout=30)
+    assert start.returncode == 1 and "startup_failed" in start.stderr and said in start.stderr, start
