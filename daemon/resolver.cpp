@@ -1,8 +1,10 @@
 // libunbound behind an awaitable API; see resolver.hpp for the thread model.
 #include "daemon/resolver.hpp"
 
+#include <fcntl.h>
 #include <unbound-event.h>
 #include <unbound.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -13,6 +15,7 @@
 #include <boost/asio/redirect_error.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
+#include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <deque>
@@ -820,6 +823,38 @@ std::string dns_settings_problem(const ResolverSettings& settings) {
   return "";
 }
 
+namespace {
+
+// `path`'s text. A file that does not exist is empty, and a problem only where `absent_is_a_problem`; one
+// that exists and cannot be read whole (a directory in its place, permissions, EIO) is empty too, and
+// `problem` says why. (std::ifstream read a directory as an exception, "basic_filebuf::underflow error
+// reading the file", which refused the start, and which --check-config did not catch: it aborted.)
+std::string read_text(const std::string& path, std::string& problem, bool absent_is_a_problem = false) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    if (errno != ENOENT || absent_is_a_problem) problem = path + ": cannot open it: " + std::strerror(errno);
+    return "";
+  }
+  std::string text;
+  char buffer[65536];
+  for (;;) {
+    const ssize_t n = ::read(fd, buffer, sizeof buffer);
+    if (n > 0) {
+      text.append(buffer, static_cast<std::size_t>(n));
+    } else if (n == 0) {
+      break;
+    } else if (errno != EINTR) {
+      problem = path + ": cannot read it: " + std::strerror(errno);
+      text.clear();  // part of a file: none of it, rather than some names from it and others from DNS
+      break;
+    }
+  }
+  ::close(fd);
+  return text;
+}
+
+}  // namespace
+
 ResolverSettings resolver_settings(const config::Dns& dns) {
   ResolverSettings settings;
   settings.dns = dns;
@@ -831,12 +866,10 @@ ResolverSettings resolver_settings(const config::Dns& dns) {
     // so a reload after the file changed gives every loop the name servers it names now. (libunbound's own
     // ub_ctx_resolvconf read the file again for each context, whenever a loop made one, and refused the whole
     // file, and with it the start or the reload, for a line glibc skips: "nameserver" without an address.)
-    std::ifstream in(resolv_conf_path, std::ios::binary);
-    const std::string text{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-    if (!in.is_open() || in.bad()) {
-      settings.problem = std::string(resolv_conf_path) + ": cannot " + (in.is_open() ? "read" : "open") +
-                         " it (without dns.servers its name servers are asked)";
-    }
+    std::string unreadable;
+    const std::string text = read_text(resolv_conf_path, unreadable, true);
+    if (!unreadable.empty())
+      settings.problem = unreadable + " (without dns.servers its name servers are asked)";
     settings.name_servers = proto::read_name_servers(text);
     settings.key += std::string("\n") + resolv_conf_path + ":";
     for (const auto& server : settings.name_servers) settings.key += " " + server;
@@ -862,19 +895,21 @@ ResolverSettings resolver_settings(const config::Dns& dns) {
 }
 
 ResolverSettings with_hosts_file(ResolverSettings settings, const std::string& hosts_file,
-                                 const std::string& resolv_conf, const std::vector<std::string>& names) {
-  const auto read = [](const std::string& path) {
-    std::ifstream in(path, std::ios::binary);
-    return std::string{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-  };
+                                 const std::string& resolv_conf, const std::vector<std::string>& names,
+                                 std::string& problem) {
+  problem.clear();
   settings.hosts_file = hosts_file;
-  proto::read_search_list(read(resolv_conf), settings.search, settings.ndots);
-  std::set<std::string, std::less<>> asked;  // dns_name_key of every name a lookup may ask
-  for (const auto& name : names)
-    for (const auto& search : proto::search_names(name, settings.search, settings.ndots, {}))
-      asked.insert(proto::dns_name_key(search));
-  for (auto& record : proto::hosts_records(read(hosts_file))) {
-    if (asked.contains(proto::dns_name_key(std::string_view(record).substr(0, record.find(' ')))))
+  // A resolv.conf that cannot be read has no search list, as glibc's res_init passes it over (EACCES, EISDIR:
+  // "persistent errors caused by file system contents"); without dns.servers resolver_settings refuses it.
+  std::string unread_resolv_conf;
+  proto::read_search_list(read_text(resolv_conf, unread_resolv_conf), settings.search, settings.ndots);
+  // The names getaddrinfo asks of the files service: each as written, matched whole in any case (glibc's
+  // nss_files compares with strcasecmp: "mail.example.org." is not the file's "mail.example.org"). The names
+  // the search list makes are asked of DNS only (res_search), never of the file.
+  std::set<std::string, std::less<>> asked;
+  for (const auto& name : names) asked.insert(proto::ascii_lower(name));
+  for (auto& record : proto::hosts_records(read_text(hosts_file, problem))) {
+    if (asked.contains(proto::ascii_lower(std::string_view(record).substr(0, record.find(' ')))))
       settings.hosts_records.push_back(std::move(record));
   }
   settings.hosts_names.assign(asked.begin(), asked.end());
@@ -895,7 +930,8 @@ ResolverSettings fixed_upstream_settings(const ResolverSettings& dns, const conf
     if (!upstream.mx && (net::ip::make_address(upstream.address.host, literal), literal))
       names.push_back(upstream.address.host);
   }
-  auto hosts = with_hosts_file(dns, hosts_file_path, resolv_conf_path, names);
+  auto hosts = with_hosts_file(dns, hosts_file_path, resolv_conf_path, names, problem);
+  if (!problem.empty()) return hosts;  // unreadable: none of its names, the search list still applied
   problem = dns_settings_problem(hosts);
   if (problem.empty()) return hosts;
   return dns;

@@ -138,22 +138,26 @@ ResolverSettings resolver_settings(const config::Dns& dns);
 // `settings` for a fixed upstream's host name: `hosts_file`'s names first, then DNS as `settings` say. The
 // file is read here, once (start, reload), as the trust anchor file is, and its entries are part of the key,
 // so a reload after it changed makes new resolvers and a change without one is used by none. A file that
-// cannot be opened leaves DNS alone (as glibc's files service does); a line whose first field is no IP
-// address, and a name with bytes other than letters, digits, '-', '_' and '.' or that is no DNS name (an
-// empty label), are skipped (glibc skips the first too).
-// `resolv_conf`'s search list and ndots are read here as well (proto::search_names()). Only the records of
-// `names` (fixed upstreams' host names as written) and of the names the search list makes of them are kept,
-// any case, a final dot or none (hosts_names): no other name of this configuration is asked. Each event
-// loop's context took every record of the file as local data, on the loop's thread: a hosts file of 100,000
-// lines (an ad-blocking list) held a loop ~7 s at its first lookup after each start and reload and cost ~70
-// MB per loop.
+// does not exist leaves DNS alone (as glibc's files service does); one that exists and cannot be read (a
+// directory in its place, permissions, EIO) too, and `problem` says why (else ""): glibc's lookups pass it
+// over as silently, and the administrator would not know that its names are asked of DNS. A line whose first
+// field is no IP address, and a name with bytes other than letters, digits, '-', '_' and '.' or that is no
+// DNS name (an empty label), are skipped (glibc skips the first too). `resolv_conf`'s search list and ndots
+// are read here as well (proto::search_names()). Only the records of `names` (fixed upstreams' host names as
+// written) are kept (hosts_names), matched whole in any case (a final dot is part of the name), as getaddrinfo asks the
+// files service for the name as written and nothing else: the names the search list makes are DNS's. Each
+// event loop's context took every record of the file as local data, on the loop's thread: a hosts file of
+// 100,000 lines (an ad-blocking list) held a loop ~7 s at its first lookup after each start and reload and
+// cost ~70 MB per loop.
 ResolverSettings with_hosts_file(ResolverSettings settings, const std::string& hosts_file,
-                                 const std::string& resolv_conf, const std::vector<std::string>& names);
+                                 const std::string& resolv_conf, const std::vector<std::string>& names,
+                                 std::string& problem);
 
 // The settings for fixed upstreams' host names, as a start or a reload makes them (Runtime::build) and
 // `mailflowd route` shows them: `dns` with hosts_file_path's names first and resolv.conf's search list
 // (with_hosts_file), for the host names of `config`'s fixed upstreams. Where libunbound still cannot take the
-// file, `dns` itself, and `problem` says why (else "").
+// file, `dns` itself, and `problem` says why (else ""); where the file cannot be read, the settings without
+// its names, and `problem` says why.
 inline constexpr const char* hosts_file_path = "/etc/hosts";
 ResolverSettings fixed_upstream_settings(const ResolverSettings& dns, const config::Config& config,
                                          std::string& problem);

@@ -76,10 +76,10 @@ std::shared_ptr<const Runtime> Runtime::build(std::shared_ptr<const config::Conf
   if (const auto loops = upstream_loops(*config, *runtime->own_listeners); !loops.empty())
     throw std::runtime_error(loops.front().to_string());
   // /etc/hosts for fixed upstreams' host names. A name that is no DNS name ("a..b") is skipped as it is read
-  // (proto::hosts_records); a file that libunbound still cannot take must not stop delivery to every fixed
-  // upstream, nor refuse a start or a reload for a file that is no setting of mailflowd's: their names are
-  // looked up in DNS alone then, logged at each start and reload that puts it in force until it is fixed
-  // (log_problems()).
+  // (proto::hosts_records); a file that cannot be read, or that libunbound still cannot take, must not stop
+  // delivery to every fixed upstream, nor refuse a start or a reload for a file that is no setting of
+  // mailflowd's: their names are looked up in DNS alone then, logged at each start and reload that puts it in
+  // force until it is fixed (log_problems()).
   auto hosts = fixed_upstream_settings(*resolver, *config, runtime->hosts_file_problem);
   try {
     // The tests' stand-in for such a file: no file is known that gets past proto::hosts_records and that
@@ -87,8 +87,8 @@ std::shared_ptr<const Runtime> Runtime::build(std::shared_ptr<const config::Conf
     failpoint("runtime.hosts_file");
   } catch (const std::exception& e) {
     runtime->hosts_file_problem = e.what();
+    hosts = *resolver;
   }
-  if (!runtime->hosts_file_problem.empty()) hosts = *resolver;
   runtime->hosts_resolver = std::make_shared<const ResolverSettings>(std::move(hosts));
   runtime->resolver = std::move(resolver);
   runtime->config = std::move(config);

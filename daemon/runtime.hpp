@@ -38,9 +38,10 @@ struct Runtime {
   // replaced.
   std::shared_ptr<const ResolverSettings> resolver;
   // The same with /etc/hosts answered first: for fixed upstreams' host names (not under tls: dane). DNS only
-  // (the same settings as `resolver`) when libunbound cannot take the file: why, in hosts_file_problem.
+  // (the same settings as `resolver`) when libunbound cannot take the file, none of its names (resolv.conf's
+  // search list still applied) when it cannot be read: why, in hosts_file_problem.
   std::shared_ptr<const ResolverSettings> hosts_resolver;
-  std::string hosts_file_problem;  // empty when /etc/hosts is in hosts_resolver
+  std::string hosts_file_problem;  // empty when /etc/hosts is in hosts_resolver (or does not exist)
 
   // Throws std::runtime_error (naming the file) when a certificate, key or CA file cannot be loaded. Logs
   // nothing itself: a later step may still refuse the reload it is built for.

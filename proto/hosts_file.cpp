@@ -87,11 +87,13 @@ void read_search_list(std::string_view text, std::vector<std::string>& search, i
     // words are all domains, an "options" line's all options), as res_init reads them.
     if (line.starts_with(' ') || line.starts_with('\t') || line.starts_with('#') || line.starts_with(';'))
       continue;
+    // Words are separated by blanks and tabs only, as res_init splits them: the CR of a CRLF line end (a file
+    // written on Windows) stays in the last word ("search corp.example\r", "nameserver 10.0.0.1\r").
     std::vector<std::string_view> fields;
     for (std::size_t at = 0; at < line.size();) {
-      at = line.find_first_not_of(" \t\r", at);
+      at = line.find_first_not_of(" \t", at);
       if (at == std::string_view::npos) break;
-      const std::size_t stop = std::min(line.find_first_of(" \t\r", at), line.size());
+      const std::size_t stop = std::min(line.find_first_of(" \t", at), line.size());
       fields.push_back(line.substr(at, stop - at));
       at = stop;
     }
@@ -107,9 +109,14 @@ void read_search_list(std::string_view text, std::vector<std::string>& search, i
         if (name.ends_with('.')) name.remove_suffix(1);
         // A name with an empty label ("a..b", ".a", "a.." once its final dot is gone): no name under it can
         // be asked (glibc's dn_comp refuses it), and libunbound would take "host.a." as a name under the
-        // root.
+        // root. A name with a control byte (the CR of a CRLF line end): glibc asks "host.corp.example\r", a
+        // name no zone has, and then the next; here it is left out, as getaddrinfo finds nothing under it
+        // either (the final dot is taken off before: "corp.example.\r" is no name under corp.example).
         const bool empty_label = name.starts_with('.') || name.ends_with('.') || name.find("..") != name.npos;
-        if (!name.empty() && name.size() <= 253 && !empty_label) search.emplace_back(name);
+        const bool control = std::any_of(name.begin(), name.end(), [](char c) {
+          return static_cast<unsigned char>(c) < 0x20 || c == 0x7f;
+        });
+        if (!name.empty() && name.size() <= 253 && !empty_label && !control) search.emplace_back(name);
       }
     } else if (fields[0] == "options") {
       for (std::size_t i = 1; i < fields.size(); ++i) {
@@ -145,11 +152,15 @@ std::vector<std::string> read_name_servers(std::string_view text) {
       continue;
     line.remove_prefix(keyword.size());
     line.remove_prefix(std::min(line.find_first_not_of(" \t"), line.size()));
-    const std::string word(line.substr(0, std::min(line.find_first_of(" \t\r"), line.size())));
+    // The word ends at a blank or tab only, as res_init cuts it: "10.0.0.1\r" (a CRLF line end) is no address
+    // for glibc's __inet_aton_exact nor inet_pton, and the line is skipped (getent then asks 127.0.0.1, as
+    // with no name server at all). inet_aton itself takes an address followed by any white space, so the
+    // word is checked for it first.
+    const std::string word(line.substr(0, std::min(line.find_first_of(" \t"), line.size())));
     if (word.empty()) continue;
     char buf[INET6_ADDRSTRLEN];
     in_addr v4{};
-    if (inet_aton(word.c_str(), &v4) != 0) {
+    if (word.find_first_of("\r\f\v") == std::string::npos && inet_aton(word.c_str(), &v4) != 0) {
       if (inet_ntop(AF_INET, &v4, buf, sizeof buf) != nullptr) out.emplace_back(buf);
       continue;
     }

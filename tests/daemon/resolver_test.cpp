@@ -265,11 +265,14 @@ TEST_CASE("with_hosts_file: its names answered first in its order and others ask
   const auto plain = mailflow::resolver_settings(dns);
   const std::vector<std::string> names{"store.example.org", "v6.example.org", "absent.example.org",
                                        "other.example.org"};
-  const auto hosts = mailflow::with_hosts_file(plain, path.string(), "/nonexistent/resolv.conf", names);
+  std::string problem;
+  const auto hosts =
+      mailflow::with_hosts_file(plain, path.string(), "/nonexistent/resolv.conf", names, problem);
+  CHECK(problem.empty());
   CHECK(hosts.hosts_file == path.string());
   CHECK(hosts.key != plain.key);
   std::ofstream(path, std::ios::app) << "127.0.0.7 other.example.org\n";
-  CHECK(mailflow::with_hosts_file(plain, path.string(), "/nonexistent/resolv.conf", names).key !=
+  CHECK(mailflow::with_hosts_file(plain, path.string(), "/nonexistent/resolv.conf", names, problem).key !=
         hosts.key);  // a reload after a change: new resolvers
 
   mailflow::Telemetry telemetry;
@@ -314,14 +317,14 @@ TEST_CASE("with_hosts_file: its names answered first in its order and others ask
   CHECK(std::chrono::steady_clock::now() - started < std::chrono::milliseconds(1500));
 }
 
-TEST_CASE(
-    "with_hosts_file: only the names a fixed upstream's lookup can ask are kept, however long the file") {
+TEST_CASE("with_hosts_file: only the fixed upstreams' names as written are kept, however long the file") {
   const auto dir = std::filesystem::temp_directory_path();
   const auto path = dir / ("mailflow-big-hosts-" + std::to_string(::getpid()));
   const auto resolv = dir / ("mailflow-big-resolv-" + std::to_string(::getpid()));
   {
     std::ofstream out(path);
-    out << "10.0.0.1 Store\n10.0.0.2 other\n10.0.0.3 store.corp.example. alias\n10.0.0.4 mail.example.org\n";
+    out << "10.0.0.1 Store\n10.0.0.2 other\n10.0.0.3 store.corp.example. store.corp.example alias\n"
+           "10.0.0.4 mail.example.org\n10.0.0.5 MAIL.example.org.\n";
     for (int i = 0; i < 100000; ++i)
       out << "10.1." << i / 256 % 256 << "." << i % 256 << " host" << i << ".example\n";
   }
@@ -330,26 +333,52 @@ TEST_CASE(
   dns.servers.push_back({"127.0.0.1", 53, "local"});
   const auto plain = mailflow::resolver_settings(dns);
   const std::vector<std::string> names{"store", "mail.example.org."};
-  const auto hosts = mailflow::with_hosts_file(plain, path.string(), resolv.string(), names);
-  // "store" is asked as store.corp.example and store, "mail.example.org." as written: their records, any
-  // case, with a final dot or none, in the file's order; none of the 100,000 others.
-  CHECK(hosts.hosts_records == std::vector<std::string>{"Store A 10.0.0.1", "store.corp.example. A 10.0.0.3",
-                                                        "mail.example.org A 10.0.0.4"});
+  std::string problem;
+  const auto hosts = mailflow::with_hosts_file(plain, path.string(), resolv.string(), names, problem);
+  // Each name as written, as getaddrinfo asks the files service (`getent ahosts`): the records of "store" and
+  // "mail.example.org.", any case, the final dot part of the name, in the file's order; not
+  // store.corp.example, which the search list makes of "store" and which glibc asks of DNS alone, nor
+  // "mail.example.org" without the dot; none of the 100,000 others.
+  CHECK(hosts.hosts_records == std::vector<std::string>{"Store A 10.0.0.1", "MAIL.example.org. A 10.0.0.5"});
   // Another name of the file changed: the same settings, the loops' resolvers kept at a reload.
-  std::ofstream(path, std::ios::app) << "10.0.0.9 other\n";
-  CHECK(mailflow::with_hosts_file(plain, path.string(), resolv.string(), names).key == hosts.key);
+  std::ofstream(path, std::ios::app) << "10.0.0.9 other store.corp.example mail.example.org\n";
+  CHECK(mailflow::with_hosts_file(plain, path.string(), resolv.string(), names, problem).key == hosts.key);
   std::ofstream(path, std::ios::app) << "10.0.0.8 store\n";
-  CHECK(mailflow::with_hosts_file(plain, path.string(), resolv.string(), names).key != hosts.key);
+  CHECK(mailflow::with_hosts_file(plain, path.string(), resolv.string(), names, problem).key != hosts.key);
   std::filesystem::remove(path);
   std::filesystem::remove(resolv);
 }
 
-TEST_CASE("with_hosts_file: a file that cannot be opened leaves DNS alone") {
+TEST_CASE("with_hosts_file: a file that does not exist leaves DNS alone, and is no problem") {
   net::io_context io;
   mailflow::config::Dns dns;
   dns.servers.push_back({"127.0.0.1", 53, "local"});
-  const auto settings = mailflow::with_hosts_file(mailflow::resolver_settings(dns),
-                                                  "/nonexistent/mailflow-hosts", "/nonexistent/r", {"store"});
+  std::string problem = "stale";
+  const auto settings = mailflow::with_hosts_file(
+      mailflow::resolver_settings(dns), "/nonexistent/mailflow-hosts", "/nonexistent/r", {"store"}, problem);
+  CHECK(problem.empty());
+  CHECK_NOTHROW(Resolver(io.get_executor(), settings, nullptr));
+}
+
+TEST_CASE("with_hosts_file: a file that exists and cannot be read leaves DNS alone, and says why") {
+  // A directory mounted in its place: it opens and every read fails (EISDIR). Its search list is still read.
+  const auto dir =
+      std::filesystem::temp_directory_path() / ("mailflow-hosts-dir-" + std::to_string(::getpid()));
+  const auto resolv =
+      std::filesystem::temp_directory_path() / ("mailflow-dir-resolv-" + std::to_string(::getpid()));
+  std::filesystem::create_directory(dir);
+  std::ofstream(resolv) << "search corp.example\n";
+  net::io_context io;
+  mailflow::config::Dns dns;
+  dns.servers.push_back({"127.0.0.1", 53, "local"});
+  std::string problem;
+  const auto settings = mailflow::with_hosts_file(mailflow::resolver_settings(dns), dir.string(),
+                                                  resolv.string(), {"store"}, problem);
+  std::filesystem::remove(dir);
+  std::filesystem::remove(resolv);
+  CHECK(problem == dir.string() + ": cannot read it: Is a directory");
+  CHECK(settings.hosts_records.empty());
+  CHECK(settings.search == std::vector<std::string>{"corp.example"});
   CHECK_NOTHROW(Resolver(io.get_executor(), settings, nullptr));
 }
 

@@ -260,5 +260,6 @@ def test_route_without_resolv_conf_says_so_once(workdir, mailflowd_bin):
                         'mount -t tmpfs none /etc && exec "$0" "$@"', mailflowd_bin, "route", "--config", str(path),
                         "--recipient", "user@example.org"], capture_output=True, text=True, timeout=30)
     assert p.returncode == 1, p
-    assert p.stderr.splitlines() == ["mailflowd route: dns: /etc/resolv.conf: cannot open it (without dns.servers "
+    assert p.stderr.splitlines() == ["mailflowd route: dns: /etc/resolv.conf: cannot open it: No such file or "
+                                     "directory (without dns.servers "
                                      "its name servers are asked)"], p.stderr

@@ -179,12 +179,46 @@ TEST_CASE("read_name_servers: as glibc's res_init takes them, at most three, a l
         std::vector<std::string>{"10.0.0.1", "127.0.0.1", "fe80::1%eth0"});
   CHECK(read_name_servers("nameserver fe80::1%eth0@53\nnameserver fe80::2%\n") ==
         std::vector<std::string>{"fe80::1", "fe80::2"});
-  CHECK(read_name_servers("nameserver 10.0.0.1\r\n") == std::vector<std::string>{"10.0.0.1"});
   // glibc's MAXNS: the first three.
   CHECK(read_name_servers(
             "nameserver 10.0.0.1\nnameserver 10.0.0.2\nnameserver 10.0.0.3\nnameserver 10.0.0.4\n") ==
         std::vector<std::string>{"10.0.0.1", "10.0.0.2", "10.0.0.3"});
   CHECK(read_name_servers("search example.org\n").empty());
+}
+
+TEST_CASE("CRLF line ends in resolv.conf as glibc's res_init reads them: the CR stays in the word it ends") {
+  // glibc 2.36 (getent ahosts in a mount namespace with such a file): "nameserver 127.0.7.21\r" sent no query
+  // there, "search example.com\r" asked "mailstore.example.com\r" and then "mailstore".
+  CHECK(read_name_servers("nameserver 10.0.0.1\r\nnameserver ::1\r\nnameserver fe80::1%eth0\r\n"
+                          "nameserver 10.0.0.2\n") == std::vector<std::string>{"fe80::1", "10.0.0.2"});
+  CHECK(read_name_servers("nameserver 10.0.0.1\f\nnameserver 10.0.0.3\v\n").empty());
+  CHECK(read_name_servers("nameserver 10.0.0.1 \r\n") == std::vector<std::string>{"10.0.0.1"});
+  std::vector<std::string> search;
+  int ndots = 0;
+  read_search_list("search a.example b.example\r\noptions ndots:3\r\n", search, ndots);
+  CHECK(search == std::vector<std::string>{"a.example"});
+  CHECK(ndots == 3);
+  read_search_list("search corp.example.\r\n", search, ndots);
+  CHECK(search.empty());
+  read_search_list("domain corp.example\r\n", search, ndots);
+  CHECK(search.empty());
+  read_search_list("search a.example \r\n", search, ndots);
+  CHECK(search == std::vector<std::string>{"a.example"});
+  // "search\r" is no keyword for glibc (MATCH wants a blank or tab behind it): the list before it stays.
+  read_search_list("search a.example\nsearch\r\n", search, ndots);
+  CHECK(search == std::vector<std::string>{"a.example"});
+  // "search \r" is: its one word, a CR, replaces the list, and no name is found under it.
+  read_search_list("search a.example\nsearch \r\n", search, ndots);
+  CHECK(search.empty());
+  // The final dot is no CR: "search corp.example." is corp.example, as glibc asks "mailstore.corp.example".
+  read_search_list("search corp.example.\n", search, ndots);
+  CHECK(search == std::vector<std::string>{"corp.example"});
+}
+
+TEST_CASE("CR in /etc/hosts as glibc's files service reads it: white space between fields") {
+  // nss_files splits with isspace(): "mx.example.com\r" is mx.example.com, "192.0.2.2\rcr.example" a line.
+  CHECK(hosts_records("192.0.2.1 mx.example.com\r\n192.0.2.2\rcr.example\r\n") ==
+        std::vector<std::string>{"mx.example.com A 192.0.2.1", "cr.example A 192.0.2.2"});
 }
 
 }  // namespace
