@@ -578,6 +578,8 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
     if (closed_) break;  // force_close() while connecting: no next address
     ++tried;
     timed_out_ = false;  // the last address tried says (timed_out())
+    // Our side of this attempt's connection, once made (RFC 8460 4.3): a skipped address has none.
+    local_address_.clear();
     std::optional<proto::tlsrpt::FailureKey> failure;
     bool connected = false;
     bool tls_session = false;
@@ -722,6 +724,10 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
   for (const auto& attempt : mx.attempts) {
     ++tried;
     timed_out_ = false;  // the last host tried says (timed_out())
+    // RFC 8460 4.3: sending-mta-ip is our side of the connection that attempted STARTTLS. A host skipped
+    // before any connection (its TLSA lookup failed, the MTA-STS policy does not list it) has none; it
+    // carried the previous host's.
+    local_address_.clear();
     auto plan = dane_plans.find(attempt.host);
     if (plan == dane_plans.end()) {
       proto::DanePlan dane = co_await within_open(plan_dane(

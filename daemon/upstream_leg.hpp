@@ -177,7 +177,8 @@ class UpstreamLeg {
   void report_session(std::string_view connector, std::string_view policy, const std::string& domain,
                       const std::vector<std::string>& rua, const proto::tlsrpt::PolicyKey& key,
                       std::optional<proto::tlsrpt::FailureKey> failure);
-  // A TLS-RPT failure of the session to `host` at `endpoint` (our side: the last connection's).
+  // A TLS-RPT failure of the session to `host` at `endpoint` (our side: this attempt's connection's; none
+  // where the attempt made no connection).
   proto::tlsrpt::FailureKey failure_key(proto::tlsrpt::ResultType type, const std::string& host,
                                         const boost::asio::ip::tcp::endpoint& endpoint, std::string why) const;
   // The MTA-STS check (RFC 8461 4) of the connection just made to MX host `host`: after the handshake, or
