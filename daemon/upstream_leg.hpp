@@ -104,9 +104,10 @@ class UpstreamLeg {
   // transaction.
   bool closed_idle() const { return closed_idle_; }
   // The last open() was refused, or the connection was last lost, because a deadline passed
-  // (timeouts.upstream_open; for the last host or address tried, upstream_connect, tls_handshake or a reply's
-  // timeout): the far side hangs rather than refuses. The TLS reports' sender skips such a rua domain for the
-  // rest of its run (tlsrpt_sender.cpp).
+  // (timeouts.upstream_open; for any host or address the refused open tried, upstream_connect, tls_handshake
+  // or a reply's timeout, even where a later one refused at once; for a connection, a reply's timeout): the
+  // far side hangs rather than refuses, and the next open to it waits as long again. The TLS reports' sender
+  // skips such a rua domain for the rest of its run (tlsrpt_sender.cpp).
   bool timed_out() const { return timed_out_; }
 
   void cancel();  // the watchdog: cancel whatever is in flight

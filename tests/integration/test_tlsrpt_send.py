@@ -41,6 +41,8 @@ AGAIN_ADDR = "127.0.0.150"  # the one-report-per-day test's rua host
 TURN_ADDR = {"stuck": "127.0.0.116", "next": "127.0.0.117"}  # the first-try-first test's rua hosts
 FQDN_ADDR = "127.0.0.118"  # the fully qualified mailto: rua's MX host
 HANG_ADDR = {"hang": "127.0.5.1", "take": "127.0.5.2"}  # the hanging mailto: rua test's MX hosts
+# The walk test's MX hosts: one that hangs, then one where nothing listens (refused), and the other rua's host
+WALK_ADDR = {"hang": "127.0.7.11", "refuse": "127.0.7.12", "take": "127.0.7.13"}
 ZONE = f"""$ORIGIN rpt.example.net.
 $TTL 300
 @              SOA   ns hostmaster 1 3600 600 86400 300
@@ -68,6 +70,12 @@ hang           MX    10 mx.hang
 mx.hang        A     {HANG_ADDR["hang"]}
 take           MX    10 mx.take
 mx.take        A     {HANG_ADDR["take"]}
+walk           MX    10 mx.walkhang
+walk           MX    20 mx.walkrefuse
+mx.walkhang    A     {WALK_ADDR["hang"]}
+mx.walkrefuse  A     {WALK_ADDR["refuse"]}
+wtake          MX    10 mx.wtake
+mx.wtake       A     {WALK_ADDR["take"]}
 reports        A     127.0.0.1
 wrong          A     127.0.0.1
 silent         A     127.0.0.1
@@ -801,15 +809,15 @@ def test_a_run_tries_a_rua_host_that_timed_out_once(workdir, knot, silent_port, 
 
 
 class HangingMx:
-    """An MX host at HANG_ADDR["hang"]:`port` that `mode` says how to fail: "silent" takes the connection (the
+    """An MX host at `host`:`port` (HANG_ADDR["hang"] unless said) that `mode` says how to fail: "silent" takes the connection (the
     kernel's backlog completes it) and never says a word; "stall_at_mail" greets, answers EHLO, then never answers
     MAIL; "close_at_mail" greets, answers EHLO and closes the connection at MAIL."""
 
-    def __init__(self, mode, port):
+    def __init__(self, mode, port, host=HANG_ADDR["hang"]):
         self.mode = mode
         self.listener = socket.socket()
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind((HANG_ADDR["hang"], port))
+        self.listener.bind((host, port))
         self.listener.listen(16)
         self.connections = []
         self.thread = None
@@ -900,6 +908,38 @@ def test_a_run_tries_a_mailto_rua_domain_that_timed_out_once(mode, workdir, knot
             assert "their rua timed out earlier in this run (the mail hosts of hang.rpt.example.net)" in log, log
         # None was lost: each waits for a later run.
         assert reports_of(daemon, DATE) == [f"d{n}.example.net" for n in range(1, 7)]
+    finally:
+        harness.stop_exits_0(daemon)
+        hanging.close()
+
+
+def test_a_mailto_rua_domain_whose_walk_hung_at_one_host_and_was_refused_at_the_last_is_marked(
+        workdir, knot, sink_factory, mailflowd_bin):
+    """The rua domain walk.rpt.example.net has two MX hosts: the first takes the connection and never greets
+    (each walk waits timeouts.upstream_connect for it), the second refuses the connection. Whether the domain
+    was marked for the rest of the run went by the last host tried alone: refused, so not marked, and each of
+    its 6 reports waited for the first host again (1 s each) before the report of z.example.net to
+    wtake.rpt.example.net went (temporary_failure 6, skipped 0). The walk is the unit, as Postfix's queue
+    manager suspends a destination when its last MX host failed, whatever the earlier ones did: a walk that
+    found no host to take the mail and hung at one of them marks the domain (1 tried, 5 skipped)."""
+    port = harness.free_port("127.0.0.1", *WALK_ADDR.values())
+    take = sink_factory("rua-walk-take", host=WALK_ADDR["take"], port=port)
+    hanging = HangingMx("silent", port, host=WALK_ADDR["hang"])  # nothing listens at WALK_ADDR["refuse"]
+    tlsrpt = {"send": True, "submitter": SUBMITTER, "smtp_port": port, "interval": "5s", "retry_for": "1h"}
+    _, config = state_dir_and_config(workdir, "walk", "mailflowd-tlsrpt 1\n" + "".join(
+        f"day {DATE} w{n}.example.net mailto:reports+w{n}@walk.rpt.example.net\n"
+        "policy no-policy-found - - 1 0 0\n" for n in range(1, 7)) + (
+        f"day {DATE} z.example.net mailto:reports@wtake.rpt.example.net\n"
+        "policy no-policy-found - - 1 0 0\n"), knot, tlsrpt,
+        timeouts={"upstream_connect": "1s", "command": "1s", "upstream_open": "5s"})
+    daemon = harness.Daemon(mailflowd_bin, workdir, config, name="walk").start()
+    try:
+        take.wait_messages(1, timeout=30)
+        counts = tuple(deliveries(daemon, result) for result in ("temporary_failure", "skipped", "success"))
+        assert counts == (1, 5, 1), (counts, daemon.log_tail())
+        log = daemon.stderr()
+        assert "their rua timed out earlier in this run (the mail hosts of walk.rpt.example.net)" in log, log
+        assert reports_of(daemon, DATE) == [f"w{n}.example.net" for n in range(1, 7)]
     finally:
         harness.stop_exits_0(daemon)
         hanging.close()
