@@ -428,7 +428,7 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
                  {"domain", day->domain},
                  {"reason", "the report of this day was already sent to every rua"}});
     }
-    std::size_t skipped_here = 0;
+    std::set<std::string, std::less<>> skipped_here;  // its rua not tried in this run
     for (const auto& uri : pending) {
       const RuaTarget target = parse_rua(uri);
       const std::string destination = !target.valid ? std::string()
@@ -437,7 +437,7 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
                                           : "the mail hosts of " + target.domain;
       if (!destination.empty() && unreachable.contains(destination)) {
         // Not tried (nor put in the ledger as tried): counted, and said once at the end of the run.
-        ++skipped_here;
+        skipped_here.insert(uri);
         telemetry_.tlsrpt_delivery(to_string(target.method), "skipped");
         continue;
       }
@@ -479,7 +479,7 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
       save_ledger();
     }
     if (cut_short) break;
-    if (skipped_here > 0) ++skipped;
+    if (!skipped_here.empty()) ++skipped;
     // A report none of whose rua was tried took none of the run's time: not one of max_reports_per_run. Its
     // verdict below still starts its retry_for (the skip is for a destination that just failed a try): a rua
     // down for all of retry_for gives up the reports to it, not only the one tried at each run.
@@ -487,7 +487,7 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
     // POST times out (a large one on a slow link, a path of the host that hangs) went first again at every
     // run, being the one tried longest ago, and the host's other reports, which it would have taken, were
     // skipped behind it at each run until retry_for gave them up, never tried.
-    const bool untried = skipped_here > 0 && skipped_here == pending.size();
+    const bool untried = !skipped_here.empty() && skipped_here.size() == pending.size();
     if (untried) {
       --tried;
       if (turn_before)
@@ -495,27 +495,25 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
       else
         last_turn_.erase(key);
     }
-    // Its retry_for starts (a host down for all of it gives up every report to it, not one per run), but it
-    // is given up only at a run that tried it: a report whose time ran out was given up in the very run that
+    // Its retry_for starts (a host down for all of it gives up every report to it, not one per run), but a
+    // rua is given up only at a run that tried it: one whose time ran out was given up in the very run that
     // skipped it (with retry_for 0 every report behind the first one to a host that did not answer, the host
-    // never asked for them), although retry_for counts from a report's first try.
-    const auto retry_for = untried
-                               ? std::chrono::seconds::max()
-                               : std::chrono::duration_cast<std::chrono::seconds>(config.tlsrpt.retry_for);
-    const auto verdict = ledger_.verdict(key, day->rua, now, retry_for);
+    // never asked for them; and the skipped rua of a report whose other rua were tried), although retry_for
+    // counts from a report's first try. The report is then kept for them.
+    const auto verdict = ledger_.verdict(
+        key, day->rua, now, std::chrono::duration_cast<std::chrono::seconds>(config.tlsrpt.retry_for),
+        skipped_here);
     ledger_changed_ = true;
     save_ledger();
-    if (verdict.kind == TlsRptLedger::Verdict::Kind::retry) continue;
-    if (verdict.kind == TlsRptLedger::Verdict::Kind::gave_up) {
-      for (const auto& uri : verdict.given_up) {
-        telemetry_.tlsrpt_delivery(to_string(parse_rua(uri).method), "gave_up");
-        log_event(LogLevel::warn, "tlsrpt_gave_up",
-                  {{"date", day->date},
-                   {"domain", day->domain},
-                   {"rua", uri},
-                   {"reason", "still failing after tlsrpt.retry_for"}});
-      }
+    for (const auto& uri : verdict.given_up) {
+      telemetry_.tlsrpt_delivery(to_string(parse_rua(uri).method), "gave_up");
+      log_event(LogLevel::warn, "tlsrpt_gave_up",
+                {{"date", day->date},
+                 {"domain", day->domain},
+                 {"rua", uri},
+                 {"reason", "still failing after tlsrpt.retry_for"}});
     }
+    if (verdict.kind == TlsRptLedger::Verdict::Kind::retry) continue;
     store.forget(key.first, key.second);
     forgot = true;
   }

@@ -1023,3 +1023,36 @@ def test_a_skipped_report_is_not_given_up_before_its_first_try(workdir, knot, si
     tried = re.findall(r"tlsrpt_delivery date=\S+ domain=(g\d)\.example\.net rua=\S+ method=https "
                        r"result=temporary_failure", daemon.stderr())
     assert sorted(tried) == ["g1", "g2", "g3"], daemon.log_tail()
+
+
+def test_a_rua_skipped_in_a_run_is_not_given_up_with_the_reports_other_rua(workdir, knot, silent_port, https_port,
+                                                                           certs, daemon_factory):
+    """A report whose rua were partly skipped (their destination timed out earlier in the run) and partly tried:
+    its verdict gave up every rua left once retry_for had run out, the skipped one too, which the run never asked.
+    With retry_for 0: g1's report to a host that never answers times out (given up, tried once); g2's report
+    goes to that host (skipped) and to one that takes it; the skipped rua was given up with no try at all
+    (temporary_failure 1, gave_up 2). It is given up only at a run that tried it: g2's report is kept for that
+    rua, tried at the next run, and given up then (temporary_failure 2, gave_up 2)."""
+    silent = f"https://silent.rpt.example.net:{silent_port}"
+    state = "mailflowd-tlsrpt 1\n" + (
+        f"day {DATE} g1.example.net {silent}/g1\npolicy no-policy-found - - 1 0 0\n"
+        f"day {DATE} g2.example.net {silent}/g2,https://reports.rpt.example.net:{https_port}/g2\n"
+        "policy no-policy-found - - 1 0 0\n")
+    directory = workdir / "partly-state"
+    directory.mkdir(exist_ok=True)
+    (directory / "tlsrpt.state").write_text(state)
+    listeners = [{"name": "out", "address": f"127.0.0.1:{harness.free_port()}", "direction": "outbound",
+                  "upstream": "internet"}]
+    tlsrpt = {"send": True, "interval": "1s", "https_timeout": "500ms", "retry_for": "0s", "submitter": SUBMITTER,
+              "ca_file": str(certs / "ca.pem")}
+    daemon = daemon_factory(listeners, [{"name": "internet", "mx": True}], name="partly",
+                            dns={"servers": [knot.address], "timeout": "3s"}, tlsrpt=tlsrpt)
+    count = lambda result: harness.value(daemon.metrics(), "mailflow_tlsrpt_deliveries_total",  # noqa: E731
+                                         method="https", result=result)
+    harness.wait_for(lambda: count("gave_up") == 2 and reports_of(daemon, DATE) == [], 15,
+                     what="both silent rua given up, every report done with")
+    assert any(path == "/g2" for path, _, _ in Collector.posts)
+    assert count("temporary_failure") == 2, ("a rua was given up without a try", daemon.log_tail())
+    tried = re.findall(r"tlsrpt_delivery date=\S+ domain=(g\d)\.example\.net rua=\S+/g\d method=https "
+                       r"result=temporary_failure", daemon.stderr())
+    assert sorted(tried) == ["g1", "g2"], daemon.log_tail()
