@@ -390,11 +390,14 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
   std::size_t tried = 0;
   bool forgot = false;  // a report was done with (sent to every rua, or given up)
   bool cut_short = false;  // stop() ended a try: the run ends, the report stays as it was
-  for (const auto& key : keys) {
+  for (std::size_t at = 0; at < keys.size(); ++at) {
+    const auto& key = keys[at];
     if (cut_short || stopped_ || (stopping_ != nullptr && *stopping_)) break;
+    // The reports left are those from here on: keys.size() - tried also counted the reports before this one
+    // that were not tried (every rua skipped, said in the other tlsrpt_deferred line) or had left the store.
     if (tried >= config.tlsrpt.max_reports_per_run) {
       log_event(LogLevel::info, "tlsrpt_deferred",
-                {{"reports", keys.size() - tried}, {"reason", "tlsrpt.max_reports_per_run reached"}});
+                {{"reports", keys.size() - at}, {"reason", "tlsrpt.max_reports_per_run reached"}});
       break;
     }
     // Each try has its deadline (https_timeout; the report mail's timeouts.*, up to half an hour), but with
@@ -405,7 +408,7 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
     if (tried > 0 && std::chrono::steady_clock::now() - started >= config.tlsrpt.interval) {
       log_event(
           LogLevel::info, "tlsrpt_deferred",
-          {{"reports", keys.size() - tried},
+          {{"reports", keys.size() - at},
            {"reason", "the run took tlsrpt.interval " + config::format_duration(config.tlsrpt.interval)}});
       break;
     }

@@ -1056,3 +1056,32 @@ def test_a_rua_skipped_in_a_run_is_not_given_up_with_the_reports_other_rua(workd
     tried = re.findall(r"tlsrpt_delivery date=\S+ domain=(g\d)\.example\.net rua=\S+/g\d method=https "
                        r"result=temporary_failure", daemon.stderr())
     assert sorted(tried) == ["g1", "g2"], daemon.log_tail()
+
+
+def test_tlsrpt_deferred_counts_the_reports_left_not_those_skipped_before(workdir, knot, silent_port, https_port,
+                                                                          certs, daemon_factory):
+    """tlsrpt_deferred for max_reports_per_run said how many reports were left as the reports due less those
+    tried, so a report skipped earlier in the run (every rua skipped: not one of max_reports_per_run, and said
+    in the run's other tlsrpt_deferred line) was counted again among those left. Here max_reports_per_run 2: d1
+    to a host that never answers (tried), d2 to it (skipped), d3 to a host that takes it (tried), d4 and d5 left:
+    the line said reports=3, and now 2."""
+    silent = f"https://silent.rpt.example.net:{silent_port}"
+    ok = f"https://reports.rpt.example.net:{https_port}"
+    state = "mailflowd-tlsrpt 1\n" + "".join(
+        f"day {DATE} d{n}.example.net {silent if n <= 2 else ok}/left{n}\npolicy no-policy-found - - 1 0 0\n"
+        for n in range(1, 6))
+    directory = workdir / "left-state"
+    directory.mkdir(exist_ok=True)
+    (directory / "tlsrpt.state").write_text(state)
+    listeners = [{"name": "out", "address": f"127.0.0.1:{harness.free_port()}", "direction": "outbound",
+                  "upstream": "internet"}]
+    tlsrpt = {"send": True, "interval": "3s", "https_timeout": "500ms", "retry_for": "1h", "submitter": SUBMITTER,
+              "ca_file": str(certs / "ca.pem"), "max_reports_per_run": 2}
+    daemon = daemon_factory(listeners, [{"name": "internet", "mx": True}], name="left",
+                            dns={"servers": [knot.address], "timeout": "3s"}, tlsrpt=tlsrpt)
+    harness.wait_for(lambda: "max_reports_per_run reached" in daemon.stderr(), 60, what="the first run's end")
+    assert any(path == "/left3" for path, _, _ in Collector.posts)
+    left = re.findall(r'tlsrpt_deferred reports=(\d+) reason="tlsrpt.max_reports_per_run reached"', daemon.stderr())
+    assert left == ["2"], daemon.log_tail()
+    assert 'tlsrpt_deferred reports=1 reason="their rua timed out earlier in this run' in daemon.stderr()
+    assert reports_of(daemon, DATE) == ["d1.example.net", "d2.example.net", "d4.example.net", "d5.example.net"]
