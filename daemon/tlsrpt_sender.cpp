@@ -122,7 +122,7 @@ struct Conversation {
 
 // MAIL, RCPT, DATA and the message over a connection that `open` makes to the rua domain's MX hosts.
 // `timed_out`: the try ended because a deadline passed (UpstreamLeg::timed_out()), not at a refusal or a
-// connection that the far side closed.
+// connection that the far side closed, or failed after its walk waited for a host that hung.
 asio::awaitable<TlsRptDelivery> converse(Conversation& conversation, const config::Upstream& upstream,
                                          const RuaTarget& rua, const config::Config& config,
                                          const std::string& message, std::string& detail, bool& timed_out) {
@@ -140,6 +140,9 @@ asio::awaitable<TlsRptDelivery> converse(Conversation& conversation, const confi
                                               : TlsRptDelivery::temporary_failure;
   }
   detail = "via " + leg.host() + " (" + leg.address() + ")";
+  // The walk hung at a host before this one: a try that fails here (a 4xx, a lost connection) costs the next
+  // report to the domain that wait again before it gets as far, so it marks the domain as a timeout does.
+  const bool walk_hung = leg.timed_out();
   const std::string commands[] = {"MAIL FROM:<" + config.tlsrpt.from + ">\r\n", "RCPT TO:<" + rua.address + ">\r\n",
                                   "DATA\r\n", dot_stuff_for_data(message)};
   static constexpr std::string_view names[] = {"MAIL", "RCPT", "DATA", "end of data"};
@@ -149,11 +152,13 @@ asio::awaitable<TlsRptDelivery> converse(Conversation& conversation, const confi
     std::optional<proto::Reply> reply;
     if (co_await leg.write(commands[i], Deadlines::in(timeout))) reply = co_await leg.read_reply(Deadlines::in(timeout));
     if (!reply) {
-      timed_out = leg.timed_out();
-      detail += (timed_out ? ": timed out at " : ": connection lost at ") + std::string(names[i]);
+      const bool stalled = leg.timed_out();
+      timed_out = walk_hung || stalled;
+      detail += (stalled ? ": timed out at " : ": connection lost at ") + std::string(names[i]);
       co_return TlsRptDelivery::temporary_failure;
     }
     if (reply->code / 100 != expected[i]) {
+      timed_out = walk_hung;
       detail += ": " + std::string(names[i]) + " answered " + std::to_string(reply->code) +
                 (reply->lines.empty() ? "" : " " + reply->lines.front());
       // A 3xx where a 2xx belongs (or the reverse) is a broken server: tried again later.

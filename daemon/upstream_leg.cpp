@@ -599,7 +599,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
     if (upstream.tls == config::UpstreamTls::dane && (connected || tls_session || failure))
       report_session(connector, policy, {}, {}, {}, std::move(failure));
     if (connected) {
-      timed_out_ = false;
+      timed_out_ = hung;  // the address that took it came after one that hung: the next open waits again
       host_ = host;
       policy_ = policy;
       co_return std::nullopt;
@@ -794,7 +794,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
     if (open_timeout) reason = "open_timeout";
     session_.telemetry.mx_attempt(upstream.name, connected ? "success" : reason);
     if (connected) {
-      timed_out_ = false;
+      timed_out_ = hung;  // the host that took it came after one that hung: the next walk waits again
       host_ = attempt.host;
       policy_ = policy;
       co_return std::nullopt;

@@ -106,7 +106,8 @@ class UpstreamLeg {
   // The last open() was refused, or the connection was last lost, because a deadline passed
   // (timeouts.upstream_open; for any host or address the refused open tried, upstream_connect, tls_handshake
   // or a reply's timeout, even where a later one refused at once; for a connection, a reply's timeout): the
-  // far side hangs rather than refuses, and the next open to it waits as long again. The TLS reports' sender
+  // far side hangs rather than refuses, and the next open to it waits as long again. Right after an open()
+  // that connected: a host or address it tried before the one that took it hung. The TLS reports' sender
   // skips such a rua domain for the rest of its run (tlsrpt_sender.cpp).
   bool timed_out() const { return timed_out_; }
 

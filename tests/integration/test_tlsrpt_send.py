@@ -42,7 +42,7 @@ TURN_ADDR = {"stuck": "127.0.0.116", "next": "127.0.0.117"}  # the first-try-fir
 FQDN_ADDR = "127.0.0.118"  # the fully qualified mailto: rua's MX host
 HANG_ADDR = {"hang": "127.0.5.1", "take": "127.0.5.2"}  # the hanging mailto: rua test's MX hosts
 # The walk test's MX hosts: one that hangs, then one where nothing listens (refused), and the other rua's host
-WALK_ADDR = {"hang": "127.0.7.11", "refuse": "127.0.7.12", "take": "127.0.7.13"}
+WALK_ADDR = {"hang": "127.0.7.11", "refuse": "127.0.7.12", "take": "127.0.7.13", "defer": "127.0.7.14"}
 ZONE = f"""$ORIGIN rpt.example.net.
 $TTL 300
 @              SOA   ns hostmaster 1 3600 600 86400 300
@@ -75,6 +75,9 @@ walk           MX    20 mx.walkrefuse
 mx.walkhang    A     {WALK_ADDR["hang"]}
 mx.walkrefuse  A     {WALK_ADDR["refuse"]}
 wtake          MX    10 mx.wtake
+walkdefer      MX    10 mx.walkhang
+walkdefer      MX    20 mx.walkdefer
+mx.walkdefer   A     {WALK_ADDR["defer"]}
 mx.wtake       A     {WALK_ADDR["take"]}
 reports        A     127.0.0.1
 wrong          A     127.0.0.1
@@ -811,7 +814,7 @@ def test_a_run_tries_a_rua_host_that_timed_out_once(workdir, knot, silent_port, 
 class HangingMx:
     """An MX host at `host`:`port` (HANG_ADDR["hang"] unless said) that `mode` says how to fail: "silent" takes the connection (the
     kernel's backlog completes it) and never says a word; "stall_at_mail" greets, answers EHLO, then never answers
-    MAIL; "close_at_mail" greets, answers EHLO and closes the connection at MAIL."""
+    MAIL; "close_at_mail" greets, answers EHLO and closes the connection at MAIL; "defer_at_mail" answers MAIL 451."""
 
     def __init__(self, mode, port, host=HANG_ADDR["hang"]):
         self.mode = mode
@@ -852,6 +855,8 @@ class HangingMx:
                     elif verb == b"MAIL" and self.mode == "close_at_mail":
                         connection.close()
                         return
+                    elif verb == b"MAIL" and self.mode == "defer_at_mail":
+                        connection.sendall(b"451 4.3.2 try again later\r\n")
                     elif verb == b"MAIL":
                         continue  # stall_at_mail: no answer, ever
                     elif verb == b"QUIT":
@@ -943,6 +948,37 @@ def test_a_mailto_rua_domain_whose_walk_hung_at_one_host_and_was_refused_at_the_
     finally:
         harness.stop_exits_0(daemon)
         hanging.close()
+
+
+def test_a_mailto_rua_domain_whose_walk_hung_before_the_host_that_deferred_the_mail_is_marked(
+        workdir, knot, sink_factory, mailflowd_bin):
+    """walk.rpt.example.net's case with a second host that takes the connection and answers MAIL 451: the try
+    failed after its walk waited for the first host (timeouts.upstream_connect), so the next report to the domain
+    waits for it again before it gets that far. It was not marked (temporary_failure 6, skipped 0): it now is,
+    as a walk that hung and found no host is (1 tried, 5 skipped)."""
+    port = harness.free_port("127.0.0.1", *WALK_ADDR.values())
+    take = sink_factory("rua-walkdefer-take", host=WALK_ADDR["take"], port=port)
+    hanging = HangingMx("silent", port, host=WALK_ADDR["hang"])
+    deferring = HangingMx("defer_at_mail", port, host=WALK_ADDR["defer"])
+    tlsrpt = {"send": True, "submitter": SUBMITTER, "smtp_port": port, "interval": "5s", "retry_for": "1h"}
+    _, config = state_dir_and_config(workdir, "walkdefer", "mailflowd-tlsrpt 1\n" + "".join(
+        f"day {DATE} v{n}.example.net mailto:reports+v{n}@walkdefer.rpt.example.net\n"
+        "policy no-policy-found - - 1 0 0\n" for n in range(1, 7)) + (
+        f"day {DATE} z.example.net mailto:reports@wtake.rpt.example.net\n"
+        "policy no-policy-found - - 1 0 0\n"), knot, tlsrpt,
+        timeouts={"upstream_connect": "1s", "command": "1s", "upstream_open": "5s"})
+    daemon = harness.Daemon(mailflowd_bin, workdir, config, name="walkdefer").start()
+    try:
+        take.wait_messages(1, timeout=30)
+        counts = tuple(deliveries(daemon, result) for result in ("temporary_failure", "skipped", "success"))
+        assert counts == (1, 5, 1), (counts, daemon.log_tail())
+        log = daemon.stderr()
+        assert "MAIL answered 451" in log, log
+        assert "their rua timed out earlier in this run (the mail hosts of walkdefer.rpt.example.net)" in log, log
+    finally:
+        harness.stop_exits_0(daemon)
+        hanging.close()
+        deferring.close()
 
 
 class HangsOnOnePath(http.server.BaseHTTPRequestHandler):
