@@ -48,7 +48,8 @@ TlsRptLedger::Verdict TlsRptLedger::record(const Key& key, const std::vector<std
 }
 
 TlsRptLedger::Verdict TlsRptLedger::verdict(const Key& key, const std::vector<std::string>& rua,
-                                            std::int64_t now, std::chrono::seconds retry_for) {
+                                            std::int64_t now, std::chrono::seconds retry_for,
+                                            const std::set<std::string, std::less<>>& untried) {
   Entry& entry = this->entry(key, now);
   Verdict verdict;
   std::vector<std::string> left;
@@ -61,9 +62,12 @@ TlsRptLedger::Verdict TlsRptLedger::verdict(const Key& key, const std::vector<st
   if (left.empty()) {
     verdict.kind = Verdict::Kind::done;
   } else if (now - entry.first_try >= retry_for.count()) {
-    verdict.kind = Verdict::Kind::gave_up;
-    entry.finished.insert(left.begin(), left.end());
-    verdict.given_up = std::move(left);
+    for (auto& address : left) {
+      if (untried.contains(address)) continue;
+      entry.finished.insert(address);
+      verdict.given_up.push_back(std::move(address));
+    }
+    if (verdict.given_up.size() == left.size()) verdict.kind = Verdict::Kind::gave_up;
   }
   return verdict;
 }

@@ -30,7 +30,9 @@ class TlsRptLedger {
   struct Verdict {
     enum class Kind { retry, done, gave_up };
     Kind kind = Kind::retry;
-    std::vector<std::string> given_up;  // gave_up: the rua that never took the report
+    // The rua given up now, never having taken the report: all those left (gave_up), or, where some of those
+    // left were not tried in this run (retry), the others.
+    std::vector<std::string> given_up;
   };
 
   // The addresses of `rua` still to try for this report (all of them the first time).
@@ -38,10 +40,12 @@ class TlsRptLedger {
   // One address of this report tried at unix time `now`: as soon as it is known, so that a stop or crash
   // while a later address of the same report is being tried does not lose that this one took it.
   void tried(const Key& key, const std::string& address, TlsRptDelivery result, std::int64_t now);
-  // The report's try at unix time `now` is over (every address of to_try() was tried()): done, given up, or
-  // to be tried again. Once done or given up, to_try() gives nothing for it until keep_only() drops it.
+  // The report's try at unix time `now` is over (every address of to_try() was tried(), or is in `untried`:
+  // not tried in this run): done, given up, or to be tried again. An address in `untried` is never given up
+  // here, only at a try that asked it (its report is then tried again), though retry_for still counts from
+  // the report's first try. Once done or given up, to_try() gives nothing for it until keep_only() drops it.
   Verdict verdict(const Key& key, const std::vector<std::string>& rua, std::int64_t now,
-                  std::chrono::seconds retry_for);
+                  std::chrono::seconds retry_for, const std::set<std::string, std::less<>>& untried = {});
   // tried() for each of `outcomes`, then verdict().
   Verdict record(const Key& key, const std::vector<std::string>& rua,
                  const std::vector<std::pair<std::string, TlsRptDelivery>>& outcomes, std::int64_t now,

@@ -122,7 +122,7 @@ struct Conversation {
 
 // MAIL, RCPT, DATA and the message over a connection that `open` makes to the rua domain's MX hosts.
 // `timed_out`: the try ended because a deadline passed (UpstreamLeg::timed_out()), not at a refusal or a
-// connection that the far side closed.
+// connection that the far side closed, or failed after its walk waited for a host that hung.
 asio::awaitable<TlsRptDelivery> converse(Conversation& conversation, const config::Upstream& upstream,
                                          const RuaTarget& rua, const config::Config& config,
                                          const std::string& message, std::string& detail, bool& timed_out) {
@@ -140,6 +140,9 @@ asio::awaitable<TlsRptDelivery> converse(Conversation& conversation, const confi
                                               : TlsRptDelivery::temporary_failure;
   }
   detail = "via " + leg.host() + " (" + leg.address() + ")";
+  // The walk hung at a host before this one: a try that fails here (a 4xx, a lost connection) costs the next
+  // report to the domain that wait again before it gets as far, so it marks the domain as a timeout does.
+  const bool walk_hung = leg.timed_out();
   const std::string commands[] = {"MAIL FROM:<" + config.tlsrpt.from + ">\r\n", "RCPT TO:<" + rua.address + ">\r\n",
                                   "DATA\r\n", dot_stuff_for_data(message)};
   static constexpr std::string_view names[] = {"MAIL", "RCPT", "DATA", "end of data"};
@@ -149,11 +152,13 @@ asio::awaitable<TlsRptDelivery> converse(Conversation& conversation, const confi
     std::optional<proto::Reply> reply;
     if (co_await leg.write(commands[i], Deadlines::in(timeout))) reply = co_await leg.read_reply(Deadlines::in(timeout));
     if (!reply) {
-      timed_out = leg.timed_out();
-      detail += (timed_out ? ": timed out at " : ": connection lost at ") + std::string(names[i]);
+      const bool stalled = leg.timed_out();
+      timed_out = walk_hung || stalled;
+      detail += (stalled ? ": timed out at " : ": connection lost at ") + std::string(names[i]);
       co_return TlsRptDelivery::temporary_failure;
     }
     if (reply->code / 100 != expected[i]) {
+      timed_out = walk_hung;
       detail += ": " + std::string(names[i]) + " answered " + std::to_string(reply->code) +
                 (reply->lines.empty() ? "" : " " + reply->lines.front());
       // A 3xx where a 2xx belongs (or the reverse) is a broken server: tried again later.
@@ -381,20 +386,23 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
   // the whole timeout, one after another: a thousand domains that send their reports to one reporting service
   // took the run's whole interval, and the reports to every other rua waited behind them. An https rua's host
   // and port (tlsrpt.https_timeout); a mailto: rua's mail domain (timeouts.upstream_open, or the timeouts.*
-  // of the step where the last of its MX hosts hung), as Postfix's queue manager suspends delivery to a
-  // destination (the next-hop domain, not one of its hosts) after a failed try: its MX walk already tried
-  // every host of the domain in that time, and a try of another report to it walks the same hosts in the same
-  // order.
+  // of the step where one of its MX hosts hung in a walk that no host took), as Postfix's queue manager
+  // suspends delivery to a destination (the next-hop domain, not one of its hosts) after a failed try: its MX
+  // walk already tried every host of the domain in that time, and a try of another report to it walks the
+  // same hosts in the same order.
   std::set<std::string, std::less<>> unreachable;  // "https://host:port", "the mail hosts of DOMAIN"
   std::size_t skipped = 0;                         // reports with a rua not tried for that
   std::size_t tried = 0;
   bool forgot = false;  // a report was done with (sent to every rua, or given up)
   bool cut_short = false;  // stop() ended a try: the run ends, the report stays as it was
-  for (const auto& key : keys) {
+  for (std::size_t at = 0; at < keys.size(); ++at) {
+    const auto& key = keys[at];
     if (cut_short || stopped_ || (stopping_ != nullptr && *stopping_)) break;
+    // The reports left are those from here on: keys.size() - tried also counted the reports before this one
+    // that were not tried (every rua skipped, said in the other tlsrpt_deferred line) or had left the store.
     if (tried >= config.tlsrpt.max_reports_per_run) {
       log_event(LogLevel::info, "tlsrpt_deferred",
-                {{"reports", keys.size() - tried}, {"reason", "tlsrpt.max_reports_per_run reached"}});
+                {{"reports", keys.size() - at}, {"reason", "tlsrpt.max_reports_per_run reached"}});
       break;
     }
     // Each try has its deadline (https_timeout; the report mail's timeouts.*, up to half an hour), but with
@@ -405,7 +413,7 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
     if (tried > 0 && std::chrono::steady_clock::now() - started >= config.tlsrpt.interval) {
       log_event(
           LogLevel::info, "tlsrpt_deferred",
-          {{"reports", keys.size() - tried},
+          {{"reports", keys.size() - at},
            {"reason", "the run took tlsrpt.interval " + config::format_duration(config.tlsrpt.interval)}});
       break;
     }
@@ -428,7 +436,7 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
                  {"domain", day->domain},
                  {"reason", "the report of this day was already sent to every rua"}});
     }
-    std::size_t skipped_here = 0;
+    std::set<std::string, std::less<>> skipped_here;  // its rua not tried in this run
     for (const auto& uri : pending) {
       const RuaTarget target = parse_rua(uri);
       const std::string destination = !target.valid ? std::string()
@@ -437,7 +445,7 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
                                           : "the mail hosts of " + target.domain;
       if (!destination.empty() && unreachable.contains(destination)) {
         // Not tried (nor put in the ledger as tried): counted, and said once at the end of the run.
-        ++skipped_here;
+        skipped_here.insert(uri);
         telemetry_.tlsrpt_delivery(to_string(target.method), "skipped");
         continue;
       }
@@ -479,7 +487,7 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
       save_ledger();
     }
     if (cut_short) break;
-    if (skipped_here > 0) ++skipped;
+    if (!skipped_here.empty()) ++skipped;
     // A report none of whose rua was tried took none of the run's time: not one of max_reports_per_run. Its
     // verdict below still starts its retry_for (the skip is for a destination that just failed a try): a rua
     // down for all of retry_for gives up the reports to it, not only the one tried at each run.
@@ -487,7 +495,7 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
     // POST times out (a large one on a slow link, a path of the host that hangs) went first again at every
     // run, being the one tried longest ago, and the host's other reports, which it would have taken, were
     // skipped behind it at each run until retry_for gave them up, never tried.
-    const bool untried = skipped_here > 0 && skipped_here == pending.size();
+    const bool untried = !skipped_here.empty() && skipped_here.size() == pending.size();
     if (untried) {
       --tried;
       if (turn_before)
@@ -495,27 +503,25 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
       else
         last_turn_.erase(key);
     }
-    // Its retry_for starts (a host down for all of it gives up every report to it, not one per run), but it
-    // is given up only at a run that tried it: a report whose time ran out was given up in the very run that
+    // Its retry_for starts (a host down for all of it gives up every report to it, not one per run), but a
+    // rua is given up only at a run that tried it: one whose time ran out was given up in the very run that
     // skipped it (with retry_for 0 every report behind the first one to a host that did not answer, the host
-    // never asked for them), although retry_for counts from a report's first try.
-    const auto retry_for = untried
-                               ? std::chrono::seconds::max()
-                               : std::chrono::duration_cast<std::chrono::seconds>(config.tlsrpt.retry_for);
-    const auto verdict = ledger_.verdict(key, day->rua, now, retry_for);
+    // never asked for them; and the skipped rua of a report whose other rua were tried), although retry_for
+    // counts from a report's first try. The report is then kept for them.
+    const auto verdict = ledger_.verdict(
+        key, day->rua, now, std::chrono::duration_cast<std::chrono::seconds>(config.tlsrpt.retry_for),
+        skipped_here);
     ledger_changed_ = true;
     save_ledger();
-    if (verdict.kind == TlsRptLedger::Verdict::Kind::retry) continue;
-    if (verdict.kind == TlsRptLedger::Verdict::Kind::gave_up) {
-      for (const auto& uri : verdict.given_up) {
-        telemetry_.tlsrpt_delivery(to_string(parse_rua(uri).method), "gave_up");
-        log_event(LogLevel::warn, "tlsrpt_gave_up",
-                  {{"date", day->date},
-                   {"domain", day->domain},
-                   {"rua", uri},
-                   {"reason", "still failing after tlsrpt.retry_for"}});
-      }
+    for (const auto& uri : verdict.given_up) {
+      telemetry_.tlsrpt_delivery(to_string(parse_rua(uri).method), "gave_up");
+      log_event(LogLevel::warn, "tlsrpt_gave_up",
+                {{"date", day->date},
+                 {"domain", day->domain},
+                 {"rua", uri},
+                 {"reason", "still failing after tlsrpt.retry_for"}});
     }
+    if (verdict.kind == TlsRptLedger::Verdict::Kind::retry) continue;
     store.forget(key.first, key.second);
     forgot = true;
   }

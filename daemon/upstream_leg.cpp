@@ -583,10 +583,12 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
   if (endpoints.size() > mx_address_limit) endpoints.resize(mx_address_limit);
   greeted_sessions_ = 0;
   std::size_t tried = 0;
+  bool hung = false;  // an address tried held its attempt until a deadline (timed_out())
   for (const auto& endpoint : endpoints) {
     if (closed_) break;  // force_close() while connecting: no next address
     ++tried;
-    timed_out_ = false;  // the last address tried says (timed_out())
+    // Our side of this attempt's connection, once made (RFC 8460 4.3): a skipped address has none.
+    local_address_.clear();
     std::optional<proto::tlsrpt::FailureKey> failure;
     bool connected = false;
     bool tls_session = false;
@@ -602,9 +604,11 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
       tls_session = tls_session_;
       if (tls_failure_) failure = failure_key(*tls_failure_, host, endpoint, tls_failure_reason_);
     }
+    hung = hung || timed_out_;
     if (upstream.tls == config::UpstreamTls::dane && (connected || tls_session || failure))
       report_session(connector, policy, {}, {}, {}, std::move(failure));
     if (connected) {
+      timed_out_ = hung;  // the address that took it came after one that hung: the next open waits again
       host_ = host;
       policy_ = policy;
       co_return std::nullopt;
@@ -625,6 +629,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_fixed(con
                  {"addresses", tried},
                  {"sessions", greeted_sessions_}});
   }
+  timed_out_ = hung;
   co_return Refusal{upstream_unavailable_reply, {}};
 }
 
@@ -728,9 +733,15 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
   greeted_sessions_ = 0;
   std::size_t tried = 0;
   std::string_view limit = mx.address_limited ? "addresses" : "";
+  // A host of the walk held its attempt until a deadline (timed_out()): whatever the later hosts did, the
+  // next walk to the domain waits for it again.
+  bool hung = false;
   for (const auto& attempt : mx.attempts) {
     ++tried;
-    timed_out_ = false;  // the last host tried says (timed_out())
+    // RFC 8460 4.3: sending-mta-ip is our side of the connection that attempted STARTTLS. A host skipped
+    // before any connection (its TLSA lookup failed, the MTA-STS policy does not list it) has none; it
+    // carried the previous host's.
+    local_address_.clear();
     auto plan = dane_plans.find(attempt.host);
     if (plan == dane_plans.end()) {
       proto::DanePlan dane = co_await within_open(plan_dane(
@@ -785,12 +796,14 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
     if (connected || reported)
       report_session(connector, policy, domain, reported ? rua : std::vector<std::string>{}, key,
                      std::move(failure));
+    hung = hung || timed_out_;
     // The open's deadline passed during this attempt: it ends the walk, and is no failure of this host's (a
     // TLS session it got as far as is reported above).
     const bool open_timeout = !connected && !closed_ && open_expired();
     if (open_timeout) reason = "open_timeout";
     session_.telemetry.mx_attempt(upstream.name, connected ? "success" : reason);
     if (connected) {
+      timed_out_ = hung;  // the host that took it came after one that hung: the next walk waits again
       host_ = attempt.host;
       policy_ = policy;
       co_return std::nullopt;
@@ -810,6 +823,7 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
                  {"addresses", tried},
                  {"sessions", greeted_sessions_}});
   }
+  timed_out_ = hung;
   co_return Refusal{proto::format_reply(451, "4.4.1",
                                         "No mail host of " + domain + " could be used (last: " + reason +
                                             "), try again later"),

@@ -104,9 +104,11 @@ class UpstreamLeg {
   // transaction.
   bool closed_idle() const { return closed_idle_; }
   // The last open() was refused, or the connection was last lost, because a deadline passed
-  // (timeouts.upstream_open; for the last host or address tried, upstream_connect, tls_handshake or a reply's
-  // timeout): the far side hangs rather than refuses. The TLS reports' sender skips such a rua domain for the
-  // rest of its run (tlsrpt_sender.cpp).
+  // (timeouts.upstream_open; for any host or address the refused open tried, upstream_connect, tls_handshake
+  // or a reply's timeout, even where a later one refused at once; for a connection, a reply's timeout): the
+  // far side hangs rather than refuses, and the next open to it waits as long again. Right after an open()
+  // that connected: a host or address it tried before the one that took it hung. The TLS reports' sender
+  // skips such a rua domain for the rest of its run (tlsrpt_sender.cpp).
   bool timed_out() const { return timed_out_; }
 
   void cancel();  // the watchdog: cancel whatever is in flight
@@ -177,7 +179,8 @@ class UpstreamLeg {
   void report_session(std::string_view connector, std::string_view policy, const std::string& domain,
                       const std::vector<std::string>& rua, const proto::tlsrpt::PolicyKey& key,
                       std::optional<proto::tlsrpt::FailureKey> failure);
-  // A TLS-RPT failure of the session to `host` at `endpoint` (our side: the last connection's).
+  // A TLS-RPT failure of the session to `host` at `endpoint` (our side: this attempt's connection's; none
+  // where the attempt made no connection).
   proto::tlsrpt::FailureKey failure_key(proto::tlsrpt::ResultType type, const std::string& host,
                                         const boost::asio::ip::tcp::endpoint& endpoint, std::string why) const;
   // The MTA-STS check (RFC 8461 4) of the connection just made to MX host `host`: after the handshake, or

@@ -257,3 +257,20 @@ TEST_CASE("dot_stuff_for_data: leading dots doubled, the terminator appended") {
   CHECK(dot_stuff_for_data(".first\r\nlast") == "..first\r\nlast\r\n.\r\n");
   CHECK(dot_stuff_for_data("x.y\r\n") == "x.y\r\n.\r\n");
 }
+
+TEST_CASE(
+    "ledger: a rua not tried in the run is not given up with the others, and the report is kept for it") {
+  TlsRptLedger ledger;
+  const std::int64_t first = 1'000'000;
+  // retry_for 0: rua[1] tried and failed, rua[0] skipped (its destination timed out earlier in the run).
+  ledger.tried(day, rua[1], TlsRptDelivery::temporary_failure, first);
+  const auto verdict = ledger.verdict(day, rua, first, 0s, {rua[0]});
+  CHECK(verdict.kind == Kind::retry);
+  CHECK(verdict.given_up == std::vector<std::string>{rua[1]});
+  CHECK(ledger.to_try(day, rua) == std::vector<std::string>{rua[0]});
+  // Its try at the next run: failing, it is given up then.
+  ledger.tried(day, rua[0], TlsRptDelivery::temporary_failure, first + 60);
+  const auto next = ledger.verdict(day, rua, first + 60, 0s);
+  CHECK(next.kind == Kind::gave_up);
+  CHECK(next.given_up == std::vector<std::string>{rua[0]});
+}

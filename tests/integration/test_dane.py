@@ -169,6 +169,14 @@ bogus6       MX    10 mx.bogus6
 mx.bogus6    A     {ADDR['wrong']}
 mx.bogus6    AAAA  fd00::63
 {tlsa}.mx.bogus6  TLSA  3 1 1 {'00' * 32}
+; a walk of three hosts: one that connects and fails DANE, one whose TLSA lookup a DNS proxy drops (never
+; connected to), one that takes the mail
+skipped      MX    10 mx.wrong
+skipped      MX    20 mx.tlsafail
+skipped      MX    30 mx.good
+mx.tlsafail  A     {ADDR['good']}
+{tlsa}.mx.tlsafail TLSA 3 1 1 {sink_spki}
+_smtp._tls.skipped TXT "v=TLSRPTv1; rua=mailto:tlsrpt@example.net"
 """
 
 
@@ -395,6 +403,39 @@ def test_a_forged_address_answer_does_not_turn_dane_off(env, daemon_factory):
         assert rcpt[0] == 451 and "tls_policy" in rcpt[1], (rcpt, final)
         assert wrong.count() == n, "DANE was dropped for the host: its mismatching certificate got the message"
         assert policy_moved(before, daemon.metrics()) == {("internet", "dane", "tlsa-invalid"): 1.0}
+    finally:
+        proxy.close()
+
+
+def test_a_host_skipped_at_its_tlsa_lookup_has_no_sending_mta_ip_in_the_tls_report(env, daemon_factory):
+    """RFC 8460 4.3: sending-mta-ip is the address of the sending MTA that attempted the STARTTLS connection. The
+    walk of skipped.example.net connects to mx.wrong (its certificate matches no TLSA record: tlsa-invalid, from
+    our side of that connection), then skips mx.tlsafail, whose TLSA lookup gets no answer (a DNS proxy drops it;
+    RFC 7672 2.2: not used, dnssec-invalid), and delivers to mx.good. No connection was made to mx.tlsafail, so
+    its failure has no sending-mta-ip; it carried mx.wrong's connection's (127.0.0.1)."""
+    proxy = TamperingProxy(env.knot.address, drop=[f"_{env.port}._tcp.mx.tlsafail.example.net"])
+    try:
+        port = harness.free_port()
+        daemon = daemon_factory([{"name": "out-skipped", "address": f"127.0.0.1:{port}", "direction": "outbound",
+                                  "upstream": "dane-skipped"}],
+                                [{"name": "dane-skipped", "mx": True, "port": env.port, "tls": "dane"}],
+                                name="mailflowd-tlsa-skipped",
+                                dns={"servers": [proxy.address], "timeout": "1s",
+                                     "trust_anchor_file": str(env.knot.trust_anchor_file)})
+        good = env.sinks["good"]
+        n = good.count()
+        rcpt, final = deliver(types.SimpleNamespace(port=port), "pia@skipped.example.net")
+        assert rcpt[0] == 250 and final[0] == 250, (rcpt, final)
+        good.wait_messages(n + 1)
+        assert proxy.dropped >= 1
+        failures = {d["receiving-mx-hostname"]: d for p in tls_report(daemon, "skipped.example.net")["policies"]
+                    for d in p.get("failure-details", [])}
+        assert set(failures) == {"mx.wrong.example.net", "mx.tlsafail.example.net"}, failures
+        assert failures["mx.wrong.example.net"]["result-type"] == "tlsa-invalid"
+        assert failures["mx.wrong.example.net"]["sending-mta-ip"] == "127.0.0.1", failures
+        skipped = failures["mx.tlsafail.example.net"]
+        assert skipped["result-type"] == "dnssec-invalid", skipped
+        assert "sending-mta-ip" not in skipped, skipped
     finally:
         proxy.close()
 

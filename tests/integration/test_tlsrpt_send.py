@@ -41,6 +41,8 @@ AGAIN_ADDR = "127.0.0.150"  # the one-report-per-day test's rua host
 TURN_ADDR = {"stuck": "127.0.0.116", "next": "127.0.0.117"}  # the first-try-first test's rua hosts
 FQDN_ADDR = "127.0.0.118"  # the fully qualified mailto: rua's MX host
 HANG_ADDR = {"hang": "127.0.5.1", "take": "127.0.5.2"}  # the hanging mailto: rua test's MX hosts
+# The walk test's MX hosts: one that hangs, then one where nothing listens (refused), and the other rua's host
+WALK_ADDR = {"hang": "127.0.7.11", "refuse": "127.0.7.12", "take": "127.0.7.13", "defer": "127.0.7.14"}
 ZONE = f"""$ORIGIN rpt.example.net.
 $TTL 300
 @              SOA   ns hostmaster 1 3600 600 86400 300
@@ -68,6 +70,15 @@ hang           MX    10 mx.hang
 mx.hang        A     {HANG_ADDR["hang"]}
 take           MX    10 mx.take
 mx.take        A     {HANG_ADDR["take"]}
+walk           MX    10 mx.walkhang
+walk           MX    20 mx.walkrefuse
+mx.walkhang    A     {WALK_ADDR["hang"]}
+mx.walkrefuse  A     {WALK_ADDR["refuse"]}
+wtake          MX    10 mx.wtake
+walkdefer      MX    10 mx.walkhang
+walkdefer      MX    20 mx.walkdefer
+mx.walkdefer   A     {WALK_ADDR["defer"]}
+mx.wtake       A     {WALK_ADDR["take"]}
 reports        A     127.0.0.1
 wrong          A     127.0.0.1
 silent         A     127.0.0.1
@@ -801,15 +812,15 @@ def test_a_run_tries_a_rua_host_that_timed_out_once(workdir, knot, silent_port, 
 
 
 class HangingMx:
-    """An MX host at HANG_ADDR["hang"]:`port` that `mode` says how to fail: "silent" takes the connection (the
+    """An MX host at `host`:`port` (HANG_ADDR["hang"] unless said) that `mode` says how to fail: "silent" takes the connection (the
     kernel's backlog completes it) and never says a word; "stall_at_mail" greets, answers EHLO, then never answers
-    MAIL; "close_at_mail" greets, answers EHLO and closes the connection at MAIL."""
+    MAIL; "close_at_mail" greets, answers EHLO and closes the connection at MAIL; "defer_at_mail" answers MAIL 451."""
 
-    def __init__(self, mode, port):
+    def __init__(self, mode, port, host=HANG_ADDR["hang"]):
         self.mode = mode
         self.listener = socket.socket()
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind((HANG_ADDR["hang"], port))
+        self.listener.bind((host, port))
         self.listener.listen(16)
         self.connections = []
         self.thread = None
@@ -844,6 +855,8 @@ class HangingMx:
                     elif verb == b"MAIL" and self.mode == "close_at_mail":
                         connection.close()
                         return
+                    elif verb == b"MAIL" and self.mode == "defer_at_mail":
+                        connection.sendall(b"451 4.3.2 try again later\r\n")
                     elif verb == b"MAIL":
                         continue  # stall_at_mail: no answer, ever
                     elif verb == b"QUIT":
@@ -903,6 +916,69 @@ def test_a_run_tries_a_mailto_rua_domain_that_timed_out_once(mode, workdir, knot
     finally:
         harness.stop_exits_0(daemon)
         hanging.close()
+
+
+def test_a_mailto_rua_domain_whose_walk_hung_at_one_host_and_was_refused_at_the_last_is_marked(
+        workdir, knot, sink_factory, mailflowd_bin):
+    """The rua domain walk.rpt.example.net has two MX hosts: the first takes the connection and never greets
+    (each walk waits timeouts.upstream_connect for it), the second refuses the connection. Whether the domain
+    was marked for the rest of the run went by the last host tried alone: refused, so not marked, and each of
+    its 6 reports waited for the first host again (1 s each) before the report of z.example.net to
+    wtake.rpt.example.net went (temporary_failure 6, skipped 0). The walk is the unit, as Postfix's queue
+    manager suspends a destination when its last MX host failed, whatever the earlier ones did: a walk that
+    found no host to take the mail and hung at one of them marks the domain (1 tried, 5 skipped)."""
+    port = harness.free_port("127.0.0.1", *WALK_ADDR.values())
+    take = sink_factory("rua-walk-take", host=WALK_ADDR["take"], port=port)
+    hanging = HangingMx("silent", port, host=WALK_ADDR["hang"])  # nothing listens at WALK_ADDR["refuse"]
+    tlsrpt = {"send": True, "submitter": SUBMITTER, "smtp_port": port, "interval": "5s", "retry_for": "1h"}
+    _, config = state_dir_and_config(workdir, "walk", "mailflowd-tlsrpt 1\n" + "".join(
+        f"day {DATE} w{n}.example.net mailto:reports+w{n}@walk.rpt.example.net\n"
+        "policy no-policy-found - - 1 0 0\n" for n in range(1, 7)) + (
+        f"day {DATE} z.example.net mailto:reports@wtake.rpt.example.net\n"
+        "policy no-policy-found - - 1 0 0\n"), knot, tlsrpt,
+        timeouts={"upstream_connect": "1s", "command": "1s", "upstream_open": "5s"})
+    daemon = harness.Daemon(mailflowd_bin, workdir, config, name="walk").start()
+    try:
+        take.wait_messages(1, timeout=30)
+        counts = tuple(deliveries(daemon, result) for result in ("temporary_failure", "skipped", "success"))
+        assert counts == (1, 5, 1), (counts, daemon.log_tail())
+        log = daemon.stderr()
+        assert "their rua timed out earlier in this run (the mail hosts of walk.rpt.example.net)" in log, log
+        assert reports_of(daemon, DATE) == [f"w{n}.example.net" for n in range(1, 7)]
+    finally:
+        harness.stop_exits_0(daemon)
+        hanging.close()
+
+
+def test_a_mailto_rua_domain_whose_walk_hung_before_the_host_that_deferred_the_mail_is_marked(
+        workdir, knot, sink_factory, mailflowd_bin):
+    """walk.rpt.example.net's case with a second host that takes the connection and answers MAIL 451: the try
+    failed after its walk waited for the first host (timeouts.upstream_connect), so the next report to the domain
+    waits for it again before it gets that far. It was not marked (temporary_failure 6, skipped 0): it now is,
+    as a walk that hung and found no host is (1 tried, 5 skipped)."""
+    port = harness.free_port("127.0.0.1", *WALK_ADDR.values())
+    take = sink_factory("rua-walkdefer-take", host=WALK_ADDR["take"], port=port)
+    hanging = HangingMx("silent", port, host=WALK_ADDR["hang"])
+    deferring = HangingMx("defer_at_mail", port, host=WALK_ADDR["defer"])
+    tlsrpt = {"send": True, "submitter": SUBMITTER, "smtp_port": port, "interval": "5s", "retry_for": "1h"}
+    _, config = state_dir_and_config(workdir, "walkdefer", "mailflowd-tlsrpt 1\n" + "".join(
+        f"day {DATE} v{n}.example.net mailto:reports+v{n}@walkdefer.rpt.example.net\n"
+        "policy no-policy-found - - 1 0 0\n" for n in range(1, 7)) + (
+        f"day {DATE} z.example.net mailto:reports@wtake.rpt.example.net\n"
+        "policy no-policy-found - - 1 0 0\n"), knot, tlsrpt,
+        timeouts={"upstream_connect": "1s", "command": "1s", "upstream_open": "5s"})
+    daemon = harness.Daemon(mailflowd_bin, workdir, config, name="walkdefer").start()
+    try:
+        take.wait_messages(1, timeout=30)
+        counts = tuple(deliveries(daemon, result) for result in ("temporary_failure", "skipped", "success"))
+        assert counts == (1, 5, 1), (counts, daemon.log_tail())
+        log = daemon.stderr()
+        assert "MAIL answered 451" in log, log
+        assert "their rua timed out earlier in this run (the mail hosts of walkdefer.rpt.example.net)" in log, log
+    finally:
+        harness.stop_exits_0(daemon)
+        hanging.close()
+        deferring.close()
 
 
 class HangsOnOnePath(http.server.BaseHTTPRequestHandler):
@@ -983,3 +1059,65 @@ def test_a_skipped_report_is_not_given_up_before_its_first_try(workdir, knot, si
     tried = re.findall(r"tlsrpt_delivery date=\S+ domain=(g\d)\.example\.net rua=\S+ method=https "
                        r"result=temporary_failure", daemon.stderr())
     assert sorted(tried) == ["g1", "g2", "g3"], daemon.log_tail()
+
+
+def test_a_rua_skipped_in_a_run_is_not_given_up_with_the_reports_other_rua(workdir, knot, silent_port, https_port,
+                                                                           certs, daemon_factory):
+    """A report whose rua were partly skipped (their destination timed out earlier in the run) and partly tried:
+    its verdict gave up every rua left once retry_for had run out, the skipped one too, which the run never asked.
+    With retry_for 0: g1's report to a host that never answers times out (given up, tried once); g2's report
+    goes to that host (skipped) and to one that takes it; the skipped rua was given up with no try at all
+    (temporary_failure 1, gave_up 2). It is given up only at a run that tried it: g2's report is kept for that
+    rua, tried at the next run, and given up then (temporary_failure 2, gave_up 2)."""
+    silent = f"https://silent.rpt.example.net:{silent_port}"
+    state = "mailflowd-tlsrpt 1\n" + (
+        f"day {DATE} g1.example.net {silent}/g1\npolicy no-policy-found - - 1 0 0\n"
+        f"day {DATE} g2.example.net {silent}/g2,https://reports.rpt.example.net:{https_port}/g2\n"
+        "policy no-policy-found - - 1 0 0\n")
+    directory = workdir / "partly-state"
+    directory.mkdir(exist_ok=True)
+    (directory / "tlsrpt.state").write_text(state)
+    listeners = [{"name": "out", "address": f"127.0.0.1:{harness.free_port()}", "direction": "outbound",
+                  "upstream": "internet"}]
+    tlsrpt = {"send": True, "interval": "1s", "https_timeout": "500ms", "retry_for": "0s", "submitter": SUBMITTER,
+              "ca_file": str(certs / "ca.pem")}
+    daemon = daemon_factory(listeners, [{"name": "internet", "mx": True}], name="partly",
+                            dns={"servers": [knot.address], "timeout": "3s"}, tlsrpt=tlsrpt)
+    count = lambda result: harness.value(daemon.metrics(), "mailflow_tlsrpt_deliveries_total",  # noqa: E731
+                                         method="https", result=result)
+    harness.wait_for(lambda: count("gave_up") == 2 and reports_of(daemon, DATE) == [], 15,
+                     what="both silent rua given up, every report done with")
+    assert any(path == "/g2" for path, _, _ in Collector.posts)
+    assert count("temporary_failure") == 2, ("a rua was given up without a try", daemon.log_tail())
+    tried = re.findall(r"tlsrpt_delivery date=\S+ domain=(g\d)\.example\.net rua=\S+/g\d method=https "
+                       r"result=temporary_failure", daemon.stderr())
+    assert sorted(tried) == ["g1", "g2"], daemon.log_tail()
+
+
+def test_tlsrpt_deferred_counts_the_reports_left_not_those_skipped_before(workdir, knot, silent_port, https_port,
+                                                                          certs, daemon_factory):
+    """tlsrpt_deferred for max_reports_per_run said how many reports were left as the reports due less those
+    tried, so a report skipped earlier in the run (every rua skipped: not one of max_reports_per_run, and said
+    in the run's other tlsrpt_deferred line) was counted again among those left. Here max_reports_per_run 2: d1
+    to a host that never answers (tried), d2 to it (skipped), d3 to a host that takes it (tried), d4 and d5 left:
+    the line said reports=3, and now 2."""
+    silent = f"https://silent.rpt.example.net:{silent_port}"
+    ok = f"https://reports.rpt.example.net:{https_port}"
+    state = "mailflowd-tlsrpt 1\n" + "".join(
+        f"day {DATE} d{n}.example.net {silent if n <= 2 else ok}/left{n}\npolicy no-policy-found - - 1 0 0\n"
+        for n in range(1, 6))
+    directory = workdir / "left-state"
+    directory.mkdir(exist_ok=True)
+    (directory / "tlsrpt.state").write_text(state)
+    listeners = [{"name": "out", "address": f"127.0.0.1:{harness.free_port()}", "direction": "outbound",
+                  "upstream": "internet"}]
+    tlsrpt = {"send": True, "interval": "3s", "https_timeout": "500ms", "retry_for": "1h", "submitter": SUBMITTER,
+              "ca_file": str(certs / "ca.pem"), "max_reports_per_run": 2}
+    daemon = daemon_factory(listeners, [{"name": "internet", "mx": True}], name="left",
+                            dns={"servers": [knot.address], "timeout": "3s"}, tlsrpt=tlsrpt)
+    harness.wait_for(lambda: "max_reports_per_run reached" in daemon.stderr(), 60, what="the first run's end")
+    assert any(path == "/left3" for path, _, _ in Collector.posts)
+    left = re.findall(r'tlsrpt_deferred reports=(\d+) reason="tlsrpt.max_reports_per_run reached"', daemon.stderr())
+    assert left == ["2"], daemon.log_tail()
+    assert 'tlsrpt_deferred reports=1 reason="their rua timed out earlier in this run' in daemon.stderr()
+    assert reports_of(daemon, DATE) == ["d1.example.net", "d2.example.net", "d4.example.net", "d5.example.net"]
