@@ -156,25 +156,46 @@ unsigned event_loops(const config::Performance& performance) {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
+// Thrown by the handler that a reload posts to every event loop when it turns busy polling on (kick_loop): it
+// leaves io.run() (Asio lets a handler's exception through run(), which may then be called again without
+// restart()), and run_loop() reads the setting again. An io.stop() instead could be lost in the restart()
+// after it, and with it the stop at exit.
+struct BusyPollOn {};
+
 // Runs one event loop until it is stopped; with `busy_poll`, it polls for a PollWindow before it sleeps.
+// Without it the loop is one io.run() for as long as it stays off: Asio recycles a handler's memory (a
+// coroutine frame, an operation) through a structure that run() keeps for the thread and run_one() or poll()
+// make anew for each call, so a run_one() per handler gave every one of those blocks back to malloc (issue
+// #16: 57.7 -> 50.5 allocations per relayed message, -2 % instructions; docs/performance.md, "Low-load
+// latency").
 void run_loop(asio::io_context& io, const std::atomic<bool>& busy_poll) {
   using Clock = std::chrono::steady_clock;
   const LoopScope scope;  // this loop's resolver, released before the loop is destroyed
   PollWindow window;
   for (;;) {
-    if (!busy_poll.load(std::memory_order_relaxed)) {
+    try {
+      if (!busy_poll.load(std::memory_order_relaxed)) {
+        io.run();
+        return;
+      }
+      if (io.poll() > 0) continue;
+      if (io.stopped()) return;
+      const auto idle_since = Clock::now();
+      bool caught = false;
+      while (!caught && Clock::now() - idle_since < window.current()) caught = io.poll() > 0;
+      if (caught) continue;
       if (io.run_one() == 0) return;
-      continue;
+      window.slept(Clock::now() - idle_since);
+    } catch (const BusyPollOn&) {
+      log_event(LogLevel::debug, "busy_poll_applied", {{"busy_poll", busy_poll.load() ? "true" : "false"}});
     }
-    if (io.poll() > 0) continue;
-    if (io.stopped()) return;
-    const auto idle_since = Clock::now();
-    bool caught = false;
-    while (!caught && Clock::now() - idle_since < window.current()) caught = io.poll() > 0;
-    if (caught) continue;
-    if (io.run_one() == 0) return;
-    window.slept(Clock::now() - idle_since);
   }
+}
+
+// A reload turned busy polling on: a loop inside io.run() (polling off) reads it again (run_loop). Polling
+// loops read it before every event anyway, and the kick only makes them read it once more.
+void kick_loop(asio::io_context& io) {
+  asio::post(io, [] { throw BusyPollOn{}; });
 }
 
 void check_state_dir(const std::string& dir) {
@@ -692,7 +713,10 @@ struct Server::Impl {
     swap_listeners(std::move(next_acceptors), next_runtime);
     setup_logging(loaded.config->log);
     log_unused_sockets();
-    busy_poll = loaded.config->performance.busy_poll;
+    if (!busy_poll.exchange(loaded.config->performance.busy_poll) && busy_poll) {
+      kick_loop(io);
+      for (auto& worker : workers) kick_loop(*worker);
+    }
     telemetry.configure(*loaded.config);
     registry.mta_sts().set_max_policies(loaded.config->mta_sts.max_policies);
     tlsrpt_sender->reconfigured();

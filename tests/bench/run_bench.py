@@ -404,7 +404,7 @@ class Bench:
         self.raw = {}       # label -> the result of one run (every round of every figure)
         self.runs = {}      # (placement, kind, mode, generator, path) -> [result per round]
         self.idle = {}      # (path, "plain" | "tls") -> bytes per idle session
-        self.latency = {}   # path -> result of its 1-session latency run
+        self.latency = {}   # path -> [result of its 1-session latency run, per round]
         self.http = {}
         self.instructions = None
         self.problems = []  # harness problems (errors in runs): make the exit status non-zero
@@ -491,12 +491,12 @@ class Bench:
         config, d = nginx_auth_config(self.workdir, self.auth_port, self.sink_port)
         self.auth = self.start("nginx-auth", ["nginx", "-p", d, "-c", config], self.auth_port, role="auth")
 
-    def start_mailflowd(self, tag, connectors=0, outbound=False, busy_poll=None, event_loops=1):
+    def start_mailflowd(self, tag, connectors=0, outbound=False, busy_poll=None, event_loops=1, binary=None):
         port, http_port = free_port(), free_port()
         out_port = free_port() if outbound else None
         config = mailflowd_config(self.workdir, tag, port, http_port, self.sink_port, self.cert, self.key,
                                   connectors, out_port, busy_poll, event_loops)
-        server = self.start(f"mailflowd-{tag}", [self.args.mailflowd, "--config", config], port)
+        server = self.start(f"mailflowd-{tag}", [binary or self.args.mailflowd, "--config", config], port)
         wait_port(http_port, server.proc, server.name)
         server.http_port = http_port
         server.out_port = out_port
@@ -539,6 +539,8 @@ class Bench:
             more.append(("mailflowd_poll", self.start_mailflowd(f"{layout.tag}-poll", busy_poll=True)))
         if "auto" in extras:
             more.append(("mailflowd_auto", self.start_mailflowd(f"{layout.tag}-auto", event_loops="auto")))
+        if "alt" in extras:
+            more.append(("mailflowd_alt", self.start_mailflowd(f"{layout.tag}-alt", binary=self.args.mailflowd_alt)))
         return paths, more
 
     # -- load generators
@@ -681,6 +683,28 @@ class Bench:
             out["proxy_cpu_percent"] = 100.0 * cpu / sum(r["wall_s"] for r in runs)
         return out
 
+    def latency_rounds(self, paths):
+        """p99 latency of one session at low load (one message every 2 ms), every path once per round, in an
+        order rotated from round to round, as the throughput figures are: a p99 of one 5-s run (~2,300 samples,
+        its 23 slowest decide it) moves by more than the gaps it is compared with."""
+        for rnd in range(self.rounds):
+            for name, server in rotate(paths, rnd):
+                self.latency.setdefault(name, []).append(
+                    self.loadgen(server, f"pinned.latency.{name}.r{rnd}", messages=0, concurrency=1, interval_ms=2,
+                                 duration=self.latency_duration))
+
+    def added_latency(self, name, field="p99_us"):
+        """What `name` adds to direct's latency: per round (path - direct of the same round), and their median."""
+        ours, direct = self.latency.get(name), self.latency.get("direct")
+        if not ours or not direct:
+            return None, []
+        # A round in which either run completed no message (stalled) has no latency: its 0 read as 236 us faster
+        # than direct in a run at 7102fbc.
+        per_round = [a[field] - d[field] for a, d in zip(ours, direct) if a["messages"] and d["messages"]]
+        if not per_round:
+            return None, []
+        return median(per_round), per_round
+
     # -- other measurements
     def idle_rss(self, server, label, tls):
         """RSS growth of the server per idle session (banner + EHLO, or + STARTTLS + EHLO) over N sessions."""
@@ -758,6 +782,14 @@ class Bench:
         if not self.args.no_pollers and not self.smoke:
             self.start_pollers()
         pinned = self.layouts["pinned"]
+        if self.args.only == "latency":
+            # Only the latency rows (and, with --mailflowd-alt, a second build beside the first): ~30 s a round.
+            log("pinned: latency only")
+            extras = ("poll",) + (("alt",) if self.args.mailflowd_alt else ())
+            paths, extras = self.open_placement(pinned, extras=extras)
+            self.latency_rounds(paths + extras)
+            self.stop_servers()
+            return self.figures()
 
         # 1. Idle sessions: fresh processes, so that memory freed by earlier runs cannot hide the growth.
         log("idle sessions (RSS), pinned")
@@ -780,9 +812,7 @@ class Bench:
         paths, extras = self.open_placement(pinned, extras=("poll",))
         self.plaintext_rounds(pinned, paths, extras)
         self.tls_rounds(pinned, paths)
-        for name, server in paths + extras:
-            self.latency[name] = self.loadgen(server, f"pinned.latency.{name}", messages=0, concurrency=1,
-                                              interval_ms=2, duration=self.latency_duration)
+        self.latency_rounds(paths + extras)
         self.stop_servers()
 
         # 3. The other placements, plaintext only; with the CPUs shared mailflowd runs once more with a loop
@@ -888,13 +918,8 @@ class Bench:
         for mode, _ in MODES:
             row(f"plain_{mode}_shared_vs_nginx", f"plaintext msgs/s, {MODE_LABEL[mode]}, {labels[shared]}", "msgs/s",
                 value(shared, "plain", mode, "msgs_per_s"), "nginx", ">=", 1.05, gated=True)
-        direct_p99 = self.latency.get("direct", {}).get("p99_us")
-
         def added(gen, name):
-            v = self.latency.get(name)
-            if v is None or not v["messages"] or direct_p99 is None or not self.latency["direct"]["messages"]:
-                return None  # a stalled run has no p99 (its 0 read as 236 us faster than direct)
-            return v["p99_us"] - direct_p99
+            return self.added_latency(name)[0]
 
         row("p99_added_latency_vs_nginx", "p99 added latency/msg, 1 session, low load, pinned", "us", added,
             "nginx", "<=", 1.00, gated=True, generators=("loadgen",))
@@ -967,6 +992,10 @@ class Bench:
         if self.have_haproxy:
             row("p99_added_latency_vs_haproxy", "p99 added latency/msg, 1 session, low load", "us", added,
                 "haproxy", generators=("loadgen",))
+        if self.args.mailflowd_alt:
+            row("p99_added_latency_alt_vs_nginx", "p99 added latency/msg, 1 session, low load, --mailflowd-alt",
+                "us", lambda g, n: added(g, "mailflowd_alt" if n == "mailflowd" else n), "nginx",
+                generators=("loadgen",))
         if "shared" in self.layouts:
             def auto(field):
                 def get(gen, name):
@@ -1056,6 +1085,12 @@ def main():
     p.add_argument("--force-dedicated", action="store_true",
                    help=f"run the dedicated-cores placement with fewer than {DEDICATED_MIN_CPUS} CPUs (info rows)")
     p.add_argument("--strict", action="store_true", help="exit status 3 when a gated target is missed")
+    p.add_argument("--only", choices=("latency",), default=None,
+                   help="run only these rows: latency (the p99 added latency rows, --rounds interleaved rounds of "
+                        "every path, ~30 s a round; the machine need not be idle for long)")
+    p.add_argument("--mailflowd-alt", default=None,
+                   help="a second mailflowd binary, measured beside the first as path mailflowd_alt (with --only "
+                        "latency: an interleaved A/B of two builds)")
     args = p.parse_args()
     args.mailflowd = args.mailflowd or os.path.join(args.build, "daemon/mailflowd")
     args.loadgen = args.loadgen or os.path.join(args.build, "tests/bench/mailflow_loadgen")
@@ -1084,7 +1119,7 @@ def main():
     cleanup = args.workdir is None
     if cleanup:
         args.workdir = tempfile.mkdtemp(prefix="mailflow-bench-")
-    for exe in (args.mailflowd, args.loadgen, args.proto_driver):
+    for exe in [args.mailflowd, args.loadgen, args.proto_driver] + ([args.mailflowd_alt] if args.mailflowd_alt else []):
         if not os.access(exe, os.X_OK):
             log(f"bench: {exe} is missing: build first (make bench builds the release preset; --build DIR)")
             return 2
@@ -1106,10 +1141,21 @@ def main():
     print(f"mailflowd {args.mailflowd}; {len(bench.cpus)} usable CPUs; {bench.rounds} interleaved round(s) of "
           f"{bench.duration:g} s per figure; load average {load1:.2f} before the run")
     print("placements:\n  " + "\n  ".join(placements))
+    if args.only:
+        figures = [f for f in figures if args.only in f["id"]]
     print("\nGATED (issue #16): PASS only if every load generator's ratio meets the target")
     print(table(figures, True))
     print("\nINFO (no target)")
     print(table(figures, False))
+    if bench.latency:
+        print("\nlatency, 1 session, one message every 2 ms, per round (p50 / p99 us; added p99 = p99 - direct's "
+              "p99 of the same round); the rows above take the median of the added p99s")
+        for name, runs in bench.latency.items():
+            rounds = "  ".join(f"{r['p50_us']}/{r['p99_us']}" for r in runs)
+            med, added = bench.added_latency(name)
+            spread = "" if name == "direct" or not added else (f"  added p99 {' '.join(str(a) for a in added)}"
+                                                                f" (median {med:.0f}, {min(added)}..{max(added)})")
+            print(f"  {name:16s} {rounds}{spread}")
     print(f"\n* within {NOISE:.0%} of the target: inside the run-to-run noise of this machine")
     fails = [f["id"] for f in figures if f["gated"] and f["pass"] is False]
     aggregates = {"|".join(k): bench.agg(*k) for k in bench.runs}

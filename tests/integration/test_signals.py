@@ -571,7 +571,8 @@ def test_unwritable_state_dir_at_shutdown(daemon_factory, sink):
 
 def test_busy_poll_off_then_on_by_reload(daemon_factory, sink):
     """performance.busy_poll: false (every event loop sleeps at once) relays concurrent sessions; a SIGHUP
-    that turns it on is applied without a restart and the relay keeps going."""
+    that turns it on is applied without a restart, by every event loop (each logs busy_poll_applied as it
+    leaves the io.run() it sleeps in with polling off), and the relay keeps going."""
     d, port = start(daemon_factory, "busy-poll", sink, performance={"busy_poll": False, "event_loops": 2})
     text = d.config_path.read_text()
     switched = re.sub(r'("?busy_poll"?:\s*)false', r"\1true", text)
@@ -579,9 +580,16 @@ def test_busy_poll_off_then_on_by_reload(daemon_factory, sink):
     concurrent = [hh.greeted(port) for _ in range(4)]  # sessions spread over every event loop
     try:
         hh.assert_relays(d, port, sink)
+        assert "busy_poll_applied" not in d.stderr()
         d.config_path.write_text(switched)
         sighup_and_wait(d, "success")
+        harness.wait_for(lambda: d.stderr().count("busy_poll_applied") >= 2, 10,
+                         what="both event loops to apply busy_poll: true")
         hh.assert_relays(d, port, sink)
+        sighup_and_wait(d, "success")  # on stays on: no loop is told again
+        hh.assert_relays(d, port, sink)
+        applied = [line for line in d.stderr().splitlines() if "busy_poll_applied" in line]
+        assert len(applied) == 2 and all("busy_poll=true" in line for line in applied), applied
         for c in concurrent:
             code, reply = hh.transaction(c, hh.message("from a session opened before the reload"))
             assert code == 250, reply
