@@ -76,8 +76,10 @@ int check_config(const std::string& path) {
 }
 
 int run_daemon(const std::string& path) {
-  // SIGHUP, SIGTERM and SIGINT wait, blocked, until the server handles them (Server's constructor unblocks them):
-  // their default action killed a daemon that was still starting, e.g. loading a large state_dir.
+  // SIGHUP, SIGTERM and SIGINT stay blocked in every thread (each inherits this mask) for the life of the
+  // process: the server reads them from signalfds (server.cpp, SignalReader), and until it does they wait,
+  // pending. Their default action killed a daemon that was still starting (e.g. loading a large state_dir),
+  // and one that came while it exited, after its state was saved.
   sigset_t signals;
   sigemptyset(&signals);
   for (int signal : {SIGHUP, SIGTERM, SIGINT}) sigaddset(&signals, signal);

@@ -266,6 +266,59 @@ def test_a_sigterm_sent_just_after_a_sighup_to_an_idle_daemon_is_not_held_up_by_
     assert "stopped" in log, d.log_tail()
 
 
+def sighup_pending(status_fd):
+    """Whether a SIGHUP sent to the process waits, pending, for a thread to take it (ShdPnd of /proc/PID/status)."""
+    os.lseek(status_fd, 0, os.SEEK_SET)
+    status = os.read(status_fd, 8192)
+    at = status.index(b"ShdPnd:") + len(b"ShdPnd:")
+    return int(status[at:status.index(b"\n", at)], 16) & (1 << (signal.SIGHUP - 1)) != 0
+
+
+def test_a_sighup_flood_during_a_reload_does_not_lose_a_sigterm(daemon_factory, sink, monkeypatch):
+    """Asio's signal handler wrote each signal it took into a pipe that only the event loop reads, and dropped the
+    write when the pipe was full (16,384 signals in 64 KiB): a loop held by a reload (4 s here, failpoint `reload`)
+    read none of them, so a flood of SIGHUPs filled it and the SIGTERM behind them was lost: the daemon ran on, made
+    a second reload and never drained. Each SIGHUP of the flood is sent once the one before was taken (no longer
+    pending), so that every one of them reaches the handler; the kernel merges the rest. With signalfd they stay
+    pending in the kernel, which keeps one of each: the flood is one SIGHUP, the SIGTERM is never lost. Bounded:
+    30,000 SIGHUPs at most, in the first 3 s of the reload."""
+    monkeypatch.setenv("MAILFLOWD_FAILPOINTS", "reload=4000ms")
+    port = harness.free_port()
+    d = daemon_factory(listeners=[hh.listener("inbound", port, "store")],
+                       upstreams=[hh.plain_upstream("store", sink.port)], name="sighup-flood")
+    d.proc.send_signal(signal.SIGHUP)
+    harness.wait_for(lambda: " reload config=" in d.stderr(), 10, interval=0.005, what="the first reload to begin")
+    began = time.monotonic()
+    status_fd = os.open(f"/proc/{d.proc.pid}/status", os.O_RDONLY)
+    sent = taken = held = 0
+    try:
+        while sent < 30_000 and time.monotonic() - began < 3:
+            os.kill(d.proc.pid, signal.SIGHUP)
+            sent += 1
+            if held >= 3:  # the daemon holds them pending: no need to wait for each
+                continue
+            until = time.monotonic() + 0.05
+            while sighup_pending(status_fd) and time.monotonic() < until:
+                pass
+            if sighup_pending(status_fd):
+                held += 1
+            else:
+                taken += 1
+                held = 0
+    finally:
+        os.close(status_fd)
+    d.proc.send_signal(signal.SIGTERM)
+    try:
+        d.proc.wait(15)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"mailflowd did not exit within 15 s of a SIGTERM sent after {sent} SIGHUPs during a reload "
+                    f"({taken} of them taken by its handler)\n{d.log_tail()}")
+    assert d.proc.returncode == 0, d.log_tail()
+    log = d.stderr()
+    assert log.count(" reload config=") == 1 and "reload_ignored" in log, d.log_tail()
+    assert "stopped" in log, d.log_tail()
+
+
 def test_sighup_with_a_broken_trust_anchor_keeps_running_one(daemon_factory, sink, workdir):
     """dns.trust_anchor_file that is no trust anchor: the reload is refused (libunbound read it only at the first
     lookup, so the reload succeeded and every MX delivery got 451 afterwards)."""
