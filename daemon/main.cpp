@@ -89,6 +89,11 @@ int run_daemon(const std::string& path) {
   // windows saved. Ignored, as Postfix's master and nginx ignore it (systemd does so for its services,
   // IgnoreSIGPIPE=yes): the write fails with EPIPE instead. Asio writes to sockets with MSG_NOSIGNAL already.
   signal(SIGPIPE, SIG_IGN);
+  // A file size limit (`ulimit -f`, LimitFSIZE= in a unit) that a state save or a log file goes over raised
+  // SIGXFSZ, whose default action ended the daemon in the middle of that write (a core, no drain, nothing
+  // saved). Ignored, as Postfix ignores it where it sets a file size limit (util/file_limit.c): the write
+  // fails with EFBIG instead, and the save is logged and counted as failed (state_save_failed).
+  signal(SIGXFSZ, SIG_IGN);
   auto result = mailflow::config::load_config_file(path);
   if (!result.errors.empty()) {
     for (const auto& error : result.errors)

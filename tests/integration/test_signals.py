@@ -826,6 +826,57 @@ def test_a_log_pipe_whose_reader_ends_does_not_kill_the_daemon(workdir, mailflow
         harness.LIVE.remove(d)
 
 
+def test_a_state_save_over_the_file_size_limit_fails_and_the_daemon_runs_on(workdir, mailflowd_bin, sink):
+    """A file size limit (`ulimit -f` in the shell that starts mailflowd, LimitFSIZE= in a unit) that the
+    windows.state save goes over: the write raised SIGXFSZ, whose default action ended the daemon (exit by signal,
+    a core) in the middle of its periodic save. The daemon ignores SIGXFSZ, as Postfix does where it sets a file
+    size limit (util/file_limit.c): the write fails with EFBIG, and the save is logged and counted as failed
+    (state_save_failed, mailflow_state_errors_total{reason="save_failed"}); the daemon relays on and stops with exit
+    0. Standard error is a pipe here (pipes have no file size limit), so that the log is read whole."""
+    name = "fsize-limit"
+    state = workdir / f"{name}-state"
+    state.mkdir(exist_ok=True)
+    port = harness.free_port()
+    cfg = harness.default_config(state, harness.free_port(), [hh.listener("inbound", port, "store")],
+                                 [hh.plain_upstream("store", sink.port)])
+    d = harness.Daemon(mailflowd_bin, workdir, cfg, name=name)
+    d.config_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    # 100 hours of the window with a message each: about 3.4 KB to save, over the limit of one block (512 bytes
+    # for dash's ulimit -f, 1024 for bash's). The files of a new state_dir are smaller than that.
+    hour = int(time.time()) // 3600
+    seeded = "".join(f"{hour - ago} internet inbound 1 0 0 0 0\n" for ago in range(100, 0, -1))
+    (state / "windows.state").write_text(f"mailflowd-windows 2\n{seeded}end\n")
+    d.proc = subprocess.Popen(["/bin/sh", "-c", 'ulimit -f 1 && exec "$0" --config "$1"', mailflowd_bin,
+                               str(d.config_path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                              env=dict(os.environ, MAILFLOWD_FAILPOINTS="state.save_interval=200ms"))
+    harness.LIVE.append(d)
+    log = bytearray()
+    reader = threading.Thread(target=lambda: [log.extend(chunk) for chunk in iter(
+        lambda: os.read(d.proc.stderr.fileno(), 65536), b"")], daemon=True)
+    reader.start()
+    try:
+        harness.wait_for(lambda: d.proc.poll() is not None or b"state_save_failed" in log, 30,
+                         what="the periodic save over the file size limit")
+        assert d.proc.poll() is None, f"the daemon ended at its state save: exit {d.proc.returncode}\n" \
+                                      f"{log.decode(errors='replace')[-3000:]}"
+        assert b"File too large" in log, log.decode(errors="replace")[-3000:]
+        assert harness.value(d.metrics(), "mailflow_window_messages", connector="internet", direction="inbound",
+                             tls_version="none") == 100, "the seeded windows were not loaded"
+        assert harness.value(d.metrics(), "mailflow_state_errors_total", reason="save_failed") >= 1
+        hh.assert_relays(d, port, sink)
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(20) == 0, log.decode(errors="replace")[-3000:]
+        reader.join(5)
+        assert b" stopped " in log, log.decode(errors="replace")[-3000:]
+        assert not (state / "windows.state.tmp").exists()
+    finally:
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
+        harness.LIVE.remove(d)
+
+
 def reloads_or_none(daemon):
     try:
         return reloads(daemon, "success")
