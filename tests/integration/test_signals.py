@@ -405,6 +405,90 @@ def test_sigterm_lets_slow_data_finish(daemon_factory, sink):
     assert state.stat().st_mtime >= time.time() - took - 5
 
 
+def in_data(port):
+    """A client in the middle of a message (DATA begun, part of the text sent)."""
+    c = hh.greeted(port)
+    assert c.cmd(f"MAIL FROM:<{hh.SENDER}>")[0] == 250
+    assert c.cmd(f"RCPT TO:<{hh.RCPT}>")[0] == 250
+    assert c.cmd("DATA")[0] == 354
+    c.send(b"Subject: cut short\r\n\r\nthe first line of a message that is never finished\r\n")
+    return c
+
+
+def closed_by_server(client, wait=5.0):
+    """Whether the server closed the connection (EOF or a reset) within `wait` seconds, whatever it said first."""
+    client.sock.settimeout(wait)
+    try:
+        while client.sock.recv(65536):
+            pass
+        return True
+    except ConnectionResetError:
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT])
+def test_a_second_stop_signal_cuts_the_drain_short(daemon_factory, sink, second):
+    """SIGTERM, then another one (or SIGINT: `systemctl stop` and a Ctrl-C while it drains) while a session is in
+    its DATA and drain_timeout (60 s) is far off: the operator does not want to wait. The session is closed, the
+    windows are saved, and the daemon exits 0 at once, saying so once (drain_cut_short)."""
+    d, port = start(daemon_factory, f"cut-{second.name.lower()}", sink, limits={"drain_timeout": "60s"})
+    state = d.workdir / f"cut-{second.name.lower()}-state" / "windows.state"
+    hh.assert_relays(d, port, sink)
+    n = sink.count()
+    c = in_data(port)
+    try:
+        d.proc.send_signal(signal.SIGTERM)
+        harness.wait_for(lambda: " draining " in d.stderr(), 10, what="the drain to begin")
+        assert d.proc.poll() is None, "the daemon did not wait for the session in its DATA"
+        d.proc.send_signal(second)
+        sent = time.monotonic()
+        try:
+            d.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"mailflowd did not exit within 15 s of a second {second.name} (drain_timeout 60 s)\n"
+                        f"{d.log_tail()}")
+        took = time.monotonic() - sent
+        assert closed_by_server(c), "the session was left open"
+    finally:
+        c.close()
+    assert d.proc.returncode == 0, d.log_tail()
+    assert took < 10, f"exit {took:.1f} s after the second signal"
+    log = d.stderr()
+    assert log.count(" drain_cut_short ") == 1 and " stopped " in log, d.log_tail()
+    assert state.is_file() and state.stat().st_size > 0, f"{state} not written at the stop"
+    assert sink.count() == n, "the message cut short was delivered"
+
+
+def test_a_storm_of_sigterms_during_a_drain_says_drain_cut_short_once(daemon_factory, sink):
+    """A SIGTERM, then a storm of them while the drain waits for a session (a supervisor or a script in a kill
+    loop): the drain is cut short, and the log says so once, not once per signal taken."""
+    d, port = start(daemon_factory, "cut-storm", sink, limits={"drain_timeout": "60s"})
+    c = in_data(port)
+    try:
+        d.proc.send_signal(signal.SIGTERM)
+        harness.wait_for(lambda: " draining " in d.stderr(), 10, what="the drain to begin")
+        kill, pid, term = os.kill, d.proc.pid, signal.SIGTERM
+        began = time.monotonic()
+        sent = 0
+        try:
+            while sent < 20_000 and time.monotonic() - began < 2 and d.proc.poll() is None:
+                kill(pid, term)
+                sent += 1
+        except ProcessLookupError:  # it exited (reaped) meanwhile
+            pass
+        try:
+            d.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"mailflowd did not exit within 15 s of {sent} SIGTERMs during its drain\n{d.log_tail()}")
+    finally:
+        c.close()
+    assert d.proc.returncode == 0, d.log_tail()
+    lines = d.stderr().count(" drain_cut_short ")
+    assert lines == 1, f"{lines} drain_cut_short lines for {sent} SIGTERMs\n{d.log_tail()}"
+
+
 HELD_ZONE = """$ORIGIN example.net.
 $TTL 300
 @        SOA   ns hostmaster 1 3600 600 86400 300
