@@ -76,8 +76,10 @@ int check_config(const std::string& path) {
 }
 
 int run_daemon(const std::string& path) {
-  // SIGHUP, SIGTERM and SIGINT wait, blocked, until the server handles them (Server's constructor unblocks them):
-  // their default action killed a daemon that was still starting, e.g. loading a large state_dir.
+  // SIGHUP, SIGTERM and SIGINT stay blocked in every thread (each inherits this mask) for the life of the
+  // process: the server reads them from signalfds (server.cpp, SignalReader), and until it does they wait,
+  // pending. Their default action killed a daemon that was still starting (e.g. loading a large state_dir),
+  // and one that came while it exited, after its state was saved.
   sigset_t signals;
   sigemptyset(&signals);
   for (int signal : {SIGHUP, SIGTERM, SIGINT}) sigaddset(&signals, signal);
@@ -87,6 +89,11 @@ int run_daemon(const std::string& path) {
   // windows saved. Ignored, as Postfix's master and nginx ignore it (systemd does so for its services,
   // IgnoreSIGPIPE=yes): the write fails with EPIPE instead. Asio writes to sockets with MSG_NOSIGNAL already.
   signal(SIGPIPE, SIG_IGN);
+  // A file size limit (`ulimit -f`, LimitFSIZE= in a unit) that a state save or a log file goes over raised
+  // SIGXFSZ, whose default action ended the daemon in the middle of that write (a core, no drain, nothing
+  // saved). Ignored, as Postfix ignores it where it sets a file size limit (util/file_limit.c): the write
+  // fails with EFBIG instead, and the save is logged and counted as failed (state_save_failed).
+  signal(SIGXFSZ, SIG_IGN);
   auto result = mailflow::config::load_config_file(path);
   if (!result.errors.empty()) {
     for (const auto& error : result.errors)

@@ -7,9 +7,9 @@
 #include <malloc.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
-#include <pthread.h>
 #include <sched.h>
 #include <signal.h>
+#include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <systemd/sd-daemon.h>
@@ -21,9 +21,9 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/ip/v6_only.hpp>
+#include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/redirect_error.hpp>
-#include <boost/asio/signal_set.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <ctime>
@@ -33,10 +33,12 @@
 #include <cstring>
 #include <filesystem>
 #include <functional>
+#include <initializer_list>
 #include <map>
 #include <mutex>
 #include <optional>
 #include <stdexcept>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -217,17 +219,49 @@ void check_state_dir(const std::string& dir) {
                              (write_errno != 0 ? std::strerror(write_errno) : "short write"));
 }
 
-// Asio installs its handler for a signal while a signal_set has it and puts SIG_DFL back when the signal's
-// last set goes. reload_signals() takes SIGHUP out of its set and back to drop the notifications queued
-// there, and at exit the server's sets are destroyed while the process still runs: a SIGHUP (a deploy hook's
-// reload) or a SIGTERM then ended it by that signal, its state saved and its stop clean otherwise (exit
-// status 129, not 0). This set, on a context of its own that never runs, is never destroyed: it keeps the
-// handlers for the life of the process, and what it catches is never waited for.
-void keep_signal_handlers() {
-  static auto* const context = new asio::io_context;
-  static auto* const keeper = new asio::signal_set(*context, SIGHUP, SIGTERM, SIGINT);
-  (void)keeper;
-}
+// The signals of a set, read from a signalfd: they stay blocked in every thread, from main() on
+// (run_daemon()), and wait in the kernel, which keeps one of each pending however many are sent, until the
+// event loop takes them. Asio's signal_set had a handler write each signal into a pipe that only the loop
+// reads, dropping the write once the pipe was full: a flood of SIGHUPs during a reload (the loop held) filled
+// it with 16,384 of them, and a SIGTERM after them was lost (the daemon never stopped). Postfix's master
+// merges SIGHUPs behind a flag likewise (master_gotsighup). Declared after the io_context it waits on: closed
+// before it goes.
+class SignalReader {
+ public:
+  SignalReader(asio::io_context& io, std::initializer_list<int> signals) : descriptor_(io) {
+    sigset_t set;
+    sigemptyset(&set);
+    for (int signal : signals) sigaddset(&set, signal);
+    const int fd = ::signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
+    if (fd < 0) throw std::system_error(errno, std::generic_category(), "signalfd");
+    descriptor_.assign(fd);
+  }
+
+  // The next signal of the set: one pending now (sent before or during a reload, or while the server
+  // started), else the first to come.
+  asio::awaitable<int> next() {
+    for (;;) {
+      if (const int signal = take(); signal != 0) co_return signal;
+      co_await descriptor_.async_wait(asio::posix::descriptor_base::wait_read, asio::use_awaitable);
+    }
+  }
+
+  // Takes the one pending, if any, without waiting.
+  void discard_pending() { (void)take(); }
+
+ private:
+  int take() {
+    signalfd_siginfo info{};
+    ssize_t got;
+    do got = ::read(descriptor_.native_handle(), &info, sizeof info);
+    while (got < 0 && errno == EINTR);
+    if (got == static_cast<ssize_t>(sizeof info)) return static_cast<int>(info.ssi_signo);
+    if (got < 0 && errno != EAGAIN) throw std::system_error(errno, std::generic_category(), "signalfd read");
+    return 0;
+  }
+
+  asio::posix::stream_descriptor descriptor_;
+};
 
 }  // namespace
 
@@ -259,11 +293,10 @@ struct Server::Impl {
   std::vector<std::unique_ptr<asio::io_context>> workers;  // the other loops
   std::vector<WorkGuard> worker_guards;                    // keep them running while they have no session
   asio::io_context io{1};
-  // Handled from the start, so that a signal that comes while the server starts waits for it (main blocks
-  // them until then); stop_signals() and reload_signals() take them once the loop runs. Two sets: see
-  // reload_signals().
-  asio::signal_set stop_signal_set{io, SIGTERM, SIGINT};
-  asio::signal_set reload_signal_set{io, SIGHUP};
+  // A signal that comes while the server starts waits, pending (main blocks them from its start on);
+  // stop_signals() and reload_signals() take them once the loop runs. Two sets: see reload_signals().
+  SignalReader stop_signal_set{io, {SIGTERM, SIGINT}};
+  SignalReader reload_signal_set{io, {SIGHUP}};
   asio::steady_timer reload_settle_timer{io};  // a SIGHUP's wait before its reload (reload_signals())
   std::size_t next_loop = 0;
   Telemetry telemetry;
@@ -290,11 +323,6 @@ struct Server::Impl {
   std::unique_ptr<StateWriter> state_writer;
 
   Impl(std::string path, std::shared_ptr<const config::Config> config) : config_path(std::move(path)) {
-    keep_signal_handlers();
-    sigset_t handled;
-    sigemptyset(&handled);
-    for (int signal : {SIGHUP, SIGTERM, SIGINT}) sigaddset(&handled, signal);
-    pthread_sigmask(SIG_UNBLOCK, &handled, nullptr);
     runtime = Runtime::build(std::move(config));
     started = runtime->config;
     state_writer = std::make_unique<StateWriter>(started->state_dir, telemetry);
@@ -786,11 +814,14 @@ struct Server::Impl {
 
   // SIGTERM, SIGINT: a drain; a second one while draining cuts it short.
   asio::awaitable<void> stop_signals() {
+    bool cut_short = false;
     for (;;) {
-      co_await stop_signal_set.async_wait(asio::use_awaitable);
+      co_await stop_signal_set.next();
       if (stopping) {
-        // A second SIGTERM/SIGINT while draining: the operator does not want to wait.
-        log_event(LogLevel::warn, "drain_cut_short", {{"sessions", registry.active()}});
+        // A second SIGTERM/SIGINT while draining: the operator does not want to wait. Said once: a storm of
+        // them (a kill loop, a supervisor) wrote a line per signal taken, 662 for 20,000 in one drain.
+        if (!cut_short) log_event(LogLevel::warn, "drain_cut_short", {{"sessions", registry.active()}});
+        cut_short = true;
         registry.close_all();
         continue;
       }
@@ -810,7 +841,7 @@ struct Server::Impl {
   // SIGHUP: a reload.
   asio::awaitable<void> reload_signals() {
     for (;;) {
-      co_await reload_signal_set.async_wait(asio::use_awaitable);
+      co_await reload_signal_set.next();
       if (!stopping) {
         // A SIGTERM/SIGINT sent with this SIGHUP goes first: the loop runs on for reload_settle before the
         // reload begins, and stop_signals() ends the wait when it takes one. The two come in separate
@@ -826,13 +857,12 @@ struct Server::Impl {
         // taken already: the drain of an idle daemon may be over (the loop stopped) before a turn to come.
         if (!stopping) co_await asio::post(io, asio::use_awaitable);
       }
-      // Asio queues one notification per SIGHUP delivered, and the reload runs here, on the loop that
-      // reads them: a burst (a deploy hook per renewed certificate) made as many full reloads, one after
-      // another, with the accepts and this loop's sessions waiting. The ones queued now came before this
-      // reload, which reads the file after them: dropped. Those that come while it runs make one more, as
-      // Postfix's master reloads once for any number of SIGHUPs behind its master_gotsighup flag.
-      reload_signal_set.remove(SIGHUP);
-      reload_signal_set.add(SIGHUP);
+      // The reload runs here, on the loop that reads the signals: a burst (a deploy hook per renewed
+      // certificate) made as many full reloads, one after another, with the accepts and this loop's sessions
+      // waiting. One pending now came before this reload, which reads the file after it: dropped. Those that
+      // come while it runs make one more (the kernel keeps one), as Postfix's master reloads once for any
+      // number of SIGHUPs behind its master_gotsighup flag.
+      reload_signal_set.discard_pending();
       if (stopping)
         log_event(LogLevel::warn, "reload_ignored",
                   {{"reason", "the daemon is stopping (draining its sessions)"}});
