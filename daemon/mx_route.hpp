@@ -74,6 +74,8 @@ struct MxRoute {
   bool permanent() const {
     return result != Result::deliver && result != Result::dns_failure && result != Result::local_resources;
   }
+  // A lookup of the route got no answer within dns.timeout (DnsOutcome::timeout): the MX query.
+  bool timed_out() const { return mx && mx->outcome == DnsOutcome::timeout; }
 };
 // deliver, null_mx, nxdomain, no_addresses, dns_failure, loop, address_literal, no_domain, local_resources
 std::string_view to_string(MxRoute::Result result);

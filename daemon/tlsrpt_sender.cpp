@@ -385,11 +385,11 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
   // run. A host that is down (or drops the packets, or stalls) for the run held every report of its rua for
   // the whole timeout, one after another: a thousand domains that send their reports to one reporting service
   // took the run's whole interval, and the reports to every other rua waited behind them. An https rua's host
-  // and port (tlsrpt.https_timeout); a mailto: rua's mail domain (timeouts.upstream_open, or the timeouts.*
-  // of the step where one of its MX hosts hung in a walk that no host took), as Postfix's queue manager
-  // suspends delivery to a destination (the next-hop domain, not one of its hosts) after a failed try: its MX
-  // walk already tried every host of the domain in that time, and a try of another report to it walks the
-  // same hosts in the same order.
+  // and port (tlsrpt.https_timeout); a mailto: rua's mail domain (timeouts.upstream_open, dns.timeout of its
+  // MX lookup, or the timeouts.* of the step where one of its MX hosts hung in a walk that no host took), as
+  // Postfix's queue manager suspends delivery to a destination (the next-hop domain, not one of its hosts)
+  // after a failed try: its MX walk already tried every host of the domain in that time, and a try of
+  // another report to it walks the same hosts in the same order.
   std::set<std::string, std::less<>> unreachable;  // "https://host:port", "the mail hosts of DOMAIN"
   std::size_t skipped = 0;                         // reports with a rua not tried for that
   std::size_t tried = 0;

@@ -666,6 +666,10 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
   if (mx.result == MxRoute::Result::local_resources)
     co_return dns_unavailable(upstream, domain, mx.local_error);
   if (mx.result != MxRoute::Result::deliver) {
+    // The lookup waited until dns.timeout (shorter than upstream_open, else open_over() said so): the next
+    // open to the domain waits as long again (libunbound keeps no record of a query that got no answer). A
+    // SERVFAIL or NXDOMAIN answers at once.
+    timed_out_ = mx.timed_out();
     // mailflowd's own refusal of the recipient (null MX, no such domain, a loop, DNS trouble).
     log_limited(LogLevel::info, "mx_route",
                 {{"id", session_.id}, {"upstream", upstream.name}, {"domain", domain}, {"result", to_string(mx.result)}});

@@ -31,7 +31,7 @@ import pytest
 import harness
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-from dns_server import KnotServer  # noqa: E402
+from dns_server import KnotServer, TamperingProxy  # noqa: E402
 
 DATE = "2026-01-02"
 ADDR = {"ok": "127.0.0.51", "busy": "127.0.0.52"}
@@ -79,6 +79,8 @@ walkdefer      MX    10 mx.walkhang
 walkdefer      MX    20 mx.walkdefer
 mx.walkdefer   A     {WALK_ADDR["defer"]}
 mx.wtake       A     {WALK_ADDR["take"]}
+lookdrop       MX    10 mx.lookdrop
+mx.lookdrop    A     {WALK_ADDR["take"]}
 reports        A     127.0.0.1
 wrong          A     127.0.0.1
 silent         A     127.0.0.1
@@ -979,6 +981,43 @@ def test_a_mailto_rua_domain_whose_walk_hung_before_the_host_that_deferred_the_m
         harness.stop_exits_0(daemon)
         hanging.close()
         deferring.close()
+
+
+@pytest.mark.parametrize("dropped", ["mx"])
+def test_a_mailto_rua_domain_whose_route_lookup_timed_out_is_marked(dropped, workdir, knot, sink_factory,
+                                                                     mailflowd_bin):
+    """The rua domain's route lookup gets no answer (a DNS tampering proxy drops the queries for the name): "mx",
+    the MX query of lookdrop.rpt.example.net. The lookup ends at dns.timeout (1 s, shorter than
+    timeouts.upstream_open) with 451 4.4.3, which did not say timed_out(), so each of the 6 reports to the domain
+    waited for dns.timeout again (libunbound does not keep the timeout: each try asks again) before the report of
+    z.example.net went (temporary_failure 6, skipped 0). A route lookup that timed out now marks the domain for
+    the run, as a walk that hung does (1 tried, 5 skipped)."""
+    domain, name = {"mx": ("lookdrop", "lookdrop.rpt.example.net")}[dropped]
+    port = harness.free_port("127.0.0.1", WALK_ADDR["take"])
+    take = sink_factory(f"rua-{domain}-take", host=WALK_ADDR["take"], port=port)
+    proxy = TamperingProxy(knot.address, drop=[name])
+    tlsrpt = {"send": True, "submitter": SUBMITTER, "smtp_port": port, "interval": "5s", "retry_for": "1h"}
+    _, config = state_dir_and_config(workdir, domain, "mailflowd-tlsrpt 1\n" + "".join(
+        f"day {DATE} l{n}.example.net mailto:reports+l{n}@{domain}.rpt.example.net\n"
+        "policy no-policy-found - - 1 0 0\n" for n in range(1, 7)) + (
+        f"day {DATE} z.example.net mailto:reports@wtake.rpt.example.net\n"
+        "policy no-policy-found - - 1 0 0\n"), knot, tlsrpt,
+        timeouts={"upstream_connect": "1s", "command": "1s", "upstream_open": "5s"})
+    config["dns"] = {"servers": [proxy.address], "timeout": "1s"}
+    daemon = harness.Daemon(mailflowd_bin, workdir, config, name=domain).start()
+    try:
+        take.wait_messages(1, timeout=40)
+        counts = tuple(deliveries(daemon, result) for result in ("temporary_failure", "skipped", "success"))
+        asked = [t for (q, _), t in zip(proxy.questions, proxy.asked_at) if q == name]
+        print("dropped queries", len(asked), "spread over", asked[-1] - asked[0] if asked else 0, "s")
+        assert counts == (1, 5, 1), (counts, daemon.log_tail())
+        log = daemon.stderr()
+        assert "451 4.4.3" in log, log
+        assert f"their rua timed out earlier in this run (the mail hosts of {domain}.rpt.example.net)" in log, log
+        assert reports_of(daemon, DATE) == [f"l{n}.example.net" for n in range(1, 7)]
+    finally:
+        harness.stop_exits_0(daemon)
+        proxy.close()
 
 
 class HangsOnOnePath(http.server.BaseHTTPRequestHandler):

@@ -228,7 +228,7 @@ class TamperingProxy:
     record it passes for the names in `names` (lower case, no final dot), leaving their RRSIGs as they are: a
     validating resolver then finds those answers bogus, as it would where an attacker forged them. Queries for
     the names in `drop` get no answer at all (a lookup that can only time out). Everything else passes
-    unchanged. `questions`: the (name, type) of every query it got, in order."""
+    unchanged. `questions`: the (name, type) of every query it got, in order; `asked_at`: when (time.monotonic())."""
 
     def __init__(self, upstream, names=(), host="127.0.0.1", drop=()):
         up_host, _, up_port = upstream.rpartition(":")
@@ -238,6 +238,7 @@ class TamperingProxy:
         self.tampered = 0
         self.dropped = 0
         self.questions = []
+        self.asked_at = []
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind((host, 0))
         self.address = f"{host}:{self.sock.getsockname()[1]}"
@@ -285,6 +286,7 @@ class TamperingProxy:
         try:
             name, qtype, _ = self._question(query)
             self.questions.append((name, qtype))
+            self.asked_at.append(time.monotonic())
             if name in self.drop:
                 self.dropped += 1
                 return
