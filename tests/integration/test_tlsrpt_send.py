@@ -81,6 +81,10 @@ mx.walkdefer   A     {WALK_ADDR["defer"]}
 mx.wtake       A     {WALK_ADDR["take"]}
 lookdrop       MX    10 mx.lookdrop
 mx.lookdrop    A     {WALK_ADDR["take"]}
+addrdrop       MX    10 mx.addrdrop
+mx.addrdrop    A     {WALK_ADDR["take"]}
+addrwalk       MX    10 mx.addrdrop
+addrwalk       MX    20 mx.walkrefuse
 reports        A     127.0.0.1
 wrong          A     127.0.0.1
 silent         A     127.0.0.1
@@ -983,7 +987,7 @@ def test_a_mailto_rua_domain_whose_walk_hung_before_the_host_that_deferred_the_m
         deferring.close()
 
 
-@pytest.mark.parametrize("dropped", ["mx"])
+@pytest.mark.parametrize("dropped", ["mx", "address", "address_then_refused"])
 def test_a_mailto_rua_domain_whose_route_lookup_timed_out_is_marked(dropped, workdir, knot, sink_factory,
                                                                      mailflowd_bin):
     """The rua domain's route lookup gets no answer (a DNS tampering proxy drops the queries for the name): "mx",
@@ -991,8 +995,12 @@ def test_a_mailto_rua_domain_whose_route_lookup_timed_out_is_marked(dropped, wor
     timeouts.upstream_open) with 451 4.4.3, which did not say timed_out(), so each of the 6 reports to the domain
     waited for dns.timeout again (libunbound does not keep the timeout: each try asks again) before the report of
     z.example.net went (temporary_failure 6, skipped 0). A route lookup that timed out now marks the domain for
-    the run, as a walk that hung does (1 tried, 5 skipped)."""
-    domain, name = {"mx": ("lookdrop", "lookdrop.rpt.example.net")}[dropped]
+    the run, as a walk that hung does (1 tried, 5 skipped). "address": the MX query is answered, the MX host's
+    AAAA and A queries are dropped (451 4.4.3 for the MX hosts); "address_then_refused": so are those of the first
+    of two MX hosts, and the second refuses the connection (the walk's 451 4.4.1 after a dns.timeout's wait)."""
+    domain, name = {"mx": ("lookdrop", "lookdrop.rpt.example.net"),
+                    "address": ("addrdrop", "mx.addrdrop.rpt.example.net"),
+                    "address_then_refused": ("addrwalk", "mx.addrdrop.rpt.example.net")}[dropped]
     port = harness.free_port("127.0.0.1", WALK_ADDR["take"])
     take = sink_factory(f"rua-{domain}-take", host=WALK_ADDR["take"], port=port)
     proxy = TamperingProxy(knot.address, drop=[name])
@@ -1012,7 +1020,7 @@ def test_a_mailto_rua_domain_whose_route_lookup_timed_out_is_marked(dropped, wor
         print("dropped queries", len(asked), "spread over", asked[-1] - asked[0] if asked else 0, "s")
         assert counts == (1, 5, 1), (counts, daemon.log_tail())
         log = daemon.stderr()
-        assert "451 4.4.3" in log, log
+        assert ("451 4.4.1" if dropped == "address_then_refused" else "451 4.4.3") in log, log
         assert f"their rua timed out earlier in this run (the mail hosts of {domain}.rpt.example.net)" in log, log
         assert reports_of(daemon, DATE) == [f"l{n}.example.net" for n in range(1, 7)]
     finally:
