@@ -642,6 +642,10 @@ asio::awaitable<TlsRptDelivery> TlsRptSender::deliver_https(const Runtime& runti
                  config::format_duration(config.tlsrpt.https_timeout) + ")";
         co_return TlsRptDelivery::temporary_failure;
       }
+      // A query that got no answer within dns.timeout (shorter than https_timeout) held the try as long, and
+      // the next report to the host asks again (libunbound keeps no record of it): marked as a POST that
+      // timed out is. A SERVFAIL or NXDOMAIN answers at once.
+      timed_out = addresses.aaaa == DnsOutcome::timeout || addresses.a == DnsOutcome::timeout;
       detail = "no address for " + rua.host + (addresses.detail.empty() ? "" : ": " + addresses.detail);
       co_return addresses.status == AddressResult::Status::none ? TlsRptDelivery::permanent_failure
                                                                  : TlsRptDelivery::temporary_failure;

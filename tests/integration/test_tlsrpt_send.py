@@ -85,6 +85,7 @@ addrdrop       MX    10 mx.addrdrop
 mx.addrdrop    A     {WALK_ADDR["take"]}
 addrwalk       MX    10 mx.addrdrop
 addrwalk       MX    20 mx.walkrefuse
+hdrop          A     127.0.0.1
 reports        A     127.0.0.1
 wrong          A     127.0.0.1
 silent         A     127.0.0.1
@@ -815,6 +816,42 @@ def test_a_run_tries_a_rua_host_that_timed_out_once(workdir, knot, silent_port, 
         daemon.stderr()
     # Each is tried again at a later run (the first of them first, while the host stays down): none was lost.
     assert reports_of(daemon, DATE) == [f"d{n}.example.net" for n in range(1, 7)]
+
+
+def test_an_https_rua_host_whose_lookup_timed_out_is_marked(workdir, knot, https_port, certs, daemon_factory):
+    """The https rua host's AAAA and A queries get no answer (the DNS proxy drops them) and dns.timeout (1 s) is
+    shorter than tlsrpt.https_timeout (5 s): the lookup ended at dns.timeout with "no address for ...", which did
+    not say timed_out, so each of the 6 reports to the host waited dns.timeout again before z's report went
+    (temporary_failure 6, skipped 0). A lookup that timed out now marks the host and port for the run, as one
+    that ran into https_timeout does (1 tried, 5 skipped)."""
+    proxy = TamperingProxy(knot.address, drop=["hdrop.rpt.example.net"])
+    state = "mailflowd-tlsrpt 1\n" + "".join(
+        f"day {DATE} d{n}.example.net https://hdrop.rpt.example.net:{https_port}/hdrop{n}\n"
+        "policy no-policy-found - - 1 0 0\n" for n in range(1, 7)) + (
+        f"day {DATE} z.example.net https://reports.rpt.example.net:{https_port}/hdropz\n"
+        "policy no-policy-found - - 1 0 0\n")
+    directory = workdir / "hdrop-state"
+    directory.mkdir(exist_ok=True)
+    (directory / "tlsrpt.state").write_text(state)
+    listeners = [{"name": "out", "address": f"127.0.0.1:{harness.free_port()}", "direction": "outbound",
+                  "upstream": "internet"}]
+    tlsrpt = {"send": True, "interval": "5s", "https_timeout": "5s", "retry_for": "1h", "submitter": SUBMITTER,
+              "ca_file": str(certs / "ca.pem")}
+    try:
+        daemon = daemon_factory(listeners, [{"name": "internet", "mx": True}], name="hdrop",
+                                dns={"servers": [proxy.address], "timeout": "1s"}, tlsrpt=tlsrpt)
+        harness.wait_for(lambda: any(path == "/hdropz" for path, _, _ in Collector.posts), 30, what="z's report")
+        m = daemon.metrics()
+        count = lambda result: harness.value(m, "mailflow_tlsrpt_deliveries_total", method="https",  # noqa: E731
+                                             result=result)
+        counts = (count("temporary_failure"), count("skipped"), count("success"))
+        assert counts == (1, 5, 1), (counts, daemon.log_tail())
+        log = daemon.stderr()
+        assert "no address for hdrop.rpt.example.net: AAAA: no answer within 1s" in log, log
+        assert f"their rua timed out earlier in this run (https://hdrop.rpt.example.net:{https_port})" in log, log
+        assert not [path for path, _, _ in Collector.posts if path.startswith("/hdrop") and path != "/hdropz"]
+    finally:
+        proxy.close()
 
 
 class HangingMx:
