@@ -635,17 +635,18 @@ asio::awaitable<TlsRptDelivery> TlsRptSender::deliver_https(const Runtime& runti
     const AddressResult addresses = co_await lookup->resolve_addresses(rua.host);
     deadline.cancel();
     request.addresses = addresses.addresses;
+    if (request.addresses.empty() && std::chrono::steady_clock::now() >= limits.deadline) {
+      timed_out = true;
+      detail = "looking up " + rua.host + " timed out (tlsrpt.https_timeout " +
+               config::format_duration(config.tlsrpt.https_timeout) + ")";
+      co_return TlsRptDelivery::temporary_failure;
+    }
+    // A query that got no answer within dns.timeout (shorter than https_timeout) held the try as long, and
+    // the next report to the host asks again (libunbound keeps no record of it): a try that fails after it is
+    // marked as a POST that timed out is, also where the other family's query gave an address (a name server
+    // that drops AAAA queries). A SERVFAIL or NXDOMAIN answers at once.
+    timed_out = addresses.aaaa == DnsOutcome::timeout || addresses.a == DnsOutcome::timeout;
     if (request.addresses.empty()) {
-      if (std::chrono::steady_clock::now() >= limits.deadline) {
-        timed_out = true;
-        detail = "looking up " + rua.host + " timed out (tlsrpt.https_timeout " +
-                 config::format_duration(config.tlsrpt.https_timeout) + ")";
-        co_return TlsRptDelivery::temporary_failure;
-      }
-      // A query that got no answer within dns.timeout (shorter than https_timeout) held the try as long, and
-      // the next report to the host asks again (libunbound keeps no record of it): marked as a POST that
-      // timed out is. A SERVFAIL or NXDOMAIN answers at once.
-      timed_out = addresses.aaaa == DnsOutcome::timeout || addresses.a == DnsOutcome::timeout;
       detail = "no address for " + rua.host + (addresses.detail.empty() ? "" : ": " + addresses.detail);
       co_return addresses.status == AddressResult::Status::none ? TlsRptDelivery::permanent_failure
                                                                  : TlsRptDelivery::temporary_failure;
@@ -658,7 +659,7 @@ asio::awaitable<TlsRptDelivery> TlsRptSender::deliver_https(const Runtime& runti
   // does not change the answer).
   if (!response.head) {
     const std::string where = rua.host + " (" + response.address + "): ";
-    timed_out = response.error == HttpsResponse::Error::timed_out;
+    timed_out = timed_out || response.error == HttpsResponse::Error::timed_out;
     const std::string why =
         response.error == HttpsResponse::Error::timed_out ? "timed out" : response.error_text;
     switch (response.step) {

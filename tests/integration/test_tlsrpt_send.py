@@ -86,6 +86,7 @@ mx.addrdrop    A     {WALK_ADDR["take"]}
 addrwalk       MX    10 mx.addrdrop
 addrwalk       MX    20 mx.walkrefuse
 hdrop          A     127.0.0.1
+hpart          A     127.0.0.1
 reports        A     127.0.0.1
 wrong          A     127.0.0.1
 silent         A     127.0.0.1
@@ -850,6 +851,44 @@ def test_an_https_rua_host_whose_lookup_timed_out_is_marked(workdir, knot, https
         assert "no address for hdrop.rpt.example.net: AAAA: no answer within 1s" in log, log
         assert f"their rua timed out earlier in this run (https://hdrop.rpt.example.net:{https_port})" in log, log
         assert not [path for path, _, _ in Collector.posts if path.startswith("/hdrop") and path != "/hdropz"]
+    finally:
+        proxy.close()
+
+
+def test_an_https_rua_host_whose_aaaa_lookup_timed_out_and_whose_post_failed_is_marked(workdir, knot,
+                                                                                        https_port, certs,
+                                                                                        daemon_factory):
+    """The name server drops the https rua host's AAAA queries and answers its A query (dns.timeout 1 s, shorter
+    than tlsrpt.https_timeout); nothing listens at the address and port: each try waits dns.timeout, then the
+    connection is refused. The refusal did not say timed_out, so each of the 6 reports to the host waited for the
+    AAAA query again (temporary_failure 6, skipped 0). The try failed after a lookup that timed out: the host is
+    marked for the run (1 tried, 5 skipped), as a mailto: walk that hung before a refusing host is (57e7579)."""
+    proxy = TamperingProxy(knot.address, drop=["hpart.rpt.example.net"], drop_types=[28])
+    refused_port = harness.free_port()  # nothing listens there
+    state = "mailflowd-tlsrpt 1\n" + "".join(
+        f"day {DATE} d{n}.example.net https://hpart.rpt.example.net:{refused_port}/hpart{n}\n"
+        "policy no-policy-found - - 1 0 0\n" for n in range(1, 7)) + (
+        f"day {DATE} z.example.net https://reports.rpt.example.net:{https_port}/hpartz\n"
+        "policy no-policy-found - - 1 0 0\n")
+    directory = workdir / "hpart-state"
+    directory.mkdir(exist_ok=True)
+    (directory / "tlsrpt.state").write_text(state)
+    listeners = [{"name": "out", "address": f"127.0.0.1:{harness.free_port()}", "direction": "outbound",
+                  "upstream": "internet"}]
+    tlsrpt = {"send": True, "interval": "5s", "https_timeout": "5s", "retry_for": "1h", "submitter": SUBMITTER,
+              "ca_file": str(certs / "ca.pem")}
+    try:
+        daemon = daemon_factory(listeners, [{"name": "internet", "mx": True}], name="hpart",
+                                dns={"servers": [proxy.address], "timeout": "1s"}, tlsrpt=tlsrpt)
+        harness.wait_for(lambda: any(path == "/hpartz" for path, _, _ in Collector.posts), 30, what="z's report")
+        m = daemon.metrics()
+        count = lambda result: harness.value(m, "mailflow_tlsrpt_deliveries_total", method="https",  # noqa: E731
+                                             result=result)
+        counts = (count("temporary_failure"), count("skipped"), count("success"))
+        assert counts == (1, 5, 1), (counts, daemon.log_tail())
+        log = daemon.stderr()
+        assert "cannot connect to hpart.rpt.example.net (127.0.0.1" in log, log
+        assert f"their rua timed out earlier in this run (https://hpart.rpt.example.net:{refused_port})" in log, log
     finally:
         proxy.close()
 
