@@ -5,6 +5,7 @@
 // `mailflowd route` (which prints it).
 #include <utility>  // before Boost.Asio (Boost 1.74 + GCC 12)
 
+#include <algorithm>
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <cstddef>
@@ -73,6 +74,14 @@ struct MxRoute {
   std::string local_error;  // local_resources: which lookup could not be sent, and why
   bool permanent() const {
     return result != Result::deliver && result != Result::dns_failure && result != Result::local_resources;
+  }
+  // A lookup of the route got no answer within dns.timeout (DnsOutcome::timeout): the MX query, or the AAAA
+  // or A query of a host looked up (its batch waited for it, whatever the other hosts gave).
+  bool timed_out() const {
+    return (mx && mx->outcome == DnsOutcome::timeout) ||
+           std::any_of(hosts.begin(), hosts.end(), [](const MxTarget& host) {
+             return host.addresses.aaaa == DnsOutcome::timeout || host.addresses.a == DnsOutcome::timeout;
+           });
   }
 };
 // deliver, null_mx, nxdomain, no_addresses, dns_failure, loop, address_literal, no_domain, local_resources

@@ -385,11 +385,11 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
   // run. A host that is down (or drops the packets, or stalls) for the run held every report of its rua for
   // the whole timeout, one after another: a thousand domains that send their reports to one reporting service
   // took the run's whole interval, and the reports to every other rua waited behind them. An https rua's host
-  // and port (tlsrpt.https_timeout); a mailto: rua's mail domain (timeouts.upstream_open, or the timeouts.*
-  // of the step where one of its MX hosts hung in a walk that no host took), as Postfix's queue manager
-  // suspends delivery to a destination (the next-hop domain, not one of its hosts) after a failed try: its MX
-  // walk already tried every host of the domain in that time, and a try of another report to it walks the
-  // same hosts in the same order.
+  // and port (tlsrpt.https_timeout); a mailto: rua's mail domain (timeouts.upstream_open, dns.timeout of its
+  // MX lookup, or the timeouts.* of the step where one of its MX hosts hung in a walk that no host took), as
+  // Postfix's queue manager suspends delivery to a destination (the next-hop domain, not one of its hosts)
+  // after a failed try: its MX walk already tried every host of the domain in that time, and a try of
+  // another report to it walks the same hosts in the same order.
   std::set<std::string, std::less<>> unreachable;  // "https://host:port", "the mail hosts of DOMAIN"
   std::size_t skipped = 0;                         // reports with a rua not tried for that
   std::size_t tried = 0;
@@ -635,13 +635,18 @@ asio::awaitable<TlsRptDelivery> TlsRptSender::deliver_https(const Runtime& runti
     const AddressResult addresses = co_await lookup->resolve_addresses(rua.host);
     deadline.cancel();
     request.addresses = addresses.addresses;
+    if (request.addresses.empty() && std::chrono::steady_clock::now() >= limits.deadline) {
+      timed_out = true;
+      detail = "looking up " + rua.host + " timed out (tlsrpt.https_timeout " +
+               config::format_duration(config.tlsrpt.https_timeout) + ")";
+      co_return TlsRptDelivery::temporary_failure;
+    }
+    // A query that got no answer within dns.timeout (shorter than https_timeout) held the try as long, and
+    // the next report to the host asks again (libunbound keeps no record of it): a try that fails after it is
+    // marked as a POST that timed out is, also where the other family's query gave an address (a name server
+    // that drops AAAA queries). A SERVFAIL or NXDOMAIN answers at once.
+    timed_out = addresses.aaaa == DnsOutcome::timeout || addresses.a == DnsOutcome::timeout;
     if (request.addresses.empty()) {
-      if (std::chrono::steady_clock::now() >= limits.deadline) {
-        timed_out = true;
-        detail = "looking up " + rua.host + " timed out (tlsrpt.https_timeout " +
-                 config::format_duration(config.tlsrpt.https_timeout) + ")";
-        co_return TlsRptDelivery::temporary_failure;
-      }
       detail = "no address for " + rua.host + (addresses.detail.empty() ? "" : ": " + addresses.detail);
       co_return addresses.status == AddressResult::Status::none ? TlsRptDelivery::permanent_failure
                                                                  : TlsRptDelivery::temporary_failure;
@@ -654,7 +659,7 @@ asio::awaitable<TlsRptDelivery> TlsRptSender::deliver_https(const Runtime& runti
   // does not change the answer).
   if (!response.head) {
     const std::string where = rua.host + " (" + response.address + "): ";
-    timed_out = response.error == HttpsResponse::Error::timed_out;
+    timed_out = timed_out || response.error == HttpsResponse::Error::timed_out;
     const std::string why =
         response.error == HttpsResponse::Error::timed_out ? "timed out" : response.error_text;
     switch (response.step) {

@@ -666,6 +666,10 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
   if (mx.result == MxRoute::Result::local_resources)
     co_return dns_unavailable(upstream, domain, mx.local_error);
   if (mx.result != MxRoute::Result::deliver) {
+    // A lookup waited until dns.timeout (shorter than upstream_open, else open_over() said so): the next
+    // open to the domain waits as long again (libunbound keeps no record of a query that got no answer). A
+    // SERVFAIL or NXDOMAIN answers at once.
+    timed_out_ = mx.timed_out();
     // mailflowd's own refusal of the recipient (null MX, no such domain, a loop, DNS trouble).
     log_limited(LogLevel::info, "mx_route",
                 {{"id", session_.id}, {"upstream", upstream.name}, {"domain", domain}, {"result", to_string(mx.result)}});
@@ -734,8 +738,9 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
   std::size_t tried = 0;
   std::string_view limit = mx.address_limited ? "addresses" : "";
   // A host of the walk held its attempt until a deadline (timed_out()): whatever the later hosts did, the
-  // next walk to the domain waits for it again.
-  bool hung = false;
+  // next walk to the domain waits for it again. So does a host whose address lookup timed out (the route
+  // waited dns.timeout for it before the first connection).
+  bool hung = mx.timed_out();
   for (const auto& attempt : mx.attempts) {
     ++tried;
     // RFC 8460 4.3: sending-mta-ip is our side of the connection that attempted STARTTLS. A host skipped

@@ -104,11 +104,12 @@ class UpstreamLeg {
   // transaction.
   bool closed_idle() const { return closed_idle_; }
   // The last open() was refused, or the connection was last lost, because a deadline passed
-  // (timeouts.upstream_open; for any host or address the refused open tried, upstream_connect, tls_handshake
-  // or a reply's timeout, even where a later one refused at once; for a connection, a reply's timeout): the
-  // far side hangs rather than refuses, and the next open to it waits as long again. Right after an open()
-  // that connected: a host or address it tried before the one that took it hung. The TLS reports' sender
-  // skips such a rua domain for the rest of its run (tlsrpt_sender.cpp).
+  // (timeouts.upstream_open; dns.timeout of the route's MX or address lookups; for any host or address the
+  // refused open tried, upstream_connect, tls_handshake or a reply's timeout, even where a later one refused
+  // at once; for a connection, a reply's timeout): the far side hangs rather than refuses, and the next open
+  // to it waits as long again. Right after an open() that connected: a lookup of its route timed out, or a
+  // host or address it tried before the one that took it hung. The TLS reports' sender skips such a rua
+  // domain for the rest of its run (tlsrpt_sender.cpp).
   bool timed_out() const { return timed_out_; }
 
   void cancel();  // the watchdog: cancel whatever is in flight

@@ -31,7 +31,7 @@ import pytest
 import harness
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-from dns_server import KnotServer  # noqa: E402
+from dns_server import KnotServer, TamperingProxy  # noqa: E402
 
 DATE = "2026-01-02"
 ADDR = {"ok": "127.0.0.51", "busy": "127.0.0.52"}
@@ -79,6 +79,14 @@ walkdefer      MX    10 mx.walkhang
 walkdefer      MX    20 mx.walkdefer
 mx.walkdefer   A     {WALK_ADDR["defer"]}
 mx.wtake       A     {WALK_ADDR["take"]}
+lookdrop       MX    10 mx.lookdrop
+mx.lookdrop    A     {WALK_ADDR["take"]}
+addrdrop       MX    10 mx.addrdrop
+mx.addrdrop    A     {WALK_ADDR["take"]}
+addrwalk       MX    10 mx.addrdrop
+addrwalk       MX    20 mx.walkrefuse
+hdrop          A     127.0.0.1
+hpart          A     127.0.0.1
 reports        A     127.0.0.1
 wrong          A     127.0.0.1
 silent         A     127.0.0.1
@@ -811,6 +819,80 @@ def test_a_run_tries_a_rua_host_that_timed_out_once(workdir, knot, silent_port, 
     assert reports_of(daemon, DATE) == [f"d{n}.example.net" for n in range(1, 7)]
 
 
+def test_an_https_rua_host_whose_lookup_timed_out_is_marked(workdir, knot, https_port, certs, daemon_factory):
+    """The https rua host's AAAA and A queries get no answer (the DNS proxy drops them) and dns.timeout (1 s) is
+    shorter than tlsrpt.https_timeout (5 s): the lookup ended at dns.timeout with "no address for ...", which did
+    not say timed_out, so each of the 6 reports to the host waited dns.timeout again before z's report went
+    (temporary_failure 6, skipped 0). A lookup that timed out now marks the host and port for the run, as one
+    that ran into https_timeout does (1 tried, 5 skipped)."""
+    proxy = TamperingProxy(knot.address, drop=["hdrop.rpt.example.net"])
+    state = "mailflowd-tlsrpt 1\n" + "".join(
+        f"day {DATE} d{n}.example.net https://hdrop.rpt.example.net:{https_port}/hdrop{n}\n"
+        "policy no-policy-found - - 1 0 0\n" for n in range(1, 7)) + (
+        f"day {DATE} z.example.net https://reports.rpt.example.net:{https_port}/hdropz\n"
+        "policy no-policy-found - - 1 0 0\n")
+    directory = workdir / "hdrop-state"
+    directory.mkdir(exist_ok=True)
+    (directory / "tlsrpt.state").write_text(state)
+    listeners = [{"name": "out", "address": f"127.0.0.1:{harness.free_port()}", "direction": "outbound",
+                  "upstream": "internet"}]
+    tlsrpt = {"send": True, "interval": "5s", "https_timeout": "5s", "retry_for": "1h", "submitter": SUBMITTER,
+              "ca_file": str(certs / "ca.pem")}
+    try:
+        daemon = daemon_factory(listeners, [{"name": "internet", "mx": True}], name="hdrop",
+                                dns={"servers": [proxy.address], "timeout": "1s"}, tlsrpt=tlsrpt)
+        harness.wait_for(lambda: any(path == "/hdropz" for path, _, _ in Collector.posts), 30, what="z's report")
+        m = daemon.metrics()
+        count = lambda result: harness.value(m, "mailflow_tlsrpt_deliveries_total", method="https",  # noqa: E731
+                                             result=result)
+        counts = (count("temporary_failure"), count("skipped"), count("success"))
+        assert counts == (1, 5, 1), (counts, daemon.log_tail())
+        log = daemon.stderr()
+        assert "no address for hdrop.rpt.example.net: AAAA: no answer within 1s" in log, log
+        assert f"their rua timed out earlier in this run (https://hdrop.rpt.example.net:{https_port})" in log, log
+        assert not [path for path, _, _ in Collector.posts if path.startswith("/hdrop") and path != "/hdropz"]
+    finally:
+        proxy.close()
+
+
+def test_an_https_rua_host_whose_aaaa_lookup_timed_out_and_whose_post_failed_is_marked(workdir, knot,
+                                                                                        https_port, certs,
+                                                                                        daemon_factory):
+    """The name server drops the https rua host's AAAA queries and answers its A query (dns.timeout 1 s, shorter
+    than tlsrpt.https_timeout); nothing listens at the address and port: each try waits dns.timeout, then the
+    connection is refused. The refusal did not say timed_out, so each of the 6 reports to the host waited for the
+    AAAA query again (temporary_failure 6, skipped 0). The try failed after a lookup that timed out: the host is
+    marked for the run (1 tried, 5 skipped), as a mailto: walk that hung before a refusing host is (57e7579)."""
+    proxy = TamperingProxy(knot.address, drop=["hpart.rpt.example.net"], drop_types=[28])
+    refused_port = harness.free_port()  # nothing listens there
+    state = "mailflowd-tlsrpt 1\n" + "".join(
+        f"day {DATE} d{n}.example.net https://hpart.rpt.example.net:{refused_port}/hpart{n}\n"
+        "policy no-policy-found - - 1 0 0\n" for n in range(1, 7)) + (
+        f"day {DATE} z.example.net https://reports.rpt.example.net:{https_port}/hpartz\n"
+        "policy no-policy-found - - 1 0 0\n")
+    directory = workdir / "hpart-state"
+    directory.mkdir(exist_ok=True)
+    (directory / "tlsrpt.state").write_text(state)
+    listeners = [{"name": "out", "address": f"127.0.0.1:{harness.free_port()}", "direction": "outbound",
+                  "upstream": "internet"}]
+    tlsrpt = {"send": True, "interval": "5s", "https_timeout": "5s", "retry_for": "1h", "submitter": SUBMITTER,
+              "ca_file": str(certs / "ca.pem")}
+    try:
+        daemon = daemon_factory(listeners, [{"name": "internet", "mx": True}], name="hpart",
+                                dns={"servers": [proxy.address], "timeout": "1s"}, tlsrpt=tlsrpt)
+        harness.wait_for(lambda: any(path == "/hpartz" for path, _, _ in Collector.posts), 30, what="z's report")
+        m = daemon.metrics()
+        count = lambda result: harness.value(m, "mailflow_tlsrpt_deliveries_total", method="https",  # noqa: E731
+                                             result=result)
+        counts = (count("temporary_failure"), count("skipped"), count("success"))
+        assert counts == (1, 5, 1), (counts, daemon.log_tail())
+        log = daemon.stderr()
+        assert "cannot connect to hpart.rpt.example.net (127.0.0.1" in log, log
+        assert f"their rua timed out earlier in this run (https://hpart.rpt.example.net:{refused_port})" in log, log
+    finally:
+        proxy.close()
+
+
 class HangingMx:
     """An MX host at `host`:`port` (HANG_ADDR["hang"] unless said) that `mode` says how to fail: "silent" takes the connection (the
     kernel's backlog completes it) and never says a word; "stall_at_mail" greets, answers EHLO, then never answers
@@ -979,6 +1061,47 @@ def test_a_mailto_rua_domain_whose_walk_hung_before_the_host_that_deferred_the_m
         harness.stop_exits_0(daemon)
         hanging.close()
         deferring.close()
+
+
+@pytest.mark.parametrize("dropped", ["mx", "address", "address_then_refused"])
+def test_a_mailto_rua_domain_whose_route_lookup_timed_out_is_marked(dropped, workdir, knot, sink_factory,
+                                                                     mailflowd_bin):
+    """The rua domain's route lookup gets no answer (a DNS tampering proxy drops the queries for the name): "mx",
+    the MX query of lookdrop.rpt.example.net. The lookup ends at dns.timeout (1 s, shorter than
+    timeouts.upstream_open) with 451 4.4.3, which did not say timed_out(), so each of the 6 reports to the domain
+    waited for dns.timeout again (libunbound does not keep the timeout: each try asks again) before the report of
+    z.example.net went (temporary_failure 6, skipped 0). A route lookup that timed out now marks the domain for
+    the run, as a walk that hung does (1 tried, 5 skipped). "address": the MX query is answered, the MX host's
+    AAAA and A queries are dropped (451 4.4.3 for the MX hosts); "address_then_refused": so are those of the first
+    of two MX hosts, and the second refuses the connection (the walk's 451 4.4.1 after a dns.timeout's wait)."""
+    domain, name = {"mx": ("lookdrop", "lookdrop.rpt.example.net"),
+                    "address": ("addrdrop", "mx.addrdrop.rpt.example.net"),
+                    "address_then_refused": ("addrwalk", "mx.addrdrop.rpt.example.net")}[dropped]
+    port = harness.free_port("127.0.0.1", WALK_ADDR["take"])
+    take = sink_factory(f"rua-{domain}-take", host=WALK_ADDR["take"], port=port)
+    proxy = TamperingProxy(knot.address, drop=[name])
+    tlsrpt = {"send": True, "submitter": SUBMITTER, "smtp_port": port, "interval": "5s", "retry_for": "1h"}
+    _, config = state_dir_and_config(workdir, domain, "mailflowd-tlsrpt 1\n" + "".join(
+        f"day {DATE} l{n}.example.net mailto:reports+l{n}@{domain}.rpt.example.net\n"
+        "policy no-policy-found - - 1 0 0\n" for n in range(1, 7)) + (
+        f"day {DATE} z.example.net mailto:reports@wtake.rpt.example.net\n"
+        "policy no-policy-found - - 1 0 0\n"), knot, tlsrpt,
+        timeouts={"upstream_connect": "1s", "command": "1s", "upstream_open": "5s"})
+    config["dns"] = {"servers": [proxy.address], "timeout": "1s"}
+    daemon = harness.Daemon(mailflowd_bin, workdir, config, name=domain).start()
+    try:
+        take.wait_messages(1, timeout=40)
+        counts = tuple(deliveries(daemon, result) for result in ("temporary_failure", "skipped", "success"))
+        asked = [t for (q, _), t in zip(proxy.questions, proxy.asked_at) if q == name]
+        print("dropped queries", len(asked), "spread over", asked[-1] - asked[0] if asked else 0, "s")
+        assert counts == (1, 5, 1), (counts, daemon.log_tail())
+        log = daemon.stderr()
+        assert ("451 4.4.1" if dropped == "address_then_refused" else "451 4.4.3") in log, log
+        assert f"their rua timed out earlier in this run (the mail hosts of {domain}.rpt.example.net)" in log, log
+        assert reports_of(daemon, DATE) == [f"l{n}.example.net" for n in range(1, 7)]
+    finally:
+        harness.stop_exits_0(daemon)
+        proxy.close()
 
 
 class HangsOnOnePath(http.server.BaseHTTPRequestHandler):

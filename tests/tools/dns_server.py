@@ -227,17 +227,20 @@ class TamperingProxy:
     """A UDP DNS forwarder in front of `upstream` ("127.0.0.1:PORT") that changes one byte of every AAAA
     record it passes for the names in `names` (lower case, no final dot), leaving their RRSIGs as they are: a
     validating resolver then finds those answers bogus, as it would where an attacker forged them. Queries for
-    the names in `drop` get no answer at all (a lookup that can only time out). Everything else passes
-    unchanged. `questions`: the (name, type) of every query it got, in order."""
+    the names in `drop` get no answer at all (a lookup that can only time out; only those of the query types in
+    `drop_types` where it is given, 28 for AAAA: a name server that drops AAAA queries). Everything else passes
+    unchanged. `questions`: the (name, type) of every query it got, in order; `asked_at`: when (time.monotonic())."""
 
-    def __init__(self, upstream, names=(), host="127.0.0.1", drop=()):
+    def __init__(self, upstream, names=(), host="127.0.0.1", drop=(), drop_types=()):
         up_host, _, up_port = upstream.rpartition(":")
         self.upstream = (up_host.strip("[]"), int(up_port))
         self.names = {n.lower().rstrip(".") for n in names}
         self.drop = {n.lower().rstrip(".") for n in drop}
+        self.drop_types = set(drop_types)
         self.tampered = 0
         self.dropped = 0
         self.questions = []
+        self.asked_at = []
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind((host, 0))
         self.address = f"{host}:{self.sock.getsockname()[1]}"
@@ -285,7 +288,8 @@ class TamperingProxy:
         try:
             name, qtype, _ = self._question(query)
             self.questions.append((name, qtype))
-            if name in self.drop:
+            self.asked_at.append(time.monotonic())
+            if name in self.drop and (not self.drop_types or qtype in self.drop_types):
                 self.dropped += 1
                 return
         except (IndexError, struct.error):
