@@ -204,7 +204,9 @@ class Resolver {
   void cancel();
   // A lookup on this context could not be sent (DnsOutcome::local_resources). libunbound keeps the SERVFAIL
   // it answered in its cache for a while, and would give it for the same name once descriptors are back, as
-  // though the name's servers had failed: such a context is replaced (loop_resolver) rather than used on.
+  // though the name's servers had failed: such a context is replaced (loop_resolver) rather than used on. So
+  // is one whose wait on libunbound's result pipe failed (logged dns_resolver_failed): no answer comes back
+  // through it, and its lookups fail at once (DnsOutcome::error) instead of each waiting for dns.timeout.
   bool spoiled() const;
 
  private:
