@@ -928,8 +928,11 @@ ResolverSettings with_hosts_file(ResolverSettings settings, const std::string& h
   settings.hosts_file = hosts_file;
   // A resolv.conf that cannot be read has no search list, as glibc's res_init passes it over (EACCES, EISDIR:
   // "persistent errors caused by file system contents"); without dns.servers resolver_settings refuses it.
+  // That was silent where dns.servers names the name servers: said now (Runtime::log_problems, route), as an
+  // unreadable hosts file is, where there is a name for the search list to complete.
   std::string unread_resolv_conf;
   proto::read_search_list(read_text(resolv_conf, unread_resolv_conf), settings.search, settings.ndots);
+  if (!names.empty()) settings.search_problem = unread_resolv_conf;
   // The names getaddrinfo asks of the files service: each as written, matched whole in any case (glibc's
   // nss_files compares with strcasecmp: "mail.example.org." is not the file's "mail.example.org"). The names
   // the search list makes are asked of DNS only (res_search), never of the file.

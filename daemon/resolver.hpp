@@ -131,6 +131,9 @@ struct ResolverSettings {
   // (proto::search_names()).
   std::vector<std::string> search;
   int ndots = 1;
+  // With a hosts file, for at least one host name: resolv.conf exists and could not be read, so there is no
+  // search list: why (else ""). Without dns.servers such a file is `problem` instead.
+  std::string search_problem;
 };
 // Where the name servers come from without dns.servers (and the search list, with_hosts_file's caller).
 inline constexpr const char* resolv_conf_path = "/etc/resolv.conf";
