@@ -357,6 +357,20 @@ for args in "--config=" "--check-config=" "--config ''" "--check-config ''" "-c 
   fi
 done
 
+# The subcommands that read the daemon's configuration take an empty --config/-c as a missing one too (before:
+# ": cannot read the configuration: No such file or directory", "cannot use --config ", exit 1).
+for args in "report --config=" "tlsrpt -c ''" "mta-sts --domain example.org --config="; do
+  eval "timeout 20 \"\$bin\" $args" >"$work/out" 2>"$work/err"
+  status=$?
+  sub=${args%% *}
+  case "$args" in *-c\ *) name=-c ;; *) name=--config ;; esac
+  if [ "$status" -eq 2 ] && grep -qxF "mailflowd $sub: $name needs a value" "$work/err"; then
+    passed=$((passed + 1)); echo "ok: empty value of $args refused"
+  else
+    fail "empty value of $args: exit status $status (expected 2 and \"$name needs a value\")"; cat "$work/err"
+  fi
+done
+
 # What it echoes of a file name or an argument is text: a control byte (an escape sequence that would clear the
 # terminal) is shown as \xNN, as the commands show theirs.
 esc=$(printf '\033')
