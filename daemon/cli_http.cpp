@@ -357,6 +357,10 @@ bool parse_daemon_option(int argc, char** argv, int& i, DaemonOptions& options, 
                            error))
     return false;
   const std::string value(option.value);
+  if ((option.name == "--config" || option.name == "-c") && value.empty()) {
+    error = std::string(option.name) + " needs a value";  // not a file named "": as mailflowd --config
+    return false;
+  }
   if (option.name == "--url") options.url = value;
   else if (option.name == "--config" || option.name == "-c")
     options.config_path = value;

@@ -139,6 +139,11 @@ int main(int argc, char** argv) {
     std::string option_error;
     if (mailflow::cli::parse_valued_option(argc, argv, i, {"--check-config", "--config", "-c"}, option,
                                            option_error)) {
+      // An empty file name is no file name: refused as a missing one is, not read as a file named "".
+      if (option.value.empty()) {
+        std::fprintf(stderr, "mailflowd: %s needs a value\n", std::string(option.name).c_str());
+        return 2;
+      }
       if (option.name != "--check-config") {
         config_path = std::string(option.value);
         continue;

@@ -88,6 +88,8 @@ int run_mta_sts_cli(int argc, char** argv, std::ostream& out, std::ostream& err)
                                     error))
         return usage_error(error.empty() ? "unknown argument \"" + std::string(arg) + "\"" : error);
       const std::string value(option.value);
+      if ((option.name == "--config" || option.name == "-c") && value.empty())
+        return usage_error(std::string(option.name) + " needs a value");  // not a file named ""
       if (option.name == "--config" || option.name == "-c")
         config_path = value;
       else if (option.name == "--domain") domain = value;

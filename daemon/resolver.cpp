@@ -28,6 +28,7 @@
 #include <set>
 #include <stdexcept>
 
+#include "daemon/failpoint.hpp"
 #include "daemon/log.hpp"
 #include "daemon/telemetry.hpp"
 #include "proto/ascii.hpp"
@@ -444,6 +445,12 @@ struct Resolver::Impl : std::enable_shared_from_this<Impl> {
       query.done = true;
       return;
     }
+    if (pipe_failed) {  // no answer could come back: an error at once (a Resolver that shares it, until
+                        // replaced)
+      query.done = true;
+      query.error = UB_PIPE;
+      return;
+    }
     query.wakeup.expires_after(timeout);
     query.socket_failures = library_socket_failures.load(std::memory_order_acquire);
     const int rc =
@@ -463,15 +470,19 @@ struct Resolver::Impl : std::enable_shared_from_this<Impl> {
 
   // Waits for the answer or the deadline, classifies and counts it.
   net::awaitable<void> finish(Query& query) {
-    if (!query.done && !query.cancelled) {  // (a timer's cancel() reaches only a wait already pending)
+    if (!query.done && !query.cancelled &&
+        !pipe_failed) {  // (a timer's cancel() reaches only a pending wait)
       boost::system::error_code ec;
       co_await query.wakeup.async_wait(net::redirect_error(net::use_awaitable, ec));
     }
-    const bool answered = query.done;
+    // The result pipe failed while it waited: its answer cannot come, an error of the resolver's, not a
+    // timeout.
+    const bool answered = query.done || pipe_failed;
     if (!query.done) {
       ub_cancel(ctx, query.id);
       forget_one();
       query.done = true;  // nothing left to cancel in ~Query
+      if (pipe_failed) query.error = UB_PIPE;
     }
     if (query.cancelled && query.result == nullptr) {
       query.outcome = DnsOutcome::error;
@@ -535,11 +546,26 @@ struct Resolver::Impl : std::enable_shared_from_this<Impl> {
   static net::awaitable<void> pump(std::shared_ptr<Impl> self) {
     while (self->outstanding > 0 && !self->closed) {
       boost::system::error_code ec;
+      try {
+        failpoint("resolver.result_pipe");
+      } catch (const std::exception&) {
+        // The tests' descriptor that went bad: given up under the wait, which fails (EBADF) now and ever
+        // after.
+        self->pipe.release();
+      }
       co_await self->pipe.async_wait(net::posix::descriptor_base::wait_read,
                                      net::redirect_error(net::use_awaitable, ec));
       if (self->closed) break;
       if (ec == net::error::operation_aborted) continue;  // forget_one; the loop condition decides
-      if (ec) break;  // the pipe is unusable: the outstanding queries end at their deadlines
+      if (ec) {
+        // No answer can come back through this context any more. Before, the pump ended silently here, and a
+        // descriptor that stayed unusable had every later lookup on the loop wait for dns.timeout, counted as
+        // a timeout, with the context never replaced. Spoiled: the loop's next lookup gets a fresh one.
+        self->pipe_failed = true;
+        self->spoiled = true;
+        log_limited(LogLevel::error, "dns_resolver_failed", {{"error", "result pipe: " + ec.message()}});
+        break;
+      }
       ub_process(self->ctx);
     }
     self->pumping = false;
@@ -555,6 +581,7 @@ struct Resolver::Impl : std::enable_shared_from_this<Impl> {
   bool pumping = false;
   bool closed = false;
   bool spoiled = false;  // Resolver::spoiled()
+  bool pipe_failed = false;  // the wait on the result pipe failed: no answer comes back through this context
 };
 
 struct Resolver::Lookups {
@@ -901,8 +928,11 @@ ResolverSettings with_hosts_file(ResolverSettings settings, const std::string& h
   settings.hosts_file = hosts_file;
   // A resolv.conf that cannot be read has no search list, as glibc's res_init passes it over (EACCES, EISDIR:
   // "persistent errors caused by file system contents"); without dns.servers resolver_settings refuses it.
+  // That was silent where dns.servers names the name servers: said now (Runtime::log_problems, route), as an
+  // unreadable hosts file is, where there is a name for the search list to complete.
   std::string unread_resolv_conf;
   proto::read_search_list(read_text(resolv_conf, unread_resolv_conf), settings.search, settings.ndots);
+  if (!names.empty()) settings.search_problem = unread_resolv_conf;
   // The names getaddrinfo asks of the files service: each as written, matched whole in any case (glibc's
   // nss_files compares with strcasecmp: "mail.example.org." is not the file's "mail.example.org"). The names
   // the search list makes are asked of DNS only (res_search), never of the file.

@@ -131,6 +131,9 @@ struct ResolverSettings {
   // (proto::search_names()).
   std::vector<std::string> search;
   int ndots = 1;
+  // With a hosts file, for at least one host name: resolv.conf exists and could not be read, so there is no
+  // search list: why (else ""). Without dns.servers such a file is `problem` instead.
+  std::string search_problem;
 };
 // Where the name servers come from without dns.servers (and the search list, with_hosts_file's caller).
 inline constexpr const char* resolv_conf_path = "/etc/resolv.conf";
@@ -204,7 +207,9 @@ class Resolver {
   void cancel();
   // A lookup on this context could not be sent (DnsOutcome::local_resources). libunbound keeps the SERVFAIL
   // it answered in its cache for a while, and would give it for the same name once descriptors are back, as
-  // though the name's servers had failed: such a context is replaced (loop_resolver) rather than used on.
+  // though the name's servers had failed: such a context is replaced (loop_resolver) rather than used on. So
+  // is one whose wait on libunbound's result pipe failed (logged dns_resolver_failed): no answer comes back
+  // through it, and its lookups fail at once (DnsOutcome::error) instead of each waiting for dns.timeout.
   bool spoiled() const;
 
  private:

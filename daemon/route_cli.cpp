@@ -469,6 +469,9 @@ int run_route_cli(int argc, char** argv, std::ostream& out, std::ostream& err) {
       const ResolverSettings hosts = upstream.mx ? dns : fixed_upstream_settings(dns, config, hosts_problem);
       if (!hosts_problem.empty())
         err << "mailflowd route: " << cli::shown(hosts_problem) << " (names looked up in DNS only)\n";
+      if (!hosts.search_problem.empty())
+        err << "mailflowd route: " << cli::shown(hosts.search_problem)
+            << " (no search list: names asked as written)\n";
       const ResolverSettings& settings = upstream.mx ? dns : upstream_name_settings(upstream, dns, hosts);
       Resolver resolver(io.get_executor(), settings, &telemetry, seed);
       const auto started = std::chrono::steady_clock::now();

@@ -100,6 +100,11 @@ void Runtime::log_problems() const {
   if (own_listeners && !own_listeners->interfaces_error().empty())
     log_event(LogLevel::warn, "interface_addresses",
               {{"error", own_listeners->interfaces_error()}, {"effect", interfaces_unread_effect}});
+  if (hosts_resolver && !hosts_resolver->search_problem.empty())
+    log_event(LogLevel::warn, "resolv_conf",
+              {{"file", resolv_conf_path},
+               {"error", hosts_resolver->search_problem},
+               {"effect", "no search list: fixed upstreams' host names are asked as written"}});
   if (hosts_file_problem.empty()) return;
   log_event(LogLevel::warn, "hosts_file",
             {{"file", hosts_file_path},

@@ -48,8 +48,9 @@ struct Runtime {
   static std::shared_ptr<const Runtime> build(std::shared_ptr<const config::Config> config);
 
   // What this runtime runs without, as warnings: interface_addresses (own_listeners could not read the host's
-  // addresses) and hosts_file (hosts_file_problem). By whoever puts it in force (the start, a reload at its
-  // apply step): a reload refused after build() never ran with it.
+  // addresses), hosts_file (hosts_file_problem) and resolv_conf (hosts_resolver's search_problem). By whoever
+  // puts it in force (the start, a reload at its apply step): a reload refused after build() never ran with
+  // it.
   void log_problems() const;
 
   const ServerTls* server_tls(std::string_view listener) const;

@@ -344,6 +344,33 @@ else
   fail "argument after the file: exit status $status (expected 2)"; cat "$work/err" "$work/out"
 fi
 
+# An empty file name is a missing value, as no value at all is: a usage error (2), not "cannot read the
+# configuration: No such file or directory" (1) for a file named "".
+for args in "--config=" "--check-config=" "--config ''" "--check-config ''" "-c ''"; do
+  eval "timeout 20 \"\$bin\" $args" >"$work/out" 2>"$work/err"
+  status=$?
+  name=${args%%[= ]*}
+  if [ "$status" -eq 2 ] && grep -qxF "mailflowd: $name needs a value" "$work/err"; then
+    passed=$((passed + 1)); echo "ok: empty value of $args refused"
+  else
+    fail "empty value of $args: exit status $status (expected 2 and \"$name needs a value\")"; cat "$work/err"
+  fi
+done
+
+# The subcommands that read the daemon's configuration take an empty --config/-c as a missing one too (before:
+# ": cannot read the configuration: No such file or directory", "cannot use --config ", exit 1).
+for args in "report --config=" "tlsrpt -c ''" "mta-sts --domain example.org --config="; do
+  eval "timeout 20 \"\$bin\" $args" >"$work/out" 2>"$work/err"
+  status=$?
+  sub=${args%% *}
+  case "$args" in *-c\ *) name=-c ;; *) name=--config ;; esac
+  if [ "$status" -eq 2 ] && grep -qxF "mailflowd $sub: $name needs a value" "$work/err"; then
+    passed=$((passed + 1)); echo "ok: empty value of $args refused"
+  else
+    fail "empty value of $args: exit status $status (expected 2 and \"$name needs a value\")"; cat "$work/err"
+  fi
+done
+
 # What it echoes of a file name or an argument is text: a control byte (an escape sequence that would clear the
 # terminal) is shown as \xNN, as the commands show theirs.
 esc=$(printf '\033')

@@ -241,3 +241,44 @@ def test_a_resolv_conf_that_is_a_directory_is_said_not_aborted_on(workdir, mailf
     assert check.returncode == 1 and said in check.stdout + check.stderr, check
     start = subprocess.run(in_etc + ["--config", str(path)], capture_output=True, text=True, timeout=30)
     assert start.returncode == 1 and "startup_failed" in start.stderr and said in start.stderr, start
+
+
+def resolv_conf_lines(daemon):
+    return [line for line in daemon.stderr().splitlines() if " resolv_conf " in line]
+
+
+def test_an_unreadable_resolv_conf_with_dns_servers_is_logged_at_start_and_reload(workdir, mailflowd_bin):
+    """With dns.servers the name servers do not come from /etc/resolv.conf, but a fixed upstream's host name is
+    still completed by its search list. A file that cannot be read (here a directory in its place, in an /etc of the
+    test's own) has no search list, as glibc's res_init passes it over; that was silent, while without dns.servers
+    it refuses the start. Now it is logged as resolv_conf (level warn, as hosts_file) at the start and at each
+    reload that puts it in force, and `mailflowd route` says it on standard error."""
+    if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs a mount namespace (unshare --mount)")
+    etc = workdir / "resolv-servers-etc"
+    (etc / "resolv.conf").mkdir(parents=True, exist_ok=True)
+    (etc / "hosts").write_text("127.0.0.1 localhost\n")
+    cfg, port = unread_hosts_file_config(workdir, "resolv-servers", "store")
+    cfg["dns"] = {"servers": [f"{NOWHERE_NAME_SERVER}:53"], "timeout": "1s"}
+    in_etc = ["unshare", "--mount", "--propagation", "private", "sh", "-c", 'mount --bind "$0" /etc && exec "$@"',
+              str(etc)]
+    said = "/etc/resolv.conf: cannot read it: Is a directory"
+    daemon = harness.Daemon(mailflowd_bin, workdir, cfg, name="resolv-servers", wrapper=in_etc).start()
+    try:
+        harness.wait_for(lambda: len(resolv_conf_lines(daemon)) == 1, 5, what="the resolv_conf warning at the start")
+        line = resolv_conf_lines(daemon)[0]
+        assert " warning resolv_conf " in line and "file=/etc/resolv.conf" in line and said in line, line
+        assert "no search list" in line, line
+        base = harness.value(daemon.metrics(), "mailflow_config_reloads_total", result="success")
+        daemon.proc.send_signal(signal.SIGHUP)
+        harness.wait_for(lambda: harness.value(daemon.metrics(), "mailflow_config_reloads_total",
+                                               result="success") > base, 10, what="the reload")
+        harness.wait_for(lambda: len(resolv_conf_lines(daemon)) == 2, 5, what="the resolv_conf warning at the reload")
+    finally:
+        harness.stop_exits_0(daemon)
+    path = workdir / "resolv-servers.yaml"
+    path.write_text(json.dumps(cfg) + "\n")
+    p = subprocess.run(in_etc + [mailflowd_bin, "route", "--config", str(path), "--recipient", "user@example.org",
+                                 "--format", "json"], capture_output=True, text=True, timeout=30)
+    assert f"mailflowd route: {said}" in p.stderr, p
+    assert json.loads(p.stdout)["name_lookup"]["asked"] == ["store"], p

@@ -1,0 +1,87 @@
+"""The wait on libunbound's result pipe (the descriptor its worker thread hands answers back through) that fails
+with anything other than a cancel: the resolver is spoiled, so that the event loop's next lookup gets a fresh one,
+and it is logged (dns_resolver_failed). Before, the wait ended silently; with a descriptor that stayed unusable
+every later lookup on that loop waited for dns.timeout, was counted as a DNS timeout and answered 451 4.4.3, and
+the resolver was never replaced.
+
+The real binary against knotd (tests/tools/dns_server.py) with the failpoint resolver.result_pipe (Debug builds):
+at its first call it gives the pipe's descriptor up under the wait, as a descriptor that went bad would be, so
+that this wait and every later one on that resolver fail (EBADF). The MX host is a sink on 127.0.7.21 (this
+file's range is 127.0.7.21-30)."""
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+import harness
+from hostile_helpers import greeted
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+from dns_server import KnotServer  # noqa: E402
+
+MX_HOST = "127.0.7.21"
+ZONE = f"""$ORIGIN pipe.example.
+$TTL 300
+@      SOA  ns hostmaster 1 3600 600 86400 300
+@      NS   ns
+ns     A    127.0.0.1
+@      MX   10 mx
+two    MX   10 mx
+mx     A    {MX_HOST}
+"""
+
+
+@pytest.fixture(scope="module")
+def knot():
+    short = Path(tempfile.mkdtemp(prefix="mf-pipe-"))  # knotd's control socket path is limited to 107 bytes
+    server = KnotServer(short, {"pipe.example": ZONE}).start()
+    yield server
+    server.stop()
+    shutil.rmtree(short, ignore_errors=True)
+
+
+def test_a_failed_result_pipe_wait_is_logged_and_the_resolver_replaced(knot, sink_factory, workdir, mailflowd_bin):
+    mx_port = harness.free_port(MX_HOST)
+    sink = sink_factory("mx", host=MX_HOST, port=mx_port)
+    port = harness.free_port()
+    state = workdir / "pipe-state"
+    state.mkdir(exist_ok=True)
+    cfg = harness.default_config(
+        state, harness.free_port(),
+        [{"name": "out", "address": f"127.0.0.1:{port}", "direction": "outbound", "upstream": "internet"}],
+        [{"name": "internet", "mx": True, "port": sink.port, "tls": "none", "mta_sts": "off"}],
+        dns={"servers": [knot.address], "timeout": "2s"})
+    os.environ["MAILFLOWD_FAILPOINTS"] = "resolver.result_pipe=1"
+    try:
+        daemon = harness.Daemon(mailflowd_bin, workdir, cfg, name="pipe").start(timeout=60)
+    finally:
+        del os.environ["MAILFLOWD_FAILPOINTS"]
+    try:
+        c = greeted(port)
+        assert c.cmd("MAIL FROM:<app@corp.example>")[0] == 250
+        # The lookup in flight when the wait failed gets no answer: a DNS failure of the relay's (451 4.4.3),
+        # counted as an error of the resolver's, not as a timeout of the DNS's.
+        start = daemon.metrics()
+        code, text = c.cmd("RCPT TO:<a@pipe.example>")
+        assert text.startswith("451 4.4.3"), f"{text!r}\n{daemon.log_tail()}"
+        before = daemon.metrics()
+        moved = harness.delta(start, before, "mailflow_dns_lookups_total")
+        assert moved == {harness.series_key(type="MX", result="error"): 1}, harness.fmt_delta(moved)
+        # The next lookup has a fresh resolver: the MX is found and the sink takes the recipient. (Another domain:
+        # the session does not look up again a domain whose route failed in the transaction.)
+        code, text = c.cmd("RCPT TO:<b@two.pipe.example>")
+        assert code == 250, f"RCPT after the failed wait: {text!r}\n{daemon.log_tail()}"
+        after = daemon.metrics()
+        moved = harness.delta(before, after, "mailflow_dns_lookups_total")
+        assert moved.get(harness.series_key(type="MX", result="success")) == 1, harness.fmt_delta(moved)
+        assert not harness.delta(before, after, "mailflow_dns_lookups_total", result="timeout"), \
+            harness.fmt_delta(moved)
+        c.cmd("QUIT")
+    finally:
+        assert daemon.stop() == 0
+    failed = [line for line in daemon.stderr().splitlines() if "dns_resolver_failed" in line]
+    assert len(failed) == 1, daemon.log_tail()
+    assert ' error dns_resolver_failed error="result pipe: Bad file descriptor"' in failed[0], failed[0]
