@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import harness
+import report_helpers
 
 
 @pytest.fixture(scope="session")
@@ -90,3 +91,12 @@ def pytest_runtest_makereport(item, call):
             rep.sections.append(("SMTP transcript", t if isinstance(t, str) else "\n".join(map(str, t))))
         for live in list(harness.LIVE):
             rep.sections.append((f"{live.name} log (tail)", live.log_tail()))
+
+
+@pytest.fixture
+def utc_day():
+    """The UTC day of what the test records and checks (report_helpers.day_clear_of_midnight), taken before the
+    test records anything; report_helpers.test_day() says it to the test's helpers."""
+    report_helpers.TEST_DAY = report_helpers.day_clear_of_midnight()
+    yield report_helpers.TEST_DAY
+    report_helpers.TEST_DAY = None

@@ -206,8 +206,40 @@ def report_json(daemon, query=""):
         raise AssertionError(f"/api/v1/report{query} is not JSON ({e}):\n{body[:2000]}")
 
 
+def utc_now():
+    """The tests' one clock for UTC dates (a test of the helpers below moves it over midnight)."""
+    return datetime.now(timezone.utc)
+
+
 def utc_today():
-    return datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    return utc_now().strftime("%Y-%m-%d")
+
+
+# How long a test may take from day_clear_of_midnight() to its last check of that day.
+MIDNIGHT_GUARD = 120.0
+
+
+def day_clear_of_midnight(guard=MIDNIGHT_GUARD):
+    """The UTC day on which what a test records next (traffic, a state file for "today") falls, and its checks of
+    that day: when UTC midnight is less than `guard` seconds away, waits until it has passed. The daemon dates
+    what it records by its clock then; a test that asked for the date only when it checked, after midnight,
+    asked for the next day. Tests take this day before they record anything, through the utc_day fixture."""
+    now = utc_now()
+    left = 86400 - (now.hour * 3600 + now.minute * 60 + now.second + now.microsecond / 1e6)
+    if left < guard:
+        time.sleep(left + 0.05)
+        now = utc_now()
+    return now.strftime("%Y-%m-%d")
+
+
+TEST_DAY = None  # set by the utc_day fixture for the test that runs
+
+
+def test_day():
+    """The day the utc_day fixture took for the running test (a module's tests use it with
+    pytestmark = pytest.mark.usefixtures("utc_day"))."""
+    assert TEST_DAY is not None, "the test does not use the utc_day fixture"
+    return TEST_DAY
 
 
 def rows_of(report, date):

@@ -38,11 +38,15 @@ from pathlib import Path
 import pytest
 
 import harness
+import report_helpers as rh
 from harness import delta, series_key
 from hostile_helpers import deliver_to
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 from dns_server import KnotServer, TamperingProxy  # noqa: E402
+
+# The TLS reports asked for are those of the UTC day each test began on (report_helpers.day_clear_of_midnight).
+pytestmark = pytest.mark.usefixtures("utc_day")
 
 SENDER = "app@corp.example"
 ADDR = {
@@ -469,7 +473,7 @@ def test_a_malformed_full_key_record_is_unusable_tls_without_authentication(env)
 
 def tls_report(daemon, domain):
     """Today's TLS report (RFC 8460 JSON) of `domain`, as the daemon serves it."""
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    date = rh.test_day()  # the day the test began, before its traffic
     reports = json.loads(daemon.get(f"/api/v1/tlsrpt?date={date}")[1])["reports"]
     return next(r["report"] for r in reports if r["domain"] == domain)
 

@@ -141,6 +141,12 @@ def test_upstream_stalls_in_data_then_client_stalls(env):
                 time.sleep(0.01)
         c.sock.setblocking(True)
         stalled_at = time.monotonic()
+        # What the client sent is still in its socket's send queue and the relay's receive queue (megabytes on
+        # loopback): the relay reads it on, and each 64 KiB it reads starts the client's block over. Under load
+        # that takes seconds, so the client's silence, as the relay sees it, begins when both queues are empty.
+        queued = unread(c.sock)
+        harness.wait_for(lambda: unread(c.sock) == 0, 30, interval=0.01, what="the relay reading what was sent")
+        drained_at = time.monotonic()
         c.sock.settimeout(2 * DATA_BLOCK + 4 * MARGIN)
         got = b""
         try:
@@ -150,19 +156,41 @@ def test_upstream_stalls_in_data_then_client_stalls(env):
                     break
                 got += part
         except socket.timeout:
-            pytest.fail(f"the session was still open {time.monotonic() - stalled_at:.1f}s after the client "
-                        f"stalled; it said {got!r}")
-        elapsed = time.monotonic() - stalled_at
+            pytest.fail(f"the session was still open {time.monotonic() - drained_at:.1f}s after the relay had "
+                        f"read all the client sent; it said {got!r}")
+        elapsed = time.monotonic() - drained_at
     finally:
         c.close()
     assert b"421 4.4.2" in got, f"the stalled client must hear 421 4.4.2: {got!r}"
     # The client's block started over when the upstream was dropped (at most a scrape interval ago), and
     # again with every 64 KiB it sent since: one block of silence ends it.
-    assert elapsed < DATA_BLOCK + MARGIN, f"session ended {elapsed:.2f}s after the client stalled"
+    assert elapsed < DATA_BLOCK + MARGIN, (f"session ended {elapsed:.2f}s after the relay read the last of what "
+                                           f"the client sent ({queued} bytes queued when the client stalled, read "
+                                           f"{drained_at - stalled_at:.2f}s later)")
     hh.assert_counter(env.daemon, before, "mailflow_upstream_errors_total", upstream="staller", reason="timeout")
     hh.assert_rejected(env.daemon, before, "timeout")
     harness.assert_not_counted(env.daemon, before, settle=0.1)
     hh.wait_sessions_idle(env.daemon)
+
+
+def unread(sock):
+    """Bytes the client wrote on `sock` that the relay has not read yet: the client socket's send queue and the
+    relay socket's receive queue, from /proc/net/tcp (tx_queue:rx_queue); 0 once the connection is gone."""
+    def key(address):
+        host, port = address
+        return f"{struct.unpack('<I', socket.inet_aton(host))[0]:08X}:{port:04X}"
+
+    mine, peer = key(sock.getsockname()), key(sock.getpeername())
+    total = 0
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            tx, rx = (int(n, 16) for n in fields[4].split(":"))
+            if (fields[1], fields[2]) == (mine, peer):
+                total += tx
+            elif (fields[1], fields[2]) == (peer, mine):
+                total += rx
+    return total
 
 
 def tls_client_context(no_ticket):

@@ -19,7 +19,6 @@ daemon's RLIMIT_NOFILE lowered with prlimit for one RCPT while the session is op
   message waiting (451 4.4.1) rather than try the MX hosts as though the domain published none.
 
 The fixed loopback addresses are of this file's range, 127.0.0.90-94."""
-import datetime
 import json
 import shutil
 import sys
@@ -31,12 +30,16 @@ from pathlib import Path
 import pytest
 
 import harness
+import report_helpers as rh
 from harness import delta
 from hostile_helpers import deliver_to, greeted
 from test_dane import spki_sha256
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 from dns_server import KnotServer  # noqa: E402
+
+# The TLS reports asked for are those of the UTC day each test began on (report_helpers.day_clear_of_midnight).
+pytestmark = pytest.mark.usefixtures("utc_day")
 
 ORIGIN = "dnsfd.example.net"
 MX, POLICY_HOST = "127.0.0.90", "127.0.0.92"
@@ -118,7 +121,7 @@ def moved(before, after, name, label, **labels):
 
 
 def tlsrpt(daemon, domain):
-    today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    today = rh.test_day()  # the day the test began, before its traffic
     status, body = daemon.get(f"/api/v1/tlsrpt?date={today}")
     assert status == 200, body
     return {r["domain"]: r for r in json.loads(body)["reports"]}.get(domain)

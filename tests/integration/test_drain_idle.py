@@ -138,11 +138,14 @@ def test_clients_waiting_in_the_accept_queue_at_sigterm_are_told_421(daemon_fact
 
 
 def told_421_at_sigterm(d, port):
-    """A client connected 0.5 s before the SIGTERM is told 421 4.3.2 within 2 s of it (not closed without a reply,
-    not after its greet pause or PROXY header deadline). Returns when the signal was sent."""
+    """A client whose session has begun (accepted, counted in mailflow_sessions_active, not yet greeted) at the
+    SIGTERM is told 421 4.3.2 within 2 s of it (not closed without a reply, not after its greet pause or PROXY
+    header deadline). A client still in the accept queue is told 421 too: the SIGTERM waits for the session, or
+    the test would check that case instead. Returns when the signal was sent."""
     c = harness.RawSmtp(port, timeout=DRAIN_TIMEOUT + 5)
     try:
-        time.sleep(0.5)
+        harness.wait_for(lambda: harness.value(d.metrics(), "mailflow_sessions_active", listener="inbound") == 1,
+                         30, what="the session to begin")
         at = time.monotonic()
         d.proc.send_signal(signal.SIGTERM)
         try:

@@ -22,7 +22,6 @@ certificates from the test CA) on 127.0.0.75:443 serves their policies; the MX h
   session in the metric and the TLS report (RFC 8460);
 - tls: verify with verify_names: a certificate that matches verify_names but not the MX host name fails
   MTA-STS (RFC 8461 4.2)."""
-import datetime
 import json
 import os
 import shutil
@@ -39,11 +38,15 @@ from pathlib import Path
 import pytest
 
 import harness
+import report_helpers as rh
 from harness import delta
 from hostile_helpers import deliver_to
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 from dns_server import KnotServer  # noqa: E402
+
+# The TLS reports asked for are those of the UTC day each test began on (report_helpers.day_clear_of_midnight).
+pytestmark = pytest.mark.usefixtures("utc_day")
 
 ORIGIN = "policy2.example.net"
 GOOD_MX, BAD_MX, PLAIN_MX, POLICY_HOST = "127.0.0.71", "127.0.0.72", "127.0.0.73", "127.0.0.75"
@@ -320,7 +323,7 @@ def policy_moved(before, after):
 
 
 def tlsrpt(env, domain):
-    today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    today = rh.test_day()  # the day the test began, before its traffic
     status, body = env.daemon.get(f"/api/v1/tlsrpt?date={today}")
     assert status == 200, body
     reports = {r["domain"]: r for r in json.loads(body)["reports"]}

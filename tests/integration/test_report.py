@@ -325,14 +325,14 @@ def test_whole_window_summary_in_json_csv_and_cli(env):
     assert "Inbound protected in transit:" in res.stdout
 
 
-def test_cli_table_and_page_sort_days_the_same_way(env, tmp_path):
+def test_cli_table_and_page_sort_days_the_same_way(env, tmp_path, utc_day):
     """Newest day first in the table, the page and the JSON: with history from yesterday (a state file, as a
     restart finds it) today's rows come first everywhere."""
     import datetime as dt
     import signal
     state = tmp_path / "two-days-state"
     state.mkdir()
-    hour = int(dt.datetime.now(dt.timezone.utc).timestamp()) // 3600
+    hour = int(rh.utc_now().timestamp()) // 3600  # on utc_day: yesterday's hour is on the day before
     (state / "windows.state").write_text(f"mailflowd-windows 1\n{hour - 24} partner-cidr inbound 0 0 0 5 0\n")
     cfg = json.loads(json.dumps(env.daemon.config))
     cfg["state_dir"] = str(state)
@@ -342,6 +342,7 @@ def test_cli_table_and_page_sort_days_the_same_way(env, tmp_path):
     d = harness.Daemon(env.daemon.binary, tmp_path, cfg, name="two-days").start()
     try:
         report, today = rh.stable_report(d)
+        assert today == utc_day, f"the test ran from {utc_day} into {today}"
         dates = [r["date"] for r in report["rows"]]
         yesterday = (dt.date.fromisoformat(today) - dt.timedelta(days=1)).isoformat()
         assert dates[0] == today and dates[-1] == yesterday and sorted(dates, reverse=True) == dates, dates

@@ -4,7 +4,6 @@ that can only time out, as in a DNS outage or under a resolver's SERVFAIL); the 
 with STARTTLS on 127.0.0.219. A session whose lookup failed goes to the rua the domain's record named for the
 day's earlier sessions; the first session of a day whose lookup fails has no rua to go to and is not recorded.
 A session to a domain past the store's 10,000 domains of the day is in no report, and counted."""
-import datetime
 import json
 import sys
 from pathlib import Path
@@ -12,10 +11,14 @@ from pathlib import Path
 import pytest
 
 import harness
+import report_helpers as rh
 from hostile_helpers import deliver_to
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 from dns_server import KnotServer, TamperingProxy  # noqa: E402
+
+# The TLS reports asked for are those of the UTC day each test began on (report_helpers.day_clear_of_midnight).
+pytestmark = pytest.mark.usefixtures("utc_day")
 
 ORIGIN = "rptdns.example.net"
 MX = "127.0.0.219"
@@ -55,7 +58,7 @@ def env(certs, workdir, sink_factory, daemon_factory):
 
 
 def report(daemon, domain):
-    today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    today = rh.test_day()  # the day the test began, before its traffic
     status, body = daemon.get(f"/api/v1/tlsrpt?date={today}")
     assert status == 200, body
     return {r["domain"]: r for r in json.loads(body)["reports"]}.get(domain)
@@ -106,7 +109,7 @@ def test_a_session_past_the_days_bound_of_domains_is_counted(env, workdir):
     that day is in no report. It was logged for the first one of the day and counted in a member nobody read:
     the sessions of every further domain that day went unseen (no metric said how many, or that it went on)."""
     _, _, sink, port, daemon_factory = env
-    today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    today = rh.test_day()
     state = workdir / "rptfull-state"
     state.mkdir(exist_ok=True)
     (state / "tlsrpt.state").write_text("mailflowd-tlsrpt 1\n" + "".join(
