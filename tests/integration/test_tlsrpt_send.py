@@ -958,6 +958,25 @@ class HangingMx:
             self.thread.join(5)
 
 
+def six_mailto_reports_then_one(workdir, knot, name, port, prefix, domain, take):
+    """The config of a daemon whose state holds 6 reports of DATE to mailto: rua at `domain` (of
+    PREFIX1..6.example.net), then one of z.example.net to `take`, every mail host on `port`; each step that hangs
+    costs 1 s, a whole try 5 s at most, a run 5 s (tlsrpt.interval)."""
+    tlsrpt = {"send": True, "submitter": SUBMITTER, "smtp_port": port, "interval": "5s", "retry_for": "1h"}
+    _, config = state_dir_and_config(workdir, name, "mailflowd-tlsrpt 1\n" + "".join(
+        f"day {DATE} {prefix}{n}.example.net mailto:reports+{prefix}{n}@{domain}\n"
+        "policy no-policy-found - - 1 0 0\n" for n in range(1, 7)) + (
+        f"day {DATE} z.example.net mailto:reports@{take}\n"
+        "policy no-policy-found - - 1 0 0\n"), knot, tlsrpt,
+        timeouts={"upstream_connect": "1s", "command": "1s", "upstream_open": "5s"})
+    return config
+
+
+def outcomes(daemon):
+    """The run's deliveries: (temporary_failure, skipped, success)."""
+    return tuple(deliveries(daemon, result) for result in ("temporary_failure", "skipped", "success"))
+
+
 @pytest.mark.parametrize("mode", ["silent", "stall_at_mail", "close_at_mail"])
 def test_a_run_tries_a_mailto_rua_domain_that_timed_out_once(mode, workdir, knot, sink_factory, mailflowd_bin):
     """A run tried every report to a mailto: rua whose mail host hangs, one after another, each until its deadline
@@ -972,17 +991,12 @@ def test_a_run_tries_a_mailto_rua_domain_that_timed_out_once(mode, workdir, knot
     port = harness.free_port("127.0.0.1", *HANG_ADDR.values())
     take = sink_factory(f"rua-take-{mode}", host=HANG_ADDR["take"], port=port)
     hanging = HangingMx(mode, port)
-    tlsrpt = {"send": True, "submitter": SUBMITTER, "smtp_port": port, "interval": "5s", "retry_for": "1h"}
-    _, config = state_dir_and_config(workdir, f"hang-{mode}", "mailflowd-tlsrpt 1\n" + "".join(
-        f"day {DATE} d{n}.example.net mailto:reports+d{n}@hang.rpt.example.net\n"
-        "policy no-policy-found - - 1 0 0\n" for n in range(1, 7)) + (
-        f"day {DATE} z.example.net mailto:reports@take.rpt.example.net\n"
-        "policy no-policy-found - - 1 0 0\n"), knot, tlsrpt,
-        timeouts={"upstream_connect": "1s", "command": "1s", "upstream_open": "5s"})
+    config = six_mailto_reports_then_one(workdir, knot, f"hang-{mode}", port,
+                                         "d", "hang.rpt.example.net", "take.rpt.example.net")
     daemon = harness.Daemon(mailflowd_bin, workdir, config, name=f"hang-{mode}").start()
     try:
         take.wait_messages(1, timeout=30)
-        counts = tuple(deliveries(daemon, result) for result in ("temporary_failure", "skipped", "success"))
+        counts = outcomes(daemon)
         log = daemon.stderr()
         tries = [line for line in log.splitlines() if "tlsrpt_delivery" in line and "hang.rpt.example.net" in line]
         if mode == "close_at_mail":
@@ -1013,17 +1027,12 @@ def test_a_mailto_rua_domain_whose_walk_hung_at_one_host_and_was_refused_at_the_
     port = harness.free_port("127.0.0.1", *WALK_ADDR.values())
     take = sink_factory("rua-walk-take", host=WALK_ADDR["take"], port=port)
     hanging = HangingMx("silent", port, host=WALK_ADDR["hang"])  # nothing listens at WALK_ADDR["refuse"]
-    tlsrpt = {"send": True, "submitter": SUBMITTER, "smtp_port": port, "interval": "5s", "retry_for": "1h"}
-    _, config = state_dir_and_config(workdir, "walk", "mailflowd-tlsrpt 1\n" + "".join(
-        f"day {DATE} w{n}.example.net mailto:reports+w{n}@walk.rpt.example.net\n"
-        "policy no-policy-found - - 1 0 0\n" for n in range(1, 7)) + (
-        f"day {DATE} z.example.net mailto:reports@wtake.rpt.example.net\n"
-        "policy no-policy-found - - 1 0 0\n"), knot, tlsrpt,
-        timeouts={"upstream_connect": "1s", "command": "1s", "upstream_open": "5s"})
+    config = six_mailto_reports_then_one(workdir, knot, "walk", port,
+                                         "w", "walk.rpt.example.net", "wtake.rpt.example.net")
     daemon = harness.Daemon(mailflowd_bin, workdir, config, name="walk").start()
     try:
         take.wait_messages(1, timeout=30)
-        counts = tuple(deliveries(daemon, result) for result in ("temporary_failure", "skipped", "success"))
+        counts = outcomes(daemon)
         assert counts == (1, 5, 1), (counts, daemon.log_tail())
         log = daemon.stderr()
         assert "their rua timed out earlier in this run (the mail hosts of walk.rpt.example.net)" in log, log
@@ -1043,17 +1052,12 @@ def test_a_mailto_rua_domain_whose_walk_hung_before_the_host_that_deferred_the_m
     take = sink_factory("rua-walkdefer-take", host=WALK_ADDR["take"], port=port)
     hanging = HangingMx("silent", port, host=WALK_ADDR["hang"])
     deferring = HangingMx("defer_at_mail", port, host=WALK_ADDR["defer"])
-    tlsrpt = {"send": True, "submitter": SUBMITTER, "smtp_port": port, "interval": "5s", "retry_for": "1h"}
-    _, config = state_dir_and_config(workdir, "walkdefer", "mailflowd-tlsrpt 1\n" + "".join(
-        f"day {DATE} v{n}.example.net mailto:reports+v{n}@walkdefer.rpt.example.net\n"
-        "policy no-policy-found - - 1 0 0\n" for n in range(1, 7)) + (
-        f"day {DATE} z.example.net mailto:reports@wtake.rpt.example.net\n"
-        "policy no-policy-found - - 1 0 0\n"), knot, tlsrpt,
-        timeouts={"upstream_connect": "1s", "command": "1s", "upstream_open": "5s"})
+    config = six_mailto_reports_then_one(workdir, knot, "walkdefer", port,
+                                         "v", "walkdefer.rpt.example.net", "wtake.rpt.example.net")
     daemon = harness.Daemon(mailflowd_bin, workdir, config, name="walkdefer").start()
     try:
         take.wait_messages(1, timeout=30)
-        counts = tuple(deliveries(daemon, result) for result in ("temporary_failure", "skipped", "success"))
+        counts = outcomes(daemon)
         assert counts == (1, 5, 1), (counts, daemon.log_tail())
         log = daemon.stderr()
         assert "MAIL answered 451" in log, log
@@ -1081,18 +1085,13 @@ def test_a_mailto_rua_domain_whose_route_lookup_timed_out_is_marked(dropped, wor
     port = harness.free_port("127.0.0.1", WALK_ADDR["take"])
     take = sink_factory(f"rua-{domain}-take", host=WALK_ADDR["take"], port=port)
     proxy = TamperingProxy(knot.address, drop=[name])
-    tlsrpt = {"send": True, "submitter": SUBMITTER, "smtp_port": port, "interval": "5s", "retry_for": "1h"}
-    _, config = state_dir_and_config(workdir, domain, "mailflowd-tlsrpt 1\n" + "".join(
-        f"day {DATE} l{n}.example.net mailto:reports+l{n}@{domain}.rpt.example.net\n"
-        "policy no-policy-found - - 1 0 0\n" for n in range(1, 7)) + (
-        f"day {DATE} z.example.net mailto:reports@wtake.rpt.example.net\n"
-        "policy no-policy-found - - 1 0 0\n"), knot, tlsrpt,
-        timeouts={"upstream_connect": "1s", "command": "1s", "upstream_open": "5s"})
+    config = six_mailto_reports_then_one(workdir, knot, domain, port,
+                                         "l", f"{domain}.rpt.example.net", "wtake.rpt.example.net")
     config["dns"] = {"servers": [proxy.address], "timeout": "1s"}
     daemon = harness.Daemon(mailflowd_bin, workdir, config, name=domain).start()
     try:
         take.wait_messages(1, timeout=40)
-        counts = tuple(deliveries(daemon, result) for result in ("temporary_failure", "skipped", "success"))
+        counts = outcomes(daemon)
         asked = [t for (q, _), t in zip(proxy.questions, proxy.asked_at) if q == name]
         print("dropped queries", len(asked), "spread over", asked[-1] - asked[0] if asked else 0, "s")
         assert counts == (1, 5, 1), (counts, daemon.log_tail())
