@@ -357,8 +357,9 @@ bool parse_daemon_option(int argc, char** argv, int& i, DaemonOptions& options, 
                            error))
     return false;
   const std::string value(option.value);
-  if ((option.name == "--config" || option.name == "-c") && value.empty()) {
-    error = std::string(option.name) + " needs a value";  // not a file named "": as mailflowd --config
+  // As a missing one: not a file named "" (as mailflowd --config), nor the system store for --ca-file.
+  if (value.empty() && option.name != "--url" && option.name != "--user") {
+    error = std::string(option.name) + " needs a value";
     return false;
   }
   if (option.name == "--url") options.url = value;

@@ -371,6 +371,21 @@ for args in "report --config=" "tlsrpt -c ''" "mta-sts --domain example.org --co
   fi
 done
 
+# So do report's and tlsrpt's --ca-file and --password-file: an empty --ca-file fell back to the system trust store
+# without a word, an empty --password-file said "cannot read a password from --password-file " (exit 1).
+for args in "report --ca-file=" "tlsrpt --ca-file ''" "report --password-file=" "tlsrpt --password-file ''"; do
+  eval "timeout 20 \"\$bin\" $args" >"$work/out" 2>"$work/err"
+  status=$?
+  sub=${args%% *}
+  name=${args#* }
+  name=${name%%[= ]*}
+  if [ "$status" -eq 2 ] && grep -qxF "mailflowd $sub: $name needs a value" "$work/err"; then
+    passed=$((passed + 1)); echo "ok: empty value of $args refused"
+  else
+    fail "empty value of $args: exit status $status (expected 2 and \"$name needs a value\")"; cat "$work/err"
+  fi
+done
+
 # What it echoes of a file name or an argument is text: a control byte (an escape sequence that would clear the
 # terminal) is shown as \xNN, as the commands show theirs.
 esc=$(printf '\033')

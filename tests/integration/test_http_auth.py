@@ -332,3 +332,65 @@ def test_after_a_password_change_a_known_scraper_gets_a_check_slot(sink_factory,
     assert statuses == [200] * 6, f"scrapes with the new password, 4 addresses guessing: {statuses}"
     # The new credentials are cached now: any address is answered with them, without a check.
     assert other == 200
+
+
+def test_a_known_scrapers_check_runs_ahead_of_queued_guesses(sink_factory, daemon_factory):
+    """The slot kept for an address that logged in recently let Prometheus's check in after a password change, but
+    at the back of the password thread's line: it waited for the 4 guesses queued before it, each a whole hash at
+    nice 10 (under ASan, beside a busy loop, its scrape timed out after 10 s). Its check now runs ahead of those
+    queued for other addresses. Counted, not timed: the guesses answered 401 while the scrape waited are the
+    checks that ran before its own (at most the one running when it came, and one answered as it was sent)."""
+    sink = sink_factory("store")
+    address = f"127.0.0.1:{harness.free_port()}"
+
+    def auth_config(password):
+        return {"address": address, "basic_auth": {"user": USER, "password_hash": crypt.crypt(
+            password, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=2 ** 12))}}
+
+    d = daemon_factory(listeners=[hh.listener("inbound", harness.free_port(), "store")],
+                       upstreams=[hh.plain_upstream("store", sink.port)], name="http-auth-ahead",
+                       http=auth_config("first secret"))
+    port = int(address.rsplit(":", 1)[1])
+    prometheus = "127.0.7.61"
+    # 8 addresses: the 4 slots stay full while some of them wait out their backoff (after 5 failures)
+    guessers = [f"127.0.7.{62 + i}" for i in range(8)]
+    assert hx.get(port, "/metrics", source=prometheus, auth=(USER, "first secret"), timeout=10)[0] == 200
+    answers = []  # (when, status) of each guess
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def guess(source):
+        while not stop.is_set():
+            try:
+                status = hx.get(port, "/metrics", source=source, auth=(USER, "wrong"), timeout=30)[0]
+            except OSError:
+                status = None
+            with lock:
+                answers.append((time.monotonic(), status))
+            if status != 401:
+                time.sleep(0.02)  # busy or backing off: ask again soon, the slots are to stay full
+
+    def busy_since(since):
+        with lock:
+            return any(when > since and status == 503 for when, status in answers)
+
+    attackers = [threading.Thread(target=guess, args=(source,), daemon=True) for source in guessers]
+    for t in attackers:
+        t.start()
+    checks_before = []
+    try:
+        for password in ("second secret", "third secret", "fourth secret"):
+            reload_and_wait(d, auth_config(password))  # clears the cache: the scrape needs a check
+            since = time.monotonic()
+            harness.wait_for(lambda: busy_since(since), 15, interval=0.01, what="the 4 check slots full of guesses")
+            sent = time.monotonic()
+            status = hx.get(port, "/metrics", source=prometheus, auth=(USER, password), timeout=30)[0]
+            answered = time.monotonic()
+            assert status == 200, f"the scrape with the new password got {status}"
+            with lock:
+                checks_before.append(sum(1 for when, s in answers if sent < when < answered and s == 401))
+    finally:
+        stop.set()
+        for t in attackers:
+            t.join(35)
+    assert max(checks_before) <= 2, f"guesses checked while the known scraper's check waited: {checks_before}"
