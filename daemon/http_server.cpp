@@ -1075,9 +1075,12 @@ class Server : public std::enable_shared_from_this<Server> {
     const auto posted = SteadyClock::now();
     // `this`, not a shared_ptr: the run that calls it holds one, and a queued check that owned the server
     // would keep it alive from its own queue.
-    auto check = [self = this, pending, password = std::move(password), hash, posted]() mutable {
+    auto check = [self = this, pending, password = std::move(password), hash, posted, ahead]() mutable {
       const bool ok = password_matches(password, hash);
-      self->note_check_time(SteadyClock::now() - posted);
+      // The wrong user name's delay is calibrated on the checks in the line a guesser's wrong password waits
+      // in: one that went ahead of it skipped that wait, and a wrong user name answered after it would come
+      // sooner than a wrong password.
+      if (!ahead) self->note_check_time(SteadyClock::now() - posted);
       OPENSSL_cleanse(password.data(), password.size());
       asio::post(self->io_, [pending, ok] {
         pending->ok = ok;
