@@ -492,6 +492,16 @@ struct Resolver::Impl : std::enable_shared_from_this<Impl> {
     if (!answered) {
       query.outcome = DnsOutcome::timeout;
       query.detail = "no answer within " + config::format_duration(timeout);
+    } else if (query.error == UB_PIPE) {
+      // The pipe between this context and libunbound's worker failed (the result pipe's wait, logged
+      // dns_resolver_failed, or the query could not be handed over): the query may never have been sent and
+      // no answer can come back, so nothing is known about the name. The relay's own failure, as a query
+      // that could not be sent for want of a socket: counted and answered as such (451 4.4.3 DNS resolver
+      // unavailable, dns_unavailable), not as the domain's DNS failure; the context is replaced.
+      query.outcome = DnsOutcome::local_resources;
+      spoiled = true;
+      query.detail = pipe_error.empty() ? std::string("resolver error: ") + ub_strerror(query.error)
+                                        : "resolver failed: " + pipe_error;
     } else if (query.error != 0) {
       query.outcome = DnsOutcome::error;
       query.detail = std::string("resolver error: ") + ub_strerror(query.error);
@@ -563,7 +573,8 @@ struct Resolver::Impl : std::enable_shared_from_this<Impl> {
         // a timeout, with the context never replaced. Spoiled: the loop's next lookup gets a fresh one.
         self->pipe_failed = true;
         self->spoiled = true;
-        log_limited(LogLevel::error, "dns_resolver_failed", {{"error", "result pipe: " + ec.message()}});
+        self->pipe_error = "result pipe: " + ec.message();
+        log_limited(LogLevel::error, "dns_resolver_failed", {{"error", self->pipe_error}});
         break;
       }
       ub_process(self->ctx);
@@ -582,6 +593,7 @@ struct Resolver::Impl : std::enable_shared_from_this<Impl> {
   bool closed = false;
   bool spoiled = false;  // Resolver::spoiled()
   bool pipe_failed = false;  // the wait on the result pipe failed: no answer comes back through this context
+  std::string pipe_error;    // pipe_failed: why ("result pipe: Bad file descriptor")
 };
 
 struct Resolver::Lookups {
