@@ -19,7 +19,6 @@
 #include <cstdio>
 #include <cstring>
 #include <deque>
-#include <fstream>
 #include <iterator>
 #include <mutex>
 #include <new>
@@ -914,15 +913,15 @@ ResolverSettings resolver_settings(const config::Dns& dns) {
     for (const auto& server : settings.name_servers) settings.key += " " + server;
   }
   if (dns.trust_anchor_file.empty()) return settings;
-  std::ifstream in(dns.trust_anchor_file, std::ios::binary);
-  const std::string text{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+  // read_text, as resolv.conf and /etc/hosts: std::ifstream threw from the library for a directory in its
+  // place ("basic_filebuf::underflow error reading the file"), past this problem.
+  std::string unreadable;
+  const std::string text = read_text(dns.trust_anchor_file, unreadable, true);
   settings.key += " " + dns.trust_anchor_file + "\n" + text;
   std::string error;
   const std::string where = "dns.trust_anchor_file " + dns.trust_anchor_file + ": ";
-  if (!in.is_open()) {
-    settings.problem = where + "cannot open it";
-  } else if (in.bad()) {
-    settings.problem = where + "cannot read it";
+  if (!unreadable.empty()) {
+    settings.problem = "dns.trust_anchor_file " + unreadable;
   } else if (auto records = proto::trust_anchor_records(text, error); !records) {
     settings.problem = where + error;
   } else if (records->empty()) {
