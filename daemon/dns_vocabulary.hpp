@@ -21,7 +21,8 @@ enum class DnsOutcome {
   bogus,     // DNSSEC validation failed (only with dns.trust_anchor_file)
   error,     // anything else: REFUSED, FORMERR, a resolver library error
   // SERVFAIL or an error after libunbound said that it could not make a socket for a query (out of
-  // descriptors, memory, buffers): it could not send the query, so the answer says nothing about the name
+  // descriptors, memory, buffers): it could not send the query, so the answer says nothing about the name;
+  // also a lookup whose pipe to libunbound's worker failed (UB_PIPE: the result pipe, dns_resolver_failed)
   local_resources,
 };
 inline constexpr std::array<DnsOutcome, 8> all_dns_outcomes{

@@ -19,7 +19,6 @@
 #include <cstdio>
 #include <cstring>
 #include <deque>
-#include <fstream>
 #include <iterator>
 #include <mutex>
 #include <new>
@@ -492,6 +491,16 @@ struct Resolver::Impl : std::enable_shared_from_this<Impl> {
     if (!answered) {
       query.outcome = DnsOutcome::timeout;
       query.detail = "no answer within " + config::format_duration(timeout);
+    } else if (query.error == UB_PIPE) {
+      // The pipe between this context and libunbound's worker failed (the result pipe's wait, logged
+      // dns_resolver_failed, or the query could not be handed over): the query may never have been sent and
+      // no answer can come back, so nothing is known about the name. The relay's own failure, as a query
+      // that could not be sent for want of a socket: counted and answered as such (451 4.4.3 DNS resolver
+      // unavailable, dns_unavailable), not as the domain's DNS failure; the context is replaced.
+      query.outcome = DnsOutcome::local_resources;
+      spoiled = true;
+      query.detail = pipe_error.empty() ? std::string("resolver error: ") + ub_strerror(query.error)
+                                        : "resolver failed: " + pipe_error;
     } else if (query.error != 0) {
       query.outcome = DnsOutcome::error;
       query.detail = std::string("resolver error: ") + ub_strerror(query.error);
@@ -563,7 +572,8 @@ struct Resolver::Impl : std::enable_shared_from_this<Impl> {
         // a timeout, with the context never replaced. Spoiled: the loop's next lookup gets a fresh one.
         self->pipe_failed = true;
         self->spoiled = true;
-        log_limited(LogLevel::error, "dns_resolver_failed", {{"error", "result pipe: " + ec.message()}});
+        self->pipe_error = "result pipe: " + ec.message();
+        log_limited(LogLevel::error, "dns_resolver_failed", {{"error", self->pipe_error}});
         break;
       }
       ub_process(self->ctx);
@@ -582,6 +592,7 @@ struct Resolver::Impl : std::enable_shared_from_this<Impl> {
   bool closed = false;
   bool spoiled = false;  // Resolver::spoiled()
   bool pipe_failed = false;  // the wait on the result pipe failed: no answer comes back through this context
+  std::string pipe_error;    // pipe_failed: why ("result pipe: Bad file descriptor")
 };
 
 struct Resolver::Lookups {
@@ -902,15 +913,15 @@ ResolverSettings resolver_settings(const config::Dns& dns) {
     for (const auto& server : settings.name_servers) settings.key += " " + server;
   }
   if (dns.trust_anchor_file.empty()) return settings;
-  std::ifstream in(dns.trust_anchor_file, std::ios::binary);
-  const std::string text{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+  // read_text, as resolv.conf and /etc/hosts: std::ifstream threw from the library for a directory in its
+  // place ("basic_filebuf::underflow error reading the file"), past this problem.
+  std::string unreadable;
+  const std::string text = read_text(dns.trust_anchor_file, unreadable, true);
   settings.key += " " + dns.trust_anchor_file + "\n" + text;
   std::string error;
   const std::string where = "dns.trust_anchor_file " + dns.trust_anchor_file + ": ";
-  if (!in.is_open()) {
-    settings.problem = where + "cannot open it";
-  } else if (in.bad()) {
-    settings.problem = where + "cannot read it";
+  if (!unreadable.empty()) {
+    settings.problem = "dns.trust_anchor_file " + unreadable;
   } else if (auto records = proto::trust_anchor_records(text, error); !records) {
     settings.problem = where + error;
   } else if (records->empty()) {

@@ -249,6 +249,23 @@ TEST_CASE("trust anchor file: read once, when the settings are made - unreadable
   CHECK(mailflow::resolver_settings(dns).problem.find("cannot open it") != std::string::npos);
 }
 
+TEST_CASE("trust anchor file: a directory in its place is a problem that says why, not an exception") {
+  // It opens and every read fails (EISDIR). std::ifstream threw from the library here
+  // ("basic_filebuf::underflow error reading the file"), past the settings' problem, as it did for
+  // resolv.conf and /etc/hosts.
+  const auto dir =
+      std::filesystem::temp_directory_path() / ("mailflow-anchor-dir-" + std::to_string(::getpid()));
+  std::filesystem::create_directory(dir);
+  mailflow::config::Dns dns;
+  dns.servers.push_back({"127.0.0.1", 53, "local"});
+  dns.trust_anchor_file = dir.string();
+  mailflow::ResolverSettings settings;
+  CHECK_NOTHROW(settings = mailflow::resolver_settings(dns));
+  std::filesystem::remove(dir);
+  CHECK(settings.problem == "dns.trust_anchor_file " + dir.string() + ": cannot read it: Is a directory");
+  CHECK(settings.trust_anchors.empty());
+}
+
 }  // namespace
 
 namespace {

@@ -62,14 +62,20 @@ def test_a_failed_result_pipe_wait_is_logged_and_the_resolver_replaced(knot, sin
     try:
         c = greeted(port)
         assert c.cmd("MAIL FROM:<app@corp.example>")[0] == 250
-        # The lookup in flight when the wait failed gets no answer: a DNS failure of the relay's (451 4.4.3),
-        # counted as an error of the resolver's, not as a timeout of the DNS's.
+        # The lookup in flight when the wait failed gets no answer: a failure of the relay's own resolver, not of
+        # the domain's DNS (nor a timeout of it): the reply, the counters and the log say so, as for a lookup
+        # that could not be sent for want of descriptors (test_dns_local.py).
         start = daemon.metrics()
         code, text = c.cmd("RCPT TO:<a@pipe.example>")
-        assert text.startswith("451 4.4.3"), f"{text!r}\n{daemon.log_tail()}"
+        assert text == "451 4.4.3 DNS resolver unavailable, try again later", f"{text!r}\n{daemon.log_tail()}"
         before = daemon.metrics()
         moved = harness.delta(start, before, "mailflow_dns_lookups_total")
-        assert moved == {harness.series_key(type="MX", result="error"): 1}, harness.fmt_delta(moved)
+        assert moved == {harness.series_key(type="MX", result="local_resources"): 1}, harness.fmt_delta(moved)
+        moved = harness.delta(start, before, "mailflow_upstream_errors_total", upstream="internet")
+        assert moved == {harness.series_key(upstream="internet", reason="local_resources"): 1}, \
+            harness.fmt_delta(moved)
+        moved = harness.delta(start, before, "mailflow_rejects_total")
+        assert not moved, "counted as the domain's DNS failure:\n" + harness.fmt_delta(moved)
         # The next lookup has a fresh resolver: the MX is found and the sink takes the recipient. (Another domain:
         # the session does not look up again a domain whose route failed in the transaction.)
         code, text = c.cmd("RCPT TO:<b@two.pipe.example>")
@@ -85,3 +91,9 @@ def test_a_failed_result_pipe_wait_is_logged_and_the_resolver_replaced(knot, sin
     failed = [line for line in daemon.stderr().splitlines() if "dns_resolver_failed" in line]
     assert len(failed) == 1, daemon.log_tail()
     assert ' error dns_resolver_failed error="result pipe: Bad file descriptor"' in failed[0], failed[0]
+    unavailable = [line for line in daemon.stderr().splitlines() if " dns_unavailable " in line]
+    assert len(unavailable) == 1, daemon.log_tail()
+    assert "domain=pipe.example" in unavailable[0] and "reason=local_resources" in unavailable[0], unavailable[0]
+    assert "result pipe" in unavailable[0], unavailable[0]
+    assert not [line for line in daemon.stderr().splitlines() if " mx_route " in line and "dns_failure" in line], \
+        daemon.log_tail()
