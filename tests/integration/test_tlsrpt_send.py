@@ -820,6 +820,35 @@ def test_a_run_tries_a_rua_host_that_timed_out_once(workdir, knot, silent_port, 
     assert reports_of(daemon, DATE) == [f"d{n}.example.net" for n in range(1, 7)]
 
 
+def six_https_reports_then_one(workdir, certs, daemon_factory, proxy, name, port, https_port):
+    """A daemon whose state holds 6 reports of DATE to https://NAME.rpt.example.net:PORT/NAME1..6, then one of
+    z.example.net to https://reports.rpt.example.net:HTTPS_PORT/NAMEz, its DNS through `proxy` (dns.timeout 1 s,
+    tlsrpt.https_timeout 5 s); returned once z's report was posted."""
+    state = "mailflowd-tlsrpt 1\n" + "".join(
+        f"day {DATE} d{n}.example.net https://{name}.rpt.example.net:{port}/{name}{n}\n"
+        "policy no-policy-found - - 1 0 0\n" for n in range(1, 7)) + (
+        f"day {DATE} z.example.net https://reports.rpt.example.net:{https_port}/{name}z\n"
+        "policy no-policy-found - - 1 0 0\n")
+    directory = workdir / f"{name}-state"
+    directory.mkdir(exist_ok=True)
+    (directory / "tlsrpt.state").write_text(state)
+    listeners = [{"name": "out", "address": f"127.0.0.1:{harness.free_port()}", "direction": "outbound",
+                  "upstream": "internet"}]
+    tlsrpt = {"send": True, "interval": "5s", "https_timeout": "5s", "retry_for": "1h", "submitter": SUBMITTER,
+              "ca_file": str(certs / "ca.pem")}
+    daemon = daemon_factory(listeners, [{"name": "internet", "mx": True}], name=name,
+                            dns={"servers": [proxy.address], "timeout": "1s"}, tlsrpt=tlsrpt)
+    harness.wait_for(lambda: any(path == f"/{name}z" for path, _, _ in Collector.posts), 30, what="z's report")
+    return daemon
+
+
+def https_outcomes(daemon):
+    """The run's https deliveries: (temporary_failure, skipped, success)."""
+    m = daemon.metrics()
+    return tuple(harness.value(m, "mailflow_tlsrpt_deliveries_total", method="https", result=result)
+                 for result in ("temporary_failure", "skipped", "success"))
+
+
 def test_an_https_rua_host_whose_lookup_timed_out_is_marked(workdir, knot, https_port, certs, daemon_factory):
     """The https rua host's AAAA and A queries get no answer (the DNS proxy drops them) and dns.timeout (1 s) is
     shorter than tlsrpt.https_timeout (5 s): the lookup ended at dns.timeout with "no address for ...", which did
@@ -827,26 +856,9 @@ def test_an_https_rua_host_whose_lookup_timed_out_is_marked(workdir, knot, https
     (temporary_failure 6, skipped 0). A lookup that timed out now marks the host and port for the run, as one
     that ran into https_timeout does (1 tried, 5 skipped)."""
     proxy = TamperingProxy(knot.address, drop=["hdrop.rpt.example.net"])
-    state = "mailflowd-tlsrpt 1\n" + "".join(
-        f"day {DATE} d{n}.example.net https://hdrop.rpt.example.net:{https_port}/hdrop{n}\n"
-        "policy no-policy-found - - 1 0 0\n" for n in range(1, 7)) + (
-        f"day {DATE} z.example.net https://reports.rpt.example.net:{https_port}/hdropz\n"
-        "policy no-policy-found - - 1 0 0\n")
-    directory = workdir / "hdrop-state"
-    directory.mkdir(exist_ok=True)
-    (directory / "tlsrpt.state").write_text(state)
-    listeners = [{"name": "out", "address": f"127.0.0.1:{harness.free_port()}", "direction": "outbound",
-                  "upstream": "internet"}]
-    tlsrpt = {"send": True, "interval": "5s", "https_timeout": "5s", "retry_for": "1h", "submitter": SUBMITTER,
-              "ca_file": str(certs / "ca.pem")}
     try:
-        daemon = daemon_factory(listeners, [{"name": "internet", "mx": True}], name="hdrop",
-                                dns={"servers": [proxy.address], "timeout": "1s"}, tlsrpt=tlsrpt)
-        harness.wait_for(lambda: any(path == "/hdropz" for path, _, _ in Collector.posts), 30, what="z's report")
-        m = daemon.metrics()
-        count = lambda result: harness.value(m, "mailflow_tlsrpt_deliveries_total", method="https",  # noqa: E731
-                                             result=result)
-        counts = (count("temporary_failure"), count("skipped"), count("success"))
+        daemon = six_https_reports_then_one(workdir, certs, daemon_factory, proxy, "hdrop", https_port, https_port)
+        counts = https_outcomes(daemon)
         assert counts == (1, 5, 1), (counts, daemon.log_tail())
         log = daemon.stderr()
         assert "no address for hdrop.rpt.example.net: AAAA: no answer within 1s" in log, log
@@ -866,26 +878,9 @@ def test_an_https_rua_host_whose_aaaa_lookup_timed_out_and_whose_post_failed_is_
     marked for the run (1 tried, 5 skipped), as a mailto: walk that hung before a refusing host is (57e7579)."""
     proxy = TamperingProxy(knot.address, drop=["hpart.rpt.example.net"], drop_types=[28])
     refused_port = harness.free_port()  # nothing listens there
-    state = "mailflowd-tlsrpt 1\n" + "".join(
-        f"day {DATE} d{n}.example.net https://hpart.rpt.example.net:{refused_port}/hpart{n}\n"
-        "policy no-policy-found - - 1 0 0\n" for n in range(1, 7)) + (
-        f"day {DATE} z.example.net https://reports.rpt.example.net:{https_port}/hpartz\n"
-        "policy no-policy-found - - 1 0 0\n")
-    directory = workdir / "hpart-state"
-    directory.mkdir(exist_ok=True)
-    (directory / "tlsrpt.state").write_text(state)
-    listeners = [{"name": "out", "address": f"127.0.0.1:{harness.free_port()}", "direction": "outbound",
-                  "upstream": "internet"}]
-    tlsrpt = {"send": True, "interval": "5s", "https_timeout": "5s", "retry_for": "1h", "submitter": SUBMITTER,
-              "ca_file": str(certs / "ca.pem")}
     try:
-        daemon = daemon_factory(listeners, [{"name": "internet", "mx": True}], name="hpart",
-                                dns={"servers": [proxy.address], "timeout": "1s"}, tlsrpt=tlsrpt)
-        harness.wait_for(lambda: any(path == "/hpartz" for path, _, _ in Collector.posts), 30, what="z's report")
-        m = daemon.metrics()
-        count = lambda result: harness.value(m, "mailflow_tlsrpt_deliveries_total", method="https",  # noqa: E731
-                                             result=result)
-        counts = (count("temporary_failure"), count("skipped"), count("success"))
+        daemon = six_https_reports_then_one(workdir, certs, daemon_factory, proxy, "hpart", refused_port, https_port)
+        counts = https_outcomes(daemon)
         assert counts == (1, 5, 1), (counts, daemon.log_tail())
         log = daemon.stderr()
         assert "cannot connect to hpart.rpt.example.net (127.0.0.1" in log, log
