@@ -76,13 +76,13 @@ int check_config(const std::string& path) {
 }
 
 int run_daemon(const std::string& path) {
-  // SIGHUP, SIGTERM and SIGINT stay blocked in every thread (each inherits this mask) for the life of the
-  // process: the server reads them from signalfds (server.cpp, SignalReader), and until it does they wait,
-  // pending. Their default action killed a daemon that was still starting (e.g. loading a large state_dir),
-  // and one that came while it exited, after its state was saved.
+  // SIGHUP, SIGTERM, SIGINT and SIGQUIT stay blocked in every thread (each inherits this mask) for the life
+  // of the process: the server reads them from signalfds (server.cpp, SignalReader), and until it does they
+  // wait, pending. Their default action killed a daemon that was still starting (e.g. loading a large
+  // state_dir), and one that came while it exited, after its state was saved.
   sigset_t signals;
   sigemptyset(&signals);
-  for (int signal : {SIGHUP, SIGTERM, SIGINT}) sigaddset(&signals, signal);
+  for (int signal : {SIGHUP, SIGTERM, SIGINT, SIGQUIT}) sigaddset(&signals, signal);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
   // Standard error may be a pipe (`mailflowd 2>&1 | logger`, a container's log pipe): once its reader was
   // gone, the next log line raised SIGPIPE, whose default action ended the daemon, without its drain or the

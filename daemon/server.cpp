@@ -295,7 +295,10 @@ struct Server::Impl {
   asio::io_context io{1};
   // A signal that comes while the server starts waits, pending (main blocks them from its start on);
   // stop_signals() and reload_signals() take them once the loop runs. Two sets: see reload_signals().
-  SignalReader stop_signal_set{io, {SIGTERM, SIGINT}};
+  // SIGQUIT stops as SIGTERM does: Postfix's master takes it as a request to terminate (master_sig.c) and
+  // nginx as its graceful stop (Debian's nginx.service stops it with QUIT); its default action ended the
+  // daemon at once with a core, no drain and the windows since the last minute's save lost.
+  SignalReader stop_signal_set{io, {SIGTERM, SIGINT, SIGQUIT}};
   SignalReader reload_signal_set{io, {SIGHUP}};
   asio::steady_timer reload_settle_timer{io};  // a SIGHUP's wait before its reload (reload_signals())
   std::size_t next_loop = 0;
@@ -812,7 +815,7 @@ struct Server::Impl {
     stop_loops();
   }
 
-  // SIGTERM, SIGINT: a drain; a second one while draining cuts it short.
+  // SIGTERM, SIGINT, SIGQUIT: a drain; a second one while draining cuts it short.
   asio::awaitable<void> stop_signals() {
     bool cut_short = false;
     for (;;) {

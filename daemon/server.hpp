@@ -1,5 +1,5 @@
 #pragma once
-// The running daemon: listeners, sessions, HTTP, signals (SIGHUP reload, SIGTERM/SIGINT drain), state
+// The running daemon: listeners, sessions, HTTP, signals (SIGHUP reload, SIGTERM/SIGINT/SIGQUIT drain), state
 // persistence and systemd notification, on one event loop (thread) per usable CPU.
 #include <memory>
 #include <string>
@@ -14,8 +14,8 @@ class Server {
   Server(std::string config_path, std::shared_ptr<const config::Config> config);
   ~Server();
 
-  // Starts everything and blocks until a SIGTERM/SIGINT drain finished (a second signal cuts the drain
-  // short). Startup problems (unbindable address, unreadable certificate, unwritable state_dir) throw
+  // Starts everything and blocks until a SIGTERM/SIGINT/SIGQUIT drain finished (a second signal cuts the
+  // drain short). Startup problems (unbindable address, unreadable certificate, unwritable state_dir) throw
   // std::runtime_error with a clear message. Returns the process exit code.
   int run();
 

@@ -1,7 +1,7 @@
 """Signals: SIGHUP with a broken config keeps the running one (counted as a failed reload, still relays);
 SIGHUP after a certificate renewal (new files at the same paths) serves the new certificate to new
 sessions; SIGTERM during a slow DATA transfer lets it finish within drain_timeout (message delivered, exit
-0, state_dir/windows.state written); an unwritable state_dir at the shutdown save is logged and the daemon
+0, state_dir/windows.state written), and SIGQUIT does the same (Postfix's and nginx's stop); an unwritable state_dir at the shutdown save is logged and the daemon
 still exits 0 (and relays until then); performance.busy_poll off relays, and a SIGHUP switches it on;
 performance.event_loops starts that many relaying threads ("auto": one per usable CPU); a reload that changes
 what only a restart applies (http.address, state_dir, event_loops) says so on every reload and changes none of
@@ -438,7 +438,51 @@ def closed_by_server(client, wait=5.0):
         return False
 
 
-@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT])
+def test_sigquit_drains_and_saves_as_sigterm_does(daemon_factory, sink):
+    """SIGQUIT is a stop: Postfix's master takes it as a request to terminate (master_sig.c) and nginx as its
+    graceful stop (Debian's nginx.service stops with QUIT), so an operator or a unit copied from them sends it. Its
+    default action ended mailflowd at once: exit by signal (-3, a core), the message in flight cut, the windows
+    since the last minute's save lost. Now a drain as for SIGTERM: the session in its DATA finishes and is
+    delivered, the windows (with both messages) are saved, exit 0."""
+    d, port = start(daemon_factory, "quit", sink, limits={"drain_timeout": "10s"})
+    state = d.workdir / "quit-state" / "windows.state"
+    hh.assert_relays(d, port, sink)
+    n = sink.count()
+    data = hh.message("finished after SIGQUIT")
+    c = hh.greeted(port)
+    try:
+        assert c.cmd(f"MAIL FROM:<{hh.SENDER}>")[0] == 250
+        assert c.cmd(f"RCPT TO:<{hh.RCPT}>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        c.send(harness.dot_stuff(data)[:40])
+        d.proc.send_signal(signal.SIGQUIT)
+        harness.wait_for(lambda: d.proc.poll() is not None or " draining " in d.stderr(), 10,
+                         what="the drain to begin")
+        assert d.proc.poll() is None, f"SIGQUIT ended the daemon: exit {d.proc.returncode}\n{d.log_tail()}"
+        c.send(harness.dot_stuff(data)[40:])
+        code, text = c.cmd(".")
+        assert code == 250, f"the message in flight at SIGQUIT: {text!r}"
+    finally:
+        c.close()
+    assert d.proc.wait(15) == 0, d.log_tail()
+    assert " stopped " in d.stderr(), d.log_tail()
+    _, content = sink.wait_messages(n + 1)[-1]
+    assert harness.split_received(content)[1] == data
+    assert saved_messages(state) == 2, state.read_text()
+
+
+def saved_messages(path):
+    """The messages counted in a windows.state file (its lines: hour, connector, direction, one count per TLS
+    version)."""
+    total = 0
+    for line in path.read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) == 3 + len(harness.TLS_LABELS) and all(f.isdigit() for f in fields[3:]):
+            total += sum(int(f) for f in fields[3:])
+    return total
+
+
+@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT, signal.SIGQUIT])
 def test_a_second_stop_signal_cuts_the_drain_short(daemon_factory, sink, second):
     """SIGTERM, then another one (or SIGINT: `systemctl stop` and a Ctrl-C while it drains) while a session is in
     its DATA and drain_timeout (60 s) is far off: the operator does not want to wait. The session is closed, the
