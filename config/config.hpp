@@ -219,7 +219,8 @@ struct Timeouts {
   std::chrono::milliseconds tls_handshake{30000};
   std::chrono::milliseconds upstream_connect{30000};
   // The whole opening of an upstream for a RCPT (DNS, MTA-STS, every connect attempt and the setup steps):
-  // under the 5 minutes a client waits for its RCPT reply (RFC 5321 4.5.3.2.5), so that it gets ours.
+  // under the 5 minutes a client waits for its RCPT reply (RFC 5321 4.5.3.2.2 and 4.5.3.2.3), so that it gets
+  // ours.
   std::chrono::milliseconds upstream_open{240000};
   bool operator==(const Timeouts&) const = default;
 };

@@ -654,8 +654,9 @@ asio::awaitable<std::optional<UpstreamLeg::Refusal>> UpstreamLeg::open_mx(const 
                                                                           std::string_view connector) {
   // Delivery to the recipient domain's MX hosts (RFC 5321 section 5): in order, each host and address in
   // turn, each attempt with timeouts.upstream_connect of its own, all of it within timeouts.upstream_open:
-  // the client waits for its RCPT reply meanwhile, and gives up after 5 minutes (RFC 5321 4.5.3.2.5), so a
-  // few hosts that never answer must not keep the later ones from being tried in time, nor hold it past that.
+  // the client waits for its RCPT reply meanwhile, and gives up after 5 minutes (RFC 5321 4.5.3.2.2
+  // and 4.5.3.2.3), so a few hosts that never answer must not keep the later ones from being tried in time,
+  // nor hold it past that.
   std::string dns_error;
   const auto resolver = this->resolver(*session_.runtime.resolver, dns_error);
   if (!resolver) co_return dns_unavailable(upstream, domain, dns_error);
