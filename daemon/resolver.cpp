@@ -20,6 +20,7 @@
 #include <cstring>
 #include <deque>
 #include <iterator>
+#include <list>
 #include <mutex>
 #include <new>
 #include <optional>
@@ -427,6 +428,7 @@ struct Resolver::Impl : std::enable_shared_from_this<Impl> {
     ub_result* result = nullptr;
     DnsOutcome outcome = DnsOutcome::error;
     std::string detail;
+    std::list<Query*>::iterator on_context;  // its place in impl->queries
   };
 
   static void on_answer(void* data, int error, ub_result* result) {
@@ -574,6 +576,11 @@ struct Resolver::Impl : std::enable_shared_from_this<Impl> {
         self->spoiled = true;
         self->pipe_error = "result pipe: " + ec.message();
         log_limited(LogLevel::error, "dns_resolver_failed", {{"error", self->pipe_error}});
+        // The lookups waiting for their answers (every user's of this context) end now, as the relay's own
+        // failure (finish()). Before, each waited for its deadline first: an RCPT held for all of dns.timeout
+        // for a 451 that was known at once, the MX walk's address lookups after it one another.
+        for (Query* query : self->queries)
+          if (!query->done) query->wakeup.cancel();
         break;
       }
       ub_process(self->ctx);
@@ -593,6 +600,9 @@ struct Resolver::Impl : std::enable_shared_from_this<Impl> {
   bool spoiled = false;  // Resolver::spoiled()
   bool pipe_failed = false;  // the wait on the result pipe failed: no answer comes back through this context
   std::string pipe_error;    // pipe_failed: why ("result pipe: Bad file descriptor")
+  // Every Query on this context while it lives, whichever Resolver (share()) asked: woken when the pipe
+  // fails. A list, so that a query leaves it in constant time however many a loop has in flight.
+  std::list<Query*> queries;
 };
 
 struct Resolver::Lookups {
@@ -609,10 +619,12 @@ Resolver::Impl::Query::Query(std::shared_ptr<Impl> owner, const std::shared_ptr<
       wakeup(impl->executor),
       cancelled(of->cancelled) {
   lookups->queries.push_back(this);
+  on_context = impl->queries.insert(impl->queries.end(), this);
 }
 
 Resolver::Impl::Query::~Query() {
   std::erase(lookups->queries, this);
+  impl->queries.erase(on_context);
   if (started && !done) {
     ub_cancel(impl->ctx, id);
     impl->forget_one();
