@@ -332,6 +332,20 @@ int finalize_context(ub_ctx* ctx) {
   return rc;
 }
 
+// The tests' stand-in for libunbound out of memory at a query of `type` (Debug builds: failpoints
+// resolver.no_memory.MX, .A, ...): the query is not handed to libunbound, which answers UB_NOMEM so.
+bool no_memory_failpoint(DnsType type) {
+  static constexpr std::array<std::string_view, all_dns_types.size()> names{
+      "resolver.no_memory.MX",   "resolver.no_memory.A",   "resolver.no_memory.AAAA",
+      "resolver.no_memory.TLSA", "resolver.no_memory.TXT", "resolver.no_memory.PTR"};
+  try {
+    failpoint(names[static_cast<std::size_t>(type)]);
+  } catch (const std::exception&) {
+    return true;
+  }
+  return false;
+}
+
 }  // namespace
 
 // --------------------------------------------------------------------------------------------------------------
@@ -454,8 +468,10 @@ struct Resolver::Impl : std::enable_shared_from_this<Impl> {
     }
     query.wakeup.expires_after(timeout);
     query.socket_failures = library_socket_failures.load(std::memory_order_acquire);
-    const int rc =
-        ub_resolve_async(ctx, query.name.c_str(), rrtype(query.type), kClassIn, &query, &Impl::on_answer, &query.id);
+    const int rc = no_memory_failpoint(query.type)
+                       ? UB_NOMEM
+                       : ub_resolve_async(ctx, query.name.c_str(), rrtype(query.type), kClassIn, &query,
+                                          &Impl::on_answer, &query.id);
     if (rc != 0) {
       query.done = true;
       query.error = rc;
@@ -503,6 +519,14 @@ struct Resolver::Impl : std::enable_shared_from_this<Impl> {
       spoiled = true;
       query.detail = pipe_error.empty() ? std::string("resolver error: ") + ub_strerror(query.error)
                                         : "resolver failed: " + pipe_error;
+    } else if (query.error == UB_NOMEM) {
+      // libunbound could not allocate the query (ub_resolve_async) or its worker could not take it on (the
+      // answer's error): it was never sent, and nothing is known about the name. The relay's own failure, as
+      // a query without a socket: before, the domain's (an MX lookup's 451 Temporary DNS failure, counted as
+      // its dns_failure; a TLSA lookup's host skipped and reported as the domain's dnssec-invalid). The
+      // context is kept: nothing of it is cached.
+      query.outcome = DnsOutcome::local_resources;
+      query.detail = std::string("resolver error: ") + ub_strerror(query.error);
     } else if (query.error != 0) {
       query.outcome = DnsOutcome::error;
       query.detail = std::string("resolver error: ") + ub_strerror(query.error);
