@@ -596,20 +596,42 @@ struct Resolver::Impl : std::enable_shared_from_this<Impl> {
         // No answer can come back through this context any more. Before, the pump ended silently here, and a
         // descriptor that stayed unusable had every later lookup on the loop wait for dns.timeout, counted as
         // a timeout, with the context never replaced. Spoiled: the loop's next lookup gets a fresh one.
-        self->pipe_failed = true;
-        self->spoiled = true;
-        self->pipe_error = "result pipe: " + ec.message();
-        log_limited(LogLevel::error, "dns_resolver_failed", {{"error", self->pipe_error}});
-        // The lookups waiting for their answers (every user's of this context) end now, as the relay's own
-        // failure (finish()). Before, each waited for its deadline first: an RCPT held for all of dns.timeout
-        // for a 451 that was known at once, the MX walk's address lookups after it one another.
-        for (Query* query : self->queries)
-          if (!query->done) query->wakeup.cancel();
+        self->fail("result pipe: " + ec.message());
         break;
       }
-      ub_process(self->ctx);
+      try {
+        failpoint("resolver.result_message");
+      } catch (const std::exception&) {
+        // The tests' stand-in for libunbound's "tube read out of memory": a message's length read off the
+        // pipe, its body left in it.
+        std::uint32_t length = 0;
+        [[maybe_unused]] const auto n = ::read(self->pipe.native_handle(), &length, sizeof length);
+      }
+      // UB_PIPE: the pipe ended, or a message could not be read whole (libunbound out of memory for it:
+      // "tube read out of memory") or made no sense. Its reads are out of step with the messages then: the
+      // next call takes a piece of one for the length of the next and reads that many bytes with the
+      // descriptor made blocking, which held the event loop until the worker wrote as much (never, for a
+      // length of megabytes). Before, the result was not looked at and the pump went on reading so.
+      if (const int processed = ub_process(self->ctx); processed != 0) {
+        self->fail(std::string("result pipe: ") + ub_strerror(processed));
+        break;
+      }
     }
     self->pumping = false;
+  }
+
+  // No answer comes back through this context any more: every later lookup fails at once, the loop's next one
+  // gets a fresh context (spoiled), and the lookups waiting for their answers (every user's of this context)
+  // end now, as the relay's own failure (finish()). Before, each waited for its deadline first: an RCPT held
+  // for all of dns.timeout for a 451 that was known at once, the MX walk's address lookups after it one
+  // another.
+  void fail(std::string why) {
+    pipe_failed = true;
+    spoiled = true;
+    pipe_error = std::move(why);
+    log_limited(LogLevel::error, "dns_resolver_failed", {{"error", pipe_error}});
+    for (Query* query : queries)
+      if (!query->done) query->wakeup.cancel();
   }
 
   net::any_io_executor executor;

@@ -51,7 +51,8 @@ DNS_TIMEOUT = 8  # seconds: a lookup that waited for it is told from one that en
 
 
 def start_daemon(knot, sink_factory, workdir, mailflowd_bin, name, failpoint):
-    """A daemon whose `failpoint`-th wait on a resolver's result pipe fails, and the port of its listener."""
+    """A daemon with MAILFLOWD_FAILPOINTS=`failpoint` (a bare number: the pump's wait that fails,
+    resolver.result_pipe), and the port of its listener."""
     mx_port = harness.free_port(MX_HOST)
     sink = sink_factory(name, host=MX_HOST, port=mx_port)
     port = harness.free_port()
@@ -62,7 +63,7 @@ def start_daemon(knot, sink_factory, workdir, mailflowd_bin, name, failpoint):
         [{"name": "out", "address": f"127.0.0.1:{port}", "direction": "outbound", "upstream": "internet"}],
         [{"name": "internet", "mx": True, "port": sink.port, "tls": "none", "mta_sts": "off"}],
         dns={"servers": [knot.address], "timeout": f"{DNS_TIMEOUT}s"})
-    os.environ["MAILFLOWD_FAILPOINTS"] = f"resolver.result_pipe={failpoint}"
+    os.environ["MAILFLOWD_FAILPOINTS"] = failpoint if "=" in str(failpoint) else f"resolver.result_pipe={failpoint}"
     try:
         daemon = harness.Daemon(mailflowd_bin, workdir, cfg, name=name).start(timeout=60)
     finally:
@@ -148,3 +149,35 @@ def test_address_lookups_in_flight_when_the_result_pipe_fails_end_at_once(knot, 
     unavailable = [line for line in daemon.stderr().splitlines() if " dns_unavailable " in line]
     assert len(unavailable) == 1, daemon.log_tail()
     assert "domain=pipe.example" in unavailable[0] and "result pipe" in unavailable[0], unavailable[0]
+
+
+def test_a_result_message_that_cannot_be_read_whole_fails_the_resolver_at_once(knot, sink_factory, workdir,
+                                                                              mailflowd_bin):
+    """ub_process() that says UB_PIPE: a message could not be read whole off the result pipe (libunbound's "tube
+    read out of memory" leaves its length read and its body in the pipe), the pipe ended, or a message made no
+    sense. The reads are out of step with the messages after it, and the next ub_process() would take a piece of
+    a message for the length of the next. Before, its result was ignored: the pump read on so, and the MX lookup
+    got no answer until dns.timeout (or the event loop hung in a blocking read of a garbage length). Now it fails
+    the resolver as a failed wait does: logged dns_resolver_failed, the lookup in flight ends at once as the
+    relay's own failure, the next lookup gets a fresh resolver. Failpoint resolver.result_message: the first
+    message's length is read off the pipe before ub_process(), as libunbound's read that ran out of memory
+    left it."""
+    daemon, port = start_daemon(knot, sink_factory, workdir, mailflowd_bin, "pipe3", "resolver.result_message=1")
+    try:
+        c = greeted(port, timeout=3 * DNS_TIMEOUT)
+        assert c.cmd("MAIL FROM:<app@corp.example>")[0] == 250
+        start = daemon.metrics()
+        code, text, took = timed_rcpt(c, "RCPT TO:<a@pipe.example>")
+        assert text == "451 4.4.3 DNS resolver unavailable, try again later", f"{text!r}\n{daemon.log_tail()}"
+        assert took < DNS_TIMEOUT / 2, f"the MX lookup in flight was answered after {took:.1f} s"
+        after = daemon.metrics()
+        moved = harness.delta(start, after, "mailflow_dns_lookups_total")
+        assert moved == {harness.series_key(type="MX", result="local_resources"): 1}, harness.fmt_delta(moved)
+        code, text = c.cmd("RCPT TO:<b@two.pipe.example>")
+        assert code == 250, f"RCPT after the failed read: {text!r}\n{daemon.log_tail()}"
+        c.cmd("QUIT")
+    finally:
+        assert daemon.stop() == 0
+    failed = [line for line in daemon.stderr().splitlines() if "dns_resolver_failed" in line]
+    assert len(failed) == 1, daemon.log_tail()
+    assert 'error="result pipe: error in pipe communication with async"' in failed[0], failed[0]
