@@ -20,6 +20,7 @@
 #include <cstring>
 #include <deque>
 #include <iterator>
+#include <list>
 #include <mutex>
 #include <new>
 #include <optional>
@@ -331,6 +332,20 @@ int finalize_context(ub_ctx* ctx) {
   return rc;
 }
 
+// The tests' stand-in for libunbound out of memory at a query of `type` (Debug builds: failpoints
+// resolver.no_memory.MX, .A, ...): the query is not handed to libunbound, which answers UB_NOMEM so.
+bool no_memory_failpoint(DnsType type) {
+  static constexpr std::array<std::string_view, all_dns_types.size()> names{
+      "resolver.no_memory.MX",   "resolver.no_memory.A",   "resolver.no_memory.AAAA",
+      "resolver.no_memory.TLSA", "resolver.no_memory.TXT", "resolver.no_memory.PTR"};
+  try {
+    failpoint(names[static_cast<std::size_t>(type)]);
+  } catch (const std::exception&) {
+    return true;
+  }
+  return false;
+}
+
 }  // namespace
 
 // --------------------------------------------------------------------------------------------------------------
@@ -427,6 +442,7 @@ struct Resolver::Impl : std::enable_shared_from_this<Impl> {
     ub_result* result = nullptr;
     DnsOutcome outcome = DnsOutcome::error;
     std::string detail;
+    std::list<Query*>::iterator on_context;  // its place in impl->queries
   };
 
   static void on_answer(void* data, int error, ub_result* result) {
@@ -452,8 +468,10 @@ struct Resolver::Impl : std::enable_shared_from_this<Impl> {
     }
     query.wakeup.expires_after(timeout);
     query.socket_failures = library_socket_failures.load(std::memory_order_acquire);
-    const int rc =
-        ub_resolve_async(ctx, query.name.c_str(), rrtype(query.type), kClassIn, &query, &Impl::on_answer, &query.id);
+    const int rc = no_memory_failpoint(query.type)
+                       ? UB_NOMEM
+                       : ub_resolve_async(ctx, query.name.c_str(), rrtype(query.type), kClassIn, &query,
+                                          &Impl::on_answer, &query.id);
     if (rc != 0) {
       query.done = true;
       query.error = rc;
@@ -501,6 +519,14 @@ struct Resolver::Impl : std::enable_shared_from_this<Impl> {
       spoiled = true;
       query.detail = pipe_error.empty() ? std::string("resolver error: ") + ub_strerror(query.error)
                                         : "resolver failed: " + pipe_error;
+    } else if (query.error == UB_NOMEM) {
+      // libunbound could not allocate the query (ub_resolve_async) or its worker could not take it on (the
+      // answer's error): it was never sent, and nothing is known about the name. The relay's own failure, as
+      // a query without a socket: before, the domain's (an MX lookup's 451 Temporary DNS failure, counted as
+      // its dns_failure; a TLSA lookup's host skipped and reported as the domain's dnssec-invalid). The
+      // context is kept: nothing of it is cached.
+      query.outcome = DnsOutcome::local_resources;
+      query.detail = std::string("resolver error: ") + ub_strerror(query.error);
     } else if (query.error != 0) {
       query.outcome = DnsOutcome::error;
       query.detail = std::string("resolver error: ") + ub_strerror(query.error);
@@ -570,15 +596,42 @@ struct Resolver::Impl : std::enable_shared_from_this<Impl> {
         // No answer can come back through this context any more. Before, the pump ended silently here, and a
         // descriptor that stayed unusable had every later lookup on the loop wait for dns.timeout, counted as
         // a timeout, with the context never replaced. Spoiled: the loop's next lookup gets a fresh one.
-        self->pipe_failed = true;
-        self->spoiled = true;
-        self->pipe_error = "result pipe: " + ec.message();
-        log_limited(LogLevel::error, "dns_resolver_failed", {{"error", self->pipe_error}});
+        self->fail("result pipe: " + ec.message());
         break;
       }
-      ub_process(self->ctx);
+      try {
+        failpoint("resolver.result_message");
+      } catch (const std::exception&) {
+        // The tests' stand-in for libunbound's "tube read out of memory": a message's length read off the
+        // pipe, its body left in it.
+        std::uint32_t length = 0;
+        [[maybe_unused]] const auto n = ::read(self->pipe.native_handle(), &length, sizeof length);
+      }
+      // UB_PIPE: the pipe ended, or a message could not be read whole (libunbound out of memory for it:
+      // "tube read out of memory") or made no sense. Its reads are out of step with the messages then: the
+      // next call takes a piece of one for the length of the next and reads that many bytes with the
+      // descriptor made blocking, which held the event loop until the worker wrote as much (never, for a
+      // length of megabytes). Before, the result was not looked at and the pump went on reading so.
+      if (const int processed = ub_process(self->ctx); processed != 0) {
+        self->fail(std::string("result pipe: ") + ub_strerror(processed));
+        break;
+      }
     }
     self->pumping = false;
+  }
+
+  // No answer comes back through this context any more: every later lookup fails at once, the loop's next one
+  // gets a fresh context (spoiled), and the lookups waiting for their answers (every user's of this context)
+  // end now, as the relay's own failure (finish()). Before, each waited for its deadline first: an RCPT held
+  // for all of dns.timeout for a 451 that was known at once, the MX walk's address lookups after it one
+  // another.
+  void fail(std::string why) {
+    pipe_failed = true;
+    spoiled = true;
+    pipe_error = std::move(why);
+    log_limited(LogLevel::error, "dns_resolver_failed", {{"error", pipe_error}});
+    for (Query* query : queries)
+      if (!query->done) query->wakeup.cancel();
   }
 
   net::any_io_executor executor;
@@ -593,6 +646,9 @@ struct Resolver::Impl : std::enable_shared_from_this<Impl> {
   bool spoiled = false;  // Resolver::spoiled()
   bool pipe_failed = false;  // the wait on the result pipe failed: no answer comes back through this context
   std::string pipe_error;    // pipe_failed: why ("result pipe: Bad file descriptor")
+  // Every Query on this context while it lives, whichever Resolver (share()) asked: woken when the pipe
+  // fails. A list, so that a query leaves it in constant time however many a loop has in flight.
+  std::list<Query*> queries;
 };
 
 struct Resolver::Lookups {
@@ -609,10 +665,12 @@ Resolver::Impl::Query::Query(std::shared_ptr<Impl> owner, const std::shared_ptr<
       wakeup(impl->executor),
       cancelled(of->cancelled) {
   lookups->queries.push_back(this);
+  on_context = impl->queries.insert(impl->queries.end(), this);
 }
 
 Resolver::Impl::Query::~Query() {
   std::erase(lookups->queries, this);
+  impl->queries.erase(on_context);
   if (started && !done) {
     ub_cancel(impl->ctx, id);
     impl->forget_one();

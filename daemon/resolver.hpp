@@ -209,8 +209,8 @@ class Resolver {
   // it answered in its cache for a while, and would give it for the same name once descriptors are back, as
   // though the name's servers had failed: such a context is replaced (loop_resolver) rather than used on. So
   // is one whose wait on libunbound's result pipe failed (logged dns_resolver_failed): no answer comes back
-  // through it, and its lookups fail at once (DnsOutcome::local_resources, the relay's own failure) instead
-  // of each waiting for dns.timeout.
+  // through it, and its lookups, those in flight when it failed too, fail at once
+  // (DnsOutcome::local_resources, the relay's own failure) instead of each waiting for dns.timeout.
   bool spoiled() const;
 
  private:

@@ -16,7 +16,10 @@ daemon's RLIMIT_NOFILE lowered with prlimit for one RCPT while the session is op
   fetch (its A record's TTL and the policy's max_age are 1 s) is not the domain's sts-policy-fetch-error (TLS
   report, mailflow_outbound_policy_total) nor remembered as its failed fetch (the next message fetches again);
   the _mta-sts TXT lookup (TTL 1 s) is not taken as "no record": with no policy in force both leave the
-  message waiting (451 4.4.1) rather than try the MX hosts as though the domain published none.
+  message waiting (451 4.4.1) rather than try the MX hosts as though the domain published none;
+- libunbound out of memory for a query (UB_NOMEM; failpoints resolver.no_memory.MX and .TLSA stand in for it):
+  an MX lookup and a TLSA lookup are the relay's own failure as above, not the domain's dns_failure nor, under
+  DANE, its host skipped and reported as dnssec-invalid.
 
 The fixed loopback addresses are of this file's range, 127.0.0.90-94."""
 import json
@@ -102,7 +105,7 @@ def env(certs, workdir, sink_factory, daemon_factory):
             name="dnsfd", dns={"servers": [knot.address], "timeout": "2s",
                                "trust_anchor_file": str(knot.trust_anchor_file)},
             mta_sts={"ca_file": str(certs / "ca.pem"), "fetch_timeout": "3s"})
-        yield types.SimpleNamespace(daemon=daemon, port=port, sink=sink)
+        yield types.SimpleNamespace(daemon=daemon, port=port, sink=sink, knot=knot)
     finally:
         if server:
             server.shutdown()
@@ -282,5 +285,56 @@ def test_fixed_upstream_name_lookup_out_of_descriptors_is_not_the_upstreams_fail
     assert code == 250, f"RCPT once descriptors are free again: {text!r}\n{daemon.log_tail()}"
     assert send(c, "dana@corp.example")[0] == 250
     sink.wait_messages(n + 2)
+    c.cmd("QUIT")
+    c.close()
+
+
+def test_lookups_libunbound_has_no_memory_for_are_not_the_domains_failures(env, daemon_factory, monkeypatch):
+    """libunbound that cannot allocate a query (ub_resolve_async's UB_NOMEM, or its worker's in the answer) sent
+    nothing: the MX lookup was the domain's "451 4.4.3 Temporary DNS failure ... (MX: resolver error: out of
+    memory)", counted as its dns_failure, and the TLSA lookup under DANE had the MX host skipped and the domain's
+    TLS report say dnssec-invalid. A daemon of its own, whose first MX and first TLSA query get UB_NOMEM."""
+    monkeypatch.setenv("MAILFLOWD_FAILPOINTS", "resolver.no_memory.MX=1,resolver.no_memory.TLSA=1")
+    port = harness.free_port()
+    daemon = daemon_factory(
+        [{"name": "out", "address": f"127.0.0.1:{port}", "direction": "outbound", "upstream": "internet"}],
+        [{"name": "internet", "mx": True, "port": env.port, "tls": "opportunistic", "mta_sts": "off"},
+         {"name": "dane-mx", "mx": True, "port": env.port, "tls": "dane", "mta_sts": "off"}],
+        [{"name": "partners", "type": "partner", "direction": "outbound", "upstream": "dane-mx",
+          "match": {"recipient_domains": [f"dane.{ORIGIN}"]}}],
+        name="dnsfd-nomem", dns={"servers": [env.knot.address], "timeout": "2s",
+                                 "trust_anchor_file": str(env.knot.trust_anchor_file)})
+    monkeypatch.delenv("MAILFLOWD_FAILPOINTS")
+    c = greeted(port)
+    assert c.cmd("MAIL FROM:<app@corp.example>")[0] == 250
+    for upstream, rcpt, lookup in (("internet", f"ann@fresh.{ORIGIN}", "MX"), ("dane-mx", f"bob@dane.{ORIGIN}", "TLSA")):
+        before = daemon.metrics()
+        code, text = c.cmd(f"RCPT TO:<{rcpt}>")
+        after = daemon.metrics()
+        log = daemon.log_tail()
+        assert text.startswith("451 4.4.3 DNS resolver unavailable"), \
+            f"RCPT whose {lookup} lookup libunbound had no memory for: {text!r}\n{log}"
+        assert moved(before, after, "mailflow_upstream_errors_total", "reason", upstream=upstream) == \
+            {"local_resources": 1.0}, log
+        assert moved(before, after, "mailflow_rejects_total", "reason") == {}, "counted as the domain's DNS failure"
+        assert moved(before, after, "mailflow_mx_attempts_total", "result") == {}, "an MX host counted a failure"
+        assert moved(before, after, "mailflow_outbound_policy_total", "result") == {}, "a DANE failure was counted"
+        assert moved(before, after, "mailflow_dns_lookups_total", "result", type=lookup) == \
+            {"local_resources": 1.0}, log
+        line = [l for l in daemon.stderr().splitlines() if "dns_unavailable" in l][-1]
+        assert "reason=local_resources" in line and rcpt.split("@")[1] in line and "out of memory" in line, line
+        assert c.cmd("RSET")[0] == 250 and c.cmd("MAIL FROM:<app@corp.example>")[0] == 250
+    assert tlsrpt(daemon, f"dane.{ORIGIN}") is None, "the TLSA lookup reported in the domain's TLS report"
+    # Memory back: both are delivered, the dane domain's under DANE, its report one successful session.
+    n = env.sink.count()
+    for rcpt in (f"ann@fresh.{ORIGIN}", f"bob@dane.{ORIGIN}"):
+        code, text = c.cmd(f"RCPT TO:<{rcpt}>")
+        assert code == 250, f"RCPT {rcpt} after the failed lookup: {text!r}\n{daemon.log_tail()}"
+        assert send(c, rcpt)[0] == 250
+        assert c.cmd("MAIL FROM:<app@corp.example>")[0] == 250
+    env.sink.wait_messages(n + 2)
+    report = tlsrpt(daemon, f"dane.{ORIGIN}")
+    assert report and [p["summary"] for p in report["report"]["policies"]] == \
+        [{"total-successful-session-count": 1, "total-failure-session-count": 0}], report
     c.cmd("QUIT")
     c.close()
