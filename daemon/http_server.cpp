@@ -1027,24 +1027,32 @@ class Server : public std::enable_shared_from_this<Server> {
     const bool verified = user_ok && password_ok;
     OPENSSL_cleanse(credentials->data(), credentials->size());
 
-    std::lock_guard lock(mutex_);
-    if (reserved)
-      reserved_check_busy_ = false;
-    else
-      --pending_checks_;
-    if (!verified) {
-      failed(peer);
-      co_return AuthVerdict{AuthResult::wrong};
+    std::shared_ptr<const Settings> current;
+    {
+      std::lock_guard lock(mutex_);
+      if (reserved)
+        reserved_check_busy_ = false;
+      else
+        --pending_checks_;
+      if (settings_->basic_auth == settings->basic_auth) {
+        if (!verified) {
+          failed(peer);
+          co_return AuthVerdict{AuthResult::wrong};
+        }
+        failures_.erase(peer);
+        logged_in(peer);
+        if (accepted_.size() >= kMaxCachedCredentials) accepted_.erase(accepted_.begin());
+        accepted_.push_back(digest);
+        co_return AuthVerdict{AuthResult::ok};
+      }
+      current = settings_;
     }
-    failures_.erase(peer);
-    logged_in(peer);
-    // A reload during the check that changed basic_auth cleared the cache: what the old settings accepted
-    // must not come back into it.
-    if (settings_->basic_auth == settings->basic_auth) {
-      if (accepted_.size() >= kMaxCachedCredentials) accepted_.erase(accepted_.begin());
-      accepted_.push_back(digest);
-    }
-    co_return AuthVerdict{AuthResult::ok};
+    // A reload changed basic_auth while the check waited or ran: its verdict is on the old user and hash, and
+    // the answer goes out under the new ones (a password that a reload replaced was answered 200 once more,
+    // after the reload), so the request is checked again as if it came now; nothing of the old verdict is
+    // kept.
+    if (!current->basic_auth) co_return AuthVerdict{AuthResult::ok};
+    co_return co_await authorize(request, std::move(current), peer);
   }
 
   Digest keyed_digest(const std::string& credentials) const {

@@ -462,3 +462,39 @@ def test_a_known_scrapers_check_runs_ahead_of_queued_guesses(sink_factory, daemo
             t.join(35)
     assert max(checks_before) <= 2, f"guesses checked while the known scraper's check waited: {checks_before}"
 
+
+
+def test_a_check_that_outlasts_a_reload_is_answered_under_the_new_password(sink_factory, daemon_factory):
+    """A reload that changes the password (one that leaked) applies to the next request, and an old password stops
+    working at once; a request whose check was queued or running when the reload came was still checked against
+    the old hash, and answered 200 after the reload with the old password. Its check now counts only if
+    basic_auth is still what it was checked against; else it is checked again under the new one."""
+    old, new = "leaked secret", "new secret"
+    address = f"127.0.0.1:{harness.free_port()}"
+
+    def auth_config(password, rounds):
+        return {"address": address, "basic_auth": {"user": USER, "password_hash": crypt.crypt(
+            password, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=rounds))}}
+
+    sink = sink_factory("store")
+    # cost 15: a check takes some 2 s here, long enough for a reload to come in the middle of it
+    d = daemon_factory(listeners=[hh.listener("inbound", harness.free_port(), "store")],
+                       upstreams=[hh.plain_upstream("store", sink.port)], name="http-auth-midcheck",
+                       http=auth_config(old, 2 ** 15))
+    port = int(address.rsplit(":", 1)[1])
+    answer = {}
+
+    def scrape():
+        answer["status"] = hx.get(port, "/api/v1/report", source="127.0.7.116", auth=(USER, old), timeout=60)[0]
+        answer["at"] = time.monotonic()
+
+    scraper = threading.Thread(target=scrape)
+    scraper.start()
+    time.sleep(0.3)
+    reload_and_wait(d, auth_config(new, 2 ** 4))
+    reloaded = time.monotonic()
+    scraper.join(60)
+    assert answer["at"] > reloaded, "the check ended before the reload was applied: nothing tested"
+    assert answer["status"] == 401, f"the old password after the reload that replaced it: {answer['status']}"
+    assert hx.get(port, "/api/v1/report", source="127.0.7.117", auth=(USER, new), timeout=10)[0] == 200
+    assert hx.get(port, "/api/v1/report", source="127.0.7.117", auth=(USER, old), timeout=10)[0] == 401
