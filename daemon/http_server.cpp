@@ -339,20 +339,16 @@ class Server : public std::enable_shared_from_this<Server> {
 
   // Any thread: basic auth and TLS certificate for connections accepted from now on.
   void update(std::shared_ptr<const Settings> next) {
-    bool same_auth = false;
-    {
-      std::lock_guard lock(mutex_);
-      // What was verified against the same user and hash stays verified: a reload for a renewed certificate
-      // or a new connector cleared the cache, and Prometheus's next scrape had to win one of the few check
-      // slots against whoever was guessing (4 addresses kept them full). The failure records stay with it.
-      same_auth = settings_->basic_auth == next->basic_auth;
-      settings_ = next;
-      if (!same_auth) {
-        accepted_.clear();
-        failures_.clear();
-      }
+    std::lock_guard lock(mutex_);
+    // What was verified against the same user and hash stays verified: a reload for a renewed certificate
+    // or a new connector cleared the cache, and Prometheus's next scrape had to win one of the few check
+    // slots against whoever was guessing (4 addresses kept them full). The failure records stay with it.
+    const bool same_auth = settings_->basic_auth == next->basic_auth;
+    settings_ = next;
+    if (!same_auth) {
+      accepted_.clear();
+      failures_.clear();
     }
-    if (next->basic_auth && !same_auth) calibrate(next->basic_auth->password_hash);
   }
 
  private:
@@ -1020,36 +1016,43 @@ class Server : public std::enable_shared_from_this<Server> {
     const std::string_view user = std::string_view(*credentials).substr(0, colon);
     const bool user_ok =
         user.size() == auth.user.size() && CRYPTO_memcmp(user.data(), auth.user.data(), user.size()) == 0;
-    bool password_ok = false;
-    if (user_ok) {
-      password_ok = co_await check_password(credentials->substr(colon + 1), auth.password_hash, known);
-    } else {
-      // A wrong user name costs no hash, but it is answered after as long as a check takes (measured on this
-      // hash), holding a slot of the same bound, so that its timing does not tell the user name was wrong.
-      asio::steady_timer delay(io_, std::chrono::nanoseconds(check_ns_.load(std::memory_order_relaxed)));
-      beast::error_code ec;
-      co_await delay.async_wait(asio::redirect_error(asio::use_awaitable, ec));
-    }
+    // A wrong user name has its password checked all the same, in the same line, and is refused after it, as
+    // OpenSSH checks an unknown user's password against a fake entry (auth.c, fakepw()). A delay in its
+    // place, as long as the last check took, told the user name apart: a password that crypt(3) refuses at
+    // once (a NUL, 512 bytes or more) got the right user name's 401 at once and a wrong one's after that
+    // delay, and set the delay to nothing for any password after it; four requests at once got a wrong user
+    // name's 401s together, a wrong password's one check apart.
+    const bool password_ok =
+        co_await check_password(credentials->substr(colon + 1), auth.password_hash, known);
+    const bool verified = user_ok && password_ok;
     OPENSSL_cleanse(credentials->data(), credentials->size());
 
-    std::lock_guard lock(mutex_);
-    if (reserved)
-      reserved_check_busy_ = false;
-    else
-      --pending_checks_;
-    if (!password_ok) {
-      failed(peer);
-      co_return AuthVerdict{AuthResult::wrong};
+    std::shared_ptr<const Settings> current;
+    {
+      std::lock_guard lock(mutex_);
+      if (reserved)
+        reserved_check_busy_ = false;
+      else
+        --pending_checks_;
+      if (settings_->basic_auth == settings->basic_auth) {
+        if (!verified) {
+          failed(peer);
+          co_return AuthVerdict{AuthResult::wrong};
+        }
+        failures_.erase(peer);
+        logged_in(peer);
+        if (accepted_.size() >= kMaxCachedCredentials) accepted_.erase(accepted_.begin());
+        accepted_.push_back(digest);
+        co_return AuthVerdict{AuthResult::ok};
+      }
+      current = settings_;
     }
-    failures_.erase(peer);
-    logged_in(peer);
-    // A reload during the check that changed basic_auth cleared the cache: what the old settings accepted
-    // must not come back into it.
-    if (settings_->basic_auth == settings->basic_auth) {
-      if (accepted_.size() >= kMaxCachedCredentials) accepted_.erase(accepted_.begin());
-      accepted_.push_back(digest);
-    }
-    co_return AuthVerdict{AuthResult::ok};
+    // A reload changed basic_auth while the check waited or ran: its verdict is on the old user and hash, and
+    // the answer goes out under the new ones (a password that a reload replaced was answered 200 once more,
+    // after the reload), so the request is checked again as if it came now; nothing of the old verdict is
+    // kept.
+    if (!current->basic_auth) co_return AuthVerdict{AuthResult::ok};
+    co_return co_await authorize(request, std::move(current), peer);
   }
 
   Digest keyed_digest(const std::string& credentials) const {
@@ -1072,15 +1075,10 @@ class Server : public std::enable_shared_from_this<Server> {
       bool ok = false;
     };
     auto pending = std::make_shared<Pending>(io_);
-    const auto posted = SteadyClock::now();
     // `this`, not a shared_ptr: the run that calls it holds one, and a queued check that owned the server
     // would keep it alive from its own queue.
-    auto check = [self = this, pending, password = std::move(password), hash, posted, ahead]() mutable {
+    auto check = [self = this, pending, password = std::move(password), hash]() mutable {
       const bool ok = password_matches(password, hash);
-      // The wrong user name's delay is calibrated on the checks in the line a guesser's wrong password waits
-      // in: one that went ahead of it skipped that wait, and a wrong user name answered after it would come
-      // sooner than a wrong password.
-      if (!ahead) self->note_check_time(SteadyClock::now() - posted);
       OPENSSL_cleanse(password.data(), password.size());
       asio::post(self->io_, [pending, ok] {
         pending->ok = ok;
@@ -1109,22 +1107,6 @@ class Server : public std::enable_shared_from_this<Server> {
       line.pop_front();
     }
     check();
-  }
-
-  // How long a check of the configured hash takes, for answering a wrong user name as slowly; measured once
-  // per configured hash, then on every check, from the moment it is handed to the password thread: that
-  // thread runs at nice 10, and on a busy host it waits for a CPU longer than the hash takes (the hash alone
-  // measured 0.31 s where a client saw its 401 after 1.4 s, and a wrong user name was told apart by that).
-  void calibrate(const std::string& hash) {
-    const auto posted = SteadyClock::now();
-    asio::post(crypt_, [self = shared_from_this(), hash, posted] {
-      (void)password_matches("not the password", hash);
-      self->note_check_time(SteadyClock::now() - posted);
-    });
-  }
-
-  void note_check_time(SteadyClock::duration took) {
-    check_ns_.store(std::chrono::duration_cast<std::chrono::nanoseconds>(took).count(), std::memory_order_relaxed);
   }
 
   // Callers hold mutex_.
@@ -1184,7 +1166,6 @@ class Server : public std::enable_shared_from_this<Server> {
   const std::function<bool()> ready_;
   tcp::acceptor acceptor_;
   std::atomic<unsigned short> port_{0};
-  std::atomic<std::int64_t> check_ns_{0};
   std::array<unsigned char, 32> cache_key_{};
 
   mutable std::mutex mutex_;  // guards the members below (stop() and update() come from other threads)

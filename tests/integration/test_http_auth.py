@@ -148,8 +148,8 @@ def test_failures_back_off_per_address(env):
     assert status == 200
 
 
-def test_unknown_user_costs_no_hash_but_takes_as_long(env):
-    """A wrong user name is answered 401 after about as long as a real check, without running one."""
+def test_unknown_user_takes_as_long_as_a_wrong_password(env):
+    """A wrong user name is answered 401 after about as long as a wrong password: its password is checked too."""
     time.sleep(0.5)
     wrong_password = [hx.get(env.port, "/metrics", source="127.0.6.1", auth=(USER, f"x{n}"), timeout=10)
                       for n in range(3)]
@@ -160,6 +160,74 @@ def test_unknown_user_costs_no_hash_but_takes_as_long(env):
     t_user = statistics.median(r[3] for r in wrong_user)
     print(f"401 after {t_password * 1000:.0f} ms (wrong password), {t_user * 1000:.0f} ms (wrong user)")
     assert t_user >= 0.5 * t_password, (t_user, t_password)
+
+
+def test_a_password_crypt_refuses_tells_no_user_name(env):
+    """crypt(3) refuses a password of 512 bytes or more, or one with a NUL, at once, without a hash. With the right
+    user name that was a 401 within milliseconds, while a wrong user name waited as long as the last check took
+    (a delay in place of the check): one request told whether a user name was right. And the right user name's
+    instant 401s set that delay to nothing, so a wrong user name with any password was then answered at once, a
+    wrong password after a check. A wrong user name's password is now checked as the right one's is, so both are
+    answered alike."""
+    time.sleep(1.5)  # pending checks of the previous tests are done
+    check = [hx.get(env.port, "/metrics", source="127.0.7.111", auth=(USER, f"y{n}"), timeout=10)[3]
+             for n in range(2)]
+    refused = ("z" * 600, "nul\0byte")
+    times = {}
+    for user, source in (("admin", "127.0.7.112"), (USER, "127.0.7.113")):
+        answers = [hx.get(env.port, "/metrics", source=source, auth=(user, password), timeout=10)
+                   for password in refused]
+        assert [a[0] for a in answers] == [401, 401], (user, [a[0] for a in answers])
+        times[user] = [a[3] for a in answers]
+    status, _, _, after = hx.get(env.port, "/metrics", source="127.0.7.118", auth=("admin", "y9"), timeout=10)
+    assert status == 401
+    t_check = statistics.median(check)
+    print(f"a check: {t_check * 1000:.0f} ms; 401 to the passwords crypt refuses: right user "
+          f"{[round(t * 1000) for t in times[USER]]} ms, wrong user {[round(t * 1000) for t in times['admin']]} ms; "
+          f"then a wrong user name with another password: {after * 1000:.0f} ms")
+    for right, wrong in zip(times[USER], times["admin"]):
+        assert abs(wrong - right) < 0.5 * t_check, (f"right user {right:.3f}s, wrong user {wrong:.3f}s, "
+                                                    f"a check {t_check:.3f}s: the timing tells the user name")
+    assert after >= 0.25 * t_check, (f"a wrong user name answered after {after:.3f}s, a wrong password after "
+                                     f"{t_check:.3f}s")
+
+
+def test_concurrent_wrong_user_names_wait_in_line_as_wrong_passwords(env):
+    """Four guesses sent at once wait for one another on the one password thread: their 401s come a check apart.
+    Four with a wrong user name came all at once (each waited a check's time on a timer of its own, for no check
+    queued before it), so four requests at once told whether a user name was right. Counted in checks, not
+    seconds: the spread of the four answers against the time of one check."""
+    def spread(user, source):
+        time.sleep(1.5)  # the password thread is idle
+        barrier = threading.Barrier(4)
+        answers = [None] * 4
+
+        def ask(i):
+            barrier.wait(5)
+            started = time.monotonic()
+            status = hx.get(env.port, "/metrics", source=source, auth=(user, f"w{i}"), timeout=30)[0]
+            answers[i] = (status, started, time.monotonic())
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(40)
+        assert [a[0] for a in answers] == [401] * 4, (user, answers)
+        first_sent = min(a[1] for a in answers)
+        done = sorted(a[2] - first_sent for a in answers)
+        return done[0], done[-1] - done[0]
+
+    first_password, spread_password = spread(USER, "127.0.7.114")
+    first_user, spread_user = spread("admin", "127.0.7.115")
+    print(f"4 at once: wrong password first 401 after {first_password * 1000:.0f} ms, the last "
+          f"{spread_password * 1000:.0f} ms later; wrong user {first_user * 1000:.0f} ms, "
+          f"{spread_user * 1000:.0f} ms later")
+    # Checked one after another, the last of four comes some three checks after the first (two at least, on a
+    # busy machine); the four wrong user names' came within a millisecond before.
+    assert spread_password >= first_password, (first_password, spread_password)
+    assert spread_user >= 0.25 * spread_password, (f"4 wrong user names answered within {spread_user:.3f}s, "
+                                                   f"4 wrong passwords within {spread_password:.3f}s")
 
 
 def test_probes_need_no_credentials(env):
@@ -394,3 +462,40 @@ def test_a_known_scrapers_check_runs_ahead_of_queued_guesses(sink_factory, daemo
         for t in attackers:
             t.join(35)
     assert max(checks_before) <= 2, f"guesses checked while the known scraper's check waited: {checks_before}"
+
+
+
+def test_a_check_that_outlasts_a_reload_is_answered_under_the_new_password(sink_factory, daemon_factory):
+    """A reload that changes the password (one that leaked) applies to the next request, and an old password stops
+    working at once; a request whose check was queued or running when the reload came was still checked against
+    the old hash, and answered 200 after the reload with the old password. Its check now counts only if
+    basic_auth is still what it was checked against; else it is checked again under the new one."""
+    old, new = "leaked secret", "new secret"
+    address = f"127.0.0.1:{harness.free_port()}"
+
+    def auth_config(password, rounds):
+        return {"address": address, "basic_auth": {"user": USER, "password_hash": crypt.crypt(
+            password, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=rounds))}}
+
+    sink = sink_factory("store")
+    # cost 15: a check takes some 2 s here, long enough for a reload to come in the middle of it
+    d = daemon_factory(listeners=[hh.listener("inbound", harness.free_port(), "store")],
+                       upstreams=[hh.plain_upstream("store", sink.port)], name="http-auth-midcheck",
+                       http=auth_config(old, 2 ** 15))
+    port = int(address.rsplit(":", 1)[1])
+    answer = {}
+
+    def scrape():
+        answer["status"] = hx.get(port, "/api/v1/report", source="127.0.7.116", auth=(USER, old), timeout=60)[0]
+        answer["at"] = time.monotonic()
+
+    scraper = threading.Thread(target=scrape)
+    scraper.start()
+    time.sleep(0.3)
+    reload_and_wait(d, auth_config(new, 2 ** 4))
+    reloaded = time.monotonic()
+    scraper.join(60)
+    assert answer["at"] > reloaded, "the check ended before the reload was applied: nothing tested"
+    assert answer["status"] == 401, f"the old password after the reload that replaced it: {answer['status']}"
+    assert hx.get(port, "/api/v1/report", source="127.0.7.117", auth=(USER, new), timeout=10)[0] == 200
+    assert hx.get(port, "/api/v1/report", source="127.0.7.117", auth=(USER, old), timeout=10)[0] == 401
