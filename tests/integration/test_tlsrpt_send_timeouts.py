@@ -22,7 +22,7 @@ from tlsrpt_send_helpers import (DATE, HANG_ADDR, SUBMITTER, WALK_ADDR, Collecto
                                  state_dir_and_config)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-from dns_server import TamperingProxy  # noqa: E402
+from dns_server import SilentServer, TamperingProxy  # noqa: E402
 
 pytest_plugins = ["tlsrpt_send_helpers"]  # its fixtures: knot, https_port, report_cert, silent_port
 
@@ -30,9 +30,8 @@ pytest_plugins = ["tlsrpt_send_helpers"]  # its fixtures: knot, https_port, repo
 @pytest.fixture(scope="module")
 def silent_dns():
     """A DNS server that takes every query and never answers."""
-    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    server.bind(("127.0.0.1", 0))
-    yield f"127.0.0.1:{server.getsockname()[1]}"
+    server = SilentServer()
+    yield server.address
     server.close()
 
 
