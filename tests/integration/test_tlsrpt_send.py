@@ -29,7 +29,7 @@ import pytest
 import harness
 import report_helpers as rh
 from tlsrpt_send_helpers import (ADDR, AGAIN_ADDR, DATE, FQDN_ADDR, LEDGER_ADDR, STALL_ADDR, SUBMITTER, TURN_ADDR,
-                                 Collector, deliveries, reports_of, state_dir_and_config)
+                                 Collector, deliveries, reports_of, state_dir_and_config, wait_https_successes)
 
 pytest_plugins = ["tlsrpt_send_helpers"]  # its fixtures: knot, https_port, report_cert, silent_port
 
@@ -226,6 +226,7 @@ policy no-policy-found - - 1 0 0
     harness.wait_for(lambda: [path for path, _, _ in Collector.posts if path == "/reload"], 20,
                      what="the report sent after the reload")
     assert time.monotonic() - reloaded < 10  # the first run's minute had not passed
+    wait_https_successes(daemon, 1)
     assert harness.value(daemon.metrics(), "mailflow_tlsrpt_deliveries_total", method="https", result="success") == 1
 
 
@@ -417,6 +418,7 @@ policy no-policy-found - - 1 0 0
     daemon = harness.Daemon(mailflowd_bin, workdir, config, name="fqdn").start()
     try:
         harness.wait_for(lambda: [p for p, _, _ in Collector.posts if p == "/fqdn"], 15, what="the POST")
+        wait_https_successes(daemon, 1)
         assert harness.value(daemon.metrics(), "mailflow_tlsrpt_deliveries_total", method="https",
                              result="success") == 1
     finally:

@@ -19,7 +19,7 @@ import pytest
 
 import harness
 from tlsrpt_send_helpers import (DATE, HANG_ADDR, SUBMITTER, WALK_ADDR, Collector, deliveries, reports_of,
-                                 state_dir_and_config)
+                                 state_dir_and_config, wait_https_successes)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 from dns_server import SilentServer, TamperingProxy  # noqa: E402
@@ -121,6 +121,7 @@ def test_a_run_tries_a_rua_host_that_timed_out_once(workdir, knot, silent_port, 
     daemon = daemon_factory(listeners, [{"name": "internet", "mx": True}], name="dead",
                             dns={"servers": [knot.address], "timeout": "3s"}, tlsrpt=tlsrpt)
     harness.wait_for(lambda: any(path == "/skip" for path, _, _ in Collector.posts), 20, what="z's report")
+    wait_https_successes(daemon, 1)
     m = daemon.metrics()
     count = lambda result: harness.value(m, "mailflow_tlsrpt_deliveries_total", method="https",  # noqa: E731
                                          result=result)
@@ -134,7 +135,7 @@ def test_a_run_tries_a_rua_host_that_timed_out_once(workdir, knot, silent_port, 
 def six_https_reports_then_one(workdir, certs, daemon_factory, proxy, name, port, https_port):
     """A daemon whose state holds 6 reports of DATE to https://NAME.rpt.example.net:PORT/NAME1..6, then one of
     z.example.net to https://reports.rpt.example.net:HTTPS_PORT/NAMEz, its DNS through `proxy` (dns.timeout 1 s,
-    tlsrpt.https_timeout 5 s); returned once z's report was posted."""
+    tlsrpt.https_timeout 5 s); returned once z's report was posted and counted."""
     state = "mailflowd-tlsrpt 1\n" + "".join(
         f"day {DATE} d{n}.example.net https://{name}.rpt.example.net:{port}/{name}{n}\n"
         "policy no-policy-found - - 1 0 0\n" for n in range(1, 7)) + (
@@ -150,6 +151,7 @@ def six_https_reports_then_one(workdir, certs, daemon_factory, proxy, name, port
     daemon = daemon_factory(listeners, [{"name": "internet", "mx": True}], name=name,
                             dns={"servers": [proxy.address], "timeout": "1s"}, tlsrpt=tlsrpt)
     harness.wait_for(lambda: any(path == f"/{name}z" for path, _, _ in Collector.posts), 30, what="z's report")
+    wait_https_successes(daemon, 1)
     return daemon
 
 
@@ -455,6 +457,7 @@ def test_a_report_that_times_out_does_not_keep_its_hosts_other_reports_untried(w
         # Several runs (1 s apart, the first after at most 1 s): before, /hang first at each, the others skipped.
         harness.wait_for(lambda: sorted(HangsOnOnePath.posts) == ["/three", "/two"], 10,
                          what="the reports of h2 and h3, which the host takes")
+        wait_https_successes(daemon, 2)
         assert reports_of(daemon, DATE) == ["h1.example.net"]
         m = daemon.metrics()
         assert harness.value(m, "mailflow_tlsrpt_deliveries_total", method="https", result="success") == 2

@@ -141,3 +141,10 @@ def state_dir_and_config(workdir, name, tlsrpt_state, knot, tlsrpt, **extra):
 
 def deliveries(daemon, result):
     return harness.value(daemon.metrics(), "mailflow_tlsrpt_deliveries_total", method="mailto", result=result)
+
+
+def wait_https_successes(daemon, count):
+    """The https rua server has a POST before it answers it, and the daemon counts the try once it has read the
+    answer: a test that saw the POST waits here until the daemon has counted `count` https successes."""
+    harness.wait_for(lambda: harness.value(daemon.metrics(), "mailflow_tlsrpt_deliveries_total", method="https",
+                                           result="success") >= count, 10, what=f"{count} https successes counted")
