@@ -350,9 +350,10 @@ def listener_tls(certs, extra_certs=()):
 class Daemon:
     """mailflowd --config FILE, with a JSON (= YAML flow) config written from a dict."""
 
-    def __init__(self, binary, workdir, config, name="mailflowd", wrapper=()):
+    def __init__(self, binary, workdir, config, name="mailflowd", wrapper=(), env=None):
         self.binary = binary
         self.wrapper = list(wrapper)  # runs the binary, e.g. setpriv as another user
+        self.env = dict(env or {})  # added to the daemon's environment, e.g. MAILFLOWD_FAILPOINTS
         self.name = name
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -369,13 +370,25 @@ class Daemon:
                 return int(lst["address"].rsplit(":", 1)[1])
         raise KeyError(name)
 
+    def launch(self, stderr=None):
+        """Writes the config and starts the daemon, not waiting for it to be up (start() does). Its standard output
+        and error go to the log file; with `stderr` (subprocess.PIPE) its standard error goes there instead, for the
+        test to read (self.proc.stderr), and standard output nowhere."""
+        self.config_path.write_text(json.dumps(self.config, indent=2) + "\n")
+        if stderr is None:
+            self.log = open(self.log_path, "ab")
+            out = err = self.log
+        else:
+            out, err = subprocess.DEVNULL, stderr
+        self.proc = subprocess.Popen([*self.wrapper, self.binary, "--config", str(self.config_path)],
+                                     stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                     env={**os.environ, **self.env} if self.env else None)
+        LIVE.append(self)
+        return self
+
     def start(self, timeout=None):
         timeout = timeout or START_TIMEOUT
-        self.config_path.write_text(json.dumps(self.config, indent=2) + "\n")
-        self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([*self.wrapper, self.binary, "--config", str(self.config_path)],
-                                     stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL)
-        LIVE.append(self)
+        self.launch()
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:

@@ -7,14 +7,17 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import threading
+import sys
+from pathlib import Path
 
 import pytest
 
 import harness
 import hostile_helpers as hh
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+from dns_server import SilentServer  # noqa: E402
 
 HOSTS_ADDRESS = "127.0.7.22"  # what the test's hosts files say for the names in them
 CRLF_NAME_SERVER = "127.0.7.23"  # named by a resolv.conf line that ends in CR: asked by neither glibc nor the relay
@@ -109,35 +112,6 @@ def test_route_says_that_the_hosts_file_cannot_be_read(workdir, mailflowd_bin):
     assert route["name_lookup"]["asked"] == ["store.unread.test"], route
 
 
-class SilentNameServer:
-    """UDP port 53 of `host`, bound (no ICMP port unreachable comes back), counting the queries it takes and never
-    answering any."""
-
-    def __init__(self, host):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((host, 53))
-        self.sock.settimeout(0.2)
-        self.queries = 0
-        self.running = True
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self):
-        while self.running:
-            try:
-                self.sock.recvfrom(65535)
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            self.queries += 1
-
-    def close(self):
-        self.running = False
-        self.thread.join(2)
-        self.sock.close()
-
-
 def test_a_resolv_conf_with_crlf_line_ends_is_read_as_glibc_reads_it(workdir, mailflowd_bin):
     """/etc/resolv.conf written with CRLF line ends (on Windows, by a provisioning template): glibc's res_init splits
     words at blanks and tabs only, so "nameserver 127.0.7.23\\r" is no address (the line is skipped: getent asks
@@ -148,7 +122,7 @@ def test_a_resolv_conf_with_crlf_line_ends_is_read_as_glibc_reads_it(workdir, ma
     if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0:
         pytest.skip("needs a mount namespace (unshare --mount)")
     try:
-        dns = SilentNameServer(CRLF_NAME_SERVER)
+        dns = SilentServer(CRLF_NAME_SERVER, 53)
     except OSError as e:
         pytest.skip(f"cannot bind {CRLF_NAME_SERVER}:53: {e}")
     try:
@@ -160,7 +134,7 @@ def test_a_resolv_conf_with_crlf_line_ends_is_read_as_glibc_reads_it(workdir, ma
         getent = subprocess.run(harness.in_own_files(hosts, resolv) + ["getent", "ahosts", "store"],
                                 capture_output=True, text=True, timeout=20)
         assert getent.returncode != 0, getent
-        assert dns.queries == 0, "glibc asked the name server of a line that ends in CR"
+        assert len(dns.queries) == 0, "glibc asked the name server of a line that ends in CR"
         cfg, _ = unread_hosts_file_config(workdir, "crlf", "store")
         cfg["dns"] = {"timeout": "1s"}
         path = workdir / "crlf.yaml"
@@ -170,7 +144,7 @@ def test_a_resolv_conf_with_crlf_line_ends_is_read_as_glibc_reads_it(workdir, ma
             capture_output=True, text=True, timeout=30)
         route = json.loads(p.stdout)
         assert route["name_lookup"]["asked"] == ["store"], (route, p.stderr)
-        assert dns.queries == 0, f"the relay asked {CRLF_NAME_SERVER}: {route}"
+        assert len(dns.queries) == 0, f"the relay asked {CRLF_NAME_SERVER}: {route}"
     finally:
         dns.close()
 

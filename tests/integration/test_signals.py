@@ -911,13 +911,8 @@ def test_signal_during_startup_is_not_lost(workdir, mailflowd_bin, sink, sig):
     port = harness.free_port()
     cfg = harness.default_config(state, harness.free_port(), [hh.listener("inbound", port, "store")],
                                  [hh.plain_upstream("store", sink.port)])
-    d = harness.Daemon(mailflowd_bin, workdir, cfg, name=name)
-    d.config_path.write_text(json.dumps(cfg, indent=2) + "\n")
-    with open(d.log_path, "ab") as log:
-        d.proc = subprocess.Popen([mailflowd_bin, "--config", str(d.config_path)], stdout=log, stderr=log,
-                                  stdin=subprocess.DEVNULL,
-                                  env=dict(os.environ, MAILFLOWD_FAILPOINTS="startup=1500ms"))
-    harness.LIVE.append(d)
+    d = harness.Daemon(mailflowd_bin, workdir, cfg, name=name, env={"MAILFLOWD_FAILPOINTS": "startup=1500ms"})
+    d.launch()
     try:
         # Not a fixed pause: an ASan build took 0.4 to 1 s to reach main() on a loaded machine, and a signal sent
         # before main() blocks it ends the process by its default action (exit -1), as it does any program.
@@ -958,11 +953,7 @@ def test_a_log_pipe_whose_reader_ends_does_not_kill_the_daemon(workdir, mailflow
     port = harness.free_port()
     cfg = harness.default_config(state, harness.free_port(), [hh.listener("inbound", port, "store")],
                                  [hh.plain_upstream("store", sink.port)])
-    d = harness.Daemon(mailflowd_bin, workdir, cfg, name=name)
-    d.config_path.write_text(json.dumps(cfg, indent=2) + "\n")
-    d.proc = subprocess.Popen([mailflowd_bin, "--config", str(d.config_path)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-    harness.LIVE.append(d)
+    d = harness.Daemon(mailflowd_bin, workdir, cfg, name=name).launch(stderr=subprocess.PIPE)
     try:
         seen = b""
         deadline = time.monotonic() + 20
@@ -999,18 +990,15 @@ def test_a_state_save_over_the_file_size_limit_fails_and_the_daemon_runs_on(work
     port = harness.free_port()
     cfg = harness.default_config(state, harness.free_port(), [hh.listener("inbound", port, "store")],
                                  [hh.plain_upstream("store", sink.port)])
-    d = harness.Daemon(mailflowd_bin, workdir, cfg, name=name)
-    d.config_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    d = harness.Daemon(mailflowd_bin, workdir, cfg, name=name,
+                       wrapper=["/bin/sh", "-c", 'ulimit -f 1 && exec "$0" "$@"'],
+                       env={"MAILFLOWD_FAILPOINTS": "state.save_interval=200ms"})
     # 100 hours of the window with a message each: about 3.4 KB to save, over the limit of one block (512 bytes
     # for dash's ulimit -f, 1024 for bash's). The files of a new state_dir are smaller than that.
     hour = int(time.time()) // 3600
     seeded = "".join(f"{hour - ago} internet inbound 1 0 0 0 0\n" for ago in range(100, 0, -1))
     (state / "windows.state").write_text(f"mailflowd-windows 2\n{seeded}end\n")
-    d.proc = subprocess.Popen(["/bin/sh", "-c", 'ulimit -f 1 && exec "$0" --config "$1"', mailflowd_bin,
-                               str(d.config_path)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                              env=dict(os.environ, MAILFLOWD_FAILPOINTS="state.save_interval=200ms"))
-    harness.LIVE.append(d)
+    d.launch(stderr=subprocess.PIPE)
     log = bytearray()
     reader = threading.Thread(target=lambda: [log.extend(chunk) for chunk in iter(
         lambda: os.read(d.proc.stderr.fileno(), 65536), b"")], daemon=True)

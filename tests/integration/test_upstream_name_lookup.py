@@ -18,16 +18,20 @@ name /etc/hosts has, got 451 4.4.1 connect_timeout. Sessions whose clients had g
 reached their lookups."""
 import re
 import signal
-import socket
 import subprocess
+import sys
 import threading
 import time
 import types
+from pathlib import Path
 
 import pytest
 
 import harness
 import hostile_helpers as hh
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+from dns_server import SilentServer  # noqa: E402
 
 DNS_SERVER = "127.0.0.85"  # port 53: what resolv.conf names (it cannot say another port)
 FAST = "127.0.0.86"  # fast.upstream.test in the hosts file
@@ -38,39 +42,10 @@ MARGIN = 1.5
 SLOW_SESSIONS = 3
 
 
-class SilentNameServer:
-    """UDP port 53 of `host`, bound (no ICMP port unreachable comes back), counting the queries it takes and never
-    answering any."""
-
-    def __init__(self, host):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((host, 53))
-        self.sock.settimeout(0.2)
-        self.queries = []  # monotonic time of each query
-        self.running = True
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self):
-        while self.running:
-            try:
-                self.sock.recvfrom(65535)
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            self.queries.append(time.monotonic())
-
-    def close(self):
-        self.running = False
-        self.thread.join(2)
-        self.sock.close()
-
-
 @pytest.fixture(scope="module")
 def env(workdir, mailflowd_bin, sink_factory):
     try:
-        dns = SilentNameServer(DNS_SERVER)
+        dns = SilentServer(DNS_SERVER, 53)
     except OSError as e:
         pytest.skip(f"cannot bind {DNS_SERVER}:53 for the silent name server: {e}")
     hosts = workdir / "name-lookup-hosts"

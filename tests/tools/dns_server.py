@@ -156,15 +156,33 @@ class KnotServer:
 
 class SilentServer:
     """A UDP socket that is bound (so no ICMP port unreachable comes back) and never answers: the resolver can
-    only give up at its deadline."""
+    only give up at its deadline. `port` 0 is a free one; 53 where a resolv.conf names the host (it cannot say
+    another port). `queries`: when each query came (time.monotonic()), in order."""
 
-    def __init__(self, host="127.0.0.1"):
+    def __init__(self, host="127.0.0.1", port=0):
         self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((host, 0))
+        self.sock.bind((host, port))
+        self.sock.settimeout(0.2)  # close() stops the reader within this
         self.host, self.port = host, self.sock.getsockname()[1]
         self.address = f"{host}:{self.port}"
+        self.queries = []
+        self._running = True
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self):
+        while self._running:
+            try:
+                self.sock.recvfrom(65535)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self.queries.append(time.monotonic())
 
     def close(self):
+        self._running = False
+        self._thread.join(2)
         self.sock.close()
 
 
