@@ -371,9 +371,12 @@ for args in "report --config=" "tlsrpt -c ''" "mta-sts --domain example.org --co
   fi
 done
 
-# So do report's and tlsrpt's --ca-file and --password-file: an empty --ca-file fell back to the system trust store
-# without a word, an empty --password-file said "cannot read a password from --password-file " (exit 1).
-for args in "report --ca-file=" "tlsrpt --ca-file ''" "report --password-file=" "tlsrpt --password-file ''"; do
+# So do report's and tlsrpt's --ca-file, --password-file and --user: an empty --ca-file fell back to the system trust
+# store without a word, an empty --password-file said "cannot read a password from --password-file " (exit 1), an
+# empty --user replaced --config's http.basic_auth user with "" and sent the password as ":password" (exit 1 on
+# the 401, or 0 against a daemon without basic_auth, the mistake unseen).
+for args in "report --ca-file=" "tlsrpt --ca-file ''" "report --password-file=" "tlsrpt --password-file ''" \
+  "report --user=" "tlsrpt --user ''"; do
   eval "timeout 20 \"\$bin\" $args" >"$work/out" 2>"$work/err"
   status=$?
   sub=${args%% *}
