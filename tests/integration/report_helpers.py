@@ -291,10 +291,11 @@ def assert_report_matches(report, counts_by_key, date, window_days=7):
             and abs(g["threshold"] - w["threshold"]) < 1e-9, f"insight numbers:\n  got  {g}\n  want {w}"
 
 
-def table_section(text, first_column):
+def table_section(text, first_column, date=None):
     """{(connector, direction): [date?, connector, direction, type, forced, messages, (count, pct) x 5]} of the
     `mailflowd report` table whose header starts with `first_column` (DATE: the days, CONNECTOR: the summary).
-    A cell per version is "12 (1.2%)", or "0" for a row without messages."""
+    A cell per version is "12 (1.2%)", or "0" for a row without messages. `date`: the DATE table's lines of that
+    day only (a test's traffic day, with the new day's zero lines in front after a midnight)."""
     lines = text.splitlines()
     header = next((i for i, ln in enumerate(lines) if ln.split()[:1] == [first_column]), None)
     assert header is not None, f"no table with a {first_column} column in:\n{text}"
@@ -304,6 +305,8 @@ def table_section(text, first_column):
         if not ln.strip() or "protected in transit:" in ln:
             break
         f = ln.split()
+        if date is not None and f[0] != date:
+            continue
         head, tail = f[:fixed], " ".join(f[fixed:])
         cells = re.findall(r"([\d,]+) \(([\d.]+)%\)", tail)
         if not cells:
