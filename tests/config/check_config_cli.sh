@@ -389,6 +389,28 @@ for args in "report --ca-file=" "tlsrpt --ca-file ''" "report --password-file=" 
   fi
 done
 
+# route's --listener and --client too: an empty --listener routed as the default listener (the first outbound one,
+# else the first), an empty --client as mail from no address, exit 0, the route of other mail shown.
+two="$work/two-listeners.yaml"
+cat >"$two" <<EOF
+listeners:
+  - {name: inbound, address: "127.0.0.1:2525", direction: inbound, upstream: up}
+  - {name: outbound, address: "127.0.0.1:2526", direction: outbound, upstream: up}
+upstreams:
+  - {name: up, address: "192.0.2.1:25"}
+EOF
+for args in "--listener=" "--listener ''" "--client=" "--client ''"; do
+  eval "timeout 20 \"\$bin\" route --config \"\$two\" --recipient user@example.org $args" >"$work/out" 2>"$work/err"
+  status=$?
+  name=${args%%[= ]*}
+  if [ "$status" -eq 2 ] && grep -qxF "mailflowd route: $name needs a value" "$work/err" && [ ! -s "$work/out" ]; then
+    passed=$((passed + 1)); echo "ok: empty value of route $args refused"
+  else
+    fail "empty value of route $args: exit status $status (expected 2 and \"$name needs a value\")"
+    cat "$work/err" "$work/out"
+  fi
+done
+
 # What it echoes of a file name or an argument is text: a control byte (an escape sequence that would clear the
 # terminal) is shown as \xNN, as the commands show theirs.
 esc=$(printf '\033')
