@@ -357,8 +357,9 @@ bool parse_daemon_option(int argc, char** argv, int& i, DaemonOptions& options, 
                            error))
     return false;
   const std::string value(option.value);
-  // As a missing one: not a file named "" (as mailflowd --config), nor the system store for --ca-file.
-  if (value.empty() && option.name != "--url" && option.name != "--user") {
+  // As a missing one: not a file named "" (as mailflowd --config), nor the system store for --ca-file, nor a
+  // user named "" in place of --config's http.basic_auth user.
+  if (value.empty() && option.name != "--url") {
     error = std::string(option.name) + " needs a value";
     return false;
   }

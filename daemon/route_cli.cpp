@@ -360,6 +360,12 @@ int run_route_cli(int argc, char** argv, std::ostream& out, std::ostream& err) {
     }
     const std::string_view name = option.name;
     const std::string value(option.value);
+    // An empty --listener or --client (a script's empty variable) is no value, as report's options are: not
+    // the default listener, nor mail from no address, whose route would be shown for the one asked about.
+    if (value.empty() && (name == "--listener" || name == "--client")) {
+      err << "mailflowd route: " << name << " needs a value\n" << kUsage;
+      return 2;
+    }
     if (name == "--config" || name == "-c") {
       config_path = value;
     } else if (name == "--recipient") {

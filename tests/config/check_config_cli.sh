@@ -371,9 +371,12 @@ for args in "report --config=" "tlsrpt -c ''" "mta-sts --domain example.org --co
   fi
 done
 
-# So do report's and tlsrpt's --ca-file and --password-file: an empty --ca-file fell back to the system trust store
-# without a word, an empty --password-file said "cannot read a password from --password-file " (exit 1).
-for args in "report --ca-file=" "tlsrpt --ca-file ''" "report --password-file=" "tlsrpt --password-file ''"; do
+# So do report's and tlsrpt's --ca-file, --password-file and --user: an empty --ca-file fell back to the system trust
+# store without a word, an empty --password-file said "cannot read a password from --password-file " (exit 1), an
+# empty --user replaced --config's http.basic_auth user with "" and sent the password as ":password" (exit 1 on
+# the 401, or 0 against a daemon without basic_auth, the mistake unseen).
+for args in "report --ca-file=" "tlsrpt --ca-file ''" "report --password-file=" "tlsrpt --password-file ''" \
+  "report --user=" "tlsrpt --user ''"; do
   eval "timeout 20 \"\$bin\" $args" >"$work/out" 2>"$work/err"
   status=$?
   sub=${args%% *}
@@ -383,6 +386,28 @@ for args in "report --ca-file=" "tlsrpt --ca-file ''" "report --password-file=" 
     passed=$((passed + 1)); echo "ok: empty value of $args refused"
   else
     fail "empty value of $args: exit status $status (expected 2 and \"$name needs a value\")"; cat "$work/err"
+  fi
+done
+
+# route's --listener and --client too: an empty --listener routed as the default listener (the first outbound one,
+# else the first), an empty --client as mail from no address, exit 0, the route of other mail shown.
+two="$work/two-listeners.yaml"
+cat >"$two" <<EOF
+listeners:
+  - {name: inbound, address: "127.0.0.1:2525", direction: inbound, upstream: up}
+  - {name: outbound, address: "127.0.0.1:2526", direction: outbound, upstream: up}
+upstreams:
+  - {name: up, address: "192.0.2.1:25"}
+EOF
+for args in "--listener=" "--listener ''" "--client=" "--client ''"; do
+  eval "timeout 20 \"\$bin\" route --config \"\$two\" --recipient user@example.org $args" >"$work/out" 2>"$work/err"
+  status=$?
+  name=${args%%[= ]*}
+  if [ "$status" -eq 2 ] && grep -qxF "mailflowd route: $name needs a value" "$work/err" && [ ! -s "$work/out" ]; then
+    passed=$((passed + 1)); echo "ok: empty value of route $args refused"
+  else
+    fail "empty value of route $args: exit status $status (expected 2 and \"$name needs a value\")"
+    cat "$work/err" "$work/out"
   fi
 done
 

@@ -10,7 +10,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from datetime import datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 
 import harness
 
@@ -211,10 +211,6 @@ def utc_now():
     return datetime.now(timezone.utc)
 
 
-def utc_today():
-    return utc_now().strftime("%Y-%m-%d")
-
-
 # How long a test may take from day_clear_of_midnight() to its last check of that day.
 MIDNIGHT_GUARD = 120.0
 
@@ -295,10 +291,11 @@ def assert_report_matches(report, counts_by_key, date, window_days=7):
             and abs(g["threshold"] - w["threshold"]) < 1e-9, f"insight numbers:\n  got  {g}\n  want {w}"
 
 
-def table_section(text, first_column):
+def table_section(text, first_column, date=None):
     """{(connector, direction): [date?, connector, direction, type, forced, messages, (count, pct) x 5]} of the
     `mailflowd report` table whose header starts with `first_column` (DATE: the days, CONNECTOR: the summary).
-    A cell per version is "12 (1.2%)", or "0" for a row without messages."""
+    A cell per version is "12 (1.2%)", or "0" for a row without messages. `date`: the DATE table's lines of that
+    day only (a test's traffic day, with the new day's zero lines in front after a midnight)."""
     lines = text.splitlines()
     header = next((i for i, ln in enumerate(lines) if ln.split()[:1] == [first_column]), None)
     assert header is not None, f"no table with a {first_column} column in:\n{text}"
@@ -308,6 +305,8 @@ def table_section(text, first_column):
         if not ln.strip() or "protected in transit:" in ln:
             break
         f = ln.split()
+        if date is not None and f[0] != date:
+            continue
         head, tail = f[:fixed], " ".join(f[fixed:])
         cells = re.findall(r"([\d,]+) \(([\d.]+)%\)", tail)
         if not cells:
@@ -320,15 +319,18 @@ def table_section(text, first_column):
     return out
 
 
-def stable_report(daemon, query=""):
-    """The JSON report, fetched again if the UTC date changed while fetching (a midnight run)."""
-    for _ in range(3):
-        day = utc_today()
-        report = report_json(daemon, query)
-        if utc_today() == day:
-            return report, day
-        time.sleep(0.5)
-    raise AssertionError("the UTC date kept changing")
+def report_days(report, first_day):
+    """The dates a report shows when the first message of the daemon's window fell on `first_day` (the day a test
+    took with day_clear_of_midnight() before it recorded that message): from the report's own day (generated_at,
+    the daemon's clock when it answered) back to first_day, newest first, at most report["days"] of them. A
+    midnight between the traffic and the report adds the new day in front; the traffic stays under first_day.
+    The day of a test's traffic is never the date at the report's fetch: after such a midnight that is the next
+    day, whose rows are zero."""
+    newest = date.fromisoformat(report["generated_at"][:10])
+    first = date.fromisoformat(first_day)
+    assert newest >= first, f"the report's day {newest} is before the traffic's day {first}"
+    shown = min((newest - first).days + 1, report["days"])
+    return [(newest - timedelta(days=back)).isoformat() for back in range(shown)]
 
 
 def http_get_fails(daemon):

@@ -52,9 +52,10 @@ def env(browser, certs, sink_factory, daemon_factory, workdir):
     listeners, upstreams, connectors, extra = rh.build_env_config(certs, sink.port, harness.free_port(),
                                                                   harness.free_port())
     daemon = daemon_factory(listeners, upstreams, connectors, **extra)
+    day = rh.day_clear_of_midnight()  # the day of the plan's messages, taken before they are sent
     rh.send_plan(daemon, sink)
     return types.SimpleNamespace(sink=sink, daemon=daemon, browser=browser, workdir=workdir,
-                                 counts=rh.plan_counts())
+                                 counts=rh.plan_counts(), day=day)
 
 
 class Chromium:
@@ -236,7 +237,7 @@ class Chart(html.parser.HTMLParser):
 def test_chart_renders_the_daily_shares_and_the_summary_matches_the_json(env, dom):
     """The trend chart is drawn (a bar per busy connector and day, each version's height its share) and the
     protected-in-transit numbers at the top are those of /api/v1/report; fails on an empty chart."""
-    report, today = rh.stable_report(env.daemon)
+    report, today = rh.report_json(env.daemon), env.day
     chart = Chart()
     chart.feed(dom)
     busy = {key for key, counts in env.counts.items() if sum(counts.values())}

@@ -22,20 +22,21 @@ def env(certs, sink_factory, daemon_factory, mailflowd_bin):
     listeners, upstreams, connectors, extra = rh.build_env_config(certs, sink.port, harness.free_port(),
                                                                   harness.free_port())
     daemon = daemon_factory(listeners, upstreams, connectors, **extra)
+    day = rh.day_clear_of_midnight()  # the day of the plan's messages, taken before they are sent
     rh.send_plan(daemon, sink)
-    return types.SimpleNamespace(sink=sink, daemon=daemon, bin=mailflowd_bin, counts=rh.plan_counts())
+    return types.SimpleNamespace(sink=sink, daemon=daemon, bin=mailflowd_bin, counts=rh.plan_counts(), day=day)
 
 
 def test_json_today_has_exact_counts_percentages_and_insights(env):
-    report, today = rh.stable_report(env.daemon)
-    rh.assert_report_matches(report, env.counts, today)
+    report = rh.report_json(env.daemon)
+    rh.assert_report_matches(report, env.counts, env.day)
 
 
 def test_json_insight_set_is_what_the_plan_says(env):
     """Spelled out, so a wrong helper cannot hide a wrong daemon: partner-cidr is above both thresholds,
     legacy-domain above TLS1.0 (min_messages 2), forced-domain exactly at 0.25 (no insight), internet inbound
     has 50% without TLS but only 2 < 3 messages (no insight)."""
-    report, _ = rh.stable_report(env.daemon)
+    report = rh.report_json(env.daemon)
     texts = sorted(rh.split_offender(i["text"]) for i in report["insights"])
     assert texts == sorted([
         "Inbound partner connector partner-cidr is seeing significant TLS1.0 mail flow: "
@@ -48,26 +49,31 @@ def test_json_insight_set_is_what_the_plan_says(env):
 
 
 def test_json_has_a_row_for_every_day_and_connector(env):
-    report, today = rh.stable_report(env.daemon)
+    report = rh.report_json(env.daemon)
     assert report["days"] == 7, f"default days: {report['days']}"
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", report["generated_at"]), report["generated_at"]
-    assert report["generated_at"].startswith(today)
-    # Every message is from today and the daemon has no older state: the days before it did not exist for the
-    # daemon and are not printed as zero rows.
+    # Every message is from env.day and the daemon has no older state: the days before it did not exist for the
+    # daemon and are not printed as zero rows (a midnight since then adds the new day's zero rows in front).
     dates = [r["date"] for r in report["rows"]]
-    assert set(dates) == {today}, f"dates in the report: {sorted(set(dates))}"
-    assert set(rh.rows_of(report, today)) == set(env.counts)
-    assert len(report["rows"]) == len(env.counts)
+    days = rh.report_days(report, env.day)
+    assert sorted(set(dates), reverse=True) == days, f"dates in the report: {sorted(set(dates))}, want {days}"
+    assert set(rh.rows_of(report, env.day)) == set(env.counts)
+    assert len(report["rows"]) == len(env.counts) * len(days)
 
 
 def test_days_parameter(env):
-    one, today = rh.stable_report(env.daemon, "?days=1")
+    one = rh.report_json(env.daemon, "?days=1")
     assert one["days"] == 1
-    assert {r["date"] for r in one["rows"]} == {today}
-    rh.assert_report_matches(one, env.counts, today)
-    three, _ = rh.stable_report(env.daemon, "?days=3")
+    assert [r["date"] for r in one["rows"]] == [one["generated_at"][:10]] * len(env.counts), one["rows"]
+    if one["generated_at"][:10] == env.day:
+        rh.assert_report_matches(one, env.counts, env.day)
+    else:  # a midnight since the plan: days=1 is the new day, without a message
+        assert all(r["messages"] == 0 for r in one["rows"]), one["rows"]
+    three = rh.report_json(env.daemon, "?days=3")
     assert three["days"] == 3
-    assert {r["date"] for r in three["rows"]} == {today}, "days before the first message were printed"
+    assert sorted({r["date"] for r in three["rows"]}, reverse=True) == rh.report_days(three, env.day), \
+        "days before the first message were printed"
+    rh.assert_report_matches(three, env.counts, env.day)
 
 
 @pytest.mark.parametrize("path", ["/api/v1/report", "/api/v1/report.csv", "/api/v1/report.txt", "/"])
@@ -127,7 +133,7 @@ def test_every_row_with_messages_adds_up_to_100_percent(env):
     def tenths(values):
         return sum(round(float(x) * 10) for x in values)
 
-    report, _ = rh.stable_report(env.daemon)
+    report = rh.report_json(env.daemon)
     rows = [r for r in report["rows"] + report["connectors"] if r["messages"]]
     rows += [s for c in report["connectors"] for s in c["remotes"]["rows"] if s["messages"]]
     assert any(r.get("connector") == "partner-cidr" for r in rows)
@@ -145,7 +151,8 @@ def test_every_row_with_messages_adds_up_to_100_percent(env):
 def test_csv_header_and_numbers(env):
     status, body, ctype = rh.http_get(env.daemon, "/api/v1/report.csv")
     assert status == 200 and ctype.startswith("text/csv"), f"{status} {ctype}"
-    report, today = rh.stable_report(env.daemon)
+    report = rh.report_json(env.daemon)
+    today = env.day
     assert body.splitlines()[0] == rh.CSV_HEADER
     rows = rh.parse_csv(body)
     assert len(rows) == len(report["rows"]), f"CSV has {len(rows)} rows, JSON {len(report['rows'])}"
@@ -168,8 +175,7 @@ def test_cli_json(env):
     res = rh.run_cli(env.bin, "--url", env.daemon.http, "--format", "json")
     assert res.returncode == 0, f"mailflowd report --format json exited {res.returncode}: {res.stderr}"
     report = json.loads(res.stdout)
-    today = report["generated_at"][:10]
-    rh.assert_report_matches(report, env.counts, today)
+    rh.assert_report_matches(report, env.counts, env.day)
     assert res.stderr == "", f"stderr on success: {res.stderr!r}"
 
 
@@ -179,22 +185,23 @@ def test_cli_csv(env):
     _, body, _ = rh.http_get(env.daemon, "/api/v1/report.csv?days=2")
     assert res.stdout == body, f"CLI CSV differs from /api/v1/report.csv:\n{res.stdout}\n---\n{body}"
     rows = rh.parse_csv(res.stdout)
-    assert len({r["date"] for r in rows}) == 1  # nothing before today's first message
+    assert {r["date"] for r in rows} == set(rh.report_days(rh.report_json(env.daemon, "?days=2"), env.day)), \
+        "days before the first message were printed"
     assert {(r["connector"], r["direction"]) for r in rows if r["messages"] != "0"} == \
         {k for k, c in env.counts.items() if sum(c.values())}
 
 
 def test_cli_table(env):
-    res = rh.run_cli(env.bin, "--url", env.daemon.http, "--format", "table", "--days", "1")
+    res = rh.run_cli(env.bin, "--url", env.daemon.http, "--format", "table", "--days", "2")
     assert res.returncode == 0, f"mailflowd report --format table exited {res.returncode}: {res.stderr}"
     lines = res.stdout.splitlines()
     header = next((ln for ln in lines if ln.split()[:1] == ["DATE"]), "")
     assert header.split() == ["DATE", "CONNECTOR", "DIRECTION", "TYPE", "FORCED_TLS", "MESSAGES",
                               "NONE", "TLS1.0", "TLS1.1", "TLS1.2", "TLS1.3"], header
     # The days (exact counts and percentages per version) and the whole-window summary above them agree with
-    # the plan: all of it was sent today.
+    # the plan: all of it was sent on env.day (a midnight since then adds the new day's zero lines).
     for first, fixed in (("DATE", 6), ("CONNECTOR", 5)):
-        got = rh.table_section(res.stdout, first)
+        got = rh.table_section(res.stdout, first, env.day if first == "DATE" else None)
         assert set(got) == set(env.counts), f"{first} table rows: {sorted(got)}"
         for key, counts in env.counts.items():
             ctype, forced, _ = rh.META[key]
@@ -267,7 +274,7 @@ def test_cli_usage_errors(env, args):
 
 def test_metrics_agree_with_report(env):
     m = env.daemon.metrics()
-    report, _ = rh.stable_report(env.daemon)
+    report = rh.report_json(env.daemon)
     active = {(i["connector"], i["direction"], i["insight"]) for i in report["insights"]}
     for (connector, direction), counts in env.counts.items():
         total = sum(counts.values())
@@ -291,7 +298,7 @@ def test_whole_window_summary_in_json_csv_and_cli(env):
     """Per connector, the whole window's exact messages per TLS version (as the page's bars show them), and the
     inbound/outbound "protected in transit" totals: in /api/v1/report, /api/v1/connectors(.csv) and
     `mailflowd report --summary`."""
-    report, _ = rh.stable_report(env.daemon)
+    report = rh.report_json(env.daemon)
     summary = {(c["connector"], c["direction"]): c for c in report["connectors"]}
     assert set(summary) == set(env.counts), sorted(summary)
     for key, counts in env.counts.items():
@@ -341,7 +348,8 @@ def test_cli_table_and_page_sort_days_the_same_way(env, tmp_path, utc_day):
         lst["address"] = f"127.0.0.1:{harness.free_port()}"
     d = harness.Daemon(env.daemon.binary, tmp_path, cfg, name="two-days").start()
     try:
-        report, today = rh.stable_report(d)
+        report = rh.report_json(d)
+        today = report["generated_at"][:10]
         assert today == utc_day, f"the test ran from {utc_day} into {today}"
         dates = [r["date"] for r in report["rows"]]
         yesterday = (dt.date.fromisoformat(today) - dt.timedelta(days=1)).isoformat()
@@ -359,7 +367,7 @@ def test_cli_table_and_page_sort_days_the_same_way(env, tmp_path, utc_day):
         harness.LIVE.remove(d)
 
 
-def test_reload_that_renames_a_connector_leaves_no_ghost(certs, sink_factory, daemon_factory, mailflowd_bin):
+def test_reload_that_renames_a_connector_leaves_no_ghost(certs, sink_factory, daemon_factory, mailflowd_bin, utc_day):
     """SIGHUP with legacy-domain renamed: its insight and window gauges disappear from /metrics (its counters
     stay), its history stays in the report marked configured=false (page: "removed from config") without an
     insight, and the new name starts at zero."""
@@ -388,11 +396,11 @@ def test_reload_that_renames_a_connector_leaves_no_ghost(certs, sink_factory, da
     assert harness.series(m, "mailflow_insight_active", connector="legacy-domain-v2", insight="significant_tls10")
     assert harness.value(m, "mailflow_messages_total", connector="legacy-domain") == 3  # counters never go back
 
-    report, today = rh.stable_report(d)
-    old = rh.rows_of(report, today)[("legacy-domain", "inbound")]
+    report = rh.report_json(d)
+    old = rh.rows_of(report, utc_day)[("legacy-domain", "inbound")]
     assert old["configured"] is False and old["counts"]["TLS1.0"] == 2, old
     assert old["type"] == "internet", old  # its config is gone: documented, and marked as removed
-    new = rh.rows_of(report, today)[("legacy-domain-v2", "inbound")]
+    new = rh.rows_of(report, utc_day)[("legacy-domain-v2", "inbound")]
     assert new["configured"] is True and new["type"] == "onpremises" and new["messages"] == 0, new
     assert not [i for i in report["insights"] if i["connector"].startswith("legacy-domain")], report["insights"]
     _, page, _ = rh.http_get(d, "/")

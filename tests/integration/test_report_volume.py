@@ -29,6 +29,7 @@ def env(certs, sink_factory, daemon_factory, mailflowd_bin):
         # the contract's default thresholds: tls10 5%, no TLS 5%, min_messages 100 (1.2% without TLS: no insight)
         telemetry={"window": "7d", "defaults": {"tls10_share": 0.05, "no_tls_share": 0.05, "min_messages": 100}})
     before = daemon.metrics()
+    day = rh.day_clear_of_midnight()  # the day of the 1024 messages, taken before they are sent
     for version, n in MIX.items():
         while n > 0:
             k = min(n, PER_SESSION)
@@ -40,7 +41,7 @@ def env(certs, sink_factory, daemon_factory, mailflowd_bin):
     want = {harness.series_key(connector="partner-contoso", direction="inbound", tls_version=v): float(n)
             for v, n in MIX.items()}
     assert moved == want, f"mailflow_messages_total moved:\n{harness.fmt_delta(moved)}"
-    return types.SimpleNamespace(daemon=daemon, bin=mailflowd_bin)
+    return types.SimpleNamespace(daemon=daemon, bin=mailflowd_bin, day=day)
 
 
 def session(port, version, count):
@@ -68,8 +69,8 @@ def session(port, version, count):
 
 
 def test_json_row_and_insight_are_the_contracts_example(env):
-    report, today = rh.stable_report(env.daemon)
-    row = rh.rows_of(report, today)[("partner-contoso", "inbound")]
+    report = rh.report_json(env.daemon)
+    row = rh.rows_of(report, env.day)[("partner-contoso", "inbound")]
     assert row["messages"] == 1024 and row["percent"] == PERCENT, row
     assert [rh.split_offender(i["text"]) for i in report["insights"]] == [SENTENCE], report["insights"]
     i = report["insights"][0]
@@ -78,15 +79,16 @@ def test_json_row_and_insight_are_the_contracts_example(env):
 
 
 def test_csv_table_and_page(env):
-    _, csv_text, _ = rh.http_get(env.daemon, "/api/v1/report.csv?days=1")
+    # days=2: the day of the messages is still there after a midnight since the fixture sent them
+    _, csv_text, _ = rh.http_get(env.daemon, "/api/v1/report.csv?days=2")
     rows = rh.parse_csv(csv_text)
-    contoso = [r for r in rows if r["connector"] == "partner-contoso"]
+    contoso = [r for r in rows if r["connector"] == "partner-contoso" and r["date"] == env.day]
     assert len(contoso) == 1 and [contoso[0][k] for k in ("messages", "none_pct", "tls10_pct", "tls11_pct",
                                                           "tls12_pct", "tls13_pct")] == \
         ["1024", "1.2", "12.5", "0.0", "80.1", "6.2"], contoso
-    res = rh.run_cli(env.bin, "--url", env.daemon.http, "--days", "1")
+    res = rh.run_cli(env.bin, "--url", env.daemon.http, "--days", "2")
     assert res.returncode == 0, res.stderr
-    day = rh.table_section(res.stdout, "DATE")[("partner-contoso", "inbound")]
+    day = rh.table_section(res.stdout, "DATE", env.day)[("partner-contoso", "inbound")]
     assert day[5:] == ["1,024", ("12", "1.2"), ("128", "12.5"), ("0", "0.0"), ("820", "80.1"), ("64", "6.2")], day
     assert [contoso[0][k] for k in ("none_count", "tls10_count", "tls11_count", "tls12_count", "tls13_count")] == \
         ["12", "128", "0", "820", "64"], contoso

@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 import types
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -79,11 +79,11 @@ def state_errors(daemon, reason):
 
 
 # ------------------------------------------------------------------------------------------- restart
-def test_restart_keeps_the_window(env):
+def test_restart_keeps_the_window(env, utc_day):
     state = env.workdir / "restart-state"
     first = env.make("first", state)
     rh.send_plan(first, env.sink, SMALL_PLAN)
-    before, today = rh.stable_report(first)
+    before = rh.report_json(first)
     gauges = window_gauges(first)
     stop_ok(first)
 
@@ -91,9 +91,8 @@ def test_restart_keeps_the_window(env):
     assert path.is_file() and path.stat().st_size > 0, f"SIGTERM did not save {path}"
 
     second = env.make("second", state)
-    after, today2 = rh.stable_report(second)
-    assert today2 == today, "the UTC date changed during the test"
-    rh.assert_report_matches(after, rh.plan_counts(SMALL_PLAN), today)
+    after = rh.report_json(second)
+    rh.assert_report_matches(after, rh.plan_counts(SMALL_PLAN), utc_day)
     assert after["rows"] == before["rows"], "the report rows differ after a restart"
     assert after["insights"] == before["insights"], "the insights differ after a restart"
     assert window_gauges(second) == gauges, "mailflow_window_messages differs after a restart"
@@ -103,12 +102,12 @@ def test_restart_keeps_the_window(env):
     rh.send_plan(second, env.sink, ONE_MORE)
     stop_ok(second)
     third = env.make("third", state)
-    report, _ = rh.stable_report(third)
-    rh.assert_report_matches(report, rh.plan_counts(SMALL_PLAN + ONE_MORE), today)
+    report = rh.report_json(third)
+    rh.assert_report_matches(report, rh.plan_counts(SMALL_PLAN + ONE_MORE), utc_day)
     stop_ok(third)
 
 
-def test_sigint_saves_too(env):
+def test_sigint_saves_too(env, utc_day):
     state = env.workdir / "sigint-state"
     first = env.make("sigint-first", state)
     rh.send_plan(first, env.sink, ONE_MORE)
@@ -116,12 +115,12 @@ def test_sigint_saves_too(env):
     assert first.proc.wait(15) == 0, f"exit code after SIGINT: {first.proc.returncode}\n{first.log_tail()}"
     harness.LIVE.remove(first)
     second = env.make("sigint-second", state)
-    report, today = rh.stable_report(second)
-    rh.assert_report_matches(report, rh.plan_counts(ONE_MORE), today)
+    report = rh.report_json(second)
+    rh.assert_report_matches(report, rh.plan_counts(ONE_MORE), utc_day)
     stop_ok(second)
 
 
-def test_restart_with_a_connector_removed_keeps_its_history(env):
+def test_restart_with_a_connector_removed_keeps_its_history(env, utc_day):
     """History of a connector that is no longer configured stays in the report (as the header documents:
     type internet, not forced, default thresholds, "removed from config" on the page) and is not merged into
     another connector."""
@@ -131,8 +130,8 @@ def test_restart_with_a_connector_removed_keeps_its_history(env):
     stop_ok(first)
     remaining = [c for c in rh.CONNECTORS if c["name"] != "legacy-domain"]
     second = env.make("removed-second", state, connectors=remaining)
-    report, today = rh.stable_report(second)
-    rows = rh.rows_of(report, today)
+    report = rh.report_json(second)
+    rows = rh.rows_of(report, utc_day)
     legacy = rows.get(("legacy-domain", "inbound"))
     assert legacy is not None, f"the removed connector's history vanished: {sorted(rows)}"
     assert legacy["messages"] == 2 and legacy["percent"]["TLS1.0"] == 100.0, legacy
@@ -144,12 +143,11 @@ def test_restart_with_a_connector_removed_keeps_its_history(env):
     stop_ok(second)
 
 
-def test_history_from_earlier_days(env):
+def test_history_from_earlier_days(env, utc_day):
     """A state file with history (written in the daemon's own format, as a restart days later would find it):
     each bucket is reported on its UTC day, what is older than the window rolls off everywhere (rows, window
     gauges, insights), and new traffic adds to the loaded window."""
-    now = datetime.now(timezone.utc)
-    today = now.date()
+    today = date.fromisoformat(utc_day)
 
     def noon(days_ago):  # the hour bucket (hours since the epoch) of 12:00 UTC `days_ago` days back
         day = datetime.combine(today - timedelta(days=days_ago), datetime.min.time(), tzinfo=timezone.utc)
@@ -164,8 +162,7 @@ def test_history_from_earlier_days(env):
         f"{noon(2)} gone-partner inbound 0 0 0 0 5\n")     # a connector no longer configured
     daemon = env.make("history", state)
     assert state_errors(daemon, "corrupt") == 0, f"the daemon did not accept its own format:\n{daemon.log_tail()}"
-    report, day = rh.stable_report(daemon)
-    assert day == today.isoformat(), "the UTC date changed during the test"
+    report = rh.report_json(daemon)
     d3 = rh.rows_of(report, (today - timedelta(days=3)).isoformat())
     assert d3[("partner-cidr", "inbound")]["messages"] == 8
     assert d3[("partner-cidr", "inbound")]["percent"] == {"none": 0.0, "TLS1.0": 50.0, "TLS1.1": 0.0,
@@ -184,8 +181,8 @@ def test_history_from_earlier_days(env):
     assert got == {"none": 0, "TLS1.0": 4, "TLS1.1": 0, "TLS1.2": 4, "TLS1.3": 0}, got
 
     rh.send_plan(daemon, env.sink, [SMALL_PLAN[0]])  # one message without TLS today
-    report, _ = rh.stable_report(daemon)
-    assert rh.rows_of(report, today.isoformat())[("partner-cidr", "inbound")]["messages"] == 1
+    report = rh.report_json(daemon)
+    assert rh.rows_of(report, utc_day)[("partner-cidr", "inbound")]["messages"] == 1
     assert sorted(rh.split_offender(i["text"]) for i in report["insights"]) == [
         "Inbound partner connector partner-cidr is seeing significant TLS1.0 mail flow: "
         "44.4% of 9 messages in the last 7 days",
@@ -216,7 +213,7 @@ CORRUPT = {
 
 
 @pytest.mark.parametrize("kind", sorted(CORRUPT))
-def test_corrupt_state_file_is_moved_aside_and_the_daemon_relays(env, kind):
+def test_corrupt_state_file_is_moved_aside_and_the_daemon_relays(env, kind, utc_day):
     state = env.workdir / f"corrupt-{kind}-state"
     state.mkdir()
     content = CORRUPT[kind]
@@ -231,22 +228,22 @@ def test_corrupt_state_file_is_moved_aside_and_the_daemon_relays(env, kind):
         f"mailflow_state_errors_total{{reason=\"corrupt\"}} = {state_errors(daemon, 'corrupt')} (want 1)"
     assert aside[0].name in daemon.stderr(), f"the log should say where the file went ({aside[0].name})"
 
-    report, today = rh.stable_report(daemon)
+    report = rh.report_json(daemon)
     assert all(r["messages"] == 0 for r in report["rows"]), "the report should start empty"
     assert report["insights"] == []
-    rh.assert_report_matches(report, empty_counts(), today)
+    rh.assert_report_matches(report, empty_counts(), report["generated_at"][:10])  # no message: the report's day
 
     rh.send_plan(daemon, env.sink, ONE_MORE)  # still relays, and counts
-    report, today = rh.stable_report(daemon)
-    rh.assert_report_matches(report, rh.plan_counts(ONE_MORE), today)
+    report = rh.report_json(daemon)
+    rh.assert_report_matches(report, rh.plan_counts(ONE_MORE), utc_day)
     stop_ok(daemon)
 
     # The state it saves on the way out is good: the next start has no state error and the message.
     again = env.make(f"corrupt-{kind}-again", state)
     assert state_errors(again, "corrupt") == 0
     assert len(list(state.glob("windows.state.corrupt-*"))) == 1
-    report, today = rh.stable_report(again)
-    rh.assert_report_matches(report, rh.plan_counts(ONE_MORE), today)
+    report = rh.report_json(again)
+    rh.assert_report_matches(report, rh.plan_counts(ONE_MORE), utc_day)
     stop_ok(again)
 
 
@@ -292,7 +289,7 @@ def test_files_moved_aside_are_bounded_and_the_removed_ones_logged(env):
     assert contents == [f"garbage {n}\n".encode() for n in range(2, 7)], contents
 
 
-def test_a_state_dir_in_use_is_refused(env):
+def test_a_state_dir_in_use_is_refused(env, utc_day):
     """state_dir is one process's: a second daemon on it (another configuration on the same state_dir) and
     `mailflowd mta-sts --state` are refused while the first runs, reloads included, naming its pid; neither
     writes there. --check-config takes no lock. Once the first has stopped, the next one starts."""
@@ -324,8 +321,8 @@ def test_a_state_dir_in_use_is_refused(env):
 
     stop_ok(first)  # its last save: the message it relayed
     again = env.make("in-use-again", state)
-    report, today = rh.stable_report(again)
-    rh.assert_report_matches(report, rh.plan_counts(ONE_MORE), today)
+    report = rh.report_json(again)
+    rh.assert_report_matches(report, rh.plan_counts(ONE_MORE), utc_day)
     stop_ok(again)
 
 
