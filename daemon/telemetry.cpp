@@ -893,7 +893,7 @@ void Telemetry::dns_lookup(DnsType type, DnsOutcome outcome) {
       1, std::memory_order_relaxed);
 }
 
-std::string Telemetry::metrics_text() {
+std::string Telemetry::metrics_text(std::string buffer) {
   const auto now = impl_->clock();
   std::lock_guard scrape_lock(impl_->scrape_mutex);
   impl_->take_snapshot(now, impl_->snapshot);
@@ -907,11 +907,11 @@ std::string Telemetry::metrics_text() {
   impl_->snapshot.last_reload_successful =
       impl_->last_reload_successful.load(std::memory_order_relaxed) ? 1 : 0;
   const auto process = read_process_stats();
-  std::string text;
-  text.reserve(impl_->last_text_size + impl_->last_text_size / 16 + 4096);  // one allocation, no regrowth
-  write_exposition(text, impl_->snapshot, process);
-  impl_->last_text_size = text.size();
-  return text;
+  buffer.clear();
+  buffer.reserve(impl_->last_text_size + impl_->last_text_size / 16 + 4096);  // one allocation, no regrowth
+  write_exposition(buffer, impl_->snapshot, process);
+  impl_->last_text_size = buffer.size();
+  return buffer;
 }
 
 Report Telemetry::report(int days) {
