@@ -522,6 +522,11 @@ struct Telemetry::Impl {
   StringMap<ListenerSeries*> listener_index;
   // Rendered label text -> value; std::map: sorted output, and a node's key never moves (see Snapshot).
   std::array<std::map<std::string, std::uint64_t, std::less<>>, kLabelledFamilies> labelled_counters;
+  // The nodes of each map in its order, rebuilt at the scrape after a counter was created (none is ever
+  // erased): a scrape copies ~40,000 counters of 1,000 connectors x 2 directions, and walking the tree node
+  // by node under the mutex took a sixth of its CPU.
+  using LabelledEntry = std::pair<const std::string, std::uint64_t>;
+  std::array<std::vector<const LabelledEntry*>, kLabelledFamilies> labelled_order;
   std::string labelled_key;  // reused: counting a known label set allocates nothing
   std::vector<std::pair<std::string, std::int64_t>> certificates;  // rendered labels, notAfter
 
@@ -595,8 +600,13 @@ struct Telemetry::Impl {
     out.listeners.clear();
     for (const auto& series : listener_list) out.listeners.emplace_back(series.get(), series->values);
     for (std::size_t f = 0; f < kLabelledFamilies; ++f) {
+      auto& order = labelled_order[f];
+      if (order.size() != labelled_counters[f].size()) {
+        order.clear();
+        for (const auto& entry : labelled_counters[f]) order.push_back(&entry);
+      }
       out.labelled[f].clear();
-      for (const auto& [labels, value] : labelled_counters[f]) out.labelled[f].emplace_back(&labels, value);
+      for (const LabelledEntry* entry : order) out.labelled[f].emplace_back(&entry->first, entry->second);
     }
     out.certificates = certificates;
   }

@@ -861,3 +861,22 @@ TEST_CASE(
   CHECK(without_process(reused) == without_process(fresh));
   CHECK(reused.find('x' + std::string(16, 'x')) == std::string::npos);
 }
+
+TEST_CASE("labelled counters created out of order come out sorted by their label text, one block each") {
+  Telemetry telemetry([] { return kNow; });
+  telemetry.configure(test_config());
+  for (const char* upstream : {"zeta", "alpha", "mid", "alpha", "beta"})
+    telemetry.upstream_error(upstream, "connect");
+  telemetry.upstream_error("mid", "banner");
+  const std::string text = telemetry.metrics_text();
+  std::vector<std::string> lines;
+  std::istringstream in(text);
+  for (std::string line; std::getline(in, line);) {
+    if (line.starts_with("mailflow_upstream_errors_total{")) lines.push_back(line);
+  }
+  CHECK(std::is_sorted(lines.begin(), lines.end()));
+  CHECK(std::set<std::string>(lines.begin(), lines.end()).size() == lines.size());
+  CHECK(sample(text, R"(mailflow_upstream_errors_total{reason="connect",upstream="alpha"})") == 2.0);
+  CHECK(sample(text, R"(mailflow_upstream_errors_total{reason="banner",upstream="mid"})") == 1.0);
+  CHECK(sample(text, R"(mailflow_upstream_errors_total{reason="connect",upstream="zeta"})") == 1.0);
+}
