@@ -522,6 +522,11 @@ struct Telemetry::Impl {
   StringMap<ListenerSeries*> listener_index;
   // Rendered label text -> value; std::map: sorted output, and a node's key never moves (see Snapshot).
   std::array<std::map<std::string, std::uint64_t, std::less<>>, kLabelledFamilies> labelled_counters;
+  // The nodes of each map in its order, rebuilt at the scrape after a counter was created (none is ever
+  // erased): a scrape copies ~40,000 counters of 1,000 connectors x 2 directions, and walking the tree node
+  // by node under the mutex took a sixth of its CPU.
+  using LabelledEntry = std::pair<const std::string, std::uint64_t>;
+  std::array<std::vector<const LabelledEntry*>, kLabelledFamilies> labelled_order;
   std::string labelled_key;  // reused: counting a known label set allocates nothing
   std::vector<std::pair<std::string, std::int64_t>> certificates;  // rendered labels, notAfter
 
@@ -595,8 +600,13 @@ struct Telemetry::Impl {
     out.listeners.clear();
     for (const auto& series : listener_list) out.listeners.emplace_back(series.get(), series->values);
     for (std::size_t f = 0; f < kLabelledFamilies; ++f) {
+      auto& order = labelled_order[f];
+      if (order.size() != labelled_counters[f].size()) {
+        order.clear();
+        for (const auto& entry : labelled_counters[f]) order.push_back(&entry);
+      }
       out.labelled[f].clear();
-      for (const auto& [labels, value] : labelled_counters[f]) out.labelled[f].emplace_back(&labels, value);
+      for (const LabelledEntry* entry : order) out.labelled[f].emplace_back(&entry->first, entry->second);
     }
     out.certificates = certificates;
   }
@@ -893,7 +903,7 @@ void Telemetry::dns_lookup(DnsType type, DnsOutcome outcome) {
       1, std::memory_order_relaxed);
 }
 
-std::string Telemetry::metrics_text() {
+std::string Telemetry::metrics_text(std::string buffer) {
   const auto now = impl_->clock();
   std::lock_guard scrape_lock(impl_->scrape_mutex);
   impl_->take_snapshot(now, impl_->snapshot);
@@ -907,11 +917,11 @@ std::string Telemetry::metrics_text() {
   impl_->snapshot.last_reload_successful =
       impl_->last_reload_successful.load(std::memory_order_relaxed) ? 1 : 0;
   const auto process = read_process_stats();
-  std::string text;
-  text.reserve(impl_->last_text_size + impl_->last_text_size / 16 + 4096);  // one allocation, no regrowth
-  write_exposition(text, impl_->snapshot, process);
-  impl_->last_text_size = text.size();
-  return text;
+  buffer.clear();
+  buffer.reserve(impl_->last_text_size + impl_->last_text_size / 16 + 4096);  // one allocation, no regrowth
+  write_exposition(buffer, impl_->snapshot, process);
+  impl_->last_text_size = buffer.size();
+  return buffer;
 }
 
 Report Telemetry::report(int days) {

@@ -135,7 +135,9 @@ class Telemetry {
   void certificates_loaded(const std::vector<CertificateExpiry>& certificates);
 
   // Prometheus text exposition (0.0.4) of every family, window gauges refreshed first, process_* included.
-  std::string metrics_text();
+  // Written into `buffer` (its text discarded, its capacity reused): the HTTP server hands back the body of
+  // the scrape before, so that a scrape of ~10 MB does not fault in a fresh allocation each time.
+  std::string metrics_text(std::string buffer = {});
 
   // The connector report over the last `days` UTC days (1..window).
   Report report(int days);

@@ -2,6 +2,8 @@
 
 #include <doctest/doctest.h>
 
+#include <unistd.h>
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
@@ -14,7 +16,6 @@
 #include <string>
 #include <thread>
 #include <vector>
-#include <unistd.h>
 
 #include "daemon/exposition.hpp"
 #include "daemon/heavy_hitters.hpp"
@@ -830,4 +831,52 @@ TEST_CASE("mailflow_certificate_expiry_timestamp_seconds: a certificate named tw
   REQUIRE(first != std::string::npos);
   CHECK(text.find(series, first + 1) == std::string::npos);
   CHECK(text.find(R"(listener="inbound"} 1798761600)") != std::string::npos);
+}
+
+namespace {
+// The exposition without process_* (the process's own CPU time and memory move between two scrapes).
+std::string without_process(const std::string& text) {
+  std::string out;
+  std::istringstream in(text);
+  for (std::string line; std::getline(in, line);) {
+    if (line.starts_with("process_") || line.find(" process_") != std::string::npos) continue;
+    out += line + '\n';
+  }
+  return out;
+}
+}  // namespace
+
+TEST_CASE(
+    "a scrape written into the buffer of the one before holds its own text only, and reuses the buffer") {
+  Telemetry telemetry([] { return kNow; });
+  telemetry.configure(test_config());
+  telemetry.message_delivered("partner-contoso", Direction::inbound, TlsVersion::tls12, 100, 1);
+  std::string old = telemetry.metrics_text();
+  const std::string fresh = telemetry.metrics_text();
+  old.append(
+      std::string(old.size(), 'x'));  // text the next scrape must not keep, and more capacity than it needs
+  const auto* storage = old.data();
+  const std::string reused = telemetry.metrics_text(std::move(old));
+  CHECK(reused.data() == storage);  // written in place: no new allocation
+  CHECK(without_process(reused) == without_process(fresh));
+  CHECK(reused.find('x' + std::string(16, 'x')) == std::string::npos);
+}
+
+TEST_CASE("labelled counters created out of order come out sorted by their label text, one block each") {
+  Telemetry telemetry([] { return kNow; });
+  telemetry.configure(test_config());
+  for (const char* upstream : {"zeta", "alpha", "mid", "alpha", "beta"})
+    telemetry.upstream_error(upstream, "connect");
+  telemetry.upstream_error("mid", "banner");
+  const std::string text = telemetry.metrics_text();
+  std::vector<std::string> lines;
+  std::istringstream in(text);
+  for (std::string line; std::getline(in, line);) {
+    if (line.starts_with("mailflow_upstream_errors_total{")) lines.push_back(line);
+  }
+  CHECK(std::is_sorted(lines.begin(), lines.end()));
+  CHECK(std::set<std::string>(lines.begin(), lines.end()).size() == lines.size());
+  CHECK(sample(text, R"(mailflow_upstream_errors_total{reason="connect",upstream="alpha"})") == 2.0);
+  CHECK(sample(text, R"(mailflow_upstream_errors_total{reason="banner",upstream="mid"})") == 1.0);
+  CHECK(sample(text, R"(mailflow_upstream_errors_total{reason="connect",upstream="zeta"})") == 1.0);
 }
