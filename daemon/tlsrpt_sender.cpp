@@ -632,8 +632,14 @@ asio::awaitable<TlsRptDelivery> TlsRptSender::deliver_https(const Runtime& runti
     deadline.async_wait([lookup](const error_code& e) {
       if (!e) lookup->cancel();
     });
+    close_in_flight_ = [lookup] { lookup->cancel(); };  // stop(): its result is not waited for
     const AddressResult addresses = co_await lookup->resolve_addresses(rua.host);
+    close_in_flight_ = nullptr;
     deadline.cancel();
+    if (stopped_) {
+      detail = "stopped while looking up " + rua.host;
+      co_return TlsRptDelivery::temporary_failure;
+    }
     request.addresses = addresses.addresses;
     if (request.addresses.empty() && std::chrono::steady_clock::now() >= limits.deadline) {
       timed_out = true;
@@ -653,7 +659,11 @@ asio::awaitable<TlsRptDelivery> TlsRptSender::deliver_https(const Runtime& runti
     }
   }
 
+  // stop() ends the POST where it is, as it closes a report mail in flight.
+  request.abort = std::make_shared<HttpsAbort>();
+  close_in_flight_ = [abort = request.abort] { abort->abort(); };
   const auto response = co_await https_request(executor_, std::move(request), limits);
+  close_in_flight_ = nullptr;
   using Step = HttpsResponse::Step;
   // The status is what counts: a complete head is enough (a truncated close or an oversized body after it
   // does not change the answer).

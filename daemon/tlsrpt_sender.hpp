@@ -92,10 +92,11 @@ class TlsRptSender {
   // One run at unix time `now`: returns how many reports were tried.
   boost::asio::awaitable<std::size_t> run_once(std::int64_t now);
 
-  // At stop, once the sessions are done: the report mail in flight (if any) is closed where it is, as a stop
-  // closes a relay session's upstream leg. The daemon's own doing, so nobody's failure: a try that ends after
-  // this is logged with result=shutdown and neither counted nor put in the ledger (the report goes out at the
-  // next start), and no upstream error or MX attempt is counted for it. The run ends after that try.
+  // At stop, once the sessions are done: the report mail or POST in flight (if any, its lookup included) is
+  // ended where it is, as a stop closes a relay session's upstream leg. The daemon's own doing, so nobody's
+  // failure: a try that ends after this is logged with result=shutdown and neither counted nor put in the
+  // ledger (the report goes out at the next start), and no upstream error or MX attempt is counted for it.
+  // The run ends after that try.
   void stop();
   bool running() const { return running_; }  // a run is in progress (the daemon waits for it to end)
 
@@ -131,7 +132,7 @@ class TlsRptSender {
   const std::atomic<bool>* stopping_ = nullptr;
   bool stopped_ = false;                   // stop() was called
   bool running_ = false;                   // run_once() is in progress
-  std::function<void()> close_in_flight_;  // force_close() of the report mail's conversation in flight
+  std::function<void()> close_in_flight_;  // ends the try in flight (report mail, POST, lookup)
   std::shared_ptr<Resolver> resolver_;  // https: rua host names, during one run (dns settings of that run)
   // When each report was last tried in this process (a count of tries): the retries of a run, the one tried
   // longest ago first, so that those in front which hang until their deadline do not take every run's time.

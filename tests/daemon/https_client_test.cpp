@@ -25,6 +25,7 @@
 #include <exception>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <string>
 
 #include "tests/daemon/test_certificate.hpp"
@@ -104,10 +105,14 @@ struct Outcome {
   std::chrono::steady_clock::duration took{};
 };
 
-// One request against a server doing `peer`; `limits.deadline` is set from `timeout`.
+// One request against a server doing `peer`; `limits.deadline` is set from `timeout`; `abort_after`: the
+// request's abort() that long after its start.
 Outcome exchange(HttpsRequest request, Peer peer, std::string answer = {}, HttpsLimits limits = {},
-                 std::chrono::milliseconds timeout = std::chrono::seconds(5), std::string* seen = nullptr) {
+                 std::chrono::milliseconds timeout = std::chrono::seconds(5), std::string* seen = nullptr,
+                 std::chrono::milliseconds abort_after = {}) {
   asio::io_context io;
+  asio::steady_timer abort_timer(io, abort_after);
+  if (abort_after.count() > 0) abort_timer.async_wait([abort = request.abort](auto) { abort->abort(); });
   Server server(io);
   if (request.ca_file.empty()) request.ca_file = write_file("ca.pem", certificate().cert_pem);
   if (request.port.empty() || request.port == "443") request.port = server.port();
@@ -164,6 +169,29 @@ TEST_CASE("https_request: the answer's status, Content-Type and body, and the re
   CHECK(seen.find("Connection: close\r\n") != std::string::npos);
   CHECK(seen.find("Content-Type: application/tlsrpt+gzip\r\n") != std::string::npos);
   CHECK(seen.ends_with("\r\n\r\ngzip"));
+}
+
+TEST_CASE("https_request: abort() ends the step in flight at once, and no further step is taken") {
+  // In the handshake (a peer that never speaks TLS), waiting for the answer (one that took the request).
+  for (const auto& [peer, step] :
+       {std::pair{Peer::silent_tcp, Step::handshake}, std::pair{Peer::silent_tls, Step::read}}) {
+    auto request = to_loopback();
+    request.abort = std::make_shared<mailflow::HttpsAbort>();
+    const auto abort = request.abort;
+    const auto [response, took] =
+        exchange(request, peer, {}, {}, std::chrono::seconds(5), nullptr, std::chrono::milliseconds(200));
+    CHECK(response.error == Error::failed);
+    CHECK(response.step == step);
+    CHECK(took < std::chrono::seconds(2));  // not the deadline's 5 s
+    CHECK(!abort->cancel);                  // no longer points into the finished request
+  }
+  // Aborted before it began: no connection at all.
+  auto request = to_loopback();
+  request.abort = std::make_shared<mailflow::HttpsAbort>();
+  request.abort->abort();
+  const auto [response, took] = exchange(request, Peer::answer, std::string(kOk));
+  CHECK(response.step == Step::connect);
+  CHECK(!response.head);
 }
 
 TEST_CASE("https_request: a redirect is an answer like any other, never followed") {
