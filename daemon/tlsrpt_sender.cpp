@@ -398,6 +398,14 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
   for (std::size_t at = 0; at < keys.size(); ++at) {
     const auto& key = keys[at];
     if (cut_short || stopped_ || (stopping_ != nullptr && *stopping_)) break;
+    // A reload that turned tlsrpt.send off ends the run here, not at its end: the operator stopped the
+    // sending (reports going where they should not), and a run may take up to tlsrpt.interval (an hour by
+    // default).
+    if (!runtime_()->config->tlsrpt.send) {
+      log_event(LogLevel::info, "tlsrpt_deferred",
+                {{"reports", keys.size() - at}, {"reason", "tlsrpt.send was turned off by a reload"}});
+      break;
+    }
     // The reports left are those from here on: keys.size() - tried also counted the reports before this one
     // that were not tried (every rua skipped, said in the other tlsrpt_deferred line) or had left the store.
     if (tried >= config.tlsrpt.max_reports_per_run) {
