@@ -224,7 +224,8 @@ net::awaitable<HttpsResponse> https_request(net::any_io_executor executor, Https
     const unsigned status = parser->get().result_int();
     if (ec || status / 100 != 1 || status == 101) break;
   }
-  if (!ec) co_await http::async_read(stream, buffer, *parser, net::redirect_error(net::use_awaitable, ec));
+  if (!ec && !request.head_only)
+    co_await http::async_read(stream, buffer, *parser, net::redirect_error(net::use_awaitable, ec));
   // A peer that closes without close_notify after a complete answer has said all it had to say.
   if (ec == net::ssl::error::stream_truncated && parser->is_done()) ec = {};
   HttpsResponse out;

@@ -46,6 +46,9 @@ struct HttpsRequest {
   std::string connect_host;
   std::string port = "443";
   std::shared_ptr<HttpsAbort> abort;  // optional: lets the caller end the request where it is
+  // The final answer's status line and headers are all the caller needs (a report's POST): its body is not
+  // read, so a peer that stalls after its status does not hold the request until the deadline.
+  bool head_only = false;
 };
 
 // Loads `ca_file` as https_request does (empty: the system trust store): "" when it loads, else why not. The

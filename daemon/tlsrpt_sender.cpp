@@ -41,7 +41,6 @@ namespace {
 constexpr std::string_view kLabel = reasons::tlsrpt_sessions;
 // A first run shortly after start (not a whole interval later), so that a restart does not delay the reports.
 constexpr auto kFirstRun = std::chrono::seconds(60);
-constexpr std::size_t kMaxAnswerBytes = 64 * 1024;  // an https rua's answer: status line, headers and body
 constexpr std::string_view kLedgerFile = "tlsrpt-ledger.state";
 // A line per unsent report (at most the store's max_days x max_domains_per_day): far below this; a larger
 // file is not one this daemon wrote.
@@ -608,7 +607,6 @@ asio::awaitable<TlsRptDelivery> TlsRptSender::deliver_https(const Runtime& runti
   const config::Config& config = *runtime.config;
   HttpsLimits limits;
   limits.deadline = std::chrono::steady_clock::now() + config.tlsrpt.https_timeout;
-  limits.max_body_bytes = kMaxAnswerBytes;
   HttpsRequest request;
   request.method = "POST";
   request.host = rua.host;
@@ -619,6 +617,7 @@ asio::awaitable<TlsRptDelivery> TlsRptSender::deliver_https(const Runtime& runti
   request.body = gzipped;
   request.ca_file = config.tlsrpt.ca_file;
   request.port = rua.port;
+  request.head_only = true;  // the status is what counts (from_http): a body that stalls holds nothing
   error_code ec;
   const auto literal = asio::ip::make_address(rua.host, ec);
   if (!ec) {

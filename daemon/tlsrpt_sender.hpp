@@ -5,7 +5,8 @@
 //   mailto:  the section 5.3 mail through mailflowd's own MX delivery (an UpstreamLeg to the address's domain
 //            MX hosts on tlsrpt.smtp_port, opportunistic STARTTLS), MAIL FROM tlsrpt.from, dot-stuffed DATA;
 //   https:   a POST (Boost.Beast) of the gzip body, certificate verified (tlsrpt.ca_file or the system
-//            store), TLS1.2+, no redirects followed, answer bounded in size, all within tlsrpt.https_timeout.
+//            store), TLS1.2+, no redirects followed, only the answer's head read, all within
+//            tlsrpt.https_timeout.
 // A report is forgotten when every rua took it (2xx / 250) or refused it for good (5xx, 4xx other than 408
 // and 429), or when it still fails tlsrpt.retry_for after its first try (gave_up); each try of each rua is
 // counted in mailflow_tlsrpt_deliveries_total{method,result} and logged. At most tlsrpt.max_reports_per_run

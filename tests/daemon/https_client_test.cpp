@@ -40,8 +40,8 @@ using mailflow::HttpsResponse;
 using Step = HttpsResponse::Step;
 using Error = HttpsResponse::Error;
 
-// What the server does with its one connection.
-enum class Peer { answer, silent_tcp, silent_tls };
+// What the server does with its one connection (answer_then_silent: the answer, then nothing, held open).
+enum class Peer { answer, silent_tcp, silent_tls, answer_then_silent };
 
 std::string write_file(const std::string& name, const std::string& text) {
   const auto path =
@@ -96,6 +96,10 @@ struct Server {
       co_return;
     }
     co_await asio::async_write(stream, asio::buffer(answer), asio::redirect_error(asio::use_awaitable, ec));
+    if (peer == Peer::answer_then_silent) {
+      co_await hold.async_wait(asio::redirect_error(asio::use_awaitable, ec));
+      co_return;
+    }
     co_await stream.async_shutdown(asio::redirect_error(asio::use_awaitable, ec));
   }
 };
@@ -292,4 +296,24 @@ TEST_CASE(
   CHECK(refused.step == Step::connect);
   CHECK(refused.error_text == "Connection refused");
   CHECK(refused.address == "127.0.0.2");
+}
+
+TEST_CASE("https_request: head_only answers at the final head, a body that never comes does not hold it") {
+  // 201 announcing a body of 100 octets, then nothing: read to its end, the request waits for the deadline.
+  const std::string head = "HTTP/1.1 201 Created\r\nContent-Length: 100\r\n\r\n";
+  const auto [stalled, took] =
+      exchange(to_loopback(), Peer::answer_then_silent, head, {}, std::chrono::milliseconds(500));
+  CHECK(stalled.error == Error::timed_out);
+  CHECK(stalled.head);
+  CHECK(took >= std::chrono::milliseconds(500));
+
+  auto request = to_loopback();
+  request.head_only = true;
+  const auto [response, took2] = exchange(
+      request, Peer::answer_then_silent, "HTTP/1.1 100 Continue\r\n\r\n" + head, {}, std::chrono::seconds(5));
+  CHECK(response.ok());
+  CHECK(response.head);
+  CHECK(response.status == 201);  // the final answer's, not the interim one's
+  CHECK(response.body.empty());
+  CHECK(took2 < std::chrono::seconds(2));
 }

@@ -620,6 +620,56 @@ policy no-policy-found - - 1 0 0
         server.shutdown()
 
 
+class HeadThenStall(http.server.BaseHTTPRequestHandler):
+    """Takes each report: answers 201 with a head that announces a body of 100 octets, then sends none for 10 s
+    (a reporting service whose answer stalls after its status line, or a hostile one)."""
+    protocol_version = "HTTP/1.1"
+    posts = []
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        HeadThenStall.posts.append((self.path, time.monotonic()))
+        self.send_response(201)
+        self.send_header("Content-Length", "100")
+        self.end_headers()
+        time.sleep(10)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_2xx_whose_body_stalls_is_taken_at_its_status(certs, report_cert, knot, daemon_factory, workdir):
+    """An https rua that answered 201 and then stalled in its body held each try until tlsrpt.https_timeout: the
+    status was all that counted (success), yet the body was read to its end, and the host was not marked as one
+    that timed out, so every report to it took the whole https_timeout (here 4 reports, 2 s each, interval 1s:
+    one report a run, the 4th POST 9 s after the 1st). The answer's head is all a report's POST needs: the body
+    is not read, and the 4 go out at once."""
+    server = harness.https_server(HeadThenStall, *report_cert)
+    try:
+        port = server.server_address[1]
+        directory = workdir / "stallbody-state"
+        directory.mkdir(exist_ok=True)
+        (directory / "tlsrpt.state").write_text("mailflowd-tlsrpt 1\n" + "".join(
+            f"day {DATE} s{n}.example.net https://reports.rpt.example.net:{port}/stall{n}\n"
+            "policy no-policy-found - - 1 0 0\n" for n in range(1, 5)))
+        listeners = [{"name": "out", "address": f"127.0.0.1:{harness.free_port()}", "direction": "outbound",
+                      "upstream": "internet"}]
+        daemon = daemon_factory(listeners, [{"name": "internet", "mx": True}], name="stallbody",
+                                dns={"servers": [knot.address], "timeout": "3s"},
+                                tlsrpt={"send": True, "interval": "1s", "https_timeout": "2s", "retry_for": "1h",
+                                        "submitter": SUBMITTER, "ca_file": str(certs / "ca.pem")})
+        harness.wait_for(lambda: len(HeadThenStall.posts) == 4, 40, what="the 4 reports")
+        first, last = HeadThenStall.posts[0][1], HeadThenStall.posts[-1][1]
+        assert last - first < 4, (f"the 4th POST came {last - first:.1f} s after the 1st", daemon.log_tail())
+        harness.wait_for(lambda: reports_of(daemon, DATE) == [], 10, what="every report done with")
+        m = daemon.metrics()
+        assert harness.value(m, "mailflow_tlsrpt_deliveries_total", method="https", result="success") == 4
+        assert harness.value(m, "mailflow_tlsrpt_deliveries_total", method="https", result="temporary_failure") == 0
+        assert "answered 201" in daemon.stderr()
+    finally:
+        server.shutdown()
+
+
 @pytest.fixture(scope="module")
 def silent_dns():
     """A DNS server that takes every query and never answers."""
