@@ -92,6 +92,17 @@ net::awaitable<HttpsResponse> https_request(net::any_io_executor executor, Https
   SSL_CTX_set_min_proto_version(context.native_handle(), TLS1_2_VERSION);
 
   beast::ssl_stream<beast::tcp_stream> stream(executor, context);
+  // HttpsAbort::abort() cancels the step in flight; each step checks it first too (one that completed just
+  // before it was still to be resumed, and its next step would have waited until the deadline).
+  const std::shared_ptr<HttpsAbort> abort = request.abort;
+  const auto aborted = [&abort] { return abort && abort->aborted; };
+  struct Unregister {
+    HttpsAbort* abort;
+    ~Unregister() {
+      if (abort) abort->cancel = nullptr;
+    }
+  } unregister{abort.get()};
+  if (abort) abort->cancel = [&stream] { beast::get_lowest_layer(stream).cancel(); };
   beast::error_code not_ip;
   net::ip::make_address(request.host, not_ip);
   if (!not_ip) {  // an IP literal: no SNI (RFC 6066 3), the certificate must name the address
@@ -149,6 +160,10 @@ net::awaitable<HttpsResponse> https_request(net::any_io_executor executor, Https
   auto& connection = beast::get_lowest_layer(stream);
   ec = net::error::not_found;  // no address at all, as a range connect says it
   for (const auto& endpoint : endpoints) {
+    if (aborted()) {
+      ec = net::error::operation_aborted;
+      break;
+    }
     address = endpoint.address().to_string();
     beast::error_code ignored;
     connection.socket().close(ignored);
@@ -164,6 +179,11 @@ net::awaitable<HttpsResponse> https_request(net::any_io_executor executor, Https
     return out;
   };
   if (ec) co_return with_address(step_failed(Step::connect, ec));
+  const auto abort_error = [&](Step step) {
+    return with_address(step_failed(step, net::error::operation_aborted));
+  };
+
+  if (aborted()) co_return abort_error(Step::handshake);
 
   beast::get_lowest_layer(stream).expires_after(remaining());
   co_await stream.async_handshake(net::ssl::stream_base::client, net::redirect_error(net::use_awaitable, ec));
@@ -181,6 +201,7 @@ net::awaitable<HttpsResponse> https_request(net::any_io_executor executor, Https
   message.set(http::field::connection, "close");
   for (const auto& [name, value] : request.headers) message.set(name, value);
   message.body() = std::move(request.body);
+  if (aborted()) co_return abort_error(Step::write);
   beast::get_lowest_layer(stream).expires_after(remaining());
   co_await http::async_write(stream, message, net::redirect_error(net::use_awaitable, ec));
   if (ec) co_return with_address(step_failed(Step::write, ec));
@@ -189,6 +210,7 @@ net::awaitable<HttpsResponse> https_request(net::any_io_executor executor, Https
   // not count them), and a read into a full buffer fails with buffer_overflow instead of growing it.
   beast::flat_buffer buffer(limits.max_header_bytes + limits.max_body_bytes);
   std::optional<http::response_parser<http::string_body>> parser;
+  if (aborted()) co_return abort_error(Step::read);
   beast::get_lowest_layer(stream).expires_after(remaining());
   // The head first: Beast 1.74's async_read parses eagerly, and a Content-Length over the body limit that
   // arrives in one read with the head then passes unchecked (the check's error is overwritten). An interim
@@ -202,7 +224,8 @@ net::awaitable<HttpsResponse> https_request(net::any_io_executor executor, Https
     const unsigned status = parser->get().result_int();
     if (ec || status / 100 != 1 || status == 101) break;
   }
-  if (!ec) co_await http::async_read(stream, buffer, *parser, net::redirect_error(net::use_awaitable, ec));
+  if (!ec && !request.head_only)
+    co_await http::async_read(stream, buffer, *parser, net::redirect_error(net::use_awaitable, ec));
   // A peer that closes without close_notify after a complete answer has said all it had to say.
   if (ec == net::ssl::error::stream_truncated && parser->is_done()) ec = {};
   HttpsResponse out;

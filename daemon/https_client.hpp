@@ -13,10 +13,24 @@
 #include <boost/asio/ip/address.hpp>
 #include <chrono>
 #include <cstddef>
+#include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
 namespace mailflow {
+
+// Ends a request in flight from outside, on the request's executor (a stop of the daemon): the step under way
+// fails at once (operation_aborted) and no further step is taken; a request given one already aborted fails
+// before it connects.
+struct HttpsAbort {
+  void abort() {
+    aborted = true;
+    if (cancel) cancel();
+  }
+  bool aborted = false;
+  std::function<void()> cancel;  // set by https_request while its connection is in use
+};
 
 struct HttpsRequest {
   std::string method = "GET";  // "GET" or "POST"
@@ -31,6 +45,10 @@ struct HttpsRequest {
   std::vector<boost::asio::ip::address> addresses;
   std::string connect_host;
   std::string port = "443";
+  std::shared_ptr<HttpsAbort> abort;  // optional: lets the caller end the request where it is
+  // The final answer's status line and headers are all the caller needs (a report's POST): its body is not
+  // read, so a peer that stalls after its status does not hold the request until the deadline.
+  bool head_only = false;
 };
 
 // Loads `ca_file` as https_request does (empty: the system trust store): "" when it loads, else why not. The

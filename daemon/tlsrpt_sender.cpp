@@ -41,7 +41,6 @@ namespace {
 constexpr std::string_view kLabel = reasons::tlsrpt_sessions;
 // A first run shortly after start (not a whole interval later), so that a restart does not delay the reports.
 constexpr auto kFirstRun = std::chrono::seconds(60);
-constexpr std::size_t kMaxAnswerBytes = 64 * 1024;  // an https rua's answer: status line, headers and body
 constexpr std::string_view kLedgerFile = "tlsrpt-ledger.state";
 // A line per unsent report (at most the store's max_days x max_domains_per_day): far below this; a larger
 // file is not one this daemon wrote.
@@ -398,6 +397,14 @@ asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
   for (std::size_t at = 0; at < keys.size(); ++at) {
     const auto& key = keys[at];
     if (cut_short || stopped_ || (stopping_ != nullptr && *stopping_)) break;
+    // A reload that turned tlsrpt.send off ends the run here, not at its end: the operator stopped the
+    // sending (reports going where they should not), and a run may take up to tlsrpt.interval (an hour by
+    // default).
+    if (!runtime_()->config->tlsrpt.send) {
+      log_event(LogLevel::info, "tlsrpt_deferred",
+                {{"reports", keys.size() - at}, {"reason", "tlsrpt.send was turned off by a reload"}});
+      break;
+    }
     // The reports left are those from here on: keys.size() - tried also counted the reports before this one
     // that were not tried (every rua skipped, said in the other tlsrpt_deferred line) or had left the store.
     if (tried >= config.tlsrpt.max_reports_per_run) {
@@ -600,7 +607,6 @@ asio::awaitable<TlsRptDelivery> TlsRptSender::deliver_https(const Runtime& runti
   const config::Config& config = *runtime.config;
   HttpsLimits limits;
   limits.deadline = std::chrono::steady_clock::now() + config.tlsrpt.https_timeout;
-  limits.max_body_bytes = kMaxAnswerBytes;
   HttpsRequest request;
   request.method = "POST";
   request.host = rua.host;
@@ -611,6 +617,7 @@ asio::awaitable<TlsRptDelivery> TlsRptSender::deliver_https(const Runtime& runti
   request.body = gzipped;
   request.ca_file = config.tlsrpt.ca_file;
   request.port = rua.port;
+  request.head_only = true;  // the status is what counts (from_http): a body that stalls holds nothing
   error_code ec;
   const auto literal = asio::ip::make_address(rua.host, ec);
   if (!ec) {
@@ -632,8 +639,14 @@ asio::awaitable<TlsRptDelivery> TlsRptSender::deliver_https(const Runtime& runti
     deadline.async_wait([lookup](const error_code& e) {
       if (!e) lookup->cancel();
     });
+    close_in_flight_ = [lookup] { lookup->cancel(); };  // stop(): its result is not waited for
     const AddressResult addresses = co_await lookup->resolve_addresses(rua.host);
+    close_in_flight_ = nullptr;
     deadline.cancel();
+    if (stopped_) {
+      detail = "stopped while looking up " + rua.host;
+      co_return TlsRptDelivery::temporary_failure;
+    }
     request.addresses = addresses.addresses;
     if (request.addresses.empty() && std::chrono::steady_clock::now() >= limits.deadline) {
       timed_out = true;
@@ -653,7 +666,11 @@ asio::awaitable<TlsRptDelivery> TlsRptSender::deliver_https(const Runtime& runti
     }
   }
 
+  // stop() ends the POST where it is, as it closes a report mail in flight.
+  request.abort = std::make_shared<HttpsAbort>();
+  close_in_flight_ = [abort = request.abort] { abort->abort(); };
   const auto response = co_await https_request(executor_, std::move(request), limits);
+  close_in_flight_ = nullptr;
   using Step = HttpsResponse::Step;
   // The status is what counts: a complete head is enough (a truncated close or an oversized body after it
   // does not change the answer).

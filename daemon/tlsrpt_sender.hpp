@@ -5,7 +5,8 @@
 //   mailto:  the section 5.3 mail through mailflowd's own MX delivery (an UpstreamLeg to the address's domain
 //            MX hosts on tlsrpt.smtp_port, opportunistic STARTTLS), MAIL FROM tlsrpt.from, dot-stuffed DATA;
 //   https:   a POST (Boost.Beast) of the gzip body, certificate verified (tlsrpt.ca_file or the system
-//            store), TLS1.2+, no redirects followed, answer bounded in size, all within tlsrpt.https_timeout.
+//            store), TLS1.2+, no redirects followed, only the answer's head read, all within
+//            tlsrpt.https_timeout.
 // A report is forgotten when every rua took it (2xx / 250) or refused it for good (5xx, 4xx other than 408
 // and 429), or when it still fails tlsrpt.retry_for after its first try (gave_up); each try of each rua is
 // counted in mailflow_tlsrpt_deliveries_total{method,result} and logged. At most tlsrpt.max_reports_per_run
@@ -92,10 +93,11 @@ class TlsRptSender {
   // One run at unix time `now`: returns how many reports were tried.
   boost::asio::awaitable<std::size_t> run_once(std::int64_t now);
 
-  // At stop, once the sessions are done: the report mail in flight (if any) is closed where it is, as a stop
-  // closes a relay session's upstream leg. The daemon's own doing, so nobody's failure: a try that ends after
-  // this is logged with result=shutdown and neither counted nor put in the ledger (the report goes out at the
-  // next start), and no upstream error or MX attempt is counted for it. The run ends after that try.
+  // At stop, once the sessions are done: the report mail or POST in flight (if any, its lookup included) is
+  // ended where it is, as a stop closes a relay session's upstream leg. The daemon's own doing, so nobody's
+  // failure: a try that ends after this is logged with result=shutdown and neither counted nor put in the
+  // ledger (the report goes out at the next start), and no upstream error or MX attempt is counted for it.
+  // The run ends after that try.
   void stop();
   bool running() const { return running_; }  // a run is in progress (the daemon waits for it to end)
 
@@ -131,7 +133,7 @@ class TlsRptSender {
   const std::atomic<bool>* stopping_ = nullptr;
   bool stopped_ = false;                   // stop() was called
   bool running_ = false;                   // run_once() is in progress
-  std::function<void()> close_in_flight_;  // force_close() of the report mail's conversation in flight
+  std::function<void()> close_in_flight_;  // ends the try in flight (report mail, POST, lookup)
   std::shared_ptr<Resolver> resolver_;  // https: rua host names, during one run (dns settings of that run)
   // When each report was last tried in this process (a count of tries): the retries of a run, the one tried
   // longest ago first, so that those in front which hang until their deadline do not take every run's time.

@@ -25,6 +25,7 @@
 #include <exception>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <string>
 
 #include "tests/daemon/test_certificate.hpp"
@@ -39,8 +40,8 @@ using mailflow::HttpsResponse;
 using Step = HttpsResponse::Step;
 using Error = HttpsResponse::Error;
 
-// What the server does with its one connection.
-enum class Peer { answer, silent_tcp, silent_tls };
+// What the server does with its one connection (answer_then_silent: the answer, then nothing, held open).
+enum class Peer { answer, silent_tcp, silent_tls, answer_then_silent };
 
 std::string write_file(const std::string& name, const std::string& text) {
   const auto path =
@@ -95,6 +96,10 @@ struct Server {
       co_return;
     }
     co_await asio::async_write(stream, asio::buffer(answer), asio::redirect_error(asio::use_awaitable, ec));
+    if (peer == Peer::answer_then_silent) {
+      co_await hold.async_wait(asio::redirect_error(asio::use_awaitable, ec));
+      co_return;
+    }
     co_await stream.async_shutdown(asio::redirect_error(asio::use_awaitable, ec));
   }
 };
@@ -104,10 +109,14 @@ struct Outcome {
   std::chrono::steady_clock::duration took{};
 };
 
-// One request against a server doing `peer`; `limits.deadline` is set from `timeout`.
+// One request against a server doing `peer`; `limits.deadline` is set from `timeout`; `abort_after`: the
+// request's abort() that long after its start.
 Outcome exchange(HttpsRequest request, Peer peer, std::string answer = {}, HttpsLimits limits = {},
-                 std::chrono::milliseconds timeout = std::chrono::seconds(5), std::string* seen = nullptr) {
+                 std::chrono::milliseconds timeout = std::chrono::seconds(5), std::string* seen = nullptr,
+                 std::chrono::milliseconds abort_after = {}) {
   asio::io_context io;
+  asio::steady_timer abort_timer(io, abort_after);
+  if (abort_after.count() > 0) abort_timer.async_wait([abort = request.abort](auto) { abort->abort(); });
   Server server(io);
   if (request.ca_file.empty()) request.ca_file = write_file("ca.pem", certificate().cert_pem);
   if (request.port.empty() || request.port == "443") request.port = server.port();
@@ -164,6 +173,29 @@ TEST_CASE("https_request: the answer's status, Content-Type and body, and the re
   CHECK(seen.find("Connection: close\r\n") != std::string::npos);
   CHECK(seen.find("Content-Type: application/tlsrpt+gzip\r\n") != std::string::npos);
   CHECK(seen.ends_with("\r\n\r\ngzip"));
+}
+
+TEST_CASE("https_request: abort() ends the step in flight at once, and no further step is taken") {
+  // In the handshake (a peer that never speaks TLS), waiting for the answer (one that took the request).
+  for (const auto& [peer, step] :
+       {std::pair{Peer::silent_tcp, Step::handshake}, std::pair{Peer::silent_tls, Step::read}}) {
+    auto request = to_loopback();
+    request.abort = std::make_shared<mailflow::HttpsAbort>();
+    const auto abort = request.abort;
+    const auto [response, took] =
+        exchange(request, peer, {}, {}, std::chrono::seconds(5), nullptr, std::chrono::milliseconds(200));
+    CHECK(response.error == Error::failed);
+    CHECK(response.step == step);
+    CHECK(took < std::chrono::seconds(2));  // not the deadline's 5 s
+    CHECK(!abort->cancel);                  // no longer points into the finished request
+  }
+  // Aborted before it began: no connection at all.
+  auto request = to_loopback();
+  request.abort = std::make_shared<mailflow::HttpsAbort>();
+  request.abort->abort();
+  const auto [response, took] = exchange(request, Peer::answer, std::string(kOk));
+  CHECK(response.step == Step::connect);
+  CHECK(!response.head);
 }
 
 TEST_CASE("https_request: a redirect is an answer like any other, never followed") {
@@ -264,4 +296,24 @@ TEST_CASE(
   CHECK(refused.step == Step::connect);
   CHECK(refused.error_text == "Connection refused");
   CHECK(refused.address == "127.0.0.2");
+}
+
+TEST_CASE("https_request: head_only answers at the final head, a body that never comes does not hold it") {
+  // 201 announcing a body of 100 octets, then nothing: read to its end, the request waits for the deadline.
+  const std::string head = "HTTP/1.1 201 Created\r\nContent-Length: 100\r\n\r\n";
+  const auto [stalled, took] =
+      exchange(to_loopback(), Peer::answer_then_silent, head, {}, std::chrono::milliseconds(500));
+  CHECK(stalled.error == Error::timed_out);
+  CHECK(stalled.head);
+  CHECK(took >= std::chrono::milliseconds(500));
+
+  auto request = to_loopback();
+  request.head_only = true;
+  const auto [response, took2] = exchange(
+      request, Peer::answer_then_silent, "HTTP/1.1 100 Continue\r\n\r\n" + head, {}, std::chrono::seconds(5));
+  CHECK(response.ok());
+  CHECK(response.head);
+  CHECK(response.status == 201);  // the final answer's, not the interim one's
+  CHECK(response.body.empty());
+  CHECK(took2 < std::chrono::seconds(2));
 }

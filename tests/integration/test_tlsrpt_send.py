@@ -11,6 +11,7 @@ The retry bookkeeping survives a restart (state_dir/tlsrpt-ledger.state): a rua 
 it again, and retry_for counts from the first try; a corrupt ledger file is moved aside and counted. A reload
 that turns send on with a shorter interval sends at that interval, not at the end of the wait under way.
 Tries that hang, and what a run does after one timed out: test_tlsrpt_send_timeouts.py."""
+import contextlib
 import datetime
 import email
 import email.policy
@@ -563,6 +564,68 @@ policy no-policy-found - - 1 0 0
         for connection in held:
             connection.close()
         stall.close()
+
+
+def drain_seconds(log):
+    """From the daemon's `draining` line to its `stopped` line, by their own timestamps."""
+    stamps = {}
+    for line in log.splitlines():
+        fields = line.split(" ", 3)
+        if len(fields) > 2 and fields[2] in ("draining", "stopped"):
+            stamps[fields[2]] = datetime.datetime.strptime(fields[0], "%Y-%m-%dT%H:%M:%S.%fZ")
+    return (stamps["stopped"] - stamps["draining"]).total_seconds()
+
+
+@pytest.mark.parametrize("step", ["post", "lookup"])
+def test_a_stop_while_a_report_post_is_in_flight_is_nobodys_failure(step, workdir, knot, certs, mailflowd_bin):
+    """An https rua's try in flight at a stop ("post": its host took the connection and never answers the TLS
+    handshake; "lookup": the name server never answers the host's queries), tlsrpt.https_timeout 60s: only a
+    report mail in flight was closed by the stop. The drain waited 5 s for the POST, then the daemon exited with
+    the try abandoned, logged nowhere, although operations.md says a try that a stop cut short is logged with
+    result=shutdown. It is ended at once now, as a report mail is: result=shutdown, no temporary_failure,
+    nothing in the ledger, and the next start tries it again."""
+    dns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # takes every query and never answers
+    dns.bind(("127.0.0.1", 0))
+    dns.settimeout(20)
+    https = socket.socket()  # the kernel completes the connection; nobody ever speaks
+    https.bind(("127.0.0.1", 0))
+    https.listen(16)
+    https.settimeout(20)
+    port = https.getsockname()[1]
+    tlsrpt = {"send": True, "submitter": SUBMITTER, "interval": "1s", "https_timeout": "60s",
+              "ca_file": str(certs / "ca.pem")}
+    state_dir, config = state_dir_and_config(workdir, f"stop-post-{step}", f"""mailflowd-tlsrpt 1
+day {DATE} h.example.net https://silent.rpt.example.net:{port}/stop
+policy no-policy-found - - 1 0 0
+""", knot, tlsrpt)
+    if step == "lookup":
+        config["dns"] = {"servers": [f"127.0.0.1:{dns.getsockname()[1]}"], "timeout": "20s"}
+    held = []
+    try:
+        for name in (f"stop-post-{step}", f"stop-post-{step}-again"):
+            daemon = harness.Daemon(mailflowd_bin, workdir, config, name=name).start()
+            if step == "post":
+                held.append(https.accept()[0])  # the POST's connection: its TLS handshake is never answered
+            else:
+                dns.recvfrom(512)  # the rua host's lookup: never answered
+            assert daemon.stop() == 0, daemon.log_tail()
+            harness.LIVE.remove(daemon)
+            log = daemon.stderr()
+            tries = [line for line in log.splitlines() if "tlsrpt_delivery" in line]
+            assert len(tries) == 1 and "result=shutdown" in tries[0] and "silent.rpt.example.net" in tries[0], log
+            assert drain_seconds(log) < 3, log  # not the 5 s the drain waits for a run that goes on
+            ledger = state_dir / "tlsrpt-ledger.state"
+            assert not ledger.exists() or "h.example.net" not in ledger.read_text(), ledger.read_text()
+            dns.setblocking(False)  # the stopped daemon's queries are not the next one's
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    dns.recvfrom(512)
+            dns.settimeout(20)
+    finally:
+        for connection in held:
+            connection.close()
+        https.close()
+        dns.close()
 
 
 @pytest.mark.parametrize("name, error", [

@@ -60,11 +60,11 @@ def test_a_run_of_rua_that_hang_ends_once_it_took_its_interval(workdir, knot, da
     """Each try has its deadline (tlsrpt.https_timeout here), but a run went on through every report due: with
     max_reports_per_run (1000) reports whose rua hangs until its deadline (30s), 8 hours, 10 rua a report 80, and
     a report mail's own timeouts.* allow half an hour a try. Meanwhile no next run began, so a new day's reports,
-    which a run tries first, waited for the end of it, and a reload that turned send off applied only then. A run
-    now ends once it has taken tlsrpt.interval, the rest waiting for the next run: here 8 reports to 8 hosts that
-    never answer (500 ms each; one host's further reports are skipped once it timed out, so each has its own) and
-    interval 1s, and send turned off by a reload after the first try: at most the run's second try follows
-    (before: the 7 others, 3.5 s more)."""
+    which a run tries first, waited for the end of it. A run now ends once it has taken tlsrpt.interval, the rest
+    waiting for the next run: here 8 reports to 8 hosts that never answer (500 ms each; one host's further reports
+    are skipped once it timed out, so each has its own) and interval 1s, made 1h by a reload after the first try
+    (no next run comes; the run under way keeps its own): at most the run's second try follows (before: the 7
+    others, 3.5 s more)."""
     silent = []
     for _ in range(8):  # each takes connections (the kernel's backlog completes them) and never says a word
         listener = socket.socket()
@@ -85,11 +85,7 @@ def test_a_run_of_rua_that_hang_ends_once_it_took_its_interval(workdir, knot, da
     failures = lambda: harness.value(daemon.metrics(), "mailflow_tlsrpt_deliveries_total",  # noqa: E731
                                      method="https", result="temporary_failure")
     harness.wait_for(lambda: failures() >= 1, 20, what="the first try")
-    daemon.config["tlsrpt"] = {**tlsrpt, "send": False}
-    daemon.config_path.write_text(json.dumps(daemon.config, indent=2) + "\n")
-    daemon.proc.send_signal(signal.SIGHUP)
-    harness.wait_for(lambda: harness.value(daemon.metrics(), "mailflow_config_reloads_total", result="success") == 1,
-                     10, what="the reload")
+    reload_tlsrpt(daemon, {**tlsrpt, "interval": "1h"})
     at_reload = failures()
     time.sleep(4)
     assert failures() - at_reload <= 1, "the run went on past its interval"
@@ -97,6 +93,104 @@ def test_a_run_of_rua_that_hang_ends_once_it_took_its_interval(workdir, knot, da
     assert len(reports_of(daemon, DATE)) == 8  # none given up: each waits for its next try
     for listener in silent:
         listener.close()
+
+
+def reload_tlsrpt(daemon, tlsrpt):
+    """A reload of `daemon` whose new config has `tlsrpt`; returns once it succeeded."""
+    daemon.config["tlsrpt"] = tlsrpt
+    daemon.config_path.write_text(json.dumps(daemon.config, indent=2) + "\n")
+    daemon.proc.send_signal(signal.SIGHUP)
+    harness.wait_for(lambda: harness.value(daemon.metrics(), "mailflow_config_reloads_total", result="success") == 1,
+                     10, what="the reload")
+
+
+def test_a_reload_that_turns_send_off_ends_the_run_under_way(workdir, knot, daemon_factory):
+    """tlsrpt.send turned off by a reload applied to the next run only: the run under way went on with every
+    report due, up to tlsrpt.interval (1h by default) or max_reports_per_run (1000), so an operator who stopped
+    the sending (reports going where they should not) saw them go out for up to an hour more. Here 8 reports
+    to 8 hosts that never answer (500 ms each), interval 5s, send turned off after the first try: the 7 others
+    followed (3.5 s). The run now ends before its next report (the try in flight, if any, finishes)."""
+    silent = []
+    for _ in range(8):  # each takes connections (the kernel's backlog completes them) and never says a word
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        silent.append(listener)
+    state = "mailflowd-tlsrpt 1\n" + "".join(
+        f"day {DATE} o{n}.example.net https://silent.rpt.example.net:{listener.getsockname()[1]}/off\n"
+        "policy no-policy-found - - 1 0 0\n" for n, listener in enumerate(silent, 1))
+    directory = workdir / "send-off-state"
+    directory.mkdir(exist_ok=True)
+    (directory / "tlsrpt.state").write_text(state)
+    listeners = [{"name": "out", "address": f"127.0.0.1:{harness.free_port()}", "direction": "outbound",
+                  "upstream": "internet"}]
+    tlsrpt = {"send": True, "interval": "5s", "https_timeout": "500ms", "retry_for": "1h", "submitter": SUBMITTER}
+    daemon = daemon_factory(listeners, [{"name": "internet", "mx": True}], name="send-off",
+                            dns={"servers": [knot.address], "timeout": "3s"}, tlsrpt=tlsrpt)
+    failures = lambda: harness.value(daemon.metrics(), "mailflow_tlsrpt_deliveries_total",  # noqa: E731
+                                     method="https", result="temporary_failure")
+    try:
+        harness.wait_for(lambda: failures() >= 1, 30, what="the first try")
+        reload_tlsrpt(daemon, {**tlsrpt, "send": False})
+        at_reload = failures()
+        time.sleep(4)
+        assert failures() - at_reload <= 1, ("the run went on after send was turned off", daemon.log_tail())
+        assert re.search(r'tlsrpt_deferred reports=[1-7] reason="tlsrpt.send was turned off by a reload"',
+                         daemon.stderr()), daemon.log_tail()
+        assert len(reports_of(daemon, DATE)) == 8  # kept, none given up
+    finally:
+        for listener in silent:
+            listener.close()
+
+
+class HeadThenStall(http.server.BaseHTTPRequestHandler):
+    """Takes each report: answers 201 with a head that announces a body of 100 octets, then sends none for 10 s
+    (a reporting service whose answer stalls after its status line, or a hostile one)."""
+    protocol_version = "HTTP/1.1"
+    posts = []
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        HeadThenStall.posts.append((self.path, time.monotonic()))
+        self.send_response(201)
+        self.send_header("Content-Length", "100")
+        self.end_headers()
+        time.sleep(10)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_2xx_whose_body_stalls_is_taken_at_its_status(certs, report_cert, knot, daemon_factory, workdir):
+    """An https rua that answered 201 and then stalled in its body held each try until tlsrpt.https_timeout: the
+    status was all that counted (success), yet the body was read to its end, and the host was not marked as one
+    that timed out, so every report to it took the whole https_timeout (here 4 reports, 2 s each, interval 1s:
+    one report a run, the 4th POST 9 s after the 1st). The answer's head is all a report's POST needs: the body
+    is not read, and the 4 go out at once."""
+    server = harness.https_server(HeadThenStall, *report_cert)
+    try:
+        port = server.server_address[1]
+        directory = workdir / "stallbody-state"
+        directory.mkdir(exist_ok=True)
+        (directory / "tlsrpt.state").write_text("mailflowd-tlsrpt 1\n" + "".join(
+            f"day {DATE} s{n}.example.net https://reports.rpt.example.net:{port}/stall{n}\n"
+            "policy no-policy-found - - 1 0 0\n" for n in range(1, 5)))
+        listeners = [{"name": "out", "address": f"127.0.0.1:{harness.free_port()}", "direction": "outbound",
+                      "upstream": "internet"}]
+        daemon = daemon_factory(listeners, [{"name": "internet", "mx": True}], name="stallbody",
+                                dns={"servers": [knot.address], "timeout": "3s"},
+                                tlsrpt={"send": True, "interval": "1s", "https_timeout": "2s", "retry_for": "1h",
+                                        "submitter": SUBMITTER, "ca_file": str(certs / "ca.pem")})
+        harness.wait_for(lambda: len(HeadThenStall.posts) == 4, 40, what="the 4 reports")
+        first, last = HeadThenStall.posts[0][1], HeadThenStall.posts[-1][1]
+        assert last - first < 4, (f"the 4th POST came {last - first:.1f} s after the 1st", daemon.log_tail())
+        harness.wait_for(lambda: reports_of(daemon, DATE) == [], 10, what="every report done with")
+        m = daemon.metrics()
+        assert harness.value(m, "mailflow_tlsrpt_deliveries_total", method="https", result="success") == 4
+        assert harness.value(m, "mailflow_tlsrpt_deliveries_total", method="https", result="temporary_failure") == 0
+        assert "answered 201" in daemon.stderr()
+    finally:
+        server.shutdown()
 
 
 def test_a_run_tries_a_rua_host_that_timed_out_once(workdir, knot, silent_port, https_port, certs, daemon_factory):
