@@ -303,7 +303,7 @@ const std::string_view daemon_options_usage =
     "                   the daemon's configuration file\n"
     "  --url            where the daemon's HTTP side listens (default http://127.0.0.1:9725; overrides\n"
     "                   --config's address); https:// when http.tls is set\n"
-    "  --user           basic auth user (http.basic_auth.user; default: --config's)\n"
+    "  --user           basic auth user (http.basic_auth.user, no ':'; default: --config's)\n"
     "  --password-file  basic auth password: the first line of FILE; else the environment variable\n"
     "                   MAILFLOWD_PASSWORD. (http://user:password@host:port works too, a '/' in the\n"
     "                   password written %2F, a '%' %25; but it shows in ps.)\n"
@@ -361,6 +361,14 @@ bool parse_daemon_option(int argc, char** argv, int& i, DaemonOptions& options, 
   // user named "" in place of --config's http.basic_auth user.
   if (value.empty() && option.name != "--url") {
     error = std::string(option.name) + " needs a value";
+    return false;
+  }
+  // RFC 7617 2: a user-id with a colon is invalid (http.basic_auth.user refuses one). curl's --user
+  // USER:PASSWORD sent as the user: "admin:secret:" reached the daemon, whose user is "admin", as a wrong
+  // password (a 401 counted in auth_failed against this address, "wrong user or password"), the password
+  // shown in ps.
+  if (option.name == "--user" && value.find(':') != std::string::npos) {
+    error = "--user must contain no ':' (the password goes in --password-file or MAILFLOWD_PASSWORD)";
     return false;
   }
   if (option.name == "--url") options.url = value;

@@ -5,8 +5,10 @@ import base64
 import contextlib
 import http.client
 import json
+import os
 import signal
 import statistics
+import subprocess
 import threading
 import time
 import types
@@ -246,6 +248,26 @@ def test_probes_need_no_credentials(env):
     for path in ("/%68ealthz", "/metrics/../healthz", "/./healthz"):
         status, _, body, _ = hx.get(env.port, path, source="127.0.7.9")
         assert (status, body) == (200, b"ok"), (path, status, body)
+
+
+@pytest.mark.parametrize("user, password_file", [(f"{USER}:{PASSWORD}", False), (f"{USER}:x", True)])
+def test_cli_user_with_a_colon_is_refused_before_any_request(env, mailflowd_bin, workdir, user, password_file):
+    """RFC 7617 2: a user-id with a colon is invalid, and http.basic_auth.user refuses one. `report --user
+    USER:PASSWORD` (curl's form) was sent as the user: the daemon read "prom" and a wrong password, answered 401,
+    counted an auth_failed against the administrator's address, and the CLI said "wrong user or password" (exit
+    1), the password shown in ps. Refused as bad usage now (exit 2), before any request."""
+    before = hx.rejects(hx.metrics(env.port, source="127.0.7.171", auth=(USER, PASSWORD)))
+    argv = [str(mailflowd_bin), "report", "--url", f"http://127.0.0.1:{env.port}", "--user", user]
+    if password_file:
+        path = workdir / "colon-user-password"
+        path.write_text(PASSWORD + "\n")
+        argv += ["--password-file", str(path)]
+    environment = {k: v for k, v in os.environ.items() if k != "MAILFLOWD_PASSWORD"}
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=environment)
+    after = hx.rejects(hx.metrics(env.port, source="127.0.7.171", auth=(USER, PASSWORD)))
+    assert after["auth_failed"] == before["auth_failed"], (before, after, done.stderr)
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert "mailflowd report: --user must contain no ':'" in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize("order", ["wrong first", "right first"])
