@@ -8,6 +8,7 @@ import http.server
 import json
 import socket
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,18 @@ def wait_https_successes(daemon, count):
     answer: a test that saw the POST waits here until the daemon has counted `count` https successes."""
     harness.wait_for(lambda: harness.value(daemon.metrics(), "mailflow_tlsrpt_deliveries_total", method="https",
                                            result="success") >= count, 10, what=f"{count} https successes counted")
+
+
+def settled(read, expected, timeout=10):
+    """read() once it returns `expected`, or what it returns after `timeout` (for the caller's assert): the daemon
+    counts a try after the server or sink has what it sent, and logs a run's tlsrpt_deferred after its last try."""
+    deadline = time.monotonic() + timeout
+    while (value := read()) != expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return value
+
+
+def log_with(daemon, text, timeout=10):
+    """The daemon's log once it has `text` (or after `timeout`, for the caller's assert)."""
+    settled(lambda: text in daemon.stderr(), True, timeout)
+    return daemon.stderr()
