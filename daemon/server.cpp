@@ -807,16 +807,19 @@ struct Server::Impl {
       // taken already: the drain of an idle daemon may be over (the loop stopped) before a turn to come.
       if (!stopping) co_await asio::post(io, asio::use_awaitable);
     }
+    if (stopping) {
+      // Said once: the SIGHUPs' flag stays set (no reload_taken()), so the ones after it post nothing. A
+      // deploy hook in a loop during a drain wrote a line per signal, 300 for 300.
+      log_event(LogLevel::warn, "reload_ignored",
+                {{"reason", "the daemon is stopping (draining its sessions)"}});
+      co_return;
+    }
     // The reload runs here, on the loop that accepts: a burst (a deploy hook per renewed certificate) made as
     // many full reloads, one after another, with the accepts and this loop's sessions waiting. The SIGHUPs
     // that came so far are this reload's, which reads the file after them; those that come while it runs make
     // one more, as Postfix's master reloads once for any number of SIGHUPs behind its master_gotsighup flag.
     signals.reload_taken();
-    if (stopping)
-      log_event(LogLevel::warn, "reload_ignored",
-                {{"reason", "the daemon is stopping (draining its sessions)"}});
-    else
-      reload();
+    reload();
   }
 
   // main() keeps up to 16 MiB of free heap (M_TRIM_THRESHOLD) so that steady traffic does not page-fault its

@@ -551,6 +551,32 @@ def test_a_second_sigterm_sent_while_a_reload_holds_the_loop_still_cuts_the_drai
     assert sink.count() == n, "the message cut short was delivered"
 
 
+def test_sighups_during_a_drain_say_reload_ignored_once(daemon_factory, sink):
+    """SIGHUPs while the daemon drains (a deploy hook in a loop, a certificate renewal per domain): none is acted on,
+    and the log says so once, not once per signal (300 SIGHUPs, 5 ms apart, while a session in its DATA holds the
+    drain: a line each, as the idle loop took each one)."""
+    d, port = start(daemon_factory, "hup-in-drain", sink, limits={"drain_timeout": "60s"})
+    c = in_data(port)
+    try:
+        d.proc.send_signal(signal.SIGTERM)
+        harness.wait_for(lambda: " draining " in d.stderr(), 10, what="the drain to begin")
+        for _ in range(300):
+            d.proc.send_signal(signal.SIGHUP)
+            time.sleep(0.005)
+        harness.wait_for(lambda: " reload_ignored " in d.stderr(), 5, what="the reload_ignored line")
+        time.sleep(0.5)  # lines for the last SIGHUPs, if any
+        assert d.proc.poll() is None, "the drain did not wait for the session in its DATA"
+        c.send(b".\r\n")
+        assert c.reply()[0] == 250
+    finally:
+        c.close()
+    assert d.proc.wait(15) == 0, d.log_tail()
+    log = d.stderr()
+    lines = log.count(" reload_ignored ")
+    assert lines == 1, f"{lines} reload_ignored lines for 300 SIGHUPs during a drain\n{d.log_tail()}"
+    assert " reload config=" not in log, d.log_tail()
+
+
 def test_a_storm_of_sigterms_during_a_drain_says_drain_cut_short_once(daemon_factory, sink):
     """A SIGTERM, then a storm of them while the drain waits for a session (a supervisor or a script in a kill
     loop): the drain is cut short, and the log says so once, not once per signal taken."""
