@@ -1,6 +1,5 @@
 // mailflowd: command line entry point. Everything else lives in the mailflow_relay library.
 #include <malloc.h>
-#include <pthread.h>
 #include <signal.h>
 
 #include <algorithm>
@@ -8,6 +7,7 @@
 #include <cstdio>
 #include <cstring>
 #include <exception>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -20,6 +20,7 @@
 #include "daemon/report_cli.hpp"
 #include "daemon/route_cli.hpp"
 #include "daemon/server.hpp"
+#include "daemon/signal_thread.hpp"
 #include "daemon/tlsrpt_cli.hpp"
 
 namespace {
@@ -76,14 +77,22 @@ int check_config(const std::string& path) {
 }
 
 int run_daemon(const std::string& path) {
-  // SIGHUP, SIGTERM, SIGINT and SIGQUIT stay blocked in every thread (each inherits this mask) for the life
-  // of the process: the server reads them from signalfds (server.cpp, SignalReader), and until it does they
-  // wait, pending. Their default action killed a daemon that was still starting (e.g. loading a large
-  // state_dir), and one that came while it exited, after its state was saved.
-  sigset_t signals;
-  sigemptyset(&signals);
-  for (int signal : {SIGHUP, SIGTERM, SIGINT, SIGQUIT}) sigaddset(&signals, signal);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  // First: SIGHUP, SIGTERM, SIGINT and SIGQUIT are blocked in every thread from here on (each inherits the
+  // mask) and taken by a thread of their own as they come (signal_thread.hpp). Their default action killed a
+  // daemon that was still starting, and one that came while it exited, after its state was saved. A stop
+  // signal before the server runs ends the start-up (exit 0), whatever it waits for: reading a configuration
+  // file that is a FIFO, a state_dir on a hung mount.
+  // The log's sink and line format before that thread may log (startup_stopped): the first call replaces
+  // spdlog's default logger, which is not safe while another thread logs through it; the call with the
+  // configuration's settings below changes them in place, as a reload does.
+  mailflow::setup_logging({});
+  std::optional<mailflow::SignalThread> signals;
+  try {
+    signals.emplace();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "mailflowd: %s\n", e.what());
+    return 1;
+  }
   // Standard error may be a pipe (`mailflowd 2>&1 | logger`, a container's log pipe): once its reader was
   // gone, the next log line raised SIGPIPE, whose default action ended the daemon, without its drain or the
   // windows saved. Ignored, as Postfix's master and nginx ignore it (systemd does so for its services,
@@ -108,7 +117,7 @@ int run_daemon(const std::string& path) {
   // page faults in a 3 s bench run, 6 % of the relay's CPU. Keep up to 16 MiB of free heap instead.
   mallopt(M_TRIM_THRESHOLD, 16 * 1024 * 1024);
   try {
-    mailflow::Server server(path, result.config);
+    mailflow::Server server(path, result.config, *signals);
     return server.run();
   } catch (const std::exception& e) {
     mailflow::log_event(mailflow::LogLevel::error, "startup_failed", {{"error", e.what()}});

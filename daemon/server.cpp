@@ -8,8 +8,6 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sched.h>
-#include <signal.h>
-#include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <systemd/sd-daemon.h>
@@ -21,7 +19,6 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/ip/v6_only.hpp>
-#include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/redirect_error.hpp>
 #include <boost/asio/steady_timer.hpp>
@@ -33,7 +30,6 @@
 #include <cstring>
 #include <filesystem>
 #include <functional>
-#include <initializer_list>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -52,6 +48,7 @@
 #include "daemon/relay_session.hpp"
 #include "daemon/resolver.hpp"
 #include "daemon/runtime.hpp"
+#include "daemon/signal_thread.hpp"
 #include "daemon/state_file.hpp"
 #include "daemon/state_writer.hpp"
 #include "daemon/telemetry.hpp"
@@ -80,7 +77,7 @@ constexpr auto name_ttl = std::chrono::hours(6);
 constexpr auto name_failure_ttl = std::chrono::minutes(5);
 constexpr std::size_t memory_trim_sessions = 100;
 // How long a SIGHUP waits before its reload begins, the event loop running on: a SIGTERM or SIGINT that comes
-// meanwhile (sent with it) stops the daemon and the reload is not made (reload_signals()).
+// meanwhile (sent with it) stops the daemon and the reload is not made (settle_and_reload()).
 constexpr auto reload_settle = std::chrono::milliseconds(50);
 
 tcp::endpoint listen_endpoint(const config::Endpoint& address) {
@@ -219,50 +216,6 @@ void check_state_dir(const std::string& dir) {
                              (write_errno != 0 ? std::strerror(write_errno) : "short write"));
 }
 
-// The signals of a set, read from a signalfd: they stay blocked in every thread, from main() on
-// (run_daemon()), and wait in the kernel, which keeps one of each pending however many are sent, until the
-// event loop takes them. Asio's signal_set had a handler write each signal into a pipe that only the loop
-// reads, dropping the write once the pipe was full: a flood of SIGHUPs during a reload (the loop held) filled
-// it with 16,384 of them, and a SIGTERM after them was lost (the daemon never stopped). Postfix's master
-// merges SIGHUPs behind a flag likewise (master_gotsighup). Declared after the io_context it waits on: closed
-// before it goes.
-class SignalReader {
- public:
-  SignalReader(asio::io_context& io, std::initializer_list<int> signals) : descriptor_(io) {
-    sigset_t set;
-    sigemptyset(&set);
-    for (int signal : signals) sigaddset(&set, signal);
-    const int fd = ::signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
-    if (fd < 0) throw std::system_error(errno, std::generic_category(), "signalfd");
-    descriptor_.assign(fd);
-  }
-
-  // The next signal of the set: one pending now (sent before or during a reload, or while the server
-  // started), else the first to come.
-  asio::awaitable<int> next() {
-    for (;;) {
-      if (const int signal = take(); signal != 0) co_return signal;
-      co_await descriptor_.async_wait(asio::posix::descriptor_base::wait_read, asio::use_awaitable);
-    }
-  }
-
-  // Takes the one pending, if any, without waiting.
-  void discard_pending() { (void)take(); }
-
- private:
-  int take() {
-    signalfd_siginfo info{};
-    ssize_t got;
-    do got = ::read(descriptor_.native_handle(), &info, sizeof info);
-    while (got < 0 && errno == EINTR);
-    if (got == static_cast<ssize_t>(sizeof info)) return static_cast<int>(info.ssi_signo);
-    if (got < 0 && errno != EAGAIN) throw std::system_error(errno, std::generic_category(), "signalfd read");
-    return 0;
-  }
-
-  asio::posix::stream_descriptor descriptor_;
-};
-
 }  // namespace
 
 struct Server::Impl {
@@ -293,14 +246,11 @@ struct Server::Impl {
   std::vector<std::unique_ptr<asio::io_context>> workers;  // the other loops
   std::vector<WorkGuard> worker_guards;                    // keep them running while they have no session
   asio::io_context io{1};
-  // A signal that comes while the server starts waits, pending (main blocks them from its start on);
-  // stop_signals() and reload_signals() take them once the loop runs. Two sets: see reload_signals().
-  // SIGQUIT stops as SIGTERM does: Postfix's master takes it as a request to terminate (master_sig.c) and
-  // nginx as its graceful stop (Debian's nginx.service stops it with QUIT); its default action ended the
-  // daemon at once with a core, no drain and the windows since the last minute's save lost.
-  SignalReader stop_signal_set{io, {SIGTERM, SIGINT, SIGQUIT}};
-  SignalReader reload_signal_set{io, {SIGHUP}};
-  asio::steady_timer reload_settle_timer{io};  // a SIGHUP's wait before its reload (reload_signals())
+  // Takes the signals as they come and posts them to `io` once run() attaches (stop_signal(),
+  // reload_signal()); SIGQUIT stops as SIGTERM does: Postfix's master takes it as a request to terminate
+  // (master_sig.c) and nginx as its graceful stop (Debian's nginx.service stops it with QUIT).
+  SignalThread& signals;
+  asio::steady_timer reload_settle_timer{io};  // a SIGHUP's wait before its reload (settle_and_reload())
   std::size_t next_loop = 0;
   Telemetry telemetry;
   SessionRegistry registry{telemetry};
@@ -315,7 +265,7 @@ struct Server::Impl {
   // The configuration the process started with: what a reload cannot change (http.address, state_dir,
   // performance.event_loops) keeps its value from here until a restart.
   std::shared_ptr<const config::Config> started;
-  std::vector<std::shared_ptr<Acceptor>> acceptors;  // touched only from the signal coroutine and startup
+  std::vector<std::shared_ptr<Acceptor>> acceptors;  // touched only from startup and the first loop
   std::atomic<bool> stopping{false};                 // read by /readyz on any thread
   std::atomic<bool> busy_poll{true};                 // performance.busy_poll, read by every loop
   std::atomic<bool> save_in_flight{false};           // the minute's save is queued or being written
@@ -325,7 +275,8 @@ struct Server::Impl {
   // the MTA-STS cache, the sender's ledger flag, save_in_flight), so it is destroyed, and joined, first.
   std::unique_ptr<StateWriter> state_writer;
 
-  Impl(std::string path, std::shared_ptr<const config::Config> config) : config_path(std::move(path)) {
+  Impl(std::string path, std::shared_ptr<const config::Config> config, SignalThread& signal_thread)
+      : config_path(std::move(path)), signals(signal_thread) {
     runtime = Runtime::build(std::move(config));
     started = runtime->config;
     state_writer = std::make_unique<StateWriter>(started->state_dir, telemetry);
@@ -335,6 +286,9 @@ struct Server::Impl {
       worker_guards.push_back(asio::make_work_guard(*workers.back()));
     }
   }
+
+  // First: no signal is posted to `io` once it begins to go.
+  ~Impl() { signals.detach(); }
 
   // Round robin over the loops: where the next session lives.
   asio::io_context& session_loop() {
@@ -432,7 +386,7 @@ struct Server::Impl {
   }
 
   // Runs a coroutine of the server's own for the life of the process: one that an exception ended is started
-  // again (signal handling and the periodic state save must not stop silently).
+  // again (the periodic state save must not stop silently).
   void keep_running(std::string_view component, std::function<asio::awaitable<void>()> make) {
     asio::co_spawn(io, make(), on_escape(component, [this, component, make] {
                      if (!stopping) keep_running(component, make);
@@ -815,63 +769,57 @@ struct Server::Impl {
     stop_loops();
   }
 
-  // SIGTERM, SIGINT, SIGQUIT: a drain; a second one while draining cuts it short.
-  asio::awaitable<void> stop_signals() {
-    bool cut_short = false;
-    for (;;) {
-      co_await stop_signal_set.next();
-      if (stopping) {
-        // A second SIGTERM/SIGINT while draining: the operator does not want to wait. Said once: a storm of
-        // them (a kill loop, a supervisor) wrote a line per signal taken, 662 for 20,000 in one drain.
-        if (!cut_short) log_event(LogLevel::warn, "drain_cut_short", {{"sessions", registry.active()}});
-        cut_short = true;
-        registry.close_all();
-        continue;
-      }
-      // Set here, not when drain() begins: a reload whose SIGHUP was read with this signal is not made
-      // (reload_signals()).
-      stopping = true;
-      reload_settle_timer.cancel();  // a SIGHUP waiting to reload says reload_ignored now
-      // A drain that failed still saves the windows and exits (with sessions cut short) rather than hang.
-      asio::co_spawn(io, drain(), on_escape("drain", [this] {
-                       registry.close_all();
-                       save_state_now();
-                       stop_loops();
-                     }));
+  // SIGTERM, SIGINT, SIGQUIT: a drain; a second one while draining cuts it short (SignalThread posts the
+  // first two: whatever comes after them has nothing left to do).
+  void stop_signal() {
+    if (stopping) {
+      // A second one while draining: the operator does not want to wait.
+      log_event(LogLevel::warn, "drain_cut_short", {{"sessions", registry.active()}});
+      registry.close_all();
+      return;
     }
+    // Set here, not when drain() begins: a reload whose SIGHUP came with this signal is not made
+    // (settle_and_reload()).
+    stopping = true;
+    reload_settle_timer.cancel();  // a SIGHUP waiting to reload says reload_ignored now
+    // A drain that failed still saves the windows and exits (with sessions cut short) rather than hang.
+    asio::co_spawn(io, drain(), on_escape("drain", [this] {
+                     registry.close_all();
+                     save_state_now();
+                     stop_loops();
+                   }));
   }
 
-  // SIGHUP: a reload.
-  asio::awaitable<void> reload_signals() {
-    for (;;) {
-      co_await reload_signal_set.next();
-      if (!stopping) {
-        // A SIGTERM/SIGINT sent with this SIGHUP goes first: the loop runs on for reload_settle before the
-        // reload begins, and stop_signals() ends the wait when it takes one. The two come in separate
-        // notifications when the loop wakes for the SIGHUP before the SIGTERM is written (`kill -HUP; kill
-        // -TERM` to an idle daemon): one turn of the loop after the SIGHUP's came before the SIGTERM was
-        // read, so the reload began, and ran whole (seconds with many CA bundles) before the drain. One set
-        // for all three signals handed out the lower number first: the same whole reload, even when both
-        // were read at once. Postfix's master acts on SIGTERM in its signal handler, before anything else.
-        reload_settle_timer.expires_after(reload_settle);
-        error_code cancelled;  // by stop_signals(): the stop has come
-        co_await reload_settle_timer.async_wait(asio::redirect_error(asio::use_awaitable, cancelled));
-        // A SIGTERM read in the turn of the loop that ended the wait is taken in the next one. Not after one
-        // taken already: the drain of an idle daemon may be over (the loop stopped) before a turn to come.
-        if (!stopping) co_await asio::post(io, asio::use_awaitable);
-      }
-      // The reload runs here, on the loop that reads the signals: a burst (a deploy hook per renewed
-      // certificate) made as many full reloads, one after another, with the accepts and this loop's sessions
-      // waiting. One pending now came before this reload, which reads the file after it: dropped. Those that
-      // come while it runs make one more (the kernel keeps one), as Postfix's master reloads once for any
-      // number of SIGHUPs behind its master_gotsighup flag.
-      reload_signal_set.discard_pending();
-      if (stopping)
-        log_event(LogLevel::warn, "reload_ignored",
-                  {{"reason", "the daemon is stopping (draining its sessions)"}});
-      else
-        reload();
+  // SIGHUP: a reload. SignalThread posts one at a time: the next once this one has begun (reload_taken()).
+  void reload_signal() { asio::co_spawn(io, settle_and_reload(), on_escape("signals")); }
+
+  asio::awaitable<void> settle_and_reload() {
+    if (!stopping) {
+      // A SIGTERM/SIGINT sent with this SIGHUP goes first: the loop runs on for reload_settle before the
+      // reload begins, and stop_signal() ends the wait when it comes. Without it (`kill -HUP; kill -TERM` to
+      // an idle daemon) the reload began on the turn of the loop after the SIGHUP's, before the SIGTERM was
+      // taken, and ran whole (seconds with many CA bundles) before the drain. Postfix's master acts on
+      // SIGTERM in its signal handler, before anything else.
+      reload_settle_timer.expires_after(reload_settle);
+      error_code cancelled;  // by stop_signal(): the stop has come
+      co_await reload_settle_timer.async_wait(asio::redirect_error(asio::use_awaitable, cancelled));
+      // A SIGTERM posted in the turn of the loop that ended the wait runs in the next one. Not after one
+      // taken already: the drain of an idle daemon may be over (the loop stopped) before a turn to come.
+      if (!stopping) co_await asio::post(io, asio::use_awaitable);
     }
+    if (stopping) {
+      // Said once: the SIGHUPs' flag stays set (no reload_taken()), so the ones after it post nothing. A
+      // deploy hook in a loop during a drain wrote a line per signal, 300 for 300.
+      log_event(LogLevel::warn, "reload_ignored",
+                {{"reason", "the daemon is stopping (draining its sessions)"}});
+      co_return;
+    }
+    // The reload runs here, on the loop that accepts: a burst (a deploy hook per renewed certificate) made as
+    // many full reloads, one after another, with the accepts and this loop's sessions waiting. The SIGHUPs
+    // that came so far are this reload's, which reads the file after them; those that come while it runs make
+    // one more, as Postfix's master reloads once for any number of SIGHUPs behind its master_gotsighup flag.
+    signals.reload_taken();
+    reload();
   }
 
   // main() keeps up to 16 MiB of free heap (M_TRIM_THRESHOLD) so that steady traffic does not page-fault its
@@ -950,8 +898,8 @@ struct Server::Impl {
   }
 };
 
-Server::Server(std::string config_path, std::shared_ptr<const config::Config> config)
-    : impl_(std::make_unique<Impl>(std::move(config_path), std::move(config))) {}
+Server::Server(std::string config_path, std::shared_ptr<const config::Config> config, SignalThread& signals)
+    : impl_(std::make_unique<Impl>(std::move(config_path), std::move(config), signals)) {}
 
 Server::~Server() = default;
 
@@ -994,8 +942,6 @@ int Server::run() {
   s.http = std::make_unique<HttpServer>(config.http, s.telemetry, [&s] { return !s.stopping; });
   s.http->start();
   s.apply_certificates(*snapshot);  // what the listeners' contexts and the HTTP server loaded
-  s.keep_running("signals", [&s] { return s.stop_signals(); });
-  s.keep_running("signals", [&s] { return s.reload_signals(); });
   s.keep_running("periodic", [&s] { return s.periodic(); });
   s.keep_running("periodic", [&s] { return s.give_back_memory(); });
   s.keep_running("periodic", [&s] { return s.name_remotes(); });
@@ -1004,6 +950,8 @@ int Server::run() {
   std::string listeners;
   for (const auto& l : config.listeners)
     listeners += (listeners.empty() ? "" : ",") + l.name + "=" + l.address.text;
+  // From here on a stop signal drains (the loop runs it first thing); before, it ended the start-up.
+  s.signals.attach(s.io, {[&s] { s.stop_signal(); }, [&s] { s.reload_signal(); }});
   log_event(LogLevel::info, "started",
             {{"version", MAILFLOW_VERSION}, {"listeners", listeners}, {"http", config.http.address.text}});
   sd_notify(0, "READY=1");

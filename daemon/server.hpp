@@ -8,10 +8,14 @@
 
 namespace mailflow {
 
+class SignalThread;
+
 class Server {
  public:
   // `config` is the validated startup configuration loaded from `config_path` (reloads read that path again).
-  Server(std::string config_path, std::shared_ptr<const config::Config> config);
+  // `signals` takes the signals from before the server exists: run() has them posted to its loop once it is
+  // about to run, the destructor no longer.
+  Server(std::string config_path, std::shared_ptr<const config::Config> config, SignalThread& signals);
   ~Server();
 
   // Starts everything and blocks until a SIGTERM/SIGINT/SIGQUIT drain finished (a second signal cuts the

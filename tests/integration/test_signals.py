@@ -5,8 +5,9 @@ sessions; SIGTERM during a slow DATA transfer lets it finish within drain_timeou
 still exits 0 (and relays until then); performance.busy_poll off relays, and a SIGHUP switches it on;
 performance.event_loops starts that many relaying threads ("auto": one per usable CPU); a reload that changes
 what only a restart applies (http.address, state_dir, event_loops) says so on every reload and changes none of
-them. A SIGHUP or SIGTERM that comes while the daemon starts waits for it (reload, or a clean stop). SIGHUPs that
-come during a reload make one more reload, not one each."""
+them. A SIGHUP that comes while the daemon starts waits for it (a reload once started); a stop signal ends the
+start-up at once, whatever it waits for. SIGHUPs that come during a reload make one more reload, not one each; a
+second SIGTERM sent while a reload holds the loop still cuts the drain short."""
 import json
 import os
 import re
@@ -289,9 +290,9 @@ def test_a_sighup_flood_during_a_reload_does_not_lose_a_sigterm(daemon_factory, 
     write when the pipe was full (16,384 signals in 64 KiB): a loop held by a reload (4 s here, failpoint `reload`)
     read none of them, so a flood of SIGHUPs filled it and the SIGTERM behind them was lost: the daemon ran on, made
     a second reload and never drained. Each SIGHUP of the flood is sent once the one before was taken (no longer
-    pending), so that every one of them reaches the handler; the kernel merges the rest. With signalfd they stay
-    pending in the kernel, which keeps one of each: the flood is one SIGHUP, the SIGTERM is never lost. Bounded:
-    30,000 SIGHUPs at most, in the first 3 s of the reload."""
+    pending), so that every one of them reaches the handler; the kernel merges the rest. The daemon's signal thread
+    takes each one and merges them behind a flag: the flood is one more reload asked for, the SIGTERM is never
+    lost. Bounded: 30,000 SIGHUPs at most, in the first 3 s of the reload."""
     monkeypatch.setenv("MAILFLOWD_FAILPOINTS", "reload=4000ms")
     port = harness.free_port()
     d = daemon_factory(listeners=[hh.listener("inbound", port, "store")],
@@ -513,6 +514,67 @@ def test_a_second_stop_signal_cuts_the_drain_short(daemon_factory, sink, second)
     assert log.count(" drain_cut_short ") == 1 and " stopped " in log, d.log_tail()
     assert state.is_file() and state.stat().st_size > 0, f"{state} not written at the stop"
     assert sink.count() == n, "the message cut short was delivered"
+
+
+def test_a_second_sigterm_sent_while_a_reload_holds_the_loop_still_cuts_the_drain_short(daemon_factory, sink,
+                                                                                        monkeypatch):
+    """`kill -TERM; sleep 0.5; kill -TERM` while a reload holds the event loop (3 s here, failpoint `reload`; a
+    configuration with many CA bundles takes seconds) and a session is in its DATA: the second signal cuts the
+    drain short as at any other time. The loop read the signals from a signalfd, and the kernel keeps one of each
+    pending until it is read: the second SIGTERM merged with the first, the drain waited for the session up to
+    drain_timeout (60 s), no drain_cut_short. A thread of their own takes them as they come."""
+    monkeypatch.setenv("MAILFLOWD_FAILPOINTS", "reload=3000ms")
+    d, port = start(daemon_factory, "cut-in-reload", sink, limits={"drain_timeout": "60s"})
+    state = d.workdir / "cut-in-reload-state" / "windows.state"
+    hh.assert_relays(d, port, sink)
+    n = sink.count()
+    c = in_data(port)
+    try:
+        d.proc.send_signal(signal.SIGHUP)
+        harness.wait_for(lambda: " reload config=" in d.stderr(), 10, interval=0.005, what="the reload to begin")
+        d.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        d.proc.send_signal(signal.SIGTERM)
+        assert " reloaded " not in d.stderr(), "the reload was over before the second SIGTERM: nothing tested"
+        try:
+            d.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"mailflowd did not exit within 20 s of two SIGTERMs sent during a reload (drain_timeout "
+                        f"60 s)\n{d.log_tail()}")
+        assert closed_by_server(c), "the session was left open"
+    finally:
+        c.close()
+    assert d.proc.returncode == 0, d.log_tail()
+    log = d.stderr()
+    assert " reloaded " in log and log.count(" drain_cut_short ") == 1 and " stopped " in log, d.log_tail()
+    assert saved_messages(state) == 1, state.read_text()
+    assert sink.count() == n, "the message cut short was delivered"
+
+
+def test_sighups_during_a_drain_say_reload_ignored_once(daemon_factory, sink):
+    """SIGHUPs while the daemon drains (a deploy hook in a loop, a certificate renewal per domain): none is acted on,
+    and the log says so once, not once per signal (300 SIGHUPs, 5 ms apart, while a session in its DATA holds the
+    drain: a line each, as the idle loop took each one)."""
+    d, port = start(daemon_factory, "hup-in-drain", sink, limits={"drain_timeout": "60s"})
+    c = in_data(port)
+    try:
+        d.proc.send_signal(signal.SIGTERM)
+        harness.wait_for(lambda: " draining " in d.stderr(), 10, what="the drain to begin")
+        for _ in range(300):
+            d.proc.send_signal(signal.SIGHUP)
+            time.sleep(0.005)
+        harness.wait_for(lambda: " reload_ignored " in d.stderr(), 5, what="the reload_ignored line")
+        time.sleep(0.5)  # lines for the last SIGHUPs, if any
+        assert d.proc.poll() is None, "the drain did not wait for the session in its DATA"
+        c.send(b".\r\n")
+        assert c.reply()[0] == 250
+    finally:
+        c.close()
+    assert d.proc.wait(15) == 0, d.log_tail()
+    log = d.stderr()
+    lines = log.count(" reload_ignored ")
+    assert lines == 1, f"{lines} reload_ignored lines for 300 SIGHUPs during a drain\n{d.log_tail()}"
+    assert " reload config=" not in log, d.log_tail()
 
 
 def test_a_storm_of_sigterms_during_a_drain_says_drain_cut_short_once(daemon_factory, sink):
@@ -900,11 +962,43 @@ def stop_signals_blocked(pid):
     return all(blocked & (1 << (s - 1)) for s in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM])
+def every_thread_blocks(pid, signals):
+    """The threads of the process (its tasks) in which one of `signals` is not blocked (SigBlk)."""
+    unblocked = []
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        try:
+            text = status.read_text()
+        except OSError:
+            continue  # a thread that ended meanwhile
+        blocked = int(re.search(r"^SigBlk:\s*([0-9a-f]+)$", text, re.M).group(1), 16)
+        if not all(blocked & (1 << (s - 1)) for s in signals):
+            unblocked.append(re.search(r"^Name:\s*(.*)$", text, re.M).group(1))
+    return unblocked
+
+
+def spawn_starting(workdir, mailflowd_bin, name, cfg, config_path=None, env=None):
+    """mailflowd --config CONFIG_PATH (by default `cfg` written to NAME.yaml), returned once main() has blocked the
+    signals (not a fixed pause: an ASan build took 0.4 to 1 s to reach main() on a loaded machine, and a signal
+    sent before main() blocks it ends the process by its default action, exit -1, as it does any program)."""
+    d = harness.Daemon(mailflowd_bin, workdir, cfg, name=name)
+    if config_path is None:
+        config_path = d.config_path
+        config_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    with open(d.log_path, "ab") as log:
+        d.proc = subprocess.Popen([mailflowd_bin, "--config", str(config_path)], stdout=log, stderr=log,
+                                  stdin=subprocess.DEVNULL, env=dict(os.environ, **(env or {})))
+    harness.LIVE.append(d)
+    harness.wait_for(lambda: d.proc.poll() is not None or stop_signals_blocked(d.proc.pid), 20,
+                     interval=0.01, what="main() to block the signals")
+    assert d.proc.poll() is None, d.log_tail()
+    return d
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP])
 def test_signal_during_startup_is_not_lost(workdir, mailflowd_bin, sink, sig):
-    """A signal that comes while the daemon starts (held 1.5 s here, at the start of Server::run, by the failpoint
-    startup; a large state_dir or a slow disk does the same) neither kills it nor is lost: SIGHUP reloads once
-    start-up is done, SIGTERM stops it as at any other time (exit 0, windows saved)."""
+    """A SIGHUP that comes while the daemon starts (held 1.5 s here, at the start of Server::run, by the failpoint
+    startup; a large state_dir or a slow disk does the same) neither kills it nor is lost: it reloads once
+    start-up is done. A stop signal then ends the start-up: the tests below."""
     name = f"early-{sig.name.lower()}"
     state = workdir / f"{name}-state"
     state.mkdir(exist_ok=True)
@@ -921,12 +1015,6 @@ def test_signal_during_startup_is_not_lost(workdir, mailflowd_bin, sink, sig):
         assert d.proc.poll() is None, d.log_tail()
         assert " started " not in d.stderr(), "start-up was over before the signal"
         d.proc.send_signal(sig)
-        if sig == signal.SIGTERM:
-            rc = d.proc.wait(20)
-            assert rc == 0, f"exit {rc} after a SIGTERM during start-up\n{d.log_tail()}"
-            assert "stopped" in d.stderr(), d.log_tail()
-            assert (state / "windows.state").exists(), "the windows were not saved"
-            return
         harness.wait_for(lambda: d.proc.poll() is not None or reloads_or_none(d) == 1, 20,
                          what="the reload of the SIGHUP sent during start-up")
         assert d.proc.poll() is None, f"SIGHUP during start-up killed the daemon: exit {d.proc.returncode}\n" \
@@ -939,6 +1027,77 @@ def test_signal_during_startup_is_not_lost(workdir, mailflowd_bin, sink, sig):
             d.proc.kill()
             d.proc.wait()
         harness.LIVE.remove(d)
+
+
+def stopped_while_starting(d, sig):
+    """Sends `sig` to a daemon that is starting; asserts that it ends the start-up at once, cleanly."""
+    assert " started " not in d.stderr(), "start-up was over before the signal"
+    d.proc.send_signal(sig)
+    try:
+        rc = d.proc.wait(10)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"mailflowd did not exit within 10 s of a {sig.name} during its start-up\n{d.log_tail()}")
+    assert rc == 0, f"exit {rc} after a {sig.name} during start-up\n{d.log_tail()}"
+    assert f" startup_stopped signal={sig.name}" in d.stderr(), d.log_tail()
+    assert " started " not in d.stderr(), d.log_tail()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGQUIT], ids=lambda s: s.name)
+def test_a_stop_signal_ends_a_startup_that_hangs_reading_its_configuration(workdir, mailflowd_bin, sig):
+    """--config names a FIFO that nobody writes (or a file on a hung mount): start-up waits in open(2) forever.
+    The signals were blocked from main() on and nobody read them before the server ran, so only SIGKILL ended it
+    (`systemctl stop` waited TimeoutStopSec, then killed it). Now a stop signal ends the start-up: a log line, exit
+    0 (nothing was accepted yet, nothing to save)."""
+    fifo = workdir / f"fifo-{sig.name.lower()}.yaml"
+    if not fifo.exists():
+        os.mkfifo(fifo)
+    cfg = harness.default_config(workdir, harness.free_port(), [], [])  # never read: the FIFO is
+    d = spawn_starting(workdir, mailflowd_bin, f"fifo-{sig.name.lower()}", cfg, config_path=fifo)
+    try:
+        stopped_while_starting(d, sig)
+    finally:
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
+        harness.LIVE.remove(d)
+
+
+def test_a_sigterm_ends_a_startup_held_on_its_state_dir_and_its_windows_stay_as_saved(workdir, mailflowd_bin, sink):
+    """A start-up held where it reads state_dir (60 s here, the failpoint startup at the start of Server::run; a
+    state_dir on a hung NFS mount, a slow disk): a SIGTERM waited until start-up was over, then drained, so
+    `systemctl stop` (TimeoutStopSec 60 s) killed it first. Now it ends the start-up at once (exit 0), and the
+    windows the last stop saved stay as they were: nothing was counted since, nothing is lost."""
+    port = harness.free_port()
+    state = workdir / "held-start-state"
+    state.mkdir(exist_ok=True)
+    cfg = harness.default_config(state, harness.free_port(), [hh.listener("inbound", port, "store")],
+                                 [hh.plain_upstream("store", sink.port)])
+    first = harness.Daemon(mailflowd_bin, workdir, cfg, name="held-start-first").start()
+    try:
+        hh.assert_relays(first, port, sink)
+    finally:
+        harness.stop_exits_0(first)
+    saved = (state / "windows.state").read_bytes()
+    assert saved_messages(state / "windows.state") == 1, saved
+    d = spawn_starting(workdir, mailflowd_bin, "held-start", cfg, env={"MAILFLOWD_FAILPOINTS": "startup=60000ms"})
+    try:
+        stopped_while_starting(d, signal.SIGTERM)
+    finally:
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
+        harness.LIVE.remove(d)
+    assert (state / "windows.state").read_bytes() == saved
+
+
+def test_every_thread_of_the_daemon_blocks_the_signals(daemon_factory, sink):
+    """SIGHUP, SIGTERM, SIGINT and SIGQUIT are taken by the daemon's signal thread alone: every thread (event
+    loops, HTTP, state writer, the signal thread) blocks them, so that none is ended or interrupted by one."""
+    d, port = start(daemon_factory, "blocked-everywhere", sink, performance={"event_loops": 2})
+    hh.assert_relays(d, port, sink)
+    assert len(list(Path(f"/proc/{d.proc.pid}/task").iterdir())) >= 4
+    unblocked = every_thread_blocks(d.proc.pid, (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT))
+    assert not unblocked, f"threads that do not block the signals: {unblocked}"
 
 
 def test_a_log_pipe_whose_reader_ends_does_not_kill_the_daemon(workdir, mailflowd_bin, sink):
