@@ -877,7 +877,8 @@ class Server : public std::enable_shared_from_this<Server> {
       std::string error;
       const auto params = parse_query(query, {"days", "connector"}, error);
       const auto days = params ? parse_days(*params, telemetry_.window_days(), error) : std::nullopt;
-      if (!days) return make_response(request, http::status::bad_request, kTextPlain, error);
+      if (days) error = connector_problem(*params, path == "/api/v1/remotes.txt");
+      if (!error.empty()) return make_response(request, http::status::bad_request, kTextPlain, error);
       const Report report = telemetry_.report(*days);
       if (path == "/api/v1/domains.csv")
         return make_response(request, http::status::ok, "text/csv; charset=utf-8", render_domains_csv(report));
@@ -889,8 +890,7 @@ class Server : public std::enable_shared_from_this<Server> {
       const bool known_connector =
           std::any_of(report.connectors.begin(), report.connectors.end(),
                       [&](const ConnectorSummary& c) { return c.connector == connector; });
-      if (!known_connector && (named != params->end() || path == "/api/v1/remotes.txt"))
-        return no_such_connector(request, report, connector);
+      if (named != params->end() && !known_connector) return no_such_connector(request, report, connector);
       if (path == "/api/v1/remotes.csv")
         return make_response(request, http::status::ok, "text/csv; charset=utf-8",
                              render_remotes_csv(report, connector));
@@ -911,7 +911,8 @@ class Server : public std::enable_shared_from_this<Server> {
                 (window_days == 1 ? " day" : " days") + "): it takes no days\n";
         days.reset();
       }
-      if (!days) return make_response(request, http::status::bad_request, kTextPlain, error);
+      if (days) error = connector_problem(*params, false);
+      if (!error.empty()) return make_response(request, http::status::bad_request, kTextPlain, error);
       failpoint("http.report");
       Report report = telemetry_.report(*days);
       // ?connector=NAME: that connector's report alone (`mailflowd report --connector NAME --format json`).
@@ -921,6 +922,20 @@ class Server : public std::enable_shared_from_this<Server> {
       return make_response(request, http::status::ok, route.content_type, route.render(report));
     }
     return make_response(request, http::status::not_found, kTextPlain, "not found\n");
+  }
+
+  // Why the query's connector= cannot name a connector ("" when it can): given empty (no configuration has a
+  // connector named ""), or missing where the answer is one connector's. A 400 with its reason, as a bad
+  // days= gets: a 404 'no connector ""' read as a report that lacks a connector.
+  static std::string connector_problem(const Query& params, bool required) {
+    const auto named = params.find("connector");
+    if (named == params.end()) {
+      return required ? "needs connector=NAME: the servers of one connector (/api/v1/remotes.csv has every "
+                        "connector's)\n"
+                      : std::string();
+    }
+    return named->second.empty() ? "connector is empty: needs connector=NAME, a connector's name\n"
+                                 : std::string();
   }
 
   // 404 for a connector the report does not have, naming those it has.
