@@ -255,7 +255,7 @@ Response plain_response(const Request& request, http::status status, std::string
 
 using Settings = HttpServer::Settings;
 
-enum class AuthResult { ok, missing, wrong, busy, backoff };
+enum class AuthResult { ok, missing, wrong, busy, backoff, stopped };
 struct AuthVerdict {
   AuthResult result;
   std::chrono::seconds retry_after{0};
@@ -310,6 +310,17 @@ class Server : public std::enable_shared_from_this<Server> {
       std::lock_guard lock(mutex_);
       stopped_ = true;
       for (const auto& [id, connection] : tracked_) closers.push_back(connection.close);
+      // The checks still in line are not run: their requests' connections are closed below, and the exit
+      // waited for each of them after the drain (4 guesses queued: 4 checks after "stopped", seconds each).
+      for (auto* line : {&checks_ahead_, &checks_}) {
+        for (auto& queued : *line) {
+          asio::post(io_, [pending = queued.pending] {
+            pending->dropped = true;
+            pending->done.cancel();
+          });
+        }
+        line->clear();
+      }
     }
     asio::post(io_, [self = shared_from_this()] {
       beast::error_code ignored;
@@ -816,6 +827,9 @@ class Server : public std::enable_shared_from_this<Server> {
           response.set(http::field::retry_after, std::to_string(std::max<long long>(1, verdict.retry_after.count())));
           co_return response;
         }
+        case AuthResult::stopped:
+          // Its check was dropped by the stop, which closes the connection too: no refusal of the client's.
+          co_return plain_response(request, http::status::service_unavailable, "shutting down\n");
       }
     }
     co_return respond(request, path, query);
@@ -1037,9 +1051,9 @@ class Server : public std::enable_shared_from_this<Server> {
     // once (a NUL, 512 bytes or more) got the right user name's 401 at once and a wrong one's after that
     // delay, and set the delay to nothing for any password after it; four requests at once got a wrong user
     // name's 401s together, a wrong password's one check apart.
-    const bool password_ok =
+    const std::optional<bool> password_ok =
         co_await check_password(credentials->substr(colon + 1), auth.password_hash, known);
-    const bool verified = user_ok && password_ok;
+    const bool verified = user_ok && password_ok.value_or(false);
     OPENSSL_cleanse(credentials->data(), credentials->size());
 
     std::shared_ptr<const Settings> current;
@@ -1049,6 +1063,7 @@ class Server : public std::enable_shared_from_this<Server> {
         reserved_check_busy_ = false;
       else
         --pending_checks_;
+      if (!password_ok) co_return AuthVerdict{AuthResult::stopped};
       if (settings_->basic_auth == settings->basic_auth) {
         if (!verified) {
           failed(peer);
@@ -1083,13 +1098,10 @@ class Server : public std::enable_shared_from_this<Server> {
   // those queued for other addresses: with the slot kept for it but a place at the back of the line, it
   // waited for up to 4 guessers' checks, each up to half a second of CPU at nice 10 (seconds on a busy host:
   // its scrape timed out after 10 s once).
-  asio::awaitable<bool> check_password(std::string password, const std::string& hash, bool ahead) {
-    struct Pending {
-      explicit Pending(asio::io_context& io) : done(io, asio::steady_timer::time_point::max()) {}
-      asio::steady_timer done;
-      bool ok = false;
-    };
-    auto pending = std::make_shared<Pending>(io_);
+  // nullopt: not checked, the server stopped first (stop() drops the checks in line).
+  asio::awaitable<std::optional<bool>> check_password(std::string password, const std::string& hash,
+                                                      bool ahead) {
+    auto pending = std::make_shared<PendingCheck>(io_);
     // `this`, not a shared_ptr: the run that calls it holds one, and a queued check that owned the server
     // would keep it alive from its own queue.
     auto check = [self = this, pending, password = std::move(password), hash]() mutable {
@@ -1102,12 +1114,14 @@ class Server : public std::enable_shared_from_this<Server> {
     };
     {
       std::lock_guard lock(mutex_);
-      (ahead ? checks_ahead_ : checks_).push_back(std::move(check));
+      if (stopped_) co_return std::nullopt;
+      (ahead ? checks_ahead_ : checks_).push_back(QueuedCheck{std::move(check), pending});
     }
     // One run per check queued; each takes the first in line when the password thread gets to it.
     asio::post(crypt_, [self = shared_from_this()] { self->run_next_check(); });
     beast::error_code ec;
     co_await pending->done.async_wait(asio::redirect_error(asio::use_awaitable, ec));
+    if (pending->dropped) co_return std::nullopt;
     co_return pending->ok;
   }
 
@@ -1118,7 +1132,7 @@ class Server : public std::enable_shared_from_this<Server> {
       std::lock_guard lock(mutex_);
       auto& line = checks_ahead_.empty() ? checks_ : checks_ahead_;
       if (line.empty()) return;
-      check = std::move(line.front());
+      check = std::move(line.front().run);
       line.pop_front();
     }
     check();
@@ -1168,6 +1182,18 @@ class Server : public std::enable_shared_from_this<Server> {
     }
   }
 
+  // A password check's result, handed from the password thread to the request waiting on `done`.
+  struct PendingCheck {
+    explicit PendingCheck(asio::io_context& io) : done(io, asio::steady_timer::time_point::max()) {}
+    asio::steady_timer done;
+    bool ok = false;
+    bool dropped = false;  // never run: stop() came first
+  };
+  struct QueuedCheck {
+    std::function<void()> run;
+    std::shared_ptr<PendingCheck> pending;
+  };
+
   struct FailureRecord {
     unsigned count = 0;
     SteadyClock::time_point last;
@@ -1206,8 +1232,8 @@ class Server : public std::enable_shared_from_this<Server> {
   std::size_t pending_checks_ = 0;
   bool reserved_check_busy_ = false;
   // Checks waiting for the password thread: those of addresses that logged in recently, then the others.
-  std::deque<std::function<void()>> checks_ahead_;
-  std::deque<std::function<void()>> checks_;
+  std::deque<QueuedCheck> checks_ahead_;
+  std::deque<QueuedCheck> checks_;
   std::map<asio::ip::address, SteadyClock::time_point> logins_;  // who presented verified credentials, when
   std::map<asio::ip::address, FailureRecord> failures_;
 };
@@ -1231,8 +1257,8 @@ struct HttpServer::Impl {
 HttpServer::HttpServer(const config::Http& http, Telemetry& telemetry, std::function<bool()> ready)
     : impl_(std::make_unique<Impl>(http, telemetry, std::move(ready))) {}
 
-// stop() closes everything; the HTTP thread's loop then runs out of work (a pending password check finishes
-// first) and the thread ends.
+// stop() closes everything and drops the password checks in line; the HTTP thread's loop then runs out of
+// work (the check running, at most one, finishes first) and the thread ends.
 HttpServer::~HttpServer() {
   impl_->server->stop();
   if (impl_->thread.joinable()) impl_->thread.join();

@@ -499,3 +499,44 @@ def test_a_check_that_outlasts_a_reload_is_answered_under_the_new_password(sink_
     assert answer["status"] == 401, f"the old password after the reload that replaced it: {answer['status']}"
     assert hx.get(port, "/api/v1/report", source="127.0.7.117", auth=(USER, new), timeout=10)[0] == 200
     assert hx.get(port, "/api/v1/report", source="127.0.7.117", auth=(USER, old), timeout=10)[0] == 401
+
+
+def test_the_exit_does_not_wait_for_the_checks_in_line(sink_factory, daemon_factory):
+    """SIGTERM while wrong passwords wait for the password thread: their connections are closed at the stop, but
+    each check in line still ran after "stopped", one after the other, and the exit waited for all of them (4
+    guesses at $2b$14, some 1.5 s a check here: the exit came 6.6 s after the signal, drain_timeout 1s, with 4
+    auth_failed lines after "stopped"). The checks in line are dropped at the stop; the one running ends."""
+    address = f"127.0.0.1:{harness.free_port()}"
+    password_hash = crypt.crypt(PASSWORD, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=2 ** 14))
+    started = time.monotonic()
+    crypt.crypt("wrong", password_hash)
+    check = time.monotonic() - started
+    sink = sink_factory("store")
+    d = daemon_factory(listeners=[hh.listener("inbound", harness.free_port(), "store")],
+                       upstreams=[hh.plain_upstream("store", sink.port)], name="http-auth-stop",
+                       http={"address": address, "basic_auth": {"user": USER, "password_hash": password_hash}},
+                       limits={"drain_timeout": "1s"})
+    port = int(address.rsplit(":", 1)[1])
+    answers = []
+
+    def guess(source):
+        try:
+            answers.append(hx.get(port, "/metrics", source=source, auth=(USER, "wrong"), timeout=120)[0])
+        except OSError as e:  # the stop closes the connection: no answer
+            answers.append(type(e).__name__)
+
+    guesses = [threading.Thread(target=guess, args=(f"127.0.7.{161 + i}",)) for i in range(5)]
+    for g in guesses:
+        g.start()
+    harness.wait_for(lambda: 503 in answers, 10, what="the fifth guess refused busy: 4 checks pending")
+    signalled = time.monotonic()
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.proc.wait(120) == 0
+    took = time.monotonic() - signalled
+    harness.LIVE.remove(d)
+    for g in guesses:
+        g.join(10)
+    after_stop = d.stderr().split(" info stopped ", 1)[1]
+    checked = after_stop.count("reason=auth_failed")
+    print(f"a check {check:.2f} s here; exit {took:.2f} s after SIGTERM; {checked} checks after 'stopped'; {answers}")
+    assert checked <= 1, f"{checked} checks ran after 'stopped' (the exit waited for them: {took:.1f} s)"
