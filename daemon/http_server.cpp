@@ -255,6 +255,16 @@ Response plain_response(const Request& request, http::status status, std::string
 
 using Settings = HttpServer::Settings;
 
+// What the per-address caps and the password backoff count a client as: an IPv6 address by its /64, which
+// one host or customer is given whole (RFC 6177; a host picks new addresses in it at will, RFC 8981), so
+// that a client on a /64 is one client, not 2^64; IPv4 and IPv4-mapped addresses as they are.
+asio::ip::address client_key(const asio::ip::address& peer) {
+  if (!peer.is_v6() || peer.to_v6().is_v4_mapped()) return peer;
+  auto bytes = peer.to_v6().to_bytes();
+  std::fill(bytes.begin() + 8, bytes.end(), 0);
+  return asio::ip::address_v6(bytes);
+}
+
 enum class AuthResult { ok, missing, wrong, busy, backoff, stopped };
 struct AuthVerdict {
   AuthResult result;
@@ -434,7 +444,8 @@ class Server : public std::enable_shared_from_this<Server> {
   std::optional<HttpReject> admit(const asio::ip::address& peer, std::optional<asio::ip::address>& evicted,
                                   Evicted& evicted_why) {
     std::lock_guard lock(mutex_);
-    auto& from_peer = per_address_[peer];
+    const auto key = client_key(peer);
+    auto& from_peer = per_address_[key];
     if (from_peer >= kMaxConnectionsPerAddress) return HttpReject::address_limit;
     if (connections_ - evicting_ >= kMaxConnections) {
       auto longest = tracked_.end();
@@ -466,7 +477,7 @@ class Server : public std::enable_shared_from_this<Server> {
         }
       }
       if (longest == tracked_.end()) {
-        if (from_peer == 0) per_address_.erase(peer);
+        if (from_peer == 0) per_address_.erase(key);
         return HttpReject::connection_limit;
       }
       longest->second.evicted = true;
@@ -483,7 +494,8 @@ class Server : public std::enable_shared_from_this<Server> {
   void release(const asio::ip::address& peer, std::optional<std::uint64_t> id) {
     std::lock_guard lock(mutex_);
     --connections_;
-    if (auto it = per_address_.find(peer); it != per_address_.end() && --it->second == 0) per_address_.erase(it);
+    if (auto it = per_address_.find(client_key(peer)); it != per_address_.end() && --it->second == 0)
+      per_address_.erase(it);
     if (!id) return;
     if (auto it = tracked_.find(*id); it != tracked_.end()) {
       if (it->second.evicted) --evicting_;
@@ -1069,7 +1081,7 @@ class Server : public std::enable_shared_from_this<Server> {
           failed(peer);
           co_return AuthVerdict{AuthResult::wrong};
         }
-        failures_.erase(peer);
+        failures_.erase(client_key(peer));
         logged_in(peer);
         if (accepted_.size() >= kMaxCachedCredentials) accepted_.erase(accepted_.begin());
         accepted_.push_back(digest);
@@ -1140,7 +1152,7 @@ class Server : public std::enable_shared_from_this<Server> {
 
   // Callers hold mutex_.
   std::chrono::seconds backoff_left(const asio::ip::address& peer) {
-    const auto it = failures_.find(peer);
+    const auto it = failures_.find(client_key(peer));
     if (it == failures_.end()) return std::chrono::seconds(0);
     const auto now = SteadyClock::now();
     if (now - it->second.last > kForgetFailures) {
@@ -1165,7 +1177,8 @@ class Server : public std::enable_shared_from_this<Server> {
     return it != logins_.end() && SteadyClock::now() - it->second < kForgetLogins;
   }
 
-  void failed(const asio::ip::address& peer) {
+  void failed(const asio::ip::address& peer_address) {
+    const auto peer = client_key(peer_address);
     const auto now = SteadyClock::now();
     if (failures_.size() >= kMaxFailureRecords && failures_.find(peer) == failures_.end()) {
       // Full (many addresses): forget the stalest record; the bound on pending checks still holds.
@@ -1227,7 +1240,7 @@ class Server : public std::enable_shared_from_this<Server> {
   std::map<std::uint64_t, Tracked> tracked_;
   std::size_t evicting_ = 0;  // connections closed to make room whose slots are not yet given back
   std::size_t connections_ = 0;
-  std::map<asio::ip::address, std::size_t> per_address_;
+  std::map<asio::ip::address, std::size_t> per_address_;  // by client_key()
   std::vector<Digest> accepted_;
   std::size_t pending_checks_ = 0;
   bool reserved_check_busy_ = false;
@@ -1235,7 +1248,7 @@ class Server : public std::enable_shared_from_this<Server> {
   std::deque<QueuedCheck> checks_ahead_;
   std::deque<QueuedCheck> checks_;
   std::map<asio::ip::address, SteadyClock::time_point> logins_;  // who presented verified credentials, when
-  std::map<asio::ip::address, FailureRecord> failures_;
+  std::map<asio::ip::address, FailureRecord> failures_;          // by client_key()
 };
 
 }  // namespace

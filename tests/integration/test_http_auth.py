@@ -5,8 +5,11 @@ import base64
 import contextlib
 import http.client
 import json
+import os
 import signal
 import statistics
+import subprocess
+import sys
 import threading
 import time
 import types
@@ -540,3 +543,26 @@ def test_the_exit_does_not_wait_for_the_checks_in_line(sink_factory, daemon_fact
     checked = after_stop.count("reason=auth_failed")
     print(f"a check {check:.2f} s here; exit {took:.2f} s after SIGTERM; {checked} checks after 'stopped'; {answers}")
     assert checked <= 1, f"{checked} checks ran after 'stopped' (the exit waited for them: {took:.1f} s)"
+
+
+def test_an_ipv6_client_is_counted_by_its_64(tmp_path, mailflowd_bin):
+    """A host or customer is given a whole /64 (RFC 6177) and picks addresses in it at will (RFC 8981): the password
+    backoff and the 16 connections per address were keyed by the full IPv6 address, so a guesser with a /64 went on
+    guessing from the next address after each 6 failures (401, never 429) and held connections from 24 addresses
+    (24 of 24 answered). Run in a network namespace of its own (unshare -n), whose loopback carries
+    fd00:7:161::/64, by http_prefix_inner.py."""
+    probe = subprocess.run(["unshare", "-n", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no network namespace here: {probe.stderr.decode().strip()}")
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "MAILFLOWD": str(mailflowd_bin), "PYTHONPATH": here}
+    run = subprocess.run(["unshare", "-n", sys.executable, os.path.join(here, "http_prefix_inner.py"), str(tmp_path)],
+                         env=env, capture_output=True, timeout=120)
+    assert run.returncode == 0, run.stderr.decode()[-3000:]
+    seen = json.loads(run.stdout.decode().strip().splitlines()[-1])
+    print(seen)
+    assert seen["first_guesses"] == [401] * 6
+    assert seen["guess_from_a_neighbour"] == 429, "a guess from the /64 after its 6 failures was checked (no backoff)"
+    answered = seen["connections"].count(200)
+    assert answered <= 16 and set(seen["connections"][16:]) <= {503, "reset"}, seen["connections"]
+    assert seen["exit"] == 0
