@@ -32,6 +32,45 @@ bool valid_name(std::string_view name) {
 
 namespace {
 
+// The most work one password check may take: a bcrypt cost of 15, 2^15 rounds, some 2.5 s of one CPU on an
+// idle host (8 s measured at a load of 10 on 2 CPUs, 20 s for cost 16), and SHA-crypt's rounds= of as long
+// (1,000,000: 1.5-2 s). Checks run one at a time on the password thread; a scraper whose credentials a start
+// or reload has not yet cached waits for its own check and at most the one running ahead of it, which must
+// fit in Prometheus's default scrape_timeout of 10 s. A cost of 31 is a check of days: the password thread is
+// held, every request with basic_auth waits or gets 503, and the exit at SIGTERM waits for the hash under
+// way.
+constexpr int kMaxBcryptCost = 15;
+constexpr unsigned long kMaxShaCryptRounds = 1'000'000;
+
+// Why a whole hash costs a check more than that ("" when it does not). yescrypt's cost (its N and r, in the
+// hash's own base-64 parameters) is not read: mkpasswd's -R goes up to 11, some 1 GiB and a few seconds.
+std::string cost_problem(std::string_view hash, std::string_view prefix) {
+  if (prefix.starts_with("$2")) {
+    const int cost = (hash[4] - '0') * 10 + (hash[5] - '0');
+    if (cost <= kMaxBcryptCost) return {};
+    return "bcrypt cost " + std::to_string(cost) + " is over " + std::to_string(kMaxBcryptCost) +
+           ", the most a password check may take (cost 15 is some 2.5 s of one CPU, each step doubles it: " +
+           std::to_string(1ul << (cost - kMaxBcryptCost)) +
+           " times that is past a scrape's timeout and holds the password thread); make one with: "
+           "mkpasswd -m bcrypt -R 12";
+  }
+  constexpr std::string_view kRounds = "rounds=";
+  if ((prefix == "$5$" || prefix == "$6$") && hash.substr(3).starts_with(kRounds)) {
+    const std::string_view digits = hash.substr(3 + kRounds.size(), hash.find('$', 3) - 3 - kRounds.size());
+    // crypt(3) reads up to 999,999,999 (more is clamped to it); digits beyond nine are over the bound too.
+    unsigned long rounds = 0;
+    const auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), rounds);
+    const bool over =
+        ec == std::errc::result_out_of_range || (ec == std::errc() && rounds > kMaxShaCryptRounds);
+    if (!over) return {};
+    return std::string(prefix) + " rounds=" + std::string(digits) + " is over " +
+           std::to_string(kMaxShaCryptRounds) +
+           ", the most a password check may take (1,000,000 rounds is some 2 s of one CPU, past a scrape's "
+           "timeout beyond that, holding the password thread); make one with: mkpasswd -m bcrypt -R 12";
+  }
+  return {};
+}
+
 // Why http.basic_auth.password_hash cannot work ("" when it can). Beyond the method, the checksum that
 // crypt(3) writes is checked (its length and alphabet, bcrypt's cost), without hashing (that would cost a
 // reload up to a second): a hash truncated or altered in copying is never what crypt(3) yields, so no
@@ -59,7 +98,7 @@ std::string password_hash_problem(std::string_view hash) {
     const std::string_view cost = hash.substr(4, last - 4);
     ok = cost.size() == 2 && cost >= "04" && cost <= "31" && cost[1] >= '0' && cost[1] <= '9';
   }
-  if (ok) return {};
+  if (ok) return cost_problem(hash, method->prefix);
   return "not a whole crypt(3) hash: a " + std::string(method->prefix) + " hash ends in " +
          std::to_string(method->checksum) + " characters of [./0-9A-Za-z] after its last '$'" +
          (method->prefix.starts_with("$2") ? " (and has a cost of 04..31)" : "") +

@@ -256,7 +256,17 @@ Response plain_response(const Request& request, http::status status, std::string
 
 using Settings = HttpServer::Settings;
 
-enum class AuthResult { ok, missing, wrong, busy, backoff };
+// What the per-address caps and the password backoff count a client as: an IPv6 address by its /64, which
+// one host or customer is given whole (RFC 6177; a host picks new addresses in it at will, RFC 8981), so
+// that a client on a /64 is one client, not 2^64; IPv4 and IPv4-mapped addresses as they are.
+asio::ip::address client_key(const asio::ip::address& peer) {
+  if (!peer.is_v6() || peer.to_v6().is_v4_mapped()) return peer;
+  auto bytes = peer.to_v6().to_bytes();
+  std::fill(bytes.begin() + 8, bytes.end(), 0);
+  return asio::ip::address_v6(bytes);
+}
+
+enum class AuthResult { ok, missing, wrong, busy, backoff, stopped };
 struct AuthVerdict {
   AuthResult result;
   std::chrono::seconds retry_after{0};
@@ -311,6 +321,17 @@ class Server : public std::enable_shared_from_this<Server> {
       std::lock_guard lock(mutex_);
       stopped_ = true;
       for (const auto& [id, connection] : tracked_) closers.push_back(connection.close);
+      // The checks still in line are not run: their requests' connections are closed below, and the exit
+      // waited for each of them after the drain (4 guesses queued: 4 checks after "stopped", seconds each).
+      for (auto* line : {&checks_ahead_, &checks_}) {
+        for (auto& queued : *line) {
+          asio::post(io_, [pending = queued.pending] {
+            pending->dropped = true;
+            pending->done.cancel();
+          });
+        }
+        line->clear();
+      }
     }
     asio::post(io_, [self = shared_from_this()] {
       beast::error_code ignored;
@@ -424,7 +445,8 @@ class Server : public std::enable_shared_from_this<Server> {
   std::optional<HttpReject> admit(const asio::ip::address& peer, std::optional<asio::ip::address>& evicted,
                                   Evicted& evicted_why) {
     std::lock_guard lock(mutex_);
-    auto& from_peer = per_address_[peer];
+    const auto key = client_key(peer);
+    auto& from_peer = per_address_[key];
     if (from_peer >= kMaxConnectionsPerAddress) return HttpReject::address_limit;
     if (connections_ - evicting_ >= kMaxConnections) {
       auto longest = tracked_.end();
@@ -456,7 +478,7 @@ class Server : public std::enable_shared_from_this<Server> {
         }
       }
       if (longest == tracked_.end()) {
-        if (from_peer == 0) per_address_.erase(peer);
+        if (from_peer == 0) per_address_.erase(key);
         return HttpReject::connection_limit;
       }
       longest->second.evicted = true;
@@ -473,7 +495,8 @@ class Server : public std::enable_shared_from_this<Server> {
   void release(const asio::ip::address& peer, std::optional<std::uint64_t> id) {
     std::lock_guard lock(mutex_);
     --connections_;
-    if (auto it = per_address_.find(peer); it != per_address_.end() && --it->second == 0) per_address_.erase(it);
+    if (auto it = per_address_.find(client_key(peer)); it != per_address_.end() && --it->second == 0)
+      per_address_.erase(it);
     if (!id) return;
     if (auto it = tracked_.find(*id); it != tracked_.end()) {
       if (it->second.evicted) --evicting_;
@@ -823,6 +846,9 @@ class Server : public std::enable_shared_from_this<Server> {
           response.set(http::field::retry_after, std::to_string(std::max<long long>(1, verdict.retry_after.count())));
           co_return response;
         }
+        case AuthResult::stopped:
+          // Its check was dropped by the stop, which closes the connection too: no refusal of the client's.
+          co_return plain_response(request, http::status::service_unavailable, "shutting down\n");
       }
     }
     co_return respond(request, path, query);
@@ -884,7 +910,8 @@ class Server : public std::enable_shared_from_this<Server> {
       std::string error;
       const auto params = parse_query(query, {"days", "connector"}, error);
       const auto days = params ? parse_days(*params, telemetry_.window_days(), error) : std::nullopt;
-      if (!days) return make_response(request, http::status::bad_request, kTextPlain, error);
+      if (days) error = connector_problem(*params, path == "/api/v1/remotes.txt");
+      if (!error.empty()) return make_response(request, http::status::bad_request, kTextPlain, error);
       const Report report = telemetry_.report(*days);
       if (path == "/api/v1/domains.csv")
         return make_response(request, http::status::ok, "text/csv; charset=utf-8", render_domains_csv(report));
@@ -896,8 +923,7 @@ class Server : public std::enable_shared_from_this<Server> {
       const bool known_connector =
           std::any_of(report.connectors.begin(), report.connectors.end(),
                       [&](const ConnectorSummary& c) { return c.connector == connector; });
-      if (!known_connector && (named != params->end() || path == "/api/v1/remotes.txt"))
-        return no_such_connector(request, report, connector);
+      if (named != params->end() && !known_connector) return no_such_connector(request, report, connector);
       if (path == "/api/v1/remotes.csv")
         return make_response(request, http::status::ok, "text/csv; charset=utf-8",
                              render_remotes_csv(report, connector));
@@ -918,7 +944,8 @@ class Server : public std::enable_shared_from_this<Server> {
                 (window_days == 1 ? " day" : " days") + "): it takes no days\n";
         days.reset();
       }
-      if (!days) return make_response(request, http::status::bad_request, kTextPlain, error);
+      if (days) error = connector_problem(*params, false);
+      if (!error.empty()) return make_response(request, http::status::bad_request, kTextPlain, error);
       failpoint("http.report");
       Report report = telemetry_.report(*days);
       // ?connector=NAME: that connector's report alone (`mailflowd report --connector NAME --format json`).
@@ -928,6 +955,20 @@ class Server : public std::enable_shared_from_this<Server> {
       return make_response(request, http::status::ok, route.content_type, route.render(report));
     }
     return make_response(request, http::status::not_found, kTextPlain, "not found\n");
+  }
+
+  // Why the query's connector= cannot name a connector ("" when it can): given empty (no configuration has a
+  // connector named ""), or missing where the answer is one connector's. A 400 with its reason, as a bad
+  // days= gets: a 404 'no connector ""' read as a report that lacks a connector.
+  static std::string connector_problem(const Query& params, bool required) {
+    const auto named = params.find("connector");
+    if (named == params.end()) {
+      return required ? "needs connector=NAME: the servers of one connector (/api/v1/remotes.csv has every "
+                        "connector's)\n"
+                      : std::string();
+    }
+    return named->second.empty() ? "connector is empty: needs connector=NAME, a connector's name\n"
+                                 : std::string();
   }
 
   // 404 for a connector the report does not have, naming those it has.
@@ -1029,9 +1070,9 @@ class Server : public std::enable_shared_from_this<Server> {
     // once (a NUL, 512 bytes or more) got the right user name's 401 at once and a wrong one's after that
     // delay, and set the delay to nothing for any password after it; four requests at once got a wrong user
     // name's 401s together, a wrong password's one check apart.
-    const bool password_ok =
+    const std::optional<bool> password_ok =
         co_await check_password(credentials->substr(colon + 1), auth.password_hash, known);
-    const bool verified = user_ok && password_ok;
+    const bool verified = user_ok && password_ok.value_or(false);
     OPENSSL_cleanse(credentials->data(), credentials->size());
 
     std::shared_ptr<const Settings> current;
@@ -1041,12 +1082,13 @@ class Server : public std::enable_shared_from_this<Server> {
         reserved_check_busy_ = false;
       else
         --pending_checks_;
+      if (!password_ok) co_return AuthVerdict{AuthResult::stopped};
       if (settings_->basic_auth == settings->basic_auth) {
         if (!verified) {
           failed(peer);
           co_return AuthVerdict{AuthResult::wrong};
         }
-        failures_.erase(peer);
+        failures_.erase(client_key(peer));
         logged_in(peer);
         if (accepted_.size() >= kMaxCachedCredentials) accepted_.erase(accepted_.begin());
         accepted_.push_back(digest);
@@ -1075,13 +1117,10 @@ class Server : public std::enable_shared_from_this<Server> {
   // those queued for other addresses: with the slot kept for it but a place at the back of the line, it
   // waited for up to 4 guessers' checks, each up to half a second of CPU at nice 10 (seconds on a busy host:
   // its scrape timed out after 10 s once).
-  asio::awaitable<bool> check_password(std::string password, const std::string& hash, bool ahead) {
-    struct Pending {
-      explicit Pending(asio::io_context& io) : done(io, asio::steady_timer::time_point::max()) {}
-      asio::steady_timer done;
-      bool ok = false;
-    };
-    auto pending = std::make_shared<Pending>(io_);
+  // nullopt: not checked, the server stopped first (stop() drops the checks in line).
+  asio::awaitable<std::optional<bool>> check_password(std::string password, const std::string& hash,
+                                                      bool ahead) {
+    auto pending = std::make_shared<PendingCheck>(io_);
     // `this`, not a shared_ptr: the run that calls it holds one, and a queued check that owned the server
     // would keep it alive from its own queue.
     auto check = [self = this, pending, password = std::move(password), hash]() mutable {
@@ -1094,12 +1133,14 @@ class Server : public std::enable_shared_from_this<Server> {
     };
     {
       std::lock_guard lock(mutex_);
-      (ahead ? checks_ahead_ : checks_).push_back(std::move(check));
+      if (stopped_) co_return std::nullopt;
+      (ahead ? checks_ahead_ : checks_).push_back(QueuedCheck{std::move(check), pending});
     }
     // One run per check queued; each takes the first in line when the password thread gets to it.
     asio::post(crypt_, [self = shared_from_this()] { self->run_next_check(); });
     beast::error_code ec;
     co_await pending->done.async_wait(asio::redirect_error(asio::use_awaitable, ec));
+    if (pending->dropped) co_return std::nullopt;
     co_return pending->ok;
   }
 
@@ -1110,7 +1151,7 @@ class Server : public std::enable_shared_from_this<Server> {
       std::lock_guard lock(mutex_);
       auto& line = checks_ahead_.empty() ? checks_ : checks_ahead_;
       if (line.empty()) return;
-      check = std::move(line.front());
+      check = std::move(line.front().run);
       line.pop_front();
     }
     check();
@@ -1118,7 +1159,7 @@ class Server : public std::enable_shared_from_this<Server> {
 
   // Callers hold mutex_.
   std::chrono::seconds backoff_left(const asio::ip::address& peer) {
-    const auto it = failures_.find(peer);
+    const auto it = failures_.find(client_key(peer));
     if (it == failures_.end()) return std::chrono::seconds(0);
     const auto now = SteadyClock::now();
     if (now - it->second.last > kForgetFailures) {
@@ -1143,7 +1184,8 @@ class Server : public std::enable_shared_from_this<Server> {
     return it != logins_.end() && SteadyClock::now() - it->second < kForgetLogins;
   }
 
-  void failed(const asio::ip::address& peer) {
+  void failed(const asio::ip::address& peer_address) {
+    const auto peer = client_key(peer_address);
     const auto now = SteadyClock::now();
     if (failures_.size() >= kMaxFailureRecords && failures_.find(peer) == failures_.end()) {
       // Full (many addresses): forget the stalest record; the bound on pending checks still holds.
@@ -1159,6 +1201,18 @@ class Server : public std::enable_shared_from_this<Server> {
       record.blocked_until = now + std::min<SteadyClock::duration>(std::chrono::seconds(1u << doublings), kMaxBackoff);
     }
   }
+
+  // A password check's result, handed from the password thread to the request waiting on `done`.
+  struct PendingCheck {
+    explicit PendingCheck(asio::io_context& io) : done(io, asio::steady_timer::time_point::max()) {}
+    asio::steady_timer done;
+    bool ok = false;
+    bool dropped = false;  // never run: stop() came first
+  };
+  struct QueuedCheck {
+    std::function<void()> run;
+    std::shared_ptr<PendingCheck> pending;
+  };
 
   struct FailureRecord {
     unsigned count = 0;
@@ -1197,15 +1251,15 @@ class Server : public std::enable_shared_from_this<Server> {
   std::map<std::uint64_t, Tracked> tracked_;
   std::size_t evicting_ = 0;  // connections closed to make room whose slots are not yet given back
   std::size_t connections_ = 0;
-  std::map<asio::ip::address, std::size_t> per_address_;
+  std::map<asio::ip::address, std::size_t> per_address_;  // by client_key()
   std::vector<Digest> accepted_;
   std::size_t pending_checks_ = 0;
   bool reserved_check_busy_ = false;
   // Checks waiting for the password thread: those of addresses that logged in recently, then the others.
-  std::deque<std::function<void()>> checks_ahead_;
-  std::deque<std::function<void()>> checks_;
+  std::deque<QueuedCheck> checks_ahead_;
+  std::deque<QueuedCheck> checks_;
   std::map<asio::ip::address, SteadyClock::time_point> logins_;  // who presented verified credentials, when
-  std::map<asio::ip::address, FailureRecord> failures_;
+  std::map<asio::ip::address, FailureRecord> failures_;          // by client_key()
 };
 
 }  // namespace
@@ -1227,8 +1281,8 @@ struct HttpServer::Impl {
 HttpServer::HttpServer(const config::Http& http, Telemetry& telemetry, std::function<bool()> ready)
     : impl_(std::make_unique<Impl>(http, telemetry, std::move(ready))) {}
 
-// stop() closes everything; the HTTP thread's loop then runs out of work (a pending password check finishes
-// first) and the thread ends.
+// stop() closes everything and drops the password checks in line; the HTTP thread's loop then runs out of
+// work (the check running, at most one, finishes first) and the thread ends.
 HttpServer::~HttpServer() {
   impl_->server->stop();
   if (impl_->thread.joinable()) impl_->thread.join();

@@ -424,5 +424,30 @@ else
   fail "control bytes of an argument: exit status $status (expected 2 and \\x1b)"; cat -v "$work/err"
 fi
 
+# A password hash whose one check takes longer than a scrape may wait: $2b$31 is days of one CPU, holding the
+# password thread and the exit at SIGTERM (it was taken, exit 0). Refused with its cost and the bound; 15 is taken.
+for cost in 31 16 15; do
+  cat >"$work/cost.yaml" <<EOF
+listeners:
+  - {name: inbound, address: "127.0.0.1:2525", direction: inbound, upstream: up}
+upstreams:
+  - {name: up, address: "192.0.2.1:25"}
+http:
+  address: "127.0.0.1:9025"
+  basic_auth: {user: prom, password_hash: "\$2b\$$cost\$abcdefghijklmnopqrstuuOeZ2hQ32AyBh8ZYFFLfYoUxWKOV2GcS"}
+EOF
+  if [ "$cost" -gt 15 ]; then
+    refused "bcrypt cost $cost refused" "$work/cost.yaml" \
+      "http.basic_auth.password_hash: bcrypt cost $cost is over 15, the most a password check may take"
+  else
+    run "$work/cost.yaml"
+    if [ "$status" -eq 0 ]; then
+      passed=$((passed + 1)); echo "ok: bcrypt cost $cost taken"
+    else
+      fail "bcrypt cost $cost: exit status $status (expected 0)"; cat "$work/err"
+    fi
+  fi
+done
+
 echo "check-config: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -1034,6 +1034,30 @@ TEST_CASE("http") {
       CHECK(all_errors(result) == "");
     }
   }
+  SUBCASE("a hash whose check costs more than a scrape can wait is refused") {
+    // $2b$31: one check of days, holding the password thread (and the exit at SIGTERM) all that time.
+    for (const auto& [hash, words] : std::vector<std::pair<std::string, std::string>>{
+             {"$2b$31$abcdefghijklmnopqrstuuOeZ2hQ32AyBh8ZYFFLfYoUxWKOV2GcS", "bcrypt cost 31 is over 15"},
+             {"$2y$16$abcdefghijklmnopqrstuuOeZ2hQ32AyBh8ZYFFLfYoUxWKOV2GcS", "bcrypt cost 16 is over 15"},
+             {"$6$rounds=999999999$abc$K4v3HcZ8yAmpRfxML6S46NCcqy9r4/"
+              "KdbQpFvqSWsBf4dgySOEOo1DHJTrmn2BsJK2aNmPN8Tfb826D2o9.z51",
+              "$6$ rounds=999999999 is over 1000000"},
+             {"$5$rounds=99999999999999999999$UCwp6dWhAFpEIkow$djHmgiKeTN3JhfPe0DtwWwa40iEHbtYmhhNVUf8veE8",
+              "$5$ rounds=99999999999999999999 is over 1000000"}}) {
+      INFO(hash);
+      const auto e =
+          only_error(load(with("http:\n  basic_auth: {user: prom, password_hash: \"" + hash + "\"}\n")));
+      CHECK(e.line == 6);
+      CHECK(e.message.starts_with("http.basic_auth.password_hash: " + words + ", the most a password check"));
+    }
+    for (const std::string hash :
+         {"$2b$15$abcdefghijklmnopqrstuuOeZ2hQ32AyBh8ZYFFLfYoUxWKOV2GcS",
+          "$5$rounds=1000000$UCwp6dWhAFpEIkow$djHmgiKeTN3JhfPe0DtwWwa40iEHbtYmhhNVUf8veE8"}) {
+      INFO(hash);
+      CHECK(all_errors(load(with("http:\n  basic_auth: {user: prom, password_hash: \"" + hash + "\"}\n"))) ==
+            "");
+    }
+  }
   SUBCASE("http.tls files") {
     const auto result = load(with("http:\n  tls: {cert: /nonexistent/h.pem}\n"));
     INFO(all_errors(result));

@@ -9,6 +9,7 @@ import os
 import signal
 import statistics
 import subprocess
+import sys
 import threading
 import time
 import types
@@ -521,3 +522,67 @@ def test_a_check_that_outlasts_a_reload_is_answered_under_the_new_password(sink_
     assert answer["status"] == 401, f"the old password after the reload that replaced it: {answer['status']}"
     assert hx.get(port, "/api/v1/report", source="127.0.7.117", auth=(USER, new), timeout=10)[0] == 200
     assert hx.get(port, "/api/v1/report", source="127.0.7.117", auth=(USER, old), timeout=10)[0] == 401
+
+
+def test_the_exit_does_not_wait_for_the_checks_in_line(sink_factory, daemon_factory):
+    """SIGTERM while wrong passwords wait for the password thread: their connections are closed at the stop, but
+    each check in line still ran after "stopped", one after the other, and the exit waited for all of them (4
+    guesses at $2b$14, some 1.5 s a check here: the exit came 6.6 s after the signal, drain_timeout 1s, with 4
+    auth_failed lines after "stopped"). The checks in line are dropped at the stop; the one running ends."""
+    address = f"127.0.0.1:{harness.free_port()}"
+    password_hash = crypt.crypt(PASSWORD, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=2 ** 14))
+    started = time.monotonic()
+    crypt.crypt("wrong", password_hash)
+    check = time.monotonic() - started
+    sink = sink_factory("store")
+    d = daemon_factory(listeners=[hh.listener("inbound", harness.free_port(), "store")],
+                       upstreams=[hh.plain_upstream("store", sink.port)], name="http-auth-stop",
+                       http={"address": address, "basic_auth": {"user": USER, "password_hash": password_hash}},
+                       limits={"drain_timeout": "1s"})
+    port = int(address.rsplit(":", 1)[1])
+    answers = []
+
+    def guess(source):
+        try:
+            answers.append(hx.get(port, "/metrics", source=source, auth=(USER, "wrong"), timeout=120)[0])
+        except OSError as e:  # the stop closes the connection: no answer
+            answers.append(type(e).__name__)
+
+    guesses = [threading.Thread(target=guess, args=(f"127.0.7.{161 + i}",)) for i in range(5)]
+    for g in guesses:
+        g.start()
+    harness.wait_for(lambda: 503 in answers, 10, what="the fifth guess refused busy: 4 checks pending")
+    signalled = time.monotonic()
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.proc.wait(120) == 0
+    took = time.monotonic() - signalled
+    harness.LIVE.remove(d)
+    for g in guesses:
+        g.join(10)
+    after_stop = d.stderr().split(" info stopped ", 1)[1]
+    checked = after_stop.count("reason=auth_failed")
+    print(f"a check {check:.2f} s here; exit {took:.2f} s after SIGTERM; {checked} checks after 'stopped'; {answers}")
+    assert checked <= 1, f"{checked} checks ran after 'stopped' (the exit waited for them: {took:.1f} s)"
+
+
+def test_an_ipv6_client_is_counted_by_its_64(tmp_path, mailflowd_bin):
+    """A host or customer is given a whole /64 (RFC 6177) and picks addresses in it at will (RFC 8981): the password
+    backoff and the 16 connections per address were keyed by the full IPv6 address, so a guesser with a /64 went on
+    guessing from the next address after each 6 failures (401, never 429) and held connections from 24 addresses
+    (24 of 24 answered). Run in a network namespace of its own (unshare -n), whose loopback carries
+    fd00:7:161::/64, by http_prefix_inner.py."""
+    probe = subprocess.run(["unshare", "-n", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no network namespace here: {probe.stderr.decode().strip()}")
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "MAILFLOWD": str(mailflowd_bin), "PYTHONPATH": here}
+    run = subprocess.run(["unshare", "-n", sys.executable, os.path.join(here, "http_prefix_inner.py"), str(tmp_path)],
+                         env=env, capture_output=True, timeout=120)
+    assert run.returncode == 0, run.stderr.decode()[-3000:]
+    seen = json.loads(run.stdout.decode().strip().splitlines()[-1])
+    print(seen)
+    assert seen["first_guesses"] == [401] * 6
+    assert seen["guess_from_a_neighbour"] == 429, "a guess from the /64 after its 6 failures was checked (no backoff)"
+    answered = seen["connections"].count(200)
+    assert answered <= 16 and set(seen["connections"][16:]) <= {503, "reset"}, seen["connections"]
+    assert seen["exit"] == 0

@@ -126,6 +126,29 @@ def test_a_bad_escape_or_a_repeated_parameter_is_400(env, path, query, words):
     assert refused() == before + 1
 
 
+@pytest.mark.parametrize("path, query", [
+    ("/api/v1/remotes.txt", ""),
+    ("/api/v1/remotes.txt", "days=1"),
+    ("/api/v1/remotes.txt", "connector="),
+    ("/api/v1/remotes.csv", "connector"),
+    ("/api/v1/report", "connector="),
+    ("/api/v1/report.txt", "days=1&connector="),
+    ("/", "connector="),
+    ("/api/v1/connectors", "connector="),
+])
+def test_a_missing_or_empty_connector_is_400(env, path, query):
+    """remotes.txt is one connector's servers: without ?connector= (as with an empty one) it answered 404 'no
+    connector ""', as if the report lacked a connector of that name, where every other bad query value gets 400
+    with its reason; "" is no connector name a configuration can have. Counted as a bad request."""
+    def refused():
+        return harness.value(env.daemon.metrics(), "mailflow_http_rejects_total", reason="bad_request")
+    before = refused()
+    status, body, _ = rh.http_get(env.daemon, f"{path}?{query}" if query else path)
+    assert status == 400 and "needs connector=NAME" in body, f"GET {path}?{query} answered {status}: {body[:300]!r}"
+    assert len(body) < 500 and "<" not in body, body[:500]
+    assert refused() == before + 1
+
+
 def test_every_row_with_messages_adds_up_to_100_percent(env):
     """The five percentages of a row are rounded together (largest remainder), not each on its own: partner-cidr's
     2/7, 1/7, 1/7, 3/7 rounded one by one are 28.6 + 14.3 + 14.3 + 42.9 = 100.1. In the JSON rows, the

@@ -18,7 +18,6 @@ import email.policy
 import gzip
 import http.server
 import json
-import os
 import re
 import signal
 import socket
@@ -270,11 +269,8 @@ def test_a_restart_keeps_which_rua_took_the_report_and_its_first_try(stop, workd
     time.sleep(max(0.0, first_try_seen + retry_for + 0.5 - time.monotonic()))
     # Slow fsyncs: the stop below comes while the run that gave the report up is still saving tlsrpt.state, so
     # the ledger forgets it at the last save, not after that run's own save (which the stop cuts short).
-    os.environ["MAILFLOWD_FAILPOINTS"] = "state.fsync=300ms"
-    try:
-        second = harness.Daemon(mailflowd_bin, workdir, config, name=f"ledger-{stop}-again").start()
-    finally:
-        os.environ.pop("MAILFLOWD_FAILPOINTS", None)
+    second = harness.Daemon(mailflowd_bin, workdir, config, name=f"ledger-{stop}-again",
+                            env={"MAILFLOWD_FAILPOINTS": "state.fsync=300ms"}).start()
     try:
         harness.wait_for(lambda: "d.example.net" not in reports_of(second, DATE), 20, what="d.example.net given up")
         assert deliveries(second, "success") == 0  # the rua that took it was not tried again
@@ -342,7 +338,8 @@ def test_a_day_recorded_again_after_its_report_went_out_is_not_sent_twice(workdi
     which the log says."""
     port = harness.free_port("127.0.0.1", AGAIN_ADDR)
     again = sink_factory("rua-again", host=AGAIN_ADDR, port=port)
-    yesterday = (datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=1)).strftime("%Y-%m-%d")
+    # The day before the one the daemons run on, taken clear of a midnight as the report tests take theirs.
+    yesterday = (datetime.date.fromisoformat(rh.day_clear_of_midnight()) - datetime.timedelta(days=1)).isoformat()
     state_dir = workdir / "sent-again-state"
     state_dir.mkdir(exist_ok=True)
 
