@@ -56,6 +56,33 @@ policy no-policy-found - - 1 0 0
     assert "looking up reports.nowhere.example timed out (tlsrpt.https_timeout 500ms)" in daemon.stderr()
 
 
+def eight_silent_https_reports(workdir, knot, daemon_factory, name, interval):
+    """A daemon whose state holds 8 reports of DATE, each to an https rua host of its own that takes connections
+    (the kernel's backlog completes them) and never says a word, tried with https_timeout 500ms: (the 8
+    listening sockets, the daemon, its tlsrpt settings, a reader of its temporary_failure count)."""
+    silent = []
+    for _ in range(8):
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        silent.append(listener)
+    state = "mailflowd-tlsrpt 1\n" + "".join(
+        f"day {DATE} {name}{n}.example.net https://silent.rpt.example.net:{listener.getsockname()[1]}/{name}\n"
+        "policy no-policy-found - - 1 0 0\n" for n, listener in enumerate(silent, 1))
+    directory = workdir / f"{name}-state"
+    directory.mkdir(exist_ok=True)
+    (directory / "tlsrpt.state").write_text(state)
+    listeners = [{"name": "out", "address": f"127.0.0.1:{harness.free_port()}", "direction": "outbound",
+                  "upstream": "internet"}]
+    tlsrpt = {"send": True, "interval": interval, "https_timeout": "500ms", "retry_for": "1h",
+              "submitter": SUBMITTER}
+    daemon = daemon_factory(listeners, [{"name": "internet", "mx": True}], name=name,
+                            dns={"servers": [knot.address], "timeout": "3s"}, tlsrpt=tlsrpt)
+    failures = lambda: harness.value(daemon.metrics(), "mailflow_tlsrpt_deliveries_total",  # noqa: E731
+                                     method="https", result="temporary_failure")
+    return silent, daemon, tlsrpt, failures
+
+
 def test_a_run_of_rua_that_hang_ends_once_it_took_its_interval(workdir, knot, daemon_factory):
     """Each try has its deadline (tlsrpt.https_timeout here), but a run went on through every report due: with
     max_reports_per_run (1000) reports whose rua hangs until its deadline (30s), 8 hours, 10 rua a report 80, and
@@ -65,25 +92,7 @@ def test_a_run_of_rua_that_hang_ends_once_it_took_its_interval(workdir, knot, da
     are skipped once it timed out, so each has its own) and interval 1s, made 1h by a reload after the first try
     (no next run comes; the run under way keeps its own): at most the run's second try follows (before: the 7
     others, 3.5 s more)."""
-    silent = []
-    for _ in range(8):  # each takes connections (the kernel's backlog completes them) and never says a word
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(16)
-        silent.append(listener)
-    state = "mailflowd-tlsrpt 1\n" + "".join(
-        f"day {DATE} h{n}.example.net https://silent.rpt.example.net:{listener.getsockname()[1]}/hang\n"
-        "policy no-policy-found - - 1 0 0\n" for n, listener in enumerate(silent, 1))
-    directory = workdir / "hang-state"
-    directory.mkdir(exist_ok=True)
-    (directory / "tlsrpt.state").write_text(state)
-    listeners = [{"name": "out", "address": f"127.0.0.1:{harness.free_port()}", "direction": "outbound",
-                  "upstream": "internet"}]
-    tlsrpt = {"send": True, "interval": "1s", "https_timeout": "500ms", "retry_for": "1h", "submitter": SUBMITTER}
-    daemon = daemon_factory(listeners, [{"name": "internet", "mx": True}], name="hang",
-                            dns={"servers": [knot.address], "timeout": "3s"}, tlsrpt=tlsrpt)
-    failures = lambda: harness.value(daemon.metrics(), "mailflow_tlsrpt_deliveries_total",  # noqa: E731
-                                     method="https", result="temporary_failure")
+    silent, daemon, tlsrpt, failures = eight_silent_https_reports(workdir, knot, daemon_factory, "hang", "1s")
     harness.wait_for(lambda: failures() >= 1, 20, what="the first try")
     reload_tlsrpt(daemon, {**tlsrpt, "interval": "1h"})
     at_reload = failures()
@@ -110,25 +119,7 @@ def test_a_reload_that_turns_send_off_ends_the_run_under_way(workdir, knot, daem
     the sending (reports going where they should not) saw them go out for up to an hour more. Here 8 reports
     to 8 hosts that never answer (500 ms each), interval 5s, send turned off after the first try: the 7 others
     followed (3.5 s). The run now ends before its next report (the try in flight, if any, finishes)."""
-    silent = []
-    for _ in range(8):  # each takes connections (the kernel's backlog completes them) and never says a word
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(16)
-        silent.append(listener)
-    state = "mailflowd-tlsrpt 1\n" + "".join(
-        f"day {DATE} o{n}.example.net https://silent.rpt.example.net:{listener.getsockname()[1]}/off\n"
-        "policy no-policy-found - - 1 0 0\n" for n, listener in enumerate(silent, 1))
-    directory = workdir / "send-off-state"
-    directory.mkdir(exist_ok=True)
-    (directory / "tlsrpt.state").write_text(state)
-    listeners = [{"name": "out", "address": f"127.0.0.1:{harness.free_port()}", "direction": "outbound",
-                  "upstream": "internet"}]
-    tlsrpt = {"send": True, "interval": "5s", "https_timeout": "500ms", "retry_for": "1h", "submitter": SUBMITTER}
-    daemon = daemon_factory(listeners, [{"name": "internet", "mx": True}], name="send-off",
-                            dns={"servers": [knot.address], "timeout": "3s"}, tlsrpt=tlsrpt)
-    failures = lambda: harness.value(daemon.metrics(), "mailflow_tlsrpt_deliveries_total",  # noqa: E731
-                                     method="https", result="temporary_failure")
+    silent, daemon, tlsrpt, failures = eight_silent_https_reports(workdir, knot, daemon_factory, "send-off", "5s")
     try:
         harness.wait_for(lambda: failures() >= 1, 30, what="the first try")
         reload_tlsrpt(daemon, {**tlsrpt, "send": False})
