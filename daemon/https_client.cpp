@@ -92,8 +92,11 @@ net::awaitable<HttpsResponse> https_request(net::any_io_executor executor, Https
   SSL_CTX_set_min_proto_version(context.native_handle(), TLS1_2_VERSION);
 
   beast::ssl_stream<beast::tcp_stream> stream(executor, context);
-  // HttpsAbort::abort() cancels the step in flight; each step checks it first too (one that completed just
-  // before it was still to be resumed, and its next step would have waited until the deadline).
+  // HttpsAbort::abort() closes the connection, which ends the step in flight; each step checks it first too
+  // (one that completed just before it was still to be resumed, and its next step would have waited until the
+  // deadline). Closed, not cancelled: a cancel that came between two reads or writes of a composed operation
+  // (the TLS handshake's ClientHello written, its read not yet begun) cancelled nothing, and the handshake
+  // waited for https_timeout (the drain gave up on it after 5 s; 1 run in 6).
   const std::shared_ptr<HttpsAbort> abort = request.abort;
   const auto aborted = [&abort] { return abort && abort->aborted; };
   struct Unregister {
@@ -102,7 +105,7 @@ net::awaitable<HttpsResponse> https_request(net::any_io_executor executor, Https
       if (abort) abort->cancel = nullptr;
     }
   } unregister{abort.get()};
-  if (abort) abort->cancel = [&stream] { beast::get_lowest_layer(stream).cancel(); };
+  if (abort) abort->cancel = [&stream] { beast::get_lowest_layer(stream).close(); };
   beast::error_code not_ip;
   net::ip::make_address(request.host, not_ip);
   if (!not_ip) {  // an IP literal: no SNI (RFC 6066 3), the certificate must name the address

@@ -332,11 +332,16 @@ void TlsRptSender::stop() {
   if (close_in_flight_) close_in_flight_();
 }
 
+void TlsRptSender::on_stop(std::function<void()> close) {
+  close_in_flight_ = std::move(close);
+  if (stopped_) close_in_flight_();
+}
+
 asio::awaitable<std::size_t> TlsRptSender::run_once(std::int64_t now) {
-  running_ = true;
-  struct NotRunning {  // also when a try throws
-    bool& running;
-    ~NotRunning() { running = false; }
+  *running_ = true;
+  struct NotRunning {  // also when a try throws, or the frame is destroyed with the event loop
+    std::shared_ptr<bool> running;
+    ~NotRunning() { *running = false; }
   } not_running{running_};
   const auto current = runtime_();
   const config::Config& config = *current->config;
@@ -590,9 +595,9 @@ asio::awaitable<TlsRptDelivery> TlsRptSender::deliver_mailto(const Runtime& runt
     Deadlines& deadlines;
     ~StopWatchdog() { deadlines.stop(); }
   } stop_watchdog{conversation->deadlines};
-  close_in_flight_ = [weak = std::weak_ptr<Conversation>(conversation)] {
+  on_stop([weak = std::weak_ptr<Conversation>(conversation)] {
     if (const auto in_flight = weak.lock()) in_flight->leg.force_close();
-  };
+  });
   const TlsRptDelivery result =
       co_await converse(*conversation, upstream, rua, config, message, detail, timed_out);
   close_in_flight_ = nullptr;
@@ -639,7 +644,7 @@ asio::awaitable<TlsRptDelivery> TlsRptSender::deliver_https(const Runtime& runti
     deadline.async_wait([lookup](const error_code& e) {
       if (!e) lookup->cancel();
     });
-    close_in_flight_ = [lookup] { lookup->cancel(); };  // stop(): its result is not waited for
+    on_stop([lookup] { lookup->cancel(); });  // stop(): its result is not waited for
     const AddressResult addresses = co_await lookup->resolve_addresses(rua.host);
     close_in_flight_ = nullptr;
     deadline.cancel();
@@ -668,7 +673,7 @@ asio::awaitable<TlsRptDelivery> TlsRptSender::deliver_https(const Runtime& runti
 
   // stop() ends the POST where it is, as it closes a report mail in flight.
   request.abort = std::make_shared<HttpsAbort>();
-  close_in_flight_ = [abort = request.abort] { abort->abort(); };
+  on_stop([abort = request.abort] { abort->abort(); });
   const auto response = co_await https_request(executor_, std::move(request), limits);
   close_in_flight_ = nullptr;
   using Step = HttpsResponse::Step;

@@ -99,7 +99,7 @@ class TlsRptSender {
   // ledger (the report goes out at the next start), and no upstream error or MX attempt is counted for it.
   // The run ends after that try.
   void stop();
-  bool running() const { return running_; }  // a run is in progress (the daemon waits for it to end)
+  bool running() const { return *running_; }  // a run is in progress (the daemon waits for it to end)
 
  private:
   // `upstream`: the mx upstream the mail goes through (its TLS context is in `runtime`). `timed_out`: the try
@@ -132,8 +132,13 @@ class TlsRptSender {
   std::shared_ptr<UnsavedLedger> unsaved_ledger_ = std::make_shared<UnsavedLedger>();
   const std::atomic<bool>* stopping_ = nullptr;
   bool stopped_ = false;                   // stop() was called
-  bool running_ = false;                   // run_once() is in progress
-  std::function<void()> close_in_flight_;  // ends the try in flight (report mail, POST, lookup)
+  // run_once() is in progress. Shared with the run's frame, which says when it ends: a run that outlasted the
+  // drain's wait is destroyed with the event loop, after this sender (it wrote the flag in freed memory).
+  std::shared_ptr<bool> running_ = std::make_shared<bool>(false);
+  std::function<void()> close_in_flight_;  // ends the try in flight (report mail, POST, lookup): on_stop()
+  // Installs how stop() ends the step that begins now; after a stop() that came between two steps (when
+  // nothing was in flight to end), ends it at once, before it waits.
+  void on_stop(std::function<void()> close);
   std::shared_ptr<Resolver> resolver_;  // https: rua host names, during one run (dns settings of that run)
   // When each report was last tried in this process (a count of tries): the retries of a run, the one tried
   // longest ago first, so that those in front which hang until their deadline do not take every run's time.
