@@ -911,7 +911,8 @@ class Server : public std::enable_shared_from_this<Server> {
       const auto params = parse_query(query, {"days", "connector"}, error);
       const auto days = params ? parse_days(*params, telemetry_.window_days(), error) : std::nullopt;
       if (days) error = connector_problem(*params, path == "/api/v1/remotes.txt");
-      if (!error.empty()) return make_response(request, http::status::bad_request, kTextPlain, error);
+      if (!days || !error.empty())
+        return make_response(request, http::status::bad_request, kTextPlain, error);
       const Report report = telemetry_.report(*days);
       if (path == "/api/v1/domains.csv")
         return make_response(request, http::status::ok, "text/csv; charset=utf-8", render_domains_csv(report));
@@ -945,7 +946,8 @@ class Server : public std::enable_shared_from_this<Server> {
         days.reset();
       }
       if (days) error = connector_problem(*params, false);
-      if (!error.empty()) return make_response(request, http::status::bad_request, kTextPlain, error);
+      if (!days || !error.empty())
+        return make_response(request, http::status::bad_request, kTextPlain, error);
       failpoint("http.report");
       Report report = telemetry_.report(*days);
       // ?connector=NAME: that connector's report alone (`mailflowd report --connector NAME --format json`).
